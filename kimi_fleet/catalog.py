@@ -1,0 +1,467 @@
+"""The facts kimi-fleet stands on, as data: each entry says where it comes from and when.
+
+Logic elsewhere reads these values; it never repeats them. Prices are snapshots.
+Sources: ../shared/HANDBOOK.md (handbook), ../shared/seeds/00N (seed N), vendor docs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+GiB = 1024**3
+MiB = 1024**2
+GB = 10**9
+
+Vendor = Literal["nvidia", "amd", "huawei"]
+EngineName = Literal["vllm", "sglang"]
+
+
+@dataclass(frozen=True)
+class Source:
+    where: str
+    date: str
+
+
+HANDBOOK = Source("shared/HANDBOOK.md", "2026-11")
+SEED_000 = Source("seed 000 (Spheron H200/B200 write-up)", "2026-05-12")
+SEED_001 = Source("seed 001 (SGLang cookbook)", "2026-05")
+SEED_002 = Source("seed 002 (SGLang on Ascend A3, v0.5.13)", "2026-06")
+SEED_003 = Source("seed 003 (8x RTX PRO 6000 bare metal)", "2026-06-11")
+SEED_004 = Source("seed 004 (vLLM on GB200 Kubernetes)", "2026-04")
+SKYPILOT = Source("skypilot catalog v8 via handbook", "2026")
+CALIBRATED = Source("calibrated here to reproduce seed 003's measured KV pools", "2026-11-23")
+
+
+# --- The model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    name: str
+    total_params: int
+    active_params: int
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    routed_experts: int
+    experts_per_token: int
+    max_context_tokens: int
+    vision_encoder_params: int
+    source: Source
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """MLA caches one latent (kv_lora_rank) plus the rope key per layer, for all heads at once."""
+        return self.layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters of the MLA projections, which DP attention replicates on every rank."""
+        q_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+        per_layer = (
+            self.hidden_size * self.q_lora_rank
+            + self.q_lora_rank * self.attention_heads * q_head
+            + self.hidden_size * (self.kv_lora_rank + self.qk_rope_head_dim)
+            + self.kv_lora_rank * self.attention_heads * (self.qk_nope_head_dim + self.v_head_dim)
+            + self.attention_heads * self.v_head_dim * self.hidden_size
+        )
+        return self.layers * per_layer
+
+
+KIMI_K26 = ModelArchitecture(
+    name="Kimi-K2.6",
+    total_params=1_000_000_000_000,
+    active_params=32_000_000_000,
+    layers=61,
+    hidden_size=7168,
+    attention_heads=64,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    routed_experts=384,
+    experts_per_token=8,
+    max_context_tokens=262_144,
+    vision_encoder_params=400_000_000,
+    source=Source("moonshotai/Kimi-K2.6 config.json via handbook", "2026-04-20"),
+)
+
+#: Bytes per cached element, by KV-cache dtype as the engines spell it.
+KV_DTYPE_BYTES: dict[str, int] = {
+    "auto": 2,  # engines default to the model dtype: bf16
+    "bf16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+}
+BF16_BYTES = 2
+
+
+# --- Accelerators ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    id: str
+    name: str
+    vendor: Vendor
+    arch: str
+    memory_bytes: int
+    native_fp4: bool
+    source: Source
+    note: str = ""
+
+    @property
+    def is_blackwell(self) -> bool:
+        return self.arch.startswith("sm_10") or self.arch.startswith("sm_12")
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    a.id: a
+    for a in [
+        Accelerator("h100", "NVIDIA H100 SXM 80GB", "nvidia", "sm_90", 81_559 * MiB, False,
+                    HANDBOOK, "8x = 640 GB, below the 714 GB recipe minimum for INT4"),
+        Accelerator("h200", "NVIDIA H200 SXM 141GB", "nvidia", "sm_90", 143_771 * MiB, False, HANDBOOK),
+        Accelerator("b200", "NVIDIA B200 180GB", "nvidia", "sm_100", 179 * GiB, True,
+                    Source("AWS p6-b200 reports 179 GiB (handbook)", "2026")),
+        Accelerator("b300", "NVIDIA B300 ~270GB", "nvidia", "sm_103", int(268.6 * GiB), True,
+                    Source("AWS p6-b300 reports 268.6 GiB (handbook)", "2026")),
+        Accelerator("gb200", "NVIDIA GB200 (per GPU)", "nvidia", "sm_100", 189_471 * MiB, True,
+                    Source("seed 004 nvidia-smi: 189471MiB", "2026-04")),
+        Accelerator("rtxpro6000", "NVIDIA RTX PRO 6000 Blackwell Server 96GB", "nvidia", "sm_120",
+                    97_887 * MiB, True, SEED_003, "PCIe only, no NVLink"),
+        Accelerator("mi300x", "AMD Instinct MI300X 192GB", "amd", "gfx942", 192 * GiB, False, SEED_001),
+        Accelerator("mi325x", "AMD Instinct MI325X 256GB", "amd", "gfx942", 256 * GiB, False, SEED_001),
+        Accelerator("mi350x", "AMD Instinct MI350X 288GB", "amd", "gfx950", 288 * GiB, False, SEED_001),
+        Accelerator("mi355x", "AMD Instinct MI355X 288GB", "amd", "gfx950", 288 * GiB, False, SEED_001),
+        Accelerator("ascend-a3", "Huawei Ascend Atlas 800I A3 die 64GB", "huawei", "ascend910_93",
+                    64 * GiB, False, SEED_002, "16 dies per node; --tp-size counts dies"),
+    ]
+}
+
+
+# --- Checkpoints -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    repo: str | None  # None: the operator supplies the repo (e.g. a private msmodelslim export)
+    #: The pinned 40-hex commit; None where only a short prefix is public (stacks must give one).
+    revision: str | None
+    revision_source: Source | None
+    quantization: str
+    size_bytes: int
+    shards: int | None
+    engines: tuple[EngineName, ...]
+    vendors: tuple[Vendor, ...]
+    blackwell_only: bool
+    #: Minimum engine versions known to serve it, by engine.
+    min_engine_versions: dict[str, str]
+    #: Engine flags the checkpoint needs, by engine.
+    engine_flags: dict[str, tuple[str, ...]]
+    #: KV dtype the checkpoint is meant for (None: engine default).
+    preferred_kv_dtype: dict[str, str]
+    source: Source
+    note: str = ""
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.id: c
+    for c in [
+        Checkpoint(
+            id="int4",
+            repo="moonshotai/Kimi-K2.6",
+            revision="7eb5002f6aadc958aed6a9177b7ed26bb94011bb",
+            revision_source=Source("public deployment projects pinning moonshotai/Kimi-K2.6 (96 files, "
+                                   "64 shards, 595,204,999,341 bytes)", "2026-09"),
+            quantization="compressed-tensors pack-quantized INT4 (QAT, group 32)",
+            size_bytes=595_204_999_341,
+            shards=64,
+            engines=("vllm", "sglang"),
+            vendors=("nvidia", "amd"),
+            blackwell_only=False,
+            min_engine_versions={"vllm": "0.19.1", "sglang": "0.5.9"},
+            engine_flags={},  # compressed-tensors is auto-detected (Marlin MoE)
+            preferred_kv_dtype={},
+            source=HANDBOOK,
+            note="official checkpoint; no FP8 or AWQ checkpoint exists",
+        ),
+        Checkpoint(
+            id="nvfp4",
+            repo="nvidia/Kimi-K2.6-NVFP4",
+            revision="2fd3a800dedd098b8327eb49e93ebc75f85da19f",
+            revision_source=Source("public projects pinning nvidia/Kimi-K2.6-NVFP4 (full sha, and an audit "
+                                   "citing 2fd3a800 with 595.19 GB)", "2026-09-24"),
+            quantization="ModelOpt NVFP4",
+            size_bytes=595_190_000_000,
+            shards=None,
+            engines=("vllm", "sglang"),
+            vendors=("nvidia",),
+            blackwell_only=True,
+            min_engine_versions={"vllm": "0.22.1", "sglang": "0.5.12"},
+            engine_flags={"vllm": ("--quantization", "modelopt_fp4"), "sglang": ("--quantization", "modelopt_fp4")},
+            preferred_kv_dtype={"vllm": "fp8", "sglang": "fp8_e4m3"},
+            source=SEED_003,
+            note="ships FP8 KV scales; recipe minimum 600 GB",
+        ),
+        Checkpoint(
+            id="w4a8",
+            repo=None,
+            revision=None,
+            revision_source=None,
+            quantization="msmodelslim W4A8 (Ascend)",
+            size_bytes=600 * GB,
+            shards=None,
+            engines=("sglang",),
+            vendors=("huawei",),
+            blackwell_only=False,
+            min_engine_versions={"sglang": "0.5.13"},
+            engine_flags={"sglang": ("--quantization", "modelslim")},
+            preferred_kv_dtype={},
+            source=SEED_002,
+            note="produced with msmodelslim from moonshotai/Kimi-K2.6; size is an estimate",
+        ),
+    ]
+}
+
+
+# --- Engines ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    name: EngineName
+    port: int
+    memory_flag: str
+    #: True: the knob covers weights + KV only (SGLang). False: it caps the whole footprint (vLLM).
+    memory_knob_excludes_transients: bool
+    #: Memory the engine keeps inside its knob besides weights and KV (graphs, workspaces), per device.
+    in_budget_reserve_bytes: int
+    #: Activation memory per token of the prefill batch, inside the knob (vLLM profiles it).
+    activation_bytes_per_batched_token: int
+    default_batched_tokens: int
+    health_path: str
+    ready_log: str
+    #: Load rate of the weights into device memory once on local NVMe (MoE load is CPU-bound).
+    load_bytes_per_second: int
+    warmup_seconds: int
+    source: Source
+
+
+ENGINES: dict[str, EngineProfile] = {
+    "sglang": EngineProfile(
+        name="sglang",
+        port=30000,
+        memory_flag="--mem-fraction-static",
+        memory_knob_excludes_transients=True,
+        in_budget_reserve_bytes=4 * GiB,
+        activation_bytes_per_batched_token=0,
+        default_batched_tokens=8192,
+        health_path="/health_generate",
+        ready_log="The server is fired up and ready to roll!",
+        load_bytes_per_second=int(595 * GB / (12.5 * 60)),
+        warmup_seconds=180,
+        source=CALIBRATED,
+    ),
+    "vllm": EngineProfile(
+        name="vllm",
+        port=8000,
+        memory_flag="--gpu-memory-utilization",
+        memory_knob_excludes_transients=False,
+        in_budget_reserve_bytes=3 * GiB,
+        activation_bytes_per_batched_token=1_150_000,
+        default_batched_tokens=8192,
+        health_path="/health",
+        ready_log="Application startup complete",
+        load_bytes_per_second=int(595 * GB / (12.5 * 60)),
+        warmup_seconds=240,
+        source=CALIBRATED,
+    ),
+}
+
+#: Default memory knob by (engine, vendor) and, where measured, by accelerator.
+DEFAULT_MEMORY_KNOB: dict[tuple[str, str], float] = {
+    ("sglang", "nvidia"): 0.85,  # seed 003: verified ceiling on 96 GB cards (0.90 OOM-crashes)
+    ("sglang", "amd"): 0.80,  # seed 001: AMD generator default with fp8_e4m3 KV
+    ("sglang", "huawei"): 0.80,
+    ("vllm", "nvidia"): 0.90,  # seed 004 on GB200
+    ("vllm", "amd"): 0.90,
+}
+DEFAULT_MEMORY_KNOB_BY_ACCELERATOR: dict[tuple[str, str], float] = {
+    ("vllm", "rtxpro6000"): 0.95,  # seed 003: 0.85 leaves no KV; 0.95 is the working setting
+    ("vllm", "h100"): 0.95,
+}
+MEMORY_KNOB_SOURCE = Source("seeds 001, 003, 004", "2026-06")
+
+
+@dataclass(frozen=True)
+class EngineImage:
+    image: str
+    engine: EngineName
+    version: str
+    vendor: Vendor
+    archs: tuple[str, ...]
+    source: Source
+    note: str = ""
+
+
+ENGINE_IMAGES: dict[str, EngineImage] = {
+    i.image: i
+    for i in [
+        EngineImage("vllm/vllm-openai:v0.22.1", "vllm", "0.22.1", "nvidia",
+                    ("sm_90", "sm_100", "sm_103", "sm_120"), SEED_003, "verified 5/5 on sm_120 INT4"),
+        EngineImage("vllm/vllm-openai:v0.19.1-cu130", "vllm", "0.19.1", "nvidia",
+                    ("sm_90", "sm_100", "sm_103"), SEED_004, "GB200 run in seed 004"),
+        EngineImage("lmsysorg/sglang:v0.5.12.post1-cu130", "sglang", "0.5.12", "nvidia",
+                    ("sm_90", "sm_100", "sm_103", "sm_120"), SEED_003,
+                    "full image: Marlin JIT needs ninja+nvcc (not the -runtime tag)"),
+        EngineImage("lmsysorg/sglang:v0.5.9-rocm700-mi30x", "sglang", "0.5.9", "amd", ("gfx942",), SEED_001),
+        EngineImage("lmsysorg/sglang:v0.5.9-rocm700-mi35x", "sglang", "0.5.9", "amd", ("gfx950",), SEED_001),
+        EngineImage("quay.io/ascend/sglang:v0.5.13.post1-cann9.0.0-a3", "sglang", "0.5.13", "huawei",
+                    ("ascend910_93",), SEED_002),
+        EngineImage("kimi-k26-nvfp4-vllm:cu130-mla", "vllm", "0.22.1", "nvidia", ("sm_120",), SEED_003,
+                    "built on the host by seed 003's build_nvfp4_image.sh: CUDA 13 + TRITON_MLA num_stages patch"),
+    ]
+}
+
+#: The image picked when a stack names none, by (engine, arch).
+DEFAULT_IMAGE: dict[tuple[str, str], str] = {
+    ("vllm", "sm_90"): "vllm/vllm-openai:v0.22.1",
+    ("vllm", "sm_100"): "vllm/vllm-openai:v0.22.1",
+    ("vllm", "sm_103"): "vllm/vllm-openai:v0.22.1",
+    ("vllm", "sm_120"): "vllm/vllm-openai:v0.22.1",
+    ("sglang", "sm_90"): "lmsysorg/sglang:v0.5.12.post1-cu130",
+    ("sglang", "sm_100"): "lmsysorg/sglang:v0.5.12.post1-cu130",
+    ("sglang", "sm_103"): "lmsysorg/sglang:v0.5.12.post1-cu130",
+    ("sglang", "sm_120"): "lmsysorg/sglang:v0.5.12.post1-cu130",
+    ("sglang", "gfx942"): "lmsysorg/sglang:v0.5.9-rocm700-mi30x",
+    ("sglang", "gfx950"): "lmsysorg/sglang:v0.5.9-rocm700-mi35x",
+    ("sglang", "ascend910_93"): "quay.io/ascend/sglang:v0.5.13.post1-cann9.0.0-a3",
+}
+#: sm_120 NVFP4 on vLLM needs CUDA 13 and the TRITON_MLA shared-memory patch (seed 003).
+NVFP4_SM120_IMAGE = "kimi-k26-nvfp4-vllm:cu130-mla"
+
+#: The AITER MLA kernel (SGLang on AMD) needs heads per GPU divisible by this (seed 001).
+AITER_MLA_HEADS_MULTIPLE = 16
+AMD_SGLANG_ENV: dict[str, str] = {"SGLANG_USE_AITER": "1", "SGLANG_ROCM_FUSED_DECODE_MLA": "0"}
+
+
+# --- Machine offers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineOffer:
+    provider: Literal["aws", "gpu-cloud"]
+    instance_type: str
+    accelerator: str
+    accelerator_count: int
+    vcpus: int | None
+    local_nvme_disks: int
+    local_nvme_disk_bytes: int
+    nvme_verified: bool
+    on_demand_usd_per_hour: float | None  # None: not sold on demand (capacity blocks only)
+    spot_usd_per_hour: tuple[float, float] | None  # observed range; None: unknown
+    source: Source
+    note: str = ""
+
+    @property
+    def spot_typical_usd_per_hour(self) -> float | None:
+        if self.spot_usd_per_hour is None:
+            return None
+        low, high = self.spot_usd_per_hour
+        return round((low + high) / 2, 2)
+
+    @property
+    def local_nvme_bytes(self) -> int:
+        return self.local_nvme_disks * self.local_nvme_disk_bytes
+
+
+TB = 10**12
+MACHINE_OFFERS: dict[str, MachineOffer] = {
+    o.instance_type: o
+    for o in [
+        MachineOffer("aws", "p5.48xlarge", "h100", 8, 192, 8, int(3.84 * TB), True, 55.04, (16.0, 16.0), SKYPILOT),
+        MachineOffer("aws", "p5e.48xlarge", "h200", 8, 192, 8, int(3.84 * TB), True, None, (19.0, 19.0), SKYPILOT,
+                     "on-demand only through Capacity Blocks"),
+        MachineOffer("aws", "p5en.48xlarge", "h200", 8, 192, 8, int(3.84 * TB), False, 63.30, (15.0, 24.0), SKYPILOT),
+        MachineOffer("aws", "p6-b200.48xlarge", "b200", 8, 192, 8, int(3.84 * TB), False, 113.93, (13.0, 28.0),
+                     SKYPILOT),
+        MachineOffer("aws", "p6-b300.48xlarge", "b300", 8, 192, 8, int(3.84 * TB), False, 142.42, (33.0, 33.0),
+                     SKYPILOT, "on-demand in one region"),
+        MachineOffer("aws", "g7e.48xlarge", "rtxpro6000", 8, 192, 4, int(3.8 * TB), False, 33.12, None, SKYPILOT,
+                     "8 x ~4.14 $/h; spot offered, price not in the snapshot"),
+        MachineOffer("gpu-cloud", "spheron-8x-h200-sxm5", "h200", 8, None, 0, 0, False, 8 * 4.36,
+                     (8 * 1.76, 8 * 1.76), SEED_000, "startup script only; no API we drive"),
+        MachineOffer("gpu-cloud", "spheron-8x-b200-sxm6", "b200", 8, None, 0, 0, False, 8 * 6.76,
+                     (8 * 3.50, 8 * 3.50), SEED_000, "startup script only; no API we drive"),
+    ]
+}
+
+#: EBS gp3 maximums: a weight volume that outlives the node.
+EBS_GP3_MAX_THROUGHPUT_MIBPS = 1000
+EBS_GP3_MAX_IOPS = 16000
+EBS_GP3_USD_PER_GB_MONTH = 0.08
+EBS_SOURCE = Source("AWS EBS gp3 documentation", "2026")
+
+DLAMI_SSM_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+
+
+# --- Weight transfer -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransferSource:
+    id: str
+    bytes_per_second: int
+    source: Source
+
+
+TRANSFER_SOURCES: dict[str, TransferSource] = {
+    # Seed 000 measured 20-30 min cold from the Hub: ~4 Gbps effective.
+    "huggingface": TransferSource("huggingface", 4 * 10**9 // 8, SEED_000),
+    # Handbook: an in-region S3 mirror with parallel transfers reaches ~4.3 GB/s.
+    "s3-mirror": TransferSource("s3-mirror", int(4.3 * GB), HANDBOOK),
+}
+
+
+# --- Measured throughput (for $/M tokens) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    engine: EngineName
+    accelerator: str
+    accelerator_count: int
+    checkpoint: str
+    workload: str
+    output_tokens_per_second: float
+    ttft_ms: float
+    tpot_ms: float
+    source: Source
+
+
+MEASURED_THROUGHPUT: tuple[Throughput, ...] = (
+    Throughput("sglang", "h200", 8, "int4", "1K in / 1K out, concurrency 16", 258.18, 0.0, 53.25, SEED_001),
+    Throughput("sglang", "h200", 8, "int4", "1K in / 1K out, concurrency 1", 106.10, 177.0, 9.22, SEED_001),
+    Throughput("vllm", "gb200", 4, "int4", "8K in / 1K out, 32 prompts at 10 req/s", 1181.84, 162.09, 24.35,
+               SEED_004),
+)
+
+
+@dataclass(frozen=True)
+class SpeculativeFinding:
+    method: str
+    acceptance_rate: float
+    throughput_change: float
+    source: Source = field(default=SEED_004)
+
+
+EAGLE3_FINDING = SpeculativeFinding("eagle3", 0.0128, -0.466)

@@ -1,0 +1,239 @@
+"""Engine launch rendering: the exact command, container options, env file and readiness probe.
+
+One node runs `engines_per_node` engines, each on its own GPUs and loopback port. The engine binds
+127.0.0.1 only: the authenticating proxy is the one way in. Everything here is plain data so the
+cloud-init, host and Kubernetes renderers share it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+
+MODEL_MOUNT = "/models/kimi"
+DRAFT_MOUNT = "/models/draft"
+ENV_DIR = "/etc/kimi-fleet"
+LOOPBACK = "127.0.0.1"
+#: NCCL/RCCL/HCCL need shared memory and locked pages; Docker's 64 MB /dev/shm breaks TP (seed 003).
+COMMON_DOCKER_ARGS = (
+    "--ipc=host",
+    "--network=host",
+    "--ulimit=memlock=-1",
+    "--ulimit=nofile=1048576:1048576",
+)
+ASCEND_HOST_MOUNTS = (
+    "/usr/local/Ascend/driver",
+    "/usr/local/Ascend/firmware",
+    "/usr/local/sbin",
+    "/etc/ascend_install.info",
+)
+KV_DTYPE_SPELLING = {"vllm": {"bf16": "bfloat16"}, "sglang": {}}
+
+
+@dataclass(frozen=True)
+class Probe:
+    path: str
+    port: int
+    #: SGLang: /health_generate runs a real generation; its HTTP server can outlive the scheduler.
+    runs_generation: bool
+
+
+@dataclass(frozen=True)
+class EngineInstance:
+    index: int
+    port: int
+    device_ids: tuple[int, ...]
+    argv: tuple[str, ...]
+    docker_args: tuple[str, ...]
+    env: dict[str, str]
+    probe: Probe
+
+    @property
+    def container_name(self) -> str:
+        return f"kimi-engine-{self.index}"
+
+    @property
+    def upstream(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def env_file_path(self) -> str:
+        return f"{ENV_DIR}/engine-{self.index}.env"
+
+
+@dataclass(frozen=True)
+class Launch:
+    engine: str
+    image: str
+    quant: str
+    weights_host_dir: str
+    instances: tuple[EngineInstance, ...]
+
+    @property
+    def upstreams(self) -> list[str]:
+        return [i.upstream for i in self.instances]
+
+    @property
+    def health_path(self) -> str:
+        return self.instances[0].probe.path
+
+
+def engine_argv(r: Resolved, port: int) -> list[str]:
+    spec, engine = r.spec, r.spec.engine
+    kv = KV_DTYPE_SPELLING[engine.name].get(r.kv_cache_dtype, r.kv_cache_dtype)
+    p = spec.parallelism
+    quant_flags = list(r.checkpoint.engine_flags.get(engine.name, ()))
+    if engine.name == "sglang":
+        argv = [
+            "python3", "-m", "sglang.launch_server",
+            "--model-path", MODEL_MOUNT,
+            "--served-model-name", spec.model.served_name,
+            "--tp", str(r.tensor_parallel),
+            "--trust-remote-code",
+            "--tool-call-parser", "kimi_k2",
+            "--reasoning-parser", "kimi_k2",
+            "--mem-fraction-static", f"{r.memory_knob:g}",
+            "--context-length", str(spec.context_length),
+            "--chunked-prefill-size", str(r.max_num_batched_tokens),
+            "--host", LOOPBACK, "--port", str(port),
+            "--enable-metrics",
+        ]
+        if kv != "auto":
+            argv += ["--kv-cache-dtype", kv]
+        if p.data_parallel > 1:
+            argv += ["--dp", str(p.data_parallel)]
+            if p.dp_attention:
+                argv += ["--enable-dp-attention"]
+        if p.expert_parallel:
+            argv += ["--ep-size", str(r.tensor_parallel)]
+        if r.accelerator.vendor == "huawei":
+            argv += ["--device", "npu", "--attention-backend", "ascend"]
+        if engine.speculative == "eagle3":
+            argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", DRAFT_MOUNT,
+                     "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+                     "--speculative-num-draft-tokens", "4"]
+    else:
+        argv = [
+            "vllm", "serve", MODEL_MOUNT,
+            "--served-model-name", spec.model.served_name,
+            "--tensor-parallel-size", str(r.tensor_parallel),
+            "--trust-remote-code",
+            "--tool-call-parser", "kimi_k2",
+            "--enable-auto-tool-choice",
+            "--reasoning-parser", "kimi_k2",
+            "--gpu-memory-utilization", f"{r.memory_knob:g}",
+            "--max-model-len", str(spec.context_length),
+            "--enable-chunked-prefill",
+            "--max-num-batched-tokens", str(r.max_num_batched_tokens),
+            "--host", LOOPBACK, "--port", str(port),
+        ]
+        if kv != "auto":
+            argv += ["--kv-cache-dtype", kv]
+        if engine.language_model_only:
+            argv += ["--language-model-only"]
+        elif r.mm_encoder_tp_mode:
+            argv += ["--mm-encoder-tp-mode", r.mm_encoder_tp_mode]
+        if p.data_parallel > 1:
+            argv += ["--data-parallel-size", str(p.data_parallel)]
+        if p.expert_parallel:
+            argv += ["--enable-expert-parallel"]
+        if p.decode_context_parallel > 1:
+            argv += ["--decode-context-parallel-size", str(p.decode_context_parallel)]
+        if engine.moe_backend:
+            argv += ["--moe-backend", engine.moe_backend]
+        if r.checkpoint.id == "nvfp4" and r.accelerator.arch == "sm_120":
+            argv += ["--disable-custom-all-reduce"]  # PCIe-only box (seed 003)
+        if engine.speculative == "eagle3":
+            # Dotted config flags instead of a JSON blob: env-file values cannot carry quotes.
+            argv += [f"--speculative-config.model={DRAFT_MOUNT}", "--speculative-config.method=eagle3",
+                     "--speculative-config.num_speculative_tokens=3"]
+    return argv + quant_flags + list(engine.extra_args)
+
+
+def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], dict[str, str]]:
+    """Container flags and environment that give one engine its accelerators."""
+    ids = ",".join(map(str, device_ids))
+    vendor = r.accelerator.vendor
+    if vendor == "nvidia":
+        # CDI (nvidia-ctk cdi generate), plain runc: no legacy --gpus hook (seed 003).
+        return [f"--device=nvidia.com/gpu={i}" for i in device_ids], {}
+    if vendor == "amd":
+        args = ["--device=/dev/kfd", "--device=/dev/dri", "--group-add=video", "--security-opt=seccomp=unconfined"]
+        return args, {"HIP_VISIBLE_DEVICES": ids, **catalog.AMD_SGLANG_ENV}
+    args = [f"--device=/dev/davinci{i}" for i in device_ids]
+    args += ["--device=/dev/davinci_manager", "--device=/dev/devmm_svm", "--device=/dev/hisi_hdc"]
+    args += [f"--volume={path}:{path}:ro" for path in ASCEND_HOST_MOUNTS]
+    return args, {"ASCEND_RT_VISIBLE_DEVICES": ids}
+
+
+def render_launch(r: Resolved) -> Launch:
+    spec = r.spec
+    weights_dir = f"{spec.weights.host_path}/{r.weights_dir_name}"
+    per_engine = r.gpus_per_engine
+    instances = []
+    for index in range(r.engines_per_node):
+        port = r.engine.port + index
+        device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
+        dev_args, dev_env = device_args(r, device_ids)
+        env = {"HF_HUB_OFFLINE": "1", **dev_env, **spec.engine.env}
+        docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro"]
+        if spec.engine.speculative != "off":
+            draft_dir = f"{spec.weights.host_path}/draft"
+            docker_args.append(f"--volume={draft_dir}:{DRAFT_MOUNT}:ro")
+        docker_args += [f"--env={key}={value}" for key, value in sorted(env.items())]
+        instances.append(EngineInstance(
+            index=index,
+            port=port,
+            device_ids=device_ids,
+            argv=tuple(engine_argv(r, port)),
+            docker_args=tuple(docker_args),
+            env=env,
+            probe=Probe(r.engine.health_path, port, runs_generation=spec.engine.name == "sglang"),
+        ))
+    return Launch(
+        engine=spec.engine.name,
+        image=r.image,
+        quant=spec.checkpoint,
+        weights_host_dir=weights_dir,
+        instances=tuple(instances),
+    )
+
+
+def render_env_file(launch: Launch, instance: EngineInstance, stack: str) -> str:
+    """systemd EnvironmentFile: bare values, comments on their own lines only.
+
+    systemd folds an inline `# comment` into the value (seed 003 lost HF_HOME that way), so no
+    value may carry one. Switching engine or quantization is an edit of this file and a restart.
+    """
+    values = {
+        "ENGINE": launch.engine,
+        "QUANT": launch.quant,
+        "IMAGE": launch.image,
+        "CONTAINER_NAME": instance.container_name,
+        "WEIGHTS_DIR": launch.weights_host_dir,
+        "PORT": str(instance.port),
+        "HEALTH_PATH": instance.probe.path,
+        "GPU_IDS": ",".join(map(str, instance.device_ids)),
+        "DOCKER_ARGS": " ".join(instance.docker_args),
+        "ENGINE_ENTRYPOINT": instance.argv[0],
+        "ENGINE_ARGS": " ".join(instance.argv[1:]),
+    }
+    lines = [
+        f"# kimi-fleet stack {stack}: engine {instance.index} ({launch.engine}, {launch.quant}).",
+        f"# Edit, then: systemctl restart kimi-engine@{instance.index}. Keep values bare: no inline comments.",
+    ]
+    for key, value in values.items():
+        if "\n" in value or "#" in value or '"' in value or "'" in value or "\\" in value:
+            raise ValueError(f"env value for {key} cannot be written bare: {value!r}")
+        lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def docker_run_command(launch: Launch, instance: EngineInstance) -> str:
+    """The equivalent one-shot command, for docs and for clouds that take only a startup script."""
+    argv = ["docker", "run", "--rm", "--name", instance.container_name, *instance.docker_args,
+            "--entrypoint", instance.argv[0], launch.image, *instance.argv[1:]]
+    return shlex.join(argv)

@@ -1,0 +1,207 @@
+"""Compatibility rules: each refuses a bad stack with the field, the value and the reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec
+
+#: Flags kimi-fleet renders itself: extraArgs may not override them.
+MANAGED_FLAGS = {
+    "--tensor-parallel-size": "parallelism.tensorParallel", "--tp": "parallelism.tensorParallel",
+    "--tp-size": "parallelism.tensorParallel", "--dp": "parallelism.dataParallel",
+    "--data-parallel-size": "parallelism.dataParallel", "--kv-cache-dtype": "kvCacheDtype",
+    "--gpu-memory-utilization": "engine.memoryFraction", "--mem-fraction-static": "engine.memoryFraction",
+    "--max-model-len": "contextLength", "--context-length": "contextLength",
+    "--tool-call-parser": "(always kimi_k2)", "--reasoning-parser": "(always kimi_k2)",
+    "--enable-auto-tool-choice": "(always on for vLLM)", "--served-model-name": "model.servedName",
+    "--host": "(always 127.0.0.1)", "--port": "(per engine)", "--quantization": "checkpoint",
+    "--mm-encoder-tp-mode": "engine.mmEncoderTpMode", "--speculative-config": "engine.speculative",
+    "--language-model-only": "engine.languageModelOnly", "--model-path": "model", "--model": "model",
+}
+VLLM_KV_DTYPES = {"auto", "bf16", "fp8", "fp8_e4m3"}  # TRITON/FlashMLA KV menu (seed 003)
+SGLANG_KV_DTYPES = {"auto", "bf16", "fp8_e4m3", "fp8_e5m2"}
+
+
+def _f(path: str, value) -> str:
+    return f"field {CONFIG_NAMESPACE}:{path} (given {value!r})"
+
+
+Rule = Callable[[Resolved], Iterator[str]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+@rule
+def checkpoint_runs_here(r: Resolved) -> Iterator[str]:
+    ck, accel, engine = r.checkpoint, r.accelerator, r.spec.engine.name
+    if accel.vendor not in ck.vendors:
+        yield (f"{_f('checkpoint', ck.id)}: the {ck.quantization} checkpoint does not run on {accel.vendor} "
+               f"accelerators ({accel.name}); it runs on {', '.join(ck.vendors)}")
+    if engine not in ck.engines:
+        yield f"{_f('engine.name', engine)}: checkpoint {ck.id} is served by {', '.join(ck.engines)} only"
+    if ck.blackwell_only and not accel.native_fp4:
+        yield (f"{_f('checkpoint', ck.id)}: NVFP4 needs Blackwell FP4 tensor cores (sm_100/sm_103/sm_120); "
+               f"{accel.name} is {accel.arch} and would only dequantize: use checkpoint int4")
+    if ck.id == "nvfp4" and engine == "sglang" and accel.arch == "sm_120":
+        yield (f"{_f('engine.name', engine)}: SGLang with NVFP4 on sm_120 ({accel.name}) produces NaN "
+               "(sgl #18954, seed 003): use engine vllm or checkpoint int4")
+    if ck.repo is None and not r.spec.model.repo:
+        yield f"field {CONFIG_NAMESPACE}:model.repo: checkpoint {ck.id} has no public repo ({ck.note}): give yours"
+    if r.revision is None:
+        known = f"; {ck.revision_source.where}" if ck.revision_source else ""
+        yield (f"field {CONFIG_NAMESPACE}:model.revision: no pinned 40-hex commit for {r.repo or ck.id}{known}. "
+               f"Look it up (hf api / the repo's commit page) and set model.revision: an unpinned download "
+               "changes under a running fleet")
+
+
+@rule
+def engine_fits_vendor(r: Resolved) -> Iterator[str]:
+    accel, engine = r.accelerator, r.spec.engine.name
+    if engine == "vllm" and accel.vendor != "nvidia":
+        yield (f"{_f('engine.name', engine)}: no verified vLLM recipe for Kimi-K2.6 on {accel.name} "
+               "(seeds 001/002 run SGLang there): use engine sglang")
+    if engine == "sglang" and accel.vendor == "amd":
+        heads_per_gpu = catalog.KIMI_K26.attention_heads / r.tensor_parallel
+        if heads_per_gpu % catalog.AITER_MLA_HEADS_MULTIPLE:
+            largest = catalog.KIMI_K26.attention_heads // catalog.AITER_MLA_HEADS_MULTIPLE
+            yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: SGLang on {accel.name} needs tensor "
+                   f"parallel <= {largest}: {catalog.KIMI_K26.attention_heads} heads / {r.tensor_parallel} = "
+                   f"{heads_per_gpu:g} heads per GPU, the AITER MLA kernel needs a multiple of "
+                   f"{catalog.AITER_MLA_HEADS_MULTIPLE}; an 8-GPU node runs two TP4 engines")
+
+
+@rule
+def parallelism_adds_up(r: Resolved) -> Iterator[str]:
+    p, count = r.spec.parallelism, r.spec.accelerator_count
+    used = r.gpus_per_engine * r.engines_per_node
+    if used != count:
+        yield (f"field {CONFIG_NAMESPACE}:parallelism: {r.engines_per_node} engine(s) x {r.gpus_per_engine} GPUs "
+               f"(TP {r.tensor_parallel} x DP {r.data_parallel_gpu_factor}) = {used} GPUs, but acceleratorCount "
+               f"is {count}")
+    if catalog.KIMI_K26.attention_heads % r.tensor_parallel:
+        yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: must divide the model's "
+               f"{catalog.KIMI_K26.attention_heads} attention heads")
+    if p.dp_attention and r.spec.engine.name != "sglang":
+        yield f"{_f('parallelism.dpAttention', True)}: DP attention is SGLang's; vLLM uses decodeContextParallel"
+    if p.dp_attention and (p.data_parallel < 2 or r.tensor_parallel % p.data_parallel):
+        yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: DP attention needs dataParallel >= 2 "
+               f"dividing tensorParallel {r.tensor_parallel}")
+    if p.decode_context_parallel > 1:
+        if r.spec.engine.name != "vllm":
+            yield f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: a vLLM option"
+        elif r.tensor_parallel % p.decode_context_parallel:
+            yield (f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: must divide "
+                   f"tensorParallel {r.tensor_parallel}")
+
+
+@rule
+def image_is_right(r: Resolved) -> Iterator[str]:
+    engine, accel = r.spec.engine.name, r.accelerator
+    if r.image is None:
+        yield (f"field {CONFIG_NAMESPACE}:engine.image: the catalog has no {engine} image for {accel.arch}; "
+               "name a pinned one")
+        return
+    entry = r.image_entry
+    if entry is not None:
+        if entry.engine != engine:
+            yield f"{_f('engine.image', r.image)}: this is a {entry.engine} image, engine is {engine}"
+        if accel.arch not in entry.archs:
+            yield (f"{_f('engine.image', r.image)}: built for {', '.join(entry.archs)}, not {accel.arch} "
+                   f"({accel.name}); 'no kernel image is available' at start")
+        minimum = r.checkpoint.min_engine_versions.get(engine)
+        if minimum and _version(entry.version) < _version(minimum):
+            yield (f"{_f('engine.image', r.image)}: {engine} {entry.version} is older than {minimum}, the first "
+                   f"version known to serve checkpoint {r.checkpoint.id}")
+    if r.checkpoint.id == "nvfp4" and engine == "vllm" and accel.arch == "sm_120" and "cu130" not in r.image:
+        yield (f"{_f('engine.image', r.image)}: NVFP4 on sm_120 needs the CUDA 13 image with the TRITON_MLA "
+               f"shared-memory patch ({catalog.NVFP4_SM120_IMAGE}, seed 003): stock images OOM at graph capture")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+@rule
+def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
+    e = r.spec.engine
+    if e.language_model_only and e.mm_encoder_tp_mode == "data":
+        yield (f"{_f('engine.mmEncoderTpMode', 'data')}: languageModelOnly drops the vision encoder, so "
+               "--mm-encoder-tp-mode data has nothing to shard")
+    if e.name == "sglang" and (e.language_model_only or e.mm_encoder_tp_mode or e.moe_backend):
+        yield (f"field {CONFIG_NAMESPACE}:engine: languageModelOnly, mmEncoderTpMode and moeBackend are vLLM "
+               "options; SGLang needs nothing extra for vision")
+    for arg in e.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            yield (f"{_f('engine.extraArgs', arg)}: {flag} is rendered by kimi-fleet "
+                   f"(set {MANAGED_FLAGS[flag]}); vLLM tool calls need --enable-auto-tool-choice with the "
+                   "kimi_k2 parser, which kimi-fleet always renders")
+    if e.speculative != "off" and not e.speculative_draft_repo:
+        yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note EAGLE3 "
+               "measured 1.28% acceptance and -46% throughput on K2.6 (seed 004)")
+    allowed = VLLM_KV_DTYPES if e.name == "vllm" else SGLANG_KV_DTYPES
+    if r.kv_cache_dtype not in allowed:
+        yield (f"{_f('kvCacheDtype', r.kv_cache_dtype)}: {e.name} accepts {', '.join(sorted(allowed))} for "
+               "Kimi's MLA attention")
+
+
+@rule
+def target_can_provide(r: Resolved) -> Iterator[str]:
+    spec, accel = r.spec, r.accelerator
+    kind = spec.target.kind
+    if kind == "aws":
+        wanted = spec.target.aws.instance_type
+        if r.offer is None:
+            offers = sorted(o.instance_type for o in catalog.MACHINE_OFFERS.values() if o.provider == "aws")
+            what = f"instance type {wanted!r}" if wanted else f"{spec.accelerator_count}x {accel.name}"
+            yield (f"field {CONFIG_NAMESPACE}:target.aws.instanceType: AWS offers no {what} in the catalog "
+                   f"(known: {', '.join(offers)}); use target kind kubernetes or host")
+        elif r.offer.accelerator != accel.id or r.offer.accelerator_count != spec.accelerator_count:
+            yield (f"{_f('target.aws.instanceType', wanted)}: carries {r.offer.accelerator_count}x "
+                   f"{r.offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
+    if kind == "kubernetes" and spec.target.kubernetes.gpu_claim == "dra" and accel.vendor != "nvidia":
+        yield f"{_f('target.kubernetes.gpuClaim', 'dra')}: the DRA device class here is NVIDIA's (gpu.nvidia.com)"
+    volumes = {"aws": {"ebs", "instance-store"}, "kubernetes": {"pvc", "host-path"}, "host": {"host-path"}}[kind]
+    if r.weights_volume not in volumes:
+        yield f"{_f('weights.volume', r.weights_volume)}: a {kind} target stores weights on {', '.join(sorted(volumes))}"
+    if r.weights_volume == "instance-store" and r.offer is not None and r.offer.local_nvme_disks == 0:
+        yield f"{_f('weights.volume', 'instance-store')}: {r.offer.instance_type} has no local NVMe"
+    if r.weights_volume == "ebs" and spec.capacity.replicas > 1:
+        yield (f"{_f('weights.volume', 'ebs')}: one EBS volume attaches to one node; a fleet of "
+               f"{spec.capacity.replicas} uses instance-store with an S3 mirror")
+
+
+@rule
+def capacity_fits_target(r: Resolved) -> Iterator[str]:
+    spec = r.spec
+    market, kind = spec.capacity.effective_market, spec.target.kind
+    if kind == "host" and (market != "on-demand" or spec.capacity.replicas != 1):
+        yield (f"field {CONFIG_NAMESPACE}:capacity: a host target is one machine you already have: "
+               f"market {market!r}, replicas {spec.capacity.replicas} cannot apply (use on-demand, 1)")
+    if market == "capacity-block" and kind != "aws":
+        yield f"{_f('capacity.market', market)}: Capacity Blocks are an AWS purchase option"
+    if kind == "aws" and r.offer is not None:
+        if market == "on-demand" and r.offer.on_demand_usd_per_hour is None:
+            yield (f"{_f('capacity.market', market)}: {r.offer.instance_type} is not sold on demand "
+                   f"({r.offer.note}); use capacity-block or spot")
+
+
+def memory_fits(r: Resolved) -> Iterator[str]:
+    sizing = size(r)
+    if not sizing.fits:
+        yield f"{_f('contextLength', r.spec.context_length)}: does not fit: {sizing.why_not()}"
+
+
+def check_rules(spec: StackSpec) -> list[str]:
+    """Every compatibility problem; the memory fit only once the layout itself is sound."""
+    resolved = Resolved(spec)
+    problems = [problem for check in RULES for problem in check(resolved)]
+    return problems or list(memory_fits(resolved))

@@ -1,0 +1,178 @@
+"""Memory fit and time-to-ready: bytes inside, GiB shown.
+
+Per device: the engine's memory knob gives a budget; the weight share, the vision encoder and the
+engine's reserve come out of it; what is left is the KV pool. SGLang's --mem-fraction-static covers
+weights + KV only (transients live outside it); vLLM's --gpu-memory-utilization caps everything, so
+its profiled activations come out of the budget too. Calibrated to seed 003 (8 x 96 GB, INT4, SGLang
+0.85: ~116K tokens bf16, ~232K fp8; vLLM 0.95: ~131K bf16, 0.85 does not start).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+
+
+def gib(n: int | float) -> float:
+    return round(n / catalog.GiB, 2)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    device_memory_bytes: int
+    memory_knob: float
+    budget_bytes: int
+    weights_bytes_per_device: int
+    vision_bytes_per_device: int
+    reserve_bytes_per_device: int
+    kv_pool_bytes_per_device: int
+    kv_dtype: str
+    kv_bytes_per_token: int
+    kv_tokens_per_device: int
+    #: How many ranks hold a copy of the same sequence's KV (TP without DP attention: all of them).
+    kv_replication: int
+    max_sequence_tokens: int
+    engine_pool_tokens: int
+    context_length: int
+    concurrent_sequences_per_engine: int
+    engines_per_node: int
+    fits: bool
+    # time to ready
+    download_seconds: int
+    load_seconds: int
+    warmup_seconds: int
+
+    @property
+    def cold_start_seconds(self) -> int:
+        return self.download_seconds + self.load_seconds + self.warmup_seconds
+
+    @property
+    def warm_start_seconds(self) -> int:
+        return self.load_seconds + self.warmup_seconds
+
+    @property
+    def largest_context(self) -> int:
+        return min(self.max_sequence_tokens, catalog.KIMI_K26.max_context_tokens)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.update(
+            cold_start_seconds=self.cold_start_seconds,
+            warm_start_seconds=self.warm_start_seconds,
+            largest_context=self.largest_context,
+            gib={
+                "device_memory": gib(self.device_memory_bytes),
+                "budget": gib(self.budget_bytes),
+                "weights_per_device": gib(self.weights_bytes_per_device),
+                "vision_per_device": gib(self.vision_bytes_per_device),
+                "reserve_per_device": gib(self.reserve_bytes_per_device),
+                "kv_pool_per_device": gib(self.kv_pool_bytes_per_device),
+            },
+        )
+        return data
+
+    def why_not(self) -> str:
+        """Plain words for a stack that does not fit."""
+        head = (
+            f"per device {gib(self.device_memory_bytes)} GiB x knob {self.memory_knob} = "
+            f"{gib(self.budget_bytes)} GiB budget; weights {gib(self.weights_bytes_per_device)} GiB, "
+            f"vision encoder {gib(self.vision_bytes_per_device)} GiB, engine reserve "
+            f"{gib(self.reserve_bytes_per_device)} GiB leave {gib(max(self.kv_pool_bytes_per_device, 0))} GiB "
+            f"of KV ({self.kv_bytes_per_token} B/token {self.kv_dtype})"
+        )
+        if self.max_sequence_tokens <= 0:
+            return f"{head}: weights, encoder and reserve exceed the budget, no room for any context"
+        return (
+            f"{head}: the pool holds {self.max_sequence_tokens} tokens, less than contextLength "
+            f"{self.context_length}; the largest context that fits is {self.largest_context}"
+        )
+
+
+def weights_per_device(r: Resolved) -> int:
+    p = r.spec.parallelism
+    size = r.checkpoint.size_bytes
+    attention = catalog.KIMI_K26.attention_params * catalog.BF16_BYTES
+    tp = r.tensor_parallel
+    if r.spec.engine.name == "sglang" and p.dp_attention:
+        # DP attention replicates the attention projections inside each DP group.
+        attention_share = attention * p.data_parallel // tp
+        return (size - attention) // tp + attention_share
+    if r.spec.engine.name == "vllm" and p.expert_parallel and p.data_parallel > 1:
+        # Experts spread over TP x DP ranks; attention stays TP-sharded per replica.
+        return (size - attention) // (tp * p.data_parallel) + attention // tp
+    return size // tp
+
+
+def vision_per_device(r: Resolved) -> int:
+    if r.spec.engine.language_model_only:
+        return 0
+    encoder = catalog.KIMI_K26.vision_encoder_params * catalog.BF16_BYTES
+    if r.mm_encoder_tp_mode == "weights":
+        return encoder // r.tensor_parallel
+    return encoder  # data-parallel encoder (vLLM 'data', SGLang): a full copy per rank
+
+
+def reserve_per_device(r: Resolved) -> int:
+    reserve = r.engine.in_budget_reserve_bytes
+    reserve += r.engine.activation_bytes_per_batched_token * r.max_num_batched_tokens
+    return reserve
+
+
+def kv_sharing(r: Resolved) -> tuple[int, int]:
+    """(ranks one sequence's KV is spread over, independent KV pools in one engine)."""
+    p = r.spec.parallelism
+    if r.spec.engine.name == "sglang":
+        return 1, p.data_parallel  # DP attention groups or plain DP replicas: one pool each
+    return p.decode_context_parallel, p.data_parallel
+
+
+def size(r: Resolved) -> Sizing:
+    accel = r.accelerator
+    budget = int(accel.memory_bytes * r.memory_knob)
+    weights = weights_per_device(r)
+    vision = vision_per_device(r)
+    reserve = reserve_per_device(r)
+    pool = budget - weights - vision - reserve
+    kv_per_token = catalog.KIMI_K26.kv_elements_per_token * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype]
+    tokens_per_device = max(pool, 0) // kv_per_token
+    spread, pools = kv_sharing(r)
+    max_sequence = tokens_per_device * spread
+    engine_pool = max_sequence * pools
+    context = r.spec.context_length
+    concurrent = engine_pool // context if context else 0
+    attention_groups = r.spec.parallelism.data_parallel if r.spec.parallelism.dp_attention else spread
+    replication = max(1, r.tensor_parallel // attention_groups)
+
+    source = catalog.TRANSFER_SOURCES[r.spec.weights.source]
+    rate = source.bytes_per_second
+    if r.spec.weights.download_gbps:
+        rate = int(r.spec.weights.download_gbps * 10**9 / 8)
+    download = math.ceil(r.checkpoint.size_bytes / rate)
+    # Engines on one node load in parallel but compete for the same CPUs (MoE load is CPU-bound).
+    load = math.ceil(r.checkpoint.size_bytes / r.engine.load_bytes_per_second) * r.engines_per_node
+
+    return Sizing(
+        device_memory_bytes=accel.memory_bytes,
+        memory_knob=r.memory_knob,
+        budget_bytes=budget,
+        weights_bytes_per_device=weights,
+        vision_bytes_per_device=vision,
+        reserve_bytes_per_device=reserve,
+        kv_pool_bytes_per_device=pool,
+        kv_dtype=r.kv_cache_dtype,
+        kv_bytes_per_token=kv_per_token,
+        kv_tokens_per_device=tokens_per_device,
+        kv_replication=replication,
+        max_sequence_tokens=max_sequence,
+        engine_pool_tokens=engine_pool,
+        context_length=context,
+        concurrent_sequences_per_engine=concurrent,
+        engines_per_node=r.engines_per_node,
+        fits=max_sequence >= context,
+        download_seconds=download,
+        load_seconds=load,
+        warmup_seconds=r.engine.warmup_seconds,
+    )
