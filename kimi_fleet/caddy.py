@@ -1,0 +1,145 @@
+"""Caddyfile for the authenticated HTTPS front of the inference engines.
+
+Pure text rendering (no Pulumi), so it can be unit-tested and validated with `caddy validate`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+TLS_MODES = ("acme", "internal")
+
+# Base64 images inflate by 4/3 and a chat may carry several of them.
+MAX_REQUEST_BODY = "64MB"
+# Thinking generations can run for many minutes; Caddy must not cut them.
+UPSTREAM_IO_TIMEOUT = "3600s"
+HEALTH_INTERVAL = "10s"
+HEALTH_TIMEOUT = "5s"
+FAIL_DURATION = "30s"
+# On restart (admin is off, so config changes restart Caddy) stop waiting for hung upstreams.
+SHUTDOWN_GRACE_PERIOD = "10s"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
+_UNAUTHORIZED_BODY = (
+    '{"error":{"message":"missing or invalid API key","type":"invalid_request_error",'
+    '"code":"invalid_api_key"}}'
+)
+
+
+def render_caddyfile(
+    domain: str,
+    upstreams: list[str],
+    health_uri: str,
+    *,
+    api_key_env: str = "KIMI_API_KEY",
+    tls: str = "acme",
+    acme_email: str | None = None,
+    https_port: int | None = None,
+    http_port: int | None = None,
+    bind_host: str | None = None,
+) -> str:
+    """Render a Caddyfile that serves `domain` over HTTPS, requires
+    `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
+
+    tls="acme" obtains a public certificate for the domain (DNS must point at the host, ports
+    80/443 open); tls="internal" uses Caddy's local CA (loopback tests). `bind_host` restricts
+    the listeners to one address (tests bind 127.0.0.1).
+    """
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
+    if not domain or not _SITE_NAME.match(domain):
+        raise ValueError(f"invalid domain {domain!r}")
+    if not _ENV_NAME.match(api_key_env):
+        raise ValueError(f"invalid environment variable name {api_key_env!r}")
+    if not health_uri.startswith("/"):
+        raise ValueError(f"health_uri must be a path starting with '/', got {health_uri!r}")
+    if not upstreams:
+        raise ValueError("at least one upstream is required")
+    for upstream in upstreams:
+        _require_loopback(upstream)
+    if acme_email is not None and (not acme_email or any(c.isspace() for c in acme_email)):
+        raise ValueError(f"invalid ACME email {acme_email!r}")
+
+    global_options = ["admin off", f"grace_period {SHUTDOWN_GRACE_PERIOD}"]
+    if http_port is not None:
+        global_options.append(f"http_port {_port(http_port)}")
+    if https_port is not None:
+        global_options.append(f"https_port {_port(https_port)}")
+    if acme_email and tls == "acme":
+        global_options.append(f"email {acme_email}")
+    if tls == "internal":
+        # Never touch the host's trust store; clients are given the root explicitly.
+        global_options.append("skip_install_trust")
+
+    site = []
+    if bind_host is not None:
+        site.append(f"bind {bind_host}")
+    if tls == "internal":
+        site.append("tls internal")
+    site += [
+        "request_body {",
+        f"\tmax_size {MAX_REQUEST_BODY}",
+        "}",
+        "",
+        # The `vars` matcher resolves the placeholder, so an unset or empty key refuses
+        # everything instead of accepting a bare "Bearer " header.
+        f'@keyless vars {{env.{api_key_env}}} ""',
+        f'@unauthorized not header Authorization "Bearer {{env.{api_key_env}}}"',
+        'header @keyless Content-Type "application/json"',
+        'header @unauthorized Content-Type "application/json"',
+        'header @unauthorized WWW-Authenticate "Bearer"',
+        f"respond @keyless `{_UNAUTHORIZED_BODY}` 401",
+        f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
+        "",
+        f"reverse_proxy {' '.join(upstreams)} {{",
+        # Forward every SSE chunk as soon as the engine writes it.
+        "\tflush_interval -1",
+    ]
+    if len(upstreams) > 1:
+        site += [
+            "\tlb_policy least_conn",
+            f"\thealth_uri {health_uri}",
+            f"\thealth_interval {HEALTH_INTERVAL}",
+            f"\thealth_timeout {HEALTH_TIMEOUT}",
+            f"\tfail_duration {FAIL_DURATION}",
+        ]
+    site += [
+        "\ttransport http {",
+        "\t\tdial_timeout 10s",
+        f"\t\tread_timeout {UPSTREAM_IO_TIMEOUT}",
+        f"\t\twrite_timeout {UPSTREAM_IO_TIMEOUT}",
+        "\t}",
+        "}",
+    ]
+
+    lines = ["{"] + [f"\t{option}" for option in global_options] + ["}", "", f"{domain} {{"]
+    lines += [f"\t{line}" if line else "" for line in site]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise ValueError(f"invalid port {value}")
+    return value
+
+
+def _require_loopback(upstream: str) -> None:
+    host, sep, port = upstream.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"upstream must be host:port, got {upstream!r}")
+    _port(int(port))
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"upstream {upstream!r} is not a loopback address: the engine must listen on "
+            "127.0.0.1 and be reached there. A LAN IP handed out by DHCP can change on reboot "
+            "(the proxy then points at nothing or at another machine), and an engine listening "
+            "on a LAN address is reachable without the proxy's key."
+        )

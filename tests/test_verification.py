@@ -1,0 +1,235 @@
+"""The verification suite against the fake engine behind a real Caddy (tls internal, loopback).
+
+A good engine passes every check; each misbehaving fake-engine mode fails exactly the check
+that exists to catch it.
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from kimi_fleet.verification import run_suite
+from tests.fakes.harness import start_fake_engine, start_proxied_engine
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
+    pytest.mark.timeout(180),
+]
+REPO = Path(__file__).resolve().parents[1]
+ALL_CHECKS = ["auth", "models", "health", "thinking", "instant", "tool_call", "vision", "streaming", "tls"]
+
+
+@pytest.fixture(scope="module")
+def good_endpoint():
+    with start_proxied_engine("good") as endpoint:
+        yield endpoint
+
+
+def suite(endpoint, **kwargs):
+    return run_suite(
+        endpoint.base_url, endpoint.api_key, endpoint.model, verify=str(endpoint.caddy.root_ca), **kwargs
+    )
+
+
+def test_good_engine_passes_every_check(good_endpoint):
+    report = suite(good_endpoint, timeout=30)
+    assert [c.name for c in report.checks] == ALL_CHECKS
+    assert report.passed, report.to_dict()
+    assert all(c.status == "pass" for c in report.checks), report.to_dict()
+    # Concurrent checks: the suite takes about as long as its slowest check.
+    assert report.wall_seconds < max(c.seconds for c in report.checks) + 5
+
+
+def test_good_sglang_engine_passes_with_health_generate():
+    with start_proxied_engine("good", engine="sglang") as endpoint:
+        report = suite(endpoint, engine="sglang", timeout=30)
+    assert report.passed, report.to_dict()
+    assert "/health_generate 200" in report.check("health").reason
+
+
+@pytest.mark.parametrize(
+    "mode, check, reason",
+    [
+        ("bad-tool-json", "tool_call", "arguments are not JSON"),
+        ("schema-invalid-tool", "tool_call", "'city' is a required property"),
+        ("vision-in-reasoning", "vision", "answer landed only in reasoning (raise max_tokens / check <think> handling)"),
+        ("buffered-stream", "streaming", "arrived in one burst"),
+        ("missing-model", "models", "not listed; saw ['some-other-model']"),
+        ("leaky-thinking", "thinking", "reasoning leaked into content as <think> tags"),
+        ("reasoning-in-instant", "instant", "instant mode returned"),
+    ],
+)
+def test_each_misbehaviour_fails_exactly_its_check(mode, check, reason):
+    with start_proxied_engine(mode) as endpoint:
+        report = suite(endpoint, timeout=30)
+    assert report.failed_checks() == [check], report.to_dict()
+    assert reason in report.check(check).reason
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_dead_scheduler_behind_healthy_http_server_fails_health(engine):
+    with start_proxied_engine("dead-scheduler", engine=engine) as endpoint:
+        report = suite(endpoint, engine=engine, only=["auth", "models", "health"], timeout=3)
+    assert report.failed_checks() == ["health"], report.to_dict()
+    assert "timed out after 3s" in report.check("health").reason
+
+
+def test_engine_reached_without_the_proxy_fails_auth():
+    with start_fake_engine("no-auth") as engine:
+        report = run_suite(engine.base_url, "any-key", engine.model, timeout=30)
+    assert report.failed_checks() == ["auth"], report.to_dict()
+    assert report.check("auth").reason == "request without a key got 200 (expected 401)"
+    assert report.check("tls").status == "skip"
+
+
+def test_unreachable_endpoint_fails_every_check_without_crashing():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+        report = run_suite(f"https://127.0.0.1:{port}/v1", "test-key-0123456789", "kimi-k2.6", timeout=5)
+    assert report.failed_checks() == ALL_CHECKS, report.to_dict()
+    assert "ConnectError" in report.check("models").reason
+
+
+def test_tls_check_fails_when_the_ca_is_not_trusted(good_endpoint):
+    report = run_suite(good_endpoint.base_url, good_endpoint.api_key, good_endpoint.model, only=["tls"], timeout=10)
+    assert report.failed_checks() == ["tls"]
+    assert "certificate not valid for localhost" in report.check("tls").reason
+
+
+def test_proxy_requires_the_key(good_endpoint):
+    url = f"{good_endpoint.base_url}/models"
+    with httpx.Client(verify=good_endpoint.caddy.ssl_context(), timeout=10) as client:
+        missing = client.get(url)
+        wrong = client.get(url, headers={"Authorization": "Bearer not-the-key"})
+        right = client.get(url, headers={"Authorization": f"Bearer {good_endpoint.api_key}"})
+        health = client.get(url.replace("/v1/models", "/health"))
+    assert missing.status_code == 401 and wrong.status_code == 401 and health.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key"
+    assert right.status_code == 200
+    assert right.json()["data"][0]["id"] == good_endpoint.model
+
+
+def test_proxy_refuses_everything_when_the_key_is_empty():
+    with start_proxied_engine("good", api_key="") as endpoint:
+        with httpx.Client(verify=endpoint.caddy.ssl_context(), timeout=10) as client:
+            for header in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer x"}):
+                assert client.get(f"{endpoint.base_url}/models", headers=header).status_code == 401
+
+
+def test_proxy_streams_chunks_as_they_are_generated(good_endpoint):
+    body = {"model": good_endpoint.model, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    arrivals = []
+    with httpx.Client(verify=good_endpoint.caddy.ssl_context(), timeout=30) as client:
+        started = time.perf_counter()
+        with client.stream(
+            "POST", f"{good_endpoint.base_url}/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {good_endpoint.api_key}"},
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    arrivals.append(time.perf_counter() - started)
+    assert len(arrivals) > 10
+    # The fake engine sleeps 20 ms between chunks: a buffering proxy would deliver them together.
+    assert arrivals[-1] - arrivals[0] > 0.5 * arrivals[-1], arrivals
+
+
+def test_official_openai_client_against_stack_outputs(good_endpoint):
+    outputs = {"base_url": good_endpoint.base_url, "api_key": good_endpoint.api_key, "model": good_endpoint.model}
+    http_client = httpx.Client(verify=good_endpoint.caddy.ssl_context())
+    client = openai.OpenAI(base_url=outputs["base_url"], api_key=outputs["api_key"], http_client=http_client)
+    try:
+        assert outputs["model"] in [m.id for m in client.models.list()]
+
+        stream = client.chat.completions.create(
+            model=outputs["model"], messages=[{"role": "user", "content": "Hello"}], stream=True,
+            temperature=1.0, top_p=0.95,
+        )
+        pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        assert len(pieces) > 1 and "".join(pieces).strip()
+
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                    "required": ["city", "unit"],
+                },
+            },
+        }
+        response = client.chat.completions.create(
+            model=outputs["model"], messages=[{"role": "user", "content": "Weather in Oslo?"}],
+            tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        call = response.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Oslo", "unit": "celsius"}
+
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=outputs["base_url"], api_key="wrong", http_client=http_client).models.list()
+    finally:
+        http_client.close()
+
+
+@pytest.mark.timeout(300)
+def test_load_of_256_concurrent_streams_through_caddy(good_endpoint):
+    # 256 streams of ~20 chunks each: a few seconds on 2 cores; the timeout is generous.
+    report = suite(good_endpoint, only=["load"], load=256, timeout=120)
+    load = report.check("load")
+    assert load.status == "pass", load
+    assert load.details["requests"] == 256
+    assert load.details["ttft_p50_s"] <= load.details["ttft_p90_s"] <= load.details["ttft_p99_s"]
+    assert load.details["aggregate_output_tokens_per_s"] > 0
+
+
+def run_cli(*arguments):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "verify.py"), *arguments],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+
+
+def test_cli_passes_writes_report_and_hides_the_key(good_endpoint, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_cli(
+        "--base-url", good_endpoint.base_url, "--api-key", good_endpoint.api_key, "--model", good_endpoint.model,
+        "--ca-cert", str(good_endpoint.caddy.root_ca), "--timeout", "30", "--json", str(report_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert good_endpoint.api_key not in result.stdout + result.stderr + report_path.read_text()
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and report["model"] == good_endpoint.model
+    assert {c["name"] for c in report["checks"]} == set(ALL_CHECKS)
+    assert set(report) == {"base_url", "model", "engine", "passed", "checks", "wall_seconds"}
+
+
+def test_cli_exits_1_when_a_check_fails():
+    with start_fake_engine("good") as engine:
+        result = run_cli("--base-url", engine.base_url, "--api-key", "test-key-0123456789", "--model", engine.model, "--only", "auth")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "request without a key got 200" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--base-url", "http://127.0.0.1:9/", "--api-key", "k", "--model", "m"],
+        ["--base-url", "http://127.0.0.1:9/v1", "--api-key", "k", "--model", "m", "--only", "nonsense"],
+        ["--base-url", "http://127.0.0.1:9/v1", "--api-key", "k", "--model", "m", "--only", "load"],
+        ["--base-url", "http://127.0.0.1:9/v1", "--api-key", "k"],
+    ],
+    ids=["no-v1", "unknown-check", "load-without-n", "missing-model"],
+)
+def test_cli_exits_2_on_bad_usage(arguments):
+    assert run_cli(*arguments).returncode == 2
