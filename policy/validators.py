@@ -1,0 +1,861 @@
+"""Pure validators behind the `kimi-fleet-safety` policy pack.
+
+No `pulumi_policy` import here: every validator is a plain function
+`validate_x(resource_type: str, props: Mapping) -> list[str]` (violation messages, empty = ok), so
+it can be unit-tested directly and reused by the offline planner (`check_resources`).
+
+Props are the resource *inputs* as the Pulumi engine sees them: camelCase names (`fromPort`,
+`userData`, `instanceMarketOptions`), numbers possibly as floats (protobuf Struct), component
+resources with exactly the props dict they pass to `ComponentResource.__init__`. Under the policy
+SDK the props are read-only Mapping/Sequence proxies that raise on unknown (preview-time) values;
+the validators therefore only use Mapping/Sequence operations and never swallow exceptions.
+
+Component contracts (type token -> props the component must register for its policy to see it):
+    kimi-fleet:proxy:AuthProxy        caddyfile: str, allowedUpstreams: list[str] (Kubernetes only)
+    kimi-fleet:engine:EngineRelease   image: str, revision: str (40-hex Hugging Face commit)
+    kimi-fleet:capacity:CapacityPolicy workload, market, replicas, onDemandBase
+    kimi-fleet:fleet:Fleet            hourlyCostUsd: float|None, budgetPerHourUsd: float|None
+    any component                     secretValues: list[str] (wrap in pulumi.Output.secret)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Iterator, NamedTuple
+
+# --------------------------------------------------------------------------------------------
+# Resource type tokens
+# --------------------------------------------------------------------------------------------
+SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
+SECURITY_GROUP_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+SG_INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EC2_INSTANCE = "aws:ec2/instance:Instance"
+LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+AUTOSCALING_GROUP = "aws:autoscaling/group:Group"
+K8S_SERVICE = "kubernetes:core/v1:Service"
+LOCAL_COMMAND = "command:local:Command"
+REMOTE_COMMAND = "command:remote:Command"
+
+AUTH_PROXY = "kimi-fleet:proxy:AuthProxy"
+ENGINE_RELEASE = "kimi-fleet:engine:EngineRelease"
+CAPACITY_POLICY = "kimi-fleet:capacity:CapacityPolicy"
+FLEET = "kimi-fleet:fleet:Fleet"
+
+WORKLOAD_TAG = "kimi-fleet:workload"
+
+# Where the pod templates live, per Kubernetes workload type.
+_SPEC_TEMPLATE = ("spec", "template", "spec")
+K8S_POD_SPEC_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "kubernetes:apps/v1:Deployment": (_SPEC_TEMPLATE,),
+    "kubernetes:apps/v1:StatefulSet": (_SPEC_TEMPLATE,),
+    "kubernetes:apps/v1:DaemonSet": (_SPEC_TEMPLATE,),
+    "kubernetes:apps/v1:ReplicaSet": (_SPEC_TEMPLATE,),
+    "kubernetes:batch/v1:Job": (_SPEC_TEMPLATE,),
+    "kubernetes:batch/v1:CronJob": (("spec", "jobTemplate", "spec", "template", "spec"),),
+    "kubernetes:core/v1:Pod": (("spec",),),
+    # The real LWS API nests leader and worker templates; `spec.template.spec` is accepted too.
+    "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet": (
+        ("spec", "leaderWorkerTemplate", "leaderTemplate", "spec"),
+        ("spec", "leaderWorkerTemplate", "workerTemplate", "spec"),
+        _SPEC_TEMPLATE,
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------------------------
+#: (first, last, what): never reachable from outside the host, not even from the VPC.
+PROTECTED_PORTS: tuple[tuple[int, int, str], ...] = (
+    (8000, 8100, "inference engine (vLLM 8000 and extra local engines)"),
+    (30000, 30100, "inference engine (SGLang 30000 and extra local engines)"),
+    (2019, 2019, "Caddy admin API"),
+    (9090, 9090, "metrics (Prometheus)"),
+    (9100, 9100, "metrics (node exporter)"),
+    (9400, 9400, "metrics (DCGM exporter)"),
+)
+#: The only ports that may face the whole Internet (Caddy: ACME HTTP-01 / redirect, HTTPS, HTTP/3).
+PUBLIC_PORTS = frozenset({80, 443})
+SSH_PORT = 22
+ALL_PORTS = (0, 65535)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers (Mapping/Sequence aware: the policy SDK hands out read-only proxies)
+# --------------------------------------------------------------------------------------------
+def _is_map(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_seq(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def _get(obj: Any, *path: Any, default: Any = None) -> Any:
+    for key in path:
+        if _is_map(obj):
+            if key not in obj:
+                return default
+            obj = obj[key]
+        elif _is_seq(obj) and isinstance(key, int):
+            if not -len(obj) <= key < len(obj):
+                return default
+            obj = obj[key]
+        else:
+            return default
+    return default if obj is None else obj
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if _is_seq(value) else []
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(float(value.strip()))
+        except ValueError:
+            return None
+    return None
+
+
+def _tags(props: Mapping) -> dict[str, str]:
+    """Tags as a dict: EC2 style `tags: {k: v}` or Auto Scaling style `tags: [{key, value}]`."""
+    tags = _get(props, "tags")
+    out: dict[str, str] = {}
+    if _is_map(tags):
+        for key in tags:
+            out[str(key)] = str(tags[key])
+    elif _is_seq(tags):
+        for tag in tags:
+            if _is_map(tag) and "key" in tag:
+                out[str(tag["key"])] = str(_get(tag, "value", default=""))
+    return out
+
+
+def _string_leaves(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path or "<value>", value
+    elif _is_map(value):
+        for key in value:
+            yield from _string_leaves(value[key], f"{path}.{key}" if path else str(key))
+    elif _is_seq(value):
+        for i, item in enumerate(value):
+            yield from _string_leaves(item, f"{path}[{i}]")
+
+
+# --------------------------------------------------------------------------------------------
+# engine-port-not-exposed
+# --------------------------------------------------------------------------------------------
+class _Ingress(NamedTuple):
+    label: str
+    protocol: str  # "tcp" | "udp" | "all" | "icmp" | "other"
+    first: int
+    last: int
+    sources: list[tuple[str, str]]  # (kind, value): kind in ipv4/ipv6/sg/self/prefix-list
+
+
+def _protocol(value: Any) -> str:
+    text = str(value if value is not None else "").strip().lower()
+    number = _int(text)
+    if number is not None:
+        text = str(number)
+    if text in ("-1", "all"):
+        return "all"
+    if text in ("tcp", "6"):
+        return "tcp"
+    if text in ("udp", "17"):
+        return "udp"
+    if text in ("icmp", "1", "icmpv6", "58"):
+        return "icmp"
+    return "other"
+
+
+def _port_range(protocol: str, from_port: Any, to_port: Any) -> tuple[int, int]:
+    if protocol == "all":
+        return ALL_PORTS
+    first, last = _int(from_port), _int(to_port)
+    if first is None and last is None:
+        return ALL_PORTS
+    first = first if first is not None else last
+    last = last if last is not None else first
+    assert first is not None and last is not None
+    if first < 0:
+        first = 0
+    if last < 0:
+        last = 65535
+    return (min(first, last), max(first, last))
+
+
+def _cidr_sources(kind: str, values: Any) -> list[tuple[str, str]]:
+    if isinstance(values, str):
+        values = [values]
+    return [(kind, str(v)) for v in _items(values) if v not in (None, "")]
+
+
+def _is_world(cidr: str) -> bool:
+    """0.0.0.0/0 and ::/0, and anything nearly as wide (IPv4 shorter than /8, IPv6 than /16)."""
+    try:
+        net = ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError:
+        return False
+    return net.prefixlen < (8 if net.version == 4 else 16)
+
+
+def _protected_hits(first: int, last: int) -> list[str]:
+    hits = []
+    for lo, hi, what in PROTECTED_PORTS:
+        if first <= hi and lo <= last:
+            span = str(lo) if lo == hi else f"{lo}-{hi}"
+            hits.append(f"{span} ({what})")
+    return hits
+
+
+def _describe_sources(sources: list[tuple[str, str]]) -> str:
+    return ", ".join(value if kind in ("ipv4", "ipv6") else f"{kind} {value}" for kind, value in sources)
+
+
+def _check_ingress(rule: _Ingress) -> list[str]:
+    if rule.protocol in ("icmp", "other") or not rule.sources:
+        return []
+    messages = []
+    span = f"{rule.first}-{rule.last}" if rule.first != rule.last else str(rule.first)
+    what = f"{rule.label}: {'all protocols' if rule.protocol == 'all' else rule.protocol} port(s) {span}"
+    hits = _protected_hits(rule.first, rule.last) if rule.protocol in ("tcp", "all") else []
+    # An all-traffic rule whose only source is the group itself is the intra-fleet rule NCCL/EFA
+    # needs; every other source (CIDR, prefix list, another group) is an exposure.
+    external = [s for s in rule.sources if s[0] != "self"]
+    if hits and external:
+        messages.append(
+            f"{what} open to {_describe_sources(external)} covers {', '.join(hits)}. Engines and "
+            "metrics listen on loopback behind the authenticated Caddy proxy; never open their ports "
+            "(the engines' own --api-key guards only some routes)."
+        )
+    world = [s for s in rule.sources if s[0] in ("ipv4", "ipv6") and _is_world(s[1])]
+    if world:
+        public_only = rule.protocol in ("tcp", "udp") and rule.first == rule.last and rule.first in PUBLIC_PORTS
+        if not public_only:
+            ssh = " including SSH (22): allow SSH only from specific admin CIDRs or use SSM Session Manager" \
+                if rule.first <= SSH_PORT <= rule.last and rule.protocol in ("tcp", "all") else ""
+            messages.append(
+                f"{what} open to the Internet ({_describe_sources(world)}){ssh}. Only 80 and 443 "
+                "(the Caddy proxy) may be open to 0.0.0.0/0 or ::/0."
+            )
+    return messages
+
+
+def _security_group_ingress(props: Mapping) -> list[_Ingress]:
+    rules = []
+    for i, item in enumerate(_items(_get(props, "ingress"))):
+        if not _is_map(item):
+            continue
+        protocol = _protocol(_get(item, "protocol"))
+        first, last = _port_range(protocol, _get(item, "fromPort"), _get(item, "toPort"))
+        sources = _cidr_sources("ipv4", _get(item, "cidrBlocks")) + _cidr_sources(
+            "ipv6", _get(item, "ipv6CidrBlocks"))
+        sources += _cidr_sources("prefix-list", _get(item, "prefixListIds"))
+        sources += _cidr_sources("sg", _get(item, "securityGroups"))
+        if _get(item, "self") is True:
+            sources.append(("self", "self"))
+        rules.append(_Ingress(f"ingress[{i}]", protocol, first, last, sources))
+    return rules
+
+
+def _security_group_rule(props: Mapping) -> list[_Ingress]:
+    if str(_get(props, "type", default="")).lower() != "ingress":
+        return []
+    protocol = _protocol(_get(props, "protocol"))
+    first, last = _port_range(protocol, _get(props, "fromPort"), _get(props, "toPort"))
+    sources = _cidr_sources("ipv4", _get(props, "cidrBlocks")) + _cidr_sources(
+        "ipv6", _get(props, "ipv6CidrBlocks"))
+    sources += _cidr_sources("prefix-list", _get(props, "prefixListIds"))
+    if _get(props, "self") is True:
+        sources.append(("self", "self"))
+    source_sg = _get(props, "sourceSecurityGroupId")
+    if source_sg:
+        same = source_sg == _get(props, "securityGroupId")
+        sources.append(("self", "self") if same else ("sg", str(source_sg)))
+    return [_Ingress("ingress rule", protocol, first, last, sources)]
+
+
+def _vpc_ingress_rule(props: Mapping) -> list[_Ingress]:
+    protocol = _protocol(_get(props, "ipProtocol"))
+    first, last = _port_range(protocol, _get(props, "fromPort"), _get(props, "toPort"))
+    sources = _cidr_sources("ipv4", _get(props, "cidrIpv4")) + _cidr_sources("ipv6", _get(props, "cidrIpv6"))
+    sources += _cidr_sources("prefix-list", _get(props, "prefixListId"))
+    referenced = _get(props, "referencedSecurityGroupId")
+    if referenced:
+        same = referenced == _get(props, "securityGroupId")
+        sources.append(("self", "self") if same else ("sg", str(referenced)))
+    return [_Ingress("ingress rule", protocol, first, last, sources)]
+
+
+def _service_messages(props: Mapping) -> list[str]:
+    service_type = str(_get(props, "spec", "type", default="ClusterIP"))
+    external_ips = _items(_get(props, "spec", "externalIPs"))
+    exposed = service_type in ("NodePort", "LoadBalancer") or bool(external_ips)
+    if not exposed:
+        return []
+    how = service_type if service_type in ("NodePort", "LoadBalancer") else "ClusterIP with externalIPs"
+    messages = []
+    for i, port in enumerate(_items(_get(props, "spec", "ports"))):
+        if not _is_map(port):
+            continue
+        number, target = _int(_get(port, "port")), _int(_get(port, "targetPort"))
+        for field, value in (("port", number), ("targetPort", target)):
+            if value is None:
+                continue
+            hits = _protected_hits(value, value)
+            if hits:
+                messages.append(
+                    f"{how} Service exposes spec.ports[{i}].{field} {value} ({', '.join(hits)}): the "
+                    "engine Service must be ClusterIP, reached only by the authenticated proxy."
+                )
+        if number is not None and number not in PUBLIC_PORTS:
+            messages.append(
+                f"{how} Service exposes spec.ports[{i}].port {number}: only the proxy may be exposed, "
+                "on 443 (and 80)."
+            )
+    return messages
+
+
+def validate_engine_port_not_exposed(resource_type: str, props: Mapping) -> list[str]:
+    """Security groups and Services must not expose engine/metrics ports; only 80/443 face the
+    Internet; SSH only from specific CIDRs."""
+    if resource_type == SECURITY_GROUP:
+        rules = _security_group_ingress(props)
+    elif resource_type == SECURITY_GROUP_RULE:
+        rules = _security_group_rule(props)
+    elif resource_type == SG_INGRESS_RULE:
+        rules = _vpc_ingress_rule(props)
+    elif resource_type == K8S_SERVICE:
+        return _service_messages(props)
+    else:
+        return []
+    return [message for rule in rules for message in _check_ingress(rule)]
+
+
+# --------------------------------------------------------------------------------------------
+# proxy-requires-key
+# --------------------------------------------------------------------------------------------
+# Limits (a regex-level structural check, not a Caddyfile parser): blocks are recognised by a
+# line ending in "{" and closed by a line that is "}" (Caddy's own rule); `import` of snippets or
+# files is not resolved (and is refused, since the imported text is not visible); one-line
+# matcher/respond forms only; multi-line quoted tokens are not understood.
+_ADMIN_OFF = re.compile(r"^\s*admin\s+off\s*$")
+_AUTH_MATCHER = re.compile(
+    r"^\s*@(?P<name>[A-Za-z0-9_-]+)\s+(?:\{\s*)?not\s+header\s+Authorization\s+"
+    r"\"Bearer \{env\.(?P<env>[A-Za-z_][A-Za-z0-9_]*)\}\"\s*\}?\s*$"
+)
+_AUTH_MATCHER_BLOCK_HEAD = re.compile(r"^\s*@(?P<name>[A-Za-z0-9_-]+)\s*\{\s*$")
+_AUTH_MATCHER_BLOCK_BODY = re.compile(
+    r"^\s*not\s+header\s+Authorization\s+\"Bearer \{env\.[A-Za-z_][A-Za-z0-9_]*\}\"\s*$"
+)
+_RESPOND_401 = re.compile(r"^\s*respond\s+@(?P<name>[A-Za-z0-9_-]+)\b.*\s401\s*$")
+_SERVING = ("reverse_proxy", "file_server", "php_fastcgi", "metrics", "respond", "templates")
+_BYPASS_BLOCKS = ("handle", "handle_path", "route")
+_LOCAL_HOSTS = ("localhost",)
+
+
+class _Line(NamedTuple):
+    number: int
+    depth: int
+    text: str
+    path: tuple[str, ...]  # first token of each enclosing block header, outermost first
+
+
+def _caddy_lines(caddyfile: str) -> list[_Line]:
+    lines: list[_Line] = []
+    stack: list[str] = []
+    for number, raw in enumerate(caddyfile.splitlines(), start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text == "}":
+            if stack:
+                stack.pop()
+            continue
+        lines.append(_Line(number, len(stack), text, tuple(stack)))
+        if text.endswith("{") and (text == "{" or text[-2].isspace()):
+            head = text[:-1].strip()
+            stack.append(head.split()[0] if head else "{")
+    return lines
+
+
+def _upstream_host(upstream: str) -> str:
+    text = upstream.strip()
+    for scheme in ("http://", "https://", "h2c://"):
+        if text.lower().startswith(scheme):
+            text = text[len(scheme):]
+    text = text.split("/", 1)[0]
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    if text.count(":") == 1:
+        return text.split(":", 1)[0]
+    return text
+
+
+def _upstream_allowed(upstream: str, allowed: list[str]) -> bool:
+    if upstream.startswith("unix/"):
+        return True
+    if upstream in allowed:
+        return True
+    host = _upstream_host(upstream)
+    if not host or "{" in host:
+        return False
+    if host.lower() in _LOCAL_HOSTS:
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    return host in {_upstream_host(a) for a in allowed}
+
+
+def _reverse_proxy_upstreams(line: _Line, following: list[_Line]) -> tuple[list[str], list[str]]:
+    """Upstreams of a reverse_proxy directive: tokens after the (optional) matcher, plus `to`
+    subdirectives inside its block. Also returns problems (dynamic upstreams)."""
+    tokens = line.text.rstrip("{").split()[1:]
+    if tokens and (tokens[0].startswith("@") or tokens[0].startswith("/") or tokens[0] == "*"):
+        tokens = tokens[1:]
+    upstreams, problems = list(tokens), []
+    if line.text.endswith("{"):
+        for inner in following:
+            if inner.depth <= line.depth:
+                break
+            if inner.depth == line.depth + 1:
+                parts = inner.text.split()
+                if parts[0] == "to":
+                    upstreams += parts[1:]
+                elif parts[0] == "dynamic":
+                    problems.append(f"line {inner.number}: dynamic upstreams cannot be verified")
+    return upstreams, problems
+
+
+def _block_body(body: list[_Line], index: int) -> list[_Line]:
+    """Lines nested in the block opened at body[index]."""
+    inner = []
+    for line in body[index + 1:]:
+        if line.depth <= body[index].depth:
+            break
+        inner.append(line)
+    return inner
+
+
+def _check_site(label: str, body: list[_Line], allowed: list[str]) -> list[str]:
+    messages: list[str] = []
+    top = [(i, line) for i, line in enumerate(body) if line.depth == 1]
+    matchers = set()
+    for i, line in top:
+        one_line = _AUTH_MATCHER.match(line.text)
+        if one_line:
+            matchers.add(one_line.group("name"))
+        head = _AUTH_MATCHER_BLOCK_HEAD.match(line.text)
+        if head:
+            inner = _block_body(body, i)
+            if len(inner) == 1 and _AUTH_MATCHER_BLOCK_BODY.match(inner[0].text):
+                matchers.add(head.group("name"))
+
+    def rejects(line: _Line) -> bool:
+        match = _RESPOND_401.match(line.text)
+        return bool(match) and match.group("name") in matchers
+
+    serving = [line for line in body if line.text.split()[0] in _SERVING and not rejects(line)]
+    if not serving:
+        return []  # e.g. a site that only redirects
+    if not any(rejects(line) for _, line in top):
+        messages.append(
+            f"site {label!r}: no `@name not header Authorization \"Bearer {{env.VAR}}\"` matcher "
+            "answered by `respond @name ... 401` at the top of the site block: requests without "
+            "the key would reach the engine."
+        )
+    for i, line in top:
+        directive = line.text.split()[0]
+        if directive not in _BYPASS_BLOCKS:
+            continue
+        direct = [l for l in _block_body(body, i) if l.depth == 2]
+        if not (direct and rejects(direct[0])):
+            messages.append(
+                f"line {line.number}: `{directive}` block in site {label!r} runs before the top-level "
+                "`respond @... 401` in Caddy's directive order, so what it serves skips the key "
+                "check; make the auth respond its first directive or drop the block."
+            )
+    for i, line in enumerate(body):
+        if line.text.split()[0] != "reverse_proxy":
+            continue
+        upstreams, problems = _reverse_proxy_upstreams(line, _block_body(body, i) if line.text.endswith("{") else [])
+        messages += [f"site {label!r} {p}" for p in problems]
+        if not upstreams and not problems:
+            messages.append(f"line {line.number}: reverse_proxy without upstreams.")
+        for upstream in upstreams:
+            if not _upstream_allowed(upstream, allowed):
+                where = "127.0.0.1/localhost/[::1]" + (f" or one of {allowed}" if allowed else "")
+                messages.append(
+                    f"line {line.number}: reverse_proxy upstream {upstream!r} is not on {where}: the "
+                    "engine must listen on loopback (a LAN address can change and bypasses the key)."
+                )
+    return messages
+
+
+def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]:
+    """The AuthProxy's Caddyfile: `admin off`, a Bearer-key matcher answered with 401 before
+    anything is served, loopback (or allowed cluster Service) upstreams only."""
+    if resource_type != AUTH_PROXY:
+        return []
+    caddyfile = _get(props, "caddyfile")
+    if not isinstance(caddyfile, str) or not caddyfile.strip():
+        return ["AuthProxy has no `caddyfile` prop: the proxy configuration cannot be checked."]
+    allowed = [str(a) for a in _items(_get(props, "allowedUpstreams"))]
+    lines = _caddy_lines(caddyfile)
+    messages: list[str] = []
+
+    if not any(line.depth == 1 and line.path == ("{",) and _ADMIN_OFF.match(line.text) for line in lines):
+        messages.append("Caddyfile global options must contain `admin off` (the admin API on :2019 "
+                        "can rewrite the config without any key).")
+    for line in lines:
+        if line.text.split()[0] == "import":
+            messages.append(f"line {line.number}: `import` is not allowed in the proxy Caddyfile "
+                            "(the imported text cannot be checked).")
+
+    # Site blocks: depth-0 headers other than the global options block and snippets "(name)".
+    heads = [i for i, line in enumerate(lines) if line.depth == 0]
+    sites = [i for i in heads if lines[i].text != "{" and not lines[i].text.startswith("(")]
+    for i in sites:
+        site = lines[i]
+        later = [h for h in heads if h > i]
+        body = lines[i + 1:later[0] if later else len(lines)]
+        label = site.text.rstrip("{").strip()
+        messages += _check_site(label, body, allowed)
+    if not sites:
+        messages.append("Caddyfile has no site block.")
+    return messages
+
+
+# --------------------------------------------------------------------------------------------
+# pinned-images-and-revision
+# --------------------------------------------------------------------------------------------
+FLOATING_TAGS = frozenset({"latest", "nightly", "main", "master", "dev", "edge"})
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REVISION = re.compile(r"^[0-9a-f]{40}$")
+
+
+def image_problem(image: Any) -> str | None:
+    """None when `image` is pinned (explicit non-floating tag, or a sha256 digest)."""
+    if not isinstance(image, str) or not image.strip():
+        return "no image"
+    if "@" in image:
+        digest = image.split("@", 1)[1]
+        return None if _DIGEST.match(digest) else f"image {image!r} has a malformed digest (want @sha256:<64 hex>)"
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"image {image!r} has no tag (it means :latest): pin a release tag or a @sha256: digest"
+    tag = last.split(":", 1)[1]
+    if not tag or tag.lower() in FLOATING_TAGS:
+        return (f"image {image!r} uses the floating tag {tag!r} (nightly/latest images break silently): "
+                "pin a release tag or a @sha256: digest")
+    return None
+
+
+def _pod_specs(resource_type: str, props: Mapping) -> Iterator[tuple[str, Mapping]]:
+    for path in K8S_POD_SPEC_PATHS.get(resource_type, ()):
+        spec = _get(props, *path)
+        if _is_map(spec):
+            yield ".".join(path), spec
+
+
+def _containers(resource_type: str, props: Mapping) -> Iterator[tuple[str, Mapping]]:
+    for where, spec in _pod_specs(resource_type, props):
+        for kind in ("initContainers", "containers", "ephemeralContainers"):
+            for i, container in enumerate(_items(_get(spec, kind))):
+                if _is_map(container):
+                    yield f"{where}.{kind}[{i}]", container
+
+
+def validate_pinned_images_and_revision(resource_type: str, props: Mapping) -> list[str]:
+    """EngineRelease image and Hugging Face revision pinned; every workload container image pinned."""
+    messages = []
+    if resource_type == ENGINE_RELEASE:
+        problem = image_problem(_get(props, "image"))
+        if problem:
+            messages.append(f"EngineRelease: {problem}.")
+        revision = _get(props, "revision")
+        if not isinstance(revision, str) or not _REVISION.match(revision):
+            messages.append(
+                f"EngineRelease revision {revision!r} is not a 40-hex Hugging Face commit: a branch "
+                "name (main) moves under the fleet; pin `--revision <sha>`."
+            )
+    for where, container in _containers(resource_type, props):
+        problem = image_problem(_get(container, "image"))
+        if problem:
+            messages.append(f"{where} ({_get(container, 'name', default='?')}): {problem}.")
+    return messages
+
+
+# --------------------------------------------------------------------------------------------
+# interactive-not-spot-only
+# --------------------------------------------------------------------------------------------
+def validate_interactive_not_spot_only(resource_type: str, props: Mapping) -> list[str]:
+    """Interactive capacity keeps at least one on-demand replica: spot can vanish with two
+    minutes' notice and an interactive endpoint would go dark."""
+    if resource_type == CAPACITY_POLICY:
+        workload, market = _get(props, "workload"), _get(props, "market")
+        base = _int(_get(props, "onDemandBase")) or 0
+        if workload == "interactive" and market == "spot" and base < 1:
+            return [f"interactive workload on spot with onDemandBase={base} (replicas="
+                    f"{_get(props, 'replicas')}): keep at least 1 on-demand replica, or use "
+                    "market on-demand / capacity-block."]
+        return []
+    # Read tags only on the types checked: elsewhere they may be unknown during preview, and the
+    # SDK would turn that into a "can't run policy" diagnostic on every resource.
+    if resource_type not in (EC2_INSTANCE, LAUNCH_TEMPLATE, AUTOSCALING_GROUP):
+        return []
+    if _tags(props).get(WORKLOAD_TAG) != "interactive":
+        return []
+    if resource_type in (EC2_INSTANCE, LAUNCH_TEMPLATE):
+        if str(_get(props, "instanceMarketOptions", "marketType", default="")).lower() == "spot":
+            kind = "instance" if resource_type == EC2_INSTANCE else "launch template"
+            return [f"spot {kind} tagged {WORKLOAD_TAG}=interactive: interactive serving needs "
+                    "on-demand (or capacity-block) capacity underneath."]
+    if resource_type == AUTOSCALING_GROUP:
+        distribution = _get(props, "mixedInstancesPolicy", "instancesDistribution")
+        if _get(props, "mixedInstancesPolicy") is not None:
+            base = _int(_get(distribution, "onDemandBaseCapacity")) or 0
+            above = _int(_get(distribution, "onDemandPercentageAboveBaseCapacity"))
+            above = 100 if above is None else above  # the AWS default: all on-demand
+            if base < 1 and above < 100:
+                return [f"Auto Scaling group tagged {WORKLOAD_TAG}=interactive has onDemandBaseCapacity="
+                        f"{base} and {above}% on-demand above base: set onDemandBaseCapacity >= 1."]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# no-secrets-in-user-data
+# --------------------------------------------------------------------------------------------
+# Limits: heuristics. A secret split across lines, encoded twice, or hidden in an unusual
+# variable name is not found; anything that matches the patterns but is not a secret is reported.
+SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("a Hugging Face token (hf_...)", re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")),
+    ("an API key (sk-...)", re.compile(r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9][A-Za-z0-9_-]{19,}")),
+    ("an AWS access key id", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Z])")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")),
+)
+_SECRET_NAME = r"[A-Za-z0-9_]*(?:API_KEY|APIKEY|TOKEN|SECRET|SECRET_KEY|SECRET_ACCESS_KEY|PASSWORD|PASSWD|PASSPHRASE)"
+_SECRET_NAME_FULL = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
+_VALUE = r"(?P<value>\"[^\"\n]*\"|'[^'\n]*'|[^\s;&|]*)"
+_ASSIGNMENT = re.compile(
+    rf"(?<![A-Za-z0-9_.-])(?P<name>{_SECRET_NAME})(?:=|:[ \t]+){_VALUE}", re.IGNORECASE)
+_CLI_FLAG = re.compile(rf"--(?P<name>api-key|hf-token|token|password)(?:=|[ \t]+){_VALUE}")
+_NOT_SECRET = frozenset({"true", "false", "none", "null", "yes", "no", "0", "1"})
+#: Secret values shorter than this are not searched for verbatim (too many false matches).
+MIN_SECRET_LENGTH = 8
+
+USER_DATA_FIELDS = ("userData", "userDataBase64")
+COMMAND_FIELDS = ("create", "update", "delete")
+
+
+def _is_literal(value: str) -> bool:
+    text = value.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if not text or text.lower() in _NOT_SECRET:
+        return False
+    # $(aws ssm get-parameter ...), ${VAR}, $VAR, `cmd`, {{ template }}, {env.X}, <(cmd), next flag
+    return not text.startswith(("$", "`", "{{", "{env.", "<(", "-"))
+
+
+def decode_user_data(value: str) -> list[tuple[str, str]]:
+    """[(how, text)]: the value itself and, when it is valid base64 (optionally gzip), its decoding."""
+    texts = [("", value)]
+    compact = re.sub(r"\s+", "", value)
+    if compact and len(compact) % 4 == 0 and re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", compact):
+        try:
+            raw = base64.b64decode(compact, validate=True)
+            if raw[:2] == b"\x1f\x8b":
+                raw = gzip.decompress(raw)
+            texts.append((" (base64-decoded)", raw.decode("utf-8")))
+        except (binascii.Error, ValueError, OSError, EOFError):
+            pass
+    return texts
+
+
+def find_secret_patterns(text: str) -> list[tuple[int, str]]:
+    """[(line number, what)] for things in `text` that look like secrets (values never returned)."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for what, pattern in SECRET_PATTERNS:
+            if pattern.search(line):
+                found.append((number, what))
+        for regex in (_ASSIGNMENT, _CLI_FLAG):
+            for match in regex.finditer(line):
+                if _is_literal(match.group("value")):
+                    name = match.group("name")
+                    flag = "--" if regex is _CLI_FLAG else ""
+                    found.append((number, f"a literal value assigned to {flag}{name}"))
+    return found
+
+
+def _scan_fields(resource_type: str, props: Mapping) -> list[tuple[str, str]]:
+    """(label, text) of the fields that end up on a machine or in logs: user data (decoded too),
+    command scripts, container commands/args/env values."""
+    fields: list[tuple[str, str]] = []
+    if resource_type in (EC2_INSTANCE, LAUNCH_TEMPLATE):
+        for name in USER_DATA_FIELDS:
+            value = _get(props, name)
+            if isinstance(value, str):
+                fields += [(f"{name}{how}", text) for how, text in decode_user_data(value)]
+    elif resource_type in (LOCAL_COMMAND, REMOTE_COMMAND):
+        for name in COMMAND_FIELDS:
+            value = _get(props, name)
+            if isinstance(value, str):
+                fields.append((name, value))
+    for where, container in _containers(resource_type, props):
+        for kind in ("command", "args"):
+            items = [str(x) for x in _items(_get(container, kind)) if isinstance(x, str)]
+            if items:
+                fields.append((f"{where}.{kind}", "\n".join(items)))
+        for i, env in enumerate(_items(_get(container, "env"))):
+            if _is_map(env) and isinstance(_get(env, "value"), str):
+                fields.append((f"{where}.env[{i}]", f"{_get(env, 'name', default='')}={_get(env, 'value')}"))
+    return fields
+
+
+def _verbatim_hits(fields: list[tuple[str, str]], secrets: list[str]) -> list[str]:
+    messages = []
+    for label, text in fields:
+        for index, secret in enumerate(secrets):
+            if len(secret) >= MIN_SECRET_LENGTH and secret in text:
+                messages.append(f"{label} contains secretValues[{index}] verbatim: pass secrets by "
+                                "reference (SSM Parameter Store, Secrets Manager, a Kubernetes Secret).")
+    return messages
+
+
+def _secret_values(props: Mapping) -> list[str]:
+    return [v for v in _items(_get(props, "secretValues")) if isinstance(v, str)]
+
+
+def validate_no_secrets_in_user_data(resource_type: str, props: Mapping) -> list[str]:
+    """No secrets in EC2 user data / launch templates / command scripts / container specs, and a
+    component's `secretValues` never appear verbatim in its other props."""
+    messages = []
+    for label, text in _scan_fields(resource_type, props):
+        for number, what in find_secret_patterns(text):
+            messages.append(
+                f"{label} line {number} contains {what}: user data is readable by anyone who can "
+                "describe the instance; fetch it at boot (e.g. $(aws ssm get-parameter "
+                "--with-decryption ...)) or mount a Secret."
+            )
+    for where, container in _containers(resource_type, props):
+        for i, env in enumerate(_items(_get(container, "env"))):
+            if not _is_map(env):
+                continue
+            name, value = str(_get(env, "name", default="")), _get(env, "value")
+            if _SECRET_NAME_FULL.match(name) and isinstance(value, str) and _is_literal(value):
+                messages.append(f"{where}.env[{i}] {name} has a literal value: use valueFrom.secretKeyRef.")
+    secrets = _secret_values(props)
+    if secrets:
+        others = [(label, text) for key in props if key != "secretValues"
+                  for label, text in _string_leaves(props[key], str(key))]
+        others += _scan_fields(resource_type, props)
+        messages += _verbatim_hits(others, secrets)
+    return sorted(set(messages), key=messages.index)
+
+
+# --------------------------------------------------------------------------------------------
+# hourly-cost-within-budget (advisory)
+# --------------------------------------------------------------------------------------------
+def validate_hourly_cost_within_budget(resource_type: str, props: Mapping) -> list[str]:
+    """The fleet's estimated hourly cost stays within the stack's hourly budget."""
+    if resource_type != FLEET:
+        return []
+    cost, budget = _get(props, "hourlyCostUsd"), _get(props, "budgetPerHourUsd")
+    if not isinstance(cost, (int, float)) or not isinstance(budget, (int, float)):
+        return []
+    if isinstance(cost, bool) or isinstance(budget, bool):
+        return []
+    if cost > budget:
+        return [f"estimated fleet cost ${cost:,.2f}/h exceeds the budget ${budget:,.2f}/h "
+                f"(+${cost - budget:,.2f}/h, ~${(cost - budget) * 730:,.0f}/month)."]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and offline runner
+# --------------------------------------------------------------------------------------------
+Validator = Callable[[str, Mapping], list]
+
+
+class PolicySpec(NamedTuple):
+    name: str
+    description: str
+    validator: Validator
+
+
+MANDATORY: tuple[PolicySpec, ...] = (
+    PolicySpec("engine-port-not-exposed",
+               "Engine (8000-8100, 30000-30100) and metrics ports are never opened by security groups "
+               "or NodePort/LoadBalancer Services; only 80/443 face the Internet; SSH only from "
+               "specific CIDRs.", validate_engine_port_not_exposed),
+    PolicySpec("proxy-requires-key",
+               "The Caddy proxy has `admin off`, rejects requests without the Bearer key with 401 "
+               "before serving anything, and proxies only to loopback (or allowed cluster Services).",
+               validate_proxy_requires_key),
+    PolicySpec("pinned-images-and-revision",
+               "Engine and workload container images have a release tag or digest (no latest/"
+               "nightly/main/dev) and the model revision is a 40-hex commit.",
+               validate_pinned_images_and_revision),
+    PolicySpec("interactive-not-spot-only",
+               "Interactive capacity keeps at least one on-demand replica under spot.",
+               validate_interactive_not_spot_only),
+    PolicySpec("no-secrets-in-user-data",
+               "User data, command scripts and container specs carry no tokens, keys or the stack's "
+               "secret values; secrets are fetched at boot or mounted.",
+               validate_no_secrets_in_user_data),
+)
+ADVISORY: tuple[PolicySpec, ...] = (
+    PolicySpec("hourly-cost-within-budget",
+               "The fleet's estimated hourly cost is within budgetPerHourUsd.",
+               validate_hourly_cost_within_budget),
+)
+POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in MANDATORY + ADVISORY}
+
+
+def enforcement_of(name: str) -> str:
+    return "mandatory" if any(spec.name == name for spec in MANDATORY) else "advisory"
+
+
+def check_resources(resources: list[dict]) -> list[dict]:
+    """Run every policy over `resources` ([{"type", "name", "props"}]) and return violations
+    [{"policy", "enforcement", "resource", "message"}] ("mandatory" | "advisory"), in resource
+    order. Besides the per-resource checks (what the policy pack does), `secretValues` declared on
+    any resource are searched for in every resource's user data / scripts / container specs."""
+    violations: list[dict] = []
+    all_secrets: list[str] = []
+    for resource in resources:
+        all_secrets += _secret_values(resource.get("props") or {})
+    for resource in resources:
+        rtype = resource.get("type", "")
+        name = resource.get("name") or resource.get("urn") or "?"
+        props = resource.get("props") or {}
+        for level, specs in (("mandatory", MANDATORY), ("advisory", ADVISORY)):
+            for spec in specs:
+                messages = list(spec.validator(rtype, props))
+                if spec.name == "no-secrets-in-user-data" and all_secrets:
+                    for message in _verbatim_hits(_scan_fields(rtype, props), all_secrets):
+                        # Indices refer to the stack-wide list here, not the resource's own.
+                        message = re.sub(r"secretValues\[\d+\]", "a stack secret value", message)
+                        if not any(m.startswith(message.split(" contains ")[0] + " contains secretValues")
+                                   for m in messages) and message not in messages:
+                            messages.append(message)
+                for message in messages:
+                    violations.append({"policy": spec.name, "enforcement": level,
+                                       "resource": name, "message": message})
+    return violations
