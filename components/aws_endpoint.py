@@ -1,0 +1,120 @@
+"""AwsEndpoint: a Kimi-K2.6 endpoint on AWS GPU nodes, from network to DNS name.
+
+SSM SecureString secrets, the network and its security group, the weight volume, the GPU node(s)
+booting from cloud-init into engines behind Caddy, a load balancer for a fleet, the DNS record, and
+the AuthProxy record of the Caddyfile for the policy pack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.aws_network import AwsNetwork, AwsNetworkArgs
+from components.dns_record import DnsRecord, DnsRecordArgs
+from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
+from components.gpu_node import GpuNode, GpuNodeArgs
+from components.node_secrets import NodeSecrets, NodeSecretsArgs
+from components.weight_volume import WeightVolume, WeightVolumeArgs
+from kimi_fleet.launch import Launch
+from kimi_fleet.node_files import default_ssm_prefix, render_caddyfile_for, render_user_data
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+STACK_TAG = "kimi-fleet:stack"
+WORKLOAD_TAG = "kimi-fleet:workload"
+MARKET_TAG = "kimi-fleet:market"
+
+
+@dataclass
+class AwsEndpointArgs:
+    resolved: Resolved
+    sizing: Sizing
+    launch: Launch
+    api_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str] | None = None
+
+
+class AwsEndpoint(pulumi.ComponentResource):
+    endpoint_url: pulumi.Output[str]
+    openai_base_url: pulumi.Output[str]
+    node_ids: pulumi.Output[list[str]]
+    #: The node's Elastic IP, or the fleet load balancer's DNS name.
+    public_address: pulumi.Output[str]
+    market: pulumi.Output[str]
+    hourly_cost_usd: pulumi.Output[float | None]
+    dns_record: pulumi.Output[str]
+    weights_volume_id: pulumi.Output[str | None]
+
+    def __init__(self, name: str, args: AwsEndpointArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:aws:AwsEndpoint", name, None, opts)
+        r, spec = args.resolved, args.resolved.spec
+        target = spec.target.aws
+        if r.offer is None:
+            raise ValueError(f"stack {spec.stack}: no AWS instance type in the catalog for "
+                             f"{spec.accelerator_count}x {spec.accelerator}; set target.aws.instanceType")
+        fleet = spec.capacity.replicas > 1
+        tags = {STACK_TAG: spec.stack, WORKLOAD_TAG: spec.capacity.workload, MARKET_TAG: spec.capacity.effective_market}
+        ssm_prefix = target.ssm_prefix or default_ssm_prefix(spec.stack)
+
+        region = aws.Provider(f"{name}-region", region=target.region, opts=pulumi.ResourceOptions(parent=self))
+        child = pulumi.ResourceOptions(parent=self, providers=[region])
+
+        network = AwsNetwork(f"{name}-network", AwsNetworkArgs(resolved=r, tags=tags), child)
+        secrets = NodeSecrets(f"{name}-secrets", NodeSecretsArgs(
+            prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags), child)
+        volume = WeightVolume(f"{name}-weights", WeightVolumeArgs(
+            resolved=r, availability_zone=network.availability_zone, tags=tags), child)
+        user_data = volume.volume_id.apply(lambda volume_id: render_user_data(
+            r, args.launch, args.sizing, ssm_prefix=ssm_prefix, region=target.region,
+            ebs_volume_id=volume_id, hf_token=args.hf_token is not None))
+
+        balancer = None
+        if fleet:
+            balancer = FleetLoadBalancer(f"{name}-ingress", FleetLoadBalancerArgs(
+                stack=spec.stack, vpc_id=network.vpc_id, subnet_ids=network.subnet_ids, tags=tags), child)
+        node = GpuNode(
+            f"{name}-node",
+            GpuNodeArgs(
+                resolved=r, sizing=args.sizing, user_data=user_data, subnet_ids=network.subnet_ids,
+                security_group_id=network.security_group_id, ssm_prefix=ssm_prefix, tags=tags,
+                weights_volume_id=volume.volume_id if r.weights_volume == "ebs" else None,
+                target_group_arns=balancer.target_group_arns if balancer else None,
+            ),
+            # The node reads its secrets at boot: they exist before it does.
+            pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[secrets])),
+        )
+        if balancer:
+            dns = DnsRecord(f"{name}-dns", DnsRecordArgs(
+                domain=spec.domain, hosted_zone_id=target.hosted_zone_id,
+                alias_dns_name=balancer.dns_name, alias_zone_id=balancer.zone_id), child)
+            self.public_address = balancer.dns_name
+        else:
+            dns = DnsRecord(f"{name}-dns", DnsRecordArgs(
+                domain=spec.domain, hosted_zone_id=target.hosted_zone_id, address=node.public_ip), child)
+            self.public_address = node.public_ip
+        AuthProxy(f"{name}-proxy", AuthProxyArgs(
+            caddyfile=render_caddyfile_for(r, args.launch), allowed_upstreams=args.launch.upstreams),
+            pulumi.ResourceOptions(parent=self))
+
+        self.endpoint_url = pulumi.Output.from_input(f"https://{spec.domain}")
+        self.openai_base_url = pulumi.Output.from_input(f"https://{spec.domain}/v1")
+        self.node_ids = node.node_ids
+        self.market = node.market
+        self.hourly_cost_usd = pulumi.Output.all(node.hourly_cost_usd, volume.monthly_cost_usd).apply(
+            lambda costs: None if costs[0] is None else round(costs[0] + costs[1] / (24 * 30), 2))
+        self.dns_record = dns.record
+        self.weights_volume_id = volume.volume_id
+        self.register_outputs({
+            "endpoint_url": self.endpoint_url,
+            "openai_base_url": self.openai_base_url,
+            "node_ids": self.node_ids,
+            "public_address": self.public_address,
+            "market": self.market,
+            "hourly_cost_usd": self.hourly_cost_usd,
+            "dns_record": self.dns_record,
+            "weights_volume_id": self.weights_volume_id,
+        })

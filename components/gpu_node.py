@@ -1,0 +1,244 @@
+"""GpuNode: the EC2 capacity that runs the engines, under the stack's market policy.
+
+One replica: an instance from a launch template, with an Elastic IP so the DNS name survives a
+replacement and the EBS weight volume attached. On spot it is a persistent request that *stops* on
+interruption and starts again when capacity returns (same instance, address and volume).
+Several replicas: an Auto Scaling group with a mixed instances policy (an on-demand base, the rest
+spot, price-capacity-optimized, capacity rebalancing): replacing a replica lost to an interruption
+is AWS's job, not ours. Capacity Blocks: market type capacity-block with the reservation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs
+#: Where the node sees the EBS weight volume (NVMe: found by volume id, this name is nominal).
+WEIGHTS_DEVICE = "/dev/sdf"
+#: Engines inside containers may need IMDS (2 hops: host, then the container bridge).
+IMDS_HOP_LIMIT = 2
+#: The NLB health check sees Caddy long before the engines load; give a new replica its cold start.
+HEALTH_GRACE_MARGIN_SECONDS = 600
+
+
+@dataclass
+class GpuNodeArgs:
+    resolved: Resolved
+    sizing: Sizing
+    user_data: pulumi.Input[str]
+    subnet_ids: pulumi.Input[list[str]]
+    security_group_id: pulumi.Input[str]
+    ssm_prefix: str
+    tags: dict[str, str]
+    #: The EBS weight volume to attach (single node only).
+    weights_volume_id: pulumi.Input[str] | None = None
+    #: The fleet's load balancer target groups (Auto Scaling group only).
+    target_group_arns: pulumi.Input[list[str]] | None = None
+
+
+def hourly_cost_usd(r: Resolved) -> float | None:
+    """The catalog's price of the stack's capacity: on-demand base plus spot remainder."""
+    offer, capacity = r.offer, r.spec.capacity
+    on_demand = offer.on_demand_usd_per_hour
+    spot = offer.spot_typical_usd_per_hour
+    if spot is not None and capacity.max_spot_price_usd is not None:
+        spot = min(spot, capacity.max_spot_price_usd)
+    base = capacity.effective_on_demand_base
+    spot_replicas = capacity.replicas - base
+    if (base and on_demand is None) or (spot_replicas and spot is None):
+        return None
+    return round(base * (on_demand or 0) + spot_replicas * (spot or 0), 2)
+
+
+def _role_policy(r: Resolved, ssm_prefix: str) -> str:
+    region = r.spec.target.aws.region
+    prefix = ssm_prefix.rstrip("/")
+    statements = [
+        {"Sid": "ReadStackSecrets", "Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:GetParameters"],
+         "Resource": f"arn:aws:ssm:{region}:*:parameter{prefix}/*"},
+        {"Sid": "DecryptThroughSsm", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"}}},
+    ]
+    mirror = r.spec.weights.s3_mirror_uri
+    if r.spec.weights.source == "s3-mirror" and mirror:
+        bucket, _, key_prefix = mirror.removeprefix("s3://").partition("/")
+        key_prefix = key_prefix.strip("/")
+        statements += [
+            {"Sid": "ListWeightMirror", "Effect": "Allow", "Action": "s3:ListBucket",
+             "Resource": f"arn:aws:s3:::{bucket}",
+             "Condition": {"StringLike": {"s3:prefix": [f"{key_prefix}/*" if key_prefix else "*"]}}},
+            {"Sid": "ReadWeightMirror", "Effect": "Allow", "Action": "s3:GetObject",
+             "Resource": f"arn:aws:s3:::{bucket}/{key_prefix + '/' if key_prefix else ''}*"},
+        ]
+    return json.dumps({"Version": "2012-10-17", "Statement": statements})
+
+
+def _market_options(r: Resolved, fleet: bool):
+    """Launch template market options; a mixed-instances fleet decides the market in the group instead."""
+    capacity = r.spec.capacity
+    market = capacity.effective_market
+    if market == "capacity-block":
+        return aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(market_type="capacity-block")
+    if market == "spot" and not fleet:
+        return aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(
+            market_type="spot",
+            spot_options=aws.ec2.LaunchTemplateInstanceMarketOptionsSpotOptionsArgs(
+                spot_instance_type="persistent",
+                instance_interruption_behavior="stop",
+                max_price=_price(capacity.max_spot_price_usd),
+            ),
+        )
+    return None
+
+
+def _price(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+class GpuNode(pulumi.ComponentResource):
+    market: pulumi.Output[str]
+    #: Instance ids (one node) or the Auto Scaling group's name (a fleet: AWS picks the instances).
+    node_ids: pulumi.Output[list[str]]
+    #: The Elastic IP of a single node; None for a fleet (reached through its load balancer).
+    public_ip: pulumi.Output[str | None]
+    hourly_cost_usd: pulumi.Output[float | None]
+
+    def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:aws:GpuNode", name, None, opts)
+        r, sizing = args.resolved, args.sizing
+        spec, target = r.spec, r.spec.target.aws
+        capacity = spec.capacity
+        fleet = capacity.replicas > 1
+        child = pulumi.ResourceOptions(parent=self)
+
+        role = aws.iam.Role(
+            f"{name}-role",
+            assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"Service": "ec2.amazonaws.com"}}]}),
+            tags=args.tags,
+            opts=child,
+        )
+        aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY, opts=child)
+        aws.iam.RolePolicy(f"{name}-secrets-and-weights", role=role.id, policy=_role_policy(r, args.ssm_prefix),
+                           opts=child)
+        profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, tags=args.tags, opts=child)
+
+        ami = aws.ssm.get_parameter_output(name=catalog.DLAMI_SSM_PARAMETER,
+                                           opts=pulumi.InvokeOutputOptions(parent=self))
+        capacity_reservation = None
+        if capacity.effective_market == "capacity-block":
+            capacity_reservation = aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(
+                capacity_reservation_target=aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs(
+                    capacity_reservation_id=capacity.capacity_reservation_id,
+                ),
+            )
+        template = aws.ec2.LaunchTemplate(
+            f"{name}-template",
+            image_id=ami.value,
+            instance_type=r.offer.instance_type,
+            key_name=target.key_name,
+            iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
+            vpc_security_group_ids=[args.security_group_id],
+            user_data=pulumi.Output.from_input(args.user_data).apply(
+                lambda text: base64.b64encode(text.encode()).decode()),
+            metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=IMDS_HOP_LIMIT),
+            block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+                device_name=ROOT_DEVICE,
+                ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                    volume_size=target.root_volume_gib, volume_type="gp3", encrypted="true",
+                    delete_on_termination="true"),
+            )],
+            instance_market_options=_market_options(r, fleet),
+            capacity_reservation_specification=capacity_reservation,
+            tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=args.tags)
+                                for kind in ("instance", "volume")],
+            tags=args.tags,
+            update_default_version=True,
+            opts=child,
+        )
+
+        self.market = pulumi.Output.from_input(capacity.effective_market)
+        self.hourly_cost_usd = pulumi.Output.from_input(hourly_cost_usd(r))
+        if fleet:
+            group = self._fleet(name, args, template, sizing)
+            self.node_ids = pulumi.Output.all(group.name)
+            self.public_ip = pulumi.Output.from_input(None)
+        else:
+            instance = aws.ec2.Instance(
+                f"{name}-instance",
+                launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id, version="$Latest"),
+                subnet_id=pulumi.Output.from_input(args.subnet_ids).apply(lambda ids: ids[0]),
+                tags={**args.tags, "Name": spec.stack},
+                opts=child,
+            )
+            if args.weights_volume_id is not None:
+                aws.ec2.VolumeAttachment(f"{name}-weights", device_name=WEIGHTS_DEVICE,
+                                         volume_id=args.weights_volume_id, instance_id=instance.id, opts=child)
+            address = aws.ec2.Eip(f"{name}-eip", domain="vpc", tags={**args.tags, "Name": spec.stack}, opts=child)
+            aws.ec2.EipAssociation(f"{name}-eip-association", allocation_id=address.allocation_id,
+                                   instance_id=instance.id, opts=child)
+            self.node_ids = pulumi.Output.all(instance.id)
+            self.public_ip = address.public_ip
+        self.register_outputs({
+            "market": self.market,
+            "node_ids": self.node_ids,
+            "public_ip": self.public_ip,
+            "hourly_cost_usd": self.hourly_cost_usd,
+        })
+
+    def _fleet(self, name: str, args: GpuNodeArgs, template: aws.ec2.LaunchTemplate,
+               sizing: Sizing) -> aws.autoscaling.Group:
+        r = args.resolved
+        capacity = r.spec.capacity
+        market = capacity.effective_market
+        specification = {"launch_template_id": template.id, "version": "$Latest"}
+        mixed = None
+        launch_template = None
+        if market == "capacity-block":
+            launch_template = aws.autoscaling.GroupLaunchTemplateArgs(id=template.id, version="$Latest")
+        else:
+            mixed = aws.autoscaling.GroupMixedInstancesPolicyArgs(
+                instances_distribution=aws.autoscaling.GroupMixedInstancesPolicyInstancesDistributionArgs(
+                    on_demand_base_capacity=capacity.effective_on_demand_base,
+                    on_demand_percentage_above_base_capacity=0 if market == "spot" else 100,
+                    spot_allocation_strategy="price-capacity-optimized",
+                    spot_max_price=_price(capacity.max_spot_price_usd),
+                ),
+                launch_template=aws.autoscaling.GroupMixedInstancesPolicyLaunchTemplateArgs(
+                    launch_template_specification=(
+                        aws.autoscaling.GroupMixedInstancesPolicyLaunchTemplateLaunchTemplateSpecificationArgs(
+                            **specification)),
+                    overrides=[aws.autoscaling.GroupMixedInstancesPolicyLaunchTemplateOverrideArgs(
+                        instance_type=r.offer.instance_type)],
+                ),
+            )
+        return aws.autoscaling.Group(
+            f"{name}-group",
+            min_size=capacity.replicas,
+            max_size=capacity.replicas,
+            desired_capacity=capacity.replicas,
+            vpc_zone_identifiers=args.subnet_ids,
+            mixed_instances_policy=mixed,
+            launch_template=launch_template,
+            # Launch a replacement when AWS signals a rebalance risk, before the interruption lands.
+            capacity_rebalance=market == "spot",
+            target_group_arns=args.target_group_arns,
+            health_check_type="ELB",
+            health_check_grace_period=sizing.cold_start_seconds + HEALTH_GRACE_MARGIN_SECONDS,
+            # GPU capacity can take hours to appear: `pulumi up` must not fail waiting for it.
+            wait_for_capacity_timeout="0",
+            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True)
+                  for k, v in {**args.tags, "Name": r.spec.stack}.items()],
+            opts=pulumi.ResourceOptions(parent=self),
+        )

@@ -1,0 +1,51 @@
+"""NodeSecrets: the API key and the optional Hugging Face token as SSM SecureString parameters.
+
+Nodes read them at boot through their instance role; user data carries only the parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+
+@dataclass
+class NodeSecretsArgs:
+    #: e.g. /kimi-fleet/<stack>: the instance role may read below it and nowhere else.
+    prefix: str
+    api_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str] | None
+    tags: dict[str, str]
+
+
+class NodeSecrets(pulumi.ComponentResource):
+    api_key_parameter: pulumi.Output[str]
+    #: None when the stack has no Hugging Face token (a public repo or the S3 mirror).
+    hf_token_parameter: pulumi.Output[str | None]
+
+    def __init__(self, name: str, args: NodeSecretsArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:aws:NodeSecrets", name, None, opts)
+        prefix = args.prefix.rstrip("/")
+        api_key = self._parameter(f"{name}-api-key", f"{prefix}/api-key", args.api_key, args.tags)
+        self.api_key_parameter = api_key.name
+        self.hf_token_parameter = pulumi.Output.from_input(None)
+        if args.hf_token is not None:
+            hf_token = self._parameter(f"{name}-hf-token", f"{prefix}/hf-token", args.hf_token, args.tags)
+            self.hf_token_parameter = hf_token.name
+        self.register_outputs({
+            "api_key_parameter": self.api_key_parameter,
+            "hf_token_parameter": self.hf_token_parameter,
+        })
+
+    def _parameter(self, resource_name: str, path: str, value: pulumi.Input[str],
+                   tags: dict[str, str]) -> aws.ssm.Parameter:
+        return aws.ssm.Parameter(
+            resource_name,
+            name=path,
+            type="SecureString",  # encrypted with the account's aws/ssm key
+            value=pulumi.Output.secret(value),
+            tags=tags,
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["value"]),
+        )

@@ -1,0 +1,60 @@
+"""WeightVolume: where the ~595 GB of weights live on an AWS node.
+
+"ebs": a gp3 volume in the node's zone that outlives the node (retain_on_delete), so a replaced
+node mounts the weights it already has instead of downloading them again. The node attaches it.
+"instance-store": no resource; the bootstrap assembles the local NVMe disks as RAID0 (erased on
+stop: a fleet's replicas download again, which an S3 mirror makes fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+
+
+@dataclass
+class WeightVolumeArgs:
+    resolved: Resolved
+    availability_zone: pulumi.Input[str]
+    tags: dict[str, str]
+
+
+class WeightVolume(pulumi.ComponentResource):
+    kind: pulumi.Output[str]
+    #: None for instance store.
+    volume_id: pulumi.Output[str | None]
+    monthly_cost_usd: pulumi.Output[float]
+
+    def __init__(self, name: str, args: WeightVolumeArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:aws:WeightVolume", name, None, opts)
+        r = args.resolved
+        weights = r.spec.weights
+        self.kind = pulumi.Output.from_input(r.weights_volume)
+        self.volume_id = pulumi.Output.from_input(None)
+        self.monthly_cost_usd = pulumi.Output.from_input(0.0)
+        if r.weights_volume == "ebs":
+            volume = aws.ebs.Volume(
+                f"{name}-ebs",
+                availability_zone=args.availability_zone,
+                type="gp3",
+                size=weights.ebs_size_gib,
+                throughput=weights.ebs_throughput_mibps,
+                iops=catalog.EBS_GP3_MAX_IOPS,
+                encrypted=True,
+                tags={**args.tags, "Name": f"{r.spec.stack}-weights"},
+                # Deleting the stack leaves the weights behind on purpose: re-downloading costs an hour.
+                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
+            )
+            self.volume_id = volume.id
+            self.monthly_cost_usd = pulumi.Output.from_input(
+                round(weights.ebs_size_gib * catalog.GiB / catalog.GB * catalog.EBS_GP3_USD_PER_GB_MONTH, 2)
+            )
+        elif r.weights_volume != "instance-store":
+            raise ValueError(f"stack {r.spec.stack}: weights volume {r.weights_volume!r} is not an AWS volume")
+        self.register_outputs({"kind": self.kind, "volume_id": self.volume_id,
+                               "monthly_cost_usd": self.monthly_cost_usd})

@@ -1,0 +1,708 @@
+"""Everything that lands on a GPU node, as files: scripts, units, env files, the Caddyfile.
+
+Target-neutral: AWS cloud-init delivers these with `write_files`, the existing-host target copies
+them over SSH. Only how secrets arrive differs (SecretsSource). The scripts are the same on every
+node; what varies per stack lives in /etc/kimi-fleet/node.env and the engine env files, so a
+change of stack is a change of data, not of code.
+
+Traps handled here (seed 003): GPUs through CDI, env-file values bare, wait for the GPUs to be
+released before a (re)start, Caddy on loopback upstreams with `admin off` (restart, never reload).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import yaml
+
+from kimi_fleet.caddy import render_caddyfile
+from kimi_fleet.launch import ENV_DIR, Launch, docker_run_command, render_env_file
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+SBIN = "/usr/local/sbin"
+UNIT_DIR = "/etc/systemd/system"
+SECRETS_DIR = f"{ENV_DIR}/secrets"
+API_KEY_FILE = f"{SECRETS_DIR}/api-key"
+HF_TOKEN_FILE = f"{SECRETS_DIR}/hf-token"
+NODE_ENV_FILE = f"{ENV_DIR}/node.env"
+CADDYFILE = "/etc/caddy/Caddyfile"
+CADDY_API_KEY_ENV = "KIMI_API_KEY"
+#: EC2 refuses user data above 16 KB (before its own base64).
+EC2_USER_DATA_LIMIT = 16 * 1024
+#: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
+HF_HUB_VERSION = "1.33.0"
+#: A hung transfer is killed and resumed; one attempt may take this multiple of the expected time.
+DOWNLOAD_ATTEMPT_SLACK = 3
+MIN_DOWNLOAD_ATTEMPT_SECONDS = 1800
+#: Image pull (~20 GB engine images) plus the GPU release wait, before ExecStart.
+ENGINE_START_TIMEOUT_SECONDS = 3600
+#: `docker stop` grace: a clean NCCL teardown takes 30-60 s (seed 003).
+ENGINE_STOP_GRACE_SECONDS = 120
+GPU_FREE_TIMEOUT_SECONDS = 120
+EBS_VOLUME_PLACEHOLDER = "DEPLOY-TIME-EBS-VOLUME-ID"
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    path: str
+    content: str
+    mode: int
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.mode & 0o111)
+
+
+@dataclass(frozen=True)
+class SecretsSource:
+    """How the API key and the optional Hugging Face token reach the node.
+
+    kind "ssm": the node reads SecureString parameters through its instance role at boot.
+    kind "files": root-only files already on the host (the SSH target puts them there).
+    """
+
+    kind: Literal["ssm", "files"]
+    api_key_parameter: str | None = None
+    hf_token_parameter: str | None = None
+    region: str | None = None
+    api_key_file: str = API_KEY_FILE
+    hf_token_file: str = HF_TOKEN_FILE
+
+    def __post_init__(self):
+        if self.kind == "ssm" and not (self.api_key_parameter and self.region):
+            raise ValueError("SecretsSource ssm needs api_key_parameter and region")
+
+    @classmethod
+    def ssm(cls, prefix: str, region: str, *, hf_token: bool) -> "SecretsSource":
+        prefix = prefix.rstrip("/")
+        return cls("ssm", f"{prefix}/api-key", f"{prefix}/hf-token" if hf_token else None, region)
+
+
+def default_ssm_prefix(stack: str) -> str:
+    return f"/kimi-fleet/{stack}"
+
+
+# --- Scripts ---------------------------------------------------------------------------------
+# Static text: per-stack values come from node.env and the engine env files.
+
+_LOG_FUNCTIONS = r"""
+# Everything the bootstrap does is appended here, timestamped: `tail -f` it during a cold start.
+ROOT="${KIMI_ROOT:-/}"
+ROOT="${ROOT%/}"
+LOG="$ROOT/var/log/kimi-fleet/bootstrap.log"
+mkdir -p "${LOG%/*}"
+log() { printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${0##*/}" "$*" | tee -a "$LOG" >&2; }
+run() { log "+ $*"; "$@" >>"$LOG" 2>&1; }
+"""
+
+BOOTSTRAP = r"""#!/bin/bash
+# kimi-fleet node bootstrap. Idempotent: a re-run changes nothing unless an input changed.
+# KIMI_ROOT=/some/dir runs it against a scratch root (tests): no systemctl, docker or block devices.
+# KIMI_DRY_GPU=1 skips GPU preparation.
+set -Eeuo pipefail
+""" + _LOG_FUNCTIONS + r"""
+trap 'log "FAILED at line $LINENO (exit $?)"' ERR
+LIVE=1
+[[ -n $ROOT ]] && LIVE=0
+set -a
+# shellcheck source=/dev/null
+. "$ROOT/etc/kimi-fleet/node.env"
+set +a
+: "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
+SBIN_DIR="$ROOT/usr/local/sbin"
+STATE_DIR="$ROOT/var/lib/kimi-fleet"
+
+live() {
+  if (( LIVE )); then "$@"; else log "scratch root: skipped: $*"; fi
+}
+
+prepare_gpus() {
+  if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
+  case $VENDOR in
+    nvidia)
+      if command -v nvidia-smi >/dev/null; then
+        # Persistence keeps the driver loaded between engine restarts (faster, stable device state).
+        if systemctl list-unit-files nvidia-persistenced.service >/dev/null 2>&1; then
+          live systemctl enable --now nvidia-persistenced.service
+        else
+          live nvidia-smi -pm 1
+        fi
+      else
+        log "nvidia-smi not found: persistence mode skipped"
+      fi
+      if command -v nvidia-ctk >/dev/null; then
+        # CDI spec for `--device nvidia.com/gpu=N` with plain runc (seed 003: no legacy --gpus hook).
+        mkdir -p "$ROOT/etc/cdi"
+        run nvidia-ctk cdi generate --output="$ROOT/etc/cdi/nvidia.yaml"
+        enable_docker_cdi
+      else
+        log "nvidia-ctk not found: CDI spec not generated"
+      fi
+      ;;
+    amd)
+      if [[ -e /dev/kfd ]]; then log "AMD: /dev/kfd present"; else log "AMD: /dev/kfd missing: is amdgpu loaded?"; fi
+      ;;
+    huawei)
+      if [[ -e /dev/davinci_manager ]]; then log "Ascend: /dev/davinci_manager present"
+      else log "Ascend: /dev/davinci_manager missing: is the NPU driver installed?"; fi
+      ;;
+  esac
+}
+
+enable_docker_cdi() {
+  local daemon_json="$ROOT/etc/docker/daemon.json" merged
+  mkdir -p "${daemon_json%/*}"
+  merged=$(python3 - "$daemon_json" <<'PY'
+import json, os, sys
+path = sys.argv[1]
+config = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+config.setdefault("features", {})["cdi"] = True
+print(json.dumps(config, indent=2, sort_keys=True))
+PY
+)
+  if [[ -f $daemon_json && $(<"$daemon_json") == "$merged" ]]; then return; fi
+  printf '%s\n' "$merged" >"$daemon_json"
+  log "docker CDI enabled in $daemon_json"
+  live systemctl restart docker.service
+}
+
+ensure_fstab() {
+  local source=$1
+  if ! grep -qs " $WEIGHTS_ROOT " "$ROOT/etc/fstab"; then
+    printf '%s %s xfs defaults,noatime,nofail 0 2\n' "$source" "$WEIGHTS_ROOT" >>"$ROOT/etc/fstab"
+    log "fstab: $source on $WEIGHTS_ROOT"
+  fi
+}
+
+format_if_blank() {
+  local device=$1
+  if blkid "$device" >/dev/null 2>&1; then log "$device already has a filesystem: kept"
+  else run mkfs.xfs -L kimi-weights "$device"; fi
+}
+
+mount_weights() {
+  mkdir -p "$ROOT$WEIGHTS_ROOT"
+  if (( ! LIVE )) || [[ $WEIGHTS_VOLUME == host-path ]]; then
+    log "weights: directory $ROOT$WEIGHTS_ROOT ($WEIGHTS_VOLUME)"
+    return
+  fi
+  if mountpoint -q "$WEIGHTS_ROOT"; then log "weights: $WEIGHTS_ROOT already mounted"; return; fi
+  local device
+  case $WEIGHTS_VOLUME in
+    instance-store)
+      # Instance store is erased on stop: the array is rebuilt from whatever disks are there.
+      device=/dev/md/kimi-weights
+      mdadm --assemble --scan >>"$LOG" 2>&1 || true
+      if [[ ! -e $device ]]; then
+        mapfile -t disks < <(lsblk -dnpo NAME,MODEL | awk '/Amazon EC2 NVMe Instance Storage/ {print $1}')
+        (( ${#disks[@]} > 0 )) || { log "no instance-store NVMe disks found"; exit 1; }
+        if (( ${#disks[@]} == 1 )); then
+          device=${disks[0]}
+        else
+          run mdadm --create "$device" --run --level=0 --raid-devices="${#disks[@]}" "${disks[@]}"
+        fi
+      fi
+      format_if_blank "$device"
+      ensure_fstab "LABEL=kimi-weights"
+      ;;
+    ebs)
+      device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${EBS_VOLUME_ID/-/}"
+      # The attachment is declared after the instance exists: wait for the device to appear.
+      for _ in $(seq 1 120); do [[ -e $device ]] && break; sleep 5; done
+      [[ -e $device ]] || { log "EBS volume $EBS_VOLUME_ID not attached after 10 min"; exit 1; }
+      format_if_blank "$device"
+      ensure_fstab "LABEL=kimi-weights"
+      ;;
+  esac
+  run mount "$WEIGHTS_ROOT"
+}
+
+write_secret() {
+  local dest=$1 value=$2
+  mkdir -p "${dest%/*}"
+  chmod 700 "${dest%/*}"
+  (umask 077; printf '%s' "$value" >"$dest.tmp")
+  mv "$dest.tmp" "$dest"
+}
+
+fetch_ssm() {
+  local name=$1 dest=$2 value attempt
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    # The instance role may take a moment to propagate after launch.
+    if value=$(aws ssm get-parameter --region "$AWS_REGION" --with-decryption --name "$name" \
+        --query Parameter.Value --output text 2>>"$LOG"); then
+      write_secret "$dest" "$value"
+      log "secret $name -> $dest"
+      return
+    fi
+    log "ssm get-parameter $name failed (attempt $attempt), retrying"
+    sleep $((attempt * 3))
+  done
+  exit 1
+}
+
+fetch_secrets() {
+  case $SECRETS_KIND in
+    ssm)
+      fetch_ssm "$SSM_API_KEY_PARAMETER" "$ROOT$API_KEY_FILE"
+      if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$ROOT$HF_TOKEN_FILE"; fi
+      ;;
+    files)
+      local file mode
+      for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE"; do
+        [[ $file == "$ROOT$HF_TOKEN_FILE" && ! -e $file ]] && continue
+        [[ -s $file ]] || { log "secret file $file is missing or empty"; exit 1; }
+        mode=$(stat -c %a "$file")
+        [[ $mode == 600 || $mode == 400 ]] || { log "secret file $file has mode $mode, want 600"; exit 1; }
+      done
+      log "secrets: files present and root-only"
+      ;;
+  esac
+}
+
+ensure_hf_cli() {
+  [[ $WEIGHTS_SOURCE == huggingface ]] || return 0
+  if command -v hf >/dev/null; then HF_CLI=$(command -v hf); return; fi
+  HF_CLI="$ROOT/opt/kimi-fleet/hf/bin/hf"
+  [[ -x $HF_CLI ]] && return
+  run python3 -m venv "$ROOT/opt/kimi-fleet/hf"
+  run "$ROOT/opt/kimi-fleet/hf/bin/pip" install --quiet "huggingface_hub[hf_xet]==$HF_HUB_VERSION"
+}
+
+download_weights() {
+  HF_CLI=""
+  ensure_hf_cli
+  log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
+  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" \
+    "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
+  log "weights verified"
+}
+
+# Restart a unit only when one of its inputs changed (or it is not running): a re-run is a no-op.
+apply_unit() {
+  local unit=$1; shift
+  local stamp="$STATE_DIR/applied/$unit.sha256" digest
+  mkdir -p "${stamp%/*}"
+  digest=$(cat "$@" | sha256sum | cut -d' ' -f1)
+  if [[ -f $stamp && $(<"$stamp") == "$digest" ]] && { (( ! LIVE )) || systemctl is-active --quiet "$unit"; }; then
+    log "$unit: unchanged"
+    return
+  fi
+  live systemctl enable "$unit"
+  # --no-block: engine units order themselves after this bootstrap unit.
+  live systemctl restart --no-block "$unit"
+  printf '%s\n' "$digest" >"$stamp"
+  log "$unit: (re)started"
+}
+
+start_services() {
+  live systemctl daemon-reload
+  local i
+  for ((i = 0; i < ENGINE_COUNT; i++)); do
+    apply_unit "kimi-engine@$i.service" "$ROOT/etc/kimi-fleet/engine-$i.env" \
+      "$ROOT/etc/systemd/system/kimi-engine@.service"
+  done
+  apply_unit caddy.service "$ROOT/etc/caddy/Caddyfile" "$ROOT/etc/systemd/system/caddy.service.d/kimi-fleet.conf" \
+    "$ROOT$API_KEY_FILE"
+}
+
+log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
+mkdir -p "$STATE_DIR"
+prepare_gpus
+mount_weights
+fetch_secrets
+download_weights
+start_services
+log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
+"""
+
+DOWNLOAD_WEIGHTS = r"""#!/bin/bash
+# Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
+# the repository tree at that revision. A `.kimi-verified` marker holding the revision makes a
+# re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
+set -euo pipefail
+: "${WEIGHTS_DIR:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" "${WEIGHTS_SOURCE:?}"
+MARKER="$WEIGHTS_DIR/.kimi-verified"
+ATTEMPTS="${DOWNLOAD_ATTEMPTS:-5}"
+ATTEMPT_TIMEOUT="${DOWNLOAD_ATTEMPT_TIMEOUT:-7200}"
+
+if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
+  echo "weights $MODEL_REPO@$MODEL_REVISION already verified"
+  exit 0
+fi
+mkdir -p "$WEIGHTS_DIR"
+if [[ -s ${HF_TOKEN_FILE:-} ]]; then
+  HF_TOKEN=$(<"$HF_TOKEN_FILE")
+  export HF_TOKEN
+fi
+
+fetch() {
+  if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
+    # Parallel transfers are what make the in-region mirror fast (~4 GB/s).
+    local config
+    config=$(mktemp)
+    printf '[default]\ns3 =\n  max_concurrent_requests = 64\n  multipart_chunksize = 64MB\n' >"$config"
+    AWS_CONFIG_FILE="$config" timeout "$ATTEMPT_TIMEOUT" aws s3 sync --only-show-errors \
+      --region "$AWS_REGION" "${S3_MIRROR_URI%/}/$MODEL_REPO/$MODEL_REVISION/" "$WEIGHTS_DIR/"
+    local status=$?
+    rm -f "$config"
+    return $status
+  fi
+  # hf resumes partial files; a hung transfer is killed by timeout and resumed by the next attempt.
+  HF_XET_HIGH_PERFORMANCE=1 timeout "$ATTEMPT_TIMEOUT" "${HF_CLI:-hf}" download "$MODEL_REPO" \
+    --revision "$MODEL_REVISION" --local-dir "$WEIGHTS_DIR"
+}
+
+verify() {
+  python3 - "$MODEL_REPO" "$MODEL_REVISION" "$WEIGHTS_DIR" <<'PY'
+import json, os, re, sys, urllib.parse, urllib.request
+repo, revision, local = sys.argv[1:4]
+endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
+headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+expected = {}
+while url:  # the tree API pages through a Link: <...>; rel="next" header
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+        for entry in json.load(response):
+            if entry.get("type") == "file":
+                expected[entry["path"]] = entry["size"]
+        following = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link") or "")
+        url = urllib.parse.urljoin(url, following.group(1)) if following else None
+problems = []
+for path, size in sorted(expected.items()):
+    full = os.path.join(local, path)
+    if not os.path.isfile(full):
+        problems.append(f"missing {path}")
+    elif os.path.getsize(full) != size:
+        problems.append(f"size of {path}: {os.path.getsize(full)} bytes, repository says {size}")
+print(f"verify: {len(expected)} files, {sum(expected.values())} bytes expected; {len(problems)} problem(s)")
+if problems:
+    print("\n".join(problems[:20]))
+sys.exit(1 if problems or not expected else 0)
+PY
+}
+
+for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
+  echo "download attempt $attempt/$ATTEMPTS of $MODEL_REPO@$MODEL_REVISION ($WEIGHTS_SOURCE)"
+  if fetch && verify; then
+    printf '%s\n' "$MODEL_REVISION" >"$MARKER"
+    echo "weights verified: $MARKER"
+    exit 0
+  fi
+  sleep $((attempt * 20))
+done
+echo "weights download failed after $ATTEMPTS attempts" >&2
+exit 1
+"""
+
+WAIT_GPUS_FREE = r"""#!/bin/bash
+# Before an engine (re)starts, wait until no process holds its GPUs: a stopped engine's NCCL
+# teardown keeps device memory for 30-60 s and a new engine started on top of it OOMs (seed 003).
+# Usage: kimi-wait-gpus-free GPU_IDS (comma-separated). Bounded; exits 1 so systemd retries later.
+set -euo pipefail
+ids=${1:?GPU ids, e.g. 0,1,2,3}
+timeout=${GPU_FREE_TIMEOUT:-__GPU_FREE_TIMEOUT__}
+
+busy() {
+  if command -v nvidia-smi >/dev/null; then
+    [[ -n $(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i "$ids" 2>/dev/null) ]]
+  elif [[ -e /dev/davinci_manager ]] && command -v fuser >/dev/null; then
+    local id
+    for id in ${ids//,/ }; do fuser -s "/dev/davinci$id" 2>/dev/null && return 0; done
+    return 1
+  else
+    return 1
+  fi
+}
+
+if ! command -v nvidia-smi >/dev/null && [[ ! -e /dev/davinci_manager ]]; then
+  echo "no per-GPU process query on this host: not waiting"
+  exit 0
+fi
+for ((waited = 0; waited < timeout; waited += 5)); do
+  if ! busy; then echo "GPUs $ids free"; exit 0; fi
+  sleep 5
+done
+echo "GPUs $ids still in use after ${timeout}s" >&2
+exit 1
+""".replace("__GPU_FREE_TIMEOUT__", str(GPU_FREE_TIMEOUT_SECONDS))
+
+ENGINE_RUN = r"""#!/bin/bash
+# Start one engine container from its env file (systemd passes the variables).
+set -euo pipefail
+: "${CONTAINER_NAME:?}" "${IMAGE:?}" "${ENGINE_ENTRYPOINT:?}" "${DOCKER_ARGS:?}" "${ENGINE_ARGS:?}"
+# No globbing: the unquoted lists below must only split, never expand.
+set -f
+# shellcheck disable=SC2086 # DOCKER_ARGS and ENGINE_ARGS are space-separated lists by design: an env
+# file holds no arrays, and kimi-fleet refuses any value with whitespace inside one argument.
+exec docker run --rm --name "$CONTAINER_NAME" $DOCKER_ARGS --entrypoint "$ENGINE_ENTRYPOINT" "$IMAGE" $ENGINE_ARGS
+"""
+
+CADDY_ENV = r"""#!/bin/bash
+# Hand the API key to Caddy as an environment variable, from the root-only secret file.
+# Runs as root (ExecStartPre=+) before Caddy, which itself runs unprivileged.
+set -euo pipefail
+set -a
+# shellcheck source=/dev/null
+. /etc/kimi-fleet/node.env
+set +a
+key=$(<"${API_KEY_FILE:?}")
+# An env file holds bare values: refuse anything that would need quoting.
+[[ $key =~ ^[A-Za-z0-9._~+/=-]{16,}$ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
+mkdir -p /run/kimi-fleet
+(umask 077; printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp)
+mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env
+""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV)
+
+
+def _engine_unit(r: Resolved) -> str:
+    return f"""[Unit]
+Description=Kimi-K2.6 engine %i (kimi-fleet stack {r.spec.stack})
+Documentation=file:///etc/kimi-fleet/stack.json
+Wants=network-online.target
+After=network-online.target docker.service kimi-bootstrap.service
+Requires=docker.service
+RequiresMountsFor={r.spec.weights.host_path}
+
+[Service]
+Type=simple
+EnvironmentFile=/etc/kimi-fleet/engine-%i.env
+# A container left over from a crash would block the name.
+ExecStartPre=-/usr/bin/docker rm --force kimi-engine-%i
+# Pinned tags do not move: pull only when missing (locally built images are never pulled).
+ExecStartPre=/bin/sh -c 'docker image inspect "$IMAGE" >/dev/null 2>&1 || docker pull "$IMAGE"'
+ExecStartPre=/usr/local/sbin/kimi-wait-gpus-free ${{GPU_IDS}}
+ExecStartPre=/usr/bin/test -f ${{WEIGHTS_DIR}}/.kimi-verified
+ExecStart=/usr/local/sbin/kimi-engine-run
+ExecStop=/usr/bin/docker stop --time={ENGINE_STOP_GRACE_SECONDS} kimi-engine-%i
+TimeoutStartSec={ENGINE_START_TIMEOUT_SECONDS}
+TimeoutStopSec={ENGINE_STOP_GRACE_SECONDS + 60}
+Restart=on-failure
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+BOOTSTRAP_UNIT = """[Unit]
+Description=kimi-fleet node bootstrap (GPUs, weight volume, secrets, weights, engines, proxy)
+Documentation=file:///var/log/kimi-fleet/bootstrap.log
+Wants=network-online.target
+After=network-online.target docker.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/kimi-bootstrap
+# A cold download of ~595 GB can take most of an hour.
+TimeoutStartSec=infinity
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+CADDY_OVERRIDE = f"""# kimi-fleet: Caddy reads the API key from the environment, written from the root-only secret.
+[Service]
+ExecStartPre=+{SBIN}/kimi-caddy-env
+EnvironmentFile=-/run/kimi-fleet/caddy.env
+# The packaged unit runs `caddy run --environ`, which prints the environment (the key) to the journal.
+ExecStart=
+ExecStart=/usr/bin/caddy run --config {CADDYFILE} --adapter caddyfile
+# `admin off` leaves nothing to reload: apply a new Caddyfile with `systemctl restart caddy`.
+ExecReload=
+"""
+
+
+def _bare(key: str, value: str) -> str:
+    if any(ch.isspace() for ch in value) or any(ch in value for ch in "#\"'\\$`"):
+        raise ValueError(f"node.env value for {key} cannot be written bare: {value!r}")
+    return f"{key}={value}"
+
+
+def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSource,
+              ebs_volume_id: str | None) -> str:
+    spec = r.spec
+    volume = r.weights_volume
+    if volume == "pvc":
+        raise ValueError(f"stack {spec.stack}: weights volume pvc belongs to Kubernetes, not to a node")
+    if volume == "ebs" and not ebs_volume_id:
+        raise ValueError(f"stack {spec.stack}: weights volume ebs needs the EBS volume id")
+    download_timeout = max(sizing.download_seconds * DOWNLOAD_ATTEMPT_SLACK, MIN_DOWNLOAD_ATTEMPT_SECONDS)
+    values = {
+        "STACK": spec.stack,
+        "VENDOR": r.accelerator.vendor,
+        "ENGINE_COUNT": str(len(launch.instances)),
+        "WEIGHTS_VOLUME": volume,
+        "WEIGHTS_ROOT": spec.weights.host_path,
+        "WEIGHTS_DIR": launch.weights_host_dir,
+        "EBS_VOLUME_ID": ebs_volume_id or "",
+        "MODEL_REPO": r.repo or "",
+        "MODEL_REVISION": r.revision or "",
+        "WEIGHTS_SOURCE": spec.weights.source,
+        "S3_MIRROR_URI": spec.weights.s3_mirror_uri or "",
+        "DOWNLOAD_ATTEMPT_TIMEOUT": str(download_timeout),
+        "HF_HUB_VERSION": HF_HUB_VERSION,
+        "EXPECTED_READY_MINUTES": str(-(-sizing.warm_start_seconds // 60)),
+        "SECRETS_KIND": secrets.kind,
+        "AWS_REGION": secrets.region or (spec.target.aws.region if spec.target.aws else ""),
+        "SSM_API_KEY_PARAMETER": secrets.api_key_parameter or "",
+        "SSM_HF_TOKEN_PARAMETER": secrets.hf_token_parameter or "",
+        "API_KEY_FILE": secrets.api_key_file,
+        "HF_TOKEN_FILE": secrets.hf_token_file,
+    }
+    lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
+    lines += [_bare(key, value) for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
+    spec = r.spec
+    facts = {
+        "stack": spec.stack,
+        "domain": spec.domain,
+        "model": spec.model.served_name,
+        "repo": r.repo,
+        "revision": r.revision,
+        "engine": launch.engine,
+        "image": launch.image,
+        "quant": launch.quant,
+        "engines": [
+            {"index": i.index, "port": i.port, "gpus": list(i.device_ids), "health": i.probe.path}
+            for i in launch.instances
+        ],
+        "weights": {"volume": r.weights_volume, "dir": launch.weights_host_dir, "source": spec.weights.source},
+        "market": spec.capacity.effective_market,
+        "expected_seconds": {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds},
+        "log": "/var/log/kimi-fleet/bootstrap.log",
+    }
+    return json.dumps(facts, indent=2) + "\n"
+
+
+def render_caddyfile_for(r: Resolved, launch: Launch) -> str:
+    return render_caddyfile(
+        r.spec.domain, launch.upstreams, launch.health_path,
+        api_key_env=CADDY_API_KEY_ENV, tls="acme", acme_email=r.spec.acme_email,
+    )
+
+
+def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
+                      ebs_volume_id: str | None = None) -> dict[str, NodeFile]:
+    """Every file a node needs, keyed by its absolute path."""
+    files = [
+        NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
+        NodeFile(f"{SBIN}/kimi-download-weights", DOWNLOAD_WEIGHTS, 0o755),
+        NodeFile(f"{SBIN}/kimi-wait-gpus-free", WAIT_GPUS_FREE, 0o755),
+        NodeFile(f"{SBIN}/kimi-engine-run", ENGINE_RUN, 0o755),
+        NodeFile(f"{SBIN}/kimi-caddy-env", CADDY_ENV, 0o755),
+        NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
+        NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
+        NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
+        NodeFile(CADDYFILE, render_caddyfile_for(r, launch), 0o644),
+        NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id), 0o644),
+        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
+    ]
+    files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
+    return {f.path: f for f in files}
+
+
+# --- cloud-init ------------------------------------------------------------------------------
+
+#: Packages the bootstrap needs beyond the Deep Learning Base AMI (Ubuntu 24.04: caddy is in universe).
+NODE_PACKAGES = ("caddy", "mdadm", "xfsprogs", "python3-venv")
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    pass
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_LiteralDumper.add_representer(str, _str_representer)
+
+
+def _cloud_config(files: dict[str, NodeFile], compress: bool) -> str:
+    entries = []
+    for f in files.values():
+        entry = {"path": f.path, "owner": "root:root", "permissions": f"0{f.mode:o}"}
+        if compress:
+            entry["encoding"] = "gz+b64"
+            entry["content"] = base64.b64encode(gzip.compress(f.content.encode(), mtime=0)).decode()
+        else:
+            entry["content"] = f.content
+        entries.append(entry)
+    document = {
+        "package_update": True,
+        "packages": list(NODE_PACKAGES),
+        "write_files": entries,
+        # The bootstrap is a unit so it runs again after a reboot (instance store comes back empty).
+        "runcmd": [
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "enable", "kimi-bootstrap.service"],
+            ["systemctl", "start", "--no-block", "kimi-bootstrap.service"],
+        ],
+    }
+    return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
+
+
+def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix: str, region: str,
+                     ebs_volume_id: str | None = None, hf_token: bool = False) -> str:
+    """A #cloud-config document holding the node files; secrets appear only as SSM parameter names."""
+    secrets = SecretsSource.ssm(ssm_prefix, region, hf_token=hf_token)
+    files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
+    text = _cloud_config(files, compress=False)
+    if len(text.encode()) > EC2_USER_DATA_LIMIT:
+        text = _cloud_config(files, compress=True)
+    size = len(text.encode())
+    if size > EC2_USER_DATA_LIMIT:
+        raise ValueError(
+            f"stack {r.spec.stack}: user data is {size} bytes even compressed; EC2 accepts "
+            f"{EC2_USER_DATA_LIMIT}. Move large files to an S3 object the bootstrap fetches."
+        )
+    return text
+
+
+def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
+    """Files for the offline planner (build/STACK/): relative name -> text, no secret values."""
+    spec = r.spec
+    aws = spec.target.aws
+    ebs_volume_id = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
+    if aws is not None:
+        ssm_prefix = aws.ssm_prefix or default_ssm_prefix(spec.stack)
+        secrets = SecretsSource.ssm(ssm_prefix, aws.region, hf_token=False)
+    else:
+        secrets = SecretsSource("files")
+    files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
+    artifacts = {
+        "Caddyfile": files[CADDYFILE].content,
+        "kimi-engine@.service": files[f"{UNIT_DIR}/kimi-engine@.service"].content,
+        "kimi-bootstrap.service": files[f"{UNIT_DIR}/kimi-bootstrap.service"].content,
+        "caddy-override.conf": files[f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf"].content,
+        "node.env": files[NODE_ENV_FILE].content,
+        "stack.json": files[f"{ENV_DIR}/stack.json"].content,
+        "kimi-bootstrap.sh": BOOTSTRAP,
+        "kimi-download-weights.sh": DOWNLOAD_WEIGHTS,
+        "kimi-wait-gpus-free.sh": WAIT_GPUS_FREE,
+        "kimi-engine-run.sh": ENGINE_RUN,
+        "kimi-caddy-env.sh": CADDY_ENV,
+    }
+    for instance in launch.instances:
+        artifacts[f"engine-{instance.index}.env"] = files[instance.env_file_path].content
+        artifacts[f"docker-run-engine-{instance.index}.sh"] = (
+            "#!/bin/bash\n# The engine's container, as one command (what kimi-engine-run executes).\n"
+            + docker_run_command(launch, instance) + "\n"
+        )
+    if aws is not None:
+        artifacts["user-data.yaml"] = render_user_data(
+            r, launch, sizing, ssm_prefix=secrets.api_key_parameter.rsplit("/", 1)[0], region=aws.region,
+            ebs_volume_id=ebs_volume_id,
+        )
+    return artifacts

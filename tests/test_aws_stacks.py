@@ -1,0 +1,365 @@
+"""The AWS stacks under Pulumi's mock runtime: what AwsEndpoint declares for each of them.
+
+Mocks do not validate provider inputs, so these tests check what matters here: exposure, secrets,
+the market policy, the fleet shape, the volume's lifetime and DNS.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+
+import pulumi
+import pytest
+from google.protobuf import json_format
+from pulumi.runtime.mocks import MockMonitor
+
+from kimi_fleet.launch import render_launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import load_stack_config, stack_file
+
+AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm"]
+API_KEY = "kimi-test-api-key-9d2c41f0a7b35e86"
+HF_TOKEN = "hf_testtokenNotRealAbCdEfGhIjKlMnOpQrStUv"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+ENGINE_PORTS = range(8000, 8100), range(30000, 30100)
+ZONES = ["us-east-1a", "us-east-1b"]
+VOLUME_ID = "vol-0123456789abcdef0"
+
+SG = "aws:ec2/securityGroup:SecurityGroup"
+LT = "aws:ec2/launchTemplate:LaunchTemplate"
+INSTANCE = "aws:ec2/instance:Instance"
+ASG = "aws:autoscaling/group:Group"
+SSM_PARAMETER = "aws:ssm/parameter:Parameter"
+
+
+class AwsMocks(pulumi.runtime.Mocks):
+    """Just enough provider behaviour: ids, ARNs and the outputs the components read."""
+
+    def new_resource(self, args):
+        state = dict(args.inputs)
+        state.setdefault("arn", f"arn:aws:mock:::{args.name}")
+        resource_id = f"{args.name}-id"
+        if args.typ == "aws:ebs/volume:Volume":
+            resource_id = VOLUME_ID
+        elif args.typ == "aws:ec2/eip:Eip":
+            state.update(publicIp="203.0.113.10", allocationId="eipalloc-0abc")
+        elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
+            state.update(dnsName="kimi-nlb-123.elb.us-east-1.amazonaws.com", zoneId="Z26RNL4JYFTOTI")
+        elif args.typ == "aws:iam/role:Role":
+            state["name"] = args.name
+        return resource_id, state
+
+    def call(self, args):
+        if args.token == "aws:ssm/getParameter:getParameter":
+            return {"name": args.args["name"], "value": "ami-0123456789abcdef0", "type": "String"}
+        if args.token == "aws:ec2/getVpc:getVpc":
+            return {"id": "vpc-0default"}
+        if args.token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
+            return {"locations": ZONES, "locationTypes": ["availability-zone"] * 2, "instanceTypes": ["x"] * 2}
+        if args.token == "aws:ec2/getSubnets:getSubnets":
+            zones = next(f["values"] for f in args.args["filters"] if f["name"] == "availability-zone")
+            return {"ids": [f"subnet-{zone[-1]}" for zone in zones]}
+        if args.token == "aws:ec2/getSubnet:getSubnet":
+            return {"id": args.args["id"], "availabilityZone": "us-east-1c", "vpcId": "vpc-0given"}
+        raise AssertionError(f"unexpected invoke {args.token}")
+
+
+class RecordingMonitor(MockMonitor):
+    """Keeps every registration with its parent, options and wire form (where secrets show)."""
+
+    def __init__(self):
+        super().__init__(AwsMocks())
+        self.registrations: list[dict] = []
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            wire = json_format.MessageToDict(request.object)
+            self.registrations.append({
+                "type": request.type, "name": request.name, "urn": response.urn, "parent": request.parent,
+                "inputs": _plain(wire), "wire": wire, "retain_on_delete": request.retainOnDelete,
+                "dependencies": list(request.dependencies),
+            })
+        return response
+
+    def of_type(self, typ: str) -> list[dict]:
+        return [r for r in self.registrations if r["type"] == typ]
+
+
+def _plain(node):
+    """Wire form with secrets unwrapped (what the provider would receive)."""
+    if isinstance(node, dict):
+        if node.get("4dabf18193072939515e22adb298388d") == SECRET_SIG:
+            return _plain(node.get("value"))
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _is_secret(node) -> bool:
+    return isinstance(node, dict) and node.get("4dabf18193072939515e22adb298388d") == SECRET_SIG
+
+
+def resolved(stack: str, **aws_overrides) -> Resolved:
+    r = Resolved(load_stack_config(stack_file(stack)).spec())
+    if not aws_overrides:
+        return r
+    spec = r.spec
+    target = spec.target.model_copy(update={"aws": spec.target.aws.model_copy(update=aws_overrides)})
+    return Resolved(spec.model_copy(update={"target": target}))
+
+
+def with_capacity(r: Resolved, **capacity) -> Resolved:
+    spec = r.spec
+    merged = spec.capacity.model_dump() | capacity
+    return Resolved(spec.model_copy(update={"capacity": type(spec.capacity).model_validate(merged)}))
+
+
+@dataclasses.dataclass
+class Run:
+    monitor: RecordingMonitor
+    outputs: dict
+
+    def of_type(self, typ):
+        return self.monitor.of_type(typ)
+
+
+def run_endpoint(r: Resolved, *, hf_token: str | None = None) -> Run:
+    from components.aws_endpoint import AwsEndpoint, AwsEndpointArgs
+
+    monitor = RecordingMonitor()
+    pulumi.runtime.set_mocks(AwsMocks(), project="kimi-fleet", stack=r.spec.stack, preview=False, monitor=monitor)
+    outputs: dict = {}
+    names = ["endpoint_url", "openai_base_url", "node_ids", "public_address", "market", "hourly_cost_usd",
+             "dns_record", "weights_volume_id"]
+
+    @pulumi.runtime.test
+    def declare():
+        endpoint = AwsEndpoint("kimi", AwsEndpointArgs(
+            resolved=r, sizing=size(r), launch=render_launch(r), api_key=pulumi.Output.secret(API_KEY),
+            hf_token=pulumi.Output.secret(hf_token) if hf_token else None,
+        ))
+        return pulumi.Output.all(*[getattr(endpoint, n) for n in names]).apply(
+            lambda values: outputs.update(zip(names, values)))
+
+    declare()
+    return Run(monitor, outputs)
+
+
+@pytest.fixture(scope="module", params=AWS_STACKS)
+def stack_run(request) -> tuple[str, Run]:
+    return request.param, run_endpoint(resolved(request.param), hf_token=HF_TOKEN)
+
+
+def _user_data(run: Run) -> str:
+    (template,) = run.of_type(LT)
+    return base64.b64decode(template["inputs"]["userData"]).decode()
+
+
+def _decoded_files(user_data: str) -> str:
+    import gzip
+
+    import yaml
+
+    document = yaml.safe_load(user_data)
+    texts = []
+    for entry in document["write_files"]:
+        content = entry["content"]
+        if entry.get("encoding") == "gz+b64":
+            content = gzip.decompress(base64.b64decode(content)).decode()
+        texts.append(content)
+    return "\n".join(texts)
+
+
+# --- every AWS stack -------------------------------------------------------------------------
+
+def test_children_are_parented_and_tagged(stack_run):
+    stack, run = stack_run
+    (endpoint,) = run.of_type("kimi-fleet:aws:AwsEndpoint")
+    for registration in run.monitor.registrations:
+        if registration is not endpoint:
+            assert registration["parent"], f"{registration['name']} has no parent"
+    for typ in (SG, LT, "aws:ssm/parameter:Parameter"):
+        for resource in run.of_type(typ):
+            tags = resource["inputs"]["tags"]
+            assert tags["kimi-fleet:stack"] == stack and tags["kimi-fleet:workload"] in ("interactive", "batch")
+    (proxy,) = run.of_type("kimi-fleet:proxy:AuthProxy")
+    assert proxy["inputs"]["caddyfile"].startswith("{\n\tadmin off")
+    assert all(u.startswith("127.0.0.1:") for u in proxy["inputs"]["allowedUpstreams"])
+
+
+def test_security_group_opens_only_https_and_acme(stack_run):
+    _, run = stack_run
+    (group,) = run.of_type(SG)
+    ingress = group["inputs"]["ingress"]
+    assert sorted((rule["fromPort"], rule["toPort"]) for rule in ingress) == [(80, 80), (443, 443)]
+    for rule in ingress:
+        assert rule["protocol"] == "tcp"
+        for ports in ENGINE_PORTS:
+            assert rule["fromPort"] not in ports
+    assert not [r for r in run.monitor.registrations if r["type"].startswith("aws:vpc/securityGroupIngressRule")]
+
+
+def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
+    stack, run = stack_run
+    parameters = {p["inputs"]["name"]: p for p in run.of_type(SSM_PARAMETER)}
+    assert set(parameters) == {f"/kimi-fleet/{stack}/api-key", f"/kimi-fleet/{stack}/hf-token"}
+    for parameter in parameters.values():
+        assert parameter["inputs"]["type"] == "SecureString"
+        assert _is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
+    user_data = _user_data(run)
+    files = _decoded_files(user_data)
+    for secret in (API_KEY, HF_TOKEN):
+        assert secret not in user_data and secret not in files
+    for name in parameters:
+        assert f"={name}\n" in files  # the node learns where to read them, not what they are
+    assert len(user_data.encode()) <= 16 * 1024
+
+
+def test_no_secret_value_in_plain_anywhere(stack_run):
+    _, run = stack_run
+
+    def plain_strings(node):
+        if _is_secret(node):
+            return
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from plain_strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from plain_strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    for registration in run.monitor.registrations:
+        for text in plain_strings(registration["wire"]):
+            assert API_KEY not in text and HF_TOKEN not in text, registration["name"]
+
+
+def test_imdsv2_role_and_ami_from_ssm(stack_run):
+    _, run = stack_run
+    (template,) = run.of_type(LT)
+    assert template["inputs"]["metadataOptions"]["httpTokens"] == "required"
+    assert template["inputs"]["imageId"] == "ami-0123456789abcdef0"
+    (policy,) = run.of_type("aws:iam/rolePolicy:RolePolicy")
+    assert "parameter/kimi-fleet/" in policy["inputs"]["policy"] and '"ssm:GetParameter"' in policy["inputs"]["policy"]
+    (attachment,) = run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+    assert attachment["inputs"]["policyArn"].endswith("AmazonSSMManagedInstanceCore")
+
+
+def test_client_outputs(stack_run):
+    stack, run = stack_run
+    r = resolved(stack)
+    assert run.outputs["endpoint_url"] == f"https://{r.spec.domain}"
+    assert run.outputs["openai_base_url"] == f"https://{r.spec.domain}/v1"
+    assert run.outputs["market"] == r.spec.capacity.effective_market
+    assert run.outputs["node_ids"]
+    assert run.outputs["public_address"]
+
+
+# --- market policy and shapes ----------------------------------------------------------------
+
+def test_interactive_single_node_is_on_demand_with_eip_and_retained_ebs():
+    run = run_endpoint(resolved("h200-int4-sglang"))
+    (template,) = run.of_type(LT)
+    assert "instanceMarketOptions" not in template["inputs"]
+    assert len(run.of_type(INSTANCE)) == 1 and not run.of_type(ASG)
+    assert run.of_type("aws:ec2/eipAssociation:EipAssociation")
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    assert volume["retain_on_delete"]
+    assert volume["inputs"]["type"] == "gp3" and volume["inputs"]["throughput"] == 1000
+    assert volume["inputs"]["availabilityZone"] == "us-east-1a"
+    (attachment,) = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment")
+    assert attachment["inputs"]["volumeId"] == VOLUME_ID
+    assert f"EBS_VOLUME_ID={VOLUME_ID}" in _decoded_files(_user_data(run))
+    assert run.outputs["public_address"] == "203.0.113.10"
+    assert run.outputs["hourly_cost_usd"] > 63.30  # on-demand p5en plus the volume
+
+
+def test_batch_single_node_is_a_persistent_spot_request_that_stops():
+    run = run_endpoint(resolved("h100-int4-vllm"))
+    (template,) = run.of_type(LT)
+    market = template["inputs"]["instanceMarketOptions"]
+    assert market["marketType"] == "spot"
+    assert market["spotOptions"] == {"spotInstanceType": "persistent", "instanceInterruptionBehavior": "stop"}
+    assert len(run.of_type(INSTANCE)) == 1
+
+
+def test_max_spot_price_and_override_are_honoured():
+    r = with_capacity(resolved("h100-int4-vllm"), max_spot_price_usd=12.5)
+    (template,) = run_endpoint(r).of_type(LT)
+    assert template["inputs"]["instanceMarketOptions"]["spotOptions"]["maxPrice"] == "12.5"
+    on_demand = run_endpoint(with_capacity(resolved("h100-int4-vllm"), market="on-demand"))
+    (template,) = on_demand.of_type(LT)
+    assert "instanceMarketOptions" not in template["inputs"]
+    assert on_demand.outputs["market"] == "on-demand"
+
+
+def test_capacity_block_uses_the_reservation():
+    r = with_capacity(resolved("h200-int4-sglang"), market="capacity-block", capacity_reservation_id="cr-0123abcd")
+    run = run_endpoint(r)
+    (template,) = run.of_type(LT)
+    assert template["inputs"]["instanceMarketOptions"] == {"marketType": "capacity-block"}
+    target = template["inputs"]["capacityReservationSpecification"]["capacityReservationTarget"]
+    assert target["capacityReservationId"] == "cr-0123abcd"
+
+
+def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
+    run = run_endpoint(resolved("b300-int4-sglang"))
+    assert not run.of_type(INSTANCE) and not run.of_type("aws:ec2/eip:Eip")
+    (group,) = run.of_type(ASG)
+    inputs = group["inputs"]
+    assert inputs["minSize"] == inputs["maxSize"] == inputs["desiredCapacity"] == 2
+    assert inputs["capacityRebalance"] is True
+    distribution = inputs["mixedInstancesPolicy"]["instancesDistribution"]
+    assert distribution["onDemandBaseCapacity"] == 1
+    assert distribution["onDemandPercentageAboveBaseCapacity"] == 0
+    assert distribution["spotAllocationStrategy"] == "price-capacity-optimized"
+    assert sorted(inputs["vpcZoneIdentifiers"]) == ["subnet-a", "subnet-b"]
+    (template,) = run.of_type(LT)
+    assert "instanceMarketOptions" not in template["inputs"]  # the group picks the market
+    assert len(inputs["targetGroupArns"]) == 2
+    listeners = run.of_type("aws:lb/listener:Listener")
+    assert sorted(listener["inputs"]["port"] for listener in listeners) == [80, 443]
+    assert all(listener["inputs"]["protocol"] == "TCP" for listener in listeners)  # Caddy terminates TLS
+    assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store
+    assert run.outputs["public_address"] == "kimi-nlb-123.elb.us-east-1.amazonaws.com"
+    assert "no hosted zone configured" in run.outputs["dns_record"]
+
+
+def test_batch_fleet_without_base_is_all_spot():
+    (group,) = run_endpoint(resolved("h200-int4-vllm")).of_type(ASG)
+    distribution = group["inputs"]["mixedInstancesPolicy"]["instancesDistribution"]
+    assert distribution["onDemandBaseCapacity"] == 0 and distribution["onDemandPercentageAboveBaseCapacity"] == 0
+
+
+def test_ssh_only_from_the_allowlist():
+    run = run_endpoint(resolved("h200-int4-sglang", ssh_allowlist=("203.0.113.7/32", "2001:db8::/64")))
+    (group,) = run.of_type(SG)
+    (ssh,) = [rule for rule in group["inputs"]["ingress"] if rule["fromPort"] == 22]
+    assert ssh["cidrBlocks"] == ["203.0.113.7/32"] and ssh["ipv6CidrBlocks"] == ["2001:db8::/64"]
+    for rule in group["inputs"]["ingress"]:
+        if rule["fromPort"] != 22:
+            assert rule["fromPort"] in (80, 443)
+
+
+def test_dns_record_in_the_hosted_zone():
+    run = run_endpoint(resolved("h200-int4-sglang", hosted_zone_id="Z0123456789ABC"))
+    (record,) = run.of_type("aws:route53/record:Record")
+    assert record["inputs"]["zoneId"] == "Z0123456789ABC"
+    assert record["inputs"]["name"] == "kimi-h200.example.com" and record["inputs"]["type"] == "A"
+    assert record["inputs"]["records"] == ["203.0.113.10"]
+    fleet = run_endpoint(resolved("b300-int4-sglang", hosted_zone_id="Z0123456789ABC"))
+    (alias,) = fleet.of_type("aws:route53/record:Record")
+    assert alias["inputs"]["aliases"][0]["name"] == "kimi-nlb-123.elb.us-east-1.amazonaws.com"
+
+
+def test_given_subnets_place_the_volume_in_their_zone():
+    run = run_endpoint(resolved("h200-int4-sglang", subnet_ids=("subnet-given",)))
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    assert volume["inputs"]["availabilityZone"] == "us-east-1c"
+    (instance,) = run.of_type(INSTANCE)
+    assert instance["inputs"]["subnetId"] == "subnet-given"

@@ -1,0 +1,335 @@
+"""What lands on a node, checked with the real tools: cloud-init, shellcheck, systemd-analyze,
+caddy; and the bootstrap run twice into a scratch root (stub aws/hf, a local fake Hub tree API)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kimi_fleet.launch import render_launch
+from kimi_fleet.node_files import (
+    API_KEY_FILE,
+    EC2_USER_DATA_LIMIT,
+    NodeFile,
+    SecretsSource,
+    render_node_artifacts,
+    render_node_files,
+    render_user_data,
+)
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from policy.validators import find_secret_patterns
+
+AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm"]
+HOST_STACKS = ["rtxpro6000-int4-sglang", "mi300x-int4-sglang"]
+FAKE_API_KEY = "fake-api-key-0f3b9a17c2d84e65"
+FAKE_HF_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
+EBS_VOLUME_ID = "vol-0123456789abcdef0"
+
+
+def tool(name: str):
+    return pytest.mark.skipif(shutil.which(name) is None, reason=f"{name} not installed")
+
+
+def resolved(stack: str) -> Resolved:
+    return Resolved(load_stack_config(stack_file(stack)).spec())
+
+
+def node_files(stack: str, secrets: SecretsSource | None = None) -> dict[str, NodeFile]:
+    r = resolved(stack)
+    if secrets is None:
+        secrets = SecretsSource.ssm(f"/kimi-fleet/{stack}", "us-east-1", hf_token=True) if r.spec.target.aws \
+            else SecretsSource("files")
+    volume = EBS_VOLUME_ID if r.weights_volume == "ebs" else None
+    return render_node_files(r, render_launch(r), size(r), secrets=secrets, ebs_volume_id=volume)
+
+
+def user_data(stack: str) -> str:
+    r = resolved(stack)
+    volume = EBS_VOLUME_ID if r.weights_volume == "ebs" else None
+    return render_user_data(r, render_launch(r), size(r), ssm_prefix=f"/kimi-fleet/{stack}", region="us-east-1",
+                            ebs_volume_id=volume, hf_token=True)
+
+
+def install(root: Path, files: dict[str, NodeFile]) -> None:
+    for f in files.values():
+        path = root / f.path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f.content)
+        path.chmod(f.mode)
+
+
+def scripts(stack: str) -> dict[str, str]:
+    artifacts = render_node_artifacts(*(lambda r: (r, size(r), render_launch(r)))(resolved(stack)))
+    return {name: text for name, text in artifacts.items() if name.endswith(".sh")}
+
+
+# --- cloud-init ------------------------------------------------------------------------------
+
+@tool("cloud-init")
+@pytest.mark.parametrize("stack", AWS_STACKS)
+def test_user_data_passes_cloud_init_schema_and_fits(stack, tmp_path):
+    text = user_data(stack)
+    assert text.startswith("#cloud-config\n")
+    assert len(text.encode()) <= EC2_USER_DATA_LIMIT
+    config = tmp_path / "user-data.yaml"
+    config.write_text(text)
+    result = subprocess.run(["cloud-init", "schema", "--config-file", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("stack", AWS_STACKS)
+def test_user_data_carries_files_and_no_secrets(stack):
+    document = yaml.safe_load(user_data(stack))
+    expected = node_files(stack)
+    written = {}
+    for entry in document["write_files"]:
+        content = entry["content"]
+        if entry.get("encoding") == "gz+b64":
+            content = gzip.decompress(base64.b64decode(content)).decode()
+        written[entry["path"]] = (content, int(entry["permissions"], 8))
+    assert written == {path: (f.content, f.mode) for path, f in expected.items()}
+    node_env = written["/etc/kimi-fleet/node.env"][0]
+    assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in node_env
+    for path, (content, _) in written.items():
+        assert FAKE_API_KEY not in content and FAKE_HF_TOKEN not in content
+        assert find_secret_patterns(content) == [], path
+    assert ["systemctl", "start", "--no-block", "kimi-bootstrap.service"] in document["runcmd"]
+    assert "caddy" in document["packages"]
+
+
+def test_user_data_too_large_is_refused(monkeypatch):
+    import kimi_fleet.node_files as nf
+
+    monkeypatch.setattr(nf, "EC2_USER_DATA_LIMIT", 4096)
+    with pytest.raises(ValueError, match="user data is .* bytes even compressed"):
+        user_data("h200-int4-sglang")
+
+
+# --- scripts, units, env files, Caddyfile ----------------------------------------------------
+
+@tool("shellcheck")
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "b300-int4-sglang", "mi300x-int4-sglang"])
+def test_scripts_pass_shellcheck(stack, tmp_path):
+    for name, text in scripts(stack).items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}:\n{result.stdout}"
+
+
+def test_engine_run_splits_lists_on_purpose():
+    text = node_files("h200-int4-sglang")["/usr/local/sbin/kimi-engine-run"].content
+    assert "# shellcheck disable=SC2086" in text and "set -f" in text
+    assert 'exec docker run --rm --name "$CONTAINER_NAME" $DOCKER_ARGS --entrypoint "$ENGINE_ENTRYPOINT"' in text
+
+
+@pytest.mark.parametrize("stack", AWS_STACKS + HOST_STACKS)
+def test_env_files_hold_only_bare_assignments(stack):
+    files = node_files(stack)
+    env_files = [f for path, f in files.items() if path.endswith(".env")]
+    assert len(env_files) == len(render_launch(resolved(stack)).instances) + 1  # engines + node.env
+    for f in env_files:
+        for line in f.content.splitlines():
+            if line.startswith("#"):
+                continue
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*=[^\"'#\\$`]*", line), f"{f.path}: {line!r}"
+
+
+def _systemd_root(root: Path, files: dict[str, NodeFile]) -> None:
+    install(root, files)
+    system = root / "lib/systemd/system"
+    system.mkdir(parents=True)
+    for target in Path("/lib/systemd/system").glob("*.target"):
+        shutil.copy(target, system)
+    for slice_unit in Path("/lib/systemd/system").glob("*.slice"):
+        shutil.copy(slice_unit, system)
+    # The packaged caddy unit (Debian/Ubuntu) is what the drop-in overrides; docker.service is a stand-in.
+    packaged = Path("/lib/systemd/system/caddy.service")
+    (system / "caddy.service").write_text(packaged.read_text() if packaged.exists() else
+                                          "[Service]\nUser=caddy\nExecStart=/usr/bin/caddy run --environ\n")
+    (system / "docker.service").write_text("[Unit]\nDescription=stand-in\n[Service]\nExecStart=/usr/bin/dockerd\n")
+    for binary in ("usr/bin/docker", "usr/bin/dockerd", "usr/bin/caddy", "usr/bin/test", "bin/sh"):
+        path = root / binary
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+
+
+@tool("systemd-analyze")
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "mi300x-int4-sglang"])
+def test_units_pass_systemd_analyze_verify(stack, tmp_path):
+    files = node_files(stack)
+    _systemd_root(tmp_path, files)
+    units = ["/etc/systemd/system/kimi-bootstrap.service", "/lib/systemd/system/caddy.service"]
+    units += [f"/etc/systemd/system/kimi-engine@{i.index}.service" for i in render_launch(resolved(stack)).instances]
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", *units],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    drop_in = files["/etc/systemd/system/caddy.service.d/kimi-fleet.conf"].content
+    exec_starts = [line for line in drop_in.splitlines() if line.startswith("ExecStart=")]
+    assert exec_starts[0] == "ExecStart=" and "--environ" not in exec_starts[1]  # the key stays out of the journal
+    assert "ExecReload=\n" in drop_in  # admin off: restart, never reload
+
+
+@tool("caddy")
+@pytest.mark.parametrize("stack", AWS_STACKS + HOST_STACKS)
+def test_caddyfile_passes_caddy_validate(stack, tmp_path):
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text(node_files(stack)["/etc/caddy/Caddyfile"].content)
+    result = subprocess.run(["caddy", "validate", "--adapter", "caddyfile", "--config", str(caddyfile)],
+                            capture_output=True, text=True, env={**os.environ, "KIMI_API_KEY": FAKE_API_KEY},
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- the bootstrap, twice, in a scratch root -------------------------------------------------
+
+HUB_FILES = {"config.json": 17, "model-00001-of-00002.safetensors": 300, "sub/model-00002-of-00002.safetensors": 200}
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The tree API of one revision, in two pages joined by a Link header."""
+
+    def do_GET(self):  # noqa: N802
+        entries = [{"type": "file", "path": p, "size": s} for p, s in HUB_FILES.items()]
+        entries.insert(1, {"type": "directory", "path": "sub", "size": 0})
+        second = "cursor=2" in self.path
+        body = json.dumps(entries[2:] if second else entries[:2]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if not second:
+            self.send_header("Link", f'<{self.path}&cursor=2>; rel="next"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+FILL = "\n".join(
+    ["fill() { local dir=$1; mkdir -p \"$dir/sub\"; "]
+    + [f"head -c {s} /dev/zero >\"$dir/{p}\"; " for p, s in HUB_FILES.items()]
+    + ["}"]
+)
+
+STUB_AWS = f"""#!/bin/bash
+{FILL}
+case $1 in
+  ssm) name=${{*: -5:1}}; [[ $name == */hf-token ]] && printf '%s\\n' '{FAKE_HF_TOKEN}' || printf '%s\\n' '{FAKE_API_KEY}' ;;
+  s3) fill "${{*: -1}}" ;;
+  *) exit 2 ;;
+esac
+"""
+
+STUB_HF = f"""#!/bin/bash
+{FILL}
+while (($#)); do [[ $1 == --local-dir ]] && dir=$2; shift; done
+fill "$dir"
+"""
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if relative == "var/log/kimi-fleet/bootstrap.log":
+            continue  # the log grows by design
+        mode = oct(path.lstat().st_mode)
+        digest[relative] = mode + (":" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
+    return digest
+
+
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "b300-int4-sglang", "rtxpro6000-int4-sglang"])
+def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
+    root, bin_dir = tmp_path / "root", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("aws", STUB_AWS), ("hf", STUB_HF)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    files = node_files(stack)
+    install(root, files)
+    if files["/etc/kimi-fleet/node.env"].content.count("SECRETS_KIND=files"):
+        secret = root / API_KEY_FILE.lstrip("/")
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(FAKE_API_KEY)
+        secret.chmod(0o600)
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "HF_ENDPOINT": fake_hub,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    bootstrap = root / "usr/local/sbin/kimi-bootstrap"
+
+    first = subprocess.run([str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    after_first = _tree_digest(root)
+    second = subprocess.run([str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert _tree_digest(root) == after_first
+
+    r = resolved(stack)
+    weights = root / render_launch(r).weights_host_dir.lstrip("/")
+    assert (weights / ".kimi-verified").read_text().strip() == r.revision
+    assert (weights / "sub/model-00002-of-00002.safetensors").stat().st_size == 200
+    api_key = root / API_KEY_FILE.lstrip("/")
+    assert api_key.read_text() == FAKE_API_KEY
+    assert stat.S_IMODE(api_key.stat().st_mode) == 0o600
+    log = (root / "var/log/kimi-fleet/bootstrap.log").read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[kimi-bootstrap\] bootstrap done", log, re.M)
+    assert "already verified" in log and "unchanged" in log  # the second run skipped the work
+    assert FAKE_API_KEY not in log and FAKE_HF_TOKEN not in log
+
+
+def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hf").write_text("#!/bin/bash\nwhile (($#)); do [[ $1 == --local-dir ]] && d=$2; shift; done\n"
+                                "mkdir -p \"$d/sub\"; head -c 5 /dev/zero >\"$d/config.json\"\n")
+    (bin_dir / "hf").chmod(0o755)
+    script = tmp_path / "kimi-download-weights"
+    script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
+           "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
+           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "1"}
+    result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "size of config.json: 5 bytes, repository says 17" in result.stdout
+    assert "missing sub/model-00002-of-00002.safetensors" in result.stdout
+    assert not (tmp_path / "w/.kimi-verified").exists()
+
+
+def test_artifacts_for_the_planner():
+    r = resolved("h200-int4-sglang")
+    artifacts = render_node_artifacts(r, size(r), render_launch(r))
+    for name in ("user-data.yaml", "Caddyfile", "kimi-engine@.service", "engine-0.env", "kimi-bootstrap.sh",
+                 "kimi-download-weights.sh", "kimi-wait-gpus-free.sh", "kimi-engine-run.sh",
+                 "caddy-override.conf", "docker-run-engine-0.sh"):
+        assert name in artifacts, name
+    assert "EBS_VOLUME_ID=DEPLOY-TIME-EBS-VOLUME-ID" in artifacts["node.env"]
+    assert "SSM_API_KEY_PARAMETER=/kimi-fleet/h200-int4-sglang/api-key" in artifacts["node.env"]
+    host = resolved("rtxpro6000-int4-sglang")
+    host_artifacts = render_node_artifacts(host, size(host), render_launch(host))
+    assert "user-data.yaml" not in host_artifacts and "SECRETS_KIND=files" in host_artifacts["node.env"]
