@@ -1,0 +1,194 @@
+"""HostEndpoint: the stack on a machine you already have, over SSH (pulumi-command).
+
+The same node files cloud-init writes on AWS are copied to the host, then the same idempotent
+bootstrap runs: it restarts an engine only when its env file changed, so switching engine or
+quantization is an edit of the stack and `pulumi up`. Secrets reach root-only files through the
+command's stdin, never its command line. A GPU cloud that only takes a startup script (seed 000)
+gets no SSH resources: the component records the cloud-config to paste.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import posixpath
+import shlex
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+from pulumi_command import remote
+
+from components.auth_proxy import AuthProxy, AuthProxyArgs
+from kimi_fleet import node_files
+from kimi_fleet.launch import Launch
+from kimi_fleet.node_files import NodeFile, SecretsSource
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+from kimi_fleet.spec import CONFIG_NAMESPACE
+
+BOOTSTRAP = f"{node_files.SBIN}/kimi-bootstrap"
+#: Pulumi waits for the bootstrap through two full download attempts (it resumes) plus package setup.
+BOOTSTRAP_ATTEMPTS_WAITED = 2
+BOOTSTRAP_SETUP_SECONDS = 30 * 60
+
+
+@dataclass
+class HostEndpointArgs:
+    resolved: Resolved
+    sizing: Sizing
+    launch: Launch
+    api_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str] | None = None
+
+
+def install_from_stdin(path: str, mode: int) -> str:
+    """A remote command that writes stdin to `path` atomically with `mode`, as root."""
+    tmp = f"{path}.kimi-tmp"
+    script = (
+        f"umask 077 && mkdir -p {shlex.quote(posixpath.dirname(path))} && cat > {shlex.quote(tmp)} && "
+        f"chmod {mode:o} {shlex.quote(tmp)} && mv {shlex.quote(tmp)} {shlex.quote(path)}"
+    )
+    return f"sudo sh -c {shlex.quote(script)}"
+
+
+def content_digest(file: NodeFile) -> str:
+    return hashlib.sha256(f"{file.path}\0{file.mode:o}\0{file.content}".encode()).hexdigest()
+
+
+def bootstrap_timeout_seconds(sizing: Sizing) -> int:
+    attempt = max(sizing.download_seconds * node_files.DOWNLOAD_ATTEMPT_SLACK, node_files.MIN_DOWNLOAD_ATTEMPT_SECONDS)
+    return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
+
+
+def startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
+    """The cloud-config for a cloud that takes only a startup script; secrets are files the user places."""
+    files = node_files.render_node_files(r, launch, sizing, secrets=SecretsSource("files"))
+    # node_files renders SSM-backed user data publicly; the files-backed document has no public name yet.
+    return node_files._cloud_config(files, compress=False)
+
+
+def _dns_record_type(address: str) -> str:
+    try:
+        return "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
+    except ValueError:
+        return "CNAME"
+
+
+class HostEndpoint(pulumi.ComponentResource):
+    endpoint_url: pulumi.Output[str]
+    openai_base_url: pulumi.Output[str]
+    node_ids: pulumi.Output[list[str]]
+    market: pulumi.Output[str]
+    hourly_cost_usd: pulumi.Output[float | None]
+    #: The cloud-config to paste into a startup-script-only cloud; None on an SSH host.
+    user_data: str | None
+
+    def __init__(self, name: str, args: HostEndpointArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:host:HostEndpoint", name, None, opts)
+        r, sizing, launch = args.resolved, args.sizing, args.launch
+        host_spec = r.spec.target.host
+        child = pulumi.ResourceOptions(parent=self)
+
+        self.proxy = AuthProxy(
+            f"{name}-proxy",
+            AuthProxyArgs(caddyfile=node_files.render_caddyfile_for(r, launch), allowed_upstreams=launch.upstreams),
+            child,
+        )
+        if host_spec.startup_script_only:
+            self.user_data = startup_script(r, launch, sizing)
+            node_ids: pulumi.Input[list[str]] = []
+            hourly = r.offer.on_demand_usd_per_hour if r.offer else None
+        else:
+            self.user_data = None
+            address = self._deploy_over_ssh(name, args, child)
+            node_ids = pulumi.Output.from_input(address).apply(lambda a: [a])
+            hourly = None  # a machine you own: no hourly price here
+
+        self.endpoint_url = pulumi.Output.from_input(f"https://{r.spec.domain}")
+        self.openai_base_url = pulumi.Output.from_input(f"https://{r.spec.domain}/v1")
+        self.node_ids = pulumi.Output.from_input(node_ids)
+        self.market = pulumi.Output.from_input(r.spec.capacity.effective_market)
+        self.hourly_cost_usd = pulumi.Output.from_input(hourly)
+        self.register_outputs({
+            "endpoint_url": self.endpoint_url,
+            "openai_base_url": self.openai_base_url,
+            "node_ids": self.node_ids,
+            "market": self.market,
+            "hourly_cost_usd": self.hourly_cost_usd,
+        })
+
+    def _deploy_over_ssh(self, name: str, args: HostEndpointArgs, child: pulumi.ResourceOptions) -> pulumi.Input[str]:
+        r, sizing, launch = args.resolved, args.sizing, args.launch
+        host_spec = r.spec.target.host
+        config = pulumi.Config(CONFIG_NAMESPACE)
+        address = host_spec.address or config.require_secret("sshHost")
+        connection = remote.ConnectionArgs(
+            host=address, user=host_spec.user, port=host_spec.port,
+            private_key=config.require_secret("sshPrivateKey"),
+        )
+        secrets = SecretsSource("files")
+
+        packages = remote.Command(
+            f"{name}-packages",
+            connection=connection,
+            create="sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                   + " ".join(node_files.NODE_PACKAGES),
+            opts=child,
+        )
+        secret_values = {"api-key": (secrets.api_key_file, args.api_key)}
+        if args.hf_token is not None:
+            secret_values["hf-token"] = (secrets.hf_token_file, args.hf_token)
+        copies: list[remote.Command] = [
+            remote.Command(
+                f"{name}-secret-{label}",
+                connection=connection,
+                create=install_from_stdin(path, 0o600),
+                delete=f"sudo rm -f {shlex.quote(path)}",
+                stdin=pulumi.Output.secret(value),
+                logging=remote.Logging.NONE,
+                opts=child,
+            )
+            for label, (path, value) in secret_values.items()
+        ]
+
+        files = node_files.render_node_files(r, launch, sizing, secrets=secrets)
+        for file in files.values():
+            # A changed content is a changed input: the create command runs again with the new stdin.
+            copies.append(remote.Command(
+                f"{name}-file-{file.path.strip('/').replace('/', '-')}",
+                connection=connection,
+                create=install_from_stdin(file.path, file.mode),
+                delete=f"sudo rm -f {shlex.quote(file.path)}",
+                stdin=file.content,
+                opts=child,
+            ))
+
+        timeout = f"{bootstrap_timeout_seconds(sizing)}s"
+        remote.Command(
+            f"{name}-bootstrap",
+            connection=connection,
+            # The bootstrap restarts only the units whose files changed (an engine's env file: that engine).
+            create=f"sudo {BOOTSTRAP}",
+            # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
+            triggers=[content_digest(f) for f in files.values()] + [
+                pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())
+                for _, value in secret_values.values()
+            ],
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
+                depends_on=[packages, *copies],
+                custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout),
+            )),
+        )
+
+        if host_spec.hosted_zone_id:
+            aws.route53.Record(
+                f"{name}-dns",
+                zone_id=host_spec.hosted_zone_id,
+                name=r.spec.domain,
+                type=pulumi.Output.from_input(address).apply(_dns_record_type),
+                ttl=60,
+                records=[address],
+                opts=child,
+            )
+        return address

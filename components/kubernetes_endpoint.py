@@ -1,0 +1,143 @@
+"""KubernetesEndpoint: the stack on an existing cluster, from the objects kimi_fleet.k8s_manifests renders.
+
+Typed pulumi-kubernetes resources are built from the pure dicts, so the YAML `plan` writes and what
+`pulumi up` applies cannot drift. Pulumi waits for the download Job and the Deployments with
+timeouts derived from the sizing instead of the provider's 10-minute default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.auth_proxy import AuthProxy, AuthProxyArgs
+from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet.launch import Launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+from kimi_fleet.spec import CONFIG_NAMESPACE
+
+RESOURCE_CLASSES = {
+    "Namespace": k8s.core.v1.Namespace,
+    "ConfigMap": k8s.core.v1.ConfigMap,
+    "PersistentVolumeClaim": k8s.core.v1.PersistentVolumeClaim,
+    "Job": k8s.batch.v1.Job,
+    "ResourceClaimTemplate": k8s.resource.v1.ResourceClaimTemplate,
+    "Deployment": k8s.apps.v1.Deployment,
+    "Service": k8s.core.v1.Service,
+}
+
+
+@dataclass
+class KubernetesEndpointArgs:
+    resolved: Resolved
+    sizing: Sizing
+    launch: Launch
+    api_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str] | None = None
+
+
+def _seconds(value: int) -> str:
+    return f"{value}s"
+
+
+def declare_object(name: str, obj: dict, opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
+    """The typed resource for one rendered object; its camelCase fields pass through unchanged."""
+    fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
+    return RESOURCE_CLASSES[obj["kind"]](f"{name}-{obj['metadata']['name']}", opts=opts, **fields)
+
+
+class KubernetesEndpoint(pulumi.ComponentResource):
+    endpoint_url: pulumi.Output[str]
+    openai_base_url: pulumi.Output[str]
+    node_ids: pulumi.Output[list[str]]
+    market: pulumi.Output[str]
+    hourly_cost_usd: pulumi.Output[float | None]
+
+    def __init__(self, name: str, args: KubernetesEndpointArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:kubernetes:KubernetesEndpoint", name, None, opts)
+        r, sizing = args.resolved, args.sizing
+        target = r.spec.target.kubernetes
+        objects = manifests.render_manifests(r, sizing, args.launch, stack=r.spec.stack)
+
+        # No kubeconfig in config: the ambient one (KUBECONFIG / ~/.kube/config) with the stack's context.
+        provider = k8s.Provider(
+            f"{name}-cluster",
+            kubeconfig=pulumi.Config(CONFIG_NAMESPACE).get_secret("kubeconfig"),
+            context=target.kubeconfig_context,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+
+        namespace_object, *namespaced = objects
+        namespace = declare_object(name, namespace_object, child)
+        in_namespace = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[namespace]))
+
+        secret_values = {(manifests.API_KEY_SECRET, manifests.API_KEY_SECRET_KEY): args.api_key}
+        if args.hf_token is not None:
+            secret_values[(manifests.HF_TOKEN_SECRET, manifests.HF_TOKEN_SECRET_KEY)] = args.hf_token
+        secrets = [
+            k8s.core.v1.Secret(
+                f"{name}-{secret_name}",
+                metadata={"name": secret_name, "namespace": target.namespace},
+                type="Opaque",
+                string_data={key: pulumi.Output.secret(value)},
+                opts=in_namespace,
+            )
+            for (secret_name, key), value in secret_values.items()
+        ]
+
+        prerequisites: list[pulumi.Resource] = [*secrets]
+        deployments: list[k8s.apps.v1.Deployment] = []
+        for obj in namespaced:
+            kind = obj["kind"]
+            if kind == "Job":
+                timeout = _seconds(manifests.job_timeout_seconds(sizing))
+                opts_for = pulumi.ResourceOptions(
+                    depends_on=[*prerequisites],
+                    custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout),
+                    # A Job's template is immutable: a changed one replaces it under the same name.
+                    delete_before_replace=True,
+                )
+            elif kind == "Deployment":
+                opts_for = pulumi.ResourceOptions(
+                    depends_on=[*prerequisites],
+                    custom_timeouts=pulumi.CustomTimeouts(
+                        create=_seconds(manifests.deployment_timeout_seconds(r, sizing, rolling=False)),
+                        update=_seconds(manifests.deployment_timeout_seconds(r, sizing, rolling=True)),
+                    ),
+                )
+            else:
+                opts_for = pulumi.ResourceOptions()
+            resource = declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, opts_for))
+            if kind == "Deployment":
+                deployments.append(resource)
+            elif kind != "Service":
+                prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
+
+        self.proxy = AuthProxy(
+            f"{name}-proxy",
+            AuthProxyArgs(
+                caddyfile=manifests.render_proxy_caddyfile(r, args.launch),
+                # Each pod runs engine 0's launch (more engines are more pods): one loopback upstream.
+                allowed_upstreams=args.launch.upstreams[:1],
+            ),
+            pulumi.ResourceOptions(parent=self),
+        )
+
+        self.endpoint_url = pulumi.Output.from_input(f"https://{r.spec.domain}")
+        self.openai_base_url = pulumi.Output.from_input(f"https://{r.spec.domain}/v1")
+        self.node_ids = pulumi.Output.all(*[d.metadata.name for d in deployments])
+        self.market = pulumi.Output.from_input(r.spec.capacity.effective_market)
+        # A cluster's GPUs are billed outside this stack: the cost is unknown here.
+        self.hourly_cost_usd = pulumi.Output.from_input(None)
+        self.register_outputs({
+            "endpoint_url": self.endpoint_url,
+            "openai_base_url": self.openai_base_url,
+            "node_ids": self.node_ids,
+            "market": self.market,
+            "hourly_cost_usd": self.hourly_cost_usd,
+        })
+

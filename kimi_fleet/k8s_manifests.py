@@ -1,0 +1,444 @@
+"""The Kubernetes objects of one stack, as plain dicts (pure: no Pulumi).
+
+The KubernetesEndpoint component builds typed resources from these dicts and `plan` writes them as
+YAML, so this module is the single source of both. Secrets are referenced by name only: the
+component creates them from secret config, and the YAML tells a hand-applier how to.
+
+Layout: one weights volume filled once and verified by a download Job, mounted read-only by every
+engine pod; one pod per engine (launch.instances[0]'s argv on gpus_per_engine devices), so
+engines_per_node > 1 becomes more pods. The engine binds 127.0.0.1, so the authenticating Caddy
+runs as a sidecar in the same pod and the Service reaches only Caddy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import yaml
+
+from kimi_fleet import catalog
+from kimi_fleet.caddy import render_caddyfile
+from kimi_fleet.launch import MODEL_MOUNT, Launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+API_KEY_SECRET = "kimi-api-key"
+API_KEY_SECRET_KEY = "api-key"
+HF_TOKEN_SECRET = "kimi-hf-token"
+HF_TOKEN_SECRET_KEY = "token"
+WEIGHTS_PVC = "kimi-weights"
+CADDYFILE_CONFIGMAP = "kimi-proxy-caddyfile"
+GPU_CLAIM_TEMPLATE = "kimi-gpus"
+GPU_CLAIM = "gpus"
+PROXY_SERVICE = "kimi-proxy"
+
+DOWNLOAD_IMAGE = "python:3.12.12-slim"
+HUGGINGFACE_HUB_VERSION = "1.33.0"
+CADDY_IMAGE = "caddy:2.10.2"
+WEIGHTS_MOUNT = "/weights"
+VERIFIED_MARKER = ".verified"
+
+#: Probe cadence. The startup window is derived from the sizing's warm start (weights already local).
+PROBE_PERIOD_SECONDS = 10
+STARTUP_MARGIN = 1.5
+#: SGLang's /health_generate runs a real generation: give it longer than a plain /health.
+GENERATING_PROBE_TIMEOUT_SECONDS = 30
+PLAIN_PROBE_TIMEOUT_SECONDS = 5
+#: Liveness only restarts an engine that stopped answering /health for several minutes.
+LIVENESS_PERIOD_SECONDS = 30
+LIVENESS_FAILURES = 6
+#: Engine images are 10-30 GB: pulling one onto a fresh node takes minutes.
+IMAGE_PULL_SECONDS = 15 * 60
+#: A hub download can stall and resume: allow three times the estimate before giving up.
+DOWNLOAD_MARGIN = 3
+DOWNLOAD_SETUP_SECONDS = 10 * 60
+#: Room for the checkpoint plus hf's resume metadata.
+WEIGHTS_HEADROOM = 1.25
+#: NCCL/RCCL/HCCL segments and the engines' multiprocess queues (image tensors) live in /dev/shm;
+#: a pod's default 64 MB breaks TP (seed 003). tmpfs pages count against the pod's memory, so at
+#: most a quarter of it.
+SHM_GIB = 64
+
+#: Extended resource of each vendor's device plugin (Ascend: MindCluster's Ascend Device Plugin
+#: advertises the 910-family dies, A3 included, as huawei.com/Ascend910).
+VENDOR_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "huawei": "huawei.com/Ascend910"}
+#: Devices one node holds, to refuse a replica that would span nodes (GB200 NVL72: 4 GPUs per tray).
+DEVICES_PER_NODE = {"gb200": 4, "ascend-a3": 16}
+DEFAULT_DEVICES_PER_NODE = 8
+
+DOWNLOAD_SCRIPT = """\
+if [ "$(cat "$TARGET_DIR/{marker}" 2>/dev/null)" = "$REVISION" ]; then
+  echo "weights $REPO@$REVISION already verified"; exit 0
+fi
+pip install --quiet --no-cache-dir --disable-pip-version-check "huggingface_hub=={hub}"
+hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
+python3 -c "$VERIFY_PROGRAM"
+echo "$REVISION" > "$TARGET_DIR/{marker}"
+""".format(marker=VERIFIED_MARKER, hub=HUGGINGFACE_HUB_VERSION)
+
+#: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
+VERIFY_PROGRAM = """\
+import os, pathlib, sys
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import RepoFile
+target = pathlib.Path(os.environ["TARGET_DIR"])
+listed = {f.path: f.size for f in HfApi().list_repo_tree(
+    os.environ["REPO"], revision=os.environ["REVISION"], recursive=True) if isinstance(f, RepoFile)}
+bad = [p for p, n in listed.items() if not (target / p).is_file() or (target / p).stat().st_size != n]
+if bad:
+    sys.exit(f"{len(bad)} of {len(listed)} files missing or of the wrong size, e.g. {bad[:5]}")
+print(f"verified {len(listed)} files, {sum(listed.values())} bytes")
+"""
+
+
+def refuse_unsupported(r: Resolved) -> None:
+    """Raise ValueError for layouts this renderer cannot express."""
+    devices = DEVICES_PER_NODE.get(r.accelerator.id, DEFAULT_DEVICES_PER_NODE)
+    if r.gpus_per_engine > devices:
+        raise ValueError(
+            f"one engine needs {r.gpus_per_engine} {r.accelerator.name} devices but a node holds {devices}: "
+            "a replica spanning nodes needs a LeaderWorkerSet and multi-node engine flags "
+            "(--nnodes/--node-rank), which the launch renderer does not produce; lower acceleratorCount"
+        )
+    if r.spec.engine.speculative != "off":
+        raise ValueError(
+            "engine.speculative on kubernetes: the download Job fetches the pinned checkpoint only, not a "
+            "draft model (and EAGLE3 measured -46% throughput on K2.6, seed 004)"
+        )
+
+
+def labels(stack: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kimi-fleet",
+        "app.kubernetes.io/instance": stack,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def startup_failure_threshold(sizing: Sizing) -> int:
+    return math.ceil(sizing.warm_start_seconds * STARTUP_MARGIN / PROBE_PERIOD_SECONDS)
+
+
+def startup_window_seconds(sizing: Sizing) -> int:
+    return startup_failure_threshold(sizing) * PROBE_PERIOD_SECONDS
+
+
+def download_deadline_seconds(sizing: Sizing) -> int:
+    return sizing.download_seconds * DOWNLOAD_MARGIN + DOWNLOAD_SETUP_SECONDS
+
+
+def job_timeout_seconds(sizing: Sizing) -> int:
+    """How long `pulumi up` waits for the download Job: its own deadline plus scheduling and pull."""
+    return download_deadline_seconds(sizing) + IMAGE_PULL_SECONDS
+
+
+def engine_pod_count(r: Resolved) -> int:
+    return r.spec.capacity.replicas * r.engines_per_node
+
+
+def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) -> int:
+    """How long `pulumi up` waits for the engines: a pull and a startup window per pod.
+
+    Creation starts every pod at once; a rolling update replaces one pod at a time (no spare GPUs).
+    With hostPath weights each pod's init container may download on its node first.
+    """
+    per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing)
+    if r.weights_volume == "host-path":
+        per_pod += download_deadline_seconds(sizing)
+    return per_pod * (engine_pod_count(r) if rolling else 1)
+
+
+def market_groups(r: Resolved) -> list[tuple[str, int]]:
+    """(capacity type, engine pods): on spot, the on-demand base stays on on-demand nodes."""
+    capacity = r.spec.capacity
+    per_replica = r.engines_per_node
+    on_demand = capacity.effective_on_demand_base
+    groups = [("on-demand", on_demand * per_replica), ("spot", (capacity.replicas - on_demand) * per_replica)]
+    return [(market, pods) for market, pods in groups if pods > 0]
+
+
+def deployment_name(market: str) -> str:
+    return f"kimi-engine-{market}"
+
+
+def weights_job_name(r: Resolved) -> str:
+    return f"kimi-weights-{r.revision[:12]}"
+
+
+def proxy_tls(r: Resolved) -> str:
+    """A public certificate needs ports 80/443 reachable at the domain: only a LoadBalancer gives that."""
+    return "acme" if r.spec.target.kubernetes.proxy_service_type == "LoadBalancer" else "internal"
+
+
+def render_proxy_caddyfile(r: Resolved, launch: Launch) -> str:
+    instance = launch.instances[0]
+    return render_caddyfile(
+        r.spec.domain, [instance.upstream], instance.probe.path,
+        tls=proxy_tls(r), acme_email=r.spec.acme_email,
+    )
+
+
+def _meta(name: str, namespace: str, stack: str, component: str, **extra) -> dict:
+    return {"name": name, "namespace": namespace, "labels": labels(stack, component), **extra}
+
+
+def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> dict:
+    ref = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _weights_volume(r: Resolved) -> dict:
+    if r.weights_volume == "host-path":
+        return {"name": "weights", "hostPath": {"path": r.spec.weights.host_path, "type": "DirectoryOrCreate"}}
+    return {"name": "weights", "persistentVolumeClaim": {"claimName": WEIGHTS_PVC}}
+
+
+def _download_container(r: Resolved) -> dict:
+    return {
+        "name": "download-weights",
+        "image": DOWNLOAD_IMAGE,
+        "command": ["/bin/sh", "-ec", DOWNLOAD_SCRIPT],
+        "env": [
+            {"name": "REPO", "value": r.repo},
+            {"name": "REVISION", "value": r.revision},
+            {"name": "TARGET_DIR", "value": f"{WEIGHTS_MOUNT}/{r.weights_dir_name}"},
+            {"name": "VERIFY_PROGRAM", "value": VERIFY_PROGRAM},
+            {"name": "HF_XET_HIGH_PERFORMANCE", "value": "1"},
+            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+            {"name": "HOME", "value": "/tmp"},
+            # Optional: public repos need no token, and the component creates the Secret only if given.
+            _secret_env("HF_TOKEN", HF_TOKEN_SECRET, HF_TOKEN_SECRET_KEY, optional=True),
+        ],
+        "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS_MOUNT}],
+    }
+
+
+def _scheduling(r: Resolved, market: str) -> dict:
+    """nodeSelector and tolerations that put a pod on the stack's GPU nodes of one capacity type."""
+    k8s = r.spec.target.kubernetes
+    return {
+        "nodeSelector": {**k8s.node_selector, k8s.capacity_type_label: market},
+        "tolerations": [
+            {"key": k8s.capacity_type_label, "operator": "Equal", "value": market, "effect": "NoSchedule"},
+            # GPU node pools are commonly tainted with the device resource name.
+            {"key": VENDOR_RESOURCE[r.accelerator.vendor], "operator": "Exists", "effect": "NoSchedule"},
+        ],
+    }
+
+
+def _exec_probe(url: str, timeout: int) -> dict:
+    # The engine listens on 127.0.0.1 only and kubelet's httpGet dials the pod IP: probe from inside.
+    check = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
+    return {"exec": {"command": ["python3", "-c", check, url, str(timeout - 1)]}, "timeoutSeconds": timeout}
+
+
+def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
+    instance = launch.instances[0]
+    k8s = r.spec.target.kubernetes
+    probe_timeout = GENERATING_PROBE_TIMEOUT_SECONDS if instance.probe.runs_generation else PLAIN_PROBE_TIMEOUT_SECONDS
+    ready_url = f"http://{instance.upstream}{instance.probe.path}"
+    resources = {
+        "requests": {"cpu": str(k8s.pod_cpus), "memory": f"{k8s.pod_memory_gib}Gi"},
+        # No CPU limit: the MoE weight load is CPU-bound and throttling stretches it.
+        "limits": {"memory": f"{k8s.pod_memory_gib}Gi"},
+    }
+    if k8s.gpu_claim == "dra":
+        resources["claims"] = [{"name": GPU_CLAIM}]
+    else:
+        resource = VENDOR_RESOURCE[r.accelerator.vendor]
+        resources["requests"][resource] = str(r.gpus_per_engine)
+        resources["limits"][resource] = str(r.gpus_per_engine)
+    security = {"allowPrivilegeEscalation": False}
+    if "--security-opt=seccomp=unconfined" in instance.docker_args:
+        security["seccompProfile"] = {"type": "Unconfined"}  # ROCm, as the docker launch (seed 001)
+    return {
+        "name": "engine",
+        "image": launch.image,
+        "command": [instance.argv[0]],
+        "args": list(instance.argv[1:]),
+        "env": [{"name": key, "value": value} for key, value in sorted(instance.env.items())],
+        "resources": resources,
+        "securityContext": security,
+        "volumeMounts": [
+            {"name": "weights", "mountPath": MODEL_MOUNT, "subPath": r.weights_dir_name, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "startupProbe": {
+            **_exec_probe(ready_url, probe_timeout),
+            "periodSeconds": PROBE_PERIOD_SECONDS,
+            "failureThreshold": startup_failure_threshold(sizing),
+        },
+        "readinessProbe": {**_exec_probe(ready_url, probe_timeout), "periodSeconds": PROBE_PERIOD_SECONDS,
+                           "failureThreshold": 3},
+        "livenessProbe": {
+            **_exec_probe(f"http://{instance.upstream}/health", 10),
+            "periodSeconds": LIVENESS_PERIOD_SECONDS,
+            "failureThreshold": LIVENESS_FAILURES,
+        },
+    }
+
+
+def _proxy_container() -> dict:
+    return {
+        "name": "proxy",
+        "image": CADDY_IMAGE,
+        "command": ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
+        "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
+        "ports": [{"name": "https", "containerPort": 443}, {"name": "http", "containerPort": 80}],
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        # The image's caddy runs as root; it keeps only the right to bind 80/443.
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+        },
+        "readinessProbe": {"tcpSocket": {"port": 443}, "periodSeconds": 10},
+        "volumeMounts": [
+            {"name": "caddyfile", "mountPath": "/etc/caddy", "readOnly": True},
+            {"name": "caddy-data", "mountPath": "/data"},
+            {"name": "caddy-config", "mountPath": "/config"},
+        ],
+    }
+
+
+def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market: str, pods: int) -> dict:
+    k8s = r.spec.target.kubernetes
+    selector = {**labels(stack, "engine"), "kimi-fleet/capacity-type": market}
+    shm_gib = min(SHM_GIB, k8s.pod_memory_gib // 4)
+    pod_spec = {
+        # A Service named e.g. `vllm` would inject VLLM_PORT, which vLLM reads as its own setting.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 120,  # let streaming answers finish
+        **_scheduling(r, market),
+        "containers": [_engine_container(r, sizing, launch), _proxy_container()],
+        "volumes": [
+            _weights_volume(r),
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
+            {"name": "caddyfile", "configMap": {"name": CADDYFILE_CONFIGMAP}},
+            {"name": "caddy-data", "emptyDir": {}},
+            {"name": "caddy-config", "emptyDir": {}},
+        ],
+    }
+    if r.weights_volume == "host-path":
+        # One Job cannot reach every node's disk: each pod fills its node once (the marker skips it after).
+        pod_spec["initContainers"] = [_download_container(r)]
+    if k8s.gpu_claim == "dra":
+        pod_spec["resourceClaims"] = [{"name": GPU_CLAIM, "resourceClaimTemplateName": GPU_CLAIM_TEMPLATE}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(deployment_name(market), k8s.namespace, stack, "engine"),
+        "spec": {
+            "replicas": pods,
+            "selector": {"matchLabels": selector},
+            # No spare GPUs for a surge pod: replace one engine at a time.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            # The 600 s default marks a loading engine as a failed rollout (and Pulumi fails with it).
+            "progressDeadlineSeconds": deployment_timeout_seconds(r, sizing, rolling=False),
+            "template": {"metadata": {"labels": selector}, "spec": pod_spec},
+        },
+    }
+
+
+def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
+    """Every object in apply order: Namespace, ConfigMap, weights, GPU claim, Deployments, Service."""
+    refuse_unsupported(r)
+    k8s = r.spec.target.kubernetes
+    ns = k8s.namespace
+    objects: list[dict] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels(stack, "namespace")}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(CADDYFILE_CONFIGMAP, ns, stack, "proxy"),
+            "data": {"Caddyfile": render_proxy_caddyfile(r, launch)},
+        },
+    ]
+    if r.weights_volume == "pvc":
+        size_gib = math.ceil(r.checkpoint.size_bytes * WEIGHTS_HEADROOM / catalog.GiB)
+        # ReadWriteOnce: local-NVMe classes are node-local. Every pod on that node mounts the one
+        # claim, and the volume's node affinity draws the replicas to the node holding the weights.
+        pvc_spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gib}Gi"}}}
+        if k8s.storage_class:
+            pvc_spec["storageClassName"] = k8s.storage_class
+        first_market = market_groups(r)[0][0]
+        objects += [
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": _meta(WEIGHTS_PVC, ns, stack, "weights"), "spec": pvc_spec},
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": _meta(weights_job_name(r), ns, stack, "weights"),
+                "spec": {
+                    "backoffLimit": 4,  # each retry resumes the download
+                    "activeDeadlineSeconds": download_deadline_seconds(sizing),
+                    "template": {
+                        "metadata": {"labels": labels(stack, "weights")},
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "automountServiceAccountToken": False,
+                            # WaitForFirstConsumer binds the local volume where this pod lands: a GPU node.
+                            **_scheduling(r, first_market),
+                            "containers": [_download_container(r)],
+                            "volumes": [_weights_volume(r)],
+                        },
+                    },
+                },
+            },
+        ]
+    if k8s.gpu_claim == "dra":
+        objects.append({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaimTemplate",
+            "metadata": _meta(GPU_CLAIM_TEMPLATE, ns, stack, "engine"),
+            "spec": {"spec": {"devices": {"requests": [{
+                "name": GPU_CLAIM,
+                "exactly": {"deviceClassName": k8s.device_class, "allocationMode": "ExactCount",
+                            "count": r.gpus_per_engine},
+            }]}}},
+        })
+    objects += [_deployment(r, sizing, launch, stack, market, pods) for market, pods in market_groups(r)]
+    annotations = {"external-dns.alpha.kubernetes.io/hostname": r.spec.domain} if k8s.external_dns else {}
+    objects.append({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(PROXY_SERVICE, ns, stack, "proxy", **({"annotations": annotations} if annotations else {})),
+        "spec": {
+            "type": k8s.proxy_service_type,
+            "selector": labels(stack, "engine"),
+            # Only Caddy: the engine port is never exposed.
+            "ports": [
+                {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
+                {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+            ],
+        },
+    })
+    return objects
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Shared dicts (a selector reused as pod labels) print in full, not as &id001 anchors."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def render_k8s_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
+    """File name -> text for build/<stack>/: the objects as one multi-document YAML."""
+    ns = r.spec.target.kubernetes.namespace
+    header = [
+        f"# kimi-fleet stack {r.spec.stack}: apply after creating the secrets it references:",
+        f"#   kubectl -n {ns} create secret generic {API_KEY_SECRET} --from-file={API_KEY_SECRET_KEY}=API_KEY_FILE",
+        f"#   kubectl -n {ns} create secret generic {HF_TOKEN_SECRET} --from-file={HF_TOKEN_SECRET_KEY}=HF_TOKEN_FILE"
+        "  (gated repos only)",
+    ]
+    documents = yaml.dump_all(
+        render_manifests(r, sizing, launch, stack=r.spec.stack), Dumper=_NoAliasDumper, sort_keys=False, width=120
+    )
+    return {"kubernetes.yaml": "\n".join(header) + "\n" + documents}
+

@@ -1,0 +1,216 @@
+"""HostEndpoint under Pulumi mocks, and the host bootstrap applied twice into a scratch root."""
+
+import copy
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pulumi
+import pytest
+
+from kimi_fleet import node_files
+from kimi_fleet.launch import render_launch
+from kimi_fleet.node_files import SecretsSource, render_node_files
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import parse_spec
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from tests.test_k8s_component import API_KEY, HF_TOKEN, EchoMocks, RecordingMonitor, secret_paths
+
+SSH_HOST = "203.0.113.7"
+SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----"
+COMMAND = "command:remote:Command"
+
+
+def resolved(stack: str, **overrides) -> Resolved:
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    values.update(overrides)
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def run_host_endpoint(r: Resolved, *, hf_token=None) -> tuple[RecordingMonitor, dict]:
+    from components.host_endpoint import HostEndpoint, HostEndpointArgs
+
+    monitor = RecordingMonitor()
+    pulumi.runtime.set_mocks(EchoMocks(), project="kimi-fleet", stack=r.spec.stack, preview=False, monitor=monitor)
+    pulumi.runtime.set_all_config(
+        {"kimi-fleet:sshHost": SSH_HOST, "kimi-fleet:sshPrivateKey": SSH_KEY},
+        ["kimi-fleet:sshHost", "kimi-fleet:sshPrivateKey"],
+    )
+    outputs: dict = {}
+
+    @pulumi.runtime.test
+    def declare():
+        endpoint = HostEndpoint("kimi", HostEndpointArgs(
+            resolved=r, sizing=size(r), launch=render_launch(r), api_key=pulumi.Output.secret(API_KEY),
+            hf_token=hf_token,
+        ))
+        outputs["user_data"] = endpoint.user_data
+
+        def keep(values):
+            outputs.update(zip(["endpoint_url", "node_ids", "market", "hourly_cost_usd"], values))
+
+        return pulumi.Output.all(endpoint.endpoint_url, endpoint.node_ids, endpoint.market,
+                                 endpoint.hourly_cost_usd).apply(keep)
+
+    declare()
+    return monitor, outputs
+
+
+def commands(monitor: RecordingMonitor) -> dict[str, dict]:
+    return {r["name"]: r for r in monitor.of_type(COMMAND)}
+
+
+def plain(value) -> str:
+    """A wire value with any secret-wrapped parts left out."""
+    if isinstance(value, dict):
+        if value.get("4dabf18193072939515e22adb298388d"):
+            return "<secret>"
+        return " ".join(f"{k}={plain(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return " ".join(plain(v) for v in value)
+    return str(value)
+
+
+@pytest.mark.parametrize("stack, engines", [("rtxpro6000-int4-sglang", 1), ("mi300x-int4-sglang", 2)])
+def test_copies_every_node_file_and_bootstraps(stack, engines):
+    r = resolved(stack)
+    monitor, outputs = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
+    declared = commands(monitor)
+    files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
+    copied = [c for c in declared.values() if "stdin" in c["wire"] and c["name"].startswith("kimi-file-")]
+    assert sorted(c["wire"]["stdin"] for c in copied) == sorted(f.content for f in files.values())
+    env_files = [p for p in files if p.startswith("/etc/kimi-fleet/engine-")]
+    assert len(env_files) == engines
+    for path in env_files:
+        assert any(f"mv {path}.kimi-tmp {path}" in c["wire"]["create"] for c in copied)
+
+    bootstrap = declared["kimi-bootstrap"]
+    assert bootstrap["wire"]["create"] == "sudo /usr/local/sbin/kimi-bootstrap"
+    assert len(bootstrap["wire"]["triggers"]) == len(files) + 2  # every file, and both secrets
+    assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds
+    urns = {c["name"]: c["urn"] for c in declared.values()}
+    assert set(bootstrap["dependencies"]) >= {urns[n] for n in declared if n != "kimi-bootstrap"}
+
+    (proxy,) = monitor.of_type("kimi-fleet:proxy:AuthProxy")
+    caddyfile = files[node_files.CADDYFILE].content
+    upstreams = " ".join(f"127.0.0.1:{r.engine.port + i}" for i in range(engines))
+    assert f"reverse_proxy {upstreams} {{" in caddyfile
+    assert proxy["wire"]["caddyfile"] == caddyfile
+    assert outputs["endpoint_url"] == f"https://{r.spec.domain}" and outputs["market"] == "on-demand"
+    assert outputs["user_data"] is None
+
+
+def test_secrets_reach_the_host_only_through_stdin():
+    r = resolved("mi300x-int4-sglang")
+    monitor, outputs = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
+    declared = commands(monitor)
+    for name in ("kimi-secret-api-key", "kimi-secret-hf-token"):
+        wire = declared[name]["wire"]
+        assert ".stdin" in list(secret_paths(wire))
+        assert "umask 077" in wire["create"] and "chmod 600" in wire["create"]
+    for command in declared.values():
+        visible = plain({k: v for k, v in command["wire"].items() if k != "stdin"})
+        for secret in (API_KEY, HF_TOKEN, "not-a-real-key"):
+            assert secret not in visible, command["name"]
+        assert ".connection.privateKey" in list(secret_paths(command["wire"])) or \
+            "<secret>" in plain(command["wire"]["connection"])
+    assert outputs["node_ids"] == [SSH_HOST]
+
+
+def test_dns_record_points_at_the_host_when_a_zone_is_given():
+    r = resolved("rtxpro6000-int4-sglang", target={"kind": "host", "host": {"address": SSH_HOST,
+                                                                            "hostedZoneId": "Z0123456789"}})
+    monitor, _ = run_host_endpoint(r)
+    (record,) = monitor.of_type("aws:route53/record:Record")
+    assert record["wire"]["type"] == "A" and record["wire"]["records"] == [SSH_HOST]
+    assert record["wire"]["name"] == "kimi-rtx.example.com"
+    assert "kimi-secret-hf-token" not in commands(monitor)
+
+
+def test_startup_script_only_declares_no_ssh_resources():
+    r = resolved("mi300x-int4-sglang", target={"kind": "host", "host": {"startupScriptOnly": True}})
+    monitor, outputs = run_host_endpoint(r)
+    assert not [x for x in monitor.registrations if x["type"].startswith("command:")]
+    assert not monitor.of_type("aws:route53/record:Record")
+    user_data = outputs["user_data"]
+    assert user_data.startswith("#cloud-config\n")
+    assert "/usr/local/sbin/kimi-bootstrap" in user_data and "/etc/kimi-fleet/engine-1.env" in user_data
+    assert "SECRETS_KIND=files" in user_data
+    assert outputs["node_ids"] == []
+
+
+# --- the bootstrap itself, on this machine ----------------------------------------------------
+
+
+def write_tree(root: Path, files) -> None:
+    for file in files.values():
+        target = root / file.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(file.content)
+        target.chmod(file.mode)
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, str]]:
+    """Every path under root with its mode and content digest, except the append-only log."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if relative.startswith("var/log/"):
+            continue
+        mode = stat.filemode(path.lstat().st_mode)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        tree[relative] = (mode, digest)
+    return tree
+
+
+@pytest.mark.parametrize("stack", ["rtxpro6000-int4-sglang", "mi300x-int4-sglang"])
+def test_bootstrap_applied_twice_changes_nothing(stack, tmp_path):
+    r = resolved(stack)
+    launch = render_launch(r)
+    secrets = SecretsSource("files")
+    root = tmp_path / "root"
+    write_tree(root, render_node_files(r, launch, size(r), secrets=secrets))
+    for path, value in ((secrets.api_key_file, "k" * 32), (secrets.hf_token_file, "hf_" + "t" * 32)):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(value)
+        target.chmod(0o600)
+    # Weights already verified at this revision: the scratch run downloads nothing.
+    weights = root / launch.weights_host_dir.lstrip("/")
+    weights.mkdir(parents=True)
+    (weights / ".kimi-verified").write_text(f"{r.revision}\n")
+    # An `hf` on PATH so no CLI is installed; the marker means it is never called.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "hf").write_text("#!/bin/sh\necho 'hf must not run: the weights are verified' >&2\nexit 1\n")
+    (tools / "hf").chmod(0o755)
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{os.environ['PATH']}"}
+    bootstrap = root / "usr/local/sbin/kimi-bootstrap"
+
+    first = subprocess.run(["bash", str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    after_first = snapshot(root)
+    second = subprocess.run(["bash", str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert snapshot(root) == after_first
+    for index in range(len(launch.instances)):
+        assert f"kimi-engine@{index}.service: unchanged" in second.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_host_scripts_pass_shellcheck(tmp_path):
+    r = resolved("mi300x-int4-sglang")
+    files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
+    scripts = []
+    for file in files.values():
+        if file.executable:
+            script = tmp_path / Path(file.path).name
+            script.write_text(file.content)
+            scripts.append(str(script))
+    assert scripts
+    result = subprocess.run(["shellcheck", "--severity=style", *scripts], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

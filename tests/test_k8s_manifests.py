@@ -1,0 +1,246 @@
+"""The rendered Kubernetes objects: schema-valid for a current release, and the properties that matter."""
+
+import copy
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet.launch import render_launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import image_is_pinned, parse_spec
+from kimi_fleet.stackfile import load_stack_config, stack_file
+
+K8S_STACKS = ["gb200-int4-vllm", "mi355x-int4-sglang"]
+# Newest schemas kubernetes-validate ships; resource.k8s.io/v1 (DRA GA) is in them.
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def rendered(stack: str, **overrides):
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    values.update(overrides)
+    r = Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+    sizing = size(r)
+    return r, sizing, manifests.render_manifests(r, sizing, render_launch(r), stack=stack)
+
+
+def of_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def containers(deployment, name):
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def test_schema_release_is_current():
+    assert tuple(map(int, K8S_VERSION.split("."))) >= (1, 34)
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_every_object_validates_strictly(stack):
+    _, _, objects = rendered(stack)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_gb200_claims_four_gpus_through_dra():
+    _, _, objects = rendered("gb200-int4-vllm")
+    (template,) = of_kind(objects, "ResourceClaimTemplate")
+    assert template["apiVersion"] == "resource.k8s.io/v1"
+    (request,) = template["spec"]["spec"]["devices"]["requests"]
+    assert request["exactly"] == {"deviceClassName": "gpu.nvidia.com", "allocationMode": "ExactCount", "count": 4}
+    (deployment,) = of_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": request["name"], "resourceClaimTemplateName": template["metadata"]["name"]}]
+    engine = containers(deployment, "engine")
+    assert engine["resources"]["claims"] == [{"name": request["name"]}]
+    assert "nvidia.com/gpu" not in engine["resources"]["limits"]
+
+
+def test_mi355x_takes_four_amd_gpus_per_pod():
+    r, _, objects = rendered("mi355x-int4-sglang")
+    assert not of_kind(objects, "ResourceClaimTemplate")
+    (deployment,) = of_kind(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == r.spec.capacity.replicas == 2
+    engine = containers(deployment, "engine")
+    assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
+    assert {"name": "HIP_VISIBLE_DEVICES", "value": "0,1,2,3"} in engine["env"]
+    assert engine["securityContext"]["seccompProfile"] == {"type": "Unconfined"}
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_shared_memory_is_a_memory_backed_volume(stack):
+    _, _, objects = rendered(stack)
+    for deployment in of_kind(objects, "Deployment"):
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in containers(deployment, "engine")["volumeMounts"]}
+        shm = volumes[mounts["/dev/shm"]]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert shm["emptyDir"]["sizeLimit"] == "64Gi"
+
+
+@pytest.mark.parametrize("stack, probe_path", [("gb200-int4-vllm", "/health"), ("mi355x-int4-sglang", "/health_generate")])
+def test_probes_use_the_engine_path_and_the_sizing_window(stack, probe_path):
+    r, sizing, objects = rendered(stack)
+    for deployment in of_kind(objects, "Deployment"):
+        engine = containers(deployment, "engine")
+        startup, readiness = engine["startupProbe"], engine["readinessProbe"]
+        # Weights are already on the volume: the window covers the warm start, with margin.
+        assert startup["failureThreshold"] * startup["periodSeconds"] >= sizing.warm_start_seconds * 1.5
+        for probe in (startup, readiness):
+            assert probe["exec"]["command"][3] == f"http://127.0.0.1:{r.engine.port}{probe_path}"
+        assert engine["livenessProbe"]["exec"]["command"][3] == f"http://127.0.0.1:{r.engine.port}/health"
+        assert engine["livenessProbe"]["failureThreshold"] * engine["livenessProbe"]["periodSeconds"] >= 120
+        # A loading engine must not be reported as a failed rollout.
+        assert deployment["spec"]["progressDeadlineSeconds"] >= startup["failureThreshold"] * startup["periodSeconds"]
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_only_the_proxy_is_exposed(stack):
+    r, _, objects = rendered(stack)
+    (service,) = of_kind(objects, "Service")
+    assert sorted(p["port"] for p in service["spec"]["ports"]) == [80, 443]
+    assert r.engine.port not in [p["port"] for p in service["spec"]["ports"]]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"https", "http"}
+    for deployment in of_kind(objects, "Deployment"):
+        engine = containers(deployment, "engine")
+        assert "ports" not in engine
+        assert "--host" in engine["args"] and engine["args"][engine["args"].index("--host") + 1] == "127.0.0.1"
+        proxy_ports = {p["name"]: p["containerPort"] for p in containers(deployment, "proxy")["ports"]}
+        assert proxy_ports == {"https": 443, "http": 80}
+
+
+def test_caddy_sidecar_uses_the_shared_caddyfile():
+    r, _, objects = rendered("gb200-int4-vllm")
+    (config_map,) = of_kind(objects, "ConfigMap")
+    caddyfile = config_map["data"]["Caddyfile"]
+    assert "kimi-gb200.example.com {" in caddyfile
+    assert "reverse_proxy 127.0.0.1:8000 {" in caddyfile
+    assert "tls internal" not in caddyfile  # LoadBalancer: a public ACME certificate
+
+
+def test_external_dns_annotation_and_internal_tls_off_a_load_balancer():
+    target = {"kind": "kubernetes", "kubernetes": {"namespace": "kimi-gb200", "gpuClaim": "dra",
+                                                    "storageClass": "local-nvme", "externalDns": True,
+                                                    "proxyServiceType": "NodePort"}}
+    _, _, objects = rendered("gb200-int4-vllm", target=target)
+    (service,) = of_kind(objects, "Service")
+    assert service["metadata"]["annotations"] == {"external-dns.alpha.kubernetes.io/hostname": "kimi-gb200.example.com"}
+    assert service["spec"]["type"] == "NodePort"
+    assert "tls internal" in of_kind(objects, "ConfigMap")[0]["data"]["Caddyfile"]
+
+
+def scheduling(deployment):
+    pod = deployment["spec"]["template"]["spec"]
+    return pod["nodeSelector"]["karpenter.sh/capacity-type"], pod["tolerations"]
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_on_demand_stacks_select_on_demand_nodes(stack):
+    _, _, objects = rendered(stack)
+    for deployment in of_kind(objects, "Deployment"):
+        market, tolerations = scheduling(deployment)
+        assert market == "on-demand"
+        assert {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "on-demand",
+                "effect": "NoSchedule"} in tolerations
+
+
+def test_spot_keeps_the_on_demand_base_on_on_demand_nodes():
+    _, _, objects = rendered("mi355x-int4-sglang", capacity={"market": "spot", "replicas": 3, "onDemandBase": 1})
+    by_market = {scheduling(d)[0]: d for d in of_kind(objects, "Deployment")}
+    assert {m: d["spec"]["replicas"] for m, d in by_market.items()} == {"on-demand": 1, "spot": 2}
+    spot_tolerations = scheduling(by_market["spot"])[1]
+    assert {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "spot",
+            "effect": "NoSchedule"} in spot_tolerations
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_batch_spot_runs_everything_on_spot_with_the_stack_label():
+    target = {"kind": "kubernetes", "kubernetes": {"namespace": "kimi-mi355x", "storageClass": "local-nvme",
+                                                    "capacityTypeLabel": "example.com/capacity",
+                                                    "nodeSelector": {"example.com/pool": "mi355x"}}}
+    _, _, objects = rendered("mi355x-int4-sglang", target=target, capacity={"workload": "batch", "replicas": 2})
+    (deployment,) = of_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {
+        "example.com/pool": "mi355x", "example.com/capacity": "spot"}
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_one_weights_volume_written_by_the_job_and_read_only_for_every_replica(stack):
+    r, sizing, objects = rendered(stack)
+    (pvc,) = of_kind(objects, "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "local-nvme"
+    assert int(pvc["spec"]["resources"]["requests"]["storage"].removesuffix("Gi")) * 2**30 > r.checkpoint.size_bytes
+    (job,) = of_kind(objects, "Job")
+    job_pod = job["spec"]["template"]["spec"]
+    assert job_pod["volumes"] == [{"name": "weights", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
+    (download,) = job_pod["containers"]
+    env = {e["name"]: e.get("value") for e in download["env"]}
+    assert env["REPO"] == r.repo and env["REVISION"] == r.revision
+    assert 'hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"' in download["command"][2]
+    assert "list_repo_tree" in env["VERIFY_PROGRAM"]
+    assert ".verified" in download["command"][2]
+    assert not download["volumeMounts"][0].get("readOnly")
+    assert job["spec"]["activeDeadlineSeconds"] >= sizing.download_seconds
+    for deployment in of_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [{"name": "weights", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
+        (mount,) = [m for m in containers(deployment, "engine")["volumeMounts"] if m["name"] == "weights"]
+        assert mount["readOnly"] is True and mount["subPath"] == r.weights_dir_name
+        assert "initContainers" not in pod
+
+
+def test_host_path_weights_fill_each_node_once_from_an_init_container():
+    _, _, objects = rendered("gb200-int4-vllm", weights={"volume": "host-path", "hostPath": "/raid/models"})
+    assert not of_kind(objects, "PersistentVolumeClaim") and not of_kind(objects, "Job")
+    (deployment,) = of_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "weights", "hostPath": {"path": "/raid/models", "type": "DirectoryOrCreate"}} in pod["volumes"]
+    assert [c["name"] for c in pod["initContainers"]] == ["download-weights"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_secrets_only_by_reference(stack):
+    _, _, objects = rendered(stack)
+    assert not of_kind(objects, "Secret")
+    text = yaml.safe_dump_all(objects)
+    assert "Bearer {env.KIMI_API_KEY}" in text
+    for deployment in of_kind(objects, "Deployment"):
+        env = {e["name"]: e for e in containers(deployment, "proxy")["env"]}
+        assert env["KIMI_API_KEY"] == {"name": "KIMI_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": manifests.API_KEY_SECRET, "key": manifests.API_KEY_SECRET_KEY}}}
+    for job in of_kind(objects, "Job"):
+        (token,) = [e for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "HF_TOKEN"]
+        assert set(token) == {"name", "valueFrom"}
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_images_are_pinned(stack):
+    _, _, objects = rendered(stack)
+    images = [
+        c["image"]
+        for o in objects if o["kind"] in ("Deployment", "Job")
+        for c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
+    ]
+    assert images and all(image_is_pinned(i) for i in images)
+    assert manifests.HUGGINGFACE_HUB_VERSION in manifests.DOWNLOAD_SCRIPT
+
+
+def test_a_replica_spanning_nodes_is_refused():
+    with pytest.raises(ValueError, match="LeaderWorkerSet"):
+        rendered("gb200-int4-vllm", acceleratorCount=8)
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_artifacts_are_multi_document_yaml(stack):
+    r, sizing, objects = rendered(stack)
+    files = manifests.render_k8s_artifacts(r, sizing, render_launch(r))
+    documents = list(yaml.safe_load_all(files["kubernetes.yaml"]))
+    assert documents == objects
+    assert "&id" not in files["kubernetes.yaml"]
