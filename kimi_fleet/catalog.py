@@ -214,9 +214,10 @@ CHECKPOINTS: dict[str, Checkpoint] = {
         ),
         Checkpoint(
             id="w4a8",
-            repo=None,
+            repo="Eco-Tech/Kimi-K2.6-w4a8",
             revision=None,
-            revision_source=None,
+            revision_source=Source("vllm-ascend / sglang Ascend guides name Eco-Tech/Kimi-K2.6-W4A8 (ModelScope); "
+                                   "no commit is published with them", "2026-06"),
             quantization="msmodelslim W4A8 (Ascend)",
             size_bytes=600 * GB,
             shards=None,
@@ -227,7 +228,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
             engine_flags={"sglang": ("--quantization", "modelslim")},
             preferred_kv_dtype={},
             source=SEED_002,
-            note="produced with msmodelslim from moonshotai/Kimi-K2.6; size is an estimate",
+            note="msmodelslim W4A8 export of moonshotai/Kimi-K2.6 by Eco-Tech; size is an estimate",
         ),
     ]
 }

@@ -16,6 +16,8 @@ from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, parse_spec
 
 #: Config keys that are secrets: only ever `secure:`, never part of the spec.
 SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
+#: Secrets a target cannot deploy without; `plan` runs with placeholders and lists them.
+DEPLOY_TIME_SECRETS = {"host": ("sshHost", "sshPrivateKey")}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = PROJECT_ROOT / "stacks"
 

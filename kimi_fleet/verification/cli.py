@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from .checks import CHECKS
 from .report import format_table, table_header, table_row
@@ -21,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "1: a check failed, 2: bad usage.",
     )
     parser.add_argument("--base-url", required=True, help="OpenAI base URL, ending in /v1")
-    parser.add_argument("--api-key", required=True)
+    parser.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
+                        help="default: $KIMI_API_KEY (keeps the key off the command line)")
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--engine", choices=ENGINES, default="vllm")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), metavar="CHECK", help=f"subset of {list(CHECKS)}")
@@ -29,15 +34,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per HTTP request")
     parser.add_argument("--load", type=int, default=0, metavar="N", help="also run N concurrent streams")
     parser.add_argument("--ca-cert", metavar="PEM", help="trust this CA bundle instead of the system's")
+    parser.add_argument("--wait-ready", type=float, default=0, metavar="S",
+                        help="first wait up to S seconds for the endpoint to answer /v1/models (model load)")
     return parser
+
+
+def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verify) -> bool:
+    """Poll the models list until it answers 200: a fresh node downloads and loads 595 GB first."""
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        try:
+            response = httpx.get(f"{base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"},
+                                 timeout=10, verify=verify)
+            if response.status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.api_key:
+        print("verify.py: error: give --api-key or set KIMI_API_KEY", file=sys.stderr)
+        return EXIT_USAGE
     if args.ca_cert and not Path(args.ca_cert).is_file():
         print(f"verify.py: error: --ca-cert {args.ca_cert} is not a file", file=sys.stderr)
         return EXIT_USAGE
 
+    if args.wait_ready and not wait_until_ready(args.base_url, args.api_key, args.wait_ready, args.ca_cert or True):
+        print(f"verify.py: endpoint not ready after {args.wait_ready:.0f}s: {args.base_url}/models never "
+              "answered 200 (see /var/log/kimi-fleet/bootstrap.log on the node)", file=sys.stderr)
+        return EXIT_FAILED
     print(table_header(), flush=True)
     try:
         report = run_suite(

@@ -1,0 +1,1 @@
+"""kimi-fleet ComponentResources: thin layers that turn a validated spec into resources."""

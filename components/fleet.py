@@ -1,0 +1,131 @@
+"""Fleet: one stack's endpoint, whatever the target, with its release, capacity policy and gate.
+
+Picks the target component (AWS, Kubernetes, existing host), records the engine release and the
+capacity policy for the policy pack, generates the API key when the stack gives none, and wires
+the post-deploy verification after the endpoint exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_random as random
+
+from components.aws_endpoint import AwsEndpoint, AwsEndpointArgs
+from components.capacity_policy import CapacityPolicy, CapacityPolicyArgs
+from components.engine_release import EngineRelease, EngineReleaseArgs
+from components.host_endpoint import HostEndpoint, HostEndpointArgs
+from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
+from components.verification_gate import VerificationGate, VerificationGateArgs
+from kimi_fleet.cost import Cost
+from kimi_fleet.launch import Launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+ENDPOINTS = {
+    "aws": (AwsEndpoint, AwsEndpointArgs),
+    "kubernetes": (KubernetesEndpoint, KubernetesEndpointArgs),
+    "host": (HostEndpoint, HostEndpointArgs),
+}
+#: 48 letters and digits: no character Caddy's header matcher treats as a wildcard.
+API_KEY_LENGTH = 48
+
+
+@dataclass
+class FleetArgs:
+    resolved: Resolved
+    sizing: Sizing
+    launch: Launch
+    cost: Cost
+    api_key: pulumi.Input[str] | None = None
+    hf_token: pulumi.Input[str] | None = None
+
+
+def launch_fingerprint(launch: Launch) -> str:
+    """Changes whenever what runs on a node changes: image, flags, container options."""
+    payload = json.dumps([launch.image, [list(i.argv) + list(i.docker_args) for i in launch.instances]])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class Fleet(pulumi.ComponentResource):
+    endpoint_url: pulumi.Output[str]
+    openai_base_url: pulumi.Output[str]
+    api_key: pulumi.Output[str]
+    node_ids: pulumi.Output[list[str]]
+    market: pulumi.Output[str]
+    hourly_cost_usd: pulumi.Output[float | None]
+    verification: pulumi.Output[str]
+
+    def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
+        r, spec = args.resolved, args.resolved.spec
+        props = {
+            "stack": spec.stack,
+            "target": spec.target.kind,
+            "hourlyCostUsd": args.cost.fleet_usd_per_hour,
+            "budgetPerHourUsd": spec.budget_per_hour_usd,
+        }
+        super().__init__("kimi-fleet:fleet:Fleet", name, props, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        if args.api_key is None:
+            generated = random.RandomPassword(f"{name}-api-key", length=API_KEY_LENGTH, special=False, opts=child)
+            self.api_key = pulumi.Output.secret(generated.result)
+        else:
+            self.api_key = pulumi.Output.secret(args.api_key)
+
+        release = EngineRelease(f"{name}-release", EngineReleaseArgs(
+            engine=spec.engine.name,
+            image=args.launch.image,
+            repo=r.repo,
+            revision=r.revision,
+            served_name=spec.model.served_name,
+            commands=[list(i.argv) for i in args.launch.instances],
+        ), child)
+        CapacityPolicy(f"{name}-capacity", CapacityPolicyArgs(
+            workload=spec.capacity.workload,
+            market=spec.capacity.effective_market,
+            replicas=spec.capacity.replicas,
+            on_demand_base=spec.capacity.effective_on_demand_base,
+            max_spot_price_usd=spec.capacity.max_spot_price_usd,
+        ), child)
+
+        endpoint_class, endpoint_args = ENDPOINTS[spec.target.kind]
+        endpoint = endpoint_class(
+            f"{name}-{spec.target.kind}",
+            endpoint_args(r, args.sizing, args.launch, self.api_key, args.hf_token),
+            pulumi.ResourceOptions(parent=self, depends_on=[release]),
+        )
+        self.endpoint_url = endpoint.endpoint_url
+        self.openai_base_url = endpoint.openai_base_url
+        self.node_ids = endpoint.node_ids
+        self.market = endpoint.market
+        self.hourly_cost_usd = endpoint.hourly_cost_usd
+
+        if spec.verification.enabled:
+            gate = VerificationGate(f"{name}-gate", VerificationGateArgs(
+                stack=spec.stack,
+                base_url=endpoint.openai_base_url,
+                api_key=self.api_key,
+                model=spec.model.served_name,
+                engine=spec.engine.name,
+                ready_timeout_seconds=args.sizing.cold_start_seconds * 2,
+                request_timeout_seconds=spec.verification.timeout_seconds,
+                checks=list(spec.verification.checks),
+                load=spec.verification.load,
+                triggers=[endpoint.node_ids, args.launch.image, r.revision, launch_fingerprint(args.launch)],
+            ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))
+            self.verification = gate.summary
+        else:
+            self.verification = pulumi.Output.from_input("disabled by verification.enabled: false")
+
+        self.register_outputs({
+            "endpoint_url": self.endpoint_url,
+            "openai_base_url": self.openai_base_url,
+            "node_ids": self.node_ids,
+            "market": self.market,
+            "hourly_cost_usd": self.hourly_cost_usd,
+            "verification": self.verification,
+        })

@@ -1,0 +1,77 @@
+"""VerificationGate: runs the endpoint verification suite after the endpoint exists.
+
+A pulumi-command local.Command: a non-zero exit fails `pulumi up`, so a stack is only done when
+its endpoint answers the way clients use it. It re-runs when its triggers change (node ids, the
+engine release, the launch files). Commands do not run during preview.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pulumi_command as command
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VERIFY_SCRIPT = PROJECT_ROOT / "scripts" / "verify.py"
+
+
+@dataclass
+class VerificationGateArgs:
+    stack: str
+    base_url: pulumi.Input[str]
+    api_key: pulumi.Input[str]
+    model: str
+    engine: str
+    #: seconds to wait for the model to load before checking (from the sizing's time to ready)
+    ready_timeout_seconds: int
+    request_timeout_seconds: int
+    checks: list[str] = field(default_factory=list)
+    load: int = 0
+    triggers: list[pulumi.Input] = field(default_factory=list)
+
+
+def verify_command(args: VerificationGateArgs, base_url: str) -> str:
+    report = PROJECT_ROOT / "build" / args.stack / "verification.json"
+    argv = [
+        sys.executable, str(VERIFY_SCRIPT),
+        "--base-url", base_url,
+        "--model", args.model,
+        "--engine", args.engine,
+        "--timeout", str(args.request_timeout_seconds),
+        "--wait-ready", str(args.ready_timeout_seconds),
+        "--json", str(report),
+    ]
+    if args.checks:
+        argv += ["--only", *args.checks]
+    if args.load:
+        argv += ["--load", str(args.load)]
+    # The key travels in the environment (a secret), never on the command line.
+    return f"mkdir -p {shlex.quote(str(report.parent))} && {shlex.join(argv)}"
+
+
+class VerificationGate(pulumi.ComponentResource):
+    summary: pulumi.Output[str]
+
+    def __init__(self, name: str, args: VerificationGateArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:verification:VerificationGate", name, {"model": args.model}, opts)
+        create = pulumi.Output.from_input(args.base_url).apply(lambda url: verify_command(args, url))
+        self.command = command.local.Command(
+            f"{name}-verify",
+            create=create,
+            environment={"KIMI_API_KEY": pulumi.Output.secret(args.api_key)},
+            triggers=args.triggers,
+            logging=command.local.Logging.STDOUT_AND_STDERR,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # The command waits for the model load itself (--wait-ready); give Pulumi more.
+                custom_timeouts=pulumi.CustomTimeouts(create=f"{args.ready_timeout_seconds + 1800}s",
+                                                      update=f"{args.ready_timeout_seconds + 1800}s"),
+            ),
+        )
+        # The table's last lines name every check and its status; the key is masked by the suite.
+        self.summary = self.command.stdout.apply(lambda out: "\n".join((out or "").strip().splitlines()[-14:]))
+        self.register_outputs({"summary": self.summary})

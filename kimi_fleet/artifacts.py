@@ -1,0 +1,36 @@
+"""Every file a stack puts on its nodes or cluster, rendered offline for review (build/STACK/)."""
+
+from __future__ import annotations
+
+import json
+
+from kimi_fleet.launch import Launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+
+def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
+    """Relative file name -> text. No secret values: secrets are referenced, never rendered."""
+    artifacts = {
+        "launch.json": json.dumps({
+            "engine": launch.engine,
+            "image": launch.image,
+            "quant": launch.quant,
+            "weights": launch.weights_host_dir,
+            "engines": [
+                {"index": i.index, "port": i.port, "devices": list(i.device_ids), "argv": list(i.argv),
+                 "probe": i.probe.path}
+                for i in launch.instances
+            ],
+        }, indent=2) + "\n",
+        "sizing.json": json.dumps(sizing.as_dict(), indent=2) + "\n",
+    }
+    if r.spec.target.kind == "kubernetes":
+        from kimi_fleet.k8s_manifests import render_k8s_artifacts
+
+        artifacts.update(render_k8s_artifacts(r, sizing, launch))
+    else:
+        from kimi_fleet.node_files import render_node_artifacts
+
+        artifacts.update(render_node_artifacts(r, sizing, launch))
+    return artifacts

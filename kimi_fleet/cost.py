@@ -1,0 +1,79 @@
+"""What a stack costs: per hour from the catalog's price snapshots, per million output tokens where
+a measured throughput for the same engine, hardware and checkpoint is known."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+
+
+@dataclass(frozen=True)
+class Cost:
+    instance_type: str | None
+    replicas: int
+    on_demand_replicas: int
+    market: str
+    on_demand_usd_per_hour: float | None  # one replica
+    spot_usd_per_hour: float | None  # one replica, typical of the snapshot range
+    fleet_usd_per_hour: float | None  # the stack as configured (on-demand base + spot remainder)
+    measured_output_tokens_per_second: float | None
+    measured_workload: str | None
+    usd_per_million_output_tokens: float | None
+    price_source: str | None
+    note: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measured_throughput(r: Resolved) -> catalog.Throughput | None:
+    matches = [
+        t for t in catalog.MEASURED_THROUGHPUT
+        if t.engine == r.spec.engine.name and t.accelerator == r.accelerator.id
+        and t.accelerator_count == r.spec.accelerator_count and t.checkpoint == r.checkpoint.id
+    ]
+    # The highest-throughput measurement is the operating point a fleet is sized for.
+    return max(matches, key=lambda t: t.output_tokens_per_second, default=None)
+
+
+def estimate(r: Resolved) -> Cost:
+    offer, capacity = r.offer, r.spec.capacity
+    market = capacity.effective_market
+    on_demand_count = capacity.effective_on_demand_base
+    spot_count = capacity.replicas - on_demand_count
+    od = offer.on_demand_usd_per_hour if offer else None
+    spot = offer.spot_typical_usd_per_hour if offer else None
+    if capacity.max_spot_price_usd is not None and spot is not None:
+        spot = min(spot, capacity.max_spot_price_usd)
+    fleet = None
+    if offer is not None:
+        parts = [(on_demand_count, od), (spot_count, spot)]
+        if all(price is not None for count, price in parts if count):
+            fleet = round(sum(count * price for count, price in parts if count), 2)
+    measured = measured_throughput(r)
+    per_million = None
+    if measured and fleet is not None:
+        fleet_tokens_per_hour = measured.output_tokens_per_second * 3600 * capacity.replicas
+        per_million = round(fleet / (fleet_tokens_per_hour / 1e6), 2)
+    if offer is None:
+        note = "no price: the machine is yours (host) or the cluster's (kubernetes)"
+    elif fleet is None:
+        note = f"{offer.instance_type}: price unknown for market {market} ({offer.note or 'not in the snapshot'})"
+    else:
+        note = f"snapshot prices ({offer.source.where}, {offer.source.date}); check current prices"
+    return Cost(
+        instance_type=offer.instance_type if offer else None,
+        replicas=capacity.replicas,
+        on_demand_replicas=on_demand_count,
+        market=market,
+        on_demand_usd_per_hour=od,
+        spot_usd_per_hour=spot,
+        fleet_usd_per_hour=fleet,
+        measured_output_tokens_per_second=measured.output_tokens_per_second if measured else None,
+        measured_workload=f"{measured.workload} ({measured.source.where})" if measured else None,
+        usd_per_million_output_tokens=per_million,
+        price_source=f"{offer.source.where}, {offer.source.date}" if offer else None,
+        note=note,
+    )

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""The offline plan: what a stack would create, how it fits in GPU memory, what it costs.
+
+Runs the real Pulumi program under the SDK's mock runtime (no cloud, no CLI) with config merged
+from Pulumi.yaml and the stack file, checks the result against the policy pack, and writes every
+rendered artifact to build/STACK/.
+
+    python scripts/plan.py h200-int4-sglang
+    python scripts/plan.py --all
+    python scripts/plan.py --stack-file path/to/Pulumi.mystack.yaml
+    python scripts/plan.py --all --json
+    python scripts/plan.py --diff HEAD~1        # Markdown for a PR comment
+
+Exit codes: 0 planned (with --all: every stack planned or refused with its reason), 2 a stack
+that was asked for by name is invalid or the arguments are wrong, 1 an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from kimi_fleet.artifacts import render_artifacts  # noqa: E402
+from kimi_fleet.cost import estimate  # noqa: E402
+from kimi_fleet.launch import render_launch  # noqa: E402
+from kimi_fleet.resolve import Resolved  # noqa: E402
+from kimi_fleet.sizing import gib, size  # noqa: E402
+from kimi_fleet.spec import StackSpecError  # noqa: E402
+from kimi_fleet.stackfile import StackConfig, load_stack_config, stack_file, stack_names  # noqa: E402
+
+BUILD_DIR = PROJECT_ROOT / "build"
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True) -> dict:
+    """Plan one stack: a JSON-ready dict. An invalid stack declares nothing."""
+    result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
+              "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
+              "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None}
+    try:
+        spec = config.spec()
+    except StackSpecError as error:
+        result["errors"] = [f"{error.stack_file}: {p}" for p in error.problems]
+        return result
+    resolved = Resolved(spec)
+    sizing = size(resolved)
+    launch = render_launch(resolved)
+    result["sizing"] = sizing.as_dict()
+    result["cost"] = estimate(resolved).as_dict()
+    result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
+
+    from tooling.mock_run import run_config  # imports Pulumi: only once the spec is valid
+
+    run = run_config(config)
+    result["missing_secrets"] = run.missing_secrets
+    if run.error:
+        result["errors"] = [run.error]
+        return result
+    result["resources"] = [
+        {k: r[k] for k in ("type", "name", "parent", "inputs", "dependencies", "timeouts")} for r in run.resources
+    ]
+    result["outputs"] = run.outputs
+
+    from policy.validators import check_resources
+
+    result["policy_violations"] = check_resources(
+        [{"type": r["type"], "name": r["name"], "props": r["inputs"]} for r in run.resources]
+    )
+    mandatory = [v for v in result["policy_violations"] if v["enforcement"] == "mandatory"]
+    result["errors"] = [f"policy {v['policy']} on {v['resource']}: {v['message']}" for v in mandatory]
+
+    out = build_dir / config.stack
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name, text in sorted(render_artifacts(resolved, sizing, launch).items()):
+        (out / name).write_text(text)
+        result["artifacts"].append(str((out / name).relative_to(build_dir.parent)) if build_dir.is_relative_to(
+            PROJECT_ROOT) else str(out / name))
+    if preflight and spec.target.kind == "aws" and resolved.offer is not None and (
+            spec.capacity.effective_market == "spot" or spec.capacity.replicas > spec.capacity.effective_on_demand_base):
+        from kimi_fleet.spot_preflight import spot_preflight
+
+        check = spot_preflight(resolved.offer.instance_type, spec.target.aws.region, spec.capacity.replicas)
+        result["spot_preflight"] = {"checked": check.checked, "reason": check.reason,
+                                    "placement_scores": check.placement_scores,
+                                    "current_prices": check.current_prices}
+    result["valid"] = not result["errors"]
+    return result
+
+
+# --- human-readable output ---------------------------------------------------------------------
+
+
+def _money(value) -> str:
+    return "n/a" if value is None else f"${value:,.2f}"
+
+
+def print_tree(resources: list[dict]) -> None:
+    children: dict[str | None, list[dict]] = {}
+    names = {r["name"] for r in resources}
+    for r in resources:
+        parent = r["parent"] if r["parent"] in names else None
+        children.setdefault(parent, []).append(r)
+
+    def walk(parent: str | None, depth: int) -> None:
+        for r in children.get(parent, []):
+            print(f"  {'  ' * depth}{r['type']}  {r['name']}")
+            walk(r["name"], depth + 1)
+
+    walk(None, 0)
+
+
+def print_plan(p: dict) -> None:
+    print(f"== {p['stack']} ({p['file']})")
+    if p["errors"] and not p["resources"]:
+        print("  REFUSED, nothing declared:")
+        for e in p["errors"]:
+            print(f"  - {e}")
+        return
+    s, c = p["sizing"], p["cost"]
+    print(f"  resources ({len(p['resources'])}):")
+    print_tree(p["resources"])
+    g = s["gib"]
+    print("  sizing (per device):")
+    print(f"    memory {g['device_memory']} GiB x knob {s['memory_knob']} = budget {g['budget']} GiB: weights "
+          f"{g['weights_per_device']}, vision {g['vision_per_device']}, reserve {g['reserve_per_device']}, "
+          f"KV pool {g['kv_pool_per_device']} GiB")
+    print(f"    KV {s['kv_bytes_per_token']} B/token ({s['kv_dtype']}), replicated on {s['kv_replication']} rank(s): "
+          f"{s['kv_tokens_per_device']:,} tokens per device; one sequence up to {s['largest_context']:,} tokens; "
+          f"{s['concurrent_sequences_per_engine']} x {s['context_length']:,}-token sequences per engine, "
+          f"{s['engines_per_node']} engine(s) per node")
+    print(f"    time to ready: cold {s['cold_start_seconds'] // 60} min (download {s['download_seconds'] // 60}, "
+          f"load {s['load_seconds'] // 60}, warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
+    print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "
+          f"{c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
+          f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")
+    if c["usd_per_million_output_tokens"] is not None:
+        print(f"    {_money(c['usd_per_million_output_tokens'])} per million output tokens at the measured "
+              f"{c['measured_output_tokens_per_second']} tok/s ({c['measured_workload']})")
+    print(f"    {c['note']}")
+    if p["spot_preflight"]:
+        print(f"  spot pre-flight: {p['spot_preflight']['reason']}")
+    if p["missing_secrets"]:
+        print(f"  set before `pulumi up`: {', '.join(p['missing_secrets'])} (pulumi config set --secret ...)")
+    for v in p["policy_violations"]:
+        print(f"  policy {v['enforcement']}: {v['policy']} on {v['resource']}: {v['message']}")
+    if p["errors"]:
+        print("  INVALID:")
+        for e in p["errors"]:
+            print(f"  - {e}")
+    print(f"  outputs: {', '.join(f'{k}={v}' for k, v in p['outputs'].items() if k != 'verification')}")
+    print(f"  artifacts: {Path(p['artifacts'][0]).parent}/ ({len(p['artifacts'])} files)" if p["artifacts"] else "")
+
+
+def summary_row(p: dict) -> str:
+    if not p["valid"]:
+        return f"{p['stack']:<26} REFUSED  {p['errors'][0][:150]}"
+    s, c = p["sizing"], p["cost"]
+    return (f"{p['stack']:<26} ok       {len(p['resources']):>3} res  ctx {s['largest_context']:>7,}  "
+            f"seq {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>3}  "
+            f"KV {gib(s['kv_pool_bytes_per_device']):>6} GiB/dev  {_money(c['fleet_usd_per_hour']):>9}/h  "
+            f"{c['market']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plan.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stack", nargs="?", help=f"one of: {', '.join(stack_names())}")
+    parser.add_argument("--all", action="store_true", help="plan every stack in stacks/")
+    parser.add_argument("--stack-file", type=Path, help="plan a stack file that is not in stacks/")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per stack (a list)")
+    parser.add_argument("--diff", metavar="REF", help="Markdown diff of every stack between REF and the work tree")
+    parser.add_argument("--build-dir", type=Path, default=BUILD_DIR, help="where artifacts go (default build/)")
+    parser.add_argument("--no-preflight", action="store_true", help="skip the AWS spot pre-flight")
+    args = parser.parse_args(argv)
+
+    if args.diff:
+        from tooling.plan_diff import diff_markdown
+
+        print(diff_markdown(args.diff))
+        return EXIT_OK
+    chosen = sum(bool(x) for x in (args.stack, args.all, args.stack_file))
+    if chosen != 1:
+        parser.error("give exactly one of STACK, --all, --stack-file")
+    if args.stack_file:
+        if not args.stack_file.is_file():
+            parser.error(f"--stack-file {args.stack_file}: no such file")
+        paths = [args.stack_file.resolve()]
+    elif args.all:
+        paths = [stack_file(name) for name in stack_names()]
+    else:
+        if args.stack not in stack_names():
+            parser.error(f"unknown stack {args.stack!r}; known: {', '.join(stack_names())}")
+        paths = [stack_file(args.stack)]
+
+    plans = []
+    for path in paths:
+        try:
+            config = load_stack_config(path)
+        except ValueError as error:
+            plans.append({"stack": path.name, "file": str(path), "valid": False, "errors": [str(error)],
+                          "resources": []})
+            continue
+        plans.append(plan_config(config, args.build_dir, preflight=not args.no_preflight))
+
+    if args.json:
+        print(json.dumps(plans, indent=2, default=str))
+    elif args.all:
+        for p in plans:
+            print(summary_row(p))
+    else:
+        for p in plans:
+            print_plan(p)
+    if not args.all and not plans[0]["valid"]:
+        for error in plans[0]["errors"]:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

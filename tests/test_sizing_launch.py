@@ -1,0 +1,135 @@
+"""Sizing against the seeds' measurements, and the exact engine launch."""
+
+import pytest
+
+from kimi_fleet import catalog
+from kimi_fleet.cost import estimate
+from kimi_fleet.launch import render_env_file, render_launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import parse_spec
+from kimi_fleet.stackfile import load_stack_config, stack_file
+
+
+def resolved(**raw) -> Resolved:
+    base = {"domain": "kimi.example.com", "target": {"kind": "host"}, "contextLength": 4096}
+    return Resolved(parse_spec({**base, **raw}, "t", "f"))
+
+
+def of_stack(name: str) -> Resolved:
+    return Resolved(load_stack_config(stack_file(name)).spec())
+
+
+@pytest.mark.parametrize("kv,measured", [("auto", 116_000), ("fp8_e4m3", 232_000)])
+def test_seed_003_sglang_pool_reproduced_within_15_percent(kv, measured):
+    r = resolved(accelerator="rtxpro6000", engine={"name": "sglang", "memoryFraction": 0.85}, kvCacheDtype=kv)
+    tokens = size(r).kv_tokens_per_device
+    assert abs(tokens - measured) / measured < 0.15, tokens
+
+
+def test_seed_003_vllm_needs_095_on_96gb_cards():
+    r = resolved(accelerator="rtxpro6000", engine={"name": "vllm", "memoryFraction": 0.95})
+    assert abs(size(r).kv_tokens_per_device - 131_000) / 131_000 < 0.15
+    starved = resolved(accelerator="rtxpro6000", engine={"name": "vllm", "memoryFraction": 0.95})
+    assert size(starved).fits
+    with pytest.raises(ValueError, match="does not fit"):
+        resolved(accelerator="rtxpro6000", engine={"name": "vllm", "memoryFraction": 0.85})
+
+
+def test_kv_bytes_per_token_are_mla_latent_sized():
+    assert catalog.KIMI_K26.kv_elements_per_token * 2 == 70_272
+    sizing = size(of_stack("rtxpro6000-int4-sglang"))
+    assert sizing.kv_bytes_per_token == 35_136  # fp8
+
+
+def test_h100_fits_only_a_small_context():
+    sizing = size(of_stack("h100-int4-vllm"))
+    assert sizing.fits and sizing.largest_context < 32_768
+
+
+def test_dp_attention_replicates_attention_weights_but_splits_kv():
+    plain = size(resolved(accelerator="h200", engine={"name": "sglang"}))
+    dp = size(resolved(accelerator="h200", engine={"name": "sglang"}, parallelism={"dataParallel": 8, "dpAttention": True}))
+    assert dp.weights_bytes_per_device > plain.weights_bytes_per_device
+    assert dp.kv_replication == 1 and plain.kv_replication == 8
+    assert dp.engine_pool_tokens == dp.kv_tokens_per_device * 8
+
+
+def test_time_to_ready_follows_the_weight_source():
+    hub = size(resolved(accelerator="h200", engine={"name": "sglang"}))
+    mirror = size(resolved(accelerator="h200", engine={"name": "sglang"},
+                           weights={"source": "s3-mirror", "s3MirrorUri": "s3://b/p"}))
+    assert mirror.download_seconds < hub.download_seconds / 5
+    assert 15 * 60 < hub.download_seconds < 30 * 60  # seed 000: 20-30 min cold
+
+
+def test_sglang_launch_is_exact_and_bound_to_loopback():
+    launch = render_launch(of_stack("rtxpro6000-int4-sglang"))
+    (engine,) = launch.instances
+    argv = list(engine.argv)
+    assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
+    for flag, value in [("--tp", "8"), ("--tool-call-parser", "kimi_k2"), ("--reasoning-parser", "kimi_k2"),
+                        ("--mem-fraction-static", "0.85"), ("--kv-cache-dtype", "fp8_e4m3"),
+                        ("--context-length", "196608"), ("--host", "127.0.0.1"), ("--port", "30000"),
+                        ("--served-model-name", "kimi-k2.6")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert "--enable-metrics" in argv and "--trust-remote-code" in argv
+    assert engine.probe.path == "/health_generate" and engine.probe.runs_generation
+    docker = engine.docker_args
+    assert "--ipc=host" in docker and "--network=host" in docker and "--ulimit=memlock=-1" in docker
+    assert any(a.endswith(":/models/kimi:ro") for a in docker)
+    assert "--env=HF_HUB_OFFLINE=1" in docker
+    assert [a for a in docker if a.startswith("--device=nvidia.com/gpu=")] == [
+        f"--device=nvidia.com/gpu={i}" for i in range(8)]
+
+
+def test_vllm_launch_has_both_tool_flags_and_the_encoder_mode():
+    argv = list(render_launch(of_stack("gb200-int4-vllm")).instances[0].argv)
+    assert argv[:3] == ["vllm", "serve", "/models/kimi"]
+    assert "--enable-auto-tool-choice" in argv and argv[argv.index("--tool-call-parser") + 1] == "kimi_k2"
+    assert argv[argv.index("--mm-encoder-tp-mode") + 1] == "data"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert not any("speculative" in a for a in argv)  # EAGLE3 measured harmful (seed 004)
+
+
+def test_nvfp4_on_sm120_renders_the_seed_003_flags():
+    argv = list(render_launch(of_stack("rtxpro6000-nvfp4-vllm")).instances[0].argv)
+    assert argv[argv.index("--quantization") + 1] == "modelopt_fp4"
+    assert argv[argv.index("--moe-backend") + 1] == "marlin"
+    assert "--disable-custom-all-reduce" in argv
+
+
+def test_amd_node_gets_two_engines_on_their_own_gpus_and_ports():
+    launch = render_launch(of_stack("mi300x-int4-sglang"))
+    assert [i.device_ids for i in launch.instances] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert launch.upstreams == ["127.0.0.1:30000", "127.0.0.1:30001"]
+    env = launch.instances[1].env
+    assert env["HIP_VISIBLE_DEVICES"] == "4,5,6,7" and env["SGLANG_USE_AITER"] == "1"
+    assert "--device=/dev/kfd" in launch.instances[0].docker_args
+
+
+def test_env_file_values_are_bare():
+    r = of_stack("mi300x-int4-sglang")
+    launch = render_launch(r)
+    text = render_env_file(launch, launch.instances[0], "mi300x-int4-sglang")
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        assert key.isupper() and "#" not in value and '"' not in value
+    assert "ENGINE=sglang" in text and "QUANT=int4" in text
+
+
+def test_cost_per_million_tokens_uses_the_measured_throughput():
+    cost = estimate(of_stack("h200-int4-sglang"))
+    assert cost.fleet_usd_per_hour == catalog.MACHINE_OFFERS["p5en.48xlarge"].on_demand_usd_per_hour
+    expected = cost.fleet_usd_per_hour / (258.18 * 3600 / 1e6)
+    assert cost.usd_per_million_output_tokens == pytest.approx(expected, rel=1e-3)
+
+
+def test_fleet_cost_is_on_demand_base_plus_spot_remainder():
+    r = of_stack("b300-int4-sglang")
+    offer = r.offer
+    cost = estimate(r)
+    assert cost.on_demand_replicas == 1 and cost.replicas == 2
+    assert cost.fleet_usd_per_hour == pytest.approx(offer.on_demand_usd_per_hour + offer.spot_typical_usd_per_hour)

@@ -1,0 +1,166 @@
+"""The stack spec and the compatibility rules: bad stacks are refused with field, value and reason."""
+
+import pytest
+
+from kimi_fleet import catalog
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.spec import StackSpecError, image_is_pinned, parse_spec
+from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def stack(**overrides) -> dict:
+    base = {
+        "accelerator": "h200",
+        "engine": {"name": "vllm"},
+        "target": {"kind": "aws"},
+        "domain": "kimi.example.com",
+    }
+    base.update(overrides)
+    return base
+
+
+def refuse(raw: dict) -> str:
+    with pytest.raises(StackSpecError) as caught:
+        parse_spec(raw, "t", "stacks/Pulumi.t.yaml")
+    return str(caught.value)
+
+
+def test_a_short_stack_gets_hardware_defaults():
+    spec = parse_spec(stack(), "t", "f")
+    r = Resolved(spec)
+    assert r.tensor_parallel == 8 and r.engines_per_node == 1
+    assert r.revision == catalog.CHECKPOINTS["int4"].revision
+    assert r.image == "vllm/vllm-openai:v0.22.1"
+    assert r.offer.instance_type == "p5en.48xlarge"
+    assert spec.capacity.effective_market == "on-demand"
+
+
+def test_errors_name_the_file_the_field_and_the_value():
+    message = refuse(stack(accelerator="h300"))
+    assert "stacks/Pulumi.t.yaml" in message
+    assert "kimi-fleet:accelerator" in message and "'h300'" in message
+    assert "h200" in message  # lists what is allowed
+
+
+@pytest.mark.parametrize("revision", ["main", "7eb5002f", "7EB5002F6AADC958AED6A9177B7ED26BB94011BB"])
+def test_unpinned_revisions_are_refused(revision):
+    message = refuse(stack(model={"revision": revision}))
+    assert "model.revision" in message and "40-hex" in message
+
+
+@pytest.mark.parametrize("image,pinned", [
+    ("vllm/vllm-openai:latest", False),
+    ("vllm/vllm-openai", False),
+    ("lmsysorg/sglang:nightly-dev-20260101", False),
+    ("registry:5000/vllm", False),
+    ("vllm/vllm-openai:v0.22.1", True),
+    ("vllm/vllm-openai@sha256:" + "a" * 64, True),
+])
+def test_image_pinning(image, pinned):
+    assert image_is_pinned(image) is pinned
+    if not pinned:
+        assert "not pinned" in refuse(stack(engine={"name": "vllm", "image": image}))
+
+
+def test_nvfp4_only_on_blackwell():
+    message = refuse(stack(checkpoint="nvfp4"))
+    assert "NVFP4 needs Blackwell" in message and "sm_90" in message
+
+
+def test_sglang_nvfp4_refused_on_sm120():
+    message = refuse(stack(accelerator="rtxpro6000", checkpoint="nvfp4", engine={"name": "sglang"},
+                           target={"kind": "host"}))
+    assert "NaN" in message and "sm_120" in message
+
+
+def test_nvfp4_on_sm120_needs_the_cuda13_image():
+    message = refuse(stack(accelerator="rtxpro6000", checkpoint="nvfp4", target={"kind": "host"},
+                           engine={"name": "vllm", "image": "vllm/vllm-openai:v0.22.1"}))
+    assert "CUDA 13" in message
+
+
+def test_sglang_on_amd_refuses_tp8_with_the_head_arithmetic():
+    message = refuse(stack(accelerator="mi300x", engine={"name": "sglang"}, target={"kind": "host"},
+                           parallelism={"tensorParallel": 8}))
+    assert "tensor parallel <= 4" in message
+    assert "64 heads / 8 = 8 heads per GPU" in message and "multiple of 16" in message
+
+
+def test_an_8_gpu_amd_node_runs_two_tp4_engines():
+    r = Resolved(parse_spec(stack(accelerator="mi300x", engine={"name": "sglang"}, target={"kind": "host"}), "t", "f"))
+    assert (r.tensor_parallel, r.engines_per_node) == (4, 2)
+    assert r.image == "lmsysorg/sglang:v0.5.9-rocm700-mi30x" and r.kv_cache_dtype == "fp8_e4m3"
+
+
+def test_vllm_tool_call_flags_cannot_be_overridden():
+    message = refuse(stack(engine={"name": "vllm", "extraArgs": ["--tool-call-parser=hermes"]}))
+    assert "--enable-auto-tool-choice" in message and "kimi_k2" in message
+
+
+def test_language_model_only_excludes_encoder_data_mode():
+    message = refuse(stack(engine={"name": "vllm", "languageModelOnly": True, "mmEncoderTpMode": "data"}))
+    assert "languageModelOnly" in message
+
+
+def test_a_machine_the_target_cannot_provide_is_refused():
+    message = refuse(stack(accelerator="mi300x", engine={"name": "sglang"}))
+    assert "AWS offers no 8x AMD Instinct MI300X" in message
+    message = refuse(stack(target={"kind": "aws", "aws": {"instanceType": "p5.48xlarge"}}))
+    assert "carries 8x h100" in message
+
+
+def test_interactive_spot_needs_an_on_demand_base():
+    message = refuse(stack(capacity={"workload": "interactive", "market": "spot", "onDemandBase": 0}))
+    assert "onDemandBase >= 1" in message
+    spec = parse_spec(stack(capacity={"workload": "batch"}), "t", "f")
+    assert spec.capacity.effective_market == "spot" and spec.capacity.effective_on_demand_base == 0
+
+
+def test_ssh_open_to_the_world_is_refused():
+    message = refuse(stack(target={"kind": "aws", "aws": {"sshAllowlist": ["0.0.0.0/0"]}}))
+    assert "opens SSH to the world" in message
+
+
+def test_a_stack_that_does_not_fit_names_the_largest_context():
+    message = refuse(stack(accelerator="rtxpro6000", engine={"name": "sglang"}, target={"kind": "host"}))
+    assert "does not fit" in message and "largest context that fits is" in message
+
+
+def test_h100_without_the_small_context_settings_does_not_fit_at_all():
+    message = refuse(stack(accelerator="h100", contextLength=8192,
+                           target={"kind": "aws", "aws": {"instanceType": "p5.48xlarge"}}))
+    assert "no room for any context" in message
+
+
+def test_unknown_fields_are_refused():
+    assert "Extra inputs are not permitted" in refuse(stack(gpuCount=8))
+
+
+def test_secrets_in_plain_text_are_refused(tmp_path):
+    path = tmp_path / "Pulumi.leaky.yaml"
+    path.write_text("config:\n  kimi-fleet:apiKey: hunter2\n")
+    with pytest.raises(ValueError, match="pulumi config set --secret apiKey"):
+        load_stack_config(path)
+
+
+EXPECTED_REFUSALS = {"ascend-a3-w4a8-sglang": "model.revision"}
+
+
+@pytest.mark.parametrize("name", stack_names())
+def test_every_stack_in_the_matrix_is_valid_or_refused_for_its_known_reason(name):
+    config = load_stack_config(stack_file(name))
+    if name in EXPECTED_REFUSALS:
+        with pytest.raises(StackSpecError, match=EXPECTED_REFUSALS[name]):
+            config.spec()
+    else:
+        config.spec()
+
+
+def test_the_matrix_has_the_eleven_stacks():
+    assert set(stack_names()) == {
+        "h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm",
+        "rtxpro6000-int4-sglang", "rtxpro6000-nvfp4-vllm", "mi300x-int4-sglang", "mi355x-int4-sglang",
+        "gb200-int4-vllm", "ascend-a3-w4a8-sglang",
+    }
