@@ -18,6 +18,7 @@ import pulumi
 import pulumi_aws as aws
 
 from kimi_fleet import catalog
+from kimi_fleet.cost import estimate
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -44,20 +45,6 @@ class GpuNodeArgs:
     weights_volume_id: pulumi.Input[str] | None = None
     #: The fleet's load balancer target groups (Auto Scaling group only).
     target_group_arns: pulumi.Input[list[str]] | None = None
-
-
-def hourly_cost_usd(r: Resolved) -> float | None:
-    """The catalog's price of the stack's capacity: on-demand base plus spot remainder."""
-    offer, capacity = r.offer, r.spec.capacity
-    on_demand = offer.on_demand_usd_per_hour
-    spot = offer.spot_typical_usd_per_hour
-    if spot is not None and capacity.max_spot_price_usd is not None:
-        spot = min(spot, capacity.max_spot_price_usd)
-    base = capacity.effective_on_demand_base
-    spot_replicas = capacity.replicas - base
-    if (base and on_demand is None) or (spot_replicas and spot is None):
-        return None
-    return round(base * (on_demand or 0) + spot_replicas * (spot or 0), 2)
 
 
 def _role_policy(r: Resolved, ssm_prefix: str) -> str:
@@ -169,7 +156,7 @@ class GpuNode(pulumi.ComponentResource):
         )
 
         self.market = pulumi.Output.from_input(capacity.effective_market)
-        self.hourly_cost_usd = pulumi.Output.from_input(hourly_cost_usd(r))
+        self.hourly_cost_usd = pulumi.Output.from_input(estimate(r).fleet_usd_per_hour)
         if fleet:
             group = self._fleet(name, args, template, sizing)
             self.node_ids = pulumi.Output.all(group.name)

@@ -61,13 +61,6 @@ def bootstrap_timeout_seconds(sizing: Sizing) -> int:
     return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
 
 
-def startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
-    """The cloud-config for a cloud that takes only a startup script; secrets are files the user places."""
-    files = node_files.render_node_files(r, launch, sizing, secrets=SecretsSource("files"))
-    # node_files renders SSM-backed user data publicly; the files-backed document has no public name yet.
-    return node_files._cloud_config(files, compress=False)
-
-
 def _dns_record_type(address: str) -> str:
     try:
         return "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
@@ -96,7 +89,7 @@ class HostEndpoint(pulumi.ComponentResource):
             child,
         )
         if host_spec.startup_script_only:
-            self.user_data = startup_script(r, launch, sizing)
+            self.user_data = node_files.render_startup_script(r, launch, sizing)
             node_ids: pulumi.Input[list[str]] = []
             hourly = r.offer.on_demand_usd_per_hour if r.offer else None
         else:

@@ -8,15 +8,15 @@ engine release, the launch files). Commands do not run during preview.
 from __future__ import annotations
 
 import shlex
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pulumi
 import pulumi_command as command
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VERIFY_SCRIPT = PROJECT_ROOT / "scripts" / "verify.py"
+# Relative to the project directory, where Pulumi runs local commands: the command text must not
+# depend on the machine that runs `pulumi up`, or every runner would change it and re-verify.
+PYTHON = ".venv/bin/python"  # the virtualenv Pulumi.yaml names
+VERIFY_SCRIPT = "scripts/verify.py"
 
 
 @dataclass
@@ -35,22 +35,22 @@ class VerificationGateArgs:
 
 
 def verify_command(args: VerificationGateArgs, base_url: str) -> str:
-    report = PROJECT_ROOT / "build" / args.stack / "verification.json"
+    report = f"build/{args.stack}/verification.json"
     argv = [
-        sys.executable, str(VERIFY_SCRIPT),
+        PYTHON, VERIFY_SCRIPT,
         "--base-url", base_url,
         "--model", args.model,
         "--engine", args.engine,
         "--timeout", str(args.request_timeout_seconds),
         "--wait-ready", str(args.ready_timeout_seconds),
-        "--json", str(report),
+        "--json", report,
     ]
     if args.checks:
         argv += ["--only", *args.checks]
     if args.load:
         argv += ["--load", str(args.load)]
     # The key travels in the environment (a secret), never on the command line.
-    return f"mkdir -p {shlex.quote(str(report.parent))} && {shlex.join(argv)}"
+    return f"mkdir -p {shlex.quote(f'build/{args.stack}')} && {shlex.join(argv)}"
 
 
 class VerificationGate(pulumi.ComponentResource):

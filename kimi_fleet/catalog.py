@@ -117,6 +117,8 @@ class Accelerator:
     native_fp4: bool
     source: Source
     note: str = ""
+    #: Devices one node (or GB200 compute tray) holds: an engine larger than this spans nodes.
+    devices_per_node: int = 8
 
     @property
     def is_blackwell(self) -> bool:
@@ -134,7 +136,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("b300", "NVIDIA B300 ~270GB", "nvidia", "sm_103", int(268.6 * GiB), True,
                     Source("AWS p6-b300 reports 268.6 GiB (handbook)", "2026")),
         Accelerator("gb200", "NVIDIA GB200 (per GPU)", "nvidia", "sm_100", 189_471 * MiB, True,
-                    Source("seed 004 nvidia-smi: 189471MiB", "2026-04")),
+                    Source("seed 004 nvidia-smi: 189471MiB", "2026-04"), devices_per_node=4),
         Accelerator("rtxpro6000", "NVIDIA RTX PRO 6000 Blackwell Server 96GB", "nvidia", "sm_120",
                     97_887 * MiB, True, SEED_003, "PCIe only, no NVLink"),
         Accelerator("mi300x", "AMD Instinct MI300X 192GB", "amd", "gfx942", 192 * GiB, False, SEED_001),
@@ -142,7 +144,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("mi350x", "AMD Instinct MI350X 288GB", "amd", "gfx950", 288 * GiB, False, SEED_001),
         Accelerator("mi355x", "AMD Instinct MI355X 288GB", "amd", "gfx950", 288 * GiB, False, SEED_001),
         Accelerator("ascend-a3", "Huawei Ascend Atlas 800I A3 die 64GB", "huawei", "ascend910_93",
-                    64 * GiB, False, SEED_002, "16 dies per node; --tp-size counts dies"),
+                    64 * GiB, False, SEED_002, "16 dies per node; --tp-size counts dies", devices_per_node=16),
     ]
 }
 

@@ -670,6 +670,13 @@ def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix:
     return text
 
 
+def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
+    """Cloud-config for a cloud that takes only a startup script (seed 000): the user places the
+    secret files (/etc/kimi-fleet/secrets/...) before boot or through the provider's secret store."""
+    files = render_node_files(r, launch, sizing, secrets=SecretsSource("files"))
+    return _cloud_config(files, compress=False)
+
+
 def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
     """Files for the offline planner (build/STACK/): relative name -> text, no secret values."""
     spec = r.spec
@@ -700,6 +707,8 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
             "#!/bin/bash\n# The engine's container, as one command (what kimi-engine-run executes).\n"
             + docker_run_command(launch, instance) + "\n"
         )
+    if spec.target.host is not None and spec.target.host.startup_script_only:
+        artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if aws is not None:
         artifacts["user-data.yaml"] = render_user_data(
             r, launch, sizing, ssm_prefix=secrets.api_key_parameter.rsplit("/", 1)[0], region=aws.region,

@@ -167,6 +167,13 @@ def target_can_provide(r: Resolved) -> Iterator[str]:
         elif r.offer.accelerator != accel.id or r.offer.accelerator_count != spec.accelerator_count:
             yield (f"{_f('target.aws.instanceType', wanted)}: carries {r.offer.accelerator_count}x "
                    f"{r.offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
+    if r.gpus_per_engine > accel.devices_per_node:
+        yield (f"field {CONFIG_NAMESPACE}:acceleratorCount (given {spec.accelerator_count}): one engine needs "
+               f"{r.gpus_per_engine} {accel.name} devices but a node holds {accel.devices_per_node}; an engine "
+               "spanning nodes needs multi-node engine flags (--nnodes/--node-rank) kimi-fleet does not render")
+    if kind == "kubernetes" and spec.engine.speculative != "off":
+        yield (f"{_f('engine.speculative', spec.engine.speculative)}: the Kubernetes download Job fetches the pinned "
+               "checkpoint only, not a draft model (and EAGLE3 measured -46% throughput on K2.6, seed 004)")
     if kind == "kubernetes" and spec.target.kubernetes.gpu_claim == "dra" and accel.vendor != "nvidia":
         yield f"{_f('target.kubernetes.gpuClaim', 'dra')}: the DRA device class here is NVIDIA's (gpu.nvidia.com)"
     volumes = {"aws": {"ebs", "instance-store"}, "kubernetes": {"pvc", "host-path"}, "host": {"host-path"}}[kind]

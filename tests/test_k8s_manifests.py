@@ -232,8 +232,8 @@ def test_images_are_pinned(stack):
     assert manifests.HUGGINGFACE_HUB_VERSION in manifests.DOWNLOAD_SCRIPT
 
 
-def test_a_replica_spanning_nodes_is_refused():
-    with pytest.raises(ValueError, match="LeaderWorkerSet"):
+def test_a_replica_spanning_nodes_is_refused_before_anything_is_rendered():
+    with pytest.raises(ValueError, match="a node holds 4"):
         rendered("gb200-int4-vllm", acceleratorCount=8)
 
 

@@ -1,0 +1,163 @@
+"""The offline planner and the whole program under the mock runtime, for every stack."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet.stackfile import PROJECT_ROOT, stack_names
+from policy.validators import check_resources
+from tooling.mock_run import run_stack
+
+PLAN = [sys.executable, str(PROJECT_ROOT / "scripts" / "plan.py")]
+REFUSED = {"ascend-a3-w4a8-sglang"}
+PLANNED = [name for name in stack_names() if name not in REFUSED]
+ENDPOINT_TYPES = {
+    "aws": "kimi-fleet:aws:AwsEndpoint",
+    "kubernetes": "kimi-fleet:kubernetes:KubernetesEndpoint",
+    "host": "kimi-fleet:host:HostEndpoint",
+}
+
+
+def plan(*args, cwd=PROJECT_ROOT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*PLAN, *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {name: run_stack(name) for name in PLANNED}
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_every_stack_declares_its_endpoint_and_passes_the_mandatory_policies(runs, name):
+    run = runs[name]
+    assert run.error is None, run.error
+    types = {r["type"] for r in run.resources}
+    assert types & set(ENDPOINT_TYPES.values())
+    for component in ("kimi-fleet:fleet:Fleet", "kimi-fleet:engine:EngineRelease",
+                      "kimi-fleet:capacity:CapacityPolicy", "kimi-fleet:proxy:AuthProxy"):
+        assert component in types, component
+    violations = check_resources([{"type": r["type"], "name": r["name"], "props": r["inputs"]} for r in run.resources])
+    assert [v for v in violations if v["enforcement"] == "mandatory"] == []
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_every_stack_runs_the_verification_gate_after_its_endpoint(runs, name):
+    run = runs[name]
+    (gate,) = run.of_type("command:local:Command")
+    endpoint = next(r for r in run.resources if r["type"] in ENDPOINT_TYPES.values())
+    # depends_on a component waits for every resource inside it: the node, the proxy, the DNS.
+    descendants, frontier = set(), {endpoint["name"]}
+    while frontier:
+        frontier = {r["name"] for r in run.resources if r["parent"] in frontier}
+        descendants |= frontier
+    inside = {r["name"] for r in run.resources if r["name"] in descendants and r["custom"]}
+    assert inside and inside <= set(run.named("kimi-gate")["dependencies"])
+    create = gate["inputs"]["create"]
+    assert "scripts/verify.py" in create and "--wait-ready" in create
+    assert "--api-key" not in create  # the key travels in the environment, as a secret
+    assert gate["inputs"]["environment"]["KIMI_API_KEY"] == "[secret]"
+    assert len(gate["inputs"]["triggers"]) >= 3
+    wait = int(create.split("--wait-ready ")[1].split()[0])
+    assert int(gate["timeouts"]["create"].rstrip("s")) > wait
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_client_outputs_and_a_secret_key(runs, name):
+    outputs = runs[name].outputs
+    assert outputs["openai_base_url"].startswith("https://") and outputs["openai_base_url"].endswith("/v1")
+    assert outputs["api_key"] == "[secret]"
+    assert outputs["model"] == "kimi-k2.6"
+
+
+def test_all_prints_one_row_per_stack(tmp_path):
+    result = plan("--all", "--no-preflight", "--build-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()
+    assert [row.split()[0] for row in rows] == stack_names()
+    for row in rows:
+        name, status = row.split()[:2]
+        assert status == ("REFUSED" if name in REFUSED else "ok"), row
+
+
+def test_json_has_the_documented_fields_and_artifacts_are_written(tmp_path):
+    result = plan("h200-int4-sglang", "--json", "--build-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (doc,) = json.loads(result.stdout)
+    for key in ("stack", "valid", "errors", "resources", "sizing", "cost", "artifacts"):
+        assert key in doc
+    assert doc["valid"] and doc["errors"] == []
+    assert {"type", "name", "parent", "inputs"} <= set(doc["resources"][0])
+    assert doc["cost"]["usd_per_million_output_tokens"] > 0
+    assert doc["spot_preflight"] is None  # interactive on-demand: nothing to pre-flight
+    written = {p.name for p in (tmp_path / "h200-int4-sglang").iterdir()}
+    assert {"user-data.yaml", "Caddyfile", "kimi-engine@.service", "engine-0.env", "launch.json"} <= written
+
+
+def test_spot_stack_says_the_preflight_could_not_check_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    result = plan("h200-int4-vllm", "--build-dir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "spot pre-flight: could not check" in result.stdout
+
+
+def test_human_output_shows_node_volume_proxy_dns_and_market(tmp_path):
+    result = plan("h200-int4-sglang", "--build-dir", str(tmp_path))
+    out = result.stdout
+    for needle in ("kimi-fleet:aws:GpuNode", "kimi-fleet:aws:WeightVolume", "kimi-fleet:proxy:AuthProxy",
+                   "kimi-fleet:aws:DnsRecord", "market on-demand", "per million output tokens"):
+        assert needle in out, needle
+
+
+def test_an_invalid_stack_file_exits_2_and_declares_nothing(tmp_path):
+    bad = tmp_path / "Pulumi.bad.yaml"
+    bad.write_text("config:\n  kimi-fleet:accelerator: mi300x\n  kimi-fleet:engine: {name: sglang}\n"
+                   "  kimi-fleet:parallelism: {tensorParallel: 8}\n  kimi-fleet:target: {kind: host}\n"
+                   "  kimi-fleet:domain: kimi.example.com\n")
+    result = plan("--stack-file", str(bad), "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 2
+    assert "tensor parallel <= 4" in result.stderr and str(bad) in result.stderr
+    assert "REFUSED, nothing declared" in result.stdout
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_refused_matrix_stack_exits_2():
+    result = plan("ascend-a3-w4a8-sglang")
+    assert result.returncode == 2 and "model.revision" in result.stderr
+
+
+def test_diff_shows_exactly_a_kv_dtype_change(tmp_path):
+    """`plan --diff HEAD~1` on a commit that changes one stack's KV dtype."""
+    repo = tmp_path / "repo"
+    shutil.copytree(PROJECT_ROOT, repo, ignore=shutil.ignore_patterns(".venv", "build", ".git", "__pycache__",
+                                                                      ".pytest_cache"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    stack = repo / "stacks" / "Pulumi.h200-int4-sglang.yaml"
+    stack.write_text(stack.read_text().replace("  kimi-fleet:accelerator: h200\n",
+                                               "  kimi-fleet:accelerator: h200\n  kimi-fleet:kvCacheDtype: fp8_e4m3\n"))
+    git("commit", "-qam", "fp8 KV on h200-int4-sglang")
+
+    result = subprocess.run([sys.executable, "scripts/plan.py", "--diff", "HEAD~1"], cwd=repo, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    markdown = result.stdout
+    sections = [line for line in markdown.splitlines() if line.startswith("### ")]
+    assert sections == ["### h200-int4-sglang"]
+    assert "+`--kv-cache-dtype fp8_e4m3`" in markdown
+    assert "kv_dtype auto → fp8_e4m3" in markdown
+    assert "kv_tokens_per_device" in markdown
+    assert "engine-0.env" in markdown and "+ENGINE_ARGS=" in markdown
+    assert "Unchanged:" in markdown and "gb200-int4-vllm" in markdown.split("Unchanged:")[1]

@@ -1,0 +1,53 @@
+"""The post-deploy gate's command, run for real against a fake endpoint behind a real caddy.
+
+`pulumi up` fails exactly when this command exits non-zero, so a broken endpoint must exit 1
+and a working one 0, with the key read from the environment only.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from components.verification_gate import VerificationGateArgs, verify_command
+from kimi_fleet.stackfile import PROJECT_ROOT
+from tests.fakes.harness import start_proxied_engine
+
+
+def gate_args(engine: str) -> VerificationGateArgs:
+    return VerificationGateArgs(
+        stack="gate-test", base_url="unused", api_key="unused", model="kimi-k2.6", engine=engine,
+        ready_timeout_seconds=30, request_timeout_seconds=30,
+    )
+
+
+def run_gate(endpoint, engine: str, api_key: str) -> subprocess.CompletedProcess:
+    command = verify_command(gate_args(engine), endpoint.base_url)
+    env = {**os.environ, "KIMI_API_KEY": api_key, "SSL_CERT_FILE": str(endpoint.caddy.root_ca)}
+    return subprocess.run(["bash", "-c", command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_gate_passes_a_working_endpoint(engine):
+    with start_proxied_engine("good", engine) as endpoint:
+        result = run_gate(endpoint, engine, endpoint.api_key)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert endpoint.api_key not in result.stdout + result.stderr
+    assert (PROJECT_ROOT / "build" / "gate-test" / "verification.json").is_file()
+
+
+def test_gate_fails_a_broken_endpoint():
+    with start_proxied_engine("schema-invalid-tool", "vllm") as endpoint:
+        result = run_gate(endpoint, "vllm", endpoint.api_key)
+    assert result.returncode == 1
+    assert "tool_call" in result.stdout
+
+
+def test_gate_fails_with_the_wrong_key():
+    with start_proxied_engine("good", "vllm") as endpoint:
+        command = verify_command(gate_args("vllm"), endpoint.base_url).replace("--wait-ready 30", "--wait-ready 1")
+        env = {**os.environ, "KIMI_API_KEY": "not-the-key-0000", "SSL_CERT_FILE": str(endpoint.caddy.root_ca)}
+        result = subprocess.run(["bash", "-c", command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 1 and "not ready" in result.stderr
