@@ -13,6 +13,7 @@ import pulumi
 import pulumi_aws as aws
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.endpoint_outputs import publish_endpoint
 from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
@@ -100,21 +101,13 @@ class AwsEndpoint(pulumi.ComponentResource):
             caddyfile=render_caddyfile_for(r, args.launch), allowed_upstreams=args.launch.upstreams),
             pulumi.ResourceOptions(parent=self))
 
-        self.endpoint_url = pulumi.Output.from_input(f"https://{spec.domain}")
-        self.openai_base_url = pulumi.Output.from_input(f"https://{spec.domain}/v1")
-        self.node_ids = node.node_ids
-        self.market = node.market
-        self.hourly_cost_usd = pulumi.Output.all(node.hourly_cost_usd, volume.monthly_cost_usd).apply(
-            lambda costs: None if costs[0] is None else round(costs[0] + costs[1] / (24 * 30), 2))
         self.dns_record = dns.record
         self.weights_volume_id = volume.volume_id
-        self.register_outputs({
-            "endpoint_url": self.endpoint_url,
-            "openai_base_url": self.openai_base_url,
-            "node_ids": self.node_ids,
-            "public_address": self.public_address,
-            "market": self.market,
-            "hourly_cost_usd": self.hourly_cost_usd,
-            "dns_record": self.dns_record,
-            "weights_volume_id": self.weights_volume_id,
-        })
+        publish_endpoint(
+            self, domain=spec.domain, node_ids=node.node_ids, market=node.market,
+            # The weight volume outlives the node and bills monthly: folded into the hourly figure.
+            hourly_cost_usd=pulumi.Output.all(node.hourly_cost_usd, volume.monthly_cost_usd).apply(
+                lambda costs: None if costs[0] is None else round(costs[0] + costs[1] / (24 * 30), 2)),
+            extra={"public_address": self.public_address, "dns_record": self.dns_record,
+                   "weights_volume_id": self.weights_volume_id},
+        )

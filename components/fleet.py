@@ -57,6 +57,7 @@ class Fleet(pulumi.ComponentResource):
     node_ids: pulumi.Output[list[str]]
     market: pulumi.Output[str]
     hourly_cost_usd: pulumi.Output[float | None]
+    dns: pulumi.Output[str]
     verification: pulumi.Output[str]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
@@ -103,6 +104,12 @@ class Fleet(pulumi.ComponentResource):
         self.node_ids = endpoint.node_ids
         self.market = endpoint.market
         self.hourly_cost_usd = endpoint.hourly_cost_usd
+        # AWS says which record it made (or what to create by hand); other targets name their mechanism.
+        self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(
+            f"{spec.domain}: " + ("external-dns annotation on the proxy Service" if spec.target.kind == "kubernetes"
+                                  and spec.target.kubernetes.external_dns else
+                                  "Route53 record to the host" if spec.target.kind == "host"
+                                  and spec.target.host.hosted_zone_id else "point it at the endpoint yourself"))
 
         if spec.verification.enabled:
             gate = VerificationGate(f"{name}-gate", VerificationGateArgs(
@@ -127,5 +134,6 @@ class Fleet(pulumi.ComponentResource):
             "node_ids": self.node_ids,
             "market": self.market,
             "hourly_cost_usd": self.hourly_cost_usd,
+            "dns": self.dns,
             "verification": self.verification,
         })

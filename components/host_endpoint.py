@@ -20,6 +20,7 @@ import pulumi_aws as aws
 from pulumi_command import remote
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.endpoint_outputs import publish_endpoint
 from kimi_fleet import node_files
 from kimi_fleet.launch import Launch
 from kimi_fleet.node_files import NodeFile, SecretsSource
@@ -98,18 +99,8 @@ class HostEndpoint(pulumi.ComponentResource):
             node_ids = pulumi.Output.from_input(address).apply(lambda a: [a])
             hourly = None  # a machine you own: no hourly price here
 
-        self.endpoint_url = pulumi.Output.from_input(f"https://{r.spec.domain}")
-        self.openai_base_url = pulumi.Output.from_input(f"https://{r.spec.domain}/v1")
-        self.node_ids = pulumi.Output.from_input(node_ids)
-        self.market = pulumi.Output.from_input(r.spec.capacity.effective_market)
-        self.hourly_cost_usd = pulumi.Output.from_input(hourly)
-        self.register_outputs({
-            "endpoint_url": self.endpoint_url,
-            "openai_base_url": self.openai_base_url,
-            "node_ids": self.node_ids,
-            "market": self.market,
-            "hourly_cost_usd": self.hourly_cost_usd,
-        })
+        publish_endpoint(self, domain=r.spec.domain, node_ids=node_ids, market=r.spec.capacity.effective_market,
+                         hourly_cost_usd=hourly)
 
     def _deploy_over_ssh(self, name: str, args: HostEndpointArgs, child: pulumi.ResourceOptions) -> pulumi.Input[str]:
         r, sizing, launch = args.resolved, args.sizing, args.launch

@@ -13,6 +13,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.endpoint_outputs import publish_endpoint
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import Launch
 from kimi_fleet.resolve import Resolved
@@ -127,17 +128,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             pulumi.ResourceOptions(parent=self),
         )
 
-        self.endpoint_url = pulumi.Output.from_input(f"https://{r.spec.domain}")
-        self.openai_base_url = pulumi.Output.from_input(f"https://{r.spec.domain}/v1")
-        self.node_ids = pulumi.Output.all(*[d.metadata.name for d in deployments])
-        self.market = pulumi.Output.from_input(r.spec.capacity.effective_market)
         # A cluster's GPUs are billed outside this stack: the cost is unknown here.
-        self.hourly_cost_usd = pulumi.Output.from_input(None)
-        self.register_outputs({
-            "endpoint_url": self.endpoint_url,
-            "openai_base_url": self.openai_base_url,
-            "node_ids": self.node_ids,
-            "market": self.market,
-            "hourly_cost_usd": self.hourly_cost_usd,
-        })
+        publish_endpoint(self, domain=r.spec.domain, node_ids=pulumi.Output.all(*[d.metadata.name for d in deployments]),
+                         market=r.spec.capacity.effective_market, hourly_cost_usd=None)
 

@@ -162,10 +162,13 @@ def summary_row(p: dict) -> str:
     if not p["valid"]:
         return f"{p['stack']:<26} REFUSED  {p['errors'][0][:150]}"
     s, c = p["sizing"], p["cost"]
-    return (f"{p['stack']:<26} ok       {len(p['resources']):>3} res  ctx {s['largest_context']:>7,}  "
-            f"seq {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>3}  "
-            f"KV {gib(s['kv_pool_bytes_per_device']):>6} GiB/dev  {_money(c['fleet_usd_per_hour']):>9}/h  "
-            f"{c['market']}")
+    return (f"{p['stack']:<26} ok       {len(p['resources']):>4}  {s['context_length']:>8,}  "
+            f"{s['largest_context']:>8,}  {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>5}  "
+            f"{gib(s['kv_pool_bytes_per_device']):>7}  {_money(c['fleet_usd_per_hour']):>9}  {c['market']}")
+
+
+SUMMARY_HEADER = (f"{'stack':<26} {'status':<8} {'res':>4}  {'context':>8}  {'max ctx':>8}  {'seqs':>5}  "
+                  f"{'KV GiB':>7}  {'$/hour':>9}  market")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(plans, indent=2, default=str))
     elif args.all:
+        print(SUMMARY_HEADER)
         for p in plans:
             print(summary_row(p))
     else:
