@@ -435,6 +435,12 @@ TRANSFER_SOURCES: dict[str, TransferSource] = {
 }
 
 
+#: Sequential read of the weight volume, by kind (bytes/s). Instance store: per NVMe disk, striped.
+NVME_DISK_READ_BYTES_PER_SECOND = 2 * GB
+LOCAL_NVME_READ_BYTES_PER_SECOND = 3 * GB  # a host's or node's local NVMe (host-path, local PVC)
+NVME_READ_SOURCE = Source("AWS instance-store and typical datacenter NVMe sequential read", "2026")
+
+
 # --- Measured throughput (for $/M tokens) ----------------------------------------------------
 
 

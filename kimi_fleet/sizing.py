@@ -42,6 +42,8 @@ class Sizing:
     fits: bool
     # time to ready
     download_seconds: int
+    #: reading the weights from the node's volume; overlaps the CPU-bound load
+    read_seconds: int
     load_seconds: int
     warmup_seconds: int
 
@@ -121,6 +123,15 @@ def reserve_per_device(r: Resolved) -> int:
     return reserve
 
 
+def volume_read_bytes_per_second(r: Resolved) -> int:
+    volume = r.weights_volume
+    if volume == "ebs":
+        return r.spec.weights.ebs_throughput_mibps * catalog.MiB
+    if volume == "instance-store" and r.offer is not None:
+        return catalog.NVME_DISK_READ_BYTES_PER_SECOND * r.offer.local_nvme_disks
+    return catalog.LOCAL_NVME_READ_BYTES_PER_SECOND
+
+
 def kv_sharing(r: Resolved) -> tuple[int, int]:
     """(ranks one sequence's KV is spread over, independent KV pools in one engine)."""
     p = r.spec.parallelism
@@ -151,8 +162,11 @@ def size(r: Resolved) -> Sizing:
     if r.spec.weights.download_gbps:
         rate = int(r.spec.weights.download_gbps * 10**9 / 8)
     download = math.ceil(r.checkpoint.size_bytes / rate)
-    # Engines on one node load in parallel but compete for the same CPUs (MoE load is CPU-bound).
-    load = math.ceil(r.checkpoint.size_bytes / r.engine.load_bytes_per_second) * r.engines_per_node
+    read = math.ceil(r.checkpoint.size_bytes * r.engines_per_node / volume_read_bytes_per_second(r))
+    # Engines on one node load in parallel but compete for the same CPUs (MoE load is CPU-bound);
+    # the volume read overlaps it, so the slower of the two sets the pace.
+    cpu_load = math.ceil(r.checkpoint.size_bytes / r.engine.load_bytes_per_second) * r.engines_per_node
+    load = max(read, cpu_load)
 
     return Sizing(
         device_memory_bytes=accel.memory_bytes,
@@ -173,6 +187,7 @@ def size(r: Resolved) -> Sizing:
         engines_per_node=r.engines_per_node,
         fits=max_sequence >= context,
         download_seconds=download,
+        read_seconds=read,
         load_seconds=load,
         warmup_seconds=r.engine.warmup_seconds,
     )

@@ -136,7 +136,7 @@ def print_plan(p: dict) -> None:
           f"{s['concurrent_sequences_per_engine']} x {s['context_length']:,}-token sequences per engine, "
           f"{s['engines_per_node']} engine(s) per node")
     print(f"    time to ready: cold {s['cold_start_seconds'] // 60} min (download {s['download_seconds'] // 60}, "
-          f"load {s['load_seconds'] // 60}, warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
+          f"load {s['load_seconds'] // 60} (volume read {s['read_seconds'] // 60}), warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
     print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "
           f"{c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")

@@ -133,3 +133,27 @@ def test_fleet_cost_is_on_demand_base_plus_spot_remainder():
     cost = estimate(r)
     assert cost.on_demand_replicas == 1 and cost.replicas == 2
     assert cost.fleet_usd_per_hour == pytest.approx(offer.on_demand_usd_per_hour + offer.spot_typical_usd_per_hour)
+
+
+def test_ascend_launch_once_a_revision_is_pinned():
+    config = load_stack_config(stack_file("ascend-a3-w4a8-sglang"))
+    r = Resolved(parse_spec({**config.values, "model": {"revision": "a" * 40}}, "ascend", "f"))
+    launch = render_launch(r)
+    (engine,) = launch.instances
+    argv = list(engine.argv)
+    assert launch.image == "quay.io/ascend/sglang:v0.5.13.post1-cann9.0.0-a3"
+    assert argv[argv.index("--tp") + 1] == "16"  # --tp counts dies
+    assert argv[argv.index("--quantization") + 1] == "modelslim"
+    assert argv[argv.index("--device") + 1] == "npu"
+    docker = engine.docker_args
+    assert [a for a in docker if a.startswith("--device=/dev/davinci") and a[-1].isdigit()] == [
+        f"--device=/dev/davinci{i}" for i in range(16)]
+    assert "--device=/dev/davinci_manager" in docker and "--device=/dev/hisi_hdc" in docker
+    assert engine.env["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(map(str, range(16)))
+    assert size(r).fits
+
+
+def test_time_to_ready_counts_the_volume_read():
+    ebs = size(of_stack("h200-int4-sglang"))  # single node: EBS at 1000 MiB/s
+    assert ebs.read_seconds == -(-catalog.CHECKPOINTS["int4"].size_bytes // (1000 * catalog.MiB))
+    assert ebs.load_seconds >= ebs.read_seconds
