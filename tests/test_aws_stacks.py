@@ -7,100 +7,27 @@ the market policy, the fleet shape, the volume's lifetime and DNS.
 from __future__ import annotations
 
 import base64
-import dataclasses
 
 import pulumi
 import pytest
-from google.protobuf import json_format
-from pulumi.runtime.mocks import MockMonitor
 
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
+from tooling.mock_run import EBS_VOLUME_ID as VOLUME_ID
+from tooling.mock_run import MockRun, is_secret, run_components
 
 AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm"]
 API_KEY = "kimi-test-api-key-9d2c41f0a7b35e86"
 HF_TOKEN = "hf_testtokenNotRealAbCdEfGhIjKlMnOpQrStUv"
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 ENGINE_PORTS = range(8000, 8100), range(30000, 30100)
-ZONES = ["us-east-1a", "us-east-1b"]
-VOLUME_ID = "vol-0123456789abcdef0"
 
 SG = "aws:ec2/securityGroup:SecurityGroup"
 LT = "aws:ec2/launchTemplate:LaunchTemplate"
 INSTANCE = "aws:ec2/instance:Instance"
 ASG = "aws:autoscaling/group:Group"
 SSM_PARAMETER = "aws:ssm/parameter:Parameter"
-
-
-class AwsMocks(pulumi.runtime.Mocks):
-    """Just enough provider behaviour: ids, ARNs and the outputs the components read."""
-
-    def new_resource(self, args):
-        state = dict(args.inputs)
-        state.setdefault("arn", f"arn:aws:mock:::{args.name}")
-        resource_id = f"{args.name}-id"
-        if args.typ == "aws:ebs/volume:Volume":
-            resource_id = VOLUME_ID
-        elif args.typ == "aws:ec2/eip:Eip":
-            state.update(publicIp="203.0.113.10", allocationId="eipalloc-0abc")
-        elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
-            state.update(dnsName="kimi-nlb-123.elb.us-east-1.amazonaws.com", zoneId="Z26RNL4JYFTOTI")
-        elif args.typ == "aws:iam/role:Role":
-            state["name"] = args.name
-        return resource_id, state
-
-    def call(self, args):
-        if args.token == "aws:ssm/getParameter:getParameter":
-            return {"name": args.args["name"], "value": "ami-0123456789abcdef0", "type": "String"}
-        if args.token == "aws:ec2/getVpc:getVpc":
-            return {"id": "vpc-0default"}
-        if args.token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
-            return {"locations": ZONES, "locationTypes": ["availability-zone"] * 2, "instanceTypes": ["x"] * 2}
-        if args.token == "aws:ec2/getSubnets:getSubnets":
-            zones = next(f["values"] for f in args.args["filters"] if f["name"] == "availability-zone")
-            return {"ids": [f"subnet-{zone[-1]}" for zone in zones]}
-        if args.token == "aws:ec2/getSubnet:getSubnet":
-            return {"id": args.args["id"], "availabilityZone": "us-east-1c", "vpcId": "vpc-0given"}
-        raise AssertionError(f"unexpected invoke {args.token}")
-
-
-class RecordingMonitor(MockMonitor):
-    """Keeps every registration with its parent, options and wire form (where secrets show)."""
-
-    def __init__(self):
-        super().__init__(AwsMocks())
-        self.registrations: list[dict] = []
-
-    def RegisterResource(self, request):
-        response = super().RegisterResource(request)
-        if request.type != "pulumi:pulumi:Stack":
-            wire = json_format.MessageToDict(request.object)
-            self.registrations.append({
-                "type": request.type, "name": request.name, "urn": response.urn, "parent": request.parent,
-                "inputs": _plain(wire), "wire": wire, "retain_on_delete": request.retainOnDelete,
-                "dependencies": list(request.dependencies),
-            })
-        return response
-
-    def of_type(self, typ: str) -> list[dict]:
-        return [r for r in self.registrations if r["type"] == typ]
-
-
-def _plain(node):
-    """Wire form with secrets unwrapped (what the provider would receive)."""
-    if isinstance(node, dict):
-        if node.get("4dabf18193072939515e22adb298388d") == SECRET_SIG:
-            return _plain(node.get("value"))
-        return {k: _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
-def _is_secret(node) -> bool:
-    return isinstance(node, dict) and node.get("4dabf18193072939515e22adb298388d") == SECRET_SIG
 
 
 def resolved(stack: str, **aws_overrides) -> Resolved:
@@ -118,43 +45,28 @@ def with_capacity(r: Resolved, **capacity) -> Resolved:
     return Resolved(spec.model_copy(update={"capacity": type(spec.capacity).model_validate(merged)}))
 
 
-@dataclasses.dataclass
-class Run:
-    monitor: RecordingMonitor
-    outputs: dict
-
-    def of_type(self, typ):
-        return self.monitor.of_type(typ)
-
-
-def run_endpoint(r: Resolved, *, hf_token: str | None = None) -> Run:
+def run_endpoint(r: Resolved, *, hf_token: str | None = None) -> MockRun:
     from components.aws_endpoint import AwsEndpoint, AwsEndpointArgs
 
-    monitor = RecordingMonitor()
-    pulumi.runtime.set_mocks(AwsMocks(), project="kimi-fleet", stack=r.spec.stack, preview=False, monitor=monitor)
-    outputs: dict = {}
     names = ["endpoint_url", "openai_base_url", "node_ids", "public_address", "market", "hourly_cost_usd",
              "dns_record", "weights_volume_id"]
 
-    @pulumi.runtime.test
     def declare():
         endpoint = AwsEndpoint("kimi", AwsEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r), api_key=pulumi.Output.secret(API_KEY),
             hf_token=pulumi.Output.secret(hf_token) if hf_token else None,
         ))
-        return pulumi.Output.all(*[getattr(endpoint, n) for n in names]).apply(
-            lambda values: outputs.update(zip(names, values)))
+        return {n: getattr(endpoint, n) for n in names}
 
-    declare()
-    return Run(monitor, outputs)
+    return run_components(declare, r.spec.stack)
 
 
 @pytest.fixture(scope="module", params=AWS_STACKS)
-def stack_run(request) -> tuple[str, Run]:
+def stack_run(request) -> tuple[str, MockRun]:
     return request.param, run_endpoint(resolved(request.param), hf_token=HF_TOKEN)
 
 
-def _user_data(run: Run) -> str:
+def _user_data(run: MockRun) -> str:
     (template,) = run.of_type(LT)
     return base64.b64decode(template["inputs"]["userData"]).decode()
 
@@ -179,7 +91,7 @@ def _decoded_files(user_data: str) -> str:
 def test_children_are_parented_and_tagged(stack_run):
     stack, run = stack_run
     (endpoint,) = run.of_type("kimi-fleet:aws:AwsEndpoint")
-    for registration in run.monitor.registrations:
+    for registration in run.resources:
         if registration is not endpoint:
             assert registration["parent"], f"{registration['name']} has no parent"
     for typ in (SG, LT, "aws:ssm/parameter:Parameter"):
@@ -200,7 +112,7 @@ def test_security_group_opens_only_https_and_acme(stack_run):
         assert rule["protocol"] == "tcp"
         for ports in ENGINE_PORTS:
             assert rule["fromPort"] not in ports
-    assert not [r for r in run.monitor.registrations if r["type"].startswith("aws:vpc/securityGroupIngressRule")]
+    assert not [r for r in run.resources if r["type"].startswith("aws:vpc/securityGroupIngressRule")]
 
 
 def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
@@ -209,7 +121,7 @@ def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
     assert set(parameters) == {f"/kimi-fleet/{stack}/api-key", f"/kimi-fleet/{stack}/hf-token"}
     for parameter in parameters.values():
         assert parameter["inputs"]["type"] == "SecureString"
-        assert _is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
+        assert is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
     user_data = _user_data(run)
     files = _decoded_files(user_data)
     for secret in (API_KEY, HF_TOKEN):
@@ -223,7 +135,7 @@ def test_no_secret_value_in_plain_anywhere(stack_run):
     _, run = stack_run
 
     def plain_strings(node):
-        if _is_secret(node):
+        if is_secret(node):
             return
         if isinstance(node, dict):
             for value in node.values():
@@ -234,7 +146,7 @@ def test_no_secret_value_in_plain_anywhere(stack_run):
         elif isinstance(node, str):
             yield node
 
-    for registration in run.monitor.registrations:
+    for registration in run.resources:
         for text in plain_strings(registration["wire"]):
             assert API_KEY not in text and HF_TOKEN not in text, registration["name"]
 

@@ -18,7 +18,8 @@ from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
-from tests.test_k8s_component import API_KEY, HF_TOKEN, EchoMocks, RecordingMonitor, secret_paths
+from tests.test_k8s_component import API_KEY, HF_TOKEN
+from tooling.mock_run import MockRun, is_secret, run_components, secret_paths
 
 SSH_HOST = "203.0.113.7"
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----"
@@ -31,43 +32,29 @@ def resolved(stack: str, **overrides) -> Resolved:
     return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
 
 
-def run_host_endpoint(r: Resolved, *, hf_token=None) -> tuple[RecordingMonitor, dict]:
+def run_host_endpoint(r: Resolved, *, hf_token=None) -> MockRun:
     from components.host_endpoint import HostEndpoint, HostEndpointArgs
 
-    monitor = RecordingMonitor()
-    pulumi.runtime.set_mocks(EchoMocks(), project="kimi-fleet", stack=r.spec.stack, preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config(
-        {"kimi-fleet:sshHost": SSH_HOST, "kimi-fleet:sshPrivateKey": SSH_KEY},
-        ["kimi-fleet:sshHost", "kimi-fleet:sshPrivateKey"],
-    )
-    outputs: dict = {}
-
-    @pulumi.runtime.test
     def declare():
         endpoint = HostEndpoint("kimi", HostEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r), api_key=pulumi.Output.secret(API_KEY),
             hf_token=hf_token,
         ))
-        outputs["user_data"] = endpoint.user_data
+        names = ["user_data", "endpoint_url", "node_ids", "market", "hourly_cost_usd"]
+        return {name: getattr(endpoint, name) for name in names}
 
-        def keep(values):
-            outputs.update(zip(["endpoint_url", "node_ids", "market", "hourly_cost_usd"], values))
-
-        return pulumi.Output.all(endpoint.endpoint_url, endpoint.node_ids, endpoint.market,
-                                 endpoint.hourly_cost_usd).apply(keep)
-
-    declare()
-    return monitor, outputs
+    ssh_config = {"kimi-fleet:sshHost": SSH_HOST, "kimi-fleet:sshPrivateKey": SSH_KEY}
+    return run_components(declare, r.spec.stack, config=ssh_config, secret_keys=list(ssh_config))
 
 
-def commands(monitor: RecordingMonitor) -> dict[str, dict]:
-    return {r["name"]: r for r in monitor.of_type(COMMAND)}
+def commands(run: MockRun) -> dict[str, dict]:
+    return {r["name"]: r for r in run.of_type(COMMAND)}
 
 
 def plain(value) -> str:
     """A wire value with any secret-wrapped parts left out."""
     if isinstance(value, dict):
-        if value.get("4dabf18193072939515e22adb298388d"):
+        if is_secret(value):
             return "<secret>"
         return " ".join(f"{k}={plain(v)}" for k, v in value.items())
     if isinstance(value, list):
@@ -78,8 +65,8 @@ def plain(value) -> str:
 @pytest.mark.parametrize("stack, engines", [("rtxpro6000-int4-sglang", 1), ("mi300x-int4-sglang", 2)])
 def test_copies_every_node_file_and_bootstraps(stack, engines):
     r = resolved(stack)
-    monitor, outputs = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
-    declared = commands(monitor)
+    run = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
+    declared = commands(run)
     files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
     copied = [c for c in declared.values() if "stdin" in c["wire"] and c["name"].startswith("kimi-file-")]
     assert sorted(c["wire"]["stdin"] for c in copied) == sorted(f.content for f in files.values())
@@ -92,22 +79,21 @@ def test_copies_every_node_file_and_bootstraps(stack, engines):
     assert bootstrap["wire"]["create"] == "sudo /usr/local/sbin/kimi-bootstrap"
     assert len(bootstrap["wire"]["triggers"]) == len(files) + 2  # every file, and both secrets
     assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds
-    urns = {c["name"]: c["urn"] for c in declared.values()}
-    assert set(bootstrap["dependencies"]) >= {urns[n] for n in declared if n != "kimi-bootstrap"}
+    assert set(bootstrap["dependencies"]) >= {n for n in declared if n != "kimi-bootstrap"}
 
-    (proxy,) = monitor.of_type("kimi-fleet:proxy:AuthProxy")
+    (proxy,) = run.of_type("kimi-fleet:proxy:AuthProxy")
     caddyfile = files[node_files.CADDYFILE].content
     upstreams = " ".join(f"127.0.0.1:{r.engine.port + i}" for i in range(engines))
     assert f"reverse_proxy {upstreams} {{" in caddyfile
     assert proxy["wire"]["caddyfile"] == caddyfile
-    assert outputs["endpoint_url"] == f"https://{r.spec.domain}" and outputs["market"] == "on-demand"
-    assert outputs["user_data"] is None
+    assert run.outputs["endpoint_url"] == f"https://{r.spec.domain}" and run.outputs["market"] == "on-demand"
+    assert run.outputs["user_data"] is None
 
 
 def test_secrets_reach_the_host_only_through_stdin():
     r = resolved("mi300x-int4-sglang")
-    monitor, outputs = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
-    declared = commands(monitor)
+    run = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
+    declared = commands(run)
     for name in ("kimi-secret-api-key", "kimi-secret-hf-token"):
         wire = declared[name]["wire"]
         assert ".stdin" in list(secret_paths(wire))
@@ -118,29 +104,29 @@ def test_secrets_reach_the_host_only_through_stdin():
             assert secret not in visible, command["name"]
         assert ".connection.privateKey" in list(secret_paths(command["wire"])) or \
             "<secret>" in plain(command["wire"]["connection"])
-    assert outputs["node_ids"] == [SSH_HOST]
+    assert run.outputs["node_ids"] == [SSH_HOST]
 
 
 def test_dns_record_points_at_the_host_when_a_zone_is_given():
     r = resolved("rtxpro6000-int4-sglang", target={"kind": "host", "host": {"address": SSH_HOST,
                                                                             "hostedZoneId": "Z0123456789"}})
-    monitor, _ = run_host_endpoint(r)
-    (record,) = monitor.of_type("aws:route53/record:Record")
+    run = run_host_endpoint(r)
+    (record,) = run.of_type("aws:route53/record:Record")
     assert record["wire"]["type"] == "A" and record["wire"]["records"] == [SSH_HOST]
     assert record["wire"]["name"] == "kimi-rtx.example.com"
-    assert "kimi-secret-hf-token" not in commands(monitor)
+    assert "kimi-secret-hf-token" not in commands(run)
 
 
 def test_startup_script_only_declares_no_ssh_resources():
     r = resolved("mi300x-int4-sglang", target={"kind": "host", "host": {"startupScriptOnly": True}})
-    monitor, outputs = run_host_endpoint(r)
-    assert not [x for x in monitor.registrations if x["type"].startswith("command:")]
-    assert not monitor.of_type("aws:route53/record:Record")
-    user_data = outputs["user_data"]
+    run = run_host_endpoint(r)
+    assert not [x for x in run.resources if x["type"].startswith("command:")]
+    assert not run.of_type("aws:route53/record:Record")
+    user_data = run.outputs["user_data"]
     assert user_data.startswith("#cloud-config\n")
     assert "/usr/local/sbin/kimi-bootstrap" in user_data and "/etc/kimi-fleet/engine-1.env" in user_data
     assert "SECRETS_KIND=files" in user_data
-    assert outputs["node_ids"] == []
+    assert run.outputs["node_ids"] == []
 
 
 # --- the bootstrap itself, on this machine ----------------------------------------------------

@@ -2,53 +2,16 @@
 
 import pulumi
 import pytest
-from google.protobuf import json_format
-from pulumi.runtime.mocks import MockMonitor
 
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
+from tooling.mock_run import MockRun, run_components, secret_paths
 
-#: The marker Pulumi's wire format wraps a secret value in.
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
-SIG_KEY = "4dabf18193072939515e22adb298388d"
 API_KEY = "sk-test-not-a-real-key-0123456789"
 HF_TOKEN = "hf_test_not_a_real_token"
-
-
-class EchoMocks(pulumi.runtime.Mocks):
-    def new_resource(self, args):
-        return f"{args.name}-id", args.inputs
-
-    def call(self, args):
-        return {}
-
-
-class RecordingMonitor(MockMonitor):
-    """The mock monitor, also keeping what the default one drops: timeouts, dependencies, wire form."""
-
-    def __init__(self):
-        super().__init__(EchoMocks())
-        self.registrations: list[dict] = []
-
-    def RegisterResource(self, request):
-        response = super().RegisterResource(request)
-        timeouts = request.customTimeouts
-        self.registrations.append({
-            "type": request.type,
-            "name": request.name,
-            "urn": response.urn,
-            "parent": request.parent,
-            "dependencies": list(request.dependencies),
-            "timeouts": {"create": timeouts.create, "update": timeouts.update},
-            "wire": json_format.MessageToDict(request.object),
-        })
-        return response
-
-    def of_type(self, typ: str) -> list[dict]:
-        return [r for r in self.registrations if r["type"] == typ]
 
 
 def seconds(text: str) -> int:
@@ -56,46 +19,23 @@ def seconds(text: str) -> int:
     return int(text[:-1])
 
 
-def secret_paths(node, path=""):
-    """Paths in a wire-form object that hold a secret-wrapped value."""
-    if isinstance(node, dict):
-        if node.get(SIG_KEY) == SECRET_SIG:
-            yield path
-            return
-        for key, value in node.items():
-            yield from secret_paths(value, f"{path}.{key}")
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from secret_paths(value, f"{path}[{index}]")
-
-
 def resolved(stack: str) -> Resolved:
     return Resolved(load_stack_config(stack_file(stack)).spec())
 
 
-def run_kubernetes_endpoint(stack: str, *, hf_token=None) -> tuple[RecordingMonitor, dict]:
+def run_kubernetes_endpoint(stack: str, *, hf_token=None) -> MockRun:
     from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
 
-    monitor = RecordingMonitor()
-    pulumi.runtime.set_mocks(EchoMocks(), project="kimi-fleet", stack=stack, preview=False, monitor=monitor)
-    outputs: dict = {}
-
-    @pulumi.runtime.test
     def declare():
         r = resolved(stack)
         endpoint = KubernetesEndpoint("kimi", KubernetesEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r),
             api_key=pulumi.Output.secret(API_KEY), hf_token=hf_token,
         ))
+        names = ["endpoint_url", "openai_base_url", "node_ids", "market", "hourly_cost_usd"]
+        return {name: getattr(endpoint, name) for name in names}
 
-        def keep(values):
-            outputs.update(zip(["endpoint_url", "openai_base_url", "node_ids", "market", "hourly_cost_usd"], values))
-
-        return pulumi.Output.all(endpoint.endpoint_url, endpoint.openai_base_url, endpoint.node_ids,
-                                 endpoint.market, endpoint.hourly_cost_usd).apply(keep)
-
-    declare()
-    return monitor, outputs
+    return run_components(declare, stack)
 
 
 @pytest.fixture(scope="module")
@@ -104,50 +44,50 @@ def gb200():
 
 
 def test_declares_the_whole_stack_as_children(gb200):
-    monitor, _ = gb200
-    types = [r["type"] for r in monitor.registrations]
+    run = gb200
+    types = [r["type"] for r in run.resources]
     for typ in ("kubernetes:core/v1:Namespace", "kubernetes:core/v1:ConfigMap", "kubernetes:core/v1:PersistentVolumeClaim",
                 "kubernetes:batch/v1:Job", "kubernetes:resource.k8s.io/v1:ResourceClaimTemplate",
                 "kubernetes:apps/v1:Deployment", "kubernetes:core/v1:Service", "pulumi:providers:kubernetes",
                 "kimi-fleet:proxy:AuthProxy"):
         assert typ in types, typ
     assert types.count("kubernetes:core/v1:Secret") == 2
-    (component,) = monitor.of_type("kimi-fleet:kubernetes:KubernetesEndpoint")
-    children = [r for r in monitor.registrations if r is not component and r["type"] != "pulumi:pulumi:Stack"]
-    assert all(r["parent"] == component["urn"] for r in children)
+    (component,) = run.of_type("kimi-fleet:kubernetes:KubernetesEndpoint")
+    children = [r for r in run.resources if r is not component]
+    assert all(r["parent"] == component["name"] for r in children)
 
 
 def test_dra_claim_template_asks_for_four_gpus(gb200):
-    monitor, _ = gb200
-    (template,) = monitor.of_type("kubernetes:resource.k8s.io/v1:ResourceClaimTemplate")
+    run = gb200
+    (template,) = run.of_type("kubernetes:resource.k8s.io/v1:ResourceClaimTemplate")
     (request,) = template["wire"]["spec"]["spec"]["devices"]["requests"]
     assert request["exactly"]["count"] == 4 and request["exactly"]["deviceClassName"] == "gpu.nvidia.com"
 
 
 def test_waits_longer_than_the_model_load(gb200):
-    monitor, _ = gb200
+    run = gb200
     r = resolved("gb200-int4-vllm")
     sizing = size(r)
-    (deployment,) = monitor.of_type("kubernetes:apps/v1:Deployment")
+    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
     for phase in ("create", "update"):
         assert seconds(deployment["timeouts"][phase]) > sizing.warm_start_seconds
         assert seconds(deployment["timeouts"][phase]) > 600  # the provider's default
-    (job,) = monitor.of_type("kubernetes:batch/v1:Job")
+    (job,) = run.of_type("kubernetes:batch/v1:Job")
     assert seconds(job["timeouts"]["create"]) > sizing.download_seconds
     # The engines wait for the verified weights, the claim template, the Caddyfile and the secrets.
-    urns = {r["type"]: r["urn"] for r in monitor.registrations}
+    names = {r["type"]: r["name"] for r in run.resources}
     for prerequisite in ("kubernetes:batch/v1:Job", "kubernetes:resource.k8s.io/v1:ResourceClaimTemplate",
                          "kubernetes:core/v1:ConfigMap", "kubernetes:core/v1:Secret"):
-        assert urns[prerequisite] in deployment["dependencies"], prerequisite
+        assert names[prerequisite] in deployment["dependencies"], prerequisite
 
 
 def test_secrets_travel_only_as_secrets(gb200):
-    monitor, _ = gb200
-    secrets = {r["wire"]["metadata"]["name"]: r for r in monitor.of_type("kubernetes:core/v1:Secret")}
+    run = gb200
+    secrets = {r["wire"]["metadata"]["name"]: r for r in run.of_type("kubernetes:core/v1:Secret")}
     assert set(secrets) == {manifests.API_KEY_SECRET, manifests.HF_TOKEN_SECRET}
     for secret in secrets.values():
         assert list(secret_paths(secret["wire"])), f"{secret['name']} carries its value in plain text"
-    for registration in monitor.registrations:
+    for registration in run.resources:
         if registration["type"] == "kubernetes:core/v1:Secret":
             continue
         plain = str(registration["wire"])
@@ -155,8 +95,7 @@ def test_secrets_travel_only_as_secrets(gb200):
 
 
 def test_outputs(gb200):
-    _, outputs = gb200
-    assert outputs == {
+    assert gb200.outputs == {
         "endpoint_url": "https://kimi-gb200.example.com",
         "openai_base_url": "https://kimi-gb200.example.com/v1",
         "node_ids": ["kimi-engine-on-demand"],
@@ -166,11 +105,11 @@ def test_outputs(gb200):
 
 
 def test_mi355x_without_hf_token_uses_the_vendor_resource():
-    monitor, outputs = run_kubernetes_endpoint("mi355x-int4-sglang")
-    assert not monitor.of_type("kubernetes:resource.k8s.io/v1:ResourceClaimTemplate")
-    assert len(monitor.of_type("kubernetes:core/v1:Secret")) == 1
-    (deployment,) = monitor.of_type("kubernetes:apps/v1:Deployment")
+    run = run_kubernetes_endpoint("mi355x-int4-sglang")
+    assert not run.of_type("kubernetes:resource.k8s.io/v1:ResourceClaimTemplate")
+    assert len(run.of_type("kubernetes:core/v1:Secret")) == 1
+    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
     engine = deployment["wire"]["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
     assert deployment["wire"]["spec"]["replicas"] == 2
-    assert outputs["node_ids"] == ["kimi-engine-on-demand"]
+    assert run.outputs["node_ids"] == ["kimi-engine-on-demand"]

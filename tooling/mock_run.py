@@ -1,9 +1,10 @@
 """Run the real Pulumi program under the SDK's mock runtime and record what it declares.
 
 The mock monitor is given every registration, so we keep each resource's type, name, parent,
-inputs (secrets masked), custom timeouts and dependencies, and the stack's outputs. Config comes
-from Pulumi.yaml and the stack file (secure values stay encrypted: the program sees a marked
-placeholder through `get_secret`, shown as secret, never decrypted).
+inputs (secrets masked), wire form (where secrets show as wrapped values), custom timeouts, retention
+and dependencies, and the stack's outputs. Config comes from Pulumi.yaml and the stack file (secure
+values stay encrypted: the program sees a marked placeholder through `get_secret`, shown as secret,
+never decrypted). `run_components` declares a few components the same way, for tests.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import logging
 import runpy
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pulumi
 from google.protobuf import json_format
@@ -23,6 +26,7 @@ from kimi_fleet.spec import CONFIG_NAMESPACE
 from kimi_fleet.stackfile import DEPLOY_TIME_SECRETS, PROJECT_ROOT, StackConfig, load_stack_config, stack_file
 
 PROGRAM = PROJECT_ROOT / "__main__.py"
+#: The marker Pulumi's wire format wraps a secret value in: {SECRET_SIG_KEY: SECRET_SIG, "value": ...}.
 SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
@@ -30,11 +34,23 @@ SECRET_SHOWN = "[secret]"
 #: What a secure config value looks like to the program offline.
 ENCRYPTED_PLACEHOLDER = "encrypted-in-stack-file"
 
+# What the mocked AWS provider answers with.
+ZONES = ["us-east-1a", "us-east-1b"]
+#: The zone of a subnet the stack names itself: not one the default lookups give, so it shows when followed.
+GIVEN_SUBNET_ZONE = "us-east-1c"
+AMI_ID = "ami-0123456789abcdef0"
+PUBLIC_IP = "203.0.113.10"
+EBS_VOLUME_ID = "vol-0123456789abcdef0"
+EIP_ALLOCATION_ID = "eipalloc-0abc"
+NLB_DNS_NAME = "kimi-nlb-123.elb.us-east-1.amazonaws.com"
+NLB_ZONE_ID = "Z26RNL4JYFTOTI"
+
 
 @dataclass
 class MockRun:
     stack: str
     resources: list[dict] = field(default_factory=list)
+    #: the stack's exports (secrets masked unless revealed); for `run_components`, the declared values, resolved
     outputs: dict = field(default_factory=dict)
     error: str | None = None
     #: secrets the target needs that the stack file does not hold yet (placeholders were used)
@@ -58,10 +74,27 @@ sys.unraisablehook = _quiet_closed_loops
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
+def is_secret(node) -> bool:
+    """Whether a wire-form value is a secret-wrapped one."""
+    return isinstance(node, dict) and node.get(SECRET_SIG_KEY) == SECRET_SIG
+
+
+def secret_paths(node, path=""):
+    """Paths in a wire-form object that hold a secret-wrapped value ("" for the object itself)."""
+    if is_secret(node):
+        yield path
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from secret_paths(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from secret_paths(value, f"{path}[{index}]")
+
+
 def unwrap(node, reveal: bool = False):
     """Wire form -> plain values; secrets become {"secret": True, "value": ...} or the mask."""
     if isinstance(node, dict):
-        if node.get(SECRET_SIG_KEY) == SECRET_SIG:
+        if is_secret(node):
             if reveal:
                 return {"secret": True, "value": unwrap(node.get("value"), reveal)}
             return SECRET_SHOWN
@@ -74,40 +107,50 @@ def unwrap(node, reveal: bool = False):
 
 
 class EchoMocks(pulumi.runtime.Mocks):
-    """Resources echo their inputs and get a stable id; lookups return plausible shapes."""
+    """Resources echo their inputs and get a stable id, plus the outputs the components read;
+    lookups return plausible shapes, and a lookup nobody taught them fails the run."""
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         state = dict(args.inputs)
+        state.setdefault("arn", f"arn:aws:mock:::{args.name}")
+        resource_id = f"{args.name}-id"
         if args.typ == "random:index/randomPassword:RandomPassword":
             state["result"] = "mock" + "x" * (int(args.inputs.get("length", 16)) - 4)
-        if args.typ in ("aws:ec2/eip:Eip", "aws:ec2/instance:Instance"):
-            state.setdefault("publicIp", "203.0.113.10")
-        if args.typ == "aws:lb/loadBalancer:LoadBalancer":
-            state.setdefault("dnsName", f"{args.name}.elb.amazonaws.com")
-        state.setdefault("arn", f"arn:aws:mock:::{args.name}")
-        return f"{args.name}-id", state
+        elif args.typ == "aws:ebs/volume:Volume":
+            resource_id = EBS_VOLUME_ID
+        elif args.typ == "aws:ec2/eip:Eip":
+            state.setdefault("publicIp", PUBLIC_IP)
+            state.setdefault("allocationId", EIP_ALLOCATION_ID)
+        elif args.typ == "aws:ec2/instance:Instance":
+            state.setdefault("publicIp", PUBLIC_IP)
+        elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
+            state.setdefault("dnsName", NLB_DNS_NAME)
+            state.setdefault("zoneId", NLB_ZONE_ID)
+        elif args.typ == "aws:iam/role:Role":
+            state.setdefault("name", args.name)
+        return resource_id, state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         token = args.token
         if token == "aws:ssm/getParameter:getParameter":
-            return {**args.args, "value": "ami-0123456789abcdef0", "type": "String"}
+            return {**args.args, "value": AMI_ID, "type": "String"}
         if token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
             offered = args.args["filters"][0]["values"][0]
-            return {"locations": ["us-east-1a", "us-east-1b"], "locationTypes": ["availability-zone"] * 2,
-                    "instanceTypes": [offered] * 2}
+            return {"locations": ZONES, "locationTypes": ["availability-zone"] * 2, "instanceTypes": [offered] * 2}
         if token == "aws:ec2/getVpc:getVpc":
             return {"id": "vpc-mock", "cidrBlock": "172.31.0.0/16"}
         if token == "aws:ec2/getSubnets:getSubnets":
-            return {"ids": ["subnet-mock-a", "subnet-mock-b"]}
+            zones = next((f["values"] for f in args.args["filters"] if f["name"] == "availability-zone"), ZONES)
+            return {"ids": [f"subnet-{zone[-1]}" for zone in zones]}
         if token == "aws:ec2/getSubnet:getSubnet":
-            return {"id": args.args.get("id", "subnet-mock-a"), "availabilityZone": "us-east-1a"}
+            return {"id": args.args["id"], "availabilityZone": GIVEN_SUBNET_ZONE, "vpcId": "vpc-mock"}
         if token == "aws:index/getAvailabilityZones:getAvailabilityZones":
-            return {"names": ["us-east-1a", "us-east-1b"], "zoneIds": ["use1-az1", "use1-az2"]}
+            return {"names": ZONES, "zoneIds": ["use1-az1", "use1-az2"]}
         if token == "aws:index/getRegion:getRegion":
             return {"name": "us-east-1", "region": "us-east-1"}
         if token == "aws:index/getCallerIdentity:getCallerIdentity":
             return {"accountId": "123456789012"}
-        return dict(args.args)
+        raise NotImplementedError(f"the mocks have no answer for invoke {token}")
 
 
 class RecordingMonitor(mocks.MockMonitor):
@@ -119,21 +162,23 @@ class RecordingMonitor(mocks.MockMonitor):
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         timeouts = request.customTimeouts
+        wire = json_format.MessageToDict(request.object)
         record = {
             "type": request.type,
             "name": request.name,
             "urn": response.urn,
             "parent": self.by_urn.get(request.parent, {}).get("name"),
             "custom": request.custom,
-            "inputs": unwrap(json_format.MessageToDict(request.object), self.reveal),
+            "inputs": unwrap(wire, self.reveal),
+            "wire": wire,
             "dependencies": [self.by_urn.get(u, {}).get("name", u) for u in request.dependencies],
             "timeouts": {k: v for k, v in (("create", timeouts.create), ("update", timeouts.update)) if v},
+            "retain_on_delete": request.retainOnDelete,
         }
         self.by_urn[response.urn] = record
         if request.type != "pulumi:pulumi:Stack":
             self.run.resources.append(record)
         return response
-
 
 
 async def collect_outputs(run: MockRun, reveal: bool) -> None:
@@ -152,6 +197,32 @@ def run_program(run: MockRun, reveal: bool) -> None:
     _sync_await(collect_outputs(run, reveal))
 
 
+def _install_mocks(run: MockRun, reveal: bool) -> None:
+    mocks_impl = EchoMocks()
+    monitor = RecordingMonitor(run, mocks_impl, reveal)
+    mocks.set_mocks(mocks_impl, project="kimi-fleet", stack=run.stack, preview=False, monitor=monitor)
+    settings.SETTINGS.rpc_manager.clear()
+    settings.SETTINGS.outputs.clear()
+
+
+def run_components(declare: Callable[[], Mapping[str, Any]], stack: str, *,
+                   config: Mapping[str, str] | None = None, secret_keys: Iterable[str] = ()) -> MockRun:
+    """Declare some components (not the whole program) under the mocks, with only the given config.
+
+    `declare` returns the values to keep as the run's outputs (Outputs or plain values); they are
+    resolved to plain values, secrets included, for tests to check. Errors are raised, not captured.
+    """
+    run = MockRun(stack)
+    pulumi.runtime.set_all_config(dict(config or {}), list(secret_keys))
+    _install_mocks(run, reveal=False)
+
+    def declare_and_keep() -> None:
+        run.outputs.update(_sync_await(pulumi.Output.all(**declare()).future()))
+
+    _sync_await(mocks.run_pulumi_func(declare_and_keep))
+    return run
+
+
 def run_config(config: StackConfig, *, reveal_secrets: bool = False) -> MockRun:
     """Run the program for one stack config; errors are captured, never raised."""
     run = MockRun(config.stack)
@@ -167,11 +238,7 @@ def run_config(config: StackConfig, *, reveal_secrets: bool = False) -> MockRun:
             values[key] = ENCRYPTED_PLACEHOLDER
             secret_keys.append(key)
     pulumi.runtime.set_all_config(values, secret_keys)
-    mocks_impl = EchoMocks()
-    monitor = RecordingMonitor(run, mocks_impl, reveal_secrets)
-    mocks.set_mocks(mocks_impl, project="kimi-fleet", stack=config.stack, preview=False, monitor=monitor)
-    settings.SETTINGS.rpc_manager.clear()
-    settings.SETTINGS.outputs.clear()
+    _install_mocks(run, reveal_secrets)
     try:
         _sync_await(mocks.run_pulumi_func(lambda: run_program(run, reveal_secrets)))
     except Exception as exc:  # the program's own refusal or a bug: reported, not raised
