@@ -13,17 +13,14 @@ import pulumi
 import pulumi_aws as aws
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
-from components.endpoint_outputs import publish_endpoint
+from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
 from components.gpu_node import GpuNode, GpuNodeArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
-from kimi_fleet.launch import Launch
 from kimi_fleet.node_files import default_ssm_prefix, render_caddyfile_for, render_user_data
-from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing
 
 STACK_TAG = "kimi-fleet:stack"
 WORKLOAD_TAG = "kimi-fleet:workload"
@@ -31,12 +28,8 @@ MARKET_TAG = "kimi-fleet:market"
 
 
 @dataclass
-class AwsEndpointArgs:
-    resolved: Resolved
-    sizing: Sizing
-    launch: Launch
-    api_key: pulumi.Input[str]
-    hf_token: pulumi.Input[str] | None = None
+class AwsEndpointArgs(EndpointArgs):
+    """The shared endpoint inputs; nothing Aws-specific beyond the spec."""
 
 
 class AwsEndpoint(pulumi.ComponentResource):

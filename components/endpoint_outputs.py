@@ -1,8 +1,25 @@
-"""The outputs every endpoint component publishes, whatever its target, set and registered once."""
+"""What every endpoint component takes and publishes, whatever its target: defined once."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pulumi
+
+from kimi_fleet.launch import Launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import Sizing
+
+
+@dataclass
+class EndpointArgs:
+    """The validated stack, its sizing and launch, and the secrets the endpoint needs."""
+
+    resolved: Resolved
+    sizing: Sizing
+    launch: Launch
+    api_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str] | None = None
 
 
 def publish_endpoint(component: pulumi.ComponentResource, *, domain: str, node_ids: pulumi.Input[list[str]],

@@ -20,11 +20,9 @@ import pulumi_aws as aws
 from pulumi_command import remote
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
-from components.endpoint_outputs import publish_endpoint
+from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from kimi_fleet import node_files
-from kimi_fleet.launch import Launch
 from kimi_fleet.node_files import NodeFile, SecretsSource
-from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
@@ -35,12 +33,8 @@ BOOTSTRAP_SETUP_SECONDS = 30 * 60
 
 
 @dataclass
-class HostEndpointArgs:
-    resolved: Resolved
-    sizing: Sizing
-    launch: Launch
-    api_key: pulumi.Input[str]
-    hf_token: pulumi.Input[str] | None = None
+class HostEndpointArgs(EndpointArgs):
+    """The shared endpoint inputs; nothing Host-specific beyond the spec."""
 
 
 def install_from_stdin(path: str, mode: int) -> str:

@@ -13,11 +13,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
-from components.endpoint_outputs import publish_endpoint
+from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from kimi_fleet import k8s_manifests as manifests
-from kimi_fleet.launch import Launch
-from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
 RESOURCE_CLASSES = {
@@ -32,12 +29,8 @@ RESOURCE_CLASSES = {
 
 
 @dataclass
-class KubernetesEndpointArgs:
-    resolved: Resolved
-    sizing: Sizing
-    launch: Launch
-    api_key: pulumi.Input[str]
-    hf_token: pulumi.Input[str] | None = None
+class KubernetesEndpointArgs(EndpointArgs):
+    """The shared endpoint inputs; nothing Kubernetes-specific beyond the spec."""
 
 
 def _seconds(value: int) -> str:

@@ -100,22 +100,7 @@ async def run_suite_async(
     return Report(base_url, model, engine, list(results), time.perf_counter() - started)
 
 
-def run_suite(
-    base_url: str,
-    api_key: str,
-    model: str,
-    engine: str = "vllm",
-    only: Iterable[str] | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    load: int = 0,
-    verify: bool | str = True,
-    on_result: Callable[[CheckResult], None] | None = None,
-) -> Report:
-    """Verify a deployed endpoint. `verify`: True (system CAs), False (no TLS verification) or
-    the path of a CA bundle (PEM). Raises ValueError on bad arguments."""
-    return asyncio.run(
-        run_suite_async(
-            base_url, api_key, model, engine=engine, only=only, timeout=timeout, load=load, verify=verify,
-            on_result=on_result,
-        )
-    )
+def run_suite(base_url: str, api_key: str, model: str, **options) -> Report:
+    """Verify a deployed endpoint (options as for run_suite_async). `verify`: True (system CAs),
+    False (no TLS verification) or the path of a CA bundle (PEM). Raises ValueError on bad arguments."""
+    return asyncio.run(run_suite_async(base_url, api_key, model, **options))
