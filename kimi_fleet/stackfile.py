@@ -16,8 +16,6 @@ from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, parse_spec
 
 #: Config keys that are secrets: only ever `secure:`, never part of the spec.
 SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
-#: Secrets a target cannot deploy without; `plan` runs with placeholders and lists them.
-DEPLOY_TIME_SECRETS = {"host": ("sshHost", "sshPrivateKey")}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = PROJECT_ROOT / "stacks"
 
@@ -100,3 +98,11 @@ def load_stack_config(path: Path, stack: str | None = None) -> StackConfig:
             values[name] = value
     return StackConfig(stack, path, values, tuple(sorted(secure)), pulumi_config)
 
+
+def deploy_time_secrets(target: dict) -> tuple[str, ...]:
+    """Secrets a target cannot deploy without; `plan` runs with placeholders and lists them.
+
+    An existing host is reached over SSH, unless it is a cloud that only takes a startup script."""
+    if target.get("kind") == "host" and not (target.get("host") or {}).get("startupScriptOnly"):
+        return ("sshHost", "sshPrivateKey")
+    return ()

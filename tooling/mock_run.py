@@ -23,7 +23,7 @@ from pulumi.runtime import mocks, settings
 from pulumi.runtime.sync_await import _sync_await
 
 from kimi_fleet.spec import CONFIG_NAMESPACE
-from kimi_fleet.stackfile import DEPLOY_TIME_SECRETS, PROJECT_ROOT, StackConfig, load_stack_config, stack_file
+from kimi_fleet.stackfile import PROJECT_ROOT, deploy_time_secrets, StackConfig, load_stack_config, stack_file
 
 PROGRAM = PROJECT_ROOT / "__main__.py"
 #: The marker Pulumi's wire format wraps a secret value in: {SECRET_SIG_KEY: SECRET_SIG, "value": ...}.
@@ -230,8 +230,7 @@ def run_config(config: StackConfig, *, reveal_secrets: bool = False) -> MockRun:
     secret_keys = list(config.secure_keys)
     for key in config.secure_keys:
         values[key] = ENCRYPTED_PLACEHOLDER
-    target_kind = (config.values.get("target") or {}).get("kind")
-    for name in DEPLOY_TIME_SECRETS.get(target_kind, ()):
+    for name in deploy_time_secrets(config.values.get("target") or {}):
         key = f"{CONFIG_NAMESPACE}:{name}"
         if key not in values:
             run.missing_secrets.append(key)
