@@ -103,6 +103,9 @@ def render_caddyfile(
             f"\thealth_uri {health_uri}",
             f"\thealth_interval {HEALTH_INTERVAL}",
             f"\thealth_timeout {HEALTH_TIMEOUT}",
+            # Passive health: the request that finds an engine gone fails and takes it out of
+            # rotation for fail_duration. No lb_try_duration: caddy 2.6 (Debian, Ubuntu 24.04)
+            # cannot replay a POST body on retry ("invalid Read on closed Body").
             f"\tfail_duration {FAIL_DURATION}",
         ]
     site += [

@@ -584,10 +584,12 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     return json.dumps(facts, indent=2) + "\n"
 
 
-def render_caddyfile_for(r: Resolved, launch: Launch) -> str:
+def render_caddyfile_for(r: Resolved, launch: Launch, **listener) -> str:
+    """The stack's Caddyfile. `listener` (domain, tls, https_port, http_port, bind_host) lets a test
+    run the same configuration on loopback with internal TLS."""
+    options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email, **listener}
     return render_caddyfile(
-        r.spec.domain, launch.upstreams, launch.health_path,
-        api_key_env=CADDY_API_KEY_ENV, tls="acme", acme_email=r.spec.acme_email,
+        options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV, **options,
     )
 
 
