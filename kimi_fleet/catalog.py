@@ -357,6 +357,17 @@ AITER_MLA_HEADS_MULTIPLE = 16
 AMD_SGLANG_ENV: dict[str, str] = {"SGLANG_USE_AITER": "1", "SGLANG_ROCM_FUSED_DECODE_MLA": "0"}
 
 
+# --- Pinned tools a deploy installs besides the engine ---------------------------------------
+
+#: huggingface_hub (the `hf` CLI) installed on nodes and in the Kubernetes download Job.
+HUGGINGFACE_HUB_VERSION = "1.33.0"
+#: The image the Kubernetes download Job runs in.
+DOWNLOAD_IMAGE = "python:3.12.12-slim"
+#: The Caddy sidecar image on Kubernetes (nodes use their distribution's caddy package).
+CADDY_IMAGE = "caddy:2.10.2"
+TOOLS_SOURCE = Source("PyPI / Docker Hub release tags pinned here", "2026-11-23")
+
+
 # --- Machine offers --------------------------------------------------------------------------
 
 

@@ -32,9 +32,6 @@ GPU_CLAIM_TEMPLATE = "kimi-gpus"
 GPU_CLAIM = "gpus"
 PROXY_SERVICE = "kimi-proxy"
 
-DOWNLOAD_IMAGE = "python:3.12.12-slim"
-HUGGINGFACE_HUB_VERSION = "1.33.0"
-CADDY_IMAGE = "caddy:2.10.2"
 WEIGHTS_MOUNT = "/weights"
 VERIFIED_MARKER = ".verified"
 
@@ -71,7 +68,7 @@ pip install --quiet --no-cache-dir --disable-pip-version-check "huggingface_hub=
 hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
 python3 -c "$VERIFY_PROGRAM"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
-""".format(marker=VERIFIED_MARKER, hub=HUGGINGFACE_HUB_VERSION)
+""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION)
 
 #: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
 VERIFY_PROGRAM = """\
@@ -179,7 +176,7 @@ def _weights_volume(r: Resolved) -> dict:
 def _download_container(r: Resolved) -> dict:
     return {
         "name": "download-weights",
-        "image": DOWNLOAD_IMAGE,
+        "image": catalog.DOWNLOAD_IMAGE,
         "command": ["/bin/sh", "-ec", DOWNLOAD_SCRIPT],
         "env": [
             {"name": "REPO", "value": r.repo},
@@ -266,7 +263,7 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
 def _proxy_container() -> dict:
     return {
         "name": "proxy",
-        "image": CADDY_IMAGE,
+        "image": catalog.CADDY_IMAGE,
         "command": ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
         "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
         "ports": [{"name": "https", "containerPort": 443}, {"name": "http", "containerPort": 80}],

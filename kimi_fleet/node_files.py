@@ -19,6 +19,7 @@ from typing import Literal
 
 import yaml
 
+from kimi_fleet import catalog
 from kimi_fleet.caddy import render_caddyfile
 from kimi_fleet.launch import ENV_DIR, Launch, docker_run_command, render_env_file
 from kimi_fleet.resolve import Resolved
@@ -35,7 +36,6 @@ CADDY_API_KEY_ENV = "KIMI_API_KEY"
 #: EC2 refuses user data above 16 KB (before its own base64).
 EC2_USER_DATA_LIMIT = 16 * 1024
 #: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
-HF_HUB_VERSION = "1.33.0"
 #: A hung transfer is killed and resumed; one attempt may take this multiple of the expected time.
 DOWNLOAD_ATTEMPT_SLACK = 3
 MIN_DOWNLOAD_ATTEMPT_SECONDS = 1800
@@ -547,7 +547,7 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "WEIGHTS_SOURCE": spec.weights.source,
         "S3_MIRROR_URI": spec.weights.s3_mirror_uri or "",
         "DOWNLOAD_ATTEMPT_TIMEOUT": str(download_timeout),
-        "HF_HUB_VERSION": HF_HUB_VERSION,
+        "HF_HUB_VERSION": catalog.HUGGINGFACE_HUB_VERSION,
         "EXPECTED_READY_MINUTES": str(-(-sizing.warm_start_seconds // 60)),
         "SECRETS_KIND": secrets.kind,
         "AWS_REGION": secrets.region or (spec.target.aws.region if spec.target.aws else ""),

@@ -6,6 +6,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kimi_fleet import catalog
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
@@ -229,7 +230,7 @@ def test_images_are_pinned(stack):
         for c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
     ]
     assert images and all(image_is_pinned(i) for i in images)
-    assert manifests.HUGGINGFACE_HUB_VERSION in manifests.DOWNLOAD_SCRIPT
+    assert catalog.HUGGINGFACE_HUB_VERSION in manifests.DOWNLOAD_SCRIPT
 
 
 def test_a_replica_spanning_nodes_is_refused_before_anything_is_rendered():

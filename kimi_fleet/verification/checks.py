@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import httpx
 import jsonschema
 
+from kimi_fleet import catalog
+
 from .client import CheckFailed, Endpoint, StreamedChat, chat, gather_all, reasoning_of, stream_chat
 from .images import COLORS, png_data_url, solid_png
 from .report import FAIL, PASS, SKIP
@@ -104,7 +106,7 @@ async def check_models(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome
 
 async def check_health(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
     # SGLang's HTTP server can outlive its scheduler: only a real generation proves liveness.
-    route = "/health_generate" if endpoint.engine == "sglang" else "/health"
+    route = catalog.ENGINES[endpoint.engine].health_path
 
     try:
         response = await client.get(f"{endpoint.root_url}{route}", headers=endpoint.auth_headers)
