@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
 from kimi_fleet.resolve import Resolved
 
 WORLD_V4 = "0.0.0.0/0"
 WORLD_V6 = "::/0"
-PUBLIC_PORTS = ((443, "HTTPS to Caddy"), (80, "ACME HTTP-01 challenge and redirect to HTTPS"))
+PUBLIC_PORTS = ((HTTPS_PORT, "HTTPS to Caddy"), (HTTP_PORT, "ACME HTTP-01 challenge and redirect to HTTPS"))
 
 
 @dataclass

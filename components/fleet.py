@@ -50,6 +50,15 @@ def launch_fingerprint(launch: Launch) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def dns_mechanism(spec) -> str:
+    target = spec.target
+    if target.kind == "kubernetes" and target.kubernetes.external_dns:
+        return f"{spec.domain}: external-dns annotation on the proxy Service"
+    if target.kind == "host" and target.host.hosted_zone_id:
+        return f"{spec.domain}: Route53 record to the host"
+    return f"{spec.domain}: point it at the endpoint yourself"
+
+
 class Fleet(pulumi.ComponentResource):
     endpoint_url: pulumi.Output[str]
     openai_base_url: pulumi.Output[str]
@@ -105,11 +114,7 @@ class Fleet(pulumi.ComponentResource):
         self.market = endpoint.market
         self.hourly_cost_usd = endpoint.hourly_cost_usd
         # AWS says which record it made (or what to create by hand); other targets name their mechanism.
-        self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(
-            f"{spec.domain}: " + ("external-dns annotation on the proxy Service" if spec.target.kind == "kubernetes"
-                                  and spec.target.kubernetes.external_dns else
-                                  "Route53 record to the host" if spec.target.kind == "host"
-                                  and spec.target.host.hosted_zone_id else "point it at the endpoint yourself"))
+        self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(dns_mechanism(spec))
 
         if spec.verification.enabled:
             gate = VerificationGate(f"{name}-gate", VerificationGateArgs(

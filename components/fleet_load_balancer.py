@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-PASSTHROUGH_PORTS = (443, 80)
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
+
+PASSTHROUGH_PORTS = (HTTPS_PORT, HTTP_PORT)
 #: A replaced spot node drains quickly: its in-flight streams are lost anyway.
 DEREGISTRATION_DELAY_SECONDS = 30
 

@@ -17,6 +17,9 @@ UPSTREAM_IO_TIMEOUT = "3600s"
 HEALTH_INTERVAL = "10s"
 HEALTH_TIMEOUT = "5s"
 FAIL_DURATION = "30s"
+#: What the proxy serves to the world by default: HTTPS, and HTTP for ACME challenges and the redirect.
+HTTPS_PORT = 443
+HTTP_PORT = 80
 # On restart (admin is off, so config changes restart Caddy) stop waiting for hung upstreams.
 SHUTDOWN_GRACE_PERIOD = "10s"
 

@@ -17,7 +17,7 @@ import math
 import yaml
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import render_caddyfile
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, render_caddyfile
 from kimi_fleet.launch import MODEL_MOUNT, Launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -266,7 +266,7 @@ def _proxy_container() -> dict:
         "image": catalog.CADDY_IMAGE,
         "command": ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
         "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
-        "ports": [{"name": "https", "containerPort": 443}, {"name": "http", "containerPort": 80}],
+        "ports": [{"name": "https", "containerPort": HTTPS_PORT}, {"name": "http", "containerPort": HTTP_PORT}],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         # The image's caddy runs as root; it keeps only the right to bind 80/443.
         "securityContext": {
@@ -274,7 +274,7 @@ def _proxy_container() -> dict:
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
         },
-        "readinessProbe": {"tcpSocket": {"port": 443}, "periodSeconds": 10},
+        "readinessProbe": {"tcpSocket": {"port": HTTPS_PORT}, "periodSeconds": 10},
         "volumeMounts": [
             {"name": "caddyfile", "mountPath": "/etc/caddy", "readOnly": True},
             {"name": "caddy-data", "mountPath": "/data"},
@@ -390,8 +390,8 @@ def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
             "selector": labels(stack, "engine"),
             # Only Caddy: the engine port is never exposed.
             "ports": [
-                {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
-                {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                {"name": "https", "port": HTTPS_PORT, "targetPort": "https", "protocol": "TCP"},
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
             ],
         },
     })

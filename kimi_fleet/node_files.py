@@ -473,13 +473,13 @@ RequiresMountsFor={r.spec.weights.host_path}
 Type=simple
 EnvironmentFile=/etc/kimi-fleet/engine-%i.env
 # A container left over from a crash would block the name.
-ExecStartPre=-/usr/bin/docker rm --force kimi-engine-%i
+ExecStartPre=-/usr/bin/docker rm --force ${{CONTAINER_NAME}}
 # Pinned tags do not move: pull only when missing (locally built images are never pulled).
 ExecStartPre=/bin/sh -c 'docker image inspect "$IMAGE" >/dev/null 2>&1 || docker pull "$IMAGE"'
 ExecStartPre=/usr/local/sbin/kimi-wait-gpus-free ${{GPU_IDS}}
 ExecStartPre=/usr/bin/test -f ${{WEIGHTS_DIR}}/.kimi-verified
 ExecStart=/usr/local/sbin/kimi-engine-run
-ExecStop=/usr/bin/docker stop --time={ENGINE_STOP_GRACE_SECONDS} kimi-engine-%i
+ExecStop=/usr/bin/docker stop --time={ENGINE_STOP_GRACE_SECONDS} ${{CONTAINER_NAME}}
 TimeoutStartSec={ENGINE_START_TIMEOUT_SECONDS}
 TimeoutStopSec={ENGINE_STOP_GRACE_SECONDS + 60}
 Restart=on-failure

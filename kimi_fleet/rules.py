@@ -22,6 +22,7 @@ MANAGED_FLAGS = {
     "--mm-encoder-tp-mode": "engine.mmEncoderTpMode", "--speculative-config": "engine.speculative",
     "--language-model-only": "engine.languageModelOnly", "--model-path": "model", "--model": "model",
 }
+TOOL_CALL_FLAGS = {"--tool-call-parser", "--enable-auto-tool-choice"}
 VLLM_KV_DTYPES = {"auto", "bf16", "fp8", "fp8_e4m3"}  # TRITON/FlashMLA KV menu (seed 003)
 SGLANG_KV_DTYPES = {"auto", "bf16", "fp8_e4m3", "fp8_e5m2"}
 
@@ -141,9 +142,9 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
     for arg in e.extra_args:
         flag = arg.split("=", 1)[0]
         if flag in MANAGED_FLAGS:
-            yield (f"{_f('engine.extraArgs', arg)}: {flag} is rendered by kimi-fleet "
-                   f"(set {MANAGED_FLAGS[flag]}); vLLM tool calls need --enable-auto-tool-choice with the "
-                   "kimi_k2 parser, which kimi-fleet always renders")
+            why = (": vLLM tool calls need --enable-auto-tool-choice with the kimi_k2 parser, which kimi-fleet "
+                   "always renders" if flag in TOOL_CALL_FLAGS else "")
+            yield f"{_f('engine.extraArgs', arg)}: {flag} is rendered by kimi-fleet (set {MANAGED_FLAGS[flag]}){why}"
     if e.speculative != "off" and not e.speculative_draft_repo:
         yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note EAGLE3 "
                "measured 1.28% acceptance and -46% throughput on K2.6 (seed 004)")

@@ -269,6 +269,14 @@ def _security_group_ingress(props: Mapping) -> list[_Ingress]:
     return rules
 
 
+def _group_source(props: Mapping, key: str) -> list[tuple[str, str]]:
+    """A rule whose source is a security group: its own group (fleet-internal) or another one."""
+    group = _get(props, key)
+    if not group:
+        return []
+    return [("self", "self") if group == _get(props, "securityGroupId") else ("sg", str(group))]
+
+
 def _security_group_rule(props: Mapping) -> list[_Ingress]:
     if str(_get(props, "type", default="")).lower() != "ingress":
         return []
@@ -279,10 +287,7 @@ def _security_group_rule(props: Mapping) -> list[_Ingress]:
     sources += _cidr_sources("prefix-list", _get(props, "prefixListIds"))
     if _get(props, "self") is True:
         sources.append(("self", "self"))
-    source_sg = _get(props, "sourceSecurityGroupId")
-    if source_sg:
-        same = source_sg == _get(props, "securityGroupId")
-        sources.append(("self", "self") if same else ("sg", str(source_sg)))
+    sources += _group_source(props, "sourceSecurityGroupId")
     return [_Ingress("ingress rule", protocol, first, last, sources)]
 
 
@@ -291,10 +296,7 @@ def _vpc_ingress_rule(props: Mapping) -> list[_Ingress]:
     first, last = _port_range(protocol, _get(props, "fromPort"), _get(props, "toPort"))
     sources = _cidr_sources("ipv4", _get(props, "cidrIpv4")) + _cidr_sources("ipv6", _get(props, "cidrIpv6"))
     sources += _cidr_sources("prefix-list", _get(props, "prefixListId"))
-    referenced = _get(props, "referencedSecurityGroupId")
-    if referenced:
-        same = referenced == _get(props, "securityGroupId")
-        sources.append(("self", "self") if same else ("sg", str(referenced)))
+    sources += _group_source(props, "referencedSecurityGroupId")
     return [_Ingress("ingress rule", protocol, first, last, sources)]
 
 

@@ -80,10 +80,10 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     out.mkdir(parents=True)
     for name, text in sorted(render_artifacts(resolved, sizing, launch).items()):
         (out / name).write_text(text)
-        result["artifacts"].append(str((out / name).relative_to(build_dir.parent)) if build_dir.is_relative_to(
-            PROJECT_ROOT) else str(out / name))
-    if preflight and spec.target.kind == "aws" and resolved.offer is not None and (
-            spec.capacity.effective_market == "spot" or spec.capacity.replicas > spec.capacity.effective_on_demand_base):
+        path = out / name
+        result["artifacts"].append(str(path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path))
+    spot_replicas = spec.capacity.replicas - spec.capacity.effective_on_demand_base
+    if preflight and spec.target.kind == "aws" and resolved.offer is not None and spot_replicas:
         from kimi_fleet.spot_preflight import spot_preflight
 
         check = spot_preflight(resolved.offer.instance_type, spec.target.aws.region, spec.capacity.replicas)
