@@ -34,6 +34,12 @@ ENDPOINTS = {
 API_KEY_LENGTH = 48
 
 
+def gate_concurrency(sizing, replicas: int) -> int:
+    """Sequences the endpoint serves at once (every engine, every replica), within 1..64."""
+    engines = sizing.concurrent_sequences_per_engine * sizing.engines_per_node * replicas
+    return max(1, min(64, engines))
+
+
 @dataclass
 class FleetArgs:
     resolved: Resolved
@@ -125,6 +131,8 @@ class Fleet(pulumi.ComponentResource):
                 engine=spec.engine.name,
                 ready_timeout_seconds=args.sizing.cold_start_seconds * 2,
                 request_timeout_seconds=spec.verification.timeout_seconds,
+                context_tokens=spec.context_length,
+                concurrency=gate_concurrency(args.sizing, spec.capacity.replicas),
                 checks=list(spec.verification.checks),
                 load=spec.verification.load,
                 triggers=[endpoint.node_ids, args.launch.image, r.revision, launch_fingerprint(args.launch)],

@@ -29,6 +29,10 @@ class VerificationGateArgs:
     #: seconds to wait for the model to load before checking (from the sizing's time to ready)
     ready_timeout_seconds: int
     request_timeout_seconds: int
+    #: the context the stack promises: the gate proves it with one long prompt
+    context_tokens: int | None = None
+    #: sampled requests in flight at once: what the endpoint runs concurrently (more would queue)
+    concurrency: int = 16
     checks: list[str] = field(default_factory=list)
     load: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
@@ -44,7 +48,10 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
         "--timeout", str(args.request_timeout_seconds),
         "--wait-ready", str(args.ready_timeout_seconds),
         "--json", report,
+        "--concurrency", str(args.concurrency),
     ]
+    if args.context_tokens:
+        argv += ["--context", str(args.context_tokens)]
     if args.checks:
         argv += ["--only", *args.checks]
     if args.load:

@@ -485,3 +485,57 @@ class SpeculativeFinding:
 
 
 EAGLE3_FINDING = SpeculativeFinding("eagle3", 0.0128, -0.466)
+
+
+# --- What the verification gate expects of a good deployment -------------------------------------
+
+K2VV = Source("MoonshotAI K2-Vendor-Verifier results (tool-call schema accuracy)", "2026-05")
+GATE_ASSUMED = Source("assumed here, no published measurement: conservative bound", "2026-12-01")
+
+
+@dataclass(frozen=True)
+class ToolCallAccuracy:
+    """Share of triggered tool calls whose arguments are valid JSON passing the tool's schema."""
+
+    provider: str
+    model: str
+    schema_accuracy: float
+    source: Source = field(default=K2VV)
+
+
+TOOL_CALL_ACCURACY: tuple[ToolCallAccuracy, ...] = (
+    ToolCallAccuracy("official API", "Kimi-K2-Thinking", 1.00),
+    ToolCallAccuracy("stock vLLM", "Kimi-K2-Thinking", 0.87),
+    ToolCallAccuracy("stock SGLang", "Kimi-K2-Thinking", 0.96),
+    ToolCallAccuracy("SGLang 0.5.9", "Kimi-K2.6", 869 / 970),
+)
+
+
+@dataclass(frozen=True)
+class GateBehaviour:
+    """A model behaviour the gate samples and judges as a rate (never on one occurrence)."""
+
+    name: str
+    failure_noun: str
+    #: per-sample failure rate of a good deployment: the gate must pass it
+    good_failure_rate: float
+    #: per-sample failure rate of a broken one: the gate must fail it
+    broken_failure_rate: float
+    source: Source
+
+
+GATE_BEHAVIOURS: dict[str, GateBehaviour] = {
+    b.name: b
+    for b in (
+        # The worst stock-engine figure K2VV published (vLLM, 87%): a good deployment may be that bad.
+        GateBehaviour("tool_schema", "calls invalid (JSON or schema)",
+                      1 - min(a.schema_accuracy for a in TOOL_CALL_ACCURACY), 0.5, K2VV),
+        GateBehaviour("parallel_calls", "two-city requests without two calls", 0.10, 0.5, GATE_ASSUMED),
+        GateBehaviour("vision_colour", "colour answers wrong or missing", 0.05, 0.5, GATE_ASSUMED),
+        GateBehaviour("thinking_content", "thinking answers without content", 0.05, 0.5, GATE_ASSUMED),
+    )
+}
+#: P(a good deployment fails the gate), split evenly over the sampled behaviours
+GATE_FALSE_FAIL_BUDGET = 0.01
+#: P(a deployment at the broken rate passes one behaviour's judgement)
+GATE_FALSE_PASS_BUDGET = 0.05

@@ -227,7 +227,7 @@ class CapacitySpec(Spec):
 class VerificationSpec(Spec):
     enabled: bool = True
     checks: tuple[
-        Literal["auth", "models", "health", "thinking", "instant", "tool_call", "vision", "streaming", "tls"], ...
+        Literal["auth", "models", "health", "thinking", "instant", "tool_call", "vision", "streaming", "context", "tls"], ...
     ] = ()
     load: Annotated[int, Field(ge=0, le=1024)] = 0
     timeout_seconds: Annotated[int, Field(ge=30)] = 600

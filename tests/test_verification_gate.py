@@ -51,3 +51,21 @@ def test_gate_fails_with_the_wrong_key():
         result = subprocess.run(["bash", "-c", command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                                 timeout=120)
     assert result.returncode == 1 and "not ready" in result.stderr
+
+
+def test_gate_command_carries_the_stacks_context_and_concurrency():
+    args = gate_args("vllm")
+    args.context_tokens, args.concurrency = 8192, 1
+    command = verify_command(args, "https://kimi.example.com/v1")
+    assert "--context 8192" in command and "--concurrency 1" in command
+
+
+def test_gate_fails_an_engine_serving_less_context_than_promised():
+    with start_proxied_engine("good", "vllm", options=("--max-model-len", "32768")) as endpoint:
+        args = gate_args("vllm")
+        args.context_tokens = 262_144
+        env = {**os.environ, "KIMI_API_KEY": endpoint.api_key, "SSL_CERT_FILE": str(endpoint.caddy.root_ca)}
+        result = subprocess.run(["bash", "-c", verify_command(args, endpoint.base_url)], cwd=PROJECT_ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "context" in result.stdout and "max_model_len 32,768" in result.stdout

@@ -22,10 +22,14 @@ from kimi_fleet import catalog
 from .client import CheckFailed, Endpoint, StreamedChat, chat, gather_all, reasoning_of, stream_chat
 from .images import COLORS, png_data_url, solid_png
 from .report import FAIL, PASS, SKIP
+from .sampling import judgement_for, samples_needed
 
-# Sampling recommended for K2.6 (thinking is the default mode).
+# Sampling recommended for K2.6 (thinking is the default mode). max_tokens are what a check wants;
+# Endpoint.max_tokens() lowers them to what the served context allows.
 THINKING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 8192}
 INSTANT = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 1024, "chat_template_kwargs": {"thinking": False}}
+#: requests that prove both tool-call paths (non-streaming and streaming) carry a forced call
+FORCED_TOOL_REQUESTS_PER_PATH = 2
 
 WEATHER_TOOL = {
     "type": "function",
@@ -45,9 +49,26 @@ WEATHER_TOOL = {
 }
 WEATHER_VALIDATOR = jsonschema.Draft202012Validator(WEATHER_TOOL["function"]["parameters"])
 
-# A streamed answer is incremental when its content chunks arrive spread over at least this
-# share of the request's duration; a buffered one arrives in a single burst at the end.
-MIN_STREAM_SPREAD = 0.2
+# A streamed answer is incremental when its content arrives in separate reads after the first
+# token; a buffering proxy delivers everything at once. Chunks closer than the gap count as one
+# arrival (one TCP read). A slow first token (a long prefill) says nothing about buffering.
+MIN_ARRIVAL_GAP_S = 0.0005
+MIN_SEPARATE_ARRIVALS = 3
+
+# The context check: a calibration prompt measures tokens per word of the filler text, then one
+# prompt is sized to this share of the advertised context, and must be taken in full.
+CONTEXT_FILL = 0.95
+CONTEXT_CALIBRATION_WORDS = 2000
+FILLER_WORDS = (
+    "river stone garden window morning silver forest letter yellow market bridge summer ocean "
+    "pencil orange travel winter castle doctor island animal basket butter candle circle dinner "
+    "engine family finger flower friend guitar hammer jacket kitchen ladder monkey number parrot "
+    "pocket rabbit rocket shadow spider ticket tunnel valley wallet"
+).split()
+
+
+def with_budget(endpoint: Endpoint, body: dict) -> dict:
+    return {**body, "max_tokens": endpoint.max_tokens(body["max_tokens"])}
 
 
 @dataclass
@@ -67,10 +88,6 @@ def failed(reason: str, **details) -> Outcome:
 
 def skipped(reason: str, **details) -> Outcome:
     return Outcome(SKIP, reason, details)
-
-
-def _leaks_think_tags(text: str) -> bool:
-    return "<think>" in text or "</think>" in text
 
 
 async def check_auth(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
@@ -106,21 +123,22 @@ async def check_models(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome
 
 async def check_health(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
     # SGLang's HTTP server can outlive its scheduler: only a real generation proves liveness.
+    # Both requests get the short health timeout: a hung engine must fail the gate in seconds.
     route = catalog.ENGINES[endpoint.engine].health_path
-
+    limit = endpoint.health_timeout
     try:
-        response = await client.get(f"{endpoint.root_url}{route}", headers=endpoint.auth_headers)
+        response = await client.get(f"{endpoint.root_url}{route}", headers=endpoint.auth_headers, timeout=limit)
     except httpx.TimeoutException:
-        raise CheckFailed(f"GET {route} timed out after {endpoint.timeout:g}s (scheduler dead?)")
+        raise CheckFailed(f"GET {route} timed out after {limit:g}s (scheduler dead?)")
     if response.status_code != 200:
         return failed(f"GET {route} got HTTP {response.status_code}")
 
     body = {"messages": [{"role": "user", "content": "Say OK."}], **INSTANT, "max_tokens": 8}
     try:
-        message = await chat(client, endpoint, body)
+        message = await chat(client, endpoint, body, timeout=limit)
     except httpx.TimeoutException:
         raise CheckFailed(
-            f"tiny completion timed out after {endpoint.timeout:g}s although {route} answered 200 "
+            f"tiny completion timed out after {limit:g}s although {route} answered 200 "
             "(scheduler dead behind a live HTTP server?)"
         )
     if not (message.get("content") or reasoning_of(message)):
@@ -128,52 +146,65 @@ async def check_health(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome
     return passed(f"{route} 200 and a tiny completion answered", finish_reason=message["finish_reason"])
 
 
+def _judged(name: str, failures: int, samples: int, **details) -> Outcome:
+    judgement = judgement_for(catalog.GATE_BEHAVIOURS[name], samples)
+    verdict = passed if judgement.verdict(failures) else failed
+    return verdict(judgement.describe(failures), **details, **{name: judgement.details(failures)})
+
+
+async def _samples(count: int, sample) -> list:
+    """Run `count` samples concurrently (bounded by the endpoint's slots); a plumbing fault in any
+    sample (CheckFailed, HTTP error) fails the check at once and cancels the rest."""
+    return await gather_all(*(sample(index) for index in range(count)))
+
+
 async def check_thinking(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
-    body = {"messages": [{"role": "user", "content": "What is 17 * 23? Reply with the number."}], **THINKING}
-    message = await chat(client, endpoint, body)
-    content, reasoning = message.get("content") or "", reasoning_of(message)
-    details = {"finish_reason": message["finish_reason"], "content": content[:200], "reasoning_chars": len(reasoning)}
-    if _leaks_think_tags(content):
-        return failed("reasoning leaked into content as <think> tags (reasoning parser off?)", **details)
-    if not reasoning:
-        return failed("no reasoning_content/reasoning field in thinking mode (reasoning parser off?)", **details)
-    if not content.strip():
-        return failed(
-            f"content empty after {len(reasoning)} chars of reasoning "
-            f"(finish_reason={message['finish_reason']}; raise max_tokens)",
-            **details,
-        )
-    return passed(f"reasoning ({len(reasoning)} chars) separated from content", **details)
+    body = with_budget(endpoint, {"messages": [{"role": "user", "content": "What is 17 * 23? Reply with the number."}],
+                                  **THINKING})
+
+    async def sample(_: int) -> dict:
+        message = await chat(client, endpoint, body)
+        if not reasoning_of(message):
+            # Plumbing: thinking mode always reasons; no field means the reasoning parser is off.
+            raise CheckFailed("no reasoning_content/reasoning field in thinking mode (reasoning parser off?)",
+                              content=(message.get("content") or "")[:200], finish_reason=message["finish_reason"])
+        return message
+
+    messages = await _samples(samples_needed(catalog.GATE_BEHAVIOURS["thinking_content"]), sample)
+    # Behaviour: a thinking answer that runs out of tokens before any content (finish "length").
+    runaway = [m for m in messages if not (m.get("content") or "").strip()]
+    return _judged(
+        "thinking_content", len(runaway), len(messages), max_tokens=body["max_tokens"],
+        finish_reasons=sorted({str(m["finish_reason"]) for m in messages}),
+        example=(messages[0].get("content") or "")[:200],
+    )
 
 
 async def check_instant(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
-    body = {"messages": [{"role": "user", "content": "Name one planet of the solar system."}], **INSTANT}
+    body = with_budget(endpoint, {"messages": [{"role": "user", "content": "Name one planet of the solar system."}],
+                                  **INSTANT})
     message = await chat(client, endpoint, body)
     content, reasoning = message.get("content") or "", reasoning_of(message)
     details = {"finish_reason": message["finish_reason"], "content": content[:200]}
     if reasoning:
-        return failed(f"instant mode returned {len(reasoning)} chars of reasoning", **details)
-    if _leaks_think_tags(content):
-        return failed("instant mode content contains <think> tags", **details)
+        return failed(f"instant mode returned {len(reasoning)} chars of reasoning "
+                      "(chat_template_kwargs thinking=false ignored?)", **details)
     if not content.strip():
         return failed("instant mode returned empty content", **details)
     return passed("content without reasoning", **details)
 
 
-def _validate_call(call: dict, label: str) -> dict:
-    """Parse and schema-check one tool call; returns its arguments or raises CheckFailed."""
-    name, arguments = call.get("name"), call.get("arguments") or ""
-    if name != "get_weather":
-        raise CheckFailed(f"{label}: called {name!r} instead of get_weather", call=call)
+def _call_error(call: dict) -> str | None:
+    """Why one tool call's arguments are invalid (not JSON, or against the schema); None if valid."""
     try:
-        parsed = json.loads(arguments)
+        parsed = json.loads(call.get("arguments") or "")
     except json.JSONDecodeError as error:
-        raise CheckFailed(f"{label}: arguments are not JSON ({error.msg} at char {error.pos})", arguments=arguments)
+        return f"arguments are not JSON ({error.msg} at char {error.pos})"
     error = jsonschema.exceptions.best_match(WEATHER_VALIDATOR.iter_errors(parsed))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise CheckFailed(f"{label}: arguments violate the schema at {where}: {error.message}", arguments=parsed)
-    return parsed
+        return f"arguments violate the schema at {where}: {error.message}"
+    return None
 
 
 def _calls_of(message: dict) -> list[dict]:
@@ -183,14 +214,24 @@ def _calls_of(message: dict) -> list[dict]:
     ]
 
 
+def _require_forced_call(calls: list[dict], label: str, content: str) -> None:
+    """Plumbing: a forced tool_choice must produce a call to the forced function."""
+    if not calls:
+        raise CheckFailed(f"{label}: no tool_calls for a forced tool_choice (tool-call parser off?)",
+                          content=content[:200])
+    names = sorted({str(c["name"]) for c in calls})
+    if names != ["get_weather"]:
+        raise CheckFailed(f"{label}: forced get_weather but the call names {names}", calls=calls)
+
+
 async def check_tool_call(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
-    forced = {
+    forced = with_budget(endpoint, {
         "messages": [{"role": "user", "content": "What is the weather in Paris right now, in celsius?"}],
         "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         **THINKING,
-    }
-    parallel = {
+    })
+    parallel = with_budget(endpoint, {
         "messages": [
             {
                 "role": "user",
@@ -201,55 +242,78 @@ async def check_tool_call(client: httpx.AsyncClient, endpoint: Endpoint) -> Outc
         "tools": [WEATHER_TOOL],
         "tool_choice": "auto",
         **THINKING,
-    }
+    })
+
+    async def forced_plain(_: int) -> list[dict]:
+        message = await chat(client, endpoint, forced)
+        calls = _calls_of(message)
+        _require_forced_call(calls, "non-streaming", message.get("content") or "")
+        return calls
+
+    async def forced_streamed(_: int) -> list[dict]:
+        stream = await stream_chat(client, endpoint, forced)
+        calls = [stream.tool_calls[i] for i in sorted(stream.tool_calls)]
+        _require_forced_call(calls, "streaming", stream.content)
+        return calls
+
+    async def two_cities(_: int) -> list[dict]:
+        return _calls_of(await chat(client, endpoint, parallel))
+
+    forced_count = FORCED_TOOL_REQUESTS_PER_PATH
     plain, streamed, both = await gather_all(
-        chat(client, endpoint, forced), stream_chat(client, endpoint, forced), chat(client, endpoint, parallel)
+        _samples(forced_count, forced_plain),
+        _samples(forced_count, forced_streamed),
+        _samples(samples_needed(catalog.GATE_BEHAVIOURS["parallel_calls"]), two_cities),
     )
-    plain_calls = _calls_of(plain)
-    if not plain_calls:
-        raise CheckFailed("non-streaming: no tool_calls in the response", content=(plain.get("content") or "")[:200])
-    arguments = {"non-streaming": _validate_call(plain_calls[0], "non-streaming")}
-
-    if not streamed.tool_calls:
-        raise CheckFailed("streaming: no tool_calls deltas in the stream", content=streamed.content[:200])
-    arguments["streaming"] = _validate_call(streamed.tool_calls[min(streamed.tool_calls)], "streaming")
-
-    parallel_calls = _calls_of(both)
-    if len(parallel_calls) < 2:
-        raise CheckFailed(
-            f"parallel: asked for two cities, got {len(parallel_calls)} tool call(s)", calls=parallel_calls
-        )
-    arguments["parallel"] = [_validate_call(c, f"parallel call {i}") for i, c in enumerate(parallel_calls)]
-    return passed(
-        f"forced call valid (plain and streamed), {len(parallel_calls)} parallel calls valid", arguments=arguments
-    )
+    calls = [call for group in (*plain, *streamed, *both) for call in group]
+    errors = [error for error in map(_call_error, calls) if error]
+    single_or_none = sum(1 for group in both if len(group) < 2)
+    schema = _judged("tool_schema", len(errors), len(calls))
+    parallel_outcome = _judged("parallel_calls", single_or_none, len(both))
+    details = {**schema.details, **parallel_outcome.details, "first_errors": errors[:3]}
+    reason = f"schema: {schema.reason}; parallel: {parallel_outcome.reason}"
+    if errors and schema.status == FAIL:
+        reason = f"{reason}; e.g. {errors[0]}"
+    ok = schema.status == PASS and parallel_outcome.status == PASS
+    return (passed if ok else failed)(reason, **details)
 
 
 async def check_vision(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
-    color = random.choice(sorted(COLORS))
-    body = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": png_data_url(solid_png(COLORS[color]))}},
-                    {"type": "text", "text": "This image is one solid color. Which color is it? Answer in one word."},
-                ],
-            }
-        ],
-        **THINKING,
-    }
-    message = await chat(client, endpoint, body)
-    content, reasoning = (message.get("content") or "").lower(), reasoning_of(message).lower()
-    named = sorted(name for name in COLORS if re.search(rf"\b{name}\b", content))
-    details = {"color": color, "content": content[:200], "finish_reason": message["finish_reason"]}
-    if named == [color]:
-        return passed(f"named the {color} square", **details)
-    if color in named:
-        return failed(f"answer names several colors {named} for a {color} square", **details)
-    if re.search(rf"\b{color}\b", reasoning):
-        return failed("answer landed only in reasoning (raise max_tokens / check <think> handling)", **details)
-    return failed(f"did not name the color of a {color} square (named {named or 'none'})", **details)
+    colors = sorted(COLORS)
+
+    async def sample(index: int) -> dict:
+        color = colors[(index + random.randrange(len(colors))) % len(colors)]
+        body = with_budget(endpoint, {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": png_data_url(solid_png(COLORS[color]))}},
+                        {"type": "text", "text": "This image is one solid color. Which color is it? Answer in one word."},
+                    ],
+                }
+            ],
+            **THINKING,
+        })
+        message = await chat(client, endpoint, body)
+        content, reasoning = (message.get("content") or "").lower(), reasoning_of(message).lower()
+        named = sorted(name for name in COLORS if re.search(rf"\b{name}\b", content))
+        if named == [color]:
+            verdict = None
+        elif color in named:
+            verdict = f"named several colors {named} for a {color} square"
+        elif re.search(rf"\b{color}\b", reasoning):
+            verdict = f"the {color} answer landed only in reasoning (finish_reason={message['finish_reason']})"
+        else:
+            verdict = f"did not name the color of a {color} square (named {named or 'none'})"
+        return {"color": color, "wrong": verdict, "content": content[:120]}
+
+    answers = await _samples(samples_needed(catalog.GATE_BEHAVIOURS["vision_colour"]), sample)
+    wrong = [a["wrong"] for a in answers if a["wrong"]]
+    outcome = _judged("vision_colour", len(wrong), len(answers), first_wrong=wrong[:3])
+    if wrong and outcome.status == FAIL:
+        outcome.reason += f"; e.g. {wrong[0]}"
+    return outcome
 
 
 async def check_streaming(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
@@ -258,25 +322,88 @@ async def check_streaming(client: httpx.AsyncClient, endpoint: Endpoint) -> Outc
         **INSTANT,
         "max_tokens": 256,
     }
-    stream = await stream_chat(client, endpoint, body)
+    stream = await stream_chat(client, endpoint, with_budget(endpoint, body))
     times = stream.content_times
     details = {"content_chunks": len(times), "done": stream.done, "finish_reason": stream.finish_reason}
     if len(times) < 2:
         return failed(f"only {len(times)} content-bearing chunk(s) arrived", **details)
-    total = times[-1] - stream.started
-    spread = times[-1] - times[0]
-    details |= {"first_chunk_s": round(times[0] - stream.started, 3), "spread_s": round(spread, 3)}
-    if spread < MIN_STREAM_SPREAD * total:
+    arrivals = 1 + sum(1 for before, after in zip(times, times[1:]) if after - before >= MIN_ARRIVAL_GAP_S)
+    details |= {"first_chunk_s": round(times[0] - stream.started, 3), "separate_arrivals": arrivals,
+                "spread_s": round(times[-1] - times[0], 3)}
+    if arrivals < min(MIN_SEPARATE_ARRIVALS, len(times)):
         return failed(
-            f"response arrived in one burst: {len(times)} chunks within {spread * 1000:.0f} ms after "
-            f"{total:.2f}s (buffering proxy? Caddy needs flush_interval -1)",
+            f"response arrived in one burst: {len(times)} content chunks in {arrivals} separate arrival(s) "
+            f"after the first token (buffering proxy? Caddy needs flush_interval -1)",
             **details,
         )
     if not stream.done:
         return failed("stream ended without data: [DONE]", **details)
     if not stream.finish_reason:
         return failed("no chunk carried a finish_reason", **details)
-    return passed(f"{len(times)} chunks over {spread:.2f}s, [DONE], finish_reason={stream.finish_reason}", **details)
+    return passed(f"{len(times)} chunks in {arrivals} separate arrivals, [DONE], "
+                  f"finish_reason={stream.finish_reason}", **details)
+
+
+def filler_text(words: int) -> str:
+    return " ".join(FILLER_WORDS[i % len(FILLER_WORDS)] for i in range(words))
+
+
+async def _prompt_tokens(client: httpx.AsyncClient, endpoint: Endpoint, words: int, max_tokens: int) -> int:
+    body = {
+        "messages": [{"role": "user", "content": f"{filler_text(words)}\n\nReply with the word OK."}],
+        **INSTANT,
+        "max_tokens": max_tokens,
+    }
+    message = await chat(client, endpoint, body)
+    tokens = (message.get("usage") or {}).get("prompt_tokens")
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise CheckFailed("the completion carries no usage.prompt_tokens: cannot size a long prompt")
+    return tokens
+
+
+async def check_context(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
+    """The endpoint takes one prompt near the context the stack advertises (a single long prefill)."""
+    promised = endpoint.context
+    if not promised:
+        return skipped("no advertised context given (--context)")
+    details = {"promised_tokens": promised, "max_model_len": endpoint.max_model_len}
+    if endpoint.max_model_len is not None and endpoint.max_model_len < promised:
+        return failed(
+            f"/v1/models reports max_model_len {endpoint.max_model_len:,} for {endpoint.model!r} but the stack "
+            f"promises {promised:,} tokens (engine started with a smaller --max-model-len / --context-length?)",
+            **details,
+        )
+    reply_tokens = 8
+    # Two short prompts measure the chat template's overhead and the filler's tokens per word.
+    base, calibrated = await gather_all(
+        _prompt_tokens(client, endpoint, 0, reply_tokens),
+        _prompt_tokens(client, endpoint, CONTEXT_CALIBRATION_WORDS, reply_tokens),
+    )
+    per_word = (calibrated - base) / CONTEXT_CALIBRATION_WORDS
+    if per_word <= 0:
+        raise CheckFailed(f"prompt tokens did not grow with the prompt ({base} -> {calibrated})")
+    target = int(promised * CONTEXT_FILL) - reply_tokens
+    words = max(0, int((target - base) / per_word))
+    body = {
+        "messages": [{"role": "user", "content": f"{filler_text(words)}\n\nReply with the word OK."}],
+        **INSTANT,
+        "max_tokens": reply_tokens,
+    }
+    details |= {"tokens_per_word": round(per_word, 4), "target_prompt_tokens": target}
+    try:
+        message = await chat(client, endpoint, body)
+    except CheckFailed as error:
+        raise CheckFailed(
+            f"a prompt of about {target:,} tokens ({CONTEXT_FILL:.0%} of the promised {promised:,}) was refused: "
+            f"{error.reason}", **details
+        )
+    taken = (message.get("usage") or {}).get("prompt_tokens") or 0
+    details["prompt_tokens"] = taken
+    if taken < promised * CONTEXT_FILL * 0.9:
+        return failed(f"the long prompt counted only {taken:,} tokens, short of {target:,}: cannot prove the "
+                      "context (filler tokenized unevenly)", **details)
+    return passed(f"a {taken:,}-token prompt was taken ({taken / promised:.0%} of the promised {promised:,})",
+                  **details)
 
 
 async def check_tls(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
@@ -321,7 +448,7 @@ async def check_load(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
     body = {"messages": [{"role": "user", "content": "Write two sentences about the sea."}], **INSTANT, "max_tokens": 128}
 
     async def one() -> StreamedChat:
-        stream = await stream_chat(client, endpoint, body)
+        stream = await stream_chat(client, endpoint, body, limited=False)
         if not (stream.content_times and stream.done and stream.finish_reason):
             raise CheckFailed("stream incomplete (no content, [DONE] or finish_reason)")
         return stream
@@ -368,6 +495,7 @@ CHECKS = {
     "tool_call": check_tool_call,
     "vision": check_vision,
     "streaming": check_streaming,
+    "context": check_context,
     "tls": check_tls,
     "load": check_load,
 }

@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 
 from .checks import CHECKS
+from .client import CheckFailed, Endpoint
+from .k2vv import run_k2vv
 from .report import format_table, table_header, table_row
-from .runner import DEFAULT_TIMEOUT, ENGINES, run_suite
+from .runner import DEFAULT_TIMEOUT, ENGINES, HEALTH_TIMEOUT, run_suite
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -36,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-cert", metavar="PEM", help="trust this CA bundle instead of the system's")
     parser.add_argument("--wait-ready", type=float, default=0, metavar="S",
                         help="first wait up to S seconds for the endpoint to answer /v1/models (model load)")
+    parser.add_argument("--context", type=int, metavar="TOKENS",
+                        help="the context the stack promises: compared with max_model_len and proven by one "
+                             "long prompt (the context check)")
+    parser.add_argument("--concurrency", type=int, default=16, metavar="N",
+                        help="sampled requests in flight at once (the stack's concurrent sequences)")
+    parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT, metavar="S",
+                        help="seconds for the health route and its tiny completion")
+    parser.add_argument("--k2vv", type=int, metavar="N",
+                        help="instead of the suite: N tool-call requests scored the K2-Vendor-Verifier way "
+                             "(trigger rate, schema accuracy) for drift checks")
     return parser
 
 
@@ -68,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify.py: endpoint not ready after {args.wait_ready:.0f}s: {args.base_url}/models never "
               "answered 200 (see /var/log/kimi-fleet/bootstrap.log on the node)", file=sys.stderr)
         return EXIT_FAILED
+    if args.k2vv is not None:
+        return _k2vv(args)
     print(table_header(), flush=True)
     try:
         report = run_suite(
@@ -79,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             load=args.load,
             verify=args.ca_cert or True,
+            context=args.context,
+            concurrency=args.concurrency,
+            health_timeout=args.health_timeout,
             on_result=lambda result: print(table_row(result), flush=True),
         )
     except ValueError as error:
@@ -89,3 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return EXIT_PASSED if report.passed else EXIT_FAILED
+
+
+def _k2vv(args) -> int:
+    endpoint = Endpoint(args.base_url.rstrip("/"), args.api_key, args.model, args.engine, args.timeout,
+                        args.ca_cert or True, context=args.context, concurrency=args.concurrency)
+    try:
+        result = run_k2vv(endpoint, args.k2vv)
+    except ValueError as error:
+        print(f"verify.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckFailed as error:
+        print(f"verify.py: k2vv run failed: {error.reason}".replace(args.api_key, "***"), file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(result.lines()))
+    if args.json:
+        args.json.write_text(json.dumps({**result.__dict__, "schema_accuracy": result.schema_accuracy}, indent=2) + "\n")
+    return EXIT_PASSED

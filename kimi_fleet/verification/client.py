@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
 from dataclasses import dataclass, field
 
 import httpx
+
+#: Kimi's raw tool-call markers: in `content` they mean the engine's tool-call parser is off.
+RAW_TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>")
+#: Room left for the prompt (text, chat template, a small image) when sizing max_tokens to the context.
+PROMPT_ALLOWANCE_TOKENS = 1024
 
 
 class CheckFailed(Exception):
@@ -29,6 +35,29 @@ class Endpoint:
     timeout: float
     verify: bool | str  # True: system CAs, False: no verification, str: a CA bundle (PEM)
     load: int = 0
+    #: the context the stack promises (tokens); None: not checked
+    context: int | None = None
+    #: sampled requests in flight at once (the stack's concurrent sequences): more would only queue
+    concurrency: int = 16
+    #: seconds for the health route and its tiny completion: a hung engine fails fast
+    health_timeout: float = 30.0
+    #: what /v1/models reports for the served name (filled by the runner before the checks)
+    max_model_len: int | None = None
+    _slots: asyncio.Semaphore | None = field(default=None, repr=False)
+
+    def max_tokens(self, wanted: int) -> int:
+        """`wanted`, or less so that prompt + completion fit the context the endpoint serves."""
+        limits = [wanted]
+        for served in (self.max_model_len, self.context):
+            if served:
+                limits.append(max(16, served - PROMPT_ALLOWANCE_TOKENS))
+        return min(limits)
+
+    def slot(self):
+        """Hold one of `concurrency` request slots (created in the running event loop)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._slots
 
     @property
     def root_url(self) -> str:
@@ -70,20 +99,38 @@ def _error_snippet(response: httpx.Response) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-async def chat(client: httpx.AsyncClient, endpoint: Endpoint, body: dict) -> dict:
-    """Non-streaming chat completion; returns the first choice's message plus finish_reason."""
-    response = await client.post(
-        f"{endpoint.base_url}/chat/completions",
-        json={"model": endpoint.model, **body},
-        headers=endpoint.auth_headers,
-    )
+def check_plumbing(endpoint: Endpoint, answered_model: str | None, content: str, where: str) -> None:
+    """Faults of configuration, not of the model: one occurrence fails the check."""
+    if answered_model and answered_model != endpoint.model:
+        raise CheckFailed(f"{where}: the response names model {answered_model!r}, asked for {endpoint.model!r}")
+    if "<think>" in content or "</think>" in content:
+        raise CheckFailed(f"{where}: reasoning leaked into content as <think> tags (reasoning parser off?)",
+                          content=content[:200])
+    marker = next((m for m in RAW_TOOL_MARKERS if m in content), None)
+    if marker:
+        raise CheckFailed(f"{where}: raw tool-call marker {marker} in content (tool-call parser off? "
+                          "needs --tool-call-parser kimi_k2 and, on vLLM, --enable-auto-tool-choice)",
+                          content=content[:200])
+
+
+async def chat(client: httpx.AsyncClient, endpoint: Endpoint, body: dict, *, timeout: float | None = None) -> dict:
+    """Non-streaming chat completion; returns the first choice's message plus finish_reason and usage."""
+    async with endpoint.slot():
+        response = await client.post(
+            f"{endpoint.base_url}/chat/completions",
+            json={"model": endpoint.model, **body},
+            headers=endpoint.auth_headers,
+            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
     if response.status_code != 200:
         raise CheckFailed(f"chat completion got HTTP {response.status_code}: {_error_snippet(response)}")
     payload = response.json()
     choices = payload.get("choices") or []
     if not choices:
         raise CheckFailed("chat completion returned no choices", response=payload)
-    return {**(choices[0].get("message") or {}), "finish_reason": choices[0].get("finish_reason")}
+    message = choices[0].get("message") or {}
+    check_plumbing(endpoint, payload.get("model"), message.get("content") or "", "chat completion")
+    return {**message, "finish_reason": choices[0].get("finish_reason"), "usage": payload.get("usage") or {}}
 
 
 def reasoning_of(message: dict) -> str:
@@ -94,6 +141,7 @@ def reasoning_of(message: dict) -> str:
 @dataclass
 class StreamedChat:
     started: float  # perf_counter when the request was sent
+    model: str | None = None  # the model the chunks name
     content: str = ""
     reasoning: str = ""
     finish_reason: str | None = None
@@ -113,6 +161,7 @@ class StreamedChat:
     def add(self, chunk: dict, arrived: float) -> None:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        self.model = chunk.get("model") or self.model
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             carries_tokens = False
@@ -128,7 +177,10 @@ class StreamedChat:
                 slot = self.tool_calls.setdefault(call.get("index", 0), {"id": None, "name": "", "arguments": ""})
                 slot["id"] = call.get("id") or slot["id"]
                 function = call.get("function") or {}
-                slot["name"] += function.get("name") or ""
+                # Most engines name the function once; some repeat the full name on every delta.
+                name = function.get("name") or ""
+                if name and name != slot["name"]:
+                    slot["name"] += name
                 slot["arguments"] += function.get("arguments") or ""
                 carries_tokens = True
             if carries_tokens:
@@ -137,8 +189,17 @@ class StreamedChat:
                 self.finish_reason = choice["finish_reason"]
 
 
-async def stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, body: dict) -> StreamedChat:
-    """POST stream=true and record when each SSE event arrives (client-side clock)."""
+async def stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, body: dict, *, limited: bool = True) -> StreamedChat:
+    """POST stream=true and record when each SSE event arrives (client-side clock).
+
+    `limited`: hold a request slot (sampled checks); the load check sends its own concurrency."""
+    async with endpoint.slot() if limited else contextlib.nullcontext():
+        result = await _stream_chat(client, endpoint, body)
+    check_plumbing(endpoint, result.model, result.content, "streamed completion")
+    return result
+
+
+async def _stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, body: dict) -> StreamedChat:
     request = {"model": endpoint.model, **body, "stream": True, "stream_options": {"include_usage": True}}
     result = StreamedChat(started=time.perf_counter())
     async with client.stream(

@@ -11,12 +11,15 @@ import httpx
 
 from .checks import CHECKS, Outcome, failed
 from .client import CheckFailed, Endpoint, open_client
-from .report import CheckResult, Report
+from .report import FAIL, SKIP, CheckResult, Report
 
 ENGINES = ("vllm", "sglang")
 DEFAULT_TIMEOUT = 300.0  # per HTTP request: thinking answers on a busy engine take minutes
 # Shorter "keys" (test placeholders) would turn redaction into mangling of ordinary words.
 MIN_REDACTED_KEY_LENGTH = 8
+#: Quick checks that run first; when `health` fails, the long checks are not sent to a hung engine.
+PREFLIGHT = ("auth", "models", "health", "tls")
+HEALTH_TIMEOUT = 30.0
 
 
 def select_checks(only: Iterable[str] | None, load: int) -> list[str]:
@@ -65,6 +68,20 @@ async def _run_check(name: str, client: httpx.AsyncClient, endpoint: Endpoint) -
     return CheckResult(name, outcome.status, outcome.reason, round(seconds, 3), details)
 
 
+async def discover_max_model_len(client: httpx.AsyncClient, endpoint: Endpoint) -> int | None:
+    """The context the engine serves, as both vLLM and SGLang report it in /v1/models."""
+    try:
+        response = await client.get(f"{endpoint.base_url}/models", headers=endpoint.auth_headers,
+                                    timeout=endpoint.health_timeout)
+        entries = response.json().get("data") or [] if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None  # the models check reports what is wrong
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("id") == endpoint.model and isinstance(entry.get("max_model_len"), int):
+            return entry["max_model_len"]
+    return None
+
+
 async def run_suite_async(
     base_url: str,
     api_key: str,
@@ -75,6 +92,9 @@ async def run_suite_async(
     timeout: float = DEFAULT_TIMEOUT,
     load: int = 0,
     verify: bool | str = True,
+    context: int | None = None,
+    concurrency: int = 16,
+    health_timeout: float = HEALTH_TIMEOUT,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> Report:
     base_url = base_url.rstrip("/")
@@ -82,22 +102,38 @@ async def run_suite_async(
         raise ValueError(f"base_url must be an http(s) URL ending in /v1, got {base_url!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if timeout <= 0 or load < 0:
-        raise ValueError("timeout must be positive and load non-negative")
+    if timeout <= 0 or load < 0 or health_timeout <= 0:
+        raise ValueError("timeouts must be positive and load non-negative")
+    if concurrency < 1 or (context is not None and context < 1):
+        raise ValueError("concurrency and context must be positive")
     names = select_checks(only, load)
-    endpoint = Endpoint(base_url, api_key, model, engine, timeout, verify, load)
+    endpoint = Endpoint(base_url, api_key, model, engine, timeout, verify, load, context=context,
+                        concurrency=concurrency, health_timeout=min(health_timeout, timeout))
 
     started = time.perf_counter()
+    results: dict[str, CheckResult] = {}
+
+    def announce(result: CheckResult) -> None:
+        results[result.name] = result
+        if on_result:
+            on_result(result)
+
     async with open_client(endpoint) as client:
 
-        async def run_and_announce(name: str) -> CheckResult:
-            result = await _run_check(name, client, endpoint)
-            if on_result:
-                on_result(result)
-            return result
+        async def run_and_announce(name: str) -> None:
+            announce(await _run_check(name, client, endpoint))
 
-        results = await asyncio.gather(*(run_and_announce(name) for name in names))
-    return Report(base_url, model, engine, list(results), time.perf_counter() - started)
+        endpoint.max_model_len = await discover_max_model_len(client, endpoint)
+        first = [name for name in names if name in PREFLIGHT]
+        await asyncio.gather(*(run_and_announce(name) for name in first))
+        rest = [name for name in names if name not in PREFLIGHT]
+        if "health" in results and results["health"].status == FAIL:
+            for name in rest:
+                announce(CheckResult(name, SKIP, "not run: the health check failed", 0.0))
+        else:
+            await asyncio.gather(*(run_and_announce(name) for name in rest))
+    ordered = [results[name] for name in names]
+    return Report(base_url, model, engine, ordered, time.perf_counter() - started)
 
 
 def run_suite(base_url: str, api_key: str, model: str, **options) -> Report:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import re
 import struct
 import sys
@@ -31,7 +32,22 @@ MODES = {
     "missing-model": "/v1/models lists a different name",
     "leaky-thinking": "no reasoning field: reasoning is left in content inside <think> tags",
     "reasoning-in-instant": "instant mode still returns reasoning_content",
+    "no-reasoning-field": "thinking mode answers without any reasoning field (reasoning parser off)",
+    "raw-tool-markers": "tool calls come back as Kimi's raw section markers inside content (tool parser off)",
+    "no-forced-call": "a forced tool_choice returns plain content and no call",
+    "server-error": "the third chat completion answers HTTP 500 (one occurrence)",
+    "wrong-model-in-response": "completions name another model than the one asked for",
+    "repeat-tool-name": "good, but every streamed tool-call delta repeats the function name",
 }
+RAW_TOOL_MARKERS = "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+# vLLM's refusal when prompt + max_tokens exceeds the context (vllm/entrypoints/openai/serving_engine.py).
+CONTEXT_ERROR = (
+    "This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
+    "({prompt} in the messages, {completion} in the completion). Please reduce the length of the "
+    "messages or completion."
+)
+PROMPT_OVERHEAD_TOKENS = 8  # chat template tokens around the messages
+IMAGE_TOKENS = 64
 
 NAMED_COLORS = {
     "red": (255, 0, 0),
@@ -50,14 +66,31 @@ ANSWER_TEXT = "Here is a short and friendly answer to your question, written in 
 
 
 class EngineState:
-    def __init__(self, model: str, mode: str, engine: str, chunk_delay: float):
+    def __init__(self, model: str, mode: str, engine: str, chunk_delay: float, *, seed: int = 0,
+                 tool_invalid_rate: float = 0.0, runaway_rate: float = 0.0, max_model_len: int = 262_144,
+                 report_max_model_len: bool = True, first_token_delay: float = 0.0):
         self.model = model
         self.mode = mode
         self.engine = engine
         self.chunk_delay = chunk_delay
+        self.seed = seed
+        self.tool_invalid_rate = tool_invalid_rate
+        self.runaway_rate = runaway_rate
+        self.max_model_len = max_model_len
+        self.report_max_model_len = report_max_model_len
+        self.first_token_delay = first_token_delay
         self.stopping = threading.Event()
         self.requests_total = 0
+        self.completions_total = 0
+        self.draws: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def rng_for(self, kind: str) -> random.Random:
+        """The k-th request of a kind gets the k-th draw of the seed, whatever order concurrent
+        requests arrive in: a seeded run's outcomes do not depend on scheduling."""
+        with self.lock:
+            index = self.draws[kind] = self.draws.get(kind, 0) + 1
+        return random.Random(f"{self.seed}:{kind}:{index}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -86,10 +119,10 @@ class Handler(BaseHTTPRequestHandler):
             served = self.state.model
             if self.state.mode == "missing-model":
                 served = "some-other-model"
-            self._send_json(
-                200,
-                {"object": "list", "data": [{"id": served, "object": "model", "owned_by": "fake"}]},
-            )
+            entry = {"id": served, "object": "model", "owned_by": "fake"}
+            if self.state.report_max_model_len:
+                entry["max_model_len"] = self.state.max_model_len
+            self._send_json(200, {"object": "list", "data": [entry]})
         elif path == "/metrics":
             body = f"fake_engine_requests_total {self.state.requests_total}\n".encode()
             self._send_bytes(200, body, "text/plain; version=0.0.4")
@@ -109,17 +142,31 @@ class Handler(BaseHTTPRequestHandler):
             return
         with self.state.lock:
             self.state.requests_total += 1
+            self.state.completions_total += 1
+            completion_number = self.state.completions_total
         if self.state.mode == "dead-scheduler":
             self._hang()
+            return
+        if self.state.mode == "server-error" and completion_number == 3:
+            self._send_json(500, {"error": {"message": "CUDA error: an illegal memory access was encountered"}})
             return
         if request.get("model") != self.state.model:
             self._send_json(404, {"error": {"message": f"model {request.get('model')!r} not found"}})
             return
-        reply = compose_reply(request, self.state.mode)
+        prompt_tokens = count_prompt_tokens(request.get("messages") or [])
+        completion_tokens = int(request.get("max_tokens") or 0)
+        if prompt_tokens + completion_tokens > self.state.max_model_len:
+            message = CONTEXT_ERROR.format(limit=self.state.max_model_len, total=prompt_tokens + completion_tokens,
+                                           prompt=prompt_tokens, completion=completion_tokens)
+            self._send_json(400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400})
+            return
+        reply = compose_reply(request, self.state)
+        reply.prompt_tokens = prompt_tokens
+        answered_model = "kimi-k2" if self.state.mode == "wrong-model-in-response" else self.state.model
         if request.get("stream"):
-            self._stream(request, reply)
+            self._stream(request, reply, answered_model)
         else:
-            self._send_json(200, completion_body(self.state.model, reply))
+            self._send_json(200, completion_body(answered_model, reply))
 
     # --- responses -----------------------------------------------------------------------
 
@@ -138,8 +185,9 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.state.stopping.wait()
 
-    def _stream(self, request: dict, reply: "Reply"):
-        events = [json.dumps(chunk) for chunk in stream_chunks(self.state.model, reply, request)]
+    def _stream(self, request: dict, reply: "Reply", model: str):
+        chunks = stream_chunks(model, reply, request, repeat_tool_name=self.state.mode == "repeat-tool-name")
+        events = [json.dumps(chunk) for chunk in chunks]
         events.append("[DONE]")
         frames = [f"data: {event}\n\n".encode() for event in events]
         self.send_response(200)
@@ -153,6 +201,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
             else:
                 for index, frame in enumerate(frames):
+                    if index == 1:
+                        time.sleep(self.state.first_token_delay)
                     if index:
                         time.sleep(self.state.chunk_delay)
                     self.wfile.write(_http_chunk(frame))
@@ -171,22 +221,58 @@ def _http_chunk(data: bytes) -> bytes:
 
 
 class Reply:
-    def __init__(self, content: str | None, reasoning: str | None, tool_calls: list[dict]):
+    def __init__(self, content: str | None, reasoning: str | None, tool_calls: list[dict], ran_away: bool = False):
         self.content = content
         self.reasoning = reasoning
         self.tool_calls = tool_calls
+        self.ran_away = ran_away
+        self.prompt_tokens = 0
 
     @property
     def finish_reason(self) -> str:
+        if self.ran_away:
+            return "length"
         return "tool_calls" if self.tool_calls else "stop"
 
 
-def compose_reply(request: dict, mode: str) -> Reply:
+def count_prompt_tokens(messages: list[dict]) -> int:
+    """One token per whitespace-separated word, a fixed cost per image, the template's overhead."""
+    tokens = PROMPT_OVERHEAD_TOKENS
+    for message in messages:
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if part.get("type") == "text":
+                tokens += len((part.get("text") or "").split())
+            elif part.get("type") == "image_url":
+                tokens += IMAGE_TOKENS
+    return tokens
+
+
+def _request_kind(request: dict, thinking: bool, images: list[str]) -> str:
+    choice = request.get("tool_choice", "auto")
+    if request.get("tools"):
+        return f"tools:{'forced' if isinstance(choice, dict) else choice}:{'stream' if request.get('stream') else 'plain'}"
+    return f"{'vision' if images else 'text'}:{'thinking' if thinking else 'instant'}"
+
+
+def compose_reply(request: dict, state: EngineState) -> Reply:
+    mode = state.mode
     kwargs = request.get("chat_template_kwargs") or {}
     thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", True)))
     prompt, images = _last_user_message(request.get("messages") or [])
+    rng = state.rng_for(_request_kind(request, thinking, images))
 
-    tool_calls = _tool_calls(request, prompt, mode)
+    if thinking and not request.get("tools") and rng.random() < state.runaway_rate:
+        # Thinking that never reaches an answer before max_tokens: reasoning only, finish "length".
+        return Reply(None, REASONING_TEXT * 3, [], ran_away=True)
+    tool_calls = _tool_calls(request, prompt, mode, rng, state.tool_invalid_rate)
+    if mode == "raw-tool-markers" and tool_calls:
+        call = tool_calls[0]
+        content = f"{RAW_TOOL_MARKERS}{call['arguments']}<|tool_call_end|><|tool_calls_section_end|>"
+        return Reply(content, REASONING_TEXT if thinking else None, [])
+    if mode == "no-forced-call" and isinstance(request.get("tool_choice"), dict):
+        tool_calls = []
     if tool_calls:
         content = None
     elif images:
@@ -201,6 +287,8 @@ def compose_reply(request: dict, mode: str) -> Reply:
         content = "It is a plain square filled with a single uniform color."
     if mode == "leaky-thinking" and reasoning:
         content = f"<think>{reasoning}</think>{content or ''}"
+        reasoning = None
+    if mode == "no-reasoning-field":
         reasoning = None
     return Reply(content, reasoning, tool_calls)
 
@@ -222,7 +310,7 @@ def _last_user_message(messages: list[dict]) -> tuple[str, list[str]]:
     return "", []
 
 
-def _tool_calls(request: dict, prompt: str, mode: str) -> list[dict]:
+def _tool_calls(request: dict, prompt: str, mode: str, rng: random.Random, invalid_rate: float) -> list[dict]:
     tools = {t["function"]["name"]: t["function"] for t in request.get("tools") or []}
     choice = request.get("tool_choice", "auto")
     if not tools or choice == "none":
@@ -241,8 +329,11 @@ def _tool_calls(request: dict, prompt: str, mode: str) -> list[dict]:
             required = (tools[name].get("parameters") or {}).get("required", [])
             arguments = {k: v for k, v in arguments.items() if k not in required}
         text = json.dumps(arguments)
-        if mode == "bad-tool-json":
+        invalid = rng.random() < invalid_rate
+        if mode == "bad-tool-json" or invalid and rng.random() < 0.5:
             text = text.replace('"', "'")[:-1]
+        elif invalid:
+            text = json.dumps({k: v for k, v in arguments.items() if k != "unit"})
         result.append({"id": f"call_{uuid.uuid4().hex[:12]}", "name": name, "arguments": text})
     return result
 
@@ -345,11 +436,12 @@ def completion_body(model: str, reply: Reply) -> dict:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": tokens + 10},
+        "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": tokens,
+                  "total_tokens": tokens + reply.prompt_tokens},
     }
 
 
-def stream_chunks(model: str, reply: Reply, request: dict) -> list[dict]:
+def stream_chunks(model: str, reply: Reply, request: dict, *, repeat_tool_name: bool = False) -> list[dict]:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     def chunk(delta: dict, finish_reason=None) -> dict:
@@ -375,11 +467,14 @@ def stream_chunks(model: str, reply: Reply, request: dict) -> list[dict]:
         text = call["arguments"]
         for start in range(0, len(text), 8):
             piece = {"index": index, "function": {"arguments": text[start : start + 8]}}
+            if repeat_tool_name:
+                piece["function"]["name"] = call["name"]
             chunks.append(chunk({"tool_calls": [piece]}))
             tokens += 1
     chunks.append(chunk({}, reply.finish_reason))
     if (request.get("stream_options") or {}).get("include_usage"):
-        usage = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": tokens + 10}
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": tokens,
+                 "total_tokens": tokens + reply.prompt_tokens}
         chunks.append(chunk({}) | {"choices": [], "usage": usage})
     return chunks
 
@@ -407,9 +502,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=sorted(MODES), default="good")
     parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     parser.add_argument("--chunk-delay", type=float, default=0.02, help="seconds between SSE chunks")
+    parser.add_argument("--first-token-delay", type=float, default=0.0, help="extra seconds before the first chunk")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the error draws below")
+    parser.add_argument("--tool-invalid-rate", type=float, default=0.0, help="share of tool calls made invalid")
+    parser.add_argument("--runaway-rate", type=float, default=0.0,
+                        help="share of thinking answers that run out of tokens before any content")
+    parser.add_argument("--max-model-len", type=int, default=262_144, help="context the engine serves")
+    parser.add_argument("--hide-max-model-len", action="store_true", help="leave max_model_len out of /v1/models")
     args = parser.parse_args(argv)
 
-    state = EngineState(args.model, args.mode, args.engine, args.chunk_delay)
+    state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
+                        tool_invalid_rate=args.tool_invalid_rate, runaway_rate=args.runaway_rate,
+                        max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
+                        first_token_delay=args.first_token_delay)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:

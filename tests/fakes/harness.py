@@ -72,12 +72,15 @@ class FakeEngine:
 
 @contextmanager
 def start_fake_engine(
-    mode: str = "good", engine: str = "vllm", model: str = "kimi-k2.6", *, chunk_delay: float = 0.02
+    mode: str = "good", engine: str = "vllm", model: str = "kimi-k2.6", *, chunk_delay: float = 0.02,
+    options: tuple[str, ...] = (),
 ) -> Iterator[FakeEngine]:
-    """Run tests/fakes/fake_engine.py on a free loopback port until the block exits."""
+    """Run tests/fakes/fake_engine.py on a free loopback port until the block exits.
+
+    `options`: more fake_engine.py flags (error rates, seed, context, first-token delay)."""
     command = [
         sys.executable, str(FAKE_ENGINE), "--port", "0", "--model", model, "--mode", mode,
-        "--engine", engine, "--chunk-delay", str(chunk_delay),
+        "--engine", engine, "--chunk-delay", str(chunk_delay), *options,
     ]
     # stderr goes to a file: an unread pipe fills up under load and blocks the engine.
     with tempfile.TemporaryFile(mode="w+") as stderr:
@@ -207,13 +210,14 @@ class ProxiedEngine:
 
 @contextmanager
 def start_proxied_engine(
-    mode: str = "good", engine: str = "vllm", model: str = "kimi-k2.6", *, api_key: str = "test-key-0123456789"
+    mode: str = "good", engine: str = "vllm", model: str = "kimi-k2.6", *, api_key: str = "test-key-0123456789",
+    chunk_delay: float = 0.02, options: tuple[str, ...] = (),
 ) -> Iterator[ProxiedEngine]:
     """Fake engine + Caddy (`tls internal` on free loopback ports), like a stack's endpoint."""
     # Imported here so the fake-engine helpers above stay usable without the package on sys.path.
     from kimi_fleet.caddy import render_caddyfile
 
-    with start_fake_engine(mode, engine, model) as fake:
+    with start_fake_engine(mode, engine, model, chunk_delay=chunk_delay, options=options) as fake:
         https_port, http_port = free_port(), free_port()
         caddyfile = render_caddyfile(
             "localhost", [fake.upstream], fake.health_uri, tls="internal",
