@@ -1,7 +1,5 @@
 """kimi-fleet: one Kimi-K2.6 endpoint per stack. The stack file is validated before anything is declared."""
 
-import json
-
 import pulumi
 
 from components.fleet import Fleet, FleetArgs
@@ -9,25 +7,18 @@ from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, StackSpecError, parse_spec
-from kimi_fleet.stackfile import SECRET_KEYS, stack_file
+from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpecError, parse_spec
+from kimi_fleet.stackfile import StackFileError, spec_values, stack_file, validate_stack_name
 
 config = pulumi.Config(CONFIG_NAMESPACE)
 stack = pulumi.get_stack()
-raw = {}
-for field in StackSpec.model_fields.values():
-    if field.alias in SECRET_KEYS or field.alias == "stack":
-        continue
-    text = config.get(field.alias)
-    if text is None:
-        continue
-    try:  # structured values arrive as JSON; plain ones as their text
-        raw[field.alias] = json.loads(text)
-    except json.JSONDecodeError:
-        raw[field.alias] = text
+where = str(stack_file(stack).relative_to(stack_file(stack).parent.parent))
 try:
-    spec = parse_spec(raw, stack, str(stack_file(stack).relative_to(stack_file(stack).parent.parent)))
-except StackSpecError as error:
+    validate_stack_name(stack, where)
+    # Every config key the engine passed (not only the spec's): an unknown key or namespace is refused.
+    everything = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
+    spec = parse_spec(spec_values(everything, where), stack, where)
+except (StackFileError, StackSpecError) as error:
     # Refuse before declaring anything: nothing half-deployed.
     raise pulumi.RunError(str(error)) from None
 

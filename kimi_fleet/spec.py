@@ -7,10 +7,16 @@ right for the hardware, so a stack file stays short. Compatibility rules live in
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import posixpath
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from kimi_fleet import catalog
@@ -21,9 +27,89 @@ UNPINNED_TAGS = frozenset({"latest", "nightly", "main", "dev", "edge", "stable"}
 DOMAIN_PATTERN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 SERVED_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
+# --- Shapes of free-text values -----------------------------------------------------------------
+# Every string that reaches a node (a root shell's settings, a unit file, a Caddyfile, a manifest)
+# has one of these shapes: nothing that a shell, systemd, Caddy or YAML would read as syntax.
+
+
+def _shaped(pattern: str, what: str, max_length: int = 253):
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if len(value) > max_length or not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+HfRepo = _shaped(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
+                 "a Hugging Face repo id (owner/name: letters, digits, . _ -)", 193)
+AwsRegion = _shaped(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]", "an AWS region (e.g. us-east-1)", 32)
+AvailabilityZone = _shaped(r"[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]", "an availability zone (e.g. us-east-1a)", 32)
+InstanceType = _shaped(r"[a-z][a-z0-9-]*\.[a-z0-9]+", "an EC2 instance type (e.g. p5en.48xlarge)", 40)
+SubnetId = _shaped(r"subnet-[0-9a-f]{8,17}", "a subnet id (subnet-...)", 24)
+VpcId = _shaped(r"vpc-[0-9a-f]{8,17}", "a VPC id (vpc-...)", 21)
+HostedZoneId = _shaped(r"Z[A-Z0-9]{1,31}", "a Route53 hosted zone id (Z...)", 32)
+KeyPairName = _shaped(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", "an EC2 key pair name (letters, digits, . _ -)", 128)
+SsmPath = _shaped(r"(/[A-Za-z0-9_.-]{1,64}){1,8}", "an SSM parameter path (/a/b: letters, digits, _ . -)", 512)
+ReservationId = _shaped(r"cr-[0-9a-f]{8,17}", "a capacity reservation id (cr-...)", 20)
+S3Uri = _shaped(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?",
+                "an s3://bucket/prefix URI (prefix: letters, digits, . _ - and /)", 512)
+DnsLabel = _shaped(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", "a DNS-1123 label (lowercase letters, digits, -)", 63)
+DnsSubdomain = _shaped(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
+                       "a DNS-1123 subdomain (lowercase letters, digits, - and .)", 253)
+LabelKey = _shaped(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?",
+                   "a Kubernetes label key ([prefix/]name)", 317)
+LabelValue = _shaped(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?", "a Kubernetes label value", 63)
+ContextName = _shaped(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,252}", "a kubeconfig context name", 253)
+UnixUser = _shaped(r"[a-z_][a-z0-9_-]{0,31}", "a Unix user name", 32)
+Email = _shaped(r"[A-Za-z0-9._%+-]{1,64}@[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.[a-z]{2,63}",
+                "an email address (local@domain, lowercase domain)", 254)
+EnvName = _shaped(r"[A-Z][A-Z0-9_]{0,63}", "an environment variable name (A-Z, 0-9, _; starts with a letter)", 64)
+#: One character class for every value written to a node's settings, env files and argv:
+#: no whitespace, quotes, $, backticks, ;, |, &, <, >, (, ), %, #, \, {, } or control characters.
+SAFE_VALUE = r"[A-Za-z0-9._:/@,+=-]*"
+EnvValue = _shaped(SAFE_VALUE, "a plain value (letters, digits and . _ : / @ , + = -)", 256)
+Description = _shaped(r"[^\x00-\x1f\x7f]*", "one line of text without control characters", 500)
+#: Where weights may live on a host: data mounts, never a system directory.
+ALLOWED_HOST_PATH_ROOTS = ("/data", "/raid", "/mnt", "/srv", "/models", "/nvme", "/scratch", "/opt/kimi-fleet",
+                          "/var/lib/kimi-fleet")  # /raid: a DGX's data array (seed 004)
+
+
+def _host_path(value: str) -> str:
+    if not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", value) or posixpath.normpath(value) != value or any(
+        part in (".", "..") for part in value.split("/")
+    ):
+        raise ValueError(f"{value!r} is not an absolute, normalised path of letters, digits, . _ -")
+    if not any(value == root or value.startswith(root + "/") for root in ALLOWED_HOST_PATH_ROOTS):
+        raise ValueError(f"{value!r} is not under an allowed root ({', '.join(ALLOWED_HOST_PATH_ROOTS)}): "
+                         "weights never go in a system directory")
+    return value
+
+
+HostPath = Annotated[str, AfterValidator(_host_path)]
+
+
+def _host_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not DOMAIN_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not an IP address or a DNS name")
+    return value
+
+
+HostAddress = Annotated[str, AfterValidator(_host_address)]
+#: Namespaces the cluster owns: a stack never deploys into them.
+RESERVED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "default"})
+
 
 class Spec(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              allow_inf_nan=False, str_max_length=4096)
 
 
 def image_is_pinned(image: str) -> bool:
@@ -37,7 +123,7 @@ def image_is_pinned(image: str) -> bool:
 
 
 class ModelSpec(Spec):
-    repo: str | None = Field(None, description="Hugging Face repo; default: the checkpoint's")
+    repo: HfRepo | None = Field(None, description="Hugging Face repo; default: the checkpoint's")
     revision: str | None = Field(None, description="the 40-hex commit; default: the catalog's pin")
     served_name: str = Field("kimi-k2.6", description="the model id clients send: keep it stable")
 
@@ -65,18 +151,21 @@ class EngineSpec(Spec):
     memory_fraction: Annotated[float, Field(gt=0.3, le=0.98)] | None = Field(
         None, description="SGLang --mem-fraction-static / vLLM --gpu-memory-utilization"
     )
-    max_num_batched_tokens: Annotated[int, Field(ge=256)] | None = None
-    moe_backend: str | None = Field(None, description="vLLM --moe-backend (NVFP4 on sm_120: marlin)")
+    max_num_batched_tokens: Annotated[int, Field(ge=256, le=1_048_576)] | None = None
+    moe_backend: Literal["auto", "marlin", "triton", "cutlass", "flashinfer_cutlass", "flashinfer_trtllm"] | None = Field(
+        None, description="vLLM --moe-backend (NVFP4 on sm_120: marlin)")
     language_model_only: bool = False
     mm_encoder_tp_mode: Literal["data", "weights"] | None = None
     speculative: Literal["off", "eagle3"] = Field("off", description="EAGLE3 measured harmful for K2.6 (seed 004)")
-    speculative_draft_repo: str | None = None
-    extra_args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
+    speculative_draft_repo: HfRepo | None = None
+    extra_args: tuple[str, ...] = Field((), max_length=64)
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=64)
 
     @field_validator("image")
     @classmethod
     def _image_pinned(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
+            raise ValueError(f"image {value!r} is not an image reference (registry/name:tag or @sha256:...)")
         if value is not None and not image_is_pinned(value):
             raise ValueError(
                 f"image {value!r} is not pinned: use a release tag (e.g. vllm/vllm-openai:v0.22.1) or a "
@@ -86,10 +175,11 @@ class EngineSpec(Spec):
 
     @field_validator("extra_args")
     @classmethod
-    def _no_whitespace(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _plain_args(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for arg in value:
-            if not arg or any(ch.isspace() for ch in arg):
-                raise ValueError(f"extra arg {arg!r} is empty or contains whitespace (args are passed unquoted)")
+            if not arg or len(arg) > 512 or not re.fullmatch(SAFE_VALUE, arg):
+                raise ValueError(f"extra arg {arg!r} must be one non-empty argument of letters, digits and "
+                                 ". _ : / @ , + = - (argv travels as a list; nothing is quoted or split)")
         return value
 
 
@@ -104,14 +194,14 @@ class ParallelismSpec(Spec):
 
 class WeightsSpec(Spec):
     source: Literal["huggingface", "s3-mirror"] = "huggingface"
-    s3_mirror_uri: str | None = Field(None, description="s3://bucket/prefix holding <repo>/<revision>/")
-    download_gbps: Annotated[float, Field(gt=0)] | None = None
+    s3_mirror_uri: S3Uri | None = Field(None, description="s3://bucket/prefix holding <repo>/<revision>/")
+    download_gbps: Annotated[float, Field(ge=0.1, le=800)] | None = None
     volume: Literal["instance-store", "ebs", "host-path", "pvc"] | None = None
-    ebs_size_gib: Annotated[int, Field(ge=700)] = 1000
+    ebs_size_gib: Annotated[int, Field(ge=700, le=16384)] = 1000
     ebs_throughput_mibps: Annotated[int, Field(ge=125, le=catalog.EBS_GP3_MAX_THROUGHPUT_MIBPS)] = (
         catalog.EBS_GP3_MAX_THROUGHPUT_MIBPS
     )
-    host_path: str = "/data/kimi-fleet/weights"
+    host_path: HostPath = "/data/kimi-fleet/weights"
 
     @model_validator(mode="after")
     def _mirror_needs_uri(self) -> "WeightsSpec":
@@ -121,16 +211,16 @@ class WeightsSpec(Spec):
 
 
 class AwsTarget(Spec):
-    region: str = "us-east-1"
-    instance_type: str | None = Field(None, description="default: the catalog's offer for the accelerator")
-    availability_zones: tuple[str, ...] = ()
-    subnet_ids: tuple[str, ...] = ()
-    vpc_id: str | None = None
-    hosted_zone_id: str | None = None
-    ssh_allowlist: tuple[str, ...] = ()
-    key_name: str | None = None
-    root_volume_gib: Annotated[int, Field(ge=100)] = 200
-    ssm_prefix: str | None = Field(None, description="SSM Parameter Store prefix for secrets; default /kimi-fleet/<stack>")
+    region: AwsRegion = "us-east-1"
+    instance_type: InstanceType | None = Field(None, description="default: the catalog's offer for the accelerator")
+    availability_zones: tuple[AvailabilityZone, ...] = Field((), max_length=16)
+    subnet_ids: tuple[SubnetId, ...] = Field((), max_length=16)
+    vpc_id: VpcId | None = None
+    hosted_zone_id: HostedZoneId | None = None
+    ssh_allowlist: tuple[str, ...] = Field((), max_length=32)
+    key_name: KeyPairName | None = None
+    root_volume_gib: Annotated[int, Field(ge=100, le=16384)] = 200
+    ssm_prefix: SsmPath | None = Field(None, description="SSM Parameter Store prefix for secrets; default /kimi-fleet/<stack>")
 
     @field_validator("ssh_allowlist")
     @classmethod
@@ -138,28 +228,41 @@ class AwsTarget(Spec):
         for cidr in value:
             if cidr in ("0.0.0.0/0", "::/0"):
                 raise ValueError(f"sshAllowlist entry {cidr} opens SSH to the world: list your own CIDRs")
-            if "/" not in cidr:
-                raise ValueError(f"sshAllowlist entry {cidr!r} is not a CIDR (e.g. 203.0.113.7/32)")
+            try:
+                network = ipaddress.ip_network(cidr, strict=True)
+            except ValueError:
+                network = None
+            if "/" not in cidr or network is None or str(network) != cidr:
+                raise ValueError(f"sshAllowlist entry {cidr!r} is not a CIDR in canonical form (e.g. 203.0.113.7/32)")
+            if network.prefixlen == 0:
+                raise ValueError(f"sshAllowlist entry {cidr} opens SSH to the world: list your own CIDRs")
         return value
 
 
 class KubernetesTarget(Spec):
-    namespace: str = "kimi-fleet"
-    kubeconfig_context: str | None = None
+    namespace: DnsLabel = "kimi-fleet"
+    kubeconfig_context: ContextName | None = None
     gpu_claim: Literal["dra", "extended-resource"] = "extended-resource"
-    device_class: str = "gpu.nvidia.com"
-    storage_class: str | None = Field(None, description="local-NVMe storage class for the weights PVC")
-    capacity_type_label: str = "karpenter.sh/capacity-type"
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    device_class: DnsSubdomain = "gpu.nvidia.com"
+    storage_class: DnsSubdomain | None = Field(None, description="local-NVMe storage class for the weights PVC")
+    capacity_type_label: LabelKey = "karpenter.sh/capacity-type"
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16)
     external_dns: bool = False
     proxy_service_type: Literal["LoadBalancer", "NodePort", "ClusterIP"] = "LoadBalancer"
-    pod_memory_gib: Annotated[int, Field(ge=16)] = 256
-    pod_cpus: Annotated[int, Field(ge=2)] = 32
+    pod_memory_gib: Annotated[int, Field(ge=16, le=4096)] = 256
+    pod_cpus: Annotated[int, Field(ge=2, le=512)] = 32
+
+    @field_validator("namespace")
+    @classmethod
+    def _not_a_system_namespace(cls, value: str) -> str:
+        if value in RESERVED_NAMESPACES:
+            raise ValueError(f"namespace {value!r} belongs to the cluster: give the stack its own")
+        return value
 
 
 class HostTarget(Spec):
-    address: str | None = Field(None, description="default: secret config kimi-fleet:sshHost")
-    user: str = "ubuntu"
+    address: HostAddress | None = Field(None, description="default: secret config kimi-fleet:sshHost")
+    user: UnixUser = "ubuntu"
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     hosted_zone_id: str | None = None
     startup_script_only: bool = Field(False, description="a GPU cloud that only accepts a startup script (seed 000)")
@@ -189,8 +292,8 @@ class CapacitySpec(Spec):
     )
     replicas: Annotated[int, Field(ge=1, le=64)] = 1
     on_demand_base: Annotated[int, Field(ge=0)] | None = None
-    max_spot_price_usd: Annotated[float, Field(gt=0)] | None = None
-    capacity_reservation_id: str | None = Field(None, description="Capacity Block reservation (cr-...)")
+    max_spot_price_usd: Annotated[float, Field(gt=0, le=1000)] | None = None
+    capacity_reservation_id: ReservationId | None = Field(None, description="Capacity Block reservation (cr-...)")
 
     @property
     def effective_market(self) -> str:
@@ -230,12 +333,12 @@ class VerificationSpec(Spec):
         Literal["auth", "models", "health", "thinking", "instant", "tool_call", "vision", "streaming", "context", "tls"], ...
     ] = ()
     load: Annotated[int, Field(ge=0, le=1024)] = 0
-    timeout_seconds: Annotated[int, Field(ge=30)] = 600
+    timeout_seconds: Annotated[int, Field(ge=30, le=7200)] = 600
 
 
 class StackSpec(Spec):
-    stack: str = Field(description="the stack name (filled from the file name)")
-    description: str = ""
+    stack: DnsLabel = Field(description="the stack name (filled from the file name)")
+    description: Description = ""
     model: ModelSpec = ModelSpec()
     accelerator: str
     accelerator_count: Annotated[int, Field(ge=1, le=64)] = 8
@@ -248,9 +351,9 @@ class StackSpec(Spec):
     target: TargetSpec
     capacity: CapacitySpec = CapacitySpec()
     domain: str
-    acme_email: str | None = None
+    acme_email: Email | None = None
     verification: VerificationSpec = VerificationSpec()
-    budget_per_hour_usd: Annotated[float, Field(gt=0)] | None = None
+    budget_per_hour_usd: Annotated[float, Field(gt=0, le=10_000)] | None = None
 
     @field_validator("accelerator")
     @classmethod
@@ -304,6 +407,44 @@ def _value_at(raw: dict, loc: tuple):
     return node
 
 
+def _model_at(loc: tuple):
+    """The spec model a validation error's location points into (for key suggestions)."""
+    import typing
+
+    model = StackSpec
+    for item in loc:
+        if not isinstance(item, str):
+            return None
+        fields = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
+        if item not in fields:
+            return None
+        candidates = [fields[item].annotation]
+        found = None
+        while candidates:
+            annotation = candidates.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found = annotation
+                break
+            candidates += list(typing.get_args(annotation))
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _suggestion(loc: tuple) -> str:
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return ""
+    known = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    if not close:
+        camel = to_camel(loc[-1])
+        close = [camel] if camel in known else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known keys here: {', '.join(sorted(known))}"
+
+
 def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:
     """Build the spec from config values (keys without the namespace); raise StackSpecError."""
     data = {"stack": stack, **raw}
@@ -316,7 +457,10 @@ def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:
             field = f"{CONFIG_NAMESPACE}:{path}"
             value = _value_at(data, err["loc"])
             message = err["msg"].removeprefix("Value error, ")
-            given = f" (given {value!r})" if value is not None and not isinstance(value, dict) else ""
+            if err["type"] == "extra_forbidden":
+                message = f"unknown key{_suggestion(err['loc'])}"
+            shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
+            given = f" (given {shown})" if value is not None and not isinstance(value, dict) else ""
             problems.append(f"field {field}{given}: {message}")
         raise StackSpecError(stack_file, problems) from None
     from kimi_fleet.rules import check_rules  # rules read the spec and the catalog

@@ -6,7 +6,9 @@ Used by the offline planner (the mock runtime reads config only from PULUMI_CONF
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,140 @@ from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, parse_spec
 SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = PROJECT_ROOT / "stacks"
+#: A stack name becomes part of paths (build/<stack>), SSM names, unit descriptions and Kubernetes
+#: labels: a DNS label, so "." / ".." / separators / specifiers can never be one.
+STACK_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: Keys a Pulumi stack file may hold besides `config` (written by the CLI).
+STACK_FILE_KEYS = ("config", "secretsprovider", "encryptedkey", "encryptionsalt", "environment")
+#: Config namespaces a stack may set: ours, and the providers the program uses.
+KNOWN_NAMESPACES = (CONFIG_NAMESPACE, "aws", "kubernetes", "command", "random", "pulumi")
+#: Stack files are a few dozen lines: anything larger is not one.
+MAX_STACK_FILE_BYTES = 64 * 1024
+MAX_NESTING = 16
+
+
+class StackFileError(ValueError):
+    """A stack file that cannot be read as one: names the file and, where it can, the key."""
+
+
+def did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if not close:
+        # snake_case for camelCase (budget_per_hour_usd -> budgetPerHourUsd)
+        camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key)
+        close = [camel] if camel in known else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_stack_name(stack: str, where: str) -> str:
+    if not STACK_NAME_PATTERN.match(stack):
+        raise StackFileError(
+            f"{where}: stack name {stack!r} must be 1-63 lowercase letters, digits and '-', starting and "
+            "ending with a letter or digit (it names paths, SSM parameters, units and Kubernetes objects)"
+        )
+    return stack
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Plain YAML only: no tags, anchors or aliases (no billion laughs), no duplicate keys, and
+    dates stay strings."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        where = f"line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            raise StackFileError(f"{where}: YAML aliases (*{event.anchor}) are not allowed in a stack file")
+        if getattr(event, "anchor", None):
+            raise StackFileError(f"{where}: YAML anchors (&{event.anchor}) are not allowed in a stack file")
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):
+            raise StackFileError(f"{where}: YAML tag {tag} is not allowed: write plain values")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise StackFileError(f"{where}: nested deeper than {MAX_NESTING} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise StackFileError(f"line {key_node.start_mark.line + 1}: key {key!r} is not a string")
+            if key == "<<":
+                raise StackFileError(f"line {key_node.start_mark.line + 1}: YAML merge keys are not allowed")
+            if key in seen:
+                raise StackFileError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Dates and times stay strings: a stack has no timestamp field.
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def read_stack_yaml(path: Path, text: str | None = None, *, shown: str | None = None) -> dict:
+    """The stack file as a mapping; StackFileError naming the file for anything else."""
+    path = Path(path)
+    shown = shown or _shown(path)
+    try:
+        if text is None:
+            if path.stat().st_size > MAX_STACK_FILE_BYTES:
+                raise StackFileError(f"larger than {MAX_STACK_FILE_BYTES // 1024} KiB")
+            text = path.read_text(encoding="utf-8")
+        document = yaml.load(text, Loader=_StrictLoader)
+    except StackFileError as error:
+        raise StackFileError(f"{shown}: {error}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        raise StackFileError(f"{shown}: cannot read the stack file: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise StackFileError(f"{shown}: a stack file is a mapping with a `config:` key, not a {type(document).__name__}")
+    for key in document:
+        if key not in STACK_FILE_KEYS:
+            raise StackFileError(f"{shown}: unknown top-level key {key!r}{did_you_mean(key, STACK_FILE_KEYS)}; "
+                                 f"allowed: {', '.join(STACK_FILE_KEYS)}")
+    return document
+
+
+def spec_values(config: dict, where: str) -> dict:
+    """kimi-fleet values (keys without the namespace) from full config keys, refusing unknown
+    namespaces and keys with a suggestion. The one reader for the planner and `__main__.py`;
+    values that arrive as JSON text (Pulumi's runtime config) are decoded."""
+    known = [f.alias for f in StackSpec.model_fields.values() if f.alias != "stack"]
+    values = {}
+    for key, value in config.items():
+        namespace, sep, name = key.partition(":")
+        if not sep or not name:
+            raise StackFileError(f"{where}: config key {key!r} has no namespace (expected {CONFIG_NAMESPACE}:<name>)")
+        if namespace not in KNOWN_NAMESPACES:
+            raise StackFileError(f"{where}: config key {key!r}: unknown namespace {namespace!r}"
+                                 f"{did_you_mean(namespace, KNOWN_NAMESPACES)}; allowed: {', '.join(KNOWN_NAMESPACES)}")
+        if namespace != CONFIG_NAMESPACE or name in SECRET_KEYS:
+            continue
+        if name not in known:
+            raise StackFileError(f"{where}: field {key}: unknown key{did_you_mean(name, known)}; "
+                                 f"known: {', '.join(sorted(known))}")
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        values[name] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -43,7 +179,9 @@ class StackConfig:
 
 
 def stack_names() -> list[str]:
-    return sorted(p.name[len("Pulumi."):-len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+    """The stacks in stacks/ whose file names are valid stack names."""
+    names = (p.name[len("Pulumi."):-len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+    return sorted(name for name in names if STACK_NAME_PATTERN.match(name))
 
 
 def stack_file(stack: str) -> Path:
@@ -67,35 +205,31 @@ def _project_defaults() -> dict:
 def load_stack_config(path: Path, stack: str | None = None) -> StackConfig:
     """Merge project defaults and one stack file; raise ValueError on an unreadable file."""
     path = Path(path)
+    shown = _shown(path)
     if stack is None:
         name = path.name
         if not (name.startswith("Pulumi.") and name.endswith(".yaml")):
-            raise ValueError(f"{path}: a stack file is named Pulumi.<stack>.yaml")
+            raise StackFileError(f"{shown}: a stack file is named Pulumi.<stack>.yaml")
         stack = name[len("Pulumi."):-len(".yaml")]
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the stack file: {exc}") from None
+    validate_stack_name(stack, shown)
+    document = read_stack_yaml(path, shown=shown)
     config = document.get("config") or {}
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: `config` must be a mapping")
+        raise StackFileError(f"{shown}: `config` must be a mapping")
     merged = {**_project_defaults(), **config}
-    values, secure, pulumi_config = {}, [], {}
+    secure, pulumi_config = [], {}
     for key, value in merged.items():
         if isinstance(value, dict) and set(value) == {"secure"}:
             secure.append(key)
             continue
         namespace, _, name = key.partition(":")
-        if namespace == CONFIG_NAMESPACE and name in SECRET_KEYS:
-            raise ValueError(
-                f"{path}: field {key} is in plain text: set it with `pulumi config set --secret {name}` "
+        if namespace == CONFIG_NAMESPACE and name in SECRET_KEYS and value is not None:
+            raise StackFileError(
+                f"{shown}: field {key} is in plain text: set it with `pulumi config set --secret {name}` "
                 "so it is encrypted in the stack file and the state"
             )
-        if not name:
-            raise ValueError(f"{path}: config key {key!r} has no namespace (expected {CONFIG_NAMESPACE}:<name>)")
         pulumi_config[key] = value if isinstance(value, str) else json.dumps(value)
-        if namespace == CONFIG_NAMESPACE:
-            values[name] = value
+    values = spec_values({k: v for k, v in merged.items() if k not in secure}, shown)
     return StackConfig(stack, path, values, tuple(sorted(secure)), pulumi_config)
 
 

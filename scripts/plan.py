@@ -32,10 +32,21 @@ from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
 from kimi_fleet.spec import StackSpecError  # noqa: E402
-from kimi_fleet.stackfile import StackConfig, load_stack_config, stack_file, stack_names  # noqa: E402
+from kimi_fleet.stackfile import (  # noqa: E402
+    STACKS_DIR, StackConfig, StackFileError, load_stack_config, stack_file, stack_names, validate_stack_name,
+)
 
 BUILD_DIR = PROJECT_ROOT / "build"
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def artifact_dir(build_dir: Path, stack: str) -> Path:
+    """build/<stack>, the only directory the planner ever removes: refuse anything else."""
+    validate_stack_name(stack, "build directory")
+    out = (build_dir / stack).resolve()
+    if out.parent != build_dir.resolve() or out == PROJECT_ROOT or PROJECT_ROOT.is_relative_to(out):
+        raise StackFileError(f"refusing to write artifacts to {out}: not a directory below {build_dir}")
+    return out
 
 
 def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True) -> dict:
@@ -75,7 +86,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     mandatory = [v for v in result["policy_violations"] if v["enforcement"] == "mandatory"]
     result["errors"] = [f"policy {v['policy']} on {v['resource']}: {v['message']}" for v in mandatory]
 
-    out = build_dir / config.stack
+    out = artifact_dir(build_dir, config.stack)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for name, text in sorted(render_artifacts(resolved, sizing, launch).items()):
@@ -195,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--stack-file {args.stack_file}: no such file")
         paths = [args.stack_file.resolve()]
     elif args.all:
-        paths = [stack_file(name) for name in stack_names()]
+        # Every stack file, also one whose name is not a valid stack name: it is listed as refused.
+        paths = sorted(STACKS_DIR.glob("Pulumi.*.yaml"))
     else:
         if args.stack not in stack_names():
             parser.error(f"unknown stack {args.stack!r}; known: {', '.join(stack_names())}")

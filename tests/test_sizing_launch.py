@@ -58,7 +58,7 @@ def test_dp_attention_replicates_attention_weights_but_splits_kv():
 def test_time_to_ready_follows_the_weight_source():
     hub = size(resolved(accelerator="h200", engine={"name": "sglang"}))
     mirror = size(resolved(accelerator="h200", engine={"name": "sglang"},
-                           weights={"source": "s3-mirror", "s3MirrorUri": "s3://b/p"}))
+                           weights={"source": "s3-mirror", "s3MirrorUri": "s3://kimi-mirror/p"}))
     assert mirror.download_seconds < hub.download_seconds / 5
     assert 15 * 60 < hub.download_seconds < 30 * 60  # seed 000: 20-30 min cold
 

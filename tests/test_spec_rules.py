@@ -134,8 +134,10 @@ def test_h100_without_the_small_context_settings_does_not_fit_at_all():
     assert "no room for any context" in message
 
 
-def test_unknown_fields_are_refused():
-    assert "Extra inputs are not permitted" in refuse(stack(gpuCount=8))
+def test_unknown_fields_are_refused_with_the_key_meant():
+    assert "field kimi-fleet:gpuCount (given 8): unknown key" in refuse(stack(gpuCount=8))
+    message = refuse(stack(engine={"name": "vllm", "memoryFractoin": 0.9}))
+    assert "field kimi-fleet:engine.memoryFractoin (given 0.9): unknown key (did you mean 'memoryFraction'?)" in message
 
 
 def test_secrets_in_plain_text_are_refused(tmp_path):
