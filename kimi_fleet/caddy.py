@@ -24,6 +24,9 @@ HTTP_PORT = 80
 SHUTDOWN_GRACE_PERIOD = "10s"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
+# the API key out of the environment (into the ACME account, a log). Same shape as the spec's Email.
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\.[a-z]{2,63}$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 _UNAUTHORIZED_BODY = (
     '{"error":{"message":"missing or invalid API key","type":"invalid_request_error",'
@@ -62,8 +65,8 @@ def render_caddyfile(
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
         _require_loopback(upstream)
-    if acme_email is not None and (not acme_email or any(c.isspace() for c in acme_email)):
-        raise ValueError(f"invalid ACME email {acme_email!r}")
+    if acme_email is not None and not _EMAIL.match(acme_email):
+        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
 
     global_options = ["admin off", f"grace_period {SHUTDOWN_GRACE_PERIOD}"]
     if http_port is not None:
@@ -71,7 +74,7 @@ def render_caddyfile(
     if https_port is not None:
         global_options.append(f"https_port {_port(https_port)}")
     if acme_email and tls == "acme":
-        global_options.append(f"email {acme_email}")
+        global_options.append(f'email "{acme_email}"')
     if tls == "internal":
         # Never touch the host's trust store; clients are given the root explicitly.
         global_options.append("skip_install_trust")
@@ -82,6 +85,13 @@ def render_caddyfile(
     if tls == "internal":
         site.append("tls internal")
     site += [
+        # Access log on stderr (the journal): every request, failed keys included, with status and
+        # client address. Caddy logs the Authorization header empty unless log_credentials is set.
+        "log {",
+        "\toutput stderr",
+        "\tformat json",
+        "}",
+        "",
         "request_body {",
         f"\tmax_size {MAX_REQUEST_BODY}",
         "}",
@@ -99,6 +109,8 @@ def render_caddyfile(
         f"reverse_proxy {' '.join(upstreams)} {{",
         # Forward every SSE chunk as soon as the engine writes it.
         "\tflush_interval -1",
+        # The engine never sees the key: it may log requests, headers included.
+        "\theader_up -Authorization",
     ]
     if len(upstreams) > 1:
         site += [

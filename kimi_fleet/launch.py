@@ -7,11 +7,23 @@ cloud-init, host and Kubernetes renderers share it.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
 from kimi_fleet import catalog
 from kimi_fleet.resolve import Resolved
+from kimi_fleet.spec import SAFE_VALUE
+
+_PLAIN = re.compile(SAFE_VALUE)
+
+
+def plain_value(key: str, value: str) -> str:
+    """The one guard for values written to node settings and env files: the alphabet the node's
+    settings loader accepts (no whitespace, quotes, $, `, ;, |, &, <, >, (, ), #, %, \\, braces)."""
+    if not _PLAIN.fullmatch(value):
+        raise ValueError(f"value for {key} is not plain (letters, digits and . _ : / @ , + = -): {value!r}")
+    return value
 
 MODEL_MOUNT = "/models/kimi"
 DRAFT_MOUNT = "/models/draft"
@@ -62,6 +74,11 @@ class EngineInstance:
     @property
     def env_file_path(self) -> str:
         return f"{ENV_DIR}/engine-{self.index}.env"
+
+    @property
+    def argv_file_path(self) -> str:
+        """The engine's full `docker run` argv as a JSON list: lists travel as lists."""
+        return f"{ENV_DIR}/engine-{self.index}.argv.json"
 
 
 @dataclass(frozen=True)
@@ -217,23 +234,21 @@ def render_env_file(launch: Launch, instance: EngineInstance, stack: str) -> str
         "PORT": str(instance.port),
         "HEALTH_PATH": instance.probe.path,
         "GPU_IDS": ",".join(map(str, instance.device_ids)),
-        "DOCKER_ARGS": " ".join(instance.docker_args),
-        "ENGINE_ENTRYPOINT": instance.argv[0],
-        "ENGINE_ARGS": " ".join(instance.argv[1:]),
     }
     lines = [
         f"# kimi-fleet stack {stack}: engine {instance.index} ({launch.engine}, {launch.quant}).",
         f"# Edit, then: systemctl restart kimi-engine@{instance.index}. Keep values bare: no inline comments.",
     ]
-    for key, value in values.items():
-        if "\n" in value or "#" in value or '"' in value or "'" in value or "\\" in value:
-            raise ValueError(f"env value for {key} cannot be written bare: {value!r}")
-        lines.append(f"{key}={value}")
+    lines += [f"{key}={plain_value(key, value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def docker_argv(launch: Launch, instance: EngineInstance) -> list[str]:
+    """The engine's container as one argument list (engine-N.argv.json): never joined and re-split."""
+    return ["docker", "run", "--rm", "--name", instance.container_name, *instance.docker_args,
+            "--entrypoint", instance.argv[0], launch.image, *instance.argv[1:]]
 
 
 def docker_run_command(launch: Launch, instance: EngineInstance) -> str:
     """The equivalent one-shot command, for docs and for clouds that take only a startup script."""
-    argv = ["docker", "run", "--rm", "--name", instance.container_name, *instance.docker_args,
-            "--entrypoint", instance.argv[0], launch.image, *instance.argv[1:]]
-    return shlex.join(argv)
+    return shlex.join(docker_argv(launch, instance))

@@ -21,7 +21,7 @@ import yaml
 
 from kimi_fleet import catalog
 from kimi_fleet.caddy import render_caddyfile
-from kimi_fleet.launch import ENV_DIR, Launch, docker_run_command, render_env_file
+from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -87,8 +87,42 @@ def default_ssm_prefix(stack: str) -> str:
     return f"/kimi-fleet/{stack}"
 
 
+#: The keys node.env may hold: the settings loader on the node accepts these and nothing else.
+NODE_SETTINGS_KEYS = (
+    "STACK", "VENDOR", "ENGINE_COUNT", "WEIGHTS_VOLUME", "WEIGHTS_ROOT", "WEIGHTS_DIR", "EBS_VOLUME_ID",
+    "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
+    "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
+    "SSM_HF_TOKEN_PARAMETER", "API_KEY_FILE", "HF_TOKEN_FILE",
+)
+
 # --- Scripts ---------------------------------------------------------------------------------
 # Static text: per-stack values come from node.env and the engine env files.
+
+# Node settings are data, never code: nothing is sourced or evaluated. Each line is KEY=VALUE with a
+# known key and a value in the one plain alphabet the writer enforces (launch.plain_value); the
+# value is assigned with printf -v, so no character of it is ever interpreted.
+SETTINGS_LOADER = r"""
+load_settings() {
+  local file=$1 line key value number=0 known=" __KEYS__ "
+  [[ -f $file ]] || { echo "settings file $file is missing" >&2; exit 1; }
+  while IFS= read -r line || [[ -n $line ]]; do
+    number=$((number + 1))
+    [[ -z $line || $line == \#* ]] && continue
+    if [[ ! $line =~ ^([A-Z][A-Z0-9_]*)=([A-Za-z0-9._:/@,+=-]*)$ ]]; then
+      echo "$file:$number: refused: not KEY=VALUE with a plain value" >&2
+      exit 1
+    fi
+    key=${BASH_REMATCH[1]}
+    value=${BASH_REMATCH[2]}
+    case $known in
+      *" $key "*) ;;
+      *) echo "$file:$number: refused: unknown setting $key" >&2; exit 1 ;;
+    esac
+    printf -v "$key" '%s' "$value"
+    export "${key?}"
+  done <"$file"
+}
+""".replace("__KEYS__", " ".join(NODE_SETTINGS_KEYS))
 
 _LOG_FUNCTIONS = r"""
 # Everything the bootstrap does is appended here, timestamped: `tail -f` it during a cold start.
@@ -109,10 +143,8 @@ set -Eeuo pipefail
 trap 'log "FAILED at line $LINENO (exit $?)"' ERR
 LIVE=1
 [[ -n $ROOT ]] && LIVE=0
-set -a
-# shellcheck source=/dev/null
-. "$ROOT/etc/kimi-fleet/node.env"
-set +a
+""" + SETTINGS_LOADER + r"""
+load_settings "$ROOT/etc/kimi-fleet/node.env"
 : "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
 SBIN_DIR="$ROOT/usr/local/sbin"
 STATE_DIR="$ROOT/var/lib/kimi-fleet"
@@ -433,24 +465,33 @@ exit 1
 """.replace("__GPU_FREE_TIMEOUT__", str(GPU_FREE_TIMEOUT_SECONDS))
 
 ENGINE_RUN = r"""#!/bin/bash
-# Start one engine container from its env file (systemd passes the variables).
+# Start engine N: its whole `docker run` command is a JSON list written by kimi-fleet
+# (/etc/kimi-fleet/engine-N.argv.json), handed to exec one element per argument: nothing is
+# split, globbed or evaluated on the way.
 set -euo pipefail
-: "${CONTAINER_NAME:?}" "${IMAGE:?}" "${ENGINE_ENTRYPOINT:?}" "${DOCKER_ARGS:?}" "${ENGINE_ARGS:?}"
-# No globbing: the unquoted lists below must only split, never expand.
-set -f
-# shellcheck disable=SC2086 # DOCKER_ARGS and ENGINE_ARGS are space-separated lists by design: an env
-# file holds no arrays, and kimi-fleet refuses any value with whitespace inside one argument.
-exec docker run --rm --name "$CONTAINER_NAME" $DOCKER_ARGS --entrypoint "$ENGINE_ENTRYPOINT" "$IMAGE" $ENGINE_ARGS
+index=${1:?usage: kimi-engine-run ENGINE_INDEX}
+[[ $index =~ ^[0-9]+$ ]] || { echo "engine index must be a number, got $index" >&2; exit 1; }
+argv_file="${KIMI_ROOT:-}/etc/kimi-fleet/engine-$index.argv.json"
+decoded=$(mktemp)
+trap 'rm -f "$decoded"' EXIT
+python3 - "$argv_file" >"$decoded" <<'PY'
+import json, sys
+argv = json.load(open(sys.argv[1]))
+if not (isinstance(argv, list) and argv[:2] == ["docker", "run"]
+        and all(isinstance(a, str) and a and "\0" not in a for a in argv)):
+    sys.exit(f"{sys.argv[1]}: not a docker run argument list")
+sys.stdout.write("".join(a + "\0" for a in argv))
+PY
+mapfile -d '' -t argv <"$decoded"
+exec "${argv[@]}"
 """
 
 CADDY_ENV = r"""#!/bin/bash
 # Hand the API key to Caddy as an environment variable, from the root-only secret file.
 # Runs as root (ExecStartPre=+) before Caddy, which itself runs unprivileged.
 set -euo pipefail
-set -a
-# shellcheck source=/dev/null
-. /etc/kimi-fleet/node.env
-set +a
+""" + SETTINGS_LOADER + r"""
+load_settings "${KIMI_ROOT:-}/etc/kimi-fleet/node.env"
 key=$(<"${API_KEY_FILE:?}")
 # An env file holds bare values: refuse anything that would need quoting.
 [[ $key =~ ^[A-Za-z0-9._~+/=-]{16,}$ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
@@ -478,7 +519,7 @@ ExecStartPre=-/usr/bin/docker rm --force ${{CONTAINER_NAME}}
 ExecStartPre=/bin/sh -c 'docker image inspect "$IMAGE" >/dev/null 2>&1 || docker pull "$IMAGE"'
 ExecStartPre=/usr/local/sbin/kimi-wait-gpus-free ${{GPU_IDS}}
 ExecStartPre=/usr/bin/test -f ${{WEIGHTS_DIR}}/.kimi-verified
-ExecStart=/usr/local/sbin/kimi-engine-run
+ExecStart=/usr/local/sbin/kimi-engine-run %i
 ExecStop=/usr/bin/docker stop --time={ENGINE_STOP_GRACE_SECONDS} ${{CONTAINER_NAME}}
 TimeoutStartSec={ENGINE_START_TIMEOUT_SECONDS}
 TimeoutStopSec={ENGINE_STOP_GRACE_SECONDS + 60}
@@ -519,10 +560,10 @@ ExecReload=
 """
 
 
-def _bare(key: str, value: str) -> str:
-    if any(ch.isspace() for ch in value) or any(ch in value for ch in "#\"'\\$`"):
-        raise ValueError(f"node.env value for {key} cannot be written bare: {value!r}")
-    return f"{key}={value}"
+def _setting(key: str, value: str) -> str:
+    if key not in NODE_SETTINGS_KEYS:
+        raise ValueError(f"node.env: {key} is not a known setting")
+    return f"{key}={plain_value(key, value)}"
 
 
 def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSource,
@@ -557,7 +598,7 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "HF_TOKEN_FILE": secrets.hf_token_file,
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
-    lines += [_bare(key, value) for key, value in values.items()]
+    lines += [_setting(key, value) for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -610,6 +651,8 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
     ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
+    files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i), indent=1) + "\n", 0o644)
+              for i in launch.instances]
     return {f.path: f for f in files}
 
 
@@ -705,6 +748,7 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
     }
     for instance in launch.instances:
         artifacts[f"engine-{instance.index}.env"] = files[instance.env_file_path].content
+        artifacts[f"engine-{instance.index}.argv.json"] = files[instance.argv_file_path].content
         artifacts[f"docker-run-engine-{instance.index}.sh"] = (
             "#!/bin/bash\n# The engine's container, as one command (what kimi-engine-run executes).\n"
             + docker_run_command(launch, instance) + "\n"

@@ -23,6 +23,24 @@ MANAGED_FLAGS = {
     "--language-model-only": "engine.languageModelOnly", "--model-path": "model", "--model": "model",
 }
 TOOL_CALL_FLAGS = {"--tool-call-parser", "--enable-auto-tool-choice"}
+#: Never accepted in extraArgs: a key on the command line lands in plain text in launch files and state.
+SECRET_FLAGS = {"--api-key": "the proxy holds the key (apiKey secret)", "--hf-token": "hfToken secret",
+                "--admin-api-key": "the proxy holds the key (apiKey secret)"}
+
+
+def managed_flag(arg: str) -> str | None:
+    """The managed flag an extra argument would set, in any spelling argparse accepts: `_` for `-`,
+    `--flag=value`, one dash, and unambiguous prefixes (`--hos` for `--host`, `-tp=4` for `--tp`)."""
+    if not arg.startswith("-"):
+        return None
+    name = arg.lstrip("-").split("=", 1)[0].replace("_", "-").lower()
+    if not name:
+        return None
+    for flag in (*MANAGED_FLAGS, *SECRET_FLAGS):
+        full = flag.lstrip("-")
+        if full == name or full.startswith(name) or name.startswith(full + "."):
+            return flag
+    return None
 VLLM_KV_DTYPES = {"auto", "bf16", "fp8", "fp8_e4m3"}  # TRITON/FlashMLA KV menu (seed 003)
 SGLANG_KV_DTYPES = {"auto", "bf16", "fp8_e4m3", "fp8_e5m2"}
 
@@ -140,11 +158,16 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
         yield (f"field {CONFIG_NAMESPACE}:engine: languageModelOnly, mmEncoderTpMode and moeBackend are vLLM "
                "options; SGLang needs nothing extra for vision")
     for arg in e.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
+        flag = managed_flag(arg)
+        if flag in SECRET_FLAGS:
+            # The value is not echoed: it may be a real key.
+            yield (f"field {CONFIG_NAMESPACE}:engine.extraArgs: {flag} is refused in any spelling: "
+                   f"{SECRET_FLAGS[flag]}; a key on a command line ends up in plain text in files and state")
+        elif flag:
             why = (": vLLM tool calls need --enable-auto-tool-choice with the kimi_k2 parser, which kimi-fleet "
                    "always renders" if flag in TOOL_CALL_FLAGS else "")
-            yield f"{_f('engine.extraArgs', arg)}: {flag} is rendered by kimi-fleet (set {MANAGED_FLAGS[flag]}){why}"
+            yield (f"{_f('engine.extraArgs', arg)}: sets {flag}, which kimi-fleet renders "
+                   f"(set {MANAGED_FLAGS[flag]}){why}")
     if e.speculative != "off" and not e.speculative_draft_repo:
         yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note EAGLE3 "
                "measured 1.28% acceptance and -46% throughput on K2.6 (seed 004)")

@@ -15,7 +15,7 @@ def test_single_upstream_has_auth_streaming_and_timeouts():
     text = render_caddyfile("kimi.example.com", ["127.0.0.1:8000"], "/health", acme_email="ops@example.com")
     assert "admin off" in text
     assert "grace_period 10s" in text
-    assert "email ops@example.com" in text
+    assert 'email "ops@example.com"' in text
     assert "kimi.example.com {" in text
     assert "tls internal" not in text
     assert '@unauthorized not header Authorization "Bearer {env.KIMI_API_KEY}"' in text
@@ -27,8 +27,8 @@ def test_single_upstream_has_auth_streaming_and_timeouts():
     assert "read_timeout 3600s" in text and "write_timeout 3600s" in text
     # One upstream: nothing to balance or fail over to.
     assert "lb_policy" not in text and "health_uri" not in text
-    # The engines may use the Authorization header: it is forwarded untouched.
-    assert "header_up" not in text
+    # The engine never receives the key (it may log headers); the ACME email is quoted.
+    assert "header_up -Authorization" in text
 
 
 def test_several_upstreams_are_balanced_and_health_checked():
@@ -106,3 +106,52 @@ def test_caddy_validates_rendered_config(kwargs):
     result = validate_caddyfile(render_caddyfile(**kwargs), ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Valid configuration" in result.stdout + result.stderr
+
+
+@needs_caddy
+def test_engine_never_sees_the_key_and_failed_keys_are_logged_without_it():
+    """A real caddy in front of a recording upstream: the upstream gets no Authorization header;
+    wrong keys get 401 and appear in the access log with the client address, never the key."""
+    import http.server
+    import json
+    import threading
+
+    import httpx
+
+    from tests.fakes.harness import free_port, start_caddy
+
+    seen = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            body = b'{"object":"list","data":[]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    key = "right-key-7f3c9e21d4b85a60"
+    https_port, http_port = free_port(), free_port()
+    caddyfile = render_caddyfile("localhost", [f"127.0.0.1:{upstream.server_address[1]}"], "/health", tls="internal",
+                                 https_port=https_port, http_port=http_port, bind_host="127.0.0.1")
+    url = f"https://localhost:{https_port}/v1/models"
+    try:
+        with start_caddy(caddyfile, {"KIMI_API_KEY": key}, ready_url=url) as caddy:
+            with httpx.Client(verify=caddy.ssl_context(), timeout=10) as client:
+                wrong = [client.get(url, headers={"Authorization": f"Bearer wrong-key-{i}-secretish"}) for i in range(5)]
+                right = client.get(url, headers={"Authorization": f"Bearer {key}"})
+            logs = caddy.logs()
+    finally:
+        upstream.shutdown()
+    assert [r.status_code for r in wrong] == [401] * 5 and right.status_code == 200
+    assert len(seen) == 1 and not any(name.lower() == "authorization" for name in seen[0])
+    entries = [json.loads(line) for line in logs.splitlines() if line.startswith("{") and '"http.log.access' in line]
+    refused = [e for e in entries if e.get("status") == 401]
+    assert len(refused) >= 5 and all(e["request"]["remote_ip"] == "127.0.0.1" for e in refused)
+    assert "wrong-key-" not in logs and key not in logs

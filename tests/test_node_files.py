@@ -132,10 +132,79 @@ def test_scripts_pass_shellcheck(stack, tmp_path):
         assert result.returncode == 0, f"{name}:\n{result.stdout}"
 
 
-def test_engine_run_splits_lists_on_purpose():
-    text = node_files("h200-int4-sglang")["/usr/local/sbin/kimi-engine-run"].content
-    assert "# shellcheck disable=SC2086" in text and "set -f" in text
-    assert 'exec docker run --rm --name "$CONTAINER_NAME" $DOCKER_ARGS --entrypoint "$ENGINE_ENTRYPOINT"' in text
+def _stub_docker(bin_dir: Path, record: Path) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "docker").write_text(f"#!/usr/bin/env python3\nimport json, sys\n"
+                                    f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    (bin_dir / "docker").chmod(0o755)
+
+
+def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path):
+    """Argument lists travel as lists: an argument with spaces or shell syntax (here forced in past
+    the spec, as a patched launch would) reaches docker as one argument, never as several."""
+    files = node_files("h200-int4-sglang")
+    argv = json.loads(files["/etc/kimi-fleet/engine-0.argv.json"].content)
+    assert argv[:2] == ["docker", "run"] and "--host" in argv and argv[argv.index("--host") + 1] == "127.0.0.1"
+    hostile = argv + ["marlin --privileged", "$(touch /tmp/kimi-pwned)", "a;b|c`d`"]
+    root = tmp_path / "root"
+    (root / "etc/kimi-fleet").mkdir(parents=True)
+    (root / "etc/kimi-fleet/engine-0.argv.json").write_text(json.dumps(hostile))
+    script = tmp_path / "kimi-engine-run"
+    script.write_text(files["/usr/local/sbin/kimi-engine-run"].content)
+    record = tmp_path / "docker-argv.json"
+    _stub_docker(tmp_path / "bin", record)
+    env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(record.read_text()) == hostile[1:]
+    assert not Path("/tmp/kimi-pwned").exists()
+    # Not a docker run list: refused before anything runs.
+    (root / "etc/kimi-fleet/engine-0.argv.json").write_text(json.dumps(["sh", "-c", "id"]))
+    record.unlink()
+    refused = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "not a docker run argument list" in refused.stderr and not record.exists()
+
+
+def _settings_loader_script(tmp_path: Path) -> Path:
+    """The rendered kimi-caddy-env: it loads node.env with the node's settings loader, then reads the key."""
+    script = tmp_path / "kimi-caddy-env"
+    script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-caddy-env"].content)
+    return script
+
+
+@pytest.mark.parametrize("value", [
+    "/data/x;touch MARK", "/data/x$(touch MARK)", "/data/x`touch MARK`", "/data/x\ntouch MARK",
+    "/data/x|touch MARK", "/data/x && touch MARK", "'/data/x'; touch MARK",
+])
+def test_node_settings_are_data_no_command_in_a_value_runs(tmp_path, value):
+    """node.env is never sourced: a value carrying shell syntax (written past the writer's guard, as a
+    patched spec would) is refused by the loader and nothing in it runs."""
+    root = tmp_path / "root"
+    (root / "etc/kimi-fleet").mkdir(parents=True)
+    mark = tmp_path / "MARK"
+    node_env = node_files("h200-int4-sglang")["/etc/kimi-fleet/node.env"].content
+    hostile = node_env.replace("WEIGHTS_ROOT=/data/kimi-fleet/weights", "WEIGHTS_ROOT=" + value.replace("MARK", str(mark)))
+    assert hostile != node_env
+    (root / "etc/kimi-fleet/node.env").write_text(hostile)
+    result = subprocess.run(["bash", str(_settings_loader_script(tmp_path))], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "KIMI_ROOT": str(root)})
+    assert result.returncode != 0
+    assert "refused" in result.stderr
+    assert not mark.exists()
+
+
+def test_node_settings_loader_refuses_unknown_keys_and_the_writer_refuses_shell_syntax(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/kimi-fleet").mkdir(parents=True)
+    (root / "etc/kimi-fleet/node.env").write_text("STACK=x\nBASH_ENV=/tmp/evil\n")
+    result = subprocess.run(["bash", str(_settings_loader_script(tmp_path))], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "KIMI_ROOT": str(root)})
+    assert result.returncode != 0 and "unknown setting BASH_ENV" in result.stderr
+    from kimi_fleet.launch import plain_value
+
+    for value in ("a;b", "$(id)", "`id`", "a b", "a\nb", "{env.KIMI_API_KEY}", "%h"):
+        with pytest.raises(ValueError, match="not plain"):
+            plain_value("WEIGHTS_ROOT", value)
 
 
 @pytest.mark.parametrize("stack", AWS_STACKS + HOST_STACKS)
@@ -147,7 +216,7 @@ def test_env_files_hold_only_bare_assignments(stack):
         for line in f.content.splitlines():
             if line.startswith("#"):
                 continue
-            assert re.fullmatch(r"[A-Z][A-Z0-9_]*=[^\"'#\\$`]*", line), f"{f.path}: {line!r}"
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*=[A-Za-z0-9._:/@,+=-]*", line), f"{f.path}: {line!r}"
 
 
 def _systemd_root(root: Path, files: dict[str, NodeFile]) -> None:
