@@ -3,6 +3,7 @@
 import pulumi
 
 from components.fleet import Fleet, FleetArgs
+from kimi_fleet.artifacts import render_artifacts
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
@@ -25,6 +26,10 @@ except (StackFileError, StackSpecError) as error:
 resolved = Resolved(spec)
 sizing = size(resolved)
 launch = render_launch(resolved)
+try:  # render what lands on nodes once up front: a file that cannot be delivered is a refusal
+    render_artifacts(resolved, sizing, launch)
+except ValueError as error:
+    raise pulumi.RunError(f"{where}: {error}") from None
 cost = estimate(resolved)
 fleet = Fleet("kimi", FleetArgs(
     resolved=resolved,

@@ -101,7 +101,9 @@ NODE_SETTINGS_KEYS = (
 # Node settings are data, never code: nothing is sourced or evaluated. Each line is KEY=VALUE with a
 # known key and a value in the one plain alphabet the writer enforces (launch.plain_value); the
 # value is assigned with printf -v, so no character of it is ever interpreted.
-SETTINGS_LOADER = r"""
+SETTINGS_LIBRARY = "/usr/local/lib/kimi-fleet/settings.sh"
+SETTINGS_LOADER = r"""# kimi-fleet: the node settings loader (a library: `source`d by the node's scripts).
+# shellcheck shell=bash
 load_settings() {
   local file=$1 line key value number=0 known=" __KEYS__ "
   [[ -f $file ]] || { echo "settings file $file is missing" >&2; exit 1; }
@@ -143,7 +145,8 @@ set -Eeuo pipefail
 trap 'log "FAILED at line $LINENO (exit $?)"' ERR
 LIVE=1
 [[ -n $ROOT ]] && LIVE=0
-""" + SETTINGS_LOADER + r"""
+# shellcheck source=/dev/null
+. "$ROOT__SETTINGS_LIBRARY__"
 load_settings "$ROOT/etc/kimi-fleet/node.env"
 : "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
 SBIN_DIR="$ROOT/usr/local/sbin"
@@ -351,7 +354,7 @@ fetch_secrets
 download_weights
 start_services
 log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
-"""
+""".replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY)
 
 DOWNLOAD_WEIGHTS = r"""#!/bin/bash
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
@@ -490,7 +493,8 @@ CADDY_ENV = r"""#!/bin/bash
 # Hand the API key to Caddy as an environment variable, from the root-only secret file.
 # Runs as root (ExecStartPre=+) before Caddy, which itself runs unprivileged.
 set -euo pipefail
-""" + SETTINGS_LOADER + r"""
+# shellcheck source=/dev/null
+. "${KIMI_ROOT:-}__SETTINGS_LIBRARY__"
 load_settings "${KIMI_ROOT:-}/etc/kimi-fleet/node.env"
 key=$(<"${API_KEY_FILE:?}")
 # An env file holds bare values: refuse anything that would need quoting.
@@ -498,7 +502,7 @@ key=$(<"${API_KEY_FILE:?}")
 mkdir -p /run/kimi-fleet
 (umask 077; printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp)
 mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env
-""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV)
+""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV).replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY)
 
 
 def _engine_unit(r: Resolved) -> str:
@@ -638,6 +642,7 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
                       ebs_volume_id: str | None = None) -> dict[str, NodeFile]:
     """Every file a node needs, keyed by its absolute path."""
     files = [
+        NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
         NodeFile(f"{SBIN}/kimi-download-weights", DOWNLOAD_WEIGHTS, 0o755),
         NodeFile(f"{SBIN}/kimi-wait-gpus-free", WAIT_GPUS_FREE, 0o755),
@@ -651,7 +656,7 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
     ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
-    files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i), indent=1) + "\n", 0o644)
+    files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i)) + "\n", 0o644)
               for i in launch.instances]
     return {f.path: f for f in files}
 
@@ -741,6 +746,7 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         "node.env": files[NODE_ENV_FILE].content,
         "stack.json": files[f"{ENV_DIR}/stack.json"].content,
         "kimi-bootstrap.sh": BOOTSTRAP,
+        "settings.sh": SETTINGS_LOADER,
         "kimi-download-weights.sh": DOWNLOAD_WEIGHTS,
         "kimi-wait-gpus-free.sh": WAIT_GPUS_FREE,
         "kimi-engine-run.sh": ENGINE_RUN,

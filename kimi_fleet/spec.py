@@ -25,7 +25,7 @@ CONFIG_NAMESPACE = "kimi-fleet"
 REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 UNPINNED_TAGS = frozenset({"latest", "nightly", "main", "dev", "edge", "stable"})
 DOMAIN_PATTERN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-SERVED_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+SERVED_NAME_PATTERN = re.compile(r"^(?=.{1,128}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 # --- Shapes of free-text values -----------------------------------------------------------------
 # Every string that reaches a node (a root shell's settings, a unit file, a Caddyfile, a manifest)
@@ -141,7 +141,8 @@ class ModelSpec(Spec):
     @classmethod
     def _served_name_shape(cls, value: str) -> str:
         if not SERVED_NAME_PATTERN.match(value):
-            raise ValueError(f"served name {value!r} must be 1-128 chars of letters, digits, . _ / -")
+            raise ValueError(f"served name {value!r} must be 1-128 chars of letters, digits, . _ - in /-separated "
+                             "parts that start with a letter or digit")
         return value
 
 
@@ -353,7 +354,7 @@ class StackSpec(Spec):
     domain: str
     acme_email: Email | None = None
     verification: VerificationSpec = VerificationSpec()
-    budget_per_hour_usd: Annotated[float, Field(gt=0, le=10_000)] | None = None
+    budget_per_hour_usd: Annotated[float, Field(ge=1, le=10_000)] | None = None
 
     @field_validator("accelerator")
     @classmethod

@@ -65,6 +65,11 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["sizing"] = sizing.as_dict()
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
+    try:  # what lands on nodes is rendered before anything is declared: a file too big is a refusal
+        artifacts = render_artifacts(resolved, sizing, launch)
+    except ValueError as error:
+        result["errors"] = [f"{config.relative_path}: {error}"]
+        return result
 
     from tooling.mock_run import run_config  # imports Pulumi: only once the spec is valid
 
@@ -89,7 +94,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     out = artifact_dir(build_dir, config.stack)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for name, text in sorted(render_artifacts(resolved, sizing, launch).items()):
+    for name, text in sorted(artifacts.items()):
         (out / name).write_text(text)
         path = out / name
         result["artifacts"].append(str(path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path))

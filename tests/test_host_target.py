@@ -71,7 +71,7 @@ def test_copies_every_node_file_and_bootstraps(stack, engines):
     copied = [c for c in declared.values() if "stdin" in c["wire"] and c["name"].startswith("kimi-file-")]
     assert sorted(c["wire"]["stdin"] for c in copied) == sorted(f.content for f in files.values())
     env_files = [p for p in files if p.startswith("/etc/kimi-fleet/engine-")]
-    assert len(env_files) == engines
+    assert len(env_files) == 2 * engines  # engine-N.env and engine-N.argv.json
     for path in env_files:
         assert any(f"mv {path}.kimi-tmp {path}" in c["wire"]["create"] for c in copied)
 
