@@ -4,6 +4,7 @@ import pulumi
 
 from components.fleet import Fleet, FleetArgs
 from kimi_fleet.artifacts import render_artifacts
+from kimi_fleet.caddy import check_api_key
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
@@ -19,7 +20,10 @@ try:
     # Every config key the engine passed (not only the spec's): an unknown key or namespace is refused.
     everything = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
     spec = parse_spec(spec_values(everything, where), stack, where)
-except (StackFileError, StackSpecError) as error:
+    chosen_key = everything.get(f"{CONFIG_NAMESPACE}:apiKey")
+    if chosen_key is not None:  # a user-chosen key: the same rule on every target
+        check_api_key(chosen_key)
+except (StackFileError, StackSpecError, ValueError) as error:
     # Refuse before declaring anything: nothing half-deployed.
     raise pulumi.RunError(str(error)) from None
 

@@ -28,6 +28,18 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # the API key out of the environment (into the ACME account, a log). Same shape as the spec's Email.
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\.[a-z]{2,63}$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
+#: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
+#: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
+API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+
+
+def check_api_key(key: str) -> None:
+    """Raise ValueError (never echoing the key) unless the key has the allowed shape."""
+    if not API_KEY_PATTERN.match(key):
+        raise ValueError("secret kimi-fleet:apiKey must be 16-256 characters of letters, digits and . _ ~ + / = - "
+                         "(no spaces, quotes, braces or *: Caddy reads those as syntax or wildcards)")
+
+
 _UNAUTHORIZED_BODY = (
     '{"error":{"message":"missing or invalid API key","type":"invalid_request_error",'
     '"code":"invalid_api_key"}}'

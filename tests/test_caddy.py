@@ -155,3 +155,23 @@ def test_engine_never_sees_the_key_and_failed_keys_are_logged_without_it():
     refused = [e for e in entries if e.get("status") == 401]
     assert len(refused) >= 5 and all(e["request"]["remote_ip"] == "127.0.0.1" for e in refused)
     assert "wrong-key-" not in logs and key not in logs
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 20 + "*", "x" * 20 + "{env.HOME}", "x" * 20 + " y", 'x' * 20 + '"'])
+def test_api_key_rule_refuses_wildcards_placeholders_and_short_keys_without_echoing(key):
+    from kimi_fleet.caddy import check_api_key
+
+    with pytest.raises(ValueError) as refused:
+        check_api_key(key)
+    assert key not in str(refused.value)
+
+
+def test_program_refuses_a_wildcard_api_key_on_kubernetes_before_declaring_anything():
+    from tooling.mock_run import run_config
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+
+    config = load_stack_config(stack_file("gb200-int4-vllm"))
+    config.pulumi_config["kimi-fleet:apiKey"] = "abcdefghijklmnop*"
+    run = run_config(config)
+    assert run.error and "kimi-fleet:apiKey must be" in run.error and "abcdefghijklmnop*" not in run.error
+    assert run.resources == []
