@@ -167,8 +167,12 @@ def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path
 
 def _settings_loader_script(tmp_path: Path) -> Path:
     """The rendered kimi-caddy-env: it loads node.env with the node's settings loader, then reads the key."""
+    files = node_files("h200-int4-sglang")
+    library = tmp_path / "root" / "usr/local/lib/kimi-fleet/settings.sh"
+    library.parent.mkdir(parents=True, exist_ok=True)
+    library.write_text(files["/usr/local/lib/kimi-fleet/settings.sh"].content)
     script = tmp_path / "kimi-caddy-env"
-    script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-caddy-env"].content)
+    script.write_text(files["/usr/local/sbin/kimi-caddy-env"].content)
     return script
 
 

@@ -162,7 +162,7 @@ def test_diff_shows_exactly_a_kv_dtype_change(tmp_path):
     assert "+`--kv-cache-dtype fp8_e4m3`" in markdown
     assert "kv_dtype auto → fp8_e4m3" in markdown
     assert "kv_tokens_per_device" in markdown
-    assert "engine-0.argv.json" in markdown and "fp8_e4m3" in markdown.split("engine-0.argv.json")[1]
+    assert "engine-0.argv.json" in markdown and "fp8_e4m3" in markdown.split("engine-0.argv.json", 1)[1]
     assert "Unchanged:" in markdown and "gb200-int4-vllm" in markdown.split("Unchanged:")[1]
 
 
