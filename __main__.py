@@ -9,8 +9,8 @@ from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpecError, parse_spec
-from kimi_fleet.stackfile import StackFileError, spec_values, stack_file, validate_stack_name
+from kimi_fleet.spec import CONFIG_NAMESPACE, parse_spec
+from kimi_fleet.stackfile import spec_values, stack_file, validate_stack_name
 
 config = pulumi.Config(CONFIG_NAMESPACE)
 stack = pulumi.get_stack()
@@ -23,7 +23,7 @@ try:
     chosen_key = everything.get(f"{CONFIG_NAMESPACE}:apiKey")
     if chosen_key is not None:  # a user-chosen key: the same rule on every target
         check_api_key(chosen_key)
-except (StackFileError, StackSpecError, ValueError) as error:
+except ValueError as error:  # StackFileError, StackSpecError, a key of the wrong shape
     # Refuse before declaring anything: nothing half-deployed.
     raise pulumi.RunError(str(error)) from None
 

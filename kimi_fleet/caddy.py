@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from kimi_fleet.spec import EMAIL_PATTERN
+
 TLS_MODES = ("acme", "internal")
 
 # Base64 images inflate by 4/3 and a chat may carry several of them.
@@ -25,8 +27,8 @@ SHUTDOWN_GRACE_PERIOD = "10s"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
-# the API key out of the environment (into the ACME account, a log). Same shape as the spec's Email.
-_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\.[a-z]{2,63}$")
+# the API key out of the environment (into the ACME account, a log). The spec's Email shape.
+_EMAIL = re.compile(EMAIL_PATTERN)
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
 #: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
@@ -77,7 +79,7 @@ def render_caddyfile(
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
         _require_loopback(upstream)
-    if acme_email is not None and not _EMAIL.match(acme_email):
+    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
         raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
 
     global_options = ["admin off", f"grace_period {SHUTDOWN_GRACE_PERIOD}"]

@@ -20,10 +20,11 @@ from typing import Literal
 import yaml
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import render_caddyfile
+from kimi_fleet.caddy import API_KEY_PATTERN, render_caddyfile
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
+from kimi_fleet.spec import SAFE_VALUE
 
 SBIN = "/usr/local/sbin"
 UNIT_DIR = "/etc/systemd/system"
@@ -110,7 +111,7 @@ load_settings() {
   while IFS= read -r line || [[ -n $line ]]; do
     number=$((number + 1))
     [[ -z $line || $line == \#* ]] && continue
-    if [[ ! $line =~ ^([A-Z][A-Z0-9_]*)=([A-Za-z0-9._:/@,+=-]*)$ ]]; then
+    if [[ ! $line =~ ^([A-Z][A-Z0-9_]*)=(__SAFE_VALUE__)$ ]]; then
       echo "$file:$number: refused: not KEY=VALUE with a plain value" >&2
       exit 1
     fi
@@ -124,7 +125,7 @@ load_settings() {
     export "${key?}"
   done <"$file"
 }
-""".replace("__KEYS__", " ".join(NODE_SETTINGS_KEYS))
+""".replace("__KEYS__", " ".join(NODE_SETTINGS_KEYS)).replace("__SAFE_VALUE__", SAFE_VALUE)
 
 _LOG_FUNCTIONS = r"""
 # Everything the bootstrap does is appended here, timestamped: `tail -f` it during a cold start.
@@ -498,11 +499,12 @@ set -euo pipefail
 load_settings "${KIMI_ROOT:-}/etc/kimi-fleet/node.env"
 key=$(<"${API_KEY_FILE:?}")
 # An env file holds bare values: refuse anything that would need quoting.
-[[ $key =~ ^[A-Za-z0-9._~+/=-]{16,}$ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
+[[ $key =~ __API_KEY_PATTERN__ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
 mkdir -p /run/kimi-fleet
 (umask 077; printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp)
 mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env
-""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV).replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY)
+""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV).replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace(
+    "__API_KEY_PATTERN__", API_KEY_PATTERN.pattern)
 
 
 def _engine_unit(r: Resolved) -> str:

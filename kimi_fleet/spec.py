@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import posixpath
 import re
+import typing
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -56,16 +57,18 @@ SsmPath = _shaped(r"(/[A-Za-z0-9_.-]{1,64}){1,8}", "an SSM parameter path (/a/b:
 ReservationId = _shaped(r"cr-[0-9a-f]{8,17}", "a capacity reservation id (cr-...)", 20)
 S3Uri = _shaped(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?",
                 "an s3://bucket/prefix URI (prefix: letters, digits, . _ - and /)", 512)
-DnsLabel = _shaped(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", "a DNS-1123 label (lowercase letters, digits, -)", 63)
-DnsSubdomain = _shaped(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
+#: A DNS-1123 label: stack names, namespaces, and the parts of domains and email domains.
+DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+EMAIL_PATTERN = r"[A-Za-z0-9._%+-]{1,64}@" + DNS_LABEL + r"(\." + DNS_LABEL + r")*\.[a-z]{2,63}"
+DnsLabel = _shaped(DNS_LABEL, "a DNS-1123 label (lowercase letters, digits, -)", 63)
+DnsSubdomain = _shaped(DNS_LABEL + r"(\." + DNS_LABEL + r")*",
                        "a DNS-1123 subdomain (lowercase letters, digits, - and .)", 253)
 LabelKey = _shaped(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?",
                    "a Kubernetes label key ([prefix/]name)", 317)
 LabelValue = _shaped(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?", "a Kubernetes label value", 63)
 ContextName = _shaped(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,252}", "a kubeconfig context name", 253)
 UnixUser = _shaped(r"[a-z_][a-z0-9_-]{0,31}", "a Unix user name", 32)
-Email = _shaped(r"[A-Za-z0-9._%+-]{1,64}@[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.[a-z]{2,63}",
-                "an email address (local@domain, lowercase domain)", 254)
+Email = _shaped(EMAIL_PATTERN, "an email address (local@domain, lowercase domain)", 254)
 EnvName = _shaped(r"[A-Z][A-Z0-9_]{0,63}", "an environment variable name (A-Z, 0-9, _; starts with a letter)", 64)
 #: One character class for every value written to a node's settings, env files and argv:
 #: no whitespace, quotes, $, backticks, ;, |, &, <, >, (, ), %, #, \, {, } or control characters.
@@ -408,10 +411,17 @@ def _value_at(raw: dict, loc: tuple):
     return node
 
 
+def did_you_mean(key: str, known) -> str:
+    """' (did you mean 'x'?)' for a near-miss or a snake_case spelling of a known key, else ''."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close and to_camel(key) in known:  # budget_per_hour_usd -> budgetPerHourUsd
+        close = [to_camel(key)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _model_at(loc: tuple):
     """The spec model a validation error's location points into (for key suggestions)."""
-    import typing
-
     model = StackSpec
     for item in loc:
         if not isinstance(item, str):
@@ -438,12 +448,7 @@ def _suggestion(loc: tuple) -> str:
     if model is None or not isinstance(loc[-1], str):
         return ""
     known = [f.alias or n for n, f in model.model_fields.items()]
-    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-    if not close:
-        camel = to_camel(loc[-1])
-        close = [camel] if camel in known else []
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{hint}; known keys here: {', '.join(sorted(known))}"
+    return f"{did_you_mean(loc[-1], known)}; known keys here: {', '.join(sorted(known))}"
 
 
 def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:

@@ -6,7 +6,6 @@ Used by the offline planner (the mock runtime reads config only from PULUMI_CONF
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, parse_spec
+from kimi_fleet.spec import CONFIG_NAMESPACE, DNS_LABEL, StackSpec, did_you_mean, parse_spec
 
 #: Config keys that are secrets: only ever `secure:`, never part of the spec.
 SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
@@ -22,7 +21,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = PROJECT_ROOT / "stacks"
 #: A stack name becomes part of paths (build/<stack>), SSM names, unit descriptions and Kubernetes
 #: labels: a DNS label, so "." / ".." / separators / specifiers can never be one.
-STACK_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+STACK_NAME_PATTERN = re.compile(rf"^{DNS_LABEL}$")
 #: Keys a Pulumi stack file may hold besides `config` (written by the CLI).
 STACK_FILE_KEYS = ("config", "secretsprovider", "encryptedkey", "encryptionsalt", "environment")
 #: Config namespaces a stack may set: ours, and the providers the program uses.
@@ -34,15 +33,6 @@ MAX_NESTING = 16
 
 class StackFileError(ValueError):
     """A stack file that cannot be read as one: names the file and, where it can, the key."""
-
-
-def did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    if not close:
-        # snake_case for camelCase (budget_per_hour_usd -> budgetPerHourUsd)
-        camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key)
-        close = [camel] if camel in known else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def validate_stack_name(stack: str, where: str) -> str:

@@ -94,7 +94,7 @@ def test_each_misbehaviour_fails_exactly_its_check(mode, check, reason):
 )
 def test_plumbing_faults_fail_on_one_occurrence_naming_the_cause(mode, check, reason):
     """Configuration faults are not model behaviour: the first occurrence fails, with its cause."""
-    with start_proxied_engine(mode, chunk_delay=0.001) as endpoint:
+    with start_proxied_engine(mode, chunk_delay=0.01) as endpoint:
         report = suite(endpoint, timeout=30)
     assert not report.passed
     failing = [report.check(name) for name in report.failed_checks()]
@@ -282,7 +282,7 @@ def test_h100_stacks_own_8k_context_passes():
 
     context = load_stack_config(stack_file("h100-int4-vllm")).spec().context_length
     assert context == 8192
-    with start_proxied_engine("good", chunk_delay=0.005, options=("--max-model-len", str(context))) as endpoint:
+    with start_proxied_engine("good", chunk_delay=0.01, options=("--max-model-len", str(context))) as endpoint:
         report = suite(endpoint, timeout=30, context=context)
     assert report.passed, [(c.name, c.reason) for c in report.checks if c.status == "fail"]
     assert report.check("thinking").details["max_tokens"] <= context - 1024

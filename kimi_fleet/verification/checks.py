@@ -194,13 +194,14 @@ async def check_instant(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcom
     return passed("content without reasoning", **details)
 
 
-def _call_error(call: dict) -> str | None:
-    """Why one tool call's arguments are invalid (not JSON, or against the schema); None if valid."""
+def argument_error(arguments: str | None, validator: jsonschema.protocols.Validator) -> str | None:
+    """Why a tool call's arguments are invalid (not JSON, or against the tool's schema); None if valid.
+    K2-Vendor-Verifier's validity rule: shared by the gate and the --k2vv mode."""
     try:
-        parsed = json.loads(call.get("arguments") or "")
+        parsed = json.loads(arguments or "")
     except json.JSONDecodeError as error:
         return f"arguments are not JSON ({error.msg} at char {error.pos})"
-    error = jsonschema.exceptions.best_match(WEATHER_VALIDATOR.iter_errors(parsed))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         return f"arguments violate the schema at {where}: {error.message}"
@@ -266,7 +267,7 @@ async def check_tool_call(client: httpx.AsyncClient, endpoint: Endpoint) -> Outc
         _samples(samples_needed(catalog.GATE_BEHAVIOURS["parallel_calls"]), two_cities),
     )
     calls = [call for group in (*plain, *streamed, *both) for call in group]
-    errors = [error for error in map(_call_error, calls) if error]
+    errors = [error for call in calls if (error := argument_error(call["arguments"], WEATHER_VALIDATOR))]
     single_or_none = sum(1 for group in both if len(group) < 2)
     schema = _judged("tool_schema", len(errors), len(calls))
     parallel_outcome = _judged("parallel_calls", single_or_none, len(both))
@@ -281,8 +282,8 @@ async def check_tool_call(client: httpx.AsyncClient, endpoint: Endpoint) -> Outc
 async def check_vision(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
     colors = sorted(COLORS)
 
-    async def sample(index: int) -> dict:
-        color = colors[(index + random.randrange(len(colors))) % len(colors)]
+    async def sample(_: int) -> dict:
+        color = random.choice(colors)
         body = with_budget(endpoint, {
             "messages": [
                 {

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 
 from .checks import CHECKS
-from .client import CheckFailed, Endpoint
+from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint
 from .k2vv import run_k2vv
 from .report import format_table, table_header, table_row
-from .runner import DEFAULT_TIMEOUT, ENGINES, HEALTH_TIMEOUT, run_suite
+from .runner import DEFAULT_TIMEOUT, ENGINES, run_suite
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -15,6 +15,8 @@ import httpx
 RAW_TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>")
 #: Room left for the prompt (text, chat template, a small image) when sizing max_tokens to the context.
 PROMPT_ALLOWANCE_TOKENS = 1024
+#: seconds for the health route and its tiny completion: a hung engine fails the gate fast
+HEALTH_TIMEOUT = 30.0
 
 
 class CheckFailed(Exception):
@@ -39,8 +41,7 @@ class Endpoint:
     context: int | None = None
     #: sampled requests in flight at once (the stack's concurrent sequences): more would only queue
     concurrency: int = 16
-    #: seconds for the health route and its tiny completion: a hung engine fails fast
-    health_timeout: float = 30.0
+    health_timeout: float = HEALTH_TIMEOUT
     #: what /v1/models reports for the served name (filled by the runner before the checks)
     max_model_len: int | None = None
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)

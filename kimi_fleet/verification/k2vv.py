@@ -11,7 +11,6 @@ and prints the result beside the published figures (catalog.TOOL_CALL_ACCURACY).
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 
 import httpx
@@ -19,6 +18,7 @@ import jsonschema
 
 from kimi_fleet import catalog
 
+from .checks import argument_error
 from .client import CheckFailed, Endpoint, chat, open_client
 
 
@@ -89,12 +89,8 @@ def _judge_call(call: dict) -> str | None:
     name, arguments = function.get("name"), function.get("arguments") or ""
     if name not in VALIDATORS:
         return f"called unknown tool {name!r}"
-    try:
-        parsed = json.loads(arguments)
-    except json.JSONDecodeError as error:
-        return f"{name}: arguments are not JSON ({error.msg})"
-    error = jsonschema.exceptions.best_match(VALIDATORS[name].iter_errors(parsed))
-    return f"{name}: {error.message}" if error is not None else None
+    problem = argument_error(arguments, VALIDATORS[name])
+    return f"{name}: {problem}" if problem else None
 
 
 async def run_k2vv_async(endpoint: Endpoint, requests: int) -> K2vvResult:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import httpx
 
 from .checks import CHECKS, Outcome, failed
-from .client import CheckFailed, Endpoint, open_client
+from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint, open_client
 from .report import FAIL, SKIP, CheckResult, Report
 
 ENGINES = ("vllm", "sglang")
@@ -19,7 +19,6 @@ DEFAULT_TIMEOUT = 300.0  # per HTTP request: thinking answers on a busy engine t
 MIN_REDACTED_KEY_LENGTH = 8
 #: Quick checks that run first; when `health` fails, the long checks are not sent to a hung engine.
 PREFLIGHT = ("auth", "models", "health", "tls")
-HEALTH_TIMEOUT = 30.0
 
 
 def select_checks(only: Iterable[str] | None, load: int) -> list[str]:
