@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, node_files
 from kimi_fleet.cost import estimate
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -137,7 +137,7 @@ class GpuNode(pulumi.ComponentResource):
             iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
             vpc_security_group_ids=[args.security_group_id],
             user_data=pulumi.Output.from_input(args.user_data).apply(
-                lambda text: base64.b64encode(text.encode()).decode()),
+                lambda text: base64.b64encode(node_files.user_data_bytes(text)).decode()),
             metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
                 http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=IMDS_HOP_LIMIT),
             block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(

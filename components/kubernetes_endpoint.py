@@ -25,6 +25,7 @@ RESOURCE_CLASSES = {
     "ResourceClaimTemplate": k8s.resource.v1.ResourceClaimTemplate,
     "Deployment": k8s.apps.v1.Deployment,
     "Service": k8s.core.v1.Service,
+    "NetworkPolicy": k8s.networking.v1.NetworkPolicy,
 }
 
 

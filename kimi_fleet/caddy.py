@@ -17,6 +17,9 @@ MAX_REQUEST_BODY = "64MB"
 # Thinking generations can run for many minutes; Caddy must not cut them.
 UPSTREAM_IO_TIMEOUT = "3600s"
 HEALTH_INTERVAL = "10s"
+#: A node's access log file is rolled by Caddy itself: at most ~300 MB on the root disk.
+ACCESS_LOG_ROLL_SIZE = "50MiB"
+ACCESS_LOG_ROLL_KEEP = 5
 HEALTH_TIMEOUT = "5s"
 FAIL_DURATION = "30s"
 #: What the proxy serves to the world by default: HTTPS, and HTTP for ACME challenges and the redirect.
@@ -29,6 +32,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
 # the API key out of the environment (into the ACME account, a log). The spec's Email shape.
 _EMAIL = re.compile(EMAIL_PATTERN)
+_LOG_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
 #: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
@@ -59,13 +63,15 @@ def render_caddyfile(
     https_port: int | None = None,
     http_port: int | None = None,
     bind_host: str | None = None,
+    access_log: str | None = None,
 ) -> str:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
 
     tls="acme" obtains a public certificate for the domain (DNS must point at the host, ports
     80/443 open); tls="internal" uses Caddy's local CA (loopback tests). `bind_host` restricts
-    the listeners to one address (tests bind 127.0.0.1).
+    the listeners to one address (tests bind 127.0.0.1). `access_log` is a file for the JSON access
+    log (a node's fail2ban reads it); None logs to stderr (a container's log).
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -79,10 +85,19 @@ def render_caddyfile(
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
         _require_loopback(upstream)
+    if access_log is not None and not _LOG_PATH.match(access_log):
+        raise ValueError(f"invalid access log path {access_log!r}")
     if acme_email is not None and not _EMAIL.fullmatch(acme_email):
         raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
 
-    global_options = ["admin off", f"grace_period {SHUTDOWN_GRACE_PERIOD}"]
+    global_options = [
+        "admin off",
+        f"grace_period {SHUTDOWN_GRACE_PERIOD}",
+        # TCP only: HTTP/3 would be a UDP door that the TCP rules (firewall, failed-key bans) miss.
+        "servers {",
+        "\tprotocols h1 h2",
+        "}",
+    ]
     if http_port is not None:
         global_options.append(f"http_port {_port(http_port)}")
     if https_port is not None:
@@ -99,10 +114,10 @@ def render_caddyfile(
     if tls == "internal":
         site.append("tls internal")
     site += [
-        # Access log on stderr (the journal): every request, failed keys included, with status and
-        # client address. Caddy logs the Authorization header empty unless log_credentials is set.
+        # Access log: every request, failed keys included, with status and client address. Caddy
+        # logs the Authorization header empty unless log_credentials is set.
         "log {",
-        "\toutput stderr",
+        *_log_output(access_log),
         "\tformat json",
         "}",
         "",
@@ -150,6 +165,13 @@ def render_caddyfile(
     lines += [f"\t{line}" if line else "" for line in site]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _log_output(access_log: str | None) -> list[str]:
+    if access_log is None:
+        return ["\toutput stderr"]
+    return [f"\toutput file {access_log} {{", f"\t\troll_size {ACCESS_LOG_ROLL_SIZE}",
+            f"\t\troll_keep {ACCESS_LOG_ROLL_KEEP}", "\t}"]
 
 
 def _port(value: int) -> int:

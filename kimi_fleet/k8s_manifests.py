@@ -31,6 +31,8 @@ CADDYFILE_CONFIGMAP = "kimi-proxy-caddyfile"
 GPU_CLAIM_TEMPLATE = "kimi-gpus"
 GPU_CLAIM = "gpus"
 PROXY_SERVICE = "kimi-proxy"
+DENY_ALL_POLICY = "kimi-deny-ingress"
+PROXY_POLICY = "kimi-proxy-ingress"
 
 WEIGHTS_MOUNT = "/weights"
 VERIFIED_MARKER = ".verified"
@@ -323,8 +325,33 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
     }
 
 
+def _network_policies(ns: str, stack: str) -> list[dict]:
+    """Nothing reaches a pod of the namespace (the weights Job, an engine's own port) except the
+    proxy's two named ports. Enforced by the cluster's CNI (Calico, Cilium, the VPC CNI with network
+    policy on); the engine also binds loopback, so this is the second wall, not the only one."""
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(DENY_ALL_POLICY, ns, stack, "network"),
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(PROXY_POLICY, ns, stack, "network"),
+            "spec": {
+                "podSelector": {"matchLabels": labels(stack, "engine")},
+                "policyTypes": ["Ingress"],
+                # From anywhere (clients, the load balancer), but only to the proxy's ports.
+                "ingress": [{"ports": [{"port": "https", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]}],
+            },
+        },
+    ]
+
+
 def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
-    """Every object in apply order: Namespace, ConfigMap, weights, GPU claim, Deployments, Service."""
+    """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments, Service."""
     k8s = r.spec.target.kubernetes
     ns = k8s.namespace
     objects: list[dict] = [
@@ -335,6 +362,7 @@ def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
             "metadata": _meta(CADDYFILE_CONFIGMAP, ns, stack, "proxy"),
             "data": {"Caddyfile": render_proxy_caddyfile(r, launch)},
         },
+        *_network_policies(ns, stack),
     ]
     if r.weights_volume == "pvc":
         size_gib = math.ceil(r.checkpoint.size_bytes * WEIGHTS_HEADROOM / catalog.GiB)
@@ -387,6 +415,8 @@ def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
         "metadata": _meta(PROXY_SERVICE, ns, stack, "proxy", **({"annotations": annotations} if annotations else {})),
         "spec": {
             "type": k8s.proxy_service_type,
+            # Keep the client's address (no SNAT to a node's): the proxy logs failed keys by who sent them.
+            **({"externalTrafficPolicy": "Local"} if k8s.proxy_service_type != "ClusterIP" else {}),
             "selector": labels(stack, "engine"),
             # Only Caddy: the engine port is never exposed.
             "ports": [

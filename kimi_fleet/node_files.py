@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, node_guard
 from kimi_fleet.caddy import API_KEY_PATTERN, render_caddyfile
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.resolve import Resolved
@@ -34,7 +34,7 @@ HF_TOKEN_FILE = f"{SECRETS_DIR}/hf-token"
 NODE_ENV_FILE = f"{ENV_DIR}/node.env"
 CADDYFILE = "/etc/caddy/Caddyfile"
 CADDY_API_KEY_ENV = "KIMI_API_KEY"
-#: EC2 refuses user data above 16 KB (before its own base64).
+#: EC2 refuses user data above 16 KB (before its own base64; after our gzip).
 EC2_USER_DATA_LIMIT = 16 * 1024
 #: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
 #: A hung transfer is killed and resumed; one attempt may take this multiple of the expected time.
@@ -336,8 +336,22 @@ apply_unit() {
   log "$unit: (re)started"
 }
 
+prepare_access_log() {
+  # fail2ban's jail needs the file to exist before Caddy's first request; Caddy's user appends.
+  local file="$ROOT__ACCESS_LOG__"
+  [[ -e $file ]] && return
+  mkdir -p "${file%/*}"
+  if (( LIVE )); then install -m 0640 -o caddy -g caddy /dev/null "$file"; else : >"$file"; fi
+}
+
 start_services() {
   live systemctl daemon-reload
+  # The opt-in host firewall first: the proxy's ports are never open unfiltered.
+  if [[ -f $ROOT__FIREWALL_RULES__ ]]; then
+    apply_unit kimi-firewall.service "$ROOT__FIREWALL_RULES__" "$ROOT/etc/systemd/system/kimi-firewall.service"
+  fi
+  prepare_access_log
+  apply_unit fail2ban.service "$ROOT__FAIL2BAN_FILTER__" "$ROOT__FAIL2BAN_JAIL__"
   local i
   for ((i = 0; i < ENGINE_COUNT; i++)); do
     apply_unit "kimi-engine@$i.service" "$ROOT/etc/kimi-fleet/engine-$i.env" \
@@ -355,7 +369,9 @@ fetch_secrets
 download_weights
 start_services
 log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
-""".replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY)
+""".replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace("__ACCESS_LOG__", node_guard.ACCESS_LOG).replace(
+    "__FIREWALL_RULES__", node_guard.FIREWALL_RULES_PATH).replace(
+    "__FAIL2BAN_FILTER__", node_guard.FAIL2BAN_FILTER_PATH).replace("__FAIL2BAN_JAIL__", node_guard.FAIL2BAN_JAIL_PATH)
 
 DOWNLOAD_WEIGHTS = r"""#!/bin/bash
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
@@ -558,6 +574,8 @@ CADDY_OVERRIDE = f"""# kimi-fleet: Caddy reads the API key from the environment,
 [Service]
 ExecStartPre=+{SBIN}/kimi-caddy-env
 EnvironmentFile=-/run/kimi-fleet/caddy.env
+# The access log (fail2ban reads it) lives in /var/log/caddy, owned by Caddy's user.
+LogsDirectory=caddy
 # The packaged unit runs `caddy run --environ`, which prints the environment (the key) to the journal.
 ExecStart=
 ExecStart=/usr/bin/caddy run --config {CADDYFILE} --adapter caddyfile
@@ -634,7 +652,8 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
 def render_caddyfile_for(r: Resolved, launch: Launch, **listener) -> str:
     """The stack's Caddyfile. `listener` (domain, tls, https_port, http_port, bind_host) lets a test
     run the same configuration on loopback with internal TLS."""
-    options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email, **listener}
+    options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
+               "access_log": node_guard.ACCESS_LOG, **listener}
     return render_caddyfile(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV, **options,
     )
@@ -654,9 +673,20 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
         NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch), 0o644),
+        NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
+        NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id), 0o644),
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
     ]
+    host = r.spec.target.host
+    if host is not None:
+        # Only a machine you already have gets the host firewall: AWS nodes have security groups.
+        files += [
+            NodeFile(node_guard.FIREWALL_RULES_PATH, node_guard.render_firewall(
+                enabled=host.firewall, ssh_port=host.port, ssh_allowlist=host.ssh_allowlist, stack=r.spec.stack,
+            ), 0o644),
+            NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
+        ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
     files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i)) + "\n", 0o644)
               for i in launch.instances]
@@ -665,8 +695,10 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
 
 # --- cloud-init ------------------------------------------------------------------------------
 
-#: Packages the bootstrap needs beyond the Deep Learning Base AMI (Ubuntu 24.04: caddy is in universe).
-NODE_PACKAGES = ("caddy", "mdadm", "xfsprogs", "python3-venv")
+#: Packages the bootstrap needs beyond the Deep Learning Base AMI (Ubuntu 24.04: caddy and fail2ban are
+#: in universe; fail2ban needs noble-updates' 1.0.2-3ubuntu0.1 or later on Python 3.12, which
+#: `package_update` brings).
+NODE_PACKAGES = ("caddy", "fail2ban", "nftables", "mdadm", "xfsprogs", "python3-venv")
 
 
 class _LiteralDumper(yaml.SafeDumper):
@@ -681,16 +713,9 @@ def _str_representer(dumper: yaml.SafeDumper, value: str):
 _LiteralDumper.add_representer(str, _str_representer)
 
 
-def _cloud_config(files: dict[str, NodeFile], compress: bool) -> str:
-    entries = []
-    for f in files.values():
-        entry = {"path": f.path, "owner": "root:root", "permissions": f"0{f.mode:o}"}
-        if compress:
-            entry["encoding"] = "gz+b64"
-            entry["content"] = base64.b64encode(gzip.compress(f.content.encode(), mtime=0)).decode()
-        else:
-            entry["content"] = f.content
-        entries.append(entry)
+def _cloud_config(files: dict[str, NodeFile]) -> str:
+    entries = [{"path": f.path, "owner": "root:root", "permissions": f"0{f.mode:o}", "content": f.content}
+               for f in files.values()]
     document = {
         "package_update": True,
         "packages": list(NODE_PACKAGES),
@@ -705,15 +730,20 @@ def _cloud_config(files: dict[str, NodeFile], compress: bool) -> str:
     return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
 
 
+def user_data_bytes(text: str) -> bytes:
+    """What EC2 receives: the whole cloud-config gzip-compressed (cloud-init recognises the gzip
+    magic and decompresses; mtime 0 keeps the bytes, and so the preview diff, deterministic)."""
+    return gzip.compress(text.encode(), compresslevel=9, mtime=0)
+
+
 def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix: str, region: str,
                      ebs_volume_id: str | None = None, hf_token: bool = False) -> str:
-    """A #cloud-config document holding the node files; secrets appear only as SSM parameter names."""
+    """A #cloud-config document holding the node files (plain text, for review); EC2 gets
+    `user_data_bytes` of it. Secrets appear only as SSM parameter names."""
     secrets = SecretsSource.ssm(ssm_prefix, region, hf_token=hf_token)
     files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
-    text = _cloud_config(files, compress=False)
-    if len(text.encode()) > EC2_USER_DATA_LIMIT:
-        text = _cloud_config(files, compress=True)
-    size = len(text.encode())
+    text = _cloud_config(files)
+    size = len(user_data_bytes(text))
     if size > EC2_USER_DATA_LIMIT:
         raise ValueError(
             f"stack {r.spec.stack}: user data is {size} bytes even compressed; EC2 accepts "
@@ -726,7 +756,7 @@ def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     """Cloud-config for a cloud that takes only a startup script (seed 000): the user places the
     secret files (/etc/kimi-fleet/secrets/...) before boot or through the provider's secret store."""
     files = render_node_files(r, launch, sizing, secrets=SecretsSource("files"))
-    return _cloud_config(files, compress=False)
+    return _cloud_config(files)
 
 
 def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
@@ -753,7 +783,12 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         "kimi-wait-gpus-free.sh": WAIT_GPUS_FREE,
         "kimi-engine-run.sh": ENGINE_RUN,
         "kimi-caddy-env.sh": CADDY_ENV,
+        "fail2ban-filter.conf": files[node_guard.FAIL2BAN_FILTER_PATH].content,
+        "fail2ban-jail.local": files[node_guard.FAIL2BAN_JAIL_PATH].content,
     }
+    if node_guard.FIREWALL_RULES_PATH in files:
+        artifacts["firewall.nft"] = files[node_guard.FIREWALL_RULES_PATH].content
+        artifacts["kimi-firewall.service"] = files[f"{UNIT_DIR}/kimi-firewall.service"].content
     for instance in launch.instances:
         artifacts[f"engine-{instance.index}.env"] = files[instance.env_file_path].content
         artifacts[f"engine-{instance.index}.argv.json"] = files[instance.argv_file_path].content

@@ -214,6 +214,22 @@ class WeightsSpec(Spec):
         return self
 
 
+def _ssh_cidr(cidr: str) -> str:
+    """A canonical CIDR that is not the whole Internet (SSH allowlists of AWS and host targets)."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError:
+        network = None
+    if "/" not in cidr or network is None or str(network) != cidr:
+        raise ValueError(f"sshAllowlist entry {cidr!r} is not a CIDR in canonical form (e.g. 203.0.113.7/32)")
+    if network.prefixlen == 0:
+        raise ValueError(f"sshAllowlist entry {cidr} opens SSH to the world: list your own CIDRs")
+    return cidr
+
+
+SshCidr = Annotated[str, Field(max_length=64), AfterValidator(_ssh_cidr)]
+
+
 class AwsTarget(Spec):
     region: AwsRegion = "us-east-1"
     instance_type: InstanceType | None = Field(None, description="default: the catalog's offer for the accelerator")
@@ -221,26 +237,11 @@ class AwsTarget(Spec):
     subnet_ids: tuple[SubnetId, ...] = Field((), max_length=16)
     vpc_id: VpcId | None = None
     hosted_zone_id: HostedZoneId | None = None
-    ssh_allowlist: tuple[str, ...] = Field((), max_length=32)
+    ssh_allowlist: tuple[SshCidr, ...] = Field((), max_length=32)
     key_name: KeyPairName | None = None
     root_volume_gib: Annotated[int, Field(ge=100, le=16384)] = 200
     ssm_prefix: SsmPath | None = Field(None, description="SSM Parameter Store prefix for secrets; default /kimi-fleet/<stack>")
 
-    @field_validator("ssh_allowlist")
-    @classmethod
-    def _no_world_ssh(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in value:
-            if cidr in ("0.0.0.0/0", "::/0"):
-                raise ValueError(f"sshAllowlist entry {cidr} opens SSH to the world: list your own CIDRs")
-            try:
-                network = ipaddress.ip_network(cidr, strict=True)
-            except ValueError:
-                network = None
-            if "/" not in cidr or network is None or str(network) != cidr:
-                raise ValueError(f"sshAllowlist entry {cidr!r} is not a CIDR in canonical form (e.g. 203.0.113.7/32)")
-            if network.prefixlen == 0:
-                raise ValueError(f"sshAllowlist entry {cidr} opens SSH to the world: list your own CIDRs")
-        return value
 
 
 class KubernetesTarget(Spec):
@@ -270,6 +271,18 @@ class HostTarget(Spec):
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     hosted_zone_id: str | None = None
     startup_script_only: bool = Field(False, description="a GPU cloud that only accepts a startup script (seed 000)")
+    firewall: bool = Field(False, description="opt-in nftables rule set the bootstrap applies: 80/443 from anywhere, "
+                                              "SSH only from sshAllowlist, everything else dropped")
+    ssh_allowlist: tuple[SshCidr, ...] = Field((), max_length=32)
+
+    @model_validator(mode="after")
+    def _firewall_keeps_ssh_reachable(self) -> "HostTarget":
+        if self.firewall and not self.ssh_allowlist and not self.startup_script_only:
+            raise ValueError("target.host.firewall needs target.host.sshAllowlist: Pulumi reaches the host over "
+                             "SSH, and the rule set admits SSH only from the listed CIDRs (include your own)")
+        if self.ssh_allowlist and not self.firewall:
+            raise ValueError("target.host.sshAllowlist is applied only by target.host.firewall: set firewall: true")
+        return self
 
 
 class TargetSpec(Spec):

@@ -200,3 +200,29 @@ def test_host_scripts_pass_shellcheck(tmp_path):
     assert scripts
     result = subprocess.run(["shellcheck", "--severity=style", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_opt_in_firewall_reaches_the_host_and_its_change_reruns_the_bootstrap():
+    stack = "rtxpro6000-int4-sglang"
+    base = load_stack_config(stack_file(stack)).values["target"]
+    target = copy.deepcopy(base)
+    target.setdefault("host", {}).update({"firewall": True, "sshAllowlist": ["203.0.113.0/24", "2001:db8::/64"]})
+    run = run_host_endpoint(resolved(stack, target=target))
+    declared = commands(run)
+    (rules,) = [c for c in declared.values() if "/etc/kimi-fleet/firewall.nft" in c["wire"].get("create", "")]
+    assert "policy drop;" in rules["wire"]["stdin"]
+    assert "elements = { 203.0.113.0/24 }" in rules["wire"]["stdin"]
+    assert "elements = { 2001:db8::/64 }" in rules["wire"]["stdin"]
+    # The rule set is a bootstrap input: turning the firewall on or off re-runs it.
+    default_run = run_host_endpoint(resolved(stack))
+    assert declared["kimi-bootstrap"]["wire"]["triggers"] != commands(default_run)["kimi-bootstrap"]["wire"]["triggers"]
+
+
+def test_firewall_without_an_allowlist_is_refused_before_anything_is_declared():
+    from kimi_fleet.spec import StackSpecError
+
+    stack = "rtxpro6000-int4-sglang"
+    target = copy.deepcopy(load_stack_config(stack_file(stack)).values["target"])
+    target.setdefault("host", {})["firewall"] = True
+    with pytest.raises(StackSpecError, match=r"(?s)Pulumi\.rtxpro6000-int4-sglang\.yaml.*firewall needs target\.host\.sshAllowlist"):
+        resolved(stack, target=target)

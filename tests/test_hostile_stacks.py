@@ -105,6 +105,15 @@ def hostile_variants():
                 value = {**document, "config": _set(config, top, leaf, base + payload, kind)}
                 yield (f"{stack}:{top}.{leaf}:{payload!r}", f"Pulumi.{stack}.yaml", yaml.safe_dump(value),
                        [f"kimi-fleet:{top}", leaf or top])
+        if kind in ("aws", "host"):
+            # The SSH allowlist reaches a security group (AWS) or the host's nftables rules.
+            for payload in PAYLOADS:
+                settings = {"sshAllowlist": ["203.0.113.7/32" + payload], **({"firewall": True} if kind == "host" else {})}
+                target = {**config["kimi-fleet:target"],
+                          kind: {**(config["kimi-fleet:target"].get(kind) or {}), **settings}}
+                value = {**document, "config": {**config, "kimi-fleet:target": target}}
+                yield (f"{stack}:target.sshAllowlist:{payload!r}", f"Pulumi.{stack}.yaml", yaml.safe_dump(value),
+                       ["kimi-fleet:target", "sshAllowlist"])
         for payload in [p for p in PAYLOADS if p != "/../../etc"]:
             value = {**document, "config": _set(config, "engine", "env", {"KIMI_X": "1" + payload})}
             yield (f"{stack}:env-value:{payload!r}", f"Pulumi.{stack}.yaml", yaml.safe_dump(value),

@@ -113,6 +113,42 @@ def test_only_the_proxy_is_exposed(stack):
         assert proxy_ports == {"https": 443, "http": 80}
 
 
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_network_policies_admit_only_the_proxy_ports(stack):
+    _, _, objects = rendered(stack)
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objects, "NetworkPolicy")}
+    deny, proxy = policies[manifests.DENY_ALL_POLICY], policies[manifests.PROXY_POLICY]
+    # Every pod of the namespace (weights Job included): no ingress at all...
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    # ...except the engine pods' proxy ports, from anywhere.
+    assert proxy["policyTypes"] == ["Ingress"] and len(proxy["ingress"]) == 1
+    (rule,) = proxy["ingress"]
+    assert "from" not in rule
+    admitted = {(p["port"], p["protocol"]) for p in rule["ports"]}
+    assert admitted == {("https", "TCP"), ("http", "TCP")}
+    selector = proxy["podSelector"]["matchLabels"]
+    for deployment in of_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        # The named ports exist on the proxy only: the engine's port is never admitted.
+        named = {port["name"]: c["name"] for c in pod["spec"]["containers"] for port in c.get("ports", [])}
+        assert named == {"https": "proxy", "http": "proxy"}
+    # Applied before anything that runs a pod.
+    kinds = [o["kind"] for o in objects]
+    assert max(i for i, k in enumerate(kinds) if k == "NetworkPolicy") < min(
+        i for i, k in enumerate(kinds) if k in ("Job", "Deployment"))
+
+
+@pytest.mark.parametrize("service_type, policy", [("LoadBalancer", "Local"), ("NodePort", "Local"), ("ClusterIP", None)])
+def test_the_proxy_sees_client_addresses(service_type, policy):
+    target = copy.deepcopy(load_stack_config(stack_file("gb200-int4-vllm")).values["target"])
+    target["kubernetes"]["proxyServiceType"] = service_type
+    _, _, objects = rendered("gb200-int4-vllm", target=target)
+    (service,) = of_kind(objects, "Service")
+    assert service["spec"].get("externalTrafficPolicy") == policy
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+
+
 def test_caddy_sidecar_uses_the_shared_caddyfile():
     r, _, objects = rendered("gb200-int4-vllm")
     (config_map,) = of_kind(objects, "ConfigMap")

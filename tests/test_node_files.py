@@ -28,6 +28,7 @@ from kimi_fleet.node_files import (
     render_node_artifacts,
     render_node_files,
     render_user_data,
+    user_data_bytes,
 )
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
@@ -80,14 +81,29 @@ def scripts(stack: str) -> dict[str, str]:
 
 # --- cloud-init ------------------------------------------------------------------------------
 
+#: cloud-init's own user-data decoder (Debian's python3-cloudinit): what a node does with EC2's bytes.
+CLOUD_INIT_DECODE = """
+import sys
+from cloudinit.helpers import Paths
+from cloudinit.user_data import UserDataProcessor
+message = UserDataProcessor(Paths({})).process(sys.stdin.buffer.read())
+parts = [p for p in message.walk() if p.get_content_type() == "text/cloud-config"]
+assert len(parts) == 1, [p.get_content_type() for p in message.walk()]
+sys.stdout.buffer.write(parts[0].get_payload(decode=True))
+"""
+
+
 @tool("cloud-init")
 @pytest.mark.parametrize("stack", AWS_STACKS)
-def test_user_data_passes_cloud_init_schema_and_fits(stack, tmp_path):
+def test_user_data_fits_and_cloud_init_decodes_it_to_a_valid_cloud_config(stack, tmp_path):
     text = user_data(stack)
-    assert text.startswith("#cloud-config\n")
-    assert len(text.encode()) <= EC2_USER_DATA_LIMIT
+    sent = user_data_bytes(text)
+    assert len(sent) <= EC2_USER_DATA_LIMIT
+    decoded = subprocess.run(["/usr/bin/python3", "-c", CLOUD_INIT_DECODE], input=sent, capture_output=True)
+    assert decoded.returncode == 0, decoded.stderr.decode()
+    assert decoded.stdout.decode() == text and text.startswith("#cloud-config\n")
     config = tmp_path / "user-data.yaml"
-    config.write_text(text)
+    config.write_bytes(decoded.stdout)
     result = subprocess.run(["cloud-init", "schema", "--config-file", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -96,12 +112,7 @@ def test_user_data_passes_cloud_init_schema_and_fits(stack, tmp_path):
 def test_user_data_carries_files_and_no_secrets(stack):
     document = yaml.safe_load(user_data(stack))
     expected = node_files(stack)
-    written = {}
-    for entry in document["write_files"]:
-        content = entry["content"]
-        if entry.get("encoding") == "gz+b64":
-            content = gzip.decompress(base64.b64decode(content)).decode()
-        written[entry["path"]] = (content, int(entry["permissions"], 8))
+    written = {entry["path"]: (entry["content"], int(entry["permissions"], 8)) for entry in document["write_files"]}
     assert written == {path: (f.content, f.mode) for path, f in expected.items()}
     node_env = written["/etc/kimi-fleet/node.env"][0]
     assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in node_env
@@ -109,7 +120,7 @@ def test_user_data_carries_files_and_no_secrets(stack):
         assert FAKE_API_KEY not in content and FAKE_HF_TOKEN not in content
         assert find_secret_patterns(content) == [], path
     assert ["systemctl", "start", "--no-block", "kimi-bootstrap.service"] in document["runcmd"]
-    assert "caddy" in document["packages"]
+    assert {"caddy", "fail2ban", "nftables"} <= set(document["packages"])
 
 
 def test_user_data_too_large_is_refused(monkeypatch):
@@ -236,7 +247,7 @@ def _systemd_root(root: Path, files: dict[str, NodeFile]) -> None:
     (system / "caddy.service").write_text(packaged.read_text() if packaged.exists() else
                                           "[Service]\nUser=caddy\nExecStart=/usr/bin/caddy run --environ\n")
     (system / "docker.service").write_text("[Unit]\nDescription=stand-in\n[Service]\nExecStart=/usr/bin/dockerd\n")
-    for binary in ("usr/bin/docker", "usr/bin/dockerd", "usr/bin/caddy", "usr/bin/test", "bin/sh"):
+    for binary in ("usr/bin/docker", "usr/bin/dockerd", "usr/bin/caddy", "usr/bin/test", "bin/sh", "usr/sbin/nft"):
         path = root / binary
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")
@@ -250,6 +261,9 @@ def test_units_pass_systemd_analyze_verify(stack, tmp_path):
     _systemd_root(tmp_path, files)
     units = ["/etc/systemd/system/kimi-bootstrap.service", "/lib/systemd/system/caddy.service"]
     units += [f"/etc/systemd/system/kimi-engine@{i.index}.service" for i in render_launch(resolved(stack)).instances]
+    # A host gets the firewall unit (AWS nodes have security groups instead).
+    assert ("/etc/systemd/system/kimi-firewall.service" in files) is (resolved(stack).spec.target.host is not None)
+    units += [path for path in files if path.endswith("/kimi-firewall.service")]
     result = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", *units],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -399,10 +413,12 @@ def test_artifacts_for_the_planner():
     artifacts = render_node_artifacts(r, size(r), render_launch(r))
     for name in ("user-data.yaml", "Caddyfile", "kimi-engine@.service", "engine-0.env", "kimi-bootstrap.sh",
                  "kimi-download-weights.sh", "kimi-wait-gpus-free.sh", "kimi-engine-run.sh",
-                 "caddy-override.conf", "docker-run-engine-0.sh"):
+                 "caddy-override.conf", "docker-run-engine-0.sh", "fail2ban-filter.conf", "fail2ban-jail.local"):
         assert name in artifacts, name
+    assert "firewall.nft" not in artifacts
     assert "EBS_VOLUME_ID=DEPLOY-TIME-EBS-VOLUME-ID" in artifacts["node.env"]
     assert "SSM_API_KEY_PARAMETER=/kimi-fleet/h200-int4-sglang/api-key" in artifacts["node.env"]
     host = resolved("rtxpro6000-int4-sglang")
     host_artifacts = render_node_artifacts(host, size(host), render_launch(host))
     assert "user-data.yaml" not in host_artifacts and "SECRETS_KIND=files" in host_artifacts["node.env"]
+    assert "firewall.nft" in host_artifacts and "kimi-firewall.service" in host_artifacts
