@@ -20,7 +20,7 @@ from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerA
 from components.gpu_node import GpuNode, GpuNodeArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
-from kimi_fleet.node_files import default_ssm_prefix, render_caddyfile_for, render_user_data
+from kimi_fleet.node_files import default_ssm_prefix, node_release, render_caddyfile_for, render_user_data
 
 STACK_TAG = "kimi-fleet:stack"
 WORKLOAD_TAG = "kimi-fleet:workload"
@@ -62,9 +62,10 @@ class AwsEndpoint(pulumi.ComponentResource):
             prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags), child)
         volume = WeightVolume(f"{name}-weights", WeightVolumeArgs(
             resolved=r, availability_zone=network.availability_zone, tags=tags), child)
-        user_data = volume.volume_id.apply(lambda volume_id: render_user_data(
-            r, args.launch, args.sizing, ssm_prefix=ssm_prefix, region=target.region,
-            ebs_volume_id=volume_id, hf_token=args.hf_token is not None))
+        user_data = pulumi.Output.all(volume.volume_id, secrets.api_key_version).apply(
+            lambda values: render_user_data(
+                r, args.launch, args.sizing, ssm_prefix=ssm_prefix, region=target.region, ebs_volume_id=values[0],
+                hf_token=args.hf_token is not None, api_key_version=values[1]))
 
         balancer = None
         if fleet:
@@ -91,7 +92,8 @@ class AwsEndpoint(pulumi.ComponentResource):
                 domain=spec.domain, hosted_zone_id=target.hosted_zone_id, address=node.public_ip), child)
             self.public_address = node.public_ip
         AuthProxy(f"{name}-proxy", AuthProxyArgs(
-            caddyfile=render_caddyfile_for(r, args.launch), allowed_upstreams=args.launch.upstreams),
+            caddyfile=render_caddyfile_for(r, args.launch, release=node_release(r, args.launch, args.sizing)),
+            allowed_upstreams=args.launch.upstreams),
             pulumi.ResourceOptions(parent=self))
 
         self.dns_record = dns.record

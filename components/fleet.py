@@ -7,8 +7,6 @@ the post-deploy verification after the endpoint exists.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import pulumi
@@ -22,6 +20,7 @@ from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpoin
 from components.verification_gate import VerificationGate, VerificationGateArgs
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
+from kimi_fleet.release import stack_release
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -50,12 +49,6 @@ class FleetArgs:
     hf_token: pulumi.Input[str] | None = None
 
 
-def launch_fingerprint(launch: Launch) -> str:
-    """Changes whenever what runs on a node changes: image, flags, container options."""
-    payload = json.dumps([launch.image, [list(i.argv) + list(i.docker_args) for i in launch.instances]])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def dns_mechanism(spec) -> str:
     target = spec.target
     if target.kind == "kubernetes" and target.kubernetes.external_dns:
@@ -73,6 +66,7 @@ class Fleet(pulumi.ComponentResource):
     market: pulumi.Output[str]
     hourly_cost_usd: pulumi.Output[float | None]
     dns: pulumi.Output[str]
+    release: pulumi.Output[str]
     verification: pulumi.Output[str]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
@@ -108,6 +102,9 @@ class Fleet(pulumi.ComponentResource):
             max_spot_price_usd=spec.capacity.max_spot_price_usd,
         ), child)
 
+        release_id = stack_release(r, args.sizing, args.launch)
+        #: what every proxied answer carries in X-Kimi-Fleet-Release once the rollout is done
+        self.release = pulumi.Output.from_input(release_id)
         endpoint_class, endpoint_args = ENDPOINTS[spec.target.kind]
         endpoint = endpoint_class(
             f"{name}-{spec.target.kind}",
@@ -135,7 +132,10 @@ class Fleet(pulumi.ComponentResource):
                 concurrency=gate_concurrency(args.sizing, spec.capacity.replicas),
                 checks=list(spec.verification.checks),
                 load=spec.verification.load,
-                triggers=[endpoint.node_ids, args.launch.image, r.revision, launch_fingerprint(args.launch)],
+                release=release_id,
+                replicas=spec.capacity.replicas,
+                # A new release, new nodes or a rotated key: verify again.
+                triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))
             self.verification = gate.summary
         else:
@@ -148,5 +148,6 @@ class Fleet(pulumi.ComponentResource):
             "market": self.market,
             "hourly_cost_usd": self.hourly_cost_usd,
             "dns": self.dns,
+            "release": self.release,
             "verification": self.verification,
         })

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 
 import pulumi
@@ -45,6 +46,20 @@ class GpuNodeArgs:
     weights_volume_id: pulumi.Input[str] | None = None
     #: The fleet's load balancer target groups (Auto Scaling group only).
     target_group_arns: pulumi.Input[list[str]] | None = None
+
+
+def _version(template: aws.ec2.LaunchTemplate) -> pulumi.Output[str]:
+    return template.latest_version.apply(str)
+
+
+def refresh_percentages(replicas: int, rollout: str) -> dict[str, int]:
+    """Instance refresh bounds. surge: launch one extra replica before each termination (never below
+    full capacity, one more node's cost for the rollout); one-at-a-time: take one replica out, then
+    bring its replacement up (no extra capacity, one replica less while it loads)."""
+    one_replica = math.ceil(100 / replicas)
+    if rollout == "surge":
+        return {"min_healthy_percentage": 100, "max_healthy_percentage": min(200, 100 + one_replica)}
+    return {"min_healthy_percentage": max(0, 100 - one_replica), "max_healthy_percentage": 100}
 
 
 def _role_policy(r: Resolved, ssm_prefix: str) -> str:
@@ -162,16 +177,23 @@ class GpuNode(pulumi.ComponentResource):
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
         else:
+            # The instance follows the template's newest version: a new release (user data), AMI or
+            # instance type is a new version, which replaces the instance ("$Latest" would be the same
+            # string forever, and the node would keep the old engine). The old node goes first: its
+            # GPUs are the capacity the new one needs, and the EBS weight volume attaches to one node.
+            replace_in_order = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
             instance = aws.ec2.Instance(
                 f"{name}-instance",
-                launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id, version="$Latest"),
+                launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id,
+                                                                   version=_version(template)),
                 subnet_id=pulumi.Output.from_input(args.subnet_ids).apply(lambda ids: ids[0]),
                 tags={**args.tags, "Name": spec.stack},
-                opts=child,
+                opts=replace_in_order,
             )
             if args.weights_volume_id is not None:
                 aws.ec2.VolumeAttachment(f"{name}-weights", device_name=WEIGHTS_DEVICE,
-                                         volume_id=args.weights_volume_id, instance_id=instance.id, opts=child)
+                                         volume_id=args.weights_volume_id, instance_id=instance.id,
+                                         opts=replace_in_order)
             address = aws.ec2.Eip(f"{name}-eip", domain="vpc", tags={**args.tags, "Name": spec.stack}, opts=child)
             aws.ec2.EipAssociation(f"{name}-eip-association", allocation_id=address.allocation_id,
                                    instance_id=instance.id, opts=child)
@@ -189,11 +211,13 @@ class GpuNode(pulumi.ComponentResource):
         r = args.resolved
         capacity = r.spec.capacity
         market = capacity.effective_market
-        specification = {"launch_template_id": template.id, "version": "$Latest"}
+        # A version number (not "$Latest"): a new template version is a change of the group, which
+        # starts the instance refresh below.
+        specification = {"launch_template_id": template.id, "version": _version(template)}
         mixed = None
         launch_template = None
         if market == "capacity-block":
-            launch_template = aws.autoscaling.GroupLaunchTemplateArgs(id=template.id, version="$Latest")
+            launch_template = aws.autoscaling.GroupLaunchTemplateArgs(id=template.id, version=_version(template))
         else:
             mixed = aws.autoscaling.GroupMixedInstancesPolicyArgs(
                 instances_distribution=aws.autoscaling.GroupMixedInstancesPolicyInstancesDistributionArgs(
@@ -225,6 +249,18 @@ class GpuNode(pulumi.ComponentResource):
             health_check_grace_period=sizing.cold_start_seconds + HEALTH_GRACE_MARGIN_SECONDS,
             # GPU capacity can take hours to appear: `pulumi up` must not fail waiting for it.
             wait_for_capacity_timeout="0",
+            # A new release replaces the replicas in turn; the gate then waits until every answer
+            # carries the new release id (the provider does not wait for the refresh).
+            instance_refresh=aws.autoscaling.GroupInstanceRefreshArgs(
+                strategy="Rolling",
+                preferences=aws.autoscaling.GroupInstanceRefreshPreferencesArgs(
+                    **refresh_percentages(capacity.replicas, capacity.rollout),
+                    instance_warmup=str(sizing.cold_start_seconds),
+                    # A refresh whose new replicas never turn healthy puts the old version back.
+                    auto_rollback=True,
+                    skip_matching=True,
+                ),
+            ),
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True)
                   for k, v in {**args.tags, "Name": r.spec.stack}.items()],
             opts=pulumi.ResourceOptions(parent=self),

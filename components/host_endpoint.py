@@ -80,7 +80,10 @@ class HostEndpoint(pulumi.ComponentResource):
 
         self.proxy = AuthProxy(
             f"{name}-proxy",
-            AuthProxyArgs(caddyfile=node_files.render_caddyfile_for(r, launch), allowed_upstreams=launch.upstreams),
+            AuthProxyArgs(
+                caddyfile=node_files.render_caddyfile_for(r, launch, release=node_files.node_release(r, launch, sizing)),
+                allowed_upstreams=launch.upstreams,
+            ),
             child,
         )
         if host_spec.startup_script_only:

@@ -44,6 +44,12 @@ def declare_object(name: str, obj: dict, opts: pulumi.ResourceOptions) -> pulumi
     return RESOURCE_CLASSES[obj["kind"]](f"{name}-{obj['metadata']['name']}", opts=opts, **fields)
 
 
+def with_pod_annotation(deployment: dict, key: str, value: pulumi.Input[str]) -> dict:
+    template = deployment["spec"]["template"]
+    metadata = {**template["metadata"], "annotations": {**template["metadata"].get("annotations", {}), key: value}}
+    return {**deployment, "spec": {**deployment["spec"], "template": {**template, "metadata": metadata}}}
+
+
 class KubernetesEndpoint(pulumi.ComponentResource):
     endpoint_url: pulumi.Output[str]
     openai_base_url: pulumi.Output[str]
@@ -84,6 +90,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             for (secret_name, key), value in secret_values.items()
         ]
 
+        api_key_secret = secrets[0]  # secret_values starts with the API key
         prerequisites: list[pulumi.Resource] = [*secrets]
         deployments: list[k8s.apps.v1.Deployment] = []
         for obj in namespaced:
@@ -97,6 +104,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                     delete_before_replace=True,
                 )
             elif kind == "Deployment":
+                # The proxy reads the key at start: a rotated key (a new Secret version) rolls the pods.
+                obj = with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION,
+                                          api_key_secret.metadata.apply(lambda m: m.resource_version or ""))
                 opts_for = pulumi.ResourceOptions(
                     depends_on=[*prerequisites],
                     custom_timeouts=pulumi.CustomTimeouts(
@@ -115,7 +125,8 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         self.proxy = AuthProxy(
             f"{name}-proxy",
             AuthProxyArgs(
-                caddyfile=manifests.render_proxy_caddyfile(r, args.launch),
+                caddyfile=manifests.render_proxy_caddyfile(
+                    r, args.launch, manifests.manifest_release(r, sizing, args.launch, stack=r.spec.stack)),
                 # Each pod runs engine 0's launch (more engines are more pods): one loopback upstream.
                 allowed_upstreams=args.launch.upstreams[:1],
             ),

@@ -30,12 +30,15 @@ class NodeSecrets(pulumi.ComponentResource):
         prefix = args.prefix.rstrip("/")
         api_key = self._parameter(f"{name}-api-key", f"{prefix}/api-key", args.api_key, args.tags)
         self.api_key_parameter = api_key.name
+        #: increments when the key changes: the node's user data carries it, so a rotation reaches the node
+        self.api_key_version = api_key.version
         self.hf_token_parameter = pulumi.Output.from_input(None)
         if args.hf_token is not None:
             hf_token = self._parameter(f"{name}-hf-token", f"{prefix}/hf-token", args.hf_token, args.tags)
             self.hf_token_parameter = hf_token.name
         self.register_outputs({
             "api_key_parameter": self.api_key_parameter,
+            "api_key_version": self.api_key_version,
             "hf_token_parameter": self.hf_token_parameter,
         })
 

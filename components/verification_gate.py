@@ -35,6 +35,9 @@ class VerificationGateArgs:
     concurrency: int = 16
     checks: list[str] = field(default_factory=list)
     load: int = 0
+    #: the release id the endpoint must serve on every replica before and during the run
+    release: str | None = None
+    replicas: int = 1
     triggers: list[pulumi.Input] = field(default_factory=list)
 
 
@@ -56,6 +59,8 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
         argv += ["--only", *args.checks]
     if args.load:
         argv += ["--load", str(args.load)]
+    if args.release:
+        argv += ["--release", args.release, "--replicas", str(args.replicas)]
     # The key travels in the environment (a secret), never on the command line.
     return f"mkdir -p {shlex.quote(f'build/{args.stack}')} && {shlex.join(argv)}"
 

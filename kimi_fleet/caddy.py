@@ -32,6 +32,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
 # the API key out of the environment (into the ACME account, a log). The spec's Email shape.
 _EMAIL = re.compile(EMAIL_PATTERN)
+#: Which release answered: only on proxied (authenticated) answers.
+RELEASE_HEADER = "X-Kimi-Fleet-Release"
+RELEASE_PATTERN = re.compile(r"[0-9a-f]{16}")
 _LOG_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
@@ -64,6 +67,7 @@ def render_caddyfile(
     http_port: int | None = None,
     bind_host: str | None = None,
     access_log: str | None = None,
+    release: str | None = None,
 ) -> str:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
@@ -71,7 +75,9 @@ def render_caddyfile(
     tls="acme" obtains a public certificate for the domain (DNS must point at the host, ports
     80/443 open); tls="internal" uses Caddy's local CA (loopback tests). `bind_host` restricts
     the listeners to one address (tests bind 127.0.0.1). `access_log` is a file for the JSON access
-    log (a node's fail2ban reads it); None logs to stderr (a container's log).
+    log (a node's fail2ban reads it); None logs to stderr (a container's log). `release` is the
+    release id every proxied answer carries in the RELEASE_HEADER, so a client (the gate) can tell
+    which release served it.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -85,6 +91,8 @@ def render_caddyfile(
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
         _require_loopback(upstream)
+    if release is not None and not RELEASE_PATTERN.fullmatch(release):
+        raise ValueError(f"invalid release id {release!r}")
     if access_log is not None and not _LOG_PATH.match(access_log):
         raise ValueError(f"invalid access log path {access_log!r}")
     if acme_email is not None and not _EMAIL.fullmatch(acme_email):
@@ -141,6 +149,8 @@ def render_caddyfile(
         # The engine never sees the key: it may log requests, headers included.
         "\theader_up -Authorization",
     ]
+    if release is not None:
+        site.append(f"\theader_down {RELEASE_HEADER} {release}")
     if len(upstreams) > 1:
         site += [
             "\tlb_policy least_conn",

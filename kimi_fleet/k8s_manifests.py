@@ -12,6 +12,8 @@ runs as a sidecar in the same pod and the Service reaches only Caddy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import yaml
@@ -32,6 +34,10 @@ GPU_CLAIM_TEMPLATE = "kimi-gpus"
 GPU_CLAIM = "gpus"
 PROXY_SERVICE = "kimi-proxy"
 DENY_ALL_POLICY = "kimi-deny-ingress"
+#: The pod template's release id: a new release is a new template, so the pods roll.
+RELEASE_ANNOTATION = "kimi-fleet/release"
+#: Set by the component from the API key Secret's resourceVersion (known only at deploy time).
+API_KEY_VERSION_ANNOTATION = "kimi-fleet/api-key-version"
 PROXY_POLICY = "kimi-proxy-ingress"
 
 WEIGHTS_MOUNT = "/weights"
@@ -150,11 +156,11 @@ def proxy_tls(r: Resolved) -> str:
     return "acme" if r.spec.target.kubernetes.proxy_service_type == "LoadBalancer" else "internal"
 
 
-def render_proxy_caddyfile(r: Resolved, launch: Launch) -> str:
+def render_proxy_caddyfile(r: Resolved, launch: Launch, release: str | None = None) -> str:
     instance = launch.instances[0]
     return render_caddyfile(
         r.spec.domain, [instance.upstream], instance.probe.path,
-        tls=proxy_tls(r), acme_email=r.spec.acme_email,
+        tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release,
     )
 
 
@@ -285,7 +291,16 @@ def _proxy_container() -> dict:
     }
 
 
-def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market: str, pods: int) -> dict:
+def rolling_update(rollout: str) -> dict:
+    """surge: a new pod starts (on a spare replica's GPUs) before an old one stops: no capacity lost.
+    one-at-a-time: no spare GPUs, so an old pod stops first and its replacement loads meanwhile."""
+    if rollout == "surge":
+        return {"maxSurge": 1, "maxUnavailable": 0}
+    return {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market: str, pods: int,
+                release: str | None) -> dict:
     k8s = r.spec.target.kubernetes
     selector = {**labels(stack, "engine"), "kimi-fleet/capacity-type": market}
     shm_gib = min(SHM_GIB, k8s.pod_memory_gib // 4)
@@ -316,11 +331,13 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
         "spec": {
             "replicas": pods,
             "selector": {"matchLabels": selector},
-            # No spare GPUs for a surge pod: replace one engine at a time.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(r.spec.capacity.rollout)},
             # The 600 s default marks a loading engine as a failed rollout (and Pulumi fails with it).
             "progressDeadlineSeconds": deployment_timeout_seconds(r, sizing, rolling=False),
-            "template": {"metadata": {"labels": selector}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": selector, **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})},
+                "spec": pod_spec,
+            },
         },
     }
 
@@ -350,8 +367,21 @@ def _network_policies(ns: str, stack: str) -> list[dict]:
     ]
 
 
+def manifest_release(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> str:
+    """The release id: the digest of every object without its own stamp. A change to the engine,
+    the Caddyfile or the pod spec gives a new id, and the id in the pod template rolls the pods
+    (a ConfigMap change alone restarts nothing)."""
+    objects = _render(r, sizing, launch, stack=stack, release=None)
+    return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
-    """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments, Service."""
+    """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments,
+    Service, stamped with the stack's release."""
+    return _render(r, sizing, launch, stack=stack, release=manifest_release(r, sizing, launch, stack=stack))
+
+
+def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release: str | None) -> list[dict]:
     k8s = r.spec.target.kubernetes
     ns = k8s.namespace
     objects: list[dict] = [
@@ -360,7 +390,7 @@ def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(CADDYFILE_CONFIGMAP, ns, stack, "proxy"),
-            "data": {"Caddyfile": render_proxy_caddyfile(r, launch)},
+            "data": {"Caddyfile": render_proxy_caddyfile(r, launch, release)},
         },
         *_network_policies(ns, stack),
     ]
@@ -407,7 +437,7 @@ def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
                             "count": r.gpus_per_engine},
             }]}}},
         })
-    objects += [_deployment(r, sizing, launch, stack, market, pods) for market, pods in market_groups(r)]
+    objects += [_deployment(r, sizing, launch, stack, market, pods, release) for market, pods in market_groups(r)]
     annotations = {"external-dns.alpha.kubernetes.io/hostname": r.spec.domain} if k8s.external_dns else {}
     objects.append({
         "apiVersion": "v1",

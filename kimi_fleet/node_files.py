@@ -11,8 +11,8 @@ released before a (re)start, Caddy on loopback upstreams with `admin off` (resta
 
 from __future__ import annotations
 
-import base64
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +32,8 @@ SECRETS_DIR = f"{ENV_DIR}/secrets"
 API_KEY_FILE = f"{SECRETS_DIR}/api-key"
 HF_TOKEN_FILE = f"{SECRETS_DIR}/hf-token"
 NODE_ENV_FILE = f"{ENV_DIR}/node.env"
+#: The node's release id (the digest its Caddy stamps on every answer).
+RELEASE_FILE = f"{ENV_DIR}/release"
 CADDYFILE = "/etc/caddy/Caddyfile"
 CADDY_API_KEY_ENV = "KIMI_API_KEY"
 #: EC2 refuses user data above 16 KB (before its own base64; after our gzip).
@@ -73,15 +75,17 @@ class SecretsSource:
     region: str | None = None
     api_key_file: str = API_KEY_FILE
     hf_token_file: str = HF_TOKEN_FILE
+    api_key_version: int | None = None
 
     def __post_init__(self):
         if self.kind == "ssm" and not (self.api_key_parameter and self.region):
             raise ValueError("SecretsSource ssm needs api_key_parameter and region")
 
     @classmethod
-    def ssm(cls, prefix: str, region: str, *, hf_token: bool) -> "SecretsSource":
+    def ssm(cls, prefix: str, region: str, *, hf_token: bool, api_key_version: int | None = None) -> "SecretsSource":
         prefix = prefix.rstrip("/")
-        return cls("ssm", f"{prefix}/api-key", f"{prefix}/hf-token" if hf_token else None, region)
+        return cls("ssm", f"{prefix}/api-key", f"{prefix}/hf-token" if hf_token else None, region,
+                   api_key_version=api_key_version)
 
 
 def default_ssm_prefix(stack: str) -> str:
@@ -93,7 +97,7 @@ NODE_SETTINGS_KEYS = (
     "STACK", "VENDOR", "ENGINE_COUNT", "WEIGHTS_VOLUME", "WEIGHTS_ROOT", "WEIGHTS_DIR", "EBS_VOLUME_ID",
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
-    "SSM_HF_TOKEN_PARAMETER", "API_KEY_FILE", "HF_TOKEN_FILE",
+    "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -136,6 +140,38 @@ mkdir -p "${LOG%/*}"
 log() { printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${0##*/}" "$*" | tee -a "$LOG" >&2; }
 run() { log "+ $*"; "$@" >>"$LOG" 2>&1; }
 """
+
+# --- what each unit restarts for ---------------------------------------------------------------
+# The bootstrap restarts a unit only when one of its inputs changed; the planner reads the same
+# lists to say which units a change restarts.
+FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
+FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
+#: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
+CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
+
+
+def engine_unit_inputs(index: int | str) -> tuple[str, ...]:
+    return (f"{ENV_DIR}/engine-{index}.env", f"{ENV_DIR}/engine-{index}.argv.json", f"{UNIT_DIR}/kimi-engine@.service")
+
+
+def _shell_paths(paths: tuple[str, ...]) -> str:
+    return " ".join(f'"$ROOT{path}"' for path in paths)
+
+
+def unit_inputs(launch: Launch) -> dict[str, tuple[str, ...]]:
+    """Unit -> the rendered files whose change restarts it (firewall only where it is shipped)."""
+    units = {"kimi-firewall.service": FIREWALL_UNIT_INPUTS, "fail2ban.service": FAIL2BAN_INPUTS}
+    units.update({f"kimi-engine@{i.index}.service": engine_unit_inputs(i.index) for i in launch.instances})
+    units["caddy.service"] = CADDY_FILE_INPUTS
+    return units
+
+
+def unit_digests(files: dict[str, NodeFile], launch: Launch) -> dict[str, str]:
+    """Unit -> digest of its rendered inputs: two releases differ for a unit exactly when the
+    bootstrap would restart it (key rotation aside)."""
+    return {unit: files_digest({p: files[p] for p in paths if p in files})
+            for unit, paths in unit_inputs(launch).items() if any(p in files for p in paths)}
+
 
 BOOTSTRAP = r"""#!/bin/bash
 # kimi-fleet node bootstrap. Idempotent: a re-run changes nothing unless an input changed.
@@ -348,17 +384,15 @@ start_services() {
   live systemctl daemon-reload
   # The opt-in host firewall first: the proxy's ports are never open unfiltered.
   if [[ -f $ROOT__FIREWALL_RULES__ ]]; then
-    apply_unit kimi-firewall.service "$ROOT__FIREWALL_RULES__" "$ROOT/etc/systemd/system/kimi-firewall.service"
+    apply_unit kimi-firewall.service __FIREWALL_INPUTS__
   fi
   prepare_access_log
-  apply_unit fail2ban.service "$ROOT__FAIL2BAN_FILTER__" "$ROOT__FAIL2BAN_JAIL__"
+  apply_unit fail2ban.service __FAIL2BAN_INPUTS__
   local i
   for ((i = 0; i < ENGINE_COUNT; i++)); do
-    apply_unit "kimi-engine@$i.service" "$ROOT/etc/kimi-fleet/engine-$i.env" \
-      "$ROOT/etc/systemd/system/kimi-engine@.service"
+    apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
   done
-  apply_unit caddy.service "$ROOT/etc/caddy/Caddyfile" "$ROOT/etc/systemd/system/caddy.service.d/kimi-fleet.conf" \
-    "$ROOT$API_KEY_FILE"
+  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE"
 }
 
 log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
@@ -371,7 +405,10 @@ start_services
 log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
 """.replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace("__ACCESS_LOG__", node_guard.ACCESS_LOG).replace(
     "__FIREWALL_RULES__", node_guard.FIREWALL_RULES_PATH).replace(
-    "__FAIL2BAN_FILTER__", node_guard.FAIL2BAN_FILTER_PATH).replace("__FAIL2BAN_JAIL__", node_guard.FAIL2BAN_JAIL_PATH)
+    "__FIREWALL_INPUTS__", _shell_paths(FIREWALL_UNIT_INPUTS)).replace(
+    "__FAIL2BAN_INPUTS__", _shell_paths(FAIL2BAN_INPUTS)).replace(
+    "__ENGINE_INPUTS__", _shell_paths(engine_unit_inputs("$i"))).replace(
+    "__CADDY_INPUTS__", _shell_paths(CADDY_FILE_INPUTS))
 
 DOWNLOAD_WEIGHTS = r"""#!/bin/bash
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
@@ -618,6 +655,8 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "AWS_REGION": secrets.region or (spec.target.aws.region if spec.target.aws else ""),
         "SSM_API_KEY_PARAMETER": secrets.api_key_parameter or "",
         "SSM_HF_TOKEN_PARAMETER": secrets.hf_token_parameter or "",
+        # The key parameter's version: a rotated key is a new user data, so it reaches the node.
+        "SSM_API_KEY_VERSION": str(secrets.api_key_version or ""),
         "API_KEY_FILE": secrets.api_key_file,
         "HF_TOKEN_FILE": secrets.hf_token_file,
     }
@@ -649,19 +688,46 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     return json.dumps(facts, indent=2) + "\n"
 
 
-def render_caddyfile_for(r: Resolved, launch: Launch, **listener) -> str:
-    """The stack's Caddyfile. `listener` (domain, tls, https_port, http_port, bind_host) lets a test
-    run the same configuration on loopback with internal TLS."""
+def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:
+    """The stack's Caddyfile, stamping answers with `release`. `listener` (domain, tls, https_port,
+    http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
                "access_log": node_guard.ACCESS_LOG, **listener}
     return render_caddyfile(
-        options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV, **options,
+        options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
+        release=release, **options,
     )
+
+
+def files_digest(files: dict[str, NodeFile]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        f = files[path]
+        digest.update(f"{path}\0{f.mode:o}\0{len(f.content)}\0".encode() + f.content.encode())
+    return digest.hexdigest()[:16]
+
+
+def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
+    """The release id of what runs on the stack's nodes: the digest of the node files as the planner
+    renders them (deploy-time ids such as the EBS volume as placeholders, the Caddyfile without its
+    own stamp). The same stack file and catalog give the same id in `plan` and under `pulumi up`;
+    any change to an image, flag, unit, script or the Caddyfile gives a new one."""
+    aws = r.spec.target.aws
+    secrets = (SecretsSource.ssm(aws.ssm_prefix or default_ssm_prefix(r.spec.stack), aws.region, hf_token=False)
+               if aws is not None else SecretsSource("files"))
+    ebs = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
+    return files_digest(_render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs, release=None))
 
 
 def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                       ebs_volume_id: str | None = None) -> dict[str, NodeFile]:
-    """Every file a node needs, keyed by its absolute path."""
+    """Every file a node needs, keyed by its absolute path, stamped with the stack's release."""
+    return _render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id,
+                         release=node_release(r, launch, sizing))
+
+
+def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
+                  ebs_volume_id: str | None, release: str | None) -> dict[str, NodeFile]:
     files = [
         NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
@@ -672,7 +738,7 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
         NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
         NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
-        NodeFile(CADDYFILE, render_caddyfile_for(r, launch), 0o644),
+        NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id), 0o644),
@@ -688,6 +754,8 @@ def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: S
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
+    if release is not None:
+        files.append(NodeFile(RELEASE_FILE, release + "\n", 0o644))
     files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i)) + "\n", 0o644)
               for i in launch.instances]
     return {f.path: f for f in files}
@@ -737,10 +805,11 @@ def user_data_bytes(text: str) -> bytes:
 
 
 def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix: str, region: str,
-                     ebs_volume_id: str | None = None, hf_token: bool = False) -> str:
+                     ebs_volume_id: str | None = None, hf_token: bool = False,
+                     api_key_version: int | None = None) -> str:
     """A #cloud-config document holding the node files (plain text, for review); EC2 gets
-    `user_data_bytes` of it. Secrets appear only as SSM parameter names."""
-    secrets = SecretsSource.ssm(ssm_prefix, region, hf_token=hf_token)
+    `user_data_bytes` of it. Secrets appear only as SSM parameter names (and the key's version)."""
+    secrets = SecretsSource.ssm(ssm_prefix, region, hf_token=hf_token, api_key_version=api_key_version)
     files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
     text = _cloud_config(files)
     size = len(user_data_bytes(text))

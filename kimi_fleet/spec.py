@@ -311,6 +311,12 @@ class CapacitySpec(Spec):
     on_demand_base: Annotated[int, Field(ge=0)] | None = None
     max_spot_price_usd: Annotated[float, Field(gt=0, le=1000)] | None = None
     capacity_reservation_id: ReservationId | None = Field(None, description="Capacity Block reservation (cr-...)")
+    rollout: Literal["one-at-a-time", "surge"] = Field(
+        "one-at-a-time",
+        description="how a new release replaces replicas (AWS fleet, Kubernetes): surge starts one extra "
+                    "replica before stopping one (needs a spare replica's GPUs; costs one node for the "
+                    "rollout), one-at-a-time stops one first (no extra GPUs; one replica less meanwhile)",
+    )
 
     @property
     def effective_market(self) -> str:

@@ -792,6 +792,38 @@ def validate_hourly_cost_within_budget(resource_type: str, props: Mapping) -> li
 # --------------------------------------------------------------------------------------------
 # Registry and offline runner
 # --------------------------------------------------------------------------------------------
+#: Launch template versions that never change: a new template version never reaches the nodes.
+FROZEN_TEMPLATE_VERSIONS = ("$Latest", "$Default")
+
+
+def _template_versions(props: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if _is_map(props):
+        for key, value in props.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "version" and "aunchTemplate" in path:
+                yield where, value
+            else:
+                yield from _template_versions(value, where)
+    elif _is_seq(props):
+        for index, value in enumerate(props):
+            yield from _template_versions(value, f"{path}[{index}]")
+
+
+def validate_changes_reach_nodes(resource_type: str, props: Mapping) -> list[str]:
+    """An instance or Auto Scaling group pinned to "$Latest"/"$Default" of its launch template keeps
+    its old nodes when the template changes (a new engine, flag or key is "deployed" and nothing
+    changes): use the template's latest version number; a group also needs an instance refresh."""
+    if resource_type not in (EC2_INSTANCE, AUTOSCALING_GROUP):
+        return []
+    messages = [f"{where} is {value!r}: a changed launch template never reaches the running "
+                "node(s); use the template's latest_version" for where, value in _template_versions(props)
+                if value in FROZEN_TEMPLATE_VERSIONS]
+    if resource_type == AUTOSCALING_GROUP and list(_template_versions(props)) and not _get(props, "instanceRefresh"):
+        messages.append("Auto Scaling group without instanceRefresh: a new launch template version "
+                        "reaches only instances launched later")
+    return messages
+
+
 Validator = Callable[[str, Mapping], list]
 
 
@@ -817,6 +849,10 @@ MANDATORY: tuple[PolicySpec, ...] = (
     PolicySpec("interactive-not-spot-only",
                "Interactive capacity keeps at least one on-demand replica under spot.",
                validate_interactive_not_spot_only),
+    PolicySpec("changes-reach-nodes",
+               "Instances and Auto Scaling groups follow their launch template's latest version "
+               "number (never $Latest/$Default), and groups roll it out with an instance refresh.",
+               validate_changes_reach_nodes),
     PolicySpec("no-secrets-in-user-data",
                "User data, command scripts and container specs carry no tokens, keys or the stack's "
                "secret values; secrets are fetched at boot or mounted.",

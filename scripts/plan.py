@@ -30,6 +30,7 @@ from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
+from kimi_fleet.rollout import rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
 from kimi_fleet.spec import StackSpecError  # noqa: E402
 from kimi_fleet.stackfile import (  # noqa: E402
@@ -53,7 +54,8 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     """Plan one stack: a JSON-ready dict. An invalid stack declares nothing."""
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
-              "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None}
+              "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
+              "rollout": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -65,6 +67,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["sizing"] = sizing.as_dict()
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
+    result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
     try:  # what lands on nodes is rendered before anything is declared: a file too big is a refusal
         artifacts = render_artifacts(resolved, sizing, launch)
     except ValueError as error:
@@ -132,6 +135,14 @@ def print_tree(resources: list[dict]) -> None:
     walk(None, 0)
 
 
+def _release_mechanism(rollout: dict) -> str:
+    if rollout["target"] == "host":
+        return "re-runs the bootstrap over SSH, which restarts only the units whose inputs changed"
+    if rollout["target"] == "aws" and rollout["replicas"] == 1:
+        return "replaces the instance (a new launch template version)"
+    return f"rolls the {rollout['replicas']} replicas ({rollout['rollout']})"
+
+
 def print_plan(p: dict) -> None:
     print(f"== {p['stack']} ({p['file']})")
     if p["errors"] and not p["resources"]:
@@ -153,6 +164,9 @@ def print_plan(p: dict) -> None:
           f"{s['engines_per_node']} engine(s) per node")
     print(f"    time to ready: cold {s['cold_start_seconds'] // 60} min (download {s['download_seconds'] // 60}, "
           f"load {s['load_seconds'] // 60} (volume read {s['read_seconds'] // 60}), warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
+    rollout = p["rollout"]
+    print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
+          f"a new release {_release_mechanism(rollout)}")
     print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "
           f"{c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")

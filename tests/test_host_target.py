@@ -187,6 +187,63 @@ def test_bootstrap_applied_twice_changes_nothing(stack, tmp_path):
         assert f"kimi-engine@{index}.service: unchanged" in second.stderr
 
 
+def _scratch_node(tmp_path: Path, r: Resolved) -> tuple[Path, dict]:
+    """A scratch root holding release N of `r` with its secrets and verified weights, and the env
+    that runs its bootstrap there (no systemctl, docker, GPUs or downloads)."""
+    launch = render_launch(r)
+    secrets = SecretsSource("files")
+    root = tmp_path / "root"
+    write_tree(root, render_node_files(r, launch, size(r), secrets=secrets))
+    for path, value in ((secrets.api_key_file, "k" * 32), (secrets.hf_token_file, "hf_" + "t" * 32)):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(value)
+        target.chmod(0o600)
+    weights = root / launch.weights_host_dir.lstrip("/")
+    weights.mkdir(parents=True)
+    (weights / ".kimi-verified").write_text(f"{r.revision}\n")
+    return root, {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1"}
+
+
+def _restarted(stderr: str) -> set[str]:
+    return {line.split("] ", 1)[1].split(":", 1)[0] for line in stderr.splitlines() if line.endswith(": (re)started")}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"engine": {"extraArgs": ["--enable-metrics"]}}, {"kimi-engine@0.service", "caddy.service"}),
+    ({"acmeEmail": "ops-rotated@example.com"}, {"caddy.service"}),
+])
+def test_next_release_restarts_only_what_changed_as_the_plan_said(edit, expected, tmp_path):
+    from kimi_fleet.cost import estimate
+    from kimi_fleet.rollout import impact, rollout_facts
+
+    stack = "rtxpro6000-int4-sglang"
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    release_n = resolved(stack)
+    for key, value in edit.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    release_next = Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+    root, env = _scratch_node(tmp_path, release_n)
+    bootstrap = root / "usr/local/sbin/kimi-bootstrap"
+    first = subprocess.run(["bash", str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+
+    launch = render_launch(release_next)
+    files = render_node_files(release_next, launch, size(release_next), secrets=SecretsSource("files"))
+    write_tree(root, files)  # what the copy commands of the next `pulumi up` do
+    second = subprocess.run(["bash", str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert _restarted(second.stderr) == expected
+    assert "fail2ban.service: unchanged" in second.stderr
+    release_file = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+    assert release_file == node_files.node_release(release_next, launch, size(release_next))
+    assert f"header_down X-Kimi-Fleet-Release {release_file}" in (root / "etc/caddy/Caddyfile").read_text()
+    # The plan said the same before the change was made.
+    facts = [rollout_facts(r, size(r), render_launch(r), estimate(r)) for r in (release_n, release_next)]
+    line = impact(*facts)
+    assert line.startswith(f"in place: {', '.join(sorted(expected))} restart")
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_host_scripts_pass_shellcheck(tmp_path):
     r = resolved("mi300x-int4-sglang")

@@ -23,14 +23,14 @@ def resolved(stack: str) -> Resolved:
     return Resolved(load_stack_config(stack_file(stack)).spec())
 
 
-def run_kubernetes_endpoint(stack: str, *, hf_token=None) -> MockRun:
+def run_kubernetes_endpoint(stack: str, *, hf_token=None, api_key: str = API_KEY) -> MockRun:
     from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
 
     def declare():
         r = resolved(stack)
         endpoint = KubernetesEndpoint("kimi", KubernetesEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r),
-            api_key=pulumi.Output.secret(API_KEY), hf_token=hf_token,
+            api_key=pulumi.Output.secret(api_key), hf_token=hf_token,
         ))
         names = ["endpoint_url", "openai_base_url", "node_ids", "market", "hourly_cost_usd"]
         return {name: getattr(endpoint, name) for name in names}

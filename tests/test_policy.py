@@ -384,11 +384,32 @@ class TestHourlyCost:
         assert v.enforcement_of("hourly-cost-within-budget") == "advisory"
 
 
+# ------------------------------------------------------------------ changes-reach-nodes
+class TestChangesReachNodes:
+    def test_instance_on_latest_violates_and_a_version_number_passes(self):
+        props = {"launchTemplate": {"id": "lt-1", "version": "$Latest"}}
+        (message,) = v.validate_changes_reach_nodes(v.EC2_INSTANCE, props)
+        assert "launchTemplate.version is '$Latest'" in message
+        assert v.validate_changes_reach_nodes(v.EC2_INSTANCE, {"launchTemplate": {"id": "lt-1", "version": "7"}}) == []
+
+    def test_group_needs_a_number_and_an_instance_refresh(self):
+        spec = {"mixedInstancesPolicy": {"launchTemplate": {"launchTemplateSpecification": {
+            "launchTemplateId": "lt-1", "version": "$Default"}}}}
+        messages = v.validate_changes_reach_nodes(v.AUTOSCALING_GROUP, spec)
+        assert len(messages) == 2 and "instanceRefresh" in messages[1]
+        spec["mixedInstancesPolicy"]["launchTemplate"]["launchTemplateSpecification"]["version"] = "3"
+        spec["instanceRefresh"] = {"strategy": "Rolling"}
+        assert v.validate_changes_reach_nodes(v.AUTOSCALING_GROUP, spec) == []
+
+    def test_other_resources_are_not_read(self):
+        assert v.validate_changes_reach_nodes(v.LAUNCH_TEMPLATE, {"version": "$Latest"}) == []
+
+
 # ------------------------------------------------------------------ registry and check_resources
 def test_registry_names():
     assert [s.name for s in v.MANDATORY] == [
         "engine-port-not-exposed", "proxy-requires-key", "pinned-images-and-revision",
-        "interactive-not-spot-only", "no-secrets-in-user-data"]
+        "interactive-not-spot-only", "changes-reach-nodes", "no-secrets-in-user-data"]
     for name, description, validator in v.MANDATORY + v.ADVISORY:
         assert description and callable(validator)
 

@@ -324,3 +324,47 @@ def test_cli_k2vv_mode_prints_schema_accuracy_beside_published_figures():
     accuracy = float(result.stdout.split("schema accuracy ")[1].split("%")[0])
     assert 55 <= accuracy <= 95, result.stdout  # 25% invalid on average
     assert "stock vLLM" in result.stdout and "87.0%" in result.stdout
+
+
+# --- releases: the gate verifies the release it is meant to verify (issue 9) -----------------
+
+RELEASE, OLD_RELEASE = "0123456789abcdef", "fedcba9876543210"
+
+
+def test_every_answer_through_the_proxy_carries_the_release_and_the_suite_checks_it():
+    with start_proxied_engine("good", release=RELEASE) as endpoint:
+        report = suite(endpoint, timeout=30, release=RELEASE, only=["auth", "models", "instant"])
+        release = report.check("release")
+        assert release.status == "pass", release.reason
+        assert f"from release {RELEASE}" in release.reason
+        # A 401 from the proxy is not stamped: the release is no business of a client without the key.
+        refused = httpx.get(f"{endpoint.base_url}/models", verify=str(endpoint.caddy.root_ca))
+        assert refused.status_code == 401 and "x-kimi-fleet-release" not in refused.headers
+        # The gate waiting for another release gives up, naming the one still served.
+        result = run_cli("--base-url", endpoint.base_url, "--api-key", endpoint.api_key, "--model", endpoint.model,
+                         "--ca-cert", str(endpoint.caddy.root_ca), "--release", OLD_RELEASE, "--wait-ready", "2",
+                         "--only", "models")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"still answers from release {RELEASE}, not {OLD_RELEASE}" in result.stderr
+
+
+def test_an_answer_from_an_unrefreshed_replica_fails_the_run():
+    """Behind a load balancer, one replica in four still on the old release."""
+    options = ("--release", RELEASE, "--stale-release", OLD_RELEASE, "--stale-every", "4")
+    with start_fake_engine("good", options=options) as engine:
+        report = run_suite(engine.base_url, "unused-key-0123456789", engine.model, release=RELEASE,
+                           only=["models", "instant", "thinking"], timeout=30)
+    release = report.check("release")
+    assert release.status == "fail" and not report.passed
+    assert f"from {OLD_RELEASE}" in release.reason and "a replica still serves another release" in release.reason
+    # Waiting for the release needs 4 x replicas fresh answers in a row from it: a stale one resets the count.
+    with start_fake_engine("good", options=options) as engine:
+        result = run_cli("--base-url", engine.base_url, "--api-key", "unused-key-0123456789", "--model", engine.model,
+                         "--release", RELEASE, "--replicas", "2", "--wait-ready", "3", "--only", "models")
+    assert result.returncode == 1 and "has not reached every replica" in result.stderr
+
+
+def test_release_flag_is_checked():
+    result = run_cli("--base-url", "https://x.example/v1", "--api-key", "k" * 20, "--model", "m",
+                     "--release", "not-a-release")
+    assert result.returncode == 2 and "16-hex release id" in result.stderr

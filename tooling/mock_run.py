@@ -9,6 +9,8 @@ never decrypted). `run_components` declares a few components the same way, for t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import runpy
 import sys
@@ -106,6 +108,12 @@ def unwrap(node, reveal: bool = False):
     return node
 
 
+def _content_number(value) -> int:
+    """A positive number that changes with `value`: stands in for versions the cloud assigns."""
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return int(digest[:8], 16) % 1_000_000 + 1
+
+
 class EchoMocks(pulumi.runtime.Mocks):
     """Resources echo their inputs and get a stable id, plus the outputs the components read;
     lookups return plausible shapes, and a lookup nobody taught them fails the run."""
@@ -128,6 +136,15 @@ class EchoMocks(pulumi.runtime.Mocks):
             state.setdefault("zoneId", NLB_ZONE_ID)
         elif args.typ == "aws:iam/role:Role":
             state.setdefault("name", args.name)
+        elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
+            # AWS numbers each new version; here a changed template gets a different number.
+            state["latestVersion"] = _content_number(args.inputs)
+        elif args.typ == "aws:ssm/parameter:Parameter":
+            state["version"] = _content_number(args.inputs.get("value"))
+        elif args.typ == "kubernetes:core/v1:Secret":
+            metadata = dict(state.get("metadata") or {})
+            metadata["resourceVersion"] = str(_content_number(args.inputs.get("stringData")))
+            state["metadata"] = metadata
         return resource_id, state
 
     def call(self, args: pulumi.runtime.MockCallArgs):

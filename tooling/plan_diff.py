@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kimi_fleet.rollout import RolloutFacts, impact
 from kimi_fleet.stackfile import PROJECT_ROOT
 
 SIZING_KEYS = ("kv_dtype", "memory_knob", "kv_tokens_per_device", "largest_context",
@@ -72,6 +73,11 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
     if before["valid"] != after["valid"] or before["errors"] != after["errors"]:
         lines.append(f"- validity: {before['valid']} → {after['valid']}")
         lines += [f"  - {e}" for e in after["errors"]]
+
+    if before.get("rollout") and after.get("rollout"):
+        effect = impact(RolloutFacts.from_dict(before["rollout"]), RolloutFacts.from_dict(after["rollout"]))
+        if effect:
+            lines.append(f"- **running nodes**: {effect}")
 
     old_res = {(r["type"], r["name"]): r for r in before.get("resources", [])}
     new_res = {(r["type"], r["name"]): r for r in after.get("resources", [])}

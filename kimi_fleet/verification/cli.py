@@ -7,9 +7,12 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from kimi_fleet.caddy import RELEASE_HEADER, RELEASE_PATTERN
 
 from .checks import CHECKS
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint
@@ -45,25 +48,55 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampled requests in flight at once (the stack's concurrent sequences)")
     parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT, metavar="S",
                         help="seconds for the health route and its tiny completion")
+    parser.add_argument("--release", metavar="ID",
+                        help="the release the endpoint must serve (the proxy's X-Kimi-Fleet-Release): "
+                             "--wait-ready waits until it does, and any answer from another release fails")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="replicas behind the endpoint: --wait-ready confirms the release on "
+                             f"{RELEASE_CONFIRMATIONS_PER_REPLICA} x N fresh connections in a row")
     parser.add_argument("--k2vv", type=int, metavar="N",
                         help="instead of the suite: N tool-call requests scored the K2-Vendor-Verifier way "
                              "(trigger rate, schema accuracy) for drift checks")
     return parser
 
 
-def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verify) -> bool:
-    """Poll the models list until it answers 200: a fresh node downloads and loads 595 GB first."""
+#: Fresh connections in a row that must all answer from the expected release, per replica: behind a
+#: load balancer each new connection may land on another replica (NLB hashes the flow).
+RELEASE_CONFIRMATIONS_PER_REPLICA = 4
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    #: the release the last 200 answer carried ("" when unstamped, None when nothing answered 200)
+    last_release: str | None = None
+
+
+def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verify, *, release: str | None = None,
+                     replicas: int = 1) -> Readiness:
+    """Poll the models list until it answers 200 (a fresh node downloads and loads 595 GB first) and,
+    with `release`, until enough fresh connections in a row answer from that release: a rollout is
+    done only when no replica serves the old one."""
     deadline = time.monotonic() + deadline_seconds
+    needed = RELEASE_CONFIRMATIONS_PER_REPLICA * replicas if release else 1
+    confirmed, last_release = 0, None
     while True:
         try:
             response = httpx.get(f"{base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"},
                                  timeout=10, verify=verify)
             if response.status_code == 200:
-                return True
+                last_release = response.headers.get(RELEASE_HEADER, "")
+                confirmed = confirmed + 1 if release is None or last_release == release else 0
+                if confirmed >= needed:
+                    return Readiness(True, last_release)
+                if confirmed:
+                    continue  # the next fresh connection at once
+            else:
+                confirmed = 0
         except httpx.HTTPError:
-            pass
+            confirmed = 0
         if time.monotonic() >= deadline:
-            return False
+            return Readiness(False, last_release)
         time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
 
 
@@ -76,10 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify.py: error: --ca-cert {args.ca_cert} is not a file", file=sys.stderr)
         return EXIT_USAGE
 
-    if args.wait_ready and not wait_until_ready(args.base_url, args.api_key, args.wait_ready, args.ca_cert or True):
-        print(f"verify.py: endpoint not ready after {args.wait_ready:.0f}s: {args.base_url}/models never "
-              "answered 200 (see /var/log/kimi-fleet/bootstrap.log on the node)", file=sys.stderr)
-        return EXIT_FAILED
+    if args.release is not None and not RELEASE_PATTERN.fullmatch(args.release):
+        print(f"verify.py: error: --release {args.release!r} is not a 16-hex release id", file=sys.stderr)
+        return EXIT_USAGE
+    if args.wait_ready:
+        readiness = wait_until_ready(args.base_url, args.api_key, args.wait_ready, args.ca_cert or True,
+                                     release=args.release, replicas=args.replicas)
+        if not readiness.ready:
+            if readiness.last_release is None:
+                why = (f"{args.base_url}/models never answered 200 "
+                       "(see /var/log/kimi-fleet/bootstrap.log on the node)")
+            else:
+                why = (f"it still answers from release {readiness.last_release or '(unstamped)'}, not "
+                       f"{args.release}: the new release has not reached every replica")
+            print(f"verify.py: endpoint not ready after {args.wait_ready:.0f}s: {why}", file=sys.stderr)
+            return EXIT_FAILED
     if args.k2vv is not None:
         return _k2vv(args)
     print(table_header(), flush=True)
@@ -96,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             context=args.context,
             concurrency=args.concurrency,
             health_timeout=args.health_timeout,
+            release=args.release,
             on_result=lambda result: print(table_row(result), flush=True),
         )
     except ValueError as error:

@@ -75,13 +75,15 @@ class Endpoint:
         return ssl.create_default_context(cafile=None if self.verify is True else self.verify)
 
 
-def open_client(endpoint: Endpoint) -> httpx.AsyncClient:
+def open_client(endpoint: Endpoint, on_response=None) -> httpx.AsyncClient:
+    """`on_response`: an async hook called with every response (the release watch)."""
     # One connection per concurrent stream under --load; keep headroom for the other checks.
     connections = max(100, endpoint.load + 32)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(endpoint.timeout),
         verify=endpoint.ssl_context(),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        event_hooks={"response": [on_response]} if on_response else None,
     )
 
 

@@ -9,9 +9,11 @@ from typing import Callable, Iterable
 
 import httpx
 
+from kimi_fleet.caddy import RELEASE_HEADER
+
 from .checks import CHECKS, Outcome, failed
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint, open_client
-from .report import FAIL, SKIP, CheckResult, Report
+from .report import FAIL, PASS, SKIP, CheckResult, Report
 
 ENGINES = ("vllm", "sglang")
 DEFAULT_TIMEOUT = 300.0  # per HTTP request: thinking answers on a busy engine take minutes
@@ -94,6 +96,7 @@ async def run_suite_async(
     context: int | None = None,
     concurrency: int = 16,
     health_timeout: float = HEALTH_TIMEOUT,
+    release: str | None = None,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> Report:
     base_url = base_url.rstrip("/")
@@ -117,7 +120,8 @@ async def run_suite_async(
         if on_result:
             on_result(result)
 
-    async with open_client(endpoint) as client:
+    releases = ReleaseWatch(release) if release else None
+    async with open_client(endpoint, on_response=releases.observe if releases else None) as client:
 
         async def run_and_announce(name: str) -> None:
             announce(await _run_check(name, client, endpoint))
@@ -132,7 +136,36 @@ async def run_suite_async(
         else:
             await asyncio.gather(*(run_and_announce(name) for name in rest))
     ordered = [results[name] for name in names]
+    if releases is not None:
+        ordered.append(releases.result())
+        if on_result:
+            on_result(ordered[-1])
     return Report(base_url, model, engine, ordered, time.perf_counter() - started)
+
+
+class ReleaseWatch:
+    """Every proxied answer must come from the release the gate verifies: one from an older release
+    (a replica the rollout has not reached) makes the run a failure, whatever the checks said."""
+
+    def __init__(self, release: str):
+        self.release = release
+        self.answers = 0
+        self.foreign: dict[str, int] = {}
+
+    async def observe(self, response: httpx.Response) -> None:
+        if response.status_code == 401:
+            return  # refused by the proxy itself (the auth check): not stamped
+        self.answers += 1
+        served = response.headers.get(RELEASE_HEADER, "")
+        if served != self.release:
+            self.foreign[served or "(unstamped)"] = self.foreign.get(served or "(unstamped)", 0) + 1
+
+    def result(self) -> CheckResult:
+        if not self.foreign:
+            return CheckResult("release", PASS, f"all {self.answers} answers from release {self.release}", 0.0)
+        others = ", ".join(f"{count} from {served}" for served, count in sorted(self.foreign.items()))
+        return CheckResult("release", FAIL, f"expected release {self.release} on every answer; {others} "
+                           f"(of {self.answers}): a replica still serves another release", 0.0)
 
 
 def run_suite(base_url: str, api_key: str, model: str, **options) -> Report:

@@ -68,8 +68,15 @@ ANSWER_TEXT = "Here is a short and friendly answer to your question, written in 
 class EngineState:
     def __init__(self, model: str, mode: str, engine: str, chunk_delay: float, *, seed: int = 0,
                  tool_invalid_rate: float = 0.0, runaway_rate: float = 0.0, max_model_len: int = 262_144,
-                 report_max_model_len: bool = True, first_token_delay: float = 0.0):
+                 report_max_model_len: bool = True, first_token_delay: float = 0.0,
+                 release: str | None = None, stale_release: str | None = None, stale_every: int = 0):
         self.model = model
+        # Stands in for the proxy's release stamp; every `stale_every`-th answer comes from a replica
+        # still on `stale_release` (a rollout that has not finished).
+        self.release = release
+        self.stale_release = stale_release
+        self.stale_every = stale_every
+        self.answers_stamped = 0
         self.mode = mode
         self.engine = engine
         self.chunk_delay = chunk_delay
@@ -99,6 +106,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         pass
+
+    def end_headers(self):
+        state = self.server.state
+        if state.release:
+            with state.lock:
+                state.answers_stamped += 1
+                stale = state.stale_every and state.answers_stamped % state.stale_every == 0
+            self.send_header("X-Kimi-Fleet-Release", state.stale_release if stale else state.release)
+        super().end_headers()
 
     @property
     def state(self) -> EngineState:
@@ -509,12 +525,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of thinking answers that run out of tokens before any content")
     parser.add_argument("--max-model-len", type=int, default=262_144, help="context the engine serves")
     parser.add_argument("--hide-max-model-len", action="store_true", help="leave max_model_len out of /v1/models")
+    parser.add_argument("--release", help="stamp answers with this release id, as the proxy does")
+    parser.add_argument("--stale-release", help="the release an unrefreshed replica still serves")
+    parser.add_argument("--stale-every", type=int, default=0, help="every N-th answer comes from --stale-release")
     args = parser.parse_args(argv)
 
     state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
                         tool_invalid_rate=args.tool_invalid_rate, runaway_rate=args.runaway_rate,
                         max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
-                        first_token_delay=args.first_token_delay)
+                        first_token_delay=args.first_token_delay, release=args.release,
+                        stale_release=args.stale_release, stale_every=args.stale_every)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:

@@ -1,0 +1,312 @@
+"""Day two (issue 9): a change to what runs on a node reaches every running node, and the gate
+checks the release it is meant to check. The whole program runs under the mocks twice, before and
+after a one-field change of a real stack file, and the declared resources are compared."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pulumi
+import pytest
+import yaml
+
+from kimi_fleet.cost import estimate
+from kimi_fleet.launch import render_launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.rollout import RolloutFacts, impact, rollout_facts
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import parse_spec
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from tooling.mock_run import MockRun, run_config
+
+LT = "aws:ec2/launchTemplate:LaunchTemplate"
+INSTANCE = "aws:ec2/instance:Instance"
+ASG = "aws:autoscaling/group:Group"
+GATE_COMMAND = "command:local:Command"
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+REMOTE = "command:remote:Command"
+UNPINNED_VERSIONS = ("$Latest", "$Default")
+
+
+def _document(stack: str) -> dict:
+    return yaml.safe_load(stack_file(stack).read_text())
+
+
+def run_variant(stack: str, tmp_path: Path, change=None) -> MockRun:
+    """The whole program for `stack`, its stack file changed by `change(config)`."""
+    document = _document(stack)
+    if change:
+        change(document["config"])
+    directory = tmp_path / ("after" if change else "before")
+    directory.mkdir(exist_ok=True)
+    path = directory / f"Pulumi.{stack}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    run = run_config(load_stack_config(path))
+    assert run.error is None, run.error
+    return run
+
+
+def _engine(config: dict) -> dict:
+    return config.setdefault("kimi-fleet:engine", {})
+
+
+def change_image(config: dict) -> None:
+    """The same engine release rebuilt under a new pinned tag."""
+    engine = _engine(config)
+    if not engine.get("image"):
+        values = {key.split(":", 1)[1]: value for key, value in config.items()}
+        engine["image"] = render_launch(Resolved(parse_spec(values, "x", "stacks/Pulumi.x.yaml"))).image
+    engine["image"] += "-rebuild1"
+
+
+def change_flag(config: dict) -> None:
+    config["kimi-fleet:engine"] = {**_engine(config), "extraArgs": [*_engine(config).get("extraArgs", []),
+                                                                   "--enable-metrics"]}
+
+
+def change_revision(config: dict) -> None:
+    model = dict(config.get("kimi-fleet:model") or {})
+    model["revision"] = "0123456789abcdef0123456789abcdef01234567"
+    config["kimi-fleet:model"] = model
+
+
+CHANGES = {"image": change_image, "flag": change_flag, "revision": change_revision}
+
+
+def gate_command(run: MockRun) -> list[str]:
+    (gate,) = [r for r in run.of_type(GATE_COMMAND) if r["name"].endswith("gate-verify")]
+    return shlex.split(gate["inputs"]["create"].split("&&", 1)[1])
+
+
+def released(run: MockRun) -> str:
+    return run.outputs["release"]
+
+
+def _versions(node, path="") -> list[tuple[str, object]]:
+    """Every launch-template `version` field anywhere in a resource's inputs."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "version" and ("launchTemplate" in path or "LaunchTemplate" in path):
+                found.append((path, value))
+            found += _versions(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for value in node:
+            found += _versions(value, path)
+    return found
+
+
+# --- every AWS stack follows its template ----------------------------------------------------
+
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang",
+                                   "h100-int4-vllm"])
+def test_no_stack_uses_a_template_version_that_cannot_change(stack, tmp_path):
+    run = run_variant(stack, tmp_path)
+    consumers = run.of_type(INSTANCE) + run.of_type(ASG)
+    assert consumers
+    for resource in consumers:
+        versions = _versions(resource["inputs"])
+        assert versions, resource["name"]
+        for path, value in versions:
+            assert value not in UNPINNED_VERSIONS and str(value).isdigit(), (resource["name"], path, value)
+    for group in run.of_type(ASG):
+        refresh = group["inputs"]["instanceRefresh"]
+        assert refresh["strategy"] == "Rolling" and refresh["preferences"]["autoRollback"] is True
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_single_node_change_replaces_the_instance_and_reruns_the_gate_for_the_new_release(change, tmp_path):
+    stack = "h200-int4-sglang"
+    before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, CHANGES[change])
+    assert released(before) != released(after)
+    (old_template,), (new_template,) = before.of_type(LT), after.of_type(LT)
+    assert old_template["inputs"]["userData"] != new_template["inputs"]["userData"]
+    (old_instance,), (new_instance,) = before.of_type(INSTANCE), after.of_type(INSTANCE)
+    # A new launch template version in the instance's own inputs: the provider replaces the instance.
+    assert old_instance["inputs"]["launchTemplate"]["version"] != new_instance["inputs"]["launchTemplate"]["version"]
+    command = gate_command(after)
+    assert command[command.index("--release") + 1] == released(after)
+    (old_gate,), (new_gate,) = ([r for r in run.of_type(GATE_COMMAND) if r["name"].endswith("gate-verify")]
+                                for run in (before, after))
+    assert old_gate["inputs"]["triggers"] != new_gate["inputs"]["triggers"]
+
+
+@pytest.mark.parametrize("rollout, bounds", [("one-at-a-time", (50, 100)), ("surge", (100, 150))])
+def test_fleet_change_starts_an_instance_refresh(rollout, bounds, tmp_path):
+    stack = "h200-int4-vllm"  # two replicas behind an NLB
+
+    def with_rollout(config):
+        config["kimi-fleet:capacity"] = {**(config.get("kimi-fleet:capacity") or {}), "rollout": rollout}
+
+    def and_new_image(config):
+        with_rollout(config)
+        change_image(config)
+
+    before, after = run_variant(stack, tmp_path, with_rollout), None
+    after_dir = tmp_path / "second"
+    after_dir.mkdir()
+    after = run_variant(stack, after_dir, and_new_image)
+    (old_group,), (new_group,) = before.of_type(ASG), after.of_type(ASG)
+    old_version = _versions(old_group["inputs"])[0][1]
+    new_version = _versions(new_group["inputs"])[0][1]
+    assert old_version != new_version  # a change of the group: the refresh starts
+    preferences = new_group["inputs"]["instanceRefresh"]["preferences"]
+    assert (preferences["minHealthyPercentage"], preferences["maxHealthyPercentage"]) == bounds
+    assert int(preferences["instanceWarmup"]) > 0
+    command = gate_command(after)
+    assert command[command.index("--replicas") + 1] == "2"
+    assert command[command.index("--release") + 1] == released(after) != released(before)
+
+
+def test_rotating_the_key_reaches_the_aws_node():
+    from tests.test_aws_stacks import resolved as aws_resolved
+    from tooling.mock_run import run_components
+
+    def run_with(key: str) -> MockRun:
+        from components.aws_endpoint import AwsEndpoint, AwsEndpointArgs
+
+        r = aws_resolved("h200-int4-sglang")
+
+        def declare():
+            endpoint = AwsEndpoint("kimi", AwsEndpointArgs(resolved=r, sizing=size(r), launch=render_launch(r),
+                                                           api_key=pulumi.Output.secret(key), hf_token=None))
+            return {"node_ids": endpoint.node_ids}
+
+        return run_components(declare, "h200-int4-sglang")
+
+    first, second = run_with("first-key-0123456789abcdef"), run_with("second-key-0123456789abcdef")
+    (a,), (b,) = first.of_type(INSTANCE), second.of_type(INSTANCE)
+    # The node reads the key at boot; its user data names the key's version, so a rotation is a new
+    # template version and a new node. The key itself never appears in the user data.
+    assert a["inputs"]["launchTemplate"]["version"] != b["inputs"]["launchTemplate"]["version"]
+    for run, key in ((first, "first-key-0123456789abcdef"), (second, "second-key-0123456789abcdef")):
+        (template,) = run.of_type(LT)
+        assert key not in json.dumps(template["inputs"])
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+def test_kubernetes_change_rolls_the_pods_and_a_caddyfile_change_does_too(tmp_path):
+    stack = "gb200-int4-vllm"
+
+    def new_email(config):
+        config["kimi-fleet:acmeEmail"] = "ops-rotated@example.com"
+
+    before = run_variant(stack, tmp_path)
+    for name, change in (("image", change_image), ("caddyfile", new_email)):
+        directory = tmp_path / name
+        directory.mkdir()
+        after = run_variant(stack, directory, change)
+        old, new = before.of_type(DEPLOYMENT)[0], after.of_type(DEPLOYMENT)[0]
+        old_annotations = old["inputs"]["spec"]["template"]["metadata"]["annotations"]
+        new_annotations = new["inputs"]["spec"]["template"]["metadata"]["annotations"]
+        # A new pod template: the Deployment rolls, even when only the ConfigMap changed.
+        assert old_annotations["kimi-fleet/release"] != new_annotations["kimi-fleet/release"] == released(after)
+
+
+def test_kubernetes_key_rotation_rolls_the_pods():
+    from tests.test_k8s_component import run_kubernetes_endpoint
+
+    def annotation(key: str) -> str:
+        run = run_kubernetes_endpoint("gb200-int4-vllm", api_key=key)
+        (deployment,) = run.of_type(DEPLOYMENT)[:1]
+        return deployment["inputs"]["spec"]["template"]["metadata"]["annotations"]["kimi-fleet/api-key-version"]
+
+    assert annotation("first-key-0123456789abcdef") != annotation("second-key-0123456789abcdef")
+
+
+@pytest.mark.parametrize("rollout, strategy", [("one-at-a-time", {"maxSurge": 0, "maxUnavailable": 1}),
+                                               ("surge", {"maxSurge": 1, "maxUnavailable": 0})])
+def test_kubernetes_rollout_strategy(rollout, strategy, tmp_path):
+    def with_rollout(config):
+        config["kimi-fleet:capacity"] = {**(config.get("kimi-fleet:capacity") or {}), "rollout": rollout}
+
+    run = run_variant("mi355x-int4-sglang", tmp_path, with_rollout)
+    for deployment in run.of_type(DEPLOYMENT):
+        assert deployment["inputs"]["spec"]["strategy"]["rollingUpdate"] == strategy
+
+
+# --- existing host ---------------------------------------------------------------------------
+
+def test_host_flag_change_copies_the_argv_and_reruns_the_bootstrap(tmp_path):
+    stack = "rtxpro6000-int4-sglang"
+    before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, change_flag)
+    old = {r["name"]: r for r in before.of_type(REMOTE)}
+    new = {r["name"]: r for r in after.of_type(REMOTE)}
+    changed = sorted(name for name in old.keys() & new.keys() if old[name]["inputs"] != new[name]["inputs"])
+    assert any("engine-0.argv.json" in new[name]["inputs"].get("create", "") for name in changed), changed
+    (bootstrap,) = [name for name in new if name.endswith("-bootstrap") and "-file-" not in name]
+    assert bootstrap in changed and old[bootstrap]["inputs"]["triggers"] != new[bootstrap]["inputs"]["triggers"]
+
+
+# --- the plan says what a change does to running nodes --------------------------------------
+
+def facts(stack: str, **capacity) -> RolloutFacts:
+    config = load_stack_config(stack_file(stack))
+    values = json.loads(json.dumps(config.values))
+    if capacity:
+        values["capacity"] = {**(values.get("capacity") or {}), **capacity}
+    return _facts(values, stack)
+
+
+def _facts(values: dict, stack: str) -> RolloutFacts:
+    r = Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+    sizing = size(r)
+    return rollout_facts(r, sizing, render_launch(r), estimate(r))
+
+
+def changed(stack: str, edit, **capacity) -> tuple[RolloutFacts, RolloutFacts]:
+    values = json.loads(json.dumps(load_stack_config(stack_file(stack)).values))
+    if capacity:
+        values["capacity"] = {**(values.get("capacity") or {}), **capacity}
+    before = _facts(values, stack)
+    edit(values)
+    return before, _facts(values, stack)
+
+
+def _flag(values: dict) -> None:
+    values["engine"] = {**values["engine"], "extraArgs": [*values["engine"].get("extraArgs", []), "--enable-metrics"]}
+
+
+def test_impact_replace_for_a_single_aws_node():
+    before, after = changed("h200-int4-sglang", _flag)
+    line = impact(before, after)
+    assert line.startswith("replace: a new p5en.48xlarge instance")
+    assert f"about {-(-after.warm_start_seconds // 60)} min without service" in line  # EBS: warm
+    assert impact(before, before) is None
+
+
+def test_impact_rolling_for_a_fleet_and_kubernetes():
+    before, after = changed("h200-int4-vllm", _flag)
+    line = impact(before, after)
+    assert line.startswith("rolling: one of 2 replicas out at a time") and "1/2 capacity" in line
+    before, after = changed("h200-int4-vllm", _flag, rollout="surge")
+    line = impact(before, after)
+    assert line.startswith("rolling: no downtime; one extra p5en.48xlarge") and "+$" in line
+    before, after = changed("gb200-int4-vllm", _flag)
+    assert impact(before, after).startswith("rolling (one replica): the pod restarts")
+
+
+def test_impact_in_place_on_a_host_names_the_units():
+    before, after = changed("rtxpro6000-int4-sglang", _flag)
+    # Caddy restarts with every release: it stamps the new release id on every answer.
+    assert impact(before, after) == (f"in place: caddy.service, kimi-engine@0.service restart; about "
+                                     f"{-(-after.warm_start_seconds // 60)} min without service "
+                                     "(the weights are already on the disk)")
+
+    def email(values):
+        values["acmeEmail"] = "ops-rotated@example.com"
+
+    before, after = changed("rtxpro6000-int4-sglang", email)
+    assert impact(before, after) == ("in place: caddy.service restart; a few seconds without service, "
+                                     "engines keep running")
+
+    def firewall(values):
+        values["target"] = {**values["target"], "host": {**(values["target"].get("host") or {}),
+                                                         "firewall": True, "sshAllowlist": ["203.0.113.0/24"]}}
+
+    before, after = changed("rtxpro6000-int4-sglang", firewall)
+    assert impact(before, after) == ("in place: caddy.service, kimi-firewall.service restart; a few seconds without "
+                                     "service, engines keep running")
