@@ -157,24 +157,13 @@ def snapshot(root: Path) -> dict[str, tuple[str, str]]:
 def test_bootstrap_applied_twice_changes_nothing(stack, tmp_path):
     r = resolved(stack)
     launch = render_launch(r)
-    secrets = SecretsSource("files")
-    root = tmp_path / "root"
-    write_tree(root, render_node_files(r, launch, size(r), secrets=secrets))
-    for path, value in ((secrets.api_key_file, "k" * 32), (secrets.hf_token_file, "hf_" + "t" * 32)):
-        target = root / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(value)
-        target.chmod(0o600)
-    # Weights already verified at this revision: the scratch run downloads nothing.
-    weights = root / launch.weights_host_dir.lstrip("/")
-    weights.mkdir(parents=True)
-    (weights / ".kimi-verified").write_text(f"{r.revision}\n")
-    # An `hf` on PATH so no CLI is installed; the marker means it is never called.
+    root, env = _scratch_node(tmp_path, r)
+    # An `hf` on PATH so no CLI is installed; the verified marker means it is never called.
     tools = tmp_path / "bin"
     tools.mkdir()
     (tools / "hf").write_text("#!/bin/sh\necho 'hf must not run: the weights are verified' >&2\nexit 1\n")
     (tools / "hf").chmod(0o755)
-    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{os.environ['PATH']}"}
+    env["PATH"] = f"{tools}:{os.environ['PATH']}"
     bootstrap = root / "usr/local/sbin/kimi-bootstrap"
 
     first = subprocess.run(["bash", str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
@@ -188,8 +177,8 @@ def test_bootstrap_applied_twice_changes_nothing(stack, tmp_path):
 
 
 def _scratch_node(tmp_path: Path, r: Resolved) -> tuple[Path, dict]:
-    """A scratch root holding release N of `r` with its secrets and verified weights, and the env
-    that runs its bootstrap there (no systemctl, docker, GPUs or downloads)."""
+    """A scratch root holding release N of `r` with its secrets and weights already verified at its
+    revision, and the env that runs its bootstrap there (no systemctl, docker, GPUs or downloads)."""
     launch = render_launch(r)
     secrets = SecretsSource("files")
     root = tmp_path / "root"
