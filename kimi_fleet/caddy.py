@@ -68,6 +68,7 @@ def render_caddyfile(
     bind_host: str | None = None,
     access_log: str | None = None,
     release: str | None = None,
+    local_port: int | None = None,
 ) -> str:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
@@ -77,7 +78,8 @@ def render_caddyfile(
     the listeners to one address (tests bind 127.0.0.1). `access_log` is a file for the JSON access
     log (a node's fail2ban reads it); None logs to stderr (a container's log). `release` is the
     release id every proxied answer carries in the RELEASE_HEADER, so a client (the gate) can tell
-    which release served it.
+    which release served it. `local_port` adds a loopback-only plain-HTTP listener with the same
+    key and proxy, for the node's own checks.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -116,12 +118,7 @@ def render_caddyfile(
         # Never touch the host's trust store; clients are given the root explicitly.
         global_options.append("skip_install_trust")
 
-    site = []
-    if bind_host is not None:
-        site.append(f"bind {bind_host}")
-    if tls == "internal":
-        site.append("tls internal")
-    site += [
+    site = [
         # Access log: every request, failed keys included, with status and client address. Caddy
         # logs the Authorization header empty unless log_credentials is set.
         "log {",
@@ -171,10 +168,18 @@ def render_caddyfile(
         "}",
     ]
 
-    lines = ["{"] + [f"\t{option}" for option in global_options] + ["}", "", f"{domain} {{"]
-    lines += [f"\t{line}" if line else "" for line in site]
-    lines.append("}")
+    public = ([f"bind {bind_host}"] if bind_host is not None else []) + (["tls internal"] if tls == "internal" else [])
+    lines = ["{"] + [f"\t{option}" for option in global_options] + ["}"]
+    lines += _site(domain, public + site)
+    if local_port is not None:
+        # The same key and proxy on a plain-HTTP loopback listener: the node's own checks (the
+        # watchdog) go through Caddy without a certificate. Never reachable from outside.
+        lines += _site(f"http://127.0.0.1:{_port(local_port)}", ["bind 127.0.0.1", *site])
     return "\n".join(lines) + "\n"
+
+
+def _site(address: str, body: list[str]) -> list[str]:
+    return ["", f"{address} {{", *[f"\t{line}" if line else "" for line in body], "}"]
 
 
 def _log_output(access_log: str | None) -> list[str]:

@@ -21,6 +21,7 @@ import yaml
 from kimi_fleet import catalog
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, render_caddyfile
 from kimi_fleet.launch import MODEL_MOUNT, Launch
+from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -44,14 +45,17 @@ WEIGHTS_MOUNT = "/weights"
 VERIFIED_MARKER = ".verified"
 
 #: Probe cadence. The startup window is derived from the sizing's warm start (weights already local).
+#: Every probe is a tiny real generation (node_scripts/generation_probe.py): a green /health with a
+#: dead scheduler must not count as ready or alive.
 PROBE_PERIOD_SECONDS = 10
 STARTUP_MARGIN = 1.5
-#: SGLang's /health_generate runs a real generation: give it longer than a plain /health.
-GENERATING_PROBE_TIMEOUT_SECONDS = 30
-PLAIN_PROBE_TIMEOUT_SECONDS = 5
-#: Liveness only restarts an engine that stopped answering /health for several minutes.
+#: Out of rotation after this many failed generations in a row.
+READINESS_FAILURES = 3
+#: Liveness restarts an engine that stopped generating for several minutes.
 LIVENESS_PERIOD_SECONDS = 30
 LIVENESS_FAILURES = 6
+PROBE_CONFIGMAP = "kimi-generation-probe"
+PROBE_MOUNT = "/opt/kimi-fleet/probe"
 #: Engine images are 10-30 GB: pulling one onto a fresh node takes minutes.
 IMAGE_PULL_SECONDS = 15 * 60
 #: A hub download can stall and resume: allow three times the estimate before giving up.
@@ -216,17 +220,17 @@ def _scheduling(r: Resolved, market: str) -> dict:
     }
 
 
-def _exec_probe(url: str, timeout: int) -> dict:
+def _generation_probe(r: Resolved, launch: Launch) -> dict:
     # The engine listens on 127.0.0.1 only and kubelet's httpGet dials the pod IP: probe from inside.
-    check = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
-    return {"exec": {"command": ["python3", "-c", check, url, str(timeout - 1)]}, "timeoutSeconds": timeout}
+    timeout = GENERATION_PROBE_TIMEOUT_SECONDS
+    command = ["python3", f"{PROBE_MOUNT}/{GENERATION_PROBE_SCRIPT}", f"http://{launch.instances[0].upstream}",
+               r.spec.model.served_name, str(timeout - 5)]
+    return {"exec": {"command": command}, "timeoutSeconds": timeout}
 
 
 def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
     instance = launch.instances[0]
     k8s = r.spec.target.kubernetes
-    probe_timeout = GENERATING_PROBE_TIMEOUT_SECONDS if instance.probe.runs_generation else PLAIN_PROBE_TIMEOUT_SECONDS
-    ready_url = f"http://{instance.upstream}{instance.probe.path}"
     resources = {
         "requests": {"cpu": str(k8s.pod_cpus), "memory": f"{k8s.pod_memory_gib}Gi"},
         # No CPU limit: the MoE weight load is CPU-bound and throttling stretches it.
@@ -252,16 +256,17 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
         "volumeMounts": [
             {"name": "weights", "mountPath": MODEL_MOUNT, "subPath": r.weights_dir_name, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "probe", "mountPath": PROBE_MOUNT, "readOnly": True},
         ],
         "startupProbe": {
-            **_exec_probe(ready_url, probe_timeout),
+            **_generation_probe(r, launch),
             "periodSeconds": PROBE_PERIOD_SECONDS,
             "failureThreshold": startup_failure_threshold(sizing),
         },
-        "readinessProbe": {**_exec_probe(ready_url, probe_timeout), "periodSeconds": PROBE_PERIOD_SECONDS,
-                           "failureThreshold": 3},
+        "readinessProbe": {**_generation_probe(r, launch), "periodSeconds": PROBE_PERIOD_SECONDS,
+                           "failureThreshold": READINESS_FAILURES},
         "livenessProbe": {
-            **_exec_probe(f"http://{instance.upstream}/health", 10),
+            **_generation_probe(r, launch),
             "periodSeconds": LIVENESS_PERIOD_SECONDS,
             "failureThreshold": LIVENESS_FAILURES,
         },
@@ -315,6 +320,7 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             _weights_volume(r),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
             {"name": "caddyfile", "configMap": {"name": CADDYFILE_CONFIGMAP}},
+            {"name": "probe", "configMap": {"name": PROBE_CONFIGMAP}},
             {"name": "caddy-data", "emptyDir": {}},
             {"name": "caddy-config", "emptyDir": {}},
         ],
@@ -391,6 +397,12 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "kind": "ConfigMap",
             "metadata": _meta(CADDYFILE_CONFIGMAP, ns, stack, "proxy"),
             "data": {"Caddyfile": render_proxy_caddyfile(r, launch, release)},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(PROBE_CONFIGMAP, ns, stack, "engine"),
+            "data": {GENERATION_PROBE_SCRIPT: node_script(GENERATION_PROBE_SCRIPT)},
         },
         *_network_policies(ns, stack),
     ]

@@ -22,6 +22,7 @@ import yaml
 from kimi_fleet import catalog, node_guard
 from kimi_fleet.caddy import API_KEY_PATTERN, render_caddyfile
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
+from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import SAFE_VALUE
@@ -106,7 +107,17 @@ NODE_SETTINGS_KEYS = (
 # Node settings are data, never code: nothing is sourced or evaluated. Each line is KEY=VALUE with a
 # known key and a value in the one plain alphabet the writer enforces (launch.plain_value); the
 # value is assigned with printf -v, so no character of it is ever interpreted.
-SETTINGS_LIBRARY = "/usr/local/lib/kimi-fleet/settings.sh"
+LIB_DIR = "/usr/local/lib/kimi-fleet"
+SETTINGS_LIBRARY = f"{LIB_DIR}/settings.sh"
+GENERATION_PROBE = f"{LIB_DIR}/{GENERATION_PROBE_SCRIPT}"
+WATCHDOG = f"{LIB_DIR}/watchdog.py"
+#: Caddy's loopback-only plain-HTTP listener for the node's own checks (outside the engine port ranges).
+LOCAL_PROXY_PORT = 9180
+#: Every WATCHDOG_INTERVAL_SECONDS one tiny generation per engine; an admitted engine that fails
+#: WATCHDOG_FAILURES in a row is restarted.
+WATCHDOG_INTERVAL_SECONDS = 30
+WATCHDOG_FAILURES = 3
+WATCHDOG_PROBE_TIMEOUT_SECONDS = GENERATION_PROBE_TIMEOUT_SECONDS
 SETTINGS_LOADER = r"""# kimi-fleet: the node settings loader (a library: `source`d by the node's scripts).
 # shellcheck shell=bash
 load_settings() {
@@ -146,6 +157,7 @@ run() { log "+ $*"; "$@" >>"$LOG" 2>&1; }
 # lists to say which units a change restarts.
 FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
+WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -163,6 +175,7 @@ def unit_inputs(launch: Launch) -> dict[str, tuple[str, ...]]:
     units = {"kimi-firewall.service": FIREWALL_UNIT_INPUTS, "fail2ban.service": FAIL2BAN_INPUTS}
     units.update({f"kimi-engine@{i.index}.service": engine_unit_inputs(i.index) for i in launch.instances})
     units["caddy.service"] = CADDY_FILE_INPUTS
+    units["kimi-watchdog.timer"] = WATCHDOG_INPUTS
     return units
 
 
@@ -393,6 +406,8 @@ start_services() {
     apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
   done
   apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE"
+  # Admission and liveness by real generations, from now on every few seconds.
+  apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
 }
 
 log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
@@ -408,7 +423,7 @@ log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the e
     "__FIREWALL_INPUTS__", _shell_paths(FIREWALL_UNIT_INPUTS)).replace(
     "__FAIL2BAN_INPUTS__", _shell_paths(FAIL2BAN_INPUTS)).replace(
     "__ENGINE_INPUTS__", _shell_paths(engine_unit_inputs("$i"))).replace(
-    "__CADDY_INPUTS__", _shell_paths(CADDY_FILE_INPUTS))
+    "__CADDY_INPUTS__", _shell_paths(CADDY_FILE_INPUTS)).replace("__WATCHDOG_INPUTS__", _shell_paths(WATCHDOG_INPUTS))
 
 DOWNLOAD_WEIGHTS = r"""#!/bin/bash
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
@@ -607,6 +622,34 @@ TimeoutStartSec=infinity
 WantedBy=multi-user.target
 """
 
+def _watchdog_unit(engines: int) -> str:
+    # One probe per engine plus two through Caddy, each at most the probe timeout.
+    timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + 30
+    return f"""[Unit]
+Description=kimi-fleet watchdog: admit engines by a real generation, restart one that stops generating
+Documentation=file://{WATCHDOG}
+After=kimi-bootstrap.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/python3 {WATCHDOG}
+TimeoutStartSec={timeout}
+"""
+
+
+WATCHDOG_TIMER = f"""[Unit]
+Description=kimi-fleet watchdog every {WATCHDOG_INTERVAL_SECONDS} s
+
+[Timer]
+OnBootSec=120
+OnUnitActiveSec={WATCHDOG_INTERVAL_SECONDS}
+AccuracySec=5
+
+[Install]
+WantedBy=timers.target
+"""
+
+
 CADDY_OVERRIDE = f"""# kimi-fleet: Caddy reads the API key from the environment, written from the root-only secret.
 [Service]
 ExecStartPre=+{SBIN}/kimi-caddy-env
@@ -684,6 +727,9 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "market": spec.capacity.effective_market,
         "expected_seconds": {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds},
         "log": "/var/log/kimi-fleet/bootstrap.log",
+        "local_proxy": f"http://127.0.0.1:{LOCAL_PROXY_PORT}",
+        "watchdog": {"interval_seconds": WATCHDOG_INTERVAL_SECONDS, "failures": WATCHDOG_FAILURES,
+                     "probe_timeout_seconds": WATCHDOG_PROBE_TIMEOUT_SECONDS},
     }
     return json.dumps(facts, indent=2) + "\n"
 
@@ -692,7 +738,7 @@ def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = N
     """The stack's Caddyfile, stamping answers with `release`. `listener` (domain, tls, https_port,
     http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
-               "access_log": node_guard.ACCESS_LOG, **listener}
+               "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, **listener}
     return render_caddyfile(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
         release=release, **options,
@@ -736,6 +782,10 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{SBIN}/kimi-engine-run", ENGINE_RUN, 0o755),
         NodeFile(f"{SBIN}/kimi-caddy-env", CADDY_ENV, 0o755),
         NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
+        NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
+        NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
+        NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
+        NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
         NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),

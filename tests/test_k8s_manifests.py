@@ -9,6 +9,7 @@ import yaml
 from kimi_fleet import catalog
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
+from kimi_fleet.node_scripts import node_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import image_is_pinned, parse_spec
@@ -82,18 +83,25 @@ def test_shared_memory_is_a_memory_backed_volume(stack):
         assert shm["emptyDir"]["sizeLimit"] == "64Gi"
 
 
-@pytest.mark.parametrize("stack, probe_path", [("gb200-int4-vllm", "/health"), ("mi355x-int4-sglang", "/health_generate")])
-def test_probes_use_the_engine_path_and_the_sizing_window(stack, probe_path):
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_every_probe_is_a_real_generation_within_the_sizing_window(stack):
     r, sizing, objects = rendered(stack)
+    (probe_map,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.PROBE_CONFIGMAP]
+    assert probe_map["data"]["generation_probe.py"] == node_script("generation_probe.py")
     for deployment in of_kind(objects, "Deployment"):
         engine = containers(deployment, "engine")
-        startup, readiness = engine["startupProbe"], engine["readinessProbe"]
+        startup, readiness, liveness = engine["startupProbe"], engine["readinessProbe"], engine["livenessProbe"]
         # Weights are already on the volume: the window covers the warm start, with margin.
         assert startup["failureThreshold"] * startup["periodSeconds"] >= sizing.warm_start_seconds * 1.5
-        for probe in (startup, readiness):
-            assert probe["exec"]["command"][3] == f"http://127.0.0.1:{r.engine.port}{probe_path}"
-        assert engine["livenessProbe"]["exec"]["command"][3] == f"http://127.0.0.1:{r.engine.port}/health"
-        assert engine["livenessProbe"]["failureThreshold"] * engine["livenessProbe"]["periodSeconds"] >= 120
+        for probe in (startup, readiness, liveness):
+            command = probe["exec"]["command"]
+            assert command[:2] == ["python3", f"{manifests.PROBE_MOUNT}/generation_probe.py"]
+            assert command[2:4] == [f"http://127.0.0.1:{r.engine.port}", r.spec.model.served_name]
+            assert float(command[4]) < probe["timeoutSeconds"]  # the probe gives up before kubelet kills it
+        assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 120
+        mounts = {m["mountPath"]: m["name"] for m in engine["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes[mounts[manifests.PROBE_MOUNT]]["configMap"]["name"] == manifests.PROBE_CONFIGMAP
         # A loading engine must not be reported as a failed rollout.
         assert deployment["spec"]["progressDeadlineSeconds"] >= startup["failureThreshold"] * startup["periodSeconds"]
 
@@ -151,7 +159,7 @@ def test_the_proxy_sees_client_addresses(service_type, policy):
 
 def test_caddy_sidecar_uses_the_shared_caddyfile():
     r, _, objects = rendered("gb200-int4-vllm")
-    (config_map,) = of_kind(objects, "ConfigMap")
+    (config_map,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.CADDYFILE_CONFIGMAP]
     caddyfile = config_map["data"]["Caddyfile"]
     assert "kimi-gb200.example.com {" in caddyfile
     assert "reverse_proxy 127.0.0.1:8000 {" in caddyfile
@@ -166,7 +174,7 @@ def test_external_dns_annotation_and_internal_tls_off_a_load_balancer():
     (service,) = of_kind(objects, "Service")
     assert service["metadata"]["annotations"] == {"external-dns.alpha.kubernetes.io/hostname": "kimi-gb200.example.com"}
     assert service["spec"]["type"] == "NodePort"
-    assert "tls internal" in of_kind(objects, "ConfigMap")[0]["data"]["Caddyfile"]
+    assert "tls internal" in of_kind(objects, "ConfigMap")[0]["data"]["Caddyfile"]  # the Caddyfile comes first
 
 
 def scheduling(deployment):

@@ -247,7 +247,8 @@ def _systemd_root(root: Path, files: dict[str, NodeFile]) -> None:
     (system / "caddy.service").write_text(packaged.read_text() if packaged.exists() else
                                           "[Service]\nUser=caddy\nExecStart=/usr/bin/caddy run --environ\n")
     (system / "docker.service").write_text("[Unit]\nDescription=stand-in\n[Service]\nExecStart=/usr/bin/dockerd\n")
-    for binary in ("usr/bin/docker", "usr/bin/dockerd", "usr/bin/caddy", "usr/bin/test", "bin/sh", "usr/sbin/nft"):
+    for binary in ("usr/bin/docker", "usr/bin/dockerd", "usr/bin/caddy", "usr/bin/test", "bin/sh", "usr/sbin/nft",
+                   "usr/bin/python3"):
         path = root / binary
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")
@@ -264,6 +265,7 @@ def test_units_pass_systemd_analyze_verify(stack, tmp_path):
     # A host gets the firewall unit (AWS nodes have security groups instead).
     assert ("/etc/systemd/system/kimi-firewall.service" in files) is (resolved(stack).spec.target.host is not None)
     units += [path for path in files if path.endswith("/kimi-firewall.service")]
+    units += ["/etc/systemd/system/kimi-watchdog.service", "/etc/systemd/system/kimi-watchdog.timer"]
     result = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", *units],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

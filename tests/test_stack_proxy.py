@@ -35,7 +35,8 @@ def mi300x_node():
             dataclasses.replace(instance, port=engine.port) for instance, engine in zip(launch.instances, engines)))
         https_port = free_port()
         caddyfile = render_caddyfile_for(r, local, domain="localhost", tls="internal", acme_email=None,
-                                         https_port=https_port, http_port=free_port(), bind_host="127.0.0.1")
+                                         https_port=https_port, http_port=free_port(), bind_host="127.0.0.1",
+                                         local_port=free_port())
         base_url = f"https://localhost:{https_port}/v1"
         caddy = stack.enter_context(start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}, ready_url=f"{base_url}/models"))
         yield base_url, caddy, engines, r.spec.model.served_name

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""A tiny real generation: exit 0 only when the endpoint produced at least one token in time.
+
+An engine can answer 200 on /health while its scheduler is dead (vLLM #39863: 85 minutes of
+outage behind a green health route); only a generation proves it serves. Standard library only:
+it runs on nodes (Ubuntu's python3) and inside engine containers (Kubernetes exec probes).
+
+usage: generation_probe.py BASE_URL MODEL TIMEOUT_SECONDS [KEY_FILE]
+  BASE_URL  e.g. http://127.0.0.1:8000 (the engine) or http://127.0.0.1:9180 (the node's Caddy, loopback listener)
+  KEY_FILE  a file holding the API key, sent as a Bearer token (never on the command line)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+
+def probe(base_url: str, model: str, timeout: float, key: str | None = None) -> str | None:
+    """None when a token came back; else why not, in one line."""
+    body = json.dumps({
+        "model": model,
+        "messages": [{"role": "user", "content": "Reply with the single word OK."}],
+        "max_tokens": 4,
+        "temperature": 0,
+        # Instant mode: a thinking answer would spend its tokens on reasoning.
+        "chat_template_kwargs": {"thinking": False},
+    }).encode()
+    request = urllib.request.Request(f"{base_url.rstrip('/')}/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except (OSError, ValueError) as error:  # refused, timed out, not JSON
+        return f"{type(error).__name__}: {error}"
+    generated = (answer.get("usage") or {}).get("completion_tokens") or 0
+    choices = answer.get("choices") or []
+    if not choices or generated < 1:
+        return f"no tokens generated: {json.dumps(answer)[:200]}"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (3, 4):
+        print("usage: generation_probe.py BASE_URL MODEL TIMEOUT_SECONDS [KEY_FILE]", file=sys.stderr)
+        return 2
+    key = None
+    if len(argv) == 4:
+        with open(argv[3]) as key_file:
+            key = key_file.read().strip()
+    failure = probe(argv[0], argv[1], float(argv[2]), key)
+    if failure:
+        print(f"generation probe {argv[0]}: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

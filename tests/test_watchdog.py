@@ -1,0 +1,161 @@
+"""Health never lies (issue 9): the node's generation probe and watchdog, run as shipped, against
+fake engines that are healthy on /health but do not generate, behind the node's real Caddy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet import node_files
+from kimi_fleet.launch import render_launch
+from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_node_files
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from tests.fakes.harness import free_port, start_caddy, start_fake_engine
+
+pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
+              pytest.mark.timeout(180)]
+API_KEY = "watchdog-test-key-0123456789"
+STACK = "rtxpro6000-int4-sglang"  # a host with one engine
+PROBE_TIMEOUT = 2
+SYSTEMCTL_STUB = """#!/bin/bash
+# systemctl as the watchdog uses it: InvocationID per unit from a file; restart records and bumps it.
+state=${SYSTEMCTL_STUB_DIR:?}
+case "$1" in
+  show) unit=${@: -1}; cat "$state/invocation-$unit" 2>/dev/null || echo first ;;
+  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"; echo "after-restart" >"$state/invocation-$unit" ;;
+  *) echo "unexpected systemctl $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def probe(*args: str) -> subprocess.CompletedProcess:
+    script = Path(node_files.__file__).parent / "node_scripts" / "generation_probe.py"
+    return subprocess.run(["/usr/bin/python3", str(script), *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("mode, expected", [("good", 0), ("dead-scheduler", 1)])
+def test_generation_probe_tells_a_dead_scheduler_from_a_healthy_engine(mode, expected):
+    with start_fake_engine(mode) as engine:
+        # /health says 200 either way: that is the lie the probe exists for.
+        health = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", engine.url + "/health"],
+                                capture_output=True, text=True)
+        assert health.stdout == "200"
+        result = probe(engine.url, engine.model, str(PROBE_TIMEOUT))
+    assert result.returncode == expected, result.stderr
+    if expected:
+        assert "timed out" in result.stderr
+
+
+@contextmanager
+def node(tmp_path: Path, mode: str, options: tuple[str, ...] = ()):
+    """A scratch node: the stack's rendered files, one fake engine in place of the real one, the
+    node's Caddyfile run by a real Caddy (loopback ports), and a systemctl stub."""
+    r = Resolved(load_stack_config(stack_file(STACK)).spec())
+    launch = render_launch(r)
+    root = tmp_path / "root"
+    files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"))
+    for file in files.values():
+        target = root / file.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(file.content)
+    key_file = root / SecretsSource("files").api_key_file.lstrip("/")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(API_KEY)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(SYSTEMCTL_STUB)
+    (stubs / "systemctl").chmod(0o755)
+    state = tmp_path / "systemctl"
+    state.mkdir()
+    with start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options) as engine:
+        local_port = free_port()
+        local = dataclasses.replace(launch, instances=tuple(
+            dataclasses.replace(i, port=engine.port) for i in launch.instances))
+        caddyfile = render_caddyfile_for(r, local, release=files[node_files.RELEASE_FILE].content.strip(),
+                                         domain="localhost", tls="internal", acme_email=None, https_port=free_port(),
+                                         http_port=free_port(), bind_host="127.0.0.1", local_port=local_port,
+                                         access_log=str(tmp_path / "access.log"))
+        # The node's stack.json, with the fake's port, the loopback listener's port and short probes.
+        stack_json = root / "etc/kimi-fleet/stack.json"
+        facts = json.loads(stack_json.read_text())
+        facts["engines"][0]["port"] = engine.port
+        facts["local_proxy"] = f"http://127.0.0.1:{local_port}"
+        facts["watchdog"]["probe_timeout_seconds"] = PROBE_TIMEOUT
+        stack_json.write_text(json.dumps(facts))
+        with start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}):
+            env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",
+                   "SYSTEMCTL_STUB_DIR": str(state)}
+
+            def run_watchdog() -> subprocess.CompletedProcess:
+                return subprocess.run(["/usr/bin/python3", str(root / node_files.WATCHDOG.lstrip("/"))],
+                                      env=env, capture_output=True, text=True, timeout=60)
+
+            yield root, run_watchdog, state, facts
+
+
+def _ready(root: Path) -> str | None:
+    ready = root / "run/kimi-fleet/ready"
+    return ready.read_text().strip() if ready.exists() else None
+
+
+def test_a_node_whose_engine_never_generates_never_reports_ready(tmp_path):
+    with node(tmp_path, "dead-scheduler") as (root, run_watchdog, state, facts):
+        for _ in range(facts["watchdog"]["failures"] + 1):
+            result = run_watchdog()
+            assert result.returncode == 0, result.stderr
+            assert _ready(root) is None
+    # Never admitted, so never restarted either: a loading engine looks the same and must be left alone.
+    assert not (state / "restarts").exists()
+
+
+def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(tmp_path):
+    # Two generations work (one straight to the engine, one through Caddy), then every one hangs.
+    with node(tmp_path, "good", ("--hang-after", "2")) as (root, run_watchdog, state, facts):
+        first = run_watchdog()
+        assert first.returncode == 0, first.stderr
+        release = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+        assert _ready(root) == release  # admitted by a generation through its own Caddy
+        assert "kimi-engine@0.service: generates, admitted" in first.stderr
+        outputs = []
+        for _ in range(facts["watchdog"]["failures"]):
+            result = run_watchdog()
+            assert result.returncode == 0, result.stderr
+            outputs.append(result.stderr)
+            assert _ready(root) is None  # out of rotation from the first failed generation
+        restarts = (state / "restarts").read_text().split()
+        assert restarts == ["kimi-engine@0.service"]
+        assert "restarting: it stopped generating after admission" in outputs[-1]
+        # After the restart the engine must be admitted again before anything else happens to it.
+        again = run_watchdog()
+        assert (state / "restarts").read_text().split() == ["kimi-engine@0.service"]
+        assert _ready(root) is None and "admitted" not in again.stderr
+
+
+def test_the_loopback_listener_still_needs_the_key(tmp_path):
+    with node(tmp_path, "good") as (root, run_watchdog, state, facts):
+        local = facts["local_proxy"]
+        without = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{local}/v1/models"],
+                                 capture_output=True, text=True)
+        assert without.stdout == "401"
+        key_file = root / SecretsSource("files").api_key_file.lstrip("/")
+        assert probe(local, facts["model"], str(PROBE_TIMEOUT), str(key_file)).returncode == 0
+        wrong = tmp_path / "wrong-key"
+        wrong.write_text("not-the-key-0123456789")
+        result = probe(local, facts["model"], str(PROBE_TIMEOUT), str(wrong))
+        assert result.returncode == 1 and "HTTP 401" in result.stderr
+
+
+def test_probe_usage_error():
+    result = probe("http://127.0.0.1:1")
+    assert result.returncode == 2 and "usage:" in result.stderr
+    assert sys.executable  # the probe runs with the system python3, as on a node
