@@ -2,8 +2,9 @@
 
 The stack's VPC and subnets (or the region's default VPC, restricted to the availability zones
 that sell the instance type), and one security group: 443 and 80 (ACME) from the world, SSH only
-from the stack's allowlist (none by default). The engine ports and metrics are never opened: the
-engines listen on 127.0.0.1 behind Caddy.
+from the stack's allowlist (none by default), and on a fleet the ready listener from the VPC (the
+NLB's health check). The engine ports and metrics are never opened: the engines listen on
+127.0.0.1 behind Caddy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pulumi
 import pulumi_aws as aws
 
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
+from kimi_fleet.node_files import READY_PORT, behind_load_balancer
 from kimi_fleet.resolve import Resolved
 
 WORLD_V4 = "0.0.0.0/0"
@@ -34,6 +36,7 @@ class AwsNetwork(pulumi.ComponentResource):
     #: The zone of the first subnet: a single node and its EBS volume go there.
     availability_zone: pulumi.Output[str]
     security_group_id: pulumi.Output[str]
+    vpc_cidr: pulumi.Output[str]
 
     def __init__(self, name: str, args: AwsNetworkArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:AwsNetwork", name, None, opts)
@@ -46,6 +49,7 @@ class AwsNetwork(pulumi.ComponentResource):
             first = aws.ec2.get_subnet_output(id=target.subnet_ids[0], opts=invoke)
             self.vpc_id = pulumi.Output.from_input(target.vpc_id) if target.vpc_id else first.vpc_id
             self.availability_zone = first.availability_zone
+            self.vpc_cidr = aws.ec2.get_vpc_output(id=self.vpc_id, opts=invoke).cidr_block
         else:
             vpc = aws.ec2.get_vpc_output(id=target.vpc_id, default=None if target.vpc_id else True, opts=invoke)
             # GPU instance types are sold in a few zones only: keep the subnets of those zones.
@@ -69,6 +73,7 @@ class AwsNetwork(pulumi.ComponentResource):
                 opts=invoke,
             )
             self.vpc_id = vpc.id
+            self.vpc_cidr = vpc.cidr_block
             self.subnet_ids = subnets.ids.apply(lambda ids: _require(ids, instance_type, target.region))
             self.availability_zone = zones.apply(lambda zs: zs[0])
 
@@ -79,6 +84,13 @@ class AwsNetwork(pulumi.ComponentResource):
                                              cidr_blocks=[WORLD_V4], ipv6_cidr_blocks=[WORLD_V6])
             for port, why in PUBLIC_PORTS
         ]
+        if behind_load_balancer(args.resolved):
+            # The NLB's health checks come from its private addresses in the VPC.
+            ingress.append(aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp", from_port=READY_PORT, to_port=READY_PORT,
+                description="load balancer health check (the node's ready listener), VPC only",
+                cidr_blocks=[self.vpc_cidr],
+            ))
         if target.ssh_allowlist:
             ingress.append(aws.ec2.SecurityGroupIngressArgs(
                 protocol="tcp", from_port=22, to_port=22, description="SSH from the stack's allowlist",

@@ -2,6 +2,7 @@
 
 A Network Load Balancer passes TCP 443 and 80 through to the nodes: Caddy on each node still
 terminates TLS and checks the key, so nothing about auth changes between one node and a fleet.
+It routes to a node only while the node's ready listener says its watchdog admitted it.
 Per-node Elastic IPs cannot follow instances the Auto Scaling group replaces; the NLB can.
 """
 
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, READY_PATH
+from kimi_fleet.node_files import READY_PORT
 
 PASSTHROUGH_PORTS = (HTTPS_PORT, HTTP_PORT)
 #: A replaced spot node drains quickly: its in-flight streams are lost anyway.
 DEREGISTRATION_DELAY_SECONDS = 30
+HEALTH_CHECK_INTERVAL_SECONDS = 10
 
 
 @dataclass
@@ -53,8 +56,12 @@ class FleetLoadBalancer(pulumi.ComponentResource):
                 target_type="instance",
                 vpc_id=args.vpc_id,
                 deregistration_delay=DEREGISTRATION_DELAY_SECONDS,
-                # The engine needs the key, so the NLB can only see that Caddy answers.
-                health_check=aws.lb.TargetGroupHealthCheckArgs(protocol="TCP", port=str(port)),
+                # Healthy only once the node's watchdog admitted it by real generations through its
+                # own Caddy (the ready listener answers 503 before, and after a failure).
+                health_check=aws.lb.TargetGroupHealthCheckArgs(
+                    protocol="HTTP", port=str(READY_PORT), path=READY_PATH, matcher="200",
+                    interval=HEALTH_CHECK_INTERVAL_SECONDS, healthy_threshold=2, unhealthy_threshold=2,
+                ),
                 tags=args.tags,
                 opts=child,
             )

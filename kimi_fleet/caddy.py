@@ -32,6 +32,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
 # the API key out of the environment (into the ACME account, a log). The spec's Email shape.
 _EMAIL = re.compile(EMAIL_PATTERN)
+#: A load balancer's health check path (see `ready_port`).
+READY_PATH = "/kimi-fleet/ready"
 #: Which release answered: only on proxied (authenticated) answers.
 RELEASE_HEADER = "X-Kimi-Fleet-Release"
 RELEASE_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -69,6 +71,8 @@ def render_caddyfile(
     access_log: str | None = None,
     release: str | None = None,
     local_port: int | None = None,
+    ready_port: int | None = None,
+    ready_file: str | None = None,
 ) -> str:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
@@ -79,7 +83,10 @@ def render_caddyfile(
     log (a node's fail2ban reads it); None logs to stderr (a container's log). `release` is the
     release id every proxied answer carries in the RELEASE_HEADER, so a client (the gate) can tell
     which release served it. `local_port` adds a loopback-only plain-HTTP listener with the same
-    key and proxy, for the node's own checks.
+    key and proxy, for the node's own checks. `ready_port` with `ready_file` adds a plain-HTTP
+    listener for a load balancer's health check: READY_PATH answers 200 with the file (the node's
+    watchdog writes it only after real generations) and 503 while it is absent. It proxies
+    nothing and carries no key; the security group admits it from the VPC only.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -175,6 +182,27 @@ def render_caddyfile(
         # The same key and proxy on a plain-HTTP loopback listener: the node's own checks (the
         # watchdog) go through Caddy without a certificate. Never reachable from outside.
         lines += _site(f"http://127.0.0.1:{_port(local_port)}", ["bind 127.0.0.1", *site])
+    if ready_port is not None:
+        if ready_file is None or not _LOG_PATH.match(ready_file):
+            raise ValueError(f"ready_port needs an absolute ready_file, got {ready_file!r}")
+        directory, name = ready_file.rsplit("/", 1)
+        lines += _site(f"http://:{_port(ready_port)}", [
+            "@ready {",
+            f"\tpath {READY_PATH}",
+            "\tfile {",
+            f"\t\troot {directory}",
+            f"\t\ttry_files /{name}",
+            "\t}",
+            "}",
+            "handle @ready {",
+            f"\troot * {directory}",
+            f"\trewrite * /{name}",
+            "\tfile_server",
+            "}",
+            "handle {",
+            '\trespond "not ready" 503',
+            "}",
+        ])
     return "\n".join(lines) + "\n"
 
 

@@ -113,6 +113,10 @@ GENERATION_PROBE = f"{LIB_DIR}/{GENERATION_PROBE_SCRIPT}"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
 #: Caddy's loopback-only plain-HTTP listener for the node's own checks (outside the engine port ranges).
 LOCAL_PROXY_PORT = 9180
+#: Written by the watchdog (the release id) only when the node generates through its own Caddy.
+READY_FILE = "/run/kimi-fleet/ready"
+#: A fleet node's health-check listener for its load balancer (caddy.READY_PATH; VPC only).
+READY_PORT = 9181
 #: Every WATCHDOG_INTERVAL_SECONDS one tiny generation per engine; an admitted engine that fails
 #: WATCHDOG_FAILURES in a row is restarted.
 WATCHDOG_INTERVAL_SECONDS = 30
@@ -728,10 +732,16 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "expected_seconds": {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds},
         "log": "/var/log/kimi-fleet/bootstrap.log",
         "local_proxy": f"http://127.0.0.1:{LOCAL_PROXY_PORT}",
+        "ready_file": READY_FILE,
         "watchdog": {"interval_seconds": WATCHDOG_INTERVAL_SECONDS, "failures": WATCHDOG_FAILURES,
                      "probe_timeout_seconds": WATCHDOG_PROBE_TIMEOUT_SECONDS},
     }
     return json.dumps(facts, indent=2) + "\n"
+
+
+def behind_load_balancer(r: Resolved) -> bool:
+    """An AWS fleet: its NLB routes only to nodes whose ready listener says the watchdog admitted them."""
+    return r.spec.target.kind == "aws" and r.spec.capacity.replicas > 1
 
 
 def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:
@@ -739,6 +749,8 @@ def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = N
     http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
                "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, **listener}
+    if behind_load_balancer(r):
+        options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
     return render_caddyfile(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
         release=release, **options,

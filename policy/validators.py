@@ -364,6 +364,11 @@ _AUTH_MATCHER_BLOCK_BODY = re.compile(
 _RESPOND_401 = re.compile(r"^\s*respond\s+@(?P<name>[A-Za-z0-9_-]+)\b.*\s401\s*$")
 _SERVING = ("reverse_proxy", "file_server", "php_fastcgi", "metrics", "respond", "templates")
 _BYPASS_BLOCKS = ("handle", "handle_path", "route")
+_UPSTREAM_DIRECTIVES = ("reverse_proxy", "php_fastcgi", "metrics", "templates")
+#: `rewrite * /ready`: whatever the request, one named file of the site's root.
+_ONE_FILE_REWRITE = re.compile(r"^rewrite \* /[A-Za-z0-9._-]+$")
+#: ...from a runtime directory (the watchdog's ready file), never from configuration or data.
+_RUNTIME_ROOT = re.compile(r"^root (\* )?/run/[A-Za-z0-9._/-]+$")
 _LOCAL_HOSTS = ("localhost",)
 
 
@@ -453,6 +458,23 @@ def _block_body(body: list[_Line], index: int) -> list[_Line]:
     return inner
 
 
+def _serves_one_file_only(body: list[_Line]) -> bool:
+    """A site that proxies nothing, whose root is a runtime directory under /run and whose every
+    file_server follows `rewrite * /<file>` in its block (a load balancer's ready listener): it
+    can reveal one runtime file, never the engine or the configuration."""
+    if any(line.text.split()[0] in _UPSTREAM_DIRECTIVES for line in body):
+        return False
+    if any(line.text.split()[0] == "root" and not _RUNTIME_ROOT.match(line.text) for line in body):
+        return False
+    for index, line in enumerate(body):
+        if line.text.split()[0] != "file_server":
+            continue
+        siblings = [earlier for earlier in body[:index] if earlier.depth == line.depth and earlier.path == line.path]
+        if not any(_ONE_FILE_REWRITE.match(sibling.text) for sibling in siblings):
+            return False
+    return True
+
+
 def _check_site(label: str, body: list[_Line], allowed: list[str]) -> list[str]:
     messages: list[str] = []
     top = [(i, line) for i, line in enumerate(body) if line.depth == 1]
@@ -472,8 +494,8 @@ def _check_site(label: str, body: list[_Line], allowed: list[str]) -> list[str]:
         return bool(match) and match.group("name") in matchers
 
     serving = [line for line in body if line.text.split()[0] in _SERVING and not rejects(line)]
-    if not serving:
-        return []  # e.g. a site that only redirects
+    if not serving or _serves_one_file_only(body):
+        return []  # e.g. a site that only redirects, or answers a health check from one file
     if not any(rejects(line) for _, line in top):
         messages.append(
             f"site {label!r}: no `@name not header Authorization \"Bearer {{env.VAR}}\"` matcher "

@@ -100,10 +100,15 @@ def test_children_are_parented_and_tagged(stack_run):
 
 
 def test_security_group_opens_only_https_and_acme(stack_run):
-    _, run = stack_run
+    stack, run = stack_run
     (group,) = run.of_type(SG)
     ingress = group["inputs"]["ingress"]
-    assert sorted((rule["fromPort"], rule["toPort"]) for rule in ingress) == [(80, 80), (443, 443)]
+    public = [rule for rule in ingress if "0.0.0.0/0" in rule.get("cidrBlocks", [])]
+    assert sorted((rule["fromPort"], rule["toPort"]) for rule in public) == [(80, 80), (443, 443)]
+    # A fleet's nodes also answer their NLB's health check on the ready listener, from the VPC only.
+    private = [rule for rule in ingress if rule not in public]
+    fleet = resolved(stack).spec.capacity.replicas > 1
+    assert [(r["fromPort"], r["cidrBlocks"]) for r in private] == ([(9181, ["172.31.0.0/16"])] if fleet else [])
     for rule in ingress:
         assert rule["protocol"] == "tcp"
         for ports in ENGINE_PORTS:
@@ -232,6 +237,12 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
     listeners = run.of_type("aws:lb/listener:Listener")
     assert sorted(listener["inputs"]["port"] for listener in listeners) == [80, 443]
     assert all(listener["inputs"]["protocol"] == "TCP" for listener in listeners)  # Caddy terminates TLS
+    # The NLB routes to a node only once its watchdog admitted it by real generations.
+    for target_group in run.of_type("aws:lb/targetGroup:TargetGroup"):
+        check = target_group["inputs"]["healthCheck"]
+        assert (check["protocol"], check["port"], check["path"], check["matcher"]) == (
+            "HTTP", "9181", "/kimi-fleet/ready", "200")
+    assert inputs["healthCheckType"] == "ELB"  # an unhealthy replica is replaced, a refresh rolls back
     assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store
     assert run.outputs["public_address"] == "kimi-nlb-123.elb.us-east-1.amazonaws.com"
     assert "no hosted zone configured" in run.outputs["dns_record"]

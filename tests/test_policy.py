@@ -384,6 +384,43 @@ class TestHourlyCost:
         assert v.enforcement_of("hourly-cost-within-budget") == "advisory"
 
 
+# ------------------------------------------------------------------ keyless ready listener
+READY_SITE = """
+http://:9181 {
+\t@ready {
+\t\tpath /kimi-fleet/ready
+\t\tfile {
+\t\t\troot /run/kimi-fleet
+\t\t\ttry_files /ready
+\t\t}
+\t}
+\thandle @ready {
+\t\troot * /run/kimi-fleet
+\t\trewrite * /ready
+\t\tfile_server
+\t}
+\thandle {
+\t\trespond "not ready" 503
+\t}
+}
+"""
+
+
+@pytest.mark.parametrize("edit, allowed", [
+    (lambda site: site, True),
+    (lambda site: site.replace("\t\trewrite * /ready\n", ""), False),  # would serve the whole directory
+    (lambda site: site.replace("root * /run/kimi-fleet", "root * /etc"), False),
+    (lambda site: site.replace("\t\tfile_server\n", "\t\treverse_proxy 127.0.0.1:8000\n"), False),
+])
+def test_a_keyless_site_may_only_serve_one_runtime_file(edit, allowed):
+    from kimi_fleet.caddy import render_caddyfile
+
+    caddyfile = render_caddyfile("kimi.example.com", ["127.0.0.1:8000"], "/health") + edit(READY_SITE)
+    messages = v.validate_proxy_requires_key(v.AUTH_PROXY, {"caddyfile": caddyfile,
+                                                           "allowedUpstreams": ["127.0.0.1:8000"]})
+    assert (messages == []) is allowed, messages
+
+
 # ------------------------------------------------------------------ changes-reach-nodes
 class TestChangesReachNodes:
     def test_instance_on_latest_violates_and_a_version_number_passes(self):

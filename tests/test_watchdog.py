@@ -159,3 +159,34 @@ def test_probe_usage_error():
     result = probe("http://127.0.0.1:1")
     assert result.returncode == 2 and "usage:" in result.stderr
     assert sys.executable  # the probe runs with the system python3, as on a node
+
+
+def test_a_fleet_node_tells_its_load_balancer_only_what_the_watchdog_wrote(tmp_path):
+    """The NLB's health check (HTTP on the ready port, no key) against the fleet node's Caddyfile."""
+    r = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
+    assert node_files.behind_load_balancer(r)
+    ready_file, ready_port = tmp_path / "run" / "ready", free_port()
+    ready_file.parent.mkdir()
+    caddyfile = render_caddyfile_for(r, render_launch(r), domain="localhost", tls="internal", acme_email=None,
+                                     https_port=free_port(), http_port=free_port(), bind_host="127.0.0.1",
+                                     local_port=free_port(), access_log=str(tmp_path / "access.log"),
+                                     ready_port=ready_port, ready_file=str(ready_file))
+    assert f"http://:{ready_port} {{" in caddyfile
+
+    def check(path: str = "/kimi-fleet/ready") -> tuple[str, str]:
+        result = subprocess.run(["curl", "-s", "-w", " %{http_code}", f"http://127.0.0.1:{ready_port}{path}"],
+                                capture_output=True, text=True)
+        body, _, code = result.stdout.rpartition(" ")
+        return code, body
+
+    with start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}):
+        assert check() == ("503", "not ready")
+        ready_file.write_text("0123456789abcdef\n")
+        assert check() == ("200", "0123456789abcdef\n")
+        # Nothing else is served there: not the directory, not the engine.
+        assert check("/ready")[0] == "503" and check("/v1/models")[0] == "503"
+        ready_file.unlink()
+        assert check()[0] == "503"
+    # A single node has no load balancer: no ready listener, nothing more to open.
+    single = Resolved(load_stack_config(stack_file("h200-int4-sglang")).spec())
+    assert "kimi-fleet/ready" not in render_caddyfile_for(single, render_launch(single))

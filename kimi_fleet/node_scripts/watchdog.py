@@ -8,8 +8,9 @@ Each run, per engine: one tiny generation straight to the engine (generation_pro
 - An admitted engine that fails `failures` probes in a row is restarted (an HTTP-200 /health
   with a dead scheduler is exactly this case).
 The node is *ready* when every engine is admitted and the node's own Caddy, on its loopback
-listener, refuses a request without the key and generates with it: then READY holds the release
-id; otherwise READY is removed. Whatever routes traffic reads READY (the gate reads the release).
+listener, refuses a request without the key and generates with it: then the ready file
+(stack.json's ready_file, world-readable: Caddy serves it to a load balancer's health check)
+holds the release id; otherwise it is removed.
 
 Paths are under $KIMI_ROOT when it is set (tests); systemctl is whatever is first on PATH.
 """
@@ -33,7 +34,6 @@ STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
 RELEASE = ROOT / "etc/kimi-fleet/release"
 NODE_ENV = ROOT / "etc/kimi-fleet/node.env"
 STATE_DIR = ROOT / "run/kimi-fleet/watchdog"
-READY = ROOT / "run/kimi-fleet/ready"
 LOG = ROOT / "var/log/kimi-fleet/watchdog.log"
 
 
@@ -114,14 +114,16 @@ def main() -> int:
         else:
             log(f"local proxy {local}: {failure or 'answers without the key'}")
     release = RELEASE.read_text().strip()
+    ready_file = ROOT / stack["ready_file"].lstrip("/")
     if ready:
-        if not READY.exists() or READY.read_text().strip() != release:
+        if not ready_file.exists() or ready_file.read_text().strip() != release:
             log(f"node ready: release {release}")
-        READY.parent.mkdir(parents=True, exist_ok=True)
-        READY.write_text(release + "\n")
-    elif READY.exists():
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.write_text(release + "\n")
+        ready_file.chmod(0o644)
+    elif ready_file.exists():
         log("node not ready")
-        READY.unlink()
+        ready_file.unlink()
     return 0
 
 
