@@ -230,3 +230,44 @@ def deploy_time_secrets(target: dict) -> tuple[str, ...]:
     if target.get("kind") == "host" and not (target.get("host") or {}).get("startupScriptOnly"):
         return ("sshHost", "sshPrivateKey")
     return ()
+
+
+# --- the published schema of a stack file --------------------------------------------------------
+
+SCHEMA_FILE = STACKS_DIR / "schema.json"
+#: The first line of every stack file: editors with the YAML language server complete and check it.
+SCHEMA_HEADER = "# yaml-language-server: $schema=./schema.json"
+
+
+def stack_file_schema() -> dict:
+    """JSON Schema of a Pulumi stack file for this program, from StackSpec (written to
+    stacks/schema.json by scripts/stack_schema.py). It checks shapes, names, enums and bounds as
+    an editor can; the program's own validation (cross-field rules, hardware) still has the last word."""
+    spec = StackSpec.model_json_schema(by_alias=True, mode="validation")
+    definitions = spec.pop("$defs", {})
+    fields = {name: field for name, field in spec["properties"].items() if name != "stack"}
+    properties = {f"{CONFIG_NAMESPACE}:{name}": field for name, field in fields.items()}
+    secure = {"type": "object", "description": "a secret: set it with `pulumi config set --secret`",
+              "properties": {"secure": {"type": "string"}}, "required": ["secure"], "additionalProperties": False}
+    properties.update({f"{CONFIG_NAMESPACE}:{name}": secure for name in SECRET_KEYS})
+    config = {
+        "type": "object",
+        "properties": properties,
+        "required": [f"{CONFIG_NAMESPACE}:{name}" for name in spec.get("required", []) if name != "stack"],
+        # The providers' own settings (aws:region, ...) are theirs to check.
+        "patternProperties": {f"^{namespace}:": {} for namespace in KNOWN_NAMESPACES if namespace != CONFIG_NAMESPACE},
+        "additionalProperties": False,
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "kimi-fleet stack file (stacks/Pulumi.<stack>.yaml)",
+        "type": "object",
+        "properties": {"config": config, **{key: {} for key in STACK_FILE_KEYS if key != "config"}},
+        "required": ["config"],
+        "additionalProperties": False,
+        "$defs": definitions,
+    }
+
+
+def render_stack_file_schema() -> str:
+    return json.dumps(stack_file_schema(), indent=2) + "\n"
