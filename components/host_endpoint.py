@@ -78,12 +78,11 @@ class HostEndpoint(pulumi.ComponentResource):
         host_spec = r.spec.target.host
         child = pulumi.ResourceOptions(parent=self)
 
+        release = node_files.node_release(r, launch, sizing)
         self.proxy = AuthProxy(
             f"{name}-proxy",
-            AuthProxyArgs(
-                caddyfile=node_files.render_caddyfile_for(r, launch, release=node_files.node_release(r, launch, sizing)),
-                allowed_upstreams=launch.upstreams,
-            ),
+            AuthProxyArgs(caddyfile=node_files.render_caddyfile_for(r, launch, release=release),
+                          allowed_upstreams=launch.upstreams),
             child,
         )
         if host_spec.startup_script_only:

@@ -111,8 +111,9 @@ RESERVED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"
 
 
 class Spec(BaseModel):
+    # Field docstrings become the descriptions in stacks/schema.json (what an editor shows).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
-                              allow_inf_nan=False, str_max_length=4096)
+                              allow_inf_nan=False, str_max_length=4096, use_attribute_docstrings=True)
 
 
 def image_is_pinned(image: str) -> bool:
@@ -151,19 +152,26 @@ class ModelSpec(Spec):
 
 class EngineSpec(Spec):
     name: Literal["vllm", "sglang"]
+    """the inference engine: vllm or sglang."""
     image: str | None = Field(None, description="pinned image tag; default from the catalog")
     memory_fraction: Annotated[float, Field(gt=0.3, le=0.98)] | None = Field(
         None, description="SGLang --mem-fraction-static / vLLM --gpu-memory-utilization"
     )
     max_num_batched_tokens: Annotated[int, Field(ge=256, le=1_048_576)] | None = None
+    """vLLM --max-num-batched-tokens / SGLang --chunked-prefill-size: tokens prefilled per step."""
     moe_backend: Literal["auto", "marlin", "triton", "cutlass", "flashinfer_cutlass", "flashinfer_trtllm"] | None = Field(
         None, description="vLLM --moe-backend (NVFP4 on sm_120: marlin)")
     language_model_only: bool = False
+    """serve text only: no vision encoder (frees its memory; the vision check is skipped)."""
     mm_encoder_tp_mode: Literal["data", "weights"] | None = None
+    """vLLM --mm-encoder-tp-mode: data (vision encoder replicated per rank) or weights (sharded)."""
     speculative: Literal["off", "eagle3"] = Field("off", description="EAGLE3 measured harmful for K2.6 (seed 004)")
     speculative_draft_repo: HfRepo | None = None
+    """Hugging Face repo of the EAGLE3 draft model (with speculative: eagle3)."""
     extra_args: tuple[str, ...] = Field((), max_length=64)
+    """more engine flags, one argument per item (flags the program manages are refused)."""
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=64)
+    """extra environment for the engine container: NAME: value."""
 
     @field_validator("image")
     @classmethod
@@ -189,23 +197,35 @@ class EngineSpec(Spec):
 
 class ParallelismSpec(Spec):
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] | None = None
+    """ranks that split each layer; default: every accelerator of the engine."""
     data_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    """SGLang --dp-size: attention replicas inside one engine."""
     dp_attention: bool = False
+    """SGLang --enable-dp-attention: split the latent KV across DP ranks instead of replicating it."""
     expert_parallel: bool = False
+    """spread the MoE experts across ranks (--enable-expert-parallel / --ep-size)."""
     decode_context_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    """vLLM --decode-context-parallel-size: split the KV cache across TP ranks."""
     engines_per_node: Annotated[int, Field(ge=1, le=16)] | None = None
+    """independent engines on one node, each on its share of the accelerators."""
 
 
 class WeightsSpec(Spec):
     source: Literal["huggingface", "s3-mirror"] = "huggingface"
+    """where nodes fetch the checkpoint: the Hugging Face Hub or an S3 mirror."""
     s3_mirror_uri: S3Uri | None = Field(None, description="s3://bucket/prefix holding <repo>/<revision>/")
     download_gbps: Annotated[float, Field(ge=0.1, le=800)] | None = None
+    """expected download rate (Gbit/s) for the time-to-ready estimate; default: the offer's."""
     volume: Literal["instance-store", "ebs", "host-path", "pvc"] | None = None
+    """where the weights live: instance-store (erased on stop), ebs (survives a node), host-path or pvc."""
     ebs_size_gib: Annotated[int, Field(ge=700, le=16384)] = 1000
+    """EBS weight volume size (weights: ebs)."""
     ebs_throughput_mibps: Annotated[int, Field(ge=125, le=catalog.EBS_GP3_MAX_THROUGHPUT_MIBPS)] = (
         catalog.EBS_GP3_MAX_THROUGHPUT_MIBPS
     )
+    """EBS gp3 throughput, MiB/s: the cold-load read rate."""
     host_path: HostPath = "/data/kimi-fleet/weights"
+    """directory on the node that holds the weights (under an allowed root such as /data)."""
 
     @model_validator(mode="after")
     def _mirror_needs_uri(self) -> "WeightsSpec":
@@ -232,30 +252,48 @@ SshCidr = Annotated[str, Field(max_length=64), AfterValidator(_ssh_cidr)]
 
 class AwsTarget(Spec):
     region: AwsRegion = "us-east-1"
+    """AWS region, e.g. us-east-1."""
     instance_type: InstanceType | None = Field(None, description="default: the catalog's offer for the accelerator")
     availability_zones: tuple[AvailabilityZone, ...] = Field((), max_length=16)
+    """restrict the node(s) to these zones; default: every zone that sells the instance type."""
     subnet_ids: tuple[SubnetId, ...] = Field((), max_length=16)
+    """subnets for the node(s); default: the default VPC's subnets in the chosen zones."""
     vpc_id: VpcId | None = None
+    """VPC of subnetIds; default: the default VPC."""
     hosted_zone_id: HostedZoneId | None = None
+    """Route 53 zone for the domain's record; without it the plan says what record to create."""
     ssh_allowlist: tuple[SshCidr, ...] = Field((), max_length=32)
+    """CIDRs that may reach SSH (port 22); none by default."""
     key_name: KeyPairName | None = None
+    """EC2 key pair for SSH."""
     root_volume_gib: Annotated[int, Field(ge=100, le=16384)] = 200
+    """root EBS volume size (engine images are 10-30 GB)."""
     ssm_prefix: SsmPath | None = Field(None, description="SSM Parameter Store prefix for secrets; default /kimi-fleet/<stack>")
 
 
 
 class KubernetesTarget(Spec):
     namespace: DnsLabel = "kimi-fleet"
+    """the stack's own namespace (not a system one such as kube-system)."""
     kubeconfig_context: ContextName | None = None
+    """kubeconfig context to deploy to; default: the current one."""
     gpu_claim: Literal["dra", "extended-resource"] = "extended-resource"
+    """how pods get accelerators: dra (ResourceClaimTemplate) or extended-resource (nvidia.com/gpu, amd.com/gpu)."""
     device_class: DnsSubdomain = "gpu.nvidia.com"
+    """DRA DeviceClass of the accelerators (gpuClaim: dra)."""
     storage_class: DnsSubdomain | None = Field(None, description="local-NVMe storage class for the weights PVC")
     capacity_type_label: LabelKey = "karpenter.sh/capacity-type"
+    """node label that says on-demand or spot (Karpenter's by default)."""
     node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16)
+    """more node labels the engine pods require."""
     external_dns: bool = False
+    """annotate the proxy Service for external-dns to create the domain's record."""
     proxy_service_type: Literal["LoadBalancer", "NodePort", "ClusterIP"] = "LoadBalancer"
+    """how the proxy is exposed: LoadBalancer (ACME certificate), NodePort or ClusterIP (internal TLS)."""
     pod_memory_gib: Annotated[int, Field(ge=16, le=4096)] = 256
+    """memory request and limit of an engine pod."""
     pod_cpus: Annotated[int, Field(ge=2, le=512)] = 32
+    """CPU request of an engine pod (no CPU limit: the weight load is CPU-bound)."""
 
     @field_validator("namespace")
     @classmethod
@@ -268,12 +306,16 @@ class KubernetesTarget(Spec):
 class HostTarget(Spec):
     address: HostAddress | None = Field(None, description="default: secret config kimi-fleet:sshHost")
     user: UnixUser = "ubuntu"
+    """SSH user with sudo."""
     port: Annotated[int, Field(ge=1, le=65535)] = 22
+    """SSH port."""
     hosted_zone_id: str | None = None
+    """Route 53 zone for the domain's record pointing at the host."""
     startup_script_only: bool = Field(False, description="a GPU cloud that only accepts a startup script (seed 000)")
     firewall: bool = Field(False, description="opt-in nftables rule set the bootstrap applies: 80/443 from anywhere, "
                                               "SSH only from sshAllowlist, everything else dropped")
     ssh_allowlist: tuple[SshCidr, ...] = Field((), max_length=32)
+    """CIDRs the opt-in firewall admits to SSH (include the address you run pulumi up from)."""
 
     @model_validator(mode="after")
     def _firewall_keeps_ssh_reachable(self) -> "HostTarget":
@@ -287,9 +329,13 @@ class HostTarget(Spec):
 
 class TargetSpec(Spec):
     kind: Literal["aws", "kubernetes", "host"]
+    """where the stack runs: aws, kubernetes or host (a machine you have, or a startup-script cloud)."""
     aws: AwsTarget | None = None
+    """AWS settings (kind: aws)."""
     kubernetes: KubernetesTarget | None = None
+    """cluster settings (kind: kubernetes)."""
     host: HostTarget | None = None
+    """existing machine settings (kind: host)."""
 
     @model_validator(mode="after")
     def _settings_for_kind(self) -> "TargetSpec":
@@ -304,12 +350,16 @@ class TargetSpec(Spec):
 
 class CapacitySpec(Spec):
     workload: Literal["interactive", "batch"] = "interactive"
+    """interactive (keeps on-demand capacity) or batch (spot by default)."""
     market: Literal["on-demand", "spot", "capacity-block"] | None = Field(
         None, description="override; default on-demand for interactive, spot for batch"
     )
     replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    """nodes (AWS) or engine pods (Kubernetes) serving the endpoint."""
     on_demand_base: Annotated[int, Field(ge=0)] | None = None
+    """replicas kept on on-demand under spot; default 1 for interactive, 0 for batch."""
     max_spot_price_usd: Annotated[float, Field(gt=0, le=1000)] | None = None
+    """spot price ceiling per node-hour, USD."""
     capacity_reservation_id: ReservationId | None = Field(None, description="Capacity Block reservation (cr-...)")
     rollout: Literal["one-at-a-time", "surge"] = Field(
         "one-at-a-time",
@@ -352,31 +402,51 @@ class CapacitySpec(Spec):
 
 class VerificationSpec(Spec):
     enabled: bool = True
+    """run the verification gate after every deploy (a failed check fails pulumi up)."""
     checks: tuple[
         Literal["auth", "models", "health", "thinking", "instant", "tool_call", "vision", "streaming", "context", "tls"], ...
     ] = ()
+    """run only these checks; default: all."""
     load: Annotated[int, Field(ge=0, le=1024)] = 0
+    """also run this many concurrent streams and report throughput."""
     timeout_seconds: Annotated[int, Field(ge=30, le=7200)] = 600
+    """seconds per request of the gate."""
 
 
 class StackSpec(Spec):
     stack: DnsLabel = Field(description="the stack name (filled from the file name)")
     description: Description = ""
+    """free prose about the stack (single-line text, no control characters)."""
     model: ModelSpec = ModelSpec()
+    """which checkpoint and the name clients use."""
     accelerator: str
+    """accelerator kind from the catalog, e.g. h200, b200, mi300x, rtxpro6000."""
     accelerator_count: Annotated[int, Field(ge=1, le=64)] = 8
+    """accelerators per node."""
     checkpoint: Literal["int4", "nvfp4", "w4a8"] = "int4"
+    """quantization: int4 (official), nvfp4 (Blackwell only) or w4a8 (Ascend)."""
     engine: EngineSpec
+    """the inference engine and its settings."""
     context_length: Annotated[int, Field(ge=1024)] = catalog.KIMI_K26.max_context_tokens
+    """longest sequence the stack promises (tokens, up to the model's 262,144)."""
     kv_cache_dtype: Literal["auto", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None
+    """KV cache precision; default: the engine's (auto = the model's, bf16)."""
     parallelism: ParallelismSpec = ParallelismSpec()
+    """how an engine spreads over the accelerators."""
     weights: WeightsSpec = WeightsSpec()
+    """where the checkpoint comes from and where it lives."""
     target: TargetSpec
+    """where the stack runs."""
     capacity: CapacitySpec = CapacitySpec()
+    """replicas, market (on-demand, spot, capacity block) and rollout."""
     domain: str
+    """DNS name of the endpoint (Caddy obtains its certificate)."""
     acme_email: Email | None = None
+    """contact address for the ACME account (certificate expiry notices)."""
     verification: VerificationSpec = VerificationSpec()
+    """the post-deploy verification gate."""
     budget_per_hour_usd: Annotated[float, Field(ge=1, le=10_000)] | None = None
+    """hourly budget: the policy pack warns when the estimate exceeds it."""
 
     @field_validator("accelerator")
     @classmethod

@@ -248,10 +248,12 @@ def stack_file_schema() -> dict:
     fields = {name: field for name, field in spec["properties"].items() if name != "stack"}
     properties = {f"{CONFIG_NAMESPACE}:{name}": field for name, field in fields.items()}
     secure = {"type": "object", "description": "a secret: set it with `pulumi config set --secret`",
-              "properties": {"secure": {"type": "string"}}, "required": ["secure"], "additionalProperties": False}
+              "properties": {"secure": {"type": "string", "description": "ciphertext written by the Pulumi CLI"}},
+              "required": ["secure"], "additionalProperties": False}
     properties.update({f"{CONFIG_NAMESPACE}:{name}": secure for name in SECRET_KEYS})
     config = {
         "type": "object",
+        "description": "the stack's settings: kimi-fleet:<field>, and the providers' own (aws:region, ...)",
         "properties": properties,
         "required": [f"{CONFIG_NAMESPACE}:{name}" for name in spec.get("required", []) if name != "stack"],
         # The providers' own settings (aws:region, ...) are theirs to check.
@@ -262,7 +264,8 @@ def stack_file_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "kimi-fleet stack file (stacks/Pulumi.<stack>.yaml)",
         "type": "object",
-        "properties": {"config": config, **{key: {} for key in STACK_FILE_KEYS if key != "config"}},
+        "properties": {"config": config, **{key: {"description": "written by the Pulumi CLI"}
+                                            for key in STACK_FILE_KEYS if key != "config"}},
         "required": ["config"],
         "additionalProperties": False,
         "$defs": definitions,

@@ -57,3 +57,22 @@ def test_provider_settings_are_left_to_the_providers(validator):
     document = yaml.safe_load(stack_file("h200-int4-sglang").read_text())
     document["config"]["aws:region"] = "eu-west-1"
     assert list(validator.iter_errors(document)) == []
+
+
+def test_every_property_is_described():
+    """What an editor shows on hover: every field says what it is for."""
+    undescribed = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for name, value in (node.get("properties") or {}).items():
+                if isinstance(value, dict) and not value.get("description"):
+                    undescribed.append(f"{path}.{name}")
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, path)
+
+    walk(json.loads(SCHEMA_FILE.read_text()), "")
+    assert undescribed == []
