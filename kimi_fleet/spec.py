@@ -21,10 +21,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kimi_fleet import catalog
+from kimi_fleet.pinning import image_is_pinned  # noqa: F401  (one predicate with the policy pack)
 
 CONFIG_NAMESPACE = "kimi-fleet"
 REVISION_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-UNPINNED_TAGS = frozenset({"latest", "nightly", "main", "dev", "edge", "stable"})
 DOMAIN_PATTERN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 SERVED_NAME_PATTERN = re.compile(r"^(?=.{1,128}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
@@ -114,16 +114,6 @@ class Spec(BaseModel):
     # Field docstrings become the descriptions in stacks/schema.json (what an editor shows).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
                               allow_inf_nan=False, str_max_length=4096, use_attribute_docstrings=True)
-
-
-def image_is_pinned(image: str) -> bool:
-    """A tag that names a release (not latest/nightly), or a digest."""
-    if "@sha256:" in image:
-        return bool(re.search(r"@sha256:[0-9a-f]{64}$", image))
-    name, _, tag = image.rpartition(":")
-    if not name or "/" in tag:  # no tag at all ("repo/img") or a registry port ("host:5000/img")
-        return False
-    return tag.lower() not in UNPINNED_TAGS and not tag.lower().startswith("nightly")
 
 
 class ModelSpec(Spec):

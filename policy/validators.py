@@ -23,8 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import importlib.util
 import ipaddress
+import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -567,26 +570,23 @@ def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]
 # --------------------------------------------------------------------------------------------
 # pinned-images-and-revision
 # --------------------------------------------------------------------------------------------
-FLOATING_TAGS = frozenset({"latest", "nightly", "main", "master", "dev", "edge"})
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
 
 
-def image_problem(image: Any) -> str | None:
-    """None when `image` is pinned (explicit non-floating tag, or a sha256 digest)."""
-    if not isinstance(image, str) or not image.strip():
-        return "no image"
-    if "@" in image:
-        digest = image.split("@", 1)[1]
-        return None if _DIGEST.match(digest) else f"image {image!r} has a malformed digest (want @sha256:<64 hex>)"
-    last = image.rsplit("/", 1)[-1]
-    if ":" not in last:
-        return f"image {image!r} has no tag (it means :latest): pin a release tag or a @sha256: digest"
-    tag = last.split(":", 1)[1]
-    if not tag or tag.lower() in FLOATING_TAGS:
-        return (f"image {image!r} uses the floating tag {tag!r} (nightly/latest images break silently): "
-                "pin a release tag or a @sha256: digest")
-    return None
+def _load_pinning():
+    """kimi_fleet/pinning.py, the spec's own predicate, loaded by path (the pack imports no package)."""
+    name = "kimi_fleet_policy_pinning"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "kimi_fleet", "pinning.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+image_problem = _load_pinning().image_problem
 
 
 def _pod_specs(resource_type: str, props: Mapping) -> Iterator[tuple[str, Mapping]]:

@@ -525,3 +525,31 @@ def test_policy_project_files():
     assert "pulumi-policy==1.21.0" in requirements and "pulumi==3.272.0" in requirements
     source = (ROOT / "policy" / "validators.py").read_text()
     assert "import pulumi" not in source and "from pulumi" not in source
+
+
+# ------------------------------------------------------------------ one pinning rule
+@pytest.mark.parametrize("image, pinned", [
+    ("vllm/vllm-openai:v0.22.1", True),
+    ("lmsysorg/sglang:v0.5.12.post1-cu130", True),
+    ("vllm/vllm-openai@sha256:" + "a" * 64, True),
+    ("vllm/vllm-openai:latest", False),
+    ("vllm/vllm-openai:master", False),
+    ("vllm/vllm-openai:stable", False),
+    ("vllm/vllm-openai:nightly-2026-11-30", False),
+    ("vllm/vllm-openai", False),
+    ("registry.example.com:5000/vllm-openai", False),
+    ("vllm/vllm-openai@sha256:abc", False),
+])
+def test_spec_and_policy_agree_on_pinned_images(image, pinned):
+    from pydantic import ValidationError
+
+    from kimi_fleet.spec import EngineSpec
+
+    policy = v.validate_pinned_images_and_revision(v.ENGINE_RELEASE, {"image": image, "revision": "a" * 40})
+    assert (policy == []) is pinned, policy
+    try:
+        EngineSpec(name="vllm", image=image)
+        spec_accepts = True
+    except ValidationError:
+        spec_accepts = False
+    assert spec_accepts is pinned
