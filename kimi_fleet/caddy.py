@@ -32,6 +32,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
 # the API key out of the environment (into the ACME account, a log). The spec's Email shape.
 _EMAIL = re.compile(EMAIL_PATTERN)
+#: The node's cold-start status (see `status_file`), behind the key.
+STATUS_PATH = "/kimi-fleet/status"
 #: A load balancer's health check path (see `ready_port`).
 READY_PATH = "/kimi-fleet/ready"
 #: Which release answered: only on proxied (authenticated) answers.
@@ -73,6 +75,7 @@ def render_caddyfile(
     local_port: int | None = None,
     ready_port: int | None = None,
     ready_file: str | None = None,
+    status_file: str | None = None,
 ) -> str:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
@@ -86,7 +89,8 @@ def render_caddyfile(
     key and proxy, for the node's own checks. `ready_port` with `ready_file` adds a plain-HTTP
     listener for a load balancer's health check: READY_PATH answers 200 with the file (the node's
     watchdog writes it only after real generations) and 503 while it is absent. It proxies
-    nothing and carries no key; the security group admits it from the VPC only.
+    nothing and carries no key; the security group admits it from the VPC only. `status_file`
+    (the node's cold-start status) is served at STATUS_PATH, behind the key like everything else.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -147,6 +151,7 @@ def render_caddyfile(
         f"respond @keyless `{_UNAUTHORIZED_BODY}` 401",
         f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
         "",
+        *_status_route(status_file, api_key_env),
         f"reverse_proxy {' '.join(upstreams)} {{",
         # Forward every SSE chunk as soon as the engine writes it.
         "\tflush_interval -1",
@@ -208,6 +213,27 @@ def render_caddyfile(
 
 def _site(address: str, body: list[str]) -> list[str]:
     return ["", f"{address} {{", *[f"\t{line}" if line else "" for line in body], "}"]
+
+
+def _status_route(status_file: str | None, api_key_env: str) -> list[str]:
+    """The status file at STATUS_PATH. A `handle` runs before the site's top-level `respond` in
+    Caddy's directive order, so the key check comes first inside it too."""
+    if status_file is None:
+        return []
+    if not _LOG_PATH.match(status_file):
+        raise ValueError(f"invalid status file {status_file!r}")
+    directory, name = status_file.rsplit("/", 1)
+    return [
+        f"handle {STATUS_PATH} {{",
+        f"\trespond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
+        f"\trespond @keyless `{_UNAUTHORIZED_BODY}` 401",
+        f"\troot * {directory}",
+        f"\trewrite * /{name}",
+        '\theader Content-Type "application/json"',
+        "\tfile_server",
+        "}",
+        "",
+    ]
 
 
 def _log_output(access_log: str | None) -> list[str]:

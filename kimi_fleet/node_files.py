@@ -98,7 +98,7 @@ NODE_SETTINGS_KEYS = (
     "STACK", "VENDOR", "ENGINE_COUNT", "WEIGHTS_VOLUME", "WEIGHTS_ROOT", "WEIGHTS_DIR", "EBS_VOLUME_ID",
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
-    "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE",
+    "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -110,6 +110,9 @@ NODE_SETTINGS_KEYS = (
 LIB_DIR = "/usr/local/lib/kimi-fleet"
 SETTINGS_LIBRARY = f"{LIB_DIR}/settings.sh"
 GENERATION_PROBE = f"{LIB_DIR}/{GENERATION_PROBE_SCRIPT}"
+NODE_STATUS = f"{LIB_DIR}/node_status.py"
+#: The cold start as data (phase, download progress); the proxy serves it behind the key.
+STATUS_FILE = "/run/kimi-fleet/status.json"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
 #: Caddy's loopback-only plain-HTTP listener for the node's own checks (outside the engine port ranges).
 LOCAL_PROXY_PORT = 9180
@@ -161,7 +164,8 @@ run() { log "+ $*"; "$@" >>"$LOG" 2>&1; }
 # lists to say which units a change restarts.
 FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
-WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG)
+WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
+                   NODE_STATUS)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -209,6 +213,11 @@ STATE_DIR="$ROOT/var/lib/kimi-fleet"
 live() {
   if (( LIVE )); then "$@"; else log "scratch root: skipped: $*"; fi
 }
+
+# The cold start as data for `pulumi up` to show (never fatal: it only reports).
+NODE_STATUS="$ROOT__NODE_STATUS__"
+status() { KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" phase "$1" || log "status: could not record phase $1"; }
+trap 'status failed' EXIT
 
 prepare_gpus() {
   if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
@@ -367,8 +376,14 @@ download_weights() {
   HF_CLI=""
   ensure_hf_cli
   log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
+  status download
+  mkdir -p "$ROOT$WEIGHTS_DIR"
+  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
+  local sampler=$!
   WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" \
     "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
   log "weights verified"
 }
 
@@ -421,9 +436,11 @@ mount_weights
 fetch_secrets
 download_weights
 start_services
+status loading
+trap - EXIT
 log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
 """.replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace("__ACCESS_LOG__", node_guard.ACCESS_LOG).replace(
-    "__FIREWALL_RULES__", node_guard.FIREWALL_RULES_PATH).replace(
+    "__FIREWALL_RULES__", node_guard.FIREWALL_RULES_PATH).replace("__NODE_STATUS__", NODE_STATUS).replace(
     "__FIREWALL_INPUTS__", _shell_paths(FIREWALL_UNIT_INPUTS)).replace(
     "__FAIL2BAN_INPUTS__", _shell_paths(FAIL2BAN_INPUTS)).replace(
     "__ENGINE_INPUTS__", _shell_paths(engine_unit_inputs("$i"))).replace(
@@ -706,6 +723,7 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "SSM_API_KEY_VERSION": str(secrets.api_key_version or ""),
         "API_KEY_FILE": secrets.api_key_file,
         "HF_TOKEN_FILE": secrets.hf_token_file,
+        "CHECKPOINT_BYTES": str(r.checkpoint.size_bytes),
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -748,7 +766,8 @@ def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = N
     """The stack's Caddyfile, stamping answers with `release`. `listener` (domain, tls, https_port,
     http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
-               "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, **listener}
+               "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, "status_file": STATUS_FILE,
+               **listener}
     if behind_load_balancer(r):
         options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
     return render_caddyfile(
@@ -796,6 +815,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
         NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
+        NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),

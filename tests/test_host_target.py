@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -141,11 +142,12 @@ def write_tree(root: Path, files) -> None:
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, str]]:
-    """Every path under root with its mode and content digest, except the append-only log."""
+    """Every path under root with its mode and content digest, except the append-only log and the
+    cold-start status (runtime state with timestamps, not configuration)."""
     tree = {}
     for path in sorted(root.rglob("*")):
         relative = str(path.relative_to(root))
-        if relative.startswith("var/log/"):
+        if relative.startswith("var/log/") or relative == node_files.STATUS_FILE.lstrip("/"):
             continue
         mode = stat.filemode(path.lstat().st_mode)
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
@@ -224,6 +226,8 @@ def test_next_release_restarts_only_what_changed_as_the_plan_said(edit, expected
     assert second.returncode == 0, second.stderr
     assert _restarted(second.stderr) == expected
     assert "fail2ban.service: unchanged" in second.stderr
+    status = json.loads((root / node_files.STATUS_FILE.lstrip("/")).read_text())
+    assert status["phase"] == "loading" and {"download", "loading"} <= set(status["phases"])
     release_file = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
     assert release_file == node_files.node_release(release_next, launch, size(release_next))
     assert f"header_down X-Kimi-Fleet-Release {release_file}" in (root / "etc/caddy/Caddyfile").read_text()

@@ -346,7 +346,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
     digest = {}
     for path in sorted(root.rglob("*")):
         relative = str(path.relative_to(root))
-        if relative == "var/log/kimi-fleet/bootstrap.log":
+        # The log is append-only and the cold-start status is runtime state with timestamps.
+        if relative in ("var/log/kimi-fleet/bootstrap.log", "run/kimi-fleet/status.json"):
             continue  # the log grows by design
         mode = oct(path.lstat().st_mode)
         digest[relative] = mode + (":" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")

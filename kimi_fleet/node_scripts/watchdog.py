@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_probe import probe  # noqa: E402  (shipped beside this file)
+from node_status import read as read_status, start_phase  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
@@ -121,9 +122,12 @@ def main() -> int:
         ready_file.parent.mkdir(parents=True, exist_ok=True)
         ready_file.write_text(release + "\n")
         ready_file.chmod(0o644)
+        start_phase("ready")
     elif ready_file.exists():
         log("node not ready")
         ready_file.unlink()
+        if read_status().get("phase") == "ready":
+            start_phase("loading")  # an engine is being restarted
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from kimi_fleet.caddy import RELEASE_HEADER, RELEASE_PATTERN
+from kimi_fleet.caddy import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH
 
 from .checks import CHECKS
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint
@@ -79,7 +79,7 @@ def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verif
     done only when no replica serves the old one."""
     deadline = time.monotonic() + deadline_seconds
     needed = RELEASE_CONFIRMATIONS_PER_REPLICA * replicas if release else 1
-    confirmed, last_release = 0, None
+    confirmed, last_release, shown = 0, None, None
     while True:
         try:
             response = httpx.get(f"{base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"},
@@ -95,9 +95,50 @@ def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verif
                 confirmed = 0
         except httpx.HTTPError:
             confirmed = 0
+        line = node_status_line(fetch_node_status(base_url, api_key, verify), time.time())
+        if line and line != shown:
+            print(f"verify.py: {line}", flush=True)
+            shown = line
         if time.monotonic() >= deadline:
             return Readiness(False, last_release)
         time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+
+
+def fetch_node_status(base_url: str, api_key: str, verify) -> dict | None:
+    """The node's cold-start status (the proxy serves it behind the key), or None."""
+    origin = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        response = httpx.get(f"{origin}{STATUS_PATH}", headers={"Authorization": f"Bearer {api_key}"},
+                             timeout=10, verify=verify)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+PHASE_WORDS = {"packages": "installing packages", "verify": "verifying the weights", "loading": "engines loading",
+               "ready": "ready", "failed": "bootstrap FAILED (see /var/log/kimi-fleet/bootstrap.log on the node)"}
+
+
+def node_status_line(status: dict | None, now: float) -> str | None:
+    """One line for the person watching `pulumi up`, e.g. "node: downloading 312/595 GB at
+    2.4 GB/s, about 2 min left"."""
+    if not isinstance(status, dict) or not status.get("phase"):
+        return None
+    phase = status["phase"]
+    if phase == "download":
+        progress = status.get("download") or {}
+        line = f"node: downloading {progress.get('bytes', 0) / 1e9:,.0f}/{progress.get('total_bytes', 0) / 1e9:,.0f} GB"
+        if progress.get("bytes_per_second"):
+            line += f" at {progress['bytes_per_second'] / 1e9:.1f} GB/s"
+        if progress.get("eta_seconds") is not None:
+            line += f", about {max(1, -(-int(progress['eta_seconds']) // 60))} min left"
+        return line
+    started = ((status.get("phases") or {}).get(phase) or {}).get("started")
+    elapsed = f" for {max(0, int(now - started)) // 60} min" if isinstance(started, (int, float)) else ""
+    return f"node: {PHASE_WORDS.get(phase, phase)}{elapsed}"
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

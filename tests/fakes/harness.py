@@ -212,6 +212,7 @@ class ProxiedEngine:
 def start_proxied_engine(
     mode: str = "good", engine: str = "vllm", model: str = "kimi-k2.6", *, api_key: str = "test-key-0123456789",
     chunk_delay: float = 0.02, options: tuple[str, ...] = (), release: str | None = None,
+    status_file: str | None = None,
 ) -> Iterator[ProxiedEngine]:
     """Fake engine + Caddy (`tls internal` on free loopback ports), like a stack's endpoint."""
     # Imported here so the fake-engine helpers above stay usable without the package on sys.path.
@@ -222,6 +223,7 @@ def start_proxied_engine(
         caddyfile = render_caddyfile(
             "localhost", [fake.upstream], fake.health_uri, tls="internal",
             https_port=https_port, http_port=http_port, bind_host="127.0.0.1", release=release,
+            status_file=status_file,
         )
         base_url = f"https://localhost:{https_port}/v1"
         with start_caddy(caddyfile, {"KIMI_API_KEY": api_key}, ready_url=f"{base_url}/models") as caddy:

@@ -1,0 +1,91 @@
+"""A cold start you can watch (issue 10, item 3): the node records its phases and the download's
+progress, the proxy serves them behind the key, and the gate prints them while `pulumi up` waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kimi_fleet import node_files
+from kimi_fleet.verification.cli import node_status_line
+from tests.fakes.harness import start_proxied_engine
+
+SCRIPT = Path(node_files.__file__).parent / "node_scripts" / "node_status.py"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_status(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["/usr/bin/python3", str(SCRIPT), *args], env={**os.environ, "KIMI_ROOT": str(root)},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_phases_and_download_progress_are_recorded(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    os.environ["KIMI_ROOT"] = str(tmp_path)
+    try:
+        import importlib
+
+        import node_status
+        importlib.reload(node_status)  # ROOT is read at import
+        node_status.start_phase("download", now=1000.0)
+        weights = tmp_path / "weights"
+        weights.mkdir()
+        (weights / "a.safetensors").write_bytes(b"x" * 1000)
+        first = node_status.sample_download(weights, 10_000, None, now=1000.0)
+        (weights / "b.safetensors").write_bytes(b"x" * 2000)
+        node_status.sample_download(weights, 10_000, first, now=1010.0)
+        status = node_status.read()
+        assert status["download"] == {"bytes": 3000, "total_bytes": 10_000, "bytes_per_second": 200,
+                                      "eta_seconds": 35}
+        node_status.start_phase("loading", now=1100.0)
+        status = node_status.read()
+        assert status["phase"] == "loading"
+        assert status["phases"]["download"] == {"started": 1000.0, "ended": 1100.0}
+        assert oct((tmp_path / "run/kimi-fleet/status.json").stat().st_mode & 0o777) == "0o644"
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        del os.environ["KIMI_ROOT"]
+    assert run_status(tmp_path, "phase", "sideways").returncode != 0
+    assert run_status(tmp_path, "nonsense").returncode == 2
+
+
+def test_status_lines():
+    download = {"phase": "download", "download": {"bytes": 312e9, "total_bytes": 595e9, "bytes_per_second": 2.4e9,
+                                                  "eta_seconds": 118}}
+    assert node_status_line(download, 0) == "node: downloading 312/595 GB at 2.4 GB/s, about 2 min left"
+    loading = {"phase": "loading", "phases": {"loading": {"started": 1000.0}}}
+    assert node_status_line(loading, 1000.0 + 250) == "node: engines loading for 4 min"
+    assert node_status_line({"phase": "failed", "phases": {}}, 0).startswith("node: bootstrap FAILED")
+    assert node_status_line(None, 0) is None and node_status_line({"phase": None}, 0) is None
+
+
+@pytest.mark.skipif(subprocess.run(["which", "caddy"], capture_output=True).returncode != 0, reason="caddy missing")
+def test_the_proxy_serves_the_status_behind_the_key_and_the_gate_prints_it(tmp_path):
+    status_file = tmp_path / "status.json"
+    status_file.write_text(json.dumps({"phase": "download", "phases": {"download": {"started": 1.0}},
+                                       "download": {"bytes": 312e9, "total_bytes": 595e9,
+                                                    "bytes_per_second": 2.4e9, "eta_seconds": 118}}))
+    with start_proxied_engine("good", release="0123456789abcdef", status_file=str(status_file)) as endpoint:
+        origin = endpoint.base_url.removesuffix("/v1")
+        ca = str(endpoint.caddy.root_ca)
+        assert httpx.get(f"{origin}/kimi-fleet/status", verify=ca).status_code == 401
+        wrong = httpx.get(f"{origin}/kimi-fleet/status", verify=ca, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        served = httpx.get(f"{origin}/kimi-fleet/status", verify=ca,
+                           headers={"Authorization": f"Bearer {endpoint.api_key}"})
+        assert served.status_code == 200 and served.json()["phase"] == "download"
+        # The gate waits for a release the endpoint does not serve yet, printing the node's progress.
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "verify.py"), "--base-url", endpoint.base_url,
+             "--api-key", endpoint.api_key, "--model", endpoint.model, "--ca-cert", ca,
+             "--release", "fedcba9876543210", "--wait-ready", "1", "--only", "models"],
+            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1
+    assert "verify.py: node: downloading 312/595 GB at 2.4 GB/s, about 2 min left" in result.stdout
+    assert endpoint.api_key not in result.stdout + result.stderr
