@@ -68,6 +68,7 @@ class Fleet(pulumi.ComponentResource):
     dns: pulumi.Output[str]
     release: pulumi.Output[str]
     verification: pulumi.Output[str]
+    time_to_ready_measured: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
         r, spec = args.resolved, args.resolved.spec
@@ -138,8 +139,10 @@ class Fleet(pulumi.ComponentResource):
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))
             self.verification = gate.summary
+            self.time_to_ready_measured = gate.time_to_ready_measured
         else:
             self.verification = pulumi.Output.from_input("disabled by verification.enabled: false")
+            self.time_to_ready_measured = pulumi.Output.from_input(None)
 
         self.register_outputs({
             "endpoint_url": self.endpoint_url,
@@ -149,5 +152,6 @@ class Fleet(pulumi.ComponentResource):
             "hourly_cost_usd": self.hourly_cost_usd,
             "dns": self.dns,
             "release": self.release,
+            "time_to_ready_measured": self.time_to_ready_measured,
             "verification": self.verification,
         })

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_command as command
 
+from kimi_fleet.verification.cli import MEASURED_PREFIX
+
 # Relative to the project directory, where Pulumi runs local commands: the command text must not
 # depend on the machine that runs `pulumi up`, or every runner would change it and re-verify.
 PYTHON = ".venv/bin/python"  # the virtualenv Pulumi.yaml names
@@ -67,6 +69,7 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
 
 class VerificationGate(pulumi.ComponentResource):
     summary: pulumi.Output[str]
+    time_to_ready_measured: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: VerificationGateArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:verification:VerificationGate", name, {"model": args.model}, opts)
@@ -85,5 +88,12 @@ class VerificationGate(pulumi.ComponentResource):
             ),
         )
         # The table's last lines name every check and its status; the key is masked by the suite.
-        self.summary = self.command.stdout.apply(lambda out: "\n".join((out or "").strip().splitlines()[-14:]))
-        self.register_outputs({"summary": self.summary})
+        self.summary = self.command.stdout.apply(lambda out: "\n".join((out or "").strip().splitlines()[-15:]))
+        #: what the node recorded from its first phase to ready, or None (no status served)
+        self.time_to_ready_measured = self.command.stdout.apply(_measured)
+        self.register_outputs({"summary": self.summary, "time_to_ready_measured": self.time_to_ready_measured})
+
+
+def _measured(stdout: str | None) -> str | None:
+    lines = [line for line in (stdout or "").splitlines() if line.startswith(MEASURED_PREFIX)]
+    return lines[-1].removeprefix(MEASURED_PREFIX).strip() if lines else None

@@ -89,3 +89,44 @@ def test_the_proxy_serves_the_status_behind_the_key_and_the_gate_prints_it(tmp_p
     assert result.returncode == 1
     assert "verify.py: node: downloading 312/595 GB at 2.4 GB/s, about 2 min left" in result.stdout
     assert endpoint.api_key not in result.stdout + result.stderr
+
+
+def test_measured_time_to_ready_from_the_node_status():
+    from kimi_fleet.verification.cli import measured_line, measured_time_to_ready
+
+    status = {"phase": "ready", "phases": {
+        "download": {"started": 1000.0, "ended": 2080.0},
+        "loading": {"started": 2080.0, "ended": 2800.0},
+        "ready": {"started": 2800.0},
+    }}
+    measured = measured_time_to_ready(status)
+    assert measured == {"download_seconds": 1080, "loading_seconds": 720, "total_seconds": 1800}
+    assert measured_line(measured) == ("time to ready (measured on the node): download 18.0 min, "
+                                       "loading 12.0 min, total 30.0 min")
+    assert measured_time_to_ready({"phase": "loading", "phases": {"loading": {"started": 1.0}}}) is None
+
+
+def test_the_gate_output_becomes_a_stack_output():
+    from components.verification_gate import _measured
+
+    stdout = "table...\ntime to ready (measured on the node): download 18.0 min, total 30.0 min\n"
+    assert _measured(stdout) == "download 18.0 min, total 30.0 min"
+    assert _measured("no status served\n") is None and _measured(None) is None
+
+
+@pytest.mark.skipif(subprocess.run(["which", "caddy"], capture_output=True).returncode != 0, reason="caddy missing")
+def test_the_gate_reports_what_the_node_measured(tmp_path):
+    status_file = tmp_path / "status.json"
+    status_file.write_text(json.dumps({"phase": "ready", "phases": {
+        "download": {"started": 1000.0, "ended": 2080.0}, "loading": {"started": 2080.0, "ended": 2800.0},
+        "ready": {"started": 2800.0}}}))
+    report = tmp_path / "report.json"
+    with start_proxied_engine("good", status_file=str(status_file)) as endpoint:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "verify.py"), "--base-url", endpoint.base_url,
+             "--api-key", endpoint.api_key, "--model", endpoint.model, "--ca-cert", str(endpoint.caddy.root_ca),
+             "--only", "models", "--json", str(report)],
+            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "time to ready (measured on the node): download 18.0 min, loading 12.0 min, total 30.0 min" in result.stdout
+    assert json.loads(report.read_text())["time_to_ready_measured"]["total_seconds"] == 1800
