@@ -114,6 +114,8 @@ class GpuNode(pulumi.ComponentResource):
     #: The Elastic IP of a single node; None for a fleet (reached through its load balancer).
     public_ip: pulumi.Output[str | None]
     hourly_cost_usd: pulumi.Output[float | None]
+    #: The nodes' instance role (a release bucket grants it read access).
+    role_arn: pulumi.Output[str]
 
     def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:GpuNode", name, None, opts)
@@ -134,6 +136,7 @@ class GpuNode(pulumi.ComponentResource):
         aws.iam.RolePolicy(f"{name}-secrets-and-weights", role=role.id, policy=_role_policy(r, args.ssm_prefix),
                            opts=child)
         profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, tags=args.tags, opts=child)
+        self.role_arn = role.arn
 
         ami = aws.ssm.get_parameter_output(name=catalog.DLAMI_SSM_PARAMETER,
                                            opts=pulumi.InvokeOutputOptions(parent=self))
@@ -204,6 +207,7 @@ class GpuNode(pulumi.ComponentResource):
             "node_ids": self.node_ids,
             "public_ip": self.public_ip,
             "hourly_cost_usd": self.hourly_cost_usd,
+            "role_arn": self.role_arn,
         })
 
     def _fleet(self, name: str, args: GpuNodeArgs, template: aws.ec2.LaunchTemplate,

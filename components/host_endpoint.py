@@ -27,9 +27,6 @@ from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
 BOOTSTRAP = f"{node_files.SBIN}/kimi-bootstrap"
-#: Pulumi waits for the bootstrap through two full download attempts (it resumes) plus package setup.
-BOOTSTRAP_ATTEMPTS_WAITED = 2
-BOOTSTRAP_SETUP_SECONDS = 30 * 60
 
 
 @dataclass
@@ -49,11 +46,6 @@ def install_from_stdin(path: str, mode: int) -> str:
 
 def content_digest(file: NodeFile) -> str:
     return hashlib.sha256(f"{file.path}\0{file.mode:o}\0{file.content}".encode()).hexdigest()
-
-
-def bootstrap_timeout_seconds(sizing: Sizing) -> int:
-    attempt = max(sizing.download_seconds * node_files.DOWNLOAD_ATTEMPT_SLACK, node_files.MIN_DOWNLOAD_ATTEMPT_SECONDS)
-    return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
 
 
 def _dns_record_type(address: str) -> str:
@@ -144,7 +136,7 @@ class HostEndpoint(pulumi.ComponentResource):
                 opts=child,
             ))
 
-        timeout = f"{bootstrap_timeout_seconds(sizing)}s"
+        timeout = f"{node_files.bootstrap_timeout_seconds(sizing)}s"
         remote.Command(
             f"{name}-bootstrap",
             connection=connection,

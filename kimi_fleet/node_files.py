@@ -111,6 +111,7 @@ LIB_DIR = "/usr/local/lib/kimi-fleet"
 SETTINGS_LIBRARY = f"{LIB_DIR}/settings.sh"
 GENERATION_PROBE = f"{LIB_DIR}/{GENERATION_PROBE_SCRIPT}"
 NODE_STATUS = f"{LIB_DIR}/node_status.py"
+APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
@@ -816,6 +817,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
+        NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
@@ -903,6 +905,49 @@ def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix:
     return text
 
 
+# --- releases applied in place (AWS single node) --------------------------------------------------
+
+#: Pulumi waits for a bootstrap through two full download attempts (it resumes) plus package setup.
+BOOTSTRAP_ATTEMPTS_WAITED = 2
+BOOTSTRAP_SETUP_SECONDS = 30 * 60
+
+
+def bootstrap_timeout_seconds(sizing: Sizing) -> int:
+    attempt = max(sizing.download_seconds * DOWNLOAD_ATTEMPT_SLACK, MIN_DOWNLOAD_ATTEMPT_SECONDS)
+    return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
+
+
+def release_pointer(ssm_prefix: str) -> str:
+    """The SSM parameter naming the node's current release bundle (under the stack's prefix, which
+    the node's role may already read)."""
+    return f"{ssm_prefix.rstrip('/')}/release"
+
+
+def release_bundle(files: dict[str, NodeFile]) -> str:
+    """Every node file as one JSON document, byte-for-byte deterministic: the object stored under
+    its own SHA-256 and applied by apply_release.py."""
+    entries = [{"path": f.path, "mode": f"0{f.mode:o}", "content": f.content} for _, f in sorted(files.items())]
+    return json.dumps({"files": entries}, sort_keys=True, separators=(",", ":"))
+
+
+def bundle_digest(bundle: str) -> str:
+    return hashlib.sha256(bundle.encode()).hexdigest()
+
+
+def render_boot_stub(*, pointer: str, region: str) -> str:
+    """User data for a node that takes its releases in place: only the packages and the applier.
+    It names the release pointer, not a release, so a new release leaves the launch template
+    (and the instance) alone; the applier fetches whatever the pointer names at boot."""
+    document = {
+        "package_update": True,
+        "packages": list(NODE_PACKAGES),
+        "write_files": [{"path": APPLY_RELEASE, "owner": "root:root", "permissions": "0644",
+                         "content": node_script("apply_release.py")}],
+        "runcmd": [["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]],
+    }
+    return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
+
+
 def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     """Cloud-config for a cloud that takes only a startup script (seed 000): the user places the
     secret files (/etc/kimi-fleet/secrets/...) before boot or through the provider's secret store."""
@@ -950,8 +995,10 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
     if spec.target.host is not None and spec.target.host.startup_script_only:
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if aws is not None:
-        artifacts["user-data.yaml"] = render_user_data(
-            r, launch, sizing, ssm_prefix=secrets.api_key_parameter.rsplit("/", 1)[0], region=aws.region,
-            ebs_volume_id=ebs_volume_id,
-        )
+        ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
+        if r.spec.capacity.replicas > 1:  # a fleet's template carries the release
+            artifacts["user-data.yaml"] = render_user_data(
+                r, launch, sizing, ssm_prefix=ssm_prefix, region=aws.region, ebs_volume_id=ebs_volume_id)
+        else:  # one node boots the applier; its release is the bundle of the files above
+            artifacts["user-data.yaml"] = render_boot_stub(pointer=release_pointer(ssm_prefix), region=aws.region)
     return artifacts

@@ -1,8 +1,9 @@
 """What a change does to running nodes, said before it happens (the plan and the PR diff).
 
-Each target takes a new release its own way: an AWS node is replaced (its launch template's new
-version), an AWS fleet and a Kubernetes Deployment roll replica by replica, an existing host
-re-runs its bootstrap, which restarts only the units whose inputs changed. The minutes come from
+Each target takes a new release its own way: an AWS node applies it in place through an SSM
+association (replaced only for a new instance type), an AWS fleet and a Kubernetes Deployment roll
+replica by replica, an existing host re-runs its bootstrap over SSH. In place, only the units
+whose inputs changed restart. The minutes come from
 the sizing's time to ready: warm when the weights survive (EBS, a host's disk, a PVC), cold when
 they are downloaded again (instance store).
 """
@@ -29,8 +30,10 @@ class RolloutFacts:
     replicas: int
     rollout: str
     release: str
-    #: what a release cannot change in place (AWS: the instance type)
+    #: the machine, in words
     machine: str
+    #: what a node cannot take in place (AWS: instance type and root volume): a change replaces it
+    node_shape: str
     weights_volume: str
     warm_start_seconds: int
     cold_start_seconds: int
@@ -55,8 +58,11 @@ def rollout_facts(r: Resolved, sizing: Sizing, launch: Launch, cost: Cost) -> Ro
         units = node_files.unit_digests(files, launch)
     machine = r.offer.instance_type if (spec.target.kind == "aws" and r.offer) else (
         f"{spec.accelerator_count}x {spec.accelerator}")
+    aws = spec.target.aws
+    node_shape = f"{machine}/{aws.root_volume_gib}GiB" if aws is not None else machine
     return RolloutFacts(
         target=spec.target.kind,
+        node_shape=node_shape,
         replicas=spec.capacity.replicas,
         rollout=spec.capacity.rollout,
         release=stack_release(r, sizing, launch),
@@ -75,7 +81,7 @@ def _minutes(seconds: int) -> int:
 
 def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
     """One line on what `pulumi up` does to running nodes, or None when nothing on them changes."""
-    if before.release == after.release and before.machine == after.machine and before.target == after.target:
+    if before.release == after.release and before.node_shape == after.node_shape and before.target == after.target:
         return None
     if before.target != after.target:
         return f"replace: the stack moves from {before.target} to {after.target}; the old endpoint is destroyed"
@@ -83,11 +89,13 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
     load = _minutes(after.warm_start_seconds if warm else after.cold_start_seconds)
     weights = "weights read again from the surviving volume" if warm else "weights downloaded again"
 
+    if after.target == "aws" and after.replicas == 1 and before.node_shape != after.node_shape:
+        return (f"replace: a new {after.machine} instance (the old one is terminated first), {weights}; "
+                f"about {load} min without service")
     if after.target == "host":
         return _host_impact(before, after, load)
     if after.target == "aws" and after.replicas == 1:
-        return (f"replace: a new {after.machine} instance (the old one is terminated first), {weights}; "
-                f"about {load} min without service")
+        return _host_impact(before, after, load).replace("in place:", "in place (SSM):", 1)
     unit = after.machine if after.target == "aws" else "pod"
     replicas = after.replicas
     if replicas == 1:

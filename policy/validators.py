@@ -46,6 +46,7 @@ REMOTE_COMMAND = "command:remote:Command"
 
 AUTH_PROXY = "kimi-fleet:proxy:AuthProxy"
 ENGINE_RELEASE = "kimi-fleet:engine:EngineRelease"
+S3_OBJECT = "aws:s3/bucketObjectv2:BucketObjectv2"
 CAPACITY_POLICY = "kimi-fleet:capacity:CapacityPolicy"
 FLEET = "kimi-fleet:fleet:Fleet"
 
@@ -741,6 +742,11 @@ def _scan_fields(resource_type: str, props: Mapping) -> list[tuple[str, str]]:
             value = _get(props, name)
             if isinstance(value, str):
                 fields.append((name, value))
+    elif resource_type == S3_OBJECT:
+        # A node's release bundle: every file it runs, readable by whoever reads the bucket.
+        value = _get(props, "content")
+        if isinstance(value, str):
+            fields.append(("content", value.replace("\\n", "\n")))
     for where, container in _containers(resource_type, props):
         for kind in ("command", "args"):
             items = [str(x) for x in _items(_get(container, kind)) if isinstance(x, str)]

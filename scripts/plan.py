@@ -139,7 +139,8 @@ def _release_mechanism(rollout: dict) -> str:
     if rollout["target"] == "host":
         return "re-runs the bootstrap over SSH, which restarts only the units whose inputs changed"
     if rollout["target"] == "aws" and rollout["replicas"] == 1:
-        return "replaces the instance (a new launch template version)"
+        return ("is applied in place by an SSM association (only changed units restart); a new instance "
+                "type replaces the instance")
     return f"rolls the {rollout['replicas']} replicas ({rollout['rollout']})"
 
 

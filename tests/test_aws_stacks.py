@@ -82,6 +82,18 @@ def _decoded_files(user_data: str) -> str:
     return "\n".join(entry["content"] for entry in yaml.safe_load(user_data)["write_files"])
 
 
+def node_files_text(run: MockRun) -> str:
+    """Every node file as the node receives it: the release bundle in S3 (one node, applied in
+    place) or the user data (a fleet's launch template)."""
+    import json
+
+    bundles = run.of_type("aws:s3/bucketObjectv2:BucketObjectv2")
+    if bundles:
+        (bundle,) = bundles
+        return "\n".join(entry["content"] for entry in json.loads(bundle["inputs"]["content"])["files"])
+    return _decoded_files(_user_data(run))
+
+
 # --- every AWS stack -------------------------------------------------------------------------
 
 def test_children_are_parented_and_tagged(stack_run):
@@ -118,13 +130,16 @@ def test_security_group_opens_only_https_and_acme(stack_run):
 
 def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
     stack, run = stack_run
-    parameters = {p["inputs"]["name"]: p for p in run.of_type(SSM_PARAMETER)}
+    parameters = {p["inputs"]["name"]: p for p in run.of_type(SSM_PARAMETER) if p["inputs"]["type"] == "SecureString"}
     assert set(parameters) == {f"/kimi-fleet/{stack}/api-key", f"/kimi-fleet/{stack}/hf-token"}
     for parameter in parameters.values():
-        assert parameter["inputs"]["type"] == "SecureString"
         assert is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
+    # Anything else in SSM is the release pointer of a single node: a plain S3 address and digest.
+    others = [p for p in run.of_type(SSM_PARAMETER) if p["inputs"]["type"] != "SecureString"]
+    assert [p["inputs"]["name"] for p in others] == ([] if resolved(stack).spec.capacity.replicas > 1
+                                                      else [f"/kimi-fleet/{stack}/release"])
     user_data = _user_data(run)
-    files = _decoded_files(user_data)
+    files = node_files_text(run)
     for secret in (API_KEY, HF_TOKEN):
         assert secret not in user_data and secret not in files
     for name in parameters:
@@ -186,7 +201,7 @@ def test_interactive_single_node_is_on_demand_with_eip_and_retained_ebs():
     assert volume["inputs"]["availabilityZone"] == "us-east-1a"
     (attachment,) = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment")
     assert attachment["inputs"]["volumeId"] == VOLUME_ID
-    assert f"EBS_VOLUME_ID={VOLUME_ID}" in _decoded_files(_user_data(run))
+    assert f"EBS_VOLUME_ID={VOLUME_ID}" in node_files_text(run)
     assert run.outputs["public_address"] == "203.0.113.10"
     assert run.outputs["hourly_cost_usd"] > 63.30  # on-demand p5en plus the volume
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -553,3 +554,13 @@ def test_spec_and_policy_agree_on_pinned_images(image, pinned):
     except ValidationError:
         spec_accepts = False
     assert spec_accepts is pinned
+
+
+
+def test_a_release_bundle_with_a_secret_in_it_is_refused():
+    bundle = json.dumps({"files": [{"path": "/etc/kimi-fleet/engine-0.env", "mode": "0644",
+                                    "content": "HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123456789\n"}]})
+    messages = v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": bundle})
+    assert messages and "content" in messages[0]
+    clean = json.dumps({"files": [{"path": "/etc/kimi-fleet/node.env", "mode": "0644", "content": "STACK=x\n"}]})
+    assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": clean}) == []

@@ -116,21 +116,49 @@ def test_no_stack_uses_a_template_version_that_cannot_change(stack, tmp_path):
         assert refresh["strategy"] == "Rolling" and refresh["preferences"]["autoRollback"] is True
 
 
+BUNDLE = "aws:s3/bucketObjectv2:BucketObjectv2"
+ASSOCIATION = "aws:ssm/association:Association"
+
+
+def _apply_command(run: MockRun) -> str:
+    (association,) = run.of_type(ASSOCIATION)
+    return association["inputs"]["parameters"]["commands"]
+
+
 @pytest.mark.parametrize("change", sorted(CHANGES))
-def test_single_node_change_replaces_the_instance_and_reruns_the_gate_for_the_new_release(change, tmp_path):
+def test_single_node_change_is_applied_in_place_and_the_gate_checks_the_new_release(change, tmp_path):
     stack = "h200-int4-sglang"
     before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, CHANGES[change])
     assert released(before) != released(after)
+    # The launch template and so the instance stay: the boot stub names the pointer, not a release.
     (old_template,), (new_template,) = before.of_type(LT), after.of_type(LT)
-    assert old_template["inputs"]["userData"] != new_template["inputs"]["userData"]
+    assert old_template["inputs"]["userData"] == new_template["inputs"]["userData"]
     (old_instance,), (new_instance,) = before.of_type(INSTANCE), after.of_type(INSTANCE)
-    # A new launch template version in the instance's own inputs: the provider replaces the instance.
-    assert old_instance["inputs"]["launchTemplate"]["version"] != new_instance["inputs"]["launchTemplate"]["version"]
+    assert old_instance["inputs"]["launchTemplate"] == new_instance["inputs"]["launchTemplate"]
+    # A new bundle, a pointer to it, and an association command naming it: SSM applies it in place.
+    (old_bundle,), (new_bundle,) = before.of_type(BUNDLE), after.of_type(BUNDLE)
+    assert old_bundle["inputs"]["key"] != new_bundle["inputs"]["key"]
+    digest = new_bundle["inputs"]["key"].removeprefix("releases/").removesuffix(".json")
+    assert _apply_command(after).endswith(f"--expect {digest}") and _apply_command(before) != _apply_command(after)
+    (association,) = after.of_type(ASSOCIATION)
+    assert association["inputs"]["targets"] == [{"key": "InstanceIds", "values": [f"{new_instance['name']}-id"]}]
+    assert association["inputs"]["waitForSuccessTimeoutSeconds"] > 0
     command = gate_command(after)
     assert command[command.index("--release") + 1] == released(after)
     (old_gate,), (new_gate,) = ([r for r in run.of_type(GATE_COMMAND) if r["name"].endswith("gate-verify")]
                                 for run in (before, after))
     assert old_gate["inputs"]["triggers"] != new_gate["inputs"]["triggers"]
+
+
+def test_single_node_new_root_volume_replaces_the_instance(tmp_path):
+    def bigger(config):
+        target = config["kimi-fleet:target"]
+        target["aws"] = {**(target.get("aws") or {}), "rootVolumeGib": 400}
+
+    stack = "h200-int4-sglang"
+    before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, bigger)
+    (old_instance,), (new_instance,) = before.of_type(INSTANCE), after.of_type(INSTANCE)
+    assert old_instance["inputs"]["launchTemplate"]["version"] != new_instance["inputs"]["launchTemplate"]["version"]
 
 
 @pytest.mark.parametrize("rollout, bounds", [("one-at-a-time", (50, 100)), ("surge", (100, 150))])
@@ -160,7 +188,7 @@ def test_fleet_change_starts_an_instance_refresh(rollout, bounds, tmp_path):
     assert command[command.index("--release") + 1] == released(after) != released(before)
 
 
-def test_rotating_the_key_reaches_the_aws_node():
+def test_rotating_the_key_reaches_the_aws_node_in_place():
     from tests.test_aws_stacks import resolved as aws_resolved
     from tooling.mock_run import run_components
 
@@ -178,12 +206,13 @@ def test_rotating_the_key_reaches_the_aws_node():
 
     first, second = run_with("first-key-0123456789abcdef"), run_with("second-key-0123456789abcdef")
     (a,), (b,) = first.of_type(INSTANCE), second.of_type(INSTANCE)
-    # The node reads the key at boot; its user data names the key's version, so a rotation is a new
-    # template version and a new node. The key itself never appears in the user data.
-    assert a["inputs"]["launchTemplate"]["version"] != b["inputs"]["launchTemplate"]["version"]
+    # The bundle names the key's SSM version: a rotation is a new bundle applied in place (the
+    # bootstrap fetches the key again and restarts Caddy), not a new node.
+    assert a["inputs"]["launchTemplate"] == b["inputs"]["launchTemplate"]
+    assert _apply_command(first) != _apply_command(second)
     for run, key in ((first, "first-key-0123456789abcdef"), (second, "second-key-0123456789abcdef")):
-        (template,) = run.of_type(LT)
-        assert key not in json.dumps(template["inputs"])
+        for resource in run.of_type(LT) + run.of_type(BUNDLE) + run.of_type(ASSOCIATION):
+            assert key not in json.dumps(resource["inputs"])
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
@@ -270,12 +299,18 @@ def _flag(values: dict) -> None:
     values["engine"] = {**values["engine"], "extraArgs": [*values["engine"].get("extraArgs", []), "--enable-metrics"]}
 
 
-def test_impact_replace_for_a_single_aws_node():
+def test_impact_for_a_single_aws_node_in_place_or_replaced():
     before, after = changed("h200-int4-sglang", _flag)
     line = impact(before, after)
-    assert line.startswith("replace: a new p5en.48xlarge instance")
-    assert f"about {-(-after.warm_start_seconds // 60)} min without service" in line  # EBS: warm
+    assert line.startswith("in place (SSM): caddy.service, kimi-engine@0.service restart")
+    assert f"about {-(-after.warm_start_seconds // 60)} min without service" in line
     assert impact(before, before) is None
+
+    def bigger(values):
+        values["target"] = {**values["target"], "aws": {**(values["target"].get("aws") or {}), "rootVolumeGib": 400}}
+
+    before, after = changed("h200-int4-sglang", bigger)
+    assert impact(before, after).startswith("replace: a new p5en.48xlarge instance")
 
 
 def test_impact_rolling_for_a_fleet_and_kubernetes():
