@@ -2,6 +2,7 @@
 
 import pulumi
 
+from components.endpoint_outputs import TargetSecrets
 from components.fleet import Fleet, FleetArgs
 from kimi_fleet.artifacts import render_artifacts
 from kimi_fleet.caddy import check_api_key
@@ -42,6 +43,10 @@ fleet = Fleet("kimi", FleetArgs(
     cost=cost,
     api_key=config.get_secret("apiKey"),
     hf_token=config.get_secret("hfToken"),
+    # Config is read here only; components get what they need.
+    target_secrets=TargetSecrets(ssh_host=config.get_secret("sshHost"),
+                                 ssh_private_key=config.get_secret("sshPrivateKey"),
+                                 kubeconfig=config.get_secret("kubeconfig")),
 ))
 
 pulumi.export("endpoint", fleet.endpoint_url)

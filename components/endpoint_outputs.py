@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 
 from kimi_fleet.launch import Launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
+
+
+@dataclass
+class TargetSecrets:
+    """Secrets a target needs to be reached, read from config by `__main__.py` only (the
+    components never read config): an existing host's address and SSH key, a cluster's kubeconfig."""
+
+    ssh_host: pulumi.Input[str] | None = None
+    ssh_private_key: pulumi.Input[str] | None = None
+    kubeconfig: pulumi.Input[str] | None = None
 
 
 @dataclass
@@ -20,6 +30,7 @@ class EndpointArgs:
     launch: Launch
     api_key: pulumi.Input[str]
     hf_token: pulumi.Input[str] | None = None
+    target_secrets: TargetSecrets = field(default_factory=TargetSecrets)
 
 
 def publish_endpoint(component: pulumi.ComponentResource, *, domain: str, node_ids: pulumi.Input[list[str]],

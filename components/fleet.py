@@ -7,13 +7,14 @@ the post-deploy verification after the endpoint exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_random as random
 
 from components.aws_endpoint import AwsEndpoint, AwsEndpointArgs
 from components.capacity_policy import CapacityPolicy, CapacityPolicyArgs
+from components.endpoint_outputs import TargetSecrets
 from components.engine_release import EngineRelease, EngineReleaseArgs
 from components.host_endpoint import HostEndpoint, HostEndpointArgs
 from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
@@ -47,6 +48,7 @@ class FleetArgs:
     cost: Cost
     api_key: pulumi.Input[str] | None = None
     hf_token: pulumi.Input[str] | None = None
+    target_secrets: TargetSecrets = field(default_factory=TargetSecrets)
 
 
 def dns_mechanism(spec) -> str:
@@ -109,7 +111,7 @@ class Fleet(pulumi.ComponentResource):
         endpoint_class, endpoint_args = ENDPOINTS[spec.target.kind]
         endpoint = endpoint_class(
             f"{name}-{spec.target.kind}",
-            endpoint_args(r, args.sizing, args.launch, self.api_key, args.hf_token),
+            endpoint_args(r, args.sizing, args.launch, self.api_key, args.hf_token, args.target_secrets),
             pulumi.ResourceOptions(parent=self, depends_on=[release]),
         )
         self.endpoint_url = endpoint.endpoint_url

@@ -23,7 +23,6 @@ from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from kimi_fleet import node_files
 from kimi_fleet.node_files import NodeFile, SecretsSource
-from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
 BOOTSTRAP = f"{node_files.SBIN}/kimi-bootstrap"
@@ -93,11 +92,16 @@ class HostEndpoint(pulumi.ComponentResource):
     def _deploy_over_ssh(self, name: str, args: HostEndpointArgs, child: pulumi.ResourceOptions) -> pulumi.Input[str]:
         r, sizing, launch = args.resolved, args.sizing, args.launch
         host_spec = r.spec.target.host
-        config = pulumi.Config(CONFIG_NAMESPACE)
-        address = host_spec.address or config.require_secret("sshHost")
+        given = args.target_secrets
+        address = host_spec.address or given.ssh_host
+        if address is None or given.ssh_private_key is None:
+            missing = [name for name, value in (("sshHost", address), ("sshPrivateKey", given.ssh_private_key))
+                       if value is None]
+            raise ValueError(f"stack {r.spec.stack}: an existing host needs the secret config "
+                             f"{', '.join(f'{CONFIG_NAMESPACE}:{m}' for m in missing)} "
+                             "(pulumi config set --secret ...)")
         connection = remote.ConnectionArgs(
-            host=address, user=host_spec.user, port=host_spec.port,
-            private_key=config.require_secret("sshPrivateKey"),
+            host=address, user=host_spec.user, port=host_spec.port, private_key=given.ssh_private_key,
         )
         secrets = SecretsSource("files")
 

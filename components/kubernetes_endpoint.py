@@ -15,7 +15,6 @@ import pulumi_kubernetes as k8s
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from kimi_fleet import k8s_manifests as manifests
-from kimi_fleet.spec import CONFIG_NAMESPACE
 
 RESOURCE_CLASSES = {
     "Namespace": k8s.core.v1.Namespace,
@@ -66,7 +65,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         # No kubeconfig in config: the ambient one (KUBECONFIG / ~/.kube/config) with the stack's context.
         provider = k8s.Provider(
             f"{name}-cluster",
-            kubeconfig=pulumi.Config(CONFIG_NAMESPACE).get_secret("kubeconfig"),
+            kubeconfig=args.target_secrets.kubeconfig,
             context=target.kubeconfig_context,
             opts=pulumi.ResourceOptions(parent=self),
         )

@@ -33,19 +33,23 @@ def resolved(stack: str, **overrides) -> Resolved:
     return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
 
 
-def run_host_endpoint(r: Resolved, *, hf_token=None) -> MockRun:
+def run_host_endpoint(r: Resolved, *, hf_token=None, ssh: bool = True) -> MockRun:
+    from components.endpoint_outputs import TargetSecrets
     from components.host_endpoint import HostEndpoint, HostEndpointArgs
+
+    # The component reads no config: __main__.py hands it the SSH secrets.
+    given = TargetSecrets(ssh_host=pulumi.Output.secret(SSH_HOST), ssh_private_key=pulumi.Output.secret(SSH_KEY)) \
+        if ssh else TargetSecrets()
 
     def declare():
         endpoint = HostEndpoint("kimi", HostEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r), api_key=pulumi.Output.secret(API_KEY),
-            hf_token=hf_token,
+            hf_token=hf_token, target_secrets=given,
         ))
         names = ["user_data", "endpoint_url", "node_ids", "market", "hourly_cost_usd"]
         return {name: getattr(endpoint, name) for name in names}
 
-    ssh_config = {"kimi-fleet:sshHost": SSH_HOST, "kimi-fleet:sshPrivateKey": SSH_KEY}
-    return run_components(declare, r.spec.stack, config=ssh_config, secret_keys=list(ssh_config))
+    return run_components(declare, r.spec.stack)
 
 
 def commands(run: MockRun) -> dict[str, dict]:
@@ -276,3 +280,16 @@ def test_firewall_without_an_allowlist_is_refused_before_anything_is_declared():
     target.setdefault("host", {})["firewall"] = True
     with pytest.raises(StackSpecError, match=r"(?s)Pulumi\.rtxpro6000-int4-sglang\.yaml.*firewall needs target\.host\.sshAllowlist"):
         resolved(stack, target=target)
+
+
+
+def test_a_host_without_its_ssh_secrets_is_refused_naming_them():
+    with pytest.raises(Exception, match="kimi-fleet:sshHost, kimi-fleet:sshPrivateKey"):
+        run_host_endpoint(resolved("rtxpro6000-int4-sglang"), ssh=False)
+
+
+def test_components_read_no_config():
+    """Config and secrets are read in __main__.py only (issue 13): components get them as args."""
+    offenders = [path.name for path in (Path(__file__).resolve().parents[1] / "components").glob("*.py")
+                 if "pulumi.Config(" in path.read_text()]
+    assert offenders == []
