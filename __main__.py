@@ -10,7 +10,8 @@ from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import CONFIG_NAMESPACE, parse_spec
+from kimi_fleet.spec import CONFIG_NAMESPACE
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import spec_values, stack_file, validate_stack_name
 
 config = pulumi.Config(CONFIG_NAMESPACE)

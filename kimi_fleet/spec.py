@@ -11,11 +11,10 @@ import difflib
 import ipaddress
 import posixpath
 import re
-import typing
 from typing import Annotated, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -470,26 +469,6 @@ class StackSpecError(ValueError):
         super().__init__("\n".join(f"{stack_file}: {p}" for p in problems))
 
 
-def _field_path(loc: tuple) -> str:
-    parts = []
-    for item in loc:
-        if isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]"
-        elif isinstance(item, str) and not item.startswith("function-"):
-            parts.append(to_camel(item) if "_" in item else item)
-    return ".".join(parts)
-
-
-def _value_at(raw: dict, loc: tuple):
-    node = raw
-    for item in loc:
-        try:
-            node = node[item]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
-
-
 def did_you_mean(key: str, known) -> str:
     """' (did you mean 'x'?)' for a near-miss or a snake_case spelling of a known key, else ''."""
     known = list(known)
@@ -497,60 +476,3 @@ def did_you_mean(key: str, known) -> str:
     if not close and to_camel(key) in known:  # budget_per_hour_usd -> budgetPerHourUsd
         close = [to_camel(key)]
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_at(loc: tuple):
-    """The spec model a validation error's location points into (for key suggestions)."""
-    model = StackSpec
-    for item in loc:
-        if not isinstance(item, str):
-            return None
-        fields = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
-        if item not in fields:
-            return None
-        candidates = [fields[item].annotation]
-        found = None
-        while candidates:
-            annotation = candidates.pop()
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                found = annotation
-                break
-            candidates += list(typing.get_args(annotation))
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def _suggestion(loc: tuple) -> str:
-    model = _model_at(loc[:-1])
-    if model is None or not isinstance(loc[-1], str):
-        return ""
-    known = [f.alias or n for n, f in model.model_fields.items()]
-    return f"{did_you_mean(loc[-1], known)}; known keys here: {', '.join(sorted(known))}"
-
-
-def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:
-    """Build the spec from config values (keys without the namespace); raise StackSpecError."""
-    data = {"stack": stack, **raw}
-    try:
-        spec = StackSpec.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            path = _field_path(err["loc"]) or "(stack)"
-            field = f"{CONFIG_NAMESPACE}:{path}"
-            value = _value_at(data, err["loc"])
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = f"unknown key{_suggestion(err['loc'])}"
-            shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
-            given = f" (given {shown})" if value is not None and not isinstance(value, dict) else ""
-            problems.append(f"field {field}{given}: {message}")
-        raise StackSpecError(stack_file, problems) from None
-    from kimi_fleet.rules import check_rules  # rules read the spec and the catalog
-
-    problems = check_rules(spec)
-    if problems:
-        raise StackSpecError(stack_file, problems)
-    return spec

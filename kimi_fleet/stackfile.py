@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from kimi_fleet.spec import CONFIG_NAMESPACE, DNS_LABEL, StackSpec, did_you_mean, parse_spec
+from kimi_fleet.spec import CONFIG_NAMESPACE, DNS_LABEL, StackSpec, did_you_mean
+from kimi_fleet.validation import parse_spec
 
 #: Config keys that are secrets: only ever `secure:`, never part of the spec.
 SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")

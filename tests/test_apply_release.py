@@ -20,7 +20,7 @@ from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import SecretsSource, bundle_digest, release_bundle, release_pointer, render_node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import parse_spec
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import free_port
 

@@ -17,7 +17,7 @@ from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import SecretsSource, render_node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import parse_spec
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.test_k8s_component import API_KEY, HF_TOKEN
 from tooling.mock_run import MockRun, is_secret, run_components, secret_paths

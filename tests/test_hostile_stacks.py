@@ -16,7 +16,6 @@ import json
 import re
 import resource
 import time
-from pathlib import Path
 
 import pytest
 import yaml

@@ -12,7 +12,8 @@ from kimi_fleet.launch import render_launch
 from kimi_fleet.node_scripts import node_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import image_is_pinned, parse_spec
+from kimi_fleet.spec import image_is_pinned
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 
 K8S_STACKS = ["gb200-int4-vllm", "mi355x-int4-sglang"]

@@ -3,8 +3,6 @@ caddy; and the bootstrap run twice into a scratch root (stub aws/hf, a local fak
 
 from __future__ import annotations
 
-import base64
-import gzip
 import hashlib
 import http.server
 import json

@@ -17,7 +17,7 @@ from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.rollout import RolloutFacts, impact, rollout_facts
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import parse_spec
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tooling.mock_run import MockRun, run_config
 

@@ -7,7 +7,7 @@ from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_env_file, render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
-from kimi_fleet.spec import parse_spec
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 
 

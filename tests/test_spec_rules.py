@@ -4,7 +4,8 @@ import pytest
 
 from kimi_fleet import catalog
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.spec import StackSpecError, image_is_pinned, parse_spec
+from kimi_fleet.spec import StackSpecError, image_is_pinned
+from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
