@@ -448,8 +448,9 @@ log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the e
     "__CADDY_INPUTS__", _shell_paths(CADDY_FILE_INPUTS)).replace("__WATCHDOG_INPUTS__", _shell_paths(WATCHDOG_INPUTS))
 
 DOWNLOAD_WEIGHTS = r"""#!/bin/bash
-# Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size against
-# the repository tree at that revision. A `.kimi-verified` marker holding the revision makes a
+# Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size and
+# content (SHA-256 of LFS files, git blob SHA-1 of the rest) against the repository tree at that
+# revision. A `.kimi-verified` marker holding the revision makes a
 # re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
 set -euo pipefail
 : "${WEIGHTS_DIR:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" "${WEIGHTS_SOURCE:?}"
@@ -486,7 +487,7 @@ fetch() {
 
 verify() {
   python3 - "$MODEL_REPO" "$MODEL_REVISION" "$WEIGHTS_DIR" <<'PY'
-import json, os, re, sys, urllib.parse, urllib.request
+import concurrent.futures, hashlib, json, os, re, sys, urllib.parse, urllib.request
 repo, revision, local = sys.argv[1:4]
 endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
@@ -496,17 +497,42 @@ while url:  # the tree API pages through a Link: <...>; rel="next" header
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
         for entry in json.load(response):
             if entry.get("type") == "file":
-                expected[entry["path"]] = entry["size"]
+                # LFS files (the shards) carry their SHA-256; the others a git blob SHA-1.
+                expected[entry["path"]] = (entry["size"], (entry.get("lfs") or {}).get("oid"), entry.get("oid"))
         following = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link") or "")
         url = urllib.parse.urljoin(url, following.group(1)) if following else None
+# Hash one file (hashlib releases the GIL: the files hash in parallel); a file whose content is
+# wrong is removed, with hf's resume metadata, so the next attempt fetches it again.
+def content_problem(path, size, lfs_oid, git_oid):
+    want = lfs_oid or git_oid
+    if not want:
+        return None
+    digest = hashlib.sha256() if lfs_oid else hashlib.sha1(b"blob %d\0" % size)
+    full = os.path.join(local, path)
+    with open(full, "rb") as stream:
+        for chunk in iter(lambda: stream.read(16 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() == want:
+        return None
+    for stale in (full, os.path.join(local, ".cache", "huggingface", "download", path + ".metadata")):
+        if os.path.exists(stale):
+            os.remove(stale)
+    kind = "sha256" if lfs_oid else "git sha1"
+    return f"content of {path}: {kind} {digest.hexdigest()}, repository says {want} (removed, fetched again next)"
 problems = []
-for path, size in sorted(expected.items()):
+present = []
+for path, (size, lfs_oid, git_oid) in sorted(expected.items()):
     full = os.path.join(local, path)
     if not os.path.isfile(full):
         problems.append(f"missing {path}")
     elif os.path.getsize(full) != size:
         problems.append(f"size of {path}: {os.path.getsize(full)} bytes, repository says {size}")
-print(f"verify: {len(expected)} files, {sum(expected.values())} bytes expected; {len(problems)} problem(s)")
+    else:
+        present.append((path, size, lfs_oid, git_oid))
+with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 4)) as pool:
+    problems += [p for p in pool.map(lambda item: content_problem(*item), present) if p]
+total = sum(size for size, _, _ in expected.values())
+print(f"verify: {len(expected)} files, {total} bytes expected, contents hashed; {len(problems)} problem(s)")
 if problems:
     print("\n".join(problems[:20]))
 sys.exit(1 if problems or not expected else 0)

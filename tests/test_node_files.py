@@ -289,11 +289,23 @@ def test_caddyfile_passes_caddy_validate(stack, tmp_path):
 HUB_FILES = {"config.json": 17, "model-00001-of-00002.safetensors": 300, "sub/model-00002-of-00002.safetensors": 200}
 
 
+def _hub_entry(path: str, size: int) -> dict:
+    content = b"\0" * size
+    entry = {"type": "file", "path": path, "size": size,
+             "oid": hashlib.sha1(b"blob %d\0" % size + content).hexdigest()}
+    if path.endswith(".safetensors"):
+        entry["oid"] = "0" * 40  # the pointer file's blob, not the content
+        entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": size, "pointerSize": 134}
+    return entry
+
+
 class FakeHub(http.server.BaseHTTPRequestHandler):
     """The tree API of one revision, in two pages joined by a Link header."""
 
     def do_GET(self):  # noqa: N802
-        entries = [{"type": "file", "path": p, "size": s} for p, s in HUB_FILES.items()]
+        # As the Hub answers: LFS files (the shards) with their SHA-256, the rest with a git blob
+        # SHA-1; the content is zeros (what the stub downloaders write).
+        entries = [_hub_entry(p, s) for p, s in HUB_FILES.items()]
         entries.insert(1, {"type": "directory", "path": "sub", "size": 0})
         second = "cursor=2" in self.path
         body = json.dumps(entries[2:] if second else entries[:2]).encode()
@@ -407,6 +419,36 @@ def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
     assert "size of config.json: 5 bytes, repository says 17" in result.stdout
     assert "missing sub/model-00002-of-00002.safetensors" in result.stdout
     assert not (tmp_path / "w/.kimi-verified").exists()
+
+
+def test_download_refetches_a_shard_of_the_right_size_with_the_wrong_content(tmp_path, fake_hub):
+    """A corrupted shard passes a size check; its SHA-256 does not, and the next attempt fetches it again."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "hf-calls"
+    # First call: every file, one shard corrupted (ones, not zeros); later calls: only what is missing.
+    (bin_dir / "hf").write_text(
+        "#!/bin/bash\nwhile (($#)); do [[ $1 == --local-dir ]] && d=$2; shift; done\n"
+        f"echo call >>{calls}\nmkdir -p \"$d/sub\"\n"
+        + "".join(f"[[ -f \"$d/{p}\" ]] || head -c {n} /dev/zero >\"$d/{p}\"\n" for p, n in HUB_FILES.items())
+        + f"[[ $(wc -l <{calls}) == 1 ]] && head -c 300 /dev/zero | tr '\\0' '\\1' "
+          ">\"$d/model-00001-of-00002.safetensors\"\nexit 0\n")
+    (bin_dir / "hf").chmod(0o755)
+    script = tmp_path / "kimi-download-weights"
+    script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
+    script.chmod(0o755)
+    (bin_dir / "sleep").write_text("#!/bin/sh\nexit 0\n")  # no back-off wait between attempts here
+    (bin_dir / "sleep").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
+           "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
+           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "2"}
+    result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "content of model-00001-of-00002.safetensors: sha256" in result.stdout
+    assert "(removed, fetched again next)" in result.stdout
+    assert calls.read_text().count("call") == 2
+    assert (tmp_path / "w/model-00001-of-00002.safetensors").read_bytes() == b"\0" * 300
+    assert (tmp_path / "w/.kimi-verified").exists()
 
 
 def test_artifacts_for_the_planner():
