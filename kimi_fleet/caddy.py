@@ -39,7 +39,8 @@ READY_PATH = "/kimi-fleet/ready"
 #: Which release answered: only on proxied (authenticated) answers.
 RELEASE_HEADER = "X-Kimi-Fleet-Release"
 RELEASE_PATTERN = re.compile(r"[0-9a-f]{16}")
-_LOG_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
+#: Files Caddy writes or serves (access log, ready and status files): absolute, plain names only.
+_FILE_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
 #: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
@@ -106,7 +107,7 @@ def render_caddyfile(
         _require_loopback(upstream)
     if release is not None and not RELEASE_PATTERN.fullmatch(release):
         raise ValueError(f"invalid release id {release!r}")
-    if access_log is not None and not _LOG_PATH.match(access_log):
+    if access_log is not None and not _FILE_PATH.match(access_log):
         raise ValueError(f"invalid access log path {access_log!r}")
     if acme_email is not None and not _EMAIL.fullmatch(acme_email):
         raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
@@ -148,10 +149,9 @@ def render_caddyfile(
         'header @keyless Content-Type "application/json"',
         'header @unauthorized Content-Type "application/json"',
         'header @unauthorized WWW-Authenticate "Bearer"',
-        f"respond @keyless `{_UNAUTHORIZED_BODY}` 401",
-        f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
+        *_refusals(),
         "",
-        *_status_route(status_file, api_key_env),
+        *_status_route(status_file),
         f"reverse_proxy {' '.join(upstreams)} {{",
         # Forward every SSE chunk as soon as the engine writes it.
         "\tflush_interval -1",
@@ -188,7 +188,7 @@ def render_caddyfile(
         # watchdog) go through Caddy without a certificate. Never reachable from outside.
         lines += _site(f"http://127.0.0.1:{_port(local_port)}", ["bind 127.0.0.1", *site])
     if ready_port is not None:
-        if ready_file is None or not _LOG_PATH.match(ready_file):
+        if ready_file is None or not _FILE_PATH.match(ready_file):
             raise ValueError(f"ready_port needs an absolute ready_file, got {ready_file!r}")
         directory, name = ready_file.rsplit("/", 1)
         lines += _site(f"http://:{_port(ready_port)}", [
@@ -215,18 +215,22 @@ def _site(address: str, body: list[str]) -> list[str]:
     return ["", f"{address} {{", *[f"\t{line}" if line else "" for line in body], "}"]
 
 
-def _status_route(status_file: str | None, api_key_env: str) -> list[str]:
+def _refusals() -> list[str]:
+    """401 for a request without the key (the header matcher first: the policy pack looks for it)."""
+    return [f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401", f"respond @keyless `{_UNAUTHORIZED_BODY}` 401"]
+
+
+def _status_route(status_file: str | None) -> list[str]:
     """The status file at STATUS_PATH. A `handle` runs before the site's top-level `respond` in
     Caddy's directive order, so the key check comes first inside it too."""
     if status_file is None:
         return []
-    if not _LOG_PATH.match(status_file):
+    if not _FILE_PATH.match(status_file):
         raise ValueError(f"invalid status file {status_file!r}")
     directory, name = status_file.rsplit("/", 1)
     return [
         f"handle {STATUS_PATH} {{",
-        f"\trespond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
-        f"\trespond @keyless `{_UNAUTHORIZED_BODY}` 401",
+        *[f"\t{line}" for line in _refusals()],
         f"\troot * {directory}",
         f"\trewrite * /{name}",
         '\theader Content-Type "application/json"',

@@ -891,20 +891,20 @@ def _str_representer(dumper: yaml.SafeDumper, value: str):
 _LiteralDumper.add_representer(str, _str_representer)
 
 
-def _cloud_config(files: dict[str, NodeFile]) -> str:
+#: What a full node does after cloud-init wrote its files. The bootstrap is a unit so it runs again
+#: after a reboot (instance store comes back empty).
+START_BOOTSTRAP = (
+    ["systemctl", "daemon-reload"],
+    ["systemctl", "enable", "kimi-bootstrap.service"],
+    ["systemctl", "start", "--no-block", "kimi-bootstrap.service"],
+)
+
+
+def _cloud_config(files: dict[str, NodeFile], runcmd=START_BOOTSTRAP) -> str:
     entries = [{"path": f.path, "owner": "root:root", "permissions": f"0{f.mode:o}", "content": f.content}
                for f in files.values()]
-    document = {
-        "package_update": True,
-        "packages": list(NODE_PACKAGES),
-        "write_files": entries,
-        # The bootstrap is a unit so it runs again after a reboot (instance store comes back empty).
-        "runcmd": [
-            ["systemctl", "daemon-reload"],
-            ["systemctl", "enable", "kimi-bootstrap.service"],
-            ["systemctl", "start", "--no-block", "kimi-bootstrap.service"],
-        ],
-    }
+    document = {"package_update": True, "packages": list(NODE_PACKAGES), "write_files": entries,
+                "runcmd": [list(command) for command in runcmd]}
     return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
 
 
@@ -964,14 +964,9 @@ def render_boot_stub(*, pointer: str, region: str) -> str:
     """User data for a node that takes its releases in place: only the packages and the applier.
     It names the release pointer, not a release, so a new release leaves the launch template
     (and the instance) alone; the applier fetches whatever the pointer names at boot."""
-    document = {
-        "package_update": True,
-        "packages": list(NODE_PACKAGES),
-        "write_files": [{"path": APPLY_RELEASE, "owner": "root:root", "permissions": "0644",
-                         "content": node_script("apply_release.py")}],
-        "runcmd": [["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]],
-    }
-    return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
+    applier = NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644)
+    return _cloud_config({applier.path: applier},
+                         runcmd=[["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]])
 
 
 def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
@@ -1022,7 +1017,7 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if aws is not None:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
-        if r.spec.capacity.replicas > 1:  # a fleet's template carries the release
+        if behind_load_balancer(r):  # a fleet's template carries the release
             artifacts["user-data.yaml"] = render_user_data(
                 r, launch, sizing, ssm_prefix=ssm_prefix, region=aws.region, ebs_volume_id=ebs_volume_id)
         else:  # one node boots the applier; its release is the bundle of the files above

@@ -93,9 +93,9 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
         return (f"replace: a new {after.machine} instance (the old one is terminated first), {weights}; "
                 f"about {load} min without service")
     if after.target == "host":
-        return _host_impact(before, after, load)
+        return _in_place_impact(before, after, load, "in place")
     if after.target == "aws" and after.replicas == 1:
-        return _host_impact(before, after, load).replace("in place:", "in place (SSM):", 1)
+        return _in_place_impact(before, after, load, "in place (SSM)")
     unit = after.machine if after.target == "aws" else "pod"
     replicas = after.replicas
     if replicas == 1:
@@ -110,15 +110,16 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
             f"({replicas - 1}/{replicas} capacity meanwhile, about {load * replicas} min in all; {weights})")
 
 
-def _host_impact(before: RolloutFacts, after: RolloutFacts, load: int) -> str:
+def _in_place_impact(before: RolloutFacts, after: RolloutFacts, load: int, how: str) -> str:
+    """The bootstrap re-run on the node: only the units whose inputs changed restart."""
     restarted = sorted(unit for unit, digest in after.units.items() if before.units.get(unit) != digest)
     restarted += sorted(unit for unit in before.units.keys() - after.units.keys())
     engines = [unit for unit in restarted if unit.startswith("kimi-engine@")]
     if engines:
-        return (f"in place: {', '.join(restarted)} restart; about {load} min without service "
+        return (f"{how}: {', '.join(restarted)} restart; about {load} min without service "
                 "(the weights are already on the disk)")
     if "caddy.service" in restarted:
-        return f"in place: {', '.join(restarted)} restart; a few seconds without service, engines keep running"
+        return f"{how}: {', '.join(restarted)} restart; a few seconds without service, engines keep running"
     if restarted:
-        return f"in place: {', '.join(restarted)} restart; no interruption of service"
-    return "in place: node files updated, no unit restarts"
+        return f"{how}: {', '.join(restarted)} restart; no interruption of service"
+    return f"{how}: node files updated, no unit restarts"
