@@ -14,7 +14,8 @@ MiB = 1024**2
 GB = 10**9
 
 Vendor = Literal["nvidia", "amd", "huawei"]
-EngineName = Literal["vllm", "sglang"]
+#: A name registered in kimi_fleet.engines (the registry checks it; a test may register more).
+EngineName = str
 
 
 @dataclass(frozen=True)
@@ -244,15 +245,20 @@ class EngineProfile:
     name: EngineName
     port: int
     memory_flag: str
-    #: True: the knob covers weights + KV only (SGLang). False: it caps the whole footprint (vLLM).
-    memory_knob_excludes_transients: bool
     #: Memory the engine keeps inside its knob besides weights and KV (graphs, workspaces), per device.
     in_budget_reserve_bytes: int
     #: Activation memory per token of the prefill batch, inside the knob (vLLM profiles it).
     activation_bytes_per_batched_token: int
     default_batched_tokens: int
     health_path: str
-    ready_log: str
+    #: True: the health route runs a real generation (SGLang's /health_generate); False: liveness only.
+    health_runs_generation: bool
+    #: Vendors with a verified recipe for Kimi-K2.6 on this engine.
+    vendors: tuple[Vendor, ...]
+    #: The KV-cache dtypes the engine accepts for Kimi's MLA attention, as the stack spells them.
+    kv_dtypes: tuple[str, ...]
+    #: Where the engine's own spelling differs from the stack's (vLLM says bfloat16).
+    kv_dtype_spelling: dict[str, str]
     #: Load rate of the weights into device memory once on local NVMe (MoE load is CPU-bound).
     load_bytes_per_second: int
     warmup_seconds: int
@@ -264,12 +270,14 @@ ENGINES: dict[str, EngineProfile] = {
         name="sglang",
         port=30000,
         memory_flag="--mem-fraction-static",
-        memory_knob_excludes_transients=True,
         in_budget_reserve_bytes=4 * GiB,
         activation_bytes_per_batched_token=0,
         default_batched_tokens=8192,
         health_path="/health_generate",
-        ready_log="The server is fired up and ready to roll!",
+        health_runs_generation=True,
+        vendors=("nvidia", "amd", "huawei"),
+        kv_dtypes=("auto", "bf16", "fp8_e4m3", "fp8_e5m2"),
+        kv_dtype_spelling={},
         load_bytes_per_second=int(595 * GB / (12.5 * 60)),
         warmup_seconds=180,
         source=CALIBRATED,
@@ -278,17 +286,22 @@ ENGINES: dict[str, EngineProfile] = {
         name="vllm",
         port=8000,
         memory_flag="--gpu-memory-utilization",
-        memory_knob_excludes_transients=False,
         in_budget_reserve_bytes=3 * GiB,
         activation_bytes_per_batched_token=1_150_000,
         default_batched_tokens=8192,
         health_path="/health",
-        ready_log="Application startup complete",
+        health_runs_generation=False,
+        vendors=("nvidia",),
+        kv_dtypes=("auto", "bf16", "fp8", "fp8_e4m3"),  # TRITON/FlashMLA KV menu (seed 003)
+        kv_dtype_spelling={"bf16": "bfloat16"},
         load_bytes_per_second=int(595 * GB / (12.5 * 60)),
         warmup_seconds=240,
         source=CALIBRATED,
     ),
 }
+
+#: The verify CLI's engine when --engine is not given: the one whose health route (/health) asks least.
+VERIFY_DEFAULT_ENGINE = "vllm"
 
 #: Default memory knob by (engine, vendor) and, where measured, by accelerator.
 DEFAULT_MEMORY_KNOB: dict[tuple[str, str], float] = {
@@ -352,9 +365,65 @@ DEFAULT_IMAGE: dict[tuple[str, str], str] = {
 #: sm_120 NVFP4 on vLLM needs CUDA 13 and the TRITON_MLA shared-memory patch (seed 003).
 NVFP4_SM120_IMAGE = "kimi-k26-nvfp4-vllm:cu130-mla"
 
-#: The AITER MLA kernel (SGLang on AMD) needs heads per GPU divisible by this (seed 001).
-AITER_MLA_HEADS_MULTIPLE = 16
-AMD_SGLANG_ENV: dict[str, str] = {"SGLANG_USE_AITER": "1", "SGLANG_ROCM_FUSED_DECODE_MLA": "0"}
+
+@dataclass(frozen=True)
+class HardwareQuirk:
+    """What one engine needs, or cannot do, on some hardware (and checkpoint). One rule reads these
+    rows (rules.hardware_quirks); resolution and launch rendering read their defaults and flags."""
+
+    engine: EngineName
+    source: Source
+    vendor: Vendor | None = None
+    arch: str | None = None
+    checkpoint: str | None = None
+    #: The combination does not work: why, and what to use instead.
+    refuse: str | None = None
+    #: The image picked when the stack names none.
+    image: str | None = None
+    #: A named image must contain this marker (e.g. its CUDA build), and why.
+    image_marker: str | None = None
+    image_reason: str = ""
+    #: Engine flags rendered on this hardware, and why.
+    flags: tuple[str, ...] = ()
+    #: Engine environment on this hardware.
+    env: dict[str, str] = field(default_factory=dict)
+    #: The KV dtype used when neither stack nor checkpoint names one.
+    kv_dtype: str | None = None
+    #: Attention heads per rank must be a multiple of this, and the kernel that needs it.
+    heads_per_rank_multiple: int | None = None
+    heads_reason: str = ""
+    note: str = ""
+
+    def matches(self, engine: str, accelerator: Accelerator, checkpoint: str) -> bool:
+        return (self.engine == engine
+                and self.vendor in (None, accelerator.vendor)
+                and self.arch in (None, accelerator.arch)
+                and self.checkpoint in (None, checkpoint))
+
+
+HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (
+    HardwareQuirk(
+        "sglang", SEED_003, arch="sm_120", checkpoint="nvfp4",
+        refuse="SGLang with NVFP4 on sm_120 produces NaN (sgl #18954, seed 003): use engine vllm or checkpoint int4",
+    ),
+    HardwareQuirk(
+        "vllm", SEED_003, arch="sm_120", checkpoint="nvfp4",
+        image=NVFP4_SM120_IMAGE, image_marker="cu130",
+        image_reason=(f"NVFP4 on sm_120 needs the CUDA 13 image with the TRITON_MLA shared-memory patch "
+                      f"({NVFP4_SM120_IMAGE}, seed 003): stock images OOM at graph capture"),
+        flags=("--disable-custom-all-reduce",), note="PCIe-only box: no custom all-reduce",
+    ),
+    HardwareQuirk(
+        "sglang", SEED_001, vendor="amd",
+        env={"SGLANG_USE_AITER": "1", "SGLANG_ROCM_FUSED_DECODE_MLA": "0"},
+        kv_dtype="fp8_e4m3", note="the AMD generator's defaults",
+        heads_per_rank_multiple=16, heads_reason="the AITER MLA kernel",
+    ),
+    HardwareQuirk(
+        "sglang", SEED_002, vendor="huawei",
+        flags=("--device", "npu", "--attention-backend", "ascend"),
+    ),
+)
 
 
 # --- Pinned tools a deploy installs besides the engine ---------------------------------------

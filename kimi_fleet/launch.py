@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from kimi_fleet import catalog
+from kimi_fleet.paths import DRAFT_MOUNT, ENV_DIR, LOOPBACK, MODEL_MOUNT
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import SAFE_VALUE
 
@@ -25,10 +25,6 @@ def plain_value(key: str, value: str) -> str:
         raise ValueError(f"value for {key} is not plain (letters, digits and . _ : / @ , + = -): {value!r}")
     return value
 
-MODEL_MOUNT = "/models/kimi"
-DRAFT_MOUNT = "/models/draft"
-ENV_DIR = "/etc/kimi-fleet"
-LOOPBACK = "127.0.0.1"
 #: NCCL/RCCL/HCCL need shared memory and locked pages; Docker's 64 MB /dev/shm breaks TP (seed 003).
 COMMON_DOCKER_ARGS = (
     "--ipc=host",
@@ -42,14 +38,13 @@ ASCEND_HOST_MOUNTS = (
     "/usr/local/sbin",
     "/etc/ascend_install.info",
 )
-KV_DTYPE_SPELLING = {"vllm": {"bf16": "bfloat16"}, "sglang": {}}
 
 
 @dataclass(frozen=True)
 class Probe:
     path: str
     port: int
-    #: SGLang: /health_generate runs a real generation; its HTTP server can outlive the scheduler.
+    #: The route runs a real generation (SGLang's /health_generate: its HTTP server can outlive the scheduler).
     runs_generation: bool
 
 
@@ -99,75 +94,9 @@ class Launch:
 
 
 def engine_argv(r: Resolved, port: int) -> list[str]:
-    spec, engine = r.spec, r.spec.engine
-    kv = KV_DTYPE_SPELLING[engine.name].get(r.kv_cache_dtype, r.kv_cache_dtype)
-    p = spec.parallelism
-    quant_flags = list(r.checkpoint.engine_flags.get(engine.name, ()))
-    if engine.name == "sglang":
-        argv = [
-            "python3", "-m", "sglang.launch_server",
-            "--model-path", MODEL_MOUNT,
-            "--served-model-name", spec.model.served_name,
-            "--tp", str(r.tensor_parallel),
-            "--trust-remote-code",
-            "--tool-call-parser", "kimi_k2",
-            "--reasoning-parser", "kimi_k2",
-            "--mem-fraction-static", f"{r.memory_knob:g}",
-            "--context-length", str(spec.context_length),
-            "--chunked-prefill-size", str(r.max_num_batched_tokens),
-            "--host", LOOPBACK, "--port", str(port),
-            "--enable-metrics",
-        ]
-        if kv != "auto":
-            argv += ["--kv-cache-dtype", kv]
-        if p.data_parallel > 1:
-            argv += ["--dp", str(p.data_parallel)]
-            if p.dp_attention:
-                argv += ["--enable-dp-attention"]
-        if p.expert_parallel:
-            argv += ["--ep-size", str(r.tensor_parallel)]
-        if r.accelerator.vendor == "huawei":
-            argv += ["--device", "npu", "--attention-backend", "ascend"]
-        if engine.speculative == "eagle3":
-            argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", DRAFT_MOUNT,
-                     "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-                     "--speculative-num-draft-tokens", "4"]
-    else:
-        argv = [
-            "vllm", "serve", MODEL_MOUNT,
-            "--served-model-name", spec.model.served_name,
-            "--tensor-parallel-size", str(r.tensor_parallel),
-            "--trust-remote-code",
-            "--tool-call-parser", "kimi_k2",
-            "--enable-auto-tool-choice",
-            "--reasoning-parser", "kimi_k2",
-            "--gpu-memory-utilization", f"{r.memory_knob:g}",
-            "--max-model-len", str(spec.context_length),
-            "--enable-chunked-prefill",
-            "--max-num-batched-tokens", str(r.max_num_batched_tokens),
-            "--host", LOOPBACK, "--port", str(port),
-        ]
-        if kv != "auto":
-            argv += ["--kv-cache-dtype", kv]
-        if engine.language_model_only:
-            argv += ["--language-model-only"]
-        elif r.mm_encoder_tp_mode:
-            argv += ["--mm-encoder-tp-mode", r.mm_encoder_tp_mode]
-        if p.data_parallel > 1:
-            argv += ["--data-parallel-size", str(p.data_parallel)]
-        if p.expert_parallel:
-            argv += ["--enable-expert-parallel"]
-        if p.decode_context_parallel > 1:
-            argv += ["--decode-context-parallel-size", str(p.decode_context_parallel)]
-        if engine.moe_backend:
-            argv += ["--moe-backend", engine.moe_backend]
-        if r.checkpoint.id == "nvfp4" and r.accelerator.arch == "sm_120":
-            argv += ["--disable-custom-all-reduce"]  # PCIe-only box (seed 003)
-        if engine.speculative == "eagle3":
-            # Dotted config flags instead of a JSON blob: env-file values cannot carry quotes.
-            argv += [f"--speculative-config.model={DRAFT_MOUNT}", "--speculative-config.method=eagle3",
-                     "--speculative-config.num_speculative_tokens=3"]
-    return argv + quant_flags + list(engine.extra_args)
+    """The engine's own command line, then the checkpoint's flags, then the stack's extraArgs."""
+    quant_flags = list(r.checkpoint.engine_flags.get(r.spec.engine.name, ()))
+    return r.adapter.argv(r, port) + quant_flags + list(r.spec.engine.extra_args)
 
 
 def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], dict[str, str]]:
@@ -179,7 +108,7 @@ def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], di
         return [f"--device=nvidia.com/gpu={i}" for i in device_ids], {}
     if vendor == "amd":
         args = ["--device=/dev/kfd", "--device=/dev/dri", "--group-add=video", "--security-opt=seccomp=unconfined"]
-        return args, {"HIP_VISIBLE_DEVICES": ids, **catalog.AMD_SGLANG_ENV}
+        return args, {"HIP_VISIBLE_DEVICES": ids}
     args = [f"--device=/dev/davinci{i}" for i in device_ids]
     args += ["--device=/dev/davinci_manager", "--device=/dev/devmm_svm", "--device=/dev/hisi_hdc"]
     args += [f"--volume={path}:{path}:ro" for path in ASCEND_HOST_MOUNTS]
@@ -195,7 +124,7 @@ def render_launch(r: Resolved) -> Launch:
         port = r.engine.port + index
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
-        env = {"HF_HUB_OFFLINE": "1", **dev_env, **spec.engine.env}
+        env = {"HF_HUB_OFFLINE": "1", **dev_env, **r.quirk_env, **spec.engine.env}
         docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro"]
         if spec.engine.speculative != "off":
             draft_dir = f"{spec.weights.host_path}/draft"
@@ -208,7 +137,7 @@ def render_launch(r: Resolved) -> Launch:
             argv=tuple(engine_argv(r, port)),
             docker_args=tuple(docker_args),
             env=env,
-            probe=Probe(r.engine.health_path, port, runs_generation=spec.engine.name == "sglang"),
+            probe=Probe(r.engine.health_path, port, runs_generation=r.engine.health_runs_generation),
         ))
     return Launch(
         engine=spec.engine.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, engines
 from kimi_fleet.spec import StackSpec
 
 
@@ -25,6 +25,28 @@ class Resolved:
     def engine(self) -> catalog.EngineProfile:
         return catalog.ENGINES[self.spec.engine.name]
 
+    @cached_property
+    def adapter(self) -> engines.Engine:
+        """The engine module that renders and sizes this stack."""
+        return engines.get(self.spec.engine.name)
+
+    @cached_property
+    def quirks(self) -> tuple[catalog.HardwareQuirk, ...]:
+        """The catalog's hardware quirks that apply to this engine, accelerator and checkpoint."""
+        return tuple(q for q in catalog.HARDWARE_QUIRKS
+                     if q.matches(self.spec.engine.name, self.accelerator, self.spec.checkpoint))
+
+    @property
+    def quirk_flags(self) -> list[str]:
+        return [flag for q in self.quirks for flag in q.flags]
+
+    @property
+    def quirk_env(self) -> dict[str, str]:
+        return {key: value for q in self.quirks for key, value in q.env.items()}
+
+    def _quirk_default(self, attribute: str):
+        return next((getattr(q, attribute) for q in self.quirks if getattr(q, attribute) is not None), None)
+
     @property
     def repo(self) -> str | None:
         return self.spec.model.repo or self.checkpoint.repo
@@ -37,9 +59,7 @@ class Resolved:
     def image(self) -> str | None:
         if self.spec.engine.image:
             return self.spec.engine.image
-        if self.spec.checkpoint == "nvfp4" and self.spec.engine.name == "vllm" and self.accelerator.arch == "sm_120":
-            return catalog.NVFP4_SM120_IMAGE
-        return catalog.DEFAULT_IMAGE.get((self.spec.engine.name, self.accelerator.arch))
+        return self._quirk_default("image") or catalog.DEFAULT_IMAGE.get((self.spec.engine.name, self.accelerator.arch))
 
     @property
     def image_entry(self) -> catalog.EngineImage | None:
@@ -49,19 +69,16 @@ class Resolved:
     def tensor_parallel(self) -> int:
         if self.spec.parallelism.tensor_parallel:
             return self.spec.parallelism.tensor_parallel
-        if self.accelerator.vendor == "amd" and self.spec.engine.name == "sglang":
-            # Largest TP the AITER MLA kernel accepts (heads per GPU a multiple of 16).
-            largest = catalog.KIMI_K26.attention_heads // catalog.AITER_MLA_HEADS_MULTIPLE
-            return min(self.spec.accelerator_count, largest)
+        multiple = self._quirk_default("heads_per_rank_multiple")
+        if multiple:
+            # The largest TP whose heads per rank the kernel accepts.
+            return min(self.spec.accelerator_count, catalog.KIMI_K26.attention_heads // multiple)
         return self.spec.accelerator_count // self.data_parallel_gpu_factor
 
     @property
     def data_parallel_gpu_factor(self) -> int:
-        """DP that multiplies GPUs: vLLM DP, or SGLang DP without DP attention (replicas in one server)."""
-        p = self.spec.parallelism
-        if self.spec.engine.name == "sglang" and p.dp_attention:
-            return 1
-        return p.data_parallel
+        """How many times data parallelism multiplies the GPUs of one engine (the engine decides)."""
+        return self.adapter.data_parallel_gpu_factor(self)
 
     @property
     def gpus_per_engine(self) -> int:
@@ -87,17 +104,11 @@ class Resolved:
         if self.spec.kv_cache_dtype:
             return self.spec.kv_cache_dtype
         preferred = self.checkpoint.preferred_kv_dtype.get(self.spec.engine.name)
-        if preferred:
-            return preferred
-        if self.accelerator.vendor == "amd" and self.spec.engine.name == "sglang":
-            return "fp8_e4m3"  # seed 001: the AMD generator's default
-        return "auto"
+        return preferred or self._quirk_default("kv_dtype") or "auto"
 
     @property
     def mm_encoder_tp_mode(self) -> str | None:
-        if self.spec.engine.name != "vllm" or self.spec.engine.language_model_only:
-            return None
-        return self.spec.engine.mm_encoder_tp_mode or "data"
+        return self.adapter.mm_encoder_tp_mode(self)
 
     @property
     def max_num_batched_tokens(self) -> int:

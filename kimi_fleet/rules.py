@@ -4,45 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from kimi_fleet import catalog
+from packaging.version import Version
+
+from kimi_fleet import catalog, engines
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec
 
-#: Flags kimi-fleet renders itself: extraArgs may not override them.
-MANAGED_FLAGS = {
-    "--tensor-parallel-size": "parallelism.tensorParallel", "--tp": "parallelism.tensorParallel",
-    "--tp-size": "parallelism.tensorParallel", "--dp": "parallelism.dataParallel",
-    "--data-parallel-size": "parallelism.dataParallel", "--kv-cache-dtype": "kvCacheDtype",
-    "--gpu-memory-utilization": "engine.memoryFraction", "--mem-fraction-static": "engine.memoryFraction",
-    "--max-model-len": "contextLength", "--context-length": "contextLength",
-    "--tool-call-parser": "(always kimi_k2)", "--reasoning-parser": "(always kimi_k2)",
-    "--enable-auto-tool-choice": "(always on for vLLM)", "--served-model-name": "model.servedName",
-    "--host": "(always 127.0.0.1)", "--port": "(per engine)", "--quantization": "checkpoint",
-    "--mm-encoder-tp-mode": "engine.mmEncoderTpMode", "--speculative-config": "engine.speculative",
-    "--language-model-only": "engine.languageModelOnly", "--model-path": "model", "--model": "model",
-}
-TOOL_CALL_FLAGS = {"--tool-call-parser", "--enable-auto-tool-choice"}
-#: Never accepted in extraArgs: a key on the command line lands in plain text in launch files and state.
+#: Never accepted in extraArgs, for any engine: a key on the command line lands in plain text in
+#: launch files and state.
 SECRET_FLAGS = {"--api-key": "the proxy holds the key (apiKey secret)", "--hf-token": "hfToken secret",
                 "--admin-api-key": "the proxy holds the key (apiKey secret)"}
+#: The flags that wire up Kimi's tool calls (refusing them says why).
+TOOL_CALL_FLAGS = {"--tool-call-parser", "--enable-auto-tool-choice"}
 
 
-def managed_flag(arg: str) -> str | None:
-    """The managed flag an extra argument would set, in any spelling argparse accepts: `_` for `-`,
-    `--flag=value`, one dash, and unambiguous prefixes (`--hos` for `--host`, `-tp=4` for `--tp`)."""
+def managed_flag(arg: str, managed: dict[str, str]) -> str | None:
+    """The managed or secret flag an extra argument would set, in any spelling argparse accepts: `_`
+    for `-`, `--flag=value`, one dash, and unambiguous prefixes (`--hos` for `--host`, `-tp=4` for
+    `--tp`)."""
     if not arg.startswith("-"):
         return None
     name = arg.lstrip("-").split("=", 1)[0].replace("_", "-").lower()
     if not name:
         return None
-    for flag in (*MANAGED_FLAGS, *SECRET_FLAGS):
+    for flag in (*managed, *SECRET_FLAGS):
         full = flag.lstrip("-")
         if full == name or full.startswith(name) or name.startswith(full + "."):
             return flag
     return None
-VLLM_KV_DTYPES = {"auto", "bf16", "fp8", "fp8_e4m3"}  # TRITON/FlashMLA KV menu (seed 003)
-SGLANG_KV_DTYPES = {"auto", "bf16", "fp8_e4m3", "fp8_e5m2"}
 
 
 def _f(path: str, value) -> str:
@@ -69,9 +59,6 @@ def checkpoint_runs_here(r: Resolved) -> Iterator[str]:
     if ck.blackwell_only and not accel.native_fp4:
         yield (f"{_f('checkpoint', ck.id)}: NVFP4 needs Blackwell FP4 tensor cores (sm_100/sm_103/sm_120); "
                f"{accel.name} is {accel.arch} and would only dequantize: use checkpoint int4")
-    if ck.id == "nvfp4" and engine == "sglang" and accel.arch == "sm_120":
-        yield (f"{_f('engine.name', engine)}: SGLang with NVFP4 on sm_120 ({accel.name}) produces NaN "
-               "(sgl #18954, seed 003): use engine vllm or checkpoint int4")
     if ck.repo is None and not r.spec.model.repo:
         yield f"field {CONFIG_NAMESPACE}:model.repo: checkpoint {ck.id} has no public repo ({ck.note}): give yours"
     if r.revision is None:
@@ -84,17 +71,44 @@ def checkpoint_runs_here(r: Resolved) -> Iterator[str]:
 @rule
 def engine_fits_vendor(r: Resolved) -> Iterator[str]:
     accel, engine = r.accelerator, r.spec.engine.name
-    if engine == "vllm" and accel.vendor != "nvidia":
-        yield (f"{_f('engine.name', engine)}: no verified vLLM recipe for Kimi-K2.6 on {accel.name} "
-               "(seeds 001/002 run SGLang there): use engine sglang")
-    if engine == "sglang" and accel.vendor == "amd":
-        heads_per_gpu = catalog.KIMI_K26.attention_heads / r.tensor_parallel
-        if heads_per_gpu % catalog.AITER_MLA_HEADS_MULTIPLE:
-            largest = catalog.KIMI_K26.attention_heads // catalog.AITER_MLA_HEADS_MULTIPLE
-            yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: SGLang on {accel.name} needs tensor "
-                   f"parallel <= {largest}: {catalog.KIMI_K26.attention_heads} heads / {r.tensor_parallel} = "
-                   f"{heads_per_gpu:g} heads per GPU, the AITER MLA kernel needs a multiple of "
-                   f"{catalog.AITER_MLA_HEADS_MULTIPLE}; an 8-GPU node runs two TP4 engines")
+    if accel.vendor not in r.engine.vendors:
+        verified = [name for name, profile in catalog.ENGINES.items() if accel.vendor in profile.vendors]
+        yield (f"{_f('engine.name', engine)}: no verified {engine} recipe for Kimi-K2.6 on {accel.name} "
+               f"({accel.vendor}); engines verified there: {', '.join(verified) or 'none'}")
+
+
+@rule
+def hardware_quirks(r: Resolved) -> Iterator[str]:
+    """The catalog's rows for this engine on this hardware: refusals, image needs, head layouts."""
+    engine, accel = r.spec.engine.name, r.accelerator
+    for quirk in r.quirks:
+        if quirk.refuse:
+            yield f"{_f('engine.name', engine)} on {accel.name} with checkpoint {r.spec.checkpoint}: {quirk.refuse}"
+        if quirk.image_marker and r.image and quirk.image_marker not in r.image:
+            yield f"{_f('engine.image', r.image)}: {quirk.image_reason}"
+        multiple = quirk.heads_per_rank_multiple
+        heads = catalog.KIMI_K26.attention_heads
+        if multiple and (heads / r.tensor_parallel) % multiple:
+            yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: {engine} on {accel.name} needs tensor "
+                   f"parallel <= {heads // multiple}: {heads} heads / {r.tensor_parallel} = "
+                   f"{heads / r.tensor_parallel:g} heads per GPU, {quirk.heads_reason} needs a multiple of "
+                   f"{multiple}; an 8-GPU node runs two TP{heads // multiple} engines")
+
+
+@rule
+def engine_reads_its_options(r: Resolved) -> Iterator[str]:
+    """Options another engine reads are refused, not silently ignored."""
+    adapter, spec = r.adapter, r.spec
+    for attribute, key in engines.ENGINE_OPTIONS.items():
+        if attribute not in adapter.options and getattr(spec.engine, attribute) not in (None, False):
+            yield (f"{_f(key, getattr(spec.engine, attribute))}: not an option of {adapter.name}; "
+                   f"{adapter.options_hint}")
+    defaults = {"dp_attention": False, "decode_context_parallel": 1}
+    for attribute, key in engines.PARALLELISM_OPTIONS.items():
+        if attribute not in adapter.options and getattr(spec.parallelism, attribute) != defaults[attribute]:
+            yield (f"{_f(key, getattr(spec.parallelism, attribute))}: not an option of {adapter.name}; "
+                   f"{adapter.options_hint}")
+    yield from adapter.problems(r)
 
 
 @rule
@@ -108,17 +122,9 @@ def parallelism_adds_up(r: Resolved) -> Iterator[str]:
     if catalog.KIMI_K26.attention_heads % r.tensor_parallel:
         yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: must divide the model's "
                f"{catalog.KIMI_K26.attention_heads} attention heads")
-    if p.dp_attention and r.spec.engine.name != "sglang":
-        yield f"{_f('parallelism.dpAttention', True)}: DP attention is SGLang's; vLLM uses decodeContextParallel"
     if p.dp_attention and (p.data_parallel < 2 or r.tensor_parallel % p.data_parallel):
         yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: DP attention needs dataParallel >= 2 "
                f"dividing tensorParallel {r.tensor_parallel}")
-    if p.decode_context_parallel > 1:
-        if r.spec.engine.name != "vllm":
-            yield f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: a vLLM option"
-        elif r.tensor_parallel % p.decode_context_parallel:
-            yield (f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: must divide "
-                   f"tensorParallel {r.tensor_parallel}")
 
 
 @rule
@@ -136,16 +142,9 @@ def image_is_right(r: Resolved) -> Iterator[str]:
             yield (f"{_f('engine.image', r.image)}: built for {', '.join(entry.archs)}, not {accel.arch} "
                    f"({accel.name}); 'no kernel image is available' at start")
         minimum = r.checkpoint.min_engine_versions.get(engine)
-        if minimum and _version(entry.version) < _version(minimum):
+        if minimum and Version(entry.version) < Version(minimum):
             yield (f"{_f('engine.image', r.image)}: {engine} {entry.version} is older than {minimum}, the first "
                    f"version known to serve checkpoint {r.checkpoint.id}")
-    if r.checkpoint.id == "nvfp4" and engine == "vllm" and accel.arch == "sm_120" and "cu130" not in r.image:
-        yield (f"{_f('engine.image', r.image)}: NVFP4 on sm_120 needs the CUDA 13 image with the TRITON_MLA "
-               f"shared-memory patch ({catalog.NVFP4_SM120_IMAGE}, seed 003): stock images OOM at graph capture")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".") if part.isdigit())
 
 
 @rule
@@ -154,11 +153,9 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
     if e.language_model_only and e.mm_encoder_tp_mode == "data":
         yield (f"{_f('engine.mmEncoderTpMode', 'data')}: languageModelOnly drops the vision encoder, so "
                "--mm-encoder-tp-mode data has nothing to shard")
-    if e.name == "sglang" and (e.language_model_only or e.mm_encoder_tp_mode or e.moe_backend):
-        yield (f"field {CONFIG_NAMESPACE}:engine: languageModelOnly, mmEncoderTpMode and moeBackend are vLLM "
-               "options; SGLang needs nothing extra for vision")
+    managed = engines.managed_flags(r.adapter)
     for arg in e.extra_args:
-        flag = managed_flag(arg)
+        flag = managed_flag(arg, managed)
         if flag in SECRET_FLAGS:
             # The value is not echoed: it may be a real key.
             yield (f"field {CONFIG_NAMESPACE}:engine.extraArgs: {flag} is refused in any spelling: "
@@ -167,11 +164,11 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
             why = (": vLLM tool calls need --enable-auto-tool-choice with the kimi_k2 parser, which kimi-fleet "
                    "always renders" if flag in TOOL_CALL_FLAGS else "")
             yield (f"{_f('engine.extraArgs', arg)}: sets {flag}, which kimi-fleet renders "
-                   f"(set {MANAGED_FLAGS[flag]}){why}")
+                   f"(set {managed[flag]}){why}")
     if e.speculative != "off" and not e.speculative_draft_repo:
         yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note EAGLE3 "
                "measured 1.28% acceptance and -46% throughput on K2.6 (seed 004)")
-    allowed = VLLM_KV_DTYPES if e.name == "vllm" else SGLANG_KV_DTYPES
+    allowed = r.engine.kv_dtypes
     if r.kv_cache_dtype not in allowed:
         yield (f"{_f('kvCacheDtype', r.kv_cache_dtype)}: {e.name} accepts {', '.join(sorted(allowed))} for "
                "Kimi's MLA attention")

@@ -93,21 +93,6 @@ class Sizing:
         )
 
 
-def weights_per_device(r: Resolved) -> int:
-    p = r.spec.parallelism
-    size = r.checkpoint.size_bytes
-    attention = catalog.KIMI_K26.attention_params * catalog.BF16_BYTES
-    tp = r.tensor_parallel
-    if r.spec.engine.name == "sglang" and p.dp_attention:
-        # DP attention replicates the attention projections inside each DP group.
-        attention_share = attention * p.data_parallel // tp
-        return (size - attention) // tp + attention_share
-    if r.spec.engine.name == "vllm" and p.expert_parallel and p.data_parallel > 1:
-        # Experts spread over TP x DP ranks; attention stays TP-sharded per replica.
-        return (size - attention) // (tp * p.data_parallel) + attention // tp
-    return size // tp
-
-
 def vision_per_device(r: Resolved) -> int:
     if r.spec.engine.language_model_only:
         return 0
@@ -115,12 +100,6 @@ def vision_per_device(r: Resolved) -> int:
     if r.mm_encoder_tp_mode == "weights":
         return encoder // r.tensor_parallel
     return encoder  # data-parallel encoder (vLLM 'data', SGLang): a full copy per rank
-
-
-def reserve_per_device(r: Resolved) -> int:
-    reserve = r.engine.in_budget_reserve_bytes
-    reserve += r.engine.activation_bytes_per_batched_token * r.max_num_batched_tokens
-    return reserve
 
 
 def volume_read_bytes_per_second(r: Resolved) -> int:
@@ -132,30 +111,21 @@ def volume_read_bytes_per_second(r: Resolved) -> int:
     return catalog.LOCAL_NVME_READ_BYTES_PER_SECOND
 
 
-def kv_sharing(r: Resolved) -> tuple[int, int]:
-    """(ranks one sequence's KV is spread over, independent KV pools in one engine)."""
-    p = r.spec.parallelism
-    if r.spec.engine.name == "sglang":
-        return 1, p.data_parallel  # DP attention groups or plain DP replicas: one pool each
-    return p.decode_context_parallel, p.data_parallel
-
-
 def size(r: Resolved) -> Sizing:
     accel = r.accelerator
     budget = int(accel.memory_bytes * r.memory_knob)
-    weights = weights_per_device(r)
+    weights = r.adapter.weights_per_device(r)
     vision = vision_per_device(r)
-    reserve = reserve_per_device(r)
+    reserve = r.adapter.reserve_per_device(r)
     pool = budget - weights - vision - reserve
     kv_per_token = catalog.KIMI_K26.kv_elements_per_token * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype]
     tokens_per_device = max(pool, 0) // kv_per_token
-    spread, pools = kv_sharing(r)
+    spread, pools = r.adapter.kv_sharing(r)
     max_sequence = tokens_per_device * spread
     engine_pool = max_sequence * pools
     context = r.spec.context_length
     concurrent = engine_pool // context if context else 0
-    attention_groups = r.spec.parallelism.data_parallel if r.spec.parallelism.dp_attention else spread
-    replication = max(1, r.tensor_parallel // attention_groups)
+    replication = max(1, r.tensor_parallel // r.adapter.attention_groups(r))
 
     source = catalog.TRANSFER_SOURCES[r.spec.weights.source]
     rate = source.bytes_per_second

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, engines
 from kimi_fleet.pinning import image_is_pinned  # noqa: F401  (one predicate with the policy pack)
 
 CONFIG_NAMESPACE = "kimi-fleet"
@@ -139,9 +139,19 @@ class ModelSpec(Spec):
         return value
 
 
+def _registered_engine(value: str) -> str:
+    if value not in engines.names():
+        raise ValueError(f"unknown engine {value!r}; kimi-fleet has {', '.join(engines.names())}")
+    return value
+
+
+def _engine_enum(schema: dict) -> None:
+    schema["enum"] = list(engines.names())
+
+
 class EngineSpec(Spec):
-    name: Literal["vllm", "sglang"]
-    """the inference engine: vllm or sglang."""
+    name: Annotated[str, AfterValidator(_registered_engine)] = Field(
+        json_schema_extra=_engine_enum, description="the inference engine (one of kimi_fleet/engines/).")
     image: str | None = Field(None, description="pinned image tag; default from the catalog")
     memory_fraction: Annotated[float, Field(gt=0.3, le=0.98)] | None = Field(
         None, description="SGLang --mem-fraction-static / vLLM --gpu-memory-utilization"

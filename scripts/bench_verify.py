@@ -16,6 +16,7 @@ from pathlib import Path
 # Runnable from a checkout: the package and the test harness live in the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kimi_fleet import catalog  # noqa: E402
 from kimi_fleet.verification import run_suite  # noqa: E402
 from tests.fakes.harness import start_proxied_engine  # noqa: E402
 
@@ -24,7 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--load", type=int, default=0, help="also run the load check with N streams")
-    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    parser.add_argument("--engine", choices=tuple(catalog.ENGINES), default=catalog.VERIFY_DEFAULT_ENGINE)
     args = parser.parse_args()
 
     per_check: dict[str, list[float]] = {}

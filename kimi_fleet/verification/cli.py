@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from kimi_fleet import catalog
 from kimi_fleet.caddy import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH
 
 from .checks import CHECKS
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
                         help="default: $KIMI_API_KEY (keeps the key off the command line)")
     parser.add_argument("--model", required=True, help="served model name")
-    parser.add_argument("--engine", choices=ENGINES, default="vllm")
+    parser.add_argument("--engine", choices=ENGINES, default=catalog.VERIFY_DEFAULT_ENGINE)
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), metavar="CHECK", help=f"subset of {list(CHECKS)}")
     parser.add_argument("--json", type=Path, metavar="REPORT", help="write a JSON report here")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per HTTP request")

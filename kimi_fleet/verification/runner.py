@@ -9,13 +9,14 @@ from typing import Callable, Iterable
 
 import httpx
 
+from kimi_fleet import catalog
 from kimi_fleet.caddy import RELEASE_HEADER
 
 from .checks import CHECKS, Outcome, failed
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint, open_client
 from .report import FAIL, PASS, SKIP, CheckResult, Report
 
-ENGINES = ("vllm", "sglang")
+ENGINES = tuple(catalog.ENGINES)
 DEFAULT_TIMEOUT = 300.0  # per HTTP request: thinking answers on a busy engine take minutes
 # Shorter "keys" (test placeholders) would turn redaction into mangling of ordinary words.
 MIN_REDACTED_KEY_LENGTH = 8
@@ -88,7 +89,7 @@ async def run_suite_async(
     api_key: str,
     model: str,
     *,
-    engine: str = "vllm",
+    engine: str = catalog.VERIFY_DEFAULT_ENGINE,
     only: Iterable[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     load: int = 0,

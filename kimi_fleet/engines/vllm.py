@@ -1,0 +1,96 @@
+"""vLLM: `vllm serve`, --gpu-memory-utilization caps the whole footprint, /health is liveness only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from kimi_fleet import catalog
+from kimi_fleet.engines.base import Engine
+from kimi_fleet.paths import DRAFT_MOUNT, LOOPBACK, MODEL_MOUNT
+
+if TYPE_CHECKING:
+    from kimi_fleet.resolve import Resolved
+
+
+class VLLM(Engine):
+    name = "vllm"
+    options = frozenset({"language_model_only", "mm_encoder_tp_mode", "moe_backend", "decode_context_parallel"})
+    options_hint = "vLLM uses decodeContextParallel where SGLang uses dpAttention"
+    managed_flags = {
+        "--tensor-parallel-size": "parallelism.tensorParallel", "--data-parallel-size": "parallelism.dataParallel",
+        # vLLM's short aliases -tp and -dp (one dash or two: the check strips dashes).
+        "--tp": "parallelism.tensorParallel", "--dp": "parallelism.dataParallel",
+        "--kv-cache-dtype": "kvCacheDtype", "--gpu-memory-utilization": "engine.memoryFraction",
+        "--max-model-len": "contextLength", "--max-num-batched-tokens": "engine.maxNumBatchedTokens",
+        "--tool-call-parser": "(always kimi_k2)", "--reasoning-parser": "(always kimi_k2)",
+        "--enable-auto-tool-choice": "(always on for vLLM)", "--served-model-name": "model.servedName",
+        "--host": "(always 127.0.0.1)", "--port": "(per engine)", "--quantization": "checkpoint",
+        "--mm-encoder-tp-mode": "engine.mmEncoderTpMode", "--speculative-config": "engine.speculative",
+        "--language-model-only": "engine.languageModelOnly", "--model": "model",
+        "--enable-expert-parallel": "parallelism.expertParallel",
+        "--decode-context-parallel-size": "parallelism.decodeContextParallel",
+        "--moe-backend": "engine.moeBackend",
+    }
+
+    def mm_encoder_tp_mode(self, r: Resolved) -> str | None:
+        if r.spec.engine.language_model_only:
+            return None
+        return r.spec.engine.mm_encoder_tp_mode or "data"
+
+    def problems(self, r: Resolved) -> Iterator[str]:
+        dcp = r.spec.parallelism.decode_context_parallel
+        if dcp > 1 and r.tensor_parallel % dcp:
+            yield (f"field kimi-fleet:parallelism.decodeContextParallel (given {dcp}): must divide "
+                   f"tensorParallel {r.tensor_parallel}")
+
+    def argv(self, r: Resolved, port: int) -> list[str]:
+        spec, engine, p = r.spec, r.spec.engine, r.spec.parallelism
+        argv = [
+            "vllm", "serve", MODEL_MOUNT,
+            "--served-model-name", spec.model.served_name,
+            "--tensor-parallel-size", str(r.tensor_parallel),
+            "--trust-remote-code",
+            "--tool-call-parser", "kimi_k2",
+            "--enable-auto-tool-choice",
+            "--reasoning-parser", "kimi_k2",
+            self.profile.memory_flag, f"{r.memory_knob:g}",
+            "--max-model-len", str(spec.context_length),
+            "--enable-chunked-prefill",
+            "--max-num-batched-tokens", str(r.max_num_batched_tokens),
+            "--host", LOOPBACK, "--port", str(port),
+        ]
+        kv = self.kv_dtype_flag_value(r.kv_cache_dtype)
+        if kv != "auto":
+            argv += ["--kv-cache-dtype", kv]
+        if engine.language_model_only:
+            argv += ["--language-model-only"]
+        elif r.mm_encoder_tp_mode:
+            argv += ["--mm-encoder-tp-mode", r.mm_encoder_tp_mode]
+        if p.data_parallel > 1:
+            argv += ["--data-parallel-size", str(p.data_parallel)]
+        if p.expert_parallel:
+            argv += ["--enable-expert-parallel"]
+        if p.decode_context_parallel > 1:
+            argv += ["--decode-context-parallel-size", str(p.decode_context_parallel)]
+        if engine.moe_backend:
+            argv += ["--moe-backend", engine.moe_backend]
+        argv += r.quirk_flags
+        if engine.speculative == "eagle3":
+            # Dotted config flags instead of a JSON blob: env-file values cannot carry quotes.
+            argv += [f"--speculative-config.model={DRAFT_MOUNT}", "--speculative-config.method=eagle3",
+                     "--speculative-config.num_speculative_tokens=3"]
+        return argv
+
+    def weights_per_device(self, r: Resolved) -> int:
+        p = r.spec.parallelism
+        if p.expert_parallel and p.data_parallel > 1:
+            # Experts spread over TP x DP ranks; attention stays TP-sharded per replica.
+            attention = catalog.KIMI_K26.attention_params * catalog.BF16_BYTES
+            experts = r.checkpoint.size_bytes - attention
+            return experts // (r.tensor_parallel * p.data_parallel) + attention // r.tensor_parallel
+        return super().weights_per_device(r)
+
+    def kv_sharing(self, r: Resolved) -> tuple[int, int]:
+        p = r.spec.parallelism
+        return p.decode_context_parallel, p.data_parallel
