@@ -54,6 +54,9 @@ class ModelArchitecture:
     experts_per_token: int
     max_context_tokens: int
     vision_encoder_params: int
+    vocab_size: int
+    #: Layers with routed experts (the first layer is dense: first_k_dense_replace = 1).
+    moe_layers: int
     source: Source
 
     @property
@@ -74,6 +77,18 @@ class ModelArchitecture:
         )
         return self.layers * per_layer
 
+    @property
+    def tp_replicated_params(self) -> int:
+        """Weights every tensor-parallel rank holds whole: the q_a/kv_a down-projections (the engines
+        do not shard them) and the MoE router gates (~2.2 GB in bf16)."""
+        down_projections = self.hidden_size * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim)
+        return self.layers * down_projections + self.moe_layers * self.routed_experts * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        """The token embedding, vocab-sharded under TP but whole on every rank under DP attention."""
+        return self.vocab_size * self.hidden_size
+
 
 KIMI_K26 = ModelArchitecture(
     name="Kimi-K2.6",
@@ -91,6 +106,8 @@ KIMI_K26 = ModelArchitecture(
     experts_per_token=8,
     max_context_tokens=262_144,
     vision_encoder_params=400_000_000,
+    vocab_size=163_840,
+    moe_layers=60,
     source=Source("moonshotai/Kimi-K2.6 config.json via handbook", "2026-04-20"),
 )
 
@@ -245,10 +262,10 @@ class EngineProfile:
     name: EngineName
     port: int
     memory_flag: str
-    #: Memory the engine keeps inside its knob besides weights and KV (graphs, workspaces), per device.
-    in_budget_reserve_bytes: int
-    #: Activation memory per token of the prefill batch, inside the knob (vLLM profiles it).
-    activation_bytes_per_batched_token: int
+    #: CUDA context, NCCL/RCCL communicators and library workspaces: allocated before the KV pool,
+    #: so inside the memory knob on both engines. Constrained by seed 003's SGLang pools (116K bf16 /
+    #: 232K fp8 at 0.85 on 8 x 96 GB); vLLM shares the figure (same CUDA/NCCL stack).
+    runtime_overhead_bytes: int
     default_batched_tokens: int
     health_path: str
     #: True: the health route runs a real generation (SGLang's /health_generate); False: liveness only.
@@ -265,13 +282,14 @@ class EngineProfile:
     source: Source
 
 
+MEMORY_CALIBRATION = Source("calibrated here against seeds 003 and 004 (tests/test_memory_points.py)", "2026-12-02")
+
 ENGINES: dict[str, EngineProfile] = {
     "sglang": EngineProfile(
         name="sglang",
         port=30000,
         memory_flag="--mem-fraction-static",
-        in_budget_reserve_bytes=4 * GiB,
-        activation_bytes_per_batched_token=0,
+        runtime_overhead_bytes=int(1.9 * GiB),
         default_batched_tokens=8192,
         health_path="/health_generate",
         health_runs_generation=True,
@@ -280,14 +298,13 @@ ENGINES: dict[str, EngineProfile] = {
         kv_dtype_spelling={},
         load_bytes_per_second=int(595 * GB / (12.5 * 60)),
         warmup_seconds=180,
-        source=CALIBRATED,
+        source=MEMORY_CALIBRATION,
     ),
     "vllm": EngineProfile(
         name="vllm",
         port=8000,
         memory_flag="--gpu-memory-utilization",
-        in_budget_reserve_bytes=3 * GiB,
-        activation_bytes_per_batched_token=1_150_000,
+        runtime_overhead_bytes=int(1.9 * GiB),
         default_batched_tokens=8192,
         health_path="/health",
         health_runs_generation=False,
@@ -296,9 +313,83 @@ ENGINES: dict[str, EngineProfile] = {
         kv_dtype_spelling={"bf16": "bfloat16"},
         load_bytes_per_second=int(595 * GB / (12.5 * 60)),
         warmup_seconds=240,
-        source=CALIBRATED,
+        source=MEMORY_CALIBRATION,
     ),
 }
+
+
+@dataclass(frozen=True)
+class VLLMMemoryProfile:
+    """What vLLM's start-up profile run takes out of --gpu-memory-utilization besides weights and KV.
+
+    The profile run is mostly fixed (an encoder dummy batch, one forward pass, the sampler over
+    max_num_seqs x 163,840-vocab logits), so it is one figure, not a per-batched-token slope.
+    CUDA-graph memory is subtracted from the budget from `cudagraphs_in_budget_since` on
+    (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS on by default); before, graphs land outside it.
+    """
+
+    #: Constrained by seed 003 (vLLM 0.22.1, 8 x 96 GB, INT4: 0.95 gives ~131K bf16 tokens, 0.85 does
+    #: not start) together with cudagraph_bytes, and by seed 004 (0.19.1 on GB200 x4 at 0.90 holds
+    #: 262,144 bf16 tokens plus an EAGLE3 draft) alone.
+    profile_peak_bytes: int
+    #: Graph pool of the default capture sizes (seed 003 with profile_peak_bytes).
+    cudagraph_bytes: int
+    cudagraphs_in_budget_since: str
+    source: Source
+
+
+VLLM_MEMORY = VLLMMemoryProfile(
+    profile_peak_bytes=int(5.0 * GiB),
+    cudagraph_bytes=int(3.5 * GiB),
+    cudagraphs_in_budget_since="0.21.0",
+    source=MEMORY_CALIBRATION,
+)
+
+
+@dataclass(frozen=True)
+class SGLangReserve:
+    """SGLang's own estimate of the memory it needs outside --mem-fraction-static (MB), from
+    `ServerArgs._handle_gpu_memory_settings` in 0.5.12.post1: the request-to-token table and metadata,
+    prefill activations (proportional to the chunked prefill size, before the DP split), CUDA graphs
+    (proportional to the capture batch, padded per DP rank under DP attention), a term for large TP.
+    """
+
+    base_mb: int = 512
+    per_chunk_token_mb: float = 1.5
+    min_chunk_tokens: int = 2048
+    per_graph_batch_mb: float = 2
+    per_tp_rank_mb: float = 1024 / 8
+    dp_attention_per_graph_batch_rank_mb: float = 3
+    #: DP attention with a capture batch above large_graph_batch adds this per batch and rank.
+    large_graph_batch: int = 300
+    large_graph_extra_mb: float = 1.5
+    #: On GPUs above 60 GB the engine reserves at least this much.
+    large_gpu_mb: int = 60 * 1024
+    large_gpu_floor_mb: int = 10 * 1024
+    eagle_draft_mb: int = 2 * 1024
+    #: The engine's default CUDA-graph capture batch: 512 on GPUs of 60 GB and more at TP >= 4.
+    default_graph_batch: int = 512
+    default_graph_batch_small_tp: int = 256
+    #: The measured tolerance: seed 003 ran at 0.85 with 98.9% of the estimate free outside the knob
+    #: (the engine's own default there is 0.848); 0.90 left 66% and OOM-crashed. Below this share the
+    #: stack is refused.
+    tolerance: float = 0.95
+    source: Source = Source("sglang v0.5.12.post1 python/sglang/srt/server_args.py; seed 003", "2026-12-02")
+
+
+SGLANG_RESERVE = SGLangReserve()
+#: From this version `python -m sglang.launch_server` warns that `sglang serve` is the entrypoint.
+SGLANG_SERVE_SINCE = "0.5.12"
+SGLANG_SERVE_SOURCE = Source("sglang launch_server.py UserWarning (0.5.12+)", "2026-03")
+
+#: An EAGLE3 draft for Kimi-K2.6 (lightseekorg/kimi-k2.6-eagle3): one decoder layer at hidden 7168, the
+#: fc fusing three target layers and a 32K-vocab head. No size is published with it: ~1.5B params in
+#: bf16 is the layout's upper bound, sharded over TP like the target's attention.
+EAGLE3_DRAFT_BYTES = 3 * GB
+#: KV of the draft's one attention layer per token (GQA 8 x 128, K and V, bf16), over TP.
+EAGLE3_DRAFT_KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2
+EAGLE3_DRAFT_SOURCE = Source("estimated from the EAGLE3 layout (seed 004 ran it on GB200 x4)", "2026-12-02")
+
 
 #: The verify CLI's engine when --engine is not given: the one whose health route (/health) asks least.
 VERIFY_DEFAULT_ENGINE = "vllm"
@@ -307,7 +398,7 @@ VERIFY_DEFAULT_ENGINE = "vllm"
 DEFAULT_MEMORY_KNOB: dict[tuple[str, str], float] = {
     ("sglang", "nvidia"): 0.85,  # seed 003: verified ceiling on 96 GB cards (0.90 OOM-crashes)
     ("sglang", "amd"): 0.80,  # seed 001: AMD generator default with fp8_e4m3 KV
-    ("sglang", "huawei"): 0.80,
+    ("sglang", "huawei"): 0.76,  # no measurement (seed 002 gives none): leaves SGLang's estimate (TP16) free outside
     ("vllm", "nvidia"): 0.90,  # seed 004 on GB200
     ("vllm", "amd"): 0.90,
 }
@@ -542,6 +633,54 @@ MEASURED_THROUGHPUT: tuple[Throughput, ...] = (
     Throughput("sglang", "h200", 8, "int4", "1K in / 1K out, concurrency 1", 106.10, 177.0, 9.22, SEED_001),
     Throughput("vllm", "gb200", 4, "int4", "8K in / 1K out, 32 prompts at 10 req/s", 1181.84, 162.09, 24.35,
                SEED_004),
+)
+
+
+@dataclass(frozen=True)
+class MemoryPoint:
+    """A measured memory outcome: the sizing must reproduce it (tests/test_memory_points.py)."""
+
+    accelerator: str
+    accelerator_count: int
+    checkpoint: str
+    engine: EngineName
+    image: str
+    memory_knob: float
+    kv_dtype: str
+    context_length: int
+    #: "pool": the engine reported `pool_tokens` (within POOL_TOLERANCE); "starts": it served
+    #: `context_length`; "fails": it did not start or crashed (OOM).
+    outcome: Literal["pool", "starts", "fails"]
+    pool_tokens: int | None
+    what_was_seen: str
+    source: Source
+    parallelism: dict[str, int | bool] = field(default_factory=dict)
+    speculative: str = "off"
+
+
+#: Sizing must reproduce each measured pool within this share.
+POOL_TOLERANCE = 0.10
+
+MEASURED_MEMORY_POINTS: tuple[MemoryPoint, ...] = (
+    MemoryPoint("rtxpro6000", 8, "int4", "sglang", "lmsysorg/sglang:v0.5.12.post1-cu130", 0.85, "auto", 262_144,
+                "pool", 116_000, "KV pool 116K tokens (bf16)", SEED_003),
+    MemoryPoint("rtxpro6000", 8, "int4", "sglang", "lmsysorg/sglang:v0.5.12.post1-cu130", 0.85, "fp8_e4m3",
+                262_144, "pool", 232_000, "KV pool 2x: 116K -> 232K, a full-256K request fits", SEED_003),
+    MemoryPoint("rtxpro6000", 8, "int4", "sglang", "lmsysorg/sglang:v0.5.12.post1-cu130", 0.90, "fp8_e4m3",
+                131_072, "fails", None, "0.90 OOM-crashes the server (transients live outside the knob)", SEED_003),
+    MemoryPoint("rtxpro6000", 8, "int4", "vllm", "vllm/vllm-openai:v0.22.1", 0.95, "auto", 131_072,
+                "pool", 131_000, "0.95 is the working setting; bf16 KV tops out ~131K", SEED_003),
+    MemoryPoint("rtxpro6000", 8, "int4", "vllm", "vllm/vllm-openai:v0.22.1", 0.85, "fp8", 8_192,
+                "fails", None, "0.85 leaves ~0.5 GB for KV: won't start", SEED_003),
+    MemoryPoint("rtxpro6000", 8, "int4", "vllm", "vllm/vllm-openai:v0.22.1", 0.95, "fp8", 262_144,
+                "starts", None, "256K context with fp8 KV at 0.95", SEED_003),
+    MemoryPoint("gb200", 4, "int4", "vllm", "vllm/vllm-openai:v0.19.1-cu130", 0.90, "auto", 262_144,
+                "starts", None, "served with no --max-model-len (derived 262,144) and an EAGLE3 draft; vLLM "
+                "refuses to start when one max-length sequence does not fit", SEED_004, speculative="eagle3"),
+    MemoryPoint("mi355x", 4, "int4", "sglang", "lmsysorg/sglang:v0.5.9-rocm700-mi35x", 0.80, "fp8_e4m3",
+                262_144, "starts", None, "the cookbook's TP4 benchmark deployment on MI350X-class GPUs", SEED_001),
+    MemoryPoint("mi300x", 4, "int4", "sglang", "lmsysorg/sglang:v0.5.9-rocm700-mi30x", 0.80, "fp8_e4m3",
+                262_144, "starts", None, "listed as a supported TP4 platform with the generator's 0.8 + fp8", SEED_001),
 )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from packaging.version import Version
+
 from kimi_fleet import catalog, engines
 from kimi_fleet.spec import StackSpec
 
@@ -64,6 +66,11 @@ class Resolved:
     @property
     def image_entry(self) -> catalog.EngineImage | None:
         return catalog.ENGINE_IMAGES.get(self.image or "")
+
+    @property
+    def engine_version(self) -> Version | None:
+        """The engine version the image carries, when the catalog knows the image."""
+        return Version(self.image_entry.version) if self.image_entry else None
 
     @cached_property
     def tensor_parallel(self) -> int:

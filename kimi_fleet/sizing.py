@@ -1,10 +1,11 @@
 """Memory fit and time-to-ready: bytes inside, GiB shown.
 
-Per device: the engine's memory knob gives a budget; the weight share, the vision encoder and the
-engine's reserve come out of it; what is left is the KV pool. SGLang's --mem-fraction-static covers
-weights + KV only (transients live outside it); vLLM's --gpu-memory-utilization caps everything, so
-its profiled activations come out of the budget too. Calibrated to seed 003 (8 x 96 GB, INT4, SGLang
-0.85: ~116K tokens bf16, ~232K fp8; vLLM 0.95: ~131K bf16, 0.85 does not start).
+Per device: the engine's memory knob gives a budget. Weights (with what every rank holds whole),
+the vision encoder and what the engine keeps inside its knob (runtime, and for vLLM the start-up
+profile run and, from 0.21, CUDA graphs) come out of it; what is left is the KV pool. What the
+engine needs outside its knob (SGLang's own estimate; vLLM 0.19's CUDA graphs) must fit in the rest
+of the device. The constants and the measured points that constrain them are in the catalog and
+tests/test_memory_points.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ class Sizing:
     weights_bytes_per_device: int
     vision_bytes_per_device: int
     reserve_bytes_per_device: int
+    #: What reserve_bytes_per_device is made of, by name.
+    reserve_items: dict[str, int]
     kv_pool_bytes_per_device: int
+    #: What the engine needs outside its knob, and what the device leaves there.
+    outside_need_bytes: int
+    outside_items: dict[str, int]
+    outside_available_bytes: int
+    outside_tolerance: float
     kv_dtype: str
     kv_bytes_per_token: int
     kv_tokens_per_device: int
@@ -39,6 +47,8 @@ class Sizing:
     context_length: int
     concurrent_sequences_per_engine: int
     engines_per_node: int
+    #: What each rank runs with after the engine's own adjustments (e.g. SGLang's DP split).
+    per_rank: dict[str, int]
     fits: bool
     # time to ready
     download_seconds: int
@@ -59,6 +69,10 @@ class Sizing:
     def largest_context(self) -> int:
         return min(self.max_sequence_tokens, catalog.KIMI_K26.max_context_tokens)
 
+    @property
+    def outside_fits(self) -> bool:
+        return self.outside_available_bytes >= self.outside_need_bytes * self.outside_tolerance
+
     def as_dict(self) -> dict:
         data = asdict(self)
         data.update(
@@ -72,29 +86,40 @@ class Sizing:
                 "vision_per_device": gib(self.vision_bytes_per_device),
                 "reserve_per_device": gib(self.reserve_bytes_per_device),
                 "kv_pool_per_device": gib(self.kv_pool_bytes_per_device),
+                "outside_need": gib(self.outside_need_bytes),
+                "outside_available": gib(self.outside_available_bytes),
             },
         )
         return data
 
     def why_not(self) -> str:
         """Plain words for a stack that does not fit."""
+        reserve = ", ".join(f"{name} {gib(value)}" for name, value in self.reserve_items.items())
         head = (
             f"per device {gib(self.device_memory_bytes)} GiB x knob {self.memory_knob} = "
             f"{gib(self.budget_bytes)} GiB budget; weights {gib(self.weights_bytes_per_device)} GiB, "
-            f"vision encoder {gib(self.vision_bytes_per_device)} GiB, engine reserve "
-            f"{gib(self.reserve_bytes_per_device)} GiB leave {gib(max(self.kv_pool_bytes_per_device, 0))} GiB "
+            f"vision encoder {gib(self.vision_bytes_per_device)} GiB, engine {gib(self.reserve_bytes_per_device)} "
+            f"GiB ({reserve}) leave {gib(max(self.kv_pool_bytes_per_device, 0))} GiB "
             f"of KV ({self.kv_bytes_per_token} B/token {self.kv_dtype})"
         )
+        problems = []
         if self.max_sequence_tokens <= 0:
-            return f"{head}: weights, encoder and reserve exceed the budget, no room for any context"
-        return (
-            f"{head}: the pool holds {self.max_sequence_tokens} tokens, less than contextLength "
-            f"{self.context_length}; the largest context that fits is {self.largest_context}"
-        )
+            problems.append(f"{head}: weights, encoder and engine exceed the budget, no room for any context")
+        elif self.max_sequence_tokens < self.context_length:
+            problems.append(f"{head}: the pool holds {self.max_sequence_tokens} tokens, less than contextLength "
+                            f"{self.context_length}; the largest context that fits is {self.largest_context}")
+        if not self.outside_fits:
+            items = ", ".join(f"{name} {gib(value)}" for name, value in self.outside_items.items())
+            problems.append(
+                f"outside the knob the engine needs {gib(self.outside_need_bytes)} GiB ({items}) but "
+                f"{gib(self.device_memory_bytes)} GiB x (1 - {self.memory_knob}) leaves "
+                f"{gib(self.outside_available_bytes)} GiB: it would run out of memory at start or under "
+                "load; lower engine.memoryFraction, engine.maxNumBatchedTokens or engine.cudaGraphMaxBatch")
+        return "; ".join(problems)
 
 
 def vision_per_device(r: Resolved) -> int:
-    if r.spec.engine.language_model_only:
+    if r.spec.engine.language_model_only:  # the encoder is not loaded at all
         return 0
     encoder = catalog.KIMI_K26.vision_encoder_params * catalog.BF16_BYTES
     if r.mm_encoder_tp_mode == "weights":
@@ -112,20 +137,25 @@ def volume_read_bytes_per_second(r: Resolved) -> int:
 
 
 def size(r: Resolved) -> Sizing:
-    accel = r.accelerator
+    accel, adapter = r.accelerator, r.adapter
     budget = int(accel.memory_bytes * r.memory_knob)
-    weights = r.adapter.weights_per_device(r)
+    weights = adapter.weights_per_device(r)
     vision = vision_per_device(r)
-    reserve = r.adapter.reserve_per_device(r)
+    reserve_items = adapter.inside_knob(r)
+    reserve = sum(reserve_items.values())
     pool = budget - weights - vision - reserve
+    outside_items = adapter.outside_knob(r)
     kv_per_token = catalog.KIMI_K26.kv_elements_per_token * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype]
     tokens_per_device = max(pool, 0) // kv_per_token
-    spread, pools = r.adapter.kv_sharing(r)
+    spread, pools = adapter.kv_sharing(r)
     max_sequence = tokens_per_device * spread
     engine_pool = max_sequence * pools
     context = r.spec.context_length
-    concurrent = engine_pool // context if context else 0
-    replication = max(1, r.tensor_parallel // r.adapter.attention_groups(r))
+    # A sequence lives in one pool: whole sequences per pool, times the pools.
+    per_pool = max_sequence // context if context else 0
+    concurrent = per_pool * pools
+    replication = max(1, r.tensor_parallel // adapter.attention_groups(r))
+    per_rank = {**adapter.per_rank(r), "full-context sequences": per_pool}
 
     source = catalog.TRANSFER_SOURCES[r.spec.weights.source]
     rate = source.bytes_per_second
@@ -145,7 +175,12 @@ def size(r: Resolved) -> Sizing:
         weights_bytes_per_device=weights,
         vision_bytes_per_device=vision,
         reserve_bytes_per_device=reserve,
+        reserve_items=reserve_items,
         kv_pool_bytes_per_device=pool,
+        outside_need_bytes=sum(outside_items.values()),
+        outside_items=outside_items,
+        outside_available_bytes=accel.memory_bytes - budget,
+        outside_tolerance=adapter.outside_tolerance,
         kv_dtype=r.kv_cache_dtype,
         kv_bytes_per_token=kv_per_token,
         kv_tokens_per_device=tokens_per_device,
@@ -155,7 +190,8 @@ def size(r: Resolved) -> Sizing:
         context_length=context,
         concurrent_sequences_per_engine=concurrent,
         engines_per_node=r.engines_per_node,
-        fits=max_sequence >= context,
+        per_rank=per_rank,
+        fits=max_sequence >= context and accel.memory_bytes - budget >= sum(outside_items.values()) * adapter.outside_tolerance,
         download_seconds=download,
         read_seconds=read,
         load_seconds=load,

@@ -157,7 +157,11 @@ class EngineSpec(Spec):
         None, description="SGLang --mem-fraction-static / vLLM --gpu-memory-utilization"
     )
     max_num_batched_tokens: Annotated[int, Field(ge=256, le=1_048_576)] | None = None
-    """vLLM --max-num-batched-tokens / SGLang --chunked-prefill-size: tokens prefilled per step."""
+    """tokens one rank prefills per step (vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size;
+    under SGLang DP attention the flag is rendered as this times dataParallel, which SGLang splits)."""
+    cuda_graph_max_batch: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """SGLang --cuda-graph-max-bs: the largest decode batch captured per rank (default 512 on big GPUs;
+    under DP attention graph memory grows with it times dataParallel)."""
     moe_backend: Literal["auto", "marlin", "triton", "cutlass", "flashinfer_cutlass", "flashinfer_trtllm"] | None = Field(
         None, description="vLLM --moe-backend (NVFP4 on sm_120: marlin)")
     language_model_only: bool = False

@@ -156,9 +156,14 @@ def print_plan(p: dict) -> None:
     print_tree(p["resources"])
     g = s["gib"]
     print("  sizing (per device):")
+    engine_items = ", ".join(f"{name} {gib(value)}" for name, value in s["reserve_items"].items())
     print(f"    memory {g['device_memory']} GiB x knob {s['memory_knob']} = budget {g['budget']} GiB: weights "
-          f"{g['weights_per_device']}, vision {g['vision_per_device']}, reserve {g['reserve_per_device']}, "
-          f"KV pool {g['kv_pool_per_device']} GiB")
+          f"{g['weights_per_device']}, vision {g['vision_per_device']}, engine {g['reserve_per_device']} "
+          f"({engine_items}), KV pool {g['kv_pool_per_device']} GiB")
+    if s["outside_items"]:
+        outside = ", ".join(f"{name} {gib(value)}" for name, value in s["outside_items"].items())
+        print(f"    outside the knob: needs {g['outside_need']} GiB ({outside}), {g['outside_available']} GiB free")
+    print("    per rank: " + ", ".join(f"{name} {value:,}" for name, value in s["per_rank"].items()))
     print(f"    KV {s['kv_bytes_per_token']} B/token ({s['kv_dtype']}), replicated on {s['kv_replication']} rank(s): "
           f"{s['kv_tokens_per_device']:,} tokens per device; one sequence up to {s['largest_context']:,} tokens; "
           f"{s['concurrent_sequences_per_engine']} x {s['context_length']:,}-token sequences per engine, "

@@ -18,7 +18,7 @@ from kimi_fleet.stackfile import load_stack_config, stack_file
 from tooling.mock_run import EBS_VOLUME_ID as VOLUME_ID
 from tooling.mock_run import MockRun, is_secret, run_components
 
-AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm"]
+AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang"]
 API_KEY = "kimi-test-api-key-9d2c41f0a7b35e86"
 HF_TOKEN = "hf_testtokenNotRealAbCdEfGhIjKlMnOpQrStUv"
 ENGINE_PORTS = range(8000, 8100), range(30000, 30100)
@@ -207,7 +207,7 @@ def test_interactive_single_node_is_on_demand_with_eip_and_retained_ebs():
 
 
 def test_batch_single_node_is_a_persistent_spot_request_that_stops():
-    run = run_endpoint(resolved("h100-int4-vllm"))
+    run = run_endpoint(with_capacity(resolved("h200-int4-sglang"), workload="batch"))
     (template,) = run.of_type(LT)
     market = template["inputs"]["instanceMarketOptions"]
     assert market["marketType"] == "spot"
@@ -216,10 +216,10 @@ def test_batch_single_node_is_a_persistent_spot_request_that_stops():
 
 
 def test_max_spot_price_and_override_are_honoured():
-    r = with_capacity(resolved("h100-int4-vllm"), max_spot_price_usd=12.5)
+    r = with_capacity(resolved("h200-int4-sglang"), workload="batch", max_spot_price_usd=12.5)
     (template,) = run_endpoint(r).of_type(LT)
     assert template["inputs"]["instanceMarketOptions"]["spotOptions"]["maxPrice"] == "12.5"
-    on_demand = run_endpoint(with_capacity(resolved("h100-int4-vllm"), market="on-demand"))
+    on_demand = run_endpoint(with_capacity(resolved("h200-int4-sglang"), workload="batch", market="on-demand"))
     (template,) = on_demand.of_type(LT)
     assert "instanceMarketOptions" not in template["inputs"]
     assert on_demand.outputs["market"] == "on-demand"

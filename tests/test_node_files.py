@@ -33,7 +33,7 @@ from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from policy.validators import find_secret_patterns
 
-AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm"]
+AWS_STACKS = ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang"]
 HOST_STACKS = ["rtxpro6000-int4-sglang", "mi300x-int4-sglang"]
 FAKE_API_KEY = "fake-api-key-0f3b9a17c2d84e65"
 FAKE_HF_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"

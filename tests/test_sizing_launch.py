@@ -6,6 +6,7 @@ from kimi_fleet import catalog
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_env_file, render_launch
 from kimi_fleet.resolve import Resolved
+from kimi_fleet.spec import StackSpec
 from kimi_fleet.sizing import size
 from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
@@ -42,14 +43,20 @@ def test_kv_bytes_per_token_are_mla_latent_sized():
     assert sizing.kv_bytes_per_token == 35_136  # fp8
 
 
-def test_h100_fits_only_a_small_context():
-    sizing = size(of_stack("h100-int4-vllm"))
-    assert sizing.fits and sizing.largest_context < 32_768
+def test_h100_holds_the_weights_but_not_the_engine():
+    spec = StackSpec.model_validate({
+        "stack": "t", "accelerator": "h100", "engine": {"name": "vllm", "memoryFraction": 0.95},
+        "kvCacheDtype": "fp8", "contextLength": 8192, "domain": "kimi.example.com",
+        "target": {"kind": "aws", "aws": {"instanceType": "p5.48xlarge"}}})
+    sizing = size(Resolved(spec))
+    assert not sizing.fits and sizing.weights_bytes_per_device < sizing.budget_bytes
+    assert "CUDA graphs" in sizing.why_not() and "no room for any context" in sizing.why_not()
 
 
 def test_dp_attention_replicates_attention_weights_but_splits_kv():
     plain = size(resolved(accelerator="h200", engine={"name": "sglang"}))
-    dp = size(resolved(accelerator="h200", engine={"name": "sglang"}, parallelism={"dataParallel": 8, "dpAttention": True}))
+    dp = size(resolved(accelerator="h200", engine={"name": "sglang", "cudaGraphMaxBatch": 64},
+                       parallelism={"dataParallel": 8, "dpAttention": True}))
     assert dp.weights_bytes_per_device > plain.weights_bytes_per_device
     assert dp.kv_replication == 1 and plain.kv_replication == 8
     assert dp.engine_pool_tokens == dp.kv_tokens_per_device * 8
@@ -67,8 +74,8 @@ def test_sglang_launch_is_exact_and_bound_to_loopback():
     launch = render_launch(of_stack("rtxpro6000-int4-sglang"))
     (engine,) = launch.instances
     argv = list(engine.argv)
-    assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
-    for flag, value in [("--tp", "8"), ("--tool-call-parser", "kimi_k2"), ("--reasoning-parser", "kimi_k2"),
+    assert argv[:2] == ["sglang", "serve"]  # 0.5.12+ recommends it over python -m sglang.launch_server
+    for flag, value in [("--tp-size", "8"), ("--tool-call-parser", "kimi_k2"), ("--reasoning-parser", "kimi_k2"),
                         ("--mem-fraction-static", "0.85"), ("--kv-cache-dtype", "fp8_e4m3"),
                         ("--context-length", "196608"), ("--host", "127.0.0.1"), ("--port", "30000"),
                         ("--served-model-name", "kimi-k2.6")]:
@@ -81,6 +88,70 @@ def test_sglang_launch_is_exact_and_bound_to_loopback():
     assert "--env=HF_HUB_OFFLINE=1" in docker
     assert [a for a in docker if a.startswith("--device=nvidia.com/gpu=")] == [
         f"--device=nvidia.com/gpu={i}" for i in range(8)]
+
+
+def test_full_flag_names_only_argparse_prefixes_never_rendered():
+    for name in ("h200-int4-sglang", "b300-int4-sglang", "mi300x-int4-sglang", "rtxpro6000-int4-sglang"):
+        argv = render_launch(of_stack(name)).instances[0].argv
+        assert "--tp" not in argv and "--dp" not in argv and "--tp-size" in argv
+
+
+def test_older_sglang_images_keep_the_module_entrypoint():
+    argv = render_launch(of_stack("mi300x-int4-sglang")).instances[0].argv  # v0.5.9 image
+    assert list(argv[:3]) == ["python3", "-m", "sglang.launch_server"]
+
+
+def test_chunked_prefill_is_rendered_so_each_dp_rank_gets_the_intended_chunk():
+    """SGLang 0.5.12.post1 `_handle_data_parallelism` divides --chunked-prefill-size by dp_size under
+    DP attention: the flag carries the per-rank value times DP, and the plan shows the per-rank value."""
+    base = {"accelerator": "h200", "parallelism": {"dataParallel": 8, "dpAttention": True}}
+    default = resolved(**base, engine={"name": "sglang", "cudaGraphMaxBatch": 64})
+    argv = render_launch(default).instances[0].argv
+    assert argv[argv.index("--chunked-prefill-size") + 1] == "8192"  # the engine's own default split
+    assert size(default).per_rank["prefill tokens per step"] == 1024
+    # 16,384 tokens reach the MoE per step: SGLang's activation estimate grows to 24 GiB, so less knob.
+    chosen = resolved(**base, engine={"name": "sglang", "cudaGraphMaxBatch": 64, "maxNumBatchedTokens": 2048,
+                                      "memoryFraction": 0.8})
+    argv = render_launch(chosen).instances[0].argv
+    assert argv[argv.index("--chunked-prefill-size") + 1] == "16384"
+    assert size(chosen).per_rank["prefill tokens per step"] == 2048
+    plain = resolved(accelerator="h200", engine={"name": "sglang", "maxNumBatchedTokens": 2048})
+    assert render_launch(plain).instances[0].argv[render_launch(plain).instances[0].argv.index(
+        "--chunked-prefill-size") + 1] == "2048"
+
+
+def test_dp_attention_concurrency_counts_whole_sequences_per_rank():
+    """A sequence never spans DP ranks: 8 ranks x floor(rank pool / context), not floor(sum / context)."""
+    sizing = size(of_stack("b300-int4-sglang"))
+    assert sizing.concurrent_sequences_per_engine == 8 * (sizing.max_sequence_tokens // 262_144) == 64
+    assert sizing.engine_pool_tokens // 262_144 > 64  # the pooled figure the old model printed
+
+
+def test_sglang_memory_outside_the_knob_is_the_engines_own_estimate():
+    """h200 DP8 at 0.85: SGLang's estimate with its default 512-batch graphs is 32.5 GiB outside the
+    knob, 21 GiB is free: refused; at --cuda-graph-max-bs 64 it needs 15 GiB and fits."""
+    base = {"accelerator": "h200", "parallelism": {"dataParallel": 8, "dpAttention": True},
+            "domain": "kimi.example.com", "target": {"kind": "host"}, "stack": "t"}
+    big = size(Resolved(StackSpec.model_validate({**base, "engine": {"name": "sglang"}})))
+    assert not big.fits and round(big.outside_need_bytes / catalog.GiB, 1) == 32.5
+    assert "outside the knob the engine needs 32.5 GiB" in big.why_not()
+    small = size(of_stack("h200-int4-sglang"))
+    assert small.fits and small.outside_need_bytes < small.outside_available_bytes
+
+
+def test_vllm_cuda_graphs_count_inside_the_budget_from_0_21_only():
+    new = size(resolved(accelerator="gb200", acceleratorCount=4, engine={"name": "vllm"}))
+    old = size(of_stack("gb200-int4-vllm"))  # v0.19.1
+    assert "CUDA graphs" in new.reserve_items and "CUDA graphs" not in old.reserve_items
+    assert "CUDA graphs" in old.outside_items and old.fits
+
+
+def test_gb200_is_back_on_the_seeds_verified_settings():
+    r = of_stack("gb200-int4-vllm")
+    argv = render_launch(r).instances[0].argv
+    assert r.kv_cache_dtype == "auto" and r.memory_knob == 0.9
+    assert "--attention-config.use_trtllm_ragged_deepseek_prefill=True" in argv
+    assert size(r).largest_context == 262_144
 
 
 def test_vllm_launch_has_both_tool_flags_and_the_encoder_mode():
@@ -142,7 +213,7 @@ def test_ascend_launch_once_a_revision_is_pinned():
     (engine,) = launch.instances
     argv = list(engine.argv)
     assert launch.image == "quay.io/ascend/sglang:v0.5.13.post1-cann9.0.0-a3"
-    assert argv[argv.index("--tp") + 1] == "16"  # --tp counts dies
+    assert argv[argv.index("--tp-size") + 1] == "16"  # --tp-size counts dies
     assert argv[argv.index("--quantization") + 1] == "modelslim"
     assert argv[argv.index("--device") + 1] == "npu"
     docker = engine.docker_args

@@ -276,12 +276,9 @@ def test_cli_exits_2_on_bad_usage(arguments):
 # --- sizing to the served context, proving the advertised one ------------------------------------
 
 
-def test_h100_stacks_own_8k_context_passes():
-    """h100-int4-vllm serves 8,192 tokens: no check may ask for more than the endpoint holds."""
-    from kimi_fleet.stackfile import load_stack_config, stack_file
-
-    context = load_stack_config(stack_file("h100-int4-vllm")).spec().context_length
-    assert context == 8192
+def test_a_stack_with_an_8k_context_passes_its_own_gate():
+    """An endpoint that serves 8,192 tokens: no check may ask for more than it holds."""
+    context = 8192
     with start_proxied_engine("good", chunk_delay=0.01, options=("--max-model-len", str(context))) as endpoint:
         report = suite(endpoint, timeout=30, context=context)
     assert report.passed, [(c.name, c.reason) for c in report.checks if c.status == "fail"]

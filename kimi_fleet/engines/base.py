@@ -21,6 +21,7 @@ ENGINE_OPTIONS = {
     "language_model_only": "engine.languageModelOnly",
     "mm_encoder_tp_mode": "engine.mmEncoderTpMode",
     "moe_backend": "engine.moeBackend",
+    "cuda_graph_max_batch": "engine.cudaGraphMaxBatch",
 }
 #: Parallelism options that only some engines read (spec field name -> stack key).
 PARALLELISM_OPTIONS = {
@@ -67,9 +68,34 @@ class Engine:
         raise NotImplementedError
 
     # --- memory model ---------------------------------------------------------------------------
+    # Per device, in bytes. Weights and the vision encoder come first; then what the engine keeps
+    # inside its memory knob besides the KV pool, and what it needs outside the knob.
 
     def weights_per_device(self, r: Resolved) -> int:
-        return r.checkpoint.size_bytes // r.tensor_parallel
+        """The text model's share on one rank: sharded weights over `weight_shards`, the attention over
+        its attention group, and what every rank holds whole (down-projections, router gates)."""
+        model, bf16 = catalog.KIMI_K26, catalog.BF16_BYTES
+        text = r.checkpoint.size_bytes - model.vision_encoder_params * bf16
+        attention = model.attention_params * bf16
+        replicated = model.tp_replicated_params * bf16
+        down_projections = replicated - model.moe_layers * model.routed_experts * model.hidden_size * bf16
+        gates = replicated - down_projections
+        rest = text - attention - gates
+        groups = self.attention_replicas(r)
+        attention_share = (attention - down_projections) * groups // r.tensor_parallel + down_projections
+        return rest // self.weight_shards(r) + attention_share + gates + self.replicated_embedding(r)
+
+    def weight_shards(self, r: Resolved) -> int:
+        """Ranks the experts (and the rest of the text model) are spread over."""
+        return r.tensor_parallel
+
+    def attention_replicas(self, r: Resolved) -> int:
+        """Copies of the attention weights across the engine's TP ranks (DP attention: one per group)."""
+        return 1
+
+    def replicated_embedding(self, r: Resolved) -> int:
+        """Embedding bytes a rank holds beyond its vocab shard."""
+        return 0
 
     def kv_sharing(self, r: Resolved) -> tuple[int, int]:
         """(ranks one sequence's KV is spread over, independent KV pools in one engine)."""
@@ -79,6 +105,22 @@ class Engine:
         """Groups of ranks that hold distinct KV: ranks inside a group hold the same latent KV."""
         return self.kv_sharing(r)[0]
 
-    def reserve_per_device(self, r: Resolved) -> int:
-        profile = self.profile
-        return profile.in_budget_reserve_bytes + profile.activation_bytes_per_batched_token * r.max_num_batched_tokens
+    def inside_knob(self, r: Resolved) -> dict[str, int]:
+        """What the engine allocates inside its memory knob besides weights, encoder and KV pool."""
+        items = {"runtime (CUDA context, collectives)": self.profile.runtime_overhead_bytes}
+        if r.spec.engine.speculative != "off":
+            items["EAGLE3 draft weights and KV"] = (
+                catalog.EAGLE3_DRAFT_BYTES
+                + catalog.EAGLE3_DRAFT_KV_BYTES_PER_TOKEN * r.spec.context_length) // r.tensor_parallel
+        return items
+
+    def outside_knob(self, r: Resolved) -> dict[str, int]:
+        """What the engine needs outside its memory knob (an OOM at start or under load otherwise)."""
+        return {}
+
+    #: Share of outside_knob that must be free: below it the stack is refused.
+    outside_tolerance: ClassVar[float] = 1.0
+
+    def per_rank(self, r: Resolved) -> dict[str, int]:
+        """What each rank will actually run with, after the engine's own adjustments."""
+        return {"prefill tokens per step": r.max_num_batched_tokens}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from packaging.version import Version
+
 from kimi_fleet import catalog
 from kimi_fleet.engines.base import Engine
 from kimi_fleet.paths import DRAFT_MOUNT, LOOPBACK, MODEL_MOUNT
@@ -82,14 +84,25 @@ class VLLM(Engine):
                      "--speculative-config.num_speculative_tokens=3"]
         return argv
 
-    def weights_per_device(self, r: Resolved) -> int:
+    def weight_shards(self, r: Resolved) -> int:
         p = r.spec.parallelism
-        if p.expert_parallel and p.data_parallel > 1:
-            # Experts spread over TP x DP ranks; attention stays TP-sharded per replica.
-            attention = catalog.KIMI_K26.attention_params * catalog.BF16_BYTES
-            experts = r.checkpoint.size_bytes - attention
-            return experts // (r.tensor_parallel * p.data_parallel) + attention // r.tensor_parallel
-        return super().weights_per_device(r)
+        # Expert parallel with DP spreads the experts over TP x DP ranks; attention stays per replica.
+        return r.tensor_parallel * p.data_parallel if p.expert_parallel and p.data_parallel > 1 else r.tensor_parallel
+
+    def _cudagraphs_in_budget(self, r: Resolved) -> bool:
+        # An image of unknown version is sized the conservative way: graphs inside the budget.
+        version = r.engine_version
+        return version is None or version >= Version(catalog.VLLM_MEMORY.cudagraphs_in_budget_since)
+
+    def inside_knob(self, r: Resolved) -> dict[str, int]:
+        items = super().inside_knob(r)
+        items["start-up profile run (encoder, forward, sampler)"] = catalog.VLLM_MEMORY.profile_peak_bytes
+        if self._cudagraphs_in_budget(r):
+            items["CUDA graphs"] = catalog.VLLM_MEMORY.cudagraph_bytes
+        return items
+
+    def outside_knob(self, r: Resolved) -> dict[str, int]:
+        return {} if self._cudagraphs_in_budget(r) else {"CUDA graphs": catalog.VLLM_MEMORY.cudagraph_bytes}
 
     def kv_sharing(self, r: Resolved) -> tuple[int, int]:
         p = r.spec.parallelism
