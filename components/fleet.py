@@ -71,6 +71,7 @@ class Fleet(pulumi.ComponentResource):
     release: pulumi.Output[str]
     verification: pulumi.Output[str]
     time_to_ready_measured: pulumi.Output[str | None]
+    throughput_measured: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
         r, spec = args.resolved, args.resolved.spec
@@ -135,6 +136,7 @@ class Fleet(pulumi.ComponentResource):
                 concurrency=gate_concurrency(args.sizing, spec.capacity.replicas),
                 checks=list(spec.verification.checks),
                 load=spec.verification.load,
+                usd_per_hour=args.cost.fleet_usd_per_hour,
                 release=release_id,
                 replicas=spec.capacity.replicas,
                 # A new release, new nodes or a rotated key: verify again.
@@ -142,9 +144,11 @@ class Fleet(pulumi.ComponentResource):
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))
             self.verification = gate.summary
             self.time_to_ready_measured = gate.time_to_ready_measured
+            self.throughput_measured = gate.throughput_measured
         else:
             self.verification = pulumi.Output.from_input("disabled by verification.enabled: false")
             self.time_to_ready_measured = pulumi.Output.from_input(None)
+            self.throughput_measured = pulumi.Output.from_input(None)
 
         self.register_outputs({
             "endpoint_url": self.endpoint_url,
@@ -155,5 +159,6 @@ class Fleet(pulumi.ComponentResource):
             "dns": self.dns,
             "release": self.release,
             "time_to_ready_measured": self.time_to_ready_measured,
+            "throughput_measured": self.throughput_measured,
             "verification": self.verification,
         })

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_command as command
 
-from kimi_fleet.verification.cli import MEASURED_PREFIX
+from kimi_fleet.verification.cli import MEASURED_PREFIX, THROUGHPUT_PREFIX
 
 # Relative to the project directory, where Pulumi runs local commands: the command text must not
 # depend on the machine that runs `pulumi up`, or every runner would change it and re-verify.
@@ -37,6 +37,8 @@ class VerificationGateArgs:
     concurrency: int = 16
     checks: list[str] = field(default_factory=list)
     load: int = 0
+    #: the stack's cost per hour: the load run's throughput is priced with it
+    usd_per_hour: float | None = None
     #: the release id the endpoint must serve on every replica before and during the run
     release: str | None = None
     replicas: int = 1
@@ -61,6 +63,8 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
         argv += ["--only", *args.checks]
     if args.load:
         argv += ["--load", str(args.load)]
+        if args.usd_per_hour:
+            argv += ["--usd-per-hour", f"{args.usd_per_hour:g}"]
     if args.release:
         argv += ["--release", args.release, "--replicas", str(args.replicas)]
     # The key travels in the environment (a secret), never on the command line.
@@ -70,6 +74,7 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
 class VerificationGate(pulumi.ComponentResource):
     summary: pulumi.Output[str]
     time_to_ready_measured: pulumi.Output[str | None]
+    throughput_measured: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: VerificationGateArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:verification:VerificationGate", name, {"model": args.model}, opts)
@@ -91,9 +96,12 @@ class VerificationGate(pulumi.ComponentResource):
         self.summary = self.command.stdout.apply(lambda out: "\n".join((out or "").strip().splitlines()[-15:]))
         #: what the node recorded from its first phase to ready, or None (no status served)
         self.time_to_ready_measured = self.command.stdout.apply(_measured)
-        self.register_outputs({"summary": self.summary, "time_to_ready_measured": self.time_to_ready_measured})
+        #: the load run's output tok/s at its concurrency (and $/M tokens), or None without --load
+        self.throughput_measured = self.command.stdout.apply(lambda out: _measured(out, THROUGHPUT_PREFIX))
+        self.register_outputs({"summary": self.summary, "time_to_ready_measured": self.time_to_ready_measured,
+                               "throughput_measured": self.throughput_measured})
 
 
-def _measured(stdout: str | None) -> str | None:
-    lines = [line for line in (stdout or "").splitlines() if line.startswith(MEASURED_PREFIX)]
-    return lines[-1].removeprefix(MEASURED_PREFIX).strip() if lines else None
+def _measured(stdout: str | None, prefix: str = MEASURED_PREFIX) -> str | None:
+    lines = [line for line in (stdout or "").splitlines() if line.startswith(prefix)]
+    return lines[-1].removeprefix(prefix).strip() if lines else None

@@ -616,23 +616,60 @@ NVME_READ_SOURCE = Source("AWS instance-store and typical datacenter NVMe sequen
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a measured engine was spread over one node's accelerators (None: not published)."""
+
+    tensor_parallel: int | None
+    data_parallel: int = 1
+    dp_attention: bool = False
+    decode_context_parallel: int = 1
+    engines: int = 1
+
+    def describe(self) -> str:
+        if self.tensor_parallel is None:
+            return "parallelism not published"
+        parts = [f"TP{self.tensor_parallel}"]
+        if self.data_parallel > 1:
+            parts.append(f"DP{self.data_parallel}{' attention' if self.dp_attention else ''}")
+        if self.decode_context_parallel > 1:
+            parts.append(f"DCP{self.decode_context_parallel}")
+        return " + ".join(parts) + (f" x{self.engines} engines" if self.engines > 1 else "")
+
+
+INFERENCEX = Source("SemiAnalysis InferenceX (Kimi K2.5, vLLM), as cited in issue 12", "2026-05")
+VLLM_RECIPE_K2_THINKING = Source("vLLM recipes, moonshotai/Kimi-K2-Thinking, as cited in issue 12", "2026")
+INFERENCEX_PRECISION = Source("InferenceX B200 FP4 vs INT4 comparison (kimi-k26-b200-fp4-vs-int4)", "2026-05")
+
+
+@dataclass(frozen=True)
 class Throughput:
+    """Output tokens per second of one node (or one pod group) at a stated workload and concurrency."""
+
     engine: EngineName
     accelerator: str
     accelerator_count: int
     checkpoint: str
+    layout: Layout
+    model: str
     workload: str
+    concurrency: int | None
     output_tokens_per_second: float
-    ttft_ms: float
-    tpot_ms: float
     source: Source
 
 
 MEASURED_THROUGHPUT: tuple[Throughput, ...] = (
-    Throughput("sglang", "h200", 8, "int4", "1K in / 1K out, concurrency 16", 258.18, 0.0, 53.25, SEED_001),
-    Throughput("sglang", "h200", 8, "int4", "1K in / 1K out, concurrency 1", 106.10, 177.0, 9.22, SEED_001),
-    Throughput("vllm", "gb200", 4, "int4", "8K in / 1K out, 32 prompts at 10 req/s", 1181.84, 162.09, 24.35,
-               SEED_004),
+    Throughput("sglang", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "1K in / 1K out", 16, 258.18, SEED_001),
+    Throughput("sglang", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "1K in / 1K out", 1, 106.10, SEED_001),
+    Throughput("vllm", "gb200", 4, "int4", Layout(4), "Kimi-K2.6", "8K in / 1K out, 32 prompts at 10 req/s",
+               None, 1181.84, SEED_004),
+    Throughput("vllm", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "InferenceX sweep", 32, 925.0, INFERENCEX),
+    Throughput("vllm", "b200", 8, "int4", Layout(8), "Kimi-K2.5", "InferenceX sweep", 32, 1296.0, INFERENCEX),
+    Throughput("vllm", "h200", 8, "int4", Layout(8, decode_context_parallel=8), "Kimi-K2-Thinking",
+               "sustained serving", None, 695.0, VLLM_RECIPE_K2_THINKING),
+    # 1,057 tok/s per GPU at 55 tok/s per user, 1K/1K, "best available configuration": its parallelism
+    # is not published, so it prices no stack (kept so the plan can name it).
+    Throughput("vllm", "b200", 8, "nvfp4", Layout(None), "Kimi-K2.5", "1K in / 1K out at 55 tok/s per user",
+               None, 1057.0 * 8, INFERENCEX_PRECISION),
 )
 
 

@@ -1,5 +1,6 @@
-"""What a stack costs: per hour from the catalog's price snapshots, per million output tokens where
-a measured throughput for the same engine, hardware and checkpoint is known."""
+"""What a stack costs: per hour from the catalog's price snapshots, per million output tokens only
+where a measured throughput matches the stack's own configuration (engine, hardware, checkpoint and
+parallelism); otherwise it says which figures exist and why none applies, instead of borrowing one."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ class Cost:
     on_demand_usd_per_hour: float | None  # one replica
     spot_usd_per_hour: float | None  # one replica, typical of the snapshot range
     fleet_usd_per_hour: float | None  # the stack as configured (on-demand base + spot remainder)
-    measured_output_tokens_per_second: float | None
+    measured_output_tokens_per_second: float | None  # one replica (node or pod group)
     measured_workload: str | None
     usd_per_million_output_tokens: float | None
+    #: Why no measured figure prices this stack (None when one does).
+    throughput_note: str | None
     price_source: str | None
     note: str
 
@@ -28,14 +31,37 @@ class Cost:
         return asdict(self)
 
 
+def stack_layout(r: Resolved) -> catalog.Layout:
+    p = r.spec.parallelism
+    return catalog.Layout(tensor_parallel=r.tensor_parallel, data_parallel=p.data_parallel,
+                          dp_attention=p.dp_attention, decode_context_parallel=p.decode_context_parallel,
+                          engines=r.engines_per_node)
+
+
+def _same_hardware(t: catalog.Throughput, r: Resolved) -> bool:
+    return (t.engine == r.spec.engine.name and t.accelerator == r.accelerator.id
+            and t.accelerator_count == r.spec.accelerator_count and t.checkpoint == r.checkpoint.id)
+
+
 def measured_throughput(r: Resolved) -> catalog.Throughput | None:
-    matches = [
-        t for t in catalog.MEASURED_THROUGHPUT
-        if t.engine == r.spec.engine.name and t.accelerator == r.accelerator.id
-        and t.accelerator_count == r.spec.accelerator_count and t.checkpoint == r.checkpoint.id
-    ]
-    # The highest-throughput measurement is the operating point a fleet is sized for.
+    """The best measured figure for exactly this configuration (the operating point a fleet is sized for)."""
+    layout = stack_layout(r)
+    matches = [t for t in catalog.MEASURED_THROUGHPUT if _same_hardware(t, r) and t.layout == layout]
     return max(matches, key=lambda t: t.output_tokens_per_second, default=None)
+
+
+def describe(t: catalog.Throughput) -> str:
+    concurrency = f", concurrency {t.concurrency}" if t.concurrency else ""
+    return f"{t.model}, {t.workload}{concurrency}, {t.layout.describe()} ({t.source.where}, {t.source.date})"
+
+
+def why_unpriced(r: Resolved) -> str:
+    near = [t for t in catalog.MEASURED_THROUGHPUT if _same_hardware(t, r)]
+    if not near:
+        return (f"no published throughput for {r.spec.engine.name} on {r.spec.accelerator_count}x "
+                f"{r.accelerator.id} with {r.checkpoint.id}")
+    layouts = "; ".join(f"{t.output_tokens_per_second:g} tok/s: {describe(t)}" for t in near)
+    return f"no published throughput for this layout ({stack_layout(r).describe()}); measured: {layouts}"
 
 
 def estimate(r: Resolved) -> Cost:
@@ -72,8 +98,9 @@ def estimate(r: Resolved) -> Cost:
         spot_usd_per_hour=spot,
         fleet_usd_per_hour=fleet,
         measured_output_tokens_per_second=measured.output_tokens_per_second if measured else None,
-        measured_workload=f"{measured.workload} ({measured.source.where})" if measured else None,
+        measured_workload=describe(measured) if measured else None,
         usd_per_million_output_tokens=per_million,
+        throughput_note=None if measured else why_unpriced(r),
         price_source=f"{offer.source.where}, {offer.source.date}" if offer else None,
         note=note,
     )

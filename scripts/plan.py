@@ -178,7 +178,12 @@ def print_plan(p: dict) -> None:
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")
     if c["usd_per_million_output_tokens"] is not None:
         print(f"    {_money(c['usd_per_million_output_tokens'])} per million output tokens at the measured "
-              f"{c['measured_output_tokens_per_second']} tok/s ({c['measured_workload']})")
+              f"{c['measured_output_tokens_per_second']:g} tok/s per replica ({c['measured_workload']})")
+    elif c["measured_output_tokens_per_second"] is not None:
+        print(f"    measured {c['measured_output_tokens_per_second']:g} tok/s per replica ({c['measured_workload']}); "
+              "no price to turn it into $/M tokens")
+    else:
+        print(f"    no $/M tokens: {c['throughput_note']}")
     print(f"    {c['note']}")
     if p["spot_preflight"]:
         print(f"  spot pre-flight: {p['spot_preflight']['reason']}")
@@ -200,11 +205,12 @@ def summary_row(p: dict) -> str:
     s, c = p["sizing"], p["cost"]
     return (f"{p['stack']:<26} ok       {len(p['resources']):>4}  {s['context_length']:>8,}  "
             f"{s['largest_context']:>8,}  {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>5}  "
-            f"{gib(s['kv_pool_bytes_per_device']):>7}  {_money(c['fleet_usd_per_hour']):>9}  {c['market']}")
+            f"{gib(s['kv_pool_bytes_per_device']):>7}  {_money(c['fleet_usd_per_hour']):>9}  "
+            f"{_money(c['usd_per_million_output_tokens']):>7}  {c['market']}")
 
 
 SUMMARY_HEADER = (f"{'stack':<26} {'status':<8} {'res':>4}  {'context':>8}  {'max ctx':>8}  {'seqs':>5}  "
-                  f"{'KV GiB':>7}  {'$/hour':>9}  market")
+                  f"{'KV GiB':>7}  {'$/hour':>9}  {'$/M out':>7}  market")
 
 
 def main(argv: list[str] | None = None) -> int:

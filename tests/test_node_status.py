@@ -130,3 +130,41 @@ def test_the_gate_reports_what_the_node_measured(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "time to ready (measured on the node): download 18.0 min, loading 12.0 min, total 30.0 min" in result.stdout
     assert json.loads(report.read_text())["time_to_ready_measured"]["total_seconds"] == 1800
+
+
+def test_the_gate_prices_what_its_load_run_measured():
+    from components.verification_gate import VerificationGateArgs, _measured, verify_command
+    from kimi_fleet.verification.cli import THROUGHPUT_PREFIX, measured_throughput, throughput_line
+
+    document = {"checks": [{"name": "load", "status": "pass",
+                            "details": {"requests": 32, "aggregate_output_tokens_per_s": 925.0}}]}
+    measured = measured_throughput(document, usd_per_hour=39.0)
+    assert measured == {"output_tokens_per_second": 925.0, "concurrency": 32, "usd_per_million_output_tokens": 11.71}
+    line = throughput_line(measured)
+    assert line == f"{THROUGHPUT_PREFIX} 925 output tok/s at concurrency 32, $11.71 per million output tokens"
+    assert _measured(f"table\n{line}\n", THROUGHPUT_PREFIX) == "925 output tok/s at concurrency 32, $11.71 per million output tokens"
+    assert "$" not in throughput_line(measured_throughput(document, usd_per_hour=None))
+    failed = {"checks": [{"name": "load", "status": "fail", "details": {"aggregate_output_tokens_per_s": 5.0}}]}
+    assert measured_throughput(failed, 39.0) is None and measured_throughput({"checks": []}, 39.0) is None
+    args = VerificationGateArgs(stack="s", base_url="u", api_key="k", model="m", engine="e",
+                                ready_timeout_seconds=60, request_timeout_seconds=30, load=32, usd_per_hour=39.0)
+    assert "--load 32 --usd-per-hour 39" in verify_command(args, "https://kimi.example.com/v1")
+
+
+@pytest.mark.skipif(subprocess.run(["which", "caddy"], capture_output=True).returncode != 0, reason="caddy missing")
+def test_a_real_load_run_through_the_proxy_becomes_the_throughput_output(tmp_path):
+    from components.verification_gate import _measured
+    from kimi_fleet.verification.cli import THROUGHPUT_PREFIX
+
+    report = tmp_path / "report.json"
+    with start_proxied_engine("good") as endpoint:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "verify.py"), "--base-url", endpoint.base_url,
+             "--api-key", endpoint.api_key, "--model", endpoint.model, "--ca-cert", str(endpoint.caddy.root_ca),
+             "--only", "load", "--load", "8", "--usd-per-hour", "39", "--json", str(report)],
+            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    measured = json.loads(report.read_text())["throughput_measured"]
+    assert measured["concurrency"] == 8 and measured["output_tokens_per_second"] > 0
+    assert measured["usd_per_million_output_tokens"] == round(39 / (measured["output_tokens_per_second"] * 3600 / 1e6), 2)
+    assert _measured(result.stdout, THROUGHPUT_PREFIX).startswith(f"{measured['output_tokens_per_second']:g} output tok/s")

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replicas", type=int, default=1, metavar="N",
                         help="replicas behind the endpoint: --wait-ready confirms the release on "
                              f"{RELEASE_CONFIRMATIONS_PER_REPLICA} x N fresh connections in a row")
+    parser.add_argument("--usd-per-hour", type=float, metavar="USD",
+                        help="what the endpoint costs per hour: with --load, the measured throughput is "
+                             "also priced in $ per million output tokens")
     parser.add_argument("--k2vv", type=int, metavar="N",
                         help="instead of the suite: N tool-call requests scored the K2-Vendor-Verifier way "
                              "(trigger rate, schema accuracy) for drift checks")
@@ -121,6 +124,27 @@ PHASE_WORDS = {"packages": "installing packages", "verify": "verifying the weigh
 
 
 MEASURED_PREFIX = "time to ready (measured on the node):"
+THROUGHPUT_PREFIX = "throughput (measured by the gate):"
+
+
+def measured_throughput(report_document: dict, usd_per_hour: float | None) -> dict | None:
+    """The load check's aggregate output tok/s at its concurrency, priced when the hour's cost is known."""
+    load = next((c for c in report_document.get("checks", []) if c.get("name") == "load"), None)
+    details = (load or {}).get("details") or {}
+    rate = details.get("aggregate_output_tokens_per_s")
+    if not load or load.get("status") != "pass" or not rate:
+        return None
+    measured = {"output_tokens_per_second": rate, "concurrency": details.get("requests")}
+    if usd_per_hour:
+        measured["usd_per_million_output_tokens"] = round(usd_per_hour / (rate * 3600 / 1e6), 2)
+    return measured
+
+
+def throughput_line(measured: dict) -> str:
+    price = measured.get("usd_per_million_output_tokens")
+    priced = f", ${price:,.2f} per million output tokens" if price is not None else ""
+    return (f"{THROUGHPUT_PREFIX} {measured['output_tokens_per_second']:g} output tok/s at concurrency "
+            f"{measured['concurrency']}{priced}")
 
 
 def measured_time_to_ready(status: dict | None) -> dict | None:
@@ -220,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         print(measured_line(measured))
         document["time_to_ready_measured"] = measured
+    throughput = measured_throughput(document, args.usd_per_hour)
+    if throughput:
+        print(throughput_line(throughput))
+        document["throughput_measured"] = throughput
     if args.json:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
     return EXIT_PASSED if report.passed else EXIT_FAILED
