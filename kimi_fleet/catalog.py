@@ -418,6 +418,13 @@ class EngineImage:
     archs: tuple[str, ...]
     source: Source
     note: str = ""
+    #: The exact PyPI release inside the image, whose argument parser its command line must pass
+    #: (kimi_fleet/engines/manifests/<engine>-<package_version>.json).
+    package_version: str = ""
+
+    def __post_init__(self):
+        if not self.package_version:
+            object.__setattr__(self, "package_version", self.version)
 
 
 ENGINE_IMAGES: dict[str, EngineImage] = {
@@ -429,11 +436,11 @@ ENGINE_IMAGES: dict[str, EngineImage] = {
                     ("sm_90", "sm_100", "sm_103"), SEED_004, "GB200 run in seed 004"),
         EngineImage("lmsysorg/sglang:v0.5.12.post1-cu130", "sglang", "0.5.12", "nvidia",
                     ("sm_90", "sm_100", "sm_103", "sm_120"), SEED_003,
-                    "full image: Marlin JIT needs ninja+nvcc (not the -runtime tag)"),
+                    "full image: Marlin JIT needs ninja+nvcc (not the -runtime tag)", package_version="0.5.12.post1"),
         EngineImage("lmsysorg/sglang:v0.5.9-rocm700-mi30x", "sglang", "0.5.9", "amd", ("gfx942",), SEED_001),
         EngineImage("lmsysorg/sglang:v0.5.9-rocm700-mi35x", "sglang", "0.5.9", "amd", ("gfx950",), SEED_001),
         EngineImage("quay.io/ascend/sglang:v0.5.13.post1-cann9.0.0-a3", "sglang", "0.5.13", "huawei",
-                    ("ascend910_93",), SEED_002),
+                    ("ascend910_93",), SEED_002, package_version="0.5.13.post1"),
         EngineImage("kimi-k26-nvfp4-vllm:cu130-mla", "vllm", "0.22.1", "nvidia", ("sm_120",), SEED_003,
                     "built on the host by seed 003's build_nvfp4_image.sh: CUDA 13 + TRITON_MLA num_stages patch"),
     ]

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from packaging.version import Version
 
 from kimi_fleet import catalog, engines
+from kimi_fleet.engines.flags import argv_problems, load_manifest
+from kimi_fleet.launch import engine_argv
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec
@@ -145,6 +147,23 @@ def image_is_right(r: Resolved) -> Iterator[str]:
         if minimum and Version(entry.version) < Version(minimum):
             yield (f"{_f('engine.image', r.image)}: {engine} {entry.version} is older than {minimum}, the first "
                    f"version known to serve checkpoint {r.checkpoint.id}")
+
+
+@rule
+def engine_parser_accepts_the_command_line(r: Resolved) -> Iterator[str]:
+    """The argv, extraArgs included, against the recorded parser of the image's engine release."""
+    entry = r.image_entry
+    manifest = load_manifest(r.spec.engine.name, entry.package_version) if entry else None
+    if manifest is None or r.image is None:
+        return
+    args = engine_argv(r, r.engine.port)[len(r.adapter.entrypoint_words(r)):]
+    extra = r.spec.engine.extra_args
+    for problem in argv_problems(args, manifest):
+        flag = problem.split(":", 1)[0].split()[0]
+        if any(arg.split("=", 1)[0] == flag for arg in extra):
+            yield f"field {CONFIG_NAMESPACE}:engine.extraArgs (given {list(extra)!r}): {problem}"
+        else:
+            yield f"{_f('engine.image', r.image)}: its engine's parser refuses what kimi-fleet renders: {problem}"
 
 
 @rule

@@ -300,7 +300,9 @@ def changed(stack: str, edit, **capacity) -> tuple[RolloutFacts, RolloutFacts]:
 
 
 def _flag(values: dict) -> None:
-    values["engine"] = {**values["engine"], "extraArgs": [*values["engine"].get("extraArgs", []), "--enable-metrics"]}
+    # An option of every pinned engine release (the stack is checked against the real parsers).
+    extra = [*values["engine"].get("extraArgs", []), "--enable-mfu-metrics"]
+    values["engine"] = {**values["engine"], "extraArgs": extra}
 
 
 def test_impact_for_a_single_aws_node_in_place_or_replaced():

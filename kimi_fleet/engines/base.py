@@ -62,6 +62,19 @@ class Engine:
     def kv_dtype_flag_value(self, kv_dtype: str) -> str:
         return self.profile.kv_dtype_spelling.get(kv_dtype, kv_dtype)
 
+    def entrypoint_words(self, r: Resolved) -> list[str]:
+        """The words of argv before the engine's own arguments (what its parser does not see)."""
+        raise NotImplementedError
+
+    def real_parser(self):
+        """(argparse parser, version) of the installed engine, for scripts/engine_flags.py; needs the
+        engine's own environment (ImportError otherwise)."""
+        raise NotImplementedError
+
+    def json_option_keys(self, dest: str) -> list[str] | None:
+        """For options taking a JSON config (`--option.key=value`), the keys it accepts."""
+        return None
+
     def argv(self, r: Resolved, port: int) -> list[str]:
         """The engine's command line, one argument per item, with the hardware quirk flags
         (r.quirk_flags) in place; the caller appends the checkpoint's flags and extraArgs."""

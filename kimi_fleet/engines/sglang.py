@@ -65,17 +65,27 @@ class SGLang(Engine):
         small_tp = r.tensor_parallel < 4 and r.accelerator.memory_bytes < 160 * catalog.GiB
         return reserve.default_graph_batch_small_tp if small_tp else reserve.default_graph_batch
 
-    def _entrypoint(self, r: Resolved) -> list[str]:
+    def entrypoint_words(self, r: Resolved) -> list[str]:
         version = r.engine_version
         if version is not None and version >= Version(catalog.SGLANG_SERVE_SINCE):
             return ["sglang", "serve"]
         # Older or unknown images: the module form every version accepts.
         return ["python3", "-m", "sglang.launch_server"]
 
+    def real_parser(self):
+        import argparse
+
+        import sglang
+        from sglang.srt.server_args import ServerArgs
+
+        parser = argparse.ArgumentParser(prog="sglang serve")
+        ServerArgs.add_cli_args(parser)
+        return parser, sglang.__version__
+
     def argv(self, r: Resolved, port: int) -> list[str]:
         spec, engine, p = r.spec, r.spec.engine, r.spec.parallelism
         argv = [
-            *self._entrypoint(r),
+            *self.entrypoint_words(r),
             "--model-path", MODEL_MOUNT,
             "--served-model-name", spec.model.served_name,
             "--tp-size", str(r.tensor_parallel),

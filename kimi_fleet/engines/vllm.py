@@ -46,10 +46,38 @@ class VLLM(Engine):
             yield (f"field kimi-fleet:parallelism.decodeContextParallel (given {dcp}): must divide "
                    f"tensorParallel {r.tensor_parallel}")
 
+    def entrypoint_words(self, r: Resolved) -> list[str]:
+        return ["vllm", "serve"]
+
+    def real_parser(self):
+        import vllm
+        import vllm.platforms
+        from vllm.platforms.cpu import CpuPlatform
+
+        # Argument parsing needs no GPU: pin the platform so vLLM does not probe for one.
+        vllm.platforms._current_platform = CpuPlatform()
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        return make_arg_parser(FlexibleArgumentParser(prog="vllm serve")), vllm.__version__
+
+    def json_option_keys(self, dest: str) -> list[str] | None:
+        import dataclasses
+
+        import vllm.config
+
+        cls = getattr(vllm.config, "".join(part.capitalize() for part in dest.split("_")), None)
+        if cls is None:
+            return None
+        if dataclasses.is_dataclass(cls):
+            return sorted(f.name for f in dataclasses.fields(cls))
+        fields = getattr(cls, "model_fields", None)
+        return sorted(fields) if fields else None
+
     def argv(self, r: Resolved, port: int) -> list[str]:
         spec, engine, p = r.spec, r.spec.engine, r.spec.parallelism
         argv = [
-            "vllm", "serve", MODEL_MOUNT,
+            *self.entrypoint_words(r), MODEL_MOUNT,
             "--served-model-name", spec.model.served_name,
             "--tensor-parallel-size", str(r.tensor_parallel),
             "--trust-remote-code",
