@@ -51,15 +51,6 @@ class FleetArgs:
     target_secrets: TargetSecrets = field(default_factory=TargetSecrets)
 
 
-def dns_mechanism(spec) -> str:
-    target = spec.target
-    if target.kind == "kubernetes" and target.kubernetes.external_dns:
-        return f"{spec.domain}: external-dns annotation on the proxy Service"
-    if target.kind == "host" and target.host.hosted_zone_id:
-        return f"{spec.domain}: Route53 record to the host"
-    return f"{spec.domain}: point it at the endpoint yourself"
-
-
 class Fleet(pulumi.ComponentResource):
     endpoint_url: pulumi.Output[str]
     openai_base_url: pulumi.Output[str]
@@ -121,7 +112,8 @@ class Fleet(pulumi.ComponentResource):
         self.market = endpoint.market
         self.hourly_cost_usd = endpoint.hourly_cost_usd
         # AWS says which record it made (or what to create by hand); other targets name their mechanism.
-        self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(dns_mechanism(spec))
+        self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(
+            args.resolved.target.dns_mechanism(spec))
 
         if spec.verification.enabled:
             gate = VerificationGate(f"{name}-gate", VerificationGateArgs(

@@ -25,7 +25,7 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
         }, indent=2) + "\n",
         "sizing.json": json.dumps(sizing.as_dict(), indent=2) + "\n",
     }
-    if r.spec.target.kind == "kubernetes":
+    if r.target.renders_manifests:
         from kimi_fleet.k8s_manifests import render_k8s_artifacts
 
         artifacts.update(render_k8s_artifacts(r, sizing, launch))

@@ -786,7 +786,7 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
 
 def behind_load_balancer(r: Resolved) -> bool:
     """An AWS fleet: its NLB routes only to nodes whose ready listener says the watchdog admitted them."""
-    return r.spec.target.kind == "aws" and r.spec.capacity.replicas > 1
+    return r.target.behind_load_balancer(r)
 
 
 def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:
@@ -818,7 +818,7 @@ def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     any change to an image, flag, unit, script or the Caddyfile gives a new one."""
     aws = r.spec.target.aws
     secrets = (SecretsSource.ssm(aws.ssm_prefix or default_ssm_prefix(r.spec.stack), aws.region, hf_token=False)
-               if aws is not None else SecretsSource("files"))
+               if r.target.secrets_from_ssm else SecretsSource("files"))
     ebs = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
     return files_digest(_render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs, release=None))
 

@@ -13,6 +13,6 @@ from kimi_fleet.sizing import Sizing
 
 
 def stack_release(r: Resolved, sizing: Sizing, launch: Launch) -> str:
-    if r.spec.target.kind == "kubernetes":
+    if r.target.renders_manifests:
         return k8s_manifests.manifest_release(r, sizing, launch, stack=r.spec.stack)
     return node_files.node_release(r, launch, sizing)

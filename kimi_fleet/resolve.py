@@ -7,7 +7,7 @@ from functools import cached_property
 
 from packaging.version import Version
 
-from kimi_fleet import catalog, engines
+from kimi_fleet import catalog, engines, targets
 from kimi_fleet.spec import StackSpec
 
 
@@ -121,39 +121,19 @@ class Resolved:
     def max_num_batched_tokens(self) -> int:
         return self.spec.engine.max_num_batched_tokens or self.engine.default_batched_tokens
 
+    @cached_property
+    def target(self) -> targets.Target:
+        """The target module that places, prices and constrains this stack."""
+        return targets.for_spec(self.spec)
+
     @property
     def weights_volume(self) -> str:
-        if self.spec.weights.volume:
-            return self.spec.weights.volume
-        kind = self.spec.target.kind
-        if kind == "kubernetes":
-            return "pvc"
-        if kind == "host":
-            return "host-path"
-        # A fleet's replicas cannot share one EBS volume: they use their own instance store.
-        return "ebs" if self.spec.capacity.replicas == 1 else "instance-store"
+        return self.spec.weights.volume or self.target.default_weight_volume(self)
 
     @cached_property
     def offer(self) -> catalog.MachineOffer | None:
         """The machine the stack rents, when the catalog knows one for its target."""
-        spec = self.spec
-        if spec.target.kind == "aws":
-            wanted = spec.target.aws.instance_type
-            if wanted:
-                return catalog.MACHINE_OFFERS.get(wanted)
-            candidates = [
-                o for o in catalog.MACHINE_OFFERS.values()
-                if o.provider == "aws" and o.accelerator == spec.accelerator
-                and o.accelerator_count == spec.accelerator_count
-            ]
-            # Prefer an offer sold on demand, then the cheaper one.
-            candidates.sort(key=lambda o: (o.on_demand_usd_per_hour is None, o.on_demand_usd_per_hour or 0))
-            return candidates[0] if candidates else None
-        if spec.target.kind == "host" and spec.target.host.startup_script_only:
-            for o in catalog.MACHINE_OFFERS.values():
-                if o.provider == "gpu-cloud" and o.accelerator == spec.accelerator:
-                    return o
-        return None
+        return self.target.offer(self)
 
     @property
     def weights_dir_name(self) -> str:

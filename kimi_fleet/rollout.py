@@ -52,12 +52,11 @@ class RolloutFacts:
 def rollout_facts(r: Resolved, sizing: Sizing, launch: Launch, cost: Cost) -> RolloutFacts:
     spec = r.spec
     units: dict[str, str] = {}
-    if spec.target.kind != "kubernetes":
+    if not r.target.renders_manifests:
         files = node_files.render_node_files(r, launch, sizing, secrets=node_files.SecretsSource("files"),
                                              ebs_volume_id=node_files.EBS_VOLUME_PLACEHOLDER)
         units = node_files.unit_digests(files, launch)
-    machine = r.offer.instance_type if (spec.target.kind == "aws" and r.offer) else (
-        f"{spec.accelerator_count}x {spec.accelerator}")
+    machine = r.target.machine(r)
     aws = spec.target.aws
     node_shape = f"{machine}/{aws.root_volume_gib}GiB" if aws is not None else machine
     return RolloutFacts(

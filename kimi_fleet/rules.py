@@ -196,49 +196,15 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
 @rule
 def target_can_provide(r: Resolved) -> Iterator[str]:
     spec, accel = r.spec, r.accelerator
-    kind = spec.target.kind
-    if kind == "aws":
-        wanted = spec.target.aws.instance_type
-        if r.offer is None:
-            offers = sorted(o.instance_type for o in catalog.MACHINE_OFFERS.values() if o.provider == "aws")
-            what = f"instance type {wanted!r}" if wanted else f"{spec.accelerator_count}x {accel.name}"
-            yield (f"field {CONFIG_NAMESPACE}:target.aws.instanceType: AWS offers no {what} in the catalog "
-                   f"(known: {', '.join(offers)}); use target kind kubernetes or host")
-        elif r.offer.accelerator != accel.id or r.offer.accelerator_count != spec.accelerator_count:
-            yield (f"{_f('target.aws.instanceType', wanted)}: carries {r.offer.accelerator_count}x "
-                   f"{r.offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
     if r.gpus_per_engine > accel.devices_per_node:
         yield (f"field {CONFIG_NAMESPACE}:acceleratorCount (given {spec.accelerator_count}): one engine needs "
                f"{r.gpus_per_engine} {accel.name} devices but a node holds {accel.devices_per_node}; an engine "
                "spanning nodes needs multi-node engine flags (--nnodes/--node-rank) kimi-fleet does not render")
-    if kind == "kubernetes" and spec.engine.speculative != "off":
-        yield (f"{_f('engine.speculative', spec.engine.speculative)}: the Kubernetes download Job fetches the pinned "
-               "checkpoint only, not a draft model (and EAGLE3 measured -46% throughput on K2.6, seed 004)")
-    if kind == "kubernetes" and spec.target.kubernetes.gpu_claim == "dra" and accel.vendor != "nvidia":
-        yield f"{_f('target.kubernetes.gpuClaim', 'dra')}: the DRA device class here is NVIDIA's (gpu.nvidia.com)"
-    volumes = {"aws": {"ebs", "instance-store"}, "kubernetes": {"pvc", "host-path"}, "host": {"host-path"}}[kind]
+    volumes = r.target.weight_volumes
     if r.weights_volume not in volumes:
-        yield f"{_f('weights.volume', r.weights_volume)}: a {kind} target stores weights on {', '.join(sorted(volumes))}"
-    if r.weights_volume == "instance-store" and r.offer is not None and r.offer.local_nvme_disks == 0:
-        yield f"{_f('weights.volume', 'instance-store')}: {r.offer.instance_type} has no local NVMe"
-    if r.weights_volume == "ebs" and spec.capacity.replicas > 1:
-        yield (f"{_f('weights.volume', 'ebs')}: one EBS volume attaches to one node; a fleet of "
-               f"{spec.capacity.replicas} uses instance-store with an S3 mirror")
-
-
-@rule
-def capacity_fits_target(r: Resolved) -> Iterator[str]:
-    spec = r.spec
-    market, kind = spec.capacity.effective_market, spec.target.kind
-    if kind == "host" and (market != "on-demand" or spec.capacity.replicas != 1):
-        yield (f"field {CONFIG_NAMESPACE}:capacity: a host target is one machine you already have: "
-               f"market {market!r}, replicas {spec.capacity.replicas} cannot apply (use on-demand, 1)")
-    if market == "capacity-block" and kind != "aws":
-        yield f"{_f('capacity.market', market)}: Capacity Blocks are an AWS purchase option"
-    if kind == "aws" and r.offer is not None:
-        if market == "on-demand" and r.offer.on_demand_usd_per_hour is None:
-            yield (f"{_f('capacity.market', market)}: {r.offer.instance_type} is not sold on demand "
-                   f"({r.offer.note}); use capacity-block or spot")
+        yield (f"{_f('weights.volume', r.weights_volume)}: a {spec.target.kind} target stores weights on "
+               f"{', '.join(sorted(volumes))}")
+    yield from r.target.problems(r)
 
 
 def memory_fits(r: Resolved) -> Iterator[str]:

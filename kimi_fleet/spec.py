@@ -48,6 +48,7 @@ HfRepo = _shaped(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,9
 AwsRegion = _shaped(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]", "an AWS region (e.g. us-east-1)", 32)
 AvailabilityZone = _shaped(r"[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]", "an availability zone (e.g. us-east-1a)", 32)
 InstanceType = _shaped(r"[a-z][a-z0-9-]*\.[a-z0-9]+", "an EC2 instance type (e.g. p5en.48xlarge)", 40)
+OfferName = _shaped(r"[a-z0-9][a-z0-9-]{0,62}", "a GPU-cloud offer name (e.g. spheron-8x-h200-sxm5)", 63)
 SubnetId = _shaped(r"subnet-[0-9a-f]{8,17}", "a subnet id (subnet-...)", 24)
 VpcId = _shaped(r"vpc-[0-9a-f]{8,17}", "a VPC id (vpc-...)", 21)
 HostedZoneId = _shaped(r"Z[A-Z0-9]{1,31}", "a Route53 hosted zone id (Z...)", 32)
@@ -315,6 +316,9 @@ class HostTarget(Spec):
     hosted_zone_id: str | None = None
     """Route 53 zone for the domain's record pointing at the host."""
     startup_script_only: bool = Field(False, description="a GPU cloud that only accepts a startup script (seed 000)")
+    offer: OfferName | None = Field(
+        None, description="with startupScriptOnly: the catalog's GPU-cloud offer to price (default: the cheapest "
+                          "for the accelerator)")
     firewall: bool = Field(False, description="opt-in nftables rule set the bootstrap applies: 80/443 from anywhere, "
                                               "SSH only from sshAllowlist, everything else dropped")
     ssh_allowlist: tuple[SshCidr, ...] = Field((), max_length=32)
@@ -325,6 +329,8 @@ class HostTarget(Spec):
         if self.firewall and not self.ssh_allowlist and not self.startup_script_only:
             raise ValueError("target.host.firewall needs target.host.sshAllowlist: Pulumi reaches the host over "
                              "SSH, and the rule set admits SSH only from the listed CIDRs (include your own)")
+        if self.offer and not self.startup_script_only:
+            raise ValueError("target.host.offer names a GPU-cloud offer: it applies with startupScriptOnly: true")
         if self.ssh_allowlist and not self.firewall:
             raise ValueError("target.host.sshAllowlist is applied only by target.host.firewall: set firewall: true")
         return self

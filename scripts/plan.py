@@ -101,8 +101,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
         (out / name).write_text(text)
         path = out / name
         result["artifacts"].append(str(path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path))
-    spot_replicas = spec.capacity.replicas - spec.capacity.effective_on_demand_base
-    if preflight and spec.target.kind == "aws" and resolved.offer is not None and spot_replicas:
+    if preflight and resolved.target.checks_spot_offers(resolved):
         from kimi_fleet.spot_preflight import spot_preflight
 
         check = spot_preflight(resolved.offer.instance_type, spec.target.aws.region, spec.capacity.replicas)

@@ -1,0 +1,66 @@
+"""AWS: EC2 GPU instances (one node, or an Auto Scaling fleet behind an NLB), EBS or instance-store
+weights, secrets from SSM, spot/on-demand/Capacity Blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from kimi_fleet import catalog
+from kimi_fleet.targets.base import FIELD, Target
+
+if TYPE_CHECKING:
+    from kimi_fleet.resolve import Resolved
+
+
+class AWS(Target):
+    kind = "aws"
+    weight_volumes = ("ebs", "instance-store")
+    secrets_from_ssm = True
+
+    def default_weight_volume(self, r: Resolved) -> str:
+        # A fleet's replicas cannot share one EBS volume: they use their own instance store.
+        return "ebs" if r.spec.capacity.replicas == 1 else "instance-store"
+
+    def offer(self, r: Resolved) -> catalog.MachineOffer | None:
+        # target.aws.instanceType picks among the offers for one accelerator.
+        wanted = r.spec.target.aws.instance_type
+        if wanted:
+            return catalog.MACHINE_OFFERS.get(wanted)
+        candidates = [o for o in catalog.MACHINE_OFFERS.values()
+                      if o.provider == "aws" and o.accelerator == r.spec.accelerator
+                      and o.accelerator_count == r.spec.accelerator_count]
+        # Prefer an offer sold on demand, then the cheaper one.
+        candidates.sort(key=lambda o: (o.on_demand_usd_per_hour is None, o.on_demand_usd_per_hour or 0))
+        return candidates[0] if candidates else None
+
+    def machine(self, r: Resolved) -> str:
+        return r.offer.instance_type if r.offer else super().machine(r)
+
+    def behind_load_balancer(self, r: Resolved) -> bool:
+        return r.spec.capacity.replicas > 1
+
+    def checks_spot_offers(self, r: Resolved) -> bool:
+        capacity = r.spec.capacity
+        return r.offer is not None and capacity.replicas > capacity.effective_on_demand_base
+
+    def problems(self, r: Resolved) -> Iterator[str]:
+        spec, accel, offer = r.spec, r.accelerator, r.offer
+        wanted = spec.target.aws.instance_type
+        if offer is None:
+            offers = sorted(o.instance_type for o in catalog.MACHINE_OFFERS.values() if o.provider == "aws")
+            what = f"instance type {wanted!r}" if wanted else f"{spec.accelerator_count}x {accel.name}"
+            yield (f"{FIELD}target.aws.instanceType: AWS offers no {what} in the catalog "
+                   f"(known: {', '.join(offers)}); use target kind kubernetes or host")
+        elif offer.accelerator != accel.id or offer.accelerator_count != spec.accelerator_count:
+            yield (f"{FIELD}target.aws.instanceType (given {wanted!r}): carries {offer.accelerator_count}x "
+                   f"{offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
+        if r.weights_volume == "instance-store" and offer is not None and offer.local_nvme_disks == 0:
+            yield f"{FIELD}weights.volume (given 'instance-store'): {offer.instance_type} has no local NVMe"
+        if r.weights_volume == "ebs" and spec.capacity.replicas > 1:
+            yield (f"{FIELD}weights.volume (given 'ebs'): one EBS volume attaches to one node; a fleet of "
+                   f"{spec.capacity.replicas} uses instance-store with an S3 mirror")
+        market = spec.capacity.effective_market
+        if offer is not None and market == "on-demand" and offer.on_demand_usd_per_hour is None:
+            yield (f"{FIELD}capacity.market (given {market!r}): {offer.instance_type} is not sold on demand "
+                   f"({offer.note}); use capacity-block or spot")

@@ -1,0 +1,54 @@
+"""An existing host (SSH), and a GPU cloud whose VM takes only a startup script: one machine,
+weights on its disk, the same idempotent bootstrap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from kimi_fleet import catalog
+from kimi_fleet.targets.base import FIELD, Target
+
+if TYPE_CHECKING:
+    from kimi_fleet.resolve import Resolved
+
+
+class Host(Target):
+    kind = "host"
+    weight_volumes = ("host-path",)
+
+    def dns_mechanism(self, spec) -> str:
+        if spec.target.host.hosted_zone_id:
+            return f"{spec.domain}: Route53 record to the host"
+        return super().dns_mechanism(spec)
+
+    def problems(self, r: Resolved) -> Iterator[str]:
+        capacity = r.spec.capacity
+        market = capacity.effective_market
+        if market != "on-demand" or capacity.replicas != 1:
+            yield (f"{FIELD}capacity: a host target is one machine you already have: "
+                   f"market {market!r}, replicas {capacity.replicas} cannot apply (use on-demand, 1)")
+        if market == "capacity-block":
+            yield f"{FIELD}capacity.market (given 'capacity-block'): Capacity Blocks are an AWS purchase option"
+
+
+class StartupScriptCloud(Host):
+    """A GPU cloud whose VM is launched by pasting the rendered startup script (seed 000)."""
+
+    def offer(self, r: Resolved) -> catalog.MachineOffer | None:
+        # target.host.offer picks among the clouds' offers for one accelerator; default the cheapest.
+        wanted = r.spec.target.host.offer
+        candidates = [o for o in catalog.MACHINE_OFFERS.values()
+                      if o.provider == "gpu-cloud" and o.accelerator == r.spec.accelerator
+                      and (wanted is None or o.instance_type == wanted)]
+        candidates.sort(key=lambda o: o.on_demand_usd_per_hour or 0)
+        return candidates[0] if candidates else None
+
+    def problems(self, r: Resolved) -> Iterator[str]:
+        yield from super().problems(r)
+        wanted = r.spec.target.host.offer
+        if wanted and r.offer is None:
+            known = sorted(o.instance_type for o in catalog.MACHINE_OFFERS.values()
+                           if o.provider == "gpu-cloud" and o.accelerator == r.spec.accelerator)
+            yield (f"{FIELD}target.host.offer (given {wanted!r}): no GPU-cloud offer of that name for "
+                   f"{r.spec.accelerator} (known: {', '.join(known) or 'none'})")
