@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from kimi_fleet import catalog, node_guard
+from kimi_fleet import catalog, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, render_caddyfile
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
@@ -126,39 +126,8 @@ READY_PORT = 9181
 WATCHDOG_INTERVAL_SECONDS = 30
 WATCHDOG_FAILURES = 3
 WATCHDOG_PROBE_TIMEOUT_SECONDS = GENERATION_PROBE_TIMEOUT_SECONDS
-SETTINGS_LOADER = r"""# kimi-fleet: the node settings loader (a library: `source`d by the node's scripts).
-# shellcheck shell=bash
-load_settings() {
-  local file=$1 line key value number=0 known=" __KEYS__ "
-  [[ -f $file ]] || { echo "settings file $file is missing" >&2; exit 1; }
-  while IFS= read -r line || [[ -n $line ]]; do
-    number=$((number + 1))
-    [[ -z $line || $line == \#* ]] && continue
-    if [[ ! $line =~ ^([A-Z][A-Z0-9_]*)=(__SAFE_VALUE__)$ ]]; then
-      echo "$file:$number: refused: not KEY=VALUE with a plain value" >&2
-      exit 1
-    fi
-    key=${BASH_REMATCH[1]}
-    value=${BASH_REMATCH[2]}
-    case $known in
-      *" $key "*) ;;
-      *) echo "$file:$number: refused: unknown setting $key" >&2; exit 1 ;;
-    esac
-    printf -v "$key" '%s' "$value"
-    export "${key?}"
-  done <"$file"
-}
-""".replace("__KEYS__", " ".join(NODE_SETTINGS_KEYS)).replace("__SAFE_VALUE__", SAFE_VALUE)
+SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KEYS), SAFE_VALUE=SAFE_VALUE)
 
-_LOG_FUNCTIONS = r"""
-# Everything the bootstrap does is appended here, timestamped: `tail -f` it during a cold start.
-ROOT="${KIMI_ROOT:-/}"
-ROOT="${ROOT%/}"
-LOG="$ROOT/var/log/kimi-fleet/bootstrap.log"
-mkdir -p "${LOG%/*}"
-log() { printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${0##*/}" "$*" | tee -a "$LOG" >&2; }
-run() { log "+ $*"; "$@" >>"$LOG" 2>&1; }
-"""
 
 # --- what each unit restarts for ---------------------------------------------------------------
 # The bootstrap restarts a unit only when one of its inputs changed; the planner reads the same
@@ -195,521 +164,42 @@ def unit_digests(files: dict[str, NodeFile], launch: Launch) -> dict[str, str]:
             for unit, paths in unit_inputs(launch).items() if any(p in files for p in paths)}
 
 
-BOOTSTRAP = r"""#!/bin/bash
-# kimi-fleet node bootstrap. Idempotent: a re-run changes nothing unless an input changed.
-# KIMI_ROOT=/some/dir runs it against a scratch root (tests): no systemctl, docker or block devices.
-# KIMI_DRY_GPU=1 skips GPU preparation.
-set -Eeuo pipefail
-""" + _LOG_FUNCTIONS + r"""
-trap 'log "FAILED at line $LINENO (exit $?)"' ERR
-LIVE=1
-[[ -n $ROOT ]] && LIVE=0
-# shellcheck source=/dev/null
-. "$ROOT__SETTINGS_LIBRARY__"
-load_settings "$ROOT/etc/kimi-fleet/node.env"
-: "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
-SBIN_DIR="$ROOT/usr/local/sbin"
-STATE_DIR="$ROOT/var/lib/kimi-fleet"
+BOOTSTRAP = templates.render(
+    "bootstrap.sh", LOG_FUNCTIONS=templates.source("log_functions.sh"), SETTINGS_LIBRARY=SETTINGS_LIBRARY,
+    ACCESS_LOG=node_guard.ACCESS_LOG, FIREWALL_RULES=node_guard.FIREWALL_RULES_PATH, NODE_STATUS=NODE_STATUS,
+    FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
+    ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
+    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS))
 
-live() {
-  if (( LIVE )); then "$@"; else log "scratch root: skipped: $*"; fi
-}
+DOWNLOAD_WEIGHTS = templates.render("download_weights.sh")
 
-# The cold start as data for `pulumi up` to show (never fatal: it only reports).
-NODE_STATUS="$ROOT__NODE_STATUS__"
-status() { KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" phase "$1" || log "status: could not record phase $1"; }
-trap 'status failed' EXIT
+WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
-prepare_gpus() {
-  if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
-  case $VENDOR in
-    nvidia)
-      if command -v nvidia-smi >/dev/null; then
-        # Persistence keeps the driver loaded between engine restarts (faster, stable device state).
-        if systemctl list-unit-files nvidia-persistenced.service >/dev/null 2>&1; then
-          live systemctl enable --now nvidia-persistenced.service
-        else
-          live nvidia-smi -pm 1
-        fi
-      else
-        log "nvidia-smi not found: persistence mode skipped"
-      fi
-      if command -v nvidia-ctk >/dev/null; then
-        # CDI spec for `--device nvidia.com/gpu=N` with plain runc (seed 003: no legacy --gpus hook).
-        mkdir -p "$ROOT/etc/cdi"
-        run nvidia-ctk cdi generate --output="$ROOT/etc/cdi/nvidia.yaml"
-        enable_docker_cdi
-      else
-        log "nvidia-ctk not found: CDI spec not generated"
-      fi
-      ;;
-    amd)
-      if [[ -e /dev/kfd ]]; then log "AMD: /dev/kfd present"; else log "AMD: /dev/kfd missing: is amdgpu loaded?"; fi
-      ;;
-    huawei)
-      if [[ -e /dev/davinci_manager ]]; then log "Ascend: /dev/davinci_manager present"
-      else log "Ascend: /dev/davinci_manager missing: is the NPU driver installed?"; fi
-      ;;
-  esac
-}
+ENGINE_RUN = templates.render("engine_run.sh")
 
-enable_docker_cdi() {
-  local daemon_json="$ROOT/etc/docker/daemon.json" merged
-  mkdir -p "${daemon_json%/*}"
-  merged=$(python3 - "$daemon_json" <<'PY'
-import json, os, sys
-path = sys.argv[1]
-config = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
-config.setdefault("features", {})["cdi"] = True
-print(json.dumps(config, indent=2, sort_keys=True))
-PY
-)
-  if [[ -f $daemon_json && $(<"$daemon_json") == "$merged" ]]; then return; fi
-  printf '%s\n' "$merged" >"$daemon_json"
-  log "docker CDI enabled in $daemon_json"
-  live systemctl restart docker.service
-}
-
-ensure_fstab() {
-  local source=$1
-  if ! grep -qs " $WEIGHTS_ROOT " "$ROOT/etc/fstab"; then
-    printf '%s %s xfs defaults,noatime,nofail 0 2\n' "$source" "$WEIGHTS_ROOT" >>"$ROOT/etc/fstab"
-    log "fstab: $source on $WEIGHTS_ROOT"
-  fi
-}
-
-format_if_blank() {
-  local device=$1
-  if blkid "$device" >/dev/null 2>&1; then log "$device already has a filesystem: kept"
-  else run mkfs.xfs -L kimi-weights "$device"; fi
-}
-
-mount_weights() {
-  mkdir -p "$ROOT$WEIGHTS_ROOT"
-  if (( ! LIVE )) || [[ $WEIGHTS_VOLUME == host-path ]]; then
-    log "weights: directory $ROOT$WEIGHTS_ROOT ($WEIGHTS_VOLUME)"
-    return
-  fi
-  if mountpoint -q "$WEIGHTS_ROOT"; then log "weights: $WEIGHTS_ROOT already mounted"; return; fi
-  local device
-  case $WEIGHTS_VOLUME in
-    instance-store)
-      # Instance store is erased on stop: the array is rebuilt from whatever disks are there.
-      device=/dev/md/kimi-weights
-      mdadm --assemble --scan >>"$LOG" 2>&1 || true
-      if [[ ! -e $device ]]; then
-        mapfile -t disks < <(lsblk -dnpo NAME,MODEL | awk '/Amazon EC2 NVMe Instance Storage/ {print $1}')
-        (( ${#disks[@]} > 0 )) || { log "no instance-store NVMe disks found"; exit 1; }
-        if (( ${#disks[@]} == 1 )); then
-          device=${disks[0]}
-        else
-          run mdadm --create "$device" --run --level=0 --raid-devices="${#disks[@]}" "${disks[@]}"
-        fi
-      fi
-      format_if_blank "$device"
-      ensure_fstab "LABEL=kimi-weights"
-      ;;
-    ebs)
-      device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${EBS_VOLUME_ID/-/}"
-      # The attachment is declared after the instance exists: wait for the device to appear.
-      for _ in $(seq 1 120); do [[ -e $device ]] && break; sleep 5; done
-      [[ -e $device ]] || { log "EBS volume $EBS_VOLUME_ID not attached after 10 min"; exit 1; }
-      format_if_blank "$device"
-      ensure_fstab "LABEL=kimi-weights"
-      ;;
-  esac
-  run mount "$WEIGHTS_ROOT"
-}
-
-write_secret() {
-  local dest=$1 value=$2
-  mkdir -p "${dest%/*}"
-  chmod 700 "${dest%/*}"
-  (umask 077; printf '%s' "$value" >"$dest.tmp")
-  mv "$dest.tmp" "$dest"
-}
-
-fetch_ssm() {
-  local name=$1 dest=$2 value attempt
-  for attempt in 1 2 3 4 5 6 7 8 9 10; do
-    # The instance role may take a moment to propagate after launch.
-    if value=$(aws ssm get-parameter --region "$AWS_REGION" --with-decryption --name "$name" \
-        --query Parameter.Value --output text 2>>"$LOG"); then
-      write_secret "$dest" "$value"
-      log "secret $name -> $dest"
-      return
-    fi
-    log "ssm get-parameter $name failed (attempt $attempt), retrying"
-    sleep $((attempt * 3))
-  done
-  exit 1
-}
-
-fetch_secrets() {
-  case $SECRETS_KIND in
-    ssm)
-      fetch_ssm "$SSM_API_KEY_PARAMETER" "$ROOT$API_KEY_FILE"
-      if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$ROOT$HF_TOKEN_FILE"; fi
-      ;;
-    files)
-      local file mode
-      for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE"; do
-        [[ $file == "$ROOT$HF_TOKEN_FILE" && ! -e $file ]] && continue
-        [[ -s $file ]] || { log "secret file $file is missing or empty"; exit 1; }
-        mode=$(stat -c %a "$file")
-        [[ $mode == 600 || $mode == 400 ]] || { log "secret file $file has mode $mode, want 600"; exit 1; }
-      done
-      log "secrets: files present and root-only"
-      ;;
-  esac
-}
-
-ensure_hf_cli() {
-  [[ $WEIGHTS_SOURCE == huggingface ]] || return 0
-  if command -v hf >/dev/null; then HF_CLI=$(command -v hf); return; fi
-  HF_CLI="$ROOT/opt/kimi-fleet/hf/bin/hf"
-  [[ -x $HF_CLI ]] && return
-  run python3 -m venv "$ROOT/opt/kimi-fleet/hf"
-  run "$ROOT/opt/kimi-fleet/hf/bin/pip" install --quiet "huggingface_hub[hf_xet]==$HF_HUB_VERSION"
-}
-
-download_weights() {
-  HF_CLI=""
-  ensure_hf_cli
-  log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
-  status download
-  mkdir -p "$ROOT$WEIGHTS_DIR"
-  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
-  local sampler=$!
-  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" \
-    "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
-  kill "$sampler" 2>/dev/null || true
-  wait "$sampler" 2>/dev/null || true
-  log "weights verified"
-}
-
-# Restart a unit only when one of its inputs changed (or it is not running): a re-run is a no-op.
-apply_unit() {
-  local unit=$1; shift
-  local stamp="$STATE_DIR/applied/$unit.sha256" digest
-  mkdir -p "${stamp%/*}"
-  digest=$(cat "$@" | sha256sum | cut -d' ' -f1)
-  if [[ -f $stamp && $(<"$stamp") == "$digest" ]] && { (( ! LIVE )) || systemctl is-active --quiet "$unit"; }; then
-    log "$unit: unchanged"
-    return
-  fi
-  live systemctl enable "$unit"
-  # --no-block: engine units order themselves after this bootstrap unit.
-  live systemctl restart --no-block "$unit"
-  printf '%s\n' "$digest" >"$stamp"
-  log "$unit: (re)started"
-}
-
-prepare_access_log() {
-  # fail2ban's jail needs the file to exist before Caddy's first request; Caddy's user appends.
-  local file="$ROOT__ACCESS_LOG__"
-  [[ -e $file ]] && return
-  mkdir -p "${file%/*}"
-  if (( LIVE )); then install -m 0640 -o caddy -g caddy /dev/null "$file"; else : >"$file"; fi
-}
-
-start_services() {
-  live systemctl daemon-reload
-  # The opt-in host firewall first: the proxy's ports are never open unfiltered.
-  if [[ -f $ROOT__FIREWALL_RULES__ ]]; then
-    apply_unit kimi-firewall.service __FIREWALL_INPUTS__
-  fi
-  prepare_access_log
-  apply_unit fail2ban.service __FAIL2BAN_INPUTS__
-  local i
-  for ((i = 0; i < ENGINE_COUNT; i++)); do
-    apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
-  done
-  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE"
-  # Admission and liveness by real generations, from now on every few seconds.
-  apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
-}
-
-log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
-mkdir -p "$STATE_DIR"
-prepare_gpus
-mount_weights
-fetch_secrets
-download_weights
-start_services
-status loading
-trap - EXIT
-log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
-""".replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace("__ACCESS_LOG__", node_guard.ACCESS_LOG).replace(
-    "__FIREWALL_RULES__", node_guard.FIREWALL_RULES_PATH).replace("__NODE_STATUS__", NODE_STATUS).replace(
-    "__FIREWALL_INPUTS__", _shell_paths(FIREWALL_UNIT_INPUTS)).replace(
-    "__FAIL2BAN_INPUTS__", _shell_paths(FAIL2BAN_INPUTS)).replace(
-    "__ENGINE_INPUTS__", _shell_paths(engine_unit_inputs("$i"))).replace(
-    "__CADDY_INPUTS__", _shell_paths(CADDY_FILE_INPUTS)).replace("__WATCHDOG_INPUTS__", _shell_paths(WATCHDOG_INPUTS))
-
-DOWNLOAD_WEIGHTS = r"""#!/bin/bash
-# Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size and
-# content (SHA-256 of LFS files, git blob SHA-1 of the rest) against the repository tree at that
-# revision. A `.kimi-verified` marker holding the revision makes a
-# re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
-set -euo pipefail
-: "${WEIGHTS_DIR:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" "${WEIGHTS_SOURCE:?}"
-MARKER="$WEIGHTS_DIR/.kimi-verified"
-ATTEMPTS="${DOWNLOAD_ATTEMPTS:-5}"
-ATTEMPT_TIMEOUT="${DOWNLOAD_ATTEMPT_TIMEOUT:-7200}"
-
-if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
-  echo "weights $MODEL_REPO@$MODEL_REVISION already verified"
-  exit 0
-fi
-mkdir -p "$WEIGHTS_DIR"
-if [[ -s ${HF_TOKEN_FILE:-} ]]; then
-  HF_TOKEN=$(<"$HF_TOKEN_FILE")
-  export HF_TOKEN
-fi
-
-fetch() {
-  if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
-    # Parallel transfers are what make the in-region mirror fast (~4 GB/s).
-    local config
-    config=$(mktemp)
-    printf '[default]\ns3 =\n  max_concurrent_requests = 64\n  multipart_chunksize = 64MB\n' >"$config"
-    AWS_CONFIG_FILE="$config" timeout "$ATTEMPT_TIMEOUT" aws s3 sync --only-show-errors \
-      --region "$AWS_REGION" "${S3_MIRROR_URI%/}/$MODEL_REPO/$MODEL_REVISION/" "$WEIGHTS_DIR/"
-    local status=$?
-    rm -f "$config"
-    return $status
-  fi
-  # hf resumes partial files; a hung transfer is killed by timeout and resumed by the next attempt.
-  HF_XET_HIGH_PERFORMANCE=1 timeout "$ATTEMPT_TIMEOUT" "${HF_CLI:-hf}" download "$MODEL_REPO" \
-    --revision "$MODEL_REVISION" --local-dir "$WEIGHTS_DIR"
-}
-
-verify() {
-  python3 - "$MODEL_REPO" "$MODEL_REVISION" "$WEIGHTS_DIR" <<'PY'
-import concurrent.futures, hashlib, json, os, re, sys, urllib.parse, urllib.request
-repo, revision, local = sys.argv[1:4]
-endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
-headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
-expected = {}
-while url:  # the tree API pages through a Link: <...>; rel="next" header
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
-        for entry in json.load(response):
-            if entry.get("type") == "file":
-                # LFS files (the shards) carry their SHA-256; the others a git blob SHA-1.
-                expected[entry["path"]] = (entry["size"], (entry.get("lfs") or {}).get("oid"), entry.get("oid"))
-        following = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link") or "")
-        url = urllib.parse.urljoin(url, following.group(1)) if following else None
-# Hash one file (hashlib releases the GIL: the files hash in parallel); a file whose content is
-# wrong is removed, with hf's resume metadata, so the next attempt fetches it again.
-def content_problem(path, size, lfs_oid, git_oid):
-    want = lfs_oid or git_oid
-    if not want:
-        return None
-    digest = hashlib.sha256() if lfs_oid else hashlib.sha1(b"blob %d\0" % size)
-    full = os.path.join(local, path)
-    with open(full, "rb") as stream:
-        for chunk in iter(lambda: stream.read(16 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() == want:
-        return None
-    for stale in (full, os.path.join(local, ".cache", "huggingface", "download", path + ".metadata")):
-        if os.path.exists(stale):
-            os.remove(stale)
-    kind = "sha256" if lfs_oid else "git sha1"
-    return f"content of {path}: {kind} {digest.hexdigest()}, repository says {want} (removed, fetched again next)"
-problems = []
-present = []
-for path, (size, lfs_oid, git_oid) in sorted(expected.items()):
-    full = os.path.join(local, path)
-    if not os.path.isfile(full):
-        problems.append(f"missing {path}")
-    elif os.path.getsize(full) != size:
-        problems.append(f"size of {path}: {os.path.getsize(full)} bytes, repository says {size}")
-    else:
-        present.append((path, size, lfs_oid, git_oid))
-with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 4)) as pool:
-    problems += [p for p in pool.map(lambda item: content_problem(*item), present) if p]
-total = sum(size for size, _, _ in expected.values())
-print(f"verify: {len(expected)} files, {total} bytes expected, contents hashed; {len(problems)} problem(s)")
-if problems:
-    print("\n".join(problems[:20]))
-sys.exit(1 if problems or not expected else 0)
-PY
-}
-
-for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
-  echo "download attempt $attempt/$ATTEMPTS of $MODEL_REPO@$MODEL_REVISION ($WEIGHTS_SOURCE)"
-  if fetch && verify; then
-    printf '%s\n' "$MODEL_REVISION" >"$MARKER"
-    echo "weights verified: $MARKER"
-    exit 0
-  fi
-  sleep $((attempt * 20))
-done
-echo "weights download failed after $ATTEMPTS attempts" >&2
-exit 1
-"""
-
-WAIT_GPUS_FREE = r"""#!/bin/bash
-# Before an engine (re)starts, wait until no process holds its GPUs: a stopped engine's NCCL
-# teardown keeps device memory for 30-60 s and a new engine started on top of it OOMs (seed 003).
-# Usage: kimi-wait-gpus-free GPU_IDS (comma-separated). Bounded; exits 1 so systemd retries later.
-set -euo pipefail
-ids=${1:?GPU ids, e.g. 0,1,2,3}
-timeout=${GPU_FREE_TIMEOUT:-__GPU_FREE_TIMEOUT__}
-
-busy() {
-  if command -v nvidia-smi >/dev/null; then
-    [[ -n $(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i "$ids" 2>/dev/null) ]]
-  elif [[ -e /dev/davinci_manager ]] && command -v fuser >/dev/null; then
-    local id
-    for id in ${ids//,/ }; do fuser -s "/dev/davinci$id" 2>/dev/null && return 0; done
-    return 1
-  else
-    return 1
-  fi
-}
-
-if ! command -v nvidia-smi >/dev/null && [[ ! -e /dev/davinci_manager ]]; then
-  echo "no per-GPU process query on this host: not waiting"
-  exit 0
-fi
-for ((waited = 0; waited < timeout; waited += 5)); do
-  if ! busy; then echo "GPUs $ids free"; exit 0; fi
-  sleep 5
-done
-echo "GPUs $ids still in use after ${timeout}s" >&2
-exit 1
-""".replace("__GPU_FREE_TIMEOUT__", str(GPU_FREE_TIMEOUT_SECONDS))
-
-ENGINE_RUN = r"""#!/bin/bash
-# Start engine N: its whole `docker run` command is a JSON list written by kimi-fleet
-# (/etc/kimi-fleet/engine-N.argv.json), handed to exec one element per argument: nothing is
-# split, globbed or evaluated on the way.
-set -euo pipefail
-index=${1:?usage: kimi-engine-run ENGINE_INDEX}
-[[ $index =~ ^[0-9]+$ ]] || { echo "engine index must be a number, got $index" >&2; exit 1; }
-argv_file="${KIMI_ROOT:-}/etc/kimi-fleet/engine-$index.argv.json"
-decoded=$(mktemp)
-trap 'rm -f "$decoded"' EXIT
-python3 - "$argv_file" >"$decoded" <<'PY'
-import json, sys
-argv = json.load(open(sys.argv[1]))
-if not (isinstance(argv, list) and argv[:2] == ["docker", "run"]
-        and all(isinstance(a, str) and a and "\0" not in a for a in argv)):
-    sys.exit(f"{sys.argv[1]}: not a docker run argument list")
-sys.stdout.write("".join(a + "\0" for a in argv))
-PY
-mapfile -d '' -t argv <"$decoded"
-exec "${argv[@]}"
-"""
-
-CADDY_ENV = r"""#!/bin/bash
-# Hand the API key to Caddy as an environment variable, from the root-only secret file.
-# Runs as root (ExecStartPre=+) before Caddy, which itself runs unprivileged.
-set -euo pipefail
-# shellcheck source=/dev/null
-. "${KIMI_ROOT:-}__SETTINGS_LIBRARY__"
-load_settings "${KIMI_ROOT:-}/etc/kimi-fleet/node.env"
-key=$(<"${API_KEY_FILE:?}")
-# An env file holds bare values: refuse anything that would need quoting.
-[[ $key =~ __API_KEY_PATTERN__ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
-mkdir -p /run/kimi-fleet
-(umask 077; printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp)
-mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env
-""".replace("__CADDY_KEY_ENV__", CADDY_API_KEY_ENV).replace("__SETTINGS_LIBRARY__", SETTINGS_LIBRARY).replace(
-    "__API_KEY_PATTERN__", API_KEY_PATTERN.pattern)
+CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
+                             API_KEY_PATTERN=API_KEY_PATTERN.pattern)
 
 
 def _engine_unit(r: Resolved) -> str:
-    return f"""[Unit]
-Description=Kimi-K2.6 engine %i (kimi-fleet stack {r.spec.stack})
-Documentation=file:///etc/kimi-fleet/stack.json
-Wants=network-online.target
-After=network-online.target docker.service kimi-bootstrap.service
-Requires=docker.service
-RequiresMountsFor={r.spec.weights.host_path}
-
-[Service]
-Type=simple
-EnvironmentFile=/etc/kimi-fleet/engine-%i.env
-# A container left over from a crash would block the name.
-ExecStartPre=-/usr/bin/docker rm --force ${{CONTAINER_NAME}}
-# Pinned tags do not move: pull only when missing (locally built images are never pulled).
-ExecStartPre=/bin/sh -c 'docker image inspect "$IMAGE" >/dev/null 2>&1 || docker pull "$IMAGE"'
-ExecStartPre=/usr/local/sbin/kimi-wait-gpus-free ${{GPU_IDS}}
-ExecStartPre=/usr/bin/test -f ${{WEIGHTS_DIR}}/.kimi-verified
-ExecStart=/usr/local/sbin/kimi-engine-run %i
-ExecStop=/usr/bin/docker stop --time={ENGINE_STOP_GRACE_SECONDS} ${{CONTAINER_NAME}}
-TimeoutStartSec={ENGINE_START_TIMEOUT_SECONDS}
-TimeoutStopSec={ENGINE_STOP_GRACE_SECONDS + 60}
-Restart=on-failure
-RestartSec=30
-
-[Install]
-WantedBy=multi-user.target
-"""
+    return templates.render(
+        "kimi-engine@.service", STACK=r.spec.stack, ENV_DIR=ENV_DIR, WEIGHTS_HOST_PATH=r.spec.weights.host_path,
+        SBIN=SBIN, STOP_GRACE_SECONDS=ENGINE_STOP_GRACE_SECONDS, START_TIMEOUT_SECONDS=ENGINE_START_TIMEOUT_SECONDS,
+        STOP_TIMEOUT_SECONDS=ENGINE_STOP_GRACE_SECONDS + 60)
 
 
-BOOTSTRAP_UNIT = """[Unit]
-Description=kimi-fleet node bootstrap (GPUs, weight volume, secrets, weights, engines, proxy)
-Documentation=file:///var/log/kimi-fleet/bootstrap.log
-Wants=network-online.target
-After=network-online.target docker.service
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/local/sbin/kimi-bootstrap
-# A cold download of ~595 GB can take most of an hour.
-TimeoutStartSec=infinity
-
-[Install]
-WantedBy=multi-user.target
-"""
+BOOTSTRAP_UNIT = templates.render("kimi-bootstrap.service", SBIN=SBIN)
 
 def _watchdog_unit(engines: int) -> str:
     # One probe per engine plus two through Caddy, each at most the probe timeout.
     timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + 30
-    return f"""[Unit]
-Description=kimi-fleet watchdog: admit engines by a real generation, restart one that stops generating
-Documentation=file://{WATCHDOG}
-After=kimi-bootstrap.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/python3 {WATCHDOG}
-TimeoutStartSec={timeout}
-"""
+    return templates.render("kimi-watchdog.service", WATCHDOG=WATCHDOG, TIMEOUT_SECONDS=timeout)
 
 
-WATCHDOG_TIMER = f"""[Unit]
-Description=kimi-fleet watchdog every {WATCHDOG_INTERVAL_SECONDS} s
-
-[Timer]
-OnBootSec=120
-OnUnitActiveSec={WATCHDOG_INTERVAL_SECONDS}
-AccuracySec=5
-
-[Install]
-WantedBy=timers.target
-"""
+WATCHDOG_TIMER = templates.render("kimi-watchdog.timer", INTERVAL_SECONDS=WATCHDOG_INTERVAL_SECONDS)
 
 
-CADDY_OVERRIDE = f"""# kimi-fleet: Caddy reads the API key from the environment, written from the root-only secret.
-[Service]
-ExecStartPre=+{SBIN}/kimi-caddy-env
-EnvironmentFile=-/run/kimi-fleet/caddy.env
-# The access log (fail2ban reads it) lives in /var/log/caddy, owned by Caddy's user.
-LogsDirectory=caddy
-# The packaged unit runs `caddy run --environ`, which prints the environment (the key) to the journal.
-ExecStart=
-ExecStart=/usr/bin/caddy run --config {CADDYFILE} --adapter caddyfile
-# `admin off` leaves nothing to reload: apply a new Caddyfile with `systemctl restart caddy`.
-ExecReload=
-"""
+CADDY_OVERRIDE = templates.render("caddy-override.conf", SBIN=SBIN, CADDYFILE=CADDYFILE)
 
 
 def _setting(key: str, value: str) -> str:
@@ -811,14 +301,20 @@ def files_digest(files: dict[str, NodeFile]) -> str:
     return digest.hexdigest()[:16]
 
 
+def planned_secrets(r: Resolved) -> SecretsSource:
+    """Where the node reads its secrets, as the planner renders it (no Hub token parameter)."""
+    if not r.target.secrets_from_ssm:
+        return SecretsSource("files")
+    aws = r.spec.target.aws
+    return SecretsSource.ssm(aws.ssm_prefix or default_ssm_prefix(r.spec.stack), aws.region, hf_token=False)
+
+
 def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     """The release id of what runs on the stack's nodes: the digest of the node files as the planner
     renders them (deploy-time ids such as the EBS volume as placeholders, the Caddyfile without its
     own stamp). The same stack file and catalog give the same id in `plan` and under `pulumi up`;
     any change to an image, flag, unit, script or the Caddyfile gives a new one."""
-    aws = r.spec.target.aws
-    secrets = (SecretsSource.ssm(aws.ssm_prefix or default_ssm_prefix(r.spec.stack), aws.region, hf_token=False)
-               if r.target.secrets_from_ssm else SecretsSource("files"))
+    secrets = planned_secrets(r)
     ebs = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
     return files_digest(_render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs, release=None))
 
@@ -981,11 +477,7 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
     spec = r.spec
     aws = spec.target.aws
     ebs_volume_id = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
-    if aws is not None:
-        ssm_prefix = aws.ssm_prefix or default_ssm_prefix(spec.stack)
-        secrets = SecretsSource.ssm(ssm_prefix, aws.region, hf_token=False)
-    else:
-        secrets = SecretsSource("files")
+    secrets = planned_secrets(r)
     files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
     artifacts = {
         "Caddyfile": files[CADDYFILE].content,
@@ -1009,13 +501,11 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
     for instance in launch.instances:
         artifacts[f"engine-{instance.index}.env"] = files[instance.env_file_path].content
         artifacts[f"engine-{instance.index}.argv.json"] = files[instance.argv_file_path].content
-        artifacts[f"docker-run-engine-{instance.index}.sh"] = (
-            "#!/bin/bash\n# The engine's container, as one command (what kimi-engine-run executes).\n"
-            + docker_run_command(launch, instance) + "\n"
-        )
+        artifacts[f"docker-run-engine-{instance.index}.sh"] = templates.render(
+            "docker_run_engine.sh", COMMAND=docker_run_command(launch, instance))
     if spec.target.host is not None and spec.target.host.startup_script_only:
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
-    if aws is not None:
+    if r.target.secrets_from_ssm:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
         if behind_load_balancer(r):  # a fleet's template carries the release
             artifacts["user-data.yaml"] = render_user_data(

@@ -1,0 +1,245 @@
+#!/bin/bash
+# kimi-fleet node bootstrap. Idempotent: a re-run changes nothing unless an input changed.
+# KIMI_ROOT=/some/dir runs it against a scratch root (tests): no systemctl, docker or block devices.
+# KIMI_DRY_GPU=1 skips GPU preparation.
+set -Eeuo pipefail
+__LOG_FUNCTIONS__
+trap 'log "FAILED at line $LINENO (exit $?)"' ERR
+LIVE=1
+[[ -n $ROOT ]] && LIVE=0
+# shellcheck source=/dev/null
+. "$ROOT__SETTINGS_LIBRARY__"
+load_settings "$ROOT/etc/kimi-fleet/node.env"
+: "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
+SBIN_DIR="$ROOT/usr/local/sbin"
+STATE_DIR="$ROOT/var/lib/kimi-fleet"
+
+live() {
+  if (( LIVE )); then "$@"; else log "scratch root: skipped: $*"; fi
+}
+
+# The cold start as data for `pulumi up` to show (never fatal: it only reports).
+NODE_STATUS="$ROOT__NODE_STATUS__"
+status() { KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" phase "$1" || log "status: could not record phase $1"; }
+trap 'status failed' EXIT
+
+prepare_gpus() {
+  if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
+  case $VENDOR in
+    nvidia)
+      if command -v nvidia-smi >/dev/null; then
+        # Persistence keeps the driver loaded between engine restarts (faster, stable device state).
+        if systemctl list-unit-files nvidia-persistenced.service >/dev/null 2>&1; then
+          live systemctl enable --now nvidia-persistenced.service
+        else
+          live nvidia-smi -pm 1
+        fi
+      else
+        log "nvidia-smi not found: persistence mode skipped"
+      fi
+      if command -v nvidia-ctk >/dev/null; then
+        # CDI spec for `--device nvidia.com/gpu=N` with plain runc (seed 003: no legacy --gpus hook).
+        mkdir -p "$ROOT/etc/cdi"
+        run nvidia-ctk cdi generate --output="$ROOT/etc/cdi/nvidia.yaml"
+        enable_docker_cdi
+      else
+        log "nvidia-ctk not found: CDI spec not generated"
+      fi
+      ;;
+    amd)
+      if [[ -e /dev/kfd ]]; then log "AMD: /dev/kfd present"; else log "AMD: /dev/kfd missing: is amdgpu loaded?"; fi
+      ;;
+    huawei)
+      if [[ -e /dev/davinci_manager ]]; then log "Ascend: /dev/davinci_manager present"
+      else log "Ascend: /dev/davinci_manager missing: is the NPU driver installed?"; fi
+      ;;
+  esac
+}
+
+enable_docker_cdi() {
+  local daemon_json="$ROOT/etc/docker/daemon.json" merged
+  mkdir -p "${daemon_json%/*}"
+  merged=$(python3 - "$daemon_json" <<'PY'
+import json, os, sys
+path = sys.argv[1]
+config = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+config.setdefault("features", {})["cdi"] = True
+print(json.dumps(config, indent=2, sort_keys=True))
+PY
+)
+  if [[ -f $daemon_json && $(<"$daemon_json") == "$merged" ]]; then return; fi
+  printf '%s\n' "$merged" >"$daemon_json"
+  log "docker CDI enabled in $daemon_json"
+  live systemctl restart docker.service
+}
+
+ensure_fstab() {
+  local source=$1
+  if ! grep -qs " $WEIGHTS_ROOT " "$ROOT/etc/fstab"; then
+    printf '%s %s xfs defaults,noatime,nofail 0 2\n' "$source" "$WEIGHTS_ROOT" >>"$ROOT/etc/fstab"
+    log "fstab: $source on $WEIGHTS_ROOT"
+  fi
+}
+
+format_if_blank() {
+  local device=$1
+  if blkid "$device" >/dev/null 2>&1; then log "$device already has a filesystem: kept"
+  else run mkfs.xfs -L kimi-weights "$device"; fi
+}
+
+mount_weights() {
+  mkdir -p "$ROOT$WEIGHTS_ROOT"
+  if (( ! LIVE )) || [[ $WEIGHTS_VOLUME == host-path ]]; then
+    log "weights: directory $ROOT$WEIGHTS_ROOT ($WEIGHTS_VOLUME)"
+    return
+  fi
+  if mountpoint -q "$WEIGHTS_ROOT"; then log "weights: $WEIGHTS_ROOT already mounted"; return; fi
+  local device
+  case $WEIGHTS_VOLUME in
+    instance-store)
+      # Instance store is erased on stop: the array is rebuilt from whatever disks are there.
+      device=/dev/md/kimi-weights
+      mdadm --assemble --scan >>"$LOG" 2>&1 || true
+      if [[ ! -e $device ]]; then
+        mapfile -t disks < <(lsblk -dnpo NAME,MODEL | awk '/Amazon EC2 NVMe Instance Storage/ {print $1}')
+        (( ${#disks[@]} > 0 )) || { log "no instance-store NVMe disks found"; exit 1; }
+        if (( ${#disks[@]} == 1 )); then
+          device=${disks[0]}
+        else
+          run mdadm --create "$device" --run --level=0 --raid-devices="${#disks[@]}" "${disks[@]}"
+        fi
+      fi
+      format_if_blank "$device"
+      ensure_fstab "LABEL=kimi-weights"
+      ;;
+    ebs)
+      device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${EBS_VOLUME_ID/-/}"
+      # The attachment is declared after the instance exists: wait for the device to appear.
+      for _ in $(seq 1 120); do [[ -e $device ]] && break; sleep 5; done
+      [[ -e $device ]] || { log "EBS volume $EBS_VOLUME_ID not attached after 10 min"; exit 1; }
+      format_if_blank "$device"
+      ensure_fstab "LABEL=kimi-weights"
+      ;;
+  esac
+  run mount "$WEIGHTS_ROOT"
+}
+
+write_secret() {
+  local dest=$1 value=$2
+  mkdir -p "${dest%/*}"
+  chmod 700 "${dest%/*}"
+  (umask 077; printf '%s' "$value" >"$dest.tmp")
+  mv "$dest.tmp" "$dest"
+}
+
+fetch_ssm() {
+  local name=$1 dest=$2 value attempt
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    # The instance role may take a moment to propagate after launch.
+    if value=$(aws ssm get-parameter --region "$AWS_REGION" --with-decryption --name "$name" \
+        --query Parameter.Value --output text 2>>"$LOG"); then
+      write_secret "$dest" "$value"
+      log "secret $name -> $dest"
+      return
+    fi
+    log "ssm get-parameter $name failed (attempt $attempt), retrying"
+    sleep $((attempt * 3))
+  done
+  exit 1
+}
+
+fetch_secrets() {
+  case $SECRETS_KIND in
+    ssm)
+      fetch_ssm "$SSM_API_KEY_PARAMETER" "$ROOT$API_KEY_FILE"
+      if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$ROOT$HF_TOKEN_FILE"; fi
+      ;;
+    files)
+      local file mode
+      for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE"; do
+        [[ $file == "$ROOT$HF_TOKEN_FILE" && ! -e $file ]] && continue
+        [[ -s $file ]] || { log "secret file $file is missing or empty"; exit 1; }
+        mode=$(stat -c %a "$file")
+        [[ $mode == 600 || $mode == 400 ]] || { log "secret file $file has mode $mode, want 600"; exit 1; }
+      done
+      log "secrets: files present and root-only"
+      ;;
+  esac
+}
+
+ensure_hf_cli() {
+  [[ $WEIGHTS_SOURCE == huggingface ]] || return 0
+  if command -v hf >/dev/null; then HF_CLI=$(command -v hf); return; fi
+  HF_CLI="$ROOT/opt/kimi-fleet/hf/bin/hf"
+  [[ -x $HF_CLI ]] && return
+  run python3 -m venv "$ROOT/opt/kimi-fleet/hf"
+  run "$ROOT/opt/kimi-fleet/hf/bin/pip" install --quiet "huggingface_hub[hf_xet]==$HF_HUB_VERSION"
+}
+
+download_weights() {
+  HF_CLI=""
+  ensure_hf_cli
+  log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
+  status download
+  mkdir -p "$ROOT$WEIGHTS_DIR"
+  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
+  local sampler=$!
+  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" \
+    "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  log "weights verified"
+}
+
+# Restart a unit only when one of its inputs changed (or it is not running): a re-run is a no-op.
+apply_unit() {
+  local unit=$1; shift
+  local stamp="$STATE_DIR/applied/$unit.sha256" digest
+  mkdir -p "${stamp%/*}"
+  digest=$(cat "$@" | sha256sum | cut -d' ' -f1)
+  if [[ -f $stamp && $(<"$stamp") == "$digest" ]] && { (( ! LIVE )) || systemctl is-active --quiet "$unit"; }; then
+    log "$unit: unchanged"
+    return
+  fi
+  live systemctl enable "$unit"
+  # --no-block: engine units order themselves after this bootstrap unit.
+  live systemctl restart --no-block "$unit"
+  printf '%s\n' "$digest" >"$stamp"
+  log "$unit: (re)started"
+}
+
+prepare_access_log() {
+  # fail2ban's jail needs the file to exist before Caddy's first request; Caddy's user appends.
+  local file="$ROOT__ACCESS_LOG__"
+  [[ -e $file ]] && return
+  mkdir -p "${file%/*}"
+  if (( LIVE )); then install -m 0640 -o caddy -g caddy /dev/null "$file"; else : >"$file"; fi
+}
+
+start_services() {
+  live systemctl daemon-reload
+  # The opt-in host firewall first: the proxy's ports are never open unfiltered.
+  if [[ -f $ROOT__FIREWALL_RULES__ ]]; then
+    apply_unit kimi-firewall.service __FIREWALL_INPUTS__
+  fi
+  prepare_access_log
+  apply_unit fail2ban.service __FAIL2BAN_INPUTS__
+  local i
+  for ((i = 0; i < ENGINE_COUNT; i++)); do
+    apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
+  done
+  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE"
+  # Admission and liveness by real generations, from now on every few seconds.
+  apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
+}
+
+log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
+mkdir -p "$STATE_DIR"
+prepare_gpus
+mount_weights
+fetch_secrets
+download_weights
+start_services
+status loading
+trap - EXIT
+log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"

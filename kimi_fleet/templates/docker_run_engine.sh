@@ -1,0 +1,3 @@
+#!/bin/bash
+# The engine's container, as one command (what kimi-engine-run executes).
+__COMMAND__
