@@ -8,10 +8,8 @@ from kimi_fleet.artifacts import render_artifacts
 from kimi_fleet.caddy import check_api_key
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
-from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import size
 from kimi_fleet.spec import CONFIG_NAMESPACE
-from kimi_fleet.validation import parse_spec
+from kimi_fleet.validation import validate
 from kimi_fleet.stackfile import spec_values, stack_file, validate_stack_name
 
 config = pulumi.Config(CONFIG_NAMESPACE)
@@ -21,7 +19,8 @@ try:
     validate_stack_name(stack, where)
     # Every config key the engine passed (not only the spec's): an unknown key or namespace is refused.
     everything = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
-    spec = parse_spec(spec_values(everything, where), stack, where)
+    # Validated, resolved and sized in one pass: the run reuses both.
+    spec, resolved, sizing = validate(spec_values(everything, where), stack, where)
     chosen_key = everything.get(f"{CONFIG_NAMESPACE}:apiKey")
     if chosen_key is not None:  # a user-chosen key: the same rule on every target
         check_api_key(chosen_key)
@@ -29,8 +28,6 @@ except ValueError as error:  # StackFileError, StackSpecError, a key of the wron
     # Refuse before declaring anything: nothing half-deployed.
     raise pulumi.RunError(str(error)) from None
 
-resolved = Resolved(spec)
-sizing = size(resolved)
 launch = render_launch(resolved)
 try:  # render what lands on nodes once up front: a file that cannot be delivered is a refusal
     render_artifacts(resolved, sizing, launch)

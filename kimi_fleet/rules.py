@@ -10,8 +10,8 @@ from kimi_fleet import catalog, engines
 from kimi_fleet.engines.flags import argv_problems, load_manifest
 from kimi_fleet.launch import engine_argv
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import size
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec
+from kimi_fleet.sizing import Sizing, size
+from kimi_fleet.spec import CONFIG_NAMESPACE
 
 #: Never accepted in extraArgs, for any engine: a key on the command line lands in plain text in
 #: launch files and state.
@@ -207,14 +207,13 @@ def target_can_provide(r: Resolved) -> Iterator[str]:
     yield from r.target.problems(r)
 
 
-def memory_fits(r: Resolved) -> Iterator[str]:
-    sizing = size(r)
-    if not sizing.fits:
-        yield f"{_f('contextLength', r.spec.context_length)}: does not fit: {sizing.why_not()}"
-
-
-def check_rules(spec: StackSpec) -> list[str]:
-    """Every compatibility problem; the memory fit only once the layout itself is sound."""
-    resolved = Resolved(spec)
+def check_rules(resolved: Resolved) -> tuple[list[str], Sizing | None]:
+    """Every compatibility problem, and the sizing once the layout itself is sound (the memory fit
+    is checked on it, and the caller keeps it: a run sizes a stack once)."""
     problems = [problem for check in RULES for problem in check(resolved)]
-    return problems or list(memory_fits(resolved))
+    if problems:
+        return problems, None
+    sizing = size(resolved)
+    if not sizing.fits:
+        return [f"{_f('contextLength', resolved.spec.context_length)}: does not fit: {sizing.why_not()}"], sizing
+    return [], sizing

@@ -10,7 +10,9 @@ import typing
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
+from kimi_fleet.resolve import Resolved
 from kimi_fleet.rules import check_rules
+from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, StackSpecError, did_you_mean
 
 
@@ -65,8 +67,22 @@ def _suggestion(loc: tuple) -> str:
     return f"{did_you_mean(loc[-1], known)}; known keys here: {', '.join(sorted(known))}"
 
 
+class Validated(typing.NamedTuple):
+    """A stack as one run uses it: the spec, resolved and sized once."""
+
+    spec: StackSpec
+    resolved: Resolved
+    sizing: Sizing
+
+
 def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:
     """Build the spec from config values (keys without the namespace); raise StackSpecError."""
+    return validate(raw, stack, stack_file).spec
+
+
+def validate(raw: dict, stack: str, stack_file: str) -> Validated:
+    """The spec from config values, resolved and sized by the same pass that checked it; raise
+    StackSpecError naming every problem."""
     data = {"stack": stack, **raw}
     try:
         spec = StackSpec.model_validate(data)
@@ -83,7 +99,8 @@ def parse_spec(raw: dict, stack: str, stack_file: str) -> StackSpec:
             given = f" (given {shown})" if value is not None and not isinstance(value, dict) else ""
             problems.append(f"field {field}{given}: {message}")
         raise StackSpecError(stack_file, problems) from None
-    problems = check_rules(spec)
+    resolved = Resolved(spec)
+    problems, sizing = check_rules(resolved)
     if problems:
         raise StackSpecError(stack_file, problems)
-    return spec
+    return Validated(spec, resolved, sizing)
