@@ -23,7 +23,7 @@ from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from kimi_fleet.node_files import (
     SecretsSource, bootstrap_timeout_seconds, default_ssm_prefix, node_release, release_bundle, release_pointer,
-    render_boot_stub, render_caddyfile_for, render_node_files, render_user_data,
+    render_boot_stub, render_node_files, render_proxy_for, render_user_data,
 )
 
 STACK_TAG = "kimi-fleet:stack"
@@ -113,7 +113,7 @@ class AwsEndpoint(pulumi.ComponentResource):
                 domain=spec.domain, hosted_zone_id=target.hosted_zone_id, address=node.public_ip), child)
             self.public_address = node.public_ip
         AuthProxy(f"{name}-proxy", AuthProxyArgs(
-            caddyfile=render_caddyfile_for(r, args.launch, release=node_release(r, args.launch, args.sizing)),
+            rendered=render_proxy_for(r, args.launch, release=node_release(r, args.launch, args.sizing)),
             allowed_upstreams=args.launch.upstreams),
             pulumi.ResourceOptions(parent=self))
 

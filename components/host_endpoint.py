@@ -72,7 +72,7 @@ class HostEndpoint(pulumi.ComponentResource):
         release = node_files.node_release(r, launch, sizing)
         self.proxy = AuthProxy(
             f"{name}-proxy",
-            AuthProxyArgs(caddyfile=node_files.render_caddyfile_for(r, launch, release=release),
+            AuthProxyArgs(rendered=node_files.render_proxy_for(r, launch, release=release),
                           allowed_upstreams=launch.upstreams),
             child,
         )

@@ -124,7 +124,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         self.proxy = AuthProxy(
             f"{name}-proxy",
             AuthProxyArgs(
-                caddyfile=manifests.render_proxy_caddyfile(
+                rendered=manifests.render_pod_proxy(
                     r, args.launch, manifests.manifest_release(r, sizing, args.launch, stack=r.spec.stack)),
                 # Each pod runs engine 0's launch (more engines are more pods): one loopback upstream.
                 allowed_upstreams=args.launch.upstreams[:1],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import NamedTuple
 
 from kimi_fleet.spec import EMAIL_PATTERN
 
@@ -60,7 +61,20 @@ _UNAUTHORIZED_BODY = (
 )
 
 
-def render_caddyfile(
+class RenderedProxy(NamedTuple):
+    text: str
+    #: What the Caddyfile does, as data (AuthProxy registers it; the policy pack checks it): per site,
+    #: its address, whether the Bearer key is required before anything is served, its upstreams and
+    #: its routes. tests/test_caddy.py holds it against Caddy's own adaptation of `text`.
+    facts: dict
+
+
+def render_caddyfile(*args, **kwargs) -> str:
+    """The Caddyfile text of `render_proxy`."""
+    return render_proxy(*args, **kwargs).text
+
+
+def render_proxy(
     domain: str,
     upstreams: list[str],
     health_uri: str,
@@ -77,7 +91,7 @@ def render_caddyfile(
     ready_port: int | None = None,
     ready_file: str | None = None,
     status_file: str | None = None,
-) -> str:
+) -> RenderedProxy:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
 
@@ -183,10 +197,15 @@ def render_caddyfile(
     public = ([f"bind {bind_host}"] if bind_host is not None else []) + (["tls internal"] if tls == "internal" else [])
     lines = ["{"] + [f"\t{option}" for option in global_options] + ["}"]
     lines += _site(domain, public + site)
+    routes = [{"path": STATUS_PATH, "keyRequired": True, "servesFile": status_file}] if status_file else []
+    keyed = {"keyRequired": True, "keyEnv": api_key_env, "upstreams": list(upstreams), "routes": routes,
+             "stampsRelease": release is not None}
+    sites = [{"address": domain, "bind": bind_host, **keyed}]
     if local_port is not None:
         # The same key and proxy on a plain-HTTP loopback listener: the node's own checks (the
         # watchdog) go through Caddy without a certificate. Never reachable from outside.
         lines += _site(f"http://127.0.0.1:{_port(local_port)}", ["bind 127.0.0.1", *site])
+        sites.append({"address": f"http://127.0.0.1:{local_port}", "bind": "127.0.0.1", **keyed})
     if ready_port is not None:
         if ready_file is None or not _FILE_PATH.match(ready_file):
             raise ValueError(f"ready_port needs an absolute ready_file, got {ready_file!r}")
@@ -208,7 +227,11 @@ def render_caddyfile(
             '\trespond "not ready" 503',
             "}",
         ])
-    return "\n".join(lines) + "\n"
+        sites.append({"address": f"http://:{ready_port}", "bind": None, "keyRequired": False, "keyEnv": None,
+                      "upstreams": [], "stampsRelease": False,
+                      "routes": [{"path": READY_PATH, "keyRequired": False, "servesFile": ready_file}]})
+    facts = {"adminOff": True, "protocols": ["h1", "h2"], "sites": sites}
+    return RenderedProxy("\n".join(lines) + "\n", facts)
 
 
 def _site(address: str, body: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ import math
 import yaml
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, render_caddyfile
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
@@ -161,8 +161,13 @@ def proxy_tls(r: Resolved) -> str:
 
 
 def render_proxy_caddyfile(r: Resolved, launch: Launch, release: str | None = None) -> str:
+    return render_pod_proxy(r, launch, release).text
+
+
+def render_pod_proxy(r: Resolved, launch: Launch, release: str | None = None) -> RenderedProxy:
+    """The sidecar's Caddyfile and its facts (what AuthProxy registers for the policy pack)."""
     instance = launch.instances[0]
-    return render_caddyfile(
+    return render_proxy(
         r.spec.domain, [instance.upstream], instance.probe.path,
         tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release,
     )

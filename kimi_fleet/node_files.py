@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from kimi_fleet import catalog, node_guard, templates
-from kimi_fleet.caddy import API_KEY_PATTERN, render_caddyfile
+from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
@@ -282,12 +282,17 @@ def behind_load_balancer(r: Resolved) -> bool:
 def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:
     """The stack's Caddyfile, stamping answers with `release`. `listener` (domain, tls, https_port,
     http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
+    return render_proxy_for(r, launch, release=release, **listener).text
+
+
+def render_proxy_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> RenderedProxy:
+    """The stack's Caddyfile and its facts (what AuthProxy registers for the policy pack)."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
                "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, "status_file": STATUS_FILE,
                **listener}
     if behind_load_balancer(r):
         options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
-    return render_caddyfile(
+    return render_proxy(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
         release=release, **options,
     )

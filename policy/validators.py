@@ -352,53 +352,10 @@ def validate_engine_port_not_exposed(resource_type: str, props: Mapping) -> list
 # --------------------------------------------------------------------------------------------
 # proxy-requires-key
 # --------------------------------------------------------------------------------------------
-# Limits (a regex-level structural check, not a Caddyfile parser): blocks are recognised by a
-# line ending in "{" and closed by a line that is "}" (Caddy's own rule); `import` of snippets or
-# files is not resolved (and is refused, since the imported text is not visible); one-line
-# matcher/respond forms only; multi-line quoted tokens are not understood.
-_ADMIN_OFF = re.compile(r"^\s*admin\s+off\s*$")
-_AUTH_MATCHER = re.compile(
-    r"^\s*@(?P<name>[A-Za-z0-9_-]+)\s+(?:\{\s*)?not\s+header\s+Authorization\s+"
-    r"\"Bearer \{env\.(?P<env>[A-Za-z_][A-Za-z0-9_]*)\}\"\s*\}?\s*$"
-)
-_AUTH_MATCHER_BLOCK_HEAD = re.compile(r"^\s*@(?P<name>[A-Za-z0-9_-]+)\s*\{\s*$")
-_AUTH_MATCHER_BLOCK_BODY = re.compile(
-    r"^\s*not\s+header\s+Authorization\s+\"Bearer \{env\.[A-Za-z_][A-Za-z0-9_]*\}\"\s*$"
-)
-_RESPOND_401 = re.compile(r"^\s*respond\s+@(?P<name>[A-Za-z0-9_-]+)\b.*\s401\s*$")
-_SERVING = ("reverse_proxy", "file_server", "php_fastcgi", "metrics", "respond", "templates")
-_BYPASS_BLOCKS = ("handle", "handle_path", "route")
-_UPSTREAM_DIRECTIVES = ("reverse_proxy", "php_fastcgi", "metrics", "templates")
-#: `rewrite * /ready`: whatever the request, one named file of the site's root.
-_ONE_FILE_REWRITE = re.compile(r"^rewrite \* /[A-Za-z0-9._-]+$")
-#: ...from a runtime directory (the watchdog's ready file), never from configuration or data.
-_RUNTIME_ROOT = re.compile(r"^root (\* )?/run/[A-Za-z0-9._/-]+$")
+#: A keyless route may serve one file from a runtime directory (the watchdog's ready file), never
+#: configuration or data.
+_RUNTIME_FILE = re.compile(r"^/run/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 _LOCAL_HOSTS = ("localhost",)
-
-
-class _Line(NamedTuple):
-    number: int
-    depth: int
-    text: str
-    path: tuple[str, ...]  # first token of each enclosing block header, outermost first
-
-
-def _caddy_lines(caddyfile: str) -> list[_Line]:
-    lines: list[_Line] = []
-    stack: list[str] = []
-    for number, raw in enumerate(caddyfile.splitlines(), start=1):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        if text == "}":
-            if stack:
-                stack.pop()
-            continue
-        lines.append(_Line(number, len(stack), text, tuple(stack)))
-        if text.endswith("{") and (text == "{" or text[-2].isspace()):
-            head = text[:-1].strip()
-            stack.append(head.split()[0] if head else "{")
-    return lines
 
 
 def _upstream_host(upstream: str) -> str:
@@ -432,139 +389,44 @@ def _upstream_allowed(upstream: str, allowed: list[str]) -> bool:
     return host in {_upstream_host(a) for a in allowed}
 
 
-def _reverse_proxy_upstreams(line: _Line, following: list[_Line]) -> tuple[list[str], list[str]]:
-    """Upstreams of a reverse_proxy directive: tokens after the (optional) matcher, plus `to`
-    subdirectives inside its block. Also returns problems (dynamic upstreams)."""
-    tokens = line.text.rstrip("{").split()[1:]
-    if tokens and (tokens[0].startswith("@") or tokens[0].startswith("/") or tokens[0] == "*"):
-        tokens = tokens[1:]
-    upstreams, problems = list(tokens), []
-    if line.text.endswith("{"):
-        for inner in following:
-            if inner.depth <= line.depth:
-                break
-            if inner.depth == line.depth + 1:
-                parts = inner.text.split()
-                if parts[0] == "to":
-                    upstreams += parts[1:]
-                elif parts[0] == "dynamic":
-                    problems.append(f"line {inner.number}: dynamic upstreams cannot be verified")
-    return upstreams, problems
-
-
-def _block_body(body: list[_Line], index: int) -> list[_Line]:
-    """Lines nested in the block opened at body[index]."""
-    inner = []
-    for line in body[index + 1:]:
-        if line.depth <= body[index].depth:
-            break
-        inner.append(line)
-    return inner
-
-
-def _serves_one_file_only(body: list[_Line]) -> bool:
-    """A site that proxies nothing, whose root is a runtime directory under /run and whose every
-    file_server follows `rewrite * /<file>` in its block (a load balancer's ready listener): it
-    can reveal one runtime file, never the engine or the configuration."""
-    if any(line.text.split()[0] in _UPSTREAM_DIRECTIVES for line in body):
-        return False
-    if any(line.text.split()[0] == "root" and not _RUNTIME_ROOT.match(line.text) for line in body):
-        return False
-    for index, line in enumerate(body):
-        if line.text.split()[0] != "file_server":
-            continue
-        siblings = [earlier for earlier in body[:index] if earlier.depth == line.depth and earlier.path == line.path]
-        if not any(_ONE_FILE_REWRITE.match(sibling.text) for sibling in siblings):
-            return False
-    return True
-
-
-def _check_site(label: str, body: list[_Line], allowed: list[str]) -> list[str]:
+def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]:
+    """The AuthProxy's registered facts (`proxy`, rendered with the Caddyfile and held against
+    Caddy's own adaptation of it in tests): the admin API off; every site that reaches an upstream
+    requires the Bearer key first; upstreams on loopback (or an allowed cluster Service); a route
+    without the key serves one runtime file only, from a site that proxies nothing."""
+    if resource_type != AUTH_PROXY:
+        return []
+    proxy = _get(props, "proxy")
+    if not _is_map(proxy):
+        return ["AuthProxy has no `proxy` facts: the proxy configuration cannot be checked."]
+    allowed = [str(a) for a in _items(_get(props, "allowedUpstreams"))]
     messages: list[str] = []
-    top = [(i, line) for i, line in enumerate(body) if line.depth == 1]
-    matchers = set()
-    for i, line in top:
-        one_line = _AUTH_MATCHER.match(line.text)
-        if one_line:
-            matchers.add(one_line.group("name"))
-        head = _AUTH_MATCHER_BLOCK_HEAD.match(line.text)
-        if head:
-            inner = _block_body(body, i)
-            if len(inner) == 1 and _AUTH_MATCHER_BLOCK_BODY.match(inner[0].text):
-                matchers.add(head.group("name"))
-
-    def rejects(line: _Line) -> bool:
-        match = _RESPOND_401.match(line.text)
-        return bool(match) and match.group("name") in matchers
-
-    serving = [line for line in body if line.text.split()[0] in _SERVING and not rejects(line)]
-    if not serving or _serves_one_file_only(body):
-        return []  # e.g. a site that only redirects, or answers a health check from one file
-    if not any(rejects(line) for _, line in top):
-        messages.append(
-            f"site {label!r}: no `@name not header Authorization \"Bearer {{env.VAR}}\"` matcher "
-            "answered by `respond @name ... 401` at the top of the site block: requests without "
-            "the key would reach the engine."
-        )
-    for i, line in top:
-        directive = line.text.split()[0]
-        if directive not in _BYPASS_BLOCKS:
-            continue
-        direct = [l for l in _block_body(body, i) if l.depth == 2]
-        if not (direct and rejects(direct[0])):
-            messages.append(
-                f"line {line.number}: `{directive}` block in site {label!r} runs before the top-level "
-                "`respond @... 401` in Caddy's directive order, so what it serves skips the key "
-                "check; make the auth respond its first directive or drop the block."
-            )
-    for i, line in enumerate(body):
-        if line.text.split()[0] != "reverse_proxy":
-            continue
-        upstreams, problems = _reverse_proxy_upstreams(line, _block_body(body, i) if line.text.endswith("{") else [])
-        messages += [f"site {label!r} {p}" for p in problems]
-        if not upstreams and not problems:
-            messages.append(f"line {line.number}: reverse_proxy without upstreams.")
+    if _get(proxy, "adminOff") is not True:
+        messages.append("the proxy must run with `admin off` (the admin API on :2019 can rewrite the config "
+                        "without any key).")
+    sites = _items(_get(proxy, "sites"))
+    if not sites:
+        messages.append("the proxy describes no site.")
+    for site in sites:
+        label = str(_get(site, "address", default="?"))
+        upstreams = [str(u) for u in _items(_get(site, "upstreams"))]
+        keyed = _get(site, "keyRequired") is True and bool(_get(site, "keyEnv"))
+        if upstreams and not keyed:
+            messages.append(f"site {label!r} proxies to {', '.join(upstreams)} without requiring the Bearer key "
+                            "first: requests without the key would reach the engine.")
         for upstream in upstreams:
             if not _upstream_allowed(upstream, allowed):
                 where = "127.0.0.1/localhost/[::1]" + (f" or one of {allowed}" if allowed else "")
-                messages.append(
-                    f"line {line.number}: reverse_proxy upstream {upstream!r} is not on {where}: the "
-                    "engine must listen on loopback (a LAN address can change and bypasses the key)."
-                )
-    return messages
-
-
-def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]:
-    """The AuthProxy's Caddyfile: `admin off`, a Bearer-key matcher answered with 401 before
-    anything is served, loopback (or allowed cluster Service) upstreams only."""
-    if resource_type != AUTH_PROXY:
-        return []
-    caddyfile = _get(props, "caddyfile")
-    if not isinstance(caddyfile, str) or not caddyfile.strip():
-        return ["AuthProxy has no `caddyfile` prop: the proxy configuration cannot be checked."]
-    allowed = [str(a) for a in _items(_get(props, "allowedUpstreams"))]
-    lines = _caddy_lines(caddyfile)
-    messages: list[str] = []
-
-    if not any(line.depth == 1 and line.path == ("{",) and _ADMIN_OFF.match(line.text) for line in lines):
-        messages.append("Caddyfile global options must contain `admin off` (the admin API on :2019 "
-                        "can rewrite the config without any key).")
-    for line in lines:
-        if line.text.split()[0] == "import":
-            messages.append(f"line {line.number}: `import` is not allowed in the proxy Caddyfile "
-                            "(the imported text cannot be checked).")
-
-    # Site blocks: depth-0 headers other than the global options block and snippets "(name)".
-    heads = [i for i, line in enumerate(lines) if line.depth == 0]
-    sites = [i for i in heads if lines[i].text != "{" and not lines[i].text.startswith("(")]
-    for i in sites:
-        site = lines[i]
-        later = [h for h in heads if h > i]
-        body = lines[i + 1:later[0] if later else len(lines)]
-        label = site.text.rstrip("{").strip()
-        messages += _check_site(label, body, allowed)
-    if not sites:
-        messages.append("Caddyfile has no site block.")
+                messages.append(f"site {label!r}: upstream {upstream!r} is not on {where}: the engine must listen "
+                                "on loopback (a LAN address can change and bypasses the key).")
+        for route in _items(_get(site, "routes")):
+            path = _get(route, "path", default="?")
+            if _get(route, "keyRequired") is True and keyed:
+                continue
+            served = _get(route, "servesFile")
+            if upstreams or not (isinstance(served, str) and _RUNTIME_FILE.match(served)):
+                messages.append(f"site {label!r} route {path!r} serves without the key: only one file under /run "
+                                "may, from a site that proxies nothing.")
     return messages
 
 
@@ -867,8 +729,10 @@ MANDATORY: tuple[PolicySpec, ...] = (
                "or NodePort/LoadBalancer Services; only 80/443 face the Internet; SSH only from "
                "specific CIDRs.", validate_engine_port_not_exposed),
     PolicySpec("proxy-requires-key",
-               "The Caddy proxy has `admin off`, rejects requests without the Bearer key with 401 "
-               "before serving anything, and proxies only to loopback (or allowed cluster Services).",
+               "The Caddy proxy (its registered facts, held against Caddy's own adaptation in tests) has "
+               "`admin off`, rejects requests without the Bearer key with 401 before reaching any upstream, "
+               "proxies only to loopback (or allowed cluster Services) and serves at most one runtime file "
+               "without the key.",
                validate_proxy_requires_key),
     PolicySpec("pinned-images-and-revision",
                "Engine and workload container images have a release tag or digest (no latest/"

@@ -22,22 +22,6 @@ HF_TOKEN = "hf_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG"
 PINNED_VLLM = "vllm/vllm-openai:v0.11.0"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
-GOOD_CADDYFILE = """{
-\tadmin off
-}
-
-kimi.example.com {
-\t@unauthorized not header Authorization "Bearer {env.KIMI_API_KEY}"
-\trespond @unauthorized `{"error":"unauthorized"}` 401
-
-\treverse_proxy 127.0.0.1:8000 [::1]:30000 localhost:8001 {
-\t\tflush_interval -1
-\t\ttransport http {
-\t\t\tread_timeout 3600s
-\t\t}
-\t}
-}
-"""
 
 
 def sg(*rules):
@@ -150,65 +134,70 @@ class TestEnginePortNotExposed:
 
 
 # ------------------------------------------------------------------ proxy-requires-key
+def good_proxy() -> dict:
+    from kimi_fleet.caddy import render_proxy
+
+    return render_proxy("kimi.example.com", ["127.0.0.1:8000", "127.0.0.1:8001"], "/health", local_port=9180,
+                        ready_port=9181, ready_file="/run/kimi-fleet/ready",
+                        status_file="/run/kimi-fleet/status.json").facts
+
+
 class TestProxyRequiresKey:
     @staticmethod
-    def check(caddyfile, **extra):
-        return v.validate_proxy_requires_key(v.AUTH_PROXY, {"caddyfile": caddyfile, **extra})
+    def check(proxy, **extra):
+        return v.validate_proxy_requires_key(v.AUTH_PROXY, {"proxy": proxy, **extra})
 
-    def test_good_caddyfile_ok(self):
-        assert self.check(GOOD_CADDYFILE) == []
+    def test_the_rendered_proxy_passes(self):
+        assert self.check(good_proxy()) == []
 
-    def test_rendered_caddyfile_ok(self):
-        caddy = pytest.importorskip("kimi_fleet.caddy")
-        text = caddy.render_caddyfile("kimi.example.com", ["127.0.0.1:8000", "127.0.0.1:8001"], "/health")
-        assert self.check(text) == []
+    def test_admin_api_on_violates(self):
+        proxy = {**good_proxy(), "adminOff": False}
+        (message,) = self.check(proxy)
+        assert "admin off" in message
 
-    def test_missing_admin_off_violates(self):
-        messages = self.check(GOOD_CADDYFILE.replace("\tadmin off\n", "\temail ops@example.com\n"))
-        assert len(messages) == 1 and "admin off" in messages[0]
-
-    def test_missing_key_check_violates(self):
-        text = GOOD_CADDYFILE.replace('\t@unauthorized not header Authorization "Bearer {env.KIMI_API_KEY}"\n', "")
-        assert any("Authorization" in m for m in self.check(text))
-
-    def test_respond_without_401_violates(self):
-        assert self.check(GOOD_CADDYFILE.replace("` 401", "` 200"))
-
-    def test_literal_key_instead_of_env_violates(self):
-        assert self.check(GOOD_CADDYFILE.replace("{env.KIMI_API_KEY}", "sekrit"))
+    def test_a_site_that_proxies_without_the_key_violates(self):
+        proxy = good_proxy()
+        proxy["sites"][0]["keyRequired"] = False
+        assert any("without requiring the Bearer key" in m for m in self.check(proxy))
+        proxy = good_proxy()
+        proxy["sites"][1]["keyEnv"] = None  # a key from nowhere is no key
+        assert any("without requiring the Bearer key" in m for m in self.check(proxy))
 
     def test_lan_upstream_violates(self):
-        messages = self.check(GOOD_CADDYFILE.replace("127.0.0.1:8000", "192.168.1.20:8000"))
-        assert len(messages) == 1 and "192.168.1.20:8000" in messages[0]
+        proxy = good_proxy()
+        proxy["sites"][0]["upstreams"] = ["192.168.1.20:8000"]
+        (message,) = self.check(proxy)
+        assert "192.168.1.20:8000" in message
 
     def test_cluster_service_upstream_needs_allowlist(self):
-        text = GOOD_CADDYFILE.replace("127.0.0.1:8000 [::1]:30000 localhost:8001", "kimi-engine.kimi.svc:8000")
-        assert self.check(text)
-        assert self.check(text, allowedUpstreams=["kimi-engine.kimi.svc:8000"]) == []
+        proxy = good_proxy()
+        proxy["sites"] = proxy["sites"][:1]
+        proxy["sites"][0]["upstreams"] = ["kimi-engine.kimi.svc:8000"]
+        assert self.check(proxy)
+        assert self.check(proxy, allowedUpstreams=["kimi-engine.kimi.svc:8000"]) == []
 
-    def test_handle_block_before_auth_violates(self):
-        text = GOOD_CADDYFILE.replace(
-            "\treverse_proxy 127.0.0.1:8000",
-            "\thandle /v1/models {\n\t\treverse_proxy 127.0.0.1:8000\n\t}\n\treverse_proxy 127.0.0.1:8000")
-        messages = self.check(text)
-        assert len(messages) == 1 and "handle" in messages[0]
+    @pytest.mark.parametrize("edit", [
+        lambda site: site["routes"][0].update(servesFile="/etc/kimi-fleet/node.env"),  # configuration
+        lambda site: site["routes"][0].update(servesFile=None),  # a directory, or anything
+        lambda site: site.update(upstreams=["127.0.0.1:8000"]),  # a keyless site that proxies
+    ])
+    def test_a_keyless_route_serves_one_runtime_file_only(self, edit):
+        proxy = good_proxy()
+        edit(proxy["sites"][2])
+        assert self.check(proxy)
 
-    def test_route_block_starting_with_auth_ok(self):
-        text = GOOD_CADDYFILE.replace(
-            "\treverse_proxy 127.0.0.1:8000 [::1]:30000 localhost:8001 {",
-            "\troute {\n\t\trespond @unauthorized 401\n\t\treverse_proxy 127.0.0.1:8000\n\t}\n"
-            "\treverse_proxy 127.0.0.1:8000 [::1]:30000 localhost:8001 {")
-        assert self.check(text) == []
+    def test_a_keyless_route_on_a_keyed_site_violates(self):
+        proxy = good_proxy()
+        proxy["sites"][0]["routes"][0]["keyRequired"] = False
+        proxy["sites"][0]["routes"][0]["servesFile"] = "/run/kimi-fleet/status.json"
+        assert any("serves without the key" in m for m in self.check(proxy))
 
-    def test_to_subdirective_checked(self):
-        text = GOOD_CADDYFILE.replace("\t\tflush_interval -1\n", "\t\tto 10.0.0.5:8000\n\t\tflush_interval -1\n")
-        assert any("10.0.0.5:8000" in m for m in self.check(text))
-
-    def test_missing_caddyfile_violates(self):
-        assert v.validate_proxy_requires_key(v.AUTH_PROXY, {})
+    def test_missing_facts_or_sites_violate(self):
+        assert v.validate_proxy_requires_key(v.AUTH_PROXY, {"caddyfile": "x"})
+        assert self.check({"adminOff": True, "sites": []})
 
     def test_other_types_ignored(self):
-        assert v.validate_proxy_requires_key("kimi-fleet:engine:EngineRelease", {"caddyfile": "x"}) == []
+        assert v.validate_proxy_requires_key("kimi-fleet:engine:EngineRelease", {"proxy": {}}) == []
 
 
 # ------------------------------------------------------------------ pinned-images-and-revision
@@ -385,43 +374,6 @@ class TestHourlyCost:
         assert v.enforcement_of("hourly-cost-within-budget") == "advisory"
 
 
-# ------------------------------------------------------------------ keyless ready listener
-READY_SITE = """
-http://:9181 {
-\t@ready {
-\t\tpath /kimi-fleet/ready
-\t\tfile {
-\t\t\troot /run/kimi-fleet
-\t\t\ttry_files /ready
-\t\t}
-\t}
-\thandle @ready {
-\t\troot * /run/kimi-fleet
-\t\trewrite * /ready
-\t\tfile_server
-\t}
-\thandle {
-\t\trespond "not ready" 503
-\t}
-}
-"""
-
-
-@pytest.mark.parametrize("edit, allowed", [
-    (lambda site: site, True),
-    (lambda site: site.replace("\t\trewrite * /ready\n", ""), False),  # would serve the whole directory
-    (lambda site: site.replace("root * /run/kimi-fleet", "root * /etc"), False),
-    (lambda site: site.replace("\t\tfile_server\n", "\t\treverse_proxy 127.0.0.1:8000\n"), False),
-])
-def test_a_keyless_site_may_only_serve_one_runtime_file(edit, allowed):
-    from kimi_fleet.caddy import render_caddyfile
-
-    caddyfile = render_caddyfile("kimi.example.com", ["127.0.0.1:8000"], "/health") + edit(READY_SITE)
-    messages = v.validate_proxy_requires_key(v.AUTH_PROXY, {"caddyfile": caddyfile,
-                                                           "allowedUpstreams": ["127.0.0.1:8000"]})
-    assert (messages == []) is allowed, messages
-
-
 # ------------------------------------------------------------------ changes-reach-nodes
 class TestChangesReachNodes:
     def test_instance_on_latest_violates_and_a_version_number_passes(self):
@@ -460,7 +412,7 @@ def test_check_resources_shape_and_cross_resource_secrets():
                                                                  "revision": REVISION}},
         {"type": v.FLEET, "name": "fleet", "props": {"hourlyCostUsd": 200.0, "budgetPerHourUsd": 100.0}},
         {"type": "kimi-fleet:proxy:AuthProxy", "name": "proxy",
-         "props": {"caddyfile": GOOD_CADDYFILE, "secretValues": [secret]}},
+         "props": {"proxy": good_proxy(), "secretValues": [secret]}},
         {"type": v.EC2_INSTANCE, "name": "node-0", "props": {"userData": f"#!/bin/sh\necho '{secret}' > /etc/k\n"}},
     ]
     violations = v.check_resources(resources)
