@@ -336,25 +336,58 @@ class HostTarget(Spec):
         return self
 
 
-class TargetSpec(Spec):
-    kind: Literal["aws", "kubernetes", "host"]
-    """where the stack runs: aws, kubernetes or host (a machine you have, or a startup-script cloud)."""
-    aws: AwsTarget | None = None
-    """AWS settings (kind: aws)."""
-    kubernetes: KubernetesTarget | None = None
-    """cluster settings (kind: kubernetes)."""
-    host: HostTarget | None = None
-    """existing machine settings (kind: host)."""
+class _TargetBase(Spec):
+    """One variant per target kind (a discriminated union on `kind`): a stack file can only hold the
+    settings of its own kind, and editors complete the right section. The others read as None."""
 
-    @model_validator(mode="after")
-    def _settings_for_kind(self) -> "TargetSpec":
-        for other in ("aws", "kubernetes", "host"):
-            if other != self.kind and getattr(self, other) is not None:
-                raise ValueError(f"target.{other} given but target.kind is {self.kind!r}")
-        if getattr(self, self.kind) is None:
-            default = {"aws": AwsTarget, "kubernetes": KubernetesTarget, "host": HostTarget}[self.kind]()
-            object.__setattr__(self, self.kind, default)
-        return self
+    @property
+    def aws(self) -> "AwsTarget | None":
+        return None
+
+    @property
+    def kubernetes(self) -> "KubernetesTarget | None":
+        return None
+
+    @property
+    def host(self) -> "HostTarget | None":
+        return None
+
+
+class AwsTargetSpec(_TargetBase):
+    kind: Literal["aws"]
+    """AWS: EC2 GPU instances, one node or an Auto Scaling fleet behind an NLB."""
+    aws_settings: AwsTarget = Field(default_factory=AwsTarget, alias="aws", description="AWS settings.")
+
+    @property
+    def aws(self) -> AwsTarget:
+        return self.aws_settings
+
+
+class KubernetesTargetSpec(_TargetBase):
+    kind: Literal["kubernetes"]
+    """a Kubernetes cluster: engine pods with a Caddy sidecar."""
+    kubernetes_settings: KubernetesTarget = Field(default_factory=KubernetesTarget, alias="kubernetes",
+                                                  description="cluster settings.")
+
+    @property
+    def kubernetes(self) -> KubernetesTarget:
+        return self.kubernetes_settings
+
+
+class HostTargetSpec(_TargetBase):
+    kind: Literal["host"]
+    """a machine you have (SSH), or a GPU cloud that takes a startup script."""
+    host_settings: HostTarget = Field(default_factory=HostTarget, alias="host",
+                                      description="existing machine settings.")
+
+    @property
+    def host(self) -> HostTarget:
+        return self.host_settings
+
+
+TargetSpec = Annotated[AwsTargetSpec | KubernetesTargetSpec | HostTargetSpec, Field(discriminator="kind")]
+#: The target kinds a stack can name (one variant each).
+TARGET_KINDS = ("aws", "kubernetes", "host")
 
 
 class CapacitySpec(Spec):

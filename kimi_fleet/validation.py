@@ -13,7 +13,48 @@ from pydantic.alias_generators import to_camel
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.rules import check_rules
 from kimi_fleet.sizing import Sizing
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec, StackSpecError, did_you_mean
+from kimi_fleet.spec import CONFIG_NAMESPACE, TARGET_KINDS, StackSpec, StackSpecError, did_you_mean
+
+
+def _discriminated(field) -> dict[str, type[BaseModel]] | None:
+    """The variants of a discriminated union field, by tag (None for any other field)."""
+    if not isinstance(field.discriminator, str):
+        return None
+    return {typing.get_args(v.model_fields[field.discriminator].annotation)[0]: v
+            for v in typing.get_args(field.annotation)}
+
+
+def _without_tags(loc: tuple) -> tuple:
+    """A validation error's location as the stack file spells it: pydantic puts the union tag of a
+    discriminated field (target: aws | kubernetes | host) into the location; the file does not."""
+    model, out, items = StackSpec, [], list(loc)
+    while items:
+        item = items.pop(0)
+        out.append(item)
+        if model is None or not isinstance(item, str):
+            model = None
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
+        field = fields.get(item)
+        if field is None:
+            model = None
+            continue
+        variants = _discriminated(field)
+        if variants is not None and items and items[0] in variants:
+            model = variants[items.pop(0)]
+            continue
+        model = _model_of(field.annotation)
+    return tuple(out)
+
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    candidates = [annotation]
+    while candidates:
+        candidate = candidates.pop()
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        candidates += list(typing.get_args(candidate))
+    return None
 
 
 def _field_path(loc: tuple) -> str:
@@ -36,31 +77,28 @@ def _value_at(raw: dict, loc: tuple):
     return node
 
 
-def _model_at(loc: tuple):
-    """The spec model a validation error's location points into (for key suggestions)."""
-    model = StackSpec
+def _model_at(loc: tuple, raw: dict):
+    """The spec model a (tag-free) location points into (for key suggestions); a discriminated
+    field's variant is the one the stack file's own tag picks."""
+    model, node = StackSpec, raw
     for item in loc:
-        if not isinstance(item, str):
+        if not isinstance(item, str) or model is None:
             return None
         fields = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
         if item not in fields:
             return None
-        candidates = [fields[item].annotation]
-        found = None
-        while candidates:
-            annotation = candidates.pop()
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                found = annotation
-                break
-            candidates += list(typing.get_args(annotation))
-        if found is None:
-            return None
-        model = found
+        field = fields[item]
+        node = node.get(item) if isinstance(node, dict) else None
+        variants = _discriminated(field)
+        if variants is not None:
+            model = variants.get(node.get("kind")) if isinstance(node, dict) else None
+        else:
+            model = _model_of(field.annotation)
     return model
 
 
-def _suggestion(loc: tuple) -> str:
-    model = _model_at(loc[:-1])
+def _suggestion(loc: tuple, raw: dict) -> str:
+    model = _model_at(loc[:-1], raw)
     if model is None or not isinstance(loc[-1], str):
         return ""
     known = [f.alias or n for n, f in model.model_fields.items()]
@@ -89,12 +127,19 @@ def validate(raw: dict, stack: str, stack_file: str) -> Validated:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            path = _field_path(err["loc"]) or "(stack)"
-            field = f"{CONFIG_NAMESPACE}:{path}"
-            value = _value_at(data, err["loc"])
+            loc = _without_tags(err["loc"])
             message = err["msg"].removeprefix("Value error, ")
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc = (*loc, "kind")
+                message = f"must be one of {', '.join(TARGET_KINDS)}"
+            path = _field_path(loc) or "(stack)"
+            field = f"{CONFIG_NAMESPACE}:{path}"
+            value = _value_at(data, loc)
             if err["type"] == "extra_forbidden":
-                message = f"unknown key{_suggestion(err['loc'])}"
+                message = f"unknown key{_suggestion(loc, data)}"
+                if len(loc) == 2 and loc[0] == "target" and loc[1] in TARGET_KINDS:
+                    kind = (data.get("target") or {}).get("kind")
+                    message = f"settings for a {loc[1]} target, but target.kind is {kind!r}"
             shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
             given = f" (given {shown})" if value is not None and not isinstance(value, dict) else ""
             problems.append(f"field {field}{given}: {message}")

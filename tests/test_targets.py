@@ -11,7 +11,7 @@ import pytest
 
 from kimi_fleet import catalog, targets
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.spec import StackSpecError, TargetSpec
+from kimi_fleet.spec import TARGET_KINDS, StackSpecError, TargetSpec
 from kimi_fleet.stackfile import PROJECT_ROOT, load_stack_config, stack_file
 from kimi_fleet.validation import parse_spec
 
@@ -48,8 +48,9 @@ def test_the_finder_finds_a_branch(tmp_path):
 def test_every_kind_the_spec_accepts_has_a_target_and_an_endpoint_component():
     from components.fleet import ENDPOINTS
 
-    kinds = set(typing.get_args(TargetSpec.model_fields["kind"].annotation))
-    assert kinds == set(ENDPOINTS)
+    variants = typing.get_args(typing.get_args(TargetSpec)[0])
+    kinds = {typing.get_args(variant.model_fields["kind"].annotation)[0] for variant in variants}
+    assert kinds == set(ENDPOINTS) == set(TARGET_KINDS)
     for kind in kinds:
         spec = parse_spec({"accelerator": "h200", "engine": {"name": "vllm"}, "target": {"kind": kind},
                            "domain": "kimi.example.com", "contextLength": 4096}, "t", "f")
@@ -85,3 +86,24 @@ def test_each_stack_gets_its_target(stack, kind, manifests):
     r = Resolved(load_stack_config(stack_file(stack)).spec())
     assert r.target.kind == kind and r.target.renders_manifests == manifests
     assert r.weights_volume in r.target.weight_volumes
+
+
+@pytest.mark.parametrize("target,expected", [
+    ({"kind": "aws", "host": {"user": "x"}}, "field kimi-fleet:target.host: settings for a host target, but target.kind is 'aws'"),
+    ({"kind": "aws", "aws": {"regoin": "x"}}, "field kimi-fleet:target.aws.regoin (given 'x'): unknown key (did you mean 'region'?)"),
+    ({"kind": "gcp"}, "field kimi-fleet:target.kind (given 'gcp'): must be one of aws, kubernetes, host"),
+    ({"kind": "host", "host": {"port": 99999}}, "field kimi-fleet:target.host.port (given 99999)"),
+])
+def test_the_target_union_reports_fields_as_the_stack_file_spells_them(target, expected):
+    with pytest.raises(StackSpecError) as refused:
+        parse_spec({"accelerator": "h200", "engine": {"name": "vllm"}, "target": target,
+                    "domain": "kimi.example.com"}, "t", "f")
+    assert expected in str(refused.value)
+
+
+def test_the_schema_offers_each_kind_its_own_section():
+    import json
+
+    schema = json.loads((PROJECT_ROOT / "stacks" / "schema.json").read_text())
+    text = json.dumps(schema)
+    assert '"discriminator"' in text and "AwsTargetSpec" in text and "HostTargetSpec" in text
