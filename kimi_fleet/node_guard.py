@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from kimi_fleet import templates
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
 
 #: Caddy's JSON access log on a node; fail2ban reads it. /var/log/caddy belongs to Caddy's user.
@@ -53,100 +54,39 @@ FILTER_FAIL_REGEX = (
 
 
 def render_fail2ban_filter() -> str:
-    return "\n".join([
-        "# kimi-fleet: a request Caddy answered 401 (missing or wrong API key), by client address.",
-        "[Definition]",
-        f"datepattern = {FILTER_DATE_PATTERN}",
-        f"failregex = {FILTER_FAIL_REGEX}",
-        "ignoreregex =",
-        "",
-    ])
+    return templates.render("fail2ban-filter.conf", DATE_PATTERN=FILTER_DATE_PATTERN, FAIL_REGEX=FILTER_FAIL_REGEX)
 
 
 def render_fail2ban_jail(*, log_path: str = ACCESS_LOG, policy: FailedKeyPolicy = FAILED_KEYS,
                          ports: tuple[int, ...] = (HTTP_PORT, HTTPS_PORT),
                          ban_action: str = "nftables-multiport") -> str:
-    """The jail: `log_path`, `ports` and `ban_action` are parameters so a test can run the same
-    jail against a loopback Caddy."""
-    return "\n".join([
-        "# kimi-fleet: throttle failed API keys per client address (see kimi-fleet's README).",
-        f"[{JAIL_NAME}]",
-        "enabled = true",
-        f"filter = {JAIL_NAME}",
-        f"logpath = {log_path}",
-        # Polling needs neither pyinotify nor the journal: the same jail works on every node OS.
-        "backend = polling",
-        f"maxretry = {policy.max_failures}",
-        f"findtime = {policy.window_seconds}",
-        f"bantime = {policy.ban_seconds}",
-        f"banaction = {ban_action}",
-        f"port = {','.join(str(p) for p in ports)}",
-        "protocol = tcp",
-        "",
-    ])
+    """The jail (polling: neither pyinotify nor the journal needed, so it works on every node OS).
+    `log_path`, `ports` and `ban_action` are parameters so a test can run the same jail against a
+    loopback Caddy."""
+    return templates.render(
+        "fail2ban-jail.local", JAIL=JAIL_NAME, LOG_PATH=log_path, MAX_FAILURES=policy.max_failures,
+        WINDOW_SECONDS=policy.window_seconds, BAN_SECONDS=policy.ban_seconds, BAN_ACTION=ban_action,
+        PORTS=",".join(str(p) for p in ports))
 
 
 def render_firewall(*, enabled: bool, ssh_port: int, ssh_allowlist: tuple[str, ...], stack: str) -> str:
-    """An nftables script that atomically replaces kimi-fleet's own table. Enabled: HTTP(S) from
-    anywhere, SSH only from the allowlist, established traffic, loopback, ICMP and DHCP replies;
-    everything else dropped. Disabled: the table is removed (opting out undoes an opt-in)."""
-    header = [
-        f"#!{NFT} -f",
-        f"# kimi-fleet host firewall for stack {stack}. Applied by kimi-firewall.service; other tables",
-        "# (Docker's, fail2ban's) are untouched. A packet dropped here is dropped whatever they accept.",
-        # Declaring then deleting makes the first run and every later run the same transaction.
-        f"table inet {FIREWALL_TABLE}",
-        f"delete table inet {FIREWALL_TABLE}",
-    ]
+    """An nftables script that atomically replaces kimi-fleet's own table (declaring then deleting
+    it makes the first run and every later run the same transaction). Enabled: HTTP(S) from
+    anywhere, SSH only from the allowlist, established traffic, loopback, ICMP (neighbour discovery,
+    path MTU) and DHCP replies; everything else dropped. Disabled: the table is removed (opting out
+    undoes an opt-in)."""
+    header = templates.render("firewall-header.nft", NFT=NFT, STACK=stack, TABLE=FIREWALL_TABLE)
     if not enabled:
-        return "\n".join(header + [f"# firewall: false (target.host.firewall): no {FIREWALL_TABLE} table", ""])
+        return header + f"# firewall: false (target.host.firewall): no {FIREWALL_TABLE} table\n"
     networks = [ipaddress.ip_network(cidr, strict=True) for cidr in ssh_allowlist]
-    v4 = [str(n) for n in networks if n.version == 4]
-    v6 = [str(n) for n in networks if n.version == 6]
 
-    def address_set(name: str, kind: str, elements: list[str]) -> list[str]:
-        lines = [f"\tset {name} {{", f"\t\ttype {kind}", "\t\tflags interval"]
-        if elements:
-            lines.append(f"\t\telements = {{ {', '.join(elements)} }}")
-        return lines + ["\t}"]
+    def elements(version: int) -> str:
+        chosen = [str(n) for n in networks if n.version == version]
+        return f"\n\t\telements = {{ {', '.join(chosen)} }}" if chosen else ""
 
-    body = [
-        f"table inet {FIREWALL_TABLE} {{",
-        *address_set("ssh_allow_v4", "ipv4_addr", v4),
-        *address_set("ssh_allow_v6", "ipv6_addr", v6),
-        "\tchain input {",
-        "\t\ttype filter hook input priority filter; policy drop;",
-        "\t\tct state established,related accept",
-        "\t\tct state invalid drop",
-        '\t\tiif "lo" accept',
-        # IPv6 neighbour discovery and path MTU need ICMPv6; ping and PMTU need ICMP.
-        "\t\tmeta l4proto { icmp, ipv6-icmp } accept",
-        "\t\tudp sport 67 udp dport 68 accept",
-        "\t\tudp sport 547 udp dport 546 accept",
-        f"\t\ttcp dport {{ {HTTP_PORT}, {HTTPS_PORT} }} accept",
-        f"\t\tip saddr @ssh_allow_v4 tcp dport {ssh_port} accept",
-        f"\t\tip6 saddr @ssh_allow_v6 tcp dport {ssh_port} accept",
-        "\t}",
-        "}",
-        "",
-    ]
-    return "\n".join(header + body)
+    return header + templates.render(
+        "firewall-rules.nft", TABLE=FIREWALL_TABLE, V4_ELEMENTS=elements(4), V6_ELEMENTS=elements(6),
+        HTTP_PORT=HTTP_PORT, HTTPS_PORT=HTTPS_PORT, SSH_PORT=ssh_port)
 
 
-FIREWALL_UNIT = f"""[Unit]
-Description=kimi-fleet host firewall ({FIREWALL_RULES_PATH})
-Documentation=file://{FIREWALL_RULES_PATH}
-# In place before the network comes up on boot, so no port is ever open unfiltered.
-DefaultDependencies=no
-Before=network-pre.target shutdown.target
-Wants=network-pre.target
-Conflicts=shutdown.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart={NFT} -f {FIREWALL_RULES_PATH}
-
-[Install]
-WantedBy=multi-user.target
-"""
+FIREWALL_UNIT = templates.render("kimi-firewall.service", RULES=FIREWALL_RULES_PATH, NFT=NFT)

@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from kimi_fleet import node_files, templates
+from kimi_fleet import node_files, node_guard, templates
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
@@ -33,6 +33,8 @@ def test_every_template_file_is_rendered_and_no_marker_survives():
     launch = render_launch(r)
     files = node_files.render_node_files(r, launch, size(r), secrets=node_files.SecretsSource("files"))
     texts = [f.content for f in files.values()] + list(node_files.render_node_artifacts(r, size(r), launch).values())
+    # The opt-in firewall's rules, as a host with firewall: true gets them.
+    texts.append(node_guard.render_firewall(enabled=True, ssh_port=22, ssh_allowlist=("203.0.113.0/24",), stack="s"))
     for text in texts:
         assert not templates.MARKER.search(text), text[:200]
     # Each template shows up in a node file or a review artifact, by its longest plain line.
@@ -42,7 +44,9 @@ def test_every_template_file_is_rendered_and_no_marker_survives():
         assert any(distinctive in text for text in texts), name
 
 
-def test_node_files_py_holds_no_script_or_unit_text():
-    source = (resources.files("kimi_fleet") / "node_files.py").read_text()
-    for marker in ("#!/bin/bash", "[Unit]", "[Service]", "ExecStart=", "set -euo pipefail"):
+@pytest.mark.parametrize("module", ["node_files.py", "node_guard.py"])
+def test_the_renderers_hold_no_script_unit_or_config_text(module):
+    source = (resources.files("kimi_fleet") / module).read_text()
+    for marker in ("#!/bin/bash", "[Unit]", "[Service]", "ExecStart=", "set -euo pipefail", "[Definition]",
+                   "chain input", "protocol = tcp"):
         assert marker not in source, marker
