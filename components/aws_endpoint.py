@@ -22,8 +22,8 @@ from components.node_release import NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from kimi_fleet.node_files import (
-    SecretsSource, bootstrap_timeout_seconds, default_ssm_prefix, node_release, release_bundle, release_pointer,
-    render_boot_stub, render_node_files, render_proxy_for, render_user_data,
+    SecretsSource, bootstrap_timeout_seconds, bundle_digest, default_ssm_prefix, node_release, release_bundle,
+    release_pointer, render_boot_stub, render_node_files, render_proxy_for,
 )
 
 STACK_TAG = "kimi-fleet:stack"
@@ -66,17 +66,18 @@ class AwsEndpoint(pulumi.ComponentResource):
             prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags), child)
         volume = WeightVolume(f"{name}-weights", WeightVolumeArgs(
             resolved=r, availability_zone=network.availability_zone, tags=tags), child)
-        if fleet:
-            # A fleet's user data is the release itself: a new one is a new template version, which
-            # starts the instance refresh.
-            user_data = pulumi.Output.all(volume.volume_id, secrets.api_key_version).apply(
-                lambda values: render_user_data(
-                    r, args.launch, args.sizing, ssm_prefix=ssm_prefix, region=target.region,
-                    ebs_volume_id=values[0], hf_token=args.hf_token is not None, api_key_version=values[1]))
-        else:
-            # One node takes releases in place (NodeRelease below); its user data only boots the applier.
-            user_data = pulumi.Output.from_input(render_boot_stub(pointer=release_pointer(ssm_prefix),
-                                                                  region=target.region))
+        # The node files travel as one content-addressed bundle in S3 (NodeRelease below); user data
+        # only boots the applier. One node takes releases in place, so its stub names the pointer
+        # only; a fleet's names its release too: a new one is a new template version, which starts
+        # the instance refresh.
+        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version).apply(
+            lambda values: release_bundle(render_node_files(
+                r, args.launch, args.sizing, ebs_volume_id=values[0],
+                secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
+                                          api_key_version=values[1]))))
+        user_data = bundle.apply(lambda text: render_boot_stub(
+            pointer=release_pointer(ssm_prefix), region=target.region,
+            release_digest=bundle_digest(text) if fleet else None))
 
         balancer = None
         if fleet:
@@ -93,16 +94,11 @@ class AwsEndpoint(pulumi.ComponentResource):
             # The node reads its secrets at boot: they exist before it does.
             pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[secrets])),
         )
-        if not fleet:
-            bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version).apply(
-                lambda values: release_bundle(render_node_files(
-                    r, args.launch, args.sizing, ebs_volume_id=values[0],
-                    secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
-                                              api_key_version=values[1]))))
-            NodeRelease(f"{name}-release", NodeReleaseArgs(
-                stack=spec.stack, region=target.region, bundle=bundle, pointer_name=release_pointer(ssm_prefix),
-                instance_id=node.node_ids.apply(lambda ids: ids[0]), role_arn=node.role_arn,
-                apply_timeout_seconds=bootstrap_timeout_seconds(args.sizing), tags=tags), child)
+        NodeRelease(f"{name}-release", NodeReleaseArgs(
+            stack=spec.stack, region=target.region, bundle=bundle, pointer_name=release_pointer(ssm_prefix),
+            # A fleet takes releases by instance refresh: no association to run on its nodes.
+            instance_id=None if fleet else node.node_ids.apply(lambda ids: ids[0]), role_arn=node.role_arn,
+            apply_timeout_seconds=bootstrap_timeout_seconds(args.sizing), tags=tags), child)
         if balancer:
             dns = DnsRecord(f"{name}-dns", DnsRecordArgs(
                 domain=spec.domain, hosted_zone_id=target.hosted_zone_id,

@@ -1,4 +1,5 @@
-"""NodeRelease: a single AWS node takes a new release in place, through AWS's own mechanism.
+"""NodeRelease: the node files of an AWS stack as a release in S3; a single node takes it in place,
+through AWS's own mechanism (a fleet takes it by instance refresh: no association).
 
 The node files travel as one content-addressed bundle (an S3 object named by its SHA-256, in a
 private, encrypted bucket that only the node's role may read). An SSM parameter points at the
@@ -32,7 +33,8 @@ class NodeReleaseArgs:
     #: the JSON bundle of every node file (node_files.release_bundle)
     bundle: pulumi.Input[str]
     pointer_name: str
-    instance_id: pulumi.Input[str]
+    #: the single node to apply each release to in place (None: a fleet, refreshed instead)
+    instance_id: pulumi.Input[str] | None
     role_arn: pulumi.Input[str]
     apply_timeout_seconds: int
     tags: dict[str, str]
@@ -85,6 +87,11 @@ class NodeRelease(pulumi.ComponentResource):
             f"{name}-pointer", name=args.pointer_name, type="String",
             value=pulumi.Output.all(bucket.bucket, digest).apply(lambda v: f"s3://{v[0]}/releases/{v[1]}.json {v[1]}"),
             tags=args.tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[bundle_object, policy]))
+        self.digest = digest
+        self.bucket_name = bucket.bucket
+        self.register_outputs({"digest": self.digest, "bucket_name": self.bucket_name})
+        if args.instance_id is None:
+            return
         # A new release is a new command, so State Manager runs it again; Pulumi waits for success.
         aws.ssm.Association(
             f"{name}-apply",
@@ -98,6 +105,3 @@ class NodeRelease(pulumi.ComponentResource):
             wait_for_success_timeout_seconds=args.apply_timeout_seconds + APPLY_MARGIN_SECONDS,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[pointer]),
         )
-        self.digest = digest
-        self.bucket_name = bucket.bucket
-        self.register_outputs({"digest": self.digest, "bucket_name": self.bucket_name})

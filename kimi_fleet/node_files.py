@@ -23,6 +23,7 @@ from kimi_fleet import catalog, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 from kimi_fleet.spec import SAFE_VALUE
@@ -111,6 +112,10 @@ LIB_DIR = "/usr/local/lib/kimi-fleet"
 SETTINGS_LIBRARY = f"{LIB_DIR}/settings.sh"
 GENERATION_PROBE = f"{LIB_DIR}/{GENERATION_PROBE_SCRIPT}"
 NODE_STATUS = f"{LIB_DIR}/node_status.py"
+#: Verifies weights against the Hub's tree or a mirror's manifest, and writes a mirror's manifest.
+WEIGHTS_MANIFEST_TOOL = f"{LIB_DIR}/weights_manifest.py"
+#: Beside the files of <mirror>/<repo>/<revision>/, written last by the fill.
+WEIGHTS_MANIFEST_NAME = MIRROR_MANIFEST_NAME
 APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
@@ -171,7 +176,8 @@ BOOTSTRAP = templates.render(
     ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
     WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS))
 
-DOWNLOAD_WEIGHTS = templates.render("download_weights.sh")
+DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
+                                    MANIFEST_NAME=WEIGHTS_MANIFEST_NAME)
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
@@ -344,6 +350,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
+        NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),
         NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
@@ -415,23 +422,6 @@ def user_data_bytes(text: str) -> bytes:
     return gzip.compress(text.encode(), compresslevel=9, mtime=0)
 
 
-def render_user_data(r: Resolved, launch: Launch, sizing: Sizing, *, ssm_prefix: str, region: str,
-                     ebs_volume_id: str | None = None, hf_token: bool = False,
-                     api_key_version: int | None = None) -> str:
-    """A #cloud-config document holding the node files (plain text, for review); EC2 gets
-    `user_data_bytes` of it. Secrets appear only as SSM parameter names (and the key's version)."""
-    secrets = SecretsSource.ssm(ssm_prefix, region, hf_token=hf_token, api_key_version=api_key_version)
-    files = render_node_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id)
-    text = _cloud_config(files)
-    size = len(user_data_bytes(text))
-    if size > EC2_USER_DATA_LIMIT:
-        raise ValueError(
-            f"stack {r.spec.stack}: user data is {size} bytes even compressed; EC2 accepts "
-            f"{EC2_USER_DATA_LIMIT}. Move large files to an S3 object the bootstrap fetches."
-        )
-    return text
-
-
 # --- releases applied in place (AWS single node) --------------------------------------------------
 
 #: Pulumi waits for a bootstrap through two full download attempts (it resumes) plus package setup.
@@ -461,13 +451,21 @@ def bundle_digest(bundle: str) -> str:
     return hashlib.sha256(bundle.encode()).hexdigest()
 
 
-def render_boot_stub(*, pointer: str, region: str) -> str:
-    """User data for a node that takes its releases in place: only the packages and the applier.
-    It names the release pointer, not a release, so a new release leaves the launch template
-    (and the instance) alone; the applier fetches whatever the pointer names at boot."""
+def render_boot_stub(*, pointer: str, region: str, release_digest: str | None = None) -> str:
+    """User data that boots the applier: only the packages and apply_release.py. A single node's
+    names the release pointer, not a release, so a new release leaves the launch template (and the
+    instance) alone and the applier fetches whatever the pointer names. A fleet's also names its
+    release (`release_digest`, the bundle's SHA-256): a new release is a new template version,
+    which starts the instance refresh, and a new node waits until the pointer names that bundle."""
     applier = NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644)
-    return _cloud_config({applier.path: applier},
-                         runcmd=[["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]])
+    command = ["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]
+    if release_digest:
+        command += ["--expect", release_digest]
+    text = _cloud_config({applier.path: applier}, runcmd=[command])
+    size = len(user_data_bytes(text))
+    if size > EC2_USER_DATA_LIMIT:
+        raise ValueError(f"the boot stub is {size} bytes even compressed; EC2 accepts {EC2_USER_DATA_LIMIT}")
+    return text
 
 
 def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
@@ -512,9 +510,8 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if r.target.secrets_from_ssm:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
-        if behind_load_balancer(r):  # a fleet's template carries the release
-            artifacts["user-data.yaml"] = render_user_data(
-                r, launch, sizing, ssm_prefix=ssm_prefix, region=aws.region, ebs_volume_id=ebs_volume_id)
-        else:  # one node boots the applier; its release is the bundle of the files above
-            artifacts["user-data.yaml"] = render_boot_stub(pointer=release_pointer(ssm_prefix), region=aws.region)
+        # Every AWS node boots the applier; a fleet's stub also names its release (see render_boot_stub).
+        digest = bundle_digest(release_bundle(files)) if behind_load_balancer(r) else None
+        artifacts["user-data.yaml"] = render_boot_stub(pointer=release_pointer(ssm_prefix), region=aws.region,
+                                                       release_digest=digest)
     return artifacts

@@ -158,3 +158,31 @@ def test_the_boot_stub_is_valid_cloud_config_and_names_no_release(tmp_path):
         assert digest not in stub
     assert json.dumps(["python3", node_files.APPLY_RELEASE, "--pointer", release_pointer(PREFIX), "--region", REGION,
                        "--boot"]) in json.dumps(__import__("yaml").safe_load(stub)["runcmd"])
+
+
+def test_a_fleet_node_boots_only_the_release_its_template_names(aws_env, tmp_path):
+    """A fleet's stub passes --expect <digest>: a node launched before Pulumi moved the pointer waits
+    for it, then applies exactly that bundle."""
+    import threading
+
+    old = resolved()
+
+    def more_flags(values):
+        values["engine"] = {**values["engine"], "extraArgs": ["--enable-mfu-metrics"]}
+
+    new = resolved(more_flags)
+    root, tools = scratch_node(tmp_path, old)
+    publish(aws_env, tmp_path, old)  # the pointer still names the old release
+    files = render_node_files(new, render_launch(new), size(new), ebs_volume_id="vol-0123456789abcdef0",
+                              secrets=SecretsSource.ssm(PREFIX, REGION, hf_token=False, api_key_version=1))
+    wanted = bundle_digest(release_bundle(files))
+    later = threading.Timer(3.0, lambda: publish(aws_env, tmp_path, new))
+    later.start()
+    try:
+        result = apply(aws_env, root, tools, "--boot", "--expect", wanted, "--pointer-wait", "60")
+    finally:
+        later.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"waiting for {wanted[:16]}" in result.stderr
+    assert (root / "var/lib/kimi-fleet/applied-release").read_text().strip() == wanted
+    assert "--enable-mfu-metrics" in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()

@@ -134,10 +134,11 @@ def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
     assert set(parameters) == {f"/kimi-fleet/{stack}/api-key", f"/kimi-fleet/{stack}/hf-token"}
     for parameter in parameters.values():
         assert is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
-    # Anything else in SSM is the release pointer of a single node: a plain S3 address and digest.
+    # Anything else in SSM is the release pointer (a plain S3 address and digest), fleets included.
     others = [p for p in run.of_type(SSM_PARAMETER) if p["inputs"]["type"] != "SecureString"]
-    assert [p["inputs"]["name"] for p in others] == ([] if resolved(stack).spec.capacity.replicas > 1
-                                                      else [f"/kimi-fleet/{stack}/release"])
+    assert [p["inputs"]["name"] for p in others] == [f"/kimi-fleet/{stack}/release"]
+    associations = run.of_type("aws:ssm/association:Association")
+    assert len(associations) == (0 if resolved(stack).spec.capacity.replicas > 1 else 1)  # fleets refresh
     user_data = _user_data(run)
     files = node_files_text(run)
     for secret in (API_KEY, HF_TOKEN):

@@ -25,7 +25,6 @@ from kimi_fleet.node_files import (
     SecretsSource,
     render_node_artifacts,
     render_node_files,
-    render_user_data,
     user_data_bytes,
 )
 from kimi_fleet.resolve import Resolved
@@ -58,10 +57,9 @@ def node_files(stack: str, secrets: SecretsSource | None = None) -> dict[str, No
 
 
 def user_data(stack: str) -> str:
+    """What EC2 gets: the boot stub (the node files travel as the release bundle in S3)."""
     r = resolved(stack)
-    volume = EBS_VOLUME_ID if r.weights_volume == "ebs" else None
-    return render_user_data(r, render_launch(r), size(r), ssm_prefix=f"/kimi-fleet/{stack}", region="us-east-1",
-                            ebs_volume_id=volume, hf_token=True)
+    return render_node_artifacts(r, size(r), render_launch(r))["user-data.yaml"]
 
 
 def install(root: Path, files: dict[str, NodeFile]) -> None:
@@ -107,25 +105,37 @@ def test_user_data_fits_and_cloud_init_decodes_it_to_a_valid_cloud_config(stack,
 
 
 @pytest.mark.parametrize("stack", AWS_STACKS)
-def test_user_data_carries_files_and_no_secrets(stack):
+def test_user_data_boots_the_applier_and_the_bundle_carries_the_files_and_no_secrets(stack):
+    import json
+
+    from kimi_fleet.node_files import APPLY_RELEASE, bundle_digest, release_bundle
+
+    r = resolved(stack)
     document = yaml.safe_load(user_data(stack))
-    expected = node_files(stack)
-    written = {entry["path"]: (entry["content"], int(entry["permissions"], 8)) for entry in document["write_files"]}
-    assert written == {path: (f.content, f.mode) for path, f in expected.items()}
-    node_env = written["/etc/kimi-fleet/node.env"][0]
-    assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in node_env
-    for path, (content, _) in written.items():
+    assert [entry["path"] for entry in document["write_files"]] == [APPLY_RELEASE]
+    (command,) = [c for c in document["runcmd"] if APPLY_RELEASE in c]
+    from kimi_fleet.node_files import EBS_VOLUME_PLACEHOLDER, planned_secrets
+
+    planned = render_node_files(r, render_launch(r), size(r), secrets=planned_secrets(r),
+                                ebs_volume_id=EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None)
+    bundle = release_bundle(planned)
+    if r.spec.capacity.replicas > 1:  # a fleet's template names its release: a new one refreshes
+        assert command[command.index("--expect") + 1] == bundle_digest(bundle)
+    else:  # one node follows the pointer, applied in place
+        assert "--expect" not in command
+    written = {entry["path"]: entry["content"] for entry in json.loads(bundle)["files"]}
+    assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in written["/etc/kimi-fleet/node.env"]
+    for path, content in written.items():
         assert FAKE_API_KEY not in content and FAKE_HF_TOKEN not in content
         assert find_secret_patterns(content) == [], path
-    assert ["systemctl", "start", "--no-block", "kimi-bootstrap.service"] in document["runcmd"]
     assert {"caddy", "fail2ban", "nftables"} <= set(document["packages"])
 
 
 def test_user_data_too_large_is_refused(monkeypatch):
     import kimi_fleet.node_files as nf
 
-    monkeypatch.setattr(nf, "EC2_USER_DATA_LIMIT", 4096)
-    with pytest.raises(ValueError, match="user data is .* bytes even compressed"):
+    monkeypatch.setattr(nf, "EC2_USER_DATA_LIMIT", 512)
+    with pytest.raises(ValueError, match="boot stub is .* bytes even compressed"):
         user_data("h200-int4-sglang")
 
 
@@ -336,11 +346,18 @@ FILL = "\n".join(
     + ["}"]
 )
 
+#: The mirror's manifest of HUB_FILES (zeros), as the fill writes it.
+MIRROR_MANIFEST = json.dumps({"format": "kimi-fleet weights manifest v1", "repo": "moonshotai/Kimi-K2.6",
+                              "revision": "a" * 40, "files": [
+                                  {"path": p, "size": s, "sha256": hashlib.sha256(b"\0" * s).hexdigest()}
+                                  for p, s in HUB_FILES.items()]})
+NODE_SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
+
 STUB_AWS = f"""#!/bin/bash
 {FILL}
 case $1 in
   ssm) name=${{*: -5:1}}; [[ $name == */hf-token ]] && printf '%s\\n' '{FAKE_HF_TOKEN}' || printf '%s\\n' '{FAKE_API_KEY}' ;;
-  s3) fill "${{*: -1}}" ;;
+  s3) [[ $2 == cp ]] && printf '%s' '{MIRROR_MANIFEST}' >"${{*: -1}}" || fill "${{*: -1}}" ;;
   *) exit 2 ;;
 esac
 """
@@ -413,7 +430,8 @@ def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
     script.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
            "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
-           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "1"}
+           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "1",
+           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py")}
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "size of config.json: 5 bytes, repository says 17" in result.stdout
@@ -441,7 +459,8 @@ def test_download_refetches_a_shard_of_the_right_size_with_the_wrong_content(tmp
     (bin_dir / "sleep").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
            "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
-           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "2"}
+           "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "2",
+           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py")}
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "content of model-00001-of-00002.safetensors: sha256" in result.stdout

@@ -6,7 +6,9 @@ association on every `pulumi up` that changes the release.
 
 usage: apply_release.py --pointer PARAMETER --region REGION [--expect SHA256] [--boot]
   PARAMETER  SSM parameter holding "s3://bucket/releases/<sha256>.json <sha256>"
-  --expect   refuse unless the pointer names this bundle (the association passes the one it deploys)
+  --expect   refuse unless the pointer names this bundle (the association passes the one it deploys);
+             with --boot, wait for the pointer to name it (a fleet node's launch template names
+             its release, and may boot before Pulumi moves the pointer)
   --boot     first boot: write the files, then start the bootstrap unit without waiting for it
 The AWS CLI (`aws`, on PATH) does the fetching; $KIMI_ROOT prefixes every path (tests).
 """
@@ -47,7 +49,8 @@ def aws(*args: str) -> bytes:
     return result.stdout
 
 
-def read_pointer(name: str, region: str, wait_seconds: float) -> tuple[str, str]:
+def read_pointer(name: str, region: str, wait_seconds: float, wanted: str | None = None) -> tuple[str, str]:
+    """The bundle the pointer names; with `wanted`, keep asking until it names that one."""
     deadline = time.monotonic() + wait_seconds
     delay = 5.0
     while True:
@@ -57,6 +60,8 @@ def read_pointer(name: str, region: str, wait_seconds: float) -> tuple[str, str]
             uri, digest = value.split()
             if not uri.startswith("s3://") or len(digest) != 64:
                 raise ValueError(f"pointer {name} holds {value!r}, not 's3://... <sha256>'")
+            if wanted and digest != wanted:
+                raise RuntimeError(f"pointer {name} still names bundle {digest[:16]}, waiting for {wanted[:16]}")
             return uri, digest
         except RuntimeError as error:
             if time.monotonic() >= deadline:
@@ -128,7 +133,8 @@ def main(argv: list[str]) -> int:
     with (STATE / "apply-release.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # cloud-init and the association may both apply at boot
         try:
-            uri, digest = read_pointer(args.pointer, args.region, args.pointer_wait)
+            uri, digest = read_pointer(args.pointer, args.region, args.pointer_wait,
+                                       wanted=args.expect if args.boot else None)
             if args.expect and digest != args.expect:
                 raise RuntimeError(f"pointer {args.pointer} names bundle {digest}, expected {args.expect}")
             written = write_files(fetch(uri, digest, args.region))

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""What a checkpoint's files must be, and whether a directory holds exactly that (standard library
+only: it runs on nodes, in the mirror-fill job and in tests).
+
+    weights_manifest.py verify --dir D --hub REPO REVISION      # against the Hub's tree at REVISION
+    weights_manifest.py verify --dir D --manifest M.json        # against a mirror's manifest (no Hub call)
+    weights_manifest.py manifest --dir D --hub REPO REVISION --out M.json
+                                                                # verify D against the Hub, then write
+                                                                # every path, size and SHA-256
+
+Verification checks sizes, then hashes every file in parallel (SHA-256 of LFS files and of every
+file in a manifest; the git blob SHA-1 of the Hub's small files). A file whose content is wrong is
+removed (with hf's resume metadata), so the next attempt fetches it again. Exit 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import sys
+import urllib.parse
+import urllib.request
+
+#: Beside the files of <mirror>/<repo>/<revision>/, written last by the fill (node_files.WEIGHTS_MANIFEST_NAME).
+MANIFEST_NAME = "kimi-fleet-manifest.json"
+FORMAT = "kimi-fleet weights manifest v1"
+
+
+def hub_tree(repo: str, revision: str) -> dict[str, tuple[int, str | None, str | None]]:
+    """path -> (size, sha256 of LFS files, git blob sha1 of the rest), from the Hub's tree API."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    expected = {}
+    while url:  # the tree API pages through a Link: <...>; rel="next" header
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+            for entry in json.load(response):
+                if entry.get("type") == "file":
+                    expected[entry["path"]] = (entry["size"], (entry.get("lfs") or {}).get("oid"), entry.get("oid"))
+            following = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link") or "")
+            url = urllib.parse.urljoin(url, following.group(1)) if following else None
+    return expected
+
+
+def manifest_tree(path: str) -> dict[str, tuple[int, str | None, str | None]]:
+    document = json.load(open(path))
+    if document.get("format") != FORMAT:
+        raise SystemExit(f"{path}: not a {FORMAT}")
+    return {f["path"]: (f["size"], f["sha256"], None) for f in document["files"]}
+
+
+def _digest(full: str, size: int, sha256: bool) -> str:
+    digest = hashlib.sha256() if sha256 else hashlib.sha1(b"blob %d\0" % size)
+    with open(full, "rb") as stream:
+        for chunk in iter(lambda: stream.read(16 << 20), b""):
+            digest.update(chunk)  # hashlib releases the GIL: files hash in parallel
+    return digest.hexdigest()
+
+
+def verify(local: str, expected: dict, says: str = "expected") -> tuple[list[str], dict[str, str]]:
+    """(problems, sha256 of every file that passed); wrong content is removed for a re-fetch."""
+    problems, present = [], []
+    for path, (size, sha256, git_oid) in sorted(expected.items()):
+        full = os.path.join(local, path)
+        if not os.path.isfile(full):
+            problems.append(f"missing {path}")
+        elif os.path.getsize(full) != size:
+            problems.append(f"size of {path}: {os.path.getsize(full)} bytes, {says} {size}")
+        else:
+            present.append((path, size, sha256, git_oid))
+
+    def check(item):
+        path, size, sha256, git_oid = item
+        full = os.path.join(local, path)
+        want, kind = (sha256, "sha256") if sha256 else (git_oid, "git sha1")
+        got = _digest(full, size, sha256=bool(sha256)) if want else None
+        if want and got != want:
+            for stale in (full, os.path.join(local, ".cache", "huggingface", "download", path + ".metadata")):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            return path, None, f"content of {path}: {kind} {got}, {says} {want} (removed, fetched again next)"
+        return path, (sha256 if sha256 else _digest(full, size, sha256=True)), None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 4)) as pool:
+        results = list(pool.map(check, present))
+    problems += [problem for _, _, problem in results if problem]
+    hashes = {path: digest for path, digest, problem in results if not problem}
+    return problems, hashes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("verify", "manifest"):
+        command = sub.add_parser(name)
+        command.add_argument("--dir", required=True)
+        command.add_argument("--hub", nargs=2, metavar=("REPO", "REVISION"))
+        if name == "verify":
+            command.add_argument("--manifest")
+        else:
+            command.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.command == "manifest" and not args.hub:
+        parser.error("manifest needs --hub REPO REVISION: the Hub says what the files must be")
+    if args.command == "verify" and bool(args.hub) == bool(args.manifest):
+        parser.error("verify needs exactly one of --hub or --manifest")
+
+    expected = manifest_tree(args.manifest) if getattr(args, "manifest", None) else hub_tree(*args.hub)
+    from_manifest = bool(getattr(args, "manifest", None))
+    problems, hashes = verify(args.dir, expected, says="the manifest says" if from_manifest else "repository says")
+    total = sum(size for size, _, _ in expected.values())
+    source = "the mirror's manifest" if from_manifest else "the Hub's tree"
+    print(f"verify: {len(expected)} files, {total} bytes expected by {source}, contents hashed; "
+          f"{len(problems)} problem(s)")
+    if problems:
+        print("\n".join(problems[:20]))
+    if problems or not expected:
+        return 1
+    if args.command == "manifest":
+        repo, revision = args.hub
+        document = {"format": FORMAT, "repo": repo, "revision": revision,
+                    "files": [{"path": p, "size": expected[p][0], "sha256": hashes[p]} for p in sorted(expected)]}
+        with open(args.out, "w") as out:
+            json.dump(document, out, indent=1)
+            out.write("\n")
+        print(f"manifest: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
