@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from kimi_fleet import node_files
@@ -22,39 +18,24 @@ from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
-from tests.fakes.harness import free_port
+from tests.fakes.aws_api import BIN, moto_server
 
 STACK = "h200-int4-sglang"
 REGION = "us-east-1"
 PREFIX = f"/kimi-fleet/{STACK}"
 BUCKET = "kimi-releases-test"
-BIN = Path(sys.executable).parent
 APPLIER = Path(node_files.__file__).parent / "node_scripts" / "apply_release.py"
 pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not installed (requirements-dev.txt)"),
               pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def aws_env(tmp_path_factory):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(env["AWS_ENDPOINT_URL"], timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+def aws_env():
+    with moto_server(REGION) as env:
         aws(env, "s3api", "create-bucket", "--bucket", BUCKET)
         aws(env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
             "--value", "k" * 40)
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def aws(env: dict, *args: str) -> str:

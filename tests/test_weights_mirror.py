@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from kimi_fleet.node_files import WEIGHTS_MANIFEST_NAME
+from tests.fakes.aws_api import BIN, moto_server
+from tests.fakes.harness import free_port
 from tests.test_node_files import HUB_FILES, fake_hub, node_files  # noqa: F401  (fixture)
 
-BIN = Path(sys.executable).parent
 SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
 REGION = "us-east-1"
 BUCKET = "kimi-weights-mirror-test"
@@ -29,31 +26,16 @@ pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not 
               pytest.mark.timeout(300)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port_closed() -> int:
+    """A port nothing listens on (the Hub, for a node that must not call it)."""
+    return free_port()
 
 
 @pytest.fixture
 def s3_env():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(env["AWS_ENDPOINT_URL"], timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with moto_server(REGION) as env:
         aws(env, "s3api", "create-bucket", "--bucket", BUCKET)
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def aws(env, *args) -> str:
@@ -87,7 +69,7 @@ def node_download(env, tmp_path: Path, weights: Path) -> subprocess.CompletedPro
                 "S3_MIRROR_URI": f"s3://{BUCKET}/hf", "AWS_REGION": REGION, "DOWNLOAD_ATTEMPTS": "2",
                 "WEIGHTS_MANIFEST_TOOL": str(SCRIPTS / "weights_manifest.py"),
                 # No Hub from the mirror path: any call to it would fail.
-                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+                "HF_ENDPOINT": f"http://127.0.0.1:{free_port_closed()}"}
     return subprocess.run([str(script)], env=node_env, capture_output=True, text=True, timeout=240)
 
 
