@@ -259,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         print(SUMMARY_HEADER)
         for p in plans:
             print(summary_row(p))
+        priced = [p for p in plans if p["valid"] and p["cost"]["usd_per_million_output_tokens"] is not None]
+        if priced:
+            print("\n$/M out only where a measurement matches the stack's engine, hardware, checkpoint and layout:")
+        for p in priced:
+            c = p["cost"]
+            print(f"  {p['stack']}: {c['measured_output_tokens_per_second']:g} tok/s per replica, "
+                  f"{c['measured_workload']}")
     else:
         for p in plans:
             print_plan(p)

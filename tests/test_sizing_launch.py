@@ -217,6 +217,9 @@ def test_plan_all_prices_only_the_stacks_a_measurement_matches():
                          text=True, cwd=catalog.__file__.rsplit("/kimi_fleet/", 1)[0], timeout=600).stdout
     priced = {line.split()[0] for line in out.splitlines()[1:] if " ok " in line and "$" in line.split()[-2]}
     assert priced == {"h200-int4-vllm", "spheron-h200-int4-vllm"}
+    # ... each with the measurement it rests on, and its source.
+    sources = [line for line in out.splitlines() if line.startswith("  h200-int4-vllm: ")]
+    assert sources and "925 tok/s per replica" in sources[0] and "InferenceX" in sources[0]
 
 
 def test_fleet_cost_is_on_demand_base_plus_spot_remainder():
