@@ -42,6 +42,10 @@ API_KEY_VERSION_ANNOTATION = "kimi-fleet/api-key-version"
 PROXY_POLICY = "kimi-proxy-ingress"
 
 WEIGHTS_MOUNT = "/weights"
+#: The node's weights verifier (every file's size and content against the Hub's tree), for the Job.
+WEIGHTS_VERIFIER_SCRIPT = "weights_manifest.py"
+VERIFIER_CONFIGMAP = "kimi-weights-verifier"
+VERIFIER_MOUNT = "/opt/kimi-fleet"
 VERIFIED_MARKER = ".verified"
 
 #: Probe cadence. The startup window is derived from the sizing's warm start (weights already local).
@@ -78,23 +82,12 @@ if [ "$(cat "$TARGET_DIR/{marker}" 2>/dev/null)" = "$REVISION" ]; then
 fi
 pip install --quiet --no-cache-dir --disable-pip-version-check "huggingface_hub=={hub}"
 hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
-python3 -c "$VERIFY_PROGRAM"
+python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
-""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION)
+""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION,
+           verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}")
 
 #: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
-VERIFY_PROGRAM = """\
-import os, pathlib, sys
-from huggingface_hub import HfApi
-from huggingface_hub.hf_api import RepoFile
-target = pathlib.Path(os.environ["TARGET_DIR"])
-listed = {f.path: f.size for f in HfApi().list_repo_tree(
-    os.environ["REPO"], revision=os.environ["REVISION"], recursive=True) if isinstance(f, RepoFile)}
-bad = [p for p, n in listed.items() if not (target / p).is_file() or (target / p).stat().st_size != n]
-if bad:
-    sys.exit(f"{len(bad)} of {len(listed)} files missing or of the wrong size, e.g. {bad[:5]}")
-print(f"verified {len(listed)} files, {sum(listed.values())} bytes")
-"""
 
 
 def labels(stack: str, component: str) -> dict[str, str]:
@@ -199,7 +192,6 @@ def _download_container(r: Resolved) -> dict:
             {"name": "REPO", "value": r.repo},
             {"name": "REVISION", "value": r.revision},
             {"name": "TARGET_DIR", "value": f"{WEIGHTS_MOUNT}/{r.weights_dir_name}"},
-            {"name": "VERIFY_PROGRAM", "value": VERIFY_PROGRAM},
             {"name": "HF_XET_HIGH_PERFORMANCE", "value": "1"},
             {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
@@ -208,7 +200,8 @@ def _download_container(r: Resolved) -> dict:
         ],
         "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS_MOUNT}],
+        "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS_MOUNT},
+                         {"name": "verifier", "mountPath": VERIFIER_MOUNT, "readOnly": True}],
     }
 
 
@@ -409,6 +402,12 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "metadata": _meta(PROBE_CONFIGMAP, ns, stack, "engine"),
             "data": {GENERATION_PROBE_SCRIPT: node_script(GENERATION_PROBE_SCRIPT)},
         },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
+            "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT)},
+        },
         *_network_policies(ns, stack),
     ]
     if r.weights_volume == "pvc":
@@ -437,7 +436,8 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
                             # WaitForFirstConsumer binds the local volume where this pod lands: a GPU node.
                             **_scheduling(r, first_market),
                             "containers": [_download_container(r)],
-                            "volumes": [_weights_volume(r)],
+                            "volumes": [_weights_volume(r),
+                                        {"name": "verifier", "configMap": {"name": VERIFIER_CONFIGMAP}}],
                         },
                     },
                 },

@@ -222,12 +222,17 @@ def test_one_weights_volume_written_by_the_job_and_read_only_for_every_replica(s
     assert int(pvc["spec"]["resources"]["requests"]["storage"].removesuffix("Gi")) * 2**30 > r.checkpoint.size_bytes
     (job,) = of_kind(objects, "Job")
     job_pod = job["spec"]["template"]["spec"]
-    assert job_pod["volumes"] == [{"name": "weights", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
+    assert job_pod["volumes"] == [{"name": "weights", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}},
+                                  {"name": "verifier", "configMap": {"name": "kimi-weights-verifier"}}]
+    (verifier,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == "kimi-weights-verifier"]
+    assert verifier["data"]["weights_manifest.py"] == node_script("weights_manifest.py")  # the nodes' verifier
     (download,) = job_pod["containers"]
     env = {e["name"]: e.get("value") for e in download["env"]}
     assert env["REPO"] == r.repo and env["REVISION"] == r.revision
     assert 'hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"' in download["command"][2]
-    assert "list_repo_tree" in env["VERIFY_PROGRAM"]
+    # Every file's size and content (SHA-256 / git blob SHA-1) against the Hub's tree, as on nodes.
+    assert ('python3 /opt/kimi-fleet/weights_manifest.py verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"'
+            in download["command"][2])
     assert ".verified" in download["command"][2]
     assert not download["volumeMounts"][0].get("readOnly")
     assert job["spec"]["activeDeadlineSeconds"] >= sizing.download_seconds
