@@ -367,9 +367,12 @@ class SGLangReserve:
     large_gpu_mb: int = 60 * 1024
     large_gpu_floor_mb: int = 10 * 1024
     eagle_draft_mb: int = 2 * 1024
-    #: The engine's default CUDA-graph capture batch: 512 on GPUs of 60 GB and more at TP >= 4.
+    #: The engine's default CUDA-graph capture batch: 512 on GPUs of 60 GB and more at TP >= 4, and
+    #: 256 below TP 4 on GPUs under 160 GB.
     default_graph_batch: int = 512
     default_graph_batch_small_tp: int = 256
+    small_tp: int = 4
+    small_tp_gpu_mb: int = 160 * 1024
     #: The measured tolerance: seed 003 ran at 0.85 with 98.9% of the estimate free outside the knob
     #: (the engine's own default there is 0.848); 0.90 left 66% and OOM-crashed. Below this share the
     #: stack is refused.

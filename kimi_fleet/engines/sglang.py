@@ -62,7 +62,7 @@ class SGLang(Engine):
         if r.spec.engine.cuda_graph_max_batch:
             return r.spec.engine.cuda_graph_max_batch
         reserve = catalog.SGLANG_RESERVE
-        small_tp = r.tensor_parallel < 4 and r.accelerator.memory_bytes < 160 * catalog.GiB
+        small_tp = r.tensor_parallel < reserve.small_tp and r.accelerator.memory_bytes < reserve.small_tp_gpu_mb * MB
         return reserve.default_graph_batch_small_tp if small_tp else reserve.default_graph_batch
 
     def entrypoint_words(self, r: Resolved) -> list[str]:
