@@ -22,8 +22,8 @@ from components.node_release import NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from kimi_fleet.node_files import (
-    SecretsSource, bootstrap_timeout_seconds, bundle_digest, default_ssm_prefix, node_release, release_bundle,
-    release_pointer, render_boot_stub, render_node_files, render_proxy_for,
+    SecretsSource, bootstrap_timeout_seconds, default_ssm_prefix, node_release, release_bundle, release_pointer,
+    render_aws_user_data, render_node_files, render_proxy_for,
 )
 
 STACK_TAG = "kimi-fleet:stack"
@@ -54,7 +54,7 @@ class AwsEndpoint(pulumi.ComponentResource):
         if r.offer is None:
             raise ValueError(f"stack {spec.stack}: no AWS instance type in the catalog for "
                              f"{spec.accelerator_count}x {spec.accelerator}; set target.aws.instanceType")
-        fleet = spec.capacity.replicas > 1
+        fleet = r.target.behind_load_balancer(r)
         tags = {STACK_TAG: spec.stack, WORKLOAD_TAG: spec.capacity.workload, MARKET_TAG: spec.capacity.effective_market}
         ssm_prefix = target.ssm_prefix or default_ssm_prefix(spec.stack)
 
@@ -75,9 +75,8 @@ class AwsEndpoint(pulumi.ComponentResource):
                 r, args.launch, args.sizing, ebs_volume_id=values[0],
                 secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
                                           api_key_version=values[1]))))
-        user_data = bundle.apply(lambda text: render_boot_stub(
-            pointer=release_pointer(ssm_prefix), region=target.region,
-            release_digest=bundle_digest(text) if fleet else None))
+        user_data = bundle.apply(lambda text: render_aws_user_data(r, text, ssm_prefix=ssm_prefix,
+                                                                   region=target.region))
 
         balancer = None
         if fleet:

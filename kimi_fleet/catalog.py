@@ -738,6 +738,11 @@ class SpeculativeFinding:
     throughput_change: float
     source: Source = field(default=SEED_004)
 
+    @property
+    def summary(self) -> str:
+        return (f"{self.method.upper()} measured {self.acceptance_rate:.2%} acceptance and "
+                f"{int(self.throughput_change * 100)}% throughput on K2.6 ({self.source.where.split(' (')[0]})")
+
 
 EAGLE3_FINDING = SpeculativeFinding("eagle3", 0.0128, -0.466)
 

@@ -468,6 +468,12 @@ def render_boot_stub(*, pointer: str, region: str, release_digest: str | None = 
     return text
 
 
+def render_aws_user_data(r: Resolved, bundle: str, *, ssm_prefix: str, region: str) -> str:
+    """An AWS node's user data: the boot stub; a fleet's names the release `bundle` it runs."""
+    return render_boot_stub(pointer=release_pointer(ssm_prefix), region=region,
+                            release_digest=bundle_digest(bundle) if behind_load_balancer(r) else None)
+
+
 def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     """Cloud-config for a cloud that takes only a startup script (seed 000): the user places the
     secret files (/etc/kimi-fleet/secrets/...) before boot or through the provider's secret store."""
@@ -510,8 +516,6 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if r.target.secrets_from_ssm:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
-        # Every AWS node boots the applier; a fleet's stub also names its release (see render_boot_stub).
-        digest = bundle_digest(release_bundle(files)) if behind_load_balancer(r) else None
-        artifacts["user-data.yaml"] = render_boot_stub(pointer=release_pointer(ssm_prefix), region=aws.region,
-                                                       release_digest=digest)
+        artifacts["user-data.yaml"] = render_aws_user_data(r, release_bundle(files), ssm_prefix=ssm_prefix,
+                                                           region=aws.region)
     return artifacts

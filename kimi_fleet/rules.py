@@ -101,15 +101,11 @@ def hardware_quirks(r: Resolved) -> Iterator[str]:
 def engine_reads_its_options(r: Resolved) -> Iterator[str]:
     """Options another engine reads are refused, not silently ignored."""
     adapter, spec = r.adapter, r.spec
-    for attribute, key in engines.ENGINE_OPTIONS.items():
-        if attribute not in adapter.options and getattr(spec.engine, attribute) not in (None, False):
-            yield (f"{_f(key, getattr(spec.engine, attribute))}: not an option of {adapter.name}; "
-                   f"{adapter.options_hint}")
-    defaults = {"dp_attention": False, "decode_context_parallel": 1}
-    for attribute, key in engines.PARALLELISM_OPTIONS.items():
-        if attribute not in adapter.options and getattr(spec.parallelism, attribute) != defaults[attribute]:
-            yield (f"{_f(key, getattr(spec.parallelism, attribute))}: not an option of {adapter.name}; "
-                   f"{adapter.options_hint}")
+    for section, options in ((spec.engine, engines.ENGINE_OPTIONS), (spec.parallelism, engines.PARALLELISM_OPTIONS)):
+        for attribute, key in options.items():
+            value = getattr(section, attribute)
+            if attribute not in adapter.options and value != type(section).model_fields[attribute].default:
+                yield f"{_f(key, value)}: not an option of {adapter.name}; {adapter.options_hint}"
     yield from adapter.problems(r)
 
 
@@ -185,8 +181,8 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
             yield (f"{_f('engine.extraArgs', arg)}: sets {flag}, which kimi-fleet renders "
                    f"(set {managed[flag]}){why}")
     if e.speculative != "off" and not e.speculative_draft_repo:
-        yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note EAGLE3 "
-               "measured 1.28% acceptance and -46% throughput on K2.6 (seed 004)")
+        yield (f"{_f('engine.speculative', e.speculative)}: needs engine.speculativeDraftRepo; note "
+               f"{catalog.EAGLE3_FINDING.summary}")
     allowed = r.engine.kv_dtypes
     if r.kv_cache_dtype not in allowed:
         yield (f"{_f('kvCacheDtype', r.kv_cache_dtype)}: {e.name} accepts {', '.join(sorted(allowed))} for "
@@ -204,6 +200,8 @@ def target_can_provide(r: Resolved) -> Iterator[str]:
     if r.weights_volume not in volumes:
         yield (f"{_f('weights.volume', r.weights_volume)}: a {spec.target.kind} target stores weights on "
                f"{', '.join(sorted(volumes))}")
+    if spec.capacity.effective_market == "capacity-block" and not r.target.sells_capacity_blocks:
+        yield f"{_f('capacity.market', 'capacity-block')}: Capacity Blocks are an AWS purchase option"
     yield from r.target.problems(r)
 
 

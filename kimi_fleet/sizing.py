@@ -71,7 +71,7 @@ class Sizing:
 
     @property
     def outside_fits(self) -> bool:
-        return self.outside_available_bytes >= self.outside_need_bytes * self.outside_tolerance
+        return fits_outside(self.outside_available_bytes, self.outside_need_bytes, self.outside_tolerance)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -118,6 +118,11 @@ class Sizing:
         return "; ".join(problems)
 
 
+def fits_outside(available: int, need: int, tolerance: float) -> bool:
+    """What the engine needs outside its knob is free (to the engine's measured tolerance)."""
+    return available >= need * tolerance
+
+
 def vision_per_device(r: Resolved) -> int:
     if r.spec.engine.language_model_only:  # the encoder is not loaded at all
         return 0
@@ -145,6 +150,7 @@ def size(r: Resolved) -> Sizing:
     reserve = sum(reserve_items.values())
     pool = budget - weights - vision - reserve
     outside_items = adapter.outside_knob(r)
+    outside_need, outside_available = sum(outside_items.values()), accel.memory_bytes - budget
     kv_per_token = catalog.KIMI_K26.kv_elements_per_token * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype]
     tokens_per_device = max(pool, 0) // kv_per_token
     spread, pools = adapter.kv_sharing(r)
@@ -177,9 +183,9 @@ def size(r: Resolved) -> Sizing:
         reserve_bytes_per_device=reserve,
         reserve_items=reserve_items,
         kv_pool_bytes_per_device=pool,
-        outside_need_bytes=sum(outside_items.values()),
+        outside_need_bytes=outside_need,
         outside_items=outside_items,
-        outside_available_bytes=accel.memory_bytes - budget,
+        outside_available_bytes=outside_available,
         outside_tolerance=adapter.outside_tolerance,
         kv_dtype=r.kv_cache_dtype,
         kv_bytes_per_token=kv_per_token,
@@ -191,7 +197,7 @@ def size(r: Resolved) -> Sizing:
         concurrent_sequences_per_engine=concurrent,
         engines_per_node=r.engines_per_node,
         per_rank=per_rank,
-        fits=max_sequence >= context and accel.memory_bytes - budget >= sum(outside_items.values()) * adapter.outside_tolerance,
+        fits=max_sequence >= context and fits_outside(outside_available, outside_need, adapter.outside_tolerance),
         download_seconds=download,
         read_seconds=read,
         load_seconds=load,

@@ -11,7 +11,7 @@ import difflib
 import ipaddress
 import posixpath
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, field_validator,
@@ -336,53 +336,31 @@ class HostTarget(Spec):
         return self
 
 
-class _TargetBase(Spec):
-    """One variant per target kind (a discriminated union on `kind`): a stack file can only hold the
-    settings of its own kind, and editors complete the right section. The others read as None."""
-
-    @property
-    def aws(self) -> "AwsTarget | None":
-        return None
-
-    @property
-    def kubernetes(self) -> "KubernetesTarget | None":
-        return None
-
-    @property
-    def host(self) -> "HostTarget | None":
-        return None
-
-
-class AwsTargetSpec(_TargetBase):
+# One variant per target kind (a discriminated union on `kind`): a stack file can hold only the
+# settings of its own kind, and editors complete the right section. The other kinds' sections are
+# class attributes that read as None, so code asks `spec.target.aws` whatever the kind.
+class AwsTargetSpec(Spec):
     kind: Literal["aws"]
     """AWS: EC2 GPU instances, one node or an Auto Scaling fleet behind an NLB."""
-    aws_settings: AwsTarget = Field(default_factory=AwsTarget, alias="aws", description="AWS settings.")
-
-    @property
-    def aws(self) -> AwsTarget:
-        return self.aws_settings
+    aws: AwsTarget = Field(default_factory=AwsTarget, description="AWS settings.")
+    kubernetes: ClassVar[None] = None
+    host: ClassVar[None] = None
 
 
-class KubernetesTargetSpec(_TargetBase):
+class KubernetesTargetSpec(Spec):
     kind: Literal["kubernetes"]
     """a Kubernetes cluster: engine pods with a Caddy sidecar."""
-    kubernetes_settings: KubernetesTarget = Field(default_factory=KubernetesTarget, alias="kubernetes",
-                                                  description="cluster settings.")
-
-    @property
-    def kubernetes(self) -> KubernetesTarget:
-        return self.kubernetes_settings
+    kubernetes: KubernetesTarget = Field(default_factory=KubernetesTarget, description="cluster settings.")
+    aws: ClassVar[None] = None
+    host: ClassVar[None] = None
 
 
-class HostTargetSpec(_TargetBase):
+class HostTargetSpec(Spec):
     kind: Literal["host"]
     """a machine you have (SSH), or a GPU cloud that takes a startup script."""
-    host_settings: HostTarget = Field(default_factory=HostTarget, alias="host",
-                                      description="existing machine settings.")
-
-    @property
-    def host(self) -> HostTarget:
-        return self.host_settings
+    host: HostTarget = Field(default_factory=HostTarget, description="existing machine settings.")
+    aws: ClassVar[None] = None
+    kubernetes: ClassVar[None] = None
 
 
 TargetSpec = Annotated[AwsTargetSpec | KubernetesTargetSpec | HostTargetSpec, Field(discriminator="kind")]

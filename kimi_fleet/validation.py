@@ -24,13 +24,15 @@ def _discriminated(field) -> dict[str, type[BaseModel]] | None:
             for v in typing.get_args(field.annotation)}
 
 
-def _without_tags(loc: tuple) -> tuple:
-    """A validation error's location as the stack file spells it: pydantic puts the union tag of a
-    discriminated field (target: aws | kubernetes | host) into the location; the file does not."""
-    model, out, items = StackSpec, [], list(loc)
+def _located(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """A validation error's location as the stack file spells it, and the spec model that holds its
+    last key (for key suggestions). Pydantic puts the union tag of a discriminated field (target:
+    aws | kubernetes | host) into the location; the file does not, and the tag picks the model."""
+    model, holder, out, items = StackSpec, None, [], list(loc)
     while items:
         item = items.pop(0)
         out.append(item)
+        holder = model
         if model is None or not isinstance(item, str):
             model = None
             continue
@@ -44,7 +46,7 @@ def _without_tags(loc: tuple) -> tuple:
             model = variants[items.pop(0)]
             continue
         model = _model_of(field.annotation)
-    return tuple(out)
+    return tuple(out), holder
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
@@ -77,28 +79,7 @@ def _value_at(raw: dict, loc: tuple):
     return node
 
 
-def _model_at(loc: tuple, raw: dict):
-    """The spec model a (tag-free) location points into (for key suggestions); a discriminated
-    field's variant is the one the stack file's own tag picks."""
-    model, node = StackSpec, raw
-    for item in loc:
-        if not isinstance(item, str) or model is None:
-            return None
-        fields = {f.alias or n: f for n, f in model.model_fields.items()} | model.model_fields
-        if item not in fields:
-            return None
-        field = fields[item]
-        node = node.get(item) if isinstance(node, dict) else None
-        variants = _discriminated(field)
-        if variants is not None:
-            model = variants.get(node.get("kind")) if isinstance(node, dict) else None
-        else:
-            model = _model_of(field.annotation)
-    return model
-
-
-def _suggestion(loc: tuple, raw: dict) -> str:
-    model = _model_at(loc[:-1], raw)
+def _suggestion(loc: tuple, model: type[BaseModel] | None) -> str:
     if model is None or not isinstance(loc[-1], str):
         return ""
     known = [f.alias or n for n, f in model.model_fields.items()]
@@ -127,7 +108,7 @@ def validate(raw: dict, stack: str, stack_file: str) -> Validated:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = _without_tags(err["loc"])
+            loc, holder = _located(err["loc"])
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc = (*loc, "kind")
@@ -136,7 +117,7 @@ def validate(raw: dict, stack: str, stack_file: str) -> Validated:
             field = f"{CONFIG_NAMESPACE}:{path}"
             value = _value_at(data, loc)
             if err["type"] == "extra_forbidden":
-                message = f"unknown key{_suggestion(loc, data)}"
+                message = f"unknown key{_suggestion(loc, holder)}"
                 if len(loc) == 2 and loc[0] == "target" and loc[1] in TARGET_KINDS:
                     kind = (data.get("target") or {}).get("kind")
                     message = f"settings for a {loc[1]} target, but target.kind is {kind!r}"

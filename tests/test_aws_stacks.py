@@ -35,7 +35,7 @@ def resolved(stack: str, **aws_overrides) -> Resolved:
     if not aws_overrides:
         return r
     spec = r.spec
-    target = spec.target.model_copy(update={"aws_settings": spec.target.aws.model_copy(update=aws_overrides)})
+    target = spec.target.model_copy(update={"aws": spec.target.aws.model_copy(update=aws_overrides)})
     return Resolved(spec.model_copy(update={"target": target}))
 
 

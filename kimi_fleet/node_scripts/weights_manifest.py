@@ -103,14 +103,15 @@ def main() -> int:
             command.add_argument("--manifest")
         else:
             command.add_argument("--out", required=True)
+            command.set_defaults(manifest=None)
     args = parser.parse_args()
     if args.command == "manifest" and not args.hub:
         parser.error("manifest needs --hub REPO REVISION: the Hub says what the files must be")
     if args.command == "verify" and bool(args.hub) == bool(args.manifest):
         parser.error("verify needs exactly one of --hub or --manifest")
 
-    expected = manifest_tree(args.manifest) if getattr(args, "manifest", None) else hub_tree(*args.hub)
-    from_manifest = bool(getattr(args, "manifest", None))
+    expected = manifest_tree(args.manifest) if args.manifest else hub_tree(*args.hub)
+    from_manifest = bool(args.manifest)
     problems, hashes = verify(args.dir, expected, says="the manifest says" if from_manifest else "repository says")
     total = sum(size for size, _, _ in expected.values())
     source = "the mirror's manifest" if from_manifest else "the Hub's tree"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kimi_fleet import catalog
-from kimi_fleet.targets.base import FIELD, Target
+from kimi_fleet.targets.base import FIELD, Target, cheapest_offer
 
 if TYPE_CHECKING:
     from kimi_fleet.resolve import Resolved
@@ -17,6 +17,7 @@ class AWS(Target):
     kind = "aws"
     weight_volumes = ("ebs", "instance-store")
     secrets_from_ssm = True
+    sells_capacity_blocks = True
 
     def default_weight_volume(self, r: Resolved) -> str:
         # A fleet's replicas cannot share one EBS volume: they use their own instance store.
@@ -27,12 +28,9 @@ class AWS(Target):
         wanted = r.spec.target.aws.instance_type
         if wanted:
             return catalog.MACHINE_OFFERS.get(wanted)
-        candidates = [o for o in catalog.MACHINE_OFFERS.values()
-                      if o.provider == "aws" and o.accelerator == r.spec.accelerator
-                      and o.accelerator_count == r.spec.accelerator_count]
-        # Prefer an offer sold on demand, then the cheaper one.
-        candidates.sort(key=lambda o: (o.on_demand_usd_per_hour is None, o.on_demand_usd_per_hour or 0))
-        return candidates[0] if candidates else None
+        return cheapest_offer(o for o in catalog.MACHINE_OFFERS.values()
+                              if o.provider == "aws" and o.accelerator == r.spec.accelerator
+                              and o.accelerator_count == r.spec.accelerator_count)
 
     def machine(self, r: Resolved) -> str:
         return r.offer.instance_type if r.offer else super().machine(r)

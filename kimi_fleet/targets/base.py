@@ -20,6 +20,12 @@ if TYPE_CHECKING:  # type-only: resolve imports the registry at run time
 FIELD = "field kimi-fleet:"
 
 
+def cheapest_offer(candidates) -> catalog.MachineOffer | None:
+    """The offer sold on demand before one that is not, then the cheaper one."""
+    ranked = sorted(candidates, key=lambda o: (o.on_demand_usd_per_hour is None, o.on_demand_usd_per_hour or 0))
+    return ranked[0] if ranked else None
+
+
 class Target:
     #: The stack's target.kind.
     kind: ClassVar[str]
@@ -29,6 +35,8 @@ class Target:
     renders_manifests: ClassVar[bool] = False
     #: Node secrets come from SSM parameters (True) or files the deploy writes (False).
     secrets_from_ssm: ClassVar[bool] = False
+    #: Whether capacity.market: capacity-block (an AWS purchase option) applies.
+    sells_capacity_blocks: ClassVar[bool] = False
 
     def default_weight_volume(self, r: Resolved) -> str:
         return self.weight_volumes[0]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kimi_fleet import catalog
-from kimi_fleet.targets.base import FIELD, Target
+from kimi_fleet.targets.base import FIELD, Target, cheapest_offer
 
 if TYPE_CHECKING:
     from kimi_fleet.resolve import Resolved
@@ -28,8 +28,6 @@ class Host(Target):
         if market != "on-demand" or capacity.replicas != 1:
             yield (f"{FIELD}capacity: a host target is one machine you already have: "
                    f"market {market!r}, replicas {capacity.replicas} cannot apply (use on-demand, 1)")
-        if market == "capacity-block":
-            yield f"{FIELD}capacity.market (given 'capacity-block'): Capacity Blocks are an AWS purchase option"
 
 
 class StartupScriptCloud(Host):
@@ -38,11 +36,9 @@ class StartupScriptCloud(Host):
     def offer(self, r: Resolved) -> catalog.MachineOffer | None:
         # target.host.offer picks among the clouds' offers for one accelerator; default the cheapest.
         wanted = r.spec.target.host.offer
-        candidates = [o for o in catalog.MACHINE_OFFERS.values()
-                      if o.provider == "gpu-cloud" and o.accelerator == r.spec.accelerator
-                      and (wanted is None or o.instance_type == wanted)]
-        candidates.sort(key=lambda o: o.on_demand_usd_per_hour or 0)
-        return candidates[0] if candidates else None
+        return cheapest_offer(o for o in catalog.MACHINE_OFFERS.values()
+                              if o.provider == "gpu-cloud" and o.accelerator == r.spec.accelerator
+                              and (wanted is None or o.instance_type == wanted))
 
     def problems(self, r: Resolved) -> Iterator[str]:
         yield from super().problems(r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from kimi_fleet import catalog
 from kimi_fleet.targets.base import FIELD, Target
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ class Kubernetes(Target):
         spec = r.spec
         if spec.engine.speculative != "off":
             yield (f"{FIELD}engine.speculative (given {spec.engine.speculative!r}): the Kubernetes download Job "
-                   "fetches the pinned checkpoint only, not a draft model (and EAGLE3 measured -46% throughput "
-                   "on K2.6, seed 004)")
+                   f"fetches the pinned checkpoint only, not a draft model (and {catalog.EAGLE3_FINDING.summary})")
         if spec.target.kubernetes.gpu_claim == "dra" and r.accelerator.vendor != "nvidia":
             yield f"{FIELD}target.kubernetes.gpuClaim (given 'dra'): the DRA device class here is NVIDIA's (gpu.nvidia.com)"
-        if spec.capacity.effective_market == "capacity-block":
-            yield f"{FIELD}capacity.market (given 'capacity-block'): Capacity Blocks are an AWS purchase option"
