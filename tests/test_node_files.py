@@ -11,6 +11,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -357,9 +358,26 @@ STUB_AWS = f"""#!/bin/bash
 {FILL}
 case $1 in
   ssm) name=${{*: -5:1}}; [[ $name == */hf-token ]] && printf '%s\\n' '{FAKE_HF_TOKEN}' || printf '%s\\n' '{FAKE_API_KEY}' ;;
-  s3) [[ $2 == cp ]] && printf '%s' '{MIRROR_MANIFEST}' >"${{*: -1}}" || fill "${{*: -1}}" ;;
   *) exit 2 ;;
 esac
+"""
+
+#: The mirror's s5cmd: `cat` prints the manifest, `run` writes each requested file (zeros, as the fill).
+STUB_S5CMD = f"""#!{sys.executable}
+import json, os, re, sys
+manifest = json.loads({MIRROR_MANIFEST!r})
+if "cat" in sys.argv:  # the manifest of the revision asked for: s3://bucket/prefix/<org>/<name>/<revision>/...
+    manifest["revision"] = sys.argv[-1].split("/")[-2]
+    print(json.dumps(manifest))
+elif "run" in sys.argv:
+    sizes = {{f["path"]: f["size"] for f in manifest["files"]}}
+    for line in open(sys.argv[-1]):
+        source, destination = re.search(r'"([^"]+)" "([^"]+)"$', line.strip()).groups()
+        path = next(p for p in sizes if source.endswith("/" + p))
+        os.makedirs(os.path.dirname(destination), exist_ok=True)  # as s5cmd does
+        open(destination, "wb").write(bytes(sizes[path]))
+else:
+    sys.exit(2)
 """
 
 STUB_HF = f"""#!/bin/bash
@@ -385,7 +403,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
     root, bin_dir = tmp_path / "root", tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("aws", STUB_AWS), ("hf", STUB_HF)):
+    for name, text in (("aws", STUB_AWS), ("hf", STUB_HF), ("s5cmd", STUB_S5CMD)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     files = node_files(stack)
@@ -396,7 +414,7 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
         secret.write_text(FAKE_API_KEY)
         secret.chmod(0o600)
     env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "HF_ENDPOINT": fake_hub,
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "S5CMD": str(bin_dir / "s5cmd")}
     bootstrap = root / "usr/local/sbin/kimi-bootstrap"
 
     first = subprocess.run([str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)

