@@ -18,9 +18,12 @@ from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
 from components.gpu_node import GpuNode, GpuNodeArgs
+from components.mirror_fill import MirrorFill, MirrorFillArgs
 from components.node_release import NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
+from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
+from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
     SecretsSource, bootstrap_timeout_seconds, default_ssm_prefix, node_release, release_bundle, release_pointer,
     render_aws_user_data, render_node_files, render_proxy_for,
@@ -78,6 +81,15 @@ class AwsEndpoint(pulumi.ComponentResource):
         user_data = bundle.apply(lambda text: render_aws_user_data(r, text, ssm_prefix=ssm_prefix,
                                                                    region=target.region))
 
+        # A managed mirror is filled (on AWS) before any GPU node exists: nodes never wait on an empty one.
+        node_prerequisites: list[pulumi.Resource] = [secrets]
+        mirror_plan = plan_mirror(r)
+        if mirror_plan:
+            mirror = WeightsMirror(f"{name}-mirror", WeightsMirrorArgs(plan=mirror_plan, tags=tags), child)
+            node_prerequisites.append(MirrorFill(f"{name}-fill", MirrorFillArgs(
+                plan=mirror_plan, bucket_arn=mirror.bucket_arn, vpc_id=network.vpc_id,
+                subnet_id=network.subnet_ids.apply(lambda ids: ids[0]), tags=tags), child))
+
         balancer = None
         if fleet:
             balancer = FleetLoadBalancer(f"{name}-ingress", FleetLoadBalancerArgs(
@@ -90,8 +102,8 @@ class AwsEndpoint(pulumi.ComponentResource):
                 weights_volume_id=volume.volume_id if r.weights_volume == "ebs" else None,
                 target_group_arns=balancer.target_group_arns if balancer else None,
             ),
-            # The node reads its secrets at boot: they exist before it does.
-            pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[secrets])),
+            # The node reads its secrets (and its mirror) at boot: they exist before it does.
+            pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=node_prerequisites)),
         )
         NodeRelease(f"{name}-release", NodeReleaseArgs(
             stack=spec.stack, region=target.region, bundle=bundle, pointer_name=release_pointer(ssm_prefix),

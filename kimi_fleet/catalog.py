@@ -625,6 +625,36 @@ TRANSFER_SOURCES: dict[str, TransferSource] = {
 }
 
 
+# --- The managed weights mirror (weights.mirror: managed) ------------------------------------
+
+
+@dataclass(frozen=True)
+class FillInstance:
+    """The one-shot CPU instance that fills a mirror: local NVMe for the checkpoint, enough network
+    for the Hub's rate, on demand (a spot interruption would strand a half-done fill with nobody to
+    restart it; the whole fill costs about a dollar)."""
+
+    instance_type: str
+    vcpus: int
+    network_bytes_per_second: int
+    local_nvme_bytes: int
+    on_demand_usd_per_hour: float
+    source: Source
+
+
+AWS_PRICE_LIST = Source("AWS on-demand price list and instance type pages, us-east-1", "2026-12-02")
+FILL_INSTANCE = FillInstance("c6id.8xlarge", 32, int(12.5 * 10**9 / 8), 1900 * GB, 1.6128, AWS_PRICE_LIST)
+#: The fill instance boots Ubuntu (no GPU stack needed) from Canonical's public SSM parameter.
+FILL_AMI_SSM_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+#: Boot, apt and pip before the download starts (an estimate: cloud-init on a fresh Ubuntu).
+FILL_SETUP_SECONDS = 4 * 60
+#: S3 Standard storage, the mirror's monthly cost per GB (first 50 TB, us-east-1).
+S3_STANDARD_USD_PER_GB_MONTH = 0.023
+S3_PRICE_SOURCE = Source("Amazon S3 pricing, Standard, us-east-1", "2026-12-02")
+#: Incomplete multipart uploads (a fill cut off mid-upload) are aborted after this many days.
+MIRROR_ABORT_INCOMPLETE_UPLOAD_DAYS = 2
+
+
 #: Sequential read of the weight volume, by kind (bytes/s). Instance store: per NVMe disk, striped.
 NVME_DISK_READ_BYTES_PER_SECOND = 2 * GB
 LOCAL_NVME_READ_BYTES_PER_SECOND = 3 * GB  # a host's or node's local NVMe (host-path, local PVC)

@@ -202,6 +202,9 @@ def target_can_provide(r: Resolved) -> Iterator[str]:
                f"{', '.join(sorted(volumes))}")
     if spec.capacity.effective_market == "capacity-block" and not r.target.sells_capacity_blocks:
         yield f"{_f('capacity.market', 'capacity-block')}: Capacity Blocks are an AWS purchase option"
+    if spec.weights.mirror == "managed" and not r.target.fills_managed_mirrors:
+        yield (f"{_f('weights.mirror', 'managed')}: a managed mirror is an S3 bucket the program fills on AWS; "
+               f"a {spec.target.kind} target fetches from the Hub or from an external s3MirrorUri")
     yield from r.target.problems(r)
 
 

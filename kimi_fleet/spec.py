@@ -218,6 +218,12 @@ class WeightsSpec(Spec):
     source: Literal["huggingface", "s3-mirror"] = "huggingface"
     """where nodes fetch the checkpoint: the Hugging Face Hub or an S3 mirror."""
     s3_mirror_uri: S3Uri | None = Field(None, description="s3://bucket/prefix holding <repo>/<revision>/")
+    mirror: Literal["external", "managed"] = "external"
+    """external: s3MirrorUri is filled outside the stack (node_scripts/fill_mirror.py); managed: the stack
+    creates or adopts its bucket and fills <repo>/<revision>/ on AWS before any GPU node starts."""
+    mirror_bucket: Literal["create", "adopt"] = "create"
+    """managed mirror: create the bucket (exactly one stack per bucket) or adopt the one another stack
+    in the region created (plan.py --all checks the pairing)."""
     download_gbps: Annotated[float, Field(ge=0.1, le=800)] | None = None
     """expected download rate (Gbit/s) for the time-to-ready estimate; default: the offer's."""
     volume: Literal["instance-store", "ebs", "host-path", "pvc"] | None = None
@@ -235,6 +241,9 @@ class WeightsSpec(Spec):
     def _mirror_needs_uri(self) -> "WeightsSpec":
         if self.source == "s3-mirror" and not (self.s3_mirror_uri or "").startswith("s3://"):
             raise ValueError("weights.source s3-mirror needs weights.s3MirrorUri like s3://bucket/prefix")
+        if self.mirror == "managed" and self.source != "s3-mirror":
+            raise ValueError(f"weights.mirror managed needs weights.source s3-mirror (given {self.source!r}): "
+                             "the managed mirror is where the nodes fetch from")
         return self
 
 

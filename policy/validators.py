@@ -15,6 +15,8 @@ Component contracts (type token -> props the component must register for its pol
     kimi-fleet:engine:EngineRelease   image: str, revision: str (40-hex Hugging Face commit)
     kimi-fleet:capacity:CapacityPolicy workload, market, replicas, onDemandBase
     kimi-fleet:fleet:Fleet            hourlyCostUsd: float|None, budgetPerHourUsd: float|None
+    kimi-fleet:weights:WeightsMirror  mirror: {bucket, created, encryption, publicAccessBlock,
+                                      abortIncompleteUploadsDays, liveCheckBeforeNodes}
     any component                     secretValues: list[str] (wrap in pulumi.Output.secret)
 """
 
@@ -48,6 +50,9 @@ AUTH_PROXY = "kimi-fleet:proxy:AuthProxy"
 ENGINE_RELEASE = "kimi-fleet:engine:EngineRelease"
 S3_OBJECT = "aws:s3/bucketObjectv2:BucketObjectv2"
 CAPACITY_POLICY = "kimi-fleet:capacity:CapacityPolicy"
+WEIGHTS_MIRROR = "kimi-fleet:weights:WeightsMirror"
+S3_PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
+S3_ENCRYPTION = "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
 FLEET = "kimi-fleet:fleet:Fleet"
 
 WORKLOAD_TAG = "kimi-fleet:workload"
@@ -714,6 +719,41 @@ def validate_changes_reach_nodes(resource_type: str, props: Mapping) -> list[str
     return messages
 
 
+#: S3 default encryption that counts (SSE-S3, SSE-KMS, DSSE-KMS).
+SSE_ALGORITHMS = frozenset({"AES256", "aws:kms", "aws:kms:dsse"})
+PUBLIC_ACCESS_BLOCKS = ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
+
+
+def validate_buckets_private_and_encrypted(resource_type: str, props: Mapping) -> list[str]:
+    """A weights mirror holds 595 GB the stack pays for and nodes trust: its bucket is encrypted by
+    default and blocks every kind of public access (so does any public-access block declared)."""
+    if resource_type == S3_PUBLIC_ACCESS_BLOCK:
+        open_ = [name for name in PUBLIC_ACCESS_BLOCKS if _get(props, name) is not True]
+        return [f"public access block leaves {', '.join(open_)} off: the bucket could be made public"] if open_ else []
+    if resource_type == S3_ENCRYPTION:
+        algorithms = {_get(rule, "applyServerSideEncryptionByDefault", "sseAlgorithm") for rule in _items(_get(props, "rules"))}
+        return [] if algorithms & SSE_ALGORITHMS else [f"default encryption {sorted(map(str, algorithms))}: "
+                                                         f"use one of {sorted(SSE_ALGORITHMS)}"]
+    if resource_type != WEIGHTS_MIRROR:
+        return []
+    facts = _get(props, "mirror") or {}
+    bucket = _get(facts, "bucket", default="?")
+    if not _get(facts, "created"):
+        # Adopted: another stack declares it; the fill's wait checks the live bucket before any node.
+        return [] if _get(facts, "liveCheckBeforeNodes") is True else [
+            f"adopted mirror bucket {bucket} is used without checking its encryption and public access"]
+    messages = []
+    if _get(facts, "encryption") not in SSE_ALGORITHMS:
+        messages.append(f"mirror bucket {bucket} has no default encryption ({_get(facts, 'encryption')!r})")
+    block = _get(facts, "publicAccessBlock") or {}
+    open_ = [name for name in PUBLIC_ACCESS_BLOCKS if _get(block, name) is not True]
+    if open_:
+        messages.append(f"mirror bucket {bucket} allows public access: {', '.join(open_)} not set")
+    if not _int(_get(facts, "abortIncompleteUploadsDays")):
+        messages.append(f"mirror bucket {bucket} keeps incomplete multipart uploads (billed) forever")
+    return messages
+
+
 Validator = Callable[[str, Mapping], list]
 
 
@@ -745,6 +785,11 @@ MANDATORY: tuple[PolicySpec, ...] = (
                "Instances and Auto Scaling groups follow their launch template's latest version "
                "number (never $Latest/$Default), and groups roll it out with an instance refresh.",
                validate_changes_reach_nodes),
+    PolicySpec("buckets-private-and-encrypted",
+               "The managed weights mirror's bucket has default encryption, blocks all public access and "
+               "aborts incomplete uploads (an adopted one is checked live before any node); no declared "
+               "public-access block leaves a setting off.",
+               validate_buckets_private_and_encrypted),
     PolicySpec("no-secrets-in-user-data",
                "User data, command scripts and container specs carry no tokens, keys or the stack's "
                "secret values; secrets are fetched at boot or mounted.",

@@ -29,6 +29,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
+from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.rollout import rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
@@ -55,7 +56,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
-              "rollout": None}
+              "rollout": None, "mirror": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -68,6 +69,11 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    mirror = plan_mirror(resolved)
+    if mirror:
+        result["mirror"] = {"uri": mirror.uri, "creates_bucket": mirror.create_bucket, "fill_id": mirror.fill_id,
+                            "fill_seconds": mirror.fill_seconds, "fill_usd": mirror.fill_usd,
+                            "monthly_storage_usd": mirror.monthly_storage_usd, "lines": mirror.describe()}
     try:  # what lands on nodes is rendered before anything is declared: a file too big is a refusal
         artifacts = render_artifacts(resolved, sizing, launch)
     except ValueError as error:
@@ -169,6 +175,8 @@ def print_plan(p: dict) -> None:
           f"{s['engines_per_node']} engine(s) per node")
     print(f"    time to ready: cold {s['cold_start_seconds'] // 60} min (download {s['download_seconds'] // 60}, "
           f"load {s['load_seconds'] // 60} (volume read {s['read_seconds'] // 60}), warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
+    if p.get("mirror"):
+        print("  weights mirror (managed): " + "\n    ".join(p["mirror"]["lines"]))
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
           f"a new release {_release_mechanism(rollout)}")
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown stack {args.stack!r}; known: {', '.join(stack_names())}")
         paths = [stack_file(args.stack)]
 
-    plans = []
+    plans, specs = [], []
     for path in paths:
         try:
             config = load_stack_config(path)
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                           "resources": []})
             continue
         plans.append(plan_config(config, args.build_dir, preflight=not args.no_preflight))
+        if plans[-1]["valid"]:
+            specs.append(config.spec())
 
     if args.json:
         print(json.dumps(plans, indent=2, default=str))
@@ -266,6 +276,16 @@ def main(argv: list[str] | None = None) -> int:
             c = p["cost"]
             print(f"  {p['stack']}: {c['measured_output_tokens_per_second']:g} tok/s per replica, "
                   f"{c['measured_workload']}")
+        pairing = shared_mirror_problems(specs)
+        sharing = [p for p in plans if p.get("mirror")]
+        if sharing:
+            print("\nmanaged weights mirrors: " + "; ".join(
+                f"{p['stack']} {'creates' if p['mirror']['creates_bucket'] else 'adopts'} {p['mirror']['uri']}"
+                for p in sharing))
+        for problem in pairing:
+            print(f"  MIRROR PROBLEM: {problem}")
+        if pairing:
+            return EXIT_INVALID
     else:
         for p in plans:
             print_plan(p)

@@ -49,7 +49,7 @@ def test_every_stack_declares_its_endpoint_and_passes_the_mandatory_policies(run
 @pytest.mark.parametrize("name", PLANNED)
 def test_every_stack_runs_the_verification_gate_after_its_endpoint(runs, name):
     run = runs[name]
-    (gate,) = run.of_type("command:local:Command")
+    gate = run.named("kimi-gate-verify")
     endpoint = next(r for r in run.resources if r["type"] in ENDPOINT_TYPES.values())
     # depends_on a component waits for every resource inside it: the node, the proxy, the DNS.
     descendants, frontier = set(), {endpoint["name"]}

@@ -399,7 +399,8 @@ class TestChangesReachNodes:
 def test_registry_names():
     assert [s.name for s in v.MANDATORY] == [
         "engine-port-not-exposed", "proxy-requires-key", "pinned-images-and-revision",
-        "interactive-not-spot-only", "changes-reach-nodes", "no-secrets-in-user-data"]
+        "interactive-not-spot-only", "changes-reach-nodes", "buckets-private-and-encrypted",
+        "no-secrets-in-user-data"]
     for name, description, validator in v.MANDATORY + v.ADVISORY:
         assert description and callable(validator)
 

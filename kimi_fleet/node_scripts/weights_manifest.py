@@ -28,6 +28,8 @@ import urllib.request
 #: Beside the files of <mirror>/<repo>/<revision>/, written last by the fill (node_files.WEIGHTS_MANIFEST_NAME).
 MANIFEST_NAME = "kimi-fleet-manifest.json"
 FORMAT = "kimi-fleet weights manifest v1"
+#: Beside the manifest when a managed fill failed (its log's tail); a successful fill removes it.
+FILL_FAILED_NAME = "kimi-fleet-fill-failed.txt"
 #: A node's copy of the mirror's manifest, beside its weights (written by weights_fetch.py).
 LOCAL_MANIFEST_NAME = ".kimi-manifest.json"
 #: weights_fetch.py's exit status for a mirror no retry can help: unfilled, another revision, bad

@@ -18,6 +18,7 @@ class AWS(Target):
     weight_volumes = ("ebs", "instance-store")
     secrets_from_ssm = True
     sells_capacity_blocks = True
+    fills_managed_mirrors = True
 
     def default_weight_volume(self, r: Resolved) -> str:
         # A fleet's replicas cannot share one EBS volume: they use their own instance store.

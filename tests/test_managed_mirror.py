@@ -1,0 +1,217 @@
+"""The managed weights mirror (issue 10): under the mock runtime a managed stack declares the bucket
+(private, encrypted, retained), the fill (a self-terminating instance whose role writes only its
+checkpoint, and the wait) and GPU nodes that depend on the fill; two stacks in a region share one
+bucket; the policy pack refuses a bucket without encryption or with public access; the fill's user
+data passes cloud-init's schema and shellcheck; the wait (scripts/await_mirror.py) is run against a
+real S3 API (moto) and refuses an unprotected bucket, reports a failed fill, and succeeds on the
+manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from components.mirror_fill import fill_role_policy
+from kimi_fleet.mirror import plan_mirror, render_fill_user_data, shared_mirror_problems
+from kimi_fleet.spec import StackSpecError
+from kimi_fleet.stackfile import stack_names
+from policy import validators as v
+from tests.fakes.aws_api import moto_server
+from tests.test_node_files import resolved, tool
+from tooling.mock_run import run_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+CREATOR, ADOPTER = "h200-int4-vllm", "b300-int4-sglang"
+BUCKET = "kimi-fleet-weights-us-east-1"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {name: run_stack(name) for name in (CREATOR, ADOPTER)}
+
+
+def _children(run, component: str) -> list[dict]:
+    return [r for r in run.resources if r["parent"] == component]
+
+
+def test_the_creating_stack_declares_a_private_encrypted_retained_bucket(runs):
+    run = runs[CREATOR]
+    assert run.error is None, run.error
+    (bucket,) = [r for r in run.of_type("aws:s3/bucket:Bucket") if r["inputs"].get("bucket") == BUCKET]
+    assert bucket["retain_on_delete"] is True
+    parts = {r["type"]: r["inputs"] for r in _children(run, "kimi-aws-mirror")}
+    block = parts[v.S3_PUBLIC_ACCESS_BLOCK]
+    assert all(block[name] is True for name in v.PUBLIC_ACCESS_BLOCKS)
+    (rule,) = parts[v.S3_ENCRYPTION]["rules"]
+    assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "AES256"
+    (lifecycle,) = parts["aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration"]["rules"]
+    assert lifecycle["abortIncompleteMultipartUpload"]["daysAfterInitiation"] >= 1
+    policy = json.loads(parts["aws:s3/bucketPolicy:BucketPolicy"]["policy"])
+    assert policy["Statement"][0]["Effect"] == "Deny" and "SecureTransport" in json.dumps(policy)
+
+
+@pytest.mark.parametrize("stack", [CREATOR, ADOPTER])
+def test_gpu_nodes_depend_on_a_fill_that_terminates_itself(runs, stack):
+    run = runs[stack]
+    assert run.error is None, run.error
+    plan = plan_mirror(resolved(stack))
+    (instance,) = [r for r in run.of_type("aws:ec2/instance:Instance") if plan.fill_id in r["name"]]
+    assert instance["inputs"]["instanceInitiatedShutdownBehavior"] == "terminate"
+    assert instance["inputs"]["instanceType"] == "c6id.8xlarge"
+    assert "instanceMarketOptions" not in instance["inputs"]  # on demand: nobody restarts a stranded fill
+    (wait,) = [r for r in run.of_type("command:local:Command") if r["name"].endswith("-await")]
+    assert "scripts/await_mirror.py" in wait["inputs"]["create"]
+    assert f"--manifest-key hf/moonshotai/Kimi-K2.6/{plan.revision}/kimi-fleet-manifest.json" in wait["inputs"]["create"]
+    assert int(wait["timeouts"]["create"].rstrip("s")) > plan.deadline_minutes * 60
+    # No GPU capacity before the mirror holds the checkpoint.
+    assert wait["name"] in run.named("kimi-aws-node")["dependencies"]
+    # The fill's role writes its checkpoint's prefix and nothing else of the bucket.
+    (role_policy,) = [r for r in run.of_type("aws:iam/rolePolicy:RolePolicy") if plan.fill_id in r["name"]]
+    statements = json.loads(role_policy["inputs"]["policy"])["Statement"]
+    writes = next(s for s in statements if "s3:PutObject" in s["Action"])
+    assert writes["Resource"].endswith(f"/hf/moonshotai/Kimi-K2.6/{plan.revision}/*")
+    assert not any(s["Action"] == "s3:*" or s["Resource"].endswith(":::" + BUCKET + "/*") for s in statements)
+
+
+def test_two_stacks_in_a_region_share_one_bucket_and_one_fill(runs):
+    creator, adopter = plan_mirror(resolved(CREATOR)), plan_mirror(resolved(ADOPTER))
+    assert (creator.bucket, creator.manifest_key) == (adopter.bucket, adopter.manifest_key)
+    assert creator.fill_id == adopter.fill_id  # one checkpoint: the second fill finds the manifest and exits
+    assert creator.create_bucket and not adopter.create_bucket
+    # The adopter declares no bucket of its own: it looks the creator's up.
+    assert not [r for r in runs[ADOPTER].of_type("aws:s3/bucket:Bucket") if r["inputs"].get("bucket") == BUCKET]
+    specs = [spec for spec in _valid_specs() if spec.weights.mirror == "managed"]
+    assert {s.stack for s in specs} == {CREATOR, ADOPTER}
+    assert shared_mirror_problems(specs) == []
+
+
+def _valid_specs():
+    for name in stack_names():
+        try:
+            yield resolved(name).spec
+        except StackSpecError:
+            continue  # a stack file kept as the record of a refusal
+
+
+def test_pairing_problems_are_named():
+    creator, adopter = resolved(CREATOR).spec, resolved(ADOPTER).spec
+    two_creators = adopter.model_copy(update={"weights": adopter.weights.model_copy(update={"mirror_bucket": "create"})})
+    assert "created by b300-int4-sglang, h200-int4-vllm" in shared_mirror_problems([creator, two_creators])[0]
+    assert "no stack creates it" in shared_mirror_problems([adopter])[0]
+
+
+@pytest.mark.parametrize("stack", [CREATOR, ADOPTER])
+def test_every_mandatory_policy_passes_with_a_managed_mirror(runs, stack):
+    resources = [{"type": r["type"], "name": r["name"], "props": r["inputs"]} for r in runs[stack].resources]
+    assert [x for x in v.check_resources(resources) if x["enforcement"] == "mandatory"] == []
+
+
+def test_the_policy_rejects_a_mirror_without_encryption_or_with_public_access(runs):
+    (mirror,) = runs[CREATOR].of_type(v.WEIGHTS_MIRROR)
+    facts = mirror["inputs"]["mirror"]
+    assert v.validate_buckets_private_and_encrypted(v.WEIGHTS_MIRROR, {"mirror": facts}) == []
+    unencrypted = {**facts, "encryption": None}
+    assert "has no default encryption" in v.validate_buckets_private_and_encrypted(
+        v.WEIGHTS_MIRROR, {"mirror": unencrypted})[0]
+    public = {**facts, "publicAccessBlock": {**facts["publicAccessBlock"], "restrictPublicBuckets": False}}
+    assert "allows public access: restrictPublicBuckets" in v.validate_buckets_private_and_encrypted(
+        v.WEIGHTS_MIRROR, {"mirror": public})[0]
+    unchecked = {**facts, "created": False, "liveCheckBeforeNodes": False}
+    assert v.validate_buckets_private_and_encrypted(v.WEIGHTS_MIRROR, {"mirror": unchecked})
+    # The resources themselves, whatever declares them.
+    assert v.validate_buckets_private_and_encrypted(v.S3_PUBLIC_ACCESS_BLOCK, {
+        "blockPublicAcls": True, "blockPublicPolicy": False, "ignorePublicAcls": True, "restrictPublicBuckets": True})
+    assert v.validate_buckets_private_and_encrypted(v.S3_ENCRYPTION, {"rules": [{}]})
+
+
+@tool("cloud-init")
+@tool("shellcheck")
+def test_the_fill_user_data_is_valid_cloud_config_and_its_script_passes_shellcheck(tmp_path):
+    plan = plan_mirror(resolved(CREATOR))
+    text = render_fill_user_data(plan)
+    assert len(text.encode()) <= 16384
+    (tmp_path / "fill.yaml").write_text(text)
+    schema = subprocess.run(["cloud-init", "schema", "--config-file", str(tmp_path / "fill.yaml")],
+                            capture_output=True, text=True)
+    assert schema.returncode == 0, schema.stdout + schema.stderr
+    files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+    script = next(content for path, content in files.items() if path.endswith("fill.sh"))
+    (tmp_path / "fill.sh").write_text(script)
+    checked = subprocess.run(["shellcheck", "-s", "bash", str(tmp_path / "fill.sh")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+    assert f"shutdown -h +{plan.deadline_minutes}" in script and "--require-hashes" in script
+    assert f"--revision '{plan.revision}'" in script
+
+
+# --- the wait, against a real S3 API --------------------------------------------------------
+
+REGION = "us-east-1"
+KEY = "hf/moonshotai/Kimi-K2.6/" + "c" * 40
+
+
+@pytest.fixture
+def s3():
+    with moto_server(REGION) as env:
+        client = boto3.client("s3", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                           aws_access_key_id="test", aws_secret_access_key="test")
+        client.create_bucket(Bucket=BUCKET)
+        instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        yield env, client, ec2, instance
+
+
+def _protect(client):
+    client.put_public_access_block(Bucket=BUCKET, PublicAccessBlockConfiguration=dict.fromkeys(
+        ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets"), True))
+    client.put_bucket_encryption(Bucket=BUCKET, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+
+
+def _wait(env, instance, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "await_mirror.py"), "--bucket", BUCKET,
+         "--manifest-key", f"{KEY}/kimi-fleet-manifest.json", "--failure-key", f"{KEY}/kimi-fleet-fill-failed.txt",
+         "--repo", "moonshotai/Kimi-K2.6", "--revision", "c" * 40, "--region", REGION, "--instance-id", instance,
+         "--timeout", str(timeout), "--poll", "0.2"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_wait_refuses_a_bucket_open_to_the_public(s3):
+    env, client, _, instance = s3
+    client.put_bucket_encryption(Bucket=BUCKET, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    result = _wait(env, instance)
+    assert result.returncode == 1 and "refused: no public access block" in result.stderr
+
+
+def test_the_wait_reports_a_failed_fill_and_a_fill_instance_that_ended(s3):
+    env, client, ec2, instance = s3
+    _protect(client)
+    client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-fill-failed.txt", Body=b"hf: 401 Unauthorized\n")
+    failed = _wait(env, instance)
+    assert failed.returncode == 1 and "the fill failed" in failed.stderr and "401 Unauthorized" in failed.stderr
+    client.delete_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-fill-failed.txt")
+    ec2.terminate_instances(InstanceIds=[instance])
+    ended = _wait(env, instance)
+    assert ended.returncode == 1 and "is terminated" in ended.stderr and "did not finish" in ended.stderr
+
+
+def test_the_wait_succeeds_on_this_revisions_manifest_only(s3):
+    env, client, _, instance = s3
+    _protect(client)
+    manifest = {"format": "kimi-fleet weights manifest v1", "repo": "moonshotai/Kimi-K2.6", "revision": "d" * 40,
+                "files": [{"path": "config.json", "size": 2, "sha256": "0" * 64}]}
+    client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-manifest.json", Body=json.dumps(manifest).encode())
+    wrong = _wait(env, instance)
+    assert wrong.returncode == 1 and "describes moonshotai/Kimi-K2.6@" + "d" * 40 in wrong.stderr
+    manifest["revision"] = "c" * 40
+    client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-manifest.json", Body=json.dumps(manifest).encode())
+    done = _wait(env, instance)
+    assert done.returncode == 0, done.stderr
+    assert "mirror: filled: 1 files" in done.stdout
