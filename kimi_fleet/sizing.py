@@ -50,20 +50,31 @@ class Sizing:
     #: What each rank runs with after the engine's own adjustments (e.g. SGLang's DP split).
     per_rank: dict[str, int]
     fits: bool
-    # time to ready
+    # time to ready (each phase, and the floor of its hardware: see ready_phases)
     download_seconds: int
-    #: reading the weights from the node's volume; overlaps the CPU-bound load
+    #: hashing every file against the manifest or the Hub's tree
+    verify_seconds: int
+    #: the engines' loader reading the checkpoint from the volume, cold (seed 003's rate or the volume's)
     read_seconds: int
+    #: from the page cache to ready: weight processing, then warm-up (seed 003's warm restart)
     load_seconds: int
     warmup_seconds: int
+    #: what each phase could be at its hardware's limit, and the stack choice that lowers it
+    ready_phases: list[dict]
 
     @property
     def cold_start_seconds(self) -> int:
-        return self.download_seconds + self.load_seconds + self.warmup_seconds
+        return self.download_seconds + self.verify_seconds + self.read_seconds + self.load_seconds
 
     @property
     def warm_start_seconds(self) -> int:
-        return self.load_seconds + self.warmup_seconds
+        """An engine restart on a node whose page cache holds the checkpoint (in place releases)."""
+        return self.load_seconds
+
+    @property
+    def volume_start_seconds(self) -> int:
+        """A node that finds verified weights on its volume (EBS re-attached, a rebooted host)."""
+        return self.read_seconds + self.load_seconds
 
     @property
     def largest_context(self) -> int:
@@ -78,6 +89,7 @@ class Sizing:
         data.update(
             cold_start_seconds=self.cold_start_seconds,
             warm_start_seconds=self.warm_start_seconds,
+            volume_start_seconds=self.volume_start_seconds,
             largest_context=self.largest_context,
             gib={
                 "device_memory": gib(self.device_memory_bytes),
@@ -163,16 +175,8 @@ def size(r: Resolved) -> Sizing:
     replication = max(1, r.tensor_parallel // adapter.attention_groups(r))
     per_rank = {**adapter.per_rank(r), "full-context sequences": per_pool}
 
-    source = catalog.TRANSFER_SOURCES[r.spec.weights.source]
-    rate = source.bytes_per_second
-    if r.spec.weights.download_gbps:
-        rate = int(r.spec.weights.download_gbps * 10**9 / 8)
-    download = math.ceil(r.checkpoint.size_bytes / rate)
-    read = math.ceil(r.checkpoint.size_bytes * r.engines_per_node / volume_read_bytes_per_second(r))
-    # Engines on one node load in parallel but compete for the same CPUs (MoE load is CPU-bound);
-    # the volume read overlaps it, so the slower of the two sets the pace.
-    cpu_load = math.ceil(r.checkpoint.size_bytes / r.engine.load_bytes_per_second) * r.engines_per_node
-    load = max(read, cpu_load)
+    phases = ready_phases(r)
+    seconds = {phase["phase"]: phase["seconds"] for phase in phases}
 
     return Sizing(
         device_memory_bytes=accel.memory_bytes,
@@ -198,8 +202,56 @@ def size(r: Resolved) -> Sizing:
         engines_per_node=r.engines_per_node,
         per_rank=per_rank,
         fits=max_sequence >= context and fits_outside(outside_available, outside_need, adapter.outside_tolerance),
-        download_seconds=download,
-        read_seconds=read,
-        load_seconds=load,
-        warmup_seconds=r.engine.warmup_seconds,
+        download_seconds=seconds["download"],
+        verify_seconds=seconds["verify"],
+        read_seconds=seconds["read"],
+        load_seconds=seconds["load"],
+        warmup_seconds=min(r.engine.warmup_seconds, seconds["load"]),
+        ready_phases=phases,
     )
+
+
+def ready_phases(r: Resolved) -> list[dict]:
+    """Time to ready, phase by phase: the expected seconds (from measurements: seeds 000 and 003,
+    the handbook's mirror rate, this project's hash benchmark), the floor of the hardware the stack
+    chose, and the stack-file choice that would lower it."""
+    size, engines = r.checkpoint.size_bytes, r.engines_per_node
+    weights = r.spec.weights
+    source = catalog.TRANSFER_SOURCES[weights.source]
+    rate = int(weights.download_gbps * 10**9 / 8) if weights.download_gbps else source.bytes_per_second
+    volume_rate = volume_read_bytes_per_second(r)
+    cores = min(catalog.VERIFY_THREADS, (r.offer.vcpus if r.offer and r.offer.vcpus else catalog.VERIFY_THREADS))
+    hash_rate = cores * catalog.SHA256_BYTES_PER_SECOND_PER_CORE
+    mirror = catalog.TRANSFER_SOURCES["s3-mirror"].bytes_per_second
+    download_hint = ("" if weights.source == "s3-mirror" else
+                     f"weights.source s3-mirror (mirror: managed on AWS): ~{_minutes(size / mirror)} min")
+    read_hint = ""
+    if r.weights_volume == "ebs" and r.offer is not None and r.offer.local_nvme_disks:
+        nvme = catalog.NVME_DISK_READ_BYTES_PER_SECOND * r.offer.local_nvme_disks
+        read_hint = f"weights.volume instance-store ({r.offer.local_nvme_disks} NVMe striped, {nvme / 1e9:.0f} GB/s)"
+    cold_read = min(volume_rate, catalog.LOADER_READ_BYTES_PER_SECOND)
+    # Engines on one node each process the whole checkpoint; their warm-ups run side by side.
+    processing = max(catalog.WARM_RESTART_SECONDS - r.engine.warmup_seconds, 0)
+    load = catalog.WARM_RESTART_SECONDS + (engines - 1) * processing
+    return [
+        {"phase": "download", "seconds": math.ceil(size / rate), "floor_seconds": math.ceil(size / max(rate, mirror)),
+         "basis": f"{size / 1e9:.0f} GB at {rate / 1e9:.2f} GB/s from {weights.source} ({source.source.where})",
+         "lower_it": download_hint},
+        {"phase": "verify", "seconds": math.ceil(size / min(volume_rate, hash_rate)),
+         "floor_seconds": math.ceil(size / min(volume_rate, hash_rate)),
+         "basis": f"SHA-256 of every file on {cores} threads ({hash_rate / 1e9:.0f} GB/s), read at "
+                  f"{volume_rate / 1e9:.2f} GB/s", "lower_it": ""},
+        {"phase": "read", "seconds": math.ceil(size * engines / cold_read),
+         "floor_seconds": math.ceil(size * engines / volume_rate),
+         "basis": f"the loader reads {engines} x {size / 1e9:.0f} GB at {cold_read / 1e9:.2f} GB/s cold "
+                  f"({catalog.LOAD_SOURCE.where}); the {r.weights_volume} volume reads {volume_rate / 1e9:.2f} GB/s "
+                  "sequentially (the floor, with the checkpoint in the page cache)",
+         "lower_it": read_hint},
+        {"phase": "load", "seconds": load, "floor_seconds": load,
+         "basis": f"page cache to ready, warm-up included ({catalog.LOAD_SOURCE.where}), {engines} engine(s)",
+         "lower_it": ""},
+    ]
+
+
+def _minutes(seconds: float) -> int:
+    return max(1, round(seconds / 60))

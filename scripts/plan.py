@@ -121,6 +121,10 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
 # --- human-readable output ---------------------------------------------------------------------
 
 
+def _min(seconds: int) -> str:
+    return f"{seconds / 60:.0f}" if seconds >= 60 else f"{seconds / 60:.1f}"
+
+
 def _money(value) -> str:
     return "n/a" if value is None else f"${value:,.2f}"
 
@@ -173,8 +177,13 @@ def print_plan(p: dict) -> None:
           f"{s['kv_tokens_per_device']:,} tokens per device; one sequence up to {s['largest_context']:,} tokens; "
           f"{s['concurrent_sequences_per_engine']} x {s['context_length']:,}-token sequences per engine, "
           f"{s['engines_per_node']} engine(s) per node")
-    print(f"    time to ready: cold {s['cold_start_seconds'] // 60} min (download {s['download_seconds'] // 60}, "
-          f"load {s['load_seconds'] // 60} (volume read {s['read_seconds'] // 60}), warm-up {s['warmup_seconds'] // 60}); warm {s['warm_start_seconds'] // 60} min")
+    print(f"    time to ready: cold {_min(s['cold_start_seconds'])} min (new node), from its volume "
+          f"{_min(s['volume_start_seconds'])} min (verified weights kept), warm {_min(s['warm_start_seconds'])} min "
+          "(engine restart, checkpoint in the page cache):")
+    for phase in s["ready_phases"]:
+        floor = f"; floor {_min(phase['floor_seconds'])} min" if phase["floor_seconds"] < phase["seconds"] else ""
+        lower = f"; lower it: {phase['lower_it']}" if phase["lower_it"] else ""
+        print(f"      {phase['phase']:<8} {_min(phase['seconds']):>3} min{floor}: {phase['basis']}{lower}")
     if p.get("mirror"):
         print("  weights mirror (managed): " + "\n    ".join(p["mirror"]["lines"]))
     rollout = p["rollout"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pulumi
 import pytest
+
+from kimi_fleet import catalog
 import yaml
 
 from kimi_fleet.cost import estimate
@@ -98,12 +100,20 @@ def _versions(node, path="") -> list[tuple[str, object]]:
     return found
 
 
+def gpu_instances(run) -> list[dict]:
+    """The stack's GPU node instances (not the managed mirror's one-shot fill instance)."""
+    return [r for r in run.of_type(INSTANCE) if "-fill-" not in r["name"]]
+
+
 # --- every AWS stack follows its template ----------------------------------------------------
 
 @pytest.mark.parametrize("stack", ["h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang"])
 def test_no_stack_uses_a_template_version_that_cannot_change(stack, tmp_path):
     run = run_variant(stack, tmp_path)
-    consumers = run.of_type(INSTANCE) + run.of_type(ASG)
+    # The managed mirror's fill instance is one-shot (no template, nothing to roll out): GPU capacity is not.
+    fills = [r for r in run.of_type(INSTANCE) if "-fill-" in r["name"]]
+    assert all(r["inputs"]["instanceType"] == catalog.FILL_INSTANCE.instance_type for r in fills)
+    consumers = gpu_instances(run) + run.of_type(ASG)
     assert consumers
     for resource in consumers:
         versions = _versions(resource["inputs"])
@@ -132,7 +142,7 @@ def test_single_node_change_is_applied_in_place_and_the_gate_checks_the_new_rele
     # The launch template and so the instance stay: the boot stub names the pointer, not a release.
     (old_template,), (new_template,) = before.of_type(LT), after.of_type(LT)
     assert old_template["inputs"]["userData"] == new_template["inputs"]["userData"]
-    (old_instance,), (new_instance,) = before.of_type(INSTANCE), after.of_type(INSTANCE)
+    (old_instance,), (new_instance,) = gpu_instances(before), gpu_instances(after)
     assert old_instance["inputs"]["launchTemplate"] == new_instance["inputs"]["launchTemplate"]
     # A new bundle, a pointer to it, and an association command naming it: SSM applies it in place.
     (old_bundle,), (new_bundle,) = before.of_type(BUNDLE), after.of_type(BUNDLE)
@@ -156,7 +166,7 @@ def test_single_node_new_root_volume_replaces_the_instance(tmp_path):
 
     stack = "h200-int4-sglang"
     before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, bigger)
-    (old_instance,), (new_instance,) = before.of_type(INSTANCE), after.of_type(INSTANCE)
+    (old_instance,), (new_instance,) = gpu_instances(before), gpu_instances(after)
     assert old_instance["inputs"]["launchTemplate"]["version"] != new_instance["inputs"]["launchTemplate"]["version"]
 
 
@@ -204,7 +214,7 @@ def test_rotating_the_key_reaches_the_aws_node_in_place():
         return run_components(declare, "h200-int4-sglang")
 
     first, second = run_with("first-key-0123456789abcdef"), run_with("second-key-0123456789abcdef")
-    (a,), (b,) = first.of_type(INSTANCE), second.of_type(INSTANCE)
+    (a,), (b,) = gpu_instances(first), gpu_instances(second)
     # The bundle names the key's SSM version: a rotation is a new bundle applied in place (the
     # bootstrap fetches the key again and restarts Caddy), not a new node.
     assert a["inputs"]["launchTemplate"] == b["inputs"]["launchTemplate"]

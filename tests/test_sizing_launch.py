@@ -67,7 +67,11 @@ def test_time_to_ready_follows_the_weight_source():
     mirror = size(resolved(accelerator="h200", engine={"name": "sglang"},
                            weights={"source": "s3-mirror", "s3MirrorUri": "s3://kimi-mirror/p"}))
     assert mirror.download_seconds < hub.download_seconds / 5
-    assert 15 * 60 < hub.download_seconds < 30 * 60  # seed 000: 20-30 min cold
+    # Seed 000: "download and loading take 20-30 minutes" from the Hub, the load included (issue 10):
+    # the download is not counted on top of those minutes.
+    spheron = size(of_stack("spheron-h200-int4-vllm"))
+    assert 20 * 60 <= spheron.cold_start_seconds <= 30 * 60
+    assert 10 * 60 < hub.download_seconds < 15 * 60
 
 
 def test_sglang_launch_is_exact_and_bound_to_loopback():
@@ -249,6 +253,23 @@ def test_ascend_launch_once_a_revision_is_pinned():
 
 
 def test_time_to_ready_counts_the_volume_read():
-    ebs = size(of_stack("h200-int4-sglang"))  # single node: EBS at 1000 MiB/s
+    ebs = size(of_stack("h200-int4-sglang"))  # single node: EBS at 1000 MiB/s, below the loader's rate
     assert ebs.read_seconds == -(-catalog.CHECKPOINTS["int4"].size_bytes // (1000 * catalog.MiB))
-    assert ebs.load_seconds >= ebs.read_seconds
+    nvme = size(of_stack("h200-int4-vllm"))  # instance store: the loader's own rate is the limit
+    assert nvme.read_seconds == -(-catalog.CHECKPOINTS["int4"].size_bytes // catalog.LOADER_READ_BYTES_PER_SECOND)
+    read = {p["phase"]: p for p in nvme.ready_phases}["read"]
+    assert read["floor_seconds"] < read["seconds"] / 5  # 8 NVMe striped: the floor is far below
+
+
+def test_time_to_ready_reproduces_seed_003_cold_and_warm():
+    """Seed 003 (local NVMe): 10-15 min cold, 4-5 min warm; the cold load is I/O-bound, not a fixed
+    CPU-bound 12.5 min that a warm restart would contradict."""
+    host = size(of_stack("rtxpro6000-int4-sglang"))
+    assert 10 * 60 <= host.volume_start_seconds <= 15 * 60
+    assert 4 * 60 <= host.warm_start_seconds <= 5 * 60
+    assert host.cold_start_seconds == sum(p["seconds"] for p in host.ready_phases)
+    phases = [p["phase"] for p in host.ready_phases]
+    assert phases == ["download", "verify", "read", "load"]
+    assert all(p["floor_seconds"] <= p["seconds"] for p in host.ready_phases)
+    download = host.ready_phases[0]
+    assert "s3-mirror" in download["lower_it"]
