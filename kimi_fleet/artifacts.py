@@ -33,4 +33,9 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
         from kimi_fleet.node_files import render_node_artifacts
 
         artifacts.update(render_node_artifacts(r, sizing, launch))
+    from kimi_fleet.mirror import plan_mirror, render_fill_user_data
+
+    mirror = plan_mirror(r)
+    if mirror:  # what the managed mirror's fill instance boots with
+        artifacts["mirror-fill-user-data.yaml"] = render_fill_user_data(mirror)
     return artifacts

@@ -524,6 +524,29 @@ HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (
 )
 
 
+# --- Engine start-up caches ------------------------------------------------------------------
+
+#: Where the engines keep what they compile at start, as each reads it from its environment
+#: (relative to the cache mount; "" is the mount itself): torch.compile/Inductor, Triton,
+#: FlashInfer and DeepGEMM JIT, CUDA's PTX cache, vLLM's own cache root, torch extensions. Pointed
+#: at one directory per engine image and accelerator beside the weights, a node with the same
+#: release reuses the kernels a previous one built (ai-dynamo/modelexpress, DeepSeek-V4 on 8x B200:
+#: 7 min to ready with fast weights alone, 1m44s with the kernel artifacts reused; issue 10).
+COMPILE_CACHE_ENV = {
+    "XDG_CACHE_HOME": "",
+    "VLLM_CACHE_ROOT": "vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "TRITON_CACHE_DIR": "triton",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+    "SGLANG_DG_CACHE_DIR": "deep_gemm",
+    "DG_JIT_CACHE_DIR": "deep_gemm",
+    "CUDA_CACHE_PATH": "nv",
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",
+}
+COMPILE_CACHE_SOURCE = Source("vLLM envs.py, SGLang environ.py, Triton, PyTorch Inductor, FlashInfer, "
+                              "DeepGEMM, CUDA documentation (the variables each reads)", "2026-12-02")
+
+
 # --- Pinned tools a deploy installs besides the engine ---------------------------------------
 
 #: huggingface_hub (the `hf` CLI) installed on nodes and in the Kubernetes download Job.

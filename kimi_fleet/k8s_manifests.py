@@ -21,6 +21,7 @@ import yaml
 from kimi_fleet import catalog
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch
+from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -253,6 +254,8 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
         "securityContext": security,
         "volumeMounts": [
             {"name": "weights", "mountPath": MODEL_MOUNT, "subPath": r.weights_dir_name, "readOnly": True},
+            # Compiled kernels beside the weights: the next pod of the same release reuses them.
+            {"name": "weights", "mountPath": COMPILE_CACHE_MOUNT, "subPath": f"compile-cache/{r.compile_cache_dir_name}"},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "probe", "mountPath": PROBE_MOUNT, "readOnly": True},
         ],

@@ -11,7 +11,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from kimi_fleet.paths import DRAFT_MOUNT, ENV_DIR, LOOPBACK, MODEL_MOUNT
+from kimi_fleet import catalog
+from kimi_fleet.paths import COMPILE_CACHE_MOUNT, DRAFT_MOUNT, ENV_DIR, LOOPBACK, MODEL_MOUNT
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import SAFE_VALUE
 
@@ -115,6 +116,16 @@ def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], di
     return args, {"ASCEND_RT_VISIBLE_DEVICES": ids}
 
 
+def compile_cache_env() -> dict[str, str]:
+    """The engines' compile/JIT cache variables, all under the cache mount."""
+    return {key: f"{COMPILE_CACHE_MOUNT}/{sub}".rstrip("/") for key, sub in catalog.COMPILE_CACHE_ENV.items()}
+
+
+def compile_cache_host_dir(r: Resolved) -> str:
+    """Beside the weights on the node (on the same volume: an EBS volume carries it to the next node)."""
+    return f"{r.spec.weights.host_path}/compile-cache/{r.compile_cache_dir_name}"
+
+
 def render_launch(r: Resolved) -> Launch:
     spec = r.spec
     weights_dir = f"{spec.weights.host_path}/{r.weights_dir_name}"
@@ -124,8 +135,9 @@ def render_launch(r: Resolved) -> Launch:
         port = r.engine.port + index
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
-        env = {"HF_HUB_OFFLINE": "1", **dev_env, **r.quirk_env, **spec.engine.env}
-        docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro"]
+        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(), **dev_env, **r.quirk_env, **spec.engine.env}
+        docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
+                       f"--volume={compile_cache_host_dir(r)}:{COMPILE_CACHE_MOUNT}"]
         if spec.engine.speculative != "off":
             draft_dir = f"{spec.weights.host_path}/draft"
             docker_args.append(f"--volume={draft_dir}:{DRAFT_MOUNT}:ro")

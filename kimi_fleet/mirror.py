@@ -93,7 +93,7 @@ class MirrorPlan:
             f"{minutes(self.download_seconds)}, verify {minutes(self.verify_seconds)}, upload "
             f"{minutes(self.upload_seconds)}), ${self.fill_usd:.2f} one time; powers off by "
             f"{self.deadline_minutes} min whatever happens",
-            f"storage ${self.monthly_storage_usd:.2f}/month (S3 Standard); a fill that finds the manifest "
+            f"storage of this checkpoint ${self.monthly_storage_usd:.2f}/month (S3 Standard); a fill that finds the manifest "
             "exits at once (stacks pinning the same checkpoint share it)",
         ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -62,6 +64,12 @@ class Resolved:
         if self.spec.engine.image:
             return self.spec.engine.image
         return self._quirk_default("image") or catalog.DEFAULT_IMAGE.get((self.spec.engine.name, self.accelerator.arch))
+
+    @property
+    def compile_cache_dir_name(self) -> str:
+        """One cache per engine image and accelerator: kernels built for one never load in another."""
+        image = re.sub(r"[^A-Za-z0-9._-]+", "_", self.image or "unknown-image")
+        return f"{self.spec.engine.name}--{image}--{self.spec.accelerator}"
 
     @property
     def image_entry(self) -> catalog.EngineImage | None:

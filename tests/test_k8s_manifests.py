@@ -240,8 +240,12 @@ def test_one_weights_volume_written_by_the_job_and_read_only_for_every_replica(s
         pod = deployment["spec"]["template"]["spec"]
         claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert claims == [{"name": "weights", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
-        (mount,) = [m for m in containers(deployment, "engine")["volumeMounts"] if m["name"] == "weights"]
-        assert mount["readOnly"] is True and mount["subPath"] == r.weights_dir_name
+        mounts = [m for m in containers(deployment, "engine")["volumeMounts"] if m["name"] == "weights"]
+        (model,) = [m for m in mounts if m["mountPath"] == "/models/kimi"]
+        assert model["readOnly"] is True and model["subPath"] == r.weights_dir_name
+        # The only writable part: the engines' compile cache, beside the weights, per image and accelerator.
+        (cache,) = [m for m in mounts if m is not model]
+        assert not cache.get("readOnly") and cache["subPath"] == f"compile-cache/{r.compile_cache_dir_name}"
         assert "initContainers" not in pod
 
 

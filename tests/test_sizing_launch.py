@@ -273,3 +273,20 @@ def test_time_to_ready_reproduces_seed_003_cold_and_warm():
     assert all(p["floor_seconds"] <= p["seconds"] for p in host.ready_phases)
     download = host.ready_phases[0]
     assert "s3-mirror" in download["lower_it"]
+
+
+def test_engines_keep_their_compile_caches_beside_the_weights_per_image_and_accelerator():
+    """Issue 10, item 4: every cache the engines read from the environment points into one directory
+    on the weights volume, named by engine image and accelerator (a new image starts a new cache)."""
+    from kimi_fleet.launch import COMPILE_CACHE_MOUNT, compile_cache_host_dir
+
+    r = of_stack("h200-int4-sglang")
+    (engine,) = render_launch(r).instances
+    for key in catalog.COMPILE_CACHE_ENV:
+        assert engine.env[key].startswith(COMPILE_CACHE_MOUNT), key
+    host = compile_cache_host_dir(r)
+    assert host.startswith(r.spec.weights.host_path + "/compile-cache/")
+    assert f"--volume={host}:{COMPILE_CACHE_MOUNT}" in engine.docker_args
+    assert r.image.split(":")[-1] in host and host.endswith("--h200")
+    other = resolved(accelerator="h200", engine={"name": "sglang", "image": "lmsysorg/sglang:v0.5.9-cu129"})
+    assert compile_cache_host_dir(other) != host

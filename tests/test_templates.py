@@ -7,6 +7,7 @@ from importlib import resources
 import pytest
 
 from kimi_fleet import node_files, node_guard, templates
+from kimi_fleet.artifacts import render_artifacts
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
@@ -35,6 +36,9 @@ def test_every_template_file_is_rendered_and_no_marker_survives():
     texts = [f.content for f in files.values()] + list(node_files.render_node_artifacts(r, size(r), launch).values())
     # The opt-in firewall's rules, as a host with firewall: true gets them.
     texts.append(node_guard.render_firewall(enabled=True, ssh_port=22, ssh_allowlist=("203.0.113.0/24",), stack="s"))
+    # The managed mirror's fill instance (a stack with weights.mirror: managed).
+    managed = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
+    texts.append(render_artifacts(managed, size(managed), render_launch(managed))["mirror-fill-user-data.yaml"])
     for text in texts:
         assert not templates.MARKER.search(text), text[:200]
     # Each template shows up in a node file or a review artifact, by its longest plain line.
