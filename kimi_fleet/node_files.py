@@ -12,6 +12,7 @@ released before a (re)start, Caddy on loopback upstreams with `admin off` (resta
 from __future__ import annotations
 
 import gzip
+from importlib import resources
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TI
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing
+from kimi_fleet.sizing import Sizing, verification_concurrency
 from kimi_fleet.spec import SAFE_VALUE
 
 SBIN = "/usr/local/sbin"
@@ -130,6 +131,23 @@ LOCAL_PROXY_PORT = 9180
 READY_FILE = "/run/kimi-fleet/ready"
 #: A fleet node's health-check listener for its load balancer (caddy.READY_PATH; VPC only).
 READY_PORT = 9181
+#: The verification suite, shipped as its source (standard library + VERIFIER_REQUIREMENTS only):
+#: the node runs it against its own Caddy before it reports ready.
+VERIFIER_DIR = f"{LIB_DIR}/verifier"
+VERIFIER_VENV = "/opt/kimi-fleet/verify"
+VERIFIER_REQUIREMENTS_FILE = f"{LIB_DIR}/verify-requirements.txt"
+#: The package modules the suite imports (tests hold this to the suite's import closure).
+VERIFIER_MODULES = ("__init__.py", "catalog.py", "endpoint_contract.py", "verification/__init__.py",
+                    "verification/checks.py", "verification/cli.py", "verification/client.py",
+                    "verification/images.py", "verification/k2vv.py", "verification/report.py",
+                    "verification/runner.py", "verification/sampling.py")
+#: The node's own admission report (the suite's JSON).
+ADMISSION_REPORT = "/var/lib/kimi-fleet/admission.json"
+#: What the node does not prove by itself: TLS (its own listener is plain HTTP on loopback), one
+#: full-context prefill and the load run (the gate proves both once per release, at the endpoint).
+ADMISSION_SKIPS = ("tls", "context", "load")
+#: The whole admission run, at most (then the node stays unready and tries again next run).
+ADMISSION_DEADLINE_SECONDS = 900
 #: Every WATCHDOG_INTERVAL_SECONDS one tiny generation per engine; an admitted engine that fails
 #: WATCHDOG_FAILURES in a row is restarted.
 WATCHDOG_INTERVAL_SECONDS = 30
@@ -178,7 +196,8 @@ BOOTSTRAP = templates.render(
     ACCESS_LOG=node_guard.ACCESS_LOG, FIREWALL_RULES=node_guard.FIREWALL_RULES_PATH, NODE_STATUS=NODE_STATUS,
     FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
     ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
-    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE)
+    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE,
+    VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE)
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
                                     FETCH_TOOL=WEIGHTS_FETCH_TOOL, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
@@ -206,8 +225,8 @@ def _engine_unit(r: Resolved) -> str:
 BOOTSTRAP_UNIT = templates.render("kimi-bootstrap.service", SBIN=SBIN)
 
 def _watchdog_unit(engines: int) -> str:
-    # One probe per engine plus two through Caddy, each at most the probe timeout.
-    timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + 30
+    # One probe per engine plus two through Caddy, each at most the probe timeout, and an admission run.
+    timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + ADMISSION_DEADLINE_SECONDS + 30
     return templates.render("kimi-watchdog.service", WATCHDOG=WATCHDOG, TIMEOUT_SECONDS=timeout)
 
 
@@ -262,6 +281,22 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
     return "\n".join(lines) + "\n"
 
 
+def admission_checks(r: Resolved) -> list[str]:
+    """The gate's checks (the stack's choice, else all), less what one node cannot prove alone."""
+    from kimi_fleet.verification.checks import CHECKS
+
+    chosen = list(r.spec.verification.checks) or list(CHECKS)
+    return [name for name in chosen if name not in ADMISSION_SKIPS]
+
+
+def verifier_files() -> list[NodeFile]:
+    package = resources.files("kimi_fleet")
+    files = [NodeFile(f"{VERIFIER_DIR}/kimi_fleet/{module}", (package / module).read_text(), 0o644)
+             for module in VERIFIER_MODULES]
+    files.append(NodeFile(VERIFIER_REQUIREMENTS_FILE, "\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n", 0o644))
+    return files
+
+
 def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     spec = r.spec
     facts = {
@@ -285,6 +320,12 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "ready_file": READY_FILE,
         "watchdog": {"interval_seconds": WATCHDOG_INTERVAL_SECONDS, "failures": WATCHDOG_FAILURES,
                      "probe_timeout_seconds": WATCHDOG_PROBE_TIMEOUT_SECONDS},
+        "admission": {
+            "python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
+            "engine": launch.engine, "checks": admission_checks(r),
+            "request_timeout_seconds": spec.verification.timeout_seconds,
+            "concurrency": verification_concurrency(sizing, 1), "deadline_seconds": ADMISSION_DEADLINE_SECONDS,
+        },
     }
     return json.dumps(facts, indent=2) + "\n"
 
@@ -363,6 +404,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),
         NodeFile(FETCH_REQUIREMENTS_FILE, FETCH_REQUIREMENTS, 0o644),
         NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
+        *verifier_files(),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),

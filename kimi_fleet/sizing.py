@@ -130,6 +130,13 @@ class Sizing:
         return "; ".join(problems)
 
 
+def verification_concurrency(sizing: "Sizing", replicas: int) -> int:
+    """Sequences the endpoint serves at once (every engine, every replica), within 1..64: what the
+    verification suite keeps in flight (more would only queue)."""
+    engines = sizing.concurrent_sequences_per_engine * sizing.engines_per_node * replicas
+    return max(1, min(64, engines))
+
+
 def fits_outside(available: int, need: int, tolerance: float) -> bool:
     """What the engine needs outside its knob is free (to the engine's measured tolerance)."""
     return available >= need * tolerance

@@ -613,7 +613,7 @@ def _scan_fields(resource_type: str, props: Mapping) -> list[tuple[str, str]]:
         # A node's release bundle: every file it runs, readable by whoever reads the bucket.
         value = _get(props, "content")
         if isinstance(value, str):
-            fields.append(("content", value.replace("\\n", "\n")))
+            fields += _bundle_fields(value)
     for where, container in _containers(resource_type, props):
         for kind in ("command", "args"):
             items = [str(x) for x in _items(_get(container, kind)) if isinstance(x, str)]
@@ -622,6 +622,41 @@ def _scan_fields(resource_type: str, props: Mapping) -> list[tuple[str, str]]:
         for i, env in enumerate(_items(_get(container, "env"))):
             if _is_map(env) and isinstance(_get(env, "value"), str):
                 fields.append((f"{where}.env[{i}]", f"{_get(env, 'name', default='')}={_get(env, 'value')}"))
+    return fields
+
+
+#: This project's package: a bundle file that is a verbatim copy of its source (the verification
+#: suite a node runs against itself) is reviewed code, not stack input.
+_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "kimi_fleet")
+
+
+def _project_source(path: str, content: str) -> bool:
+    head, sep, relative = path.partition("/kimi_fleet/")
+    if not sep or ".." in relative.split("/"):
+        return False
+    source = os.path.join(_PACKAGE_DIR, *relative.split("/"))
+    try:
+        with open(source, encoding="utf-8") as stream:
+            return stream.read() == content
+    except OSError:
+        return False
+
+
+def _bundle_fields(value: str) -> list[tuple[str, str]]:
+    """A release bundle ({"files": [{path, content}]}) file by file; any other object whole."""
+    try:
+        import json
+
+        files = json.loads(value).get("files")
+    except (ValueError, AttributeError):
+        files = None
+    if not isinstance(files, list):
+        return [("content", value.replace("\\n", "\n"))]
+    fields = []
+    for entry in files:
+        path, content = str(entry.get("path", "?")), entry.get("content")
+        if isinstance(content, str) and not _project_source(path, content):
+            fields.append((f"content {path}", content))
     return fields
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def publish(env: dict, tmp_path: Path, r: Resolved, *, tamper: bool = False) -> 
 
 
 def apply(env: dict, root: Path, tools: Path, *args: str) -> subprocess.CompletedProcess:
-    run_env = {**env, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{env['PATH']}"}
+    run_env = {**env, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{env['PATH']}",
+               "VERIFY_PYTHON": sys.executable}  # the suite's dependencies are here: no verifier venv
     return subprocess.run(["/usr/bin/python3", str(APPLIER), "--pointer", release_pointer(PREFIX), "--region", REGION,
                            "--pointer-wait", "5", *args], env=run_env, capture_output=True, text=True, timeout=180)
 

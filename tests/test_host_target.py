@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pulumi
@@ -197,7 +198,7 @@ def _scratch_node(tmp_path: Path, r: Resolved) -> tuple[Path, dict]:
     weights = root / launch.weights_host_dir.lstrip("/")
     weights.mkdir(parents=True)
     (weights / ".kimi-verified").write_text(f"{r.revision}\n")
-    return root, {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1"}
+    return root, {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "VERIFY_PYTHON": sys.executable}
 
 
 def _restarted(stderr: str) -> set[str]:

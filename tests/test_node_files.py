@@ -126,8 +126,15 @@ def test_user_data_boots_the_applier_and_the_bundle_carries_the_files_and_no_sec
         assert "--expect" not in command
     written = {entry["path"]: entry["content"] for entry in json.loads(bundle)["files"]}
     assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in written["/etc/kimi-fleet/node.env"]
+    from kimi_fleet.node_files import VERIFIER_DIR
+
+    package = Path(__file__).resolve().parents[1]
     for path, content in written.items():
         assert FAKE_API_KEY not in content and FAKE_HF_TOKEN not in content
+        if path.startswith(VERIFIER_DIR + "/"):
+            # The project's own source, verbatim (its catalog's `experts_per_token=8` is not a token).
+            assert content == (package / path.removeprefix(VERIFIER_DIR + "/")).read_text(), path
+            continue
         assert find_secret_patterns(content) == [], path
     assert {"caddy", "fail2ban", "nftables"} <= set(document["packages"])
 
@@ -413,7 +420,7 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
         secret.parent.mkdir(parents=True, exist_ok=True)
         secret.write_text(FAKE_API_KEY)
         secret.chmod(0o600)
-    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "HF_ENDPOINT": fake_hub,
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "HF_ENDPOINT": fake_hub, "VERIFY_PYTHON": sys.executable,
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "S5CMD": str(bin_dir / "s5cmd")}
     bootstrap = root / "usr/local/sbin/kimi-bootstrap"
 

@@ -517,3 +517,18 @@ def test_a_release_bundle_with_a_secret_in_it_is_refused():
     assert messages and "content" in messages[0]
     clean = json.dumps({"files": [{"path": "/etc/kimi-fleet/node.env", "mode": "0644", "content": "STACK=x\n"}]})
     assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": clean}) == []
+
+
+def test_only_verbatim_project_source_in_a_bundle_goes_unscanned():
+    """The node's copy of the verification suite is this project's code (its auth check sends wrong
+    keys on purpose): skipped only while it is byte-identical to the source; an edited copy is scanned."""
+    source = (ROOT / "kimi_fleet" / "verification" / "checks.py").read_text()
+    path = "/usr/local/lib/kimi-fleet/verifier/kimi_fleet/verification/checks.py"
+    verbatim = json.dumps({"files": [{"path": path, "mode": "0644", "content": source}]})
+    assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": verbatim}) == []
+    edited = source + '\nHF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"\n'
+    tampered = json.dumps({"files": [{"path": path, "mode": "0644", "content": edited}]})
+    assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": tampered})
+    escaping = json.dumps({"files": [{"path": "/x/kimi_fleet/../../etc/passwd", "mode": "0644",
+                                      "content": "HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123456789\n"}]})
+    assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": escaping})

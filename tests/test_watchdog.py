@@ -1,5 +1,6 @@
 """Health never lies (issue 9): the node's generation probe and watchdog, run as shipped, against
-fake engines that are healthy on /health but do not generate, behind the node's real Caddy."""
+fake engines that are healthy on /health but do not generate, or generate but break the API
+(the node then fails its own run of the verification suite), behind the node's real Caddy."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import node_files
+from kimi_fleet import catalog, node_files
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_node_files
 from kimi_fleet.resolve import Resolved
@@ -93,12 +94,15 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = ()):
         facts["watchdog"]["probe_timeout_seconds"] = PROBE_TIMEOUT
         stack_json.write_text(json.dumps(facts))
         with start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}):
+            # The suite's dependencies come from this venv (on a node: the bootstrap's verifier venv);
+            # the suite itself is the copy shipped in the node files.
             env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",
-                   "SYSTEMCTL_STUB_DIR": str(state)}
+                   "SYSTEMCTL_STUB_DIR": str(state), "KIMI_VERIFY_PYTHON": sys.executable}
+            env.pop("PYTHONPATH", None)
 
             def run_watchdog() -> subprocess.CompletedProcess:
                 return subprocess.run(["/usr/bin/python3", str(root / node_files.WATCHDOG.lstrip("/"))],
-                                      env=env, capture_output=True, text=True, timeout=60)
+                                      env=env, capture_output=True, text=True, timeout=150)
 
             yield root, run_watchdog, state, facts
 
@@ -119,13 +123,20 @@ def test_a_node_whose_engine_never_generates_never_reports_ready(tmp_path):
 
 
 def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(tmp_path):
-    # Two generations work (one straight to the engine, one through Caddy), then every one hangs.
-    with node(tmp_path, "good", ("--hang-after", "2")) as (root, run_watchdog, state, facts):
+    broken = tmp_path / "engine-broken"  # while it exists, every generation hangs
+    with node(tmp_path, "good", ("--hang-file", str(broken))) as (root, run_watchdog, state, facts):
         first = run_watchdog()
         assert first.returncode == 0, first.stderr
         release = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
-        assert _ready(root) == release  # admitted by a generation through its own Caddy
+        # Admitted by a generation straight to the engine, then the whole suite through its own Caddy.
+        assert _ready(root) == release, first.stderr
         assert "kimi-engine@0.service: generates, admitted" in first.stderr
+        assert "admission: the verification suite passed" in first.stderr
+        report = json.loads((root / node_files.ADMISSION_REPORT.lstrip("/")).read_text())
+        assert report["passed"] and {c["name"] for c in report["checks"]} == {*facts["admission"]["checks"], "release"}
+        # Proven once per release and engine start: the next run only probes.
+        assert "verification suite" not in run_watchdog().stderr and _ready(root) == release
+        broken.touch()
         outputs = []
         for _ in range(facts["watchdog"]["failures"]):
             result = run_watchdog()
@@ -139,6 +150,23 @@ def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(
         again = run_watchdog()
         assert (state / "restarts").read_text().split() == ["kimi-engine@0.service"]
         assert _ready(root) is None and "admitted" not in again.stderr
+        broken.unlink()  # the restarted engine generates: admitted, and proven again for its new start
+        back = run_watchdog()
+        assert "admission: the verification suite passed" in back.stderr and _ready(root) == release
+
+
+@pytest.mark.parametrize("mode, check", [("raw-tool-markers", "tool_call"), ("vision-in-reasoning", "vision")])
+def test_a_node_that_generates_but_breaks_the_api_never_reports_ready(tmp_path, mode, check):
+    """The tiny probe generates fine; the node's own run of the suite finds what is broken."""
+    with node(tmp_path, mode) as (root, run_watchdog, state, facts):
+        for _ in range(2):
+            result = run_watchdog()
+            assert result.returncode == 0, result.stderr
+            assert "generates, admitted" in result.stderr or "admission" in result.stderr
+            assert f"admission: the verification suite failed ({check}:" in result.stderr
+            assert _ready(root) is None
+        assert json.loads((root / "run/kimi-fleet/status.json").read_text())["phase"] == "verifying"
+    assert not (state / "restarts").exists()  # a wrong answer is not a hung engine: no restart loop
 
 
 def test_the_loopback_listener_still_needs_the_key(tmp_path):
@@ -190,3 +218,44 @@ def test_a_fleet_node_tells_its_load_balancer_only_what_the_watchdog_wrote(tmp_p
     # A single node has no load balancer: no ready listener, nothing more to open.
     single = Resolved(load_stack_config(stack_file("h200-int4-sglang")).spec())
     assert "kimi-fleet/ready" not in render_caddyfile_for(single, render_launch(single))
+
+
+def _package_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(kimi_fleet modules, other top-level modules) one module imports, at any depth."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT_DIR).with_suffix("").parts).rsplit(".", 1)[0]
+    inside, outside = set(), set()
+    for item in ast.walk(tree):
+        names = []
+        if isinstance(item, ast.Import):
+            names = [alias.name for alias in item.names]
+        elif isinstance(item, ast.ImportFrom):
+            base = item.module or ""
+            if item.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - item.level + 1], *filter(None, [base])])
+            names = [base] + [f"{base}.{alias.name}" for alias in item.names]
+        for name in names:
+            (inside if name.startswith("kimi_fleet") else outside).add(name)
+    return inside, {name.split(".")[0] for name in outside}
+
+
+ROOT_DIR = Path(node_files.__file__).resolve().parents[1]
+
+
+def test_the_suite_shipped_to_nodes_is_complete_and_needs_only_its_pinned_packages():
+    shipped = {f"kimi_fleet/{module}" for module in node_files.VERIFIER_MODULES}
+    third_party = set()
+    for module in shipped:
+        inside, outside = _package_imports(ROOT_DIR / module)
+        for name in inside:
+            candidates = {name.replace(".", "/") + ".py", name.replace(".", "/") + "/__init__.py"}
+            existing = {c for c in candidates if (ROOT_DIR / c).exists()}
+            assert existing <= shipped, (module, name)  # everything it imports from the package ships
+        third_party |= outside - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party == {"httpx", "jsonschema"}
+    pins = {line.split("==")[0].lower(): line for line in (ROOT_DIR / "requirements.txt").read_text().splitlines()
+            if "==" in line}
+    for package in third_party:
+        assert f"{pins[package].strip()}" in catalog.VERIFIER_REQUIREMENTS  # the versions the gate runs with

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STATUS = ROOT / "run/kimi-fleet/status.json"
-PHASES = ("packages", "download", "verify", "loading", "ready", "failed")
+PHASES = ("packages", "download", "verify", "loading", "verifying", "ready", "failed")
 
 
 def read() -> dict:

@@ -7,10 +7,13 @@ Each run, per engine: one tiny generation straight to the engine (generation_pro
   loading 595 GB takes minutes and systemd's start timeout governs it.
 - An admitted engine that fails `failures` probes in a row is restarted (an HTTP-200 /health
   with a dead scheduler is exactly this case).
-The node is *ready* when every engine is admitted and the node's own Caddy, on its loopback
-listener, refuses a request without the key and generates with it: then the ready file
-(stack.json's ready_file, world-readable: Caddy serves it to a load balancer's health check)
-holds the release id; otherwise it is removed.
+The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
+refuses a request without the key and generates with it, and the project's verification suite
+(shipped with the release) passed against that listener for this release and these engine starts
+(text, thinking and instant modes, tool calls, vision, streaming: stack.json's admission checks).
+Then the ready file (stack.json's ready_file, world-readable: Caddy serves it to a load balancer's
+health check) holds the release id; otherwise it is removed. The suite runs once per release and
+engine start; a failed run is retried on the next timer tick.
 
 Paths are under $KIMI_ROOT when it is set (tests); systemctl is whatever is first on PATH.
 """
@@ -101,6 +104,63 @@ def check_engine(engine: dict, model: str, watchdog: dict) -> bool:
     return state["admitted"]
 
 
+def proven(stack: dict, key: str) -> bool:
+    """Run the verification suite against the node's own Caddy, once per release and engine starts."""
+    admission = stack["admission"]
+    release = RELEASE.read_text().strip()
+    starts = [invocation(f"kimi-engine@{engine['index']}.service") for engine in stack["engines"]]
+    proof = json.dumps({"release": release, "engine_starts": starts})
+    proof_file = STATE_DIR / "admission.json"
+    if proof_file.exists() and proof_file.read_text() == proof:
+        return True
+    start_phase("verifying")
+    report = ROOT / admission["report"].lstrip("/")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    python = os.environ.get("KIMI_VERIFY_PYTHON") or admission["python"]
+    command = [python, "-m", "kimi_fleet.verification.cli", "--base-url", f"{stack['local_proxy']}/v1",
+               "--model", stack["model"], "--engine", admission["engine"], "--only", *admission["checks"],
+               "--timeout", str(admission["request_timeout_seconds"]),
+               "--concurrency", str(admission["concurrency"]), "--release", release, "--json", str(report)]
+    # The shipped copy of the suite, and nothing else of the project: run from its own directory.
+    shipped = str(ROOT / admission["path"].lstrip("/"))
+    environment = {**os.environ, "KIMI_API_KEY": key, "PYTHONPATH": shipped}
+    report.unlink(missing_ok=True)  # this run's report, or none
+    started = time.monotonic()
+    try:
+        run = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=shipped,
+                             timeout=admission["deadline_seconds"])
+    except subprocess.TimeoutExpired:
+        log(f"admission: the verification suite did not finish in {admission['deadline_seconds']} s")
+        return False
+    # Passed means: exit 0 and a report in which every requested check ran and passed, none failed.
+    checks = _checks(report)
+    statuses = {c.get("name"): c.get("status") for c in checks}
+    # (The suite adds a `release` check of its own when given --release: it must pass too.)
+    passed = all(statuses.get(name) == "pass" for name in admission["checks"]) and "fail" not in statuses.values()
+    if run.returncode != 0 or not passed:
+        failed = "; ".join(f"{c['name']}: {c.get('status')}: {c.get('reason')}" for c in checks
+                           if c.get("status") != "pass")
+        missing = [name for name in admission["checks"] if name not in statuses]
+        if missing:
+            failed = "; ".join(filter(None, [failed, f"not run: {', '.join(missing)}"]))
+        output = (run.stdout + run.stderr).strip()[-500:]
+        log(f"admission: the verification suite failed ({failed or output or 'no report'}); "
+            "not ready, retried next run")
+        return False
+    log(f"admission: the verification suite passed in {time.monotonic() - started:.0f} s "
+        f"({', '.join(admission['checks'])})")
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    proof_file.write_text(proof)
+    return True
+
+
+def _checks(report: Path) -> list[dict]:
+    try:
+        return list(json.loads(report.read_text()).get("checks", []))
+    except (OSError, ValueError):
+        return []
+
+
 def main() -> int:
     stack = json.loads(STACK_JSON.read_text())
     watchdog = stack["watchdog"]
@@ -111,7 +171,7 @@ def main() -> int:
         key = (ROOT / setting("API_KEY_FILE").lstrip("/")).read_text().strip()
         failure = probe(local, stack["model"], watchdog["probe_timeout_seconds"], key)
         if failure is None and refuses_without_key(local, watchdog["probe_timeout_seconds"]):
-            ready = True
+            ready = proven(stack, key)
         else:
             log(f"local proxy {local}: {failure or 'answers without the key'}")
     release = RELEASE.read_text().strip()

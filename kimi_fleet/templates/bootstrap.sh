@@ -191,6 +191,17 @@ ensure_fetch_tool() {
   S5CMD=$("$venv/bin/python" -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')
 }
 
+# The verification suite's dependencies (the watchdog runs the suite against this node's Caddy
+# before it reports ready). VERIFY_PYTHON: an interpreter that has them already (tests).
+ensure_verifier() {
+  if [[ -n ${VERIFY_PYTHON:-} ]]; then return; fi
+  local venv="$ROOT__VERIFIER_VENV__"
+  if [[ ! -x $venv/bin/python ]]; then
+    run python3 -m venv "$venv"
+  fi
+  run "$venv/bin/pip" install --quiet --only-binary=:all: -r "$ROOT__VERIFIER_REQUIREMENTS__"
+}
+
 download_weights() {
   HF_CLI=""
   S5CMD="${S5CMD:-}"
@@ -256,6 +267,7 @@ mkdir -p "$STATE_DIR"
 prepare_gpus
 mount_weights
 fetch_secrets
+ensure_verifier
 download_weights
 start_services
 status loading

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH
+from kimi_fleet.endpoint_contract import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH
 
 from .checks import CHECKS
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint
@@ -120,7 +120,7 @@ def fetch_node_status(base_url: str, api_key: str, verify) -> dict | None:
 
 
 PHASE_WORDS = {"packages": "installing packages", "verify": "verifying the weights", "loading": "engines loading",
-               "ready": "ready", "failed": "bootstrap FAILED (see /var/log/kimi-fleet/bootstrap.log on the node)"}
+               "verifying": "the node runs the verification suite against itself", "ready": "ready", "failed": "bootstrap FAILED (see /var/log/kimi-fleet/bootstrap.log on the node)"}
 
 
 MEASURED_PREFIX = "time to ready (measured on the node):"
@@ -268,3 +268,7 @@ def _k2vv(args) -> int:
     if args.json:
         args.json.write_text(json.dumps({**result.__dict__, "schema_accuracy": result.schema_accuracy}, indent=2) + "\n")
     return EXIT_PASSED
+
+
+if __name__ == "__main__":  # python -m kimi_fleet.verification.cli (a node's own admission run)
+    sys.exit(main())

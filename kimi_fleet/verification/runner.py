@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import httpx
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import RELEASE_HEADER
+from kimi_fleet.endpoint_contract import RELEASE_HEADER
 
 from .checks import CHECKS, Outcome, failed
 from .client import HEALTH_TIMEOUT, CheckFailed, Endpoint, open_client

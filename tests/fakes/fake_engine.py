@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import random
 import re
 import struct
@@ -70,10 +71,12 @@ class EngineState:
                  tool_invalid_rate: float = 0.0, runaway_rate: float = 0.0, max_model_len: int = 262_144,
                  report_max_model_len: bool = True, first_token_delay: float = 0.0,
                  release: str | None = None, stale_release: str | None = None, stale_every: int = 0,
-                 hang_after: int = 0):
+                 hang_after: int = 0, hang_file: str | None = None):
         self.model = model
         # Breaks after admission: generations after the first `hang_after` hang (0: never).
         self.hang_after = hang_after
+        # Breaks when a test says so: generations hang while this file exists.
+        self.hang_file = hang_file
         # Stands in for the proxy's release stamp; every `stale_every`-th answer comes from a replica
         # still on `stale_release` (a rollout that has not finished).
         self.release = release
@@ -163,7 +166,8 @@ class Handler(BaseHTTPRequestHandler):
             self.state.requests_total += 1
             self.state.completions_total += 1
             completion_number = self.state.completions_total
-        if self.state.mode == "dead-scheduler" or (self.state.hang_after and completion_number > self.state.hang_after):
+        if (self.state.mode == "dead-scheduler" or (self.state.hang_after and completion_number > self.state.hang_after)
+                or (self.state.hang_file and os.path.exists(self.state.hang_file))):
             self._hang()
             return
         if self.state.mode == "server-error" and completion_number == 3:
@@ -532,13 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-release", help="the release an unrefreshed replica still serves")
     parser.add_argument("--stale-every", type=int, default=0, help="every N-th answer comes from --stale-release")
     parser.add_argument("--hang-after", type=int, default=0, help="generations after the N-th hang (0: never)")
+    parser.add_argument("--hang-file", help="generations hang while this file exists")
     args = parser.parse_args(argv)
 
     state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
                         tool_invalid_rate=args.tool_invalid_rate, runaway_rate=args.runaway_rate,
                         max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
                         first_token_delay=args.first_token_delay, release=args.release,
-                        stale_release=args.stale_release, stale_every=args.stale_every, hang_after=args.hang_after)
+                        stale_release=args.stale_release, stale_every=args.stale_every, hang_after=args.hang_after,
+                        hang_file=args.hang_file)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:
