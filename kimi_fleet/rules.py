@@ -190,6 +190,19 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
 
 
 @rule
+def engines_on_one_node_are_balanced_on_real_generations(r: Resolved) -> Iterator[str]:
+    """The proxy balances several engines by its active health check on the engine's health route:
+    that route must run a real generation, or an engine with a dead scheduler keeps its share."""
+    engine = r.engine
+    if r.engines_per_node > 1 and not engine.health_runs_generation:
+        given = r.spec.parallelism.engines_per_node or r.engines_per_node
+        yield (f"{_f('parallelism.enginesPerNode', given)}: {r.engines_per_node} {engine.name} engines on one node "
+               f"would be balanced by the proxy on {engine.health_path}, which answers 200 with a dead scheduler "
+               "(vllm #39863); only an engine whose health route runs a real generation can share a node. Run one "
+               "engine over all the node's accelerators (parallelism.tensorParallel)")
+
+
+@rule
 def target_can_provide(r: Resolved) -> Iterator[str]:
     spec, accel = r.spec, r.accelerator
     if r.gpus_per_engine > accel.devices_per_node:

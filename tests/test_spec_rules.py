@@ -167,3 +167,14 @@ def test_the_matrix_has_the_issue_stacks_and_seed_000s_startup_script_cloud():
         "rtxpro6000-int4-sglang", "rtxpro6000-nvfp4-vllm", "mi300x-int4-sglang", "mi355x-int4-sglang",
         "gb200-int4-vllm", "ascend-a3-w4a8-sglang", "spheron-h200-int4-vllm",
     }
+
+
+def test_engines_sharing_a_node_need_a_health_route_that_generates():
+    """Issue 9: the proxy balances a node's engines on their health route; vLLM's /health is
+    liveness only, SGLang's /health_generate runs a generation."""
+    message = refuse(stack(engine={"name": "vllm"}, parallelism={"tensorParallel": 4},
+                           target={"kind": "host"}))
+    assert "field kimi-fleet:parallelism.enginesPerNode (given 2)" in message
+    assert "/health, which answers 200 with a dead scheduler" in message
+    two_sglang = Resolved(load_stack_config(stack_file("mi300x-int4-sglang")).spec())  # accepted as it is
+    assert two_sglang.engines_per_node == 2 and two_sglang.engine.health_runs_generation
