@@ -24,7 +24,7 @@ from kimi_fleet.launch import MODEL_MOUNT, Launch
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing
+from kimi_fleet.sizing import Sizing, verification_concurrency
 
 API_KEY_SECRET = "kimi-api-key"
 API_KEY_SECRET_KEY = "api-key"
@@ -61,6 +61,15 @@ LIVENESS_PERIOD_SECONDS = 30
 LIVENESS_FAILURES = 6
 PROBE_CONFIGMAP = "kimi-generation-probe"
 PROBE_MOUNT = "/opt/kimi-fleet/probe"
+#: The admission container: the project's verification suite against the pod's own proxy, then a
+#: generation every PROBE_PERIOD_SECONDS; the pod is Ready only while it says so (ADMISSION_PASSED).
+ADMISSION_CONFIGMAP = "kimi-admission"
+ADMISSION_MOUNT = "/opt/kimi-fleet/admission"
+ADMISSION_STATE = "/run/kimi-admission"
+ADMISSION_PASSED = f"{ADMISSION_STATE}/passed"
+ADMISSION_SCRIPTS = ("admission.py", "pod_admission.py", GENERATION_PROBE_SCRIPT)
+#: The pod's proxy on loopback (plain HTTP, same key): what the admission container checks.
+POD_LOCAL_PROXY_PORT = 9180
 #: Engine images are 10-30 GB: pulling one onto a fresh node takes minutes.
 IMAGE_PULL_SECONDS = 15 * 60
 #: A hub download can stall and resume: allow three times the estimate before giving up.
@@ -126,7 +135,10 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     Creation starts every pod at once; a rolling update replaces one pod at a time (no spare GPUs).
     With hostPath weights each pod's init container may download on its node first.
     """
-    per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing)
+    from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
+
+    # Then the pod proves itself with the verification suite before it counts as Ready.
+    per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing) + ADMISSION_DEADLINE_SECONDS
     if r.weights_volume == "host-path":
         per_pod += download_deadline_seconds(sizing)
     return per_pod * (engine_pod_count(r) if rolling else 1)
@@ -163,7 +175,7 @@ def render_pod_proxy(r: Resolved, launch: Launch, release: str | None = None) ->
     instance = launch.instances[0]
     return render_proxy(
         r.spec.domain, [instance.upstream], instance.probe.path,
-        tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release,
+        tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release, local_port=POD_LOCAL_PROXY_PORT,
     )
 
 
@@ -297,6 +309,59 @@ def _proxy_container() -> dict:
     }
 
 
+def admission_paths() -> list[str]:
+    """The files of the admission ConfigMap (the same for every stack)."""
+    from kimi_fleet.node_files import VERIFIER_MODULES
+
+    return [*(f"suite/kimi_fleet/{module}" for module in VERIFIER_MODULES), *ADMISSION_SCRIPTS,
+            "verify-requirements.txt", "admission.json"]
+
+
+def _admission_key(path: str) -> str:
+    """A ConfigMap key for a file path (keys are flat: [-._a-zA-Z0-9]+)."""
+    return path.replace("/", ".")
+
+
+def _admission_files(r: Resolved, sizing: Sizing, launch: Launch, release: str | None) -> dict[str, str]:
+    """Path under ADMISSION_MOUNT -> content: the suite (as shipped to nodes), the scripts, the config."""
+    from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS, VERIFIER_MODULES, admission_checks, verifier_files
+
+    files = {f"suite/kimi_fleet/{module}": f.content for module, f in zip(VERIFIER_MODULES, verifier_files())}
+    files.update({script: node_script(script) for script in ADMISSION_SCRIPTS})
+    files["verify-requirements.txt"] = "\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n"
+    files["admission.json"] = json.dumps({
+        "local_proxy": f"http://127.0.0.1:{POD_LOCAL_PROXY_PORT}", "model": r.spec.model.served_name,
+        "engine": launch.engine, "checks": admission_checks(r),
+        # The digest pass renders without a release: any fixed placeholder keeps it deterministic.
+        "release": release or "0" * 16,
+        "suite_path": f"{ADMISSION_MOUNT}/suite", "requirements": f"{ADMISSION_MOUNT}/verify-requirements.txt",
+        "dependencies_dir": f"{ADMISSION_STATE}/packages", "report": f"{ADMISSION_STATE}/report.json",
+        "passed_file": ADMISSION_PASSED, "interval_seconds": PROBE_PERIOD_SECONDS, "failures": READINESS_FAILURES,
+        "probe_timeout_seconds": GENERATION_PROBE_TIMEOUT_SECONDS, "timeout": r.spec.verification.timeout_seconds,
+        "concurrency": verification_concurrency(sizing, 1), "deadline": ADMISSION_DEADLINE_SECONDS,
+    }, indent=2) + "\n"
+    return files
+
+
+def _admission_container() -> dict:
+    return {
+        "name": "admission",
+        "image": catalog.DOWNLOAD_IMAGE,
+        "command": ["python3", f"{ADMISSION_MOUNT}/pod_admission.py", f"{ADMISSION_MOUNT}/admission.json"],
+        "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        # Ready only after the suite passed against the pod's proxy, and while it keeps generating.
+        "readinessProbe": {"exec": {"command": ["test", "-f", ADMISSION_PASSED]},
+                           "periodSeconds": PROBE_PERIOD_SECONDS},
+        "volumeMounts": [
+            {"name": "admission", "mountPath": ADMISSION_MOUNT, "readOnly": True},
+            {"name": "admission-state", "mountPath": ADMISSION_STATE},
+        ],
+    }
+
+
 def rolling_update(rollout: str) -> dict:
     """surge: a new pod starts (on a spare replica's GPUs) before an old one stops: no capacity lost.
     one-at-a-time: no spare GPUs, so an old pod stops first and its replacement loads meanwhile."""
@@ -316,12 +381,15 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 120,  # let streaming answers finish
         **_scheduling(r, market),
-        "containers": [_engine_container(r, sizing, launch), _proxy_container()],
+        "containers": [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
         "volumes": [
             _weights_volume(r),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
             {"name": "caddyfile", "configMap": {"name": CADDYFILE_CONFIGMAP}},
             {"name": "probe", "configMap": {"name": PROBE_CONFIGMAP}},
+            {"name": "admission", "configMap": {"name": ADMISSION_CONFIGMAP, "items": [
+                {"key": _admission_key(path), "path": path} for path in sorted(admission_paths())]}},
+            {"name": "admission-state", "emptyDir": {}},
             {"name": "caddy-data", "emptyDir": {}},
             {"name": "caddy-config", "emptyDir": {}},
         ],
@@ -410,6 +478,13 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "kind": "ConfigMap",
             "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
             "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT)},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(ADMISSION_CONFIGMAP, ns, stack, "engine"),
+            "data": {_admission_key(path): text
+                     for path, text in sorted(_admission_files(r, sizing, launch, release).items())},
         },
         *_network_policies(ns, stack),
     ]

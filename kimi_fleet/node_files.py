@@ -125,6 +125,8 @@ APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
+#: Runs the verification suite against the node's own proxy and judges it (the watchdog imports it).
+ADMISSION = f"{LIB_DIR}/admission.py"
 #: Caddy's loopback-only plain-HTTP listener for the node's own checks (outside the engine port ranges).
 LOCAL_PROXY_PORT = 9180
 #: Written by the watchdog (the release id) only when the node generates through its own Caddy.
@@ -162,7 +164,7 @@ SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KE
 FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
-                   NODE_STATUS)
+                   NODE_STATUS, ADMISSION)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -399,6 +401,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
         NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
+        NodeFile(ADMISSION, node_script("admission.py"), 0o644),
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
         NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),
         NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),

@@ -1,6 +1,8 @@
 """The rendered Kubernetes objects: schema-valid for a current release, and the properties that matter."""
 
 import copy
+import json
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -299,3 +301,34 @@ def test_artifacts_are_multi_document_yaml(stack):
     documents = list(yaml.safe_load_all(files["kubernetes.yaml"]))
     assert documents == objects
     assert "&id" not in files["kubernetes.yaml"]
+
+
+@pytest.mark.parametrize("stack", ["gb200-int4-vllm", "mi355x-int4-sglang"])
+def test_a_pod_is_ready_only_when_its_admission_container_passed_the_suite(stack):
+    """Issue 9: the pod's own run of the project's verification suite, against its proxy's loopback
+    listener, gates readiness (a pod is Ready only when every container is)."""
+    from kimi_fleet import node_files
+
+    r, sizing, objects = rendered(stack)
+    (config_map,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.ADMISSION_CONFIGMAP]
+    for deployment in of_kind(objects, "Deployment"):
+        admission = containers(deployment, "admission")
+        assert admission["readinessProbe"]["exec"]["command"] == ["test", "-f", manifests.ADMISSION_PASSED]
+        assert admission["image"] == catalog.DOWNLOAD_IMAGE
+        assert {"name": "KIMI_API_KEY", "valueFrom": {"secretKeyRef": {"name": manifests.API_KEY_SECRET,
+                                                                      "key": manifests.API_KEY_SECRET_KEY}}} \
+            in admission["env"]
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "admission")
+        items = {item["path"]: item["key"] for item in volume["configMap"]["items"]}
+        assert set(items.values()) == set(config_map["data"])  # every file mounted, nothing left out
+        for module in node_files.VERIFIER_MODULES:  # the suite exactly as nodes get it
+            source = (Path(manifests.__file__).parent / module).read_text()
+            assert config_map["data"][items[f"suite/kimi_fleet/{module}"]] == source
+    config = json.loads(config_map["data"]["admission.json"])
+    release = next(iter(of_kind(objects, "Deployment")))["spec"]["template"]["metadata"]["annotations"][
+        manifests.RELEASE_ANNOTATION]
+    assert config["release"] == release and config["checks"] == node_files.admission_checks(r)
+    assert config["local_proxy"] == f"http://127.0.0.1:{manifests.POD_LOCAL_PROXY_PORT}"
+    caddyfile = next(c for c in of_kind(objects, "ConfigMap")
+                     if c["metadata"]["name"] == manifests.CADDYFILE_CONFIGMAP)["data"]["Caddyfile"]
+    assert f"http://127.0.0.1:{manifests.POD_LOCAL_PROXY_PORT} {{" in caddyfile and "bind 127.0.0.1" in caddyfile

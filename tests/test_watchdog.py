@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -259,3 +260,73 @@ def test_the_suite_shipped_to_nodes_is_complete_and_needs_only_its_pinned_packag
             if "==" in line}
     for package in third_party:
         assert f"{pins[package].strip()}" in catalog.VERIFIER_REQUIREMENTS  # the versions the gate runs with
+
+
+# --- Kubernetes: the admission container, as the pod runs it ------------------------------------
+
+def _pod_admission(root: Path, facts: dict, tmp_path: Path, rounds: int, *, background: bool = False):
+    from kimi_fleet.k8s_manifests import ADMISSION_PASSED
+
+    state = tmp_path / "admission-state"
+    config = {
+        "local_proxy": facts["local_proxy"], "model": facts["model"], "engine": facts["engine"],
+        "checks": facts["admission"]["checks"], "release": (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip(),
+        "suite_path": str(root / node_files.VERIFIER_DIR.lstrip("/")), "requirements": "unused",
+        "dependencies_dir": str(state / "packages"), "report": str(state / "report.json"),
+        "passed_file": str(state / Path(ADMISSION_PASSED).name), "interval_seconds": 0.2, "failures": 2,
+        "probe_timeout_seconds": PROBE_TIMEOUT, "timeout": 30, "concurrency": 4, "deadline": 120,
+    }
+    (tmp_path / "admission.json").write_text(json.dumps(config))
+    script = Path(node_files.__file__).parent / "node_scripts" / "pod_admission.py"
+    env = {**os.environ, "KIMI_API_KEY": API_KEY, "KIMI_VERIFY_PYTHON": sys.executable}
+    env.pop("PYTHONPATH", None)
+    command = ["/usr/bin/python3", str(script), str(tmp_path / "admission.json"), "--rounds", str(rounds)]
+    if background:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_pod_is_ready_only_after_the_suite_passed_against_its_own_proxy(tmp_path):
+    with node(tmp_path, "good") as (root, run_watchdog, state, facts):
+        result = _pod_admission(root, facts, tmp_path, rounds=1)
+    assert result.returncode == 0, result.stderr
+    assert "the verification suite passed" in result.stderr
+    assert (tmp_path / "admission-state" / "passed").read_text().strip() == \
+        (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+
+
+def test_a_pod_whose_engine_generates_but_breaks_tool_calls_never_becomes_ready(tmp_path):
+    with node(tmp_path, "raw-tool-markers") as (root, run_watchdog, state, facts):
+        result = _pod_admission(root, facts, tmp_path, rounds=2)
+    assert result.returncode == 1
+    assert "the verification suite failed (tool_call:" in result.stderr
+    assert not (tmp_path / "admission-state" / "passed").exists()
+
+
+def test_a_pod_that_stops_generating_leaves_the_service_until_it_passes_again(tmp_path):
+    broken = tmp_path / "engine-broken"
+    passed = tmp_path / "admission-state" / "passed"
+    passed.parent.mkdir()
+    passed.write_text("stale\n")  # a restarted container's emptyDir still holds the last file
+    with node(tmp_path, "good", ("--hang-file", str(broken))) as (root, run_watchdog, state, facts):
+        admission = _pod_admission(root, facts, tmp_path, rounds=400, background=True)
+        try:
+            assert _wait_for(lambda: passed.exists() and passed.read_text() != "stale\n", 60)
+            broken.touch()  # generations hang: out of the Service after `failures` of them
+            assert _wait_for(lambda: not passed.exists(), 60)
+            broken.unlink()  # generating again: the suite runs again before the pod is Ready
+            assert _wait_for(passed.exists, 60)
+        finally:
+            admission.terminate()
+            _, errors = admission.communicate(timeout=30)
+    assert errors.count("the verification suite passed") == 2, errors
+    assert "not ready until it generates and passes the suite again" in errors

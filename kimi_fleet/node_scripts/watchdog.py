@@ -30,7 +30,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_probe import probe  # noqa: E402  (shipped beside this file)
+from admission import run_suite  # noqa: E402  (shipped beside this file)
+from generation_probe import probe  # noqa: E402
 from node_status import read as read_status, start_phase  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
@@ -114,51 +115,17 @@ def proven(stack: dict, key: str) -> bool:
     if proof_file.exists() and proof_file.read_text() == proof:
         return True
     start_phase("verifying")
-    report = ROOT / admission["report"].lstrip("/")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    python = os.environ.get("KIMI_VERIFY_PYTHON") or admission["python"]
-    command = [python, "-m", "kimi_fleet.verification.cli", "--base-url", f"{stack['local_proxy']}/v1",
-               "--model", stack["model"], "--engine", admission["engine"], "--only", *admission["checks"],
-               "--timeout", str(admission["request_timeout_seconds"]),
-               "--concurrency", str(admission["concurrency"]), "--release", release, "--json", str(report)]
-    # The shipped copy of the suite, and nothing else of the project: run from its own directory.
-    shipped = str(ROOT / admission["path"].lstrip("/"))
-    environment = {**os.environ, "KIMI_API_KEY": key, "PYTHONPATH": shipped}
-    report.unlink(missing_ok=True)  # this run's report, or none
-    started = time.monotonic()
-    try:
-        run = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=shipped,
-                             timeout=admission["deadline_seconds"])
-    except subprocess.TimeoutExpired:
-        log(f"admission: the verification suite did not finish in {admission['deadline_seconds']} s")
-        return False
-    # Passed means: exit 0 and a report in which every requested check ran and passed, none failed.
-    checks = _checks(report)
-    statuses = {c.get("name"): c.get("status") for c in checks}
-    # (The suite adds a `release` check of its own when given --release: it must pass too.)
-    passed = all(statuses.get(name) == "pass" for name in admission["checks"]) and "fail" not in statuses.values()
-    if run.returncode != 0 or not passed:
-        failed = "; ".join(f"{c['name']}: {c.get('status')}: {c.get('reason')}" for c in checks
-                           if c.get("status") != "pass")
-        missing = [name for name in admission["checks"] if name not in statuses]
-        if missing:
-            failed = "; ".join(filter(None, [failed, f"not run: {', '.join(missing)}"]))
-        output = (run.stdout + run.stderr).strip()[-500:]
-        log(f"admission: the verification suite failed ({failed or output or 'no report'}); "
-            "not ready, retried next run")
-        return False
-    log(f"admission: the verification suite passed in {time.monotonic() - started:.0f} s "
-        f"({', '.join(admission['checks'])})")
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    proof_file.write_text(proof)
-    return True
-
-
-def _checks(report: Path) -> list[dict]:
-    try:
-        return list(json.loads(report.read_text()).get("checks", []))
-    except (OSError, ValueError):
-        return []
+    passed, message = run_suite(
+        base_url=stack["local_proxy"], model=stack["model"], engine=admission["engine"], checks=admission["checks"],
+        release=release, suite_path=str(ROOT / admission["path"].lstrip("/")),
+        python=os.environ.get("KIMI_VERIFY_PYTHON") or admission["python"],
+        report=ROOT / admission["report"].lstrip("/"), key=key, timeout=admission["request_timeout_seconds"],
+        concurrency=admission["concurrency"], deadline=admission["deadline_seconds"])
+    log(f"admission: {message}" + ("" if passed else "; not ready, retried next run"))
+    if passed:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        proof_file.write_text(proof)
+    return passed
 
 
 def main() -> int:
