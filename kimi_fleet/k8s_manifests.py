@@ -348,7 +348,8 @@ def _admission_container() -> dict:
         "name": "admission",
         "image": catalog.DOWNLOAD_IMAGE,
         "command": ["python3", f"{ADMISSION_MOUNT}/pod_admission.py", f"{ADMISSION_MOUNT}/admission.json"],
-        "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
+        "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY),
+                {"name": "PIP_DISABLE_PIP_VERSION_CHECK", "value": "1"}],
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
@@ -358,6 +359,8 @@ def _admission_container() -> dict:
         "volumeMounts": [
             {"name": "admission", "mountPath": ADMISSION_MOUNT, "readOnly": True},
             {"name": "admission-state", "mountPath": ADMISSION_STATE},
+            # The root file system is read-only: pip unpacks wheels under /tmp.
+            {"name": "admission-tmp", "mountPath": "/tmp"},
         ],
     }
 
@@ -390,6 +393,7 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             {"name": "admission", "configMap": {"name": ADMISSION_CONFIGMAP, "items": [
                 {"key": _admission_key(path), "path": path} for path in sorted(admission_paths())]}},
             {"name": "admission-state", "emptyDir": {}},
+            {"name": "admission-tmp", "emptyDir": {}},
             {"name": "caddy-data", "emptyDir": {}},
             {"name": "caddy-config", "emptyDir": {}},
         ],

@@ -56,3 +56,26 @@ def test_the_verifier_pins_are_complete_and_install_as_wheels(arch, tmp_path):
     pinned = {re.split(r"[=<>]", line)[0].lower().replace("_", "-") for line in catalog.VERIFIER_REQUIREMENTS}
     downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
     assert downloaded == pinned  # anything pip pulled in beyond the pins would be unpinned on nodes
+
+
+def test_the_pod_admission_install_gives_the_shipped_suite_everything_it_imports(tmp_path, monkeypatch):
+    """The admission container's own install (pip --target), then the suite as shipped, imported
+    with no site-packages at all: only the standard library, the installed pins and the suite."""
+    from kimi_fleet.node_scripts import pod_admission
+
+    requirements = tmp_path / "verify-requirements.txt"
+    requirements.write_text("\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n")
+    monkeypatch.delenv("KIMI_VERIFY_PYTHON", raising=False)
+    python, packages = pod_admission.install({"dependencies_dir": str(tmp_path / "packages"),
+                                              "requirements": str(requirements)})
+    assert python == sys.executable and packages == str(tmp_path / "packages")
+    suite = tmp_path / "suite"
+    for node_file in node_files.verifier_files():
+        if "/kimi_fleet/" in node_file.path:
+            target = suite / "kimi_fleet" / node_file.path.split("/kimi_fleet/", 1)[1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(node_file.content)
+    result = subprocess.run([sys.executable, "-S", "-c", "import kimi_fleet.verification.cli"],
+                            env={"PYTHONPATH": f"{suite}:{packages}", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, cwd=suite)
+    assert result.returncode == 0, result.stderr
