@@ -17,7 +17,6 @@ import boto3
 import pytest
 import yaml
 
-from components.mirror_fill import fill_role_policy
 from kimi_fleet.mirror import plan_mirror, render_fill_user_data, shared_mirror_problems
 from kimi_fleet.spec import StackSpecError
 from kimi_fleet.stackfile import stack_names
