@@ -71,10 +71,8 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
         {"Sid": "DecryptThroughSsm", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
          "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"}}},
     ]
-    mirror = r.spec.weights.s3_mirror_uri
-    if r.spec.weights.source == "s3-mirror" and mirror:
-        bucket, _, key_prefix = mirror.removeprefix("s3://").partition("/")
-        key_prefix = key_prefix.strip("/")
+    if r.spec.weights.source == "s3-mirror":
+        bucket, key_prefix = r.spec.weights.s3_mirror_location
         statements += [
             {"Sid": "ListWeightMirror", "Effect": "Allow", "Action": "s3:ListBucket",
              "Resource": f"arn:aws:s3:::{bucket}",

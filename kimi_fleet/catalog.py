@@ -543,8 +543,8 @@ COMPILE_CACHE_ENV = {
     "CUDA_CACHE_PATH": "nv",
     "TORCH_EXTENSIONS_DIR": "torch_extensions",
 }
-COMPILE_CACHE_SOURCE = Source("vLLM envs.py, SGLang environ.py, Triton, PyTorch Inductor, FlashInfer, "
-                              "DeepGEMM, CUDA documentation (the variables each reads)", "2026-12-02")
+# (The variables as vLLM's envs.py, SGLang's environ.py, Triton, PyTorch Inductor, FlashInfer,
+# DeepGEMM and CUDA document them, 2026-12-02.)
 
 
 # --- Pinned tools a deploy installs besides the engine ---------------------------------------
@@ -653,11 +653,9 @@ LOAD_SOURCE = Source("seed 003: load 10-15 min from NVMe, 4-5 min warm cache", "
 #: What the engines' loader reads the checkpoint at, cold: the cold-minus-warm time of seed 003 over
 #: 595 GB (~1.24 GB/s: below any NVMe's sequential rate; the load is I/O-bound, not CPU-bound).
 LOADER_READ_BYTES_PER_SECOND = int(595 * GB / (COLD_LOAD_FROM_NVME_SECONDS - WARM_RESTART_SECONDS))
-#: SHA-256 per core (OpenSSL with SHA extensions), measured here by scripts/bench_fetch.py; the
-#: node's verify hashes with at most VERIFY_THREADS threads (weights_manifest.py).
+#: SHA-256 per core (OpenSSL with SHA extensions, hashlib on one core), measured by
+#: scripts/bench_fetch.py on this project's CI machine, 2026-12-02.
 SHA256_BYTES_PER_SECOND_PER_CORE = int(1.7 * GB)
-VERIFY_THREADS = 32
-HASH_SOURCE = Source("scripts/bench_fetch.py on this project's CI machine (hashlib, one core)", "2026-12-02")
 
 TRANSFER_SOURCES: dict[str, TransferSource] = {
     # Seed 000: "download and loading takes 20-30 minutes" from the Hub. Its loading is seed 003's
@@ -691,9 +689,9 @@ FILL_INSTANCE = FillInstance("c6id.8xlarge", 32, int(12.5 * 10**9 / 8), 1900 * G
 FILL_AMI_SSM_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 #: Boot, apt and pip before the download starts (an estimate: cloud-init on a fresh Ubuntu).
 FILL_SETUP_SECONDS = 4 * 60
-#: S3 Standard storage, the mirror's monthly cost per GB (first 50 TB, us-east-1).
+#: S3 Standard storage, the mirror's monthly cost per GB (first 50 TB, us-east-1; Amazon S3
+#: pricing, 2026-12-02).
 S3_STANDARD_USD_PER_GB_MONTH = 0.023
-S3_PRICE_SOURCE = Source("Amazon S3 pricing, Standard, us-east-1", "2026-12-02")
 #: Incomplete multipart uploads (a fill cut off mid-upload) are aborted after this many days.
 MIRROR_ABORT_INCOMPLETE_UPLOAD_DAYS = 2
 

@@ -21,10 +21,13 @@ import yaml
 from kimi_fleet import catalog
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch
+from kimi_fleet.node_files import (
+    ADMISSION_DEADLINE_SECONDS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT, admission_settings, verifier_sources,
+)
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing, verification_concurrency
+from kimi_fleet.sizing import Sizing
 
 API_KEY_SECRET = "kimi-api-key"
 API_KEY_SECRET_KEY = "api-key"
@@ -69,7 +72,7 @@ ADMISSION_STATE = "/run/kimi-admission"
 ADMISSION_PASSED = f"{ADMISSION_STATE}/passed"
 ADMISSION_SCRIPTS = ("admission.py", "pod_admission.py", GENERATION_PROBE_SCRIPT)
 #: The pod's proxy on loopback (plain HTTP, same key): what the admission container checks.
-POD_LOCAL_PROXY_PORT = 9180
+POD_LOCAL_PROXY_PORT = LOCAL_PROXY_PORT
 #: Engine images are 10-30 GB: pulling one onto a fresh node takes minutes.
 IMAGE_PULL_SECONDS = 15 * 60
 #: A hub download can stall and resume: allow three times the estimate before giving up.
@@ -135,8 +138,6 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     Creation starts every pod at once; a rolling update replaces one pod at a time (no spare GPUs).
     With hostPath weights each pod's init container may download on its node first.
     """
-    from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
-
     # Then the pod proves itself with the verification suite before it counts as Ready.
     per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing) + ADMISSION_DEADLINE_SECONDS
     if r.weights_volume == "host-path":
@@ -309,14 +310,6 @@ def _proxy_container() -> dict:
     }
 
 
-def admission_paths() -> list[str]:
-    """The files of the admission ConfigMap (the same for every stack)."""
-    from kimi_fleet.node_files import VERIFIER_MODULES
-
-    return [*(f"suite/kimi_fleet/{module}" for module in VERIFIER_MODULES), *ADMISSION_SCRIPTS,
-            "verify-requirements.txt", "admission.json"]
-
-
 def _admission_key(path: str) -> str:
     """A ConfigMap key for a file path (keys are flat: [-._a-zA-Z0-9]+)."""
     return path.replace("/", ".")
@@ -324,21 +317,17 @@ def _admission_key(path: str) -> str:
 
 def _admission_files(r: Resolved, sizing: Sizing, launch: Launch, release: str | None) -> dict[str, str]:
     """Path under ADMISSION_MOUNT -> content: the suite (as shipped to nodes), the scripts, the config."""
-    from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS, VERIFIER_MODULES, admission_checks, verifier_files
-
-    files = {f"suite/kimi_fleet/{module}": f.content for module, f in zip(VERIFIER_MODULES, verifier_files())}
+    files = {f"suite/kimi_fleet/{module}": source for module, source in verifier_sources().items()}
     files.update({script: node_script(script) for script in ADMISSION_SCRIPTS})
-    files["verify-requirements.txt"] = "\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n"
+    files["verify-requirements.txt"] = VERIFIER_REQUIREMENTS_TEXT
     files["admission.json"] = json.dumps({
         "local_proxy": f"http://127.0.0.1:{POD_LOCAL_PROXY_PORT}", "model": r.spec.model.served_name,
-        "engine": launch.engine, "checks": admission_checks(r),
         # The digest pass renders without a release: any fixed placeholder keeps it deterministic.
         "release": release or "0" * 16,
         "suite_path": f"{ADMISSION_MOUNT}/suite", "requirements": f"{ADMISSION_MOUNT}/verify-requirements.txt",
         "dependencies_dir": f"{ADMISSION_STATE}/packages", "report": f"{ADMISSION_STATE}/report.json",
         "passed_file": ADMISSION_PASSED, "interval_seconds": PROBE_PERIOD_SECONDS, "failures": READINESS_FAILURES,
-        "probe_timeout_seconds": GENERATION_PROBE_TIMEOUT_SECONDS, "timeout": r.spec.verification.timeout_seconds,
-        "concurrency": verification_concurrency(sizing, 1), "deadline": ADMISSION_DEADLINE_SECONDS,
+        "probe_timeout_seconds": GENERATION_PROBE_TIMEOUT_SECONDS, **admission_settings(r, launch, sizing),
     }, indent=2) + "\n"
     return files
 
@@ -391,7 +380,8 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             {"name": "caddyfile", "configMap": {"name": CADDYFILE_CONFIGMAP}},
             {"name": "probe", "configMap": {"name": PROBE_CONFIGMAP}},
             {"name": "admission", "configMap": {"name": ADMISSION_CONFIGMAP, "items": [
-                {"key": _admission_key(path), "path": path} for path in sorted(admission_paths())]}},
+                {"key": _admission_key(path), "path": path}
+                for path in sorted(_admission_files(r, sizing, launch, release))]}},
             {"name": "admission-state", "emptyDir": {}},
             {"name": "admission-tmp", "emptyDir": {}},
             {"name": "caddy-data", "emptyDir": {}},

@@ -102,14 +102,14 @@ def plan_mirror(r: Resolved) -> MirrorPlan | None:
     weights = r.spec.weights
     if weights.mirror != "managed":
         return None
-    bucket, _, prefix = (weights.s3_mirror_uri or "").removeprefix("s3://").partition("/")
+    bucket, prefix = weights.s3_mirror_location
     fill = catalog.FILL_INSTANCE
     size = r.checkpoint.size_bytes
     hub = min(catalog.TRANSFER_SOURCES["huggingface"].bytes_per_second, fill.network_bytes_per_second)
     # Verification reads every byte back from the instance's NVMe (hashing on 32 cores is faster).
     verify = math.ceil(size / catalog.NVME_DISK_READ_BYTES_PER_SECOND)
     return MirrorPlan(
-        bucket=bucket, prefix=prefix.strip("/"), repo=r.repo, revision=r.revision,
+        bucket=bucket, prefix=prefix, repo=r.repo, revision=r.revision,
         region=r.spec.target.aws.region, create_bucket=weights.mirror_bucket == "create",
         checkpoint_bytes=size, setup_seconds=catalog.FILL_SETUP_SECONDS,
         download_seconds=math.ceil(size / hub), verify_seconds=verify,
@@ -140,8 +140,7 @@ def shared_mirror_problems(specs: Iterable[StackSpec]) -> list[str]:
     by_bucket: dict[str, list[StackSpec]] = {}
     for spec in specs:
         if spec.weights.mirror == "managed":
-            bucket = (spec.weights.s3_mirror_uri or "").removeprefix("s3://").split("/")[0]
-            by_bucket.setdefault(bucket, []).append(spec)
+            by_bucket.setdefault(spec.weights.s3_mirror_location[0], []).append(spec)
     problems = []
     for bucket, sharing in sorted(by_bucket.items()):
         creators = sorted(s.stack for s in sharing if s.weights.mirror_bucket == "create")

@@ -291,11 +291,27 @@ def admission_checks(r: Resolved) -> list[str]:
     return [name for name in chosen if name not in ADMISSION_SKIPS]
 
 
-def verifier_files() -> list[NodeFile]:
+def admission_settings(r: Resolved, launch: Launch, sizing: Sizing) -> dict:
+    """How a node or a pod runs the suite against itself (stack.json's and the pod's admission)."""
+    return {"engine": launch.engine, "checks": admission_checks(r),
+            "request_timeout_seconds": r.spec.verification.timeout_seconds,
+            "concurrency": verification_concurrency(sizing, 1), "deadline_seconds": ADMISSION_DEADLINE_SECONDS}
+
+
+#: pip's input for the suite's dependencies, on nodes and in pods.
+VERIFIER_REQUIREMENTS_TEXT = "\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n"
+
+
+def verifier_sources() -> dict[str, str]:
+    """The suite as shipped: package-relative module path -> source."""
     package = resources.files("kimi_fleet")
-    files = [NodeFile(f"{VERIFIER_DIR}/kimi_fleet/{module}", (package / module).read_text(), 0o644)
-             for module in VERIFIER_MODULES]
-    files.append(NodeFile(VERIFIER_REQUIREMENTS_FILE, "\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n", 0o644))
+    return {module: (package / module).read_text() for module in VERIFIER_MODULES}
+
+
+def verifier_files() -> list[NodeFile]:
+    files = [NodeFile(f"{VERIFIER_DIR}/kimi_fleet/{module}", source, 0o644)
+             for module, source in verifier_sources().items()]
+    files.append(NodeFile(VERIFIER_REQUIREMENTS_FILE, VERIFIER_REQUIREMENTS_TEXT, 0o644))
     return files
 
 
@@ -322,12 +338,8 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "ready_file": READY_FILE,
         "watchdog": {"interval_seconds": WATCHDOG_INTERVAL_SECONDS, "failures": WATCHDOG_FAILURES,
                      "probe_timeout_seconds": WATCHDOG_PROBE_TIMEOUT_SECONDS},
-        "admission": {
-            "python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
-            "engine": launch.engine, "checks": admission_checks(r),
-            "request_timeout_seconds": spec.verification.timeout_seconds,
-            "concurrency": verification_concurrency(sizing, 1), "deadline_seconds": ADMISSION_DEADLINE_SECONDS,
-        },
+        "admission": {"python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
+                      **admission_settings(r, launch, sizing)},
     }
     return json.dumps(facts, indent=2) + "\n"
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from kimi_fleet import catalog
+from kimi_fleet.node_scripts.weights_manifest import VERIFY_THREADS
 from kimi_fleet.resolve import Resolved
 
 
@@ -227,7 +228,7 @@ def ready_phases(r: Resolved) -> list[dict]:
     source = catalog.TRANSFER_SOURCES[weights.source]
     rate = int(weights.download_gbps * 10**9 / 8) if weights.download_gbps else source.bytes_per_second
     volume_rate = volume_read_bytes_per_second(r)
-    cores = min(catalog.VERIFY_THREADS, (r.offer.vcpus if r.offer and r.offer.vcpus else catalog.VERIFY_THREADS))
+    cores = min(VERIFY_THREADS, (r.offer.vcpus if r.offer and r.offer.vcpus else VERIFY_THREADS))
     hash_rate = cores * catalog.SHA256_BYTES_PER_SECOND_PER_CORE
     mirror = catalog.TRANSFER_SOURCES["s3-mirror"].bytes_per_second
     download_hint = ("" if weights.source == "s3-mirror" else

@@ -237,6 +237,12 @@ class WeightsSpec(Spec):
     host_path: HostPath = "/data/kimi-fleet/weights"
     """directory on the node that holds the weights (under an allowed root such as /data)."""
 
+    @property
+    def s3_mirror_location(self) -> tuple[str, str]:
+        """(bucket, key prefix without slashes at either end) of s3MirrorUri; ("", "") without one."""
+        bucket, _, prefix = (self.s3_mirror_uri or "").removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
+
     @model_validator(mode="after")
     def _mirror_needs_uri(self) -> "WeightsSpec":
         if self.source == "s3-mirror" and not (self.s3_mirror_uri or "").startswith("s3://"):

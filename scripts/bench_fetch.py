@@ -78,8 +78,8 @@ def fill(env: dict, source: Path, files: dict[str, bytes], s5cmd: str) -> None:
     subprocess.run([s5cmd, "--endpoint-url", env["AWS_ENDPOINT_URL"], "cp", f"{source}/", f"{prefix}/"], env=env,
                    check=True, capture_output=True)
     manifest = source.parent / weights_manifest.MANIFEST_NAME
-    manifest.write_text(json.dumps({"format": weights_manifest.FORMAT, "repo": REPO, "revision": REVISION, "files": [
-        {"path": p, "size": len(c), "sha256": hashlib.sha256(c).hexdigest()} for p, c in sorted(files.items())]}))
+    manifest.write_text(json.dumps(weights_manifest.manifest_document(
+        REPO, REVISION, {p: (len(c), hashlib.sha256(c).hexdigest()) for p, c in files.items()})))
     subprocess.run([s5cmd, "--endpoint-url", env["AWS_ENDPOINT_URL"], "cp", str(manifest),
                     f"{prefix}/{weights_manifest.MANIFEST_NAME}"], env=env, check=True, capture_output=True)
 

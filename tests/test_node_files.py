@@ -28,6 +28,7 @@ from kimi_fleet.node_files import (
     render_node_files,
     user_data_bytes,
 )
+from kimi_fleet.node_scripts.weights_manifest import manifest_document
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
@@ -355,10 +356,8 @@ FILL = "\n".join(
 )
 
 #: The mirror's manifest of HUB_FILES (zeros), as the fill writes it.
-MIRROR_MANIFEST = json.dumps({"format": "kimi-fleet weights manifest v1", "repo": "moonshotai/Kimi-K2.6",
-                              "revision": "a" * 40, "files": [
-                                  {"path": p, "size": s, "sha256": hashlib.sha256(b"\0" * s).hexdigest()}
-                                  for p, s in HUB_FILES.items()]})
+MIRROR_MANIFEST = json.dumps(manifest_document("moonshotai/Kimi-K2.6", "a" * 40, {
+    p: (s, hashlib.sha256(b"\0" * s).hexdigest()) for p, s in HUB_FILES.items()}))
 NODE_SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
 
 STUB_AWS = f"""#!/bin/bash

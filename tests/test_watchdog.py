@@ -274,7 +274,8 @@ def _pod_admission(root: Path, facts: dict, tmp_path: Path, rounds: int, *, back
         "suite_path": str(root / node_files.VERIFIER_DIR.lstrip("/")), "requirements": "unused",
         "dependencies_dir": str(state / "packages"), "report": str(state / "report.json"),
         "passed_file": str(state / Path(ADMISSION_PASSED).name), "interval_seconds": 0.2, "failures": 2,
-        "probe_timeout_seconds": PROBE_TIMEOUT, "timeout": 30, "concurrency": 4, "deadline": 120,
+        "probe_timeout_seconds": PROBE_TIMEOUT, "request_timeout_seconds": 30, "concurrency": 4,
+        "deadline_seconds": 120,
     }
     (tmp_path / "admission.json").write_text(json.dumps(config))
     script = Path(node_files.__file__).parent / "node_scripts" / "pod_admission.py"

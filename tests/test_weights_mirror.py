@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kimi_fleet.node_files import WEIGHTS_MANIFEST_NAME
-from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME
+from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, manifest_document
 from tests.fakes.aws_api import BIN, moto_server
 from tests.fakes.harness import free_port
 from tests.test_node_files import HUB_FILES, fake_hub, node_files  # noqa: F401  (fixture)
@@ -187,9 +187,8 @@ def upload_with_manifest(env, source: Path, contents: dict[str, bytes]) -> None:
     prefix = f"s3://{BUCKET}/hf/{REPO}/{REVISION}"
     aws(env, "s3", "sync", "--only-show-errors", str(source), prefix + "/")
     manifest = source.parent / WEIGHTS_MANIFEST_NAME
-    manifest.write_text(json.dumps({
-        "format": "kimi-fleet weights manifest v1", "repo": REPO, "revision": REVISION,
-        "files": [{"path": p, "size": len(c), "sha256": hashlib.sha256(c).hexdigest()} for p, c in contents.items()]}))
+    manifest.write_text(json.dumps(manifest_document(
+        REPO, REVISION, {p: (len(c), hashlib.sha256(c).hexdigest()) for p, c in contents.items()})))
     aws(env, "s3", "cp", str(manifest), f"{prefix}/{WEIGHTS_MANIFEST_NAME}")
 
 

@@ -60,8 +60,8 @@ def main() -> int:
                 passed, message = run_suite(
                     base_url=config["local_proxy"], model=config["model"], engine=config["engine"],
                     checks=config["checks"], release=config["release"], suite_path=config["suite_path"],
-                    python=python, report=Path(config["report"]), key=key, timeout=config["timeout"],
-                    concurrency=config["concurrency"], deadline=config["deadline"], dependencies=dependencies)
+                    python=python, report=Path(config["report"]), key=key, timeout=config["request_timeout_seconds"],
+                    concurrency=config["concurrency"], deadline=config["deadline_seconds"], dependencies=dependencies)
                 log(message)
                 if passed:
                     passed_file.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ MANIFEST_NAME = "kimi-fleet-manifest.json"
 FORMAT = "kimi-fleet weights manifest v1"
 #: Beside the manifest when a managed fill failed (its log's tail); a successful fill removes it.
 FILL_FAILED_NAME = "kimi-fleet-fill-failed.txt"
+#: Files hashed at once (hashlib releases the GIL: one thread per core, up to this many).
+VERIFY_THREADS = 32
 #: A node's copy of the mirror's manifest, beside its weights (written by weights_fetch.py).
 LOCAL_MANIFEST_NAME = ".kimi-manifest.json"
 #: weights_fetch.py's exit status for a mirror no retry can help: unfilled, another revision, bad
@@ -58,6 +60,12 @@ def manifest_tree(path: str) -> dict[str, tuple[int, str | None, str | None]]:
     if document.get("format") != FORMAT:
         raise SystemExit(f"{path}: not a {FORMAT}")
     return {f["path"]: (f["size"], f["sha256"], None) for f in document["files"]}
+
+
+def manifest_document(repo: str, revision: str, files: dict[str, tuple[int, str]]) -> dict:
+    """The manifest of <repo>@<revision>: every path with its size and SHA-256, in path order."""
+    return {"format": FORMAT, "repo": repo, "revision": revision,
+            "files": [{"path": path, "size": size, "sha256": sha256} for path, (size, sha256) in sorted(files.items())]}
 
 
 def _digest(full: str, size: int, sha256: bool) -> str:
@@ -92,7 +100,7 @@ def verify(local: str, expected: dict, says: str = "expected") -> tuple[list[str
             return path, None, f"content of {path}: {kind} {got}, {says} {want} (removed, fetched again next)"
         return path, (sha256 if sha256 else _digest(full, size, sha256=True)), None
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 4)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, os.cpu_count() or 4)) as pool:
         results = list(pool.map(check, present))
     problems += [problem for _, _, problem in results if problem]
     hashes = {path: digest for path, digest, problem in results if not problem}
@@ -130,8 +138,7 @@ def main() -> int:
         return 1
     if args.command == "manifest":
         repo, revision = args.hub
-        document = {"format": FORMAT, "repo": repo, "revision": revision,
-                    "files": [{"path": p, "size": expected[p][0], "sha256": hashes[p]} for p in sorted(expected)]}
+        document = manifest_document(repo, revision, {p: (expected[p][0], hashes[p]) for p in expected})
         with open(args.out, "w") as out:
             json.dump(document, out, indent=1)
             out.write("\n")
