@@ -175,3 +175,12 @@ def test_program_refuses_a_wildcard_api_key_on_kubernetes_before_declaring_anyth
     run = run_config(config)
     assert run.error and "kimi-fleet:apiKey must be" in run.error and "abcdefghijklmnop*" not in run.error
     assert run.resources == []
+
+
+def test_free_ports_of_one_test_process_never_repeat():
+    # Two listeners of one Caddy given the same port fail to start (seen once in CI): the
+    # harness must not hand out a port twice, even when the kernel offers a just-closed one again.
+    from tests.fakes.harness import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

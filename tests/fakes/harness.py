@@ -27,11 +27,21 @@ READY_TIMEOUT = 30.0  # generous: a loaded 2-core CI machine
 STOP_TIMEOUT = 5.0  # then SIGKILL: a test must not wait out Caddy's grace period for hung upstreams
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (another process may still grab it: keep the window short)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A currently free TCP port on 127.0.0.1 (another process may still grab it: keep the window short).
+
+    Never the same port twice in one test process: the kernel may hand a just-closed port out
+    again, and two listeners of one Caddy given the same port break it (seen in CI)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _stop(process: subprocess.Popen) -> None:
