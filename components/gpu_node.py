@@ -80,6 +80,12 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
             {"Sid": "ReadWeightMirror", "Effect": "Allow", "Action": "s3:GetObject",
              "Resource": f"arn:aws:s3:::{bucket}/{key_prefix + '/' if key_prefix else ''}*"},
         ]
+    cache_prefix = node_files.compile_cache_key_prefix(r)
+    if cache_prefix is not None:
+        # The one write a node has: its own engine image's compile caches (managed mirror only).
+        statements.append(
+            {"Sid": "ShareCompileCache", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+             "Resource": f"arn:aws:s3:::{bucket}/{cache_prefix}/*"})
     return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 

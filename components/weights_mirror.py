@@ -2,7 +2,7 @@
 
 Created: the bucket with default encryption, every public-access block, TLS-only access and a
 lifecycle that aborts incomplete multipart uploads (a fill cut off mid-upload leaves no billed
-parts). It is retained when the stack is destroyed: other stacks in the region read it, and a refill
+parts) and expires the nodes' shared compile caches (old images' kernels do not pile up). It is retained when the stack is destroyed: other stacks in the region read it, and a refill
 costs a Hub download; delete it by hand when no stack needs it. Adopted: looked up by name (preview
 fails when it does not exist yet), its encryption and public access are checked by the fill's wait
 before any GPU node is declared.
@@ -47,6 +47,8 @@ def mirror_facts(plan: MirrorPlan) -> dict:
         "publicAccessBlock": dict.fromkeys(("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
                                             "restrictPublicBuckets"), True) if created else None,
         "abortIncompleteUploadsDays": catalog.MIRROR_ABORT_INCOMPLETE_UPLOAD_DAYS if created else None,
+        "compileCachePrefix": plan.compile_cache_prefix,
+        "compileCacheExpiryDays": catalog.MIRROR_COMPILE_CACHE_EXPIRY_DAYS if created else None,
         "liveCheckBeforeNodes": True,
     }
 
@@ -82,7 +84,13 @@ class WeightsMirror(pulumi.ComponentResource):
                     id="abort-incomplete-uploads", status="Enabled",
                     filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=""),
                     abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
-                        days_after_initiation=facts["abortIncompleteUploadsDays"]))],
+                        days_after_initiation=facts["abortIncompleteUploadsDays"])),
+                    aws.s3.BucketLifecycleConfigurationRuleArgs(
+                        id="expire-compile-caches", status="Enabled",
+                        filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(
+                            prefix=f"{facts['compileCachePrefix']}/"),
+                        expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(
+                            days=facts["compileCacheExpiryDays"]))],
                 opts=child)
             aws.s3.BucketPolicy(f"{name}-tls-only", bucket=bucket.id, policy=bucket.arn.apply(tls_only_policy),
                                 opts=pulumi.ResourceOptions(parent=self, depends_on=[blocked]))

@@ -694,6 +694,9 @@ FILL_SETUP_SECONDS = 4 * 60
 S3_STANDARD_USD_PER_GB_MONTH = 0.023
 #: Incomplete multipart uploads (a fill cut off mid-upload) are aborted after this many days.
 MIRROR_ABORT_INCOMPLETE_UPLOAD_DAYS = 2
+#: Shared compile caches expire this many days after a node published them: old images' kernels do
+#: not pile up, and a launch still in use is published again by its next node that compiles.
+MIRROR_COMPILE_CACHE_EXPIRY_DAYS = 30
 
 
 #: Sequential read of the weight volume, by kind (bytes/s). Instance store: per NVMe disk, striped.

@@ -21,6 +21,7 @@ from kimi_fleet import catalog, templates
 from kimi_fleet.launch import plain_value
 from kimi_fleet.node_files import FETCH_REQUIREMENTS, node_script
 from kimi_fleet.node_scripts.weights_manifest import FILL_FAILED_NAME, MANIFEST_NAME
+from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import StackSpec
 
@@ -53,6 +54,11 @@ class MirrorPlan:
     def checkpoint_prefix(self) -> str:
         """The key prefix of this checkpoint's files."""
         return "/".join(p for p in (self.prefix, self.repo, self.revision) if p)
+
+    @property
+    def compile_cache_prefix(self) -> str:
+        """The key prefix under which nodes share their engines' compile caches."""
+        return mirror_compile_cache_prefix(self.prefix)
 
     @property
     def manifest_key(self) -> str:

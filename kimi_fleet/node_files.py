@@ -22,10 +22,13 @@ import yaml
 
 from kimi_fleet import catalog, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
-from kimi_fleet.launch import ENV_DIR, Launch, docker_argv, docker_run_command, plain_value, render_env_file
+from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
+                               render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
+from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
 from kimi_fleet.spec import SAFE_VALUE
@@ -102,6 +105,7 @@ NODE_SETTINGS_KEYS = (
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
     "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
+    "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -121,6 +125,12 @@ WEIGHTS_MANIFEST_NAME = MIRROR_MANIFEST_NAME
 #: Fetches the checkpoint from the S3 mirror with s5cmd (parallel, resumable; no Hub call).
 WEIGHTS_FETCH_TOOL = f"{LIB_DIR}/weights_fetch.py"
 FETCH_REQUIREMENTS_FILE = f"{LIB_DIR}/fetch-requirements.txt"
+#: Restores the engines' compile caches from the managed mirror before they start, and publishes
+#: them once the node is admitted (COMPILE_CACHE_UNIT, started by the watchdog).
+COMPILE_CACHE_TOOL = f"{LIB_DIR}/compile_cache.py"
+COMPILE_CACHE_UNIT = COMPILE_CACHE_PUBLISH_UNIT_NAME
+#: The publish's upper bound: a few GB of kernels at a fraction of the node's network rate.
+COMPILE_CACHE_PUBLISH_TIMEOUT_SECONDS = 3600
 APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
@@ -164,7 +174,7 @@ SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KE
 FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
-                   NODE_STATUS, ADMISSION)
+                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -199,7 +209,7 @@ BOOTSTRAP = templates.render(
     FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
     ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
     WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE,
-    VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE)
+    VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE, COMPILE_CACHE_TOOL=COMPILE_CACHE_TOOL)
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
                                     FETCH_TOOL=WEIGHTS_FETCH_TOOL, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
@@ -230,6 +240,33 @@ def _watchdog_unit(engines: int) -> str:
     # One probe per engine plus two through Caddy, each at most the probe timeout, and an admission run.
     timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + ADMISSION_DEADLINE_SECONDS + 30
     return templates.render("kimi-watchdog.service", WATCHDOG=WATCHDOG, TIMEOUT_SECONDS=timeout)
+
+
+COMPILE_CACHE_PUBLISH_UNIT = templates.render(
+    "kimi-compile-cache.service", TOOL=COMPILE_CACHE_TOOL, NODE_ENV=NODE_ENV_FILE,
+    TIMEOUT_SECONDS=COMPILE_CACHE_PUBLISH_TIMEOUT_SECONDS)
+
+
+def compile_cache_key_prefix(r: Resolved) -> str | None:
+    """Where a managed mirror keeps this engine image's caches on this accelerator (None: no managed
+    mirror, so nothing is shared and nodes get no write access to any bucket)."""
+    weights = r.spec.weights
+    if weights.mirror != "managed":
+        return None
+    _, prefix = weights.s3_mirror_location
+    return f"{mirror_compile_cache_prefix(prefix)}/{r.compile_cache_dir_name}"
+
+
+def compile_cache_archive(r: Resolved, launch: Launch) -> str | None:
+    """The shared archive of this engine configuration: named by the digest of every engine's
+    container argv and env file, so a node restores only kernels built for exactly its launch."""
+    key_prefix = compile_cache_key_prefix(r)
+    if key_prefix is None:
+        return None
+    launch_parts = [[docker_argv(launch, i), render_env_file(launch, i, r.spec.stack)] for i in launch.instances]
+    digest = hashlib.sha256(json.dumps(launch_parts, sort_keys=True).encode()).hexdigest()[:16]
+    bucket, _ = r.spec.weights.s3_mirror_location
+    return f"s3://{bucket}/{key_prefix}/{digest}.tar"
 
 
 WATCHDOG_TIMER = templates.render("kimi-watchdog.timer", INTERVAL_SECONDS=WATCHDOG_INTERVAL_SECONDS)
@@ -277,6 +314,8 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "API_KEY_FILE": secrets.api_key_file,
         "HF_TOKEN_FILE": secrets.hf_token_file,
         "CHECKPOINT_BYTES": str(r.checkpoint.size_bytes),
+        "COMPILE_CACHE_ARCHIVE": compile_cache_archive(r, launch) or "",
+        "COMPILE_CACHE_DIR": compile_cache_host_dir(r),
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -418,6 +457,8 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),
         NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),
         NodeFile(FETCH_REQUIREMENTS_FILE, FETCH_REQUIREMENTS, 0o644),
+        NodeFile(COMPILE_CACHE_TOOL, node_script("compile_cache.py"), 0o644),
+        NodeFile(f"{UNIT_DIR}/{COMPILE_CACHE_UNIT}", COMPILE_CACHE_PUBLISH_UNIT, 0o644),
         NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
         *verifier_files(),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),

@@ -7,3 +7,12 @@ ENV_DIR = "/etc/kimi-fleet"
 LOOPBACK = "127.0.0.1"
 #: The engines' compile and JIT caches inside the container (a directory beside the weights outside).
 COMPILE_CACHE_MOUNT = "/kimi-fleet-cache"
+#: Under a managed mirror's prefix: the engines' compile caches, shared between nodes
+#: (<prefix>/.compile-cache/<engine--image--accelerator>/<launch digest>.tar). A Hugging Face repo id
+#: never starts with a dot, so no checkpoint can collide with it.
+MIRROR_COMPILE_CACHE_DIR = ".compile-cache"
+
+
+def mirror_compile_cache_prefix(mirror_prefix: str) -> str:
+    """The key prefix of the shared compile caches in a mirror whose checkpoints are under `mirror_prefix`."""
+    return "/".join(p for p in (mirror_prefix, MIRROR_COMPILE_CACHE_DIR) if p)

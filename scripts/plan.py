@@ -26,10 +26,12 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from kimi_fleet import catalog  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
+from kimi_fleet.node_files import compile_cache_archive  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.rollout import rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
@@ -56,7 +58,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
-              "rollout": None, "mirror": None}
+              "rollout": None, "mirror": None, "compile_cache": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -69,6 +71,9 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    archive = compile_cache_archive(resolved, launch)
+    result["compile_cache"] = {"volume": resolved.weights_volume, "shared_archive": archive,
+                               "expiry_days": catalog.MIRROR_COMPILE_CACHE_EXPIRY_DAYS if archive else None}
     mirror = plan_mirror(resolved)
     if mirror:
         result["mirror"] = {"uri": mirror.uri, "creates_bucket": mirror.create_bucket, "fill_id": mirror.fill_id,
@@ -186,6 +191,11 @@ def print_plan(p: dict) -> None:
         print(f"      {phase['phase']:<8} {_min(phase['seconds']):>3} min{floor}: {phase['basis']}{lower}")
     if p.get("mirror"):
         print("  weights mirror (managed): " + "\n    ".join(p["mirror"]["lines"]))
+    cache = p["compile_cache"]
+    shared = (f"shared through {cache['shared_archive']} (restored on a node whose volume has none, published "
+              f"once after the first admission, expires {cache['expiry_days']} days after)"
+              if cache["shared_archive"] else "not shared between nodes (no managed mirror)")
+    print(f"  compile caches: beside the weights on the {cache['volume']} volume; {shared}")
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
           f"a new release {_release_mechanism(rollout)}")

@@ -8,12 +8,13 @@ import copy
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from kimi_fleet import node_files
-from kimi_fleet.launch import render_launch
+from kimi_fleet.launch import compile_cache_host_dir, render_launch
 from kimi_fleet.node_files import SecretsSource, bundle_digest, release_bundle, release_pointer, render_node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
@@ -116,6 +117,32 @@ def test_release_n_then_n_plus_1_in_place(aws_env, tmp_path):
     again = apply(aws_env, root, tools, "--expect", digest_2)
     assert again.returncode == 0 and _restarted(again.stderr) == set()
     assert "0 file(s) changed" in again.stderr
+
+
+def test_a_new_node_restores_the_shared_compile_cache_before_its_engines_start(aws_env, tmp_path):
+    r = resolved()
+    archive = node_files.compile_cache_archive(r, render_launch(r))
+    bucket = archive.removeprefix("s3://").split("/", 1)[0]
+    # What the first admitted node of this launch published (compile_cache.py publish).
+    kernels = tmp_path / "published"
+    (kernels / "deep_gemm").mkdir(parents=True)
+    (kernels / "deep_gemm" / "kernel.cubin").write_bytes(b"\x7fELF kernel")
+    with tarfile.open(tmp_path / "cache.tar", "w") as tar:
+        tar.add(kernels / "deep_gemm", arcname="deep_gemm")
+    aws(aws_env, "s3api", "create-bucket", "--bucket", bucket)
+    aws(aws_env, "s3", "cp", str(tmp_path / "cache.tar"), archive)
+
+    root, tools = scratch_node(tmp_path, r)
+    digest = publish(aws_env, tmp_path, r)
+    result = apply(aws_env, root, tools, "--expect", digest)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache_dir = root / compile_cache_host_dir(r).lstrip("/")
+    assert (cache_dir / "deep_gemm" / "kernel.cubin").read_bytes() == b"\x7fELF kernel"
+    log = result.stderr
+    assert "compile cache: restored" in log and log.index("compile cache: restored") < log.index("kimi-engine@0.service")
+    # The cache now lives on the node's volume: the next bootstrap keeps it.
+    again = apply(aws_env, root, tools, "--expect", digest)
+    assert "already holds a cache: kept" in again.stderr, again.stderr[-3000:]
 
 
 def test_a_tampered_or_unexpected_bundle_is_refused(aws_env, tmp_path):

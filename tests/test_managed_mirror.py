@@ -17,12 +17,17 @@ import boto3
 import pytest
 import yaml
 
+from components.gpu_node import _role_policy
+from kimi_fleet import catalog
+from kimi_fleet.launch import render_launch
 from kimi_fleet.mirror import plan_mirror, render_fill_user_data, shared_mirror_problems
+from kimi_fleet.node_files import NODE_ENV_FILE, compile_cache_archive
+from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import StackSpecError
 from kimi_fleet.stackfile import stack_names
 from policy import validators as v
 from tests.fakes.aws_api import moto_server
-from tests.test_node_files import resolved, tool
+from tests.test_node_files import node_files, resolved, tool
 from tooling.mock_run import run_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +54,13 @@ def test_the_creating_stack_declares_a_private_encrypted_retained_bucket(runs):
     assert all(block[name] is True for name in v.PUBLIC_ACCESS_BLOCKS)
     (rule,) = parts[v.S3_ENCRYPTION]["rules"]
     assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "AES256"
-    (lifecycle,) = parts["aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration"]["rules"]
-    assert lifecycle["abortIncompleteMultipartUpload"]["daysAfterInitiation"] >= 1
+    rules = {rule["id"]: rule for rule in
+             parts["aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration"]["rules"]}
+    assert rules["abort-incomplete-uploads"]["abortIncompleteMultipartUpload"]["daysAfterInitiation"] >= 1
+    # Shared compile caches expire; the checkpoints beside them never do.
+    assert rules["expire-compile-caches"]["filter"]["prefix"] == "hf/.compile-cache/"
+    assert rules["expire-compile-caches"]["expiration"]["days"] == catalog.MIRROR_COMPILE_CACHE_EXPIRY_DAYS
+    assert all("expiration" not in rule for name, rule in rules.items() if name != "expire-compile-caches")
     policy = json.loads(parts["aws:s3/bucketPolicy:BucketPolicy"]["policy"])
     assert policy["Statement"][0]["Effect"] == "Deny" and "SecureTransport" in json.dumps(policy)
 
@@ -76,6 +86,50 @@ def test_gpu_nodes_depend_on_a_fill_that_terminates_itself(runs, stack):
     writes = next(s for s in statements if "s3:PutObject" in s["Action"])
     assert writes["Resource"].endswith(f"/hf/moonshotai/Kimi-K2.6/{plan.revision}/*")
     assert not any(s["Action"] == "s3:*" or s["Resource"].endswith(":::" + BUCKET + "/*") for s in statements)
+
+
+@pytest.mark.parametrize("stack", [CREATOR, ADOPTER])
+def test_nodes_write_only_their_own_engine_images_compile_caches(runs, stack):
+    r = resolved(stack)
+    cache_prefix = f"hf/.compile-cache/{r.compile_cache_dir_name}"
+    node_policies = [json.loads(p["inputs"]["policy"]) for p in runs[stack].of_type("aws:iam/rolePolicy:RolePolicy")
+                     if plan_mirror(r).fill_id not in p["name"]]
+    assert node_policies
+    for policy in node_policies:
+        writes = [s for s in policy["Statement"]
+                  if any(a.startswith("s3:") and a not in ("s3:GetObject", "s3:ListBucket")
+                         for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))]
+        assert writes == [{"Sid": "ShareCompileCache", "Effect": "Allow",
+                           "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+                           "Resource": f"arn:aws:s3:::{BUCKET}/{cache_prefix}/*"}]
+    # The node is told the archive of exactly its launch, under that prefix.
+    settings = dict(line.split("=", 1) for line in node_files(stack)[NODE_ENV_FILE].content.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["COMPILE_CACHE_ARCHIVE"] == compile_cache_archive(r, render_launch(r))
+    assert settings["COMPILE_CACHE_ARCHIVE"].startswith(f"s3://{BUCKET}/{cache_prefix}/")
+    assert settings["COMPILE_CACHE_DIR"].endswith(f"/compile-cache/{r.compile_cache_dir_name}")
+
+
+def test_the_shared_cache_is_named_by_the_launch_and_needs_a_managed_mirror():
+    r = resolved(CREATOR)
+    spec = r.spec
+    archive = compile_cache_archive(r, render_launch(r))
+
+    def changed(part: str, **update) -> Resolved:
+        return Resolved(spec.model_copy(update={part: getattr(spec, part).model_copy(update=update)}))
+
+    # Another memory knob is another launch: its kernels and graphs get their own archive.
+    flag = changed("engine", memory_fraction=0.85 if spec.engine.memory_fraction != 0.85 else 0.8)
+    assert compile_cache_archive(flag, render_launch(flag)) not in (None, archive)
+    # What does not reach the engine (the gate's timeout) keeps the archive.
+    gate = Resolved(spec.model_copy(update={"verification": spec.verification.model_copy(
+        update={"timeout_seconds": spec.verification.timeout_seconds + 1})}))
+    assert compile_cache_archive(gate, render_launch(gate)) == archive
+    # An external mirror is not the program's bucket: nothing shared, no write access to it.
+    external = changed("weights", mirror="external")
+    assert compile_cache_archive(external, render_launch(external)) is None
+    policy = json.loads(_role_policy(external, "/kimi-fleet/x"))
+    assert not [s for s in policy["Statement"] if "s3:PutObject" in json.dumps(s)]
 
 
 def test_two_stacks_in_a_region_share_one_bucket_and_one_fill(runs):

@@ -21,6 +21,7 @@ import yaml
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import (
     API_KEY_FILE,
+    COMPILE_CACHE_UNIT,
     EC2_USER_DATA_LIMIT,
     NodeFile,
     SecretsSource,
@@ -282,7 +283,8 @@ def test_units_pass_systemd_analyze_verify(stack, tmp_path):
     # A host gets the firewall unit (AWS nodes have security groups instead).
     assert ("/etc/systemd/system/kimi-firewall.service" in files) is (resolved(stack).spec.target.host is not None)
     units += [path for path in files if path.endswith("/kimi-firewall.service")]
-    units += ["/etc/systemd/system/kimi-watchdog.service", "/etc/systemd/system/kimi-watchdog.timer"]
+    units += ["/etc/systemd/system/kimi-watchdog.service", "/etc/systemd/system/kimi-watchdog.timer",
+              f"/etc/systemd/system/{COMPILE_CACHE_UNIT}"]
     result = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", *units],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

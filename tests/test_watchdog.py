@@ -35,6 +35,7 @@ state=${SYSTEMCTL_STUB_DIR:?}
 case "$1" in
   show) unit=${@: -1}; cat "$state/invocation-$unit" 2>/dev/null || echo first ;;
   restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"; echo "after-restart" >"$state/invocation-$unit" ;;
+  start) echo "${@: -1}" >>"$state/starts" ;;
   *) echo "unexpected systemctl $*" >&2; exit 1 ;;
 esac
 """
@@ -154,6 +155,25 @@ def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(
         broken.unlink()  # the restarted engine generates: admitted, and proven again for its new start
         back = run_watchdog()
         assert "admission: the verification suite passed" in back.stderr and _ready(root) == release
+
+
+def test_an_admitted_node_publishes_its_compile_cache_once_when_the_mirror_is_managed(tmp_path):
+    with node(tmp_path, "good") as (root, run_watchdog, state, facts):
+        # This host stack has no managed mirror: admission starts nothing else.
+        assert run_watchdog().returncode == 0 and _ready(root) is not None
+        assert not (state / "starts").exists()
+    archive = "s3://kimi-fleet-weights-us-east-1/hf/.compile-cache/sglang--x--rtxpro6000/0123456789abcdef.tar"
+    again = tmp_path / "managed"
+    again.mkdir()
+    with node(again, "good") as (root, run_watchdog, state, facts):
+        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+        settings.write_text(settings.read_text().replace("COMPILE_CACHE_ARCHIVE=\n", f"COMPILE_CACHE_ARCHIVE={archive}\n"))
+        first = run_watchdog()
+        assert _ready(root) is not None, first.stderr
+        assert (state / "starts").read_text().split() == [node_files.COMPILE_CACHE_UNIT]
+        assert f"compile cache: publishing to {archive}" in first.stderr
+        run_watchdog()  # proven already: not published again
+        assert (state / "starts").read_text().split() == [node_files.COMPILE_CACHE_UNIT]
 
 
 @pytest.mark.parametrize("mode, check", [("raw-tool-markers", "tool_call"), ("vision-in-reasoning", "vision")])

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
+from compile_cache import PUBLISH_UNIT  # noqa: E402
 from generation_probe import probe  # noqa: E402
 from node_status import read as read_status, start_phase  # noqa: E402
 
@@ -125,7 +126,20 @@ def proven(stack: dict, key: str) -> bool:
     if passed:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         proof_file.write_text(proof)
+        share_compile_cache()
     return passed
+
+
+def share_compile_cache() -> None:
+    """The engines compiled and warmed up for the suite: let the next node of this launch reuse the
+    kernels (the publish unit uploads them once per launch, in the background; managed mirror only)."""
+    try:
+        archive = setting("COMPILE_CACHE_ARCHIVE")
+    except KeyError:
+        return
+    if archive:
+        log(f"compile cache: publishing to {archive} ({PUBLISH_UNIT})")
+        subprocess.run(["systemctl", "start", "--no-block", PUBLISH_UNIT], check=False)
 
 
 def main() -> int:

@@ -220,6 +220,18 @@ download_weights() {
   log "weights verified"
 }
 
+# The engines' compile caches from the managed mirror, for a node whose volume holds none (a new
+# instance-store node): the kernels the first node of this exact launch built. Never fatal: without
+# them the engines compile, as they would have anyway. The watchdog publishes them after admission.
+restore_compile_cache() {
+  [[ -n ${COMPILE_CACHE_ARCHIVE:-} ]] || return 0
+  local rc=0
+  python3 "$ROOT__COMPILE_CACHE_TOOL__" restore --archive "$COMPILE_CACHE_ARCHIVE" \
+    --dir "$ROOT$COMPILE_CACHE_DIR" --s5cmd "${S5CMD:-}" 2>&1 | while IFS= read -r line; do log "$line"; done \
+    || rc=$?
+  ((rc == 0)) || log "compile cache: not restored (exit $rc); the engines compile"
+}
+
 # Restart a unit only when one of its inputs changed (or it is not running): a re-run is a no-op.
 apply_unit() {
   local unit=$1; shift
@@ -269,6 +281,7 @@ mount_weights
 fetch_secrets
 ensure_verifier
 download_weights
+restore_compile_cache
 start_services
 status loading
 trap - EXIT
