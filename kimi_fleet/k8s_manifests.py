@@ -51,6 +51,12 @@ WEIGHTS_VERIFIER_SCRIPT = "weights_manifest.py"
 VERIFIER_CONFIGMAP = "kimi-weights-verifier"
 VERIFIER_MOUNT = "/opt/kimi-fleet"
 VERIFIED_MARKER = ".verified"
+VERIFIER_REQUIREMENTS_KEY = "verify-requirements.txt"
+#: The suite's pinned packages, installed once per (pins, image) by the weights download (the Job or
+#: the init container) onto the weights volume: pods then start their admission without PyPI.
+VERIFIER_PACKAGES_DIR = "{}/.kimi-fleet/verify-packages/{}".format(
+    WEIGHTS_MOUNT, hashlib.sha256(f"{VERIFIER_REQUIREMENTS_TEXT}{catalog.DOWNLOAD_IMAGE}".encode()).hexdigest()[:16])
+PACKAGES_COMPLETE_MARKER = ".complete"
 
 #: Probe cadence. The startup window is derived from the sizing's warm start (weights already local).
 #: Every probe is a tiny real generation (node_scripts/generation_probe.py): a green /health with a
@@ -90,6 +96,16 @@ SHM_GIB = 64
 VENDOR_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "huawei": "huawei.com/Ascend910"}
 
 DOWNLOAD_SCRIPT = """\
+# The admission containers' packages first (every pod needs them, even when the weights are there).
+if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
+  rm -rf "$PACKAGES_DIR.partial"
+  mkdir -p "${{PACKAGES_DIR%/*}}"
+  python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --only-binary=:all: \\
+    --target "$PACKAGES_DIR.partial" -r {requirements}
+  touch "$PACKAGES_DIR.partial/{complete}"
+  rm -rf "$PACKAGES_DIR"
+  mv "$PACKAGES_DIR.partial" "$PACKAGES_DIR"
+fi
 if [ "$(cat "$TARGET_DIR/{marker}" 2>/dev/null)" = "$REVISION" ]; then
   echo "weights $REPO@$REVISION already verified"; exit 0
 fi
@@ -98,7 +114,8 @@ hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
 python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
 """.format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION,
-           verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}")
+           verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
+           requirements=f"{VERIFIER_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}")
 
 #: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
 
@@ -197,6 +214,10 @@ def _weights_volume(r: Resolved) -> dict:
     return {"name": "weights", "persistentVolumeClaim": {"claimName": WEIGHTS_PVC}}
 
 
+def _verifier_volume() -> dict:
+    return {"name": "verifier", "configMap": {"name": VERIFIER_CONFIGMAP}}
+
+
 def _download_container(r: Resolved) -> dict:
     return {
         "name": "download-weights",
@@ -206,6 +227,7 @@ def _download_container(r: Resolved) -> dict:
             {"name": "REPO", "value": r.repo},
             {"name": "REVISION", "value": r.revision},
             {"name": "TARGET_DIR", "value": f"{WEIGHTS_MOUNT}/{r.weights_dir_name}"},
+            {"name": "PACKAGES_DIR", "value": VERIFIER_PACKAGES_DIR},
             {"name": "HF_XET_HIGH_PERFORMANCE", "value": "1"},
             {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
@@ -319,12 +341,13 @@ def _admission_files(r: Resolved, sizing: Sizing, launch: Launch, release: str |
     """Path under ADMISSION_MOUNT -> content: the suite (as shipped to nodes), the scripts, the config."""
     files = {f"suite/kimi_fleet/{module}": source for module, source in verifier_sources().items()}
     files.update({script: node_script(script) for script in ADMISSION_SCRIPTS})
-    files["verify-requirements.txt"] = VERIFIER_REQUIREMENTS_TEXT
+    files[VERIFIER_REQUIREMENTS_KEY] = VERIFIER_REQUIREMENTS_TEXT
     files["admission.json"] = json.dumps({
         "local_proxy": f"http://127.0.0.1:{POD_LOCAL_PROXY_PORT}", "model": r.spec.model.served_name,
         # The digest pass renders without a release: any fixed placeholder keeps it deterministic.
         "release": release or "0" * 16,
-        "suite_path": f"{ADMISSION_MOUNT}/suite", "requirements": f"{ADMISSION_MOUNT}/verify-requirements.txt",
+        "suite_path": f"{ADMISSION_MOUNT}/suite", "requirements": f"{ADMISSION_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}",
+        "prebuilt_dependencies_dir": VERIFIER_PACKAGES_DIR, "prebuilt_marker": PACKAGES_COMPLETE_MARKER,
         "dependencies_dir": f"{ADMISSION_STATE}/packages", "report": f"{ADMISSION_STATE}/report.json",
         "passed_file": ADMISSION_PASSED, "interval_seconds": PROBE_PERIOD_SECONDS, "failures": READINESS_FAILURES,
         "probe_timeout_seconds": GENERATION_PROBE_TIMEOUT_SECONDS, **admission_settings(r, launch, sizing),
@@ -348,7 +371,9 @@ def _admission_container() -> dict:
         "volumeMounts": [
             {"name": "admission", "mountPath": ADMISSION_MOUNT, "readOnly": True},
             {"name": "admission-state", "mountPath": ADMISSION_STATE},
-            # The root file system is read-only: pip unpacks wheels under /tmp.
+            # The packages the weights download installed (no PyPI at pod start).
+            {"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True},
+            # The root file system is read-only: a fallback pip install unpacks wheels under /tmp.
             {"name": "admission-tmp", "mountPath": "/tmp"},
         ],
     }
@@ -391,6 +416,7 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
     if r.weights_volume == "host-path":
         # One Job cannot reach every node's disk: each pod fills its node once (the marker skips it after).
         pod_spec["initContainers"] = [_download_container(r)]
+        pod_spec["volumes"].append(_verifier_volume())
     if k8s.gpu_claim == "dra":
         pod_spec["resourceClaims"] = [{"name": GPU_CLAIM, "resourceClaimTemplateName": GPU_CLAIM_TEMPLATE}]
     return {
@@ -471,7 +497,8 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
-            "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT)},
+            "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT),
+                     VERIFIER_REQUIREMENTS_KEY: VERIFIER_REQUIREMENTS_TEXT},
         },
         {
             "apiVersion": "v1",
@@ -509,7 +536,7 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
                             **_scheduling(r, first_market),
                             "containers": [_download_container(r)],
                             "volumes": [_weights_volume(r),
-                                        {"name": "verifier", "configMap": {"name": VERIFIER_CONFIGMAP}}],
+                                        _verifier_volume()],
                         },
                     },
                 },

@@ -332,3 +332,44 @@ def test_a_pod_is_ready_only_when_its_admission_container_passed_the_suite(stack
     caddyfile = next(c for c in of_kind(objects, "ConfigMap")
                      if c["metadata"]["name"] == manifests.CADDYFILE_CONFIGMAP)["data"]["Caddyfile"]
     assert f"http://127.0.0.1:{manifests.POD_LOCAL_PROXY_PORT} {{" in caddyfile and "bind 127.0.0.1" in caddyfile
+
+
+HOST_PATH_WEIGHTS = {"weights": {"volume": "host-path", "hostPath": "/raid/models"}}
+
+
+@pytest.mark.parametrize("stack, overrides", [(s, {}) for s in K8S_STACKS] + [("gb200-int4-vllm", HOST_PATH_WEIGHTS)])
+def test_every_mounted_volume_is_declared_by_its_pod(stack, overrides):
+    # The API server refuses a pod whose container mounts a volume the pod does not declare; the
+    # schemas cannot see that (a host-path init container once mounted an undeclared verifier).
+    _, _, objects = rendered(stack, **overrides)
+    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Deployment", "Job")]
+    assert pods
+    for pod in pods:
+        declared = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            assert mounted <= declared, (container["name"], mounted - declared)
+
+
+@pytest.mark.parametrize("stack, overrides", [(s, {}) for s in K8S_STACKS] + [("gb200-int4-vllm", HOST_PATH_WEIGHTS)])
+def test_pods_take_the_suite_packages_the_weights_download_installed(stack, overrides):
+    """No PyPI at pod start: the download (Job or init container) installs the suite's pins onto the
+    weights volume once per pins and image; the admission container reads them from there."""
+    _, _, objects = rendered(stack, **overrides)
+    (config_map,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.ADMISSION_CONFIGMAP]
+    config = json.loads(config_map["data"]["admission.json"])
+    assert config["prebuilt_dependencies_dir"] == manifests.VERIFIER_PACKAGES_DIR
+    assert manifests.VERIFIER_PACKAGES_DIR.startswith(f"{manifests.WEIGHTS_MOUNT}/")
+    (verifier,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.VERIFIER_CONFIGMAP]
+    assert verifier["data"][manifests.VERIFIER_REQUIREMENTS_KEY] == config_map["data"][
+        manifests.VERIFIER_REQUIREMENTS_KEY]
+    downloads = [c for o in objects if o["kind"] in ("Deployment", "Job")
+                 for c in o["spec"]["template"]["spec"].get("initContainers", []) + o["spec"]["template"]["spec"][
+                     "containers"] if c["name"] == "download-weights"]
+    assert len(downloads) == 1
+    assert {"name": "PACKAGES_DIR", "value": manifests.VERIFIER_PACKAGES_DIR} in downloads[0]["env"]
+    for deployment in of_kind(objects, "Deployment"):
+        mounts = containers(deployment, "admission")["volumeMounts"]
+        assert {"name": "weights", "mountPath": manifests.WEIGHTS_MOUNT, "readOnly": True} in mounts
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)

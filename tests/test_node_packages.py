@@ -58,17 +58,54 @@ def test_the_verifier_pins_are_complete_and_install_as_wheels(arch, tmp_path):
     assert downloaded == pinned  # anything pip pulled in beyond the pins would be unpinned on nodes
 
 
-def test_the_pod_admission_install_gives_the_shipped_suite_everything_it_imports(tmp_path, monkeypatch):
-    """The admission container's own install (pip --target), then the suite as shipped, imported
-    with no site-packages at all: only the standard library, the installed pins and the suite."""
+def _weights_download_installs_the_suite_packages(tmp_path: Path) -> Path:
+    """The Kubernetes weights download (Job or init container) as it runs, for weights already
+    verified: it installs the suite's pins onto the weights volume and stops."""
+    from kimi_fleet import k8s_manifests as k8s
+
+    verifier = tmp_path / "verifier"
+    verifier.mkdir()
+    (verifier / k8s.VERIFIER_REQUIREMENTS_KEY).write_text(node_files.VERIFIER_REQUIREMENTS_TEXT)
+    weights = tmp_path / "weights"
+    (weights / "kimi").mkdir(parents=True)
+    (weights / "kimi" / k8s.VERIFIED_MARKER).write_text("a" * 40 + "\n")
+    packages = Path(k8s.VERIFIER_PACKAGES_DIR.replace(k8s.WEIGHTS_MOUNT, str(weights), 1))
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "python3").symlink_to(sys.executable)  # the image's python3, with pip
+    script = k8s.DOWNLOAD_SCRIPT.replace(k8s.VERIFIER_MOUNT, str(verifier))
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "TARGET_DIR": str(weights / "kimi"),
+           "PACKAGES_DIR": str(packages), "REPO": "moonshotai/Kimi-K2.6", "REVISION": "a" * 40}
+    for _ in range(2):  # the second run finds them complete and installs nothing
+        result = subprocess.run(["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr
+        assert "already verified" in result.stdout
+    assert (packages / k8s.PACKAGES_COMPLETE_MARKER).is_file() and not packages.with_name(
+        packages.name + ".partial").exists()
+    return packages
+
+
+@pytest.mark.parametrize("source", ["weights-volume", "pypi-fallback"])
+def test_the_pod_admission_install_gives_the_shipped_suite_everything_it_imports(tmp_path, monkeypatch, source):
+    """The suite's packages as a pod gets them (installed by the weights download onto the weights
+    volume, or, when missing, by the admission container from PyPI), then the suite as shipped,
+    imported with no site-packages at all: only the standard library, the pins and the suite."""
+    from kimi_fleet import k8s_manifests as k8s
     from kimi_fleet.node_scripts import pod_admission
 
     requirements = tmp_path / "verify-requirements.txt"
     requirements.write_text(node_files.VERIFIER_REQUIREMENTS_TEXT)
     monkeypatch.delenv("KIMI_VERIFY_PYTHON", raising=False)
-    python, packages = pod_admission.install({"dependencies_dir": str(tmp_path / "packages"),
-                                              "requirements": str(requirements)})
-    assert python == sys.executable and packages == str(tmp_path / "packages")
+    config = {"dependencies_dir": str(tmp_path / "packages"), "requirements": str(requirements),
+              "prebuilt_dependencies_dir": str(tmp_path / "not-installed"),
+              "prebuilt_marker": k8s.PACKAGES_COMPLETE_MARKER}
+    if source == "weights-volume":
+        config["prebuilt_dependencies_dir"] = str(_weights_download_installs_the_suite_packages(tmp_path))
+        monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # any pip call would fail
+    python, packages = pod_admission.install(config)
+    expected = config["prebuilt_dependencies_dir"] if source == "weights-volume" else config["dependencies_dir"]
+    assert python == sys.executable and packages == expected
+    assert (tmp_path / "packages").exists() is (source == "pypi-fallback")
     suite = tmp_path / "suite"
     for node_file in node_files.verifier_files():
         if "/kimi_fleet/" in node_file.path:

@@ -5,8 +5,9 @@ only; runs in the admission container, next to the engine and the proxy).
 
     pod_admission.py CONFIG.json [--rounds N]
 
-Once: install the suite's pinned packages into a directory (pip --target; skipped when
-KIMI_VERIFY_PYTHON names an interpreter that has them). Then every interval: one tiny generation
+Once: take the suite's pinned packages from the weights volume, where the weights download
+installed them (pip --target, once per pins and image), or install them now if that is missing
+(skipped when KIMI_VERIFY_PYTHON names an interpreter that has them). Then every interval: one tiny generation
 through the proxy's loopback listener with the key. While it generates and the suite has not
 passed for this pod, run the suite (admission.py); on a pass write the passed file, which the
 container's readiness probe tests. `failures` failed generations in a row remove the file (the
@@ -33,9 +34,16 @@ def log(message: str) -> None:
 
 
 def install(config: dict) -> tuple[str, str | None]:
-    """(python, dependencies directory) to run the suite with."""
+    """(python, dependencies directory) to run the suite with: the packages the weights download
+    installed on the weights volume when complete, else installed from PyPI now."""
     if os.environ.get("KIMI_VERIFY_PYTHON"):
         return os.environ["KIMI_VERIFY_PYTHON"], None
+    prebuilt = config.get("prebuilt_dependencies_dir")
+    if prebuilt and (Path(prebuilt) / config["prebuilt_marker"]).is_file():
+        log(f"suite packages: {prebuilt} (installed by the weights download)")
+        return sys.executable, prebuilt
+    if prebuilt:
+        log(f"suite packages: {prebuilt} is not complete; installing the pins from PyPI")
     target = config["dependencies_dir"]
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--only-binary=:all:",
                     "--target", target, "-r", config["requirements"]], check=True)
