@@ -49,6 +49,9 @@ class AwsEndpoint(pulumi.ComponentResource):
     hourly_cost_usd: pulumi.Output[float | None]
     dns_record: pulumi.Output[str]
     weights_volume_id: pulumi.Output[str | None]
+    #: A fleet's rollout as AWS reports it (region, group, target groups, template version): the
+    #: gate waits until only nodes of this release are healthy targets. None for one node.
+    fleet_rollout: pulumi.Output[dict] | None
 
     def __init__(self, name: str, args: AwsEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:AwsEndpoint", name, None, opts)
@@ -126,6 +129,12 @@ class AwsEndpoint(pulumi.ComponentResource):
 
         self.dns_record = dns.record
         self.weights_volume_id = volume.volume_id
+        self.fleet_rollout = None
+        if balancer:
+            self.fleet_rollout = pulumi.Output.all(node.fleet_group, balancer.target_group_arns,
+                                                   node.template_version).apply(
+                lambda values: {"region": target.region, "group": values[0], "target_groups": list(values[1]),
+                                "template_version": str(values[2])})
         publish_endpoint(
             self, domain=spec.domain, node_ids=node.node_ids, market=node.market,
             # The weight volume outlives the node and bills monthly: folded into the hourly figure.

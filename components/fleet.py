@@ -125,6 +125,9 @@ class Fleet(pulumi.ComponentResource):
                 usd_per_hour=args.cost.fleet_usd_per_hour,
                 release=release_id,
                 replicas=spec.capacity.replicas,
+                fleet_rollout=getattr(endpoint, "fleet_rollout", None),
+                #: an instance refresh replaces the replicas one after another, each a cold start
+                rollout_timeout_seconds=args.sizing.cold_start_seconds * 2 * spec.capacity.replicas,
                 # A new release, new nodes or a rotated key: verify again.
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))

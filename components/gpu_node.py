@@ -120,6 +120,10 @@ class GpuNode(pulumi.ComponentResource):
     hourly_cost_usd: pulumi.Output[float | None]
     #: The nodes' instance role (a release bucket grants it read access).
     role_arn: pulumi.Output[str]
+    #: A fleet's Auto Scaling group name and the launch template version of this release (the gate
+    #: waits until only instances of it are healthy targets); None for one node.
+    fleet_group: pulumi.Output[str] | None
+    template_version: pulumi.Output[str]
 
     def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:GpuNode", name, None, opts)
@@ -179,10 +183,13 @@ class GpuNode(pulumi.ComponentResource):
 
         self.market = pulumi.Output.from_input(capacity.effective_market)
         self.hourly_cost_usd = pulumi.Output.from_input(estimate(r).fleet_usd_per_hour)
+        self.template_version = _version(template)
+        self.fleet_group = None
         if fleet:
             group = self._fleet(name, args, template, sizing)
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
+            self.fleet_group = group.name
         else:
             # The instance follows the template's newest version: a new release (user data), AMI or
             # instance type is a new version, which replaces the instance ("$Latest" would be the same
@@ -212,6 +219,8 @@ class GpuNode(pulumi.ComponentResource):
             "public_ip": self.public_ip,
             "hourly_cost_usd": self.hourly_cost_usd,
             "role_arn": self.role_arn,
+            "fleet_group": self.fleet_group,
+            "template_version": self.template_version,
         })
 
     def _fleet(self, name: str, args: GpuNodeArgs, template: aws.ec2.LaunchTemplate,

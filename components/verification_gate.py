@@ -19,6 +19,7 @@ from kimi_fleet.verification.cli import MEASURED_PREFIX, THROUGHPUT_PREFIX
 # depend on the machine that runs `pulumi up`, or every runner would change it and re-verify.
 PYTHON = ".venv/bin/python"  # the virtualenv Pulumi.yaml names
 VERIFY_SCRIPT = "scripts/verify.py"
+FLEET_RELEASE_SCRIPT = "scripts/await_fleet_release.py"
 
 
 @dataclass
@@ -42,10 +43,22 @@ class VerificationGateArgs:
     #: the release id the endpoint must serve on every replica before and during the run
     release: str | None = None
     replicas: int = 1
+    #: a fleet behind a load balancer: {region, group, target_groups, template_version}; the gate
+    #: first waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets
+    fleet_rollout: pulumi.Input[dict] | None = None
+    rollout_timeout_seconds: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
 
 
-def verify_command(args: VerificationGateArgs, base_url: str) -> str:
+def fleet_wait_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
+    argv = [PYTHON, FLEET_RELEASE_SCRIPT, "--region", rollout["region"], "--group", rollout["group"]]
+    for arn in rollout["target_groups"]:
+        argv += ["--target-group", arn]
+    return argv + ["--template-version", rollout["template_version"], "--release", args.release,
+                   "--replicas", str(args.replicas), "--timeout", str(args.rollout_timeout_seconds)]
+
+
+def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | None = None) -> str:
     report = f"build/{args.stack}/verification.json"
     argv = [
         PYTHON, VERIFY_SCRIPT,
@@ -67,8 +80,11 @@ def verify_command(args: VerificationGateArgs, base_url: str) -> str:
             argv += ["--usd-per-hour", f"{args.usd_per_hour:g}"]
     if args.release:
         argv += ["--release", args.release, "--replicas", str(args.replicas)]
+    steps = [f"mkdir -p {shlex.quote(f'build/{args.stack}')}"]
+    if rollout and args.release:
+        steps.append(shlex.join(fleet_wait_argv(args, rollout)))
     # The key travels in the environment (a secret), never on the command line.
-    return f"mkdir -p {shlex.quote(f'build/{args.stack}')} && {shlex.join(argv)}"
+    return " && ".join([*steps, shlex.join(argv)])
 
 
 class VerificationGate(pulumi.ComponentResource):
@@ -78,7 +94,10 @@ class VerificationGate(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: VerificationGateArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:verification:VerificationGate", name, {"model": args.model}, opts)
-        create = pulumi.Output.from_input(args.base_url).apply(lambda url: verify_command(args, url))
+        create = pulumi.Output.all(args.base_url, args.fleet_rollout).apply(
+            lambda values: verify_command(args, values[0], values[1]))
+        # The command waits for the rollout, then the model load (--wait-ready); give Pulumi more.
+        timeout = f"{args.rollout_timeout_seconds + args.ready_timeout_seconds + 1800}s"
         self.command = command.local.Command(
             f"{name}-verify",
             create=create,
@@ -87,9 +106,7 @@ class VerificationGate(pulumi.ComponentResource):
             logging=command.local.Logging.STDOUT_AND_STDERR,
             opts=pulumi.ResourceOptions(
                 parent=self,
-                # The command waits for the model load itself (--wait-ready); give Pulumi more.
-                custom_timeouts=pulumi.CustomTimeouts(create=f"{args.ready_timeout_seconds + 1800}s",
-                                                      update=f"{args.ready_timeout_seconds + 1800}s"),
+                custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout),
             ),
         )
         # The table's last lines name every check and its status; the key is masked by the suite.

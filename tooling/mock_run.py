@@ -134,8 +134,8 @@ class EchoMocks(pulumi.runtime.Mocks):
         elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
             state.setdefault("dnsName", NLB_DNS_NAME)
             state.setdefault("zoneId", NLB_ZONE_ID)
-        elif args.typ == "aws:iam/role:Role":
-            state.setdefault("name", args.name)
+        elif args.typ in ("aws:iam/role:Role", "aws:autoscaling/group:Group"):
+            state.setdefault("name", args.name)  # AWS auto-names these from the resource name
         elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
             # AWS numbers each new version; here a changed template gets a different number.
             state["latestVersion"] = _content_number(args.inputs)
