@@ -91,7 +91,8 @@ class AwsEndpoint(pulumi.ComponentResource):
             mirror = WeightsMirror(f"{name}-mirror", WeightsMirrorArgs(plan=mirror_plan, tags=tags), child)
             node_prerequisites.append(MirrorFill(f"{name}-fill", MirrorFillArgs(
                 plan=mirror_plan, bucket_arn=mirror.bucket_arn, vpc_id=network.vpc_id,
-                subnet_id=network.subnet_ids.apply(lambda ids: ids[0]), tags=tags), child))
+                subnet_ids=network.subnet_ids, default_subnets=not target.subnet_ids,
+                region=target.region, tags=tags), child))
 
         balancer = None
         if fleet:

@@ -35,8 +35,26 @@ class MirrorFillArgs:
     plan: MirrorPlan
     bucket_arn: pulumi.Input[str]
     vpc_id: pulumi.Input[str]
-    subnet_id: pulumi.Input[str]
+    #: the stack's subnets: the fill goes into the first one in a zone that sells its instance type
+    subnet_ids: pulumi.Input[list[str]]
+    #: the stack runs in its VPC's default subnets: any default subnet of a zone that sells it will do
+    default_subnets: bool
+    region: str
     tags: dict[str, str]
+
+
+def choose_fill_subnet(stack_subnets: list[str], default_subnets: list[str], offered_zones: list[str],
+                       region: str) -> str:
+    """The stack's own subnet in a zone that sells the fill's instance type, else (default VPC) a
+    default subnet of such a zone; refused, before anything is declared, when there is none."""
+    for candidates in (stack_subnets, default_subnets):
+        if candidates:
+            return sorted(candidates)[0]
+    instance_type = catalog.FILL_INSTANCE.instance_type
+    raise ValueError(
+        f"the mirror fill needs a subnet in a zone of {region} that sells {instance_type} "
+        f"({', '.join(sorted(offered_zones)) or 'none do'}): none of the stack's subnets is in one; add one to "
+        "kimi-fleet:target.aws.subnetIds")
 
 
 def fill_role_policy(plan: MirrorPlan, bucket_arn: str) -> str:
@@ -86,13 +104,25 @@ class MirrorFill(pulumi.ComponentResource):
             f"{base}-egress-only", vpc_id=args.vpc_id, description="kimi-fleet mirror fill: no inbound",
             egress=[aws.ec2.SecurityGroupEgressArgs(protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"])],
             tags=args.tags, opts=child)
-        ami = aws.ssm.get_parameter_output(name=catalog.FILL_AMI_SSM_PARAMETER,
-                                           opts=pulumi.InvokeOutputOptions(parent=self))
+        invoke = pulumi.InvokeOutputOptions(parent=self)
+        ami = aws.ssm.get_parameter_output(name=catalog.FILL_AMI_SSM_PARAMETER, opts=invoke)
+        # GPU zones are few, and the fill's type is not sold in every zone: check, don't assume.
+        offered = aws.ec2.get_instance_type_offerings_output(
+            location_type="availability-zone",
+            filters=[{"name": "instance-type", "values": [catalog.FILL_INSTANCE.instance_type]}], opts=invoke).locations
+        stack_subnets = aws.ec2.get_subnets_output(filters=[
+            {"name": "subnet-id", "values": args.subnet_ids},
+            {"name": "availability-zone", "values": offered}], opts=invoke).ids
+        default_subnets = aws.ec2.get_subnets_output(filters=[
+            {"name": "vpc-id", "values": [args.vpc_id]}, {"name": "default-for-az", "values": ["true"]},
+            {"name": "availability-zone", "values": offered}], opts=invoke).ids if args.default_subnets else []
+        subnet_id = pulumi.Output.all(stack_subnets, default_subnets, offered).apply(
+            lambda values: choose_fill_subnet(values[0], values[1], values[2], args.region))
         instance = aws.ec2.Instance(
             f"{base}-instance",
             ami=ami.value,
             instance_type=catalog.FILL_INSTANCE.instance_type,
-            subnet_id=args.subnet_id,
+            subnet_id=subnet_id,
             vpc_security_group_ids=[group.id],
             iam_instance_profile=profile.name,
             associate_public_ip_address=True,

@@ -132,6 +132,19 @@ def test_the_shared_cache_is_named_by_the_launch_and_needs_a_managed_mirror():
     assert not [s for s in policy["Statement"] if "s3:PutObject" in json.dumps(s)]
 
 
+def test_the_fill_goes_into_a_subnet_of_a_zone_that_sells_its_instance_type(runs):
+    from components.mirror_fill import choose_fill_subnet
+
+    # Under the mocks: one of the stack's own subnets.
+    (fill,) = [r for r in runs[CREATOR].of_type("aws:ec2/instance:Instance") if "-fill-" in r["name"]]
+    assert fill["inputs"]["subnetId"].startswith("subnet-")
+    # The stack's subnet first, then (default subnets) any default subnet of a zone that sells it.
+    assert choose_fill_subnet(["subnet-b", "subnet-a"], ["subnet-c"], ["us-east-1a"], "us-east-1") == "subnet-a"
+    assert choose_fill_subnet([], ["subnet-c"], ["us-east-1c"], "us-east-1") == "subnet-c"
+    with pytest.raises(ValueError, match=r"sells c6id\.8xlarge \(us-east-1c, us-east-1d\).*target\.aws\.subnetIds"):
+        choose_fill_subnet([], [], ["us-east-1d", "us-east-1c"], "us-east-1")
+
+
 def test_two_stacks_in_a_region_share_one_bucket_and_one_fill(runs):
     creator, adopter = plan_mirror(resolved(CREATOR)), plan_mirror(resolved(ADOPTER))
     assert (creator.bucket, creator.manifest_key) == (adopter.bucket, adopter.manifest_key)
