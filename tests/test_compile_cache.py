@@ -160,3 +160,27 @@ def test_publish_leaves_out_links_that_point_outside(s3_env, tmp_path):
 def test_a_bad_archive_uri_is_a_usage_error(tmp_path):
     result = cache_tool(os.environ, "restore", tmp_path, archive="http://example.com/x.tar")
     assert result.returncode == 2 and "s3://" in result.stderr
+
+
+def test_the_publish_unit_reads_the_node_settings(s3_env, tmp_path):
+    """What kimi-compile-cache.service runs: `publish --settings node.env` under the node's root."""
+    from kimi_fleet import node_files
+
+    root = tmp_path / "root"
+    cache = root / "weights" / "compile-cache" / "x"
+    files = built_cache(cache)
+    settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+    settings.parent.mkdir(parents=True)
+    settings.write_text(f"# node settings\nAWS_REGION={REGION}\nCOMPILE_CACHE_ARCHIVE={ARCHIVE}\n"
+                        "COMPILE_CACHE_DIR=/weights/compile-cache/x\n")
+    unit = node_files.COMPILE_CACHE_PUBLISH_UNIT
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.removeprefix("ExecStart=").split()
+    assert argv[1] == node_files.COMPILE_CACHE_TOOL and argv[2:] == ["publish", "--settings", node_files.NODE_ENV_FILE]
+    env = {k: v for k, v in s3_env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    result = subprocess.run([sys.executable, str(SCRIPT), "publish", "--settings", str(settings)],
+                            env={**env, "KIMI_ROOT": str(root)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "published" in result.stdout, result.stdout + result.stderr
+    restored = tmp_path / "restored"
+    assert cache_tool(s3_env, "restore", restored).returncode == 0
+    assert tree(restored) == files

@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         root = os.environ.get("KIMI_ROOT", "")
         args.archive = args.archive or settings.get("COMPILE_CACHE_ARCHIVE")
         args.dir = args.dir or (root + settings["COMPILE_CACHE_DIR"] if settings.get("COMPILE_CACHE_DIR") else None)
+        if settings.get("AWS_REGION"):  # the unit's environment is empty: s5cmd needs the bucket's region
+            os.environ.setdefault("AWS_REGION", settings["AWS_REGION"])
     if not args.archive:
         log("no shared cache for this stack (weights.mirror is not managed)")
         return 0
