@@ -46,7 +46,7 @@ class MirrorFillArgs:
 def choose_fill_subnet(stack_subnets: list[str], default_subnets: list[str], offered_zones: list[str],
                        region: str) -> str:
     """The stack's own subnet in a zone that sells the fill's instance type, else (default VPC) a
-    default subnet of such a zone; refused, before anything is declared, when there is none."""
+    default subnet of such a zone; refused at preview when there is none."""
     for candidates in (stack_subnets, default_subnets):
         if candidates:
             return sorted(candidates)[0]

@@ -2,8 +2,9 @@
 
 Created: the bucket with default encryption, every public-access block, TLS-only access and a
 lifecycle that aborts incomplete multipart uploads (a fill cut off mid-upload leaves no billed
-parts) and expires the nodes' shared compile caches (old images' kernels do not pile up). It is retained when the stack is destroyed: other stacks in the region read it, and a refill
-costs a Hub download; delete it by hand when no stack needs it. Adopted: looked up by name (preview
+parts) and expires the nodes' shared compile caches (old images' kernels do not pile up). It is
+retained when the stack is destroyed: other stacks in the region read it, and a refill costs a Hub
+download; delete it by hand when no stack needs it. Adopted: looked up by name (preview
 fails when it does not exist yet), its encryption and public access are checked by the fill's wait
 before any GPU node is declared.
 
