@@ -218,6 +218,12 @@ def target_can_provide(r: Resolved) -> Iterator[str]:
     if spec.weights.mirror == "managed" and not r.target.fills_managed_mirrors:
         yield (f"{_f('weights.mirror', 'managed')}: a managed mirror is an S3 bucket the program fills on AWS; "
                f"a {spec.target.kind} target fetches from the Hub or from an external s3MirrorUri")
+    if spec.weights.source == "s3-mirror" and not r.target.fetches_from_s3_mirror:
+        # Otherwise the download would quietly come from the Hub, at a fraction of the rate the
+        # sizing (and the download's deadline) assumed for the mirror.
+        yield (f"{_f('weights.source', 's3-mirror')}: a {spec.target.kind} target's weights download fetches "
+               "from the Hugging Face Hub and verifies every file against its tree (its volume is the "
+               "cluster's copy); set weights.source huggingface")
     yield from r.target.problems(r)
 
 

@@ -107,3 +107,19 @@ def test_the_schema_offers_each_kind_its_own_section():
     schema = json.loads((PROJECT_ROOT / "stacks" / "schema.json").read_text())
     text = json.dumps(schema)
     assert '"discriminator"' in text and "AwsTargetSpec" in text and "HostTargetSpec" in text
+
+
+@pytest.mark.parametrize("stack, accepted", [("gb200-int4-vllm", False), ("rtxpro6000-int4-sglang", True),
+                                             ("spheron-h200-int4-vllm", True), ("h200-int4-sglang", True)])
+def test_only_targets_whose_download_reads_a_mirror_accept_one(stack, accepted):
+    # A Kubernetes download Job fetches from the Hub: a mirror there would be a silent lie (and its
+    # deadline, sized for the mirror's rate, far too short for the Hub).
+    values = load_stack_config(stack_file(stack)).values
+    mirrored = {**values, "weights": {**values.get("weights", {}), "source": "s3-mirror",
+                                      "s3MirrorUri": "s3://my-weights/hf"}}
+    if accepted:
+        assert Resolved(parse_spec(mirrored, stack, "f")).spec.weights.source == "s3-mirror"
+    else:
+        with pytest.raises(StackSpecError, match=r"weights.source .given 's3-mirror'.: a kubernetes target's "
+                                                 r"weights download fetches from the Hugging Face Hub"):
+            parse_spec(mirrored, stack, "f")

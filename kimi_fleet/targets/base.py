@@ -39,6 +39,9 @@ class Target:
     sells_capacity_blocks: ClassVar[bool] = False
     #: Whether weights.mirror: managed applies (the program creates and fills an S3 bucket on AWS).
     fills_managed_mirrors: ClassVar[bool] = False
+    #: Whether its weights download can fetch from an S3 mirror (weights.source: s3-mirror): the
+    #: node bootstrap can; a Kubernetes download Job fetches from the Hub.
+    fetches_from_s3_mirror: ClassVar[bool] = True
 
     def default_weight_volume(self, r: Resolved) -> str:
         return self.weight_volumes[0]

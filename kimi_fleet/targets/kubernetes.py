@@ -17,6 +17,8 @@ class Kubernetes(Target):
     kind = "kubernetes"
     weight_volumes = ("pvc", "host-path")
     renders_manifests = True
+    # The download Job (or init container) fetches from the Hub; the weights PVC is the cluster's copy.
+    fetches_from_s3_mirror = False
 
     def dns_mechanism(self, spec) -> str:
         if spec.target.kubernetes.external_dns:
