@@ -110,13 +110,14 @@ class Fleet(pulumi.ComponentResource):
             args.resolved.target.dns_mechanism(spec))
 
         if spec.verification.enabled:
+            ready_timeout = args.sizing.cold_start_seconds * 2
             gate = VerificationGate(f"{name}-gate", VerificationGateArgs(
                 stack=spec.stack,
                 base_url=endpoint.openai_base_url,
                 api_key=self.api_key,
                 model=spec.model.served_name,
                 engine=spec.engine.name,
-                ready_timeout_seconds=args.sizing.cold_start_seconds * 2,
+                ready_timeout_seconds=ready_timeout,
                 request_timeout_seconds=spec.verification.timeout_seconds,
                 context_tokens=spec.context_length,
                 concurrency=verification_concurrency(args.sizing, spec.capacity.replicas),
@@ -126,8 +127,8 @@ class Fleet(pulumi.ComponentResource):
                 release=release_id,
                 replicas=spec.capacity.replicas,
                 fleet_rollout=getattr(endpoint, "fleet_rollout", None),
-                #: an instance refresh replaces the replicas one after another, each a cold start
-                rollout_timeout_seconds=args.sizing.cold_start_seconds * 2 * spec.capacity.replicas,
+                # An instance refresh replaces the replicas one after another, each a cold start.
+                rollout_timeout_seconds=ready_timeout * spec.capacity.replicas,
                 # A new release, new nodes or a rotated key: verify again.
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))

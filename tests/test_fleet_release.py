@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import boto3
-import pytest
 from botocore.stub import Stubber
 
 from tooling.mock_run import run_stack
@@ -46,7 +45,8 @@ class Clock:
 def _instance(instance_id: str, version: str) -> dict:
     return {"InstanceId": instance_id, "AvailabilityZone": "us-east-1a", "LifecycleState": "InService",
             "HealthStatus": "Healthy", "ProtectedFromScaleIn": False,
-            "LaunchTemplate": {"LaunchTemplateId": "lt-0123456789abcdef0", "LaunchTemplateName": "kimi", "Version": version}}
+            "LaunchTemplate": {"LaunchTemplateId": "lt-0123456789abcdef0", "LaunchTemplateName": "kimi",
+                               "Version": version}}
 
 
 def _poll(autoscaling: Stubber, elbv2: Stubber, members: dict[str, str], healthy: dict[str, list[str]],

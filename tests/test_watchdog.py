@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_no
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
-from tests.fakes.harness import free_port, start_caddy, start_fake_engine
+from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
 
 pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
               pytest.mark.timeout(180)]
@@ -307,15 +306,6 @@ def _pod_admission(root: Path, facts: dict, tmp_path: Path, rounds: int, *, back
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
 
 
-def _wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_pod_is_ready_only_after_the_suite_passed_against_its_own_proxy(tmp_path):
     with node(tmp_path, "good") as (root, run_watchdog, state, facts):
         result = _pod_admission(root, facts, tmp_path, rounds=1)
@@ -341,11 +331,11 @@ def test_a_pod_that_stops_generating_leaves_the_service_until_it_passes_again(tm
     with node(tmp_path, "good", ("--hang-file", str(broken))) as (root, run_watchdog, state, facts):
         admission = _pod_admission(root, facts, tmp_path, rounds=400, background=True)
         try:
-            assert _wait_for(lambda: passed.exists() and passed.read_text() != "stale\n", 60)
+            assert wait_for(lambda: passed.exists() and passed.read_text() != "stale\n", 60)
             broken.touch()  # generations hang: out of the Service after `failures` of them
-            assert _wait_for(lambda: not passed.exists(), 60)
+            assert wait_for(lambda: not passed.exists(), 60)
             broken.unlink()  # generating again: the suite runs again before the pod is Ready
-            assert _wait_for(passed.exists, 60)
+            assert wait_for(passed.exists, 60)
         finally:
             admission.terminate()
             _, errors = admission.communicate(timeout=30)

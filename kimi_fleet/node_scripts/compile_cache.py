@@ -32,6 +32,9 @@ import sys
 import tarfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from weights_manifest import s5cmd_base  # noqa: E402  (shipped beside this script)
+
 #: The unit that runs `publish --settings` (the watchdog starts it once the node is admitted).
 PUBLISH_UNIT = "kimi-compile-cache.service"
 #: The fetch venv's s5cmd (bootstrap's ensure_fetch_tool), found when --s5cmd and $S5CMD are unset.
@@ -39,17 +42,12 @@ FETCH_VENV_S5CMD = "/opt/kimi-fleet/fetch/lib/python3*/site-packages/s5cmd/bin/s
 #: Files younger than this may still be being written by a running engine.
 SETTLE_SECONDS = 60
 LOCK_SUFFIXES = (".lock", ".lck", ".tmp")
+#: s5cmd's own log: errors only (the outcome is said here).
+QUIET = ("--log", "error")
 
 
 def log(message: str) -> None:
     print(f"compile cache: {message}", flush=True)
-
-
-def s5cmd_base(binary: str) -> list[str]:
-    base = [binary, "--log", "error"]
-    if os.environ.get("AWS_ENDPOINT_URL"):  # a test's S3 server, or a VPC endpoint
-        base += ["--endpoint-url", os.environ["AWS_ENDPOINT_URL"]]
-    return base
 
 
 def find_s5cmd(given: str | None) -> str:
@@ -61,7 +59,8 @@ def find_s5cmd(given: str | None) -> str:
 
 def archive_exists(s5cmd: str, archive: str) -> bool:
     """True when the object exists; raises on any other failure than "not found"."""
-    listed = subprocess.run([*s5cmd_base(s5cmd), "ls", archive], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run([*s5cmd_base(s5cmd), *QUIET, "ls", archive], capture_output=True, text=True,
+                            timeout=120)
     if listed.returncode == 0:
         return True
     if "no object found" in listed.stderr:
@@ -92,7 +91,8 @@ def restore(s5cmd: str, archive: str, directory: str) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     started = time.monotonic()
-    stream = subprocess.Popen([*s5cmd_base(s5cmd), "cat", archive], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stream = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "cat", archive], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
     try:
         with tarfile.open(fileobj=stream.stdout, mode="r|") as archive_file:
             archive_file.extractall(staging, filter="data")
@@ -167,7 +167,8 @@ def publish(s5cmd: str, archive: str, directory: str, settle_seconds: float) -> 
         return 0
     chosen, skipped = members(directory, settle_seconds)
     started = time.monotonic()
-    upload = subprocess.Popen([*s5cmd_base(s5cmd), "pipe", archive], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    upload = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "pipe", archive], stdin=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
     try:
         with tarfile.open(fileobj=upload.stdin, mode="w|", format=tarfile.PAX_FORMAT) as archive_file:
             for relative in chosen:

@@ -26,8 +26,7 @@ import weights_manifest  # noqa: E402  (shipped beside this script)
 
 
 def s5cmd(binary: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    endpoint = ["--endpoint-url", os.environ["AWS_ENDPOINT_URL"]] if os.environ.get("AWS_ENDPOINT_URL") else []
-    return subprocess.run([binary, *endpoint, *args], check=check, capture_output=True, text=True)
+    return subprocess.run([*weights_manifest.s5cmd_base(binary), *args], check=check, capture_output=True, text=True)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
-from compile_cache import PUBLISH_UNIT  # noqa: E402
+from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
 from generation_probe import probe  # noqa: E402
 from node_status import read as read_status, start_phase  # noqa: E402
 
@@ -53,11 +53,10 @@ def log(message: str) -> None:
 
 def setting(name: str) -> str:
     """One KEY=VALUE line of node.env, read as data (never sourced)."""
-    for line in NODE_ENV.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key == name:
-            return value
-    raise KeyError(f"{name} not in {NODE_ENV}")
+    settings = read_settings(str(NODE_ENV))
+    if name not in settings:
+        raise KeyError(f"{name} not in {NODE_ENV}")
+    return settings[name]
 
 
 def invocation(unit: str) -> str:
@@ -133,10 +132,7 @@ def proven(stack: dict, key: str) -> bool:
 def share_compile_cache() -> None:
     """The engines compiled and warmed up for the suite: let the next node of this launch reuse the
     kernels (the publish unit uploads them once per launch, in the background; managed mirror only)."""
-    try:
-        archive = setting("COMPILE_CACHE_ARCHIVE")
-    except KeyError:
-        return
+    archive = read_settings(str(NODE_ENV)).get("COMPILE_CACHE_ARCHIVE")
     if archive:
         log(f"compile cache: publishing to {archive} ({PUBLISH_UNIT})")
         subprocess.run(["systemctl", "start", "--no-block", PUBLISH_UNIT], check=False)

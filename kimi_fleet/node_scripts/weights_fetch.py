@@ -47,16 +47,9 @@ def default_workers(cores: int) -> int:
     return min(256, max(16, 8 * cores))
 
 
-def s5cmd_base(binary: str) -> list[str]:
-    base = [binary]
-    if os.environ.get("AWS_ENDPOINT_URL"):  # a test's S3 server, or a VPC endpoint
-        base += ["--endpoint-url", os.environ["AWS_ENDPOINT_URL"]]
-    return base
-
-
 def read_manifest(binary: str, prefix: str, repo: str, revision: str) -> dict:
     uri = f"{prefix}/{weights_manifest.MANIFEST_NAME}"
-    result = subprocess.run([*s5cmd_base(binary), "cat", uri], capture_output=True)
+    result = subprocess.run([*weights_manifest.s5cmd_base(binary), "cat", uri], capture_output=True)
     if result.returncode != 0:
         raise Refused(f"the mirror has no {uri}: it is not filled (the fill writes it last; see the README, "
                       f"weights mirror)")
@@ -138,8 +131,8 @@ def main() -> int:
                         f'"{prefix}/{entry["path"]}" "{os.path.join(args.dir, entry["path"])}"\n')
     started = time.monotonic()
     try:
-        result = subprocess.run([*s5cmd_base(args.s5cmd), "--log", "error", "--numworkers", str(args.workers),
-                                 "run", batch.name])
+        result = subprocess.run([*weights_manifest.s5cmd_base(args.s5cmd), "--log", "error",
+                                 "--numworkers", str(args.workers), "run", batch.name])
     finally:
         os.unlink(batch.name)
     seconds = max(time.monotonic() - started, 1e-6)

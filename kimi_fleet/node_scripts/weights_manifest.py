@@ -39,6 +39,14 @@ LOCAL_MANIFEST_NAME = ".kimi-manifest.json"
 MIRROR_REFUSED_STATUS = 3
 
 
+def s5cmd_base(binary: str) -> list[str]:
+    """The start of every s5cmd command line of the mirror's scripts (fetch, fill, compile caches)."""
+    base = [binary]
+    if os.environ.get("AWS_ENDPOINT_URL"):  # a test's S3 server, or a VPC endpoint
+        base += ["--endpoint-url", os.environ["AWS_ENDPOINT_URL"]]
+    return base
+
+
 def hub_tree(repo: str, revision: str) -> dict[str, tuple[int, str | None, str | None]]:
     """path -> (size, sha256 of LFS files, git blob sha1 of the rest), from the Hub's tree API."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")

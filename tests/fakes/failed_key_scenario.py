@@ -15,10 +15,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
+
+from harness import wait_for  # beside this script (it runs as a script, inside the namespace)
 
 ATTACKER = "127.0.0.2"
 GOOD_CLIENT = "127.0.0.3"
@@ -54,15 +55,6 @@ def _status(source: str, url: str, key: str | None) -> str:
         return "timeout"
 
 
-def _wait_for(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def main(workdir: Path) -> dict:
     scenario = json.loads((workdir / "scenario.json").read_text())
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -82,16 +74,16 @@ def main(workdir: Path) -> dict:
                               stderr=subprocess.STDOUT)
     result: dict = {}
     try:
-        result["proxy_up"] = _wait_for(lambda: _status(GOOD_CLIENT, url, key) == "200", 20)
+        result["proxy_up"] = wait_for(lambda: _status(GOOD_CLIENT, url, key) == "200", 20, 0.2)
 
         def jail_status() -> str:
             out = subprocess.run([*fail2ban, "status", scenario["jail"]], capture_output=True, text=True)
             return out.stdout if out.returncode == 0 else ""
 
-        result["jail_up"] = _wait_for(lambda: "Banned IP list" in jail_status(), 20)
+        result["jail_up"] = wait_for(lambda: "Banned IP list" in jail_status(), 20, 0.2)
         result["attacker_before"] = [_status(ATTACKER, url, wrong) for _ in range(scenario["failures"])]
         result["attacker_keyless"] = _status(ATTACKER, url, None)
-        result["banned"] = _wait_for(lambda: ATTACKER in jail_status(), 15)
+        result["banned"] = wait_for(lambda: ATTACKER in jail_status(), 15, 0.2)
         result["jail_status"] = jail_status()
         # Banned: even the right key gets no connection from that address, on the proxy's port.
         result["attacker_after"] = _status(ATTACKER, url, key)
