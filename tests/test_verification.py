@@ -299,6 +299,18 @@ def test_engine_serving_less_context_than_the_stack_claims_fails(reports_max_mod
         assert "was refused" in reason and "maximum context length is 32768" in reason
 
 
+def test_one_burst_is_looked_at_again_and_only_bursts_in_a_row_fail():
+    # A client stalled by its own load sees one burst now and then; a buffering proxy every time.
+    with start_proxied_engine("buffered-once") as endpoint:
+        once = suite(endpoint, timeout=30, only=["streaming"])
+    assert once.passed, once.to_dict()
+    assert once.check("streaming").details["bursts_before"] == 1
+    with start_proxied_engine("buffered-stream") as endpoint:
+        always = suite(endpoint, timeout=30, only=["streaming"])
+    assert always.failed_checks() == ["streaming"]
+    assert "2 streams in a row" in always.check("streaming").reason
+
+
 def test_streaming_with_a_slow_first_token_is_not_mistaken_for_buffering():
     with start_proxied_engine("good", options=("--first-token-delay", "2.5")) as endpoint:
         report = suite(endpoint, timeout=30, only=["streaming"])

@@ -29,6 +29,7 @@ MODES = {
     "schema-invalid-tool": "tool call arguments are JSON but omit the schema's required properties",
     "vision-in-reasoning": "the image's color appears only in reasoning_content",
     "buffered-stream": "streams are computed, held back, then written in one burst",
+    "buffered-once": "the first stream arrives in one burst (as a stalled client sees it), later ones stream",
     "dead-scheduler": "/health is 200 but every generation hangs",
     "missing-model": "/v1/models lists a different name",
     "leaky-thinking": "no reasoning field: reasoning is left in content inside <think> tags",
@@ -95,6 +96,7 @@ class EngineState:
         self.stopping = threading.Event()
         self.requests_total = 0
         self.completions_total = 0
+        self.streams_total = 0
         self.draws: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -219,7 +221,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            if self.state.mode == "buffered-stream":
+            with self.state.lock:
+                self.state.streams_total += 1
+                first_stream = self.state.streams_total == 1
+            if self.state.mode == "buffered-stream" or (self.state.mode == "buffered-once" and first_stream):
                 time.sleep(self.state.chunk_delay * len(frames))
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
             else:
