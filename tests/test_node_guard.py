@@ -93,6 +93,8 @@ def test_repeated_wrong_keys_from_one_address_are_banned_and_logged_without_the_
     assert result["banned"], diagnostics
     # The forged header named another address: only the real one is banned.
     assert "198.51.100.9" not in result["jail_status"], diagnostics
+    assert result["in_firewall"], diagnostics
+    assert "198.51.100.9" not in result["ruleset"], diagnostics
     assert result["attacker_after"] in ("refused", "timeout"), diagnostics
     assert result["good_client_after"] == "200", diagnostics
 

@@ -85,6 +85,13 @@ def main(workdir: Path) -> dict:
         result["attacker_keyless"] = _status(ATTACKER, url, None)
         result["banned"] = wait_for(lambda: ATTACKER in jail_status(), 15, 0.2)
         result["jail_status"] = jail_status()
+
+        def firewall() -> str:
+            return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+
+        # fail2ban lists an address as banned before its ban action has run: wait for the rule.
+        result["in_firewall"] = wait_for(lambda: ATTACKER in firewall(), 15, 0.2)
+        result["ruleset"] = firewall()
         # Banned: even the right key gets no connection from that address, on the proxy's port.
         result["attacker_after"] = _status(ATTACKER, url, key)
         result["good_client_after"] = _status(GOOD_CLIENT, url, key)
