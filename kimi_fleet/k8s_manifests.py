@@ -26,6 +26,7 @@ from kimi_fleet.node_files import (
 )
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -48,6 +49,8 @@ PROXY_POLICY = "kimi-proxy-ingress"
 WEIGHTS_MOUNT = "/weights"
 #: The node's weights verifier (every file's size and content against the Hub's tree), for the Job.
 WEIGHTS_VERIFIER_SCRIPT = "weights_manifest.py"
+#: Removes older checkpoints from the volume when the new one would not fit beside them.
+WEIGHTS_ROOM_SCRIPT = "weights_room.py"
 VERIFIER_CONFIGMAP = "kimi-weights-verifier"
 VERIFIER_MOUNT = "/opt/kimi-fleet"
 VERIFIED_MARKER = ".verified"
@@ -107,17 +110,28 @@ if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
   mv "$PACKAGES_DIR.partial" "$PACKAGES_DIR"
 fi
 if [ "$(cat "$TARGET_DIR/{marker}" 2>/dev/null)" = "$REVISION" ]; then
+  touch "$TARGET_DIR/{marker}"
   echo "weights $REPO@$REVISION already verified"; exit 0
 fi
+# Room for a new revision: older checkpoints go first only when the volume cannot hold both.
+mkdir -p "$TARGET_DIR"
+python3 {room} --root {root} --target "$TARGET_DIR" --need "$CHECKPOINT_BYTES"
+echo "$REPO@$REVISION" > "$TARGET_DIR/{checkpoint_marker}"
 pip install --quiet --no-cache-dir --disable-pip-version-check "huggingface_hub=={hub}"
 hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
 python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
-""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION,
+""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION, root=WEIGHTS_MOUNT,
+           room=f"{VERIFIER_MOUNT}/{WEIGHTS_ROOM_SCRIPT}", checkpoint_marker=CHECKPOINT_MARKER,
            verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
            requirements=f"{VERIFIER_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}")
 
 #: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
+
+
+def weights_pvc_gib(r: Resolved) -> int:
+    """The weights claim's size: one checkpoint with headroom."""
+    return math.ceil(r.checkpoint.size_bytes * WEIGHTS_HEADROOM / catalog.GiB)
 
 
 def labels(stack: str, component: str) -> dict[str, str]:
@@ -227,6 +241,7 @@ def _download_container(r: Resolved) -> dict:
             {"name": "REPO", "value": r.repo},
             {"name": "REVISION", "value": r.revision},
             {"name": "TARGET_DIR", "value": f"{WEIGHTS_MOUNT}/{r.weights_dir_name}"},
+            {"name": "CHECKPOINT_BYTES", "value": str(r.checkpoint.size_bytes)},
             {"name": "PACKAGES_DIR", "value": VERIFIER_PACKAGES_DIR},
             {"name": "HF_XET_HIGH_PERFORMANCE", "value": "1"},
             {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
@@ -498,6 +513,7 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "kind": "ConfigMap",
             "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
             "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT),
+                     WEIGHTS_ROOM_SCRIPT: node_script(WEIGHTS_ROOM_SCRIPT),
                      VERIFIER_REQUIREMENTS_KEY: VERIFIER_REQUIREMENTS_TEXT},
         },
         {
@@ -510,7 +526,7 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
         *_network_policies(ns, stack),
     ]
     if r.weights_volume == "pvc":
-        size_gib = math.ceil(r.checkpoint.size_bytes * WEIGHTS_HEADROOM / catalog.GiB)
+        size_gib = weights_pvc_gib(r)
         # ReadWriteOnce: local-NVMe classes are node-local. Every pod on that node mounts the one
         # claim, and the volume's node affinity draws the replicas to the node holding the weights.
         pvc_spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gib}Gi"}}}

@@ -28,6 +28,7 @@ from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TI
 from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
+from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
@@ -124,6 +125,8 @@ WEIGHTS_MANIFEST_TOOL = f"{LIB_DIR}/weights_manifest.py"
 WEIGHTS_MANIFEST_NAME = MIRROR_MANIFEST_NAME
 #: Fetches the checkpoint from the S3 mirror with s5cmd (parallel, resumable; no Hub call).
 WEIGHTS_FETCH_TOOL = f"{LIB_DIR}/weights_fetch.py"
+#: Removes older checkpoints when the volume lacks room for the one about to be downloaded.
+WEIGHTS_ROOM_TOOL = f"{LIB_DIR}/weights_room.py"
 FETCH_REQUIREMENTS_FILE = f"{LIB_DIR}/fetch-requirements.txt"
 #: Restores the engines' compile caches from the managed mirror before they start, and publishes
 #: them once the node is admitted (COMPILE_CACHE_UNIT, started by the watchdog).
@@ -212,7 +215,8 @@ BOOTSTRAP = templates.render(
     VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE, COMPILE_CACHE_TOOL=COMPILE_CACHE_TOOL)
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
-                                    FETCH_TOOL=WEIGHTS_FETCH_TOOL, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
+                                    FETCH_TOOL=WEIGHTS_FETCH_TOOL, ROOM_TOOL=WEIGHTS_ROOM_TOOL,
+                                    CHECKPOINT_MARKER=CHECKPOINT_MARKER, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
                                     MIRROR_REFUSED=MIRROR_REFUSED_STATUS)
 
 #: pip --require-hashes input for the mirror fetch tool (any node architecture).
@@ -456,6 +460,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
         NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),
         NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),
+        NodeFile(WEIGHTS_ROOM_TOOL, node_script("weights_room.py"), 0o644),
         NodeFile(FETCH_REQUIREMENTS_FILE, FETCH_REQUIREMENTS, 0o644),
         NodeFile(COMPILE_CACHE_TOOL, node_script("compile_cache.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/{COMPILE_CACHE_UNIT}", COMPILE_CACHE_PUBLISH_UNIT, 0o644),

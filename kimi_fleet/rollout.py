@@ -5,15 +5,17 @@ association (replaced only for a new instance type), an AWS fleet and a Kubernet
 replica by replica, an existing host re-runs its bootstrap over SSH. In place, only the units
 whose inputs changed restart. The minutes come from
 the sizing's time to ready: warm when the weights survive (EBS, a host's disk, a PVC), cold when
-they are downloaded again (instance store).
+they are downloaded again (instance store). A new checkpoint revision is downloaded before the
+engines restart (the old engine serves meanwhile), beside the old one when the volume holds both
+(node_scripts/weights_room.py removes older checkpoints first when it does not).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from kimi_fleet import node_files
+from kimi_fleet import catalog, k8s_manifests, node_files
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
 from kimi_fleet.release import stack_release
@@ -40,13 +42,34 @@ class RolloutFacts:
     node_usd_per_hour: float | None
     #: unit -> digest of its rendered inputs (hosts: what the bootstrap restarts)
     units: dict[str, str] = field(default_factory=dict)
+    #: repo@revision of the checkpoint, its size, and the weights volume's (None: not known here,
+    #: a host's disk). Defaults: facts planned by a ref from before these fields existed.
+    checkpoint: str = ""
+    checkpoint_bytes: int = 0
+    weights_volume_bytes: int | None = None
+    #: download and verify of a new checkpoint; then a cold read of it and the load
+    fetch_seconds: int = 0
+    volume_start_seconds: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RolloutFacts":
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def weights_volume_bytes(r: Resolved) -> int | None:
+    """What the weights volume holds, where the stack says or the machine fixes it."""
+    volume = r.weights_volume
+    if volume == "ebs":
+        return r.spec.weights.ebs_size_gib * catalog.GiB
+    if volume == "instance-store" and r.offer is not None:
+        return r.offer.local_nvme_bytes
+    if volume == "pvc":
+        return k8s_manifests.weights_pvc_gib(r) * catalog.GiB
+    return None
 
 
 def rollout_facts(r: Resolved, sizing: Sizing, launch: Launch, cost: Cost) -> RolloutFacts:
@@ -71,6 +94,11 @@ def rollout_facts(r: Resolved, sizing: Sizing, launch: Launch, cost: Cost) -> Ro
         cold_start_seconds=sizing.cold_start_seconds,
         node_usd_per_hour=cost.on_demand_usd_per_hour,
         units=units,
+        checkpoint=f"{r.repo}@{r.revision}",
+        checkpoint_bytes=r.checkpoint.size_bytes,
+        weights_volume_bytes=weights_volume_bytes(r),
+        fetch_seconds=sizing.download_seconds + sizing.verify_seconds,
+        volume_start_seconds=sizing.volume_start_seconds,
     )
 
 
@@ -87,14 +115,26 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
     warm = after.weights_volume in PERSISTENT_WEIGHTS
     load = _minutes(after.warm_start_seconds if warm else after.cold_start_seconds)
     weights = "weights read again from the surviving volume" if warm else "weights downloaded again"
+    new_checkpoint = bool(before.checkpoint) and before.checkpoint != after.checkpoint
+    if new_checkpoint and warm:
+        if after.weights_volume == "pvc":
+            # The download Job runs before the Deployment changes: the old pods serve meanwhile.
+            weights = (f"after the download Job fetched the new checkpoint {after.checkpoint} "
+                       f"{checkpoint_room(after)} while the old pods serve "
+                       f"(about {_minutes(after.fetch_seconds)} min); the new pods read it cold")
+            load = _minutes(after.volume_start_seconds)
+        else:
+            weights = f"the new checkpoint {after.checkpoint} downloaded {checkpoint_room(after)}, then read cold"
+            load = _minutes(after.cold_start_seconds)
 
     if after.target == "aws" and after.replicas == 1 and before.node_shape != after.node_shape:
         return (f"replace: a new {after.machine} instance (the old one is terminated first), {weights}; "
                 f"about {load} min without service")
-    if after.target == "host":
-        return _in_place_impact(before, after, load, "in place")
-    if after.target == "aws" and after.replicas == 1:
-        return _in_place_impact(before, after, load, "in place (SSM)")
+    how = "in place" if after.target == "host" else "in place (SSM)"
+    if after.target == "host" or (after.target == "aws" and after.replicas == 1):
+        if new_checkpoint:
+            return _new_checkpoint_in_place(before, after, how)
+        return _in_place_impact(before, after, load, how)
     unit = after.machine if after.target == "aws" else "pod"
     replicas = after.replicas
     if replicas == 1:
@@ -109,10 +149,33 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
             f"({replicas - 1}/{replicas} capacity meanwhile, about {load * replicas} min in all; {weights})")
 
 
+def checkpoint_room(facts: RolloutFacts) -> str:
+    """Where a new checkpoint goes on a volume that holds the old one (weights_room.py decides on
+    the node, from the real free space)."""
+    if facts.weights_volume_bytes is None:
+        return "beside the old one if the disk has room, else after deleting the old one"
+    if facts.weights_volume_bytes >= 2 * facts.checkpoint_bytes:
+        return "beside the old one (kept for a rollback)"
+    return (f"after deleting the old one (the {facts.weights_volume_bytes / catalog.GiB:,.0f} GiB volume cannot "
+            f"hold two {facts.checkpoint_bytes / catalog.GB:,.0f} GB checkpoints; a rollback downloads it again)")
+
+
+def _restarted(before: RolloutFacts, after: RolloutFacts) -> list[str]:
+    restarted = sorted(unit for unit, digest in after.units.items() if before.units.get(unit) != digest)
+    return restarted + sorted(unit for unit in before.units.keys() - after.units.keys())
+
+
+def _new_checkpoint_in_place(before: RolloutFacts, after: RolloutFacts, how: str) -> str:
+    """The bootstrap downloads the new revision before it restarts the engines on it."""
+    return (f"{how}: the new checkpoint {after.checkpoint} is downloaded {checkpoint_room(after)} while the old "
+            f"engine serves (about {_minutes(after.fetch_seconds)} min); then {', '.join(_restarted(before, after))} "
+            f"restart; about {_minutes(after.volume_start_seconds)} min without service (a cold read of the "
+            "new checkpoint)")
+
+
 def _in_place_impact(before: RolloutFacts, after: RolloutFacts, load: int, how: str) -> str:
     """The bootstrap re-run on the node: only the units whose inputs changed restart."""
-    restarted = sorted(unit for unit, digest in after.units.items() if before.units.get(unit) != digest)
-    restarted += sorted(unit for unit in before.units.keys() - after.units.keys())
+    restarted = _restarted(before, after)
     engines = [unit for unit in restarted if unit.startswith("kimi-engine@")]
     if engines:
         return (f"{how}: {', '.join(restarted)} restart; about {load} min without service "

@@ -33,7 +33,7 @@ from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
 from kimi_fleet.node_files import compile_cache_archive  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
-from kimi_fleet.rollout import rollout_facts  # noqa: E402
+from kimi_fleet.rollout import PERSISTENT_WEIGHTS, RolloutFacts, checkpoint_room, rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
 from kimi_fleet.spec import StackSpecError  # noqa: E402
 from kimi_fleet.stackfile import (  # noqa: E402
@@ -199,6 +199,8 @@ def print_plan(p: dict) -> None:
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
           f"a new release {_release_mechanism(rollout)}")
+    if rollout["weights_volume"] in PERSISTENT_WEIGHTS:
+        print(f"  a new checkpoint revision is downloaded {checkpoint_room(RolloutFacts.from_dict(rollout))}")
     print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "
           f"{c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")

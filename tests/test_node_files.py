@@ -416,6 +416,11 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
         (bin_dir / name).chmod(0o755)
     files = node_files(stack)
     install(root, files)
+    # The stub Hub and mirror serve HUB_FILES, not the real checkpoint: the volume's room is checked
+    # for what is actually downloaded.
+    node_env = root / "etc/kimi-fleet/node.env"
+    node_env.write_text(re.sub(r"^CHECKPOINT_BYTES=\d+$", f"CHECKPOINT_BYTES={sum(HUB_FILES.values())}",
+                               node_env.read_text(), count=1, flags=re.M))
     if files["/etc/kimi-fleet/node.env"].content.count("SECRETS_KIND=files"):
         secret = root / API_KEY_FILE.lstrip("/")
         secret.parent.mkdir(parents=True, exist_ok=True)
@@ -445,6 +450,11 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
     assert FAKE_API_KEY not in log and FAKE_HF_TOKEN not in log
 
 
+def _room_env(tmp_path, checkpoint_bytes: int = sum(HUB_FILES.values())) -> dict:
+    return {"WEIGHTS_ROOT": str(tmp_path), "CHECKPOINT_BYTES": str(checkpoint_bytes),
+            "WEIGHTS_ROOM_TOOL": str(NODE_SCRIPTS / "weights_room.py")}
+
+
 def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -457,12 +467,35 @@ def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
            "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
            "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "1",
-           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py")}
+           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py"), **_room_env(tmp_path)}
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "size of config.json: 5 bytes, repository says 17" in result.stdout
     assert "missing sub/model-00002-of-00002.safetensors" in result.stdout
     assert not (tmp_path / "w/.kimi-verified").exists()
+
+
+def test_download_on_a_volume_too_small_fails_before_any_transfer(tmp_path, fake_hub):
+    """Room is checked first (tests/test_weights_room.py: what is removed to make it): a checkpoint
+    larger than the volume fails at once, naming the numbers, instead of at the disk's end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "hf-calls"
+    (bin_dir / "hf").write_text(f"#!/bin/bash\necho call >>{calls}\n")
+    (bin_dir / "hf").chmod(0o755)
+    script = tmp_path / "kimi-download-weights"
+    script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
+           "WEIGHTS_DIR": str(tmp_path / "w" / "org--kimi" / "rev"), "MODEL_REPO": "moonshotai/Kimi-K2.6",
+           "MODEL_REVISION": "a" * 40, "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "3",
+           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py"),
+           **_room_env(tmp_path / "w", checkpoint_bytes=shutil.disk_usage(tmp_path).total + 1)}
+    result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no older checkpoint left to remove: grow the weights volume" in result.stdout
+    assert not calls.exists()
+    assert (tmp_path / "w" / "org--kimi" / "rev" / ".kimi-checkpoint").exists() is False
 
 
 def test_download_refetches_a_shard_of_the_right_size_with_the_wrong_content(tmp_path, fake_hub):
@@ -486,7 +519,7 @@ def test_download_refetches_a_shard_of_the_right_size_with_the_wrong_content(tmp
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": fake_hub,
            "WEIGHTS_DIR": str(tmp_path / "w"), "MODEL_REPO": "moonshotai/Kimi-K2.6", "MODEL_REVISION": "a" * 40,
            "WEIGHTS_SOURCE": "huggingface", "DOWNLOAD_ATTEMPTS": "2",
-           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py")}
+           "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py"), **_room_env(tmp_path)}
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "content of model-00001-of-00002.safetensors: sha256" in result.stdout
@@ -494,6 +527,7 @@ def test_download_refetches_a_shard_of_the_right_size_with_the_wrong_content(tmp
     assert calls.read_text().count("call") == 2
     assert (tmp_path / "w/model-00001-of-00002.safetensors").read_bytes() == b"\0" * 300
     assert (tmp_path / "w/.kimi-verified").exists()
+    assert (tmp_path / "w/.kimi-checkpoint").read_text() == f"moonshotai/Kimi-K2.6@{'a' * 40}\n"
 
 
 def test_artifacts_for_the_planner():

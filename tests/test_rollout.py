@@ -361,3 +361,52 @@ def test_impact_in_place_on_a_host_names_the_units():
     before, after = changed("rtxpro6000-int4-sglang", firewall)
     assert impact(before, after) == ("in place: caddy.service, kimi-firewall.service restart; a few seconds without "
                                      "service, engines keep running")
+
+
+def _revision(values: dict) -> None:
+    values["model"] = {**(values.get("model") or {}), "revision": "b" * 40}
+
+
+def test_impact_of_a_new_checkpoint_says_where_it_goes_and_when_service_stops():
+    # EBS 1000 GiB holds one 595 GB checkpoint, not two: the old one goes first (weights_room.py).
+    before, after = changed("h200-int4-sglang", _revision)
+    line = impact(before, after)
+    assert line.startswith(f"in place (SSM): the new checkpoint moonshotai/Kimi-K2.6@{'b' * 40} is downloaded "
+                           "after deleting the old one (the 1,000 GiB volume cannot hold two 595 GB checkpoints; "
+                           "a rollback downloads it again) while the old engine serves"), line
+    assert f"(about {-(-after.fetch_seconds // 60)} min); then caddy.service, kimi-engine@0.service restart" in line
+    assert f"about {-(-after.volume_start_seconds // 60)} min without service (a cold read" in line
+    assert after.volume_start_seconds > after.warm_start_seconds  # not the warm restart of a flag change
+
+    def bigger_volume(values):
+        _revision(values)
+        values["weights"] = {**values["weights"], "ebsSizeGib": 1200}
+
+    before, after = changed("h200-int4-sglang", bigger_volume)
+    assert "is downloaded beside the old one (kept for a rollback) while the old engine serves" in impact(before, after)
+
+    # A host's disk is not known here; the node decides.
+    before, after = changed("rtxpro6000-int4-sglang", _revision)
+    assert impact(before, after).startswith(
+        f"in place: the new checkpoint moonshotai/Kimi-K2.6@{'b' * 40} is downloaded beside the old one if the "
+        "disk has room, else after deleting the old one while the old engine serves")
+
+    # Kubernetes with a PVC: the download Job runs before the pods roll.
+    before, after = changed("gb200-int4-vllm", _revision)
+    line = impact(before, after)
+    assert "after the download Job fetched the new checkpoint" in line and "while the old pods serve" in line, line
+    assert line.endswith(f"about {-(-after.volume_start_seconds // 60)} min without service")
+
+    # Instance store: every new node downloads anyway.
+    before, after = changed("h200-int4-vllm", _revision)
+    assert impact(before, after).endswith("weights downloaded again)")
+
+
+def test_facts_planned_by_an_older_ref_still_compare():
+    before, after = changed("h200-int4-sglang", _flag)
+    old = {key: value for key, value in before.as_dict().items()
+           if key not in ("checkpoint", "checkpoint_bytes", "weights_volume_bytes", "fetch_seconds",
+                          "volume_start_seconds")}
+    old["a_field_this_code_does_not_know"] = 1
+    line = impact(RolloutFacts.from_dict(old), after)
+    assert line.startswith("in place (SSM): caddy.service, kimi-engine@0.service restart"), line

@@ -102,6 +102,8 @@ def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None,
                 "S3_MIRROR_URI": f"s3://{BUCKET}/hf", "AWS_REGION": REGION, "DOWNLOAD_ATTEMPTS": "2",
                 "WEIGHTS_MANIFEST_TOOL": str(SCRIPTS / "weights_manifest.py"),
                 "WEIGHTS_FETCH_TOOL": str(SCRIPTS / "weights_fetch.py"), "S5CMD": str(s5cmd or S5CMD),
+                "WEIGHTS_ROOT": str(weights.parent), "CHECKPOINT_BYTES": "1",
+                "WEIGHTS_ROOM_TOOL": str(SCRIPTS / "weights_room.py"),
                 # No Hub from the mirror path: any call to it would fail (or be recorded).
                 "HF_ENDPOINT": hub or f"http://127.0.0.1:{free_port()}"}
     return subprocess.run([str(script)], env=node_env, capture_output=True, text=True, timeout=240)

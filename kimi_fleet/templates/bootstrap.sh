@@ -212,8 +212,9 @@ download_weights() {
   mkdir -p "$ROOT$WEIGHTS_DIR"
   KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
   SAMPLER=$!
-  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" HF_CLI="$HF_CLI" S5CMD="$S5CMD" \
-    "$SBIN_DIR/kimi-download-weights" 2>&1 | while IFS= read -r line; do log "$line"; done
+  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" WEIGHTS_ROOT="$ROOT$WEIGHTS_ROOT" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" \
+    HF_CLI="$HF_CLI" S5CMD="$S5CMD" "$SBIN_DIR/kimi-download-weights" 2>&1 |
+    while IFS= read -r line; do log "$line"; done
   kill "$SAMPLER" 2>/dev/null || true
   wait "$SAMPLER" 2>/dev/null || true
   SAMPLER=

@@ -4,19 +4,27 @@
 # revision, or, from the S3 mirror, every file's SHA-256 against the mirror's manifest (no Hub
 # call). A `.kimi-verified` marker holding the revision makes a
 # re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
+# Before a download, older checkpoints under WEIGHTS_ROOT are removed if the volume lacks room.
 set -euo pipefail
-: "${WEIGHTS_DIR:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" "${WEIGHTS_SOURCE:?}"
+: "${WEIGHTS_DIR:?}" "${WEIGHTS_ROOT:?}" "${CHECKPOINT_BYTES:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" \
+  "${WEIGHTS_SOURCE:?}"
 MARKER="$WEIGHTS_DIR/.kimi-verified"
 ATTEMPTS="${DOWNLOAD_ATTEMPTS:-5}"
 ATTEMPT_TIMEOUT="${DOWNLOAD_ATTEMPT_TIMEOUT:-7200}"
 MANIFEST_TOOL="${WEIGHTS_MANIFEST_TOOL:-${KIMI_ROOT:-}__MANIFEST_TOOL__}"
 FETCH_TOOL="${WEIGHTS_FETCH_TOOL:-${KIMI_ROOT:-}__FETCH_TOOL__}"
+ROOM_TOOL="${WEIGHTS_ROOM_TOOL:-${KIMI_ROOT:-}__ROOM_TOOL__}"
 
 if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
+  touch "$MARKER"  # in use: the last checkpoint to be removed for room
   echo "weights $MODEL_REPO@$MODEL_REVISION already verified"
   exit 0
 fi
+# A new revision goes beside the old one (kept for a rollback) when the volume has room; otherwise
+# older checkpoints go first, and a volume too small even then fails now, not an hour in.
 mkdir -p "$WEIGHTS_DIR"
+python3 "$ROOM_TOOL" --root "$WEIGHTS_ROOT" --target "$WEIGHTS_DIR" --need "$CHECKPOINT_BYTES"
+printf '%s@%s\n' "$MODEL_REPO" "$MODEL_REVISION" >"$WEIGHTS_DIR/__CHECKPOINT_MARKER__"
 if [[ -s ${HF_TOKEN_FILE:-} ]]; then
   HF_TOKEN=$(<"$HF_TOKEN_FILE")
   export HF_TOKEN
