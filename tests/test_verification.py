@@ -113,7 +113,7 @@ def test_dead_scheduler_behind_healthy_http_server_fails_health_fast(engine):
         elapsed = time.monotonic() - started
     assert report.failed_checks() == ["health"], report.to_dict()
     assert "timed out after 3s" in report.check("health").reason
-    assert elapsed < 30, elapsed
+    assert elapsed < 120, elapsed  # far below the 600 s request timeout, whatever the machine's load
     skipped = [c for c in report.checks if c.status == "skip"]
     assert {c.name for c in skipped} >= {"thinking", "tool_call", "vision", "streaming", "context"}
     assert all(c.reason == "not run: the health check failed" for c in skipped)
