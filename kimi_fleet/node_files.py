@@ -102,7 +102,7 @@ def default_ssm_prefix(stack: str) -> str:
 
 #: The keys node.env may hold: the settings loader on the node accepts these and nothing else.
 NODE_SETTINGS_KEYS = (
-    "STACK", "VENDOR", "ENGINE_COUNT", "WEIGHTS_VOLUME", "WEIGHTS_ROOT", "WEIGHTS_DIR", "EBS_VOLUME_ID",
+    "STACK", "VENDOR", "ENGINE_COUNT", "WEIGHTS_VOLUME", "WEIGHTS_ROOT", "WEIGHTS_DIR", "EBS_VOLUME_ID", "EBS_VOLUME_GIB",
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
     "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
@@ -302,6 +302,9 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "WEIGHTS_ROOT": spec.weights.host_path,
         "WEIGHTS_DIR": launch.weights_host_dir,
         "EBS_VOLUME_ID": ebs_volume_id or "",
+        # The size asked for: a volume grown on a running stack is a new release, whose bootstrap
+        # grows the filesystem to it.
+        "EBS_VOLUME_GIB": str(spec.weights.ebs_size_gib) if volume == "ebs" else "",
         "MODEL_REPO": r.repo or "",
         "MODEL_REVISION": r.revision or "",
         "WEIGHTS_SOURCE": spec.weights.source,

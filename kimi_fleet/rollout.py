@@ -112,6 +112,10 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
         return None
     if before.target != after.target:
         return f"replace: the stack moves from {before.target} to {after.target}; the old endpoint is destroyed"
+    ebs = _ebs_gib(before, after)
+    if ebs and ebs[1] < ebs[0]:
+        return (f"refused by AWS: an EBS volume cannot shrink ({ebs[0]} GiB to {ebs[1]} GiB); "
+                "`pulumi up` would fail at the volume")
     warm = after.weights_volume in PERSISTENT_WEIGHTS
     load = _minutes(after.warm_start_seconds if warm else after.cold_start_seconds)
     weights = "weights read again from the surviving volume" if warm else "weights downloaded again"
@@ -132,9 +136,11 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
                 f"about {load} min without service")
     how = "in place" if after.target == "host" else "in place (SSM)"
     if after.target == "host" or (after.target == "aws" and after.replicas == 1):
-        if new_checkpoint:
-            return _new_checkpoint_in_place(before, after, how)
-        return _in_place_impact(before, after, load, how)
+        line = (_new_checkpoint_in_place(before, after, how) if new_checkpoint
+                else _in_place_impact(before, after, load, how))
+        if ebs and ebs[1] > ebs[0]:
+            line += f"; the weights volume and its filesystem grow online to {ebs[1]} GiB"
+        return line
     unit = after.machine if after.target == "aws" else "pod"
     replicas = after.replicas
     if replicas == 1:
@@ -147,6 +153,16 @@ def impact(before: RolloutFacts, after: RolloutFacts) -> str | None:
                 f"{replicas} replicas ({weights}{extra})")
     return (f"rolling: one of {replicas} replicas out at a time for about {load} min each "
             f"({replicas - 1}/{replicas} capacity meanwhile, about {load * replicas} min in all; {weights})")
+
+
+def _ebs_gib(before: RolloutFacts, after: RolloutFacts) -> tuple[int, int] | None:
+    """The EBS weights volume's size before and after, when both are one (facts of an older ref may
+    not say)."""
+    if before.weights_volume != "ebs" or after.weights_volume != "ebs":
+        return None
+    if before.weights_volume_bytes is None or after.weights_volume_bytes is None:
+        return None
+    return before.weights_volume_bytes // catalog.GiB, after.weights_volume_bytes // catalog.GiB
 
 
 def checkpoint_room(facts: RolloutFacts) -> str:

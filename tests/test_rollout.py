@@ -410,3 +410,17 @@ def test_facts_planned_by_an_older_ref_still_compare():
     old["a_field_this_code_does_not_know"] = 1
     line = impact(RolloutFacts.from_dict(old), after)
     assert line.startswith("in place (SSM): caddy.service, kimi-engine@0.service restart"), line
+
+
+def test_impact_of_resizing_the_ebs_weights_volume():
+    def size(gib):
+        def edit(values):
+            values["weights"] = {**values["weights"], "ebsSizeGib": gib}
+        return edit
+
+    before, after = changed("h200-int4-sglang", size(1400))
+    assert before.release != after.release  # node.env asks the node for the new size
+    line = impact(before, after)
+    assert line.endswith("engines keep running; the weights volume and its filesystem grow online to 1400 GiB"), line
+    assert impact(*changed("h200-int4-sglang", size(800))) == (
+        "refused by AWS: an EBS volume cannot shrink (1000 GiB to 800 GiB); `pulumi up` would fail at the volume")

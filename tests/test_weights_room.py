@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,66 @@ def test_the_kubernetes_download_checks_room_before_it_fetches(tmp_path, fits):
     else:
         assert not calls.exists()
         assert "grow the weights volume" in result.stdout
+
+
+def _loop_xfs_unavailable() -> str | None:
+    for tool in ("mkfs.xfs", "xfs_growfs", "losetup", "blockdev", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (.ci/run installs it)"
+    probe = subprocess.run(["losetup", "-f"], capture_output=True, text=True)
+    if probe.returncode != 0 or not Path(probe.stdout.strip()).exists():
+        return f"no free loop device here: {probe.stderr.strip()}"
+    return UNAVAILABLE
+
+
+LOOP_UNAVAILABLE = _loop_xfs_unavailable()
+
+# A 1 GiB xfs volume on a loop device, mounted in a private namespace; its device then grows to
+# GROWN GiB (as an EBS device does once AWS applies a modification), and the bootstrap's own
+# grow_weights_filesystem runs with the size the release asks for.
+GROW_DRIVER = """\
+set -euo pipefail
+image=$1/volume.img mount_point=$1/weights
+mkdir -p "$mount_point"
+truncate -s 1G "$image"
+device=$(losetup -f --show "$image")
+trap 'umount "$mount_point" 2>/dev/null || true; losetup -d "$device"' EXIT
+mkfs.xfs -q "$device"
+mount "$device" "$mount_point"
+truncate -s "${GROWN}G" "$image"
+losetup -c "$device"
+log() { echo "log: $*"; }
+run() { log "+ $*"; "$@" >/dev/null; }
+sleep() { :; }
+WEIGHTS_ROOT=$mount_point
+""" + "{function}" + """
+grow_weights_filesystem "$device"
+echo "size $(stat -f -c '%b %S' "$mount_point" | awk '{print $1 * $2}')"
+"""
+
+
+def _grow(tmp_path: Path, *, grown_gib: int, asked_gib: int) -> tuple[str, int]:
+    from kimi_fleet.node_files import BOOTSTRAP
+
+    function = re.search(r"^grow_weights_filesystem\(\) \{\n.*?^\}\n", BOOTSTRAP, re.S | re.M).group(0)
+    run = subprocess.run(["unshare", "--mount", "bash", "-c", GROW_DRIVER.replace("{function}", function), "grow",
+                          str(tmp_path)],
+                         env={**os.environ, "GROWN": str(grown_gib), "EBS_VOLUME_GIB": str(asked_gib),
+                              "GROW_WAIT_POLLS": "2"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout, int(re.search(r"^size (\d+)$", run.stdout, re.M).group(1))
+
+
+@pytest.mark.skipif(LOOP_UNAVAILABLE is not None, reason=str(LOOP_UNAVAILABLE))
+def test_a_grown_ebs_volume_grows_its_filesystem_online(tmp_path):
+    out, size = _grow(tmp_path, grown_gib=2, asked_gib=2)
+    assert "+ xfs_growfs" in out
+    assert size > int(1.9 * 2**30), out  # the mounted filesystem now spans the grown device
+
+
+@pytest.mark.skipif(LOOP_UNAVAILABLE is not None, reason=str(LOOP_UNAVAILABLE))
+def test_a_device_not_yet_grown_leaves_the_filesystem_and_says_so(tmp_path):
+    out, size = _grow(tmp_path, grown_gib=1, asked_gib=2)
+    assert "not the 2 GiB asked for; the filesystem keeps its size" in out and "xfs_growfs" not in out
+    assert size < 2**30

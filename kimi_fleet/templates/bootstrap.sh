@@ -89,13 +89,35 @@ format_if_blank() {
   else run mkfs.xfs -L kimi-weights "$device"; fi
 }
 
+# A weights volume grown on a running stack (weights.ebsSizeGib raised): EBS applies the new size
+# to the device within minutes of the update, so wait for it (the release may arrive first), then
+# grow the filesystem online. xfs_growfs on a filesystem that fills its device changes nothing.
+grow_weights_filesystem() {
+  local device=$1 want=$((EBS_VOLUME_GIB * 1073741824)) have=0 _
+  for _ in $(seq 1 "${GROW_WAIT_POLLS:-60}"); do
+    have=$(blockdev --getsize64 "$device")
+    ((have >= want)) && break
+    sleep 10
+  done
+  if ((have < want)); then
+    log "weights: $device has $have bytes, not the $EBS_VOLUME_GIB GiB asked for; the filesystem keeps its size"
+    return
+  fi
+  run xfs_growfs "$WEIGHTS_ROOT"
+}
+
 mount_weights() {
   mkdir -p "$ROOT$WEIGHTS_ROOT"
   if (( ! LIVE )) || [[ $WEIGHTS_VOLUME == host-path ]]; then
     log "weights: directory $ROOT$WEIGHTS_ROOT ($WEIGHTS_VOLUME)"
     return
   fi
-  if mountpoint -q "$WEIGHTS_ROOT"; then log "weights: $WEIGHTS_ROOT already mounted"; return; fi
+  local ebs_device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${EBS_VOLUME_ID/-/}"
+  if mountpoint -q "$WEIGHTS_ROOT"; then
+    log "weights: $WEIGHTS_ROOT already mounted"
+    if [[ $WEIGHTS_VOLUME == ebs ]]; then grow_weights_filesystem "$ebs_device"; fi
+    return
+  fi
   local device
   case $WEIGHTS_VOLUME in
     instance-store)
@@ -115,7 +137,7 @@ mount_weights() {
       ensure_fstab "LABEL=kimi-weights"
       ;;
     ebs)
-      device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${EBS_VOLUME_ID/-/}"
+      device=$ebs_device
       # The attachment is declared after the instance exists: wait for the device to appear.
       for _ in $(seq 1 120); do [[ -e $device ]] && break; sleep 5; done
       [[ -e $device ]] || { log "EBS volume $EBS_VOLUME_ID not attached after 10 min"; exit 1; }
@@ -124,6 +146,7 @@ mount_weights() {
       ;;
   esac
   run mount "$WEIGHTS_ROOT"
+  if [[ $WEIGHTS_VOLUME == ebs ]]; then grow_weights_filesystem "$ebs_device"; fi
 }
 
 write_secret() {
