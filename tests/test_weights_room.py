@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -170,9 +171,12 @@ def _loop_xfs_unavailable() -> str | None:
     for tool in ("mkfs.xfs", "xfs_growfs", "losetup", "blockdev", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (.ci/run installs it)"
-    probe = subprocess.run(["losetup", "-f"], capture_output=True, text=True)
-    if probe.returncode != 0 or not Path(probe.stdout.strip()).exists():
-        return f"no free loop device here: {probe.stderr.strip()}"
+    with tempfile.NamedTemporaryFile() as image:
+        image.truncate(1 << 20)
+        probe = subprocess.run(["losetup", "-f", "--show", image.name], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return f"no loop device can be attached here: {probe.stderr.strip()}"
+        subprocess.run(["losetup", "-d", probe.stdout.strip()], check=True)
     return UNAVAILABLE
 
 
