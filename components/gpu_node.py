@@ -82,6 +82,7 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
         ]
     cache_prefix = node_files.compile_cache_key_prefix(r)
     if cache_prefix is not None:
+        bucket, _ = r.spec.weights.s3_mirror_location
         # The one write a node has: its own engine image's compile caches (managed mirror only).
         statements.append(
             {"Sid": "ShareCompileCache", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],

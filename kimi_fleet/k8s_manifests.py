@@ -26,7 +26,7 @@ from kimi_fleet.node_files import (
 )
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
-from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER
+from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, POD_VERIFIED_MARKER
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -51,9 +51,11 @@ WEIGHTS_MOUNT = "/weights"
 WEIGHTS_VERIFIER_SCRIPT = "weights_manifest.py"
 #: Removes older checkpoints from the volume when the new one would not fit beside them.
 WEIGHTS_ROOM_SCRIPT = "weights_room.py"
+#: What the download runs, beside each other in the verifier ConfigMap (the room tool imports node_status).
+WEIGHTS_JOB_SCRIPTS = (WEIGHTS_VERIFIER_SCRIPT, WEIGHTS_ROOM_SCRIPT, "node_status.py")
 VERIFIER_CONFIGMAP = "kimi-weights-verifier"
 VERIFIER_MOUNT = "/opt/kimi-fleet"
-VERIFIED_MARKER = ".verified"
+VERIFIED_MARKER = POD_VERIFIED_MARKER
 VERIFIER_REQUIREMENTS_KEY = "verify-requirements.txt"
 #: The suite's pinned packages, installed once per (pins, image) by the weights download (the Job or
 #: the init container) onto the weights volume: pods then start their admission without PyPI.
@@ -512,8 +514,7 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
-            "data": {WEIGHTS_VERIFIER_SCRIPT: node_script(WEIGHTS_VERIFIER_SCRIPT),
-                     WEIGHTS_ROOM_SCRIPT: node_script(WEIGHTS_ROOM_SCRIPT),
+            "data": {**{script: node_script(script) for script in WEIGHTS_JOB_SCRIPTS},
                      VERIFIER_REQUIREMENTS_KEY: VERIFIER_REQUIREMENTS_TEXT},
         },
         {

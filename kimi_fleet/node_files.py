@@ -28,7 +28,7 @@ from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TI
 from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
-from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER
+from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, NODE_VERIFIED_MARKER
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
@@ -216,7 +216,8 @@ BOOTSTRAP = templates.render(
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
                                     FETCH_TOOL=WEIGHTS_FETCH_TOOL, ROOM_TOOL=WEIGHTS_ROOM_TOOL,
-                                    CHECKPOINT_MARKER=CHECKPOINT_MARKER, LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
+                                    CHECKPOINT_MARKER=CHECKPOINT_MARKER, VERIFIED_MARKER=NODE_VERIFIED_MARKER,
+                                    LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
                                     MIRROR_REFUSED=MIRROR_REFUSED_STATUS)
 
 #: pip --require-hashes input for the mirror fetch tool (any node architecture).

@@ -137,7 +137,7 @@ def test_the_kubernetes_download_checks_room_before_it_fetches(tmp_path, fits):
 
     verifier = tmp_path / "verifier"
     verifier.mkdir()
-    for name in (k8s.WEIGHTS_ROOM_SCRIPT, k8s.WEIGHTS_VERIFIER_SCRIPT):
+    for name in k8s.WEIGHTS_JOB_SCRIPTS:
         shutil.copy(NODE_SCRIPTS / name, verifier / name)
     (verifier / k8s.VERIFIER_REQUIREMENTS_KEY).write_text(VERIFIER_REQUIREMENTS_TEXT)
     weights = tmp_path / "weights"

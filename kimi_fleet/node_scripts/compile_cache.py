@@ -33,7 +33,8 @@ import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weights_manifest import s5cmd_base  # noqa: E402  (shipped beside this script)
+from node_status import directory_bytes  # noqa: E402  (shipped beside this script)
+from weights_manifest import s5cmd_base  # noqa: E402
 
 #: The unit that runs `publish --settings` (the watchdog starts it once the node is admitted).
 PUBLISH_UNIT = "kimi-compile-cache.service"
@@ -116,8 +117,7 @@ def restore(s5cmd: str, archive: str, directory: str) -> int:
             shutil.rmtree(target)  # an empty directory tree
         os.rename(os.path.join(staging, name), target)
     shutil.rmtree(staging, ignore_errors=True)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files)
-    log(f"restored {size} bytes from {archive} in {time.monotonic() - started:.1f} s")
+    log(f"restored {directory_bytes(directory)} bytes from {archive} in {time.monotonic() - started:.1f} s")
     return 0
 
 

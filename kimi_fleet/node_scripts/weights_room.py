@@ -21,27 +21,19 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from node_status import directory_bytes  # noqa: E402  (shipped beside this script)
+
 #: Written into a checkpoint's directory when its download starts ("repo@revision").
 CHECKPOINT_MARKER = ".kimi-checkpoint"
+#: Written when every file is verified (holding the revision): by the node's download, and by the
+#: Kubernetes Job or init container.
+NODE_VERIFIED_MARKER = ".kimi-verified"
+POD_VERIFIED_MARKER = ".verified"
 #: What marks a directory as a checkpoint this program downloaded: the start marker, and the
-#: verified markers of the node's download (.kimi-verified) and of the Kubernetes Job (.verified),
-#: which directories from before the start marker existed carry.
-MARKERS = (CHECKPOINT_MARKER, ".kimi-verified", ".verified")
+#: verified markers, which directories from before the start marker existed carry.
+MARKERS = (CHECKPOINT_MARKER, NODE_VERIFIED_MARKER, POD_VERIFIED_MARKER)
 GB = 10**9
-
-
-def bytes_in(directory: str) -> int:
-    """The bytes of the regular files under a directory (links not followed)."""
-    total = 0
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            try:
-                stat = os.lstat(os.path.join(parent, name))
-            except FileNotFoundError:
-                continue
-            if not os.path.islink(os.path.join(parent, name)):
-                total += stat.st_size
-    return total
 
 
 def _last_used(directory: str) -> float:
@@ -66,7 +58,7 @@ def checkpoints(root: str) -> list[str]:
 
 def make_room(root: str, target: str, need: int, log=print) -> bool:
     """Remove other checkpoints until the target's missing bytes fit; False when they cannot."""
-    missing = max(need - (bytes_in(target) if os.path.isdir(target) else 0), 0)
+    missing = max(need - directory_bytes(target), 0)
     free = shutil.disk_usage(root).free
     if free >= missing:
         return True
@@ -76,7 +68,7 @@ def make_room(root: str, target: str, need: int, log=print) -> bool:
     for directory in checkpoints(root):
         if os.path.realpath(directory) == target_real:
             continue
-        size = bytes_in(directory)
+        size = directory_bytes(directory)
         shutil.rmtree(directory)
         free = shutil.disk_usage(root).free
         log(f"weights: removed {os.path.relpath(directory, root)} ({size / GB:.1f} GB); "

@@ -2,13 +2,13 @@
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size and
 # content (SHA-256 of LFS files, git blob SHA-1 of the rest) against the repository tree at that
 # revision, or, from the S3 mirror, every file's SHA-256 against the mirror's manifest (no Hub
-# call). A `.kimi-verified` marker holding the revision makes a
+# call). A verified marker holding the revision makes a
 # re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
 # Before a download, older checkpoints under WEIGHTS_ROOT are removed if the volume lacks room.
 set -euo pipefail
 : "${WEIGHTS_DIR:?}" "${WEIGHTS_ROOT:?}" "${CHECKPOINT_BYTES:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" \
   "${WEIGHTS_SOURCE:?}"
-MARKER="$WEIGHTS_DIR/.kimi-verified"
+MARKER="$WEIGHTS_DIR/__VERIFIED_MARKER__"
 ATTEMPTS="${DOWNLOAD_ATTEMPTS:-5}"
 ATTEMPT_TIMEOUT="${DOWNLOAD_ATTEMPT_TIMEOUT:-7200}"
 MANIFEST_TOOL="${WEIGHTS_MANIFEST_TOOL:-${KIMI_ROOT:-}__MANIFEST_TOOL__}"
