@@ -20,15 +20,17 @@ import pulumi_aws as aws
 
 from kimi_fleet import catalog, node_files
 from kimi_fleet.cost import estimate
+from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
-SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs
 #: Where the node sees the EBS weight volume (NVMe: found by volume id, this name is nominal).
 WEIGHTS_DEVICE = "/dev/sdf"
-#: Engines inside containers may need IMDS (2 hops: host, then the container bridge).
-IMDS_HOP_LIMIT = 2
+#: One hop: the node's own agents reach IMDS, a container on a bridge network cannot (its packets take
+#: a second hop). Engines share the host's network, so the node firewall also refuses IMDS to every
+#: process in the engines' cgroup (node_guard.ENGINE_SLICE).
+IMDS_HOP_LIMIT = 1
 #: The NLB health check sees Caddy long before the engines load; give a new replica its cold start.
 HEALTH_GRACE_MARGIN_SECONDS = 600
 
@@ -62,14 +64,35 @@ def refresh_percentages(replicas: int, rollout: str) -> dict[str, int]:
     return {"min_healthy_percentage": max(0, 100 - one_replica), "max_healthy_percentage": 100}
 
 
+def ssm_prefix_arn(region: str, ssm_prefix: str) -> str:
+    """Every parameter under the stack's own prefix (its secrets, its release pointer, its cache pins)."""
+    return f"arn:aws:ssm:{region}:*:parameter{ssm_prefix.rstrip('/')}/*"
+
+
+def compile_cache_candidates(r: Resolved) -> str | None:
+    """Where this stack's nodes upload compile caches for the deployer to promote (None: no managed
+    mirror). The only key prefix a node may write; no node may read it back."""
+    cache_prefix = node_files.compile_cache_key_prefix(r)
+    return None if cache_prefix is None else f"{cache_prefix}/candidates/{r.spec.stack}"
+
+
 def _role_policy(r: Resolved, ssm_prefix: str) -> str:
+    """The node role's whole policy (no AWS-managed policy beside it): what the SSM agent needs, the
+    stack's own parameters, the weights mirror read-only, and one write for compile-cache candidates.
+    A node runs third-party code (engines with --trust-remote-code, JIT kernels), so this is also
+    what a compromised engine could do with the role."""
     region = r.spec.target.aws.region
-    prefix = ssm_prefix.rstrip("/")
+    parameters = ssm_prefix_arn(region, ssm_prefix)
     statements = [
-        {"Sid": "ReadStackSecrets", "Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:GetParameters"],
-         "Resource": f"arn:aws:ssm:{region}:*:parameter{prefix}/*"},
-        {"Sid": "DecryptThroughSsm", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
-         "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"}}},
+        {"Sid": "SsmAgent", "Effect": "Allow", "Action": list(catalog.SSM_AGENT_ACTIONS), "Resource": "*"},
+        {"Sid": "ReleaseApplyDocument", "Effect": "Allow", "Action": ["ssm:GetDocument", "ssm:DescribeDocument"],
+         "Resource": f"arn:aws:ssm:{region}::document/{catalog.SSM_RUN_SHELL_DOCUMENT}"},
+        {"Sid": "ReadStackParameters", "Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:GetParameters"],
+         "Resource": parameters},
+        # SecureString reads decrypt through SSM, and only parameters under the stack's prefix.
+        {"Sid": "DecryptStackParameters", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"},
+                       "StringLike": {"kms:EncryptionContext:PARAMETER_ARN": parameters}}},
     ]
     if r.spec.weights.source == "s3-mirror":
         bucket, key_prefix = r.spec.weights.s3_mirror_location
@@ -79,14 +102,18 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
              "Condition": {"StringLike": {"s3:prefix": [f"{key_prefix}/*" if key_prefix else "*"]}}},
             {"Sid": "ReadWeightMirror", "Effect": "Allow", "Action": "s3:GetObject",
              "Resource": f"arn:aws:s3:::{bucket}/{key_prefix + '/' if key_prefix else ''}*"},
+            # What any node uploads is read by the deployer's promotion only, never by a node: a
+            # compromised node cannot hand code to another one through the mirror.
+            {"Sid": "NoNodeReadsCandidates", "Effect": "Deny", "Action": "s3:GetObject",
+             "Resource": f"arn:aws:s3:::{bucket}/{mirror_compile_cache_prefix(key_prefix)}/*/candidates/*"},
         ]
-    cache_prefix = node_files.compile_cache_key_prefix(r)
-    if cache_prefix is not None:
+    candidates = compile_cache_candidates(r)
+    if candidates is not None:
         bucket, _ = r.spec.weights.s3_mirror_location
-        # The one write a node has: its own engine image's compile caches (managed mirror only).
         statements.append(
-            {"Sid": "ShareCompileCache", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-             "Resource": f"arn:aws:s3:::{bucket}/{cache_prefix}/*"})
+            {"Sid": "UploadCompileCacheCandidates", "Effect": "Allow",
+             "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+             "Resource": f"arn:aws:s3:::{bucket}/{candidates}/*"})
     return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 
@@ -141,9 +168,8 @@ class GpuNode(pulumi.ComponentResource):
             tags=args.tags,
             opts=child,
         )
-        aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY, opts=child)
-        aws.iam.RolePolicy(f"{name}-secrets-and-weights", role=role.id, policy=_role_policy(r, args.ssm_prefix),
-                           opts=child)
+        # Inline only: an AWS-managed policy (AmazonSSMManagedInstanceCore) would read every parameter of the account.
+        aws.iam.RolePolicy(f"{name}-node", role=role.id, policy=_role_policy(r, args.ssm_prefix), opts=child)
         profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, tags=args.tags, opts=child)
         self.role_arn = role.arn
 

@@ -632,6 +632,29 @@ EBS_GP3_MAX_IOPS = 16000
 EBS_GP3_USD_PER_GB_MONTH = 0.08
 EBS_SOURCE = Source("AWS EBS gp3 documentation", "2026")
 
+#: What the SSM agent on a node calls, and nothing more: registration, State Manager associations
+#: (the release apply), Run Command and Session Manager channels (an operator's shell on the node).
+#: AmazonSSMManagedInstanceCore (v2) also grants ssm:GetParameter(s) on every parameter of the account
+#: and inventory/patching calls no stack uses, so node roles carry this list instead of that policy.
+SSM_AGENT_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ssm:ListAssociations", "ssm:ListInstanceAssociations", "ssm:DescribeAssociation",
+    "ssm:UpdateAssociationStatus", "ssm:UpdateInstanceAssociationStatus", "ssm:PutComplianceItems",
+    "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage", "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint", "ec2messages:GetMessages", "ec2messages:SendReply",
+    "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+)
+#: The one SSM document a node runs (the release apply association); GetDocument is limited to it.
+SSM_RUN_SHELL_DOCUMENT = "AWS-RunShellScript"
+SSM_AGENT_SOURCE = Source("AWS managed policy reference, AmazonSSMManagedInstanceCore v2; Systems Manager "
+                          "'Reference: ec2messages, ssmmessages, and other API operations'", "2026-12-07")
+
+#: The instance metadata service (IPv4; IPv6 on Nitro when enabled). GCP and Azure answer on the same
+#: IPv4 address, so the engines' refusal applies on every target that runs engines on a node.
+INSTANCE_METADATA_ADDRESSES = ("169.254.169.254", "fd00:ec2::254")
+INSTANCE_METADATA_SOURCE = Source("AWS EC2 user guide, 'Access instance metadata for an EC2 instance'", "2026-12-07")
+
 DLAMI_SSM_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 
 

@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 
 from kimi_fleet import catalog
-from kimi_fleet.paths import COMPILE_CACHE_MOUNT, DRAFT_MOUNT, ENV_DIR, LOOPBACK, MODEL_MOUNT
+from kimi_fleet.paths import COMPILE_CACHE_MOUNT, DRAFT_MOUNT, ENGINE_SLICE, ENV_DIR, LOOPBACK, MODEL_MOUNT
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import SAFE_VALUE
 
@@ -27,7 +27,9 @@ def plain_value(key: str, value: str) -> str:
     return value
 
 #: NCCL/RCCL/HCCL need shared memory and locked pages; Docker's 64 MB /dev/shm breaks TP (seed 003).
+#: The engine slice puts the container where the node firewall can refuse it the metadata service.
 COMMON_DOCKER_ARGS = (
+    f"--cgroup-parent={ENGINE_SLICE}",
     "--ipc=host",
     "--network=host",
     "--ulimit=memlock=-1",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from kimi_fleet import templates
+from kimi_fleet import catalog, templates
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT
+from kimi_fleet.paths import ENGINE_SLICE
 
 #: Caddy's JSON access log on a node; fail2ban reads it. /var/log/caddy belongs to Caddy's user.
 ACCESS_LOG = "/var/log/caddy/kimi-access.log"
@@ -22,6 +23,11 @@ FAIL2BAN_FILTER_PATH = f"/etc/fail2ban/filter.d/{JAIL_NAME}.conf"
 FAIL2BAN_JAIL_PATH = f"/etc/fail2ban/jail.d/{JAIL_NAME}.local"
 FIREWALL_RULES_PATH = "/etc/kimi-fleet/firewall.nft"
 FIREWALL_TABLE = "kimi_fleet"
+ENGINE_GUARD_PATH = "/etc/kimi-fleet/engine-guard.nft"
+ENGINE_GUARD_TABLE = "kimi_fleet_engines"
+ENGINE_GUARD_UNIT_NAME = "kimi-engine-guard.service"
+#: The kernel log line of a refused attempt (rate-limited): what an operator greps for.
+ENGINE_GUARD_LOG_PREFIX = "kimi-fleet engine to metadata refused: "
 NFT = "/usr/sbin/nft"
 
 
@@ -90,3 +96,23 @@ def render_firewall(*, enabled: bool, ssh_port: int, ssh_allowlist: tuple[str, .
 
 
 FIREWALL_UNIT = templates.render("kimi-firewall.service", RULES=FIREWALL_RULES_PATH, NFT=NFT)
+
+
+def render_engine_guard(*, stack: str, cgroup_path: str = ENGINE_SLICE) -> str:
+    """nftables: every process whose cgroup is under `cgroup_path` (relative to the cgroup2 mount,
+    level 1: the slice and everything in it) is refused the instance metadata addresses, with a
+    rate-limited kernel log line. `cgroup_path` is a parameter so a test can load the same rules
+    against a cgroup of its own."""
+    rules = []
+    for address in catalog.INSTANCE_METADATA_ADDRESSES:
+        family = "ip6" if ":" in address else "ip"
+        match = f'socket cgroupv2 level 1 "{cgroup_path}" {family} daddr {address}'
+        rules.append(f'\t\t{match} limit rate 6/minute log prefix "{ENGINE_GUARD_LOG_PREFIX}"')
+        rules.append(f"\t\t{match} counter reject")
+    return templates.render("engine-guard.nft", NFT=NFT, STACK=stack, SLICE=ENGINE_SLICE,
+                            TABLE=ENGINE_GUARD_TABLE, RULES="\n".join(rules))
+
+
+ENGINE_SLICE_UNIT = templates.render("kimi-engines.slice")
+ENGINE_GUARD_UNIT = templates.render("kimi-engine-guard.service", RULES=ENGINE_GUARD_PATH, NFT=NFT,
+                                     SLICE=ENGINE_SLICE)

@@ -3,6 +3,9 @@
 MODEL_MOUNT = "/models/kimi"
 DRAFT_MOUNT = "/models/draft"
 ENV_DIR = "/etc/kimi-fleet"
+#: The systemd slice every engine container runs in (docker --cgroup-parent): the node firewall refuses
+#: the instance metadata service to it by cgroup, since engines share the host's network.
+ENGINE_SLICE = "kimi-engines.slice"
 #: Engines bind here only: the authenticating proxy is the one way in.
 LOOPBACK = "127.0.0.1"
 #: The engines' compile and JIT caches inside the container (a directory beside the weights outside).

@@ -179,10 +179,11 @@ def test_imdsv2_role_and_ami_from_ssm(stack_run):
     (template,) = run.of_type(LT)
     assert template["inputs"]["metadataOptions"]["httpTokens"] == "required"
     assert template["inputs"]["imageId"] == "ami-0123456789abcdef0"
+    # One hop: a container on a bridge network gets no IMDS token (tests/test_node_iam.py: the rest).
+    assert template["inputs"]["metadataOptions"]["httpPutResponseHopLimit"] == 1
     (policy,) = run.of_type("aws:iam/rolePolicy:RolePolicy")
     assert "parameter/kimi-fleet/" in policy["inputs"]["policy"] and '"ssm:GetParameter"' in policy["inputs"]["policy"]
-    (attachment,) = run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
-    assert attachment["inputs"]["policyArn"].endswith("AmazonSSMManagedInstanceCore")
+    assert not run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
 
 
 def test_client_outputs(stack_run):

@@ -59,7 +59,19 @@ class AWS(Target):
         if r.weights_volume == "ebs" and spec.capacity.replicas > 1:
             yield (f"{FIELD}weights.volume (given 'ebs'): one EBS volume attaches to one node; a fleet of "
                    f"{spec.capacity.replicas} uses instance-store with an S3 mirror")
+        prefix = spec.target.aws.ssm_prefix
+        if prefix is not None and not _own_ssm_prefix(prefix, spec.stack):
+            yield (f"{FIELD}target.aws.ssmPrefix (given {prefix!r}): must be /<namespace>/{spec.stack} (two levels, "
+                   f"the second the stack's name, e.g. /kimi-fleet/{spec.stack}): the nodes may read every "
+                   "parameter under it, so a shorter or a nested prefix would let them read other stacks' secrets")
         market = spec.capacity.effective_market
         if offer is not None and market == "on-demand" and offer.on_demand_usd_per_hour is None:
             yield (f"{FIELD}capacity.market (given {market!r}): {offer.instance_type} is not sold on demand "
                    f"({offer.note}); use capacity-block or spot")
+
+
+def _own_ssm_prefix(prefix: str, stack: str) -> bool:
+    """/<namespace>/<stack>: a node role reads <prefix>/*, which then covers no other stack's prefix
+    of the same shape (a stack name holds no slash)."""
+    parts = prefix.rstrip("/").split("/")
+    return len(parts) == 3 and parts[0] == "" and parts[2] == stack
