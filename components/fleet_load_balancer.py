@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from kimi_fleet import health
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, READY_PATH
 from kimi_fleet.node_files import READY_PORT
 
 PASSTHROUGH_PORTS = (HTTPS_PORT, HTTP_PORT)
 #: A replaced spot node drains quickly: its in-flight streams are lost anyway.
 DEREGISTRATION_DELAY_SECONDS = 30
-HEALTH_CHECK_INTERVAL_SECONDS = 10
 
 
 @dataclass
@@ -57,10 +57,13 @@ class FleetLoadBalancer(pulumi.ComponentResource):
                 vpc_id=args.vpc_id,
                 deregistration_delay=DEREGISTRATION_DELAY_SECONDS,
                 # Healthy only once the node's watchdog admitted it by real generations through its
-                # own Caddy (the ready listener answers 503 before, and after a failure).
+                # own Caddy (the ready listener answers 503 before, and after the watchdog judged it
+                # stalled, never while merely busy); it leaves only after several failed checks
+                # (kimi_fleet/health.py: minutes in all, never one slow probe).
                 health_check=aws.lb.TargetGroupHealthCheckArgs(
                     protocol="HTTP", port=str(READY_PORT), path=READY_PATH, matcher="200",
-                    interval=HEALTH_CHECK_INTERVAL_SECONDS, healthy_threshold=2, unhealthy_threshold=2,
+                    interval=health.LB_INTERVAL_SECONDS, timeout=health.LB_TIMEOUT_SECONDS,
+                    healthy_threshold=health.LB_HEALTHY_THRESHOLD, unhealthy_threshold=health.LB_UNHEALTHY_THRESHOLD,
                 ),
                 tags=args.tags,
                 opts=child,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import catalog, node_files
+from kimi_fleet import catalog, health, node_files
 from kimi_fleet.cost import estimate
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
@@ -31,8 +31,6 @@ WEIGHTS_DEVICE = "/dev/sdf"
 #: a second hop). Engines share the host's network, so the node firewall also refuses IMDS to every
 #: process in the engines' cgroup (node_guard.ENGINE_SLICE).
 IMDS_HOP_LIMIT = 1
-#: The NLB health check sees Caddy long before the engines load; give a new replica its cold start.
-HEALTH_GRACE_MARGIN_SECONDS = 600
 
 
 @dataclass
@@ -152,6 +150,8 @@ class GpuNode(pulumi.ComponentResource):
     #: waits until only instances of it are healthy targets); None for one node.
     fleet_group: pulumi.Output[str] | None
     template_version: pulumi.Output[str]
+    #: The launch template (the fleet gate starts the instance refresh to its new version itself).
+    launch_template_id: pulumi.Output[str]
 
     def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:GpuNode", name, None, opts)
@@ -211,9 +211,16 @@ class GpuNode(pulumi.ComponentResource):
         self.market = pulumi.Output.from_input(capacity.effective_market)
         self.hourly_cost_usd = pulumi.Output.from_input(estimate(r).fleet_usd_per_hour)
         self.template_version = _version(template)
+        self.launch_template_id = template.id
         self.fleet_group = None
         if fleet:
             group = self._fleet(name, args, template, sizing)
+            # A dead node (kimi_fleet/health.py) marks itself unhealthy so its group replaces it: the one
+            # Auto Scaling call a node may make, on its own group only.
+            aws.iam.RolePolicy(f"{name}-mark-unhealthy", role=role.id, opts=child, policy=group.arn.apply(
+                lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [{
+                    "Sid": "MarkSelfUnhealthy", "Effect": "Allow", "Action": "autoscaling:SetInstanceHealth",
+                    "Resource": arn}]})))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
             self.fleet_group = group.name
@@ -248,6 +255,7 @@ class GpuNode(pulumi.ComponentResource):
             "role_arn": self.role_arn,
             "fleet_group": self.fleet_group,
             "template_version": self.template_version,
+            "launch_template_id": self.launch_template_id,
         })
 
     def _fleet(self, name: str, args: GpuNodeArgs, template: aws.ec2.LaunchTemplate,
@@ -289,23 +297,20 @@ class GpuNode(pulumi.ComponentResource):
             # Launch a replacement when AWS signals a rebalance risk, before the interruption lands.
             capacity_rebalance=market == "spot",
             target_group_arns=args.target_group_arns,
-            health_check_type="ELB",
-            health_check_grace_period=sizing.cold_start_seconds + HEALTH_GRACE_MARGIN_SECONDS,
+            # EC2, not ELB: a node the load balancer stops routing to (busy, reloading) is not replaced
+            # for it; a node's watchdog marks itself unhealthy only when it is dead (kimi_fleet/health.py).
+            health_check_type="EC2",
+            health_check_grace_period=health.windows(
+                sizing, verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS, fleet=True).grace_period_seconds,
             # GPU capacity can take hours to appear: `pulumi up` must not fail waiting for it.
             wait_for_capacity_timeout="0",
-            # A new release replaces the replicas in turn; the gate then waits until every answer
-            # carries the new release id (the provider does not wait for the refresh).
-            instance_refresh=aws.autoscaling.GroupInstanceRefreshArgs(
-                strategy="Rolling",
-                preferences=aws.autoscaling.GroupInstanceRefreshPreferencesArgs(
-                    **refresh_percentages(capacity.replicas, capacity.rollout),
-                    instance_warmup=str(sizing.cold_start_seconds),
-                    # A refresh whose new replicas never turn healthy puts the old version back.
-                    auto_rollback=True,
-                    skip_matching=True,
-                ),
-            ),
+            # No instance_refresh here: the provider stores the new version on the group before the
+            # refresh starts, so its auto-rollback relaunches the new version (terraform-provider-aws
+            # #34189). The group stays on the last good version; the fleet gate starts the refresh
+            # with the new version as its desired configuration, and AWS moves the group only when
+            # it succeeds (scripts/await_fleet_release.py).
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True)
                   for k, v in {**args.tags, "Name": r.spec.stack}.items()],
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[
+                "mixedInstancesPolicy.launchTemplate.launchTemplateSpecification.version", "launchTemplate.version"]),
         )

@@ -7,6 +7,7 @@ the market policy, the fleet shape, the volume's lifetime and DNS.
 from __future__ import annotations
 
 import base64
+import json
 
 import pulumi
 import pytest
@@ -181,7 +182,7 @@ def test_imdsv2_role_and_ami_from_ssm(stack_run):
     assert template["inputs"]["imageId"] == "ami-0123456789abcdef0"
     # One hop: a container on a bridge network gets no IMDS token (tests/test_node_iam.py: the rest).
     assert template["inputs"]["metadataOptions"]["httpPutResponseHopLimit"] == 1
-    (policy,) = run.of_type("aws:iam/rolePolicy:RolePolicy")
+    (policy,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-node")]
     assert "parameter/kimi-fleet/" in policy["inputs"]["policy"] and '"ssm:GetParameter"' in policy["inputs"]["policy"]
     assert not run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
 
@@ -266,7 +267,13 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
         check = target_group["inputs"]["healthCheck"]
         assert (check["protocol"], check["port"], check["path"], check["matcher"]) == (
             "HTTP", "9181", "/kimi-fleet/ready", "200")
-    assert inputs["healthCheckType"] == "ELB"  # an unhealthy replica is replaced, a refresh rolls back
+    # EC2: the load balancer stops routing to a busy or reloading node, only a dead node (which marks
+    # itself unhealthy) is replaced; the refresh is the gate's, not the provider's (#34189).
+    assert inputs["healthCheckType"] == "EC2"
+    assert "instanceRefresh" not in inputs
+    (mark,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-mark-unhealthy")]
+    (statement,) = json.loads(mark["inputs"]["policy"])["Statement"]
+    assert statement["Action"] == "autoscaling:SetInstanceHealth" and statement["Resource"].startswith("arn:")
     assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store
     assert run.outputs["public_address"] == "kimi-nlb-123.elb.us-east-1.amazonaws.com"
     assert "no hosted zone configured" in run.outputs["dns_record"]

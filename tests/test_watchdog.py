@@ -10,18 +10,21 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
+import threading
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
-from kimi_fleet import catalog, node_files
+from kimi_fleet import catalog, health, node_files
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
+from tests.fakes.load_shim import start_load_shim
 
 pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
               pytest.mark.timeout(180)]
@@ -29,15 +32,26 @@ API_KEY = "watchdog-test-key-0123456789"
 STACK = "rtxpro6000-int4-sglang"  # a host with one engine
 PROBE_TIMEOUT = 2
 SYSTEMCTL_STUB = """#!/bin/bash
-# systemctl as the watchdog uses it: InvocationID per unit from a file; restart records and bumps it.
+# systemctl as the watchdog uses it: InvocationID and ActiveState per unit from files (--value: the
+# InvocationID alone); restart records the unit and gives it a new InvocationID, as systemd does.
 state=${SYSTEMCTL_STUB_DIR:?}
 case "$1" in
-  show) unit=${@: -1}; cat "$state/invocation-$unit" 2>/dev/null || echo first ;;
-  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"; echo "after-restart" >"$state/invocation-$unit" ;;
+  show) unit=${@: -1}
+        id=$(cat "$state/invocation-$unit" 2>/dev/null || echo first)
+        if [[ " $* " == *" --value "* ]]; then echo "$id"; exit 0; fi
+        echo "InvocationID=$id"
+        echo "ActiveState=$(cat "$state/active-$unit" 2>/dev/null || echo active)" ;;
+  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"
+           echo "after-restart-$(wc -l <"$state/restarts")" >"$state/invocation-$unit" ;;
   start) echo "${@: -1}" >>"$state/starts" ;;
   *) echo "unexpected systemctl $*" >&2; exit 1 ;;
 esac
 """
+#: aws as the watchdog uses it on a fleet node: records each call (one line of arguments).
+AWS_STUB = """#!/bin/bash
+echo "$*" >>"${SYSTEMCTL_STUB_DIR:?}/aws-calls"
+"""
+INSTANCE_ID = "i-0123456789abcdef0"
 
 
 def probe(*args: str) -> subprocess.CompletedProcess:
@@ -59,9 +73,51 @@ def test_generation_probe_tells_a_dead_scheduler_from_a_healthy_engine(mode, exp
 
 
 @contextmanager
-def node(tmp_path: Path, mode: str, options: tuple[str, ...] = ()):
+def _imds():
+    """EC2's instance metadata service as IMDSv2 answers it (a token, then the instance id)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body: str, status: int = 200):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_PUT(self):
+            self._answer("token-1" if self.path == "/latest/api/token" else "", 200 if "token" in self.path else 404)
+
+        def do_GET(self):
+            authorized = self.headers.get("X-aws-ec2-metadata-token") == "token-1"
+            ok = self.path == "/latest/meta-data/instance-id" and authorized
+            self._answer(INSTANCE_ID if ok else "", 200 if ok else 401)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def health_settings(r: Resolved) -> dict:
+    """stack.json's watchdog windows as kimi_fleet.health computes them for this stack."""
+    return health.watchdog_settings(health.windows(size(r), verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS,
+                                                   fleet=node_files.behind_load_balancer(r)))
+
+
+@contextmanager
+def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file: Path | None = None,
+         watchdog: dict | None = None):
     """A scratch node: the stack's rendered files, one fake engine in place of the real one, the
-    node's Caddyfile run by a real Caddy (loopback ports), and a systemctl stub."""
+    node's Caddyfile run by a real Caddy (loopback ports), and systemctl and aws stubs.
+    `busy_file`: a load shim in front of the engine (tests/fakes/load_shim.py) plays a busy engine
+    while the file exists. `watchdog`: stack.json's watchdog settings to change (short windows)."""
     r = Resolved(load_stack_config(stack_file(STACK)).spec())
     launch = render_launch(r)
     root = tmp_path / "root"
@@ -75,14 +131,21 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = ()):
     key_file.write_text(API_KEY)
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "systemctl").write_text(SYSTEMCTL_STUB)
-    (stubs / "systemctl").chmod(0o755)
+    for name, text in (("systemctl", SYSTEMCTL_STUB), ("aws", AWS_STUB)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
     state = tmp_path / "systemctl"
     state.mkdir()
-    with start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options) as engine:
+    with ExitStack() as stack:
+        engine = stack.enter_context(start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options))
+        port = engine.port
+        if busy_file is not None:
+            port = stack.enter_context(start_load_shim(engine.port, "sglang", str(busy_file),
+                                                       hold_seconds=PROBE_TIMEOUT + 1)).port
+        imds = stack.enter_context(_imds())
         local_port = free_port()
         local = dataclasses.replace(launch, instances=tuple(
-            dataclasses.replace(i, port=engine.port) for i in launch.instances))
+            dataclasses.replace(i, port=port) for i in launch.instances))
         caddyfile = render_caddyfile_for(r, local, release=files[node_files.RELEASE_FILE].content.strip(),
                                          domain="localhost", tls="internal", acme_email=None, https_port=free_port(),
                                          http_port=free_port(), bind_host="127.0.0.1", local_port=local_port,
@@ -90,22 +153,24 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = ()):
         # The node's stack.json, with the fake's port, the loopback listener's port and short probes.
         stack_json = root / "etc/kimi-fleet/stack.json"
         facts = json.loads(stack_json.read_text())
-        facts["engines"][0]["port"] = engine.port
+        facts["engines"][0]["port"] = port
         facts["local_proxy"] = f"http://127.0.0.1:{local_port}"
-        facts["watchdog"]["probe_timeout_seconds"] = PROBE_TIMEOUT
+        facts["watchdog"] = {**health_settings(r), **facts["watchdog"], "probe_timeout_seconds": PROBE_TIMEOUT,
+                             **(watchdog or {})}
         stack_json.write_text(json.dumps(facts))
-        with start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}):
-            # The suite's dependencies come from this venv (on a node: the bootstrap's verifier venv);
-            # the suite itself is the copy shipped in the node files.
-            env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",
-                   "SYSTEMCTL_STUB_DIR": str(state), "KIMI_VERIFY_PYTHON": sys.executable}
-            env.pop("PYTHONPATH", None)
+        stack.enter_context(start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}))
+        # The suite's dependencies come from this venv (on a node: the bootstrap's verifier venv);
+        # the suite itself is the copy shipped in the node files.
+        env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",
+               "SYSTEMCTL_STUB_DIR": str(state), "KIMI_VERIFY_PYTHON": sys.executable,
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds}
+        env.pop("PYTHONPATH", None)
 
-            def run_watchdog() -> subprocess.CompletedProcess:
-                return subprocess.run(["/usr/bin/python3", str(root / node_files.WATCHDOG.lstrip("/"))],
-                                      env=env, capture_output=True, text=True, timeout=150)
+        def run_watchdog() -> subprocess.CompletedProcess:
+            return subprocess.run(["/usr/bin/python3", str(root / node_files.WATCHDOG.lstrip("/"))],
+                                  env=env, capture_output=True, text=True, timeout=150)
 
-            yield root, run_watchdog, state, facts
+        yield root, run_watchdog, state, facts
 
 
 def _ready(root: Path) -> str | None:
@@ -139,14 +204,19 @@ def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(
         assert "verification suite" not in run_watchdog().stderr and _ready(root) == release
         broken.touch()
         outputs = []
-        for _ in range(facts["watchdog"]["failures"]):
+        failures = facts["watchdog"]["failures"]
+        for run in range(1, failures + 1):
             result = run_watchdog()
             assert result.returncode == 0, result.stderr
             outputs.append(result.stderr)
-            assert _ready(root) is None  # out of rotation from the first failed generation
+            # In service through fewer than `failures` stalled probes (one slow minute is no outage),
+            # out of rotation at the last one, when the engine is restarted.
+            assert _ready(root) == (release if run < failures else None), result.stderr
+            assert f"stalled: probe failed" in result.stderr and f"({run}/{failures} in a row)" in result.stderr
         restarts = (state / "restarts").read_text().split()
         assert restarts == ["kimi-engine@0.service"]
         assert "restarting: it stopped generating after admission" in outputs[-1]
+        assert "node not ready: kimi-engine@0.service restarted after" in outputs[-1]
         # After the restart the engine must be admitted again before anything else happens to it.
         again = run_watchdog()
         assert (state / "restarts").read_text().split() == ["kimi-engine@0.service"]
@@ -154,6 +224,107 @@ def test_a_node_that_breaks_after_admission_is_unready_and_its_engine_restarted(
         broken.unlink()  # the restarted engine generates: admitted, and proven again for its new start
         back = run_watchdog()
         assert "admission: the verification suite passed" in back.stderr and _ready(root) == release
+
+
+def _status(root: Path) -> dict:
+    return json.loads((root / "run/kimi-fleet/status.json").read_text())
+
+
+def _age(state_dir: Path, key: str, seconds: float) -> None:
+    """Move one of the watchdog's remembered times `seconds` into the past (instead of waiting)."""
+    path = state_dir / "engine-0.json"
+    state = json.loads(path.read_text())
+    state[key] -= seconds
+    path.write_text(json.dumps(state))
+
+
+def _aws_calls(state: Path) -> list[str]:
+    calls = state / "aws-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_a_busy_engine_stays_in_service_and_is_never_restarted(tmp_path):
+    """Issue 20: a load spike that holds the 4-token probe past its timeout is not an outage. The
+    engine's own token counter advances meanwhile: the node keeps its ready file (its load balancer
+    keeps routing to it) and nothing is restarted, however many probes in a row time out."""
+    busy = tmp_path / "busy"
+    with node(tmp_path, "good", busy_file=busy) as (root, run_watchdog, state, facts):
+        assert run_watchdog().returncode == 0
+        release = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+        assert _ready(root) == release
+        busy.touch()
+        for _ in range(facts["watchdog"]["failures"] + 2):
+            result = run_watchdog()
+            assert result.returncode == 0, result.stderr
+            assert "kimi-engine@0.service: busy: probe failed (TimeoutError" in result.stderr, result.stderr
+            assert "stays in service" in result.stderr and "stalled" not in result.stderr
+            assert _ready(root) == release
+        assert not (state / "restarts").exists()
+        health_now = _status(root)["health"]
+        assert health_now["verdict"] == "in service, held"
+        assert health_now["engines"]["kimi-engine@0.service"]["verdict"] == "busy"
+        busy.unlink()
+        assert run_watchdog().returncode == 0 and _ready(root) == release
+        assert _status(root)["health"]["verdict"] == "ready"
+
+
+def test_a_dead_engine_is_restarted_first_and_only_after_the_long_window_marked_for_replacement(tmp_path):
+    """A fleet node whose engine stops generating: restarted after `failures` stalled probes, its
+    hung load killed at the load budget, and only once the dead window passed without a generation
+    does the node mark itself unhealthy for its Auto Scaling group (once). Time is moved by editing
+    the watchdog's remembered times, never by waiting."""
+    hang = tmp_path / "hang"
+    with node(tmp_path, "good", ("--hang-file", str(hang)), watchdog={"replace_dead_node": True}) as (
+            root, run_watchdog, state, facts):
+        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+        settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n"))
+        watchdog_state = root / "run/kimi-fleet/watchdog"
+        assert run_watchdog().returncode == 0 and _ready(root) is not None
+        hang.touch()
+        for _ in range(facts["watchdog"]["failures"]):
+            result = run_watchdog()
+        assert "restarting: it stopped generating after admission" in result.stderr
+        assert (state / "restarts").read_text().split() == ["kimi-engine@0.service"]
+        assert _ready(root) is None and _aws_calls(state) == []
+        # The restarted engine loads (its probe fails, nothing is admitted): left alone within its budget.
+        loading = run_watchdog()
+        assert "over budget" not in loading.stderr and len((state / "restarts").read_text().split()) == 1
+        assert _status(root)["health"]["engines"]["kimi-engine@0.service"]["verdict"] == "loading"
+        # The load hangs past its budget: killed, restarted, reported. Still not dead: it was just restarted.
+        _age(watchdog_state, "started_at", facts["watchdog"]["load_budget_seconds"] + 1)
+        over = run_watchdog()
+        budget = facts["watchdog"]["load_budget_seconds"]
+        assert f"kimi-engine@0.service: load over budget: started" in over.stderr
+        assert f"its load budget is {budget} s, still not generating (TimeoutError" in over.stderr
+        assert len((state / "restarts").read_text().split()) == 2 and _aws_calls(state) == []
+        # No generation for the whole dead window: now, and only now, the group is told to replace it.
+        _age(watchdog_state, "last_generation_at", facts["watchdog"]["dead_window_seconds"] + 1)
+        dead = run_watchdog()
+        assert f"marked {INSTANCE_ID} unhealthy; its Auto Scaling group replaces it" in dead.stderr, dead.stderr
+        assert _aws_calls(state) == [f"autoscaling set-instance-health --region us-east-1 --instance-id {INSTANCE_ID} "
+                                     "--health-status Unhealthy --no-should-respect-grace-period"]
+        status = _status(root)
+        assert status["phase"] == "failed" and status["health"]["verdict"] == "dead"
+        assert "no generation for" in status["health"]["engines"]["kimi-engine@0.service"]["dead"]
+        run_watchdog()
+        assert len(_aws_calls(state)) == 1  # once
+
+
+def test_a_crash_loop_is_dead_at_once_and_a_single_node_only_says_so(tmp_path):
+    """`crash_loop_starts` starts (new InvocationIDs) within the window: dead without waiting for the
+    dead window. A single node has no group to replace it: no AWS call, one clear line."""
+    starts = 3
+    with node(tmp_path, "dead-scheduler", watchdog={"crash_loop_starts": starts}) as (
+            root, run_watchdog, state, facts):
+        assert facts["watchdog"]["replace_dead_node"] is False  # a host stack
+        for start in range(1, starts + 1):
+            (state / "invocation-kimi-engine@0.service").write_text(f"start-{start}\n")
+            result = run_watchdog()
+            assert result.returncode == 0 and _ready(root) is None
+            assert ("crash loop" in result.stderr) == (start == starts), result.stderr
+        assert f"node dead (kimi-engine@0.service: crash loop: {starts} starts within" in result.stderr
+        assert "a single node has no group to replace it" in result.stderr
+        assert _aws_calls(state) == [] and _status(root)["health"]["verdict"] == "dead"
 
 
 def test_an_admitted_node_publishes_its_compile_cache_once_when_the_mirror_is_managed(tmp_path):

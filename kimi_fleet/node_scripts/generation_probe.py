@@ -5,6 +5,9 @@ An engine can answer 200 on /health while its scheduler is dead (vLLM #39863: 85
 outage behind a green health route); only a generation proves it serves. Standard library only:
 it runs on nodes (Ubuntu's python3) and inside engine containers (Kubernetes exec probes).
 
+Also: what the engine itself says it is doing (engine_load), which tells a busy engine whose probe
+waited behind other requests from a stalled one (the watchdog's "busy" versus "dead").
+
 usage: generation_probe.py BASE_URL MODEL TIMEOUT_SECONDS [KEY_FILE]
   BASE_URL  e.g. http://127.0.0.1:8000 (the engine) or http://127.0.0.1:9180 (the node's Caddy, loopback listener)
   KEY_FILE  a file holding the API key, sent as a Bearer token (never on the command line)
@@ -13,9 +16,19 @@ usage: generation_probe.py BASE_URL MODEL TIMEOUT_SECONDS [KEY_FILE]
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
+
+#: Each engine's own counters on /metrics: (tokens generated, a counter; requests running; requests
+#: queued). Names from the engines' source: vLLM's Prometheus logger (vllm/v1/metrics/loggers.py),
+#: SGLang's collector (python/sglang/srt/metrics/collector.py, on with --enable-metrics).
+ENGINE_METRICS = {
+    "vllm": ("vllm:generation_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting"),
+    "sglang": ("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs"),
+}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
 
 
 def probe(base_url: str, model: str, timeout: float, key: str | None = None) -> str | None:
@@ -44,6 +57,30 @@ def probe(base_url: str, model: str, timeout: float, key: str | None = None) -> 
     if not choices or generated < 1:
         return f"no tokens generated: {json.dumps(answer)[:200]}"
     return None
+
+
+def engine_load(base_url: str, engine: str, timeout: float) -> dict | None:
+    """{"generated", "running", "waiting"} from the engine's /metrics (each summed over its label
+    sets: one per model or data-parallel rank), or None when /metrics does not answer or lacks the
+    token counter (then nothing proves the engine is busy)."""
+    generated_name, running_name, waiting_name = ENGINE_METRICS[engine]
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout) as response:
+            text = response.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) in (generated_name, running_name, waiting_name):
+            try:
+                totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+            except ValueError:
+                continue
+    if generated_name not in totals:
+        return None
+    return {"generated": totals[generated_name], "running": totals.get(running_name, 0.0),
+            "waiting": totals.get(waiting_name, 0.0)}
 
 
 def main(argv: list[str]) -> int:

@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
 """kimi-fleet node watchdog: admission and liveness by real generations (kimi-watchdog.timer).
 
-Each run, per engine: one tiny generation straight to the engine (generation_probe.py).
+Each run, per engine: one tiny generation straight to the engine (generation_probe.py), and, when
+it fails, the engine's own token counter (its /metrics) read before and after. The windows come
+from the sizing (kimi_fleet/health.py, in stack.json's "watchdog"); every decision is one log line
+and lands in the node status ("health").
 - An engine is *admitted* the first time it generates after a (re)start (systemd's InvocationID
-  tells one start from the next). Before that, failures mean "still loading" and are left alone:
-  loading 595 GB takes minutes and systemd's start timeout governs it.
-- An admitted engine that fails `failures` probes in a row is restarted (an HTTP-200 /health
-  with a dead scheduler is exactly this case).
+  tells one start from the next). Before that it is loading: left alone for its load budget, then
+  killed and restarted (a load that hangs is reported, never waited on forever).
+- *Busy*: an admitted engine whose probe failed while its token counter advanced. It serves
+  others; nothing happens and the node stays in service (a load spike must not take replicas out).
+- *Stalled*: a failed probe and no token generated meanwhile. `failures` of them in a row take the
+  node out of service (the ready file goes) and restart the engine; fewer keep it in.
+- *Dead*: no generation for the dead window (longer than a restart and its load budget), or a crash
+  loop (`crash_loop_starts` starts within `crash_loop_window_seconds`). A fleet node then marks
+  itself unhealthy for its Auto Scaling group, once (`aws autoscaling set-instance-health`): the
+  group replaces it. A single node has nothing to replace it: it keeps restarting its engine.
 The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
 refuses a request without the key and generates with it, and the project's verification suite
 (shipped with the release) passed against that listener for this release and these engine starts
 (text, thinking and instant modes, tool calls, vision, streaming: stack.json's admission checks).
 Then the ready file (stack.json's ready_file, world-readable: Caddy serves it to a load balancer's
-health check) holds the release id; otherwise it is removed. The suite runs once per release and
-engine start; a failed run is retried on the next timer tick.
+health check) holds the release id; it is removed when the node stops serving (see above). The
+suite runs once per release and engine start; a failed run is retried on the next timer tick.
 
-Paths are under $KIMI_ROOT when it is set (tests); systemctl is whatever is first on PATH.
+Paths are under $KIMI_ROOT when it is set (tests); systemctl and aws are whatever is first on PATH.
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
-from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
-from generation_probe import probe  # noqa: E402
-from node_status import read as read_status, start_phase  # noqa: E402
+from compile_cache import PUBLISH_UNIT, instance_id, read_settings  # noqa: E402
+from generation_probe import engine_load, probe  # noqa: E402
+from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
@@ -41,6 +50,10 @@ RELEASE = ROOT / "etc/kimi-fleet/release"
 NODE_ENV = ROOT / "etc/kimi-fleet/node.env"
 STATE_DIR = ROOT / "run/kimi-fleet/watchdog"
 LOG = ROOT / "var/log/kimi-fleet/watchdog.log"
+#: The engine's /metrics is read twice around a failed probe; it answers in milliseconds when alive.
+METRICS_TIMEOUT_SECONDS = 10
+#: An engine unit in one of these has no process (systemd gave up, or it was stopped).
+PROCESS_GONE = ("failed", "inactive")
 
 
 def log(message: str) -> None:
@@ -59,10 +72,16 @@ def setting(name: str) -> str:
     return settings[name]
 
 
-def invocation(unit: str) -> str:
-    shown = subprocess.run(["systemctl", "show", "-p", "InvocationID", "--value", unit],
+def unit_state(unit: str) -> tuple[str, str]:
+    """(InvocationID, ActiveState) of a unit: the start it is on, and whether it has a process."""
+    shown = subprocess.run(["systemctl", "show", "-p", "InvocationID", "-p", "ActiveState", unit],
                            capture_output=True, text=True, check=False)
-    return shown.stdout.strip()
+    values = dict(line.partition("=")[::2] for line in shown.stdout.splitlines() if "=" in line)
+    return values.get("InvocationID", "").strip(), values.get("ActiveState", "").strip()
+
+
+def invocation(unit: str) -> str:
+    return unit_state(unit)[0]
 
 
 def restart(unit: str) -> None:
@@ -80,29 +99,122 @@ def refuses_without_key(base_url: str, timeout: float) -> bool:
     return False
 
 
-def check_engine(engine: dict, model: str, watchdog: dict) -> bool:
-    """Probe one engine, update its state, restart it if it broke after admission. True if admitted."""
+def _load_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(path: Path, state: dict) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+
+
+#: Verdicts under which an admitted engine still serves (the node stays in service).
+SERVING = ("serving", "busy", "stalled")
+
+
+def check_engine(engine: dict, model: str, engine_kind: str, watchdog: dict, now: float) -> dict:
+    """Probe one engine and decide. Returns {"unit", "verdict", "reason", "dead"}: verdict one of
+    serving, busy, stalled, restarted, loading, not started, over budget, gone; dead a reason or None."""
     unit = f"kimi-engine@{engine['index']}.service"
     state_file = STATE_DIR / f"engine-{engine['index']}.json"
-    current = invocation(unit)
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("invocation") != current:
-        state = {"invocation": current, "admitted": False, "failures": 0}  # a new start: admit again
-    failure = probe(f"http://127.0.0.1:{engine['port']}", model, watchdog["probe_timeout_seconds"])
+    current, active = unit_state(unit)
+    state = _load_state(state_file)
+    window = watchdog["crash_loop_window_seconds"]
+    starts = [t for t in state.get("starts", []) if now - t <= window]
+    last_generation = state.get("last_generation_at")
+    if current and state.get("invocation") != current:  # a new start: admit again
+        starts.append(now)
+        state = {"invocation": current, "admitted": False, "stalls": 0, "started_at": now}
+    state["starts"] = starts
+    if current and last_generation is None:
+        last_generation = now  # the dead window counts from the first start the watchdog saw
+    state["last_generation_at"] = last_generation
+    base_url = f"http://127.0.0.1:{engine['port']}"
+    verdict, reason = _judge(unit, state, base_url, model, engine_kind, watchdog, now, current, active)
+    dead = None
+    if len(starts) >= watchdog["crash_loop_starts"]:
+        dead = f"crash loop: {len(starts)} starts within {window} s"
+    elif last_generation is not None and now - state["last_generation_at"] > watchdog["dead_window_seconds"]:
+        dead = (f"no generation for {now - state['last_generation_at']:.0f} s (dead window "
+                f"{watchdog['dead_window_seconds']} s), now {verdict}")
+    _save_state(state_file, state)
+    return {"unit": unit, "verdict": verdict, "reason": reason, "dead": dead}
+
+
+def _judge(unit: str, state: dict, base_url: str, model: str, engine_kind: str, watchdog: dict, now: float,
+           current: str, active: str) -> tuple[str, str]:
+    if not current:
+        return "not started", "no start yet (the bootstrap has not started it)"
+    if state["admitted"] and active in PROCESS_GONE:
+        log(f"{unit}: engine process gone (ActiveState {active}); restarting it")
+        restart(unit)
+        state.update(admitted=False, stalls=0)
+        return "gone", f"process gone (ActiveState {active})"
+    before = engine_load(base_url, engine_kind, METRICS_TIMEOUT_SECONDS) if state["admitted"] else None
+    failure = probe(base_url, model, watchdog["probe_timeout_seconds"])
     if failure is None:
         if not state["admitted"]:
             log(f"{unit}: generates, admitted")
-        state.update(admitted=True, failures=0)
-    elif state["admitted"]:
-        state["failures"] += 1
-        log(f"{unit}: probe failed ({state['failures']}/{watchdog['failures']} in a row): {failure}")
-        if state["failures"] >= watchdog["failures"]:
-            log(f"{unit}: restarting: it stopped generating after admission")
-            restart(unit)
-            state = {"invocation": None, "admitted": False, "failures": 0}
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state))
-    return state["admitted"]
+        state.update(admitted=True, stalls=0, last_generation_at=now)
+        return "serving", "generates"
+    if not state["admitted"]:
+        loading = now - state["started_at"]
+        budget = watchdog["load_budget_seconds"]
+        if loading <= budget:
+            return "loading", f"loading for {loading:.0f} s of its {budget} s budget"
+        log(f"{unit}: load over budget: started {loading:.0f} s ago, its load budget is {budget} s, still not "
+            f"generating ({failure}); killing and restarting it")
+        restart(unit)
+        state.update(started_at=now)  # the restart's own budget starts now (its new InvocationID too)
+        return "over budget", f"load over its {budget} s budget ({failure})"
+    after = engine_load(base_url, engine_kind, METRICS_TIMEOUT_SECONDS)
+    if before and after and after["generated"] > before["generated"]:
+        state.update(stalls=0, last_generation_at=now)
+        log(f"{unit}: busy: probe failed ({failure}) but the engine generated "
+            f"{after['generated'] - before['generated']:.0f} tokens meanwhile ({after['running']:.0f} running, "
+            f"{after['waiting']:.0f} queued); stays in service")
+        return "busy", f"busy ({after['running']:.0f} running, {after['waiting']:.0f} queued)"
+    state["stalls"] += 1
+    progress = "its /metrics do not answer" if after is None else "no token generated meanwhile"
+    log(f"{unit}: stalled: probe failed ({failure}) and {progress} "
+        f"({state['stalls']}/{watchdog['failures']} in a row)")
+    if state["stalls"] < watchdog["failures"]:
+        return "stalled", f"stalled {state['stalls']}/{watchdog['failures']}"
+    log(f"{unit}: restarting: it stopped generating after admission; node out of service until it is back")
+    restart(unit)
+    state.update(admitted=False, stalls=0, started_at=now)
+    return "restarted", f"restarted after {watchdog['failures']} stalled probes"
+
+
+def mark_for_replacement(reason: str) -> bool:
+    """Tell the node's Auto Scaling group this instance is unhealthy: the group replaces it."""
+    region = read_settings(str(NODE_ENV)).get("AWS_REGION", "")
+    try:
+        instance = instance_id()
+    except (OSError, RuntimeError, ValueError) as error:
+        log(f"node dead ({reason}) but its instance id is unknown ({error}); retried next run")
+        return False
+    marked = subprocess.run(["aws", "autoscaling", "set-instance-health", "--region", region, "--instance-id",
+                             instance, "--health-status", "Unhealthy", "--no-should-respect-grace-period"],
+                            capture_output=True, text=True, check=False)
+    if marked.returncode != 0:
+        log(f"node dead ({reason}): marking {instance} unhealthy failed: "
+            f"{(marked.stderr or marked.stdout).strip()[-300:]}; retried next run")
+        return False
+    log(f"node dead ({reason}): marked {instance} unhealthy; its Auto Scaling group replaces it")
+    return True
+
+
+def record_health(verdict: str, engines: list[dict], now: float) -> None:
+    """The node status's "health": the node's verdict and each engine's, as the watchdog decided."""
+    status = read_status()
+    status["health"] = {"verdict": verdict, "at": now,
+                        "engines": {e["unit"]: {"verdict": e["verdict"], "reason": e["reason"],
+                                                **({"dead": e["dead"]} if e["dead"] else {})} for e in engines}}
+    write_status(status)
 
 
 def proven(stack: dict, key: str) -> bool:
@@ -141,18 +253,32 @@ def share_compile_cache() -> None:
 def main() -> int:
     stack = json.loads(STACK_JSON.read_text())
     watchdog = stack["watchdog"]
-    admitted = [check_engine(engine, stack["model"], watchdog) for engine in stack["engines"]]
-    ready = False
-    if all(admitted):
+    now = time.time()
+    engines = [check_engine(engine, stack["model"], stack["engine"], watchdog, now) for engine in stack["engines"]]
+    node_file = STATE_DIR / "node.json"
+    node = _load_state(node_file)
+    release = RELEASE.read_text().strip()
+    ready_file = ROOT / stack["ready_file"].lstrip("/")
+    verdicts = {e["verdict"] for e in engines}
+    # True: ready; False: not ready; None: hold (an engine busy or stalled fewer times than
+    # `failures`: the node stays as it was, in service if it was).
+    ready: bool | None = False
+    if verdicts <= set(SERVING) and verdicts != {"serving"}:
+        ready = None
+    elif verdicts == {"serving"}:
         local = stack["local_proxy"]
         key = (ROOT / setting("API_KEY_FILE").lstrip("/")).read_text().strip()
         failure = probe(local, stack["model"], watchdog["probe_timeout_seconds"], key)
-        if failure is None and refuses_without_key(local, watchdog["probe_timeout_seconds"]):
-            ready = proven(stack, key)
+        if failure is not None:
+            node["proxy_failures"] = node.get("proxy_failures", 0) + 1
+            log(f"local proxy {local}: {failure} ({node['proxy_failures']}/{watchdog['failures']} in a row)")
+            ready = None if node["proxy_failures"] < watchdog["failures"] else False
+        elif not refuses_without_key(local, watchdog["probe_timeout_seconds"]):
+            log(f"local proxy {local}: answers without the key; not ready")
         else:
-            log(f"local proxy {local}: {failure or 'answers without the key'}")
-    release = RELEASE.read_text().strip()
-    ready_file = ROOT / stack["ready_file"].lstrip("/")
+            node["proxy_failures"] = 0
+            ready = proven(stack, key)
+    dead = [f"{e['unit']}: {e['dead']}" for e in engines if e["dead"]]
     if ready:
         if not ready_file.exists() or ready_file.read_text().strip() != release:
             log(f"node ready: release {release}")
@@ -160,11 +286,30 @@ def main() -> int:
         ready_file.write_text(release + "\n")
         ready_file.chmod(0o644)
         start_phase("ready")
+        node.pop("dead", None)
+    elif ready is None:
+        if ready_file.exists():
+            held = ", ".join(f"{e['unit']} {e['reason']}" for e in engines if e["verdict"] != "serving")
+            log(f"node stays in service: {held or 'local proxy probe failed'}")
     elif ready_file.exists():
-        log("node not ready")
+        why = "; ".join(f"{e['unit']} {e['reason']}" for e in engines if e["verdict"] not in SERVING)
+        log(f"node not ready: {why or 'its own proxy does not serve'}")
         ready_file.unlink()
         if read_status().get("phase") == "ready":
             start_phase("loading")  # an engine is being restarted
+    if dead:
+        reason = "; ".join(dead)
+        start_phase("failed")
+        if node.get("dead") is None:
+            if not watchdog["replace_dead_node"]:
+                log(f"node dead ({reason}); a single node has no group to replace it: its engines keep "
+                    "being restarted")
+                node["dead"] = reason
+            elif mark_for_replacement(reason):
+                node["dead"] = reason
+    verdict = "dead" if dead else {True: "ready", None: "in service, held", False: "not ready"}[ready]
+    record_health(verdict, engines, now)
+    _save_state(node_file, node)
     return 0
 
 
