@@ -6,10 +6,12 @@ Pure text rendering (no Pulumi), so it can be unit-tested and validated with `ca
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import NamedTuple
 
 from kimi_fleet.endpoint_contract import RELEASE_HEADER, RELEASE_PATTERN, STATUS_PATH  # noqa: F401 (re-exported)
+from kimi_fleet.endpoint_contract import Route, promised_routes
 from kimi_fleet.spec import EMAIL_PATTERN
 
 TLS_MODES = ("acme", "internal")
@@ -39,6 +41,9 @@ READY_PATH = "/kimi-fleet/ready"
 #: Files Caddy writes or serves (access log, ready and status files): absolute, plain names only.
 _FILE_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
+#: A promised path goes verbatim into a Caddy regular expression and a response body: plain
+#: segments only (no regex metacharacters, braces, percent-escapes or dot segments).
+_ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9_-]+)+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
 #: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
 API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
@@ -55,6 +60,9 @@ _UNAUTHORIZED_BODY = (
     '{"error":{"message":"missing or invalid API key","type":"invalid_request_error",'
     '"code":"invalid_api_key"}}'
 )
+#: What the proxy matches a request against: its method and its URI exactly as sent (escaped path
+#: and query, after no rewrite), never Caddy's cleaned, unescaped, case-folded `path`.
+_REQUEST_LINE = "{http.request.method} {http.request.uri}"
 
 
 class RenderedProxy(NamedTuple):
@@ -89,7 +97,10 @@ def render_proxy(
     status_file: str | None = None,
 ) -> RenderedProxy:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
-    `Authorization: Bearer $<api_key_env>` on every path and streams to loopback `upstreams`.
+    `Authorization: Bearer $<api_key_env>` on every path and streams the promised routes
+    (endpoint_contract.promised_routes: the OpenAI API and a GET of `health_uri`) to loopback
+    `upstreams`; every other route gets a JSON 404 (405 for a promised path's other methods)
+    from Caddy itself.
 
     tls="acme" obtains a public certificate for the domain (DNS must point at the host, ports
     80/443 open); tls="internal" uses Caddy's local CA (loopback tests). `bind_host` restricts
@@ -109,8 +120,9 @@ def render_proxy(
         raise ValueError(f"invalid domain {domain!r}")
     if not _ENV_NAME.match(api_key_env):
         raise ValueError(f"invalid environment variable name {api_key_env!r}")
-    if not health_uri.startswith("/"):
-        raise ValueError(f"health_uri must be a path starting with '/', got {health_uri!r}")
+    if not _ROUTE_PATH.match(health_uri):
+        raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
+                         f"got {health_uri!r}")
     if not upstreams:
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
@@ -140,6 +152,7 @@ def render_proxy(
         # Never touch the host's trust store; clients are given the root explicitly.
         global_options.append("skip_install_trust")
 
+    proxied = promised_routes(health_uri)
     site = [
         # Access log: every request, failed keys included, with status and client address. Caddy
         # logs the Authorization header empty unless log_credentials is set.
@@ -161,8 +174,10 @@ def render_proxy(
         'header @unauthorized WWW-Authenticate "Bearer"',
         *_refusals(),
         "",
+        *_route_gate(proxied),
+        "",
         *_status_route(status_file),
-        f"reverse_proxy {' '.join(upstreams)} {{",
+        f"reverse_proxy @promised {' '.join(upstreams)} {{",
         # Forward every SSE chunk as soon as the engine writes it.
         "\tflush_interval -1",
         # The engine never sees the key: it may log requests, headers included.
@@ -195,7 +210,7 @@ def render_proxy(
     lines += _site(domain, public + site)
     routes = [{"path": STATUS_PATH, "keyRequired": True, "servesFile": status_file}] if status_file else []
     keyed = {"keyRequired": True, "keyEnv": api_key_env, "upstreams": list(upstreams), "routes": routes,
-             "stampsRelease": release is not None}
+             "proxiedRoutes": [route._asdict() for route in proxied], "stampsRelease": release is not None}
     sites = [{"address": domain, "bind": bind_host, **keyed}]
     if local_port is not None:
         # The same key and proxy on a plain-HTTP loopback listener: the node's own checks (the
@@ -224,7 +239,7 @@ def render_proxy(
             "}",
         ])
         sites.append({"address": f"http://:{ready_port}", "bind": None, "keyRequired": False, "keyEnv": None,
-                      "upstreams": [], "stampsRelease": False,
+                      "upstreams": [], "proxiedRoutes": [], "stampsRelease": False,
                       "routes": [{"path": READY_PATH, "keyRequired": False, "servesFile": ready_file}]})
     facts = {"adminOff": True, "protocols": ["h1", "h2"], "sites": sites}
     return RenderedProxy("\n".join(lines) + "\n", facts)
@@ -237,6 +252,52 @@ def _site(address: str, body: list[str]) -> list[str]:
 def _refusals() -> list[str]:
     """401 for a request without the key (the header matcher first: the policy pack looks for it)."""
     return [f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401", f"respond @keyless `{_UNAUTHORIZED_BODY}` 401"]
+
+
+def _route_gate(routes: tuple[Route, ...]) -> list[str]:
+    """A tenant's key opens the promised routes only: the `@promised` matcher (the reverse_proxy's
+    only matcher), 405 with Allow for a promised path with another method, a JSON 404 for anything
+    else, both answered by Caddy itself; the engine never sees them.
+
+    Matched on the request as sent (_REQUEST_LINE): Caddy's `path` matcher unescapes, cleans dot
+    segments and ignores case, while the engine routes on the raw path, so a matcher that forgave
+    `/v1/chat/completions/../../flush_cache`, `/%66lush_cache` or `/V1/models` would proxy a path
+    the engine reads otherwise. A query string passes; a trailing slash does not (no client sends
+    one). These come after the key's 401 refusals (same directive, kept in written order), so a
+    wrong key still gets 401 on every path: fail2ban counts those."""
+    for route in routes:
+        if not _ROUTE_PATH.match(route.path) or not route.method.isalpha() or not route.method.isupper():
+            raise ValueError(f"promised route {route} must be an upper-case method and a plain path")
+    query = "(?:[?].*)?$"
+    promised = "^(?:" + "|".join(str(route) for route in routes) + ")" + query
+    served = ", ".join(str(route) for route in routes)
+    lines = [f'@promised vars_regexp "{_REQUEST_LINE}" "{promised}"',
+             f'@unpromised not vars_regexp "{_REQUEST_LINE}" "{promised}"']
+    methods_by_path: dict[str, list[str]] = {}
+    for route in routes:
+        methods_by_path.setdefault(route.path, []).append(route.method)
+    refusals = []
+    for index, (path, methods) in enumerate(methods_by_path.items()):
+        matcher = f"@wrong_method_{index}"
+        allowed = ", ".join(methods)
+        body = _error_body(f"method not allowed: {path} takes {allowed} only", "method_not_allowed")
+        lines += [f"{matcher} {{", f'\tvars_regexp {{http.request.uri}} "^{path}{query}"',
+                  f"\tnot method {' '.join(methods)}", "}",
+                  f'header {matcher} Content-Type "application/json"', f'header {matcher} Allow "{allowed}"']
+        refusals.append(f"respond {matcher} `{body}` 405")
+    not_found = _error_body(f"no such route: this endpoint serves {served} only (engine controls are reached "
+                            "on the node, not with an API key)", "unknown_route")
+    return [*lines, 'header @unpromised Content-Type "application/json"', *refusals,
+            f"respond @unpromised `{not_found}` 404"]
+
+
+def _error_body(message: str, code: str) -> str:
+    """An OpenAI-shaped error, as a Caddyfile backtick token (no backticks, no placeholders)."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}},
+                      separators=(",", ":"))
+    if "`" in body or "{http." in body or "{env." in body:
+        raise ValueError(f"error body {body!r} would end the Caddyfile token or expand a placeholder")
+    return body
 
 
 def _status_route(status_file: str | None) -> list[str]:

@@ -21,7 +21,7 @@ def test_single_upstream_has_auth_streaming_and_timeouts():
     assert '@unauthorized not header Authorization "Bearer {env.KIMI_API_KEY}"' in text
     assert "respond @unauthorized `" in text and "` 401" in text
     assert '@keyless vars {env.KIMI_API_KEY} ""' in text
-    assert "reverse_proxy 127.0.0.1:8000 {" in text
+    assert "reverse_proxy @promised 127.0.0.1:8000 {" in text
     assert "flush_interval -1" in text
     assert "max_size 64MB" in text
     assert "read_timeout 3600s" in text and "write_timeout 3600s" in text
@@ -35,7 +35,7 @@ def test_several_upstreams_are_balanced_and_health_checked():
     text = render_caddyfile(
         "kimi.example.com", ["127.0.0.1:30000", "127.0.0.1:30001"], "/health_generate", api_key_env="API_KEY"
     )
-    assert "reverse_proxy 127.0.0.1:30000 127.0.0.1:30001 {" in text
+    assert "reverse_proxy @promised 127.0.0.1:30000 127.0.0.1:30001 {" in text
     assert "lb_policy least_conn" in text
     assert "health_uri /health_generate" in text
     assert "health_interval" in text and "fail_duration" in text

@@ -90,7 +90,7 @@ def test_copies_every_node_file_and_bootstraps(stack, engines):
     (proxy,) = run.of_type("kimi-fleet:proxy:AuthProxy")
     caddyfile = files[node_files.CADDYFILE].content
     upstreams = " ".join(f"127.0.0.1:{r.engine.port + i}" for i in range(engines))
-    assert f"reverse_proxy {upstreams} {{" in caddyfile
+    assert f"reverse_proxy @promised {upstreams} {{" in caddyfile
     assert proxy["wire"]["caddyfile"] == caddyfile
     assert run.outputs["endpoint_url"] == f"https://{r.spec.domain}" and run.outputs["market"] == "on-demand"
     assert run.outputs["user_data"] is None
