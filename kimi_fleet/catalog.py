@@ -534,14 +534,17 @@ HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (
 #: 7 min to ready with fast weights alone, 1m44s with the kernel artifacts reused; issue 10).
 COMPILE_CACHE_ENV = {
     "XDG_CACHE_HOME": "",
-    "VLLM_CACHE_ROOT": "vllm",
     "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
     "TRITON_CACHE_DIR": "triton",
     "FLASHINFER_WORKSPACE_BASE": "flashinfer",
-    "SGLANG_DG_CACHE_DIR": "deep_gemm",
     "DG_JIT_CACHE_DIR": "deep_gemm",
     "CUDA_CACHE_PATH": "nv",
     "TORCH_EXTENSIONS_DIR": "torch_extensions",
+}
+#: ...and the variables only one engine reads, by engine (vLLM never reads SGLang's, nor SGLang vLLM's).
+ENGINE_COMPILE_CACHE_ENV = {
+    "vllm": {"VLLM_CACHE_ROOT": "vllm"},
+    "sglang": {"SGLANG_DG_CACHE_DIR": "deep_gemm"},
 }
 # (The variables as vLLM's envs.py, SGLang's environ.py, Triton, PyTorch Inductor, FlashInfer,
 # DeepGEMM and CUDA document them, 2026-12-02.)

@@ -63,11 +63,22 @@ VERIFIER_PACKAGES_DIR = "{}/.kimi-fleet/verify-packages/{}".format(
     WEIGHTS_MOUNT, hashlib.sha256(f"{VERIFIER_REQUIREMENTS_TEXT}{catalog.DOWNLOAD_IMAGE}".encode()).hexdigest()[:16])
 PACKAGES_COMPLETE_MARKER = ".complete"
 
-#: Probe cadence. The startup window is derived from the sizing's warm start (weights already local).
-#: Every probe is a tiny real generation (node_scripts/generation_probe.py): a green /health with a
-#: dead scheduler must not count as ready or alive.
+#: Probe cadence. Every probe is a tiny real generation (node_scripts/generation_probe.py): a green
+#: /health with a dead scheduler must not count as ready or alive.
 PROBE_PERIOD_SECONDS = 10
+#: The startup window covers a new pod's cold path (issue 20): the weights are on the volume (the Job
+#: or the init container downloaded and verified them before the engine starts) but not in this
+#: node's page cache, so the engine reads them cold, then loads, compiles and warms up: the sizing's
+#: read + load. The seeds measured that cold load at 10-15 min around the 12.5 min the sizing takes
+#: (x1.2 at the top); x1.5 leaves room for a busier volume and still kills a load that never finishes
+#: well before twice its expected time (the kubelet restarts the container: the pod's restart count
+#: and events say so).
 STARTUP_MARGIN = 1.5
+#: A startup probe never runs longer than its period, so a hung engine that accepts connections and
+#: never answers uses up the window at the same pace as one that refuses them (the kubelet runs one
+#: probe at a time: a 60 s probe every 10 s would stretch the window six-fold). A freshly loaded
+#: engine has no traffic yet (the pod is not Ready): a 4-token answer takes well under this.
+STARTUP_PROBE_PERIOD_SECONDS = 30
 #: Out of rotation after this many failed generations in a row.
 READINESS_FAILURES = 3
 #: Liveness restarts an engine that stopped generating for several minutes.
@@ -144,12 +155,19 @@ def labels(stack: str, component: str) -> dict[str, str]:
     }
 
 
+def pod_cold_start_seconds(sizing: Sizing) -> int:
+    """A new engine pod's start with the weights on the volume and nothing in the page cache: the
+    plan's "from its volume" time (the download and its verify belong to the Job or init container)."""
+    return sizing.volume_start_seconds
+
+
 def startup_failure_threshold(sizing: Sizing) -> int:
-    return math.ceil(sizing.warm_start_seconds * STARTUP_MARGIN / PROBE_PERIOD_SECONDS)
+    return math.ceil(pod_cold_start_seconds(sizing) * STARTUP_MARGIN / STARTUP_PROBE_PERIOD_SECONDS)
 
 
 def startup_window_seconds(sizing: Sizing) -> int:
-    return startup_failure_threshold(sizing) * PROBE_PERIOD_SECONDS
+    """How long the engine may take to generate its first answer before the kubelet restarts it."""
+    return startup_failure_threshold(sizing) * STARTUP_PROBE_PERIOD_SECONDS
 
 
 def download_deadline_seconds(sizing: Sizing) -> int:
@@ -271,9 +289,8 @@ def _scheduling(r: Resolved, market: str) -> dict:
     }
 
 
-def _generation_probe(r: Resolved, launch: Launch) -> dict:
+def _generation_probe(r: Resolved, launch: Launch, timeout: int = GENERATION_PROBE_TIMEOUT_SECONDS) -> dict:
     # The engine listens on 127.0.0.1 only and kubelet's httpGet dials the pod IP: probe from inside.
-    timeout = GENERATION_PROBE_TIMEOUT_SECONDS
     command = ["python3", f"{PROBE_MOUNT}/{GENERATION_PROBE_SCRIPT}", f"http://{launch.instances[0].upstream}",
                r.spec.model.served_name, str(timeout - 5)]
     return {"exec": {"command": command}, "timeoutSeconds": timeout}
@@ -312,8 +329,8 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
             {"name": "probe", "mountPath": PROBE_MOUNT, "readOnly": True},
         ],
         "startupProbe": {
-            **_generation_probe(r, launch),
-            "periodSeconds": PROBE_PERIOD_SECONDS,
+            **_generation_probe(r, launch, timeout=STARTUP_PROBE_PERIOD_SECONDS),
+            "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
             "failureThreshold": startup_failure_threshold(sizing),
         },
         "readinessProbe": {**_generation_probe(r, launch), "periodSeconds": PROBE_PERIOD_SECONDS,

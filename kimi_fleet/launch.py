@@ -118,9 +118,10 @@ def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], di
     return args, {"ASCEND_RT_VISIBLE_DEVICES": ids}
 
 
-def compile_cache_env() -> dict[str, str]:
-    """The engines' compile/JIT cache variables, all under the cache mount."""
-    return {key: f"{COMPILE_CACHE_MOUNT}/{sub}".rstrip("/") for key, sub in catalog.COMPILE_CACHE_ENV.items()}
+def compile_cache_env(engine: str) -> dict[str, str]:
+    """The compile/JIT cache variables `engine` reads (its libraries' and its own), all under the cache mount."""
+    caches = {**catalog.COMPILE_CACHE_ENV, **catalog.ENGINE_COMPILE_CACHE_ENV.get(engine, {})}
+    return {key: f"{COMPILE_CACHE_MOUNT}/{sub}".rstrip("/") for key, sub in caches.items()}
 
 
 def compile_cache_host_dir(r: Resolved) -> str:
@@ -137,7 +138,7 @@ def render_launch(r: Resolved) -> Launch:
         port = r.engine.port + index
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
-        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(), **dev_env, **r.quirk_env, **spec.engine.env}
+        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **r.quirk_env, **spec.engine.env}
         docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
                        f"--volume={compile_cache_host_dir(r)}:{COMPILE_CACHE_MOUNT}"]
         if spec.engine.speculative != "off":
