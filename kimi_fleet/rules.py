@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from packaging.version import Version
 
-from kimi_fleet import catalog, engines
+from kimi_fleet import catalog, engine_bugs, engines
 from kimi_fleet.engines.flags import argv_problems, load_manifest
 from kimi_fleet.launch import engine_argv
 from kimi_fleet.resolve import Resolved
@@ -187,6 +187,42 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
     if r.kv_cache_dtype not in allowed:
         yield (f"{_f('kvCacheDtype', r.kv_cache_dtype)}: {e.name} accepts {', '.join(sorted(allowed))} for "
                "Kimi's MLA attention")
+
+
+def flag_values(extra_args: list[str], flag: str) -> list[tuple[str, str | None]]:
+    """(as given, value) for every extra argument that sets `flag`, in any spelling argparse accepts
+    (`--flag N`, `--flag=N`, `_` for `-`, an unambiguous prefix)."""
+    found = []
+    for index, arg in enumerate(extra_args):
+        if managed_flag(arg, {flag: ""}) != flag:
+            continue
+        if "=" in arg:
+            found.append((arg, arg.split("=", 1)[1]))
+        else:
+            value = extra_args[index + 1] if index + 1 < len(extra_args) else None
+            found.append((f"{arg} {value}" if value is not None else arg, value))
+    return found
+
+
+@rule
+def no_flag_breaks_tool_calls(r: Resolved) -> Iterator[str]:
+    """A flag a known engine bug ties to broken tool calls (engine_bugs.FLAG_BUGS) is refused while
+    the engine parses tool calls: agents would lose calls in streams (issue 23)."""
+    engine = r.spec.engine.name
+    rendered = engine_argv(r, r.engine.port)
+    if "--tool-call-parser" not in rendered:
+        return
+    for bug in engine_bugs.FLAG_BUGS:
+        if engine not in bug.engines:
+            continue
+        for given, value in flag_values(list(r.spec.engine.extra_args), bug.flag):
+            try:
+                too_high = int(value) > bug.flag_limit
+            except (TypeError, ValueError):
+                continue  # not a number: the engine's own parser rule refuses it
+            if too_high:
+                yield (f"{_f('engine.extraArgs', given)}: {bug.flag} above {bug.flag_limit} breaks streamed tool "
+                       f"calls with --tool-call-parser kimi_k2 ({bug.ref}: {bug.summary}); {bug.workaround}")
 
 
 @rule

@@ -10,7 +10,8 @@ import pytest
 
 from kimi_fleet import catalog
 from kimi_fleet.verification import run_suite
-from kimi_fleet.verification.sampling import binomial_tail_above, judgement_for, samples_needed
+from kimi_fleet.verification.sampling import (GATE_BEHAVIOURS, binomial_tail_above, false_fail_budget, judgement_for,
+                                              samples_needed)
 from tests.fakes.harness import start_fake_engine
 
 RUNS = 100
@@ -50,8 +51,12 @@ def test_half_the_calls_invalid_fails_at_least_95_of_100_runs():
 
 
 def test_designs_meet_the_error_budgets_for_every_behaviour():
-    share = catalog.GATE_FALSE_FAIL_BUDGET / len(catalog.GATE_BEHAVIOURS)
-    for behaviour in catalog.GATE_BEHAVIOURS.values():
+    share = false_fail_budget()
+    # The agent behaviours (issue 23) share the budget; one a good deployment never shows spends none.
+    assert share == catalog.GATE_FALSE_FAIL_BUDGET / sum(1 for b in GATE_BEHAVIOURS.values() if b.good_failure_rate)
+    assert set(GATE_BEHAVIOURS) >= set(catalog.GATE_BEHAVIOURS) | {"streamed_tool_calls", "streamed_call_faults",
+                                                                   "agent_loop"}
+    for behaviour in GATE_BEHAVIOURS.values():
         n = samples_needed(behaviour)
         judgement = judgement_for(behaviour, n)
         assert judgement.false_fail <= share and judgement.false_pass <= catalog.GATE_FALSE_PASS_BUDGET

@@ -178,3 +178,16 @@ def test_engines_sharing_a_node_need_a_health_route_that_generates():
     assert "/health, which answers 200 with a dead scheduler" in message
     two_sglang = Resolved(load_stack_config(stack_file("mi300x-int4-sglang")).spec())  # accepted as it is
     assert two_sglang.engines_per_node == 2 and two_sglang.engine.health_runs_generation
+
+
+@pytest.mark.parametrize("extra", [["--stream-interval", "4"], ["--stream-interval=2"], ["--stream_interval=8"]])
+def test_a_stream_interval_above_1_is_refused_while_tools_are_parsed(extra):
+    """vllm #45866 / #31501: streamed tool calls are lost with --stream-interval > 1 (issue 23)."""
+    message = refuse(stack(engine={"name": "vllm", "extraArgs": extra}))
+    given = " ".join(extra) if len(extra) == 2 else extra[0]
+    assert f"field kimi-fleet:engine.extraArgs (given {given!r}): --stream-interval above 1 breaks streamed" in message
+    assert "vllm #45866" in message and "leave --stream-interval at its default 1" in message
+
+
+def test_a_stream_interval_of_1_is_accepted():
+    parse_spec(stack(engine={"name": "vllm", "extraArgs": ["--stream-interval", "1"]}), "t", "f")

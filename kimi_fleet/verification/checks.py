@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 import httpx
 import jsonschema
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, engine_bugs
 
 from .client import CheckFailed, Endpoint, StreamedChat, chat, gather_all, reasoning_of, stream_chat
 from .images import COLORS, png_data_url, solid_png
 from .report import FAIL, PASS, SKIP
-from .sampling import judgement_for, samples_needed
+from .sampling import GATE_BEHAVIOURS, judgement_for, samples_needed
 
 # Sampling recommended for K2.6 (thinking is the default mode). max_tokens are what a check wants;
 # Endpoint.max_tokens() lowers them to what the served context allows.
@@ -150,7 +150,7 @@ async def check_health(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome
 
 
 def _judged(name: str, failures: int, samples: int, **details) -> Outcome:
-    judgement = judgement_for(catalog.GATE_BEHAVIOURS[name], samples)
+    judgement = judgement_for(GATE_BEHAVIOURS[name], samples)
     verdict = passed if judgement.verdict(failures) else failed
     return verdict(judgement.describe(failures), **details, **{name: judgement.details(failures)})
 
@@ -173,7 +173,7 @@ async def check_thinking(client: httpx.AsyncClient, endpoint: Endpoint) -> Outco
                               content=(message.get("content") or "")[:200], finish_reason=message["finish_reason"])
         return message
 
-    messages = await _samples(samples_needed(catalog.GATE_BEHAVIOURS["thinking_content"]), sample)
+    messages = await _samples(samples_needed(GATE_BEHAVIOURS["thinking_content"]), sample)
     # Behaviour: a thinking answer that runs out of tokens before any content (finish "length").
     runaway = [m for m in messages if not (m.get("content") or "").strip()]
     return _judged(
@@ -267,7 +267,7 @@ async def check_tool_call(client: httpx.AsyncClient, endpoint: Endpoint) -> Outc
     plain, streamed, both = await gather_all(
         _samples(forced_count, forced_plain),
         _samples(forced_count, forced_streamed),
-        _samples(samples_needed(catalog.GATE_BEHAVIOURS["parallel_calls"]), two_cities),
+        _samples(samples_needed(GATE_BEHAVIOURS["parallel_calls"]), two_cities),
     )
     calls = [call for group in (*plain, *streamed, *both) for call in group]
     errors = [error for call in calls if (error := argument_error(call["arguments"], WEATHER_VALIDATOR))]
@@ -312,7 +312,7 @@ async def check_vision(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome
             verdict = f"did not name the color of a {color} square (named {named or 'none'})"
         return {"color": color, "wrong": verdict, "content": content[:120]}
 
-    answers = await _samples(samples_needed(catalog.GATE_BEHAVIOURS["vision_colour"]), sample)
+    answers = await _samples(samples_needed(GATE_BEHAVIOURS["vision_colour"]), sample)
     wrong = [a["wrong"] for a in answers if a["wrong"]]
     outcome = _judged("vision_colour", len(wrong), len(answers), first_wrong=wrong[:3])
     if wrong and outcome.status == FAIL:
@@ -499,6 +499,333 @@ async def check_load(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
     )
 
 
+# --- what agent clients do (issue 23) ------------------------------------------------------------
+#: Streams in flight at once in the tool_swarm check: agent swarms run 6-14, and vllm #54701 shows
+#: from 6. Short requests fit any stack's KV pool, so the stack's own concurrency only raises this.
+MIN_STREAMS_IN_FLIGHT = 8
+SWARM_CITIES = (
+    "Paris", "Tokyo", "Oslo", "Lisbon", "Cairo", "Lima", "Dublin", "Vienna", "Prague", "Madrid", "Berlin",
+    "Rome", "Athens", "Warsaw", "Helsinki", "Stockholm", "Copenhagen", "Budapest", "Zurich", "Geneva",
+    "Toronto", "Chicago", "Boston", "Seattle", "Denver", "Austin", "Sydney", "Melbourne", "Auckland", "Nairobi",
+)
+UNITS = ("celsius", "fahrenheit")
+#: Greedy decoding: the same request must give the same call streamed and not, so a difference is
+#: the streaming parser's. Instant mode keeps the swarm's streams short (tens of tokens).
+GREEDY_INSTANT = {"temperature": 0, "max_tokens": 512, "chat_template_kwargs": {"thinking": False}}
+SAVE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "save_document",
+        "description": "Save a text document under a title.",
+        "parameters": {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
+            "required": ["title", "text"],
+            "additionalProperties": False,
+        },
+    },
+}
+SAVE_VALIDATOR = jsonschema.Draft202012Validator(SAVE_TOOL["function"]["parameters"])
+#: Long tool arguments (sglang #23363): a document of this many characters copied into a call.
+LONG_ARGUMENT_CHARS = 4096
+#: A budget that cuts the long call inside its arguments (it needs ~1,000 tokens): the answer must
+#: say "length" (dynamo PR #8208: a silent stop drops the call).
+TRUNCATING_MAX_TOKENS = 48
+
+
+def _plain_calls(message: dict) -> list[dict]:
+    return _calls_of(message)
+
+
+def _streamed_calls(stream: StreamedChat) -> list[dict]:
+    return [{"id": stream.tool_calls[i]["id"], "name": stream.tool_calls[i]["name"],
+             "arguments": stream.tool_calls[i]["arguments"]} for i in sorted(stream.tool_calls)]
+
+
+def _parsed(arguments: str | None):
+    try:
+        return True, json.loads(arguments or "")
+    except json.JSONDecodeError:
+        return False, None
+
+
+def stream_fault(stream_calls: list[dict], stream_finish: str | None, empty_deltas: int,
+                 plain_calls: list[dict]) -> tuple[str, str] | None:
+    """(symptom, what was seen) when a stream lost or altered the calls the same request gets
+    non-streamed (greedy decoding): a fault of the engine's streaming parser, never of the model."""
+    named = [c for c in stream_calls if c.get("name")]
+    if (stream_finish == "tool_calls" or empty_deltas) and len(named) < max(1, len(stream_calls)):
+        return (engine_bugs.EMPTY_STREAMED_CALL,
+                f"finish_reason {stream_finish!r}, {empty_deltas} empty tool_calls delta(s), "
+                f"{len(named)} of {len(stream_calls)} streamed call(s) named; non-streamed: "
+                f"{[c.get('name') for c in plain_calls]}")
+    if [c.get("name") for c in stream_calls] != [c.get("name") for c in plain_calls]:
+        return (engine_bugs.STREAM_DIFFERS,
+                f"streamed calls {[c.get('name') for c in stream_calls]} (finish_reason {stream_finish!r}), "
+                f"non-streamed {[c.get('name') for c in plain_calls]}")
+    for index, (streamed, plain) in enumerate(zip(stream_calls, plain_calls)):
+        (stream_ok, stream_args), (plain_ok, plain_args) = _parsed(streamed["arguments"]), _parsed(plain["arguments"])
+        if plain_ok and (not stream_ok or stream_args != plain_args):
+            return (engine_bugs.STREAM_DIFFERS,
+                    f"call {index} arguments streamed as {streamed['arguments'][:80]!r} "
+                    f"({len(streamed['arguments'] or '')} chars), non-streamed {plain['arguments'][:80]!r} "
+                    f"({len(plain['arguments'] or '')} chars)")
+    return None
+
+
+def _fault_reason(count: int, total: int, where: str, first: tuple[str, str], endpoint: Endpoint) -> str:
+    symptom, seen = first
+    return (f"{count}/{total} {where}: {symptom} ({seen}); a fault of the engine's streaming tool-call parser, "
+            f"not of the model; {engine_bugs.named_for(symptom, endpoint.engine, endpoint.engine_release)}")
+
+
+@dataclass
+class SwarmSample:
+    """One streamed request of the swarm beside the same request answered non-streamed."""
+
+    stream_calls: list[dict]
+    stream_finish: str | None
+    empty_deltas: int
+    plain_calls: list[dict]
+
+
+def swarm_body(index: int) -> dict:
+    """The index-th swarm request: distinct per index (greedy decoding answers a repeated prompt the
+    same way, so repeats would prove nothing more), one clear call to get_weather."""
+    city, unit = SWARM_CITIES[index % len(SWARM_CITIES)], UNITS[index // len(SWARM_CITIES) % len(UNITS)]
+    return {
+        "messages": [{"role": "user", "content": f"Request {index}: what is the weather in {city} right now, in "
+                      f"{unit}? Call get_weather with city \"{city}\" and unit \"{unit}\"."}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "auto",  # the tool parser's path: a named tool_choice is guided JSON in vLLM
+        **GREEDY_INSTANT,
+    }
+
+
+def swarm_samples_needed() -> int:
+    return max(samples_needed(GATE_BEHAVIOURS["streamed_call_faults"]),
+               samples_needed(GATE_BEHAVIOURS["streamed_tool_calls"]))
+
+
+def judge_swarm(samples: list[SwarmSample], endpoint: Endpoint, **details) -> Outcome:
+    """The tool_swarm verdict on recorded samples (pure: the statistics tests drive it directly)."""
+    faults = [fault for s in samples
+              if (fault := stream_fault(s.stream_calls, s.stream_finish, s.empty_deltas, s.plain_calls))]
+    invalid = [
+        problem for s in samples
+        if (problem := "no tool call" if not s.stream_calls else next(
+            (error for call in s.stream_calls if (error := argument_error(call["arguments"], WEATHER_VALIDATOR))),
+            None))
+    ]
+    plumbing = _judged("streamed_call_faults", len(faults), len(samples))
+    behaviour = _judged("streamed_tool_calls", len(invalid), len(samples))
+    details = {**details, **plumbing.details, **behaviour.details, "first_faults": [seen for _, seen in faults[:3]],
+               "first_invalid": invalid[:3]}
+    if faults:
+        return failed(_fault_reason(len(faults), len(samples), "streamed tool calls broken", faults[0], endpoint),
+                      symptom=faults[0][0], **details)
+    reason = f"no stream lost a call; {behaviour.reason}"
+    if invalid and behaviour.status == FAIL:
+        reason = f"{reason}; e.g. {invalid[0]}"
+    return (passed if behaviour.status == PASS else failed)(reason, **details)
+
+
+async def check_tool_swarm(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
+    """Streamed tool calls sampled many at once, each beside the same request non-streamed.
+
+    Cost: 2 x 59 short instant requests (~40 output tokens each; 59 streams, 59 twins). 59 is the
+    fewest streams that catch a stream-losing bug at the low end of vllm #54701's rate (5%) with
+    P(pass) <= 5% while a good engine (which never loses one) cannot fail on it; its 59 calls also
+    judge the streamed calls' validity at the non-streamed rates (30 would do)."""
+    count = swarm_samples_needed()
+    in_flight = max(MIN_STREAMS_IN_FLIGHT, endpoint.concurrency)
+    swarm = asyncio.Semaphore(in_flight)
+    open_streams = peak = 0
+
+    async def streamed(index: int) -> StreamedChat:
+        nonlocal open_streams, peak
+        async with swarm:
+            open_streams += 1
+            peak = max(peak, open_streams)
+            try:
+                # The swarm holds its own slots: the endpoint's are sized for long sequences.
+                return await stream_chat(client, endpoint, with_budget(endpoint, swarm_body(index)), limited=False)
+            finally:
+                open_streams -= 1
+
+    async def plain(index: int) -> dict:
+        return await chat(client, endpoint, with_budget(endpoint, swarm_body(index)))
+
+    streams, twins = await gather_all(
+        gather_all(*(streamed(i) for i in range(count))), gather_all(*(plain(i) for i in range(count))),
+    )
+    samples = [SwarmSample(_streamed_calls(s), s.finish_reason, s.empty_tool_deltas, _plain_calls(t))
+               for s, t in zip(streams, twins)]
+    return judge_swarm(samples, endpoint, streams=count, streams_in_flight_limit=in_flight,
+                       streams_in_flight_peak=peak)
+
+
+AGENT_TOOL_PROMPT = ("What is the weather in {city} right now? Use the get_weather tool, then tell me the "
+                     "temperature and the observation code it reports.")
+
+
+def agent_loop_turns(city: str, call: dict, reasoning: str, content: str, result: dict) -> list[dict]:
+    """The conversation an agent sends back after running the tool.
+
+    Kimi's chat template (K2-Thinking/K2.6, as rendered by vLLM and SGLang from the model's
+    chat_template.jinja) keeps the reasoning of assistant messages after the last user message (the
+    tool loop in progress) and renders earlier turns' reasoning as an empty <think></think>; Moonshot's
+    guide asks clients to send reasoning_content back with the tool-call message. So the check sends
+    it back on the assistant message that carries the call; the template decides what it renders."""
+    assistant = {
+        "role": "assistant",
+        "content": content or "",
+        "tool_calls": [{"id": call["id"], "type": "function",
+                        "function": {"name": call["name"], "arguments": call["arguments"]}}],
+    }
+    if reasoning:
+        assistant["reasoning_content"] = reasoning
+    return [
+        {"role": "user", "content": AGENT_TOOL_PROMPT.format(city=city)},
+        assistant,
+        {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)},
+    ]
+
+
+async def check_agent_loop(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
+    """Call a tool, send its result back with the call id, get an answer that uses it (thinking on).
+
+    Cost: 2 thinking requests per sample, 16 samples (the fewest that separate a 5% from a 50% rate
+    within both error budgets); half the samples stream both turns, half do not."""
+
+    async def sample(index: int) -> str | None:
+        city = SWARM_CITIES[index % len(SWARM_CITIES)]
+        streamed = index % 2 == 1
+        code = f"OBS-{secrets.randbelow(9000) + 1000}"
+        temperature = random.randint(-9, 35) + random.randint(1, 9) / 10  # never x.0: "17" is not "17.0"
+        first = with_budget(endpoint, {"messages": [{"role": "user", "content": AGENT_TOOL_PROMPT.format(city=city)}],
+                                       "tools": [WEATHER_TOOL], "tool_choice": "auto", **THINKING})
+        if streamed:
+            stream = await stream_chat(client, endpoint, first)
+            calls, reasoning, content = _streamed_calls(stream), stream.reasoning, stream.content
+        else:
+            message = await chat(client, endpoint, first)
+            calls = [{"id": c.get("id"), **_calls_of({"tool_calls": [c]})[0]} for c in message.get("tool_calls") or []]
+            reasoning, content = reasoning_of(message), message.get("content") or ""
+        calls = [c for c in calls if c.get("name") == "get_weather"]
+        if not calls:
+            return "no get_weather call in the first turn"
+        if not calls[0].get("id"):
+            # Plumbing: without the id a client cannot send the result back.
+            raise CheckFailed(f"{'streamed' if streamed else 'non-streamed'} tool call carries no id: a client "
+                              "cannot send the tool's result back (tool_call_id)", call=calls[0])
+        result = {"city": city, "temperature_c": temperature, "observation_code": code}
+        second = with_budget(endpoint, {"messages": agent_loop_turns(city, calls[0], reasoning, content, result),
+                                        "tools": [WEATHER_TOOL], "tool_choice": "auto", **THINKING})
+        if streamed:
+            stream = await stream_chat(client, endpoint, second)
+            answer, finish = stream.content, stream.finish_reason
+        else:
+            message = await chat(client, endpoint, second)
+            answer, finish = message.get("content") or "", message["finish_reason"]
+        if code in answer or str(temperature) in answer:
+            return None
+        return (f"the answer after the tool result names neither {code} nor {temperature} "
+                f"(finish_reason {finish}): {answer[:80]!r}")
+
+    outcomes = await _samples(samples_needed(GATE_BEHAVIOURS["agent_loop"]), sample)
+    unused = [o for o in outcomes if o]
+    outcome = _judged("agent_loop", len(unused), len(outcomes), first_unused=unused[:3])
+    if unused and outcome.status == FAIL:
+        outcome.reason += f"; e.g. {unused[0]}"
+    return outcome
+
+
+def long_document(chars: int = LONG_ARGUMENT_CHARS) -> str:
+    """Numbered lines of ordinary words, at least `chars` long: easy to copy, easy to compare."""
+    lines, line = [], 0
+    while sum(len(text) + 1 for text in lines) < chars:
+        words = " ".join(FILLER_WORDS[(line * 7 + k) % len(FILLER_WORDS)] for k in range(8))
+        lines.append(f"{line + 1:03d} {words}")
+        line += 1
+    return "\n".join(lines)
+
+
+def long_call_body(max_tokens: int) -> dict:
+    """A multi-turn request (an earlier tool exchange, with Kimi's own call-id form) whose answer is
+    one long call: the shape sglang #23363 drops in streams."""
+    earlier = {"id": "functions.get_weather:0", "type": "function",
+               "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo", "unit": "celsius"})}}
+    return {
+        "messages": [
+            {"role": "user", "content": "What is the weather in Oslo, in celsius?"},
+            {"role": "assistant", "content": "", "tool_calls": [earlier]},
+            {"role": "tool", "tool_call_id": earlier["id"], "content": json.dumps({"temperature_c": 4.0})},
+            {"role": "assistant", "content": "It is 4.0 degrees celsius in Oslo."},
+            {"role": "user", "content": "Now save the document below with save_document, title \"notes\", and "
+             "the text exactly as it stands between the tags, unchanged.\n"
+             f"<document>{long_document()}</document>"},
+        ],
+        "tools": [WEATHER_TOOL, SAVE_TOOL],
+        "tool_choice": "auto",
+        **GREEDY_INSTANT,
+        "max_tokens": max_tokens,
+    }
+
+
+def truncation_fault(finish: str | None, calls: list[dict]) -> tuple[str, str] | None:
+    """A call cut by max_tokens must come back as finish_reason "length" (a partial call may ride along)."""
+    if finish == "length":
+        return None
+    if finish == "tool_calls":
+        return (engine_bugs.TRUNCATED_CALL_AS_COMPLETE,
+                f"finish_reason 'tool_calls' for a call cut at {TRUNCATING_MAX_TOKENS} tokens, arguments "
+                f"{(calls[-1]['arguments'] or '')[:60]!r}" if calls else "finish_reason 'tool_calls' and no call")
+    return (engine_bugs.TRUNCATED_CALL_SILENT_STOP,
+            f"finish_reason {finish!r} with {len(calls)} call(s) for a call cut at {TRUNCATING_MAX_TOKENS} tokens")
+
+
+async def check_long_calls(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
+    """Long tool arguments (several KB) streamed and not, in a multi-turn request, and the same call
+    cut by max_tokens reported honestly. Deterministic (greedy), so every rule here is plumbing.
+
+    Cost: 4 instant requests: the long call twice (~1,000 output tokens each) and cut twice (48)."""
+    full = with_budget(endpoint, long_call_body(8192))
+    cut = long_call_body(TRUNCATING_MAX_TOKENS)
+    plain, stream, cut_plain, cut_stream = await gather_all(
+        chat(client, endpoint, full), stream_chat(client, endpoint, full),
+        chat(client, endpoint, cut), stream_chat(client, endpoint, cut),
+    )
+    plain_calls, stream_calls = _plain_calls(plain), _streamed_calls(stream)
+    saved = [c for c in plain_calls if c["name"] == "save_document"]
+    text = (_parsed(saved[0]["arguments"])[1] or {}).get("text", "") if saved else ""
+    details = {"plain_finish": plain["finish_reason"], "stream_finish": stream.finish_reason,
+               "argument_chars": len(saved[0]["arguments"]) if saved else 0,
+               "completion_tokens": (plain.get("usage") or {}).get("completion_tokens"),
+               "cut_finishes": [cut_plain["finish_reason"], cut_stream.finish_reason]}
+    problem = argument_error(saved[0]["arguments"], SAVE_VALIDATOR) if saved else None
+    if problem:
+        return failed(f"the long non-streamed call is invalid: {problem}", **details)
+    if not isinstance(text, str) or len(text) < LONG_ARGUMENT_CHARS * 0.9:
+        return failed(f"the non-streamed answer carried no save_document call with the {LONG_ARGUMENT_CHARS}-char "
+                      f"document (calls {[c['name'] for c in plain_calls]}, finish_reason {plain['finish_reason']}, "
+                      f"text {len(text) if isinstance(text, str) else 0} chars): long arguments not proven", **details)
+    fault = stream_fault(stream_calls, stream.finish_reason, stream.empty_tool_deltas, plain_calls)
+    if fault:
+        return failed(_fault_reason(1, 1, f"long streamed call of {len(saved[0]['arguments'])} chars", fault,
+                                    endpoint), symptom=fault[0], **details)
+    for label, finish, calls in (("non-streamed", cut_plain["finish_reason"], _plain_calls(cut_plain)),
+                                 ("streamed", cut_stream.finish_reason, _streamed_calls(cut_stream))):
+        fault = truncation_fault(finish, calls)
+        if fault:
+            return failed(f"max_tokens {TRUNCATING_MAX_TOKENS} cut the {label} call: {fault[0]} ({fault[1]}); a "
+                          f"client cannot tell the call was lost; "
+                          f"{engine_bugs.named_for(fault[0], endpoint.engine, endpoint.engine_release)}",
+                          symptom=fault[0], **details)
+    return passed(f"a {len(saved[0]['arguments']):,}-char call streamed and not, identical; cut at "
+                  f"{TRUNCATING_MAX_TOKENS} tokens both report finish_reason length", **details)
+
+
 CHECKS = {
     "auth": check_auth,
     "models": check_models,
@@ -506,6 +833,9 @@ CHECKS = {
     "thinking": check_thinking,
     "instant": check_instant,
     "tool_call": check_tool_call,
+    "tool_swarm": check_tool_swarm,
+    "agent_loop": check_agent_loop,
+    "long_calls": check_long_calls,
     "vision": check_vision,
     "streaming": check_streaming,
     "context": check_context,

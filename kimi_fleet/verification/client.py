@@ -44,6 +44,9 @@ class Endpoint:
     health_timeout: float = HEALTH_TIMEOUT
     #: what /v1/models reports for the served name (filled by the runner before the checks)
     max_model_len: int | None = None
+    #: the engine release the stack pins (e.g. "0.19.1"): a failure naming a known bug's symptom says
+    #: whether this release is affected (kimi_fleet.engine_bugs); None: not told
+    engine_release: str | None = None
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
     def max_tokens(self, wanted: int) -> int:
@@ -153,6 +156,9 @@ class StreamedChat:
     content_times: list[float] = field(default_factory=list)  # arrival of content-bearing chunks
     token_times: list[float] = field(default_factory=list)  # arrival of content/reasoning/tool chunks
     tool_calls: dict[int, dict] = field(default_factory=dict)  # index -> {id, name, arguments}
+    #: tool_calls deltas that carried nothing (an empty list, or entries without name and arguments):
+    #: the wire signature of vllm #54701
+    empty_tool_deltas: int = 0
 
     @property
     def output_tokens(self) -> int:
@@ -176,6 +182,11 @@ class StreamedChat:
             if reasoning:
                 self.reasoning += reasoning
                 carries_tokens = True
+            if delta.get("tool_calls") is not None and not any(
+                (c.get("function") or {}).get("name") or (c.get("function") or {}).get("arguments")
+                for c in delta.get("tool_calls") or []
+            ):
+                self.empty_tool_deltas += 1
             for call in delta.get("tool_calls") or []:
                 slot = self.tool_calls.setdefault(call.get("index", 0), {"id": None, "name": "", "arguments": ""})
                 slot["id"] = call.get("id") or slot["id"]

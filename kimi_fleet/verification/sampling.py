@@ -16,6 +16,36 @@ from math import comb
 from kimi_fleet import catalog
 
 
+#: Where vllm #54701's rate of broken streams comes from (5-30% of streamed calls at 6-14 streams).
+VLLM_54701 = catalog.Source("https://github.com/vllm-project/vllm/issues/54701 (low end of 5-30%)", "2026-09-01")
+#: What agent clients do (issue 23): streamed calls many at once, tool results sent back. Kept here
+#: beside the catalog's behaviours until the catalog carries them (catalog.py is edited elsewhere).
+AGENT_BEHAVIOURS: dict[str, catalog.GateBehaviour] = {
+    b.name: b
+    for b in (
+        # Same rates as the non-streamed calls: a streamed call is the same model output, parsed
+        # incrementally.
+        catalog.GateBehaviour("streamed_tool_calls", "streamed tool requests without a valid call",
+                              catalog.GATE_BEHAVIOURS["tool_schema"].good_failure_rate, 0.5, catalog.K2VV),
+        # A good engine never loses a streamed call: the threshold is zero (one occurrence fails),
+        # and the sample count is what catches the bug at the low end of its reported rate.
+        catalog.GateBehaviour("streamed_call_faults", "streams whose calls were lost or differ from the "
+                              "non-streamed answer", 0.0, 0.05, VLLM_54701),
+        catalog.GateBehaviour("agent_loop", "agent loops without an answer that uses the tool result",
+                              0.05, 0.5, catalog.GATE_ASSUMED),
+    )
+}
+#: Every behaviour the gate judges as a rate.
+GATE_BEHAVIOURS: dict[str, catalog.GateBehaviour] = {**catalog.GATE_BEHAVIOURS, **AGENT_BEHAVIOURS}
+
+
+def false_fail_budget() -> float:
+    """Each behaviour's share of P(a good deployment fails the gate): split over the behaviours a
+    good deployment can show at all (one it never shows, at rate 0, spends none)."""
+    spenders = [b for b in GATE_BEHAVIOURS.values() if b.good_failure_rate > 0]
+    return catalog.GATE_FALSE_FAIL_BUDGET / len(spenders)
+
+
 def binomial_tail_above(k: int, n: int, p: float) -> float:
     """P(X > k) for X ~ Binomial(n, p)."""
     return sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1, n + 1))
@@ -65,7 +95,7 @@ def judgement_for(behaviour: catalog.GateBehaviour, samples: int) -> Judgement:
     """The smallest threshold whose false-fail probability stays within the behaviour's budget."""
     if samples < 1:
         raise ValueError(f"{behaviour.name}: need at least one sample")
-    budget = catalog.GATE_FALSE_FAIL_BUDGET / len(catalog.GATE_BEHAVIOURS)
+    budget = false_fail_budget()
     for max_failures in range(samples + 1):
         false_fail = binomial_tail_above(max_failures, samples, behaviour.good_failure_rate)
         if false_fail <= budget:

@@ -40,7 +40,21 @@ MODES = {
     "server-error": "the third chat completion answers HTTP 500 (one occurrence)",
     "wrong-model-in-response": "completions name another model than the one asked for",
     "repeat-tool-name": "good, but every streamed tool-call delta repeats the function name",
+    "empty-stream-tool-calls": "vllm #54701: while >= 6 streams are in flight, a share (--empty-call-rate) of "
+    "streamed tool calls arrive as empty tool_calls deltas, still ending in finish_reason tool_calls; "
+    "non-streamed answers are correct",
+    "ignores-tool-result": "after a tool result comes back, the answer does not use it",
+    "drops-long-streamed-call": "sglang #23363: a streamed call with arguments over 2,048 characters is dropped "
+    "and the stream stops; non-streamed answers are correct",
+    "silent-truncation": "a tool call cut by max_tokens is dropped and reported as finish_reason stop "
+    "(dynamo PR #8208)",
 }
+#: sglang #23363's drop, for arguments longer than this
+LONG_STREAMED_ARGUMENT_CHARS = 2048
+#: vllm #54701 shows from 6 concurrent streams on
+EMPTY_CALL_MIN_STREAMS = 6
+#: where a prompt hands the model a text to copy into a tool argument (the long-arguments check)
+DOCUMENT = re.compile(r"<document>(.*?)</document>", re.DOTALL)
 RAW_TOOL_MARKERS = "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
 # vLLM's refusal when prompt + max_tokens exceeds the context (vllm/entrypoints/openai/serving_engine.py).
 CONTEXT_ERROR = (
@@ -49,6 +63,7 @@ CONTEXT_ERROR = (
     "messages or completion."
 )
 PROMPT_OVERHEAD_TOKENS = 8  # chat template tokens around the messages
+ARGUMENT_CHARS_PER_TOKEN = 8  # tool-call arguments stream 8 characters a token
 IMAGE_TOKENS = 64
 
 NAMED_COLORS = {
@@ -72,8 +87,12 @@ class EngineState:
                  tool_invalid_rate: float = 0.0, runaway_rate: float = 0.0, max_model_len: int = 262_144,
                  report_max_model_len: bool = True, first_token_delay: float = 0.0,
                  release: str | None = None, stale_release: str | None = None, stale_every: int = 0,
-                 hang_after: int = 0, hang_file: str | None = None):
+                 hang_after: int = 0, hang_file: str | None = None, empty_call_rate: float = 0.2):
         self.model = model
+        # vllm #54701's share of broken streams while enough streams are in flight
+        self.empty_call_rate = empty_call_rate
+        self.active_streams = 0
+        self.most_streams_in_flight = 0
         # Breaks after admission: generations after the first `hang_after` hang (0: never).
         self.hang_after = hang_after
         # Breaks when a test says so: generations hang while this file exists.
@@ -106,6 +125,18 @@ class EngineState:
         with self.lock:
             index = self.draws[kind] = self.draws.get(kind, 0) + 1
         return random.Random(f"{self.seed}:{kind}:{index}")
+
+    def empty_calls_strike(self, in_flight: int) -> bool:
+        """vllm #54701 strikes a share of tool-call streams, only while enough streams are in flight."""
+        if self.mode != "empty-stream-tool-calls" or in_flight < EMPTY_CALL_MIN_STREAMS:
+            return False
+        return self.rng_for("empty-stream-call").random() < self.empty_call_rate
+
+    def greedy_rng(self, request: dict) -> random.Random:
+        """Temperature 0 is greedy decoding: the same request gets the same answer, streamed or not."""
+        key = json.dumps([request.get(k) for k in ("messages", "tools", "tool_choice", "chat_template_kwargs",
+                                                  "max_tokens")], sort_keys=True)
+        return random.Random(f"{self.seed}:greedy:{key}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -148,7 +179,8 @@ class Handler(BaseHTTPRequestHandler):
                 entry["max_model_len"] = self.state.max_model_len
             self._send_json(200, {"object": "list", "data": [entry]})
         elif path == "/metrics":
-            body = f"fake_engine_requests_total {self.state.requests_total}\n".encode()
+            body = (f"fake_engine_requests_total {self.state.requests_total}\n"
+                    f"fake_engine_streams_in_flight_max {self.state.most_streams_in_flight}\n").encode()
             self._send_bytes(200, body, "text/plain; version=0.0.4")
         else:
             self._send_json(404, {"error": {"message": f"no route {path}"}})
@@ -178,6 +210,12 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("model") != self.state.model:
             self._send_json(404, {"error": {"message": f"model {request.get('model')!r} not found"}})
             return
+        unmatched = unmatched_tool_result(request.get("messages") or [])
+        if unmatched:
+            # What OpenAI's API answers; engines render it anyway, and the model cannot tell which call it answers.
+            self._send_json(400, {"object": "error", "type": "BadRequestError", "code": 400,
+                                  "message": f"tool message tool_call_id {unmatched!r} matches no earlier tool call"})
+            return
         prompt_tokens = count_prompt_tokens(request.get("messages") or [])
         completion_tokens = int(request.get("max_tokens") or 0)
         if prompt_tokens + completion_tokens > self.state.max_model_len:
@@ -189,6 +227,9 @@ class Handler(BaseHTTPRequestHandler):
         reply.prompt_tokens = prompt_tokens
         answered_model = "kimi-k2" if self.state.mode == "wrong-model-in-response" else self.state.model
         if request.get("stream"):
+            if self.state.mode == "drops-long-streamed-call" and any(
+                    len(call["arguments"]) > LONG_STREAMED_ARGUMENT_CHARS for call in reply.tool_calls):
+                reply.tool_calls, reply.finish_override = [], "stop"
             self._stream(request, reply, answered_model)
         else:
             self._send_json(200, completion_body(answered_model, reply))
@@ -211,15 +252,19 @@ class Handler(BaseHTTPRequestHandler):
         self.state.stopping.wait()
 
     def _stream(self, request: dict, reply: "Reply", model: str):
-        chunks = stream_chunks(model, reply, request, repeat_tool_name=self.state.mode == "repeat-tool-name")
-        events = [json.dumps(chunk) for chunk in chunks]
-        events.append("[DONE]")
-        frames = [f"data: {event}\n\n".encode() for event in events]
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        frames = _frames(stream_chunks(model, reply, request, repeat_tool_name=self.state.mode == "repeat-tool-name",
+                                       completion_id=completion_id))
+        # vllm #54701: the same stream with every tool_calls delta emptied, sent when the bug strikes
+        emptied = _frames(stream_chunks(model, reply, request, empty_tool_calls=True, completion_id=completion_id))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        with self.state.lock:
+            self.state.active_streams += 1
+            self.state.most_streams_in_flight = max(self.state.most_streams_in_flight, self.state.active_streams)
         try:
             with self.state.lock:
                 self.state.streams_total += 1
@@ -228,17 +273,31 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(self.state.chunk_delay * len(frames))
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
             else:
-                for index, frame in enumerate(frames):
+                for index in range(len(frames)):
                     if index == 1:
                         time.sleep(self.state.first_token_delay)
                     if index:
                         time.sleep(self.state.chunk_delay)
-                    self.wfile.write(_http_chunk(frame))
+                    if index == 1 and reply.tool_calls and self._empty_calls_strike():
+                        frames = emptied
+                    self.wfile.write(_http_chunk(frames[index]))
                     self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            with self.state.lock:
+                self.state.active_streams -= 1
+
+    def _empty_calls_strike(self) -> bool:
+        with self.state.lock:
+            in_flight = self.state.active_streams
+        return self.state.empty_calls_strike(in_flight)
+
+
+def _frames(chunks: list[dict]) -> list[bytes]:
+    return [f"data: {event}\n\n".encode() for event in [*map(json.dumps, chunks), "[DONE]"]]
 
 
 def _http_chunk(data: bytes) -> bytes:
@@ -255,12 +314,23 @@ class Reply:
         self.tool_calls = tool_calls
         self.ran_away = ran_away
         self.prompt_tokens = 0
+        #: max_tokens cut the (last) call: streams carry what was generated, a non-streamed answer
+        #: drops the unterminated call (the parser finds no complete one), both finish "length"
+        self.cut_call = False
+        #: the finish a broken engine reports instead of the honest one
+        self.finish_override: str | None = None
 
     @property
     def finish_reason(self) -> str:
-        if self.ran_away:
+        if self.finish_override:
+            return self.finish_override
+        if self.ran_away or self.cut_call:
             return "length"
         return "tool_calls" if self.tool_calls else "stop"
+
+    @property
+    def complete_calls(self) -> list[dict]:
+        return self.tool_calls[:-1] if self.cut_call else self.tool_calls
 
 
 def count_prompt_tokens(messages: list[dict]) -> int:
@@ -289,7 +359,13 @@ def compose_reply(request: dict, state: EngineState) -> Reply:
     kwargs = request.get("chat_template_kwargs") or {}
     thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", True)))
     prompt, images = _last_user_message(request.get("messages") or [])
-    rng = state.rng_for(_request_kind(request, thinking, images))
+    greedy = request.get("temperature") == 0
+    rng = state.greedy_rng(request) if greedy else state.rng_for(_request_kind(request, thinking, images))
+    tool_result = _tool_result(request.get("messages") or [])
+    if tool_result is not None:
+        # The turn after a tool ran: answer from its result, as an agent's model does.
+        content = ANSWER_TEXT if mode == "ignores-tool-result" else f"According to the tool: {tool_result}"
+        return Reply(content, REASONING_TEXT if thinking else None, [])
 
     if thinking and not request.get("tools") and rng.random() < state.runaway_rate:
         # Thinking that never reaches an answer before max_tokens: reasoning only, finish "length".
@@ -309,6 +385,8 @@ def compose_reply(request: dict, state: EngineState) -> Reply:
     else:
         content = ANSWER_TEXT
     reasoning = REASONING_TEXT if thinking or mode == "reasoning-in-instant" else None
+    if tool_calls:
+        return _cut_to_max_tokens(Reply(None, reasoning, tool_calls), request, mode)
     if images and reasoning:
         reasoning += f" The pixels all look {dominant_color(images[0])}."
     if images and mode == "vision-in-reasoning":
@@ -319,6 +397,43 @@ def compose_reply(request: dict, state: EngineState) -> Reply:
     if mode == "no-reasoning-field":
         reasoning = None
     return Reply(content, reasoning, tool_calls)
+
+
+def unmatched_tool_result(messages: list[dict]) -> str | None:
+    """The tool_call_id of a tool message that answers no earlier assistant call (None: all match)."""
+    called: set[str] = set()
+    for message in messages:
+        if message.get("role") == "assistant":
+            called |= {call.get("id") for call in message.get("tool_calls") or []}
+        elif message.get("role") == "tool" and message.get("tool_call_id") not in called:
+            return str(message.get("tool_call_id"))
+    return None
+
+
+def _tool_result(messages: list[dict]) -> str | None:
+    """The tool result the conversation ends with (a role "tool" message after the last user one)."""
+    if messages and messages[-1].get("role") == "tool":
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else json.dumps(content)
+    return None
+
+
+def _cut_to_max_tokens(reply: Reply, request: dict, mode: str) -> Reply:
+    """Tool calls longer than max_tokens are cut inside their arguments (8 characters a token, the
+    name one), like a real engine; silent-truncation then drops the call and reports a stop."""
+    budget = int(request.get("max_tokens") or 0) or 1 << 30
+    budget -= len(_words(reply.reasoning))
+    for index, call in enumerate(reply.tool_calls):
+        needed = 1 + -(-len(call["arguments"]) // ARGUMENT_CHARS_PER_TOKEN)
+        if needed > budget:
+            cut = {**call, "arguments": call["arguments"][: max(0, budget - 1) * ARGUMENT_CHARS_PER_TOKEN]}
+            reply.tool_calls = reply.tool_calls[:index] + [cut]
+            reply.cut_call = True
+            if mode == "silent-truncation":
+                reply.tool_calls, reply.cut_call, reply.finish_override = reply.tool_calls[:index], False, "stop"
+            break
+        budget -= needed
+    return reply
 
 
 def _last_user_message(messages: list[dict]) -> tuple[str, list[str]]:
@@ -346,13 +461,15 @@ def _tool_calls(request: dict, prompt: str, mode: str, rng: random.Random, inval
     if isinstance(choice, dict):
         name = choice["function"]["name"]
         calls = [(name, _cities(prompt)[:1])]
-    else:
-        name = next(iter(tools))
+    else:  # the tool the prompt names, else the first
+        name = next((tool for tool in tools if tool in prompt), next(iter(tools)))
         cities = _cities(prompt)
         calls = [(name, [city]) for city in cities] if len(cities) > 1 else [(name, cities)]
     result = []
+    document = DOCUMENT.search(prompt)
     for name, cities in calls:
-        arguments = fill_arguments(tools[name].get("parameters") or {}, cities[0] if cities else None)
+        arguments = fill_arguments(tools[name].get("parameters") or {}, cities[0] if cities else None,
+                                   document.group(1) if document else None)
         if mode == "schema-invalid-tool":
             required = (tools[name].get("parameters") or {}).get("required", [])
             arguments = {k: v for k, v in arguments.items() if k not in required}
@@ -370,20 +487,23 @@ def _cities(prompt: str) -> list[str]:
     return re.findall(r"\bin ([A-Z][a-zA-Z]+)", prompt)
 
 
-def fill_arguments(schema: dict, city: str | None) -> dict:
-    """Arguments that satisfy the schema: every required property, enums take their first value."""
+def fill_arguments(schema: dict, city: str | None, document: str | None = None) -> dict:
+    """Arguments that satisfy the schema: every required property, enums take their first value, a
+    `text` property copies the prompt's <document> when it has one."""
     properties = schema.get("properties", {})
     arguments = {}
     for key in schema.get("required", list(properties)):
-        arguments[key] = _value_for(key, properties.get(key, {}), city)
+        arguments[key] = _value_for(key, properties.get(key, {}), city, document)
     return arguments
 
 
-def _value_for(key: str, schema: dict, city: str | None):
+def _value_for(key: str, schema: dict, city: str | None, document: str | None = None):
     if "enum" in schema:
         return schema["enum"][0]
     kind = schema.get("type", "string")
     if kind == "string":
+        if key == "text" and document is not None:
+            return document
         return city if city and key in ("city", "location") else "example"
     if kind == "integer":
         return 1
@@ -394,7 +514,7 @@ def _value_for(key: str, schema: dict, city: str | None):
     if kind == "array":
         return []
     if kind == "object":
-        return fill_arguments(schema, city)
+        return fill_arguments(schema, city, document)
     return None
 
 
@@ -448,16 +568,17 @@ def completion_body(model: str, reply: Reply) -> dict:
     message = {"role": "assistant", "content": reply.content}
     if reply.reasoning:
         message["reasoning_content"] = reply.reasoning
-    if reply.tool_calls:
+    if reply.complete_calls:
         message["tool_calls"] = [
             {
                 "id": call["id"],
                 "type": "function",
                 "function": {"name": call["name"], "arguments": call["arguments"]},
             }
-            for call in reply.tool_calls
+            for call in reply.complete_calls
         ]
-    tokens = len(_words(reply.reasoning)) + len(_words(reply.content))
+    tokens = len(_words(reply.reasoning)) + len(_words(reply.content)) + sum(
+        1 + -(-len(call["arguments"]) // ARGUMENT_CHARS_PER_TOKEN) for call in reply.tool_calls)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -469,8 +590,10 @@ def completion_body(model: str, reply: Reply) -> dict:
     }
 
 
-def stream_chunks(model: str, reply: Reply, request: dict, *, repeat_tool_name: bool = False) -> list[dict]:
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+def stream_chunks(model: str, reply: Reply, request: dict, *, repeat_tool_name: bool = False,
+                  empty_tool_calls: bool = False, completion_id: str | None = None) -> list[dict]:
+    """`empty_tool_calls`: every tool_calls delta carries nothing (vllm #54701)."""
+    completion_id = completion_id or f"chatcmpl-{uuid.uuid4().hex}"
 
     def chunk(delta: dict, finish_reason=None) -> dict:
         return {
@@ -491,13 +614,15 @@ def stream_chunks(model: str, reply: Reply, request: dict, *, repeat_tool_name: 
         tokens += 1
     for index, call in enumerate(reply.tool_calls):
         head = {"index": index, "id": call["id"], "type": "function"}
-        chunks.append(chunk({"tool_calls": [head | {"function": {"name": call["name"], "arguments": ""}}]}))
+        chunks.append(chunk({"tool_calls": [] if empty_tool_calls else
+                             [head | {"function": {"name": call["name"], "arguments": ""}}]}))
+        tokens += 1
         text = call["arguments"]
-        for start in range(0, len(text), 8):
-            piece = {"index": index, "function": {"arguments": text[start : start + 8]}}
+        for start in range(0, len(text), ARGUMENT_CHARS_PER_TOKEN):
+            piece = {"index": index, "function": {"arguments": text[start : start + ARGUMENT_CHARS_PER_TOKEN]}}
             if repeat_tool_name:
                 piece["function"]["name"] = call["name"]
-            chunks.append(chunk({"tool_calls": [piece]}))
+            chunks.append(chunk({"tool_calls": [] if empty_tool_calls else [piece]}))
             tokens += 1
     chunks.append(chunk({}, reply.finish_reason))
     if (request.get("stream_options") or {}).get("include_usage"):
@@ -542,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-every", type=int, default=0, help="every N-th answer comes from --stale-release")
     parser.add_argument("--hang-after", type=int, default=0, help="generations after the N-th hang (0: never)")
     parser.add_argument("--hang-file", help="generations hang while this file exists")
+    parser.add_argument("--empty-call-rate", type=float, default=0.2,
+                        help="empty-stream-tool-calls: share of tool-call streams emptied while >= 6 are in flight")
     args = parser.parse_args(argv)
 
     state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
@@ -549,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
                         first_token_delay=args.first_token_delay, release=args.release,
                         stale_release=args.stale_release, stale_every=args.stale_every, hang_after=args.hang_after,
-                        hang_file=args.hang_file)
+                        hang_file=args.hang_file, empty_call_rate=args.empty_call_rate)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:
