@@ -2,6 +2,10 @@
 
 "ebs": a gp3 volume in the node's zone that outlives the node (retain_on_delete), so a replaced
 node mounts the weights it already has instead of downloading them again. The node attaches it.
+Its zone is chosen once: the zones that sell the instance type change over time (a new zone that
+sorts first would move it and orphan ~595 GB of verified weights), so the zone is an ignored change
+after the first create. It is protected (Pulumi refuses to replace or delete it) unless the stack
+sets weights.allowVolumeReplacement; the policy pack holds every stack to that.
 "instance-store": no resource; the bootstrap assembles the local NVMe disks as RAID0 (erased on
 stop: a fleet's replicas download again, which an S3 mirror makes fast).
 """
@@ -15,6 +19,11 @@ import pulumi_aws as aws
 
 from kimi_fleet import catalog
 from kimi_fleet.resolve import Resolved
+
+#: The tag that records a stack's opt-in to a replaceable weights volume (the policy pack reads it).
+ALLOW_REPLACEMENT_TAG = "kimi-fleet:allow-volume-replacement"
+#: Inputs the engine keeps from the volume's first create (their replace-on-change is the zone).
+KEPT_INPUTS = ["availabilityZone"]
 
 
 @dataclass
@@ -46,9 +55,12 @@ class WeightVolume(pulumi.ComponentResource):
                 throughput=weights.ebs_throughput_mibps,
                 iops=catalog.EBS_GP3_MAX_IOPS,
                 encrypted=True,
-                tags={**args.tags, "Name": f"{r.spec.stack}-weights"},
+                tags={**args.tags, "Name": f"{r.spec.stack}-weights",
+                      **({ALLOW_REPLACEMENT_TAG: "true"} if weights.allow_volume_replacement else {})},
                 # Deleting the stack leaves the weights behind on purpose: re-downloading costs an hour.
-                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
+                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True,
+                                            protect=not weights.allow_volume_replacement,
+                                            ignore_changes=KEPT_INPUTS),
             )
             self.volume_id = volume.id
             self.monthly_cost_usd = pulumi.Output.from_input(

@@ -908,3 +908,57 @@ GATE_BEHAVIOURS: dict[str, GateBehaviour] = {
 GATE_FALSE_FAIL_BUDGET = 0.01
 #: P(a deployment at the broken rate passes one behaviour's judgement)
 GATE_FALSE_PASS_BUDGET = 0.05
+
+
+# --- What the providers replace instead of updating (issue 20) --------------------------------
+#: Where the replace-on-change facts below come from. pulumi-aws 7.51.1 (requirements.txt) bridges
+#: terraform-provider-aws v6 (pulumi-aws 7.x bridges the 6.x line; 7.37.0 bridged 6.54.0, per its
+#: release notes); the exact tag behind 7.51.1 could not be read here (its provider/go.mod points at
+#: the `upstream` submodule). The `ForceNew` flags were read in hashicorp/terraform-provider-aws
+#: `internal/service/ec2/ec2_instance.go` and `ebs_volume.go`; the other types are its schemas'
+#: long-standing ForceNew identity fields (names, the resource they belong to), recorded as such.
+#: aws_instance documents "Updating Launch Template specification will force new instance": its
+#: CustomizeDiff forces a new instance whenever `launch_template.0.version` changes, and
+#: `user_data`/`user_data_base64` replace only with `user_data_replace_on_change` (not used here).
+REPLACE_ON_CHANGE_SOURCE = Source(
+    "hashicorp/terraform-provider-aws schemas (ForceNew, CustomizeDiff) behind pulumi-aws 7.51.1; "
+    "pulumi_aws 7.51.1 SDK docstrings (user_data_replace_on_change)", "2026-12")
+
+#: Pulumi type token -> input paths (camelCase, as the engine and the mocks carry them; `a.b` is a
+#: field of an object input) whose change replaces the resource. Types not listed are updated in
+#: place for every input this program sets (a component, a provider, the command and random types'
+#: replace-on-change inputs are not AWS's and are not listed).
+REPLACE_ON_CHANGE: dict[str, tuple[str, ...]] = {
+    "aws:ec2/instance:Instance": (
+        "ami", "availabilityZone", "subnetId", "keyName", "privateIp", "associatePublicIpAddress", "tenancy",
+        "placementGroup", "hostId", "ebsOptimized", "hibernation", "securityGroups", "ipv6AddressCount",
+        "ipv6Addresses", "launchTemplate.id", "launchTemplate.name", "launchTemplate.version",
+        "rootBlockDevice.encrypted", "rootBlockDevice.kmsKeyId", "ebsBlockDevices", "ephemeralBlockDevices",
+        "networkInterfaces", "privateDnsNameOptions", "cpuOptions"),
+    "aws:ebs/volume:Volume": ("availabilityZone", "encrypted", "kmsKeyId", "snapshotId", "outpostArn"),
+    "aws:ec2/volumeAttachment:VolumeAttachment": ("deviceName", "instanceId", "volumeId"),
+    "aws:ec2/eip:Eip": ("domain", "address", "customerOwnedIpv4Pool", "networkBorderGroup", "publicIpv4Pool"),
+    "aws:ec2/eipAssociation:EipAssociation": (
+        "allocationId", "instanceId", "networkInterfaceId", "privateIpAddress", "publicIp", "allowReassociation"),
+    # A new template *version* is an update; only the template's identity replaces it.
+    "aws:ec2/launchTemplate:LaunchTemplate": ("name", "namePrefix"),
+    "aws:autoscaling/group:Group": ("name", "namePrefix"),
+    "aws:lb/loadBalancer:LoadBalancer": ("name", "namePrefix", "internal", "loadBalancerType"),
+    "aws:lb/targetGroup:TargetGroup": (
+        "name", "namePrefix", "port", "protocol", "vpcId", "targetType", "protocolVersion", "ipAddressType"),
+    "aws:lb/listener:Listener": ("loadBalancerArn",),
+    "aws:ec2/securityGroup:SecurityGroup": ("name", "namePrefix", "description", "vpcId"),
+    "aws:iam/role:Role": ("name", "namePrefix", "path"),
+    "aws:iam/rolePolicy:RolePolicy": ("name", "namePrefix", "role"),
+    "aws:iam/instanceProfile:InstanceProfile": ("name", "namePrefix", "path"),
+    "aws:s3/bucket:Bucket": ("bucket", "bucketPrefix", "objectLockEnabled"),
+    "aws:s3/bucketPolicy:BucketPolicy": ("bucket",),
+    "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock": ("bucket",),
+    "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration": (
+        "bucket", "expectedBucketOwner"),
+    "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration": ("bucket", "expectedBucketOwner"),
+    "aws:s3/bucketObjectv2:BucketObjectv2": ("bucket", "key"),
+    "aws:ssm/parameter:Parameter": ("name",),
+    "aws:ssm/association:Association": ("name",),
+    "aws:route53/record:Record": ("zoneId", "name"),
+}

@@ -55,6 +55,7 @@ HostedZoneId = _shaped(r"Z[A-Z0-9]{1,31}", "a Route53 hosted zone id (Z...)", 32
 KeyPairName = _shaped(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", "an EC2 key pair name (letters, digits, . _ -)", 128)
 SsmPath = _shaped(r"(/[A-Za-z0-9_.-]{1,64}){1,8}", "an SSM parameter path (/a/b: letters, digits, _ . -)", 512)
 ReservationId = _shaped(r"cr-[0-9a-f]{8,17}", "a capacity reservation id (cr-...)", 20)
+AmiId = _shaped(r"ami-([0-9a-f]{8}|[0-9a-f]{17})", "an AMI id (ami- and 8 or 17 hex digits)", 21)
 S3Uri = _shaped(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?",
                 "an s3://bucket/prefix URI (prefix: letters, digits, . _ - and /)", 512)
 #: A DNS-1123 label: stack names, namespaces, and the parts of domains and email domains.
@@ -236,6 +237,9 @@ class WeightsSpec(Spec):
     """EBS gp3 throughput, MiB/s: the cold-load read rate."""
     host_path: HostPath = "/data/kimi-fleet/weights"
     """directory on the node that holds the weights (under an allowed root such as /data)."""
+    allow_volume_replacement: bool = False
+    """let a change replace the EBS weights volume (its verified checkpoint is then downloaded again):
+    without it the volume is protected and Pulumi refuses to replace or delete it."""
 
     @property
     def s3_mirror_location(self) -> tuple[str, str]:
@@ -288,6 +292,9 @@ class AwsTarget(Spec):
     root_volume_gib: Annotated[int, Field(ge=100, le=16384)] = 200
     """root EBS volume size (engine images are 10-30 GB)."""
     ssm_prefix: SsmPath | None = Field(None, description="SSM Parameter Store prefix for secrets; default /kimi-fleet/<stack>")
+    ami_id: AmiId | None = None
+    """the nodes' AMI, pinned; a new one replaces a single node (the plan says so). Default: the Deep
+    Learning Base AMI's SSM parameter, read at the first create and kept."""
 
 
 

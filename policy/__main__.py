@@ -40,9 +40,16 @@ def _load_validators():
 validators = _load_validators()
 
 
-def _wrap(validator):
+def resource_options(args: ResourceValidationArgs) -> dict:
+    """The options a validator may read, in the engine's names (as check_resources gets them)."""
+    return {"protect": bool(args.opts.protect), "ignoreChanges": list(args.opts.ignore_changes or [])}
+
+
+def _wrap(validator, reads_options: bool = False):
     def validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
-        for message in validator(args.resource_type, args.props):
+        messages = (validator(args.resource_type, args.props, resource_options(args)) if reads_options
+                    else validator(args.resource_type, args.props))
+        for message in messages:
             report_violation(message, None)
 
     validate.__name__ = f"validate_{validator.__name__}"
@@ -57,7 +64,7 @@ def build_policies() -> list[ResourceValidationPolicy]:
             policies.append(ResourceValidationPolicy(
                 name=spec.name,
                 description=spec.description,
-                validate=_wrap(spec.validator),
+                validate=_wrap(spec.validator, spec.reads_options),
                 enforcement_level=level,
             ))
     return policies

@@ -54,6 +54,7 @@ WEIGHTS_MIRROR = "kimi-fleet:weights:WeightsMirror"
 S3_PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
 S3_ENCRYPTION = "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
 FLEET = "kimi-fleet:fleet:Fleet"
+EBS_VOLUME = "aws:ebs/volume:Volume"
 
 WORKLOAD_TAG = "kimi-fleet:workload"
 
@@ -742,15 +743,14 @@ def _template_versions(props: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 def validate_changes_reach_nodes(resource_type: str, props: Mapping) -> list[str]:
     """An instance or Auto Scaling group pinned to "$Latest"/"$Default" of its launch template keeps
     its old nodes when the template changes (a new engine, flag or key is "deployed" and nothing
-    changes): use the template's latest version number; a group also needs an instance refresh."""
+    changes): use the template's latest version number. A group's refresh is not the provider's
+    (its auto-rollback relaunches the new version, terraform-provider-aws #34189): the fleet gate
+    starts it with the new version as desired configuration (scripts/await_fleet_release.py)."""
     if resource_type not in (EC2_INSTANCE, AUTOSCALING_GROUP):
         return []
     messages = [f"{where} is {value!r}: a changed launch template never reaches the running "
                 "node(s); use the template's latest_version" for where, value in _template_versions(props)
                 if value in FROZEN_TEMPLATE_VERSIONS]
-    if resource_type == AUTOSCALING_GROUP and list(_template_versions(props)) and not _get(props, "instanceRefresh"):
-        messages.append("Auto Scaling group without instanceRefresh: a new launch template version "
-                        "reaches only instances launched later")
     return messages
 
 
@@ -789,13 +789,33 @@ def validate_buckets_private_and_encrypted(resource_type: str, props: Mapping) -
     return messages
 
 
-Validator = Callable[[str, Mapping], list]
+#: The weights volume's tag for a stack that accepts its replacement (components/weight_volume.py).
+ALLOW_VOLUME_REPLACEMENT_TAG = "kimi-fleet:allow-volume-replacement"
+
+
+def validate_weights_volume_protected(resource_type: str, props: Mapping, options: Mapping | None = None) -> list[str]:
+    """An EBS volume (here always the weights volume) is `protect`ed: Pulumi then refuses any plan
+    that would replace or delete it, so a change of its zone or encryption cannot silently throw
+    away ~595 GB of verified weights. A stack opts out with weights.allowVolumeReplacement (the tag)."""
+    if resource_type != EBS_VOLUME:
+        return []
+    protect = (options or {}).get("protect")
+    if _tags(props).get(ALLOW_VOLUME_REPLACEMENT_TAG) == "true" or protect is True:
+        return []
+    return [f"EBS volume is not protected (protect={protect!r}): a change that replaces it "
+            "(zone, encryption, snapshot) would delete the verified weights and download them again; protect it "
+            "or set weights.allowVolumeReplacement: true to accept that"]
+
+
+Validator = Callable[..., list]
 
 
 class PolicySpec(NamedTuple):
     name: str
     description: str
     validator: Validator
+    #: the validator also takes the resource's options ({"protect": bool, "ignoreChanges": [...]})
+    reads_options: bool = False
 
 
 MANDATORY: tuple[PolicySpec, ...] = (
@@ -818,7 +838,7 @@ MANDATORY: tuple[PolicySpec, ...] = (
                validate_interactive_not_spot_only),
     PolicySpec("changes-reach-nodes",
                "Instances and Auto Scaling groups follow their launch template's latest version "
-               "number (never $Latest/$Default), and groups roll it out with an instance refresh.",
+               "number (never $Latest/$Default); a group's refresh is started by the fleet gate.",
                validate_changes_reach_nodes),
     PolicySpec("buckets-private-and-encrypted",
                "The managed weights mirror's bucket has default encryption, blocks all public access and "
@@ -829,6 +849,10 @@ MANDATORY: tuple[PolicySpec, ...] = (
                "User data, command scripts and container specs carry no tokens, keys or the stack's "
                "secret values; secrets are fetched at boot or mounted.",
                validate_no_secrets_in_user_data),
+    PolicySpec("weights-volume-protected",
+               "The EBS weights volume is protected (no plan may replace or delete it) unless the stack sets "
+               "weights.allowVolumeReplacement.",
+               validate_weights_volume_protected, reads_options=True),
 )
 ADVISORY: tuple[PolicySpec, ...] = (
     PolicySpec("hourly-cost-within-budget",
@@ -843,7 +867,8 @@ def enforcement_of(name: str) -> str:
 
 
 def check_resources(resources: list[dict]) -> list[dict]:
-    """Run every policy over `resources` ([{"type", "name", "props"}]) and return violations
+    """Run every policy over `resources` ([{"type", "name", "props", "options"}], options as the
+    engine's resource options: protect, ignoreChanges) and return violations
     [{"policy", "enforcement", "resource", "message"}] ("mandatory" | "advisory"), in resource
     order. Besides the per-resource checks (what the policy pack does), `secretValues` declared on
     any resource are searched for in every resource's user data / scripts / container specs."""
@@ -857,7 +882,8 @@ def check_resources(resources: list[dict]) -> list[dict]:
         props = resource.get("props") or {}
         for level, specs in (("mandatory", MANDATORY), ("advisory", ADVISORY)):
             for spec in specs:
-                messages = list(spec.validator(rtype, props))
+                messages = list(spec.validator(rtype, props, resource.get("options") or {}) if spec.reads_options
+                                else spec.validator(rtype, props))
                 if spec.name == "no-secrets-in-user-data" and all_secrets:
                     for message in _verbatim_hits(_scan_fields(rtype, props), all_secrets):
                         # Indices refer to the stack-wide list here, not the resource's own.

@@ -33,6 +33,7 @@ from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
 from kimi_fleet.node_files import compile_cache_archive  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
+from kimi_fleet.replacement import acme_warning, ami_origin  # noqa: E402
 from kimi_fleet.rollout import PERSISTENT_WEIGHTS, RolloutFacts, checkpoint_room, rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
 from kimi_fleet.spec import StackSpecError  # noqa: E402
@@ -58,7 +59,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
-              "rollout": None, "mirror": None, "compile_cache": None}
+              "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": []}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -93,14 +94,18 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
         result["errors"] = [run.error]
         return result
     result["resources"] = [
-        {k: r[k] for k in ("type", "name", "parent", "inputs", "dependencies", "timeouts")} for r in run.resources
+        {k: r[k] for k in ("type", "name", "parent", "inputs", "dependencies", "timeouts", "id", "protect",
+                           "ignore_changes")} for r in run.resources
     ]
+    result["ami"] = ami_origin(spec, result["resources"])
+    result["warnings"] = [w for w in (acme_warning(resolved),) if w]
     result["outputs"] = run.outputs
 
     from policy.validators import check_resources
 
     result["policy_violations"] = check_resources(
-        [{"type": r["type"], "name": r["name"], "props": r["inputs"]} for r in run.resources]
+        [{"type": r["type"], "name": r["name"], "props": r["inputs"],
+          "options": {"protect": r["protect"], "ignoreChanges": r["ignore_changes"]}} for r in run.resources]
     )
     mandatory = [v for v in result["policy_violations"] if v["enforcement"] == "mandatory"]
     result["errors"] = [f"policy {v['policy']} on {v['resource']}: {v['message']}" for v in mandatory]
@@ -215,6 +220,10 @@ def print_plan(p: dict) -> None:
     print(f"    {c['note']}")
     if p["spot_preflight"]:
         print(f"  spot pre-flight: {p['spot_preflight']['reason']}")
+    if p.get("ami"):
+        print(f"  AMI: {p['ami']}")
+    for warning in p.get("warnings") or []:
+        print(f"  WARNING: {warning}")
     if p["missing_secrets"]:
         print(f"  set before `pulumi up`: {', '.join(p['missing_secrets'])} (pulumi config set --secret ...)")
     for v in p["policy_violations"]:

@@ -42,7 +42,9 @@ def test_every_stack_declares_its_endpoint_and_passes_the_mandatory_policies(run
     for component in ("kimi-fleet:fleet:Fleet", "kimi-fleet:engine:EngineRelease",
                       "kimi-fleet:capacity:CapacityPolicy", "kimi-fleet:proxy:AuthProxy"):
         assert component in types, component
-    violations = check_resources([{"type": r["type"], "name": r["name"], "props": r["inputs"]} for r in run.resources])
+    violations = check_resources([{"type": r["type"], "name": r["name"], "props": r["inputs"],
+                                   "options": {"protect": r["protect"], "ignoreChanges": r["ignore_changes"]}}
+                                  for r in run.resources])
     assert [v for v in violations if v["enforcement"] == "mandatory"] == []
 
 
@@ -116,7 +118,8 @@ def test_human_output_shows_node_volume_proxy_dns_and_market(tmp_path):
     out = result.stdout
     for needle in ("kimi-fleet:aws:GpuNode", "kimi-fleet:aws:WeightVolume", "kimi-fleet:proxy:AuthProxy",
                    "kimi-fleet:aws:DnsRecord", "market on-demand", "no $/M tokens: no published throughput",
-                   "per rank: prefill tokens per step 1,024", "outside the knob: needs"):
+                   "per rank: prefill tokens per step 1,024", "outside the knob: needs",
+                   "AMI: ami-0123456789abcdef0, read from SSM", "WARNING: no acmeEmail for kimi-h200.example.com"):
         assert needle in out, needle
 
 
@@ -178,3 +181,75 @@ def test_startup_script_cloud_gets_a_valid_pasteable_cloud_config(tmp_path):
     check = subprocess.run(["cloud-init", "schema", "--config-file", str(script)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "kimi-bootstrap" in script.read_text()
+
+
+# --- issue 20: replacements first, in words; the AMI's origin; the ACME contact --------------------
+
+
+def test_the_plan_records_what_decides_a_replacement(tmp_path):
+    result = plan("h200-int4-sglang", "--json", "--no-preflight", "--build-dir", str(tmp_path))
+    (doc,) = json.loads(result.stdout)
+    (volume,) = [r for r in doc["resources"] if r["type"] == "aws:ebs/volume:Volume"]
+    assert volume["protect"] is True and volume["ignore_changes"] == ["availabilityZone"]
+    assert volume["id"] and doc["ami"].startswith("ami-0123456789abcdef0")
+    assert doc["warnings"] == [w for w in doc["warnings"] if "acmeEmail" in w] and len(doc["warnings"]) == 1
+    assert not [v for v in doc["policy_violations"] if v["policy"] == "weights-volume-protected"]
+
+
+def _resolved(stack, **changes):
+    from kimi_fleet.resolve import Resolved
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+
+    spec = load_stack_config(stack_file(stack)).spec()
+    return Resolved(spec.model_copy(update=changes))
+
+
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "mi300x-int4-sglang"])
+def test_acme_without_an_email_is_one_warning_and_an_email_silences_it(stack):
+    from kimi_fleet.replacement import acme_warning
+
+    warning = acme_warning(_resolved(stack))
+    assert warning.startswith("no acmeEmail for kimi-") and "kimi-fleet:acmeEmail" in warning
+    assert "\n" not in warning
+    assert acme_warning(_resolved(stack, acme_email="ops@example.com")) is None
+
+
+def test_a_kubernetes_proxy_without_a_public_certificate_needs_no_email():
+    from kimi_fleet.k8s_manifests import proxy_tls
+    from kimi_fleet.replacement import acme_warning
+
+    r = _resolved("gb200-int4-vllm")
+    assert (acme_warning(r) is None) is (proxy_tls(r) == "internal")
+
+
+def _plan(resources, rollout, **extra):
+    return {"valid": True, "errors": [], "resources": resources, "rollout": rollout, **extra}
+
+
+def test_the_diff_prints_replacements_first_and_no_in_place_story_for_a_replaced_node(tmp_path):
+    from tooling.plan_diff import stack_section
+
+    rollout = {"target": "aws", "replicas": 1, "rollout": "one-at-a-time", "release": "r1", "machine": "p5en",
+               "node_shape": "p5en/200GiB", "weights_volume": "ebs", "warm_start_seconds": 270,
+               "cold_start_seconds": 1700, "node_usd_per_hour": 63.3, "units": {"caddy.service": "a"},
+               "checkpoint": "m@1", "checkpoint_bytes": 1, "weights_volume_bytes": 2, "fetch_seconds": 600,
+               "volume_start_seconds": 900}
+    node = {"type": "kimi-fleet:aws:GpuNode", "name": "n", "parent": None, "inputs": {}}
+
+    def instance(version):
+        return {"type": "aws:ec2/instance:Instance", "name": "i", "parent": "n", "id": "i-id", "protect": False,
+                "ignore_changes": [], "inputs": {"launchTemplate": {"id": "lt", "version": version}}}
+
+    before = _plan([node, instance("1")], rollout)
+    after = _plan([node, instance("2")], {**rollout, "release": "r2", "units": {"caddy.service": "b"}},
+                  warnings=["no acmeEmail for x: ..."])
+    lines = stack_section("s", before, after, tmp_path, tmp_path)
+    assert lines[0] == "### s"
+    assert lines[1].startswith("- **replaced**: the GPU node `i`") and "about 15 min without service" in lines[1]
+    assert not any("in place (SSM)" in line for line in lines)
+    assert "- warning: no acmeEmail for x: ..." in lines
+    same = stack_section("s", before, _plan([node, instance("1")], {**rollout, "release": "r2",
+                                                                     "units": {"caddy.service": "b"}}),
+                         tmp_path, tmp_path)
+    assert any("in place (SSM): caddy.service restart" in line for line in same)
+    assert not any("replaced" in line for line in same)

@@ -382,13 +382,13 @@ class TestChangesReachNodes:
         assert "launchTemplate.version is '$Latest'" in message
         assert v.validate_changes_reach_nodes(v.EC2_INSTANCE, {"launchTemplate": {"id": "lt-1", "version": "7"}}) == []
 
-    def test_group_needs_a_number_and_an_instance_refresh(self):
+    def test_group_needs_a_number_and_its_refresh_is_the_gates(self):
         spec = {"mixedInstancesPolicy": {"launchTemplate": {"launchTemplateSpecification": {
             "launchTemplateId": "lt-1", "version": "$Default"}}}}
-        messages = v.validate_changes_reach_nodes(v.AUTOSCALING_GROUP, spec)
-        assert len(messages) == 2 and "instanceRefresh" in messages[1]
+        (message,) = v.validate_changes_reach_nodes(v.AUTOSCALING_GROUP, spec)
+        assert "'$Default'" in message
         spec["mixedInstancesPolicy"]["launchTemplate"]["launchTemplateSpecification"]["version"] = "3"
-        spec["instanceRefresh"] = {"strategy": "Rolling"}
+        # No provider refresh: the fleet gate starts it (scripts/await_fleet_release.py, #34189).
         assert v.validate_changes_reach_nodes(v.AUTOSCALING_GROUP, spec) == []
 
     def test_other_resources_are_not_read(self):
@@ -400,9 +400,9 @@ def test_registry_names():
     assert [s.name for s in v.MANDATORY] == [
         "engine-port-not-exposed", "proxy-requires-key", "pinned-images-and-revision",
         "interactive-not-spot-only", "changes-reach-nodes", "buckets-private-and-encrypted",
-        "no-secrets-in-user-data"]
-    for name, description, validator in v.MANDATORY + v.ADVISORY:
-        assert description and callable(validator)
+        "no-secrets-in-user-data", "weights-volume-protected"]
+    for spec in v.MANDATORY + v.ADVISORY:
+        assert spec.description and callable(spec.validator)
 
 
 def test_check_resources_shape_and_cross_resource_secrets():
@@ -532,3 +532,40 @@ def test_only_verbatim_project_source_in_a_bundle_goes_unscanned():
     escaping = json.dumps({"files": [{"path": "/x/kimi_fleet/../../etc/passwd", "mode": "0644",
                                       "content": "HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123456789\n"}]})
     assert v.validate_no_secrets_in_user_data(v.S3_OBJECT, {"content": escaping})
+
+
+# ------------------------------------------------------------------ the weights volume cannot be replaced silently
+VOLUME_PROPS = {"availabilityZone": "us-east-1a", "size": 1000, "tags": {"Name": "s-weights"}}
+
+
+def test_an_unprotected_weights_volume_is_refused_unless_the_stack_opts_in():
+    refused = v.validate_weights_volume_protected(v.EBS_VOLUME, VOLUME_PROPS, {"protect": False})
+    assert len(refused) == 1 and "not protected (protect=False)" in refused[0]
+    assert "weights.allowVolumeReplacement" in refused[0]
+    assert v.validate_weights_volume_protected(v.EBS_VOLUME, VOLUME_PROPS, {"protect": True}) == []
+    opted_in = {**VOLUME_PROPS, "tags": {**VOLUME_PROPS["tags"], v.ALLOW_VOLUME_REPLACEMENT_TAG: "true"}}
+    assert v.validate_weights_volume_protected(v.EBS_VOLUME, opted_in, {"protect": False}) == []
+    # Options unknown (an older caller): refused, never assumed protected.
+    assert v.validate_weights_volume_protected(v.EBS_VOLUME, VOLUME_PROPS)
+    assert v.validate_weights_volume_protected(v.SECURITY_GROUP, VOLUME_PROPS, {"protect": False}) == []
+
+
+def test_check_resources_passes_the_options_to_the_volume_policy():
+    volume = {"type": v.EBS_VOLUME, "name": "w", "props": VOLUME_PROPS}
+    found = v.check_resources([{**volume, "options": {"protect": False}}])
+    assert [(x["policy"], x["enforcement"]) for x in found] == [("weights-volume-protected", "mandatory")]
+    assert v.check_resources([{**volume, "options": {"protect": True}}]) == []
+
+
+def test_the_pack_reads_protect_from_the_sdk_options():
+    from pulumi_policy import PolicyCustomTimeouts, PolicyResourceOptions, ResourceValidationArgs
+    from pulumi_policy.proxy import unknown_checking_proxy
+
+    policy = {p.name: p for p in _load_pack()["POLICIES"]}["weights-volume-protected"]
+    for protect, expected in ((False, 1), (True, 0)):
+        opts = PolicyResourceOptions(protect, ["availabilityZone"], None, [], PolicyCustomTimeouts(0, 0, 0), [])
+        args = ResourceValidationArgs(v.EBS_VOLUME, unknown_checking_proxy(VOLUME_PROPS), "urn:pulumi:s::p::t::w",
+                                      "w", opts, None)
+        reported = []
+        policy.validate(args, lambda message, urn=None: reported.append(message))
+        assert len(reported) == expected, (protect, reported)

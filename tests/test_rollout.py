@@ -121,8 +121,10 @@ def test_no_stack_uses_a_template_version_that_cannot_change(stack, tmp_path):
         for path, value in versions:
             assert value not in UNPINNED_VERSIONS and str(value).isdigit(), (resource["name"], path, value)
     for group in run.of_type(ASG):
-        refresh = group["inputs"]["instanceRefresh"]
-        assert refresh["strategy"] == "Rolling" and refresh["preferences"]["autoRollback"] is True
+        # The group stays on the last good version (the engine keeps it); the fleet gate starts the
+        # instance refresh with the new version as its desired configuration (commit 6836c84).
+        assert "instanceRefresh" not in group["inputs"]
+        assert "mixedInstancesPolicy.launchTemplate.launchTemplateSpecification.version" in group["ignore_changes"]
 
 
 BUNDLE = "aws:s3/bucketObjectv2:BucketObjectv2"
@@ -188,10 +190,11 @@ def test_fleet_change_starts_an_instance_refresh(rollout, bounds, tmp_path):
     (old_group,), (new_group,) = before.of_type(ASG), after.of_type(ASG)
     old_version = _versions(old_group["inputs"])[0][1]
     new_version = _versions(new_group["inputs"])[0][1]
-    assert old_version != new_version  # a change of the group: the refresh starts
-    preferences = new_group["inputs"]["instanceRefresh"]["preferences"]
-    assert (preferences["minHealthyPercentage"], preferences["maxHealthyPercentage"]) == bounds
-    assert int(preferences["instanceWarmup"]) > 0
+    assert old_version != new_version  # a new template version: what the gate's refresh rolls out
+    from components.gpu_node import refresh_percentages
+
+    percentages = refresh_percentages(2, rollout)
+    assert (percentages["min_healthy_percentage"], percentages["max_healthy_percentage"]) == bounds
     command = gate_command(after)
     assert command[command.index("--replicas") + 1] == "2"
     assert command[command.index("--release") + 1] == released(after) != released(before)

@@ -1,8 +1,8 @@
 """Run the real Pulumi program under the SDK's mock runtime and record what it declares.
 
 The mock monitor is given every registration, so we keep each resource's type, name, parent,
-inputs (secrets masked), wire form (where secrets show as wrapped values), custom timeouts, retention
-and dependencies, and the stack's outputs. Config comes from Pulumi.yaml and the stack file (secure
+inputs (secrets masked), wire form (where secrets show as wrapped values), custom timeouts, retention,
+protection, ignored changes and dependencies, and the stack's outputs. Config comes from Pulumi.yaml and the stack file (secure
 values stay encrypted: the program sees a marked placeholder through `get_secret`, shown as secret,
 never decrypted). `run_components` declares a few components the same way, for tests.
 """
@@ -186,6 +186,7 @@ class RecordingMonitor(mocks.MockMonitor):
             "type": request.type,
             "name": request.name,
             "urn": response.urn,
+            "id": response.id,
             "parent": self.by_urn.get(request.parent, {}).get("name"),
             "custom": request.custom,
             "inputs": unwrap(wire, self.reveal),
@@ -193,6 +194,10 @@ class RecordingMonitor(mocks.MockMonitor):
             "dependencies": [self.by_urn.get(u, {}).get("name", u) for u in request.dependencies],
             "timeouts": {k: v for k, v in (("create", timeouts.create), ("update", timeouts.update)) if v},
             "retain_on_delete": request.retainOnDelete,
+            # What the engine would do with a change (the replacement plan and the volume policy read them).
+            "protect": bool(request.protect),
+            "ignore_changes": list(request.ignoreChanges),
+            "delete_before_replace": request.deleteBeforeReplace,
         }
         self.by_urn[response.urn] = record
         if request.type != "pulumi:pulumi:Stack":

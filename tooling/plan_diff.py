@@ -1,8 +1,11 @@
 """`plan.py --diff REF`: every stack planned at REF and in the work tree, as Markdown for a PR.
 
 REF is checked out into a temporary git worktree and planned there with its own planner; the
-work tree is planned the same way. Per stack: resources added/removed/changed, changed launch
-flags, a unified diff of each rendered file, sizing and cost deltas. Untouched stacks get one line.
+work tree is planned the same way. Per stack, first every resource the change **replaces** (from the
+providers' replace-on-change inputs, kimi_fleet/replacement.py) with the downtime it costs and
+whether the weights survive, then what happens to running nodes, resources added/removed/changed,
+changed launch flags, a unified diff of each rendered file, sizing and cost deltas, and the plan's
+warnings. Untouched stacks get one line.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kimi_fleet.replacement import replacement_lines, replacements
 from kimi_fleet.rollout import RolloutFacts, impact
 from kimi_fleet.stackfile import PROJECT_ROOT
 
@@ -74,10 +78,15 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
         lines.append(f"- validity: {before['valid']} → {after['valid']}")
         lines += [f"  - {e}" for e in after["errors"]]
 
-    if before.get("rollout") and after.get("rollout"):
+    replaced = replacements(before.get("resources", []), after.get("resources", []))
+    lines += [f"- {line}" for line in replacement_lines(replaced, before.get("rollout"), after.get("rollout"))]
+    if before.get("rollout") and after.get("rollout") and not any(r.gpu_node for r in replaced):
         effect = impact(RolloutFacts.from_dict(before["rollout"]), RolloutFacts.from_dict(after["rollout"]))
         if effect:
             lines.append(f"- **running nodes**: {effect}")
+    if before.get("ami") != after.get("ami") and after.get("ami"):
+        lines.append(f"- AMI: {after['ami']}")
+    lines += [f"- warning: {w}" for w in after.get("warnings") or [] if w not in (before.get("warnings") or [])]
 
     old_res = {(r["type"], r["name"]): r for r in before.get("resources", [])}
     new_res = {(r["type"], r["name"]): r for r in after.get("resources", [])}
