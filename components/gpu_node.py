@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import catalog, health, node_files
+from kimi_fleet import boot_stub, catalog, health, node_files
 from kimi_fleet.cost import estimate
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
@@ -46,6 +46,9 @@ class GpuNodeArgs:
     weights_volume_id: pulumi.Input[str] | None = None
     #: The fleet's load balancer target groups (Auto Scaling group only).
     target_group_arns: pulumi.Input[list[str]] | None = None
+    #: The release bundle's SHA-256 a fleet's new instances boot (an instance tag they read through
+    #: IMDS): a new release is a new template version, while the user data stays the same bytes.
+    release_digest: pulumi.Input[str] | None = None
 
 
 def _version(template: aws.ec2.LaunchTemplate) -> pulumi.Output[str]:
@@ -173,8 +176,11 @@ class GpuNode(pulumi.ComponentResource):
         profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, tags=args.tags, opts=child)
         self.role_arn = role.arn
 
-        ami = aws.ssm.get_parameter_output(name=catalog.DLAMI_SSM_PARAMETER,
-                                           opts=pulumi.InvokeOutputOptions(parent=self))
+        # The AMI is read once: AWS publishing a new one under the /latest/ parameter must not become a
+        # new template version (a replaced node). A pinned target.aws.amiId is the announced way to move.
+        image = target.ami_id or aws.ssm.get_parameter_output(
+            name=catalog.DLAMI_SSM_PARAMETER, opts=pulumi.InvokeOutputOptions(parent=self)).value
+        instance_tags = {**args.tags, boot_stub.RELEASE_TAG: args.release_digest} if fleet else args.tags
         capacity_reservation = None
         if capacity.effective_market == "capacity-block":
             capacity_reservation = aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(
@@ -184,7 +190,7 @@ class GpuNode(pulumi.ComponentResource):
             )
         template = aws.ec2.LaunchTemplate(
             f"{name}-template",
-            image_id=ami.value,
+            image_id=image,
             instance_type=r.offer.instance_type,
             key_name=target.key_name,
             iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
@@ -192,7 +198,9 @@ class GpuNode(pulumi.ComponentResource):
             user_data=pulumi.Output.from_input(args.user_data).apply(
                 lambda text: base64.b64encode(node_files.user_data_bytes(text)).decode()),
             metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
-                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=IMDS_HOP_LIMIT),
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=IMDS_HOP_LIMIT,
+                # A fleet node reads the release it boots from its own tag.
+                instance_metadata_tags="enabled" if fleet else None),
             block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
                 device_name=ROOT_DEVICE,
                 ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
@@ -201,11 +209,12 @@ class GpuNode(pulumi.ComponentResource):
             )],
             instance_market_options=_market_options(r, fleet),
             capacity_reservation_specification=capacity_reservation,
-            tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=args.tags)
-                                for kind in ("instance", "volume")],
+            tag_specifications=[
+                aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="instance", tags=instance_tags),
+                aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="volume", tags=args.tags)],
             tags=args.tags,
             update_default_version=True,
-            opts=child,
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if target.ami_id else ["imageId"]),
         )
 
         self.market = pulumi.Output.from_input(capacity.effective_market)
@@ -225,18 +234,23 @@ class GpuNode(pulumi.ComponentResource):
             self.public_ip = pulumi.Output.from_input(None)
             self.fleet_group = group.name
         else:
-            # The instance follows the template's newest version: a new release (user data), AMI or
-            # instance type is a new version, which replaces the instance ("$Latest" would be the same
-            # string forever, and the node would keep the old engine). The old node goes first: its
-            # GPUs are the capacity the new one needs, and the EBS weight volume attaches to one node.
+            # The instance follows the template's newest version, and a new version replaces it (the
+            # provider cannot change a live instance's template): so releases never touch the template
+            # (the user data is the frozen boot loader, releases arrive through SSM), and only an
+            # announced change does (market, instance type, a pinned amiId; plan.py --diff says so).
+            # The old node goes first: its GPUs are the capacity the new one needs, and the EBS weight
+            # volume attaches to one node.
+            # The subnet (so the zone, the weight volume's) is chosen once: a zone AWS adds later moves nothing.
             replace_in_order = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
+            instance_opts = pulumi.ResourceOptions.merge(replace_in_order, pulumi.ResourceOptions(
+                ignore_changes=["subnetId"]))
             instance = aws.ec2.Instance(
                 f"{name}-instance",
                 launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id,
                                                                    version=_version(template)),
                 subnet_id=pulumi.Output.from_input(args.subnet_ids).apply(lambda ids: ids[0]),
                 tags={**args.tags, "Name": spec.stack},
-                opts=replace_in_order,
+                opts=instance_opts,
             )
             if args.weights_volume_id is not None:
                 aws.ec2.VolumeAttachment(f"{name}-weights", device_name=WEIGHTS_DEVICE,

@@ -173,8 +173,6 @@ def test_a_new_zone_that_sorts_first_leaves_the_weights_volume_where_it_is(stack
     assert not any(r.type == VOLUME for r in found)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the requested components/gpu_node.py edit: the instance keeps "
-                                       "its subnet (ignore_changes subnetId); remove this mark once it lands")
 @pytest.mark.parametrize("stack", SINGLE_NODE_AWS)
 def test_a_new_zone_that_sorts_first_leaves_the_node_where_it_is(stack, tmp_path, monkeypatch):
     monkeypatch.setattr(mock_run, "ZONES", ["us-east-1b", "us-east-1c"])
@@ -184,8 +182,6 @@ def test_a_new_zone_that_sorts_first_leaves_the_node_where_it_is(stack, tmp_path
     assert replacements(plan_resources(before), plan_resources(after)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the requested components/gpu_node.py edit: target.aws.amiId "
-                                       "pins the image, else the SSM value is kept (ignore_changes imageId)")
 @pytest.mark.parametrize("stack", SINGLE_NODE_AWS)
 def test_an_ami_is_kept_until_the_stack_pins_a_new_one(stack, tmp_path, monkeypatch):
     before, before_facts = run_variant(stack, tmp_path)

@@ -118,6 +118,10 @@ class EchoMocks(pulumi.runtime.Mocks):
     """Resources echo their inputs and get a stable id, plus the outputs the components read;
     lookups return plausible shapes, and a lookup nobody taught them fails the run."""
 
+    def __init__(self):
+        #: resource name -> its ignore_changes, as registered (the monitor fills it before new_resource)
+        self.ignored: dict[str, list[str]] = {}
+
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         state = dict(args.inputs)
         state.setdefault("arn", f"arn:aws:mock:::{args.name}")
@@ -137,8 +141,10 @@ class EchoMocks(pulumi.runtime.Mocks):
         elif args.typ in ("aws:iam/role:Role", "aws:autoscaling/group:Group"):
             state.setdefault("name", args.name)  # AWS auto-names these from the resource name
         elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
-            # AWS numbers each new version; here a changed template gets a different number.
-            state["latestVersion"] = _content_number(args.inputs)
+            # AWS numbers each new version; here a changed template gets a different number. An ignored
+            # input keeps its old value, so it makes no new version.
+            ignored = set(self.ignored.get(args.name, ()))
+            state["latestVersion"] = _content_number({k: v for k, v in args.inputs.items() if k not in ignored})
         elif args.typ == "aws:ssm/parameter:Parameter":
             state["version"] = _content_number(args.inputs.get("value"))
         elif args.typ == "kubernetes:core/v1:Secret":
@@ -179,6 +185,8 @@ class RecordingMonitor(mocks.MockMonitor):
         self.by_urn: dict[str, dict] = {}
 
     def RegisterResource(self, request):
+        if isinstance(self.mocks, EchoMocks):
+            self.mocks.ignored[request.name] = list(request.ignoreChanges)
         response = super().RegisterResource(request)
         timeouts = request.customTimeouts
         wire = json_format.MessageToDict(request.object)
