@@ -18,14 +18,15 @@ from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
 from components.gpu_node import GpuNode, GpuNodeArgs
-from components.mirror_fill import MirrorFill, MirrorFillArgs
+from components.mirror_fill import MirrorFill, MirrorFillArgs, MirrorManifestPin, MirrorManifestPinArgs
 from components.node_release import NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
 from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
-    SecretsSource, bootstrap_timeout_seconds, default_ssm_prefix, node_release, release_bundle, release_pointer,
+    SecretsSource, bootstrap_timeout_seconds, compile_cache_key_prefix, compile_cache_launch_digest,
+    compile_cache_pin_parameter, default_ssm_prefix, node_release, release_bundle, release_pointer,
     render_aws_user_data, render_node_files, render_proxy_for,
 )
 
@@ -52,6 +53,9 @@ class AwsEndpoint(pulumi.ComponentResource):
     #: A fleet's rollout as AWS reports it (region, group, target groups, template version): the
     #: gate waits until only nodes of this release are healthy targets. None for one node.
     fleet_rollout: pulumi.Output[dict] | None
+    #: What the gate needs to promote a node's compile-cache candidate after the suite passed
+    #: (scripts/promote_compile_cache.py): None without a managed mirror.
+    compile_cache_promotion: pulumi.Output[dict] | None
 
     def __init__(self, name: str, args: AwsEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:AwsEndpoint", name, None, opts)
@@ -72,27 +76,38 @@ class AwsEndpoint(pulumi.ComponentResource):
             prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags), child)
         volume = WeightVolume(f"{name}-weights", WeightVolumeArgs(
             resolved=r, availability_zone=network.availability_zone, tags=tags), child)
+        # A managed mirror is filled (on AWS) before any GPU node exists: nodes never wait on an empty one.
+        # Its manifest (or an external mirror's) is checked against the Hub on this side, and its
+        # SHA-256 goes into node.env: a node refuses any other manifest (issue 21, item 4).
+        node_prerequisites: list[pulumi.Resource] = [secrets]
+        manifest_sha256: pulumi.Input[str | None] = None
+        mirror_plan = plan_mirror(r)
+        if mirror_plan:
+            mirror = WeightsMirror(f"{name}-mirror", WeightsMirrorArgs(plan=mirror_plan, tags=tags), child)
+            fill = MirrorFill(f"{name}-fill", MirrorFillArgs(
+                plan=mirror_plan, bucket_arn=mirror.bucket_arn, vpc_id=network.vpc_id,
+                subnet_ids=network.subnet_ids, default_subnets=not target.subnet_ids,
+                region=target.region, tags=tags, hf_token=args.hf_token), child)
+            node_prerequisites.append(fill)
+            manifest_sha256 = fill.manifest_sha256
+        elif spec.weights.source == "s3-mirror":
+            pin = MirrorManifestPin(f"{name}-mirror-pin", MirrorManifestPinArgs(
+                mirror_uri=spec.weights.s3_mirror_uri, repo=r.repo, revision=r.revision, region=target.region,
+                hf_token=args.hf_token), child)
+            node_prerequisites.append(pin)
+            manifest_sha256 = pin.manifest_sha256
+
         # The node files travel as one content-addressed bundle in S3 (NodeRelease below); user data
         # only boots the applier. One node takes releases in place, so its stub names the pointer
         # only; a fleet's names its release too: a new one is a new template version, which starts
         # the instance refresh.
-        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version).apply(
+        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256).apply(
             lambda values: release_bundle(render_node_files(
-                r, args.launch, args.sizing, ebs_volume_id=values[0],
+                r, args.launch, args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2],
                 secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
                                           api_key_version=values[1]))))
         user_data = bundle.apply(lambda text: render_aws_user_data(r, text, ssm_prefix=ssm_prefix,
                                                                    region=target.region))
-
-        # A managed mirror is filled (on AWS) before any GPU node exists: nodes never wait on an empty one.
-        node_prerequisites: list[pulumi.Resource] = [secrets]
-        mirror_plan = plan_mirror(r)
-        if mirror_plan:
-            mirror = WeightsMirror(f"{name}-mirror", WeightsMirrorArgs(plan=mirror_plan, tags=tags), child)
-            node_prerequisites.append(MirrorFill(f"{name}-fill", MirrorFillArgs(
-                plan=mirror_plan, bucket_arn=mirror.bucket_arn, vpc_id=network.vpc_id,
-                subnet_ids=network.subnet_ids, default_subnets=not target.subnet_ids,
-                region=target.region, tags=tags), child))
 
         balancer = None
         if fleet:
@@ -136,6 +151,17 @@ class AwsEndpoint(pulumi.ComponentResource):
                                                    node.template_version).apply(
                 lambda values: {"region": target.region, "group": values[0], "target_groups": list(values[1]),
                                 "template_version": str(values[2])})
+        self.compile_cache_promotion = None
+        cache_prefix = compile_cache_key_prefix(r)
+        if cache_prefix is not None:
+            launch_digest = compile_cache_launch_digest(args.launch, spec.stack)
+            promotion = {"region": target.region, "bucket": spec.weights.s3_mirror_location[0],
+                         "cache_prefix": cache_prefix, "stack": spec.stack, "launch": launch_digest,
+                         "pin_parameter": compile_cache_pin_parameter(ssm_prefix, launch_digest)}
+            # A fleet's candidates may come from any instance of its group; one node's from it alone.
+            self.compile_cache_promotion = (
+                node.fleet_group.apply(lambda group: {**promotion, "group": group}) if fleet
+                else node.node_ids.apply(lambda ids: {**promotion, "instance_ids": list(ids)}))
         publish_endpoint(
             self, domain=spec.domain, node_ids=node.node_ids, market=node.market,
             # The weight volume outlives the node and bills monthly: folded into the hourly figure.

@@ -21,6 +21,7 @@ from pulumi_command import remote
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
+from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
 from kimi_fleet import node_files
 from kimi_fleet.node_files import NodeFile, SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
@@ -77,6 +78,13 @@ class HostEndpoint(pulumi.ComponentResource):
             child,
         )
         if host_spec.startup_script_only:
+            if r.spec.weights.source == "s3-mirror":
+                # The pasted cloud-config is rendered before `pulumi up` verifies anything: it could
+                # only carry the placeholder, which every node refuses. Say so now, not at boot.
+                raise ValueError(
+                    f"stack {r.spec.stack}: weights.source s3-mirror with target.host.startupScriptOnly: the node "
+                    "would need the mirror manifest's SHA-256, which the deployer learns only when it checks the "
+                    "manifest against the Hub during `pulumi up`; use weights.source huggingface, or an SSH host")
             self.user_data = node_files.render_startup_script(r, launch, sizing)
             node_ids: pulumi.Input[list[str]] = []
             hourly = r.offer.on_demand_usd_per_hour if r.offer else None
@@ -129,6 +137,19 @@ class HostEndpoint(pulumi.ComponentResource):
         ]
 
         files = node_files.render_node_files(r, launch, sizing, secrets=secrets)
+        contents: dict[str, pulumi.Input[str]] = {path: f.content for path, f in files.items()}
+        digests: list[pulumi.Input[str]] = [content_digest(f) for f in files.values()]
+        if r.spec.weights.source == "s3-mirror":
+            # The mirror's manifest, checked against the Hub on this side; node.env carries its
+            # SHA-256 and the node refuses any other manifest (issue 21, item 4).
+            pin = MirrorManifestPin(f"{name}-mirror-pin", MirrorManifestPinArgs(
+                mirror_uri=r.spec.weights.s3_mirror_uri, repo=r.repo, revision=r.revision, region=None,
+                hf_token=args.hf_token), child)
+            pinned = pin.manifest_sha256.apply(lambda digest: node_files.render_node_files(
+                r, launch, sizing, secrets=secrets, mirror_manifest_sha256=digest)[node_files.NODE_ENV_FILE])
+            contents[node_files.NODE_ENV_FILE] = pinned.apply(lambda f: f.content)
+            digests = [content_digest(f) for path, f in files.items() if path != node_files.NODE_ENV_FILE]
+            digests.append(pinned.apply(content_digest))
         for file in files.values():
             # A changed content is a changed input: the create command runs again with the new stdin.
             copies.append(remote.Command(
@@ -136,7 +157,7 @@ class HostEndpoint(pulumi.ComponentResource):
                 connection=connection,
                 create=install_from_stdin(file.path, file.mode),
                 delete=f"sudo rm -f {shlex.quote(file.path)}",
-                stdin=file.content,
+                stdin=contents[file.path],
                 opts=child,
             ))
 
@@ -147,7 +168,7 @@ class HostEndpoint(pulumi.ComponentResource):
             # The bootstrap restarts only the units whose files changed (an engine's env file: that engine).
             create=f"sudo {BOOTSTRAP}",
             # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
-            triggers=[content_digest(f) for f in files.values()] + [
+            triggers=digests + [
                 pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())
                 for _, value in secret_values.values()
             ],

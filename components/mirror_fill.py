@@ -6,13 +6,16 @@ the Hub's tree, upload, manifest last; nothing to do when the manifest is alread
 off, which terminates it; it also powers off at its deadline, done or not. Its role may write only
 this checkpoint's prefix. A local command then waits, on the machine running `pulumi up`, for the
 manifest (scripts/await_mirror.py, which also refuses a bucket without encryption or with public
-access); GPU nodes depend on this component, so none is declared before the mirror is filled.
+access, and checks the manifest against the Hub's own tree); GPU nodes depend on this component, so
+none is declared before the mirror is filled. `manifest_sha256` is the digest the nodes pin.
+An external mirror (filled outside the program) gets MirrorManifestPin: the same Hub check, no fill.
 
 The resources are named by the fill's id (mirror, repo, revision): a new checkpoint is a new fill.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shlex
 from dataclasses import dataclass
@@ -23,9 +26,11 @@ import pulumi_command as command
 
 from components.verification_gate import PYTHON
 from kimi_fleet import catalog
-from kimi_fleet.mirror import MirrorPlan, render_fill_user_data
+from kimi_fleet.mirror import MirrorPlan, manifest_sha256_from, render_fill_user_data
+from kimi_fleet.node_files import MANIFEST_SHA256_PLACEHOLDER, user_data_bytes
 
 AWAIT_SCRIPT = "scripts/await_mirror.py"
+PIN_SCRIPT = "scripts/pin_mirror_manifest.py"
 #: The wait outlives the fill's own deadline by this much (the instance is gone by then).
 AWAIT_MARGIN_SECONDS = 10 * 60
 
@@ -41,6 +46,21 @@ class MirrorFillArgs:
     default_subnets: bool
     region: str
     tags: dict[str, str]
+    #: the Hub token (a gated or private repo): the manifest check reads the Hub's tree and small files
+    hf_token: pulumi.Input[str] | None = None
+
+
+def _hub_environment(region: str | None, hf_token) -> dict:
+    environment = {"AWS_REGION": region} if region else {}
+    if hf_token is not None:
+        environment["HF_TOKEN"] = pulumi.Output.secret(hf_token)
+    return environment
+
+
+def pinned_digest(stdout: str | None) -> str:
+    """The digest a deployer-side check printed. None is a stdout nobody ran (mocks; `pulumi up`
+    always has one): the placeholder, which every node refuses, never a guess."""
+    return MANIFEST_SHA256_PLACEHOLDER if stdout is None else manifest_sha256_from(stdout)
 
 
 def choose_fill_subnet(stack_subnets: list[str], default_subnets: list[str], offered_zones: list[str],
@@ -84,6 +104,8 @@ class MirrorFill(pulumi.ComponentResource):
     instance_id: pulumi.Output[str]
     #: the wait's report (stdout): "mirror: filled: N files, X GB ..."
     report: pulumi.Output[str]
+    #: the SHA-256 of the manifest the wait checked against the Hub (node.env MIRROR_MANIFEST_SHA256)
+    manifest_sha256: pulumi.Output[str]
 
     def __init__(self, name: str, args: MirrorFillArgs, opts: pulumi.ResourceOptions | None = None):
         plan = args.plan
@@ -128,7 +150,8 @@ class MirrorFill(pulumi.ComponentResource):
             associate_public_ip_address=True,
             # Powering off ends it: no stopped instance is left behind.
             instance_initiated_shutdown_behavior="terminate",
-            user_data=render_fill_user_data(plan),
+            # Gzip-compressed as a node's (cloud-init unpacks it): the scripts outgrow EC2's 16 KB otherwise.
+            user_data_base64=base64.b64encode(user_data_bytes(render_fill_user_data(plan))).decode(),
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_tokens="required", http_endpoint="enabled"),
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_type="gp3", volume_size=30, encrypted=True),
             tags=tags,
@@ -140,9 +163,41 @@ class MirrorFill(pulumi.ComponentResource):
             f"{base}-await",
             create=instance.id.apply(lambda instance_id: await_command(plan, instance_id)),
             triggers=[instance.id],
-            environment={"AWS_REGION": plan.region},
+            environment=_hub_environment(plan.region, args.hf_token),
             opts=pulumi.ResourceOptions(parent=self, custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout}s")),
         )
         self.instance_id = instance.id
         self.report = waited.stdout
-        self.register_outputs({"instance_id": self.instance_id, "report": self.report})
+        self.manifest_sha256 = waited.stdout.apply(pinned_digest)
+        self.register_outputs({"instance_id": self.instance_id, "report": self.report,
+                               "manifest_sha256": self.manifest_sha256})
+
+
+def pin_command(mirror_uri: str, repo: str, revision: str, region: str | None) -> str:
+    argv = [PYTHON, PIN_SCRIPT, "--mirror", mirror_uri, "--repo", repo, "--revision", revision]
+    return shlex.join(argv + (["--region", region] if region else []))
+
+
+@dataclass
+class MirrorManifestPinArgs:
+    mirror_uri: str
+    repo: str
+    revision: str
+    region: str | None
+    hf_token: pulumi.Input[str] | None = None
+
+
+class MirrorManifestPin(pulumi.ComponentResource):
+    """An external mirror's manifest, checked against the Hub on the deployer's side; its digest
+    goes to the nodes, which refuse any other manifest (issue 21, item 4)."""
+    manifest_sha256: pulumi.Output[str]
+
+    def __init__(self, name: str, args: MirrorManifestPinArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:weights:MirrorManifestPin", name, None, opts)
+        pinned = command.local.Command(
+            f"{name}-check",
+            create=pin_command(args.mirror_uri, args.repo, args.revision, args.region),
+            environment=_hub_environment(args.region, args.hf_token),
+            opts=pulumi.ResourceOptions(parent=self))
+        self.manifest_sha256 = pinned.stdout.apply(pinned_digest)
+        self.register_outputs({"manifest_sha256": self.manifest_sha256})

@@ -20,6 +20,10 @@ from kimi_fleet.verification.cli import MEASURED_PREFIX, THROUGHPUT_PREFIX
 PYTHON = ".venv/bin/python"  # the virtualenv Pulumi.yaml names
 VERIFY_SCRIPT = "scripts/verify.py"
 FLEET_RELEASE_SCRIPT = "scripts/await_fleet_release.py"
+PROMOTE_SCRIPT = "scripts/promote_compile_cache.py"
+#: How long the gate waits for a node's compile-cache candidate after the suite passed (the node
+#: publishes once admitted; a few GB upload in minutes). Nothing in time: a warning, not a failure.
+COMPILE_CACHE_PROMOTION_WAIT_SECONDS = 1800
 
 
 @dataclass
@@ -48,6 +52,10 @@ class VerificationGateArgs:
     fleet_rollout: pulumi.Input[dict] | None = None
     rollout_timeout_seconds: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
+    #: a managed mirror's compile-cache promotion after the suite passed (AwsEndpoint's
+    #: compile_cache_promotion: region, bucket, cache_prefix, stack, launch, pin_parameter, and
+    #: instance_ids or group); None: nothing to promote
+    compile_cache_promotion: pulumi.Input[dict] | None = None
 
 
 def fleet_wait_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
@@ -58,7 +66,20 @@ def fleet_wait_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
                    "--replicas", str(args.replicas), "--timeout", str(args.rollout_timeout_seconds)]
 
 
-def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | None = None) -> str:
+def promote_argv(promotion: dict) -> list[str]:
+    """Run with the deployer's credentials, after the suite passed: nodes never promote."""
+    argv = [PYTHON, PROMOTE_SCRIPT, "--region", promotion["region"], "--bucket", promotion["bucket"],
+            "--cache-prefix", promotion["cache_prefix"], "--stack", promotion["stack"], "--launch", promotion["launch"],
+            "--pin-parameter", promotion["pin_parameter"], "--timeout", str(COMPILE_CACHE_PROMOTION_WAIT_SECONDS)]
+    if promotion.get("group"):
+        return argv + ["--group", promotion["group"]]
+    for instance_id in promotion["instance_ids"]:
+        argv += ["--instance-id", instance_id]
+    return argv
+
+
+def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | None = None,
+                   promotion: dict | None = None) -> str:
     report = f"build/{args.stack}/verification.json"
     argv = [
         PYTHON, VERIFY_SCRIPT,
@@ -83,8 +104,11 @@ def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | No
     steps = [f"mkdir -p {shlex.quote(f'build/{args.stack}')}"]
     if rollout and args.release:
         steps.append(shlex.join(fleet_wait_argv(args, rollout)))
+    steps.append(shlex.join(argv))
+    if promotion:  # only after the suite passed (&&); it never fails the gate itself
+        steps.append(shlex.join(promote_argv(promotion)))
     # The key travels in the environment (a secret), never on the command line.
-    return " && ".join([*steps, shlex.join(argv)])
+    return " && ".join(steps)
 
 
 class VerificationGate(pulumi.ComponentResource):
@@ -94,10 +118,12 @@ class VerificationGate(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: VerificationGateArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:verification:VerificationGate", name, {"model": args.model}, opts)
-        create = pulumi.Output.all(args.base_url, args.fleet_rollout).apply(
-            lambda values: verify_command(args, values[0], values[1]))
-        # The command waits for the rollout, then the model load (--wait-ready); give Pulumi more.
-        timeout = f"{args.rollout_timeout_seconds + args.ready_timeout_seconds + 1800}s"
+        create = pulumi.Output.all(args.base_url, args.fleet_rollout, args.compile_cache_promotion).apply(
+            lambda values: verify_command(args, values[0], values[1], values[2]))
+        # The command waits for the rollout, then the model load (--wait-ready), then perhaps a
+        # compile-cache candidate; give Pulumi more.
+        promotion_wait = COMPILE_CACHE_PROMOTION_WAIT_SECONDS if args.compile_cache_promotion is not None else 0
+        timeout = f"{args.rollout_timeout_seconds + args.ready_timeout_seconds + promotion_wait + 1800}s"
         self.command = command.local.Command(
             f"{name}-verify",
             create=create,

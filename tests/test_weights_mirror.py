@@ -89,6 +89,14 @@ def fill(env, source: Path, hub: str) -> subprocess.CompletedProcess:
                           env={**env, "HF_ENDPOINT": hub}, capture_output=True, text=True, timeout=120)
 
 
+def pinned_manifest(env, revision: str = REVISION) -> str:
+    """What the deployer pins after checking the mirror's manifest against the Hub (tests/test_manifest_pin.py
+    covers that check): here, the SHA-256 of the manifest as it is in the mirror, or "" when there is none."""
+    result = subprocess.run(["aws", "s3", "cp", f"s3://{BUCKET}/hf/{REPO}/{revision}/{WEIGHTS_MANIFEST_NAME}", "-",
+                             "--region", REGION], env=env, capture_output=True)
+    return hashlib.sha256(result.stdout).hexdigest() if result.returncode == 0 else ""
+
+
 def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None, s5cmd: Path | None = None,
                   revision: str = REVISION) -> subprocess.CompletedProcess:
     script = tmp_path / "kimi-download-weights"
@@ -103,7 +111,7 @@ def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None,
                 "WEIGHTS_MANIFEST_TOOL": str(SCRIPTS / "weights_manifest.py"),
                 "WEIGHTS_FETCH_TOOL": str(SCRIPTS / "weights_fetch.py"), "S5CMD": str(s5cmd or S5CMD),
                 "WEIGHTS_ROOT": str(weights.parent), "CHECKPOINT_BYTES": "1",
-                "WEIGHTS_ROOM_TOOL": str(SCRIPTS / "weights_room.py"),
+                "WEIGHTS_ROOM_TOOL": str(SCRIPTS / "weights_room.py"), "MIRROR_MANIFEST_SHA256": pinned_manifest(env, revision),
                 # No Hub from the mirror path: any call to it would fail (or be recorded).
                 "HF_ENDPOINT": hub or f"http://127.0.0.1:{free_port()}"}
     return subprocess.run([str(script)], env=node_env, capture_output=True, text=True, timeout=240)

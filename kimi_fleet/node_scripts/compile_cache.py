@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
 """Share the engines' compile and JIT caches through the managed weights mirror, so the next node
-of the same engine configuration starts with the kernels the first one built (issue 10).
-Standard library plus the pinned s5cmd binary: it runs on nodes and in tests.
+of the same engine configuration starts with the kernels the first one built (issue 10), and no
+node can put code on another (issue 21): every byte a node restores was pinned by the deployer.
+Standard library plus the pinned s5cmd binary and the AWS CLI: it runs on nodes and in tests.
 
     compile_cache.py restore --archive s3://bucket/prefix/.compile-cache/<cache>/<launch>.tar --dir D
     compile_cache.py publish --archive ... --dir D
     compile_cache.py publish --settings /etc/kimi-fleet/node.env   (the publish unit)
 
+The archive URI names the cache of one launch (bucket, CACHE = <prefix>/.compile-cache/<cache>,
+launch digest); no node reads or writes that key itself:
+  CACHE/candidates/<stack>/<instance id>/<launch>.tar   what a node publishes (the only key it may write)
+  CACHE/sha256/<hex>.tar                                a cache the deployer promoted (nodes cannot write it)
+  <stack ssm prefix>/compile-cache/<launch> = <hex>     the deployer's pin (COMPILE_CACHE_PIN_PARAMETER)
+The verification gate promotes a candidate (scripts/promote_compile_cache.py) after the suite passed,
+checking it with archive_problem() below, the same rules the restore applies.
+
 restore (the bootstrap, before the engines start): only into a cache directory holding no file
-  (a volume that carried its cache over keeps it). The archive is streamed from s5cmd into a
-  sibling directory, every member through tarfile's `data` filter (no `..`, no links out of the
-  tree, no devices; absolute names stay inside), then moved into the cache directory entry by entry
-  (the directory itself stays, as a running engine's bind mount needs): a failed or refused
-  restore leaves nothing behind and the engine compiles as it would have anyway.
-publish (once the node passed admission, so the engines compiled and warmed up): only when the
-  archive does not exist yet; files written in the last --settle-seconds (the engine may still be
-  writing them) and lock files are left out. s5cmd's `pipe` uploads the stream as one object that
-  appears only when complete, so a reader never sees half an archive.
+  (a volume that carried its cache over keeps it), and only a pinned archive: no pin means the
+  engines compile. The archive is streamed from s5cmd, hashed on the way, into a sibling directory;
+  every member must pass archive_problem() (no `..`, no absolute name, no link out of the tree, no
+  device, no setuid bit) and is extracted through tarfile's `data` filter. A digest other than the
+  pin, or any refused member, removes the staging directory; otherwise its entries move into the
+  cache directory one by one (the directory stays: a running engine has it bind-mounted).
+publish (once the node passed admission, so the engines compiled and warmed up): as this node's
+  candidate, unless a pin exists already or this node published before. The tree is walked on
+  directory file descriptors, each entry opened with O_NOFOLLOW and checked with fstat: a link the
+  container places (or swaps in for a directory) is never followed, so no host file can enter the
+  archive. Files written in the last --settle-seconds and lock files are left out. s5cmd's `pipe`
+  uploads the stream as one object that appears only when complete.
 
 Exit 0: done, or nothing to do (said why); 1: failed or refused (said why; never fatal to a node).
 """
@@ -25,12 +37,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import os
+import posixpath
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from node_status import directory_bytes  # noqa: E402  (shipped beside this script)
@@ -38,13 +55,22 @@ from weights_manifest import s5cmd_base  # noqa: E402
 
 #: The unit that runs `publish --settings` (the watchdog starts it once the node is admitted).
 PUBLISH_UNIT = "kimi-compile-cache.service"
+#: Under CACHE: what nodes publish (one folder per stack, then per instance) and what the deployer promoted.
+CANDIDATES_DIR = "candidates"
+PINNED_DIR = "sha256"
 #: The fetch venv's s5cmd (bootstrap's ensure_fetch_tool), found when --s5cmd and $S5CMD are unset.
 FETCH_VENV_S5CMD = "/opt/kimi-fleet/fetch/lib/python3*/site-packages/s5cmd/bin/s5cmd"
+#: node.env, read when --settings is not given (under $KIMI_ROOT, as the bootstrap's scratch root).
+NODE_ENV_FILE = "/etc/kimi-fleet/node.env"
 #: Files younger than this may still be being written by a running engine.
 SETTLE_SECONDS = 60
 LOCK_SUFFIXES = (".lock", ".lck", ".tmp")
 #: s5cmd's own log: errors only (the outcome is said here).
 QUIET = ("--log", "error")
+#: EC2's instance metadata service (IMDSv2: a session token first); AWS SDKs read the same variable.
+IMDS_ENDPOINT = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 
 
 def log(message: str) -> None:
@@ -58,16 +84,128 @@ def find_s5cmd(given: str | None) -> str:
     return found[-1] if found else (shutil.which("s5cmd") or "s5cmd")
 
 
-def archive_exists(s5cmd: str, archive: str) -> bool:
+# --- names ------------------------------------------------------------------------------------------
+
+def cache_uri(archive: str) -> str:
+    """s3://bucket/CACHE of a launch's archive URI."""
+    return archive.rsplit("/", 1)[0]
+
+
+def launch_digest(archive: str) -> str:
+    return archive.rsplit("/", 1)[1].removesuffix(".tar")
+
+
+def candidate_uri(archive: str, stack: str, instance_id: str) -> str:
+    return f"{cache_uri(archive)}/{CANDIDATES_DIR}/{stack}/{instance_id}/{launch_digest(archive)}.tar"
+
+
+def pinned_uri(archive: str, sha256: str) -> str:
+    return f"{cache_uri(archive)}/{PINNED_DIR}/{sha256}.tar"
+
+
+# --- the hostile-archive rules (restore and promotion) ------------------------------------------------
+
+def archive_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a member must not be unpacked into a cache directory, or None."""
+    name = member.name
+    parts = name.split("/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return f"{name!r}: absolute name"
+    if ".." in parts:
+        return f"{name!r}: '..' in its name"
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if target.startswith("/"):
+            return f"{name!r}: link to the absolute path {target!r}"
+        base = posixpath.dirname(name) if member.issym() else ""
+        if posixpath.normpath(posixpath.join(base, target)).split("/")[0] == "..":
+            return f"{name!r}: link {target!r} points outside the cache"
+    elif not (member.isfile() or member.isdir()):
+        return f"{name!r}: not a file, directory or link (a device, fifo or the like)"
+    if member.mode & (stat.S_ISUID | stat.S_ISGID):
+        return f"{name!r}: setuid or setgid bit"
+    return None
+
+
+class Refused(Exception):
+    pass
+
+
+def check_archive(fileobj) -> int:
+    """Read a whole (streamed) tar, raising Refused at the first member archive_problem() refuses;
+    the number of members."""
+    count = 0
+    with tarfile.open(fileobj=fileobj, mode="r|") as archive_file:
+        for member in archive_file:
+            problem = archive_problem(member)
+            if problem:
+                raise Refused(problem)
+            count += 1
+    return count
+
+
+class HashingReader:
+    """A stream's reads, hashed on the way (the archive is checked against its pin while it unpacks)."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Hash what the tar reader left unread (its end padding); the hex digest of everything."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+# --- AWS ---------------------------------------------------------------------------------------------
+
+def object_exists(s5cmd: str, uri: str) -> bool:
     """True when the object exists; raises on any other failure than "not found"."""
-    listed = subprocess.run([*s5cmd_base(s5cmd), *QUIET, "ls", archive], capture_output=True, text=True,
-                            timeout=120)
+    listed = subprocess.run([*s5cmd_base(s5cmd), *QUIET, "ls", uri], capture_output=True, text=True, timeout=120)
     if listed.returncode == 0:
         return True
     if "no object found" in listed.stderr:
         return False
-    raise RuntimeError(f"s5cmd ls {archive}: {listed.stderr.strip() or f'exit {listed.returncode}'}")
+    raise RuntimeError(f"s5cmd ls {uri}: {listed.stderr.strip() or f'exit {listed.returncode}'}")
 
+
+def read_pin(parameter: str, region: str | None) -> str | None:
+    """The SHA-256 the deployer pinned for this launch, or None (no promoted cache yet)."""
+    command = ["aws", "ssm", "get-parameter", "--name", parameter, "--query", "Parameter.Value", "--output", "text"]
+    if region:
+        command += ["--region", region]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        if "ParameterNotFound" in result.stderr:
+            return None
+        raise RuntimeError(f"aws ssm get-parameter {parameter}: {result.stderr.strip() or f'exit {result.returncode}'}")
+    value = result.stdout.strip()
+    if not SHA256_HEX.fullmatch(value):
+        raise Refused(f"pin {parameter} holds {value[:80]!r}, not a SHA-256: nothing restored")
+    return value
+
+
+def instance_id() -> str:
+    """This instance's id from IMDSv2 (a session token first, as the node's metadata options require)."""
+    token_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/api/token", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    with urllib.request.urlopen(token_request, timeout=10) as response:
+        token = response.read().decode()
+    id_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/meta-data/instance-id",
+                                        headers={"X-aws-ec2-metadata-token": token})
+    with urllib.request.urlopen(id_request, timeout=10) as response:
+        found = response.read().decode().strip()
+    if not INSTANCE_ID.fullmatch(found):
+        raise RuntimeError(f"the instance metadata service gave {found[:40]!r} as the instance id")
+    return found
+
+
+# --- restore -------------------------------------------------------------------------------------------
 
 def has_files(directory: str) -> bool:
     for _, _, files in os.walk(directory):
@@ -76,13 +214,23 @@ def has_files(directory: str) -> bool:
     return False
 
 
-def restore(s5cmd: str, archive: str, directory: str) -> int:
+def restore(s5cmd: str, archive: str, directory: str, pin_parameter: str | None, region: str | None) -> int:
     if has_files(directory):
         log(f"{directory} already holds a cache: kept")
         return 0
-    if not archive_exists(s5cmd, archive):
-        log(f"no shared cache at {archive} yet: the engines compile (the first admitted node publishes it)")
+    if not pin_parameter:
+        log("no pin parameter in the node settings (COMPILE_CACHE_PIN_PARAMETER): nothing restored, the engines compile")
         return 0
+    try:
+        pinned = read_pin(pin_parameter, region)
+    except Refused as refusal:
+        log(f"refused: {refusal}; the engines compile")
+        return 1
+    if pinned is None:
+        log(f"no cache pinned for launch {launch_digest(archive)} yet ({pin_parameter}): the engines compile "
+            "(the verification gate promotes one after a node of this launch passed it)")
+        return 0
+    source = pinned_uri(archive, pinned)
     if not hasattr(tarfile, "data_filter"):
         log("this Python's tarfile has no data filter: refusing to unpack a shared archive")
         return 1
@@ -92,19 +240,28 @@ def restore(s5cmd: str, archive: str, directory: str) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     started = time.monotonic()
-    stream = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "cat", archive], stdout=subprocess.PIPE,
+    stream = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "cat", source], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
+    reader = HashingReader(stream.stdout)
     try:
-        with tarfile.open(fileobj=stream.stdout, mode="r|") as archive_file:
-            archive_file.extractall(staging, filter="data")
+        with tarfile.open(fileobj=reader, mode="r|") as archive_file:
+            for member in archive_file:
+                problem = archive_problem(member)
+                if problem:
+                    raise Refused(problem)
+                archive_file.extract(member, staging, filter="data")
+        got = reader.drain()
         stream.stdout.close()
         if stream.wait(timeout=120) != 0:
             raise RuntimeError(f"s5cmd cat exited {stream.returncode}: {stream.stderr.read().decode(errors='replace')}")
-    except (tarfile.TarError, OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        if got != pinned:
+            raise Refused(f"SHA-256 expected {pinned} (the deployer's pin {pin_parameter}), got {got}")
+    except (Refused, tarfile.TarError, OSError, RuntimeError, subprocess.TimeoutExpired) as error:
         stream.kill()
         stream.wait()
         shutil.rmtree(staging, ignore_errors=True)
-        log(f"not restored from {archive}: {error}")
+        verdict = "refused" if isinstance(error, Refused) else "not restored"
+        log(f"{verdict} {source}: {error}; staging removed, the engines compile")
         return 1
     # Into the directory itself, entry by entry, not by replacing it: an engine that is already
     # running has it bind-mounted and would keep writing into a replaced (deleted) directory.
@@ -117,62 +274,119 @@ def restore(s5cmd: str, archive: str, directory: str) -> int:
             shutil.rmtree(target)  # an empty directory tree
         os.rename(os.path.join(staging, name), target)
     shutil.rmtree(staging, ignore_errors=True)
-    log(f"restored {directory_bytes(directory)} bytes from {archive} in {time.monotonic() - started:.1f} s")
+    log(f"restored {directory_bytes(directory)} bytes from {source} (SHA-256 as pinned) in "
+        f"{time.monotonic() - started:.1f} s")
     return 0
 
 
-def members(directory: str, settle_seconds: float) -> tuple[list[str], int]:
-    """Relative paths to archive (directories, regular files, links inside the tree), and how many
-    files were left out as too fresh or as locks."""
-    now, chosen, skipped = time.time(), [], 0
-    root = os.path.realpath(directory)
+# --- publish ---------------------------------------------------------------------------------------------
 
-    def inside(path: str) -> bool:
-        """A relative link into the tree (the restore's data filter refuses any other)."""
-        target = os.path.realpath(path)
-        return not os.path.isabs(os.readlink(path)) and (target == root or target.startswith(root + os.sep))
+def link_inside(relative: str, target: str) -> bool:
+    """A relative link that stays in the tree (archive_problem refuses any other)."""
+    if target.startswith("/"):
+        return False
+    return posixpath.normpath(posixpath.join(posixpath.dirname(relative), target)).split("/")[0] != ".."
 
-    for folder, dirs, files in os.walk(directory):  # links to directories are listed, not followed
-        dirs.sort()
-        for name in dirs:
-            path = os.path.join(folder, name)
-            if os.path.islink(path) and not inside(path):
-                skipped += 1
+
+def _info(relative: str, status: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(relative)
+    info.type = kind
+    info.mode = stat.S_IMODE(status.st_mode) & 0o777  # never a setuid bit
+    info.mtime = int(status.st_mtime)
+    return info
+
+
+def write_archive(fileobj, directory: str, settle_seconds: float) -> tuple[int, int]:
+    """The tree under `directory` as a tar stream, without following any link: (entries, left out)."""
+    now, counts = time.time(), {"added": 0, "skipped": 0}
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def walk(archive_file: tarfile.TarFile, dir_fd: int, relative_dir: str) -> None:
+        with os.scandir(dir_fd) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            relative = posixpath.join(relative_dir, name) if relative_dir else name
+            try:
+                status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
                 continue
-            chosen.append(os.path.relpath(path, directory))
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            relative = os.path.relpath(path, directory)
-            if os.path.islink(path):
-                if inside(path):
-                    chosen.append(relative)
+            if stat.S_ISLNK(status.st_mode):
+                target = os.readlink(name, dir_fd=dir_fd)
+                if link_inside(relative, target):
+                    info = _info(relative, status, tarfile.SYMTYPE)
+                    info.linkname = target
+                    archive_file.addfile(info)
+                    counts["added"] += 1
                 else:
-                    skipped += 1
+                    counts["skipped"] += 1
                 continue
-            stat = os.lstat(path)
-            if (not os.path.isfile(path) or name.endswith(LOCK_SUFFIXES)
-                    or now - stat.st_mtime < settle_seconds):
-                skipped += 1
+            if stat.S_ISDIR(status.st_mode):
+                try:  # O_NOFOLLOW: a directory swapped for a link since the stat is refused here
+                    child = os.open(name, nofollow | os.O_DIRECTORY, dir_fd=dir_fd)
+                except OSError:
+                    counts["skipped"] += 1
+                    continue
+                try:
+                    archive_file.addfile(_info(relative, os.fstat(child), tarfile.DIRTYPE))
+                    counts["added"] += 1
+                    walk(archive_file, child, relative)
+                finally:
+                    os.close(child)
                 continue
-            chosen.append(relative)
-    return chosen, skipped
+            if (not stat.S_ISREG(status.st_mode) or name.endswith(LOCK_SUFFIXES)
+                    or now - status.st_mtime < settle_seconds):
+                counts["skipped"] += 1
+                continue
+            try:
+                opened = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError:
+                counts["skipped"] += 1  # swapped for a link (ELOOP), a fifo, or gone
+                continue
+            with os.fdopen(opened, "rb") as content:
+                held = os.fstat(opened)
+                if not stat.S_ISREG(held.st_mode):
+                    counts["skipped"] += 1
+                    continue
+                info = _info(relative, held, tarfile.REGTYPE)
+                info.size = held.st_size
+                archive_file.addfile(info, content)  # the bytes of the file opened, whatever the path now is
+                counts["added"] += 1
+
+    root_fd = os.open(directory, nofollow | os.O_DIRECTORY)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as archive_file:
+            walk(archive_file, root_fd, "")
+    finally:
+        os.close(root_fd)
+    return counts["added"], counts["skipped"]
 
 
-def publish(s5cmd: str, archive: str, directory: str, settle_seconds: float) -> int:
+def publish(s5cmd: str, archive: str, directory: str, settle_seconds: float, *, stack: str | None,
+            pin_parameter: str | None, region: str | None) -> int:
     if not os.path.isdir(directory) or not has_files(directory):
         log(f"{directory} holds no cache: nothing to publish")
         return 0
-    if archive_exists(s5cmd, archive):
-        log(f"{archive} already shared: not published again")
+    if not stack:
+        log("no STACK in the node settings: nothing published")
+        return 1
+    if pin_parameter:
+        try:
+            pinned = read_pin(pin_parameter, region)
+        except Refused as refusal:
+            log(f"{refusal}; published anyway as a candidate")
+            pinned = None
+        if pinned:
+            log(f"launch {launch_digest(archive)} already has a pinned cache ({pinned[:12]}...): not published")
+            return 0
+    candidate = candidate_uri(archive, stack, instance_id())
+    if object_exists(s5cmd, candidate):
+        log(f"{candidate} already published: not published again")
         return 0
-    chosen, skipped = members(directory, settle_seconds)
     started = time.monotonic()
-    upload = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "pipe", archive], stdin=subprocess.PIPE,
+    upload = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "pipe", candidate], stdin=subprocess.PIPE,
                               stderr=subprocess.PIPE)
     try:
-        with tarfile.open(fileobj=upload.stdin, mode="w|", format=tarfile.PAX_FORMAT) as archive_file:
-            for relative in chosen:
-                archive_file.add(os.path.join(directory, relative), arcname=relative, recursive=False)
+        added, skipped = write_archive(upload.stdin, directory, settle_seconds)
         upload.stdin.close()
         status = upload.wait(timeout=3600)
     except (OSError, tarfile.TarError, subprocess.TimeoutExpired) as error:
@@ -183,8 +397,9 @@ def publish(s5cmd: str, archive: str, directory: str, settle_seconds: float) -> 
     if status != 0:
         log(f"not published: s5cmd pipe exited {status}: {upload.stderr.read().decode(errors='replace').strip()}")
         return 1
-    log(f"published {len(chosen)} entries to {archive} in {time.monotonic() - started:.1f} s"
-        + (f"; left out {skipped} lock, fresh or outward-linking file(s)" if skipped else ""))
+    log(f"published {added} entries to {candidate} in {time.monotonic() - started:.1f} s (a candidate: the "
+        "verification gate promotes it)" + (f"; left out {skipped} lock, fresh, special or outward-linking "
+                                             "entr(y/ies)" if skipped else ""))
     return 0
 
 
@@ -202,29 +417,33 @@ def read_settings(path: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("restore", "publish"))
-    parser.add_argument("--archive", help="s3://.../<launch>.tar")
+    parser.add_argument("--archive", help="s3://.../<launch>.tar (names the launch's cache)")
     parser.add_argument("--dir", help="the node's compile-cache directory")
-    parser.add_argument("--settings", help="node.env: COMPILE_CACHE_ARCHIVE and COMPILE_CACHE_DIR from it")
+    parser.add_argument("--settings", help="node.env (default: $KIMI_ROOT/etc/kimi-fleet/node.env): "
+                                           "COMPILE_CACHE_ARCHIVE, COMPILE_CACHE_DIR, COMPILE_CACHE_PIN_PARAMETER, "
+                                           "STACK, AWS_REGION")
     parser.add_argument("--s5cmd", default=os.environ.get("S5CMD"))
     parser.add_argument("--settle-seconds", type=float, default=SETTLE_SECONDS)
     args = parser.parse_args(argv)
-    if args.settings:
-        settings = read_settings(args.settings)
-        root = os.environ.get("KIMI_ROOT", "")
-        args.archive = args.archive or settings.get("COMPILE_CACHE_ARCHIVE")
-        args.dir = args.dir or (root + settings["COMPILE_CACHE_DIR"] if settings.get("COMPILE_CACHE_DIR") else None)
-        if settings.get("AWS_REGION"):  # the unit's environment is empty: s5cmd needs the bucket's region
-            os.environ.setdefault("AWS_REGION", settings["AWS_REGION"])
+    root = os.environ.get("KIMI_ROOT", "").rstrip("/")
+    settings_path = args.settings or root + NODE_ENV_FILE
+    settings = read_settings(settings_path) if os.path.exists(settings_path) else {}
+    args.archive = args.archive or settings.get("COMPILE_CACHE_ARCHIVE")
+    args.dir = args.dir or (root + settings["COMPILE_CACHE_DIR"] if settings.get("COMPILE_CACHE_DIR") else None)
+    if settings.get("AWS_REGION"):  # the unit's environment is empty: s5cmd needs the bucket's region
+        os.environ.setdefault("AWS_REGION", settings["AWS_REGION"])
     if not args.archive:
         log("no shared cache for this stack (weights.mirror is not managed)")
         return 0
     if not args.archive.startswith("s3://") or not args.archive.endswith(".tar") or not args.dir:
         parser.error(f"--archive must be an s3://...tar URI and --dir given (got {args.archive!r}, {args.dir!r})")
     s5cmd = find_s5cmd(args.s5cmd)
+    pin_parameter, region = settings.get("COMPILE_CACHE_PIN_PARAMETER"), os.environ.get("AWS_REGION")
     try:
         if args.action == "restore":
-            return restore(s5cmd, args.archive, args.dir)
-        return publish(s5cmd, args.archive, args.dir, args.settle_seconds)
+            return restore(s5cmd, args.archive, args.dir, pin_parameter, region)
+        return publish(s5cmd, args.archive, args.dir, args.settle_seconds, stack=settings.get("STACK"),
+                       pin_parameter=pin_parameter, region=region)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
         log(f"{args.action} failed: {error}")
         return 1

@@ -2,10 +2,12 @@
 """Fetch one pinned checkpoint from the S3 weights mirror into a directory, at line rate and
 resumably (standard library plus the pinned s5cmd binary: it runs on nodes and in tests).
 
-    weights_fetch.py --mirror s3://bucket/prefix --repo R --revision REV --dir D [--s5cmd PATH]
+    weights_fetch.py --mirror s3://bucket/prefix --repo R --revision REV --manifest-sha256 HEX --dir D
+        [--s5cmd PATH]
 
 1. The mirror's manifest (written last by the fill) is read first: no manifest means the mirror is
-   not filled; a manifest of another repository or revision is refused. Nothing asks the Hub.
+   not filled; a manifest whose SHA-256 is not the one the release pins (the deployer checked it
+   against the Hub's tree) is refused, as is one of another repository or revision. Nothing asks the Hub.
 2. Files already present with the manifest's size are kept (content is checked afterwards by
    `weights_manifest.py verify --manifest`, which removes a wrong file so the next attempt
    fetches it again); s5cmd's leftovers of an interrupted transfer are removed.
@@ -47,12 +49,15 @@ def default_workers(cores: int) -> int:
     return min(256, max(16, 8 * cores))
 
 
-def read_manifest(binary: str, prefix: str, repo: str, revision: str) -> dict:
+def read_manifest(binary: str, prefix: str, repo: str, revision: str, pinned_sha256: str | None) -> tuple[dict, bytes]:
     uri = f"{prefix}/{weights_manifest.MANIFEST_NAME}"
     result = subprocess.run([*weights_manifest.s5cmd_base(binary), "cat", uri], capture_output=True)
     if result.returncode != 0:
         raise Refused(f"the mirror has no {uri}: it is not filled (the fill writes it last; see the README, "
                       f"weights mirror)")
+    problem = weights_manifest.pinned_manifest_problem(result.stdout, pinned_sha256)
+    if problem:
+        raise Refused(f"{uri}: {problem}")
     try:
         document = json.loads(result.stdout)
     except ValueError:
@@ -67,7 +72,7 @@ def read_manifest(binary: str, prefix: str, repo: str, revision: str) -> dict:
             raise Refused(f"{uri} lists {entry.get('path')!r}: not a plain relative path")
     if not document.get("files"):
         raise Refused(f"{uri} lists no files")
-    return document
+    return document, result.stdout
 
 
 class Refused(Exception):
@@ -97,6 +102,8 @@ def main() -> int:
     parser.add_argument("--mirror", required=True, help="s3://bucket/prefix")
     parser.add_argument("--repo", required=True)
     parser.add_argument("--revision", required=True)
+    parser.add_argument("--manifest-sha256", default=os.environ.get("MIRROR_MANIFEST_SHA256"),
+                        help="the manifest's SHA-256 the release pins (default: $MIRROR_MANIFEST_SHA256)")
     parser.add_argument("--dir", required=True)
     parser.add_argument("--s5cmd", default=os.environ.get("S5CMD") or shutil.which("s5cmd") or "s5cmd")
     parser.add_argument("--workers", type=int, default=default_workers(os.cpu_count() or 1))
@@ -106,13 +113,14 @@ def main() -> int:
     prefix = f"{args.mirror.rstrip('/')}/{args.repo}/{args.revision}"
 
     try:
-        document = read_manifest(args.s5cmd, prefix, args.repo, args.revision)
+        document, manifest_bytes = read_manifest(args.s5cmd, prefix, args.repo, args.revision, args.manifest_sha256)
     except Refused as refusal:
         print(f"fetch: {refusal}", file=sys.stderr)
         return weights_manifest.MIRROR_REFUSED_STATUS
     os.makedirs(args.dir, exist_ok=True)
-    with open(os.path.join(args.dir, weights_manifest.LOCAL_MANIFEST_NAME), "w") as out:
-        json.dump(document, out, indent=1)
+    # The bytes as pinned: `weights_manifest.py verify --manifest-sha256` checks them again.
+    with open(os.path.join(args.dir, weights_manifest.LOCAL_MANIFEST_NAME), "wb") as out:
+        out.write(manifest_bytes)
 
     files = document["files"]
     leftovers = remove_interrupted(args.dir, files)

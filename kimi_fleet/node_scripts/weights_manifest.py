@@ -3,7 +3,9 @@
 only: it runs on nodes, in the mirror-fill job and in tests).
 
     weights_manifest.py verify --dir D --hub REPO REVISION      # against the Hub's tree at REVISION
-    weights_manifest.py verify --dir D --manifest M.json        # against a mirror's manifest (no Hub call)
+    weights_manifest.py verify --dir D --manifest M.json --manifest-sha256 HEX
+                                                                # against a mirror's manifest (no Hub call),
+                                                                # itself pinned by the deployer's digest
     weights_manifest.py manifest --dir D --hub REPO REVISION --out M.json
                                                                 # verify D against the Hub, then write
                                                                 # every path, size and SHA-256
@@ -11,6 +13,11 @@ only: it runs on nodes, in the mirror-fill job and in tests).
 Verification checks sizes, then hashes every file in parallel (SHA-256 of LFS files and of every
 file in a manifest; the git blob SHA-1 of the Hub's small files). A file whose content is wrong is
 removed (with hf's resume metadata), so the next attempt fetches it again. Exit 1 on any problem.
+
+A mirror's manifest is trusted only through its SHA-256, which the deployer computes after checking
+the manifest against the Hub's own tree (hub_manifest_problems: sizes, LFS SHA-256, and the small
+files fetched from the Hub at the revision and hashed) and pins in the node's settings: whoever can
+write the mirror's prefix cannot swap a checkpoint's .py file and its manifest together.
 """
 
 from __future__ import annotations
@@ -49,9 +56,8 @@ def s5cmd_base(binary: str) -> list[str]:
 
 def hub_tree(repo: str, revision: str) -> dict[str, tuple[int, str | None, str | None]]:
     """path -> (size, sha256 of LFS files, git blob sha1 of the rest), from the Hub's tree API."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
-    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    url = f"{hub_endpoint()}/api/models/{repo}/tree/{revision}?recursive=true"
+    headers = _hub_headers()
     expected = {}
     while url:  # the tree API pages through a Link: <...>; rel="next" header
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
@@ -63,8 +69,66 @@ def hub_tree(repo: str, revision: str) -> dict[str, tuple[int, str | None, str |
     return expected
 
 
-def manifest_tree(path: str) -> dict[str, tuple[int, str | None, str | None]]:
-    document = json.load(open(path))
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hub_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+
+
+def manifest_sha256(data: bytes) -> str:
+    """The digest a release pins: of the manifest's bytes exactly as stored in the mirror."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def pinned_manifest_problem(data: bytes, pinned: str | None) -> str | None:
+    """Why these manifest bytes are not the ones the deployer verified, or None."""
+    if not pinned or not re.fullmatch(r"[0-9a-f]{64}", pinned):
+        return (f"the release pins no manifest digest (MIRROR_MANIFEST_SHA256={pinned!r}): the deployer "
+                "verifies the mirror's manifest against the Hub and pins it; redeploy")
+    got = manifest_sha256(data)
+    if got != pinned:
+        return (f"manifest SHA-256 {got}, the release pins {pinned}: it changed after the deployer verified it "
+                "against the Hub; refused (refill the mirror, then redeploy)")
+    return None
+
+
+def hub_manifest_problems(document: dict, repo: str, revision: str) -> list[str]:
+    """Where a mirror's manifest disagrees with the Hub's own tree at `revision`: the same paths and
+    sizes, the LFS files' SHA-256 as the Hub lists it, and the small files' SHA-256 of their
+    content fetched from the Hub at the revision (a few MB; their git SHA-1 checked too)."""
+    if (document.get("repo"), document.get("revision")) != (repo, revision):
+        return [f"manifest describes {document.get('repo')}@{document.get('revision')}, not {repo}@{revision}"]
+    hub = hub_tree(repo, revision)
+    listed = {f["path"]: (f["size"], f["sha256"]) for f in document.get("files", [])}
+    problems = [f"{path}: in the manifest, not in the Hub's tree" for path in sorted(set(listed) - set(hub))]
+    problems += [f"{path}: in the Hub's tree, not in the manifest" for path in sorted(set(hub) - set(listed))]
+    for path in sorted(set(listed) & set(hub)):
+        (size, sha256), (hub_size, lfs_sha256, git_oid) = listed[path], hub[path]
+        if size != hub_size:
+            problems.append(f"{path}: size {size} in the manifest, {hub_size} on the Hub")
+            continue
+        if lfs_sha256 is None:
+            url = f"{hub_endpoint()}/{repo}/resolve/{revision}/{urllib.parse.quote(path)}"
+            with urllib.request.urlopen(urllib.request.Request(url, headers=_hub_headers()), timeout=120) as response:
+                content = response.read()
+            if git_oid and hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest() != git_oid:
+                problems.append(f"{path}: the Hub served content whose git SHA-1 is not its tree's {git_oid}")
+                continue
+            lfs_sha256 = hashlib.sha256(content).hexdigest()
+        if sha256 != lfs_sha256:
+            problems.append(f"{path}: SHA-256 {sha256} in the manifest, {lfs_sha256} on the Hub")
+    return problems
+
+
+def manifest_tree(path: str, pinned_sha256: str | None = None) -> dict[str, tuple[int, str | None, str | None]]:
+    data = open(path, "rb").read()
+    if pinned_sha256 is not None:
+        problem = pinned_manifest_problem(data, pinned_sha256)
+        if problem:
+            raise SystemExit(f"{path}: {problem}")
+    document = json.loads(data)
     if document.get("format") != FORMAT:
         raise SystemExit(f"{path}: not a {FORMAT}")
     return {f["path"]: (f["size"], f["sha256"], None) for f in document["files"]}
@@ -124,6 +188,7 @@ def main() -> int:
         command.add_argument("--hub", nargs=2, metavar=("REPO", "REVISION"))
         if name == "verify":
             command.add_argument("--manifest")
+            command.add_argument("--manifest-sha256", help="the digest the release pins (required with --manifest)")
         else:
             command.add_argument("--out", required=True)
             command.set_defaults(manifest=None)
@@ -132,8 +197,10 @@ def main() -> int:
         parser.error("manifest needs --hub REPO REVISION: the Hub says what the files must be")
     if args.command == "verify" and bool(args.hub) == bool(args.manifest):
         parser.error("verify needs exactly one of --hub or --manifest")
+    if args.command == "verify" and args.manifest and args.manifest_sha256 is None:
+        parser.error("verify --manifest needs --manifest-sha256: a manifest is trusted only through the release's pin")
 
-    expected = manifest_tree(args.manifest) if args.manifest else hub_tree(*args.hub)
+    expected = manifest_tree(args.manifest, args.manifest_sha256) if args.manifest else hub_tree(*args.hub)
     from_manifest = bool(args.manifest)
     problems, hashes = verify(args.dir, expected, says="the manifest says" if from_manifest else "repository says")
     total = sum(size for size, _, _ in expected.values())

