@@ -17,15 +17,16 @@ from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
-from components.gpu_node import GpuNode, GpuNodeArgs
+from components.gpu_node import GpuNode, GpuNodeArgs, refresh_percentages
 from components.mirror_fill import MirrorFill, MirrorFillArgs, MirrorManifestPin, MirrorManifestPinArgs
 from components.node_release import NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
+from kimi_fleet import health
 from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
-    SecretsSource, bootstrap_timeout_seconds, compile_cache_key_prefix, compile_cache_launch_digest,
+    ADMISSION_DEADLINE_SECONDS, SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
     compile_cache_pin_parameter, default_ssm_prefix, node_release, release_bundle, release_pointer,
     render_aws_user_data, render_node_files, render_proxy_for,
 )
@@ -120,6 +121,7 @@ class AwsEndpoint(pulumi.ComponentResource):
                 security_group_id=network.security_group_id, ssm_prefix=ssm_prefix, tags=tags,
                 weights_volume_id=volume.volume_id if r.weights_volume == "ebs" else None,
                 target_group_arns=balancer.target_group_arns if balancer else None,
+                release_digest=bundle.apply(bundle_digest) if fleet else None,
             ),
             # The node reads its secrets (and its mirror) at boot: they exist before it does.
             pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=node_prerequisites)),
@@ -147,10 +149,16 @@ class AwsEndpoint(pulumi.ComponentResource):
         self.weights_volume_id = volume.volume_id
         self.fleet_rollout = None
         if balancer:
+            # The refresh is the gate's (gpu_node: the provider's own cannot roll back, #34189): its
+            # bounds from the stack's rollout, its warm-up the group's grace (a node's whole cold start).
+            bounds = refresh_percentages(spec.capacity.replicas, spec.capacity.rollout)
+            warmup = health.windows(args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
+                                    fleet=True).grace_period_seconds
             self.fleet_rollout = pulumi.Output.all(node.fleet_group, balancer.target_group_arns,
-                                                   node.template_version).apply(
+                                                   node.template_version, node.launch_template_id).apply(
                 lambda values: {"region": target.region, "group": values[0], "target_groups": list(values[1]),
-                                "template_version": str(values[2])})
+                                "template_version": str(values[2]), "launch_template_id": values[3],
+                                **bounds, "instance_warmup_seconds": warmup})
         self.compile_cache_promotion = None
         cache_prefix = compile_cache_key_prefix(r)
         if cache_prefix is not None:

@@ -127,6 +127,7 @@ class Fleet(pulumi.ComponentResource):
                 release=release_id,
                 replicas=spec.capacity.replicas,
                 fleet_rollout=getattr(endpoint, "fleet_rollout", None),
+                compile_cache_promotion=getattr(endpoint, "compile_cache_promotion", None),
                 # An instance refresh replaces the replicas one after another, each a cold start.
                 rollout_timeout_seconds=ready_timeout * spec.capacity.replicas,
                 # A new release, new nodes or a rotated key: verify again.

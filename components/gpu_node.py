@@ -70,13 +70,6 @@ def ssm_prefix_arn(region: str, ssm_prefix: str) -> str:
     return f"arn:aws:ssm:{region}:*:parameter{ssm_prefix.rstrip('/')}/*"
 
 
-def compile_cache_candidates(r: Resolved) -> str | None:
-    """Where this stack's nodes upload compile caches for the deployer to promote (None: no managed
-    mirror). The only key prefix a node may write; no node may read it back."""
-    cache_prefix = node_files.compile_cache_key_prefix(r)
-    return None if cache_prefix is None else f"{cache_prefix}/candidates/{r.spec.stack}"
-
-
 def _role_policy(r: Resolved, ssm_prefix: str) -> str:
     """The node role's whole policy (no AWS-managed policy beside it): what the SSM agent needs, the
     stack's own parameters, the weights mirror read-only, and one write for compile-cache candidates.
@@ -106,9 +99,10 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
             # What any node uploads is read by the deployer's promotion only, never by a node: a
             # compromised node cannot hand code to another one through the mirror.
             {"Sid": "NoNodeReadsCandidates", "Effect": "Deny", "Action": "s3:GetObject",
-             "Resource": f"arn:aws:s3:::{bucket}/{mirror_compile_cache_prefix(key_prefix)}/*/candidates/*"},
+             "Resource": f"arn:aws:s3:::{bucket}/{mirror_compile_cache_prefix(key_prefix)}/*/"
+                         f"{node_files.COMPILE_CACHE_CANDIDATES_DIR}/*"},
         ]
-    candidates = compile_cache_candidates(r)
+    candidates = node_files.compile_cache_candidate_prefix(r)
     if candidates is not None:
         bucket, _ = r.spec.weights.s3_mirror_location
         statements.append(

@@ -155,8 +155,8 @@ class MirrorFill(pulumi.ComponentResource):
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_tokens="required", http_endpoint="enabled"),
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_type="gp3", volume_size=30, encrypted=True),
             tags=tags,
-            # One-shot: a newer Ubuntu image later is no reason to fill again.
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]),
+            # One-shot: a newer Ubuntu image, or a zone AWS adds that sorts first, is no reason to fill again.
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami", "subnetId"]),
         )
         timeout = plan.deadline_minutes * 60 + AWAIT_MARGIN_SECONDS
         waited = command.local.Command(

@@ -47,8 +47,9 @@ class VerificationGateArgs:
     #: the release id the endpoint must serve on every replica before and during the run
     release: str | None = None
     replicas: int = 1
-    #: a fleet behind a load balancer: {region, group, target_groups, template_version}; the gate
-    #: first waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets
+    #: a fleet behind a load balancer: {region, group, target_groups, template_version, launch_template_id,
+    #: min/max_healthy_percentage, instance_warmup_seconds}; the gate first starts the release's instance
+    #: refresh and waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets
     fleet_rollout: pulumi.Input[dict] | None = None
     rollout_timeout_seconds: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
@@ -62,8 +63,15 @@ def fleet_wait_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
     argv = [PYTHON, FLEET_RELEASE_SCRIPT, "--region", rollout["region"], "--group", rollout["group"]]
     for arn in rollout["target_groups"]:
         argv += ["--target-group", arn]
-    return argv + ["--template-version", rollout["template_version"], "--release", args.release,
-                   "--replicas", str(args.replicas), "--timeout", str(args.rollout_timeout_seconds)]
+    argv += ["--template-version", rollout["template_version"], "--release", args.release,
+             "--replicas", str(args.replicas), "--timeout", str(args.rollout_timeout_seconds)]
+    if rollout.get("launch_template_id"):
+        # Rollout mode: the gate starts the refresh and rolls it back to the last good version.
+        argv += ["--launch-template-id", rollout["launch_template_id"],
+                 "--min-healthy-percentage", str(rollout["min_healthy_percentage"]),
+                 "--max-healthy-percentage", str(rollout["max_healthy_percentage"]),
+                 "--instance-warmup", str(rollout["instance_warmup_seconds"])]
+    return argv
 
 
 def promote_argv(promotion: dict) -> list[str]:

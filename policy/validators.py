@@ -398,8 +398,9 @@ def _upstream_allowed(upstream: str, allowed: list[str]) -> bool:
 def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]:
     """The AuthProxy's registered facts (`proxy`, rendered with the Caddyfile and held against
     Caddy's own adaptation of it in tests): the admin API off; every site that reaches an upstream
-    requires the Bearer key first; upstreams on loopback (or an allowed cluster Service); a route
-    without the key serves one runtime file only, from a site that proxies nothing."""
+    requires the Bearer key first and passes only the promised routes; upstreams on loopback (or an
+    allowed cluster Service); a route without the key serves one runtime file only, from a site that
+    proxies nothing."""
     if resource_type != AUTH_PROXY:
         return []
     proxy = _get(props, "proxy")
@@ -425,6 +426,9 @@ def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]
                 where = "127.0.0.1/localhost/[::1]" + (f" or one of {allowed}" if allowed else "")
                 messages.append(f"site {label!r}: upstream {upstream!r} is not on {where}: the engine must listen "
                                 "on loopback (a LAN address can change and bypasses the key).")
+        if upstreams and not _items(_get(site, "proxiedRoutes")):
+            messages.append(f"site {label!r} proxies every route to {', '.join(upstreams)}: it must pass only the "
+                            "promised routes (a tenant's key would reach the engine's controls).")
         for route in _items(_get(site, "routes")):
             path = _get(route, "path", default="?")
             if _get(route, "keyRequired") is True and keyed:

@@ -26,12 +26,12 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from kimi_fleet import catalog  # noqa: E402
+from kimi_fleet import catalog, engine_bugs, health  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
-from kimi_fleet.node_files import compile_cache_archive  # noqa: E402
+from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS, behind_load_balancer, compile_cache_archive  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.replacement import acme_warning, ami_origin  # noqa: E402
 from kimi_fleet.rollout import PERSISTENT_WEIGHTS, RolloutFacts, checkpoint_room, rollout_facts  # noqa: E402
@@ -59,7 +59,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
-              "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": []}
+              "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -72,6 +72,9 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    if spec.target.kind != "kubernetes":  # a node's watchdog and, on a fleet, its group's health check
+        result["health"] = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
+                                          fleet=behind_load_balancer(resolved)).lines()
     archive = compile_cache_archive(resolved, launch)
     result["compile_cache"] = {"volume": resolved.weights_volume, "shared_archive": archive,
                                "expiry_days": catalog.MIRROR_COMPILE_CACHE_EXPIRY_DAYS if archive else None}
@@ -98,7 +101,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
                            "ignore_changes")} for r in run.resources
     ]
     result["ami"] = ami_origin(spec, result["resources"])
-    result["warnings"] = [w for w in (acme_warning(resolved),) if w]
+    result["warnings"] = [w for w in (acme_warning(resolved),) if w] + engine_bugs.warnings_for(resolved)
     result["outputs"] = run.outputs
 
     from policy.validators import check_resources
@@ -197,13 +200,17 @@ def print_plan(p: dict) -> None:
     if p.get("mirror"):
         print("  weights mirror (managed): " + "\n    ".join(p["mirror"]["lines"]))
     cache = p["compile_cache"]
-    shared = (f"shared through {cache['shared_archive']} (restored on a node whose volume has none, published "
-              f"once after the first admission, expires {cache['expiry_days']} days after)"
+    shared = (f"shared through the mirror beside {cache['shared_archive']}: a node uploads a candidate once "
+              "admitted, the gate (your credentials) checks and promotes it by its SHA-256 into the stack's SSM "
+              "prefix, and a node whose volume has none restores only that digest (promoted archives expire "
+              f"{cache['expiry_days']} days after)"
               if cache["shared_archive"] else "not shared between nodes (no managed mirror)")
     print(f"  compile caches: beside the weights on the {cache['volume']} volume; {shared}")
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
           f"a new release {_release_mechanism(rollout)}")
+    for line in p.get("health") or []:
+        print(f"  health: {line}")
     if rollout["weights_volume"] in PERSISTENT_WEIGHTS:
         print(f"  a new checkpoint revision is downloaded {checkpoint_room(RolloutFacts.from_dict(rollout))}")
     print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "

@@ -139,8 +139,14 @@ def test_the_fleet_gate_waits_for_the_release_before_the_suite():
     assert run.error is None, run.error
     (gate,) = [r for r in run.of_type("command:local:Command") if r["name"].endswith("-gate-verify")]
     create = gate["inputs"]["create"]
-    _, wait, verify = create.split(" && ")
+    _, wait, verify, promote = create.split(" && ")
     (group,) = run.of_type("aws:autoscaling/group:Group")
+    # The gate starts the refresh itself (rollout mode) and promotes a compile cache only after the suite.
+    (template,) = run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    assert f"--launch-template-id {template['name']}-id " in wait
+    assert "--min-healthy-percentage " in wait and "--max-healthy-percentage " in wait
+    assert int(wait.split("--instance-warmup ")[1].split()[0]) == group["inputs"]["healthCheckGracePeriod"]
+    assert "scripts/promote_compile_cache.py" in promote and "--group " in promote
     groups = run.of_type("aws:lb/targetGroup:TargetGroup")
     assert wait.startswith(".venv/bin/python scripts/await_fleet_release.py --region us-east-1 ")
     assert f"--group {group['name']} " in wait

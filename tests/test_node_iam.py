@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from components.gpu_node import _role_policy, compile_cache_candidates, ssm_prefix_arn
+from components.gpu_node import _role_policy, ssm_prefix_arn
 from kimi_fleet import node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.stackfile import load_stack_config, stack_file
@@ -116,7 +116,7 @@ def test_the_only_write_is_the_stacks_own_candidate_prefix():
         r = resolved(stack)
         written = _key_patterns(_statements(_role_policy(r, node_files.default_ssm_prefix(stack))), "s3:PutObject",
                                 "Allow")
-        candidates = compile_cache_candidates(r)
+        candidates = node_files.compile_cache_candidate_prefix(r)
         bucket = r.spec.weights.s3_mirror_location[0] if candidates else None
         assert written == ([f"{bucket}/{candidates}/*"] if candidates else []), stack
         if candidates:

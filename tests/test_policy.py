@@ -163,6 +163,12 @@ class TestProxyRequiresKey:
         proxy["sites"][1]["keyEnv"] = None  # a key from nowhere is no key
         assert any("without requiring the Bearer key" in m for m in self.check(proxy))
 
+    def test_a_site_that_proxies_every_route_violates(self):
+        proxy = good_proxy()
+        proxy["sites"][0]["proxiedRoutes"] = []
+        (message,) = self.check(proxy)
+        assert "proxies every route" in message and "engine's controls" in message
+
     def test_lan_upstream_violates(self):
         proxy = good_proxy()
         proxy["sites"][0]["upstreams"] = ["192.168.1.20:8000"]
