@@ -8,22 +8,38 @@ runs the same applier on the instance whenever the release changes (its command 
 bundle it deploys), and `pulumi up` waits for it to succeed: only the units whose inputs changed
 restart, and the instance is replaced only for what a node cannot take in place (AMI, instance
 type, root volume, the boot stub).
+
+Bundles outlive their release: the bucket keeps the last RETAINED_BUNDLES of them (a replaced
+bundle object is retained, then pruned by age order once more than that exist), so a node launched
+from an older template version, or a release rolled back to, still finds its own bundle by digest.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
+import sys
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
+import pulumi_command as command
 
 from kimi_fleet.node_files import APPLY_RELEASE, bundle_digest
 
 #: What an apply may take: a bootstrap re-run with the weights already on disk, or a first boot's
 #: whole cold start when the association reaches a new node before its download finished.
 APPLY_MARGIN_SECONDS = 30 * 60
+#: Bundles kept in the bucket (K). A fleet's Auto Scaling group may launch from an older template
+#: version (an instance refresh rolled back, a scale-out while one is under way), each naming its
+#: bundle by digest, and a bad release is undone by deploying an earlier one: the last few releases
+#: must stay bootable. Bundles are a few hundred KB; ten cost nothing and cover any rollback
+#: a person would do without re-deploying.
+RETAINED_BUNDLES = 10
+BUNDLE_PREFIX = "releases/"
+#: The deployer's interpreter (the virtualenv Pulumi.yaml names), run from the project directory.
+PYTHON = ".venv/bin/python"
 
 
 @dataclass
@@ -42,6 +58,29 @@ class NodeReleaseArgs:
 
 def apply_command(pointer_name: str, region: str, digest: str) -> str:
     return shlex.join(["python3", APPLY_RELEASE, "--pointer", pointer_name, "--region", region, "--expect", digest])
+
+
+def prune_command(bucket: str, region: str, current_key: str, keep: int = RETAINED_BUNDLES) -> str:
+    """Run by the deployer after each new bundle: the bucket keeps the newest `keep` bundles."""
+    return shlex.join([PYTHON, "-m", "components.node_release", "prune", "--bucket", bucket, "--region", region,
+                       "--keep", str(keep), "--current", current_key])
+
+
+def prune_bundles(s3, bucket: str, keep: int, current_key: str) -> list[str]:
+    """Delete all but the `keep` newest bundles (by upload time; the current one is always kept);
+    return the keys deleted. `s3`: a boto3 S3 client."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the current bundle), got {keep}")
+    bundles = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=BUNDLE_PREFIX):
+        bundles += [(item["LastModified"], item["Key"]) for item in page.get("Contents", [])]
+    newest_first = [key for _, key in sorted(bundles, reverse=True)]
+    kept = set(newest_first[:keep]) | {current_key}
+    doomed = [key for key in newest_first if key not in kept]
+    for start in range(0, len(doomed), 1000):  # DeleteObjects takes 1,000 keys at a time
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in doomed[start:start + 1000]],
+                                                 "Quiet": True})
+    return doomed
 
 
 def read_only_policy(bucket_arn: str, role_arn: str) -> str:
@@ -80,13 +119,22 @@ class NodeRelease(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[blocked]))
 
         digest = pulumi.Output.from_input(args.bundle).apply(bundle_digest)
+        # A new release replaces this object (its key is the digest): the old bundle is retained
+        # (older template versions still name it), and the prune below bounds how many stay.
         bundle_object = aws.s3.BucketObjectv2(
-            f"{name}-bundle", bucket=bucket.id, key=digest.apply(lambda d: f"releases/{d}.json"),
-            content=args.bundle, content_type="application/json", tags=args.tags, opts=child)
+            f"{name}-bundle", bucket=bucket.id, key=digest.apply(lambda d: f"{BUNDLE_PREFIX}{d}.json"),
+            content=args.bundle, content_type="application/json", tags=args.tags,
+            opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True))
         pointer = aws.ssm.Parameter(
             f"{name}-pointer", name=args.pointer_name, type="String",
             value=pulumi.Output.all(bucket.bucket, digest).apply(lambda v: f"s3://{v[0]}/releases/{v[1]}.json {v[1]}"),
             tags=args.tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[bundle_object, policy]))
+        command.local.Command(
+            f"{name}-prune",
+            create=pulumi.Output.all(bucket.bucket, digest).apply(
+                lambda v: prune_command(v[0], args.region, f"{BUNDLE_PREFIX}{v[1]}.json")),
+            triggers=[digest],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[pointer]))
         self.digest = digest
         self.bucket_name = bucket.bucket
         self.register_outputs({"digest": self.digest, "bucket_name": self.bucket_name})
@@ -105,3 +153,23 @@ class NodeRelease(pulumi.ComponentResource):
             wait_for_success_timeout_seconds=args.apply_timeout_seconds + APPLY_MARGIN_SECONDS,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[pointer]),
         )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.node_release")
+    parser.add_argument("action", choices=["prune"])
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--keep", type=int, default=RETAINED_BUNDLES)
+    parser.add_argument("--current", required=True, help="the bundle key the pointer names (always kept)")
+    args = parser.parse_args(argv)
+    import boto3
+
+    deleted = prune_bundles(boto3.client("s3", region_name=args.region), args.bucket, args.keep, args.current)
+    print(f"release bundles: kept the newest {args.keep} in s3://{args.bucket}/{BUNDLE_PREFIX}; "
+          f"deleted {len(deleted)} older")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

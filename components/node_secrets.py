@@ -10,6 +10,15 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from kimi_fleet.caddy import check_api_key
+
+
+def checked_api_key(key: str) -> str:
+    """The key as stored, once it has the one shape every target accepts: refused here, where it is
+    set, rather than by the node's proxy after the deploy (ValueError, never echoing the key)."""
+    check_api_key(key)
+    return key
+
 
 @dataclass
 class NodeSecretsArgs:
@@ -28,7 +37,8 @@ class NodeSecrets(pulumi.ComponentResource):
     def __init__(self, name: str, args: NodeSecretsArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:NodeSecrets", name, None, opts)
         prefix = args.prefix.rstrip("/")
-        api_key = self._parameter(f"{name}-api-key", f"{prefix}/api-key", args.api_key, args.tags)
+        api_key = self._parameter(f"{name}-api-key", f"{prefix}/api-key",
+                                  pulumi.Output.from_input(args.api_key).apply(checked_api_key), args.tags)
         self.api_key_parameter = api_key.name
         #: increments when the key changes: the node's user data carries it, so a rotation reaches the node
         self.api_key_version = api_key.version

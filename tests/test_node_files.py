@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kimi_fleet import node_files as node_files_module
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import (
     API_KEY_FILE,
@@ -182,7 +183,10 @@ def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path
     script.write_text(files["/usr/local/sbin/kimi-engine-run"].content)
     record = tmp_path / "docker-argv.json"
     _stub_docker(tmp_path / "bin", record)
-    env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    (root / "w").mkdir()
+    (root / "w/.kimi-verified").write_text("rev\n")
+    env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "WEIGHTS_DIR": "/w"}
     result = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert json.loads(record.read_text()) == hostile[1:]
@@ -192,6 +196,35 @@ def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path
     record.unlink()
     refused = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0 and "not a docker run argument list" in refused.stderr and not record.exists()
+
+
+def test_an_engine_without_verified_weights_refuses_in_one_line_in_the_journal_and_the_status(tmp_path):
+    """The marker check is the engine's own start (kimi-engine-run): one line saying what, why and
+    what to do, the same line in the node status, and docker never runs."""
+    files = node_files("h200-int4-sglang")
+    root = tmp_path / "root"
+    (root / "etc/kimi-fleet").mkdir(parents=True)
+    (root / "etc/kimi-fleet/engine-0.argv.json").write_text(files["/etc/kimi-fleet/engine-0.argv.json"].content)
+    status_tool = root / node_files_module.NODE_STATUS.lstrip("/")
+    status_tool.parent.mkdir(parents=True)
+    status_tool.write_text(files[node_files_module.NODE_STATUS].content)
+    (root / "w").mkdir()  # weights present, marker missing (a download that stopped half-way)
+    script = tmp_path / "kimi-engine-run"
+    script.write_text(files["/usr/local/sbin/kimi-engine-run"].content)
+    record = tmp_path / "docker-argv.json"
+    _stub_docker(tmp_path / "bin", record)
+    env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "WEIGHTS_DIR": "/w"}
+    result = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and not record.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kimi-engine@0 refused to start: weights in /w have no verified "
+                                                  "marker (.kimi-verified)") and "run kimi-bootstrap again" in lines[0]
+    refused = json.loads((root / "run/kimi-fleet/status.json").read_text())["refused"]
+    assert refused["by"] == "kimi-engine@0" and refused["reason"] == lines[0].split(": ", 1)[1]
+    (root / "w/.kimi-verified").write_text("rev\n")
+    assert subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, timeout=30).returncode == 0
+    assert record.exists()
 
 
 def _settings_loader_script(tmp_path: Path) -> Path:
@@ -421,6 +454,13 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
     node_env = root / "etc/kimi-fleet/node.env"
     node_env.write_text(re.sub(r"^CHECKPOINT_BYTES=\d+$", f"CHECKPOINT_BYTES={sum(HUB_FILES.values())}",
                                node_env.read_text(), count=1, flags=re.M))
+    # The deployer's pin of the mirror's manifest (a deploy-time value): the stub mirror's bytes.
+    from kimi_fleet.node_scripts.weights_manifest import manifest_sha256
+
+    served = {**json.loads(MIRROR_MANIFEST), "revision": resolved(stack).revision}
+    node_env.write_text(node_env.read_text().replace(
+        "MIRROR_MANIFEST_SHA256=DEPLOY-TIME-MANIFEST-SHA256",
+        f"MIRROR_MANIFEST_SHA256={manifest_sha256((json.dumps(served) + chr(10)).encode())}"))
     if files["/etc/kimi-fleet/node.env"].content.count("SECRETS_KIND=files"):
         secret = root / API_KEY_FILE.lstrip("/")
         secret.parent.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,70 @@ def test_a_real_load_run_through_the_proxy_becomes_the_throughput_output(tmp_pat
     assert measured["concurrency"] == 8 and measured["output_tokens_per_second"] > 0
     assert measured["usd_per_million_output_tokens"] == round(39 / (measured["output_tokens_per_second"] * 3600 / 1e6), 2)
     assert _measured(result.stdout, THROUGHPUT_PREFIX).startswith(f"{measured['output_tokens_per_second']:g} output tok/s")
+
+
+FAILED_STATUS = {"phase": "ready", "phases": {"ready": {"started": 1.0}}, "failed_release": "fedcba9876543210",
+                 "failed_bundle": "ab" * 32, "node": "ip-10-0-0-7",
+                 "reason": "kimi-engine@0 restarted 3 times without admitting itself",
+                 "engine_log_tail": ["loading weights", "torch.OutOfMemoryError: CUDA out of memory."]}
+
+
+def test_a_failed_release_in_the_status_is_one_line_for_the_gate():
+    from kimi_fleet.verification.cli import release_failure
+
+    failure = release_failure(FAILED_STATUS, "fedcba9876543210").splitlines()
+    assert failure[0] == ("release fedcba9876543210 failed on node ip-10-0-0-7: kimi-engine@0 restarted 3 times "
+                          "without admitting itself")
+    assert failure[-1] == "  torch.OutOfMemoryError: CUDA out of memory."
+    # Another release's failure (an older one) is not this one's.
+    assert release_failure(FAILED_STATUS, "0123456789abcdef") is None and release_failure(FAILED_STATUS, None) is None
+    assert release_failure(None, "fedcba9876543210") is None
+
+
+def test_failures_and_refusals_are_recorded_and_cleared(tmp_path):
+    def node_status(*args):
+        result = run_status(tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads((tmp_path / "run/kimi-fleet/status.json").read_text())
+
+    status = node_status("refuse", "kimi-bootstrap", "secret file /x is missing or empty:\n put it there")
+    assert status["refused"]["by"] == "kimi-bootstrap"
+    assert status["refused"]["reason"] == "secret file /x is missing or empty: put it there"  # one line
+    assert node_status_line(status, 0) == ("node: kimi-bootstrap refused to start: secret file /x is missing or "
+                                           "empty: put it there")
+    assert "refused" not in node_status("clear-refusal")
+    sys.path.insert(0, str(SCRIPT.parent))
+    os.environ["KIMI_ROOT"] = str(tmp_path)
+    try:
+        import importlib
+
+        import node_status as module
+        importlib.reload(module)
+        module.record_release_failure(release="fedcba9876543210", bundle="ab" * 32, reason="why", log_tail=["x"],
+                                      node="n", now=5.0)
+        assert module.read()["failed_release"] == "fedcba9876543210" and module.read()["failed_at"] == 5.0
+        module.clear_release_failure()
+        assert not set(module.RELEASE_FAILURE_FIELDS) & set(module.read())
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        del os.environ["KIMI_ROOT"]
+
+
+@pytest.mark.skipif(subprocess.run(["which", "caddy"], capture_output=True).returncode != 0, reason="caddy missing")
+def test_the_gate_fails_at_once_when_the_node_names_the_awaited_release_as_failed(tmp_path):
+    """The node rolled release fedcba9876543210 back and says so in its status: the gate, which
+    would wait up to --wait-ready for that release, fails on its first look, naming the release,
+    the node, the cause and the engine's last lines (the hang guard is far below --wait-ready)."""
+    status_file = tmp_path / "status.json"
+    status_file.write_text(json.dumps(FAILED_STATUS))
+    with start_proxied_engine("good", release="0123456789abcdef", status_file=str(status_file)) as endpoint:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "verify.py"), "--base-url", endpoint.base_url,
+             "--api-key", endpoint.api_key, "--model", endpoint.model, "--ca-cert", str(endpoint.caddy.root_ca),
+             "--release", "fedcba9876543210", "--wait-ready", "3000", "--only", "models"],
+            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("verify.py: release fedcba9876543210 failed on node ip-10-0-0-7: kimi-engine@0 restarted 3 times "
+            "without admitting itself") in result.stderr
+    assert "  torch.OutOfMemoryError: CUDA out of memory." in result.stderr
+    assert "not ready after" not in result.stderr

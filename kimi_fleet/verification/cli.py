@@ -74,6 +74,8 @@ class Readiness:
     ready: bool
     #: the release the last 200 answer carried ("" when unstamped, None when nothing answered 200)
     last_release: str | None = None
+    #: the node said the awaited release failed there and went back ("release X failed on node Y: why")
+    failure: str | None = None
 
 
 def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verify, *, release: str | None = None,
@@ -99,7 +101,11 @@ def wait_until_ready(base_url: str, api_key: str, deadline_seconds: float, verif
                 confirmed = 0
         except httpx.HTTPError:
             confirmed = 0
-        line = node_status_line(fetch_node_status(base_url, api_key, verify), time.time())
+        status = fetch_node_status(base_url, api_key, verify)
+        failure = release_failure(status, release)
+        if failure:  # the node rolled it back: waiting longer cannot see it
+            return Readiness(False, last_release, failure)
+        line = node_status_line(status, time.time())
         if line and line != shown:
             print(f"verify.py: {line}", flush=True)
             shown = line
@@ -117,6 +123,20 @@ def fetch_node_status(base_url: str, api_key: str, verify) -> dict | None:
         return response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def release_failure(status: dict | None, release: str | None) -> str | None:
+    """"release X failed on node Y: why", then the engine's last log lines, when the node's status
+    names the awaited release as failed (apply_release.py restored the previous one)."""
+    if not release or not isinstance(status, dict) or status.get("failed_release") != release:
+        return None
+    lines = [f"release {release} failed on node {status.get('node') or '(unknown)'}: "
+             f"{status.get('reason') or 'no reason recorded'}"]
+    tail = status.get("engine_log_tail")
+    if isinstance(tail, list) and tail:
+        lines.append("engine log (last lines):")
+        lines += [f"  {line}" for line in tail if isinstance(line, str)]
+    return "\n".join(lines)
 
 
 PHASE_WORDS = {"packages": "installing packages", "verify": "verifying the weights", "loading": "engines loading",
@@ -172,7 +192,12 @@ def measured_line(measured: dict) -> str:
 def node_status_line(status: dict | None, now: float) -> str | None:
     """One line for the person watching `pulumi up`, e.g. "node: downloading 312/595 GB at
     2.4 GB/s, about 2 min left"."""
-    if not isinstance(status, dict) or not status.get("phase"):
+    if not isinstance(status, dict):
+        return None
+    refused = status.get("refused")
+    if isinstance(refused, dict) and refused.get("reason"):  # what is wrong comes before how far it got
+        return f"node: {refused.get('by') or 'the node'} refused to start: {refused['reason']}"
+    if not status.get("phase"):
         return None
     phase = status["phase"]
     if phase == "download":
@@ -207,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         readiness = wait_until_ready(args.base_url, args.api_key, args.wait_ready, args.ca_cert or True,
                                      release=args.release, replicas=args.replicas)
         if not readiness.ready:
+            if readiness.failure:
+                print(f"verify.py: {readiness.failure}", file=sys.stderr)
+                return EXIT_FAILED
             if readiness.last_release is None:
                 why = (f"{args.base_url}/models never answered 200 "
                        "(see /var/log/kimi-fleet/bootstrap.log on the node)")
