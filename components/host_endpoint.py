@@ -22,6 +22,7 @@ from pulumi_command import remote
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
+from components.node_secrets import checked_api_key
 from kimi_fleet import node_files
 from kimi_fleet.node_files import NodeFile, SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
@@ -120,7 +121,8 @@ class HostEndpoint(pulumi.ComponentResource):
                    + " ".join(node_files.NODE_PACKAGES),
             opts=child,
         )
-        secret_values = {"api-key": (secrets.api_key_file, args.api_key)}
+        # The key's shape is checked here, where it is set, not by the host's proxy after the deploy.
+        secret_values = {"api-key": (secrets.api_key_file, pulumi.Output.from_input(args.api_key).apply(checked_api_key))}
         if args.hf_token is not None:
             secret_values["hf-token"] = (secrets.hf_token_file, args.hf_token)
         copies: list[remote.Command] = [

@@ -14,6 +14,7 @@ import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
+from components.node_secrets import checked_api_key
 from kimi_fleet import k8s_manifests as manifests
 
 RESOURCE_CLASSES = {
@@ -75,7 +76,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         namespace = declare_object(name, namespace_object, child)
         in_namespace = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[namespace]))
 
-        secret_values = {(manifests.API_KEY_SECRET, manifests.API_KEY_SECRET_KEY): args.api_key}
+        # The key's shape is checked here, where it is set, not by the pod's proxy after the deploy.
+        secret_values = {(manifests.API_KEY_SECRET, manifests.API_KEY_SECRET_KEY):
+                         pulumi.Output.from_input(args.api_key).apply(checked_api_key)}
         if args.hf_token is not None:
             secret_values[(manifests.HF_TOKEN_SECRET, manifests.HF_TOKEN_SECRET_KEY)] = args.hf_token
         secrets = [

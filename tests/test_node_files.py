@@ -491,8 +491,9 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
 
 
 def _room_env(tmp_path, checkpoint_bytes: int = sum(HUB_FILES.values())) -> dict:
+    # KIMI_ROOT: a refusal lands in the scratch root's node status, not this machine's /run.
     return {"WEIGHTS_ROOT": str(tmp_path), "CHECKPOINT_BYTES": str(checkpoint_bytes),
-            "WEIGHTS_ROOM_TOOL": str(NODE_SCRIPTS / "weights_room.py")}
+            "WEIGHTS_ROOM_TOOL": str(NODE_SCRIPTS / "weights_room.py"), "KIMI_ROOT": str(tmp_path / "root")}
 
 
 def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
@@ -532,8 +533,10 @@ def test_download_on_a_volume_too_small_fails_before_any_transfer(tmp_path, fake
            "WEIGHTS_MANIFEST_TOOL": str(NODE_SCRIPTS / "weights_manifest.py"),
            **_room_env(tmp_path / "w", checkpoint_bytes=shutil.disk_usage(tmp_path).total + 1)}
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a refusal: the bootstrap unit does not restart on it
     assert "no older checkpoint left to remove: grow the weights volume" in result.stdout
+    status = json.loads((tmp_path / "w" / "root" / "run/kimi-fleet/status.json").read_text())
+    assert "grow the weights volume" in json.dumps(status), status
     assert not calls.exists()
     assert (tmp_path / "w" / "org--kimi" / "rev" / ".kimi-checkpoint").exists() is False
 

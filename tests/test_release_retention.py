@@ -131,3 +131,28 @@ def _stack(name: str):
 
     r = resolved(name)
     return r, render_launch(r), size(r)
+
+
+@pytest.mark.parametrize("target", ["host", "kubernetes"])
+def test_every_target_refuses_a_key_its_proxy_cannot_use_where_it_is_set(target):
+    """The same rule on a host (the key file the deploy copies) and on Kubernetes (the Secret)."""
+    bad = "my-key-is-long-enough!"
+    with pytest.raises(Exception) as refused:
+        if target == "host":
+            from tests.test_host_target import resolved as host_resolved, run_host_endpoint
+            run_host_endpoint_with_key(host_resolved("rtxpro6000-int4-sglang"), bad, run_host_endpoint)
+        else:
+            from tests.test_k8s_component import run_kubernetes_endpoint
+            run_kubernetes_endpoint("mi355x-int4-sglang", api_key=bad)
+    assert "must be 16-256 characters" in str(refused.value) and bad not in str(refused.value)
+
+
+def run_host_endpoint_with_key(r, key, runner):
+    import tests.test_host_target as host
+
+    original = host.API_KEY
+    host.API_KEY = key
+    try:
+        return runner(r)
+    finally:
+        host.API_KEY = original

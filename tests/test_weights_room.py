@@ -103,10 +103,14 @@ def _room(tmp_path: Path, *, size: int, dirs: dict, target: str, need: int, link
             "need": need, "links": links or {}, "elsewhere": elsewhere or {},
             "tool": str(NODE_SCRIPTS / "weights_room.py"),
             "owner_marker": weights_room.OWNER_MARKER}
+    node_root = tmp_path / "node"  # a refusal's status line lands here, not in this machine's /run
     run = subprocess.run(["unshare", "--mount", sys.executable, "-c", DRIVER, json.dumps(spec)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "KIMI_ROOT": str(node_root)})
     assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    result = json.loads(run.stdout)
+    status = node_root / "run/kimi-fleet/status.json"
+    result["refusal"] = json.loads(status.read_text()).get("refused") if status.exists() else None
+    return result
 
 
 REPO, REPO_DIR = "org/kimi", "org--kimi"
@@ -158,7 +162,7 @@ def test_nothing_is_removed_when_removing_everything_would_not_be_enough(tmp_pat
     counts what it may remove first, and a volume too small even then loses nothing."""
     dirs = {OLDER: (10 * MB, OWNED, 1_000), OLD: (10 * MB, legacy(OLD), 2_000), "notes": (1 * MB, {}, 0)}
     result = _room(tmp_path, size=40 * MB, dirs=dirs, target=NEW, need=45 * MB)
-    assert result["rc"] == 1
+    assert result["rc"] == 2  # a refusal: no retry can help
     assert {OLDER, OLD, "notes"} <= set(result["left"]), result
     (line,) = [line for line in result["out"].splitlines() if "removing nothing" in line]
     assert f"{NEW} needs 45.0 MB more" in line
@@ -172,14 +176,15 @@ def test_a_checkpoint_whose_files_are_linked_elsewhere_frees_nothing_and_is_not_
     # Removing it would unlink names only: the data stays for the other link, and the download fails.
     result = _room(tmp_path, size=40 * MB, dirs={OLD: (20 * MB, OWNED, 1_000)}, target=NEW, need=25 * MB,
                    links={OLD: ["backup/model.safetensors"]})
-    assert result["rc"] == 1 and OLD in result["left"], result
+    assert result["rc"] == 2 and OLD in result["left"], result
     assert "hold 0.0 MB" in result["out"] and "removed" not in result["out"]
 
 
 @needs_tmpfs
 def test_a_volume_too_small_even_when_empty_fails_with_the_numbers(tmp_path):
     result = _room(tmp_path, size=20 * MB, dirs={"notes": (1 * MB, {}, 0)}, target=NEW, need=25 * MB)
-    assert result["rc"] == 1 and "notes" in result["left"]
+    assert result["rc"] == 2 and "notes" in result["left"]
+    assert "grow the weights volume" in json.dumps(result["refusal"]), result["refusal"]  # in the node status too
     assert "no older checkpoint left to remove: grow the weights volume" in result["out"], result["out"]
     assert re.search(r"by at least [56]\.\d MB$", result["out"].strip()), result["out"]
 
@@ -223,7 +228,7 @@ def test_what_this_program_cannot_prove_it_downloaded_is_never_removed(tmp_path,
     source = {f"{REPO_DIR}/{'e' * 40}": (1 * MB, OWNED, 0)} if COPY in str(markers) else {}
     result = _room(tmp_path, size=40 * MB, dirs={rel: (10 * MB, markers, 1_000)}, target=NEW, need=35 * MB,
                    elsewhere=source)
-    assert result["rc"] == 1, result["out"]
+    assert result["rc"] == 2, result["out"]
     assert rel in result["left"], result
     (line,) = [line for line in result["out"].splitlines() if line.startswith(f"weights: not removing {rel}: ")]
     assert why in line and line.endswith("(remove it by hand if it is not needed)"), line
@@ -307,7 +312,7 @@ def test_the_kubernetes_download_checks_room_before_it_fetches(tmp_path, fits):
         f"--root {k8s.WEIGHTS_MOUNT} ", f"--root {weights} ")
     env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "TARGET_DIR": str(target),
            "PACKAGES_DIR": str(packages), "REPO": "moonshotai/Kimi-K2.6", "REVISION": "c" * 40,
-           "CHECKPOINT_BYTES": str(need), "HF_ENDPOINT": "http://127.0.0.1:9"}
+           "CHECKPOINT_BYTES": str(need), "HF_ENDPOINT": "http://127.0.0.1:9", "KIMI_ROOT": str(tmp_path / "node")}
     result = subprocess.run(["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0  # no Hub here: the verify after `hf download` fails too
     if fits:

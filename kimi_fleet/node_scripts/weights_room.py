@@ -39,7 +39,8 @@ import stat
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from node_status import directory_bytes  # noqa: E402  (shipped beside this script)
+import node_status  # noqa: E402  (shipped beside this script)
+from node_status import directory_bytes  # noqa: E402
 
 #: Written by this program into a target when it made room for its download (JSON: made_by, repo,
 #: revision, directory): the only proof, with the directory's place, that a directory may be removed.
@@ -205,9 +206,21 @@ def mark_target(root: str, target: str, log=print) -> None:
             "room for another checkpoint")
 
 
+#: Exit statuses: the volume is too small even without every checkpoint this program may remove (a
+#: refusal: no retry can help, the bootstrap's unit does not restart on it), or removed files are
+#: still held open (a retry after the holder stops may pass).
+TOO_SMALL_STATUS = 2
+HELD_OPEN_STATUS = 1
+
+
+class Refused(Exception):
+    """The volume cannot hold the checkpoint: the message says by how much and what to grow."""
+
+
 def make_room(root: str, target: str, need: int, log=print) -> bool:
     """Remove other checkpoints until the target's missing bytes fit, and mark the target as this
-    program's; False, with nothing removed, when removing every one of them would not be enough."""
+    program's. Refused (nothing removed) when removing every one of them would not be enough;
+    False when they were removed and the space did not come back (files still held open)."""
     root, target = os.path.realpath(root), os.path.realpath(target)
     missing = max(need - directory_bytes(target), 0)
     free = shutil.disk_usage(root).free
@@ -224,16 +237,14 @@ def make_room(root: str, target: str, need: int, log=print) -> bool:
     removable = freed_bytes(ours)
     relative_target = os.path.relpath(target, root)
     if not ours:
-        log(f"weights: {relative_target} needs {_size(missing)} more and {root} has {_size(free)} "
-            "free with no older checkpoint left to remove: grow the weights volume (weights.ebsSizeGib, the "
-            f"PVC or the host's disk) by at least {_size(missing - free)}")
-        return False
+        raise Refused(f"weights: {relative_target} needs {_size(missing)} more and {root} has {_size(free)} "
+                      "free with no older checkpoint left to remove: grow the weights volume (weights.ebsSizeGib, "
+                      f"the PVC or the host's disk) by at least {_size(missing - free)}")
     if free + removable < missing:
-        log(f"weights: removing nothing: {relative_target} needs {_size(missing)} more, {root} has "
-            f"{_size(free)} free and the {len(ours)} older checkpoint(s) this program downloaded hold "
-            f"{_size(removable)}: {_size(missing - free - removable)} short even without them; grow the "
-            "weights volume (weights.ebsSizeGib, the PVC or the host's disk) by at least that")
-        return False
+        raise Refused(f"weights: removing nothing: {relative_target} needs {_size(missing)} more, {root} has "
+                      f"{_size(free)} free and the {len(ours)} older checkpoint(s) this program downloaded hold "
+                      f"{_size(removable)}: {_size(missing - free - removable)} short even without them; grow "
+                      "the weights volume (weights.ebsSizeGib, the PVC or the host's disk) by at least that")
     log(f"weights: {_size(missing)} still to download, {_size(free)} free on {root}: "
         "removing older checkpoints, the least recently verified first")
     for directory in ours:
@@ -261,7 +272,15 @@ def main() -> int:
     root, target = os.path.realpath(args.root), os.path.realpath(args.target)
     if os.path.commonpath([root, target]) != root or target == root:
         parser.error(f"--target {args.target} is not a directory under --root {args.root}")
-    return 0 if make_room(args.root, args.target, args.need) else 1
+    try:
+        return 0 if make_room(args.root, args.target, args.need) else HELD_OPEN_STATUS
+    except Refused as refused:
+        print(refused, flush=True)
+        try:  # one line in the node's status too (a pod's status file may not be writable: the log says it)
+            node_status.refuse("kimi-download-weights", str(refused))
+        except OSError:
+            pass
+        return TOO_SMALL_STATUS
 
 
 if __name__ == "__main__":
