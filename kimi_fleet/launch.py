@@ -27,9 +27,13 @@ def plain_value(key: str, value: str) -> str:
     return value
 
 #: NCCL/RCCL/HCCL need shared memory and locked pages; Docker's 64 MB /dev/shm breaks TP (seed 003).
-#: The engine slice puts the container where the node firewall can refuse it the metadata service.
+#: The engine slice puts the container where the node firewall can refuse it the metadata service;
+#: without CAP_NET_RAW it cannot write raw frames past that firewall (packet sockets skip the IP
+#: output hook), and no setuid binary in the image can give it back.
 COMMON_DOCKER_ARGS = (
     f"--cgroup-parent={ENGINE_SLICE}",
+    "--cap-drop=NET_RAW",
+    "--security-opt=no-new-privileges",
     "--ipc=host",
     "--network=host",
     "--ulimit=memlock=-1",

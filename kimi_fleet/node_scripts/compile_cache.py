@@ -144,24 +144,6 @@ def check_archive(fileobj) -> int:
     return count
 
 
-class HashingReader:
-    """A stream's reads, hashed on the way (the archive is checked against its pin while it unpacks)."""
-
-    def __init__(self, raw):
-        self.raw, self.digest = raw, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.digest.update(data)
-        return data
-
-    def drain(self) -> str:
-        """Hash what the tar reader left unread (its end padding); the hex digest of everything."""
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
 # --- AWS ---------------------------------------------------------------------------------------------
 
 def object_exists(s5cmd: str, uri: str) -> bool:
@@ -240,22 +222,28 @@ def restore(s5cmd: str, archive: str, directory: str, pin_parameter: str | None,
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     started = time.monotonic()
+    # The bytes are hashed before any of them reaches tarfile (as root): only the deployer's pinned
+    # archive is ever unpacked, whoever else could write its key.
+    download = f"{staging}.tar"
     stream = subprocess.Popen([*s5cmd_base(s5cmd), *QUIET, "cat", source], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
-    reader = HashingReader(stream.stdout)
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as archive_file:
+        digest = hashlib.sha256()
+        with open(download, "wb") as out:
+            for chunk in iter(lambda: stream.stdout.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        stream.stdout.close()
+        if stream.wait(timeout=120) != 0:
+            raise RuntimeError(f"s5cmd cat exited {stream.returncode}: {stream.stderr.read().decode(errors='replace')}")
+        if digest.hexdigest() != pinned:
+            raise Refused(f"SHA-256 expected {pinned} (the deployer's pin {pin_parameter}), got {digest.hexdigest()}")
+        with tarfile.open(download, mode="r:") as archive_file:
             for member in archive_file:
                 problem = archive_problem(member)
                 if problem:
                     raise Refused(problem)
                 archive_file.extract(member, staging, filter="data")
-        got = reader.drain()
-        stream.stdout.close()
-        if stream.wait(timeout=120) != 0:
-            raise RuntimeError(f"s5cmd cat exited {stream.returncode}: {stream.stderr.read().decode(errors='replace')}")
-        if got != pinned:
-            raise Refused(f"SHA-256 expected {pinned} (the deployer's pin {pin_parameter}), got {got}")
     except (Refused, tarfile.TarError, OSError, RuntimeError, subprocess.TimeoutExpired) as error:
         stream.kill()
         stream.wait()
@@ -263,6 +251,9 @@ def restore(s5cmd: str, archive: str, directory: str, pin_parameter: str | None,
         verdict = "refused" if isinstance(error, Refused) else "not restored"
         log(f"{verdict} {source}: {error}; staging removed, the engines compile")
         return 1
+    finally:
+        if os.path.exists(download):
+            os.remove(download)
     # Into the directory itself, entry by entry, not by replacing it: an engine that is already
     # running has it bind-mounted and would keep writing into a replaced (deleted) directory.
     os.makedirs(directory, exist_ok=True)
