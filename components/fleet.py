@@ -19,8 +19,10 @@ from components.engine_release import EngineRelease, EngineReleaseArgs
 from components.host_endpoint import HostEndpoint, HostEndpointArgs
 from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
 from components.verification_gate import VerificationGate, VerificationGateArgs
+from kimi_fleet import health
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
+from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
 from kimi_fleet.release import stack_release
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
@@ -128,8 +130,10 @@ class Fleet(pulumi.ComponentResource):
                 replicas=spec.capacity.replicas,
                 fleet_rollout=getattr(endpoint, "fleet_rollout", None),
                 compile_cache_promotion=getattr(endpoint, "compile_cache_promotion", None),
-                # An instance refresh replaces the replicas one after another, each a cold start.
-                rollout_timeout_seconds=ready_timeout * spec.capacity.replicas,
+                # An instance refresh replaces the replicas one after another, each its launch and its
+                # whole grace period (the refresh's warm-up): shorter, and every good release rolls back.
+                rollout_timeout_seconds=health.fleet_rollout_seconds(health.windows(
+                    args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True), spec.capacity.replicas),
                 # A new release, new nodes or a rotated key: verify again.
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))

@@ -139,6 +139,16 @@ def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> Health
     )
 
 
+#: Per replaced replica, beyond its grace period: AWS finding capacity and launching the instance.
+LAUNCH_MARGIN_SECONDS = 600
+
+
+def fleet_rollout_seconds(w: HealthWindows, replicas: int) -> int:
+    """How long a fleet's instance refresh may take before the gate rolls it back: the replicas are
+    replaced one after another, each its launch plus its whole grace period (boot to self-verified)."""
+    return replicas * (w.grace_period_seconds + LAUNCH_MARGIN_SECONDS)
+
+
 def watchdog_settings(w: HealthWindows) -> dict:
     """stack.json's "watchdog": what the node's watchdog reads (names it has always read kept)."""
     return {

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, health
+from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
 
 #: The component whose EC2 instance serves the model (its replacement costs a start).
 GPU_NODE_COMPONENT = "kimi-fleet:aws:GpuNode"
@@ -127,8 +128,13 @@ def replacement_lines(found: list[Replacement], before_facts: dict | None, after
                 seconds = facts.get("cold_start_seconds", 0)
                 weights = ("the weights are downloaded again (the weights volume is replaced too)" if volume_replaced
                            else "the weights are downloaded again (instance store does not survive)")
+            # A new instance also boots and pulls the engine image before the load (health.py's terms),
+            # and serves only once its own run of the suite passed.
+            seconds += health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS
             lines.append(f"**replaced**: the GPU node `{r.name}` ({why} changed): the old instance is terminated "
-                         f"first, {weights}; about {_minutes(seconds)} min without service{refusal}")
+                         f"first, {weights}; about {_minutes(seconds)} min without service (boot, image pull, "
+                         f"weights, load), plus up to {_minutes(ADMISSION_DEADLINE_SECONDS)} min of the node's own "
+                         f"verification{refusal}")
         elif r.type == EBS_VOLUME:
             lines.append(f"**replaced**: the weights volume `{r.name}` ({why} changed): its verified checkpoint is "
                          "left behind on the retained old volume and downloaded again onto the new one "

@@ -163,3 +163,15 @@ def test_the_fleet_gate_waits_for_the_release_before_the_suite():
     timeout = int(gate["timeouts"]["create"].rstrip("s"))
     assert timeout > int(wait.split("--timeout ")[1].split()[0])
     json.dumps(gate["inputs"])  # plain data
+
+
+def test_the_fleet_gate_allows_every_replica_its_whole_refresh_warm_up():
+    """A review found the gate gave up at 2 x cold start x replicas while each replaced replica's
+    warm-up alone (the group's grace) was longer: every good release would have rolled back."""
+    run = run_stack("h200-int4-vllm")
+    (gate,) = [r for r in run.of_type("command:local:Command") if r["name"].endswith("-gate-verify")]
+    wait = gate["inputs"]["create"].split(" && ")[1]
+    timeout = float(wait.split("--timeout ")[1].split()[0])
+    warmup = int(wait.split("--instance-warmup ")[1].split()[0])
+    replicas = int(wait.split("--replicas ")[1].split()[0])
+    assert timeout >= replicas * warmup, (timeout, replicas, warmup)

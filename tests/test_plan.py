@@ -245,7 +245,7 @@ def test_the_diff_prints_replacements_first_and_no_in_place_story_for_a_replaced
                   warnings=["no acmeEmail for x: ..."])
     lines = stack_section("s", before, after, tmp_path, tmp_path)
     assert lines[0] == "### s"
-    assert lines[1].startswith("- **replaced**: the GPU node `i`") and "about 15 min without service" in lines[1]
+    assert lines[1].startswith("- **replaced**: the GPU node `i`") and "about 30 min without service" in lines[1]
     assert not any("in place (SSM)" in line for line in lines)
     assert "- warning: no acmeEmail for x: ..." in lines
     same = stack_section("s", before, _plan([node, instance("1")], {**rollout, "release": "r2",

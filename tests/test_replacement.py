@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from kimi_fleet import health
 import yaml
 
 import components.aws_endpoint
@@ -151,7 +153,8 @@ def test_a_market_change_is_printed_as_a_replacement_with_its_downtime(stack, tm
     assert len(node) == 1 and "launchTemplate.version" in node[0].because
     assert not any(r.type == VOLUME for r in found)
     lines = replacement_lines(found, before_facts, after_facts)
-    minutes = -(-after_facts["volume_start_seconds"] // 60)
+    # A new instance boots and pulls the engine image too (a review found the plan left those out).
+    minutes = -(-(after_facts["volume_start_seconds"] + health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS) // 60)
     assert (f"the GPU node `{node[0].name}`" in lines[0] and f"about {minutes} min without service" in lines[0]
             and "the weights volume survives" in lines[0])
     # What hangs on the instance's id is replaced with it: the volume attachment and the address association.
@@ -235,14 +238,16 @@ def test_the_words_say_downtime_weights_and_protection():
     facts = {"weights_volume": "ebs", "cold_start_seconds": 1800, "volume_start_seconds": 900,
              "fetch_seconds": 600, "checkpoint": "a@1"}
     node = Replacement(INSTANCE, "i", ("launchTemplate.version",), False, True)
+    new_node = health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS  # 15 min
     (line,) = replacement_lines([node], facts, facts)
-    assert "about 15 min without service" in line and "weights volume survives" in line
+    assert f"about {15 + new_node // 60} min without service" in line and "weights volume survives" in line
+    assert "own verification" in line
     volume = Replacement(VOLUME, "w", ("availabilityZone",), True, False)
     node_line, volume_line = replacement_lines([node, volume], facts, facts)
-    assert "about 30 min without service" in node_line and "downloaded again" in node_line
+    assert f"about {30 + new_node // 60} min without service" in node_line and "downloaded again" in node_line
     assert "Pulumi will refuse it" in volume_line and "weights.allowVolumeReplacement" in volume_line
     store = {**facts, "weights_volume": "instance-store"}
-    assert "about 30 min" in replacement_lines([node], store, store)[0]
+    assert f"about {30 + new_node // 60} min" in replacement_lines([node], store, store)[0]
 
 
 def test_every_recorded_type_is_one_the_program_declares_or_may_declare():
