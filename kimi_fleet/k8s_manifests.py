@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import yaml
 
@@ -22,7 +23,8 @@ from kimi_fleet import catalog
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch
 from kimi_fleet.node_files import (
-    ADMISSION_DEADLINE_SECONDS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT, admission_settings, verifier_sources,
+    ADMISSION_DEADLINE_SECONDS, HF_CLI_PYTHON, HF_CLI_REQUIREMENTS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT,
+    admission_settings, verifier_sources,
 )
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
@@ -57,6 +59,9 @@ VERIFIER_CONFIGMAP = "kimi-weights-verifier"
 VERIFIER_MOUNT = "/opt/kimi-fleet"
 VERIFIED_MARKER = POD_VERIFIED_MARKER
 VERIFIER_REQUIREMENTS_KEY = "verify-requirements.txt"
+#: The `hf` CLI and its whole closure, hash-pinned (node_files.HF_CLI_PINS, as the mirror's fill
+#: instance installs it): the download installs nothing unpinned.
+HF_CLI_REQUIREMENTS_KEY = "hf-requirements.txt"
 #: The suite's pinned packages, installed once per (pins, image) by the weights download (the Job or
 #: the init container) onto the weights volume: pods then start their admission without PyPI.
 VERIFIER_PACKAGES_DIR = "{}/.kimi-fleet/verify-packages/{}".format(
@@ -130,11 +135,14 @@ fi
 mkdir -p "$TARGET_DIR"
 python3 {room} --root {root} --target "$TARGET_DIR" --need "$CHECKPOINT_BYTES"
 echo "$REPO@$REVISION" > "$TARGET_DIR/{checkpoint_marker}"
-pip install --quiet --no-cache-dir --disable-pip-version-check "huggingface_hub=={hub}"
+# Only hash-pinned wheels, the requirements file complete (--no-deps: nothing pip would add unpinned).
+python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \\
+  --only-binary=:all: -r {hf_requirements}
 hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
 python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
-""".format(marker=VERIFIED_MARKER, hub=catalog.HUGGINGFACE_HUB_VERSION, root=WEIGHTS_MOUNT,
+""".format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
+           root=WEIGHTS_MOUNT,
            room=f"{VERIFIER_MOUNT}/{WEIGHTS_ROOM_SCRIPT}", checkpoint_marker=CHECKPOINT_MARKER,
            verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
            requirements=f"{VERIFIER_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}")
@@ -252,7 +260,23 @@ def _verifier_volume() -> dict:
     return {"name": "verifier", "configMap": {"name": VERIFIER_CONFIGMAP}}
 
 
+#: An official python image's tag starts with the Python it runs (python:3.12.12-slim: 3.12).
+_PYTHON_IMAGE = re.compile(r"(?:[\w.-]+/)*python:(\d+)\.(\d+)\b")
+
+
+def image_python(image: str) -> str | None:
+    """The Python minor version a python image runs ("3.12"), or None for any other image."""
+    match = _PYTHON_IMAGE.match(image)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
 def _download_container(r: Resolved) -> dict:
+    python = image_python(catalog.DOWNLOAD_IMAGE)
+    if python != HF_CLI_PYTHON:
+        # pip would refuse the pinned cp312 wheels at deploy time, inside the Job: say it at plan time.
+        raise ValueError(f"download image {catalog.DOWNLOAD_IMAGE} refused: it runs Python {python or 'unknown'}, the "
+                         f"hash-pinned hf CLI (node_files.HF_CLI_PINS) is for Python {HF_CLI_PYTHON}; use a "
+                         f"python:{HF_CLI_PYTHON}.x image or pin the hf CLI's wheels for that Python")
     return {
         "name": "download-weights",
         "image": catalog.DOWNLOAD_IMAGE,
@@ -532,7 +556,8 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "kind": "ConfigMap",
             "metadata": _meta(VERIFIER_CONFIGMAP, ns, stack, "weights"),
             "data": {**{script: node_script(script) for script in WEIGHTS_JOB_SCRIPTS},
-                     VERIFIER_REQUIREMENTS_KEY: VERIFIER_REQUIREMENTS_TEXT},
+                     VERIFIER_REQUIREMENTS_KEY: VERIFIER_REQUIREMENTS_TEXT,
+                     HF_CLI_REQUIREMENTS_KEY: HF_CLI_REQUIREMENTS},
         },
         {
             "apiVersion": "v1",

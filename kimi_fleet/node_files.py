@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from kimi_fleet import catalog, node_guard, templates
+from kimi_fleet import catalog, health, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
                                render_env_file)
@@ -28,10 +28,11 @@ from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TI
 from kimi_fleet.node_scripts.compile_cache import CANDIDATES_DIR as COMPILE_CACHE_CANDIDATES_DIR
 from kimi_fleet.node_scripts.compile_cache import PINNED_DIR as COMPILE_CACHE_PINNED_DIR
 from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
+from kimi_fleet.node_scripts.generation_probe import METRICS_TIMEOUT_SECONDS as ENGINE_METRICS_TIMEOUT_SECONDS
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, MIRROR_REFUSED_STATUS
 from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MANIFEST_NAME
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, NODE_VERIFIED_MARKER
-from kimi_fleet.paths import MIRROR_COMPILE_CACHE_DIR, mirror_compile_cache_prefix
+from kimi_fleet.paths import ENGINE_SLICE, MIRROR_COMPILE_CACHE_DIR, mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
 from kimi_fleet.spec import SAFE_VALUE
@@ -158,10 +159,10 @@ VERIFIER_DIR = f"{LIB_DIR}/verifier"
 VERIFIER_VENV = "/opt/kimi-fleet/verify"
 VERIFIER_REQUIREMENTS_FILE = f"{LIB_DIR}/verify-requirements.txt"
 #: The package modules the suite imports (tests hold this to the suite's import closure).
-VERIFIER_MODULES = ("__init__.py", "catalog.py", "endpoint_contract.py", "verification/__init__.py",
-                    "verification/checks.py", "verification/cli.py", "verification/client.py",
-                    "verification/images.py", "verification/k2vv.py", "verification/report.py",
-                    "verification/runner.py", "verification/sampling.py")
+VERIFIER_MODULES = ("__init__.py", "catalog.py", "endpoint_contract.py", "engine_bugs.py",
+                    "verification/__init__.py", "verification/checks.py", "verification/cli.py",
+                    "verification/client.py", "verification/images.py", "verification/k2vv.py",
+                    "verification/report.py", "verification/runner.py", "verification/sampling.py")
 #: The node's own admission report (the suite's JSON).
 ADMISSION_REPORT = "/var/lib/kimi-fleet/admission.json"
 #: What the node does not prove by itself: TLS (its own listener is plain HTTP on loopback), one
@@ -170,9 +171,10 @@ ADMISSION_SKIPS = ("tls", "context", "load")
 #: The whole admission run, at most (then the node stays unready and tries again next run).
 ADMISSION_DEADLINE_SECONDS = 900
 #: Every WATCHDOG_INTERVAL_SECONDS one tiny generation per engine; an admitted engine that fails
-#: WATCHDOG_FAILURES in a row is restarted.
-WATCHDOG_INTERVAL_SECONDS = 30
-WATCHDOG_FAILURES = 3
+#: WATCHDOG_FAILURES in a row with no token generated meanwhile is restarted (kimi_fleet/health.py
+#: holds these and every other health window; stack.json's "watchdog" carries them to the node).
+WATCHDOG_INTERVAL_SECONDS = health.PROBE_INTERVAL_SECONDS
+WATCHDOG_FAILURES = health.STALLED_PROBES
 WATCHDOG_PROBE_TIMEOUT_SECONDS = GENERATION_PROBE_TIMEOUT_SECONDS
 SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KEYS), SAFE_VALUE=SAFE_VALUE)
 
@@ -181,6 +183,10 @@ SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KE
 # The bootstrap restarts a unit only when one of its inputs changed; the planner reads the same
 # lists to say which units a change restarts.
 FIREWALL_UNIT_INPUTS = (node_guard.FIREWALL_RULES_PATH, f"{UNIT_DIR}/kimi-firewall.service")
+ENGINE_SLICE_UNIT_PATH = f"{UNIT_DIR}/{ENGINE_SLICE}"
+ENGINE_GUARD_UNIT_PATH = f"{UNIT_DIR}/{node_guard.ENGINE_GUARD_UNIT_NAME}"
+#: The engines' metadata guard: applied before any engine starts (the engine unit requires it).
+ENGINE_GUARD_UNIT_INPUTS = (node_guard.ENGINE_GUARD_PATH, ENGINE_SLICE_UNIT_PATH, ENGINE_GUARD_UNIT_PATH)
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
                    NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL)
@@ -198,7 +204,8 @@ def _shell_paths(paths: tuple[str, ...]) -> str:
 
 def unit_inputs(launch: Launch) -> dict[str, tuple[str, ...]]:
     """Unit -> the rendered files whose change restarts it (firewall only where it is shipped)."""
-    units = {"kimi-firewall.service": FIREWALL_UNIT_INPUTS, "fail2ban.service": FAIL2BAN_INPUTS}
+    units = {"kimi-firewall.service": FIREWALL_UNIT_INPUTS, "fail2ban.service": FAIL2BAN_INPUTS,
+             node_guard.ENGINE_GUARD_UNIT_NAME: ENGINE_GUARD_UNIT_INPUTS}
     units.update({f"kimi-engine@{i.index}.service": engine_unit_inputs(i.index) for i in launch.instances})
     units["caddy.service"] = CADDY_FILE_INPUTS
     units["kimi-watchdog.timer"] = WATCHDOG_INPUTS
@@ -258,6 +265,8 @@ HF_CLI_PINS = (
     ("tqdm", "4.70.1", ("c293e525e6fef9c20e8728fd4612df02a0aa31bb5fe91ecd93e123b1b7bffa73",)),
     ("typing-extensions", "4.16.0", ("481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8",)),
 )
+#: The Python the pins are for (cp312 wheels among them): whatever installs them runs this Python.
+HF_CLI_PYTHON = "3.12"
 HF_CLI_REQUIREMENTS = "".join(f"{name}=={version} " + " ".join(f"--hash=sha256:{h}" for h in hashes) + "\n"
                               for name, version, hashes in HF_CLI_PINS)
 
@@ -279,8 +288,10 @@ def _engine_unit(r: Resolved) -> str:
 BOOTSTRAP_UNIT = templates.render("kimi-bootstrap.service", SBIN=SBIN)
 
 def _watchdog_unit(engines: int) -> str:
-    # One probe per engine plus two through Caddy, each at most the probe timeout, and an admission run.
-    timeout = (engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + ADMISSION_DEADLINE_SECONDS + 30
+    # One probe per engine plus two through Caddy, each at most the probe timeout; an engine's
+    # /metrics read before and after a failed probe; an admission run.
+    timeout = ((engines + 2) * WATCHDOG_PROBE_TIMEOUT_SECONDS + 2 * engines * ENGINE_METRICS_TIMEOUT_SECONDS
+               + ADMISSION_DEADLINE_SECONDS + 30)
     return templates.render("kimi-watchdog.service", WATCHDOG=WATCHDOG, TIMEOUT_SECONDS=timeout)
 
 
@@ -464,7 +475,9 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "image": launch.image,
         "quant": launch.quant,
         "engines": [
-            {"index": i.index, "port": i.port, "gpus": list(i.device_ids), "health": i.probe.path}
+            # metrics: the engine's own names for its load (the watchdog's busy versus stalled).
+            {"index": i.index, "port": i.port, "gpus": list(i.device_ids), "health": i.probe.path,
+             "metrics": r.adapter.load_metrics.as_dict()}
             for i in launch.instances
         ],
         "weights": {"volume": r.weights_volume, "dir": launch.weights_host_dir, "source": spec.weights.source},
@@ -473,8 +486,10 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "log": "/var/log/kimi-fleet/bootstrap.log",
         "local_proxy": f"http://127.0.0.1:{LOCAL_PROXY_PORT}",
         "ready_file": READY_FILE,
-        "watchdog": {"interval_seconds": WATCHDOG_INTERVAL_SECONDS, "failures": WATCHDOG_FAILURES,
-                     "probe_timeout_seconds": WATCHDOG_PROBE_TIMEOUT_SECONDS},
+        # The windows from the sizing (a superset of the interval, failures and probe timeout it
+        # always had, under the same names).
+        "watchdog": health.watchdog_settings(health.windows(
+            sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=behind_load_balancer(r))),
         "admission": {"python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
                       **admission_settings(r, launch, sizing)},
     }
@@ -568,6 +583,10 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-engine@.service", _engine_unit(r), 0o644),
+        # Every node runs its engines in Docker in the guarded slice: no engine reaches the metadata service.
+        NodeFile(node_guard.ENGINE_GUARD_PATH, node_guard.render_engine_guard(stack=r.spec.stack), 0o644),
+        NodeFile(ENGINE_SLICE_UNIT_PATH, node_guard.ENGINE_SLICE_UNIT, 0o644),
+        NodeFile(ENGINE_GUARD_UNIT_PATH, node_guard.ENGINE_GUARD_UNIT, 0o644),
         NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
@@ -716,6 +735,9 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         "kimi-caddy-env.sh": CADDY_ENV,
         "fail2ban-filter.conf": files[node_guard.FAIL2BAN_FILTER_PATH].content,
         "fail2ban-jail.local": files[node_guard.FAIL2BAN_JAIL_PATH].content,
+        "engine-guard.nft": files[node_guard.ENGINE_GUARD_PATH].content,
+        ENGINE_SLICE: files[ENGINE_SLICE_UNIT_PATH].content,
+        node_guard.ENGINE_GUARD_UNIT_NAME: files[ENGINE_GUARD_UNIT_PATH].content,
     }
     if node_guard.FIREWALL_RULES_PATH in files:
         artifacts["firewall.nft"] = files[node_guard.FIREWALL_RULES_PATH].content

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kimi_fleet import catalog, engines
-from kimi_fleet.engines.base import Engine
+from kimi_fleet import catalog, engines, node_files
+from kimi_fleet.engines.base import Engine, LoadMetrics
 from kimi_fleet.launch import render_launch
+from kimi_fleet.node_scripts.generation_probe import LOAD_KEYS
 from kimi_fleet.paths import LOOPBACK, MODEL_MOUNT
 from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
 from kimi_fleet.spec import StackSpecError
-from kimi_fleet.stackfile import PROJECT_ROOT, load_stack_config
+from kimi_fleet.stackfile import PROJECT_ROOT, load_stack_config, stack_file
 from tooling.mock_run import run_stack_file
 
 TOY = "toyllm"
@@ -29,6 +31,7 @@ class ToyLLM(Engine):
 
     name = TOY
     managed_flags = {"--toy-port": "(per engine)", "--toy-memory": "engine.memoryFraction"}
+    load_metrics = LoadMetrics("toyllm:tokens_out_total", "toyllm:active", "toyllm:queued")
 
     def argv(self, r, port):
         return ["toyllm", "serve", MODEL_MOUNT, "--toy-port", str(port), "--toy-bind", LOOPBACK,
@@ -82,6 +85,7 @@ def test_a_third_engine_plans_a_stack_with_only_its_module_and_catalog_rows(toy_
     assert "kimi-fleet:aws:AwsEndpoint" in types and "aws:ec2/instance:Instance" in types
     declared = json.dumps(run.resources)
     assert TOY_IMAGE in declared and "--toy-port" in declared, "the toy engine's launch reaches the node's files"
+    assert "toyllm:tokens_out_total" in declared, "the toy engine's own /metrics names reach the node's watchdog"
 
 
 def test_a_third_engine_is_refused_where_the_catalog_has_no_rows_for_it(toy_engine, tmp_path):
@@ -104,6 +108,9 @@ def test_an_unregistered_engine_is_refused_with_the_known_ones(tmp_path):
 SOURCE_DIRS = ("kimi_fleet", "components", "policy", "scripts", "tooling")
 ENGINE_HOME = PROJECT_ROOT / "kimi_fleet" / "engines"
 CATALOG = PROJECT_ROOT / "kimi_fleet" / "catalog.py"
+#: Catalog rows kept in their own module: each known bug names the engines it was reported against
+#: (data with its source, read through EngineBug.affects; no code branches on a name there).
+ENGINE_BUGS = PROJECT_ROOT / "kimi_fleet" / "engine_bugs.py"
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -126,7 +133,7 @@ def test_no_engine_is_named_outside_its_module_and_the_catalog():
     names = engines.names()
     files = [PROJECT_ROOT / "__main__.py"] + [
         path for folder in SOURCE_DIRS for path in (PROJECT_ROOT / folder).rglob("*.py")
-        if not path.is_relative_to(ENGINE_HOME) and path != CATALOG]
+        if not path.is_relative_to(ENGINE_HOME) and path not in (CATALOG, ENGINE_BUGS)]
     offenders = [hit for path in files for hit in engine_name_literals(path, names)]
     assert offenders == []
 
@@ -141,3 +148,28 @@ def test_each_quirk_is_one_catalog_row_that_names_its_source():
     for quirk in catalog.HARDWARE_QUIRKS:
         assert quirk.engine in catalog.ENGINES and quirk.source.where
         assert quirk.refuse or quirk.image or quirk.flags or quirk.env or quirk.kv_dtype or quirk.heads_per_rank_multiple
+
+
+
+def test_an_engine_without_its_load_metrics_is_refused_at_registration():
+    class Unmeasured(Engine):  # an engine module that forgot its /metrics names
+        name = "unmeasured"
+        managed_flags = {}
+
+    with pytest.raises(TypeError, match="engine 'unmeasured' refused: it declares no load_metrics"):
+        engines.register(Unmeasured())
+    assert "unmeasured" not in engines.names()
+
+
+@pytest.mark.parametrize("stack", ["h200-int4-vllm", "h200-int4-sglang", "rtxpro6000-int4-sglang"])
+def test_each_engine_instance_carries_its_engines_metric_names_to_the_node(stack):
+    """Issue 20's busy-versus-stalled needs the engine's own names for its token counter and queue:
+    they live in the engine's module and reach the watchdog in stack.json, per engine instance."""
+    r = Resolved(load_stack_config(stack_file(stack)).spec())
+    files = node_files.render_node_files(r, render_launch(r), size(r), secrets=node_files.SecretsSource("files"),
+                                         ebs_volume_id=node_files.EBS_VOLUME_PLACEHOLDER)
+    facts = json.loads(files[f"{node_files.ENV_DIR}/stack.json"].content)
+    metrics = engines.get(r.spec.engine.name).load_metrics
+    assert facts["engines"] and all(e["metrics"] == metrics.as_dict() for e in facts["engines"])
+    assert metrics.generated_tokens.startswith(f"{r.spec.engine.name}:")  # the engine's own namespace
+    assert set(metrics.as_dict()) == set(LOAD_KEYS)  # the keys the node's engine_load reads

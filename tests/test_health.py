@@ -56,15 +56,28 @@ def test_only_a_fleet_replaces_a_dead_node_and_the_plan_lines_say_which():
     assert settings["failures"] == fleet.stalled_probes  # the name the watchdog always read
 
 
-@pytest.mark.xfail(strict=True, reason="needs kimi_fleet/node_files.py to render health.watchdog_settings "
-                                       "into stack.json (requested in issue 20's report); drop this marker then")
 @pytest.mark.parametrize("stack", [FLEET, SINGLE])
 def test_the_node_receives_the_windows_of_its_stack(stack):
     r = Resolved(load_stack_config(stack_file(stack)).spec())
-    files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
+    files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"),
+                              ebs_volume_id=node_files.EBS_VOLUME_PLACEHOLDER)
     facts = json.loads(files[f"{node_files.ENV_DIR}/stack.json"].content)
     w, _ = _windows(stack)
     assert facts["watchdog"] == health.watchdog_settings(w)
+    assert facts["watchdog"]["replace_dead_node"] is (stack == FLEET)
+
+
+def test_the_watchdog_unit_outlasts_its_longest_run():
+    """The watchdog's own unit may not kill a run that is still within its windows: per engine a
+    probe and two /metrics reads around it, two probes through Caddy, and the admission run."""
+    from kimi_fleet.node_scripts.generation_probe import METRICS_TIMEOUT_SECONDS
+
+    for engines in (1, 2):
+        unit = node_files._watchdog_unit(engines)
+        (timeout,) = [int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("TimeoutStartSec=")]
+        longest = ((engines + 2) * health.GENERATION_PROBE_TIMEOUT_SECONDS + 2 * engines * METRICS_TIMEOUT_SECONDS
+                   + node_files.ADMISSION_DEADLINE_SECONDS)
+        assert timeout > longest, (engines, timeout, longest)
 
 
 def test_the_load_balancer_drops_a_node_only_after_minutes_of_failed_checks():

@@ -332,7 +332,52 @@ def test_images_are_pinned(stack):
         for c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
     ]
     assert images and all(image_is_pinned(i) for i in images)
-    assert catalog.HUGGINGFACE_HUB_VERSION in manifests.DOWNLOAD_SCRIPT
+
+
+def _pip_installs(script: str) -> list[str]:
+    """The script's pip install commands, each joined onto one line."""
+    return [line for line in script.replace("\\\n", " ").splitlines() if "pip install" in line]
+
+
+@pytest.mark.parametrize("stack, overrides", [(s, {}) for s in K8S_STACKS] + [("gb200-int4-vllm", HOST_PATH_WEIGHTS)])
+def test_the_weights_download_installs_only_the_hash_pinned_hf_cli(stack, overrides):
+    """Issue 21: the `hf` CLI of the Job (or init container) is the fill instance's hash-pinned closure,
+    shipped beside the download's scripts and installed with --require-hashes --no-deps."""
+    from kimi_fleet import node_files
+
+    _, _, objects = rendered(stack, **overrides)
+    (verifier,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == manifests.VERIFIER_CONFIGMAP]
+    pins = verifier["data"][manifests.HF_CLI_REQUIREMENTS_KEY]
+    assert pins == node_files.HF_CLI_REQUIREMENTS
+    assert f"huggingface-hub=={catalog.HUGGINGFACE_HUB_VERSION} " in pins
+    assert all("--hash=sha256:" in line for line in pins.splitlines())
+    (download,) = [c for o in objects if o["kind"] in ("Deployment", "Job")
+                   for c in o["spec"]["template"]["spec"].get("initContainers", []) + o["spec"]["template"]["spec"][
+                       "containers"] if c["name"] == "download-weights"]
+    mounts = {m["name"]: m["mountPath"] for m in download["volumeMounts"]}
+    assert mounts["verifier"] == manifests.VERIFIER_MOUNT
+    installs = _pip_installs(download["command"][2])
+    (hf,) = [line for line in installs if manifests.HF_CLI_REQUIREMENTS_KEY in line]
+    assert f"-r {manifests.VERIFIER_MOUNT}/{manifests.HF_CLI_REQUIREMENTS_KEY}" in hf
+    for flag in ("--require-hashes", "--no-deps", "--only-binary=:all:"):
+        assert flag in hf.split(), flag
+    # Nothing else installs a package by name (the suite's pins go to the weights volume, not hf's).
+    assert len(installs) == 2 and all(" -r " in line for line in installs)
+    assert "huggingface" not in download["command"][2].replace(manifests.HF_CLI_REQUIREMENTS_KEY, "")
+
+
+def test_the_download_image_runs_the_python_the_hf_pins_are_for(monkeypatch):
+    """The pins hold cp312 wheels (pyyaml): another Python in the download image would fail inside
+    the Job at deploy time. The image's tag says its Python, and the render refuses a mismatch."""
+    from kimi_fleet import node_files
+
+    assert manifests.image_python(catalog.DOWNLOAD_IMAGE) == node_files.HF_CLI_PYTHON == "3.12"
+    assert manifests.image_python("docker.io/library/python:3.13.1-slim-bookworm") == "3.13"
+    assert manifests.image_python("caddy:2.10.2") is None
+    monkeypatch.setattr(catalog, "DOWNLOAD_IMAGE", "python:3.13.1-slim")
+    with pytest.raises(ValueError, match=r"download image python:3\.13\.1-slim refused: it runs Python 3\.13, the "
+                                         r"hash-pinned hf CLI \(node_files.HF_CLI_PINS\) is for Python 3\.12"):
+        rendered("gb200-int4-vllm")
 
 
 def test_a_replica_spanning_nodes_is_refused_before_anything_is_rendered():

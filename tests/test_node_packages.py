@@ -7,6 +7,7 @@ dependency left unpinned)."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,30 @@ def test_the_fills_hf_cli_pins_are_complete_and_hash_pinned_on_every_architectur
     downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
     assert downloaded == set(pins)
     assert any(wheel.name.startswith("hf_xet") and arch in wheel.name for wheel in (tmp_path / "wheels").iterdir())
+
+
+@pytest.mark.parametrize("arch", sorted(PLATFORMS))
+def test_the_kubernetes_download_resolves_the_hf_cli_as_its_job_installs_it(arch, tmp_path):
+    """The weights download's own pip command (its flags, the verifier ConfigMap's file), resolved
+    by pip for the Python of the Job's image on each architecture: every wheel there with its hash."""
+    from kimi_fleet import k8s_manifests as k8s
+
+    shipped = f"{k8s.VERIFIER_MOUNT}/{k8s.HF_CLI_REQUIREMENTS_KEY}"
+    (line,) = [line for line in k8s.DOWNLOAD_SCRIPT.replace("\\\n", " ").splitlines()
+               if "pip install" in line and shipped in line]
+    words = shlex.split(line)
+    assert words[:4] == ["python3", "-m", "pip", "install"]
+    requirements = tmp_path / k8s.HF_CLI_REQUIREMENTS_KEY
+    requirements.write_text(node_files.HF_CLI_REQUIREMENTS)  # what the ConfigMap carries (test_k8s_manifests)
+    options = [str(requirements) if word == shipped else word for word in words[4:]]
+    platforms = [arg for platform in PLATFORMS[arch] for arg in ("--platform", platform)]
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", *options, *platforms,
+         "--python-version", k8s.image_python(catalog.DOWNLOAD_IMAGE), "--dest", str(tmp_path / "wheels")],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    downloaded = {re.split(r"-\d", wheel.name)[0].lower().replace("_", "-") for wheel in (tmp_path / "wheels").iterdir()}
+    assert downloaded == {name for name, _, _ in node_files.HF_CLI_PINS}
 
 
 def test_the_fill_instance_installs_only_hash_pinned_requirements():

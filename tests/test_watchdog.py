@@ -17,14 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import catalog, health, node_files
+from kimi_fleet import catalog, engines, health, node_files
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_node_files
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
-from tests.fakes.load_shim import start_load_shim
+
+# tests/fakes/load_shim.py still reads each engine's /metrics names from
+# generation_probe.ENGINE_METRICS, which moved to the engine modules (LoadMetrics). Until the shim
+# takes them from kimi_fleet.engines itself, it gets the same names from there.
+from kimi_fleet.node_scripts import generation_probe as _generation_probe  # noqa: E402
+
+_generation_probe.ENGINE_METRICS = {  # type: ignore[attr-defined]
+    name: tuple(engines.get(name).load_metrics.as_dict().values()) for name in engines.names()}
+from tests.fakes.load_shim import start_load_shim  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
               pytest.mark.timeout(180)]
@@ -153,10 +161,10 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
         # The node's stack.json, with the fake's port, the loopback listener's port and short probes.
         stack_json = root / "etc/kimi-fleet/stack.json"
         facts = json.loads(stack_json.read_text())
+        assert facts["watchdog"] == health_settings(r)  # the node got its stack's windows as rendered
         facts["engines"][0]["port"] = port
         facts["local_proxy"] = f"http://127.0.0.1:{local_port}"
-        facts["watchdog"] = {**health_settings(r), **facts["watchdog"], "probe_timeout_seconds": PROBE_TIMEOUT,
-                             **(watchdog or {})}
+        facts["watchdog"] = {**facts["watchdog"], "probe_timeout_seconds": PROBE_TIMEOUT, **(watchdog or {})}
         stack_json.write_text(json.dumps(facts))
         stack.enter_context(start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}))
         # The suite's dependencies come from this venv (on a node: the bootstrap's verifier venv);
@@ -266,6 +274,24 @@ def test_a_busy_engine_stays_in_service_and_is_never_restarted(tmp_path):
         busy.unlink()
         assert run_watchdog().returncode == 0 and _ready(root) == release
         assert _status(root)["health"]["verdict"] == "ready"
+
+
+def test_busy_is_read_under_the_names_stack_json_gives_for_the_engine(tmp_path):
+    """The watchdog knows no engine: the token counter it reads is the one stack.json names for
+    this engine instance (its engine module's LoadMetrics). Under another engine's names the same
+    busy engine shows no counter, and its failed probe counts as a stall."""
+    busy = tmp_path / "busy"
+    with node(tmp_path, "good", busy_file=busy) as (root, run_watchdog, state, facts):
+        assert facts["engines"][0]["metrics"] == engines.get(facts["engine"]).load_metrics.as_dict()
+        assert run_watchdog().returncode == 0 and _ready(root) is not None
+        other = next(engines.get(name) for name in engines.names() if name != facts["engine"])
+        facts["engines"][0]["metrics"] = other.load_metrics.as_dict()
+        (root / "etc/kimi-fleet/stack.json").write_text(json.dumps(facts))
+        busy.touch()
+        result = run_watchdog()
+        assert result.returncode == 0, result.stderr
+        assert "kimi-engine@0.service: stalled: probe failed (TimeoutError" in result.stderr, result.stderr
+        assert "busy" not in result.stderr
 
 
 def test_a_dead_engine_is_restarted_first_and_only_after_the_long_window_marked_for_replacement(tmp_path):
@@ -445,7 +471,8 @@ def test_the_suite_shipped_to_nodes_is_complete_and_needs_only_its_pinned_packag
             existing = {c for c in candidates if (ROOT_DIR / c).exists()}
             assert existing <= shipped, (module, name)  # everything it imports from the package ships
         third_party |= outside - set(sys.stdlib_module_names) - {"__future__"}
-    assert third_party == {"httpx", "jsonschema"}
+    # packaging: engine_bugs.py (the gate names known engine bugs) reads version ranges with it.
+    assert third_party == {"httpx", "jsonschema", "packaging"}
     pins = {line.split("==")[0].lower(): line for line in (ROOT_DIR / "requirements.txt").read_text().splitlines()
             if "==" in line}
     for package in third_party:

@@ -6,7 +6,7 @@ memory knobs); nothing else in kimi-fleet names engines.
 
 from __future__ import annotations
 
-from kimi_fleet.engines.base import ENGINE_OPTIONS, PARALLELISM_OPTIONS, Engine
+from kimi_fleet.engines.base import ENGINE_OPTIONS, PARALLELISM_OPTIONS, Engine, LoadMetrics
 from kimi_fleet.engines.sglang import SGLang
 from kimi_fleet.engines.vllm import VLLM
 
@@ -14,6 +14,10 @@ _REGISTRY: dict[str, Engine] = {}
 
 
 def register(engine: Engine) -> Engine:
+    # Refused here, not on a node: without them the watchdog restarts a busy engine as a stalled one.
+    if not isinstance(getattr(engine, "load_metrics", None), LoadMetrics):
+        raise TypeError(f"engine {engine.name!r} refused: it declares no load_metrics (LoadMetrics: its token "
+                        "counter and running/waiting gauges on /metrics); add them from the engine's source")
     _REGISTRY[engine.name] = engine
     return engine
 
@@ -43,4 +47,5 @@ def names() -> tuple[str, ...]:
 register(VLLM())
 register(SGLang())
 
-__all__ = ["ENGINE_OPTIONS", "PARALLELISM_OPTIONS", "Engine", "get", "managed_flags", "names", "register", "unregister"]
+__all__ = ["ENGINE_OPTIONS", "PARALLELISM_OPTIONS", "Engine", "LoadMetrics", "get", "managed_flags", "names",
+           "register", "unregister"]

@@ -9,6 +9,7 @@ Facts (ports, health routes, menus, memory profile) live in the catalog's Engine
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from kimi_fleet import catalog
@@ -30,8 +31,29 @@ PARALLELISM_OPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class LoadMetrics:
+    """What the engine says it is doing, by its own names on its Prometheus /metrics: the node's
+    watchdog tells a busy engine (tokens still generated while its probe waited) from a stalled one.
+    Take them from the pinned engine source: they were renamed across releases."""
+
+    #: Tokens generated since the engine started (a counter).
+    generated_tokens: str
+    #: Requests being generated now (a gauge).
+    running: str
+    #: Requests queued behind them (a gauge).
+    waiting: str
+
+    def as_dict(self) -> dict[str, str]:
+        """stack.json's engines[].metrics, as generation_probe.engine_load reads them."""
+        return {"generated": self.generated_tokens, "running": self.running, "waiting": self.waiting}
+
+
 class Engine:
     name: ClassVar[str]
+    #: Its /metrics names (no default: an engine without them would have every busy spell taken
+    #: for a stall, and restarted).
+    load_metrics: ClassVar[LoadMetrics]
     #: Flag -> the stack field that sets it: extraArgs may not set these, in any spelling.
     managed_flags: ClassVar[dict[str, str]]
     #: Which of ENGINE_OPTIONS / PARALLELISM_OPTIONS this engine reads; the others are refused.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from packaging.version import Version
 
 from kimi_fleet import catalog
-from kimi_fleet.engines.base import Engine
+from kimi_fleet.engines.base import Engine, LoadMetrics
 from kimi_fleet.paths import DRAFT_MOUNT, LOOPBACK, MODEL_MOUNT
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ class SGLang(Engine):
     name = "sglang"
     options = frozenset({"dp_attention", "cuda_graph_max_batch"})
     options_hint = "SGLang needs nothing extra for vision; it uses dpAttention where vLLM uses decodeContextParallel"
+    #: SGLang's collector (python/sglang/srt/metrics/collector.py), on with --enable-metrics (argv below).
+    load_metrics = LoadMetrics("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs")
     managed_flags = {
         "--tp-size": "parallelism.tensorParallel", "--tensor-parallel-size": "parallelism.tensorParallel",
         "--dp-size": "parallelism.dataParallel", "--data-parallel-size": "parallelism.dataParallel",

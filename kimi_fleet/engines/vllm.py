@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from packaging.version import Version
 
 from kimi_fleet import catalog
-from kimi_fleet.engines.base import Engine
+from kimi_fleet.engines.base import Engine, LoadMetrics
 from kimi_fleet.paths import DRAFT_MOUNT, LOOPBACK, MODEL_MOUNT
 
 if TYPE_CHECKING:
@@ -19,6 +19,9 @@ class VLLM(Engine):
     name = "vllm"
     options = frozenset({"language_model_only", "mm_encoder_tp_mode", "moe_backend", "decode_context_parallel"})
     options_hint = "vLLM uses decodeContextParallel where SGLang uses dpAttention"
+    #: vLLM's Prometheus logger (vllm/v1/metrics/loggers.py); the counter gets its _total from prometheus_client.
+    load_metrics = LoadMetrics("vllm:generation_tokens_total", "vllm:num_requests_running",
+                               "vllm:num_requests_waiting")
     managed_flags = {
         "--tensor-parallel-size": "parallelism.tensorParallel", "--data-parallel-size": "parallelism.dataParallel",
         # vLLM's short aliases -tp and -dp (one dash or two: the check strips dashes).

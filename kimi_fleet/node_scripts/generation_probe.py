@@ -21,13 +21,12 @@ import sys
 import urllib.error
 import urllib.request
 
-#: Each engine's own counters on /metrics: (tokens generated, a counter; requests running; requests
-#: queued). Names from the engines' source: vLLM's Prometheus logger (vllm/v1/metrics/loggers.py),
-#: SGLang's collector (python/sglang/srt/metrics/collector.py, on with --enable-metrics).
-ENGINE_METRICS = {
-    "vllm": ("vllm:generation_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting"),
-    "sglang": ("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs"),
-}
+#: One read of an engine's /metrics, at most: it answers in milliseconds when alive (the watchdog
+#: reads it twice around a failed probe; its unit's timeout counts both).
+METRICS_TIMEOUT_SECONDS = 10
+#: What engine_load reports, by the keys stack.json's engines[].metrics name the engine's own
+#: metrics with (its engine module's LoadMetrics: this script runs on nodes and cannot import them).
+LOAD_KEYS = ("generated", "running", "waiting")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
 
 
@@ -59,11 +58,12 @@ def probe(base_url: str, model: str, timeout: float, key: str | None = None) -> 
     return None
 
 
-def engine_load(base_url: str, engine: str, timeout: float) -> dict | None:
+def engine_load(base_url: str, metrics: dict, timeout: float = METRICS_TIMEOUT_SECONDS) -> dict | None:
     """{"generated", "running", "waiting"} from the engine's /metrics (each summed over its label
     sets: one per model or data-parallel rank), or None when /metrics does not answer or lacks the
-    token counter (then nothing proves the engine is busy)."""
-    generated_name, running_name, waiting_name = ENGINE_METRICS[engine]
+    token counter (then nothing proves the engine is busy). `metrics`: the engine's own name for
+    each of those keys (stack.json's engines[].metrics)."""
+    names = {metrics[key]: key for key in LOAD_KEYS}
     try:
         with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout) as response:
             text = response.read().decode(errors="replace")
@@ -72,15 +72,15 @@ def engine_load(base_url: str, engine: str, timeout: float) -> dict | None:
     totals: dict[str, float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and match.group(1) in (generated_name, running_name, waiting_name):
+        if match and match.group(1) in names:
+            key = names[match.group(1)]
             try:
-                totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+                totals[key] = totals.get(key, 0.0) + float(match.group(2))
             except ValueError:
                 continue
-    if generated_name not in totals:
+    if "generated" not in totals:
         return None
-    return {"generated": totals[generated_name], "running": totals.get(running_name, 0.0),
-            "waiting": totals.get(waiting_name, 0.0)}
+    return {key: totals.get(key, 0.0) for key in LOAD_KEYS}
 
 
 def main(argv: list[str]) -> int:

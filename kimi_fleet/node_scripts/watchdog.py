@@ -2,7 +2,8 @@
 """kimi-fleet node watchdog: admission and liveness by real generations (kimi-watchdog.timer).
 
 Each run, per engine: one tiny generation straight to the engine (generation_probe.py), and, when
-it fails, the engine's own token counter (its /metrics) read before and after. The windows come
+it fails, the engine's own token counter (its /metrics, under the names stack.json's
+engines[].metrics give: the engine module's LoadMetrics) read before and after. The windows come
 from the sizing (kimi_fleet/health.py, in stack.json's "watchdog"); every decision is one log line
 and lands in the node status ("health").
 - An engine is *admitted* the first time it generates after a (re)start (systemd's InvocationID
@@ -41,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
 from compile_cache import PUBLISH_UNIT, instance_id, read_settings  # noqa: E402
-from generation_probe import engine_load, probe  # noqa: E402
+from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
@@ -50,8 +51,6 @@ RELEASE = ROOT / "etc/kimi-fleet/release"
 NODE_ENV = ROOT / "etc/kimi-fleet/node.env"
 STATE_DIR = ROOT / "run/kimi-fleet/watchdog"
 LOG = ROOT / "var/log/kimi-fleet/watchdog.log"
-#: The engine's /metrics is read twice around a failed probe; it answers in milliseconds when alive.
-METRICS_TIMEOUT_SECONDS = 10
 #: An engine unit in one of these has no process (systemd gave up, or it was stopped).
 PROCESS_GONE = ("failed", "inactive")
 
@@ -115,7 +114,7 @@ def _save_state(path: Path, state: dict) -> None:
 SERVING = ("serving", "busy", "stalled")
 
 
-def check_engine(engine: dict, model: str, engine_kind: str, watchdog: dict, now: float) -> dict:
+def check_engine(engine: dict, model: str, watchdog: dict, now: float) -> dict:
     """Probe one engine and decide. Returns {"unit", "verdict", "reason", "dead"}: verdict one of
     serving, busy, stalled, restarted, loading, not started, over budget, gone; dead a reason or None."""
     unit = f"kimi-engine@{engine['index']}.service"
@@ -133,7 +132,7 @@ def check_engine(engine: dict, model: str, engine_kind: str, watchdog: dict, now
         last_generation = now  # the dead window counts from the first start the watchdog saw
     state["last_generation_at"] = last_generation
     base_url = f"http://127.0.0.1:{engine['port']}"
-    verdict, reason = _judge(unit, state, base_url, model, engine_kind, watchdog, now, current, active)
+    verdict, reason = _judge(unit, state, base_url, model, engine["metrics"], watchdog, now, current, active)
     dead = None
     if len(starts) >= watchdog["crash_loop_starts"]:
         dead = f"crash loop: {len(starts)} starts within {window} s"
@@ -144,7 +143,7 @@ def check_engine(engine: dict, model: str, engine_kind: str, watchdog: dict, now
     return {"unit": unit, "verdict": verdict, "reason": reason, "dead": dead}
 
 
-def _judge(unit: str, state: dict, base_url: str, model: str, engine_kind: str, watchdog: dict, now: float,
+def _judge(unit: str, state: dict, base_url: str, model: str, metrics: dict, watchdog: dict, now: float,
            current: str, active: str) -> tuple[str, str]:
     if not current:
         return "not started", "no start yet (the bootstrap has not started it)"
@@ -153,7 +152,7 @@ def _judge(unit: str, state: dict, base_url: str, model: str, engine_kind: str, 
         restart(unit)
         state.update(admitted=False, stalls=0)
         return "gone", f"process gone (ActiveState {active})"
-    before = engine_load(base_url, engine_kind, METRICS_TIMEOUT_SECONDS) if state["admitted"] else None
+    before = engine_load(base_url, metrics, METRICS_TIMEOUT_SECONDS) if state["admitted"] else None
     failure = probe(base_url, model, watchdog["probe_timeout_seconds"])
     if failure is None:
         if not state["admitted"]:
@@ -170,7 +169,7 @@ def _judge(unit: str, state: dict, base_url: str, model: str, engine_kind: str, 
         restart(unit)
         state.update(started_at=now)  # the restart's own budget starts now (its new InvocationID too)
         return "over budget", f"load over its {budget} s budget ({failure})"
-    after = engine_load(base_url, engine_kind, METRICS_TIMEOUT_SECONDS)
+    after = engine_load(base_url, metrics, METRICS_TIMEOUT_SECONDS)
     if before and after and after["generated"] > before["generated"]:
         state.update(stalls=0, last_generation_at=now)
         log(f"{unit}: busy: probe failed ({failure}) but the engine generated "
@@ -254,7 +253,7 @@ def main() -> int:
     stack = json.loads(STACK_JSON.read_text())
     watchdog = stack["watchdog"]
     now = time.time()
-    engines = [check_engine(engine, stack["model"], stack["engine"], watchdog, now) for engine in stack["engines"]]
+    engines = [check_engine(engine, stack["model"], watchdog, now) for engine in stack["engines"]]
     node_file = STATE_DIR / "node.json"
     node = _load_state(node_file)
     release = RELEASE.read_text().strip()
