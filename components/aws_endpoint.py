@@ -26,7 +26,7 @@ from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
 from kimi_fleet import health
 from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
-    ADMISSION_DEADLINE_SECONDS, SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
+    SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
     compile_cache_pin_parameter, default_ssm_prefix, node_release, release_bundle, release_pointer,
     render_aws_user_data, render_node_files, render_proxy_for,
 )
@@ -150,10 +150,10 @@ class AwsEndpoint(pulumi.ComponentResource):
         self.fleet_rollout = None
         if balancer:
             # The refresh is the gate's (gpu_node: the provider's own cannot roll back, #34189): its
-            # bounds from the stack's rollout, its warm-up the group's grace (a node's whole cold start).
+            # bounds from the stack's rollout; a new instance is InService only once admitted (the
+            # launch hook), so its warm-up is the load balancer's own checks.
             bounds = refresh_percentages(spec.capacity.replicas, spec.capacity.rollout)
-            warmup = health.windows(args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
-                                    fleet=True).grace_period_seconds
+            warmup = health.REFRESH_WARMUP_SECONDS
             self.fleet_rollout = pulumi.Output.all(node.fleet_group, balancer.target_group_arns,
                                                    node.template_version, node.launch_template_id).apply(
                 lambda values: {"region": target.region, "group": values[0], "target_groups": list(values[1]),

@@ -218,12 +218,23 @@ class GpuNode(pulumi.ComponentResource):
         self.fleet_group = None
         if fleet:
             group = self._fleet(name, args, template, sizing)
-            # A dead node (kimi_fleet/health.py) marks itself unhealthy so its group replaces it: the one
-            # Auto Scaling call a node may make, on its own group only.
-            aws.iam.RolePolicy(f"{name}-mark-unhealthy", role=role.id, opts=child, policy=group.arn.apply(
-                lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [{
-                    "Sid": "MarkSelfUnhealthy", "Effect": "Allow", "Action": "autoscaling:SetInstanceHealth",
-                    "Resource": arn}]})))
+            windows = health.windows(sizing, verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS, fleet=True)
+            # A new instance serves only once its watchdog admitted it (the suite passed on the node): it
+            # waits in Pending:Wait until it completes this hook, and is abandoned if it never does. (A
+            # separate resource, not the group's initial hooks, so a running stack gets it too.)
+            aws.autoscaling.LifecycleHook(
+                f"{name}-admission", autoscaling_group_name=group.name, name=health.ADMISSION_HOOK_NAME,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING", default_result="ABANDON",
+                heartbeat_timeout=health.admission_hook_timeout(windows), opts=child)
+            # The node's only Auto Scaling calls: find its group, complete its own admission. A dead node
+            # powers itself off instead of marking itself unhealthy (that permission would cover every
+            # node of the group: no instance-id condition exists for it).
+            aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child, policy=group.arn.apply(
+                lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [
+                    {"Sid": "CompleteAdmission", "Effect": "Allow", "Action": "autoscaling:CompleteLifecycleAction",
+                     "Resource": arn},
+                    {"Sid": "FindOwnGroup", "Effect": "Allow", "Action": "autoscaling:DescribeAutoScalingInstances",
+                     "Resource": "*"}]})))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
             self.fleet_group = group.name

@@ -102,7 +102,7 @@ class HealthWindows:
             "a load still not generating then is killed and restarted",
             f"crash loop: {self.crash_loop_starts} starts within {self.crash_loop_window_seconds} s",
             f"dead after {self.dead_window_seconds} s without a generation = {terms(self.dead_window_terms)}"
-            + ("; the node then marks itself unhealthy and its Auto Scaling group replaces it"
+            + ("; the node then powers itself off and its Auto Scaling group (EC2 health) replaces it"
                if self.replace_dead_node else "; a single node keeps restarting its engine (nothing replaces it)"),
             f"group health check grace {self.grace_period_seconds} s = {terms(self.grace_terms)}",
         ]
@@ -139,6 +139,22 @@ def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> Health
     )
 
 
+#: A fleet's launch lifecycle hook: a new instance stays out of service (Pending:Wait) until its
+#: watchdog admitted it and completes this hook; one that never does is abandoned (terminated) at the
+#: heartbeat timeout. An instance refresh therefore waits on real admission, not on EC2 status checks.
+ADMISSION_HOOK_NAME = "kimi-fleet-admitted"
+#: AWS's ceiling for a lifecycle hook's heartbeat timeout (seconds).
+LIFECYCLE_HEARTBEAT_MAX_SECONDS = 7200
+#: The refresh's warm-up once an instance is InService: it is already admitted (the hook), so only the
+#: load balancer's own health checks to pass (healthy threshold x interval) and a margin.
+REFRESH_WARMUP_SECONDS = LB_HEALTHY_THRESHOLD * LB_INTERVAL_SECONDS + 60
+
+
+def admission_hook_timeout(w: HealthWindows) -> int:
+    """The hook's heartbeat timeout: the node's whole grace period, within AWS's ceiling."""
+    return min(w.grace_period_seconds, LIFECYCLE_HEARTBEAT_MAX_SECONDS)
+
+
 #: Per replaced replica, beyond its grace period: AWS finding capacity and launching the instance.
 LAUNCH_MARGIN_SECONDS = 600
 
@@ -160,4 +176,6 @@ def watchdog_settings(w: HealthWindows) -> dict:
         "crash_loop_window_seconds": w.crash_loop_window_seconds,
         "dead_window_seconds": w.dead_window_seconds,
         "replace_dead_node": w.replace_dead_node,
+        # A fleet node completes its launch hook once admitted (the group then puts it in service).
+        "admission_hook": ADMISSION_HOOK_NAME if w.replace_dead_node else None,
     }

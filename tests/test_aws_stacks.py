@@ -271,9 +271,16 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
     # itself unhealthy) is replaced; the refresh is the gate's, not the provider's (#34189).
     assert inputs["healthCheckType"] == "EC2"
     assert "instanceRefresh" not in inputs
-    (mark,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-mark-unhealthy")]
-    (statement,) = json.loads(mark["inputs"]["policy"])["Statement"]
-    assert statement["Action"] == "autoscaling:SetInstanceHealth" and statement["Resource"].startswith("arn:")
+    # A node serves only once admitted: the launch hook holds it until its watchdog completes it.
+    (hook,) = run.of_type("aws:autoscaling/lifecycleHook:LifecycleHook")
+    assert (hook["inputs"]["lifecycleTransition"], hook["inputs"]["defaultResult"]) == (
+        "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON")
+    assert 0 < int(hook["inputs"]["heartbeatTimeout"]) <= 7200
+    (admission,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-admission")]
+    actions = {s["Action"]: s["Resource"] for s in json.loads(admission["inputs"]["policy"])["Statement"]}
+    assert actions["autoscaling:CompleteLifecycleAction"].startswith("arn:")  # its own group only
+    # No node may mark instances unhealthy: that would cover every node of the group.
+    assert all("SetInstanceHealth" not in p["inputs"]["policy"] for p in run.of_type("aws:iam/rolePolicy:RolePolicy"))
     assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store
     assert run.outputs["public_address"] == "kimi-nlb-123.elb.us-east-1.amazonaws.com"
     assert "no hosted zone configured" in run.outputs["dns_record"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 from botocore.stub import Stubber
 
+from kimi_fleet import health
 from tooling.mock_run import run_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +146,8 @@ def test_the_fleet_gate_waits_for_the_release_before_the_suite():
     (template,) = run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
     assert f"--launch-template-id {template['name']}-id " in wait
     assert "--min-healthy-percentage " in wait and "--max-healthy-percentage " in wait
-    assert int(wait.split("--instance-warmup ")[1].split()[0]) == group["inputs"]["healthCheckGracePeriod"]
+    # InService means admitted (the launch hook), so the warm-up is the load balancer's own checks.
+    assert int(wait.split("--instance-warmup ")[1].split()[0]) == health.REFRESH_WARMUP_SECONDS
     assert "scripts/promote_compile_cache.py" in promote and "--group " in promote
     groups = run.of_type("aws:lb/targetGroup:TargetGroup")
     assert wait.startswith(".venv/bin/python scripts/await_fleet_release.py --region us-east-1 ")
@@ -165,13 +167,14 @@ def test_the_fleet_gate_waits_for_the_release_before_the_suite():
     json.dumps(gate["inputs"])  # plain data
 
 
-def test_the_fleet_gate_allows_every_replica_its_whole_refresh_warm_up():
-    """A review found the gate gave up at 2 x cold start x replicas while each replaced replica's
-    warm-up alone (the group's grace) was longer: every good release would have rolled back."""
+def test_the_fleet_gate_allows_every_replica_its_whole_admission():
+    """A review found the gate gave up at 2 x cold start x replicas while each replaced replica needs
+    its whole grace period (boot to self-verified, the launch hook's wait): every good release would
+    have rolled back."""
     run = run_stack("h200-int4-vllm")
     (gate,) = [r for r in run.of_type("command:local:Command") if r["name"].endswith("-gate-verify")]
+    (group,) = run.of_type("aws:autoscaling/group:Group")
     wait = gate["inputs"]["create"].split(" && ")[1]
     timeout = float(wait.split("--timeout ")[1].split()[0])
-    warmup = int(wait.split("--instance-warmup ")[1].split()[0])
     replicas = int(wait.split("--replicas ")[1].split()[0])
-    assert timeout >= replicas * warmup, (timeout, replicas, warmup)
+    assert timeout >= replicas * group["inputs"]["healthCheckGracePeriod"], (timeout, replicas)

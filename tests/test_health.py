@@ -48,7 +48,7 @@ def test_only_a_fleet_replaces_a_dead_node_and_the_plan_lines_say_which():
     fleet, _ = _windows(FLEET)
     single, _ = _windows(SINGLE)
     assert fleet.replace_dead_node and not single.replace_dead_node
-    assert "Auto Scaling group replaces it" in "\n".join(fleet.lines())
+    assert "powers itself off and its Auto Scaling group (EC2 health) replaces it" in "\n".join(fleet.lines())
     assert "nothing replaces it" in "\n".join(single.lines())
     assert f"group health check grace {fleet.grace_period_seconds} s = boot" in "\n".join(fleet.lines())
     settings = health.watchdog_settings(fleet)

@@ -52,12 +52,21 @@ case "$1" in
   restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"
            echo "after-restart-$(wc -l <"$state/restarts")" >"$state/invocation-$unit" ;;
   start) echo "${@: -1}" >>"$state/starts" ;;
+  poweroff) echo poweroff >>"$state/poweroff" ;;
   *) echo "unexpected systemctl $*" >&2; exit 1 ;;
 esac
 """
-#: aws as the watchdog uses it on a fleet node: records each call (one line of arguments).
+#: aws as the watchdog uses it on a fleet node: records each call (one line of arguments); the
+#: instance's lifecycle state comes from a file (Pending:Wait until the hook is completed).
 AWS_STUB = """#!/bin/bash
-echo "$*" >>"${SYSTEMCTL_STUB_DIR:?}/aws-calls"
+state=${SYSTEMCTL_STUB_DIR:?}
+echo "$*" >>"$state/aws-calls"
+case "$2" in
+  describe-auto-scaling-instances)
+    printf '{"AutoScalingInstances": [{"AutoScalingGroupName": "kimi-group", "LifecycleState": "%s"}]}\n' \
+      "$(cat "$state/lifecycle" 2>/dev/null || echo InService)" ;;
+  complete-lifecycle-action) echo InService >"$state/lifecycle" ;;
+esac
 """
 INSTANCE_ID = "i-0123456789abcdef0"
 
@@ -323,17 +332,19 @@ def test_a_dead_engine_is_restarted_first_and_only_after_the_long_window_marked_
         assert f"kimi-engine@0.service: load over budget: started" in over.stderr
         assert f"its load budget is {budget} s, still not generating (TimeoutError" in over.stderr
         assert len((state / "restarts").read_text().split()) == 2 and _aws_calls(state) == []
-        # No generation for the whole dead window: now, and only now, the group is told to replace it.
+        # No generation for the whole dead window: now, and only now, the node stops itself (its group's
+        # EC2 health check replaces it; no Auto Scaling permission that could touch other nodes).
+        assert not (state / "poweroff").exists()
         _age(watchdog_state, "last_generation_at", facts["watchdog"]["dead_window_seconds"] + 1)
         dead = run_watchdog()
-        assert f"marked {INSTANCE_ID} unhealthy; its Auto Scaling group replaces it" in dead.stderr, dead.stderr
-        assert _aws_calls(state) == [f"autoscaling set-instance-health --region us-east-1 --instance-id {INSTANCE_ID} "
-                                     "--health-status Unhealthy --no-should-respect-grace-period"]
+        assert "powering off; its Auto Scaling group replaces it" in dead.stderr, dead.stderr
+        assert (state / "poweroff").read_text().split() == ["poweroff"]
+        assert not any("set-instance-health" in call for call in _aws_calls(state))
         status = _status(root)
         assert status["phase"] == "failed" and status["health"]["verdict"] == "dead"
         assert "no generation for" in status["health"]["engines"]["kimi-engine@0.service"]["dead"]
         run_watchdog()
-        assert len(_aws_calls(state)) == 1  # once
+        assert (state / "poweroff").read_text().split() == ["poweroff"]  # once
 
 
 def test_a_crash_loop_is_dead_at_once_and_a_single_node_only_says_so(tmp_path):
@@ -539,3 +550,31 @@ def test_a_pod_that_stops_generating_leaves_the_service_until_it_passes_again(tm
             _, errors = admission.communicate(timeout=30)
     assert errors.count("the verification suite passed") == 2, errors
     assert "not ready until it generates and passes the suite again" in errors
+
+
+def test_a_fleet_node_enters_service_only_by_completing_its_launch_hook_once_admitted(tmp_path):
+    """The group holds a new instance in Pending:Wait (kimi_fleet/health.py's launch hook) until its
+    watchdog admitted it: only then is the hook completed, once; an instance refresh so waits on real
+    admission. Before admission, no Auto Scaling call at all."""
+    hook = health.ADMISSION_HOOK_NAME
+    with node(tmp_path, "dead-scheduler", watchdog={"replace_dead_node": True, "admission_hook": hook}) as (
+            root, run_watchdog, state, facts):
+        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+        settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n"))
+        (state / "lifecycle").write_text("Pending:Wait\n")
+        run_watchdog()
+        assert _ready(root) is None and _aws_calls(state) == []  # never generates: never admitted
+    with node(tmp_path / "good", "good", watchdog={"replace_dead_node": True, "admission_hook": hook}) as (
+            root, run_watchdog, state, facts):
+        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+        settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n"))
+        (state / "lifecycle").write_text("Pending:Wait\n")
+        result = run_watchdog()
+        assert _ready(root) is not None, result.stderr
+        assert f"launch hook {hook} completed; group kimi-group puts {INSTANCE_ID} in service" in result.stderr
+        calls = _aws_calls(state)
+        assert calls[-1] == (f"autoscaling complete-lifecycle-action --auto-scaling-group-name kimi-group "
+                             f"--lifecycle-hook-name {hook} --instance-id {INSTANCE_ID} --lifecycle-action-result "
+                             "CONTINUE --region us-east-1"), calls
+        run_watchdog()
+        assert _aws_calls(state) == calls  # once

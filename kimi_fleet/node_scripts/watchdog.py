@@ -14,9 +14,11 @@ and lands in the node status ("health").
 - *Stalled*: a failed probe and no token generated meanwhile. `failures` of them in a row take the
   node out of service (the ready file goes) and restart the engine; fewer keep it in.
 - *Dead*: no generation for the dead window (longer than a restart and its load budget), or a crash
-  loop (`crash_loop_starts` starts within `crash_loop_window_seconds`). A fleet node then marks
-  itself unhealthy for its Auto Scaling group, once (`aws autoscaling set-instance-health`): the
-  group replaces it. A single node has nothing to replace it: it keeps restarting its engine.
+  loop (`crash_loop_starts` starts within `crash_loop_window_seconds`). A fleet node then powers
+  itself off: its group's EC2 health check replaces it (no Auto Scaling permission on the node). A
+  single node has nothing to replace it: it keeps restarting its engine.
+A fleet node also completes its launch lifecycle hook once admitted: until then its group keeps it
+out of service, and an instance refresh waits on that admission.
 The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
 refuses a request without the key and generates with it, and the project's verification suite
 (shipped with the release) passed against that listener for this release and these engine starts
@@ -53,6 +55,8 @@ STATE_DIR = ROOT / "run/kimi-fleet/watchdog"
 LOG = ROOT / "var/log/kimi-fleet/watchdog.log"
 #: An engine unit in one of these has no process (systemd gave up, or it was stopped).
 PROCESS_GONE = ("failed", "inactive")
+#: An AWS CLI call the watchdog makes may not outlast its own unit timeout.
+AWS_TIMEOUT_SECONDS = 60
 
 
 def log(message: str) -> None:
@@ -188,23 +192,49 @@ def _judge(unit: str, state: dict, base_url: str, model: str, metrics: dict, wat
     return "restarted", f"restarted after {watchdog['failures']} stalled probes"
 
 
-def mark_for_replacement(reason: str) -> bool:
-    """Tell the node's Auto Scaling group this instance is unhealthy: the group replaces it."""
+def aws_autoscaling(*args: str) -> subprocess.CompletedProcess:
     region = read_settings(str(NODE_ENV)).get("AWS_REGION", "")
+    return subprocess.run(["aws", "autoscaling", *args, "--region", region], capture_output=True, text=True,
+                          check=False, timeout=AWS_TIMEOUT_SECONDS)
+
+
+def complete_admission_hook(hook: str) -> bool:
+    """A fleet node, once admitted: let its group put it in service (its launch lifecycle hook waits
+    for this; a node that never gets here is abandoned by the group at the hook's timeout). True once
+    done, or when there is nothing to complete (already in service)."""
     try:
         instance = instance_id()
-    except (OSError, RuntimeError, ValueError) as error:
-        log(f"node dead ({reason}) but its instance id is unknown ({error}); retried next run")
+        found = aws_autoscaling("describe-auto-scaling-instances", "--instance-ids", instance, "--output", "json")
+        if found.returncode != 0:
+            raise RuntimeError((found.stderr or found.stdout).strip()[-300:])
+        described = json.loads(found.stdout).get("AutoScalingInstances") or []
+    except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
+        log(f"admitted, but the launch hook could not be looked up ({error}); retried next run")
         return False
-    marked = subprocess.run(["aws", "autoscaling", "set-instance-health", "--region", region, "--instance-id",
-                             instance, "--health-status", "Unhealthy", "--no-should-respect-grace-period"],
-                            capture_output=True, text=True, check=False)
-    if marked.returncode != 0:
-        log(f"node dead ({reason}): marking {instance} unhealthy failed: "
-            f"{(marked.stderr or marked.stdout).strip()[-300:]}; retried next run")
+    if not described or described[0].get("LifecycleState") != "Pending:Wait":
+        return True
+    group = described[0]["AutoScalingGroupName"]
+    try:
+        done = aws_autoscaling("complete-lifecycle-action", "--auto-scaling-group-name", group,
+                               "--lifecycle-hook-name", hook, "--instance-id", instance,
+                               "--lifecycle-action-result", "CONTINUE")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log(f"admitted, but completing the launch hook failed ({error}); retried next run")
         return False
-    log(f"node dead ({reason}): marked {instance} unhealthy; its Auto Scaling group replaces it")
+    if done.returncode != 0:
+        log(f"admitted, but completing the launch hook failed: {(done.stderr or done.stdout).strip()[-300:]}; "
+            "retried next run")
+        return False
+    log(f"admitted: launch hook {hook} completed; group {group} puts {instance} in service")
     return True
+
+
+def power_off(reason: str) -> None:
+    """A dead fleet node stops itself: its group's EC2 health check sees a stopped instance and
+    replaces it. No Auto Scaling permission is needed (one that could mark this node unhealthy could
+    mark every node of the group)."""
+    log(f"node dead ({reason}): powering off; its Auto Scaling group replaces it")
+    subprocess.run(["systemctl", "poweroff"], check=False, capture_output=True, text=True)
 
 
 def record_health(verdict: str, engines: list[dict], now: float) -> None:
@@ -286,6 +316,8 @@ def main() -> int:
         ready_file.chmod(0o644)
         start_phase("ready")
         node.pop("dead", None)
+        if watchdog.get("admission_hook") and not node.get("hook_completed"):
+            node["hook_completed"] = complete_admission_hook(watchdog["admission_hook"])
     elif ready is None:
         if ready_file.exists():
             held = ", ".join(f"{e['unit']} {e['reason']}" for e in engines if e["verdict"] != "serving")
@@ -300,12 +332,14 @@ def main() -> int:
         reason = "; ".join(dead)
         start_phase("failed")
         if node.get("dead") is None:
+            node["dead"] = reason
             if not watchdog["replace_dead_node"]:
                 log(f"node dead ({reason}); a single node has no group to replace it: its engines keep "
                     "being restarted")
-                node["dead"] = reason
-            elif mark_for_replacement(reason):
-                node["dead"] = reason
+            else:
+                record_health("dead", engines, now)
+                _save_state(node_file, node)
+                power_off(reason)
     verdict = "dead" if dead else {True: "ready", None: "in service, held", False: "not ready"}[ready]
     record_health(verdict, engines, now)
     _save_state(node_file, node)
