@@ -108,7 +108,8 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
         statements.append(
             {"Sid": "UploadCompileCacheCandidates", "Effect": "Allow",
              "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-             "Resource": f"arn:aws:s3:::{bucket}/{candidates}/*"})
+             # Under its own ${aws:userid} (<role id>:<instance id>): no node overwrites another's candidate.
+             "Resource": f"arn:aws:s3:::{bucket}/{candidates}/${{aws:userid}}/*"})
     return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 

@@ -6,7 +6,8 @@ verification gate after the suite passed, with the deployer's credentials; issue
         --pin-parameter /kimi-fleet/S/compile-cache/DIGEST (--instance-id i-... | --group ASG) \\
         --timeout SECONDS
 
-Nodes may only publish candidates (CACHE/candidates/<stack>/<instance id>/<launch>.tar) and cannot
+Nodes may only publish candidates (CACHE/candidates/<stack>/<role id>:<instance id>/<launch>.tar, each
+under its own ${aws:userid}) and cannot
 read anyone's. This waits, at most --timeout, for a candidate of this launch from an instance of
 this stack (the single node, or any instance in the fleet's Auto Scaling group), downloads it,
 checks every member with the rules the node's restore applies (compile_cache.archive_problem: no
@@ -65,7 +66,11 @@ def find_candidate(s3, args, instances: set[str]) -> str | None:
     found = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=args.bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            instance, _, name = item["Key"].removeprefix(prefix).partition("/")
+            # <role id>:<instance id>, the uploader's own ${aws:userid}: the one prefix its role may write.
+            uploader, _, name = item["Key"].removeprefix(prefix).partition("/")
+            if not compile_cache.CALLER.fullmatch(uploader):
+                continue
+            instance = uploader.rpartition(":")[2]
             if instance in instances and name == f"{args.launch}.tar":
                 found.append((item["LastModified"], item["Key"]))
     return max(found)[1] if found else None

@@ -12,6 +12,7 @@ publisher's listing and its reading never brings those files into the archive.""
 from __future__ import annotations
 
 import hashlib
+import json
 import http.server
 import io
 import os
@@ -71,6 +72,29 @@ class _Imds(http.server.BaseHTTPRequestHandler):
         pass
 
 
+#: The role id part of a node's ${aws:userid} in keys these tests lay out by hand.
+ROLE_ID = "AROAEXAMPLENODEROLE01"
+
+
+def as_node(env: dict, instance: str) -> dict:
+    """The environment of a node: its role's session credentials, named after its instance as EC2
+    names them (so STS calls it <role id>:<instance id>, IAM's ${aws:userid})."""
+    # The role exists, so STS names its sessions by its one role id (as AWS does).
+    subprocess.run(["aws", "iam", "create-role", "--role-name", "kimi-node", "--assume-role-policy-document",
+                    '{"Version": "2012-10-17", "Statement": []}'], env=env, capture_output=True, text=True)
+    assumed = subprocess.run(["aws", "sts", "assume-role", "--role-arn", "arn:aws:iam::123456789012:role/kimi-node",
+                              "--role-session-name", instance, "--output", "json"], env=env, capture_output=True,
+                             text=True, check=True)
+    credentials = json.loads(assumed.stdout)["Credentials"]
+    return {**env, "AWS_ACCESS_KEY_ID": credentials["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"], "AWS_SESSION_TOKEN": credentials["SessionToken"]}
+
+
+def caller_of(env: dict) -> str:
+    return subprocess.run(["aws", "sts", "get-caller-identity", "--query", "UserId", "--output", "text"], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 @pytest.fixture
 def s3_env():
     imds = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Imds)
@@ -78,7 +102,7 @@ def s3_env():
     _Imds.instance_id = NODE_A
     with moto_server(REGION) as env:
         aws(env, "s3api", "create-bucket", "--bucket", BUCKET)
-        yield {**env, "S5CMD": str(S5CMD), "AWS_REGION": REGION,
+        yield {**as_node(env, NODE_A), "S5CMD": str(S5CMD), "AWS_REGION": REGION,
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{imds.server_address[1]}"}
     imds.shutdown()
 
@@ -180,7 +204,10 @@ def test_a_candidate_is_promoted_by_the_deployer_and_restored_by_the_next_node(s
     (first / "triton" / "fresh.cubin").write_bytes(b"still being written")  # younger than the settle time
     published = cache_tool(s3_env, "publish", first, tmp_path)
     assert published.returncode == 0, published.stdout + published.stderr
-    candidate = f"{CACHE}/candidates/{STACK}/{NODE_A}/{LAUNCH}.tar"
+    # Under the node's own ${aws:userid}: the one prefix its role may write (components/gpu_node.py).
+    node_a = caller_of(s3_env)
+    assert node_a.endswith(f":{NODE_A}")
+    candidate = f"{CACHE}/candidates/{STACK}/{node_a}/{LAUNCH}.tar"
     assert f"published 11 entries to s3://{BUCKET}/{candidate}" in published.stdout, published.stdout
     assert "left out 2" in published.stdout  # the lock and the fresh file
     assert keys(s3_env) == [candidate]  # the node wrote its candidate and nothing else
@@ -208,8 +235,7 @@ def test_a_candidate_is_promoted_by_the_deployer_and_restored_by_the_next_node(s
     assert second.stat().st_ino == inode  # the same directory a running container has mounted
     assert os.readlink(second / "triton" / "latest") == "ab"
     assert not list(second.parent.glob(".*restoring*"))
-    _Imds.instance_id = NODE_B
-    pinned = cache_tool(s3_env, "publish", second, tmp_path)
+    pinned = cache_tool(as_node(s3_env, NODE_B), "publish", second, tmp_path)
     assert pinned.returncode == 0 and "already has a pinned cache" in pinned.stdout
 
 
@@ -256,9 +282,12 @@ def test_nothing_to_publish_and_no_candidate_in_time(s3_env, tmp_path):
     assert nothing.returncode == 0 and "nothing to publish" in nothing.stdout
     # A candidate of another instance (not this stack's node) or of another launch is not taken.
     other = _tar(lambda a: _member(a, "k.cubin"))
-    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{STRANGER}/{LAUNCH}.tar", other)
-    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{NODE_A}/fedcba9876543210.tar", other)
-    _put(s3_env, tmp_path, f"{CACHE}/candidates/other-stack/{NODE_A}/{LAUNCH}.tar", other)
+    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{ROLE_ID}:{STRANGER}/{LAUNCH}.tar", other)
+    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{ROLE_ID}:{NODE_A}/fedcba9876543210.tar", other)
+    _put(s3_env, tmp_path, f"{CACHE}/candidates/other-stack/{ROLE_ID}:{NODE_A}/{LAUNCH}.tar", other)
+    # Not under an IAM user id (a key no node role could have written: IAM scopes each node to its
+    # own <role id>:<instance id>), though it names this stack's node.
+    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{NODE_A}/{LAUNCH}.tar", other)
     waited = promote(s3_env, NODE_A, timeout=1)
     assert waited.returncode == 0, waited.stderr
     assert "warning: no candidate of launch" in waited.stdout and "nothing promoted" in waited.stdout
@@ -277,7 +306,7 @@ def test_nothing_to_publish_and_no_candidate_in_time(s3_env, tmp_path):
 ])
 def test_a_hostile_archive_is_neither_promoted_nor_restored(s3_env, tmp_path, hostile, reason):
     content = _tar(lambda archive: (_member(archive, "ok/kernel.cubin"), hostile(archive)))
-    candidate = f"{CACHE}/candidates/{STACK}/{NODE_A}/{LAUNCH}.tar"
+    candidate = f"{CACHE}/candidates/{STACK}/{ROLE_ID}:{NODE_A}/{LAUNCH}.tar"
     _put(s3_env, tmp_path, candidate, content)
     promoted = promote(s3_env, NODE_A)
     assert promoted.returncode == 0, promoted.stderr  # the gate still passes
@@ -310,7 +339,7 @@ def test_a_fleet_candidate_is_taken_from_any_instance_of_its_group(s3_env, tmp_p
     member = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["fleet"])["AutoScalingGroups"][0][
         "Instances"][0]["InstanceId"]
     content = _tar(lambda a: _member(a, "k.cubin", content=b"fleet kernel"))
-    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{member}/{LAUNCH}.tar", content)
+    _put(s3_env, tmp_path, f"{CACHE}/candidates/{STACK}/{ROLE_ID}:{member}/{LAUNCH}.tar", content)
     promoted = promote(s3_env, extra=("--group", "fleet"))
     assert promoted.returncode == 0 and pin_value(s3_env) == hashlib.sha256(content).hexdigest(), promoted.stdout
 

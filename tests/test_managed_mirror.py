@@ -115,7 +115,9 @@ def test_nodes_write_only_candidates_of_their_own_stack_and_read_no_candidate(ru
     statements = [statement for policy in node_policies for statement in policy["Statement"]]
     writes = [s for s in statements if s["Effect"] == "Allow"
               and any(a.startswith("s3:") and a not in ("s3:GetObject", "s3:ListBucket") for a in _actions(s))]
-    assert [_resources(s) for s in writes] == [[f"arn:aws:s3:::{BUCKET}/{compile_cache_candidate_prefix(r)}/*"]]
+    # Under the node's own ${aws:userid} (<role id>:<instance id>): no node overwrites another's candidate.
+    assert [_resources(s) for s in writes] == [
+        [f"arn:aws:s3:::{BUCKET}/{compile_cache_candidate_prefix(r)}/${{aws:userid}}/*"]]
     assert set(_actions(writes[0])) <= {"s3:PutObject", "s3:AbortMultipartUpload"}
     denied = [s for s in statements if s["Effect"] == "Deny" and "s3:GetObject" in _actions(s)]
     assert [_resources(s) for s in denied] == [[f"arn:aws:s3:::{BUCKET}/{compile_cache_candidates_pattern(r)}"]]

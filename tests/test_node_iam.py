@@ -118,7 +118,8 @@ def test_the_only_write_is_the_stacks_own_candidate_prefix():
                                 "Allow")
         candidates = node_files.compile_cache_candidate_prefix(r)
         bucket = r.spec.weights.s3_mirror_location[0] if candidates else None
-        assert written == ([f"{bucket}/{candidates}/*"] if candidates else []), stack
+        # Each node under its own IAM user id (<role id>:<instance id>): none can overwrite another's.
+        assert written == ([f"{bucket}/{candidates}/${{aws:userid}}/*"] if candidates else []), stack
         if candidates:
             assert candidates.endswith(f"/candidates/{stack}")
 

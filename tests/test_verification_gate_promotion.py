@@ -42,7 +42,7 @@ def mirror(tmp_path):
             info.size = 6
             archive.addfile(info, io.BytesIO(b"kernel"))
         (tmp_path / "candidate.tar").write_bytes(buffer.getvalue())
-        key = f"s3://{BUCKET}/{CACHE}/candidates/gate-test/{NODE}/{LAUNCH}.tar"
+        key = f"s3://{BUCKET}/{CACHE}/candidates/gate-test/AROAEXAMPLENODEROLE01:{NODE}/{LAUNCH}.tar"
         assert aws(env, "s3", "cp", str(tmp_path / "candidate.tar"), key).returncode == 0
         yield env, hashlib.sha256(buffer.getvalue()).hexdigest()
 

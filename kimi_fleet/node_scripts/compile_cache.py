@@ -71,6 +71,10 @@ QUIET = ("--log", "error")
 IMDS_ENDPOINT = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
+#: Who the node's role credentials are, as IAM's ${aws:userid} names them: "<role id>:<instance id>"
+#: (an EC2 role session is named after its instance). A node may write candidates under its own
+#: name only (the role policy's resource), so no node can overwrite another's.
+CALLER = re.compile(r"[A-Z0-9]{16,128}:i-[0-9a-f]{8,17}")
 
 
 def log(message: str) -> None:
@@ -170,6 +174,20 @@ def read_pin(parameter: str, region: str | None) -> str | None:
     if not SHA256_HEX.fullmatch(value):
         raise Refused(f"pin {parameter} holds {value[:80]!r}, not a SHA-256: nothing restored")
     return value
+
+
+def caller(region: str | None) -> str:
+    """This node's ${aws:userid} (STS answers any caller about itself: no permission needed)."""
+    command = ["aws", "sts", "get-caller-identity", "--query", "UserId", "--output", "text"]
+    if region:
+        command += ["--region", region]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    found = result.stdout.strip()
+    if result.returncode != 0 or not CALLER.fullmatch(found):
+        raise RuntimeError(f"aws sts get-caller-identity gave {found[:60]!r} "
+                           f"({result.stderr.strip()[-200:] or f'exit {result.returncode}'}), not a role session "
+                           "of an instance")
+    return found
 
 
 def instance_id() -> str:
@@ -369,7 +387,11 @@ def publish(s5cmd: str, archive: str, directory: str, settle_seconds: float, *, 
         if pinned:
             log(f"launch {launch_digest(archive)} already has a pinned cache ({pinned[:12]}...): not published")
             return 0
-    candidate = candidate_uri(archive, stack, instance_id())
+    try:
+        candidate = candidate_uri(archive, stack, caller(region))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        log(f"not published: {error}")
+        return 1
     if object_exists(s5cmd, candidate):
         log(f"{candidate} already published: not published again")
         return 0
