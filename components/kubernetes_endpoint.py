@@ -1,8 +1,11 @@
 """KubernetesEndpoint: the stack on an existing cluster, from the objects kimi_fleet.k8s_manifests renders.
 
 Typed pulumi-kubernetes resources are built from the pure dicts, so the YAML `plan` writes and what
-`pulumi up` applies cannot drift. Pulumi waits for the download Job and the Deployments with
-timeouts derived from the sizing instead of the provider's 10-minute default.
+`pulumi up` applies cannot drift. Pulumi waits for the download Job with a timeout derived from the
+sizing instead of the provider's 10-minute default. It does not wait for the Deployments
+(pulumi.com/skipAwait): the verification gate does (scripts/await_k8s_rollout.py, from
+`fleet_rollout`), fails within minutes of a pod's failure and undoes the rollout, where the
+provider would wait out the whole deadline and leave the Deployment on the bad release.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class KubernetesEndpointArgs(EndpointArgs):
     """The shared endpoint inputs; nothing Kubernetes-specific beyond the spec."""
 
 
+#: pulumi-kubernetes' annotation (pulumi/pulumi-kubernetes#417): apply the object, do not await it.
+SKIP_AWAIT_ANNOTATION = "pulumi.com/skipAwait"
+
+
 def _seconds(value: int) -> str:
     return f"{value}s"
 
@@ -50,12 +57,21 @@ def with_pod_annotation(deployment: dict, key: str, value: pulumi.Input[str]) ->
     return {**deployment, "spec": {**deployment["spec"], "template": {**template, "metadata": metadata}}}
 
 
+def without_await(obj: dict) -> dict:
+    """The object with the provider's await skipped (Pulumi-only: not in the YAML a hand-applier uses)."""
+    metadata = obj["metadata"]
+    annotations = {**metadata.get("annotations", {}), SKIP_AWAIT_ANNOTATION: "true"}
+    return {**obj, "metadata": {**metadata, "annotations": annotations}}
+
+
 class KubernetesEndpoint(pulumi.ComponentResource):
     endpoint_url: pulumi.Output[str]
     openai_base_url: pulumi.Output[str]
     node_ids: pulumi.Output[list[str]]
     market: pulumi.Output[str]
     hourly_cost_usd: pulumi.Output[float | None]
+    #: what the gate waits for (k8s_manifests.rollout_wait with the applied Deployments' names)
+    fleet_rollout: pulumi.Output[dict]
 
     def __init__(self, name: str, args: KubernetesEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:kubernetes:KubernetesEndpoint", name, None, opts)
@@ -109,13 +125,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 # The proxy reads the key at start: a rotated key (a new Secret version) rolls the pods.
                 obj = with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION,
                                           api_key_secret.metadata.apply(lambda m: m.resource_version or ""))
-                opts_for = pulumi.ResourceOptions(
-                    depends_on=[*prerequisites],
-                    custom_timeouts=pulumi.CustomTimeouts(
-                        create=_seconds(manifests.deployment_timeout_seconds(r, sizing, rolling=False)),
-                        update=_seconds(manifests.deployment_timeout_seconds(r, sizing, rolling=True)),
-                    ),
-                )
+                # Applied, not awaited: the gate waits, and undoes a rollout that fails.
+                obj = without_await(obj)
+                opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites])
             else:
                 opts_for = pulumi.ResourceOptions()
             resource = declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, opts_for))
@@ -134,6 +146,11 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             ),
             pulumi.ResourceOptions(parent=self),
         )
+
+        # The gate's wait names the Deployments as applied (and so runs only after they are).
+        wait = manifests.rollout_wait(r, sizing)
+        self.fleet_rollout = pulumi.Output.all(*[d.metadata.name for d in deployments]).apply(
+            lambda names: {**wait, "deployments": list(names)})
 
         # A cluster's GPUs are billed outside this stack: the cost is unknown here.
         publish_endpoint(self, domain=r.spec.domain, node_ids=pulumi.Output.all(*[d.metadata.name for d in deployments]),

@@ -20,6 +20,7 @@ from kimi_fleet.verification.cli import MEASURED_PREFIX, THROUGHPUT_PREFIX
 PYTHON = ".venv/bin/python"  # the virtualenv Pulumi.yaml names
 VERIFY_SCRIPT = "scripts/verify.py"
 FLEET_RELEASE_SCRIPT = "scripts/await_fleet_release.py"
+K8S_ROLLOUT_SCRIPT = "scripts/await_k8s_rollout.py"
 PROMOTE_SCRIPT = "scripts/promote_compile_cache.py"
 #: How long the gate waits for a node's compile-cache candidate after the suite passed (the node
 #: publishes once admitted; a few GB upload in minutes). Nothing in time: a warning, not a failure.
@@ -49,7 +50,10 @@ class VerificationGateArgs:
     replicas: int = 1
     #: a fleet behind a load balancer: {region, group, target_groups, template_version, launch_template_id,
     #: min/max_healthy_percentage, instance_warmup_seconds}; the gate first starts the release's instance
-    #: refresh and waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets
+    #: refresh and waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets.
+    #: Kubernetes ({"kind": "kubernetes", namespace, context, deployments, timeout_seconds, pod_ready_seconds,
+    #: scheduling_grace_seconds}: k8s_manifests.rollout_wait): the gate waits for the Deployments' rollout
+    #: (scripts/await_k8s_rollout.py) and undoes it when it fails
     fleet_rollout: pulumi.Input[dict] | None = None
     rollout_timeout_seconds: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
@@ -57,6 +61,30 @@ class VerificationGateArgs:
     #: compile_cache_promotion: region, bucket, cache_prefix, stack, launch, pin_parameter, and
     #: instance_ids or group); None: nothing to promote
     compile_cache_promotion: pulumi.Input[dict] | None = None
+    #: the stack's kubeconfig secret (a path or the content), for kubectl on a Kubernetes rollout;
+    #: None: kubectl's own (KUBECONFIG, ~/.kube/config), as the provider does
+    kubeconfig: pulumi.Input[str] | None = None
+
+
+def is_k8s_rollout(rollout: dict | None) -> bool:
+    return bool(rollout) and rollout.get("kind") == "kubernetes"
+
+
+def k8s_rollout_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
+    """The wait for a Kubernetes release's rollout; it undoes one that fails (exit 1)."""
+    argv = [PYTHON, K8S_ROLLOUT_SCRIPT, "--namespace", rollout["namespace"]]
+    if rollout.get("context"):
+        argv += ["--context", rollout["context"]]
+    for name in rollout["deployments"]:
+        argv += ["--deployment", name]
+    return argv + ["--release", args.release, "--timeout", str(rollout["timeout_seconds"]),
+                   "--pod-ready-seconds", str(rollout["pod_ready_seconds"]),
+                   "--scheduling-grace-seconds", str(rollout["scheduling_grace_seconds"])]
+
+
+def k8s_rollout_wait_seconds(rollout: dict) -> int:
+    """The longest the Kubernetes wait runs: the rollout, then an undo given as long."""
+    return 2 * int(rollout["timeout_seconds"])
 
 
 def fleet_wait_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
@@ -110,7 +138,9 @@ def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | No
     if args.release:
         argv += ["--release", args.release, "--replicas", str(args.replicas)]
     steps = [f"mkdir -p {shlex.quote(f'build/{args.stack}')}"]
-    if rollout and args.release:
+    if is_k8s_rollout(rollout) and args.release:
+        steps.append(shlex.join(k8s_rollout_argv(args, rollout)))
+    elif rollout and args.release:
         steps.append(shlex.join(fleet_wait_argv(args, rollout)))
     steps.append(shlex.join(argv))
     if promotion:  # only after the suite passed (&&); it never fails the gate itself
@@ -132,10 +162,13 @@ class VerificationGate(pulumi.ComponentResource):
         # compile-cache candidate; give Pulumi more.
         promotion_wait = COMPILE_CACHE_PROMOTION_WAIT_SECONDS if args.compile_cache_promotion is not None else 0
         timeout = f"{args.rollout_timeout_seconds + args.ready_timeout_seconds + promotion_wait + 1800}s"
+        environment = {"KIMI_API_KEY": pulumi.Output.secret(args.api_key)}
+        if args.kubeconfig is not None:
+            environment["KIMI_KUBECONFIG"] = pulumi.Output.secret(args.kubeconfig)
         self.command = command.local.Command(
             f"{name}-verify",
             create=create,
-            environment={"KIMI_API_KEY": pulumi.Output.secret(args.api_key)},
+            environment=environment,
             triggers=args.triggers,
             logging=command.local.Logging.STDOUT_AND_STDERR,
             opts=pulumi.ResourceOptions(

@@ -28,6 +28,7 @@ from kimi_fleet.node_files import (
 )
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.generation_probe import ALIVE_WHILE_GENERATING, METRICS_TIMEOUT_SECONDS
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, POD_VERIFIED_MARKER
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -86,9 +87,13 @@ STARTUP_MARGIN = 1.5
 STARTUP_PROBE_PERIOD_SECONDS = 30
 #: Out of rotation after this many failed generations in a row.
 READINESS_FAILURES = 3
-#: Liveness restarts an engine that stopped generating for several minutes.
+#: Liveness restarts an engine that stopped generating for several minutes. A busy engine (its probe
+#: queued behind clients' requests past the timeout while its token counter advanced) passes: only a
+#: stalled one is restarted (generation_probe.py --alive-while-generating, the watchdog's "busy").
 LIVENESS_PERIOD_SECONDS = 30
 LIVENESS_FAILURES = 6
+#: The liveness probe reads the engine's /metrics before and after its generation.
+LIVENESS_TIMEOUT_SECONDS = GENERATION_PROBE_TIMEOUT_SECONDS + 2 * METRICS_TIMEOUT_SECONDS
 PROBE_CONFIGMAP = "kimi-generation-probe"
 PROBE_MOUNT = "/opt/kimi-fleet/probe"
 #: The admission container: the project's verification suite against the pod's own proxy, then a
@@ -102,6 +107,10 @@ ADMISSION_SCRIPTS = ("admission.py", "pod_admission.py", GENERATION_PROBE_SCRIPT
 POD_LOCAL_PROXY_PORT = LOCAL_PROXY_PORT
 #: Engine images are 10-30 GB: pulling one onto a fresh node takes minutes.
 IMAGE_PULL_SECONDS = 15 * 60
+#: How long a new pod may wait for a node before the gate calls the rollout failed: a cluster
+#: autoscaler brings a GPU node within minutes; a cluster with no free GPU set never does (a surge
+#: pod needs a whole second set).
+SCHEDULING_GRACE_SECONDS = 10 * 60
 #: A hub download can stall and resume: allow three times the estimate before giving up.
 DOWNLOAD_MARGIN = 3
 DOWNLOAD_SETUP_SECONDS = 10 * 60
@@ -202,6 +211,46 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     if r.weights_volume == "host-path":
         per_pod += download_deadline_seconds(sizing)
     return per_pod * (engine_pod_count(r) if rolling else 1)
+
+
+def rollout_cost(r: Resolved, sizing: Sizing) -> str:
+    """What a new release costs the running endpoint, in words (the plan and the manifests' header).
+
+    A Deployment keeps the previous release serving only where the cluster has room: `surge` needs a
+    spare GPU set for one more pod (nothing here can know the cluster has one: a surge pod that finds
+    none stays Pending and the gate calls the rollout failed after SCHEDULING_GRACE_SECONDS);
+    one-at-a-time stops an old pod first."""
+    minutes = max(1, math.ceil(pod_cold_start_seconds(sizing) / 60))
+    pods = engine_pod_count(r)
+    back = (f"a failed release is undone by the gate (kubectl rollout undo), which costs the previous release "
+            f"its own cold start again (about {minutes} min)")
+    if r.spec.capacity.rollout == "surge":
+        return (f"rollout surge: each new pod starts beside the old ones on a spare set of {r.gpus_per_engine} "
+                f"GPUs (the cluster must have one free, else the surge pod stays Pending and the gate fails the "
+                f"rollout after {SCHEDULING_GRACE_SECONDS // 60} min); no pod of the previous release stops "
+                f"before its replacement is Ready, so it serves throughout and a failed release costs no downtime")
+    if pods == 1:
+        return (f"rollout one-at-a-time with one pod: the only pod stops first, so every new release is about "
+                f"{minutes} min without service (the new pod's cold start from the volume); {back}. "
+                f"capacity.rollout: surge avoids it if the cluster has a second set of {r.gpus_per_engine} GPUs")
+    return (f"rollout one-at-a-time: one of {pods} pods out at a time for about {minutes} min each "
+            f"({pods - 1}/{pods} capacity meanwhile; the others serve the previous release); {back} for the "
+            "pod that failed")
+
+
+def rollout_wait(r: Resolved, sizing: Sizing) -> dict:
+    """What the gate's scripts/await_k8s_rollout.py waits with (the Deployment names are added by the
+    component): the whole rollout, one pod's start to Ready, a pod's wait for a node."""
+    k8s = r.spec.target.kubernetes
+    return {
+        "kind": "kubernetes",
+        "namespace": k8s.namespace,
+        "context": k8s.kubeconfig_context or "",
+        "deployments": [deployment_name(market) for market, _ in market_groups(r)],
+        "timeout_seconds": deployment_timeout_seconds(r, sizing, rolling=True),
+        "pod_ready_seconds": deployment_timeout_seconds(r, sizing, rolling=False),
+        "scheduling_grace_seconds": SCHEDULING_GRACE_SECONDS,
+    }
 
 
 def market_groups(r: Resolved) -> list[tuple[str, int]]:
@@ -313,11 +362,18 @@ def _scheduling(r: Resolved, market: str) -> dict:
     }
 
 
-def _generation_probe(r: Resolved, launch: Launch, timeout: int = GENERATION_PROBE_TIMEOUT_SECONDS) -> dict:
+def _generation_probe(r: Resolved, launch: Launch, timeout: int = GENERATION_PROBE_TIMEOUT_SECONDS, *,
+                      alive_while_generating: bool = False) -> dict:
     # The engine listens on 127.0.0.1 only and kubelet's httpGet dials the pod IP: probe from inside.
-    command = ["python3", f"{PROBE_MOUNT}/{GENERATION_PROBE_SCRIPT}", f"http://{launch.instances[0].upstream}",
+    mode = []
+    probe_timeout = timeout
+    if alive_while_generating:
+        # The engine's own metric names (its module's LoadMetrics); two /metrics reads fit the timeout.
+        mode = [ALIVE_WHILE_GENERATING, json.dumps(r.adapter.load_metrics.as_dict(), separators=(",", ":"))]
+        probe_timeout = timeout + 2 * METRICS_TIMEOUT_SECONDS
+    command = ["python3", f"{PROBE_MOUNT}/{GENERATION_PROBE_SCRIPT}", *mode, f"http://{launch.instances[0].upstream}",
                r.spec.model.served_name, str(timeout - 5)]
-    return {"exec": {"command": command}, "timeoutSeconds": timeout}
+    return {"exec": {"command": command}, "timeoutSeconds": probe_timeout}
 
 
 def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
@@ -357,10 +413,11 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
             "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
             "failureThreshold": startup_failure_threshold(sizing),
         },
+        # Readiness takes a pod that does not generate out of the Service, busy or not.
         "readinessProbe": {**_generation_probe(r, launch), "periodSeconds": PROBE_PERIOD_SECONDS,
                            "failureThreshold": READINESS_FAILURES},
         "livenessProbe": {
-            **_generation_probe(r, launch),
+            **_generation_probe(r, launch, alive_while_generating=True),
             "periodSeconds": LIVENESS_PERIOD_SECONDS,
             "failureThreshold": LIVENESS_FAILURES,
         },
@@ -648,6 +705,7 @@ def render_k8s_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[st
         f"#   kubectl -n {ns} create secret generic {API_KEY_SECRET} --from-file={API_KEY_SECRET_KEY}=API_KEY_FILE",
         f"#   kubectl -n {ns} create secret generic {HF_TOKEN_SECRET} --from-file={HF_TOKEN_SECRET_KEY}=HF_TOKEN_FILE"
         "  (gated repos only)",
+        f"# {rollout_cost(r, sizing)}",
     ]
     documents = yaml.dump_all(
         render_manifests(r, sizing, launch, stack=r.spec.stack), Dumper=_NoAliasDumper, sort_keys=False, width=120

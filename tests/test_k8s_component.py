@@ -1,7 +1,10 @@
 """KubernetesEndpoint under Pulumi mocks: what it declares, how long it waits, where the secrets go."""
 
+import kubernetes_validate
 import pulumi
 import pytest
+
+from components.kubernetes_endpoint import SKIP_AWAIT_ANNOTATION
 
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
@@ -12,6 +15,7 @@ from tooling.mock_run import MockRun, run_components, secret_paths
 
 API_KEY = "sk-test-not-a-real-key-0123456789"
 HF_TOKEN = "hf_test_not_a_real_token"
+K8S_VERSION = kubernetes_validate.latest_version()
 
 
 def seconds(text: str) -> int:
@@ -32,7 +36,7 @@ def run_kubernetes_endpoint(stack: str, *, hf_token=None, api_key: str = API_KEY
             resolved=r, sizing=size(r), launch=render_launch(r),
             api_key=pulumi.Output.secret(api_key), hf_token=hf_token,
         ))
-        names = ["endpoint_url", "openai_base_url", "node_ids", "market", "hourly_cost_usd"]
+        names = ["endpoint_url", "openai_base_url", "node_ids", "market", "hourly_cost_usd", "fleet_rollout"]
         return {name: getattr(endpoint, name) for name in names}
 
     return run_components(declare, stack)
@@ -64,14 +68,29 @@ def test_dra_claim_template_asks_for_four_gpus(gb200):
     assert request["exactly"]["count"] == 4 and request["exactly"]["deviceClassName"] == "gpu.nvidia.com"
 
 
-def test_waits_longer_than_the_model_load(gb200):
+def test_the_gate_not_pulumi_awaits_the_deployments(gb200):
+    """Issue 20: the provider would wait out the whole deadline on a crash-looping pod and leave the
+    Deployment on the bad release; the gate's wait fails within minutes and undoes it."""
     run = gb200
     r = resolved("gb200-int4-vllm")
     sizing = size(r)
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
-    for phase in ("create", "update"):
-        assert seconds(deployment["timeouts"][phase]) > sizing.warm_start_seconds
-        assert seconds(deployment["timeouts"][phase]) > 600  # the provider's default
+    assert deployment["wire"]["metadata"]["annotations"] == {SKIP_AWAIT_ANNOTATION: "true"}
+    assert not deployment["timeouts"]  # nothing to wait for: the gate's wait has its own deadline
+    # What Pulumi applies is still a valid Deployment (the annotation is metadata, not spec).
+    applied = {"apiVersion": "apps/v1", "kind": "Deployment",
+               **{key: value for key, value in deployment["wire"].items() if key in ("metadata", "spec")}}
+    template = applied["spec"]["template"]["metadata"]["annotations"]
+    assert template[manifests.RELEASE_ANNOTATION] == manifests.manifest_release(r, sizing, render_launch(r),
+                                                                                stack="gb200-int4-vllm")
+    kubernetes_validate.validate(applied, K8S_VERSION, strict=True)
+    # The gate waits for the Deployments as applied, with the sizing's windows.
+    assert gb200.outputs["fleet_rollout"] == {
+        **manifests.rollout_wait(r, sizing), "deployments": [deployment["wire"]["metadata"]["name"]]}
+    wait = gb200.outputs["fleet_rollout"]
+    assert wait["kind"] == "kubernetes" and wait["namespace"] == "kimi-gb200"
+    assert wait["pod_ready_seconds"] > manifests.startup_window_seconds(sizing) > sizing.volume_start_seconds
+    assert wait["timeout_seconds"] >= wait["pod_ready_seconds"] * manifests.engine_pod_count(r)
     (job,) = run.of_type("kubernetes:batch/v1:Job")
     assert seconds(job["timeouts"]["create"]) > sizing.download_seconds
     # The engines wait for the verified weights, the claim template, the Caddyfile and the secrets.
@@ -101,6 +120,7 @@ def test_outputs(gb200):
         "node_ids": ["kimi-engine-on-demand"],
         "market": "on-demand",
         "hourly_cost_usd": None,
+        "fleet_rollout": gb200.outputs["fleet_rollout"],
     }
 
 
@@ -113,3 +133,29 @@ def test_mi355x_without_hf_token_uses_the_vendor_resource():
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
     assert deployment["wire"]["spec"]["replicas"] == 2
     assert run.outputs["node_ids"] == ["kimi-engine-on-demand"]
+
+
+@pytest.mark.parametrize("stack", ["gb200-int4-vllm", "mi355x-int4-sglang"])
+def test_the_stacks_gate_waits_for_the_rollout_and_has_time_to_undo_it(stack):
+    """The whole program: the gate runs scripts/await_k8s_rollout.py (with the Deployments as applied)
+    before the suite, and Pulumi gives its command the rollout and an undo as long, or the suite's wait."""
+    from components.verification_gate import K8S_ROLLOUT_SCRIPT, k8s_rollout_wait_seconds
+    from tooling.mock_run import run_stack
+
+    run = run_stack(stack)
+    assert run.error is None, run.error
+    (gate,) = [c for c in run.of_type("command:local:Command") if c["name"].endswith("-gate-verify")]
+    steps = gate["wire"]["create"].split(" && ")
+    wait = next(i for i, step in enumerate(steps) if K8S_ROLLOUT_SCRIPT in step)
+    assert "scripts/verify.py" in steps[wait + 1]
+    r = resolved(stack)
+    sizing = size(r)
+    rollout = manifests.rollout_wait(r, sizing)
+    for name in rollout["deployments"]:
+        assert f"--deployment {name}" in steps[wait]
+    assert f"--timeout {rollout['timeout_seconds']}" in steps[wait]
+    ready = int(steps[wait + 1].split("--wait-ready ")[1].split()[0])
+    for phase in ("create", "update"):
+        budget = seconds(gate["timeouts"][phase])
+        assert budget > k8s_rollout_wait_seconds(rollout)
+        assert budget > rollout["timeout_seconds"] + ready

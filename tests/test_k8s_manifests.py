@@ -13,6 +13,7 @@ from kimi_fleet import catalog
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_scripts import node_script
+from kimi_fleet.node_scripts.generation_probe import ALIVE_WHILE_GENERATING, METRICS_TIMEOUT_SECONDS
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import image_is_pinned
@@ -98,8 +99,19 @@ def test_every_probe_is_a_real_generation_within_the_sizing_window(stack):
         for probe in (startup, readiness, liveness):
             command = probe["exec"]["command"]
             assert command[:2] == ["python3", f"{manifests.PROBE_MOUNT}/generation_probe.py"]
+            metrics_reads = 0
+            if probe is liveness:
+                # Liveness passes a busy engine (its token counter advanced): the engine's own metric names.
+                assert command[2] == ALIVE_WHILE_GENERATING
+                assert json.loads(command[3]) == r.adapter.load_metrics.as_dict()
+                command = command[:2] + command[4:]
+                metrics_reads = 2  # /metrics before and after the generation
+            else:
+                # Readiness and startup take a pod that does not generate out, busy or not.
+                assert ALIVE_WHILE_GENERATING not in command
             assert command[2:4] == [f"http://127.0.0.1:{r.engine.port}", r.spec.model.served_name]
-            assert float(command[4]) < probe["timeoutSeconds"]  # the probe gives up before kubelet kills it
+            # The probe gives up (its generation and /metrics reads) before kubelet kills it.
+            assert float(command[4]) + metrics_reads * METRICS_TIMEOUT_SECONDS < probe["timeoutSeconds"]
         assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 120
         mounts = {m["mountPath"]: m["name"] for m in engine["volumeMounts"]}
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -461,3 +473,39 @@ def test_pods_take_the_suite_packages_the_weights_download_installed(stack, over
         assert {"name": "weights", "mountPath": manifests.WEIGHTS_MOUNT, "readOnly": True} in mounts
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("stack, overrides, says", [
+    # gb200: one pod on one-at-a-time: the only pod goes first; said, with the minutes, and kept.
+    ("gb200-int4-vllm", {}, ["the only pod stops first", "without service", "capacity.rollout: surge"]),
+    ("mi355x-int4-sglang", {}, ["one of 2 pods out at a time", "1/2 capacity"]),
+    ("gb200-int4-vllm", {"capacity": {"rollout": "surge"}}, ["spare set of 4 GPUs", "stays Pending",
+                                                              "serves throughout"]),
+])
+def test_the_plan_says_what_a_release_costs_the_running_endpoint(stack, overrides, says):
+    r, sizing, _ = rendered(stack, **overrides)
+    cost = manifests.rollout_cost(r, sizing)
+    for words in says:
+        assert words in cost, (words, cost)
+    minutes = -(-manifests.pod_cold_start_seconds(sizing) // 60)
+    if r.spec.capacity.rollout != "surge":
+        assert f"about {minutes} min" in cost and "rollout undo" in cost
+    header = manifests.render_k8s_artifacts(r, sizing, render_launch(r))["kubernetes.yaml"].split("\n---")[0]
+    assert f"# {cost}" in header.splitlines()
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_the_yaml_a_hand_applier_uses_carries_no_pulumi_annotation(stack):
+    _, _, objects = rendered(stack)
+    assert "pulumi.com/" not in json.dumps(objects)
+
+
+@pytest.mark.parametrize("stack", K8S_STACKS)
+def test_the_gates_rollout_wait_uses_the_sizings_windows(stack):
+    r, sizing, objects = rendered(stack)
+    wait = manifests.rollout_wait(r, sizing)
+    assert wait["deployments"] == [d["metadata"]["name"] for d in of_kind(objects, "Deployment")]
+    assert wait["namespace"] == r.spec.target.kubernetes.namespace
+    # One pod: its pull, the startup window (the kubelet's kill comes first) and its admission suite.
+    assert wait["pod_ready_seconds"] > manifests.IMAGE_PULL_SECONDS + manifests.startup_window_seconds(sizing)
+    assert wait["timeout_seconds"] == wait["pod_ready_seconds"] * manifests.engine_pod_count(r)
