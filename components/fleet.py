@@ -18,8 +18,8 @@ from components.endpoint_outputs import TargetSecrets
 from components.engine_release import EngineRelease, EngineReleaseArgs
 from components.host_endpoint import HostEndpoint, HostEndpointArgs
 from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
-from components.verification_gate import VerificationGate, VerificationGateArgs
-from kimi_fleet import health
+from components.verification_gate import VerificationGate, VerificationGateArgs, k8s_rollout_wait_seconds
+from kimi_fleet import health, k8s_manifests
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
 from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
@@ -130,10 +130,15 @@ class Fleet(pulumi.ComponentResource):
                 replicas=spec.capacity.replicas,
                 fleet_rollout=getattr(endpoint, "fleet_rollout", None),
                 compile_cache_promotion=getattr(endpoint, "compile_cache_promotion", None),
+                # kubectl on the deployer's machine uses the stack's kubeconfig, as the provider does.
+                kubeconfig=args.target_secrets.kubeconfig if spec.target.kind == "kubernetes" else None,
                 # An instance refresh replaces the replicas one after another, each its launch and its
                 # whole grace period (the refresh's warm-up): shorter, and every good release rolls back.
-                rollout_timeout_seconds=health.fleet_rollout_seconds(health.windows(
-                    args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True), spec.capacity.replicas),
+                rollout_timeout_seconds=(
+                    k8s_rollout_wait_seconds(k8s_manifests.rollout_wait(r, args.sizing))
+                    if spec.target.kind == "kubernetes" else health.fleet_rollout_seconds(health.windows(
+                        args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True),
+                        spec.capacity.replicas)),
                 # A new release, new nodes or a rotated key: verify again.
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))

@@ -26,7 +26,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from kimi_fleet import catalog, engine_bugs, health  # noqa: E402
+from kimi_fleet import catalog, engine_bugs, health, k8s_manifests  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
@@ -59,7 +59,8 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result = {"stack": config.stack, "file": str(config.relative_path), "valid": False, "errors": [],
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
-              "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None}
+              "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None,
+              "kubernetes_rollout": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -72,6 +73,8 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    if spec.target.kind == "kubernetes":  # the gate waits for the rollout and undoes a failed one
+        result["kubernetes_rollout"] = k8s_manifests.rollout_cost(resolved, sizing)
     if spec.target.kind != "kubernetes":  # a node's watchdog and, on a fleet, its group's health check
         result["health"] = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
                                           fleet=behind_load_balancer(resolved)).lines()
@@ -209,6 +212,8 @@ def print_plan(p: dict) -> None:
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
           f"a new release {_release_mechanism(rollout)}")
+    if p.get("kubernetes_rollout"):
+        print(f"  rollout: {p['kubernetes_rollout']}")
     for line in p.get("health") or []:
         print(f"  health: {line}")
     if rollout["weights_volume"] in PERSISTENT_WEIGHTS:
