@@ -119,6 +119,7 @@ class Fleet(pulumi.ComponentResource):
                 api_key=self.api_key,
                 model=spec.model.served_name,
                 engine=spec.engine.name,
+                engine_release=r.image_entry.package_version if r.image_entry else None,
                 ready_timeout_seconds=ready_timeout,
                 request_timeout_seconds=spec.verification.timeout_seconds,
                 context_tokens=spec.context_length,

@@ -37,6 +37,8 @@ class VerificationGateArgs:
     #: seconds to wait for the model to load before checking (from the sizing's time to ready)
     ready_timeout_seconds: int
     request_timeout_seconds: int
+    #: the engine release the stack's image carries (a failed check names its known bugs)
+    engine_release: str | None = None
     #: the context the stack promises: the gate proves it with one long prompt
     context_tokens: int | None = None
     #: sampled requests in flight at once: what the endpoint runs concurrently (more would queue)
@@ -135,6 +137,8 @@ def verify_command(args: VerificationGateArgs, base_url: str, rollout: dict | No
         argv += ["--load", str(args.load)]
         if args.usd_per_hour:
             argv += ["--usd-per-hour", f"{args.usd_per_hour:g}"]
+    if args.engine_release:
+        argv += ["--engine-release", args.engine_release]
     if args.release:
         argv += ["--release", args.release, "--replicas", str(args.replicas)]
     steps = [f"mkdir -p {shlex.quote(f'build/{args.stack}')}"]

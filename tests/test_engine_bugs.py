@@ -54,3 +54,17 @@ def test_a_symptom_names_the_affected_bug_first_and_the_release():
     unknown = engine_bugs.named_for(engine_bugs.EMPTY_STREAMED_CALL, "vllm", None)
     assert "release not given to the gate: --engine-release" in unknown
     assert "no known sglang bug" in engine_bugs.named_for(engine_bugs.TRUNCATED_CALL_AS_COMPLETE, "sglang", "0.5.12")
+
+
+def test_the_gate_tells_the_suite_which_engine_release_it_checks():
+    """A failed check names the known bugs of the release the stack pins: the gate passes it."""
+    from kimi_fleet.verification.cli import build_parser
+    from tooling.mock_run import run_stack
+
+    run = run_stack("gb200-int4-vllm")
+    assert run.error is None, run.error
+    (gate,) = [r for r in run.of_type("command:local:Command") if r["name"].endswith("-gate-verify")]
+    command = gate["inputs"]["create"]
+    assert "--engine-release 0.19.1 " in command
+    verify_argv = command.split(" && ")[-1].split()
+    assert build_parser().parse_args(verify_argv[2:]).engine_release == "0.19.1"

@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
                         help="default: $KIMI_API_KEY (keeps the key off the command line)")
     parser.add_argument("--model", required=True, help="served model name")
-    parser.add_argument("--engine", choices=ENGINES, default=catalog.VERIFY_DEFAULT_ENGINE)
+    parser.add_argument("--engine", choices=ENGINES, default=catalog.VERIFY_DEFAULT_ENGINE,
+                        help="the engine behind the endpoint (its reasoning field and health route; default %(default)s)")
+    parser.add_argument("--engine-release", metavar="VERSION",
+                        help="the engine release the stack pins: named when a known bug's symptom shows")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), metavar="CHECK", help=f"subset of {list(CHECKS)}")
     parser.add_argument("--json", type=Path, metavar="REPORT", help="write a JSON report here")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per HTTP request")
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             health_timeout=args.health_timeout,
             release=args.release,
+            engine_release=args.engine_release,
             on_result=lambda result: print(table_row(result), flush=True),
         )
     except ValueError as error:
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _k2vv(args) -> int:
     endpoint = Endpoint(args.base_url.rstrip("/"), args.api_key, args.model, args.engine, args.timeout,
-                        args.ca_cert or True, context=args.context, concurrency=args.concurrency)
+                        args.ca_cert or True, context=args.context, concurrency=args.concurrency,
+                        engine_release=args.engine_release)
     try:
         result = run_k2vv(endpoint, args.k2vv)
     except ValueError as error:

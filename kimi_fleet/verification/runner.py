@@ -98,6 +98,7 @@ async def run_suite_async(
     concurrency: int = 16,
     health_timeout: float = HEALTH_TIMEOUT,
     release: str | None = None,
+    engine_release: str | None = None,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> Report:
     base_url = base_url.rstrip("/")
@@ -111,7 +112,8 @@ async def run_suite_async(
         raise ValueError("concurrency and context must be positive")
     names = select_checks(only, load)
     endpoint = Endpoint(base_url, api_key, model, engine, timeout, verify, load, context=context,
-                        concurrency=concurrency, health_timeout=min(health_timeout, timeout))
+                        concurrency=concurrency, health_timeout=min(health_timeout, timeout),
+                        engine_release=engine_release)
 
     started = time.perf_counter()
     results: dict[str, CheckResult] = {}
