@@ -20,11 +20,12 @@ from typing import Literal
 
 import yaml
 
-from kimi_fleet import catalog, health, node_guard, templates
+from kimi_fleet import boot_stub, catalog, health, node_guard, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
 from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
                                render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
+from kimi_fleet.node_scripts.boot_loader import NODE_PACKAGES_FILE
 from kimi_fleet.node_scripts.compile_cache import CANDIDATES_DIR as COMPILE_CACHE_CANDIDATES_DIR
 from kimi_fleet.node_scripts.compile_cache import PINNED_DIR as COMPILE_CACHE_PINNED_DIR
 from kimi_fleet.node_scripts.compile_cache import PUBLISH_UNIT as COMPILE_CACHE_PUBLISH_UNIT_NAME
@@ -48,7 +49,7 @@ RELEASE_FILE = f"{ENV_DIR}/release"
 CADDYFILE = "/etc/caddy/Caddyfile"
 CADDY_API_KEY_ENV = "KIMI_API_KEY"
 #: EC2 refuses user data above 16 KB (before its own base64; after our gzip).
-EC2_USER_DATA_LIMIT = 16 * 1024
+EC2_USER_DATA_LIMIT = boot_stub.EC2_USER_DATA_LIMIT
 #: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
 #: A hung transfer is killed and resumed; one attempt may take this multiple of the expected time.
 DOWNLOAD_ATTEMPT_SLACK = 3
@@ -135,6 +136,8 @@ WEIGHTS_FETCH_TOOL = f"{LIB_DIR}/weights_fetch.py"
 #: Removes older checkpoints when the volume lacks room for the one about to be downloaded.
 WEIGHTS_ROOM_TOOL = f"{LIB_DIR}/weights_room.py"
 FETCH_REQUIREMENTS_FILE = f"{LIB_DIR}/fetch-requirements.txt"
+#: The hf CLI's hash-pinned closure (HF_CLI_REQUIREMENTS), installed only where the Hub is the source.
+HF_CLI_REQUIREMENTS_FILE = f"{LIB_DIR}/hf-requirements.txt"
 #: Restores the engines' compile caches from the managed mirror before they start, and publishes
 #: them once the node is admitted (COMPILE_CACHE_UNIT, started by the watchdog).
 COMPILE_CACHE_TOOL = f"{LIB_DIR}/compile_cache.py"
@@ -219,14 +222,6 @@ def unit_digests(files: dict[str, NodeFile], launch: Launch) -> dict[str, str]:
             for unit, paths in unit_inputs(launch).items() if any(p in files for p in paths)}
 
 
-BOOTSTRAP = templates.render(
-    "bootstrap.sh", LOG_FUNCTIONS=templates.source("log_functions.sh"), SETTINGS_LIBRARY=SETTINGS_LIBRARY,
-    ACCESS_LOG=node_guard.ACCESS_LOG, FIREWALL_RULES=node_guard.FIREWALL_RULES_PATH, NODE_STATUS=NODE_STATUS,
-    FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
-    ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
-    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE,
-    VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE, COMPILE_CACHE_TOOL=COMPILE_CACHE_TOOL)
-
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
                                     FETCH_TOOL=WEIGHTS_FETCH_TOOL, ROOM_TOOL=WEIGHTS_ROOM_TOOL,
                                     CHECKPOINT_MARKER=CHECKPOINT_MARKER, VERIFIED_MARKER=NODE_VERIFIED_MARKER,
@@ -270,9 +265,21 @@ HF_CLI_PYTHON = "3.12"
 HF_CLI_REQUIREMENTS = "".join(f"{name}=={version} " + " ".join(f"--hash=sha256:{h}" for h in hashes) + "\n"
                               for name, version, hashes in HF_CLI_PINS)
 
+BOOTSTRAP = templates.render(
+    "bootstrap.sh", LOG_FUNCTIONS=templates.source("log_functions.sh"), SETTINGS_LIBRARY=SETTINGS_LIBRARY,
+    ACCESS_LOG=node_guard.ACCESS_LOG, FIREWALL_RULES=node_guard.FIREWALL_RULES_PATH, NODE_STATUS=NODE_STATUS,
+    FIREWALL_INPUTS=_shell_paths(FIREWALL_UNIT_INPUTS), FAIL2BAN_INPUTS=_shell_paths(FAIL2BAN_INPUTS),
+    ENGINE_INPUTS=_shell_paths(engine_unit_inputs("$i")), CADDY_INPUTS=_shell_paths(CADDY_FILE_INPUTS),
+    WATCHDOG_INPUTS=_shell_paths(WATCHDOG_INPUTS), FETCH_REQUIREMENTS=FETCH_REQUIREMENTS_FILE,
+    VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE, COMPILE_CACHE_TOOL=COMPILE_CACHE_TOOL,
+    ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME, ENGINE_GUARD_INPUTS=_shell_paths(ENGINE_GUARD_UNIT_INPUTS),
+    VERIFIED_MARKER=NODE_VERIFIED_MARKER, NODE_PACKAGES_FILE=NODE_PACKAGES_FILE,
+    HF_CLI_REQUIREMENTS=HF_CLI_REQUIREMENTS_FILE, HF_CLI_PYTHON=HF_CLI_PYTHON)
+
+
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
-ENGINE_RUN = templates.render("engine_run.sh")
+ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER)
 
 CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
                              API_KEY_PATTERN=API_KEY_PATTERN.pattern)
@@ -282,7 +289,7 @@ def _engine_unit(r: Resolved) -> str:
     return templates.render(
         "kimi-engine@.service", STACK=r.spec.stack, ENV_DIR=ENV_DIR, WEIGHTS_HOST_PATH=r.spec.weights.host_path,
         SBIN=SBIN, STOP_GRACE_SECONDS=ENGINE_STOP_GRACE_SECONDS, START_TIMEOUT_SECONDS=ENGINE_START_TIMEOUT_SECONDS,
-        STOP_TIMEOUT_SECONDS=ENGINE_STOP_GRACE_SECONDS + 60)
+        STOP_TIMEOUT_SECONDS=ENGINE_STOP_GRACE_SECONDS + 60, ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME)
 
 
 BOOTSTRAP_UNIT = templates.render("kimi-bootstrap.service", SBIN=SBIN)
@@ -576,9 +583,12 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(WEIGHTS_FETCH_TOOL, node_script("weights_fetch.py"), 0o644),
         NodeFile(WEIGHTS_ROOM_TOOL, node_script("weights_room.py"), 0o644),
         NodeFile(FETCH_REQUIREMENTS_FILE, FETCH_REQUIREMENTS, 0o644),
+        NodeFile(HF_CLI_REQUIREMENTS_FILE, HF_CLI_REQUIREMENTS, 0o644),
         NodeFile(COMPILE_CACHE_TOOL, node_script("compile_cache.py"), 0o644),
         NodeFile(f"{UNIT_DIR}/{COMPILE_CACHE_UNIT}", COMPILE_CACHE_PUBLISH_UNIT, 0o644),
         NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644),
+        # The boot loader installs these at first boot, the bootstrap any an in-place release adds.
+        NodeFile(NODE_PACKAGES_FILE, "\n".join(NODE_PACKAGES) + "\n", 0o644),
         *verifier_files(),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.service", _watchdog_unit(len(launch.instances)), 0o644),
         NodeFile(f"{UNIT_DIR}/kimi-watchdog.timer", WATCHDOG_TIMER, 0o644),
@@ -683,27 +693,14 @@ def bundle_digest(bundle: str) -> str:
     return hashlib.sha256(bundle.encode()).hexdigest()
 
 
-def render_boot_stub(*, pointer: str, region: str, release_digest: str | None = None) -> str:
-    """User data that boots the applier: only the packages and apply_release.py. A single node's
-    names the release pointer, not a release, so a new release leaves the launch template (and the
-    instance) alone and the applier fetches whatever the pointer names. A fleet's also names its
-    release (`release_digest`, the bundle's SHA-256): a new release is a new template version,
-    which starts the instance refresh, and a new node waits until the pointer names that bundle."""
-    applier = NodeFile(APPLY_RELEASE, node_script("apply_release.py"), 0o644)
-    command = ["python3", APPLY_RELEASE, "--pointer", pointer, "--region", region, "--boot"]
-    if release_digest:
-        command += ["--expect", release_digest]
-    text = _cloud_config({applier.path: applier}, runcmd=[command])
-    size = len(user_data_bytes(text))
-    if size > EC2_USER_DATA_LIMIT:
-        raise ValueError(f"the boot stub is {size} bytes even compressed; EC2 accepts {EC2_USER_DATA_LIMIT}")
-    return text
-
-
 def render_aws_user_data(r: Resolved, bundle: str, *, ssm_prefix: str, region: str) -> str:
-    """An AWS node's user data: the boot stub; a fleet's names the release `bundle` it runs."""
-    return render_boot_stub(pointer=release_pointer(ssm_prefix), region=region,
-                            release_digest=bundle_digest(bundle) if behind_load_balancer(r) else None)
+    """An AWS node's user data: the frozen boot loader (boot_stub.py), which names the pointer and
+    region only, so no release (`bundle` included) changes it: a single node is never replaced for
+    a release. A fleet's loader reads its digest from the instance tag boot_stub.RELEASE_TAG, which
+    the launch template carries (a new release is a new template version: the instance refresh)."""
+    del bundle  # the release travels in S3; the user data names none of it
+    return boot_stub.render_frozen_boot_stub(pointer=release_pointer(ssm_prefix), region=region,
+                                             fleet=behind_load_balancer(r))
 
 
 def render_startup_script(r: Resolved, launch: Launch, sizing: Sizing) -> str:

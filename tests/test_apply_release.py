@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import socket
+import stat
 import tarfile
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import node_files
+from kimi_fleet import boot_stub, node_files
 from kimi_fleet.launch import compile_cache_host_dir, render_launch
 from kimi_fleet.node_files import SecretsSource, bundle_digest, release_bundle, release_pointer, render_node_files
 from kimi_fleet.resolve import Resolved
@@ -58,10 +59,11 @@ def resolved(edit=None) -> Resolved:
     return Resolved(parse_spec(values, STACK, f"stacks/Pulumi.{STACK}.yaml"))
 
 
-def publish(env: dict, tmp_path: Path, r: Resolved, *, tamper: bool = False) -> str:
+def publish(env: dict, tmp_path: Path, r: Resolved, *, tamper: bool = False, api_key_version: int = 1) -> str:
     """What NodeRelease does: the bundle under its digest, then the pointer."""
     files = render_node_files(r, render_launch(r), size(r), ebs_volume_id="vol-0123456789abcdef0",
-                              secrets=SecretsSource.ssm(PREFIX, REGION, hf_token=False, api_key_version=1))
+                              secrets=SecretsSource.ssm(PREFIX, REGION, hf_token=False,
+                                                        api_key_version=api_key_version))
     bundle = release_bundle(files)
     digest = bundle_digest(bundle)
     local = tmp_path / f"{digest}.json"
@@ -133,9 +135,12 @@ class FakeNode(threading.Thread):
     one that exits is restarted every `restart_seconds` (systemd's NRestarts counts it); one that
     serves makes the node ready for the live release (the ready file names it)."""
 
-    def __init__(self, root: Path, tools: Path, state: Path, restart_seconds: float = 0.3):
+    def __init__(self, root: Path, tools: Path, state: Path, restart_seconds: float = 0.3, readmits: bool = False):
+        """readmits: a serving node whose ready file is gone admits itself again (the watchdog's next
+        tick); without it, only an engine (re)start admits."""
         super().__init__(daemon=True)
         self.root, self.tools, self.state, self.restart_seconds = root, tools, state, restart_seconds
+        self.readmits = readmits
         self.stopped = threading.Event()
 
     def run(self):
@@ -148,7 +153,7 @@ class FakeNode(threading.Thread):
                 env_file = (self.root / "etc/kimi-fleet/engine-0.env").read_text()
             except OSError:
                 continue
-            if (argv, release) == started and serving:
+            if (argv, release) == started and serving and (ready.exists() or not self.readmits):
                 continue
             if (argv, release) != started:
                 ready.unlink(missing_ok=True)  # the old engine stops: not ready
@@ -276,16 +281,24 @@ def test_a_tampered_or_unexpected_bundle_is_refused(aws_env, tmp_path):
 
 
 def test_the_boot_stub_is_valid_cloud_config_and_names_no_release(tmp_path):
-    stub = node_files.render_boot_stub(pointer=release_pointer(PREFIX), region=REGION)
+    """An AWS node's user data is the frozen loader: the pointer and region, no release, no digest."""
+    r = resolved()
+    bundle = node_files.release_bundle(node_files.render_node_files(
+        r, render_launch(r), size(r), secrets=node_files.planned_secrets(r),
+        ebs_volume_id=node_files.EBS_VOLUME_PLACEHOLDER))
+    stub = node_files.render_aws_user_data(r, bundle, ssm_prefix=PREFIX, region=REGION)
     config = tmp_path / "user-data.yaml"
     config.write_text(stub)
     check = subprocess.run(["cloud-init", "schema", "--config-file", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert len(node_files.user_data_bytes(stub)) < node_files.EC2_USER_DATA_LIMIT
-    for digest in (bundle_digest("x"), node_files.node_release(resolved(), render_launch(resolved()), size(resolved()))):
+    for digest in (bundle_digest(bundle), node_files.node_release(r, render_launch(r), size(r))):
         assert digest not in stub
-    assert json.dumps(["python3", node_files.APPLY_RELEASE, "--pointer", release_pointer(PREFIX), "--region", REGION,
-                       "--boot"]) in json.dumps(__import__("yaml").safe_load(stub)["runcmd"])
+    assert stub == boot_stub.render_frozen_boot_stub(pointer=release_pointer(PREFIX), region=REGION)
+    document = __import__("yaml").safe_load(stub)
+    assert [f["path"] for f in document["write_files"]] == [boot_stub.BOOT_LOADER]
+    assert document["runcmd"] == [["python3", boot_stub.BOOT_LOADER, "--pointer", release_pointer(PREFIX),
+                                   "--region", REGION]]
 
 
 def test_a_fleet_node_from_the_previous_template_version_boots_its_own_bundle_by_digest(aws_env, tmp_path):
@@ -369,7 +382,8 @@ def test_ssm_and_s3_unreachable_for_a_while_are_retried_until_they_pass(aws_env,
     # is one more plain SSM read, after the pointer's).
     assert calls["s3-cp"] == 3 and calls["ssm-get-parameter-secret"] == 3 and calls["ssm-get-parameter"] >= 3, calls
     assert result.stderr.count("release pointer: aws ssm") == 2
-    assert "ssm get-parameter /kimi-fleet/h200-int4-sglang/api-key failed (attempt 2), retrying in" in result.stderr
+    # The key by the version the release names (publish: version 1).
+    assert "ssm get-parameter /kimi-fleet/h200-int4-sglang/api-key:1 failed (attempt 2), retrying in" in result.stderr
     assert (root / "etc/kimi-fleet/secrets/api-key").read_text() == "k" * 40
 
 
@@ -472,3 +486,80 @@ echo "Failed to start caddy.service - Caddy."
     assert again.returncode == 0, again.stderr[-3000:]
     assert "bootstrap done: proxy and watchdog running" in again.stderr
     assert "refused" not in json.loads((root / "run/kimi-fleet/status.json").read_text())
+
+
+def test_a_key_rotation_counts_only_a_new_admission_and_a_failed_one_puts_the_old_key_back(aws_env, tmp_path):
+    """A rotated key keeps the release id, so the ready file from before the swap already names it:
+    the applier removes it first and waits for a new admission. A node that does not admit again
+    fails the release and gets the old key back with the old files; one that does takes the new key
+    (fetched under the stage while the old key served, moved in at the swap)."""
+    r = resolved()
+    root, tools = scratch_node(tmp_path, r)
+    state = tmp_path / "node"
+    stub_node_tools(tools, state)
+    ready = root / node_files.READY_FILE.lstrip("/")
+    key = root / "etc/kimi-fleet/secrets/api-key"
+    try:
+        with FakeNode(root, tools, state):  # admits on an engine (re)start only: a key alone is not admitted
+            digest_n = publish(aws_env, tmp_path, r)
+            release_n = released(tmp_path, digest_n)
+            assert apply(aws_env, root, tools, "--expect", digest_n).returncode == 0
+            wait_for(lambda: ready.exists() and ready.read_text().strip() == release_n)
+            aws(aws_env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
+                "--overwrite", "--value", "n" * 40)
+            digest_rotated = publish(aws_env, tmp_path, r, api_key_version=2)
+            assert digest_rotated != digest_n and released(tmp_path, digest_rotated) == release_n
+            failed = apply(aws_env, root, tools, "--expect", digest_rotated, "--admission-budget", "2")
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert f"release {release_n} failed" in failed.stderr and "not admitted within 2 s" in failed.stderr
+        assert key.read_text() == "k" * 40 and stat.S_IMODE(key.stat().st_mode) == 0o600  # the old key is back
+        assert "SSM_API_KEY_VERSION=1" in (root / "etc/kimi-fleet/node.env").read_text()
+        with FakeNode(root, tools, state, readmits=True):
+            admitted = apply(aws_env, root, tools, "--expect", digest_rotated, "--admission-budget", "60")
+        assert admitted.returncode == 0, admitted.stderr[-3000:]
+        assert key.read_text() == "n" * 40 and stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert not (root / "var/lib/kimi-fleet/staging").exists() or not any(
+            (root / "var/lib/kimi-fleet/staging").iterdir())  # no copy of a key left in a stage
+    finally:
+        aws(aws_env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
+            "--overwrite", "--value", "k" * 40)
+
+
+def test_the_admission_budget_is_the_warm_start_the_nodes_own_deadline_and_two_watchdog_ticks(tmp_path):
+    from kimi_fleet.node_scripts import apply_release
+
+    r = resolved()
+    files = render_node_files(r, render_launch(r), size(r), ebs_volume_id="vol-0123456789abcdef0",
+                              secrets=SecretsSource.ssm(PREFIX, REGION, hf_token=False))
+    staged = tmp_path / "staged"
+    apply_release.write_files(json.loads(release_bundle(files)), staged)
+    stack = json.loads((staged / apply_release.STACK_JSON).read_text())
+    minutes = -(-size(r).warm_start_seconds // 60)
+    expected = (minutes * 60 + node_files.ADMISSION_DEADLINE_SECONDS + 2 * stack["watchdog"]["interval_seconds"]
+                + apply_release.ADMISSION_MARGIN_SECONDS)
+    assert stack["admission"]["deadline_seconds"] == node_files.ADMISSION_DEADLINE_SECONDS
+    assert apply_release.admission_budget(staged) == expected
+
+
+def test_files_only_the_previous_bundle_had_are_removed_and_come_back_with_it(tmp_path, monkeypatch):
+    """A release with fewer engines drops engine-1's files: the applier removes exactly those (never a
+    file no bundle named), and a restore brings them back."""
+    from kimi_fleet.node_scripts import apply_release
+
+    monkeypatch.setattr(apply_release, "ROOT", tmp_path)
+    monkeypatch.setattr(apply_release, "STATE", tmp_path / "var/lib/kimi-fleet")
+    monkeypatch.setattr(apply_release, "LOG", tmp_path / "bootstrap.log")
+    kept, dropped, foreign = "/etc/kimi-fleet/engine-0.env", "/etc/kimi-fleet/engine-1.env", "/etc/kimi-fleet/mine"
+    old = {"files": [{"path": p, "mode": "0644", "content": p} for p in (kept, dropped)]}
+    apply_release.write_files(old, tmp_path)
+    (tmp_path / foreign.lstrip("/")).write_text("not the project's")
+    apply_release.STATE.mkdir(parents=True)
+    (apply_release.STATE / apply_release.APPLIED_FILES).write_text(json.dumps(apply_release.bundle_paths(old)))
+    new = {"files": [{"path": kept, "mode": "0644", "content": "new"}]}
+    assert apply_release.dropped_paths(new) == [dropped]
+    saved = apply_release.snapshot(new, apply_release.dropped_paths(new))
+    apply_release.write_files(new, tmp_path)
+    apply_release.remove_paths(apply_release.dropped_paths(new))
+    assert not (tmp_path / dropped.lstrip("/")).exists() and (tmp_path / foreign.lstrip("/")).exists()
+    apply_release.restore(saved)
+    assert (tmp_path / dropped.lstrip("/")).read_text() == dropped and (tmp_path / kept.lstrip("/")).read_text() == kept

@@ -271,9 +271,6 @@ def test_the_planner_writes_the_guard_to_build(tmp_path):
     assert (out / node_guard.ENGINE_GUARD_UNIT_NAME).read_text() == guard[GUARD_PATHS[2]]
 
 
-@pytest.mark.xfail(strict=True, reason="needs kimi_fleet/templates/bootstrap.sh and kimi-engine@.service to apply "
-                                       "and require the guard (requested in issue 21's integration report, with "
-                                       "the node_files render values); drop this marker then")
 def test_the_bootstrap_applies_the_guard_before_any_engine_and_every_engine_requires_it():
     bootstrap = node_files.BOOTSTRAP
     guard = node_guard.ENGINE_GUARD_UNIT_NAME

@@ -24,6 +24,8 @@ from kimi_fleet.node_files import (
     API_KEY_FILE,
     COMPILE_CACHE_UNIT,
     EC2_USER_DATA_LIMIT,
+    NODE_STATUS,
+    STATUS_FILE,
     NodeFile,
     SecretsSource,
     render_node_artifacts,
@@ -31,6 +33,7 @@ from kimi_fleet.node_files import (
     user_data_bytes,
 )
 from kimi_fleet.node_scripts.weights_manifest import manifest_document
+from kimi_fleet.node_scripts.weights_room import NODE_VERIFIED_MARKER
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
@@ -109,28 +112,31 @@ def test_user_data_fits_and_cloud_init_decodes_it_to_a_valid_cloud_config(stack,
 
 
 @pytest.mark.parametrize("stack", AWS_STACKS)
-def test_user_data_boots_the_applier_and_the_bundle_carries_the_files_and_no_secrets(stack):
+def test_user_data_boots_the_loader_and_the_bundle_carries_the_files_and_no_secrets(stack):
     import json
 
-    from kimi_fleet.node_files import APPLY_RELEASE, bundle_digest, release_bundle
+    from kimi_fleet import boot_stub
+    from kimi_fleet.node_files import (APPLY_RELEASE, EBS_VOLUME_PLACEHOLDER, NODE_PACKAGES, VERIFIER_DIR,
+                                       bundle_digest, planned_secrets, release_bundle)
+    from kimi_fleet.node_scripts.boot_loader import NODE_PACKAGES_FILE
 
     r = resolved(stack)
-    document = yaml.safe_load(user_data(stack))
-    assert [entry["path"] for entry in document["write_files"]] == [APPLY_RELEASE]
-    (command,) = [c for c in document["runcmd"] if APPLY_RELEASE in c]
-    from kimi_fleet.node_files import EBS_VOLUME_PLACEHOLDER, planned_secrets
-
+    text = user_data(stack)
+    document = yaml.safe_load(text)
+    assert [entry["path"] for entry in document["write_files"]] == [boot_stub.BOOT_LOADER]
+    (command,) = document["runcmd"]
     planned = render_node_files(r, render_launch(r), size(r), secrets=planned_secrets(r),
                                 ebs_volume_id=EBS_VOLUME_PLACEHOLDER if r.weights_volume == "ebs" else None)
     bundle = release_bundle(planned)
-    if r.spec.capacity.replicas > 1:  # a fleet's template names its release: a new one refreshes
-        assert command[command.index("--expect") + 1] == bundle_digest(bundle)
-    else:  # one node follows the pointer, applied in place
-        assert "--expect" not in command
+    # No release in the user data: a fleet's loader reads its digest from the template's instance tag.
+    assert bundle_digest(bundle) not in text and "--expect" not in command
+    assert ("--expect-tag" in command) is (r.spec.capacity.replicas > 1)
     written = {entry["path"]: entry["content"] for entry in json.loads(bundle)["files"]}
+    assert APPLY_RELEASE in written
+    # The packages travel in the bundle, for the loader (first boot) and the bootstrap (a release that adds one).
+    assert written[NODE_PACKAGES_FILE].split() == list(NODE_PACKAGES)
+    assert {"caddy", "fail2ban", "nftables"} <= set(NODE_PACKAGES)
     assert f"SSM_API_KEY_PARAMETER=/kimi-fleet/{stack}/api-key\n" in written["/etc/kimi-fleet/node.env"]
-    from kimi_fleet.node_files import VERIFIER_DIR
-
     package = Path(__file__).resolve().parents[1]
     for path, content in written.items():
         assert FAKE_API_KEY not in content and FAKE_HF_TOKEN not in content
@@ -139,13 +145,12 @@ def test_user_data_boots_the_applier_and_the_bundle_carries_the_files_and_no_sec
             assert content == (package / path.removeprefix(VERIFIER_DIR + "/")).read_text(), path
             continue
         assert find_secret_patterns(content) == [], path
-    assert {"caddy", "fail2ban", "nftables"} <= set(document["packages"])
 
 
 def test_user_data_too_large_is_refused(monkeypatch):
-    import kimi_fleet.node_files as nf
+    from kimi_fleet import boot_stub
 
-    monkeypatch.setattr(nf, "EC2_USER_DATA_LIMIT", 512)
+    monkeypatch.setattr(boot_stub, "EC2_USER_DATA_LIMIT", 512)
     with pytest.raises(ValueError, match="boot stub is .* bytes even compressed"):
         user_data("h200-int4-sglang")
 
@@ -467,7 +472,7 @@ def test_bootstrap_is_idempotent_in_a_scratch_root(stack, tmp_path, fake_hub):
         secret.write_text(FAKE_API_KEY)
         secret.chmod(0o600)
     env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "HF_ENDPOINT": fake_hub, "VERIFY_PYTHON": sys.executable,
-           "PATH": f"{bin_dir}:{os.environ['PATH']}", "S5CMD": str(bin_dir / "s5cmd")}
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "S5CMD": str(bin_dir / "s5cmd"), "HF_CLI": str(bin_dir / "hf")}
     bootstrap = root / "usr/local/sbin/kimi-bootstrap"
 
     first = subprocess.run([str(bootstrap)], env=env, capture_output=True, text=True, timeout=120)
@@ -587,3 +592,204 @@ def test_artifacts_for_the_planner():
     host_artifacts = render_node_artifacts(host, size(host), render_launch(host))
     assert "user-data.yaml" not in host_artifacts and "SECRETS_KIND=files" in host_artifacts["node.env"]
     assert "firewall.nft" in host_artifacts and "kimi-firewall.service" in host_artifacts
+
+
+# --- in-place releases: what the bootstrap does while preparing, and on the live node (issue 20) ----------
+
+def _edited(stack: str, edit) -> Resolved:
+    import copy
+
+    from kimi_fleet.validation import parse_spec
+
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    edit(values)
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def _ssm_files(r: Resolved, api_key_version: int) -> dict[str, NodeFile]:
+    secrets = SecretsSource.ssm(f"/kimi-fleet/{r.spec.stack}", "us-east-1", hf_token=False,
+                                api_key_version=api_key_version)
+    return render_node_files(r, render_launch(r), size(r), secrets=secrets, ebs_volume_id=EBS_VOLUME_ID)
+
+
+def test_prepare_keeps_the_serving_checkpoint_the_live_key_and_the_live_phase(tmp_path):
+    """`kimi-bootstrap --prepare` of a release with a new revision while release N serves: the room
+    tool is told to keep N's checkpoint, its refusal (exit 2) is the prepare's, the key it fetched is
+    under the stage (N's Caddy keeps its own), and the node status keeps N's phase."""
+    stack = "h200-int4-sglang"
+    serving = resolved(stack)
+    new = _edited(stack, lambda v: v.__setitem__("model", {**(v.get("model") or {}),
+                                                          "revision": "0123456789abcdef0123456789abcdef01234567"}))
+    root, stage, bin_dir = tmp_path / "root", tmp_path / "stage", tmp_path / "bin"
+    install(root, _ssm_files(serving, 1))
+    install(stage, _ssm_files(new, 2))
+    live_key = root / API_KEY_FILE.lstrip("/")
+    live_key.parent.mkdir(parents=True)
+    live_key.write_text("the-serving-key-0123456789")
+    live_key.chmod(0o600)
+    bin_dir.mkdir()
+    room_calls = tmp_path / "room-calls"
+    (bin_dir / "room.py").write_text(f"""import json, sys
+open({str(room_calls)!r}, "w").write(json.dumps(sys.argv[1:]))
+print("weights: removing nothing: the serving checkpoint is kept: grow the weights volume (weights.ebsSizeGib) to hold both")
+sys.exit(2)
+""")
+    for name, text in (("aws", STUB_AWS), ("s5cmd", STUB_S5CMD)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_STAGE": str(stage), "KIMI_DRY_GPU": "1",
+           "VERIFY_PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ['PATH']}", "S5CMD": str(bin_dir / "s5cmd"),
+           "WEIGHTS_ROOM_TOOL": str(bin_dir / "room.py"), "RETRY_FIRST_DELAY": "1"}
+    status = root / STATUS_FILE.lstrip("/")
+    subprocess.run([sys.executable, str(root / NODE_STATUS.lstrip("/")), "phase", "loading"], env=env, check=True)
+    before = json.loads(status.read_text())
+
+    result = subprocess.run(["bash", str(stage / "usr/local/sbin/kimi-bootstrap"), "--prepare"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    args = json.loads(room_calls.read_text())
+    serving_dir = root / render_launch(serving).weights_host_dir.lstrip("/")
+    assert args[args.index("--keep") + 1] == str(serving_dir)
+    assert args[args.index("--target") + 1] == str(root / render_launch(new).weights_host_dir.lstrip("/"))
+    assert "grow the weights volume (weights.ebsSizeGib) to hold both" in result.stderr
+    assert live_key.read_text() == "the-serving-key-0123456789"  # the serving Caddy's key is untouched
+    staged_key = stage / API_KEY_FILE.lstrip("/")
+    assert staged_key.read_text() == FAKE_API_KEY and stat.S_IMODE(staged_key.stat().st_mode) == 0o600
+    after = json.loads(status.read_text())
+    assert after["phase"] == before["phase"] == "loading" and after["phases"] == before["phases"]
+    # The key the release names, by version: a restored release gets its own key back.
+    assert f"secret /kimi-fleet/{stack}/api-key:2 -> {staged_key}" in result.stderr
+
+
+def _host_scratch_root(tmp_path: Path, stack: str = "rtxpro6000-int4-sglang") -> tuple[Path, dict, Path]:
+    """A host node's scratch root with its key in place and its weights verified (no download)."""
+    r = resolved(stack)
+    root, bin_dir = tmp_path / "root", tmp_path / "bin"
+    install(root, node_files(stack))
+    key = root / API_KEY_FILE.lstrip("/")
+    key.parent.mkdir(parents=True)
+    key.write_text(FAKE_API_KEY)
+    key.chmod(0o600)
+    weights = root / render_launch(r).weights_host_dir.lstrip("/")
+    weights.mkdir(parents=True)
+    (weights / ".kimi-verified").write_text(f"{r.revision}\n")
+    bin_dir.mkdir()
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "VERIFY_PYTHON": sys.executable,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return root, env, bin_dir
+
+
+def test_the_bootstrap_stops_engines_the_release_no_longer_runs_and_installs_packages_it_adds(tmp_path):
+    root, env, bin_dir = _host_scratch_root(tmp_path)
+    applied = root / "var/lib/kimi-fleet/applied"
+    applied.mkdir(parents=True)
+    for index in (1, 2):  # a release of three engines ran here before this one-engine release
+        (applied / f"kimi-engine@{index}.service.sha256").write_text("0" * 64 + "\n")
+    # dpkg as the node's: every listed package installed but mdadm.
+    (bin_dir / "dpkg-query").write_text('#!/bin/sh\n[ "$3" = mdadm ] && exit 1\nprintf "install ok installed"\n')
+    (bin_dir / "dpkg-query").chmod(0o755)
+    result = subprocess.run(["bash", str(root / "usr/local/sbin/kimi-bootstrap")], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for index in (1, 2):
+        assert f"scratch root: skipped: systemctl disable --now kimi-engine@{index}.service" in result.stderr
+        assert f"kimi-engine@{index}.service: stopped and disabled (this release runs 1 engine(s))" in result.stderr
+        assert not (applied / f"kimi-engine@{index}.service.sha256").exists()
+    assert "kimi-engine@0.service: (re)started" in result.stderr
+    assert "kimi-engine@0.service: stopped" not in result.stderr
+    assert "packages missing: mdadm: installing" in result.stderr
+    assert ("scratch root: skipped: env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+            "mdadm") in result.stderr
+    again = subprocess.run(["bash", str(root / "usr/local/sbin/kimi-bootstrap")], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "stopped and disabled" not in again.stderr
+
+
+def _bootstrap_functions(*names: str) -> str:
+    return "".join(re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", node_files_module.BOOTSTRAP, re.S | re.M).group(0)
+                   for name in names)
+
+
+#: What the extracted functions need from the bootstrap around them.
+FUNCTION_HARNESS = """\
+set -euo pipefail
+log() { echo "log: $*"; }
+run() { log "+ $*"; "$@"; }
+refuse() { echo "REFUSED: $*"; exit 2; }
+"""
+
+
+def _venv_python(bin_dir: Path, version: str, calls: Path) -> None:
+    """A python3 of `version` whose `-m venv DIR` makes a venv with a pip that records its arguments."""
+    (bin_dir / "python3").write_text(f"""#!/bin/bash
+if [[ $1 == -c ]]; then echo {version}; exit 0; fi
+if [[ $1 == -m && $2 == venv ]]; then
+  mkdir -p "$3/bin"
+  printf '#!/bin/sh\\n' >"$3/bin/python"
+  printf '#!/bin/sh\\necho "pip $*" >>{calls}\\n' >"$3/bin/pip"
+  chmod +x "$3/bin/python" "$3/bin/pip"
+  exit 0
+fi
+exit 1
+""")
+    (bin_dir / "python3").chmod(0o755)
+
+
+def test_requirements_are_installed_again_only_when_they_change(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    _venv_python(bin_dir, "3.12", calls)
+    requirements = tmp_path / "verify-requirements.txt"
+    requirements.write_text("jsonschema==4.23.0\n")
+    script = FUNCTION_HARNESS + _bootstrap_functions("install_requirements") + (
+        f'install_requirements {tmp_path / "venv"} {requirements} --only-binary=:all:\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def install_once() -> str:
+        run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    install_once()
+    assert calls.read_text().splitlines() == [f"pip install --quiet --only-binary=:all: -r {requirements}"]
+    assert "requirements unchanged" in install_once()  # a release that keeps them installs nothing
+    assert len(calls.read_text().splitlines()) == 1
+    requirements.write_text("jsonschema==4.24.0\n")
+    install_once()
+    assert len(calls.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("python", ["3.12", "3.11"])
+def test_the_hf_cli_comes_from_its_hash_pinned_closure_never_from_path(tmp_path, python):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    _venv_python(bin_dir, python, calls)
+    (bin_dir / "hf").write_text("#!/bin/sh\nexit 0\n")  # an unpinned hf someone installed: never taken
+    (bin_dir / "hf").chmod(0o755)
+    stage = tmp_path / "stage"
+    requirements = stage / node_files_module.HF_CLI_REQUIREMENTS_FILE.lstrip("/")
+    requirements.parent.mkdir(parents=True)
+    requirements.write_text(node_files_module.HF_CLI_REQUIREMENTS)
+    script = FUNCTION_HARNESS + _bootstrap_functions("install_requirements", "ensure_hf_cli") + (
+        'ensure_hf_cli\necho "cli: $HF_CLI"\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ROOT": str(tmp_path / "root"),
+           "STAGE": str(stage), "WEIGHTS_SOURCE": "huggingface"}
+    env.pop("HF_CLI", None)
+    run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    if python != node_files_module.HF_CLI_PYTHON:
+        assert run.returncode == 2 and not calls.exists()
+        assert f"REFUSED: the hf CLI's hash pins are for Python 3.12 and this node's python3 is {python}" in run.stdout
+        return
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert calls.read_text().splitlines() == [
+        f"pip install --quiet --require-hashes --no-deps --only-binary=:all: -r {requirements}"]
+    assert f"cli: {tmp_path}/root/opt/kimi-fleet/hf/bin/hf" in run.stdout
+    assert "huggingface-hub==" in requirements.read_text() and "--hash=sha256:" in requirements.read_text()
+
+
+def test_engine_run_names_the_shipped_status_tool_and_marker():
+    """engine_run.sh takes both from node_files (rendered markers), not its own copies."""
+    source = (Path(node_files_module.__file__).parent / "templates" / "engine_run.sh").read_text()
+    assert "/usr/local/lib/kimi-fleet" not in source and ".kimi-verified" not in source
+    assert f'"${{KIMI_ROOT:-}}{NODE_STATUS}" refuse' in node_files_module.ENGINE_RUN
+    assert f"$weights/{NODE_VERIFIED_MARKER} ]]" in node_files_module.ENGINE_RUN

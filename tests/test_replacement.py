@@ -15,8 +15,7 @@ import pytest
 from kimi_fleet import health
 import yaml
 
-import components.aws_endpoint
-from kimi_fleet import boot_stub, catalog, node_files
+from kimi_fleet import catalog, node_files
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.replacement import (NO_SERVICE_IMPACT, Replacement, replace_triggers, replacement_lines,
@@ -44,25 +43,6 @@ def _single_node_aws_stacks() -> list[str]:
 
 
 SINGLE_NODE_AWS = _single_node_aws_stacks()
-
-
-def _frozen_user_data(r, bundle, *, ssm_prefix, region):
-    """The requested node_files.render_aws_user_data: the frozen loader, nothing of the release."""
-    return boot_stub.render_frozen_boot_stub(pointer=node_files.release_pointer(ssm_prefix), region=region,
-                                             fleet=node_files.behind_load_balancer(r))
-
-
-def _program_ships_the_frozen_loader() -> bool:
-    stub = yaml.safe_load(node_files.render_boot_stub(pointer="/p/release", region="us-east-1"))
-    return all(f["content"] != node_files.node_script("apply_release.py") for f in stub.get("write_files", []))
-
-
-@pytest.fixture(autouse=True)
-def frozen_loader(monkeypatch):
-    """Until node_files.render_aws_user_data renders the frozen loader (the edit requested from its
-    owner), the program under test is given it here; once it does, nothing is patched."""
-    if not _program_ships_the_frozen_loader():
-        monkeypatch.setattr(components.aws_endpoint, "render_aws_user_data", _frozen_user_data)
 
 
 def plan_resources(run) -> list[dict]:

@@ -24,15 +24,7 @@ from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
-
-# tests/fakes/load_shim.py still reads each engine's /metrics names from
-# generation_probe.ENGINE_METRICS, which moved to the engine modules (LoadMetrics). Until the shim
-# takes them from kimi_fleet.engines itself, it gets the same names from there.
-from kimi_fleet.node_scripts import generation_probe as _generation_probe  # noqa: E402
-
-_generation_probe.ENGINE_METRICS = {  # type: ignore[attr-defined]
-    name: tuple(engines.get(name).load_metrics.as_dict().values()) for name in engines.names()}
-from tests.fakes.load_shim import start_load_shim  # noqa: E402
+from tests.fakes.load_shim import start_load_shim
 
 pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
               pytest.mark.timeout(180)]

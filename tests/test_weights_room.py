@@ -48,9 +48,10 @@ DRIVER = textwrap.dedent("""\
     root, staging, tool = spec["root"], spec["staging"], spec["tool"]
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={spec['size']}", "tmpfs", root], check=True)
 
-    def run(volume, target, need):
-        return subprocess.run([sys.executable, tool, "--root", volume, "--target", target, "--need", str(need)],
-                              capture_output=True, text=True)
+    def run(volume, target, need, keep=()):
+        keeps = [arg for k in keep for arg in ("--keep", os.path.join(volume, k))]
+        return subprocess.run([sys.executable, tool, "--root", volume, "--target", target, "--need", str(need),
+                               *keeps], capture_output=True, text=True)
 
     def lay_out(volume, dirs):
         for rel, (size, markers, age) in dirs.items():
@@ -82,7 +83,7 @@ DRIVER = textwrap.dedent("""\
     lay_out(staging, spec["elsewhere"])
     lay_out(root, spec["dirs"])
     target = os.path.join(root, spec["target"])
-    result = run(root, target, spec["need"])
+    result = run(root, target, spec["need"], spec["keep"])
     left = sorted(os.path.relpath(os.path.join(p, n), root) for p, ds, _ in os.walk(root) for n in ds)
     try:
         with open(os.path.join(target, spec["owner_marker"])) as f:
@@ -95,12 +96,12 @@ DRIVER = textwrap.dedent("""\
 
 
 def _room(tmp_path: Path, *, size: int, dirs: dict, target: str, need: int, links: dict | None = None,
-          elsewhere: dict | None = None) -> dict:
+          elsewhere: dict | None = None, keep: tuple[str, ...] = ()) -> dict:
     root, staging = tmp_path / "weights", tmp_path / "elsewhere"
     root.mkdir()
     staging.mkdir()
     spec = {"root": str(root), "staging": str(staging), "size": size, "dirs": dirs, "target": target,
-            "need": need, "links": links or {}, "elsewhere": elsewhere or {},
+            "need": need, "links": links or {}, "elsewhere": elsewhere or {}, "keep": list(keep),
             "tool": str(NODE_SCRIPTS / "weights_room.py"),
             "owner_marker": weights_room.OWNER_MARKER}
     node_root = tmp_path / "node"  # a refusal's status line lands here, not in this machine's /run
@@ -169,6 +170,30 @@ def test_nothing_is_removed_when_removing_everything_would_not_be_enough(tmp_pat
     assert "the 2 older checkpoint(s) this program downloaded hold 20.0 MB" in line
     assert re.search(r"\d+\.\d MB short even without them; grow the weights volume \(weights.ebsSizeGib", line), line
     assert result["owner"] is None  # no download follows: the target is not claimed
+
+
+@needs_tmpfs
+def test_the_serving_checkpoint_is_kept_and_an_older_one_goes_instead(tmp_path):
+    """An in-place release keeps the checkpoint the running release serves (--keep), though it is the
+    least recently verified: the other one is removed."""
+    dirs = {OLD: (10 * MB, OWNED, 1_000), OLDER: (10 * MB, OWNED, 2_000)}
+    result = _room(tmp_path, size=40 * MB, dirs=dirs, target=NEW, need=25 * MB, keep=(OLD,))
+    assert result["rc"] == 0, result["out"]
+    assert OLD in result["left"] and OLDER not in result["left"], result
+
+
+@needs_tmpfs
+def test_no_room_without_the_serving_checkpoint_is_a_refusal_that_removes_nothing(tmp_path):
+    """Removing the serving checkpoint would make room, but a failed release goes back to it: the
+    prepare refuses (exit 2) in one line, also in the node status, and the old release serves on."""
+    dirs = {OLD: (10 * MB, OWNED, 1_000), OLDER: (5 * MB, OWNED, 2_000)}
+    result = _room(tmp_path, size=40 * MB, dirs=dirs, target=NEW, need=30 * MB, keep=(OLD,))
+    assert result["rc"] == 2, result
+    assert {OLD, OLDER} <= set(result["left"]) and result["owner"] is None
+    (line,) = [line for line in result["out"].splitlines() if "removing nothing" in line]
+    assert f"{OLD} is kept because the running release serves it" in line
+    assert "grow the weights volume (weights.ebsSizeGib) to hold both checkpoints, by at least" in line
+    assert result["refusal"] and "to hold both checkpoints" in json.dumps(result["refusal"])
 
 
 @needs_tmpfs
@@ -302,7 +327,10 @@ def test_the_kubernetes_download_checks_room_before_it_fetches(tmp_path, fits):
     (packages / k8s.PACKAGES_COMPLETE_MARKER).write_text("")  # installed by an earlier run
     tools, calls = tmp_path / "bin", tmp_path / "calls"
     tools.mkdir()
-    (tools / "python3").symlink_to(sys.executable)
+    # `python3 -m pip` (the hash-pinned hf CLI install) is recorded, not run: no index here.
+    (tools / "python3").write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo pip >>{calls}; exit 0; fi\n'
+                                   f'exec {sys.executable} "$@"\n')
+    (tools / "python3").chmod(0o755)
     for stub in ("hf", "pip"):
         (tools / stub).write_text(f"#!/bin/sh\necho {stub} >>{calls}\n")
         (tools / stub).chmod(0o755)

@@ -9,8 +9,10 @@ release takes the next one in place without losing the old one first:
   2. prepare, while the old engines serve: the staged bootstrap fetches secrets and fetches and
      verifies the weights (`kimi-bootstrap --prepare`), and the new engine images are pulled;
   3. swap: the new files go live and the bootstrap restarts what changed;
-  4. wait until the node admits the new release (its ready file names it), within the sizing's
-     expected warm start plus a margin; an engine that crash-loops fails it at once;
+  4. wait until the node admits the new release anew (the ready file is removed before the swap,
+     so only the watchdog's next admission names it), within the warm start, the node's own
+     admission deadline, two watchdog intervals and a margin; an engine that crash-loops fails it
+     at once; files only the previous bundle had are removed (an engine the release dropped);
   5. on failure, the saved files come back and the bootstrap restarts the previous release; the
      node status names the failed release, why, and the engine's last log lines.
 
@@ -55,8 +57,13 @@ LIB_DIR = "usr/local/lib/kimi-fleet"
 POINTER_WAIT_SECONDS = 1800
 RETRY_FIRST_DELAY_SECONDS = 5.0
 RETRY_MAX_DELAY_SECONDS = 60.0
-#: Beyond the sizing's expected warm start: a slow but healthy load is not a failed release.
-ADMISSION_MARGIN_SECONDS = 600
+#: Beyond the warm start, the node's admission run and two watchdog ticks: a slow but healthy load
+#: is not a failed release.
+ADMISSION_MARGIN_SECONDS = 300
+#: The watchdog ticks waited for: one may have just begun before the engines were ready.
+ADMISSION_WATCHDOG_TICKS = 2
+#: The paths of the bundle applied last (what the next release removes when it drops one).
+APPLIED_FILES = "applied-files.json"
 #: An engine restarted this many times since the swap is crash-looping (an OOM at load restarts
 #: every RestartSec): the release has failed, whatever the budget still allows.
 ENGINE_RESTARTS_TOLERATED = 3
@@ -137,8 +144,10 @@ def fetch(uri: str, digest: str, region: str) -> dict:
     return json.loads(bundle)
 
 
-def write_files(bundle: dict, root: Path = ROOT) -> list[str]:
-    """Write every file whose content or mode differs, atomically; return the paths written."""
+def write_files(bundle: dict, root: Path | None = None) -> list[str]:
+    """Write every file whose content or mode differs, atomically, under `root` (the node's ROOT when
+    None, read at call time); return the paths written."""
+    root = ROOT if root is None else root
     written = []
     for entry in bundle["files"]:
         path = root / entry["path"].lstrip("/")
@@ -155,10 +164,31 @@ def write_files(bundle: dict, root: Path = ROOT) -> list[str]:
     return written
 
 
-def snapshot(bundle: dict) -> dict:
-    """The live files the bundle would replace, as a bundle (None for a file it would create)."""
+def bundle_paths(bundle: dict) -> list[str]:
+    return sorted(entry["path"] for entry in bundle["files"])
+
+
+def dropped_paths(bundle: dict) -> list[str]:
+    """Files the previously applied bundle had and this one has not (never anything else)."""
+    try:
+        previous = json.loads((STATE / APPLIED_FILES).read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(set(previous) - set(bundle_paths(bundle)))
+
+
+def remove_paths(paths: list[str]) -> None:
+    for path in paths:
+        (ROOT / path.lstrip("/")).unlink(missing_ok=True)
+    if paths:
+        log(f"removed {len(paths)} file(s) the release dropped: {' '.join(paths)}")
+
+
+def snapshot(bundle: dict, also: list[str] = ()) -> dict:
+    """The live files the bundle would replace or remove (`also`), as a bundle (None for a file it
+    would create)."""
     files = []
-    for entry in bundle["files"]:
+    for entry in [*bundle["files"], *({"path": p} for p in also)]:
         path = ROOT / entry["path"].lstrip("/")
         if path.is_file():
             files.append({"path": entry["path"], "mode": f"0{path.stat().st_mode & 0o7777:o}",
@@ -262,9 +292,15 @@ def engine_log_tail(index: int) -> list[str]:
     return shown.stdout.splitlines()[-ENGINE_LOG_LINES:]
 
 
+def unready(ready_file: Path) -> None:
+    """Forget the last admission: only the watchdog's next one may name the release (a key rotation
+    keeps the release id, and a restored release is the one the file already names)."""
+    ready_file.unlink(missing_ok=True)
+
+
 def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: float, poll: float) -> None:
-    """Until the node's ready file names `release`; ReleaseFailed when an engine crash-loops or the
-    budget runs out."""
+    """Until the node's ready file names `release` (call unready() before the change it admits);
+    ReleaseFailed when an engine crash-loops or the budget runs out."""
     deadline = time.monotonic() + budget
     baseline = {index: engine_restarts(index) for index in engines}
     while True:
@@ -282,14 +318,54 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
                                     engine_log_tail(index))
         if time.monotonic() >= deadline:
             tails = [line for index in engines for line in engine_log_tail(index)]
-            raise ReleaseFailed(f"not admitted within {budget:.0f} s (the sizing's expected warm start plus "
+            raise ReleaseFailed(f"not admitted within {budget:.0f} s (the expected warm start, the node's admission "
+                                f"deadline, {ADMISSION_WATCHDOG_TICKS} watchdog intervals and "
                                 f"{ADMISSION_MARGIN_SECONDS} s)", tails[-ENGINE_LOG_LINES:])
         time.sleep(poll)
 
 
 def admission_budget(root: Path) -> float:
+    """The warm start, the node's own admission run (stack.json's deadline), two watchdog ticks (the
+    one running when the engines came up may have started before them) and a margin."""
     minutes = settings(root).get("EXPECTED_READY_MINUTES") or "0"
-    return int(minutes) * 60 + ADMISSION_MARGIN_SECONDS
+    stack = json.loads((root / STACK_JSON).read_text())
+    deadline = float(stack["admission"]["deadline_seconds"])
+    interval = float(stack["watchdog"]["interval_seconds"])
+    return int(minutes) * 60 + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
+
+
+def secret_paths(staged: Path) -> list[str]:
+    values = settings(staged)
+    return [values[key] for key in ("API_KEY_FILE", "HF_TOKEN_FILE") if values.get(key)]
+
+
+def take_secrets(staged: Path, paths: list[str]) -> dict[str, bytes | None]:
+    """Move the secrets the prepare fetched under the stage into place; return what they replaced
+    (kept in memory only: a secret is never written to the rollback files)."""
+    replaced = {}
+    for path in paths:
+        fetched = staged / path.lstrip("/")
+        if not fetched.is_file():
+            continue  # secrets of kind "files": already in place, never fetched
+        live = ROOT / path.lstrip("/")
+        replaced[path] = live.read_bytes() if live.is_file() else None
+        live.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fetched.chmod(0o600)
+        os.replace(fetched, live)
+    return replaced
+
+
+def put_back_secrets(replaced: dict[str, bytes | None]) -> None:
+    for path, content in replaced.items():
+        live = ROOT / path.lstrip("/")
+        if content is None:
+            live.unlink(missing_ok=True)
+            continue
+        tmp = live.with_name(f".{live.name}.kimi-tmp")
+        tmp.touch(mode=0o600)
+        tmp.chmod(0o600)
+        tmp.write_bytes(content)
+        tmp.replace(live)
 
 
 def record_status(action: str, lib: Path, **fields) -> None:
@@ -309,7 +385,8 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
     staged = STATE / "staging" / digest
     write_files(bundle, staged)
     release = (staged / RELEASE_FILE).read_text().strip()
-    saved = snapshot(bundle)
+    dropped = dropped_paths(bundle)
+    saved = snapshot(bundle, dropped)
     rollbacks = STATE / "rollback"
     rollbacks.mkdir(parents=True, exist_ok=True)
     (rollbacks / f"{previous}.json").write_text(json.dumps(saved))
@@ -320,24 +397,36 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
     ready_file = ROOT / stack["ready_file"].lstrip("/")
     budget = args.admission_budget if args.admission_budget is not None else admission_budget(staged)
     log(f"release {release} (bundle {digest[:16]}): staged; preparing while the current release serves")
+    replaced_secrets: dict[str, bytes | None] = {}
+    swapped = False
     try:
         prepare(staged, args.pointer_wait, args.retry_delay)
+        unready(ready_file)
+        swapped = True
         written = write_files(bundle)
+        replaced_secrets = take_secrets(staged, secret_paths(staged))
         log(f"release {release} (bundle {digest[:16]}): {len(written)} file(s) changed; waiting up to "
             f"{budget:.0f} s for the node to admit it")
         rerun_bootstrap(False)
+        remove_paths(dropped)  # after the bootstrap stopped what used them
         wait_admitted(release, ready_file, engines, budget, args.admission_poll)
     except (ReleaseFailed, RuntimeError) as error:
         tail = error.log_tail if isinstance(error, ReleaseFailed) else []
         node = socket.gethostname()
-        log(f"release {release} failed on node {node}: {error}; restoring bundle {previous[:16]}")
         record_status("record_release_failure", staged / LIB_DIR, release=release, bundle=digest, reason=str(error),
                       log_tail=tail, node=node)
+        if not swapped:  # nothing went live: the current release never stopped serving
+            log(f"release {release} failed on node {node} before the swap: {error}; the current release serves on")
+            raise RuntimeError(f"release {release} failed on node {node}: {error}") from None
+        log(f"release {release} failed on node {node}: {error}; restoring bundle {previous[:16]}")
         restore(saved)
+        put_back_secrets(replaced_secrets)
         try:
+            unready(ready_file)
             rerun_bootstrap(False)
             back = (ROOT / RELEASE_FILE).read_text().strip()
-            wait_admitted(back, ready_file, engines, budget, args.admission_poll)
+            back_engines = [engine["index"] for engine in json.loads((ROOT / STACK_JSON).read_text())["engines"]]
+            wait_admitted(back, ready_file, back_engines, budget, args.admission_poll)
             log(f"release {back} restored and admitted again")
         except (ReleaseFailed, RuntimeError) as restore_error:
             log(f"restoring bundle {previous[:16]} did not bring the node back: {restore_error}")
@@ -382,12 +471,15 @@ def main(argv: list[str]) -> int:
             previous = applied.read_text().strip() if applied.exists() else None
             if args.boot or previous is None or previous == digest:
                 # Nothing serves yet (or this release already does): no old release to keep.
+                dropped = dropped_paths(bundle)
                 written = write_files(bundle)
                 log(f"release bundle {digest[:16]}: {len(written)} file(s) changed")
+                remove_paths(dropped)
                 rerun_bootstrap(args.boot)
             else:
                 apply_in_place(bundle, digest, previous, args)
             applied.write_text(digest + "\n")
+            (STATE / APPLIED_FILES).write_text(json.dumps(bundle_paths(bundle)) + "\n")
         except (RuntimeError, ValueError, KeyError) as error:
             log(f"apply failed: {error}")
             return 1

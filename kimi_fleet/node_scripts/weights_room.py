@@ -2,7 +2,7 @@
 """Room on the weights volume for the checkpoint about to be downloaded (standard library only: it
 runs on nodes and in the Kubernetes download Job, before the download).
 
-    weights_room.py --root WEIGHTS_ROOT --target WEIGHTS_ROOT/ORG--NAME/REVISION --need CHECKPOINT_BYTES
+    weights_room.py --root WEIGHTS_ROOT --target WEIGHTS_ROOT/ORG--NAME/REVISION --need CHECKPOINT_BYTES [--keep DIR]...
 
 A new checkpoint revision is downloaded beside the old one, which stays for a rollback, while the
 running engine keeps serving it. When the volume cannot hold both (a 1000 GiB EBS volume and two
@@ -23,7 +23,10 @@ exactly that repo and revision (nothing else the project's layout puts there cou
 empty or other content, or the generic `.verified`, proves nothing. A directory that has an owner
 marker is judged by it alone.
 
-Exit 1 without removing anything, naming the numbers, when even removing every proven checkpoint
+--keep DIR (repeatable) is never removed and its bytes never count as room: an in-place release
+keeps the checkpoint the running release serves, which a failed release goes back to.
+
+Exit 2 without removing anything, naming the numbers, when even removing every proven checkpoint
 is not enough. A running engine keeps serving what it loaded (its open files stay readable until
 closed).
 """
@@ -217,11 +220,13 @@ class Refused(Exception):
     """The volume cannot hold the checkpoint: the message says by how much and what to grow."""
 
 
-def make_room(root: str, target: str, need: int, log=print) -> bool:
+def make_room(root: str, target: str, need: int, log=print, keep: tuple[str, ...] = ()) -> bool:
     """Remove other checkpoints until the target's missing bytes fit, and mark the target as this
-    program's. Refused (nothing removed) when removing every one of them would not be enough;
-    False when they were removed and the space did not come back (files still held open)."""
+    program's. `keep`: directories never removed (nor anything inside or around them). Refused
+    (nothing removed) when removing every other one would not be enough; False when they were
+    removed and the space did not come back (files still held open)."""
     root, target = os.path.realpath(root), os.path.realpath(target)
+    keep = tuple(os.path.realpath(k) for k in keep)
     missing = max(need - directory_bytes(target), 0)
     free = shutil.disk_usage(root).free
     if free >= missing:
@@ -229,6 +234,8 @@ def make_room(root: str, target: str, need: int, log=print) -> bool:
         return True
     ours, kept = survey(root)
     ours = [d for d in ours if not _contains(d, target) and not _contains(target, d)]
+    kept_serving = [d for d in ours if any(_contains(d, k) or _contains(k, d) for k in keep)]
+    ours = [d for d in ours if d not in kept_serving]
     for directory, why in kept.items():
         if _contains(directory, target) or _contains(target, directory):
             continue  # the download's own directory, never removed anyway
@@ -236,6 +243,12 @@ def make_room(root: str, target: str, need: int, log=print) -> bool:
             f"checkpoints it downloaded (remove it by hand if it is not needed)")
     removable = freed_bytes(ours)
     relative_target = os.path.relpath(target, root)
+    if kept_serving and free + removable < missing:
+        serving = ", ".join(os.path.relpath(d, root) for d in kept_serving)
+        raise Refused(f"weights: removing nothing: {relative_target} needs {_size(missing)} more and {root} has "
+                      f"{_size(free)} free plus {_size(removable)} in older checkpoints; {serving} is kept because the "
+                      f"running release serves it (a failed release goes back to it): grow the weights volume "
+                      f"(weights.ebsSizeGib) to hold both checkpoints, by at least {_size(missing - free - removable)}")
     if not ours:
         raise Refused(f"weights: {relative_target} needs {_size(missing)} more and {root} has {_size(free)} "
                       "free with no older checkpoint left to remove: grow the weights volume (weights.ebsSizeGib, "
@@ -268,12 +281,15 @@ def main() -> int:
     parser.add_argument("--root", required=True, help="the weights volume's checkpoint root")
     parser.add_argument("--target", required=True, help="the directory the checkpoint is downloaded into")
     parser.add_argument("--need", required=True, type=int, help="the checkpoint's bytes")
+    parser.add_argument("--keep", action="append", default=[],
+                        help="a checkpoint never removed and not counted as room (the serving release's)")
     args = parser.parse_args()
     root, target = os.path.realpath(args.root), os.path.realpath(args.target)
     if os.path.commonpath([root, target]) != root or target == root:
         parser.error(f"--target {args.target} is not a directory under --root {args.root}")
     try:
-        return 0 if make_room(args.root, args.target, args.need) else HELD_OPEN_STATUS
+        keep = tuple(k for k in args.keep if k)
+        return 0 if make_room(args.root, args.target, args.need, keep=keep) else HELD_OPEN_STATUS
     except Refused as refused:
         print(refused, flush=True)
         try:  # one line in the node's status too (a pod's status file may not be writable: the log says it)

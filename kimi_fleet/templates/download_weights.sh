@@ -23,8 +23,10 @@ if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
 fi
 # A new revision goes beside the old one (kept for a rollback) when the volume has room; otherwise
 # older checkpoints go first, and a volume too small even then fails now, not an hour in.
+# KEEP_WEIGHTS_DIR: the serving release's checkpoint (an in-place release), never removed.
 mkdir -p "$WEIGHTS_DIR"
-python3 "$ROOM_TOOL" --root "$WEIGHTS_ROOT" --target "$WEIGHTS_DIR" --need "$CHECKPOINT_BYTES"
+python3 "$ROOM_TOOL" --root "$WEIGHTS_ROOT" --target "$WEIGHTS_DIR" --need "$CHECKPOINT_BYTES" \
+  ${KEEP_WEIGHTS_DIR:+--keep "$KEEP_WEIGHTS_DIR"}
 printf '%s@%s\n' "$MODEL_REPO" "$MODEL_REVISION" >"$WEIGHTS_DIR/__CHECKPOINT_MARKER__"
 if [[ -s ${HF_TOKEN_FILE:-} ]]; then
   HF_TOKEN=$(<"$HF_TOKEN_FILE")

@@ -7,12 +7,12 @@ index=${1:?usage: kimi-engine-run ENGINE_INDEX}
 [[ $index =~ ^[0-9]+$ ]] || { echo "engine index must be a number, got $index" >&2; exit 1; }
 argv_file="${KIMI_ROOT:-}/etc/kimi-fleet/engine-$index.argv.json"
 # Weights the download did not finish verifying are never served: refuse in one line, in the
-# journal and the node status (node_status.py, shipped in /usr/local/lib/kimi-fleet by every release).
+# journal and the node status (node_status.py, shipped by every release).
 weights=${KIMI_ROOT:-}${WEIGHTS_DIR:?WEIGHTS_DIR comes from the engine env file}
-if [[ ! -f $weights/.kimi-verified ]]; then
-  reason="weights in $WEIGHTS_DIR have no verified marker (.kimi-verified): the download did not finish or failed its check; see /var/log/kimi-fleet/bootstrap.log and run kimi-bootstrap again"
+if [[ ! -f $weights/__VERIFIED_MARKER__ ]]; then
+  reason="weights in $WEIGHTS_DIR have no verified marker (__VERIFIED_MARKER__): the download did not finish or failed its check; see /var/log/kimi-fleet/bootstrap.log and run kimi-bootstrap again"
   echo "kimi-engine@$index refused to start: $reason" >&2
-  python3 "${KIMI_ROOT:-}/usr/local/lib/kimi-fleet/node_status.py" refuse "kimi-engine@$index" "$reason" || true
+  python3 "${KIMI_ROOT:-}__NODE_STATUS__" refuse "kimi-engine@$index" "$reason" || true
   exit 1
 fi
 decoded=$(mktemp)

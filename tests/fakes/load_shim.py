@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
-from kimi_fleet.node_scripts.generation_probe import ENGINE_METRICS
+from kimi_fleet import engines
 
 #: Tokens per second the other clients of a busy engine get.
 BUSY_TOKENS_PER_SECOND = 500
@@ -67,10 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.split("?", 1)[0] == "/metrics":
             generated, running, waiting = self.server.state.counters()
-            names = ENGINE_METRICS[self.server.state.engine]
+            names = engines.get(self.server.state.engine).load_metrics  # the engine's own names
             labels = '{model_name="kimi-k2.6"}'
-            body = (f"# TYPE {names[0]} counter\n{names[0]}{labels} {generated}\n"
-                    f"{names[1]}{labels} {running}\n{names[2]}{labels} {waiting}\n").encode()
+            body = (f"# TYPE {names.generated_tokens} counter\n{names.generated_tokens}{labels} {generated}\n"
+                    f"{names.running}{labels} {running}\n{names.waiting}{labels} {waiting}\n").encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(body)))
