@@ -132,12 +132,12 @@ class Fleet(pulumi.ComponentResource):
                 fleet_rollout=getattr(endpoint, "fleet_rollout", None),
                 compile_cache_promotion=getattr(endpoint, "compile_cache_promotion", None),
                 # kubectl on the deployer's machine uses the stack's kubeconfig, as the provider does.
-                kubeconfig=args.target_secrets.kubeconfig if spec.target.kind == "kubernetes" else None,
+                kubeconfig=args.target_secrets.kubeconfig if r.target.renders_manifests else None,
                 # An instance refresh replaces the replicas one after another, each its launch and its
                 # whole grace period (the refresh's warm-up): shorter, and every good release rolls back.
                 rollout_timeout_seconds=(
                     k8s_rollout_wait_seconds(k8s_manifests.rollout_wait(r, args.sizing))
-                    if spec.target.kind == "kubernetes" else health.fleet_rollout_seconds(health.windows(
+                    if r.target.renders_manifests else health.fleet_rollout_seconds(health.windows(
                         args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True),
                         spec.capacity.replicas)),
                 # A new release, new nodes or a rotated key: verify again.

@@ -73,9 +73,9 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
-    if spec.target.kind == "kubernetes":  # the gate waits for the rollout and undoes a failed one
+    if resolved.target.renders_manifests:  # pods: the gate waits for the rollout and undoes a failed one
         result["kubernetes_rollout"] = k8s_manifests.rollout_cost(resolved, sizing)
-    if spec.target.kind != "kubernetes":  # a node's watchdog and, on a fleet, its group's health check
+    else:  # nodes: a watchdog and, on a fleet, its group's health check
         result["health"] = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
                                           fleet=behind_load_balancer(resolved)).lines()
     archive = compile_cache_archive(resolved, launch)

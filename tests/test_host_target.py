@@ -4,6 +4,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -76,7 +77,7 @@ def test_copies_every_node_file_and_bootstraps(stack, engines):
     files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
     copied = [c for c in declared.values() if "stdin" in c["wire"] and c["name"].startswith("kimi-file-")]
     assert sorted(c["wire"]["stdin"] for c in copied) == sorted(f.content for f in files.values())
-    env_files = [p for p in files if p.startswith("/etc/kimi-fleet/engine-")]
+    env_files = [p for p in files if re.match(r"/etc/kimi-fleet/engine-\d+\.", p)]
     assert len(env_files) == 2 * engines  # engine-N.env and engine-N.argv.json
     for path in env_files:
         assert any(f"mv {path}.kimi-tmp {path}" in c["wire"]["create"] for c in copied)

@@ -211,8 +211,10 @@ def test_accepted_benign_variants_render_only_values_of_their_allowed_shape(stac
             if name.endswith(".argv.json"):
                 assert all(re.fullmatch(r"[A-Za-z0-9._:/@,+=-]+", a) for a in json.loads(text)), name
             if name == "Caddyfile":
-                # Only the key's own placeholders, nothing a stack value smuggled in.
-                assert set(re.findall(r"\{[^}\s]*\}", text)) <= {"{env.KIMI_API_KEY}"}, text
+                # Only the key's own placeholder and the request line the route allowlist matches
+                # (caddy._REQUEST_LINE), nothing a stack value smuggled in.
+                assert set(re.findall(r"\{[^}\s]*\}", text)) <= {
+                    "{env.KIMI_API_KEY}", "{http.request.method}", "{http.request.uri}"}, text
         # The description is prose for people: it never reaches a node file.
         if top == "description":
             assert not any("benign description" in text for text in artifacts.values())
