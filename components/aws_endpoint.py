@@ -99,16 +99,16 @@ class AwsEndpoint(pulumi.ComponentResource):
             manifest_sha256 = pin.manifest_sha256
 
         # The node files travel as one content-addressed bundle in S3 (NodeRelease below); user data
-        # only boots the applier. One node takes releases in place, so its stub names the pointer
-        # only; a fleet's names its release too: a new one is a new template version, which starts
-        # the instance refresh.
+        # is the frozen boot loader. One node takes releases in place through the pointer; a fleet's
+        # release is an instance tag of its template (GpuNode): a new one is a new template version,
+        # which the gate's instance refresh rolls out.
         bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256).apply(
             lambda values: release_bundle(render_node_files(
                 r, args.launch, args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2],
                 secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
                                           api_key_version=values[1]))))
-        user_data = bundle.apply(lambda text: render_aws_user_data(r, text, ssm_prefix=ssm_prefix,
-                                                                   region=target.region))
+        # Known at preview: the user data names no release (a fleet's travels as an instance tag).
+        user_data = render_aws_user_data(r, ssm_prefix=ssm_prefix, region=target.region)
 
         balancer = None
         if fleet:

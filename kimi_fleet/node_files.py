@@ -693,12 +693,11 @@ def bundle_digest(bundle: str) -> str:
     return hashlib.sha256(bundle.encode()).hexdigest()
 
 
-def render_aws_user_data(r: Resolved, bundle: str, *, ssm_prefix: str, region: str) -> str:
+def render_aws_user_data(r: Resolved, *, ssm_prefix: str, region: str) -> str:
     """An AWS node's user data: the frozen boot loader (boot_stub.py), which names the pointer and
-    region only, so no release (`bundle` included) changes it: a single node is never replaced for
-    a release. A fleet's loader reads its digest from the instance tag boot_stub.RELEASE_TAG, which
-    the launch template carries (a new release is a new template version: the instance refresh)."""
-    del bundle  # the release travels in S3; the user data names none of it
+    region only, so no release changes it: a single node is never replaced for a release. A fleet's
+    loader reads its digest from the instance tag boot_stub.RELEASE_TAG, which the launch template
+    carries (a new release is a new template version: the instance refresh)."""
     return boot_stub.render_frozen_boot_stub(pointer=release_pointer(ssm_prefix), region=region,
                                              fleet=behind_load_balancer(r))
 
@@ -748,6 +747,5 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
         artifacts["startup-script.yaml"] = render_startup_script(r, launch, sizing)
     if r.target.secrets_from_ssm:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
-        artifacts["user-data.yaml"] = render_aws_user_data(r, release_bundle(files), ssm_prefix=ssm_prefix,
-                                                           region=aws.region)
+        artifacts["user-data.yaml"] = render_aws_user_data(r, ssm_prefix=ssm_prefix, region=aws.region)
     return artifacts

@@ -286,7 +286,7 @@ def test_the_boot_stub_is_valid_cloud_config_and_names_no_release(tmp_path):
     bundle = node_files.release_bundle(node_files.render_node_files(
         r, render_launch(r), size(r), secrets=node_files.planned_secrets(r),
         ebs_volume_id=node_files.EBS_VOLUME_PLACEHOLDER))
-    stub = node_files.render_aws_user_data(r, bundle, ssm_prefix=PREFIX, region=REGION)
+    stub = node_files.render_aws_user_data(r, ssm_prefix=PREFIX, region=REGION)
     config = tmp_path / "user-data.yaml"
     config.write_text(stub)
     check = subprocess.run(["cloud-init", "schema", "--config-file", str(config)], capture_output=True, text=True)

@@ -4,12 +4,10 @@ a node runs it (python3, a scratch root, an `aws` CLI and `apt-get` on PATH that
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import yaml
 
 from kimi_fleet import boot_stub, node_files
 from kimi_fleet.node_scripts import node_script
+from tests.fakes.imds import start_imds
 
 LOADER = Path(boot_stub.__file__).parent / "node_scripts" / "boot_loader.py"
 POINTER, REGION = "/kimi-fleet/s/release", "us-east-1"
@@ -113,41 +112,15 @@ def test_a_bundle_without_a_package_list_installs_nothing(tmp_path):
     assert not (aws_dir / "apt").exists() and (root / "handed.json").exists()
 
 
-class _Imds(http.server.BaseHTTPRequestHandler):
-    tag_value = ""
-
-    def do_PUT(self):
-        ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-        self._answer(200 if ok else 400, "token-1")
-
-    def do_GET(self):
-        ok = (self.headers.get("X-aws-ec2-metadata-token") == "token-1"
-              and self.path == f"/latest/meta-data/tags/instance/{boot_stub.RELEASE_TAG}")
-        self._answer(200 if ok else 404, self.tag_value)
-
-    def _answer(self, status, body):
-        self.send_response(status)
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_fleet_node_boots_the_bundle_its_template_tags_not_the_pointer(tmp_path):
     """The pointer already names a newer release; the node's launch template version tags its own."""
     wanted = bundle_text(packages="caddy\n")
     root, aws_dir, env, newer = node(tmp_path, bundle_text())
     digest = hashlib.sha256(wanted.encode()).hexdigest()
     (aws_dir / "s3" / f"{digest}.json").write_text(wanted)
-    _Imds.tag_value = digest
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Imds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        env["KIMI_IMDS_URL"] = f"http://127.0.0.1:{server.server_port}"
+    with start_imds({f"tags/instance/{boot_stub.RELEASE_TAG}": digest}) as imds:
+        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = imds
         result = boot(env, "--expect-tag", boot_stub.RELEASE_TAG)
-    finally:
-        server.shutdown()
     assert result.returncode == 0, result.stderr
     assert newer != digest
     assert json.loads((root / "handed.json").read_text())[-1] == digest

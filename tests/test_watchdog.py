@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
+from tests.fakes.imds import start_imds
 from tests.fakes.load_shim import start_load_shim
 
 pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy binary not installed"),
@@ -81,39 +81,6 @@ def test_generation_probe_tells_a_dead_scheduler_from_a_healthy_engine(mode, exp
         assert "timed out" in result.stderr
 
 
-@contextmanager
-def _imds():
-    """EC2's instance metadata service as IMDSv2 answers it (a token, then the instance id)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _answer(self, body: str, status: int = 200):
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        def do_PUT(self):
-            self._answer("token-1" if self.path == "/latest/api/token" else "", 200 if "token" in self.path else 404)
-
-        def do_GET(self):
-            authorized = self.headers.get("X-aws-ec2-metadata-token") == "token-1"
-            ok = self.path == "/latest/meta-data/instance-id" and authorized
-            self._answer(INSTANCE_ID if ok else "", 200 if ok else 401)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def health_settings(r: Resolved) -> dict:
     """stack.json's watchdog windows as kimi_fleet.health computes them for this stack."""
     return health.watchdog_settings(health.windows(size(r), verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS,
@@ -151,7 +118,7 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
         if busy_file is not None:
             port = stack.enter_context(start_load_shim(engine.port, "sglang", str(busy_file),
                                                        hold_seconds=PROBE_TIMEOUT + 1)).port
-        imds = stack.enter_context(_imds())
+        imds = stack.enter_context(start_imds({"instance-id": INSTANCE_ID}))
         local_port = free_port()
         local = dataclasses.replace(launch, instances=tuple(
             dataclasses.replace(i, port=port) for i in launch.instances))

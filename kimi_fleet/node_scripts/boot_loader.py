@@ -14,7 +14,8 @@ package list is a new bundle, never a new instance. At first boot it
 Transient AWS errors (the pointer or bundle not written yet, the role not propagated, SSM or S3
 unreachable) are retried with backoff and jitter until --wait runs out; a refusal (wrong digest,
 a malformed pointer, a bundle without the applier) is not. The AWS CLI does the fetching (as the
-applier's); $KIMI_ROOT prefixes every path and $KIMI_IMDS_URL replaces the metadata service (tests).
+applier's); $KIMI_ROOT prefixes every path and $AWS_EC2_METADATA_SERVICE_ENDPOINT (the AWS SDKs' variable)
+replaces the metadata service (tests).
 
 usage: boot_loader.py --pointer PARAMETER --region REGION [--expect-tag TAG] [--wait SECONDS]
 """
@@ -36,7 +37,7 @@ ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 LOG = ROOT / "var/log/kimi-fleet/bootstrap.log"
 APPLY_RELEASE = "/usr/local/lib/kimi-fleet/apply_release.py"
 NODE_PACKAGES_FILE = "/etc/kimi-fleet/node-packages"
-IMDS_URL = os.environ.get("KIMI_IMDS_URL", "http://169.254.169.254")
+IMDS_URL = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
 WAIT_SECONDS = 1800
 FIRST_DELAY_SECONDS = 5.0
 MAX_DELAY_SECONDS = 60.0

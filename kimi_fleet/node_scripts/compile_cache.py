@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from node_status import directory_bytes  # noqa: E402  (shipped beside this script)
@@ -67,10 +66,7 @@ SETTLE_SECONDS = 60
 LOCK_SUFFIXES = (".lock", ".lck", ".tmp")
 #: s5cmd's own log: errors only (the outcome is said here).
 QUIET = ("--log", "error")
-#: EC2's instance metadata service (IMDSv2: a session token first); AWS SDKs read the same variable.
-IMDS_ENDPOINT = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 #: Who the node's role credentials are, as IAM's ${aws:userid} names them: "<role id>:<instance id>"
 #: (an EC2 role session is named after its instance). A node may write candidates under its own
 #: name only (the role policy's resource), so no node can overwrite another's.
@@ -99,8 +95,9 @@ def launch_digest(archive: str) -> str:
     return archive.rsplit("/", 1)[1].removesuffix(".tar")
 
 
-def candidate_uri(archive: str, stack: str, instance_id: str) -> str:
-    return f"{cache_uri(archive)}/{CANDIDATES_DIR}/{stack}/{instance_id}/{launch_digest(archive)}.tar"
+def candidate_uri(archive: str, stack: str, uploader: str) -> str:
+    """`uploader`: the node's ${aws:userid} (`caller`), the one candidate prefix its role may write."""
+    return f"{cache_uri(archive)}/{CANDIDATES_DIR}/{stack}/{uploader}/{launch_digest(archive)}.tar"
 
 
 def pinned_uri(archive: str, sha256: str) -> str:
@@ -187,21 +184,6 @@ def caller(region: str | None) -> str:
         raise RuntimeError(f"aws sts get-caller-identity gave {found[:60]!r} "
                            f"({result.stderr.strip()[-200:] or f'exit {result.returncode}'}), not a role session "
                            "of an instance")
-    return found
-
-
-def instance_id() -> str:
-    """This instance's id from IMDSv2 (a session token first, as the node's metadata options require)."""
-    token_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/api/token", method="PUT",
-                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-    with urllib.request.urlopen(token_request, timeout=10) as response:
-        token = response.read().decode()
-    id_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/meta-data/instance-id",
-                                        headers={"X-aws-ec2-metadata-token": token})
-    with urllib.request.urlopen(id_request, timeout=10) as response:
-        found = response.read().decode().strip()
-    if not INSTANCE_ID.fullmatch(found):
-        raise RuntimeError(f"the instance metadata service gave {found[:40]!r} as the instance id")
     return found
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
-from compile_cache import PUBLISH_UNIT, instance_id, read_settings  # noqa: E402
+from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 
@@ -57,6 +58,9 @@ LOG = ROOT / "var/log/kimi-fleet/watchdog.log"
 PROCESS_GONE = ("failed", "inactive")
 #: An AWS CLI call the watchdog makes may not outlast its own unit timeout.
 AWS_TIMEOUT_SECONDS = 60
+#: EC2's instance metadata service (IMDSv2: a session token first); AWS SDKs read the same variable.
+IMDS_ENDPOINT = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 
 
 def log(message: str) -> None:
@@ -190,6 +194,21 @@ def _judge(unit: str, state: dict, base_url: str, model: str, metrics: dict, wat
     restart(unit)
     state.update(admitted=False, stalls=0, started_at=now)
     return "restarted", f"restarted after {watchdog['failures']} stalled probes"
+
+
+def instance_id() -> str:
+    """This instance's id from IMDSv2 (a session token first, as the node's metadata options require)."""
+    token_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/api/token", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    with urllib.request.urlopen(token_request, timeout=10) as response:
+        token = response.read().decode()
+    id_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/meta-data/instance-id",
+                                        headers={"X-aws-ec2-metadata-token": token})
+    with urllib.request.urlopen(id_request, timeout=10) as response:
+        found = response.read().decode().strip()
+    if not INSTANCE_ID.fullmatch(found):
+        raise RuntimeError(f"the instance metadata service gave {found[:40]!r} as the instance id")
+    return found
 
 
 def aws_autoscaling(*args: str) -> subprocess.CompletedProcess:
