@@ -5,7 +5,7 @@ import pulumi
 from components.endpoint_outputs import TargetSecrets
 from components.fleet import Fleet, FleetArgs
 from kimi_fleet.artifacts import render_artifacts
-from kimi_fleet.caddy import check_api_key
+from kimi_fleet.caddy import check_api_key, check_rotation
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.spec import CONFIG_NAMESPACE
@@ -22,8 +22,11 @@ try:
     # Validated, resolved and sized in one pass: the run reuses both.
     spec, resolved, sizing = validate(spec_values(everything, where), stack, where)
     chosen_key = everything.get(f"{CONFIG_NAMESPACE}:apiKey")
-    if chosen_key is not None:  # a user-chosen key: the same rule on every target
-        check_api_key(chosen_key)
+    previous_key = everything.get(f"{CONFIG_NAMESPACE}:apiKeyPrevious")
+    for key in (chosen_key, previous_key):  # a user-chosen key: the same rule on every target
+        if key is not None:
+            check_api_key(key)
+    check_rotation(spec.api_key_rotation, where, chosen=chosen_key is not None, previous=previous_key is not None)
 except ValueError as error:  # StackFileError, StackSpecError, a key of the wrong shape
     # Refuse before declaring anything: nothing half-deployed.
     raise pulumi.RunError(str(error)) from None
@@ -40,6 +43,7 @@ fleet = Fleet("kimi", FleetArgs(
     launch=launch,
     cost=cost,
     api_key=config.get_secret("apiKey"),
+    previous_api_key=config.get_secret("apiKeyPrevious"),
     hf_token=config.get_secret("hfToken"),
     # Config is read here only; components get what they need.
     target_secrets=TargetSecrets(ssh_host=config.get_secret("sshHost"),
@@ -51,6 +55,7 @@ pulumi.export("endpoint", fleet.endpoint_url)
 pulumi.export("openai_base_url", fleet.openai_base_url)
 pulumi.export("model", spec.model.served_name)
 pulumi.export("api_key", fleet.api_key)
+pulumi.export("api_key_fingerprint", fleet.api_key_fingerprint)
 pulumi.export("node_ids", fleet.node_ids)
 pulumi.export("market", fleet.market)
 pulumi.export("hourly_cost_usd", fleet.hourly_cost_usd)

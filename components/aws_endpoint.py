@@ -74,7 +74,8 @@ class AwsEndpoint(pulumi.ComponentResource):
 
         network = AwsNetwork(f"{name}-network", AwsNetworkArgs(resolved=r, tags=tags), child)
         secrets = NodeSecrets(f"{name}-secrets", NodeSecretsArgs(
-            prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags), child)
+            prefix=ssm_prefix, api_key=args.api_key, hf_token=args.hf_token, tags=tags,
+            previous_api_key=args.previous_api_key), child)
         volume = WeightVolume(f"{name}-weights", WeightVolumeArgs(
             resolved=r, availability_zone=network.availability_zone, tags=tags), child)
         # A managed mirror is filled (on AWS) before any GPU node exists: nodes never wait on an empty one.
@@ -102,11 +103,14 @@ class AwsEndpoint(pulumi.ComponentResource):
         # is the frozen boot loader. One node takes releases in place through the pointer; a fleet's
         # release is an instance tag of its template (GpuNode): a new one is a new template version,
         # which the gate's instance refresh rolls out.
-        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256).apply(
+        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256,
+                                   secrets.previous_api_key_version).apply(
             lambda values: release_bundle(render_node_files(
                 r, args.launch, args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2],
                 secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
-                                          api_key_version=values[1]))))
+                                          api_key_version=values[1],
+                                          previous_api_key=args.previous_api_key is not None,
+                                          previous_api_key_version=values[3]))))
         # Known at preview: the user data names no release (a fleet's travels as an instance tag).
         user_data = render_aws_user_data(r, ssm_prefix=ssm_prefix, region=target.region)
 

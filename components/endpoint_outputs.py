@@ -31,6 +31,8 @@ class EndpointArgs:
     api_key: pulumi.Input[str]
     hf_token: pulumi.Input[str] | None = None
     target_secrets: TargetSecrets = field(default_factory=TargetSecrets)
+    #: the key clients used before a rotation, while the stack accepts it (apiKeyRotation)
+    previous_api_key: pulumi.Input[str] | None = None
 
 
 def publish_endpoint(component: pulumi.ComponentResource, *, domain: str, node_ids: pulumi.Input[list[str]],

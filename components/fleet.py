@@ -7,6 +7,7 @@ the post-deploy verification after the endpoint exists.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import pulumi
@@ -34,6 +35,34 @@ ENDPOINTS = {
 }
 #: 48 letters and digits: no character Caddy's header matcher treats as a wildcard.
 API_KEY_LENGTH = 48
+#: Hex digits of a key's published fingerprint: enough to tell keys apart, too few to test guesses
+#: against (2^32 values; a key has at least 16 characters of a 68-character alphabet).
+FINGERPRINT_HEX_DIGITS = 8
+
+
+def api_key_fingerprint(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:FINGERPRINT_HEX_DIGITS]
+
+
+def generated_api_keys(name: str, generation: int, opts: pulumi.ResourceOptions
+                       ) -> tuple[pulumi.Output[str], pulumi.Output[str] | None]:
+    """The generated key of `generation` and the one before it (None at generation 0).
+
+    Two slots take turns: slot A holds the even generations, slot B the odd ones. Bumping the
+    generation regenerates only the slot it lands on (its keepers change), so the other slot still
+    holds the previous key, straight from state. Slot A is the original resource with no keepers
+    at generation 0: a stack that never rotates keeps its key."""
+    def slot(resource_name: str, slot_generation: int) -> pulumi.Output[str]:
+        keepers = {"generation": str(slot_generation)} if slot_generation else None
+        return pulumi.Output.secret(random.RandomPassword(
+            resource_name, length=API_KEY_LENGTH, special=False, keepers=keepers, opts=opts).result)
+
+    even = generation - generation % 2
+    slot_a = slot(f"{name}-api-key", even)
+    if generation == 0:
+        return slot_a, None
+    slot_b = slot(f"{name}-api-key-b", generation if generation % 2 else generation - 1)
+    return (slot_b, slot_a) if generation % 2 else (slot_a, slot_b)
 
 
 @dataclass
@@ -43,6 +72,8 @@ class FleetArgs:
     launch: Launch
     cost: Cost
     api_key: pulumi.Input[str] | None = None
+    #: the secret kimi-fleet:apiKeyPrevious: with a chosen key, the one a rotation still accepts
+    previous_api_key: pulumi.Input[str] | None = None
     hf_token: pulumi.Input[str] | None = None
     target_secrets: TargetSecrets = field(default_factory=TargetSecrets)
 
@@ -71,11 +102,19 @@ class Fleet(pulumi.ComponentResource):
         super().__init__("kimi-fleet:fleet:Fleet", name, props, opts)
         child = pulumi.ResourceOptions(parent=self)
 
+        rotation = spec.api_key_rotation
+        previous_key: pulumi.Input[str] | None = None
         if args.api_key is None:
-            generated = random.RandomPassword(f"{name}-api-key", length=API_KEY_LENGTH, special=False, opts=child)
-            self.api_key = pulumi.Output.secret(generated.result)
+            current, previous = generated_api_keys(name, rotation.generation, child)
+            self.api_key = current
+            if rotation.accept_previous:
+                previous_key = previous
         else:
             self.api_key = pulumi.Output.secret(args.api_key)
+            if rotation.accept_previous:
+                previous_key = pulumi.Output.secret(args.previous_api_key)
+        #: a non-secret fingerprint of the key clients must use: `pulumi preview` shows a rotation
+        self.api_key_fingerprint = pulumi.Output.unsecret(self.api_key.apply(api_key_fingerprint))
 
         release = EngineRelease(f"{name}-release", EngineReleaseArgs(
             engine=spec.engine.name,
@@ -99,7 +138,8 @@ class Fleet(pulumi.ComponentResource):
         endpoint_class, endpoint_args = ENDPOINTS[spec.target.kind]
         endpoint = endpoint_class(
             f"{name}-{spec.target.kind}",
-            endpoint_args(r, args.sizing, args.launch, self.api_key, args.hf_token, args.target_secrets),
+            endpoint_args(r, args.sizing, args.launch, self.api_key, args.hf_token, args.target_secrets,
+                          previous_key),
             pulumi.ResourceOptions(parent=self, depends_on=[release]),
         )
         self.endpoint_url = endpoint.endpoint_url
@@ -117,6 +157,7 @@ class Fleet(pulumi.ComponentResource):
                 stack=spec.stack,
                 base_url=endpoint.openai_base_url,
                 api_key=self.api_key,
+                previous_api_key=previous_key,
                 model=spec.model.served_name,
                 engine=spec.engine.name,
                 engine_release=r.image_entry.package_version if r.image_entry else None,
@@ -162,4 +203,5 @@ class Fleet(pulumi.ComponentResource):
             "time_to_ready_measured": self.time_to_ready_measured,
             "throughput_measured": self.throughput_measured,
             "verification": self.verification,
+            "api_key_fingerprint": self.api_key_fingerprint,
         })

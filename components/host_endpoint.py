@@ -125,6 +125,9 @@ class HostEndpoint(pulumi.ComponentResource):
         secret_values = {"api-key": (secrets.api_key_file, pulumi.Output.from_input(args.api_key).apply(checked_api_key))}
         if args.hf_token is not None:
             secret_values["hf-token"] = (secrets.hf_token_file, args.hf_token)
+        if args.previous_api_key is not None:  # a rotation's overlap; removed with it (the delete below)
+            secret_values["api-key-previous"] = (node_files.PREVIOUS_API_KEY_FILE,
+                                                 pulumi.Output.from_input(args.previous_api_key).apply(checked_api_key))
         copies: list[remote.Command] = [
             remote.Command(
                 f"{name}-secret-{label}",

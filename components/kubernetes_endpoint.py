@@ -93,19 +93,22 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         in_namespace = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[namespace]))
 
         # The key's shape is checked here, where it is set, not by the pod's proxy after the deploy.
-        secret_values = {(manifests.API_KEY_SECRET, manifests.API_KEY_SECRET_KEY):
-                         pulumi.Output.from_input(args.api_key).apply(checked_api_key)}
+        keys = {manifests.API_KEY_SECRET_KEY: pulumi.Output.from_input(args.api_key).apply(checked_api_key)}
+        if args.previous_api_key is not None:  # a rotation's overlap: the proxy accepts both
+            keys[manifests.PREVIOUS_API_KEY_SECRET_KEY] = pulumi.Output.from_input(
+                args.previous_api_key).apply(checked_api_key)
+        secret_values = {manifests.API_KEY_SECRET: keys}
         if args.hf_token is not None:
-            secret_values[(manifests.HF_TOKEN_SECRET, manifests.HF_TOKEN_SECRET_KEY)] = args.hf_token
+            secret_values[manifests.HF_TOKEN_SECRET] = {manifests.HF_TOKEN_SECRET_KEY: args.hf_token}
         secrets = [
             k8s.core.v1.Secret(
                 f"{name}-{secret_name}",
                 metadata={"name": secret_name, "namespace": target.namespace},
                 type="Opaque",
-                string_data={key: pulumi.Output.secret(value)},
+                string_data={key: pulumi.Output.secret(value) for key, value in values.items()},
                 opts=in_namespace,
             )
-            for (secret_name, key), value in secret_values.items()
+            for secret_name, values in secret_values.items()
         ]
 
         api_key_secret = secrets[0]  # secret_values starts with the API key

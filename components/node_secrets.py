@@ -1,4 +1,5 @@
-"""NodeSecrets: the API key and the optional Hugging Face token as SSM SecureString parameters.
+"""NodeSecrets: the API key (and a rotation's previous key) and the optional Hugging Face token as
+SSM SecureString parameters.
 
 Nodes read them at boot through their instance role; user data carries only the parameter names.
 """
@@ -27,6 +28,8 @@ class NodeSecretsArgs:
     api_key: pulumi.Input[str]
     hf_token: pulumi.Input[str] | None
     tags: dict[str, str]
+    #: during a key rotation that accepts it, the key clients used before (else None)
+    previous_api_key: pulumi.Input[str] | None = None
 
 
 class NodeSecrets(pulumi.ComponentResource):
@@ -42,6 +45,13 @@ class NodeSecrets(pulumi.ComponentResource):
         self.api_key_parameter = api_key.name
         #: increments when the key changes: the node's user data carries it, so a rotation reaches the node
         self.api_key_version = api_key.version
+        #: the previous key's version while a rotation accepts it (the bundle names it), else None
+        self.previous_api_key_version = pulumi.Output.from_input(None)
+        if args.previous_api_key is not None:
+            previous = self._parameter(f"{name}-api-key-previous", f"{prefix}/api-key-previous",
+                                       pulumi.Output.from_input(args.previous_api_key).apply(checked_api_key),
+                                       args.tags)
+            self.previous_api_key_version = previous.version
         self.hf_token_parameter = pulumi.Output.from_input(None)
         if args.hf_token is not None:
             hf_token = self._parameter(f"{name}-hf-token", f"{prefix}/hf-token", args.hf_token, args.tags)
@@ -49,6 +59,7 @@ class NodeSecrets(pulumi.ComponentResource):
         self.register_outputs({
             "api_key_parameter": self.api_key_parameter,
             "api_key_version": self.api_key_version,
+            "previous_api_key_version": self.previous_api_key_version,
             "hf_token_parameter": self.hf_token_parameter,
         })
 

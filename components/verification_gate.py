@@ -66,6 +66,8 @@ class VerificationGateArgs:
     #: the stack's kubeconfig secret (a path or the content), for kubectl on a Kubernetes rollout;
     #: None: kubectl's own (KUBECONFIG, ~/.kube/config), as the provider does
     kubeconfig: pulumi.Input[str] | None = None
+    #: during a key rotation, the previous key: the suite's auth check wants it accepted too
+    previous_api_key: pulumi.Input[str] | None = None
 
 
 def is_k8s_rollout(rollout: dict | None) -> bool:
@@ -167,6 +169,8 @@ class VerificationGate(pulumi.ComponentResource):
         promotion_wait = COMPILE_CACHE_PROMOTION_WAIT_SECONDS if args.compile_cache_promotion is not None else 0
         timeout = f"{args.rollout_timeout_seconds + args.ready_timeout_seconds + promotion_wait + 1800}s"
         environment = {"KIMI_API_KEY": pulumi.Output.secret(args.api_key)}
+        if args.previous_api_key is not None:
+            environment["KIMI_API_KEY_PREVIOUS"] = pulumi.Output.secret(args.previous_api_key)
         if args.kubeconfig is not None:
             environment["KIMI_KUBECONFIG"] = pulumi.Output.secret(args.kubeconfig)
         self.command = command.local.Command(

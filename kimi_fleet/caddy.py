@@ -46,6 +46,9 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9.*-]+$")
 _ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9_-]+)+$")
 #: One rule for a user-chosen API key on every target (nodes, the Kubernetes sidecar): it is matched
 #: inside a Caddy header matcher, where `*` is a wildcard and braces are placeholders.
+#: Where a rotation's previous key reaches Caddy, on every target (the Caddyfile names it only while
+#: the stack accepts the previous key).
+PREVIOUS_API_KEY_ENV = "KIMI_API_KEY_PREVIOUS"
 API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 
 
@@ -54,6 +57,29 @@ def check_api_key(key: str) -> None:
     if not API_KEY_PATTERN.match(key):
         raise ValueError("secret kimi-fleet:apiKey must be 16-256 characters of letters, digits and . _ ~ + / = - "
                          "(no spaces, quotes, braces or *: Caddy reads those as syntax or wildcards)")
+
+
+def check_rotation(rotation, where: str, *, chosen: bool, previous: bool) -> None:
+    """A key rotation that can be carried out: the previous key exists where it is accepted, and a
+    previous key is never set without being accepted (a secret nobody uses)."""
+    if previous and not chosen:
+        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but kimi-fleet:apiKey is not: the previous key "
+                         "of a generated key is kept by the stack itself (apiKeyRotation.generation); remove it")
+    if previous and not rotation.accept_previous:
+        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but apiKeyRotation.acceptPrevious is false: "
+                         "set acceptPrevious: true to accept it during the rotation, or remove the secret "
+                         "(pulumi config rm kimi-fleet:apiKeyPrevious) once every client uses the new key")
+    if rotation.accept_previous and chosen and not previous:
+        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true with a chosen kimi-fleet:apiKey but no "
+                         "kimi-fleet:apiKeyPrevious: set the key clients used before (pulumi config set --secret "
+                         "kimi-fleet:apiKeyPrevious ...), or set acceptPrevious: false")
+    if rotation.accept_previous and not chosen and rotation.generation == 0:
+        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true at generation 0: there is no previous "
+                         "generated key; bump apiKeyRotation.generation to rotate (1 for the first rotation)")
+    if rotation.generation and chosen:
+        raise ValueError(f"{where}: apiKeyRotation.generation is {rotation.generation} with a chosen kimi-fleet:apiKey: "
+                         "the generation rotates the generated key only; rotate a chosen key by setting "
+                         "kimi-fleet:apiKey (and kimi-fleet:apiKeyPrevious to the old one); set generation: 0")
 
 
 _UNAUTHORIZED_BODY = (
@@ -84,6 +110,7 @@ def render_proxy(
     health_uri: str,
     *,
     api_key_env: str = "KIMI_API_KEY",
+    previous_key_env: str | None = None,
     tls: str = "acme",
     acme_email: str | None = None,
     https_port: int | None = None,
@@ -97,7 +124,8 @@ def render_proxy(
     status_file: str | None = None,
 ) -> RenderedProxy:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
-    `Authorization: Bearer $<api_key_env>` on every path and streams the promised routes
+    `Authorization: Bearer $<api_key_env>` (or, during a key rotation, `$<previous_key_env>`)
+    on every path and streams the promised routes
     (endpoint_contract.promised_routes: the OpenAI API and a GET of `health_uri`) to loopback
     `upstreams`; every other route gets a JSON 404 (405 for a promised path's other methods)
     from Caddy itself.
@@ -118,8 +146,12 @@ def render_proxy(
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
     if not domain or not _SITE_NAME.match(domain):
         raise ValueError(f"invalid domain {domain!r}")
-    if not _ENV_NAME.match(api_key_env):
-        raise ValueError(f"invalid environment variable name {api_key_env!r}")
+    for env_name in (api_key_env, previous_key_env):
+        if env_name is not None and not _ENV_NAME.match(env_name):
+            raise ValueError(f"invalid environment variable name {env_name!r}")
+    if previous_key_env == api_key_env:
+        raise ValueError("previous_key_env must differ from api_key_env")
+    key_envs = [api_key_env] + ([previous_key_env] if previous_key_env else [])
     if not _ROUTE_PATH.match(health_uri):
         raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
                          f"got {health_uri!r}")
@@ -167,16 +199,18 @@ def render_proxy(
         "",
         # The `vars` matcher resolves the placeholder, so an unset or empty key refuses
         # everything instead of accepting a bare "Bearer " header.
-        f'@keyless vars {{env.{api_key_env}}} ""',
-        f'@unauthorized not header Authorization "Bearer {{env.{api_key_env}}}"',
-        'header @keyless Content-Type "application/json"',
+        # During a rotation both keys open the endpoint, and each must be set: a missing previous
+        # key fails closed rather than matching a bare "Bearer ".
+        *[f'@{_keyless(key_envs, env)} vars {{env.{env}}} ""' for env in key_envs],
+        *_unauthorized(key_envs),
+        *[f'header @{_keyless(key_envs, env)} Content-Type "application/json"' for env in key_envs],
         'header @unauthorized Content-Type "application/json"',
         'header @unauthorized WWW-Authenticate "Bearer"',
-        *_refusals(),
+        *_refusals(key_envs),
         "",
         *_route_gate(proxied),
         "",
-        *_status_route(status_file),
+        *_status_route(status_file, key_envs),
         f"reverse_proxy @promised {' '.join(upstreams)} {{",
         # Forward every SSE chunk as soon as the engine writes it.
         "\tflush_interval -1",
@@ -209,7 +243,7 @@ def render_proxy(
     lines = ["{"] + [f"\t{option}" for option in global_options] + ["}"]
     lines += _site(domain, public + site)
     routes = [{"path": STATUS_PATH, "keyRequired": True, "servesFile": status_file}] if status_file else []
-    keyed = {"keyRequired": True, "keyEnv": api_key_env, "upstreams": list(upstreams), "routes": routes,
+    keyed = {"keyRequired": True, "keyEnv": api_key_env, "previousKeyEnv": previous_key_env, "upstreams": list(upstreams), "routes": routes,
              "proxiedRoutes": [route._asdict() for route in proxied], "stampsRelease": release is not None}
     sites = [{"address": domain, "bind": bind_host, **keyed}]
     if local_port is not None:
@@ -239,6 +273,7 @@ def render_proxy(
             "}",
         ])
         sites.append({"address": f"http://:{ready_port}", "bind": None, "keyRequired": False, "keyEnv": None,
+                      "previousKeyEnv": None,
                       "upstreams": [], "proxiedRoutes": [], "stampsRelease": False,
                       "routes": [{"path": READY_PATH, "keyRequired": False, "servesFile": ready_file}]})
     facts = {"adminOff": True, "protocols": ["h1", "h2"], "sites": sites}
@@ -249,9 +284,24 @@ def _site(address: str, body: list[str]) -> list[str]:
     return ["", f"{address} {{", *[f"\t{line}" if line else "" for line in body], "}"]
 
 
-def _refusals() -> list[str]:
+def _unauthorized(key_envs: list[str]) -> list[str]:
+    """`@unauthorized`: no Authorization header with an accepted key. With a rotation's previous key,
+    both header lines in the `not` block form one header matcher whose values are OR'ed."""
+    if len(key_envs) == 1:
+        return [f'@unauthorized not header Authorization "Bearer {{env.{key_envs[0]}}}"']
+    return ["@unauthorized not {", *[f'\theader Authorization "Bearer {{env.{env}}}"' for env in key_envs], "}"]
+
+
+def _keyless(key_envs: list[str], env: str) -> str:
+    """The matcher that refuses everything while `env` is empty: `keyless` for the key itself,
+    `keyless_previous` for a rotation's previous key."""
+    return "keyless" if env == key_envs[0] else "keyless_previous"
+
+
+def _refusals(key_envs: list[str]) -> list[str]:
     """401 for a request without the key (the header matcher first: the policy pack looks for it)."""
-    return [f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401", f"respond @keyless `{_UNAUTHORIZED_BODY}` 401"]
+    return [f"respond @unauthorized `{_UNAUTHORIZED_BODY}` 401",
+            *[f"respond @{_keyless(key_envs, env)} `{_UNAUTHORIZED_BODY}` 401" for env in key_envs]]
 
 
 def _route_gate(routes: tuple[Route, ...]) -> list[str]:
@@ -300,7 +350,7 @@ def _error_body(message: str, code: str) -> str:
     return body
 
 
-def _status_route(status_file: str | None) -> list[str]:
+def _status_route(status_file: str | None, key_envs: list[str]) -> list[str]:
     """The status file at STATUS_PATH. A `handle` runs before the site's top-level `respond` in
     Caddy's directive order, so the key check comes first inside it too."""
     if status_file is None:
@@ -310,7 +360,7 @@ def _status_route(status_file: str | None) -> list[str]:
     directory, name = status_file.rsplit("/", 1)
     return [
         f"handle {STATUS_PATH} {{",
-        *[f"\t{line}" for line in _refusals()],
+        *[f"\t{line}" for line in _refusals(key_envs)],
         f"\troot * {directory}",
         f"\trewrite * /{name}",
         '\theader Content-Type "application/json"',

@@ -20,7 +20,7 @@ import re
 import yaml
 
 from kimi_fleet import catalog
-from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, RenderedProxy, render_proxy
+from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch
 from kimi_fleet.node_files import (
     ADMISSION_DEADLINE_SECONDS, HF_CLI_PYTHON, HF_CLI_REQUIREMENTS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT,
@@ -35,6 +35,8 @@ from kimi_fleet.sizing import Sizing
 
 API_KEY_SECRET = "kimi-api-key"
 API_KEY_SECRET_KEY = "api-key"
+#: During a key rotation that accepts it, the key clients used before (same Secret).
+PREVIOUS_API_KEY_SECRET_KEY = "api-key-previous"
 HF_TOKEN_SECRET = "kimi-hf-token"
 HF_TOKEN_SECRET_KEY = "token"
 WEIGHTS_PVC = "kimi-weights"
@@ -285,6 +287,7 @@ def render_pod_proxy(r: Resolved, launch: Launch, release: str | None = None) ->
     return render_proxy(
         r.spec.domain, [instance.upstream], instance.probe.path,
         tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release, local_port=POD_LOCAL_PROXY_PORT,
+        previous_key_env=PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
     )
 
 
@@ -424,12 +427,15 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
     }
 
 
-def _proxy_container() -> dict:
+def _proxy_container(r: Resolved) -> dict:
+    env = [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)]
+    if r.spec.api_key_rotation.accept_previous:
+        env.append(_secret_env(PREVIOUS_API_KEY_ENV, API_KEY_SECRET, PREVIOUS_API_KEY_SECRET_KEY))
     return {
         "name": "proxy",
         "image": catalog.CADDY_IMAGE,
         "command": ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
-        "env": [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)],
+        "env": env,
         "ports": [{"name": "https", "containerPort": HTTPS_PORT}, {"name": "http", "containerPort": HTTP_PORT}],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         # The image's caddy runs as root; it keeps only the right to bind 80/443.
@@ -513,7 +519,7 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 120,  # let streaming answers finish
         **_scheduling(r, market),
-        "containers": [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
+        "containers": [_engine_container(r, sizing, launch), _proxy_container(r), _admission_container()],
         "volumes": [
             _weights_volume(r),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
@@ -702,7 +708,9 @@ def render_k8s_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[st
     ns = r.spec.target.kubernetes.namespace
     header = [
         f"# kimi-fleet stack {r.spec.stack}: apply after creating the secrets it references:",
-        f"#   kubectl -n {ns} create secret generic {API_KEY_SECRET} --from-file={API_KEY_SECRET_KEY}=API_KEY_FILE",
+        f"#   kubectl -n {ns} create secret generic {API_KEY_SECRET} --from-file={API_KEY_SECRET_KEY}=API_KEY_FILE"
+        + (f" --from-file={PREVIOUS_API_KEY_SECRET_KEY}=PREVIOUS_API_KEY_FILE"
+           if r.spec.api_key_rotation.accept_previous else ""),
         f"#   kubectl -n {ns} create secret generic {HF_TOKEN_SECRET} --from-file={HF_TOKEN_SECRET_KEY}=HF_TOKEN_FILE"
         "  (gated repos only)",
         f"# {rollout_cost(r, sizing)}",

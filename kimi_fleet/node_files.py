@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 
 from kimi_fleet import boot_stub, catalog, health, node_guard, templates
-from kimi_fleet.caddy import API_KEY_PATTERN, RenderedProxy, render_proxy
+from kimi_fleet.caddy import API_KEY_PATTERN, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
 from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
                                render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
@@ -42,12 +42,15 @@ SBIN = "/usr/local/sbin"
 UNIT_DIR = "/etc/systemd/system"
 SECRETS_DIR = f"{ENV_DIR}/secrets"
 API_KEY_FILE = f"{SECRETS_DIR}/api-key"
+#: During a key rotation (apiKeyRotation.acceptPrevious) the key clients used before.
+PREVIOUS_API_KEY_FILE = f"{SECRETS_DIR}/api-key-previous"
 HF_TOKEN_FILE = f"{SECRETS_DIR}/hf-token"
 NODE_ENV_FILE = f"{ENV_DIR}/node.env"
 #: The node's release id (the digest its Caddy stamps on every answer).
 RELEASE_FILE = f"{ENV_DIR}/release"
 CADDYFILE = "/etc/caddy/Caddyfile"
 CADDY_API_KEY_ENV = "KIMI_API_KEY"
+CADDY_PREVIOUS_API_KEY_ENV = PREVIOUS_API_KEY_ENV
 #: EC2 refuses user data above 16 KB (before its own base64; after our gzip).
 EC2_USER_DATA_LIMIT = boot_stub.EC2_USER_DATA_LIMIT
 #: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
@@ -92,16 +95,22 @@ class SecretsSource:
     api_key_file: str = API_KEY_FILE
     hf_token_file: str = HF_TOKEN_FILE
     api_key_version: int | None = None
+    #: the previous key's parameter while a rotation accepts it (None otherwise), and its version
+    previous_api_key_parameter: str | None = None
+    previous_api_key_version: int | None = None
 
     def __post_init__(self):
         if self.kind == "ssm" and not (self.api_key_parameter and self.region):
             raise ValueError("SecretsSource ssm needs api_key_parameter and region")
 
     @classmethod
-    def ssm(cls, prefix: str, region: str, *, hf_token: bool, api_key_version: int | None = None) -> "SecretsSource":
+    def ssm(cls, prefix: str, region: str, *, hf_token: bool, api_key_version: int | None = None,
+            previous_api_key: bool = False, previous_api_key_version: int | None = None) -> "SecretsSource":
         prefix = prefix.rstrip("/")
         return cls("ssm", f"{prefix}/api-key", f"{prefix}/hf-token" if hf_token else None, region,
-                   api_key_version=api_key_version)
+                   api_key_version=api_key_version,
+                   previous_api_key_parameter=f"{prefix}/api-key-previous" if previous_api_key else None,
+                   previous_api_key_version=previous_api_key_version)
 
 
 def default_ssm_prefix(stack: str) -> str:
@@ -114,6 +123,7 @@ NODE_SETTINGS_KEYS = (
     "MODEL_REPO", "MODEL_REVISION", "WEIGHTS_SOURCE", "S3_MIRROR_URI", "DOWNLOAD_ATTEMPT_TIMEOUT",
     "HF_HUB_VERSION", "EXPECTED_READY_MINUTES", "SECRETS_KIND", "AWS_REGION", "SSM_API_KEY_PARAMETER",
     "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
+    "SSM_PREVIOUS_API_KEY_PARAMETER", "SSM_PREVIOUS_API_KEY_VERSION", "PREVIOUS_API_KEY_FILE",
     "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR", "COMPILE_CACHE_PIN_PARAMETER", "MIRROR_MANIFEST_SHA256",
 )
 
@@ -274,14 +284,16 @@ BOOTSTRAP = templates.render(
     VERIFIER_VENV=VERIFIER_VENV, VERIFIER_REQUIREMENTS=VERIFIER_REQUIREMENTS_FILE, COMPILE_CACHE_TOOL=COMPILE_CACHE_TOOL,
     ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME, ENGINE_GUARD_INPUTS=_shell_paths(ENGINE_GUARD_UNIT_INPUTS),
     VERIFIED_MARKER=NODE_VERIFIED_MARKER, NODE_PACKAGES_FILE=NODE_PACKAGES_FILE,
-    HF_CLI_REQUIREMENTS=HF_CLI_REQUIREMENTS_FILE, HF_CLI_PYTHON=HF_CLI_PYTHON)
+    HF_CLI_REQUIREMENTS=HF_CLI_REQUIREMENTS_FILE, HF_CLI_PYTHON=HF_CLI_PYTHON,
+    PREVIOUS_API_KEY_FILE=PREVIOUS_API_KEY_FILE)
 
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
 ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER)
 
-CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
+CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV,
+                             CADDY_PREVIOUS_KEY_ENV=CADDY_PREVIOUS_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
                              API_KEY_PATTERN=API_KEY_PATTERN.pattern)
 
 
@@ -423,6 +435,10 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "SSM_API_KEY_VERSION": str(secrets.api_key_version or ""),
         "API_KEY_FILE": secrets.api_key_file,
         "HF_TOKEN_FILE": secrets.hf_token_file,
+        # A rotation's previous key: Caddy accepts it too while the stack says so (empty: not accepted).
+        "SSM_PREVIOUS_API_KEY_PARAMETER": secrets.previous_api_key_parameter or "",
+        "SSM_PREVIOUS_API_KEY_VERSION": str(secrets.previous_api_key_version or ""),
+        "PREVIOUS_API_KEY_FILE": PREVIOUS_API_KEY_FILE if spec.api_key_rotation.accept_previous else "",
         "CHECKPOINT_BYTES": str(r.checkpoint.size_bytes),
         "COMPILE_CACHE_ARCHIVE": compile_cache_archive(r, launch) or "",
         "COMPILE_CACHE_DIR": compile_cache_host_dir(r),
@@ -523,6 +539,7 @@ def render_proxy_for(r: Resolved, launch: Launch, *, release: str | None = None,
         options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
     return render_proxy(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
+        previous_key_env=CADDY_PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
         release=release, **options,
     )
 

@@ -455,6 +455,15 @@ class VerificationSpec(Spec):
     """seconds per request of the gate."""
 
 
+class ApiKeyRotationSpec(Spec):
+    generation: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """bump by one to rotate the generated key (a chosen key is rotated by setting kimi-fleet:apiKey)."""
+    accept_previous: bool = False
+    """while true, every node also accepts the previous key: the generated key of the generation
+    before, or the secret kimi-fleet:apiKeyPrevious. Set it with the rotation, clear it once every
+    client uses the new key (each change is a release: a rolling replace on fleets and pods)."""
+
+
 class StackSpec(Spec):
     stack: DnsLabel = Field(description="the stack name (filled from the file name)")
     description: Description = ""
@@ -485,6 +494,8 @@ class StackSpec(Spec):
     """DNS name of the endpoint (Caddy obtains its certificate)."""
     acme_email: Email | None = None
     """contact address for the ACME account (certificate expiry notices)."""
+    api_key_rotation: ApiKeyRotationSpec = ApiKeyRotationSpec()
+    """rotating the endpoint's API key with an overlap (old and new both accepted)."""
     verification: VerificationSpec = VerificationSpec()
     """the post-deploy verification gate."""
     budget_per_hour_usd: Annotated[float, Field(ge=1, le=10_000)] | None = None

@@ -6,6 +6,7 @@ Used by the offline planner (the mock runtime reads config only from PULUMI_CONF
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from kimi_fleet.spec import CONFIG_NAMESPACE, DNS_LABEL, StackSpec, did_you_mean
 from kimi_fleet.validation import parse_spec
 
 #: Config keys that are secrets: only ever `secure:`, never part of the spec.
-SECRET_KEYS = ("apiKey", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
+SECRET_KEYS = ("apiKey", "apiKeyPrevious", "hfToken", "sshHost", "sshPrivateKey", "kubeconfig")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = PROJECT_ROOT / "stacks"
 #: A stack name becomes part of paths (build/<stack>), SSM names, unit descriptions and Kubernetes
@@ -157,6 +158,8 @@ class StackConfig:
     secure_keys: tuple[str, ...]
     #: every plain key with its namespace, as PULUMI_CONFIG wants it
     pulumi_config: dict[str, str] = field(default_factory=dict)
+    #: full key -> a fingerprint of its ciphertext (not of the secret): a re-set secret shows as changed
+    secure_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def spec(self) -> StackSpec:
         return parse_spec(self.values, self.stack, str(self.relative_path))
@@ -208,10 +211,11 @@ def load_stack_config(path: Path, stack: str | None = None) -> StackConfig:
     if not isinstance(config, dict):
         raise StackFileError(f"{shown}: `config` must be a mapping")
     merged = {**_project_defaults(), **config}
-    secure, pulumi_config = [], {}
+    secure, pulumi_config, fingerprints = [], {}, {}
     for key, value in merged.items():
         if isinstance(value, dict) and set(value) == {"secure"}:
             secure.append(key)
+            fingerprints[key] = "sha256:" + hashlib.sha256(str(value["secure"]).encode()).hexdigest()[:12]
             continue
         namespace, _, name = key.partition(":")
         if namespace == CONFIG_NAMESPACE and name in SECRET_KEYS and value is not None:
@@ -221,7 +225,7 @@ def load_stack_config(path: Path, stack: str | None = None) -> StackConfig:
             )
         pulumi_config[key] = value if isinstance(value, str) else json.dumps(value)
     values = spec_values({k: v for k, v in merged.items() if k not in secure}, shown)
-    return StackConfig(stack, path, values, tuple(sorted(secure)), pulumi_config)
+    return StackConfig(stack, path, values, tuple(sorted(secure)), pulumi_config, fingerprints)
 
 
 def deploy_time_secrets(target: dict) -> tuple[str, ...]:

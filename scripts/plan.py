@@ -26,7 +26,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from kimi_fleet import catalog, engine_bugs, health, k8s_manifests  # noqa: E402
+from kimi_fleet import catalog, engine_bugs, health, k8s_manifests, key_rotation  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
@@ -60,7 +60,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
               "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None,
-              "kubernetes_rollout": None}
+              "kubernetes_rollout": None, "api_key": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -73,6 +73,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    result["api_key"] = key_rotation.api_key_facts(spec, config.secure_fingerprints)
     if resolved.target.renders_manifests:  # pods: the gate waits for the rollout and undoes a failed one
         result["kubernetes_rollout"] = k8s_manifests.rollout_cost(resolved, sizing)
     else:  # nodes: a watchdog and, on a fleet, its group's health check
@@ -232,6 +233,8 @@ def print_plan(p: dict) -> None:
     print(f"    {c['note']}")
     if p["spot_preflight"]:
         print(f"  spot pre-flight: {p['spot_preflight']['reason']}")
+    if p.get("api_key"):
+        print(f"  API key: {key_rotation.describe(p['api_key'])}")
     if p.get("ami"):
         print(f"  AMI: {p['ami']}")
     for warning in p.get("warnings") or []:

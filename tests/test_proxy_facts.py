@@ -40,22 +40,24 @@ def _handlers(node, name):
             yield from _handlers(value, name)
 
 
-def _is_key_gate(route: dict, key_env: str) -> bool:
-    bearer = {"header": {"Authorization": [f"Bearer {{env.{key_env}}}"]}}
+def _is_key_gate(route: dict, key_env: str, previous_key_env: str | None = None) -> bool:
+    accepted = [key_env] + ([previous_key_env] if previous_key_env else [])
+    bearer = {"header": {"Authorization": [f"Bearer {{env.{env}}}" for env in accepted]}}
     refuses = any(h.get("handler") == "static_response" and h.get("status_code") == 401 for h in route.get("handle", []))
     return refuses and any(m.get("not") == [bearer] for m in route.get("match", []))
 
 
-def gate_precedes_every_proxy(routes: list, key_env: str) -> bool:
+def gate_precedes_every_proxy(routes: list, key_env: str, previous_key_env: str | None = None) -> bool:
     """In each route list that reaches a reverse_proxy, a 401 key gate comes first."""
     gate_seen = False
     for route in routes:
-        if _is_key_gate(route, key_env):
+        if _is_key_gate(route, key_env, previous_key_env):
             gate_seen = True
         for handler in route.get("handle", []):
             if handler.get("handler") == "reverse_proxy" and not gate_seen:
                 return False
-            if handler.get("handler") == "subroute" and not gate_precedes_every_proxy(handler["routes"], key_env):
+            if handler.get("handler") == "subroute" and not gate_precedes_every_proxy(handler["routes"], key_env,
+                                                                                      previous_key_env):
                 if not gate_seen:
                     return False
     return True
@@ -67,17 +69,22 @@ def listen_of(address: str) -> str:
     return ":443"
 
 
-def proxies(name: str):
-    r = Resolved(load_stack_config(stack_file(name)).spec())
+def proxies(name: str, *, rotation: bool = False):
+    spec = load_stack_config(stack_file(name)).spec()
+    if rotation:  # a key rotation's overlap: both keys open the endpoint
+        spec = spec.model_copy(update={"api_key_rotation": type(spec.api_key_rotation)(generation=1,
+                                                                                        accept_previous=True)})
+    r = Resolved(spec)
     launch = render_launch(r)
     if r.target.renders_manifests:
         return k8s_manifests.render_pod_proxy(r, launch, RELEASE)
     return render_proxy_for(r, launch, release=RELEASE)
 
 
+@pytest.mark.parametrize("rotation", [False, True], ids=["one-key", "rotation-overlap"])
 @pytest.mark.parametrize("name", PLANNED_STACKS)
-def test_the_facts_say_what_caddy_makes_of_the_text(name, tmp_path):
-    rendered = proxies(name)
+def test_the_facts_say_what_caddy_makes_of_the_text(name, rotation, tmp_path):
+    rendered = proxies(name, rotation=rotation)
     config = adapted(rendered.text, tmp_path)
     facts = rendered.facts
     assert (config.get("admin") == {"disabled": True}) is facts["adminOff"] is True
@@ -88,8 +95,10 @@ def test_the_facts_say_what_caddy_makes_of_the_text(name, tmp_path):
         dials = {u["dial"] for h in _handlers(server, "reverse_proxy") for u in h["upstreams"]}
         assert dials == set(site["upstreams"]), site["address"]
         if site["keyRequired"]:
-            assert gate_precedes_every_proxy(server["routes"][0]["handle"][0]["routes"], site["keyEnv"])
-            assert any(_is_key_gate(route, site["keyEnv"]) for route in server["routes"][0]["handle"][0]["routes"])
+            routes = server["routes"][0]["handle"][0]["routes"]
+            assert (site["previousKeyEnv"] is not None) is rotation
+            assert gate_precedes_every_proxy(routes, site["keyEnv"], site["previousKeyEnv"])
+            assert any(_is_key_gate(route, site["keyEnv"], site["previousKeyEnv"]) for route in routes)
         else:
             assert not dials and list(_handlers(server, "file_server"))
 

@@ -127,7 +127,10 @@ class EchoMocks(pulumi.runtime.Mocks):
         state.setdefault("arn", f"arn:aws:mock:::{args.name}")
         resource_id = f"{args.name}-id"
         if args.typ == "random:index/randomPassword:RandomPassword":
-            state["result"] = "mock" + "x" * (int(args.inputs.get("length", 16)) - 4)
+            # Distinct per resource and keepers (a rotated slot gets a new value), letters and digits only.
+            length = int(args.inputs.get("length", 16))
+            seed = json.dumps([args.name, args.inputs.get("keepers")], sort_keys=True)
+            state["result"] = ("mock" + hashlib.sha256(seed.encode()).hexdigest())[:length].ljust(length, "x")
         elif args.typ == "aws:ebs/volume:Volume":
             resource_id = EBS_VOLUME_ID
         elif args.typ == "aws:ec2/eip:Eip":

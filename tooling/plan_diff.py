@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kimi_fleet import key_rotation
 from kimi_fleet.replacement import replacement_lines, replacements
 from kimi_fleet.rollout import RolloutFacts, impact
 from kimi_fleet.stackfile import PROJECT_ROOT
@@ -84,6 +85,7 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
         effect = impact(RolloutFacts.from_dict(before["rollout"]), RolloutFacts.from_dict(after["rollout"]))
         if effect:
             lines.append(f"- **running nodes**: {effect}")
+    lines += [f"- {line}" for line in key_rotation.rotation_lines(before.get("api_key"), after.get("api_key"))]
     if before.get("ami") != after.get("ami") and after.get("ami"):
         lines.append(f"- AMI: {after['ami']}")
     lines += [f"- warning: {w}" for w in after.get("warnings") or [] if w not in (before.get("warnings") or [])]

@@ -336,13 +336,18 @@ def admission_budget(root: Path) -> float:
 
 def secret_paths(staged: Path) -> list[str]:
     values = settings(staged)
-    return [values[key] for key in ("API_KEY_FILE", "HF_TOKEN_FILE") if values.get(key)]
+    return [values[key] for key in ("API_KEY_FILE", "HF_TOKEN_FILE", "PREVIOUS_API_KEY_FILE") if values.get(key)]
 
 
-def take_secrets(staged: Path, paths: list[str]) -> dict[str, bytes | None]:
+def take_secrets(staged: Path, paths: list[str], serving: list[str] = ()) -> dict[str, bytes | None]:
     """Move the secrets the prepare fetched under the stage into place; return what they replaced
-    (kept in memory only: a secret is never written to the rollback files)."""
+    (kept in memory only: a secret is never written to the rollback files). `serving` are the
+    secrets of the release being replaced: kept too, since the new release's bootstrap may remove
+    one (a retired previous key) that a rollback needs back."""
     replaced = {}
+    for path in serving:
+        live = ROOT / path.lstrip("/")
+        replaced[path] = live.read_bytes() if live.is_file() else None
     for path in paths:
         fetched = staged / path.lstrip("/")
         if not fetched.is_file():
@@ -403,8 +408,9 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
         prepare(staged, args.pointer_wait, args.retry_delay)
         unready(ready_file)
         swapped = True
+        serving_secrets = secret_paths(ROOT)
         written = write_files(bundle)
-        replaced_secrets = take_secrets(staged, secret_paths(staged))
+        replaced_secrets = take_secrets(staged, secret_paths(staged), serving_secrets)
         log(f"release {release} (bundle {digest[:16]}): {len(written)} file(s) changed; waiting up to "
             f"{budget:.0f} s for the node to admit it")
         rerun_bootstrap(False)

@@ -216,10 +216,14 @@ fetch_secrets() {
       # The key's version the release names: a release restored after a failed rotation gets its own key back.
       fetch_ssm "$SSM_API_KEY_PARAMETER${SSM_API_KEY_VERSION:+:$SSM_API_KEY_VERSION}" "$into$API_KEY_FILE"
       if [[ -n ${SSM_HF_TOKEN_PARAMETER:-} ]]; then fetch_ssm "$SSM_HF_TOKEN_PARAMETER" "$into$HF_TOKEN_FILE"; fi
+      if [[ -n ${SSM_PREVIOUS_API_KEY_PARAMETER:-} ]]; then
+        fetch_ssm "$SSM_PREVIOUS_API_KEY_PARAMETER${SSM_PREVIOUS_API_KEY_VERSION:+:$SSM_PREVIOUS_API_KEY_VERSION}" \
+          "$into${PREVIOUS_API_KEY_FILE:?the previous key parameter needs PREVIOUS_API_KEY_FILE}"
+      fi
       ;;
     files)
       local file mode
-      for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE"; do
+      for file in "$ROOT$API_KEY_FILE" "$ROOT$HF_TOKEN_FILE" ${PREVIOUS_API_KEY_FILE:+"$ROOT$PREVIOUS_API_KEY_FILE"}; do
         [[ $file == "$ROOT$HF_TOKEN_FILE" && ! -e $file ]] && continue
         [[ -s $file ]] || refuse "secret file $file is missing or empty: put the key there (mode 600) and run kimi-bootstrap again"
         mode=$(stat -c %a "$file")
@@ -411,7 +415,11 @@ start_services() {
   for ((i = 0; i < ENGINE_COUNT; i++)); do
     apply_unit "kimi-engine@$i.service" __ENGINE_INPUTS__
   done
-  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE"
+  # The keys are inputs: a rotation (or retiring the previous key) restarts Caddy. The Caddyfile
+  # names the previous key's variable only while the stack accepts it, so a retired key's file is
+  # no longer read; it is removed so a node never keeps a key it stopped accepting.
+  if [[ -z ${PREVIOUS_API_KEY_FILE:-} ]]; then rm -f "$ROOT__PREVIOUS_API_KEY_FILE__"; fi
+  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE" ${PREVIOUS_API_KEY_FILE:+"$ROOT$PREVIOUS_API_KEY_FILE"}
   # Admission and liveness by real generations, from now on every few seconds.
   apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
 }

@@ -100,18 +100,22 @@ async def check_auth(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:
         "with an empty bearer token": {"Authorization": "Bearer"},
         "with a wrong key": {"Authorization": f"Bearer wrong-{secrets.token_hex(8)}"},
     }
+    accepted = {"with the key": endpoint.auth_headers}
+    if endpoint.previous_api_key:  # a rotation's overlap: clients still on the previous key get through
+        accepted["with the previous key"] = {"Authorization": f"Bearer {endpoint.previous_api_key}"}
     responses = await gather_all(
         *(client.get(url, headers=headers) for headers in probes.values()),
-        client.get(url, headers=endpoint.auth_headers),
+        *(client.get(url, headers=headers) for headers in accepted.values()),
     )
-    statuses = {label: r.status_code for label, r in zip(probes, responses)}
-    statuses["with the key"] = responses[-1].status_code
+    statuses = {label: r.status_code for label, r in zip([*probes, *accepted], responses)}
     for label in probes:
         if statuses[label] != 401:
             return failed(f"request {label} got {statuses[label]} (expected 401)", statuses=statuses)
-    if statuses["with the key"] != 200:
-        return failed(f"request with the key got {statuses['with the key']} (expected 200)", statuses=statuses)
-    return passed("401 without a key, with an empty or a wrong one; 200 with the key", statuses=statuses)
+    for label in accepted:
+        if statuses[label] != 200:
+            return failed(f"request {label} got {statuses[label]} (expected 200)", statuses=statuses)
+    return passed("401 without a key, with an empty or a wrong one; 200 with " + " and ".join(
+        label.removeprefix("with ") for label in accepted), statuses=statuses)
 
 
 async def check_models(client: httpx.AsyncClient, endpoint: Endpoint) -> Outcome:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-url", required=True, help="OpenAI base URL, ending in /v1")
     parser.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
                         help="default: $KIMI_API_KEY (keeps the key off the command line)")
+    parser.add_argument("--previous-api-key", default=os.environ.get("KIMI_API_KEY_PREVIOUS"),
+                        help="during a key rotation, the key clients used before: the auth check wants 200 with it "
+                             "too (default: $KIMI_API_KEY_PREVIOUS; unset: not checked)")
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--engine", choices=ENGINES, default=catalog.VERIFY_DEFAULT_ENGINE,
                         help="the engine behind the endpoint (its reasoning field and health route; default %(default)s)")
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             health_timeout=args.health_timeout,
             release=args.release,
             engine_release=args.engine_release,
+            previous_api_key=args.previous_api_key,
             on_result=lambda result: print(table_row(result), flush=True),
         )
     except ValueError as error:

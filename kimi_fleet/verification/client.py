@@ -47,6 +47,8 @@ class Endpoint:
     #: the engine release the stack pins (e.g. "0.19.1"): a failure naming a known bug's symptom says
     #: whether this release is affected (kimi_fleet.engine_bugs); None: not told
     engine_release: str | None = None
+    #: during a key rotation, the previous key: the endpoint must accept it too (None: not checked)
+    previous_api_key: str | None = field(default=None, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
     def max_tokens(self, wanted: int) -> int:

@@ -99,6 +99,7 @@ async def run_suite_async(
     health_timeout: float = HEALTH_TIMEOUT,
     release: str | None = None,
     engine_release: str | None = None,
+    previous_api_key: str | None = None,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> Report:
     base_url = base_url.rstrip("/")
@@ -113,7 +114,7 @@ async def run_suite_async(
     names = select_checks(only, load)
     endpoint = Endpoint(base_url, api_key, model, engine, timeout, verify, load, context=context,
                         concurrency=concurrency, health_timeout=min(health_timeout, timeout),
-                        engine_release=engine_release)
+                        engine_release=engine_release, previous_api_key=previous_api_key)
 
     started = time.perf_counter()
     results: dict[str, CheckResult] = {}
