@@ -24,10 +24,16 @@ from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
 from components.node_secrets import checked_api_key
 from kimi_fleet import node_files
-from kimi_fleet.node_files import NodeFile, SecretsSource
+from kimi_fleet.node_files import SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
-BOOTSTRAP = f"{node_files.SBIN}/kimi-bootstrap"
+#: The deployer's copy of the applier (not a bundle file: a release never rewrites what applies it).
+HOST_APPLIER = "/usr/local/lib/kimi-fleet-deploy/apply_release.py"
+#: Where the deployer copies each release bundle (root-only); the applier checks its SHA-256.
+HOST_BUNDLE_DIR = "/var/lib/kimi-fleet/bundles"
+#: Beyond the bootstrap: the new release's admission wait and, when it fails, the restored one's
+#: (each the warm start and the node's own admission deadline: apply_release.admission_budget).
+APPLY_MARGIN_SECONDS = 600
 
 
 @dataclass
@@ -43,10 +49,6 @@ def install_from_stdin(path: str, mode: int) -> str:
         f"chmod {mode:o} {shlex.quote(tmp)} && mv {shlex.quote(tmp)} {shlex.quote(path)}"
     )
     return f"sudo sh -c {shlex.quote(script)}"
-
-
-def content_digest(file: NodeFile) -> str:
-    return hashlib.sha256(f"{file.path}\0{file.mode:o}\0{file.content}".encode()).hexdigest()
 
 
 def _dns_record_type(address: str) -> str:
@@ -142,43 +144,64 @@ class HostEndpoint(pulumi.ComponentResource):
         ]
 
         files = node_files.render_node_files(r, launch, sizing, secrets=secrets)
-        contents: dict[str, pulumi.Input[str]] = {path: f.content for path, f in files.items()}
-        digests: list[pulumi.Input[str]] = [content_digest(f) for f in files.values()]
+        bundle: pulumi.Input[str] = node_files.release_bundle(files)
         if r.spec.weights.source == "s3-mirror":
             # The mirror's manifest, checked against the Hub on this side; node.env carries its
             # SHA-256 and the node refuses any other manifest (issue 21, item 4).
             pin = MirrorManifestPin(f"{name}-mirror-pin", MirrorManifestPinArgs(
                 mirror_uri=r.spec.weights.s3_mirror_uri, repo=r.repo, revision=r.revision, region=None,
                 hf_token=args.hf_token), child)
-            pinned = pin.manifest_sha256.apply(lambda digest: node_files.render_node_files(
-                r, launch, sizing, secrets=secrets, mirror_manifest_sha256=digest)[node_files.NODE_ENV_FILE])
-            contents[node_files.NODE_ENV_FILE] = pinned.apply(lambda f: f.content)
-            digests = [content_digest(f) for path, f in files.items() if path != node_files.NODE_ENV_FILE]
-            digests.append(pinned.apply(content_digest))
-        for file in files.values():
-            # A changed content is a changed input: the create command runs again with the new stdin.
-            copies.append(remote.Command(
+            bundle = pin.manifest_sha256.apply(lambda digest: node_files.release_bundle(node_files.render_node_files(
+                r, launch, sizing, secrets=secrets, mirror_manifest_sha256=digest)))
+        digest = pulumi.Output.from_input(bundle).apply(node_files.bundle_digest)
+        bundle_path = digest.apply(lambda d: f"{HOST_BUNDLE_DIR}/{d}.json")
+
+        # The release travels as one content-addressed bundle, applied by the same applier as an AWS
+        # single node: staged, prepared while the current release serves (secrets, weights, images),
+        # swapped, admitted within the sizing's budget, and restored if it is not (issue 20).
+        applier = remote.Command(
+            f"{name}-applier",
+            connection=connection,
+            create=install_from_stdin(HOST_APPLIER, 0o755),
+            stdin=node_files.node_script("apply_release.py"),
+            opts=child,
+        )
+        bundle_copy = remote.Command(
+            f"{name}-bundle",
+            connection=connection,
+            create=bundle_path.apply(lambda path: install_from_stdin(path, 0o600)),
+            stdin=bundle,
+            opts=child,
+        )
+        # What each node file's resource did before the bundle: it removes its file on destroy. They
+        # stay, named as before, so moving an existing host to the bundle removes nothing that serves.
+        cleanups = [
+            remote.Command(
                 f"{name}-file-{file.path.strip('/').replace('/', '-')}",
                 connection=connection,
-                create=install_from_stdin(file.path, file.mode),
+                create="true",
                 delete=f"sudo rm -f {shlex.quote(file.path)}",
-                stdin=contents[file.path],
                 opts=child,
-            ))
+            )
+            for file in files.values()
+        ]
 
-        timeout = f"{node_files.bootstrap_timeout_seconds(sizing)}s"
+        admission = sizing.warm_start_seconds + node_files.ADMISSION_DEADLINE_SECONDS
+        timeout = f"{node_files.bootstrap_timeout_seconds(sizing) + 2 * admission + APPLY_MARGIN_SECONDS}s"
         remote.Command(
             f"{name}-bootstrap",
             connection=connection,
-            # The bootstrap restarts only the units whose files changed (an engine's env file: that engine).
-            create=f"sudo {BOOTSTRAP}",
+            # Fails (and so does `pulumi up`) naming the release, the host and the cause when the
+            # release does not admit itself; the previous release then serves again.
+            create=digest.apply(lambda d: f"sudo python3 {HOST_APPLIER} --bundle-file {HOST_BUNDLE_DIR}/{d}.json "
+                                          f"--expect {d}"),
             # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
-            triggers=digests + [
+            triggers=[digest] + [
                 pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())
                 for _, value in secret_values.values()
             ],
             opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
-                depends_on=[packages, *copies],
+                depends_on=[packages, applier, bundle_copy, *copies, *cleanups],
                 custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout),
             )),
         )

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pulumi
@@ -69,23 +70,37 @@ def plain(value) -> str:
     return str(value)
 
 
+def host_bundle(run: MockRun) -> dict:
+    return json.loads(commands(run)["kimi-bundle"]["wire"]["stdin"])
+
+
 @pytest.mark.parametrize("stack, engines", [("rtxpro6000-int4-sglang", 1), ("mi300x-int4-sglang", 2)])
-def test_copies_every_node_file_and_bootstraps(stack, engines):
+def test_ships_the_release_bundle_and_applies_it_with_the_staging_applier(stack, engines):
     r = resolved(stack)
     run = run_host_endpoint(r, hf_token=pulumi.Output.secret(HF_TOKEN))
     declared = commands(run)
     files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
-    copied = [c for c in declared.values() if "stdin" in c["wire"] and c["name"].startswith("kimi-file-")]
-    assert sorted(c["wire"]["stdin"] for c in copied) == sorted(f.content for f in files.values())
+    bundle = node_files.release_bundle(files)
+    digest = node_files.bundle_digest(bundle)
+    # One content-addressed bundle, root-only, named by its SHA-256; the applier from the deployer.
+    shipped = declared["kimi-bundle"]["wire"]
+    assert shipped["stdin"] == bundle
+    assert f"/var/lib/kimi-fleet/bundles/{digest}.json" in shipped["create"] and "chmod 600" in shipped["create"]
+    applier = declared["kimi-applier"]["wire"]
+    assert applier["stdin"] == node_files.node_script("apply_release.py") and "chmod 755" in applier["create"]
     env_files = [p for p in files if re.match(r"/etc/kimi-fleet/engine-\d+\.", p)]
     assert len(env_files) == 2 * engines  # engine-N.env and engine-N.argv.json
-    for path in env_files:
-        assert any(f"mv {path}.kimi-tmp {path}" in c["wire"]["create"] for c in copied)
+    # Each node file keeps a resource that removes it on destroy, and writes nothing itself.
+    cleanups = {c["wire"]["delete"] for n, c in declared.items() if n.startswith("kimi-file-")}
+    assert cleanups == {f"sudo rm -f {path}" for path in files}
+    assert all(c["wire"]["create"] == "true" and "stdin" not in c["wire"]
+               for n, c in declared.items() if n.startswith("kimi-file-"))
 
     bootstrap = declared["kimi-bootstrap"]
-    assert bootstrap["wire"]["create"] == "sudo /usr/local/sbin/kimi-bootstrap"
-    assert len(bootstrap["wire"]["triggers"]) == len(files) + 2  # every file, and both secrets
-    assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds
+    assert bootstrap["wire"]["create"] == (f"sudo python3 /usr/local/lib/kimi-fleet-deploy/apply_release.py "
+                                           f"--bundle-file /var/lib/kimi-fleet/bundles/{digest}.json --expect {digest}")
+    assert len(bootstrap["wire"]["triggers"]) == 1 + 2  # the bundle, and both secrets
+    assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds + 2 * size(r).warm_start_seconds
     assert set(bootstrap["dependencies"]) >= {n for n in declared if n != "kimi-bootstrap"}
 
     (proxy,) = run.of_type("kimi-fleet:proxy:AuthProxy")
@@ -265,10 +280,10 @@ def test_opt_in_firewall_reaches_the_host_and_its_change_reruns_the_bootstrap():
     target.setdefault("host", {}).update({"firewall": True, "sshAllowlist": ["203.0.113.0/24", "2001:db8::/64"]})
     run = run_host_endpoint(resolved(stack, target=target))
     declared = commands(run)
-    (rules,) = [c for c in declared.values() if "/etc/kimi-fleet/firewall.nft" in c["wire"].get("create", "")]
-    assert "policy drop;" in rules["wire"]["stdin"]
-    assert "elements = { 203.0.113.0/24 }" in rules["wire"]["stdin"]
-    assert "elements = { 2001:db8::/64 }" in rules["wire"]["stdin"]
+    (rules,) = [f["content"] for f in host_bundle(run)["files"] if f["path"] == "/etc/kimi-fleet/firewall.nft"]
+    assert "policy drop;" in rules
+    assert "elements = { 203.0.113.0/24 }" in rules
+    assert "elements = { 2001:db8::/64 }" in rules
     # The rule set is a bootstrap input: turning the firewall on or off re-runs it.
     default_run = run_host_endpoint(resolved(stack))
     assert declared["kimi-bootstrap"]["wire"]["triggers"] != commands(default_run)["kimi-bootstrap"]["wire"]["triggers"]
@@ -295,3 +310,83 @@ def test_components_read_no_config():
     offenders = [path.name for path in (Path(__file__).resolve().parents[1] / "components").glob("*.py")
                  if "pulumi.Config(" in path.read_text()]
     assert offenders == []
+
+
+# --- a release on an existing host: staged, admitted, or restored ---------------------------------
+
+def _host_bundle_file(tmp_path: Path, r: Resolved) -> tuple[Path, str, str]:
+    """What the deployer copies over SSH: the bundle, root-only, under its SHA-256."""
+    files = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"))
+    bundle = node_files.release_bundle(files)
+    digest = node_files.bundle_digest(bundle)
+    path = tmp_path / "bundles" / f"{digest}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(bundle)
+    path.chmod(0o600)
+    release = node_files.node_release(r, render_launch(r), size(r))
+    return path, digest, release
+
+
+def _apply_on_host(root: Path, tools: Path, bundle: Path, digest: str, *extra: str) -> subprocess.CompletedProcess:
+    from tests.test_apply_release import APPLIER
+
+    env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{os.environ['PATH']}",
+           "VERIFY_PYTHON": sys.executable}
+    return subprocess.run(["/usr/bin/python3", str(APPLIER), "--bundle-file", str(bundle), "--expect", digest,
+                           "--admission-poll", "0.2", *extra], env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_a_broken_release_on_a_host_goes_back_by_itself(tmp_path):
+    """Release N serves on an existing host; N+1's engine runs out of memory while loading. The
+    same applier as an AWS single node stages N+1, swaps, sees the crash loop, restores N and fails
+    naming N+1, so `pulumi up` fails while N serves again."""
+    from tests.test_apply_release import OOM_FLAG, FakeNode, stub_node_tools
+
+    stack = "rtxpro6000-int4-sglang"
+    good = resolved(stack)
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    values["engine"] = {**values["engine"], "extraArgs": [OOM_FLAG]}
+    broken = Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+    root, _ = _scratch_node(tmp_path, good)
+    tools, state = tmp_path / "bin", tmp_path / "node"
+    tools.mkdir()
+    (tools / "hf").write_text("#!/bin/sh\necho 'hf must not run: the weights are verified' >&2\nexit 1\n")
+    (tools / "hf").chmod(0o755)
+    stub_node_tools(tools, state)
+    ready = root / node_files.READY_FILE.lstrip("/")
+    bundle_n, digest_n, release_n = _host_bundle_file(tmp_path, good)
+    bundle_n1, digest_n1, release_n1 = _host_bundle_file(tmp_path, broken)
+    with FakeNode(root, tools, state):
+        first = _apply_on_host(root, tools, bundle_n, digest_n)
+        assert first.returncode == 0, first.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and ready.read_text().strip() == release_n) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        result = _apply_on_host(root, tools, bundle_n1, digest_n1, "--admission-budget", "120")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"release {release_n1} failed on node" in result.stderr and "restarted 3 times" in result.stderr
+    assert OOM_FLAG not in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()
+    assert (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip() == release_n
+    assert (root / "var/lib/kimi-fleet/applied-release").read_text().strip() == digest_n
+    assert f"release {release_n} restored and admitted again" in result.stderr
+    status = json.loads((root / "run/kimi-fleet/status.json").read_text())
+    assert status["failed_release"] == release_n1 and any("CUDA out of memory" in line
+                                                            for line in status["engine_log_tail"])
+
+
+@pytest.mark.parametrize("tamper", ["content", "mode"])
+def test_the_host_applier_refuses_a_bundle_it_cannot_trust(tmp_path, tamper):
+    r = resolved("rtxpro6000-int4-sglang")
+    root, _ = _scratch_node(tmp_path, r)
+    bundle, digest, _ = _host_bundle_file(tmp_path, r)
+    if tamper == "content":
+        bundle.write_text(bundle.read_text() + " ")
+    else:
+        bundle.chmod(0o666)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    result = _apply_on_host(root, tools, bundle, digest)
+    assert result.returncode == 1
+    expected = "has SHA-256" if tamper == "content" else "writable by others"
+    assert expected in result.stderr and "refusing it" in result.stderr
+    assert not (root / "var/lib/kimi-fleet/applied-release").exists()

@@ -17,7 +17,9 @@ release takes the next one in place without losing the old one first:
      node status names the failed release, why, and the engine's last log lines.
 
 usage: apply_release.py --pointer PARAMETER --region REGION [--expect SHA256] [--boot]
+       apply_release.py --bundle-file PATH --expect SHA256
   PARAMETER  SSM parameter holding "s3://bucket/releases/<sha256>.json <sha256>"
+  --bundle-file  a bundle the deployer copied onto an existing host (root's, not writable by others)
   --expect   refuse unless the pointer names this bundle (the association passes the one it deploys);
              with --boot, fetch that bundle by its digest from the pointer's bucket (a fleet node's
              launch template names its release, which need not be the pointer's: a node launched
@@ -141,6 +143,23 @@ def fetch(uri: str, digest: str, region: str) -> dict:
     actual = hashlib.sha256(bundle).hexdigest()
     if actual != digest:
         raise Refused(f"bundle {uri} has SHA-256 {actual}, the pointer says {digest}: refusing it")
+    return json.loads(bundle)
+
+
+def read_bundle_file(path: Path, digest: str) -> dict:
+    """A bundle the deployer copied onto the node (an existing host, over SSH): its bytes must hash to
+    `digest`, and it must be root's own file (nothing else on the host may have written it)."""
+    stat = path.lstat()
+    if not path.is_file() or path.is_symlink():
+        raise Refused(f"bundle file {path} is not a regular file")
+    if stat.st_uid != 0 and LIVE:
+        raise Refused(f"bundle file {path} is owned by uid {stat.st_uid}, not root: refusing it")
+    if stat.st_mode & 0o022:
+        raise Refused(f"bundle file {path} is writable by others (mode {oct(stat.st_mode & 0o777)}): refusing it")
+    bundle = path.read_bytes()
+    actual = hashlib.sha256(bundle).hexdigest()
+    if actual != digest:
+        raise Refused(f"bundle file {path} has SHA-256 {actual}, expected {digest}: refusing it")
     return json.loads(bundle)
 
 
@@ -446,8 +465,12 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="apply_release.py")
-    parser.add_argument("--pointer", required=True)
-    parser.add_argument("--region", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pointer", help="the SSM parameter naming the release bundle (AWS nodes)")
+    source.add_argument("--bundle-file", type=Path,
+                        help="a bundle already on this node (an existing host: the deployer copies it over SSH); "
+                             "needs --expect")
+    parser.add_argument("--region")
     parser.add_argument("--expect")
     parser.add_argument("--boot", action="store_true")
     parser.add_argument("--pointer-wait", type=float, default=POINTER_WAIT_SECONDS,
@@ -459,20 +482,28 @@ def main(argv: list[str]) -> int:
                              "(default: the expected warm start plus a margin)")
     parser.add_argument("--admission-poll", type=float, default=ADMISSION_POLL_SECONDS)
     args = parser.parse_args(argv)
+    if args.pointer and not args.region:
+        parser.error("--pointer needs --region")
+    if args.bundle_file and not args.expect:
+        parser.error("--bundle-file needs --expect (the bundle's SHA-256)")
     STATE.mkdir(parents=True, exist_ok=True)
     with (STATE / "apply-release.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # cloud-init and the association may both apply at boot
         try:
-            uri, digest = retrying("release pointer", lambda: read_pointer(args.pointer, args.region),
-                                   args.pointer_wait, args.retry_delay)
-            if args.expect and digest != args.expect:
-                if not args.boot:
-                    raise Refused(f"pointer {args.pointer} names bundle {digest}, expected {args.expect}")
-                log(f"pointer names bundle {digest[:16]}; this node's template names {args.expect[:16]}: "
-                    "booting that one by its digest")
-                uri, digest = bundle_uri(uri, args.expect), args.expect
-            bundle = retrying(f"release bundle {digest[:16]}", lambda: fetch(uri, digest, args.region),
-                              args.pointer_wait, args.retry_delay)
+            if args.bundle_file:
+                digest = args.expect
+                bundle = read_bundle_file(args.bundle_file, digest)
+            else:
+                uri, digest = retrying("release pointer", lambda: read_pointer(args.pointer, args.region),
+                                       args.pointer_wait, args.retry_delay)
+                if args.expect and digest != args.expect:
+                    if not args.boot:
+                        raise Refused(f"pointer {args.pointer} names bundle {digest}, expected {args.expect}")
+                    log(f"pointer names bundle {digest[:16]}; this node's template names {args.expect[:16]}: "
+                        "booting that one by its digest")
+                    uri, digest = bundle_uri(uri, args.expect), args.expect
+                bundle = retrying(f"release bundle {digest[:16]}", lambda: fetch(uri, digest, args.region),
+                                  args.pointer_wait, args.retry_delay)
             applied = STATE / "applied-release"
             previous = applied.read_text().strip() if applied.exists() else None
             if args.boot or previous is None or previous == digest:
@@ -486,7 +517,7 @@ def main(argv: list[str]) -> int:
                 apply_in_place(bundle, digest, previous, args)
             applied.write_text(digest + "\n")
             (STATE / APPLIED_FILES).write_text(json.dumps(bundle_paths(bundle)) + "\n")
-        except (RuntimeError, ValueError, KeyError) as error:
+        except (RuntimeError, ValueError, KeyError, OSError) as error:
             log(f"apply failed: {error}")
             return 1
     return 0
