@@ -193,8 +193,10 @@ class HostEndpoint(pulumi.ComponentResource):
             connection=connection,
             # Fails (and so does `pulumi up`) naming the release, the host and the cause when the
             # release does not admit itself; the previous release then serves again.
+            # Once applied, older bundles go (the applier keeps its own rollback copies).
             create=digest.apply(lambda d: f"sudo python3 {HOST_APPLIER} --bundle-file {HOST_BUNDLE_DIR}/{d}.json "
-                                          f"--expect {d}"),
+                                          f"--expect {d} && sudo find {HOST_BUNDLE_DIR} -maxdepth 1 -name '*.json' "
+                                          f"! -name {d}.json -delete"),
             # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
             triggers=[digest] + [
                 pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())

@@ -97,8 +97,10 @@ def test_ships_the_release_bundle_and_applies_it_with_the_staging_applier(stack,
                for n, c in declared.items() if n.startswith("kimi-file-"))
 
     bootstrap = declared["kimi-bootstrap"]
-    assert bootstrap["wire"]["create"] == (f"sudo python3 /usr/local/lib/kimi-fleet-deploy/apply_release.py "
-                                           f"--bundle-file /var/lib/kimi-fleet/bundles/{digest}.json --expect {digest}")
+    assert bootstrap["wire"]["create"] == (
+        f"sudo python3 /usr/local/lib/kimi-fleet-deploy/apply_release.py --bundle-file "
+        f"/var/lib/kimi-fleet/bundles/{digest}.json --expect {digest} && sudo find /var/lib/kimi-fleet/bundles "
+        f"-maxdepth 1 -name '*.json' ! -name {digest}.json -delete")
     assert len(bootstrap["wire"]["triggers"]) == 1 + 2  # the bundle, and both secrets
     assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds + 2 * size(r).warm_start_seconds
     assert set(bootstrap["dependencies"]) >= {n for n in declared if n != "kimi-bootstrap"}
