@@ -66,8 +66,10 @@ def refresh_percentages(replicas: int, rollout: str) -> dict[str, int]:
 
 
 def ssm_prefix_arn(region: str, ssm_prefix: str) -> str:
-    """Every parameter under the stack's own prefix (its secrets, its release pointer, its cache pins)."""
-    return f"arn:aws:ssm:{region}:*:parameter{ssm_prefix.rstrip('/')}/*"
+    """Every parameter under the stack's own prefix (its secrets, its release pointer, its cache pins),
+    in the node's own account (the policy variable: a parameter another account shares under the
+    same name is not the stack's)."""
+    return f"arn:aws:ssm:{region}:${{aws:PrincipalAccount}}:parameter{ssm_prefix.rstrip('/')}/*"
 
 
 def _role_policy(r: Resolved, ssm_prefix: str) -> str:

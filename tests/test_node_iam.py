@@ -77,6 +77,8 @@ def test_parameter_reads_and_decrypts_only_under_the_stacks_own_prefix(declared)
             assert condition["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"] == own
             assert condition["StringEquals"]["kms:ViaService"].startswith("ssm.")
     assert own.endswith(f"parameter/kimi-fleet/{stack}/*")
+    # The node's own account, as an IAM policy variable: not another account's shared parameter.
+    assert f":{r.spec.target.aws.region}:${{aws:PrincipalAccount}}:parameter" in own
 
 
 def _key_patterns(statements: list[dict], action: str, effect: str) -> list[str]:
