@@ -23,9 +23,9 @@ try:
     spec, resolved, sizing = validate(spec_values(everything, where), stack, where)
     chosen_key = everything.get(f"{CONFIG_NAMESPACE}:apiKey")
     previous_key = everything.get(f"{CONFIG_NAMESPACE}:apiKeyPrevious")
-    for key in (chosen_key, previous_key):  # a user-chosen key: the same rule on every target
+    for field, key in (("apiKey", chosen_key), ("apiKeyPrevious", previous_key)):  # the same rule on every target
         if key is not None:
-            check_api_key(key)
+            check_api_key(key, field)
     check_rotation(spec.api_key_rotation, where, chosen=chosen_key is not None, previous=previous_key is not None)
 except ValueError as error:  # StackFileError, StackSpecError, a key of the wrong shape
     # Refuse before declaring anything: nothing half-deployed.

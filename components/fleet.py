@@ -8,6 +8,7 @@ the post-deploy verification after the endpoint exists.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 import pulumi
@@ -35,13 +36,14 @@ ENDPOINTS = {
 }
 #: 48 letters and digits: no character Caddy's header matcher treats as a wildcard.
 API_KEY_LENGTH = 48
-#: Hex digits of a key's published fingerprint: enough to tell keys apart, too few to test guesses
-#: against (2^32 values; a key has at least 16 characters of a 68-character alphabet).
+#: Hex digits of a key's published fingerprint: enough to tell keys apart.
 FINGERPRINT_HEX_DIGITS = 8
 
 
-def api_key_fingerprint(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:FINGERPRINT_HEX_DIGITS]
+def api_key_fingerprint(salt: str, key: str) -> str:
+    """HMAC-SHA-256 under the stack's own secret salt: the output tells keys apart, but nobody
+    without the state can test guesses at a chosen key against it."""
+    return "hmac-sha256:" + hmac.new(salt.encode(), key.encode(), hashlib.sha256).hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def generated_api_keys(name: str, generation: int, opts: pulumi.ResourceOptions
@@ -114,7 +116,9 @@ class Fleet(pulumi.ComponentResource):
             if rotation.accept_previous:
                 previous_key = pulumi.Output.secret(args.previous_api_key)
         #: a non-secret fingerprint of the key clients must use: `pulumi preview` shows a rotation
-        self.api_key_fingerprint = pulumi.Output.unsecret(self.api_key.apply(api_key_fingerprint))
+        salt = random.RandomPassword(f"{name}-api-key-fingerprint-salt", length=32, special=False, opts=child)
+        self.api_key_fingerprint = pulumi.Output.unsecret(pulumi.Output.all(salt.result, self.api_key).apply(
+            lambda values: api_key_fingerprint(*values)))
 
         release = EngineRelease(f"{name}-release", EngineReleaseArgs(
             engine=spec.engine.name,

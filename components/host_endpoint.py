@@ -22,7 +22,7 @@ from pulumi_command import remote
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
-from components.node_secrets import checked_api_key
+from components.node_secrets import checked_api_key, checked_previous_api_key
 from kimi_fleet import node_files
 from kimi_fleet.node_files import SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
@@ -31,9 +31,12 @@ from kimi_fleet.spec import CONFIG_NAMESPACE
 HOST_APPLIER = "/usr/local/lib/kimi-fleet-deploy/apply_release.py"
 #: Where the deployer copies each release bundle (root-only); the applier checks its SHA-256.
 HOST_BUNDLE_DIR = "/var/lib/kimi-fleet/bundles"
+#: The deployer's drop box for the host's secrets (root-only): the applier takes them in at the swap.
+HOST_INCOMING_SECRETS = "/var/lib/kimi-fleet/incoming-secrets"
 #: Beyond the bootstrap: the new release's admission wait and, when it fails, the restored one's
-#: (each the warm start and the node's own admission deadline: apply_release.admission_budget).
-APPLY_MARGIN_SECONDS = 600
+#: (each the warm start and the node's own admission deadline plus the applier's margins:
+#: apply_release.admission_budget), and the new images' pulls while the old release serves.
+APPLY_MARGIN_SECONDS = 2 * (600 + 4 * 60) + 1800
 
 
 @dataclass
@@ -49,6 +52,24 @@ def install_from_stdin(path: str, mode: int) -> str:
         f"chmod {mode:o} {shlex.quote(tmp)} && mv {shlex.quote(tmp)} {shlex.quote(path)}"
     )
     return f"sudo sh -c {shlex.quote(script)}"
+
+
+def host_apply_command(digest: str, seconds: int) -> str:
+    """The applier as a transient systemd unit: a dropped SSH session (or an interrupted `pulumi up`)
+    does not stop it mid-swap or mid-rollback, and the unit is killed past `seconds` (the command
+    provider enforces no timeout). The unit's log comes back on the session; once applied, older
+    bundles go (the applier keeps its own rollback copies)."""
+    bundle = f"{HOST_BUNDLE_DIR}/{digest}.json"
+    script = (
+        f"unit=kimi-apply-{digest[:12]}-$(date +%s); "
+        f"sudo systemd-run --unit=\"$unit\" --collect --wait --quiet --property=RuntimeMaxSec={seconds} "
+        f"/usr/bin/python3 {HOST_APPLIER} --bundle-file {bundle} --expect {digest} --secrets-from {HOST_INCOMING_SECRETS}; "
+        "status=$?; "
+        "sudo journalctl -u \"$unit\" -o cat --no-pager; "
+        f"if [ $status -eq 0 ]; then sudo find {HOST_BUNDLE_DIR} -maxdepth 1 -name '*.json' ! -name {digest}.json -delete; fi; "
+        "exit $status"
+    )
+    return f"sh -c {shlex.quote(script)}"
 
 
 def _dns_record_type(address: str) -> str:
@@ -129,13 +150,16 @@ class HostEndpoint(pulumi.ComponentResource):
             secret_values["hf-token"] = (secrets.hf_token_file, args.hf_token)
         if args.previous_api_key is not None:  # a rotation's overlap; removed with it (the delete below)
             secret_values["api-key-previous"] = (node_files.PREVIOUS_API_KEY_FILE,
-                                                 pulumi.Output.from_input(args.previous_api_key).apply(checked_api_key))
+                                                 pulumi.Output.from_input(args.previous_api_key).apply(checked_previous_api_key))
+        # Into the deployer's root-only drop box, not over the live key: the applier takes them in
+        # with the release (at its swap), so a release that fails goes back with its own key.
         copies: list[remote.Command] = [
             remote.Command(
                 f"{name}-secret-{label}",
                 connection=connection,
-                create=install_from_stdin(path, 0o600),
-                delete=f"sudo rm -f {shlex.quote(path)}",
+                create=install_from_stdin(f"{HOST_INCOMING_SECRETS}/{posixpath.basename(path)}", 0o600),
+                delete=f"sudo rm -f {shlex.quote(path)} "
+                       f"{shlex.quote(f'{HOST_INCOMING_SECRETS}/{posixpath.basename(path)}')}",
                 stdin=pulumi.Output.secret(value),
                 logging=remote.Logging.NONE,
                 opts=child,
@@ -187,16 +211,14 @@ class HostEndpoint(pulumi.ComponentResource):
         ]
 
         admission = sizing.warm_start_seconds + node_files.ADMISSION_DEADLINE_SECONDS
-        timeout = f"{node_files.bootstrap_timeout_seconds(sizing) + 2 * admission + APPLY_MARGIN_SECONDS}s"
+        seconds = node_files.bootstrap_timeout_seconds(sizing) + 2 * admission + APPLY_MARGIN_SECONDS
+        timeout = f"{seconds}s"
         remote.Command(
             f"{name}-bootstrap",
             connection=connection,
             # Fails (and so does `pulumi up`) naming the release, the host and the cause when the
             # release does not admit itself; the previous release then serves again.
-            # Once applied, older bundles go (the applier keeps its own rollback copies).
-            create=digest.apply(lambda d: f"sudo python3 {HOST_APPLIER} --bundle-file {HOST_BUNDLE_DIR}/{d}.json "
-                                          f"--expect {d} && sudo find {HOST_BUNDLE_DIR} -maxdepth 1 -name '*.json' "
-                                          f"! -name {d}.json -delete"),
+            create=digest.apply(lambda d: host_apply_command(d, seconds)),
             # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
             triggers=[digest] + [
                 pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())

@@ -17,7 +17,7 @@ import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
-from components.node_secrets import checked_api_key
+from components.node_secrets import checked_api_key, checked_previous_api_key
 from kimi_fleet import k8s_manifests as manifests
 
 RESOURCE_CLASSES = {
@@ -96,7 +96,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         keys = {manifests.API_KEY_SECRET_KEY: pulumi.Output.from_input(args.api_key).apply(checked_api_key)}
         if args.previous_api_key is not None:  # a rotation's overlap: the proxy accepts both
             keys[manifests.PREVIOUS_API_KEY_SECRET_KEY] = pulumi.Output.from_input(
-                args.previous_api_key).apply(checked_api_key)
+                args.previous_api_key).apply(checked_previous_api_key)
         secret_values = {manifests.API_KEY_SECRET: keys}
         if args.hf_token is not None:
             secret_values[manifests.HF_TOKEN_SECRET] = {manifests.HF_TOKEN_SECRET_KEY: args.hf_token}

@@ -14,11 +14,15 @@ import pulumi_aws as aws
 from kimi_fleet.caddy import check_api_key
 
 
-def checked_api_key(key: str) -> str:
+def checked_api_key(key: str, field: str = "apiKey") -> str:
     """The key as stored, once it has the one shape every target accepts: refused here, where it is
     set, rather than by the node's proxy after the deploy (ValueError, never echoing the key)."""
-    check_api_key(key)
+    check_api_key(key, field)
     return key
+
+
+def checked_previous_api_key(key: str) -> str:
+    return checked_api_key(key, "apiKeyPrevious")
 
 
 @dataclass
@@ -48,9 +52,12 @@ class NodeSecrets(pulumi.ComponentResource):
         #: the previous key's version while a rotation accepts it (the bundle names it), else None
         self.previous_api_key_version = pulumi.Output.from_input(None)
         if args.previous_api_key is not None:
+            # Kept in AWS when the rotation is over (retain on delete), and taken over when the next
+            # one opens (overwrite): its version history stays, so a node that boots an older bundle
+            # by its digest still reads the previous key that bundle names by version.
             previous = self._parameter(f"{name}-api-key-previous", f"{prefix}/api-key-previous",
-                                       pulumi.Output.from_input(args.previous_api_key).apply(checked_api_key),
-                                       args.tags)
+                                       pulumi.Output.from_input(args.previous_api_key).apply(checked_previous_api_key),
+                                       args.tags, keep_history=True)
             self.previous_api_key_version = previous.version
         self.hf_token_parameter = pulumi.Output.from_input(None)
         if args.hf_token is not None:
@@ -64,12 +71,14 @@ class NodeSecrets(pulumi.ComponentResource):
         })
 
     def _parameter(self, resource_name: str, path: str, value: pulumi.Input[str],
-                   tags: dict[str, str]) -> aws.ssm.Parameter:
+                   tags: dict[str, str], *, keep_history: bool = False) -> aws.ssm.Parameter:
         return aws.ssm.Parameter(
             resource_name,
             name=path,
             type="SecureString",  # encrypted with the account's aws/ssm key
+            overwrite=True if keep_history else None,
             value=pulumi.Output.secret(value),
             tags=tags,
-            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["value"]),
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["value"],
+                                        retain_on_delete=keep_history),
         )

@@ -52,10 +52,10 @@ PREVIOUS_API_KEY_ENV = "KIMI_API_KEY_PREVIOUS"
 API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 
 
-def check_api_key(key: str) -> None:
+def check_api_key(key: str, field: str = "apiKey") -> None:
     """Raise ValueError (never echoing the key) unless the key has the allowed shape."""
     if not API_KEY_PATTERN.match(key):
-        raise ValueError("secret kimi-fleet:apiKey must be 16-256 characters of letters, digits and . _ ~ + / = - "
+        raise ValueError(f"secret kimi-fleet:{field} must be 16-256 characters of letters, digits and . _ ~ + / = - "
                          "(no spaces, quotes, braces or *: Caddy reads those as syntax or wildcards)")
 
 

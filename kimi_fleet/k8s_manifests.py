@@ -427,10 +427,12 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
     }
 
 
-def _proxy_container(r: Resolved) -> dict:
-    env = [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY)]
-    if r.spec.api_key_rotation.accept_previous:
-        env.append(_secret_env(PREVIOUS_API_KEY_ENV, API_KEY_SECRET, PREVIOUS_API_KEY_SECRET_KEY))
+def _proxy_container() -> dict:
+    # The previous key whether or not a rotation is open, optional: the template never changes with
+    # the rotation, and a proxy (re)started from any ReplicaSet reads the keys the Secret holds now,
+    # as the Caddyfile it reads now expects (it names the previous key only while it is accepted).
+    env = [_secret_env("KIMI_API_KEY", API_KEY_SECRET, API_KEY_SECRET_KEY),
+           _secret_env(PREVIOUS_API_KEY_ENV, API_KEY_SECRET, PREVIOUS_API_KEY_SECRET_KEY, optional=True)]
     return {
         "name": "proxy",
         "image": catalog.CADDY_IMAGE,
@@ -519,7 +521,7 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 120,  # let streaming answers finish
         **_scheduling(r, market),
-        "containers": [_engine_container(r, sizing, launch), _proxy_container(r), _admission_container()],
+        "containers": [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
         "volumes": [
             _weights_volume(r),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},

@@ -39,16 +39,44 @@ def describe(facts: dict) -> str:
     return line
 
 
+#: What a refused rotation line starts with: `plan.py --diff` exits 2 when any stack has one.
+REFUSED = "**refused**"
+
+
+def rotation_refusals(before: dict | None, after: dict | None) -> list[str]:
+    """A change the two slots cannot carry out: the previous key would be one nobody holds.
+
+    The generated key's slots hold generation g and g-1. A jump (0 → 2) or a step back regenerates
+    the slot that should hold the key clients use, so `acceptPrevious` would accept a fresh random
+    key while every client gets 401. The program cannot see the state's last generation; the plan
+    of the change can (before and after), so the PR check refuses it."""
+    if not before or not after or after["source"] != "generated":
+        return []
+    step = after["generation"] - before["generation"]
+    if before["source"] == "chosen" and after["accept_previous"]:
+        return [f"{REFUSED}: apiKeyRotation.acceptPrevious while moving from a chosen kimi-fleet:apiKey to a "
+                "generated one: the generated slots never held the chosen key, so clients would get 401. Move "
+                "with acceptPrevious: false (announced, no overlap), or keep the chosen key and rotate it"]
+    if before["source"] == "generated" and step not in (0, 1):
+        return [f"{REFUSED}: apiKeyRotation.generation {before['generation']} → {after['generation']}: a rotation "
+                "goes up by one per deploy (the previous key is generation g-1 only after g-1 was deployed; "
+                "any other step regenerates the slot clients use). Deploy each step in turn"]
+    return []
+
+
 def rotation_lines(before: dict | None, after: dict | None) -> list[str]:
     """What a change does to clients' keys: a rotation, an overlap opened or closed. [] when the
     key is untouched."""
     if not before or not after:
         return []
-    lines = []
+    lines = rotation_refusals(before, after)
     rotated = before["source"] != after["source"] or before["fingerprint"] != after["fingerprint"]
     if rotated:
         how = (f"generation {before['generation']} → {after['generation']}" if after["source"] == "generated"
-               and before["source"] == "generated" else "kimi-fleet:apiKey set anew")
+               and before["source"] == "generated" else
+               "kimi-fleet:apiKey set anew (told from its ciphertext: a secret set again to the same value, or a "
+               "changed secrets provider, shows here too)" if after["source"] == "chosen" else
+               "from a chosen kimi-fleet:apiKey to a generated one")
         overlap = ("the previous key stays accepted (apiKeyRotation.acceptPrevious) until you set acceptPrevious: "
                    "false once every client uses the new one" if after["accept_previous"] else
                    "**no overlap**: requests with the old key get 401 as soon as each node serves this release "

@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.diff:
-        from tooling.plan_diff import diff_markdown
+        from tooling.plan_diff import diff_markdown, diff_refused
 
-        print(diff_markdown(args.diff))
-        return EXIT_OK
+        markdown = diff_markdown(args.diff)
+        print(markdown)
+        return EXIT_INVALID if diff_refused(markdown) else EXIT_OK
     chosen = sum(bool(x) for x in (args.stack, args.all, args.stack_file))
     if chosen != 1:
         parser.error("give exactly one of STACK, --all, --stack-file")

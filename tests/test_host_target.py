@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -97,10 +98,13 @@ def test_ships_the_release_bundle_and_applies_it_with_the_staging_applier(stack,
                for n, c in declared.items() if n.startswith("kimi-file-"))
 
     bootstrap = declared["kimi-bootstrap"]
-    assert bootstrap["wire"]["create"] == (
-        f"sudo python3 /usr/local/lib/kimi-fleet-deploy/apply_release.py --bundle-file "
-        f"/var/lib/kimi-fleet/bundles/{digest}.json --expect {digest} && sudo find /var/lib/kimi-fleet/bundles "
-        f"-maxdepth 1 -name '*.json' ! -name {digest}.json -delete")
+    script = shlex.split(bootstrap["wire"]["create"])[2]
+    # A transient unit: a dropped SSH session does not stop the applier mid-swap or mid-rollback.
+    assert "sudo systemd-run --unit=\"$unit\" --collect --wait" in script
+    assert (f"/usr/bin/python3 /usr/local/lib/kimi-fleet-deploy/apply_release.py --bundle-file "
+            f"/var/lib/kimi-fleet/bundles/{digest}.json --expect {digest} --secrets-from "
+            "/var/lib/kimi-fleet/incoming-secrets") in script
+    assert script.endswith("exit $status")
     assert len(bootstrap["wire"]["triggers"]) == 1 + 2  # the bundle, and both secrets
     assert int(bootstrap["timeouts"]["create"].removesuffix("s")) > size(r).download_seconds + 2 * size(r).warm_start_seconds
     assert set(bootstrap["dependencies"]) >= {n for n in declared if n != "kimi-bootstrap"}
@@ -122,6 +126,8 @@ def test_secrets_reach_the_host_only_through_stdin():
         wire = declared[name]["wire"]
         assert ".stdin" in list(secret_paths(wire))
         assert "umask 077" in wire["create"] and "chmod 600" in wire["create"]
+        # Into the deployer's drop box: the applier takes them in with the release, at its swap.
+        assert f"/var/lib/kimi-fleet/incoming-secrets/{name.removeprefix('kimi-secret-')}" in wire["create"]
     for command in declared.values():
         visible = plain({k: v for k, v in command["wire"].items() if k != "stdin"})
         for secret in (API_KEY, HF_TOKEN, "not-a-real-key"):
@@ -330,11 +336,13 @@ def _host_bundle_file(tmp_path: Path, r: Resolved) -> tuple[Path, str, str]:
 
 
 def _apply_on_host(root: Path, tools: Path, bundle: Path, digest: str, *extra: str) -> subprocess.CompletedProcess:
+    """The applier as the host's transient unit runs it (the drop box under the scratch root)."""
     from tests.test_apply_release import APPLIER
 
     env = {**os.environ, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{os.environ['PATH']}",
            "VERIFY_PYTHON": sys.executable}
     return subprocess.run(["/usr/bin/python3", str(APPLIER), "--bundle-file", str(bundle), "--expect", digest,
+                           "--secrets-from", str(root / "var/lib/kimi-fleet/incoming-secrets"),
                            "--admission-poll", "0.2", *extra], env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -349,7 +357,9 @@ def test_a_broken_release_on_a_host_goes_back_by_itself(tmp_path):
     values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
     values["engine"] = {**values["engine"], "extraArgs": [OOM_FLAG]}
     broken = Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
-    root, _ = _scratch_node(tmp_path, good)
+    # The host already serves an older release, set up before the bundle applier (no record of it).
+    older = resolved(stack, acmeEmail="ops-before@example.com")
+    root, _ = _scratch_node(tmp_path, older)
     tools, state = tmp_path / "bin", tmp_path / "node"
     tools.mkdir()
     (tools / "hf").write_text("#!/bin/sh\necho 'hf must not run: the weights are verified' >&2\nexit 1\n")
@@ -358,12 +368,20 @@ def test_a_broken_release_on_a_host_goes_back_by_itself(tmp_path):
     ready = root / node_files.READY_FILE.lstrip("/")
     bundle_n, digest_n, release_n = _host_bundle_file(tmp_path, good)
     bundle_n1, digest_n1, release_n1 = _host_bundle_file(tmp_path, broken)
-    with FakeNode(root, tools, state):
-        first = _apply_on_host(root, tools, bundle_n, digest_n)
+    key_file = root / "etc/kimi-fleet/secrets/api-key"
+    serving_key = key_file.read_text()
+    incoming = root / "var/lib/kimi-fleet/incoming-secrets"
+    # The first apply keeps the unrecorded release as its rollback and waits for N's admission.
+    with FakeNode(root, tools, state, readmits=True):
+        first = _apply_on_host(root, tools, bundle_n, digest_n, "--admission-budget", "60")
         assert first.returncode == 0, first.stderr[-3000:]
+        assert f"release {release_n} (bundle {digest_n[:16]}): staged" in first.stderr
         deadline = time.monotonic() + 60
         while not (ready.exists() and ready.read_text().strip() == release_n) and time.monotonic() < deadline:
             time.sleep(0.1)
+        # N+1 also rotates the key: the deployer drops it in the box, not over the live key.
+        incoming.mkdir(parents=True, mode=0o700)
+        (incoming / "api-key").write_text("rotated-key-0123456789abcdef")
         result = _apply_on_host(root, tools, bundle_n1, digest_n1, "--admission-budget", "120")
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"release {release_n1} failed on node" in result.stderr and "restarted 3 times" in result.stderr
@@ -374,6 +392,9 @@ def test_a_broken_release_on_a_host_goes_back_by_itself(tmp_path):
     status = json.loads((root / "run/kimi-fleet/status.json").read_text())
     assert status["failed_release"] == release_n1 and any("CUDA out of memory" in line
                                                             for line in status["engine_log_tail"])
+    # N serves with N's key; the rotated key waits in the box for the retry.
+    assert key_file.read_text() == serving_key
+    assert (incoming / "api-key").read_text() == "rotated-key-0123456789abcdef"
 
 
 @pytest.mark.parametrize("tamper", ["content", "mode"])

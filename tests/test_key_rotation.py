@@ -90,7 +90,7 @@ def gate_environment(run: MockRun) -> dict:
 
 def test_a_stack_that_never_rotates_keeps_its_one_key_resource(tmp_path):
     run = ok(run_stack(SINGLE_NODE, tmp_path))
-    assert passwords(run) == {"kimi-api-key": passwords(run)["kimi-api-key"]}
+    assert set(passwords(run)) == {"kimi-api-key", "kimi-api-key-fingerprint-salt"}
     assert "keepers" not in passwords(run)["kimi-api-key"], "a keeper on the original key would regenerate it"
     assert "/kimi-fleet/h200-int4-sglang/api-key-previous" not in parameter_values(run)
 
@@ -113,7 +113,7 @@ def test_each_rotation_regenerates_one_slot_and_the_other_keeps_the_previous_key
         assert values[f"{prefix}/api-key-previous"] == keys[generation - 1]
         assert revealed(gate_environment(runs[generation])["KIMI_API_KEY_PREVIOUS"]) == keys[generation - 1]
     fingerprints = [run.outputs["api_key_fingerprint"] for run in runs]
-    assert len(set(fingerprints)) == 3 and all(f.startswith("sha256:") and len(f) == 15 for f in fingerprints)
+    assert len(set(fingerprints)) == 3 and all(f.startswith("hmac-sha256:") and len(f) == 20 for f in fingerprints)
     assert not any(key in json.dumps(run.outputs["api_key_fingerprint"]) for run, key in zip(runs, keys))
 
 
@@ -125,6 +125,11 @@ def test_the_node_gets_the_previous_key_by_version_and_caddy_accepts_it_until_re
     assert any(line.startswith("SSM_PREVIOUS_API_KEY_VERSION=") and line.split("=")[1].isdigit()
                for line in env.splitlines())
     assert '\t\theader Authorization "Bearer {env.KIMI_API_KEY_PREVIOUS}"' in accepting["/etc/caddy/Caddyfile"]
+
+    (parameter,) = [p for p in ok(run_stack(SINGLE_NODE, tmp_path, rotated(1, True))).of_type(SSM_PARAMETER)
+                    if p["inputs"]["name"].endswith("/api-key-previous")]
+    # Its versions outlive the rotation: a node booting an older bundle reads the key it names.
+    assert parameter["retain_on_delete"] is True and parameter["inputs"]["overwrite"] is True
 
     retired_run = ok(run_stack(SINGLE_NODE, tmp_path, rotated(1, False)))
     retired = bundle_files(retired_run)
@@ -153,8 +158,16 @@ def test_kubernetes_pods_take_both_keys_from_the_one_secret(tmp_path):
     (deployment, *_) = run.of_type("kubernetes:apps/v1:Deployment")
     pod = deployment["inputs"]["spec"]["template"]["spec"]
     (proxy,) = [c for c in pod["containers"] if c["name"] == "proxy"]
-    assert {"name": "KIMI_API_KEY_PREVIOUS",
-            "valueFrom": {"secretKeyRef": {"name": "kimi-api-key", "key": "api-key-previous"}}} in proxy["env"]
+    previous_env = {"name": "KIMI_API_KEY_PREVIOUS", "valueFrom": {"secretKeyRef": {
+        "name": "kimi-api-key", "key": "api-key-previous", "optional": True}}}
+    assert previous_env in proxy["env"]
+    # The same template before, during and after the overlap: a pod of any ReplicaSet that (re)starts
+    # reads the keys the Secret holds now, as the Caddyfile it reads now expects.
+    plain = ok(run_stack(KUBERNETES, tmp_path))
+    (plain_deployment, *_) = plain.of_type("kubernetes:apps/v1:Deployment")
+    (plain_proxy,) = [c for c in plain_deployment["inputs"]["spec"]["template"]["spec"]["containers"]
+                      if c["name"] == "proxy"]
+    assert plain_proxy["env"] == proxy["env"]
     caddyfiles = [c for c in run.of_type("kubernetes:core/v1:ConfigMap") if "Caddyfile" in (c["inputs"].get("data") or {})]
     assert caddyfiles and all("KIMI_API_KEY_PREVIOUS" in c["inputs"]["data"]["Caddyfile"] for c in caddyfiles)
 
@@ -164,7 +177,8 @@ def test_an_existing_host_gets_the_previous_key_as_a_root_only_file(tmp_path):
     run = ok(run_stack(HOST, tmp_path, rotated(1, True), secrets=secrets))
     copies = {c["name"]: c["inputs"] for c in run.of_type("command:remote:Command")}
     (previous,) = [inputs for name, inputs in copies.items() if name.endswith("-secret-api-key-previous")]
-    assert "/etc/kimi-fleet/secrets/api-key-previous" in previous["create"] and "600" in previous["create"]
+    assert "/var/lib/kimi-fleet/incoming-secrets/api-key-previous" in previous["create"] and "600" in previous["create"]
+    assert "/etc/kimi-fleet/secrets/api-key-previous" in previous["delete"]  # removed with the rotation
     assert previous["logging"] == "none"
     retired = ok(run_stack(HOST, tmp_path, rotated(1, False), secrets=secrets))
     assert not [c for c in retired.of_type("command:remote:Command") if c["name"].endswith("-secret-api-key-previous")]
@@ -182,7 +196,7 @@ def test_a_chosen_key_rotates_with_its_previous_key_set_beside_it(tmp_path):
     values = parameter_values(run)
     assert values[f"/kimi-fleet/{SINGLE_NODE}/api-key"] == CHOSEN
     assert values[f"/kimi-fleet/{SINGLE_NODE}/api-key-previous"] == CHOSEN_PREVIOUS
-    assert not passwords(run), "a chosen key generates nothing"
+    assert set(passwords(run)) == {"kimi-api-key-fingerprint-salt"}, "a chosen key generates no key"
 
 
 @pytest.mark.parametrize("rotation, secrets, says", [
@@ -323,6 +337,27 @@ def test_the_plan_diff_says_rotated_retired_or_nothing():
               "previous_fingerprint": None}
     [line] = key_rotation.rotation_lines(chosen, {**chosen, "fingerprint": "sha256:bbbb"})
     assert "kimi-fleet:apiKey set anew" in line
+
+
+@pytest.mark.parametrize("before, after, accept, refused", [
+    (0, 1, True, False), (1, 2, True, False), (2, 2, True, False), (3, 3, False, False),
+    (0, 2, True, True), (1, 3, False, True), (3, 2, True, True), (2, 0, False, True),
+])
+def test_a_generation_that_does_not_step_by_one_is_refused_by_the_plan_diff(before, after, accept, refused):
+    """0 → 2 regenerates both slots and 3 → 2 regenerates the one clients use: the previous key would
+    be one nobody holds. The PR diff refuses it (plan.py --diff exits 2)."""
+    from tooling.plan_diff import diff_refused
+
+    def facts(generation, accept_previous):
+        return {"source": "generated", "generation": generation, "accept_previous": accept_previous,
+                "fingerprint": f"generation {generation}", "previous_fingerprint": None}
+
+    lines = key_rotation.rotation_lines(facts(before, False), facts(after, accept))
+    assert any(line.startswith(key_rotation.REFUSED) for line in lines) is refused, lines
+    assert diff_refused("\n".join(f"- {line}" for line in lines)) is refused
+    chosen = {**facts(0, False), "source": "chosen", "fingerprint": "sha256:aaaa"}
+    assert key_rotation.rotation_refusals(chosen, facts(0, True)) and not key_rotation.rotation_refusals(
+        chosen, facts(0, False))
 
 
 def test_the_plan_reads_a_re_set_chosen_key_from_its_ciphertext_never_the_key(tmp_path):

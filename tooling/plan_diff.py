@@ -131,6 +131,11 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
     return [f"### {name}", *lines] if lines else []
 
 
+def diff_refused(markdown: str) -> bool:
+    """Whether the diff holds a change the plan refuses (the PR check fails on it)."""
+    return f"- {key_rotation.REFUSED}" in markdown
+
+
 def diff_markdown(ref: str) -> str:
     with tempfile.TemporaryDirectory(prefix="kimi-plan-diff-") as tmp:
         tmp_path = Path(tmp)

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from stat import S_ISREG
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 LIVE = ROOT == Path("/")
@@ -80,6 +81,10 @@ class Transient(RuntimeError):
     """A fault that may pass (network, an object not yet written): retried."""
 
 
+#: The rollback label of a release that served before the applier kept records (`applied-release`).
+UNRECORDED_RELEASE = "unrecorded"
+
+
 class Refused(RuntimeError):
     """Content that is wrong and will stay wrong: never retried."""
 
@@ -94,7 +99,10 @@ class ReleaseFailed(RuntimeError):
 
 def log(message: str) -> None:
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} [kimi-apply-release] {message}"
-    print(line, file=sys.stderr, flush=True)
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # the caller went away (an SSH session dropped): the apply and its rollback go on
     LOG.parent.mkdir(parents=True, exist_ok=True)
     with LOG.open("a") as out:
         out.write(line + "\n")
@@ -148,19 +156,64 @@ def fetch(uri: str, digest: str, region: str) -> dict:
 
 def read_bundle_file(path: Path, digest: str) -> dict:
     """A bundle the deployer copied onto the node (an existing host, over SSH): its bytes must hash to
-    `digest`, and it must be root's own file (nothing else on the host may have written it)."""
-    stat = path.lstat()
-    if not path.is_file() or path.is_symlink():
-        raise Refused(f"bundle file {path} is not a regular file")
-    if stat.st_uid != 0 and LIVE:
-        raise Refused(f"bundle file {path} is owned by uid {stat.st_uid}, not root: refusing it")
-    if stat.st_mode & 0o022:
-        raise Refused(f"bundle file {path} is writable by others (mode {oct(stat.st_mode & 0o777)}): refusing it")
-    bundle = path.read_bytes()
+    `digest`, and the file and its directory must be root's own (nothing else on the host may have
+    written or swapped it). Opened once, without following a link or blocking on a FIFO."""
+    directory = path.parent.lstat()
+    if LIVE and (directory.st_uid != 0 or directory.st_mode & 0o022):
+        raise Refused(f"bundle directory {path.parent} is not root's own (uid {directory.st_uid}, mode "
+                      f"{oct(directory.st_mode & 0o777)}): refusing its bundles")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise Refused(f"bundle file {path} cannot be opened as a plain file: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        if not S_ISREG(stat.st_mode):
+            raise Refused(f"bundle file {path} is not a regular file")
+        if LIVE and stat.st_uid != 0:
+            raise Refused(f"bundle file {path} is owned by uid {stat.st_uid}, not root: refusing it")
+        if stat.st_mode & 0o022:
+            raise Refused(f"bundle file {path} is writable by others (mode {oct(stat.st_mode & 0o777)}): "
+                          "refusing it")
+        bundle = handle.read()
     actual = hashlib.sha256(bundle).hexdigest()
     if actual != digest:
         raise Refused(f"bundle file {path} has SHA-256 {actual}, expected {digest}: refusing it")
     return json.loads(bundle)
+
+
+def take_incoming_secrets(incoming: Path | None, settings_root: Path, into: Path) -> None:
+    """Copy the secrets the deployer left in `incoming` (an existing host: root-only files named
+    after their node path's last part) to where the release at `settings_root` reads them, under
+    `into` (the stage while the old release serves, the node itself on a first install). They stay
+    in `incoming` until the release is applied: a failed apply that is retried finds them again."""
+    if incoming is None:
+        return
+    for path in secret_paths(settings_root):
+        given = incoming / Path(path).name
+        if given.is_file() and not given.is_symlink():
+            target = into / path.lstrip("/")
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.kimi-tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(given.read_bytes())
+            os.replace(tmp, target)
+
+
+def clear_incoming_secrets(incoming: Path | None) -> None:
+    """Once a release is applied, the deployer's copies go: the node keeps only the live ones."""
+    if incoming is None or not incoming.is_dir():
+        return
+    for given in incoming.iterdir():
+        if given.is_file() or given.is_symlink():
+            given.unlink()
+
+
+def bundle_file(bundle: dict, path: str) -> str | None:
+    """The content the bundle gives `path`, or None."""
+    return next((entry["content"] for entry in bundle["files"] if entry["path"] == path), None)
 
 
 def write_files(bundle: dict, root: Path | None = None) -> list[str]:
@@ -408,6 +461,9 @@ def record_status(action: str, lib: Path, **fields) -> None:
 def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
     staged = STATE / "staging" / digest
     write_files(bundle, staged)
+    # A host's new secrets wait under the stage like an AWS node's fetched ones: the serving
+    # release keeps its key until the swap, and gets it back if the new release fails.
+    take_incoming_secrets(args.secrets_from, staged, staged)
     release = (staged / RELEASE_FILE).read_text().strip()
     dropped = dropped_paths(bundle)
     saved = snapshot(bundle, dropped)
@@ -472,6 +528,9 @@ def main(argv: list[str]) -> int:
                              "needs --expect")
     parser.add_argument("--region")
     parser.add_argument("--expect")
+    parser.add_argument("--secrets-from", type=Path,
+                        help="a root-only directory of secret files the deployer copied (an existing host): "
+                             "they go live with the release that names them, and back out with it")
     parser.add_argument("--boot", action="store_true")
     parser.add_argument("--pointer-wait", type=float, default=POINTER_WAIT_SECONDS,
                         help="seconds to keep retrying transient AWS errors")
@@ -506,17 +565,26 @@ def main(argv: list[str]) -> int:
                                   args.pointer_wait, args.retry_delay)
             applied = STATE / "applied-release"
             previous = applied.read_text().strip() if applied.exists() else None
+            live_release = ROOT / RELEASE_FILE
+            if (previous is None and not args.boot and live_release.is_file()
+                    and live_release.read_text() != bundle_file(bundle, "/" + RELEASE_FILE)):
+                # Another release's node files with no applied release on record (a host set up
+                # before the bundle applier): it serves, so it is kept and comes back if the new
+                # one fails. (The same release's files are a first install that failed: retried.)
+                previous = UNRECORDED_RELEASE
             if args.boot or previous is None or previous == digest:
                 # Nothing serves yet (or this release already does): no old release to keep.
                 dropped = dropped_paths(bundle)
                 written = write_files(bundle)
                 log(f"release bundle {digest[:16]}: {len(written)} file(s) changed")
                 remove_paths(dropped)
+                take_incoming_secrets(args.secrets_from, ROOT, ROOT)
                 rerun_bootstrap(args.boot)
             else:
                 apply_in_place(bundle, digest, previous, args)
             applied.write_text(digest + "\n")
             (STATE / APPLIED_FILES).write_text(json.dumps(bundle_paths(bundle)) + "\n")
+            clear_incoming_secrets(args.secrets_from)
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             log(f"apply failed: {error}")
             return 1
