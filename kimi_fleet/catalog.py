@@ -631,6 +631,75 @@ MACHINE_OFFERS: dict[str, MachineOffer] = {
     ]
 }
 
+# --- one replica across several nodes (issue 22) -------------------------------------------------
+
+MULTI_NODE_SOURCE = Source("vllm 0.22.1 engine/arg_utils.py:942-1031, entrypoints/cli/serve.py:61-245, "
+                           "config/parallel.py:228-895; sglang 0.5.12.post1 server_args.py:5067,5558-5567 "
+                           "(read from the pinned wheels, research notes issue 22)", "2026-12-07")
+EFA_SOURCE = Source("AWS EC2 user guide: EFA, 'Maximize network bandwidth on accelerated instances' (p5: "
+                    "32 network cards, 3,200 Gbps); EFA security groups allow all traffic to and from themselves",
+                    "2026-12")
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """The RDMA fabric an instance type offers between the nodes of one replica."""
+    instance_type: str
+    kind: Literal["efa"]
+    #: EFA interfaces, one per network card: card 0 carries the primary ENA interface and one
+    #: efa-only interface, every other card one efa-only interface
+    interfaces: int
+    gbps: int
+    source: Source
+
+
+FABRICS: dict[str, Fabric] = {
+    f.instance_type: f
+    for f in [
+        Fabric("p5.48xlarge", "efa", 32, 3200, EFA_SOURCE),
+        Fabric("p5e.48xlarge", "efa", 32, 3200, EFA_SOURCE),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class MultiNodeSupport:
+    """How an engine release spans nodes with one replica: its flags, which node serves the API,
+    and how it splits the layers over pipeline stages by default."""
+    engine: EngineName
+    min_version: str
+    #: the rendezvous port every rank dials on the leader (vLLM --master-port, SGLang --dist-init-addr)
+    rendezvous_port: int
+    #: a worker runs no API server (vLLM --headless); SGLang's worker serves a dummy /health that
+    #: always answers 200, so only the leader is ever probed
+    worker_flag: str | None
+    #: which pipeline stage gets the extra layer when the layers do not divide (vLLM: the first,
+    #: [31, 30]; SGLang: the last, [30, 31])
+    extra_layer_stage: Literal["first", "last"]
+    #: pipeline parallel cannot run beside a speculative draft on this engine
+    pp_refuses_speculative: bool
+    source: Source
+
+
+MULTI_NODE: dict[str, MultiNodeSupport] = {
+    "vllm": MultiNodeSupport("vllm", "0.22.1", 29501, "--headless", "first", False, MULTI_NODE_SOURCE),
+    "sglang": MultiNodeSupport("sglang", "0.5.12", 29501, None, "last", True, MULTI_NODE_SOURCE),
+}
+#: NCCL's own words for the transport it chose (NCCL_DEBUG=INFO): the engines' log says whether a
+#: replica's collectives ride the fabric or fell back to TCP sockets (an order of magnitude slower,
+#: and nothing else fails). aws-ofi-nccl <= 1.11 names itself "AWS Libfabric", later "Libfabric".
+NCCL_FABRIC_TRANSPORTS = {"Using network AWS Libfabric": "efa", "Using network Libfabric": "efa",
+                          "Using network IB": "infiniband", "via NET/IB": "infiniband", "via NET/Libfabric": "efa"}
+NCCL_SOCKET_TRANSPORTS = ("Using network Socket", "via NET/Socket", "NET/Socket : Using")
+NCCL_TRANSPORT_SOURCE = Source("NVIDIA/nccl src/init.cc:486 ('Using network %s'); aws/aws-ofi-nccl; vLLM "
+                               "parallelism docs (NET/IB vs NET/Socket)", "2026-12-07")
+#: The environment a rank's engine gets on an EFA fabric: libfabric's EFA provider with GPUDirect
+#: RDMA (p4d/p5), and NCCL's INFO log, which names the transport the fabric check reads. The EFA
+#: libraries and the aws-ofi-nccl plugin must be in the image (the stock vLLM image carries neither:
+#: vllm #55635).
+EFA_ENGINE_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO"}
+
+
 #: EBS gp3 maximums: a weight volume that outlives the node.
 EBS_GP3_MAX_THROUGHPUT_MIBPS = 1000
 EBS_GP3_MAX_IOPS = 16000
@@ -745,11 +814,15 @@ class Layout:
     dp_attention: bool = False
     decode_context_parallel: int = 1
     engines: int = 1
+    #: pipeline stages, one per node of a multi-node replica
+    pipeline_parallel: int = 1
 
     def describe(self) -> str:
         if self.tensor_parallel is None:
             return "parallelism not published"
         parts = [f"TP{self.tensor_parallel}"]
+        if self.pipeline_parallel > 1:
+            parts.append(f"PP{self.pipeline_parallel} over {self.pipeline_parallel} nodes")
         if self.data_parallel > 1:
             parts.append(f"DP{self.data_parallel}{' attention' if self.dp_attention else ''}")
         if self.decode_context_parallel > 1:

@@ -13,6 +13,8 @@ from kimi_fleet.resolve import Resolved
 @dataclass(frozen=True)
 class Cost:
     instance_type: str | None
+    #: nodes one replica spans (the per-replica prices below are all of them)
+    nodes_per_replica: int
     replicas: int
     on_demand_replicas: int
     market: str
@@ -35,7 +37,7 @@ def stack_layout(r: Resolved) -> catalog.Layout:
     p = r.spec.parallelism
     return catalog.Layout(tensor_parallel=r.tensor_parallel, data_parallel=p.data_parallel,
                           dp_attention=p.dp_attention, decode_context_parallel=p.decode_context_parallel,
-                          engines=r.engines_per_node)
+                          engines=r.engines_per_node, pipeline_parallel=r.pipeline_parallel)
 
 
 def _same_hardware(t: catalog.Throughput, r: Resolved) -> bool:
@@ -69,10 +71,12 @@ def estimate(r: Resolved) -> Cost:
     market = capacity.effective_market
     on_demand_count = capacity.effective_on_demand_base
     spot_count = capacity.replicas - on_demand_count
-    od = offer.on_demand_usd_per_hour if offer else None
-    spot = offer.spot_typical_usd_per_hour if offer else None
+    # A replica is every node it spans.
+    nodes = r.nodes_per_replica
+    od = offer.on_demand_usd_per_hour * nodes if offer and offer.on_demand_usd_per_hour is not None else None
+    spot = offer.spot_typical_usd_per_hour * nodes if offer and offer.spot_typical_usd_per_hour is not None else None
     if capacity.max_spot_price_usd is not None and spot is not None:
-        spot = min(spot, capacity.max_spot_price_usd)
+        spot = min(spot, capacity.max_spot_price_usd * nodes)
     fleet = None
     if offer is not None:
         parts = [(on_demand_count, od), (spot_count, spot)]
@@ -91,6 +95,7 @@ def estimate(r: Resolved) -> Cost:
         note = f"snapshot prices ({offer.source.where}, {offer.source.date}); check current prices"
     return Cost(
         instance_type=offer.instance_type if offer else None,
+        nodes_per_replica=r.nodes_per_replica,
         replicas=capacity.replicas,
         on_demand_replicas=on_demand_count,
         market=market,

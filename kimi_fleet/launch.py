@@ -100,10 +100,17 @@ class Launch:
         return self.instances[0].probe.path
 
 
-def engine_argv(r: Resolved, port: int) -> list[str]:
-    """The engine's own command line, then the checkpoint's flags, then the stack's extraArgs."""
+#: The leader's address where the rendering cannot know it (the plan, the parser check): the AWS
+#: component renders each worker with the leader's private address, Kubernetes with LWS's variable.
+LEADER_PLACEHOLDER = "leader.replica.internal"
+
+
+def engine_argv(r: Resolved, port: int, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> list[str]:
+    """The engine's own command line (with its node's rank in a multi-node replica), then the
+    checkpoint's flags, then the stack's extraArgs."""
     quant_flags = list(r.checkpoint.engine_flags.get(r.spec.engine.name, ()))
-    return r.adapter.argv(r, port) + quant_flags + list(r.spec.engine.extra_args)
+    ranks = r.adapter.multi_node_args(r, node_rank, leader) if r.multi_node else []
+    return r.adapter.argv(r, port) + ranks + quant_flags + list(r.spec.engine.extra_args)
 
 
 def device_args(r: Resolved, device_ids: tuple[int, ...]) -> tuple[list[str], dict[str, str]]:
@@ -133,7 +140,19 @@ def compile_cache_host_dir(r: Resolved) -> str:
     return f"{r.spec.weights.host_path}/compile-cache/{r.compile_cache_dir_name}"
 
 
-def render_launch(r: Resolved) -> Launch:
+def fabric_args(r: Resolved) -> tuple[list[str], dict[str, str]]:
+    """Container flags and environment that give a multi-node replica's engine its fabric: every EFA
+    device of the instance type and libfabric's EFA provider, NCCL logging its transport."""
+    fabric = catalog.FABRICS.get(r.offer.instance_type) if (r.multi_node and r.offer) else None
+    if fabric is None:
+        return [], {}
+    devices = [f"--device=/dev/infiniband/uverbs{index}" for index in range(fabric.interfaces)]
+    return devices, dict(catalog.EFA_ENGINE_ENV)
+
+
+def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> Launch:
+    """One node's engines; in a multi-node replica, node `node_rank`'s (0 is the leader, which serves
+    the API), dialling `leader`."""
     spec = r.spec
     weights_dir = f"{spec.weights.host_path}/{r.weights_dir_name}"
     per_engine = r.gpus_per_engine
@@ -142,8 +161,10 @@ def render_launch(r: Resolved) -> Launch:
         port = r.engine.port + index
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
-        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **r.quirk_env, **spec.engine.env}
-        docker_args = [*COMMON_DOCKER_ARGS, *dev_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
+        net_args, net_env = fabric_args(r)
+        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **net_env, **r.quirk_env,
+               **spec.engine.env}
+        docker_args = [*COMMON_DOCKER_ARGS, *dev_args, *net_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
                        f"--volume={compile_cache_host_dir(r)}:{COMPILE_CACHE_MOUNT}"]
         if spec.engine.speculative != "off":
             draft_dir = f"{spec.weights.host_path}/draft"
@@ -153,7 +174,7 @@ def render_launch(r: Resolved) -> Launch:
             index=index,
             port=port,
             device_ids=device_ids,
-            argv=tuple(engine_argv(r, port)),
+            argv=tuple(engine_argv(r, port, node_rank, leader)),
             docker_args=tuple(docker_args),
             env=env,
             probe=Probe(r.engine.health_path, port, runs_generation=r.engine.health_runs_generation),

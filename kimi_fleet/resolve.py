@@ -99,10 +99,38 @@ class Resolved:
     def gpus_per_engine(self) -> int:
         return self.tensor_parallel * self.data_parallel_gpu_factor
 
+    @property
+    def nodes_per_replica(self) -> int:
+        return self.spec.parallelism.nodes
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes_per_replica > 1
+
+    @cached_property
+    def pipeline_parallel(self) -> int:
+        return self.spec.parallelism.pipeline_parallel or self.nodes_per_replica
+
+    @cached_property
+    def stage_layers(self) -> tuple[int, ...]:
+        """Layers per pipeline stage, as the engine splits them by default (the extra layers go to
+        the first stages on vLLM, to the last on SGLang)."""
+        layers, stages = catalog.KIMI_K26.layers, self.pipeline_parallel
+        base, extra = divmod(layers, stages)
+        split = [base + (1 if index < extra else 0) for index in range(stages)]
+        support = catalog.MULTI_NODE.get(self.spec.engine.name)
+        return tuple(reversed(split)) if support and support.extra_layer_stage == "last" else tuple(split)
+
+    @property
+    def largest_stage_layers(self) -> int:
+        return max(self.stage_layers)
+
     @cached_property
     def engines_per_node(self) -> int:
         if self.spec.parallelism.engines_per_node:
             return self.spec.parallelism.engines_per_node
+        if self.multi_node:  # one engine over all the nodes of the replica
+            return 1
         return max(1, self.spec.accelerator_count // self.gpus_per_engine)
 
     @cached_property

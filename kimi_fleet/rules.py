@@ -152,9 +152,12 @@ def engine_parser_accepts_the_command_line(r: Resolved) -> Iterator[str]:
     manifest = load_manifest(r.spec.engine.name, entry.package_version) if entry else None
     if manifest is None or r.image is None:
         return
-    args = engine_argv(r, r.engine.port)[len(r.adapter.entrypoint_words(r)):]
     extra = r.spec.engine.extra_args
-    for problem in argv_problems(args, manifest):
+    # Every node's line of a multi-node replica (the leader's and the headless workers').
+    problems = dict.fromkeys(problem for rank in range(r.nodes_per_replica)
+                             for problem in argv_problems(engine_argv(r, r.engine.port, rank)[
+                                 len(r.adapter.entrypoint_words(r)):], manifest))
+    for problem in problems:
         flag = problem.split(":", 1)[0].split()[0]
         if any(arg.split("=", 1)[0] == flag for arg in extra):
             yield f"field {CONFIG_NAMESPACE}:engine.extraArgs (given {list(extra)!r}): {problem}"
@@ -239,12 +242,53 @@ def engines_on_one_node_are_balanced_on_real_generations(r: Resolved) -> Iterato
 
 
 @rule
+def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
+    """A replica over several nodes: tensor parallel inside each node, one pipeline stage per node,
+    on an engine release that spans nodes, over a fabric, never on spot (issue 22)."""
+    p, spec = r.spec.parallelism, r.spec
+    if p.pipeline_parallel and p.pipeline_parallel != p.nodes:
+        yield (f"{_f('parallelism.pipelineParallel', p.pipeline_parallel)}: one pipeline stage per node "
+               f"(parallelism.nodes is {p.nodes}): stages inside a node would idle GPUs, and tensor parallel "
+               "across nodes puts two all-reduces per layer on the inter-node fabric and keeps a full copy "
+               "of the MLA latent KV on every rank (vLLM's multi_node_tp recipe needs an InfiniBand-class fabric)")
+    if not r.multi_node:
+        return
+    support = catalog.MULTI_NODE.get(spec.engine.name)
+    version = r.engine_version
+    if support is None or (version is not None and version < Version(support.min_version)):
+        releases = ", ".join(f"{s.engine} >= {s.min_version}" for s in catalog.MULTI_NODE.values())
+        yield (f"{_f('parallelism.nodes', p.nodes)}: {spec.engine.name} {version or '(unknown release)'} does not "
+               f"span nodes the way kimi-fleet renders it ({releases}: --nnodes/--node-rank and a leader address)")
+    if r.tensor_parallel != spec.accelerator_count:
+        yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: a multi-node replica runs tensor parallel "
+               f"over each node's {spec.accelerator_count} accelerators (one pipeline stage per node)")
+    if p.data_parallel > 1 or p.expert_parallel or p.dp_attention:
+        yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: data or expert parallel across nodes is not "
+               "rendered: its all-to-all needs DeepEP's internode mode, which needs IBGDA, which EFA lacks "
+               "(vllm #27898); a multi-node replica is tensor x pipeline parallel")
+    if p.engines_per_node not in (None, 1):
+        yield f"{_f('parallelism.enginesPerNode', p.engines_per_node)}: a multi-node replica is one engine per node"
+    if p.decode_context_parallel > 1:
+        yield (f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: not with a multi-node "
+               "replica (kimi-fleet has no recipe or measurement of it)")
+    if p.nodes > catalog.KIMI_K26.layers:
+        yield f"{_f('parallelism.nodes', p.nodes)}: more pipeline stages than the model's {catalog.KIMI_K26.layers} layers"
+    if support and support.pp_refuses_speculative and spec.engine.speculative != "off":
+        yield (f"{_f('engine.speculative', spec.engine.speculative)}: {spec.engine.name} refuses a speculative "
+               "draft beside pipeline parallel (server_args.py:7250)")
+    if spec.capacity.effective_market == "spot":
+        yield (f"{_f('capacity.market', 'spot')}: one spot reclaim stops every node of a multi-node replica "
+               "(the survivors cannot serve a half model), and AWS places no spot instance that stops on "
+               "interruption in a cluster placement group; use on-demand or capacity-block")
+
+
+@rule
 def target_can_provide(r: Resolved) -> Iterator[str]:
     spec, accel = r.spec, r.accelerator
     if r.gpus_per_engine > accel.devices_per_node:
         yield (f"field {CONFIG_NAMESPACE}:acceleratorCount (given {spec.accelerator_count}): one engine needs "
-               f"{r.gpus_per_engine} {accel.name} devices but a node holds {accel.devices_per_node}; an engine "
-               "spanning nodes needs multi-node engine flags (--nnodes/--node-rank) kimi-fleet does not render")
+               f"{r.gpus_per_engine} {accel.name} devices but a node holds {accel.devices_per_node}; to span "
+               "nodes, set parallelism.nodes (tensor parallel inside each node, one pipeline stage per node)")
     volumes = r.target.weight_volumes
     if r.weights_volume not in volumes:
         yield (f"{_f('weights.volume', r.weights_volume)}: a {spec.target.kind} target stores weights on "

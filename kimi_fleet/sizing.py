@@ -171,7 +171,9 @@ def size(r: Resolved) -> Sizing:
     pool = budget - weights - vision - reserve
     outside_items = adapter.outside_knob(r)
     outside_need, outside_available = sum(outside_items.values()), accel.memory_bytes - budget
-    kv_per_token = catalog.KIMI_K26.kv_elements_per_token * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype]
+    # A pipeline stage caches its own layers' latents only (the largest stage is the one that fits).
+    kv_per_token = (catalog.KIMI_K26.kv_elements_per_token * r.largest_stage_layers // catalog.KIMI_K26.layers
+                    * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype])
     tokens_per_device = max(pool, 0) // kv_per_token
     spread, pools = adapter.kv_sharing(r)
     max_sequence = tokens_per_device * spread

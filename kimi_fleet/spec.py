@@ -213,6 +213,11 @@ class ParallelismSpec(Spec):
     """vLLM --decode-context-parallel-size: split the KV cache across TP ranks."""
     engines_per_node: Annotated[int, Field(ge=1, le=16)] | None = None
     """independent engines on one node, each on its share of the accelerators."""
+    nodes: Annotated[int, Field(ge=1, le=8)] = 1
+    """nodes one replica spans: tensor parallel inside each node, pipeline parallel across them
+    (vLLM's multi_node_tp_pp recipe); the leader serves the API, the other ranks run headless."""
+    pipeline_parallel: Annotated[int, Field(ge=1, le=8)] | None = None
+    """pipeline stages (--pipeline-parallel-size / --pp-size); default: one per node."""
 
 
 class WeightsSpec(Spec):

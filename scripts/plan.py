@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -45,6 +46,18 @@ BUILD_DIR = PROJECT_ROOT / "build"
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
+def node_layout(r: Resolved) -> list[dict]:
+    """A multi-node replica, node by node: its role, pipeline stage, layers and engine line."""
+    first, rows = 0, []
+    for rank, layers in enumerate(r.stage_layers):
+        instance = render_launch(r, rank).instances[0]
+        rows.append({"node_rank": rank, "role": "leader (serves the API)" if rank == 0 else "worker (headless)",
+                     "stage": rank, "layers": f"{first}-{first + layers - 1}", "gpus": list(instance.device_ids),
+                     "argv": list(instance.argv)})
+        first += layers
+    return rows
+
+
 def artifact_dir(build_dir: Path, stack: str) -> Path:
     """build/<stack>, the only directory the planner ever removes: refuse anything else."""
     validate_stack_name(stack, "build directory")
@@ -60,7 +73,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
               "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None,
-              "kubernetes_rollout": None, "api_key": None}
+              "kubernetes_rollout": None, "api_key": None, "layout": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -73,6 +86,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["cost"] = estimate(resolved).as_dict()
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
+    result["layout"] = node_layout(resolved) if resolved.multi_node else None
     result["api_key"] = key_rotation.api_key_facts(spec, config.secure_fingerprints)
     if resolved.target.renders_manifests:  # pods: the gate waits for the rollout and undoes a failed one
         result["kubernetes_rollout"] = k8s_manifests.rollout_cost(resolved, sizing)
@@ -170,16 +184,39 @@ def _release_mechanism(rollout: dict) -> str:
     return f"rolls the {rollout['replicas']} replicas ({rollout['rollout']})"
 
 
+def print_layout(p: dict) -> None:
+    layout = p.get("layout")
+    if not layout:
+        return
+    print(f"  one replica over {len(layout)} nodes (tensor parallel inside each, one pipeline stage per node):")
+    for node in layout:
+        print(f"    node {node['node_rank']}: {node['role']}, stage {node['stage']}, layers {node['layers']}, "
+              f"GPUs {','.join(map(str, node['gpus']))}")
+        print(f"      {shlex.join(node['argv'])}")
+
+
 def print_plan(p: dict) -> None:
     print(f"== {p['stack']} ({p['file']})")
     if p["errors"] and not p["resources"]:
         print("  REFUSED, nothing declared:")
         for e in p["errors"]:
             print(f"  - {e}")
+        if p.get("layout"):  # sized and laid out, not deployable yet: show what was checked
+            print_sizing(p)
+            print_layout(p)
+            print_cost(p)
         return
-    s, c = p["sizing"], p["cost"]
     print(f"  resources ({len(p['resources'])}):")
     print_tree(p["resources"])
+    print_sizing(p)
+    print_layout(p)
+    print_operations(p)
+    print_cost(p)
+    print_tail(p)
+
+
+def print_sizing(p: dict) -> None:
+    s = p["sizing"]
     g = s["gib"]
     print("  sizing (per device):")
     engine_items = ", ".join(f"{name} {gib(value)}" for name, value in s["reserve_items"].items())
@@ -201,6 +238,9 @@ def print_plan(p: dict) -> None:
         floor = f"; floor {_min(phase['floor_seconds'])} min" if phase["floor_seconds"] < phase["seconds"] else ""
         lower = f"; lower it: {phase['lower_it']}" if phase["lower_it"] else ""
         print(f"      {phase['phase']:<8} {_min(phase['seconds']):>3} min{floor}: {phase['basis']}{lower}")
+
+
+def print_operations(p: dict) -> None:
     if p.get("mirror"):
         print("  weights mirror (managed): " + "\n    ".join(p["mirror"]["lines"]))
     cache = p["compile_cache"]
@@ -219,8 +259,13 @@ def print_plan(p: dict) -> None:
         print(f"  health: {line}")
     if rollout["weights_volume"] in PERSISTENT_WEIGHTS:
         print(f"  a new checkpoint revision is downloaded {checkpoint_room(RolloutFacts.from_dict(rollout))}")
-    print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s), "
-          f"{c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
+
+
+def print_cost(p: dict) -> None:
+    c = p["cost"]
+    nodes = f" ({c['nodes_per_replica']} nodes each)" if c["nodes_per_replica"] > 1 else ""
+    print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s)"
+          f"{nodes}, {c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")
     if c["usd_per_million_output_tokens"] is not None:
         print(f"    {_money(c['usd_per_million_output_tokens'])} per million output tokens at the measured "
@@ -231,6 +276,9 @@ def print_plan(p: dict) -> None:
     else:
         print(f"    no $/M tokens: {c['throughput_note']}")
     print(f"    {c['note']}")
+
+
+def print_tail(p: dict) -> None:
     if p["spot_preflight"]:
         print(f"  spot pre-flight: {p['spot_preflight']['reason']}")
     if p.get("api_key"):

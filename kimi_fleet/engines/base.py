@@ -102,6 +102,10 @@ class Engine:
         (r.quirk_flags) in place; the caller appends the checkpoint's flags and extraArgs."""
         raise NotImplementedError
 
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
+        """What one node of a multi-node replica adds: its rank, the world, the leader's address."""
+        raise NotImplementedError(f"{self.name} renders no multi-node flags")
+
     # --- memory model ---------------------------------------------------------------------------
     # Per device, in bytes. Weights and the vision encoder come first; then what the engine keeps
     # inside its memory knob besides the KV pool, and what it needs outside the knob.
@@ -118,7 +122,13 @@ class Engine:
         rest = text - attention - gates
         groups = self.attention_replicas(r)
         attention_share = (attention - down_projections) * groups // r.tensor_parallel + down_projections
-        return rest // self.weight_shards(r) + attention_share + gates + self.replicated_embedding(r)
+        per_device = rest // self.weight_shards(r) + attention_share + gates + self.replicated_embedding(r)
+        if r.pipeline_parallel > 1:
+            # A pipeline stage holds its layers only, plus one vocab table's shard (the embedding on
+            # the first stage, the output head on the last): the largest stage is the one that fits.
+            table = model.embedding_params * bf16 // r.tensor_parallel
+            per_device = (per_device - 2 * table) * r.largest_stage_layers // model.layers + table
+        return per_device
 
     def weight_shards(self, r: Resolved) -> int:
         """Ranks the experts (and the rest of the text model) are spread over."""

@@ -36,6 +36,9 @@ class SGLang(Engine):
         "--served-model-name": "model.servedName", "--host": "(always 127.0.0.1)", "--port": "(per engine)",
         "--quantization": "checkpoint", "--model-path": "model", "--model": "model",
         "--speculative-algorithm": "engine.speculative",
+        "--pp-size": "parallelism.pipelineParallel", "--pipeline-parallel-size": "parallelism.pipelineParallel",
+        "--nnodes": "parallelism.nodes", "--node-rank": "(per node of the replica)",
+        "--dist-init-addr": "(the replica's leader)",
         "--speculative-draft-model-path": "engine.speculativeDraftRepo",
     }
     #: Measured: seed 003 ran with 98.9% of the engine's own estimate free outside the knob.
@@ -117,6 +120,13 @@ class SGLang(Engine):
                      "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
                      "--speculative-num-draft-tokens", "4"]
         return argv
+
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
+        # sglang 0.5.12 server_args.py:5067,5558-5567: every node runs the same line with its rank;
+        # the others serve a dummy /health only, so the proxy and probes reach the leader alone.
+        support = catalog.MULTI_NODE[self.name]
+        return ["--pp-size", str(r.pipeline_parallel), "--nnodes", str(r.nodes_per_replica),
+                "--node-rank", str(node_rank), "--dist-init-addr", f"{leader}:{support.rendezvous_port}"]
 
     # --- memory model ---------------------------------------------------------------------------
 

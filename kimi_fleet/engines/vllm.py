@@ -36,6 +36,10 @@ class VLLM(Engine):
         "--enable-expert-parallel": "parallelism.expertParallel",
         "--decode-context-parallel-size": "parallelism.decodeContextParallel",
         "--moe-backend": "engine.moeBackend",
+        "--pipeline-parallel-size": "parallelism.pipelineParallel", "--pp": "parallelism.pipelineParallel",
+        "--nnodes": "parallelism.nodes", "--node-rank": "(per node of the replica)",
+        "--master-addr": "(the replica's leader)", "--master-port": "(the catalog's rendezvous port)",
+        "--headless": "(every node but the leader)",
     }
 
     def mm_encoder_tp_mode(self, r: Resolved) -> str | None:
@@ -114,6 +118,14 @@ class VLLM(Engine):
             argv += [f"--speculative-config.model={DRAFT_MOUNT}", "--speculative-config.method=eagle3",
                      "--speculative-config.num_speculative_tokens=3"]
         return argv
+
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
+        # vllm 0.22.1 serve: the mp executor spans nodes (config/parallel.py:845); a worker runs no
+        # API server (--headless, cli/serve.py:61-69) and dials the leader's torch rendezvous.
+        support = catalog.MULTI_NODE[self.name]
+        args = ["--pipeline-parallel-size", str(r.pipeline_parallel), "--nnodes", str(r.nodes_per_replica),
+                "--node-rank", str(node_rank), "--master-addr", leader, "--master-port", str(support.rendezvous_port)]
+        return args + ([support.worker_flag] if node_rank and support.worker_flag else [])
 
     def weight_shards(self, r: Resolved) -> int:
         p = r.spec.parallelism

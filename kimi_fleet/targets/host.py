@@ -28,6 +28,9 @@ class Host(Target):
         if market != "on-demand" or capacity.replicas != 1:
             yield (f"{FIELD}capacity: a host target is one machine you already have: "
                    f"market {market!r}, replicas {capacity.replicas} cannot apply (use on-demand, 1)")
+        if r.multi_node:
+            yield (f"{FIELD}parallelism.nodes (given {r.spec.parallelism.nodes}): a host target is one machine; a "
+                   "replica across nodes runs on AWS (placement group, EFA) or Kubernetes (LeaderWorkerSet)")
 
 
 class StartupScriptCloud(Host):

@@ -1,0 +1,167 @@
+"""One replica across several nodes (issue 22): the spec's rules, the per-stage sizing, every node's
+engine line in the pinned engine's own recorded parser, the cost of all the nodes, and the refusal to
+deploy what is not declared yet."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kimi_fleet import catalog
+from kimi_fleet.engines.flags import argv_problems, load_manifest
+from kimi_fleet.cost import estimate
+from kimi_fleet.launch import engine_argv, render_launch
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import StackSpecError
+from kimi_fleet.stackfile import PROJECT_ROOT, load_stack_config, stack_file
+from kimi_fleet.validation import parse_spec
+
+STACK = "h100-int4-vllm"
+
+
+def variant(**changes) -> dict:
+    values = copy.deepcopy(load_stack_config(stack_file(STACK)).values)
+    for key, value in changes.items():  # a target is replaced whole, other settings merged
+        merge = isinstance(value, dict) and key != "target"
+        values[key] = {**values.get(key, {}), **value} if merge else value
+    return values
+
+
+def resolved(**changes) -> Resolved:
+    return Resolved(parse_spec(variant(**changes), STACK, f"stacks/Pulumi.{STACK}.yaml"))
+
+
+def refusal(**changes) -> str:
+    with pytest.raises(StackSpecError) as refused:
+        resolved(**changes)
+    return str(refused.value)
+
+
+def test_two_h100_nodes_hold_what_one_cannot():
+    two = resolved()
+    sizing = size(two)
+    assert two.multi_node and two.pipeline_parallel == 2 and two.tensor_parallel == 8
+    assert two.stage_layers == (31, 30)  # vLLM gives the first stage the extra layer
+    assert sizing.fits and sizing.max_sequence_tokens >= two.spec.context_length
+    one = refusal(parallelism={"nodes": 1})
+    assert "field kimi-fleet:contextLength" in one and "no room for any context" in one
+    # Each stage holds about half the layers' weights and caches half the layers' latents.
+    single = Resolved(two.spec.model_copy(update={"parallelism": type(two.spec.parallelism)()}))
+    assert size(single).weights_bytes_per_device * 0.45 < sizing.weights_bytes_per_device \
+        < size(single).weights_bytes_per_device * 0.56
+    assert sizing.kv_bytes_per_token == catalog.KIMI_K26.kv_elements_per_token * 31 // 61
+
+
+def test_sglang_puts_the_extra_layer_on_the_last_stage():
+    r = Resolved(parse_spec(variant(engine={"name": "sglang", "memoryFraction": 0.8, "maxNumBatchedTokens": 4096},
+                                    kvCacheDtype="fp8_e4m3", contextLength=32768), STACK, "f"))
+    assert r.stage_layers == (30, 31)
+    leader, worker = (engine_argv(r, 30000, rank, "10.0.0.5") for rank in (0, 1))
+    manifest = load_manifest("sglang", r.image_entry.package_version)
+    assert argv_problems(leader[4:], manifest) == [] and argv_problems(worker[4:], manifest) == []
+    assert "--dist-init-addr" in leader and "10.0.0.5:29501" in leader
+    assert "--node-rank" in worker and worker[worker.index("--node-rank") + 1] == "1"
+    assert "--headless" not in worker  # SGLang has no such flag: its worker serves a dummy /health
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_node_line_parses_in_the_pinned_engines_recorded_parser(rank):
+    r = resolved()
+    manifest = load_manifest("vllm", r.image_entry.package_version)
+    argv = engine_argv(r, r.engine.port, rank, "10.0.0.5")
+    assert argv_problems(argv[2:], manifest) == []
+    assert argv[argv.index("--node-rank") + 1] == str(rank)
+    assert argv[argv.index("--master-addr") + 1] == "10.0.0.5"
+    assert ("--headless" in argv) is (rank == 1)
+
+
+def test_the_fabric_reaches_the_engine_container():
+    instance = render_launch(resolved(), 1).instances[0]
+    devices = [a for a in instance.docker_args if a.startswith("--device=/dev/infiniband/uverbs")]
+    assert len(devices) == catalog.FABRICS["p5.48xlarge"].interfaces
+    assert {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO"}.items() <= instance.env.items()
+    # A one-node stack gets none of it.
+    single = render_launch(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())).instances[0]
+    assert not any("infiniband" in a for a in single.docker_args) and "FI_PROVIDER" not in single.env
+
+
+@pytest.mark.parametrize("changes, field, says", [
+    ({"parallelism": {"nodes": 2, "pipelineParallel": 1}}, "parallelism.pipelineParallel", "one pipeline stage per node"),
+    ({"parallelism": {"nodes": 2, "tensorParallel": 4}}, "parallelism.tensorParallel", "each node's 8 accelerators"),
+    ({"parallelism": {"nodes": 2, "dataParallel": 2}}, "parallelism.dataParallel", "IBGDA, which EFA lacks"),
+    ({"capacity": {"workload": "batch"}}, "capacity.market", "one spot reclaim stops every node"),
+    ({"target": {"kind": "aws", "aws": {"region": "us-east-1", "instanceType": "p5en.48xlarge"}},
+      "accelerator": "h200"}, "parallelism.nodes", "has no EFA fabric in the catalog"),
+    ({"target": {"kind": "host", "host": {"address": "203.0.113.7"}}}, "parallelism.nodes", "a host target is one machine"),
+])
+def test_a_multi_node_replica_that_cannot_work_is_refused_naming_the_field(changes, field, says):
+    message = refusal(**changes)
+    assert f"field kimi-fleet:{field}" in message and says in message, message
+
+
+def test_a_replica_costs_all_its_nodes():
+    cost = estimate(resolved())
+    offer = catalog.MACHINE_OFFERS["p5.48xlarge"]
+    assert cost.nodes_per_replica == 2
+    assert cost.on_demand_usd_per_hour == pytest.approx(2 * offer.on_demand_usd_per_hour)
+    assert cost.fleet_usd_per_hour == pytest.approx(2 * offer.on_demand_usd_per_hour)
+
+
+def test_the_plan_lays_out_each_node_and_refuses_to_deploy_what_is_not_declared(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/plan.py", STACK, "--json", "--build-dir", str(tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    (plan,) = json.loads(result.stdout)
+    assert not plan["valid"] and not plan["resources"] and not (tmp_path / STACK).exists()
+    assert "parallelism.nodes" in plan["errors"][0] and "placement group" in plan["errors"][0]
+    leader, worker = plan["layout"]
+    assert (leader["layers"], worker["layers"]) == ("0-30", "31-60")
+    assert leader["role"].startswith("leader") and "--headless" in worker["argv"]
+    assert plan["sizing"]["fits"] and plan["cost"]["nodes_per_replica"] == 2
+    human = subprocess.run([sys.executable, "scripts/plan.py", STACK], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert "node 1: worker (headless), stage 1, layers 31-60" in human.stdout
+    assert "(2 nodes each)" in human.stdout
+
+
+# --- the fabric check: NCCL's own words decide ---------------------------------------------------
+
+EFA_LOG = """\
+ip-10-0-1-5:123:456 [0] NCCL INFO NET/OFI Initializing aws-ofi-nccl 1.21.1
+ip-10-0-1-5:123:456 [0] NCCL INFO NET/OFI Selected provider is efa, fabric is efa (found 32 nics)
+ip-10-0-1-5:123:456 [0] NCCL INFO Using network Libfabric
+ip-10-0-1-5:123:456 [0] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [send] via NET/Libfabric/0/GDRDMA
+"""
+SOCKET_LOG = """\
+ip-10-0-1-6:123:456 [0] NCCL INFO NET/Plugin: Could not find: libnccl-net.so
+ip-10-0-1-6:123:456 [0] NCCL INFO NET/Socket : Using [0]ens32:10.0.1.6<0>
+ip-10-0-1-6:123:456 [0] NCCL INFO Using network Socket
+"""
+IB_LOG = "node [0] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [send] via NET/IB/0/GDRDMA\n"
+
+
+def _transports(tmp_path):
+    path = tmp_path / "transports.json"
+    path.write_text(json.dumps({"fabric": catalog.NCCL_FABRIC_TRANSPORTS,
+                                "socket": list(catalog.NCCL_SOCKET_TRANSPORTS)}))
+    return path
+
+
+@pytest.mark.parametrize("log, code, says", [
+    (EFA_LOG, 0, "rank 1: NCCL over efa (ip-10-0-1-5:123:456 [0] NCCL INFO Using network Libfabric)"),
+    (IB_LOG, 0, "rank 1: NCCL over infiniband"),
+    (SOCKET_LOG, 1, "rank 1: NCCL runs over TCP sockets, not the fabric"),
+    (EFA_LOG + SOCKET_LOG, 1, "rank 1: NCCL runs over TCP sockets"),
+    ("INFO loading weights\n", 3, "rank 1: NCCL has not named its transport yet"),
+])
+def test_the_fabric_check_reads_the_transport_from_ncclls_log_and_names_the_rank(tmp_path, log, code, says):
+    script = PROJECT_ROOT / "kimi_fleet/node_scripts/fabric_check.py"
+    result = subprocess.run(["/usr/bin/python3", str(script), str(_transports(tmp_path)), "1", "-"], input=log,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == code, result.stderr
+    assert result.stdout.startswith(says), result.stdout
