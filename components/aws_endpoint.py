@@ -19,7 +19,7 @@ from components.dns_record import DnsRecord, DnsRecordArgs
 from components.fleet_load_balancer import FleetLoadBalancer, FleetLoadBalancerArgs
 from components.gpu_node import GpuNode, GpuNodeArgs, refresh_percentages
 from components.mirror_fill import MirrorFill, MirrorFillArgs, MirrorManifestPin, MirrorManifestPinArgs
-from components.node_release import NodeRelease, NodeReleaseArgs
+from components.node_release import STACK_TAG, NodeRelease, NodeReleaseArgs
 from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
@@ -31,7 +31,6 @@ from kimi_fleet.node_files import (
     render_aws_user_data, render_node_files, render_proxy_for,
 )
 
-STACK_TAG = "kimi-fleet:stack"
 WORKLOAD_TAG = "kimi-fleet:workload"
 MARKET_TAG = "kimi-fleet:market"
 

@@ -26,7 +26,11 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_command as command
 
+from kimi_fleet.boot_stub import RELEASE_TAG
 from kimi_fleet.node_files import APPLY_RELEASE, bundle_digest
+
+#: Every resource of a stack carries it (instances too, through their launch template).
+STACK_TAG = "kimi-fleet:stack"
 
 #: What an apply may take: a bootstrap re-run with the weights already on disk, or a first boot's
 #: whole cold start when the association reaches a new node before its download finished.
@@ -60,22 +64,40 @@ def apply_command(pointer_name: str, region: str, digest: str) -> str:
     return shlex.join(["python3", APPLY_RELEASE, "--pointer", pointer_name, "--region", region, "--expect", digest])
 
 
-def prune_command(bucket: str, region: str, current_key: str, keep: int = RETAINED_BUNDLES) -> str:
-    """Run by the deployer after each new bundle: the bucket keeps the newest `keep` bundles."""
+def prune_command(bucket: str, region: str, current_key: str, stack: str, keep: int = RETAINED_BUNDLES) -> str:
+    """Run by the deployer after each new bundle: the bucket keeps the newest `keep` bundles and
+    every bundle an instance of the stack still names."""
     return shlex.join([PYTHON, "-m", "components.node_release", "prune", "--bucket", bucket, "--region", region,
-                       "--keep", str(keep), "--current", current_key])
+                       "--keep", str(keep), "--current", current_key, "--stack", stack])
 
 
-def prune_bundles(s3, bucket: str, keep: int, current_key: str) -> list[str]:
-    """Delete all but the `keep` newest bundles (by upload time; the current one is always kept);
-    return the keys deleted. `s3`: a boto3 S3 client."""
+def bundles_in_use(ec2, stack: str) -> set[str]:
+    """The bundle keys the stack's instances name in their release tag (a fleet's nodes, whatever
+    template version launched them: a group the gate kept on its last good version among them).
+    `ec2`: a boto3 EC2 client."""
+    in_use = set()
+    filters = [{"Name": f"tag:{STACK_TAG}", "Values": [stack]},
+               {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}]
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+                if tags.get(RELEASE_TAG):
+                    in_use.add(f"{BUNDLE_PREFIX}{tags[RELEASE_TAG]}.json")
+    return in_use
+
+
+def prune_bundles(s3, bucket: str, keep: int, current_key: str, in_use: set[str] = frozenset()) -> list[str]:
+    """Delete all but the `keep` newest bundles (by upload time); the current one and those `in_use`
+    are always kept, so failed releases in a row never prune the one the nodes run. Return the keys
+    deleted. `s3`: a boto3 S3 client."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1 (the current bundle), got {keep}")
     bundles = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=BUNDLE_PREFIX):
         bundles += [(item["LastModified"], item["Key"]) for item in page.get("Contents", [])]
     newest_first = [key for _, key in sorted(bundles, reverse=True)]
-    kept = set(newest_first[:keep]) | {current_key}
+    kept = set(newest_first[:keep]) | {current_key} | set(in_use)
     doomed = [key for key in newest_first if key not in kept]
     for start in range(0, len(doomed), 1000):  # DeleteObjects takes 1,000 keys at a time
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in doomed[start:start + 1000]],
@@ -132,7 +154,7 @@ class NodeRelease(pulumi.ComponentResource):
         command.local.Command(
             f"{name}-prune",
             create=pulumi.Output.all(bucket.bucket, digest).apply(
-                lambda v: prune_command(v[0], args.region, f"{BUNDLE_PREFIX}{v[1]}.json")),
+                lambda v: prune_command(v[0], args.region, f"{BUNDLE_PREFIX}{v[1]}.json", args.stack)),
             triggers=[digest],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[pointer]))
         self.digest = digest
@@ -162,12 +184,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--region", required=True)
     parser.add_argument("--keep", type=int, default=RETAINED_BUNDLES)
     parser.add_argument("--current", required=True, help="the bundle key the pointer names (always kept)")
+    parser.add_argument("--stack", required=True, help="the stack whose instances' bundles are kept")
     args = parser.parse_args(argv)
     import boto3
 
-    deleted = prune_bundles(boto3.client("s3", region_name=args.region), args.bucket, args.keep, args.current)
-    print(f"release bundles: kept the newest {args.keep} in s3://{args.bucket}/{BUNDLE_PREFIX}; "
-          f"deleted {len(deleted)} older")
+    in_use = bundles_in_use(boto3.client("ec2", region_name=args.region), args.stack)
+    deleted = prune_bundles(boto3.client("s3", region_name=args.region), args.bucket, args.keep, args.current, in_use)
+    print(f"release bundles: kept the newest {args.keep} in s3://{args.bucket}/{BUNDLE_PREFIX} and the "
+          f"{len(in_use)} the stack's instances name; deleted {len(deleted)} older")
     return 0
 
 

@@ -46,6 +46,34 @@ def test_the_bucket_keeps_the_newest_bundles_and_always_the_current_one():
         prune_bundles(s3, "releases", keep=0, current_key=keys[0])
 
 
+@mock_aws
+def test_failed_releases_in_a_row_never_prune_the_bundle_the_nodes_run():
+    """A fleet the gate kept on its last good version while eleven new releases failed: the pointer
+    names the newest, the newest RETAINED_BUNDLES are failures, and the bundle the running nodes
+    name (their release tag) is kept; another stack's instances protect nothing here."""
+    from components.node_release import STACK_TAG, bundles_in_use
+    from kimi_fleet.boot_stub import RELEASE_TAG
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    s3.create_bucket(Bucket="releases")
+    digests = [f"{n:064x}" for n in range(RETAINED_BUNDLES + 2)]
+    for digest in digests:  # the first is the last good release; all later ones failed the gate
+        s3.put_object(Bucket="releases", Key=f"{BUNDLE_PREFIX}{digest}.json", Body=b"{}")
+        time.sleep(1.05)
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    for stack, digest in (("fleet", digests[0]), ("fleet", digests[0]), ("other", digests[1])):
+        ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[{
+            "ResourceType": "instance", "Tags": [{"Key": STACK_TAG, "Value": stack}, {"Key": RELEASE_TAG, "Value": digest}]}])
+    in_use = bundles_in_use(ec2, "fleet")
+    assert in_use == {f"{BUNDLE_PREFIX}{digests[0]}.json"}
+    deleted = prune_bundles(s3, "releases", keep=RETAINED_BUNDLES, current_key=f"{BUNDLE_PREFIX}{digests[-1]}.json",
+                            in_use=in_use)
+    assert deleted == [f"{BUNDLE_PREFIX}{digests[1]}.json"]
+    left = {item["Key"] for item in s3.list_objects_v2(Bucket="releases")["Contents"]}
+    assert f"{BUNDLE_PREFIX}{digests[0]}.json" in left and len(left) == RETAINED_BUNDLES + 1
+
+
 def test_a_replaced_bundle_is_retained_and_each_release_prunes_to_k():
     run = run_endpoint(resolved("h200-int4-sglang"))
     (bundle,) = run.of_type(BUNDLE)
@@ -54,7 +82,8 @@ def test_a_replaced_bundle_is_retained_and_each_release_prunes_to_k():
     assert bundle["retain_on_delete"] is True
     (prune,) = [c for c in run.of_type(COMMAND) if c["name"].endswith("-release-prune")]
     digest = bundle["inputs"]["key"].removeprefix(BUNDLE_PREFIX).removesuffix(".json")
-    assert prune["inputs"]["create"].endswith(f"--keep {RETAINED_BUNDLES} --current {BUNDLE_PREFIX}{digest}.json")
+    assert prune["inputs"]["create"].endswith(f"--keep {RETAINED_BUNDLES} --current {BUNDLE_PREFIX}{digest}.json "
+                                              "--stack h200-int4-sglang")
     assert prune["inputs"]["triggers"] == [digest]
     assert RETAINED_BUNDLES >= 2  # at least the previous release
 
@@ -63,7 +92,7 @@ def test_the_prune_command_runs_as_written(tmp_path):
     """The command string Pulumi runs parses with the module's own command line (no cloud call)."""
     from components.node_release import main
 
-    command = prune_command("b", "us-east-1", "releases/x.json").split()
+    command = prune_command("b", "us-east-1", "releases/x.json", "s").split()
     assert command[:3] == [".venv/bin/python", "-m", "components.node_release"]
     with pytest.raises(SystemExit):
         main(["prune", "--bucket", "b"])  # missing arguments are refused
