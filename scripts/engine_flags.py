@@ -46,11 +46,13 @@ def stack_argvs() -> list[dict]:
             r = Resolved(load_stack_config(stack_file(name)).spec())
         except StackSpecError:
             continue  # a refused stack runs nothing
-        launch = render_launch(r)
-        for instance in launch.instances:
-            found.append({"stack": name, "engine": r.spec.engine.name, "image": launch.image,
-                          "package_version": r.image_entry.package_version if r.image_entry else None,
-                          "entrypoint_words": r.adapter.entrypoint_words(r), "argv": list(instance.argv)})
+        for rank in range(r.nodes_per_replica):  # every node of a multi-node replica runs its own line
+            launch = render_launch(r, rank)
+            for instance in launch.instances:
+                label = f"{name} node {rank}" if r.multi_node else name
+                found.append({"stack": label, "engine": r.spec.engine.name, "image": launch.image,
+                              "package_version": r.image_entry.package_version if r.image_entry else None,
+                              "entrypoint_words": r.adapter.entrypoint_words(r), "argv": list(instance.argv)})
     return found
 
 

@@ -16,7 +16,11 @@ from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.matrix import PLANNED_STACKS
 
 
-@pytest.mark.parametrize("name", PLANNED_STACKS)
+#: Every stack whose spec is valid: planned ones, and those sized and laid out but not deployable yet.
+PARSED_STACKS = [*PLANNED_STACKS, "h100-int4-vllm"]
+
+
+@pytest.mark.parametrize("name", PARSED_STACKS)
 def test_every_engine_argv_passes_its_pinned_parser(name):
     r = Resolved(load_stack_config(stack_file(name)).spec())
     entry = r.image_entry
@@ -24,9 +28,10 @@ def test_every_engine_argv_passes_its_pinned_parser(name):
     manifest = load_manifest(r.spec.engine.name, entry.package_version)
     assert manifest, (f"no manifest {manifest_name(r.spec.engine.name, entry.package_version)}: run "
                       "scripts/engine_flags.py manifest in a venv holding that wheel")
-    for instance in render_launch(r).instances:
-        args = list(instance.argv[len(r.adapter.entrypoint_words(r)):])
-        assert argv_problems(args, manifest) == [], instance.argv
+    for rank in range(r.nodes_per_replica):  # every node of a multi-node replica
+        for instance in render_launch(r, rank).instances:
+            args = list(instance.argv[len(r.adapter.entrypoint_words(r)):])
+            assert argv_problems(args, manifest) == [], instance.argv
 
 
 def test_manifests_come_from_the_script_and_name_their_version():
