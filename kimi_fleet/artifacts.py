@@ -17,7 +17,9 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
         missing = ("the LeaderWorkerSet, its RDMA resources and the fabric check at admission"
                    if r.target.renders_manifests else
                    "the cluster placement group, the EFA interfaces, the replica's own security group rules, the "
-                   "leader's address reaching the workers and the fabric check at admission")
+                   "leader's address reaching the workers (and each node's own in VLLM_HOST_IP), an engine image "
+                   "that carries libfabric and aws-ofi-nccl (the pinned vLLM image has neither, vllm #55635), "
+                   "admission of the worker nodes and the fabric check at admission")
         raise ValueError(
             f"field kimi-fleet:parallelism.nodes (given {r.nodes_per_replica}): kimi-fleet sizes this multi-node "
             f"replica and renders each node's engine line (the plan prints the layout) but does not deploy one "

@@ -673,16 +673,19 @@ class MultiNodeSupport:
     #: a worker runs no API server (vLLM --headless); SGLang's worker serves a dummy /health that
     #: always answers 200, so only the leader is ever probed
     worker_flag: str | None
-    #: which pipeline stage gets the extra layer when the layers do not divide (vLLM: the first,
-    #: [31, 30]; SGLang: the last, [30, 31])
-    extra_layer_stage: Literal["first", "last"]
+    #: which stages take the leftover layers when they do not divide: vLLM one each to the stages
+    #: before the last, from the second-last backwards (distributed/utils.py get_pp_indices: 61 over 2
+    #: is [31, 30], over 4 [15, 15, 16, 15]); SGLang one each to the last stages ([30, 31])
+    extra_layers: Literal["before-last", "last"]
     #: pipeline parallel cannot run beside a speculative draft on this engine
     pp_refuses_speculative: bool
     source: Source
 
 
 MULTI_NODE: dict[str, MultiNodeSupport] = {
-    "vllm": MultiNodeSupport("vllm", "0.22.1", 29501, "--headless", "first", False, MULTI_NODE_SOURCE),
+    # vLLM: EAGLE3 with pipeline parallel is unsupported (config/vllm.py:2009-2013: the drafter on the
+    # last stage would get one of its three hidden-state inputs).
+    "vllm": MultiNodeSupport("vllm", "0.22.1", 29501, "--headless", "before-last", True, MULTI_NODE_SOURCE),
     "sglang": MultiNodeSupport("sglang", "0.5.12", 29501, None, "last", True, MULTI_NODE_SOURCE),
 }
 #: NCCL's own words for the transport it chose (NCCL_DEBUG=INFO): the engines' log says whether a
@@ -697,7 +700,8 @@ NCCL_TRANSPORT_SOURCE = Source("NVIDIA/nccl src/init.cc:486 ('Using network %s')
 #: RDMA (p4d/p5), and NCCL's INFO log, which names the transport the fabric check reads. The EFA
 #: libraries and the aws-ofi-nccl plugin must be in the image (the stock vLLM image carries neither:
 #: vllm #55635).
-EFA_ENGINE_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO"}
+EFA_ENGINE_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO",
+                  "NCCL_DEBUG_SUBSYS": "INIT,NET"}
 
 
 #: EBS gp3 maximums: a weight volume that outlives the node.

@@ -146,8 +146,8 @@ def fabric_args(r: Resolved) -> tuple[list[str], dict[str, str]]:
     fabric = catalog.FABRICS.get(r.offer.instance_type) if (r.multi_node and r.offer) else None
     if fabric is None:
         return [], {}
-    devices = [f"--device=/dev/infiniband/uverbs{index}" for index in range(fabric.interfaces)]
-    return devices, dict(catalog.EFA_ENGINE_ENV)
+    # The whole directory: one missing uverbs device (fewer interfaces attached) would stop docker.
+    return ["--device=/dev/infiniband"], dict(catalog.EFA_ENGINE_ENV)
 
 
 def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> Launch:
@@ -162,8 +162,9 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
         net_args, net_env = fabric_args(r)
-        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **net_env, **r.quirk_env,
-               **spec.engine.env}
+        # The fabric's settings last: NCCL's transport line is what the fabric check reads.
+        env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **r.quirk_env,
+               **spec.engine.env, **net_env}
         docker_args = [*COMMON_DOCKER_ARGS, *dev_args, *net_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
                        f"--volume={compile_cache_host_dir(r)}:{COMPILE_CACHE_MOUNT}"]
         if spec.engine.speculative != "off":

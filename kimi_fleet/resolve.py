@@ -113,13 +113,18 @@ class Resolved:
 
     @cached_property
     def stage_layers(self) -> tuple[int, ...]:
-        """Layers per pipeline stage, as the engine splits them by default (the extra layers go to
-        the first stages on vLLM, to the last on SGLang)."""
+        """Layers per pipeline stage, as the engine splits them by default (catalog.MultiNodeSupport)."""
         layers, stages = catalog.KIMI_K26.layers, self.pipeline_parallel
         base, extra = divmod(layers, stages)
-        split = [base + (1 if index < extra else 0) for index in range(stages)]
+        split = [base] * stages
         support = catalog.MULTI_NODE.get(self.spec.engine.name)
-        return tuple(reversed(split)) if support and support.extra_layer_stage == "last" else tuple(split)
+        if extra and support and support.extra_layers == "last":
+            for index in range(stages - extra, stages):
+                split[index] += 1
+        elif extra:  # vLLM: the second-last stage, then backwards (stages > 2 spare the first)
+            for index in range(2, extra + 2):
+                split[-index] += 1
+        return tuple(split)
 
     @property
     def largest_stage_layers(self) -> int:

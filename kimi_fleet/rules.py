@@ -255,27 +255,31 @@ def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
         return
     support = catalog.MULTI_NODE.get(spec.engine.name)
     version = r.engine_version
-    if support is None or (version is not None and version < Version(support.min_version)):
+    if support is None or version is None or version < Version(support.min_version):
         releases = ", ".join(f"{s.engine} >= {s.min_version}" for s in catalog.MULTI_NODE.values())
-        yield (f"{_f('parallelism.nodes', p.nodes)}: {spec.engine.name} {version or '(unknown release)'} does not "
-               f"span nodes the way kimi-fleet renders it ({releases}: --nnodes/--node-rank and a leader address)")
+        yield (f"{_f('parallelism.nodes', p.nodes)}: {spec.engine.name} {version or '(an image the catalog does not know)'} "
+               f"does not span nodes the way kimi-fleet renders it ({releases}: --nnodes/--node-rank and a leader "
+               "address); the catalog must know the image's engine release")
     if r.tensor_parallel != spec.accelerator_count:
         yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: a multi-node replica runs tensor parallel "
                f"over each node's {spec.accelerator_count} accelerators (one pipeline stage per node)")
-    if p.data_parallel > 1 or p.expert_parallel or p.dp_attention:
-        yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: data or expert parallel across nodes is not "
-               "rendered: its all-to-all needs DeepEP's internode mode, which needs IBGDA, which EFA lacks "
-               "(vllm #27898); a multi-node replica is tensor x pipeline parallel")
+    if p.data_parallel > 1 or p.dp_attention:
+        yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: data parallel across nodes (Moonshot's DP16 + "
+               "expert parallel) is not rendered: a multi-node replica is tensor parallel inside each node and "
+               "one pipeline stage per node, the layout vLLM's recipes give for 16 Hopper GPUs")
+    if spec.capacity.replicas > 1:
+        yield (f"{_f('capacity.replicas', spec.capacity.replicas)}: one multi-node replica per stack: a fleet's "
+               "group, refresh and health treat one instance as one replica, so a rolling refresh would stop "
+               "one node of a pair")
     if p.engines_per_node not in (None, 1):
         yield f"{_f('parallelism.enginesPerNode', p.engines_per_node)}: a multi-node replica is one engine per node"
     if p.decode_context_parallel > 1:
         yield (f"{_f('parallelism.decodeContextParallel', p.decode_context_parallel)}: not with a multi-node "
                "replica (kimi-fleet has no recipe or measurement of it)")
-    if p.nodes > catalog.KIMI_K26.layers:
-        yield f"{_f('parallelism.nodes', p.nodes)}: more pipeline stages than the model's {catalog.KIMI_K26.layers} layers"
     if support and support.pp_refuses_speculative and spec.engine.speculative != "off":
-        yield (f"{_f('engine.speculative', spec.engine.speculative)}: {spec.engine.name} refuses a speculative "
-               "draft beside pipeline parallel (server_args.py:7250)")
+        yield (f"{_f('engine.speculative', spec.engine.speculative)}: {spec.engine.name} cannot run a speculative "
+               "draft beside pipeline parallel (vLLM config/vllm.py:2009: EAGLE3's drafter on the last stage gets one "
+               "of its three hidden-state inputs; SGLang server_args.py:7250 refuses it)")
     if spec.capacity.effective_market == "spot":
         yield (f"{_f('capacity.market', 'spot')}: one spot reclaim stops every node of a multi-node replica "
                "(the survivors cannot serve a half model), and AWS places no spot instance that stops on "

@@ -57,13 +57,28 @@ def test_two_h100_nodes_hold_what_one_cannot():
     assert sizing.kv_bytes_per_token == catalog.KIMI_K26.kv_elements_per_token * 31 // 61
 
 
+@pytest.mark.parametrize("engine, nodes, split", [
+    # vLLM distributed/utils.py get_pp_indices: leftovers to the second-last stage, then backwards.
+    ("vllm", 2, (31, 30)), ("vllm", 4, (15, 15, 16, 15)), ("vllm", 8, (7, 7, 8, 8, 8, 8, 8, 7)),
+    # SGLang srt/distributed/utils.py get_pp_indices: one each to the last stages.
+    ("sglang", 2, (30, 31)), ("sglang", 4, (15, 15, 15, 16)), ("sglang", 8, (7, 7, 7, 8, 8, 8, 8, 8)),
+])
+def test_the_layers_split_over_stages_as_each_engine_splits_them(engine, nodes, split):
+    from kimi_fleet.spec import StackSpec
+
+    values = variant(parallelism={"nodes": nodes}, engine={"name": engine})
+    r = Resolved(StackSpec.model_validate({"stack": STACK, **values}))
+    assert r.stage_layers == split and sum(split) == catalog.KIMI_K26.layers
+
+
 def test_sglang_puts_the_extra_layer_on_the_last_stage():
     r = Resolved(parse_spec(variant(engine={"name": "sglang", "memoryFraction": 0.8, "maxNumBatchedTokens": 4096},
                                     kvCacheDtype="fp8_e4m3", contextLength=32768), STACK, "f"))
     assert r.stage_layers == (30, 31)
     leader, worker = (engine_argv(r, 30000, rank, "10.0.0.5") for rank in (0, 1))
     manifest = load_manifest("sglang", r.image_entry.package_version)
-    assert argv_problems(leader[4:], manifest) == [] and argv_problems(worker[4:], manifest) == []
+    words = len(r.adapter.entrypoint_words(r))
+    assert argv_problems(leader[words:], manifest) == [] and argv_problems(worker[words:], manifest) == []
     assert "--dist-init-addr" in leader and "10.0.0.5:29501" in leader
     assert "--node-rank" in worker and worker[worker.index("--node-rank") + 1] == "1"
     assert "--headless" not in worker  # SGLang has no such flag: its worker serves a dummy /health
@@ -82,9 +97,11 @@ def test_every_node_line_parses_in_the_pinned_engines_recorded_parser(rank):
 
 def test_the_fabric_reaches_the_engine_container():
     instance = render_launch(resolved(), 1).instances[0]
-    devices = [a for a in instance.docker_args if a.startswith("--device=/dev/infiniband/uverbs")]
-    assert len(devices) == catalog.FABRICS["p5.48xlarge"].interfaces
+    assert "--device=/dev/infiniband" in instance.docker_args  # every EFA device, however many are attached
     assert {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO"}.items() <= instance.env.items()
+    # A stack's own env cannot silence the transport line the fabric check reads.
+    quiet = render_launch(resolved(engine={"env": {"NCCL_DEBUG": "WARN"}}), 1).instances[0]
+    assert quiet.env["NCCL_DEBUG"] == "INFO"
     # A one-node stack gets none of it.
     single = render_launch(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())).instances[0]
     assert not any("infiniband" in a for a in single.docker_args) and "FI_PROVIDER" not in single.env
@@ -93,10 +110,14 @@ def test_the_fabric_reaches_the_engine_container():
 @pytest.mark.parametrize("changes, field, says", [
     ({"parallelism": {"nodes": 2, "pipelineParallel": 1}}, "parallelism.pipelineParallel", "one pipeline stage per node"),
     ({"parallelism": {"nodes": 2, "tensorParallel": 4}}, "parallelism.tensorParallel", "each node's 8 accelerators"),
-    ({"parallelism": {"nodes": 2, "dataParallel": 2}}, "parallelism.dataParallel", "IBGDA, which EFA lacks"),
+    ({"parallelism": {"nodes": 2, "dataParallel": 2}}, "parallelism.dataParallel", "data parallel across nodes"),
+    ({"capacity": {"replicas": 2}}, "capacity.replicas", "one multi-node replica per stack"),
+    ({"engine": {"speculative": "eagle3", "speculativeDraftRepo": "lightseekorg/kimi-k2.6-eagle3-mla"}},
+     "engine.speculative", "beside pipeline parallel"),
+    ({"engine": {"image": "vllm/vllm-openai:v0.11.0"}}, "parallelism.nodes", "the catalog must know"),
     ({"capacity": {"workload": "batch"}}, "capacity.market", "one spot reclaim stops every node"),
     ({"target": {"kind": "aws", "aws": {"region": "us-east-1", "instanceType": "p5en.48xlarge"}},
-      "accelerator": "h200"}, "parallelism.nodes", "has no EFA fabric in the catalog"),
+      "accelerator": "h200"}, "parallelism.nodes", "the catalog records no EFA fabric for p5en.48xlarge"),
     ({"target": {"kind": "host", "host": {"address": "203.0.113.7"}}}, "parallelism.nodes", "a host target is one machine"),
 ])
 def test_a_multi_node_replica_that_cannot_work_is_refused_naming_the_field(changes, field, says):

@@ -9,7 +9,9 @@ usage: fabric_check.py TRANSPORTS_JSON RANK LOG_FILE
   TRANSPORTS_JSON  {"fabric": {"<NCCL's words>": "<fabric>", ...}, "socket": ["<NCCL's words>", ...]}
                    (the catalog's NCCL_FABRIC_TRANSPORTS and NCCL_SOCKET_TRANSPORTS, rendered for the node)
   RANK             the node's rank in its replica (named in every verdict)
-  LOG_FILE         the engine's log (journalctl -u kimi-engine@0 -o cat), '-' for standard input
+  LOG_FILE         the engine's log since it last started (its current invocation only:
+                   journalctl _SYSTEMD_INVOCATION_ID=<id> -o cat; an older run's lines would decide
+                   for this one), '-' for standard input
 Prints one line. Exit 0: a fabric carries the collectives; 1: TCP sockets (refuse); 3: NCCL has not
 said yet (keep waiting: the engine has not set up its communicators).
 """

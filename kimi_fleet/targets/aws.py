@@ -66,9 +66,9 @@ class AWS(Target):
                    "parameter under it, so a shorter or a nested prefix would let them read other stacks' secrets")
         if r.multi_node and offer is not None and offer.instance_type not in catalog.FABRICS:
             with_fabric = ", ".join(sorted(catalog.FABRICS))
-            yield (f"{FIELD}parallelism.nodes (given {spec.parallelism.nodes}): {offer.instance_type} has no EFA "
-                   f"fabric in the catalog; without one NCCL falls back to TCP sockets, an order of magnitude "
-                   f"slower (instance types with EFA: {with_fabric})")
+            yield (f"{FIELD}parallelism.nodes (given {spec.parallelism.nodes}): the catalog records no EFA fabric "
+                   f"for {offer.instance_type} (its interfaces and devices); without one NCCL falls back to TCP "
+                   f"sockets, an order of magnitude slower (recorded: {with_fabric})")
         market = spec.capacity.effective_market
         if offer is not None and market == "on-demand" and offer.on_demand_usd_per_hour is None:
             yield (f"{FIELD}capacity.market (given {market!r}): {offer.instance_type} is not sold on demand "
