@@ -117,9 +117,16 @@ def parallelism_adds_up(r: Resolved) -> Iterator[str]:
         yield (f"field {CONFIG_NAMESPACE}:parallelism: {r.engines_per_node} engine(s) x {r.gpus_per_engine} GPUs "
                f"(TP {r.tensor_parallel} x DP {r.data_parallel_gpu_factor}) = {used} GPUs, but acceleratorCount "
                f"is {count}")
-    if catalog.KIMI_K26.attention_heads % r.tensor_parallel:
-        yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: must divide the model's "
-               f"{catalog.KIMI_K26.attention_heads} attention heads")
+    heads = catalog.KIMI_K26.attention_heads
+    if heads % r.tensor_parallel:
+        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        if p.tensor_parallel is None:  # the user set the accelerators, not the tensor parallel
+            yield (f"{_f('acceleratorCount', count)}: one engine spans every accelerator by default, and tensor "
+                   f"parallel {r.tensor_parallel} does not divide the model's {heads} attention heads; use an "
+                   f"acceleratorCount of {divisors} (or set parallelism.tensorParallel and enginesPerNode)")
+        else:
+            yield (f"{_f('parallelism.tensorParallel', r.tensor_parallel)}: must divide the model's {heads} "
+                   f"attention heads: one of {divisors}")
     if p.dp_attention and (p.data_parallel < 2 or r.tensor_parallel % p.data_parallel):
         yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: DP attention needs dataParallel >= 2 "
                f"dividing tensorParallel {r.tensor_parallel}")

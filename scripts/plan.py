@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
+import textwrap
 import sys
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.replacement import acme_warning, ami_origin  # noqa: E402
 from kimi_fleet.rollout import PERSISTENT_WEIGHTS, RolloutFacts, checkpoint_room, rollout_facts  # noqa: E402
 from kimi_fleet.sizing import gib, size  # noqa: E402
-from kimi_fleet.spec import StackSpecError  # noqa: E402
+from kimi_fleet.spec import StackSpecError, did_you_mean  # noqa: E402
 from kimi_fleet.stackfile import (  # noqa: E402
     STACKS_DIR, StackConfig, StackFileError, load_stack_config, stack_file, stack_names, validate_stack_name,
 )
@@ -299,9 +301,15 @@ def print_tail(p: dict) -> None:
     print(f"  artifacts: {Path(p['artifacts'][0]).parent}/ ({len(p['artifacts'])} files)" if p["artifacts"] else "")
 
 
+def refused_fields(errors: list[str]) -> list[str]:
+    """The fields the refusals name, in order, once each."""
+    return list(dict.fromkeys(re.findall(r"field ([\w-]+:[\w.\[\]]+)", " ".join(errors))))
+
+
 def summary_row(p: dict) -> str:
     if not p["valid"]:
-        return f"{p['stack']:<26} REFUSED  {p['errors'][0][:150]}"
+        fields = ", ".join(refused_fields(p["errors"])) or "the stack file"
+        return f"{p['stack']:<26} REFUSED  by {fields}: plan.py {p['stack']} says why"
     s, c = p["sizing"], p["cost"]
     return (f"{p['stack']:<26} ok       {len(p['resources']):>4}  {s['context_length']:>8,}  "
             f"{s['largest_context']:>8,}  {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>5}  "
@@ -311,6 +319,11 @@ def summary_row(p: dict) -> str:
 
 SUMMARY_HEADER = (f"{'stack':<26} {'status':<8} {'res':>4}  {'context':>8}  {'max ctx':>8}  {'seqs':>5}  "
                   f"{'KV GiB':>7}  {'$/hour':>9}  {'$/M out':>7}  market")
+SUMMARY_LEGEND = (
+    "res: resources the stack declares; context: the context it promises (contextLength); max ctx: the longest "
+    "sequence its KV pool holds; seqs: full-context sequences served at once per node; KV GiB: the KV pool per "
+    "accelerator; $/hour: every node of the stack; $/M out: dollars per million output tokens, where a "
+    "measurement matches (below)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted(STACKS_DIR.glob("Pulumi.*.yaml"))
     else:
         if args.stack not in stack_names():
-            parser.error(f"unknown stack {args.stack!r}; known: {', '.join(stack_names())}")
+            parser.error(f"unknown stack {args.stack!r}{did_you_mean(args.stack, stack_names())}; known: "
+                         f"{', '.join(stack_names())}")
         paths = [stack_file(args.stack)]
 
     plans, specs = [], []
@@ -363,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(SUMMARY_HEADER)
         for p in plans:
             print(summary_row(p))
+        print("\n" + textwrap.fill(SUMMARY_LEGEND, width=110))
         priced = [p for p in plans if p["valid"] and p["cost"]["usd_per_million_output_tokens"] is not None]
         if priced:
             print("\n$/M out only where a measurement matches the stack's engine, hardware, checkpoint and layout:")
@@ -384,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in plans:
             print_plan(p)
     if not args.all and not plans[0]["valid"]:
-        for error in plans[0]["errors"]:
-            print(error, file=sys.stderr)
+        # The reasons are printed once, above (or in the JSON); here the one line a script greps.
+        fields = ", ".join(refused_fields(plans[0]["errors"])) or "its stack file"
+        print(f"plan.py: {plans[0]['stack']} refused by {fields}", file=sys.stderr)
         return EXIT_INVALID
     return EXIT_OK
 

@@ -88,6 +88,11 @@ def test_all_prints_one_row_per_stack(tmp_path):
     for row in rows:
         name, status = row.split()[:2]
         assert status == ("REFUSED" if name in REFUSED else "ok"), row
+        if name in REFUSED:  # the field, and where the whole reason is: never a reason cut mid-word
+            assert row.endswith(f"by kimi-fleet:{REFUSED[name]}: plan.py {name} says why"), row
+    legend = result.stdout.strip().split("\n\n")[1]
+    for column in ("res:", "context:", "max ctx:", "seqs:", "KV GiB:", "$/hour:", "$/M out:"):
+        assert column in legend
 
 
 def test_json_has_the_documented_fields_and_artifacts_are_written(tmp_path):
@@ -130,7 +135,8 @@ def test_an_invalid_stack_file_exits_2_and_declares_nothing(tmp_path):
                    "  kimi-fleet:domain: kimi.example.com\n")
     result = plan("--stack-file", str(bad), "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 2
-    assert "tensor parallel <= 4" in result.stderr and str(bad) in result.stderr
+    assert result.stderr.strip() == "plan.py: bad refused by kimi-fleet:parallelism.tensorParallel"
+    assert "tensor parallel <= 4" in result.stdout and str(bad) in result.stdout
     assert "REFUSED, nothing declared" in result.stdout
     assert not (tmp_path / "build").exists()
 
@@ -138,6 +144,14 @@ def test_an_invalid_stack_file_exits_2_and_declares_nothing(tmp_path):
 def test_a_refused_matrix_stack_exits_2():
     result = plan("ascend-a3-w4a8-sglang")
     assert result.returncode == 2 and "model.revision" in result.stderr
+    # The reasons once (under the refusal), one line naming the fields on stderr.
+    assert result.stderr.strip() == "plan.py: ascend-a3-w4a8-sglang refused by kimi-fleet:model.revision"
+    assert result.stdout.count("no pinned 40-hex commit") == 1
+
+
+def test_a_mistyped_stack_name_gets_the_nearest_one():
+    result = plan("h200-int4-vlm")
+    assert result.returncode == 2 and "unknown stack 'h200-int4-vlm' (did you mean 'h200-int4-vllm'?)" in result.stderr
 
 
 def test_diff_shows_exactly_a_kv_dtype_change(tmp_path):

@@ -107,7 +107,20 @@ def test_language_model_only_excludes_encoder_data_mode():
 
 def test_a_machine_the_target_cannot_provide_is_refused():
     message = refuse(stack(accelerator="mi300x", engine={"name": "sglang"}))
-    assert "AWS offers no 8x AMD Instinct MI300X" in message
+    assert "field kimi-fleet:acceleratorCount (given 8): no AWS instance type in the catalog carries 8x AMD" in message
+    assert "the catalog has no AWS instance with mi300x" in message
+
+
+def test_an_accelerator_count_the_heads_do_not_divide_is_blamed_on_the_count_the_user_set():
+    """Issue 26: acceleratorCount: 3 was blamed on parallelism.tensorParallel, a field never set."""
+    message = refuse(stack(acceleratorCount=3, target={"kind": "host"}))
+    assert "field kimi-fleet:acceleratorCount (given 3)" in message
+    assert "use an acceleratorCount of 1, 2, 4, 8, 16, 32, 64" in message
+    assert "parallelism.tensorParallel (given" not in message
+    message = refuse(stack(parallelism={"tensorParallel": 3, "enginesPerNode": 1}, acceleratorCount=3,
+                           target={"kind": "host"}))
+    assert "field kimi-fleet:parallelism.tensorParallel (given 3): must divide the model's 64 attention heads: " \
+           "one of 1, 2, 4, 8, 16, 32, 64" in message
     message = refuse(stack(target={"kind": "aws", "aws": {"instanceType": "p5.48xlarge"}}))
     assert "carries 8x h100" in message
 

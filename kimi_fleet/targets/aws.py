@@ -48,9 +48,17 @@ class AWS(Target):
         wanted = spec.target.aws.instance_type
         if offer is None:
             offers = sorted(o.instance_type for o in catalog.MACHINE_OFFERS.values() if o.provider == "aws")
-            what = f"instance type {wanted!r}" if wanted else f"{spec.accelerator_count}x {accel.name}"
-            yield (f"{FIELD}target.aws.instanceType: AWS offers no {what} in the catalog "
-                   f"(known: {', '.join(offers)}); use target kind kubernetes or host")
+            if wanted:
+                yield (f"{FIELD}target.aws.instanceType (given {wanted!r}): not in the catalog "
+                       f"(known: {', '.join(offers)}); use target kind kubernetes or host for other machines")
+            else:  # the user chose the accelerators, not the instance type
+                counts = sorted({o.accelerator_count for o in catalog.MACHINE_OFFERS.values()
+                                 if o.provider == "aws" and o.accelerator == accel.id})
+                allowed = (f"AWS sells {accel.id} in the catalog as {', '.join(map(str, counts))} per instance"
+                           if counts else f"the catalog has no AWS instance with {accel.id}")
+                yield (f"{FIELD}acceleratorCount (given {spec.accelerator_count}): no AWS instance type in the catalog "
+                       f"carries {spec.accelerator_count}x {accel.name}: {allowed} (known: {', '.join(offers)}); "
+                       "use target kind kubernetes or host for other machines")
         elif offer.accelerator != accel.id or offer.accelerator_count != spec.accelerator_count:
             yield (f"{FIELD}target.aws.instanceType (given {wanted!r}): carries {offer.accelerator_count}x "
                    f"{offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
