@@ -7,6 +7,8 @@ test_verification_gate_promotion.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pulumi
 import pytest
 
@@ -31,9 +33,10 @@ def test_an_ssh_host_reading_a_mirror_gets_the_manifest_digest_the_deployer_chec
     (check,) = [c for c in run.of_type("command:local:Command") if c["name"].endswith("-mirror-pin-check")]
     create = check["inputs"]["create"]
     assert "scripts/pin_mirror_manifest.py --mirror s3://my-own-mirror/weights" in create and r.revision in create
-    (node_env,) = [c for name, c in commands(run).items() if name.endswith("etc-kimi-fleet-node.env")]
+    bundle = json.loads(commands(run)["kimi-bundle"]["inputs"]["stdin"])  # the release the host applies
+    (node_env,) = [f["content"] for f in bundle["files"] if f["path"] == node_files.NODE_ENV_FILE]
     # Under the mocks the check printed nothing: the placeholder, which every node refuses.
-    assert _settings(node_env["inputs"]["stdin"])["MIRROR_MANIFEST_SHA256"] == node_files.MANIFEST_SHA256_PLACEHOLDER
+    assert _settings(node_env)["MIRROR_MANIFEST_SHA256"] == node_files.MANIFEST_SHA256_PLACEHOLDER
     # A Hub-only stack has no such check.
     assert not [c for c in run_host_endpoint(base).of_type("command:local:Command") if "mirror-pin" in c["name"]]
 

@@ -276,13 +276,20 @@ def test_kubernetes_rollout_strategy(rollout, strategy, tmp_path):
 
 # --- existing host ---------------------------------------------------------------------------
 
-def test_host_flag_change_copies_the_argv_and_reruns_the_bootstrap(tmp_path):
+def test_host_flag_change_ships_a_new_bundle_and_reruns_the_applier(tmp_path):
     stack = "rtxpro6000-int4-sglang"
     before, after = run_variant(stack, tmp_path), run_variant(stack, tmp_path, change_flag)
     old = {r["name"]: r for r in before.of_type(REMOTE)}
     new = {r["name"]: r for r in after.of_type(REMOTE)}
     changed = sorted(name for name in old.keys() & new.keys() if old[name]["inputs"] != new[name]["inputs"])
-    assert any("engine-0.argv.json" in new[name]["inputs"].get("create", "") for name in changed), changed
+    (bundle,) = [name for name in changed if name.endswith("-bundle")]
+
+    def argv(run: dict) -> str:
+        (text,) = [f["content"] for f in json.loads(run[bundle]["inputs"]["stdin"])["files"]
+                   if f["path"].endswith("engine-0.argv.json")]
+        return text
+
+    assert json.loads(argv(new)) == [*json.loads(argv(old)), "--enable-metrics"]  # the flag, appended
     (bootstrap,) = [name for name in new if name.endswith("-bootstrap") and "-file-" not in name]
     assert bootstrap in changed and old[bootstrap]["inputs"]["triggers"] != new[bootstrap]["inputs"]["triggers"]
 
