@@ -5,7 +5,8 @@ import pulumi
 from components.endpoint_outputs import TargetSecrets
 from components.fleet import Fleet, FleetArgs
 from kimi_fleet.artifacts import render_artifacts
-from kimi_fleet.caddy import check_api_key, check_rotation
+from kimi_fleet.caddy import check_api_key
+from kimi_fleet.key_rotation import check_rotation
 from kimi_fleet.cost import estimate
 from kimi_fleet.launch import render_launch
 from kimi_fleet.spec import CONFIG_NAMESPACE

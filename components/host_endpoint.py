@@ -54,6 +54,12 @@ def install_from_stdin(path: str, mode: int) -> str:
     return f"sudo sh -c {shlex.quote(script)}"
 
 
+def incoming_secret(path: str) -> str:
+    """Where the deployer drops the secret the node reads at `path` (apply_release.take_incoming_secrets
+    finds it by the same last part)."""
+    return f"{HOST_INCOMING_SECRETS}/{posixpath.basename(path)}"
+
+
 def host_apply_command(digest: str, seconds: int) -> str:
     """The applier as a transient systemd unit: a dropped SSH session (or an interrupted `pulumi up`)
     does not stop it mid-swap or mid-rollback, and the unit is killed past `seconds` (the command
@@ -157,9 +163,8 @@ class HostEndpoint(pulumi.ComponentResource):
             remote.Command(
                 f"{name}-secret-{label}",
                 connection=connection,
-                create=install_from_stdin(f"{HOST_INCOMING_SECRETS}/{posixpath.basename(path)}", 0o600),
-                delete=f"sudo rm -f {shlex.quote(path)} "
-                       f"{shlex.quote(f'{HOST_INCOMING_SECRETS}/{posixpath.basename(path)}')}",
+                create=install_from_stdin(incoming_secret(path), 0o600),
+                delete=f"sudo rm -f {shlex.quote(path)} {shlex.quote(incoming_secret(path))}",
                 stdin=pulumi.Output.secret(value),
                 logging=remote.Logging.NONE,
                 opts=child,

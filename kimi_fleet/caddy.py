@@ -59,29 +59,6 @@ def check_api_key(key: str, field: str = "apiKey") -> None:
                          "(no spaces, quotes, braces or *: Caddy reads those as syntax or wildcards)")
 
 
-def check_rotation(rotation, where: str, *, chosen: bool, previous: bool) -> None:
-    """A key rotation that can be carried out: the previous key exists where it is accepted, and a
-    previous key is never set without being accepted (a secret nobody uses)."""
-    if previous and not chosen:
-        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but kimi-fleet:apiKey is not: the previous key "
-                         "of a generated key is kept by the stack itself (apiKeyRotation.generation); remove it")
-    if previous and not rotation.accept_previous:
-        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but apiKeyRotation.acceptPrevious is false: "
-                         "set acceptPrevious: true to accept it during the rotation, or remove the secret "
-                         "(pulumi config rm kimi-fleet:apiKeyPrevious) once every client uses the new key")
-    if rotation.accept_previous and chosen and not previous:
-        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true with a chosen kimi-fleet:apiKey but no "
-                         "kimi-fleet:apiKeyPrevious: set the key clients used before (pulumi config set --secret "
-                         "kimi-fleet:apiKeyPrevious ...), or set acceptPrevious: false")
-    if rotation.accept_previous and not chosen and rotation.generation == 0:
-        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true at generation 0: there is no previous "
-                         "generated key; bump apiKeyRotation.generation to rotate (1 for the first rotation)")
-    if rotation.generation and chosen:
-        raise ValueError(f"{where}: apiKeyRotation.generation is {rotation.generation} with a chosen kimi-fleet:apiKey: "
-                         "the generation rotates the generated key only; rotate a chosen key by setting "
-                         "kimi-fleet:apiKey (and kimi-fleet:apiKeyPrevious to the old one); set generation: 0")
-
-
 _UNAUTHORIZED_BODY = (
     '{"error":{"message":"missing or invalid API key","type":"invalid_request_error",'
     '"code":"invalid_api_key"}}'

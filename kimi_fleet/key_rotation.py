@@ -1,4 +1,5 @@
-"""What a stack says about its API key, without the key: for the plan and the PR diff.
+"""A stack's API key rotation: whether it can be carried out (check_rotation, before anything is
+declared), and what it does, said without the key, for the plan and the PR diff.
 
 The offline planner cannot decrypt a chosen key (`secure:` in the stack file) and a generated key
 lives only in the state, so a rotation is told from what is not secret: the generation of the
@@ -8,10 +9,33 @@ previous key is still accepted. Pure data, no Pulumi.
 
 from __future__ import annotations
 
-from kimi_fleet.spec import CONFIG_NAMESPACE, StackSpec
+from kimi_fleet.spec import CONFIG_NAMESPACE, ApiKeyRotationSpec, StackSpec
 
 API_KEY = f"{CONFIG_NAMESPACE}:apiKey"
 PREVIOUS_API_KEY = f"{CONFIG_NAMESPACE}:apiKeyPrevious"
+
+
+def check_rotation(rotation: ApiKeyRotationSpec, where: str, *, chosen: bool, previous: bool) -> None:
+    """A key rotation that can be carried out: the previous key exists where it is accepted, and a
+    previous key is never set without being accepted (a secret nobody uses)."""
+    if previous and not chosen:
+        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but kimi-fleet:apiKey is not: the previous key "
+                         "of a generated key is kept by the stack itself (apiKeyRotation.generation); remove it")
+    if previous and not rotation.accept_previous:
+        raise ValueError(f"{where}: kimi-fleet:apiKeyPrevious is set but apiKeyRotation.acceptPrevious is false: "
+                         "set acceptPrevious: true to accept it during the rotation, or remove the secret "
+                         "(pulumi config rm kimi-fleet:apiKeyPrevious) once every client uses the new key")
+    if rotation.accept_previous and chosen and not previous:
+        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true with a chosen kimi-fleet:apiKey but no "
+                         "kimi-fleet:apiKeyPrevious: set the key clients used before (pulumi config set --secret "
+                         "kimi-fleet:apiKeyPrevious ...), or set acceptPrevious: false")
+    if rotation.accept_previous and not chosen and rotation.generation == 0:
+        raise ValueError(f"{where}: apiKeyRotation.acceptPrevious is true at generation 0: there is no previous "
+                         "generated key; bump apiKeyRotation.generation to rotate (1 for the first rotation)")
+    if rotation.generation and chosen:
+        raise ValueError(f"{where}: apiKeyRotation.generation is {rotation.generation} with a chosen kimi-fleet:apiKey: "
+                         "the generation rotates the generated key only; rotate a chosen key by setting "
+                         "kimi-fleet:apiKey (and kimi-fleet:apiKeyPrevious to the old one); set generation: 0")
 
 
 def api_key_facts(spec: StackSpec, secure_fingerprints: dict[str, str]) -> dict:

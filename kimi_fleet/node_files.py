@@ -50,7 +50,6 @@ NODE_ENV_FILE = f"{ENV_DIR}/node.env"
 RELEASE_FILE = f"{ENV_DIR}/release"
 CADDYFILE = "/etc/caddy/Caddyfile"
 CADDY_API_KEY_ENV = "KIMI_API_KEY"
-CADDY_PREVIOUS_API_KEY_ENV = PREVIOUS_API_KEY_ENV
 #: EC2 refuses user data above 16 KB (before its own base64; after our gzip).
 EC2_USER_DATA_LIMIT = boot_stub.EC2_USER_DATA_LIMIT
 #: The hf CLI installed on nodes that lack one (a pinned release: the download must not drift).
@@ -293,7 +292,7 @@ WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE
 ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER)
 
 CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV,
-                             CADDY_PREVIOUS_KEY_ENV=CADDY_PREVIOUS_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
+                             CADDY_PREVIOUS_KEY_ENV=PREVIOUS_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
                              API_KEY_PATTERN=API_KEY_PATTERN.pattern)
 
 
@@ -539,7 +538,7 @@ def render_proxy_for(r: Resolved, launch: Launch, *, release: str | None = None,
         options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
     return render_proxy(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
-        previous_key_env=CADDY_PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
+        previous_key_env=PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
         release=release, **options,
     )
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from kimi_fleet import key_rotation
-from kimi_fleet.caddy import check_rotation, render_caddyfile
+from kimi_fleet.caddy import render_caddyfile
+from kimi_fleet.key_rotation import check_rotation
 from kimi_fleet.spec import ApiKeyRotationSpec
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.test_caddy import needs_caddy
@@ -223,47 +224,24 @@ def test_check_rotation_names_the_stack_file():
 
 # --- a real Caddy, the node's key script ---------------------------------------------------
 
-def _recorder():
-    import http.server
-    import threading
-
-    class Models(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b'{"object":"list","data":[]}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @needs_caddy
 @pytest.mark.parametrize("previous_set", [True, False], ids=["both-keys", "previous-key-missing"])
 def test_caddy_accepts_both_keys_during_the_overlap_and_fails_closed_without_the_previous(previous_set):
-    from tests.fakes.harness import free_port, start_caddy
+    from tests.fakes.harness import free_port, start_caddy, start_fake_engine
 
-    upstream = _recorder()
     current, previous = "current-key-1234567890abcdef", "previous-key-1234567890abcdef"
     https_port, http_port = free_port(), free_port()
-    caddyfile = render_caddyfile("localhost", [f"127.0.0.1:{upstream.server_address[1]}"], "/health", tls="internal",
-                                 https_port=https_port, http_port=http_port, bind_host="127.0.0.1",
-                                 previous_key_env="KIMI_API_KEY_PREVIOUS")
     env = {"KIMI_API_KEY": current, **({"KIMI_API_KEY_PREVIOUS": previous} if previous_set else {})}
     url = f"https://localhost:{https_port}/v1/models"
-    try:
+    with start_fake_engine("good") as engine:
+        caddyfile = render_caddyfile("localhost", [engine.upstream], engine.health_uri, tls="internal",
+                                     https_port=https_port, http_port=http_port, bind_host="127.0.0.1",
+                                     previous_key_env="KIMI_API_KEY_PREVIOUS")
         with start_caddy(caddyfile, env, ready_url=url) as caddy:
             with httpx.Client(verify=caddy.ssl_context(), timeout=10) as client:
                 statuses = {label: client.get(url, headers={"Authorization": f"Bearer {key}"} if key else {}).status_code
                             for label, key in (("current", current), ("previous", previous), ("wrong", "w" * 20),
                                                ("none", None), ("empty", ""))}
-    finally:
-        upstream.shutdown()
     if previous_set:
         assert statuses == {"current": 200, "previous": 200, "wrong": 401, "none": 401, "empty": 401}
     else:  # a configuration that names a previous key it does not have refuses everything
