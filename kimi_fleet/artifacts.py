@@ -11,15 +11,9 @@ from kimi_fleet.sizing import Sizing
 
 def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, str]:
     """Relative file name -> text. No secret values: secrets are referenced, never rendered."""
-    if r.multi_node:
+    if r.multi_node and (missing := r.target.multi_node_missing(r)):
         # Sized, laid out per node and checked against the engine's parser (the plan prints it);
         # what would run it is not declared yet: a refusal before anything is, never half a replica.
-        missing = ("the LeaderWorkerSet, its RDMA resources and the fabric check at admission"
-                   if r.target.renders_manifests else
-                   "the cluster placement group, the EFA interfaces, the replica's own security group rules, the "
-                   "leader's address reaching the workers (and each node's own in VLLM_HOST_IP), an engine image "
-                   "that carries libfabric and aws-ofi-nccl (the pinned vLLM image has neither, vllm #55635), "
-                   "admission of the worker nodes and the fabric check at admission")
         raise ValueError(
             f"field kimi-fleet:parallelism.nodes (given {r.nodes_per_replica}): kimi-fleet sizes this multi-node "
             f"replica and renders each node's engine line (the plan prints the layout) but does not deploy one "

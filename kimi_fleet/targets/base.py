@@ -65,6 +65,10 @@ class Target:
     def dns_mechanism(self, spec: StackSpec) -> str:
         return f"{spec.domain}: point it at the endpoint yourself"
 
+    def multi_node_missing(self, r: Resolved) -> str | None:
+        """What this target does not declare yet for a replica over several nodes (None: it deploys one)."""
+        return "a multi-node replica on this target"
+
     def problems(self, r: Resolved) -> Iterator[str]:
         """What this target cannot provide for the stack (each names the field, the value and why)."""
         return iter(())

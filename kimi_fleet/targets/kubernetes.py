@@ -25,6 +25,9 @@ class Kubernetes(Target):
             return f"{spec.domain}: external-dns annotation on the proxy Service"
         return super().dns_mechanism(spec)
 
+    def multi_node_missing(self, r: Resolved) -> str | None:
+        return "the LeaderWorkerSet, its RDMA resources and the fabric check at admission"
+
     def problems(self, r: Resolved) -> Iterator[str]:
         spec = r.spec
         if spec.engine.speculative != "off":
