@@ -6,6 +6,11 @@ sizing instead of the provider's 10-minute default. It does not wait for the Dep
 (pulumi.com/skipAwait): the verification gate does (scripts/await_k8s_rollout.py, from
 `fleet_rollout`), fails within minutes of a pod's failure and undoes the rollout, where the
 provider would wait out the whole deadline and leave the Deployment on the bad release.
+
+A multi-node replica's LeaderWorkerSet is a custom resource (apiextensions.CustomResource): its CRD
+and controller are the cluster operator's (kubectl apply --server-side -f
+https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml), and it is applied
+without await like the Deployments (the gate waits for its group).
 """
 
 from __future__ import annotations
@@ -45,16 +50,41 @@ def _seconds(value: int) -> str:
     return f"{value}s"
 
 
+#: Rendered kinds that are custom resources (their CRDs are installed by the cluster's operator).
+CUSTOM_KINDS = {"LeaderWorkerSet"}
+#: What the gate waits for; the proxy's pods roll with a new key version.
+ROLLED_KINDS = ("Deployment", "LeaderWorkerSet")
+
+
 def declare_object(name: str, obj: dict, opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
     """The typed resource for one rendered object; its camelCase fields pass through unchanged."""
+    resource_name = f"{name}-{obj['metadata']['name']}"
+    if obj["kind"] in CUSTOM_KINDS:
+        return k8s.apiextensions.CustomResource(resource_name, api_version=obj["apiVersion"], kind=obj["kind"],
+                                                metadata=obj["metadata"], spec=obj["spec"], opts=opts)
     fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
-    return RESOURCE_CLASSES[obj["kind"]](f"{name}-{obj['metadata']['name']}", opts=opts, **fields)
+    return RESOURCE_CLASSES[obj["kind"]](resource_name, opts=opts, **fields)
 
 
-def with_pod_annotation(deployment: dict, key: str, value: pulumi.Input[str]) -> dict:
-    template = deployment["spec"]["template"]
+def applied_name(resource: pulumi.CustomResource) -> pulumi.Output[str]:
+    """The object's name once applied (a typed resource's ObjectMeta, a custom resource's mapping)."""
+    return resource.metadata.apply(lambda meta: meta["name"] if isinstance(meta, dict) else meta.name)
+
+
+def _with_template_annotation(template: dict, key: str, value: pulumi.Input[str]) -> dict:
     metadata = {**template["metadata"], "annotations": {**template["metadata"].get("annotations", {}), key: value}}
-    return {**deployment, "spec": {**deployment["spec"], "template": {**template, "metadata": metadata}}}
+    return {**template, "metadata": metadata}
+
+
+def with_pod_annotation(workload: dict, key: str, value: pulumi.Input[str]) -> dict:
+    """The pods that run the proxy carry the annotation: a Deployment's template, a LeaderWorkerSet's
+    leader template (its workers run no proxy)."""
+    spec = workload["spec"]
+    if workload["kind"] == "LeaderWorkerSet":
+        group = spec["leaderWorkerTemplate"]
+        group = {**group, "leaderTemplate": _with_template_annotation(group["leaderTemplate"], key, value)}
+        return {**workload, "spec": {**spec, "leaderWorkerTemplate": group}}
+    return {**workload, "spec": {**spec, "template": _with_template_annotation(spec["template"], key, value)}}
 
 
 def without_await(obj: dict) -> dict:
@@ -113,7 +143,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
 
         api_key_secret = secrets[0]  # secret_values starts with the API key
         prerequisites: list[pulumi.Resource] = [*secrets]
-        deployments: list[k8s.apps.v1.Deployment] = []
+        rolled: dict[str, list[pulumi.CustomResource]] = {kind: [] for kind in ROLLED_KINDS}
         for obj in namespaced:
             kind = obj["kind"]
             if kind == "Job":
@@ -124,7 +154,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                     # A Job's template is immutable: a changed one replaces it under the same name.
                     delete_before_replace=True,
                 )
-            elif kind == "Deployment":
+            elif kind in ROLLED_KINDS:
                 # The proxy reads the key at start: a rotated key (a new Secret version) rolls the pods.
                 obj = with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION,
                                           api_key_secret.metadata.apply(lambda m: m.resource_version or ""))
@@ -134,8 +164,8 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             else:
                 opts_for = pulumi.ResourceOptions()
             resource = declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, opts_for))
-            if kind == "Deployment":
-                deployments.append(resource)
+            if kind in ROLLED_KINDS:
+                rolled[kind].append(resource)
             elif kind != "Service":
                 prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
 
@@ -150,12 +180,15 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             pulumi.ResourceOptions(parent=self),
         )
 
-        # The gate's wait names the Deployments as applied (and so runs only after they are).
+        # The gate's wait names the Deployments (or the LeaderWorkerSet) as applied (and so runs only after).
         wait = manifests.rollout_wait(r, sizing)
-        self.fleet_rollout = pulumi.Output.all(*[d.metadata.name for d in deployments]).apply(
-            lambda names: {**wait, "deployments": list(names)})
+        deployments, groups = rolled["Deployment"], rolled["LeaderWorkerSet"]
+        self.fleet_rollout = pulumi.Output.all(
+            pulumi.Output.all(*map(applied_name, deployments)), pulumi.Output.all(*map(applied_name, groups)),
+        ).apply(lambda names: {**wait, "deployments": list(names[0]), "leaderworkersets": list(names[1])})
 
         # A cluster's GPUs are billed outside this stack: the cost is unknown here.
-        publish_endpoint(self, domain=r.spec.domain, node_ids=pulumi.Output.all(*[d.metadata.name for d in deployments]),
+        publish_endpoint(self, domain=r.spec.domain,
+                         node_ids=pulumi.Output.all(*map(applied_name, [*deployments, *groups])),
                          market=r.spec.capacity.effective_market, hourly_cost_usd=None)
 

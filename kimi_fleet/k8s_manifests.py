@@ -8,6 +8,10 @@ Layout: one weights volume filled once and verified by a download Job, mounted r
 engine pod; one pod per engine (launch.instances[0]'s argv on gpus_per_engine devices), so
 engines_per_node > 1 becomes more pods. The engine binds 127.0.0.1, so the authenticating Caddy
 runs as a sidecar in the same pod and the Service reaches only Caddy.
+
+A replica over several nodes (parallelism.nodes) is one LeaderWorkerSet group instead of the
+Deployments: a leader pod (rank 0: the API, Caddy, the admission suite) and headless worker pods,
+each with its node's GPUs and fabric devices and a fabric check on NCCL's own log.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import yaml
 
 from kimi_fleet import catalog
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
-from kimi_fleet.launch import MODEL_MOUNT, Launch
+from kimi_fleet.launch import MODEL_MOUNT, Launch, render_launch
 from kimi_fleet.node_files import (
     ADMISSION_DEADLINE_SECONDS, HF_CLI_PYTHON, HF_CLI_REQUIREMENTS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT,
     admission_settings, verifier_sources,
@@ -30,6 +34,7 @@ from kimi_fleet.paths import COMPILE_CACHE_MOUNT
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.node_scripts.generation_probe import ALIVE_WHILE_GENERATING, METRICS_TIMEOUT_SECONDS
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, POD_VERIFIED_MARKER
+from kimi_fleet.pod_scripts import FABRIC_PROBE_SCRIPT, pod_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
 
@@ -127,6 +132,40 @@ SHM_GIB = 64
 #: advertises the 910-family dies, A3 included, as huawei.com/Ascend910).
 VENDOR_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "huawei": "huawei.com/Ascend910"}
 
+# --- one replica over several nodes: a LeaderWorkerSet group (kubernetes-sigs/lws v0.10.0) ---------
+#: The LeaderWorkerSet API. Its CRD and controller are the cluster operator's (kubectl apply
+#: --server-side -f https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml);
+#: tooling/schemas/lws-v0.10.0/ holds the CRD the rendering is validated against.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_RELEASE = "v0.10.0"
+#: Also the headless Service LWS creates for the group's DNS names (a DNS-1035 label).
+LWS_NAME = "kimi-engine"
+#: Labels LWS puts on every pod of a group (api/leaderworkerset/v1/leaderworkerset_types.go).
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
+#: LWS injects LWS_LEADER_ADDRESS (<lws>-<group>.<lws>.<namespace>, resolvable before the leader is
+#: Ready: its Service publishes not-ready addresses) and LWS_WORKER_INDEX first in every container's
+#: env, so the kubelet expands $(VAR) in the engine's args: the argv stays a list, no shell.
+LWS_LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"
+LWS_WORKER_INDEX = "$(LWS_WORKER_INDEX)"
+#: NCCL writes its log here, one file per process (NCCL expands %h to the host, %p to the pid), on
+#: a volume the fabric container reads.
+NCCL_LOG_DIR = "/var/log/nccl"
+NCCL_DEBUG_FILE = f"{NCCL_LOG_DIR}/%h.%p.log"
+FABRIC_CONFIGMAP = "kimi-fabric-check"
+FABRIC_MOUNT = "/opt/kimi-fleet/fabric"
+FABRIC_TRANSPORTS_KEY = "transports.json"
+FABRIC_SCRIPTS = (FABRIC_PROBE_SCRIPT, "fabric_check.py")
+#: The group's pods reach each other on every port (torch's rendezvous, NCCL's bootstrap and socket
+#: ports, vLLM's ZMQ channels): nothing else is admitted beyond the proxy's ports.
+PEERS_POLICY = "kimi-replica-peers"
+#: The EKS EFA device plugin's resource; an EFA pod also takes the 2 MiB huge pages libfabric's EFA
+#: provider registers its buffers in (EKS user guide, node-efa: the EFA driver pre-allocates 5128
+#: and the p5.48xlarge example requests hugepages-2Mi: 5120Mi, requests = limits).
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+EFA_HUGEPAGES_2MI = "5120Mi"
+
 DOWNLOAD_SCRIPT = """\
 # The admission containers' packages first (every pod needs them, even when the weights are there).
 if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
@@ -212,7 +251,16 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing) + ADMISSION_DEADLINE_SECONDS
     if r.weights_volume == "host-path":
         per_pod += download_deadline_seconds(sizing)
-    return per_pod * (engine_pod_count(r) if rolling else 1)
+    return per_pod * (rollout_starts(r) if rolling else 1)
+
+
+def rollout_starts(r: Resolved) -> int:
+    """Cold starts one after the other in a rollout: a pod at a time; a LeaderWorkerSet's one group
+    starts once, or twice on surge (the surge group, then the group itself on the new release; its
+    pods start together)."""
+    if r.multi_node:
+        return 2 if r.spec.capacity.rollout == "surge" else 1
+    return engine_pod_count(r)
 
 
 def rollout_cost(r: Resolved, sizing: Sizing) -> str:
@@ -224,12 +272,13 @@ def rollout_cost(r: Resolved, sizing: Sizing) -> str:
     one-at-a-time stops an old pod first."""
     minutes = max(1, math.ceil(pod_cold_start_seconds(sizing) / 60))
     pods = engine_pod_count(r)
+    if r.multi_node:
+        return _group_rollout_cost(r, minutes)
     back = (f"a failed release is undone by the gate (kubectl rollout undo), which costs the previous release "
             f"its own cold start again (about {minutes} min)")
     if r.spec.capacity.rollout == "surge":
         return (f"rollout surge: each new pod starts beside the old ones on a spare set of {r.gpus_per_engine} "
-                f"GPUs (the cluster must have one free, else the surge pod stays Pending and the gate fails the "
-                f"rollout after {SCHEDULING_GRACE_SECONDS // 60} min); no pod of the previous release stops "
+                f"GPUs ({_surge_needs('one', 'pod')}); no pod of the previous release stops "
                 f"before its replacement is Ready, so it serves throughout and a failed release costs no downtime")
     if pods == 1:
         return (f"rollout one-at-a-time with one pod: the only pod stops first, so every new release is about "
@@ -240,15 +289,37 @@ def rollout_cost(r: Resolved, sizing: Sizing) -> str:
             "pod that failed")
 
 
+def _surge_needs(spare: str, surge: str) -> str:
+    return (f"the cluster must have {spare} free, else the surge {surge} stays Pending and the gate fails the "
+            f"rollout after {SCHEDULING_GRACE_SECONDS // 60} min")
+
+
+def _group_rollout_cost(r: Resolved, minutes: int) -> str:
+    """A LeaderWorkerSet's release: its one group of nodes_per_replica pods replaced as a whole."""
+    nodes, gpus = r.nodes_per_replica, r.nodes_per_replica * r.gpus_per_engine
+    back = (f"a failed release is undone by the gate (the LeaderWorkerSet's template put back from its previous "
+            f"ControllerRevision), which costs the previous release its own cold start again (about {minutes} min)")
+    if r.spec.capacity.rollout == "surge":
+        return (f"rollout surge: a second group of {nodes} pods starts on a spare set of {gpus} GPUs ({nodes} nodes; "
+                f"{_surge_needs('them', 'group')}), then the serving group is recreated on the new release while "
+                f"the surge group serves, then the surge group goes: no downtime, two cold starts of about "
+                f"{minutes} min each")
+    return (f"rollout one-at-a-time with one group of {nodes} pods: the group stops first, so every new release is "
+            f"about {minutes} min without service (the group's cold start from the nodes' disks); {back}. "
+            f"capacity.rollout: surge avoids it if the cluster has a second set of {gpus} GPUs")
+
+
 def rollout_wait(r: Resolved, sizing: Sizing) -> dict:
-    """What the gate's scripts/await_k8s_rollout.py waits with (the Deployment names are added by the
-    component): the whole rollout, one pod's start to Ready, a pod's wait for a node."""
+    """What the gate's scripts/await_k8s_rollout.py waits with (the Deployment or LeaderWorkerSet names
+    are added by the component): the whole rollout, one pod's (or group's) start to Ready, a pod's wait
+    for a node."""
     k8s = r.spec.target.kubernetes
     return {
         "kind": "kubernetes",
         "namespace": k8s.namespace,
         "context": k8s.kubeconfig_context or "",
-        "deployments": [deployment_name(market) for market, _ in market_groups(r)],
+        "deployments": [] if r.multi_node else [deployment_name(market) for market, _ in market_groups(r)],
+        "leaderworkersets": [LWS_NAME] if r.multi_node else [],
         "timeout_seconds": deployment_timeout_seconds(r, sizing, rolling=True),
         "pod_ready_seconds": deployment_timeout_seconds(r, sizing, rolling=False),
         "scheduling_grace_seconds": SCHEDULING_GRACE_SECONDS,
@@ -396,6 +467,8 @@ def _engine_container(r: Resolved, sizing: Sizing, launch: Launch) -> dict:
     security = {"allowPrivilegeEscalation": False}
     if "--security-opt=seccomp=unconfined" in instance.docker_args:
         security["seccompProfile"] = {"type": "Unconfined"}  # ROCm, as the docker launch (seed 001)
+    if r.multi_node:
+        resources, security = _with_fabric(r, resources, security)
     return {
         "name": "engine",
         "image": launch.image,
@@ -510,21 +583,18 @@ def rolling_update(rollout: str) -> dict:
     return {"maxSurge": 0, "maxUnavailable": 1}
 
 
-def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market: str, pods: int,
-                release: str | None) -> dict:
+def _pod_spec(r: Resolved, sizing: Sizing, launch: Launch, market: str, release: str | None,
+              containers: list[dict], *, serves: bool) -> dict:
+    """An engine pod: its containers, the weights and /dev/shm, and (`serves`: the pod behind the
+    Service) the proxy's, probes' and admission's volumes."""
     k8s = r.spec.target.kubernetes
-    selector = {**labels(stack, "engine"), "kimi-fleet/capacity-type": market}
     shm_gib = min(SHM_GIB, k8s.pod_memory_gib // 4)
-    pod_spec = {
-        # A Service named e.g. `vllm` would inject VLLM_PORT, which vLLM reads as its own setting.
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": 120,  # let streaming answers finish
-        **_scheduling(r, market),
-        "containers": [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
-        "volumes": [
-            _weights_volume(r),
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
+    volumes = [
+        _weights_volume(r),
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
+    ]
+    if serves:
+        volumes += [
             {"name": "caddyfile", "configMap": {"name": CADDYFILE_CONFIGMAP}},
             {"name": "probe", "configMap": {"name": PROBE_CONFIGMAP}},
             {"name": "admission", "configMap": {"name": ADMISSION_CONFIGMAP, "items": [
@@ -534,7 +604,15 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             {"name": "admission-tmp", "emptyDir": {}},
             {"name": "caddy-data", "emptyDir": {}},
             {"name": "caddy-config", "emptyDir": {}},
-        ],
+        ]
+    pod_spec = {
+        # A Service named e.g. `vllm` would inject VLLM_PORT, which vLLM reads as its own setting.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 120,  # let streaming answers finish
+        **_scheduling(r, market),
+        "containers": containers,
+        "volumes": volumes,
     }
     if r.weights_volume == "host-path":
         # One Job cannot reach every node's disk: each pod fills its node once (the marker skips it after).
@@ -542,6 +620,16 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
         pod_spec["volumes"].append(_verifier_volume())
     if k8s.gpu_claim == "dra":
         pod_spec["resourceClaims"] = [{"name": GPU_CLAIM, "resourceClaimTemplateName": GPU_CLAIM_TEMPLATE}]
+    return pod_spec
+
+
+def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market: str, pods: int,
+                release: str | None) -> dict:
+    k8s = r.spec.target.kubernetes
+    selector = {**labels(stack, "engine"), "kimi-fleet/capacity-type": market}
+    pod_spec = _pod_spec(r, sizing, launch, market, release,
+                         [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
+                         serves=True)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -555,6 +643,136 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             "template": {
                 "metadata": {"labels": selector, **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})},
                 "spec": pod_spec,
+            },
+        },
+    }
+
+
+def fabric_env(r: Resolved) -> dict[str, str]:
+    """A rank's NCCL settings on Kubernetes: its INFO log (INIT and NET: the transport line the
+    fabric check reads) into NCCL_LOG_DIR, and on EFA libfabric's provider with GPUDirect RDMA
+    (catalog.EFA_ENGINE_ENV's NCCL_ and FI_ settings; its library path is the AWS nodes' mounted
+    userspace, which a pod does not get: the image carries libfabric and aws-ofi-nccl)."""
+    efa = r.spec.target.kubernetes.rdma_resource == EFA_RESOURCE
+    prefixes = ("NCCL_", "FI_") if efa else ("NCCL_",)
+    env = {key: value for key, value in catalog.EFA_ENGINE_ENV.items() if key.startswith(prefixes)}
+    return {**env, "NCCL_DEBUG_FILE": NCCL_DEBUG_FILE}
+
+
+def fabric_transports() -> dict:
+    """NCCL's words for each transport (the catalog's), as fabric_check.py reads them."""
+    return {"fabric": dict(catalog.NCCL_FABRIC_TRANSPORTS), "socket": list(catalog.NCCL_SOCKET_TRANSPORTS)}
+
+
+def _with_fabric(r: Resolved, resources: dict, security: dict) -> tuple[dict, dict]:
+    """An engine of a multi-node replica: every fabric device its pod is given (requests = limits),
+    EFA's huge pages, and IPC_LOCK: RDMA pins the buffers it registers (ibv_reg_mr) past the
+    container's memlock limit (the NVIDIA Network Operator's RDMA pods add it; the kubelet's
+    containers get no unlimited memlock as `docker run --ulimit memlock=-1` does on nodes)."""
+    k8s = r.spec.target.kubernetes
+    extra = {k8s.rdma_resource: str(k8s.rdma_devices)} if k8s.rdma_resource and k8s.rdma_devices else {}
+    if k8s.rdma_resource == EFA_RESOURCE:
+        extra["hugepages-2Mi"] = EFA_HUGEPAGES_2MI
+    resources = {**resources, "requests": {**resources["requests"], **extra}, "limits": {**resources["limits"], **extra}}
+    security = {**security, "capabilities": {"add": ["IPC_LOCK"]}}
+    return resources, security
+
+
+def worker_argv(r: Resolved) -> list[str]:
+    """Every worker's engine line in one template: rank 1's line with its rank from LWS_WORKER_INDEX
+    (the only place ranks 1 and 2 differ), the leader's address from LWS_LEADER_ADDRESS."""
+    one, two = (render_launch(r, rank, LWS_LEADER_ADDRESS).instances[0].argv for rank in (1, 2))
+    differ = [i for i, (a, b) in enumerate(zip(one, two)) if a != b]
+    if len(one) != len(two) or [(one[i], two[i]) for i in differ] != [("1", "2")]:
+        raise ValueError(f"{r.spec.engine.name}'s worker line carries its rank other than as one argument: "
+                         "one LeaderWorkerSet worker template cannot serve every rank")
+    return [LWS_WORKER_INDEX if i in differ else arg for i, arg in enumerate(one)]
+
+
+def _rank_engine(r: Resolved, sizing: Sizing, launch: Launch, *, leader: bool) -> dict:
+    """One rank's engine container: the node launch's container with NCCL's log on the shared
+    volume. A worker serves no API (headless): no probes; the leader's generation probes cover the
+    whole replica (a generation crosses every stage), and a worker that dies ends its container,
+    which recreates the group."""
+    engine = _engine_container(r, sizing, launch)
+    env = {**launch.instances[0].env, **fabric_env(r)}
+    engine["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    engine["volumeMounts"] = [*engine["volumeMounts"], {"name": "nccl-log", "mountPath": NCCL_LOG_DIR}]
+    if not leader:
+        engine["args"] = worker_argv(r)[1:]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            del engine[probe]
+        engine["volumeMounts"] = [m for m in engine["volumeMounts"] if m["name"] != "probe"]
+    return engine
+
+
+def _fabric_container() -> dict:
+    """Reads NCCL's log of the pod's rank: not Ready until NCCL named a fabric (sockets: never;
+    the probe's message, in the pod's events, names the rank and the transport), and logs each
+    verdict (kubectl logs POD -c fabric). No liveness: a restart would recreate the group."""
+    script, transports = f"{FABRIC_MOUNT}/{FABRIC_PROBE_SCRIPT}", f"{FABRIC_MOUNT}/{FABRIC_TRANSPORTS_KEY}"
+    return {
+        "name": "fabric",
+        "image": catalog.DOWNLOAD_IMAGE,
+        "command": ["python3", script, "--watch", str(PROBE_PERIOD_SECONDS), transports, NCCL_LOG_DIR],
+        "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "readinessProbe": {"exec": {"command": ["python3", script, transports, NCCL_LOG_DIR]},
+                           "periodSeconds": PROBE_PERIOD_SECONDS, "timeoutSeconds": PROBE_PERIOD_SECONDS},
+        "volumeMounts": [{"name": "fabric", "mountPath": FABRIC_MOUNT, "readOnly": True},
+                         {"name": "nccl-log", "mountPath": NCCL_LOG_DIR, "readOnly": True}],
+    }
+
+
+#: NCCL's INIT and NET lines are written at start-up; room for every process's file with margin
+#: (a full volume would evict the pod, and with it the group).
+NCCL_LOG_LIMIT = "2Gi"
+
+
+def _rank_pod(r: Resolved, sizing: Sizing, launch: Launch, market: str, stack: str, release: str | None, *,
+              leader: bool) -> dict:
+    """The leader's or the workers' pod template of the group."""
+    rank_launch = render_launch(r, 0 if leader else 1, LWS_LEADER_ADDRESS)
+    containers = [_rank_engine(r, sizing, rank_launch, leader=leader)]
+    if leader:
+        containers += [_proxy_container(), _admission_container()]
+    containers.append(_fabric_container())
+    spec = _pod_spec(r, sizing, launch, market, release, containers, serves=leader)
+    spec["volumes"] += [{"name": "nccl-log", "emptyDir": {"sizeLimit": NCCL_LOG_LIMIT}},
+                        {"name": "fabric", "configMap": {"name": FABRIC_CONFIGMAP}}]
+    metadata = {"labels": labels(stack, "engine"), **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})}
+    return {"metadata": metadata, "spec": spec}
+
+
+def leader_worker_set(r: Resolved, sizing: Sizing, launch: Launch, stack: str, release: str | None) -> dict:
+    """The replica as one LeaderWorkerSet group of nodes_per_replica pods, one per node.
+
+    restartPolicy RecreateGroupOnPodRestart: a container that restarts, or a pod that goes, recreates
+    the whole group (a TP x PP group cannot re-admit one rank: the others' communicators are dead).
+    startupPolicy LeaderCreated: the workers start with the leader, not after it is Ready (it cannot
+    be Ready before every rank joined its rendezvous). subdomainPolicy Shared: one headless Service
+    (publishing not-ready addresses) names every pod, LWS_LEADER_ADDRESS among them. The rollout is
+    the stack's (rolling_update): one-at-a-time stops the only group first (maxUnavailable 1), surge
+    starts a second group of the same size first (maxSurge 1: as many more GPUs)."""
+    k8s = r.spec.target.kubernetes
+    ((market, _),) = market_groups(r)  # one replica, never on spot (rules)
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": "LeaderWorkerSet",
+        "metadata": _meta(LWS_NAME, k8s.namespace, stack, "engine"),
+        "spec": {
+            "replicas": r.spec.capacity.replicas,
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {"type": "RollingUpdate",
+                                "rollingUpdateConfiguration": rolling_update(r.spec.capacity.rollout)},
+            "networkConfig": {"subdomainPolicy": "Shared"},
+            "leaderWorkerTemplate": {
+                "size": r.nodes_per_replica,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": _rank_pod(r, sizing, launch, market, stack, release, leader=True),
+                "workerTemplate": _rank_pod(r, sizing, launch, market, stack, release, leader=False),
             },
         },
     }
@@ -593,9 +811,21 @@ def manifest_release(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str)
     return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _peers_policy(ns: str, stack: str) -> dict:
+    """The pods of the replica's group reach each other on every port (rendezvous, NCCL's bootstrap,
+    the engine's own channels); nothing else is admitted to them beyond the proxy's ports."""
+    group = {"matchLabels": {LWS_NAME_LABEL: LWS_NAME}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(PEERS_POLICY, ns, stack, "network"),
+        "spec": {"podSelector": group, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": group}]}]},
+    }
+
+
 def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
-    """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments,
-    Service, stamped with the stack's release."""
+    """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments
+    (or the LeaderWorkerSet of a multi-node replica), Service, stamped with the stack's release."""
     return _render(r, sizing, launch, stack=stack, release=manifest_release(r, sizing, launch, stack=stack))
 
 
@@ -633,6 +863,16 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
         },
         *_network_policies(ns, stack),
     ]
+    if r.multi_node:
+        objects[-2:-2] = [{
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(FABRIC_CONFIGMAP, ns, stack, "engine"),
+            "data": {**{script: (pod_script(script) if script == FABRIC_PROBE_SCRIPT else node_script(script))
+                        for script in FABRIC_SCRIPTS},
+                     FABRIC_TRANSPORTS_KEY: json.dumps(fabric_transports(), indent=2) + "\n"},
+        }]
+        objects.append(_peers_policy(ns, stack))
     if r.weights_volume == "pvc":
         size_gib = weights_pvc_gib(r)
         # ReadWriteOnce: local-NVMe classes are node-local. Every pod on that node mounts the one
@@ -677,7 +917,10 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
                             "count": r.gpus_per_engine},
             }]}}},
         })
-    objects += [_deployment(r, sizing, launch, stack, market, pods, release) for market, pods in market_groups(r)]
+    if r.multi_node:
+        objects.append(leader_worker_set(r, sizing, launch, stack, release))
+    else:
+        objects += [_deployment(r, sizing, launch, stack, market, pods, release) for market, pods in market_groups(r)]
     annotations = {"external-dns.alpha.kubernetes.io/hostname": r.spec.domain} if k8s.external_dns else {}
     objects.append({
         "apiVersion": "v1",
@@ -687,7 +930,8 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "type": k8s.proxy_service_type,
             # Keep the client's address (no SNAT to a node's): the proxy logs failed keys by who sent them.
             **({"externalTrafficPolicy": "Local"} if k8s.proxy_service_type != "ClusterIP" else {}),
-            "selector": labels(stack, "engine"),
+            # A multi-node replica's API is its leader's (worker index 0): workers run headless.
+            "selector": {**labels(stack, "engine"), **({LWS_WORKER_INDEX_LABEL: "0"} if r.multi_node else {})},
             # Only Caddy: the engine port is never exposed.
             "ports": [
                 {"name": "https", "port": HTTPS_PORT, "targetPort": "https", "protocol": "TCP"},

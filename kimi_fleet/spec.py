@@ -304,6 +304,9 @@ class AwsTarget(Spec):
 
 
 class KubernetesTarget(Spec):
+    #: A device plugin's extended resource: a DNS subdomain, a slash, a name (qualified-name rules).
+    EXTENDED_RESOURCE: ClassVar[str] = (DNS_LABEL + r"(\." + DNS_LABEL + r")*/[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}"
+                                        r"[A-Za-z0-9])?")
     namespace: DnsLabel = "kimi-fleet"
     """the stack's own namespace (not a system one such as kube-system)."""
     kubeconfig_context: ContextName | None = None
@@ -325,6 +328,26 @@ class KubernetesTarget(Spec):
     """memory request and limit of an engine pod."""
     pod_cpus: Annotated[int, Field(ge=2, le=512)] = 32
     """CPU request of an engine pod (no CPU limit: the weight load is CPU-bound)."""
+    rdma_resource: Annotated[str, Field(max_length=253, json_schema_extra={"pattern": f"^{EXTENDED_RESOURCE}$"})] \
+        | None = None
+    """extended resource of the fabric's device plugin, for a replica over several pods
+    (parallelism.nodes): vpc.amazonaws.com/efa (the EKS EFA device plugin), or an RDMA plugin's
+    (rdma/rdma_shared_device_a, nvidia.com/hostdev) for InfiniBand/RoCE."""
+    rdma_devices: Annotated[int, Field(ge=1, le=64)] | None = None
+    """devices of rdmaResource per pod, requested = limit: every EFA interface of the node
+    (p5.48xlarge: 32), or 1 share of an RDMA shared device."""
+
+    @field_validator("rdma_resource")
+    @classmethod
+    def _an_extended_resource(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.fullmatch(cls.EXTENDED_RESOURCE, value):
+            raise ValueError(f"{value!r} is not an extended resource name (domain/name, e.g. vpc.amazonaws.com/efa)")
+        domain = value.split("/")[0]
+        if domain == "kubernetes.io" or domain.endswith((".kubernetes.io", "k8s.io")):
+            raise ValueError(f"{value!r} is in a Kubernetes domain: the fabric's resource is its device plugin's own")
+        return value
 
     @field_validator("namespace")
     @classmethod

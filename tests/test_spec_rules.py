@@ -189,7 +189,7 @@ def test_the_matrix_has_the_issue_stacks_and_seed_000s_startup_script_cloud():
     assert set(stack_names()) == {
         "h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm",
         "rtxpro6000-int4-sglang", "rtxpro6000-nvfp4-vllm", "mi300x-int4-sglang", "mi355x-int4-sglang",
-        "gb200-int4-vllm", "ascend-a3-w4a8-sglang", "spheron-h200-int4-vllm",
+        "gb200-int4-vllm", "ascend-a3-w4a8-sglang", "spheron-h200-int4-vllm", "k8s-h100-int4-vllm",
     }
 
 

@@ -1,5 +1,6 @@
 """Kubernetes: engine pods with a Caddy sidecar, weights on a PVC (filled once by a Job) or the
-node's disk, GPUs by device plugin or DRA claim, rolling updates."""
+node's disk, GPUs by device plugin or DRA claim, rolling updates; a replica over several nodes is a
+LeaderWorkerSet group (one pod per node, the fabric's devices by their device plugin)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ class Kubernetes(Target):
         return super().dns_mechanism(spec)
 
     def multi_node_missing(self, r: Resolved) -> str | None:
-        return "the LeaderWorkerSet, its RDMA resources and the fabric check at admission"
+        # A LeaderWorkerSet group (k8s_manifests.leader_worker_set): every rank's pod with the fabric's
+        # devices, the leader's address from LWS, a fabric check on every rank; problems() below
+        # refuses what it cannot run.
+        return None
 
     def problems(self, r: Resolved) -> Iterator[str]:
         spec = r.spec
@@ -35,3 +39,26 @@ class Kubernetes(Target):
                    f"fetches the pinned checkpoint only, not a draft model (and {catalog.EAGLE3_FINDING.summary})")
         if spec.target.kubernetes.gpu_claim == "dra" and r.accelerator.vendor != "nvidia":
             yield f"{FIELD}target.kubernetes.gpuClaim (given 'dra'): the DRA device class here is NVIDIA's (gpu.nvidia.com)"
+        yield from self._multi_node_problems(r)
+
+    def _multi_node_problems(self, r: Resolved) -> Iterator[str]:
+        """A replica over several pods: the fabric's devices declared, the weights on every node."""
+        k8s, nodes = r.spec.target.kubernetes, r.nodes_per_replica
+        if not r.multi_node:
+            if k8s.rdma_resource or k8s.rdma_devices:
+                yield (f"{FIELD}target.kubernetes.rdmaResource (given {k8s.rdma_resource!r}, rdmaDevices "
+                       f"{k8s.rdma_devices}): only a replica over several nodes (parallelism.nodes) talks over the "
+                       "fabric; a one-node replica's collectives stay on NVLink: leave both unset")
+            return
+        if k8s.rdma_resource is None:
+            yield (f"{FIELD}target.kubernetes.rdmaResource (not set): a replica over {nodes} pods needs the fabric's "
+                   "devices in every pod, else NCCL falls back to TCP sockets (an order of magnitude slower): name "
+                   "the device plugin's resource, vpc.amazonaws.com/efa on EKS (aws-efa-k8s-device-plugin) or the "
+                   "RDMA plugin's (e.g. rdma/rdma_shared_device_a), with rdmaDevices")
+        elif k8s.rdma_devices is None:
+            yield (f"{FIELD}target.kubernetes.rdmaDevices (not set): how many {k8s.rdma_resource} devices each pod "
+                   "requests: every EFA interface of the node (p5.48xlarge: 32), or 1 share of an RDMA shared device")
+        if r.weights_volume == "pvc":
+            yield (f"{FIELD}weights.volume (given 'pvc'): the weights claim is ReadWriteOnce on a node-local class, so "
+                   f"the {nodes} pods of one replica (one per node) cannot all mount it; use weights.volume host-path "
+                   "(each pod's init container fills and verifies its own node's disk once)")
