@@ -53,9 +53,10 @@ class VerificationGateArgs:
     #: a fleet behind a load balancer: {region, group, target_groups, template_version, launch_template_id,
     #: min/max_healthy_percentage, instance_warmup_seconds}; the gate first starts the release's instance
     #: refresh and waits (scripts/await_fleet_release.py) until only this release's nodes are healthy targets.
-    #: Kubernetes ({"kind": "kubernetes", namespace, context, deployments, timeout_seconds, pod_ready_seconds,
-    #: scheduling_grace_seconds}: k8s_manifests.rollout_wait): the gate waits for the Deployments' rollout
-    #: (scripts/await_k8s_rollout.py) and undoes it when it fails
+    #: Kubernetes ({"kind": "kubernetes", namespace, context, deployments, leaderworkersets, timeout_seconds,
+    #: pod_ready_seconds, scheduling_grace_seconds}: k8s_manifests.rollout_wait): the gate waits for the
+    #: Deployments' rollout, or a multi-node replica's LeaderWorkerSet group (scripts/await_k8s_rollout.py),
+    #: and undoes it when it fails
     fleet_rollout: pulumi.Input[dict] | None = None
     rollout_timeout_seconds: int = 0
     triggers: list[pulumi.Input] = field(default_factory=list)
@@ -81,6 +82,8 @@ def k8s_rollout_argv(args: VerificationGateArgs, rollout: dict) -> list[str]:
         argv += ["--context", rollout["context"]]
     for name in rollout["deployments"]:
         argv += ["--deployment", name]
+    for name in rollout.get("leaderworkersets", ()):
+        argv += ["--leaderworkerset", name]
     return argv + ["--release", args.release, "--timeout", str(rollout["timeout_seconds"]),
                    "--pod-ready-seconds", str(rollout["pod_ready_seconds"]),
                    "--scheduling-grace-seconds", str(rollout["scheduling_grace_seconds"])]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A kubectl stand-in for tests of scripts/await_k8s_rollout.py: it records every call and answers
-from a scripted scenario, as a cluster whose Deployment rolls (or fails to) would.
+from a scripted scenario, as a cluster whose Deployment (or LeaderWorkerSet) rolls (or fails to) would.
 
 KUBECTL_SCENARIO names a JSON file:
     {"before": [SNAPSHOT, ...],      # what the cluster shows, one step per `get deployment`
@@ -8,6 +8,8 @@ KUBECTL_SCENARIO names a JSON file:
      "logs": {"POD/CONTAINER[/previous]": "text"}, "events": {"POD": [EVENT, ...]},
      "undo_refused": false}
     SNAPSHOT: {"deployments": {NAME: DEPLOYMENT}, "pods": [POD, ...], "replicasets": [RS, ...]}
+              or {"leaderworkersets": {NAME: LWS}, "pods": [...], "controllerrevisions": [REV, ...]}
+    A LeaderWorkerSet's undo is a `patch` (its template from a ControllerRevision), as `rollout undo` is.
 KUBECTL_CALLS names a file each call is appended to (one JSON list of argv a line). The stub's
 position in the scenario lives beside the scenario (KUBECTL_SCENARIO + ".state").
 """
@@ -43,7 +45,8 @@ def main(argv: list[str]) -> int:
     steps = scenario[state["phase"]]
     # `get deployment` starts a read (the script then lists its pods and ReplicaSets): it takes the
     # next step; the lists answer from the step that read took.
-    starts_read = args[:2] == ["get", "deployment"]
+    lws = "leaderworkersets.leaderworkerset.x-k8s.io"
+    starts_read = args[:2] in (["get", "deployment"], ["get", lws])
     step = state["step"] if starts_read else max(0, state["step"] - 1)
     snapshot = steps[min(step, len(steps) - 1)] if steps else {"deployments": {}, "pods": [], "replicasets": []}
 
@@ -55,15 +58,16 @@ def main(argv: list[str]) -> int:
         state["step"] += 1
         with open(state_path, "w") as f:
             json.dump(state, f)
-        deployment = snapshot["deployments"].get(args[2])
-        if deployment is None:
-            print(f'Error from server (NotFound): deployments.apps "{args[2]}" not found', file=sys.stderr)
+        kind = "deployments" if args[1] == "deployment" else "leaderworkersets"
+        workload = snapshot.get(kind, {}).get(args[2])
+        if workload is None:
+            print(f'Error from server (NotFound): {args[1]} "{args[2]}" not found', file=sys.stderr)
             return 1
-        return answer(deployment)
+        return answer(workload)
     if args[:2] == ["get", "pods"]:
         return answer({"kind": "List", "items": snapshot["pods"]})
-    if args[:2] == ["get", "replicasets"]:
-        return answer({"kind": "List", "items": snapshot["replicasets"]})
+    if args[:2] in (["get", "replicasets"], ["get", "controllerrevisions"]):
+        return answer({"kind": "List", "items": snapshot.get(args[1], [])})
     if args[:2] == ["get", "events"]:
         pod = args[args.index("--field-selector") + 1].split("=", 1)[1]
         return answer({"kind": "List", "items": scenario.get("events", {}).get(pod, [])})
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> int:
             return 1
         print(scenario["logs"][key], end="")
         return 0
-    if args[:2] == ["rollout", "undo"]:
+    if args[:2] == ["rollout", "undo"] or args[:2] == ["patch", lws]:
         if scenario.get("undo_refused"):
             print("error: undo refused by the stub", file=sys.stderr)
             return 1
