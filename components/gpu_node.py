@@ -49,6 +49,34 @@ class GpuNodeArgs:
     #: The release bundle's SHA-256 a fleet's new instances boot (an instance tag they read through
     #: IMDS): a new release is a new template version, while the user data stays the same bytes.
     release_digest: pulumi.Input[str] | None = None
+    #: One rank of a multi-node replica (single instance only): its EFA interfaces, placement group
+    #: and security groups.
+    fabric: NodeFabric | None = None
+
+
+@dataclass
+class NodeFabric:
+    rank: int
+    #: EFA interfaces, one per network card (catalog.FABRICS)
+    interfaces: int
+    placement_group: pulumi.Input[str]
+    #: Every interface's groups: the replica's own, and on the leader the public one too.
+    security_group_ids: list[pulumi.Input[str]]
+    #: The replica's one subnet (a cluster placement group is in one zone).
+    subnet_id: pulumi.Input[str]
+
+
+def efa_interfaces(fabric: NodeFabric) -> list[aws.ec2.LaunchTemplateNetworkInterfaceArgs]:
+    """AWS's layout for an instance with EFA on every network card: card 0 carries the primary ENA
+    interface (device 0: the node's address, its Elastic IP) and an efa-only interface (device 1);
+    every other card one efa-only interface (device 0). efa-only interfaces take no IP address.
+    Deterministic order: the provider diffs the list by position."""
+    def interface(card: int, device: int, kind: str | None):
+        return aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+            network_card_index=card, device_index=device, interface_type=kind,
+            subnet_id=fabric.subnet_id, security_groups=fabric.security_group_ids, delete_on_termination="true")
+    return ([interface(0, 0, None), interface(0, 1, "efa-only")]
+            + [interface(card, 0, "efa-only") for card in range(1, fabric.interfaces)])
 
 
 def _version(template: aws.ec2.LaunchTemplate) -> pulumi.Output[str]:
@@ -152,6 +180,8 @@ class GpuNode(pulumi.ComponentResource):
     template_version: pulumi.Output[str]
     #: The launch template (the fleet gate starts the instance refresh to its new version itself).
     launch_template_id: pulumi.Output[str]
+    #: A single node's private address (a multi-node replica's rendezvous); None for a fleet.
+    private_ip: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:GpuNode", name, None, opts)
@@ -191,7 +221,11 @@ class GpuNode(pulumi.ComponentResource):
             instance_type=r.offer.instance_type,
             key_name=target.key_name,
             iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
-            vpc_security_group_ids=[args.security_group_id],
+            # With interfaces declared, the groups and subnet live in them (AWS refuses both at once).
+            vpc_security_group_ids=None if args.fabric else [args.security_group_id],
+            network_interfaces=efa_interfaces(args.fabric) if args.fabric else None,
+            placement=aws.ec2.LaunchTemplatePlacementArgs(group_name=args.fabric.placement_group)
+            if args.fabric else None,
             user_data=pulumi.Output.from_input(args.user_data).apply(
                 lambda text: base64.b64encode(node_files.user_data_bytes(text)).decode()),
             metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
@@ -211,7 +245,10 @@ class GpuNode(pulumi.ComponentResource):
                 aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="volume", tags=args.tags)],
             tags=args.tags,
             update_default_version=True,
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if target.ami_id else ["imageId"]),
+            # The subnet (so the zone, the weight volumes' and the placement group's) is chosen once: a
+            # zone AWS adds later must not be a new template version, which replaces the instance.
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=([] if target.ami_id else ["imageId"]) + (
+                ["networkInterfaces[*].subnetId"] if args.fabric else [])),
         )
 
         self.market = pulumi.Output.from_input(capacity.effective_market)
@@ -240,6 +277,7 @@ class GpuNode(pulumi.ComponentResource):
                      "Resource": "*"}]})))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
+            self.private_ip = pulumi.Output.from_input(None)
             self.fleet_group = group.name
         else:
             # The instance follows the template's newest version, and a new version replaces it (the
@@ -252,23 +290,30 @@ class GpuNode(pulumi.ComponentResource):
             replace_in_order = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
             instance_opts = pulumi.ResourceOptions.merge(replace_in_order, pulumi.ResourceOptions(
                 ignore_changes=["subnetId"]))
+            node_name = spec.stack if args.fabric is None else f"{spec.stack}-rank-{args.fabric.rank}"
             instance = aws.ec2.Instance(
                 f"{name}-instance",
                 launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id,
                                                                    version=_version(template)),
-                subnet_id=pulumi.Output.from_input(args.subnet_ids).apply(lambda ids: ids[0]),
-                tags={**args.tags, "Name": spec.stack},
+                subnet_id=None if args.fabric else pulumi.Output.from_input(args.subnet_ids).apply(lambda ids: ids[0]),
+                tags={**args.tags, "Name": node_name},
                 opts=instance_opts,
             )
             if args.weights_volume_id is not None:
                 aws.ec2.VolumeAttachment(f"{name}-weights", device_name=WEIGHTS_DEVICE,
                                          volume_id=args.weights_volume_id, instance_id=instance.id,
                                          opts=replace_in_order)
-            address = aws.ec2.Eip(f"{name}-eip", domain="vpc", tags={**args.tags, "Name": spec.stack}, opts=child)
-            aws.ec2.EipAssociation(f"{name}-eip-association", allocation_id=address.allocation_id,
-                                   instance_id=instance.id, opts=child)
+            address = aws.ec2.Eip(f"{name}-eip", domain="vpc", tags={**args.tags, "Name": node_name}, opts=child)
+            # With several interfaces AWS assigns no public address, and an Elastic IP must name the
+            # interface: the primary one (card 0, device 0). A worker needs one too, for its weights,
+            # image and AWS's APIs; its groups let nothing from outside the replica in.
+            aws.ec2.EipAssociation(
+                f"{name}-eip-association", allocation_id=address.allocation_id,
+                instance_id=None if args.fabric else instance.id,
+                network_interface_id=instance.primary_network_interface_id if args.fabric else None, opts=child)
             self.node_ids = pulumi.Output.all(instance.id)
             self.public_ip = address.public_ip
+            self.private_ip = instance.private_ip
         self.register_outputs({
             "market": self.market,
             "node_ids": self.node_ids,
@@ -278,6 +323,7 @@ class GpuNode(pulumi.ComponentResource):
             "fleet_group": self.fleet_group,
             "template_version": self.template_version,
             "launch_template_id": self.launch_template_id,
+            "private_ip": self.private_ip,
         })
 
     def _fleet(self, name: str, args: GpuNodeArgs, template: aws.ec2.LaunchTemplate,

@@ -679,14 +679,20 @@ class MultiNodeSupport:
     extra_layers: Literal["before-last", "last"]
     #: pipeline parallel cannot run beside a speculative draft on this engine
     pp_refuses_speculative: bool
+    #: the variable that tells a rank its own address (vLLM utils/network_utils.py get_ip, SGLang
+    #: srt/utils/network.py:334): otherwise each guesses by a UDP "connect" to 8.8.8.8, which can
+    #: pick another interface than the one its peers reach
+    host_address_env: str
     source: Source
 
 
 MULTI_NODE: dict[str, MultiNodeSupport] = {
     # vLLM: EAGLE3 with pipeline parallel is unsupported (config/vllm.py:2009-2013: the drafter on the
     # last stage would get one of its three hidden-state inputs).
-    "vllm": MultiNodeSupport("vllm", "0.22.1", 29501, "--headless", "before-last", True, MULTI_NODE_SOURCE),
-    "sglang": MultiNodeSupport("sglang", "0.5.12", 29501, None, "last", True, MULTI_NODE_SOURCE),
+    "vllm": MultiNodeSupport("vllm", "0.22.1", 29501, "--headless", "before-last", True, "VLLM_HOST_IP",
+                             MULTI_NODE_SOURCE),
+    "sglang": MultiNodeSupport("sglang", "0.5.12", 29501, None, "last", True, "SGLANG_HOST_IP",
+                               MULTI_NODE_SOURCE),
 }
 #: NCCL's own words for the transport it chose (NCCL_DEBUG=INFO): the engines' log says whether a
 #: replica's collectives ride the fabric or fell back to TCP sockets (an order of magnitude slower,
@@ -696,12 +702,46 @@ NCCL_FABRIC_TRANSPORTS = {"Using network AWS Libfabric": "efa", "Using network L
 NCCL_SOCKET_TRANSPORTS = ("Using network Socket", "via NET/Socket", "NET/Socket : Using")
 NCCL_TRANSPORT_SOURCE = Source("NVIDIA/nccl src/init.cc:486 ('Using network %s'); aws/aws-ofi-nccl; vLLM "
                                "parallelism docs (NET/IB vs NET/Socket)", "2026-12-07")
-#: The environment a rank's engine gets on an EFA fabric: libfabric's EFA provider with GPUDirect
-#: RDMA (p4d/p5), and NCCL's INFO log, which names the transport the fabric check reads. The EFA
-#: libraries and the aws-ofi-nccl plugin must be in the image (the stock vLLM image carries neither:
-#: vllm #55635).
-EFA_ENGINE_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_DEBUG": "INFO",
-                  "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+@dataclass(frozen=True)
+class EfaUserspace:
+    """Where a rank's engine finds libfabric and the aws-ofi-nccl plugin: the node image's own,
+    mounted read-only into the pinned engine image (the stock vLLM and SGLang images carry neither:
+    vllm #55635, whose fix installs them only in a KV-connector build). The node image is the Deep
+    Learning Base OSS Nvidia Driver AMI, read once from its SSM parameter and then kept (or pinned by
+    target.aws.amiId): its EFA installer and plugin versions are the ones below or later."""
+    mount: str
+    #: NCCL dlopens libnccl-net.so from the library path; the plugin's RUNPATH finds libfabric. The
+    #: CUDA images' own value comes last (nvidia/cuda base images set it; the container's env
+    #: replaces, not extends, it).
+    library_path: tuple[str, ...]
+    efa_installer: str
+    aws_ofi_nccl: str
+    source: Source
+
+
+EFA_USERSPACE = EfaUserspace(
+    mount="/opt/amazon",
+    library_path=("/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu", "/opt/amazon/ofi-nccl/lib", "/opt/amazon/efa/lib",
+                  "/usr/local/nvidia/lib", "/usr/local/nvidia/lib64"),
+    efa_installer="1.50.0", aws_ofi_nccl="1.21.1",
+    source=Source("AWS DLAMI release notes, Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) 20261009 (efa 1.50.0, "
+                  "ofi_nccl 1.21.1); EFA installer changelog; aws-ofi-nccl v1.21.1 (NCCL >= 2.17.1); "
+                  "vllm-project/vllm #55635", "2026-12-07"))
+#: Every rank's NCCL log: INFO on INIT and NET names the transport the fabric check reads (and a
+#: plugin that failed to load).
+NCCL_LOG_ENV = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+#: libfabric's EFA provider with GPUDirect RDMA (p4d/p5).
+EFA_PROVIDER_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}
+#: The environment a rank's engine gets on an EFA fabric: the provider, the mounted plugin on the
+#: library path, and NCCL's log.
+EFA_ENGINE_ENV = {**EFA_PROVIDER_ENV, "LD_LIBRARY_PATH": ":".join(EFA_USERSPACE.library_path), **NCCL_LOG_ENV}
+#: The EKS EFA device plugin's resource; an EFA pod also takes the 2 MiB huge pages libfabric's EFA
+#: provider registers its buffers in (the EFA driver pre-allocates 5128; the p5.48xlarge example
+#: requests 5120Mi, requests = limits).
+EFA_K8S_RESOURCE = "vpc.amazonaws.com/efa"
+EFA_K8S_HUGEPAGES_2MI = "5120Mi"
+EFA_K8S_SOURCE = Source("EKS user guide: device-management-efa (aws-efa-k8s-device-plugin), node-efa (p5.48xlarge "
+                        "pod: nvidia.com/gpu 8, vpc.amazonaws.com/efa 32, hugepages-2Mi 5120Mi)", "2026-12-07")
 
 
 #: EBS gp3 maximums: a weight volume that outlives the node.

@@ -103,6 +103,9 @@ class Launch:
 #: The leader's address where the rendering cannot know it (the plan, the parser check): the AWS
 #: component renders each worker with the leader's private address, Kubernetes with LWS's variable.
 LEADER_PLACEHOLDER = "leader.replica.internal"
+#: Every rank's address, in rank order, in each rank's engine environment (read by nothing: its
+#: change is what restarts every rank when one node of the replica is replaced).
+REPLICA_PEERS_ENV = "KIMI_REPLICA_PEERS"
 
 
 def engine_argv(r: Resolved, port: int, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> list[str]:
@@ -147,12 +150,24 @@ def fabric_args(r: Resolved) -> tuple[list[str], dict[str, str]]:
     if fabric is None:
         return [], {}
     # The whole directory: one missing uverbs device (fewer interfaces attached) would stop docker.
-    return ["--device=/dev/infiniband"], dict(catalog.EFA_ENGINE_ENV)
+    mount = catalog.EFA_USERSPACE.mount
+    return ["--device=/dev/infiniband", f"--volume={mount}:{mount}:ro"], dict(catalog.EFA_ENGINE_ENV)
 
 
-def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> Launch:
+def replica_env(r: Resolved, own_address: str | None, peers: tuple[str, ...]) -> dict[str, str]:
+    """A rank's own address (the engine's variable for it) and every rank's, in rank order: a node
+    replaced anywhere in the replica changes every rank's engine line, so every rank restarts into
+    the new rendezvous together (a TP/PP group cannot re-admit one rank)."""
+    if not r.multi_node or own_address is None:
+        return {}
+    support = catalog.MULTI_NODE[r.spec.engine.name]
+    return {support.host_address_env: own_address, REPLICA_PEERS_ENV: ",".join(peers)}
+
+
+def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER, *,
+                  own_address: str | None = None, peers: tuple[str, ...] = ()) -> Launch:
     """One node's engines; in a multi-node replica, node `node_rank`'s (0 is the leader, which serves
-    the API), dialling `leader`."""
+    the API), dialling `leader`, reachable at `own_address`, among `peers` (every rank's address)."""
     spec = r.spec
     weights_dir = f"{spec.weights.host_path}/{r.weights_dir_name}"
     per_engine = r.gpus_per_engine
@@ -164,7 +179,7 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
         net_args, net_env = fabric_args(r)
         # The fabric's settings last: NCCL's transport line is what the fabric check reads.
         env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **r.quirk_env,
-               **spec.engine.env, **net_env}
+               **spec.engine.env, **net_env, **replica_env(r, own_address, peers)}
         docker_args = [*COMMON_DOCKER_ARGS, *dev_args, *net_args, f"--volume={weights_dir}:{MODEL_MOUNT}:ro",
                        f"--volume={compile_cache_host_dir(r)}:{COMPILE_CACHE_MOUNT}"]
         if spec.engine.speculative != "off":

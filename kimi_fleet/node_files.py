@@ -154,6 +154,8 @@ COMPILE_CACHE_UNIT = COMPILE_CACHE_PUBLISH_UNIT_NAME
 #: The publish's upper bound: a few GB of kernels at a fraction of the node's network rate.
 COMPILE_CACHE_PUBLISH_TIMEOUT_SECONDS = 3600
 APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
+#: A multi-node replica's ranks judge their collectives' transport by it (the watchdog imports it).
+FABRIC_CHECK = f"{LIB_DIR}/fabric_check.py"
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
@@ -201,7 +203,7 @@ ENGINE_GUARD_UNIT_PATH = f"{UNIT_DIR}/{node_guard.ENGINE_GUARD_UNIT_NAME}"
 ENGINE_GUARD_UNIT_INPUTS = (node_guard.ENGINE_GUARD_PATH, ENGINE_SLICE_UNIT_PATH, ENGINE_GUARD_UNIT_PATH)
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
-                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL)
+                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -485,7 +487,17 @@ def verifier_files() -> list[NodeFile]:
     return files
 
 
-def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
+def replica_facts(r: Resolved, node_rank: int) -> dict | None:
+    """stack.json's "replica" of a multi-node replica's rank: who it is, whether it serves the API
+    (the leader), and NCCL's words for the transports the fabric check tells apart."""
+    if not r.multi_node:
+        return None
+    return {"rank": node_rank, "nodes": r.nodes_per_replica, "serves_api": node_rank == 0,
+            "transports": {"fabric": dict(catalog.NCCL_FABRIC_TRANSPORTS),
+                           "socket": list(catalog.NCCL_SOCKET_TRANSPORTS)}}
+
+
+def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0) -> str:
     spec = r.spec
     facts = {
         "stack": spec.stack,
@@ -515,6 +527,9 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing) -> str:
         "admission": {"python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
                       **admission_settings(r, launch, sizing)},
     }
+    replica = replica_facts(r, node_rank)
+    if replica is not None:
+        facts["replica"] = replica
     return json.dumps(facts, indent=2) + "\n"
 
 
@@ -571,18 +586,20 @@ def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
 
 
 def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
-                      ebs_volume_id: str | None = None, mirror_manifest_sha256: str | None = None
-                      ) -> dict[str, NodeFile]:
+                      ebs_volume_id: str | None = None, mirror_manifest_sha256: str | None = None,
+                      node_rank: int = 0) -> dict[str, NodeFile]:
     """Every file a node needs, keyed by its absolute path, stamped with the stack's release.
     `mirror_manifest_sha256`: the digest the deployer verified (an s3-mirror stack's nodes refuse
-    any manifest without it)."""
+    any manifest without it). `node_rank`: the node's rank in a multi-node replica (`launch` is
+    that rank's)."""
     return _render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id,
-                         release=node_release(r, launch, sizing), mirror_manifest_sha256=mirror_manifest_sha256)
+                         release=node_release(r, launch, sizing), mirror_manifest_sha256=mirror_manifest_sha256,
+                         node_rank=node_rank)
 
 
 def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                   ebs_volume_id: str | None, release: str | None,
-                  mirror_manifest_sha256: str | None) -> dict[str, NodeFile]:
+                  mirror_manifest_sha256: str | None, node_rank: int = 0) -> dict[str, NodeFile]:
     files = [
         NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
@@ -618,7 +635,8 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256), 0o644),
-        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing), 0o644),
+        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
+        NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
     ]
     host = r.spec.target.host
     if host is not None:
@@ -692,10 +710,11 @@ def bootstrap_timeout_seconds(sizing: Sizing) -> int:
     return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
 
 
-def release_pointer(ssm_prefix: str) -> str:
+def release_pointer(ssm_prefix: str, node_rank: int = 0) -> str:
     """The SSM parameter naming the node's current release bundle (under the stack's prefix, which
-    the node's role may already read)."""
-    return f"{ssm_prefix.rstrip('/')}/release"
+    the node's role may already read); each rank of a multi-node replica has its own (the leader's
+    is the single node's)."""
+    return f"{ssm_prefix.rstrip('/')}/release" + (f"-rank-{node_rank}" if node_rank else "")
 
 
 def release_bundle(files: dict[str, NodeFile]) -> str:
@@ -709,12 +728,12 @@ def bundle_digest(bundle: str) -> str:
     return hashlib.sha256(bundle.encode()).hexdigest()
 
 
-def render_aws_user_data(r: Resolved, *, ssm_prefix: str, region: str) -> str:
+def render_aws_user_data(r: Resolved, *, ssm_prefix: str, region: str, node_rank: int = 0) -> str:
     """An AWS node's user data: the frozen boot loader (boot_stub.py), which names the pointer and
     region only, so no release changes it: a single node is never replaced for a release. A fleet's
     loader reads its digest from the instance tag boot_stub.RELEASE_TAG, which the launch template
     carries (a new release is a new template version: the instance refresh)."""
-    return boot_stub.render_frozen_boot_stub(pointer=release_pointer(ssm_prefix), region=region,
+    return boot_stub.render_frozen_boot_stub(pointer=release_pointer(ssm_prefix, node_rank), region=region,
                                              fleet=behind_load_balancer(r))
 
 

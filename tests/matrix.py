@@ -3,8 +3,7 @@
 from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
 
 #: Stack -> the field its refusal names. Ascend: no public commit of the W4A8 export to pin.
-#: H100: one replica over two nodes, sized and laid out per node, not deployable yet (issue 22).
-REFUSED_STACKS = {"ascend-a3-w4a8-sglang": "model.revision", "h100-int4-vllm": "parallelism.nodes"}
+REFUSED_STACKS = {"ascend-a3-w4a8-sglang": "model.revision"}
 PLANNED_STACKS = [name for name in stack_names() if name not in REFUSED_STACKS]
 #: Kubernetes stacks whose replica spans nodes: one LeaderWorkerSet group instead of Deployments
 #: (tests/test_k8s_multi_node.py; the Deployment-shaped tests of test_k8s_manifests.py leave them out).

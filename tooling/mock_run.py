@@ -138,6 +138,11 @@ class EchoMocks(pulumi.runtime.Mocks):
             state.setdefault("allocationId", EIP_ALLOCATION_ID)
         elif args.typ == "aws:ec2/instance:Instance":
             state.setdefault("publicIp", PUBLIC_IP)
+            # AWS picks the primary address in the subnet: distinct per instance, known only after it exists.
+            state.setdefault("privateIp", f"10.0.1.{10 + _content_number(args.name) % 200}")
+            state.setdefault("primaryNetworkInterfaceId", f"eni-{args.name}")
+        elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
+            state.setdefault("name", args.name)
         elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
             state.setdefault("dnsName", NLB_DNS_NAME)
             state.setdefault("zoneId", NLB_ZONE_ID)

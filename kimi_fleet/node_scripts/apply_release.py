@@ -54,6 +54,7 @@ BOOTSTRAP = "usr/local/sbin/kimi-bootstrap"
 NODE_ENV = "etc/kimi-fleet/node.env"
 STACK_JSON = "etc/kimi-fleet/stack.json"
 RELEASE_FILE = "etc/kimi-fleet/release"
+NODE_STATUS_FILE = "run/kimi-fleet/status.json"
 LIB_DIR = "usr/local/lib/kimi-fleet"
 #: How long transient AWS errors are retried (a new node may boot before Pulumi wrote the pointer
 #: or its bundle, SSM or S3 may be unreachable for a while).
@@ -370,10 +371,19 @@ def unready(ready_file: Path) -> None:
     ready_file.unlink(missing_ok=True)
 
 
+def node_status_field(name: str) -> dict | None:
+    """One field of the node status the watchdog writes (read as data)."""
+    try:
+        return json.loads((ROOT / NODE_STATUS_FILE).read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: float, poll: float) -> None:
     """Until the node's ready file names `release` (call unready() before the change it admits);
     ReleaseFailed when an engine crash-loops or the budget runs out."""
     deadline = time.monotonic() + budget
+    since = time.time()  # a fabric verdict of the engines before this change does not count
     baseline = {index: engine_restarts(index) for index in engines}
     while True:
         try:
@@ -381,6 +391,11 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
                 return
         except OSError:
             pass
+        fabric = node_status_field("fabric")
+        if fabric and fabric.get("transport") == "socket" and fabric.get("at", 0) >= since:
+            # A rank of a multi-node replica off its fabric: no wait makes it faster.
+            raise ReleaseFailed(fabric["verdict"], [line for index in engines for line in engine_log_tail(index)]
+                                [-ENGINE_LOG_LINES:])
         for index in engines:
             now, before = engine_restarts(index), baseline[index]
             if now is not None and before is not None and now < before:

@@ -17,6 +17,10 @@ and lands in the node status ("health").
   loop (`crash_loop_starts` starts within `crash_loop_window_seconds`). A fleet node then powers
   itself off: its group's EC2 health check replaces it (no Auto Scaling permission on the node). A
   single node has nothing to replace it: it keeps restarting its engine.
+A rank of a multi-node replica (stack.json's "replica") is also judged by its collectives' transport,
+from NCCL's log of the engine's current start (fabric_check.py): over TCP sockets the node is never
+ready, and its status says so, naming the rank. A worker rank serves no API (vLLM --headless): it is
+admitted once its engine runs and NCCL named the fabric; the leader also by everything above.
 A fleet node also completes its launch lifecycle hook once admitted: until then its group keeps it
 out of service, and an instance refresh waits on that admission.
 The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
@@ -45,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
 from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
+from fabric_check import classify, verdict_line  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 
@@ -118,6 +123,8 @@ def _save_state(path: Path, state: dict) -> None:
     path.write_text(json.dumps(state))
 
 
+#: Fabric check verdicts under which a rank of a multi-node replica is never ready.
+OFF_FABRIC = ("socket", "unknown")
 #: Verdicts under which an admitted engine still serves (the node stays in service).
 SERVING = ("serving", "busy", "stalled")
 
@@ -147,6 +154,79 @@ def check_engine(engine: dict, model: str, watchdog: dict, now: float) -> dict:
     elif last_generation is not None and now - state["last_generation_at"] > watchdog["dead_window_seconds"]:
         dead = (f"no generation for {now - state['last_generation_at']:.0f} s (dead window "
                 f"{watchdog['dead_window_seconds']} s), now {verdict}")
+    _save_state(state_file, state)
+    return {"unit": unit, "verdict": verdict, "reason": reason, "dead": dead}
+
+
+def engine_log(invocation_id: str) -> str:
+    """The engine's log since its current start (an older start's lines would decide for this one)."""
+    shown = subprocess.run(["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation_id}", "-o", "cat", "--no-pager"],
+                           capture_output=True, text=True, check=False, timeout=AWS_TIMEOUT_SECONDS)
+    return shown.stdout
+
+
+def fabric_verdict(engines: list[dict], replica: dict) -> tuple[str, str]:
+    """(transport, the line that says so) over this rank's engines: sockets anywhere win."""
+    verdicts = []
+    for engine in engines:
+        current = invocation(f"kimi-engine@{engine['index']}.service")
+        if not current:
+            return "unknown", verdict_line(replica["rank"], classify("", {}, []))
+        transports = replica["transports"]
+        verdicts.append(classify(engine_log(current), transports["fabric"], transports["socket"]))
+    worst = next((v for v in verdicts if v.transport == "socket"), None) or next(
+        (v for v in verdicts if v.transport == "unknown"), None) or verdicts[0]
+    return worst.transport, verdict_line(replica["rank"], worst)
+
+
+def record_fabric(transport: str, line: str, now: float) -> None:
+    """The node status's "fabric": what the apply and the gate read (a socket verdict fails them)."""
+    status = read_status()
+    if status.get("fabric", {}).get("verdict") != line:
+        log(f"fabric: {line}")
+    status["fabric"] = {"transport": transport, "verdict": line, "at": now}
+    write_status(status)
+
+
+def check_headless(engine: dict, watchdog: dict, now: float, transport: str, line: str) -> dict:
+    """A worker rank's engine serves nothing to probe: it is up while its unit runs and NCCL says the
+    fabric carries its collectives; it is restarted when its load runs over budget or it is gone."""
+    unit = f"kimi-engine@{engine['index']}.service"
+    state_file = STATE_DIR / f"engine-{engine['index']}.json"
+    current, active = unit_state(unit)
+    state = _load_state(state_file)
+    window = watchdog["crash_loop_window_seconds"]
+    starts = [t for t in state.get("starts", []) if now - t <= window]
+    if current and state.get("invocation") != current:
+        starts.append(now)
+        state = {"invocation": current, "admitted": False, "started_at": now}
+    state["starts"] = starts
+    if not current:
+        verdict, reason = "not started", "no start yet (the bootstrap has not started it)"
+    elif active in PROCESS_GONE:
+        log(f"{unit}: engine process gone (ActiveState {active}); restarting it")
+        restart(unit)
+        state.update(admitted=False, started_at=now)
+        verdict, reason = "gone", f"process gone (ActiveState {active})"
+    elif transport == "socket":
+        verdict, reason = "wrong fabric", line
+    elif transport == "unknown":
+        loading = now - state["started_at"]
+        budget = watchdog["load_budget_seconds"]
+        if loading <= budget:
+            verdict, reason = "loading", f"loading for {loading:.0f} s of its {budget} s budget ({line})"
+        else:
+            log(f"{unit}: load over budget: started {loading:.0f} s ago, its load budget is {budget} s, "
+                f"and {line}; killing and restarting it")
+            restart(unit)
+            state.update(started_at=now)
+            verdict, reason = "over budget", f"load over its {budget} s budget"
+    else:
+        if not state["admitted"]:
+            log(f"{unit}: runs on the fabric, admitted ({line})")
+        state["admitted"] = True
+        verdict, reason = "serving", line
+    dead = f"crash loop: {len(starts)} starts within {window} s" if len(starts) >= watchdog["crash_loop_starts"] else None
     _save_state(state_file, state)
     return {"unit": unit, "verdict": verdict, "reason": reason, "dead": dead}
 
@@ -302,7 +382,15 @@ def main() -> int:
     stack = json.loads(STACK_JSON.read_text())
     watchdog = stack["watchdog"]
     now = time.time()
-    engines = [check_engine(engine, stack["model"], watchdog, now) for engine in stack["engines"]]
+    replica = stack.get("replica")
+    transport, fabric_line = "none", ""  # a single-node replica has no fabric to judge
+    if replica is not None:
+        transport, fabric_line = fabric_verdict(stack["engines"], replica)
+        record_fabric(transport, fabric_line, now)
+    if replica is not None and not replica["serves_api"]:
+        engines = [check_headless(engine, watchdog, now, transport, fabric_line) for engine in stack["engines"]]
+    else:
+        engines = [check_engine(engine, stack["model"], watchdog, now) for engine in stack["engines"]]
     node_file = STATE_DIR / "node.json"
     node = _load_state(node_file)
     release = RELEASE.read_text().strip()
@@ -311,7 +399,14 @@ def main() -> int:
     # True: ready; False: not ready; None: hold (an engine busy or stalled fewer times than
     # `failures`: the node stays as it was, in service if it was).
     ready: bool | None = False
-    if verdicts <= set(SERVING) and verdicts != {"serving"}:
+    if transport in OFF_FABRIC:
+        # Never ready off the fabric (sockets: an order of magnitude slower) or before NCCL said.
+        if ready_file.exists():
+            log(f"node not ready: {fabric_line}")
+            ready_file.unlink()
+    elif replica is not None and not replica["serves_api"]:
+        ready = verdicts == {"serving"}
+    elif verdicts <= set(SERVING) and verdicts != {"serving"}:
         ready = None
     elif verdicts == {"serving"}:
         local = stack["local_proxy"]

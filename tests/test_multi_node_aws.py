@@ -1,0 +1,147 @@
+"""One replica over two p5.48xlarge nodes under Pulumi's mock runtime (issue 22, item 2): the cluster
+placement group, every EFA interface, the replica's own security group, each rank's release with
+the leader's address, and what a replaced node does to the other rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kimi_fleet import catalog, node_files
+from kimi_fleet.launch import REPLICA_PEERS_ENV, render_launch
+from kimi_fleet.node_files import SecretsSource, render_node_files
+from kimi_fleet.rules import check_rules
+from kimi_fleet.sizing import size
+from tests.test_aws_stacks import HF_TOKEN, INSTANCE, LT, SG, resolved, run_endpoint, with_capacity
+
+STACK = "h100-int4-vllm"
+PLACEMENT = "aws:ec2/placementGroup:PlacementGroup"
+EIP_ASSOCIATION = "aws:ec2/eipAssociation:EipAssociation"
+BUNDLE = "aws:s3/bucketObjectv2:BucketObjectv2"
+ASSOCIATION = "aws:ssm/association:Association"
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_endpoint(resolved(STACK), hf_token=HF_TOKEN)
+
+
+def _by_rank(resources: list[dict]) -> list[dict]:
+    return sorted(resources, key=lambda x: x["name"])
+
+
+def _bundle_files(bundle: dict) -> dict[str, str]:
+    return {entry["path"]: entry["content"] for entry in json.loads(bundle["inputs"]["content"])["files"]}
+
+
+def test_both_nodes_start_in_one_cluster_placement_group(run):
+    (group,) = run.of_type(PLACEMENT)
+    assert group["inputs"]["strategy"] == "cluster"
+    templates = run.of_type(LT)
+    assert len(templates) == 2
+    assert {t["inputs"]["placement"]["groupName"] for t in templates} == {group["name"]}
+    instances = _by_rank(run.of_type(INSTANCE))
+    assert [i["inputs"]["tags"]["Name"] for i in instances] == [f"{STACK}-rank-0", f"{STACK}-rank-1"]
+    # On demand: AWS places no spot instance that stops on interruption in a cluster placement group.
+    assert all(not t["inputs"].get("instanceMarketOptions") for t in templates)
+
+
+def test_every_efa_interface_of_the_instance_type_in_aws_layout(run):
+    efa = catalog.FABRICS["p5.48xlarge"].interfaces
+    for template in run.of_type(LT):
+        interfaces = template["inputs"]["networkInterfaces"]
+        assert len(interfaces) == efa + 1  # card 0 carries the primary ENA interface too
+        layout = [(i["networkCardIndex"], i["deviceIndex"], i.get("interfaceType")) for i in interfaces]
+        assert layout[0] == (0, 0, None) and layout[1] == (0, 1, "efa-only")
+        assert layout[2:] == [(card, 0, "efa-only") for card in range(1, efa)]
+        assert len({i["subnetId"] for i in interfaces}) == 1  # one subnet, one zone
+        # The groups live in the interfaces (AWS refuses instance-level groups beside them).
+        assert not template["inputs"].get("vpcSecurityGroupIds")
+    for instance in run.of_type(INSTANCE):
+        assert not instance["inputs"].get("subnetId")
+
+
+def test_the_replicas_group_lets_its_nodes_talk_and_nothing_else_in(run):
+    groups = {g["name"]: g for g in run.of_type(SG)}
+    replica = groups["kimi-replica-sg"]
+    (ingress,) = replica["inputs"]["ingress"]
+    assert ingress["self"] is True and ingress["protocol"] == "-1"
+    assert not ingress.get("cidrBlocks") and not ingress.get("ipv6CidrBlocks")
+    egress = replica["inputs"]["egress"]
+    assert any(rule.get("self") for rule in egress)  # EFA needs the explicit self rule both ways
+    public = groups["kimi-network-sg"]
+    assert {rule["fromPort"] for rule in public["inputs"]["ingress"]} == {443, 80}
+    leader, worker = _by_rank(run.of_type(LT))
+    leader_groups = set(leader["inputs"]["networkInterfaces"][0]["securityGroups"])
+    worker_groups = set(worker["inputs"]["networkInterfaces"][0]["securityGroups"])
+    assert leader_groups == {f"{replica['name']}-id", f"{public['name']}-id"}
+    assert worker_groups == {f"{replica['name']}-id"}  # a worker takes no HTTPS from the world
+
+
+def test_elastic_ips_name_the_primary_interface(run):
+    associations = run.of_type(EIP_ASSOCIATION)
+    assert len(associations) == 2
+    for association in associations:
+        assert association["inputs"]["networkInterfaceId"].startswith("eni-")
+        assert not association["inputs"].get("instanceId")
+
+
+def test_each_rank_boots_its_own_release_with_the_leaders_address(run):
+    bundles = {}
+    for bundle in run.of_type(BUNDLE):
+        files = _bundle_files(bundle)
+        facts = json.loads(files[f"{node_files.ENV_DIR}/stack.json"])
+        bundles[facts["replica"]["rank"]] = (files, facts)
+    assert sorted(bundles) == [0, 1]
+    argv = {rank: json.loads(files[f"{node_files.ENV_DIR}/engine-0.argv.json"]) for rank, (files, _) in bundles.items()}
+    addresses = [argv[0][argv[0].index("--master-addr") + 1], argv[1][argv[1].index("--master-addr") + 1]]
+    assert addresses[0] == addresses[1] != "leader.replica.internal"  # both dial the leader's real address
+    assert "--headless" in argv[1] and "--headless" not in argv[0]
+    assert argv[1][argv[1].index("--node-rank") + 1] == "1"
+    host_ip = {rank: next(a for a in args if a.startswith("--env=VLLM_HOST_IP=")) for rank, args in argv.items()}
+    assert host_ip[0] == f"--env=VLLM_HOST_IP={addresses[0]}"
+    assert host_ip[1] != host_ip[0]
+    peers = {rank: next(a for a in args if a.startswith(f"--env={REPLICA_PEERS_ENV}=")) for rank, args in argv.items()}
+    assert peers[0] == peers[1]
+    assert bundles[0][1]["replica"]["serves_api"] and not bundles[1][1]["replica"]["serves_api"]
+    assert "--device=/dev/infiniband" in argv[1] and "--volume=/opt/amazon:/opt/amazon:ro" in argv[1]
+
+
+def test_each_rank_has_its_pointer_its_apply_and_its_volume(run):
+    pointers = sorted(p["inputs"]["name"] for p in run.of_type("aws:ssm/parameter:Parameter")
+                      if p["inputs"]["name"].endswith(("/release", "/release-rank-1")))
+    assert pointers == [f"/kimi-fleet/{STACK}/release", f"/kimi-fleet/{STACK}/release-rank-1"]
+    applies = run.of_type(ASSOCIATION)
+    assert len(applies) == 2
+    assert len({a["inputs"]["targets"][0]["values"][0] for a in applies}) == 2
+    assert len(run.of_type("aws:ebs/volume:Volume")) == 2
+
+
+def test_the_endpoint_is_the_leaders_and_costs_both_nodes(run):
+    assert run.outputs["public_address"]
+    offer = catalog.MACHINE_OFFERS["p5.48xlarge"]
+    assert run.outputs["hourly_cost_usd"] >= 2 * offer.on_demand_usd_per_hour
+
+
+def _engine_lines(r, rank: int, addresses: tuple[str, ...]) -> str:
+    launch = render_launch(r, rank, addresses[0], own_address=addresses[rank], peers=addresses)
+    files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=rank,
+                              ebs_volume_id="vol-0123456789abcdef0")
+    return files[launch.instances[0].argv_file_path].content
+
+
+@pytest.mark.parametrize("replaced", [0, 1])
+def test_a_replaced_node_restarts_every_rank_into_the_new_rendezvous(replaced):
+    """A TP/PP group cannot re-admit one rank: whichever node AWS replaces (a new private address),
+    every rank's engine line changes, so each rank's apply restarts its engine on the same update."""
+    r = resolved(STACK)
+    before = ("10.0.1.10", "10.0.1.11")
+    after = tuple("10.0.1.99" if rank == replaced else address for rank, address in enumerate(before))
+    for rank in range(2):
+        assert _engine_lines(r, rank, before) != _engine_lines(r, rank, after)
+
+
+def test_spot_is_refused_for_a_multi_node_replica():
+    problems, _ = check_rules(with_capacity(resolved(STACK), market="spot"))
+    assert any("capacity.market" in p and "placement group" in p for p in problems)
