@@ -160,11 +160,10 @@ FABRIC_SCRIPTS = (FABRIC_PROBE_SCRIPT, "fabric_check.py")
 #: The group's pods reach each other on every port (torch's rendezvous, NCCL's bootstrap and socket
 #: ports, vLLM's ZMQ channels): nothing else is admitted beyond the proxy's ports.
 PEERS_POLICY = "kimi-replica-peers"
-#: The EKS EFA device plugin's resource; an EFA pod also takes the 2 MiB huge pages libfabric's EFA
-#: provider registers its buffers in (EKS user guide, node-efa: the EFA driver pre-allocates 5128
-#: and the p5.48xlarge example requests hugepages-2Mi: 5120Mi, requests = limits).
-EFA_RESOURCE = "vpc.amazonaws.com/efa"
-EFA_HUGEPAGES_2MI = "5120Mi"
+EFA_RESOURCE = catalog.EFA_K8S_RESOURCE
+#: The node's EFA userspace (libfabric, aws-ofi-nccl), read-only in an EFA pod's engine, as on AWS
+#: nodes: the pinned engine images carry neither (vllm #55635).
+EFA_USERSPACE_VOLUME = "efa-userspace"
 
 DOWNLOAD_SCRIPT = """\
 # The admission containers' packages first (every pod needs them, even when the weights are there).
@@ -648,14 +647,15 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
     }
 
 
+def _on_efa(r: Resolved) -> bool:
+    return r.spec.target.kubernetes.rdma_resource == EFA_RESOURCE
+
+
 def fabric_env(r: Resolved) -> dict[str, str]:
     """A rank's NCCL settings on Kubernetes: its INFO log (INIT and NET: the transport line the
-    fabric check reads) into NCCL_LOG_DIR, and on EFA libfabric's provider with GPUDirect RDMA
-    (catalog.EFA_ENGINE_ENV's NCCL_ and FI_ settings; its library path is the AWS nodes' mounted
-    userspace, which a pod does not get: the image carries libfabric and aws-ofi-nccl)."""
-    efa = r.spec.target.kubernetes.rdma_resource == EFA_RESOURCE
-    prefixes = ("NCCL_", "FI_") if efa else ("NCCL_",)
-    env = {key: value for key, value in catalog.EFA_ENGINE_ENV.items() if key.startswith(prefixes)}
+    fabric check reads) into NCCL_LOG_DIR, and on EFA what an AWS node's engine gets: libfabric's
+    provider and the node's mounted userspace on the library path."""
+    env = dict(catalog.EFA_ENGINE_ENV) if _on_efa(r) else dict(catalog.NCCL_LOG_ENV)
     return {**env, "NCCL_DEBUG_FILE": NCCL_DEBUG_FILE}
 
 
@@ -672,7 +672,7 @@ def _with_fabric(r: Resolved, resources: dict, security: dict) -> tuple[dict, di
     k8s = r.spec.target.kubernetes
     extra = {k8s.rdma_resource: str(k8s.rdma_devices)} if k8s.rdma_resource and k8s.rdma_devices else {}
     if k8s.rdma_resource == EFA_RESOURCE:
-        extra["hugepages-2Mi"] = EFA_HUGEPAGES_2MI
+        extra["hugepages-2Mi"] = catalog.EFA_K8S_HUGEPAGES_2MI
     resources = {**resources, "requests": {**resources["requests"], **extra}, "limits": {**resources["limits"], **extra}}
     security = {**security, "capabilities": {"add": ["IPC_LOCK"]}}
     return resources, security
@@ -698,6 +698,9 @@ def _rank_engine(r: Resolved, sizing: Sizing, launch: Launch, *, leader: bool) -
     env = {**launch.instances[0].env, **fabric_env(r)}
     engine["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     engine["volumeMounts"] = [*engine["volumeMounts"], {"name": "nccl-log", "mountPath": NCCL_LOG_DIR}]
+    if _on_efa(r):
+        engine["volumeMounts"].append({"name": EFA_USERSPACE_VOLUME, "mountPath": catalog.EFA_USERSPACE.mount,
+                                       "readOnly": True})
     if not leader:
         engine["args"] = worker_argv(r)[1:]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -742,6 +745,10 @@ def _rank_pod(r: Resolved, sizing: Sizing, launch: Launch, market: str, stack: s
     spec = _pod_spec(r, sizing, launch, market, release, containers, serves=leader)
     spec["volumes"] += [{"name": "nccl-log", "emptyDir": {"sizeLimit": NCCL_LOG_LIMIT}},
                         {"name": "fabric", "configMap": {"name": FABRIC_CONFIGMAP}}]
+    if _on_efa(r):
+        # type Directory: a node without the EFA userspace fails the pod at once, in its events.
+        spec["volumes"].append({"name": EFA_USERSPACE_VOLUME,
+                                "hostPath": {"path": catalog.EFA_USERSPACE.mount, "type": "Directory"}})
     metadata = {"labels": labels(stack, "engine"), **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})}
     return {"metadata": metadata, "spec": spec}
 
