@@ -108,7 +108,12 @@ def read_stack_yaml(path: Path, text: str | None = None, *, shown: str | None = 
         document = yaml.load(text, Loader=_StrictLoader)
     except StackFileError as error:
         raise StackFileError(f"{shown}: {error}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+    except UnicodeDecodeError as exc:
+        raise StackFileError(f"{shown}: cannot read the stack file: it must be UTF-8 text ({exc})") from None
+    except yaml.constructor.ConstructorError as exc:
+        raise StackFileError(f"{shown}: cannot read the stack file: plain YAML only (strings, numbers, booleans, "
+                             f"lists, mappings; no tags, anchors' merge keys or other constructors): {exc}") from None
+    except (OSError, yaml.YAMLError, RecursionError) as exc:
         raise StackFileError(f"{shown}: cannot read the stack file: {exc}") from None
     if document is None:
         return {}

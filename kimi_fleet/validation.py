@@ -86,6 +86,31 @@ def _suggestion(loc: tuple, model: type[BaseModel] | None) -> str:
     return f"{did_you_mean(loc[-1], known)}; known keys here: {', '.join(sorted(known))}"
 
 
+#: pydantic's words for a number it could not take: replaced by what the field allows.
+NUMBER_ERRORS = ("int_parsing", "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type",
+                 "finite_number")
+
+
+def _number_shape(model: type[BaseModel] | None, name, kind: str) -> str:
+    """'a whole number from 1 to 64': the field's type and bounds, from its declaration."""
+    whole = kind.startswith("int")
+    shape = "a whole number" if whole else "a finite number"
+    field = None
+    if model is not None and isinstance(name, str):
+        field = next((f for n, f in model.model_fields.items() if name in (n, f.alias)), None)
+    if field is None:
+        return shape
+    low = next((getattr(m, a) for m in field.metadata for a in ("ge", "gt") if getattr(m, a, None) is not None), None)
+    high = next((getattr(m, a) for m in field.metadata for a in ("le", "lt") if getattr(m, a, None) is not None), None)
+    if low is not None and high is not None:
+        return f"{shape} from {low:g} to {high:g}"
+    if low is not None:
+        return f"{shape} of at least {low:g}"
+    if high is not None:
+        return f"{shape} of at most {high:g}"
+    return shape
+
+
 class Validated(typing.NamedTuple):
     """A stack as one run uses it: the spec, resolved and sized once."""
 
@@ -116,6 +141,10 @@ def validate(raw: dict, stack: str, stack_file: str) -> Validated:
             path = _field_path(loc) or "(stack)"
             field = f"{CONFIG_NAMESPACE}:{path}"
             value = _value_at(data, loc)
+            if err["type"] == "missing":
+                message = "required, and not set in the stack file"
+            if err["type"] in NUMBER_ERRORS:
+                message = f"must be {_number_shape(holder, loc[-1], err['type'])}"
             if err["type"] == "extra_forbidden":
                 message = f"unknown key{_suggestion(loc, holder)}"
                 if len(loc) == 2 and loc[0] == "target" and loc[1] in TARGET_KINDS:

@@ -4,6 +4,7 @@ from the pinned wheel): unknown flags, abbreviations, deprecated spellings, miss
 
 from __future__ import annotations
 
+import difflib
 import json
 from functools import cache
 from importlib import resources
@@ -49,7 +50,10 @@ def argv_problems(args: list[str], manifest: dict) -> list[str]:
         entry = options.get(flag)
         if entry is None:
             near = sorted(o for o in options if o.startswith(flag))
-            why = f" (an abbreviation of {', '.join(near[:3])}: spell it out)" if near else ""
+            # --max_model_len, --Max-Model-Len: argparse takes neither; name the spelling it takes.
+            close = difflib.get_close_matches(flag.replace("_", "-").lower(), list(options), n=1, cutoff=0.8)
+            why = (f" (an abbreviation of {', '.join(near[:3])}: spell it out)" if near
+                   else f" (did you mean {close[0]}?)" if close else "")
             problems.append(f"{flag}: not an option of {manifest['engine']} {manifest['version']}{why}")
             continue
         if entry["deprecated"]:
