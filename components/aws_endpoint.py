@@ -25,7 +25,7 @@ from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
 from kimi_fleet import catalog, health
-from kimi_fleet.launch import render_launch
+from kimi_fleet.launch import replica_launches
 from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
     SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
@@ -247,7 +247,7 @@ class AwsEndpoint(pulumi.ComponentResource):
             bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256,
                                        secrets.previous_api_key_version, addresses).apply(
                 lambda values, rank=rank: release_bundle(render_node_files(
-                    r, render_launch(r, rank, values[4][0], own_address=values[4][rank], peers=tuple(values[4])),
+                    r, replica_launches(r, tuple(values[4]))[rank],
                     args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2], node_rank=rank,
                     secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
                                               api_key_version=values[1],

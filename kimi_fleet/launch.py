@@ -7,6 +7,8 @@ cloud-init, host and Kubernetes renderers share it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -108,11 +110,12 @@ LEADER_PLACEHOLDER = "leader.replica.internal"
 REPLICA_PEERS_ENV = "KIMI_REPLICA_PEERS"
 
 
-def engine_argv(r: Resolved, port: int, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER) -> list[str]:
+def engine_argv(r: Resolved, port: int, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER,
+                rendezvous_port: int | None = None) -> list[str]:
     """The engine's own command line (with its node's rank in a multi-node replica), then the
     checkpoint's flags, then the stack's extraArgs."""
     quant_flags = list(r.checkpoint.engine_flags.get(r.spec.engine.name, ()))
-    ranks = r.adapter.multi_node_args(r, node_rank, leader) if r.multi_node else []
+    ranks = r.adapter.multi_node_args(r, node_rank, leader, rendezvous_port) if r.multi_node else []
     return r.adapter.argv(r, port) + ranks + quant_flags + list(r.spec.engine.extra_args)
 
 
@@ -165,7 +168,8 @@ def replica_env(r: Resolved, own_address: str | None, peers: tuple[str, ...]) ->
 
 
 def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOLDER, *,
-                  own_address: str | None = None, peers: tuple[str, ...] = ()) -> Launch:
+                  own_address: str | None = None, peers: tuple[str, ...] = (),
+                  rendezvous_port: int | None = None) -> Launch:
     """One node's engines; in a multi-node replica, node `node_rank`'s (0 is the leader, which serves
     the API), dialling `leader`, reachable at `own_address`, among `peers` (every rank's address)."""
     spec = r.spec
@@ -190,7 +194,7 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
             index=index,
             port=port,
             device_ids=device_ids,
-            argv=tuple(engine_argv(r, port, node_rank, leader)),
+            argv=tuple(engine_argv(r, port, node_rank, leader, rendezvous_port)),
             docker_args=tuple(docker_args),
             env=env,
             probe=Probe(r.engine.health_path, port, runs_generation=r.engine.health_runs_generation),
@@ -202,6 +206,24 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
         weights_host_dir=weights_dir,
         instances=tuple(instances),
     )
+
+
+#: The rendezvous ports a replica's releases take turns on, above the release's default port.
+RENDEZVOUS_PORT_SPAN = 200
+
+
+def replica_launches(r: Resolved, addresses: tuple[str, ...]) -> list[Launch]:
+    """Every rank's launch of one replica release, `addresses` in rank order. The rendezvous port
+    comes from all ranks' engine lines together: ranks of different releases (one rank rolled
+    back, the other not; a flag change only one took) dial different ports and never form a
+    replica that runs two configurations; the ranks of one release always meet."""
+    def launches(port: int | None) -> list[Launch]:
+        return [render_launch(r, rank, addresses[0], own_address=addresses[rank], peers=addresses,
+                              rendezvous_port=port) for rank in range(len(addresses))]
+    base = catalog.MULTI_NODE[r.spec.engine.name].rendezvous_port
+    lines = json.dumps([[list(i.argv), sorted(i.env.items())] for launch in launches(None) for i in launch.instances])
+    offset = int(hashlib.sha256(lines.encode()).hexdigest(), 16) % RENDEZVOUS_PORT_SPAN
+    return launches(base + offset)
 
 
 def render_env_file(launch: Launch, instance: EngineInstance, stack: str) -> str:

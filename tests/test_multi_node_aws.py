@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kimi_fleet import catalog, node_files
-from kimi_fleet.launch import REPLICA_PEERS_ENV, render_launch
+from kimi_fleet.launch import REPLICA_PEERS_ENV, replica_launches
 from kimi_fleet.node_files import SecretsSource, render_node_files
 from kimi_fleet.rules import check_rules
 from kimi_fleet.sizing import size
@@ -125,7 +125,7 @@ def test_the_endpoint_is_the_leaders_and_costs_both_nodes(run):
 
 
 def _engine_lines(r, rank: int, addresses: tuple[str, ...]) -> str:
-    launch = render_launch(r, rank, addresses[0], own_address=addresses[rank], peers=addresses)
+    launch = replica_launches(r, addresses)[rank]
     files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=rank,
                               ebs_volume_id="vol-0123456789abcdef0")
     return files[launch.instances[0].argv_file_path].content
@@ -145,3 +145,21 @@ def test_a_replaced_node_restarts_every_rank_into_the_new_rendezvous(replaced):
 def test_spot_is_refused_for_a_multi_node_replica():
     problems, _ = check_rules(with_capacity(resolved(STACK), market="spot"))
     assert any("capacity.market" in p and "placement group" in p for p in problems)
+
+
+def test_ranks_of_different_releases_never_meet():
+    """One rank rolled back while the other took the new release (or a change only one took): the
+    two dial different rendezvous ports, so no replica runs two configurations; the ranks of one
+    release always dial the same one."""
+    r = resolved(STACK)
+    addresses = ("10.0.1.10", "10.0.1.11")
+
+    def ports(stack):
+        return {args[args.index("--master-port") + 1] for launch in replica_launches(stack, addresses)
+                for args in [list(launch.instances[0].argv)]}
+
+    (port,) = ports(r)
+    engine = r.spec.engine.model_copy(update={"extra_args": ("--max-num-seqs", "64")})
+    (other,) = ports(type(r)(r.spec.model_copy(update={"engine": engine})))
+    assert port != other
+    assert int(catalog.MULTI_NODE["vllm"].rendezvous_port) <= int(port) < 29501 + 200

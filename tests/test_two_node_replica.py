@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kimi_fleet import node_files
-from kimi_fleet.launch import render_launch
+from kimi_fleet.launch import replica_launches
 from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_node_files
 from kimi_fleet.sizing import size
 from tests.fakes.harness import free_port, start_caddy, wait_for
@@ -29,9 +29,13 @@ from tests.test_watchdog import API_KEY, AWS_STUB, INSTANCE_ID, SYSTEMCTL_STUB
 
 STACK = "h100-int4-vllm"
 FAKE_RANK = Path(__file__).parent / "fakes" / "fake_rank.py"
-#: The engine's journal for its current start, as the watchdog asks for it.
+#: The engine's journal, as the watchdog asks for it: the log answers only for the engine unit's
+#: current start (the systemctl stub's InvocationID), as _SYSTEMD_INVOCATION_ID filters it.
 JOURNALCTL_STUB = """#!/bin/bash
-cat "${SYSTEMCTL_STUB_DIR:?}/engine.log" 2>/dev/null
+state=${SYSTEMCTL_STUB_DIR:?}
+current=$(cat "$state/invocation-kimi-engine@0.service" 2>/dev/null || echo first)
+[ "$1" = "_SYSTEMD_INVOCATION_ID=$current" ] && cat "$state/engine.log" 2>/dev/null
+exit 0
 """
 
 
@@ -80,7 +84,7 @@ def _container(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _node_root(tmp_path: Path, rank: int, r, addresses: tuple[str, str]):
-    launch = render_launch(r, rank, addresses[0], own_address=addresses[rank], peers=addresses)
+    launch = replica_launches(r, addresses)[rank]
     files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=rank,
                               ebs_volume_id="vol-0123456789abcdef0")
     root = tmp_path / f"rank{rank}"
@@ -155,6 +159,16 @@ def test_two_ranks_meet_at_the_rendered_addresses_and_admit_only_over_the_fabric
         if worker_transport == "efa":
             assert fabric["transport"] == "efa" and fabric["verdict"].startswith("rank 1: NCCL over efa")
             assert _ready(worker_root) == worker_release
+            # NCCL said it once, at start-up: a journal that no longer has it does not unadmit the rank.
+            (worker_state / "engine.log").rename(worker_state / "engine.log.vacuumed")
+            assert _watchdog(worker_root, worker_stubs, worker_state, imds).returncode == 0
+            assert _ready(worker_root) == worker_release
+            # A new start is judged on its own lines only: it has said nothing yet, so it is not admitted.
+            (worker_state / "engine.log").write_text("INFO loading weights\n")
+            (worker_state / "invocation-kimi-engine@0.service").write_text("second-start\n")
+            assert _watchdog(worker_root, worker_stubs, worker_state, imds).returncode == 0
+            assert _ready(worker_root) is None
+            assert _status(worker_root)["fabric"]["transport"] == "unknown"
         else:
             assert fabric["transport"] == "socket"
             assert fabric["verdict"].startswith("rank 1: NCCL runs over TCP sockets, not the fabric")
@@ -186,14 +200,18 @@ def test_two_ranks_meet_at_the_rendered_addresses_and_admit_only_over_the_fabric
         assert _status(leader_root)["fabric"]["verdict"].startswith("rank 0: NCCL over efa")
 
 
-def test_a_release_apply_fails_at_once_when_its_rank_is_on_sockets(tmp_path):
-    """The apply does not wait out its budget for a rank whose watchdog already saw sockets."""
+@pytest.mark.parametrize("judged_start, fails_at_once", [("new-start", True), ("0", False)])
+def test_a_release_apply_fails_at_once_when_its_new_engine_is_on_sockets(tmp_path, judged_start, fails_at_once):
+    """The apply does not wait out its budget for a rank whose watchdog saw its new engine on
+    sockets, and does not fail on a verdict about the engine start it is replacing (the old engine
+    may still run, on sockets, for its stop grace)."""
     script = Path(node_files.__file__).parent / "node_scripts" / "apply_release.py"
     root = tmp_path / "root"
     status = root / "run/kimi-fleet/status.json"
     status.parent.mkdir(parents=True)
     stubs = tmp_path / "bin"
     stubs.mkdir()
+    # The engine's start when the wait begins is "0" (systemctl show ... --value), its restarts 0.
     (stubs / "systemctl").write_text("#!/bin/bash\necho 0\n")
     (stubs / "journalctl").write_text("#!/bin/bash\necho 'NCCL INFO Using network Socket'\n")
     for stub in stubs.iterdir():
@@ -206,11 +224,12 @@ from pathlib import Path
 def later():
     time.sleep(0.5)
     Path({str(status)!r}).write_text(json.dumps({{"fabric": {{"transport": "socket", "at": time.time(),
+        "engine_starts": [{judged_start!r}],
         "verdict": "rank 1: NCCL runs over TCP sockets, not the fabric (Using network Socket)"}}}}))
 threading.Thread(target=later).start()
 started = time.monotonic()
 try:
-    apply_release.wait_admitted("r1", Path({str(root / 'run/kimi-fleet/ready')!r}), [0], budget=120, poll=0.1)
+    apply_release.wait_admitted("r1", Path({str(root / 'run/kimi-fleet/ready')!r}), [0], budget=4, poll=0.1)
 except apply_release.ReleaseFailed as failure:
     print(json.dumps({{"reason": str(failure), "seconds": time.monotonic() - started}}))
 """
@@ -219,5 +238,8 @@ except apply_release.ReleaseFailed as failure:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
-    assert outcome["reason"].startswith("rank 1: NCCL runs over TCP sockets")
-    assert outcome["seconds"] < 10  # not the 120 s budget
+    if fails_at_once:
+        assert outcome["reason"].startswith("rank 1: NCCL runs over TCP sockets")
+        assert outcome["seconds"] < 3  # not the whole budget
+    else:
+        assert outcome["reason"].startswith("not admitted within")  # the old start's verdict did not count

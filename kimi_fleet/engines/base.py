@@ -102,8 +102,9 @@ class Engine:
         (r.quirk_flags) in place; the caller appends the checkpoint's flags and extraArgs."""
         raise NotImplementedError
 
-    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
-        """What one node of a multi-node replica adds: its rank, the world, the leader's address."""
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str, port: int | None = None) -> list[str]:
+        """What one node of a multi-node replica adds: its rank, the world, the leader's address and
+        rendezvous port (None: the release's default, catalog.MULTI_NODE)."""
         raise NotImplementedError(f"{self.name} renders no multi-node flags")
 
     # --- memory model ---------------------------------------------------------------------------

@@ -121,12 +121,12 @@ class SGLang(Engine):
                      "--speculative-num-draft-tokens", "4"]
         return argv
 
-    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str, port: int | None = None) -> list[str]:
         # sglang 0.5.12 server_args.py:5067,5558-5567: every node runs the same line with its rank;
         # the others serve a dummy /health only, so the proxy and probes reach the leader alone.
         support = catalog.MULTI_NODE[self.name]
         return ["--pp-size", str(r.pipeline_parallel), "--nnodes", str(r.nodes_per_replica),
-                "--node-rank", str(node_rank), "--dist-init-addr", f"{leader}:{support.rendezvous_port}"]
+                "--node-rank", str(node_rank), "--dist-init-addr", f"{leader}:{port or support.rendezvous_port}"]
 
     # --- memory model ---------------------------------------------------------------------------
 

@@ -119,12 +119,12 @@ class VLLM(Engine):
                      "--speculative-config.num_speculative_tokens=3"]
         return argv
 
-    def multi_node_args(self, r: Resolved, node_rank: int, leader: str) -> list[str]:
+    def multi_node_args(self, r: Resolved, node_rank: int, leader: str, port: int | None = None) -> list[str]:
         # vllm 0.22.1 serve: the mp executor spans nodes (config/parallel.py:845); a worker runs no
         # API server (--headless, cli/serve.py:61-69) and dials the leader's torch rendezvous.
         support = catalog.MULTI_NODE[self.name]
         args = ["--pipeline-parallel-size", str(r.pipeline_parallel), "--nnodes", str(r.nodes_per_replica),
-                "--node-rank", str(node_rank), "--master-addr", leader, "--master-port", str(support.rendezvous_port)]
+                "--node-rank", str(node_rank), "--master-addr", leader, "--master-port", str(port or support.rendezvous_port)]
         return args + ([support.worker_flag] if node_rank and support.worker_flag else [])
 
     def weight_shards(self, r: Resolved) -> int:

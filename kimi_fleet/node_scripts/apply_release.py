@@ -348,6 +348,13 @@ def prepare(staged: Path, wait_seconds: float, first_delay: float) -> None:
         log(f"engine image {image} on the node")
 
 
+def engine_start(index: int) -> str | None:
+    """The engine unit's current start (systemd's InvocationID), None when it has none."""
+    shown = systemctl("show", "-p", "InvocationID", "--value", f"kimi-engine@{index}.service")
+    value = shown.stdout.strip() if shown.returncode == 0 else ""
+    return value or None
+
+
 def engine_restarts(index: int) -> int | None:
     shown = systemctl("show", "-p", "NRestarts", "--value", f"kimi-engine@{index}.service")
     try:
@@ -383,7 +390,9 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
     """Until the node's ready file names `release` (call unready() before the change it admits);
     ReleaseFailed when an engine crash-loops or the budget runs out."""
     deadline = time.monotonic() + budget
-    since = time.time()  # a fabric verdict of the engines before this change does not count
+    # A fabric verdict on the engine starts this change replaces does not count (the old engine may
+    # still run for its stop grace while the watchdog judges it).
+    replaced_starts = {engine_start(index) for index in engines} - {None}
     baseline = {index: engine_restarts(index) for index in engines}
     while True:
         try:
@@ -392,7 +401,8 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
         except OSError:
             pass
         fabric = node_status_field("fabric")
-        if fabric and fabric.get("transport") == "socket" and fabric.get("at", 0) >= since:
+        if (fabric and fabric.get("transport") == "socket" and fabric.get("engine_starts")
+                and not replaced_starts & set(fabric["engine_starts"])):
             # A rank of a multi-node replica off its fabric: no wait makes it faster.
             raise ReleaseFailed(fabric["verdict"], [line for index in engines for line in engine_log_tail(index)]
                                 [-ENGINE_LOG_LINES:])

@@ -158,33 +158,56 @@ def check_engine(engine: dict, model: str, watchdog: dict, now: float) -> dict:
     return {"unit": unit, "verdict": verdict, "reason": reason, "dead": dead}
 
 
-def engine_log(invocation_id: str) -> str:
-    """The engine's log since its current start (an older start's lines would decide for this one)."""
-    shown = subprocess.run(["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation_id}", "-o", "cat", "--no-pager"],
-                           capture_output=True, text=True, check=False, timeout=AWS_TIMEOUT_SECONDS)
-    return shown.stdout
+def engine_log(invocation_id: str) -> str | None:
+    """The engine's log since its current start (an older start's lines would decide for this one);
+    None when the journal does not answer."""
+    try:
+        shown = subprocess.run(["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation_id}", "-o", "cat", "--no-pager"],
+                               capture_output=True, text=True, check=False, timeout=AWS_TIMEOUT_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log(f"fabric: the journal did not answer ({error})")
+        return None
+    return shown.stdout if shown.returncode == 0 else None
 
 
-def fabric_verdict(engines: list[dict], replica: dict) -> tuple[str, str]:
-    """(transport, the line that says so) over this rank's engines: sockets anywhere win."""
-    verdicts = []
+def engine_fabric(engine: dict, replica: dict, current: str):
+    """One engine's verdict for its current start. A decided one (a fabric, or sockets) is kept for
+    that start: NCCL says it once, at start-up, and a vacuumed or silent journal later must neither
+    unsay it nor turn an admitted rank back into a loading one."""
+    kept_file = STATE_DIR / f"fabric-{engine['index']}.json"
+    kept = _load_state(kept_file)
+    if kept.get("invocation") == current and kept.get("transport") not in (None, "unknown"):
+        return classify("", {}, [])._replace(transport=kept["transport"], evidence=kept["evidence"])
+    text = engine_log(current)
+    transports = replica["transports"]
+    verdict = classify(text or "", transports["fabric"], transports["socket"])
+    if verdict.transport != "unknown":
+        _save_state(kept_file, {"invocation": current, "transport": verdict.transport, "evidence": verdict.evidence})
+    return verdict
+
+
+def fabric_verdict(engines: list[dict], replica: dict) -> tuple[str, str, list[str]]:
+    """(transport, the line that says so, the engine starts judged) over this rank's engines:
+    sockets anywhere win."""
+    verdicts, starts = [], []
     for engine in engines:
         current = invocation(f"kimi-engine@{engine['index']}.service")
         if not current:
-            return "unknown", verdict_line(replica["rank"], classify("", {}, []))
-        transports = replica["transports"]
-        verdicts.append(classify(engine_log(current), transports["fabric"], transports["socket"]))
+            return "unknown", verdict_line(replica["rank"], classify("", {}, [])), starts
+        starts.append(current)
+        verdicts.append(engine_fabric(engine, replica, current))
     worst = next((v for v in verdicts if v.transport == "socket"), None) or next(
         (v for v in verdicts if v.transport == "unknown"), None) or verdicts[0]
-    return worst.transport, verdict_line(replica["rank"], worst)
+    return worst.transport, verdict_line(replica["rank"], worst), starts
 
 
-def record_fabric(transport: str, line: str, now: float) -> None:
-    """The node status's "fabric": what the apply and the gate read (a socket verdict fails them)."""
+def record_fabric(transport: str, line: str, starts: list[str], now: float) -> None:
+    """The node status's "fabric": what the apply and the gate read (a socket verdict fails them),
+    with the engine starts it judged (an apply ignores a verdict on the starts it is replacing)."""
     status = read_status()
     if status.get("fabric", {}).get("verdict") != line:
         log(f"fabric: {line}")
-    status["fabric"] = {"transport": transport, "verdict": line, "at": now}
+    status["fabric"] = {"transport": transport, "verdict": line, "engine_starts": starts, "at": now}
     write_status(status)
 
 
@@ -210,6 +233,10 @@ def check_headless(engine: dict, watchdog: dict, now: float, transport: str, lin
         verdict, reason = "gone", f"process gone (ActiveState {active})"
     elif transport == "socket":
         verdict, reason = "wrong fabric", line
+    elif transport == "unknown" and state["admitted"]:
+        # Admitted on the fabric for this start (a decided verdict is kept per start): a journal
+        # that stopped answering is no reason to restart a serving rank.
+        verdict, reason = "serving", f"admitted for this start; {line}"
     elif transport == "unknown":
         loading = now - state["started_at"]
         budget = watchdog["load_budget_seconds"]
@@ -385,8 +412,8 @@ def main() -> int:
     replica = stack.get("replica")
     transport, fabric_line = "none", ""  # a single-node replica has no fabric to judge
     if replica is not None:
-        transport, fabric_line = fabric_verdict(stack["engines"], replica)
-        record_fabric(transport, fabric_line, now)
+        transport, fabric_line, starts = fabric_verdict(stack["engines"], replica)
+        record_fabric(transport, fabric_line, starts, now)
     if replica is not None and not replica["serves_api"]:
         engines = [check_headless(engine, watchdog, now, transport, fabric_line) for engine in stack["engines"]]
     else:
