@@ -847,19 +847,29 @@ NVME_READ_SOURCE = Source("AWS instance-store and typical datacenter NVMe sequen
 
 
 # --- Measured throughput (for $/M tokens) ----------------------------------------------------
+#
+# Facts of one engine's output per GPU at a stated workload, concurrency and per-user speed. The plan
+# prices a stack from a fact only when the fact is Kimi-K2.6 on the stack's engine, accelerator and
+# checkpoint with the same engine layout (catalog.Layout, speculative draft included); it never
+# scales one layout's figure to another. Facts of other models (Kimi-K2.5, K2-Thinking) stay here so
+# the plan can name them, and price nothing.
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a measured engine was spread over one node's accelerators (None: not published)."""
+    """How one measured engine was spread over its accelerators (tensor_parallel None: not published).
+    Engines per node is not part of it: a per-GPU figure of one engine holds for each identical engine."""
 
     tensor_parallel: int | None
     data_parallel: int = 1
     dp_attention: bool = False
     decode_context_parallel: int = 1
-    engines: int = 1
     #: pipeline stages, one per node of a multi-node replica
     pipeline_parallel: int = 1
+    expert_parallel: bool = False
+    #: "off", or the method and its draft model ("eagle3 lightseekorg/kimi-k2.6-eagle3-mla"): a draft
+    #: trained for K2.6's MLA and seed 004's older draft measured opposite effects.
+    speculative: str = "off"
 
     def describe(self) -> str:
         if self.tensor_parallel is None:
@@ -871,43 +881,110 @@ class Layout:
             parts.append(f"DP{self.data_parallel}{' attention' if self.dp_attention else ''}")
         if self.decode_context_parallel > 1:
             parts.append(f"DCP{self.decode_context_parallel}")
-        return " + ".join(parts) + (f" x{self.engines} engines" if self.engines > 1 else "")
+        if self.expert_parallel:
+            parts.append("EP")
+        if self.speculative != "off":
+            parts.append(self.speculative.upper().split(" ")[0] + " (" + self.speculative.split(" ", 1)[-1] + ")")
+        return " + ".join(parts)
 
 
-INFERENCEX = Source("SemiAnalysis InferenceX (Kimi K2.5, vLLM), as cited in issue 12", "2026-05")
-VLLM_RECIPE_K2_THINKING = Source("vLLM recipes, moonshotai/Kimi-K2-Thinking, as cited in issue 12", "2026")
-INFERENCEX_PRECISION = Source("InferenceX B200 FP4 vs INT4 comparison (kimi-k26-b200-fp4-vs-int4)", "2026-05")
+@dataclass(frozen=True)
+class Workload:
+    """What a benchmark sent. `kind` names the plan's column: chat and agentic are the recipes' two
+    workloads (Dynamo's Kimi-K2.6 recipe); anything else is priced nowhere, only named."""
+
+    kind: Literal["chat", "agentic", "other"]
+    input_tokens: int
+    output_tokens: int
+    description: str
+
+
+#: Dynamo's Kimi-K2.6 optimisation targets (recipes/kimi-k2.6/README.md): Mooncake-format traces.
+CHAT = Workload("chat", 1024, 1024, "Mooncake trace, median 1K in / 1K out, 70% KV-cache hits")
+AGENTIC = Workload("agentic", 65_536, 400, "Mooncake trace, median 64K in / 400 out, 90% KV-cache hits")
+WORKLOAD_KINDS = ("chat", "agentic")
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """Output tokens per second of one node (or one pod group) at a stated workload and concurrency."""
+    """Output tokens per second per GPU of one engine layout at a stated workload, with the speed each
+    user saw. `engines` is how many identical engines the figure was measured over."""
 
-    engine: EngineName
-    accelerator: str
-    accelerator_count: int
-    checkpoint: str
-    layout: Layout
+    name: str
     model: str
-    workload: str
+    engine: EngineName
+    engine_version: str
+    accelerator: str
+    checkpoint: str
+    #: GPUs one engine spans (a replica of this layout)
+    gpus_per_engine: int
+    layout: Layout
+    engines: int
+    workload: Workload
+    #: requests in flight over all `engines` (None: not published)
     concurrency: int | None
-    output_tokens_per_second: float
+    output_tokens_per_second_per_gpu: float
+    #: what one user saw (None: not published): the speed a $/M figure is quoted at
+    per_user_tokens_per_second: float | None
     source: Source
+    #: what else the measurement ran with that a stack may not (routing, offload, synthetic acceptance)
+    conditions: str = ""
 
+    @property
+    def output_tokens_per_second_per_engine(self) -> float:
+        return self.output_tokens_per_second_per_gpu * self.gpus_per_engine
+
+
+DYNAMO_K26 = Source("ai-dynamo/dynamo recipes/kimi-k2.6/README.md @4a455fe9 'Performance results' and "
+                    "vllm/turbo_kimi_k26_agg_{b200,h200}_{chat,agentic}.yaml @e96eafda", "read 2026-12-07")
+#: True of all four Dynamo rows (perf/README.md @eac5618c: the benchmark swaps in speculative-config-synthetic).
+DYNAMO_CONDITIONS = ("Dynamo frontend with KV-aware routing over 4 workers, LMCache CPU KV offload (500 GB), "
+                     "EAGLE3 draft length 3 with a synthetic acceptance length of 2.49 (not the draft's own), "
+                     "15% subset of the trace")
+LAMBDA_K26 = Source("lambda.ai/inference-models/moonshotai/kimi-k2.6 (vllm bench serve)", "read 2026-12-07")
+INFERENCEX = Source("SemiAnalysis InferenceX (Kimi K2.5, vLLM), as cited in issue 12", "2026-05")
+VLLM_RECIPE_K2_THINKING = Source("vLLM recipes, moonshotai/Kimi-K2-Thinking, as cited in issue 12", "2026")
+INFERENCEX_PRECISION = Source("InferenceX B200 FP4 vs INT4 comparison (kimi-k26-b200-fp4-vs-int4)", "2026-05")
+
+EAGLE3_K26_MLA = "eagle3 lightseekorg/kimi-k2.6-eagle3-mla"
+_SEED_001_WORKLOAD = Workload("other", 1000, 1000, "1K in / 1K out")
 
 MEASURED_THROUGHPUT: tuple[Throughput, ...] = (
-    Throughput("sglang", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "1K in / 1K out", 16, 258.18, SEED_001),
-    Throughput("sglang", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "1K in / 1K out", 1, 106.10, SEED_001),
-    Throughput("vllm", "gb200", 4, "int4", Layout(4), "Kimi-K2.6", "8K in / 1K out, 32 prompts at 10 req/s",
-               None, 1181.84, SEED_004),
-    Throughput("vllm", "h200", 8, "int4", Layout(8), "Kimi-K2.5", "InferenceX sweep", 32, 925.0, INFERENCEX),
-    Throughput("vllm", "b200", 8, "int4", Layout(8), "Kimi-K2.5", "InferenceX sweep", 32, 1296.0, INFERENCEX),
-    Throughput("vllm", "h200", 8, "int4", Layout(8, decode_context_parallel=8), "Kimi-K2-Thinking",
-               "sustained serving", None, 695.0, VLLM_RECIPE_K2_THINKING),
-    # 1,057 tok/s per GPU at 55 tok/s per user, 1K/1K, "best available configuration": its parallelism
-    # is not published, so it prices no stack (kept so the plan can name it).
-    Throughput("vllm", "b200", 8, "nvfp4", Layout(None), "Kimi-K2.5", "1K in / 1K out at 55 tok/s per user",
-               None, 1057.0 * 8, INFERENCEX_PRECISION),
+    # Dynamo's Kimi-K2.6 recipe (vLLM 0.21.0): per worker 4x B200 NVFP4 TP4 (fp8 KV, TOKENSPEED_MLA,
+    # FLASHINFER_TRTLLM MoE) or 8x H200 INT4 TP8 (FLASH_ATTN_MLA, MARLIN MoE); 4 workers each.
+    Throughput("dynamo-b200-nvfp4-tp4-chat", "Kimi-K2.6", "vllm", "0.21.0", "b200", "nvfp4", 4,
+               Layout(4, speculative=EAGLE3_K26_MLA), 4, CHAT, 48, 107.8, 49.86, DYNAMO_K26, DYNAMO_CONDITIONS),
+    Throughput("dynamo-b200-nvfp4-tp4-agentic", "Kimi-K2.6", "vllm", "0.21.0", "b200", "nvfp4", 4,
+               Layout(4, speculative=EAGLE3_K26_MLA), 4, AGENTIC, 64, 166.5, 55.50, DYNAMO_K26, DYNAMO_CONDITIONS),
+    Throughput("dynamo-h200-int4-tp8-chat", "Kimi-K2.6", "vllm", "0.21.0", "h200", "int4", 8,
+               Layout(8, speculative=EAGLE3_K26_MLA), 4, CHAT, 32, 38.7, 54.86, DYNAMO_K26, DYNAMO_CONDITIONS),
+    Throughput("dynamo-h200-int4-tp8-agentic", "Kimi-K2.6", "vllm", "0.21.0", "h200", "int4", 8,
+               Layout(8, speculative=EAGLE3_K26_MLA), 4, AGENTIC, 48, 66.5, 56.06, DYNAMO_K26, DYNAMO_CONDITIONS),
+    # Seed 004: vllm bench serve, random 8,000 in / 1,024 out, 32 prompts at 10 req/s (peak 32 in
+    # flight), 1,181.84 output tok/s on 4x GB200 TP4 without the draft (the EAGLE3 run: 631.18);
+    # per user 1000 / mean TPOT 24.35 ms.
+    Throughput("seed004-gb200-int4-tp4-8k1k", "Kimi-K2.6", "vllm", "0.19.1", "gb200", "int4", 4, Layout(4), 1,
+               Workload("other", 8000, 1024, "random 8K in / 1K out, 32 prompts at 10 req/s"), 32,
+               round(1181.84 / 4, 2), round(1000 / 24.35, 1), SEED_004),
+    # Lambda: vllm bench serve, random 8,192 in / 2,048 out, 512 prompts, 32 in flight, on an HGX
+    # B200 (8 GPUs), 1,408 output tok/s, 44 tok/s per user; its parallelism is not published.
+    Throughput("lambda-b200-int4-8k2k", "Kimi-K2.6", "vllm", "", "b200", "int4", 8, Layout(None), 1,
+               Workload("other", 8192, 2048, "random 8K in / 2K out, 512 prompts"), 32, 1408 / 8, 44.0, LAMBDA_K26),
+    # Other models: named, never priced.
+    Throughput("seed001-h200-int4-tp8-c16", "Kimi-K2.5", "sglang", "", "h200", "int4", 8, Layout(8), 1,
+               _SEED_001_WORKLOAD, 16, round(258.18 / 8, 2), None, SEED_001),
+    Throughput("seed001-h200-int4-tp8-c1", "Kimi-K2.5", "sglang", "", "h200", "int4", 8, Layout(8), 1,
+               _SEED_001_WORKLOAD, 1, round(106.10 / 8, 2), 106.10, SEED_001),
+    Throughput("inferencex-h200-int4-tp8", "Kimi-K2.5", "vllm", "", "h200", "int4", 8, Layout(8), 1,
+               Workload("other", 0, 0, "InferenceX sweep (lengths not recorded here)"), 32, 925.0 / 8, None, INFERENCEX),
+    Throughput("inferencex-b200-int4-tp8", "Kimi-K2.5", "vllm", "", "b200", "int4", 8, Layout(8), 1,
+               Workload("other", 0, 0, "InferenceX sweep (lengths not recorded here)"), 32, 1296.0 / 8, None, INFERENCEX),
+    Throughput("vllm-recipe-h200-int4-tp8-dcp8", "Kimi-K2-Thinking", "vllm", "", "h200", "int4", 8,
+               Layout(8, decode_context_parallel=8), 1, Workload("other", 0, 0, "sustained serving"), None,
+               695.0 / 8, None, VLLM_RECIPE_K2_THINKING),
+    # 1,057 tok/s per GPU at 55 tok/s per user, 1K/1K, "best available configuration".
+    Throughput("inferencex-b200-nvfp4", "Kimi-K2.5", "vllm", "", "b200", "nvfp4", 8, Layout(None), 1,
+               Workload("other", 1024, 1024, "1K in / 1K out"), None, 1057.0, 55.0, INFERENCEX_PRECISION),
 )
 
 

@@ -1,6 +1,8 @@
-"""What a stack costs: per hour from the catalog's price snapshots, per million output tokens only
-where a measured throughput matches the stack's own configuration (engine, hardware, checkpoint and
-parallelism); otherwise it says which figures exist and why none applies, instead of borrowing one."""
+"""What a stack costs: per hour from the catalog's price snapshots, and per million output tokens for
+the chat and the agentic workload only where a Kimi-K2.6 throughput fact matches the stack's engine,
+accelerator, checkpoint and engine layout exactly (catalog.MEASURED_THROUGHPUT), with the per-user
+speed the fact was measured at and the fact's name. Otherwise it says none is published for this
+layout and which facts exist for the hardware, instead of borrowing one."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ from dataclasses import asdict, dataclass
 
 from kimi_fleet import catalog
 from kimi_fleet.resolve import Resolved
+
+#: The model this fleet serves: facts of other models are named, never priced.
+PRICED_MODEL = "Kimi-K2.6"
 
 
 @dataclass(frozen=True)
@@ -21,10 +26,14 @@ class Cost:
     on_demand_usd_per_hour: float | None  # one replica
     spot_usd_per_hour: float | None  # one replica, typical of the snapshot range
     fleet_usd_per_hour: float | None  # the stack as configured (on-demand base + spot remainder)
-    measured_output_tokens_per_second: float | None  # one replica (node or pod group)
+    #: chat and agentic: the matching fact's figures for this stack (None: no fact matches)
+    workloads: dict[str, dict | None]
+    #: the chat workload's (the ranking's key): one replica's output tok/s, the fact, $/M, per-user speed
+    measured_output_tokens_per_second: float | None
     measured_workload: str | None
     usd_per_million_output_tokens: float | None
-    #: Why no measured figure prices this stack (None when one does).
+    per_user_tokens_per_second: float | None
+    #: Why no fact prices this stack (None when one does for every workload).
     throughput_note: str | None
     price_source: str | None
     note: str
@@ -34,36 +43,59 @@ class Cost:
 
 
 def stack_layout(r: Resolved) -> catalog.Layout:
-    p = r.spec.parallelism
+    """One engine of the stack, in the terms the throughput facts are recorded in."""
+    p, engine = r.spec.parallelism, r.spec.engine
+    speculative = "off" if engine.speculative == "off" else f"{engine.speculative} {engine.speculative_draft_repo}"
     return catalog.Layout(tensor_parallel=r.tensor_parallel, data_parallel=p.data_parallel,
                           dp_attention=p.dp_attention, decode_context_parallel=p.decode_context_parallel,
-                          engines=r.engines_per_node, pipeline_parallel=r.pipeline_parallel)
+                          pipeline_parallel=r.pipeline_parallel, expert_parallel=bool(p.expert_parallel),
+                          speculative=speculative)
 
 
-def _same_hardware(t: catalog.Throughput, r: Resolved) -> bool:
-    return (t.engine == r.spec.engine.name and t.accelerator == r.accelerator.id
-            and t.accelerator_count == r.spec.accelerator_count and t.checkpoint == r.checkpoint.id)
+def same_hardware(t: catalog.Throughput, r: Resolved) -> bool:
+    return t.engine == r.spec.engine.name and t.accelerator == r.accelerator.id and t.checkpoint == r.checkpoint.id
 
 
-def measured_throughput(r: Resolved) -> catalog.Throughput | None:
-    """The best measured figure for exactly this configuration (the operating point a fleet is sized for)."""
-    layout = stack_layout(r)
-    matches = [t for t in catalog.MEASURED_THROUGHPUT if _same_hardware(t, r) and t.layout == layout]
-    return max(matches, key=lambda t: t.output_tokens_per_second, default=None)
+def matches(t: catalog.Throughput, r: Resolved) -> bool:
+    """The fact may price this stack: K2.6, same engine, accelerator, checkpoint and engine layout."""
+    return t.model == PRICED_MODEL and same_hardware(t, r) and t.layout == stack_layout(r)
+
+
+def matching_facts(r: Resolved) -> dict[str, catalog.Throughput | None]:
+    """Per priced workload, the matching fact with the most output per GPU (None: none matches)."""
+    found = {}
+    for kind in catalog.WORKLOAD_KINDS:
+        candidates = [t for t in catalog.MEASURED_THROUGHPUT if t.workload.kind == kind and matches(t, r)]
+        found[kind] = max(candidates, key=lambda t: t.output_tokens_per_second_per_gpu, default=None)
+    return found
 
 
 def describe(t: catalog.Throughput) -> str:
-    concurrency = f", concurrency {t.concurrency}" if t.concurrency else ""
-    return f"{t.model}, {t.workload}{concurrency}, {t.layout.describe()} ({t.source.where}, {t.source.date})"
+    concurrency = f", concurrency {t.concurrency} over {t.engines} engine(s)" if t.concurrency else ""
+    user = f", {t.per_user_tokens_per_second:g} tok/s per user" if t.per_user_tokens_per_second else ""
+    version = f" {t.engine_version}" if t.engine_version else ""
+    return (f"{t.name}: {t.model}, {t.engine}{version}, {t.gpus_per_engine}x {t.accelerator} {t.checkpoint} "
+            f"{t.layout.describe()}, {t.workload.description}{concurrency}: "
+            f"{round(t.output_tokens_per_second_per_gpu, 1):g} tok/s per GPU{user} ({t.source.where}, {t.source.date})")
 
 
-def why_unpriced(r: Resolved) -> str:
-    near = [t for t in catalog.MEASURED_THROUGHPUT if _same_hardware(t, r)]
-    if not near:
-        return (f"no published throughput for {r.spec.engine.name} on {r.spec.accelerator_count}x "
-                f"{r.accelerator.id} with {r.checkpoint.id}")
-    layouts = "; ".join(f"{t.output_tokens_per_second:g} tok/s: {describe(t)}" for t in near)
-    return f"no published throughput for this layout ({stack_layout(r).describe()}); measured: {layouts}"
+def why_unpriced(r: Resolved, kinds: list[str]) -> str:
+    """One line saying none is published, then the facts that exist for the hardware, one a line."""
+    near = [t for t in catalog.MEASURED_THROUGHPUT if same_hardware(t, r)]
+    ours = [t for t in near if t.model == PRICED_MODEL]
+    others = [t for t in near if t.model != PRICED_MODEL]
+    lines = [f"no published throughput for this layout ({stack_layout(r).describe()}) of {PRICED_MODEL} on "
+             f"{r.spec.engine.name} with {r.accelerator.id} {r.checkpoint.id}, for {' or '.join(kinds)}"]
+    lines.append(f"{PRICED_MODEL} facts for this hardware:" + ("" if ours else " none"))
+    lines += [f"- {describe(t)}" for t in ours]
+    if others:
+        lines.append("other models (never priced):")
+        lines += [f"- {describe(t)}" for t in others]
+    return "\n".join(lines)
+
+
+def per_million(usd_per_hour: float, tokens_per_second: float) -> float:
+    return round(usd_per_hour / (tokens_per_second * 3600 / 1e6), 2)
 
 
 def estimate(r: Resolved) -> Cost:
@@ -82,11 +114,22 @@ def estimate(r: Resolved) -> Cost:
         parts = [(on_demand_count, od), (spot_count, spot)]
         if all(price is not None for count, price in parts if count):
             fleet = round(sum(count * price for count, price in parts if count), 2)
-    measured = measured_throughput(r)
-    per_million = None
-    if measured and fleet is not None:
-        fleet_tokens_per_hour = measured.output_tokens_per_second * 3600 * capacity.replicas
-        per_million = round(fleet / (fleet_tokens_per_hour / 1e6), 2)
+    gpus_per_replica = r.spec.accelerator_count * nodes
+    workloads: dict[str, dict | None] = {}
+    for kind, fact in matching_facts(r).items():
+        if fact is None:
+            workloads[kind] = None
+            continue
+        replica_rate = fact.output_tokens_per_second_per_gpu * gpus_per_replica
+        workloads[kind] = {
+            "fact": fact.name, "described": describe(fact), "conditions": fact.conditions,
+            "output_tokens_per_second": round(replica_rate, 1),
+            "per_user_tokens_per_second": fact.per_user_tokens_per_second,
+            "usd_per_million_output_tokens": (per_million(fleet, replica_rate * capacity.replicas)
+                                              if fleet is not None else None),
+        }
+    unpriced = [kind for kind, w in workloads.items() if w is None]
+    chat = workloads.get("chat")
     if offer is None:
         note = "no price: the machine is yours (host) or the cluster's (kubernetes)"
     elif fleet is None:
@@ -102,10 +145,12 @@ def estimate(r: Resolved) -> Cost:
         on_demand_usd_per_hour=od,
         spot_usd_per_hour=spot,
         fleet_usd_per_hour=fleet,
-        measured_output_tokens_per_second=measured.output_tokens_per_second if measured else None,
-        measured_workload=describe(measured) if measured else None,
-        usd_per_million_output_tokens=per_million,
-        throughput_note=None if measured else why_unpriced(r),
+        workloads=workloads,
+        measured_output_tokens_per_second=chat["output_tokens_per_second"] if chat else None,
+        measured_workload=chat["described"] if chat else None,
+        usd_per_million_output_tokens=chat["usd_per_million_output_tokens"] if chat else None,
+        per_user_tokens_per_second=chat["per_user_tokens_per_second"] if chat else None,
+        throughput_note=why_unpriced(r, unpriced) if unpriced else None,
         price_source=f"{offer.source.where}, {offer.source.date}" if offer else None,
         note=note,
     )

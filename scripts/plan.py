@@ -269,15 +269,30 @@ def print_cost(p: dict) -> None:
     print(f"  cost: {c['instance_type'] or 'no catalog machine'}; market {c['market']}, {c['replicas']} replica(s)"
           f"{nodes}, {c['on_demand_replicas']} on demand; on-demand {_money(c['on_demand_usd_per_hour'])}/h, spot "
           f"{_money(c['spot_usd_per_hour'])}/h per replica; stack {_money(c['fleet_usd_per_hour'])}/h")
-    if c["usd_per_million_output_tokens"] is not None:
-        print(f"    {_money(c['usd_per_million_output_tokens'])} per million output tokens at the measured "
-              f"{c['measured_output_tokens_per_second']:g} tok/s per replica ({c['measured_workload']})")
-    elif c["measured_output_tokens_per_second"] is not None:
-        print(f"    measured {c['measured_output_tokens_per_second']:g} tok/s per replica ({c['measured_workload']}); "
-              "no price to turn it into $/M tokens")
-    else:
-        print(f"    no $/M tokens: {c['throughput_note']}")
+    for line in throughput_lines(c):
+        print(f"    {line}")
     print(f"    {c['note']}")
+
+
+def throughput_lines(c: dict) -> list[str]:
+    """$/M for each workload a Kimi-K2.6 fact prices, at the per-user speed it was measured at, and the
+    fact's name; for the others, why not and which facts exist."""
+    lines = []
+    for kind, w in c["workloads"].items():
+        if w is None:
+            continue
+        user = (f"{w['per_user_tokens_per_second']:g} tok/s per user" if w["per_user_tokens_per_second"]
+                else "per-user speed not published")
+        price = (f"{_money(w['usd_per_million_output_tokens'])} per million output tokens"
+                 if w["usd_per_million_output_tokens"] is not None else "no price to turn it into $/M tokens")
+        lines.append(f"{kind}: {price} at {user}, {w['output_tokens_per_second']:g} tok/s per replica "
+                     f"(fact {w['described']})")
+        if w["conditions"]:
+            lines.append(f"  measured with: {w['conditions']}")
+    if c["throughput_note"]:
+        first, *rest = c["throughput_note"].splitlines()
+        lines += [f"no $/M tokens: {first}", *(f"  {line}" for line in rest)]
+    return lines
 
 
 def print_tail(p: dict) -> None:
@@ -314,16 +329,46 @@ def summary_row(p: dict) -> str:
     return (f"{p['stack']:<26} ok       {len(p['resources']):>4}  {s['context_length']:>8,}  "
             f"{s['largest_context']:>8,}  {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>5}  "
             f"{gib(s['kv_pool_bytes_per_device']):>7}  {_money(c['fleet_usd_per_hour']):>9}  "
-            f"{_money(c['usd_per_million_output_tokens']):>7}  {c['market']}")
+            f"{_money(c['usd_per_million_output_tokens']):>7}  {_speed(c['per_user_tokens_per_second']):>6}  "
+            f"{c['market']}")
+
+
+def _speed(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def ranked_lines(plans: list[dict]) -> list[str]:
+    """The planned stacks a Kimi-K2.6 fact prices, cheapest chat $/M first, each at the per-user speed
+    the fact was measured at; then the ones no fact matches."""
+    valid = [p for p in plans if p["valid"]]
+    priced = sorted((p for p in valid if p["cost"]["usd_per_million_output_tokens"] is not None),
+                    key=lambda p: p["cost"]["usd_per_million_output_tokens"])
+    lines = ["$/M output tokens, ranked (chat, then agentic; only where a Kimi-K2.6 fact matches the stack's "
+             "engine, hardware, checkpoint and layout, at the per-user speed it was measured at):"]
+    for rank, p in enumerate(priced, 1):
+        parts = []
+        for kind, w in p["cost"]["workloads"].items():
+            if w and w["usd_per_million_output_tokens"] is not None:
+                parts.append(f"{kind} {_money(w['usd_per_million_output_tokens'])} at "
+                             f"{_speed(w['per_user_tokens_per_second'])} tok/s/user ({w['fact']})")
+        lines.append(f"  {rank}. {p['stack']}: " + "; ".join(parts))
+    if not priced:
+        lines.append("  none: no planned stack runs a layout a Kimi-K2.6 fact was published for")
+    unpriced = [p["stack"] for p in valid if p["cost"]["usd_per_million_output_tokens"] is None]
+    if unpriced:
+        lines.append(f"  not priced: {', '.join(unpriced)} (no fact for its layout or no hourly price; "
+                     "plan.py STACK names the facts that exist for its hardware)")
+    return lines
 
 
 SUMMARY_HEADER = (f"{'stack':<26} {'status':<8} {'res':>4}  {'context':>8}  {'max ctx':>8}  {'seqs':>5}  "
-                  f"{'KV GiB':>7}  {'$/hour':>9}  {'$/M out':>7}  market")
+                  f"{'KV GiB':>7}  {'$/hour':>9}  {'$/M out':>7}  {'tok/s/u':>6}  market")
 SUMMARY_LEGEND = (
     "res: resources the stack declares; context: the context it promises (contextLength); max ctx: the longest "
     "sequence its KV pool holds; seqs: full-context sequences served at once per node; KV GiB: the KV pool per "
-    "accelerator; $/hour: every node of the stack; $/M out: dollars per million output tokens, where a "
-    "measurement matches (below)")
+    "accelerator; $/hour: every node of the stack; $/M out: dollars per million output tokens of the chat "
+    "workload, where a Kimi-K2.6 measurement matches the stack's layout (ranked below); tok/s/u: the output "
+    "speed each user saw in that measurement")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,13 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in plans:
             print(summary_row(p))
         print("\n" + textwrap.fill(SUMMARY_LEGEND, width=110))
-        priced = [p for p in plans if p["valid"] and p["cost"]["usd_per_million_output_tokens"] is not None]
-        if priced:
-            print("\n$/M out only where a measurement matches the stack's engine, hardware, checkpoint and layout:")
-        for p in priced:
-            c = p["cost"]
-            print(f"  {p['stack']}: {c['measured_output_tokens_per_second']:g} tok/s per replica, "
-                  f"{c['measured_workload']}")
+        print()
+        for line in ranked_lines(plans):
+            print(textwrap.fill(line, width=110, subsequent_indent="     "))
         pairing = shared_mirror_problems(specs)
         sharing = [p for p in plans if p.get("mirror")]
         if sharing:

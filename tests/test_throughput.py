@@ -1,0 +1,142 @@
+"""Throughput facts and $/M tokens (issue 25, item 2): every fact states its source, model, engine,
+hardware, checkpoint, layout, workload, concurrency and per-user speed; a stack is priced for chat and
+agentic only from a Kimi-K2.6 fact of its own engine, hardware, checkpoint and engine layout; the plan
+shows the per-user speed and the fact's name beside the price, and `plan.py --all` ranks by $/M."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet import catalog
+from kimi_fleet.cost import PRICED_MODEL, estimate, matching_facts, stack_layout
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from kimi_fleet.validation import parse_spec
+from tests.matrix import PLANNED_STACKS
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTS = {t.name: t for t in catalog.MEASURED_THROUGHPUT}
+K26_DRAFT = {"speculative": "eagle3", "speculativeDraftRepo": "lightseekorg/kimi-k2.6-eagle3-mla"}
+
+
+def variant(stack: str, engine: dict | None = None, **top) -> Resolved:
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    if engine:
+        values["engine"] = {**values["engine"], **engine}
+    values.update(top)
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def test_every_fact_names_its_source_model_layout_workload_and_speed():
+    assert len(FACTS) == len(catalog.MEASURED_THROUGHPUT)  # names are unique: the plan cites them
+    for t in catalog.MEASURED_THROUGHPUT:
+        assert t.source.where and t.source.date and t.model and t.engine in catalog.ENGINES
+        assert t.accelerator in catalog.ACCELERATORS and t.checkpoint in catalog.CHECKPOINTS
+        assert t.workload.kind in (*catalog.WORKLOAD_KINDS, "other") and t.workload.description
+        assert t.output_tokens_per_second_per_gpu > 0 and t.engines >= 1
+        if t.layout.tensor_parallel is not None:  # one engine's GPUs are its TP x PP ranks
+            assert t.gpus_per_engine == t.layout.tensor_parallel * t.layout.pipeline_parallel, t.name
+        if t.workload.kind in catalog.WORKLOAD_KINDS:  # a priced figure is quoted at a per-user speed
+            assert t.model == PRICED_MODEL and t.per_user_tokens_per_second and t.concurrency, t.name
+
+
+@pytest.mark.parametrize("name,gpus,per_gpu,per_user,concurrency", [
+    # Dynamo recipes/kimi-k2.6/README.md, "Performance results" (4 worker replicas each)
+    ("dynamo-h200-int4-tp8-chat", 8, 38.7, 54.86, 32),
+    ("dynamo-h200-int4-tp8-agentic", 8, 66.5, 56.06, 48),
+    ("dynamo-b200-nvfp4-tp4-chat", 4, 107.8, 49.86, 48),
+    ("dynamo-b200-nvfp4-tp4-agentic", 4, 166.5, 55.50, 64),
+])
+def test_dynamo_rows_are_recorded_as_published(name, gpus, per_gpu, per_user, concurrency):
+    t = FACTS[name]
+    assert (t.gpus_per_engine, t.output_tokens_per_second_per_gpu, t.per_user_tokens_per_second,
+            t.concurrency, t.engines) == (gpus, per_gpu, per_user, concurrency, 4)
+    assert t.layout == catalog.Layout(gpus, speculative=catalog.EAGLE3_K26_MLA)
+    assert "synthetic acceptance" in t.conditions and "KV-aware routing" in t.conditions
+
+
+def test_seed_004_is_the_run_without_the_draft():
+    t = FACTS["seed004-gb200-int4-tp4-8k1k"]
+    assert t.layout == catalog.Layout(4) and t.output_tokens_per_second_per_engine == pytest.approx(1181.84)
+    assert t.per_user_tokens_per_second == pytest.approx(1000 / 24.35, abs=0.1)
+
+
+def test_a_stack_on_a_facts_layout_is_priced_for_chat_and_agentic_at_the_facts_per_user_speed():
+    r = variant("h200-int4-vllm", engine=K26_DRAFT)  # 2 spot replicas of 8x H200, TP8 + the K2.6 MLA draft
+    cost = estimate(r)
+    for kind, name in (("chat", "dynamo-h200-int4-tp8-chat"), ("agentic", "dynamo-h200-int4-tp8-agentic")):
+        w, t = cost.workloads[kind], FACTS[name]
+        assert w["fact"] == name and w["per_user_tokens_per_second"] == t.per_user_tokens_per_second
+        fleet_rate = t.output_tokens_per_second_per_gpu * 8 * 2
+        assert w["usd_per_million_output_tokens"] == pytest.approx(cost.fleet_usd_per_hour / (fleet_rate * 3600 / 1e6),
+                                                                   abs=0.01)
+    assert cost.usd_per_million_output_tokens == cost.workloads["chat"]["usd_per_million_output_tokens"]
+    assert cost.throughput_note is None
+
+
+def test_b200_nvfp4_at_tp4_with_the_k26_draft_matches_dynamos_b200_rows():
+    values = copy.deepcopy(load_stack_config(stack_file("b200-nvfp4-vllm")).values)
+    values.update(acceleratorCount=4, target={"kind": "host"}, engine={**values["engine"], **K26_DRAFT})
+    values.pop("capacity"), values.pop("weights")
+    r = Resolved(parse_spec(values, "b200-tp4", "f"))
+    assert {k: t.name for k, t in matching_facts(r).items()} == {
+        "chat": "dynamo-b200-nvfp4-tp4-chat", "agentic": "dynamo-b200-nvfp4-tp4-agentic"}
+
+
+@pytest.mark.parametrize("engine,why", [
+    ({}, "no draft: Dynamo measured with EAGLE3"),
+    ({"speculative": "eagle3", "speculativeDraftRepo": "lightseekorg/kimi-k2.6-eagle3"}, "seed 004's older draft"),
+])
+def test_a_layout_that_differs_is_not_priced_and_the_plan_names_what_exists(engine, why):
+    cost = estimate(variant("h200-int4-vllm", engine=engine))
+    assert cost.usd_per_million_output_tokens is None and all(w is None for w in cost.workloads.values()), why
+    assert "no published throughput for this layout" in cost.throughput_note
+    assert "dynamo-h200-int4-tp8-chat" in cost.throughput_note  # the facts for the hardware are named
+    assert "other models (never priced):" in cost.throughput_note and "inferencex-h200-int4-tp8" in cost.throughput_note
+
+
+def test_other_models_never_price_even_on_their_own_layout():
+    """seed 001 measured SGLang TP8 on 8x H200 INT4, but Kimi-K2.5: a plain TP8 SGLang stack stays unpriced."""
+    r = variant("h200-int4-sglang", parallelism={"dataParallel": 1, "dpAttention": False})
+    assert stack_layout(r) == FACTS["seed001-h200-int4-tp8-c16"].layout
+    cost = estimate(r)
+    assert cost.usd_per_million_output_tokens is None and "seed001-h200-int4-tp8-c16" in cost.throughput_note
+
+
+@pytest.mark.parametrize("name", PLANNED_STACKS)
+def test_no_planned_stack_is_priced_from_a_fact_whose_layout_differs(name):
+    r = Resolved(load_stack_config(stack_file(name)).spec())
+    for kind, w in estimate(r).workloads.items():
+        if w is None:
+            continue
+        t = FACTS[w["fact"]]
+        assert (t.model, t.engine, t.accelerator, t.checkpoint, t.layout, t.workload.kind) == (
+            PRICED_MODEL, r.spec.engine.name, r.accelerator.id, r.checkpoint.id, stack_layout(r), kind), name
+
+
+def test_ranking_orders_by_chat_cost_and_names_the_unpriced():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plan import ranked_lines
+
+    def plan(stack, chat):
+        workloads = {"chat": None if chat is None else {"usd_per_million_output_tokens": chat,
+                                                         "per_user_tokens_per_second": 50.0, "fact": f"f-{stack}"},
+                     "agentic": None}
+        return {"stack": stack, "valid": True, "cost": {"usd_per_million_output_tokens": chat, "workloads": workloads}}
+
+    lines = ranked_lines([plan("dear", 9.5), plan("none", None), plan("cheap", 2.25)])
+    assert lines[1] == "  1. cheap: chat $2.25 at 50 tok/s/user (f-cheap)"
+    assert lines[2] == "  2. dear: chat $9.50 at 50 tok/s/user (f-dear)"
+    assert lines[3].startswith("  not priced: none ")
+
+
+def test_plan_all_has_the_per_user_column_and_the_ranked_section():
+    out = subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600).stdout
+    assert out.splitlines()[0].split()[-2:] == ["tok/s/u", "market"]
+    assert "$/M output tokens, ranked" in out and "not priced:" in out
