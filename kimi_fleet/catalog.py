@@ -1158,3 +1158,47 @@ REPLACE_ON_CHANGE: dict[str, tuple[str, ...]] = {
     "aws:ssm/association:Association": ("name",),
     "aws:route53/record:Record": ("zoneId", "name"),
 }
+
+
+# --- What an engine's own start-up changes in what it is given (issue 25, item 4) -------------
+
+
+@dataclass(frozen=True)
+class PostInitRule:
+    """A setting the engine rewrites after parsing its flags: the plan prints and sizes the value the
+    engine runs with, not the flag."""
+
+    engine: EngineName
+    #: the engine's own field name, and the flag that sets it
+    setting: str
+    flag: str
+    #: in the engine's own terms
+    condition: str
+    effect: str
+    #: what the engine logs when it applies the rule
+    log: str
+    #: package version -> where the rule is (file:line in that release's wheel)
+    releases: dict[str, str]
+    source: Source
+
+
+#: SGLang ServerArgs._handle_data_parallelism: under DP attention (which dp_size 1 switches off) the
+#: chunk becomes chunked_prefill_size // dp_size. It runs after _handle_gpu_memory_settings, whose
+#: reserved-memory estimate (activations: max(chunk, 2048) x 1.5 MB) therefore sees the flag's value,
+#: the tokens all DP ranks gather into the MoE per step.
+SGLANG_DP_ATTENTION_CHUNK = PostInitRule(
+    engine="sglang",
+    setting="chunked_prefill_size",
+    flag="--chunked-prefill-size",
+    condition="enable_dp_attention and dp_size > 1",
+    effect="chunked_prefill_size // dp_size (each DP attention rank's chunk)",
+    log="DP attention is enabled. The chunked prefill size is adjusted to {} to avoid MoE kernel issues.",
+    releases={
+        "0.5.9": "python/sglang/srt/server_args.py:2117 (_handle_data_parallelism, called at :751, after "
+                 "_handle_gpu_memory_settings at :733; its activation estimate at :1025)",
+        "0.5.12.post1": "python/sglang/srt/server_args.py:3070 (_handle_data_parallelism, called at :960, after "
+                        "_handle_gpu_memory_settings at :920; its activation estimate at :1546)",
+    },
+    source=Source("sglang 0.5.9 and 0.5.12.post1 wheels from PyPI, server_args.py read and run "
+                  "(tests/test_sglang_effective.py)", "2026-12-07"),
+)

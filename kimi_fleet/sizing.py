@@ -50,6 +50,8 @@ class Sizing:
     engines_per_node: int
     #: What each rank runs with after the engine's own adjustments (e.g. SGLang's DP split).
     per_rank: dict[str, int]
+    #: Each flag the engine's own post-init rewrites: given, effective, where in the pinned release.
+    engine_adjustments: list[dict]
     fits: bool
     # time to ready (each phase, and the floor of its hardware: see ready_phases)
     download_seconds: int
@@ -184,6 +186,7 @@ def size(r: Resolved) -> Sizing:
     concurrent = per_pool * pools
     replication = max(1, r.tensor_parallel // adapter.attention_groups(r))
     per_rank = {**adapter.per_rank(r), "full-context sequences": per_pool}
+    adjust = getattr(adapter, "post_init_adjustments", None)  # engines whose post-init rewrites flags
 
     phases = ready_phases(r)
     seconds = {phase["phase"]: phase["seconds"] for phase in phases}
@@ -211,6 +214,7 @@ def size(r: Resolved) -> Sizing:
         concurrent_sequences_per_engine=concurrent,
         engines_per_node=r.engines_per_node,
         per_rank=per_rank,
+        engine_adjustments=adjust(r) if adjust else [],
         fits=max_sequence >= context and fits_outside(outside_available, outside_need, adapter.outside_tolerance),
         download_seconds=seconds["download"],
         verify_seconds=seconds["verify"],

@@ -229,6 +229,9 @@ def print_sizing(p: dict) -> None:
         outside = ", ".join(f"{name} {gib(value)}" for name, value in s["outside_items"].items())
         print(f"    outside the knob: needs {g['outside_need']} GiB ({outside}), {g['outside_available']} GiB free")
     print("    per rank: " + ", ".join(f"{name} {value:,}" for name, value in s["per_rank"].items()))
+    for a in s.get("engine_adjustments") or []:
+        print(f"    the engine runs {a['flag']} {a['given']} as {a['effective']:,} on {a['scope']} "
+              f"({a['where']}: \"{a['log']}\")")
     print(f"    KV {s['kv_bytes_per_token']} B/token ({s['kv_dtype']}), replicated on {s['kv_replication']} rank(s): "
           f"{s['kv_tokens_per_device']:,} tokens per device; one sequence up to {s['largest_context']:,} tokens; "
           f"{s['concurrent_sequences_per_engine']} x {s['context_length']:,}-token sequences per engine, "

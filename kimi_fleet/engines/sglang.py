@@ -50,9 +50,28 @@ class SGLang(Engine):
         return 1 if p.dp_attention else p.data_parallel
 
     def _dp_split(self, r: Resolved) -> int:
-        """How many ranks share one --chunked-prefill-size (SGLang divides it under DP attention)."""
+        """How many ranks share one --chunked-prefill-size: SGLang's own post-init divides it by dp_size
+        under DP attention (catalog.SGLANG_DP_ATTENTION_CHUNK, with its file:line per release)."""
         p = r.spec.parallelism
         return p.data_parallel if p.dp_attention and p.data_parallel > 1 else 1
+
+    def effective_chunk(self, r: Resolved) -> int:
+        """The chunk each rank runs with: the flag after ServerArgs._handle_data_parallelism."""
+        return self.chunked_prefill_flag(r) // self._dp_split(r)
+
+    def post_init_adjustments(self, r: Resolved) -> list[dict]:
+        """What this release's ServerArgs.__post_init__ makes of the flags the plan renders."""
+        rule, split = catalog.SGLANG_DP_ATTENTION_CHUNK, self._dp_split(r)
+        if split == 1:
+            return []
+        version = r.image_entry.package_version if r.image_entry else None
+        where = rule.releases.get(version) if version else None
+        given, effective = self.chunked_prefill_flag(r), self.effective_chunk(r)
+        return [{"flag": rule.flag, "setting": rule.setting, "given": given, "effective": effective,
+                 "scope": f"each of {split} DP attention ranks", "log": rule.log.format(effective),
+                 "where": (f"sglang {version} {where}" if where else
+                           f"sglang {version or '(unknown version)'}: not read; as in "
+                           f"{' and '.join(rule.releases)}")}]
 
     def chunked_prefill_flag(self, r: Resolved) -> int:
         """The flag value that leaves each rank the intended prefill chunk. Unset, the intent is the
@@ -154,6 +173,8 @@ class SGLang(Engine):
         bs, dp = self.graph_batch(r), (p.data_parallel if p.dp_attention else 1)
         items = {
             "request table and metadata": c.base_mb,
+            # The flag's value, not each rank's: _handle_gpu_memory_settings runs before the DP split
+            # (catalog.SGLANG_DP_ATTENTION_CHUNK), and the DP ranks' chunks meet in the MoE.
             "prefill activations": max(self.chunked_prefill_flag(r), c.min_chunk_tokens) * c.per_chunk_token_mb,
             "CUDA graphs": bs * c.per_graph_batch_mb,
             "TP collectives": r.tensor_parallel * c.per_tp_rank_mb,
@@ -170,5 +191,5 @@ class SGLang(Engine):
         return {name: int(mb * MB) for name, mb in items.items()}
 
     def per_rank(self, r: Resolved) -> dict[str, int]:
-        return {"prefill tokens per step": self.chunked_prefill_flag(r) // self._dp_split(r),
+        return {"prefill tokens per step": self.effective_chunk(r),
                 "CUDA graph batch": self.graph_batch(r)}
