@@ -26,7 +26,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_command as command
 
-from kimi_fleet.boot_stub import RELEASE_TAG
+from kimi_fleet.boot_stub import BOOT_LOADER, RELEASE_TAG
 from kimi_fleet.node_files import APPLY_RELEASE, bundle_digest
 
 #: Every resource of a stack carries it (instances too, through their launch template).
@@ -61,7 +61,12 @@ class NodeReleaseArgs:
 
 
 def apply_command(pointer_name: str, region: str, digest: str) -> str:
-    return shlex.join(["python3", APPLY_RELEASE, "--pointer", pointer_name, "--region", region, "--expect", digest])
+    """The association's script. A node whose first boot never got a bundle (its boot loader gave up
+    waiting for the pointer: a multi-node rank whose peer took longer than that to launch) has no
+    applier yet: it runs its frozen boot loader again, which installs this release."""
+    apply = shlex.join(["python3", APPLY_RELEASE, "--pointer", pointer_name, "--region", region, "--expect", digest])
+    boot = shlex.join(["python3", BOOT_LOADER, "--pointer", pointer_name, "--region", region])
+    return f"if [ -f {shlex.quote(APPLY_RELEASE)} ]; then {apply}; else {boot}; fi"
 
 
 def prune_command(bucket: str, region: str, current_key: str, stack: str, keep: int = RETAINED_BUNDLES) -> str:

@@ -703,38 +703,40 @@ NCCL_SOCKET_TRANSPORTS = ("Using network Socket", "via NET/Socket", "NET/Socket 
 NCCL_TRANSPORT_SOURCE = Source("NVIDIA/nccl src/init.cc:486 ('Using network %s'); aws/aws-ofi-nccl; vLLM "
                                "parallelism docs (NET/IB vs NET/Socket)", "2026-12-07")
 @dataclass(frozen=True)
-class EfaUserspace:
-    """Where a rank's engine finds libfabric and the aws-ofi-nccl plugin: the node image's own,
-    mounted read-only into the pinned engine image (the stock vLLM and SGLang images carry neither:
-    vllm #55635, whose fix installs them only in a KV-connector build). The node image is the Deep
-    Learning Base OSS Nvidia Driver AMI, read once from its SSM parameter and then kept (or pinned by
-    target.aws.amiId): its EFA installer and plugin versions are the ones below or later."""
-    mount: str
-    #: NCCL dlopens libnccl-net.so from the library path; the plugin's RUNPATH finds libfabric. The
-    #: CUDA images' own value comes last (nvidia/cuda base images set it; the container's env
-    #: replaces, not extends, it).
-    library_path: tuple[str, ...]
-    efa_installer: str
+class EfaInstaller:
+    """AWS's EFA installer, run inside the pinned engine image on the node (userspace only: the host
+    has the kernel driver): the stock vLLM and SGLang images carry neither libfabric nor aws-ofi-nccl
+    (vllm #55635), and the node image's own copy is built for the node's distribution and C library,
+    not the image's (a host libfabric in an older image fails on missing symbol versions)."""
+    version: str
+    url: str
+    #: the tarball's SHA-256: the build refuses any other bytes
+    sha256: str
+    libfabric: str
     aws_ofi_nccl: str
+    rdma_core: str
+    #: where NCCL finds the plugin (libnccl-net.so) and the plugin finds libfabric
+    library_path: tuple[str, ...]
     source: Source
 
 
-EFA_USERSPACE = EfaUserspace(
-    mount="/opt/amazon",
-    library_path=("/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu", "/opt/amazon/ofi-nccl/lib", "/opt/amazon/efa/lib",
-                  "/usr/local/nvidia/lib", "/usr/local/nvidia/lib64"),
-    efa_installer="1.50.0", aws_ofi_nccl="1.21.1",
-    source=Source("AWS DLAMI release notes, Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) 20261009 (efa 1.50.0, "
-                  "ofi_nccl 1.21.1); EFA installer changelog; aws-ofi-nccl v1.21.1 (NCCL >= 2.17.1); "
+EFA_INSTALLER = EfaInstaller(
+    version="1.50.0", url="https://efa-installer.amazonaws.com/aws-efa-installer-1.50.0.tar.gz",
+    sha256="fa6dff8593d866866c13cb4640d9059835cd4efa427971f100ab40c97bef2841",
+    libfabric="2.6.0amzn1.0", aws_ofi_nccl="1.21.1", rdma_core="64.0amzn0",
+    library_path=("/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu", "/opt/amazon/ofi-nccl/lib", "/opt/amazon/efa/lib"),
+    source=Source("AWS EFA installer changelog (1.50.0: libfabric 2.6.0amzn1.0, OFI NCCL 1.21.1); the tarball's "
+                  "SHA-256 as pinned, identically, by several public Dockerfiles that install it into CUDA images "
+                  "(found through the code index, 2026-12); aws-ofi-nccl v1.21.1 (NCCL >= 2.17.1); "
                   "vllm-project/vllm #55635", "2026-12-07"))
 #: Every rank's NCCL log: INFO on INIT and NET names the transport the fabric check reads (and a
 #: plugin that failed to load).
 NCCL_LOG_ENV = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
 #: libfabric's EFA provider with GPUDirect RDMA (p4d/p5).
 EFA_PROVIDER_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}
-#: The environment a rank's engine gets on an EFA fabric: the provider, the mounted plugin on the
-#: library path, and NCCL's log.
-EFA_ENGINE_ENV = {**EFA_PROVIDER_ENV, "LD_LIBRARY_PATH": ":".join(EFA_USERSPACE.library_path), **NCCL_LOG_ENV}
+#: The environment a rank's engine gets on an EFA fabric: the provider and NCCL's log (the plugin is
+#: on the EFA engine image's own library path).
+EFA_ENGINE_ENV = {**EFA_PROVIDER_ENV, **NCCL_LOG_ENV}
 #: The EKS EFA device plugin's resource; an EFA pod also takes the 2 MiB huge pages libfabric's EFA
 #: provider registers its buffers in (the EFA driver pre-allocates 5128; the p5.48xlarge example
 #: requests 5120Mi, requests = limits).

@@ -161,9 +161,6 @@ FABRIC_SCRIPTS = (FABRIC_PROBE_SCRIPT, "fabric_check.py")
 #: ports, vLLM's ZMQ channels): nothing else is admitted beyond the proxy's ports.
 PEERS_POLICY = "kimi-replica-peers"
 EFA_RESOURCE = catalog.EFA_K8S_RESOURCE
-#: The node's EFA userspace (libfabric, aws-ofi-nccl), read-only in an EFA pod's engine, as on AWS
-#: nodes: the pinned engine images carry neither (vllm #55635).
-EFA_USERSPACE_VOLUME = "efa-userspace"
 
 DOWNLOAD_SCRIPT = """\
 # The admission containers' packages first (every pod needs them, even when the weights are there).
@@ -653,8 +650,8 @@ def _on_efa(r: Resolved) -> bool:
 
 def fabric_env(r: Resolved) -> dict[str, str]:
     """A rank's NCCL settings on Kubernetes: its INFO log (INIT and NET: the transport line the
-    fabric check reads) into NCCL_LOG_DIR, and on EFA what an AWS node's engine gets: libfabric's
-    provider and the node's mounted userspace on the library path."""
+    fabric check reads) into NCCL_LOG_DIR, and on EFA libfabric's provider (the plugin is on the EFA
+    engine image's own library path)."""
     env = dict(catalog.EFA_ENGINE_ENV) if _on_efa(r) else dict(catalog.NCCL_LOG_ENV)
     return {**env, "NCCL_DEBUG_FILE": NCCL_DEBUG_FILE}
 
@@ -699,8 +696,8 @@ def _rank_engine(r: Resolved, sizing: Sizing, launch: Launch, *, leader: bool) -
     engine["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     engine["volumeMounts"] = [*engine["volumeMounts"], {"name": "nccl-log", "mountPath": NCCL_LOG_DIR}]
     if _on_efa(r):
-        engine["volumeMounts"].append({"name": EFA_USERSPACE_VOLUME, "mountPath": catalog.EFA_USERSPACE.mount,
-                                       "readOnly": True})
+        # The pinned image plus the EFA userspace (efa_engine_image: built from the rendered Dockerfile).
+        engine["image"] = r.spec.target.kubernetes.efa_engine_image
     if not leader:
         engine["args"] = worker_argv(r)[1:]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -745,10 +742,6 @@ def _rank_pod(r: Resolved, sizing: Sizing, launch: Launch, market: str, stack: s
     spec = _pod_spec(r, sizing, launch, market, release, containers, serves=leader)
     spec["volumes"] += [{"name": "nccl-log", "emptyDir": {"sizeLimit": NCCL_LOG_LIMIT}},
                         {"name": "fabric", "configMap": {"name": FABRIC_CONFIGMAP}}]
-    if _on_efa(r):
-        # type Directory: a node without the EFA userspace fails the pod at once, in its events.
-        spec["volumes"].append({"name": EFA_USERSPACE_VOLUME,
-                                "hostPath": {"path": catalog.EFA_USERSPACE.mount, "type": "Directory"}})
     metadata = {"labels": labels(stack, "engine"), **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})}
     return {"metadata": metadata, "spec": spec}
 

@@ -13,7 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, templates
 from kimi_fleet.paths import COMPILE_CACHE_MOUNT, DRAFT_MOUNT, ENGINE_SLICE, ENV_DIR, LOOPBACK, MODEL_MOUNT
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import SAFE_VALUE
@@ -86,12 +86,44 @@ class EngineInstance:
 
 
 @dataclass(frozen=True)
+class ImageBuild:
+    """An engine image the node builds (docker build) from the pinned one: its tag names the
+    Dockerfile's SHA-256, so a changed recipe is a new image and the old one is never reused."""
+    base: str
+    dockerfile: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.dockerfile.encode()).hexdigest()
+
+    @property
+    def tag(self) -> str:
+        return f"kimi-fleet/engine-efa:{self.digest[:16]}"
+
+    @property
+    def context_dir(self) -> str:
+        """Where the node keeps the Dockerfile (the build context: nothing else)."""
+        return f"{ENV_DIR}/images/{self.digest[:16]}"
+
+
+def efa_image_build(base: str) -> ImageBuild:
+    """`base` with the AWS EFA userspace from the digest-pinned installer (catalog.EFA_INSTALLER)."""
+    efa = catalog.EFA_INSTALLER
+    return ImageBuild(base=base, dockerfile=templates.render(
+        "efa-engine.Dockerfile", BASE=base, VERSION=efa.version, LIBFABRIC=efa.libfabric, OFI_NCCL=efa.aws_ofi_nccl,
+        RDMA_CORE=efa.rdma_core, URL=efa.url, SHA256=efa.sha256, LIBRARY_PATH=":".join(efa.library_path)))
+
+
+@dataclass(frozen=True)
 class Launch:
     engine: str
+    #: what `docker run` starts: the pinned engine image, or the image built on the node from it
     image: str
     quant: str
     weights_host_dir: str
     instances: tuple[EngineInstance, ...]
+    #: an image the node builds from the pinned one before the engines start (None: pulled as pinned)
+    build: ImageBuild | None = None
 
     @property
     def upstreams(self) -> list[str]:
@@ -153,8 +185,7 @@ def fabric_args(r: Resolved) -> tuple[list[str], dict[str, str]]:
     if fabric is None:
         return [], {}
     # The whole directory: one missing uverbs device (fewer interfaces attached) would stop docker.
-    mount = catalog.EFA_USERSPACE.mount
-    return ["--device=/dev/infiniband", f"--volume={mount}:{mount}:ro"], dict(catalog.EFA_ENGINE_ENV)
+    return ["--device=/dev/infiniband"], dict(catalog.EFA_ENGINE_ENV)
 
 
 def replica_env(r: Resolved, own_address: str | None, peers: tuple[str, ...]) -> dict[str, str]:
@@ -199,12 +230,15 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
             env=env,
             probe=Probe(r.engine.health_path, port, runs_generation=r.engine.health_runs_generation),
         ))
+    # A rank on an EFA fabric runs the pinned image with the EFA userspace built in (the node builds it).
+    build = efa_image_build(r.image) if fabric_args(r)[0] else None
     return Launch(
         engine=spec.engine.name,
-        image=r.image,
+        image=build.tag if build else r.image,
         quant=spec.checkpoint,
         weights_host_dir=weights_dir,
         instances=tuple(instances),
+        build=build,
     )
 
 
@@ -239,6 +273,8 @@ def render_env_file(launch: Launch, instance: EngineInstance, stack: str) -> str
         "CONTAINER_NAME": instance.container_name,
         "WEIGHTS_DIR": launch.weights_host_dir,
         "PORT": str(instance.port),
+        # The engine unit builds IMAGE from this directory's Dockerfile when it is missing (none: pulled).
+        "IMAGE_BUILD_DIR": launch.build.context_dir if launch.build else "",
         "HEALTH_PATH": instance.probe.path,
         "GPU_IDS": ",".join(map(str, instance.device_ids)),
     }

@@ -324,7 +324,9 @@ def compile_cache_key_prefix(r: Resolved) -> str | None:
     """Where a managed mirror keeps this engine image's caches on this accelerator (None: no managed
     mirror, so nothing is shared and nodes get no write access to any bucket)."""
     weights = r.spec.weights
-    if weights.mirror != "managed":
+    # A multi-node replica's ranks compile different stages under launches that name their peers'
+    # addresses: no candidate of one rank is another's, nor the next replica's after a replacement.
+    if weights.mirror != "managed" or r.multi_node:
         return None
     _, prefix = weights.s3_mirror_location
     return f"{mirror_compile_cache_prefix(prefix)}/{r.compile_cache_dir_name}"
@@ -648,6 +650,8 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
+    if launch.build is not None:
+        files.append(NodeFile(f"{launch.build.context_dir}/Dockerfile", launch.build.dockerfile, 0o644))
     if release is not None:
         files.append(NodeFile(RELEASE_FILE, release + "\n", 0o644))
     files += [NodeFile(i.argv_file_path, json.dumps(docker_argv(launch, i)) + "\n", 0o644)

@@ -337,6 +337,21 @@ class KubernetesTarget(Spec):
     """devices of rdmaResource per pod, requested = limit: every EFA interface of the node
     (p5.48xlarge: 32), or 1 share of an RDMA shared device."""
 
+    efa_engine_image: str | None = None
+    """the engine image with the AWS EFA userspace for a replica over EFA pods, by digest
+    (registry/name@sha256:...): built from the Dockerfile scripts/efa_engine_dockerfile.py prints
+    (the pinned engine image plus the digest-pinned EFA installer) and pushed where the nodes pull;
+    a cluster's nodes cannot build it."""
+
+    @field_validator("efa_engine_image")
+    @classmethod
+    def _image_by_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._/:-]{0,200}@sha256:[0-9a-f]{64}", value):
+            raise ValueError(f"{value!r} is not an image reference by digest (registry/name@sha256:<64 hex>): the "
+                             "EFA engine image is the one built from the rendered Dockerfile, and only its digest "
+                             "names those bytes")
+        return value
+
     @field_validator("rdma_resource")
     @classmethod
     def _an_extended_resource(cls, value: str | None) -> str | None:

@@ -27,11 +27,13 @@ def resolved(stack: str) -> Resolved:
     return Resolved(load_stack_config(stack_file(stack)).spec())
 
 
-def run_kubernetes_endpoint(stack: str, *, hf_token=None, api_key: str = API_KEY) -> MockRun:
+def run_kubernetes_endpoint(stack: str, *, hf_token=None, api_key: str = API_KEY, r: Resolved | None = None) -> MockRun:
+    """`r`: the stack as resolved by the caller (a change the stack file does not carry)."""
     from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
+    given = r
 
     def declare():
-        r = resolved(stack)
+        r = given or resolved(stack)
         endpoint = KubernetesEndpoint("kimi", KubernetesEndpointArgs(
             resolved=r, sizing=size(r), launch=render_launch(r),
             api_key=pulumi.Output.secret(api_key), hf_token=hf_token,

@@ -34,8 +34,18 @@ K8S_VERSION = kubernetes_validate.latest_version()
 LEADER_ADDRESS = f"{manifests.LWS_NAME}-0.{manifests.LWS_NAME}.kimi-h100"
 
 
+#: What an operator sets after building and pushing the image scripts/efa_engine_dockerfile.py prints.
+EFA_ENGINE_IMAGE = "registry.example.com/kimi-engine-efa@sha256:" + "5e" * 32
+
+
+def shipped_values() -> dict:
+    return copy.deepcopy(load_stack_config(stack_file(STACK)).values)
+
+
 def resolved(**overrides) -> Resolved:
-    values = copy.deepcopy(load_stack_config(stack_file(STACK)).values)
+    """The stack with its EFA engine image built and named (the shipped file cannot name it)."""
+    values = shipped_values()
+    values["target"]["kubernetes"]["efaEngineImage"] = EFA_ENGINE_IMAGE
     values.update(overrides)
     return Resolved(parse_spec(values, STACK, f"stacks/Pulumi.{STACK}.yaml"))
 
@@ -78,11 +88,28 @@ def stack():
     return rendered()
 
 
-def test_the_stack_is_planned_and_in_the_matrix(stack):
-    r, sizing, _ = stack
-    assert STACK in PLANNED_STACKS and K8S_MULTI_NODE_STACKS == [STACK]
+def test_the_shipped_stack_is_planned_but_deploys_only_with_its_efa_engine_image():
+    """The cluster cannot build the image with the EFA userspace: until the stack names it by digest,
+    the plan refuses it, saying how to build it (the Dockerfile the script prints)."""
+    shipped = Resolved(parse_spec(shipped_values(), STACK, f"stacks/Pulumi.{STACK}.yaml"))
+    missing = shipped.target.multi_node_missing(shipped)
+    assert "target.kubernetes.efaEngineImage" in missing and f"scripts/efa_engine_dockerfile.py {STACK}" in missing
+    assert STACK not in PLANNED_STACKS and K8S_MULTI_NODE_STACKS == [STACK]
+    printed = subprocess.run([sys.executable, "scripts/efa_engine_dockerfile.py", STACK], capture_output=True,
+                             text=True, timeout=60, cwd=stack_file(STACK).parents[1])
+    assert printed.returncode == 0 and printed.stdout.startswith("# kimi-fleet: vllm/vllm-openai:v0.22.1")
+    assert catalog.EFA_INSTALLER.sha256 in printed.stdout
+    with pytest.raises(StackSpecError, match="by digest"):
+        resolved(target={**shipped_values()["target"], "kubernetes": {
+            **shipped_values()["target"]["kubernetes"], "efaEngineImage": "registry.example.com/efa:latest"}})
+
+
+def test_the_stack_with_its_efa_image_deploys(stack):
+    r, sizing, objects = stack
     assert r.multi_node and r.nodes_per_replica == 2 and r.pipeline_parallel == 2 and r.tensor_parallel == 8
     assert r.target.multi_node_missing(r) is None
+    for role in ("leaderTemplate", "workerTemplate"):
+        assert container(group(objects)[role], "engine")["image"] == EFA_ENGINE_IMAGE
     assert check_rules(r)[0] == []
     files = render_artifacts(r, sizing, render_launch(r))  # no refusal: the stack deploys
     assert "kind: LeaderWorkerSet" in files["kubernetes.yaml"]
@@ -402,7 +429,7 @@ def integral(value):
 def mocked():
     from tests.test_k8s_component import run_kubernetes_endpoint
 
-    return run_kubernetes_endpoint(STACK)
+    return run_kubernetes_endpoint(STACK, r=resolved())
 
 
 def test_the_component_declares_the_group_as_a_custom_resource_not_awaited(mocked, stack):

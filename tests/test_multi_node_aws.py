@@ -13,6 +13,7 @@ from kimi_fleet.launch import REPLICA_PEERS_ENV, replica_launches
 from kimi_fleet.node_files import SecretsSource, render_node_files
 from kimi_fleet.rules import check_rules
 from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import PROJECT_ROOT
 from tests.test_aws_stacks import HF_TOKEN, INSTANCE, LT, SG, resolved, run_endpoint, with_capacity
 
 STACK = "h100-int4-vllm"
@@ -105,7 +106,15 @@ def test_each_rank_boots_its_own_release_with_the_leaders_address(run):
     peers = {rank: next(a for a in args if a.startswith(f"--env={REPLICA_PEERS_ENV}=")) for rank, args in argv.items()}
     assert peers[0] == peers[1]
     assert bundles[0][1]["replica"]["serves_api"] and not bundles[1][1]["replica"]["serves_api"]
-    assert "--device=/dev/infiniband" in argv[1] and "--volume=/opt/amazon:/opt/amazon:ro" in argv[1]
+    assert "--device=/dev/infiniband" in argv[1]
+    # Each rank runs the pinned image with the EFA userspace built in, from the Dockerfile its release carries.
+    for rank, (files, facts) in bundles.items():
+        image = argv[rank][argv[rank].index("--entrypoint") + 2]
+        assert image.startswith("kimi-fleet/engine-efa:")
+        (dockerfile,) = [text for path, text in files.items() if path.endswith("/Dockerfile")]
+        assert f"/etc/kimi-fleet/images/{image.split(':')[1]}/Dockerfile" in files
+        assert "FROM vllm/vllm-openai:v0.22.1\n" in dockerfile and catalog.EFA_INSTALLER.sha256 in dockerfile
+        assert f"IMAGE_BUILD_DIR=/etc/kimi-fleet/images/{image.split(':')[1]}" in files["/etc/kimi-fleet/engine-0.env"]
 
 
 def test_each_rank_has_its_pointer_its_apply_and_its_volume(run):
@@ -163,3 +172,68 @@ def test_ranks_of_different_releases_never_meet():
     (other,) = ports(type(r)(r.spec.model_copy(update={"engine": engine})))
     assert port != other
     assert int(catalog.MULTI_NODE["vllm"].rendezvous_port) <= int(port) < 29501 + 200
+
+
+def test_the_efa_image_recipe_checks_the_installer_and_runs_clean_under_shellcheck(tmp_path):
+    """The Dockerfile's one RUN script, as bash runs it (SHELL bash -o pipefail): shellcheck-clean,
+    refusing the installer unless its SHA-256 is the pinned one, userspace only."""
+    import shutil
+    import subprocess
+
+    from kimi_fleet.launch import efa_image_build
+
+    build = efa_image_build("vllm/vllm-openai:v0.22.1")
+    lines = build.dockerfile.splitlines()
+    assert lines.count("FROM vllm/vllm-openai:v0.22.1") == 1
+    assert 'SHELL ["/bin/bash", "-o", "pipefail", "-c"]' in lines
+    start = next(i for i, line in enumerate(lines) if line.startswith("RUN "))
+    script = []
+    for line in lines[start:]:
+        script.append(line.removeprefix("RUN ").rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    body = "\n".join(script)
+    assert f'echo "{catalog.EFA_INSTALLER.sha256}  /tmp/efa-installer.tar.gz" | sha256sum -c -' in body
+    assert "--skip-kmod" in body and catalog.EFA_INSTALLER.url in body
+    assert build.tag == f"kimi-fleet/engine-efa:{build.digest[:16]}"
+    if shutil.which("shellcheck"):
+        path = tmp_path / "run.sh"
+        path.write_text("#!/bin/bash\nset -o pipefail\n" + body.replace(";", ";\n") + "\n")
+        checked = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout
+    # Another installer or base is another image: never a stale one reused under the same tag.
+    assert efa_image_build("vllm/vllm-openai:v0.22.0").tag != build.tag
+
+
+def test_a_release_builds_its_efa_image_from_the_staged_dockerfile_never_pulls_it(tmp_path, monkeypatch):
+    """Before the swap, while the old engines serve: the applier builds the rank's EFA image from the
+    Dockerfile the staged release carries (a local tag cannot be pulled), and pulls a pinned one."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "apply_release", PROJECT_ROOT / "kimi_fleet/node_scripts/apply_release.py")
+    applier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(applier)
+    r = resolved(STACK)
+    launch = replica_launches(r, ("10.0.1.10", "10.0.1.11"))[1]
+    staged = tmp_path / "staged"
+    for file in render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=1,
+                                  ebs_volume_id="vol-0123456789abcdef0").values():
+        target = staged / file.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(file.content)
+    ((image, build_dir),) = applier.engine_images(staged)
+    assert image == launch.image and build_dir == launch.build.context_dir
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "docker").write_text(f"#!/bin/bash\necho \"$@\" >>{tmp_path / 'docker.log'}\n"
+                                  "[ \"$1\" != image ]\n")  # nothing on the node yet
+    (tools / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    applier.ensure_image(staged, image, build_dir)
+    applier.ensure_image(staged, "vllm/vllm-openai:v0.22.1", "")
+    calls = (tmp_path / "docker.log").read_text().splitlines()
+    assert calls == [f"image inspect {image}", f"build --tag {image} {staged}{build_dir}",
+                     "image inspect vllm/vllm-openai:v0.22.1", "pull vllm/vllm-openai:v0.22.1"]
+    assert (staged / build_dir.lstrip("/") / "Dockerfile").read_text() == launch.build.dockerfile

@@ -150,7 +150,7 @@ def test_single_node_change_is_applied_in_place_and_the_gate_checks_the_new_rele
     (old_bundle,), (new_bundle,) = before.of_type(BUNDLE), after.of_type(BUNDLE)
     assert old_bundle["inputs"]["key"] != new_bundle["inputs"]["key"]
     digest = new_bundle["inputs"]["key"].removeprefix("releases/").removesuffix(".json")
-    assert _apply_command(after).endswith(f"--expect {digest}") and _apply_command(before) != _apply_command(after)
+    assert f"--expect {digest};" in _apply_command(after) and _apply_command(before) != _apply_command(after)
     (association,) = after.of_type(ASSOCIATION)
     assert association["inputs"]["targets"] == [{"key": "InstanceIds", "values": [f"{new_instance['name']}-id"]}]
     assert association["inputs"]["waitForSuccessTimeoutSeconds"] > 0

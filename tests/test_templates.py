@@ -39,6 +39,11 @@ def test_every_template_file_is_rendered_and_no_marker_survives():
     # The managed mirror's fill instance (a stack with weights.mirror: managed).
     managed = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
     texts.append(render_artifacts(managed, size(managed), render_launch(managed))["mirror-fill-user-data.yaml"])
+    # A multi-node rank's EFA engine image (its release carries the Dockerfile).
+    multi = Resolved(load_stack_config(stack_file("h100-int4-vllm")).spec())
+    texts += [f.content for f in node_files.render_node_files(
+        multi, render_launch(multi, 1), size(multi), secrets=node_files.SecretsSource("files"),
+        ebs_volume_id="vol-0123456789abcdef0", node_rank=1).values()]
     for text in texts:
         assert not templates.MARKER.search(text), text[:200]
     # Each template shows up in a node file or a review artifact, by its longest plain line.

@@ -243,3 +243,25 @@ except apply_release.ReleaseFailed as failure:
         assert outcome["seconds"] < 3  # not the whole budget
     else:
         assert outcome["reason"].startswith("not admitted within")  # the old start's verdict did not count
+
+
+def test_a_node_whose_first_boot_never_got_a_bundle_installs_it_through_its_boot_loader(tmp_path):
+    """A rank's boot loader gives up waiting for its pointer when its peer takes longer to launch;
+    the association's next run finds no applier and hands over to the frozen boot loader instead of
+    failing on every `pulumi up` until the node is replaced by hand."""
+    from components.node_release import apply_command
+    from kimi_fleet.boot_stub import BOOT_LOADER
+
+    assert not Path(node_files.APPLY_RELEASE).exists()  # this machine is no node
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text(f"#!/bin/bash\necho \"$@\" >{tmp_path / 'ran'}\n")
+    (stubs / "python3").chmod(0o755)
+    digest = "ab" * 32
+    result = subprocess.run(["bash", "-c", apply_command("/kimi-fleet/h100-int4-vllm/release-rank-1", "us-east-1",
+                                                         digest)],
+                            env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ran").read_text().split() == [
+        BOOT_LOADER, "--pointer", "/kimi-fleet/h100-int4-vllm/release-rank-1", "--region", "us-east-1"]

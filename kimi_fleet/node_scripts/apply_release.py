@@ -316,13 +316,28 @@ def settings(root: Path) -> dict[str, str]:
     return values
 
 
-def engine_images(staged: Path) -> list[str]:
+def engine_images(staged: Path) -> list[tuple[str, str]]:
+    """(image, the directory its Dockerfile is in on the node, or "" for an image pulled as pinned)."""
     images = []
     for env_file in sorted((staged / "etc/kimi-fleet").glob("engine-*.env")):
-        for line in env_file.read_text().splitlines():
-            if line.startswith("IMAGE=") and line[6:] not in images:
-                images.append(line[6:])
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+        image = (values.get("IMAGE", ""), values.get("IMAGE_BUILD_DIR", ""))
+        if image[0] and image not in images:
+            images.append(image)
     return images
+
+
+def ensure_image(staged: Path, image: str, build_dir: str) -> None:
+    """The engine image on the node: pulled as pinned, or built from the staged release's Dockerfile
+    (its directory on the node, under `staged`: the new files are not live yet)."""
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0:
+        return
+    command = (["docker", "build", "--tag", image, str(staged / build_dir.lstrip("/"))] if build_dir
+               else ["docker", "pull", image])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Transient(f"docker {command[1]} {image}: {done.stderr.strip()[-300:]}")
 
 
 def prepare(staged: Path, wait_seconds: float, first_delay: float) -> None:
@@ -334,18 +349,10 @@ def prepare(staged: Path, wait_seconds: float, first_delay: float) -> None:
         raise ReleaseFailed(f"preparing it failed (kimi-bootstrap --prepare exit {result.returncode}; "
                             "see /var/log/kimi-fleet/bootstrap.log)", [])
 
-    def pull(image: str):
-        def attempt():
-            if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0:
-                return
-            pulled = subprocess.run(["docker", "pull", image], capture_output=True, text=True)
-            if pulled.returncode != 0:
-                raise Transient(f"docker pull {image}: {pulled.stderr.strip()[-300:]}")
-        return attempt
-
-    for image in engine_images(staged):
-        retrying(f"engine image {image}", pull(image), wait_seconds, first_delay)
-        log(f"engine image {image} on the node")
+    for image, build_dir in engine_images(staged):
+        retrying(f"engine image {image}", lambda image=image, build_dir=build_dir: ensure_image(staged, image, build_dir),
+                 wait_seconds, first_delay)
+        log(f"engine image {image} on the node" + (" (built from its pinned base)" if build_dir else ""))
 
 
 def engine_start(index: int) -> str | None:

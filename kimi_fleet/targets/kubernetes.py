@@ -29,7 +29,15 @@ class Kubernetes(Target):
     def multi_node_missing(self, r: Resolved) -> str | None:
         # A LeaderWorkerSet group (k8s_manifests.leader_worker_set): every rank's pod with the fabric's
         # devices, the leader's address from LWS, a fabric check on every rank; problems() below
-        # refuses what it cannot run.
+        # refuses what it cannot run. The pods run an image with the EFA userspace, which the cluster
+        # cannot build: until the stack names it by digest, the group is planned, not deployed.
+        k8s = r.spec.target.kubernetes
+        if k8s.rdma_resource == catalog.EFA_K8S_RESOURCE and k8s.efa_engine_image is None:
+            return ("the engine image with the EFA userspace (target.kubernetes.efaEngineImage, by digest: build "
+                    f"the Dockerfile `.venv/bin/python scripts/efa_engine_dockerfile.py {r.spec.stack}` prints, "
+                    f"the pinned {r.image} plus the EFA installer "
+                    f"{catalog.EFA_INSTALLER.version} checked by its SHA-256, push it where the nodes pull, and "
+                    "set its digest; a cluster's nodes cannot build it)")
         return None
 
     def problems(self, r: Resolved) -> Iterator[str]:
