@@ -1204,3 +1204,44 @@ SGLANG_DP_ATTENTION_CHUNK = PostInitRule(
     source=Source("sglang 0.5.9 and 0.5.12.post1 wheels from PyPI, server_args.py read and run "
                   "(tests/test_sglang_effective.py)", "2026-12-07"),
 )
+
+
+# --- Each engine's own serving benchmark (scripts/bench_throughput.py, issue 25, item 3) -------
+
+
+@dataclass(frozen=True)
+class BenchmarkTool:
+    """How to run an engine's own benchmark against an OpenAI chat endpoint. `args` are formatted with
+    base_url, tokenizer, served, input, output, prompts, concurrency, result, result_dir, result_name;
+    the tool reads the key from OPENAI_API_KEY and sends it as a Bearer token."""
+
+    engine: EngineName
+    command: tuple[str, ...]
+    args: tuple[str, ...]
+    source: Source
+
+
+BENCHMARK_TOOLS: dict[str, BenchmarkTool] = {
+    t.engine: t
+    for t in (
+        BenchmarkTool(
+            "vllm", ("vllm", "bench", "serve"),
+            ("--backend", "openai-chat", "--base-url", "{base_url}", "--endpoint", "/v1/chat/completions",
+             "--model", "{tokenizer}", "--served-model-name", "{served}", "--trust-remote-code",
+             "--dataset-name", "random", "--random-input-len", "{input}", "--random-output-len", "{output}",
+             "--num-prompts", "{prompts}", "--max-concurrency", "{concurrency}", "--ignore-eos",
+             "--save-result", "--result-dir", "{result_dir}", "--result-filename", "{result_name}"),
+            Source("vllm 0.22.1 wheel: vllm/benchmarks/serve.py add_cli_args (parsed there by tests/test_throughput.py), "
+                   "benchmarks/lib/endpoint_request_func.py:148 (OPENAI_API_KEY)", "2026-12-07")),
+        # EOS is ignored by default (--disable-ignore-eos); random-ids needs no ShareGPT download;
+        # range ratio 1.0: fixed lengths. One JSON line is appended per run.
+        BenchmarkTool(
+            "sglang", ("python3", "-m", "sglang.bench_serving"),
+            ("--backend", "sglang-oai-chat", "--base-url", "{base_url}", "--model", "{served}",
+             "--tokenizer", "{tokenizer}", "--dataset-name", "random-ids", "--random-input-len", "{input}",
+             "--random-output-len", "{output}", "--random-range-ratio", "1.0", "--num-prompts", "{prompts}",
+             "--max-concurrency", "{concurrency}", "--output-file", "{result}"),
+            Source("sglang 0.5.12.post1 wheel: sglang/bench_serving.py (parser under __main__, :1939; "
+                   "OPENAI_API_KEY :117; result keys :1589-1617)", "2026-12-07")),
+    )
+}

@@ -6,6 +6,8 @@ shows the per-user speed and the fact's name beside the price, and `plan.py --al
 from __future__ import annotations
 
 import copy
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +142,76 @@ def test_plan_all_has_the_per_user_column_and_the_ranked_section():
                          text=True, cwd=ROOT, timeout=600).stdout
     assert out.splitlines()[0].split()[-2:] == ["tok/s/u", "market"]
     assert "$/M output tokens, ranked" in out and "not priced:" in out
+
+
+# --- scripts/bench_throughput.py (issue 25, item 3) ----------------------------------------------
+
+#: vllm bench serve's own result keys (vllm 0.22.1 benchmarks/serve.py), with seed 004's figures.
+SEED_004_RESULT = {"output_throughput": 1181.84, "mean_tpot_ms": 24.35, "max_concurrency": 32, "completed": 32}
+FAKE_VLLM = r"""#!/usr/bin/env python3
+import json, os, sys
+argv = sys.argv[1:]
+assert argv[:2] == ["bench", "serve"], argv
+assert os.environ["OPENAI_API_KEY"] == "sk-test" and "sk-test" not in argv
+out = os.path.join(argv[argv.index("--result-dir") + 1], argv[argv.index("--result-filename") + 1])
+json.dump(%s, open(out, "w"))
+""" % json.dumps(SEED_004_RESULT)
+
+
+def bench():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_throughput
+
+    return bench_throughput
+
+
+def test_bench_result_becomes_a_fact_in_the_catalogs_format():
+    b = bench()
+    r = Resolved(load_stack_config(stack_file("gb200-int4-vllm")).spec())
+    doc = b.fact_from_result(r, SEED_004_RESULT, catalog.CHAT, 32, "https://kimi-gb200.example.com", "2026-12-07")
+    fact = b.throughput_from_fact(json.loads(json.dumps(doc)))
+    assert fact.output_tokens_per_second_per_gpu == FACTS["seed004-gb200-int4-tp4-8k1k"].output_tokens_per_second_per_gpu
+    assert fact.per_user_tokens_per_second == pytest.approx(41.1, abs=0.05) and fact.concurrency == 32
+    assert (fact.model, fact.engine, fact.accelerator, fact.checkpoint, fact.layout) == (
+        PRICED_MODEL, "vllm", "gb200", "int4", stack_layout(r))
+    assert fact.workload.kind == "chat" and "prefix" in fact.conditions and fact.source.date == "2026-12-07"
+
+
+def test_bench_runs_the_engines_tool_with_the_key_in_its_environment_only(tmp_path):
+    (tmp_path / "vllm").write_text(FAKE_VLLM)
+    (tmp_path / "vllm").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "KIMI_API_KEY": "sk-test"}
+    run = subprocess.run([sys.executable, "scripts/bench_throughput.py", "run", "h200-int4-vllm", "--base-url",
+                          "https://kimi.example.com/", "--out", str(tmp_path / "out")], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    fact = json.loads((tmp_path / "out" / "h200-int4-vllm-chat-c32.fact.json").read_text())
+    assert fact["output_tokens_per_second_per_gpu"] == round(1181.84 / 16, 2)  # 2 replicas x 8 GPUs
+    assert fact["engines"] == 2 and fact["workload"]["input_tokens"] == catalog.CHAT.input_tokens
+
+
+@pytest.mark.parametrize("stack,tool", [("h200-int4-vllm", ["vllm", "bench", "serve"]),
+                                        ("h200-int4-sglang", ["python3", "-m", "sglang.bench_serving"])])
+def test_bench_argv_uses_the_recipes_workload_through_the_proxy(stack, tool, tmp_path):
+    b = bench()
+    r = Resolved(load_stack_config(stack_file(stack)).spec())
+    argv = b.tool_argv(r, "https://kimi.example.com/", catalog.AGENTIC, 16, 160, tmp_path / "r.json")
+    assert argv[:len(tool)] == tool and argv[argv.index("--base-url") + 1] == "https://kimi.example.com"
+    assert argv[argv.index("--random-input-len") + 1] == "65536" and argv[argv.index("--random-output-len") + 1] == "400"
+    assert argv[argv.index("--max-concurrency") + 1] == "16" and r.spec.model.served_name in argv
+
+
+def test_bench_argv_parses_in_vllms_own_parser(tmp_path):
+    """With KIMI_FLEET_VLLM_PYTHON pointing at an interpreter holding the pinned vllm wheel."""
+    python = os.environ.get("KIMI_FLEET_VLLM_PYTHON")
+    if not python:
+        pytest.skip("set KIMI_FLEET_VLLM_PYTHON to an interpreter holding the pinned vllm wheel")
+    r = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
+    argv = bench().tool_argv(r, "https://kimi.example.com", catalog.CHAT, 32, 320, tmp_path / "r.json")[3:]
+    probe = ("import argparse, json, sys\nfrom vllm.benchmarks.serve import add_cli_args\n"
+             "p = argparse.ArgumentParser(); add_cli_args(p); ns = p.parse_args(json.loads(sys.argv[1]))\n"
+             "print(json.dumps([ns.backend, ns.endpoint, ns.served_model_name, ns.random_input_len, ns.max_concurrency]))")
+    run = subprocess.run([python, "-c", probe, json.dumps(argv)], capture_output=True, text=True, timeout=600, cwd="/")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["openai-chat", "/v1/chat/completions", "kimi-k2.6",
+                                                              1024, 32]
