@@ -253,7 +253,8 @@ def print_operations(p: dict) -> None:
               "admitted, the gate (your credentials) checks and promotes it by its SHA-256 into the stack's SSM "
               "prefix, and a node whose volume has none restores only that digest (promoted archives expire "
               f"{cache['expiry_days']} days after)"
-              if cache["shared_archive"] else "not shared between nodes (no managed mirror)")
+              if cache["shared_archive"] else "not shared between nodes (no managed mirror, or the ranks of a "
+              "multi-node replica, whose launches name their peers)")
     print(f"  compile caches: beside the weights on the {cache['volume']} volume; {shared}")
     rollout = p["rollout"]
     print(f"  release {rollout['release']} (every proxied answer carries it in X-Kimi-Fleet-Release); "
