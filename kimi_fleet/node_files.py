@@ -787,4 +787,8 @@ def render_node_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[s
     if r.target.secrets_from_ssm:
         ssm_prefix = secrets.api_key_parameter.rsplit("/", 1)[0]
         artifacts["user-data.yaml"] = render_aws_user_data(r, ssm_prefix=ssm_prefix, region=aws.region)
+        # Every other rank of a multi-node replica boots its own loader (its own release pointer).
+        for rank in range(1, r.nodes_per_replica):
+            artifacts[f"user-data-rank-{rank}.yaml"] = render_aws_user_data(r, ssm_prefix=ssm_prefix,
+                                                                             region=aws.region, node_rank=rank)
     return artifacts

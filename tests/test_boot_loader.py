@@ -200,7 +200,11 @@ def test_what_is_reviewed_in_build_is_what_the_launch_template_carries(stack):
     from tooling.mock_run import run_stack
 
     r = Resolved(load_stack_config(stack_file(stack)).spec())
-    reviewed = render_artifacts(r, size(r), render_launch(r))["user-data.yaml"]
-    (template,) = run_stack(stack).of_type("aws:ec2/launchTemplate:LaunchTemplate")
-    carried = gzip.decompress(base64.b64decode(template["inputs"]["userData"])).decode()
-    assert carried == reviewed
+    artifacts = render_artifacts(r, size(r), render_launch(r))
+    # One launch template per node of a replica (rank 0's is the single node's), in rank order.
+    templates = sorted(run_stack(stack).of_type("aws:ec2/launchTemplate:LaunchTemplate"), key=lambda t: t["name"])
+    assert len(templates) == r.nodes_per_replica
+    for rank, template in enumerate(templates):
+        reviewed = artifacts["user-data.yaml" if rank == 0 else f"user-data-rank-{rank}.yaml"]
+        carried = gzip.decompress(base64.b64decode(template["inputs"]["userData"])).decode()
+        assert carried == reviewed

@@ -114,6 +114,18 @@ def _content_number(value) -> int:
     return int(digest[:8], 16) % 1_000_000 + 1
 
 
+def _without_ignored(inputs: dict, ignored: set[str]) -> dict:
+    """The inputs without the ignored paths: top-level keys, and `list[*].key` in each item of a list
+    (Pulumi's ignoreChanges syntax), as the engine keeps their old values."""
+    kept = {k: v for k, v in inputs.items() if k not in ignored}
+    for path in ignored:
+        name, _, rest = path.partition("[*].")
+        if rest and isinstance(kept.get(name), list):
+            kept[name] = [{k: v for k, v in item.items() if k != rest} if isinstance(item, dict) else item
+                          for item in kept[name]]
+    return kept
+
+
 class EchoMocks(pulumi.runtime.Mocks):
     """Resources echo their inputs and get a stable id, plus the outputs the components read;
     lookups return plausible shapes, and a lookup nobody taught them fails the run."""
@@ -152,7 +164,7 @@ class EchoMocks(pulumi.runtime.Mocks):
             # AWS numbers each new version; here a changed template gets a different number. An ignored
             # input keeps its old value, so it makes no new version.
             ignored = set(self.ignored.get(args.name, ()))
-            state["latestVersion"] = _content_number({k: v for k, v in args.inputs.items() if k not in ignored})
+            state["latestVersion"] = _content_number(_without_ignored(dict(args.inputs), ignored))
         elif args.typ == "aws:ssm/parameter:Parameter":
             state["version"] = _content_number(args.inputs.get("value"))
         elif args.typ == "kubernetes:core/v1:Secret":
