@@ -25,7 +25,7 @@ from kimi_fleet.sizing import size
 from tests.fakes.harness import free_port, start_caddy, wait_for
 from tests.fakes.imds import start_imds
 from tests.test_aws_stacks import resolved
-from tests.test_watchdog import API_KEY, AWS_STUB, INSTANCE_ID, SYSTEMCTL_STUB
+from tests.test_watchdog import API_KEY, AWS_STUB, INSTANCE_ID, SYSTEMCTL_STUB, write_node_root
 
 STACK = "h100-int4-vllm"
 FAKE_RANK = Path(__file__).parent / "fakes" / "fake_rank.py"
@@ -88,13 +88,7 @@ def _node_root(tmp_path: Path, rank: int, r, addresses: tuple[str, str]):
     files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=rank,
                               ebs_volume_id="vol-0123456789abcdef0")
     root = tmp_path / f"rank{rank}"
-    for file in files.values():
-        target = root / file.path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(file.content)
-    key_file = root / SecretsSource("files").api_key_file.lstrip("/")
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(API_KEY)
+    write_node_root(root, files)
     stubs, state = tmp_path / f"bin{rank}", tmp_path / f"state{rank}"
     stubs.mkdir()
     state.mkdir()

@@ -81,6 +81,17 @@ def test_generation_probe_tells_a_dead_scheduler_from_a_healthy_engine(mode, exp
         assert "timed out" in result.stderr
 
 
+def write_node_root(root: Path, files: dict) -> None:
+    """A node's files under `root`, and its API key where the node keeps it."""
+    for file in files.values():
+        target = root / file.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(file.content)
+    key_file = root / SecretsSource("files").api_key_file.lstrip("/")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(API_KEY)
+
+
 def health_settings(r: Resolved) -> dict:
     """stack.json's watchdog windows as kimi_fleet.health computes them for this stack."""
     return health.watchdog_settings(health.windows(size(r), verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS,
@@ -98,13 +109,7 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
     launch = render_launch(r)
     root = tmp_path / "root"
     files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"))
-    for file in files.values():
-        target = root / file.path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(file.content)
-    key_file = root / SecretsSource("files").api_key_file.lstrip("/")
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(API_KEY)
+    write_node_root(root, files)
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for name, text in (("systemctl", SYSTEMCTL_STUB), ("aws", AWS_STUB)):

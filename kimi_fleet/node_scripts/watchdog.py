@@ -129,20 +129,29 @@ OFF_FABRIC = ("socket", "unknown")
 SERVING = ("serving", "busy", "stalled")
 
 
-def check_engine(engine: dict, model: str, watchdog: dict, now: float) -> dict:
-    """Probe one engine and decide. Returns {"unit", "verdict", "reason", "dead"}: verdict one of
-    serving, busy, stalled, restarted, loading, not started, over budget, gone; dead a reason or None."""
+def _tracked_start(engine: dict, watchdog: dict, now: float, **fresh) -> tuple[str, Path, str, str, dict]:
+    """(unit, state file, its current start, ActiveState, state): the engine's state, begun afresh
+    (with `fresh`) on a new start, with the starts within the crash-loop window."""
     unit = f"kimi-engine@{engine['index']}.service"
     state_file = STATE_DIR / f"engine-{engine['index']}.json"
     current, active = unit_state(unit)
     state = _load_state(state_file)
-    window = watchdog["crash_loop_window_seconds"]
-    starts = [t for t in state.get("starts", []) if now - t <= window]
-    last_generation = state.get("last_generation_at")
+    starts = [t for t in state.get("starts", []) if now - t <= watchdog["crash_loop_window_seconds"]]
     if current and state.get("invocation") != current:  # a new start: admit again
         starts.append(now)
-        state = {"invocation": current, "admitted": False, "stalls": 0, "started_at": now}
+        # The last generation outlives a start: the dead window spans restarts.
+        kept = {"last_generation_at": state["last_generation_at"]} if "last_generation_at" in state else {}
+        state = {"invocation": current, "admitted": False, "started_at": now, **fresh, **kept}
     state["starts"] = starts
+    return unit, state_file, current, active, state
+
+
+def check_engine(engine: dict, model: str, watchdog: dict, now: float) -> dict:
+    """Probe one engine and decide. Returns {"unit", "verdict", "reason", "dead"}: verdict one of
+    serving, busy, stalled, restarted, loading, not started, over budget, gone; dead a reason or None."""
+    unit, state_file, current, active, state = _tracked_start(engine, watchdog, now, stalls=0)
+    window, starts = watchdog["crash_loop_window_seconds"], state["starts"]
+    last_generation = state.get("last_generation_at")
     if current and last_generation is None:
         last_generation = now  # the dead window counts from the first start the watchdog saw
     state["last_generation_at"] = last_generation
@@ -214,16 +223,8 @@ def record_fabric(transport: str, line: str, starts: list[str], now: float) -> N
 def check_headless(engine: dict, watchdog: dict, now: float, transport: str, line: str) -> dict:
     """A worker rank's engine serves nothing to probe: it is up while its unit runs and NCCL says the
     fabric carries its collectives; it is restarted when its load runs over budget or it is gone."""
-    unit = f"kimi-engine@{engine['index']}.service"
-    state_file = STATE_DIR / f"engine-{engine['index']}.json"
-    current, active = unit_state(unit)
-    state = _load_state(state_file)
-    window = watchdog["crash_loop_window_seconds"]
-    starts = [t for t in state.get("starts", []) if now - t <= window]
-    if current and state.get("invocation") != current:
-        starts.append(now)
-        state = {"invocation": current, "admitted": False, "started_at": now}
-    state["starts"] = starts
+    unit, state_file, current, active, state = _tracked_start(engine, watchdog, now)
+    window, starts = watchdog["crash_loop_window_seconds"], state["starts"]
     if not current:
         verdict, reason = "not started", "no start yet (the bootstrap has not started it)"
     elif active in PROCESS_GONE:
