@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pulumi
 import pytest
-from pulumi.runtime import mocks, settings
+from pulumi.runtime import mocks
 from pulumi.runtime.sync_await import _sync_await
 
-from tooling.mock_run import EchoMocks, MockRun, RecordingMonitor, collect_outputs, is_secret, secret_paths
+from tooling.mock_run import (EchoMocks, MockRun, RecordingMonitor, collect_outputs, forget_previous_run, is_secret,
+                               secret_paths)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "client-deployment"
@@ -53,8 +54,7 @@ def run_example(outputs: dict = FLEET_OUTPUTS, secret_names: list[str] | None = 
     pulumi.runtime.set_all_config({f"{PROJECT}:fleetStack": FLEET_STACK, f"{PROJECT}:clientImage": IMAGE}, [])
     mocks.set_mocks(fleet, project=PROJECT, stack="dev", preview=False,
                     monitor=RecordingMonitor(run, fleet, reveal=True))
-    settings.SETTINGS.rpc_manager.clear()
-    settings.SETTINGS.outputs.clear()
+    forget_previous_run()
 
     def program():
         names = runpy.run_path(str(EXAMPLE / "__main__.py"), run_name="__pulumi_program__")

@@ -253,8 +253,17 @@ def _install_mocks(run: MockRun, reveal: bool) -> None:
     mocks_impl = EchoMocks()
     monitor = RecordingMonitor(run, mocks_impl, reveal)
     mocks.set_mocks(mocks_impl, project="kimi-fleet", stack=run.stack, preview=False, monitor=monitor)
+    forget_previous_run()
+
+
+def forget_previous_run() -> None:
+    """What an earlier program left in the process: pending outputs, and the exports on the mock root
+    stack (set_mocks keeps the root stack of the first run, so another program would see them)."""
     settings.SETTINGS.rpc_manager.clear()
     settings.SETTINGS.outputs.clear()
+    root = settings.get_root_resource()
+    if root is not None:
+        root.outputs.clear()
 
 
 def run_components(declare: Callable[[], Mapping[str, Any]], stack: str, *,
