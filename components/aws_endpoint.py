@@ -25,7 +25,7 @@ from components.node_secrets import NodeSecrets, NodeSecretsArgs
 from components.weight_volume import WeightVolume, WeightVolumeArgs
 from components.weights_mirror import WeightsMirror, WeightsMirrorArgs
 from kimi_fleet import catalog, health
-from kimi_fleet.launch import replica_launches
+from kimi_fleet.launch import Launch, replica_launches
 from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
     SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
@@ -37,6 +37,21 @@ WORKLOAD_TAG = "kimi-fleet:workload"
 #: A multi-node replica's node carries its rank.
 REPLICA_RANK_TAG = "kimi-fleet:rank"
 MARKET_TAG = "kimi-fleet:market"
+
+
+def _release_bundle(args: AwsEndpointArgs, secrets: NodeSecrets, ssm_prefix: str, volume_id: pulumi.Input[str],
+                    manifest_sha256: pulumi.Input[str | None], launch: pulumi.Input[Launch],
+                    node_rank: int = 0) -> pulumi.Output[str]:
+    """A node's release bundle: its files, with the secrets' versions, its weights volume, the pinned
+    mirror manifest and its launch (a replica's rank's is known once every rank's address is)."""
+    r, region = args.resolved, args.resolved.spec.target.aws.region
+    return pulumi.Output.all(volume_id, secrets.api_key_version, manifest_sha256, secrets.previous_api_key_version,
+                             launch).apply(
+        lambda values: release_bundle(render_node_files(
+            r, values[4], args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2], node_rank=node_rank,
+            secrets=SecretsSource.ssm(ssm_prefix, region, hf_token=args.hf_token is not None,
+                                      api_key_version=values[1], previous_api_key=args.previous_api_key is not None,
+                                      previous_api_key_version=values[3]))))
 
 
 @dataclass
@@ -180,14 +195,7 @@ class AwsEndpoint(pulumi.ComponentResource):
         # is the frozen boot loader. One node takes releases in place through the pointer; a fleet's
         # release is an instance tag of its template (GpuNode): a new one is a new template version,
         # which the gate's instance refresh rolls out.
-        bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256,
-                                   secrets.previous_api_key_version).apply(
-            lambda values: release_bundle(render_node_files(
-                r, args.launch, args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2],
-                secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
-                                          api_key_version=values[1],
-                                          previous_api_key=args.previous_api_key is not None,
-                                          previous_api_key_version=values[3]))))
+        bundle = _release_bundle(args, secrets, ssm_prefix, volume.volume_id, manifest_sha256, args.launch)
         # Known at preview: the user data names no release (a fleet's travels as an instance tag).
         user_data = render_aws_user_data(r, ssm_prefix=ssm_prefix, region=target.region)
 
@@ -244,15 +252,8 @@ class AwsEndpoint(pulumi.ComponentResource):
             ranks.append((rank, volume, node))
         addresses = pulumi.Output.all(*[node.private_ip for _, _, node in ranks])
         for rank, volume, node in ranks:
-            bundle = pulumi.Output.all(volume.volume_id, secrets.api_key_version, manifest_sha256,
-                                       secrets.previous_api_key_version, addresses).apply(
-                lambda values, rank=rank: release_bundle(render_node_files(
-                    r, replica_launches(r, tuple(values[4]))[rank],
-                    args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2], node_rank=rank,
-                    secrets=SecretsSource.ssm(ssm_prefix, target.region, hf_token=args.hf_token is not None,
-                                              api_key_version=values[1],
-                                              previous_api_key=args.previous_api_key is not None,
-                                              previous_api_key_version=values[3]))))
+            launch = addresses.apply(lambda values, rank=rank: replica_launches(r, tuple(values))[rank])
+            bundle = _release_bundle(args, secrets, ssm_prefix, volume.volume_id, manifest_sha256, launch, rank)
             NodeRelease(f"{name}-rank{rank}-release", NodeReleaseArgs(
                 stack=r.spec.stack, region=target.region, bundle=bundle,
                 pointer_name=release_pointer(ssm_prefix, rank), instance_id=node.node_ids.apply(lambda ids: ids[0]),

@@ -668,7 +668,7 @@ def _with_fabric(r: Resolved, resources: dict, security: dict) -> tuple[dict, di
     containers get no unlimited memlock as `docker run --ulimit memlock=-1` does on nodes)."""
     k8s = r.spec.target.kubernetes
     extra = {k8s.rdma_resource: str(k8s.rdma_devices)} if k8s.rdma_resource and k8s.rdma_devices else {}
-    if k8s.rdma_resource == EFA_RESOURCE:
+    if _on_efa(r):
         extra["hugepages-2Mi"] = catalog.EFA_K8S_HUGEPAGES_2MI
     resources = {**resources, "requests": {**resources["requests"], **extra}, "limits": {**resources["limits"], **extra}}
     security = {**security, "capabilities": {"add": ["IPC_LOCK"]}}

@@ -89,7 +89,6 @@ class EngineInstance:
 class ImageBuild:
     """An engine image the node builds (docker build) from the pinned one: its tag names the
     Dockerfile's SHA-256, so a changed recipe is a new image and the old one is never reused."""
-    base: str
     dockerfile: str
 
     @property
@@ -109,7 +108,7 @@ class ImageBuild:
 def efa_image_build(base: str) -> ImageBuild:
     """`base` with the AWS EFA userspace from the digest-pinned installer (catalog.EFA_INSTALLER)."""
     efa = catalog.EFA_INSTALLER
-    return ImageBuild(base=base, dockerfile=templates.render(
+    return ImageBuild(dockerfile=templates.render(
         "efa-engine.Dockerfile", BASE=base, VERSION=efa.version, LIBFABRIC=efa.libfabric, OFI_NCCL=efa.aws_ofi_nccl,
         RDMA_CORE=efa.rdma_core, URL=efa.url, SHA256=efa.sha256, LIBRARY_PATH=":".join(efa.library_path)))
 
@@ -206,12 +205,12 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
     spec = r.spec
     weights_dir = f"{spec.weights.host_path}/{r.weights_dir_name}"
     per_engine = r.gpus_per_engine
+    net_args, net_env = fabric_args(r)
     instances = []
     for index in range(r.engines_per_node):
         port = r.engine.port + index
         device_ids = tuple(range(index * per_engine, (index + 1) * per_engine))
         dev_args, dev_env = device_args(r, device_ids)
-        net_args, net_env = fabric_args(r)
         # The fabric's settings last: NCCL's transport line is what the fabric check reads.
         env = {"HF_HUB_OFFLINE": "1", **compile_cache_env(spec.engine.name), **dev_env, **r.quirk_env,
                **spec.engine.env, **net_env, **replica_env(r, own_address, peers)}
@@ -231,7 +230,7 @@ def render_launch(r: Resolved, node_rank: int = 0, leader: str = LEADER_PLACEHOL
             probe=Probe(r.engine.health_path, port, runs_generation=r.engine.health_runs_generation),
         ))
     # A rank on an EFA fabric runs the pinned image with the EFA userspace built in (the node builds it).
-    build = efa_image_build(r.image) if fabric_args(r)[0] else None
+    build = efa_image_build(r.image) if net_args else None
     return Launch(
         engine=spec.engine.name,
         image=build.tag if build else r.image,

@@ -306,22 +306,26 @@ def rerun_bootstrap(boot: bool) -> None:
         raise RuntimeError(f"kimi-bootstrap.service failed: {result.stderr.strip()[-300:]}")
 
 
-def settings(root: Path) -> dict[str, str]:
-    """node.env as data (KEY=VALUE lines; never sourced)."""
+def env_values(path: Path) -> dict[str, str]:
+    """A node's KEY=VALUE file (node.env, an engine's env file) as data; never sourced."""
     values = {}
-    for line in (root / NODE_ENV).read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
             values[key] = value
     return values
 
 
+def settings(root: Path) -> dict[str, str]:
+    """node.env as data."""
+    return env_values(root / NODE_ENV)
+
+
 def engine_images(staged: Path) -> list[tuple[str, str]]:
     """(image, the directory its Dockerfile is in on the node, or "" for an image pulled as pinned)."""
     images = []
     for env_file in sorted((staged / "etc/kimi-fleet").glob("engine-*.env")):
-        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
-                      if "=" in line and not line.startswith("#"))
+        values = env_values(env_file)
         image = (values.get("IMAGE", ""), values.get("IMAGE_BUILD_DIR", ""))
         if image[0] and image not in images:
             images.append(image)

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admission import run_suite  # noqa: E402  (shipped beside this file)
 from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
-from fabric_check import classify, verdict_line  # noqa: E402
+from fabric_check import Verdict, classify, verdict_line  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 
@@ -186,7 +186,7 @@ def engine_fabric(engine: dict, replica: dict, current: str):
     kept_file = STATE_DIR / f"fabric-{engine['index']}.json"
     kept = _load_state(kept_file)
     if kept.get("invocation") == current and kept.get("transport") not in (None, "unknown"):
-        return classify("", {}, [])._replace(transport=kept["transport"], evidence=kept["evidence"])
+        return Verdict(kept["transport"], kept["evidence"])
     text = engine_log(current)
     transports = replica["transports"]
     verdict = classify(text or "", transports["fabric"], transports["socket"])
@@ -202,7 +202,7 @@ def fabric_verdict(engines: list[dict], replica: dict) -> tuple[str, str, list[s
     for engine in engines:
         current = invocation(f"kimi-engine@{engine['index']}.service")
         if not current:
-            return "unknown", verdict_line(replica["rank"], classify("", {}, [])), starts
+            return "unknown", verdict_line(replica["rank"], Verdict("unknown", "")), starts
         starts.append(current)
         verdicts.append(engine_fabric(engine, replica, current))
     worst = next((v for v in verdicts if v.transport == "socket"), None) or next(
