@@ -274,6 +274,9 @@ def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
         yield (f"{_f('parallelism.dataParallel', p.data_parallel)}: data parallel across nodes (Moonshot's DP16 + "
                "expert parallel) is not rendered: a multi-node replica is tensor parallel inside each node and "
                "one pipeline stage per node, the layout vLLM's recipes give for 16 Hopper GPUs")
+    if spec.capacity.scaling is not None:
+        yield (f"{_f('capacity.scaling', spec.capacity.scaling.max_replicas)}: a multi-node replica does not scale: "
+               "one replica per stack (below), and a second would need a second placement group and fabric check")
     if spec.capacity.replicas > 1:
         yield (f"{_f('capacity.replicas', spec.capacity.replicas)}: one multi-node replica per stack: a fleet's "
                "group, refresh and health treat one instance as one replica, so a rolling refresh would stop "

@@ -433,6 +433,36 @@ TargetSpec = Annotated[AwsTargetSpec | KubernetesTargetSpec | HostTargetSpec, Fi
 TARGET_KINDS = ("aws", "kubernetes", "host")
 
 
+class ScalingSpec(Spec):
+    """Replicas that follow the queue: the range, and the load one replica is sized for."""
+    min_replicas: Annotated[int, Field(ge=0, le=64)] = 1
+    """fewest replicas; 0 (scale to zero) only for batch work, which can wait a cold start."""
+    max_replicas: Annotated[int, Field(ge=1, le=64)]
+    """most replicas (the cost ceiling: the plan prints it per hour)."""
+    waiting_per_replica: Annotated[float, Field(gt=0, le=10_000)] | None = None
+    """target: requests waiting in each replica's engine queue (vllm:num_requests_waiting,
+    sglang:num_queue_reqs); more than this adds replicas, less removes them."""
+    ttft_p99_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
+    """target: the replicas' p99 time to first token; above it adds replicas."""
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "ScalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"capacity.scaling.minReplicas {self.min_replicas} exceeds "
+                             f"capacity.scaling.maxReplicas {self.max_replicas}")
+        targets = [t for t in ("waiting_per_replica", "ttft_p99_seconds") if getattr(self, t) is not None]
+        if len(targets) != 1:
+            raise ValueError("capacity.scaling needs exactly one target: waitingPerReplica (requests queued "
+                             "per replica) or ttftP99Seconds (time to first token objective); given "
+                             f"{', '.join(to_camel(t) for t in targets) or 'none'}")
+        return self
+
+    @property
+    def target_metric(self) -> str:
+        """'waiting' or 'ttft': which signal the policy follows."""
+        return "waiting" if self.waiting_per_replica is not None else "ttft"
+
+
 class CapacitySpec(Spec):
     workload: Literal["interactive", "batch"] = "interactive"
     """interactive (keeps on-demand capacity) or batch (spot by default)."""
@@ -446,6 +476,9 @@ class CapacitySpec(Spec):
     max_spot_price_usd: Annotated[float, Field(gt=0, le=1000)] | None = None
     """spot price ceiling per node-hour, USD."""
     capacity_reservation_id: ReservationId | None = Field(None, description="Capacity Block reservation (cr-...)")
+    scaling: ScalingSpec | None = None
+    """replicas that follow the load (AWS fleets, Kubernetes); capacity.replicas is then the count a
+    first deploy starts with, inside the range."""
     rollout: Literal["one-at-a-time", "surge"] = Field(
         "one-at-a-time",
         description="how a new release replaces replicas (AWS fleet, Kubernetes): surge starts one extra "
@@ -458,6 +491,17 @@ class CapacitySpec(Spec):
         if self.market:
             return self.market
         return "on-demand" if self.workload == "interactive" else "spot"
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas the stack may run at its peak: the scaling range's top, else the fixed count."""
+        return self.scaling.max_replicas if self.scaling else self.replicas
+
+    @property
+    def is_fleet(self) -> bool:
+        """More than one replica at some point: a group (AWS) or a Deployment that scales (Kubernetes),
+        each replica with storage of its own."""
+        return self.most_replicas > 1
 
     @property
     def effective_on_demand_base(self) -> int:
@@ -480,9 +524,37 @@ class CapacitySpec(Spec):
                 "capacity: an interactive stack on spot needs capacity.onDemandBase >= 1: a spot "
                 "interruption would otherwise abort live sessions (seed 000)"
             )
+        if self.scaling is not None:
+            low, high = self.scaling.min_replicas, self.scaling.max_replicas
+            if not low <= self.replicas <= high:
+                raise ValueError(f"capacity.replicas {self.replicas} is outside capacity.scaling's range "
+                                 f"{low}-{high}: it is the count a first deploy starts with")
+            if low == 0 and self.workload != "batch":
+                raise ValueError("capacity.scaling.minReplicas 0 (scale to zero) is for capacity.workload batch: "
+                                 "an interactive client would wait a whole cold start for its first token")
+            if self.on_demand_base is not None and self.on_demand_base > low:
+                raise ValueError(f"capacity.onDemandBase {self.on_demand_base} exceeds capacity.scaling.minReplicas "
+                                 f"{low}: scaling in would have to remove on-demand replicas the stack keeps")
         if self.max_spot_price_usd is not None and self.effective_market != "spot":
             raise ValueError("capacity.maxSpotPriceUsd given but the market is not spot")
         return self
+
+
+class MonitoringSpec(Spec):
+    """What the alerts hold the endpoint to: one set of thresholds for the Prometheus rules, the
+    CloudWatch alarms and the dashboards' marker lines."""
+    ttft_p99_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    """time to first token objective (p99 over 5 minutes); the alert fires above it."""
+    kv_cache_full_ratio: Annotated[float, Field(gt=0.5, le=1.0)] = 0.95
+    """KV cache use (0-1) that counts as near full: new requests start to queue or be preempted."""
+    error_ratio: Annotated[float, Field(gt=0, le=1.0)] = 0.05
+    """share of requests answered 5xx over 5 minutes that fires the error alert."""
+    unauthorized_per_second: Annotated[float, Field(gt=0, le=10_000)] = 1.0
+    """rate of 401 answers (wrong or missing key) that fires the key alert: a leaked old key, or a scan."""
+    queue_growing_minutes: Annotated[int, Field(ge=1, le=120)] = 10
+    """how long requests must keep waiting and the queue keep growing before the alert fires."""
+    stalled_minutes: Annotated[int, Field(ge=1, le=60)] = 5
+    """how long an engine with running requests may generate no token before the alert fires."""
 
 
 class VerificationSpec(Spec):
@@ -541,6 +613,8 @@ class StackSpec(Spec):
     """rotating the endpoint's API key with an overlap (old and new both accepted)."""
     verification: VerificationSpec = VerificationSpec()
     """the post-deploy verification gate."""
+    monitoring: MonitoringSpec = MonitoringSpec()
+    """alert thresholds and objectives (metrics, dashboards and alerts are always on)."""
     budget_per_hour_usd: Annotated[float, Field(ge=1, le=10_000)] | None = None
     """hourly budget: the policy pack warns when the estimate exceeds it."""
 

@@ -28,6 +28,9 @@ class Host(Target):
         if market != "on-demand" or capacity.replicas != 1:
             yield (f"{FIELD}capacity: a host target is one machine you already have: "
                    f"market {market!r}, replicas {capacity.replicas} cannot apply (use on-demand, 1)")
+        if capacity.scaling is not None:
+            yield (f"{FIELD}capacity.scaling (given {capacity.scaling.min_replicas}-{capacity.scaling.max_replicas}): "
+                   "a host target is one machine you already have and cannot add replicas; scale on AWS or Kubernetes")
         if r.multi_node:
             yield (f"{FIELD}parallelism.nodes (given {r.spec.parallelism.nodes}): a host target is one machine; a "
                    "replica across nodes runs on AWS (placement group, EFA) or Kubernetes (LeaderWorkerSet)")
