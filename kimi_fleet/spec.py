@@ -336,6 +336,22 @@ class KubernetesTarget(Spec):
     rdma_devices: Annotated[int, Field(ge=1, le=64)] | None = None
     """devices of rdmaResource per pod, requested = limit: every EFA interface of the node
     (p5.48xlarge: 32), or 1 share of an RDMA shared device."""
+    prometheus_url: Annotated[str, Field(max_length=253, json_schema_extra={
+        "pattern": r"^https?://[a-z0-9]([a-z0-9.-]{0,200}[a-z0-9])?(:[0-9]{1,5})?$"})] | None = None
+    """the cluster's Prometheus that scrapes the stack's PodMonitor (the Prometheus Operator's), as KEDA
+    reaches it (http://prometheus-operated.monitoring.svc:9090): KEDA's trigger for capacity.scaling
+    asks it for the queue; needed when the stack scales."""
+    prometheus_labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=8)
+    """labels the Prometheus Operator selects monitors and rules by (its podMonitorSelector and
+    ruleSelector, e.g. release: kube-prometheus-stack); set on the PodMonitor and PrometheusRule."""
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _a_base_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[a-z0-9]([a-z0-9.-]{0,200}[a-z0-9])?(:[0-9]{1,5})?",
+                                                  value):
+            raise ValueError(f"{value!r} is not a Prometheus base URL (http[s]://host[:port], lowercase, no path)")
+        return value
 
     efa_engine_image: str | None = None
     """the engine image with the AWS EFA userspace for a replica over EFA pods, by digest
