@@ -1,0 +1,169 @@
+"""The scaling policy (issue 24, item 3): its range and target from the spec, its warm-up from the
+time to ready the plan prints, cooldowns sized from it, a drain bounded by the stack's longest request,
+and the HPA's rule for the replicas it asks for."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from kimi_fleet import autoscaling, health
+from kimi_fleet.autoscaling import Scaler, ScalingPolicy, desired_replicas, scaling_policy
+from kimi_fleet.k8s_manifests import pod_cold_start_seconds
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from kimi_fleet.validation import parse_spec
+
+K26_DRAFT = {"speculative": "eagle3", "speculativeDraftRepo": "lightseekorg/kimi-k2.6-eagle3-mla"}
+
+
+def variant(stack: str, scaling: dict | None, engine: dict | None = None, capacity_workload: str | None = None,
+            **top) -> Resolved:
+    """A stack of stacks/ with a scaling range (built here: stacks/ are the lead's)."""
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    if scaling is not None:
+        capacity = {k: v for k, v in values.get("capacity", {}).items() if k not in ("onDemandBase",)}
+        if capacity_workload:
+            capacity["workload"] = capacity_workload
+        values["capacity"] = {**capacity, "replicas": max(1, scaling.get("minReplicas", 1)), "scaling": scaling}
+    if engine:
+        values["engine"] = {**values["engine"], **engine}
+    values.update(top)
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def policy_of(r: Resolved) -> ScalingPolicy:
+    p = scaling_policy(r, size(r))
+    assert p is not None
+    return p
+
+
+def test_no_scaling_no_policy():
+    r = variant("h200-int4-sglang", None)
+    assert scaling_policy(r, size(r)) is None
+
+
+def test_range_and_target_come_from_the_spec():
+    p = policy_of(variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3}))
+    assert (p.min_replicas, p.max_replicas, p.metric, p.target_value, p.target) == (1, 4, "waiting", 3.0, "aws")
+    t = policy_of(variant("h200-int4-sglang", {"minReplicas": 2, "maxReplicas": 5, "ttftP99Seconds": 8}))
+    assert (t.min_replicas, t.max_replicas, t.metric, t.target_value) == (2, 5, "ttft", 8.0)
+
+
+def test_an_aws_replicas_warmup_is_the_plans_cold_start_plus_boot_and_image_pull():
+    r = variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3})
+    sizing = size(r)
+    p = scaling_policy(r, sizing)
+    assert p.instance_warmup_seconds == health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS + sizing.cold_start_seconds
+    assert sum(p.warmup_terms.values()) == p.instance_warmup_seconds
+    # A slower download is a longer warm-up, second for second: the sizing is the only source.
+    slow = variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3},
+                   weights={"source": "huggingface", "downloadGbps": 1})
+    assert (policy_of(slow).instance_warmup_seconds - p.instance_warmup_seconds
+            == size(slow).cold_start_seconds - sizing.cold_start_seconds != 0)
+
+
+def test_a_kubernetes_pods_warmup_is_the_image_pull_and_its_start_from_the_weights_volume():
+    r = variant("mi355x-int4-sglang", {"minReplicas": 1, "maxReplicas": 3, "waitingPerReplica": 2})
+    sizing = size(r)
+    p = scaling_policy(r, sizing)
+    assert p.target == "kubernetes"
+    expected = health.IMAGE_PULL_SECONDS + pod_cold_start_seconds(sizing)
+    if r.weights_volume == "host-path":
+        expected += sizing.download_seconds + sizing.verify_seconds
+    assert p.instance_warmup_seconds == expected
+
+
+@pytest.mark.parametrize("metric", [{"waitingPerReplica": 4}, {"ttftP99Seconds": 10}])
+def test_scale_in_waits_a_whole_time_to_ready_and_longer_than_scale_out(metric):
+    p = policy_of(variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, **metric}))
+    assert p.scale_in_cooldown_seconds >= p.instance_warmup_seconds
+    assert p.scale_in_cooldown_seconds - p.instance_warmup_seconds < 60  # rounded up to a minute, no more
+    assert p.scale_in_cooldown_seconds % 60 == 0
+    if p.metric == "waiting":  # the queue does not compound on starting replicas: one metric period
+        assert p.scale_out_cooldown_seconds == autoscaling.METRIC_PERIOD_SECONDS < p.scale_in_cooldown_seconds
+    else:  # the TTFT does: one step per time to ready
+        assert p.scale_out_cooldown_seconds >= p.instance_warmup_seconds
+
+
+def test_drain_is_the_longest_request_at_the_matching_facts_slowest_per_user_speed():
+    r = variant("h200-int4-vllm", {"minReplicas": 1, "maxReplicas": 3, "waitingPerReplica": 2}, engine=K26_DRAFT)
+    p = policy_of(r)
+    slowest = 54.86  # dynamo-h200-int4-tp8-chat's per-user speed; the agentic row is 56.06
+    assert p.drain_timeout_seconds == math.ceil(262_144 / slowest / 60) * 60
+    assert "dynamo-h200-int4-tp8-chat" in p.drain_basis
+    shorter = policy_of(variant("h200-int4-vllm", {"minReplicas": 1, "maxReplicas": 3, "waitingPerReplica": 2},
+                                engine=K26_DRAFT, contextLength=65_536))
+    assert shorter.drain_timeout_seconds == math.ceil(65_536 / slowest / 60) * 60 < p.drain_timeout_seconds
+
+
+def test_without_a_measured_speed_the_drain_is_the_stated_bound():
+    p = policy_of(variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3}))
+    assert p.drain_timeout_seconds == autoscaling.DRAIN_BOUND_SECONDS == health.LIFECYCLE_HEARTBEAT_MAX_SECONDS
+    assert "no measured decode speed" in p.drain_basis
+
+
+def _policy(**changes) -> ScalingPolicy:
+    base = dict(min_replicas=1, max_replicas=8, metric="waiting", target_value=4.0, instance_warmup_seconds=1500,
+                scale_out_cooldown_seconds=60, scale_in_cooldown_seconds=1500, drain_timeout_seconds=600,
+                replica_concurrency=16)
+    return ScalingPolicy(**{**base, **changes})
+
+
+@pytest.mark.parametrize("total,current,asked", [
+    (10, 1, 3),    # ceil(10 / 4)
+    (0, 3, 1),     # an empty queue asks for the bottom of the range
+    (100, 2, 8),   # clamped to the top
+    (8.5, 2, 2),   # 4.25 per replica is within 10% of 4: no change
+    (9.0, 2, 3),   # 4.5 per replica is not
+])
+def test_waiting_asks_for_the_queue_over_the_target_per_replica(total, current, asked):
+    assert desired_replicas(_policy(), total, current) == asked
+
+
+@pytest.mark.parametrize("ttft,current,asked", [
+    (20, 2, 4),    # ceil(2 x 20 / 10)
+    (10.5, 3, 3),  # within the tolerance
+    (2, 4, 1),     # ceil(4 x 0.2)
+    (0, 2, 1),     # no traffic: the bottom
+    (5, 0, 1),     # no replica yet any traffic wakes one
+])
+def test_ttft_multiplies_the_replicas_by_the_ratio_to_the_objective(ttft, current, asked):
+    assert desired_replicas(_policy(metric="ttft", target_value=10.0), ttft, current) == asked
+
+
+def test_scale_to_zero_wakes_on_queued_work():
+    p = _policy(min_replicas=0)
+    assert desired_replicas(p, 0, 0) == 0 and desired_replicas(p, 1, 0) == 1
+
+
+def test_the_scaler_keeps_replicas_through_a_lull_shorter_than_the_scale_in_cooldown():
+    p = _policy(scale_in_cooldown_seconds=1500)
+    scaler = Scaler(p)
+    assert scaler.step(0, 40, 1) == 8  # a burst: ten replicas' worth of queue, clamped to 8
+    replicas = 8
+    for minute in range(1, 25):  # 24 quiet minutes: shorter than the 25-minute cooldown
+        replicas = scaler.step(minute * 60, 0, replicas)
+        assert replicas == 8, minute
+    for minute in range(25, 30):
+        replicas = scaler.step(minute * 60, 0, replicas)
+    assert replicas == 1
+    # Scale-out waits its own cooldown: a second rise within the minute is not acted on.
+    scaler = Scaler(p)
+    assert scaler.step(0, 8, 1) == 2 and scaler.step(30, 16, 2) == 2 and scaler.step(60, 16, 2) == 4
+
+
+def test_what_it_absorbs_names_the_time_to_ready_the_replicas_running_and_the_drain():
+    p = policy_of(variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3}))
+    text = p.what_it_absorbs()
+    minutes = f"{p.instance_warmup_seconds / 60:.0f} min"
+    assert f"a new replica serves about {minutes} after the queue crosses its target" in text
+    assert f"1 x {p.replica_concurrency} full-context sequences" in text
+    assert f"{p.drain_timeout_seconds // 60} min" in text and "at 0 replicas" not in text
+    # Scale to zero: batch work on Kubernetes (an AWS fleet refuses it: nothing would bring a replica back).
+    batch = policy_of(variant("mi355x-int4-sglang", {"minReplicas": 0, "maxReplicas": 3, "waitingPerReplica": 2},
+                              capacity_workload="batch"))
+    assert batch.scales_to_zero and "at 0 replicas nothing answers" in batch.what_it_absorbs()
