@@ -22,6 +22,7 @@ from components.host_endpoint import HostEndpoint, HostEndpointArgs
 from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
 from components.verification_gate import VerificationGate, VerificationGateArgs, k8s_rollout_wait_seconds
 from kimi_fleet import health, k8s_manifests
+from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
 from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
@@ -65,6 +66,17 @@ def generated_api_keys(name: str, generation: int, opts: pulumi.ResourceOptions
         return slot_a, None
     slot_b = slot(f"{name}-api-key-b", generation if generation % 2 else generation - 1)
     return (slot_b, slot_a) if generation % 2 else (slot_a, slot_b)
+
+
+def _aws_rollout_seconds(r: Resolved, sizing: Sizing) -> int:
+    """An AWS fleet's instance refresh: every replica it may have (a scaling fleet may be at the top of
+    its range when the release lands) replaced one after another, and with scaling each old replica
+    may hold its termination in the drain hook for up to the drain timeout."""
+    capacity = r.spec.capacity
+    seconds = health.fleet_rollout_seconds(health.windows(
+        sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True), capacity.most_replicas)
+    policy = scaling_policy(r, sizing)
+    return seconds + (capacity.most_replicas * policy.drain_timeout_seconds if policy else 0)
 
 
 @dataclass
@@ -182,9 +194,7 @@ class Fleet(pulumi.ComponentResource):
                 # whole grace period (the refresh's warm-up): shorter, and every good release rolls back.
                 rollout_timeout_seconds=(
                     k8s_rollout_wait_seconds(k8s_manifests.rollout_wait(r, args.sizing))
-                    if r.target.renders_manifests else health.fleet_rollout_seconds(health.windows(
-                        args.sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True),
-                        spec.capacity.replicas)),
+                    if r.target.renders_manifests else _aws_rollout_seconds(r, args.sizing)),
                 # A new release, new nodes or a rotated key: verify again.
                 triggers=[endpoint.node_ids, release_id, self.api_key],
             ), pulumi.ResourceOptions(parent=self, depends_on=[endpoint]))

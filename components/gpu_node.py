@@ -3,9 +3,11 @@
 One replica: an instance from a launch template, with an Elastic IP so the DNS name survives a
 replacement and the EBS weight volume attached. On spot it is a persistent request that *stops* on
 interruption and starts again when capacity returns (same instance, address and volume).
-Several replicas: an Auto Scaling group with a mixed instances policy (an on-demand base, the rest
-spot, price-capacity-optimized, capacity rebalancing): replacing a replica lost to an interruption
-is AWS's job, not ours. Capacity Blocks: market type capacity-block with the reservation.
+Several replicas (or a scaling range above one): an Auto Scaling group with a mixed instances policy
+(an on-demand base, the rest spot, price-capacity-optimized, capacity rebalancing): replacing a
+replica lost to an interruption is AWS's job, not ours; with capacity.scaling the group's range is
+the stack's and a target-tracking policy moves its desired count (components/fleet_scaling.py).
+Capacity Blocks: market type capacity-block with the reservation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import boot_stub, catalog, health, node_files
+from components.fleet_scaling import FleetScaling, FleetScalingArgs
+from kimi_fleet import boot_stub, catalog, health, node_files, observability
+from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
 from kimi_fleet.paths import mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
@@ -31,6 +35,10 @@ WEIGHTS_DEVICE = "/dev/sdf"
 #: a second hop). Engines share the host's network, so the node firewall also refuses IMDS to every
 #: process in the engines' cgroup (node_guard.ENGINE_SLICE).
 IMDS_HOP_LIMIT = 1
+#: The group metrics a fleet collects (AWS/AutoScaling, one-minute granularity, no charge).
+GROUP_METRICS = ("GroupDesiredCapacity", "GroupInServiceInstances", "GroupMinSize", "GroupMaxSize")
+
+
 
 
 @dataclass
@@ -117,6 +125,10 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
         {"Sid": "DecryptStackParameters", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
          "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"},
                        "StringLike": {"kms:EncryptionContext:PARAMETER_ARN": parameters}}},
+        # The node's metrics (issue 24): PutMetricData takes no resource ARN, only this condition key,
+        # so a node may write the stack's namespace and no other (not AWS/*, not another tool's).
+        {"Sid": "PublishStackMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
+         "Condition": {"StringEquals": {"cloudwatch:namespace": observability.CLOUDWATCH_NAMESPACE}}},
     ]
     if r.spec.weights.source == "s3-mirror":
         bucket, key_prefix = r.spec.weights.s3_mirror_location
@@ -188,7 +200,7 @@ class GpuNode(pulumi.ComponentResource):
         r, sizing = args.resolved, args.sizing
         spec, target = r.spec, r.spec.target.aws
         capacity = spec.capacity
-        fleet = capacity.replicas > 1
+        fleet = capacity.is_fleet
         child = pulumi.ResourceOptions(parent=self)
 
         role = aws.iam.Role(
@@ -266,13 +278,18 @@ class GpuNode(pulumi.ComponentResource):
                 f"{name}-admission", autoscaling_group_name=group.name, name=health.ADMISSION_HOOK_NAME,
                 lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING", default_result="ABANDON",
                 heartbeat_timeout=health.admission_hook_timeout(windows), opts=child)
-            # The node's only Auto Scaling calls: find its group, complete its own admission. A dead node
-            # powers itself off instead of marking itself unhealthy (that permission would cover every
-            # node of the group: no instance-id condition exists for it).
+            policy = scaling_policy(r, sizing)
+            if policy is not None:
+                FleetScaling(f"{name}-scaling", FleetScalingArgs(stack=spec.stack, group_name=group.name,
+                                                                 policy=policy), child)
+            # The node's only Auto Scaling calls: find its group, complete its own lifecycle actions (its
+            # admission; with scaling, its drain) on its own group. A dead node powers itself off instead
+            # of marking itself unhealthy (that permission would cover every node of the group: no
+            # instance-id condition exists for it).
             aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child, policy=group.arn.apply(
                 lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [
-                    {"Sid": "CompleteAdmission", "Effect": "Allow", "Action": "autoscaling:CompleteLifecycleAction",
-                     "Resource": arn},
+                    {"Sid": "CompleteOwnLifecycleActions", "Effect": "Allow",
+                     "Action": "autoscaling:CompleteLifecycleAction", "Resource": arn},
                     {"Sid": "FindOwnGroup", "Effect": "Allow", "Action": "autoscaling:DescribeAutoScalingInstances",
                      "Resource": "*"}]})))
             self.node_ids = pulumi.Output.all(group.name)
@@ -354,11 +371,22 @@ class GpuNode(pulumi.ComponentResource):
                         instance_type=r.offer.instance_type)],
                 ),
             )
+        scaling = capacity.scaling
+        low, high = (scaling.min_replicas, scaling.max_replicas) if scaling else (capacity.replicas, capacity.replicas)
+        # With a range, the desired count is the policy's once the group exists: capacity.replicas is
+        # only the count it is created with, and a later `pulumi up` must not set it back (the provider
+        # would send it as an update; the SDK's own note: omit it, or ignore it, under scaling policies).
+        # min/max are updates in place, never a replacement (catalog.REPLACE_ON_CHANGE: name only).
+        ignored = ["mixedInstancesPolicy.launchTemplate.launchTemplateSpecification.version", "launchTemplate.version"]
+        if scaling:
+            ignored.append("desiredCapacity")
         return aws.autoscaling.Group(
             f"{name}-group",
-            min_size=capacity.replicas,
-            max_size=capacity.replicas,
+            min_size=low,
+            max_size=high,
             desired_capacity=capacity.replicas,
+            # One-minute group metrics (free): the dashboard's replica count and the policy's moves.
+            enabled_metrics=list(GROUP_METRICS),
             vpc_zone_identifiers=args.subnet_ids,
             mixed_instances_policy=mixed,
             launch_template=launch_template,
@@ -379,6 +407,5 @@ class GpuNode(pulumi.ComponentResource):
             # it succeeds (scripts/await_fleet_release.py).
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True)
                   for k, v in {**args.tags, "Name": r.spec.stack}.items()],
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[
-                "mixedInstancesPolicy.launchTemplate.launchTemplateSpecification.version", "launchTemplate.version"]),
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=ignored),
         )

@@ -21,8 +21,9 @@ class AWS(Target):
     fills_managed_mirrors = True
 
     def default_weight_volume(self, r: Resolved) -> str:
-        # A fleet's replicas cannot share one EBS volume: they use their own instance store.
-        return "ebs" if r.spec.capacity.replicas == 1 else "instance-store"
+        # A fleet's replicas (a scaling range above one counts) cannot share one EBS volume: they use
+        # their own instance store.
+        return "instance-store" if r.spec.capacity.is_fleet else "ebs"
 
     def offer(self, r: Resolved) -> catalog.MachineOffer | None:
         # target.aws.instanceType picks among the offers for one accelerator.
@@ -37,11 +38,12 @@ class AWS(Target):
         return r.offer.instance_type if r.offer else super().machine(r)
 
     def behind_load_balancer(self, r: Resolved) -> bool:
-        return r.spec.capacity.replicas > 1
+        # An Auto Scaling group whenever the stack may run more than one replica, even if it starts with one.
+        return r.spec.capacity.is_fleet
 
     def checks_spot_offers(self, r: Resolved) -> bool:
         capacity = r.spec.capacity
-        return r.offer is not None and capacity.replicas > capacity.effective_on_demand_base
+        return r.offer is not None and capacity.most_replicas > capacity.effective_on_demand_base
 
     def multi_node_missing(self, r: Resolved) -> str | None:
         return None  # components/replica_fabric.py, gpu_node.NodeFabric, aws_endpoint._replica
@@ -67,9 +69,19 @@ class AWS(Target):
                    f"{offer.accelerator}, the stack asks for {spec.accelerator_count}x {accel.id}")
         if r.weights_volume == "instance-store" and offer is not None and offer.local_nvme_disks == 0:
             yield f"{FIELD}weights.volume (given 'instance-store'): {offer.instance_type} has no local NVMe"
-        if r.weights_volume == "ebs" and spec.capacity.replicas > 1:
-            yield (f"{FIELD}weights.volume (given 'ebs'): one EBS volume attaches to one node; a fleet of "
-                   f"{spec.capacity.replicas} uses instance-store with an S3 mirror")
+        if r.weights_volume == "ebs" and spec.capacity.is_fleet:
+            yield (f"{FIELD}weights.volume (given 'ebs'): one EBS volume attaches to one node; a fleet of up to "
+                   f"{spec.capacity.most_replicas} uses instance-store with an S3 mirror")
+        scaling = spec.capacity.scaling
+        if scaling is not None and scaling.min_replicas == 0:
+            # What zero replicas would answer: the load balancer has no registered target, so a client's
+            # TCP connection finds nothing behind port 443 (no HTTP answer at all, let alone a queue), and
+            # the queue metric the policy follows is published by replicas: with none, there is no datum
+            # and target tracking takes no action. Nothing a client sends could bring a replica back.
+            yield (f"{FIELD}capacity.scaling.minReplicas (given 0): an AWS fleet cannot scale back up from zero: "
+                   "with no replica the load balancer has no target (clients' connections fail, nothing is "
+                   "queued) and no replica publishes the queue the policy follows; use minReplicas 1 (the "
+                   "batch market's spot price keeps that replica cheap)")
         prefix = spec.target.aws.ssm_prefix
         if prefix is not None and not _own_ssm_prefix(prefix, spec.stack):
             yield (f"{FIELD}target.aws.ssmPrefix (given {prefix!r}): must be /<namespace>/{spec.stack} (two levels, "

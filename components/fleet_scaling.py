@@ -1,0 +1,96 @@
+"""FleetScaling: an AWS fleet that follows its queue, and gives a replica up only once it drained.
+
+A target-tracking policy on the group (not a step policy): the tracked value is the replicas' own
+queue, published by every node to CloudWatch (namespace KimiFleet) once per minute with the
+dimension sets [Stack, Replica] and [Stack]. The Average of the stack-level datum over a minute is
+the mean over the replicas that published in it: requests waiting *per replica*, which is what
+AWS asks a count metric to be ("the optimal average request or message count per instance during
+any one-minute interval", API_TargetTrackingConfiguration). Target tracking then sizes the group
+in proportion (twice the target: about twice the replicas), where a step policy adds fixed steps
+from hand-set bounds. For a TTFT objective the tracked value is the replicas' mean p99 TTFT.
+
+Cooldowns: EC2 Auto Scaling takes a cooldown for SimpleScaling only (PutScalingPolicy: "Cooldown ...
+Valid only if the policy type is SimpleScaling"); a target-tracking policy takes the instances'
+estimated warm-up (the stack's time to ready, autoscaling.scaling_policy): an instance still warming
+up is not counted as the group's capacity in the next scale-out's arithmetic, so a 25-minute cold
+start is not launched twice for one spike. (AWS starts the warm-up once the lifecycle hooks are done,
+here the admission hook: conservative, the replica already serves by then.) Scale-in is AWS's own
+(slower than scale-out, by its managed alarms), and each removal waits in the drain hook below.
+
+Drain: the lifecycle hook "kimi-drain" holds a terminating instance (scale-in or an instance
+refresh) in Terminating:Wait; its node stops taking requests (the ready listener answers 503, so
+the load balancer drains it), waits until its engines have nothing running or waiting, and
+completes the action (CONTINUE); after the heartbeat the group continues anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from kimi_fleet import observability
+
+#: The contract's hook name (the node looks for its own termination, not for this name).
+DRAIN_HOOK_NAME = "kimi-drain"
+#: AWS's bounds for a lifecycle hook's heartbeat (PutLifecycleHook: HeartbeatTimeout 30-7200 s).
+HEARTBEAT_RANGE = (30, 7200)
+#: The metric each target follows (CloudWatch names the nodes publish, fixed in the team contract).
+TARGET_METRICS = {"waiting": "RequestsWaiting", "ttft": "TtftP99Seconds"}
+
+
+@dataclass
+class FleetScalingArgs:
+    stack: str
+    group_name: pulumi.Input[str]
+    #: kimi_fleet.autoscaling.ScalingPolicy: the range, the target and the windows
+    policy: object
+
+
+def drain_heartbeat_seconds(drain_timeout_seconds: int) -> int:
+    low, high = HEARTBEAT_RANGE
+    return max(low, min(high, int(drain_timeout_seconds)))
+
+
+def tracked_metric(stack: str, metric: str) -> dict:
+    """The customized metric the policy tracks: the stack-level datum's Average over a minute."""
+    return {
+        "namespace": observability.CLOUDWATCH_NAMESPACE,
+        "metric_name": TARGET_METRICS[metric],
+        "metric_dimensions": [{"name": observability.STACK_DIMENSION, "value": stack}],
+        "statistic": "Average",
+    }
+
+
+class FleetScaling(pulumi.ComponentResource):
+    policy_name: pulumi.Output[str]
+    drain_hook_name: pulumi.Output[str]
+
+    def __init__(self, name: str, args: FleetScalingArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kimi-fleet:aws:FleetScaling", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        policy = args.policy
+        metric = tracked_metric(args.stack, policy.metric)
+        tracking = aws.autoscaling.Policy(
+            f"{name}-follow-{policy.metric}",
+            autoscaling_group_name=args.group_name,
+            policy_type="TargetTrackingScaling",
+            estimated_instance_warmup=int(policy.instance_warmup_seconds),
+            target_tracking_configuration=aws.autoscaling.PolicyTargetTrackingConfigurationArgs(
+                target_value=float(policy.target_value),
+                customized_metric_specification=(
+                    aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationArgs(
+                        namespace=metric["namespace"], metric_name=metric["metric_name"],
+                        statistic=metric["statistic"],
+                        metric_dimensions=[
+                            aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationMetricDimensionArgs(
+                                **dimension) for dimension in metric["metric_dimensions"]]))),
+            opts=child)
+        hook = aws.autoscaling.LifecycleHook(
+            f"{name}-drain", autoscaling_group_name=args.group_name, name=DRAIN_HOOK_NAME,
+            lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",
+            heartbeat_timeout=drain_heartbeat_seconds(policy.drain_timeout_seconds), opts=child)
+        self.policy_name = tracking.name
+        self.drain_hook_name = hook.name
+        self.register_outputs({"policy_name": self.policy_name, "drain_hook_name": self.drain_hook_name})
