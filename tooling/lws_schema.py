@@ -11,93 +11,24 @@ them with kubernetes-validate as they do a Deployment's.
 
 from __future__ import annotations
 
-import copy
 import functools
-import json
 import re
-from pathlib import Path
-
-import jsonschema
-import yaml
 
 from kimi_fleet.k8s_manifests import LWS_API_VERSION, LWS_RELEASE
+from tooling.crd_schema import SCHEMAS, crd_json_schema, object_meta, schema_errors
 
-CRD_FILE = (Path(__file__).resolve().parent / "schemas" / f"lws-{LWS_RELEASE}"
-            / "leaderworkerset.x-k8s.io_leaderworkersets.yaml")
+CRD_FILE = SCHEMAS / f"lws-{LWS_RELEASE}" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
 #: The webhook's own rule for the name (it names the group's headless Service): a DNS-1035 label.
 DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 #: What a client may set in metadata (the CRD says only `type: object`; the API server checks ObjectMeta).
-OBJECT_META = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "maxLength": 63, "pattern": DNS_1035},
-        "namespace": {"type": "string", "maxLength": 63, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-    "additionalProperties": False,
-}
+OBJECT_META = object_meta(DNS_1035, 63)
 _PERCENT = re.compile(r"^[0-9]+%$")
-
-
-def _closed(node):
-    """The CRD's schema with every object that lists its properties closed, sets unique."""
-    if isinstance(node, list):
-        return [_closed(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = dict(node)
-    if out.get("x-kubernetes-preserve-unknown-fields") or out.get("x-kubernetes-embedded-resource"):
-        raise ValueError("the CRD opens an object (preserve-unknown-fields): the strict conversion would not hold")
-    if out.pop("nullable", False) and "type" in out:
-        out["type"] = [out["type"], "null"]
-    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if out.get("x-kubernetes-list-type") == "set":
-        out["uniqueItems"] = True
-    if "properties" in out:
-        out["properties"] = {key: _closed(value) for key, value in out["properties"].items()}
-        out.setdefault("additionalProperties", False)
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(out.get(key), dict):
-            out[key] = _closed(out[key])
-    for key in ("anyOf", "allOf", "oneOf"):
-        if key in out:
-            out[key] = _closed(out[key])
-    return out
 
 
 @functools.cache
 def json_schema() -> dict:
-    """The strict JSON Schema of a LeaderWorkerSet, from the vendored CRD."""
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if f"{crd['spec']['group']}/{v['name']}" == LWS_API_VERSION]
-    schema = _closed(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
-    schema["properties"].update({
-        "apiVersion": {"type": "string", "const": LWS_API_VERSION},
-        "kind": {"type": "string", "const": crd["spec"]["names"]["kind"]},
-        "metadata": OBJECT_META,
-    })
-    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def _list_map_keys(validator, keys, instance, schema):
-    if not validator.is_type(instance, "array"):
-        return
-    seen = set()
-    for item in instance:
-        if isinstance(item, dict):
-            key = tuple(json.dumps(item.get(k), sort_keys=True) for k in keys)
-            if key in seen:
-                yield jsonschema.ValidationError(f"duplicate entry for list-map keys {keys}: {dict(zip(keys, key))}")
-            seen.add(key)
-
-
-_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
-                                          {"x-kubernetes-list-map-keys": _list_map_keys})
+    """The strict JSON Schema of a LeaderWorkerSet, from the vendored CRD (tooling/crd_schema.py)."""
+    return crd_json_schema(CRD_FILE, LWS_API_VERSION, OBJECT_META)
 
 
 def _scaled(value: int | str, total: int, round_up: bool) -> int:
@@ -136,6 +67,5 @@ def webhook_errors(obj: dict) -> list[str]:
 
 def errors(obj: dict) -> list[str]:
     """Every reason the API server (with LWS's webhook) would refuse the object; [] when it accepts it."""
-    found = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-             for e in sorted(_Validator(json_schema()).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    found = schema_errors(json_schema(), obj)
     return found or webhook_errors(obj)  # the webhook sees only what the schema admitted
