@@ -60,7 +60,7 @@ class AwsNetwork(pulumi.ComponentResource):
             ).locations
             wanted = set(target.availability_zones)
             # One node (and its EBS volume) lives in one zone; a fleet spreads over all of them.
-            keep = None if args.resolved.spec.capacity.replicas > 1 else 1
+            keep = None if args.resolved.spec.capacity.is_fleet else 1
             zones = offered.apply(
                 lambda zs: _require([z for z in zs if not wanted or z in wanted], instance_type, target.region)[:keep]
             )

@@ -61,13 +61,21 @@ class FleetState:
     configured: str | None = None
     #: instance id -> version, of members Auto Scaling holds Unhealthy (a node's watchdog says so)
     unhealthy: dict[str, str] | None = None
+    #: the group's DesiredCapacity: a scaling fleet's count is its policy's, not the stack's create-time one
+    desired: int | None = None
 
     def on_release(self, version: str) -> set[str]:
         return {i for i, v in self.versions.items() if v == version}
 
+    def replicas_needed(self, replicas: int) -> int:
+        """How many healthy nodes of the release make it done: the group's own desired count when AWS
+        reports one (a scaling policy may have moved it away from --replicas since the stack was
+        created), else --replicas."""
+        return max(1, self.desired) if self.desired is not None else replicas
+
     def done(self, version: str, replicas: int) -> bool:
-        fresh = self.on_release(version)
-        return all(ids and ids <= fresh and len(ids) >= replicas for ids in self.healthy.values())
+        fresh, needed = self.on_release(version), self.replicas_needed(replicas)
+        return all(ids and ids <= fresh and len(ids) >= needed for ids in self.healthy.values())
 
     def describe(self, version: str) -> str:
         fresh = self.on_release(version)
@@ -102,7 +110,9 @@ def read_state(autoscaling, elbv2, group: str, target_groups: list[str]) -> Flee
     newest = (refreshes.get("InstanceRefreshes") or [None])[0]
     refresh = None if newest is None else (newest["Status"], newest.get("PercentageComplete"),
                                            newest.get("StatusReason", ""))
-    return FleetState(healthy, versions, refresh, configured_version(groups[0]), unhealthy)
+    desired = groups[0].get("DesiredCapacity")
+    return FleetState(healthy, versions, refresh, configured_version(groups[0]), unhealthy,
+                      None if desired is None else int(desired))
 
 
 def configured_version(group: dict) -> str | None:
@@ -131,7 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-group", action="append", required=True, dest="target_groups")
     parser.add_argument("--template-version", required=True, help="the launch template version of this release")
     parser.add_argument("--release", required=True, help="the release id (for messages)")
-    parser.add_argument("--replicas", type=int, required=True)
+    parser.add_argument("--replicas", type=int, required=True,
+                        help="healthy nodes of the release that make it done when the group reports no DesiredCapacity "
+                             "(otherwise the group's own count: a scaling policy's)")
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--poll", type=float, default=POLL_SECONDS)
     parser.add_argument("--launch-template-id", help="start the release's instance refresh (rollout mode)")

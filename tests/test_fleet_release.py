@@ -51,10 +51,10 @@ def _instance(instance_id: str, version: str) -> dict:
 
 
 def _poll(autoscaling: Stubber, elbv2: Stubber, members: dict[str, str], healthy: dict[str, list[str]],
-          refresh: tuple[str, str] | None = ("InProgress", "")) -> None:
+          refresh: tuple[str, str] | None = ("InProgress", ""), desired: int = 2) -> None:
     """The calls of one poll, in order, with AWS's answers."""
     autoscaling.add_response("describe_auto_scaling_groups", {"AutoScalingGroups": [{
-        "AutoScalingGroupName": GROUP, "MinSize": 2, "MaxSize": 3, "DesiredCapacity": 2, "DefaultCooldown": 300,
+        "AutoScalingGroupName": GROUP, "MinSize": 1, "MaxSize": 3, "DesiredCapacity": desired, "DefaultCooldown": 300,
         "AvailabilityZones": ["us-east-1a"], "HealthCheckType": "ELB", "CreatedTime": "2026-12-01T00:00:00Z",
         "Instances": [_instance(i, v) for i, v in members.items()]}]}, {"AutoScalingGroupNames": [GROUP]})
     for arn in (TG_HTTPS, TG_HTTP):
@@ -107,6 +107,18 @@ def test_fewer_healthy_new_nodes_than_replicas_is_not_done():
     status, _ = _run([dict(members={"i-new1": NEW, "i-new2": NEW}, healthy=both("i-new1"))] * 2,
                      timeout=fleet_release.POLL_SECONDS)
     assert status == 1
+
+
+def test_a_scaling_fleet_counts_the_groups_desired_replicas_not_the_stacks_create_time_count():
+    """A policy that scaled the group out to 3 since the stack was created at 2: two new nodes
+    healthy leave the third replica on no release; one scaled in to 1 is done with one."""
+    scaled_out = dict(members={"i-new1": NEW, "i-new2": NEW, "i-new3": NEW}, healthy=both("i-new1", "i-new2"),
+                      desired=3)
+    status, _ = _run([scaled_out] * 2, replicas=2, timeout=fleet_release.POLL_SECONDS)
+    assert status == 1
+    status, clock = _run([dict(members={"i-new1": NEW}, healthy=both("i-new1"), desired=1,
+                               refresh=("Successful", ""))], replicas=2)
+    assert status == 0 and clock.now == 0
 
 
 def test_a_target_group_that_still_routes_to_an_old_node_is_not_done(capsys):
