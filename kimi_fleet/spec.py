@@ -341,6 +341,9 @@ class KubernetesTarget(Spec):
     """the cluster's Prometheus that scrapes the stack's PodMonitor (the Prometheus Operator's), as KEDA
     reaches it (http://prometheus-operated.monitoring.svc:9090): KEDA's trigger for capacity.scaling
     asks it for the queue; needed when the stack scales."""
+    prometheus_namespace: DnsLabel = "monitoring"
+    """namespace of the Prometheus (the Prometheus Operator's) that scrapes the stack's PodMonitor: the
+    stack's NetworkPolicy admits the metrics port from that namespace's Prometheus pods only."""
     prometheus_labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=8)
     """labels the Prometheus Operator selects monitors and rules by (its podMonitorSelector and
     ruleSelector, e.g. release: kube-prometheus-stack); set on the PodMonitor and PrometheusRule."""
