@@ -1159,6 +1159,11 @@ REPLACE_ON_CHANGE: dict[str, tuple[str, ...]] = {
     "aws:ssm/parameter:Parameter": ("name",),
     "aws:ssm/association:Association": ("name",),
     "aws:route53/record:Record": ("zoneId", "name"),
+    "aws:autoscaling/policy:Policy": ("autoscalingGroupName", "name"),
+    "aws:autoscaling/lifecycleHook:LifecycleHook": ("autoscalingGroupName", "name"),
+    "aws:cloudwatch/metricAlarm:MetricAlarm": ("name",),
+    "aws:cloudwatch/dashboard:Dashboard": ("dashboardName",),
+    "aws:sns/topic:Topic": ("name", "namePrefix", "fifoTopic"),
 }
 
 
