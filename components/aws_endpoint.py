@@ -1,8 +1,8 @@
 """AwsEndpoint: a Kimi-K2.6 endpoint on AWS GPU nodes, from network to DNS name.
 
 SSM SecureString secrets, the network and its security group, the weight volume, the GPU node(s)
-booting from cloud-init into engines behind Caddy, a load balancer for a fleet, the DNS record, and
-the AuthProxy record of the Caddyfile for the policy pack.
+booting from cloud-init into engines behind Caddy, a load balancer for a fleet, the DNS record, the
+stack's CloudWatch dashboard and alarms, and the AuthProxy record of the Caddyfile for the policy pack.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pulumi
 import pulumi_aws as aws
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.aws_monitoring import AwsMonitoring, AwsMonitoringArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.aws_network import AwsNetwork, AwsNetworkArgs
 from components.dns_record import DnsRecord, DnsRecordArgs
@@ -87,6 +88,11 @@ class AwsEndpoint(pulumi.ComponentResource):
     #: What the gate needs to promote a node's compile-cache candidate after the suite passed
     #: (scripts/promote_compile_cache.py): None without a managed mirror.
     compile_cache_promotion: pulumi.Output[dict] | None
+    #: The CloudWatch console page of the stack's dashboard, and where its metrics are (the contract:
+    #: "cloudwatch://KimiFleet?Stack=<stack>"); the SNS topic its alarms notify.
+    dashboard_url: pulumi.Output[str]
+    metrics_location: pulumi.Output[str]
+    alarm_topic_arn: pulumi.Output[str]
 
     def __init__(self, name: str, args: AwsEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:AwsEndpoint", name, None, opts)
@@ -154,6 +160,12 @@ class AwsEndpoint(pulumi.ComponentResource):
 
         self.dns_record = dns.record
         self.weights_volume_id = volume_ids
+        # Every AWS stack: one node, a fleet (with its group's size) or a multi-node replica.
+        monitoring = AwsMonitoring(f"{name}-monitoring", AwsMonitoringArgs(
+            spec=spec, region=target.region, tags=tags, group_name=node.fleet_group), child)
+        self.dashboard_url = monitoring.dashboard_url
+        self.metrics_location = monitoring.metrics_location
+        self.alarm_topic_arn = monitoring.alarm_topic_arn
         self.fleet_rollout = None
         if balancer:
             # The refresh is the gate's (gpu_node: the provider's own cannot roll back, #34189): its
@@ -183,7 +195,8 @@ class AwsEndpoint(pulumi.ComponentResource):
             hourly_cost_usd=pulumi.Output.all(node.hourly_cost_usd, volume_monthly).apply(
                 lambda costs: None if costs[0] is None else round(costs[0] + costs[1] / (24 * 30), 2)),
             extra={"public_address": self.public_address, "dns_record": self.dns_record,
-                   "weights_volume_id": self.weights_volume_id},
+                   "weights_volume_id": self.weights_volume_id, "dashboard_url": self.dashboard_url,
+                   "metrics_location": self.metrics_location, "alarm_topic_arn": self.alarm_topic_arn},
         )
 
     def _single_or_fleet(self, name, args, network, secrets, manifest_sha256, ssm_prefix, tags, child,
