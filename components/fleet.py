@@ -104,6 +104,12 @@ class Fleet(pulumi.ComponentResource):
     verification: pulumi.Output[str]
     time_to_ready_measured: pulumi.Output[str | None]
     throughput_measured: pulumi.Output[str | None]
+    #: Where to look (issue 24): the dashboard's console page (AWS; None where the target has none)
+    #: and where the metrics are (cloudwatch://, podmonitor://, or a host's private scrape URL); the
+    #: SNS topic an AWS stack's alarms notify (None elsewhere).
+    dashboard_url: pulumi.Output[str | None]
+    metrics_location: pulumi.Output[str | None]
+    alarm_topic_arn: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
         r, spec = args.resolved, args.resolved.spec
@@ -163,6 +169,10 @@ class Fleet(pulumi.ComponentResource):
         self.node_ids = endpoint.node_ids
         self.market = endpoint.market
         self.hourly_cost_usd = endpoint.hourly_cost_usd
+        # Each endpoint says where its dashboard and metrics are (the contract's attributes).
+        self.dashboard_url = pulumi.Output.from_input(getattr(endpoint, "dashboard_url", None))
+        self.metrics_location = pulumi.Output.from_input(getattr(endpoint, "metrics_location", None))
+        self.alarm_topic_arn = pulumi.Output.from_input(getattr(endpoint, "alarm_topic_arn", None))
         # AWS says which record it made (or what to create by hand); other targets name their mechanism.
         self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(
             args.resolved.target.dns_mechanism(spec))
@@ -218,4 +228,7 @@ class Fleet(pulumi.ComponentResource):
             "throughput_measured": self.throughput_measured,
             "verification": self.verification,
             "api_key_fingerprint": self.api_key_fingerprint,
+            "dashboard_url": self.dashboard_url,
+            "metrics_location": self.metrics_location,
+            "alarm_topic_arn": self.alarm_topic_arn,
         })
