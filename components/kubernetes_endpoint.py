@@ -11,6 +11,12 @@ A multi-node replica's LeaderWorkerSet is a custom resource (apiextensions.Custo
 and controller are the cluster operator's (kubectl apply --server-side -f
 https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml), and it is applied
 without await like the Deployments (the gate waits for its group).
+
+So are the monitoring objects: the Prometheus Operator's PodMonitor (and PrometheusRule) and, for a
+scaling stack, KEDA's ScaledObject, applied after the Deployment it scales. A scaled Deployment is
+rendered without spec.replicas (KEDA's HPA owns the count): with server-side apply Pulumi then never
+owns the field, so a `pulumi up` neither resets the count nor conflicts with the HPA's
+(pulumi/pulumi-kubernetes#2569), and no ignore_changes is needed.
 """
 
 from __future__ import annotations
@@ -50,8 +56,11 @@ def _seconds(value: int) -> str:
     return f"{value}s"
 
 
-#: Rendered kinds that are custom resources (their CRDs are installed by the cluster's operator).
-CUSTOM_KINDS = {"LeaderWorkerSet"}
+#: Rendered kinds that are custom resources (their CRDs are installed by the cluster's operator: LWS,
+#: the Prometheus Operator, KEDA).
+CUSTOM_KINDS = {"LeaderWorkerSet", "PodMonitor", "PrometheusRule", "ScaledObject"}
+#: Applied once the workloads they act on exist (KEDA's webhook looks up the scaled Deployment).
+AFTER_WORKLOADS = {"ScaledObject"}
 #: What the gate waits for; the proxy's pods roll with a new key version.
 ROLLED_KINDS = ("Deployment", "LeaderWorkerSet")
 
@@ -102,12 +111,18 @@ class KubernetesEndpoint(pulumi.ComponentResource):
     hourly_cost_usd: pulumi.Output[float | None]
     #: what the gate waits for (k8s_manifests.rollout_wait with the applied Deployments' names)
     fleet_rollout: pulumi.Output[dict]
+    #: the stack outputs metricsLocation and dashboardUrl: the PodMonitor that describes the scrape
+    #: ("podmonitor://<namespace>/<name>"); no dashboard URL (the cluster's Grafana imports the
+    #: dashboard ConfigMap where its operator points it)
+    metrics_location: str
+    dashboard_url: None
 
     def __init__(self, name: str, args: KubernetesEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:kubernetes:KubernetesEndpoint", name, None, opts)
         r, sizing = args.resolved, args.sizing
         target = r.spec.target.kubernetes
-        objects = manifests.render_manifests(r, sizing, args.launch, stack=r.spec.stack)
+        objects = [*manifests.render_manifests(r, sizing, args.launch, stack=r.spec.stack),
+                   *manifests.render_monitoring(r, sizing, stack=r.spec.stack)]
 
         # No kubeconfig in config: the ambient one (KUBECONFIG / ~/.kube/config) with the stack's context.
         provider = k8s.Provider(
@@ -161,6 +176,8 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 # Applied, not awaited: the gate waits, and undoes a rollout that fails.
                 obj = without_await(obj)
                 opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites])
+            elif kind in AFTER_WORKLOADS:
+                opts_for = pulumi.ResourceOptions(depends_on=[w for k in ROLLED_KINDS for w in rolled[k]])
             else:
                 opts_for = pulumi.ResourceOptions()
             resource = declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, opts_for))
@@ -186,6 +203,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         self.fleet_rollout = pulumi.Output.all(
             pulumi.Output.all(*map(applied_name, deployments)), pulumi.Output.all(*map(applied_name, groups)),
         ).apply(lambda names: {**wait, "deployments": list(names[0]), "leaderworkersets": list(names[1])})
+
+        self.metrics_location = manifests.metrics_location(r)
+        self.dashboard_url = None
 
         # A cluster's GPUs are billed outside this stack: the cost is unknown here.
         publish_endpoint(self, domain=r.spec.domain,

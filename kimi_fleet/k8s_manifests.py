@@ -23,7 +23,8 @@ import re
 
 import yaml
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, observability
+from kimi_fleet.autoscaling import ScalingPolicy, scaling_policy
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
 from kimi_fleet.launch import MODEL_MOUNT, Launch, render_launch
 from kimi_fleet.node_files import (
@@ -161,6 +162,61 @@ FABRIC_SCRIPTS = (FABRIC_PROBE_SCRIPT, "fabric_check.py")
 #: ports, vLLM's ZMQ channels): nothing else is admitted beyond the proxy's ports.
 PEERS_POLICY = "kimi-replica-peers"
 EFA_RESOURCE = catalog.EFA_K8S_RESOURCE
+
+# --- metrics and scaling (issue 24) ----------------------------------------------------------------
+#: The Prometheus Operator's API (its CRDs are the cluster's: kube-prometheus-stack installs them);
+#: tooling/schemas/prometheus-operator-v0.93.0/ holds the PodMonitor and PrometheusRule CRDs the
+#: rendering is validated against.
+PROMETHEUS_OPERATOR_API_VERSION = "monitoring.coreos.com/v1"
+PROMETHEUS_OPERATOR_RELEASE = "v0.93.0"
+#: KEDA's API (its CRDs and operator are the cluster's); tooling/schemas/keda-v2.20.2/.
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+KEDA_RELEASE = "v2.20.2"
+POD_MONITOR = "kimi-fleet"
+PROMETHEUS_RULE = "kimi-fleet-alerts"
+SCALED_OBJECT = "kimi-engine"
+METRICS_POLICY = "kimi-metrics-ingress"
+#: The engine binds 127.0.0.1 and Caddy's metrics site too (observability.PROXY_METRICS_PORT): in a
+#: pod, loopback is the pod. The metrics gate, a second Caddy in the engine pod, is the one listener
+#: Prometheus reaches: this named port on the pod IP, GET only, two paths, each to one loopback
+#: /metrics, and nothing else (no API route, no key: the NetworkPolicy admits only the monitoring
+#: namespace's Prometheus pods to it). Not the node exporters' ports (9180-9183, 9400).
+METRICS_PORT_NAME = "metrics"
+METRICS_GATE_PORT = 9184
+METRICS_GATE_CONFIGMAP = "kimi-metrics-gate"
+METRICS_GATE_MOUNT = "/etc/kimi-metrics-gate"
+ENGINE_METRICS_PATH = "/engine/metrics"
+PROXY_METRICS_PATH = "/proxy/metrics"
+#: Labels every scraped series carries beside job (catalog.EngineMetricNames.labels: "the scrape adds
+#: stack/replica/instance on top"): the stack's name and the pod that served it.
+STACK_LABEL = "stack"
+REPLICA_LABEL = "replica"
+#: What the Prometheus Operator labels its Prometheus server pods with (makeSelectorLabels in
+#: pkg/prometheus/server/operator.go at v0.93.0: app.kubernetes.io/name: prometheus): the
+#: NetworkPolicy admits these pods of the monitoring namespace, no other pod, no other namespace.
+PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
+#: Where a stack without target.kubernetes.prometheusUrl expects its Prometheus: kube-prometheus-stack's
+#: usual namespace (its chart installs into the release's namespace; the docs' examples use monitoring).
+DEFAULT_PROMETHEUS_NAMESPACE = "monitoring"
+#: The Grafana dashboard as a ConfigMap the kube-prometheus-stack Grafana sidecar imports: its chart's
+#: grafana.sidecar.dashboards.label (default grafana_dashboard, value "1"), searched in every namespace
+#: only with sidecar.dashboards.searchNamespace: ALL (else the sidecar's own namespace).
+DASHBOARD_CONFIGMAP = "kimi-grafana-dashboard"
+GRAFANA_DASHBOARD_LABEL = "grafana_dashboard"
+#: The drain a scaling stack's engine container runs before it stops (kimi_fleet/pod_scripts/), beside
+#: the generation probe it reads the engine's /metrics with.
+DRAIN_SCRIPT = "pod_drain.py"
+#: A draining pod: the drain's verdict beside the proxy, which waits for it before Caddy stops.
+DRAIN_STATE = "/run/kimi-drain"
+DRAINED_FILE = f"{DRAIN_STATE}/drained"
+#: The drain gives up this long before the grace period ends: the engine and Caddy still stop cleanly.
+DRAIN_STOP_SECONDS = 30
+#: The HPA's own limits (autoscaling/v2 validation): a stabilization window of at most an hour, a
+#: policy period of at most 30 minutes.
+HPA_MAX_STABILIZATION_SECONDS = 3600
+HPA_MAX_POLICY_PERIOD_SECONDS = 1800
+#: The window the TTFT quantile is read over, as the alert rules read it.
+TTFT_RATE_WINDOW = "5m"
 
 DOWNLOAD_SCRIPT = """\
 # The admission containers' packages first (every pod needs them, even when the weights are there).
@@ -323,12 +379,22 @@ def rollout_wait(r: Resolved, sizing: Sizing) -> dict:
 
 
 def market_groups(r: Resolved) -> list[tuple[str, int]]:
-    """(capacity type, engine pods): on spot, the on-demand base stays on on-demand nodes."""
+    """(capacity type, engine pods): on spot, the on-demand base stays on on-demand nodes. A scaling
+    stack always has the Deployment KEDA scales (scaled_market), even when it starts with no pod."""
     capacity = r.spec.capacity
     per_replica = r.engines_per_node
     on_demand = capacity.effective_on_demand_base
     groups = [("on-demand", on_demand * per_replica), ("spot", (capacity.replicas - on_demand) * per_replica)]
-    return [(market, pods) for market, pods in groups if pods > 0]
+    scaled = scaled_market(r)
+    return [(market, pods) for market, pods in groups if pods > 0 or market == scaled]
+
+
+def scaled_market(r: Resolved) -> str | None:
+    """The capacity type of the Deployment KEDA scales (None: the stack does not scale). On spot the
+    on-demand base stays fixed (capacity.onDemandBase <= scaling.minReplicas) and the spot pods scale."""
+    if r.spec.capacity.scaling is None:
+        return None
+    return "spot" if r.spec.capacity.effective_market == "spot" else "on-demand"
 
 
 def deployment_name(market: str) -> str:
@@ -601,11 +667,18 @@ def _pod_spec(r: Resolved, sizing: Sizing, launch: Launch, market: str, release:
             {"name": "caddy-data", "emptyDir": {}},
             {"name": "caddy-config", "emptyDir": {}},
         ]
+    if serves:
+        volumes.append({"name": "metrics-gate", "configMap": {"name": METRICS_GATE_CONFIGMAP}})
+        volumes.append({"name": "metrics-gate-tmp", "emptyDir": {}})
+    policy = scaling_policy(r, sizing)
+    if policy is not None and serves:
+        volumes.append({"name": "drain", "emptyDir": {}})
     pod_spec = {
         # A Service named e.g. `vllm` would inject VLLM_PORT, which vLLM reads as its own setting.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": 120,  # let streaming answers finish
+        # Let streaming answers finish; a scaling stack's pod drains first (termination_grace_seconds).
+        "terminationGracePeriodSeconds": termination_grace_seconds(policy),
         **_scheduling(r, market),
         "containers": containers,
         "volumes": volumes,
@@ -623,15 +696,19 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
                 release: str | None) -> dict:
     k8s = r.spec.target.kubernetes
     selector = {**labels(stack, "engine"), "kimi-fleet/capacity-type": market}
-    pod_spec = _pod_spec(r, sizing, launch, market, release,
-                         [_engine_container(r, sizing, launch), _proxy_container(), _admission_container()],
-                         serves=True)
+    containers = _with_drain(r, sizing, [_engine_container(r, sizing, launch), _proxy_container(),
+                                         _admission_container(), _metrics_gate_container()])
+    pod_spec = _pod_spec(r, sizing, launch, market, release, containers, serves=True)
+    # KEDA's HPA owns a scaled Deployment's replicas: the manifest leaves the field out, so neither
+    # `pulumi up` (server-side apply) nor `kubectl apply` resets it to a count (the Kubernetes HPA docs'
+    # advice, kubernetes/website#29739; a field both set conflicts, pulumi/pulumi-kubernetes#2569).
+    count = {} if market == scaled_market(r) else {"replicas": pods}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(deployment_name(market), k8s.namespace, stack, "engine"),
         "spec": {
-            "replicas": pods,
+            **count,
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(r.spec.capacity.rollout)},
             # The 600 s default marks a loading engine as a failed rollout (and Pulumi fails with it).
@@ -737,7 +814,7 @@ def _rank_pod(r: Resolved, sizing: Sizing, launch: Launch, market: str, stack: s
     rank_launch = render_launch(r, 0 if leader else 1, LWS_LEADER_ADDRESS)
     containers = [_rank_engine(r, sizing, rank_launch, leader=leader)]
     if leader:
-        containers += [_proxy_container(), _admission_container()]
+        containers += [_proxy_container(), _admission_container(), _metrics_gate_container()]
     containers.append(_fabric_container())
     spec = _pod_spec(r, sizing, launch, market, release, containers, serves=leader)
     spec["volumes"] += [{"name": "nccl-log", "emptyDir": {"sizeLimit": NCCL_LOG_LIMIT}},
@@ -778,10 +855,12 @@ def leader_worker_set(r: Resolved, sizing: Sizing, launch: Launch, stack: str, r
     }
 
 
-def _network_policies(ns: str, stack: str) -> list[dict]:
+def _network_policies(ns: str, stack: str, prometheus_ns: str) -> list[dict]:
     """Nothing reaches a pod of the namespace (the weights Job, an engine's own port) except the
-    proxy's two named ports. Enforced by the cluster's CNI (Calico, Cilium, the VPC CNI with network
-    policy on); the engine also binds loopback, so this is the second wall, not the only one."""
+    proxy's two named ports, from anywhere, and the metrics gate's port, from the Prometheus pods of
+    the monitoring namespace only. Enforced by the cluster's CNI (Calico, Cilium, the VPC CNI with
+    network policy on); the engine and Caddy's metrics also bind loopback, so this is the second
+    wall, not the only one."""
     return [
         {
             "apiVersion": "networking.k8s.io/v1",
@@ -800,7 +879,268 @@ def _network_policies(ns: str, stack: str) -> list[dict]:
                 "ingress": [{"ports": [{"port": "https", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]}],
             },
         },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(METRICS_POLICY, ns, stack, "network"),
+            "spec": {
+                "podSelector": {"matchLabels": labels(stack, "engine")},
+                "policyTypes": ["Ingress"],
+                # One peer: the namespace AND the pod labels (both in one element), so neither another
+                # pod of the monitoring namespace nor a Prometheus elsewhere (a tenant's) is admitted.
+                "ingress": [{
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": prometheus_ns}},
+                              "podSelector": {"matchLabels": dict(PROMETHEUS_POD_LABELS)}}],
+                    "ports": [{"port": METRICS_PORT_NAME, "protocol": "TCP"}],
+                }],
+            },
+        },
     ]
+
+
+# --- metrics, alerts, scaling (issue 24) ----------------------------------------------------------
+
+#: An in-cluster Service URL: <service>.<namespace>.svc[.cluster.local][:port].
+_SERVICE_HOST = re.compile(r"^https?://[a-z0-9-]+\.([a-z0-9-]+)\.svc(\.cluster\.local)?(:[0-9]+)?$")
+
+
+def prometheus_namespace(r: Resolved) -> str:
+    """The namespace of the Prometheus that scrapes the stack: the one prometheusUrl names when it is
+    an in-cluster Service (<service>.<namespace>.svc), else DEFAULT_PROMETHEUS_NAMESPACE."""
+    url = r.spec.target.kubernetes.prometheus_url
+    match = _SERVICE_HOST.match(url) if url else None
+    return match.group(1) if match else DEFAULT_PROMETHEUS_NAMESPACE
+
+
+def render_metrics_gate(engine_upstream: str, *, listen_port: int = METRICS_GATE_PORT,
+                        proxy_metrics_port: int = observability.PROXY_METRICS_PORT) -> str:
+    """The metrics gate's Caddyfile: on the pod's interfaces, GET ENGINE_METRICS_PATH is the engine's
+    loopback /metrics, GET PROXY_METRICS_PATH Caddy's (the proxy's loopback metrics site), anything
+    else 404. No admin API, no TLS, HTTP/1.1 only; its autosaved config goes to an emptyDir (the
+    container's root file system is read-only)."""
+    for name, upstream in (("engine", engine_upstream), ("proxy metrics", f"127.0.0.1:{proxy_metrics_port}")):
+        if not re.fullmatch(r"127\.0\.0\.1:[0-9]{1,5}", upstream):
+            raise ValueError(f"the metrics gate reaches the {name} on loopback only, not {upstream!r}")
+    routes = []
+    for name, path, upstream in (("engine", ENGINE_METRICS_PATH, engine_upstream),
+                                 ("proxy", PROXY_METRICS_PATH, f"127.0.0.1:{proxy_metrics_port}")):
+        routes += [
+            f"\t@{name} {{",
+            "\t\tmethod GET",
+            f"\t\tpath {path}",
+            "\t}",
+            f"\thandle @{name} {{",
+            "\t\trewrite * /metrics",
+            f"\t\treverse_proxy {upstream}",
+            "\t}",
+        ]
+    return "\n".join([
+        "{",
+        "\tadmin off",
+        "\tauto_https off",
+        "\tservers {",
+        "\t\tprotocols h1",
+        "\t}",
+        "}",
+        "",
+        f"http://:{listen_port} {{",
+        *routes,
+        "\thandle {",
+        '\t\trespond "not found" 404',
+        "\t}",
+        "}",
+    ]) + "\n"
+
+
+def _metrics_gate_container() -> dict:
+    """The second Caddy of an engine pod (render_metrics_gate): the one listener Prometheus reaches."""
+    return {
+        "name": "metrics",
+        "image": catalog.CADDY_IMAGE,
+        "command": ["caddy", "run", "--config", f"{METRICS_GATE_MOUNT}/Caddyfile", "--adapter", "caddyfile"],
+        # The image's Caddy keeps its data and config under /data and /config: a writable emptyDir here.
+        "env": [{"name": "XDG_DATA_HOME", "value": "/tmp/data"}, {"name": "XDG_CONFIG_HOME", "value": "/tmp/config"}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_GATE_PORT}],
+        "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "metrics-gate", "mountPath": METRICS_GATE_MOUNT, "readOnly": True},
+                         {"name": "metrics-gate-tmp", "mountPath": "/tmp"}],
+    }
+
+
+def termination_grace_seconds(policy: ScalingPolicy | None) -> int:
+    """How long a stopping pod has: a scaling stack's is its policy's drain timeout (KEDA removes pods
+    that may be serving long requests); otherwise 120 s for streaming answers to finish."""
+    return policy.drain_timeout_seconds if policy is not None else 120
+
+
+def _with_drain(r: Resolved, sizing: Sizing, containers: list[dict]) -> list[dict]:
+    """A scaling stack's serving pod drains before it stops: the engine container's preStop waits for
+    0 running and 0 waiting on its engine's /metrics (pod_drain.py, up to the drain timeout less
+    DRAIN_STOP_SECONDS) and writes DRAINED_FILE; the proxy's preStop waits for that file, so Caddy
+    keeps the streams open until then. The pod left the Service's endpoints when its deletion began:
+    no new request reaches it meanwhile."""
+    policy = scaling_policy(r, sizing)
+    if policy is None:
+        return containers
+    engine_port = r.engine.port
+    drain_seconds = max(0, policy.drain_timeout_seconds - DRAIN_STOP_SECONDS)
+    hooks = {
+        "engine": ["python3", f"{PROBE_MOUNT}/{DRAIN_SCRIPT}",
+                   json.dumps(r.adapter.load_metrics.as_dict(), separators=(",", ":")),
+                   f"http://127.0.0.1:{engine_port}", str(drain_seconds), DRAINED_FILE],
+        # The Caddy image's busybox shell; the engine's drain ends first (or the grace period does).
+        "proxy": ["/bin/sh", "-c", f"until [ -f {DRAINED_FILE} ]; do sleep 2; done"],
+    }
+    drained = []
+    for container in containers:
+        if container["name"] in hooks:
+            container = {**container, "lifecycle": {"preStop": {"exec": {"command": hooks[container["name"]]}}},
+                         "volumeMounts": [*container["volumeMounts"], {"name": "drain", "mountPath": DRAIN_STATE}]}
+        drained.append(container)
+    return drained
+
+
+def _scrape_endpoint(stack: str, job: str, path: str) -> dict:
+    """One path of the metrics gate, its series labelled with the job the rules read, the stack and
+    the pod that served them (replica)."""
+    return {
+        "port": METRICS_PORT_NAME,
+        "path": path,
+        "scheme": "http",
+        "relabelings": [
+            {"action": "replace", "targetLabel": "job", "replacement": job},
+            {"action": "replace", "targetLabel": STACK_LABEL, "replacement": stack},
+            {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": REPLICA_LABEL},
+        ],
+    }
+
+
+def _monitoring_meta(r: Resolved, name: str, stack: str) -> dict:
+    """The Operator selects monitors and rules by prometheusLabels (its podMonitorSelector and
+    ruleSelector): they go beside the stack's own labels."""
+    meta = _meta(name, r.spec.target.kubernetes.namespace, stack, "metrics")
+    meta["labels"] = {**r.spec.target.kubernetes.prometheus_labels, **meta["labels"]}
+    return meta
+
+
+def pod_monitor(r: Resolved, stack: str) -> dict:
+    """The Prometheus Operator's scrape of the stack's engine pods: each serving pod's metrics gate,
+    the engine's metrics as job kimi-engine and Caddy's as kimi-proxy. A multi-node replica's pods
+    are all selected; only the leader serves metrics (a headless worker runs no API server and so no
+    /metrics, and no proxy): the Operator keeps only pods with the named port."""
+    k8s = r.spec.target.kubernetes
+    return {
+        "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,
+        "kind": "PodMonitor",
+        "metadata": _monitoring_meta(r, POD_MONITOR, stack),
+        "spec": {
+            "selector": {"matchLabels": labels(stack, "engine")},
+            "namespaceSelector": {"matchNames": [k8s.namespace]},
+            "podMetricsEndpoints": [
+                _scrape_endpoint(stack, observability.ENGINE_JOB, ENGINE_METRICS_PATH),
+                _scrape_endpoint(stack, observability.PROXY_JOB, PROXY_METRICS_PATH),
+            ],
+        },
+    }
+
+
+def metrics_location(r: Resolved) -> str:
+    """Where the stack's metrics are described (the stack output metricsLocation)."""
+    return f"podmonitor://{r.spec.target.kubernetes.namespace}/{POD_MONITOR}"
+
+
+def _stack_selector(r: Resolved) -> str:
+    return f'namespace="{r.spec.target.kubernetes.namespace}",job="{observability.ENGINE_JOB}"'
+
+
+def scaling_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
+    """(PromQL, KEDA metricType, threshold) of the stack's trigger, per pod of the scaled Deployment.
+
+    waiting: the stack's total queue (every engine pod's, the engine's own gauge) as an AverageValue,
+    so the HPA asks ceil(total / per pod) pods; a replica is engines_per_node pods, so the per-pod
+    target is the per-replica one over engines_per_node; pods that do not scale (the on-demand base
+    under spot) take their share first. ttft: the stack's p99 time to first token over TTFT_RATE_WINDOW
+    (the engine's histogram) as a Value against the objective."""
+    selector = _stack_selector(r)
+    if policy.metric == "waiting":
+        per_pod = policy.target_value / r.engines_per_node
+        waiting = r.adapter.load_metrics.waiting
+        fixed = sum(pods for market, pods in market_groups(r) if market != scaled_market(r))
+        query = f"sum({waiting}{{{selector}}})"
+        if fixed:
+            query = f"clamp_min({query} - {fixed * per_pod:g}, 0)"
+        return query, "AverageValue", per_pod
+    histogram = catalog.ENGINE_METRICS[r.spec.engine.name].ttft_histogram
+    query = (f"histogram_quantile(0.99, sum by (le) (rate({histogram}_bucket{{{selector}}}"
+             f"[{TTFT_RATE_WINDOW}])))")
+    return query, "Value", policy.target_value
+
+
+def hpa_behavior(r: Resolved, policy: ScalingPolicy) -> dict:
+    """The HPA's behaviour from the policy (kimi_fleet/autoscaling.py): scale-in only after a lull of
+    scale_in_cooldown_seconds (the scale-down stabilization window takes the highest ask in it);
+    scale-out at once, at most once per scale_out_cooldown_seconds: for the queue (an absolute ask,
+    ceil(total / target)) as many pods as it asks within a period; for the TTFT (a multiplier of the
+    current replicas, which compounds while new replicas start) at most doubling per period, the
+    HPA's nearest form of one step per time to ready. Within the HPA's own limits (an hour's window,
+    a 30-minute period)."""
+    most = policy.max_replicas * r.engines_per_node
+    period = min(policy.scale_out_cooldown_seconds, HPA_MAX_POLICY_PERIOD_SECONDS)
+    step = ({"type": "Pods", "value": most, "periodSeconds": period} if policy.metric == "waiting"
+            else {"type": "Percent", "value": 100, "periodSeconds": period})
+    return {
+        "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [step]},
+        "scaleDown": {"stabilizationWindowSeconds": min(policy.scale_in_cooldown_seconds,
+                                                        HPA_MAX_STABILIZATION_SECONDS)},
+    }
+
+
+def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
+    """KEDA's ScaledObject for a scaling stack (None otherwise): the scaled Deployment's pods between
+    the policy's range (less the fixed on-demand base under spot), a Prometheus trigger on the queue
+    or the TTFT at target.kubernetes.prometheusUrl (the Kubernetes target refuses a scaling stack
+    without it), the HPA behaviour from the policy."""
+    policy = scaling_policy(r, sizing)
+    if policy is None:
+        return None
+    k8s = r.spec.target.kubernetes
+    market = scaled_market(r)
+    fixed = sum(pods for m, pods in market_groups(r) if m != market)
+    query, metric_type, threshold = scaling_query(r, policy)
+    per_replica = r.engines_per_node
+    trigger_metadata = {"serverAddress": k8s.prometheus_url, "query": query, "threshold": f"{threshold:g}"}
+    if policy.metric == "ttft":
+        # From zero pods (batch) a p99 above the objective wakes the first one.
+        trigger_metadata["activationThreshold"] = f"{threshold:g}"
+    return {
+        "apiVersion": KEDA_API_VERSION,
+        "kind": "ScaledObject",
+        "metadata": _meta(SCALED_OBJECT, k8s.namespace, stack, "scaling"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment_name(market)},
+            "minReplicaCount": policy.min_replicas * per_replica - fixed,
+            "maxReplicaCount": policy.max_replicas * per_replica - fixed,
+            # KEDA's cooldownPeriod applies to the last step to zero; the HPA window to every other.
+            "cooldownPeriod": policy.scale_in_cooldown_seconds,
+            # No scale to zero before a first pod could have started.
+            "initialCooldownPeriod": policy.instance_warmup_seconds,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(r, policy)}},
+            "triggers": [{"type": "prometheus", "name": f"{policy.metric}", "metricType": metric_type,
+                          "metadata": trigger_metadata}],
+        },
+    }
+
+
+def render_monitoring(r: Resolved, sizing: Sizing, *, stack: str) -> list[dict]:
+    """The stack's monitoring objects, applied after render_manifests' (the Prometheus Operator's and
+    KEDA's custom resources): the PodMonitor, and the ScaledObject of a scaling stack."""
+    objects = [pod_monitor(r, stack)]
+    scaled = scaled_object(r, sizing, stack)
+    if scaled is not None:
+        objects.append(scaled)
+    return objects
 
 
 def manifest_release(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> str:
@@ -825,7 +1165,10 @@ def _peers_policy(ns: str, stack: str) -> dict:
 
 def render_manifests(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
     """Every object in apply order: Namespace, ConfigMap, NetworkPolicies, weights, GPU claim, Deployments
-    (or the LeaderWorkerSet of a multi-node replica), Service, stamped with the stack's release."""
+    (or the LeaderWorkerSet of a multi-node replica), Service, stamped with the stack's release. The
+    monitoring objects come apart (render_monitoring): they are not in the release's digest (a new
+    alert threshold or scaling range restarts no pod) and they need the Prometheus Operator's and
+    KEDA's CRDs in the cluster."""
     return _render(r, sizing, launch, stack=stack, release=manifest_release(r, sizing, launch, stack=stack))
 
 
@@ -844,7 +1187,14 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(PROBE_CONFIGMAP, ns, stack, "engine"),
-            "data": {GENERATION_PROBE_SCRIPT: node_script(GENERATION_PROBE_SCRIPT)},
+            "data": {GENERATION_PROBE_SCRIPT: node_script(GENERATION_PROBE_SCRIPT),
+                     **({DRAIN_SCRIPT: pod_script(DRAIN_SCRIPT)} if r.spec.capacity.scaling else {})},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(METRICS_GATE_CONFIGMAP, ns, stack, "metrics"),
+            "data": {"Caddyfile": render_metrics_gate(launch.instances[0].upstream)},
         },
         {
             "apiVersion": "v1",
@@ -861,10 +1211,10 @@ def _render(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str, release:
             "data": {_admission_key(path): text
                      for path, text in sorted(_admission_files(r, sizing, launch, release).items())},
         },
-        *_network_policies(ns, stack),
+        *_network_policies(ns, stack, prometheus_namespace(r)),
     ]
     if r.multi_node:
-        objects[-2:-2] = [{
+        objects[-3:-3] = [{
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(FABRIC_CONFIGMAP, ns, stack, "engine"),
@@ -964,5 +1314,17 @@ def render_k8s_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[st
     documents = yaml.dump_all(
         render_manifests(r, sizing, launch, stack=r.spec.stack), Dumper=_NoAliasDumper, sort_keys=False, width=120
     )
-    return {"kubernetes.yaml": "\n".join(header) + "\n" + documents}
+    monitoring_header = [
+        f"# kimi-fleet stack {r.spec.stack}: its metrics, alerts and scaling; apply after kubernetes.yaml, in a "
+        "cluster with the Prometheus Operator's CRDs",
+        f"#   (kube-prometheus-stack; the PodMonitor and PrometheusRule of prometheus-operator "
+        f"{PROMETHEUS_OPERATOR_RELEASE})" + (f" and KEDA {KEDA_RELEASE} (its ScaledObject)"
+                                              if r.spec.capacity.scaling else ""),
+        f"# Prometheus reaches each engine pod's port {METRICS_PORT_NAME!r} ({METRICS_GATE_PORT}) from the "
+        f"namespace {prometheus_namespace(r)} only (NetworkPolicy {METRICS_POLICY}).",
+    ]
+    monitoring = yaml.dump_all(render_monitoring(r, sizing, stack=r.spec.stack), Dumper=_NoAliasDumper,
+                               sort_keys=False, width=120)
+    return {"kubernetes.yaml": "\n".join(header) + "\n" + documents,
+            "kubernetes-monitoring.yaml": "\n".join(monitoring_header) + "\n" + monitoring}
 

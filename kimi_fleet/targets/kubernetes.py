@@ -48,6 +48,24 @@ class Kubernetes(Target):
         if spec.target.kubernetes.gpu_claim == "dra" and r.accelerator.vendor != "nvidia":
             yield f"{FIELD}target.kubernetes.gpuClaim (given 'dra'): the DRA device class here is NVIDIA's (gpu.nvidia.com)"
         yield from self._multi_node_problems(r)
+        yield from self._scaling_problems(r)
+
+    def _scaling_problems(self, r: Resolved) -> Iterator[str]:
+        """KEDA scales the engine pods on what the cluster's Prometheus has scraped from them."""
+        scaling, k8s = r.spec.capacity.scaling, r.spec.target.kubernetes
+        if scaling is None:
+            return
+        if k8s.prometheus_url is None:
+            yield (f"{FIELD}target.kubernetes.prometheusUrl (not set): capacity.scaling is carried out by KEDA, "
+                   f"whose Prometheus trigger asks the cluster's Prometheus for the stack's "
+                   f"{'queue' if scaling.target_metric == 'waiting' else 'p99 time to first token'} (the engines' "
+                   "metrics its PodMonitor scrapes): name that Prometheus as KEDA reaches it, e.g. "
+                   "http://prometheus-operated.monitoring.svc:9090, or remove capacity.scaling")
+        if scaling.min_replicas == 0:
+            yield (f"{FIELD}capacity.scaling.minReplicas (given 0): on Kubernetes the queue KEDA follows is "
+                   "counted by the engines, inside the pods, and with no pod there is neither a proxy to take a "
+                   "request nor an engine to count it: nothing would ever scale the stack back up (a queue "
+                   "outside the pods, such as the KEDA HTTP add-on's, is not built here); use minReplicas 1 or more")
 
     def _multi_node_problems(self, r: Resolved) -> Iterator[str]:
         """A replica over several pods: the fabric's devices declared, the weights on every node."""

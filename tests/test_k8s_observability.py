@@ -1,0 +1,635 @@
+"""Issue 24 on Kubernetes: the PodMonitor, the KEDA ScaledObject (and the PrometheusRule and dashboard
+once observability renders them) validated against the published CRDs of the pinned releases, the
+metrics gate (a real Caddy in front of the fake engine's /metrics), the NetworkPolicy that admits only
+the monitoring namespace's Prometheus to it, the drain before a pod stops, and the component."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import kubernetes_validate
+import pytest
+
+from kimi_fleet import catalog, observability
+from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet.autoscaling import scaling_policy
+from kimi_fleet.launch import render_launch
+from kimi_fleet.pod_scripts import pod_script
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.spec import StackSpecError
+from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
+from kimi_fleet.validation import parse_spec
+from tests.fakes.harness import free_port, start_caddy, start_fake_engine
+from tooling import crd_schema, monitoring_schema
+
+K8S_VERSION = kubernetes_validate.latest_version()
+KUBERNETES_STACKS = [name for name in stack_names()
+                     if load_stack_config(stack_file(name)).values["target"]["kind"] == "kubernetes"]
+MULTI_NODE = "k8s-h100-int4-vllm"
+#: What the multi-node stack's operator sets after building its EFA engine image (test_k8s_multi_node).
+EFA_ENGINE_IMAGE = "registry.example.com/kimi-engine-efa@sha256:" + "5e" * 32
+PROMETHEUS_URL = "http://kube-prometheus-stack-prometheus.observability.svc.cluster.local:9090"
+
+
+def values(stack: str) -> dict:
+    found = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    if stack == MULTI_NODE:
+        found["target"]["kubernetes"]["efaEngineImage"] = EFA_ENGINE_IMAGE
+    return found
+
+
+def scaling_values(stack: str, *, target: dict | None = None, capacity: dict | None = None,
+                   url: str | None = PROMETHEUS_URL) -> dict:
+    found = values(stack)
+    found["capacity"] = capacity or {"replicas": 2, "scaling": {"minReplicas": 1, "maxReplicas": 4,
+                                                                **(target or {"waitingPerReplica": 8})}}
+    if url:
+        found["target"]["kubernetes"]["prometheusUrl"] = url
+    found["target"]["kubernetes"]["prometheusLabels"] = {"release": "kube-prometheus-stack"}
+    return found
+
+
+def resolve(stack: str, given: dict) -> Resolved:
+    return Resolved(parse_spec(given, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def rendered(stack: str, given: dict | None = None):
+    r = resolve(stack, given or values(stack))
+    sizing = size(r)
+    launch = render_launch(r)
+    return (r, sizing, manifests.render_manifests(r, sizing, launch, stack=stack),
+            manifests.render_monitoring(r, sizing, stack=stack))
+
+
+def the(objects, kind, name=None):
+    (found,) = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    return found
+
+
+def pod_templates(objects) -> list[dict]:
+    """Every engine pod template: the Deployments', or the LeaderWorkerSet's leader and worker."""
+    templates = [o["spec"]["template"] for o in objects if o["kind"] == "Deployment"]
+    for lws in (o for o in objects if o["kind"] == "LeaderWorkerSet"):
+        group = lws["spec"]["leaderWorkerTemplate"]
+        templates += [group["leaderTemplate"], group["workerTemplate"]]
+    return templates
+
+
+def container(template, name):
+    return next((c for c in template["spec"]["containers"] if c["name"] == name), None)
+
+
+SCALING_VARIANTS = [
+    ("gb200-int4-vllm", scaling_values("gb200-int4-vllm")),
+    ("mi355x-int4-sglang", scaling_values("mi355x-int4-sglang", target={"ttftP99Seconds": 4})),
+    # Spot with an on-demand base: the base stays fixed, the spot pods scale.
+    ("mi355x-int4-sglang", scaling_values("mi355x-int4-sglang", capacity={
+        "market": "spot", "replicas": 2, "onDemandBase": 1,
+        "scaling": {"minReplicas": 1, "maxReplicas": 5, "waitingPerReplica": 4}})),
+    ("gb200-int4-vllm", scaling_values("gb200-int4-vllm", capacity={
+        "workload": "batch", "market": "on-demand", "replicas": 1,
+        "scaling": {"minReplicas": 1, "maxReplicas": 3, "ttftP99Seconds": 30}})),
+]
+
+
+# --- the vendored CRDs ---------------------------------------------------------------------------
+
+def test_the_crds_are_the_tags_files_and_serve_the_versions_rendered():
+    digests = {
+        "PodMonitor": "45a93443daa687d3654f7e9631909ff7edcdf3ec09c5e60251b74aa2722aee5d",
+        "PrometheusRule": "78be98554b9c8506ab2b4f4feb91c5f3a56e536a0a510f3a8e876a459970d56d",
+        "ScaledObject": "af35555862a83933b074af14ad439c4b4ceabaf4daa3e9338e9b23e36d308d80",
+    }
+    for kind, (path, api_version) in monitoring_schema.CRD_FILES.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digests[kind], path
+        schema = monitoring_schema.json_schema(kind)
+        assert schema["properties"]["apiVersion"]["const"] == api_version
+        assert schema["properties"]["kind"]["const"] == kind
+        assert (path.parent / "README.md").read_text().count(digests[kind]) == 1
+    assert manifests.PROMETHEUS_OPERATOR_API_VERSION == "monitoring.coreos.com/v1"
+    assert manifests.KEDA_API_VERSION == "keda.sh/v1alpha1"
+    endpoint = monitoring_schema.json_schema("PodMonitor")["properties"]["spec"]["properties"][
+        "podMetricsEndpoints"]["items"]["properties"]
+    assert "replace" in endpoint["relabelings"]["items"]["properties"]["action"]["enum"]
+
+
+# --- every object validates ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_every_monitoring_object_validates_against_its_crd(stack):
+    r, _, objects, monitoring = rendered(stack)
+    assert [o["kind"] for o in monitoring][0] == "PodMonitor"
+    assert not [o for o in monitoring if o["kind"] == "ScaledObject"]  # no stack in stacks/ scales
+    for obj in monitoring:
+        if obj["kind"] in monitoring_schema.CRD_FILES:
+            assert monitoring_schema.errors(obj) == [], obj["kind"]
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # The metrics gate's ConfigMap and the new NetworkPolicy are built-in kinds.
+    for obj in objects:
+        if obj["kind"] in ("ConfigMap", "NetworkPolicy", "Deployment"):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("stack, given", SCALING_VARIANTS)
+def test_a_scaling_stacks_objects_validate(stack, given):
+    r, sizing, objects, monitoring = rendered(stack, given)
+    kinds = [o["kind"] for o in monitoring]
+    assert kinds[0] == "PodMonitor" and kinds.count("ScaledObject") == 1
+    for obj in monitoring:
+        if obj["kind"] in monitoring_schema.CRD_FILES:
+            assert monitoring_schema.errors(obj) == [], obj["kind"]
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    for obj in objects:
+        if obj["kind"] != "LeaderWorkerSet":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # The Prometheus Operator selects by the stack's prometheusLabels.
+    assert the(monitoring, "PodMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def _mutated(obj, path, value):
+    obj = copy.deepcopy(obj)
+    *parents, last = path
+    node = obj
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return obj
+
+
+@pytest.fixture(scope="module")
+def scaled():
+    return rendered(*SCALING_VARIANTS[0])
+
+
+@pytest.mark.parametrize("kind, path, value, says", [
+    ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "prot"], "metrics", "'prot' was unexpected"),
+    ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "relabelings", 0, "action"], "set", "is not one of"),
+    ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "scheme"], "ftp", "is not one of"),
+    ("PodMonitor", ["spec", "selector", "matchLabels"], "engine", "is not of type 'object'"),
+    ("PodMonitor", ["metadata", "labels", "release"], "x" * 64, "is too long"),
+    ("ScaledObject", ["spec", "maxReplicaCount"], 0, "less than the minimum of 1"),
+    ("ScaledObject", ["spec", "triggers"], [], "should be non-empty"),
+    ("ScaledObject", ["spec", "triggers", 0, "metadata", "threshold"], 8, "is not of type 'string'"),
+    ("ScaledObject", ["spec", "scaleTargetRef", "name"], "", "should be non-empty"),
+    ("ScaledObject", ["spec", "fallback"], {"replicas": 1}, "'failureThreshold' is a required property"),
+    # The CRD's CEL rule and KEDA's webhook, which the schema does not carry.
+    ("ScaledObject", ["spec", "minReplicaCount"], 5, "minReplicaCount must be less than or equal to maxReplicaCount"),
+    ("ScaledObject", ["metadata", "name"], "k" * 60, "HPA name"),
+])
+def test_the_validation_refuses_what_the_api_server_would(scaled, kind, path, value, says):
+    """Negative cases: the schemas are strict and carry the enums, so a pass is not vacuous."""
+    found = monitoring_schema.errors(_mutated(the(scaled[3], kind), path, value))
+    assert any(says in error for error in found), found
+
+
+# --- the PodMonitor and the metrics gate ---------------------------------------------------------
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_the_pod_monitor_scrapes_each_serving_pods_gate_as_the_rules_jobs(stack):
+    r, _, objects, monitoring = rendered(stack)
+    monitor = the(monitoring, "PodMonitor")["spec"]
+    assert monitor["namespaceSelector"] == {"matchNames": [r.spec.target.kubernetes.namespace]}
+    endpoints = {e["path"]: e for e in monitor["podMetricsEndpoints"]}
+    assert set(endpoints) == {manifests.ENGINE_METRICS_PATH, manifests.PROXY_METRICS_PATH}
+    for path, job in ((manifests.ENGINE_METRICS_PATH, observability.ENGINE_JOB),
+                      (manifests.PROXY_METRICS_PATH, observability.PROXY_JOB)):
+        endpoint = endpoints[path]
+        assert endpoint["port"] == manifests.METRICS_PORT_NAME
+        relabel = {x["targetLabel"]: x for x in endpoint["relabelings"]}
+        assert relabel["job"]["replacement"] == job
+        assert relabel[manifests.STACK_LABEL]["replacement"] == stack
+        assert relabel[manifests.REPLICA_LABEL]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+    # Every engine pod is selected (a multi-node replica's leader and workers); the ones that serve
+    # carry the gate with the named port, and only the gate binds beyond loopback.
+    selector = monitor["selector"]["matchLabels"]
+    templates = pod_templates(objects)
+    assert templates
+    serving = 0
+    for template in templates:
+        assert selector.items() <= template["metadata"]["labels"].items()
+        gate = container(template, "metrics")
+        if container(template, "proxy") is None:
+            assert gate is None  # a headless worker: no API server, no /metrics, no proxy
+            continue
+        serving += 1
+        assert gate["ports"] == [{"name": manifests.METRICS_PORT_NAME, "containerPort": manifests.METRICS_GATE_PORT}]
+        assert gate["image"] == catalog.CADDY_IMAGE
+        engine = container(template, "engine")
+        assert "ports" not in engine
+        assert engine["args"][engine["args"].index("--host") + 1] == "127.0.0.1"
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounted = {m["name"] for m in gate["volumeMounts"]}
+        assert mounted <= set(volumes)
+        assert volumes["metrics-gate"]["configMap"]["name"] == manifests.METRICS_GATE_CONFIGMAP
+    assert serving >= 1
+    config = the(objects, "ConfigMap", manifests.METRICS_GATE_CONFIGMAP)["data"]["Caddyfile"]
+    assert config == manifests.render_metrics_gate(render_launch(r).instances[0].upstream)
+    assert f"reverse_proxy 127.0.0.1:{r.engine.port}" in config
+    assert f"reverse_proxy 127.0.0.1:{observability.PROXY_METRICS_PORT}" in config
+    assert manifests.metrics_location(r) == f"podmonitor://{r.spec.target.kubernetes.namespace}/kimi-fleet"
+
+
+def test_the_gate_refuses_an_upstream_off_loopback():
+    with pytest.raises(ValueError, match="loopback only"):
+        manifests.render_metrics_gate("10.0.0.5:8000")
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class _CaddyMetrics(BaseHTTPRequestHandler):
+    """Stands in for the proxy's loopback metrics site (Caddy's own /metrics)."""
+
+    def do_GET(self):  # noqa: N802 - stdlib signature
+        body = b'caddy_http_requests_total{server="srv0",handler="reverse_proxy"} 7\n'
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_the_gate_serves_only_the_two_metrics_paths_with_a_real_caddy(engine):
+    """The rendered gate, run by a real Caddy in front of the fake engine (the pinned releases' metric
+    names) and a stand-in for Caddy's loopback metrics site: the two paths answer, the engine's API,
+    other methods and other paths do not."""
+    proxy_metrics = ThreadingHTTPServer(("127.0.0.1", 0), _CaddyMetrics)
+    threading.Thread(target=proxy_metrics.serve_forever, daemon=True).start()
+    port = free_port()
+    try:
+        with start_fake_engine("good", engine=engine) as fake:
+            text = manifests.render_metrics_gate(fake.upstream, listen_port=port,
+                                                 proxy_metrics_port=proxy_metrics.server_address[1])
+            with start_caddy(text.replace(f"http://:{port}", f"http://127.0.0.1:{port}"), {}):
+                base = f"http://127.0.0.1:{port}"
+                status, body = _get(base + manifests.ENGINE_METRICS_PATH)
+                names = catalog.ENGINE_METRICS[engine]
+                assert status == 200 and f"{names.waiting}" in body and f"{names.ttft_histogram}_bucket" in body
+                assert _get(base + manifests.PROXY_METRICS_PATH) == (
+                    200, 'caddy_http_requests_total{server="srv0",handler="reverse_proxy"} 7\n')
+                for path in ("/metrics", "/v1/models", "/health", "/engine/metrics/x", "/engine"):
+                    assert _get(base + path)[0] == 404, path
+                assert _get(base + "/v1/chat/completions", "POST")[0] == 404
+                assert _get(base + manifests.ENGINE_METRICS_PATH, "POST")[0] == 404
+    finally:
+        proxy_metrics.shutdown()
+
+
+# --- the NetworkPolicy ----------------------------------------------------------------------------
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions are not rendered
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, source: dict, policy_ns: str) -> bool:
+    """One `from` element: namespaceSelector AND podSelector (either missing: the policy's namespace,
+    or every pod)."""
+    if "ipBlock" in peer:
+        return False  # not rendered; a pod-to-pod check never matches one here
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], source["namespace_labels"])
+    else:
+        in_namespace = source["namespace"] == policy_ns
+    return in_namespace and _selects(peer.get("podSelector", {}), source["labels"])
+
+
+def admitted(policies: list[dict], source: dict, pod_labels: dict, named_ports: dict, port: int) -> bool:
+    """NetworkPolicy semantics (kubernetes.io/docs/concepts/services-networking/network-policies/): a
+    pod selected by any Ingress policy takes only what one of their rules admits; a rule admits a peer
+    it lists (none: every source) on a port it lists (none: every port; a name is the pod's port)."""
+    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]
+                 and _selects(p["spec"]["podSelector"], pod_labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            if peers is not None and not any(_peer_admits(peer, source, policy["metadata"]["namespace"])
+                                             for peer in peers):
+                continue
+            ports = rule.get("ports")
+            if ports is None or any(named_ports.get(p["port"], p["port"]) == port and p["protocol"] == "TCP"
+                                    for p in ports):
+                return True
+    return False
+
+
+def source(namespace: str, **labels) -> dict:
+    return {"namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace},
+            "labels": labels}
+
+
+@pytest.mark.parametrize("stack, given", [(s, None) for s in KUBERNETES_STACKS] + [
+    ("gb200-int4-vllm", scaling_values("gb200-int4-vllm"))])
+def test_only_the_monitoring_namespaces_prometheus_reaches_the_metrics_port(stack, given):
+    r, _, objects, _ = rendered(stack, given)
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    monitoring = manifests.prometheus_namespace(r)
+    assert monitoring == ("observability" if given else "monitoring")
+    prometheus = source(monitoring, **{"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus"})
+    strangers = {
+        "a tenant's pod": source("tenant-a", app="client"),
+        "a Prometheus in another namespace": source("tenant-a", **{"app.kubernetes.io/name": "prometheus"}),
+        "another pod of the monitoring namespace": source(monitoring, **{"app.kubernetes.io/name": "grafana"}),
+        "a pod of the stack's own namespace": source(r.spec.target.kubernetes.namespace, app="debug"),
+    }
+    for template in pod_templates(objects):
+        if container(template, "metrics") is None:
+            continue
+        pod = template["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        gate = manifests.METRICS_GATE_PORT
+        assert admitted(policies, prometheus, pod, ports, gate)
+        for who, stranger in strangers.items():
+            assert not admitted(policies, stranger, pod, ports, gate), who
+            assert admitted(policies, stranger, pod, ports, 443), who  # the tenants' route stays open
+        # Prometheus reaches the gate, nothing else beyond the public proxy: not the engine's port,
+        # not the loopback exporters' ports.
+        for port in (r.engine.port, observability.PROXY_METRICS_PORT, observability.NODE_STATE_PORT,
+                     manifests.POD_LOCAL_PROXY_PORT):
+            assert not admitted(policies, prometheus, pod, ports, port), port
+    # The Service (the tenants' route) never carries the metrics port.
+    service = the(objects, "Service")
+    assert manifests.METRICS_PORT_NAME not in {p["targetPort"] for p in service["spec"]["ports"]}
+    metrics_policy = the(objects, "NetworkPolicy", manifests.METRICS_POLICY)["spec"]
+    (rule,) = metrics_policy["ingress"]
+    assert rule["ports"] == [{"port": manifests.METRICS_PORT_NAME, "protocol": "TCP"}]
+    # Applied before anything that runs a pod.
+    kinds = [o["kind"] for o in objects]
+    assert kinds.index("NetworkPolicy") < min(i for i, k in enumerate(kinds)
+                                              if k in ("Job", "Deployment", "LeaderWorkerSet"))
+
+
+def test_the_monitoring_namespace_comes_from_an_in_cluster_prometheus_url():
+    for url, namespace in ((PROMETHEUS_URL, "observability"), ("http://prometheus-operated.monitoring.svc:9090",
+                                                                "monitoring"),
+                           ("https://prometheus.example.com", manifests.DEFAULT_PROMETHEUS_NAMESPACE)):
+        r = resolve("gb200-int4-vllm", scaling_values("gb200-int4-vllm", url=url))
+        assert manifests.prometheus_namespace(r) == namespace, url
+
+
+# --- scaling -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stack, given", SCALING_VARIANTS)
+def test_the_scaled_object_follows_the_policy(stack, given):
+    r, sizing, objects, monitoring = rendered(stack, given)
+    policy = scaling_policy(r, sizing)
+    scaled = the(monitoring, "ScaledObject")["spec"]
+    market = manifests.scaled_market(r)
+    deployments = {d["metadata"]["name"]: d for d in objects if d["kind"] == "Deployment"}
+    target = deployments[scaled["scaleTargetRef"]["name"]]
+    assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                        "name": manifests.deployment_name(market)}
+    # KEDA's HPA owns the scaled Deployment's count; a fixed one (the on-demand base) keeps its own.
+    assert "replicas" not in target["spec"]
+    fixed = [d for name, d in deployments.items() if d is not target]
+    fixed_pods = sum(d["spec"]["replicas"] for d in fixed)
+    per = r.engines_per_node
+    assert scaled["minReplicaCount"] + fixed_pods == policy.min_replicas * per
+    assert scaled["maxReplicaCount"] + fixed_pods == policy.max_replicas * per
+    assert scaled["cooldownPeriod"] == policy.scale_in_cooldown_seconds
+    behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == min(policy.scale_in_cooldown_seconds, 3600)
+    (step,) = behavior["scaleUp"]["policies"]
+    assert step["periodSeconds"] == min(policy.scale_out_cooldown_seconds, 1800)
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    assert meta["serverAddress"] == r.spec.target.kubernetes.prometheus_url
+    selector = f'namespace="{r.spec.target.kubernetes.namespace}",job="{observability.ENGINE_JOB}"'
+    names = catalog.ENGINE_METRICS[r.spec.engine.name]
+    if policy.metric == "waiting":
+        # The engine's own queue gauge (its adapter's and the catalog's name agree).
+        assert names.waiting == r.adapter.load_metrics.waiting
+        assert f"sum({names.waiting}{{{selector}}})" in meta["query"]
+        assert trigger["metricType"] == "AverageValue"
+        assert float(meta["threshold"]) == policy.target_value / per
+        if fixed_pods:
+            assert meta["query"] == (f"clamp_min(sum({names.waiting}{{{selector}}}) - "
+                                     f"{fixed_pods * policy.target_value / per:g}, 0)")
+        assert step == {"type": "Pods", "value": policy.max_replicas * per,
+                        "periodSeconds": policy.scale_out_cooldown_seconds}
+    else:
+        assert meta["query"] == (f"histogram_quantile(0.99, sum by (le) (rate({names.ttft_histogram}_bucket"
+                                 f"{{{selector}}}[5m])))")
+        assert trigger["metricType"] == "Value" and float(meta["threshold"]) == policy.target_value
+        assert step["type"] == "Percent" and step["value"] == 100
+
+
+def test_the_trigger_queries_are_promql_promtool_accepts(tmp_path):
+    """KEDA sends the query as written: each parses in Prometheus' own parser (as a rule's expr)."""
+    rules = {"groups": [{"name": "keda", "rules": []}]}
+    for index, (stack, given) in enumerate(SCALING_VARIANTS):
+        _, _, _, monitoring = rendered(stack, given)
+        query = the(monitoring, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+        rules["groups"][0]["rules"].append({"record": f"kimi:keda_query_{index}", "expr": query})
+    path = tmp_path / "rules.yaml"
+    path.write_text(json.dumps(rules))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(SCALING_VARIANTS)} rules found" in done.stdout
+
+
+def test_a_scaling_stack_without_prometheus_url_is_refused_naming_the_field():
+    with pytest.raises(StackSpecError) as refused:
+        resolve("gb200-int4-vllm", scaling_values("gb200-int4-vllm", url=None))
+    (problem,) = refused.value.problems
+    assert "target.kubernetes.prometheusUrl (not set)" in problem and "KEDA" in problem
+    assert "http://prometheus-operated.monitoring.svc:9090" in problem
+
+
+def test_scale_to_zero_is_refused_on_kubernetes_saying_why():
+    given = scaling_values("gb200-int4-vllm", capacity={"workload": "batch", "market": "on-demand", "replicas": 1,
+                                                        "scaling": {"minReplicas": 0, "maxReplicas": 2,
+                                                                    "waitingPerReplica": 4}})
+    with pytest.raises(StackSpecError) as refused:
+        resolve("gb200-int4-vllm", given)
+    (problem,) = refused.value.problems
+    assert "capacity.scaling.minReplicas (given 0)" in problem and "minReplicas 1" in problem
+
+
+def test_a_multi_node_replica_is_monitored_and_never_scaled():
+    r, _, objects, monitoring = rendered(MULTI_NODE)
+    assert [o["kind"] for o in monitoring] == ["PodMonitor"]
+    given = scaling_values(MULTI_NODE)
+    with pytest.raises(StackSpecError, match="capacity.scaling"):
+        resolve(MULTI_NODE, given)
+
+
+# --- the drain before a pod stops ----------------------------------------------------------------
+
+@pytest.mark.parametrize("stack, given", SCALING_VARIANTS[:2])
+def test_a_scaling_stacks_pods_drain_before_they_stop(stack, given):
+    r, sizing, objects, _ = rendered(stack, given)
+    policy = scaling_policy(r, sizing)
+    probe = the(objects, "ConfigMap", manifests.PROBE_CONFIGMAP)["data"]
+    assert probe[manifests.DRAIN_SCRIPT] == pod_script(manifests.DRAIN_SCRIPT)
+    for template in pod_templates(objects):
+        spec = template["spec"]
+        assert spec["terminationGracePeriodSeconds"] == policy.drain_timeout_seconds
+        engine, proxy = container(template, "engine"), container(template, "proxy")
+        command = engine["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["python3", f"{manifests.PROBE_MOUNT}/{manifests.DRAIN_SCRIPT}"]
+        assert json.loads(command[2]) == r.adapter.load_metrics.as_dict()
+        assert command[3] == f"http://127.0.0.1:{r.engine.port}" and command[5] == manifests.DRAINED_FILE
+        assert int(command[4]) == policy.drain_timeout_seconds - manifests.DRAIN_STOP_SECONDS
+        assert manifests.DRAINED_FILE in proxy["lifecycle"]["preStop"]["exec"]["command"][2]
+        for c in (engine, proxy):
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "drain"]
+            assert mount["mountPath"] == manifests.DRAIN_STATE
+        assert {"name": "drain", "emptyDir": {}} in spec["volumes"]
+
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_a_fixed_stack_keeps_its_count_and_no_drain(stack):
+    r, _, objects, _ = rendered(stack)
+    for template in pod_templates(objects):
+        assert template["spec"]["terminationGracePeriodSeconds"] == 120
+        assert all("lifecycle" not in c for c in template["spec"]["containers"])
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        assert deployment["spec"]["replicas"] >= 1
+
+
+class _Metrics(BaseHTTPRequestHandler):
+    """An engine's /metrics whose queue empties after `busy_reads` reads."""
+    reads = 0
+    busy_reads = 2
+
+    def do_GET(self):  # noqa: N802
+        type(self).reads += 1
+        busy = type(self).reads <= type(self).busy_reads
+        body = (f"vllm:generation_tokens_total 10\nvllm:num_requests_running{{engine=\"0\"}} {1 if busy else 0}\n"
+                f"vllm:num_requests_waiting {2 if busy else 0}\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("busy_reads, timeout, verdict", [
+    (2, 60, "drained: 0 running, 0 waiting"),
+    (10_000, 0, "gave up after 0 s with 1 running and 2 waiting"),
+])
+def test_the_drain_as_shipped_waits_for_the_engines_queue(tmp_path, busy_reads, timeout, verdict, monkeypatch):
+    """pod_drain.py as the ConfigMap ships it (beside generation_probe.py), run as the hook runs it."""
+    r, _, objects, _ = rendered(*SCALING_VARIANTS[0])
+    for key, text in the(objects, "ConfigMap", manifests.PROBE_CONFIGMAP)["data"].items():
+        (tmp_path / key).write_text(text)
+    handler = type("Metrics", (_Metrics,), {"reads": 0, "busy_reads": busy_reads})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    done_file = tmp_path / "state" / "drained"
+    try:
+        sys.path.insert(0, str(tmp_path))
+        import pod_drain  # noqa: PLC0415 - the shipped file
+        monkeypatch.setattr(pod_drain, "POLL_SECONDS", 0.05)
+        assert pod_drain.main([json.dumps(r.adapter.load_metrics.as_dict()),
+                               f"http://127.0.0.1:{server.server_address[1]}", str(timeout), str(done_file)]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("pod_drain", None)
+        sys.modules.pop("generation_probe", None)
+        server.shutdown()
+    assert json.loads(done_file.read_text()) == {"verdict": verdict}
+    if busy_reads == 2:
+        assert handler.reads == 3  # it waited through both busy reads
+    # A bad argument is refused, not a silent drain.
+    done = subprocess.run([sys.executable, str(tmp_path / "pod_drain.py"), "{}", "http://127.0.0.1:1", "5",
+                           str(done_file)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+# --- the YAML a hand-applier uses ------------------------------------------------------------------
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_the_monitoring_yaml_is_its_own_file(stack):
+    import yaml
+
+    r, sizing, objects, monitoring = rendered(stack)
+    files = manifests.render_k8s_artifacts(r, sizing, render_launch(r))
+    assert list(yaml.safe_load_all(files["kubernetes-monitoring.yaml"])) == monitoring
+    assert list(yaml.safe_load_all(files["kubernetes.yaml"])) == objects
+    header = files["kubernetes-monitoring.yaml"].split("\n---")[0]
+    assert manifests.PROMETHEUS_OPERATOR_RELEASE in header and manifests.METRICS_POLICY in header
+    assert "pulumi.com/" not in json.dumps(monitoring)
+
+
+def test_crd_schema_closes_objects_and_refuses_an_open_one():
+    closed = crd_schema.closed({"type": "object", "properties": {"a": {"type": "string", "nullable": True}}})
+    assert closed["additionalProperties"] is False and closed["properties"]["a"]["type"] == ["string", "null"]
+    with pytest.raises(ValueError, match="preserve-unknown-fields"):
+        crd_schema.closed({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+
+
+# --- the component under the mocks ---------------------------------------------------------------
+
+def integral(value):
+    """The mocks carry numbers as floats (a protobuf Struct): back to the integers rendered."""
+    if isinstance(value, dict):
+        return {key: integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [integral(item) for item in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def run_endpoint(stack: str, given: dict):
+    import pulumi
+
+    from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
+    from tooling.mock_run import run_components
+
+    seen = {}
+
+    def declare():
+        r = resolve(stack, given)
+        endpoint = KubernetesEndpoint("kimi", KubernetesEndpointArgs(
+            resolved=r, sizing=size(r), launch=render_launch(r),
+            api_key=pulumi.Output.secret("sk-test-not-a-real-key-0123456789"), hf_token=None))
+        seen.update(metrics_location=endpoint.metrics_location, dashboard_url=endpoint.dashboard_url)
+        return {"node_ids": endpoint.node_ids}
+
+    return run_components(declare, stack), seen
+
+
+def test_the_component_declares_the_monitoring_and_scaling_objects():
+    stack, given = SCALING_VARIANTS[0]
+    run, seen = run_endpoint(stack, given)
+    _, _, objects, monitoring = rendered(stack, given)
+    assert seen == {"metrics_location": "podmonitor://kimi-gb200/kimi-fleet", "dashboard_url": None}
+    (monitor,) = run.of_type("kubernetes:monitoring.coreos.com/v1:PodMonitor")
+    (scaled,) = run.of_type("kubernetes:keda.sh/v1alpha1:ScaledObject")
+    for declared, kind in ((monitor, "PodMonitor"), (scaled, "ScaledObject")):
+        applied = integral({key: declared["wire"][key] for key in ("apiVersion", "kind", "metadata", "spec")})
+        assert applied == the(monitoring, kind)  # as rendered, nothing added
+        assert monitoring_schema.errors(applied) == []
+    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
+    assert "replicas" not in deployment["wire"]["spec"]  # KEDA's HPA owns the count
+    assert deployment["name"] in scaled["dependencies"]  # the scaled Deployment exists first
+    (component,) = run.of_type("kimi-fleet:kubernetes:KubernetesEndpoint")
+    assert monitor["parent"] == scaled["parent"] == component["name"]
+    policies = {p["wire"]["metadata"]["name"] for p in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
+    assert manifests.METRICS_POLICY in policies
