@@ -189,20 +189,28 @@ ENGINE_METRICS_PATH = "/engine/metrics"
 PROXY_METRICS_PATH = "/proxy/metrics"
 #: Labels every scraped series carries beside job (catalog.EngineMetricNames.labels: "the scrape adds
 #: stack/replica/instance on top"): the stack's name and the pod that served it.
-STACK_LABEL = "stack"
-REPLICA_LABEL = "replica"
+STACK_LABEL = observability.STACK_LABEL
+REPLICA_LABEL = observability.REPLICA_LABEL
 #: What the Prometheus Operator labels its Prometheus server pods with (makeSelectorLabels in
 #: pkg/prometheus/server/operator.go at v0.93.0: app.kubernetes.io/name: prometheus): the
 #: NetworkPolicy admits these pods of the monitoring namespace, no other pod, no other namespace.
 PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
-#: Where a stack without target.kubernetes.prometheusUrl expects its Prometheus: kube-prometheus-stack's
-#: usual namespace (its chart installs into the release's namespace; the docs' examples use monitoring).
-DEFAULT_PROMETHEUS_NAMESPACE = "monitoring"
-#: The Grafana dashboard as a ConfigMap the kube-prometheus-stack Grafana sidecar imports: its chart's
-#: grafana.sidecar.dashboards.label (default grafana_dashboard, value "1"), searched in every namespace
-#: only with sidecar.dashboards.searchNamespace: ALL (else the sidecar's own namespace).
+#: The Grafana dashboard as a ConfigMap the Grafana sidecar imports: kube-prometheus-stack's values
+#: (prometheus-community/helm-charts, charts/kube-prometheus-stack/values.yaml, grafana.sidecar.dashboards:
+#: label grafana_dashboard, labelValue "1", searchNamespace ALL: every namespace's ConfigMaps).
 DASHBOARD_CONFIGMAP = "kimi-grafana-dashboard"
 GRAFANA_DASHBOARD_LABEL = "grafana_dashboard"
+GRAFANA_DASHBOARD_LABEL_VALUE = "1"
+#: The stack's alerts (observability.render_prometheus_rules) whose series nothing in a Kubernetes stack
+#: exports, so they are left out of its PrometheusRule rather than shipped never to fire.
+UNSERVED_ALERTS = {
+    "KimiGpuXidErrors": "the GPUs' DCGM exporter is the cluster's (the GPU Operator's DaemonSet), not the stack's: "
+                        "its series carry no stack label",
+    "KimiNodeNotAdmitted": "the node-state exporter runs on AWS and host nodes; a pod's admission is its "
+                           "readiness (the admission container), which the rollout gate waits for",
+    "KimiGateFailed": "as KimiNodeNotAdmitted: a pod that fails its admission suite is never Ready and the gate "
+                      "(scripts/await_k8s_rollout.py) fails the deploy and undoes it",
+}
 #: The drain a scaling stack's engine container runs before it stops (kimi_fleet/pod_scripts/), beside
 #: the generation probe it reads the engine's /metrics with.
 DRAIN_SCRIPT = "pod_drain.py"
@@ -900,16 +908,9 @@ def _network_policies(ns: str, stack: str, prometheus_ns: str) -> list[dict]:
 
 # --- metrics, alerts, scaling (issue 24) ----------------------------------------------------------
 
-#: An in-cluster Service URL: <service>.<namespace>.svc[.cluster.local][:port].
-_SERVICE_HOST = re.compile(r"^https?://[a-z0-9-]+\.([a-z0-9-]+)\.svc(\.cluster\.local)?(:[0-9]+)?$")
-
-
 def prometheus_namespace(r: Resolved) -> str:
-    """The namespace of the Prometheus that scrapes the stack: the one prometheusUrl names when it is
-    an in-cluster Service (<service>.<namespace>.svc), else DEFAULT_PROMETHEUS_NAMESPACE."""
-    url = r.spec.target.kubernetes.prometheus_url
-    match = _SERVICE_HOST.match(url) if url else None
-    return match.group(1) if match else DEFAULT_PROMETHEUS_NAMESPACE
+    """The namespace of the Prometheus that scrapes the stack (target.kubernetes.prometheusNamespace)."""
+    return r.spec.target.kubernetes.prometheus_namespace
 
 
 def render_metrics_gate(engine_upstream: str, *, listen_port: int = METRICS_GATE_PORT,
@@ -1133,10 +1134,47 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
     }
 
 
+def prometheus_rule(r: Resolved, stack: str) -> dict:
+    """The stack's alerts (observability.render_prometheus_rules: the same rules and thresholds as the
+    node targets' and the CloudWatch alarms), less UNSERVED_ALERTS, for the Operator's ruleSelector."""
+    rules = yaml.safe_load(observability.render_prometheus_rules(r.spec))
+    unknown = set(UNSERVED_ALERTS) - set(observability.ALERT_NAMES)
+    if unknown:
+        raise ValueError(f"UNSERVED_ALERTS names alerts observability no longer has: {sorted(unknown)}")
+    for group in rules["groups"]:
+        group["rules"] = [rule for rule in group["rules"] if rule.get("alert") not in UNSERVED_ALERTS]
+    return {
+        "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,
+        "kind": "PrometheusRule",
+        "metadata": _monitoring_meta(r, PROMETHEUS_RULE, stack),
+        "spec": rules,
+    }
+
+
+def grafana_dashboard(r: Resolved) -> dict:
+    """observability.render_grafana_dashboard as the sidecar provisions it: a provisioned dashboard's
+    ${DS_PROMETHEUS} is not resolved from __inputs (an import does that), so it names a data-source
+    variable of that name (the first Prometheus data source by default, chosen in the dashboard)."""
+    dashboard = observability.render_grafana_dashboard(r.spec)
+    variables = dashboard.setdefault("templating", {}).setdefault("list", [])
+    if not any(v.get("name") == "DS_PROMETHEUS" for v in variables):
+        variables.insert(0, {"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource",
+                             "query": "prometheus", "hide": 0, "current": {}})
+    return dashboard
+
+
+def _dashboard_config_map(r: Resolved, stack: str) -> dict:
+    meta = _meta(DASHBOARD_CONFIGMAP, r.spec.target.kubernetes.namespace, stack, "metrics")
+    meta["labels"][GRAFANA_DASHBOARD_LABEL] = GRAFANA_DASHBOARD_LABEL_VALUE
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {f"kimi-fleet-{stack}.json": json.dumps(grafana_dashboard(r), indent=2, sort_keys=True) + "\n"}}
+
+
 def render_monitoring(r: Resolved, sizing: Sizing, *, stack: str) -> list[dict]:
     """The stack's monitoring objects, applied after render_manifests' (the Prometheus Operator's and
-    KEDA's custom resources): the PodMonitor, and the ScaledObject of a scaling stack."""
-    objects = [pod_monitor(r, stack)]
+    KEDA's custom resources): the PodMonitor, the PrometheusRule, the Grafana dashboard's ConfigMap,
+    and the ScaledObject of a scaling stack."""
+    objects = [pod_monitor(r, stack), prometheus_rule(r, stack), _dashboard_config_map(r, stack)]
     scaled = scaled_object(r, sizing, stack)
     if scaled is not None:
         objects.append(scaled)

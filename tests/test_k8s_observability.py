@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from kimi_fleet import catalog, observability
 from kimi_fleet import k8s_manifests as manifests
@@ -127,7 +128,7 @@ def test_the_crds_are_the_tags_files_and_serve_the_versions_rendered():
 @pytest.mark.parametrize("stack", KUBERNETES_STACKS)
 def test_every_monitoring_object_validates_against_its_crd(stack):
     r, _, objects, monitoring = rendered(stack)
-    assert [o["kind"] for o in monitoring][0] == "PodMonitor"
+    assert [o["kind"] for o in monitoring] == ["PodMonitor", "PrometheusRule", "ConfigMap"]
     assert not [o for o in monitoring if o["kind"] == "ScaledObject"]  # no stack in stacks/ scales
     for obj in monitoring:
         if obj["kind"] in monitoring_schema.CRD_FILES:
@@ -144,7 +145,7 @@ def test_every_monitoring_object_validates_against_its_crd(stack):
 def test_a_scaling_stacks_objects_validate(stack, given):
     r, sizing, objects, monitoring = rendered(stack, given)
     kinds = [o["kind"] for o in monitoring]
-    assert kinds[0] == "PodMonitor" and kinds.count("ScaledObject") == 1
+    assert kinds == ["PodMonitor", "PrometheusRule", "ConfigMap", "ScaledObject"]
     for obj in monitoring:
         if obj["kind"] in monitoring_schema.CRD_FILES:
             assert monitoring_schema.errors(obj) == [], obj["kind"]
@@ -346,7 +347,7 @@ def test_only_the_monitoring_namespaces_prometheus_reaches_the_metrics_port(stac
     r, _, objects, _ = rendered(stack, given)
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     monitoring = manifests.prometheus_namespace(r)
-    assert monitoring == ("observability" if given else "monitoring")
+    assert monitoring == "monitoring"  # the default: kube-prometheus-stack's usual namespace
     prometheus = source(monitoring, **{"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus"})
     strangers = {
         "a tenant's pod": source("tenant-a", app="client"),
@@ -381,12 +382,95 @@ def test_only_the_monitoring_namespaces_prometheus_reaches_the_metrics_port(stac
                                               if k in ("Job", "Deployment", "LeaderWorkerSet"))
 
 
-def test_the_monitoring_namespace_comes_from_an_in_cluster_prometheus_url():
-    for url, namespace in ((PROMETHEUS_URL, "observability"), ("http://prometheus-operated.monitoring.svc:9090",
-                                                                "monitoring"),
-                           ("https://prometheus.example.com", manifests.DEFAULT_PROMETHEUS_NAMESPACE)):
-        r = resolve("gb200-int4-vllm", scaling_values("gb200-int4-vllm", url=url))
-        assert manifests.prometheus_namespace(r) == namespace, url
+def test_the_monitoring_namespace_is_the_stacks_prometheus_namespace():
+    given = scaling_values("gb200-int4-vllm")
+    given["target"]["kubernetes"]["prometheusNamespace"] = "kube-prometheus"
+    r, _, objects, _ = rendered("gb200-int4-vllm", given)
+    peer = the(objects, "NetworkPolicy", manifests.METRICS_POLICY)["spec"]["ingress"][0]["from"]
+    assert peer == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-prometheus"}},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+
+# --- the alerts and the dashboard ----------------------------------------------------------------
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_the_prometheus_rule_carries_the_stacks_alerts_that_its_pods_can_fire(stack, tmp_path):
+    r, _, _, monitoring = rendered(stack)
+    rule = the(monitoring, "PrometheusRule")
+    assert rule["metadata"]["name"] == manifests.PROMETHEUS_RULE
+    shipped = [x["alert"] for group in rule["spec"]["groups"] for x in group["rules"]]
+    assert shipped == [name for name in observability.ALERT_NAMES if name not in manifests.UNSERVED_ALERTS]
+    assert set(manifests.UNSERVED_ALERTS) < set(observability.ALERT_NAMES)
+    # The same rules, thresholds included, as the node targets' rules file.
+    everything = {x["alert"]: x for g in yaml.safe_load(observability.render_prometheus_rules(r.spec))["groups"]
+                  for x in g["rules"]}
+    for group in rule["spec"]["groups"]:
+        for x in group["rules"]:
+            assert x == everything[x["alert"]]
+    # The spec is a rules file Prometheus' own parser takes (as the Operator's admission webhook does).
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_alerts_fire_on_series_labelled_as_the_pod_monitor_labels_them(tmp_path):
+    """promtool test rules: the engine's series with the labels the PodMonitor's relabelings give them
+    (job, stack, replica = the pod, instance = the pod's gate, namespace) fire the stalled-engine and
+    growing-queue alerts of the stack's PrometheusRule."""
+    stack = "gb200-int4-vllm"
+    r, _, _, monitoring = rendered(stack)
+    spec = the(monitoring, "PrometheusRule")["spec"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(spec))
+    annotations = {x["alert"]: x["annotations"] for group in spec["groups"] for x in group["rules"]}
+    names = catalog.ENGINE_METRICS[r.spec.engine.name]
+    pod, instance = "kimi-engine-on-demand-7d9f-abcde", f"10.0.3.7:{manifests.METRICS_GATE_PORT}"
+    labels = (f'job="{observability.ENGINE_JOB}",{manifests.STACK_LABEL}="{stack}",{manifests.REPLICA_LABEL}="{pod}",'
+              f'instance="{instance}",namespace="{r.spec.target.kubernetes.namespace}",container="metrics",'
+              f'endpoint="{manifests.METRICS_PORT_NAME}"')
+    m = r.spec.monitoring
+    minutes = m.queue_growing_minutes + 10
+    tests = {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": f"{names.running}{{{labels}}}", "values": f"2x{minutes}"},
+            {"series": f"{names.generated_tokens}{{{labels}}}", "values": f"500x{minutes}"},  # no token
+            {"series": f"{names.waiting}{{{labels}}}", "values": f"1+1x{minutes}"},  # and a queue that grows
+        ],
+        "alert_rule_test": [
+            {"eval_time": f"{minutes}m", "alertname": "KimiEngineStalled", "exp_alerts": [{"exp_labels": {
+                "severity": "critical", "stack": stack, "replica": pod, "instance": instance},
+                "exp_annotations": annotations["KimiEngineStalled"]}]},
+            {"eval_time": f"{minutes}m", "alertname": "KimiQueueGrowing", "exp_alerts": [{"exp_labels": {
+                "severity": "warning", "stack": stack, "replica": pod, "instance": instance},
+                "exp_annotations": annotations["KimiQueueGrowing"]}]},
+        ],
+    }]}
+    path = tmp_path / "tests.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_the_dashboard_ships_as_a_configmap_the_grafana_sidecar_imports(stack):
+    r, _, _, monitoring = rendered(stack)
+    config_map = the(monitoring, "ConfigMap", manifests.DASHBOARD_CONFIGMAP)
+    assert config_map["metadata"]["labels"][manifests.GRAFANA_DASHBOARD_LABEL] == "1"
+    assert config_map["metadata"]["namespace"] == r.spec.target.kubernetes.namespace
+    ((key, text),) = config_map["data"].items()
+    assert key.endswith(".json")
+    dashboard = json.loads(text)
+    assert [p["title"] for p in dashboard["panels"]] == [p.title for p in observability.DASHBOARD_PANELS]
+    original = observability.render_grafana_dashboard(r.spec)
+    assert dashboard["panels"] == original["panels"]  # the same queries: only the data source is provisioned
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "DS_PROMETHEUS"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    uses = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uses == {"${DS_PROMETHEUS}"}
+    kubernetes_validate.validate(config_map, K8S_VERSION, strict=True)
 
 
 # --- scaling -------------------------------------------------------------------------------------
@@ -471,7 +555,7 @@ def test_scale_to_zero_is_refused_on_kubernetes_saying_why():
 
 def test_a_multi_node_replica_is_monitored_and_never_scaled():
     r, _, objects, monitoring = rendered(MULTI_NODE)
-    assert [o["kind"] for o in monitoring] == ["PodMonitor"]
+    assert [o["kind"] for o in monitoring] == ["PodMonitor", "PrometheusRule", "ConfigMap"]
     given = scaling_values(MULTI_NODE)
     with pytest.raises(StackSpecError, match="capacity.scaling"):
         resolve(MULTI_NODE, given)
@@ -567,8 +651,6 @@ def test_the_drain_as_shipped_waits_for_the_engines_queue(tmp_path, busy_reads, 
 
 @pytest.mark.parametrize("stack", KUBERNETES_STACKS)
 def test_the_monitoring_yaml_is_its_own_file(stack):
-    import yaml
-
     r, sizing, objects, monitoring = rendered(stack)
     files = manifests.render_k8s_artifacts(r, sizing, render_launch(r))
     assert list(yaml.safe_load_all(files["kubernetes-monitoring.yaml"])) == monitoring
@@ -622,7 +704,8 @@ def test_the_component_declares_the_monitoring_and_scaling_objects():
     assert seen == {"metrics_location": "podmonitor://kimi-gb200/kimi-fleet", "dashboard_url": None}
     (monitor,) = run.of_type("kubernetes:monitoring.coreos.com/v1:PodMonitor")
     (scaled,) = run.of_type("kubernetes:keda.sh/v1alpha1:ScaledObject")
-    for declared, kind in ((monitor, "PodMonitor"), (scaled, "ScaledObject")):
+    (rule,) = run.of_type("kubernetes:monitoring.coreos.com/v1:PrometheusRule")
+    for declared, kind in ((monitor, "PodMonitor"), (scaled, "ScaledObject"), (rule, "PrometheusRule")):
         applied = integral({key: declared["wire"][key] for key in ("apiVersion", "kind", "metadata", "spec")})
         assert applied == the(monitoring, kind)  # as rendered, nothing added
         assert monitoring_schema.errors(applied) == []
@@ -630,6 +713,9 @@ def test_the_component_declares_the_monitoring_and_scaling_objects():
     assert "replicas" not in deployment["wire"]["spec"]  # KEDA's HPA owns the count
     assert deployment["name"] in scaled["dependencies"]  # the scaled Deployment exists first
     (component,) = run.of_type("kimi-fleet:kubernetes:KubernetesEndpoint")
-    assert monitor["parent"] == scaled["parent"] == component["name"]
+    assert monitor["parent"] == scaled["parent"] == rule["parent"] == component["name"]
+    dashboards = [c for c in run.of_type("kubernetes:core/v1:ConfigMap")
+                  if c["wire"]["metadata"]["name"] == manifests.DASHBOARD_CONFIGMAP]
+    assert len(dashboards) == 1 and dashboards[0]["wire"]["metadata"]["labels"]["grafana_dashboard"] == "1"
     policies = {p["wire"]["metadata"]["name"] for p in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
     assert manifests.METRICS_POLICY in policies
