@@ -99,6 +99,31 @@ class ScalingPolicy:
         return f"a p99 time to first token of {self.target_value:g} s"
 
     def what_it_absorbs(self) -> str:
+        """What the scaling can and cannot follow, in words (one string)."""
+        return "; ".join(self.absorbs_lines())
+
+    def lines(self) -> list[str]:
+        """The policy as the plan prints it: the time to ready, the cooldowns and their rules, the drain,
+        then what it absorbs."""
+        terms = " + ".join(f"{name} {_min(seconds)} min" for name, seconds in self.warmup_terms.items())
+        ready = _min(self.instance_warmup_seconds)
+        if self.metric == "waiting":
+            out = (f"scale out at most every {_min(self.scale_out_cooldown_seconds)} min (one metric period: the "
+                   "queue is not changed by replicas still starting, so asking again asks only for what it needs now)")
+        else:
+            out = (f"scale out at most every {_min(self.scale_out_cooldown_seconds)} min (one time to ready: the "
+                   "TTFT falls only once the added replicas serve, and the rule multiplies the replicas it has)")
+        return [
+            f"a new replica needs about {ready} min to serve: {terms}",
+            f"cooldowns: {out}; scale in only after {_min(self.scale_in_cooldown_seconds)} min below the target "
+            f"(one time to ready: a replica removed is billed {ready} min before it serves again, so removing it "
+            "pays only when the lull outlasts that)",
+            f"drain: a replica removed stops taking requests and finishes its running ones for up to "
+            f"{_min(self.drain_timeout_seconds)} min ({self.drain_basis})",
+            *(f"absorbs: {line}" for line in self.absorbs_lines()),
+        ]
+
+    def absorbs_lines(self) -> list[str]:
         """What the scaling can and cannot follow, in words: the plan prints it."""
         ready, conc = _min(self.instance_warmup_seconds), self.replica_concurrency
         crossed = "the queue crosses its target" if self.metric == "waiting" else "the p99 TTFT crosses its objective"
@@ -122,14 +147,14 @@ class ScalingPolicy:
                 f"doubles within {ready} min outruns it; the queue (waitingPerReplica) follows faster")
         lines.append(
             f"a lull shorter than {_min(self.scale_in_cooldown_seconds)} min removes no replica (a replica "
-            f"removed is {ready} min from serving again); a replica removed stops taking requests and may "
-            f"finish its running ones for up to {_min(self.drain_timeout_seconds)} min ({self.drain_basis})")
+            f"removed is {ready} min from serving again); a replica removed may finish its running requests "
+            f"for up to {_min(self.drain_timeout_seconds)} min")
         if self.scales_to_zero:
             lines.append(
                 f"at 0 replicas nothing answers: the first request of a batch waits a whole time to ready "
                 f"(about {ready} min) after the scaler sees work, and only a client that retries (or a queue "
                 "outside the replicas) keeps it until then")
-        return "; ".join(lines)
+        return lines
 
 
 def _min(seconds: int) -> str:

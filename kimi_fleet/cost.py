@@ -37,6 +37,9 @@ class Cost:
     throughput_note: str | None
     price_source: str | None
     note: str
+    #: a scaling stack: the stack's price per hour at the bottom and the top of its replica range
+    #: ({"min_replicas", "max_replicas", "low_usd_per_hour", "high_usd_per_hour"}); None without scaling
+    scaling_range: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,23 +101,55 @@ def per_million(usd_per_hour: float, tokens_per_second: float) -> float:
     return round(usd_per_hour / (tokens_per_second * 3600 / 1e6), 2)
 
 
-def estimate(r: Resolved) -> Cost:
-    offer, capacity = r.offer, r.spec.capacity
-    market = capacity.effective_market
-    on_demand_count = capacity.effective_on_demand_base
-    spot_count = capacity.replicas - on_demand_count
-    # A replica is every node it spans.
-    nodes = r.nodes_per_replica
+def replica_prices(r: Resolved) -> tuple[float | None, float | None]:
+    """(on-demand, spot) USD per hour of one replica: every node it spans; spot within the stack's ceiling."""
+    offer, capacity, nodes = r.offer, r.spec.capacity, r.nodes_per_replica
     od = offer.on_demand_usd_per_hour * nodes if offer and offer.on_demand_usd_per_hour is not None else None
     spot = offer.spot_typical_usd_per_hour * nodes if offer and offer.spot_typical_usd_per_hour is not None else None
     if capacity.max_spot_price_usd is not None and spot is not None:
         spot = min(spot, capacity.max_spot_price_usd * nodes)
-    fleet = None
-    if offer is not None:
-        parts = [(on_demand_count, od), (spot_count, spot)]
-        if all(price is not None for count, price in parts if count):
-            fleet = round(sum(count * price for count, price in parts if count), 2)
-    gpus_per_replica = r.spec.accelerator_count * nodes
+    return od, spot
+
+
+def on_demand_replicas(r: Resolved, replicas: int) -> int:
+    """How many of `replicas` run on-demand: all of them unless the market is spot, else the base."""
+    capacity = r.spec.capacity
+    if capacity.effective_market != "spot":
+        return replicas
+    return min(capacity.effective_on_demand_base, replicas)
+
+
+def hourly_usd(r: Resolved, replicas: int) -> float | None:
+    """The stack's price per hour at `replicas` replicas (the on-demand ones at on-demand, the rest at
+    the snapshot's spot price); None without a catalog machine or a price for a market it uses."""
+    if r.offer is None:
+        return None
+    od, spot = replica_prices(r)
+    on_demand = on_demand_replicas(r, replicas)
+    parts = [(on_demand, od), (replicas - on_demand, spot)]
+    if any(price is None for count, price in parts if count):
+        return None
+    return round(sum(count * price for count, price in parts if count), 2)
+
+
+def scaling_range(r: Resolved) -> dict | None:
+    """A scaling stack's price per hour at the bottom and the top of its range (None without scaling)."""
+    scaling = r.spec.capacity.scaling
+    if scaling is None:
+        return None
+    return {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "low_usd_per_hour": hourly_usd(r, scaling.min_replicas),
+            "high_usd_per_hour": hourly_usd(r, scaling.max_replicas)}
+
+
+def estimate(r: Resolved) -> Cost:
+    offer, capacity = r.offer, r.spec.capacity
+    market = capacity.effective_market
+    on_demand_count = on_demand_replicas(r, capacity.replicas)
+    # A replica is every node it spans.
+    od, spot = replica_prices(r)
+    fleet = hourly_usd(r, capacity.replicas)
+    gpus_per_replica = r.spec.accelerator_count * r.nodes_per_replica
     workloads: dict[str, dict | None] = {}
     for kind, fact in matching_facts(r).items():
         if fact is None:
@@ -153,4 +188,5 @@ def estimate(r: Resolved) -> Cost:
         throughput_note=why_unpriced(r, unpriced) if unpriced else None,
         price_source=f"{offer.source.where}, {offer.source.date}" if offer else None,
         note=note,
+        scaling_range=scaling_range(r),
     )

@@ -31,6 +31,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from kimi_fleet import catalog, engine_bugs, health, k8s_manifests, key_rotation  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
+from kimi_fleet.autoscaling import scaling_policy  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
 from kimi_fleet.launch import render_launch  # noqa: E402
 from kimi_fleet.mirror import plan_mirror, shared_mirror_problems  # noqa: E402
@@ -75,7 +76,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
               "resources": [], "outputs": {}, "sizing": None, "cost": None, "artifacts": [],
               "policy_violations": [], "missing_secrets": [], "spot_preflight": None, "launch": None,
               "rollout": None, "mirror": None, "compile_cache": None, "ami": None, "warnings": [], "health": None,
-              "kubernetes_rollout": None, "api_key": None, "layout": None}
+              "kubernetes_rollout": None, "api_key": None, "layout": None, "scaling": None}
     try:
         spec = config.spec()
     except StackSpecError as error:
@@ -86,6 +87,9 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     launch = render_launch(resolved)
     result["sizing"] = sizing.as_dict()
     result["cost"] = estimate(resolved).as_dict()
+    policy = scaling_policy(resolved, sizing)
+    result["scaling"] = policy.as_dict() if policy else None
+    result["scaling_lines"] = policy.lines() if policy else []
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
     result["layout"] = node_layout(resolved) if resolved.multi_node else None
@@ -207,6 +211,7 @@ def print_plan(p: dict) -> None:
             print_sizing(p)
             print_layout(p)
             print_cost(p)
+            print_scaling(p)
         return
     print(f"  resources ({len(p['resources'])}):")
     print_tree(p["resources"])
@@ -214,6 +219,7 @@ def print_plan(p: dict) -> None:
     print_layout(p)
     print_operations(p)
     print_cost(p)
+    print_scaling(p)
     print_tail(p)
 
 
@@ -278,6 +284,24 @@ def print_cost(p: dict) -> None:
     print(f"    {c['note']}")
 
 
+def print_scaling(p: dict) -> None:
+    """A scaling stack: its range, its cost per hour at both ends, a new replica's time to ready, the
+    cooldowns, the drain and what it can absorb (kimi_fleet.autoscaling)."""
+    policy = p.get("scaling")
+    if not policy:
+        return
+    c = p["cost"]
+    priced = c.get("scaling_range") or {}
+    low, high = policy["min_replicas"], policy["max_replicas"]
+    target = (f"{policy['target_value']:g} requests waiting per replica" if policy["metric"] == "waiting"
+              else f"a p99 time to first token of {policy['target_value']:g} s")
+    print(f"  scaling: {low} to {high} replicas following {target}; {_money(priced.get('low_usd_per_hour'))}/h at "
+          f"{low} to {_money(priced.get('high_usd_per_hour'))}/h at {high} (the prices above; the stack's "
+          f"{_money(c['fleet_usd_per_hour'])}/h and $/M are at the {c['replicas']} replica(s) a first deploy starts with)")
+    for line in p.get("scaling_lines") or []:
+        print(f"    {line}")
+
+
 def throughput_lines(c: dict) -> list[str]:
     """$/M for each workload a Kimi-K2.6 fact prices, at the per-user speed it was measured at, and the
     fact's name; for the others, why not and which facts exist."""
@@ -332,9 +356,15 @@ def summary_row(p: dict) -> str:
     s, c = p["sizing"], p["cost"]
     return (f"{p['stack']:<26} ok       {len(p['resources']):>4}  {s['context_length']:>8,}  "
             f"{s['largest_context']:>8,}  {s['concurrent_sequences_per_engine'] * s['engines_per_node']:>5}  "
-            f"{gib(s['kv_pool_bytes_per_device']):>7}  {_money(c['fleet_usd_per_hour']):>9}  "
+            f"{gib(s['kv_pool_bytes_per_device']):>7}  {_replicas(p):>8}  {_money(c['fleet_usd_per_hour']):>9}  "
             f"{_money(c['usd_per_million_output_tokens']):>7}  {_speed(c['per_user_tokens_per_second']):>6}  "
             f"{c['market']}")
+
+
+def _replicas(p: dict) -> str:
+    """The replicas column: the fixed count, or a scaling stack's range."""
+    policy = p.get("scaling")
+    return f"{policy['min_replicas']}-{policy['max_replicas']}" if policy else str(p["cost"]["replicas"])
 
 
 def _speed(value) -> str:
@@ -366,11 +396,12 @@ def ranked_lines(plans: list[dict]) -> list[str]:
 
 
 SUMMARY_HEADER = (f"{'stack':<26} {'status':<8} {'res':>4}  {'context':>8}  {'max ctx':>8}  {'seqs':>5}  "
-                  f"{'KV GiB':>7}  {'$/hour':>9}  {'$/M out':>7}  {'tok/s/u':>6}  market")
+                  f"{'KV GiB':>7}  {'replicas':>8}  {'$/hour':>9}  {'$/M out':>7}  {'tok/s/u':>6}  market")
 SUMMARY_LEGEND = (
     "res: resources the stack declares; context: the context it promises (contextLength); max ctx: the longest "
     "sequence its KV pool holds; seqs: full-context sequences served at once per node; KV GiB: the KV pool per "
-    "accelerator; $/hour: every node of the stack; $/M out: dollars per million output tokens of the chat "
+    "accelerator; replicas: the stack's replicas, or its scaling range (min-max); $/hour: every node of the "
+    "stack at the replicas a first deploy starts with; $/M out: dollars per million output tokens of the chat "
     "workload, where a Kimi-K2.6 measurement matches the stack's layout (ranked below); tok/s/u: the output "
     "speed each user saw in that measurement")
 

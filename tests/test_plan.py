@@ -1,6 +1,7 @@
 """The offline planner and the whole program under the mock runtime, for every stack."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -91,8 +92,14 @@ def test_all_prints_one_row_per_stack(tmp_path):
         if name in REFUSED:  # the field, and where the whole reason is: never a reason cut mid-word
             assert row.endswith(f"by kimi-fleet:{REFUSED[name]}: plan.py {name} says why"), row
     legend = result.stdout.strip().split("\n\n")[1]
-    for column in ("res:", "context:", "max ctx:", "seqs:", "KV GiB:", "$/hour:", "$/M out:"):
+    for column in ("res:", "context:", "max ctx:", "seqs:", "KV GiB:", "replicas:", "$/hour:", "$/M out:"):
         assert column in legend
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+
+    for row in rows:  # the replicas column: a fixed stack's count (a scaling stack's range: below)
+        name, status, *columns = row.split()
+        if status == "ok":
+            assert columns[5] == str(load_stack_config(stack_file(name)).spec().capacity.replicas), row
 
 
 def test_json_has_the_documented_fields_and_artifacts_are_written(tmp_path):
@@ -267,3 +274,91 @@ def test_the_diff_prints_replacements_first_and_no_in_place_story_for_a_replaced
                          tmp_path, tmp_path)
     assert any("in place (SSM): caddy.service restart" in line for line in same)
     assert not any("replaced" in line for line in same)
+
+
+# --- issue 24, item 3: a scaling stack's range, cost range, time to ready, cooldowns, what it absorbs ---
+
+
+def scaling_stack_file(tmp_path, stack: str, capacity: dict, name: str = "scaling", **config) -> "Path":
+    """A stack of stacks/ with a scaling range, as a file of its own (stacks/ are not the tests')."""
+    import yaml
+
+    data = yaml.safe_load((PROJECT_ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())
+    data["config"]["kimi-fleet:capacity"] = capacity
+    data["config"].update({f"kimi-fleet:{key}": value for key, value in config.items()})
+    path = tmp_path / f"Pulumi.{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_scaling_stack_prints_its_range_cost_range_time_to_ready_cooldowns_and_what_it_absorbs(tmp_path):
+    from kimi_fleet import catalog, health
+    from kimi_fleet.resolve import Resolved
+    from kimi_fleet.sizing import size
+    from kimi_fleet.stackfile import load_stack_config
+
+    path = scaling_stack_file(tmp_path, "h200-int4-vllm", {
+        "workload": "batch", "replicas": 2, "scaling": {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 4}})
+    result = plan("--stack-file", str(path), "--no-preflight", "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    # Batch on spot with no on-demand base: every replica at the snapshot's spot price.
+    spot = catalog.MACHINE_OFFERS["p5en.48xlarge"].spot_typical_usd_per_hour
+    assert (f"  scaling: 1 to 4 replicas following 4 requests waiting per replica; ${spot:,.2f}/h at 1 to "
+            f"${4 * spot:,.2f}/h at 4 (the prices above; the stack's ${2 * spot:,.2f}/h and $/M are at the 2 "
+            "replica(s) a first deploy starts with)") in out
+    sizing = size(Resolved(load_stack_config(path).spec()))
+    ready = health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS + sizing.cold_start_seconds
+    assert (f"    a new replica needs about {ready / 60:.0f} min to serve: boot 5 min + image pull 10 min + "
+            f"cold start (download, verify, read, load) {sizing.cold_start_seconds / 60:.0f} min") in out
+    scale_in = math.ceil(ready / 60)
+    assert "cooldowns: scale out at most every 1 min (one metric period" in out
+    assert f"scale in only after {scale_in} min below the target (one time to ready" in out
+    assert "drain: a replica removed stops taking requests and finishes its running ones for up to 120 min" in out
+    assert (f"absorbs: a new replica serves about {ready / 60:.0f} min after the queue crosses its target "
+            f"(plus up to 60 s for the metric): a spike shorter than that is absorbed only by the replicas "
+            f"already running (1 x {sizing.concurrent_sequences_per_engine} full-context sequences") in out
+
+    doc, = json.loads(plan("--stack-file", str(path), "--json", "--no-preflight", "--build-dir",
+                           str(tmp_path / "build")).stdout)
+    assert doc["scaling"]["instance_warmup_seconds"] == ready and doc["scaling"]["scale_in_cooldown_seconds"] == scale_in * 60
+    assert doc["cost"]["scaling_range"] == {"min_replicas": 1, "max_replicas": 4, "low_usd_per_hour": round(spot, 2),
+                                            "high_usd_per_hour": round(4 * spot, 2)}
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    from plan import SUMMARY_HEADER, summary_row
+
+    columns = dict(zip(SUMMARY_HEADER.replace("max ctx", "max_ctx").replace("KV GiB", "KV_GiB").replace(
+        "$/M out", "$/M_out").split(), summary_row(doc).split()))
+    assert columns["replicas"] == "1-4" and columns["$/hour"] == f"${2 * spot:,.2f}"
+
+
+def test_an_interactive_spot_range_keeps_its_on_demand_base_at_both_ends():
+    from kimi_fleet import catalog
+    from kimi_fleet.cost import estimate
+    from kimi_fleet.resolve import Resolved
+    from kimi_fleet.validation import parse_spec
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+
+    values = load_stack_config(stack_file("h200-int4-vllm")).values
+    values = {**values, "capacity": {"workload": "interactive", "market": "spot", "onDemandBase": 1, "replicas": 1,
+                                     "scaling": {"minReplicas": 1, "maxReplicas": 3, "ttftP99Seconds": 8}}}
+    cost = estimate(Resolved(parse_spec(values, "h200-int4-vllm", "f")))
+    offer = catalog.MACHINE_OFFERS["p5en.48xlarge"]
+    assert cost.scaling_range["low_usd_per_hour"] == round(offer.on_demand_usd_per_hour, 2)
+    assert cost.scaling_range["high_usd_per_hour"] == round(offer.on_demand_usd_per_hour
+                                                            + 2 * offer.spot_typical_usd_per_hour, 2)
+    assert cost.fleet_usd_per_hour == cost.scaling_range["low_usd_per_hour"]  # a first deploy starts with 1
+
+
+def test_a_fixed_stack_prints_no_scaling(tmp_path):
+    result = plan("h200-int4-sglang", "--no-preflight", "--build-dir", str(tmp_path))
+    assert result.returncode == 0 and "  scaling:" not in result.stdout
+
+
+def test_a_batch_stack_scaling_to_zero_is_refused_with_what_a_first_request_would_meet(tmp_path):
+    path = scaling_stack_file(tmp_path, "h200-int4-vllm", {
+        "workload": "batch", "replicas": 1, "scaling": {"minReplicas": 0, "maxReplicas": 4, "waitingPerReplica": 4}})
+    result = plan("--stack-file", str(path), "--no-preflight", "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 2
+    assert "capacity.scaling.minReplicas" in result.stderr
+    assert "cannot scale back up from zero" in result.stdout and "nothing is queued" in result.stdout
