@@ -241,11 +241,14 @@ DASHBOARD_PANELS: tuple[Panel, ...] = (
           (PanelQuery("{{replica}}", f"max {_R} ({{kv}})"),), ("KvCacheUsage",), "Maximum"),
     Panel("Proxy requests per second", "reqps",
           (PanelQuery("{{replica}}", f"sum {_R} (rate({{proxy_requests}}[5m]))"),), ("ProxyRequestsPerSecond",), "Sum"),
+    # A code Caddy never answered has no series: "or ... * 0" draws 0 for it instead of nothing.
     Panel("Proxy 5xx ratio", "percentunit",
-          (PanelQuery("{{replica}}", f'sum {_R} (rate({{proxy_requests|code=~"5.."}}[5m])) / '
+          (PanelQuery("{{replica}}", f'(sum {_R} (rate({{proxy_requests|code=~"5.."}}[5m])) or '
+                                     f"sum {_R} (rate({{proxy_requests}}[5m])) * 0) / "
                                      f"sum {_R} (rate({{proxy_requests}}[5m]))"),), ("Proxy5xxRatio",), "Average"),
     Panel("Proxy 401 per second", "reqps",
-          (PanelQuery("{{replica}}", f'sum {_R} (rate({{proxy_requests|code="401"}}[5m]))'),),
+          (PanelQuery("{{replica}}", f'sum {_R} (rate({{proxy_requests|code="401"}}[5m])) or '
+                                     f"sum {_R} (rate({{proxy_requests}}[5m])) * 0"),),
           ("Proxy401PerSecond",), "Sum"),
     Panel("GPU utilisation", "percent",
           (PanelQuery("{{replica}}", f"avg {_R} ({{DCGM_FI_DEV_GPU_UTIL}})"),), ("GpuUtilization",), "Average"),

@@ -301,3 +301,21 @@ def test_every_published_cloudwatch_metric_has_a_panel_or_an_alarm():
     shown = {m for p in observability.DASHBOARD_PANELS for m in p.cloudwatch_metrics}
     alarmed = {r.cloudwatch.metric for r in observability.alert_rules(spec_of(PLANNED_STACKS[0]))}
     assert CLOUDWATCH_METRICS == shown | alarmed
+
+
+def test_the_script_writes_the_three_artifacts_and_refuses_a_refused_stack(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("observability_script", Path("scripts/observability.py").resolve())
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    stack = PLANNED_STACKS[0]
+    assert script.main([stack, "--out", str(tmp_path)]) == 0
+    assert yaml.safe_load((tmp_path / "prometheus-rules.yml").read_text())["groups"][0]["rules"]
+    assert yaml.safe_load((tmp_path / "prometheus-scrape.yml").read_text())["rule_files"] == ["prometheus-rules.yml"]
+    assert json.loads((tmp_path / "grafana-dashboard.json").read_text())["title"] == f"kimi-fleet {stack}"
+    if PROMTOOL:
+        result = promtool("check", "config", "prometheus-scrape.yml", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert script.main(["ascend-a3-w4a8-sglang", "--out", str(tmp_path / "refused")]) == 2
+    assert "model.revision" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

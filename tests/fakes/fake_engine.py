@@ -4,6 +4,13 @@
 
 Prints "listening on 127.0.0.1:PORT" once it accepts connections. Like the real engines it does
 no authentication: the proxy in front of it does. Each non-good mode breaks exactly one thing.
+
+Its /metrics serves the pinned engine's own metric names (kimi_fleet.catalog.ENGINE_METRICS, read
+from the vLLM/SGLang source) moving with the requests it serves: tokens and prompt tokens counted,
+requests running (in flight) and waiting (beyond --max-running), KV use from the tokens in flight
+over --kv-capacity-tokens, and TTFT, inter-token and end-to-end latency histograms with the
+engine's own buckets. A hung generation (dead-scheduler, --hang-after, --hang-file) counts as
+running and generates nothing, as a stalled engine looks.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ import time
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo's package
+from kimi_fleet.catalog import ENGINE_METRICS  # noqa: E402 - stdlib-only module, after the path
 
 MODES = {
     "good": "behaves like a correctly configured engine",
@@ -82,13 +93,137 @@ REASONING_TEXT = (
 ANSWER_TEXT = "Here is a short and friendly answer to your question, written in a few words."
 
 
+# The engines' own histogram buckets (seconds): vllm/v1/metrics/loggers.py:755-870 (0.22.1),
+# sglang/srt/observability/metrics_collector.py:1383-1446 (0.5.12.post1).
+BUCKETS = {
+    "vllm": {
+        "ttft": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0),
+        "itl": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0),
+        "e2e": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0),
+    },
+    "sglang": {
+        "ttft": (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400),
+        "itl": (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060, 0.080, 0.100,
+                0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000),
+        "e2e": (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400),
+    },
+}
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+        self.total += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f"# TYPE {name} histogram"]
+        for bound, count in zip(self.bounds, self.counts):
+            out.append(f'{name}_bucket{{{labels},le="{float(bound)}"}} {count}')
+        out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.total}', f"{name}_sum{{{labels}}} {self.sum}",
+                f"{name}_count{{{labels}}} {self.total}"]
+        return out
+
+
+class EngineMetrics:
+    """The engine's Prometheus metrics under its pinned names, kept by the request handlers."""
+
+    def __init__(self, engine: str, model: str, max_running: int, kv_capacity_tokens: int):
+        self.names = ENGINE_METRICS[engine]
+        self.engine = engine
+        self.model = model
+        self.lock = threading.Lock()
+        # Requests beyond max_running wait for a slot, as an engine's scheduler queue (0: no limit).
+        self.slots = threading.BoundedSemaphore(max_running) if max_running else None
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.generated = 0
+        self.prompt = 0
+        self.running = 0
+        self.waiting = 0
+        self.tokens_in_flight = 0
+        self.finished: dict[str, int] = {}
+        self.ttft, self.itl, self.e2e = (Histogram(BUCKETS[engine][k]) for k in ("ttft", "itl", "e2e"))
+
+    def admit(self, prompt_tokens: int) -> None:
+        """Wait for a slot (counted as waiting meanwhile), then run."""
+        with self.lock:
+            self.waiting += 1
+        if self.slots is not None:
+            self.slots.acquire()
+        with self.lock:
+            self.waiting -= 1
+            self.running += 1
+            self.prompt += prompt_tokens
+            self.tokens_in_flight += prompt_tokens
+
+    def tokens(self, count: int) -> None:
+        with self.lock:
+            self.generated += count
+            self.tokens_in_flight += count
+
+    def finish(self, started: float, held_tokens: int, reason: str) -> None:
+        with self.lock:
+            self.running -= 1
+            self.tokens_in_flight -= held_tokens
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+            self.e2e.observe(time.monotonic() - started)
+        if self.slots is not None:
+            self.slots.release()
+
+    def observe_ttft(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft.observe(seconds)
+
+    def observe_itl(self, seconds: float) -> None:
+        with self.lock:
+            self.itl.observe(seconds)
+
+    def exposition(self) -> list[str]:
+        n = self.names
+        if self.engine == "vllm":  # labels: loggers.py:414 (model_name, engine)
+            labels = f'model_name="{self.model}",engine="0"'
+            scheduler = request = labels
+        else:  # the scheduler's and the tokenizer manager's collectors (scheduler_metrics_mixin.py:134-148)
+            request = f'model_name="{self.model}",engine_type="unified"'
+            scheduler = f'{request},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
+        with self.lock:
+            kv = min(1.0, max(0, self.tokens_in_flight) / self.kv_capacity_tokens)
+            out = [f"# TYPE {n.generated_tokens} counter", f"{n.generated_tokens}{{{request}}} {self.generated}",
+                   f"# TYPE {n.prompt_tokens} counter", f"{n.prompt_tokens}{{{request}}} {self.prompt}",
+                   f"# TYPE {n.running} gauge", f"{n.running}{{{scheduler}}} {self.running}",
+                   f"# TYPE {n.waiting} gauge", f"{n.waiting}{{{scheduler}}} {self.waiting}",
+                   f"# TYPE {n.kv_cache_usage} gauge", f"{n.kv_cache_usage}{{{scheduler}}} {kv}",
+                   f"# TYPE {n.requests_finished} counter"]
+            if self.engine == "vllm":
+                out += [f'{n.requests_finished}{{{request},finished_reason="{reason}"}} {count}'
+                        for reason, count in sorted(self.finished.items())]
+            else:
+                out.append(f"{n.requests_finished}{{{request}}} {sum(self.finished.values())}")
+            out += self.ttft.lines(n.ttft_histogram, request) + self.itl.lines(n.itl_histogram, request)
+            out += self.e2e.lines(n.e2e_histogram, request)
+        return out
+
+
 class EngineState:
     def __init__(self, model: str, mode: str, engine: str, chunk_delay: float, *, seed: int = 0,
                  tool_invalid_rate: float = 0.0, runaway_rate: float = 0.0, max_model_len: int = 262_144,
                  report_max_model_len: bool = True, first_token_delay: float = 0.0,
                  release: str | None = None, stale_release: str | None = None, stale_every: int = 0,
-                 hang_after: int = 0, hang_file: str | None = None, empty_call_rate: float = 0.2):
+                 hang_after: int = 0, hang_file: str | None = None, empty_call_rate: float = 0.2,
+                 max_running: int = 0, kv_capacity_tokens: int = 65_536):
         self.model = model
+        self.metrics = EngineMetrics(engine, model, max_running, kv_capacity_tokens)
         # vllm #54701's share of broken streams while enough streams are in flight
         self.empty_call_rate = empty_call_rate
         self.active_streams = 0
@@ -179,8 +314,10 @@ class Handler(BaseHTTPRequestHandler):
                 entry["max_model_len"] = self.state.max_model_len
             self._send_json(200, {"object": "list", "data": [entry]})
         elif path == "/metrics":
-            body = (f"fake_engine_requests_total {self.state.requests_total}\n"
-                    f"fake_engine_streams_in_flight_max {self.state.most_streams_in_flight}\n").encode()
+            lines = [f"fake_engine_requests_total {self.state.requests_total}",
+                     f"fake_engine_streams_in_flight_max {self.state.most_streams_in_flight}",
+                     *self.state.metrics.exposition()]
+            body = ("\n".join(lines) + "\n").encode()
             self._send_bytes(200, body, "text/plain; version=0.0.4")
         else:
             self._send_json(404, {"error": {"message": f"no route {path}"}})
@@ -196,12 +333,14 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             self._send_json(404, {"error": {"message": f"no route {path}"}})
             return
+        started = time.monotonic()
         with self.state.lock:
             self.state.requests_total += 1
             self.state.completions_total += 1
             completion_number = self.state.completions_total
         if (self.state.mode == "dead-scheduler" or (self.state.hang_after and completion_number > self.state.hang_after)
                 or (self.state.hang_file and os.path.exists(self.state.hang_file))):
+            self.state.metrics.admit(0)  # a hung generation runs and makes no token: a stalled engine
             self._hang()
             return
         if self.state.mode == "server-error" and completion_number == 3:
@@ -226,13 +365,24 @@ class Handler(BaseHTTPRequestHandler):
         reply = compose_reply(request, self.state)
         reply.prompt_tokens = prompt_tokens
         answered_model = "kimi-k2" if self.state.mode == "wrong-model-in-response" else self.state.model
-        if request.get("stream"):
-            if self.state.mode == "drops-long-streamed-call" and any(
-                    len(call["arguments"]) > LONG_STREAMED_ARGUMENT_CHARS for call in reply.tool_calls):
-                reply.tool_calls, reply.finish_override = [], "stop"
-            self._stream(request, reply, answered_model)
-        else:
-            self._send_json(200, completion_body(answered_model, reply))
+        metrics = self.state.metrics
+        metrics.admit(prompt_tokens)
+        generated, reason = 0, "length" if reply.finish_reason == "length" else "stop"
+        try:
+            if request.get("stream"):
+                if self.state.mode == "drops-long-streamed-call" and any(
+                        len(call["arguments"]) > LONG_STREAMED_ARGUMENT_CHARS for call in reply.tool_calls):
+                    reply.tool_calls, reply.finish_override = [], "stop"
+                generated, completed = self._stream(request, reply, answered_model, started)
+                reason = reason if completed else "abort"
+            else:
+                body = completion_body(answered_model, reply)
+                generated = body["usage"]["completion_tokens"]
+                metrics.tokens(generated)
+                metrics.observe_ttft(time.monotonic() - started)
+                self._send_json(200, body)
+        finally:
+            metrics.finish(started, prompt_tokens + generated, reason)
 
     # --- responses -----------------------------------------------------------------------
 
@@ -251,10 +401,16 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.state.stopping.wait()
 
-    def _stream(self, request: dict, reply: "Reply", model: str):
+    def _stream(self, request: dict, reply: "Reply", model: str, started: float) -> tuple[int, bool]:
+        """Stream the reply; (tokens sent, whether the stream completed)."""
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        frames = _frames(stream_chunks(model, reply, request, repeat_tool_name=self.state.mode == "repeat-tool-name",
-                                       completion_id=completion_id))
+        chunks = stream_chunks(model, reply, request, repeat_tool_name=self.state.mode == "repeat-tool-name",
+                               completion_id=completion_id)
+        frames = _frames(chunks)
+        # frames 1..token_frames carry one token each (then the finish chunk, usage, [DONE])
+        token_frames = sum(1 for c in chunks[1:] if c["choices"] and c["choices"][0]["delta"])
+        metrics, sent, last_token = self.state.metrics, 0, started
+        completed = False
         # vllm #54701: the same stream with every tool_calls delta emptied, sent when the bug strikes
         emptied = _frames(stream_chunks(model, reply, request, empty_tool_calls=True, completion_id=completion_id))
         self.send_response(200)
@@ -272,6 +428,9 @@ class Handler(BaseHTTPRequestHandler):
             if self.state.mode == "buffered-stream" or (self.state.mode == "buffered-once" and first_stream):
                 time.sleep(self.state.chunk_delay * len(frames))
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
+                metrics.tokens(token_frames)
+                metrics.observe_ttft(time.monotonic() - started)
+                sent = token_frames
             else:
                 for index in range(len(frames)):
                     if index == 1:
@@ -282,13 +441,23 @@ class Handler(BaseHTTPRequestHandler):
                         frames = emptied
                     self.wfile.write(_http_chunk(frames[index]))
                     self.wfile.flush()
+                    if 1 <= index <= token_frames:
+                        now = time.monotonic()
+                        metrics.tokens(1)
+                        if index == 1:
+                            metrics.observe_ttft(now - started)
+                        else:
+                            metrics.observe_itl(now - last_token)
+                        last_token, sent = now, sent + 1
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
+            completed = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
             with self.state.lock:
                 self.state.active_streams -= 1
+        return sent, completed
 
     def _empty_calls_strike(self) -> bool:
         with self.state.lock:
@@ -667,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale-every", type=int, default=0, help="every N-th answer comes from --stale-release")
     parser.add_argument("--hang-after", type=int, default=0, help="generations after the N-th hang (0: never)")
     parser.add_argument("--hang-file", help="generations hang while this file exists")
+    parser.add_argument("--max-running", type=int, default=0,
+                        help="requests generated at once; more wait in the queue (0: no limit)")
+    parser.add_argument("--kv-capacity-tokens", type=int, default=65_536,
+                        help="KV cache size in tokens: its use is the tokens in flight over this")
     parser.add_argument("--empty-call-rate", type=float, default=0.2,
                         help="empty-stream-tool-calls: share of tool-call streams emptied while >= 6 are in flight")
     args = parser.parse_args(argv)
@@ -676,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
                         first_token_delay=args.first_token_delay, release=args.release,
                         stale_release=args.stale_release, stale_every=args.stale_every, hang_after=args.hang_after,
-                        hang_file=args.hang_file, empty_call_rate=args.empty_call_rate)
+                        hang_file=args.hang_file, empty_call_rate=args.empty_call_rate,
+                        max_running=args.max_running, kv_capacity_tokens=args.kv_capacity_tokens)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:

@@ -1,0 +1,103 @@
+"""A real Prometheus (Debian's) scrapes a node's rendered scrape targets on loopback while a load
+runs through a real Caddy into fake engines serving the pinned engines' metric names, and the
+dashboard's own PromQL (observability.DASHBOARD_PANELS) comes back with plausible values; the
+stack's alert rules load and evaluate without error.
+
+What is real: Prometheus, its scrape of the rendered configuration, Caddy and its metrics, the
+PromQL, the rules. What is not: the engine (tests/fakes/fake_engine.py, serving vLLM's or SGLang's
+names and buckets, its counters moved by the requests it streams), and, stated as such, the GPU
+exporter and the node-state exporter: tiny endpoints in this test serving the catalog's DCGM names
+and the node-state names with fixed values (no GPU here). Each target's port is remapped from the
+stack's (engine ports, 9400, 9182, 9183) to a free one; everything else is the rendered config.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+
+import pytest
+
+from kimi_fleet import catalog, observability
+from tests.fakes.observed_node import (FB_FREE, FB_USED, GPU_UTIL, GPUS, POWER, PROMETHEUS, RELEASE, load,
+                                       observed_node, stack_for)
+
+pytestmark = [
+    pytest.mark.skipif(PROMETHEUS is None or shutil.which("caddy") is None,
+                       reason="prometheus and caddy binaries needed (.ci/run installs them)"),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.mark.parametrize("engine", sorted(catalog.ENGINE_METRICS))
+def test_prometheus_scrapes_the_rendered_targets_and_answers_the_dashboards_queries(engine, tmp_path):
+    stack = stack_for(engine)
+    with observed_node(stack, tmp_path) as node:
+        prometheus = node.prometheus
+        panels = {p.title: p for p in observability.DASHBOARD_PANELS}
+        running_q, waiting_q = (q.promql(engine, stack) for q in panels["Requests running and waiting"].queries)
+        seen = {"running": 0.0, "waiting": 0.0}
+
+        def watch():
+            while not done.is_set():
+                for key, q in (("running", running_q), ("waiting", waiting_q)):
+                    for value in prometheus.values(q).values():
+                        seen[key] = max(seen[key], value)
+                time.sleep(0.5)
+        done = threading.Event()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            counts = load(node.proxy_url, seconds=8, workers=7)
+        finally:
+            done.set()
+            watcher.join()
+        assert counts["ok"] > 10 and counts["unauthorized"] > 3 and counts["other"] == 0, counts
+        # Requests ran, and beyond the two slots per engine they waited: the gauges moved under load.
+        assert seen["running"] >= 2 and seen["waiting"] >= 1, seen
+        time.sleep(2.5)  # two more scrapes after the load
+
+        answers = {}
+        for panel in observability.DASHBOARD_PANELS:
+            for query in panel.queries:
+                result = prometheus.values(query.promql(engine, stack))
+                assert result, (panel.title, query.promql(engine, stack))
+                assert all(not math.isnan(v) for v in result.values()), panel.title
+                answers[(panel.title, query.legend)] = result
+        # The stack's rules were loaded and evaluated against these series without error.
+        groups = prometheus.get("/api/v1/rules")["data"]["groups"]
+        rule_health = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+        firing = [a["labels"]["alertname"] for a in prometheus.get("/api/v1/alerts")["data"]["alerts"]]
+
+    def one(title: str, legend: str = "{{replica}}") -> float:
+        (key, value), = answers[(title, legend)].items()
+        assert key.startswith("replica=0"), key
+        return value
+
+    assert one("Generated tokens per second") > 0
+    ttft50, ttft99 = one("Time to first token (p50, p99)", "p50 {{replica}}"), one("Time to first token (p50, p99)",
+                                                                                        "p99 {{replica}}")
+    # first token after the 0.05 s delay plus queueing behind the two slots: seconds at most
+    assert 0.05 <= ttft50 <= ttft99 <= 30, (ttft50, ttft99)
+    itl50 = one("Inter-token latency (p50, p99)", "p50 {{replica}}")
+    assert 0.01 <= itl50 <= 0.5, itl50  # chunks every 0.02 s (loaded CI: slower, not 10x)
+    assert 0 <= one("KV cache use") <= 1
+    # The panels' rates span 5 minutes; this history is seconds long, so rate x 300 s is the count.
+    # Caddy counted the tenant listener's requests only (the scrapes of its metrics site are not).
+    sent = counts["ok"] + counts["unauthorized"]
+    assert 0.6 * sent <= one("Proxy requests per second") * 300 <= 1.4 * sent, (sent, counts)
+    assert one("Proxy 5xx ratio") == 0
+    assert 0.6 * counts["unauthorized"] <= one("Proxy 401 per second") * 300 <= 1.4 * counts["unauthorized"]
+    assert one("GPU utilisation") == GPU_UTIL
+    assert one("GPU memory used") == pytest.approx(FB_USED / (FB_USED + FB_FREE))
+    assert one("GPU power") == GPUS * POWER
+    assert one("GPU XID errors (last window)") == 0
+    assert one("Admitted and gate passed", "admitted {{replica}}") == 1
+    assert one("Admitted and gate passed", "gate {{replica}}") == 1
+    (key, value), = answers[("Release per replica", "{{replica}} {{release}}")].items()
+    assert f"release={RELEASE}" in key and value == 1
+    assert sorted(rule_health) == sorted(observability.ALERT_NAMES)
+    assert set(rule_health.values()) == {"ok"}, rule_health
+    assert not firing, firing  # a healthy node under load: nothing fires
