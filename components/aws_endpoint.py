@@ -55,6 +55,19 @@ def _release_bundle(args: AwsEndpointArgs, secrets: NodeSecrets, ssm_prefix: str
                                       previous_api_key_version=values[3]))))
 
 
+def _refresh_basis(capacity) -> int:
+    """The replica count a fleet's refresh percentages are computed for. A fixed fleet: its count. A
+    scaling fleet runs anywhere in its range when a release lands: one-at-a-time takes the top (one
+    replica out of the most it may have; where the minimum rounds up to the whole group, as at the
+    bottom of the range, AWS's user guide says a refresh replaces one instance at a time), surge the
+    bottom (one extra replica even there; at the top of the range a refresh may launch several)."""
+    if capacity.scaling is None:
+        return capacity.replicas
+    if capacity.rollout == "surge":
+        return max(1, capacity.scaling.min_replicas)
+    return capacity.scaling.max_replicas
+
+
 @dataclass
 class ReplicaNodes:
     """What the endpoint needs of a multi-node replica (the leader serves; every rank costs)."""
@@ -171,7 +184,7 @@ class AwsEndpoint(pulumi.ComponentResource):
             # The refresh is the gate's (gpu_node: the provider's own cannot roll back, #34189): its
             # bounds from the stack's rollout; a new instance is InService only once admitted (the
             # launch hook), so its warm-up is the load balancer's own checks.
-            bounds = refresh_percentages(spec.capacity.replicas, spec.capacity.rollout)
+            bounds = refresh_percentages(_refresh_basis(spec.capacity), spec.capacity.rollout)
             warmup = health.REFRESH_WARMUP_SECONDS
             self.fleet_rollout = pulumi.Output.all(node.fleet_group, balancer.target_group_arns,
                                                    node.template_version, node.launch_template_id).apply(
