@@ -121,8 +121,13 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         super().__init__("kimi-fleet:kubernetes:KubernetesEndpoint", name, None, opts)
         r, sizing = args.resolved, args.sizing
         target = r.spec.target.kubernetes
-        objects = [*manifests.render_manifests(r, sizing, args.launch, stack=r.spec.stack),
-                   *manifests.render_monitoring(r, sizing, stack=r.spec.stack)]
+        # The monitoring objects' built-in kinds (the dashboard's ConfigMap) go first in the namespace, the
+        # custom resources (PodMonitor, PrometheusRule, ScaledObject) last; no workload waits for them.
+        monitoring = manifests.render_monitoring(r, sizing, stack=r.spec.stack)
+        core = manifests.render_manifests(r, sizing, args.launch, stack=r.spec.stack)
+        objects = [core[0], *[o for o in monitoring if o["kind"] not in CUSTOM_KINDS], *core[1:],
+                   *[o for o in monitoring if o["kind"] in CUSTOM_KINDS]]
+        monitoring_names = {(o["kind"], o["metadata"]["name"]) for o in monitoring}
 
         # No kubeconfig in config: the ambient one (KUBECONFIG / ~/.kube/config) with the stack's context.
         provider = k8s.Provider(
@@ -183,7 +188,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             resource = declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, opts_for))
             if kind in ROLLED_KINDS:
                 rolled[kind].append(resource)
-            elif kind != "Service":
+            elif kind != "Service" and (kind, obj["metadata"]["name"]) not in monitoring_names:
                 prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
 
         self.proxy = AuthProxy(

@@ -311,7 +311,14 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     per_pod = IMAGE_PULL_SECONDS + startup_window_seconds(sizing) + ADMISSION_DEADLINE_SECONDS
     if r.weights_volume == "host-path":
         per_pod += download_deadline_seconds(sizing)
-    return per_pod * (rollout_starts(r) if rolling else 1)
+    if not rolling:
+        return per_pod
+    policy = scaling_policy(r, sizing)
+    if policy is not None:
+        # A scaling stack's old pod drains before it stops (up to the drain timeout), and its GPUs are
+        # what the next new pod waits for.
+        per_pod += policy.drain_timeout_seconds
+    return per_pod * rollout_starts(r)
 
 
 def rollout_starts(r: Resolved) -> int:
@@ -320,7 +327,8 @@ def rollout_starts(r: Resolved) -> int:
     pods start together)."""
     if r.multi_node:
         return 2 if r.spec.capacity.rollout == "surge" else 1
-    return engine_pod_count(r)
+    # A scaling stack may be rolling as many pods as its range's top.
+    return r.spec.capacity.most_replicas * r.engines_per_node
 
 
 def rollout_cost(r: Resolved, sizing: Sizing) -> str:

@@ -585,6 +585,16 @@ def test_a_scaling_stacks_pods_drain_before_they_stop(stack, given):
         assert {"name": "drain", "emptyDir": {}} in spec["volumes"]
 
 
+@pytest.mark.parametrize("stack, given", SCALING_VARIANTS[:2])
+def test_the_gate_waits_for_a_rollout_at_the_ranges_top_with_each_pods_drain(stack, given):
+    r, sizing, _, _ = rendered(stack, given)
+    policy = scaling_policy(r, sizing)
+    wait = manifests.rollout_wait(r, sizing)
+    pods = policy.max_replicas * r.engines_per_node
+    assert pods > r.spec.capacity.replicas * r.engines_per_node
+    assert wait["timeout_seconds"] == (wait["pod_ready_seconds"] + policy.drain_timeout_seconds) * pods
+
+
 @pytest.mark.parametrize("stack", KUBERNETES_STACKS)
 def test_a_fixed_stack_keeps_its_count_and_no_drain(stack):
     r, _, objects, _ = rendered(stack)
@@ -717,5 +727,8 @@ def test_the_component_declares_the_monitoring_and_scaling_objects():
     dashboards = [c for c in run.of_type("kubernetes:core/v1:ConfigMap")
                   if c["wire"]["metadata"]["name"] == manifests.DASHBOARD_CONFIGMAP]
     assert len(dashboards) == 1 and dashboards[0]["wire"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    # No engine pod waits for a monitoring object (a cluster's Operator may take its time).
+    for declared in (monitor, rule, dashboards[0]):
+        assert declared["name"] not in deployment["dependencies"], declared["name"]
     policies = {p["wire"]["metadata"]["name"] for p in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
     assert manifests.METRICS_POLICY in policies
