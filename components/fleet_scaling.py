@@ -7,7 +7,12 @@ the mean over the replicas that published in it: requests waiting *per replica*,
 AWS asks a count metric to be ("the optimal average request or message count per instance during
 any one-minute interval", API_TargetTrackingConfiguration). Target tracking then sizes the group
 in proportion (twice the target: about twice the replicas), where a step policy adds fixed steps
-from hand-set bounds. For a TTFT objective the tracked value is the replicas' mean p99 TTFT.
+from hand-set bounds. For a TTFT objective the tracked value is the slowest replica's p99 TTFT (the
+Maximum over the replicas' data): a replica with no first token in the minute publishes no p99
+and so cannot pull a slow one's down, and a fleet-wide p99 lies between the replicas' mean and their
+maximum, so the policy errs toward adding a replica. Known limit: a fleet with no traffic publishes
+no TTFT at all; target tracking takes no action without data, so an idle TTFT-tracking fleet keeps
+its replicas until traffic returns (the queue target, always published, scales in when idle).
 
 Cooldowns: EC2 Auto Scaling takes a cooldown for SimpleScaling only (PutScalingPolicy: "Cooldown ...
 Valid only if the policy type is SimpleScaling"); a target-tracking policy takes the instances'
@@ -36,8 +41,10 @@ from kimi_fleet import observability
 DRAIN_HOOK_NAME = "kimi-drain"
 #: AWS's bounds for a lifecycle hook's heartbeat (PutLifecycleHook: HeartbeatTimeout 30-7200 s).
 HEARTBEAT_RANGE = (30, 7200)
-#: The metric each target follows (CloudWatch names the nodes publish, fixed in the team contract).
-TARGET_METRICS = {"waiting": "RequestsWaiting", "ttft": "TtftP99Seconds"}
+#: The metric each target follows (CloudWatch names the nodes publish, fixed in the team contract)
+#: and the statistic over the replicas' one-minute data: requests waiting per replica (their mean),
+#: the slowest replica's p99 time to first token.
+TARGET_METRICS = {"waiting": ("RequestsWaiting", "Average"), "ttft": ("TtftP99Seconds", "Maximum")}
 
 
 @dataclass
@@ -54,12 +61,13 @@ def drain_heartbeat_seconds(drain_timeout_seconds: int) -> int:
 
 
 def tracked_metric(stack: str, metric: str) -> dict:
-    """The customized metric the policy tracks: the stack-level datum's Average over a minute."""
+    """The customized metric the policy tracks: the stack-level series over a minute."""
+    name, statistic = TARGET_METRICS[metric]
     return {
         "namespace": observability.CLOUDWATCH_NAMESPACE,
-        "metric_name": TARGET_METRICS[metric],
+        "metric_name": name,
         "metric_dimensions": [{"name": observability.STACK_DIMENSION, "value": stack}],
-        "statistic": "Average",
+        "statistic": statistic,
     }
 
 
