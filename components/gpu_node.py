@@ -125,8 +125,9 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
         {"Sid": "DecryptStackParameters", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
          "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{region}.amazonaws.com"},
                        "StringLike": {"kms:EncryptionContext:PARAMETER_ARN": parameters}}},
-        # The node's metrics (issue 24): PutMetricData takes no resource ARN, only this condition key,
-        # so a node may write the stack's namespace and no other (not AWS/*, not another tool's).
+        # The node's metrics (issue 24): PutMetricData takes no resource ARN, only this condition key
+        # (CloudWatch user guide, "Using condition keys to limit access to CloudWatch namespaces"), so a
+        # node may write the stack's namespace and no other (not AWS/*, not another tool's).
         {"Sid": "PublishStackMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
          "Condition": {"StringEquals": {"cloudwatch:namespace": observability.CLOUDWATCH_NAMESPACE}}},
     ]
