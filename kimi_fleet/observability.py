@@ -50,7 +50,7 @@ class ScrapeTarget:
     job: str
     port: int
     path: str = "/metrics"
-    #: labels this target's series get besides the stack's (an engine's index)
+    #: labels this target's series get besides the stack's (an engine's index: ENGINE_INDEX_LABEL)
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -59,8 +59,8 @@ class ScrapeTarget:
 
     @property
     def engine(self) -> str | None:
-        """The engine index (kimi-engine targets): the `engine` label its series get."""
-        return dict(self.labels).get("engine")
+        """The engine index (kimi-engine targets): the ENGINE_INDEX_LABEL its series get."""
+        return dict(self.labels).get(ENGINE_INDEX_LABEL)
 
 
 # --- what a node exposes ------------------------------------------------------------------------
@@ -75,6 +75,9 @@ GATE_PASSED = "kimi_fleet_gate_passed"  # 0/1: the node's last self-verification
 #: Prometheus spelling): the stack, and the replica (its index, or the node's name).
 STACK_LABEL = "stack"
 REPLICA_LABEL = "replica"
+#: The node's engine index on an engine target's series. Not "engine": vLLM's own series carry
+#: engine="<DP engine>" (loggers.py:414), which a target label of that name would rename.
+ENGINE_INDEX_LABEL = "engine_index"
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 #: label values we write into configs and PromQL: the stack/replica alphabet, no quotes or braces
@@ -103,7 +106,7 @@ def node_scrape_targets(launch: Launch, vendor: str | None = None) -> list[Scrap
     rank has none), the DCGM exporter (NVIDIA only: catalog.GPU_EXPORTER), Caddy's metrics site and
     the node's state. `vendor`: the accelerator's (default: the catalog's entry for the image)."""
     vendor = vendor or _vendor_of(launch)
-    targets = [ScrapeTarget(ENGINE_JOB, i.port, "/metrics", (("engine", str(i.index)),))
+    targets = [ScrapeTarget(ENGINE_JOB, i.port, "/metrics", ((ENGINE_INDEX_LABEL, str(i.index)),))
                for i in launch.instances if _engine_serves_metrics(i.argv)]
     if vendor == "nvidia":
         targets.append(ScrapeTarget(GPU_JOB, GPU_EXPORTER_PORT))
@@ -124,7 +127,7 @@ def render_prometheus_scrape_config(stack: str, targets: list[ScrapeTarget], lab
                                     *, scrape_interval: str = "15s", rule_files: tuple[str, ...] = ()) -> str:
     """A Prometheus configuration (YAML) scraping `targets`: one scrape job per exporter kind and
     path, every series labelled stack=<stack> plus `labels` (e.g. replica=<index>), engine targets
-    also engine=<index>. `promtool check config` accepts it (tests/test_prometheus_scrape.py)."""
+    also engine_index=<index>. `promtool check config` accepts it (tests/test_prometheus_scrape.py)."""
     base = {STACK_LABEL: stack, **(labels or {})}
     _check_labels(base)
     if not re.fullmatch(r"[1-9][0-9]*(ms|s|m)", scrape_interval):

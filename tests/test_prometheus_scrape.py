@@ -66,6 +66,12 @@ def test_prometheus_scrapes_the_rendered_targets_and_answers_the_dashboards_quer
                 assert result, (panel.title, query.promql(engine, stack))
                 assert all(not math.isnan(v) for v in result.values()), panel.title
                 answers[(panel.title, query.legend)] = result
+        # The engine's own labels survive the scrape (vLLM's `engine` is not renamed exported_engine)
+        # beside the node's: stack, replica, engine_index.
+        names = catalog.ENGINE_METRICS[engine]
+        (series,) = prometheus.query(f'{names.running}{{stack="{stack}"}}')
+        assert {"stack", "replica", observability.ENGINE_INDEX_LABEL, "model_name", *names.labels} <= set(series["metric"])
+        assert not any(label.startswith("exported_") for label in series["metric"]), series["metric"]
         # The stack's rules were loaded and evaluated against these series without error.
         groups = prometheus.get("/api/v1/rules")["data"]["groups"]
         rule_health = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
