@@ -116,7 +116,9 @@ class Fleet(pulumi.ComponentResource):
         props = {
             "stack": spec.stack,
             "target": spec.target.kind,
-            "hourlyCostUsd": args.cost.fleet_usd_per_hour,
+            # The policy pack's budget check: a scaling stack may cost the top of its range every hour.
+            "hourlyCostUsd": (args.cost.scaling_range["high_usd_per_hour"] if args.cost.scaling_range
+                              else args.cost.fleet_usd_per_hour),
             "budgetPerHourUsd": spec.budget_per_hour_usd,
         }
         super().__init__("kimi-fleet:fleet:Fleet", name, props, opts)
