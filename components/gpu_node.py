@@ -377,7 +377,9 @@ class GpuNode(pulumi.ComponentResource):
         # With a range, the desired count is the policy's once the group exists: capacity.replicas is
         # only the count it is created with, and a later `pulumi up` must not set it back (the provider
         # would send it as an update; the SDK's own note: omit it, or ignore it, under scaling policies).
-        # min/max are updates in place, never a replacement (catalog.REPLACE_ON_CHANGE: name only).
+        # min/max are updates in place, never a replacement (catalog.REPLACE_ON_CHANGE: name only); a
+        # range that no longer holds the policy's count moves it (UpdateAutoScalingGroup API reference:
+        # a new MinSize above the group's size sets the desired capacity to it, a MaxSize below to that).
         ignored = ["mixedInstancesPolicy.launchTemplate.launchTemplateSpecification.version", "launchTemplate.version"]
         if scaling:
             ignored.append("desiredCapacity")
