@@ -99,6 +99,9 @@ def render_proxy(
     ready_port: int | None = None,
     ready_file: str | None = None,
     status_file: str | None = None,
+    metrics_port: int | None = None,
+    drain_file: str | None = None,
+    scrape: "ScrapeSite | None" = None,
 ) -> RenderedProxy:
     """Render a Caddyfile that serves `domain` over HTTPS, requires
     `Authorization: Bearer $<api_key_env>` (or, during a key rotation, `$<previous_key_env>`)
@@ -118,6 +121,12 @@ def render_proxy(
     watchdog writes it only after real generations) and 503 while it is absent. It proxies
     nothing and carries no key; the security group admits it from the VPC only. `status_file`
     (the node's cold-start status) is served at STATUS_PATH, behind the key like everything else.
+    `metrics_port` turns on Caddy's HTTP metrics for the public site only (PUBLIC_METRICS_OPTION: not
+    the loopback listener's probes nor the ready listener's health checks) and serves them at
+    /metrics on a loopback-only plain-HTTP site of that port; admin stays off. `drain_file`: while
+    it exists the ready listener answers 503 whatever the ready file says (a node draining before
+    a scale-in). `scrape` adds the host's scrape endpoint (ScrapeSite): its own port, the same TLS,
+    its own key, /metrics/<job> proxied to the loopback exporters and nothing else.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -146,6 +155,14 @@ def render_proxy(
     global_options = [
         "admin off",
         f"grace_period {SHUTDOWN_GRACE_PERIOD}",
+    ]
+    if metrics_port is not None:
+        # Server options apply by the first entry that names the server's listener: the public
+        # site's listener first, with metrics; every other server (loopback, ready, scrape) without.
+        public_port = https_port if https_port is not None else HTTPS_PORT
+        listener = f"{bind_host}:{public_port}" if bind_host is not None else f":{public_port}"
+        global_options += [f"servers {listener} {{", "\tprotocols h1 h2", f"\t{PUBLIC_METRICS_OPTION}", "}"]
+    global_options += [
         # TCP only: HTTP/3 would be a UDP door that the TCP rules (firewall, failed-key bans) miss.
         "servers {",
         "\tprotocols h1 h2",
@@ -232,7 +249,7 @@ def render_proxy(
         if ready_file is None or not _FILE_PATH.match(ready_file):
             raise ValueError(f"ready_port needs an absolute ready_file, got {ready_file!r}")
         directory, name = ready_file.rsplit("/", 1)
-        lines += _site(f"http://:{_port(ready_port)}", [
+        lines += _site(f"http://:{_port(ready_port)}", [*_draining(drain_file),
             "@ready {",
             f"\tpath {READY_PATH}",
             "\tfile {",
@@ -252,9 +269,83 @@ def render_proxy(
         sites.append({"address": f"http://:{ready_port}", "bind": None, "keyRequired": False, "keyEnv": None,
                       "previousKeyEnv": None,
                       "upstreams": [], "proxiedRoutes": [], "stampsRelease": False,
-                      "routes": [{"path": READY_PATH, "keyRequired": False, "servesFile": ready_file}]})
+                      "routes": [{"path": READY_PATH, "keyRequired": False, "servesFile": ready_file}],
+                      **({"drainFile": drain_file} if drain_file else {})})
     facts = {"adminOff": True, "protocols": ["h1", "h2"], "sites": sites}
+    if metrics_port is not None:
+        # Caddy's own metrics, on loopback only: no key (nothing outside reaches it), no upstream.
+        lines += _site(f"http://{LOOPBACK}:{_port(metrics_port)}", [
+            f"bind {LOOPBACK}", f"@not_metrics not path {METRICS_PATH}", "respond @not_metrics 404",
+            f"metrics {METRICS_PATH}"])
+        facts["metricsSite"] = {"address": f"http://{LOOPBACK}:{metrics_port}", "bind": LOOPBACK,
+                                "path": METRICS_PATH, "countsSite": domain}
+    if scrape is not None:
+        lines += _scrape_site(domain, scrape, public, access_log)
+        # Beside the tenants' sites, not among them: its key is its own and never rotates with theirs.
+        facts["scrapeSite"] = scrape.facts(domain)
     return RenderedProxy("\n".join(lines) + "\n", facts)
+
+
+#: Caddy's HTTP metrics (request counts and durations by status code) are off unless a server has this
+#: option (caddy 2.6.2, checked with the real binary: no caddy_http_* series without it).
+PUBLIC_METRICS_OPTION = "metrics"
+METRICS_PATH = "/metrics"
+LOOPBACK = "127.0.0.1"
+
+
+class ScrapeSite(NamedTuple):
+    """The host's scrape endpoint: a site of its own on `port` (same name and TLS as the public
+    site), `key_env` its own Bearer key, `routes` path -> the loopback exporter port it proxies to
+    (each path rewritten to /metrics)."""
+    port: int
+    key_env: str
+    routes: dict[str, int]
+
+    def address(self, domain: str) -> str:
+        return f"{domain}:{self.port}"
+
+    def facts(self, domain: str) -> dict:
+        return {"address": self.address(domain), "bind": None, "keyRequired": True, "keyEnv": self.key_env,
+                "previousKeyEnv": None, "upstreams": [f"{LOOPBACK}:{port}" for port in self.routes.values()],
+                "routes": [], "stampsRelease": False, "scrapeEndpoint": True,
+                "proxiedRoutes": [{"method": "GET", "path": path} for path in self.routes]}
+
+
+def _draining(drain_file: str | None) -> list[str]:
+    """The ready listener's 503 while the node drains (before the ready file is looked at)."""
+    if drain_file is None:
+        return []
+    if not _FILE_PATH.match(drain_file):
+        raise ValueError(f"invalid drain file {drain_file!r}")
+    directory, name = drain_file.rsplit("/", 1)
+    return ["@draining file {", f"\troot {directory}", f"\ttry_files /{name}", "}",
+            "handle @draining {", '\trespond "draining" 503', "}"]
+
+
+def _scrape_site(domain: str, scrape: ScrapeSite, public: list[str], access_log: str | None) -> list[str]:
+    """Every route refuses a request without the scrape key first (a `handle` runs before a top-level
+    `respond`, as for the status route); a known path goes to its exporter's /metrics, anything else
+    is 404. The exporter never sees the key. Logged like the public site (fail2ban reads the 401s)."""
+    if not _ENV_NAME.match(scrape.key_env):
+        raise ValueError(f"invalid environment variable name {scrape.key_env!r}")
+    if not scrape.routes:
+        raise ValueError("the scrape endpoint needs at least one route")
+    body = ["log {", *_log_output(access_log), "\tformat json", "}", "",
+            f'@scrape_keyless vars {{env.{scrape.key_env}}} ""',
+            f'@scrape_unauthorized not header Authorization "Bearer {{env.{scrape.key_env}}}"',
+            'header @scrape_unauthorized WWW-Authenticate "Bearer"']
+    refusals = [f"respond @scrape_unauthorized `{_UNAUTHORIZED_BODY}` 401",
+                f"respond @scrape_keyless `{_UNAUTHORIZED_BODY}` 401"]
+    # At the site's level too (the policy pack and the facts test look for the gate there); the
+    # handles below answer first, each behind the same refusals.
+    body += refusals
+    for path, port in scrape.routes.items():
+        if not _ROUTE_PATH.match(path):
+            raise ValueError(f"scrape path {path!r} must be a plain path")
+        body += [f"handle {path} {{", *[f"\t{line}" for line in refusals], f"\trewrite * {METRICS_PATH}",
+                 f"\treverse_proxy {LOOPBACK}:{_port(port)} {{", "\t\theader_up -Authorization", "\t}", "}"]
+    body += ["handle {", *[f"\t{line}" for line in refusals], "\trespond 404", "}"]
+    return _site(scrape.address(domain), public + body)
 
 
 def _site(address: str, body: list[str]) -> list[str]:

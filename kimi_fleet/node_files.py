@@ -20,8 +20,8 @@ from typing import Literal
 
 import yaml
 
-from kimi_fleet import boot_stub, catalog, health, node_guard, templates
-from kimi_fleet.caddy import API_KEY_PATTERN, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
+from kimi_fleet import autoscaling, boot_stub, catalog, health, node_guard, node_metrics, observability, templates
+from kimi_fleet.caddy import API_KEY_PATTERN, HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, ScrapeSite, render_proxy
 from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
                                render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
@@ -124,6 +124,7 @@ NODE_SETTINGS_KEYS = (
     "SSM_HF_TOKEN_PARAMETER", "SSM_API_KEY_VERSION", "API_KEY_FILE", "HF_TOKEN_FILE", "CHECKPOINT_BYTES",
     "SSM_PREVIOUS_API_KEY_PARAMETER", "SSM_PREVIOUS_API_KEY_VERSION", "PREVIOUS_API_KEY_FILE",
     "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR", "COMPILE_CACHE_PIN_PARAMETER", "MIRROR_MANIFEST_SHA256",
+    "TARGET_KIND", "DRAIN_TIMEOUT_SECONDS", "METRICS_KEY_FILE",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -204,6 +205,17 @@ ENGINE_GUARD_UNIT_INPUTS = (node_guard.ENGINE_GUARD_PATH, ENGINE_SLICE_UNIT_PATH
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
                    NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK)
+#: The node's exporters and what AWS nodes run beside them (node_metrics.py).
+NODE_STATE_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.NODE_STATE_UNIT}"
+GPU_EXPORTER_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.GPU_EXPORTER_UNIT}"
+PUBLISH_TIMER_PATH = f"{UNIT_DIR}/{node_metrics.PUBLISH_TIMER}"
+DRAIN_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.DRAIN_UNIT}"
+NODE_STATE_INPUTS = (NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_EXPORTER)
+GPU_EXPORTER_INPUTS = (GPU_EXPORTER_UNIT_PATH, node_metrics.GPU_EXPORTER_COUNTERS_FILE)
+PUBLISH_INPUTS = (PUBLISH_TIMER_PATH, f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}")
+#: The drain runs for as long as the node: a change to it or to what it imports restarts it (its
+#: deadline survives, in its state file).
+DRAIN_INPUTS = (DRAIN_UNIT_PATH, node_metrics.DRAIN, GENERATION_PROBE, WATCHDOG, COMPILE_CACHE_TOOL)
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -286,7 +298,11 @@ BOOTSTRAP = templates.render(
     ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME, ENGINE_GUARD_INPUTS=_shell_paths(ENGINE_GUARD_UNIT_INPUTS),
     VERIFIED_MARKER=NODE_VERIFIED_MARKER, NODE_PACKAGES_FILE=NODE_PACKAGES_FILE,
     HF_CLI_REQUIREMENTS=HF_CLI_REQUIREMENTS_FILE, HF_CLI_PYTHON=HF_CLI_PYTHON,
-    PREVIOUS_API_KEY_FILE=PREVIOUS_API_KEY_FILE)
+    PREVIOUS_API_KEY_FILE=PREVIOUS_API_KEY_FILE, NODE_STATE_UNIT=node_metrics.NODE_STATE_UNIT,
+    NODE_STATE_INPUTS=_shell_paths(NODE_STATE_INPUTS), GPU_EXPORTER_UNIT=node_metrics.GPU_EXPORTER_UNIT,
+    GPU_EXPORTER_UNIT_PATH=GPU_EXPORTER_UNIT_PATH, GPU_EXPORTER_INPUTS=_shell_paths(GPU_EXPORTER_INPUTS),
+    PUBLISH_TIMER=node_metrics.PUBLISH_TIMER, PUBLISH_INPUTS=_shell_paths(PUBLISH_INPUTS),
+    DRAIN_UNIT=node_metrics.DRAIN_UNIT, DRAIN_INPUTS=_shell_paths(DRAIN_INPUTS))
 
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
@@ -294,6 +310,7 @@ WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE
 ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER)
 
 CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV,
+                             CADDY_METRICS_KEY_ENV=node_metrics.METRICS_KEY_ENV,
                              CADDY_PREVIOUS_KEY_ENV=PREVIOUS_API_KEY_ENV, SETTINGS_LIBRARY=SETTINGS_LIBRARY,
                              API_KEY_PATTERN=API_KEY_PATTERN.pattern)
 
@@ -451,6 +468,11 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         # The mirror's manifest as the deployer verified it against the Hub: the node refuses any other.
         "MIRROR_MANIFEST_SHA256": (mirror_manifest_sha256 or MANIFEST_SHA256_PLACEHOLDER)
         if spec.weights.source == "s3-mirror" else "",
+        # Which of the node's observability units run (node_metrics.py): the CloudWatch publisher on
+        # AWS, the drain on a fleet, the scrape endpoint's key on a host.
+        "TARGET_KIND": spec.target.kind,
+        "DRAIN_TIMEOUT_SECONDS": str(drain_timeout_seconds(r, sizing) or ""),
+        "METRICS_KEY_FILE": node_metrics.METRICS_KEY_FILE if host_scrape_endpoint(r) else "",
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -528,6 +550,9 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
             sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=behind_load_balancer(r))),
         "admission": {"python": f"{VERIFIER_VENV}/bin/python", "path": VERIFIER_DIR, "report": ADMISSION_REPORT,
                       **admission_settings(r, launch, sizing)},
+        # What the metrics publisher reads, by the exporters' own names (catalog), and the drain.
+        "metrics": node_metrics.stack_metrics(spec.stack, launch.engine, r.accelerator.vendor),
+        "drain": node_metrics.stack_drain(drain_timeout_seconds(r, sizing)),
     }
     replica = replica_facts(r, node_rank)
     if replica is not None:
@@ -540,6 +565,36 @@ def behind_load_balancer(r: Resolved) -> bool:
     return r.target.behind_load_balancer(r)
 
 
+def drain_timeout_seconds(r: Resolved, sizing: Sizing) -> int | None:
+    """How long a fleet node drains before a scale-in (its termination hook's heartbeat): the scaling
+    policy's, or, for a fleet of fixed size (scaled in only by an edit), the same bound the policy
+    would take. None: not a fleet, nothing scales it in."""
+    if not behind_load_balancer(r):
+        return None
+    policy = autoscaling.scaling_policy(r, sizing)
+    return policy.drain_timeout_seconds if policy is not None else autoscaling.drain_timeout(r)[0]
+
+
+def banned_ports(r: Resolved) -> tuple[int, ...]:
+    """The ports an address that keeps failing a key is banned from: the public site's, and a host's
+    scrape endpoint (its 401s land in the same access log)."""
+    return (HTTP_PORT, HTTPS_PORT) + ((node_metrics.HOST_METRICS_PORT,) if host_scrape_endpoint(r) else ())
+
+
+def host_scrape_endpoint(r: Resolved) -> bool:
+    """A host serves its metrics behind their own key (node_metrics.HOST_METRICS_PORT); AWS nodes
+    publish to CloudWatch and serve nothing."""
+    return r.spec.target.host is not None
+
+
+def _scrape_site(r: Resolved, launch: Launch) -> ScrapeSite | None:
+    if not host_scrape_endpoint(r):
+        return None
+    ports = [int(upstream.rsplit(":", 1)[1]) for upstream in launch.upstreams]
+    return ScrapeSite(node_metrics.HOST_METRICS_PORT, node_metrics.METRICS_KEY_ENV,
+                      node_metrics.scrape_routes(ports, r.accelerator.vendor))
+
+
 def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:
     """The stack's Caddyfile, stamping answers with `release`. `listener` (domain, tls, https_port,
     http_port, bind_host, access_log) lets a test run the same configuration on loopback."""
@@ -550,9 +605,10 @@ def render_proxy_for(r: Resolved, launch: Launch, *, release: str | None = None,
     """The stack's Caddyfile and its facts (what AuthProxy registers for the policy pack)."""
     options = {"domain": r.spec.domain, "tls": "acme", "acme_email": r.spec.acme_email,
                "access_log": node_guard.ACCESS_LOG, "local_port": LOCAL_PROXY_PORT, "status_file": STATUS_FILE,
-               **listener}
+               "metrics_port": observability.PROXY_METRICS_PORT, "scrape": _scrape_site(r, launch), **listener}
     if behind_load_balancer(r):
-        options = {"ready_port": READY_PORT, "ready_file": READY_FILE, **options}
+        options = {"ready_port": READY_PORT, "ready_file": READY_FILE, "drain_file": node_metrics.DRAIN_FILE,
+                   **options}
     return render_proxy(
         options.pop("domain"), launch.upstreams, launch.health_path, api_key_env=CADDY_API_KEY_ENV,
         previous_key_env=PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
@@ -635,11 +691,23 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf", CADDY_OVERRIDE, 0o644),
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
-        NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(), 0o644),
+        NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(ports=banned_ports(r)), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256), 0o644),
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
         NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
+        # Seeing the node (node_metrics.py): the same files everywhere; node.env says which run.
+        NodeFile(node_metrics.NODE_STATE_EXPORTER, node_script("node_state_exporter.py"), 0o644),
+        NodeFile(NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_UNIT_TEXT, 0o644),
+        NodeFile(node_metrics.METRICS_TEXT, node_script("metrics_text.py"), 0o644),
+        NodeFile(node_metrics.METRICS_PUBLISHER, node_script("metrics_publisher.py"), 0o644),
+        NodeFile(f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}", node_metrics.PUBLISH_UNIT_TEXT, 0o644),
+        NodeFile(PUBLISH_TIMER_PATH, node_metrics.PUBLISH_TIMER_TEXT, 0o644),
+        NodeFile(node_metrics.DRAIN, node_script("drain.py"), 0o644),
+        NodeFile(DRAIN_UNIT_PATH, node_metrics.DRAIN_UNIT_TEXT, 0o644),
     ]
+    if node_metrics.gpu_exporter_enabled(r.accelerator.vendor):
+        files += [NodeFile(GPU_EXPORTER_UNIT_PATH, node_metrics.gpu_exporter_unit(), 0o644),
+                  NodeFile(node_metrics.GPU_EXPORTER_COUNTERS_FILE, catalog.GPU_EXPORTER_COUNTERS, 0o644)]
     host = r.spec.target.host
     if host is not None:
         # Only a machine you already have gets the host firewall: AWS nodes have security groups.

@@ -444,7 +444,8 @@ def admission_budget(root: Path) -> float:
 
 def secret_paths(staged: Path) -> list[str]:
     values = settings(staged)
-    return [values[key] for key in ("API_KEY_FILE", "HF_TOKEN_FILE", "PREVIOUS_API_KEY_FILE") if values.get(key)]
+    return [values[key] for key in ("API_KEY_FILE", "HF_TOKEN_FILE", "PREVIOUS_API_KEY_FILE", "METRICS_KEY_FILE")
+            if values.get(key)]
 
 
 def take_secrets(staged: Path, paths: list[str], serving: list[str] = ()) -> dict[str, bytes | None]:

@@ -419,9 +419,25 @@ start_services() {
   # names the previous key's variable only while the stack accepts it, so a retired key's file is
   # no longer read; it is removed so a node never keeps a key it stopped accepting.
   if [[ -z ${PREVIOUS_API_KEY_FILE:-} ]]; then rm -f "$ROOT__PREVIOUS_API_KEY_FILE__"; fi
-  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE" ${PREVIOUS_API_KEY_FILE:+"$ROOT$PREVIOUS_API_KEY_FILE"}
+  # A host's scrape key is Caddy's too, when it is there (without it the scrape endpoint refuses all).
+  local metrics_key=()
+  if [[ -n ${METRICS_KEY_FILE:-} && -f $ROOT$METRICS_KEY_FILE ]]; then metrics_key=("$ROOT$METRICS_KEY_FILE"); fi
+  apply_unit caddy.service __CADDY_INPUTS__ "$ROOT$API_KEY_FILE" ${PREVIOUS_API_KEY_FILE:+"$ROOT$PREVIOUS_API_KEY_FILE"} \
+    "${metrics_key[@]}"
   # Admission and liveness by real generations, from now on every few seconds.
   apply_unit kimi-watchdog.timer __WATCHDOG_INPUTS__
+  # The node's state as metrics, and the GPU exporter on NVIDIA nodes: loopback only.
+  apply_unit __NODE_STATE_UNIT__ __NODE_STATE_INPUTS__
+  if [[ -f $ROOT__GPU_EXPORTER_UNIT_PATH__ ]]; then
+    apply_unit __GPU_EXPORTER_UNIT__ __GPU_EXPORTER_INPUTS__
+  fi
+  # AWS: the exporters as CloudWatch metrics every minute; a fleet: the drain before a scale-in.
+  if [[ ${TARGET_KIND:-} == aws ]]; then
+    apply_unit __PUBLISH_TIMER__ __PUBLISH_INPUTS__
+  fi
+  if [[ -n ${DRAIN_TIMEOUT_SECONDS:-} ]]; then
+    apply_unit __DRAIN_UNIT__ __DRAIN_INPUTS__
+  fi
 }
 
 # "Done" means running: wait until the units the bootstrap (re)started have no job left, then
@@ -430,7 +446,7 @@ start_services() {
 check_started() {
   (( LIVE )) || [[ ${KIMI_CHECK_STARTED:-0} == 1 ]] || return 0
   local unit state why _
-  local units=(__ENGINE_GUARD_UNIT__ fail2ban.service caddy.service kimi-watchdog.timer)
+  local units=(__ENGINE_GUARD_UNIT__ fail2ban.service caddy.service kimi-watchdog.timer __NODE_STATE_UNIT__)
   [[ -f $ROOT__FIREWALL_RULES__ ]] && units=(kimi-firewall.service "${units[@]}")
   for unit in "${units[@]}"; do
     for _ in $(seq 1 "${START_WAIT_POLLS:-60}"); do

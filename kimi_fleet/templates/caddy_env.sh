@@ -30,10 +30,21 @@ previous=""
 if [[ -n ${PREVIOUS_API_KEY_FILE:-} ]]; then
   previous=$(checked_key "$PREVIOUS_API_KEY_FILE")
 fi
+# A host's scrape endpoint has its own key. Missing, the endpoint refuses every request (its site
+# fails closed on an empty key); the tenants' endpoint is not held up for it.
+metrics=""
+if [[ -n ${METRICS_KEY_FILE:-} ]]; then
+  if [[ -s $METRICS_KEY_FILE ]]; then
+    metrics=$(checked_key "$METRICS_KEY_FILE")
+  else
+    echo "kimi-caddy-env: $METRICS_KEY_FILE is missing: the scrape endpoint refuses every request until it is there" >&2
+  fi
+fi
 mkdir -p /run/kimi-fleet
 (
   umask 077
   printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp
   if [[ -n $previous ]]; then printf '%s=%s\n' __CADDY_PREVIOUS_KEY_ENV__ "$previous" >>/run/kimi-fleet/caddy.env.tmp; fi
+  if [[ -n $metrics ]]; then printf '%s=%s\n' __CADDY_METRICS_KEY_ENV__ "$metrics" >>/run/kimi-fleet/caddy.env.tmp; fi
 )
 mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env

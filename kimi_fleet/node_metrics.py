@@ -1,0 +1,155 @@
+"""What a node runs so it can be seen without SSH (issue 24): its exporters, on loopback only, the
+AWS metrics publisher, the drain before a scale-in, and the host's key-protected scrape endpoint.
+Pure rendering (no Pulumi): node_files.py ships the files, the tests run them.
+
+- Every node: the node-state exporter (node_scripts/node_state_exporter.py, kimi-node-state.service)
+  on observability.NODE_STATE_PORT; Caddy's metrics on a loopback-only site at PROXY_METRICS_PORT
+  (caddy.py); on NVIDIA nodes the DCGM exporter (pinned container, kimi-gpu-exporter.service) on
+  GPU_EXPORTER_PORT. The GPU exporter runs in the engines' slice: it is not an engine, but the
+  engine guard refuses that slice the instance metadata service by cgroup, and the exporter has
+  no business with the node role's credentials either (it shares the host's network, so only the
+  cgroup tells it apart, as for the engines). It gets the GPUs through CDI like an engine
+  (nvidia.com/gpu=all: it watches every GPU), no NET_RAW and no new privileges; no SYS_ADMIN,
+  which DCGM wants only for its profiling (DCP) fields, which no panel reads.
+- AWS nodes (node.env TARGET_KIND=aws): the metrics publisher every 60 s (metrics_publisher.py).
+- AWS fleet nodes: the drain (drain.py) with the scaling policy's drain timeout.
+- A host: the scrape endpoint, a second Caddy site on the host's own name at HOST_METRICS_PORT with
+  its own bearer key (caddy.py renders it; components/host_endpoint.py generates the key).
+"""
+
+from __future__ import annotations
+
+import re
+
+from kimi_fleet import catalog, node_guard, observability, templates
+from kimi_fleet.paths import ENGINE_SLICE, LOOPBACK
+
+LIB_DIR = "/usr/local/lib/kimi-fleet"
+UNIT_DIR = "/etc/systemd/system"
+NODE_STATE_EXPORTER = f"{LIB_DIR}/node_state_exporter.py"
+METRICS_TEXT = f"{LIB_DIR}/metrics_text.py"
+METRICS_PUBLISHER = f"{LIB_DIR}/metrics_publisher.py"
+DRAIN = f"{LIB_DIR}/drain.py"
+NODE_STATE_UNIT = "kimi-node-state.service"
+GPU_EXPORTER_UNIT = "kimi-gpu-exporter.service"
+GPU_EXPORTER_CONTAINER = "kimi-gpu-exporter"
+PUBLISH_UNIT = "kimi-metrics-publish.service"
+PUBLISH_TIMER = "kimi-metrics-publish.timer"
+DRAIN_UNIT = "kimi-drain.service"
+#: The publisher's period: CloudWatch's standard resolution, and the scaling policy's metric period.
+PUBLISH_INTERVAL_SECONDS = 60
+#: Scrapes of a handful of loopback exporters and one put-metric-data call, at most.
+PUBLISH_TIMEOUT_SECONDS = 55
+#: The previous scrape the publisher's rates and p99s are computed against.
+PUBLISHER_STATE = "/var/lib/kimi-fleet/metrics-publisher.json"
+#: While it exists the ready listener answers 503 (caddy.py): the load balancer drains the node.
+DRAIN_FILE = "/run/kimi-fleet/draining"
+#: The Auto Scaling termination hook the drain completes (aws-components declares it).
+DRAIN_HOOK = "kimi-drain"
+#: The host's scrape endpoint: a port of its own beside 443 (9443: no engine, exporter or
+#: well-known service; the host firewall admits it beside 80/443 when enabled).
+HOST_METRICS_PORT = 9443
+#: The scrape endpoint's own key (like the API key: a generated secret, root-only on the node,
+#: handed to Caddy through its environment).
+METRICS_KEY_FILE = "/etc/kimi-fleet/secrets/metrics-key"
+METRICS_KEY_ENV = "KIMI_METRICS_KEY"
+#: The path prefix of the host's scrape endpoint: /metrics/<job> (and /metrics/kimi-engine/<index>).
+SCRAPE_PREFIX = "/metrics"
+_PLAIN_ARG = re.compile(r"^[A-Za-z0-9._:/@=,+-]+$")
+
+
+def gpu_exporter_enabled(vendor: str) -> bool:
+    """DCGM reads NVIDIA GPUs only; AMD and Ascend nodes run without a GPU exporter."""
+    return vendor == "nvidia"
+
+
+#: The collectors file the node gives the exporter (catalog.GPU_EXPORTER_COUNTERS), mounted read-only.
+GPU_EXPORTER_COUNTERS_FILE = "/etc/kimi-fleet/dcgm-counters.csv"
+
+
+def gpu_exporter_argv() -> list[str]:
+    """`docker run`'s arguments for the DCGM exporter (constants only: nothing from a stack)."""
+    exporter = catalog.GPU_EXPORTER
+    argv = ["--rm", "--name", GPU_EXPORTER_CONTAINER, f"--cgroup-parent={ENGINE_SLICE}", "--network=host",
+            "--cap-drop=NET_RAW", "--security-opt=no-new-privileges", "--device=nvidia.com/gpu=all",
+            f"--volume={GPU_EXPORTER_COUNTERS_FILE}:{GPU_EXPORTER_COUNTERS_FILE}:ro", exporter.image,
+            # Its default listener is every interface (":9400"): loopback only, and our collectors file.
+            exporter.listen_flag, f"{LOOPBACK}:{observability.GPU_EXPORTER_PORT}",
+            exporter.counters_flag, GPU_EXPORTER_COUNTERS_FILE]
+    for arg in argv:
+        if not _PLAIN_ARG.match(arg):
+            raise ValueError(f"GPU exporter argument {arg!r} is not plain")
+    return argv
+
+
+def gpu_exporter_unit() -> str:
+    return templates.render(
+        GPU_EXPORTER_UNIT, ADDRESS=f"{LOOPBACK}:{observability.GPU_EXPORTER_PORT}",
+        DOCUMENTATION="https://github.com/NVIDIA/dcgm-exporter",
+        ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME, CONTAINER=GPU_EXPORTER_CONTAINER,
+        IMAGE=catalog.GPU_EXPORTER.image, ARGS=" ".join(gpu_exporter_argv()))
+
+
+NODE_STATE_UNIT_TEXT = templates.render(
+    NODE_STATE_UNIT, ADDRESS=f"{LOOPBACK}:{observability.NODE_STATE_PORT}", EXPORTER=NODE_STATE_EXPORTER,
+    PORT=observability.NODE_STATE_PORT)
+PUBLISH_UNIT_TEXT = templates.render(PUBLISH_UNIT, NAMESPACE=observability.CLOUDWATCH_NAMESPACE,
+                                     PUBLISHER=METRICS_PUBLISHER, TIMEOUT_SECONDS=PUBLISH_TIMEOUT_SECONDS)
+PUBLISH_TIMER_TEXT = templates.render(PUBLISH_TIMER, INTERVAL_SECONDS=PUBLISH_INTERVAL_SECONDS)
+DRAIN_UNIT_TEXT = templates.render(DRAIN_UNIT, HOOK=DRAIN_HOOK, DRAIN=DRAIN)
+
+
+def exporter_urls(vendor: str) -> dict[str, str | None]:
+    def url(port: int) -> str:
+        return f"http://{LOOPBACK}:{port}/metrics"
+
+    return {"gpu": url(observability.GPU_EXPORTER_PORT) if gpu_exporter_enabled(vendor) else None,
+            "proxy": url(observability.PROXY_METRICS_PORT), "node": url(observability.NODE_STATE_PORT)}
+
+
+#: What the publisher reads from the GPU exporter (catalog.GPU_METRICS): the XID count is the
+#: exporter's own, over its window (catalog.GPU_EXPORTER.xid_window_ms).
+GPU_SERIES = {"utilization": "DCGM_FI_DEV_GPU_UTIL", "memory_used": "DCGM_FI_DEV_FB_USED",
+              "memory_free": "DCGM_FI_DEV_FB_FREE", "power": "DCGM_FI_DEV_POWER_USAGE",
+              "xid_count": "DCGM_EXP_XID_ERRORS_COUNT"}
+
+
+def stack_metrics(stack: str, engine: str, vendor: str) -> dict:
+    """stack.json's "metrics": what the publisher reads (node scripts cannot import the catalog)."""
+    names = catalog.ENGINE_METRICS[engine]
+    return {
+        "namespace": observability.CLOUDWATCH_NAMESPACE,
+        "stack": stack,
+        "state_file": PUBLISHER_STATE,
+        "exporters": exporter_urls(vendor),
+        "engine": {key: getattr(names, key) for key in (
+            "generated_tokens", "prompt_tokens", "running", "waiting", "kv_cache_usage", "ttft_histogram",
+            "itl_histogram")},
+        "gpu": {key: catalog.GPU_METRICS[name].name for key, name in GPU_SERIES.items()}
+        if gpu_exporter_enabled(vendor) else None,
+        "proxy": {"requests_histogram": catalog.PROXY_METRICS.request_duration,
+                  "code_label": catalog.PROXY_METRICS.code_label},
+    }
+
+
+def stack_drain(drain_timeout_seconds: int | None) -> dict | None:
+    """stack.json's "drain" (None: the node is in no scaling fleet)."""
+    if drain_timeout_seconds is None:
+        return None
+    return {"file": DRAIN_FILE, "hook": DRAIN_HOOK, "timeout_seconds": drain_timeout_seconds}
+
+
+def scrape_routes(engine_ports: list[int], vendor: str) -> dict[str, int]:
+    """The host's scrape endpoint: path -> the loopback exporter port it serves."""
+    routes = {f"{SCRAPE_PREFIX}/{observability.ENGINE_JOB}/{index}": port for index, port in enumerate(engine_ports)}
+    if gpu_exporter_enabled(vendor):
+        routes[f"{SCRAPE_PREFIX}/{observability.GPU_JOB}"] = observability.GPU_EXPORTER_PORT
+    routes[f"{SCRAPE_PREFIX}/{observability.PROXY_JOB}"] = observability.PROXY_METRICS_PORT
+    routes[f"{SCRAPE_PREFIX}/{observability.NODE_STATE_JOB}"] = observability.NODE_STATE_PORT
+    return routes
+
+
+def scrape_location(domain: str) -> str:
+    """The host's metrics location (a stack output): the scrape endpoint's base URL."""
+    return f"https://{domain}:{HOST_METRICS_PORT}{SCRAPE_PREFIX}/"
+

@@ -1,0 +1,342 @@
+"""The node's exporters, checked with the real consumers (issue 24, item 1): Caddy 2.6 counting the
+tenants' requests and serving its metrics on a loopback-only site with admin off, the node-state
+exporter reading the files the node writes, the units through systemd-analyze, the ports out of
+reach from another network namespace, the tenants' route allowlist refusing /metrics, and the
+host's scrape endpoint behind its own key."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet import catalog, node_guard, node_metrics, observability
+from kimi_fleet.caddy import ScrapeSite
+from kimi_fleet.launch import render_launch
+from kimi_fleet.node_files import (NODE_STATE_UNIT_PATH, SecretsSource, render_node_files, render_proxy_for)
+from kimi_fleet.node_scripts import metrics_text
+from kimi_fleet.resolve import Resolved
+from kimi_fleet.sizing import size
+from kimi_fleet.stackfile import load_stack_config, stack_file
+from tests.fakes.harness import free_port, start_caddy, wait_for
+from tests.test_node_files import _systemd_root, install
+
+NODE_SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
+API_KEY = "tenant-key-0123456789abcdef"
+METRICS_KEY = "scrape-key-fedcba9876543210"
+RELEASE = "0123456789abcdef"
+
+
+def resolved(stack: str) -> Resolved:
+    return Resolved(load_stack_config(stack_file(stack)).spec())
+
+
+def files_of(stack: str):
+    r = resolved(stack)
+    return render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"), ebs_volume_id="vol-1")
+
+
+@contextmanager
+def exporter(text_of):
+    """A loopback HTTP server answering /metrics with text_of() (a fake engine's or exporter's)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            body = text_of().encode() if self.path.split("?")[0] == "/metrics" else b"not here"
+            self.send_response(200 if self.path.split("?")[0] == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _get(url: str, key: str | None = None, context=None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+# --- units and what they run ----------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("stack", ["h200-int4-sglang", "mi300x-int4-sglang"])
+def test_the_exporter_publisher_and_drain_units_pass_systemd_analyze_verify(stack, tmp_path):
+    files = files_of(stack)
+    _systemd_root(tmp_path, files)
+    units = [NODE_STATE_UNIT_PATH, f"/etc/systemd/system/{node_metrics.PUBLISH_UNIT}",
+             f"/etc/systemd/system/{node_metrics.PUBLISH_TIMER}", f"/etc/systemd/system/{node_metrics.DRAIN_UNIT}"]
+    gpu_unit = f"/etc/systemd/system/{node_metrics.GPU_EXPORTER_UNIT}"
+    # DCGM reads NVIDIA GPUs only: the AMD node has no GPU exporter.
+    assert (gpu_unit in files) is (resolved(stack).accelerator.vendor == "nvidia")
+    units += [gpu_unit] if gpu_unit in files else []
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", *units],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_gpu_exporter_is_pinned_on_loopback_in_the_guarded_slice_with_cdi_gpus():
+    unit = files_of("h200-int4-sglang")[f"/etc/systemd/system/{node_metrics.GPU_EXPORTER_UNIT}"].content
+    (start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    argv = start.removeprefix("ExecStart=").split()
+    assert argv[:3] == ["/usr/bin/docker", "run", "--rm"]
+    image = argv.index(catalog.GPU_EXPORTER.image)
+    options, command = argv[3:image], argv[image + 1:]
+    # The guard that refuses the engines' slice the metadata service covers it (and it requires the guard).
+    assert "--cgroup-parent=kimi-engines.slice" in options
+    assert f"Requires=docker.service {node_guard.ENGINE_GUARD_UNIT_NAME}" in unit
+    assert {"--network=host", "--cap-drop=NET_RAW", "--security-opt=no-new-privileges",
+            "--device=nvidia.com/gpu=all"} <= set(options)
+    assert not any(o.startswith(("--privileged", "--cap-add", "--gpus", "-p", "--publish")) for o in options)
+    # Its own default listener is every interface: loopback only, with the node's collectors file.
+    assert command == ["-a", f"127.0.0.1:{observability.GPU_EXPORTER_PORT}", "-f", node_metrics.GPU_EXPORTER_COUNTERS_FILE]
+    counters = files_of("h200-int4-sglang")[node_metrics.GPU_EXPORTER_COUNTERS_FILE].content
+    assert "DCGM_EXP_XID_ERRORS_COUNT, counter," in counters and "DCGM_FI_DEV_GPU_UTIL, gauge," in counters
+
+
+def _node_root(root: Path, stack: str = "h200-int4-vllm") -> dict:
+    files = files_of(stack)
+    install(root, {p: f for p, f in files.items() if p.startswith("/etc/kimi-fleet/")})
+    return json.loads(files["/etc/kimi-fleet/stack.json"].content)
+
+
+@contextmanager
+def node_state_exporter(root: Path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(NODE_SCRIPTS / "node_state_exporter.py"), "--port", str(port)],
+                               env={**os.environ, "KIMI_ROOT": str(root)}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on 127.0.0.1:" in process.stderr.readline()
+        yield f"http://127.0.0.1:{port}/metrics"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_node_state_exporter_serves_the_contract_metrics_from_the_node_files(tmp_path):
+    root = tmp_path / "root"
+    stack = _node_root(root)
+    release = (root / "etc/kimi-fleet/release").read_text().strip()
+    with node_state_exporter(root) as url:
+        samples = metrics_text.parse(_get(url)[1])
+        values = {(name, tuple(sorted(labels.items()))): v for name, labels, v in samples}
+        assert values[("kimi_fleet_release_info", (("release", release),))] == 1
+        assert values[("kimi_fleet_node_admitted", ())] == 0 and values[("kimi_fleet_gate_passed", ())] == 0
+        assert values[("kimi_fleet_engine_up", (("engine", "0"),))] == 0
+        assert values[("kimi_fleet_node_draining", ())] == 0
+        # The watchdog admits the node: ready file with this release, engine serving, report passed.
+        (root / "run/kimi-fleet").mkdir(parents=True, exist_ok=True)
+        (root / stack["ready_file"].lstrip("/")).write_text(release + "\n")
+        (root / "run/kimi-fleet/status.json").write_text(json.dumps(
+            {"health": {"engines": {"kimi-engine@0.service": {"verdict": "busy"}}}}))
+        report = root / stack["admission"]["report"].lstrip("/")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({"checks": [{"name": "text", "status": "pass"},
+                                                 {"name": "tls", "status": "skip"}]}))
+        (root / stack["drain"]["file"].lstrip("/")).write_text("1\n")
+        values = {(n, tuple(sorted(l.items()))): v for n, l, v in metrics_text.parse(_get(url)[1])}
+        assert values[("kimi_fleet_node_admitted", ())] == 1 and values[("kimi_fleet_gate_passed", ())] == 1
+        assert values[("kimi_fleet_engine_up", (("engine", "0"),))] == 1
+        assert values[("kimi_fleet_node_draining", ())] == 1
+        # A ready file of another release (the old one, mid-apply) is not this release admitted; a failed check fails the gate.
+        (root / stack["ready_file"].lstrip("/")).write_text("fedcba9876543210\n")
+        report.write_text(json.dumps({"checks": [{"name": "text", "status": "pass"}, {"name": "vision", "status": "fail"}]}))
+        values = {(n, tuple(sorted(l.items()))): v for n, l, v in metrics_text.parse(_get(url)[1])}
+        assert values[("kimi_fleet_node_admitted", ())] == 0 and values[("kimi_fleet_gate_passed", ())] == 0
+        assert _get(url.replace("/metrics", "/other"))[0] == 404
+    # Bound to loopback: the exporter refuses to be anything else.
+    assert "LOOPBACK = \"127.0.0.1\"" in (NODE_SCRIPTS / "node_state_exporter.py").read_text()
+
+
+# --- Caddy: metrics of the tenants' site, on loopback, admin off ------------------------------
+
+def _loopback_proxy(stack: str, engine_port: int, *, scrape_routes: dict[str, int] | None = None, **extra):
+    """The stack's own Caddyfile on loopback ports (tls internal), its engine at `engine_port`."""
+    r = resolved(stack)
+    launch = render_launch(r)
+    launch = dataclasses.replace(launch, instances=tuple(dataclasses.replace(i, port=engine_port + i.index)
+                                                         for i in launch.instances))
+    ports = {"https_port": free_port(), "http_port": free_port(), "local_port": free_port(),
+             "metrics_port": free_port()}
+    listener = {"domain": "localhost", "tls": "internal", "bind_host": "127.0.0.1", "access_log": None, **ports,
+                **extra}
+    if scrape_routes is not None:
+        listener["scrape"] = ScrapeSite(free_port(), node_metrics.METRICS_KEY_ENV, scrape_routes)
+    return render_proxy_for(r, launch, release=RELEASE, **listener), listener
+
+
+def _caddy_samples(port: int) -> list:
+    return metrics_text.parse(_get(f"http://127.0.0.1:{port}/metrics")[1])
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy missing")
+def test_caddy_counts_the_tenants_requests_by_status_on_a_loopback_metrics_site_with_admin_off(tmp_path):
+    engine_text = "vllm:num_requests_running 0\n"
+    with exporter(lambda: engine_text) as engine_port:
+        rendered, listener = _loopback_proxy("h200-int4-vllm", engine_port, ready_port=free_port(),
+                                             ready_file=str(tmp_path / "ready"), drain_file=str(tmp_path / "draining"))
+        public = f"https://localhost:{listener['https_port']}"
+        with start_caddy(rendered.text, {"KIMI_API_KEY": API_KEY}, ready_url=f"{public}/v1/models") as caddy:
+            context = caddy.ssl_context()
+            local = f"http://127.0.0.1:{listener['local_port']}"
+            ready = f"http://127.0.0.1:{listener['ready_port']}/kimi-fleet/ready"
+            before = _codes(_caddy_samples(listener["metrics_port"]))
+            assert _get(f"{public}/v1/models", API_KEY, context)[0] == 404  # the fake answers 404 off /metrics
+            for _ in range(3):
+                assert _get(f"{public}/v1/models", "wrong-key-0123456789", context)[0] == 401
+            # The engine's /metrics are not a promised route: Caddy refuses them, key or not.
+            status, body = _get(f"{public}/metrics", API_KEY, context)
+            assert status == 404 and "vllm:" not in body and "no such route" in body
+            # Neither the node's own checks nor the load balancer's are the tenants' traffic.
+            for _ in range(4):
+                _get(f"{local}/v1/models", API_KEY)
+                assert _get(ready)[0] == 503
+            samples = _caddy_samples(listener["metrics_port"])
+            after = _codes(samples)
+            assert after.get("401", 0) - before.get("401", 0) == 3
+            assert after.get("404", 0) - before.get("404", 0) == 2
+            assert after.get("503", 0) - before.get("503", 0) == 0
+            servers = {labels[catalog.PROXY_METRICS.server_label] for name, labels, _ in samples
+                       if name == f"{catalog.PROXY_METRICS.request_duration}_count"}
+            assert len(servers) == 1, servers  # the public site's server only
+            # The metrics site serves /metrics only, and the admin API is off.
+            assert _get(f"http://127.0.0.1:{listener['metrics_port']}/other")[0] == 404
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", 2019), timeout=1).close()
+            assert rendered.facts["metricsSite"]["bind"] == "127.0.0.1" and rendered.facts["adminOff"] is True
+            # Draining: the ready listener answers 503 whatever the ready file says.
+            (tmp_path / "ready").write_text(RELEASE + "\n")
+            assert _get(ready) == (200, RELEASE + "\n")
+            (tmp_path / "draining").write_text("1\n")
+            assert _get(ready) == (503, "draining")
+
+
+def _codes(samples) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for name, labels, value in samples:
+        if name == f"{catalog.PROXY_METRICS.request_duration}_count":
+            counts[labels[catalog.PROXY_METRICS.code_label]] = counts.get(labels[catalog.PROXY_METRICS.code_label], 0) + value
+    return counts
+
+
+# --- the host's scrape endpoint ---------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy missing")
+def test_the_host_scrape_endpoint_serves_each_exporter_behind_its_own_key_and_nothing_else(tmp_path):
+    root = tmp_path / "root"
+    _node_root(root, "rtxpro6000-int4-sglang")
+    engine_text = "sglang:num_running_reqs 2\nsglang:generation_tokens_total 40\n"
+    with exporter(lambda: engine_text) as engine_port, node_state_exporter(root) as node_url:
+        node_port = int(node_url.rsplit(":", 1)[1].split("/")[0])
+        routes = {"/metrics/kimi-engine/0": engine_port, "/metrics/kimi-node": node_port}
+        rendered, listener = _loopback_proxy("rtxpro6000-int4-sglang", engine_port, scrape_routes=routes)
+        scrape = listener["scrape"]
+        assert scrape.routes == routes
+        base = f"https://localhost:{scrape.port}"
+        env = {"KIMI_API_KEY": API_KEY, node_metrics.METRICS_KEY_ENV: METRICS_KEY}
+        with start_caddy(rendered.text, env, ready_url=f"{base}/metrics/kimi-node") as caddy:
+            context = caddy.ssl_context()
+            status, body = _get(f"{base}/metrics/kimi-engine/0", METRICS_KEY, context)
+            assert status == 200 and "sglang:num_running_reqs 2" in body
+            status, body = _get(f"{base}/metrics/kimi-node", METRICS_KEY, context)
+            assert status == 200 and "kimi_fleet_node_admitted 0" in body
+            # No key, a wrong key, or the tenants' key: 401; another path: 404 (never an exporter's other routes).
+            for key in (None, "wrong-key-0123456789", API_KEY):
+                assert _get(f"{base}/metrics/kimi-node", key, context)[0] == 401
+            for path in ("/metrics/kimi-gpu", "/metrics", "/v1/models", "/metrics/kimi-node/../kimi-engine/0x"):
+                assert _get(f"{base}{path}", METRICS_KEY, context)[0] == 404, path
+            # ... and the scrape key opens nothing of the tenants' API.
+            assert _get(f"https://localhost:{listener['https_port']}/v1/models", METRICS_KEY, context)[0] == 401
+    facts = rendered.facts["scrapeSite"]
+    assert facts["keyRequired"] and facts["keyEnv"] == node_metrics.METRICS_KEY_ENV
+    assert set(facts["upstreams"]) == {f"127.0.0.1:{engine_port}", f"127.0.0.1:{node_port}"}
+
+
+def test_a_host_scrapes_every_exporter_and_an_aws_node_serves_none():
+    host = resolved("rtxpro6000-int4-sglang")
+    facts = render_proxy_for(host, render_launch(host), release=RELEASE).facts["scrapeSite"]
+    assert facts["address"] == f"{host.spec.domain}:{node_metrics.HOST_METRICS_PORT}"
+    assert {r["path"] for r in facts["proxiedRoutes"]} == {
+        "/metrics/kimi-engine/0", "/metrics/kimi-gpu", "/metrics/kimi-proxy", "/metrics/kimi-node"}
+    assert set(facts["upstreams"]) == {f"127.0.0.1:{p}" for p in (
+        render_launch(host).instances[0].port, observability.GPU_EXPORTER_PORT, observability.PROXY_METRICS_PORT,
+        observability.NODE_STATE_PORT)}
+    aws = resolved("h200-int4-vllm")
+    assert "scrapeSite" not in render_proxy_for(aws, render_launch(aws), release=RELEASE).facts
+    assert "METRICS_KEY_FILE=\n" in files_of("h200-int4-vllm")["/etc/kimi-fleet/node.env"].content
+    # Failed scrape keys are banned like failed API keys (same access log, the scrape port too).
+    jail = files_of("rtxpro6000-int4-sglang")[node_guard.FAIL2BAN_JAIL_PATH].content
+    assert f"443,{node_metrics.HOST_METRICS_PORT}" in jail
+
+
+# --- out of reach from outside ------------------------------------------------------------------
+
+from tests.test_node_guard import NETNS_UNAVAILABLE, _Namespaces  # noqa: E402
+
+
+@pytest.mark.skipif(NETNS_UNAVAILABLE is not None, reason=str(NETNS_UNAVAILABLE))
+def test_no_exporter_port_answers_from_another_host_with_or_without_the_firewall(tmp_path):
+    """In a server namespace: the node-state exporter and Caddy's metrics site as the node runs them
+    (both bind loopback), plus a stand-in listener on every interface at the GPU exporter's and an
+    engine's port; from a client namespace none of the exporter ports answers, and the host
+    firewall (when enabled) drops the stand-ins too."""
+    root = tmp_path / "root"
+    _node_root(root, "rtxpro6000-int4-sglang")
+    # The node's own metrics site, cut from its rendered Caddyfile (the public site would ask ACME).
+    text = render_proxy_for(resolved("rtxpro6000-int4-sglang"), render_launch(resolved("rtxpro6000-int4-sglang")),
+                            release=RELEASE).text
+    start = text.index(f"http://127.0.0.1:{observability.PROXY_METRICS_PORT} {{")
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text("{\n\tadmin off\n}\n" + text[start:text.index("\n}\n", start) + 3])
+    firewall = node_guard.render_firewall(enabled=True, ssh_port=22, ssh_allowlist=("10.77.0.2/32",), stack="s")
+    exporter_ports = [observability.PROXY_METRICS_PORT, observability.NODE_STATE_PORT]
+    with _Namespaces() as net:
+        net.listen([observability.GPU_EXPORTER_PORT, 30000])  # every interface: what only the firewall stops
+        node = subprocess.Popen(["ip", "netns", "exec", net.server, sys.executable,
+                                 str(NODE_SCRIPTS / "node_state_exporter.py"), "--port",
+                                 str(observability.NODE_STATE_PORT)], env={**os.environ, "KIMI_ROOT": str(root)},
+                                stderr=subprocess.DEVNULL)
+        caddy = subprocess.Popen(["ip", "netns", "exec", net.server, "caddy", "run", "--adapter", "caddyfile",
+                                  "--config", str(caddyfile)], env={**os.environ, "HOME": str(tmp_path)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            inside = ("import sys, urllib.request\n"
+                      "urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/metrics', timeout=2)\n")
+            assert all(wait_for(lambda p=p: subprocess.run(["ip", "netns", "exec", net.server, sys.executable, "-c",
+                                                            inside, str(p)], capture_output=True).returncode == 0, 15)
+                       for p in exporter_ports), "the exporters did not start on the node's loopback"
+            assert net.reachable("10.77.0.2", observability.GPU_EXPORTER_PORT)  # the stand-in, no firewall yet
+            for port in exporter_ports:
+                assert not net.reachable("10.77.0.2", port), port
+            net.apply(firewall, tmp_path / "firewall.nft")
+            for port in exporter_ports + [observability.GPU_EXPORTER_PORT, 30000]:
+                assert not net.reachable("10.77.0.2", port), port
+        finally:
+            for process in (node, caddy):
+                process.terminate()
+                process.wait(timeout=10)
+
