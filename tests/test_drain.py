@@ -1,0 +1,184 @@
+"""Drain before scale-in (issue 24, item 3, node side): the real drain script against IMDSv2 (fake,
+on loopback), an engine's /metrics and a stub `aws` that records its calls. A busy node is not let
+go while it generates, an idle one is let go at once, a stuck one at the drain timeout; the ready
+listener of the node's real Caddy answers 503 from the moment the drain begins."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet import node_metrics
+from tests.fakes.harness import free_port, start_caddy, wait_for
+from tests.fakes.imds import start_imds
+from tests.test_node_metrics import RELEASE, _loopback_proxy, _node_root, exporter
+
+DRAIN = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts" / "drain.py"
+STACK = "h200-int4-vllm"  # an AWS fleet (capacity.replicas 2)
+INSTANCE = "i-0123456789abcdef0"
+GROUP = "kimi-h200-int4-vllm-fleet"
+
+STUB_AWS = """#!{python}
+import json, sys
+open({calls!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["autoscaling", "describe-auto-scaling-instances"]:
+    print(json.dumps({{"AutoScalingInstances": [{{"InstanceId": {instance!r}, "AutoScalingGroupName": {group!r},
+                                                 "LifecycleState": "Terminating:Wait"}}]}}))
+"""
+
+
+def engine_metrics(load: dict) -> str:
+    return (f'vllm:num_requests_running{{engine="0"}} {load["running"]}\n'
+            f'vllm:num_requests_waiting{{engine="0"}} {load["waiting"]}\n'
+            f'vllm:generation_tokens_total{{engine="0"}} {load["tokens"]}\n')
+
+
+@contextmanager
+def drained_node(tmp_path: Path, load: dict, *, timeout_seconds: int | None = None):
+    """A fleet node's root (its rendered stack.json and node.env), its engine's /metrics, IMDS saying
+    InService, a stub aws; yields (metadata, root, calls file, start) where start() runs the drain."""
+    root = tmp_path / "root"
+    stack = _node_root(root, STACK)
+    assert stack["drain"] == {"file": node_metrics.DRAIN_FILE, "hook": node_metrics.DRAIN_HOOK,
+                              "timeout_seconds": stack["drain"]["timeout_seconds"]}
+    node_env = root / "etc/kimi-fleet/node.env"
+    planned = int(re.search(r"^DRAIN_TIMEOUT_SECONDS=(\d+)$", node_env.read_text(), re.M).group(1))
+    assert planned == stack["drain"]["timeout_seconds"] > 0
+    if timeout_seconds is not None:
+        node_env.write_text(node_env.read_text().replace(f"DRAIN_TIMEOUT_SECONDS={planned}",
+                                                         f"DRAIN_TIMEOUT_SECONDS={timeout_seconds}"))
+    calls, bin_dir = tmp_path / "aws-calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text(STUB_AWS.format(python=sys.executable, calls=str(calls), instance=INSTANCE,
+                                                 group=GROUP))
+    (bin_dir / "aws").chmod(0o755)
+    metadata = {"instance-id": INSTANCE, "autoscaling/target-lifecycle-state": "InService"}
+    processes = []
+    with exporter(lambda: engine_metrics(load)) as port, start_imds(metadata) as imds:
+        stack["engines"][0]["port"] = port
+        (root / "etc/kimi-fleet/stack.json").write_text(json.dumps(stack))
+        env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_DRAIN_POLL_SECONDS": "0.2"}
+
+        def start(*args: str) -> subprocess.Popen:
+            process = subprocess.Popen([sys.executable, str(DRAIN), *args], env=env, stderr=subprocess.PIPE, text=True)
+            processes.append(process)
+            return process
+
+        try:
+            yield metadata, root, calls, start
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                process.wait(timeout=10)
+
+
+def completions(calls: Path) -> list[list[str]]:
+    if not calls.exists():
+        return []
+    return [c for c in map(json.loads, calls.read_text().splitlines()) if c[:2] == ["autoscaling",
+                                                                                  "complete-lifecycle-action"]]
+
+
+def _expected_completion() -> list[str]:
+    return ["autoscaling", "complete-lifecycle-action", "--auto-scaling-group-name", GROUP, "--lifecycle-hook-name",
+            node_metrics.DRAIN_HOOK, "--instance-id", INSTANCE, "--lifecycle-action-result", "CONTINUE",
+            "--region", "us-east-1"]
+
+
+def _ready(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy missing")
+def test_a_busy_node_is_not_terminated_while_it_generates(tmp_path):
+    load = {"running": 2, "waiting": 1, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        ready_file, drain_file = root / "run/kimi-fleet/ready", root / node_metrics.DRAIN_FILE.lstrip("/")
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.write_text(RELEASE + "\n")
+        rendered, listener = _loopback_proxy(STACK, free_port(), ready_port=free_port(), ready_file=str(ready_file),
+                                             drain_file=str(drain_file))
+        ready = f"http://127.0.0.1:{listener['ready_port']}/kimi-fleet/ready"
+        with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"}):
+            drain = start()
+            time.sleep(1)  # a few polls in service: nothing happens
+            assert _ready(ready) == (200, RELEASE + "\n") and not drain_file.exists() and not calls.exists()
+            metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+            assert wait_for(drain_file.exists, 10)
+            assert _ready(ready) == (503, "draining")  # the load balancer takes it out of rotation
+            time.sleep(1.5)  # generating: still here
+            load.update(running=1, waiting=0, tokens=400)
+            time.sleep(1)
+            assert completions(calls) == [] and drain.poll() is None
+            load.update(running=0, waiting=0)
+            assert wait_for(lambda: drain.poll() is not None, 10)
+    assert drain.returncode == 0
+    assert completions(calls) == [_expected_completion()]
+    assert "drained after" in drain.stderr.read()
+
+
+def test_an_idle_node_completes_at_once(tmp_path):
+    load = {"running": 0, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+        began = time.monotonic()
+        drain = start()
+        assert wait_for(lambda: drain.poll() is not None, 15)
+        assert time.monotonic() - began < 10 and drain.returncode == 0
+        assert completions(calls) == [_expected_completion()]
+        # Done is done: a restarted drain does not complete the hook again.
+        again = start("--once")
+        assert again.wait(timeout=30) == 0 and len(completions(calls)) == 1
+
+
+def test_a_stuck_node_completes_at_the_drain_timeout(tmp_path):
+    load = {"running": 1, "waiting": 3, "tokens": 100}  # never finishes
+    with drained_node(tmp_path, load, timeout_seconds=3) as (metadata, root, calls, start):
+        metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+        began = time.monotonic()
+        drain = start()
+        assert wait_for(lambda: drain.poll() is not None, 20)
+        assert time.monotonic() - began >= 3
+        assert completions(calls) == [_expected_completion()]
+        assert re.search(r"drain timeout: \d+ s of 3 s and still engine 0: 1 running, 3 waiting", drain.stderr.read())
+
+
+def test_an_engine_that_does_not_answer_is_not_taken_for_idle(tmp_path):
+    load = {"running": 0, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load, timeout_seconds=60) as (metadata, root, calls, start):
+        stack_json = root / "etc/kimi-fleet/stack.json"
+        stack = json.loads(stack_json.read_text())
+        stack["engines"][0]["port"] = free_port()  # nothing listens there
+        stack_json.write_text(json.dumps(stack))
+        metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+        once = start("--once")
+        assert once.wait(timeout=30) == 0
+        assert completions(calls) == [] and (root / node_metrics.DRAIN_FILE.lstrip("/")).exists()
+        assert "engine 0: /metrics do not answer" in once.stderr.read()
+
+
+def test_a_node_outside_a_fleet_has_nothing_to_drain(tmp_path):
+    root = tmp_path / "root"
+    stack = _node_root(root, "h200-int4-sglang")  # a single AWS node: no group scales it in
+    assert stack["drain"] is None
+    assert "DRAIN_TIMEOUT_SECONDS=\n" in (root / "etc/kimi-fleet/node.env").read_text()
+    result = subprocess.run([sys.executable, str(DRAIN)], env={**os.environ, "KIMI_ROOT": str(root)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "nothing to drain" in result.stderr
