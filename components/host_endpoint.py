@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
+import pulumi_random as random
 from pulumi_command import remote
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
 from components.node_secrets import checked_api_key, checked_previous_api_key
-from kimi_fleet import node_files
+from kimi_fleet import node_files, node_metrics
 from kimi_fleet.node_files import SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
 
@@ -37,6 +38,8 @@ HOST_INCOMING_SECRETS = "/var/lib/kimi-fleet/incoming-secrets"
 #: (each the warm start and the node's own admission deadline plus the applier's margins:
 #: apply_release.admission_budget), and the new images' pulls while the old release serves.
 APPLY_MARGIN_SECONDS = 2 * (600 + 4 * 60) + 1800
+#: The scrape endpoint's key: as long as the generated API key, letters and digits (Caddy's key rule).
+METRICS_KEY_LENGTH = 48
 
 
 @dataclass
@@ -93,12 +96,26 @@ class HostEndpoint(pulumi.ComponentResource):
     hourly_cost_usd: pulumi.Output[float | None]
     #: The cloud-config to paste into a startup-script-only cloud; None on an SSH host.
     user_data: str | None
+    #: The scrape endpoint (a stack output): https://<domain>:9443/metrics/ then <job> (kimi-engine/<i>,
+    #: kimi-gpu, kimi-proxy, kimi-node), behind `metrics_key` as a Bearer token. No dashboard here.
+    metrics_location: str
+    dashboard_url: None
+    #: The scrape endpoint's own key (secret). A startup-script host gets it by hand at
+    #: /etc/kimi-fleet/secrets/metrics-key (mode 600); until then the endpoint refuses every scrape.
+    metrics_key: pulumi.Output[str]
 
     def __init__(self, name: str, args: HostEndpointArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:host:HostEndpoint", name, None, opts)
         r, sizing, launch = args.resolved, args.sizing, args.launch
         host_spec = r.spec.target.host
         child = pulumi.ResourceOptions(parent=self)
+
+        # The scrape endpoint: a site of the host's own Caddy on its own port and key (node_metrics.py).
+        # The host spec names no private address to bind it to; a key works wherever the host is.
+        self.metrics_location = node_metrics.scrape_location(r.spec.domain)
+        self.dashboard_url = None
+        self.metrics_key = pulumi.Output.secret(random.RandomPassword(
+            f"{name}-metrics-key", length=METRICS_KEY_LENGTH, special=False, opts=child).result)
 
         release = node_files.node_release(r, launch, sizing)
         self.proxy = AuthProxy(
@@ -125,7 +142,8 @@ class HostEndpoint(pulumi.ComponentResource):
             hourly = None  # a machine you own: no hourly price here
 
         publish_endpoint(self, domain=r.spec.domain, node_ids=node_ids, market=r.spec.capacity.effective_market,
-                         hourly_cost_usd=hourly)
+                         hourly_cost_usd=hourly, extra={"metrics_location": self.metrics_location,
+                                                        "metrics_key": self.metrics_key})
 
     def _deploy_over_ssh(self, name: str, args: HostEndpointArgs, child: pulumi.ResourceOptions) -> pulumi.Input[str]:
         r, sizing, launch = args.resolved, args.sizing, args.launch
@@ -154,6 +172,8 @@ class HostEndpoint(pulumi.ComponentResource):
         secret_values = {"api-key": (secrets.api_key_file, pulumi.Output.from_input(args.api_key).apply(checked_api_key))}
         if args.hf_token is not None:
             secret_values["hf-token"] = (secrets.hf_token_file, args.hf_token)
+        # The scrape endpoint's key, its own secret file (Caddy reads it as METRICS_KEY_ENV).
+        secret_values["metrics-key"] = (node_metrics.METRICS_KEY_FILE, self.metrics_key)
         if args.previous_api_key is not None:  # a rotation's overlap; removed with it (the delete below)
             secret_values["api-key-previous"] = (node_files.PREVIOUS_API_KEY_FILE,
                                                  pulumi.Output.from_input(args.previous_api_key).apply(checked_previous_api_key))
@@ -225,9 +245,10 @@ class HostEndpoint(pulumi.ComponentResource):
             # release does not admit itself; the previous release then serves again.
             create=digest.apply(lambda d: host_apply_command(d, seconds)),
             # A rotated secret re-runs it too (Caddy restarts on a new key); the digest stays secret.
+            # The scrape key is generated once and never rotated: its copy is a dependency, no trigger.
             triggers=[digest] + [
                 pulumi.Output.secret(value).apply(lambda v: hashlib.sha256(v.encode()).hexdigest())
-                for _, value in secret_values.values()
+                for label, (_, value) in secret_values.items() if label != "metrics-key"
             ],
             opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
                 depends_on=[packages, applier, bundle_copy, *copies, *cleanups],
