@@ -170,3 +170,60 @@ def test_what_it_absorbs_names_the_time_to_ready_the_replicas_running_and_the_dr
                              "min_replicas": 0})
     assert batch.scales_to_zero and (f"at 0 replicas nothing answers: the first request of a batch waits a whole "
                                      f"time to ready (about {minutes})") in batch.what_it_absorbs()
+
+
+# --- scripts/bench_autoscale.py: a benchmark; here only proof that it runs and replays what it says ---
+
+
+def bench():
+    import sys
+
+    from kimi_fleet.stackfile import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    import bench_autoscale
+
+    return bench_autoscale
+
+
+def test_the_benchmarks_trace_is_the_seeds_and_follows_its_profile():
+    b = bench()
+    trace = b.build_trace(24, replica_rate_per_second=1.0, minutes=60)
+    assert trace == b.build_trace(24, 1.0, 60) != b.build_trace(25, 1.0, 60)
+    assert trace == sorted(trace) and all(0 <= t < 3600 for t in trace)
+    per_minute = [sum(1 for t in trace if m * 60 <= t < (m + 1) * 60) for m in range(60)]
+    quiet, spike = sum(per_minute[5:15]) / 10, sum(per_minute[20:23]) / 3  # 0.5 and 3.0 replicas' worth
+    assert 15 < quiet < 45 and 150 < spike < 210, (quiet, spike)
+
+
+def test_the_benchmark_runs_against_fake_engines_and_counts_the_late_requests(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from kimi_fleet.stackfile import PROJECT_ROOT
+
+    trace = tmp_path / "trace.json"
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_autoscale.py"), "--minutes", "30", "--time-scale", "600",
+         "--max-replicas", "3", "--print-every", "1", "--save-trace", str(trace), "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    saved = json.loads(trace.read_text())
+    assert summary["requests"] == len(saved["arrivals"]) > 0 and saved["seed"] == 24
+    assert summary["answered"] == summary["requests"]  # nothing drains in 30 minutes: every request is served
+    assert 0 <= summary["waited_longer_than_objective"] <= summary["requests"]
+    assert summary["time_scale"] == 600 and summary["objective_seconds"] == 10
+    rows = summary["timeline"]
+    assert rows and all(1 <= row["asked"] <= 3 for row in rows)
+    # The spike at minute 20 asks for more replicas than the one the stack starts with; none serves
+    # before the warm-up is over.
+    # The load soon asks for more replicas than the one the stack starts with; none serves before the
+    # warm-up is over (rows are a real minute apart: the ask may be up to a minute older than its row).
+    asked_at = next(row["minute"] for row in rows if row["asked"] > 1)
+    warmup_ends = asked_at - 1 + summary["warmup_seconds"] / 60
+    assert all(row["serving"] == 1 for row in rows if row["minute"] < warmup_ends)
+    assert any(row["serving"] > 1 for row in rows if row["minute"] >= warmup_ends) or rows[-1]["minute"] < warmup_ends + 1
+    assert "waited longer than the 10 s TTFT objective" in result.stdout
+    assert "time scale 1 s of benchmark = 600 s of real time" in result.stdout
