@@ -209,8 +209,10 @@ class ObservedNode:
 
 
 @contextmanager
-def observed_node(stack: str, workdir: Path, *, max_running: int = 2, scrape_interval: str = "1s") -> Iterator[ObservedNode]:
-    """Everything up and every target scraped once (up == 1) before it yields."""
+def observed_node(stack: str, workdir: Path, *, max_running: int = 2, scrape_interval: str = "1s",
+                  hang_file: Path | None = None) -> Iterator[ObservedNode]:
+    """Everything up and every target scraped once (up == 1) before it yields. While `hang_file`
+    exists, the engines' new generations hang (running, no token: a stalled engine)."""
     spec = load_stack_config(stack_file(stack)).spec()
     r = Resolved(spec)
     engine = spec.engine.name
@@ -220,7 +222,8 @@ def observed_node(stack: str, workdir: Path, *, max_running: int = 2, scrape_int
         # One fake engine per engine target; `max_running` requests generate at once, the rest queue.
         fakes = [context.enter_context(start_fake_engine(
             "good", engine, chunk_delay=0.02, options=("--max-running", str(max_running), "--first-token-delay", "0.05",
-                                                       "--kv-capacity-tokens", "2048")))
+                                                       "--kv-capacity-tokens", "2048",
+                                                       *(("--hang-file", str(hang_file)) if hang_file else ()))))
             for _ in engine_targets]
         proxy_port, metrics_port = free_port(), free_port()
         context.enter_context(start_caddy(caddyfile(proxy_port, metrics_port, [f.upstream for f in fakes]),
