@@ -319,3 +319,20 @@ def test_the_script_writes_the_three_artifacts_and_refuses_a_refused_stack(tmp_p
     assert script.main(["ascend-a3-w4a8-sglang", "--out", str(tmp_path / "refused")]) == 2
     assert "model.revision" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("engine, flag", [("vllm", "--disable-log-stats"), ("sglang", "--enable-metrics")])
+def test_the_flag_that_switches_the_metrics_is_in_every_pinned_parser(engine, flag):
+    """enabled_by names a real option of each pinned release (the parsers' manifests, read from the
+    engines by scripts/engine_flags.py), and SGLang's argv passes its switch."""
+    from kimi_fleet.engines.flags import load_manifest
+    assert flag in catalog.ENGINE_METRICS[engine].enabled_by
+    releases = {i.package_version or i.version for i in catalog.ENGINE_IMAGES.values() if i.engine == engine}
+    manifests = {release: load_manifest(engine, release) for release in releases}
+    checked = [release for release, manifest in manifests.items() if manifest is not None]
+    assert checked, releases
+    for release in checked:
+        assert flag in manifests[release]["options"], (engine, release)
+    stack = next(s for s in PLANNED_STACKS if spec_of(s).engine.name == engine)
+    argv = render_launch(Resolved(spec_of(stack))).instances[0].argv
+    assert (flag in argv) == (engine == "sglang")
