@@ -280,7 +280,11 @@ class CloudWatchAlarm:
     """The CloudWatch twin of a Prometheus rule, on a metric the node publishes (namespace
     CLOUDWATCH_NAMESPACE, dimensions Stack and Replica): same threshold, same span."""
     metric: str
-    statistic: str  # Average | Sum | Minimum | Maximum
+    #: Average | Sum | Minimum | Maximum. The alarms read the stack-level series (a fleet's replica ids
+    #: are the instances AWS picks later), where a period holds one datum per replica: a rule that
+    #: holds per replica takes the extreme that any one replica reaches (Maximum of a bad value,
+    #: Minimum of a good one), never the Average, which one healthy replica would dilute.
+    statistic: str
     comparison: str  # a CloudWatch ComparisonOperator
     threshold: float
     period_seconds: int
@@ -345,7 +349,7 @@ def alert_rules(spec) -> list[AlertRule]:
               " >= 1"),
             stalled, 1, "critical",
             f"an engine has requests running and generated no token for {stalled} minutes",
-            CloudWatchAlarm("EngineStalled", "Minimum", "GreaterThanOrEqualToThreshold", 1, 60, stalled)),
+            CloudWatchAlarm("EngineStalled", "Maximum", "GreaterThanOrEqualToThreshold", 1, 60, stalled)),
         AlertRule(
             "KimiQueueGrowing",
             q(f"(sum {_PER_ENGINE} ({{waiting}}) > 0) and on ({STACK_LABEL}, {REPLICA_LABEL}, instance) "
@@ -374,14 +378,14 @@ def alert_rules(spec) -> list[AlertRule]:
               f"sum {_PER_REPLICA} (rate({{proxy_requests}}[{w}m])) > {_number(m.error_ratio)}"),
             w, m.error_ratio, "critical",
             f"more than {m.error_ratio:.0%} of the requests answered 5xx",
-            CloudWatchAlarm("Proxy5xxRatio", "Average", "GreaterThanThreshold", m.error_ratio, 60, w)),
+            CloudWatchAlarm("Proxy5xxRatio", "Maximum", "GreaterThanThreshold", m.error_ratio, 60, w)),
         AlertRule(
             "KimiProxyUnauthorized",
             q(f'sum {_PER_REPLICA} (rate({{proxy_requests|code="401"}}[{w}m])) > {_number(m.unauthorized_per_second)}'),
             w, m.unauthorized_per_second, "warning",
             f"more than {_number(m.unauthorized_per_second)} requests per second refused for a wrong or missing key "
             "(an old key still in use, or a scan)",
-            CloudWatchAlarm("Proxy401PerSecond", "Average", "GreaterThanThreshold", m.unauthorized_per_second, 60, w)),
+            CloudWatchAlarm("Proxy401PerSecond", "Maximum", "GreaterThanThreshold", m.unauthorized_per_second, 60, w)),
         AlertRule(
             "KimiGpuXidErrors",
             q(f"sum by ({STACK_LABEL}, {REPLICA_LABEL}, gpu) ({{DCGM_EXP_XID_ERRORS_COUNT}}) > 0"),
@@ -393,7 +397,7 @@ def alert_rules(spec) -> list[AlertRule]:
             q(f"min {_PER_REPLICA} ({{{NODE_ADMITTED}}}) == 0"),
             NOT_ADMITTED_MINUTES, 0, "warning",
             f"a node has not been admitted (self-verification not passed) for {NOT_ADMITTED_MINUTES} minutes",
-            CloudWatchAlarm("NodeAdmitted", "Maximum", "LessThanOrEqualToThreshold", 0, 300,
+            CloudWatchAlarm("NodeAdmitted", "Minimum", "LessThanOrEqualToThreshold", 0, 300,
                             NOT_ADMITTED_MINUTES // 5)),
         AlertRule(
             "KimiGateFailed",

@@ -336,3 +336,19 @@ def test_the_flag_that_switches_the_metrics_is_in_every_pinned_parser(engine, fl
     stack = next(s for s in PLANNED_STACKS if spec_of(s).engine.name == engine)
     argv = render_launch(Resolved(spec_of(stack))).instances[0].argv
     assert (flag in argv) == (engine == "sglang")
+
+
+def test_cloudwatch_twins_of_per_replica_rules_take_the_extreme_not_the_mean():
+    """The alarms read the stack-level series, one datum per replica per period: a rule that holds
+    per replica must fire when one replica is bad, so its twin takes Maximum of a bad value or
+    Minimum of a good one. An Average would let one healthy replica hide a stalled one."""
+    from kimi_fleet.observability import alert_rules
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+    spec = load_stack_config(stack_file("h200-int4-vllm")).spec()
+    twins = {r.name: r.cloudwatch for r in alert_rules(spec)}
+    assert twins["KimiEngineStalled"].statistic == "Maximum"
+    assert twins["KimiProxyUnauthorized"].statistic == "Maximum"
+    assert twins["KimiProxy5xxRatio"].statistic == "Maximum"
+    assert twins["KimiNodeNotAdmitted"].statistic == "Minimum"
+    assert twins["KimiGateFailed"].statistic == "Minimum"
+    assert all(t.statistic != "Average" for name, t in twins.items() if name != "KimiQueueGrowing")
