@@ -263,10 +263,12 @@ class Scaler:
     last_change: float = -math.inf
     asks: list[tuple[float, int]] = field(default_factory=list)
 
-    def step(self, now: float, value: float, current: int) -> int:
+    def step(self, now: float, value: float, current: int, floor: int = 0) -> int:
+        """`floor`: a lower bound on the ask from another metric (the HPA takes the largest ask of its
+        metrics; a group with two target-tracking policies scales in only when both agree)."""
         if self.last_change == -math.inf:  # the deploy itself is the first change: no scale-in before a window
             self.last_change = now
-        ask = desired_replicas(self.policy, value, current)
+        ask = min(self.policy.max_replicas, max(desired_replicas(self.policy, value, current), floor))
         window = self.policy.scale_in_cooldown_seconds
         self.asks = [(t, a) for t, a in self.asks if now - t < window] + [(now, ask)]
         if ask > current:

@@ -300,6 +300,10 @@ def print_scaling(p: dict) -> None:
           f"{_money(c['fleet_usd_per_hour'])}/h and $/M are at the {c['replicas']} replica(s) a first deploy starts with)")
     for line in p.get("scaling_lines") or []:
         print(f"    {line}")
+    if policy["target"] == "aws":  # components/fleet_scaling.py: EC2 target tracking takes no cooldowns
+        print(f"    on AWS the group's target tracking counts replicas still warming up for "
+              f"{_min(policy['instance_warmup_seconds'])} min (no second launch for one spike) and scales in by "
+              "AWS's own managed low alarm, not by the window above: a lull shorter than it may remove a replica")
 
 
 def throughput_lines(c: dict) -> list[str]:

@@ -157,6 +157,18 @@ def test_the_scaler_keeps_replicas_through_a_lull_shorter_than_the_scale_in_cool
     assert scaler.step(0, 8, 1) == 2 and scaler.step(30, 16, 2) == 2 and scaler.step(60, 16, 2) == 4
 
 
+def test_a_floor_from_another_metric_holds_replicas_the_queue_would_give_up():
+    """An empty queue with every slot busy: the queue alone asks for the bottom of the range; a second
+    metric (the requests running over the per-replica concurrency) keeps the replicas they fill."""
+    p = _policy(scale_in_cooldown_seconds=600)
+    alone, guarded, kept, held = Scaler(p), Scaler(p), 4, 4
+    for minute in range(0, 12):
+        kept = alone.step(minute * 60, 0, kept)
+        held = guarded.step(minute * 60, 0, held, floor=math.ceil(50 / p.replica_concurrency))
+    assert kept == 1 and held == 4
+    assert Scaler(p).step(0, 0, 1, floor=20) == p.max_replicas  # never above the range
+
+
 def test_what_it_absorbs_names_the_time_to_ready_the_replicas_running_and_the_drain():
     p = policy_of(variant("h200-int4-sglang", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 3}))
     text = p.what_it_absorbs()
