@@ -414,7 +414,10 @@ def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]
     sites = _items(_get(proxy, "sites"))
     if not sites:
         messages.append("the proxy describes no site.")
-    for site in sites:
+    # A host's scrape endpoint is a keyed site of its own (its own key, the loopback exporters): held
+    # to the same rules as the tenants' sites.
+    scrape = _get(proxy, "scrapeSite")
+    for site in sites + ([scrape] if _is_map(scrape) else []):
         label = str(_get(site, "address", default="?"))
         upstreams = [str(u) for u in _items(_get(site, "upstreams"))]
         keyed = _get(site, "keyRequired") is True and bool(_get(site, "keyEnv"))
@@ -437,6 +440,13 @@ def validate_proxy_requires_key(resource_type: str, props: Mapping) -> list[str]
             if upstreams or not (isinstance(served, str) and _RUNTIME_FILE.match(served)):
                 messages.append(f"site {label!r} route {path!r} serves without the key: only one file under /run "
                                 "may, from a site that proxies nothing.")
+    metrics = _get(proxy, "metricsSite")
+    if metrics is not None:
+        # Caddy's own metrics have no key: only a loopback-bound site may serve them.
+        if not _is_map(metrics) or _get(metrics, "bind") not in ("127.0.0.1", "::1", "localhost") or \
+                _items(_get(metrics, "upstreams")):
+            messages.append(f"the proxy's metrics site {_get(metrics, 'address', default='?')!r} must bind loopback and "
+                            "proxy nothing: it serves without a key.")
     return messages
 
 

@@ -198,6 +198,30 @@ class TestProxyRequiresKey:
         proxy["sites"][0]["routes"][0]["servesFile"] = "/run/kimi-fleet/status.json"
         assert any("serves without the key" in m for m in self.check(proxy))
 
+    @staticmethod
+    def host_proxy() -> dict:
+        """A host's proxy: the tenants' sites plus its scrape endpoint and Caddy's loopback metrics site."""
+        from kimi_fleet.launch import render_launch
+        from kimi_fleet.node_files import render_proxy_for
+        from kimi_fleet.resolve import Resolved
+        from kimi_fleet.stackfile import load_stack_config, stack_file
+        host = Resolved(load_stack_config(stack_file("rtxpro6000-int4-sglang")).spec())
+        return render_proxy_for(host, render_launch(host), release="0123456789abcdef").facts
+
+    def test_a_hosts_scrape_and_metrics_sites_are_held_to_the_same_rules(self):
+        proxy = self.host_proxy()
+        assert "scrapeSite" in proxy and "metricsSite" in proxy
+        assert self.check(proxy) == []
+        keyless = self.host_proxy()
+        keyless["scrapeSite"]["keyRequired"] = False
+        assert any("without requiring the Bearer key" in m for m in self.check(keyless))
+        lan = self.host_proxy()
+        lan["scrapeSite"]["upstreams"] = ["10.0.0.5:9400"]
+        assert any("10.0.0.5:9400" in m for m in self.check(lan))
+        public_metrics = self.host_proxy()
+        public_metrics["metricsSite"]["bind"] = "0.0.0.0"
+        assert any("metrics site" in m for m in self.check(public_metrics))
+
     def test_missing_facts_or_sites_violate(self):
         assert v.validate_proxy_requires_key(v.AUTH_PROXY, {"caddyfile": "x"})
         assert self.check({"adminOff": True, "sites": []})
