@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import cloudwatch, observability
+from kimi_fleet import cloudwatch, node_files, observability
 from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
 from kimi_fleet.replacement import replacements
@@ -325,7 +325,8 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     (drain,) = [h["inputs"] for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
     assert drain["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
     assert drain["defaultResult"] == "CONTINUE"
-    assert drain["heartbeatTimeout"] == policy.drain_timeout_seconds
+    # The hook holds a replica exactly as long as its node is told to drain (node.env).
+    assert drain["heartbeatTimeout"] == policy.drain_timeout_seconds == node_files.drain_timeout_seconds(r, size(r))
     assert drain["autoscalingGroupName"] == group["name"]
     for resource in run.resources:
         if resource["custom"] and resource["type"].startswith("aws:"):
