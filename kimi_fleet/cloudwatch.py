@@ -38,7 +38,9 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def dashboard_name(stack: str) -> str:
-    """The dashboard's name: letters, digits, - and _ only (PutDashboard: DashboardName)."""
+    """The dashboard's name: letters, digits, - and _ only (PutDashboard: DashboardName). Dashboards
+    are global to the account, not regional (CloudFormation's AWS::CloudWatch::Dashboard): the name
+    carries the stack's, unique in the project, and each widget names its region."""
     name = f"kimi-fleet-{stack}"
     if not _NAME.fullmatch(name):
         raise ValueError(f"dashboard name {name!r}: letters, digits, - and _ only, at most 255")
