@@ -85,10 +85,11 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
 
 
 def _engine_serves_metrics(argv: tuple[str, ...]) -> bool:
-    """A vLLM worker rank (--headless) runs no API server, so no /metrics; SGLang's worker ranks
-    serve a dummy server with the scheduler metrics (entrypoints/engine.py:812-829 in 0.5.12.post1)."""
-    worker_flag = catalog.MULTI_NODE["vllm"].worker_flag
-    return worker_flag not in argv
+    """A worker rank started with its engine's worker flag (vLLM's --headless) runs no API server,
+    so no /metrics; SGLang's worker ranks serve a dummy server with the scheduler metrics
+    (entrypoints/engine.py:812-829 in 0.5.12.post1) and have no such flag."""
+    worker_flags = {m.worker_flag for m in catalog.MULTI_NODE.values() if m.worker_flag}
+    return not worker_flags.intersection(argv)
 
 
 def _vendor_of(launch: Launch) -> str:
@@ -166,9 +167,18 @@ def _selector(stack: str | None, extra: str = "") -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
+def engine_metric_names(engine: str) -> catalog.EngineMetricNames:
+    """The engine's metric names; an engine registered without its catalog row is refused by name."""
+    try:
+        return catalog.ENGINE_METRICS[engine]
+    except KeyError:
+        raise ValueError(f"engine {engine!r} has no metric names in catalog.ENGINE_METRICS: its dashboards, alerts "
+                         "and scaling read them (add its row, from the engine's own source)") from None
+
+
 def promql_names(engine: str) -> dict[str, str]:
     """The placeholders panel and rule queries are written with, for one engine."""
-    e = catalog.ENGINE_METRICS[engine]
+    e = engine_metric_names(engine)
     p = catalog.PROXY_METRICS
     return {
         "generated": e.generated_tokens, "prompt": e.prompt_tokens, "running": e.running, "waiting": e.waiting,
