@@ -714,7 +714,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         files += [
             NodeFile(node_guard.FIREWALL_RULES_PATH, node_guard.render_firewall(
                 enabled=host.firewall, ssh_port=host.port, ssh_allowlist=host.ssh_allowlist, stack=r.spec.stack,
-            ), 0o644),
+                extra_public_ports=(node_metrics.HOST_METRICS_PORT,)), 0o644),
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]

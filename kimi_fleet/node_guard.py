@@ -75,12 +75,14 @@ def render_fail2ban_jail(*, log_path: str = ACCESS_LOG, policy: FailedKeyPolicy 
         PORTS=",".join(str(p) for p in ports))
 
 
-def render_firewall(*, enabled: bool, ssh_port: int, ssh_allowlist: tuple[str, ...], stack: str) -> str:
+def render_firewall(*, enabled: bool, ssh_port: int, ssh_allowlist: tuple[str, ...], stack: str,
+                    extra_public_ports: tuple[int, ...] = ()) -> str:
     """An nftables script that atomically replaces kimi-fleet's own table (declaring then deleting
     it makes the first run and every later run the same transaction). Enabled: HTTP(S) from
     anywhere, SSH only from the allowlist, established traffic, loopback, ICMP (neighbour discovery,
-    path MTU) and DHCP replies; everything else dropped. Disabled: the table is removed (opting out
-    undoes an opt-in)."""
+    path MTU) and DHCP replies; everything else dropped. `extra_public_ports`: more TCP ports open to
+    anyone, each a keyed TLS site of the proxy (a host's scrape endpoint). Disabled: the table is
+    removed (opting out undoes an opt-in)."""
     header = templates.render("firewall-header.nft", NFT=NFT, STACK=stack, TABLE=FIREWALL_TABLE)
     if not enabled:
         return header + f"# firewall: false (target.host.firewall): no {FIREWALL_TABLE} table\n"
@@ -92,7 +94,7 @@ def render_firewall(*, enabled: bool, ssh_port: int, ssh_allowlist: tuple[str, .
 
     return header + templates.render(
         "firewall-rules.nft", TABLE=FIREWALL_TABLE, V4_ELEMENTS=elements(4), V6_ELEMENTS=elements(6),
-        HTTP_PORT=HTTP_PORT, HTTPS_PORT=HTTPS_PORT, SSH_PORT=ssh_port)
+        PUBLIC_PORTS=", ".join(str(p) for p in (HTTP_PORT, HTTPS_PORT, *extra_public_ports)), SSH_PORT=ssh_port)
 
 
 FIREWALL_UNIT = templates.render("kimi-firewall.service", RULES=FIREWALL_RULES_PATH, NFT=NFT)

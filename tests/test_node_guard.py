@@ -153,6 +153,10 @@ def test_every_node_gets_the_jail_and_only_hosts_get_the_firewall():
         assert f"output file {node_guard.ACCESS_LOG}" in files["/etc/caddy/Caddyfile"].content
         assert (node_guard.FIREWALL_RULES_PATH in files) is host
         if host:
+            enabled = render_node_files(r.__class__(r.spec.model_copy(update={"target": r.spec.target.model_copy(
+                update={"host": r.spec.target.host.model_copy(update={"firewall": True})})})),
+                render_launch(r), size(r), secrets=SecretsSource("files"))[node_guard.FIREWALL_RULES_PATH].content
+            assert "tcp dport { 80, 443, 9443 } accept" in enabled  # the scrape endpoint's own port
             # Default off: the file only removes kimi-fleet's table (opting out undoes an opt-in).
             assert "policy drop" not in files[node_guard.FIREWALL_RULES_PATH].content
 
@@ -222,18 +226,19 @@ class _Namespaces:
 
 @needs_netns
 def test_host_firewall_admits_https_everywhere_and_ssh_only_from_the_allowlist(tmp_path):
-    ssh_port, engine_port, metrics_port = 2222, 30000, 9400
+    ssh_port, engine_port, metrics_port, scrape_port = 2222, 30000, 9400, 9443
+    # The host's scrape endpoint (a keyed TLS site of the proxy) is public like 443; the exporter is not.
     enabled = node_guard.render_firewall(enabled=True, ssh_port=ssh_port, ssh_allowlist=("10.77.0.2/32", "2001:db8::/64"),
-                                         stack="rtxpro6000-int4-sglang")
+                                         stack="rtxpro6000-int4-sglang", extra_public_ports=(scrape_port,))
     disabled = node_guard.render_firewall(enabled=False, ssh_port=ssh_port, ssh_allowlist=(), stack="rtxpro6000-int4-sglang")
-    ports = [80, 443, ssh_port, engine_port, metrics_port]
+    ports = [80, 443, ssh_port, engine_port, metrics_port, scrape_port]
     with _Namespaces() as net:
         net.listen(ports)
         assert all(net.reachable("10.77.0.3", port) for port in ports)  # no rules yet: everything open
         for _ in range(2):  # the first apply and a re-apply are the same transaction
             net.apply(enabled, tmp_path / "firewall.nft")
             assert net.reachable("10.77.0.2", 80) and net.reachable("10.77.0.2", 443)
-            assert net.reachable("10.77.0.3", 443)
+            assert net.reachable("10.77.0.3", 443) and net.reachable("10.77.0.3", scrape_port)
             assert net.reachable("10.77.0.2", ssh_port)
             assert not net.reachable("10.77.0.3", ssh_port)
             assert not net.reachable("10.77.0.2", engine_port) and not net.reachable("10.77.0.2", metrics_port)
