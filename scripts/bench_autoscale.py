@@ -22,6 +22,14 @@ than the scale-in cooldown, a second peak, then a long quiet end. Every request 
 workload's 1,024 output tokens (catalog.CHAT), generated at the per-user speed of a matching
 Kimi-K2.6 fact, else ASSUMED_TOKENS_PER_SECOND.
 
+What it counts at the end: requests whose first byte came later than the TTFT objective (the
+stack's monitoring.ttftP99Seconds, or the policy's own TTFT target), and of those the part the queue
+alone explains (arrival to a replica taking the request): the harness's own latency is multiplied by
+the time scale too, and the script prints how much that is. A real engine's prefill is not modelled.
+--running-guard compares a rule the stacks do not deploy: never fewer replicas than the running
+requests need (a second metric), against the queue alone, which gives up busy replicas whose queue
+is empty.
+
     .venv/bin/python scripts/bench_autoscale.py                          # h200-int4-sglang, 1-4 replicas, 4 waiting each
     .venv/bin/python scripts/bench_autoscale.py --stack h200-int4-vllm --ttft-p99-seconds 10
     .venv/bin/python scripts/bench_autoscale.py --minutes 60 --time-scale 600   # a quick look
@@ -36,6 +44,7 @@ import json
 import math
 import random
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -121,17 +130,20 @@ class Ticket:
 class Fleet:
     """Replicas (fake engines), each taking at most `concurrency` requests, and one FIFO queue."""
 
-    def __init__(self, concurrency: int, chunk_delay: float):
+    def __init__(self, concurrency: int, hold: float):
         self.concurrency = concurrency
-        self.chunk_delay = chunk_delay
+        self.hold = hold
         self.lock = threading.Condition()
         self.queue: deque[Ticket] = deque()
         self.replicas: list[Replica] = []
         self.launched = 0
 
     def launch(self, ready_at: float) -> Replica:
+        # The request holds its slot for its whole duration: the engine's role chunk at once, then one
+        # wait (--first-token-delay), then the rest of the reply (no per-token timer: the harness's own
+        # CPU would otherwise stretch every request on a busy machine).
         command = [sys.executable, str(FAKE_ENGINE), "--port", "0", "--model", MODEL, "--mode", "good",
-                   "--chunk-delay", f"{self.chunk_delay:.6f}"]
+                   "--chunk-delay", "0", "--first-token-delay", f"{self.hold:.6f}"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         replica = Replica(self.launched, process, ready_at=ready_at)
         self.launched += 1
@@ -268,16 +280,22 @@ def client(fleet: Fleet, ticket: Ticket, clock) -> None:
     fleet.release(replica)
 
 
-def frames_per_request(chunk_delay: float = 0.0) -> int:
-    """Data lines one benchmark request streams (calibration against a fake engine of its own)."""
-    fleet = Fleet(1, chunk_delay)
+def calibrate(rounds: int = 5) -> tuple[int, float]:
+    """(data lines one benchmark request streams, seconds it takes with no wait): against a fake engine
+    of its own, the median of a few requests. The overhead is taken off each request's modelled
+    duration, so a request lasts what it models on an idle machine (on a loaded one: printed)."""
+    fleet = Fleet(1, 0.0)
     try:
         replica = fleet.launch(0.0)
         fleet.wait_ports()
-        lines, finished = stream(replica.port, Ticket(0.0), time.monotonic)
-        if not finished:
-            raise RuntimeError("the calibration request did not finish")
-        return lines
+        timings = []
+        for _ in range(rounds):
+            started = time.monotonic()
+            lines, finished = stream(replica.port, Ticket(0.0), time.monotonic)
+            timings.append(time.monotonic() - started)
+            if not finished:
+                raise RuntimeError("the calibration request did not finish")
+        return lines, sorted(timings)[len(timings) // 2]
     finally:
         fleet.close()
 
@@ -349,9 +367,8 @@ def run(args) -> dict:
                                                      "replica_rate_per_second": replica_rate,
                                                      "arrivals": arrivals}) + "\n")
 
-    frames = frames_per_request()
-    # Tokens arrive evenly over the request's real duration, scaled down.
-    chunk_delay = request_seconds / scale / max(1, frames - 1)
+    frames, overhead = calibrate()
+    hold = max(0.0, request_seconds / scale - overhead)
     period = METRIC_PERIOD_SECONDS / scale
     out = sys.stdout
     print(f"stack {r.spec.stack}: {policy.min_replicas}-{policy.max_replicas} replicas following "
@@ -363,94 +380,105 @@ def run(args) -> dict:
     print(f"  each replica: a fake engine taking {policy.replica_concurrency} requests at once (the sizing's "
           f"full-context sequences per replica), each {output_tokens:,} tokens at {speed_basis} = "
           f"{request_seconds:.1f} s", file=out)
+    if args.running_guard:
+        print("  rule: the policy's, and never fewer replicas than the running requests need (--running-guard: "
+              "not what the stack deploys)", file=out)
     print(f"  load: {len(arrivals):,} requests over {args.minutes:g} min, {origin}; TTFT objective "
           f"{objective:g} s ({'the policy target' if policy.metric == 'ttft' else 'monitoring.ttftP99Seconds'})",
           file=out)
 
-    fleet = Fleet(policy.replica_concurrency, chunk_delay)
-    start_replicas = r.spec.capacity.replicas
-    for _ in range(start_replicas):
-        fleet.launch(0.0)
-    fleet.wait_ports()
-    scaler = Scaler(policy)
-    tickets: list[Ticket] = []
-    threads: list[threading.Thread] = []
-    t0 = time.monotonic()
+    fleet = Fleet(policy.replica_concurrency, hold)
+    try:
+        start_replicas = r.spec.capacity.replicas
+        for _ in range(start_replicas):
+            fleet.launch(0.0)
+        fleet.wait_ports()
+        scaler = Scaler(policy)
+        tickets: list[Ticket] = []
+        threads: list[threading.Thread] = []
+        t0 = time.monotonic()
 
-    def clock() -> float:
-        return time.monotonic() - t0
+        def clock() -> float:
+            return time.monotonic() - t0
 
-    def feeder() -> None:
-        for arrival in arrivals:
-            delay = arrival / scale - clock()
-            if delay > 0:
-                time.sleep(delay)
-            ticket = Ticket(clock())
-            tickets.append(ticket)
-            thread = threading.Thread(target=client, args=(fleet, ticket, clock), daemon=True)
-            threads.append(thread)
-            thread.start()
+        def feeder() -> None:
+            for arrival in arrivals:
+                delay = arrival / scale - clock()
+                if delay > 0:
+                    time.sleep(delay)
+                ticket = Ticket(clock())
+                tickets.append(ticket)
+                thread = threading.Thread(target=client, args=(fleet, ticket, clock), daemon=True)
+                threads.append(thread)
+                thread.start()
 
-    feed = threading.Thread(target=feeder, daemon=True)
-    feed.start()
-    end = args.minutes * 60 / scale
-    print(f"\n{'min':>5} {'arrivals':>8} {'queue':>6} {'running':>7} {'p99 TTFT':>9} {'asked':>5} {'serving':>7} "
-          f"{'starting':>8} {'draining':>8}", file=out)
-    samples: list[int] = []
-    asked = start_replicas
-    billed_usd = 0.0
-    last_print, printed_from, next_period = -math.inf, 0, period
-    timeline = []
-    tick = period / SAMPLES_PER_PERIOD
-    now = 0.0
-    while now < end or (fleet.counts()["queue"] or fleet.counts()["running"]) and now < end * 3:
-        time.sleep(tick)
-        now = clock()
-        fleet.tick(now)
-        c = fleet.counts()
-        samples.append(c["queue"])
-        billed = c["starting"] + c["ready"] + c["draining"]
-        if billed:  # every replica that exists is paid for, warming up or draining included
-            billed_usd += (hourly_usd(r, billed) or 0.0) * tick * scale / 3600
-        if now < next_period:
-            continue
-        next_period += period
-        recent = [(t.first_token - t.arrival) * scale for t in list(tickets)
-                  if t.first_token is not None and t.first_token > now - period]
-        if policy.metric == "waiting":
-            value = sum(samples) / len(samples)
-        else:  # the p99 of the period's first tokens; a queue with none yet: its oldest wait so far
-            waiting = [(now - t.arrival) * scale for t in list(tickets) if t.first_token is None]
-            value = percentile(recent, 0.99) if recent else (max(waiting) if waiting else 0.0)
-        samples = []
-        current = c["starting"] + c["ready"]
-        asked = scaler.step(now * scale, value, current)
-        if asked != current:
-            fleet.resize(asked, now, policy.instance_warmup_seconds / scale, policy.drain_timeout_seconds / scale)
-        minute = now * scale / 60
-        arrived = sum(1 for t in list(tickets) if t.arrival > last_print) if last_print > -math.inf else len(tickets)
-        if minute - printed_from >= args.print_every or not timeline:
-            ttft = percentile([(t.first_token - t.arrival) * scale for t in list(tickets)
-                               if t.first_token is not None and t.first_token > max(last_print, 0)], 0.99)
-            row = {"minute": round(minute, 1), "arrivals": arrived, "queue": c["queue"], "running": c["running"],
-                   "p99_ttft": round(ttft, 1), "asked": asked, "serving": c["ready"], "starting": c["starting"],
-                   "draining": c["draining"]}
-            timeline.append(row)
-            print(f"{row['minute']:>5.0f} {arrived:>8} {c['queue']:>6} {c['running']:>7} {ttft:>8.1f}s {asked:>5} "
-                  f"{c['ready']:>7} {c['starting']:>8} {c['draining']:>8}", file=out, flush=True)
-            last_print, printed_from = now, minute
-    feed.join()
-    for thread in threads:
-        thread.join(timeout=5)
-    fleet.close()
+        feed = threading.Thread(target=feeder, daemon=True)
+        feed.start()
+        end = args.minutes * 60 / scale
+        print(f"\n{'min':>5} {'arrivals':>8} {'queue':>6} {'running':>7} {'p99 TTFT':>9} {'asked':>5} {'serving':>7} "
+              f"{'starting':>8} {'draining':>8}", file=out)
+        samples: list[int] = []
+        asked = start_replicas
+        billed_usd = 0.0
+        last_print, printed_from, next_period = -math.inf, 0, period
+        timeline = []
+        tick = period / SAMPLES_PER_PERIOD
+        now = 0.0
+        while now < end or (fleet.counts()["queue"] or fleet.counts()["running"]) and now < end * 3:
+            time.sleep(tick)
+            now = clock()
+            fleet.tick(now)
+            c = fleet.counts()
+            samples.append(c["queue"])
+            billed = c["starting"] + c["ready"] + c["draining"]
+            if billed:  # every replica that exists is paid for, warming up or draining included
+                billed_usd += (hourly_usd(r, billed) or 0.0) * tick * scale / 3600
+            if now < next_period:
+                continue
+            next_period += period
+            recent = [(t.first_token - t.arrival) * scale for t in list(tickets)
+                      if t.first_token is not None and t.first_token > now - period]
+            if policy.metric == "waiting":
+                value = sum(samples) / len(samples)
+            else:  # the p99 of the period's first tokens; a queue with none yet: its oldest wait so far
+                waiting = [(now - t.arrival) * scale for t in list(tickets) if t.first_token is None]
+                value = percentile(recent, 0.99) if recent else (max(waiting) if waiting else 0.0)
+            samples = []
+            current = c["starting"] + c["ready"]
+            floor = math.ceil(c["running"] / policy.replica_concurrency) if args.running_guard else 0
+            asked = scaler.step(now * scale, value, current, floor=floor)
+            if asked != current:
+                fleet.resize(asked, now, policy.instance_warmup_seconds / scale, policy.drain_timeout_seconds / scale)
+            minute = now * scale / 60
+            arrived = sum(1 for t in list(tickets) if t.arrival > last_print) if last_print > -math.inf else len(tickets)
+            if minute - printed_from >= args.print_every or not timeline:
+                ttft = percentile([(t.first_token - t.arrival) * scale for t in list(tickets)
+                                   if t.first_token is not None and t.first_token > max(last_print, 0)], 0.99)
+                row = {"minute": round(minute, 1), "arrivals": arrived, "queue": c["queue"], "running": c["running"],
+                       "p99_ttft": round(ttft, 1), "asked": asked, "serving": c["ready"], "starting": c["starting"],
+                       "draining": c["draining"]}
+                timeline.append(row)
+                print(f"{row['minute']:>5.0f} {arrived:>8} {c['queue']:>6} {c['running']:>7} {ttft:>8.1f}s {asked:>5} "
+                      f"{c['ready']:>7} {c['starting']:>8} {c['draining']:>8}", file=out, flush=True)
+                last_print, printed_from = now, minute
+        feed.join()
+        for thread in threads:
+            thread.join(timeout=5)
+    finally:
+        fleet.close()
 
     waits = [(t.first_token - t.arrival) * scale for t in tickets if t.first_token is not None]
     late = sum(1 for w in waits if w > objective) + sum(1 for t in tickets if t.first_token is None)
+    # The queue's part alone (arrival to a replica taking it): what the policy decides; the rest of a
+    # measured first byte is the harness's own latency, multiplied by the time scale.
+    queued = [(t.started - t.arrival) * scale for t in tickets if t.started is not None]
+    queued_late = sum(1 for w in queued if w > objective) + sum(1 for t in tickets if t.started is None)
     served = [(t.done - t.started) * scale for t in tickets if t.done is not None and t.started is not None]
     fixed_usd = (hourly_usd(r, policy.max_replicas) or 0.0) * args.minutes / 60
     summary = {
         "requests": len(tickets), "answered": len(waits), "cut": sum(t.cut for t in tickets),
-        "waited_longer_than_objective": late, "objective_seconds": objective,
+        "waited_longer_than_objective": late, "queued_longer_than_objective": queued_late,
+        "objective_seconds": objective, "harness_floor_seconds": round(overhead * scale, 1),
         "ttft_p50": round(percentile(waits, 0.5), 1), "ttft_p99": round(percentile(waits, 0.99), 1),
         "ttft_max": round(max(waits, default=0.0), 1), "replicas_launched": fleet.launched,
         "request_seconds_modelled": round(request_seconds, 1),
@@ -462,14 +490,20 @@ def run(args) -> dict:
     print(f"\n{summary['requests']:,} requests, {summary['answered']:,} answered, {summary['cut']} cut by a drain; "
           f"{late:,} waited longer than the {objective:g} s TTFT objective "
           f"({100 * late / max(1, len(tickets)):.1f}%); TTFT p50 {summary['ttft_p50']} s, p99 {summary['ttft_p99']} s, "
-          f"max {summary['ttft_max']} s", file=out)
+          f"max {summary['ttft_max']} s; in the queue alone (before a replica took it) {queued_late:,} waited longer "
+          f"({100 * queued_late / max(1, len(tickets)):.1f}%)", file=out)
     print(f"replicas launched {fleet.launched} (from {start_replicas}); cost ${summary['usd']:,.2f} for the "
           f"{args.minutes:g} min against ${summary['usd_fixed_at_max']:,.2f} for {policy.max_replicas} replicas "
           "throughout (cost.py's prices; a replica is paid from launch to the end of its drain)", file=out)
-    print(f"harness: a request took {summary['request_seconds_measured']} s (modelled {request_seconds:.1f} s); the "
-          f"time scale multiplies the harness's own latency too (5 ms reads as {0.005 * scale:.1f} s): a lower "
-          "--time-scale lowers it", file=out)
+    print(f"harness: a request took {summary['request_seconds_measured']} s (modelled {request_seconds:.1f} s); a "
+          f"whole request with no wait took {overhead * 1000:.0f} ms before the run, {overhead * scale:.1f} s at this "
+          "time scale: a first byte's measured time includes up to that much of the harness's own (a lower "
+          "--time-scale or an idle machine lowers it)", file=out)
     return summary
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run()'s cleanup: no fake engine outlives the benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,8 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-every", type=float, default=5.0, help="real minutes between timeline rows")
     parser.add_argument("--trace", help="replay a trace file written by --save-trace instead of building one")
     parser.add_argument("--save-trace", help="write the trace replayed (JSON) to this file")
+    parser.add_argument("--running-guard", action="store_true",
+                        help="compare a rule the stack does not deploy: never ask for fewer replicas than the "
+                             "requests running need (ceil(running / per-replica concurrency), as a second HPA "
+                             "metric or a second target-tracking policy would)")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON (last line)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     summary = run(args)
     if args.json:
         print(json.dumps(summary))
