@@ -48,6 +48,13 @@ def toy_engine(monkeypatch):
         TOY_IMAGE, TOY, "1.2.3", "nvidia", ("sm_90",), catalog.Source("test", "2026-12-02")))
     monkeypatch.setitem(catalog.DEFAULT_IMAGE, (TOY, "sm_90"), TOY_IMAGE)
     monkeypatch.setitem(catalog.DEFAULT_MEMORY_KNOB, (TOY, "nvidia"), 0.88)
+    # Its metric names, as its source registers them (dashboards, alerts, the node's publisher, scaling).
+    monkeypatch.setitem(catalog.ENGINE_METRICS, TOY, dataclasses.replace(
+        catalog.ENGINE_METRICS["vllm"], engine=TOY, generated_tokens=ToyLLM.load_metrics.generated_tokens,
+        running=ToyLLM.load_metrics.running, waiting=ToyLLM.load_metrics.waiting,
+        prompt_tokens="toyllm:tokens_in_total", kv_cache_usage="toyllm:kv_use", ttft_histogram="toyllm:ttft_seconds",
+        itl_histogram="toyllm:itl_seconds", e2e_histogram="toyllm:e2e_seconds",
+        requests_finished="toyllm:requests_total", where={"1.2.3": {}}))
     int4 = catalog.CHECKPOINTS["int4"]
     monkeypatch.setitem(catalog.CHECKPOINTS, "int4", dataclasses.replace(
         int4, engines=(*int4.engines, TOY), min_engine_versions={**int4.min_engine_versions, TOY: "1.0"}))

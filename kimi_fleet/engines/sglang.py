@@ -39,6 +39,9 @@ class SGLang(Engine):
         "--pp-size": "parallelism.pipelineParallel", "--pipeline-parallel-size": "parallelism.pipelineParallel",
         "--nnodes": "parallelism.nodes", "--node-rank": "(per node of the replica)",
         "--dist-init-addr": "(the replica's leader)",
+        "--enable-metrics": "(always on: dashboards, alerts, scaling and the watchdog read them)",
+        # Every TP rank's scheduler would export its own series: sum() over them would count a request n times.
+        "--enable-metrics-for-all-schedulers": "(off: one series per engine)",
         "--speculative-draft-model-path": "engine.speculativeDraftRepo",
     }
     #: Measured: seed 003 ran with 98.9% of the engine's own estimate free outside the knob.

@@ -40,6 +40,9 @@ class VLLM(Engine):
         "--nnodes": "parallelism.nodes", "--node-rank": "(per node of the replica)",
         "--master-addr": "(the replica's leader)", "--master-port": "(the catalog's rendezvous port)",
         "--headless": "(every node but the leader)",
+        # vLLM's Prometheus logger is on by default; this turns it off (api_server.py:357 log_stats), which
+        # would blind the dashboards, the alerts, the scaling policy and the watchdog's busy test.
+        "--disable-log-stats": "(metrics stay on: dashboards, alerts, scaling and the watchdog read them)",
     }
 
     def mm_encoder_tp_mode(self, r: Resolved) -> str | None:
