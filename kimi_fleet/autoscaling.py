@@ -143,8 +143,9 @@ class ScalingPolicy:
         else:
             lines.append(
                 f"a ramp is followed one step per {_min(self.scale_out_cooldown_seconds)} min (the time to ready): "
-                "each step multiplies the replicas by the p99 TTFT over the objective, so load that more than "
-                f"doubles within {ready} min outruns it; the queue (waitingPerReplica) follows faster")
+                "each step multiplies the replicas by the p99 TTFT over the objective as it was when the step was "
+                f"taken, so load that keeps growing during the {ready} min the added replicas take waits for the "
+                "next step; the queue (waitingPerReplica) follows faster")
         lines.append(
             f"a lull shorter than {_min(self.scale_in_cooldown_seconds)} min removes no replica (a replica "
             f"removed is {ready} min from serving again); a replica removed may finish its running requests "
