@@ -133,7 +133,11 @@ def test_mi355x_without_hf_token_uses_the_vendor_resource():
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
     engine = deployment["wire"]["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
-    assert deployment["wire"]["spec"]["replicas"] == 2
+    # The stack scales (2-6 on its queue): KEDA's HPA owns the count, the Deployment names none.
+    assert "replicas" not in deployment["wire"]["spec"]
+    (scaled,) = run.of_type("kubernetes:keda.sh/v1alpha1:ScaledObject")
+    assert (scaled["wire"]["spec"]["minReplicaCount"], scaled["wire"]["spec"]["maxReplicaCount"]) == (2, 6)
+    assert scaled["wire"]["spec"]["scaleTargetRef"]["name"] == deployment["wire"]["metadata"]["name"]
     assert run.outputs["node_ids"] == ["kimi-engine-on-demand"]
 
 
