@@ -431,12 +431,15 @@ def render_proxy_caddyfile(r: Resolved, launch: Launch, release: str | None = No
 
 
 def render_pod_proxy(r: Resolved, launch: Launch, release: str | None = None) -> RenderedProxy:
-    """The sidecar's Caddyfile and its facts (what AuthProxy registers for the policy pack)."""
+    """The sidecar's Caddyfile and its facts (what AuthProxy registers for the policy pack). Caddy's
+    metrics are on the pod's loopback (observability.PROXY_METRICS_PORT), as on a node: the metrics
+    gate is what reaches them."""
     instance = launch.instances[0]
     return render_proxy(
         r.spec.domain, [instance.upstream], instance.probe.path,
         tls=proxy_tls(r), acme_email=r.spec.acme_email, release=release, local_port=POD_LOCAL_PROXY_PORT,
         previous_key_env=PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None,
+        metrics_port=observability.PROXY_METRICS_PORT,
     )
 
 

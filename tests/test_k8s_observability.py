@@ -35,6 +35,9 @@ from tooling import crd_schema, monitoring_schema
 K8S_VERSION = kubernetes_validate.latest_version()
 KUBERNETES_STACKS = [name for name in stack_names()
                      if load_stack_config(stack_file(name)).values["target"]["kind"] == "kubernetes"]
+#: The shipped stacks with a fixed replica count (the others scale: a ScaledObject each).
+FIXED_STACKS = [name for name in KUBERNETES_STACKS
+                if "scaling" not in load_stack_config(stack_file(name)).values.get("capacity", {})]
 MULTI_NODE = "k8s-h100-int4-vllm"
 #: What the multi-node stack's operator sets after building its EFA engine image (test_k8s_multi_node).
 EFA_ENGINE_IMAGE = "registry.example.com/kimi-engine-efa@sha256:" + "5e" * 32
@@ -99,6 +102,8 @@ SCALING_VARIANTS = [
     ("gb200-int4-vllm", scaling_values("gb200-int4-vllm", capacity={
         "workload": "batch", "market": "on-demand", "replicas": 1,
         "scaling": {"minReplicas": 1, "maxReplicas": 3, "ttftP99Seconds": 30}})),
+    # The shipped stacks that scale, as they are.
+    *[(name, values(name)) for name in KUBERNETES_STACKS if name not in FIXED_STACKS],
 ]
 
 
@@ -128,8 +133,8 @@ def test_the_crds_are_the_tags_files_and_serve_the_versions_rendered():
 @pytest.mark.parametrize("stack", KUBERNETES_STACKS)
 def test_every_monitoring_object_validates_against_its_crd(stack):
     r, _, objects, monitoring = rendered(stack)
-    assert [o["kind"] for o in monitoring] == ["PodMonitor", "PrometheusRule", "ConfigMap"]
-    assert not [o for o in monitoring if o["kind"] == "ScaledObject"]  # no stack in stacks/ scales
+    assert [o["kind"] for o in monitoring] == ["PodMonitor", "PrometheusRule", "ConfigMap",
+                                               *(["ScaledObject"] if r.spec.capacity.scaling else [])]
     for obj in monitoring:
         if obj["kind"] in monitoring_schema.CRD_FILES:
             assert monitoring_schema.errors(obj) == [], obj["kind"]
@@ -238,6 +243,12 @@ def test_the_pod_monitor_scrapes_each_serving_pods_gate_as_the_rules_jobs(stack)
     assert config == manifests.render_metrics_gate(render_launch(r).instances[0].upstream)
     assert f"reverse_proxy 127.0.0.1:{r.engine.port}" in config
     assert f"reverse_proxy 127.0.0.1:{observability.PROXY_METRICS_PORT}" in config
+    # ...where the pod's proxy serves Caddy's metrics, on the pod's loopback only.
+    proxy = manifests.render_pod_proxy(r, render_launch(r))
+    assert proxy.facts["metricsSite"]["address"] == f"http://127.0.0.1:{observability.PROXY_METRICS_PORT}"
+    assert proxy.facts["metricsSite"]["bind"] == "127.0.0.1"
+    caddyfile = the(objects, "ConfigMap", manifests.CADDYFILE_CONFIGMAP)["data"]["Caddyfile"]
+    assert f"http://127.0.0.1:{observability.PROXY_METRICS_PORT} {{" in caddyfile
     assert manifests.metrics_location(r) == f"podmonitor://{r.spec.target.kubernetes.namespace}/kimi-fleet"
 
 
@@ -595,7 +606,11 @@ def test_the_gate_waits_for_a_rollout_at_the_ranges_top_with_each_pods_drain(sta
     assert wait["timeout_seconds"] == (wait["pod_ready_seconds"] + policy.drain_timeout_seconds) * pods
 
 
-@pytest.mark.parametrize("stack", KUBERNETES_STACKS)
+def test_the_shipped_stacks_include_a_fixed_and_a_scaling_one():
+    assert FIXED_STACKS and set(FIXED_STACKS) < set(KUBERNETES_STACKS)
+
+
+@pytest.mark.parametrize("stack", FIXED_STACKS)
 def test_a_fixed_stack_keeps_its_count_and_no_drain(stack):
     r, _, objects, _ = rendered(stack)
     for template in pod_templates(objects):
