@@ -307,6 +307,42 @@ def test_the_gate_serves_only_the_two_metrics_paths_with_a_real_caddy(engine):
         proxy_metrics.shutdown()
 
 
+def test_the_pods_proxy_metrics_reach_prometheus_only_through_the_gate():
+    """The pod's whole path with real Caddys: the proxy as render_pod_proxy renders it (render_proxy
+    with the pod's metrics_port; its public ports moved to free loopback ports, tls internal) in front
+    of the fake engine, and the gate in front of both. A request through the public site shows up in
+    the gate's /proxy/metrics, and the proxy's public site itself answers /metrics and /engine/metrics
+    with 401 (the tenants' route never serves metrics)."""
+    from kimi_fleet.caddy import render_proxy
+
+    key = "sk-test-not-a-real-key-0123456789"
+    with start_fake_engine("good", engine="vllm") as fake:
+        https_port, http_port, local_port, metrics_port, gate_port = (free_port() for _ in range(5))
+        proxy = render_proxy("localhost", [fake.upstream], fake.health_uri, tls="internal", https_port=https_port,
+                             http_port=http_port, bind_host="127.0.0.1", local_port=local_port,
+                             metrics_port=metrics_port)
+        gate = manifests.render_metrics_gate(fake.upstream, listen_port=gate_port, proxy_metrics_port=metrics_port)
+        public = f"https://localhost:{https_port}"
+        with start_caddy(proxy.text, {"KIMI_API_KEY": key}, ready_url=f"{public}/v1/models") as caddy, \
+                start_caddy(gate.replace(f"http://:{gate_port}", f"http://127.0.0.1:{gate_port}"), {}):
+            context = caddy.ssl_context()
+            request = urllib.request.Request(f"{public}/v1/models", headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
+                assert response.status == 200
+            status, text = _get(f"http://127.0.0.1:{gate_port}{manifests.PROXY_METRICS_PATH}")
+            assert status == 200
+            counted = [line for line in text.splitlines()
+                       if line.startswith(f"{catalog.PROXY_METRICS.request_duration}_count{{")
+                       and 'code="200"' in line]
+            assert counted, text[-2000:]
+            for path in ("/metrics", manifests.ENGINE_METRICS_PATH, manifests.PROXY_METRICS_PATH):
+                try:
+                    urllib.request.urlopen(f"{public}{path}", timeout=10, context=context)
+                    raise AssertionError(f"{path} answered without a key")
+                except urllib.error.HTTPError as refused:
+                    assert refused.code == 401, path
+
+
 # --- the NetworkPolicy ----------------------------------------------------------------------------
 
 def _selects(selector: dict, labels: dict) -> bool:
