@@ -907,6 +907,7 @@ def _network_policies(ns: str, stack: str, prometheus_ns: str) -> list[dict]:
                 "policyTypes": ["Ingress"],
                 # One peer: the namespace AND the pod labels (both in one element), so neither another
                 # pod of the monitoring namespace nor a Prometheus elsewhere (a tenant's) is admitted.
+                # kubernetes.io/metadata.name: the label the API server sets on every namespace (1.22+).
                 "ingress": [{
                     "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": prometheus_ns}},
                               "podSelector": {"matchLabels": dict(PROMETHEUS_POD_LABELS)}}],
@@ -1085,6 +1086,8 @@ def scaling_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
             query = f"clamp_min({query} - {fixed * per_pod:g}, 0)"
         return query, "AverageValue", per_pod
     histogram = catalog.ENGINE_METRICS[r.spec.engine.name].ttft_histogram
+    # No traffic gives NaN (no observation in the window): KEDA's Prometheus scaler reads NaN, Inf and an
+    # empty result as 0 with ignoreNullValues (its default; pkg/scalers/prometheus_scaler.go:298 at v2.20.2).
     query = (f"histogram_quantile(0.99, sum by (le) (rate({histogram}_bucket{{{selector}}}"
              f"[{TTFT_RATE_WINDOW}])))")
     return query, "Value", policy.target_value
