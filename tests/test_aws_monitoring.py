@@ -337,10 +337,17 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     assert fleet["inputs"]["hourlyCostUsd"] == top > estimate(r).fleet_usd_per_hour
 
 
-def test_a_fixed_fleet_has_no_policy_and_no_drain_hook(declared):
+def test_a_policy_and_a_drain_hook_exactly_where_the_stack_scales(declared):
     stack, run = declared
-    assert not run.of_type(POLICY)
-    assert not [h for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
+    r = spec_of(stack)
+    policy = scaling_policy(r, size(r))
+    drains = [h["inputs"] for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
+    assert len(run.of_type(POLICY)) == len(drains) == (1 if policy else 0), stack
+    if policy:
+        (group,) = run.of_type(GROUP)
+        assert (group["inputs"]["minSize"], group["inputs"]["maxSize"]) == (policy.min_replicas, policy.max_replicas)
+        assert "desiredCapacity" in group["ignore_changes"]
+        assert drains[0]["heartbeatTimeout"] == policy.drain_timeout_seconds
 
 
 def test_a_single_node_stack_given_a_range_becomes_a_fleet(tmp_path):
