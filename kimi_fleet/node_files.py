@@ -215,7 +215,7 @@ GPU_EXPORTER_INPUTS = (GPU_EXPORTER_UNIT_PATH, node_metrics.GPU_EXPORTER_COUNTER
 PUBLISH_INPUTS = (PUBLISH_TIMER_PATH, f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}")
 #: The drain runs for as long as the node: a change to it or to what it imports restarts it (its
 #: deadline survives, in its state file).
-DRAIN_INPUTS = (DRAIN_UNIT_PATH, node_metrics.DRAIN, GENERATION_PROBE, WATCHDOG, COMPILE_CACHE_TOOL)
+DRAIN_INPUTS = (DRAIN_UNIT_PATH, node_metrics.DRAIN, *WATCHDOG_INPUTS[2:])  # it imports the watchdog
 #: Caddy's file inputs; the API key (a secret, not in any rendered file) is its other input.
 CADDY_FILE_INPUTS = (CADDYFILE, f"{UNIT_DIR}/caddy.service.d/kimi-fleet.conf")
 
@@ -228,21 +228,33 @@ def _shell_paths(paths: tuple[str, ...]) -> str:
     return " ".join(f'"$ROOT{path}"' for path in paths)
 
 
-def unit_inputs(launch: Launch) -> dict[str, tuple[str, ...]]:
-    """Unit -> the rendered files whose change restarts it (firewall only where it is shipped)."""
+def unit_inputs(launch: Launch, *, publishes: bool = False, drains: bool = False) -> dict[str, tuple[str, ...]]:
+    """Unit -> the rendered files whose change restarts it (firewall and GPU exporter only where they
+    are shipped; the publisher on AWS nodes, the drain on fleet nodes: what node.env says, as the
+    bootstrap reads it)."""
     units = {"kimi-firewall.service": FIREWALL_UNIT_INPUTS, "fail2ban.service": FAIL2BAN_INPUTS,
              node_guard.ENGINE_GUARD_UNIT_NAME: ENGINE_GUARD_UNIT_INPUTS}
     units.update({f"kimi-engine@{i.index}.service": engine_unit_inputs(i.index) for i in launch.instances})
     units["caddy.service"] = CADDY_FILE_INPUTS
     units["kimi-watchdog.timer"] = WATCHDOG_INPUTS
+    units[node_metrics.NODE_STATE_UNIT] = NODE_STATE_INPUTS
+    units[node_metrics.GPU_EXPORTER_UNIT] = GPU_EXPORTER_INPUTS
+    if publishes:
+        units[node_metrics.PUBLISH_TIMER] = PUBLISH_INPUTS
+    if drains:
+        units[node_metrics.DRAIN_UNIT] = DRAIN_INPUTS
     return units
 
 
 def unit_digests(files: dict[str, NodeFile], launch: Launch) -> dict[str, str]:
     """Unit -> digest of its rendered inputs: two releases differ for a unit exactly when the
     bootstrap would restart it (key rotation aside)."""
+    settings = dict(line.split("=", 1) for line in files[NODE_ENV_FILE].content.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    inputs = unit_inputs(launch, publishes=settings.get("TARGET_KIND") == "aws",
+                         drains=bool(settings.get("DRAIN_TIMEOUT_SECONDS")))
     return {unit: files_digest({p: files[p] for p in paths if p in files})
-            for unit, paths in unit_inputs(launch).items() if any(p in files for p in paths)}
+            for unit, paths in inputs.items() if any(p in files for p in paths)}
 
 
 DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
