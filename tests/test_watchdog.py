@@ -31,6 +31,11 @@ pytestmark = [pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy bi
 API_KEY = "watchdog-test-key-0123456789"
 STACK = "rtxpro6000-int4-sglang"  # a host with one engine
 PROBE_TIMEOUT = 2
+#: Seconds between the fake engine's SSE chunks. The admission suite's long poles stream hundreds of
+#: chunks one after another (long_calls' 4,225-character call, agent_loop's turns): at the harness's
+#: default 0.02 s one admission took ~37 s, at 0.005 s ~20 s, with the same checks and the same CPU.
+#: The streaming check still sees separate arrivals (its gap is 0.5 ms); at 0.001 s it saw bursts.
+CHUNK_DELAY = 0.005
 SYSTEMCTL_STUB = """#!/bin/bash
 # systemctl as the watchdog uses it: InvocationID and ActiveState per unit from files (--value: the
 # InvocationID alone); restart records the unit and gives it a new InvocationID, as systemd does.
@@ -118,7 +123,8 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
     state = tmp_path / "systemctl"
     state.mkdir()
     with ExitStack() as stack:
-        engine = stack.enter_context(start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options))
+        engine = stack.enter_context(start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options,
+                                                       chunk_delay=CHUNK_DELAY))
         port = engine.port
         if busy_file is not None:
             port = stack.enter_context(start_load_shim(engine.port, "sglang", str(busy_file),
