@@ -1,8 +1,13 @@
 """Shared test setup."""
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +22,13 @@ def _current_event_loop():
     except RuntimeError:
         policy.set_event_loop(policy.new_event_loop())
     yield
+
+
+@pytest.fixture(scope="session")
+def plan_all(tmp_path_factory) -> subprocess.CompletedProcess:
+    """`scripts/plan.py --all --no-preflight`, run once per test process for every test that reads its
+    table (10-19 s of CPU a run). Its artifacts go to a temporary build dir: never the repo's
+    build/, which other tests (other pytest-xdist workers) may be writing at the same time."""
+    build = tmp_path_factory.mktemp("plan-all-build")
+    return subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight", "--build-dir", str(build)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)

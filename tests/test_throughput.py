@@ -137,9 +137,9 @@ def test_ranking_orders_by_chat_cost_and_names_the_unpriced():
     assert lines[3].startswith("  not priced: none ")
 
 
-def test_plan_all_has_the_per_user_column_and_the_ranked_section():
-    out = subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600).stdout
+def test_plan_all_has_the_per_user_column_and_the_ranked_section(plan_all):
+    assert plan_all.returncode == 0, plan_all.stderr[-3000:]
+    out = plan_all.stdout
     assert out.splitlines()[0].split()[-2:] == ["tok/s/u", "market"]
     assert "$/M output tokens, ranked" in out and "not priced:" in out
 
