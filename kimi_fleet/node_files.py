@@ -602,9 +602,8 @@ def host_scrape_endpoint(r: Resolved) -> bool:
 def _scrape_site(r: Resolved, launch: Launch) -> ScrapeSite | None:
     if not host_scrape_endpoint(r):
         return None
-    ports = [int(upstream.rsplit(":", 1)[1]) for upstream in launch.upstreams]
-    return ScrapeSite(node_metrics.HOST_METRICS_PORT, node_metrics.METRICS_KEY_ENV,
-                      node_metrics.scrape_routes(ports, r.accelerator.vendor))
+    targets = observability.node_scrape_targets(launch, r.accelerator.vendor)
+    return ScrapeSite(node_metrics.HOST_METRICS_PORT, node_metrics.METRICS_KEY_ENV, node_metrics.scrape_routes(targets))
 
 
 def render_caddyfile_for(r: Resolved, launch: Launch, *, release: str | None = None, **listener) -> str:

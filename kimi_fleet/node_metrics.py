@@ -25,7 +25,6 @@ from kimi_fleet import catalog, node_guard, observability, templates
 from kimi_fleet.paths import ENGINE_SLICE, LOOPBACK
 
 LIB_DIR = "/usr/local/lib/kimi-fleet"
-UNIT_DIR = "/etc/systemd/system"
 NODE_STATE_EXPORTER = f"{LIB_DIR}/node_state_exporter.py"
 METRICS_TEXT = f"{LIB_DIR}/metrics_text.py"
 METRICS_PUBLISHER = f"{LIB_DIR}/metrics_publisher.py"
@@ -55,6 +54,8 @@ METRICS_KEY_FILE = "/etc/kimi-fleet/secrets/metrics-key"
 METRICS_KEY_ENV = "KIMI_METRICS_KEY"
 #: The path prefix of the host's scrape endpoint: /metrics/<job> (and /metrics/kimi-engine/<index>).
 SCRAPE_PREFIX = "/metrics"
+#: What every exporter serves (the scrape endpoint rewrites each of its paths to it).
+METRICS_PATH = "/metrics"
 _PLAIN_ARG = re.compile(r"^[A-Za-z0-9._:/@=,+-]+$")
 
 
@@ -139,13 +140,17 @@ def stack_drain(drain_timeout_seconds: int | None) -> dict | None:
     return {"file": DRAIN_FILE, "hook": DRAIN_HOOK, "timeout_seconds": drain_timeout_seconds}
 
 
-def scrape_routes(engine_ports: list[int], vendor: str) -> dict[str, int]:
-    """The host's scrape endpoint: path -> the loopback exporter port it serves."""
-    routes = {f"{SCRAPE_PREFIX}/{observability.ENGINE_JOB}/{index}": port for index, port in enumerate(engine_ports)}
-    if gpu_exporter_enabled(vendor):
-        routes[f"{SCRAPE_PREFIX}/{observability.GPU_JOB}"] = observability.GPU_EXPORTER_PORT
-    routes[f"{SCRAPE_PREFIX}/{observability.PROXY_JOB}"] = observability.PROXY_METRICS_PORT
-    routes[f"{SCRAPE_PREFIX}/{observability.NODE_STATE_JOB}"] = observability.NODE_STATE_PORT
+def scrape_routes(targets: list[observability.ScrapeTarget]) -> dict[str, int]:
+    """The host's scrape endpoint: path -> the loopback exporter port it serves, one per scrape
+    target of the node (observability.node_scrape_targets): /metrics/<job>, an engine's
+    /metrics/kimi-engine/<index>."""
+    routes = {}
+    for target in targets:
+        if target.path != METRICS_PATH:
+            raise ValueError(f"{target.job} serves {target.path}: the scrape endpoint proxies {METRICS_PATH} only")
+        labels = dict(target.labels)
+        suffix = f"/{labels[observability.ENGINE_INDEX_LABEL]}" if target.job == observability.ENGINE_JOB else ""
+        routes[f"{SCRAPE_PREFIX}/{target.job}{suffix}"] = target.port
     return routes
 
 
