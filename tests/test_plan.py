@@ -61,7 +61,9 @@ def test_every_stack_runs_the_verification_gate_after_its_endpoint(runs, name):
         descendants |= frontier
     inside = {r["name"] for r in run.resources if r["name"] in descendants and r["custom"]}
     assert inside <= set(run.named("kimi-gate")["dependencies"])
-    assert bool(inside) is (name not in STARTUP_SCRIPT_ONLY)
+    # A pasted startup script's endpoint declares only its generated secrets (the host's metrics key).
+    machines = {r["name"] for r in run.resources if r["name"] in inside and not r["type"].startswith("random:")}
+    assert bool(machines) is (name not in STARTUP_SCRIPT_ONLY)
     create = gate["inputs"]["create"]
     assert "scripts/verify.py" in create and "--wait-ready" in create
     assert "--api-key" not in create  # the key travels in the environment, as a secret
@@ -96,10 +98,13 @@ def test_all_prints_one_row_per_stack(tmp_path):
         assert column in legend
     from kimi_fleet.stackfile import load_stack_config, stack_file
 
-    for row in rows:  # the replicas column: a fixed stack's count (a scaling stack's range: below)
+    for row in rows:  # the replicas column: a fixed stack's count, a scaling stack's range
         name, status, *columns = row.split()
         if status == "ok":
-            assert columns[5] == str(load_stack_config(stack_file(name)).spec().capacity.replicas), row
+            capacity = load_stack_config(stack_file(name)).spec().capacity
+            expected = (f"{capacity.scaling.min_replicas}-{capacity.scaling.max_replicas}" if capacity.scaling
+                        else str(capacity.replicas))
+            assert columns[5] == expected, row
 
 
 def test_json_has_the_documented_fields_and_artifacts_are_written(tmp_path):
