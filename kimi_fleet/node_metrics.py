@@ -158,3 +158,23 @@ def scrape_location(domain: str) -> str:
     """The host's metrics location (a stack output): the scrape endpoint's base URL."""
     return f"https://{domain}:{HOST_METRICS_PORT}{SCRAPE_PREFIX}/"
 
+
+
+def host_prometheus_config(stack: str, domain: str, targets: list[observability.ScrapeTarget], *,
+                           credentials_file: str, ca_file: str | None = None, port: int = HOST_METRICS_PORT,
+                           scrape_interval: str = "15s") -> dict:
+    """How an operator's Prometheus scrapes a host (a scrape_configs document, as data): one job per
+    scrape route, over TLS to the scrape endpoint, the key read from `credentials_file` (never in
+    the config), every series labelled stack=<stack>, an engine's also engine_index=<index>.
+    `ca_file`: a CA to trust beyond the system's (a test's Caddy internal CA)."""
+    routes = scrape_routes(targets)
+    jobs = []
+    for target, path in zip(targets, routes):
+        labels = {observability.STACK_LABEL: stack, **dict(target.labels)}
+        job = {"job_name": path.removeprefix(f"{SCRAPE_PREFIX}/").replace("/", "-"), "scheme": "https",
+               "metrics_path": path, "authorization": {"type": "Bearer", "credentials_file": credentials_file},
+               "static_configs": [{"targets": [f"{domain}:{port}"], "labels": labels}]}
+        if ca_file is not None:
+            job["tls_config"] = {"ca_file": ca_file}
+        jobs.append(job)
+    return {"global": {"scrape_interval": scrape_interval}, "scrape_configs": jobs}
