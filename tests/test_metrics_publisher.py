@@ -153,3 +153,35 @@ def test_a_host_publishes_nothing(tmp_path):
     result = _publish(root, {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 0 and "nothing to publish (CloudWatch is for AWS nodes)" in result.stderr
     assert not (tmp_path / "aws-called").exists()
+
+
+def _publisher_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kimi_metrics_publisher", PUBLISHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _engines(generated: float, running: float, ttft: dict | None = None) -> dict:
+    return {"generated": generated, "running": running, "waiting": 0.0, "kv": 0.5, "ttft": ttft or {}, "itl": {}}
+
+
+def test_a_stalled_engine_a_restarted_engine_and_a_restarted_caddy():
+    publisher = _publisher_module()
+    # Requests running and no token generated in the period: stalled.
+    stalled = publisher.metrics({"engines": _engines(500, 2)}, {"engines": _engines(500, 2)}, 60)
+    assert stalled["EngineStalled"] == (1.0, "None") and stalled["GeneratedTokensPerSecond"] == (0.0, "Count/Second")
+    # Idle is not stalled.
+    assert publisher.metrics({"engines": _engines(500, 0)}, {"engines": _engines(500, 0)}, 60)["EngineStalled"][0] == 0
+    # The engine restarted (its counter and histogram went back): no rate, no p99, no stall verdict; gauges stay.
+    restarted = publisher.metrics({"engines": _engines(10, 1, {"1.0": 1, "+Inf": 1})},
+                                  {"engines": _engines(900, 1, {"1.0": 50, "+Inf": 60})}, 60)
+    assert {"GeneratedTokensPerSecond", "EngineStalled", "TtftP99Seconds"}.isdisjoint(restarted)
+    assert restarted["RequestsRunning"] == (1, "Count")
+    # Caddy restarted: no proxy rates for that period.
+    assert "ProxyRequestsPerSecond" not in publisher.metrics({"proxy": {"200": 3}}, {"proxy": {"200": 90}}, 60)
+    # A previous scrape too old to be a period (the node was off): gauges only.
+    old = publisher.metrics({"engines": _engines(900, 1)}, {"engines": _engines(500, 1)}, 3600)
+    assert "GeneratedTokensPerSecond" not in old and old["RequestsRunning"] == (1, "Count")
