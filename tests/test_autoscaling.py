@@ -239,3 +239,21 @@ def test_the_benchmark_runs_against_fake_engines_and_counts_the_late_requests(tm
     assert any(row["serving"] > 1 for row in rows if row["minute"] >= warmup_ends) or rows[-1]["minute"] < warmup_ends + 1
     assert "waited longer than the 10 s TTFT objective" in result.stdout
     assert "time scale 1 s of benchmark = 600 s of real time" in result.stdout
+
+
+def test_the_benchmark_replays_a_saved_trace_as_recorded(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from kimi_fleet.stackfile import PROJECT_ROOT
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"seed": 7, "arrivals": [0.0, 10.0, 20.0, 30.0, 100.0, 500.0]}))
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "bench_autoscale.py"), "--trace", str(trace), "--minutes", "2",
+         "--time-scale", "120", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["requests"] == summary["answered"] == 5  # the arrival at 500 s is past the 2 minutes replayed
+    assert f"the trace file {trace} (seed 7)" in result.stdout
