@@ -1042,7 +1042,9 @@ def pod_monitor(r: Resolved, stack: str) -> dict:
     """The Prometheus Operator's scrape of the stack's engine pods: each serving pod's metrics gate,
     the engine's metrics as job kimi-engine and Caddy's as kimi-proxy. A multi-node replica's pods
     are all selected; only the leader serves metrics (a headless worker runs no API server and so no
-    /metrics, and no proxy): the Operator keeps only pods with the named port."""
+    /metrics, and no proxy): the Operator keeps only pods with the named port, and applies the
+    endpoint's relabelings after its own job label, so job is ours (generatePodMonitorConfig in
+    pkg/prometheus/promcfg.go at v0.93.0)."""
     k8s = r.spec.target.kubernetes
     return {
         "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,

@@ -582,6 +582,90 @@ def test_the_trigger_queries_are_promql_promtool_accepts(tmp_path):
     assert f"SUCCESS: {len(SCALING_VARIANTS)} rules found" in done.stdout
 
 
+def _operator_relabelings(endpoint: dict) -> list[dict]:
+    """What the Prometheus Operator v0.93.0 makes of a podMetricsEndpoint (pkg/prometheus/promcfg.go,
+    generatePodMonitorConfig): keep the pods' container ports of the endpoint's name, namespace and pod
+    labels, job = <namespace>/<podmonitor>, endpoint = the port's name, then the endpoint's own
+    relabelings (camelCase fields as Prometheus' snake_case), in that order."""
+    rename = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [
+        {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"]},
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"target_label": "job", "replacement": f"kimi-gb200/{manifests.POD_MONITOR}"},
+        {"target_label": "endpoint", "replacement": endpoint["port"]},
+        *[{rename.get(key, key): value for key, value in relabel.items()} for relabel in endpoint["relabelings"]],
+    ]
+
+
+def test_a_real_prometheus_scrapes_the_gate_as_the_pod_monitor_says_and_answers_kedas_query(tmp_path):
+    """Prometheus (Debian's) scrapes the metrics gate in front of the fake engine with the relabelings
+    the Operator generates from the PodMonitor (a pod without the named port, a headless worker, is
+    dropped), and the ScaledObject's own query returns the stack's queue: the number KEDA divides by
+    its per-pod threshold."""
+    from tests.fakes.observed_node import PROMETHEUS, run_prometheus
+
+    if PROMETHEUS is None:
+        pytest.skip("prometheus binary needed (.ci/run installs it)")
+    stack, given = SCALING_VARIANTS[0]
+    r, _, _, monitoring = rendered(stack, given)
+    namespace = r.spec.target.kubernetes.namespace
+    (endpoint,) = [e for e in the(monitoring, "PodMonitor")["spec"]["podMetricsEndpoints"]
+                   if e["path"] == manifests.ENGINE_METRICS_PATH]
+    query = the(monitoring, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    hang = tmp_path / "hang"
+    hang.touch()
+    gate_port = free_port()
+    waiting = 3
+    with start_fake_engine("good", engine="vllm", options=("--max-running", "1", "--hang-file", str(hang))) as fake:
+        def hung_request():
+            body = json.dumps({"model": fake.model, "messages": [{"role": "user", "content": "hang"}]}).encode()
+            request = urllib.request.Request(f"{fake.url}/v1/chat/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+            except OSError:
+                pass  # the engine stops under it
+
+        threads = [threading.Thread(target=hung_request, daemon=True) for _ in range(waiting + 1)]
+        for thread in threads:
+            thread.start()
+        gate = manifests.render_metrics_gate(fake.upstream, listen_port=gate_port)
+        pod_meta = {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_container_name": "metrics"}
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [{
+            "job_name": "podMonitor/kimi", "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
+            "static_configs": [
+                {"targets": [f"127.0.0.1:{gate_port}"], "labels": {
+                    **pod_meta, "__meta_kubernetes_pod_name": "kimi-engine-on-demand-1",
+                    "__meta_kubernetes_pod_container_port_name": manifests.METRICS_PORT_NAME}},
+                {"targets": ["127.0.0.1:9"], "labels": {  # a worker: its container ports carry no such name
+                    **pod_meta, "__meta_kubernetes_pod_name": "kimi-engine-0-1",
+                    "__meta_kubernetes_pod_container_port_name": ""}},
+            ],
+            "relabel_configs": _operator_relabelings(endpoint),
+        }]}
+        path = tmp_path / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        checked = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        with start_caddy(gate.replace(f"http://:{gate_port}", f"http://127.0.0.1:{gate_port}"), {}), \
+                run_prometheus(path, tmp_path) as prometheus:
+            from tests.fakes.harness import wait_for
+
+            assert wait_for(lambda: prometheus.values(query) == {"": float(waiting)}, 30, 0.5), (
+                prometheus.values(query), prometheus.get("/api/v1/targets"))
+            (up,) = prometheus.query("up")
+            assert up["metric"] == {"__name__": "up", "job": observability.ENGINE_JOB, "stack": stack,
+                                    "replica": "kimi-engine-on-demand-1", "instance": f"127.0.0.1:{gate_port}",
+                                    "namespace": namespace, "container": "metrics", "pod": "kimi-engine-on-demand-1",
+                                    "endpoint": manifests.METRICS_PORT_NAME}
+            dropped = prometheus.get("/api/v1/targets?state=any")["data"]["droppedTargets"]
+            assert [t["discoveredLabels"]["__meta_kubernetes_pod_name"] for t in dropped] == ["kimi-engine-0-1"]
+        hang.unlink()
+
+
 def test_a_scaling_stack_without_prometheus_url_is_refused_naming_the_field():
     with pytest.raises(StackSpecError) as refused:
         resolve("gb200-int4-vllm", scaling_values("gb200-int4-vllm", url=None))
