@@ -8,7 +8,7 @@ Prometheus metrics, on loopback only, read from the files the node already write
   kimi_fleet_engine_up{engine="<index>"} 0|1   the watchdog's last verdict on the engine (node status
                                                "health"): serving or busy
   kimi_fleet_gate_passed 0|1                   the node's last self-verification (the admission report:
-                                               every check it ran passed)
+                                               every check it ran passed); absent until there is one
   kimi_fleet_node_draining 0|1                 the node is draining before a scale-in (drain.py)
 
 Every read is at scrape time: nothing is cached, so a metric is never older than its file.
@@ -52,8 +52,12 @@ def _json(path: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def gate_passed(report: Path) -> bool:
-    """The admission report of the node's last self-verification: every check passed, none failed."""
+def gate_passed(report: Path) -> bool | None:
+    """The admission report of the node's last self-verification: every check passed, none failed.
+    None while there is none (a node still loading, or a run under way: the suite removes the last
+    report when it starts): not verified yet is not failed, so no sample at all."""
+    if not report.exists():
+        return None
     checks = _json(report).get("checks")
     if not isinstance(checks, list) or not checks:
         return False
@@ -82,8 +86,10 @@ def render() -> str:
         index = int(engine["index"])
         verdict = (verdicts.get(f"kimi-engine@{index}.service") or {}).get("verdict")
         lines.append(f'kimi_fleet_engine_up{{engine="{index}"}} {int(verdict in UP_VERDICTS)}')
+    passed = gate_passed(report)
     lines += ["# HELP kimi_fleet_gate_passed 1 when the node's last self-verification passed every check.",
-              "# TYPE kimi_fleet_gate_passed gauge", f"kimi_fleet_gate_passed {int(gate_passed(report))}",
+              "# TYPE kimi_fleet_gate_passed gauge",
+              *([f"kimi_fleet_gate_passed {int(passed)}"] if passed is not None else []),
               "# HELP kimi_fleet_node_draining 1 while the node drains before a scale-in.",
               "# TYPE kimi_fleet_node_draining gauge", f"kimi_fleet_node_draining {int(draining_file.exists())}"]
     return "\n".join(lines) + "\n"
