@@ -85,6 +85,9 @@ class ScalingPolicy:
     drain_basis: str = ""
     #: "aws" or "kubernetes"
     target: str = ""
+    #: the second signal: the replicas' mean KV cache use (0-1) the policy keeps them under
+    #: (capacity.scaling.kvCachePerReplica); the larger of the two asks wins
+    kv_cache_target: float = 0.75
 
     @property
     def scales_to_zero(self) -> bool:
@@ -115,6 +118,9 @@ class ScalingPolicy:
                    "TTFT falls only once the added replicas serve, and the rule multiplies the replicas it has)")
         return [
             f"a new replica needs about {ready} min to serve: {terms}",
+            f"second signal: never fewer replicas than keep their mean KV cache use under {self.kv_cache_target:.0%} "
+            "(the larger ask wins: a busy replica with an empty queue is not removed, and a filling cache adds "
+            "replicas before requests queue)",
             f"cooldowns: {out}; scale in only after {_min(self.scale_in_cooldown_seconds)} min below the target "
             f"(one time to ready: a replica removed is billed {ready} min before it serves again, so removing it "
             "pays only when the lull outlasts that)",
@@ -225,7 +231,21 @@ def scaling_policy(r: Resolved, sizing: Sizing) -> ScalingPolicy | None:
         replica_concurrency=max(1, sizing.concurrent_sequences_per_engine * sizing.engines_per_node),
         drain_basis=basis,
         target=r.spec.target.kind,
+        kv_cache_target=scaling.kv_cache_per_replica,
     )
+
+
+def kv_cache_replicas(policy: ScalingPolicy, mean_kv_use: float, current: int) -> int:
+    """The replicas the second signal asks for: the HPA rule on the replicas' mean KV cache use
+    (a Value per replica: ceil(current x use / target), 10% tolerance), within the range. With no
+    replica there is no cache to read: it asks for none (the queue decides)."""
+    if not 0 <= mean_kv_use <= 1 or current < 0:
+        raise ValueError(f"KV cache use {mean_kv_use} must be within 0-1 and current replicas {current} >= 0")
+    if current == 0:
+        return policy.min_replicas
+    ratio = mean_kv_use / policy.kv_cache_target
+    wanted = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(current * ratio)
+    return max(policy.min_replicas, min(policy.max_replicas, wanted))
 
 
 def desired_replicas(policy: ScalingPolicy, value: float, current: int) -> int:

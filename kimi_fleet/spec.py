@@ -463,6 +463,10 @@ class ScalingSpec(Spec):
     sglang:num_queue_reqs); more than this adds replicas, less removes them."""
     ttft_p99_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
     """target: the replicas' p99 time to first token; above it adds replicas."""
+    kv_cache_per_replica: Annotated[float, Field(ge=0.3, le=0.95)] = 0.75
+    """second signal, always on: the replicas' mean KV cache use (0-1) the policy keeps them under.
+    It keeps busy replicas whose queue is empty (the queue alone would remove them, and the requests
+    they run would then queue on the rest for a whole time to ready) and adds replicas before a queue forms."""
 
     @model_validator(mode="after")
     def _coherent(self) -> "ScalingSpec":

@@ -26,6 +26,9 @@ What it counts at the end: requests whose first byte came later than the TTFT ob
 stack's monitoring.ttftP99Seconds, or the policy's own TTFT target), and of those the part the queue
 alone explains (arrival to a replica taking the request): the harness's own latency is multiplied by
 the time scale too, and the script prints how much that is. A real engine's prefill is not modelled.
+The policy's second signal (autoscaling.kv_cache_replicas) is applied as the stacks deploy it: never
+fewer replicas than keep their mean KV cache use under capacity.scaling.kvCachePerReplica, a fake
+replica's KV use being its busy slots over its concurrency. --queue-only leaves it out, to compare.
 --running-guard compares a rule the stacks do not deploy: never fewer replicas than the running
 requests need (a second metric), against the queue alone, which gives up busy replicas whose queue
 is empty.
@@ -57,7 +60,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from kimi_fleet import catalog  # noqa: E402
-from kimi_fleet.autoscaling import METRIC_PERIOD_SECONDS, Scaler, ScalingPolicy, scaling_policy  # noqa: E402
+from kimi_fleet.autoscaling import (METRIC_PERIOD_SECONDS, Scaler, ScalingPolicy, kv_cache_replicas,  # noqa: E402
+                                   scaling_policy)
 from kimi_fleet.cost import hourly_usd, matching_facts  # noqa: E402
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.sizing import size  # noqa: E402
@@ -181,6 +185,7 @@ class Fleet:
             found = {state: sum(r.state == state for r in self.replicas) for state in ("starting", "ready", "draining")}
             found["queue"] = len(self.queue)
             found["running"] = sum(r.running for r in self.replicas)
+            found["running_ready"] = sum(r.running for r in self.replicas if r.state == "ready")
             return found
 
     def resize(self, wanted: int, now: float, warmup: float, drain: float) -> None:
@@ -380,8 +385,13 @@ def run(args) -> dict:
     print(f"  each replica: a fake engine taking {policy.replica_concurrency} requests at once (the sizing's "
           f"full-context sequences per replica), each {output_tokens:,} tokens at {speed_basis} = "
           f"{request_seconds:.1f} s", file=out)
+    if args.queue_only:
+        print("  rule: the queue alone (--queue-only: without the KV cache signal the stack deploys)", file=out)
+    else:
+        print(f"  rule: the policy's queue target and its KV cache signal (mean use under "
+              f"{policy.kv_cache_target:.0%}; a replica's use = its busy slots / its concurrency)", file=out)
     if args.running_guard:
-        print("  rule: the policy's, and never fewer replicas than the running requests need (--running-guard: "
+        print("  rule: also never fewer replicas than the running requests need (--running-guard: "
               "not what the stack deploys)", file=out)
     print(f"  load: {len(arrivals):,} requests over {args.minutes:g} min, {origin}; TTFT objective "
           f"{objective:g} s ({'the policy target' if policy.metric == 'ttft' else 'monitoring.ttftP99Seconds'})",
@@ -446,6 +456,10 @@ def run(args) -> dict:
             samples = []
             current = c["starting"] + c["ready"]
             floor = math.ceil(c["running"] / policy.replica_concurrency) if args.running_guard else 0
+            serving = c["ready"]
+            if not args.queue_only and serving:
+                mean_kv_use = min(1.0, c["running_ready"] / (serving * policy.replica_concurrency))
+                floor = max(floor, kv_cache_replicas(policy, mean_kv_use, current))
             asked = scaler.step(now * scale, value, current, floor=floor)
             if asked != current:
                 fleet.resize(asked, now, policy.instance_warmup_seconds / scale, policy.drain_timeout_seconds / scale)
@@ -524,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare a rule the stack does not deploy: never ask for fewer replicas than the "
                              "requests running need (ceil(running / per-replica concurrency), as a second HPA "
                              "metric or a second target-tracking policy would)")
+    parser.add_argument("--queue-only", action="store_true",
+                        help="leave out the policy's KV cache signal (what the queue target alone would do)")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON (last line)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)

@@ -257,3 +257,39 @@ def test_the_benchmark_replays_a_saved_trace_as_recorded(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["requests"] == summary["answered"] == 5  # the arrival at 500 s is past the 2 minutes replayed
     assert f"the trace file {trace} (seed 7)" in result.stdout
+
+
+def test_the_kv_cache_signal_keeps_busy_replicas_an_empty_queue_would_remove():
+    """The benchmark's finding: on the queue alone a fleet whose queue has been empty for a scale-in
+    window drops replicas that are still busy. The second signal asks for enough replicas to keep
+    their mean KV cache use under the target, and the Scaler keeps the larger ask."""
+    import dataclasses
+    from kimi_fleet.autoscaling import Scaler, desired_replicas, kv_cache_replicas
+    policy = dataclasses.replace(_policy_for_kv_test(), min_replicas=1, max_replicas=4, metric="waiting",
+                                 target_value=4.0, kv_cache_target=0.75, scale_in_cooldown_seconds=600)
+    assert desired_replicas(policy, 0, 4) == 1  # the queue alone: one replica
+    assert kv_cache_replicas(policy, 0.7, 4) == 4  # 4 replicas at 70% (within 10% of 75%): keep them
+    assert kv_cache_replicas(policy, 0.9, 3) == 4  # 3 at 90%: ceil(3 x 0.9 / 0.75) = 4
+    assert kv_cache_replicas(policy, 0.2, 4) == 2  # 4 at 20%: ceil(4 x 0.2 / 0.75) = 2
+    assert kv_cache_replicas(policy, 0.0, 4) == 1  # idle: the range's bottom
+    with pytest.raises(ValueError):
+        kv_cache_replicas(policy, 1.5, 4)
+    scaler = Scaler(policy)
+    for minute in range(0, 40):  # an empty queue for 40 min while the 4 replicas run at 70%
+        kept = scaler.step(minute * 60.0, 0, 4, floor=kv_cache_replicas(policy, 0.7, 4))
+        assert kept == 4
+    queue_only = Scaler(policy)
+    asks = [queue_only.step(minute * 60.0, 0, 4) for minute in range(0, 40)]
+    assert min(asks) == 1  # what the benchmark saw without the signal
+
+
+def _policy_for_kv_test():
+    from pathlib import Path
+    from kimi_fleet.autoscaling import scaling_policy
+    from kimi_fleet.resolve import Resolved
+    from kimi_fleet.sizing import size
+    from kimi_fleet.stackfile import load_stack_config
+    r = Resolved(load_stack_config(Path(__file__).resolve().parent.parent / "stacks" / "Pulumi.h200-int4-vllm.yaml").spec())
+    policy = scaling_policy(r, size(r))
+    assert policy is not None and policy.kv_cache_target == 0.75  # the spec's default, on the shipped scaling stack
+    return policy
