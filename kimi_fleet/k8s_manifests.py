@@ -975,7 +975,9 @@ def _metrics_gate_container() -> dict:
         "env": [{"name": "XDG_DATA_HOME", "value": "/tmp/data"}, {"name": "XDG_CONFIG_HOME", "value": "/tmp/config"}],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_GATE_PORT}],
         "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+        # An unprivileged port: no capability, and not root (nobody), unlike the proxy that binds 80/443.
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534,
                             "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "metrics-gate", "mountPath": METRICS_GATE_MOUNT, "readOnly": True},
                          {"name": "metrics-gate-tmp", "mountPath": "/tmp"}],

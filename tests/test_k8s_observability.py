@@ -231,6 +231,8 @@ def test_the_pod_monitor_scrapes_each_serving_pods_gate_as_the_rules_jobs(stack)
         serving += 1
         assert gate["ports"] == [{"name": manifests.METRICS_PORT_NAME, "containerPort": manifests.METRICS_GATE_PORT}]
         assert gate["image"] == catalog.CADDY_IMAGE
+        assert gate["securityContext"]["runAsNonRoot"] and gate["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert gate["securityContext"]["readOnlyRootFilesystem"]
         engine = container(template, "engine")
         assert "ports" not in engine
         assert engine["args"][engine["args"].index("--host") + 1] == "127.0.0.1"
