@@ -14,6 +14,13 @@ maximum, so the policy errs toward adding a replica. Known limit: a fleet with n
 no TTFT at all; target tracking takes no action without data, so an idle TTFT-tracking fleet keeps
 its replicas until traffic returns (the queue target, always published, scales in when idle).
 
+The second signal (autoscaling: never fewer replicas than keep their mean KV cache use under
+capacity.scaling.kvCachePerReplica) is a second target-tracking policy on KvCacheUsage (the stack-level
+series' Average: the mean over the replicas of each one's fullest engine). With several target-tracking
+policies EC2 Auto Scaling takes the one that asks for the most capacity, scale-out and scale-in alike
+(EC2 Auto Scaling user guide, "Dynamic scaling", multiple dynamic scaling policies): the larger ask
+wins, as the policy says; a busy replica with an empty queue is not removed.
+
 Cooldowns: EC2 Auto Scaling takes a cooldown for SimpleScaling only (PutScalingPolicy: "Cooldown ...
 Valid only if the policy type is SimpleScaling"); a target-tracking policy takes the instances'
 estimated warm-up (the stack's time to ready, autoscaling.scaling_policy): an instance still warming
@@ -44,7 +51,8 @@ HEARTBEAT_RANGE = (30, 7200)
 #: The metric each target follows (CloudWatch names the nodes publish, fixed in the team contract)
 #: and the statistic over the replicas' one-minute data: requests waiting per replica (their mean),
 #: the slowest replica's p99 time to first token.
-TARGET_METRICS = {"waiting": ("RequestsWaiting", "Average"), "ttft": ("TtftP99Seconds", "Maximum")}
+TARGET_METRICS = {"waiting": ("RequestsWaiting", "Average"), "ttft": ("TtftP99Seconds", "Maximum"),
+                  "kv-cache": ("KvCacheUsage", "Average")}
 
 
 @dataclass
@@ -73,32 +81,44 @@ def tracked_metric(stack: str, metric: str) -> dict:
 
 class FleetScaling(pulumi.ComponentResource):
     policy_name: pulumi.Output[str]
+    kv_cache_policy_name: pulumi.Output[str]
     drain_hook_name: pulumi.Output[str]
 
     def __init__(self, name: str, args: FleetScalingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:FleetScaling", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         policy = args.policy
-        metric = tracked_metric(args.stack, policy.metric)
-        tracking = aws.autoscaling.Policy(
-            f"{name}-follow-{policy.metric}",
-            autoscaling_group_name=args.group_name,
-            policy_type="TargetTrackingScaling",
-            estimated_instance_warmup=int(policy.instance_warmup_seconds),
-            target_tracking_configuration=aws.autoscaling.PolicyTargetTrackingConfigurationArgs(
-                target_value=float(policy.target_value),
-                customized_metric_specification=(
-                    aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationArgs(
-                        namespace=metric["namespace"], metric_name=metric["metric_name"],
-                        statistic=metric["statistic"],
-                        metric_dimensions=[
-                            aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationMetricDimensionArgs(
-                                **dimension) for dimension in metric["metric_dimensions"]]))),
-            opts=child)
+        tracking = self._policy(name, args, policy.metric, policy.target_value,
+                                policy.instance_warmup_seconds, child)
+        # The second signal, always on (its target a ratio of the KV cache, 0-1).
+        kv_cache = self._policy(name, args, "kv-cache", policy.kv_cache_target, policy.instance_warmup_seconds,
+                                child)
         hook = aws.autoscaling.LifecycleHook(
             f"{name}-drain", autoscaling_group_name=args.group_name, name=DRAIN_HOOK_NAME,
             lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",
             heartbeat_timeout=drain_heartbeat_seconds(policy.drain_timeout_seconds), opts=child)
         self.policy_name = tracking.name
+        self.kv_cache_policy_name = kv_cache.name
         self.drain_hook_name = hook.name
-        self.register_outputs({"policy_name": self.policy_name, "drain_hook_name": self.drain_hook_name})
+        self.register_outputs({"policy_name": self.policy_name, "kv_cache_policy_name": self.kv_cache_policy_name,
+                               "drain_hook_name": self.drain_hook_name})
+
+    @staticmethod
+    def _policy(name: str, args: FleetScalingArgs, metric: str, target: float, warmup: int,
+                opts: pulumi.ResourceOptions) -> aws.autoscaling.Policy:
+        tracked = tracked_metric(args.stack, metric)
+        return aws.autoscaling.Policy(
+            f"{name}-follow-{metric}",
+            autoscaling_group_name=args.group_name,
+            policy_type="TargetTrackingScaling",
+            estimated_instance_warmup=int(warmup),
+            target_tracking_configuration=aws.autoscaling.PolicyTargetTrackingConfigurationArgs(
+                target_value=float(target),
+                customized_metric_specification=(
+                    aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationArgs(
+                        namespace=tracked["namespace"], metric_name=tracked["metric_name"],
+                        statistic=tracked["statistic"],
+                        metric_dimensions=[
+                            aws.autoscaling.PolicyTargetTrackingConfigurationCustomizedMetricSpecificationMetricDimensionArgs(
+                                **dimension) for dimension in tracked["metric_dimensions"]]))),
+            opts=opts)

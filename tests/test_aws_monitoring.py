@@ -310,8 +310,16 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     assert (inputs["minSize"], inputs["maxSize"], inputs["desiredCapacity"]) == (1, 4, r.spec.capacity.replicas)
     # The policy's count survives the next `pulumi up`.
     assert "desiredCapacity" in group["ignore_changes"]
-    (scaling_policy_resource,) = run.of_type(POLICY)
-    declared_policy = scaling_policy_resource["inputs"]
+    policies = {p["inputs"]["targetTrackingConfiguration"]["customizedMetricSpecification"]["metricName"]: p["inputs"]
+                for p in run.of_type(POLICY)}
+    assert len(policies) == 2
+    # The second signal, always on: the replicas' mean KV cache use under the policy's target; AWS takes
+    # the policy asking for the most capacity.
+    kv = policies.pop("KvCacheUsage")
+    assert kv["targetTrackingConfiguration"]["targetValue"] == policy.kv_cache_target
+    assert kv["targetTrackingConfiguration"]["customizedMetricSpecification"]["statistic"] == "Average"
+    assert kv["policyType"] == "TargetTrackingScaling" and kv["autoscalingGroupName"] == group["name"]
+    (declared_policy,) = policies.values()
     assert declared_policy["policyType"] == "TargetTrackingScaling"
     assert declared_policy["autoscalingGroupName"] == group["name"]
     assert declared_policy["estimatedInstanceWarmup"] == policy.instance_warmup_seconds
@@ -342,7 +350,7 @@ def test_a_policy_and_a_drain_hook_exactly_where_the_stack_scales(declared):
     r = spec_of(stack)
     policy = scaling_policy(r, size(r))
     drains = [h["inputs"] for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
-    assert len(run.of_type(POLICY)) == len(drains) == (1 if policy else 0), stack
+    assert len(run.of_type(POLICY)) == 2 * len(drains) == (2 if policy else 0), stack
     if policy:
         (group,) = run.of_type(GROUP)
         assert (group["inputs"]["minSize"], group["inputs"]["maxSize"]) == (policy.min_replicas, policy.max_replicas)
@@ -404,7 +412,12 @@ def test_a_threshold_or_a_range_change_replaces_nothing(tmp_path):
     assert (old_group["inputs"]["maxSize"], new_group["inputs"]["maxSize"]) == (3, 6)
     old_alarms, new_alarms = _alarms_by_rule(before, FLEET), _alarms_by_rule(after, FLEET)
     assert old_alarms["KimiTtftAboveObjective"]["threshold"] != new_alarms["KimiTtftAboveObjective"]["threshold"]
-    assert (before.of_type(POLICY)[0]["inputs"]["targetTrackingConfiguration"]["targetValue"],
-            after.of_type(POLICY)[0]["inputs"]["targetTrackingConfiguration"]["targetValue"]) == (4, 8)
+    def queue_target(run):
+        (policy,) = [p["inputs"]["targetTrackingConfiguration"] for p in run.of_type(POLICY)
+                     if p["inputs"]["targetTrackingConfiguration"]["customizedMetricSpecification"]["metricName"]
+                     == "RequestsWaiting"]
+        return policy["targetValue"]
+
+    assert (queue_target(before), queue_target(after)) == (4, 8)
     # ...and nothing is replaced: not the group, its template, an alarm, the policy or the dashboard.
     assert replacements(plan_resources(before), plan_resources(after)) == []
