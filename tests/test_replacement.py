@@ -69,7 +69,7 @@ def _edit_shipped_files(monkeypatch):
 
 
 #: A flag each engine's parser accepts and kimi-fleet does not render.
-EXTRA_FLAG = {"sglang": "--enable-metrics", "vllm": "--enable-prefix-caching"}
+EXTRA_FLAG = {"sglang": "--enable-cache-report", "vllm": "--enable-prefix-caching"}
 
 
 def _flag(config):
