@@ -40,16 +40,35 @@ pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not 
 @pytest.fixture(scope="module")
 def aws_env():
     with moto_server(REGION) as env:
-        aws(env, "s3api", "create-bucket", "--bucket", BUCKET)
-        aws(env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
-            "--value", "k" * 40)
+        create_bucket(env, BUCKET)
+        put_parameter(env, f"{PREFIX}/api-key", "k" * 40, secure=True)
         yield env
 
 
-def aws(env: dict, *args: str) -> str:
-    result = subprocess.run(["aws", *args, "--region", REGION], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+# What the deployer (Pulumi's NodeRelease, the compile-cache promotion) puts into S3 and SSM, put with
+# boto3 in this process: an `aws` CLI process costs about a second of CPU, and the test made ~40 of
+# them besides the node's. The node's side (the applier, its bootstrap) still runs the real AWS CLI.
+def _client(env: dict, service: str):
+    import boto3
+
+    return boto3.client(service, region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def create_bucket(env: dict, bucket: str) -> None:
+    _client(env, "s3").create_bucket(Bucket=bucket)
+
+
+def upload(env: dict, local: Path, uri: str) -> None:
+    """`aws s3 cp LOCAL s3://BUCKET/KEY`."""
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    _client(env, "s3").put_object(Bucket=bucket, Key=key, Body=Path(local).read_bytes())
+
+
+def put_parameter(env: dict, name: str, value: str, *, secure: bool = False) -> None:
+    """`aws ssm put-parameter --overwrite` (String, or SecureString)."""
+    _client(env, "ssm").put_parameter(Name=name, Value=value, Type="SecureString" if secure else "String",
+                                      Overwrite=True)
 
 
 def resolved(edit=None) -> Resolved:
@@ -68,9 +87,8 @@ def publish(env: dict, tmp_path: Path, r: Resolved, *, tamper: bool = False, api
     digest = bundle_digest(bundle)
     local = tmp_path / f"{digest}.json"
     local.write_text(bundle + (" " if tamper else ""))
-    aws(env, "s3", "cp", str(local), f"s3://{BUCKET}/releases/{digest}.json")
-    aws(env, "ssm", "put-parameter", "--name", release_pointer(PREFIX), "--type", "String", "--overwrite",
-        "--value", f"s3://{BUCKET}/releases/{digest}.json {digest}")
+    upload(env, local, f"s3://{BUCKET}/releases/{digest}.json")
+    put_parameter(env, release_pointer(PREFIX), f"s3://{BUCKET}/releases/{digest}.json {digest}")
     return digest
 
 
@@ -91,6 +109,9 @@ def apply(env: dict, root: Path, tools: Path, *args: str, extra_env: dict | None
 
 #: The flag that makes the stub engine run out of memory while it loads (release N+1's mistake).
 OOM_FLAG = "--enable-mfu-metrics"
+#: A flag the engine takes that changes nothing else (SGLang reports cached tokens in usage): release
+#: N+1's engine argv differs by it. Not --enable-metrics: kimi-fleet sets that one itself (1c4bb3f).
+EXTRA_FLAG = "--enable-cache-report"
 
 
 def stub_node_tools(tools: Path, state: Path) -> None:
@@ -216,7 +237,7 @@ def _n_then_n_plus_1(aws_env, root, tools, digest):
     assert "SSM_API_KEY_VERSION=1" in node_env and "EBS_VOLUME_ID=vol-0123456789abcdef0" in node_env
 
     def more_flags(values):
-        values["engine"] = {**values["engine"], "extraArgs": ["--enable-metrics"]}
+        values["engine"] = {**values["engine"], "extraArgs": [EXTRA_FLAG]}
 
     second = resolved(more_flags)
     digest_2 = publish(aws_env, root.parent, second)
@@ -228,7 +249,7 @@ def _n_then_n_plus_1(aws_env, root, tools, digest):
     # Secrets, weights and caches were prepared from the staged files before any file went live.
     log = result.stderr
     assert log.index("bootstrap --prepare done") < log.index("file(s) changed; waiting up to")
-    assert "--enable-metrics" in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()
+    assert EXTRA_FLAG in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()
     assert (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip() == node_files.node_release(
         second, render_launch(second), size(second))
     # Applying the same release again changes nothing and restarts nothing.
@@ -247,13 +268,12 @@ def test_a_new_node_restores_the_shared_compile_cache_before_its_engines_start(a
     (kernels / "deep_gemm" / "kernel.cubin").write_bytes(b"\x7fELF kernel")
     with tarfile.open(tmp_path / "cache.tar", "w") as tar:
         tar.add(kernels / "deep_gemm", arcname="deep_gemm")
-    aws(aws_env, "s3api", "create-bucket", "--bucket", bucket)
+    create_bucket(aws_env, bucket)
     # The deployer promoted it: stored under its SHA-256 and pinned for this launch (compile_cache.py).
     from kimi_fleet.node_scripts.compile_cache import launch_digest, pinned_uri
     sha256 = hashlib.sha256((tmp_path / "cache.tar").read_bytes()).hexdigest()
-    aws(aws_env, "s3", "cp", str(tmp_path / "cache.tar"), pinned_uri(archive, sha256))
-    aws(aws_env, "ssm", "put-parameter", "--name", f"{PREFIX}/compile-cache/{launch_digest(archive)}", "--type",
-        "String", "--overwrite", "--value", sha256)
+    upload(aws_env, tmp_path / "cache.tar", pinned_uri(archive, sha256))
+    put_parameter(aws_env, f"{PREFIX}/compile-cache/{launch_digest(archive)}", sha256)
 
     root, tools = scratch_node(tmp_path, r)
     digest = publish(aws_env, tmp_path, r)
@@ -326,7 +346,7 @@ def test_a_fleet_node_retries_a_bundle_not_yet_uploaded(aws_env, tmp_path):
     """A node may boot before Pulumi uploaded its template's bundle: the fetch by digest is retried
     (backoff with jitter) until the object is there, then applied."""
     # A bundle no other test published (the bucket is shared by the module's tests).
-    new = resolved(lambda values: values.update(engine={**values["engine"], "extraArgs": ["--enable-metrics", OOM_FLAG]}))
+    new = resolved(lambda values: values.update(engine={**values["engine"], "extraArgs": [EXTRA_FLAG, OOM_FLAG]}))
     root, tools = scratch_node(tmp_path, new)
     publish(aws_env, tmp_path, resolved())  # the pointer names another release
     files = render_node_files(new, render_launch(new), size(new), ebs_volume_id="vol-0123456789abcdef0",
@@ -338,7 +358,7 @@ def test_a_fleet_node_retries_a_bundle_not_yet_uploaded(aws_env, tmp_path):
 
     def upload_once_the_node_asked():
         wait_for(lambda: log.exists() and f"release bundle {wanted[:16]}: aws s3" in log.read_text())
-        aws(aws_env, "s3", "cp", str(tmp_path / "wanted.json"), f"s3://{BUCKET}/releases/{wanted}.json")
+        upload(aws_env, tmp_path / "wanted.json", f"s3://{BUCKET}/releases/{wanted}.json")
 
     later = threading.Thread(target=upload_once_the_node_asked)
     later.start()
@@ -349,7 +369,7 @@ def test_a_fleet_node_retries_a_bundle_not_yet_uploaded(aws_env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"release bundle {wanted[:16]}: aws s3" in result.stderr and "retrying in" in result.stderr
     assert (root / "var/lib/kimi-fleet/applied-release").read_text().strip() == wanted
-    assert f"\"--enable-metrics\", \"{OOM_FLAG}\"" in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()
+    assert f"\"{EXTRA_FLAG}\", \"{OOM_FLAG}\"" in (root / "etc/kimi-fleet/engine-0.argv.json").read_text()
 
 
 def flaky_aws(tools: Path, state: Path, failures: int) -> None:
@@ -505,8 +525,7 @@ def test_a_key_rotation_counts_only_a_new_admission_and_a_failed_one_puts_the_ol
             release_n = released(tmp_path, digest_n)
             assert apply(aws_env, root, tools, "--expect", digest_n).returncode == 0
             wait_for(lambda: ready.exists() and ready.read_text().strip() == release_n)
-            aws(aws_env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
-                "--overwrite", "--value", "n" * 40)
+            put_parameter(aws_env, f"{PREFIX}/api-key", "n" * 40, secure=True)
             digest_rotated = publish(aws_env, tmp_path, r, api_key_version=2)
             assert digest_rotated != digest_n and released(tmp_path, digest_rotated) == release_n
             failed = apply(aws_env, root, tools, "--expect", digest_rotated, "--admission-budget", "2")
@@ -521,8 +540,7 @@ def test_a_key_rotation_counts_only_a_new_admission_and_a_failed_one_puts_the_ol
         assert not (root / "var/lib/kimi-fleet/staging").exists() or not any(
             (root / "var/lib/kimi-fleet/staging").iterdir())  # no copy of a key left in a stage
     finally:
-        aws(aws_env, "ssm", "put-parameter", "--name", f"{PREFIX}/api-key", "--type", "SecureString",
-            "--overwrite", "--value", "k" * 40)
+        put_parameter(aws_env, f"{PREFIX}/api-key", "k" * 40, secure=True)
 
 
 def test_the_admission_budget_is_the_warm_start_the_nodes_own_deadline_and_two_watchdog_ticks(tmp_path):
