@@ -110,6 +110,8 @@ class Fleet(pulumi.ComponentResource):
     dashboard_url: pulumi.Output[str | None]
     metrics_location: pulumi.Output[str | None]
     alarm_topic_arn: pulumi.Output[str | None]
+    #: a host's scrape-endpoint key, a secret (None where the target has no scrape endpoint)
+    metrics_key: pulumi.Output[str | None]
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None):
         r, spec = args.resolved, args.resolved.spec
@@ -175,6 +177,8 @@ class Fleet(pulumi.ComponentResource):
         self.dashboard_url = pulumi.Output.from_input(getattr(endpoint, "dashboard_url", None))
         self.metrics_location = pulumi.Output.from_input(getattr(endpoint, "metrics_location", None))
         self.alarm_topic_arn = pulumi.Output.from_input(getattr(endpoint, "alarm_topic_arn", None))
+        key = getattr(endpoint, "metrics_key", None)
+        self.metrics_key = pulumi.Output.secret(key) if key is not None else pulumi.Output.from_input(None)
         # AWS says which record it made (or what to create by hand); other targets name their mechanism.
         self.dns = getattr(endpoint, "dns_record", None) or pulumi.Output.from_input(
             args.resolved.target.dns_mechanism(spec))
@@ -233,4 +237,5 @@ class Fleet(pulumi.ComponentResource):
             "dashboard_url": self.dashboard_url,
             "metrics_location": self.metrics_location,
             "alarm_topic_arn": self.alarm_topic_arn,
+            "metrics_key": self.metrics_key,
         })

@@ -230,7 +230,7 @@ def _restarted(stderr: str) -> set[str]:
 
 
 @pytest.mark.parametrize("edit, expected", [
-    ({"engine": {"extraArgs": ["--enable-metrics"]}}, {"kimi-engine@0.service", "caddy.service"}),
+    ({"engine": {"extraArgs": ["--enable-cache-report"]}}, {"kimi-engine@0.service", "caddy.service"}),
     ({"acmeEmail": "ops-rotated@example.com"}, {"caddy.service"}),
 ])
 def test_next_release_restarts_only_what_changed_as_the_plan_said(edit, expected, tmp_path):

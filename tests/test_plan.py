@@ -79,6 +79,10 @@ def test_client_outputs_and_a_secret_key(runs, name):
     assert outputs["openai_base_url"].startswith("https://") and outputs["openai_base_url"].endswith("/v1")
     assert outputs["api_key"] == "[secret]"
     assert outputs["model"] == "kimi-k2.6"
+    # A host's scrape endpoint has a key of its own, exported only as a secret; other targets have none.
+    from kimi_fleet.stackfile import load_stack_config, stack_file
+    host = load_stack_config(stack_file(name)).spec().target.kind == "host"
+    assert outputs["metrics_key"] == ("[secret]" if host else None), outputs["metrics_key"]
 
 
 def test_all_prints_one_row_per_stack(tmp_path):

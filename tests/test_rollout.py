@@ -65,7 +65,7 @@ def change_image(config: dict) -> None:
 
 def change_flag(config: dict) -> None:
     config["kimi-fleet:engine"] = {**_engine(config), "extraArgs": [*_engine(config).get("extraArgs", []),
-                                                                   "--enable-metrics"]}
+                                                                   "--enable-cache-report"]}
 
 
 def change_revision(config: dict) -> None:
@@ -289,7 +289,7 @@ def test_host_flag_change_ships_a_new_bundle_and_reruns_the_applier(tmp_path):
                    if f["path"].endswith("engine-0.argv.json")]
         return text
 
-    assert json.loads(argv(new)) == [*json.loads(argv(old)), "--enable-metrics"]  # the flag, appended
+    assert json.loads(argv(new)) == [*json.loads(argv(old)), "--enable-cache-report"]  # the flag, appended
     (bootstrap,) = [name for name in new if name.endswith("-bootstrap") and "-file-" not in name]
     assert bootstrap in changed and old[bootstrap]["inputs"]["triggers"] != new[bootstrap]["inputs"]["triggers"]
 
