@@ -32,3 +32,18 @@ def plan_all(tmp_path_factory) -> subprocess.CompletedProcess:
     build = tmp_path_factory.mktemp("plan-all-build")
     return subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight", "--build-dir", str(build)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+#: Files whose tests mostly wait (fake engines behind a real Caddy, the admission suite run by the
+#: node's own scripts) rather than compute. Under `pytest -n 2 --dist loadgroup` their tests spread
+#: over the workers; every other file stays whole on one worker, as with --dist loadfile, so its
+#: module-scoped fixtures (a moto server, every stack run under the mocks) are built once.
+SPREAD_FILES = {"test_watchdog.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
