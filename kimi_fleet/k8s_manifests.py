@@ -1097,6 +1097,20 @@ def scaling_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
     return query, "Value", policy.target_value
 
 
+def kv_cache_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
+    """(PromQL, metricType, threshold) of the policy's second signal, always on (autoscaling's
+    kv_cache_target): the engines' KV cache use (0-1, the engine's own gauge) summed as an AverageValue
+    against the per-pod target, so the HPA asks ceil(total use / target) pods: never fewer than keep
+    their mean under it. The HPA takes the larger of its metrics' asks, as the policy does. The fixed
+    pods (the on-demand base under spot) take their share first."""
+    kv = catalog.ENGINE_METRICS[r.spec.engine.name].kv_cache_usage
+    fixed = sum(pods for market, pods in market_groups(r) if market != scaled_market(r))
+    query = f"sum({kv}{{{_stack_selector(r)}}})"
+    if fixed:
+        query = f"clamp_min({query} - {fixed * policy.kv_cache_target:g}, 0)"
+    return query, "AverageValue", policy.kv_cache_target
+
+
 def hpa_behavior(r: Resolved, policy: ScalingPolicy) -> dict:
     """The HPA's behaviour from the policy (kimi_fleet/autoscaling.py): scale-in only after a lull of
     scale_in_cooldown_seconds (the scale-down stabilization window takes the highest ask in it);
@@ -1118,9 +1132,10 @@ def hpa_behavior(r: Resolved, policy: ScalingPolicy) -> dict:
 
 def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
     """KEDA's ScaledObject for a scaling stack (None otherwise): the scaled Deployment's pods between
-    the policy's range (less the fixed on-demand base under spot), a Prometheus trigger on the queue
-    or the TTFT at target.kubernetes.prometheusUrl (the Kubernetes target refuses a scaling stack
-    without it), the HPA behaviour from the policy."""
+    the policy's range (less the fixed on-demand base under spot), Prometheus triggers at
+    target.kubernetes.prometheusUrl (the Kubernetes target refuses a scaling stack without it) on the
+    queue or the TTFT and on the KV cache use (the policy's second signal), the HPA behaviour from
+    the policy."""
     policy = scaling_policy(r, sizing)
     if policy is None:
         return None
@@ -1128,6 +1143,7 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
     market = scaled_market(r)
     fixed = sum(pods for m, pods in market_groups(r) if m != market)
     query, metric_type, threshold = scaling_query(r, policy)
+    kv_query, kv_type, kv_target = kv_cache_query(r, policy)
     per_replica = r.engines_per_node
     trigger_metadata = {"serverAddress": k8s.prometheus_url, "query": query, "threshold": f"{threshold:g}"}
     if policy.metric == "ttft":
@@ -1146,8 +1162,11 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
             # No scale to zero before a first pod could have started.
             "initialCooldownPeriod": policy.instance_warmup_seconds,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(r, policy)}},
-            "triggers": [{"type": "prometheus", "name": f"{policy.metric}", "metricType": metric_type,
-                          "metadata": trigger_metadata}],
+            "triggers": [
+                {"type": "prometheus", "name": policy.metric, "metricType": metric_type, "metadata": trigger_metadata},
+                {"type": "prometheus", "name": "kv-cache", "metricType": kv_type,
+                 "metadata": {"serverAddress": k8s.prometheus_url, "query": kv_query, "threshold": f"{kv_target:g}"}},
+            ],
         },
     }
 

@@ -524,6 +524,10 @@ def test_the_dashboard_ships_as_a_configmap_the_grafana_sidecar_imports(stack):
 
 # --- scaling -------------------------------------------------------------------------------------
 
+def selector_of(r: Resolved) -> str:
+    return f'namespace="{r.spec.target.kubernetes.namespace}",job="{observability.ENGINE_JOB}"'
+
+
 @pytest.mark.parametrize("stack, given", SCALING_VARIANTS)
 def test_the_scaled_object_follows_the_policy(stack, given):
     r, sizing, objects, monitoring = rendered(stack, given)
@@ -546,11 +550,19 @@ def test_the_scaled_object_follows_the_policy(stack, given):
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == min(policy.scale_in_cooldown_seconds, 3600)
     (step,) = behavior["scaleUp"]["policies"]
     assert step["periodSeconds"] == min(policy.scale_out_cooldown_seconds, 1800)
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "prometheus"
+    trigger, kv = scaled["triggers"]
+    assert trigger["type"] == kv["type"] == "prometheus" and trigger["name"] == policy.metric
+    # The second signal, always on: the HPA takes the larger ask of its metrics, as the policy does.
+    kv_query = f"sum({catalog.ENGINE_METRICS[r.spec.engine.name].kv_cache_usage}{{{selector_of(r)}}})"
+    assert kv["name"] == "kv-cache" and kv["metricType"] == "AverageValue"
+    assert float(kv["metadata"]["threshold"]) == policy.kv_cache_target == r.spec.capacity.scaling.kv_cache_per_replica
+    assert kv["metadata"]["serverAddress"] == r.spec.target.kubernetes.prometheus_url
+    fixed_share = sum(d["spec"]["replicas"] for d in deployments.values() if "replicas" in d["spec"])
+    assert kv["metadata"]["query"] == (f"clamp_min({kv_query} - {fixed_share * policy.kv_cache_target:g}, 0)"
+                                       if fixed_share else kv_query)
     meta = trigger["metadata"]
     assert meta["serverAddress"] == r.spec.target.kubernetes.prometheus_url
-    selector = f'namespace="{r.spec.target.kubernetes.namespace}",job="{observability.ENGINE_JOB}"'
+    selector = selector_of(r)
     names = catalog.ENGINE_METRICS[r.spec.engine.name]
     if policy.metric == "waiting":
         # The engine's own queue gauge (its adapter's and the catalog's name agree).
@@ -575,13 +587,14 @@ def test_the_trigger_queries_are_promql_promtool_accepts(tmp_path):
     rules = {"groups": [{"name": "keda", "rules": []}]}
     for index, (stack, given) in enumerate(SCALING_VARIANTS):
         _, _, _, monitoring = rendered(stack, given)
-        query = the(monitoring, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
-        rules["groups"][0]["rules"].append({"record": f"kimi:keda_query_{index}", "expr": query})
+        for number, trigger in enumerate(the(monitoring, "ScaledObject")["spec"]["triggers"]):
+            rules["groups"][0]["rules"].append({"record": f"kimi:keda_query_{index}_{number}",
+                                                "expr": trigger["metadata"]["query"]})
     path = tmp_path / "rules.yaml"
     path.write_text(json.dumps(rules))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"SUCCESS: {len(SCALING_VARIANTS)} rules found" in done.stdout
+    assert f"SUCCESS: {2 * len(SCALING_VARIANTS)} rules found" in done.stdout
 
 
 def _operator_relabelings(endpoint: dict) -> list[dict]:
@@ -663,6 +676,10 @@ def test_a_real_prometheus_scrapes_the_gate_as_the_pod_monitor_says_and_answers_
                                     "replica": "kimi-engine-on-demand-1", "instance": f"127.0.0.1:{gate_port}",
                                     "namespace": namespace, "container": "metrics", "pod": "kimi-engine-on-demand-1",
                                     "endpoint": manifests.METRICS_PORT_NAME}
+            # The second trigger's query finds the engine's KV cache gauge under the same labels.
+            kv_query = the(monitoring, "ScaledObject")["spec"]["triggers"][1]["metadata"]["query"]
+            kv_name = catalog.ENGINE_METRICS["vllm"].kv_cache_usage
+            assert prometheus.values(kv_query) == prometheus.values(f"sum({kv_name})") != {}
             dropped = prometheus.get("/api/v1/targets?state=any")["data"]["droppedTargets"]
             assert [t["discoveredLabels"]["__meta_kubernetes_pod_name"] for t in dropped] == ["kimi-engine-0-1"]
         hang.unlink()
