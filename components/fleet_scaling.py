@@ -23,11 +23,16 @@ wins, as the policy says; a busy replica with an empty queue is not removed.
 
 Cooldowns: EC2 Auto Scaling takes a cooldown for SimpleScaling only (PutScalingPolicy: "Cooldown ...
 Valid only if the policy type is SimpleScaling"); a target-tracking policy takes the instances'
-estimated warm-up (the stack's time to ready, autoscaling.scaling_policy): an instance still warming
-up is not counted as the group's capacity in the next scale-out's arithmetic, so a 25-minute cold
-start is not launched twice for one spike. (AWS starts the warm-up once the lifecycle hooks are done,
-here the admission hook: conservative, the replica already serves by then.) Scale-in is AWS's own
-(slower than scale-out, by its managed alarms), and each removal waits in the drain hook below.
+estimated warm-up, which AWS counts from InService ("until a new instance is considered to have
+finished initializing ... after it enters the InService state": CreateAutoScalingGroup,
+DefaultInstanceWarmup). A new instance of this group enters InService only once its watchdog
+admitted it (the admission lifecycle hook holds it in Pending:Wait through its whole cold start, and
+a pending instance is already in the desired count, so one spike does not launch a 25-minute cold
+start twice). What is left to warm up is the load balancer's own health checks:
+health.REFRESH_WARMUP_SECONDS, as for an instance refresh. (The whole time to ready there would keep
+a replica that already serves out of the next scale-out's arithmetic for another half hour.)
+Scale-in is AWS's own (slower than scale-out, by its managed alarms), and each removal waits in the
+drain hook below.
 
 Drain: the lifecycle hook "kimi-drain" holds a terminating instance (scale-in or an instance
 refresh) in Terminating:Wait; its node stops taking requests (the ready listener answers 503, so
@@ -42,7 +47,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import observability
+from kimi_fleet import health, observability
 
 #: The contract's hook name (the node looks for its own termination, not for this name).
 DRAIN_HOOK_NAME = "kimi-drain"
@@ -88,11 +93,10 @@ class FleetScaling(pulumi.ComponentResource):
         super().__init__("kimi-fleet:aws:FleetScaling", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         policy = args.policy
-        tracking = self._policy(name, args, policy.metric, policy.target_value,
-                                policy.instance_warmup_seconds, child)
+        warmup = health.REFRESH_WARMUP_SECONDS  # after admission (InService): see the module's docstring
+        tracking = self._policy(name, args, policy.metric, policy.target_value, warmup, child)
         # The second signal, always on (its target a ratio of the KV cache, 0-1).
-        kv_cache = self._policy(name, args, "kv-cache", policy.kv_cache_target, policy.instance_warmup_seconds,
-                                child)
+        kv_cache = self._policy(name, args, "kv-cache", policy.kv_cache_target, warmup, child)
         hook = aws.autoscaling.LifecycleHook(
             f"{name}-drain", autoscaling_group_name=args.group_name, name=DRAIN_HOOK_NAME,
             lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",

@@ -176,13 +176,13 @@ def time_to_ready_terms(r: Resolved, sizing: Sizing) -> dict[str, int]:
     """A new replica's time from the scaler's decision to serving, term by term (seconds): the terms
     the plan and the replacement lines already use, added, never modelled again here."""
     if r.target.renders_manifests:
-        from kimi_fleet.k8s_manifests import pod_cold_start_seconds  # imported here: the manifests may read this module
-
         terms = {"image pull": health.IMAGE_PULL_SECONDS}
         if r.weights_volume == "host-path":  # a node that never held the weights downloads them first
             terms["download"] = sizing.download_seconds
             terms["verify"] = sizing.verify_seconds
-        terms["read and load from the weights volume"] = pod_cold_start_seconds(sizing)
+        # k8s_manifests.pod_cold_start_seconds is this (a new pod starts from the weights volume with a cold
+        # page cache); the manifests read this module, not the other way round
+        terms["read and load from the weights volume"] = sizing.volume_start_seconds
         return terms
     return {"boot": health.BOOT_SECONDS, "image pull": health.IMAGE_PULL_SECONDS,
             "cold start (download, verify, read, load)": sizing.cold_start_seconds}

@@ -295,15 +295,21 @@ def print_scaling(p: dict) -> None:
     low, high = policy["min_replicas"], policy["max_replicas"]
     target = (f"{policy['target_value']:g} requests waiting per replica" if policy["metric"] == "waiting"
               else f"a p99 time to first token of {policy['target_value']:g} s")
-    print(f"  scaling: {low} to {high} replicas following {target}; {_money(priced.get('low_usd_per_hour'))}/h at "
-          f"{low} to {_money(priced.get('high_usd_per_hour'))}/h at {high} (the prices above; the stack's "
-          f"{_money(c['fleet_usd_per_hour'])}/h and $/M are at the {c['replicas']} replica(s) a first deploy starts with)")
+    if priced.get("low_usd_per_hour") is None:  # a cluster's nodes: the catalog prices no pod
+        print(f"  scaling: {low} to {high} replicas following {target}; no price per hour (the cluster's nodes are "
+              "not in the catalog's price snapshots)")
+    else:
+        print(f"  scaling: {low} to {high} replicas following {target}; {_money(priced.get('low_usd_per_hour'))}/h "
+              f"at {low} to {_money(priced.get('high_usd_per_hour'))}/h at {high} (the prices above; the stack's "
+              f"{_money(c['fleet_usd_per_hour'])}/h and $/M are at the {c['replicas']} replica(s) a first deploy "
+              "starts with)")
     for line in p.get("scaling_lines") or []:
         print(f"    {line}")
     if policy["target"] == "aws":  # components/fleet_scaling.py: EC2 target tracking takes no cooldowns
-        print(f"    on AWS the group's target tracking counts replicas still warming up for "
-              f"{_min(policy['instance_warmup_seconds'])} min (no second launch for one spike) and scales in by "
-              "AWS's own managed low alarm, not by the window above: a lull shorter than it may remove a replica")
+        print(f"    on AWS a launched replica stays out of service until admitted (its {_min(policy['instance_warmup_seconds'])} "
+              "min above, already in the desired count: no second launch for one spike), then warms up for the load "
+              f"balancer's checks ({health.REFRESH_WARMUP_SECONDS} s); the group scales in by AWS's own managed low "
+              "alarm, not by the window above: a lull shorter than it may remove a replica")
 
 
 def throughput_lines(c: dict) -> list[str]:

@@ -322,7 +322,11 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     (declared_policy,) = policies.values()
     assert declared_policy["policyType"] == "TargetTrackingScaling"
     assert declared_policy["autoscalingGroupName"] == group["name"]
-    assert declared_policy["estimatedInstanceWarmup"] == policy.instance_warmup_seconds
+    # AWS counts the warm-up from InService, which an instance here reaches only once admitted (the
+    # admission hook covers its cold start): what is left is the load balancer's health checks.
+    from kimi_fleet import health
+    assert declared_policy["estimatedInstanceWarmup"] == kv["estimatedInstanceWarmup"] == health.REFRESH_WARMUP_SECONDS
+    assert health.REFRESH_WARMUP_SECONDS < policy.instance_warmup_seconds
     tracking = declared_policy["targetTrackingConfiguration"]
     assert tracking["targetValue"] == (6 if target == "waiting" else 3)
     assert tracking["customizedMetricSpecification"] == {

@@ -70,7 +70,8 @@ def test_mi355x_takes_four_amd_gpus_per_pod():
     r, _, objects = rendered("mi355x-int4-sglang")
     assert not of_kind(objects, "ResourceClaimTemplate")
     (deployment,) = of_kind(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == r.spec.capacity.replicas == 2
+    # The stack scales (2-6): KEDA's HPA owns the count, the Deployment names none.
+    assert "replicas" not in deployment["spec"] and r.spec.capacity.replicas == 2
     engine = containers(deployment, "engine")
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
     assert {"name": "HIP_VISIBLE_DEVICES", "value": "0,1,2,3"} in engine["env"]
@@ -200,7 +201,9 @@ def test_network_policies_admit_only_the_proxy_ports(stack):
         assert selector.items() <= pod["metadata"]["labels"].items()
         # The named ports exist on the proxy only: the engine's port is never admitted.
         named = {port["name"]: c["name"] for c in pod["spec"]["containers"] for port in c.get("ports", [])}
-        assert named == {"https": "proxy", "http": "proxy"}
+        # The proxy's ports, and the metrics gate's (admitted from the monitoring namespace's
+        # Prometheus only: tests/test_k8s_observability.py); the engine's port is never named.
+        assert named == {"https": "proxy", "http": "proxy", manifests.METRICS_PORT_NAME: "metrics"}
     # Applied before anything that runs a pod.
     kinds = [o["kind"] for o in objects]
     assert max(i for i, k in enumerate(kinds) if k == "NetworkPolicy") < min(
@@ -508,4 +511,10 @@ def test_the_gates_rollout_wait_uses_the_sizings_windows(stack):
     assert wait["namespace"] == r.spec.target.kubernetes.namespace
     # One pod: its pull, the startup window (the kubelet's kill comes first) and its admission suite.
     assert wait["pod_ready_seconds"] > manifests.IMAGE_PULL_SECONDS + manifests.startup_window_seconds(sizing)
-    assert wait["timeout_seconds"] == wait["pod_ready_seconds"] * manifests.engine_pod_count(r)
+    # A scaling stack's rollout may find the range's top, and each old pod frees its GPUs only after
+    # its drain (for a fixed stack: the pods it has, no drain).
+    from kimi_fleet.autoscaling import scaling_policy
+    policy = scaling_policy(r, sizing)
+    drain = policy.drain_timeout_seconds if policy else 0
+    assert wait["timeout_seconds"] == (wait["pod_ready_seconds"] + drain) * (
+        r.spec.capacity.most_replicas * r.engines_per_node)

@@ -269,7 +269,7 @@ def test_the_leader_serves_and_is_probed_with_the_sizings_window(stack):
     r, sizing, objects = stack
     templates = group(objects)
     leader, worker = templates["leaderTemplate"], templates["workerTemplate"]
-    assert [c["name"] for c in leader["spec"]["containers"]] == ["engine", "proxy", "admission", "fabric"]
+    assert [c["name"] for c in leader["spec"]["containers"]] == ["engine", "proxy", "admission", "metrics", "fabric"]
     assert [c["name"] for c in worker["spec"]["containers"]] == ["engine", "fabric"]
     startup = container(leader, "engine")["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] == manifests.startup_window_seconds(sizing)
@@ -289,7 +289,8 @@ def test_the_leader_serves_and_is_probed_with_the_sizings_window(stack):
 def test_the_groups_pods_reach_each_other_and_nothing_else_is_opened(stack):
     _, _, objects = stack
     policies = {p["metadata"]["name"]: p["spec"] for p in objects if p["kind"] == "NetworkPolicy"}
-    assert set(policies) == {manifests.DENY_ALL_POLICY, manifests.PROXY_POLICY, manifests.PEERS_POLICY}
+    assert set(policies) == {manifests.DENY_ALL_POLICY, manifests.PROXY_POLICY, manifests.METRICS_POLICY,
+                             manifests.PEERS_POLICY}
     group_selector = {"matchLabels": {manifests.LWS_NAME_LABEL: manifests.LWS_NAME}}
     assert policies[manifests.PEERS_POLICY] == {
         "podSelector": group_selector, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": group_selector}]}]}

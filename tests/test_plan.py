@@ -325,7 +325,8 @@ def test_a_scaling_stack_prints_its_range_cost_range_time_to_ready_cooldowns_and
     assert f"scale in only after {scale_in} min below the target (one time to ready" in out
     assert "drain: a replica removed stops taking requests and finishes its running ones for up to 120 min" in out
     # What the AWS group really does with it (components/fleet_scaling.py: target tracking, no cooldowns).
-    assert (f"on AWS the group's target tracking counts replicas still warming up for {ready / 60:.0f} min" in out
+    assert (f"on AWS a launched replica stays out of service until admitted (its {ready / 60:.0f} min above" in out
+            and f"then warms up for the load balancer's checks ({health.REFRESH_WARMUP_SECONDS} s)" in out
             and "scales in by AWS's own managed low alarm, not by the window above" in out)
     assert (f"absorbs: a new replica serves about {ready / 60:.0f} min after the queue crosses its target "
             f"(plus up to 60 s for the metric): a spike shorter than that is absorbed only by the replicas "
