@@ -407,7 +407,12 @@ def alert_rules(spec) -> list[AlertRule]:
             q(f"min {_PER_REPLICA} ({{{NODE_ADMITTED}}}) == 0"),
             NOT_ADMITTED_MINUTES, 0, "warning",
             f"a node has not been admitted (self-verification not passed) for {NOT_ADMITTED_MINUTES} minutes",
-            CloudWatchAlarm("NodeAdmitted", "Minimum", "LessThanOrEqualToThreshold", 0, 300,
+            # Maximum: no replica admitted for the hour (the stack is down). Not Minimum: a one-at-a-time
+            # refresh of 3 or more replicas keeps *some* replica unadmitted for longer than an hour while
+            # each one's own cold start is shorter; per replica the series is the instance's, unknown when
+            # the alarm is declared. A single replica stuck unadmitted is the admission hook's to end
+            # (ABANDON at its heartbeat: the group replaces it).
+            CloudWatchAlarm("NodeAdmitted", "Maximum", "LessThanOrEqualToThreshold", 0, 300,
                             NOT_ADMITTED_MINUTES // 5)),
         AlertRule(
             "KimiGateFailed",

@@ -349,6 +349,8 @@ def test_cloudwatch_twins_of_per_replica_rules_take_the_extreme_not_the_mean():
     assert twins["KimiEngineStalled"].statistic == "Maximum"
     assert twins["KimiProxyUnauthorized"].statistic == "Maximum"
     assert twins["KimiProxy5xxRatio"].statistic == "Maximum"
-    assert twins["KimiNodeNotAdmitted"].statistic == "Minimum"
+    # ... except where the stack-level extreme misreads a normal rollout: a one-at-a-time refresh keeps
+    # some replica unadmitted for longer than the hour, each for less; only "none admitted" is an alarm.
+    assert twins["KimiNodeNotAdmitted"].statistic == "Maximum"
     assert twins["KimiGateFailed"].statistic == "Minimum"
     assert all(t.statistic != "Average" for name, t in twins.items() if name != "KimiQueueGrowing")
