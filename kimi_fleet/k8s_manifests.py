@@ -321,6 +321,13 @@ def deployment_timeout_seconds(r: Resolved, sizing: Sizing, *, rolling: bool) ->
     return per_pod * rollout_starts(r)
 
 
+def old_pod_drain_seconds(r: Resolved, sizing: Sizing) -> int:
+    """How long a rolling update may wait for an old pod's drain before the new pod gets its GPUs: the
+    scaling policy's drain timeout (0 for a stack that does not scale: its pods stop at once)."""
+    policy = scaling_policy(r, sizing)
+    return policy.drain_timeout_seconds if policy is not None else 0
+
+
 def rollout_starts(r: Resolved) -> int:
     """Cold starts one after the other in a rollout: a pod at a time; a LeaderWorkerSet's one group
     starts once, or twice on surge (the surge group, then the group itself on the new release; its
@@ -390,7 +397,9 @@ def rollout_wait(r: Resolved, sizing: Sizing) -> dict:
         "leaderworkersets": [LWS_NAME] if r.multi_node else [],
         "timeout_seconds": deployment_timeout_seconds(r, sizing, rolling=True),
         "pod_ready_seconds": deployment_timeout_seconds(r, sizing, rolling=False),
-        "scheduling_grace_seconds": SCHEDULING_GRACE_SECONDS,
+        # A new pod stays Pending while the old one drains (its GPUs are the ones it needs): not a
+        # cluster without room, so the grace counts the drain.
+        "scheduling_grace_seconds": SCHEDULING_GRACE_SECONDS + old_pod_drain_seconds(r, sizing),
     }
 
 
@@ -730,8 +739,10 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
             **count,
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(r.spec.capacity.rollout)},
-            # The 600 s default marks a loading engine as a failed rollout (and Pulumi fails with it).
-            "progressDeadlineSeconds": deployment_timeout_seconds(r, sizing, rolling=False),
+            # The 600 s default marks a loading engine as a failed rollout (and Pulumi fails with it); an old
+            # pod's drain comes first when the stack scales (the new pod waits for its GPUs).
+            "progressDeadlineSeconds": deployment_timeout_seconds(r, sizing, rolling=False)
+            + old_pod_drain_seconds(r, sizing),
             "template": {
                 "metadata": {"labels": selector, **({"annotations": {RELEASE_ANNOTATION: release}} if release else {})},
                 "spec": pod_spec,

@@ -518,3 +518,22 @@ def test_the_gates_rollout_wait_uses_the_sizings_windows(stack):
     drain = policy.drain_timeout_seconds if policy else 0
     assert wait["timeout_seconds"] == (wait["pod_ready_seconds"] + drain) * (
         r.spec.capacity.most_replicas * r.engines_per_node)
+
+
+def test_a_scaling_stacks_rollout_waits_out_an_old_pods_drain():
+    """Review F3: with no spare GPUs the new pod stays Pending while the old one drains (up to the
+    policy's drain timeout): neither the gate's scheduling grace nor the Deployment's progress
+    deadline may call that a failed rollout (the gate would then undo it into the same wait)."""
+    from kimi_fleet.autoscaling import scaling_policy
+    r, sizing, objects = rendered("mi355x-int4-sglang")  # scales 2-6
+    drain = scaling_policy(r, sizing).drain_timeout_seconds
+    assert drain > 0
+    wait = manifests.rollout_wait(r, sizing)
+    assert wait["scheduling_grace_seconds"] == manifests.SCHEDULING_GRACE_SECONDS + drain
+    engines = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("kimi-engine")]
+    assert engines
+    for deployment in engines:
+        assert deployment["spec"]["progressDeadlineSeconds"] == (
+            manifests.deployment_timeout_seconds(r, sizing, rolling=False) + drain)
+    fixed, fixed_sizing, _ = rendered("gb200-int4-vllm")  # no scaling: pods stop at once, nothing to wait out
+    assert manifests.rollout_wait(fixed, fixed_sizing)["scheduling_grace_seconds"] == manifests.SCHEDULING_GRACE_SECONDS
