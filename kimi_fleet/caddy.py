@@ -235,7 +235,7 @@ def render_proxy(
 
     public = ([f"bind {bind_host}"] if bind_host is not None else []) + (["tls internal"] if tls == "internal" else [])
     lines = ["{"] + [f"\t{option}" for option in global_options] + ["}"]
-    lines += _site(domain, public + site)
+    lines += _site(domain, public + _close_while_draining(drain_file) + site)
     routes = [{"path": STATUS_PATH, "keyRequired": True, "servesFile": status_file}] if status_file else []
     keyed = {"keyRequired": True, "keyEnv": api_key_env, "previousKeyEnv": previous_key_env, "upstreams": list(upstreams), "routes": routes,
              "proxiedRoutes": [route._asdict() for route in proxied], "stampsRelease": release is not None}
@@ -309,6 +309,19 @@ class ScrapeSite(NamedTuple):
                 "previousKeyEnv": None, "upstreams": [f"{LOOPBACK}:{port}" for port in self.routes.values()],
                 "routes": [], "stampsRelease": False, "scrapeEndpoint": True,
                 "proxiedRoutes": [{"method": "GET", "path": path} for path in self.routes]}
+
+
+def _close_while_draining(drain_file: str | None) -> list[str]:
+    """The tenants' site while the node drains: every answer says `Connection: close` (Go's HTTP/2
+    server turns it into a GOAWAY), so a client's keep-alive connection, which the load balancer's
+    deregistration does not end, reconnects to another replica instead of feeding this one."""
+    if drain_file is None:
+        return []
+    if not _FILE_PATH.match(drain_file):
+        raise ValueError(f"invalid drain file {drain_file!r}")
+    directory, name = drain_file.rsplit("/", 1)
+    return ["@draining_node file {", f"	root {directory}", f"	try_files /{name}", "}",
+            "header @draining_node Connection close"]
 
 
 def _draining(drain_file: str | None) -> list[str]:

@@ -182,3 +182,55 @@ def test_a_node_outside_a_fleet_has_nothing_to_drain(tmp_path):
     result = subprocess.run([sys.executable, str(DRAIN)], env={**os.environ, "KIMI_ROOT": str(root)},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "nothing to drain" in result.stderr
+
+
+def test_one_idle_reading_between_requests_does_not_let_a_node_go(tmp_path):
+    """Review F11: a single idle reading can fall between a keep-alive client's requests: the hook
+    completes only after drain.IDLE_READINGS idle readings in a row, and a busy reading starts the
+    run again."""
+    load = {"running": 0, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+        drain = start()
+        flips = 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # idle and busy alternate faster than three readings
+            load["running"] = 1 - load["running"]
+            flips += 1
+            time.sleep(0.25)
+        assert flips > 8 and completions(calls) == [] and drain.poll() is None
+        load["running"] = 0
+        assert wait_for(lambda: drain.poll() is not None, 10)
+    assert drain.returncode == 0 and completions(calls) == [_expected_completion()]
+    assert "3 readings in a row" in drain.stderr.read()
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy missing")
+def test_the_tenants_site_closes_keep_alive_connections_while_the_node_drains(tmp_path):
+    """Review F4: the load balancer's deregistration ends no open connection; while the drain file
+    exists every answer of the tenants' site says Connection: close (an HTTP/2 GOAWAY in Go), so a
+    keep-alive client reconnects to another replica. Before the drain, connections stay open."""
+    import http.client
+    import ssl
+    drain_file = tmp_path / "run/kimi-fleet/draining"
+    rendered, listener = _loopback_proxy(STACK, free_port(), ready_port=free_port(),
+                                         ready_file=str(tmp_path / "ready"), drain_file=str(drain_file))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    def connection_header() -> str | None:
+        conn = http.client.HTTPSConnection("localhost", listener["https_port"], context=context, timeout=10)
+        try:
+            conn.request("GET", "/v1/models")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 401  # no key: still the key's answer, now closing
+            return response.getheader("Connection")
+        finally:
+            conn.close()
+
+    with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"}):
+        assert connection_header() is None
+        drain_file.parent.mkdir(parents=True, exist_ok=True)
+        drain_file.write_text("1\n")
+        assert connection_header() == "close"

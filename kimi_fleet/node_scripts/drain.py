@@ -40,6 +40,9 @@ LOG = ROOT / "var/log/kimi-fleet/drain.log"
 LIFECYCLE_STATE_PATH = "/latest/meta-data/autoscaling/target-lifecycle-state"
 TERMINATED = "Terminated"
 POLL_SECONDS = float(os.environ.get("KIMI_DRAIN_POLL_SECONDS", "5"))
+#: Idle readings in a row before the hook completes: one reading can fall between a request's arrival
+#: and its first scheduling (still read or tokenised), or before a keep-alive client's next request.
+IDLE_READINGS = 3
 
 
 def log(message: str) -> None:
@@ -127,15 +130,19 @@ def poll(stack: dict, timeout: float, now: float) -> str:
             f"draining for at most {timeout:.0f} s")
     idle, said = load(stack["engines"])
     waited = now - state["started_at"]
+    state["idle_readings"] = state.get("idle_readings", 0) + 1 if idle else 0
+    if idle and state["idle_readings"] < IDLE_READINGS and waited < timeout:
+        STATE.write_text(json.dumps(state))
+        return "draining"
     if idle:
-        log(f"drained after {waited:.0f} s ({said})")
+        log(f"drained after {waited:.0f} s ({said}, {IDLE_READINGS} readings in a row)")
     elif waited >= timeout:
         log(f"drain timeout: {waited:.0f} s of {timeout:.0f} s and still {said}; letting the group terminate it")
     else:
         if said != state.get("said"):
             log(f"draining ({waited:.0f} s of {timeout:.0f} s): {said}")
             state["said"] = said
-            STATE.write_text(json.dumps(state))
+        STATE.write_text(json.dumps(state))  # the idle run starts again
         return "draining"
     if complete(drain["hook"]):
         state["completed"] = now
