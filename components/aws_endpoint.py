@@ -102,7 +102,7 @@ class AwsEndpoint(pulumi.ComponentResource):
     #: (scripts/promote_compile_cache.py): None without a managed mirror.
     compile_cache_promotion: pulumi.Output[dict] | None
     #: The CloudWatch console page of the stack's dashboard, and where its metrics are (the contract:
-    #: "cloudwatch://KimiFleet?Stack=<stack>"); the SNS topic its alarms notify.
+    #: "cloudwatch://KimiFleet/<stack>?Stack=<stack>"); the SNS topic its alarms notify.
     dashboard_url: pulumi.Output[str]
     metrics_location: pulumi.Output[str]
     alarm_topic_arn: pulumi.Output[str]

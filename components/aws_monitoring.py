@@ -85,13 +85,13 @@ def _alarm_metric(stack: str, alarm: cloudwatch.Alarm) -> dict:
     """The alarm's metric: the stack-level series, or metric math over it (the metric as m1)."""
     dimensions = {observability.STACK_DIMENSION: stack}
     if alarm.expression is None:
-        return {"namespace": observability.CLOUDWATCH_NAMESPACE, "metric_name": alarm.metric_name,
+        return {"namespace": observability.cloudwatch_namespace(stack), "metric_name": alarm.metric_name,
                 "statistic": alarm.statistic, "period": alarm.period, "dimensions": dimensions}
     return {"metric_queries": [
         aws.cloudwatch.MetricAlarmMetricQueryArgs(
             id="m1", return_data=False,
             metric=aws.cloudwatch.MetricAlarmMetricQueryMetricArgs(
-                namespace=observability.CLOUDWATCH_NAMESPACE, metric_name=alarm.metric_name,
+                namespace=observability.cloudwatch_namespace(stack), metric_name=alarm.metric_name,
                 period=alarm.period, stat=alarm.statistic, dimensions=dimensions)),
         aws.cloudwatch.MetricAlarmMetricQueryArgs(
             id="e1", expression=alarm.expression, label=f"{alarm.metric_name}: {alarm.expression}",

@@ -1,7 +1,7 @@
 """FleetScaling: an AWS fleet that follows its queue, and gives a replica up only once it drained.
 
 A target-tracking policy on the group (not a step policy): the tracked value is the replicas' own
-queue, published by every node to CloudWatch (namespace KimiFleet) once per minute with the
+queue, published by every node to CloudWatch (namespace KimiFleet/<stack>) once per minute with the
 dimension sets [Stack, Replica] and [Stack]. The Average of the stack-level datum over a minute is
 the mean over the replicas that published in it: requests waiting *per replica*, which is what
 AWS asks a count metric to be ("the optimal average request or message count per instance during
@@ -77,7 +77,7 @@ def tracked_metric(stack: str, metric: str) -> dict:
     """The customized metric the policy tracks: the stack-level series over a minute."""
     name, statistic = TARGET_METRICS[metric]
     return {
-        "namespace": observability.CLOUDWATCH_NAMESPACE,
+        "namespace": observability.cloudwatch_namespace(stack),
         "metric_name": name,
         "metric_dimensions": [{"name": observability.STACK_DIMENSION, "value": stack}],
         "statistic": statistic,

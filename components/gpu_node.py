@@ -127,9 +127,10 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
                        "StringLike": {"kms:EncryptionContext:PARAMETER_ARN": parameters}}},
         # The node's metrics (issue 24): PutMetricData takes no resource ARN, only this condition key
         # (CloudWatch user guide, "Using condition keys to limit access to CloudWatch namespaces"), so a
-        # node may write the stack's namespace and no other (not AWS/*, not another tool's).
+        # node may write the stack's own namespace and no other (not AWS/*, not another tool's, not
+        # another stack's: its scaling and alarms read that one).
         {"Sid": "PublishStackMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
-         "Condition": {"StringEquals": {"cloudwatch:namespace": observability.CLOUDWATCH_NAMESPACE}}},
+         "Condition": {"StringEquals": {"cloudwatch:namespace": observability.cloudwatch_namespace(r.spec.stack)}}},
     ]
     if r.spec.weights.source == "s3-mirror":
         bucket, key_prefix = r.spec.weights.s3_mirror_location

@@ -2,7 +2,7 @@
 the same panels and alert rules as the Grafana dashboard and the Prometheus rules
 (kimi_fleet/observability.py). Pure: no Pulumi; components/aws_monitoring.py declares them.
 
-What the node publishes (kimi_fleet/node_scripts/metrics_publisher.py): namespace KimiFleet, every
+What the node publishes (kimi_fleet/node_scripts/metrics_publisher.py): namespace KimiFleet/<stack>, every
 datum twice, with [Stack, Replica] (Replica: the instance id) and with [Stack] alone. A replica's id
 is not known when the stack is declared (AWS picks a fleet's instances), so:
 - the alarms read the stack-level series [Stack] with the rule's statistic (Maximum: the worst
@@ -63,13 +63,14 @@ def dashboard_url(region: str, stack: str) -> str:
 
 def metrics_location(stack: str) -> str:
     """Where the stack's metrics are (the contract's spelling): the namespace and the Stack dimension."""
-    return f"cloudwatch://{observability.CLOUDWATCH_NAMESPACE}?{observability.STACK_DIMENSION}={stack}"
+    return f"cloudwatch://{observability.cloudwatch_namespace(stack)}?{observability.STACK_DIMENSION}={stack}"
 
 
 def _replica_search(stack: str, metric: str, stat: str) -> str:
     """One series per replica of `metric` (the [Stack, Replica] schema, this stack only)."""
-    ns, s, rep = observability.CLOUDWATCH_NAMESPACE, observability.STACK_DIMENSION, observability.REPLICA_DIMENSION
-    return (f"SEARCH('{{{ns},{s},{rep}}} {s}=\"{stack}\" MetricName=\"{metric}\"', '{stat}', {PERIOD_SECONDS})")
+    ns, s, rep = observability.cloudwatch_namespace(stack), observability.STACK_DIMENSION, observability.REPLICA_DIMENSION
+    # The namespace in double quotes: it holds a slash and the stack's hyphens (CloudWatch search syntax).
+    return (f"SEARCH('{{\"{ns}\",{s},{rep}}} {s}=\"{stack}\" MetricName=\"{metric}\"', '{stat}', {PERIOD_SECONDS})")
 
 
 def _metric_widget(title: str, metrics: list, region: str, stat: str, index: int, *, y_label: str = "",
@@ -92,7 +93,7 @@ def dashboard_body(stack: str, region: str, *, group_name: str | None = None,
     per replica; the alarm thresholds (metric name -> threshold) as horizontal lines where a panel
     draws that metric; a fleet's group size; a text widget for the panel CloudWatch has no number
     for (the release, an answer header)."""
-    ns, s = observability.CLOUDWATCH_NAMESPACE, observability.STACK_DIMENSION
+    ns, s = observability.cloudwatch_namespace(stack), observability.STACK_DIMENSION
     widgets = []
     for panel in observability.DASHBOARD_PANELS:
         if not panel.cloudwatch_metrics:

@@ -94,7 +94,7 @@ def gpu_exporter_unit() -> str:
 NODE_STATE_UNIT_TEXT = templates.render(
     NODE_STATE_UNIT, ADDRESS=f"{LOOPBACK}:{observability.NODE_STATE_PORT}", EXPORTER=NODE_STATE_EXPORTER,
     PORT=observability.NODE_STATE_PORT)
-PUBLISH_UNIT_TEXT = templates.render(PUBLISH_UNIT, NAMESPACE=observability.CLOUDWATCH_NAMESPACE,
+PUBLISH_UNIT_TEXT = templates.render(PUBLISH_UNIT, NAMESPACE=f"{observability.CLOUDWATCH_NAMESPACE_PREFIX}/<stack>",
                                      PUBLISHER=METRICS_PUBLISHER, TIMEOUT_SECONDS=PUBLISH_TIMEOUT_SECONDS)
 PUBLISH_TIMER_TEXT = templates.render(PUBLISH_TIMER, INTERVAL_SECONDS=PUBLISH_INTERVAL_SECONDS)
 DRAIN_UNIT_TEXT = templates.render(DRAIN_UNIT, HOOK=DRAIN_HOOK, DRAIN=DRAIN)
@@ -119,7 +119,7 @@ def stack_metrics(stack: str, engine: str, vendor: str) -> dict:
     """stack.json's "metrics": what the publisher reads (node scripts cannot import the catalog)."""
     names = catalog.ENGINE_METRICS[engine]
     return {
-        "namespace": observability.CLOUDWATCH_NAMESPACE,
+        "namespace": observability.cloudwatch_namespace(stack),
         "stack": stack,
         "state_file": PUBLISHER_STATE,
         "exporters": exporter_urls(vendor),

@@ -33,7 +33,10 @@ PROXY_METRICS_PORT = 9182  # 9180: the local proxy listener, 9181: the ready lis
 NODE_STATE_PORT = 9183
 
 #: CloudWatch namespace the nodes publish to, and the dimensions every datum carries.
-CLOUDWATCH_NAMESPACE = "KimiFleet"
+#: Each stack publishes to a namespace of its own, KimiFleet/<stack>: IAM can condition PutMetricData on
+#: the namespace and never on a dimension, so with one shared namespace a node of any stack in the
+#: account could write another stack's queue (its scaling) and alarms (its pages).
+CLOUDWATCH_NAMESPACE_PREFIX = "KimiFleet"
 STACK_DIMENSION = "Stack"
 REPLICA_DIMENSION = "Replica"
 
@@ -42,6 +45,11 @@ ENGINE_JOB = "kimi-engine"
 GPU_JOB = "kimi-gpu"
 PROXY_JOB = "kimi-proxy"
 NODE_STATE_JOB = "kimi-node"
+
+
+def cloudwatch_namespace(stack: str) -> str:
+    """The stack's own CloudWatch namespace (the node role may write this one and no other)."""
+    return f"{CLOUDWATCH_NAMESPACE_PREFIX}/{stack}"
 
 
 @dataclass(frozen=True)
@@ -223,7 +231,7 @@ class Panel:
     title: str
     unit: str  # Grafana unit id
     queries: tuple[PanelQuery, ...]
-    #: the CloudWatch metrics (namespace CLOUDWATCH_NAMESPACE) the CloudWatch dashboard's twin panel
+    #: the CloudWatch metrics (namespace cloudwatch_namespace(stack)) the CloudWatch dashboard's twin panel
     #: shows; () where CloudWatch has no such metric (the release is a label, not a number)
     cloudwatch_metrics: tuple[str, ...]
     #: the CloudWatch statistic the twin panel reads
@@ -288,7 +296,7 @@ DASHBOARD_PANELS: tuple[Panel, ...] = (
 @dataclass(frozen=True)
 class CloudWatchAlarm:
     """The CloudWatch twin of a Prometheus rule, on a metric the node publishes (namespace
-    CLOUDWATCH_NAMESPACE, dimensions Stack and Replica): same threshold, same span."""
+    cloudwatch_namespace(stack), dimensions Stack and Replica): same threshold, same span."""
     metric: str
     #: Average | Sum | Minimum | Maximum. The alarms read the stack-level series (a fleet's replica ids
     #: are the instances AWS picks later), where a period holds one datum per replica: a rule that
@@ -432,7 +440,7 @@ def render_prometheus_rules(spec) -> str:
          "labels": {"severity": r.severity, STACK_LABEL: spec.stack},
          "annotations": {"summary": r.summary,
                          "threshold": _number(r.threshold),
-                         "cloudwatch": f"{CLOUDWATCH_NAMESPACE}/{r.cloudwatch.metric} {r.cloudwatch.statistic} "
+                         "cloudwatch": f"{cloudwatch_namespace(spec.stack)}/{r.cloudwatch.metric} {r.cloudwatch.statistic} "
                                        f"{r.cloudwatch.comparison} {_number(r.cloudwatch.threshold)}"}}
         for r in alert_rules(spec)]}
     return yaml.safe_dump({"groups": [group]}, sort_keys=False, width=1000)

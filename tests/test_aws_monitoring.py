@@ -91,7 +91,7 @@ def test_the_schema_check_fails_on_what_the_engine_would_refuse():
     import pulumi_aws as aws
 
     good = {"comparisonOperator": "GreaterThanThreshold", "evaluationPeriods": 5.0, "threshold": 1.0,
-            "metricName": "KvCacheUsage", "namespace": "KimiFleet", "period": 60.0, "statistic": "Maximum",
+            "metricName": "KvCacheUsage", "namespace": f"KimiFleet/{FLEET}", "period": 60.0, "statistic": "Maximum",
             "treatMissingData": "notBreaching", "dimensions": {"Stack": "x"}}
     assert schema_errors(ALARM, good) == []
     assert any("not a property" in e for e in schema_errors(ALARM, {**good, "evaluationPeriod": 5.0}))
@@ -103,7 +103,7 @@ def test_the_schema_check_fails_on_what_the_engine_would_refuse():
     assert any("outside 30-7200" in e for e in schema_errors(HOOK, hook))
     policy = {"autoscalingGroupName": "g", "policyType": "TargetTrackingScaling",
               "targetTrackingConfiguration": {"targetValue": 4.0, "customizedMetricSpecification": {
-                  "metricName": "RequestsWaiting", "namespace": "KimiFleet", "statistic": "Average",
+                  "metricName": "RequestsWaiting", "namespace": f"KimiFleet/{FLEET}", "statistic": "Average",
                   "metricDimension": [{"name": "Stack", "value": "x"}]}}}
     (error,) = schema_errors(POLICY, policy)  # the nested type's own property names
     assert "targetTrackingConfiguration.customizedMetricSpecification.metricDimension: not a property" in error
@@ -230,12 +230,12 @@ def test_the_dashboard_is_valid_and_names_only_published_metrics(declared):
                 (expression,) = row
                 ids.append(expression["id"])
                 assert re.fullmatch(r"[a-z][a-zA-Z0-9_]*", expression["id"])
-                found = re.fullmatch(r"SEARCH\('\{KimiFleet,Stack,Replica\} Stack=\"([^\"]+)\" "
+                found = re.fullmatch(r"SEARCH\('\{\"KimiFleet/([^\"]+)\",Stack,Replica\} Stack=\"([^\"]+)\" "
                                      r"MetricName=\"(\w+)\"', '(\w+)', 60\)", expression["expression"])
-                assert found and found.group(1) == stack and found.group(2) in published, expression
+                assert found and found.group(1) == found.group(2) == stack and found.group(3) in published, expression
                 continue
             namespace, metric, dimension, value, options = row
-            if namespace == observability.CLOUDWATCH_NAMESPACE:
+            if namespace == observability.cloudwatch_namespace(stack):
                 assert (dimension, value) == (observability.STACK_DIMENSION, stack)
                 assert metric in published, metric
             else:  # the group's own metrics, only those the group collects
@@ -254,7 +254,7 @@ def test_the_outputs_point_at_the_dashboard_and_the_metrics(declared):
     assert run.outputs["dashboard_url"] == (
         f"https://{region}.console.aws.amazon.com/cloudwatch/home?region={region}"
         f"#dashboards/dashboard/{_dashboard(run)['dashboardName']}")
-    assert run.outputs["metrics_location"] == f"cloudwatch://KimiFleet?Stack={stack}"
+    assert run.outputs["metrics_location"] == f"cloudwatch://KimiFleet/{stack}?Stack={stack}"
     assert run.outputs["alarm_topic_arn"].startswith("arn:")
 
 
@@ -278,7 +278,8 @@ def test_nodes_put_metrics_only_in_the_stacks_namespace(declared):
     assert metrics, stack
     for statement in metrics:
         assert _actions(statement) == ["cloudwatch:PutMetricData"]
-        assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": "KimiFleet"}}
+        # The stack's own namespace: a node of another stack cannot write this one's queue or alarms.
+        assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": f"KimiFleet/{stack}"}}
 
 
 def test_nodes_complete_lifecycle_actions_on_their_own_group_only(declared):
@@ -330,7 +331,7 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     tracking = declared_policy["targetTrackingConfiguration"]
     assert tracking["targetValue"] == (6 if target == "waiting" else 3)
     assert tracking["customizedMetricSpecification"] == {
-        "namespace": "KimiFleet", "metricName": "RequestsWaiting" if target == "waiting" else "TtftP99Seconds",
+        "namespace": f"KimiFleet/{FLEET}", "metricName": "RequestsWaiting" if target == "waiting" else "TtftP99Seconds",
         "metricDimensions": [{"name": "Stack", "value": FLEET}],
         "statistic": "Average" if target == "waiting" else "Maximum"}
     assert tracking["customizedMetricSpecification"]["metricName"] in published_metric_names()

@@ -69,7 +69,7 @@ def _metric(env: dict, name: str, dimensions: list[dict], stat: str = "Average")
     client = boto3.client("cloudwatch", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
                           aws_access_key_id="test", aws_secret_access_key="test")
     now = time.time()
-    query = [{"Id": "m", "MetricStat": {"Metric": {"Namespace": observability.CLOUDWATCH_NAMESPACE,
+    query = [{"Id": "m", "MetricStat": {"Metric": {"Namespace": observability.cloudwatch_namespace(STACK),
                                                      "MetricName": name, "Dimensions": dimensions},
                                           "Period": 60, "Stat": stat}}]
     answer = client.get_metric_data(MetricDataQueries=query, StartTime=now - 900, EndTime=now + 300)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kimi-fleet metrics publisher (kimi-metrics-publish.timer, every 60 s, AWS nodes only): scrape the
 node's loopback exporters, turn them into the stack's CloudWatch metrics and put them with
-`aws cloudwatch put-metric-data` (namespace KimiFleet), each datum twice: with the dimensions
+`aws cloudwatch put-metric-data` (namespace KimiFleet/<stack>, from stack.json), each datum twice: with the dimensions
 [Stack, Replica] (Replica: this instance's id) and [Stack] (what a fleet's scaling policy and the
 stack's alarms read).
 
