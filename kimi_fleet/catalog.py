@@ -1265,6 +1265,10 @@ class EngineMetricNames:
     engine: EngineName
     #: counter: tokens generated since the engine started
     generated_tokens: str
+    #: counter that moves on every scheduler iteration while requests run: the evidence of progress the
+    #: stall rule, the publisher's EngineStalled and the watchdog read (SGLang counts generated_tokens
+    #: only when a request finishes, so one long generation would look stalled on it)
+    progress_tokens: str
     #: counter: prompt (prefill) tokens processed
     prompt_tokens: str
     #: gauge: requests being generated now
@@ -1290,7 +1294,7 @@ class EngineMetricNames:
     @property
     def fields(self) -> dict[str, str]:
         """field -> metric name, for the names that `where` locates."""
-        return {f: getattr(self, f) for f in ("generated_tokens", "prompt_tokens", "running", "waiting",
+        return {f: getattr(self, f) for f in ("generated_tokens", "progress_tokens", "prompt_tokens", "running", "waiting",
                                               "kv_cache_usage", "ttft_histogram", "itl_histogram",
                                               "e2e_histogram", "requests_finished")}
 
@@ -1303,6 +1307,9 @@ ENGINE_METRICS: dict[str, EngineMetricNames] = {
     "vllm": EngineMetricNames(
         "vllm",
         generated_tokens="vllm:generation_tokens_total",
+        # Counted per engine step (PrometheusStatLogger.record, loggers.py:1160 in 0.22.1: each iteration's
+        # new tokens): the progress evidence too.
+        progress_tokens="vllm:generation_tokens_total",
         prompt_tokens="vllm:prompt_tokens_total",
         running="vllm:num_requests_running",
         waiting="vllm:num_requests_waiting",
@@ -1316,12 +1323,14 @@ ENGINE_METRICS: dict[str, EngineMetricNames] = {
         enabled_by="on by default; --disable-log-stats turns it off (never passed by kimi-fleet)",
         labels=("model_name", "engine"),
         where={
-            "0.22.1": {"generated_tokens": f"{_VLLM_LOGGERS}:663", "prompt_tokens": f"{_VLLM_LOGGERS}:629",
+            "0.22.1": {"generated_tokens": f"{_VLLM_LOGGERS}:663", "progress_tokens": f"{_VLLM_LOGGERS}:663",
+                       "prompt_tokens": f"{_VLLM_LOGGERS}:629",
                        "running": f"{_VLLM_LOGGERS}:452", "waiting": f"{_VLLM_LOGGERS}:462",
                        "kv_cache_usage": f"{_VLLM_LOGGERS}:520", "ttft_histogram": f"{_VLLM_LOGGERS}:755",
                        "itl_histogram": f"{_VLLM_LOGGERS}:788", "e2e_histogram": f"{_VLLM_LOGGERS}:871",
                        "requests_finished": f"{_VLLM_LOGGERS}:673"},
-            "0.19.1": {"generated_tokens": f"{_VLLM_LOGGERS}:636", "prompt_tokens": f"{_VLLM_LOGGERS}:592",
+            "0.19.1": {"generated_tokens": f"{_VLLM_LOGGERS}:636", "progress_tokens": f"{_VLLM_LOGGERS}:636",
+                       "prompt_tokens": f"{_VLLM_LOGGERS}:592",
                        "running": f"{_VLLM_LOGGERS}:437", "waiting": f"{_VLLM_LOGGERS}:447",
                        "kv_cache_usage": f"{_VLLM_LOGGERS}:483", "ttft_histogram": f"{_VLLM_LOGGERS}:728",
                        "itl_histogram": f"{_VLLM_LOGGERS}:761", "e2e_histogram": f"{_VLLM_LOGGERS}:844",
@@ -1331,7 +1340,12 @@ ENGINE_METRICS: dict[str, EngineMetricNames] = {
     ),
     "sglang": EngineMetricNames(
         "sglang",
+        # Counted when a request finishes (the tokenizer manager's observe_one_finished_request,
+        # metrics_collector.py:1481 in 0.5.12.post1): the dashboards' tokens/s, never the stall evidence.
         generated_tokens="sglang:generation_tokens_total",
+        # Every scheduler iteration's prefill and decode tokens (scheduler_metrics_mixin.py:624 in
+        # 0.5.12.post1, :480 in 0.5.9, label mode): progress while a long generation runs.
+        progress_tokens="sglang:realtime_tokens_total",
         prompt_tokens="sglang:prompt_tokens_total",
         running="sglang:num_running_reqs",
         waiting="sglang:num_queue_reqs",
@@ -1347,13 +1361,15 @@ ENGINE_METRICS: dict[str, EngineMetricNames] = {
                    "0.5.13.post1); kimi-fleet's SGLang argv always passes it",
         labels=("model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank"),
         where={
-            "0.5.12.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1275", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1270",
+            "0.5.12.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1275",
+                             "progress_tokens": f"{_SGLANG_COLLECTOR}:785", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1270",
                              "running": f"{_SGLANG_COLLECTOR}:209", "waiting": f"{_SGLANG_COLLECTOR}:215",
                              "kv_cache_usage": f"{_SGLANG_COLLECTOR}:249",
                              "ttft_histogram": f"{_SGLANG_COLLECTOR}:1450", "itl_histogram": f"{_SGLANG_COLLECTOR}:1457",
                              "e2e_histogram": f"{_SGLANG_COLLECTOR}:1464",
                              "requests_finished": f"{_SGLANG_COLLECTOR}:1350"},
             "0.5.9": {"generated_tokens": f"{_SGLANG_COLLECTOR_0_5_9}:1111",
+                      "progress_tokens": f"{_SGLANG_COLLECTOR_0_5_9}:779",
                       "prompt_tokens": f"{_SGLANG_COLLECTOR_0_5_9}:1105",
                       "running": f"{_SGLANG_COLLECTOR_0_5_9}:307", "waiting": f"{_SGLANG_COLLECTOR_0_5_9}:355",
                       "kv_cache_usage": f"{_SGLANG_COLLECTOR_0_5_9}:319",
@@ -1361,7 +1377,8 @@ ENGINE_METRICS: dict[str, EngineMetricNames] = {
                       "itl_histogram": f"{_SGLANG_COLLECTOR_0_5_9}:1274",
                       "e2e_histogram": f"{_SGLANG_COLLECTOR_0_5_9}:1281",
                       "requests_finished": f"{_SGLANG_COLLECTOR_0_5_9}:1174"},
-            "0.5.13.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1434", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1429",
+            "0.5.13.post1": {"generated_tokens": f"{_SGLANG_COLLECTOR}:1434",
+                             "progress_tokens": f"{_SGLANG_COLLECTOR}:871", "prompt_tokens": f"{_SGLANG_COLLECTOR}:1429",
                              "running": f"{_SGLANG_COLLECTOR}:268", "waiting": f"{_SGLANG_COLLECTOR}:274",
                              "kv_cache_usage": f"{_SGLANG_COLLECTOR}:308",
                              "ttft_histogram": f"{_SGLANG_COLLECTOR}:1614", "itl_histogram": f"{_SGLANG_COLLECTOR}:1621",

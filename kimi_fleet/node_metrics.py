@@ -124,7 +124,7 @@ def stack_metrics(stack: str, engine: str, vendor: str) -> dict:
         "state_file": PUBLISHER_STATE,
         "exporters": exporter_urls(vendor),
         "engine": {key: getattr(names, key) for key in (
-            "generated_tokens", "prompt_tokens", "running", "waiting", "kv_cache_usage", "ttft_histogram",
+            "generated_tokens", "progress_tokens", "prompt_tokens", "running", "waiting", "kv_cache_usage", "ttft_histogram",
             "itl_histogram")},
         "gpu": {key: catalog.GPU_METRICS[name].name for key, name in GPU_SERIES.items()}
         if gpu_exporter_enabled(vendor) else None,

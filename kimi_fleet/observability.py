@@ -189,7 +189,7 @@ def promql_names(engine: str) -> dict[str, str]:
     e = engine_metric_names(engine)
     p = catalog.PROXY_METRICS
     return {
-        "generated": e.generated_tokens, "prompt": e.prompt_tokens, "running": e.running, "waiting": e.waiting,
+        "generated": e.generated_tokens, "progress": e.progress_tokens, "prompt": e.prompt_tokens, "running": e.running, "waiting": e.waiting,
         "kv": e.kv_cache_usage, "ttft": e.ttft_histogram, "itl": e.itl_histogram, "e2e": e.e2e_histogram,
         "proxy_requests": f"{p.request_duration}_count", "not_scrape": f'{p.server_label}!="{p.metrics_server_name}"',
         "code": p.code_label,
@@ -362,8 +362,9 @@ def alert_rules(spec) -> list[AlertRule]:
     rules = [
         AlertRule(
             "KimiEngineStalled",
-            # 1 where requests run and no token came for 2 minutes (a counter needs two scrapes to move)
-            q(f"(sum {_PER_ENGINE} ({{running}}) > bool 0) * (sum {_PER_ENGINE} (increase({{generated}}[2m])) == bool 0)"
+            # 1 where requests run and no token came for 2 minutes (a counter needs two scrapes to move); the
+            # per-iteration counter (catalog progress_tokens), not SGLang's finish-time generation count
+            q(f"(sum {_PER_ENGINE} ({{running}}) > bool 0) * (sum {_PER_ENGINE} (increase({{progress}}[2m])) == bool 0)"
               " >= 1"),
             stalled, 1, "critical",
             f"an engine has requests running and generated no token for {stalled} minutes",

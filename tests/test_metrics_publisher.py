@@ -164,8 +164,11 @@ def _publisher_module():
     return module
 
 
-def _engines(generated: float, running: float, ttft: dict | None = None) -> dict:
-    return {"generated": generated, "running": running, "waiting": 0.0, "kv": 0.5, "ttft": ttft or {}, "itl": {}}
+def _engines(generated: float, running: float, ttft: dict | None = None, progress: float | None = None) -> dict:
+    """`progress`: the per-iteration counter (catalog progress_tokens); the generation counter's by default,
+    as on vLLM, where they are one counter."""
+    return {"generated": generated, "progress": generated if progress is None else progress, "running": running,
+            "waiting": 0.0, "kv": 0.5, "ttft": ttft or {}, "itl": {}}
 
 
 def test_a_stalled_engine_a_restarted_engine_and_a_restarted_caddy():
@@ -175,6 +178,10 @@ def test_a_stalled_engine_a_restarted_engine_and_a_restarted_caddy():
     assert stalled["EngineStalled"] == (1.0, "None") and stalled["GeneratedTokensPerSecond"] == (0.0, "Count/Second")
     # Idle is not stalled.
     assert publisher.metrics({"engines": _engines(500, 0)}, {"engines": _engines(500, 0)}, 60)["EngineStalled"][0] == 0
+    # One long SGLang generation: its generation counter waits for the finish, its per-iteration counter
+    # moves: busy, not stalled (review F6).
+    long = publisher.metrics({"engines": _engines(500, 1, progress=9000)}, {"engines": _engines(500, 1, progress=3000)}, 60)
+    assert long["EngineStalled"] == (0.0, "None") and long["GeneratedTokensPerSecond"] == (0.0, "Count/Second")
     # The engine restarted (its counter and histogram went back): no rate, no p99, no stall verdict; gauges stay.
     restarted = publisher.metrics({"engines": _engines(10, 1, {"1.0": 1, "+Inf": 1})},
                                   {"engines": _engines(900, 1, {"1.0": 50, "+Inf": 60})}, 60)

@@ -23,7 +23,9 @@ class SGLang(Engine):
     options = frozenset({"dp_attention", "cuda_graph_max_batch"})
     options_hint = "SGLang needs nothing extra for vision; it uses dpAttention where vLLM uses decodeContextParallel"
     #: SGLang's collector (python/sglang/srt/metrics/collector.py), on with --enable-metrics (argv below).
-    load_metrics = LoadMetrics("sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs")
+    #: The token counter is the per-iteration one (catalog.ENGINE_METRICS progress_tokens): SGLang counts
+    #: sglang:generation_tokens_total only when a request finishes, so a long generation would look stalled.
+    load_metrics = LoadMetrics("sglang:realtime_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs")
     managed_flags = {
         "--tp-size": "parallelism.tensorParallel", "--tensor-parallel-size": "parallelism.tensorParallel",
         "--dp-size": "parallelism.dataParallel", "--data-parallel-size": "parallelism.dataParallel",

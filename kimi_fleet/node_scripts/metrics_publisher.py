@@ -78,14 +78,15 @@ def snapshot(stack: dict) -> dict:
     run's previous scrape)."""
     config = stack["metrics"]
     names = config["engine"]
-    engines, answered = {"generated": 0.0, "running": 0.0, "waiting": 0.0, "kv": None,
+    engines, answered = {"generated": 0.0, "progress": 0.0, "running": 0.0, "waiting": 0.0, "kv": None,
                          "ttft": {}, "itl": {}}, 0
     for engine in stack["engines"]:
         samples = prom.scrape(f"http://127.0.0.1:{engine['port']}/metrics")
         if samples is None:
             continue
         answered += 1
-        for key, name in (("generated", "generated_tokens"), ("running", "running"), ("waiting", "waiting")):
+        for key, name in (("generated", "generated_tokens"), ("progress", "progress_tokens"), ("running", "running"),
+                          ("waiting", "waiting")):
             engines[key] += prom.total(samples, names[name]) or 0.0
         usage = [v for _, v in prom.values(samples, names["kv_cache_usage"])]
         if usage:
@@ -131,7 +132,12 @@ def metrics(now: dict, before: dict | None, seconds: float | None) -> dict[str, 
         if engines_before is not None and engines["generated"] >= engines_before["generated"]:
             generated = engines["generated"] - engines_before["generated"]
             out["GeneratedTokensPerSecond"] = (generated / seconds, "Count/Second")
-            out["EngineStalled"] = (float(engines["running"] > 0 and generated == 0), "None")
+        # Stalled: requests run and the per-iteration counter did not move (SGLang's generation counter
+        # moves only when a request finishes: one long generation is not a stall).
+        progress_before = (engines_before or {}).get("progress")
+        if progress_before is not None and engines["progress"] >= progress_before:
+            moved = engines["progress"] - progress_before
+            out["EngineStalled"] = (float(engines["running"] > 0 and moved == 0), "None")
         for key, name in (("ttft", "TtftP99Seconds"), ("itl", "ItlP99Seconds")):
             gained = prom.delta_buckets(engines[key], engines_before[key]) if engines_before is not None else None
             p99 = prom.quantile(QUANTILE, gained) if gained else None

@@ -148,6 +148,10 @@ class EngineMetrics:
         self.slots = threading.BoundedSemaphore(max_running) if max_running else None
         self.kv_capacity_tokens = kv_capacity_tokens
         self.generated = 0
+        #: the per-iteration counter (catalog progress_tokens): every token as it is generated
+        self.progress = 0
+        #: tokens of each request in flight: SGLang adds them to its generation counter at the finish
+        self.pending_generated = 0
         self.prompt = 0
         self.running = 0
         self.waiting = 0
@@ -169,11 +173,20 @@ class EngineMetrics:
 
     def tokens(self, count: int) -> None:
         with self.lock:
-            self.generated += count
+            self.progress += count
+            if self.engine == "sglang":  # its generation counter moves when the request finishes
+                self.pending_generated += count
+            else:
+                self.generated += count
             self.tokens_in_flight += count
 
-    def finish(self, started: float, held_tokens: int, reason: str) -> None:
+    def finish(self, started: float, held_tokens: int, reason: str, generated: int = 0) -> None:
+        """`generated`: the request's tokens, which SGLang adds to its generation counter only now."""
         with self.lock:
+            if self.engine == "sglang":
+                counted = min(generated, self.pending_generated)
+                self.generated += counted
+                self.pending_generated -= counted
             self.running -= 1
             self.tokens_in_flight -= held_tokens
             self.finished[reason] = self.finished.get(reason, 0) + 1
@@ -199,7 +212,11 @@ class EngineMetrics:
             scheduler = f'{request},tp_rank="0",pp_rank="0",moe_ep_rank="0"'
         with self.lock:
             kv = min(1.0, max(0, self.tokens_in_flight) / self.kv_capacity_tokens)
-            out = [f"# TYPE {n.generated_tokens} counter", f"{n.generated_tokens}{{{request}}} {self.generated}",
+            out = [f"# TYPE {n.generated_tokens} counter", f"{n.generated_tokens}{{{request}}} {self.generated}"]
+            if n.progress_tokens != n.generated_tokens:  # SGLang's per-iteration counter, by mode
+                out += [f"# TYPE {n.progress_tokens} counter",
+                        f'{n.progress_tokens}{{{scheduler},mode="decode"}} {self.progress}']
+            out += [
                    f"# TYPE {n.prompt_tokens} counter", f"{n.prompt_tokens}{{{request}}} {self.prompt}",
                    f"# TYPE {n.running} gauge", f"{n.running}{{{scheduler}}} {self.running}",
                    f"# TYPE {n.waiting} gauge", f"{n.waiting}{{{scheduler}}} {self.waiting}",
@@ -382,7 +399,7 @@ class Handler(BaseHTTPRequestHandler):
                 metrics.observe_ttft(time.monotonic() - started)
                 self._send_json(200, body)
         finally:
-            metrics.finish(started, prompt_tokens + generated, reason)
+            metrics.finish(started, prompt_tokens + generated, reason, generated)
 
     # --- responses -----------------------------------------------------------------------
 
