@@ -40,11 +40,13 @@ if [[ -n ${METRICS_KEY_FILE:-} ]]; then
     echo "kimi-caddy-env: $METRICS_KEY_FILE is missing: the scrape endpoint refuses every request until it is there" >&2
   fi
 fi
-mkdir -p /run/kimi-fleet
+# Under $KIMI_ROOT in tests (unset on a node): two tests running at once never share one file.
+run_dir="${KIMI_ROOT:-}/run/kimi-fleet"
+mkdir -p "$run_dir"
 (
   umask 077
-  printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >/run/kimi-fleet/caddy.env.tmp
-  if [[ -n $previous ]]; then printf '%s=%s\n' __CADDY_PREVIOUS_KEY_ENV__ "$previous" >>/run/kimi-fleet/caddy.env.tmp; fi
-  if [[ -n $metrics ]]; then printf '%s=%s\n' __CADDY_METRICS_KEY_ENV__ "$metrics" >>/run/kimi-fleet/caddy.env.tmp; fi
+  printf '%s=%s\n' __CADDY_KEY_ENV__ "$key" >"$run_dir/caddy.env.tmp"
+  if [[ -n $previous ]]; then printf '%s=%s\n' __CADDY_PREVIOUS_KEY_ENV__ "$previous" >>"$run_dir/caddy.env.tmp"; fi
+  if [[ -n $metrics ]]; then printf '%s=%s\n' __CADDY_METRICS_KEY_ENV__ "$metrics" >>"$run_dir/caddy.env.tmp"; fi
 )
-mv /run/kimi-fleet/caddy.env.tmp /run/kimi-fleet/caddy.env
+mv "$run_dir/caddy.env.tmp" "$run_dir/caddy.env"
