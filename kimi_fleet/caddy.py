@@ -311,28 +311,28 @@ class ScrapeSite(NamedTuple):
                 "proxiedRoutes": [{"method": "GET", "path": path} for path in self.routes]}
 
 
+def _drain_matcher(matcher: str, drain_file: str) -> list[str]:
+    """A named matcher that holds while the node's drain file exists."""
+    if not _FILE_PATH.match(drain_file):
+        raise ValueError(f"invalid drain file {drain_file!r}")
+    directory, name = drain_file.rsplit("/", 1)
+    return [f"@{matcher} file {{", f"\troot {directory}", f"\ttry_files /{name}", "}"]
+
+
 def _close_while_draining(drain_file: str | None) -> list[str]:
     """The tenants' site while the node drains: every answer says `Connection: close` (Go's HTTP/2
     server turns it into a GOAWAY), so a client's keep-alive connection, which the load balancer's
     deregistration does not end, reconnects to another replica instead of feeding this one."""
     if drain_file is None:
         return []
-    if not _FILE_PATH.match(drain_file):
-        raise ValueError(f"invalid drain file {drain_file!r}")
-    directory, name = drain_file.rsplit("/", 1)
-    return ["@draining_node file {", f"	root {directory}", f"	try_files /{name}", "}",
-            "header @draining_node Connection close"]
+    return _drain_matcher("draining_node", drain_file) + ["header @draining_node Connection close"]
 
 
 def _draining(drain_file: str | None) -> list[str]:
     """The ready listener's 503 while the node drains (before the ready file is looked at)."""
     if drain_file is None:
         return []
-    if not _FILE_PATH.match(drain_file):
-        raise ValueError(f"invalid drain file {drain_file!r}")
-    directory, name = drain_file.rsplit("/", 1)
-    return ["@draining file {", f"\troot {directory}", f"\ttry_files /{name}", "}",
-            "handle @draining {", '\trespond "draining" 503', "}"]
+    return _drain_matcher("draining", drain_file) + ["handle @draining {", '\trespond "draining" 503', "}"]
 
 
 def _scrape_site(domain: str, scrape: ScrapeSite, public: list[str], access_log: str | None) -> list[str]:

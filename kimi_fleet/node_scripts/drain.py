@@ -23,8 +23,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,16 +53,8 @@ def log(message: str) -> None:
 
 def target_lifecycle_state() -> str | None:
     """IMDSv2's target lifecycle state of this instance (None: no answer, or not in a group)."""
-    endpoint = watchdog.IMDS_ENDPOINT
     try:
-        token_request = urllib.request.Request(f"{endpoint}/latest/api/token", method="PUT",
-                                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-        with urllib.request.urlopen(token_request, timeout=5) as response:
-            token = response.read().decode()
-        request = urllib.request.Request(f"{endpoint}{LIFECYCLE_STATE_PATH}",
-                                         headers={"X-aws-ec2-metadata-token": token})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.read().decode().strip()
+        return watchdog.imds_get(LIFECYCLE_STATE_PATH, timeout=5)
     except (OSError, ValueError):
         return None
 

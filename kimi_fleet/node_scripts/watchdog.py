@@ -304,16 +304,20 @@ def _judge(unit: str, state: dict, base_url: str, model: str, metrics: dict, wat
     return "restarted", f"restarted after {watchdog['failures']} stalled probes"
 
 
-def instance_id() -> str:
-    """This instance's id from IMDSv2 (a session token first, as the node's metadata options require)."""
+def imds_get(path: str, timeout: float = 10) -> str:
+    """One IMDSv2 read (a session token first, as the node's metadata options require), stripped."""
     token_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/api/token", method="PUT",
                                            headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-    with urllib.request.urlopen(token_request, timeout=10) as response:
+    with urllib.request.urlopen(token_request, timeout=timeout) as response:
         token = response.read().decode()
-    id_request = urllib.request.Request(f"{IMDS_ENDPOINT}/latest/meta-data/instance-id",
-                                        headers={"X-aws-ec2-metadata-token": token})
-    with urllib.request.urlopen(id_request, timeout=10) as response:
-        found = response.read().decode().strip()
+    request = urllib.request.Request(f"{IMDS_ENDPOINT}{path}", headers={"X-aws-ec2-metadata-token": token})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read().decode().strip()
+
+
+def instance_id() -> str:
+    """This instance's id from IMDSv2."""
+    found = imds_get("/latest/meta-data/instance-id")
     if not INSTANCE_ID.fullmatch(found):
         raise RuntimeError(f"the instance metadata service gave {found[:40]!r} as the instance id")
     return found
