@@ -499,7 +499,21 @@ class HardwareQuirk:
                 and self.checkpoint in (None, checkpoint))
 
 
+#: vLLM's Kimi-K2.6 recipe, its Blackwell NVFP4 path (the B300 command, verified at TP4; Dynamo's K2.6
+#: recipe runs the same attention path on 4x B200 with vLLM 0.21.0, the release that added TOKENSPEED_MLA).
+VLLM_K26_RECIPE = Source("vllm-project/recipes models/moonshotai/Kimi-K2.6.yaml @0cc59121 (updated 2026-07-29), "
+                         "'NVIDIA B300: NVFP4 with Eagle3' and hardware_overrides.blackwell", "read 2026-12-07")
+#: The recipe's flags for NVFP4 on Blackwell, without its EAGLE3 draft (no K2.6 speed-up is published
+#: for it: only acceptance lengths) and without its CUDA-graph capture size of 2,048 (its graph memory
+#: is not measured; the sizing's CUDA-graph figure is for vLLM's default sizes). vLLM 0.22.1's parser
+#: takes them (manifest: attention_config.use_prefill_query_quantization).
+VLLM_BLACKWELL_NVFP4_FLAGS = ("--attention-backend", "TOKENSPEED_MLA",
+                              "--attention-config.use_prefill_query_quantization=True", "--block-size", "64")
+
 HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (
+    *(HardwareQuirk("vllm", VLLM_K26_RECIPE, arch=arch, checkpoint="nvfp4", flags=VLLM_BLACKWELL_NVFP4_FLAGS,
+                    note="the K2.6 recipe's Blackwell NVFP4 attention path (fp8 KV, TOKENSPEED_MLA, block 64)")
+      for arch in ("sm_100", "sm_103")),
     HardwareQuirk(
         "sglang", SEED_003, arch="sm_120", checkpoint="nvfp4",
         refuse="SGLang with NVFP4 on sm_120 produces NaN (sgl #18954, seed 003): use engine vllm or checkpoint int4",

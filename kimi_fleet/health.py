@@ -179,3 +179,22 @@ def watchdog_settings(w: HealthWindows) -> dict:
         # A fleet node completes its launch hook once admitted (the group then puts it in service).
         "admission_hook": ADMISSION_HOOK_NAME if w.replace_dead_node else None,
     }
+
+
+def shared_node_exposure(engine: str, health_path: str, health_runs_generation: bool, engines_per_node: int,
+                         windows: HealthWindows) -> str | None:
+    """What a hung engine costs a node whose proxy balances several engines on a liveness-only health
+    route (vLLM's /health answers 200 with a dead scheduler: vllm #39863), or None.
+
+    The watchdog probes each engine by a real generation and restarts a stalled one; its restart
+    closes the engine's port, and the proxy's health check takes it out of rotation. Until then the
+    hung engine keeps its share of new requests: the same window in which a node with one engine
+    serves nothing at all."""
+    if engines_per_node < 2 or health_runs_generation:
+        return None
+    share = f"1/{engines_per_node}"
+    return (f"{engines_per_node} {engine} engines share each node behind one proxy that balances them on "
+            f"{health_path}, which answers 200 while a scheduler is hung (vllm #39863): a hung engine keeps "
+            f"{share} of new requests for up to {windows.stall_detection_seconds} s, until the watchdog's generation "
+            f"probes ({windows.stalled_probes} x {windows.probe_interval_seconds} s) restart it and the proxy's "
+            "health check drops its closed port; a node with one engine is down for all its requests in that window")

@@ -236,19 +236,6 @@ def no_flag_breaks_tool_calls(r: Resolved) -> Iterator[str]:
 
 
 @rule
-def engines_on_one_node_are_balanced_on_real_generations(r: Resolved) -> Iterator[str]:
-    """The proxy balances several engines by its active health check on the engine's health route:
-    that route must run a real generation, or an engine with a dead scheduler keeps its share."""
-    engine = r.engine
-    if r.engines_per_node > 1 and not engine.health_runs_generation:
-        given = r.spec.parallelism.engines_per_node or r.engines_per_node
-        yield (f"{_f('parallelism.enginesPerNode', given)}: {r.engines_per_node} {engine.name} engines on one node "
-               f"would be balanced by the proxy on {engine.health_path}, which answers 200 with a dead scheduler "
-               "(vllm #39863); only an engine whose health route runs a real generation can share a node. Run one "
-               "engine over all the node's accelerators (parallelism.tensorParallel)")
-
-
-@rule
 def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
     """A replica over several nodes: tensor parallel inside each node, one pipeline stage per node,
     on an engine release that spans nodes, over a fabric, never on spot (issue 22)."""

@@ -94,11 +94,17 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
     result["layout"] = node_layout(resolved) if resolved.multi_node else None
     result["api_key"] = key_rotation.api_key_facts(spec, config.secure_fingerprints)
+    shared_node = None
     if resolved.target.renders_manifests:  # pods: the gate waits for the rollout and undoes a failed one
         result["kubernetes_rollout"] = k8s_manifests.rollout_cost(resolved, sizing)
     else:  # nodes: a watchdog and, on a fleet, its group's health check
-        result["health"] = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
-                                          fleet=behind_load_balancer(resolved)).lines()
+        windows = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
+                                 fleet=behind_load_balancer(resolved))
+        result["health"] = windows.lines()
+        # One pod per engine on Kubernetes (readiness by generation): only a node's proxy shares engines.
+        shared_node = health.shared_node_exposure(
+            resolved.spec.engine.name, resolved.engine.health_path, resolved.engine.health_runs_generation,
+            resolved.engines_per_node, windows)
     archive = compile_cache_archive(resolved, launch)
     result["compile_cache"] = {"volume": resolved.weights_volume, "shared_archive": archive,
                                "expiry_days": catalog.MIRROR_COMPILE_CACHE_EXPIRY_DAYS if archive else None}
@@ -125,7 +131,8 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
                            "ignore_changes")} for r in run.resources
     ]
     result["ami"] = ami_origin(spec, result["resources"])
-    result["warnings"] = [w for w in (acme_warning(resolved),) if w] + engine_bugs.warnings_for(resolved)
+    result["warnings"] = ([w for w in (acme_warning(resolved), shared_node) if w]
+                          + engine_bugs.warnings_for(resolved))
     result["outputs"] = run.outputs
 
     from policy.validators import check_resources

@@ -2,7 +2,9 @@
 
 import pytest
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, health
+from kimi_fleet.launch import engine_argv
+from kimi_fleet.sizing import size
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.spec import StackSpecError, image_is_pinned
 from kimi_fleet.validation import parse_spec
@@ -189,19 +191,33 @@ def test_the_matrix_has_the_issue_stacks_and_seed_000s_startup_script_cloud():
     assert set(stack_names()) == {
         "h200-int4-sglang", "h200-int4-vllm", "b200-nvfp4-vllm", "b300-int4-sglang", "h100-int4-vllm",
         "rtxpro6000-int4-sglang", "rtxpro6000-nvfp4-vllm", "mi300x-int4-sglang", "mi355x-int4-sglang",
-        "gb200-int4-vllm", "ascend-a3-w4a8-sglang", "spheron-h200-int4-vllm", "k8s-h100-int4-vllm",
+        "gb200-int4-vllm", "ascend-a3-w4a8-sglang", "spheron-h200-int4-vllm", "k8s-h100-int4-vllm", "b300-nvfp4-vllm",
     }
 
 
-def test_engines_sharing_a_node_need_a_health_route_that_generates():
-    """Issue 9: the proxy balances a node's engines on their health route; vLLM's /health is
-    liveness only, SGLang's /health_generate runs a generation."""
-    message = refuse(stack(engine={"name": "vllm"}, parallelism={"tensorParallel": 4},
-                           target={"kind": "host"}))
-    assert "field kimi-fleet:parallelism.enginesPerNode (given 2)" in message
-    assert "/health, which answers 200 with a dead scheduler" in message
-    two_sglang = Resolved(load_stack_config(stack_file("mi300x-int4-sglang")).spec())  # accepted as it is
+def test_vllm_engines_share_a_node_on_the_recipes_blackwell_layout_and_the_plan_says_what_a_hang_costs():
+    """Issue 25: two TP4 engines per B200/B300 node (the K2.6 recipes' NVFP4 layout). vLLM's /health is
+    liveness only (vllm #39863): the node's watchdog probes each engine by a real generation and
+    restarts a hung one, so the plan states the window in which a hung engine keeps its share."""
+    for name in ("b200-nvfp4-vllm", "b300-nvfp4-vllm"):
+        r = Resolved(load_stack_config(stack_file(name)).spec())
+        assert (r.tensor_parallel, r.engines_per_node) == (4, 2) and not r.engine.health_runs_generation
+        argv = engine_argv(r, 8000)
+        for flag in catalog.VLLM_BLACKWELL_NVFP4_FLAGS:
+            assert flag in argv, (name, flag)
+        assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
+        windows = health.windows(size(r), verification_seconds=600, fleet=False)
+        warning = health.shared_node_exposure("vllm", r.engine.health_path, False, r.engines_per_node, windows)
+        assert "1/2 of new requests" in warning and f"up to {windows.stall_detection_seconds} s" in warning
+    # Not on INT4 or another architecture: the recipe's path is Blackwell NVFP4 only.
+    for name in ("h200-int4-vllm", "rtxpro6000-nvfp4-vllm", "gb200-int4-vllm"):
+        argv = engine_argv(Resolved(load_stack_config(stack_file(name)).spec()), 8000)
+        assert "TOKENSPEED_MLA" not in argv, name
+    # An engine whose health route generates, or a node with one engine, has nothing to warn about.
+    two_sglang = Resolved(load_stack_config(stack_file("mi300x-int4-sglang")).spec())
     assert two_sglang.engines_per_node == 2 and two_sglang.engine.health_runs_generation
+    assert health.shared_node_exposure("sglang", "/health_generate", True, 2, windows) is None
+    assert health.shared_node_exposure("vllm", "/health", False, 1, windows) is None
 
 
 @pytest.mark.parametrize("extra", [["--stream-interval", "4"], ["--stream-interval=2"], ["--stream_interval=8"]])
