@@ -862,6 +862,166 @@ LOCAL_NVME_READ_BYTES_PER_SECOND = 3 * GB  # a host's or node's local NVMe (host
 NVME_READ_SOURCE = Source("AWS instance-store and typical datacenter NVMe sequential read", "2026")
 
 
+# --- Weight loaders (--load-format) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loader:
+    """A weight loader one engine release ships, judged for Kimi-K2.6 on this project's volumes.
+
+    Adopted rows are rendered as the managed `--load-format` where every condition holds: the stack's
+    engine release is in `releases` (read in that release's wheel), its image is in `images` (the
+    dependency is known to be inside), one node per replica unless `multi_node`, a volume faster than
+    the default loader's measured rate (LOADER_READ_BYTES_PER_SECOND: else nothing is gained) and room
+    on each device for the file the loader stages there. Rejected rows stay, with why.
+    """
+
+    id: str
+    engine: EngineName
+    load_format: str
+    #: Package versions whose load path implements it, and where (the file in the pinned wheel).
+    releases: tuple[str, ...]
+    where: str
+    #: The Python package the engine imports for it, and whether (and why) each image carries it.
+    dependency: str
+    images: tuple[str, ...]
+    dependency_basis: str
+    #: The published figure (hardware, model, what was timed) and its page or file.
+    figure: str
+    figure_source: Source
+    #: The figure's seconds for the engine's default loader and for this one, on the same machine and
+    #: model: cold (page cache dropped) and, where published, cached. The model scales seed 003's
+    #: default rates by these ratios; None: no figure comparable to the default exists.
+    default_cold_seconds: float | None = None
+    cold_seconds: float | None = None
+    default_cached_seconds: float | None = None
+    cached_seconds: float | None = None
+    #: Bytes each rank stages on its device at once, in checkpoint files (fastsafetensors: one whole file).
+    staged_files_per_rank: int = 0
+    multi_node: bool = False
+    adopted: bool = False
+    why: str = ""
+
+    @property
+    def cold_speedup(self) -> float:
+        return self.default_cold_seconds / self.cold_seconds if self.cold_seconds else 1.0
+
+    @property
+    def cached_ratio(self) -> float:
+        return self.cached_seconds / self.default_cached_seconds if self.default_cached_seconds else 1.0
+
+
+VLLM_WHEEL_0221 = "vllm 0.22.1 wheel (PyPI)"
+SGLANG_WHEEL_012 = "sglang 0.5.12.post1 wheel (PyPI)"
+SGLANG_WHEEL_09 = "sglang 0.5.9 wheel (PyPI)"
+DYNAMO_FAST_LOADING = Source("NVIDIA Dynamo docs, kubernetes/model-deployment/model-loading/fast-model-loading "
+                             "(docs.nvidia.com/dynamo, v1.6.0)", "2026")
+
+LOADERS: tuple[Loader, ...] = (
+    Loader(
+        id="vllm-fastsafetensors", engine="vllm", load_format="fastsafetensors", releases=("0.22.1",),
+        where=f"{VLLM_WHEEL_0221}: model_loader/__init__.py _LOAD_FORMAT_TO_MODEL_LOADER (DefaultModelLoader), "
+              "weight_utils.py fastsafetensors_weights_iterator: each rank of the world group copies one file "
+              "whole to its GPU and the tensors are broadcast (nogds=True when the group is larger than one, "
+              "so no GPUDirect Storage is needed); every safetensors dtype of the INT4 and NVFP4 checkpoints "
+              "(I32, U8, F8_E4M3, BF16, F32) is in fastsafetensors' st_types.DType",
+        dependency="fastsafetensors",
+        images=("vllm/vllm-openai:v0.22.1",),
+        dependency_basis="vllm 0.22.1's METADATA requires fastsafetensors>=0.2.2 unconditionally, so the image "
+                         "that installs the wheel carries it; vllm 0.19.1's lists it only under the "
+                         "'fastsafetensors' extra (not in v0.19.1-cu130); the sm_120 NVFP4 image is built by "
+                         "seed 003's script and its packages are not recorded",
+        figure="vLLM TP8 on 8x MI300X (ROCm, no GDS: the nogds path vLLM takes at TP > 1), "
+               "EmbeddedLLM/deepseek-r1-FP8-Dynamic, fastsafetensors 0.1.15: cold 486 s default -> 65 s, "
+               "cached 80 s -> 37 s",
+        figure_source=Source("foundation-model-stack/fastsafetensors docs/amd-perf.md and "
+                             "docs/images/fastsafetensors-rocm.png, commit 6b3af083", "2026-05-12"),
+        default_cold_seconds=486, cold_seconds=65, default_cached_seconds=80, cached_seconds=37,
+        staged_files_per_rank=1, adopted=True,
+        why="its figure is vLLM's TP8 nogds path on one node, as the stacks run it; over several nodes the "
+            "world group would broadcast every file across the fabric, which no figure covers",
+    ),
+    Loader(
+        id="vllm-instanttensor", engine="vllm", load_format="instanttensor", releases=("0.22.1",),
+        where=f"{VLLM_WHEEL_0221}: model_loader/__init__.py _LOAD_FORMAT_TO_MODEL_LOADER (DefaultModelLoader), "
+              "weight_utils.py instanttensor_weights_iterator (CUDA only)",
+        dependency="instanttensor", images=(),
+        dependency_basis="only under vllm's 'instanttensor' extra; the image's Dockerfile installs no such "
+                         "package (the iterator raises ImportError)",
+        figure="DeepSeek-R1 on 8x H200: 160 s (4.3 GB/s) default -> 15.3 s (45 GB/s)",
+        figure_source=Source("docs.vllm.ai models/extensions/instanttensor (Benchmarks)", "2026"),
+        default_cold_seconds=160, cold_seconds=15.3,
+        why="not in the pinned image: adopting it means building and pinning a derived image, and the "
+            "figure's 45 GB/s is above every volume a stack has (the volume would bound it)",
+    ),
+    Loader(
+        id="vllm-runai-streamer", engine="vllm", load_format="runai_streamer", releases=("0.22.1",),
+        where=f"{VLLM_WHEEL_0221}: model_loader/__init__.py _LOAD_FORMAT_TO_MODEL_LOADER, "
+              "runai_streamer_loader.py (concurrency, distributed and memory_limit from --model-loader-extra-config)",
+        dependency="runai-model-streamer", images=(),
+        dependency_basis="under vllm's 'runai' extra; the vllm-openai Dockerfile stage installs "
+                         "runai-model-streamer[s3,gcs] in the versions read, not verified at v0.22.1",
+        figure="554 GiB on 2x 8 H100 from Lustre: 4,575 s with the default loader, 318 s with runai_streamer "
+               "(RUNAI_STREAMER_CONCURRENCY=16) and full striping (~1.9 GB/s for both nodes); from local SSD "
+               "(Llama-3-8B, one A10G; NVIDIA technical blog 'Reducing Cold Start Latency for LLM Inference with "
+               "NVIDIA Run:ai Model Streamer') it saturates the volume: gp3 47.99 s -> 14.34 s",
+        figure_source=DYNAMO_FAST_LOADING,
+        why="its gains are on network storage; from a local volume it reaches the volume's rate on one GPU, "
+            "and at TP8 without 'distributed' every rank streams every file. No TP8 figure from local NVMe "
+            "beats the default loader's measured 1.24 GB/s (seed 003), and on EBS the volume bounds both",
+    ),
+    Loader(
+        id="vllm-modelexpress", engine="vllm", load_format="modelexpress", releases=("0.22.1",),
+        where=f"{VLLM_WHEEL_0221}: model_loader/__init__.py _LOAD_FORMAT_TO_MODEL_LOADER, modelexpress_loader.py "
+              "(imports modelexpress.engines.vllm.loader)",
+        dependency="modelexpress", images=(),
+        dependency_basis="no vllm extra names it; not in the image",
+        figure="no figure from a local volume (Dynamo's page sends ModelExpress to the object-storage path)",
+        figure_source=DYNAMO_FAST_LOADING,
+        why="a thin wrapper over the ModelExpress package (MxModelLoader), which is not in the image and "
+            "works with a ModelExpress server this project does not deploy",
+    ),
+    Loader(
+        id="vllm-safetensors-prefetch", engine="vllm", load_format="auto", releases=("0.22.1",),
+        where=f"{VLLM_WHEEL_0221}: config/load.py --safetensors-load-strategy prefetch (8 threads per rank "
+              "read its share of the files into the page cache; automatic on NFS/Lustre only)",
+        dependency="", images=("vllm/vllm-openai:v0.22.1",), dependency_basis="part of vllm",
+        figure="none published", figure_source=Source(VLLM_WHEEL_0221, "2026"),
+        why="no published figure to model it from",
+    ),
+    Loader(
+        id="sglang-fastsafetensors", engine="sglang", load_format="fastsafetensors",
+        releases=("0.5.9", "0.5.12.post1"),
+        where=f"{SGLANG_WHEEL_012} model_loader/loader.py:537 and {SGLANG_WHEEL_09} loader.py:506, "
+              "weight_utils.py fastsafetensors_weights_iterator: SafeTensorsFileLoader(pg, device) with "
+              "fastsafetensors' default nogds=False, i.e. GPUDirect Storage, and no fallback",
+        dependency="fastsafetensors", images=(),
+        dependency_basis="neither sglang wheel's METADATA requires it, under any extra",
+        figure="as vllm-fastsafetensors (the figure is vLLM's nogds path)",
+        figure_source=Source("foundation-model-stack/fastsafetensors docs/amd-perf.md, commit 6b3af083", "2026-05-12"),
+        why="not a dependency of the images, and SGLang's iterator opens files through GDS (nvidia-fs on the "
+            "host, none on ROCm: fastsafetensors' amd-perf.md), which no node installs",
+    ),
+    Loader(
+        id="sglang-runai-streamer", engine="sglang", load_format="runai_streamer", releases=("0.5.12.post1",),
+        where=f"{SGLANG_WHEEL_012}: configs/load_config.py LoadFormat.RUNAI_STREAMER, loader.py set_runai_streamer_env "
+              "(not a --load-format choice in 0.5.9)",
+        dependency="runai-model-streamer", images=(),
+        dependency_basis="under sglang's 'runai' and 'diffusion' extras only",
+        figure="as vllm-runai-streamer", figure_source=DYNAMO_FAST_LOADING,
+        why="as for vLLM: no gain from a local volume is published at TP8",
+    ),
+    Loader(
+        id="sglang-prefetch", engine="sglang", load_format="auto", releases=("0.5.12.post1",),
+        where=f"{SGLANG_WHEEL_012}: --weight-loader-prefetch-checkpoints, --weight-loader-prefetch-num-threads "
+              "(loader.py:531)",
+        dependency="", images=(), dependency_basis="part of sglang",
+        figure="none published", figure_source=Source(SGLANG_WHEEL_012, "2026"),
+        why="no published figure to model it from",
+    ),
+)
+
+
 # --- Measured throughput (for $/M tokens) ----------------------------------------------------
 #
 # Facts of one engine's output per GPU at a stated workload, concurrency and per-user speed. The plan

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from kimi_fleet import catalog
 from kimi_fleet.node_scripts.weights_manifest import VERIFY_THREADS
-from kimi_fleet.resolve import Resolved
+
+if TYPE_CHECKING:  # type-only: the engines read this module's volume rate to choose their loader
+    from kimi_fleet.resolve import Resolved
 
 
 def gib(n: int | float) -> float:
@@ -227,8 +230,8 @@ def size(r: Resolved) -> Sizing:
 
 def ready_phases(r: Resolved) -> list[dict]:
     """Time to ready, phase by phase: the expected seconds (from measurements: seeds 000 and 003,
-    the handbook's mirror rate, this project's hash benchmark), the floor of the hardware the stack
-    chose, and the stack-file choice that would lower it."""
+    the handbook's mirror rate, this project's hash benchmark, the adopted loader's published figure),
+    the floor of the hardware the stack chose, and the stack-file choice that would lower it."""
     size, engines = r.checkpoint.size_bytes, r.engines_per_node
     weights = r.spec.weights
     source = catalog.TRANSFER_SOURCES[weights.source]
@@ -243,10 +246,29 @@ def ready_phases(r: Resolved) -> list[dict]:
     if r.weights_volume == "ebs" and r.offer is not None and r.offer.local_nvme_disks:
         nvme = catalog.NVME_DISK_READ_BYTES_PER_SECOND * r.offer.local_nvme_disks
         read_hint = f"weights.volume instance-store ({r.offer.local_nvme_disks} NVMe striped, {nvme / 1e9:.0f} GB/s)"
-    cold_read = min(volume_rate, catalog.LOADER_READ_BYTES_PER_SECOND)
+    # The loader: the engine's default (seed 003's measured rate), or the adopted one, whose published
+    # speed-up over the default on the same machine scales that rate (catalog.LOADERS), bounded by the volume.
+    loader, loader_why = r.adapter.loader(r)
+    loader_rate = catalog.LOADER_READ_BYTES_PER_SECOND * (loader.cold_speedup if loader else 1)
+    cold_read = min(volume_rate, loader_rate)
     # Engines on one node each process the whole checkpoint; their warm-ups run side by side.
     processing = max(catalog.WARM_RESTART_SECONDS - r.engine.warmup_seconds, 0)
     load = catalog.WARM_RESTART_SECONDS + (engines - 1) * processing
+    if loader is None:
+        read_basis = (f"the default loader reads {engines} x {size / 1e9:.0f} GB at {cold_read / 1e9:.2f} GB/s cold "
+                      f"({catalog.LOAD_SOURCE.where}); no faster loader: {loader_why}")
+        load_basis = f"page cache to ready, warm-up included ({catalog.LOAD_SOURCE.where}), {engines} engine(s)"
+    else:
+        # From the page cache the loader's published cached ratio shortens the weight processing only.
+        processing = math.ceil(processing * loader.cached_ratio)
+        load = min(r.engine.warmup_seconds, catalog.WARM_RESTART_SECONDS) + engines * processing
+        read_basis = (f"--load-format {loader.load_format} reads {engines} x {size / 1e9:.0f} GB at "
+                      f"{cold_read / 1e9:.2f} GB/s cold: the default's {catalog.LOADER_READ_BYTES_PER_SECOND / 1e9:.2f} "
+                      f"GB/s ({catalog.LOAD_SOURCE.where}) x {loader.cold_speedup:.2f}, its published cold speed-up "
+                      f"({loader.figure}; {loader.figure_source.where}), bounded by the volume")
+        load_basis = (f"page cache to ready: warm-up ({catalog.LOAD_SOURCE.where}) and weight processing x "
+                      f"{loader.cached_ratio:.2f} ({loader.load_format}'s published cached ratio, "
+                      f"{loader.figure_source.where}), {engines} engine(s)")
     return [
         {"phase": "download", "seconds": math.ceil(size / rate), "floor_seconds": math.ceil(size / max(rate, mirror)),
          "basis": f"{size / 1e9:.0f} GB at {rate / 1e9:.2f} GB/s from {weights.source} ({source.source.where})",
@@ -257,13 +279,10 @@ def ready_phases(r: Resolved) -> list[dict]:
                   f"{volume_rate / 1e9:.2f} GB/s", "lower_it": ""},
         {"phase": "read", "seconds": math.ceil(size * engines / cold_read),
          "floor_seconds": math.ceil(size * engines / volume_rate),
-         "basis": f"the loader reads {engines} x {size / 1e9:.0f} GB at {cold_read / 1e9:.2f} GB/s cold "
-                  f"({catalog.LOAD_SOURCE.where}); the {r.weights_volume} volume reads {volume_rate / 1e9:.2f} GB/s "
+         "basis": f"{read_basis}; the {r.weights_volume} volume reads {volume_rate / 1e9:.2f} GB/s "
                   "sequentially (the floor, with the checkpoint in the page cache)",
-         "lower_it": read_hint},
-        {"phase": "load", "seconds": load, "floor_seconds": load,
-         "basis": f"page cache to ready, warm-up included ({catalog.LOAD_SOURCE.where}), {engines} engine(s)",
-         "lower_it": ""},
+         "lower_it": read_hint, "loader": loader.load_format if loader else "default"},
+        {"phase": "load", "seconds": load, "floor_seconds": load, "basis": load_basis, "lower_it": ""},
     ]
 
 

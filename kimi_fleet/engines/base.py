@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from kimi_fleet import catalog
+from kimi_fleet.sizing import vision_per_device, volume_read_bytes_per_second
 
 if TYPE_CHECKING:  # type-only: resolve imports the registry at run time
     from kimi_fleet.resolve import Resolved
@@ -170,3 +171,58 @@ class Engine:
     def per_rank(self, r: Resolved) -> dict[str, int]:
         """What each rank will actually run with, after the engine's own adjustments."""
         return {"prefill tokens per step": r.max_num_batched_tokens}
+
+    # --- weight loader --------------------------------------------------------------------------
+
+    def loader(self, r: Resolved) -> tuple[catalog.Loader | None, str]:
+        """(the loader rendered as --load-format, or None for the engine's default; why, in plain words).
+
+        Only an adopted catalog.LOADERS row of this engine, in the stack's exact release and image, on
+        one node (unless the row covers several), on a volume faster than the default loader's measured
+        rate, with room on each device for the files the loader stages there."""
+        version = r.image_entry.package_version if r.image_entry else None
+        rows = [row for row in catalog.LOADERS if row.engine == self.name and row.adopted]
+        if not rows:
+            return None, f"no loader of {self.name} is adopted ({loader_rejections(self.name)})"
+        reasons = []
+        for row in rows:
+            if version not in row.releases:
+                reasons.append(f"{row.load_format} is adopted for {self.name} {', '.join(row.releases)} only "
+                               f"(this image runs {version or 'an unknown release'})")
+            elif r.image not in row.images:
+                reasons.append(f"{row.load_format}: {r.image} is not known to carry {row.dependency} "
+                               f"({row.dependency_basis})")
+            elif r.multi_node and not row.multi_node:
+                reasons.append(f"{row.load_format}: one node per replica only ({row.why})")
+            elif volume_read_bytes_per_second(r) <= catalog.LOADER_READ_BYTES_PER_SECOND:
+                reasons.append(f"{row.load_format} would gain nothing: the {r.weights_volume} volume reads "
+                               f"{volume_read_bytes_per_second(r) / 1e9:.2f} GB/s, no faster than the default "
+                               f"loader's {catalog.LOADER_READ_BYTES_PER_SECOND / 1e9:.2f} GB/s")
+            elif self._staging_room(r, row, vision_per_device(r)) < 0:
+                reasons.append(f"{row.load_format}: no room on each device for {row.staged_files_per_rank} "
+                               "checkpoint file(s) beside the weights")
+            else:
+                return row, f"{row.load_format} ({row.figure_source.where})"
+        return None, "; ".join(reasons)
+
+    def _staging_room(self, r: Resolved, row: catalog.Loader, vision: int) -> int:
+        """Device bytes left while the loader stages its files beside the weights (negative: none)."""
+        if not row.staged_files_per_rank:
+            return 0
+        shards = r.checkpoint.shards
+        if not shards:
+            return -1  # file sizes not recorded for this checkpoint: not adopted
+        staged = row.staged_files_per_rank * -(-r.checkpoint.size_bytes // shards)
+        used = self.weights_per_device(r) + vision + self.profile.runtime_overhead_bytes
+        return r.accelerator.memory_bytes - used - staged
+
+    def loader_args(self, r: Resolved) -> list[str]:
+        """The managed --load-format (nothing for the engine's default loader)."""
+        row, _ = self.loader(r)
+        return ["--load-format", row.load_format] if row else []
+
+
+def loader_rejections(engine: str) -> str:
+    """The catalog's rejected loaders of one engine, each with its reason."""
+    return "; ".join(f"{row.load_format}: {row.why}" for row in catalog.LOADERS
+                     if row.engine == engine and not row.adopted)

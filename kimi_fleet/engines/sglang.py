@@ -45,6 +45,9 @@ class SGLang(Engine):
         # Every TP rank's scheduler would export its own series: sum() over them would count a request n times.
         "--enable-metrics-for-all-schedulers": "(off: one series per engine)",
         "--speculative-draft-model-path": "engine.speculativeDraftRepo",
+        # The weight loader decides the plan's read and load phases (catalog.LOADERS, sizing.ready_phases).
+        "--load-format": "(the catalog's adopted loader for this release, image and volume: catalog.LOADERS)",
+        "--model-loader-extra-config": "(no adopted loader takes one: catalog.LOADERS)",
     }
     #: Measured: seed 003 ran with 98.9% of the engine's own estimate free outside the knob.
     outside_tolerance = catalog.SGLANG_RESERVE.tolerance
@@ -138,6 +141,7 @@ class SGLang(Engine):
                 argv += ["--enable-dp-attention"]
         if p.expert_parallel:
             argv += ["--ep-size", str(r.tensor_parallel)]
+        argv += self.loader_args(r)
         argv += r.quirk_flags
         if engine.speculative == "eagle3":
             argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", DRAFT_MOUNT,

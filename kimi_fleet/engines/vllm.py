@@ -43,6 +43,9 @@ class VLLM(Engine):
         # vLLM's Prometheus logger is on by default; this turns it off (api_server.py:357 log_stats), which
         # would blind the dashboards, the alerts, the scaling policy and the watchdog's busy test.
         "--disable-log-stats": "(metrics stay on: dashboards, alerts, scaling and the watchdog read them)",
+        # The weight loader decides the plan's read and load phases (catalog.LOADERS, sizing.ready_phases).
+        "--load-format": "(the catalog's adopted loader for this release, image and volume: catalog.LOADERS)",
+        "--model-loader-extra-config": "(no adopted loader takes one: catalog.LOADERS)",
     }
 
     def mm_encoder_tp_mode(self, r: Resolved) -> str | None:
@@ -115,6 +118,7 @@ class VLLM(Engine):
             argv += ["--decode-context-parallel-size", str(p.decode_context_parallel)]
         if engine.moe_backend:
             argv += ["--moe-backend", engine.moe_backend]
+        argv += self.loader_args(r)
         argv += r.quirk_flags
         if engine.speculative == "eagle3":
             # Dotted config flags instead of a JSON blob: env-file values cannot carry quotes.
