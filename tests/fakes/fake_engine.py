@@ -75,6 +75,12 @@ CONTEXT_ERROR = (
 )
 PROMPT_OVERHEAD_TOKENS = 8  # chat template tokens around the messages
 ARGUMENT_CHARS_PER_TOKEN = 8  # tool-call arguments stream 8 characters a token
+#: A call's first argument frames are paced one chunk delay apart like any token; past these, the
+#: delay falls once per ARGUMENT_FRAMES_PER_PAUSE frames (a parser flushing a long call in bursts).
+#: Each frame is still its own SSE event. No check times argument frames (the streaming check
+#: times content), and a 4,225-character call paced frame by frame cost ~11 s of every suite run.
+PACED_ARGUMENT_FRAMES = 32
+ARGUMENT_FRAMES_PER_PAUSE = 16
 IMAGE_TOKENS = 64
 
 NAMED_COLORS = {
@@ -442,8 +448,9 @@ class Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.streams_total += 1
                 first_stream = self.state.streams_total == 1
+            pauses = _pauses(chunks, len(frames))
             if self.state.mode == "buffered-stream" or (self.state.mode == "buffered-once" and first_stream):
-                time.sleep(self.state.chunk_delay * len(frames))
+                time.sleep(self.state.chunk_delay * sum(pauses))
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
                 metrics.tokens(token_frames)
                 metrics.observe_ttft(time.monotonic() - started)
@@ -452,7 +459,7 @@ class Handler(BaseHTTPRequestHandler):
                 for index in range(len(frames)):
                     if index == 1:
                         time.sleep(self.state.first_token_delay)
-                    if index:
+                    if pauses[index]:
                         time.sleep(self.state.chunk_delay)
                     if index == 1 and reply.tool_calls and self._empty_calls_strike():
                         frames = emptied
@@ -484,6 +491,21 @@ class Handler(BaseHTTPRequestHandler):
 
 def _frames(chunks: list[dict]) -> list[bytes]:
     return [f"data: {event}\n\n".encode() for event in [*map(json.dumps, chunks), "[DONE]"]]
+
+
+def _pauses(chunks: list[dict], frames: int) -> list[bool]:
+    """Whether frame i waits one chunk delay before it is sent: every frame after the first, except
+    a long call's argument frames past PACED_ARGUMENT_FRAMES, of which one in ARGUMENT_FRAMES_PER_PAUSE."""
+    pauses, pieces = [False] * frames, {}
+    for index in range(1, frames):
+        delta = chunks[index]["choices"][0]["delta"] if index < len(chunks) and chunks[index]["choices"] else {}
+        calls = delta.get("tool_calls") or []
+        if calls and (calls[0].get("function") or {}).get("arguments"):
+            seen = pieces[calls[0]["index"]] = pieces.get(calls[0]["index"], 0) + 1
+            pauses[index] = seen <= PACED_ARGUMENT_FRAMES or (seen - PACED_ARGUMENT_FRAMES) % ARGUMENT_FRAMES_PER_PAUSE == 0
+        else:
+            pauses[index] = True
+    return pauses
 
 
 def _http_chunk(data: bytes) -> bytes:
