@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -77,7 +79,22 @@ class Endpoint:
     def ssl_context(self) -> ssl.SSLContext | bool:
         if self.verify is False:
             return False
-        return ssl.create_default_context(cafile=None if self.verify is True else self.verify)
+        if self.verify is True:
+            return _verifying_context(None, None)
+        try:  # a bundle rewritten in place (same path) gets a fresh context
+            stat = os.stat(self.verify)
+            version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            version = None  # create_default_context raises as it always did
+        return _verifying_context(self.verify, version)
+
+
+@functools.lru_cache(maxsize=32)
+def _verifying_context(cafile: str | None, version: tuple | None) -> ssl.SSLContext:
+    """One verifying context per CA bundle (and version of it) per process: building one loads the
+    whole bundle (~40 ms), and a gate's statistics runs the suite hundreds of times. A context is
+    never modified after this, so the runs may share it."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 def open_client(endpoint: Endpoint, on_response=None) -> httpx.AsyncClient:
