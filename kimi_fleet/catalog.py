@@ -507,7 +507,11 @@ VLLM_K26_RECIPE = Source("vllm-project/recipes models/moonshotai/Kimi-K2.6.yaml 
 #: for it: only acceptance lengths) and without its CUDA-graph capture size of 2,048 (its graph memory
 #: is not measured; the sizing's CUDA-graph figure is for vLLM's default sizes). vLLM 0.22.1's parser
 #: takes them (manifest: attention_config.use_prefill_query_quantization).
+#: The prefill quantization takes effect only with an MLA prefill backend that supports it (vLLM picks
+#: FLASH_ATTN for prefill on Blackwell by itself), so the prefill backend is named as Dynamo's K2.6 B200
+#: workers name it (recipes/kimi-k2.6/vllm/agg-b200-chat/deploy.yaml, attention-config).
 VLLM_BLACKWELL_NVFP4_FLAGS = ("--attention-backend", "TOKENSPEED_MLA",
+                              "--attention-config.mla_prefill_backend=TOKENSPEED_MLA",
                               "--attention-config.use_prefill_query_quantization=True", "--block-size", "64")
 
 HARDWARE_QUIRKS: tuple[HardwareQuirk, ...] = (

@@ -193,8 +193,17 @@ def shared_node_exposure(engine: str, health_path: str, health_runs_generation: 
     if engines_per_node < 2 or health_runs_generation:
         return None
     share = f"1/{engines_per_node}"
+    seconds = hung_engine_window_seconds(windows)
     return (f"{engines_per_node} {engine} engines share each node behind one proxy that balances them on "
             f"{health_path}, which answers 200 while a scheduler is hung (vllm #39863): a hung engine keeps "
-            f"{share} of new requests for up to {windows.stall_detection_seconds} s, until the watchdog's generation "
-            f"probes ({windows.stalled_probes} x {windows.probe_interval_seconds} s) restart it and the proxy's "
-            "health check drops its closed port; a node with one engine is down for all its requests in that window")
+            f"{share} of new requests for up to {seconds} s (about {math.ceil(seconds / 60)} min: up to one timer "
+            f"interval before the first probe, then {windows.stalled_probes} stalled probes that each wait out their "
+            f"{windows.probe_timeout_seconds} s timeout), until the watchdog restarts it and the proxy's health "
+            "check drops its closed port; a node with one engine is down for all its requests in that window")
+
+
+def hung_engine_window_seconds(windows: HealthWindows) -> int:
+    """From a scheduler hanging to the watchdog's restart of its engine, at most. The watchdog's runs do not
+    overlap: a run whose probe waits out its timeout delays the next one past the timer interval."""
+    per_probe = max(windows.probe_interval_seconds, windows.probe_timeout_seconds)
+    return windows.probe_interval_seconds + windows.stalled_probes * per_probe

@@ -236,6 +236,22 @@ def no_flag_breaks_tool_calls(r: Resolved) -> Iterator[str]:
 
 
 @rule
+def engines_sharing_a_node_behind_a_load_balancer_are_judged_by_real_generations(r: Resolved) -> Iterator[str]:
+    """Several engines on one node are balanced by its Caddy on the engine's health route. vLLM's
+    /health stays green with a hung scheduler (vllm #39863): the watchdog restarts the hung engine,
+    and while it reloads the node's ready file is gone, so behind a load balancer the healthy engine
+    leaves service with it (a single node or a host keeps serving from it)."""
+    engine = r.engine
+    if r.engines_per_node > 1 and not engine.health_runs_generation and r.target.behind_load_balancer(r):
+        given = r.spec.parallelism.engines_per_node or r.engines_per_node
+        yield (f"{_f('parallelism.enginesPerNode', given)}: {r.engines_per_node} {engine.name} engines on a node of a "
+               f"fleet behind a load balancer: {engine.health_path} answers 200 with a hung scheduler (vllm #39863), "
+               "so the watchdog restarts a hung engine and the node leaves its load balancer until that engine has "
+               "reloaded (tens of minutes), taking the healthy engine with it. Run one engine per node "
+               "(parallelism.tensorParallel equal to acceleratorCount), or a single node (capacity.replicas 1)")
+
+
+@rule
 def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
     """A replica over several nodes: tensor parallel inside each node, one pipeline stage per node,
     on an engine release that spans nodes, over a fabric, never on spot (issue 22)."""

@@ -208,7 +208,15 @@ def test_vllm_engines_share_a_node_on_the_recipes_blackwell_layout_and_the_plan_
         assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
         windows = health.windows(size(r), verification_seconds=600, fleet=False)
         warning = health.shared_node_exposure("vllm", r.engine.health_path, False, r.engines_per_node, windows)
-        assert "1/2 of new requests" in warning and f"up to {windows.stall_detection_seconds} s" in warning
+        seconds = health.hung_engine_window_seconds(windows)
+        assert "1/2 of new requests" in warning and f"up to {seconds} s" in warning
+        # The probes wait out their timeout (longer than the timer interval): the window counts them.
+        assert seconds >= windows.probe_interval_seconds + windows.stalled_probes * windows.probe_timeout_seconds
+    # Behind a load balancer the node leaves service while the hung engine reloads, the healthy one with it.
+    message = refuse(stack(accelerator="b200", checkpoint="nvfp4", engine={"name": "vllm"},
+                           parallelism={"tensorParallel": 4}, capacity={"replicas": 2}))
+    assert "field kimi-fleet:parallelism.enginesPerNode (given 2)" in message and "vllm #39863" in message
+    assert "load balancer" in message
     # Not on INT4 or another architecture: the recipe's path is Blackwell NVFP4 only.
     for name in ("h200-int4-vllm", "rtxpro6000-nvfp4-vllm", "gb200-int4-vllm"):
         argv = engine_argv(Resolved(load_stack_config(stack_file(name)).spec()), 8000)
