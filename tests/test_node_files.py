@@ -507,6 +507,9 @@ def test_download_fails_on_a_size_mismatch(tmp_path, fake_hub):
     (bin_dir / "hf").write_text("#!/bin/bash\nwhile (($#)); do [[ $1 == --local-dir ]] && d=$2; shift; done\n"
                                 "mkdir -p \"$d/sub\"; head -c 5 /dev/zero >\"$d/config.json\"\n")
     (bin_dir / "hf").chmod(0o755)
+    # The script backs off 20 s after a failed attempt, the last one too: not what this test is about.
+    (bin_dir / "sleep").write_text("#!/bin/bash\n")
+    (bin_dir / "sleep").chmod(0o755)
     script = tmp_path / "kimi-download-weights"
     script.write_text(node_files("h200-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
     script.chmod(0o755)
