@@ -29,7 +29,8 @@ from kimi_fleet.sizing import Sizing
 #: One tiny generation per engine this often (the watchdog timer).
 PROBE_INTERVAL_SECONDS = 30
 #: Failed probes with no token generated meanwhile, in a row, before the node leaves its load
-#: balancer and the engine is restarted (3 x 30 s: a minute and a half of nothing at all).
+#: balancer and the engine is restarted (3 probes that each wait out their 60 s timeout: three minutes
+#: of nothing at all).
 STALLED_PROBES = 3
 #: A (re)started engine's load gets this multiple of its modelled time (pull, read, load).
 LOAD_BUDGET_SLACK = 1.5
@@ -73,8 +74,10 @@ class HealthWindows:
 
     @property
     def stall_detection_seconds(self) -> int:
-        """From the first stalled probe to the watchdog's restart (and its ready file gone)."""
-        return self.stalled_probes * self.probe_interval_seconds
+        """From the first stalled probe to the watchdog's restart (and its ready file gone). The watchdog's
+        runs do not overlap: a stalled probe waits out its timeout, which delays the next run past the
+        timer interval when the timeout is the longer."""
+        return self.stalled_probes * max(self.probe_interval_seconds, self.probe_timeout_seconds)
 
     @property
     def lb_leave_seconds(self) -> int:
@@ -95,7 +98,8 @@ class HealthWindows:
             f"probe: one generation per engine every {self.probe_interval_seconds} s, at most "
             f"{self.probe_timeout_seconds} s; a failed probe while the engine's token counter advances is busy "
             "(no action)",
-            f"stalled: {self.stalled_probes} failed probes with no token generated ({self.stall_detection_seconds} s) "
+            f"stalled: {self.stalled_probes} failed probes with no token generated ({self.stall_detection_seconds} s: "
+            f"each waits out its {self.probe_timeout_seconds} s timeout) "
             f"restart the engine and take the node out; the load balancer stops routing after "
             f"{self.lb_unhealthy_threshold} x {self.lb_interval_seconds} s more ({self.lb_leave_seconds} s in all)",
             f"load budget {self.load_budget_seconds} s = ({terms(self.load_budget_terms)}) x {LOAD_BUDGET_SLACK:g}: "
@@ -111,13 +115,17 @@ class HealthWindows:
 def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> HealthWindows:
     """Every health window of a stack. `verification_seconds`: the node's own run of the suite at
     most (node_files.ADMISSION_DEADLINE_SECONDS); `fleet`: an Auto Scaling group behind a load balancer."""
-    load_terms = {"image pull": IMAGE_PULL_SECONDS, "read": sizing.read_seconds, "load": sizing.load_seconds}
+    # Budgets count the engine's default loader (Sizing.budget_seconds): a faster loader that does not
+    # deliver its published speed-up here must not have its loads killed or its nodes replaced.
+    read, load = sizing.budget_seconds("read"), sizing.budget_seconds("load")
+    load_terms = {"image pull": IMAGE_PULL_SECONDS, "read": read, "load": load}
     load_budget = math.ceil(sum(load_terms.values()) * LOAD_BUDGET_SLACK)
     dead_terms = {"first load budget": load_budget, "one restart's load budget": load_budget,
-                  "stall detection": STALLED_PROBES * PROBE_INTERVAL_SECONDS, "one more probe": PROBE_INTERVAL_SECONDS}
+                  "stall detection": STALLED_PROBES * max(PROBE_INTERVAL_SECONDS, GENERATION_PROBE_TIMEOUT_SECONDS),
+                  "one more probe": PROBE_INTERVAL_SECONDS}
     grace_terms = {"boot": BOOT_SECONDS, "image pull": IMAGE_PULL_SECONDS, "download": sizing.download_seconds,
-                   "verify": sizing.verify_seconds, "read": sizing.read_seconds,
-                   "load (compile and warm-up included)": sizing.load_seconds,
+                   "verify": sizing.verify_seconds, "read": read,
+                   "load (compile and warm-up included)": load,
                    "self-verification": verification_seconds, "margin": GRACE_MARGIN_SECONDS}
     return HealthWindows(
         probe_interval_seconds=PROBE_INTERVAL_SECONDS,
@@ -205,5 +213,4 @@ def shared_node_exposure(engine: str, health_path: str, health_runs_generation: 
 def hung_engine_window_seconds(windows: HealthWindows) -> int:
     """From a scheduler hanging to the watchdog's restart of its engine, at most. The watchdog's runs do not
     overlap: a run whose probe waits out its timeout delays the next one past the timer interval."""
-    per_probe = max(windows.probe_interval_seconds, windows.probe_timeout_seconds)
-    return windows.probe_interval_seconds + windows.stalled_probes * per_probe
+    return windows.probe_interval_seconds + windows.stall_detection_seconds

@@ -77,6 +77,12 @@ class Sizing:
         """An engine restart on a node whose page cache holds the checkpoint (in place releases)."""
         return self.load_seconds
 
+    def budget_seconds(self, phase: str) -> int:
+        """A phase's seconds for a budget (a load's deadline, a group's grace): with an adopted loader,
+        what the engine's default loader would take, whichever is longer (ready_phases)."""
+        entry = next(p for p in self.ready_phases if p["phase"] == phase)
+        return entry.get("budget_seconds", entry["seconds"])
+
     @property
     def volume_start_seconds(self) -> int:
         """A node that finds verified weights on its volume (EBS re-attached, a rebooted host)."""
@@ -254,6 +260,10 @@ def ready_phases(r: Resolved) -> list[dict]:
     # Engines on one node each process the whole checkpoint; their warm-ups run side by side.
     processing = max(catalog.WARM_RESTART_SECONDS - r.engine.warmup_seconds, 0)
     load = catalog.WARM_RESTART_SECONDS + (engines - 1) * processing
+    # What the engine's default loader would take: the budgets that kill a load and judge a new node
+    # (health.windows) never count on a loader's published speed-up that this machine has not shown.
+    default_read = math.ceil(size * engines / min(volume_rate, catalog.LOADER_READ_BYTES_PER_SECOND))
+    default_load = load
     if loader is None:
         read_basis = (f"the default loader reads {engines} x {size / 1e9:.0f} GB at {cold_read / 1e9:.2f} GB/s cold "
                       f"({catalog.LOAD_SOURCE.where}); no faster loader: {loader_why}")
@@ -279,10 +289,12 @@ def ready_phases(r: Resolved) -> list[dict]:
                   f"{volume_rate / 1e9:.2f} GB/s", "lower_it": ""},
         {"phase": "read", "seconds": math.ceil(size * engines / cold_read),
          "floor_seconds": math.ceil(size * engines / volume_rate),
+         "budget_seconds": max(math.ceil(size * engines / cold_read), default_read),
          "basis": f"{read_basis}; the {r.weights_volume} volume reads {volume_rate / 1e9:.2f} GB/s "
                   "sequentially (the floor, with the checkpoint in the page cache)",
          "lower_it": read_hint, "loader": loader.load_format if loader else "default"},
-        {"phase": "load", "seconds": load, "floor_seconds": load, "basis": load_basis, "lower_it": ""},
+        {"phase": "load", "seconds": load, "floor_seconds": load, "budget_seconds": max(load, default_load),
+         "basis": load_basis, "lower_it": ""},
     ]
 
 

@@ -168,3 +168,23 @@ def test_the_autoscalers_time_to_ready_follows_the_loader(monkeypatch):
     gain = default.cold_start_seconds - with_loader.cold_start_seconds
     assert gain == (default.read_seconds - with_loader.read_seconds) + (default.load_seconds - with_loader.load_seconds)
     assert gain > 0 and sum(before.values()) - sum(terms.values()) == gain
+
+
+def test_budgets_count_the_default_loader_not_the_adopted_ones_published_speed_up():
+    """Review of issue 25: a load budget or a group's grace cut to a loader's speed-up measured on other
+    hardware would kill loads, and replace nodes, whenever that speed-up does not show here."""
+    from kimi_fleet import health
+
+    sizing = size(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec()))
+    read = next(p for p in sizing.ready_phases if p["phase"] == "read")
+    assert read["loader"] == "fastsafetensors" and sizing.read_seconds < sizing.budget_seconds("read")
+    default_rate = min(volume_read_bytes_per_second(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())),
+                       catalog.LOADER_READ_BYTES_PER_SECOND)
+    assert sizing.budget_seconds("read") == math.ceil(catalog.CHECKPOINTS["int4"].size_bytes / default_rate)
+    assert sizing.budget_seconds("load") >= sizing.load_seconds
+    windows = health.windows(sizing, verification_seconds=900, fleet=True)
+    assert windows.load_budget_terms["read"] == sizing.budget_seconds("read")
+    assert windows.grace_terms["read"] == sizing.budget_seconds("read")
+    # A stack on the default loader: the budget is the expectation itself.
+    plain = size(Resolved(load_stack_config(stack_file("rtxpro6000-int4-sglang")).spec()))
+    assert plain.budget_seconds("read") == plain.read_seconds and plain.budget_seconds("load") == plain.load_seconds
