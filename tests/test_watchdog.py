@@ -123,7 +123,11 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
     state = tmp_path / "systemctl"
     state.mkdir()
     with ExitStack() as stack:
-        engine = stack.enter_context(start_fake_engine(mode, "sglang", r.spec.model.served_name, options=options,
+        # Only content frames are paced: this stack admits at concurrency 1, so every paced reasoning
+        # and tool-call frame of the admission suite's serial requests adds up (the streaming check
+        # times content alone).
+        engine = stack.enter_context(start_fake_engine(mode, "sglang", r.spec.model.served_name,
+                                                       options=(*options, "--pace-content-only"),
                                                        chunk_delay=CHUNK_DELAY))
         port = engine.port
         if busy_file is not None:

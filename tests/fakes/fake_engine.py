@@ -244,8 +244,9 @@ class EngineState:
                  report_max_model_len: bool = True, first_token_delay: float = 0.0,
                  release: str | None = None, stale_release: str | None = None, stale_every: int = 0,
                  hang_after: int = 0, hang_file: str | None = None, empty_call_rate: float = 0.2,
-                 max_running: int = 0, kv_capacity_tokens: int = 65_536):
+                 max_running: int = 0, kv_capacity_tokens: int = 65_536, pace_content_only: bool = False):
         self.model = model
+        self.pace_content_only = pace_content_only
         self.metrics = EngineMetrics(engine, model, max_running, kv_capacity_tokens)
         # vllm #54701's share of broken streams while enough streams are in flight
         self.empty_call_rate = empty_call_rate
@@ -448,7 +449,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.streams_total += 1
                 first_stream = self.state.streams_total == 1
-            pauses = _pauses(chunks, len(frames))
+            pauses = _pauses(chunks, len(frames), content_only=self.state.pace_content_only)
             if self.state.mode == "buffered-stream" or (self.state.mode == "buffered-once" and first_stream):
                 time.sleep(self.state.chunk_delay * sum(pauses))
                 self.wfile.write(b"".join(_http_chunk(frame) for frame in frames))
@@ -493,14 +494,18 @@ def _frames(chunks: list[dict]) -> list[bytes]:
     return [f"data: {event}\n\n".encode() for event in [*map(json.dumps, chunks), "[DONE]"]]
 
 
-def _pauses(chunks: list[dict], frames: int) -> list[bool]:
+def _pauses(chunks: list[dict], frames: int, *, content_only: bool = False) -> list[bool]:
     """Whether frame i waits one chunk delay before it is sent: every frame after the first, except
-    a long call's argument frames past PACED_ARGUMENT_FRAMES, of which one in ARGUMENT_FRAMES_PER_PAUSE."""
+    a long call's argument frames past PACED_ARGUMENT_FRAMES, of which one in ARGUMENT_FRAMES_PER_PAUSE.
+    `content_only`: reasoning and tool-call frames are not paced at all (only the streaming check
+    times arrivals, and it times content)."""
     pauses, pieces = [False] * frames, {}
     for index in range(1, frames):
         delta = chunks[index]["choices"][0]["delta"] if index < len(chunks) and chunks[index]["choices"] else {}
         calls = delta.get("tool_calls") or []
-        if calls and (calls[0].get("function") or {}).get("arguments"):
+        if content_only and ("tool_calls" in delta or "reasoning_content" in delta):
+            pauses[index] = False
+        elif calls and (calls[0].get("function") or {}).get("arguments"):
             seen = pieces[calls[0]["index"]] = pieces.get(calls[0]["index"], 0) + 1
             pauses[index] = seen <= PACED_ARGUMENT_FRAMES or (seen - PACED_ARGUMENT_FRAMES) % ARGUMENT_FRAMES_PER_PAUSE == 0
         else:
@@ -881,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV cache size in tokens: its use is the tokens in flight over this")
     parser.add_argument("--empty-call-rate", type=float, default=0.2,
                         help="empty-stream-tool-calls: share of tool-call streams emptied while >= 6 are in flight")
+    parser.add_argument("--pace-content-only", action="store_true",
+                        help="pace only content frames (and the stream's end): reasoning and tool calls flow at once")
     args = parser.parse_args(argv)
 
     state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
@@ -889,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
                         first_token_delay=args.first_token_delay, release=args.release,
                         stale_release=args.stale_release, stale_every=args.stale_every, hang_after=args.hang_after,
                         hang_file=args.hang_file, empty_call_rate=args.empty_call_rate,
-                        max_running=args.max_running, kv_capacity_tokens=args.kv_capacity_tokens)
+                        max_running=args.max_running, kv_capacity_tokens=args.kv_capacity_tokens,
+                        pace_content_only=args.pace_content_only)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:
