@@ -178,7 +178,7 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
     if e.language_model_only and e.mm_encoder_tp_mode == "data":
         yield (f"{_f('engine.mmEncoderTpMode', 'data')}: languageModelOnly drops the vision encoder, so "
                "--mm-encoder-tp-mode data has nothing to shard")
-    managed = engines.managed_flags(r.adapter)
+    managed = {**engines.managed_flags(r.adapter), **quirk_rendered_flags(r)}
     for arg in e.extra_args:
         flag = managed_flag(arg, managed)
         if flag in SECRET_FLAGS:
@@ -197,6 +197,25 @@ def engine_flags_are_coherent(r: Resolved) -> Iterator[str]:
     if r.kv_cache_dtype not in allowed:
         yield (f"{_f('kvCacheDtype', r.kv_cache_dtype)}: {e.name} accepts {', '.join(sorted(allowed))} for "
                "Kimi's MLA attention")
+
+
+def quirk_rendered_flags(r: Resolved) -> dict[str, str]:
+    """Every spelling of the options the catalog's hardware quirks render for this stack (the release's
+    recorded parser gives the aliases of each option, e.g. vLLM's -ac for --attention-config), with the
+    quirk that renders them: extraArgs repeating one would override the quirk or, for an option and its
+    JSON twin (--attention-backend, --attention-config.backend), stop the engine at start."""
+    rendered = {arg.split("=", 1)[0].split(".", 1)[0] for q in r.quirks for arg in q.flags if arg.startswith("-")}
+    if not rendered:
+        return {}
+    entry = r.image_entry
+    manifest = load_manifest(r.spec.engine.name, entry.package_version) if entry else None
+    options = (manifest or {}).get("options", {})
+    dests = {options[flag]["dest"] for flag in rendered if flag in options}
+    spellings = rendered | {flag for flag, option in options.items() if option.get("dest") in dests}
+    if "attention_backend" in dests:  # the backend is also a key of --attention-config: one or the other
+        spellings |= {flag for flag, option in options.items() if option.get("dest") == "attention_config"}
+    why = "; ".join(sorted({f"{q.note or 'a hardware quirk'} ({q.source.where})" for q in r.quirks if q.flags}))
+    return {flag: f"nothing: the catalog renders it on this hardware: {why}" for flag in sorted(spellings)}
 
 
 def flag_values(extra_args: list[str], flag: str) -> list[tuple[str, str | None]]:

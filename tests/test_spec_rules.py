@@ -239,3 +239,20 @@ def test_a_stream_interval_above_1_is_refused_while_tools_are_parsed(extra):
 
 def test_a_stream_interval_of_1_is_accepted():
     parse_spec(stack(engine={"name": "vllm", "extraArgs": ["--stream-interval", "1"]}), "t", "f")
+
+
+@pytest.mark.parametrize("extra", [["--attention-backend", "FLASHINFER_MLA"], ["--attention_backend=TRITON_MLA"],
+                                   ["--block-size", "16"], ["--attention-config.backend=FLASHINFER_MLA"],
+                                   ["-ac.backend=FLASHINFER_MLA"],
+                                   ["--attention-config.mla_prefill_backend=FLASH_ATTN"]])
+def test_extra_args_cannot_override_or_contradict_the_recipes_blackwell_flags(extra):
+    """Review of issue 25: the catalog renders the recipe's attention path on Blackwell NVFP4; repeating
+    one of its options (or the backend's JSON twin, which makes vLLM refuse to start) is refused."""
+    message = refuse(stack(accelerator="b200", checkpoint="nvfp4", parallelism={"tensorParallel": 4},
+                           engine={"name": "vllm", "extraArgs": extra}))
+    assert "field kimi-fleet:engine.extraArgs" in message and "the catalog renders it on this hardware" in message
+    assert "vllm-project/recipes" in message
+
+
+def test_the_same_options_stay_free_where_no_quirk_renders_them():
+    Resolved(parse_spec(stack(engine={"name": "vllm", "extraArgs": ["--block-size", "32"]}), "t", "t.yaml"))
