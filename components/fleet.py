@@ -22,10 +22,9 @@ from components.host_endpoint import HostEndpoint, HostEndpointArgs
 from components.kubernetes_endpoint import KubernetesEndpoint, KubernetesEndpointArgs
 from components.verification_gate import VerificationGate, VerificationGateArgs, k8s_rollout_wait_seconds
 from kimi_fleet import health, k8s_manifests
-from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import Cost
 from kimi_fleet.launch import Launch
-from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
+from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS, drain_timeout_seconds
 from kimi_fleet.release import stack_release
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing, verification_concurrency
@@ -70,13 +69,12 @@ def generated_api_keys(name: str, generation: int, opts: pulumi.ResourceOptions
 
 def _aws_rollout_seconds(r: Resolved, sizing: Sizing) -> int:
     """An AWS fleet's instance refresh: every replica it may have (a scaling fleet may be at the top of
-    its range when the release lands) replaced one after another, and with scaling each old replica
-    may hold its termination in the drain hook for up to the drain timeout."""
+    its range when the release lands) replaced one after another, and each old replica may hold its
+    termination in the drain hook for up to the drain timeout (every fleet has the hook)."""
     capacity = r.spec.capacity
     seconds = health.fleet_rollout_seconds(health.windows(
         sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=True), capacity.most_replicas)
-    policy = scaling_policy(r, sizing)
-    return seconds + (capacity.most_replicas * policy.drain_timeout_seconds if policy else 0)
+    return seconds + capacity.most_replicas * (drain_timeout_seconds(r, sizing) or 0)
 
 
 @dataclass

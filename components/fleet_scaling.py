@@ -34,8 +34,8 @@ a replica that already serves out of the next scale-out's arithmetic for another
 Scale-in is AWS's own (slower than scale-out, by its managed alarms), and each removal waits in the
 drain hook below.
 
-Drain: the lifecycle hook "kimi-drain" holds a terminating instance (scale-in or an instance
-refresh) in Terminating:Wait; its node stops taking requests (the ready listener answers 503, so
+Drain (components/gpu_node.py declares it for every fleet, scaling or not): the lifecycle hook
+"kimi-drain" holds a terminating instance (scale-in or an instance refresh) in Terminating:Wait; its node stops taking requests (the ready listener answers 503, so
 the load balancer drains it), waits until its engines have nothing running or waiting, and
 completes the action (CONTINUE); after the heartbeat the group continues anyway.
 """
@@ -87,7 +87,6 @@ def tracked_metric(stack: str, metric: str) -> dict:
 class FleetScaling(pulumi.ComponentResource):
     policy_name: pulumi.Output[str]
     kv_cache_policy_name: pulumi.Output[str]
-    drain_hook_name: pulumi.Output[str]
 
     def __init__(self, name: str, args: FleetScalingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:FleetScaling", name, None, opts)
@@ -97,15 +96,9 @@ class FleetScaling(pulumi.ComponentResource):
         tracking = self._policy(name, args, policy.metric, policy.target_value, warmup, child)
         # The second signal, always on (its target a ratio of the KV cache, 0-1).
         kv_cache = self._policy(name, args, "kv-cache", policy.kv_cache_target, warmup, child)
-        hook = aws.autoscaling.LifecycleHook(
-            f"{name}-drain", autoscaling_group_name=args.group_name, name=DRAIN_HOOK_NAME,
-            lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",
-            heartbeat_timeout=drain_heartbeat_seconds(policy.drain_timeout_seconds), opts=child)
         self.policy_name = tracking.name
         self.kv_cache_policy_name = kv_cache.name
-        self.drain_hook_name = hook.name
-        self.register_outputs({"policy_name": self.policy_name, "kv_cache_policy_name": self.kv_cache_policy_name,
-                               "drain_hook_name": self.drain_hook_name})
+        self.register_outputs({"policy_name": self.policy_name, "kv_cache_policy_name": self.kv_cache_policy_name})
 
     @staticmethod
     def _policy(name: str, args: FleetScalingArgs, metric: str, target: float, warmup: int,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from components.fleet_scaling import FleetScaling, FleetScalingArgs
+from components.fleet_scaling import DRAIN_HOOK_NAME, FleetScaling, FleetScalingArgs, drain_heartbeat_seconds
 from kimi_fleet import boot_stub, catalog, health, node_files, observability
 from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
@@ -284,8 +284,21 @@ class GpuNode(pulumi.ComponentResource):
             if policy is not None:
                 FleetScaling(f"{name}-scaling", FleetScalingArgs(stack=spec.stack, group_name=group.name,
                                                                  policy=policy), child)
+            # Every fleet's terminating replica drains first, whatever terminates it (a scale-in, an
+            # instance refresh of a fixed fleet, an edit of its size): the hook holds it while its node
+            # stops taking requests and finishes the running ones (node_scripts/drain.py, on every
+            # fleet node). It lived under FleetScaling before fixed fleets had it: the alias keeps a
+            # scaling stack's hook in place (a new resource would put the same hook name, then delete it).
+            drain_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(aliases=[pulumi.Alias(
+                name=f"{name}-scaling-drain",
+                parent=pulumi.create_urn(f"{name}-scaling", "kimi-fleet:aws:FleetScaling", parent=self))]))
+            aws.autoscaling.LifecycleHook(
+                f"{name}-drain", autoscaling_group_name=group.name, name=DRAIN_HOOK_NAME,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",
+                heartbeat_timeout=drain_heartbeat_seconds(node_files.drain_timeout_seconds(r, sizing)),
+                opts=drain_opts)
             # The node's only Auto Scaling calls: find its group, complete its own lifecycle actions (its
-            # admission; with scaling, its drain) on its own group. A dead node powers itself off instead
+            # admission, its drain) on its own group. A dead node powers itself off instead
             # of marking itself unhealthy (that permission would cover every node of the group: no
             # instance-id condition exists for it).
             aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child, policy=group.arn.apply(

@@ -271,11 +271,14 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
     # itself unhealthy) is replaced; the refresh is the gate's, not the provider's (#34189).
     assert inputs["healthCheckType"] == "EC2"
     assert "instanceRefresh" not in inputs
-    # A node serves only once admitted: the launch hook holds it until its watchdog completes it.
-    (hook,) = run.of_type("aws:autoscaling/lifecycleHook:LifecycleHook")
-    assert (hook["inputs"]["lifecycleTransition"], hook["inputs"]["defaultResult"]) == (
-        "autoscaling:EC2_INSTANCE_LAUNCHING", "ABANDON")
-    assert 0 < int(hook["inputs"]["heartbeatTimeout"]) <= 7200
+    # A node serves only once admitted: the launch hook holds it until its watchdog completes it. And a
+    # fixed fleet's terminating node (an instance refresh) drains first, as a scaling fleet's does.
+    hooks = {h["inputs"]["lifecycleTransition"]: h["inputs"] for h in run.of_type("aws:autoscaling/lifecycleHook:LifecycleHook")}
+    assert set(hooks) == {"autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"}
+    hook = hooks["autoscaling:EC2_INSTANCE_LAUNCHING"]
+    assert hook["defaultResult"] == "ABANDON" and 0 < int(hook["heartbeatTimeout"]) <= 7200
+    drain = hooks["autoscaling:EC2_INSTANCE_TERMINATING"]
+    assert drain["defaultResult"] == "CONTINUE" and drain["name"] == "kimi-drain"
     (admission,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-admission")]
     actions = {s["Action"]: s["Resource"] for s in json.loads(admission["inputs"]["policy"])["Statement"]}
     assert actions["autoscaling:CompleteLifecycleAction"].startswith("arn:")  # its own group only

@@ -229,7 +229,10 @@ def test_the_tenants_site_closes_keep_alive_connections_while_the_node_drains(tm
         finally:
             conn.close()
 
-    with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"}):
+    # Ready once the site answers over TLS: Caddy logs that it serves before its internal certificate
+    # is issued, and a handshake before that is refused (seen as a TLS internal error).
+    with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"},
+                     ready_url=f"https://localhost:{listener['https_port']}/v1/models"):
         assert connection_header() is None
         drain_file.parent.mkdir(parents=True, exist_ok=True)
         drain_file.write_text("1\n")
