@@ -22,6 +22,7 @@ from kimi_fleet.node_files import SecretsSource, render_caddyfile_for, render_no
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
+from tests.fakes.harness import _stop as stop_process
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
 from tests.fakes.imds import start_imds
 from tests.fakes.load_shim import start_load_shim
@@ -150,6 +151,9 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
         facts["watchdog"] = {**facts["watchdog"], "probe_timeout_seconds": PROBE_TIMEOUT, **(watchdog or {})}
         stack_json.write_text(json.dumps(facts))
         stack.enter_context(start_caddy(caddyfile, {"KIMI_API_KEY": API_KEY}))
+        # Stopped before Caddy: a request the engine holds (a hung engine) ends, and Caddy stops at
+        # once instead of waiting out the harness's STOP_TIMEOUT for it.
+        stack.callback(stop_process, engine.process)
         # The suite's dependencies come from this venv (on a node: the bootstrap's verifier venv);
         # the suite itself is the copy shipped in the node files.
         env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",

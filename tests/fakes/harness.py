@@ -247,4 +247,9 @@ def start_proxied_engine(
         )
         base_url = f"https://localhost:{https_port}/v1"
         with start_caddy(caddyfile, {"KIMI_API_KEY": api_key}, ready_url=f"{base_url}/models") as caddy:
-            yield ProxiedEngine(fake, caddy, base_url, api_key, model)
+            try:
+                yield ProxiedEngine(fake, caddy, base_url, api_key, model)
+            finally:
+                # The engine stops first: a request it holds (a hung engine) then ends, and Caddy
+                # stops at once instead of waiting out STOP_TIMEOUT for it.
+                _stop(fake.process)
