@@ -193,12 +193,14 @@ def test_two_stacks_in_a_region_share_one_bucket_and_one_fill(runs):
     # The adopter declares no bucket of its own: it looks the creator's up.
     assert not [r for r in runs[ADOPTER].of_type("aws:s3/bucket:Bucket") if r["inputs"].get("bucket") == BUCKET]
     specs = [spec for spec in _valid_specs() if spec.weights.mirror == "managed"]
-    assert {s.stack for s in specs} == {CREATOR, ADOPTER, "h200-int4-sglang", "b200-nvfp4-vllm"}
+    assert {s.stack for s in specs} == {CREATOR, ADOPTER, "h200-int4-sglang", "b200-nvfp4-vllm", "b300-nvfp4-vllm"}
     assert shared_mirror_problems(specs) == []
     # Another checkpoint in the same bucket: its own prefix and fill.
     nvfp4 = plan_mirror(resolved("b200-nvfp4-vllm"))
     assert nvfp4.bucket == creator.bucket and nvfp4.fill_id != creator.fill_id
     assert nvfp4.manifest_key.startswith(f"hf/{nvfp4.repo}/{nvfp4.revision}/")
+    # The two NVFP4 stacks share that checkpoint's one fill, as the INT4 ones share theirs.
+    assert plan_mirror(resolved("b300-nvfp4-vllm")).fill_id == nvfp4.fill_id
 
 
 def _valid_specs():

@@ -155,12 +155,14 @@ def run_prometheus(config: Path, workdir: Path):
 
 
 def stack_for(engine: str) -> str:
-    """A planned single-node NVIDIA stack of the engine (GPU exporter among its targets)."""
+    """A planned single-node NVIDIA stack of the engine with one engine per node (GPU exporter among its
+    targets; the observed node runs one fake engine)."""
     from tests.matrix import PLANNED_STACKS
     for name in PLANNED_STACKS:
         spec = load_stack_config(stack_file(name)).spec()
         r = Resolved(spec)
-        if spec.engine.name == engine and r.accelerator.vendor == "nvidia" and spec.parallelism.nodes == 1:
+        if (spec.engine.name == engine and r.accelerator.vendor == "nvidia" and spec.parallelism.nodes == 1
+                and r.engines_per_node == 1):
             return name
     raise AssertionError(f"no planned NVIDIA single-node {engine} stack")
 
