@@ -104,6 +104,8 @@ def per_million(usd_per_hour: float, tokens_per_second: float) -> float:
 def replica_prices(r: Resolved) -> tuple[float | None, float | None]:
     """(on-demand, spot) USD per hour of one replica: every node it spans; spot within the stack's ceiling."""
     offer, capacity, nodes = r.offer, r.spec.capacity, r.nodes_per_replica
+    if offer is None:  # a host or a cluster: the stack's own price per node, if it states one
+        return (capacity.node_hourly_usd * nodes if capacity.node_hourly_usd is not None else None), None
     od = offer.on_demand_usd_per_hour * nodes if offer and offer.on_demand_usd_per_hour is not None else None
     spot = offer.spot_typical_usd_per_hour * nodes if offer and offer.spot_typical_usd_per_hour is not None else None
     if capacity.max_spot_price_usd is not None and spot is not None:
@@ -121,9 +123,8 @@ def on_demand_replicas(r: Resolved, replicas: int) -> int:
 
 def hourly_usd(r: Resolved, replicas: int) -> float | None:
     """The stack's price per hour at `replicas` replicas (the on-demand ones at on-demand, the rest at
-    the snapshot's spot price); None without a catalog machine or a price for a market it uses."""
-    if r.offer is None:
-        return None
+    the snapshot's spot price, or the stack's own capacity.nodeHourlyUsd where the catalog has no
+    machine); None without a price for a market it uses."""
     od, spot = replica_prices(r)
     on_demand = on_demand_replicas(r, replicas)
     parts = [(on_demand, od), (replicas - on_demand, spot)]
@@ -165,8 +166,12 @@ def estimate(r: Resolved) -> Cost:
         }
     unpriced = [kind for kind, w in workloads.items() if w is None]
     chat = workloads.get("chat")
-    if offer is None:
-        note = "no price: the machine is yours (host) or the cluster's (kubernetes)"
+    if offer is None and fleet is not None:
+        note = (f"the stack's own price: capacity.nodeHourlyUsd ${capacity.node_hourly_usd:.2f} per node-hour "
+                "(the machine is yours or the cluster's)")
+    elif offer is None:
+        note = ("no price: the machine is yours (host) or the cluster's (kubernetes); set capacity.nodeHourlyUsd "
+                "to price it")
     elif fleet is None:
         note = f"{offer.instance_type}: price unknown for market {market} ({offer.note or 'not in the snapshot'})"
     else:
@@ -186,7 +191,8 @@ def estimate(r: Resolved) -> Cost:
         usd_per_million_output_tokens=chat["usd_per_million_output_tokens"] if chat else None,
         per_user_tokens_per_second=chat["per_user_tokens_per_second"] if chat else None,
         throughput_note=why_unpriced(r, unpriced) if unpriced else None,
-        price_source=f"{offer.source.where}, {offer.source.date}" if offer else None,
+        price_source=(f"{offer.source.where}, {offer.source.date}" if offer
+                      else "capacity.nodeHourlyUsd (the stack file)" if fleet is not None else None),
         note=note,
         scaling_range=scaling_range(r),
     )

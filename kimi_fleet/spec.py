@@ -498,6 +498,10 @@ class CapacitySpec(Spec):
     """replicas kept on on-demand under spot; default 1 for interactive, 0 for batch."""
     max_spot_price_usd: Annotated[float, Field(gt=0, le=1000)] | None = None
     """spot price ceiling per node-hour, USD."""
+    node_hourly_usd: Annotated[float, Field(gt=0, le=10_000)] | None = None
+    """what one node costs you per hour, USD, where the catalog has no price (an existing host, a
+    cluster's node of this hardware): the plan then prices the stack, and its $/M tokens where a
+    Kimi-K2.6 measurement matches the layout. AWS and GPU-cloud stacks are priced from the catalog."""
     capacity_reservation_id: ReservationId | None = Field(None, description="Capacity Block reservation (cr-...)")
     scaling: ScalingSpec | None = None
     """replicas that follow the load (AWS fleets, Kubernetes); capacity.replicas is then the count a

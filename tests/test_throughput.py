@@ -215,3 +215,33 @@ def test_bench_argv_parses_in_vllms_own_parser(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == ["openai-chat", "/v1/chat/completions", "kimi-k2.6",
                                                               1024, 32]
+
+
+def test_a_host_or_cluster_that_states_its_node_price_is_priced_like_a_catalog_machine():
+    """Issue 25: hosts and clusters price themselves with capacity.nodeHourlyUsd; $/M then follows where a
+    K2.6 fact matches the layout (here the b200 TP4 host with the K2.6 draft: Dynamo's B200 rows)."""
+    values = copy.deepcopy(load_stack_config(stack_file("b200-nvfp4-vllm")).values)
+    values.update(acceleratorCount=4, target={"kind": "host"}, engine={**values["engine"], **K26_DRAFT},
+                  capacity={"nodeHourlyUsd": 28.5})
+    values.pop("weights")
+    cost = estimate(Resolved(parse_spec(values, "b200-tp4", "f")))
+    assert cost.fleet_usd_per_hour == 28.5 and "capacity.nodeHourlyUsd" in cost.note + cost.price_source
+    chat = FACTS["dynamo-b200-nvfp4-tp4-chat"]
+    assert cost.usd_per_million_output_tokens == pytest.approx(
+        28.5 / (chat.output_tokens_per_second_per_gpu * 4 * 3600 / 1e6), abs=0.01)
+    # Without it a host stays unpriced, and the plan says which field prices it.
+    unpriced = estimate(Resolved(load_stack_config(stack_file("mi300x-int4-sglang")).spec()))
+    assert unpriced.fleet_usd_per_hour is None and "capacity.nodeHourlyUsd" in unpriced.note
+    # A Kubernetes stack: every node of every replica.
+    values = copy.deepcopy(load_stack_config(stack_file("mi355x-int4-sglang")).values)
+    values["capacity"] = {**values.get("capacity", {}), "nodeHourlyUsd": 40.0}
+    r = Resolved(parse_spec(values, "mi355x-int4-sglang", "f"))
+    assert estimate(r).fleet_usd_per_hour == 40.0 * r.spec.capacity.replicas
+
+
+def test_a_stated_node_price_is_refused_where_the_catalog_prices_the_machine():
+    values = copy.deepcopy(load_stack_config(stack_file("h200-int4-sglang")).values)
+    values["capacity"] = {**values.get("capacity", {}), "nodeHourlyUsd": 10.0}
+    from kimi_fleet.spec import StackSpecError
+    with pytest.raises(StackSpecError, match=r"capacity.nodeHourlyUsd \(given 10.0\): aws stacks are priced from"):
+        Resolved(parse_spec(values, "h200-int4-sglang", "stacks/Pulumi.h200-int4-sglang.yaml"))
