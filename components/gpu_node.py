@@ -305,6 +305,9 @@ class GpuNode(pulumi.ComponentResource):
                 lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [
                     {"Sid": "CompleteOwnLifecycleActions", "Effect": "Allow",
                      "Action": "autoscaling:CompleteLifecycleAction", "Resource": arn},
+                    # A busy node keeps the group from picking it for a scale-in (node_scripts/drain.py).
+                    {"Sid": "ProtectWhileBusy", "Effect": "Allow",
+                     "Action": "autoscaling:SetInstanceProtection", "Resource": arn},
                     {"Sid": "FindOwnGroup", "Effect": "Allow", "Action": "autoscaling:DescribeAutoScalingInstances",
                      "Resource": "*"}]})))
             self.node_ids = pulumi.Output.all(group.name)

@@ -193,12 +193,15 @@ def rollout(autoscaling, elbv2, args: argparse.Namespace, *, sleep=time.sleep, c
     if last_good == new:
         return wait(autoscaling, elbv2, args, sleep=sleep, clock=clock)  # already on it: nothing to start
     try:
+        # A busy node protects itself from scale-in (drain.py); the refresh replaces it anyway, through
+        # the drain hook (Ignore, the default, would leave it on the old release).
         started = autoscaling.start_instance_refresh(
             AutoScalingGroupName=args.group, Strategy="Rolling",
             DesiredConfiguration=desired_configuration(group, args.launch_template_id, new),
             Preferences={"MinHealthyPercentage": args.min_healthy_percentage,
                          "MaxHealthyPercentage": args.max_healthy_percentage,
-                         "InstanceWarmup": args.instance_warmup, "SkipMatching": True, "AutoRollback": True})
+                         "InstanceWarmup": args.instance_warmup, "SkipMatching": True,
+                         "ScaleInProtectedInstances": "Refresh", "AutoRollback": True})
     except (ClientError, BotoCoreError) as error:
         print(f"fleet: release {release}: could not start the instance refresh of {args.group} from version "
               f"{last_good} to {new}: {error}; if another refresh runs, let it end or cancel it "
@@ -256,7 +259,8 @@ def roll_back(autoscaling, elbv2, args: argparse.Namespace, last_good: str | Non
                 DesiredConfiguration=desired_configuration(group, args.launch_template_id, last_good),
                 Preferences={"MinHealthyPercentage": args.min_healthy_percentage,
                              "MaxHealthyPercentage": args.max_healthy_percentage,
-                             "InstanceWarmup": args.instance_warmup, "SkipMatching": True})
+                             "InstanceWarmup": args.instance_warmup, "SkipMatching": True,
+                             "ScaleInProtectedInstances": "Refresh"})
             status = "InProgress"
     except (ClientError, BotoCoreError, ValueError) as error:
         print(f"fleet: release {release}: rollback of {args.group} refused: {error}", file=sys.stderr)

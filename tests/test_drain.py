@@ -92,6 +92,39 @@ def completions(calls: Path) -> list[list[str]]:
                                                                                   "complete-lifecycle-action"]]
 
 
+def protections(calls: Path) -> list[bool]:
+    """The scale-in protection the node set on itself, call by call (True: protected)."""
+    if not calls.exists():
+        return []
+    found = []
+    for call in map(json.loads, calls.read_text().splitlines()):
+        if call[:2] == ["autoscaling", "set-instance-protection"]:
+            assert call[2:6] == ["--instance-ids", INSTANCE, "--auto-scaling-group-name", GROUP], call
+            found.append("--protected-from-scale-in" in call)
+    return found
+
+
+def test_a_serving_node_is_protected_from_scale_in_while_busy_and_released_once_idle_a_while(tmp_path):
+    """Issue 24 (review F16): the group picks an idle replica for a scale-in, never the busiest. A pause
+    shorter than PROTECT_IDLE_READINGS polls keeps the protection; /metrics that do not answer change
+    nothing."""
+    load = {"running": 1, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        drain = start()  # InService: serving (0.2 s polls here)
+        assert wait_for(lambda: protections(calls) == [True], 10)
+        load.update(running=0)
+        time.sleep(0.2 * 4)  # a short pause: still protected
+        assert protections(calls) == [True]
+        load.update(waiting=2)
+        time.sleep(0.6)
+        load.update(waiting=0)
+        assert wait_for(lambda: protections(calls) == [True, False], 15)
+        time.sleep(0.6)
+        assert protections(calls) == [True, False]  # idle stays unprotected: no call per poll
+        assert drain.poll() is None and completions(calls) == []
+        assert "scale-in protection off: idle" in (root / "var/log/kimi-fleet/drain.log").read_text()
+
+
 def _expected_completion() -> list[str]:
     return ["autoscaling", "complete-lifecycle-action", "--auto-scaling-group-name", GROUP, "--lifecycle-hook-name",
             node_metrics.DRAIN_HOOK, "--instance-id", INSTANCE, "--lifecycle-action-result", "CONTINUE",
@@ -118,8 +151,9 @@ def test_a_busy_node_is_not_terminated_while_it_generates(tmp_path):
         ready = f"http://127.0.0.1:{listener['ready_port']}/kimi-fleet/ready"
         with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"}):
             drain = start()
-            time.sleep(1)  # a few polls in service: nothing happens
-            assert _ready(ready) == (200, RELEASE + "\n") and not drain_file.exists() and not calls.exists()
+            time.sleep(1)  # a few polls in service: it only protects itself from scale-in, once
+            assert _ready(ready) == (200, RELEASE + "\n") and not drain_file.exists()
+            assert protections(calls) == [True] and completions(calls) == []
             metadata["autoscaling/target-lifecycle-state"] = "Terminated"
             assert wait_for(drain_file.exists, 10)
             assert _ready(ready) == (503, "draining")  # the load balancer takes it out of rotation

@@ -52,8 +52,10 @@ def _start_expected(autoscaling: Stubber, version: str) -> None:
         "AutoScalingGroupName": GROUP, "Strategy": "Rolling",
         # The group's own policy, only the version changed: the market and the overrides stay.
         "DesiredConfiguration": {"MixedInstancesPolicy": _policy(version)},
+        # A node busy with requests protects itself from scale-in: the refresh still replaces it (its
+        # drain hook holds it until idle); Ignore, AWS's default, would leave it on the old release.
         "Preferences": {"MinHealthyPercentage": 100, "MaxHealthyPercentage": 150, "InstanceWarmup": 2400,
-                        "SkipMatching": True, "AutoRollback": True}})
+                        "SkipMatching": True, "ScaleInProtectedInstances": "Refresh", "AutoRollback": True}})
 
 
 def _run(script) -> tuple[int, Clock]:

@@ -14,6 +14,14 @@ polls its instance metadata (IMDSv2 `autoscaling/target-lifecycle-state`); on "T
      when the drain timeout (node.env DRAIN_TIMEOUT_SECONDS) has run out since the drain began.
 The drain's start is kept in a state file, so a restart of this service keeps the deadline.
 
+Before that, while it serves, the node keeps its group from picking it for a scale-in while it has
+requests (instance scale-in protection, `aws autoscaling set-instance-protection` on itself): it is
+protected as soon as an engine reports a request running or waiting, and unprotected after
+PROTECT_IDLE_READINGS idle readings in a row, so the group scales in an idle replica, never the
+busiest (with every replica busy, AWS keeps the lower desired count and terminates the first that
+goes idle). An instance refresh replaces protected instances too (the gate's refresh preference
+ScaleInProtectedInstances=Refresh), through the drain above.
+
 usage: drain.py [--once]     (--once: one poll, for tests; paths under $KIMI_ROOT)
 """
 
@@ -41,6 +49,9 @@ POLL_SECONDS = float(os.environ.get("KIMI_DRAIN_POLL_SECONDS", "5"))
 #: Idle readings in a row before the hook completes: one reading can fall between a request's arrival
 #: and its first scheduling (still read or tokenised), or before a keep-alive client's next request.
 IDLE_READINGS = 3
+#: Idle readings in a row (a minute at the default poll) before a serving node gives up its scale-in
+#: protection: a pause between one client's requests must not make it the group's pick.
+PROTECT_IDLE_READINGS = 12
 
 
 def log(message: str) -> None:
@@ -61,31 +72,74 @@ def target_lifecycle_state() -> str | None:
 
 def load(engines: list[dict]) -> tuple[bool, str]:
     """(idle, what the engines say): idle when every engine answers with 0 running and 0 waiting."""
-    said, idle = [], True
+    idle, said, _ = load_read(engines)
+    return idle, said
+
+
+def load_read(engines: list[dict]) -> tuple[bool, str, bool]:
+    """(idle, what the engines say, whether every engine's /metrics answered)."""
+    said, idle, answered = [], True, True
     for engine in engines:
         found = engine_load(f"http://127.0.0.1:{engine['port']}", engine["metrics"])
         if found is None:
+            answered = False
             idle = False
             said.append(f"engine {engine['index']}: /metrics do not answer")
             continue
         if found["running"] or found["waiting"]:
             idle = False
         said.append(f"engine {engine['index']}: {found['running']:.0f} running, {found['waiting']:.0f} waiting")
-    return idle, "; ".join(said)
+    return idle, "; ".join(said), answered
+
+
+def own_group() -> tuple[str, str]:
+    """(this instance's id, its Auto Scaling group's name); RuntimeError when AWS does not say."""
+    instance = watchdog.instance_id()
+    found = watchdog.aws_autoscaling("describe-auto-scaling-instances", "--instance-ids", instance,
+                                     "--output", "json")
+    if found.returncode != 0:
+        raise RuntimeError((found.stderr or found.stdout).strip()[-300:])
+    described = json.loads(found.stdout).get("AutoScalingInstances") or []
+    if not described:
+        raise RuntimeError(f"{instance} is in no Auto Scaling group")
+    return instance, described[0]["AutoScalingGroupName"]
+
+
+def protect(on: bool, said: str) -> bool:
+    """Set this instance's scale-in protection. True once AWS took it."""
+    try:
+        instance, group = own_group()
+        done = watchdog.aws_autoscaling("set-instance-protection", "--instance-ids", instance,
+                                        "--auto-scaling-group-name", group,
+                                        "--protected-from-scale-in" if on else "--no-protected-from-scale-in")
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr or done.stdout).strip()[-300:])
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        log(f"setting scale-in protection {'on' if on else 'off'} failed ({error}); retried next poll")
+        return False
+    log(f"scale-in protection {'on: requests in flight' if on else 'off: idle'} ({said})")
+    return True
+
+
+def guard_while_serving(state: dict, engines: list[dict]) -> dict:
+    """Protected from scale-in while the engines have requests; unprotected once idle for a while.
+    An engine whose /metrics do not answer changes nothing (loading, or restarting)."""
+    idle, said, answered = load_read(engines)
+    if not answered:
+        return state
+    protected = state.get("protected", False)
+    state["idle_while_serving"] = state.get("idle_while_serving", 0) + 1 if idle else 0
+    if not idle and not protected and protect(True, said):
+        state["protected"] = True
+    elif idle and protected and state["idle_while_serving"] >= PROTECT_IDLE_READINGS and protect(False, said):
+        state["protected"] = False
+    return state
 
 
 def complete(hook: str) -> bool:
     """CONTINUE the termination hook: the group terminates the instance. True once done."""
     try:
-        instance = watchdog.instance_id()
-        found = watchdog.aws_autoscaling("describe-auto-scaling-instances", "--instance-ids", instance,
-                                         "--output", "json")
-        if found.returncode != 0:
-            raise RuntimeError((found.stderr or found.stdout).strip()[-300:])
-        described = json.loads(found.stdout).get("AutoScalingInstances") or []
-        if not described:
-            raise RuntimeError(f"{instance} is in no Auto Scaling group")
-        group = described[0]["AutoScalingGroupName"]
+        instance, group = own_group()
         done = watchdog.aws_autoscaling("complete-lifecycle-action", "--auto-scaling-group-name", group,
                                         "--lifecycle-hook-name", hook, "--instance-id", instance,
                                         "--lifecycle-action-result", "CONTINUE")
@@ -109,6 +163,7 @@ def poll(stack: dict, timeout: float, now: float) -> str:
         return "completed"
     if "started_at" not in state:
         if target_lifecycle_state() != TERMINATED:
+            STATE.write_text(json.dumps(guard_while_serving(state, stack["engines"])))
             return "serving"
         state = {"started_at": now}
         drain_file = ROOT / drain["file"].lstrip("/")
