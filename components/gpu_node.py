@@ -308,7 +308,10 @@ class GpuNode(pulumi.ComponentResource):
                     # A busy node keeps the group from picking it for a scale-in (node_scripts/drain.py).
                     {"Sid": "ProtectWhileBusy", "Effect": "Allow",
                      "Action": "autoscaling:SetInstanceProtection", "Resource": arn},
-                    {"Sid": "FindOwnGroup", "Effect": "Allow", "Action": "autoscaling:DescribeAutoScalingInstances",
+                    # Describe actions take no resource ARN: a node reads its group's desired count (a
+                    # pending scale-in) and its own protection.
+                    {"Sid": "FindOwnGroup", "Effect": "Allow",
+                     "Action": ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups"],
                      "Resource": "*"}]})))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)

@@ -194,7 +194,7 @@ def rollout(autoscaling, elbv2, args: argparse.Namespace, *, sleep=time.sleep, c
         return wait(autoscaling, elbv2, args, sleep=sleep, clock=clock)  # already on it: nothing to start
     try:
         # A busy node protects itself from scale-in (drain.py); the refresh replaces it anyway, through
-        # the drain hook (Ignore, the default, would leave it on the old release).
+        # the drain hook (Wait, AWS's default, would hold the refresh up to an hour, then fail it).
         started = autoscaling.start_instance_refresh(
             AutoScalingGroupName=args.group, Strategy="Rolling",
             DesiredConfiguration=desired_configuration(group, args.launch_template_id, new),

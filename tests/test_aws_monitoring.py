@@ -288,9 +288,12 @@ def test_nodes_complete_lifecycle_actions_on_their_own_group_only(declared):
     for statement in _statements(run):
         for action in _actions(statement):
             if action.startswith("autoscaling:"):
-                # Only these two: no node may resize the group or change another instance.
-                assert action in ("autoscaling:CompleteLifecycleAction", "autoscaling:DescribeAutoScalingInstances")
-                if action == "autoscaling:CompleteLifecycleAction":
+                # Only these: no node may resize the group or act on another group. Completing its own
+                # lifecycle actions and its scale-in protection while busy are limited to its own group
+                # (no instance condition exists: see known limits); the two reads take no resource ARN.
+                assert action in ("autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceProtection",
+                                  "autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups")
+                if action in ("autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceProtection"):
                     (group,) = groups
                     assert statement["Resource"] == f"arn:aws:mock:::{group['name']}"
     assert bool(groups) == any("autoscaling:CompleteLifecycleAction" in _actions(s) for s in _statements(run))

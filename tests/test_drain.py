@@ -30,11 +30,22 @@ INSTANCE = "i-0123456789abcdef0"
 GROUP = "kimi-h200-int4-vllm-fleet"
 
 STUB_AWS = """#!{python}
-import json, sys
+import json, os, sys
 open({calls!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")
+protected_file = {calls!r} + ".protected"
 if sys.argv[1:3] == ["autoscaling", "describe-auto-scaling-instances"]:
     print(json.dumps({{"AutoScalingInstances": [{{"InstanceId": {instance!r}, "AutoScalingGroupName": {group!r},
                                                  "LifecycleState": "Terminating:Wait"}}]}}))
+if sys.argv[1:3] == ["autoscaling", "set-instance-protection"]:
+    open(protected_file, "w").write("1" if "--protected-from-scale-in" in sys.argv else "0")
+if sys.argv[1:3] == ["autoscaling", "describe-auto-scaling-groups"]:
+    # The group: this instance and a peer, both InService; the desired count from a file (default 2).
+    desired = int(open({calls!r} + ".desired").read()) if os.path.exists({calls!r} + ".desired") else 2
+    mine = os.path.exists(protected_file) and open(protected_file).read() == "1"
+    print(json.dumps({{"AutoScalingGroups": [{{"AutoScalingGroupName": {group!r}, "DesiredCapacity": desired,
+        "Instances": [{{"InstanceId": {instance!r}, "LifecycleState": "InService", "ProtectedFromScaleIn": mine}},
+                      {{"InstanceId": "i-0fedcba9876543210", "LifecycleState": "InService",
+                        "ProtectedFromScaleIn": False}}]}}]}}))
 """
 
 
@@ -69,7 +80,8 @@ def drained_node(tmp_path: Path, load: dict, *, timeout_seconds: int | None = No
         stack["engines"][0]["port"] = port
         (root / "etc/kimi-fleet/stack.json").write_text(json.dumps(stack))
         env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_DRAIN_POLL_SECONDS": "0.2"}
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_DRAIN_POLL_SECONDS": "0.2",
+               "KIMI_DRAIN_GROUP_POLL_SECONDS": "0.2", "KIMI_DRAIN_RELEASE_BASE_SECONDS": "0.5"}
 
         def start(*args: str) -> subprocess.Popen:
             process = subprocess.Popen([sys.executable, str(DRAIN), *args], env=env, stderr=subprocess.PIPE, text=True)
@@ -110,7 +122,11 @@ def test_a_serving_node_is_protected_from_scale_in_while_busy_and_released_once_
     nothing."""
     load = {"running": 1, "waiting": 0, "tokens": 100}
     with drained_node(tmp_path, load) as (metadata, root, calls, start):
-        drain = start()  # InService: serving (0.2 s polls here)
+        drain = start()  # InService (0.2 s polls here), not admitted yet: its requests are the admission's
+        time.sleep(0.8)
+        assert protections(calls) == []
+        (root / "run/kimi-fleet").mkdir(parents=True, exist_ok=True)
+        (root / "run/kimi-fleet/ready").write_text(RELEASE + "\n")
         assert wait_for(lambda: protections(calls) == [True], 10)
         load.update(running=0)
         time.sleep(0.2 * 4)  # a short pause: still protected
@@ -123,6 +139,43 @@ def test_a_serving_node_is_protected_from_scale_in_while_busy_and_released_once_
         assert protections(calls) == [True, False]  # idle stays unprotected: no call per poll
         assert drain.poll() is None and completions(calls) == []
         assert "scale-in protection off: idle" in (root / "var/log/kimi-fleet/drain.log").read_text()
+
+
+def test_under_steady_traffic_a_pending_scale_in_releases_the_busy_node_after_its_load_delay(tmp_path):
+    """Review: protecting every busy node would block scale-in for good under steady traffic. When the
+    group holds more InService instances than it desires, a busy node gives its protection up after
+    RELEASE_BASE_SECONDS x (1 + its requests): the least busy goes first (then drains)."""
+    load = {"running": 3, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        (root / "run/kimi-fleet").mkdir(parents=True, exist_ok=True)
+        (root / "run/kimi-fleet/ready").write_text(RELEASE + "\n")
+        drain = start()
+        assert wait_for(lambda: protections(calls) == [True], 10)
+        time.sleep(1.0)
+        assert protections(calls) == [True]  # nothing pending: busy keeps it
+        began = time.monotonic()
+        Path(f"{calls}.desired").write_text("1")  # the group wants one replica fewer
+        assert wait_for(lambda: protections(calls) == [True, False], 15)
+        # 3 requests: 0.5 s x 4 = 2 s after the group's wait was seen (not before), still busy.
+        assert time.monotonic() - began >= 2.0
+        log = (root / "var/log/kimi-fleet/drain.log").read_text()
+        assert "the group waits to scale in" in log and "3 running" in log
+        Path(f"{calls}.desired").write_text("2")  # it scaled in elsewhere, or changed its mind: busy again
+        assert wait_for(lambda: protections(calls) == [True, False, True], 10)
+        assert drain.poll() is None
+
+
+def test_a_lost_state_file_takes_the_protection_from_aws(tmp_path):
+    """Review: /run empties on a reboot; AWS still holds the protection. The node reads it back and, idle,
+    gives it up instead of staying protected for good."""
+    load = {"running": 0, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        (root / "run/kimi-fleet").mkdir(parents=True, exist_ok=True)
+        (root / "run/kimi-fleet/ready").write_text(RELEASE + "\n")
+        Path(f"{calls}.protected").write_text("1")  # protected before this start, no state file
+        drain = start()
+        assert wait_for(lambda: protections(calls) == [False], 15)
+        assert drain.poll() is None
 
 
 def _expected_completion() -> list[str]:

@@ -53,7 +53,7 @@ def _start_expected(autoscaling: Stubber, version: str) -> None:
         # The group's own policy, only the version changed: the market and the overrides stay.
         "DesiredConfiguration": {"MixedInstancesPolicy": _policy(version)},
         # A node busy with requests protects itself from scale-in: the refresh still replaces it (its
-        # drain hook holds it until idle); Ignore, AWS's default, would leave it on the old release.
+        # drain hook holds it until idle); Wait, AWS's default, would hold the refresh up to an hour, then fail it.
         "Preferences": {"MinHealthyPercentage": 100, "MaxHealthyPercentage": 150, "InstanceWarmup": 2400,
                         "SkipMatching": True, "ScaleInProtectedInstances": "Refresh", "AutoRollback": True}})
 

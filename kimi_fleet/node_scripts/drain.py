@@ -15,12 +15,15 @@ polls its instance metadata (IMDSv2 `autoscaling/target-lifecycle-state`); on "T
 The drain's start is kept in a state file, so a restart of this service keeps the deadline.
 
 Before that, while it serves, the node keeps its group from picking it for a scale-in while it has
-requests (instance scale-in protection, `aws autoscaling set-instance-protection` on itself): it is
-protected as soon as an engine reports a request running or waiting, and unprotected after
-PROTECT_IDLE_READINGS idle readings in a row, so the group scales in an idle replica, never the
-busiest (with every replica busy, AWS keeps the lower desired count and terminates the first that
-goes idle). An instance refresh replaces protected instances too (the gate's refresh preference
-ScaleInProtectedInstances=Refresh), through the drain above.
+requests (instance scale-in protection, `aws autoscaling set-instance-protection` on itself): once
+admitted, it is protected as soon as an engine reports a request running or waiting, and unprotected
+after PROTECT_IDLE_READINGS idle readings in a row, so the group scales in an idle replica first.
+Under steady traffic no replica is ever idle for long: when the group has waited to scale in (more
+InService instances than it desires, read every GROUP_POLL_SECONDS), a busy node gives its protection
+up after release_after_seconds (longer the more requests it holds), so the least busy replica is
+released first and drained, and a scale-in is delayed minutes, never blocked. An instance refresh
+replaces protected instances too (the gate's refresh preference ScaleInProtectedInstances=Refresh;
+AWS's default, Wait, would hold the refresh for an hour), through the drain above.
 
 usage: drain.py [--once]     (--once: one poll, for tests; paths under $KIMI_ROOT)
 """
@@ -43,6 +46,8 @@ STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
 NODE_ENV = ROOT / "etc/kimi-fleet/node.env"
 STATE = ROOT / "run/kimi-fleet/drain.json"
 LOG = ROOT / "var/log/kimi-fleet/drain.log"
+#: The watchdog's ready file: the node was admitted (before that its requests are the admission's own).
+READY_FILE = ROOT / "run/kimi-fleet/ready"
 LIFECYCLE_STATE_PATH = "/latest/meta-data/autoscaling/target-lifecycle-state"
 TERMINATED = "Terminated"
 POLL_SECONDS = float(os.environ.get("KIMI_DRAIN_POLL_SECONDS", "5"))
@@ -52,6 +57,12 @@ IDLE_READINGS = 3
 #: Idle readings in a row (a minute at the default poll) before a serving node gives up its scale-in
 #: protection: a pause between one client's requests must not make it the group's pick.
 PROTECT_IDLE_READINGS = 12
+#: How often a serving node reads its group (a pending scale-in, its own protection as AWS holds it).
+GROUP_POLL_SECONDS = float(os.environ.get("KIMI_DRAIN_GROUP_POLL_SECONDS", "60"))
+#: A busy node keeps its protection this long per request it holds (plus one) once its group waits to
+#: scale in, at most RELEASE_MAX_SECONDS: the least busy replica goes first.
+RELEASE_BASE_SECONDS = float(os.environ.get("KIMI_DRAIN_RELEASE_BASE_SECONDS", "60"))
+RELEASE_MAX_SECONDS = 15 * 60
 
 
 def log(message: str) -> None:
@@ -72,13 +83,13 @@ def target_lifecycle_state() -> str | None:
 
 def load(engines: list[dict]) -> tuple[bool, str]:
     """(idle, what the engines say): idle when every engine answers with 0 running and 0 waiting."""
-    idle, said, _ = load_read(engines)
+    idle, said, _, _ = load_read(engines)
     return idle, said
 
 
-def load_read(engines: list[dict]) -> tuple[bool, str, bool]:
-    """(idle, what the engines say, whether every engine's /metrics answered)."""
-    said, idle, answered = [], True, True
+def load_read(engines: list[dict]) -> tuple[bool, str, bool, float]:
+    """(idle, what the engines say, whether every engine's /metrics answered, requests running and waiting)."""
+    said, idle, answered, requests = [], True, True, 0.0
     for engine in engines:
         found = engine_load(f"http://127.0.0.1:{engine['port']}", engine["metrics"])
         if found is None:
@@ -88,8 +99,9 @@ def load_read(engines: list[dict]) -> tuple[bool, str, bool]:
             continue
         if found["running"] or found["waiting"]:
             idle = False
+        requests += found["running"] + found["waiting"]
         said.append(f"engine {engine['index']}: {found['running']:.0f} running, {found['waiting']:.0f} waiting")
-    return idle, "; ".join(said), answered
+    return idle, "; ".join(said), answered, requests
 
 
 def own_group() -> tuple[str, str]:
@@ -121,19 +133,69 @@ def protect(on: bool, said: str) -> bool:
     return True
 
 
-def guard_while_serving(state: dict, engines: list[dict]) -> dict:
-    """Protected from scale-in while the engines have requests; unprotected once idle for a while.
-    An engine whose /metrics do not answer changes nothing (loading, or restarting)."""
-    idle, said, answered = load_read(engines)
+def group_state(instance: str, group: str) -> tuple[bool, bool | None]:
+    """(a scale-in is pending: the group holds more InService instances than it desires, whether this
+    instance is protected now, None when AWS does not list it)."""
+    found = watchdog.aws_autoscaling("describe-auto-scaling-groups", "--auto-scaling-group-names", group,
+                                     "--output", "json")
+    if found.returncode != 0:
+        raise RuntimeError((found.stderr or found.stdout).strip()[-300:])
+    (described,) = json.loads(found.stdout)["AutoScalingGroups"]
+    instances = described.get("Instances") or []
+    in_service = sum(1 for i in instances if i.get("LifecycleState") == "InService")
+    mine = next((i for i in instances if i.get("InstanceId") == instance), None)
+    return in_service > int(described["DesiredCapacity"]), (bool(mine["ProtectedFromScaleIn"]) if mine else None)
+
+
+def release_after_seconds(requests: float) -> float:
+    """How long a busy node keeps its protection while its group waits to scale in: longer the more
+    requests it holds, so the least busy replica is released (and drained) first, and a scale-in is
+    never blocked for good."""
+    return min(RELEASE_BASE_SECONDS * (1 + requests), RELEASE_MAX_SECONDS)
+
+
+def guard_while_serving(state: dict, engines: list[dict], now: float) -> dict:
+    """Protected from scale-in while the engines have requests, unprotected once idle for a while, and
+    released while busy when the group has waited release_after_seconds to scale in. Nothing before
+    the node is admitted (its ready file) or while an engine's /metrics do not answer."""
+    if not READY_FILE.exists():
+        return state
+    idle, said, answered, requests = load_read(engines)
     if not answered:
         return state
+    if now - state.get("group_checked_at", 0) >= GROUP_POLL_SECONDS or "protected" not in state:
+        try:  # AWS's word on the protection (a lost state file, a reboot) and on a pending scale-in
+            instance, group = own_group()
+            pending, protected = group_state(instance, group)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
+            log(f"reading the group failed ({error}); retried in {GROUP_POLL_SECONDS:.0f} s")
+            state["group_checked_at"] = now
+            return state
+        state["group_checked_at"] = now
+        if protected is not None:
+            state["protected"] = protected
+        if pending:
+            state.setdefault("scale_in_pending_since", now)
+        else:
+            state.pop("scale_in_pending_since", None)
     protected = state.get("protected", False)
     state["idle_while_serving"] = state.get("idle_while_serving", 0) + 1 if idle else 0
-    if not idle and not protected and protect(True, said):
+    pending_since = state.get("scale_in_pending_since")
+    released = pending_since is not None and now - pending_since >= release_after_seconds(requests)
+    if not idle and not released and not protected and protect(True, said):
         state["protected"] = True
-    elif idle and protected and state["idle_while_serving"] >= PROTECT_IDLE_READINGS and protect(False, said):
-        state["protected"] = False
+    elif protected and (released or (idle and state["idle_while_serving"] >= PROTECT_IDLE_READINGS)):
+        why = f"the group waits to scale in ({now - pending_since:.0f} s)" if released else "idle"
+        if protect(False, f"{said}; {why}"):
+            state["protected"] = False
     return state
+
+
+def write_state(state: dict) -> None:
+    """The state file, replaced whole (a restart mid-write never leaves half of it)."""
+    partial = STATE.with_name(STATE.name + ".partial")
+    partial.write_text(json.dumps(state))
+    os.replace(partial, STATE)
 
 
 def complete(hook: str) -> bool:
@@ -163,21 +225,21 @@ def poll(stack: dict, timeout: float, now: float) -> str:
         return "completed"
     if "started_at" not in state:
         if target_lifecycle_state() != TERMINATED:
-            STATE.write_text(json.dumps(guard_while_serving(state, stack["engines"])))
+            write_state(guard_while_serving(state, stack["engines"], now))
             return "serving"
         state = {"started_at": now}
         drain_file = ROOT / drain["file"].lstrip("/")
         drain_file.parent.mkdir(parents=True, exist_ok=True)
         drain_file.write_text(f"{now}\n")
         drain_file.chmod(0o644)
-        STATE.write_text(json.dumps(state))
+        write_state(state)
         log(f"scale-in: this instance is being terminated; the ready listener answers 503 from now on, "
             f"draining for at most {timeout:.0f} s")
     idle, said = load(stack["engines"])
     waited = now - state["started_at"]
     state["idle_readings"] = state.get("idle_readings", 0) + 1 if idle else 0
     if idle and state["idle_readings"] < IDLE_READINGS and waited < timeout:
-        STATE.write_text(json.dumps(state))
+        write_state(state)
         return "draining"
     if idle:
         log(f"drained after {waited:.0f} s ({said}, {IDLE_READINGS} readings in a row)")
@@ -187,11 +249,11 @@ def poll(stack: dict, timeout: float, now: float) -> str:
         if said != state.get("said"):
             log(f"draining ({waited:.0f} s of {timeout:.0f} s): {said}")
             state["said"] = said
-        STATE.write_text(json.dumps(state))  # the idle run starts again
+        write_state(state)  # the idle run starts again
         return "draining"
     if complete(drain["hook"]):
         state["completed"] = now
-        STATE.write_text(json.dumps(state))
+        write_state(state)
         return "completed"
     return "draining"
 
