@@ -24,6 +24,7 @@ from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
 from components.node_secrets import checked_api_key, checked_previous_api_key
+from kimi_fleet.cost import estimate
 from kimi_fleet import node_files, node_metrics
 from kimi_fleet.node_files import SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
@@ -139,7 +140,7 @@ class HostEndpoint(pulumi.ComponentResource):
             self.user_data = None
             address = self._deploy_over_ssh(name, args, child)
             node_ids = pulumi.Output.from_input(address).apply(lambda a: [a])
-            hourly = None  # a machine you own: no hourly price here
+            hourly = estimate(r).fleet_usd_per_hour  # a machine you own: its stated price (nodeHourlyUsd), if any
 
         publish_endpoint(self, domain=r.spec.domain, node_ids=node_ids, market=r.spec.capacity.effective_market,
                          hourly_cost_usd=hourly, extra={"metrics_location": self.metrics_location,

@@ -29,6 +29,7 @@ import pulumi_kubernetes as k8s
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.node_secrets import checked_api_key, checked_previous_api_key
+from kimi_fleet.cost import estimate
 from kimi_fleet import k8s_manifests as manifests
 
 RESOURCE_CLASSES = {
@@ -212,8 +213,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         self.metrics_location = manifests.metrics_location(r)
         self.dashboard_url = None
 
-        # A cluster's GPUs are billed outside this stack: the cost is unknown here.
+        # A cluster's GPUs are billed outside this stack: the cost is what the stack states
+        # (capacity.nodeHourlyUsd x its nodes), else unknown here.
         publish_endpoint(self, domain=r.spec.domain,
                          node_ids=pulumi.Output.all(*map(applied_name, [*deployments, *groups])),
-                         market=r.spec.capacity.effective_market, hourly_cost_usd=None)
+                         market=r.spec.capacity.effective_market, hourly_cost_usd=estimate(r).fleet_usd_per_hour)
 

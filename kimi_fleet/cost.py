@@ -104,8 +104,9 @@ def per_million(usd_per_hour: float, tokens_per_second: float) -> float:
 def replica_prices(r: Resolved) -> tuple[float | None, float | None]:
     """(on-demand, spot) USD per hour of one replica: every node it spans; spot within the stack's ceiling."""
     offer, capacity, nodes = r.offer, r.spec.capacity, r.nodes_per_replica
-    if offer is None:  # a host or a cluster: the stack's own price per node, if it states one
-        return (capacity.node_hourly_usd * nodes if capacity.node_hourly_usd is not None else None), None
+    if offer is None:  # a host or a cluster: the stack's own price per node whatever the market, if stated
+        stated = capacity.node_hourly_usd * nodes if capacity.node_hourly_usd is not None else None
+        return stated, stated
     od = offer.on_demand_usd_per_hour * nodes if offer and offer.on_demand_usd_per_hour is not None else None
     spot = offer.spot_typical_usd_per_hour * nodes if offer and offer.spot_typical_usd_per_hour is not None else None
     if capacity.max_spot_price_usd is not None and spot is not None:

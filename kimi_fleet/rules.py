@@ -274,9 +274,9 @@ def engines_sharing_a_node_behind_a_load_balancer_are_judged_by_real_generations
 def a_stated_node_price_is_only_for_machines_the_catalog_does_not_price(r: Resolved) -> Iterator[str]:
     price = r.spec.capacity.node_hourly_usd
     if price is not None and r.offer is not None:
-        yield (f"{_f('capacity.nodeHourlyUsd', price)}: {r.spec.target.kind} stacks are priced from the catalog's "
-               f"snapshot ({r.offer.instance_type}: {r.offer.source.where}); a stated price is for an existing "
-               "host or a cluster's node (target kind host or kubernetes)")
+        yield (f"{_f('capacity.nodeHourlyUsd', price)}: this stack's machine ({r.offer.instance_type}) is priced "
+               f"from the catalog's snapshot ({r.offer.source.where}); a stated price is for a machine the catalog "
+               "does not price (an SSH host of your own, a cluster's node)")
 
 
 @rule

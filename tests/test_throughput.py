@@ -237,11 +237,17 @@ def test_a_host_or_cluster_that_states_its_node_price_is_priced_like_a_catalog_m
     values["capacity"] = {**values.get("capacity", {}), "nodeHourlyUsd": 40.0}
     r = Resolved(parse_spec(values, "mi355x-int4-sglang", "f"))
     assert estimate(r).fleet_usd_per_hour == 40.0 * r.spec.capacity.replicas
+    # A batch cluster (spot by default): the stated price is what a node costs whatever the market.
+    values["capacity"] = {**values["capacity"], "workload": "batch"}
+    batch = Resolved(parse_spec(values, "mi355x-int4-sglang", "f"))
+    assert batch.spec.capacity.effective_market == "spot"
+    assert estimate(batch).fleet_usd_per_hour == 40.0 * batch.spec.capacity.replicas
 
 
 def test_a_stated_node_price_is_refused_where_the_catalog_prices_the_machine():
     values = copy.deepcopy(load_stack_config(stack_file("h200-int4-sglang")).values)
     values["capacity"] = {**values.get("capacity", {}), "nodeHourlyUsd": 10.0}
     from kimi_fleet.spec import StackSpecError
-    with pytest.raises(StackSpecError, match=r"capacity.nodeHourlyUsd \(given 10.0\): aws stacks are priced from"):
+    with pytest.raises(StackSpecError, match=r"capacity.nodeHourlyUsd \(given 10.0\): this stack's machine "
+                                              r"\(p5en.48xlarge\) is priced from the catalog's snapshot"):
         Resolved(parse_spec(values, "h200-int4-sglang", "stacks/Pulumi.h200-int4-sglang.yaml"))
