@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -18,22 +19,52 @@ from tests.fakes.harness import free_port
 BIN = Path(sys.executable).parent
 
 
-@contextmanager
-def moto_server(region: str) -> Iterator[dict]:
-    """The environment a script needs to talk to a fresh moto server with the AWS CLI."""
+#: One moto server per test process, reset between uses: a server's start (~2 s of CPU) was most of
+#: the set-up of every test that talks to S3/SSM. `None` until first used.
+_SHARED: dict = {}
+_IN_USE = [0]
+
+
+def _start_server() -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, url
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@contextmanager
+def moto_server(region: str) -> Iterator[dict]:
+    """The environment a script needs to talk to a fresh moto server with the AWS CLI: the process's
+    shared server with every service's state reset (moto's /moto-api/reset), or, when a test already
+    holds it, a server of its own."""
+    own = None
+    if _IN_USE[0]:
+        own, url = _start_server()
+    else:
+        if "server" not in _SHARED or _SHARED["server"].poll() is not None:
+            _SHARED["server"], _SHARED["url"] = _start_server()
+            atexit.register(_stop, _SHARED["server"])
+        url = _SHARED["url"]
+        httpx.post(f"{url}/moto-api/reset", timeout=30).raise_for_status()
+        _IN_USE[0] += 1
+    env = {**os.environ, "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": region, "PATH": f"{BIN}:{os.environ['PATH']}"}
     try:
-        for _ in range(100):
-            try:
-                httpx.get(env["AWS_ENDPOINT_URL"], timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         yield env
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        if own is not None:
+            _stop(own)
+        else:
+            _IN_USE[0] -= 1
