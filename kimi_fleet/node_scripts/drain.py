@@ -163,7 +163,7 @@ def guard_while_serving(state: dict, engines: list[dict], now: float) -> dict:
     idle, said, answered, requests = load_read(engines)
     if not answered:
         return state
-    if now - state.get("group_checked_at", 0) >= GROUP_POLL_SECONDS or "protected" not in state:
+    if now - state.get("group_checked_at", 0) >= GROUP_POLL_SECONDS:
         try:  # AWS's word on the protection (a lost state file, a reboot) and on a pending scale-in
             instance, group = own_group()
             pending, protected = group_state(instance, group)
