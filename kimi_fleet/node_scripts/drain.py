@@ -117,19 +117,25 @@ def own_group() -> tuple[str, str]:
     return instance, described[0]["AutoScalingGroupName"]
 
 
-def protect(on: bool, said: str) -> bool:
+def act_on_self(action: str, *args: str) -> tuple[str, str]:
+    """Run `aws autoscaling ACTION` with this instance and its group (flags named as ACTION takes
+    them: see the callers); (instance, group), or RuntimeError with AWS's words."""
+    instance, group = own_group()
+    done = watchdog.aws_autoscaling(action, *(arg.format(instance=instance, group=group) for arg in args))
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr or done.stdout).strip()[-300:])
+    return instance, group
+
+
+def protect(on: bool, why: str) -> bool:
     """Set this instance's scale-in protection. True once AWS took it."""
     try:
-        instance, group = own_group()
-        done = watchdog.aws_autoscaling("set-instance-protection", "--instance-ids", instance,
-                                        "--auto-scaling-group-name", group,
-                                        "--protected-from-scale-in" if on else "--no-protected-from-scale-in")
-        if done.returncode != 0:
-            raise RuntimeError((done.stderr or done.stdout).strip()[-300:])
+        act_on_self("set-instance-protection", "--instance-ids", "{instance}", "--auto-scaling-group-name", "{group}",
+                    "--protected-from-scale-in" if on else "--no-protected-from-scale-in")
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         log(f"setting scale-in protection {'on' if on else 'off'} failed ({error}); retried next poll")
         return False
-    log(f"scale-in protection {'on: requests in flight' if on else 'off: idle'} ({said})")
+    log(f"scale-in protection {'on' if on else 'off'}: {why}")
     return True
 
 
@@ -182,11 +188,12 @@ def guard_while_serving(state: dict, engines: list[dict], now: float) -> dict:
     state["idle_while_serving"] = state.get("idle_while_serving", 0) + 1 if idle else 0
     pending_since = state.get("scale_in_pending_since")
     released = pending_since is not None and now - pending_since >= release_after_seconds(requests)
-    if not idle and not released and not protected and protect(True, said):
+    if not idle and not released and not protected and protect(True, f"requests in flight ({said})"):
         state["protected"] = True
     elif protected and (released or (idle and state["idle_while_serving"] >= PROTECT_IDLE_READINGS)):
-        why = f"the group waits to scale in ({now - pending_since:.0f} s)" if released else "idle"
-        if protect(False, f"{said}; {why}"):
+        why = (f"the group waits to scale in ({now - pending_since:.0f} s), least busy first" if released
+               else f"idle for {state['idle_while_serving']} readings")
+        if protect(False, f"{why} ({said})"):
             state["protected"] = False
     return state
 
@@ -201,12 +208,9 @@ def write_state(state: dict) -> None:
 def complete(hook: str) -> bool:
     """CONTINUE the termination hook: the group terminates the instance. True once done."""
     try:
-        instance, group = own_group()
-        done = watchdog.aws_autoscaling("complete-lifecycle-action", "--auto-scaling-group-name", group,
-                                        "--lifecycle-hook-name", hook, "--instance-id", instance,
-                                        "--lifecycle-action-result", "CONTINUE")
-        if done.returncode != 0:
-            raise RuntimeError((done.stderr or done.stdout).strip()[-300:])
+        instance, group = act_on_self("complete-lifecycle-action", "--auto-scaling-group-name", "{group}",
+                                      "--lifecycle-hook-name", hook, "--instance-id", "{instance}",
+                                      "--lifecycle-action-result", "CONTINUE")
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         log(f"completing the lifecycle hook {hook} failed ({error}); retried next poll")
         return False
