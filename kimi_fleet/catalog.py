@@ -389,6 +389,17 @@ EAGLE3_DRAFT_BYTES = 3 * GB
 #: KV of the draft's one attention layer per token (GQA 8 x 128, K and V, bf16), over TP.
 EAGLE3_DRAFT_KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2
 EAGLE3_DRAFT_SOURCE = Source("estimated from the EAGLE3 layout (seed 004 ran it on GB200 x4)", "2026-12-02")
+#: The K2.6 draft the recipes run (lightseekorg/kimi-k2.6-eagle3-mla): EAGLE3 with one MLA decoder layer
+#: (the target's attention: its latent KV, 576 elements per token, replicated on every rank and kept in
+#: the engine's KV pool beside the target's 61 layers, in the same dtype). Weights: one DeepSeek-V3
+#: layer with its dense MLP (~0.5B params), the fc fusing three target layers (~0.15B) and, at most, a
+#: head of its own (163,840 x 7,168): ~1.8B params in bf16 is the upper bound, sharded over TP.
+EAGLE3_MLA_DRAFT_REPOS = ("lightseekorg/kimi-k2.6-eagle3-mla", "k-l-lambda/kimi-k2.6-eagle3-mla")
+EAGLE3_MLA_DRAFT_BYTES = int(3.7 * GB)
+EAGLE3_MLA_DRAFT_SOURCE = Source("model cards of lightseekorg/kimi-k2.6-eagle3-mla and its fine-tune "
+                                 "k-l-lambda/kimi-k2.6-eagle3-mla ('Eagle3 MTP draft model with MLA'; the "
+                                 "K2.7 sibling's card: one draft decoder layer); sizes estimated from the layout",
+                                 "read 2026-12-07")
 
 
 #: The verify CLI's engine when --engine is not given: the one whose health route (/health) asks least.

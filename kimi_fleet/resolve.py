@@ -130,6 +130,12 @@ class Resolved:
     def largest_stage_layers(self) -> int:
         return max(self.stage_layers)
 
+    @property
+    def draft_has_mla(self) -> bool:
+        """The speculative draft is the K2.6 MLA one: its KV is a latent layer in the engine's pool."""
+        return (self.spec.engine.speculative != "off"
+                and (self.spec.engine.speculative_draft_repo or "") in catalog.EAGLE3_MLA_DRAFT_REPOS)
+
     @cached_property
     def engines_per_node(self) -> int:
         if self.spec.parallelism.engines_per_node:

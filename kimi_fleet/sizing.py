@@ -183,7 +183,9 @@ def size(r: Resolved) -> Sizing:
     outside_items = adapter.outside_knob(r)
     outside_need, outside_available = sum(outside_items.values()), accel.memory_bytes - budget
     # A pipeline stage caches its own layers' latents only (the largest stage is the one that fits).
-    kv_per_token = (catalog.KIMI_K26.kv_elements_per_token * r.largest_stage_layers // catalog.KIMI_K26.layers
+    # An MLA draft (EAGLE3, the K2.6 recipes' draft) keeps one more latent layer per token in the pool.
+    layers = r.largest_stage_layers + (1 if r.draft_has_mla else 0)
+    kv_per_token = (catalog.KIMI_K26.kv_elements_per_token * layers // catalog.KIMI_K26.layers
                     * catalog.KV_DTYPE_BYTES[r.kv_cache_dtype])
     tokens_per_device = max(pool, 0) // kv_per_token
     spread, pools = adapter.kv_sharing(r)

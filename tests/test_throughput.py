@@ -251,3 +251,23 @@ def test_a_stated_node_price_is_refused_where_the_catalog_prices_the_machine():
     with pytest.raises(StackSpecError, match=r"capacity.nodeHourlyUsd \(given 10.0\): this stack's machine "
                                               r"\(p5en.48xlarge\) is priced from the catalog's snapshot"):
         Resolved(parse_spec(values, "h200-int4-sglang", "stacks/Pulumi.h200-int4-sglang.yaml"))
+
+
+def test_the_k26_mla_draft_is_sized_as_a_latent_layer_in_the_pool_and_its_weights():
+    """Issue 25 done-when: the sizing covers EAGLE3 with the K2.6 draft. That draft's attention is MLA: its
+    KV is one more 576-element latent per token, on every rank, in the pool's dtype; the older GQA draft
+    (seed 004's memory point) keeps its own reserve."""
+    from kimi_fleet.sizing import size
+    plain = variant("b300-nvfp4-vllm")
+    mla = variant("b300-nvfp4-vllm", engine=K26_DRAFT)
+    assert mla.draft_has_mla and not plain.draft_has_mla
+    bytes_per = catalog.KV_DTYPE_BYTES[mla.kv_cache_dtype]
+    latent = catalog.KIMI_K26.kv_elements_per_token // catalog.KIMI_K26.layers
+    assert size(plain).kv_bytes_per_token == catalog.KIMI_K26.layers * latent * bytes_per
+    assert size(mla).kv_bytes_per_token == (catalog.KIMI_K26.layers + 1) * latent * bytes_per
+    assert size(mla).reserve_items["EAGLE3 draft weights (MLA draft)"] == catalog.EAGLE3_MLA_DRAFT_BYTES // 4
+    assert size(mla).kv_tokens_per_device < size(plain).kv_tokens_per_device
+    gqa = variant("b300-nvfp4-vllm", engine={"speculative": "eagle3",
+                                             "speculativeDraftRepo": "lightseekorg/kimi-k2.6-eagle3"})
+    assert not gqa.draft_has_mla and "EAGLE3 draft weights and KV" in size(gqa).reserve_items
+    assert size(gqa).kv_bytes_per_token == size(plain).kv_bytes_per_token
