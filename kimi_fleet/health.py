@@ -99,9 +99,10 @@ class HealthWindows:
             f"{self.probe_timeout_seconds} s; a failed probe while the engine's token counter advances is busy "
             "(no action)",
             f"stalled: {self.stalled_probes} failed probes with no token generated ({self.stall_detection_seconds} s: "
-            f"each waits out its {self.probe_timeout_seconds} s timeout) "
-            f"restart the engine and take the node out; the load balancer stops routing after "
-            f"{self.lb_unhealthy_threshold} x {self.lb_interval_seconds} s more ({self.lb_leave_seconds} s in all)",
+            f"each waits out its {self.probe_timeout_seconds} s timeout) restart the engine"
+            + (f" and take the node out; the load balancer stops routing after {self.lb_unhealthy_threshold} x "
+               f"{self.lb_interval_seconds} s more ({self.lb_leave_seconds} s in all)" if self.replace_dead_node
+               else " (a single node: no load balancer to leave)"),
             f"load budget {self.load_budget_seconds} s = ({terms(self.load_budget_terms)}) x {LOAD_BUDGET_SLACK:g}: "
             "a load still not generating then is killed and restarted",
             f"crash loop: {self.crash_loop_starts} starts within {self.crash_loop_window_seconds} s",
