@@ -280,8 +280,11 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
     drain = hooks["autoscaling:EC2_INSTANCE_TERMINATING"]
     assert drain["defaultResult"] == "CONTINUE" and drain["name"] == "kimi-drain"
     (admission,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-admission")]
-    actions = {s["Action"]: s["Resource"] for s in json.loads(admission["inputs"]["policy"])["Statement"]}
-    assert actions["autoscaling:CompleteLifecycleAction"].startswith("arn:")  # its own group only
+    actions = {action: s["Resource"] for s in json.loads(admission["inputs"]["policy"])["Statement"]
+               for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    # Its own group only: completing its lifecycle actions, and its scale-in protection while busy.
+    assert actions["autoscaling:CompleteLifecycleAction"].startswith("arn:")
+    assert actions["autoscaling:SetInstanceProtection"] == actions["autoscaling:CompleteLifecycleAction"]
     # No node may mark instances unhealthy: that would cover every node of the group.
     assert all("SetInstanceHealth" not in p["inputs"]["policy"] for p in run.of_type("aws:iam/rolePolicy:RolePolicy"))
     assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store
