@@ -72,6 +72,16 @@ def _strings(value) -> set[str]:
     return set()
 
 
+def previous_of(resource: dict, old: dict[tuple[str, str], dict]) -> dict | None:
+    """The resource as the earlier plan had it: under its name, or under a name it aliases (the engine
+    moves that state to it, nothing in the cloud changes for the move)."""
+    kind = resource["type"]
+    for name in (resource["name"], *(resource.get("aliases") or ())):
+        if (kind, name) in old:
+            return old[(kind, name)]
+    return None
+
+
 def replacements(before: list[dict], after: list[dict]) -> list[Replacement]:
     """Resources of both plans (by type and name) that `pulumi up` would replace, in plan order.
 
@@ -82,11 +92,11 @@ def replacements(before: list[dict], after: list[dict]) -> list[Replacement]:
     found: list[Replacement] = []
     replaced_ids: dict[str, str] = {}  # id -> name of a replaced resource
     for resource in after:  # registration order: a resource comes after what it names
-        key = (resource["type"], resource["name"])
-        if key not in old:
+        previous = previous_of(resource, old)
+        if previous is None:
             continue
         ignored = resource.get("ignore_changes") or []
-        because = replace_triggers(resource["type"], old[key]["inputs"], resource["inputs"], ignored)
+        because = replace_triggers(resource["type"], previous["inputs"], resource["inputs"], ignored)
         for path in catalog.REPLACE_ON_CHANGE.get(resource["type"], ()):
             if path in because or _ignored(path, ignored):
                 continue

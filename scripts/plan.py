@@ -128,7 +128,7 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
         return result
     result["resources"] = [
         {k: r[k] for k in ("type", "name", "parent", "inputs", "dependencies", "timeouts", "id", "protect",
-                           "ignore_changes")} for r in run.resources
+                           "ignore_changes", "aliases")} for r in run.resources
     ]
     result["ami"] = ami_origin(spec, result["resources"])
     result["warnings"] = ([w for w in (acme_warning(resolved), shared_node) if w]

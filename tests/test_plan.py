@@ -285,6 +285,27 @@ def test_the_diff_prints_replacements_first_and_no_in_place_story_for_a_replaced
     assert not any("replaced" in line for line in same)
 
 
+def test_a_resource_registered_under_an_alias_of_its_old_name_is_a_move_not_a_removal_and_an_addition(tmp_path):
+    """The drain hook moved from FleetScaling to the fleet (an alias keeps its state): the PR's diff must
+    not show it deleted and created, and a replace-on-change input is still compared with the old one."""
+    from kimi_fleet.replacement import replacements
+    from tooling.plan_diff import stack_section
+
+    hook = "aws:autoscaling/lifecycleHook:LifecycleHook"
+    inputs = {"name": "kimi-drain", "autoscalingGroupName": "g", "heartbeatTimeout": 7200}
+    before = _plan([{"type": hook, "name": "n-scaling-drain", "parent": "n-scaling", "inputs": inputs}], None)
+    moved = {"type": hook, "name": "n-drain", "parent": "n", "inputs": inputs, "aliases": ["n-scaling-drain"]}
+    lines = stack_section("s", before, _plan([moved], None), tmp_path, tmp_path)
+    assert any(line.startswith(f"- resource moved: `{hook}` n-scaling-drain → n-drain") for line in lines), lines
+    assert not any("resource added" in line or "resource removed" in line for line in lines), lines
+    # Moved and renamed in AWS: still a replacement (the provider replaces a hook whose name changes).
+    renamed = {**moved, "inputs": {**inputs, "name": "other"}}
+    assert [r.name for r in replacements(before["resources"], [renamed])] == ["n-drain"]
+    # Without the alias it is what it would be: one removed, one added.
+    plain = stack_section("s", before, _plan([{**moved, "aliases": []}], None), tmp_path, tmp_path)
+    assert f"- resource added: `{hook}` n-drain" in plain and f"- resource removed: `{hook}` n-scaling-drain" in plain
+
+
 # --- issue 24, item 3: a scaling stack's range, cost range, time to ready, cooldowns, what it absorbs ---
 
 

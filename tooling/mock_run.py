@@ -226,6 +226,11 @@ class RecordingMonitor(mocks.MockMonitor):
             "protect": bool(request.protect),
             "ignore_changes": list(request.ignoreChanges),
             "delete_before_replace": request.deleteBeforeReplace,
+            # The names this resource was registered under before (its aliases): the engine moves the
+            # old state to it, so a plan diff shows a move, not a removal and an addition.
+            "aliases": sorted({a.spec.name or request.name for a in request.aliases if a.HasField("spec")}
+                              | {u.rsplit("::", 1)[-1] for u in [*request.aliasURNs,
+                                                                 *(a.urn for a in request.aliases if a.urn)]}),
         }
         self.by_urn[response.urn] = record
         if request.type != "pulumi:pulumi:Stack":

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kimi_fleet import key_rotation
-from kimi_fleet.replacement import replacement_lines, replacements
+from kimi_fleet.replacement import previous_of, replacement_lines, replacements
 from kimi_fleet.rollout import RolloutFacts, impact
 from kimi_fleet.stackfile import PROJECT_ROOT
 
@@ -92,12 +92,22 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
 
     old_res = {(r["type"], r["name"]): r for r in before.get("resources", [])}
     new_res = {(r["type"], r["name"]): r for r in after.get("resources", [])}
+    # A resource registered under a new name with an alias of its old one is moved, not replaced.
+    moved = {}
     for key in sorted(new_res.keys() - old_res.keys()):
+        previous = previous_of(new_res[key], old_res)
+        if previous is not None and (previous["type"], previous["name"]) not in new_res:
+            moved[key] = (previous["type"], previous["name"])
+    for key, old_key in moved.items():
+        lines.append(f"- resource moved: `{key[0]}` {old_key[1]} → {key[1]} (an alias: the state moves, nothing "
+                     "in the cloud is created or deleted)")
+    for key in sorted(new_res.keys() - old_res.keys() - moved.keys()):
         lines.append(f"- resource added: `{key[0]}` {key[1]}")
-    for key in sorted(old_res.keys() - new_res.keys()):
+    for key in sorted(old_res.keys() - new_res.keys() - set(moved.values())):
         lines.append(f"- resource removed: `{key[0]}` {key[1]}")
-    for key in sorted(old_res.keys() & new_res.keys()):
-        changes = changed_paths(old_res[key]["inputs"], new_res[key]["inputs"])
+    pairs = [(key, key) for key in sorted(old_res.keys() & new_res.keys())] + [(old, new) for new, old in moved.items()]
+    for old_key, key in pairs:
+        changes = changed_paths(old_res[old_key]["inputs"], new_res[key]["inputs"])
         if changes:
             lines.append(f"- resource changed: `{key[0]}` {key[1]}: " + "; ".join(changes[:8]))
 
