@@ -365,6 +365,9 @@ def test_a_policy_and_a_drain_hook_exactly_where_the_stack_scales(declared):
     assert len(drains) == (1 if timeout else 0), stack
     if timeout:
         assert drains[0]["heartbeatTimeout"] == min(timeout, 7200) and drains[0]["defaultResult"] == "CONTINUE"
+        # The hook lived under FleetScaling: its alias keeps a scaling stack's hook in place (as registered).
+        (record,) = [h for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
+        assert record["aliases"] == [record["name"].replace("-drain", "-scaling-drain")], record["aliases"]
     if policy:
         (group,) = run.of_type(GROUP)
         assert (group["inputs"]["minSize"], group["inputs"]["maxSize"]) == (policy.min_replicas, policy.max_replicas)
