@@ -138,7 +138,8 @@ def test_a_serving_node_is_protected_from_scale_in_while_busy_and_released_once_
         time.sleep(0.6)
         assert protections(calls) == [True, False]  # idle stays unprotected: no call per poll
         assert drain.poll() is None and completions(calls) == []
-        assert "scale-in protection off: idle for 12 readings" in (root / "var/log/kimi-fleet/drain.log").read_text()
+        log = root / "var/log/kimi-fleet/drain.log"  # written just after the call AWS took
+        assert wait_for(lambda: "scale-in protection off: idle for 12 readings" in log.read_text(), 10)
 
 
 def test_under_steady_traffic_a_pending_scale_in_releases_the_busy_node_after_its_load_delay(tmp_path):
@@ -158,8 +159,9 @@ def test_under_steady_traffic_a_pending_scale_in_releases_the_busy_node_after_it
         assert wait_for(lambda: protections(calls) == [True, False], 15)
         # 3 requests: 0.5 s x 4 = 2 s after the group's wait was seen (not before), still busy.
         assert time.monotonic() - began >= 2.0
-        log = (root / "var/log/kimi-fleet/drain.log").read_text()
-        assert "the group waits to scale in" in log and "3 running" in log
+        log = root / "var/log/kimi-fleet/drain.log"  # written just after the call AWS took
+        assert wait_for(lambda: "scale-in protection off: the group waits to scale in" in log.read_text(), 10)
+        assert "least busy first (engine 0: 3 running" in log.read_text()
         Path(f"{calls}.desired").write_text("2")  # it scaled in elsewhere, or changed its mind: busy again
         assert wait_for(lambda: protections(calls) == [True, False, True], 10)
         assert drain.poll() is None
@@ -204,7 +206,9 @@ def test_a_busy_node_is_not_terminated_while_it_generates(tmp_path):
         ready = f"http://127.0.0.1:{listener['ready_port']}/kimi-fleet/ready"
         with start_caddy(rendered.text, {"KIMI_API_KEY": "tenant-key-0123456789abcdef"}):
             drain = start()
-            time.sleep(1)  # a few polls in service: it only protects itself from scale-in, once
+            # A few polls in service: it only protects itself from scale-in, once.
+            assert wait_for(lambda: protections(calls) == [True], 10)
+            time.sleep(1)
             assert _ready(ready) == (200, RELEASE + "\n") and not drain_file.exists()
             assert protections(calls) == [True] and completions(calls) == []
             metadata["autoscaling/target-lifecycle-state"] = "Terminated"
