@@ -35,7 +35,8 @@ Scale-in is AWS's own (slower than scale-out, by its managed alarms), and each r
 drain hook below.
 
 Drain (components/gpu_node.py declares it for every fleet, scaling or not): the lifecycle hook
-"kimi-drain" holds a terminating instance (scale-in or an instance refresh) in Terminating:Wait; its node stops taking requests (the ready listener answers 503, so
+"kimi-drain" holds a terminating instance (scale-in or an instance refresh) in Terminating:Wait;
+its node stops taking requests (the ready listener answers 503, so
 the load balancer drains it), waits until its engines have nothing running or waiting, and
 completes the action (CONTINUE); after the heartbeat the group continues anyway.
 """
@@ -47,10 +48,10 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from kimi_fleet import health, observability
+from kimi_fleet import health, node_metrics, observability
 
-#: The contract's hook name (the node looks for its own termination, not for this name).
-DRAIN_HOOK_NAME = "kimi-drain"
+#: The hook's name: the one the node's drain completes (stack.json's drain.hook).
+DRAIN_HOOK_NAME = node_metrics.DRAIN_HOOK
 #: AWS's bounds for a lifecycle hook's heartbeat (PutLifecycleHook: HeartbeatTimeout 30-7200 s).
 HEARTBEAT_RANGE = (30, 7200)
 #: The metric each target follows (CloudWatch names the nodes publish, fixed in the team contract)

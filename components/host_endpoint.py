@@ -24,8 +24,8 @@ from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.mirror_fill import MirrorManifestPin, MirrorManifestPinArgs
 from components.node_secrets import checked_api_key, checked_previous_api_key
-from kimi_fleet.cost import estimate
 from kimi_fleet import node_files, node_metrics
+from kimi_fleet.cost import estimate
 from kimi_fleet.node_files import SecretsSource
 from kimi_fleet.spec import CONFIG_NAMESPACE
 

@@ -29,8 +29,8 @@ import pulumi_kubernetes as k8s
 from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.node_secrets import checked_api_key, checked_previous_api_key
-from kimi_fleet.cost import estimate
 from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet.cost import estimate
 
 RESOURCE_CLASSES = {
     "Namespace": k8s.core.v1.Namespace,

@@ -51,6 +51,12 @@ LB_HEALTHY_THRESHOLD = 2
 LB_TIMEOUT_SECONDS = 10
 
 
+def stall_detection(probes: int, interval: int, timeout: int) -> int:
+    """`probes` stalled probes in a row, in seconds. The watchdog's runs do not overlap: a stalled probe
+    waits out its timeout, which delays the next run past the timer interval when the timeout is longer."""
+    return probes * max(interval, timeout)
+
+
 @dataclass(frozen=True)
 class HealthWindows:
     probe_interval_seconds: int
@@ -74,10 +80,8 @@ class HealthWindows:
 
     @property
     def stall_detection_seconds(self) -> int:
-        """From the first stalled probe to the watchdog's restart (and its ready file gone). The watchdog's
-        runs do not overlap: a stalled probe waits out its timeout, which delays the next run past the
-        timer interval when the timeout is the longer."""
-        return self.stalled_probes * max(self.probe_interval_seconds, self.probe_timeout_seconds)
+        """From the first stalled probe to the watchdog's restart (and its ready file gone)."""
+        return stall_detection(self.stalled_probes, self.probe_interval_seconds, self.probe_timeout_seconds)
 
     @property
     def lb_leave_seconds(self) -> int:
@@ -122,7 +126,8 @@ def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> Health
     load_terms = {"image pull": IMAGE_PULL_SECONDS, "read": read, "load": load}
     load_budget = math.ceil(sum(load_terms.values()) * LOAD_BUDGET_SLACK)
     dead_terms = {"first load budget": load_budget, "one restart's load budget": load_budget,
-                  "stall detection": STALLED_PROBES * max(PROBE_INTERVAL_SECONDS, GENERATION_PROBE_TIMEOUT_SECONDS),
+                  "stall detection": stall_detection(STALLED_PROBES, PROBE_INTERVAL_SECONDS,
+                                                     GENERATION_PROBE_TIMEOUT_SECONDS),
                   "one more probe": PROBE_INTERVAL_SECONDS}
     grace_terms = {"boot": BOOT_SECONDS, "image pull": IMAGE_PULL_SECONDS, "download": sizing.download_seconds,
                    "verify": sizing.verify_seconds, "read": read,

@@ -155,7 +155,7 @@ class Engine:
     def inside_knob(self, r: Resolved) -> dict[str, int]:
         """What the engine allocates inside its memory knob besides weights, encoder and KV pool."""
         items = {"runtime (CUDA context, collectives)": self.profile.runtime_overhead_bytes}
-        if r.spec.engine.speculative != "off" and r.draft_has_mla:
+        if r.draft_has_mla:
             # Its KV is one more latent layer in the pool (sizing.kv_elements_per_token): weights only here.
             items["EAGLE3 draft weights (MLA draft)"] = catalog.EAGLE3_MLA_DRAFT_BYTES // r.tensor_parallel
         elif r.spec.engine.speculative != "off":

@@ -81,27 +81,19 @@ def target_lifecycle_state() -> str | None:
         return None
 
 
-def load(engines: list[dict]) -> tuple[bool, str]:
-    """(idle, what the engines say): idle when every engine answers with 0 running and 0 waiting."""
-    idle, said, _, _ = load_read(engines)
-    return idle, said
-
-
-def load_read(engines: list[dict]) -> tuple[bool, str, bool, float]:
-    """(idle, what the engines say, whether every engine's /metrics answered, requests running and waiting)."""
-    said, idle, answered, requests = [], True, True, 0.0
+def load(engines: list[dict]) -> tuple[bool, str, bool, float]:
+    """(idle, what the engines say, whether every engine's /metrics answered, requests running and
+    waiting): idle when every engine answers with 0 running and 0 waiting."""
+    said, answered, requests = [], True, 0.0
     for engine in engines:
         found = engine_load(f"http://127.0.0.1:{engine['port']}", engine["metrics"])
         if found is None:
             answered = False
-            idle = False
             said.append(f"engine {engine['index']}: /metrics do not answer")
             continue
-        if found["running"] or found["waiting"]:
-            idle = False
         requests += found["running"] + found["waiting"]
         said.append(f"engine {engine['index']}: {found['running']:.0f} running, {found['waiting']:.0f} waiting")
-    return idle, "; ".join(said), answered, requests
+    return answered and not requests, "; ".join(said), answered, requests
 
 
 def own_group() -> tuple[str, str]:
@@ -166,7 +158,7 @@ def guard_while_serving(state: dict, engines: list[dict], now: float) -> dict:
     the node is admitted (its ready file) or while an engine's /metrics do not answer."""
     if not READY_FILE.exists():
         return state
-    idle, said, answered, requests = load_read(engines)
+    idle, said, answered, requests = load(engines)
     if not answered:
         return state
     if now - state.get("group_checked_at", 0) >= GROUP_POLL_SECONDS:
@@ -239,7 +231,7 @@ def poll(stack: dict, timeout: float, now: float) -> str:
         write_state(state)
         log(f"scale-in: this instance is being terminated; the ready listener answers 503 from now on, "
             f"draining for at most {timeout:.0f} s")
-    idle, said = load(stack["engines"])
+    idle, said, _, _ = load(stack["engines"])
     waited = now - state["started_at"]
     state["idle_readings"] = state.get("idle_readings", 0) + 1 if idle else 0
     if idle and state["idle_readings"] < IDLE_READINGS and waited < timeout:
