@@ -1001,12 +1001,34 @@ def termination_grace_seconds(policy: ScalingPolicy | None) -> int:
     return policy.drain_timeout_seconds if policy is not None else 120
 
 
+#: How long the proxy's drain waits for one answer of the engine's /metrics (a hung engine's socket
+#: accepts and never answers: that is not "gone", the loop asks again).
+PROXY_DRAIN_PROBE_SECONDS = 5
+
+
+def proxy_drain_wait(engine_port: int) -> str:
+    """The proxy container's preStop (busybox sh, wget and timeout of the Caddy image): wait for the
+    engine's drain verdict (DRAINED_FILE), or return at once when the engine's port refuses a
+    connection: its container is not running (no preStop of its own will write the verdict) or its
+    server never started (nothing to drain). busybox wget prints "Connection refused" (strerror) for
+    a refused connect and exits 1, as it does for an HTTP error, which is why the words are read."""
+    probe = (f"timeout {PROXY_DRAIN_PROBE_SECONDS} wget -O /dev/null http://127.0.0.1:{engine_port}/metrics 2>&1 "
+             "| grep -q 'Connection refused'")
+    return f"until [ -f {DRAINED_FILE} ]; do if {probe}; then break; fi; sleep 2; done"
+
+
 def _with_drain(r: Resolved, sizing: Sizing, containers: list[dict]) -> list[dict]:
     """A scaling stack's serving pod drains before it stops: the engine container's preStop waits for
     0 running and 0 waiting on its engine's /metrics (pod_drain.py, up to the drain timeout less
     DRAIN_STOP_SECONDS) and writes DRAINED_FILE; the proxy's preStop waits for that file, so Caddy
     keeps the streams open until then. The pod left the Service's endpoints when its deletion began:
-    no new request reaches it meanwhile."""
+    no new request reaches it meanwhile.
+
+    A container that is not running gets no preStop (the kubelet runs a hook only in a running
+    container): an engine that crashed, or is waiting out its restart back-off, never writes the
+    file. So the proxy's wait also ends when nothing listens on the engine's loopback port (a
+    refused connection: proxy_drain_wait), instead of holding the pod's GPUs for the whole grace
+    period; a slow answer is not a refusal and keeps it waiting."""
     policy = scaling_policy(r, sizing)
     if policy is None:
         return containers
@@ -1016,8 +1038,9 @@ def _with_drain(r: Resolved, sizing: Sizing, containers: list[dict]) -> list[dic
         "engine": ["python3", f"{PROBE_MOUNT}/{DRAIN_SCRIPT}",
                    json.dumps(r.adapter.load_metrics.as_dict(), separators=(",", ":")),
                    f"http://127.0.0.1:{engine_port}", str(drain_seconds), DRAINED_FILE],
-        # The Caddy image's busybox shell; the engine's drain ends first (or the grace period does).
-        "proxy": ["/bin/sh", "-c", f"until [ -f {DRAINED_FILE} ]; do sleep 2; done"],
+        # The Caddy image's busybox shell; the engine's drain ends first (or the grace period does, or
+        # the engine is not running at all).
+        "proxy": ["/bin/sh", "-c", proxy_drain_wait(engine_port)],
     }
     drained = []
     for container in containers:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -809,6 +811,101 @@ def test_the_drain_as_shipped_waits_for_the_engines_queue(tmp_path, busy_reads, 
     done = subprocess.run([sys.executable, str(tmp_path / "pod_drain.py"), "{}", "http://127.0.0.1:1", "5",
                            str(done_file)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+class _Engine(BaseHTTPRequestHandler):
+    """An engine's /metrics, busy (1 running, 2 waiting) until `idle` is set; `proxy_probes` counts the
+    proxy's reads (busybox wget's User-Agent), `probed` is set on each."""
+    idle: threading.Event
+    probed: threading.Event
+    proxy_probes = 0
+
+    def do_GET(self):  # noqa: N802
+        if "Wget" in self.headers.get("User-Agent", ""):
+            type(self).proxy_probes += 1
+            type(self).probed.set()
+        busy = not type(self).idle.is_set()
+        body = (f"vllm:generation_tokens_total 10\nvllm:num_requests_running{{engine=\"0\"}} {1 if busy else 0}\n"
+                f"vllm:num_requests_waiting {2 if busy else 0}\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+BUSYBOX = shutil.which("busybox")
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed (the Caddy image's shell and tools)")
+@pytest.mark.parametrize("engine", ["not running", "busy"])
+def test_a_deleted_pod_waits_for_a_busy_engine_and_not_for_one_that_is_not_running(tmp_path, engine, monkeypatch):
+    """The pod's deletion as the kubelet runs it: every running container's preStop at once, the pod
+    gone when the last returns. The proxy's hook as rendered, under busybox (the Caddy image's sh, wget,
+    timeout); the engine's (pod_drain.py as shipped) only when its container runs. An engine container
+    that is not running (crashed, in back-off) runs no hook: the proxy's returns at once instead of
+    holding the GPUs for the whole grace period; a busy engine keeps the pod until its drain ends."""
+    r, sizing, objects, _ = rendered(*SCALING_VARIANTS[0])
+    grace = scaling_policy(r, sizing).drain_timeout_seconds
+    (template,) = pod_templates(objects)
+    engine_hook = container(template, "engine")["lifecycle"]["preStop"]["exec"]["command"]
+    shell, flag, script = container(template, "proxy")["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    port, done_file = free_port(), tmp_path / "drain" / "drained"
+    # The pod's loopback port and drain volume, here: the test's own.
+    script = script.replace(f"127.0.0.1:{r.engine.port}/", f"127.0.0.1:{port}/").replace(
+        manifests.DRAINED_FILE, str(done_file))
+    assert str(port) in script and str(done_file) in script
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for applet in ("sh", "wget", "timeout", "grep", "sleep", "["):
+        (tools / applet).symlink_to(BUSYBOX)
+    done_file.parent.mkdir()
+    if engine == "not running":
+        start = time.monotonic()
+        proxy = subprocess.Popen([BUSYBOX, "sh", "-c", script], env={"PATH": str(tools)})
+        try:
+            assert proxy.wait(timeout=10) == 0
+        finally:
+            proxy.kill()
+        elapsed = time.monotonic() - start
+        assert elapsed < manifests.PROXY_DRAIN_PROBE_SECONDS < grace  # at once, not the grace period
+        assert not done_file.exists()
+        return
+
+    for key, text in the(objects, "ConfigMap", manifests.PROBE_CONFIGMAP)["data"].items():
+        (tmp_path / key).write_text(text)
+    handler = type("Engine", (_Engine,), {"idle": threading.Event(), "probed": threading.Event(), "proxy_probes": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import pod_drain  # noqa: PLC0415 - the shipped file
+        monkeypatch.setattr(pod_drain, "POLL_SECONDS", 0.05)
+        drain = threading.Thread(target=pod_drain.main, args=(
+            [engine_hook[2], f"http://127.0.0.1:{port}", engine_hook[4], str(done_file)],), daemon=True)
+        drain.start()
+        proxy = subprocess.Popen([BUSYBOX, "sh", "-c", script], env={"PATH": str(tools)})
+        try:
+            # Two probes of the busy engine, a sleep between them: the proxy went on waiting.
+            while handler.proxy_probes < 2:
+                assert handler.probed.wait(10), "the proxy's drain did not probe the engine"
+                handler.probed.clear()
+            assert proxy.poll() is None and drain.is_alive() and not done_file.exists()
+            handler.idle.set()  # the last request finished
+            drain.join(10)
+            assert json.loads(done_file.read_text()) == {"verdict": "drained: 0 running, 0 waiting"}
+            assert proxy.wait(timeout=10) == 0  # the proxy follows the engine's verdict
+        finally:
+            proxy.kill()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("pod_drain", None)
+        sys.modules.pop("generation_probe", None)
+        server.shutdown()
+        server.server_close()
 
 
 # --- the YAML a hand-applier uses ------------------------------------------------------------------
