@@ -13,10 +13,17 @@ https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml)
 without await like the Deployments (the gate waits for its group).
 
 So are the monitoring objects: the Prometheus Operator's PodMonitor (and PrometheusRule) and, for a
-scaling stack, KEDA's ScaledObject, applied after the Deployment it scales. A scaled Deployment is
-rendered without spec.replicas (KEDA's HPA owns the count): with server-side apply Pulumi then never
-owns the field, so a `pulumi up` neither resets the count nor conflicts with the HPA's
-(pulumi/pulumi-kubernetes#2569), and no ignore_changes is needed.
+scaling stack, KEDA's ScaledObject, applied after the Deployment it scales. The Deployment KEDA scales
+is declared with spec.replicas (the count a first deploy starts with: k8s_manifests.scaled_deployment_start)
+and ignore_changes on it, the way pulumi-kubernetes handles a field an HPA owns under server-side apply
+(provider/pkg/await/await.go, handleSSAIgnoreFields, pulumi/pulumi-kubernetes#2566): on an update the
+provider leaves an ignored field out of the apply when another manager owns it (the HPA's scale
+writes: no conflict, pulumi/pulumi-kubernetes#2569), and sends the live value when Pulumi still owns it.
+Leaving the field out of the inputs instead (what the rendered YAML does for `kubectl apply`) releases
+Pulumi's ownership: a running fixed stack turned into a scaling one would drop to the default of one
+pod until KEDA acted (the Kubernetes HPA docs' warning, kubernetes/website#29739). With ignore_changes
+the engine keeps the old input (the fixed count) for that update, a later `pulumi up` keeps whatever
+the HPA set, and a new stack is created at the start count, not at one.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ CUSTOM_KINDS = {"LeaderWorkerSet", "PodMonitor", "PrometheusRule", "ScaledObject
 AFTER_WORKLOADS = {"ScaledObject"}
 #: What the gate waits for; the proxy's pods roll with a new key version.
 ROLLED_KINDS = ("Deployment", "LeaderWorkerSet")
+#: The field KEDA's HPA owns on the Deployment it scales: set on create, ignored after (module docstring).
+SCALED_REPLICAS_PATH = "spec.replicas"
 
 
 def declare_object(name: str, obj: dict, opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
@@ -162,6 +171,7 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             for secret_name, values in secret_values.items()
         ]
 
+        scaled = manifests.scaled_deployment_start(r)
         api_key_secret = secrets[0]  # secret_values starts with the API key
         prerequisites: list[pulumi.Resource] = [*secrets]
         rolled: dict[str, list[pulumi.CustomResource]] = {kind: [] for kind in ROLLED_KINDS}
@@ -182,6 +192,11 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 # Applied, not awaited: the gate waits, and undoes a rollout that fails.
                 obj = without_await(obj)
                 opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites])
+                if scaled is not None and kind == "Deployment" and obj["metadata"]["name"] == scaled[0]:
+                    # KEDA's HPA owns the count once it runs: the start count on create, then ignored.
+                    obj = {**obj, "spec": {"replicas": scaled[1], **obj["spec"]}}
+                    opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites],
+                                                      ignore_changes=[SCALED_REPLICAS_PATH])
             elif kind in AFTER_WORKLOADS:
                 opts_for = pulumi.ResourceOptions(depends_on=[w for k in ROLLED_KINDS for w in rolled[k]])
             else:

@@ -422,6 +422,18 @@ def scaled_market(r: Resolved) -> str | None:
     return "spot" if r.spec.capacity.effective_market == "spot" else "on-demand"
 
 
+def scaled_deployment_start(r: Resolved) -> tuple[str, int] | None:
+    """(name, pods) of the Deployment KEDA scales and the pods it is created with (None: the stack does
+    not scale): capacity.replicas' share (inside the range, its minimum unless the stack file asks for
+    more: "the count a first deploy starts with"), less the fixed on-demand base under spot. The YAML
+    leaves spec.replicas out (a `kubectl apply` of a count resets the HPA's); `pulumi up` sets it on
+    create only and ignores it after (components/kubernetes_endpoint.py)."""
+    market = scaled_market(r)
+    if market is None:
+        return None
+    return deployment_name(market), dict(market_groups(r))[market]
+
+
 def deployment_name(market: str) -> str:
     return f"kimi-engine-{market}"
 
@@ -727,9 +739,10 @@ def _deployment(r: Resolved, sizing: Sizing, launch: Launch, stack: str, market:
     containers = _with_drain(r, sizing, [_engine_container(r, sizing, launch), _proxy_container(),
                                          _admission_container(), _metrics_gate_container()])
     pod_spec = _pod_spec(r, sizing, launch, market, release, containers, serves=True)
-    # KEDA's HPA owns a scaled Deployment's replicas: the manifest leaves the field out, so neither
-    # `pulumi up` (server-side apply) nor `kubectl apply` resets it to a count (the Kubernetes HPA docs'
-    # advice, kubernetes/website#29739; a field both set conflicts, pulumi/pulumi-kubernetes#2569).
+    # KEDA's HPA owns a scaled Deployment's replicas: the YAML leaves the field out, so a `kubectl apply`
+    # does not reset it to a count (the Kubernetes HPA docs' advice, kubernetes/website#29739). Pulumi
+    # sets it on create and ignores it after (scaled_deployment_start, components/kubernetes_endpoint.py):
+    # without the field, server-side apply releases it and the Deployment drops to its default, 1.
     count = {} if market == scaled_market(r) else {"replicas": pods}
     return {
         "apiVersion": "apps/v1",

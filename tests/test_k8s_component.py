@@ -1,16 +1,19 @@
 """KubernetesEndpoint under Pulumi mocks: what it declares, how long it waits, where the secrets go."""
 
+import copy
+
 import kubernetes_validate
 import pulumi
 import pytest
 
-from components.kubernetes_endpoint import SKIP_AWAIT_ANNOTATION
+from components.kubernetes_endpoint import SCALED_REPLICAS_PATH, SKIP_AWAIT_ANNOTATION
 
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
+from kimi_fleet.validation import parse_spec
 from tooling.mock_run import MockRun, run_components, secret_paths
 
 API_KEY = "sk-test-not-a-real-key-0123456789"
@@ -139,8 +142,9 @@ def test_mi355x_without_hf_token_uses_the_vendor_resource():
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
     engine = deployment["wire"]["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
-    # The stack scales (2-6 on its queue): KEDA's HPA owns the count, the Deployment names none.
-    assert "replicas" not in deployment["wire"]["spec"]
+    # The stack scales (2-6 on its queue): created at its start count, which KEDA's HPA owns after.
+    assert deployment["wire"]["spec"]["replicas"] == 2
+    assert deployment["ignore_changes"] == [SCALED_REPLICAS_PATH]
     (scaled,) = run.of_type("kubernetes:keda.sh/v1alpha1:ScaledObject")
     assert (scaled["wire"]["spec"]["minReplicaCount"], scaled["wire"]["spec"]["maxReplicaCount"]) == (2, 6)
     assert scaled["wire"]["spec"]["scaleTargetRef"]["name"] == deployment["wire"]["metadata"]["name"]
@@ -171,3 +175,116 @@ def test_the_stacks_gate_waits_for_the_rollout_and_has_time_to_undo_it(stack):
         budget = seconds(gate["timeouts"][phase])
         assert budget > k8s_rollout_wait_seconds(rollout)
         assert budget > rollout["timeout_seconds"] + ready
+
+
+# --- replicas KEDA owns: set on create, kept across a fixed -> scaling change and later updates ---------
+
+def _with_capacity(stack: str, capacity: dict) -> Resolved:
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    values["capacity"] = capacity
+    if "scaling" in capacity:
+        values["target"]["kubernetes"]["prometheusUrl"] = "http://prometheus.observability.svc:9090"
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
+def _path_get(obj: dict, path: str):
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _path_set(obj: dict, path: str, value) -> dict:
+    obj = copy.deepcopy(obj)
+    *parents, leaf = path.split(".")
+    node = obj
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return obj
+
+
+def applied_on_update(old_inputs: dict, new_inputs: dict, ignore_changes: list[str], live: dict,
+                      other_managers: set[str]) -> dict:
+    """What `pulumi up` sends to the API server when it updates an object, as the two steps that read
+    ignore_changes do it (a model of their source, not the engine run):
+    1. the engine: each ignored path takes its old input's value, or is removed when the old inputs had
+       none (resource.PropertyPath.Reset, processIgnoreChanges in pulumi/pulumi);
+    2. the provider (server-side apply, provider/pkg/await/await.go handleSSAIgnoreFields in
+       pulumi/pulumi-kubernetes): an ignored field another manager owns (and Pulumi does not) is left
+       out of the apply; otherwise it takes the live value.
+    `other_managers`: the ignored paths a manager other than Pulumi owns (the HPA's scale writes)."""
+    sent = new_inputs
+    for path in ignore_changes:
+        sent = _path_set(sent, path, _path_get(old_inputs, path))
+    for path in ignore_changes:
+        if path in other_managers:
+            sent = _path_set(sent, path, None)
+        elif _path_get(live, path) is not None:
+            sent = _path_set(sent, path, _path_get(live, path))
+    return sent
+
+
+def replicas_after_apply(sent: dict, live: dict, owned_by_others: bool) -> int:
+    """The Deployment's count after a server-side apply of `sent`: the sent count; else the live one
+    while another manager owns it; else the field is released and takes its default, 1 (the
+    Kubernetes server-side apply docs, "Field management"; the HPA docs' warning)."""
+    if "replicas" in sent["spec"]:
+        return sent["spec"]["replicas"]
+    return live["spec"]["replicas"] if owned_by_others else 1
+
+
+def _the_deployment(run: MockRun) -> dict:
+    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
+    return deployment
+
+
+SCALING_1_TO_4 = {"replicas": 1, "scaling": {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 8}}
+
+
+def test_a_new_scaling_stack_starts_at_its_start_count_and_keda_owns_it_after():
+    r = _with_capacity("gb200-int4-vllm", SCALING_1_TO_4)
+    deployment = _the_deployment(run_kubernetes_endpoint("gb200-int4-vllm", r=r))
+    # Created with the count a first deploy starts with (the range's minimum here), not the default 1 by
+    # accident of a missing field; the count is ignored on every update after.
+    assert deployment["wire"]["spec"]["replicas"] == 1 == manifests.scaled_deployment_start(r)[1]
+    assert deployment["ignore_changes"] == [SCALED_REPLICAS_PATH]
+    # The YAML a hand-applier uses names no count (a `kubectl apply` of one would reset the HPA's).
+    (rendered,) = [o for o in manifests.render_manifests(r, size(r), render_launch(r), stack=r.spec.stack)
+                   if o["kind"] == "Deployment"]
+    assert "replicas" not in rendered["spec"]
+    # A later `pulumi up` with KEDA at 4: the HPA owns the field, the apply leaves it out, 4 stays.
+    live = {"spec": {"replicas": 4}}
+    sent = applied_on_update(deployment["wire"], deployment["wire"], deployment["ignore_changes"], live,
+                             other_managers={SCALED_REPLICAS_PATH})
+    assert replicas_after_apply(sent, live, owned_by_others=True) == 4
+
+
+def test_a_fixed_stack_keeps_its_count_in_pulumis_hands():
+    r = _with_capacity("gb200-int4-vllm", {"replicas": 3})
+    deployment = _the_deployment(run_kubernetes_endpoint("gb200-int4-vllm", r=r))
+    assert deployment["wire"]["spec"]["replicas"] == 3 and deployment["ignore_changes"] == []
+    assert manifests.scaled_deployment_start(r) is None
+
+
+def test_a_running_fixed_stack_turned_scaling_keeps_its_pods_until_keda_acts():
+    """Fixed at 3 pods, then capacity.scaling 1-4 (start count 1): the update keeps 3 (Pulumi owned the
+    field and keeps it at the live value) where a Deployment without the field dropped to 1; once KEDA
+    has set 2, the next `pulumi up` leaves 2."""
+    fixed = _the_deployment(run_kubernetes_endpoint(
+        "gb200-int4-vllm", r=_with_capacity("gb200-int4-vllm", {"replicas": 3})))
+    scaling = _the_deployment(run_kubernetes_endpoint(
+        "gb200-int4-vllm", r=_with_capacity("gb200-int4-vllm", SCALING_1_TO_4)))
+    assert scaling["name"] == fixed["name"] and scaling["type"] == fixed["type"]  # an update, not a replacement
+    live = {"spec": {"replicas": 3}}
+    sent = applied_on_update(fixed["wire"], scaling["wire"], scaling["ignore_changes"], live, other_managers=set())
+    assert replicas_after_apply(sent, live, owned_by_others=False) == 3
+    # KEDA scales to 2 (the HPA's scale write takes the field); the next update leaves it there.
+    live = {"spec": {"replicas": 2}}
+    sent = applied_on_update(scaling["wire"], scaling["wire"], scaling["ignore_changes"], live,
+                             other_managers={SCALED_REPLICAS_PATH})
+    assert replicas_after_apply(sent, live, owned_by_others=True) == 2

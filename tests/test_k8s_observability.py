@@ -971,7 +971,10 @@ def test_the_component_declares_the_monitoring_and_scaling_objects():
         assert applied == the(monitoring, kind)  # as rendered, nothing added
         assert monitoring_schema.errors(applied) == []
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
-    assert "replicas" not in deployment["wire"]["spec"]  # KEDA's HPA owns the count
+    # Created at capacity.replicas (2, inside the 1-4 range: the count a first deploy starts with), which
+    # KEDA's HPA owns after: ignored on every update (test_k8s_component).
+    assert deployment["wire"]["spec"]["replicas"] == 2 >= scaled["wire"]["spec"]["minReplicaCount"]
+    assert deployment["ignore_changes"] == ["spec.replicas"]
     assert deployment["name"] in scaled["dependencies"]  # the scaled Deployment exists first
     (component,) = run.of_type("kimi-fleet:kubernetes:KubernetesEndpoint")
     assert monitor["parent"] == scaled["parent"] == rule["parent"] == component["name"]
