@@ -15,7 +15,8 @@ no TTFT at all; target tracking takes no action without data, so an idle TTFT-tr
 its replicas until traffic returns (the queue target, always published, scales in when idle).
 
 The second signal (autoscaling: never fewer replicas than keep their mean KV cache use under
-capacity.scaling.kvCachePerReplica) is a second target-tracking policy on KvCacheUsage (the stack-level
+capacity.scaling.kvCachePerReplica; interactive stacks only, a batch stack follows its queue alone:
+kimi_fleet/autoscaling.py says why) is a second target-tracking policy on KvCacheUsage (the stack-level
 series' Average: the mean over the replicas of each one's fullest engine). With several target-tracking
 policies EC2 Auto Scaling takes the one that asks for the most capacity, scale-out and scale-in alike
 (EC2 Auto Scaling user guide, "Dynamic scaling", multiple dynamic scaling policies): the larger ask
@@ -87,7 +88,7 @@ def tracked_metric(stack: str, metric: str) -> dict:
 
 class FleetScaling(pulumi.ComponentResource):
     policy_name: pulumi.Output[str]
-    kv_cache_policy_name: pulumi.Output[str]
+    kv_cache_policy_name: pulumi.Output[str] | None
 
     def __init__(self, name: str, args: FleetScalingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kimi-fleet:aws:FleetScaling", name, None, opts)
@@ -95,10 +96,11 @@ class FleetScaling(pulumi.ComponentResource):
         policy = args.policy
         warmup = health.REFRESH_WARMUP_SECONDS  # after admission (InService): see the module's docstring
         tracking = self._policy(name, args, policy.metric, policy.target_value, warmup, child)
-        # The second signal, always on (its target a ratio of the KV cache, 0-1).
-        kv_cache = self._policy(name, args, "kv-cache", policy.kv_cache_target, warmup, child)
+        # The second signal (its target a ratio of the KV cache, 0-1); none on a batch stack.
+        kv_cache = (None if policy.kv_cache_target is None
+                    else self._policy(name, args, "kv-cache", policy.kv_cache_target, warmup, child))
         self.policy_name = tracking.name
-        self.kv_cache_policy_name = kv_cache.name
+        self.kv_cache_policy_name = kv_cache.name if kv_cache is not None else None
         self.register_outputs({"policy_name": self.policy_name, "kv_cache_policy_name": self.kv_cache_policy_name})
 
     @staticmethod

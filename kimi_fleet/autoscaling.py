@@ -29,6 +29,18 @@ The numbers and their rules:
   default scale-down window (300 s). Rule: a replica removed and added back is billed for a whole
   time to ready without serving anything, so removing it only pays when the lull outlasts its time
   to ready; a 5-minute lull never drops a replica that takes 25 minutes to come back.
+- the second signal, the KV cache (`kv_cache_target`, capacity.scaling.kvCachePerReplica): never fewer
+  replicas than keep their mean KV cache use under the target. Interactive stacks only. A full cache
+  already shows in the queue (an engine that cannot place a request's KV keeps it waiting: vLLM's
+  and SGLang's waiting gauges, the queue signal), so what the KV signal adds is headroom: room to
+  admit a new request at once (its TTFT), and the busy replicas an empty queue would remove. A batch
+  stack states its objective as the queue (waitingPerReplica): it accepts waiting, and its throughput
+  per GPU is the batch its cache holds. Under long contexts KV use follows the contexts, not the
+  load: a replica running its few full-context sequences sits above 0.75 with nothing queued, and the
+  signal asked ceil(n x use / 0.75) replicas, an idle one added and kept for as long as those
+  requests ran (test_autoscaling: 2 replicas at 92% hold 3 with an empty queue), i.e. the stack
+  above what its queue target asks and its cache capped at 75%. So a batch stack follows its queue
+  target alone; removing one of its busy replicas loses no request (it drains first).
 - drain timeout: how long a replica being removed may finish its requests. The longest request a
   stack can serve generates at most its context length; at the slowest per-user decode speed of a
   Kimi-K2.6 throughput fact that matches the stack's layout (cost.matching_facts: the same fact the
@@ -86,8 +98,9 @@ class ScalingPolicy:
     #: "aws" or "kubernetes"
     target: str = ""
     #: the second signal: the replicas' mean KV cache use (0-1) the policy keeps them under
-    #: (capacity.scaling.kvCachePerReplica); the larger of the two asks wins
-    kv_cache_target: float = 0.75
+    #: (capacity.scaling.kvCachePerReplica); the larger of the two asks wins. None: no second signal
+    #: (a batch stack follows its queue target alone: the module's docstring says why)
+    kv_cache_target: float | None = 0.75
 
     @property
     def scales_to_zero(self) -> bool:
@@ -116,11 +129,16 @@ class ScalingPolicy:
         else:
             out = (f"scale out at most every {_min(self.scale_out_cooldown_seconds)} min (one time to ready: the "
                    "TTFT falls only once the added replicas serve, and the rule multiplies the replicas it has)")
+        if self.kv_cache_target is None:
+            second = ("no second signal: a batch stack follows its queue target alone (a full KV cache shows as "
+                      "waiting requests; KV use under long contexts would hold replicas nothing waits for)")
+        else:
+            second = (f"second signal: never fewer replicas than keep their mean KV cache use under "
+                      f"{self.kv_cache_target:.0%} (the larger ask wins: a busy replica with an empty queue is not "
+                      "removed, and a filling cache adds replicas before requests queue)")
         return [
             f"a new replica needs about {ready} min to serve: {terms}",
-            f"second signal: never fewer replicas than keep their mean KV cache use under {self.kv_cache_target:.0%} "
-            "(the larger ask wins: a busy replica with an empty queue is not removed, and a filling cache adds "
-            "replicas before requests queue)",
+            second,
             f"cooldowns: {out}; scale in only after {_min(self.scale_in_cooldown_seconds)} min below the target "
             f"(one time to ready: a replica removed is billed {ready} min before it serves again, so removing it "
             "pays only when the lull outlasts that)",
@@ -231,17 +249,19 @@ def scaling_policy(r: Resolved, sizing: Sizing) -> ScalingPolicy | None:
         replica_concurrency=max(1, sizing.concurrent_sequences_per_engine * sizing.engines_per_node),
         drain_basis=basis,
         target=r.spec.target.kind,
-        kv_cache_target=scaling.kv_cache_per_replica,
+        # Interactive stacks only (the module's docstring): a batch stack follows its queue target alone.
+        kv_cache_target=scaling.kv_cache_per_replica if r.spec.capacity.workload == "interactive" else None,
     )
 
 
 def kv_cache_replicas(policy: ScalingPolicy, mean_kv_use: float, current: int) -> int:
     """The replicas the second signal asks for: the HPA rule on the replicas' mean KV cache use
     (a Value per replica: ceil(current x use / target), 10% tolerance), within the range. With no
-    replica there is no cache to read: it asks for none (the queue decides)."""
+    replica there is no cache to read: it asks for none (the queue decides); nor without the signal
+    (a batch stack's policy)."""
     if not 0 <= mean_kv_use <= 1 or current < 0:
         raise ValueError(f"KV cache use {mean_kv_use} must be within 0-1 and current replicas {current} >= 0")
-    if current == 0:
+    if current == 0 or policy.kv_cache_target is None:
         return policy.min_replicas
     ratio = mean_kv_use / policy.kv_cache_target
     wanted = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(current * ratio)

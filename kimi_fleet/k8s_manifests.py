@@ -1145,8 +1145,8 @@ def scaling_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
 
 
 def kv_cache_query(r: Resolved, policy: ScalingPolicy) -> tuple[str, str, float]:
-    """(PromQL, metricType, threshold) of the policy's second signal, always on (autoscaling's
-    kv_cache_target): the engines' KV cache use (0-1, the engine's own gauge) summed as an AverageValue
+    """(PromQL, metricType, threshold) of the policy's second signal (autoscaling's kv_cache_target;
+    interactive stacks only): the engines' KV cache use (0-1, the engine's own gauge) summed as an AverageValue
     against the per-pod target, so the HPA asks ceil(total use / target) pods: never fewer than keep
     their mean under it. The HPA takes the larger of its metrics' asks, as the policy does. The fixed
     pods (the on-demand base under spot) take their share first."""
@@ -1181,7 +1181,7 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
     """KEDA's ScaledObject for a scaling stack (None otherwise): the scaled Deployment's pods between
     the policy's range (less the fixed on-demand base under spot), Prometheus triggers at
     target.kubernetes.prometheusUrl (the Kubernetes target refuses a scaling stack without it) on the
-    queue or the TTFT and on the KV cache use (the policy's second signal), the HPA behaviour from
+    queue or the TTFT and, on an interactive stack, on the KV cache use (the policy's second signal), the HPA behaviour from
     the policy."""
     policy = scaling_policy(r, sizing)
     if policy is None:
@@ -1190,7 +1190,12 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
     market = scaled_market(r)
     fixed = sum(pods for m, pods in market_groups(r) if m != market)
     query, metric_type, threshold = scaling_query(r, policy)
-    kv_query, kv_type, kv_target = kv_cache_query(r, policy)
+    triggers_kv = []
+    if policy.kv_cache_target is not None:  # a batch stack follows its queue alone (autoscaling.py)
+        kv_query, kv_type, kv_target = kv_cache_query(r, policy)
+        triggers_kv = [{"type": "prometheus", "name": "kv-cache", "metricType": kv_type,
+                        "metadata": {"serverAddress": k8s.prometheus_url, "query": kv_query,
+                                     "threshold": f"{kv_target:g}"}}]
     per_replica = r.engines_per_node
     trigger_metadata = {"serverAddress": k8s.prometheus_url, "query": query, "threshold": f"{threshold:g}"}
     if policy.metric == "ttft":
@@ -1211,8 +1216,7 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(r, policy)}},
             "triggers": [
                 {"type": "prometheus", "name": policy.metric, "metricType": metric_type, "metadata": trigger_metadata},
-                {"type": "prometheus", "name": "kv-cache", "metricType": kv_type,
-                 "metadata": {"serverAddress": k8s.prometheus_url, "query": kv_query, "threshold": f"{kv_target:g}"}},
+                *triggers_kv,
             ],
         },
     }

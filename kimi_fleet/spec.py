@@ -464,9 +464,10 @@ class ScalingSpec(Spec):
     ttft_p99_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
     """target: the replicas' p99 time to first token; above it adds replicas."""
     kv_cache_per_replica: Annotated[float, Field(ge=0.3, le=0.95)] = 0.75
-    """second signal, always on: the replicas' mean KV cache use (0-1) the policy keeps them under.
-    It keeps busy replicas whose queue is empty (the queue alone would remove them, and the requests
-    they run would then queue on the rest for a whole time to ready) and adds replicas before a queue forms."""
+    """second signal, interactive stacks only: the replicas' mean KV cache use (0-1) the policy keeps
+    them under. It keeps busy replicas whose queue is empty (the queue alone would remove them, and the
+    requests they run would then queue on the rest for a whole time to ready) and adds replicas before a
+    queue forms. A batch stack follows its queue target alone (a full cache shows as waiting requests)."""
 
     @model_validator(mode="after")
     def _coherent(self) -> "ScalingSpec":
@@ -556,6 +557,9 @@ class CapacitySpec(Spec):
             if not low <= self.replicas <= high:
                 raise ValueError(f"capacity.replicas {self.replicas} is outside capacity.scaling's range "
                                  f"{low}-{high}: it is the count a first deploy starts with")
+            if self.workload == "batch" and "kv_cache_per_replica" in self.scaling.model_fields_set:
+                raise ValueError("capacity.scaling.kvCachePerReplica is for interactive stacks: a batch stack "
+                                 "follows its queue target alone (waitingPerReplica or ttftP99Seconds)")
             if low == 0 and self.workload != "batch":
                 raise ValueError("capacity.scaling.minReplicas 0 (scale to zero) is for capacity.workload batch: "
                                  "an interactive client would wait a whole cold start for its first token")

@@ -26,7 +26,8 @@ What it counts at the end: requests whose first byte came later than the TTFT ob
 stack's monitoring.ttftP99Seconds, or the policy's own TTFT target), and of those the part the queue
 alone explains (arrival to a replica taking the request): the harness's own latency is multiplied by
 the time scale too, and the script prints how much that is. A real engine's prefill is not modelled.
-The policy's second signal (autoscaling.kv_cache_replicas) is applied as the stacks deploy it: never
+The policy's second signal (autoscaling.kv_cache_replicas) is applied as the stacks deploy it (interactive
+stacks; a batch stack follows its queue alone): never
 fewer replicas than keep their mean KV cache use under capacity.scaling.kvCachePerReplica, a fake
 replica's KV use being its busy slots over its concurrency. --queue-only leaves it out, to compare.
 --running-guard compares a rule the stacks do not deploy: never fewer replicas than the running
@@ -385,7 +386,9 @@ def run(args) -> dict:
     print(f"  each replica: a fake engine taking {policy.replica_concurrency} requests at once (the sizing's "
           f"full-context sequences per replica), each {output_tokens:,} tokens at {speed_basis} = "
           f"{request_seconds:.1f} s", file=out)
-    if args.queue_only:
+    if policy.kv_cache_target is None:
+        print("  rule: the queue target alone (a batch stack: no KV cache signal)", file=out)
+    elif args.queue_only:
         print("  rule: the queue alone (--queue-only: without the KV cache signal the stack deploys)", file=out)
     else:
         print(f"  rule: the policy's queue target and its KV cache signal (mean use under "
@@ -457,7 +460,7 @@ def run(args) -> dict:
             current = c["starting"] + c["ready"]
             floor = math.ceil(c["running"] / policy.replica_concurrency) if args.running_guard else 0
             serving = c["ready"]
-            if not args.queue_only and serving:
+            if not args.queue_only and serving and policy.kv_cache_target is not None:
                 mean_kv_use = min(1.0, c["running_ready"] / (serving * policy.replica_concurrency))
                 floor = max(floor, kv_cache_replicas(policy, mean_kv_use, current))
             asked = scaler.step(now * scale, value, current, floor=floor)

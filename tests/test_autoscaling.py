@@ -283,13 +283,73 @@ def test_the_kv_cache_signal_keeps_busy_replicas_an_empty_queue_would_remove():
     assert min(asks) == 1  # what the benchmark saw without the signal
 
 
+def _with_workload(stack: str, workload: str, scaling: dict | None = None) -> Resolved:
+    values = copy.deepcopy(load_stack_config(stack_file(stack)).values)
+    values["capacity"] = {**values["capacity"], "workload": workload,
+                          **({"scaling": scaling} if scaling is not None else {})}
+    return Resolved(parse_spec(values, stack, f"stacks/Pulumi.{stack}.yaml"))
+
+
 def _policy_for_kv_test():
-    from pathlib import Path
-    from kimi_fleet.autoscaling import scaling_policy
-    from kimi_fleet.resolve import Resolved
-    from kimi_fleet.sizing import size
-    from kimi_fleet.stackfile import load_stack_config
-    r = Resolved(load_stack_config(Path(__file__).resolve().parent.parent / "stacks" / "Pulumi.h200-int4-vllm.yaml").spec())
-    policy = scaling_policy(r, size(r))
-    assert policy is not None and policy.kv_cache_target == 0.75  # the spec's default, on the shipped scaling stack
+    # The shipped scaling stack (h200-int4-vllm, batch) as an interactive one: the KV signal's stacks.
+    policy = policy_of(_with_workload("h200-int4-vllm", "interactive"))
+    assert policy.kv_cache_target == 0.75  # the spec's default
     return policy
+
+
+#: Long contexts: every replica runs its full-context sequences (replica_concurrency of them, each
+#: near the stack's context length), so its KV cache is 92% used while nothing waits.
+LONG_CONTEXT_KV_USE = 0.92
+
+
+def _replay_long_contexts(policy: ScalingPolicy, minutes: int, queue_per_replica: float) -> list[int]:
+    """The policy over `minutes` (one step per metric period, as the HPA or the group applies it) on a
+    stack whose replicas all run long-context requests (KV at LONG_CONTEXT_KV_USE on the replicas that
+    hold them) with `queue_per_replica` requests waiting per replica that holds them. New replicas
+    serve at once here (the warm-up only delays, it changes no ask): they take queued work only, so
+    they add no KV use and the busy ones' cache stays full. Returns the replicas after each step."""
+    scaler, current, busy = Scaler(policy), policy.min_replicas + 1, policy.min_replicas + 1
+    counts = []
+    for minute in range(minutes):
+        mean_kv_use = LONG_CONTEXT_KV_USE * busy / current
+        waiting = queue_per_replica * busy
+        current = scaler.step(minute * 60.0, waiting, current,
+                              floor=autoscaling.kv_cache_replicas(policy, mean_kv_use, current))
+        busy = min(busy, current)  # a busy replica removed drains: its requests finish there
+        counts.append(current)
+    return counts
+
+
+def test_a_batch_stack_follows_its_queue_target_under_long_contexts():
+    """Review finding (issue 24): the KV cache signal held a batch stack above its queue target under
+    long contexts. The shipped batch stack, and the same stack as interactive, on two hours of long
+    requests with the queue exactly at the target: the interactive policy adds a replica that nothing
+    waits for and keeps it the whole time (its purpose: headroom for the next request's TTFT); the
+    batch policy has no KV signal and keeps what the queue asks."""
+    batch = policy_of(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec()))
+    assert batch.kv_cache_target is None
+    interactive = policy_of(_with_workload("h200-int4-vllm", "interactive"))
+    assert interactive.kv_cache_target == 0.75
+    for policy in (batch, interactive):
+        assert (policy.min_replicas, policy.max_replicas, policy.target_value) == (1, 4, 16.0)
+    at_target = batch.target_value  # 16 waiting on each busy replica: the queue target asks for no change
+    assert desired_replicas(batch, at_target * 2, 2) == 2
+    assert set(_replay_long_contexts(batch, 120, at_target)) == {2}
+    held = _replay_long_contexts(interactive, 120, at_target)
+    assert held[0] == 3 and set(held) == {3}  # ceil(2 x 0.92 / 0.75): one more, held for two hours
+    # The batch policy still scales out on its queue, and in when the queue empties.
+    assert _replay_long_contexts(batch, 10, at_target * 3)[-1] == 4
+    assert _replay_long_contexts(batch, 120, 0)[-1] == batch.min_replicas
+    # The second signal asks nothing of a batch stack, whatever its cache.
+    assert autoscaling.kv_cache_replicas(batch, 1.0, 2) == batch.min_replicas
+    assert "no second signal: a batch stack follows its queue target alone" in batch.lines()[1]
+    assert interactive.lines()[1].startswith("second signal: never fewer replicas")
+
+
+def test_kv_cache_per_replica_is_refused_on_a_batch_stack():
+    from kimi_fleet.spec import StackSpecError
+    with pytest.raises(StackSpecError, match="kvCachePerReplica is for interactive stacks"):
+        _with_workload("h200-int4-vllm", "batch", {"minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 16,
+                                                   "kvCachePerReplica": 0.8})
+    assert policy_of(_with_workload("h200-int4-vllm", "interactive", {
+        "minReplicas": 1, "maxReplicas": 4, "waitingPerReplica": 16, "kvCachePerReplica": 0.8})).kv_cache_target == 0.8

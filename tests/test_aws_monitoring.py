@@ -301,11 +301,17 @@ def test_nodes_complete_lifecycle_actions_on_their_own_group_only(declared):
 
 # --- scaling ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["waiting", "ttft"])
-def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
+@pytest.mark.parametrize("target, workload", [("waiting", "interactive"), ("ttft", "interactive"),
+                                              ("waiting", "batch")])
+def test_a_scaling_fleet_follows_its_target_and_drains(target, workload, tmp_path):
     values = {"minReplicas": 1, "maxReplicas": 4,
               **({"waitingPerReplica": 6} if target == "waiting" else {"ttftP99Seconds": 3})}
-    path, run = variant(FLEET, tmp_path, target, scaling(**values))
+
+    def change(config):
+        scaling(**values)(config)
+        config["kimi-fleet:capacity"]["workload"] = workload
+
+    path, run = variant(FLEET, tmp_path, f"{target}-{workload}", change)
     assert run.error is None, run.error
     r = spec_of(path)
     policy = scaling_policy(r, size(r))
@@ -316,14 +322,18 @@ def test_a_scaling_fleet_follows_its_target_and_drains(target, tmp_path):
     assert "desiredCapacity" in group["ignore_changes"]
     policies = {p["inputs"]["targetTrackingConfiguration"]["customizedMetricSpecification"]["metricName"]: p["inputs"]
                 for p in run.of_type(POLICY)}
-    assert len(policies) == 2
-    # The second signal, always on: the replicas' mean KV cache use under the policy's target; AWS takes
-    # the policy asking for the most capacity.
-    kv = policies.pop("KvCacheUsage")
-    assert kv["targetTrackingConfiguration"]["targetValue"] == policy.kv_cache_target
-    assert kv["targetTrackingConfiguration"]["customizedMetricSpecification"]["statistic"] == "Average"
-    assert kv["policyType"] == "TargetTrackingScaling" and kv["autoscalingGroupName"] == group["name"]
+    # The second signal, interactive stacks only: the replicas' mean KV cache use under the policy's
+    # target; AWS takes the policy asking for the most capacity. A batch stack follows its queue alone.
+    assert len(policies) == (2 if workload == "interactive" else 1)
+    kv = policies.pop("KvCacheUsage", None)
     (declared_policy,) = policies.values()
+    if workload == "batch":
+        assert kv is None and policy.kv_cache_target is None
+        kv = declared_policy  # the warm-up check below
+    else:
+        assert kv["targetTrackingConfiguration"]["targetValue"] == policy.kv_cache_target == 0.75
+        assert kv["targetTrackingConfiguration"]["customizedMetricSpecification"]["statistic"] == "Average"
+        assert kv["policyType"] == "TargetTrackingScaling" and kv["autoscalingGroupName"] == group["name"]
     assert declared_policy["policyType"] == "TargetTrackingScaling"
     assert declared_policy["autoscalingGroupName"] == group["name"]
     # AWS counts the warm-up from InService, which an instance here reaches only once admitted (the
@@ -358,7 +368,10 @@ def test_a_policy_and_a_drain_hook_exactly_where_the_stack_scales(declared):
     r = spec_of(stack)
     policy = scaling_policy(r, size(r))
     drains = [h["inputs"] for h in run.of_type(HOOK) if h["inputs"]["name"] == "kimi-drain"]
-    assert len(run.of_type(POLICY)) == (2 if policy else 0), stack
+    # The queue (or TTFT) policy, and the KV cache one on an interactive stack (a batch one follows its queue).
+    expected = 0 if policy is None else 1 if r.spec.capacity.workload == "batch" else 2
+    assert len(run.of_type(POLICY)) == expected, stack
+    assert (policy is not None and policy.kv_cache_target is None) is (expected == 1)
     # Every fleet drains a terminating replica (a scale-in, or a fixed fleet's instance refresh), for as
     # long as its node is told to drain; a single node has no group and no hook.
     timeout = node_files.drain_timeout_seconds(r, size(r))
