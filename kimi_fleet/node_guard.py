@@ -29,6 +29,9 @@ ENGINE_GUARD_UNIT_NAME = "kimi-engine-guard.service"
 #: The kernel log line of a refused attempt (rate-limited): what an operator greps for.
 ENGINE_GUARD_LOG_PREFIX = "kimi-fleet engine to metadata refused: "
 NFT = "/usr/sbin/nft"
+#: The host's bridge interface of the GPU exporter's own docker network (node_metrics.py creates the
+#: network with this name; at most 15 characters): the guard matches it.
+GPU_EXPORTER_BRIDGE = "kimi-gpuexp0"
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ FIREWALL_UNIT = templates.render("kimi-firewall.service", RULES=FIREWALL_RULES_P
 def render_engine_guard(*, stack: str, cgroup_path: str = ENGINE_SLICE) -> str:
     """nftables: every process whose cgroup is under `cgroup_path` (relative to the cgroup2 mount,
     level 1: the slice and everything in it) is refused the instance metadata addresses, with a
-    rate-limited kernel log line. `cgroup_path` is a parameter so a test can load the same rules
+    rate-limited kernel log line; the GPU exporter's bridge (GPU_EXPORTER_BRIDGE) forwards nothing
+    and opens no connection to the host. `cgroup_path` is a parameter so a test can load the same rules
     against a cgroup of its own."""
     rules = []
     for address in catalog.INSTANCE_METADATA_ADDRESSES:
@@ -112,7 +116,7 @@ def render_engine_guard(*, stack: str, cgroup_path: str = ENGINE_SLICE) -> str:
         rules.append(f'\t\t{match} limit rate 6/minute log prefix "{ENGINE_GUARD_LOG_PREFIX}"')
         rules.append(f"\t\t{match} counter reject")
     return templates.render("engine-guard.nft", NFT=NFT, STACK=stack, SLICE=ENGINE_SLICE,
-                            TABLE=ENGINE_GUARD_TABLE, RULES="\n".join(rules))
+                            TABLE=ENGINE_GUARD_TABLE, RULES="\n".join(rules), BRIDGE=GPU_EXPORTER_BRIDGE)
 
 
 ENGINE_SLICE_UNIT = templates.render("kimi-engines.slice")

@@ -5,12 +5,19 @@ Pure rendering (no Pulumi): node_files.py ships the files, the tests run them.
 - Every node: the node-state exporter (node_scripts/node_state_exporter.py, kimi-node-state.service)
   on observability.NODE_STATE_PORT; Caddy's metrics on a loopback-only site at PROXY_METRICS_PORT
   (caddy.py); on NVIDIA nodes the DCGM exporter (pinned container, kimi-gpu-exporter.service) on
-  GPU_EXPORTER_PORT. The GPU exporter runs in the engines' slice: it is not an engine, but the
-  engine guard refuses that slice the instance metadata service by cgroup, and the exporter has
-  no business with the node role's credentials either (it shares the host's network, so only the
-  cgroup tells it apart, as for the engines). It gets the GPUs through CDI like an engine
-  (nvidia.com/gpu=all: it watches every GPU), no NET_RAW and no new privileges; no SYS_ADMIN,
-  which DCGM wants only for its profiling (DCP) fields, which no panel reads.
+  GPU_EXPORTER_PORT. The GPU exporter runs in a network namespace of its own (the docker bridge
+  network GPU_EXPORTER_NETWORK), not the host's: there it could reach the engines' loopback-only
+  ports (engine HTTP, metrics) and every other loopback service. Its own port is published on the
+  host's 127.0.0.1 only; inside its namespace it listens on every address (its loopback and its
+  bridge address, which only the host reaches). The bridge masquerades nothing, and the engine
+  guard (node_guard.render_engine_guard) drops whatever the bridge would forward (to the instance
+  metadata service, the VPC, the internet) and refuses connections it opens to the host: it only
+  answers the host's scrapes. It runs in the engines' slice too. It gets the GPUs through CDI like
+  an engine (nvidia.com/gpu=all: it watches every GPU), as root with no capability at all
+  (--cap-drop=ALL) and no new privileges: the pinned release's Dockerfile (docker/Dockerfile,
+  "Security Note: Default USER") says basic metrics work as root without additional capabilities
+  and only its profiling fields (DCGM_FI_PROF_*) need SYS_ADMIN (internal/pkg/capabilities warns
+  only when a profiling field is asked for); the node's collectors file asks for none.
 - AWS nodes (node.env TARGET_KIND=aws): the metrics publisher every 60 s (metrics_publisher.py).
 - AWS fleet nodes: the drain (drain.py) with the scaling policy's drain timeout.
 - A host: the scrape endpoint, a second Caddy site on the host's own name at HOST_METRICS_PORT with
@@ -32,6 +39,10 @@ DRAIN = f"{LIB_DIR}/drain.py"
 NODE_STATE_UNIT = "kimi-node-state.service"
 GPU_EXPORTER_UNIT = "kimi-gpu-exporter.service"
 GPU_EXPORTER_CONTAINER = "kimi-gpu-exporter"
+#: The exporter's own docker network (a bridge: its own network namespace) and the host's bridge
+#: interface for it (the engine guard matches it by name).
+GPU_EXPORTER_NETWORK = "kimi-gpu-exporter"
+GPU_EXPORTER_BRIDGE = node_guard.GPU_EXPORTER_BRIDGE
 PUBLISH_UNIT = "kimi-metrics-publish.service"
 PUBLISH_TIMER = "kimi-metrics-publish.timer"
 DRAIN_UNIT = "kimi-drain.service"
@@ -68,19 +79,35 @@ def gpu_exporter_enabled(vendor: str) -> bool:
 GPU_EXPORTER_COUNTERS_FILE = "/etc/kimi-fleet/dcgm-counters.csv"
 
 
+def _plain(argv: list[str], what: str) -> list[str]:
+    for arg in argv:
+        if not _PLAIN_ARG.match(arg):
+            raise ValueError(f"{what} argument {arg!r} is not plain")
+    return argv
+
+
+def gpu_exporter_network_argv() -> list[str]:
+    """`docker network create`'s arguments for the exporter's network: a bridge of its own, named so
+    the engine guard can match it, that masquerades nothing (its traffic cannot leave the host as the
+    host's; the guard drops what it would forward anyway)."""
+    return _plain(["--driver=bridge", f"--opt=com.docker.network.bridge.name={GPU_EXPORTER_BRIDGE}",
+                   "--opt=com.docker.network.bridge.enable_ip_masquerade=false", GPU_EXPORTER_NETWORK],
+                  "GPU exporter network")
+
+
 def gpu_exporter_argv() -> list[str]:
     """`docker run`'s arguments for the DCGM exporter (constants only: nothing from a stack)."""
     exporter = catalog.GPU_EXPORTER
-    argv = ["--rm", "--name", GPU_EXPORTER_CONTAINER, f"--cgroup-parent={ENGINE_SLICE}", "--network=host",
-            "--cap-drop=NET_RAW", "--security-opt=no-new-privileges", "--device=nvidia.com/gpu=all",
+    port = observability.GPU_EXPORTER_PORT
+    argv = ["--rm", "--name", GPU_EXPORTER_CONTAINER, f"--cgroup-parent={ENGINE_SLICE}",
+            # Its own network namespace; its port published on the host's loopback only.
+            f"--network={GPU_EXPORTER_NETWORK}", f"--publish={LOOPBACK}:{port}:{port}",
+            # Root (the image's user) with no capability: basic metrics need none (module docstring).
+            "--user=0:0", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--device=nvidia.com/gpu=all",
             f"--volume={GPU_EXPORTER_COUNTERS_FILE}:{GPU_EXPORTER_COUNTERS_FILE}:ro", exporter.image,
-            # Its default listener is every interface (":9400"): loopback only, and our collectors file.
-            exporter.listen_flag, f"{LOOPBACK}:{observability.GPU_EXPORTER_PORT}",
-            exporter.counters_flag, GPU_EXPORTER_COUNTERS_FILE]
-    for arg in argv:
-        if not _PLAIN_ARG.match(arg):
-            raise ValueError(f"GPU exporter argument {arg!r} is not plain")
-    return argv
+            # Every address of its own namespace (the publish reaches its bridge address), our collectors file.
+            exporter.listen_flag, f":{port}", exporter.counters_flag, GPU_EXPORTER_COUNTERS_FILE]
+    return _plain(argv, "GPU exporter")
 
 
 def gpu_exporter_unit() -> str:
@@ -88,7 +115,8 @@ def gpu_exporter_unit() -> str:
         GPU_EXPORTER_UNIT, ADDRESS=f"{LOOPBACK}:{observability.GPU_EXPORTER_PORT}",
         DOCUMENTATION="https://github.com/NVIDIA/dcgm-exporter",
         ENGINE_GUARD_UNIT=node_guard.ENGINE_GUARD_UNIT_NAME, CONTAINER=GPU_EXPORTER_CONTAINER,
-        IMAGE=catalog.GPU_EXPORTER.image, ARGS=" ".join(gpu_exporter_argv()))
+        IMAGE=catalog.GPU_EXPORTER.image, NETWORK=GPU_EXPORTER_NETWORK,
+        NETWORK_ARGS=" ".join(gpu_exporter_network_argv()), ARGS=" ".join(gpu_exporter_argv()))
 
 
 NODE_STATE_UNIT_TEXT = templates.render(

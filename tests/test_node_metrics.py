@@ -17,6 +17,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,23 +100,76 @@ def test_the_exporter_publisher_and_drain_units_pass_systemd_analyze_verify(stac
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_gpu_exporter_is_pinned_on_loopback_in_the_guarded_slice_with_cdi_gpus():
-    unit = files_of("h200-int4-sglang")[f"/etc/systemd/system/{node_metrics.GPU_EXPORTER_UNIT}"].content
+def _gpu_exporter_unit() -> str:
+    return files_of("h200-int4-sglang")[f"/etc/systemd/system/{node_metrics.GPU_EXPORTER_UNIT}"].content
+
+
+def _gpu_exporter_run(unit: str) -> tuple[list[str], list[str]]:
+    """The unit's `docker run`: (options, the exporter's own arguments)."""
     (start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     argv = start.removeprefix("ExecStart=").split()
     assert argv[:3] == ["/usr/bin/docker", "run", "--rm"]
     image = argv.index(catalog.GPU_EXPORTER.image)
-    options, command = argv[3:image], argv[image + 1:]
-    # The guard that refuses the engines' slice the metadata service covers it (and it requires the guard).
+    return argv[3:image], argv[image + 1:]
+
+
+def test_the_gpu_exporter_runs_in_its_own_network_as_root_without_capabilities():
+    unit = _gpu_exporter_unit()
+    options, command = _gpu_exporter_run(unit)
+    port = observability.GPU_EXPORTER_PORT
+    # The guard covers it (the engines' slice; it requires the guard, which also holds its bridge in).
     assert "--cgroup-parent=kimi-engines.slice" in options
     assert f"Requires=docker.service {node_guard.ENGINE_GUARD_UNIT_NAME}" in unit
-    assert {"--network=host", "--cap-drop=NET_RAW", "--security-opt=no-new-privileges",
-            "--device=nvidia.com/gpu=all"} <= set(options)
-    assert not any(o.startswith(("--privileged", "--cap-add", "--gpus", "-p", "--publish")) for o in options)
-    # Its own default listener is every interface: loopback only, with the node's collectors file.
-    assert command == ["-a", f"127.0.0.1:{observability.GPU_EXPORTER_PORT}", "-f", node_metrics.GPU_EXPORTER_COUNTERS_FILE]
+    # Its own network namespace, not the host's (whose loopback holds the engines' ports); its one port
+    # published on the host's loopback only.
+    assert f"--network={node_metrics.GPU_EXPORTER_NETWORK}" in options and "--network=host" not in options
+    assert [o for o in options if o.startswith(("-p", "--publish", "--network", "--net="))] == [
+        f"--network={node_metrics.GPU_EXPORTER_NETWORK}", f"--publish=127.0.0.1:{port}:{port}"]
+    # Root with no capability at all: the pinned release needs SYS_ADMIN for profiling fields only
+    # (docker/Dockerfile's security note at 4.5.3-4.8.2), and the collectors file asks for none.
+    assert {"--user=0:0", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--device=nvidia.com/gpu=all"} <= set(options)
+    assert not any(o.startswith(("--privileged", "--cap-add", "--gpus", "--pid", "--ipc", "--userns", "--uts"))
+                   for o in options)
     counters = files_of("h200-int4-sglang")[node_metrics.GPU_EXPORTER_COUNTERS_FILE].content
     assert "DCGM_EXP_XID_ERRORS_COUNT, counter," in counters and "DCGM_FI_DEV_GPU_UTIL, gauge," in counters
+    assert not any(line.startswith("DCGM_FI_PROF_") for line in counters.splitlines())
+    # Every address of its own namespace (the publish reaches its bridge address), our collectors file.
+    assert command == ["-a", f":{port}", "-f", node_metrics.GPU_EXPORTER_COUNTERS_FILE]
+    # Its network is a bridge of its own, under the name the guard matches, masquerading nothing.
+    network = [line for line in unit.splitlines() if "docker network create" in line]
+    assert len(network) == 1 and " ".join(node_metrics.gpu_exporter_network_argv()) in network[0]
+    assert f"com.docker.network.bridge.name={node_guard.GPU_EXPORTER_BRIDGE}" in network[0]
+    assert "enable_ip_masquerade=false" in network[0]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_the_gpu_exporter_units_shell_steps_pass_shellcheck(tmp_path):
+    scripts = [line.split("/bin/sh -c ", 1)[1] for line in _gpu_exporter_unit().splitlines()
+               if line.startswith("ExecStartPre=") and "/bin/sh -c " in line]
+    assert len(scripts) == 2  # the image pull and the network
+    for index, quoted in enumerate(scripts):
+        assert quoted[0] == quoted[-1] == "'" and "'" not in quoted[1:-1]
+        path = tmp_path / f"step{index}.sh"
+        path.write_text("#!/bin/sh\n" + quoted[1:-1] + "\n")
+        done = subprocess.run(["shellcheck", "-s", "sh", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="the docker client is not installed")
+def test_the_docker_client_accepts_the_gpu_exporters_arguments(tmp_path):
+    """The real docker client parses every flag before it dials the daemon: with no daemon, an argument
+    it accepts ends at the connection, one it refuses ends at the parser."""
+    options, command = _gpu_exporter_run(_gpu_exporter_unit())
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "DOCKER_CONFIG": str(tmp_path)}
+    for argv in (["run", "--rm", *options, catalog.GPU_EXPORTER.image, *command],
+                 ["network", "create", *node_metrics.gpu_exporter_network_argv()],
+                 ["run", "--rm", "--no-such-flag", catalog.GPU_EXPORTER.image]):
+        done = subprocess.run(["docker", *argv], capture_output=True, text=True, env=env, timeout=30)
+        refused = "unknown flag" in done.stderr or "invalid" in done.stderr
+        assert done.returncode != 0
+        assert refused is (argv[2] == "--no-such-flag"), done.stderr
+        if not refused:
+            assert "Cannot connect to the Docker daemon" in done.stderr, done.stderr
 
 
 def _node_root(root: Path, stack: str = "h200-int4-vllm") -> dict:
@@ -343,3 +397,166 @@ def test_no_exporter_port_answers_from_another_host_with_or_without_the_firewall
                 process.terminate()
                 process.wait(timeout=10)
 
+
+
+# --- the GPU exporter's own network namespace ------------------------------------------------------
+
+from tests.test_engine_guard import NFT_CGROUP_BASE, UNAVAILABLE as GUARD_UNAVAILABLE  # noqa: E402
+from tests.test_engine_guard import engine_cgroup  # noqa: E402, F401 - the fixture
+
+#: What docker gives the exporter's network here: the host's end of it (named as the guard expects)
+#: and the container's address; the metadata service behind another link of the node.
+BRIDGE_HOST, BRIDGE_CONTAINER = "172.30.254.1", "172.30.254.2"
+METADATA = catalog.INSTANCE_METADATA_ADDRESSES[0]
+
+LISTEN = """
+import socket, sys, threading
+def serve(address, port, body):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((address, port)); s.listen(16)
+    while True:
+        c, _ = s.accept()
+        c.recv(1024)
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+        c.close()
+for spec in sys.argv[1:]:
+    address, port, body = spec.split(",", 2)
+    threading.Thread(target=serve, args=(address, int(port), body.encode()), daemon=True).start()
+print("listening", flush=True)
+sys.stdin.read()
+"""
+
+#: docker-proxy's part of --publish HOST_IP:HOST_PORT:CONTAINER_PORT: a host listener that connects to
+#: the container's address (a connection the host opens).
+PUBLISH = """
+import socket, sys, threading
+listen_ip, listen_port, target_ip, target_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def pipe(a, b):
+    while data := a.recv(65536):
+        b.sendall(data)
+    b.shutdown(socket.SHUT_WR)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((listen_ip, listen_port)); s.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        u = socket.create_connection((target_ip, target_port), timeout=5)
+    except OSError:
+        c.close(); continue
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+"""
+
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+    print("open")
+except OSError as error:
+    print(type(error).__name__)
+"""
+
+
+class _ExporterNetwork:
+    """A node namespace (the host), the exporter's namespace behind a veth whose host end has the
+    bridge's name (what docker's bridge network gives the container: an address, a default route via
+    the host), and the metadata service behind another link of the node, which forwards."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.node, self.exporter, self.metadata = f"kx-node-{tag}", f"kx-exp-{tag}", f"kx-meta-{tag}"
+        self.processes: list[subprocess.Popen] = []
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def __enter__(self):
+        for ns in (self.node, self.exporter, self.metadata):
+            self._ip("netns", "add", ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("link", "add", node_guard.GPU_EXPORTER_BRIDGE, "netns", self.node, "type", "veth", "peer", "name",
+                 "eth0", "netns", self.exporter)
+        self._ip("link", "add", "vmeta", "netns", self.node, "type", "veth", "peer", "name", "vm", "netns",
+                 self.metadata)
+        for ns, dev, address in ((self.node, node_guard.GPU_EXPORTER_BRIDGE, f"{BRIDGE_HOST}/30"),
+                                 (self.exporter, "eth0", f"{BRIDGE_CONTAINER}/30"),
+                                 (self.node, "vmeta", "169.254.0.2/16"), (self.metadata, "vm", f"{METADATA}/16")):
+            self._ip("-n", ns, "addr", "add", address, "dev", dev)
+            self._ip("-n", ns, "link", "set", dev, "up")
+        self._ip("-n", self.exporter, "route", "add", "default", "via", BRIDGE_HOST)
+        # No masquerade on the exporter's bridge: the far side routes back to it, so only the guard stops it.
+        self._ip("-n", self.metadata, "route", "add", f"{BRIDGE_CONTAINER}/32", "via", "169.254.0.2")
+        subprocess.run(["ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+        return self
+
+    def start(self, ns: str, code: str, *args: str) -> None:
+        process = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.processes.append(process)
+        assert process.stdout.readline().strip() == "listening"
+
+    def probe(self, ns: str, address: str, port: int) -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, address, str(port)],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+
+    def scrape(self, url: str) -> str:
+        code = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        done = subprocess.run(["ip", "netns", "exec", self.node, sys.executable, "-c", code, url],
+                              capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr.strip()[-200:]}"
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+            process.wait()
+        for ns in (self.node, self.exporter, self.metadata):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.skipif(GUARD_UNAVAILABLE is not None or NETNS_UNAVAILABLE is not None,
+                    reason=str(GUARD_UNAVAILABLE or NETNS_UNAVAILABLE))
+def test_from_the_exporters_namespace_no_engine_port_answers_and_the_hosts_scrape_does(engine_cgroup, tmp_path):
+    """The exporter's network as the unit makes it, on the real kernel: in the host's namespace an
+    engine on its loopback port and a public listener (Caddy's 443, every address); in the exporter's
+    the exporter on every address of its own namespace (-a :9400) and, on the host, the publish of
+    --publish 127.0.0.1:9400:9400 (docker-proxy's connection to the container). The rendered engine
+    guard is loaded on the host. From the exporter's namespace: no engine port (its loopback is its
+    own; the host's engine binds loopback), no host listener, no metadata service; from the host the
+    scrape of 127.0.0.1:9400 answers."""
+    r = resolved("h200-int4-sglang")
+    engine_port = render_launch(r).instances[0].port
+    options, command = _gpu_exporter_run(_gpu_exporter_unit())
+    (publish,) = [o.removeprefix("--publish=") for o in options if o.startswith("--publish=")]
+    host_ip, host_port, container_port = publish.split(":")
+    assert command[:2] == ["-a", f":{container_port}"]  # every address of its own namespace
+    with _ExporterNetwork() as net:
+        net.start(net.node, LISTEN, f"127.0.0.1,{engine_port},engine", f"0.0.0.0,{caddy_https_port()},public")
+        net.start(net.exporter, LISTEN, f"0.0.0.0,{container_port},DCGM_FI_DEV_GPU_UTIL{{gpu=\"0\"}} 42")
+        net.start(net.metadata, LISTEN, f"{METADATA},80,a-token")
+        net.start(net.node, PUBLISH, host_ip, host_port, BRIDGE_CONTAINER, container_port)
+        # Without the guard: the host's engine is out of reach already (it binds loopback, and the
+        # namespace's loopback is the exporter's own), but the host's other listeners and whatever the
+        # node forwards are not: what the guard is for.
+        # The host's network (--network=host, what the exporter had) reaches the engine's port.
+        assert net.probe(net.node, "127.0.0.1", engine_port) == "open"
+        for address in ("127.0.0.1", BRIDGE_HOST):
+            assert net.probe(net.exporter, address, engine_port) == "ConnectionRefusedError", address
+        assert net.probe(net.exporter, BRIDGE_HOST, caddy_https_port()) == "open"
+        assert net.probe(net.exporter, METADATA, 80) == "open"
+
+        relative = engine_cgroup.relative_to(NFT_CGROUP_BASE)
+        rules = tmp_path / "engine-guard.nft"
+        rules.write_text(node_guard.render_engine_guard(stack="test", cgroup_path=str(relative)))
+        subprocess.run(["nsenter", f"--net=/run/netns/{net.node}", "nft", "-f", str(rules)], check=True,
+                       capture_output=True)
+        for address, port in (("127.0.0.1", engine_port), (BRIDGE_HOST, engine_port),
+                              (BRIDGE_HOST, caddy_https_port()), (BRIDGE_HOST, int(host_port)), (METADATA, 80)):
+            assert net.probe(net.exporter, address, port) != "open", (address, port)
+        # The host's scrape goes through: a connection the host opens, answered.
+        assert net.scrape(f"http://{host_ip}:{host_port}/metrics") == 'DCGM_FI_DEV_GPU_UTIL{gpu="0"} 42'
+
+
+def caddy_https_port() -> int:
+    from kimi_fleet.caddy import HTTPS_PORT
+    return HTTPS_PORT
