@@ -251,3 +251,40 @@ def test_each_rank_gets_its_stage_as_integers_in_its_node_settings():
     env = render_node_files(single, render_launch(single), size(single), secrets=secrets,
                             ebs_volume_id="vol-0123456789abcdef0")["/etc/kimi-fleet/node.env"].content
     assert "\nPP_STAGES=\n" in env and "\nPP_STAGE=\n" in env
+
+
+@pytest.mark.parametrize("tensor, stages", [
+    ("language_model.model.layers.30.mlp.experts.383.down_proj.weight_packed", {0}),
+    ("language_model.model.layers.31.self_attn.kv_a_proj_with_mqa.weight", {1}),
+    ("language_model.layers.45.mlp.gate.weight", {1}),  # the legacy NVFP4 spelling vLLM maps (kimi_k25.py:296-304)
+    ("model.layers.0.mlp.down_proj.weight", {0}),  # a text-only K2 checkpoint's names
+    ("language_model.model.layers.61.eh_proj.weight", set()),  # past the last layer (MTP): no stage loads it
+    ("language_model.model.embed_tokens.weight", {0}),
+    ("language_model.model.norm.weight", {1}),
+    ("language_model.lm_head.weight", {1}),
+    ("vision_tower.encoder.blocks.0.wqkv.weight", {0, 1}),  # built on every stage (kimi_k25.py:336-357)
+    ("mm_projector.proj.0.weight", {0, 1}),
+    ("something.new.weight", {0, 1}),  # unrecognised: every stage, never a missing tensor
+])
+def test_a_tensor_belongs_to_the_stages_that_build_it(tensor, stages):
+    from kimi_fleet.node_scripts.weights_manifest import Stage
+
+    r = resolved()
+    nodes = [Stage(rank, len(r.stage_ranges), first, end) for rank, (first, end) in enumerate(r.stage_ranges)]
+    assert {node.index for node in nodes if node.loads(tensor)} == stages
+
+
+def test_a_replaced_efa_node_that_keeps_its_volume_still_builds_the_engine_image():
+    from kimi_fleet import health
+    from kimi_fleet.replacement import Replacement, replacement_lines
+    from kimi_fleet.rollout import rollout_facts
+
+    r = resolved()
+    sizing = size(r)
+    facts = rollout_facts(r, sizing, render_launch(r), estimate(r)).as_dict()
+    assert facts["image_build_seconds"] == catalog.EFA_IMAGE_BUILD_SECONDS and facts["weights_volume"] == "ebs"
+    node = Replacement("aws:ec2/instance:Instance", "kimi-aws-rank1-node-instance", ("instanceType",), False, True)
+    (line,) = replacement_lines([node], facts, facts)
+    minutes = -(-(sizing.volume_start_seconds + catalog.EFA_IMAGE_BUILD_SECONDS + health.BOOT_SECONDS
+                     + health.IMAGE_PULL_SECONDS) // 60)
+    assert f"about {minutes} min without service" in line, line
