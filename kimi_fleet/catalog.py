@@ -758,6 +758,33 @@ EFA_INSTALLER = EfaInstaller(
                   "SHA-256 as pinned, identically, by several public Dockerfiles that install it into CUDA images "
                   "(found through the code index, 2026-12); aws-ofi-nccl v1.21.1 (NCCL >= 2.17.1); "
                   "vllm-project/vllm #55635", "2026-12-07"))
+#: Building the EFA engine image on a new node (the engine unit's ExecStartPre: `docker build` of
+#: templates/efa-engine.Dockerfile, after the weights and before the engine starts), beyond pulling
+#: its base image (health.IMAGE_PULL_SECONDS counts that). AN ESTIMATE, not a measurement: no build
+#: time of this Dockerfile or of the EFA installer inside a container is published or was measured
+#: here. Basis: apt-get update and two packages, the installer tarball from efa-installer.amazonaws.com
+#: (a few hundred MB), its userspace packages (--skip-kmod --skip-mpi), one layer committed. Replace
+#: it with the first p5 node's measured time (the bootstrap log's engine unit start).
+EFA_IMAGE_BUILD_SECONDS = 300
+EFA_IMAGE_BUILD_SOURCE = Source("estimate by kimi-fleet from the steps of templates/efa-engine.Dockerfile "
+                                "(EFA installer 1.50.0); not measured", "2026-12-07")
+
+#: One pipeline stage's node fetches and verifies only the shards its stage loads (issue 22, item 5),
+#: for the engines whose pinned loader was read to skip a shard absent from disk: vLLM 0.22.1's
+#: default loader globs *.safetensors and keeps those the index lists (a listed shard that is absent
+#: is never opened), each stage builds and loads only its own layers, the embedding on the first
+#: stage and the norm and lm_head on the last; the vision tower is built on every stage (so every
+#: stage fetches it). SGLang's loader was not read for this: its nodes fetch the whole checkpoint.
+STAGE_FETCH_SOURCE = Source(
+    "vllm 0.22.1 wheel (PyPI): model_executor/model_loader/default_loader.py:97-209 (_prepare_weights: glob, "
+    "then weight_utils.py:655-673 filter_duplicate_safetensors_files), :382-437 (strict weight check, off for "
+    "quantized checkpoints), weight_utils.py:893- (each file read whole); models/utils.py:604-682 (PPMissingLayer, "
+    "make_layers, is_pp_missing_parameter); distributed/utils.py:95-140 (get_pp_indices, VLLM_PP_LAYER_PARTITION); "
+    "distributed/parallel_state.py:1581-1652 (TP innermost: node n holds stage n); models/deepseek_v2.py:1229-1251, "
+    "1382-1384, 1635-1643; models/kimi_k25.py:296-366; v1/worker/gpu_model_runner.py:3385, 6104", "2026-12-07")
+STAGE_FETCH_ENGINES: dict[str, Source] = {"vllm": STAGE_FETCH_SOURCE}
+#: The --load-format values that go through that glob and filter (None: the engine's default, auto).
+STAGE_FETCH_LOAD_FORMATS = (None, "auto", "safetensors", "fastsafetensors", "instanttensor")
 #: Every rank's NCCL log: INFO on INIT and NET names the transport the fabric check reads (and a
 #: plugin that failed to load).
 NCCL_LOG_ENV = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}

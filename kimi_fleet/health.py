@@ -123,14 +123,16 @@ def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> Health
     # Budgets count the engine's default loader (Sizing.budget_seconds): a faster loader that does not
     # deliver its published speed-up here must not have its loads killed or its nodes replaced.
     read, load = sizing.budget_seconds("read"), sizing.budget_seconds("load")
-    load_terms = {"image pull": IMAGE_PULL_SECONDS, "read": read, "load": load}
+    # An EFA rank's engine unit builds its image before the engine starts (an estimate: catalog).
+    build = {"image build (estimate)": sizing.image_build_seconds} if sizing.image_build_seconds else {}
+    load_terms = {"image pull": IMAGE_PULL_SECONDS, **build, "read": read, "load": load}
     load_budget = math.ceil(sum(load_terms.values()) * LOAD_BUDGET_SLACK)
     dead_terms = {"first load budget": load_budget, "one restart's load budget": load_budget,
                   "stall detection": stall_detection(STALLED_PROBES, PROBE_INTERVAL_SECONDS,
                                                      GENERATION_PROBE_TIMEOUT_SECONDS),
                   "one more probe": PROBE_INTERVAL_SECONDS}
     grace_terms = {"boot": BOOT_SECONDS, "image pull": IMAGE_PULL_SECONDS, "download": sizing.download_seconds,
-                   "verify": sizing.verify_seconds, "read": read,
+                   "verify": sizing.verify_seconds, **build, "read": read,
                    "load (compile and warm-up included)": load,
                    "self-verification": verification_seconds, "margin": GRACE_MARGIN_SECONDS}
     return HealthWindows(

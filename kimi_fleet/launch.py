@@ -180,8 +180,7 @@ def compile_cache_host_dir(r: Resolved) -> str:
 def fabric_args(r: Resolved) -> tuple[list[str], dict[str, str]]:
     """Container flags and environment that give a multi-node replica's engine its fabric: every EFA
     device of the instance type and libfabric's EFA provider, NCCL logging its transport."""
-    fabric = catalog.FABRICS.get(r.offer.instance_type) if (r.multi_node and r.offer) else None
-    if fabric is None:
+    if not r.on_efa_fabric:
         return [], {}
     # The whole directory: one missing uverbs device (fewer interfaces attached) would stop docker.
     return ["--device=/dev/infiniband"], dict(catalog.EFA_ENGINE_ENV)

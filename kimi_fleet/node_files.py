@@ -125,6 +125,7 @@ NODE_SETTINGS_KEYS = (
     "SSM_PREVIOUS_API_KEY_PARAMETER", "SSM_PREVIOUS_API_KEY_VERSION", "PREVIOUS_API_KEY_FILE",
     "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR", "COMPILE_CACHE_PIN_PARAMETER", "MIRROR_MANIFEST_SHA256",
     "TARGET_KIND", "DRAIN_TIMEOUT_SECONDS", "METRICS_KEY_FILE",
+    "PP_STAGE", "PP_STAGES", "PP_FIRST_LAYER", "PP_END_LAYER", "WEIGHTS_FETCH_BYTES",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -432,8 +433,22 @@ def _setting(key: str, value: str) -> str:
     return f"{key}={plain_value(key, value)}"
 
 
+def stage_settings(r: Resolved, node_rank: int, sizing: Sizing) -> dict[str, str]:
+    """A node that fetches only its pipeline stage's shards (Resolved.stage_fetch): the stage and its
+    layers, integers only (they reach a root shell's argv), and the bytes its download watcher expects."""
+    keys = ("PP_STAGE", "PP_STAGES", "PP_FIRST_LAYER", "PP_END_LAYER", "WEIGHTS_FETCH_BYTES")
+    if not r.stage_fetch:
+        return dict.fromkeys(keys, "")
+    first, end = r.stage_ranges[node_rank]
+    fetched = next(row["bytes"] for row in sizing.node_weights if row["node_rank"] == node_rank)
+    values = (node_rank, len(r.stage_ranges), first, end, fetched)
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ValueError(f"stage settings of node {node_rank}: {values} are not non-negative integers")
+    return {key: str(value) for key, value in zip(keys, values)}
+
+
 def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSource,
-              ebs_volume_id: str | None, mirror_manifest_sha256: str | None) -> str:
+              ebs_volume_id: str | None, mirror_manifest_sha256: str | None, node_rank: int = 0) -> str:
     spec = r.spec
     volume = r.weights_volume
     if volume == "pvc":
@@ -485,6 +500,8 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "TARGET_KIND": spec.target.kind,
         "DRAIN_TIMEOUT_SECONDS": str(drain_timeout_seconds(r, sizing) or ""),
         "METRICS_KEY_FILE": node_metrics.METRICS_KEY_FILE if host_scrape_endpoint(r) else "",
+        # One pipeline stage's shards only (a multi-node replica's node): which stage and layers.
+        **stage_settings(r, node_rank, sizing),
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -703,7 +720,8 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(CADDYFILE, render_caddyfile_for(r, launch, release=release), 0o644),
         NodeFile(node_guard.FAIL2BAN_FILTER_PATH, node_guard.render_fail2ban_filter(), 0o644),
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(ports=banned_ports(r)), 0o644),
-        NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256), 0o644),
+        NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256,
+                                               node_rank), 0o644),
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
         NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
         # Seeing the node (node_metrics.py): the same files everywhere; node.env says which run.

@@ -133,6 +133,8 @@ def replacement_lines(found: list[Replacement], before_facts: dict | None, after
         if r.gpu_node:
             if weights_kept:
                 seconds = facts.get("volume_start_seconds", 0) + (facts.get("fetch_seconds", 0) if new_checkpoint else 0)
+                # A new instance builds the EFA engine image again (a cold start counts it already).
+                seconds += facts.get("image_build_seconds", 0)
                 weights = "the weights volume survives and moves to the new instance (verified weights read cold)"
             else:
                 seconds = facts.get("cold_start_seconds", 0)

@@ -131,6 +131,38 @@ class Resolved:
         return max(self.stage_layers)
 
     @property
+    def stage_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Each stage's layers as (first, end): end exclusive, as vLLM's get_pp_indices returns them."""
+        ranges, first = [], 0
+        for layers in self.stage_layers:
+            ranges.append((first, first + layers))
+            first += layers
+        return tuple(ranges)
+
+    @cached_property
+    def stage_fetch(self) -> bool:
+        """Each node of the replica fetches and verifies only its pipeline stage's shards: an engine
+        whose loader skips absent shards (catalog.STAGE_FETCH_ENGINES), through the loader read for it,
+        on a target whose nodes run the download script (Kubernetes pods still fetch everything)."""
+        if not self.multi_node or self.spec.engine.name not in catalog.STAGE_FETCH_ENGINES:
+            return False
+        if self.target.renders_manifests:
+            return False
+        loader, _ = self.adapter.loader(self)
+        return (loader.load_format if loader else None) in catalog.STAGE_FETCH_LOAD_FORMATS
+
+    @property
+    def on_efa_fabric(self) -> bool:
+        """A rank of a multi-node replica on an instance type with an RDMA fabric (catalog.FABRICS)."""
+        return bool(self.multi_node and self.offer and self.offer.instance_type in catalog.FABRICS)
+
+    @property
+    def builds_efa_image(self) -> bool:
+        """The node builds the EFA engine image itself (its engine unit, before the engine starts);
+        Kubernetes pods run a prebuilt one (target.kubernetes.efaEngineImage)."""
+        return self.on_efa_fabric and not self.target.renders_manifests
+
+    @property
     def draft_has_mla(self) -> bool:
         """The speculative draft is the K2.6 MLA one: its KV is a latent layer in the engine's pool."""
         return (self.spec.engine.speculative != "off"

@@ -50,6 +50,8 @@ class RolloutFacts:
     #: download and verify of a new checkpoint; then a cold read of it and the load
     fetch_seconds: int = 0
     volume_start_seconds: int = 0
+    #: a new instance builds the EFA engine image (an estimate: catalog.EFA_IMAGE_BUILD_SECONDS)
+    image_build_seconds: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +100,7 @@ def rollout_facts(r: Resolved, sizing: Sizing, launch: Launch, cost: Cost) -> Ro
         checkpoint_bytes=r.checkpoint.size_bytes,
         weights_volume_bytes=weights_volume_bytes(r),
         fetch_seconds=sizing.download_seconds + sizing.verify_seconds,
+        image_build_seconds=sizing.image_build_seconds,
         volume_start_seconds=sizing.volume_start_seconds,
     )
 

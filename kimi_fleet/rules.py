@@ -321,6 +321,10 @@ def one_replica_across_nodes_is_sound(r: Resolved) -> Iterator[str]:
         yield (f"{_f('engine.speculative', spec.engine.speculative)}: {spec.engine.name} cannot run a speculative "
                "draft beside pipeline parallel (vLLM config/vllm.py:2009: EAGLE3's drafter on the last stage gets one "
                "of its three hidden-state inputs; SGLang server_args.py:7250 refuses it)")
+    for name in sorted(n for n in spec.engine.env if n.endswith("PP_LAYER_PARTITION")):
+        yield (f"{_f(f'engine.env.{name}', spec.engine.env[name])}: the layers per stage are the engine's default "
+               "split (vLLM distributed/utils.py:95-140 get_pp_indices), which the plan sizes and each node's "
+               "weights fetch follows: another split would load layers whose shards the node did not fetch")
     if spec.capacity.effective_market == "spot":
         yield (f"{_f('capacity.market', 'spot')}: one spot reclaim stops every node of a multi-node replica "
                "(the survivors cannot serve a half model), and AWS places no spot instance that stops on "

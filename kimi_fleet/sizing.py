@@ -67,10 +67,15 @@ class Sizing:
     warmup_seconds: int
     #: what each phase could be at its hardware's limit, and the stack choice that lowers it
     ready_phases: list[dict]
+    #: building the EFA engine image on a new node (0: the image is pulled as pinned)
+    image_build_seconds: int = 0
+    #: what each node of the replica fetches, verifies and reads (node_weights)
+    node_weights: list[dict] | None = None
 
     @property
     def cold_start_seconds(self) -> int:
-        return self.download_seconds + self.verify_seconds + self.read_seconds + self.load_seconds
+        return (self.download_seconds + self.verify_seconds + self.image_build_seconds + self.read_seconds
+                + self.load_seconds)
 
     @property
     def warm_start_seconds(self) -> int:
@@ -233,14 +238,59 @@ def size(r: Resolved) -> Sizing:
         load_seconds=seconds["load"],
         warmup_seconds=min(r.engine.warmup_seconds, seconds["load"]),
         ready_phases=phases,
+        image_build_seconds=seconds.get("image build", 0),
+        node_weights=node_weights(r),
     )
+
+
+def node_weights(r: Resolved) -> list[dict]:
+    """What each node of one replica fetches, verifies and reads: the whole checkpoint, or, where each
+    node fetches its pipeline stage's shards only (Resolved.stage_fetch), an ESTIMATE of that share.
+    The node computes the real file set at boot from the checkpoint's own index; offline the index is
+    not at hand, so: the checkpoint's bytes less the embedding, the output head (bf16, vocab x hidden
+    each) and the vision encoder (bf16, on every stage) shared evenly over the layers, plus one
+    average shard per neighbouring stage (a shard straddling the boundary is fetched by both)."""
+    size, model = r.checkpoint.size_bytes, catalog.KIMI_K26
+    if not r.stage_fetch:
+        return [{"node_rank": rank, "bytes": size, "estimate": False, "files": "every file of the checkpoint"}
+                for rank in range(r.nodes_per_replica)]
+    embedding = model.vocab_size * model.hidden_size * catalog.BF16_BYTES
+    vision = model.vision_encoder_params * catalog.BF16_BYTES
+    per_layer = (size - 2 * embedding - vision) / model.layers
+    shard = size / r.checkpoint.shards if r.checkpoint.shards else 0
+    rows, last = [], len(r.stage_ranges) - 1
+    for stage, (first, end) in enumerate(r.stage_ranges):
+        neighbours = (stage > 0) + (stage < last)
+        share = ((end - first) * per_layer + vision + (embedding if stage == 0 else 0)
+                 + (embedding if stage == last else 0) + neighbours * shard)
+        held = (["the embedding"] if stage == 0 else []) + (["the final norm and lm_head"] if stage == last else [])
+        rows.append({
+            "node_rank": stage, "bytes": min(size, math.ceil(share)), "estimate": True,
+            "files": (f"the small files and the shards of layers {first}-{end - 1}, the vision tower"
+                      + "".join(f", {item}" for item in held)),
+            "basis": (f"estimate: {size / 1e9:.0f} GB less embedding and lm_head ({embedding / 1e9:.2f} GB each, "
+                      f"bf16) and the vision encoder ({vision / 1e9:.2f} GB) over {model.layers} layers "
+                      f"({per_layer / 1e9:.2f} GB each), + {neighbours} straddling shard(s) of "
+                      f"{shard / 1e9:.1f} GB; the node picks the real shards from the index at boot"),
+        })
+    return rows
+
+
+def fetch_bytes(r: Resolved) -> int:
+    """What the slowest node of a replica fetches, verifies and reads (the replica is ready with it)."""
+    return max(row["bytes"] for row in node_weights(r))
 
 
 def ready_phases(r: Resolved) -> list[dict]:
     """Time to ready, phase by phase: the expected seconds (from measurements: seeds 000 and 003,
     the handbook's mirror rate, this project's hash benchmark, the adopted loader's published figure),
     the floor of the hardware the stack chose, and the stack-file choice that would lower it."""
-    size, engines = r.checkpoint.size_bytes, r.engines_per_node
+    # A node of a multi-node replica that fetches its stage's shards only also verifies and reads only
+    # those: vLLM's loader opens the shards present and listed (catalog.STAGE_FETCH_SOURCE).
+    size, engines = fetch_bytes(r), r.engines_per_node
+    whole = r.checkpoint.size_bytes
+    share = (f" (the largest node's share of {whole / 1e9:.0f} GB, an estimate from its layers: plan's layout)"
+             if size != whole else "")
     weights = r.spec.weights
     source = catalog.TRANSFER_SOURCES[weights.source]
     rate = int(weights.download_gbps * 10**9 / 8) if weights.download_gbps else source.bytes_per_second
@@ -281,9 +331,9 @@ def ready_phases(r: Resolved) -> list[dict]:
         load_basis = (f"page cache to ready: warm-up ({catalog.LOAD_SOURCE.where}) and weight processing x "
                       f"{loader.cached_ratio:.2f} ({loader.load_format}'s published cached ratio, "
                       f"{loader.figure_source.where}), {engines} engine(s)")
-    return [
+    phases = [
         {"phase": "download", "seconds": math.ceil(size / rate), "floor_seconds": math.ceil(size / max(rate, mirror)),
-         "basis": f"{size / 1e9:.0f} GB at {rate / 1e9:.2f} GB/s from {weights.source} ({source.source.where})",
+         "basis": f"{size / 1e9:.0f} GB{share} at {rate / 1e9:.2f} GB/s from {weights.source} ({source.source.where})",
          "lower_it": download_hint},
         {"phase": "verify", "seconds": math.ceil(size / min(volume_rate, hash_rate)),
          "floor_seconds": math.ceil(size / min(volume_rate, hash_rate)),
@@ -298,6 +348,13 @@ def ready_phases(r: Resolved) -> list[dict]:
         {"phase": "load", "seconds": load, "floor_seconds": load, "budget_seconds": max(load, default_load),
          "basis": load_basis, "lower_it": ""},
     ]
+    if r.builds_efa_image:  # the engine unit builds it after the weights, before the engine starts
+        phases.insert(2, {"phase": "image build", "seconds": catalog.EFA_IMAGE_BUILD_SECONDS,
+                          "floor_seconds": catalog.EFA_IMAGE_BUILD_SECONDS, "estimate": True,
+                          "basis": f"the EFA engine image built on the new node, an ESTIMATE "
+                                   f"({catalog.EFA_IMAGE_BUILD_SOURCE.where}, {catalog.EFA_IMAGE_BUILD_SOURCE.date})",
+                          "lower_it": ""})
+    return phases
 
 
 def _minutes(seconds: float) -> int:

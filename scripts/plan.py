@@ -39,7 +39,7 @@ from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS, behind_load_balanc
 from kimi_fleet.resolve import Resolved  # noqa: E402
 from kimi_fleet.replacement import acme_warning, ami_origin  # noqa: E402
 from kimi_fleet.rollout import PERSISTENT_WEIGHTS, RolloutFacts, checkpoint_room, rollout_facts  # noqa: E402
-from kimi_fleet.sizing import gib, size  # noqa: E402
+from kimi_fleet.sizing import gib, node_weights, size  # noqa: E402
 from kimi_fleet.spec import StackSpecError, did_you_mean  # noqa: E402
 from kimi_fleet.stackfile import (  # noqa: E402
     STACKS_DIR, StackConfig, StackFileError, load_stack_config, stack_file, stack_names, validate_stack_name,
@@ -50,14 +50,16 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def node_layout(r: Resolved) -> list[dict]:
-    """A multi-node replica, node by node: its role, pipeline stage, layers and engine line."""
-    first, rows = 0, []
-    for rank, layers in enumerate(r.stage_layers):
+    """A multi-node replica, node by node: its role, pipeline stage, layers, what it fetches and its
+    engine line."""
+    rows, weights = [], {row["node_rank"]: row for row in node_weights(r)}
+    for rank, (first, end) in enumerate(r.stage_ranges):
         instance = render_launch(r, rank).instances[0]
+        fetch = weights[rank]
         rows.append({"node_rank": rank, "role": "leader (serves the API)" if rank == 0 else "worker (headless)",
-                     "stage": rank, "layers": f"{first}-{first + layers - 1}", "gpus": list(instance.device_ids),
-                     "argv": list(instance.argv)})
-        first += layers
+                     "stage": rank, "layers": f"{first}-{end - 1}", "gpus": list(instance.device_ids),
+                     "fetches": fetch["files"], "fetch_bytes": fetch["bytes"], "fetch_estimate": fetch["estimate"],
+                     "fetch_basis": fetch.get("basis", ""), "argv": list(instance.argv)})
     return rows
 
 
@@ -205,6 +207,9 @@ def print_layout(p: dict) -> None:
     for node in layout:
         print(f"    node {node['node_rank']}: {node['role']}, stage {node['stage']}, layers {node['layers']}, "
               f"GPUs {','.join(map(str, node['gpus']))}")
+        bytes_ = f"{'~' if node['fetch_estimate'] else ''}{node['fetch_bytes'] / 1e9:.0f} GB"
+        print(f"      fetches and verifies {bytes_}: {node['fetches']}"
+              + (f" ({node['fetch_basis']})" if node["fetch_basis"] else ""))
         print(f"      {shlex.join(node['argv'])}")
 
 

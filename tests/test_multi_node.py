@@ -116,6 +116,8 @@ def test_the_fabric_reaches_the_engine_container():
      "engine.speculative", "beside pipeline parallel"),
     ({"engine": {"image": "vllm/vllm-openai:v0.11.0"}}, "parallelism.nodes", "the catalog must know"),
     ({"capacity": {"workload": "batch"}}, "capacity.market", "one spot reclaim stops every node"),
+    ({"engine": {"env": {"VLLM_PP_LAYER_PARTITION": "30,31"}}}, "engine.env.VLLM_PP_LAYER_PARTITION",
+     "the engine's default split"),
     ({"target": {"kind": "aws", "aws": {"region": "us-east-1", "instanceType": "p5en.48xlarge"}},
       "accelerator": "h200"}, "parallelism.nodes", "the catalog records no EFA fabric for p5en.48xlarge"),
     ({"target": {"kind": "host", "host": {"address": "203.0.113.7"}}}, "parallelism.nodes", "a host target is one machine"),
@@ -150,6 +152,11 @@ def test_the_plan_lays_out_each_node_and_declares_the_replica(tmp_path):
     human = subprocess.run([sys.executable, "scripts/plan.py", STACK], cwd=PROJECT_ROOT, capture_output=True,
                            text=True, timeout=300)
     assert "node 1: worker (headless), stage 1, layers 31-60" in human.stdout
+    assert (leader["fetch_bytes"], worker["fetch_bytes"]) == tuple(row["bytes"] for row in plan["sizing"]["node_weights"])
+    assert leader["fetch_estimate"] and "estimate" in leader["fetch_basis"]
+    assert "fetches and verifies ~312 GB: the small files and the shards of layers 0-30" in human.stdout
+    assert "fetches and verifies ~302 GB: the small files and the shards of layers 31-60" in human.stdout
+    assert "image build   5 min: the EFA engine image built on the new node, an ESTIMATE" in human.stdout
     assert "(2 nodes each)" in human.stdout
 
 
@@ -189,3 +196,95 @@ def test_the_fabric_check_reads_the_transport_from_ncclls_log_and_names_the_rank
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == code, result.stderr
     assert result.stdout.startswith(says), result.stdout
+
+
+# --- each node fetches its own stage's shards (issue 22, item 5) -----------------------------------
+
+def test_each_node_fetches_its_stage_and_time_to_ready_counts_that_share_and_the_efa_image_build():
+    from kimi_fleet import health
+    from kimi_fleet.node_files import ADMISSION_DEADLINE_SECONDS
+
+    r, whole = resolved(), catalog.CHECKPOINTS["int4"].size_bytes
+    sizing = size(r)
+    leader, worker = sizing.node_weights
+    shard = whole / 64
+    # Stage 0: 31 layers, the embedding; stage 1: 30 layers, the head; both the vision tower and one
+    # straddling shard: an estimate, each a little over half, together the checkpoint and the overlap.
+    assert leader["estimate"] and worker["estimate"] and whole / 2 < worker["bytes"] < leader["bytes"] < 0.55 * whole
+    assert leader["bytes"] + worker["bytes"] == pytest.approx(whole + 2 * shard + 0.8e9, rel=1e-3)
+    phases = {p["phase"]: p for p in sizing.ready_phases}
+    rate = int(catalog.TRANSFER_SOURCES[r.spec.weights.source].bytes_per_second)
+    assert phases["download"]["seconds"] == -(-leader["bytes"] // rate)  # the slowest node's bytes, not the whole
+    assert "the largest node's share of 595 GB" in phases["download"]["basis"]
+    # The EFA image build: a catalog estimate, said to be one, in time to ready and in the health budgets.
+    build = phases["image build"]
+    assert build["seconds"] == sizing.image_build_seconds == catalog.EFA_IMAGE_BUILD_SECONDS and build["estimate"]
+    assert "ESTIMATE" in build["basis"] and "not measured" in catalog.EFA_IMAGE_BUILD_SOURCE.where
+    assert sizing.cold_start_seconds == sum(p["seconds"] for p in sizing.ready_phases)
+    windows = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=False)
+    assert windows.load_budget_terms["image build (estimate)"] == catalog.EFA_IMAGE_BUILD_SECONDS
+    assert windows.grace_terms["image build (estimate)"] == catalog.EFA_IMAGE_BUILD_SECONDS
+    # One node: the whole checkpoint, no build; a Kubernetes replica's pods fetch everything (not changed).
+    single = size(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec()))
+    assert [row["bytes"] for row in single.node_weights] == [whole] and single.image_build_seconds == 0
+    assert "image build" not in {p["phase"] for p in single.ready_phases}
+    k8s = Resolved(load_stack_config(stack_file("k8s-h100-int4-vllm")).spec())
+    assert not k8s.stage_fetch and not k8s.builds_efa_image
+    assert {row["bytes"] for row in size(k8s).node_weights} == {whole}
+
+
+def test_each_rank_gets_its_stage_as_integers_in_its_node_settings():
+    from kimi_fleet.node_files import SecretsSource, render_node_files
+
+    r = resolved()
+    assert r.stage_ranges == ((0, 31), (31, 61))
+    sizing, secrets = size(r), SecretsSource.ssm("/kimi-fleet/h100", "us-east-1", hf_token=True)
+    for rank, (first, end) in enumerate(r.stage_ranges):
+        env = render_node_files(r, render_launch(r, rank), sizing, secrets=secrets, ebs_volume_id="vol-0123456789abcdef0",
+                                node_rank=rank)["/etc/kimi-fleet/node.env"].content
+        settings = dict(line.split("=", 1) for line in env.splitlines() if "=" in line and not line.startswith("#"))
+        assert (settings["PP_STAGE"], settings["PP_STAGES"], settings["PP_FIRST_LAYER"], settings["PP_END_LAYER"]) == (
+            str(rank), "2", str(first), str(end))
+        assert settings["WEIGHTS_FETCH_BYTES"] == str(sizing.node_weights[rank]["bytes"])
+        assert settings["CHECKPOINT_BYTES"] == str(catalog.CHECKPOINTS["int4"].size_bytes)  # room: the whole, still
+    single = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
+    env = render_node_files(single, render_launch(single), size(single), secrets=secrets,
+                            ebs_volume_id="vol-0123456789abcdef0")["/etc/kimi-fleet/node.env"].content
+    assert "\nPP_STAGES=\n" in env and "\nPP_STAGE=\n" in env
+
+
+@pytest.mark.parametrize("tensor, stages", [
+    ("language_model.model.layers.30.mlp.experts.383.down_proj.weight_packed", {0}),
+    ("language_model.model.layers.31.self_attn.kv_a_proj_with_mqa.weight", {1}),
+    ("language_model.layers.45.mlp.gate.weight", {1}),  # the legacy NVFP4 spelling vLLM maps (kimi_k25.py:296-304)
+    ("model.layers.0.mlp.down_proj.weight", {0}),  # a text-only K2 checkpoint's names
+    ("language_model.model.layers.61.eh_proj.weight", set()),  # past the last layer (MTP): no stage loads it
+    ("language_model.model.embed_tokens.weight", {0}),
+    ("language_model.model.norm.weight", {1}),
+    ("language_model.lm_head.weight", {1}),
+    ("vision_tower.encoder.blocks.0.wqkv.weight", {0, 1}),  # built on every stage (kimi_k25.py:336-357)
+    ("mm_projector.proj.0.weight", {0, 1}),
+    ("something.new.weight", {0, 1}),  # unrecognised: every stage, never a missing tensor
+])
+def test_a_tensor_belongs_to_the_stages_that_build_it(tensor, stages):
+    from kimi_fleet.node_scripts.weights_manifest import Stage
+
+    r = resolved()
+    nodes = [Stage(rank, len(r.stage_ranges), first, end) for rank, (first, end) in enumerate(r.stage_ranges)]
+    assert {node.index for node in nodes if node.loads(tensor)} == stages
+
+
+def test_a_replaced_efa_node_that_keeps_its_volume_still_builds_the_engine_image():
+    from kimi_fleet import health
+    from kimi_fleet.replacement import Replacement, replacement_lines
+    from kimi_fleet.rollout import rollout_facts
+
+    r = resolved()
+    sizing = size(r)
+    facts = rollout_facts(r, sizing, render_launch(r), estimate(r)).as_dict()
+    assert facts["image_build_seconds"] == catalog.EFA_IMAGE_BUILD_SECONDS and facts["weights_volume"] == "ebs"
+    node = Replacement("aws:ec2/instance:Instance", "kimi-aws-rank1-node-instance", ("instanceType",), False, True)
+    (line,) = replacement_lines([node], facts, facts)
+    minutes = -(-(sizing.volume_start_seconds + catalog.EFA_IMAGE_BUILD_SECONDS + health.BOOT_SECONDS
+                     + health.IMAGE_PULL_SECONDS) // 60)
+    assert f"about {minutes} min without service" in line, line

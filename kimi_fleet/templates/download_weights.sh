@@ -5,6 +5,10 @@
 # call), which is refused unless its SHA-256 is MIRROR_MANIFEST_SHA256 (the deployer checked that
 # manifest against the Hub and pinned it in node.env). A verified marker holding the revision makes a
 # re-run a no-op. The Hugging Face token is read from HF_TOKEN_FILE and never printed.
+# A node of a multi-node replica (PP_STAGE, PP_STAGES, PP_FIRST_LAYER, PP_END_LAYER: integers) fetches
+# and verifies the small files and only the shards its pipeline stage loads, picked from the
+# checkpoint's own index (weights_manifest.py stage_files); its marker records the stage, so a node
+# whose stage changed fetches again.
 # Before a download, older checkpoints under WEIGHTS_ROOT are removed if the volume lacks room.
 set -euo pipefail
 : "${WEIGHTS_DIR:?}" "${WEIGHTS_ROOT:?}" "${CHECKPOINT_BYTES:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" \
@@ -16,11 +20,25 @@ MANIFEST_TOOL="${WEIGHTS_MANIFEST_TOOL:-${KIMI_ROOT:-}__MANIFEST_TOOL__}"
 FETCH_TOOL="${WEIGHTS_FETCH_TOOL:-${KIMI_ROOT:-}__FETCH_TOOL__}"
 ROOM_TOOL="${WEIGHTS_ROOM_TOOL:-${KIMI_ROOT:-}__ROOM_TOOL__}"
 
-if [[ -f $MARKER && $(<"$MARKER") == "$MODEL_REVISION" ]]; then
+STAGE_ARGS=()
+VERIFIED_AS=$MODEL_REVISION
+if [[ -n ${PP_STAGES:-} ]]; then
+  for setting in PP_STAGE PP_STAGES PP_FIRST_LAYER PP_END_LAYER; do
+    if [[ ! ${!setting:-} =~ ^[0-9]{1,4}$ ]]; then
+      echo "weights: $setting must be a small integer for a pipeline stage" >&2
+      exit 1
+    fi
+  done
+  STAGE_ARGS=(--stage "$PP_STAGE" --stages "$PP_STAGES" --first-layer "$PP_FIRST_LAYER" --end-layer "$PP_END_LAYER")
+  VERIFIED_AS="$MODEL_REVISION stage $PP_STAGE/$PP_STAGES layers $PP_FIRST_LAYER-$((PP_END_LAYER - 1))"
+fi
+
+if [[ -f $MARKER && $(<"$MARKER") == "$VERIFIED_AS" ]]; then
   touch "$MARKER"  # in use: the last checkpoint to be removed for room
-  echo "weights $MODEL_REPO@$MODEL_REVISION already verified"
+  echo "weights $MODEL_REPO@$VERIFIED_AS already verified"
   exit 0
 fi
+rm -f "$MARKER"  # another stage's (a re-layout): nothing may start on it while this one downloads
 # A new revision goes beside the old one (kept for a rollback) when the volume has room; otherwise
 # older checkpoints go first, and a volume too small even then fails now, not an hour in.
 # KEEP_WEIGHTS_DIR: the serving release's checkpoint (an in-place release), never removed.
@@ -38,7 +56,8 @@ fetch() {
     # s5cmd, parallel and resumable; refuses an unfilled mirror or another revision's manifest.
     local status=0
     timeout "$ATTEMPT_TIMEOUT" python3 "$FETCH_TOOL" --mirror "$S3_MIRROR_URI" --repo "$MODEL_REPO" \
-      --revision "$MODEL_REVISION" --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" --dir "$WEIGHTS_DIR" || status=$?
+      --revision "$MODEL_REVISION" --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" --dir "$WEIGHTS_DIR" \
+      "${STAGE_ARGS[@]}" || status=$?
     if ((status == __MIRROR_REFUSED__)); then
       echo "weights: the mirror was refused; retrying cannot help" >&2
       exit 1
@@ -46,7 +65,25 @@ fetch() {
     return $status
   fi
   # hf resumes partial files; a hung transfer is killed by timeout and resumed by the next attempt.
+  if ((${#STAGE_ARGS[@]} == 0)); then
+    HF_XET_HIGH_PERFORMANCE=1 timeout "$ATTEMPT_TIMEOUT" "${HF_CLI:-hf}" download "$MODEL_REPO" \
+      --revision "$MODEL_REVISION" --local-dir "$WEIGHTS_DIR"
+    return
+  fi
+  # A stage: the small files (the index among them), then the shards the index says the stage
+  # loads, named one by one (exact names, an argv list: never a pattern, never word-split).
+  local listed shards=()
   HF_XET_HIGH_PERFORMANCE=1 timeout "$ATTEMPT_TIMEOUT" "${HF_CLI:-hf}" download "$MODEL_REPO" \
+    --revision "$MODEL_REVISION" --local-dir "$WEIGHTS_DIR" --exclude '*.safetensors' || return 1
+  listed=$(python3 "$MANIFEST_TOOL" stage-files --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION" \
+    "${STAGE_ARGS[@]}") || return 1
+  mapfile -t shards <<<"$listed"
+  if [[ -z ${shards[0]:-} ]]; then
+    echo "weights: the index names no shard for stage $PP_STAGE" >&2
+    return 1
+  fi
+  echo "weights: stage $PP_STAGE/$PP_STAGES: ${#shards[@]} shard(s)"
+  HF_XET_HIGH_PERFORMANCE=1 timeout "$ATTEMPT_TIMEOUT" "${HF_CLI:-hf}" download "$MODEL_REPO" "${shards[@]}" \
     --revision "$MODEL_REVISION" --local-dir "$WEIGHTS_DIR"
 }
 
@@ -54,16 +91,16 @@ verify() {
   if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
     # The mirror's own manifest (every path, size and SHA-256, written last by the fill): no Hub call.
     python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/__LOCAL_MANIFEST__" \
-      --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}"
+      --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" "${STAGE_ARGS[@]}"
   else
-    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION"
+    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION" "${STAGE_ARGS[@]}"
   fi
 }
 
 for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
-  echo "download attempt $attempt/$ATTEMPTS of $MODEL_REPO@$MODEL_REVISION ($WEIGHTS_SOURCE)"
+  echo "download attempt $attempt/$ATTEMPTS of $MODEL_REPO@$VERIFIED_AS ($WEIGHTS_SOURCE)"
   if fetch && verify; then
-    printf '%s\n' "$MODEL_REVISION" >"$MARKER"
+    printf '%s\n' "$VERIFIED_AS" >"$MARKER"
     echo "weights verified: $MARKER"
     exit 0
   fi
