@@ -3,7 +3,8 @@ for their addresses, each with its shipped start publisher (replica_epoch.py ser
 loopback address) and its shipped watchdog, systemd and the journal stubbed per rank. One rank's
 engine start ends (a new start, or no process): the other restarts its own engine once, the
 replica forms again, and nobody restarts anybody after that. A peer that answers anything but a
-start line changes nothing."""
+start line changes nothing. And a release that replaces a rank's peer waits for that peer's cold
+start, not this rank's warm one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -21,7 +23,7 @@ import pytest
 
 from kimi_fleet import node_files
 from kimi_fleet.launch import replica_launches
-from kimi_fleet.node_files import SecretsSource, render_node_files
+from kimi_fleet.node_files import SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files
 from kimi_fleet.node_scripts import replica_epoch
 from kimi_fleet.node_scripts.replica_epoch import PeerUnreadable, read_peer
 from kimi_fleet.sizing import size
@@ -347,3 +349,98 @@ def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tm
     planned = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"),
                                 ebs_volume_id="vol-0123456789abcdef0")
     assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned
+
+
+# --- the apply's budget -------------------------------------------------------------------------
+
+
+class _Clock:
+    """The applier's clock, run forward by its own sleeps; the node admits the release it runs at
+    `admit_at` seconds (what the watchdog does once every rank is up)."""
+
+    def __init__(self, root: Path, admit_at: float):
+        import time
+
+        self.now, self.root, self.admit_at = 0.0, root, admit_at
+        self.strftime, self.gmtime = time.strftime, time.gmtime
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.now >= self.admit_at:
+            release = (self.root / node_files.RELEASE_FILE.lstrip("/")).read_text()
+            ready = self.root / node_files.READY_FILE.lstrip("/")
+            ready.parent.mkdir(parents=True, exist_ok=True)
+            ready.write_text(release)
+
+
+@pytest.mark.parametrize("peer_replaced", [True, False])
+def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monkeypatch, peer_replaced):
+    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold:
+    the leader's apply waits for it and admits N+1. The same late admission of a release that
+    replaces no peer fails the apply at the warm budget and puts N back."""
+    from kimi_fleet.node_scripts import apply_release
+
+    r = resolved(STACK)
+    sizing = size(r)
+    root, bundles, stubs = tmp_path / "root", tmp_path / "bundles", tmp_path / "bin"
+    for directory in (root, bundles, stubs):
+        directory.mkdir()
+    (stubs / "systemctl").write_text("#!/bin/sh\necho 0\n")
+    (stubs / "journalctl").write_text("#!/bin/sh\nexit 0\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+
+    def publish(addresses: tuple[str, str], volume: str) -> tuple[Path, str]:
+        files = render_node_files(r, replica_launches(r, addresses)[0], sizing, secrets=SecretsSource("files"),
+                                  node_rank=0, ebs_volume_id=volume)
+        bundle = release_bundle(files)
+        digest = hashlib.sha256(bundle.encode()).hexdigest()
+        path = bundles / f"{digest}.json"
+        path.write_text(bundle)
+        path.chmod(0o644)
+        return path, digest
+
+    monkeypatch.setenv("KIMI_ROOT", str(root))
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    monkeypatch.delitem(sys.modules, "node_status", raising=False)
+    monkeypatch.setattr(apply_release, "ROOT", root)
+    monkeypatch.setattr(apply_release, "STATE", root / "var/lib/kimi-fleet")
+    monkeypatch.setattr(apply_release, "LOG", root / "var/log/kimi-fleet/bootstrap.log")
+    # The bootstrap's work (weights, images, units) is not what this test is about.
+    monkeypatch.setattr(apply_release, "prepare", lambda *args: None)
+    monkeypatch.setattr(apply_release, "rerun_bootstrap", lambda boot: None)
+
+    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0")
+    assert apply_release.main(["--bundle-file", str(path_n), "--expect", digest_n]) == 0
+    release_n = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+    if peer_replaced:
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.7"), "vol-0123456789abcdef0")
+    else:
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210")
+    warm = apply_release.admission_budget(root)
+    facts = json.loads((root / apply_release.STACK_JSON).read_text())
+    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + sizing.cold_start_seconds
+    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
+    # The new worker comes up after the leader's warm budget, well inside its own cold start.
+    clock = _Clock(root, admit_at=warm + (cold - warm) / 2)
+    monkeypatch.setattr(apply_release, "time", clock)
+    code = apply_release.main(["--bundle-file", str(path_n1), "--expect", digest_n1, "--admission-poll", "10"])
+    log = (root / "var/log/kimi-fleet/bootstrap.log").read_text()
+    live = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+    applied = (root / "var/lib/kimi-fleet/applied-release").read_text().strip()
+    ready = (root / node_files.READY_FILE.lstrip("/")).read_text().strip()
+    if peer_replaced:
+        assert code == 0, log[-2000:]
+        assert f"waiting up to {cold:.0f} s" in log and "the cold start of new peer rank 1 (10.0.0.7)" in log
+        assert applied == digest_n1 and live == ready != release_n
+        assert json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"] == [
+            {"rank": 1, "address": "10.0.0.7"}]
+        # The association that runs the apply waits longer than the apply does.
+        assert bootstrap_timeout_seconds(sizing) >= cold
+    else:
+        assert code == 1
+        assert f"not admitted within {warm:.0f} s (the expected warm start" in log
+        assert applied == digest_n and live == release_n == ready  # N back, and admitted again
