@@ -22,8 +22,8 @@ import yaml
 
 from kimi_fleet import autoscaling, boot_stub, catalog, health, node_guard, node_metrics, observability, templates
 from kimi_fleet.caddy import API_KEY_PATTERN, HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, ScrapeSite, render_proxy
-from kimi_fleet.launch import (ENV_DIR, Launch, compile_cache_host_dir, docker_argv, docker_run_command, plain_value,
-                               render_env_file)
+from kimi_fleet.launch import (ENV_DIR, REPLICA_PEERS_ENV, Launch, compile_cache_host_dir, docker_argv,
+                               docker_run_command, plain_value, render_env_file)
 from kimi_fleet.node_scripts import GENERATION_PROBE_SCRIPT, GENERATION_PROBE_TIMEOUT_SECONDS, node_script
 from kimi_fleet.node_scripts.boot_loader import NODE_PACKAGES_FILE
 from kimi_fleet.node_scripts.compile_cache import CANDIDATES_DIR as COMPILE_CACHE_CANDIDATES_DIR
@@ -158,6 +158,12 @@ COMPILE_CACHE_PUBLISH_TIMEOUT_SECONDS = 3600
 APPLY_RELEASE = f"{LIB_DIR}/apply_release.py"
 #: A multi-node replica's ranks judge their collectives' transport by it (the watchdog imports it).
 FABRIC_CHECK = f"{LIB_DIR}/fabric_check.py"
+#: A multi-node replica restarts as one unit: each rank publishes its engine's start with it, the
+#: watchdog (which imports it) reads its peers' (kimi-replica-epoch.service, on REPLICA_EPOCH_PORT).
+REPLICA_EPOCH = f"{LIB_DIR}/replica_epoch.py"
+REPLICA_EPOCH_UNIT = "kimi-replica-epoch.service"
+#: On each rank's private address, reachable from its peers only (beside the loopback listeners 918x).
+REPLICA_EPOCH_PORT = 9184
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
 STATUS_FILE = "/run/kimi-fleet/status.json"
 WATCHDOG = f"{LIB_DIR}/watchdog.py"
@@ -205,12 +211,14 @@ ENGINE_GUARD_UNIT_PATH = f"{UNIT_DIR}/{node_guard.ENGINE_GUARD_UNIT_NAME}"
 ENGINE_GUARD_UNIT_INPUTS = (node_guard.ENGINE_GUARD_PATH, ENGINE_SLICE_UNIT_PATH, ENGINE_GUARD_UNIT_PATH)
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
-                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK)
+                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK, REPLICA_EPOCH)
 #: The node's exporters and what AWS nodes run beside them (node_metrics.py).
 NODE_STATE_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.NODE_STATE_UNIT}"
 GPU_EXPORTER_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.GPU_EXPORTER_UNIT}"
 PUBLISH_TIMER_PATH = f"{UNIT_DIR}/{node_metrics.PUBLISH_TIMER}"
 DRAIN_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.DRAIN_UNIT}"
+REPLICA_EPOCH_UNIT_PATH = f"{UNIT_DIR}/{REPLICA_EPOCH_UNIT}"
+REPLICA_EPOCH_INPUTS = (REPLICA_EPOCH_UNIT_PATH, REPLICA_EPOCH)
 NODE_STATE_INPUTS = (NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_EXPORTER)
 GPU_EXPORTER_INPUTS = (GPU_EXPORTER_UNIT_PATH, node_metrics.GPU_EXPORTER_COUNTERS_FILE)
 PUBLISH_INPUTS = (PUBLISH_TIMER_PATH, f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}")
@@ -244,6 +252,8 @@ def unit_inputs(launch: Launch, *, publishes: bool = False, drains: bool = False
         units[node_metrics.PUBLISH_TIMER] = PUBLISH_INPUTS
     if drains:
         units[node_metrics.DRAIN_UNIT] = DRAIN_INPUTS
+    # Only a rank of a multi-node replica has the unit (unit_digests keeps the units a node has).
+    units[REPLICA_EPOCH_UNIT] = REPLICA_EPOCH_INPUTS
     return units
 
 
@@ -315,7 +325,9 @@ BOOTSTRAP = templates.render(
     NODE_STATE_INPUTS=_shell_paths(NODE_STATE_INPUTS), GPU_EXPORTER_UNIT=node_metrics.GPU_EXPORTER_UNIT,
     GPU_EXPORTER_UNIT_PATH=GPU_EXPORTER_UNIT_PATH, GPU_EXPORTER_INPUTS=_shell_paths(GPU_EXPORTER_INPUTS),
     PUBLISH_TIMER=node_metrics.PUBLISH_TIMER, PUBLISH_INPUTS=_shell_paths(PUBLISH_INPUTS),
-    DRAIN_UNIT=node_metrics.DRAIN_UNIT, DRAIN_INPUTS=_shell_paths(DRAIN_INPUTS))
+    DRAIN_UNIT=node_metrics.DRAIN_UNIT, DRAIN_INPUTS=_shell_paths(DRAIN_INPUTS),
+    REPLICA_EPOCH_UNIT=REPLICA_EPOCH_UNIT, REPLICA_EPOCH_UNIT_PATH=REPLICA_EPOCH_UNIT_PATH,
+    REPLICA_EPOCH_INPUTS=_shell_paths(REPLICA_EPOCH_INPUTS))
 
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
@@ -540,14 +552,45 @@ def verifier_files() -> list[NodeFile]:
     return files
 
 
-def replica_facts(r: Resolved, node_rank: int) -> dict | None:
+def replica_addresses(r: Resolved, launch: Launch) -> tuple[str, list[str]] | None:
+    """(this rank's private address, every rank's in rank order) as its launch gives them to its
+    engines; None where they are not known (the planner's rendering)."""
+    if not r.multi_node or not launch.instances:
+        return None
+    env = launch.instances[0].env
+    own, peers = env.get(catalog.MULTI_NODE[r.spec.engine.name].host_address_env), env.get(REPLICA_PEERS_ENV)
+    if not own or not peers:
+        return None
+    return own, peers.split(",")
+
+
+def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
     """stack.json's "replica" of a multi-node replica's rank: who it is, whether it serves the API
-    (the leader), and NCCL's words for the transports the fabric check tells apart."""
+    (the leader), NCCL's words for the transports the fabric check tells apart, and, once the
+    addresses are known, where its peers publish their engine's start (replica_epoch.py)."""
     if not r.multi_node:
         return None
-    return {"rank": node_rank, "nodes": r.nodes_per_replica, "serves_api": node_rank == 0,
-            "transports": {"fabric": dict(catalog.NCCL_FABRIC_TRANSPORTS),
-                           "socket": list(catalog.NCCL_SOCKET_TRANSPORTS)}}
+    facts = {"rank": node_rank, "nodes": r.nodes_per_replica, "serves_api": node_rank == 0,
+             "transports": {"fabric": dict(catalog.NCCL_FABRIC_TRANSPORTS),
+                            "socket": list(catalog.NCCL_SOCKET_TRANSPORTS)}}
+    addresses = replica_addresses(r, launch)
+    if addresses is not None:
+        own, everyone = addresses
+        facts.update(address=own, epoch_port=REPLICA_EPOCH_PORT,
+                     peers=[{"rank": rank, "address": address} for rank, address in enumerate(everyone)
+                            if rank != node_rank])
+    return facts
+
+
+def replica_epoch_unit(r: Resolved, launch: Launch) -> str | None:
+    """The unit that publishes this rank's engine start to its peers, and to them alone."""
+    addresses = replica_addresses(r, launch)
+    if addresses is None:
+        return None
+    own, everyone = addresses
+    peers = [address for address in everyone if address != own]
+    return templates.render(REPLICA_EPOCH_UNIT, SCRIPT=REPLICA_EPOCH, ADDRESS=own, PORT=REPLICA_EPOCH_PORT,
+                            ENGINE_UNIT=f"kimi-engine@{launch.instances[0].index}.service", PEERS=" ".join(peers))
 
 
 def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0) -> str:
@@ -583,7 +626,7 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
         "metrics": node_metrics.stack_metrics(spec.stack, launch.engine, r.accelerator.vendor),
         "drain": node_metrics.stack_drain(drain_timeout_seconds(r, sizing)),
     }
-    replica = replica_facts(r, node_rank)
+    replica = replica_facts(r, node_rank, launch)
     if replica is not None:
         facts["replica"] = replica
     return json.dumps(facts, indent=2) + "\n"
@@ -724,6 +767,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
                                                node_rank), 0o644),
         NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
         NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
+        NodeFile(REPLICA_EPOCH, node_script("replica_epoch.py"), 0o644),
         # Seeing the node (node_metrics.py): the same files everywhere; node.env says which run.
         NodeFile(node_metrics.NODE_STATE_EXPORTER, node_script("node_state_exporter.py"), 0o644),
         NodeFile(NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_UNIT_TEXT, 0o644),
@@ -746,6 +790,9 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
                 extra_public_ports=(node_metrics.HOST_METRICS_PORT,)), 0o644),
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
+    epoch_unit = replica_epoch_unit(r, launch)
+    if epoch_unit is not None:
+        files.append(NodeFile(REPLICA_EPOCH_UNIT_PATH, epoch_unit, 0o644))
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
     if launch.build is not None:
         files.append(NodeFile(f"{launch.build.context_dir}/Dockerfile", launch.build.dockerfile, 0o644))

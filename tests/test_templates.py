@@ -8,7 +8,7 @@ import pytest
 
 from kimi_fleet import node_files, node_guard, templates
 from kimi_fleet.artifacts import render_artifacts
-from kimi_fleet.launch import render_launch
+from kimi_fleet.launch import render_launch, replica_launches
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
@@ -39,10 +39,12 @@ def test_every_template_file_is_rendered_and_no_marker_survives():
     # The managed mirror's fill instance (a stack with weights.mirror: managed).
     managed = Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec())
     texts.append(render_artifacts(managed, size(managed), render_launch(managed))["mirror-fill-user-data.yaml"])
-    # A multi-node rank's EFA engine image (its release carries the Dockerfile).
+    # A multi-node rank's EFA engine image (its release carries the Dockerfile), and, with the ranks'
+    # addresses known as on a deployed replica, the unit that publishes its engine's start.
     multi = Resolved(load_stack_config(stack_file("h100-int4-vllm")).spec())
     texts += [f.content for f in node_files.render_node_files(
-        multi, render_launch(multi, 1), size(multi), secrets=node_files.SecretsSource("files"),
+        multi, replica_launches(multi, ("10.0.0.5", "10.0.0.6"))[1], size(multi),
+        secrets=node_files.SecretsSource("files"),
         ebs_volume_id="vol-0123456789abcdef0", node_rank=1).values()]
     for text in texts:
         assert not templates.MARKER.search(text), text[:200]

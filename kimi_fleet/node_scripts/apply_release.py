@@ -10,8 +10,10 @@ release takes the next one in place without losing the old one first:
      verifies the weights (`kimi-bootstrap --prepare`), and the new engine images are pulled;
   3. swap: the new files go live and the bootstrap restarts what changed;
   4. wait until the node admits the new release anew (the ready file is removed before the swap,
-     so only the watchdog's next admission names it), within the warm start, the node's own
-     admission deadline, two watchdog intervals and a margin; an engine that crash-loops fails it
+     so only the watchdog's next admission names it), within the warm start (a rank of a multi-node
+     replica whose peer the release names at a new address: that peer's cold start, since no rank
+     is admitted before all are up), the node's own admission deadline, two watchdog intervals
+     and a margin; an engine that crash-loops fails it
      at once; files only the previous bundle had are removed (an engine the release dropped);
   5. on failure, the saved files come back and the bootstrap restarts the previous release; the
      node status names the failed release, why, and the engine's last log lines.
@@ -397,7 +399,8 @@ def node_status_field(name: str) -> dict | None:
         return None
 
 
-def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: float, poll: float) -> None:
+def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: float, poll: float,
+                  terms: str = "") -> None:
     """Until the node's ready file names `release` (call unready() before the change it admits);
     ReleaseFailed when an engine crash-loops or the budget runs out."""
     deadline = time.monotonic() + budget
@@ -426,20 +429,46 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
                                     engine_log_tail(index))
         if time.monotonic() >= deadline:
             tails = [line for index in engines for line in engine_log_tail(index)]
-            raise ReleaseFailed(f"not admitted within {budget:.0f} s (the expected warm start, the node's admission "
-                                f"deadline, {ADMISSION_WATCHDOG_TICKS} watchdog intervals and "
-                                f"{ADMISSION_MARGIN_SECONDS} s)", tails[-ENGINE_LOG_LINES:])
+            raise ReleaseFailed(f"not admitted within {budget:.0f} s ({terms or budget_terms([])})",
+                                tails[-ENGINE_LOG_LINES:])
         time.sleep(poll)
 
 
-def admission_budget(root: Path) -> float:
+def new_peers(staged: Path, live: Path) -> list[str]:
+    """The other ranks of this node's multi-node replica that the release at `staged` names at a new
+    address (a node replaced, or launched for it): their engines start cold (the download, then the
+    load), and no rank of a replica is admitted before every rank is up. Empty for a single node."""
+    after = json.loads((staged / STACK_JSON).read_text()).get("replica") or {}
+    try:
+        before = json.loads((live / STACK_JSON).read_text()).get("replica") or {}
+    except (OSError, ValueError):
+        before = {}
+    known = {peer["rank"]: peer["address"] for peer in before.get("peers", [])}
+    return [f"rank {peer['rank']} ({peer['address']})" for peer in after.get("peers", [])
+            if known.get(peer["rank"]) != peer["address"]]
+
+
+def admission_budget(root: Path, peers: list[str] = ()) -> float:
     """The warm start, the node's own admission run (stack.json's deadline), two watchdog ticks (the
-    one running when the engines came up may have started before them) and a margin."""
+    one running when the engines came up may have started before them) and a margin. With new
+    `peers` (new_peers), the start waited for is theirs: the cold start (stack.json's
+    expected_seconds, from the sizing), when it is the longer."""
     minutes = settings(root).get("EXPECTED_READY_MINUTES") or "0"
     stack = json.loads((root / STACK_JSON).read_text())
     deadline = float(stack["admission"]["deadline_seconds"])
     interval = float(stack["watchdog"]["interval_seconds"])
-    return int(minutes) * 60 + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
+    start = int(minutes) * 60
+    if peers:
+        start = max(start, int(stack["expected_seconds"]["cold_start"]))
+    return start + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
+
+
+def budget_terms(peers: list[str]) -> str:
+    """What an admission budget is made of, for the failure that names it."""
+    start = (f"the cold start of new peer {', '.join(peers)} (this node's warm start when longer)" if peers
+             else "the expected warm start")
+    return (f"{start}, the node's admission deadline, {ADMISSION_WATCHDOG_TICKS} watchdog intervals and "
+            f"{ADMISSION_MARGIN_SECONDS} s")
 
 
 def secret_paths(staged: Path) -> list[str]:
@@ -512,7 +541,10 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
     stack = json.loads((staged / STACK_JSON).read_text())
     engines = [engine["index"] for engine in stack["engines"]]
     ready_file = ROOT / stack["ready_file"].lstrip("/")
-    budget = args.admission_budget if args.admission_budget is not None else admission_budget(staged)
+    # A replaced peer (its new address in this release) boots cold: this rank waits for it.
+    peers = new_peers(staged, ROOT)
+    budget = args.admission_budget if args.admission_budget is not None else admission_budget(staged, peers)
+    terms = "--admission-budget" if args.admission_budget is not None else budget_terms(peers)
     log(f"release {release} (bundle {digest[:16]}): staged; preparing while the current release serves")
     replaced_secrets: dict[str, bytes | None] = {}
     swapped = False
@@ -524,10 +556,10 @@ def apply_in_place(bundle: dict, digest: str, previous: str, args) -> None:
         written = write_files(bundle)
         replaced_secrets = take_secrets(staged, secret_paths(staged), serving_secrets)
         log(f"release {release} (bundle {digest[:16]}): {len(written)} file(s) changed; waiting up to "
-            f"{budget:.0f} s for the node to admit it")
+            f"{budget:.0f} s for the node to admit it ({terms})")
         rerun_bootstrap(False)
         remove_paths(dropped)  # after the bootstrap stopped what used them
-        wait_admitted(release, ready_file, engines, budget, args.admission_poll)
+        wait_admitted(release, ready_file, engines, budget, args.admission_poll, terms)
     except (ReleaseFailed, RuntimeError) as error:
         tail = error.log_tail if isinstance(error, ReleaseFailed) else []
         node = socket.gethostname()

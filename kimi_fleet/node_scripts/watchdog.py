@@ -21,6 +21,12 @@ A rank of a multi-node replica (stack.json's "replica") is also judged by its co
 from NCCL's log of the engine's current start (fabric_check.py): over TCP sockets the node is never
 ready, and its status says so, naming the rank. A worker rank serves no API (vLLM --headless): it is
 admitted once its engine runs and NCCL named the fabric; the leader also by everything above.
+Its ranks restart as one unit (replica_epoch.py): each rank publishes its engine's current start on
+the replica's private network; once NCCL named a transport for this rank's start, the peer's start
+then current is the one its collectives were formed with; when that peer start ends (a new start,
+or no process), this rank restarts its own engine, once for that peer start. A rank restarted that
+way forms with the peer's new start and has nothing to restart for: two ranks never restart each
+other in turn. A peer that does not answer, or answers anything but a start line, changes nothing.
 A fleet node also completes its launch lifecycle hook once admitted: until then its group keeps it
 out of service, and an instance refresh waits on that admission.
 The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
@@ -52,6 +58,7 @@ from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
 from fabric_check import Verdict, classify, verdict_line  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
+from replica_epoch import GONE as PEER_GONE, PeerUnreadable, read_peer  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
@@ -218,6 +225,55 @@ def record_fabric(transport: str, line: str, starts: list[str], now: float) -> N
         log(f"fabric: {line}")
     status["fabric"] = {"transport": transport, "verdict": line, "engine_starts": starts, "at": now}
     write_status(status)
+
+
+def replica_epoch(engines: list[dict], replica: dict) -> str | None:
+    """Restart this rank's engines when the peer start their collectives were formed with has ended;
+    the reason when it did (once per peer start: a rank restarted for it forms anew), else None.
+    stack.json's replica "peers" (rank and private address) and "epoch_port" say where each peer
+    publishes; without them (a planner's rendering) there is nothing to follow."""
+    port, peers = replica.get("epoch_port"), replica.get("peers") or []
+    if not port or not peers:
+        return None
+    index = engines[0]["index"]
+    unit = f"kimi-engine@{index}.service"
+    own = invocation(unit)
+    kept = _load_state(STATE_DIR / f"fabric-{index}.json")
+    # NCCL named a transport for this start: its communicators are up, so the whole world met.
+    formed = bool(own) and kept.get("invocation") == own and kept.get("transport") not in (None, "unknown")
+    reasons = []
+    for peer in peers:
+        state_file = STATE_DIR / f"replica-peer-{int(peer['rank'])}.json"
+        state = _load_state(state_file)
+        if state.get("own") != own:
+            state = {"own": own}  # a new start of this rank's engine: formed with no peer start yet
+        try:
+            start, active = read_peer(peer["address"], int(port))
+        except PeerUnreadable as error:
+            if state.get("unreadable") != str(error):
+                log(f"replica: rank {peer['rank']} ({peer['address']}): {error}; nothing to act on")
+            state["unreadable"] = str(error)
+            _save_state(state_file, state)
+            continue
+        state.pop("unreadable", None)
+        partner = state.get("partner")
+        if partner is None:
+            if formed and start != "-" and active not in PEER_GONE:
+                state["partner"] = start
+                log(f"replica: {unit} (start {own}) formed its collectives with rank {peer['rank']}'s start {start}")
+        elif (start != partner or active in PEER_GONE) and not state.get("restarted_for"):
+            ended = f"has no process ({active})" if start == partner else f"was replaced by start {start} ({active})"
+            reasons.append(f"rank {peer['rank']}'s engine start {partner}, the one this rank's collectives were "
+                           f"formed with, {ended}")
+            state["restarted_for"] = partner
+        _save_state(state_file, state)
+    if not reasons:
+        return None
+    units = [f"kimi-engine@{engine['index']}.service" for engine in engines]
+    log(f"replica: {'; '.join(reasons)}: restarting {', '.join(units)} once for it")
+    for restarted in units:
+        restart(restarted)
+    return "; ".join(reasons)
 
 
 def check_headless(engine: dict, watchdog: dict, now: float, transport: str, line: str) -> dict:
@@ -416,10 +472,16 @@ def main() -> int:
     now = time.time()
     replica = stack.get("replica")
     transport, fabric_line = "none", ""  # a single-node replica has no fabric to judge
+    epoch = None
     if replica is not None:
         transport, fabric_line, starts = fabric_verdict(stack["engines"], replica)
         record_fabric(transport, fabric_line, starts, now)
-    if replica is not None and not replica["serves_api"]:
+        epoch = replica_epoch(stack["engines"], replica)
+    if epoch is not None:
+        # Restarted for the replica: judged afresh on the next run (a new start, loading again).
+        engines = [{"unit": f"kimi-engine@{engine['index']}.service", "verdict": "replica restart", "reason": epoch,
+                    "dead": None} for engine in stack["engines"]]
+    elif replica is not None and not replica["serves_api"]:
         engines = [check_headless(engine, watchdog, now, transport, fabric_line) for engine in stack["engines"]]
     else:
         engines = [check_engine(engine, stack["model"], watchdog, now) for engine in stack["engines"]]

@@ -443,6 +443,10 @@ start_services() {
   if [[ -n ${DRAIN_TIMEOUT_SECONDS:-} ]]; then
     apply_unit __DRAIN_UNIT__ __DRAIN_INPUTS__
   fi
+  # A rank of a multi-node replica: its engine's start, for its peers' watchdogs.
+  if [[ -f $ROOT__REPLICA_EPOCH_UNIT_PATH__ ]]; then
+    apply_unit __REPLICA_EPOCH_UNIT__ __REPLICA_EPOCH_INPUTS__
+  fi
 }
 
 # "Done" means running: wait until the units the bootstrap (re)started have no job left, then

@@ -1,0 +1,446 @@
+"""A multi-node replica restarts as one unit (issue 22): two rank roots of `h100-int4-vllm` as rendered
+for their addresses, each with its shipped start publisher (replica_epoch.py serve, on its own
+loopback address) and its shipped watchdog, systemd and the journal stubbed per rank. One rank's
+engine start ends (a new start, or no process): the other restarts its own engine once, the
+replica forms again, and nobody restarts anybody after that. A peer that answers anything but a
+start line changes nothing. And a release that replaces a rank's peer waits for that peer's cold
+start, not this rank's warm one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from kimi_fleet import node_files
+from kimi_fleet.launch import replica_launches
+from kimi_fleet.node_files import SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files
+from kimi_fleet.node_scripts import replica_epoch
+from kimi_fleet.node_scripts.replica_epoch import PeerUnreadable, read_peer
+from kimi_fleet.sizing import size
+from tests.fakes.harness import _stop as stop_process
+from tests.fakes.harness import free_port, wait_for
+from tests.test_aws_stacks import resolved
+from tests.test_watchdog import write_node_root
+
+STACK = "h100-int4-vllm"
+UNIT = "kimi-engine@0.service"
+pytestmark = [pytest.mark.timeout(120)]
+#: systemctl as the watchdog and the publisher use it, with systemd's InvocationID shape (32 hex
+#: digits): per-unit state from files; restart records the unit and gives it a new start.
+SYSTEMCTL_STUB = """#!/bin/bash
+state=${SYSTEMCTL_STUB_DIR:?}
+echo "$*" >>"$state/systemctl-calls"
+case "$1" in
+  show) unit=${@: -1}
+        id=$(cat "$state/invocation-$unit" 2>/dev/null)
+        if [[ " $* " == *" --value "* ]]; then echo "$id"; exit 0; fi
+        echo "InvocationID=$id"
+        echo "ActiveState=$(cat "$state/active-$unit" 2>/dev/null || echo active)" ;;
+  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"
+           printf 'restart %s %s %s' "$state" "$unit" "$(wc -l <"$state/restarts")" | md5sum | cut -c1-32 \\
+             >"$state/invocation-$unit"
+           echo active >"$state/active-$unit" ;;
+  *) echo "unexpected systemctl $*" >&2; exit 1 ;;
+esac
+"""
+#: The journal of one engine start, as the watchdog asks for it (_SYSTEMD_INVOCATION_ID=<id>).
+JOURNALCTL_STUB = """#!/bin/bash
+state=${SYSTEMCTL_STUB_DIR:?}
+cat "$state/journal-${1#_SYSTEMD_INVOCATION_ID=}.log" 2>/dev/null
+exit 0
+"""
+NCCL_EFA = ("NCCL INFO NET/OFI Selected provider is efa, fabric is efa (found 32 nics)\n"
+            "NCCL INFO Using network Libfabric\n")
+
+
+def start_id(label: str) -> str:
+    return hashlib.md5(label.encode()).hexdigest()
+
+
+class Rank:
+    """One rank's node root, stubs and state, and its start publisher."""
+
+    def __init__(self, tmp_path: Path, rank: int, addresses: tuple[str, str], port: int):
+        r = resolved(STACK)
+        launch = replica_launches(r, addresses)[rank]
+        self.files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), node_rank=rank,
+                                       ebs_volume_id="vol-0123456789abcdef0")
+        self.rank, self.address, self.port = rank, addresses[rank], port
+        self.root, self.bin, self.state = (tmp_path / f"rank{rank}", tmp_path / f"bin{rank}", tmp_path / f"state{rank}")
+        write_node_root(self.root, self.files)
+        self.bin.mkdir()
+        self.state.mkdir()
+        for name, text in (("systemctl", SYSTEMCTL_STUB), ("journalctl", JOURNALCTL_STUB)):
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
+        stack_json = self.root / "etc/kimi-fleet/stack.json"
+        facts = json.loads(stack_json.read_text())
+        assert facts["replica"]["address"] == self.address and facts["replica"]["epoch_port"] == \
+            node_files.REPLICA_EPOCH_PORT
+        assert facts["replica"]["peers"] == [{"rank": 1 - rank, "address": addresses[1 - rank]}]
+        # Loopback ports this machine has free; the leader's engine port has nothing behind it (it loads).
+        facts["replica"]["epoch_port"] = port
+        facts["engines"][0]["port"] = free_port()
+        stack_json.write_text(json.dumps(facts))
+        self.env = {**os.environ, "KIMI_ROOT": str(self.root), "PATH": f"{self.bin}:{os.environ['PATH']}",
+                    "SYSTEMCTL_STUB_DIR": str(self.state)}
+        self.env.pop("PYTHONPATH", None)
+        self.started(f"rank{rank}-first", formed=True)
+
+    def started(self, label: str, *, formed: bool) -> str:
+        """The engine unit is on a new start (systemd restarted it); `formed`: NCCL said its transport."""
+        start = start_id(label)
+        (self.state / f"invocation-{UNIT}").write_text(start + "\n")
+        (self.state / f"active-{UNIT}").write_text("active\n")
+        if formed:
+            self.formed()
+        return start
+
+    def current(self) -> str:
+        return (self.state / f"invocation-{UNIT}").read_text().strip()
+
+    def formed(self) -> None:
+        """The current start's communicators are up: NCCL named the fabric in its journal."""
+        (self.state / f"journal-{self.current()}.log").write_text(NCCL_EFA)
+
+    def gone(self, active: str = "failed") -> None:
+        (self.state / f"active-{UNIT}").write_text(active + "\n")
+
+    def restarts(self) -> list[str]:
+        path = self.state / "restarts"
+        return path.read_text().split() if path.exists() else []
+
+    def watchdog(self) -> subprocess.CompletedProcess:
+        result = subprocess.run(["/usr/bin/python3", str(self.root / node_files.WATCHDOG.lstrip("/"))], env=self.env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def health(self) -> dict:
+        return json.loads((self.root / "run/kimi-fleet/status.json").read_text())["health"]
+
+    @contextmanager
+    def publisher(self):
+        """The shipped publisher, as its unit runs it, on this rank's address."""
+        unit = self.files[node_files.REPLICA_EPOCH_UNIT_PATH].content
+        exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+        argv = exec_start.removeprefix("ExecStart=").split()
+        assert argv[:2] == ["/usr/bin/python3", node_files.REPLICA_EPOCH]
+        assert argv[2:] == ["serve", "--address", self.address, "--port", str(node_files.REPLICA_EPOCH_PORT),
+                            "--unit", UNIT]
+        argv = ["/usr/bin/python3", str(self.root / node_files.REPLICA_EPOCH.lstrip("/")), "serve", "--address",
+                self.address, "--port", str(self.port), "--unit", UNIT]
+        process = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert wait_for(lambda: self.published() is not None or process.poll() is not None, 20)
+            assert process.poll() is None, process.stderr.read()
+            yield process
+        finally:
+            stop_process(process)
+
+    def published(self) -> tuple[str, str] | None:
+        try:
+            return read_peer(self.address, self.port, timeout=2)
+        except PeerUnreadable:
+            return None
+
+    def shows(self, start: str, active: str = "active") -> None:
+        """Wait until the publisher answers this start (it reads systemd at most once a second)."""
+        assert wait_for(lambda: self.published() == (start, active), 10), self.published()
+
+
+def _addresses() -> tuple[str, str]:
+    """Two loopback addresses of their own (tests running side by side do not share them)."""
+    tag = os.getpid() % 250 + 1
+    return f"127.42.{tag}.1", f"127.42.{tag}.2"
+
+
+@contextmanager
+def replica(tmp_path: Path):
+    addresses = _addresses()
+    port = free_port()
+    leader, worker = Rank(tmp_path, 0, addresses, port), Rank(tmp_path, 1, addresses, port)
+    with ExitStack() as stack:
+        stack.enter_context(leader.publisher())
+        stack.enter_context(worker.publisher())
+        # Both ranks formed with each other's first start.
+        for rank in (worker, leader):
+            run = rank.watchdog()
+            assert "formed its collectives with rank" in run.stderr, run.stderr
+        yield leader, worker
+
+
+@pytest.mark.parametrize("ended", ["restarted", "gone"])
+@pytest.mark.parametrize("first", ["leader", "worker"])
+def test_one_rank_restarting_restarts_the_other_once_and_never_again(tmp_path, first, ended):
+    with replica(tmp_path) as (leader, worker):
+        changed, other = (leader, worker) if first == "leader" else (worker, leader)
+        old = changed.current()
+        if ended == "restarted":
+            new = changed.started(f"{first}-crashed-and-restarted", formed=False)  # systemd's Restart=
+            changed.shows(new)
+        else:
+            changed.gone()
+            changed.shows(old, "failed")
+        run = other.watchdog()
+        assert other.restarts() == [UNIT], run.stderr
+        assert f"rank {changed.rank}'s engine start {old}, the one this rank's collectives were formed with" in run.stderr
+        assert other.health()["engines"][UNIT]["verdict"] == "replica restart"
+        assert not (other.root / "run/kimi-fleet/ready").exists()
+        # Until the replica forms again: the restarted rank's next runs do not restart it again.
+        other.watchdog()
+        assert other.restarts() == [UNIT]
+        if ended == "gone":  # systemd (or the rank's own watchdog) starts it again
+            changed.started(f"{first}-back", formed=False)
+        # The replica forms anew: both new starts meet, NCCL names the fabric on each.
+        changed.formed()
+        other.formed()
+        changed.shows(changed.current())
+        other.shows(other.current())
+        for _ in range(3):
+            for rank in (changed, other):
+                rank.watchdog()
+        assert other.restarts() == [UNIT]  # once, for the peer start that ended
+        # The rank that started anew is not restarted for its peer's restart: no restart loop.
+        assert changed.restarts() == []
+        assert worker.health()["engines"][UNIT]["verdict"] == "serving"
+        assert (worker.root / "run/kimi-fleet/ready").exists()
+
+
+def test_a_rank_that_has_not_formed_waits_for_its_peer_instead_of_restarting(tmp_path):
+    """A rank still waiting at the rendezvous (NCCL has said nothing for its start) meets whatever
+    start its peer comes up with: a release that restarts the leader first and the worker later
+    restarts each once, not twice."""
+    with replica(tmp_path) as (leader, worker):
+        leader_start = leader.started("release-n1-leader", formed=False)  # the leader's apply restarted it
+        leader.shows(leader_start)
+        worker.watchdog()
+        assert worker.restarts() == [UNIT]  # the worker's old start cannot join the new leader
+        worker.shows(worker.current())
+        for _ in range(2):
+            leader.watchdog()  # waiting at the rendezvous: the worker's new start is whom it will meet
+        assert leader.restarts() == []
+        leader.formed()
+        worker.formed()
+        for _ in range(2):
+            for rank in (leader, worker):
+                rank.watchdog()
+        assert leader.restarts() == [] and worker.restarts() == [UNIT]
+
+
+class _Forger(BaseHTTPRequestHandler):
+    """A peer that answers whatever the test says (status, body)."""
+    answer: tuple[int, bytes] = (200, b"")
+
+    def do_GET(self):  # noqa: N802
+        status, body = self.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_):
+        pass
+
+
+FORGED = [
+    b"",
+    b"\n",
+    b"$(systemctl poweroff) active\n",
+    b"; systemctl poweroff\n",
+    ("a" * 32 + " active; rm -rf /\n").encode(),
+    ("a" * 32 + " active\n" + "b" * 32 + " active\n").encode(),
+    ("A" * 32 + " active\n").encode(),
+    ("b" * 31 + " active\n").encode(),
+    ("b" * 32 + " running\n").encode(),
+    ("b" * 32 + "  active\n").encode(),
+    json.dumps({"start": "b" * 32, "active": "active"}).encode(),
+    ("b" * 32 + " active").encode() + b"\x00",
+    "ä".encode() * 20,
+    b"b" * 32 + b" active" + b" " * 4096,
+]
+
+
+def test_a_forged_or_garbage_peer_value_changes_nothing(tmp_path):
+    """The worker formed with a peer start; the peer then answers anything but a start line (or an
+    error): no restart, nothing run, the formed start kept; its real start again changes nothing."""
+    addresses = _addresses()
+    port = free_port()
+    worker = Rank(tmp_path, 1, addresses, port)
+    forger = type("Forger", (_Forger,), {"answer": (200, ("a" * 32 + " active\n").encode())})
+    server = HTTPServer((addresses[0], port), forger)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert "formed its collectives with rank 0's start " + "a" * 32 in worker.watchdog().stderr
+        answers = [(200, body) for body in FORGED] + [(500, ("b" * 32 + " active\n").encode()),
+                                                       (404, b"")]
+        peer_state = worker.root / "run/kimi-fleet/watchdog/replica-peer-0.json"
+        for answer in answers:
+            forger.answer = answer
+            run = worker.watchdog()
+            state = json.loads(peer_state.read_text())
+            assert state.get("unreadable") and state["partner"] == "a" * 32, (answer, run.stderr)
+            assert worker.restarts() == [], answer
+        forger.answer = (200, ("a" * 32 + " active\n").encode())
+        worker.watchdog()
+        assert worker.restarts() == []
+        state = json.loads(peer_state.read_text())
+        assert state["partner"] == "a" * 32 and "unreadable" not in state
+        # Nothing but reads of the engine unit and none of its own: no restart, no poweroff, no start.
+        calls = (worker.state / "systemctl-calls").read_text().splitlines()
+        assert {call.split()[0] for call in calls} == {"show"}, calls
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("body", FORGED)
+def test_the_peer_reader_accepts_one_start_line_and_nothing_else(body):
+    with pytest.raises(PeerUnreadable):
+        replica_epoch.parse(body)
+    assert replica_epoch.parse(("c" * 32 + " deactivating\n").encode()) == ("c" * 32, "deactivating")
+    assert replica_epoch.parse(b"- inactive") == ("-", "inactive")
+
+
+def test_the_publisher_answers_one_line_on_one_path(tmp_path):
+    addresses = _addresses()
+    leader = Rank(tmp_path, 0, addresses, free_port())
+    import http.client
+
+    with leader.publisher():
+        leader.shows(leader.current())
+        for method, path, status in (("GET", "/x", 404), ("POST", "/", 501), ("GET", "/../etc/passwd", 404)):
+            connection = http.client.HTTPConnection(leader.address, leader.port, timeout=5)
+            connection.request(method, path)
+            assert connection.getresponse().status == status
+            connection.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tmp_path):
+    from tests.test_node_files import _systemd_root
+
+    r = resolved(STACK)
+    addresses = ("10.0.0.5", "10.0.0.6")
+    for rank in (0, 1):
+        files = render_node_files(r, replica_launches(r, addresses)[rank], size(r), secrets=SecretsSource("files"),
+                                  node_rank=rank, ebs_volume_id="vol-0123456789abcdef0")
+        unit = files[node_files.REPLICA_EPOCH_UNIT_PATH].content
+        assert "IPAddressDeny=any\n" in unit and f"IPAddressAllow={addresses[1 - rank]}\n" in unit
+        assert f"--address {addresses[rank]} " in unit and "DynamicUser=yes" in unit
+        root = tmp_path / f"rank{rank}"
+        _systemd_root(root, files)
+        result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
+                                 node_files.REPLICA_EPOCH_UNIT_PATH], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # A single node, and the planner (no addresses yet), have no publisher.
+    from kimi_fleet.launch import render_launch
+
+    planned = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"),
+                                ebs_volume_id="vol-0123456789abcdef0")
+    assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned
+
+
+# --- the apply's budget -------------------------------------------------------------------------
+
+
+class _Clock:
+    """The applier's clock, run forward by its own sleeps; the node admits the release it runs at
+    `admit_at` seconds (what the watchdog does once every rank is up)."""
+
+    def __init__(self, root: Path, admit_at: float):
+        import time
+
+        self.now, self.root, self.admit_at = 0.0, root, admit_at
+        self.strftime, self.gmtime = time.strftime, time.gmtime
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.now >= self.admit_at:
+            release = (self.root / node_files.RELEASE_FILE.lstrip("/")).read_text()
+            ready = self.root / node_files.READY_FILE.lstrip("/")
+            ready.parent.mkdir(parents=True, exist_ok=True)
+            ready.write_text(release)
+
+
+@pytest.mark.parametrize("peer_replaced", [True, False])
+def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monkeypatch, peer_replaced):
+    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold:
+    the leader's apply waits for it and admits N+1. The same late admission of a release that
+    replaces no peer fails the apply at the warm budget and puts N back."""
+    from kimi_fleet.node_scripts import apply_release
+
+    r = resolved(STACK)
+    sizing = size(r)
+    root, bundles, stubs = tmp_path / "root", tmp_path / "bundles", tmp_path / "bin"
+    for directory in (root, bundles, stubs):
+        directory.mkdir()
+    (stubs / "systemctl").write_text("#!/bin/sh\necho 0\n")
+    (stubs / "journalctl").write_text("#!/bin/sh\nexit 0\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+
+    def publish(addresses: tuple[str, str], volume: str) -> tuple[Path, str]:
+        files = render_node_files(r, replica_launches(r, addresses)[0], sizing, secrets=SecretsSource("files"),
+                                  node_rank=0, ebs_volume_id=volume)
+        bundle = release_bundle(files)
+        digest = hashlib.sha256(bundle.encode()).hexdigest()
+        path = bundles / f"{digest}.json"
+        path.write_text(bundle)
+        path.chmod(0o644)
+        return path, digest
+
+    monkeypatch.setenv("KIMI_ROOT", str(root))
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    monkeypatch.delitem(sys.modules, "node_status", raising=False)
+    monkeypatch.setattr(apply_release, "ROOT", root)
+    monkeypatch.setattr(apply_release, "STATE", root / "var/lib/kimi-fleet")
+    monkeypatch.setattr(apply_release, "LOG", root / "var/log/kimi-fleet/bootstrap.log")
+    # The bootstrap's work (weights, images, units) is not what this test is about.
+    monkeypatch.setattr(apply_release, "prepare", lambda *args: None)
+    monkeypatch.setattr(apply_release, "rerun_bootstrap", lambda boot: None)
+
+    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0")
+    assert apply_release.main(["--bundle-file", str(path_n), "--expect", digest_n]) == 0
+    release_n = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+    if peer_replaced:
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.7"), "vol-0123456789abcdef0")
+    else:
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210")
+    warm = apply_release.admission_budget(root)
+    facts = json.loads((root / apply_release.STACK_JSON).read_text())
+    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + sizing.cold_start_seconds
+    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
+    # The new worker comes up after the leader's warm budget, well inside its own cold start.
+    clock = _Clock(root, admit_at=warm + (cold - warm) / 2)
+    monkeypatch.setattr(apply_release, "time", clock)
+    code = apply_release.main(["--bundle-file", str(path_n1), "--expect", digest_n1, "--admission-poll", "10"])
+    log = (root / "var/log/kimi-fleet/bootstrap.log").read_text()
+    live = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
+    applied = (root / "var/lib/kimi-fleet/applied-release").read_text().strip()
+    ready = (root / node_files.READY_FILE.lstrip("/")).read_text().strip()
+    if peer_replaced:
+        assert code == 0, log[-2000:]
+        assert f"waiting up to {cold:.0f} s" in log and "the cold start of new peer rank 1 (10.0.0.7)" in log
+        assert applied == digest_n1 and live == ready != release_n
+        assert json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"] == [
+            {"rank": 1, "address": "10.0.0.7"}]
+        # The association that runs the apply waits longer than the apply does.
+        assert bootstrap_timeout_seconds(sizing) >= cold
+    else:
+        assert code == 1
+        assert f"not admitted within {warm:.0f} s (the expected warm start" in log
+        assert applied == digest_n and live == release_n == ready  # N back, and admitted again
