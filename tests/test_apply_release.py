@@ -26,7 +26,8 @@ from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
 from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
-from tests.fakes.aws_api import BIN, moto_server
+from tests.fakes.aws_api import BIN, aws_cli, moto_server
+from tests.test_weights_mirror import S5CMD
 
 STACK = "h200-int4-sglang"
 REGION = "us-east-1"
@@ -34,6 +35,7 @@ PREFIX = f"/kimi-fleet/{STACK}"
 BUCKET = "kimi-releases-test"
 APPLIER = Path(node_files.__file__).parent / "node_scripts" / "apply_release.py"
 pytestmark = [pytest.mark.skipif(not (BIN / "aws").exists(), reason="awscli not installed (requirements-dev.txt)"),
+              pytest.mark.skipif(S5CMD is None, reason="s5cmd wheel not installed (requirements-dev.txt)"),
               pytest.mark.timeout(240)]
 
 
@@ -101,6 +103,9 @@ def released(tmp_path: Path, digest: str) -> str:
 def apply(env: dict, root: Path, tools: Path, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     run_env = {**env, "KIMI_ROOT": str(root), "KIMI_DRY_GPU": "1", "PATH": f"{tools}:{env['PATH']}",
                "VERIFY_PYTHON": sys.executable,  # the suite's dependencies are here: no verifier venv
+               # the pinned s5cmd is here too: no fetch venv built from PyPI in every test (4-5 s of
+               # CPU each; test_node_packages installs the hash-pinned wheel, test_node_files the venv step)
+               "S5CMD": str(S5CMD),
                "RETRY_FIRST_DELAY": "1", **(extra_env or {})}
     return subprocess.run(["/usr/bin/python3", str(APPLIER), "--pointer", release_pointer(PREFIX), "--region", REGION,
                            "--pointer-wait", "5", "--retry-delay", "0.2", "--admission-poll", "0.2", *args],
@@ -385,7 +390,7 @@ if (( count <= {failures} )); then
   echo "Could not connect to the endpoint URL: (attempt $count)" >&2
   exit 255
 fi
-exec {BIN}/aws "$@"
+exec {aws_cli()} "$@"
 """)
     (tools / "aws").chmod(0o755)
 

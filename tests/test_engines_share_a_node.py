@@ -58,7 +58,12 @@ def _ask(proxy: str, timeout: float = CLIENT_TIMEOUT) -> int | None:
         return None
 
 
-def test_a_hung_engine_is_restarted_alone_and_the_proxy_then_serves_everything_from_the_other(tmp_path):
+def test_a_hung_engine_is_restarted_alone_and_the_proxy_then_serves_everything_from_the_other(tmp_path, monkeypatch):
+    # The proxy's health timings, shortened (same roles, same order: fail_duration > interval >
+    # timeout): the test waits them out, and at the nodes' values that is 45 s of waiting.
+    monkeypatch.setattr(caddy, "HEALTH_INTERVAL", "3s")
+    monkeypatch.setattr(caddy, "HEALTH_TIMEOUT", "2s")
+    monkeypatch.setattr(caddy, "FAIL_DURATION", "6s")
     r = Resolved(load_stack_config(stack_file(STACK)).spec())
     assert r.engines_per_node == 2 and not r.engine.health_runs_generation
     launch = render_launch(r)

@@ -31,7 +31,7 @@ from kimi_fleet.sizing import size
 from kimi_fleet.spec import StackSpecError
 from kimi_fleet.stackfile import load_stack_config, stack_file, stack_names
 from kimi_fleet.validation import parse_spec
-from tests.fakes.harness import free_port, start_caddy, start_fake_engine
+from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
 from tooling import crd_schema, monitoring_schema
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -333,12 +333,17 @@ def test_the_pods_proxy_metrics_reach_prometheus_only_through_the_gate():
             request = urllib.request.Request(f"{public}/v1/models", headers={"Authorization": f"Bearer {key}"})
             with urllib.request.urlopen(request, timeout=10, context=context) as response:
                 assert response.status == 200
-            status, text = _get(f"http://127.0.0.1:{gate_port}{manifests.PROXY_METRICS_PATH}")
-            assert status == 200
-            counted = [line for line in text.splitlines()
-                       if line.startswith(f"{catalog.PROXY_METRICS.request_duration}_count{{")
-                       and 'code="200"' in line]
-            assert counted, text[-2000:]
+
+            def counted() -> list[str]:
+                status, text = _get(f"http://127.0.0.1:{gate_port}{manifests.PROXY_METRICS_PATH}")
+                assert status == 200
+                scraped.append(text)
+                return [line for line in text.splitlines()
+                        if line.startswith(f"{catalog.PROXY_METRICS.request_duration}_count{{") and 'code="200"' in line]
+            # Caddy counts a request once its handler returns, which can be just after the client has
+            # the response (a loaded CI machine showed it): poll the gate briefly.
+            scraped: list[str] = []
+            assert wait_for(counted, 5, 0.1), scraped[-1][-2000:]
             for path in ("/metrics", manifests.ENGINE_METRICS_PATH, manifests.PROXY_METRICS_PATH):
                 try:
                     urllib.request.urlopen(f"{public}{path}", timeout=10, context=context)
@@ -678,8 +683,6 @@ def test_a_real_prometheus_scrapes_the_gate_as_the_pod_monitor_says_and_answers_
         assert checked.returncode == 0, checked.stdout + checked.stderr
         with start_caddy(gate.replace(f"http://:{gate_port}", f"http://127.0.0.1:{gate_port}"), {}), \
                 run_prometheus(path, tmp_path) as prometheus:
-            from tests.fakes.harness import wait_for
-
             assert wait_for(lambda: prometheus.values(query) == {"": float(waiting)}, 30, 0.5), (
                 prometheus.values(query), prometheus.get("/api/v1/targets"))
             (up,) = prometheus.query("up")

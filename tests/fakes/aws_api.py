@@ -13,10 +13,18 @@ from pathlib import Path
 
 import httpx
 
+from tests.fakes.aws_cli_forkserver import shim_dir
 from tests.fakes.harness import free_port
 
 #: Where the venv's `aws` lives (requirements-dev.txt): first on PATH for the scripts under test.
 BIN = Path(sys.executable).parent
+
+
+def aws_cli() -> str:
+    """The `aws` the scripts under test call: the venv's AWS CLI, through this process's fork server
+    (tests/fakes/aws_cli_forkserver.py: the same CLI without its 0.4 s start-up)."""
+    shims = shim_dir()
+    return str((shims or BIN) / "aws")
 
 
 #: One moto server per test process, reset between uses: a server's start (~2 s of CPU) was most of
@@ -60,7 +68,7 @@ def moto_server(region: str) -> Iterator[dict]:
         httpx.post(f"{url}/moto-api/reset", timeout=30).raise_for_status()
         _IN_USE[0] += 1
     env = {**os.environ, "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": region, "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": region, "PATH": f"{Path(aws_cli()).parent}:{BIN}:{os.environ['PATH']}"}
     try:
         yield env
     finally:
