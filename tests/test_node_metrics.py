@@ -136,8 +136,14 @@ def test_the_gpu_exporter_runs_in_its_own_network_as_root_without_capabilities()
     # Every address of its own namespace (the publish reaches its bridge address), our collectors file.
     assert command == ["-a", f":{port}", "-f", node_metrics.GPU_EXPORTER_COUNTERS_FILE]
     # Its network is a bridge of its own, under the name the guard matches, masquerading nothing.
-    network = [line for line in unit.splitlines() if "docker network create" in line]
-    assert len(network) == 1 and " ".join(node_metrics.gpu_exporter_network_argv()) in network[0]
+    # Made anew at every start (the container is gone by then): an existing network of that name, with
+    # whatever bridge and options, is never reused; one still in use fails the create, and the unit.
+    steps = [line for line in unit.splitlines() if line.startswith("ExecStartPre=")]
+    network = [line for line in steps if "docker network create" in line]
+    removed = steps.index(f"ExecStartPre=-/usr/bin/docker network rm {node_metrics.GPU_EXPORTER_NETWORK}")
+    assert steps.index(f"ExecStartPre=-/usr/bin/docker rm --force {node_metrics.GPU_EXPORTER_CONTAINER}") < removed
+    assert network == [f"ExecStartPre=/usr/bin/docker network create {' '.join(node_metrics.gpu_exporter_network_argv())}"]
+    assert steps.index(network[0]) == removed + 1 and "inspect" not in " ".join(s for s in steps if "network" in s)
     assert f"com.docker.network.bridge.name={node_guard.GPU_EXPORTER_BRIDGE}" in network[0]
     assert "enable_ip_masquerade=false" in network[0]
 
@@ -146,7 +152,7 @@ def test_the_gpu_exporter_runs_in_its_own_network_as_root_without_capabilities()
 def test_the_gpu_exporter_units_shell_steps_pass_shellcheck(tmp_path):
     scripts = [line.split("/bin/sh -c ", 1)[1] for line in _gpu_exporter_unit().splitlines()
                if line.startswith("ExecStartPre=") and "/bin/sh -c " in line]
-    assert len(scripts) == 2  # the image pull and the network
+    assert len(scripts) == 1  # the image pull
     for index, quoted in enumerate(scripts):
         assert quoted[0] == quoted[-1] == "'" and "'" not in quoted[1:-1]
         path = tmp_path / f"step{index}.sh"
