@@ -33,8 +33,23 @@ _STATE: dict = {}
 
 CLIENT = r'''#!{python} -I
 # Client of tests/fakes/aws_cli_forkserver.py: hands argv, the environment, the working directory and
-# fds 0-2 to the server, which runs the real AWS CLI in a fork; exits with its status.
+# fds 0-2 to the server, which runs the real AWS CLI in a fork; exits with its status. Where the fork
+# would not be the same process the caller would have started (a closed standard stream, another
+# user, umask or network namespace), it runs the real CLI itself.
 import array, json, os, socket, struct, sys
+
+def same_context():
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        return (os.getuid(), umask, os.readlink("/proc/self/ns/net")) == ({uid}, {umask}, {netns!r})
+    except OSError:
+        return False
+
+if not same_context():
+    os.execv({real_aws!r}, [{real_aws!r}, *sys.argv[1:]])
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect({socket_path!r})
 payload = json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
@@ -122,7 +137,7 @@ def _run_in_fork(conn: socket.socket, fds: array.array, request: dict) -> int:
             try:
                 stream.flush()
             except (OSError, ValueError):
-                pass
+                status = 120  # what the interpreter exits with when its final flush fails
     return status if isinstance(status, int) else 0
 
 
@@ -176,7 +191,10 @@ def shim_dir() -> Path | None:
     if server.poll() is not None:
         raise RuntimeError("the AWS CLI fork server did not start")
     client = directory / "aws"
-    client.write_text(CLIENT.format(python=sys.executable, socket_path=socket_path))
+    umask = os.umask(0)
+    os.umask(umask)
+    client.write_text(CLIENT.format(python=sys.executable, socket_path=socket_path, uid=os.getuid(), umask=umask,
+                                    netns=os.readlink("/proc/self/ns/net"), real_aws=str(Path(sys.executable).parent / "aws")))
     client.chmod(0o755)
     _STATE.update(server=server, dir=directory)
     atexit.register(_stop, server)
