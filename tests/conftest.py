@@ -1,6 +1,7 @@
 """Shared test setup."""
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +27,23 @@ def _current_event_loop():
 
 @pytest.fixture(scope="session")
 def plan_all(tmp_path_factory) -> subprocess.CompletedProcess:
-    """`scripts/plan.py --all --no-preflight`, run once per test process for every test that reads its
-    table (10-19 s of CPU a run). Its artifacts go to a temporary build dir: never the repo's
-    build/, which other tests (other pytest-xdist workers) may be writing at the same time."""
-    build = tmp_path_factory.mktemp("plan-all-build")
-    return subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight", "--build-dir", str(build)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    """`scripts/plan.py --all --no-preflight`, run once per test session for every test that reads its
+    table (10-19 s of CPU a run): the first pytest-xdist worker to ask runs it, under a lock, and keeps
+    its result beside the workers' temporary directories for the others. Its artifacts go to a
+    temporary build dir: never the repo's build/, which other tests may be writing at the same time."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # one directory for every worker of this session
+    result = shared / "plan-all.json"
+    with FileLock(str(shared / "plan-all.lock")):
+        if not result.exists():
+            build = shared / "plan-all-build"
+            done = subprocess.run([sys.executable, "scripts/plan.py", "--all", "--no-preflight", "--build-dir",
+                                   str(build)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+            result.write_text(json.dumps({"args": done.args, "returncode": done.returncode, "stdout": done.stdout,
+                                          "stderr": done.stderr}))
+        kept = json.loads(result.read_text())
+    return subprocess.CompletedProcess(kept["args"], kept["returncode"], kept["stdout"], kept["stderr"])
 
 
 #: Files whose tests mostly wait (fake engines behind a real Caddy, the admission suite run by the
