@@ -780,16 +780,20 @@ class _Metrics(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         type(self).reads += 1
-        busy = type(self).reads <= type(self).busy_reads
-        body = (f"vllm:generation_tokens_total 10\nvllm:num_requests_running{{engine=\"0\"}} {1 if busy else 0}\n"
-                f"vllm:num_requests_waiting {2 if busy else 0}\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer_load(self, busy=type(self).reads <= type(self).busy_reads)
 
     def log_message(self, *args):
         pass
+
+
+def _answer_load(handler: BaseHTTPRequestHandler, busy: bool) -> None:
+    """vLLM's load gauges as its /metrics shows them: 1 running and 2 waiting when busy, else none."""
+    body = (f"vllm:generation_tokens_total 10\nvllm:num_requests_running{{engine=\"0\"}} {1 if busy else 0}\n"
+            f"vllm:num_requests_waiting {2 if busy else 0}\n").encode()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 @pytest.mark.parametrize("busy_reads, timeout, verdict", [
@@ -836,13 +840,7 @@ class _Engine(BaseHTTPRequestHandler):
         if "Wget" in self.headers.get("User-Agent", ""):
             type(self).proxy_probes += 1
             type(self).probed.set()
-        busy = not type(self).idle.is_set()
-        body = (f"vllm:generation_tokens_total 10\nvllm:num_requests_running{{engine=\"0\"}} {1 if busy else 0}\n"
-                f"vllm:num_requests_waiting {2 if busy else 0}\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer_load(self, busy=not type(self).idle.is_set())
 
     def log_message(self, *args):
         pass
