@@ -16,7 +16,8 @@ only: it runs on nodes, in the mirror-fill job and in tests).
 STAGE: --stage I --stages N --first-layer A --end-layer B (integers; layers A..B-1). With it, verify
 checks the checkpoint's small files (everything but *.safetensors) and only the shards that stage
 loads, picked by tensor name from the checkpoint's own model.safetensors.index.json (stage_files),
-and removes any other shard the index lists (vLLM's loader would read it: see stage_files).
+and removes any other shard the index lists (vLLM's loader would read it: see stage_files), unless
+--keep-other-shards (the directory a running engine serves: never pruned under it).
 
 Verification checks sizes, then hashes every file in parallel (SHA-256 of LFS files and of every
 file in a manifest; the git blob SHA-1 of the Hub's small files). A file whose content is wrong is
@@ -352,6 +353,9 @@ def main() -> int:
             command.add_argument("--manifest")
             command.add_argument("--manifest-sha256", help="the digest the release pins (required with --manifest)")
             add_stage_arguments(command)
+            if name == "verify":
+                command.add_argument("--keep-other-shards", action="store_true",
+                                     help="with a stage: remove no other shard (the directory is being served)")
         else:
             command.add_argument("--out", required=True)
             command.set_defaults(manifest=None)
@@ -378,7 +382,9 @@ def main() -> int:
         if args.command == "stage-files":  # the Hub path's download list: SAFE_PATH names, a line each
             print("\n".join(sorted(p for p in needed if p.endswith(".safetensors"))))
             return 0
-        removed = remove_other_shards(args.dir, expected, needed)
+        # A directory a running engine serves (an in-place release) keeps every shard: a superset
+        # loads, only slower; only a directory nothing serves from is pruned.
+        removed = [] if args.keep_other_shards else remove_other_shards(args.dir, expected, needed)
         print(f"verify: {stage.marker}: {len(needed)} of {whole} files, "
               f"{sum(s for s, _, _ in needed.values())} of {sum(s for s, _, _ in expected.values())} bytes"
               + (f"; removed {len(removed)} other stage(s)' shard(s)" if removed else ""))
