@@ -332,7 +332,8 @@ BOOTSTRAP = templates.render(
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
 
-ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER)
+ENGINE_RUN = templates.render("engine_run.sh", NODE_STATUS=NODE_STATUS, VERIFIED_MARKER=NODE_VERIFIED_MARKER,
+                              SETTINGS_LIBRARY=SETTINGS_LIBRARY)
 
 CADDY_ENV = templates.render("caddy_env.sh", CADDY_KEY_ENV=CADDY_API_KEY_ENV,
                              CADDY_METRICS_KEY_ENV=node_metrics.METRICS_KEY_ENV,

@@ -288,3 +288,45 @@ def test_a_replaced_efa_node_that_keeps_its_volume_still_builds_the_engine_image
     minutes = -(-(sizing.volume_start_seconds + catalog.EFA_IMAGE_BUILD_SECONDS + health.BOOT_SECONDS
                      + health.IMAGE_PULL_SECONDS) // 60)
     assert f"about {minutes} min without service" in line, line
+
+
+def _k26_index(r: Resolved, drop: str | None = None) -> dict:
+    """A synthetic index with the real K2.6 names, one shard per layer: every layer, the embedding,
+    the final norm, lm_head and the vision tower; `drop` leaves out every tensor whose name contains it."""
+    names = {"language_model.model.embed_tokens.weight": "model-embed.safetensors",
+             "language_model.model.norm.weight": "model-last.safetensors",
+             "language_model.lm_head.weight": "model-last.safetensors",
+             "vision_tower.encoder.blocks.0.wqkv.weight": "model-vision.safetensors"}
+    for layer in range(r.stage_ranges[-1][1]):
+        names[f"language_model.model.layers.{layer}.mlp.experts.0.down_proj.weight_packed"] = \
+            f"model-layer{layer:03d}.safetensors"
+    return {"weight_map": {name: path for name, path in names.items() if drop is None or drop not in name}}
+
+
+@pytest.mark.parametrize("drop, rank, says", [
+    ("layers.7.", 0, "layer 7"),  # a layer whose tensors the classifier would not see (renamed)
+    ("layers.40.", 1, "layer 40"),
+    ("lm_head", 1, "lm_head"),
+    (".norm.", 1, "the final norm (norm)"),
+    ("embed_tokens", 0, "the embedding (embed_tokens)"),
+])
+def test_a_stage_whose_index_lacks_one_of_its_layers_or_ends_is_refused_by_name(drop, rank, says):
+    """vLLM 0.22.1 does not check a quantized model's weights were all loaded (default_loader.py:401-437):
+    a tensor no stage fetched would be silently uninitialised, so stage_files refuses instead."""
+    from kimi_fleet.node_scripts.weights_manifest import Stage, stage_files
+
+    r = resolved()
+    stages = [Stage(i, len(r.stage_ranges), first, end) for i, (first, end) in enumerate(r.stage_ranges)]
+    first, end = r.stage_ranges[0]
+    for stage in stages:  # the whole index: each stage gets its layers' shards, its ends and the vision tower
+        files = stage_files(_k26_index(r), stage)
+        assert "model-vision.safetensors" in files
+        assert ("model-embed.safetensors" in files) == (stage.index == 0)
+        assert ("model-last.safetensors" in files) == (stage.index == len(stages) - 1)
+        assert {f"model-layer{n:03d}.safetensors" for n in range(stage.first_layer, stage.end_layer)} <= files
+    with pytest.raises(ValueError) as refused:
+        stage_files(_k26_index(r, drop), stages[rank])
+    assert f"maps no tensor of {says}" in str(refused.value) and stages[rank].marker in str(refused.value)
+    other = stages[1 - rank]  # the other stage does not need what is missing: it still gets its files
+    assert stage_files(_k26_index(r, drop), other)
+    assert (first, end) == (0, 31)

@@ -174,6 +174,20 @@ def _stub_docker(bin_dir: Path, record: Path) -> None:
     (bin_dir / "docker").chmod(0o755)
 
 
+def engine_node(root: Path, files: dict[str, NodeFile]) -> str:
+    """What kimi-engine-run reads besides its argv: the settings loader and node.env (the release's
+    revision and stage); returns the marker line the release expects of its weights."""
+    for path in (node_files_module.SETTINGS_LIBRARY, node_files_module.NODE_ENV_FILE):
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(files[path].content)
+    settings = dict(line.split("=", 1) for line in files[node_files_module.NODE_ENV_FILE].content.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    if not settings["PP_STAGES"]:
+        return settings["MODEL_REVISION"]
+    return (f"{settings['MODEL_REVISION']} stage {settings['PP_STAGE']}/{settings['PP_STAGES']} "
+            f"layers {settings['PP_FIRST_LAYER']}-{int(settings['PP_END_LAYER']) - 1}")
+
+
 def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path):
     """Argument lists travel as lists: an argument with spaces or shell syntax (here forced in past
     the spec, as a patched launch would) reaches docker as one argument, never as several."""
@@ -189,7 +203,7 @@ def test_engine_run_hands_docker_the_json_argv_one_element_per_argument(tmp_path
     record = tmp_path / "docker-argv.json"
     _stub_docker(tmp_path / "bin", record)
     (root / "w").mkdir()
-    (root / "w/.kimi-verified").write_text("rev\n")
+    (root / "w/.kimi-verified").write_text(engine_node(root, files) + "\n")
     env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
            "WEIGHTS_DIR": "/w"}
     result = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
@@ -214,6 +228,7 @@ def test_an_engine_without_verified_weights_refuses_in_one_line_in_the_journal_a
     status_tool.parent.mkdir(parents=True)
     status_tool.write_text(files[node_files_module.NODE_STATUS].content)
     (root / "w").mkdir()  # weights present, marker missing (a download that stopped half-way)
+    revision = engine_node(root, files)
     script = tmp_path / "kimi-engine-run"
     script.write_text(files["/usr/local/sbin/kimi-engine-run"].content)
     record = tmp_path / "docker-argv.json"
@@ -227,7 +242,11 @@ def test_an_engine_without_verified_weights_refuses_in_one_line_in_the_journal_a
                                                   "marker (.kimi-verified)") and "run kimi-bootstrap again" in lines[0]
     refused = json.loads((root / "run/kimi-fleet/status.json").read_text())["refused"]
     assert refused["by"] == "kimi-engine@0" and refused["reason"] == lines[0].split(": ", 1)[1]
-    (root / "w/.kimi-verified").write_text("rev\n")
+    (root / "w/.kimi-verified").write_text("0" * 40 + "\n")  # another revision's
+    other = subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert other.returncode == 1 and not record.exists()
+    assert f"verified as '{'0' * 40}', not '{revision}'" in other.stderr
+    (root / "w/.kimi-verified").write_text(revision + "\n")
     assert subprocess.run(["bash", str(script), "0"], env=env, capture_output=True, timeout=30).returncode == 0
     assert record.exists()
 
@@ -803,3 +822,4 @@ def test_engine_run_names_the_shipped_status_tool_and_marker():
     assert "/usr/local/lib/kimi-fleet" not in source and ".kimi-verified" not in source
     assert f'"${{KIMI_ROOT:-}}{NODE_STATUS}" refuse' in node_files_module.ENGINE_RUN
     assert f"$weights/{NODE_VERIFIED_MARKER} ]]" in node_files_module.ENGINE_RUN
+    assert f'. "${{KIMI_ROOT:-}}{node_files_module.SETTINGS_LIBRARY}"' in node_files_module.ENGINE_RUN

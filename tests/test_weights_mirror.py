@@ -426,3 +426,98 @@ def test_from_the_hub_a_stage_node_names_exactly_its_shards_and_verifies_them_ag
     assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[1]}
     assert "expected by the Hub's tree" in result.stdout
     assert (weights / ".kimi-verified").read_text() == f"{REVISION} stage 1/2 layers 2-3\n"
+
+
+# --- an in-place release: the directory the running release serves (review of issue 22) ----------
+
+def failing_fetch(tmp_path: Path) -> Path:
+    tool = tmp_path / "failing_fetch.py"
+    tool.write_text("import sys\nprint('fetch: the mirror is unreachable', file=sys.stderr)\nsys.exit(1)\n")
+    return tool
+
+
+def whole_checkpoint(weights: Path, marker: str) -> None:
+    """A node that verified the whole checkpoint, or a stage of it, and serves it."""
+    weights.mkdir(parents=True)
+    for path, content in STAGED.items():
+        (weights / path).write_bytes(content)
+    (weights / ".kimi-verified").write_text(marker)
+
+
+def engine_start(tmp_path: Path, weights: Path, stage: int | None) -> subprocess.CompletedProcess:
+    """kimi-engine-run on a node whose node.env is this release's (revision, and stage when given),
+    its weights in `weights`, docker a stub: 0 when it would start the engine."""
+    from tests.test_node_files import _stub_docker
+
+    files = node_files("b300-int4-sglang")
+    root = weights.parent
+    for path in ("/usr/local/lib/kimi-fleet/settings.sh", "/usr/local/lib/kimi-fleet/node_status.py",
+                 "/etc/kimi-fleet/engine-0.argv.json"):
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(files[path].content)
+    settings = {"MODEL_REVISION": REVISION, **({} if stage is None else STAGES[stage])}
+    (root / "etc/kimi-fleet/node.env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    script = tmp_path / "kimi-engine-run"
+    script.write_text(files["/usr/local/sbin/kimi-engine-run"].content)
+    _stub_docker(tmp_path / "docker-bin", tmp_path / "docker-argv.json")
+    return subprocess.run(["bash", str(script), "0"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "KIMI_ROOT": str(root), "WEIGHTS_DIR": f"/{weights.name}",
+                               "PATH": f"{tmp_path / 'docker-bin'}:{os.environ['PATH']}"})
+
+
+@pytest.mark.parametrize("marker", [f"{REVISION}\n", f"{REVISION} stage 1/2 layers 2-3\n"])
+def test_an_in_place_release_whose_fetch_fails_keeps_the_serving_marker_and_every_shard(s3_env, tmp_path, marker):
+    """The reviewer's reproduction: WEIGHTS_DIR is KEEP_WEIGHTS_DIR (same revision), the running
+    release's marker, a stage set and a fetch that fails. The marker of the whole revision (the form
+    before stages) satisfies any stage: nothing is fetched. Another stage's marker: the download runs
+    and fails, and the serving release's marker and shards are all still there."""
+    weights = tmp_path / "node" / "weights"
+    whole_checkpoint(weights, marker)
+    result = node_download(s3_env, tmp_path, weights, extra={
+        **STAGES[0], "KEEP_WEIGHTS_DIR": str(weights), "WEIGHTS_FETCH_TOOL": str(failing_fetch(tmp_path))})
+    assert (weights / ".kimi-verified").read_text() == marker
+    assert held(weights) == STAGED
+    if marker == f"{REVISION}\n":
+        assert result.returncode == 0 and "already verified" in result.stdout, result.stdout + result.stderr
+        assert engine_start(tmp_path, weights, 0).returncode == 0  # the new release's engine starts on it
+    else:
+        assert result.returncode == 1 and "is the serving checkpoint" in result.stdout, result.stdout + result.stderr
+        assert "the mirror is unreachable" in result.stderr
+        assert engine_start(tmp_path, weights, 1).returncode == 0  # the serving release can still restart
+    assert engine_start(tmp_path, weights, 1).returncode == 0 and engine_start(tmp_path, weights, None).returncode in (
+        0 if marker == f"{REVISION}\n" else 1,)
+
+
+def test_an_in_place_release_of_another_stage_prunes_nothing_and_leaves_a_marker_both_releases_accept(s3_env,
+                                                                                                     tmp_path):
+    staged_mirror(s3_env, tmp_path)
+    weights = tmp_path / "node" / "weights"
+    assert node_download(s3_env, tmp_path, weights, extra=STAGES[1]).returncode == 0  # serving stage 1
+    assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[1]}
+    relaid = node_download(s3_env, tmp_path, weights, extra={**STAGES[0], "KEEP_WEIGHTS_DIR": str(weights)})
+    assert relaid.returncode == 0, relaid.stdout + relaid.stderr
+    assert "other stage(s)' shard(s)" not in relaid.stdout  # a superset loads: nothing pruned under an engine
+    assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[0] | STAGE_SHARDS[1]}
+    assert (weights / ".kimi-verified").read_text() == \
+        f"{REVISION} stage 1/2 layers 2-3\n{REVISION} stage 0/2 layers 0-1\n"
+    assert not any(p.name.startswith(".kimi-verified.") for p in weights.iterdir())
+    assert engine_start(tmp_path, weights, 0).returncode == 0  # the new release
+    assert engine_start(tmp_path, weights, 1).returncode == 0  # a rollback to the serving one
+    again = node_download(s3_env, tmp_path, weights, extra={**STAGES[0], "KEEP_WEIGHTS_DIR": str(weights)})
+    assert again.returncode == 0 and "already verified" in again.stdout
+
+
+def test_an_engine_refuses_a_directory_verified_for_another_stage(s3_env, tmp_path):
+    """Not served (a new node's directory, pruned to stage 1): stage 0's shards are not there, and the
+    engine that expects stage 0 refuses in one line, naming both."""
+    staged_mirror(s3_env, tmp_path)
+    weights = tmp_path / "node" / "weights"
+    assert node_download(s3_env, tmp_path, weights, extra=STAGES[1]).returncode == 0
+    refused = engine_start(tmp_path, weights, 0)
+    assert refused.returncode == 1 and not (tmp_path / "docker-argv.json").exists()
+    assert f"verified as '{REVISION} stage 1/2 layers 2-3', not '{REVISION} stage 0/2 layers 0-1'" in refused.stderr
+    assert engine_start(tmp_path, weights, 1).returncode == 0
+    # Not the serving directory: a re-layout removes the marker first and prunes (as before).
+    relaid = node_download(s3_env, tmp_path, weights, extra=STAGES[0])
+    assert relaid.returncode == 0 and "removed 1 other stage(s)' shard(s)" in relaid.stdout
+    assert (weights / ".kimi-verified").read_text() == f"{REVISION} stage 0/2 layers 0-1\n"

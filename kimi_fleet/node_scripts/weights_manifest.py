@@ -16,7 +16,8 @@ only: it runs on nodes, in the mirror-fill job and in tests).
 STAGE: --stage I --stages N --first-layer A --end-layer B (integers; layers A..B-1). With it, verify
 checks the checkpoint's small files (everything but *.safetensors) and only the shards that stage
 loads, picked by tensor name from the checkpoint's own model.safetensors.index.json (stage_files),
-and removes any other shard the index lists (vLLM's loader would read it: see stage_files).
+and removes any other shard the index lists (vLLM's loader would read it: see stage_files), unless
+--keep-other-shards (the directory a running engine serves: never pruned under it).
 
 Verification checks sizes, then hashes every file in parallel (SHA-256 of LFS files and of every
 file in a manifest; the git blob SHA-1 of the Hub's small files). A file whose content is wrong is
@@ -67,7 +68,9 @@ SAFE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+
 #: `language_model.layers.` is the legacy NVFP4 spelling the model maps (kimi_k25.py:296-304).
 LAYER_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?layers\.(\d+)\.")
 FIRST_STAGE_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?embed_tokens\.")
-LAST_STAGE_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?norm\.|(?:language_model\.)?lm_head\.")
+FINAL_NORM_TENSOR = re.compile(r"(?:language_model\.)?(?:model\.)?norm\.")
+LM_HEAD_TENSOR = re.compile(r"(?:language_model\.)?lm_head\.")
+LAST_STAGE_TENSOR = re.compile(f"{FINAL_NORM_TENSOR.pattern}|{LM_HEAD_TENSOR.pattern}")
 #: Up to this many stages and layers: what a stack can ask for stays a small integer.
 MAX_STAGES, MAX_LAYERS = 64, 4096
 
@@ -263,12 +266,47 @@ def stage_files(index: dict, stage: Stage) -> set[str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{INDEX_NAME} has no weight_map")
     files = set()
+    layers, parts = set(), set()  # what the stage's own tensors cover (stage_coverage_problem)
     for tensor, path in weight_map.items():
         if not isinstance(path, str) or not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
             raise ValueError(f"{INDEX_NAME} maps {tensor!r} to {path!r}: not a plain relative path")
-        if stage.loads(str(tensor)):
+        tensor = str(tensor)
+        if stage.loads(tensor):
             files.add(path)
+            layer = LAYER_TENSOR.match(tensor)
+            if layer:
+                layers.add(int(layer.group(1)))
+            elif FIRST_STAGE_TENSOR.match(tensor):
+                parts.add("the embedding (embed_tokens)")
+            elif FINAL_NORM_TENSOR.match(tensor):
+                parts.add("the final norm (norm)")
+            elif LM_HEAD_TENSOR.match(tensor):
+                parts.add("lm_head")
+    problem = stage_coverage_problem(stage, layers, parts)
+    if problem:
+        raise ValueError(problem)
     return files
+
+
+def stage_coverage_problem(stage: Stage, layers: set[int], parts: set[str]) -> str | None:
+    """Why the index's tensors the stage loads cannot be all it needs, or None. vLLM 0.22.1 checks
+    that every weight was loaded only for a model that is not quantized (default_loader.py:401-437):
+    for K2.6 INT4 a tensor the classifier put on no stage, or on the wrong one, would be a silently
+    uninitialised weight, not a failed load. So every layer of the stage must have at least one
+    tensor, the first stage the embedding, the last the final norm and lm_head (the same name rules
+    as Stage.loads)."""
+    missing = [f"layer {layer}" for layer in range(stage.first_layer, stage.end_layer) if layer not in layers]
+    if len(missing) > 8:
+        missing = missing[:8] + [f"... ({len(missing)} layers in all)"]
+    wanted = (["the embedding (embed_tokens)"] if stage.index == 0 else []) + \
+        (["the final norm (norm)", "lm_head"] if stage.index == stage.stages - 1 else [])
+    missing += [part for part in wanted if part not in parts]
+    if not missing:
+        return None
+    return (f"{INDEX_NAME} maps no tensor of {', '.join(missing)} to {stage.marker}: its tensor names are not "
+            "the ones this program knows (LAYER_TENSOR, FIRST_STAGE_TENSOR, FINAL_NORM_TENSOR, LM_HEAD_TENSOR), so "
+            "the stage's shards cannot be picked safely (a quantized model's missing weight is not a failed load); "
+            "refused")
 
 
 def stage_subset(local: str, expected: dict, stage: Stage, says: str) -> tuple[dict, list[str]]:
@@ -315,6 +353,9 @@ def main() -> int:
             command.add_argument("--manifest")
             command.add_argument("--manifest-sha256", help="the digest the release pins (required with --manifest)")
             add_stage_arguments(command)
+            if name == "verify":
+                command.add_argument("--keep-other-shards", action="store_true",
+                                     help="with a stage: remove no other shard (the directory is being served)")
         else:
             command.add_argument("--out", required=True)
             command.set_defaults(manifest=None)
@@ -341,7 +382,9 @@ def main() -> int:
         if args.command == "stage-files":  # the Hub path's download list: SAFE_PATH names, a line each
             print("\n".join(sorted(p for p in needed if p.endswith(".safetensors"))))
             return 0
-        removed = remove_other_shards(args.dir, expected, needed)
+        # A directory a running engine serves (an in-place release) keeps every shard: a superset
+        # loads, only slower; only a directory nothing serves from is pruned.
+        removed = [] if args.keep_other_shards else remove_other_shards(args.dir, expected, needed)
         print(f"verify: {stage.marker}: {len(needed)} of {whole} files, "
               f"{sum(s for s, _, _ in needed.values())} of {sum(s for s, _, _ in expected.values())} bytes"
               + (f"; removed {len(removed)} other stage(s)' shard(s)" if removed else ""))

@@ -289,13 +289,12 @@ serving_weights_dir() {
 download_weights() {
   HF_CLI="${HF_CLI:-}"
   S5CMD="${S5CMD:-}"
-  # Verified already (a re-run, a release that keeps the revision and stage): no download tool is
-  # needed. A pipeline stage's marker names it (kimi-download-weights).
-  local verified_as=$MODEL_REVISION
-  if [[ -n ${PP_STAGES:-} && ${PP_END_LAYER:-} =~ ^[0-9]{1,4}$ ]]; then  # integers only (kimi-download-weights refuses others)
-    verified_as="$MODEL_REVISION stage ${PP_STAGE:-}/$PP_STAGES layers ${PP_FIRST_LAYER:-}-$((PP_END_LAYER - 1))"
-  fi
-  if [[ $(cat "$ROOT$WEIGHTS_DIR/__VERIFIED_MARKER__" 2>/dev/null) != "$verified_as" ]]; then
+  # Verified already (a re-run, a release that keeps the revision and stage, or a marker of the
+  # whole revision): no download tool is needed. A pipeline stage's marker names it
+  # (kimi-download-weights; the engine's start checks the same, settings.sh weights_marker_accepts).
+  local verified_as
+  verified_as=$(weights_verified_as) || refuse "node settings: the weights to expect are not a revision and a stage"
+  if ! weights_marker_accepts "$ROOT$WEIGHTS_DIR/__VERIFIED_MARKER__" "$verified_as"; then
     ensure_hf_cli
   fi
   ensure_fetch_tool

@@ -8,7 +8,12 @@
 # A node of a multi-node replica (PP_STAGE, PP_STAGES, PP_FIRST_LAYER, PP_END_LAYER: integers) fetches
 # and verifies the small files and only the shards its pipeline stage loads, picked from the
 # checkpoint's own index (weights_manifest.py stage_files); its marker records the stage, so a node
-# whose stage changed fetches again.
+# whose stage changed fetches again. A marker holding the revision alone (the whole checkpoint
+# verified, as before stages) satisfies any stage of that revision: a superset loads, only slower.
+# WEIGHTS_DIR == KEEP_WEIGHTS_DIR (an in-place release: the running release serves this very
+# directory): its marker is never removed and no shard is pruned while the download runs; the stage's
+# files are verified and the marker rewritten (temp + mv) only after success, keeping the lines of
+# the stages it already vouched for (their shards are all still there).
 # Before a download, older checkpoints under WEIGHTS_ROOT are removed if the volume lacks room.
 set -euo pipefail
 : "${WEIGHTS_DIR:?}" "${WEIGHTS_ROOT:?}" "${CHECKPOINT_BYTES:?}" "${MODEL_REPO:?}" "${MODEL_REVISION:?}" \
@@ -24,7 +29,7 @@ STAGE_ARGS=()
 VERIFIED_AS=$MODEL_REVISION
 if [[ -n ${PP_STAGES:-} ]]; then
   for setting in PP_STAGE PP_STAGES PP_FIRST_LAYER PP_END_LAYER; do
-    if [[ ! ${!setting:-} =~ ^[0-9]{1,4}$ ]]; then
+    if [[ ! ${!setting:-} =~ ^(0|[1-9][0-9]{0,3})$ ]]; then
       echo "weights: $setting must be a small integer for a pipeline stage" >&2
       exit 1
     fi
@@ -33,12 +38,39 @@ if [[ -n ${PP_STAGES:-} ]]; then
   VERIFIED_AS="$MODEL_REVISION stage $PP_STAGE/$PP_STAGES layers $PP_FIRST_LAYER-$((PP_END_LAYER - 1))"
 fi
 
-if [[ -f $MARKER && $(<"$MARKER") == "$VERIFIED_AS" ]]; then
+# A line of the marker is this stage's, or the revision alone (the whole checkpoint: any stage's superset).
+if [[ -f $MARKER ]] && grep -qxF -e "$VERIFIED_AS" -e "$MODEL_REVISION" -- "$MARKER"; then
   touch "$MARKER"  # in use: the last checkpoint to be removed for room
   echo "weights $MODEL_REPO@$VERIFIED_AS already verified"
   exit 0
 fi
-rm -f "$MARKER"  # another stage's (a re-layout): nothing may start on it while this one downloads
+SERVING=0 KEEP_ARGS=()
+if [[ -n ${KEEP_WEIGHTS_DIR:-} && -d $KEEP_WEIGHTS_DIR && -d $WEIGHTS_DIR &&
+  $(realpath -e -- "$KEEP_WEIGHTS_DIR") == $(realpath -e -- "$WEIGHTS_DIR") ]]; then
+  SERVING=1
+  echo "weights: $WEIGHTS_DIR is the serving checkpoint: its marker stays and no shard is removed"
+  ((${#STAGE_ARGS[@]} == 0)) || KEEP_ARGS=(--keep-other-shards)
+else
+  rm -f "$MARKER"  # another stage's (a re-layout): nothing may start on it while this one downloads
+fi
+
+# The marker, atomically and only after a verified download. In the serving directory the stage
+# lines of this revision it already held stay (their shards were verified and nothing was removed).
+write_marker() {
+  local temporary="$MARKER.tmp" line
+  {
+    if ((SERVING)) && [[ -f $MARKER ]]; then
+      while IFS= read -r line; do
+        if [[ $line != "$VERIFIED_AS" && $line =~ ^(.+)\ stage\ [0-9]{1,4}/[0-9]{1,4}\ layers\ [0-9]{1,4}-[0-9]{1,4}$ &&
+          ${BASH_REMATCH[1]} == "$MODEL_REVISION" ]]; then
+          printf '%s\n' "$line"
+        fi
+      done < <(head -n 64 -- "$MARKER")
+    fi
+    printf '%s\n' "$VERIFIED_AS"
+  } >"$temporary"
+  mv -f -- "$temporary" "$MARKER"
+}
 # A new revision goes beside the old one (kept for a rollback) when the volume has room; otherwise
 # older checkpoints go first, and a volume too small even then fails now, not an hour in.
 # KEEP_WEIGHTS_DIR: the serving release's checkpoint (an in-place release), never removed.
@@ -91,16 +123,17 @@ verify() {
   if [[ $WEIGHTS_SOURCE == s3-mirror ]]; then
     # The mirror's own manifest (every path, size and SHA-256, written last by the fill): no Hub call.
     python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --manifest "$WEIGHTS_DIR/__LOCAL_MANIFEST__" \
-      --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" "${STAGE_ARGS[@]}"
+      --manifest-sha256 "${MIRROR_MANIFEST_SHA256:-}" "${STAGE_ARGS[@]}" "${KEEP_ARGS[@]}"
   else
-    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION" "${STAGE_ARGS[@]}"
+    python3 "$MANIFEST_TOOL" verify --dir "$WEIGHTS_DIR" --hub "$MODEL_REPO" "$MODEL_REVISION" "${STAGE_ARGS[@]}" \
+      "${KEEP_ARGS[@]}"
   fi
 }
 
 for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
   echo "download attempt $attempt/$ATTEMPTS of $MODEL_REPO@$VERIFIED_AS ($WEIGHTS_SOURCE)"
   if fetch && verify; then
-    printf '%s\n' "$VERIFIED_AS" >"$MARKER"
+    write_marker
     echo "weights verified: $MARKER"
     exit 0
   fi
