@@ -47,10 +47,13 @@ def plan_all(tmp_path_factory) -> subprocess.CompletedProcess:
 
 
 #: Files whose tests mostly wait (fake engines behind a real Caddy, the admission suite run by the
-#: node's own scripts) rather than compute. Under `pytest -n 2 --dist loadgroup` their tests spread
-#: over the workers; every other file stays whole on one worker, as with --dist loadfile, so its
-#: module-scoped fixtures (a moto server, every stack run under the mocks) are built once.
-SPREAD_FILES = {"test_watchdog.py"}
+#: node's own scripts, the applier against moto) rather than compute, and whose module fixtures are
+#: cheap. Under `pytest -n N --dist loadgroup` their tests spread over the workers; every other file
+#: stays whole on one worker, as with --dist loadfile, so its module-scoped fixtures (every stack run
+#: under the mocks) are built once.
+SPREAD_FILES = {"test_watchdog.py", "test_verification.py", "test_apply_release.py", "test_compile_cache.py",
+                "test_gate_statistics.py", "test_drain.py", "test_prometheus_scrape.py", "test_release_retention.py",
+                "test_replica_restart.py"}
 
 
 def pytest_collection_modifyitems(config, items):
