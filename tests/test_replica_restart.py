@@ -46,7 +46,11 @@ case "$1" in
         if [[ " $* " == *" --value "* ]]; then echo "$id"; exit 0; fi
         echo "InvocationID=$id"
         echo "ActiveState=$(cat "$state/active-$unit" 2>/dev/null || echo active)" ;;
-  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"
+  restart) unit=${@: -1}
+           if [[ -s $state/fail-restarts ]]; then  # this many restarts fail (systemd refused the job)
+             sed -i '$d' "$state/fail-restarts"; echo "Failed to restart $unit: stub refused" >&2; exit 1
+           fi
+           echo "$unit" >>"$state/restarts"
            printf 'restart %s %s %s' "$state" "$unit" "$(wc -l <"$state/restarts")" | md5sum | cut -c1-32 \\
              >"$state/invocation-$unit"
            echo active >"$state/active-$unit" ;;
@@ -215,6 +219,22 @@ def test_one_rank_restarting_restarts_the_other_once_and_never_again(tmp_path, f
         assert changed.restarts() == []
         assert worker.health()["engines"][UNIT]["verdict"] == "serving"
         assert (worker.root / "run/kimi-fleet/ready").exists()
+
+
+def test_a_failed_restart_is_retried_on_the_next_run(tmp_path):
+    """systemd refuses the rank's restart once: nothing recorded as done, the next run restarts it
+    (once), and the run after that does not."""
+    with replica(tmp_path) as (leader, worker):
+        new = leader.started("leader-crashed-and-restarted", formed=False)
+        leader.shows(new)
+        (worker.state / "fail-restarts").write_text("x\n")
+        run = worker.watchdog()
+        assert worker.restarts() == [] and "restart not queued" in run.stderr, run.stderr
+        assert worker.health()["engines"][UNIT]["verdict"] == "replica restart"
+        run = worker.watchdog()
+        assert worker.restarts() == [UNIT], run.stderr
+        worker.watchdog()
+        assert worker.restarts() == [UNIT]
 
 
 def test_a_rank_that_has_not_formed_waits_for_its_peer_instead_of_restarting(tmp_path):
