@@ -162,6 +162,8 @@ FABRIC_CHECK = f"{LIB_DIR}/fabric_check.py"
 #: watchdog (which imports it) reads its peers' (kimi-replica-epoch.service, on REPLICA_EPOCH_PORT).
 REPLICA_EPOCH = f"{LIB_DIR}/replica_epoch.py"
 REPLICA_EPOCH_UNIT = "kimi-replica-epoch.service"
+#: Holds the publisher's port through the service's restarts (an engine shares the host's network).
+REPLICA_EPOCH_SOCKET = "kimi-replica-epoch.socket"
 #: On each rank's private address, reachable from its peers only (beside the loopback listeners 918x).
 REPLICA_EPOCH_PORT = 9184
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
@@ -219,6 +221,8 @@ PUBLISH_TIMER_PATH = f"{UNIT_DIR}/{node_metrics.PUBLISH_TIMER}"
 DRAIN_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.DRAIN_UNIT}"
 REPLICA_EPOCH_UNIT_PATH = f"{UNIT_DIR}/{REPLICA_EPOCH_UNIT}"
 REPLICA_EPOCH_INPUTS = (REPLICA_EPOCH_UNIT_PATH, REPLICA_EPOCH)
+REPLICA_EPOCH_SOCKET_PATH = f"{UNIT_DIR}/{REPLICA_EPOCH_SOCKET}"
+REPLICA_EPOCH_SOCKET_INPUTS = (REPLICA_EPOCH_SOCKET_PATH,)
 NODE_STATE_INPUTS = (NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_EXPORTER)
 GPU_EXPORTER_INPUTS = (GPU_EXPORTER_UNIT_PATH, node_metrics.GPU_EXPORTER_COUNTERS_FILE)
 PUBLISH_INPUTS = (PUBLISH_TIMER_PATH, f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}")
@@ -253,6 +257,7 @@ def unit_inputs(launch: Launch, *, publishes: bool = False, drains: bool = False
     if drains:
         units[node_metrics.DRAIN_UNIT] = DRAIN_INPUTS
     # Only a rank of a multi-node replica has the unit (unit_digests keeps the units a node has).
+    units[REPLICA_EPOCH_SOCKET] = REPLICA_EPOCH_SOCKET_INPUTS
     units[REPLICA_EPOCH_UNIT] = REPLICA_EPOCH_INPUTS
     return units
 
@@ -327,7 +332,8 @@ BOOTSTRAP = templates.render(
     PUBLISH_TIMER=node_metrics.PUBLISH_TIMER, PUBLISH_INPUTS=_shell_paths(PUBLISH_INPUTS),
     DRAIN_UNIT=node_metrics.DRAIN_UNIT, DRAIN_INPUTS=_shell_paths(DRAIN_INPUTS),
     REPLICA_EPOCH_UNIT=REPLICA_EPOCH_UNIT, REPLICA_EPOCH_UNIT_PATH=REPLICA_EPOCH_UNIT_PATH,
-    REPLICA_EPOCH_INPUTS=_shell_paths(REPLICA_EPOCH_INPUTS))
+    REPLICA_EPOCH_INPUTS=_shell_paths(REPLICA_EPOCH_INPUTS), REPLICA_EPOCH_SOCKET=REPLICA_EPOCH_SOCKET,
+    REPLICA_EPOCH_SOCKET_INPUTS=_shell_paths(REPLICA_EPOCH_SOCKET_INPUTS))
 
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
@@ -582,15 +588,22 @@ def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
     return facts
 
 
-def replica_epoch_unit(r: Resolved, launch: Launch) -> str | None:
-    """The unit that publishes this rank's engine start to its peers, and to them alone."""
+def replica_epoch_units(r: Resolved, launch: Launch) -> dict[str, str] | None:
+    """The units that publish this rank's engine start to its peers, and to them alone: path ->
+    text (the socket that holds the port, the service it passes the port to)."""
     addresses = replica_addresses(r, launch)
     if addresses is None:
         return None
     own, everyone = addresses
-    peers = [address for address in everyone if address != own]
-    return templates.render(REPLICA_EPOCH_UNIT, SCRIPT=REPLICA_EPOCH, ADDRESS=own, PORT=REPLICA_EPOCH_PORT,
-                            ENGINE_UNIT=f"kimi-engine@{launch.instances[0].index}.service", PEERS=" ".join(peers))
+    peers = " ".join(address for address in everyone if address != own)
+    return {
+        REPLICA_EPOCH_SOCKET_PATH: templates.render(REPLICA_EPOCH_SOCKET, SCRIPT=REPLICA_EPOCH, ADDRESS=own,
+                                                    PORT=REPLICA_EPOCH_PORT, SERVICE=REPLICA_EPOCH_UNIT, PEERS=peers),
+        REPLICA_EPOCH_UNIT_PATH: templates.render(REPLICA_EPOCH_UNIT, SCRIPT=REPLICA_EPOCH, ADDRESS=own,
+                                                  PORT=REPLICA_EPOCH_PORT, SOCKET=REPLICA_EPOCH_SOCKET,
+                                                  ENGINE_UNIT=f"kimi-engine@{launch.instances[0].index}.service",
+                                                  PEERS=peers),
+    }
 
 
 def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0) -> str:
@@ -790,9 +803,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
                 extra_public_ports=(node_metrics.HOST_METRICS_PORT,)), 0o644),
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
-    epoch_unit = replica_epoch_unit(r, launch)
-    if epoch_unit is not None:
-        files.append(NodeFile(REPLICA_EPOCH_UNIT_PATH, epoch_unit, 0o644))
+    files += [NodeFile(path, text, 0o644) for path, text in (replica_epoch_units(r, launch) or {}).items()]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
     if launch.build is not None:
         files.append(NodeFile(f"{launch.build.context_dir}/Dockerfile", launch.build.dockerfile, 0o644))

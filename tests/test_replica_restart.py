@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -135,7 +136,23 @@ class Rank:
 
     @contextmanager
     def publisher(self):
-        """The shipped publisher, as its unit runs it, on this rank's address."""
+        """The shipped publisher as its units run it: the socket unit's listener on this rank's
+        address (held here, as systemd holds it), passed to the service's ExecStart."""
+        socket_unit = self.files[node_files.REPLICA_EPOCH_SOCKET_PATH].content
+        assert f"ListenStream={self.address}:{node_files.REPLICA_EPOCH_PORT}\n" in socket_unit
+        listener = socket.create_server((self.address, self.port))
+        try:
+            process = self.serve(listener)
+            try:
+                yield process
+            finally:
+                stop_process(process)
+        finally:
+            listener.close()
+
+    def serve(self, listener: socket.socket) -> subprocess.Popen:
+        """The service's ExecStart on the socket unit's listener (fd 3, LISTEN_PID and LISTEN_FDS as
+        systemd sets them); up once it answers."""
         unit = self.files[node_files.REPLICA_EPOCH_UNIT_PATH].content
         exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
         argv = exec_start.removeprefix("ExecStart=").split()
@@ -144,13 +161,13 @@ class Rank:
                             "--unit", UNIT]
         argv = ["/usr/bin/python3", str(self.root / node_files.REPLICA_EPOCH.lstrip("/")), "serve", "--address",
                 self.address, "--port", str(self.port), "--unit", UNIT]
-        process = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            assert wait_for(lambda: self.published() is not None or process.poll() is not None, 20)
-            assert process.poll() is None, process.stderr.read()
-            yield process
-        finally:
-            stop_process(process)
+        fd = listener.fileno()
+        process = subprocess.Popen(["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; '
+                                    'exec "$@"', "sd-listen", *argv], env=self.env, pass_fds=(fd,),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert wait_for(lambda: self.published() is not None or process.poll() is not None, 20)
+        assert process.poll() is None, process.stderr.read()
+        return process
 
     def published(self) -> tuple[str, str] | None:
         try:
@@ -324,6 +341,70 @@ def test_a_forged_or_garbage_peer_value_changes_nothing(tmp_path):
         server.server_close()
 
 
+@contextmanager
+def dripping_peer(address: str, port: int, every: float, seconds: float):
+    """A peer that answers its status line one byte every `every` seconds, for `seconds` at most:
+    each read waits less than any per-read timeout, the whole answer never ends."""
+    import socket
+
+    listener = socket.create_server((address, port))
+    stop = threading.Event()
+
+    def drip():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.recv(1024)
+                for byte in (b"HTTP/1.0 200 OK\r\nX-" + b"a" * 4096)[:int(seconds / every)]:
+                    if stop.wait(every):
+                        break
+                    try:
+                        connection.sendall(bytes([byte]))
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_dripping_peer_is_given_up_at_the_read_deadline():
+    """One byte every 0.2 s, for 8 s: a per-read timeout of 1 s never fires; the whole read's does."""
+    import time
+
+    address, port = _addresses()[0], free_port()
+    with dripping_peer(address, port, every=0.2, seconds=8):
+        began = time.monotonic()
+        with pytest.raises(PeerUnreadable):
+            read_peer(address, port, timeout=1.0)
+        assert time.monotonic() - began < 2.5
+
+
+def test_a_dripping_peer_does_not_hold_the_watchdog(tmp_path):
+    """The worker's peer drips its answer for 20 s: the watchdog's run gives up on it at the read
+    deadline (and changes nothing), rather than for as long as the peer keeps dripping."""
+    import time
+
+    addresses = _addresses()
+    port = free_port()
+    worker = Rank(tmp_path, 1, addresses, port)
+    with dripping_peer(addresses[0], port, every=0.5, seconds=20):
+        began = time.monotonic()
+        run = worker.watchdog()
+        took = time.monotonic() - began
+    assert took < replica_epoch.READ_TIMEOUT_SECONDS + 6, (took, run.stderr)
+    assert "nothing to act on" in run.stderr and worker.restarts() == []
+
+
 @pytest.mark.parametrize("body", FORGED)
 def test_the_peer_reader_accepts_one_start_line_and_nothing_else(body):
     with pytest.raises(PeerUnreadable):
@@ -346,6 +427,50 @@ def test_the_publisher_answers_one_line_on_one_path(tmp_path):
             connection.close()
 
 
+def test_the_publisher_s_port_is_held_through_its_restart(tmp_path):
+    """The socket unit's listener outlives the service: while the publisher is down, nothing else (an
+    engine on the host's network) can bind its port, and the restarted publisher answers on it."""
+    import errno
+
+    addresses = _addresses()
+    leader = Rank(tmp_path, 0, addresses, free_port())
+    listener = socket.create_server((leader.address, leader.port))
+    try:
+        stop_process(leader.serve(listener))
+        for address in (leader.address, "0.0.0.0"):
+            squatter = socket.socket()
+            try:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with pytest.raises(OSError) as refused:
+                    squatter.bind((address, leader.port))
+                assert refused.value.errno == errno.EADDRINUSE
+            finally:
+                squatter.close()
+        process = leader.serve(listener)
+        try:
+            leader.shows(leader.current())
+        finally:
+            stop_process(process)
+    finally:
+        listener.close()
+
+
+def test_the_publisher_refuses_a_passed_socket_bound_elsewhere(tmp_path):
+    addresses = _addresses()
+    leader = Rank(tmp_path, 0, addresses, free_port())
+    listener = socket.create_server((addresses[1], leader.port))
+    try:
+        fd = listener.fileno()
+        argv = ["/usr/bin/python3", str(leader.root / node_files.REPLICA_EPOCH.lstrip("/")), "serve", "--address",
+                leader.address, "--port", str(leader.port), "--unit", UNIT]
+        result = subprocess.run(["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; '
+                                 'exec "$@"', "sd-listen", *argv], env=leader.env, pass_fds=(fd,),
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode != 0 and "refusing to serve on it" in result.stderr
+    finally:
+        listener.close()
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tmp_path):
     from tests.test_node_files import _systemd_root
@@ -356,19 +481,25 @@ def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tm
         files = render_node_files(r, replica_launches(r, addresses)[rank], size(r), secrets=SecretsSource("files"),
                                   node_rank=rank, ebs_volume_id="vol-0123456789abcdef0")
         unit = files[node_files.REPLICA_EPOCH_UNIT_PATH].content
-        assert "IPAddressDeny=any\n" in unit and f"IPAddressAllow={addresses[1 - rank]}\n" in unit
+        sockets = files[node_files.REPLICA_EPOCH_SOCKET_PATH].content
+        for text in (unit, sockets):
+            assert "IPAddressDeny=any\n" in text and f"IPAddressAllow={addresses[1 - rank]}\n" in text
         assert f"--address {addresses[rank]} " in unit and "DynamicUser=yes" in unit
+        assert f"Requires={node_files.REPLICA_EPOCH_SOCKET}\n" in unit
+        assert f"ListenStream={addresses[rank]}:{node_files.REPLICA_EPOCH_PORT}\n" in sockets
+        assert f"Service={node_files.REPLICA_EPOCH_UNIT}\n" in sockets and "Accept=no\n" in sockets
         root = tmp_path / f"rank{rank}"
         _systemd_root(root, files)
         result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
-                                 node_files.REPLICA_EPOCH_UNIT_PATH], capture_output=True, text=True)
+                                 node_files.REPLICA_EPOCH_SOCKET_PATH, node_files.REPLICA_EPOCH_UNIT_PATH],
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     # A single node, and the planner (no addresses yet), have no publisher.
     from kimi_fleet.launch import render_launch
 
     planned = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"),
                                 ebs_volume_id="vol-0123456789abcdef0")
-    assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned
+    assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned and node_files.REPLICA_EPOCH_SOCKET_PATH not in planned
 
 
 # --- the apply's budget -------------------------------------------------------------------------
