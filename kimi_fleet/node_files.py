@@ -35,7 +35,7 @@ from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MAN
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, NODE_VERIFIED_MARKER
 from kimi_fleet.paths import ENGINE_SLICE, MIRROR_COMPILE_CACHE_DIR, mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing, verification_concurrency
+from kimi_fleet.sizing import Sizing, verification_concurrency, whole_checkpoint_budget_seconds
 from kimi_fleet.spec import SAFE_VALUE
 
 SBIN = "/usr/local/sbin"
@@ -625,7 +625,7 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
         ],
         "weights": {"volume": r.weights_volume, "dir": launch.weights_host_dir, "source": spec.weights.source},
         "market": spec.capacity.effective_market,
-        "expected_seconds": {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds},
+        "expected_seconds": expected_seconds(r, sizing),
         "log": "/var/log/kimi-fleet/bootstrap.log",
         "local_proxy": f"http://127.0.0.1:{LOCAL_PROXY_PORT}",
         "ready_file": READY_FILE,
@@ -643,6 +643,17 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
     if replica is not None:
         facts["replica"] = replica
     return json.dumps(facts, indent=2) + "\n"
+
+
+def expected_seconds(r: Resolved, sizing: Sizing) -> dict:
+    """stack.json's "expected_seconds": the sizing's cold and warm start; a rank of a multi-node
+    replica also what it waits for when its peer is a new node (apply_release.admission_budget):
+    that node's boot to loaded with the whole checkpoint (health.peer_cold_start_terms)."""
+    expected = {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
+    if r.multi_node:
+        terms = health.peer_cold_start_terms(sizing, whole_checkpoint_budget_seconds(r))
+        expected.update(peer_cold_start=sum(terms.values()), peer_cold_start_terms=terms)
+    return expected
 
 
 def behind_load_balancer(r: Resolved) -> bool:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import node_files
+from kimi_fleet import catalog, health, node_files
 from kimi_fleet.launch import replica_launches
 from kimi_fleet.node_files import SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files
 from kimi_fleet.node_scripts import replica_epoch
 from kimi_fleet.node_scripts.replica_epoch import PeerUnreadable, read_peer
-from kimi_fleet.sizing import size
+from kimi_fleet.sizing import size, whole_checkpoint_budget_seconds
 from tests.fakes.harness import _stop as stop_process
 from tests.fakes.harness import free_port, wait_for
 from tests.test_aws_stacks import resolved
@@ -527,10 +527,40 @@ class _Clock:
             ready.write_text(release)
 
 
+def test_a_replaced_peer_s_budget_counts_a_new_node_with_the_whole_checkpoint():
+    """The peer's cold start is the group's grace for a new node (boot, image pull, download, verify,
+    build, read, load, margin: health's own terms and constants), less the self-verification a worker
+    does not run, with the whole checkpoint's download, verify and read: its stage share is an
+    estimate, and a node may fetch up to all of it."""
+    r = resolved(STACK)
+    sizing = size(r)
+    assert r.stage_fetch  # the stack whose share is an estimate
+    whole = whole_checkpoint_budget_seconds(r)
+    terms = health.peer_cold_start_terms(sizing, whole)
+    grace = health.windows(sizing, verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS, fleet=True).grace_terms
+    assert list(terms) == [name for name in grace if name != "self-verification"]
+    assert terms["boot"] == health.BOOT_SECONDS and terms["image pull"] == health.IMAGE_PULL_SECONDS
+    assert terms["margin"] == health.GRACE_MARGIN_SECONDS
+    assert terms["image build (estimate)"] == sizing.image_build_seconds > 0
+    assert terms["load (compile and warm-up included)"] == sizing.budget_seconds("load")
+    # The whole checkpoint, from the catalog's size: more than the largest stage share the sizing counts.
+    assert sizing.node_weights[0]["bytes"] < r.checkpoint.size_bytes
+    for phase in ("download", "verify", "read"):
+        assert terms[phase] == whole[phase] > grace[phase] * 1.5, phase
+    assert whole["download"] >= r.checkpoint.size_bytes // catalog.TRANSFER_SOURCES[r.spec.weights.source].bytes_per_second
+    assert sum(terms.values()) > sizing.cold_start_seconds + health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS
+    # A stack whose nodes fetch the whole checkpoint anyway: the same download, verify and read.
+    single = resolved("h200-int4-vllm")
+    assert not single.stage_fetch
+    assert whole_checkpoint_budget_seconds(single) == {"download": size(single).download_seconds,
+                                                       "verify": size(single).verify_seconds,
+                                                       "read": size(single).budget_seconds("read")}
+
+
 @pytest.mark.parametrize("peer_replaced", [True, False])
 def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monkeypatch, peer_replaced):
-    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold:
-    the leader's apply waits for it and admits N+1. The same late admission of a release that
+    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold,
+    the worst case (the whole checkpoint): the leader's apply waits for it and admits N+1. The same late admission of a release that
     replaces no peer fails the apply at the warm budget and puts N back."""
     from kimi_fleet.node_scripts import apply_release
 
@@ -573,10 +603,19 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
         path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210")
     warm = apply_release.admission_budget(root)
     facts = json.loads((root / apply_release.STACK_JSON).read_text())
-    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + sizing.cold_start_seconds
-    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
-    # The new worker comes up after the leader's warm budget, well inside its own cold start.
-    clock = _Clock(root, admit_at=warm + (cold - warm) / 2)
+    terms = health.peer_cold_start_terms(sizing, whole_checkpoint_budget_seconds(r))
+    peer_cold = sum(terms.values())
+    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + peer_cold
+    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds,
+                                         "peer_cold_start": peer_cold, "peer_cold_start_terms": terms}
+    # The worst-case new worker: it boots, pulls its image, fetches, verifies and reads the whole
+    # checkpoint (its stage share is an estimate), builds its image and loads, each at its modelled
+    # time; then the leader's own admission run (its deadline) admits the release.
+    deadline = facts["admission"]["deadline_seconds"]
+    worst = sum(seconds for name, seconds in terms.items() if name != "margin") + deadline
+    assert warm < worst < cold
+    # Without a new peer, a late admission (after the warm budget, inside the restore's) fails the apply.
+    clock = _Clock(root, admit_at=worst if peer_replaced else warm * 1.5)
     monkeypatch.setattr(apply_release, "time", clock)
     code = apply_release.main(["--bundle-file", str(path_n1), "--expect", digest_n1, "--admission-poll", "10"])
     log = (root / "var/log/kimi-fleet/bootstrap.log").read_text()

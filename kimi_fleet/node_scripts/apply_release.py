@@ -451,21 +451,24 @@ def new_peers(staged: Path, live: Path) -> list[str]:
 def admission_budget(root: Path, peers: list[str] = ()) -> float:
     """The warm start, the node's own admission run (stack.json's deadline), two watchdog ticks (the
     one running when the engines came up may have started before them) and a margin. With new
-    `peers` (new_peers), the start waited for is theirs: the cold start (stack.json's
-    expected_seconds, from the sizing), when it is the longer."""
+    `peers` (new_peers), the start waited for is theirs, when it is the longer: a new node's boot,
+    image pull, download, verify, build, read and load of the whole checkpoint and the grace's
+    margin (stack.json's expected_seconds.peer_cold_start, health.peer_cold_start_terms)."""
     minutes = settings(root).get("EXPECTED_READY_MINUTES") or "0"
     stack = json.loads((root / STACK_JSON).read_text())
     deadline = float(stack["admission"]["deadline_seconds"])
     interval = float(stack["watchdog"]["interval_seconds"])
     start = int(minutes) * 60
     if peers:
-        start = max(start, int(stack["expected_seconds"]["cold_start"]))
+        start = max(start, int(stack["expected_seconds"]["peer_cold_start"]))
     return start + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
 
 
 def budget_terms(peers: list[str]) -> str:
     """What an admission budget is made of, for the failure that names it."""
-    start = (f"the cold start of new peer {', '.join(peers)} (this node's warm start when longer)" if peers
+    start = (f"the cold start of new peer {', '.join(peers)} (a new node's boot, image pull, download, verify, "
+             "build, read and load of the whole checkpoint, and a margin; this node's warm start when longer)"
+             if peers
              else "the expected warm start")
     return (f"{start}, the node's admission deadline, {ADMISSION_WATCHDOG_TICKS} watchdog intervals and "
             f"{ADMISSION_MARGIN_SECONDS} s")
