@@ -15,6 +15,7 @@ import gzip
 from importlib import resources
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -570,10 +571,17 @@ def replica_addresses(r: Resolved, launch: Launch) -> tuple[str, list[str]] | No
     return own, peers.split(",")
 
 
-def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
+#: An EC2 instance id (8 or 17 hex digits): the only shape a rank's peer instance id may have.
+INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def replica_facts(r: Resolved, node_rank: int, launch: Launch,
+                  instance_ids: tuple[str, ...] | None = None) -> dict | None:
     """stack.json's "replica" of a multi-node replica's rank: who it is, whether it serves the API
     (the leader), NCCL's words for the transports the fabric check tells apart, and, once the
-    addresses are known, where its peers publish their engine's start (replica_epoch.py)."""
+    addresses are known, where its peers publish their engine's start (replica_epoch.py) and, where
+    the deployment knows them (`instance_ids`, every rank's in rank order), their instance ids: a
+    replaced node that kept its private address is a new peer all the same (apply_release)."""
     if not r.multi_node:
         return None
     facts = {"rank": node_rank, "nodes": r.nodes_per_replica, "serves_api": node_rank == 0,
@@ -582,9 +590,13 @@ def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
     addresses = replica_addresses(r, launch)
     if addresses is not None:
         own, everyone = addresses
+        if instance_ids is not None:
+            if len(instance_ids) != len(everyone) or not all(INSTANCE_ID.fullmatch(i or "") for i in instance_ids):
+                raise ValueError(f"replica instance ids must be one EC2 instance id per rank, got {instance_ids!r}")
         facts.update(address=own, epoch_port=REPLICA_EPOCH_PORT,
-                     peers=[{"rank": rank, "address": address} for rank, address in enumerate(everyone)
-                            if rank != node_rank])
+                     peers=[{"rank": rank, "address": address,
+                             **({"instance_id": instance_ids[rank]} if instance_ids is not None else {})}
+                            for rank, address in enumerate(everyone) if rank != node_rank])
     return facts
 
 
@@ -606,7 +618,8 @@ def replica_epoch_units(r: Resolved, launch: Launch) -> dict[str, str] | None:
     }
 
 
-def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0) -> str:
+def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0,
+                instance_ids: tuple[str, ...] | None = None) -> str:
     spec = r.spec
     facts = {
         "stack": spec.stack,
@@ -639,7 +652,7 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
         "metrics": node_metrics.stack_metrics(spec.stack, launch.engine, r.accelerator.vendor),
         "drain": node_metrics.stack_drain(drain_timeout_seconds(r, sizing)),
     }
-    replica = replica_facts(r, node_rank, launch)
+    replica = replica_facts(r, node_rank, launch, instance_ids)
     if replica is not None:
         facts["replica"] = replica
     return json.dumps(facts, indent=2) + "\n"
@@ -740,19 +753,21 @@ def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
 
 def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                       ebs_volume_id: str | None = None, mirror_manifest_sha256: str | None = None,
-                      node_rank: int = 0) -> dict[str, NodeFile]:
+                      node_rank: int = 0, instance_ids: tuple[str, ...] | None = None) -> dict[str, NodeFile]:
     """Every file a node needs, keyed by its absolute path, stamped with the stack's release.
     `mirror_manifest_sha256`: the digest the deployer verified (an s3-mirror stack's nodes refuse
     any manifest without it). `node_rank`: the node's rank in a multi-node replica (`launch` is
-    that rank's)."""
+    that rank's); `instance_ids`: every rank's EC2 instance id, in rank order, where the deployment
+    knows them (a deploy-time id like the volume's: not part of the release id)."""
     return _render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id,
                          release=node_release(r, launch, sizing), mirror_manifest_sha256=mirror_manifest_sha256,
-                         node_rank=node_rank)
+                         node_rank=node_rank, instance_ids=instance_ids)
 
 
 def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                   ebs_volume_id: str | None, release: str | None,
-                  mirror_manifest_sha256: str | None, node_rank: int = 0) -> dict[str, NodeFile]:
+                  mirror_manifest_sha256: str | None, node_rank: int = 0,
+                  instance_ids: tuple[str, ...] | None = None) -> dict[str, NodeFile]:
     files = [
         NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
@@ -789,7 +804,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(ports=banned_ports(r)), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256,
                                                node_rank), 0o644),
-        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
+        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank, instance_ids), 0o644),
         NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
         NodeFile(REPLICA_EPOCH, node_script("replica_epoch.py"), 0o644),
         # Seeing the node (node_metrics.py): the same files everywhere; node.env says which run.

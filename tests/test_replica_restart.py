@@ -557,7 +557,10 @@ def test_a_replaced_peer_s_budget_counts_a_new_node_with_the_whole_checkpoint():
                                                        "read": size(single).budget_seconds("read")}
 
 
-@pytest.mark.parametrize("peer_replaced", [True, False])
+OLD_IDS, SAME_ADDRESS_NEW_WORKER = ("i-0123456789abcdef0", "i-0123456789abcdef1"), ("i-0123456789abcdef0", "i-0fedcba987654321f")
+
+
+@pytest.mark.parametrize("peer_replaced", ["new address", "same address, new instance", False])
 def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monkeypatch, peer_replaced):
     """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold,
     the worst case (the whole checkpoint): the leader's apply waits for it and admits N+1. The same late admission of a release that
@@ -574,9 +577,9 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     for stub in stubs.iterdir():
         stub.chmod(0o755)
 
-    def publish(addresses: tuple[str, str], volume: str) -> tuple[Path, str]:
+    def publish(addresses: tuple[str, str], volume: str, ids: tuple[str, str] | None = None) -> tuple[Path, str]:
         files = render_node_files(r, replica_launches(r, addresses)[0], sizing, secrets=SecretsSource("files"),
-                                  node_rank=0, ebs_volume_id=volume)
+                                  node_rank=0, ebs_volume_id=volume, instance_ids=ids)
         bundle = release_bundle(files)
         digest = hashlib.sha256(bundle.encode()).hexdigest()
         path = bundles / f"{digest}.json"
@@ -594,13 +597,16 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     monkeypatch.setattr(apply_release, "prepare", lambda *args: None)
     monkeypatch.setattr(apply_release, "rerun_bootstrap", lambda boot: None)
 
-    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0")
+    ids = None if peer_replaced == "new address" else OLD_IDS
+    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0", ids)
     assert apply_release.main(["--bundle-file", str(path_n), "--expect", digest_n]) == 0
     release_n = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
-    if peer_replaced:
+    if peer_replaced == "new address":
         path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.7"), "vol-0123456789abcdef0")
-    else:
-        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210")
+    elif peer_replaced:  # AWS gave the new worker its predecessor's private address
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0", SAME_ADDRESS_NEW_WORKER)
+    else:  # the same worker (same address and instance), a change of the leader's own volume
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210", OLD_IDS)
     warm = apply_release.admission_budget(root)
     facts = json.loads((root / apply_release.STACK_JSON).read_text())
     terms = health.peer_cold_start_terms(sizing, whole_checkpoint_budget_seconds(r))
@@ -624,13 +630,35 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     ready = (root / node_files.READY_FILE.lstrip("/")).read_text().strip()
     if peer_replaced:
         assert code == 0, log[-2000:]
-        assert f"waiting up to {cold:.0f} s" in log and "the cold start of new peer rank 1 (10.0.0.7)" in log
-        assert applied == digest_n1 and live == ready != release_n
-        assert json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"] == [
-            {"rank": 1, "address": "10.0.0.7"}]
+        assert f"waiting up to {cold:.0f} s" in log
+        peers = json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"]
+        if peer_replaced == "new address":
+            assert "the cold start of new peer rank 1 (10.0.0.7)" in log
+            assert applied == digest_n1 and live == ready != release_n
+            assert peers == [{"rank": 1, "address": "10.0.0.7"}]
+        else:
+            assert (f"the cold start of new peer rank 1 (10.0.0.6, instance {SAME_ADDRESS_NEW_WORKER[1]}, was "
+                    f"{OLD_IDS[1]})") in log
+            # The instance id is a deploy-time id (like the volume's): the release id stays, the bundle not.
+            assert applied == digest_n1 and live == ready == release_n
+            assert peers == [{"rank": 1, "address": "10.0.0.6", "instance_id": SAME_ADDRESS_NEW_WORKER[1]}]
         # The association that runs the apply waits longer than the apply does.
         assert bootstrap_timeout_seconds(sizing) >= cold
     else:
         assert code == 1
         assert f"not admitted within {warm:.0f} s (the expected warm start" in log
         assert applied == digest_n and live == release_n == ready  # N back, and admitted again
+
+
+def test_a_rank_s_peer_instance_ids_are_strictly_shaped():
+    r = resolved(STACK)
+    launch = replica_launches(r, ("10.0.0.5", "10.0.0.6"))[0]
+    files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), ebs_volume_id="vol-0123456789abcdef0",
+                              instance_ids=OLD_IDS)
+    facts = json.loads(files[f"{node_files.ENV_DIR}/stack.json"].content)
+    assert facts["replica"]["peers"] == [{"rank": 1, "address": "10.0.0.6", "instance_id": OLD_IDS[1]}]
+    for ids in (("i-0123456789abcdef0",), (OLD_IDS[0], "i-$(reboot)"), (OLD_IDS[0], "i-0123456789ABCDEF1"),
+                (OLD_IDS[0], "")):
+        with pytest.raises(ValueError, match="instance ids"):
+            render_node_files(r, launch, size(r), secrets=SecretsSource("files"),
+                              ebs_volume_id="vol-0123456789abcdef0", instance_ids=ids)

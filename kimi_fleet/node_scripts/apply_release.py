@@ -435,17 +435,26 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
 
 
 def new_peers(staged: Path, live: Path) -> list[str]:
-    """The other ranks of this node's multi-node replica that the release at `staged` names at a new
-    address (a node replaced, or launched for it): their engines start cold (the download, then the
-    load), and no rank of a replica is admitted before every rank is up. Empty for a single node."""
+    """The other ranks of this node's multi-node replica that the release at `staged` names as a new
+    node: at a new address, or, where both releases name it, with a new instance id (a replaced node
+    may be given its predecessor's private address). Their engines start cold (the boot, the
+    download, then the load), and no rank of a replica is admitted before every rank is up. Empty
+    for a single node. Only compared: nothing in stack.json is run."""
     after = json.loads((staged / STACK_JSON).read_text()).get("replica") or {}
     try:
         before = json.loads((live / STACK_JSON).read_text()).get("replica") or {}
     except (OSError, ValueError):
         before = {}
-    known = {peer["rank"]: peer["address"] for peer in before.get("peers", [])}
-    return [f"rank {peer['rank']} ({peer['address']})" for peer in after.get("peers", [])
-            if known.get(peer["rank"]) != peer["address"]]
+    known = {peer["rank"]: peer for peer in before.get("peers", [])}
+    new = []
+    for peer in after.get("peers", []):
+        old = known.get(peer["rank"], {})
+        instance, old_instance = peer.get("instance_id"), old.get("instance_id")
+        if old.get("address") != peer["address"]:
+            new.append(f"rank {peer['rank']} ({peer['address']})")
+        elif instance and old_instance and instance != old_instance:
+            new.append(f"rank {peer['rank']} ({peer['address']}, instance {instance}, was {old_instance})")
+    return new
 
 
 def admission_budget(root: Path, peers: list[str] = ()) -> float:
