@@ -662,3 +662,15 @@ def test_a_rank_s_peer_instance_ids_are_strictly_shaped():
         with pytest.raises(ValueError, match="instance ids"):
             render_node_files(r, launch, size(r), secrets=SecretsSource("files"),
                               ebs_volume_id="vol-0123456789abcdef0", instance_ids=ids)
+
+
+def test_the_bootstrap_frees_the_port_for_the_socket_then_applies_the_socket_then_the_service():
+    """A node upgraded from a release whose publisher bound the port itself: that publisher stops
+    while the socket unit is not yet active (else the socket could not bind), then the socket, then
+    the service on it. (Read from the rendered bootstrap: its live branch runs only on a real node.)"""
+    bootstrap = node_files.BOOTSTRAP
+    guard = bootstrap.index(f"! systemctl is-active --quiet {node_files.REPLICA_EPOCH_SOCKET}; then")
+    stop = bootstrap.index(f"systemctl stop {node_files.REPLICA_EPOCH_UNIT} ", guard)
+    socket_unit = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_SOCKET} ", stop)
+    service = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_UNIT} ", socket_unit)
+    assert guard < stop < socket_unit < service
