@@ -42,14 +42,16 @@ MARKET_TAG = "kimi-fleet:market"
 
 def _release_bundle(args: AwsEndpointArgs, secrets: NodeSecrets, ssm_prefix: str, volume_id: pulumi.Input[str],
                     manifest_sha256: pulumi.Input[str | None], launch: pulumi.Input[Launch],
-                    node_rank: int = 0) -> pulumi.Output[str]:
+                    node_rank: int = 0, instance_ids: pulumi.Input[list[str]] | None = None) -> pulumi.Output[str]:
     """A node's release bundle: its files, with the secrets' versions, its weights volume, the pinned
-    mirror manifest and its launch (a replica's rank's is known once every rank's address is)."""
+    mirror manifest and its launch (a replica's rank's is known once every rank's address is), and a
+    replica's ranks' instance ids (a peer replaced at the same address is still a new peer)."""
     r, region = args.resolved, args.resolved.spec.target.aws.region
     return pulumi.Output.all(volume_id, secrets.api_key_version, manifest_sha256, secrets.previous_api_key_version,
-                             launch).apply(
+                             launch, instance_ids).apply(
         lambda values: release_bundle(render_node_files(
             r, values[4], args.sizing, ebs_volume_id=values[0], mirror_manifest_sha256=values[2], node_rank=node_rank,
+            instance_ids=tuple(values[5]) if values[5] is not None else None,
             secrets=SecretsSource.ssm(ssm_prefix, region, hf_token=args.hf_token is not None,
                                       api_key_version=values[1], previous_api_key=args.previous_api_key is not None,
                                       previous_api_key_version=values[3]))))
@@ -277,9 +279,11 @@ class AwsEndpoint(pulumi.ComponentResource):
                 pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=node_prerequisites)))
             ranks.append((rank, volume, node))
         addresses = pulumi.Output.all(*[node.private_ip for _, _, node in ranks])
+        instance_ids = pulumi.Output.all(*[node.node_ids.apply(lambda ids: ids[0]) for _, _, node in ranks])
         for rank, volume, node in ranks:
             launch = addresses.apply(lambda values, rank=rank: replica_launches(r, tuple(values))[rank])
-            bundle = _release_bundle(args, secrets, ssm_prefix, volume.volume_id, manifest_sha256, launch, rank)
+            bundle = _release_bundle(args, secrets, ssm_prefix, volume.volume_id, manifest_sha256, launch, rank,
+                                     instance_ids)
             NodeRelease(f"{name}-rank{rank}-release", NodeReleaseArgs(
                 stack=r.spec.stack, region=target.region, bundle=bundle,
                 pointer_name=release_pointer(ssm_prefix, rank), instance_id=node.node_ids.apply(lambda ids: ids[0]),

@@ -117,6 +117,29 @@ class HealthWindows:
         ]
 
 
+def new_node_terms(sizing: Sizing, fetched: dict[str, int] | None = None) -> dict[str, int]:
+    """A new node from launch to its engines loaded, by name (seconds): boot, the image pull, the
+    weights' download and verify, the EFA image build (where built), the read and the load, with
+    the budgets' loader (Sizing.budget_seconds). `fetched`: the download, verify and read seconds of
+    what the node fetches when not the sizing's (sizing.whole_checkpoint_budget_seconds)."""
+    fetched = fetched or {"download": sizing.download_seconds, "verify": sizing.verify_seconds,
+                          "read": sizing.budget_seconds("read")}
+    build = {"image build (estimate)": sizing.image_build_seconds} if sizing.image_build_seconds else {}
+    return {"boot": BOOT_SECONDS, "image pull": IMAGE_PULL_SECONDS, "download": fetched["download"],
+            "verify": fetched["verify"], **build, "read": fetched["read"],
+            "load (compile and warm-up included)": sizing.budget_seconds("load")}
+
+
+def peer_cold_start_terms(sizing: Sizing, whole_checkpoint: dict[str, int]) -> dict[str, int]:
+    """What a rank waits for when its replica's other rank is a new node (a `pulumi up` that
+    replaced it): that node's boot to its engine loaded, as the group's grace counts it
+    (new_node_terms, the margin), with the whole checkpoint's download, verify and read
+    (`whole_checkpoint`: sizing.whole_checkpoint_budget_seconds), since a node's stage share is an
+    estimate and it may fetch up to all of it. Its self-verification is not in it: a worker rank
+    runs none, and the waiting rank's own admission is counted by its apply."""
+    return {**new_node_terms(sizing, whole_checkpoint), "margin": GRACE_MARGIN_SECONDS}
+
+
 def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> HealthWindows:
     """Every health window of a stack. `verification_seconds`: the node's own run of the suite at
     most (node_files.ADMISSION_DEADLINE_SECONDS); `fleet`: an Auto Scaling group behind a load balancer."""
@@ -131,10 +154,8 @@ def windows(sizing: Sizing, *, verification_seconds: int, fleet: bool) -> Health
                   "stall detection": stall_detection(STALLED_PROBES, PROBE_INTERVAL_SECONDS,
                                                      GENERATION_PROBE_TIMEOUT_SECONDS),
                   "one more probe": PROBE_INTERVAL_SECONDS}
-    grace_terms = {"boot": BOOT_SECONDS, "image pull": IMAGE_PULL_SECONDS, "download": sizing.download_seconds,
-                   "verify": sizing.verify_seconds, **build, "read": read,
-                   "load (compile and warm-up included)": load,
-                   "self-verification": verification_seconds, "margin": GRACE_MARGIN_SECONDS}
+    grace_terms = {**new_node_terms(sizing), "self-verification": verification_seconds,
+                   "margin": GRACE_MARGIN_SECONDS}
     return HealthWindows(
         probe_interval_seconds=PROBE_INTERVAL_SECONDS,
         probe_timeout_seconds=GENERATION_PROBE_TIMEOUT_SECONDS,

@@ -15,6 +15,7 @@ import gzip
 from importlib import resources
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,7 @@ from kimi_fleet.node_scripts.weights_manifest import MANIFEST_NAME as MIRROR_MAN
 from kimi_fleet.node_scripts.weights_room import CHECKPOINT_MARKER, NODE_VERIFIED_MARKER
 from kimi_fleet.paths import ENGINE_SLICE, MIRROR_COMPILE_CACHE_DIR, mirror_compile_cache_prefix
 from kimi_fleet.resolve import Resolved
-from kimi_fleet.sizing import Sizing, verification_concurrency
+from kimi_fleet.sizing import Sizing, verification_concurrency, whole_checkpoint_budget_seconds
 from kimi_fleet.spec import SAFE_VALUE
 
 SBIN = "/usr/local/sbin"
@@ -162,6 +163,8 @@ FABRIC_CHECK = f"{LIB_DIR}/fabric_check.py"
 #: watchdog (which imports it) reads its peers' (kimi-replica-epoch.service, on REPLICA_EPOCH_PORT).
 REPLICA_EPOCH = f"{LIB_DIR}/replica_epoch.py"
 REPLICA_EPOCH_UNIT = "kimi-replica-epoch.service"
+#: Holds the publisher's port through the service's restarts (an engine shares the host's network).
+REPLICA_EPOCH_SOCKET = "kimi-replica-epoch.socket"
 #: On each rank's private address, reachable from its peers only (beside the loopback listeners 918x).
 REPLICA_EPOCH_PORT = 9184
 #: The cold start as data (phase, download progress); the proxy serves it behind the key.
@@ -219,6 +222,8 @@ PUBLISH_TIMER_PATH = f"{UNIT_DIR}/{node_metrics.PUBLISH_TIMER}"
 DRAIN_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.DRAIN_UNIT}"
 REPLICA_EPOCH_UNIT_PATH = f"{UNIT_DIR}/{REPLICA_EPOCH_UNIT}"
 REPLICA_EPOCH_INPUTS = (REPLICA_EPOCH_UNIT_PATH, REPLICA_EPOCH)
+REPLICA_EPOCH_SOCKET_PATH = f"{UNIT_DIR}/{REPLICA_EPOCH_SOCKET}"
+REPLICA_EPOCH_SOCKET_INPUTS = (REPLICA_EPOCH_SOCKET_PATH,)
 NODE_STATE_INPUTS = (NODE_STATE_UNIT_PATH, node_metrics.NODE_STATE_EXPORTER)
 GPU_EXPORTER_INPUTS = (GPU_EXPORTER_UNIT_PATH, node_metrics.GPU_EXPORTER_COUNTERS_FILE)
 PUBLISH_INPUTS = (PUBLISH_TIMER_PATH, f"{UNIT_DIR}/{node_metrics.PUBLISH_UNIT}")
@@ -253,6 +258,7 @@ def unit_inputs(launch: Launch, *, publishes: bool = False, drains: bool = False
     if drains:
         units[node_metrics.DRAIN_UNIT] = DRAIN_INPUTS
     # Only a rank of a multi-node replica has the unit (unit_digests keeps the units a node has).
+    units[REPLICA_EPOCH_SOCKET] = REPLICA_EPOCH_SOCKET_INPUTS
     units[REPLICA_EPOCH_UNIT] = REPLICA_EPOCH_INPUTS
     return units
 
@@ -327,7 +333,8 @@ BOOTSTRAP = templates.render(
     PUBLISH_TIMER=node_metrics.PUBLISH_TIMER, PUBLISH_INPUTS=_shell_paths(PUBLISH_INPUTS),
     DRAIN_UNIT=node_metrics.DRAIN_UNIT, DRAIN_INPUTS=_shell_paths(DRAIN_INPUTS),
     REPLICA_EPOCH_UNIT=REPLICA_EPOCH_UNIT, REPLICA_EPOCH_UNIT_PATH=REPLICA_EPOCH_UNIT_PATH,
-    REPLICA_EPOCH_INPUTS=_shell_paths(REPLICA_EPOCH_INPUTS))
+    REPLICA_EPOCH_INPUTS=_shell_paths(REPLICA_EPOCH_INPUTS), REPLICA_EPOCH_SOCKET=REPLICA_EPOCH_SOCKET,
+    REPLICA_EPOCH_SOCKET_INPUTS=_shell_paths(REPLICA_EPOCH_SOCKET_INPUTS))
 
 
 WAIT_GPUS_FREE = templates.render("wait_gpus_free.sh", GPU_FREE_TIMEOUT=GPU_FREE_TIMEOUT_SECONDS)
@@ -565,10 +572,17 @@ def replica_addresses(r: Resolved, launch: Launch) -> tuple[str, list[str]] | No
     return own, peers.split(",")
 
 
-def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
+#: An EC2 instance id (8 or 17 hex digits): the only shape a rank's peer instance id may have.
+INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def replica_facts(r: Resolved, node_rank: int, launch: Launch,
+                  instance_ids: tuple[str, ...] | None = None) -> dict | None:
     """stack.json's "replica" of a multi-node replica's rank: who it is, whether it serves the API
     (the leader), NCCL's words for the transports the fabric check tells apart, and, once the
-    addresses are known, where its peers publish their engine's start (replica_epoch.py)."""
+    addresses are known, where its peers publish their engine's start (replica_epoch.py) and, where
+    the deployment knows them (`instance_ids`, every rank's in rank order), their instance ids: a
+    replaced node that kept its private address is a new peer all the same (apply_release)."""
     if not r.multi_node:
         return None
     facts = {"rank": node_rank, "nodes": r.nodes_per_replica, "serves_api": node_rank == 0,
@@ -577,24 +591,36 @@ def replica_facts(r: Resolved, node_rank: int, launch: Launch) -> dict | None:
     addresses = replica_addresses(r, launch)
     if addresses is not None:
         own, everyone = addresses
+        if instance_ids is not None:
+            if len(instance_ids) != len(everyone) or not all(INSTANCE_ID.fullmatch(i or "") for i in instance_ids):
+                raise ValueError(f"replica instance ids must be one EC2 instance id per rank, got {instance_ids!r}")
         facts.update(address=own, epoch_port=REPLICA_EPOCH_PORT,
-                     peers=[{"rank": rank, "address": address} for rank, address in enumerate(everyone)
-                            if rank != node_rank])
+                     peers=[{"rank": rank, "address": address,
+                             **({"instance_id": instance_ids[rank]} if instance_ids is not None else {})}
+                            for rank, address in enumerate(everyone) if rank != node_rank])
     return facts
 
 
-def replica_epoch_unit(r: Resolved, launch: Launch) -> str | None:
-    """The unit that publishes this rank's engine start to its peers, and to them alone."""
+def replica_epoch_units(r: Resolved, launch: Launch) -> dict[str, str] | None:
+    """The units that publish this rank's engine start to its peers, and to them alone: path ->
+    text (the socket that holds the port, the service it passes the port to)."""
     addresses = replica_addresses(r, launch)
     if addresses is None:
         return None
     own, everyone = addresses
-    peers = [address for address in everyone if address != own]
-    return templates.render(REPLICA_EPOCH_UNIT, SCRIPT=REPLICA_EPOCH, ADDRESS=own, PORT=REPLICA_EPOCH_PORT,
-                            ENGINE_UNIT=f"kimi-engine@{launch.instances[0].index}.service", PEERS=" ".join(peers))
+    peers = " ".join(address for address in everyone if address != own)
+    return {
+        REPLICA_EPOCH_SOCKET_PATH: templates.render(REPLICA_EPOCH_SOCKET, SCRIPT=REPLICA_EPOCH, ADDRESS=own,
+                                                    PORT=REPLICA_EPOCH_PORT, SERVICE=REPLICA_EPOCH_UNIT, PEERS=peers),
+        REPLICA_EPOCH_UNIT_PATH: templates.render(REPLICA_EPOCH_UNIT, SCRIPT=REPLICA_EPOCH, ADDRESS=own,
+                                                  PORT=REPLICA_EPOCH_PORT, SOCKET=REPLICA_EPOCH_SOCKET,
+                                                  ENGINE_UNIT=f"kimi-engine@{launch.instances[0].index}.service",
+                                                  PEERS=peers),
+    }
 
 
-def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0) -> str:
+def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0,
+                instance_ids: tuple[str, ...] | None = None) -> str:
     spec = r.spec
     facts = {
         "stack": spec.stack,
@@ -613,7 +639,7 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
         ],
         "weights": {"volume": r.weights_volume, "dir": launch.weights_host_dir, "source": spec.weights.source},
         "market": spec.capacity.effective_market,
-        "expected_seconds": {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds},
+        "expected_seconds": expected_seconds(r, sizing),
         "log": "/var/log/kimi-fleet/bootstrap.log",
         "local_proxy": f"http://127.0.0.1:{LOCAL_PROXY_PORT}",
         "ready_file": READY_FILE,
@@ -627,10 +653,21 @@ def _stack_json(r: Resolved, launch: Launch, sizing: Sizing, node_rank: int = 0)
         "metrics": node_metrics.stack_metrics(spec.stack, launch.engine, r.accelerator.vendor),
         "drain": node_metrics.stack_drain(drain_timeout_seconds(r, sizing)),
     }
-    replica = replica_facts(r, node_rank, launch)
+    replica = replica_facts(r, node_rank, launch, instance_ids)
     if replica is not None:
         facts["replica"] = replica
     return json.dumps(facts, indent=2) + "\n"
+
+
+def expected_seconds(r: Resolved, sizing: Sizing) -> dict:
+    """stack.json's "expected_seconds": the sizing's cold and warm start; a rank of a multi-node
+    replica also what it waits for when its peer is a new node (apply_release.admission_budget):
+    that node's boot to loaded with the whole checkpoint (health.peer_cold_start_terms)."""
+    expected = {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
+    if r.multi_node:
+        terms = health.peer_cold_start_terms(sizing, whole_checkpoint_budget_seconds(r))
+        expected.update(peer_cold_start=sum(terms.values()), peer_cold_start_terms=terms)
+    return expected
 
 
 def behind_load_balancer(r: Resolved) -> bool:
@@ -717,19 +754,21 @@ def node_release(r: Resolved, launch: Launch, sizing: Sizing) -> str:
 
 def render_node_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                       ebs_volume_id: str | None = None, mirror_manifest_sha256: str | None = None,
-                      node_rank: int = 0) -> dict[str, NodeFile]:
+                      node_rank: int = 0, instance_ids: tuple[str, ...] | None = None) -> dict[str, NodeFile]:
     """Every file a node needs, keyed by its absolute path, stamped with the stack's release.
     `mirror_manifest_sha256`: the digest the deployer verified (an s3-mirror stack's nodes refuse
     any manifest without it). `node_rank`: the node's rank in a multi-node replica (`launch` is
-    that rank's)."""
+    that rank's); `instance_ids`: every rank's EC2 instance id, in rank order, where the deployment
+    knows them (a deploy-time id like the volume's: not part of the release id)."""
     return _render_files(r, launch, sizing, secrets=secrets, ebs_volume_id=ebs_volume_id,
                          release=node_release(r, launch, sizing), mirror_manifest_sha256=mirror_manifest_sha256,
-                         node_rank=node_rank)
+                         node_rank=node_rank, instance_ids=instance_ids)
 
 
 def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: SecretsSource,
                   ebs_volume_id: str | None, release: str | None,
-                  mirror_manifest_sha256: str | None, node_rank: int = 0) -> dict[str, NodeFile]:
+                  mirror_manifest_sha256: str | None, node_rank: int = 0,
+                  instance_ids: tuple[str, ...] | None = None) -> dict[str, NodeFile]:
     files = [
         NodeFile(SETTINGS_LIBRARY, SETTINGS_LOADER, 0o644),
         NodeFile(f"{SBIN}/kimi-bootstrap", BOOTSTRAP, 0o755),
@@ -766,7 +805,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(node_guard.FAIL2BAN_JAIL_PATH, node_guard.render_fail2ban_jail(ports=banned_ports(r)), 0o644),
         NodeFile(NODE_ENV_FILE, _node_env(r, launch, sizing, secrets, ebs_volume_id, mirror_manifest_sha256,
                                                node_rank), 0o644),
-        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank), 0o644),
+        NodeFile(f"{ENV_DIR}/stack.json", _stack_json(r, launch, sizing, node_rank, instance_ids), 0o644),
         NodeFile(FABRIC_CHECK, node_script("fabric_check.py"), 0o644),
         NodeFile(REPLICA_EPOCH, node_script("replica_epoch.py"), 0o644),
         # Seeing the node (node_metrics.py): the same files everywhere; node.env says which run.
@@ -791,9 +830,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
                 extra_public_ports=(node_metrics.HOST_METRICS_PORT,)), 0o644),
             NodeFile(f"{UNIT_DIR}/kimi-firewall.service", node_guard.FIREWALL_UNIT, 0o644),
         ]
-    epoch_unit = replica_epoch_unit(r, launch)
-    if epoch_unit is not None:
-        files.append(NodeFile(REPLICA_EPOCH_UNIT_PATH, epoch_unit, 0o644))
+    files += [NodeFile(path, text, 0o644) for path, text in (replica_epoch_units(r, launch) or {}).items()]
     files += [NodeFile(i.env_file_path, render_env_file(launch, i, r.spec.stack), 0o644) for i in launch.instances]
     if launch.build is not None:
         files.append(NodeFile(f"{launch.build.context_dir}/Dockerfile", launch.build.dockerfile, 0o644))

@@ -281,13 +281,24 @@ def fetch_bytes(r: Resolved) -> int:
     return max(row["bytes"] for row in node_weights(r))
 
 
-def ready_phases(r: Resolved) -> list[dict]:
+def whole_checkpoint_budget_seconds(r: Resolved) -> dict[str, int]:
+    """The download, verify and read budget seconds (Sizing.budget_seconds) of a node that fetches
+    the whole checkpoint (the catalog's size): the worst case of a node whose stage share is an
+    estimate (node_weights), since its real share is picked from the index at boot. The same as the
+    sizing's where every node fetches the whole checkpoint."""
+    phases = ready_phases(r, fetched_bytes=r.checkpoint.size_bytes)
+    return {p["phase"]: p.get("budget_seconds", p["seconds"]) for p in phases
+            if p["phase"] in ("download", "verify", "read")}
+
+
+def ready_phases(r: Resolved, fetched_bytes: int | None = None) -> list[dict]:
     """Time to ready, phase by phase: the expected seconds (from measurements: seeds 000 and 003,
     the handbook's mirror rate, this project's hash benchmark, the adopted loader's published figure),
-    the floor of the hardware the stack chose, and the stack-file choice that would lower it."""
+    the floor of the hardware the stack chose, and the stack-file choice that would lower it.
+    `fetched_bytes`: what the node fetches, verifies and reads (default: fetch_bytes)."""
     # A node of a multi-node replica that fetches its stage's shards only also verifies and reads only
     # those: vLLM's loader opens the shards present and listed (catalog.STAGE_FETCH_SOURCE).
-    size, engines = fetch_bytes(r), r.engines_per_node
+    size, engines = (fetch_bytes(r) if fetched_bytes is None else fetched_bytes), r.engines_per_node
     whole = r.checkpoint.size_bytes
     share = (f" (the largest node's share of {whole / 1e9:.0f} GB, an estimate from its layers: plan's layout)"
              if size != whole else "")

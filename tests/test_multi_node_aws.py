@@ -14,6 +14,7 @@ from kimi_fleet.node_files import SecretsSource, render_node_files
 from kimi_fleet.rules import check_rules
 from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import PROJECT_ROOT
+from tooling.mock_run import mock_instance_id
 from tests.test_aws_stacks import HF_TOKEN, INSTANCE, LT, SG, resolved, run_endpoint, with_capacity
 
 STACK = "h100-int4-vllm"
@@ -106,6 +107,14 @@ def test_each_rank_boots_its_own_release_with_the_leaders_address(run):
     peers = {rank: next(a for a in args if a.startswith(f"--env={REPLICA_PEERS_ENV}=")) for rank, args in argv.items()}
     assert peers[0] == peers[1]
     assert bundles[0][1]["replica"]["serves_api"] and not bundles[1][1]["replica"]["serves_api"]
+    # Each rank names its peer's instance (EC2's id: a peer replaced at the same address is new).
+    peer_ids = {rank: [peer["instance_id"] for peer in facts["replica"]["peers"]] for rank, (_, facts) in bundles.items()}
+    assert all(len(ids) == 1 and node_files.INSTANCE_ID.fullmatch(ids[0]) for ids in peer_ids.values())
+    from components.aws_endpoint import REPLICA_RANK_TAG
+
+    instances = {instance["inputs"]["tags"][REPLICA_RANK_TAG]: mock_instance_id(instance["name"])
+                 for instance in run.of_type(INSTANCE)}
+    assert peer_ids == {0: [instances["1"]], 1: [instances["0"]]}
     assert "--device=/dev/infiniband" in argv[1]
     # Each rank runs the pinned image with the EFA userspace built in, from the Dockerfile its release carries.
     for rank, (files, facts) in bundles.items():

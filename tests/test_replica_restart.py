@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import node_files
+from kimi_fleet import catalog, health, node_files
 from kimi_fleet.launch import replica_launches
 from kimi_fleet.node_files import SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files
 from kimi_fleet.node_scripts import replica_epoch
 from kimi_fleet.node_scripts.replica_epoch import PeerUnreadable, read_peer
-from kimi_fleet.sizing import size
+from kimi_fleet.sizing import size, whole_checkpoint_budget_seconds
 from tests.fakes.harness import _stop as stop_process
 from tests.fakes.harness import free_port, wait_for
 from tests.test_aws_stacks import resolved
@@ -46,7 +47,11 @@ case "$1" in
         if [[ " $* " == *" --value "* ]]; then echo "$id"; exit 0; fi
         echo "InvocationID=$id"
         echo "ActiveState=$(cat "$state/active-$unit" 2>/dev/null || echo active)" ;;
-  restart) unit=${@: -1}; echo "$unit" >>"$state/restarts"
+  restart) unit=${@: -1}
+           if [[ -s $state/fail-restarts ]]; then  # this many restarts fail (systemd refused the job)
+             sed -i '$d' "$state/fail-restarts"; echo "Failed to restart $unit: stub refused" >&2; exit 1
+           fi
+           echo "$unit" >>"$state/restarts"
            printf 'restart %s %s %s' "$state" "$unit" "$(wc -l <"$state/restarts")" | md5sum | cut -c1-32 \\
              >"$state/invocation-$unit"
            echo active >"$state/active-$unit" ;;
@@ -131,7 +136,23 @@ class Rank:
 
     @contextmanager
     def publisher(self):
-        """The shipped publisher, as its unit runs it, on this rank's address."""
+        """The shipped publisher as its units run it: the socket unit's listener on this rank's
+        address (held here, as systemd holds it), passed to the service's ExecStart."""
+        socket_unit = self.files[node_files.REPLICA_EPOCH_SOCKET_PATH].content
+        assert f"ListenStream={self.address}:{node_files.REPLICA_EPOCH_PORT}\n" in socket_unit
+        listener = socket.create_server((self.address, self.port))
+        try:
+            process = self.serve(listener)
+            try:
+                yield process
+            finally:
+                stop_process(process)
+        finally:
+            listener.close()
+
+    def serve(self, listener: socket.socket) -> subprocess.Popen:
+        """The service's ExecStart on the socket unit's listener (fd 3, LISTEN_PID and LISTEN_FDS as
+        systemd sets them); up once it answers."""
         unit = self.files[node_files.REPLICA_EPOCH_UNIT_PATH].content
         exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
         argv = exec_start.removeprefix("ExecStart=").split()
@@ -140,13 +161,13 @@ class Rank:
                             "--unit", UNIT]
         argv = ["/usr/bin/python3", str(self.root / node_files.REPLICA_EPOCH.lstrip("/")), "serve", "--address",
                 self.address, "--port", str(self.port), "--unit", UNIT]
-        process = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            assert wait_for(lambda: self.published() is not None or process.poll() is not None, 20)
-            assert process.poll() is None, process.stderr.read()
-            yield process
-        finally:
-            stop_process(process)
+        fd = listener.fileno()
+        process = subprocess.Popen(["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; '
+                                    'exec "$@"', "sd-listen", *argv], env=self.env, pass_fds=(fd,),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert wait_for(lambda: self.published() is not None or process.poll() is not None, 20)
+        assert process.poll() is None, process.stderr.read()
+        return process
 
     def published(self) -> tuple[str, str] | None:
         try:
@@ -215,6 +236,22 @@ def test_one_rank_restarting_restarts_the_other_once_and_never_again(tmp_path, f
         assert changed.restarts() == []
         assert worker.health()["engines"][UNIT]["verdict"] == "serving"
         assert (worker.root / "run/kimi-fleet/ready").exists()
+
+
+def test_a_failed_restart_is_retried_on_the_next_run(tmp_path):
+    """systemd refuses the rank's restart once: nothing recorded as done, the next run restarts it
+    (once), and the run after that does not."""
+    with replica(tmp_path) as (leader, worker):
+        new = leader.started("leader-crashed-and-restarted", formed=False)
+        leader.shows(new)
+        (worker.state / "fail-restarts").write_text("x\n")
+        run = worker.watchdog()
+        assert worker.restarts() == [] and "restart not queued" in run.stderr, run.stderr
+        assert worker.health()["engines"][UNIT]["verdict"] == "replica restart"
+        run = worker.watchdog()
+        assert worker.restarts() == [UNIT], run.stderr
+        worker.watchdog()
+        assert worker.restarts() == [UNIT]
 
 
 def test_a_rank_that_has_not_formed_waits_for_its_peer_instead_of_restarting(tmp_path):
@@ -304,6 +341,70 @@ def test_a_forged_or_garbage_peer_value_changes_nothing(tmp_path):
         server.server_close()
 
 
+@contextmanager
+def dripping_peer(address: str, port: int, every: float, seconds: float):
+    """A peer that answers its status line one byte every `every` seconds, for `seconds` at most:
+    each read waits less than any per-read timeout, the whole answer never ends."""
+    import socket
+
+    listener = socket.create_server((address, port))
+    stop = threading.Event()
+
+    def drip():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.recv(1024)
+                for byte in (b"HTTP/1.0 200 OK\r\nX-" + b"a" * 4096)[:int(seconds / every)]:
+                    if stop.wait(every):
+                        break
+                    try:
+                        connection.sendall(bytes([byte]))
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_dripping_peer_is_given_up_at_the_read_deadline():
+    """One byte every 0.2 s, for 8 s: a per-read timeout of 1 s never fires; the whole read's does."""
+    import time
+
+    address, port = _addresses()[0], free_port()
+    with dripping_peer(address, port, every=0.2, seconds=8):
+        began = time.monotonic()
+        with pytest.raises(PeerUnreadable):
+            read_peer(address, port, timeout=1.0)
+        assert time.monotonic() - began < 2.5
+
+
+def test_a_dripping_peer_does_not_hold_the_watchdog(tmp_path):
+    """The worker's peer drips its answer for 20 s: the watchdog's run gives up on it at the read
+    deadline (and changes nothing), rather than for as long as the peer keeps dripping."""
+    import time
+
+    addresses = _addresses()
+    port = free_port()
+    worker = Rank(tmp_path, 1, addresses, port)
+    with dripping_peer(addresses[0], port, every=0.5, seconds=20):
+        began = time.monotonic()
+        run = worker.watchdog()
+        took = time.monotonic() - began
+    assert took < replica_epoch.READ_TIMEOUT_SECONDS + 6, (took, run.stderr)
+    assert "nothing to act on" in run.stderr and worker.restarts() == []
+
+
 @pytest.mark.parametrize("body", FORGED)
 def test_the_peer_reader_accepts_one_start_line_and_nothing_else(body):
     with pytest.raises(PeerUnreadable):
@@ -326,6 +427,50 @@ def test_the_publisher_answers_one_line_on_one_path(tmp_path):
             connection.close()
 
 
+def test_the_publisher_s_port_is_held_through_its_restart(tmp_path):
+    """The socket unit's listener outlives the service: while the publisher is down, nothing else (an
+    engine on the host's network) can bind its port, and the restarted publisher answers on it."""
+    import errno
+
+    addresses = _addresses()
+    leader = Rank(tmp_path, 0, addresses, free_port())
+    listener = socket.create_server((leader.address, leader.port))
+    try:
+        stop_process(leader.serve(listener))
+        for address in (leader.address, "0.0.0.0"):
+            squatter = socket.socket()
+            try:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with pytest.raises(OSError) as refused:
+                    squatter.bind((address, leader.port))
+                assert refused.value.errno == errno.EADDRINUSE
+            finally:
+                squatter.close()
+        process = leader.serve(listener)
+        try:
+            leader.shows(leader.current())
+        finally:
+            stop_process(process)
+    finally:
+        listener.close()
+
+
+def test_the_publisher_refuses_a_passed_socket_bound_elsewhere(tmp_path):
+    addresses = _addresses()
+    leader = Rank(tmp_path, 0, addresses, free_port())
+    listener = socket.create_server((addresses[1], leader.port))
+    try:
+        fd = listener.fileno()
+        argv = ["/usr/bin/python3", str(leader.root / node_files.REPLICA_EPOCH.lstrip("/")), "serve", "--address",
+                leader.address, "--port", str(leader.port), "--unit", UNIT]
+        result = subprocess.run(["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; '
+                                 'exec "$@"', "sd-listen", *argv], env=leader.env, pass_fds=(fd,),
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode != 0 and "refusing to serve on it" in result.stderr
+    finally:
+        listener.close()
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tmp_path):
     from tests.test_node_files import _systemd_root
@@ -336,19 +481,25 @@ def test_the_publisher_unit_admits_the_peers_alone_and_passes_systemd_analyze(tm
         files = render_node_files(r, replica_launches(r, addresses)[rank], size(r), secrets=SecretsSource("files"),
                                   node_rank=rank, ebs_volume_id="vol-0123456789abcdef0")
         unit = files[node_files.REPLICA_EPOCH_UNIT_PATH].content
-        assert "IPAddressDeny=any\n" in unit and f"IPAddressAllow={addresses[1 - rank]}\n" in unit
+        sockets = files[node_files.REPLICA_EPOCH_SOCKET_PATH].content
+        for text in (unit, sockets):
+            assert "IPAddressDeny=any\n" in text and f"IPAddressAllow={addresses[1 - rank]}\n" in text
         assert f"--address {addresses[rank]} " in unit and "DynamicUser=yes" in unit
+        assert f"Requires={node_files.REPLICA_EPOCH_SOCKET}\n" in unit
+        assert f"ListenStream={addresses[rank]}:{node_files.REPLICA_EPOCH_PORT}\n" in sockets
+        assert f"Service={node_files.REPLICA_EPOCH_UNIT}\n" in sockets and "Accept=no\n" in sockets
         root = tmp_path / f"rank{rank}"
         _systemd_root(root, files)
         result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
-                                 node_files.REPLICA_EPOCH_UNIT_PATH], capture_output=True, text=True)
+                                 node_files.REPLICA_EPOCH_SOCKET_PATH, node_files.REPLICA_EPOCH_UNIT_PATH],
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     # A single node, and the planner (no addresses yet), have no publisher.
     from kimi_fleet.launch import render_launch
 
     planned = render_node_files(r, render_launch(r), size(r), secrets=SecretsSource("files"),
                                 ebs_volume_id="vol-0123456789abcdef0")
-    assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned
+    assert node_files.REPLICA_EPOCH_UNIT_PATH not in planned and node_files.REPLICA_EPOCH_SOCKET_PATH not in planned
 
 
 # --- the apply's budget -------------------------------------------------------------------------
@@ -376,10 +527,43 @@ class _Clock:
             ready.write_text(release)
 
 
-@pytest.mark.parametrize("peer_replaced", [True, False])
+def test_a_replaced_peer_s_budget_counts_a_new_node_with_the_whole_checkpoint():
+    """The peer's cold start is the group's grace for a new node (boot, image pull, download, verify,
+    build, read, load, margin: health's own terms and constants), less the self-verification a worker
+    does not run, with the whole checkpoint's download, verify and read: its stage share is an
+    estimate, and a node may fetch up to all of it."""
+    r = resolved(STACK)
+    sizing = size(r)
+    assert r.stage_fetch  # the stack whose share is an estimate
+    whole = whole_checkpoint_budget_seconds(r)
+    terms = health.peer_cold_start_terms(sizing, whole)
+    grace = health.windows(sizing, verification_seconds=node_files.ADMISSION_DEADLINE_SECONDS, fleet=True).grace_terms
+    assert list(terms) == [name for name in grace if name != "self-verification"]
+    assert terms["boot"] == health.BOOT_SECONDS and terms["image pull"] == health.IMAGE_PULL_SECONDS
+    assert terms["margin"] == health.GRACE_MARGIN_SECONDS
+    assert terms["image build (estimate)"] == sizing.image_build_seconds > 0
+    assert terms["load (compile and warm-up included)"] == sizing.budget_seconds("load")
+    # The whole checkpoint, from the catalog's size: more than the largest stage share the sizing counts.
+    assert sizing.node_weights[0]["bytes"] < r.checkpoint.size_bytes
+    for phase in ("download", "verify", "read"):
+        assert terms[phase] == whole[phase] > grace[phase] * 1.5, phase
+    assert whole["download"] >= r.checkpoint.size_bytes // catalog.TRANSFER_SOURCES[r.spec.weights.source].bytes_per_second
+    assert sum(terms.values()) > sizing.cold_start_seconds + health.BOOT_SECONDS + health.IMAGE_PULL_SECONDS
+    # A stack whose nodes fetch the whole checkpoint anyway: the same download, verify and read.
+    single = resolved("h200-int4-vllm")
+    assert not single.stage_fetch
+    assert whole_checkpoint_budget_seconds(single) == {"download": size(single).download_seconds,
+                                                       "verify": size(single).verify_seconds,
+                                                       "read": size(single).budget_seconds("read")}
+
+
+OLD_IDS, SAME_ADDRESS_NEW_WORKER = ("i-0123456789abcdef0", "i-0123456789abcdef1"), ("i-0123456789abcdef0", "i-0fedcba987654321f")
+
+
+@pytest.mark.parametrize("peer_replaced", ["new address", "same address, new instance", False])
 def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monkeypatch, peer_replaced):
-    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold:
-    the leader's apply waits for it and admits N+1. The same late admission of a release that
+    """Release N runs on the leader; N+1 names a new worker (the old one was replaced) that boots cold,
+    the worst case (the whole checkpoint): the leader's apply waits for it and admits N+1. The same late admission of a release that
     replaces no peer fails the apply at the warm budget and puts N back."""
     from kimi_fleet.node_scripts import apply_release
 
@@ -393,9 +577,9 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     for stub in stubs.iterdir():
         stub.chmod(0o755)
 
-    def publish(addresses: tuple[str, str], volume: str) -> tuple[Path, str]:
+    def publish(addresses: tuple[str, str], volume: str, ids: tuple[str, str] | None = None) -> tuple[Path, str]:
         files = render_node_files(r, replica_launches(r, addresses)[0], sizing, secrets=SecretsSource("files"),
-                                  node_rank=0, ebs_volume_id=volume)
+                                  node_rank=0, ebs_volume_id=volume, instance_ids=ids)
         bundle = release_bundle(files)
         digest = hashlib.sha256(bundle.encode()).hexdigest()
         path = bundles / f"{digest}.json"
@@ -413,19 +597,31 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     monkeypatch.setattr(apply_release, "prepare", lambda *args: None)
     monkeypatch.setattr(apply_release, "rerun_bootstrap", lambda boot: None)
 
-    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0")
+    ids = None if peer_replaced == "new address" else OLD_IDS
+    path_n, digest_n = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0", ids)
     assert apply_release.main(["--bundle-file", str(path_n), "--expect", digest_n]) == 0
     release_n = (root / node_files.RELEASE_FILE.lstrip("/")).read_text().strip()
-    if peer_replaced:
+    if peer_replaced == "new address":
         path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.7"), "vol-0123456789abcdef0")
-    else:
-        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210")
+    elif peer_replaced:  # AWS gave the new worker its predecessor's private address
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0123456789abcdef0", SAME_ADDRESS_NEW_WORKER)
+    else:  # the same worker (same address and instance), a change of the leader's own volume
+        path_n1, digest_n1 = publish(("10.0.0.5", "10.0.0.6"), "vol-0fedcba9876543210", OLD_IDS)
     warm = apply_release.admission_budget(root)
     facts = json.loads((root / apply_release.STACK_JSON).read_text())
-    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + sizing.cold_start_seconds
-    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds}
-    # The new worker comes up after the leader's warm budget, well inside its own cold start.
-    clock = _Clock(root, admit_at=warm + (cold - warm) / 2)
+    terms = health.peer_cold_start_terms(sizing, whole_checkpoint_budget_seconds(r))
+    peer_cold = sum(terms.values())
+    cold = warm - -(-sizing.warm_start_seconds // 60) * 60 + peer_cold
+    assert facts["expected_seconds"] == {"cold_start": sizing.cold_start_seconds, "warm_start": sizing.warm_start_seconds,
+                                         "peer_cold_start": peer_cold, "peer_cold_start_terms": terms}
+    # The worst-case new worker: it boots, pulls its image, fetches, verifies and reads the whole
+    # checkpoint (its stage share is an estimate), builds its image and loads, each at its modelled
+    # time; then the leader's own admission run (its deadline) admits the release.
+    deadline = facts["admission"]["deadline_seconds"]
+    worst = sum(seconds for name, seconds in terms.items() if name != "margin") + deadline
+    assert warm < worst < cold
+    # Without a new peer, a late admission (after the warm budget, inside the restore's) fails the apply.
+    clock = _Clock(root, admit_at=worst if peer_replaced else warm * 1.5)
     monkeypatch.setattr(apply_release, "time", clock)
     code = apply_release.main(["--bundle-file", str(path_n1), "--expect", digest_n1, "--admission-poll", "10"])
     log = (root / "var/log/kimi-fleet/bootstrap.log").read_text()
@@ -434,13 +630,47 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
     ready = (root / node_files.READY_FILE.lstrip("/")).read_text().strip()
     if peer_replaced:
         assert code == 0, log[-2000:]
-        assert f"waiting up to {cold:.0f} s" in log and "the cold start of new peer rank 1 (10.0.0.7)" in log
-        assert applied == digest_n1 and live == ready != release_n
-        assert json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"] == [
-            {"rank": 1, "address": "10.0.0.7"}]
+        assert f"waiting up to {cold:.0f} s" in log
+        peers = json.loads((root / apply_release.STACK_JSON).read_text())["replica"]["peers"]
+        if peer_replaced == "new address":
+            assert "the cold start of new peer rank 1 (10.0.0.7)" in log
+            assert applied == digest_n1 and live == ready != release_n
+            assert peers == [{"rank": 1, "address": "10.0.0.7"}]
+        else:
+            assert (f"the cold start of new peer rank 1 (10.0.0.6, instance {SAME_ADDRESS_NEW_WORKER[1]}, was "
+                    f"{OLD_IDS[1]})") in log
+            # The instance id is a deploy-time id (like the volume's): the release id stays, the bundle not.
+            assert applied == digest_n1 and live == ready == release_n
+            assert peers == [{"rank": 1, "address": "10.0.0.6", "instance_id": SAME_ADDRESS_NEW_WORKER[1]}]
         # The association that runs the apply waits longer than the apply does.
         assert bootstrap_timeout_seconds(sizing) >= cold
     else:
         assert code == 1
         assert f"not admitted within {warm:.0f} s (the expected warm start" in log
         assert applied == digest_n and live == release_n == ready  # N back, and admitted again
+
+
+def test_a_rank_s_peer_instance_ids_are_strictly_shaped():
+    r = resolved(STACK)
+    launch = replica_launches(r, ("10.0.0.5", "10.0.0.6"))[0]
+    files = render_node_files(r, launch, size(r), secrets=SecretsSource("files"), ebs_volume_id="vol-0123456789abcdef0",
+                              instance_ids=OLD_IDS)
+    facts = json.loads(files[f"{node_files.ENV_DIR}/stack.json"].content)
+    assert facts["replica"]["peers"] == [{"rank": 1, "address": "10.0.0.6", "instance_id": OLD_IDS[1]}]
+    for ids in (("i-0123456789abcdef0",), (OLD_IDS[0], "i-$(reboot)"), (OLD_IDS[0], "i-0123456789ABCDEF1"),
+                (OLD_IDS[0], "")):
+        with pytest.raises(ValueError, match="instance ids"):
+            render_node_files(r, launch, size(r), secrets=SecretsSource("files"),
+                              ebs_volume_id="vol-0123456789abcdef0", instance_ids=ids)
+
+
+def test_the_bootstrap_frees_the_port_for_the_socket_then_applies_the_socket_then_the_service():
+    """A node upgraded from a release whose publisher bound the port itself: that publisher stops
+    while the socket unit is not yet active (else the socket could not bind), then the socket, then
+    the service on it. (Read from the rendered bootstrap: its live branch runs only on a real node.)"""
+    bootstrap = node_files.BOOTSTRAP
+    guard = bootstrap.index(f"! systemctl is-active --quiet {node_files.REPLICA_EPOCH_SOCKET}; then")
+    stop = bootstrap.index(f"systemctl stop {node_files.REPLICA_EPOCH_UNIT} ", guard)
+    socket_unit = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_SOCKET} ", stop)
+    service = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_UNIT} ", socket_unit)
+    assert guard < stop < socket_unit < service

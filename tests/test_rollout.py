@@ -21,7 +21,7 @@ from kimi_fleet.rollout import RolloutFacts, impact, rollout_facts
 from kimi_fleet.sizing import size
 from kimi_fleet.validation import parse_spec
 from kimi_fleet.stackfile import load_stack_config, stack_file
-from tooling.mock_run import MockRun, run_config
+from tooling.mock_run import MockRun, mock_instance_id, run_config
 
 LT = "aws:ec2/launchTemplate:LaunchTemplate"
 INSTANCE = "aws:ec2/instance:Instance"
@@ -152,7 +152,7 @@ def test_single_node_change_is_applied_in_place_and_the_gate_checks_the_new_rele
     digest = new_bundle["inputs"]["key"].removeprefix("releases/").removesuffix(".json")
     assert f"--expect {digest};" in _apply_command(after) and _apply_command(before) != _apply_command(after)
     (association,) = after.of_type(ASSOCIATION)
-    assert association["inputs"]["targets"] == [{"key": "InstanceIds", "values": [f"{new_instance['name']}-id"]}]
+    assert association["inputs"]["targets"] == [{"key": "InstanceIds", "values": [mock_instance_id(new_instance["name"])]}]
     assert association["inputs"]["waitForSuccessTimeoutSeconds"] > 0
     command = gate_command(after)
     assert command[command.index("--release") + 1] == released(after)

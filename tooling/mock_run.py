@@ -108,6 +108,11 @@ def unwrap(node, reveal: bool = False):
     return node
 
 
+def mock_instance_id(name: str) -> str:
+    """The id the mocks give an EC2 instance named `name`: EC2's shape (i- and 17 hex digits)."""
+    return "i-" + hashlib.sha256(name.encode()).hexdigest()[:17]
+
+
 def _content_number(value) -> int:
     """A positive number that changes with `value`: stands in for versions the cloud assigns."""
     digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
@@ -149,6 +154,8 @@ class EchoMocks(pulumi.runtime.Mocks):
             state.setdefault("publicIp", PUBLIC_IP)
             state.setdefault("allocationId", EIP_ALLOCATION_ID)
         elif args.typ == "aws:ec2/instance:Instance":
+            # EC2's shape (i- and 17 hex digits), distinct per instance: a replica's ranks carry them.
+            resource_id = mock_instance_id(args.name)
             state.setdefault("publicIp", PUBLIC_IP)
             # AWS picks the primary address in the subnet: distinct per instance, known only after it exists.
             state.setdefault("privateIp", f"10.0.1.{10 + _content_number(args.name) % 200}")

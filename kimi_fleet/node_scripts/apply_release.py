@@ -435,37 +435,49 @@ def wait_admitted(release: str, ready_file: Path, engines: list[int], budget: fl
 
 
 def new_peers(staged: Path, live: Path) -> list[str]:
-    """The other ranks of this node's multi-node replica that the release at `staged` names at a new
-    address (a node replaced, or launched for it): their engines start cold (the download, then the
-    load), and no rank of a replica is admitted before every rank is up. Empty for a single node."""
+    """The other ranks of this node's multi-node replica that the release at `staged` names as a new
+    node: at a new address, or, where both releases name it, with a new instance id (a replaced node
+    may be given its predecessor's private address). Their engines start cold (the boot, the
+    download, then the load), and no rank of a replica is admitted before every rank is up. Empty
+    for a single node. Only compared: nothing in stack.json is run."""
     after = json.loads((staged / STACK_JSON).read_text()).get("replica") or {}
     try:
         before = json.loads((live / STACK_JSON).read_text()).get("replica") or {}
     except (OSError, ValueError):
         before = {}
-    known = {peer["rank"]: peer["address"] for peer in before.get("peers", [])}
-    return [f"rank {peer['rank']} ({peer['address']})" for peer in after.get("peers", [])
-            if known.get(peer["rank"]) != peer["address"]]
+    known = {peer["rank"]: peer for peer in before.get("peers", [])}
+    new = []
+    for peer in after.get("peers", []):
+        old = known.get(peer["rank"], {})
+        instance, old_instance = peer.get("instance_id"), old.get("instance_id")
+        if old.get("address") != peer["address"]:
+            new.append(f"rank {peer['rank']} ({peer['address']})")
+        elif instance and old_instance and instance != old_instance:
+            new.append(f"rank {peer['rank']} ({peer['address']}, instance {instance}, was {old_instance})")
+    return new
 
 
 def admission_budget(root: Path, peers: list[str] = ()) -> float:
     """The warm start, the node's own admission run (stack.json's deadline), two watchdog ticks (the
     one running when the engines came up may have started before them) and a margin. With new
-    `peers` (new_peers), the start waited for is theirs: the cold start (stack.json's
-    expected_seconds, from the sizing), when it is the longer."""
+    `peers` (new_peers), the start waited for is theirs, when it is the longer: a new node's boot,
+    image pull, download, verify, build, read and load of the whole checkpoint and the grace's
+    margin (stack.json's expected_seconds.peer_cold_start, health.peer_cold_start_terms)."""
     minutes = settings(root).get("EXPECTED_READY_MINUTES") or "0"
     stack = json.loads((root / STACK_JSON).read_text())
     deadline = float(stack["admission"]["deadline_seconds"])
     interval = float(stack["watchdog"]["interval_seconds"])
     start = int(minutes) * 60
     if peers:
-        start = max(start, int(stack["expected_seconds"]["cold_start"]))
+        start = max(start, int(stack["expected_seconds"]["peer_cold_start"]))
     return start + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
 
 
 def budget_terms(peers: list[str]) -> str:
     """What an admission budget is made of, for the failure that names it."""
-    start = (f"the cold start of new peer {', '.join(peers)} (this node's warm start when longer)" if peers
+    start = (f"the cold start of new peer {', '.join(peers)} (a new node's boot, image pull, download, verify, "
+             "build, read and load of the whole checkpoint, and a margin; this node's warm start when longer)"
+             if peers
              else "the expected warm start")
     return (f"{start}, the node's admission deadline, {ADMISSION_WATCHDOG_TICKS} watchdog intervals and "
             f"{ADMISSION_MARGIN_SECONDS} s")

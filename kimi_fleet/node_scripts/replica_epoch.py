@@ -18,7 +18,9 @@ then only while a request runs). Neither rank recovers by itself: the replica re
     replica_epoch.py serve --address A --port P --unit U
 
 serves one line on http://A:P/: "<InvocationID> <ActiveState>" of unit U (the InvocationID is 32
-hex digits, "-" before the unit's first start). Nothing else: no path but "/", no method but GET,
+hex digits, "-" before the unit's first start), on the listening socket systemd passes
+(kimi-replica-epoch.socket, which holds A:P through this service's restarts; bound here only when
+started without one). Nothing else: no path but "/", no method but GET,
 nothing read from the request. `read_peer` reads a peer's line and accepts exactly that shape;
 anything else is refused (never executed, never sourced, never logged beyond a bounded repr).
 The watchdog does the rest (see watchdog.py's replica_epoch): this file runs nothing but
@@ -28,8 +30,9 @@ The watchdog does the rest (see watchdog.py's replica_epoch): this file runs not
 from __future__ import annotations
 
 import argparse
-import http.client
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -42,10 +45,18 @@ ACTIVE_STATES = ("active", "reloading", "inactive", "failed", "activating", "dea
 LINE = re.compile(r"(?P<start>[0-9a-f]{32}|-) (?P<active>" + "|".join(ACTIVE_STATES) + r")")
 #: No valid line is longer; a longer answer is refused unread.
 MAX_BYTES = 64
-#: A peer's answer waits no longer (the watchdog runs every few seconds).
+#: A peer's whole answer (connect, request, every read) waits no longer (the watchdog runs every few
+#: seconds, and its run waits for every peer in turn).
 READ_TIMEOUT_SECONDS = 3.0
+#: The publisher's whole HTTP answer (status line, its few headers, one start line) is well under
+#: this; a longer answer is refused unread.
+MAX_RESPONSE_BYTES = 512
+#: An HTTP/1.x status line.
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (?P<code>[0-9]{3})[ \r]")
 #: A request reads the unit's state at most this often (a peer polling fast costs one systemctl a second).
 CACHE_SECONDS = 1.0
+#: The first file descriptor systemd passes (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
 #: An engine with no process (the watchdog's PROCESS_GONE).
 GONE = ("failed", "inactive")
 
@@ -79,18 +90,38 @@ def parse(body: bytes) -> tuple[str, str]:
 
 
 def read_peer(address: str, port: int, timeout: float = READ_TIMEOUT_SECONDS) -> tuple[str, str]:
-    """A peer rank's (start, ActiveState); PeerUnreadable when it does not answer one start line."""
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    """A peer rank's (start, ActiveState); PeerUnreadable when it does not answer one start line
+    within `timeout` seconds in all (connect, request and every read: a peer that drips its answer
+    a byte at a time is given up at the deadline), or answers more than MAX_RESPONSE_BYTES."""
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no whole answer within {timeout:g} s")
+        return left
+
+    answer = b""
     try:
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        body = response.read(MAX_BYTES + 1)
-    except (OSError, http.client.HTTPException) as error:
+        with socket.create_connection((address, port), timeout=remaining()) as connection:
+            connection.settimeout(remaining())
+            connection.sendall(f"GET / HTTP/1.0\r\nHost: {address}:{port}\r\n\r\n".encode("ascii"))
+            while len(answer) <= MAX_RESPONSE_BYTES:
+                connection.settimeout(remaining())
+                chunk = connection.recv(MAX_RESPONSE_BYTES + 1 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError as error:
         raise PeerUnreadable(f"no answer ({error.__class__.__name__}: {str(error)[:80]})") from None
-    finally:
-        connection.close()
-    if response.status != 200:
-        raise PeerUnreadable(f"HTTP {response.status}")
+    if len(answer) > MAX_RESPONSE_BYTES:
+        raise PeerUnreadable(f"an answer of more than {MAX_RESPONSE_BYTES} bytes")
+    head, blank, body = answer.partition(b"\r\n\r\n")
+    status = STATUS_LINE.match(head)
+    if not blank or status is None:
+        raise PeerUnreadable(f"not an HTTP answer: {answer[:40]!r}")
+    if status["code"] != b"200":
+        raise PeerUnreadable(f"HTTP {status['code'].decode()}")
     return parse(body)
 
 
@@ -119,8 +150,32 @@ def serve(address: str, port: int, unit: str) -> None:
         def log_message(self, *_):
             pass
 
-    with HTTPServer((address, port), Handler) as server:
+    listener = inherited_listener()
+    server = HTTPServer((address, port), Handler, bind_and_activate=listener is None)
+    if listener is not None:
+        # kimi-replica-epoch.socket holds the port, through every restart of this service: nothing
+        # else on the node (an engine shares the host's network) can take it meanwhile.
+        bound = listener.getsockname()[:2]
+        if bound != (address, port):
+            raise SystemExit(f"replica_epoch.py: the socket systemd passed is bound to {bound}, not "
+                             f"{(address, port)}: refusing to serve on it")
+        server.socket.close()
+        server.socket = listener
+    with server:
         server.serve_forever()
+
+
+def inherited_listener() -> socket.socket | None:
+    """The listening socket systemd passed (sd_listen_fds: LISTEN_PID is this process, LISTEN_FDS 1,
+    at fd 3), or None when started without one (the socket unit is not in use)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listener = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if listener.type != socket.SOCK_STREAM or listener.family != socket.AF_INET:
+        raise SystemExit("replica_epoch.py: systemd passed a socket that is not a TCP/IPv4 one")
+    return listener
 
 
 def main(argv: list[str]) -> int:

@@ -103,8 +103,17 @@ def invocation(unit: str) -> str:
     return unit_state(unit)[0]
 
 
-def restart(unit: str) -> None:
-    subprocess.run(["systemctl", "restart", "--no-block", unit], check=False)
+def restart(unit: str) -> bool:
+    """Queue a restart of `unit`; whether systemd took the job (its refusal is logged)."""
+    try:
+        done = subprocess.run(["systemctl", "restart", "--no-block", unit], capture_output=True, text=True,
+                              check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log(f"{unit}: restart not queued ({error.__class__.__name__})")
+        return False
+    if done.returncode != 0:
+        log(f"{unit}: restart not queued (systemctl exit {done.returncode}: {done.stderr.strip()[:200]})")
+    return done.returncode == 0
 
 
 def refuses_without_key(base_url: str, timeout: float) -> bool:
@@ -241,7 +250,7 @@ def replica_epoch(engines: list[dict], replica: dict) -> str | None:
     kept = _load_state(STATE_DIR / f"fabric-{index}.json")
     # NCCL named a transport for this start: its communicators are up, so the whole world met.
     formed = bool(own) and kept.get("invocation") == own and kept.get("transport") not in (None, "unknown")
-    reasons = []
+    reasons, due = [], []
     for peer in peers:
         state_file = STATE_DIR / f"replica-peer-{int(peer['rank'])}.json"
         state = _load_state(state_file)
@@ -265,14 +274,19 @@ def replica_epoch(engines: list[dict], replica: dict) -> str | None:
             ended = f"has no process ({active})" if start == partner else f"was replaced by start {start} ({active})"
             reasons.append(f"rank {peer['rank']}'s engine start {partner}, the one this rank's collectives were "
                            f"formed with, {ended}")
-            state["restarted_for"] = partner
+            due.append((state_file, state))
         _save_state(state_file, state)
     if not reasons:
         return None
     units = [f"kimi-engine@{engine['index']}.service" for engine in engines]
     log(f"replica: {'; '.join(reasons)}: restarting {', '.join(units)} once for it")
-    for restarted in units:
-        restart(restarted)
+    # Every restart queued (no short cut: each engine gets its own), then recorded as done; a restart
+    # systemd refused is tried again on the next run.
+    if not all([restart(restarted) for restarted in units]):
+        return f"{'; '.join(reasons)} (the restart failed: tried again on the next run)"
+    for state_file, state in due:
+        state["restarted_for"] = state["partner"]
+        _save_state(state_file, state)
     return "; ".join(reasons)
 
 

@@ -443,7 +443,14 @@ start_services() {
     apply_unit __DRAIN_UNIT__ __DRAIN_INPUTS__
   fi
   # A rank of a multi-node replica: its engine's start, for its peers' watchdogs.
+  # The socket first: it holds the port through the service's restarts (restarting the socket, when
+  # its address or peers change, stops the service with it; the service then starts on it).
   if [[ -f $ROOT__REPLICA_EPOCH_UNIT_PATH__ ]]; then
+    if (( LIVE )) && ! systemctl is-active --quiet __REPLICA_EPOCH_SOCKET__; then
+      # A publisher from a release before the socket unit bound the port itself: it lets go first.
+      systemctl stop __REPLICA_EPOCH_UNIT__ || log "__REPLICA_EPOCH_UNIT__: could not stop it before its socket"
+    fi
+    apply_unit __REPLICA_EPOCH_SOCKET__ __REPLICA_EPOCH_SOCKET_INPUTS__
     apply_unit __REPLICA_EPOCH_UNIT__ __REPLICA_EPOCH_INPUTS__
   fi
 }
