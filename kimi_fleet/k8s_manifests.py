@@ -257,6 +257,99 @@ echo "$REVISION" > "$TARGET_DIR/{marker}"
            verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
            requirements=f"{VERIFIER_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}")
 
+#: A LeaderWorkerSet pod's init container where each pod fetches only its pipeline stage's shards
+#: (Resolved.stage_fetch), as an AWS node's download_weights.sh does from the Hub, through the same
+#: weights_manifest.py: the small files, then the shards `stage-files` picks from the checkpoint's
+#: own index (exact names, each its own argv element: never a pattern, never word-split), verified
+#: with `verify --stage` (which removes another stage's shards left by a re-layout). The pod's stage
+#: is its LWS worker index (PP_STAGE, the downward API from its label); both templates carry every
+#: stage's layers (PP_FIRST_LAYER_<i>, PP_END_LAYER_<i>) and the script takes its own: integers only,
+#: else refused. The marker holds the stage's line ("REV stage i/n layers a-b"); a marker of the
+#: revision alone (the whole checkpoint, as before stages) satisfies any stage.
+STAGE_DOWNLOAD_SCRIPT = """\
+# The admission containers' packages first (every pod needs them, even when the weights are there).
+if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
+  rm -rf "$PACKAGES_DIR.partial"
+  mkdir -p "${{PACKAGES_DIR%/*}}"
+  python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --only-binary=:all: \\
+    --target "$PACKAGES_DIR.partial" -r {requirements}
+  touch "$PACKAGES_DIR.partial/{complete}"
+  rm -rf "$PACKAGES_DIR"
+  mv "$PACKAGES_DIR.partial" "$PACKAGES_DIR"
+fi
+# This pod's pipeline stage (its worker index) and that stage's layers: small integers, or refused.
+small_integer() {{
+  case "$2" in
+    0 | [1-9] | [1-9][0-9] | [1-9][0-9][0-9] | [1-9][0-9][0-9][0-9]) ;;
+    *) echo "weights: $1 must be a small integer for a pipeline stage" >&2; exit 1 ;;
+  esac
+}}
+small_integer PP_STAGE "${{PP_STAGE:-}}"
+small_integer PP_STAGES "${{PP_STAGES:-}}"
+if [ "$PP_STAGE" -ge "$PP_STAGES" ]; then
+  echo "weights: stage $PP_STAGE is not one of $PP_STAGES" >&2; exit 1
+fi
+# PP_STAGE is digits only here: the names it makes are this stage's settings, nothing else.
+eval "PP_FIRST_LAYER=\\${{PP_FIRST_LAYER_$PP_STAGE:-}} PP_END_LAYER=\\${{PP_END_LAYER_$PP_STAGE:-}}"
+small_integer PP_FIRST_LAYER "$PP_FIRST_LAYER"
+small_integer PP_END_LAYER "$PP_END_LAYER"
+VERIFIED_AS="$REVISION stage $PP_STAGE/$PP_STAGES layers $PP_FIRST_LAYER-$((PP_END_LAYER - 1))"
+MARKER="$TARGET_DIR/{marker}"
+# A line of the marker is this stage's, or the revision alone (the whole checkpoint: any stage's superset).
+if [ -f "$MARKER" ] && grep -qxF -e "$VERIFIED_AS" -e "$REVISION" -- "$MARKER"; then
+  touch "$MARKER"
+  echo "weights $REPO@$VERIFIED_AS already verified"; exit 0
+fi
+rm -f "$MARKER"  # another stage's (a re-layout): nothing may start on it while this one downloads
+# Room for a new revision: older checkpoints go first only when the volume cannot hold both.
+mkdir -p "$TARGET_DIR"
+python3 {room} --root {root} --target "$TARGET_DIR" --need "$CHECKPOINT_BYTES"
+echo "$REPO@$REVISION" > "$TARGET_DIR/{checkpoint_marker}"
+# Only hash-pinned wheels, the requirements file complete (--no-deps: nothing pip would add unpinned).
+python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \\
+  --only-binary=:all: -r {hf_requirements}
+# The small files (the index among them), then the shards the index says this stage loads, each
+# its own argument (the positional parameters: never a pattern, never word-split).
+hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR" --exclude '*.safetensors'
+listed=$(python3 {verifier} stage-files --dir "$TARGET_DIR" --hub "$REPO" "$REVISION" --stage "$PP_STAGE" \\
+  --stages "$PP_STAGES" --first-layer "$PP_FIRST_LAYER" --end-layer "$PP_END_LAYER")
+set --
+while IFS= read -r shard; do
+  if [ -n "$shard" ]; then set -- "$@" "$shard"; fi
+done <<EOF
+$listed
+EOF
+if [ "$#" -eq 0 ]; then
+  echo "weights: the index names no shard for stage $PP_STAGE" >&2; exit 1
+fi
+echo "weights: stage $PP_STAGE/$PP_STAGES: $# shard(s)"
+hf download "$REPO" "$@" --revision "$REVISION" --local-dir "$TARGET_DIR"
+python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION" --stage "$PP_STAGE" --stages "$PP_STAGES" \\
+  --first-layer "$PP_FIRST_LAYER" --end-layer "$PP_END_LAYER"
+printf '%s\\n' "$VERIFIED_AS" > "$MARKER.tmp"
+mv -f "$MARKER.tmp" "$MARKER"
+echo "weights verified: $REPO@$VERIFIED_AS"
+""".format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
+           root=WEIGHTS_MOUNT,
+           room=f"{VERIFIER_MOUNT}/{WEIGHTS_ROOM_SCRIPT}", checkpoint_marker=CHECKPOINT_MARKER,
+           verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
+           requirements=f"{VERIFIER_MOUNT}/{VERIFIER_REQUIREMENTS_KEY}")
+
+
+def stage_env(r: Resolved) -> list[dict]:
+    """A stage-fetching pod's stage: its LWS worker index from its label (the downward API), and every
+    stage's layers from the plan (Resolved.stage_ranges), integers, for the script to take its own."""
+    env = [{"name": "PP_STAGE", "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']"}}},
+           {"name": "PP_STAGES", "value": str(len(r.stage_ranges))}]
+    for stage, (first, end) in enumerate(r.stage_ranges):
+        if not all(type(v) is int and v >= 0 for v in (first, end)) or end <= first:
+            raise ValueError(f"stage {stage}'s layers {first}-{end} are not a range of non-negative integers")
+        env += [{"name": f"PP_FIRST_LAYER_{stage}", "value": str(first)},
+                {"name": f"PP_END_LAYER_{stage}", "value": str(end)}]
+    return env
+
+
 #: Every file of the pinned revision present with the size the Hub lists (hf can stop early).
 
 
@@ -502,10 +595,12 @@ def _download_container(r: Resolved) -> dict:
         raise ValueError(f"download image {catalog.DOWNLOAD_IMAGE} refused: it runs Python {python or 'unknown'}, the "
                          f"hash-pinned hf CLI (node_files.HF_CLI_PINS) is for Python {HF_CLI_PYTHON}; use a "
                          f"python:{HF_CLI_PYTHON}.x image or pin the hf CLI's wheels for that Python")
+    # A LeaderWorkerSet pod on its node's disk fetches its own stage (a shared claim's Job: the whole).
+    stages = r.stage_fetch and r.multi_node and r.weights_volume == "host-path"
     return {
         "name": "download-weights",
         "image": catalog.DOWNLOAD_IMAGE,
-        "command": ["/bin/sh", "-ec", DOWNLOAD_SCRIPT],
+        "command": ["/bin/sh", "-ec", STAGE_DOWNLOAD_SCRIPT if stages else DOWNLOAD_SCRIPT],
         "env": [
             {"name": "REPO", "value": r.repo},
             {"name": "REVISION", "value": r.revision},
@@ -517,6 +612,7 @@ def _download_container(r: Resolved) -> dict:
             {"name": "HOME", "value": "/tmp"},
             # Optional: public repos need no token, and the component creates the Secret only if given.
             _secret_env("HF_TOKEN", HF_TOKEN_SECRET, HF_TOKEN_SECRET_KEY, optional=True),
+            *(stage_env(r) if stages else []),
         ],
         "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},

@@ -142,11 +142,14 @@ class Resolved:
     @cached_property
     def stage_fetch(self) -> bool:
         """Each node of the replica fetches and verifies only its pipeline stage's shards: an engine
-        whose loader skips absent shards (catalog.STAGE_FETCH_ENGINES), through the loader read for it,
-        on a target whose nodes run the download script (Kubernetes pods still fetch everything)."""
+        whose loader skips absent shards (catalog.STAGE_FETCH_ENGINES), through the loader read for it.
+        On AWS each node's download script fetches its stage; on Kubernetes each LeaderWorkerSet pod's
+        init container does (weights on its node's disk, from the Hub: k8s_manifests.STAGE_DOWNLOAD_SCRIPT),
+        while a weights claim shared by every pod is filled whole by the download Job."""
         if not self.multi_node or self.spec.engine.name not in catalog.STAGE_FETCH_ENGINES:
             return False
-        if self.target.renders_manifests:
+        if self.target.renders_manifests and (self.weights_volume != "host-path"
+                                              or self.spec.weights.source != "huggingface"):
             return False
         loader, _ = self.adapter.loader(self)
         return (loader.load_format if loader else None) in catalog.STAGE_FETCH_LOAD_FORMATS

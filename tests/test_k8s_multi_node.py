@@ -469,3 +469,141 @@ def test_the_component_declares_the_group_as_a_custom_resource_not_awaited(mocke
                                                "leaderworkersets": [manifests.LWS_NAME]}
     assert mocked.outputs["node_ids"] == [manifests.LWS_NAME]
     assert pulumi.runtime is not None
+
+
+# --- each pod fetches its own pipeline stage's shards (as the AWS nodes do) -----------------------
+
+def test_each_pods_init_container_takes_its_stage_from_its_worker_index_label(stack):
+    """Both templates carry the stage script, the worker index through the downward API and every
+    stage's layers from the plan (integers); the group still validates against LWS's CRD and core/v1."""
+    r, _, objects = stack
+    assert r.stage_fetch and r.stage_ranges == ((0, 31), (31, 61))
+    lws = the(objects, "LeaderWorkerSet")
+    for role in ("leaderTemplate", "workerTemplate"):
+        (download,) = group(objects)[role]["spec"]["initContainers"]
+        assert download["command"] == ["/bin/sh", "-ec", manifests.STAGE_DOWNLOAD_SCRIPT]
+        env = {e["name"]: e for e in download["env"]}
+        assert env["PP_STAGE"] == {"name": "PP_STAGE", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"}}}
+        values = {name: e["value"] for name, e in env.items() if name.startswith("PP_") and "value" in e}
+        assert values == {"PP_STAGES": "2", "PP_FIRST_LAYER_0": "0", "PP_END_LAYER_0": "31",
+                          "PP_FIRST_LAYER_1": "31", "PP_END_LAYER_1": "61"}
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()},
+                        "template": group(objects)[role]}
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+    assert lws_schema.errors(lws) == []
+
+
+def test_a_single_pod_stack_and_the_shared_claims_job_still_fetch_the_whole_checkpoint():
+    from tests.test_k8s_manifests import HOST_PATH_WEIGHTS
+    from tests.test_k8s_manifests import rendered as rendered_single
+
+    for stack_name, overrides in (("gb200-int4-vllm", {}), ("gb200-int4-vllm", HOST_PATH_WEIGHTS)):
+        _, _, objects = rendered_single(stack_name, **overrides)
+        scripts = [c["command"][2] for o in objects if o["kind"] in ("Deployment", "Job")
+                   for c in o["spec"]["template"]["spec"].get("initContainers", []) + o["spec"]["template"]["spec"][
+                       "containers"] if c["name"] == "download-weights"]
+        assert scripts == [manifests.DOWNLOAD_SCRIPT]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("shellcheck"), reason="shellcheck not installed")
+def test_the_stage_download_script_passes_shellcheck(tmp_path):
+    script = tmp_path / "download.sh"
+    script.write_text(manifests.STAGE_DOWNLOAD_SCRIPT)
+    checked = subprocess.run(["shellcheck", "-s", "sh", "--severity=style", str(script)], capture_output=True,
+                             text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+def _pod_download(stack, tmp_path, hub: str, weights, index: str) -> tuple[subprocess.CompletedProcess, list]:
+    """The worker template's init container script run as the pod would (POSIX sh), its index what
+    the downward API would give it, against the fake Hub of the AWS stage tests: the 4-layer staged
+    checkpoint, so each stage's layers are that checkpoint's (the plan's ranges are K2.6's 61 layers)."""
+    from tests.test_weights_mirror import REPO, REVISION, STAGES, STUB_HF_STAGED
+
+    _, _, objects = stack
+    (download,) = group(objects)["workerTemplate"]["spec"]["initContainers"]
+    script = download["command"][2]
+    verifier = tmp_path / "verifier"
+    if not verifier.exists():
+        verifier.mkdir()
+        (config,) = [c for c in objects if c["kind"] == "ConfigMap"
+                     and c["metadata"]["name"] == manifests.VERIFIER_CONFIGMAP]
+        for key, text in config["data"].items():
+            (verifier / key).write_text(text)
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "hf").write_text(STUB_HF_STAGED)
+        # pip installs nothing here (the packages and the pinned hf CLI are the image's business).
+        (bin_dir / "python3").write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then exit 0; fi\n'
+                                         f'exec {sys.executable} "$@"\n')
+        for tool in ("hf", "python3"):
+            (bin_dir / tool).chmod(0o755)
+        (tmp_path / "packages").mkdir()
+        (tmp_path / "packages" / manifests.PACKAGES_COMPLETE_MARKER).touch()
+    script = (script.replace(manifests.VERIFIER_MOUNT, str(verifier))
+              .replace(f"--root {manifests.WEIGHTS_MOUNT}", f"--root {weights.parent.parent}"))
+    env = {e["name"]: e["value"] for e in download["env"] if "value" in e}
+    env.update({f"PP_{bound}_{stage}": STAGES[stage][f"PP_{bound}"] for stage in (0, 1)
+                for bound in ("FIRST_LAYER", "END_LAYER")})
+    calls = tmp_path / "hf-calls"
+    calls.unlink(missing_ok=True)
+    env.update({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "HF_ENDPOINT": hub,
+                "REPO": REPO, "REVISION": REVISION, "TARGET_DIR": str(weights), "CHECKPOINT_BYTES": "1",
+                "PACKAGES_DIR": str(tmp_path / "packages"), "HF_CALLS": str(calls), "PP_STAGE": index})
+    result = subprocess.run(["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=120)
+    made = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    return result, made
+
+
+def test_each_pod_fetches_and_verifies_exactly_its_stages_shards_from_the_hub(stack, tmp_path):
+    from tests.test_node_files import serve_hub
+    from tests.test_weights_mirror import REPO, REVISION, SMALL, STAGE_SHARDS, STAGED, StagedHub, held
+
+    hub = serve_hub(StagedHub)
+    url = next(hub)
+    try:
+        root = tmp_path / "node"
+        for index in (0, 1):
+            weights = root / f"{index}" / "moonshotai--Kimi-K2.6" / REVISION
+            result, calls = _pod_download(stack, tmp_path, url, weights, str(index))
+            assert result.returncode == 0, result.stdout + result.stderr
+            small, shards = calls
+            assert small[:2] == ["download", REPO] and small[small.index("--exclude") + 1] == "*.safetensors"
+            # The stage's shards, each its own argv element, exact names.
+            assert shards[:2] == ["download", REPO]
+            assert shards[2:2 + len(STAGE_SHARDS[index])] == sorted(STAGE_SHARDS[index])
+            assert shards[2 + len(STAGE_SHARDS[index])] == "--revision"
+            assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[index]}
+            layers = "0-1" if index == 0 else "2-3"
+            assert (weights / manifests.VERIFIED_MARKER).read_text() == f"{REVISION} stage {index}/2 layers {layers}\n"
+            assert "expected by the Hub's tree" in result.stdout
+            again, calls = _pod_download(stack, tmp_path, url, weights, str(index))
+            assert again.returncode == 0 and "already verified" in again.stdout and calls == []
+        # A re-layout: the node that held stage 0 now holds stage 1's pod: it fetches, and keeps no stage 0 shard.
+        weights = root / "0" / "moonshotai--Kimi-K2.6" / REVISION
+        relaid, _ = _pod_download(stack, tmp_path, url, weights, "1")
+        assert relaid.returncode == 0, relaid.stdout + relaid.stderr
+        assert held(weights) == {p: STAGED[p] for p in SMALL | STAGE_SHARDS[1]}
+        assert (weights / manifests.VERIFIED_MARKER).read_text() == f"{REVISION} stage 1/2 layers 2-3\n"
+        # A marker of the revision alone (the whole checkpoint verified) satisfies any stage.
+        whole = root / "whole" / "moonshotai--Kimi-K2.6" / REVISION
+        whole.mkdir(parents=True)
+        (whole / manifests.VERIFIED_MARKER).write_text(f"{REVISION}\n")
+        for index in ("0", "1"):
+            kept, calls = _pod_download(stack, tmp_path, url, whole, index)
+            assert kept.returncode == 0 and "already verified" in kept.stdout and calls == []
+    finally:
+        next(hub, None)
+
+
+@pytest.mark.parametrize("index", ["", "x", "01", "1 ", "-1", "1;touch pwned", "$(id)", "2", "99999"])
+def test_a_worker_index_that_is_not_one_of_the_stages_is_refused_before_anything_is_fetched(stack, tmp_path,
+                                                                                           index):
+    from tests.test_weights_mirror import REVISION
+
+    weights = tmp_path / "node" / "moonshotai--Kimi-K2.6" / REVISION
+    result, calls = _pod_download(stack, tmp_path, "http://127.0.0.1:9", weights, index)
+    assert result.returncode == 1 and calls == [] and not weights.exists()
+    assert "small integer" in result.stderr or "is not one of 2" in result.stderr
+    assert not (tmp_path / "pwned").exists()

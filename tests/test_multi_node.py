@@ -224,13 +224,22 @@ def test_each_node_fetches_its_stage_and_time_to_ready_counts_that_share_and_the
     windows = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS, fleet=False)
     assert windows.load_budget_terms["image build (estimate)"] == catalog.EFA_IMAGE_BUILD_SECONDS
     assert windows.grace_terms["image build (estimate)"] == catalog.EFA_IMAGE_BUILD_SECONDS
-    # One node: the whole checkpoint, no build; a Kubernetes replica's pods fetch everything (not changed).
+    # One node: the whole checkpoint, no build; a Kubernetes replica's pods (hostPath, from the Hub)
+    # fetch their stage's share as the AWS nodes do, the same estimate and time to ready; no build (a
+    # prebuilt image).
     single = size(Resolved(load_stack_config(stack_file("h200-int4-vllm")).spec()))
     assert [row["bytes"] for row in single.node_weights] == [whole] and single.image_build_seconds == 0
     assert "image build" not in {p["phase"] for p in single.ready_phases}
     k8s = Resolved(load_stack_config(stack_file("k8s-h100-int4-vllm")).spec())
-    assert not k8s.stage_fetch and not k8s.builds_efa_image
-    assert {row["bytes"] for row in size(k8s).node_weights} == {whole}
+    assert k8s.stage_fetch and not k8s.builds_efa_image and k8s.stage_ranges == r.stage_ranges
+    k8s_sizing = size(k8s)
+    assert k8s_sizing.node_weights == sizing.node_weights
+    k8s_phases = {p["phase"]: p for p in k8s_sizing.ready_phases}
+    assert k8s_phases["download"] == phases["download"] and k8s_sizing.download_seconds == sizing.download_seconds
+    # A claim shared by every pod is filled whole by the download Job: no stage there.
+    pvc = Resolved(load_stack_config(stack_file("k8s-h100-int4-vllm")).spec().model_copy(
+        update={"weights": k8s.spec.weights.model_copy(update={"volume": "pvc"})}))
+    assert not pvc.stage_fetch and {row["bytes"] for row in size(pvc).node_weights} == {whole}
 
 
 def test_each_rank_gets_its_stage_as_integers_in_its_node_settings():
