@@ -31,7 +31,7 @@ from kimi_fleet.mirror import plan_mirror
 from kimi_fleet.node_files import (
     SecretsSource, bootstrap_timeout_seconds, bundle_digest, compile_cache_key_prefix, compile_cache_launch_digest,
     compile_cache_pin_parameter, default_ssm_prefix, node_release, release_bundle, release_pointer,
-    render_aws_user_data, render_node_files, render_proxy_for,
+    render_aws_user_data, render_node_files, render_proxy_for, replica_apply_timeout_seconds,
 )
 
 WORKLOAD_TAG = "kimi-fleet:workload"
@@ -287,7 +287,8 @@ class AwsEndpoint(pulumi.ComponentResource):
             NodeRelease(f"{name}-rank{rank}-release", NodeReleaseArgs(
                 stack=r.spec.stack, region=target.region, bundle=bundle,
                 pointer_name=release_pointer(ssm_prefix, rank), instance_id=node.node_ids.apply(lambda ids: ids[0]),
-                role_arn=node.role_arn, apply_timeout_seconds=bootstrap_timeout_seconds(args.sizing), tags=tags), child)
+                role_arn=node.role_arn, apply_timeout_seconds=replica_apply_timeout_seconds(r, args.sizing),
+                tags=tags), child)
         leader = ranks[0][2]
         return ReplicaNodes(
             node_ids=pulumi.Output.all(*[node.node_ids.apply(lambda ids: ids[0]) for _, _, node in ranks]),

@@ -896,6 +896,20 @@ def bootstrap_timeout_seconds(sizing: Sizing) -> int:
     return attempt * BOOTSTRAP_ATTEMPTS_WAITED + BOOTSTRAP_SETUP_SECONDS
 
 
+def replica_apply_timeout_seconds(r: Resolved, sizing: Sizing) -> int:
+    """How long a multi-node rank's release association waits for its apply: the bootstrap's time,
+    or, when longer, the apply's own budget with a replaced peer (apply_release.admission_budget:
+    that peer's whole cold start, this node's admission deadline, its watchdog ticks and margin), so
+    the association never gives up on an apply that is still within its budget."""
+    from kimi_fleet.node_scripts import apply_release
+
+    interval = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
+                              fleet=behind_load_balancer(r)).probe_interval_seconds
+    apply_budget = (expected_seconds(r, sizing)["peer_cold_start"] + ADMISSION_DEADLINE_SECONDS
+                    + apply_release.ADMISSION_WATCHDOG_TICKS * interval + apply_release.ADMISSION_MARGIN_SECONDS)
+    return max(bootstrap_timeout_seconds(sizing), apply_budget)
+
+
 def release_pointer(ssm_prefix: str, node_rank: int = 0) -> str:
     """The SSM parameter naming the node's current release bundle (under the stack's prefix, which
     the node's role may already read); each rank of a multi-node replica has its own (the leader's

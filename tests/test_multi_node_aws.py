@@ -133,6 +133,15 @@ def test_each_rank_has_its_pointer_its_apply_and_its_volume(run):
     applies = run.of_type(ASSOCIATION)
     assert len(applies) == 2
     assert len({a["inputs"]["targets"][0]["values"][0] for a in applies}) == 2
+    # Each association waits at least as long as its apply may: a replaced peer's whole cold start.
+    from components.node_release import APPLY_MARGIN_SECONDS
+    from kimi_fleet.node_files import replica_apply_timeout_seconds
+    from kimi_fleet.sizing import size
+
+    r = resolved(STACK)
+    for apply in applies:
+        assert int(apply["inputs"]["parameters"]["executionTimeout"]) == (
+            replica_apply_timeout_seconds(r, size(r)) + APPLY_MARGIN_SECONDS)
     assert len(run.of_type("aws:ebs/volume:Volume")) == 2
 
 

@@ -8,6 +8,7 @@ start, not this rank's warm one."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,8 @@ import pytest
 
 from kimi_fleet import catalog, health, node_files
 from kimi_fleet.launch import replica_launches
-from kimi_fleet.node_files import SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files
+from kimi_fleet.node_files import (SecretsSource, bootstrap_timeout_seconds, release_bundle, render_node_files,
+                                   replica_apply_timeout_seconds)
 from kimi_fleet.node_scripts import replica_epoch
 from kimi_fleet.node_scripts.replica_epoch import PeerUnreadable, read_peer
 from kimi_fleet.sizing import size, whole_checkpoint_budget_seconds
@@ -642,8 +644,8 @@ def test_an_apply_that_replaces_the_peer_waits_for_its_cold_start(tmp_path, monk
             # The instance id is a deploy-time id (like the volume's): the release id stays, the bundle not.
             assert applied == digest_n1 and live == ready == release_n
             assert peers == [{"rank": 1, "address": "10.0.0.6", "instance_id": SAME_ADDRESS_NEW_WORKER[1]}]
-        # The association that runs the apply waits longer than the apply does.
-        assert bootstrap_timeout_seconds(sizing) >= cold
+        # The association that runs the apply waits at least as long as the apply may.
+        assert replica_apply_timeout_seconds(r, sizing) >= cold
     else:
         assert code == 1
         assert f"not admitted within {warm:.0f} s (the expected warm start" in log
@@ -674,3 +676,18 @@ def test_the_bootstrap_frees_the_port_for_the_socket_then_applies_the_socket_the
     socket_unit = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_SOCKET} ", stop)
     service = bootstrap.index(f"apply_unit {node_files.REPLICA_EPOCH_UNIT} ", socket_unit)
     assert guard < stop < socket_unit < service
+
+
+def test_a_ranks_association_outlasts_its_apply_whatever_the_peers_cold_start():
+    """The association's wait is the bootstrap's time (two download attempts and setup) or, when
+    longer, the apply's budget with a replaced peer (that peer's whole cold start, the admission
+    deadline, the watchdog's ticks, the margin). With the EFA image build an hour (its 300 s is an
+    estimate, never measured) the apply's budget is the longer one, and the wait follows it."""
+    r = resolved(STACK)
+    sizing = size(r)
+    slow_build = dataclasses.replace(sizing, image_build_seconds=3600)
+    for s in (sizing, slow_build):
+        peer = node_files.expected_seconds(r, s)["peer_cold_start"]
+        assert replica_apply_timeout_seconds(r, s) >= max(bootstrap_timeout_seconds(s),
+                                                          peer + node_files.ADMISSION_DEADLINE_SECONDS)
+    assert replica_apply_timeout_seconds(r, slow_build) > bootstrap_timeout_seconds(slow_build)
