@@ -226,7 +226,8 @@ HPA_MAX_POLICY_PERIOD_SECONDS = 1800
 #: The window the TTFT quantile is read over, as the alert rules read it.
 TTFT_RATE_WINDOW = "5m"
 
-DOWNLOAD_SCRIPT = """\
+#: Both download scripts begin so (a format string: {complete}, {requirements}).
+_PACKAGES_PRELUDE = """\
 # The admission containers' packages first (every pod needs them, even when the weights are there).
 if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
   rm -rf "$PACKAGES_DIR.partial"
@@ -237,6 +238,9 @@ if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
   rm -rf "$PACKAGES_DIR"
   mv "$PACKAGES_DIR.partial" "$PACKAGES_DIR"
 fi
+"""
+
+DOWNLOAD_SCRIPT = (_PACKAGES_PRELUDE + """\
 if [ "$(cat "$TARGET_DIR/{marker}" 2>/dev/null)" = "$REVISION" ]; then
   touch "$TARGET_DIR/{marker}"
   echo "weights $REPO@$REVISION already verified"; exit 0
@@ -251,7 +255,7 @@ python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --requ
 hf download "$REPO" --revision "$REVISION" --local-dir "$TARGET_DIR"
 python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION"
 echo "$REVISION" > "$TARGET_DIR/{marker}"
-""".format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
+""").format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
            root=WEIGHTS_MOUNT,
            room=f"{VERIFIER_MOUNT}/{WEIGHTS_ROOM_SCRIPT}", checkpoint_marker=CHECKPOINT_MARKER,
            verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
@@ -266,17 +270,7 @@ echo "$REVISION" > "$TARGET_DIR/{marker}"
 #: stage's layers (PP_FIRST_LAYER_<i>, PP_END_LAYER_<i>) and the script takes its own: integers only,
 #: else refused. The marker holds the stage's line ("REV stage i/n layers a-b"); a marker of the
 #: revision alone (the whole checkpoint, as before stages) satisfies any stage.
-STAGE_DOWNLOAD_SCRIPT = """\
-# The admission containers' packages first (every pod needs them, even when the weights are there).
-if [ ! -f "$PACKAGES_DIR/{complete}" ]; then
-  rm -rf "$PACKAGES_DIR.partial"
-  mkdir -p "${{PACKAGES_DIR%/*}}"
-  python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --only-binary=:all: \\
-    --target "$PACKAGES_DIR.partial" -r {requirements}
-  touch "$PACKAGES_DIR.partial/{complete}"
-  rm -rf "$PACKAGES_DIR"
-  mv "$PACKAGES_DIR.partial" "$PACKAGES_DIR"
-fi
+STAGE_DOWNLOAD_SCRIPT = (_PACKAGES_PRELUDE + """\
 # This pod's pipeline stage (its worker index) and that stage's layers: small integers, or refused.
 small_integer() {{
   case "$2" in
@@ -329,7 +323,7 @@ python3 {verifier} verify --dir "$TARGET_DIR" --hub "$REPO" "$REVISION" --stage 
 printf '%s\\n' "$VERIFIED_AS" > "$MARKER.tmp"
 mv -f "$MARKER.tmp" "$MARKER"
 echo "weights verified: $REPO@$VERIFIED_AS"
-""".format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
+""").format(marker=VERIFIED_MARKER, hf_requirements=f"{VERIFIER_MOUNT}/{HF_CLI_REQUIREMENTS_KEY}",
            root=WEIGHTS_MOUNT,
            room=f"{VERIFIER_MOUNT}/{WEIGHTS_ROOM_SCRIPT}", checkpoint_marker=CHECKPOINT_MARKER,
            verifier=f"{VERIFIER_MOUNT}/{WEIGHTS_VERIFIER_SCRIPT}", complete=PACKAGES_COMPLETE_MARKER,
