@@ -201,7 +201,11 @@ ADMISSION_DEADLINE_SECONDS = 900
 WATCHDOG_INTERVAL_SECONDS = health.PROBE_INTERVAL_SECONDS
 WATCHDOG_FAILURES = health.STALLED_PROBES
 WATCHDOG_PROBE_TIMEOUT_SECONDS = GENERATION_PROBE_TIMEOUT_SECONDS
-SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KEYS), SAFE_VALUE=SAFE_VALUE)
+#: What a weights directory's verified marker must say: one text in the settings library (the engine
+#: start and the bootstrap check it) and in kimi-download-weights (which writes it).
+WEIGHTS_MARKER_FUNCTIONS = templates.source("weights_marker.sh")
+SETTINGS_LOADER = templates.render("settings.sh", KEYS=" ".join(NODE_SETTINGS_KEYS), SAFE_VALUE=SAFE_VALUE,
+                                   WEIGHTS_MARKER_FUNCTIONS=WEIGHTS_MARKER_FUNCTIONS)
 
 
 # --- what each unit restarts for ---------------------------------------------------------------
@@ -274,7 +278,8 @@ def unit_digests(files: dict[str, NodeFile], launch: Launch) -> dict[str, str]:
             for unit, paths in inputs.items() if any(p in files for p in paths)}
 
 
-DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
+DOWNLOAD_WEIGHTS = templates.render("download_weights.sh", WEIGHTS_MARKER_FUNCTIONS=WEIGHTS_MARKER_FUNCTIONS,
+                                    MANIFEST_TOOL=WEIGHTS_MANIFEST_TOOL,
                                     FETCH_TOOL=WEIGHTS_FETCH_TOOL, ROOM_TOOL=WEIGHTS_ROOM_TOOL,
                                     CHECKPOINT_MARKER=CHECKPOINT_MARKER, VERIFIED_MARKER=NODE_VERIFIED_MARKER,
                                     LOCAL_MANIFEST=LOCAL_MANIFEST_NAME,
@@ -905,9 +910,9 @@ def replica_apply_timeout_seconds(r: Resolved, sizing: Sizing) -> int:
 
     interval = health.windows(sizing, verification_seconds=ADMISSION_DEADLINE_SECONDS,
                               fleet=behind_load_balancer(r)).probe_interval_seconds
-    apply_budget = (expected_seconds(r, sizing)["peer_cold_start"] + ADMISSION_DEADLINE_SECONDS
-                    + apply_release.ADMISSION_WATCHDOG_TICKS * interval + apply_release.ADMISSION_MARGIN_SECONDS)
-    return max(bootstrap_timeout_seconds(sizing), apply_budget)
+    apply_budget = apply_release.budget_seconds(expected_seconds(r, sizing)["peer_cold_start"],
+                                                ADMISSION_DEADLINE_SECONDS, interval)
+    return max(bootstrap_timeout_seconds(sizing), int(apply_budget))
 
 
 def release_pointer(ssm_prefix: str, node_rank: int = 0) -> str:

@@ -470,6 +470,12 @@ def admission_budget(root: Path, peers: list[str] = ()) -> float:
     start = int(minutes) * 60
     if peers:
         start = max(start, int(stack["expected_seconds"]["peer_cold_start"]))
+    return budget_seconds(start, deadline, interval)
+
+
+def budget_seconds(start: float, deadline: float, interval: float) -> float:
+    """An admission budget: the `start` waited for, the admission `deadline`, the watchdog ticks (of
+    `interval`) and the margin (also what a multi-node rank's association waits: node_files)."""
     return start + deadline + ADMISSION_WATCHDOG_TICKS * interval + ADMISSION_MARGIN_SECONDS
 
 

@@ -57,8 +57,6 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] (?P<code>[0-9]{3})[ \r]")
 CACHE_SECONDS = 1.0
 #: The first file descriptor systemd passes (sd_listen_fds(3)).
 SD_LISTEN_FDS_START = 3
-#: An engine with no process (the watchdog's PROCESS_GONE).
-GONE = ("failed", "inactive")
 
 
 class PeerUnreadable(RuntimeError):

@@ -58,7 +58,7 @@ from compile_cache import PUBLISH_UNIT, read_settings  # noqa: E402
 from fabric_check import Verdict, classify, verdict_line  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
-from replica_epoch import GONE as PEER_GONE, PeerUnreadable, read_peer  # noqa: E402
+from replica_epoch import PeerUnreadable, read_peer  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
@@ -267,10 +267,10 @@ def replica_epoch(engines: list[dict], replica: dict) -> str | None:
         state.pop("unreadable", None)
         partner = state.get("partner")
         if partner is None:
-            if formed and start != "-" and active not in PEER_GONE:
+            if formed and start != "-" and active not in PROCESS_GONE:
                 state["partner"] = start
                 log(f"replica: {unit} (start {own}) formed its collectives with rank {peer['rank']}'s start {start}")
-        elif (start != partner or active in PEER_GONE) and not state.get("restarted_for"):
+        elif (start != partner or active in PROCESS_GONE) and not state.get("restarted_for"):
             ended = f"has no process ({active})" if start == partner else f"was replaced by start {start} ({active})"
             reasons.append(f"rank {peer['rank']}'s engine start {partner}, the one this rank's collectives were "
                            f"formed with, {ended}")

@@ -25,21 +25,17 @@ MANIFEST_TOOL="${WEIGHTS_MANIFEST_TOOL:-${KIMI_ROOT:-}__MANIFEST_TOOL__}"
 FETCH_TOOL="${WEIGHTS_FETCH_TOOL:-${KIMI_ROOT:-}__FETCH_TOOL__}"
 ROOM_TOOL="${WEIGHTS_ROOM_TOOL:-${KIMI_ROOT:-}__ROOM_TOOL__}"
 
+# shellcheck disable=SC2153 # the PP_* settings come from the environment (the node's settings)
+__WEIGHTS_MARKER_FUNCTIONS__
 STAGE_ARGS=()
-VERIFIED_AS=$MODEL_REVISION
+# The revision, or for a pipeline stage (all four PP_* integers) its line; anything else refused.
+VERIFIED_AS=$(weights_verified_as) || { echo "weights: no revision and stage to verify as" >&2; exit 1; }
 if [[ -n ${PP_STAGES:-} ]]; then
-  for setting in PP_STAGE PP_STAGES PP_FIRST_LAYER PP_END_LAYER; do
-    if [[ ! ${!setting:-} =~ ^(0|[1-9][0-9]{0,3})$ ]]; then
-      echo "weights: $setting must be a small integer for a pipeline stage" >&2
-      exit 1
-    fi
-  done
   STAGE_ARGS=(--stage "$PP_STAGE" --stages "$PP_STAGES" --first-layer "$PP_FIRST_LAYER" --end-layer "$PP_END_LAYER")
-  VERIFIED_AS="$MODEL_REVISION stage $PP_STAGE/$PP_STAGES layers $PP_FIRST_LAYER-$((PP_END_LAYER - 1))"
 fi
 
 # A line of the marker is this stage's, or the revision alone (the whole checkpoint: any stage's superset).
-if [[ -f $MARKER ]] && grep -qxF -e "$VERIFIED_AS" -e "$MODEL_REVISION" -- "$MARKER"; then
+if weights_marker_accepts "$MARKER" "$VERIFIED_AS"; then
   touch "$MARKER"  # in use: the last checkpoint to be removed for room
   echo "weights $MODEL_REPO@$VERIFIED_AS already verified"
   exit 0
