@@ -606,6 +606,11 @@ VERIFIER_REQUIREMENTS = (
 DOWNLOAD_IMAGE = "python:3.12.12-slim"
 #: The Caddy sidecar image on Kubernetes (nodes use their distribution's caddy package).
 CADDY_IMAGE = "caddy:2.10.2"
+#: The cluster DNS domain the wake front resolves Services under (k8s_wake.ready_service_host): the
+#: kubelet's --cluster-domain / kubeadm's networking.dnsDomain default (kubernetes.io/docs/concepts/
+#: services-networking/dns-pod-service/: <service>.<namespace>.svc.cluster.local). A cluster set up with
+#: another domain is not supported yet (docs/known-limits.md).
+K8S_CLUSTER_DOMAIN = "cluster.local"
 TOOLS_SOURCE = Source("PyPI / Docker Hub release tags pinned here", "2026-11-23")
 
 

@@ -707,14 +707,7 @@ def test_a_scaling_stack_without_prometheus_url_is_refused_naming_the_field():
     assert "http://prometheus-operated.monitoring.svc:9090" in problem
 
 
-def test_scale_to_zero_is_refused_on_kubernetes_saying_why():
-    given = scaling_values("gb200-int4-vllm", capacity={"workload": "batch", "market": "on-demand", "replicas": 1,
-                                                        "scaling": {"minReplicas": 0, "maxReplicas": 2,
-                                                                    "waitingPerReplica": 4}})
-    with pytest.raises(StackSpecError) as refused:
-        resolve("gb200-int4-vllm", given)
-    (problem,) = refused.value.problems
-    assert "capacity.scaling.minReplicas (given 0)" in problem and "minReplicas 1" in problem
+# Scale to zero (a batch stack, minReplicas 0) is served by the wake front: tests/test_k8s_wake.py.
 
 
 def test_a_multi_node_replica_is_monitored_and_never_scaled():
