@@ -1091,10 +1091,12 @@ def _metrics_gate_container() -> dict:
         "env": [{"name": "XDG_DATA_HOME", "value": "/tmp/data"}, {"name": "XDG_CONFIG_HOME", "value": "/tmp/config"}],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_GATE_PORT}],
         "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-        # An unprivileged port: no capability, and not root (nobody), unlike the proxy that binds 80/443.
+        # An unprivileged port: no effective capability, and not root (nobody), unlike the proxy that binds
+        # 80/443. The image's file capability stays in the bounding set, or the caddy binary cannot be
+        # executed at all (catalog.CADDY_IMAGE_FILE_CAPABILITIES).
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534,
-                            "capabilities": {"drop": ["ALL"]}},
+                            "capabilities": {"drop": ["ALL"], "add": list(catalog.CADDY_IMAGE_FILE_CAPABILITIES)}},
         "volumeMounts": [{"name": "metrics-gate", "mountPath": METRICS_GATE_MOUNT, "readOnly": True},
                          {"name": "metrics-gate-tmp", "mountPath": "/tmp"}],
     }

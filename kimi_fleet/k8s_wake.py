@@ -119,15 +119,12 @@ def _container(r: Resolved) -> dict:
         "ports": [{"name": "https", "containerPort": HTTPS_PORT}, {"name": "http", "containerPort": HTTP_PORT},
                   {"name": WAKE_METRICS_PORT_NAME, "containerPort": WAKE_METRICS_PORT}],
         "resources": WAKE_RESOURCES,
-        # Not root: 80/443 are bound through the pod's ip_unprivileged_port_start sysctl. The image's
-        # /usr/bin/caddy carries the file capability cap_net_bind_service=+ep (caddy-docker's
-        # 2.10/alpine/Dockerfile), and execve of such a file fails with EPERM when the capability is
-        # outside the bounding set (capabilities(7), "capability-dumb binaries"; caddy-docker#396): it
-        # stays in the bounding set only. With no_new_privs (allowPrivilegeEscalation false) a non-root
-        # process gains nothing from the file: its effective set is empty.
+        # Not root: 80/443 are bound through the pod's ip_unprivileged_port_start sysctl, with no effective
+        # capability. The image's file capability stays in the bounding set only, or its caddy cannot be
+        # executed (catalog.CADDY_IMAGE_FILE_CAPABILITIES); no_new_privs keeps a non-root exec from gaining it.
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "runAsUser": WAKE_USER, "runAsGroup": WAKE_USER,
-                            "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+                            "capabilities": {"drop": ["ALL"], "add": list(catalog.CADDY_IMAGE_FILE_CAPABILITIES)}},
         "readinessProbe": {
             "exec": {"command": ["sh", f"{WAKE_MOUNT}/{READY_SCRIPT}", ready_service_host(r), READY_STATE]},
             "periodSeconds": READY_PROBE_PERIOD_SECONDS, "timeoutSeconds": READY_PROBE_TIMEOUT_SECONDS,

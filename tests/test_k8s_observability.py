@@ -233,7 +233,10 @@ def test_the_pod_monitor_scrapes_each_serving_pods_gate_as_the_rules_jobs(stack)
         serving += 1
         assert gate["ports"] == [{"name": manifests.METRICS_PORT_NAME, "containerPort": manifests.METRICS_GATE_PORT}]
         assert gate["image"] == catalog.CADDY_IMAGE
-        assert gate["securityContext"]["runAsNonRoot"] and gate["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        # Nothing beyond the image's own file capability, which must stay in the bounding set for execve.
+        assert gate["securityContext"]["runAsNonRoot"] and gate["securityContext"]["capabilities"] == {
+            "drop": ["ALL"], "add": list(catalog.CADDY_IMAGE_FILE_CAPABILITIES)}
+        assert gate["securityContext"]["allowPrivilegeEscalation"] is False
         assert gate["securityContext"]["readOnlyRootFilesystem"]
         engine = container(template, "engine")
         assert "ports" not in engine
