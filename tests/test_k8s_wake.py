@@ -280,6 +280,24 @@ def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(s
     assert "name: kimi-wake" in artifacts["kubernetes-monitoring.yaml"]
 
 
+@pytest.mark.parametrize("name, capacity", [
+    (STACK, {**ZERO, "market": "spot"}),  # the spot Deployment scales: the ready Service selects its pods
+    ("mi355x-int4-sglang", {**ZERO, "scaling": {"minReplicas": 0, "maxReplicas": 2, "ttftP99Seconds": 30}}),
+])
+def test_other_markets_and_the_ttft_signal_get_the_front_and_the_trigger_too(name, capacity):
+    r = resolve(name, scaling_values(name, capacity=capacity))
+    sizing, launch = size(r), render_launch(r)
+    objects = wake.render_wake_objects(r, sizing, launch, stack=name)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    market = manifests.scaled_market(r)
+    assert the(objects, "Service", wake.READY_SERVICE)["spec"]["selector"]["kimi-fleet/capacity-type"] == market
+    scaled = the(manifests.render_monitoring(r, sizing, stack=name), "ScaledObject")
+    assert monitoring_schema.errors(scaled) == [] and scaled["spec"]["minReplicaCount"] == 0
+    assert [t["name"] for t in scaled["spec"]["triggers"]] == [scaling_policy(r, sizing).metric, "wake"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == manifests.deployment_name(market)
+
+
 def test_no_wake_front_for_a_stack_that_keeps_a_replica():
     r = resolve(STACK, scaling_values(STACK, capacity={**ZERO, "scaling": {**ZERO["scaling"], "minReplicas": 1}}))
     sizing, launch = size(r), render_launch(r)
@@ -405,6 +423,15 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     # The gate's wait names the engines' Deployment only.
     rollout = manifests.rollout_wait(stack["r"], stack["sizing"])
     assert rollout["deployments"] == [manifests.deployment_name("on-demand")]
+    # The policy pack (pinned images, engine ports never exposed, no secret in a spec) passes it all.
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from policy.validators import check_resources
+
+    violations = check_resources([{"type": d["type"], "name": d["name"], "props": d["inputs"],
+                                   "options": {"protect": d["protect"], "ignoreChanges": d["ignore_changes"]}}
+                                  for d in run.resources])
+    assert [v for v in violations if v["enforcement"] == "mandatory"] == []
+    assert any(d["name"].endswith(wake.WAKE) for d in run.resources)
 
 
 def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_path):
