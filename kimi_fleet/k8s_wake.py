@@ -60,6 +60,8 @@ WAKE_MOUNT = "/etc/kimi-wake"
 READY_SCRIPT = "wake_ready.sh"
 #: The readiness script's last verdict (an emptyDir: the root file system is read-only).
 READY_STATE = "/tmp/wake-ready"
+#: Where the image's Caddy keeps its certificates (its XDG_DATA_HOME; an emptyDir here).
+CADDY_DATA = "/data"
 #: The nobody user: the front binds 80/443 through the pod's ip_unprivileged_port_start sysctl, not as root.
 WAKE_USER = 65534
 #: busybox nslookup tries a server for up to 5 s, twice: the probe's timeout covers both.
@@ -108,6 +110,17 @@ def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> 
     )
 
 
+def ready_probe_command(r: Resolved) -> list[str]:
+    """The readiness probe: the headless Service's name and the verdict file; with a public certificate
+    also where Caddy keeps it and Caddy's process (PID 1: its command is the container's), which the
+    script restarts when the front is alone without one (Caddy's ACME retries back off for hours)."""
+    command = ["sh", f"{WAKE_MOUNT}/{READY_SCRIPT}", ready_service_host(r), READY_STATE]
+    if m.proxy_tls(r) == "acme":
+        domain = r.spec.domain
+        command += [f"{CADDY_DATA}/caddy/certificates/*/{domain}/{domain}.crt", "1"]
+    return command
+
+
 def _container(r: Resolved) -> dict:
     env = [m._secret_env("KIMI_API_KEY", m.API_KEY_SECRET, m.API_KEY_SECRET_KEY),
            m._secret_env(PREVIOUS_API_KEY_ENV, m.API_KEY_SECRET, m.PREVIOUS_API_KEY_SECRET_KEY, optional=True)]
@@ -126,12 +139,12 @@ def _container(r: Resolved) -> dict:
                             "runAsNonRoot": True, "runAsUser": WAKE_USER, "runAsGroup": WAKE_USER,
                             "capabilities": {"drop": ["ALL"], "add": list(catalog.CADDY_IMAGE_FILE_CAPABILITIES)}},
         "readinessProbe": {
-            "exec": {"command": ["sh", f"{WAKE_MOUNT}/{READY_SCRIPT}", ready_service_host(r), READY_STATE]},
+            "exec": {"command": ready_probe_command(r)},
             "periodSeconds": READY_PROBE_PERIOD_SECONDS, "timeoutSeconds": READY_PROBE_TIMEOUT_SECONDS,
             "successThreshold": 1, "failureThreshold": 1},
         "livenessProbe": {"tcpSocket": {"port": "https"}, "periodSeconds": 20, "failureThreshold": 3},
         "volumeMounts": [{"name": "wake", "mountPath": WAKE_MOUNT, "readOnly": True},
-                         {"name": "caddy-data", "mountPath": "/data"},
+                         {"name": "caddy-data", "mountPath": CADDY_DATA},
                          {"name": "caddy-config", "mountPath": "/config"},
                          {"name": "tmp", "mountPath": "/tmp"}],
     }

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -197,6 +198,8 @@ def test_the_readiness_script_under_busybox_sh_is_ready_only_while_no_engine_is(
     probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
     assert probe[:2] == ["sh", f"{wake.WAKE_MOUNT}/{wake.READY_SCRIPT}"]
     assert probe[2] == "kimi-engine-ready.kimi-gb200.svc.cluster.local." and probe[3] == wake.READY_STATE
+    domain = stack["r"].spec.domain
+    assert probe[4:] == [f"/data/caddy/certificates/*/{domain}/{domain}.crt", "1"]  # a public certificate
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     answer = tmp_path / "answer"
@@ -219,6 +222,51 @@ def test_the_readiness_script_under_busybox_sh_is_ready_only_while_no_engine_is(
     assert probe_once(FOUND) == 1 and state.read_text() == "engine\n"  # an engine is Ready: the front leaves
     assert probe_once(TIMEOUT) == 1
     assert probe_once(NO_ANSWER) == 0
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox needed")
+def test_alone_without_its_certificate_the_front_restarts_caddy_at_most_every_ten_minutes(tmp_path):
+    """Caddy's ACME attempts back off for hours after failures (the CA's challenge reaches an engine pod
+    while the front is not an endpoint): alone and without a certificate, the probe restarts Caddy so it
+    asks now; never while an engine is Ready, never with a certificate, at most once per 10 minutes."""
+    script = tmp_path / wake.READY_SCRIPT
+    script.write_text(pod_script(wake.READY_SCRIPT))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer = tmp_path / "answer"
+    (bin_dir / "nslookup").write_text(f"#!/bin/sh\ncat {answer}\n")
+    (bin_dir / "nslookup").chmod(0o755)
+    certificates = tmp_path / "data" / "caddy" / "certificates"
+    pattern = f"{certificates}/*/kimi.example.com/kimi.example.com.crt"
+    state = tmp_path / "state"
+
+    def probe(output: str) -> tuple[int, bool]:
+        """(exit status, whether the stand-in for Caddy was signalled)."""
+        answer.write_text(output)
+        caddy = subprocess.Popen(["sleep", "60"])
+        try:
+            done = subprocess.run(["busybox", "sh", str(script), "kimi-engine-ready.ns.svc.cluster.local.",
+                                   str(state), pattern, str(caddy.pid)],
+                                  env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+            said = "restarting Caddy" in done.stdout
+            # The signal is sent before the script exits: a signalled stand-in is gone at once.
+            killed = caddy.wait(timeout=10) is not None if said else caddy.poll() is not None
+        finally:
+            caddy.kill()
+            caddy.wait()
+        return done.returncode, killed
+
+    assert probe(FOUND) == (1, False)  # an engine serves: the front is not an endpoint, nothing to ask
+    assert probe(NXDOMAIN) == (0, True)  # alone without a certificate: Caddy restarts and asks now
+    assert probe(NXDOMAIN) == (0, False)  # not again within 10 minutes
+    old = time.time() - 11 * 60
+    os.utime(f"{state}.restarted", (old, old))
+    assert probe(NXDOMAIN) == (0, True)  # again after 10 minutes
+    os.utime(f"{state}.restarted", (old, old))
+    issued = certificates / "acme-v02.api.letsencrypt.org-directory" / "kimi.example.com"
+    issued.mkdir(parents=True)
+    (issued / "kimi.example.com.crt").write_text("certificate")
+    assert probe(NXDOMAIN) == (0, False)  # it has one: nothing to do
 
 
 def _resolves(name: str) -> bool:

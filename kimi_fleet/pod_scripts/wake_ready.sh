@@ -1,17 +1,26 @@
 #!/bin/sh
 # The wake front's readiness (kimi_fleet/k8s_wake.py): Ready exactly while NO engine pod is Ready.
-# usage: wake_ready.sh NAME STATE_FILE
-#   NAME        the headless Service of the engine pods (publishNotReadyAddresses false): it resolves to
-#               the addresses of the Ready ones only
-#   STATE_FILE  the last verdict, for an answer the resolver could not give
+# usage: wake_ready.sh NAME STATE_FILE [CERTIFICATE PID]
+#   NAME         the headless Service of the engine pods (publishNotReadyAddresses false): it resolves to
+#                the addresses of the Ready ones only
+#   STATE_FILE   the last verdict, for an answer the resolver could not give
+#   CERTIFICATE  (a public certificate) a glob of where Caddy stores the site's certificate, and
+#   PID          Caddy's process
 # Exit 0 (the front joins the public Service) when the cluster's DNS says the name has no address
 # (NXDOMAIN, or no A record); exit 1 (the front leaves it) when the name has an address. When the
 # resolver gives neither (timeout, refused), the last verdict stands: a DNS blip neither puts the front
 # beside serving engines nor takes it away at zero; with no verdict yet the front stays out.
+# With CERTIFICATE: Caddy asks the CA for its certificate while the front may not be an endpoint (the
+# CA's challenge then reaches an engine pod and fails) and backs off for longer after every failure.
+# Alone (no engine Ready) and still without one, Caddy is restarted, at most once per RESTART_MINUTES,
+# so that it asks again now, while the challenge reaches it.
 # busybox sh and busybox nslookup (the Caddy image's Alpine base); the output formats are busybox's
 # (tests/test_k8s_wake.py runs this file against them).
+RESTART_MINUTES=10
 name=$1
 state=$2
+certificate=$3
+pid=$4
 out=$(nslookup -type=a "$name" 2>&1)
 case $out in
     *"Name:"*"Address"*) verdict=engine ;;
@@ -22,4 +31,12 @@ case $verdict in
     engine | none) echo "$verdict" > "$state.tmp" && mv "$state.tmp" "$state" ;;
 esac
 echo "wake front: engine ready=$verdict"
+if [ "$verdict" = none ] && [ -n "$certificate" ] && ! ls $certificate > /dev/null 2>&1; then
+    restarted=$state.restarted
+    if [ ! -e "$restarted" ] || [ -n "$(find "$restarted" -mmin +$RESTART_MINUTES)" ]; then
+        touch "$restarted"
+        echo "wake front: alone without a certificate: restarting Caddy so that it asks the CA now"
+        kill "$pid"
+    fi
+fi
 [ "$verdict" = none ]
