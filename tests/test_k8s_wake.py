@@ -121,6 +121,58 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_posts(
     assert _metric(metrics.text, duration, code="401", method="POST") == 2  # (the readiness wait GETs too)
 
 
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
+def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_first_valid_post(stack, tmp_path):
+    """Prometheus (Debian's) scrapes the real front's metrics with the relabelings the Operator makes of the
+    wake PodMonitor, and KEDA's own query reads 0 with no request and after a wrong key, and 1 (active:
+    0 -> 1) from the first valid POST: the series Caddy creates at that request is counted from 0."""
+    import httpx
+
+    from tests.fakes.harness import wait_for
+    from tests.fakes.observed_node import PROMETHEUS, run_prometheus
+    from tests.test_k8s_observability import _operator_relabelings
+
+    if PROMETHEUS is None:
+        pytest.skip("prometheus binary needed (.ci/run installs it)")
+    r = stack["r"]
+    monitor = the([o for o in stack["monitoring"] if o["kind"] == "PodMonitor"], "PodMonitor", wake.WAKE_POD_MONITOR)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (trigger,) = [t for t in the(stack["monitoring"], "ScaledObject")["spec"]["triggers"] if t["name"] == "wake"]
+    https_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    front = wake.render_wake_proxy(r, stack["sizing"], stack["launch"], domain="localhost", tls="internal",
+                                   https_port=https_port, http_port=http_port, bind_host="127.0.0.1",
+                                   metrics_port=metrics_port)
+    pod = {"__meta_kubernetes_namespace": r.spec.target.kubernetes.namespace,
+           "__meta_kubernetes_pod_container_name": "wake", "__meta_kubernetes_pod_name": "kimi-wake-5d9f-x2x7q",
+           "__meta_kubernetes_pod_container_port_name": wake.WAKE_METRICS_PORT_NAME}
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [{
+        "job_name": "podMonitor/kimi-wake", "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
+        "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": pod}],
+        "relabel_configs": _operator_relabelings(endpoint)}]}
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    base = f"https://localhost:{https_port}"
+    chat = {"model": "kimi", "messages": [{"role": "user", "content": "hi"}]}
+    env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
+    with start_caddy(front.text, env, ready_url=f"{base}/v1/models") as caddy, \
+            run_prometheus(path, tmp_path) as prometheus, httpx.Client(verify=caddy.ssl_context(), timeout=10) as client:
+        duration = f"{catalog.PROXY_METRICS.request_duration}_count"
+        assert wait_for(lambda: prometheus.values(f'{duration}{{job="{wake.WAKE_JOB}"}}'), 30, 0.2)
+        assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}
+        wrong = client.post(f"{base}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong-key-x"})
+        assert wrong.status_code == 401
+        assert wait_for(lambda: prometheus.values(f'{duration}{{code="401",method="POST"}}'), 30, 0.2)
+        assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}  # a wrong key wakes nothing
+        first = client.post(f"{base}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"})
+        assert first.status_code == 503
+        assert wait_for(lambda: prometheus.values(trigger["metadata"]["query"]) == {"": 1.0}, 30, 0.2), (
+            prometheus.values(f'{duration}{{code="503"}}'))
+        (series,) = prometheus.query(f'{duration}{{code="503"}}')
+        assert series["metric"]["namespace"] == r.spec.target.kubernetes.namespace
+        assert series["metric"]["job"] == wake.WAKE_JOB and series["metric"]["replica"] == pod[
+            "__meta_kubernetes_pod_name"]
+
+
 def test_the_front_refuses_what_would_break_its_caddyfile(stack):
     with pytest.raises(ValueError, match="where the front listens only"):
         wake.render_wake_proxy(stack["r"], stack["sizing"], stack["launch"], retry_after_seconds=1)
