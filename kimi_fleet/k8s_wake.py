@@ -17,8 +17,8 @@ and counts the demand.
   the same promised routes): a promised route with an accepted key gets 503, Retry-After of the
   stack's time to ready (autoscaling.time_to_ready_terms) and an OpenAI-shaped error; a wrong key 401,
   an unknown route 404 (a scan or a wrong key never wakes a GPU).
-- The demand is Caddy's own count of those 503s to a POST (a request carrying work; a GET of the model
-  list or the health route is answered the same and wakes nothing), scraped by its own PodMonitor
+- The demand is Caddy's own count of those 503s (any promised route: the verification gate waits with
+  a GET of the model list, and a release deployed at zero is verified on the replica it wakes), scraped by its own PodMonitor
   (job WAKE_JOB: never mixed with the engines' kimi-proxy series the error alerts read) on a port only
   the cluster's Prometheus reaches. KEDA's `wake` trigger reads it with the engines' running requests.
 
@@ -88,8 +88,8 @@ def ready_service_host(r: Resolved) -> str:
 
 def wake_message(policy: ScalingPolicy) -> str:
     minutes = max(1, round(policy.instance_warmup_seconds / 60))
-    return (f"no replica is serving: this batch endpoint scales to zero when idle. A request with work (POST) "
-            f"starts one, ready in about {minutes} min; retry after the Retry-After seconds")
+    return (f"no replica is serving: this batch endpoint scales to zero when idle. This request starts one, "
+            f"ready in about {minutes} min; retry after the Retry-After seconds")
 
 
 def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> RenderedProxy:
@@ -231,9 +231,9 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
     return [
         f"at 0 replicas the wake front ({WAKE}, one CPU pod: {cpu} CPU, {memory}) answers the endpoint: a request "
         f"with the key gets {WAKE_STATUS} with Retry-After {policy.instance_warmup_seconds} s and a JSON error "
-        f"saying it scales from zero; a POST starts one replica, which serves about {ready} min later (its time "
+        f"saying it scales from zero, and starts one replica, which serves about {ready} min later (its time "
         "to ready): a client must retry after Retry-After. A wrong key gets 401 and an unknown route 404: "
-        "neither wakes a GPU, nor does a GET (the model list, the health route)",
+        "neither wakes a GPU; a monitor polling with the key keeps a replica up",
         f"at 0 the stack costs the front's CPU pod only; it returns to 0 {policy.scale_in_cooldown_seconds // 60} "
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",
     ]

@@ -74,7 +74,7 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
-def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_posts(stack):
+def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(stack):
     import httpx
 
     r, policy = stack["r"], stack["policy"]
@@ -114,18 +114,18 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_posts(
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_route"
     assert wrong_method.status_code == 405
     assert metrics.status_code == 200 and other.status_code == 404
-    # What KEDA's query selects (code 503, method POST): the two valid POSTs, not the GET, not the 401s.
+    # What KEDA's query selects (code 503): the three requests with a valid key, not the 401s, 404 or 405.
     duration = f"{catalog.PROXY_METRICS.request_duration}_count"
-    assert _metric(metrics.text, duration, code="503", method="POST") == 2
-    assert _metric(metrics.text, duration, code="503", method="GET") == 1
+    assert _metric(metrics.text, duration, code="503") == 3
     assert _metric(metrics.text, duration, code="401", method="POST") == 2  # (the readiness wait GETs too)
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
-def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_first_valid_post(stack, tmp_path):
+def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_first_valid_request(stack, tmp_path):
     """Prometheus (Debian's) scrapes the real front's metrics with the relabelings the Operator makes of the
-    wake PodMonitor, and KEDA's own query reads 0 with no request and after a wrong key, and 1 (active:
-    0 -> 1) from the first valid POST: the series Caddy creates at that request is counted from 0."""
+    wake PodMonitor, and KEDA's own query reads 0 with no request and after a wrong key or an unknown
+    route, and 1 (active: 0 -> 1) from the first valid request: the series Caddy creates at that request is
+    counted from 0."""
     import httpx
 
     from tests.fakes.harness import wait_for
@@ -160,10 +160,13 @@ def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_
         assert wait_for(lambda: prometheus.values(f'{duration}{{job="{wake.WAKE_JOB}"}}'), 30, 0.2)
         assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}
         wrong = client.post(f"{base}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong-key-x"})
-        assert wrong.status_code == 401
-        assert wait_for(lambda: prometheus.values(f'{duration}{{code="401",method="POST"}}'), 30, 0.2)
-        assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}  # a wrong key wakes nothing
-        first = client.post(f"{base}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"})
+        unknown = client.post(f"{base}/flush_cache", json=chat, headers={"Authorization": f"Bearer {KEY}"})
+        assert wrong.status_code == 401 and unknown.status_code == 404
+        assert wait_for(lambda: prometheus.values(f'{duration}{{code="401",method="POST"}}')
+                        and prometheus.values(f'{duration}{{code="404"}}'), 30, 0.2)
+        assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}  # neither wakes anything
+        # The verification gate's wait: a GET of the model list with the key.
+        first = client.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert first.status_code == 503
         assert wait_for(lambda: prometheus.values(trigger["metadata"]["query"]) == {"": 1.0}, 30, 0.2), (
             prometheus.values(f'{duration}{{code="503"}}'))
@@ -190,7 +193,7 @@ def test_the_front_refuses_what_would_break_its_caddyfile(stack):
 # --- the demand query in Prometheus' own engine -----------------------------------------------------
 
 def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, tmp_path):
-    """Caddy creates the 503/POST series at the first such answer (the real Caddy above shows it only after
+    """Caddy creates the 503 series at the first such answer (the real Caddy above shows it only after
     one), so the series' first sample is already 1. promtool evaluates the trigger's own query on that:
     active from the first request, 0 again DEMAND_WINDOW after the last one, and kept active by an engine's
     running request; sum(increase()) over the same window never sees the first request."""
@@ -199,6 +202,7 @@ def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, t
     ns = stack["r"].spec.target.kubernetes.namespace
     series = (f'{catalog.PROXY_METRICS.request_duration}_count{{namespace="{ns}",job="{wake.WAKE_JOB}",code="503",'
               f'method="POST",replica="kimi-wake-1",server="srv0",handler="static_response"}}')
+    get = series.replace('method="POST"', 'method="GET"')
     running = (f'{catalog.ENGINE_METRICS["vllm"].running}{{namespace="{ns}",job="kimi-engine",'
                f'replica="kimi-engine-on-demand-1"}}')
     naive = f'sum(increase({series.split("{")[0]}{{job="{wake.WAKE_JOB}"}}[{wake.DEMAND_WINDOW}]))'
@@ -207,6 +211,8 @@ def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, t
     tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
         "interval": "1m",
         "input_series": [{"series": series, "values": "_ _ _ 1x16 2x20"},
+                         # a GET (the gate's wait) at 40 min: a series of its own, counted from 0 too
+                         {"series": get, "values": "_x39 1x10"},
                          {"series": running, "values": "_x29 1 1 1 0x5"}],
         "promql_expr_test": [
             {"expr": query, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": 0}]},
@@ -217,6 +223,8 @@ def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, t
             {"expr": query, "eval_time": "26m", "exp_samples": [{"labels": "{}", "value": 0}]},
             {"expr": query, "eval_time": "31m", "exp_samples": [{"labels": "{}", "value": 1}]},
             {"expr": query, "eval_time": "34m", "exp_samples": [{"labels": "{}", "value": 0}]},
+            {"expr": query, "eval_time": "40m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": query, "eval_time": "45m", "exp_samples": [{"labels": "{}", "value": 0}]},
             # what a rate-based query would have read at the first request: nothing
             {"expr": naive, "eval_time": "3m", "exp_samples": []},
             {"expr": naive, "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 0}]},
@@ -552,7 +560,7 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     r = resolve(STACK, zero_values())
     policy = scaling_policy(r, size(r))
     assert "scaling: 0 to 3 replicas" in out
-    assert f"gets 503 with Retry-After {policy.instance_warmup_seconds} s" in out
+    assert f"gets 503 with Retry-After {policy.instance_warmup_seconds} s" in out and "starts one replica" in out
     assert "a client must retry after Retry-After" in out and "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
     assert "name: kimi-wake" in written and "kimi-engine-ready" in written
