@@ -212,8 +212,8 @@ class KubernetesEndpoint(pulumi.ComponentResource):
         # workload the gate waits for (it is not Ready while an engine is), so applied without await.
         for obj in k8s_wake.render_wake_objects(r, sizing, args.launch, stack=r.spec.stack):
             if obj["kind"] == "Deployment":  # it reads the key at start, as the engine pods' proxy does
-                obj = without_await(with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION,
-                                                        api_key_secret.metadata.apply(lambda m: m.resource_version or "")))
+                version = api_key_secret.metadata.apply(lambda m: m.resource_version or "")
+                obj = without_await(with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION, version))
             declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, pulumi.ResourceOptions(
                 depends_on=[*secrets])))
 

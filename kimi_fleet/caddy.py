@@ -128,19 +128,7 @@ def render_proxy(
     a scale-in). `scrape` adds the host's scrape endpoint (ScrapeSite): its own port, the same TLS,
     its own key, /metrics/<job> proxied to the loopback exporters and nothing else.
     """
-    if tls not in TLS_MODES:
-        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
-    if not domain or not _SITE_NAME.match(domain):
-        raise ValueError(f"invalid domain {domain!r}")
-    for env_name in (api_key_env, previous_key_env):
-        if env_name is not None and not _ENV_NAME.match(env_name):
-            raise ValueError(f"invalid environment variable name {env_name!r}")
-    if previous_key_env == api_key_env:
-        raise ValueError("previous_key_env must differ from api_key_env")
-    key_envs = [api_key_env] + ([previous_key_env] if previous_key_env else [])
-    if not _ROUTE_PATH.match(health_uri):
-        raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
-                         f"got {health_uri!r}")
+    key_envs = _checked_site(domain, health_uri, tls, api_key_env, previous_key_env, acme_email)
     if not upstreams:
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
@@ -149,8 +137,6 @@ def render_proxy(
         raise ValueError(f"invalid release id {release!r}")
     if access_log is not None and not _FILE_PATH.match(access_log):
         raise ValueError(f"invalid access log path {access_log!r}")
-    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
-        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
 
     global_options = _global_options(tls=tls, acme_email=acme_email, https_port=https_port, http_port=http_port,
                                      bind_host=bind_host, metrics=metrics_port is not None)
@@ -261,6 +247,27 @@ def render_proxy(
         # Beside the tenants' sites, not among them: its key is its own and never rotates with theirs.
         facts["scrapeSite"] = scrape.facts(domain)
     return RenderedProxy("\n".join(lines) + "\n", facts)
+
+
+def _checked_site(domain: str, health_uri: str, tls: str, api_key_env: str, previous_key_env: str | None,
+                  acme_email: str | None) -> list[str]:
+    """Raise ValueError unless a tenants' site can be rendered as asked (the proxy's and the wake front's);
+    return the key variables it accepts (the key, then a rotation's previous key)."""
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
+    if not domain or not _SITE_NAME.match(domain):
+        raise ValueError(f"invalid domain {domain!r}")
+    for env_name in (api_key_env, previous_key_env):
+        if env_name is not None and not _ENV_NAME.match(env_name):
+            raise ValueError(f"invalid environment variable name {env_name!r}")
+    if previous_key_env == api_key_env:
+        raise ValueError("previous_key_env must differ from api_key_env")
+    if not _ROUTE_PATH.match(health_uri):
+        raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
+                         f"got {health_uri!r}")
+    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
+        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
+    return [api_key_env] + ([previous_key_env] if previous_key_env else [])
 
 
 def _global_options(*, tls: str, acme_email: str | None, https_port: int | None, http_port: int | None,
@@ -519,22 +526,9 @@ def render_wake(
     counted as demand. Caddy's HTTP metrics (by code and method) are on for the public site and served
     at METRICS_PATH on a plain-HTTP site of `metrics_port` (all interfaces unless `bind_host`: the pod's
     NetworkPolicy admits only the cluster's Prometheus to it); nothing else is served there."""
-    if tls not in TLS_MODES:
-        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
-    if not domain or not _SITE_NAME.match(domain):
-        raise ValueError(f"invalid domain {domain!r}")
-    for env_name in (api_key_env, previous_key_env):
-        if env_name is not None and not _ENV_NAME.match(env_name):
-            raise ValueError(f"invalid environment variable name {env_name!r}")
-    if previous_key_env == api_key_env:
-        raise ValueError("previous_key_env must differ from api_key_env")
-    if not _ROUTE_PATH.match(health_uri):
-        raise ValueError(f"health_uri must be a plain path like /health, got {health_uri!r}")
-    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
-        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
+    key_envs = _checked_site(domain, health_uri, tls, api_key_env, previous_key_env, acme_email)
     if type(retry_after_seconds) is not int or not 0 < retry_after_seconds <= 86_400:
         raise ValueError(f"Retry-After must be whole seconds within a day, got {retry_after_seconds!r}")
-    key_envs = [api_key_env] + ([previous_key_env] if previous_key_env else [])
     routes = promised_routes(health_uri)
     promised = "^(?:" + "|".join(str(route) for route in routes) + ")(?:[?].*)?$"
     body = json.dumps({"error": {"message": message, "type": "server_error", "code": WAKE_ERROR_CODE}},

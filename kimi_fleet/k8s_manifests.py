@@ -1326,8 +1326,8 @@ WAKE_ROLE = "wake"
 WAKE_POD_MONITOR = "kimi-wake"
 WAKE_JOB = "kimi-wake"
 WAKE_METRICS_PORT_NAME = "wake-metrics"
-#: How long one request with a valid key keeps the wake trigger active (a PromQL offset): longer than Prometheus' scrape
-#: interval plus KEDA's polling interval (30 s each by default), so the 503 is read at least once.
+#: How long one request with a valid key keeps the wake trigger active (a PromQL offset): longer than
+#: Prometheus' scrape interval plus KEDA's polling interval (30 s each by default), so it is read at least once.
 WAKE_DEMAND_WINDOW = "5m"
 
 
@@ -1340,11 +1340,10 @@ def wake_demand_query(r: Resolved) -> str:
     """PromQL: how many requests with a valid key the wake front answered WAKE_STATUS within
     WAKE_DEMAND_WINDOW (any promised route: the verification gate's wait is a GET of the model list, and
     a release at zero is verified on a replica it wakes), plus the engines' running requests. Caddy
-    creates a code/method series at its
-    first such answer, so rate()/increase() would read the first request as no increase (a series'
-    first sample has nothing before it): each series' growth is taken against its value the window ago,
-    or 0 when it did not exist then (tests/test_k8s_wake.py: increase() misses the first request, this
-    does not)."""
+    creates a code/method series at its first such answer, so rate()/increase() would read the first
+    request as no increase (a series' first sample has nothing before it): each series' growth is taken
+    against its value the window ago, or 0 when it did not exist then (tests/test_k8s_wake.py:
+    increase() misses the first request, this does not)."""
     duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
     answered = (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
                 f'{code}="{WAKE_STATUS}"}}')
@@ -1354,9 +1353,9 @@ def wake_demand_query(r: Resolved) -> str:
 
 
 def wake_trigger(r: Resolved) -> dict:
-    """KEDA's `wake` trigger: active (> 0) while the front answered a request with a valid key within the window or an
-    engine runs a request: it scales 0 -> 1 and keeps the stack from 0. As an HPA metric it asks for at
-    most one pod (clamped to 1 against an AverageValue of 1): the queue trigger asks for more. KEDA
+    """KEDA's `wake` trigger: active (> 0) while the front answered a request with a valid key within the
+    window or an engine runs a request: it scales 0 -> 1 and keeps the stack from 0. As an HPA metric it
+    asks for at most one pod (clamped to 1 against an AverageValue of 1): the queue trigger asks for more. KEDA
     v2.20.2 (kedacore/keda): active is value > activationThreshold (pkg/scalers/prometheus_scaler.go:319);
     an active trigger at 0 replicas scales to 1 (pkg/scaling/executor/scale_scaledobjects.go:63-73,
     240-254); with none active and minReplicaCount 0 it scales to 0 once the last active time is

@@ -18,9 +18,9 @@ and counts the demand.
   stack's time to ready (autoscaling.time_to_ready_terms) and an OpenAI-shaped error; a wrong key 401,
   an unknown route 404 (a scan or a wrong key never wakes a GPU).
 - The demand is Caddy's own count of those 503s (any promised route: the verification gate waits with
-  a GET of the model list, and a release deployed at zero is verified on the replica it wakes), scraped by its own PodMonitor
-  (job WAKE_JOB: never mixed with the engines' kimi-proxy series the error alerts read) on a port only
-  the cluster's Prometheus reaches. KEDA's `wake` trigger reads it with the engines' running requests.
+  a GET of the model list, and a release deployed at zero is verified on the replica it wakes), scraped
+  by its own PodMonitor (job WAKE_JOB: never mixed with the engines' kimi-proxy series the error alerts
+  read) on a port only the cluster's Prometheus reaches. KEDA's `wake` trigger reads it with the engines' running requests.
 
 The trigger and the PodMonitor are k8s_manifests' (wake_trigger, wake_pod_monitor: the ScaledObject
 and the monitoring objects are rendered there), with KEDA v2.20.2's semantics they rest on, cited.

@@ -155,7 +155,8 @@ def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_
     chat = {"model": "kimi", "messages": [{"role": "user", "content": "hi"}]}
     env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
     with start_caddy(front.text, env, ready_url=f"{base}/v1/models") as caddy, \
-            run_prometheus(path, tmp_path) as prometheus, httpx.Client(verify=caddy.ssl_context(), timeout=10) as client:
+            run_prometheus(path, tmp_path) as prometheus, \
+            httpx.Client(verify=caddy.ssl_context(), timeout=10) as client:
         duration = f"{catalog.PROXY_METRICS.request_duration}_count"
         assert wait_for(lambda: prometheus.values(f'{duration}{{job="{wake.WAKE_JOB}"}}'), 30, 0.2)
         assert prometheus.values(trigger["metadata"]["query"]) == {"": 0.0}
@@ -548,7 +549,8 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     text = stack_file(STACK).read_text()
     config = yaml.safe_load(text)
     config["config"]["kimi-fleet:capacity"] = copy.deepcopy(ZERO)
-    config["config"]["kimi-fleet:target"]["kubernetes"]["prometheusUrl"] = "http://prometheus-operated.monitoring.svc:9090"
+    kubernetes = config["config"]["kimi-fleet:target"]["kubernetes"]
+    kubernetes["prometheusUrl"] = "http://prometheus-operated.monitoring.svc:9090"
     path = tmp_path / f"Pulumi.{STACK}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}

@@ -64,7 +64,7 @@ class Kubernetes(Target):
         # minReplicas 0 (a batch stack: spec.py refuses it otherwise) is served by the wake front
         # (kimi_fleet/k8s_wake.py): an always-up CPU pod behind the public Service while no engine pod is
         # Ready, whose answered requests KEDA reads to bring the first replica back. A multi-node replica
-        # does not scale at all (_multi_node_problems).
+        # does not scale at all (rules.py refuses capacity.scaling for it).
 
     def _multi_node_problems(self, r: Resolved) -> Iterator[str]:
         """A replica over several pods: the fabric's devices declared, the weights on every node."""
