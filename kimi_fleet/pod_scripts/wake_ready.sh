@@ -12,8 +12,8 @@
 # beside serving engines nor takes it away at zero; with no verdict yet the front stays out.
 # With CERTIFICATE: Caddy asks the CA for its certificate while the front may not be an endpoint (the
 # CA's challenge then reaches an engine pod and fails) and backs off for longer after every failure.
-# Alone (no engine Ready) and still without one, Caddy is restarted, at most once per RESTART_MINUTES,
-# so that it asks again now, while the challenge reaches it.
+# Alone (no engine Ready) and still without one RESTART_MINUTES after the probe first saw Caddy (or last
+# restarted it), Caddy is restarted so that it asks again now, while the challenge reaches it.
 # busybox sh and busybox nslookup (the Caddy image's Alpine base); the output formats are busybox's
 # (tests/test_k8s_wake.py runs this file against them).
 RESTART_MINUTES=10
@@ -31,12 +31,13 @@ case $verdict in
     engine | none) echo "$verdict" > "$state.tmp" && mv "$state.tmp" "$state" ;;
 esac
 echo "wake front: engine ready=$verdict"
-if [ "$verdict" = none ] && [ -n "$certificate" ] && ! ls $certificate > /dev/null 2>&1; then
-    restarted=$state.restarted
-    if [ ! -e "$restarted" ] || [ -n "$(find "$restarted" -mmin +$RESTART_MINUTES)" ]; then
-        touch "$restarted"
-        echo "wake front: alone without a certificate: restarting Caddy so that it asks the CA now"
-        kill "$pid"
-    fi
+asking=$state.asking
+if [ -n "$certificate" ] && [ ! -e "$asking" ]; then
+    touch "$asking"  # Caddy asks at its start: give it RESTART_MINUTES
+elif [ "$verdict" = none ] && [ -n "$certificate" ] && ! ls $certificate > /dev/null 2>&1 \
+        && [ -n "$(find "$asking" -mmin +$RESTART_MINUTES)" ]; then
+    touch "$asking"
+    echo "wake front: alone without a certificate: restarting Caddy so that it asks the CA now"
+    kill "$pid"
 fi
 [ "$verdict" = none ]
