@@ -208,14 +208,16 @@ class KubernetesEndpoint(pulumi.ComponentResource):
             elif kind != "Service" and (kind, obj["metadata"]["name"]) not in monitoring_names:
                 prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
 
-        # A scale-to-zero stack's wake front (kimi_fleet/k8s_wake.py), once the key's Secret exists: not a
-        # workload the gate waits for (it is not Ready while an engine is), so applied without await.
+        # A scale-to-zero stack's wake front (kimi_fleet/k8s_wake.py), once the key's Secret and its own
+        # ConfigMap, Service and NetworkPolicies exist (never after the weights' download): not a workload
+        # the gate waits for (it is not Ready while an engine is), so applied without await.
+        front: list[pulumi.Resource] = [*secrets]
         for obj in k8s_wake.render_wake_objects(r, sizing, args.launch, stack=r.spec.stack):
             if obj["kind"] == "Deployment":  # it reads the key at start, as the engine pods' proxy does
                 version = api_key_secret.metadata.apply(lambda m: m.resource_version or "")
                 obj = without_await(with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION, version))
-            declare_object(name, obj, pulumi.ResourceOptions.merge(in_namespace, pulumi.ResourceOptions(
-                depends_on=[*secrets])))
+            front.append(declare_object(name, obj, pulumi.ResourceOptions.merge(
+                in_namespace, pulumi.ResourceOptions(depends_on=list(front)))))
 
         self.proxy = AuthProxy(
             f"{name}-proxy",

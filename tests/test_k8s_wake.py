@@ -528,6 +528,10 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     assert annotations["pulumi.com/skipAwait"] == "true"
     assert manifests.API_KEY_VERSION_ANNOTATION in front["wire"]["spec"]["template"]["metadata"]["annotations"]
     assert any(name.endswith(manifests.API_KEY_SECRET) for name in front["dependencies"])
+    # After its own objects (the policies that wall it in), never after the weights' download Job.
+    for other in (wake.WAKE_CONFIGMAP, wake.READY_SERVICE, wake.WAKE_INGRESS_POLICY, wake.WAKE_EGRESS_POLICY):
+        assert any(name.endswith(f"-{other}") and "Deployment" not in name for name in front["dependencies"]), other
+    assert not any("kimi-weights-" in name for name in front["dependencies"])
     rendered = the(stack["wake"], "Deployment", wake.WAKE)
     assert integral(front["wire"]["spec"]["template"]["spec"]) == rendered["spec"]["template"]["spec"]
     monitors = {m["wire"]["metadata"]["name"] for m in run.of_type("kubernetes:monitoring.coreos.com/v1:PodMonitor")}
