@@ -30,6 +30,7 @@ from kimi_fleet.launch import render_launch
 from kimi_fleet.pod_scripts import pod_script
 from kimi_fleet.sizing import size
 from kimi_fleet.spec import StackSpecError
+from policy.validators import check_resources
 from tests.fakes.harness import free_port, start_caddy, validate_caddyfile
 from tests.test_k8s_observability import (
     K8S_VERSION, admitted, integral, resolve, scaling_values, source, the,
@@ -542,8 +543,6 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     rollout = manifests.rollout_wait(stack["r"], stack["sizing"])
     assert rollout["deployments"] == [manifests.deployment_name("on-demand")]
     # The policy pack (pinned images, engine ports never exposed, no secret in a spec) passes it all.
-    sys.path.insert(0, str(PROJECT_ROOT))
-    from policy.validators import check_resources
 
     violations = check_resources([{"type": d["type"], "name": d["name"], "props": d["inputs"],
                                    "options": {"protect": d["protect"], "ignoreChanges": d["ignore_changes"]}}
