@@ -116,8 +116,7 @@ def ready_probe_command(r: Resolved) -> list[str]:
     script restarts when the front is alone without one (Caddy's ACME retries back off for hours)."""
     command = ["sh", f"{WAKE_MOUNT}/{READY_SCRIPT}", ready_service_host(r), READY_STATE]
     if m.proxy_tls(r) == "acme":
-        domain = r.spec.domain
-        command += [f"{CADDY_DATA}/caddy/certificates/*/{domain}/{domain}.crt", "1"]
+        command += [f"{CADDY_DATA}/caddy/certificates", r.spec.domain, "1"]
     return command
 
 
