@@ -37,6 +37,7 @@ from components.auth_proxy import AuthProxy, AuthProxyArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.node_secrets import checked_api_key, checked_previous_api_key
 from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet import k8s_wake
 from kimi_fleet.cost import estimate
 
 RESOURCE_CLASSES = {
@@ -206,6 +207,17 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 rolled[kind].append(resource)
             elif kind != "Service" and (kind, obj["metadata"]["name"]) not in monitoring_names:
                 prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
+
+        # A scale-to-zero stack's wake front (kimi_fleet/k8s_wake.py), once the key's Secret and its own
+        # ConfigMap, Service and NetworkPolicies exist (never after the weights' download): not a workload
+        # the gate waits for (it is not Ready while an engine is), so applied without await.
+        front: list[pulumi.Resource] = [*secrets]
+        for obj in k8s_wake.render_wake_objects(r, sizing, args.launch, stack=r.spec.stack):
+            if obj["kind"] == "Deployment":  # it reads the key at start, as the engine pods' proxy does
+                version = api_key_secret.metadata.apply(lambda m: m.resource_version or "")
+                obj = without_await(with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION, version))
+            front.append(declare_object(name, obj, pulumi.ResourceOptions.merge(
+                in_namespace, pulumi.ResourceOptions(depends_on=list(front)))))
 
         self.proxy = AuthProxy(
             f"{name}-proxy",

@@ -34,8 +34,10 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
     }
     if r.target.renders_manifests:
         from kimi_fleet.k8s_manifests import render_k8s_artifacts
+        from kimi_fleet.k8s_wake import render_wake_artifacts
 
         artifacts.update(render_k8s_artifacts(r, sizing, launch))
+        artifacts.update(render_wake_artifacts(r, sizing, launch))  # scale to zero: the wake front
     else:
         from kimi_fleet.node_files import render_node_artifacts
 

@@ -175,10 +175,12 @@ class ScalingPolicy:
             f"removed is {ready} min from serving again); a replica removed may finish its running requests "
             f"for up to {_min(self.drain_timeout_seconds)} min")
         if self.scales_to_zero:
+            # Only Kubernetes accepts minReplicas 0 (its wake front: kimi_fleet/k8s_wake.py, whose plan lines
+            # say what it answers and costs); the other targets refuse it.
             lines.append(
-                f"at 0 replicas nothing answers: the first request of a batch waits a whole time to ready "
-                f"(about {ready} min) after the scaler sees work, and only a client that retries (or a queue "
-                "outside the replicas) keeps it until then")
+                f"at 0 replicas no engine answers: the first request of a batch waits a whole time to ready "
+                f"(about {ready} min) after the scaler sees it, answered 503 with Retry-After meanwhile: only a "
+                "client that retries keeps it until then")
         return lines
 
 

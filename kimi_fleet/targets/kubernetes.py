@@ -61,11 +61,10 @@ class Kubernetes(Target):
                    f"{'queue' if scaling.target_metric == 'waiting' else 'p99 time to first token'} (the engines' "
                    "metrics its PodMonitor scrapes): name that Prometheus as KEDA reaches it, e.g. "
                    "http://prometheus-operated.monitoring.svc:9090, or remove capacity.scaling")
-        if scaling.min_replicas == 0:
-            yield (f"{FIELD}capacity.scaling.minReplicas (given 0): on Kubernetes the queue KEDA follows is "
-                   "counted by the engines, inside the pods, and with no pod there is neither a proxy to take a "
-                   "request nor an engine to count it: nothing would ever scale the stack back up (a queue "
-                   "outside the pods, such as the KEDA HTTP add-on's, is not built here); use minReplicas 1 or more")
+        # minReplicas 0 (a batch stack: spec.py refuses it otherwise) is served by the wake front
+        # (kimi_fleet/k8s_wake.py): an always-up CPU pod behind the public Service while no engine pod is
+        # Ready, whose answered requests KEDA reads to bring the first replica back. A multi-node replica
+        # does not scale at all (rules.py refuses capacity.scaling for it).
 
     def _multi_node_problems(self, r: Resolved) -> Iterator[str]:
         """A replica over several pods: the fabric's devices declared, the weights on every node."""
