@@ -72,7 +72,8 @@ class FleetSteward(pulumi.ComponentResource):
             policy=pulumi.Output.all(args.group_arn, logs.arn).apply(lambda arns: execution_policy(*arns)))
         function = aws.lambda_.Function(
             f"{name}-function", role=role.arn, runtime=catalog.STEWARD_RUNTIME, handler=HANDLER,
-            code=pulumi.AssetArchive({HANDLER_FILE.name: pulumi.FileAsset(str(HANDLER_FILE))}),
+            # Its text, not its path: the same code is the same archive wherever the program runs.
+            code=pulumi.AssetArchive({HANDLER_FILE.name: pulumi.StringAsset(HANDLER_FILE.read_text())}),
             timeout=TIMEOUT_SECONDS, memory_size=MEMORY_MB,
             environment=aws.lambda_.FunctionEnvironmentArgs(variables={
                 "KIMI_STEWARD_GROUP": args.group_name, "KIMI_STEWARD_NODE_ROLE_ARN": args.node_role_arn,

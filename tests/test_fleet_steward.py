@@ -94,7 +94,7 @@ def test_the_function_its_url_and_its_resource_policy_admit_the_node_role_only(f
     assert set(inputs["environment"]["variables"]) == set(steward.ENVIRONMENT)
     # The code: the handler file alone, as an archive.
     assert list(inputs["code"]["assets"]) == ["steward.py"]
-    assert inputs["code"]["assets"]["steward.py"]["path"] == steward.__file__
+    assert inputs["code"]["assets"]["steward.py"]["text"] == open(steward.__file__).read()
     url = _one(fleet, "aws:lambda/functionUrl:FunctionUrl")
     assert url["inputs"] == {"functionName": function["name"], "authorizationType": "AWS_IAM"}
     permissions = {p["inputs"]["action"]: p["inputs"] for p in fleet.of_type("aws:lambda/permission:Permission")}

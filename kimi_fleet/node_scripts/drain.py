@@ -195,7 +195,7 @@ def complete(hook: str) -> bool:
     except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as error:
         log(f"completing the lifecycle hook {hook} failed ({error}); retried next poll")
         return False
-    log(f"lifecycle hook {hook} completed with CONTINUE: {done}")
+    log(f"lifecycle hook {hook} completed with CONTINUE: the steward {done}; the group terminates this instance")
     return True
 
 
