@@ -161,7 +161,8 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
 def _steward_caller_policy(function_arn: str) -> str:
     """A fleet node's Auto Scaling and Lambda rights beside _role_policy: call its steward through the
     function URL with IAM auth (Lambda now checks both actions for a URL call; InvokeFunction only via
-    the URL: a direct Invoke would let the caller write the event, and so the identity, itself), and
+    the URL: a direct Invoke would let the caller write the event, and so the identity, itself; the
+    function's resource policy grants the same two, and in one account either grant suffices), and
     read its group (the drain reads the desired count and its own protection; Describe actions take
     no resource ARN)."""
     return json.dumps({"Version": "2012-10-17", "Statement": [

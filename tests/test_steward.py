@@ -212,3 +212,36 @@ def test_the_handler_file_stands_alone():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "base64", "json", "os", "re", "boto3"}, imported
+
+
+def test_a_nodes_signed_request_reaches_the_group_through_the_url_for_its_own_instance_only(node, tmp_path):
+    """End to end: the node's own scripts (watchdog.steward, in a process of their own, with IMDSv2's
+    instance-profile credentials) sign a drain completion; the loopback function URL checks the signature
+    and hands the real handler the caller's session; the API completes that instance's hook alone."""
+    import subprocess
+    import sys
+
+    from tests.fakes import steward as fake
+    from tests.fakes.imds import start_imds
+    from tests.test_steward_client import CALL, NODE_SCRIPTS, STUB_AWS
+    from tests.test_node_metrics import _node_root
+
+    root, bin_dir, value = tmp_path / "root", tmp_path / "bin", tmp_path / "steward-url"
+    _node_root(root, "h200-int4-vllm")
+    bin_dir.mkdir()
+    value.write_text(fake.function_url(REGION))
+    (bin_dir / "aws").write_text(STUB_AWS.format(python=sys.executable, calls=str(tmp_path / "aws-calls"),
+                                                 value=str(value)))
+    (bin_dir / "aws").chmod(0o755)
+    hold(node["backend"], GROUP, node["mine"], "Terminating:Wait")
+    before = group_state(node)
+    verdicts = []
+    with start_imds({"instance-id": node["mine"], **fake.instance_metadata(ROLE_NAME)}) as imds, \
+            fake.start_steward(REGION, ROLE_NAME, node["mine"], node["client"], ENVIRONMENT, verdicts) as url:
+        done = subprocess.run([sys.executable, "-c", CALL, str(NODE_SCRIPTS), "complete-drain", "CONTINUE"],
+                              env={**os.environ, "KIMI_ROOT": str(root), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                   "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_STEWARD_ENDPOINT": url},
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [(v["authenticated"], v["status"]) for v in verdicts] == [(True, 200)]
+    assert group_state(node) == {**before, node["mine"]: ("Terminating:Proceed", False)}
