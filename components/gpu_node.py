@@ -21,6 +21,7 @@ import pulumi
 import pulumi_aws as aws
 
 from components.fleet_scaling import DRAIN_HOOK_NAME, FleetScaling, FleetScalingArgs, drain_heartbeat_seconds
+from components.fleet_steward import FleetSteward, FleetStewardArgs
 from kimi_fleet import boot_stub, catalog, health, node_files, observability
 from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
@@ -155,6 +156,23 @@ def _role_policy(r: Resolved, ssm_prefix: str) -> str:
              # Under its own ${aws:userid} (<role id>:<instance id>): no node overwrites another's candidate.
              "Resource": f"arn:aws:s3:::{bucket}/{candidates}/${{aws:userid}}/*"})
     return json.dumps({"Version": "2012-10-17", "Statement": statements})
+
+
+def _steward_caller_policy(function_arn: str) -> str:
+    """A fleet node's Auto Scaling and Lambda rights beside _role_policy: call its steward through the
+    function URL with IAM auth (Lambda now checks both actions for a URL call; InvokeFunction only via
+    the URL: a direct Invoke would let the caller write the event, and so the identity, itself; the
+    function's resource policy grants the same two, and in one account either grant suffices), and
+    read its group (the drain reads the desired count and its own protection; Describe actions take
+    no resource ARN)."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "CallStewardUrl", "Effect": "Allow", "Action": "lambda:InvokeFunctionUrl", "Resource": function_arn,
+         "Condition": {"StringEquals": {"lambda:FunctionUrlAuthType": "AWS_IAM"}}},
+        {"Sid": "CallStewardThroughItsUrl", "Effect": "Allow", "Action": "lambda:InvokeFunction",
+         "Resource": function_arn, "Condition": {"Bool": {"lambda:InvokedViaFunctionUrl": "true"}}},
+        {"Sid": "FindOwnGroup", "Effect": "Allow",
+         "Action": ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups"],
+         "Resource": "*"}]})
 
 
 def _market_options(r: Resolved, fleet: bool):
@@ -297,22 +315,17 @@ class GpuNode(pulumi.ComponentResource):
                 lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING", default_result="CONTINUE",
                 heartbeat_timeout=drain_heartbeat_seconds(node_files.drain_timeout_seconds(r, sizing)),
                 opts=drain_opts)
-            # The node's only Auto Scaling calls: find its group, complete its own lifecycle actions (its
-            # admission, its drain) on its own group. A dead node powers itself off instead
-            # of marking itself unhealthy (that permission would cover every node of the group: no
-            # instance-id condition exists for it).
-            aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child, policy=group.arn.apply(
-                lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [
-                    {"Sid": "CompleteOwnLifecycleActions", "Effect": "Allow",
-                     "Action": "autoscaling:CompleteLifecycleAction", "Resource": arn},
-                    # A busy node keeps the group from picking it for a scale-in (node_scripts/drain.py).
-                    {"Sid": "ProtectWhileBusy", "Effect": "Allow",
-                     "Action": "autoscaling:SetInstanceProtection", "Resource": arn},
-                    # Describe actions take no resource ARN: a node reads its group's desired count (a
-                    # pending scale-in) and its own protection.
-                    {"Sid": "FindOwnGroup", "Effect": "Allow",
-                     "Action": ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups"],
-                     "Resource": "*"}]})))
+            # A node's Auto Scaling calls on itself (completing its admission and its drain, its scale-in
+            # protection while busy) go through the stack's steward, which acts on the caller's own
+            # instance only: the role holds neither action (no instance condition exists for them, so
+            # it would hold them for every peer). A dead node powers itself off instead of marking
+            # itself unhealthy (the same: that permission would cover every node of the group).
+            steward = FleetSteward(f"{name}-steward", FleetStewardArgs(
+                group_name=group.name, group_arn=group.arn, node_role_arn=role.arn,
+                admission_hook=health.ADMISSION_HOOK_NAME, drain_hook=DRAIN_HOOK_NAME,
+                url_parameter=node_files.steward_url_parameter(args.ssm_prefix), tags=args.tags), child)
+            aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child,
+                               policy=steward.function_arn.apply(_steward_caller_policy))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)
             self.private_ip = pulumi.Output.from_input(None)

@@ -846,6 +846,14 @@ INSTANCE_METADATA_SOURCE = Source("AWS EC2 user guide, 'Access instance metadata
 
 DLAMI_SSM_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 
+#: The fleet steward (kimi_fleet/steward.py): a Lambda runtime whose boto3 is built in (the handler ships
+#: alone), behind a function URL with IAM auth. Since October 2025 a new function URL's caller needs both
+#: lambda:InvokeFunctionUrl and lambda:InvokeFunction (the latter for calls made through the URL: the
+#: lambda:InvokedViaFunctionUrl condition, AddPermission's InvokedViaFunctionUrl).
+STEWARD_RUNTIME = "python3.13"
+STEWARD_SOURCE = Source("Lambda developer guide, 'Lambda runtimes' and 'Control access to Lambda function URLs' "
+                        "(note: October 2025); 'Invoking Lambda function URLs', request payload format", "2026-12-08")
+
 
 # --- Weight transfer -------------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ NODE_SETTINGS_KEYS = (
     "SSM_PREVIOUS_API_KEY_PARAMETER", "SSM_PREVIOUS_API_KEY_VERSION", "PREVIOUS_API_KEY_FILE",
     "COMPILE_CACHE_ARCHIVE", "COMPILE_CACHE_DIR", "COMPILE_CACHE_PIN_PARAMETER", "MIRROR_MANIFEST_SHA256",
     "TARGET_KIND", "DRAIN_TIMEOUT_SECONDS", "METRICS_KEY_FILE",
-    "PP_STAGE", "PP_STAGES", "PP_FIRST_LAYER", "PP_END_LAYER", "WEIGHTS_FETCH_BYTES",
+    "PP_STAGE", "PP_STAGES", "PP_FIRST_LAYER", "PP_END_LAYER", "WEIGHTS_FETCH_BYTES", "STEWARD_URL_PARAMETER",
 )
 
 # --- Scripts ---------------------------------------------------------------------------------
@@ -217,8 +217,11 @@ ENGINE_GUARD_UNIT_PATH = f"{UNIT_DIR}/{node_guard.ENGINE_GUARD_UNIT_NAME}"
 #: The engines' metadata guard: applied before any engine starts (the engine unit requires it).
 ENGINE_GUARD_UNIT_INPUTS = (node_guard.ENGINE_GUARD_PATH, ENGINE_SLICE_UNIT_PATH, ENGINE_GUARD_UNIT_PATH)
 FAIL2BAN_INPUTS = (node_guard.FAIL2BAN_FILTER_PATH, node_guard.FAIL2BAN_JAIL_PATH)
+#: A fleet node's Auto Scaling calls on itself go through the fleet steward (the watchdog and the drain import it).
+STEWARD_CLIENT = f"{LIB_DIR}/steward_client.py"
 WATCHDOG_INPUTS = (f"{UNIT_DIR}/kimi-watchdog.timer", f"{UNIT_DIR}/kimi-watchdog.service", GENERATION_PROBE, WATCHDOG,
-                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK, REPLICA_EPOCH)
+                   NODE_STATUS, ADMISSION, COMPILE_CACHE_TOOL, WEIGHTS_MANIFEST_TOOL, FABRIC_CHECK, REPLICA_EPOCH,
+                   STEWARD_CLIENT)
 #: The node's exporters and what AWS nodes run beside them (node_metrics.py).
 NODE_STATE_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.NODE_STATE_UNIT}"
 GPU_EXPORTER_UNIT_PATH = f"{UNIT_DIR}/{node_metrics.GPU_EXPORTER_UNIT}"
@@ -441,6 +444,13 @@ def compile_cache_pin_parameter(ssm_prefix: str, launch_digest: str) -> str:
     return f"{ssm_prefix.rstrip('/')}/compile-cache/{launch_digest}"
 
 
+def steward_url_parameter(ssm_prefix: str) -> str:
+    """The SSM parameter holding the fleet steward's function URL (components/fleet_steward.py writes it,
+    a node reads it: under the stack's prefix, which nodes read and only the deployer writes). Not in
+    node.env itself: the URL exists only once the group does, and the group boots the node files."""
+    return f"{ssm_prefix.rstrip('/')}/steward-url"
+
+
 def stack_ssm_prefix(r: Resolved) -> str | None:
     aws = r.spec.target.aws
     return None if aws is None else (aws.ssm_prefix or default_ssm_prefix(r.spec.stack))
@@ -527,6 +537,9 @@ def _node_env(r: Resolved, launch: Launch, sizing: Sizing, secrets: SecretsSourc
         "METRICS_KEY_FILE": node_metrics.METRICS_KEY_FILE if host_scrape_endpoint(r) else "",
         # One pipeline stage's shards only (a multi-node replica's node): which stage and layers.
         **stage_settings(r, node_rank, sizing),
+        # Where a fleet node finds its steward (its lifecycle actions and scale-in protection, on itself only).
+        "STEWARD_URL_PARAMETER": steward_url_parameter(stack_ssm_prefix(r))
+        if spec.target.aws and behind_load_balancer(r) else "",
     }
     lines = [f"# kimi-fleet node settings for stack {spec.stack} (no secrets: those are in {SECRETS_DIR})."]
     lines += [_setting(key, value) for key, value in values.items()]
@@ -784,6 +797,7 @@ def _render_files(r: Resolved, launch: Launch, sizing: Sizing, *, secrets: Secre
         NodeFile(f"{UNIT_DIR}/kimi-bootstrap.service", BOOTSTRAP_UNIT, 0o644),
         NodeFile(GENERATION_PROBE, node_script(GENERATION_PROBE_SCRIPT), 0o644),
         NodeFile(WATCHDOG, node_script("watchdog.py"), 0o644),
+        NodeFile(STEWARD_CLIENT, node_script("steward_client.py"), 0o644),
         NodeFile(ADMISSION, node_script("admission.py"), 0o644),
         NodeFile(NODE_STATUS, node_script("node_status.py"), 0o644),
         NodeFile(WEIGHTS_MANIFEST_TOOL, node_script("weights_manifest.py"), 0o644),

@@ -282,21 +282,25 @@ def test_nodes_put_metrics_only_in_the_stacks_namespace(declared):
         assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": f"KimiFleet/{stack}"}}
 
 
-def test_nodes_complete_lifecycle_actions_on_their_own_group_only(declared):
+def test_nodes_hold_no_auto_scaling_action_on_the_group_and_call_only_their_steward(declared):
+    """Issue 24: no instance condition exists for CompleteLifecycleAction or SetInstanceProtection, so a
+    node's role holds neither (it would hold them for every peer); it reads its group, and calls the
+    stack's steward through its IAM-authenticated URL (components/fleet_steward.py)."""
     stack, run = declared
     groups = run.of_type(GROUP)
+    functions = run.of_type("aws:lambda/function:Function")
     for statement in _statements(run):
         for action in _actions(statement):
             if action.startswith("autoscaling:"):
-                # Only these: no node may resize the group or act on another group. Completing its own
-                # lifecycle actions and its scale-in protection while busy are limited to its own group
-                # (no instance condition exists: see known limits); the two reads take no resource ARN.
-                assert action in ("autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceProtection",
-                                  "autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups")
-                if action in ("autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceProtection"):
-                    (group,) = groups
-                    assert statement["Resource"] == f"arn:aws:mock:::{group['name']}"
-    assert bool(groups) == any("autoscaling:CompleteLifecycleAction" in _actions(s) for s in _statements(run))
+                assert action in ("autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups")
+                assert statement["Resource"] == "*"  # Describe actions take no resource ARN
+            if action.startswith("lambda:"):
+                (function,) = functions
+                assert statement["Resource"] == f"arn:aws:mock:::{function['name']}"
+                assert statement["Condition"] == {
+                    "lambda:InvokeFunctionUrl": {"StringEquals": {"lambda:FunctionUrlAuthType": "AWS_IAM"}},
+                    "lambda:InvokeFunction": {"Bool": {"lambda:InvokedViaFunctionUrl": "true"}}}[action]
+    assert bool(groups) == bool(functions) == any(a.startswith("lambda:") for s in _statements(run) for a in _actions(s))
 
 
 # --- scaling ------------------------------------------------------------------------------------------

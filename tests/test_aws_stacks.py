@@ -142,9 +142,12 @@ def test_secrets_are_secure_strings_and_absent_from_user_data(stack_run):
     assert set(parameters) == {f"/kimi-fleet/{stack}/api-key", f"/kimi-fleet/{stack}/hf-token"}
     for parameter in parameters.values():
         assert is_secret(parameter["wire"]["value"]), "the parameter value is not marked secret"
-    # Anything else in SSM is the release pointer (a plain S3 address and digest), fleets included.
+    # Anything else in SSM is the release pointer (a plain S3 address and digest), fleets included, and a
+    # fleet's steward URL (where its nodes call it: components/fleet_steward.py).
     others = [p for p in run.of_type(SSM_PARAMETER) if p["inputs"]["type"] != "SecureString"]
-    assert [p["inputs"]["name"] for p in others] == [f"/kimi-fleet/{stack}/release"]
+    fleet = resolved(stack).spec.capacity.is_fleet
+    assert [p["inputs"]["name"] for p in others] == [f"/kimi-fleet/{stack}/release"] + (
+        [f"/kimi-fleet/{stack}/steward-url"] if fleet else [])
     associations = run.of_type("aws:ssm/association:Association")
     assert len(associations) == (0 if resolved(stack).spec.capacity.replicas > 1 else 1)  # fleets refresh
     user_data = _user_data(run)
@@ -282,9 +285,9 @@ def test_fleet_has_on_demand_base_and_spot_remainder_behind_a_load_balancer():
     (admission,) = [p for p in run.of_type("aws:iam/rolePolicy:RolePolicy") if p["name"].endswith("-admission")]
     actions = {action: s["Resource"] for s in json.loads(admission["inputs"]["policy"])["Statement"]
                for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    # Its own group only: completing its lifecycle actions, and its scale-in protection while busy.
-    assert actions["autoscaling:CompleteLifecycleAction"].startswith("arn:")
-    assert actions["autoscaling:SetInstanceProtection"] == actions["autoscaling:CompleteLifecycleAction"]
+    # Its lifecycle actions and scale-in protection through the fleet's steward only (test_fleet_steward.py).
+    assert "autoscaling:CompleteLifecycleAction" not in actions and "autoscaling:SetInstanceProtection" not in actions
+    assert actions["lambda:InvokeFunctionUrl"] == actions["lambda:InvokeFunction"]
     # No node may mark instances unhealthy: that would cover every node of the group.
     assert all("SetInstanceHealth" not in p["inputs"]["policy"] for p in run.of_type("aws:iam/rolePolicy:RolePolicy"))
     assert not run.of_type("aws:ebs/volume:Volume")  # replicas use their own instance store

@@ -1,5 +1,7 @@
 """Drain before scale-in (issue 24, item 3, node side): the real drain script against IMDSv2 (fake,
-on loopback), an engine's /metrics and a stub `aws` that records its calls. A busy node is not let
+on loopback), an engine's /metrics, a stub `aws` for its reads, and the fleet steward's function URL
+on loopback (tests/fakes/steward.py: the signature checked, the real handler) whose Auto Scaling
+calls are recorded. A busy node is not let
 go while it generates, an idle one is let go at once, a stuck one at the drain timeout; the ready
 listener of the node's real Caddy answers 503 from the moment the drain begins."""
 
@@ -21,6 +23,7 @@ import pytest
 
 from kimi_fleet import node_metrics
 from tests.fakes.harness import free_port, start_caddy, wait_for
+from tests.fakes import steward as fake_steward
 from tests.fakes.imds import start_imds
 from tests.test_node_metrics import RELEASE, _loopback_proxy, _node_root, exporter
 
@@ -28,6 +31,10 @@ DRAIN = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_scripts" / "d
 STACK = "h200-int4-vllm"  # an AWS fleet (capacity.replicas 2)
 INSTANCE = "i-0123456789abcdef0"
 GROUP = "kimi-h200-int4-vllm-fleet"
+ROLE = "kimi-h200-int4-vllm-node-role"
+STEWARD_ENVIRONMENT = {"KIMI_STEWARD_GROUP": GROUP,
+                       "KIMI_STEWARD_NODE_ROLE_ARN": f"arn:aws:iam::{fake_steward.ACCOUNT}:role/{ROLE}",
+                       "KIMI_STEWARD_ADMISSION_HOOK": "kimi-fleet-admitted", "KIMI_STEWARD_DRAIN_HOOK": node_metrics.DRAIN_HOOK}
 
 STUB_AWS = """#!{python}
 import json, os, sys
@@ -36,8 +43,8 @@ protected_file = {calls!r} + ".protected"
 if sys.argv[1:3] == ["autoscaling", "describe-auto-scaling-instances"]:
     print(json.dumps({{"AutoScalingInstances": [{{"InstanceId": {instance!r}, "AutoScalingGroupName": {group!r},
                                                  "LifecycleState": "Terminating:Wait"}}]}}))
-if sys.argv[1:3] == ["autoscaling", "set-instance-protection"]:
-    open(protected_file, "w").write("1" if "--protected-from-scale-in" in sys.argv else "0")
+if sys.argv[1:3] == ["ssm", "get-parameter"]:
+    print({url!r})
 if sys.argv[1:3] == ["autoscaling", "describe-auto-scaling-groups"]:
     # The group: this instance and a peer, both InService; the desired count from a file (default 2).
     desired = int(open({calls!r} + ".desired").read()) if os.path.exists({calls!r} + ".desired") else 2
@@ -72,14 +79,27 @@ def drained_node(tmp_path: Path, load: dict, *, timeout_seconds: int | None = No
     calls, bin_dir = tmp_path / "aws-calls", tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "aws").write_text(STUB_AWS.format(python=sys.executable, calls=str(calls), instance=INSTANCE,
-                                                 group=GROUP))
+                                                 group=GROUP, url=fake_steward.function_url("us-east-1")))
     (bin_dir / "aws").chmod(0o755)
-    metadata = {"instance-id": INSTANCE, "autoscaling/target-lifecycle-state": "InService"}
+    metadata = {"instance-id": INSTANCE, "autoscaling/target-lifecycle-state": "InService",
+                **fake_steward.instance_metadata(ROLE)}
     processes = []
-    with exporter(lambda: engine_metrics(load)) as port, start_imds(metadata) as imds:
+
+    def lifecycle(instance: str) -> tuple[str, str] | None:  # as AWS holds the instance its hook drains
+        terminated = metadata["autoscaling/target-lifecycle-state"] == "Terminated"
+        return (GROUP, "Terminating:Wait" if terminated else "InService") if instance == INSTANCE else None
+
+    def protected(operation: str, parameters: dict) -> None:  # what the group reports from then on
+        if operation == "set_instance_protection":
+            Path(f"{calls}.protected").write_text("1" if parameters["ProtectedFromScaleIn"] else "0")
+
+    autoscaling = fake_steward.RecordingAutoScaling(f"{calls}.steward", lifecycle, protected)
+    with exporter(lambda: engine_metrics(load)) as port, start_imds(metadata) as imds, \
+            fake_steward.start_steward("us-east-1", ROLE, INSTANCE, autoscaling, STEWARD_ENVIRONMENT) as steward_url:
         stack["engines"][0]["port"] = port
         (root / "etc/kimi-fleet/stack.json").write_text(json.dumps(stack))
         env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "KIMI_STEWARD_ENDPOINT": steward_url,
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_DRAIN_POLL_SECONDS": "0.2",
                "KIMI_DRAIN_GROUP_POLL_SECONDS": "0.2", "KIMI_DRAIN_RELEASE_BASE_SECONDS": "0.5"}
 
@@ -97,22 +117,17 @@ def drained_node(tmp_path: Path, load: dict, *, timeout_seconds: int | None = No
                 process.wait(timeout=10)
 
 
-def completions(calls: Path) -> list[list[str]]:
-    if not calls.exists():
-        return []
-    return [c for c in map(json.loads, calls.read_text().splitlines()) if c[:2] == ["autoscaling",
-                                                                                  "complete-lifecycle-action"]]
+def completions(calls: Path) -> list[dict]:
+    """The lifecycle actions the steward completed for the node (its Auto Scaling calls)."""
+    return fake_steward.recorded(f"{calls}.steward", "complete_lifecycle_action")
 
 
 def protections(calls: Path) -> list[bool]:
-    """The scale-in protection the node set on itself, call by call (True: protected)."""
-    if not calls.exists():
-        return []
+    """The scale-in protection the steward set on the node, call by call (True: protected)."""
     found = []
-    for call in map(json.loads, calls.read_text().splitlines()):
-        if call[:2] == ["autoscaling", "set-instance-protection"]:
-            assert call[2:6] == ["--instance-ids", INSTANCE, "--auto-scaling-group-name", GROUP], call
-            found.append("--protected-from-scale-in" in call)
+    for call in fake_steward.recorded(f"{calls}.steward", "set_instance_protection"):
+        assert (call["InstanceIds"], call["AutoScalingGroupName"]) == ([INSTANCE], GROUP), call
+        found.append(call["ProtectedFromScaleIn"])
     return found
 
 
@@ -180,10 +195,9 @@ def test_a_lost_state_file_takes_the_protection_from_aws(tmp_path):
         assert drain.poll() is None
 
 
-def _expected_completion() -> list[str]:
-    return ["autoscaling", "complete-lifecycle-action", "--auto-scaling-group-name", GROUP, "--lifecycle-hook-name",
-            node_metrics.DRAIN_HOOK, "--instance-id", INSTANCE, "--lifecycle-action-result", "CONTINUE",
-            "--region", "us-east-1"]
+def _expected_completion() -> dict:
+    return {"operation": "complete_lifecycle_action", "AutoScalingGroupName": GROUP,
+            "LifecycleHookName": node_metrics.DRAIN_HOOK, "InstanceId": INSTANCE, "LifecycleActionResult": "CONTINUE"}
 
 
 def _ready(url: str) -> tuple[int, str]:

@@ -24,6 +24,7 @@ from kimi_fleet.sizing import size
 from kimi_fleet.stackfile import load_stack_config, stack_file
 from tests.fakes.harness import _stop as stop_process
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine, wait_for
+from tests.fakes import steward as fake_steward
 from tests.fakes.imds import start_imds
 from tests.fakes.load_shim import start_load_shim
 
@@ -55,7 +56,8 @@ case "$1" in
 esac
 """
 #: aws as the watchdog uses it on a fleet node: records each call (one line of arguments); the
-#: instance's lifecycle state comes from a file (Pending:Wait until the hook is completed).
+#: instance's lifecycle state comes from a file (Pending:Wait until the steward completes the hook),
+#: the steward's URL from another (its SSM parameter).
 AWS_STUB = """#!/bin/bash
 state=${SYSTEMCTL_STUB_DIR:?}
 echo "$*" >>"$state/aws-calls"
@@ -63,10 +65,11 @@ case "$2" in
   describe-auto-scaling-instances)
     printf '{"AutoScalingInstances": [{"AutoScalingGroupName": "kimi-group", "LifecycleState": "%s"}]}\n' \
       "$(cat "$state/lifecycle" 2>/dev/null || echo InService)" ;;
-  complete-lifecycle-action) echo InService >"$state/lifecycle" ;;
+  get-parameter) cat "$state/steward-url" ;;
 esac
 """
 INSTANCE_ID = "i-0123456789abcdef0"
+NODE_ROLE = "kimi-node-role"
 
 
 def probe(*args: str) -> subprocess.CompletedProcess:
@@ -134,7 +137,19 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
         if busy_file is not None:
             port = stack.enter_context(start_load_shim(engine.port, "sglang", str(busy_file),
                                                        hold_seconds=PROBE_TIMEOUT + 1)).port
-        imds = stack.enter_context(start_imds({"instance-id": INSTANCE_ID}))
+        imds = stack.enter_context(start_imds({"instance-id": INSTANCE_ID, **fake_steward.instance_metadata(NODE_ROLE)}))
+        # The fleet's steward (its URL on loopback, the real handler): the hook the node completes through it.
+        lifecycle = state / "lifecycle"
+        autoscaling = fake_steward.RecordingAutoScaling(
+            state / "steward-calls",
+            lambda i: ("kimi-group", lifecycle.read_text().strip() if lifecycle.exists() else "InService"),
+            lambda operation, _: lifecycle.write_text("InService\n"))
+        (state / "steward-url").write_text(fake_steward.function_url("us-east-1"))
+        steward_url = stack.enter_context(fake_steward.start_steward(
+            "us-east-1", NODE_ROLE, INSTANCE_ID, autoscaling, {
+                "KIMI_STEWARD_GROUP": "kimi-group",
+                "KIMI_STEWARD_NODE_ROLE_ARN": f"arn:aws:iam::{fake_steward.ACCOUNT}:role/{NODE_ROLE}",
+                "KIMI_STEWARD_ADMISSION_HOOK": health.ADMISSION_HOOK_NAME, "KIMI_STEWARD_DRAIN_HOOK": "kimi-drain"}))
         local_port = free_port()
         local = dataclasses.replace(launch, instances=tuple(
             dataclasses.replace(i, port=port) for i in launch.instances))
@@ -158,7 +173,7 @@ def node(tmp_path: Path, mode: str, options: tuple[str, ...] = (), *, busy_file:
         # the suite itself is the copy shipped in the node files.
         env = {**os.environ, "KIMI_ROOT": str(root), "PATH": f"{stubs}:{os.environ['PATH']}",
                "SYSTEMCTL_STUB_DIR": str(state), "KIMI_VERIFY_PYTHON": sys.executable,
-               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds}
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_STEWARD_ENDPOINT": steward_url}
         env.pop("PYTHONPATH", None)
 
         def run_watchdog() -> subprocess.CompletedProcess:
@@ -530,6 +545,13 @@ def test_a_pod_that_stops_generating_leaves_the_service_until_it_passes_again(tm
     assert "not ready until it generates and passes the suite again" in errors
 
 
+def _fleet_settings(root: Path) -> None:
+    """This (single-node) stack's node.env as a fleet node's: its region and its steward's parameter."""
+    settings = root / node_files.NODE_ENV_FILE.lstrip("/")
+    settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n").replace(
+        "STEWARD_URL_PARAMETER=\n", "STEWARD_URL_PARAMETER=/kimi-fleet/test/steward-url\n"))
+
+
 def test_a_fleet_node_enters_service_only_by_completing_its_launch_hook_once_admitted(tmp_path):
     """The group holds a new instance in Pending:Wait (kimi_fleet/health.py's launch hook) until its
     watchdog admitted it: only then is the hook completed, once; an instance refresh so waits on real
@@ -537,22 +559,25 @@ def test_a_fleet_node_enters_service_only_by_completing_its_launch_hook_once_adm
     hook = health.ADMISSION_HOOK_NAME
     with node(tmp_path, "dead-scheduler", watchdog={"replace_dead_node": True, "admission_hook": hook}) as (
             root, run_watchdog, state, facts):
-        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
-        settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n"))
+        _fleet_settings(root)
         (state / "lifecycle").write_text("Pending:Wait\n")
         run_watchdog()
         assert _ready(root) is None and _aws_calls(state) == []  # never generates: never admitted
+        assert fake_steward.recorded(state / "steward-calls", "complete_lifecycle_action") == []
     with node(tmp_path / "good", "good", watchdog={"replace_dead_node": True, "admission_hook": hook}) as (
             root, run_watchdog, state, facts):
-        settings = root / node_files.NODE_ENV_FILE.lstrip("/")
-        settings.write_text(settings.read_text().replace("AWS_REGION=\n", "AWS_REGION=us-east-1\n"))
+        _fleet_settings(root)
         (state / "lifecycle").write_text("Pending:Wait\n")
         result = run_watchdog()
         assert _ready(root) is not None, result.stderr
         assert f"launch hook {hook} completed; group kimi-group puts {INSTANCE_ID} in service" in result.stderr
+        completed = fake_steward.recorded(state / "steward-calls", "complete_lifecycle_action")
+        # Through the steward (the node's role may not): its own instance, its own group's hook.
+        assert completed == [{"operation": "complete_lifecycle_action", "AutoScalingGroupName": "kimi-group",
+                              "LifecycleHookName": hook, "InstanceId": INSTANCE_ID,
+                              "LifecycleActionResult": "CONTINUE"}], completed
+        assert not any("complete-lifecycle-action" in call for call in _aws_calls(state))
         calls = _aws_calls(state)
-        assert calls[-1] == (f"autoscaling complete-lifecycle-action --auto-scaling-group-name kimi-group "
-                             f"--lifecycle-hook-name {hook} --instance-id {INSTANCE_ID} --lifecycle-action-result "
-                             "CONTINUE --region us-east-1"), calls
         run_watchdog()
         assert _aws_calls(state) == calls  # once
+        assert len(fake_steward.recorded(state / "steward-calls", "complete_lifecycle_action")) == 1

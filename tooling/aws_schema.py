@@ -17,11 +17,16 @@ from __future__ import annotations
 import collections.abc
 import enum
 import importlib
+import keyword
 import typing
 
+import pulumi
 import pulumi._types as pulumi_types
+from pulumi.runtime import rpc as rpc_settings
 from pulumi.output import Output
 
+#: The wire signatures of an archive and an asset (pulumi.runtime.rpc).
+_ARCHIVE_SIG, _ASSET_SIG = rpc_settings._special_archive_sig, rpc_settings._special_asset_sig
 #: What the mock recorder shows in place of a value it cannot show (tooling/mock_run.py).
 _MASKED = ("(known after apply)", "[secret]")
 
@@ -70,7 +75,9 @@ VALUES: dict[tuple[str, str], tuple[object, str]] = {
 def args_class(token: str) -> type:
     """The SDK's Args class of a resource type token (aws:cloudwatch/metricAlarm:MetricAlarm)."""
     _, module_path, name = token.split(":")
-    package = importlib.import_module(f"pulumi_aws.{module_path.split('/')[0]}")
+    module_name = module_path.split("/")[0]
+    # A module named for a Python keyword is the SDK's <name>_ (aws:lambda/function:Function: pulumi_aws.lambda_).
+    package = importlib.import_module(f"pulumi_aws.{module_name}{'_' if keyword.iskeyword(module_name) else ''}")
     # From the resource's own module; where a nested input type has the name <Name>Args (s3's Bucket
     # input BucketServerSideEncryptionConfigurationArgs), the SDK calls the resource's <Name>InitArgs.
     module = importlib.import_module(getattr(package, name).__module__)
@@ -121,6 +128,11 @@ def _check(value, hint, path: str, errors: list[str]) -> None:
             return
         if typ is typing.Any:
             return
+        # An asset or archive, as the engine receives it: the special signature key and its kind.
+        if isinstance(typ, type) and issubclass(typ, (pulumi.Archive, pulumi.Asset)) and isinstance(value, dict):
+            kind = _ARCHIVE_SIG if issubclass(typ, pulumi.Archive) else _ASSET_SIG
+            if value.get(rpc_settings._special_sig_key) == kind:
+                return
     names = [getattr(t, "__name__", str(t)) for t in allowed]
     errors.append(f"{path}: {value!r} is not {' or '.join(names)}")
 

@@ -165,8 +165,13 @@ class EchoMocks(pulumi.runtime.Mocks):
         elif args.typ == "aws:lb/loadBalancer:LoadBalancer":
             state.setdefault("dnsName", NLB_DNS_NAME)
             state.setdefault("zoneId", NLB_ZONE_ID)
-        elif args.typ in ("aws:iam/role:Role", "aws:autoscaling/group:Group"):
+        elif args.typ in ("aws:iam/role:Role", "aws:autoscaling/group:Group", "aws:lambda/function:Function",
+                          "aws:cloudwatch/logGroup:LogGroup"):
             state.setdefault("name", args.name)  # AWS auto-names these from the resource name
+        elif args.typ == "aws:lambda/functionUrl:FunctionUrl":
+            # Lambda's shape: https://<url-id>.lambda-url.<region>.on.aws/ (a 32-character id).
+            url_id = hashlib.sha256(args.name.encode()).hexdigest()[:32]
+            state.setdefault("functionUrl", f"https://{url_id}.lambda-url.us-east-1.on.aws/")
         elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
             # AWS numbers each new version; here a changed template gets a different number. An ignored
             # input keeps its old value, so it makes no new version.

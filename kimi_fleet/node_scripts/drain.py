@@ -10,12 +10,12 @@ polls its instance metadata (IMDSv2 `autoscaling/target-lifecycle-state`); on "T
      names stack.json's engines[].metrics give: the engine module's LoadMetrics), checked each poll;
      an engine whose /metrics do not answer is not counted idle (a generation is never cut on a
      guess);
-  3. completes the hook with CONTINUE (`aws autoscaling complete-lifecycle-action`) once idle, or
+  3. completes the hook with CONTINUE (through the fleet's steward, steward_client.py) once idle, or
      when the drain timeout (node.env DRAIN_TIMEOUT_SECONDS) has run out since the drain began.
 The drain's start is kept in a state file, so a restart of this service keeps the deadline.
 
 Before that, while it serves, the node keeps its group from picking it for a scale-in while it has
-requests (instance scale-in protection, `aws autoscaling set-instance-protection` on itself): once
+requests (instance scale-in protection on itself, set by the fleet's steward): once
 admitted, it is protected as soon as an engine reports a request running or waiting, and unprotected
 after PROTECT_IDLE_READINGS idle readings in a row, so the group scales in an idle replica first.
 Under steady traffic no replica is ever idle for long: when the group has waited to scale in (more
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,22 +110,11 @@ def own_group() -> tuple[str, str]:
     return instance, described[0]["AutoScalingGroupName"]
 
 
-def act_on_self(action: str, *args: str) -> tuple[str, str]:
-    """Run `aws autoscaling ACTION` with this instance and its group (flags named as ACTION takes
-    them: see the callers); (instance, group), or RuntimeError with AWS's words."""
-    instance, group = own_group()
-    done = watchdog.aws_autoscaling(action, *(arg.format(instance=instance, group=group) for arg in args))
-    if done.returncode != 0:
-        raise RuntimeError((done.stderr or done.stdout).strip()[-300:])
-    return instance, group
-
-
 def protect(on: bool, why: str) -> bool:
-    """Set this instance's scale-in protection. True once AWS took it."""
+    """Set this instance's scale-in protection (through the fleet's steward). True once AWS took it."""
     try:
-        act_on_self("set-instance-protection", "--instance-ids", "{instance}", "--auto-scaling-group-name", "{group}",
-                    "--protected-from-scale-in" if on else "--no-protected-from-scale-in")
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        watchdog.steward("protect" if on else "unprotect")
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as error:
         log(f"setting scale-in protection {'on' if on else 'off'} failed ({error}); retried next poll")
         return False
     log(f"scale-in protection {'on' if on else 'off'}: {why}")
@@ -198,15 +188,14 @@ def write_state(state: dict) -> None:
 
 
 def complete(hook: str) -> bool:
-    """CONTINUE the termination hook: the group terminates the instance. True once done."""
+    """CONTINUE the termination hook (through the fleet's steward): the group terminates the instance.
+    True once done."""
     try:
-        instance, group = act_on_self("complete-lifecycle-action", "--auto-scaling-group-name", "{group}",
-                                      "--lifecycle-hook-name", hook, "--instance-id", "{instance}",
-                                      "--lifecycle-action-result", "CONTINUE")
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        done = watchdog.steward("complete-drain", "CONTINUE")
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as error:
         log(f"completing the lifecycle hook {hook} failed ({error}); retried next poll")
         return False
-    log(f"lifecycle hook {hook} completed with CONTINUE: group {group} terminates {instance}")
+    log(f"lifecycle hook {hook} completed with CONTINUE: the steward {done}; the group terminates this instance")
     return True
 
 

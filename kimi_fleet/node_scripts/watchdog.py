@@ -27,8 +27,9 @@ then current is the one its collectives were formed with; when that peer start e
 or no process), this rank restarts its own engine, once for that peer start. A rank restarted that
 way forms with the peer's new start and has nothing to restart for: two ranks never restart each
 other in turn. A peer that does not answer, or answers anything but a start line, changes nothing.
-A fleet node also completes its launch lifecycle hook once admitted: until then its group keeps it
-out of service, and an instance refresh waits on that admission.
+A fleet node also completes its launch lifecycle hook once admitted (through the fleet's steward:
+steward_client.py): until then its group keeps it out of service, and an instance refresh waits on
+that admission.
 The node is *ready* when every engine is admitted, the node's own Caddy, on its loopback listener,
 refuses a request without the key and generates with it, and the project's verification suite
 (shipped with the release) passed against that listener for this release and these engine starts
@@ -59,6 +60,7 @@ from fabric_check import Verdict, classify, verdict_line  # noqa: E402
 from generation_probe import METRICS_TIMEOUT_SECONDS, engine_load, probe  # noqa: E402
 from node_status import read as read_status, start_phase, write as write_status  # noqa: E402
 from replica_epoch import PeerUnreadable, read_peer  # noqa: E402
+import steward_client  # noqa: E402
 
 ROOT = Path(os.environ.get("KIMI_ROOT", "/"))
 STACK_JSON = ROOT / "etc/kimi-fleet/stack.json"
@@ -393,10 +395,22 @@ def instance_id() -> str:
     return found
 
 
+def aws(argv: list[str]) -> subprocess.CompletedProcess:
+    """The AWS CLI (its own credential chain: the instance profile), bounded by AWS_TIMEOUT_SECONDS."""
+    return subprocess.run(["aws", *argv], capture_output=True, text=True, check=False, timeout=AWS_TIMEOUT_SECONDS)
+
+
 def aws_autoscaling(*args: str) -> subprocess.CompletedProcess:
     region = read_settings(str(NODE_ENV)).get("AWS_REGION", "")
-    return subprocess.run(["aws", "autoscaling", *args, "--region", region], capture_output=True, text=True,
-                          check=False, timeout=AWS_TIMEOUT_SECONDS)
+    return aws(["autoscaling", *args, "--region", region])
+
+
+def steward(action: str, result: str | None = None) -> str:
+    """Ask the fleet's steward to act on this instance (the node's role may not: steward_client.py);
+    what it did, or steward_client.StewardError."""
+    settings = read_settings(str(NODE_ENV))
+    return steward_client.call(action, result, parameter=settings.get("STEWARD_URL_PARAMETER", ""),
+                               region=settings.get("AWS_REGION", ""), imds_get=imds_get, aws=aws)
 
 
 def complete_admission_hook(hook: str) -> bool:
@@ -416,17 +430,11 @@ def complete_admission_hook(hook: str) -> bool:
         return True
     group = described[0]["AutoScalingGroupName"]
     try:
-        done = aws_autoscaling("complete-lifecycle-action", "--auto-scaling-group-name", group,
-                               "--lifecycle-hook-name", hook, "--instance-id", instance,
-                               "--lifecycle-action-result", "CONTINUE")
-    except (OSError, subprocess.TimeoutExpired) as error:
+        done = steward("complete-admission", "CONTINUE")
+    except (OSError, subprocess.TimeoutExpired, steward_client.StewardError) as error:
         log(f"admitted, but completing the launch hook failed ({error}); retried next run")
         return False
-    if done.returncode != 0:
-        log(f"admitted, but completing the launch hook failed: {(done.stderr or done.stdout).strip()[-300:]}; "
-            "retried next run")
-        return False
-    log(f"admitted: launch hook {hook} completed; group {group} puts {instance} in service")
+    log(f"admitted: launch hook {hook} completed; group {group} puts {instance} in service (steward: {done})")
     return True
 
 
