@@ -5,6 +5,7 @@ client runs the real CLI itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -66,3 +67,44 @@ def test_a_killed_caller_ends_its_call():
 def _children(pid: int) -> list[str]:
     return [child for task in Path(f"/proc/{pid}/task").iterdir()
             for child in (task / "children").read_text().split()]
+
+
+IMPORT_TIME_VALUES = r"""
+import json, sys
+import awscli.clidriver
+before = set(sys.modules)
+import importlib
+importlib.import_module(sys.argv[1])
+plain = (str, bytes, int, float, bool, tuple, frozenset, type(None))
+print(json.dumps({name: {key: repr(value) for key, value in vars(module).items()
+                         if isinstance(value, plain) and not key.startswith("__")}
+                  for name, module in sys.modules.items() if name not in before and module is not None}))
+"""
+
+
+def test_what_the_plugins_import_reads_from_the_environment_each_call_computes_again(tmp_path):
+    """The server imports the CLI's plugins once; a call may come with another HOME, config or data path.
+    Of every module-level value the import leaves, only those HOME_DEPENDENT names differ between two
+    environments, and a call recomputes them as a fresh import would."""
+    from tests.fakes import aws_cli_forkserver as server
+
+    values = []
+    for side in ("one", "two"):
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / side), "AWS_CONFIG_FILE": str(tmp_path / side / "c"),
+               "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / side / "k"), "AWS_DATA_PATH": str(tmp_path / side / "d"),
+               "AWS_CLI_HISTORY_FILE": str(tmp_path / side / "h"), "KUBECONFIG": str(tmp_path / side / "kube"),
+               "AWS_DEFAULT_REGION": {"one": "us-east-1", "two": "eu-west-1"}[side], "AWS_PROFILE": side,
+               "TMPDIR": str(tmp_path), "LANG": {"one": "C.UTF-8", "two": "en_US.UTF-8"}[side]}
+        done = subprocess.run([str(BIN / "python"), "-c", IMPORT_TIME_VALUES, server.PLUGINS_MODULE], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        values.append(json.loads(done.stdout))
+    one, two = values
+    assert one.keys() == two.keys() and len(one) > 100  # the customizations, s3transfer, rsa, yaml...
+    differing = {(module, name) for module in one for name in one[module].keys() | two[module].keys()
+                 if one[module].get(name) != two[module].get(name)}
+    assert differing == {(module, name) for module, names in server.HOME_DEPENDENT.items() for name in names}
+    for module, names in server.HOME_DEPENDENT.items():
+        for name, parts in names.items():
+            home = str(tmp_path / "two")
+            assert two[module][name] == repr(os.path.join(*parts).replace("~", home, 1)), (module, name)
