@@ -22,7 +22,7 @@ import pulumi_aws as aws
 
 from components.fleet_scaling import DRAIN_HOOK_NAME, FleetScaling, FleetScalingArgs, drain_heartbeat_seconds
 from components.fleet_steward import FleetSteward, FleetStewardArgs
-from kimi_fleet import boot_stub, catalog, health, node_files, observability
+from kimi_fleet import boot_stub, catalog, health, lifecycle_rights, node_files, observability
 from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
 from kimi_fleet.paths import mirror_compile_cache_prefix
@@ -324,7 +324,11 @@ class GpuNode(pulumi.ComponentResource):
                 group_name=group.name, group_arn=group.arn, node_role_arn=role.arn,
                 admission_hook=health.ADMISSION_HOOK_NAME, drain_hook=DRAIN_HOOK_NAME,
                 url_parameter=node_files.steward_url_parameter(args.ssm_prefix), tags=args.tags), child)
-            aws.iam.RolePolicy(f"{name}-admission", role=role.id, opts=child,
+            # Under its own name: the pre-steward `{name}-admission` (the direct writes) is no longer
+            # declared, so Pulumi deletes it only at the end of a `pulumi up` that succeeded, after the
+            # gate made a steward release the group's good version. Until then a rollback, a scale-out or
+            # a spot replacement launching the older release can still admit itself (lifecycle_rights.py).
+            aws.iam.RolePolicy(f"{name}{lifecycle_rights.STEWARD_CALLER_SUFFIX}", role=role.id, opts=child,
                                policy=steward.function_arn.apply(_steward_caller_policy))
             self.node_ids = pulumi.Output.all(group.name)
             self.public_ip = pulumi.Output.from_input(None)

@@ -29,7 +29,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from kimi_fleet import catalog, engine_bugs, health, k8s_manifests, key_rotation  # noqa: E402
+from kimi_fleet import catalog, engine_bugs, health, k8s_manifests, key_rotation, lifecycle_rights  # noqa: E402
 from kimi_fleet.artifacts import render_artifacts  # noqa: E402
 from kimi_fleet.autoscaling import scaling_policy  # noqa: E402
 from kimi_fleet.cost import estimate  # noqa: E402
@@ -284,6 +284,9 @@ def print_operations(p: dict) -> None:
         print(f"  rollout: {p['kubernetes_rollout']}")
     for line in p.get("health") or []:
         print(f"  health: {line}")
+    rights = lifecycle_rights.plan_line(p["resources"])
+    if rights:
+        print(f"  {rights}")
     if rollout["weights_volume"] in PERSISTENT_WEIGHTS:
         print(f"  a new checkpoint revision is downloaded {checkpoint_room(RolloutFacts.from_dict(rollout))}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kimi_fleet import cloudwatch, node_files, observability
+from kimi_fleet import cloudwatch, lifecycle_rights, node_files, observability
 from kimi_fleet.autoscaling import scaling_policy
 from kimi_fleet.cost import estimate
 from kimi_fleet.replacement import replacements
@@ -263,7 +263,8 @@ def test_the_outputs_point_at_the_dashboard_and_the_metrics(declared):
 def _statements(run) -> list[dict]:
     found = []
     for policy in run.of_type(ROLE_POLICY):
-        if policy["name"].endswith(("-node", "-admission")):
+        # The node role's own policies (the steward caller's under its own name: lifecycle_rights.py).
+        if policy["name"].endswith(("-node", lifecycle_rights.STEWARD_CALLER_SUFFIX, lifecycle_rights.RETIRED_POLICY_SUFFIX)):
             found += json.loads(policy["inputs"]["policy"])["Statement"]
     return found
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kimi_fleet import key_rotation
+from kimi_fleet import key_rotation, lifecycle_rights
 from kimi_fleet.replacement import previous_of, replacement_lines, replacements
 from kimi_fleet.rollout import RolloutFacts, impact
 from kimi_fleet.stackfile import PROJECT_ROOT
@@ -86,6 +86,8 @@ def stack_section(name: str, before: dict | None, after: dict | None, old_build:
         if effect:
             lines.append(f"- **running nodes**: {effect}")
     lines += [f"- {line}" for line in key_rotation.rotation_lines(before.get("api_key"), after.get("api_key"))]
+    lines += [f"- {line}" for line in lifecycle_rights.migration_lines(before.get("resources", []),
+                                                                      after.get("resources", []))]
     if before.get("ami") != after.get("ami") and after.get("ami"):
         lines.append(f"- AMI: {after['ami']}")
     lines += [f"- warning: {w}" for w in after.get("warnings") or [] if w not in (before.get("warnings") or [])]
