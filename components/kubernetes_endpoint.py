@@ -34,10 +34,12 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.deletion_cost import DeletionCostController, DeletionCostControllerArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.node_secrets import checked_api_key, checked_previous_api_key
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.cost import estimate
+from kimi_fleet.k8s_deletion_cost import render_deletion_cost
 
 RESOURCE_CLASSES = {
     "Namespace": k8s.core.v1.Namespace,
@@ -206,6 +208,13 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 rolled[kind].append(resource)
             elif kind != "Service" and (kind, obj["metadata"]["name"]) not in monitoring_names:
                 prerequisites.append(resource)  # engines start only once weights, claim and Caddyfile exist
+
+        # A scaling stack's scale-in takes the least busy engine pod first (k8s_deletion_cost).
+        cost_objects = render_deletion_cost(r, sizing, stack=r.spec.stack)
+        if cost_objects:
+            self.deletion_cost = DeletionCostController(
+                f"{name}-deletion-cost", DeletionCostControllerArgs(objects=cost_objects, after=[namespace]),
+                pulumi.ResourceOptions(parent=self, provider=provider))
 
         self.proxy = AuthProxy(
             f"{name}-proxy",

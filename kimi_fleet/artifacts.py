@@ -36,6 +36,9 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
         from kimi_fleet.k8s_manifests import render_k8s_artifacts
 
         artifacts.update(render_k8s_artifacts(r, sizing, launch))
+        from kimi_fleet.k8s_deletion_cost import render_deletion_cost_yaml
+
+        artifacts.update(render_deletion_cost_yaml(r, sizing))
     else:
         from kimi_fleet.node_files import render_node_artifacts
 
