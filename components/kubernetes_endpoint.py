@@ -108,6 +108,22 @@ def with_pod_annotation(workload: dict, key: str, value: pulumi.Input[str]) -> d
     return {**workload, "spec": {**spec, "template": _with_template_annotation(spec["template"], key, value)}}
 
 
+#: pulumi-kubernetes' annotation: apply with force, taking the fields it sends from any other field
+#: manager (provider/pkg/await/await.go, patchForce; the Server-Side Apply docs' "Conflicts").
+PATCH_FORCE_ANNOTATION = "pulumi.com/patchForce"
+
+
+def with_forced_count(obj: dict) -> dict:
+    """A Deployment whose spec.replicas the stack declares (a fixed stack's, the on-demand base under
+    spot): applied with force. Once KEDA's HPA has scaled a Deployment, "kube-controller-manager"
+    (subresource scale) owns spec.replicas for good: its entry outlives the HPA, so without force every
+    later apply of another count by this stack fails with a conflict (pulumi/pulumi-kubernetes#2569),
+    a scaling stack turned back into a fixed one first among them (docs/changing-a-running-stack.md)."""
+    metadata = obj["metadata"]
+    annotations = {**metadata.get("annotations", {}), PATCH_FORCE_ANNOTATION: "true"}
+    return {**obj, "metadata": {**metadata, "annotations": annotations}}
+
+
 def without_await(obj: dict) -> dict:
     """The object with the provider's await skipped (Pulumi-only: not in the YAML a hand-applier uses)."""
     metadata = obj["metadata"]
@@ -199,6 +215,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                     obj = {**obj, "spec": {"replicas": scaled[1], **obj["spec"]}}
                     opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites],
                                                       ignore_changes=[SCALED_REPLICAS_PATH])
+                elif kind == "Deployment":
+                    # A count the stack declares is the stack's, whoever wrote it last (with_forced_count).
+                    obj = with_forced_count(obj)
             elif kind in AFTER_WORKLOADS:
                 opts_for = pulumi.ResourceOptions(depends_on=[w for k in ROLLED_KINDS for w in rolled[k]])
             else:

@@ -81,7 +81,9 @@ def test_the_gate_not_pulumi_awaits_the_deployments(gb200):
     r = resolved("gb200-int4-vllm")
     sizing = size(r)
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
-    assert deployment["wire"]["metadata"]["annotations"] == {SKIP_AWAIT_ANNOTATION: "true"}
+    # Forced: a fixed stack's count is its own (test_k8s_scaling_to_fixed).
+    assert deployment["wire"]["metadata"]["annotations"] == {SKIP_AWAIT_ANNOTATION: "true",
+                                                             "pulumi.com/patchForce": "true"}
     assert not deployment["timeouts"]  # nothing to wait for: the gate's wait has its own deadline
     # What Pulumi applies is still a valid Deployment (the annotation is metadata, not spec).
     applied = {"apiVersion": "apps/v1", "kind": "Deployment",
