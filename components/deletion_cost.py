@@ -52,10 +52,12 @@ class DeletionCostController(pulumi.ComponentResource):
             fields = {_snake(key): value for key, value in obj.items() if key not in ("apiVersion", "kind")}
             # The pod starts with its token, its Role bound and its script in place.
             after = declared if obj["kind"] == "Deployment" else []
-            # Kinds tell apart the objects that share the controller's name; the scrape policy adds its suffix.
+            # The kind tells apart the objects that share the controller's name (and none is named as
+            # this component: a name is a resource's handle in the state and the plan); the scrape
+            # policy adds its suffix.
             suffix = obj["metadata"]["name"].removeprefix(_OBJECT_NAME)
             resource = RESOURCE_CLASSES[obj["kind"]](
-                f"{name}{suffix}",
+                f"{name}-{obj['kind'].lower()}{suffix}",
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.after, *after]), **fields)
             declared.append(resource)
             if obj["kind"] == "Deployment":

@@ -221,3 +221,9 @@ def _integral(value):
     if isinstance(value, list):
         return [_integral(item) for item in value]
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def test_every_declared_name_is_its_own(scaling_run):
+    """No child shares its component's name (walks over the tree by name, as test_plan's, would not end)."""
+    names = [res["name"] for res in scaling_run.resources]
+    assert len(names) == len(set(names))
