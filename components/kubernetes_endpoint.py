@@ -34,11 +34,13 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.auth_proxy import AuthProxy, AuthProxyArgs
+from components.deletion_cost import DeletionCostController, DeletionCostControllerArgs
 from components.endpoint_outputs import EndpointArgs, publish_endpoint
 from components.node_secrets import checked_api_key, checked_previous_api_key
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet import k8s_wake
 from kimi_fleet.cost import estimate
+from kimi_fleet.k8s_deletion_cost import render_deletion_cost
 
 RESOURCE_CLASSES = {
     "Namespace": k8s.core.v1.Namespace,
@@ -105,6 +107,22 @@ def with_pod_annotation(workload: dict, key: str, value: pulumi.Input[str]) -> d
         group = {**group, "leaderTemplate": _with_template_annotation(group["leaderTemplate"], key, value)}
         return {**workload, "spec": {**spec, "leaderWorkerTemplate": group}}
     return {**workload, "spec": {**spec, "template": _with_template_annotation(spec["template"], key, value)}}
+
+
+#: pulumi-kubernetes' annotation: apply with force, taking the fields it sends from any other field
+#: manager (provider/pkg/await/await.go, patchForce; the Server-Side Apply docs' "Conflicts").
+PATCH_FORCE_ANNOTATION = "pulumi.com/patchForce"
+
+
+def with_forced_count(obj: dict) -> dict:
+    """A Deployment whose spec.replicas the stack declares (a fixed stack's, the on-demand base under
+    spot): applied with force. Once KEDA's HPA has scaled a Deployment, "kube-controller-manager"
+    (subresource scale) owns spec.replicas for good: its entry outlives the HPA, so without force every
+    later apply of another count by this stack fails with a conflict (pulumi/pulumi-kubernetes#2569),
+    a scaling stack turned back into a fixed one first among them (docs/changing-a-running-stack.md)."""
+    metadata = obj["metadata"]
+    annotations = {**metadata.get("annotations", {}), PATCH_FORCE_ANNOTATION: "true"}
+    return {**obj, "metadata": {**metadata, "annotations": annotations}}
 
 
 def without_await(obj: dict) -> dict:
@@ -198,6 +216,9 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                     obj = {**obj, "spec": {"replicas": scaled[1], **obj["spec"]}}
                     opts_for = pulumi.ResourceOptions(depends_on=[*prerequisites],
                                                       ignore_changes=[SCALED_REPLICAS_PATH])
+                elif kind == "Deployment":
+                    # A count the stack declares is the stack's, whoever wrote it last (with_forced_count).
+                    obj = with_forced_count(obj)
             elif kind in AFTER_WORKLOADS:
                 opts_for = pulumi.ResourceOptions(depends_on=[w for k in ROLLED_KINDS for w in rolled[k]])
             else:
@@ -218,6 +239,13 @@ class KubernetesEndpoint(pulumi.ComponentResource):
                 obj = without_await(with_pod_annotation(obj, manifests.API_KEY_VERSION_ANNOTATION, version))
             front.append(declare_object(name, obj, pulumi.ResourceOptions.merge(
                 in_namespace, pulumi.ResourceOptions(depends_on=list(front)))))
+
+        # A scaling stack's scale-in takes the least busy engine pod first (k8s_deletion_cost).
+        cost_objects = render_deletion_cost(r, sizing, stack=r.spec.stack)
+        if cost_objects:
+            self.deletion_cost = DeletionCostController(
+                f"{name}-deletion-cost", DeletionCostControllerArgs(objects=cost_objects, after=[namespace]),
+                pulumi.ResourceOptions(parent=self, provider=provider))
 
         self.proxy = AuthProxy(
             f"{name}-proxy",

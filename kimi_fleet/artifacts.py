@@ -38,6 +38,9 @@ def render_artifacts(r: Resolved, sizing: Sizing, launch: Launch) -> dict[str, s
 
         artifacts.update(render_k8s_artifacts(r, sizing, launch))
         artifacts.update(render_wake_artifacts(r, sizing, launch))  # scale to zero: the wake front
+        from kimi_fleet.k8s_deletion_cost import render_deletion_cost_yaml
+
+        artifacts.update(render_deletion_cost_yaml(r, sizing))
     else:
         from kimi_fleet.node_files import render_node_artifacts
 

@@ -9,6 +9,7 @@ import pytest
 from components.kubernetes_endpoint import SCALED_REPLICAS_PATH, SKIP_AWAIT_ANNOTATION
 
 from kimi_fleet import k8s_manifests as manifests
+from kimi_fleet.k8s_deletion_cost import NAME as DELETION_COST
 from kimi_fleet.launch import render_launch
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import size
@@ -80,7 +81,9 @@ def test_the_gate_not_pulumi_awaits_the_deployments(gb200):
     r = resolved("gb200-int4-vllm")
     sizing = size(r)
     (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
-    assert deployment["wire"]["metadata"]["annotations"] == {SKIP_AWAIT_ANNOTATION: "true"}
+    # Forced: a fixed stack's count is its own (test_k8s_scaling_to_fixed).
+    assert deployment["wire"]["metadata"]["annotations"] == {SKIP_AWAIT_ANNOTATION: "true",
+                                                             "pulumi.com/patchForce": "true"}
     assert not deployment["timeouts"]  # nothing to wait for: the gate's wait has its own deadline
     # What Pulumi applies is still a valid Deployment (the annotation is metadata, not spec).
     applied = {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -139,7 +142,7 @@ def test_mi355x_without_hf_token_uses_the_vendor_resource():
     run = run_kubernetes_endpoint("mi355x-int4-sglang")
     assert not run.of_type("kubernetes:resource.k8s.io/v1:ResourceClaimTemplate")
     assert len(run.of_type("kubernetes:core/v1:Secret")) == 1
-    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
+    (deployment,) = engine_deployments(run)
     engine = deployment["wire"]["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["amd.com/gpu"] == "4"
     # The stack scales (2-6 on its queue): created at its start count, which KEDA's HPA owns after.
@@ -238,8 +241,14 @@ def replicas_after_apply(sent: dict, live: dict, owned_by_others: bool) -> int:
     return live["spec"]["replicas"] if owned_by_others else 1
 
 
+def engine_deployments(run: MockRun) -> list[dict]:
+    """The engines' Deployments (a scaling stack also runs its deletion-cost controller's)."""
+    return [d for d in run.of_type("kubernetes:apps/v1:Deployment")
+            if d["wire"]["metadata"]["name"] != DELETION_COST]
+
+
 def _the_deployment(run: MockRun) -> dict:
-    (deployment,) = run.of_type("kubernetes:apps/v1:Deployment")
+    (deployment,) = engine_deployments(run)
     return deployment
 
 

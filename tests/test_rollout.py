@@ -28,6 +28,8 @@ INSTANCE = "aws:ec2/instance:Instance"
 ASG = "aws:autoscaling/group:Group"
 GATE_COMMAND = "command:local:Command"
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+#: A scaling stack's other Deployment (its deletion-cost controller: test_deletion_cost_manifests).
+DELETION_COST = "kimi-deletion-cost"
 REMOTE = "command:remote:Command"
 UNPINNED_VERSIONS = ("$Latest", "$Default")
 
@@ -270,7 +272,9 @@ def test_kubernetes_rollout_strategy(rollout, strategy, tmp_path):
         config["kimi-fleet:capacity"] = {**(config.get("kimi-fleet:capacity") or {}), "rollout": rollout}
 
     run = run_variant("mi355x-int4-sglang", tmp_path, with_rollout)
-    for deployment in run.of_type(DEPLOYMENT):
+    engines = [d for d in run.of_type(DEPLOYMENT) if d["inputs"]["metadata"]["name"] != DELETION_COST]
+    assert engines
+    for deployment in engines:
         assert deployment["inputs"]["spec"]["strategy"]["rollingUpdate"] == strategy
 
 
