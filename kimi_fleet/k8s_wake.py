@@ -28,6 +28,7 @@ and the monitoring objects are rendered there), with KEDA v2.20.2's semantics th
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -71,6 +72,14 @@ READY_PROBE_TIMEOUT_SECONDS = 15
 WAKE_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 #: The pod template's digest of its ConfigMap: a changed Caddyfile or script rolls the front (and only it).
 CONFIG_ANNOTATION = "kimi-fleet/wake-config"
+
+
+#: The front's DNS goes to the cluster's DNS pods only (one peer: that namespace AND those pods).
+CLUSTER_DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": catalog.K8S_CLUSTER_DNS_NAMESPACE}},
+    "podSelector": {"matchLabels": dict(catalog.K8S_CLUSTER_DNS_POD_LABELS)}}
+#: Its HTTP(S) (the CA) to public IPv4 addresses only: not the node's metadata, the API server or the cluster.
+INTERNET_PEER = {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(catalog.NON_PUBLIC_IPV4_CIDRS)}}
 
 
 def scales_to_zero(r: Resolved, sizing: Sizing) -> bool:
@@ -151,14 +160,16 @@ def _container(r: Resolved) -> dict:
 
 def _network_policies(r: Resolved, stack: str) -> list[dict]:
     """In: 80/443 from anywhere (as the engine pods' proxy), the metrics port from the monitoring
-    namespace's Prometheus pods only. Out: DNS (the readiness probe, ACME) and, with a public
-    certificate, HTTP(S) to the CA (ACME, OCSP); nothing else: no API server, no other pod."""
+    namespace's Prometheus pods only. Out: DNS to the cluster's DNS pods only (the readiness probe, ACME)
+    and, with a public certificate, HTTP(S) to public addresses only (the CA: ACME, OCSP); nothing else:
+    no API server, no instance metadata, no other pod or Service."""
     ns, selector = r.spec.target.kubernetes.namespace, {"matchLabels": pod_labels(stack)}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": m.prometheus_namespace(r)}},
                   "podSelector": {"matchLabels": dict(m.PROMETHEUS_POD_LABELS)}}
-    egress = [{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    egress = [{"to": [copy.deepcopy(CLUSTER_DNS_PEER)], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
     if m.proxy_tls(r) == "acme":
-        egress.append({"ports": [{"port": HTTPS_PORT, "protocol": "TCP"}, {"port": HTTP_PORT, "protocol": "TCP"}]})
+        egress.append({"to": [copy.deepcopy(INTERNET_PEER)],
+                       "ports": [{"port": HTTPS_PORT, "protocol": "TCP"}, {"port": HTTP_PORT, "protocol": "TCP"}]})
     return [
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
          "metadata": m._meta(WAKE_INGRESS_POLICY, ns, stack, "network"),

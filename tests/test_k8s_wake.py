@@ -478,7 +478,7 @@ def test_the_front_runs_with_nothing_it_does_not_need(stack):
     assert keys[PREVIOUS_API_KEY_ENV]["optional"] is True
 
 
-def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_and_the_ca(stack):
+def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods_and_public_addresses(stack):
     r = stack["r"]
     policies = [o for o in stack["objects"] + stack["wake"] if o["kind"] == "NetworkPolicy"]
     template = the(stack["wake"], "Deployment", wake.WAKE)["spec"]["template"]
@@ -492,15 +492,81 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_and_
         assert not admitted(policies, stranger, pod, ports, wake.WAKE_METRICS_PORT)
         assert admitted(policies, stranger, pod, ports, 443) and admitted(policies, stranger, pod, ports, 80)
         assert not admitted(policies, stranger, pod, ports, 2019)  # Caddy's admin port: off, and closed
-    (egress,) = [p["spec"] for p in policies if "Egress" in p["spec"]["policyTypes"]]
-    allowed = sorted((port["port"], port["protocol"]) for rule in egress["egress"] for port in rule["ports"])
-    # The stack's Service is a LoadBalancer: a public certificate (ACME, OCSP) besides DNS.
-    assert manifests.proxy_tls(r) == "acme" and allowed == [(53, "TCP"), (53, "UDP"), (80, "TCP"), (443, "TCP")]
+    # Out: where the front's packets may go, destination AND port. The stack's Service is a LoadBalancer:
+    # a public certificate (ACME, OCSP over 80/443 to the CA, a public address) besides DNS (the cluster's
+    # DNS pods only).
+    assert manifests.proxy_tls(r) == "acme"
+    dns = destination("10.244.0.5", "kube-system", **{"k8s-app": "kube-dns"})
+    ca = destination("172.65.32.248")  # acme-v02.api.letsencrypt.org
+    for port, protocol in ((53, "UDP"), (53, "TCP")):
+        assert reaches(policies, pod, dns, port, protocol)
+    for port in (80, 443):
+        assert reaches(policies, pod, ca, port)
+    others = {
+        "the node's instance metadata": destination("169.254.169.254"),
+        "the API server's Service": destination("10.96.0.1"),
+        "an API server endpoint in 172.16/12": destination("172.20.0.10"),
+        "a node on a 192.168 network": destination("192.168.1.20"),
+        "a CGNAT-range pod": destination("100.64.3.7"),
+        "loopback": destination("127.0.0.1"),
+        "an engine pod": destination("10.244.1.7", r.spec.target.kubernetes.namespace,
+                                     **manifests.labels(STACK, "engine")),
+        "another pod of kube-system": destination("10.244.0.9", "kube-system", **{"k8s-app": "metrics-server"}),
+        "a tenant's pod labelled as DNS": destination("10.244.2.3", "tenant-a", **{"k8s-app": "kube-dns"}),
+    }
+    for what, other in others.items():
+        for port, protocol in ((80, "TCP"), (443, "TCP"), (53, "UDP"), (53, "TCP"), (6443, "TCP")):
+            assert not reaches(policies, pod, other, port, protocol), (what, port, protocol)
+    for port, protocol in ((53, "UDP"), (53, "TCP"), (22, "TCP"), (8000, "TCP")):
+        assert not reaches(policies, pod, ca, port, protocol), port  # DNS to the Internet, other ports: no
+    assert not reaches(policies, pod, dns, 443)
     internal = resolve(STACK, {**zero_values(), "target": {**zero_values()["target"], "kubernetes": {
         **zero_values()["target"]["kubernetes"], "proxyServiceType": "ClusterIP"}}})
     objects = wake.render_wake_objects(internal, size(internal), render_launch(internal), stack=STACK)
-    (egress,) = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy" and "Egress" in o["spec"]["policyTypes"]]
-    assert sorted(port["port"] for rule in egress["egress"] for port in rule["ports"]) == [53, 53]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert reaches(policies, pod, dns, 53, "UDP")
+    assert not reaches(policies, pod, ca, 443) and not reaches(policies, pod, ca, 80)  # no CA to ask
+
+
+def destination(ip: str, namespace: str | None = None, **labels) -> dict:
+    """Where a packet goes: an address, and for a pod its namespace and labels."""
+    pod = None if namespace is None else {"namespace": namespace, "labels": labels,
+                                           "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
+    return {"ip": ip, "pod": pod}
+
+
+def reaches(policies: list[dict], pod_labels: dict, to: dict, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy egress semantics (kubernetes.io/docs/concepts/services-networking/network-policies/):
+    a pod selected by any Egress policy sends only what one of their rules allows; a rule allows a peer it
+    lists (no `to`: every destination) on a port it lists (none: every port). A peer is an ipBlock (the
+    address in cidr and in no except) or a namespaceSelector AND podSelector (a pod's)."""
+    import ipaddress
+
+    def peer_allows(peer: dict, policy_ns: str) -> bool:
+        if "ipBlock" in peer:
+            address, block = ipaddress.ip_address(to["ip"]), peer["ipBlock"]
+            return address in ipaddress.ip_network(block["cidr"]) and not any(
+                address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
+        if to["pod"] is None:
+            return False
+        target = to["pod"]
+        in_namespace = (_selects(peer["namespaceSelector"]["matchLabels"], target["namespace_labels"])
+                        if "namespaceSelector" in peer else target["namespace"] == policy_ns)
+        return in_namespace and _selects(peer.get("podSelector", {}).get("matchLabels", {}), target["labels"])
+
+    selecting = [p for p in policies if "Egress" in p["spec"]["policyTypes"]
+                 and _selects(p["spec"]["podSelector"]["matchLabels"], pod_labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("egress", []):
+            peers = rule.get("to")
+            if peers is not None and not any(peer_allows(peer, policy["metadata"]["namespace"]) for peer in peers):
+                continue
+            ports = rule.get("ports")
+            if ports is None or any(p["port"] == port and p["protocol"] == protocol for p in ports):
+                return True
+    return False
 
 
 # --- what stays refused --------------------------------------------------------------------------------
