@@ -1341,15 +1341,30 @@ def wake_demand_query(r: Resolved) -> str:
     WAKE_DEMAND_WINDOW (any promised route: the verification gate's wait is a GET of the model list, and
     a release at zero is verified on a replica it wakes), plus the engines' running requests. Caddy
     creates a code/method series at its first such answer, so rate()/increase() would read the first
-    request as no increase (a series' first sample has nothing before it): each series' growth is taken
-    against its value the window ago, or 0 when it did not exist then (tests/test_k8s_wake.py:
-    increase() misses the first request, this does not)."""
-    duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
-    answered = (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
-                f'{code}="{WAKE_STATUS}"}}')
+    request as no increase (a series' first sample has nothing before it): a series born within the
+    window counts its whole value. An older series counts its increase() over the window, which takes a
+    counter reset (Caddy restarted in the same pod: the readiness script's own restart, the liveness
+    probe, an OOM kill) as growth from 0; a difference with the value the window ago would read the
+    first request after a restart as negative (tests/test_k8s_wake.py: increase() alone misses the
+    first request, a difference misses the first one after a restart, this sees both)."""
+    answered = wake_answered_series(r)
     running = catalog.ENGINE_METRICS[r.spec.engine.name].running
-    grown = f"clamp_min({answered} - ({answered} offset {WAKE_DEMAND_WINDOW} or {answered} * 0), 0)"
-    return f"(sum({grown}) or vector(0)) + (sum({running}{{{_stack_selector(r)}}}) or vector(0))"
+    return f"(sum({wake_answered_growth(answered)}) or vector(0)) + (sum({running}{{{_stack_selector(r)}}}) or vector(0))"
+
+
+def wake_answered_series(r: Resolved) -> str:
+    """PromQL selector: the wake front's WAKE_STATUS answers (requests with a valid key at zero)."""
+    duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
+    return (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
+            f'{code}="{WAKE_STATUS}"}}')
+
+
+def wake_answered_growth(answered: str) -> str:
+    """PromQL, per series of `answered`: how many it grew by within WAKE_DEMAND_WINDOW. A series born
+    within the window (nothing the window ago) counts its value; any other its increase(), resets
+    included. `or` keeps the born series' value where both exist (label sets match without the name)."""
+    window = WAKE_DEMAND_WINDOW
+    return f"({answered} unless {answered} offset {window}) or increase({answered}[{window}])"
 
 
 def wake_trigger(r: Resolved) -> dict:

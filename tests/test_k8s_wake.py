@@ -237,6 +237,53 @@ def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, t
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _promtool_test(tmp_path, tests: dict, name: str = "wake_test.yaml") -> None:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same_pod(stack, tmp_path):
+    """A restart of the front's Caddy in the same pod (the readiness script's own restart, the liveness
+    probe, an OOM kill) resets its counter (or Caddy creates the series again at its next 503): the first
+    valid request after it still wakes a replica, at once, where a difference with the value the window
+    ago read it as negative (0 for the window). Also: nothing, a wrong key's 401s, and the first request
+    ever, each on its own."""
+    (trigger,) = [t for t in the(stack["monitoring"], "ScaledObject")["spec"]["triggers"] if t["name"] == "wake"]
+    query = trigger["metadata"]["query"]
+    ns = stack["r"].spec.target.kubernetes.namespace
+    labels = (f'namespace="{ns}",job="{wake.WAKE_JOB}",method="POST",replica="kimi-wake-1",server="srv0",'
+              'handler="static_response"')
+    count = f"{catalog.PROXY_METRICS.request_duration}_count"
+    series = f'{count}{{{labels},code="503"}}'
+    unauthorized = f'{count}{{{labels},code="401"}}'
+    answered = manifests.wake_answered_series(stack["r"])
+    former = f"sum(clamp_min({answered} - ({answered} offset {wake.DEMAND_WINDOW} or {answered} * 0), 0))"
+
+    def case(values: str, checks: list[tuple[str, float]], *, extra: tuple = (), expr: str = query) -> dict:
+        return {"interval": "30s", "input_series": [{"series": series, "values": values}, *extra],
+                "promql_expr_test": [{"expr": expr, "eval_time": at, "exp_samples": [{"labels": "{}", "value": v}]}
+                                     for at, v in checks]}
+
+    tests = {"rule_files": [], "evaluation_interval": "30s", "tests": [
+        # 4 answered before; Caddy restarts at 10m (the counter reads 0), one valid request at 10.5m
+        case("4x19 0 1x10", [("9m", 0), ("10m", 0), ("10m30s", 1), ("11m", 1), ("15m", 1), ("16m", 0)]),
+        case("4x19 0 1x10", [("11m", 0), ("15m", 1)], expr=former),  # what the difference read: nothing at once
+        # the restarted Caddy has no 503 series until its first 503 (a stale marker in between)
+        case("4x19 stale 1x10", [("10m", 0), ("10m30s", 1), ("11m", 1), ("15m", 1), ("16m", 0)]),
+        # nothing: no 503 series at all, and wrong keys (401s) growing
+        {"interval": "30s", "input_series": [{"series": unauthorized, "values": "1+1x40"}],
+         "promql_expr_test": [{"expr": query, "eval_time": at, "exp_samples": [{"labels": "{}", "value": 0}]}
+                              for at in ("1m", "10m", "20m")]},
+        # the first request ever: the series is born at 5m with its first answer
+        case("_x9 1x30", [("4m", 0), ("5m", 1), ("9m", 1), ("10m", 0), ("15m", 0)],
+             extra=({"series": unauthorized, "values": "1+1x40"},)),
+    ]}
+    _promtool_test(tmp_path, tests)
+
+
 # --- the readiness: no engine Ready ---------------------------------------------------------------
 
 #: busybox nslookup's answers (busybox 1.35, Debian's, run here: a name with an address, NXDOMAIN, no
