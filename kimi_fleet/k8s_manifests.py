@@ -1328,7 +1328,8 @@ WAKE_JOB = "kimi-wake"
 WAKE_METRICS_PORT_NAME = "wake-metrics"
 #: How long one request with a valid key keeps the wake trigger active (a PromQL offset): longer than
 #: Prometheus' scrape interval plus KEDA's polling interval (30 s each by default), so it is read at least once.
-WAKE_DEMAND_WINDOW = "5m"
+WAKE_DEMAND_WINDOW_SECONDS = 300
+WAKE_DEMAND_WINDOW = f"{WAKE_DEMAND_WINDOW_SECONDS // 60}m"
 
 
 def wake_pod_labels(stack: str) -> dict[str, str]:

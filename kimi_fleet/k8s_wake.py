@@ -14,8 +14,9 @@ and counts the demand.
   With any engine Ready it leaves the Service's endpoints; with none it is the only one.
 - It is a Caddy (the pod proxy's pinned image) with the pod proxy's site (caddy.render_wake: the same
   name and certificate source, k8s_manifests.proxy_tls; the same key and a rotation's previous key;
-  the same promised routes): a promised route with an accepted key gets 503, Retry-After of the
-  stack's time to ready (autoscaling.time_to_ready_terms) and an OpenAI-shaped error; a wrong key 401,
+  the same promised routes): a promised route with an accepted key gets 503, a short Retry-After
+  (RETRY_AFTER_SECONDS) and an OpenAI-shaped error saying the stack's time to ready
+  (autoscaling.time_to_ready_terms); a wrong key 401,
   an unknown route 404 (a scan or a wrong key never wakes a GPU).
 - The demand is Caddy's own count of those 503s (any promised route: the verification gate waits with
   a GET of the model list, and a release deployed at zero is verified on the replica it wakes), scraped
@@ -68,6 +69,13 @@ WAKE_USER = 65534
 #: busybox nslookup tries a server for up to 5 s, twice: the probe's timeout covers both.
 READY_PROBE_PERIOD_SECONDS = 10
 READY_PROBE_TIMEOUT_SECONDS = 15
+#: The front's Retry-After: short, not the time to ready. The front cannot tell how far a wake has come (20
+#: minutes in, the time to ready would still say 22 more), and once an engine pod is Ready the front keeps
+#: answering a few requests until its own probe sees it (up to READY_PROBE_PERIOD_SECONDS, plus the
+#: endpoints' propagation): a client told the whole time to ready would wait that long for nothing. A client
+#: that retries every minute also keeps the wake trigger active all along the wake (shorter than
+#: k8s_manifests.WAKE_DEMAND_WINDOW_SECONDS: tests/test_k8s_wake.py); the time to ready goes in the message.
+RETRY_AFTER_SECONDS = 60
 #: What the front asks of the cluster: all a scale-to-zero stack costs at zero.
 WAKE_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 #: The pod template's digest of its ConfigMap: a changed Caddyfile or script rolls the front (and only it).
@@ -98,12 +106,12 @@ def ready_service_host(r: Resolved) -> str:
 def wake_message(policy: ScalingPolicy) -> str:
     minutes = max(1, round(policy.instance_warmup_seconds / 60))
     return (f"no replica is serving: this batch endpoint scales to zero when idle. This request starts one, "
-            f"ready in about {minutes} min; retry after the Retry-After seconds")
+            f"ready in about {minutes} min; retry after the Retry-After seconds until it serves")
 
 
 def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> RenderedProxy:
     """The front's Caddyfile: the pod proxy's site (render_pod_proxy's name, TLS, keys and routes)
-    answering WAKE_STATUS with Retry-After = the time to ready. `listen` overrides where it listens
+    answering WAKE_STATUS with Retry-After RETRY_AFTER_SECONDS and the time to ready in its message. `listen` overrides where it listens
     (domain, tls, https_port, http_port, bind_host, metrics_port: a test on loopback), nothing else."""
     policy = scaling_policy(r, sizing)
     if policy is None or not policy.scales_to_zero:
@@ -113,7 +121,7 @@ def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> 
         raise ValueError(f"render_wake_proxy overrides where the front listens only, not {sorted(unknown)}")
     site = {"domain": r.spec.domain, "tls": m.proxy_tls(r), "metrics_port": WAKE_METRICS_PORT, **listen}
     return render_wake(
-        site.pop("domain"), launch.instances[0].probe.path, retry_after_seconds=policy.instance_warmup_seconds,
+        site.pop("domain"), launch.instances[0].probe.path, retry_after_seconds=RETRY_AFTER_SECONDS,
         message=wake_message(policy), acme_email=r.spec.acme_email,
         previous_key_env=PREVIOUS_API_KEY_ENV if r.spec.api_key_rotation.accept_previous else None, **site,
     )
@@ -240,9 +248,9 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
     cpu, memory = WAKE_RESOURCES["requests"]["cpu"], WAKE_RESOURCES["requests"]["memory"]
     return [
         f"at 0 replicas the wake front ({WAKE}, one CPU pod: {cpu} CPU, {memory}) answers the endpoint: a request "
-        f"with the key gets {WAKE_STATUS} with Retry-After {policy.instance_warmup_seconds} s and a JSON error "
+        f"with the key gets {WAKE_STATUS} with Retry-After {RETRY_AFTER_SECONDS} s and a JSON error "
         f"saying it scales from zero, and starts one replica, which serves about {ready} min later (its time "
-        "to ready): a client must retry after Retry-After. A wrong key gets 401 and an unknown route 404: "
+        "to ready): a client must retry after Retry-After until it serves. A wrong key gets 401 and an unknown route 404: "
         "neither wakes a GPU; a monitor polling with the key keeps a replica up",
         f"at 0 the stack costs the front's CPU pod only; it returns to 0 {policy.scale_in_cooldown_seconds // 60} "
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",

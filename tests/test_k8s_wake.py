@@ -85,7 +85,7 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
                                    metrics_port=metrics_port)
     # The rendered site is the stack's (its routes and Retry-After), only the listeners differ.
     production = wake.render_wake_proxy(r, stack["sizing"], stack["launch"]).text
-    assert f'Retry-After "{policy.instance_warmup_seconds}"' in production and "bind" not in production
+    assert f'Retry-After "{wake.RETRY_AFTER_SECONDS}"' in production and "bind" not in production
     env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
     checked = validate_caddyfile(front.text, env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -104,7 +104,7 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
             other = httpx.get(f"http://127.0.0.1:{metrics_port}/v1/models", timeout=10)
     for answer in (*waking, listing):
         assert answer.status_code == 503, answer.text
-        assert answer.headers["Retry-After"] == str(policy.instance_warmup_seconds)
+        assert answer.headers["Retry-After"] == str(wake.RETRY_AFTER_SECONDS) == "60"  # not the whole wake
         assert answer.headers["Content-Type"] == "application/json"
         error = answer.json()["error"]
         assert error["code"] == "scaling_from_zero" and "scales to zero" in error["message"]
@@ -435,7 +435,11 @@ def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(s
     scaled = the(stack["monitoring"], "ScaledObject")["spec"]
     policy = stack["policy"]
     assert scaled["minReplicaCount"] == 0 and scaled["cooldownPeriod"] == policy.scale_in_cooldown_seconds
-    assert scaled["cooldownPeriod"] >= policy.instance_warmup_seconds  # a retry after Retry-After finds it up
+    # A client retrying after Retry-After keeps the trigger active through the whole wake (each retry within
+    # the demand window of the one before); one that retries only after the time to ready finds it up too.
+    assert wake.RETRY_AFTER_SECONDS < manifests.WAKE_DEMAND_WINDOW_SECONDS
+    assert manifests.WAKE_DEMAND_WINDOW == f"{manifests.WAKE_DEMAND_WINDOW_SECONDS // 60}m"
+    assert scaled["cooldownPeriod"] >= policy.instance_warmup_seconds
     assert [t["name"] for t in scaled["triggers"]] == ["waiting", "wake"]
     (trigger,) = [t for t in scaled["triggers"] if t["name"] == "wake"]
     assert trigger["metricType"] == "AverageValue" and trigger["metadata"]["threshold"] == "1"
@@ -691,7 +695,8 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     r = resolve(STACK, zero_values())
     policy = scaling_policy(r, size(r))
     assert "scaling: 0 to 3 replicas" in out
-    assert f"gets 503 with Retry-After {policy.instance_warmup_seconds} s" in out and "starts one replica" in out
-    assert "a client must retry after Retry-After" in out and "costs the front's CPU pod only" in out
+    assert f"gets 503 with Retry-After {wake.RETRY_AFTER_SECONDS} s" in out and "starts one replica" in out
+    assert f"serves about {round(policy.instance_warmup_seconds / 60)} min later" in out
+    assert "a client must retry after Retry-After until it serves" in out and "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
     assert "name: kimi-wake" in written and "kimi-engine-ready" in written
