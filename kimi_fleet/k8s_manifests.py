@@ -1375,7 +1375,10 @@ def wake_trigger(r: Resolved) -> dict:
     v2.20.2 (kedacore/keda): active is value > activationThreshold (pkg/scalers/prometheus_scaler.go:319);
     an active trigger at 0 replicas scales to 1 (pkg/scaling/executor/scale_scaledobjects.go:63-73,
     240-254); with none active and minReplicaCount 0 it scales to 0 once the last active time is
-    cooldownPeriod ago (scale_scaledobjects.go:98-101, 211-214)."""
+    cooldownPeriod ago (scale_scaledobjects.go:98-101, 211-214). No `fallback`: at 0 replicas it cannot act
+    (the HPA is off at zero, scale_scaledobjects.go:86-91), and without it a scaler error keeps the current
+    count (93-97; the HPA holds on a metric error) where a static fallback would force one on a running
+    batch. A wake that does not end is observability.STUCK_AT_ZERO_ALERT's."""
     return {"type": "prometheus", "name": "wake", "metricType": "AverageValue",
             "metadata": {"serverAddress": r.spec.target.kubernetes.prometheus_url,
                          "query": f"clamp_max({wake_demand_query(r)}, 1)", "threshold": "1",
@@ -1393,15 +1396,21 @@ def wake_pod_monitor(r: Resolved, stack: str) -> dict:
                      "podMetricsEndpoints": [endpoint]}}
 
 
-def prometheus_rule(r: Resolved, stack: str) -> dict:
+def prometheus_rule(r: Resolved, stack: str, policy: ScalingPolicy | None = None) -> dict:
     """The stack's alerts (observability.render_prometheus_rules: the same rules and thresholds as the
-    node targets' and the CloudWatch alarms), less UNSERVED_ALERTS, for the Operator's ruleSelector."""
+    node targets' and the CloudWatch alarms), less UNSERVED_ALERTS, for the Operator's ruleSelector; with
+    a `policy` that scales to zero, also observability.STUCK_AT_ZERO_ALERT on the wake front's answers
+    (Kubernetes only: no other target scales to zero)."""
     rules = yaml.safe_load(observability.render_prometheus_rules(r.spec))
     unknown = set(UNSERVED_ALERTS) - set(observability.ALERT_NAMES)
     if unknown:
         raise ValueError(f"UNSERVED_ALERTS names alerts observability no longer has: {sorted(unknown)}")
     for group in rules["groups"]:
         group["rules"] = [rule for rule in group["rules"] if rule.get("alert") not in UNSERVED_ALERTS]
+    if policy is not None and policy.scales_to_zero:
+        rules["groups"][0]["rules"].append(observability.stuck_at_zero_rule(
+            stack, wake_answered_growth(wake_answered_series(r)), policy.instance_warmup_seconds,
+            WAKE_DEMAND_WINDOW_SECONDS // 60))
     return {
         "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,
         "kind": "PrometheusRule",
@@ -1433,8 +1442,8 @@ def render_monitoring(r: Resolved, sizing: Sizing, *, stack: str) -> list[dict]:
     """The stack's monitoring objects, applied after render_manifests' (the Prometheus Operator's and
     KEDA's custom resources): the PodMonitor, the PrometheusRule, the Grafana dashboard's ConfigMap,
     and the ScaledObject of a scaling stack."""
-    objects = [pod_monitor(r, stack), prometheus_rule(r, stack), _dashboard_config_map(r, stack)]
     policy = scaling_policy(r, sizing)
+    objects = [pod_monitor(r, stack), prometheus_rule(r, stack, policy), _dashboard_config_map(r, stack)]
     if policy is not None and policy.scales_to_zero:
         objects.append(wake_pod_monitor(r, stack))
     scaled = scaled_object(r, sizing, stack)

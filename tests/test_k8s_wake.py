@@ -284,6 +284,53 @@ def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same
     _promtool_test(tmp_path, tests)
 
 
+def test_the_stuck_at_zero_alert_fires_when_no_wake_ends_and_not_on_a_wake_that_does(stack, tmp_path):
+    """promtool runs the stack's PrometheusRule (as the Operator ships it) on the front's 503 answers to a
+    client that retries every Retry-After: the woken pod never Ready (Pending for capacity, KEDA down) fires
+    KimiStuckAtZero once the time to ready, the demand window and the margin are past; a wake that ends
+    within the time to ready (the front leaves, its answers stop), or a few minutes late, does not; the
+    first-ever request's series counts from its birth."""
+    from kimi_fleet import observability
+
+    policy, r = stack["policy"], stack["r"]
+    rule = the(stack["monitoring"], "PrometheusRule")["spec"]
+    (stuck,) = [x for g in rule["groups"] for x in g["rules"] if x.get("alert") == observability.STUCK_AT_ZERO_ALERT]
+    ready = -(-policy.instance_warmup_seconds // 60)
+    window = manifests.WAKE_DEMAND_WINDOW_SECONDS // 60
+    minutes = ready + window + observability.STUCK_AT_ZERO_MARGIN_MINUTES
+    assert stuck["for"] == f"{minutes}m" and stuck["labels"] == {"severity": "critical", "stack": STACK}
+    assert wake.RETRY_AFTER_SECONDS == 60  # the input below: one retry a minute
+    ns = r.spec.target.kubernetes.namespace
+    series = (f'{catalog.PROXY_METRICS.request_duration}_count{{namespace="{ns}",job="{wake.WAKE_JOB}",code="503",'
+              'method="POST",replica="kimi-wake-1",server="srv0",handler="static_response"}')
+    firing = [{"exp_labels": stuck["labels"], "exp_annotations": stuck["annotations"]}]
+
+    def case(values: str, checks: list[tuple[int, bool]]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": series, "values": values}],
+                "alert_rule_test": [{"eval_time": f"{at}m", "alertname": observability.STUCK_AT_ZERO_ALERT,
+                                     "exp_alerts": firing if fires else []} for at, fires in checks]}
+
+    late = ready + 7  # an engine Ready 7 minutes after the time to ready: within the margin
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [
+        # stuck: the front answers every retry for 90 minutes
+        case("1+1x90", [(minutes - 2, False), (minutes + 1, True), (90, True)]),
+        # a wake as planned: an engine Ready at the time to ready, the front's answers stop
+        case(f"1+1x{ready - 1} {ready}x80", [(ready, False), (minutes, False), (minutes + 5, False), (80, False)]),
+        case(f"1+1x{late - 1} {late}x80", [(minutes, False), (minutes + 5, False)]),
+        # stuck after an earlier wake that went well (its answers ended): counted from the new wake
+        case(f"1+1x{ready - 1} {ready}x30 {ready + 1}+1x90",
+             [(ready + 31 + minutes - 2, False), (ready + 31 + minutes + 1, True)]),
+    ]}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule))
+    _promtool_test(tmp_path, tests, "stuck_test.yaml")
+    # Only a stack that scales to zero has it; the rules every target shares (ALERT_NAMES, each with its
+    # CloudWatch twin) do not include it.
+    assert observability.STUCK_AT_ZERO_ALERT not in observability.ALERT_NAMES
+    keeps = resolve(STACK, scaling_values(STACK, capacity={**ZERO, "scaling": {**ZERO["scaling"], "minReplicas": 1}}))
+    kept = the(manifests.render_monitoring(keeps, size(keeps), stack=STACK), "PrometheusRule")["spec"]
+    assert observability.STUCK_AT_ZERO_ALERT not in [x.get("alert") for g in kept["groups"] for x in g["rules"]]
+
+
 # --- the readiness: no engine Ready ---------------------------------------------------------------
 
 #: busybox nslookup's answers (busybox 1.35, Debian's, run here: a name with an address, NXDOMAIN, no
