@@ -53,6 +53,10 @@ ROLE_LABEL = m.WAKE_ROLE_LABEL
 DEMAND_WINDOW = m.WAKE_DEMAND_WINDOW
 #: The headless Service whose DNS name resolves to the Ready engine pods only.
 READY_SERVICE = "kimi-engine-ready"
+#: The headless Service of every engine pod, Ready or not (publishNotReadyAddresses): with a public
+#: certificate the front forwards the CA's HTTP-01 challenges to it, so a waking engine pod (not Ready, not
+#: in the public Service) gets its certificate before it is Ready and the front leaves.
+ACME_SERVICE = "kimi-engine-acme"
 WAKE_INGRESS_POLICY = "kimi-wake-ingress"
 WAKE_EGRESS_POLICY = "kimi-wake-egress"
 #: Caddy's metrics site on the front's pod IP (9180-9184 are the nodes' and the engine pod's).
@@ -103,6 +107,11 @@ def ready_service_host(r: Resolved) -> str:
     return f"{READY_SERVICE}.{r.spec.target.kubernetes.namespace}.svc.{catalog.K8S_CLUSTER_DOMAIN}."
 
 
+def acme_service_upstream(r: Resolved) -> str:
+    """The front's upstream for the CA's challenges: every engine pod's Caddy on port 80 (absolute name)."""
+    return f"{ACME_SERVICE}.{r.spec.target.kubernetes.namespace}.svc.{catalog.K8S_CLUSTER_DOMAIN}.:{HTTP_PORT}"
+
+
 def wake_message(policy: ScalingPolicy) -> str:
     minutes = max(1, round(policy.instance_warmup_seconds / 60))
     return (f"no replica is serving: this batch endpoint scales to zero when idle. This request starts one, "
@@ -112,14 +121,19 @@ def wake_message(policy: ScalingPolicy) -> str:
 def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> RenderedProxy:
     """The front's Caddyfile: the pod proxy's site (render_pod_proxy's name, TLS, keys and routes)
     answering WAKE_STATUS with Retry-After RETRY_AFTER_SECONDS and the time to ready in its message. `listen` overrides where it listens
-    (domain, tls, https_port, http_port, bind_host, metrics_port: a test on loopback), nothing else."""
+    (domain, tls, https_port, http_port, bind_host, metrics_port, challenge_upstream: a test on loopback),
+    nothing else. With a public certificate the CA's HTTP-01 challenges go on to the engine pods
+    (acme_service_upstream)."""
     policy = scaling_policy(r, sizing)
     if policy is None or not policy.scales_to_zero:
         raise ValueError("the wake front is for a stack that scales to zero (capacity.scaling.minReplicas 0)")
-    unknown = set(listen) - {"domain", "tls", "https_port", "http_port", "bind_host", "metrics_port"}
+    unknown = set(listen) - {"domain", "tls", "https_port", "http_port", "bind_host", "metrics_port",
+                             "challenge_upstream"}
     if unknown:
         raise ValueError(f"render_wake_proxy overrides where the front listens only, not {sorted(unknown)}")
-    site = {"domain": r.spec.domain, "tls": m.proxy_tls(r), "metrics_port": WAKE_METRICS_PORT, **listen}
+    acme = m.proxy_tls(r) == "acme"
+    site = {"domain": r.spec.domain, "tls": m.proxy_tls(r), "metrics_port": WAKE_METRICS_PORT,
+            "challenge_upstream": acme_service_upstream(r) if acme else None, **listen}
     return render_wake(
         site.pop("domain"), launch.instances[0].probe.path, retry_after_seconds=RETRY_AFTER_SECONDS,
         message=wake_message(policy), acme_email=r.spec.acme_email,
@@ -169,8 +183,9 @@ def _container(r: Resolved) -> dict:
 def _network_policies(r: Resolved, stack: str) -> list[dict]:
     """In: 80/443 from anywhere (as the engine pods' proxy), the metrics port from the monitoring
     namespace's Prometheus pods only. Out: DNS to the cluster's DNS pods only (the readiness probe, ACME)
-    and, with a public certificate, HTTP(S) to public addresses only (the CA: ACME, OCSP); nothing else:
-    no API server, no instance metadata, no other pod or Service."""
+    and, with a public certificate, HTTP(S) to public addresses only (the CA: ACME, OCSP) and HTTP to the
+    engine pods (the CA's challenges for a waking one); nothing else: no API server, no instance
+    metadata, no other pod or Service."""
     ns, selector = r.spec.target.kubernetes.namespace, {"matchLabels": pod_labels(stack)}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": m.prometheus_namespace(r)}},
                   "podSelector": {"matchLabels": dict(m.PROMETHEUS_POD_LABELS)}}
@@ -178,6 +193,9 @@ def _network_policies(r: Resolved, stack: str) -> list[dict]:
     if m.proxy_tls(r) == "acme":
         egress.append({"to": [copy.deepcopy(INTERNET_PEER)],
                        "ports": [{"port": HTTPS_PORT, "protocol": "TCP"}, {"port": HTTP_PORT, "protocol": "TCP"}]})
+        # The CA's HTTP-01 challenges, forwarded to a waking engine pod's Caddy: its plain-HTTP port only.
+        egress.append({"to": [{"podSelector": {"matchLabels": m.labels(stack, "engine")}}],
+                       "ports": [{"port": HTTP_PORT, "protocol": "TCP"}]})
     return [
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
          "metadata": m._meta(WAKE_INGRESS_POLICY, ns, stack, "network"),
@@ -192,7 +210,8 @@ def _network_policies(r: Resolved, stack: str) -> list[dict]:
 
 def render_wake_objects(r: Resolved, sizing: Sizing, launch: Launch, *, stack: str) -> list[dict]:
     """The front's objects in apply order (none unless the stack scales to zero): its ConfigMap, the
-    headless Service of Ready engine pods, its NetworkPolicies, its Deployment. Not in the release's
+    headless Service of Ready engine pods, with a public certificate the headless Service of all engine
+    pods (ACME_SERVICE), its NetworkPolicies, its Deployment. Not in the release's
     digest (a change here restarts no engine pod) and not waited for by the gate (the front is not
     Ready while an engine is)."""
     if not scales_to_zero(r, sizing):
@@ -211,6 +230,11 @@ def render_wake_objects(r: Resolved, sizing: Sizing, launch: Launch, *, stack: s
          # Headless, Ready pods only: its name resolves to an address exactly while an engine pod is Ready.
          "spec": {"clusterIP": "None", "publishNotReadyAddresses": False, "selector": engines,
                   "ports": [{"name": "https", "port": HTTPS_PORT, "targetPort": "https", "protocol": "TCP"}]}},
+        *([{"apiVersion": "v1", "kind": "Service", "metadata": m._meta(ACME_SERVICE, ns, stack, "wake"),
+            # Headless, every engine pod: a waking one answers the CA's challenge it asked for.
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": engines,
+                     "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]}}]
+          if m.proxy_tls(r) == "acme" else []),
         *_network_policies(r, stack),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": m._meta(WAKE, ns, stack, "wake"),
          "spec": {

@@ -122,6 +122,68 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
+def test_a_real_caddy_front_forwards_the_cas_challenges_and_nothing_else_on_port_80(stack):
+    """A waking engine pod is not in the public Service: the CA's HTTP-01 challenge for the certificate it
+    asked for reaches the front. The front (a real Caddy) forwards a GET of a challenge path, with no key,
+    to the engine pods' Service (here a fake upstream on loopback, which records what it gets), keeping the
+    Host; anything else on port 80 is redirected to HTTPS and never forwarded, and neither counts as
+    demand. The production text names the headless Service of every engine pod."""
+    import http.server
+    import threading
+
+    import httpx
+
+    r = stack["r"]
+    production = wake.render_wake_proxy(r, stack["sizing"], stack["launch"]).text
+    assert f"reverse_proxy {wake.acme_service_upstream(r)}" in production
+    env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
+    checked = validate_caddyfile(production, env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    seen: list[tuple[str, str, str, str | None]] = []
+
+    class Engine(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.command, self.path, self.headers["Host"], self.headers.get("Authorization")))
+            body = f"{self.path.rsplit('/', 1)[-1]}.key-authorization".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    https_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    try:
+        front = wake.render_wake_proxy(r, stack["sizing"], stack["launch"], domain="localhost", tls="internal",
+                                       https_port=https_port, http_port=http_port, bind_host="127.0.0.1",
+                                       metrics_port=metrics_port,
+                                       challenge_upstream=f"127.0.0.1:{upstream.server_address[1]}")
+        base, plain = f"https://localhost:{https_port}", f"http://localhost:{http_port}"
+        with start_caddy(front.text, env, ready_url=f"{base}/v1/models"), \
+                httpx.Client(timeout=10, follow_redirects=False) as client:
+            challenge = client.get(f"{plain}/.well-known/acme-challenge/tok-123_abc")
+            posted = client.post(f"{plain}/.well-known/acme-challenge/tok-123_abc")
+            others = [client.get(f"{plain}{path}", headers={"Authorization": f"Bearer {KEY}"})
+                      for path in ("/v1/models", "/.well-known/other", "/health", "/")]
+            chat = client.post(f"{plain}/v1/chat/completions", json={"model": "kimi"},
+                               headers={"Authorization": f"Bearer {KEY}"})
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert challenge.status_code == 200 and challenge.text == "tok-123_abc.key-authorization"
+    assert seen == [("GET", "/.well-known/acme-challenge/tok-123_abc", f"localhost:{http_port}", None)]
+    for answer in (posted, *others, chat):
+        assert answer.status_code == 308 and answer.headers["Location"].startswith("https://localhost")
+    assert _metric(metrics, f"{catalog.PROXY_METRICS.request_duration}_count", code="503") == 0
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
 def test_a_real_prometheus_scraping_the_front_as_its_pod_monitor_says_reads_the_first_valid_request(stack, tmp_path):
     """Prometheus (Debian's) scrapes the real front's metrics with the relabelings the Operator makes of the
     wake PodMonitor, and KEDA's own query reads 0 with no request and after a wrong key or an unknown
@@ -187,6 +249,10 @@ def test_the_front_refuses_what_would_break_its_caddyfile(stack):
                     metrics_port=9185)
     with pytest.raises(ValueError, match="Retry-After"):
         render_wake("kimi.example.com", "/health", retry_after_seconds=0, message="m", metrics_port=9185)
+    for upstream in ("{env.KIMI_API_KEY}:80", "http://kimi-engine-acme:80", "kimi-engine-acme", "a b:80", "x:99999"):
+        with pytest.raises(ValueError, match="challenge_upstream|port"):
+            render_wake("kimi.example.com", "/health", retry_after_seconds=60, message="m", metrics_port=9185,
+                        challenge_upstream=upstream)
     fixed = resolve(STACK, scaling_values(STACK))
     with pytest.raises(ValueError, match="scales to zero"):
         wake.render_wake_proxy(fixed, size(fixed), render_launch(fixed))
@@ -471,7 +537,7 @@ def test_the_readiness_script_with_busybox_s_own_nslookup_and_a_real_resolver(tm
 def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(stack):
     kinds = [(o["kind"], o["metadata"]["name"]) for o in stack["wake"]]
     assert kinds == [("ConfigMap", wake.WAKE_CONFIGMAP), ("Service", wake.READY_SERVICE),
-                     ("NetworkPolicy", wake.WAKE_INGRESS_POLICY), ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
+                     ("Service", wake.ACME_SERVICE), ("NetworkPolicy", wake.WAKE_INGRESS_POLICY), ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
                      ("Deployment", wake.WAKE)]
     for obj in stack["wake"]:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -543,6 +609,16 @@ def test_the_public_service_selects_the_front_and_only_the_engines_count_as_read
     assert _selects(public, front_pod) and _selects(public, engine_pod)
     assert ready["clusterIP"] == "None" and ready["publishNotReadyAddresses"] is False
     assert _selects(ready["selector"], engine_pod) and not _selects(ready["selector"], front_pod)
+    # The CA's challenges go on to every engine pod, Ready or not (a waking one), never back to the front.
+    challenges = the(front_objects, "Service", wake.ACME_SERVICE)["spec"]
+    assert challenges["clusterIP"] == "None" and challenges["publishNotReadyAddresses"] is True
+    assert _selects(challenges["selector"], engine_pod) and not _selects(challenges["selector"], front_pod)
+    (port,) = challenges["ports"]
+    assert port["port"] == 80 and port["targetPort"] == "http"
+    engine_ports = {p["name"]: p["containerPort"] for c in engine["template"]["spec"]["containers"]
+                    for p in c.get("ports", [])}
+    assert engine_ports["http"] == 80
+    assert wake.acme_service_upstream(stack["r"]) == "kimi-engine-acme.kimi-gb200.svc.cluster.local.:80"
     # Neither Deployment adopts the other's pods.
     assert not _selects(engine["selector"]["matchLabels"], front_pod)
     assert not _selects(front["selector"]["matchLabels"], engine_pod)
@@ -607,8 +683,6 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods
         "a node on a 192.168 network": destination("192.168.1.20"),
         "a CGNAT-range pod": destination("100.64.3.7"),
         "loopback": destination("127.0.0.1"),
-        "an engine pod": destination("10.244.1.7", r.spec.target.kubernetes.namespace,
-                                     **manifests.labels(STACK, "engine")),
         "another pod of kube-system": destination("10.244.0.9", "kube-system", **{"k8s-app": "metrics-server"}),
         "a tenant's pod labelled as DNS": destination("10.244.2.3", "tenant-a", **{"k8s-app": "kube-dns"}),
     }
@@ -618,12 +692,22 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods
     for port, protocol in ((53, "UDP"), (53, "TCP"), (22, "TCP"), (8000, "TCP")):
         assert not reaches(policies, pod, ca, port, protocol), port  # DNS to the Internet, other ports: no
     assert not reaches(policies, pod, dns, 443)
+    # The engine pods: their plain-HTTP port only (the CA's challenges for a waking one), not HTTPS, the
+    # engine's port or the metrics gate.
+    engine = destination("10.244.1.7", r.spec.target.kubernetes.namespace, **manifests.labels(STACK, "engine"))
+    assert reaches(policies, pod, engine, 80)
+    for port, protocol in ((443, "TCP"), (8000, "TCP"), (9180, "TCP"), (80, "UDP"), (53, "UDP")):
+        assert not reaches(policies, pod, engine, port, protocol), port
+    assert not reaches(policies, pod, {**engine, "pod": {**engine["pod"], "namespace": "tenant-a"}}, 80)
     internal = resolve(STACK, {**zero_values(), "target": {**zero_values()["target"], "kubernetes": {
         **zero_values()["target"]["kubernetes"], "proxyServiceType": "ClusterIP"}}})
     objects = wake.render_wake_objects(internal, size(internal), render_launch(internal), stack=STACK)
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     assert reaches(policies, pod, dns, 53, "UDP")
     assert not reaches(policies, pod, ca, 443) and not reaches(policies, pod, ca, 80)  # no CA to ask
+    assert not reaches(policies, pod, engine, 80)  # and no challenge to forward
+    assert wake.ACME_SERVICE not in [o["metadata"]["name"] for o in objects]
+    assert "acme-challenge" not in wake.render_wake_proxy(internal, size(internal), render_launch(internal)).text
 
 
 def destination(ip: str, namespace: str | None = None, **labels) -> dict:
@@ -702,7 +786,8 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     assert manifests.API_KEY_VERSION_ANNOTATION in front["wire"]["spec"]["template"]["metadata"]["annotations"]
     assert any(name.endswith(manifests.API_KEY_SECRET) for name in front["dependencies"])
     # After its own objects (the policies that wall it in), never after the weights' download Job.
-    for other in (wake.WAKE_CONFIGMAP, wake.READY_SERVICE, wake.WAKE_INGRESS_POLICY, wake.WAKE_EGRESS_POLICY):
+    for other in (wake.WAKE_CONFIGMAP, wake.READY_SERVICE, wake.ACME_SERVICE, wake.WAKE_INGRESS_POLICY,
+                  wake.WAKE_EGRESS_POLICY):
         assert any(name.endswith(f"-{other}") and "Deployment" not in name for name in front["dependencies"]), other
     assert not any("kimi-weights-" in name for name in front["dependencies"])
     rendered = the(stack["wake"], "Deployment", wake.WAKE)
@@ -710,7 +795,7 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     monitors = {m["wire"]["metadata"]["name"] for m in run.of_type("kubernetes:monitoring.coreos.com/v1:PodMonitor")}
     assert monitors == {manifests.POD_MONITOR, wake.WAKE_POD_MONITOR}
     services = {s["wire"]["metadata"]["name"] for s in run.of_type("kubernetes:core/v1:Service")}
-    assert services == {manifests.PROXY_SERVICE, wake.READY_SERVICE}
+    assert services == {manifests.PROXY_SERVICE, wake.READY_SERVICE, wake.ACME_SERVICE}
     # The gate's wait names the engines' Deployment only.
     rollout = manifests.rollout_wait(stack["r"], stack["sizing"])
     assert rollout["deployments"] == [manifests.deployment_name("on-demand")]
