@@ -35,7 +35,7 @@ import json
 
 import yaml
 
-from kimi_fleet import catalog
+from kimi_fleet import catalog, observability
 from kimi_fleet import k8s_manifests as m
 from kimi_fleet.autoscaling import ScalingPolicy, scaling_policy
 from kimi_fleet.caddy import HTTP_PORT, HTTPS_PORT, PREVIOUS_API_KEY_ENV, WAKE_STATUS, RenderedProxy, render_wake
@@ -278,6 +278,9 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
         "neither wakes a GPU; a monitor polling with the key keeps a replica up",
         f"at 0 the stack costs the front's CPU pod only; it returns to 0 {policy.scale_in_cooldown_seconds // 60} "
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",
+        f"a wake that does not end (the woken pod Pending for capacity or quota, failing, KEDA not acting) fires "
+        f"{observability.STUCK_AT_ZERO_ALERT} once the front has answered retries for "
+        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, m.WAKE_DEMAND_WINDOW_SECONDS // 60)} min",
     ]
 
 

@@ -829,6 +829,9 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     assert "scaling: 0 to 3 replicas" in out
     assert f"gets 503 with Retry-After {wake.RETRY_AFTER_SECONDS} s" in out and "starts one replica" in out
     assert f"serves about {round(policy.instance_warmup_seconds / 60)} min later" in out
-    assert "a client must retry after Retry-After until it serves" in out and "costs the front's CPU pod only" in out
+    assert "a client must retry after Retry-After until it serves" in out
+    from kimi_fleet import observability
+    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, manifests.WAKE_DEMAND_WINDOW_SECONDS // 60)
+    assert f"fires KimiStuckAtZero once the front has answered retries for {stuck} min" in out and "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
     assert "name: kimi-wake" in written and "kimi-engine-ready" in written
