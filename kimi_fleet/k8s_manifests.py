@@ -1350,7 +1350,8 @@ def wake_demand_query(r: Resolved) -> str:
     first request, a difference misses the first one after a restart, this sees both)."""
     answered = wake_answered_series(r)
     running = catalog.ENGINE_METRICS[r.spec.engine.name].running
-    return f"(sum({wake_answered_growth(answered)}) or vector(0)) + (sum({running}{{{_stack_selector(r)}}}) or vector(0))"
+    return (f"(sum({wake_answered_growth(answered)}) or vector(0)) + "
+            f"(sum({running}{{{_stack_selector(r)}}}) or vector(0))")
 
 
 def wake_answered_series(r: Resolved) -> str:

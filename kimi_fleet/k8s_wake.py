@@ -51,6 +51,7 @@ WAKE_POD_MONITOR = m.WAKE_POD_MONITOR
 WAKE_JOB = m.WAKE_JOB
 ROLE_LABEL = m.WAKE_ROLE_LABEL
 DEMAND_WINDOW = m.WAKE_DEMAND_WINDOW
+DEMAND_WINDOW_MINUTES = m.WAKE_DEMAND_WINDOW_SECONDS // 60
 #: The headless Service whose DNS name resolves to the Ready engine pods only.
 READY_SERVICE = "kimi-engine-ready"
 #: The headless Service of every engine pod, Ready or not (publishNotReadyAddresses): with a public
@@ -120,9 +121,9 @@ def wake_message(policy: ScalingPolicy) -> str:
 
 def render_wake_proxy(r: Resolved, sizing: Sizing, launch: Launch, **listen) -> RenderedProxy:
     """The front's Caddyfile: the pod proxy's site (render_pod_proxy's name, TLS, keys and routes)
-    answering WAKE_STATUS with Retry-After RETRY_AFTER_SECONDS and the time to ready in its message. `listen` overrides where it listens
-    (domain, tls, https_port, http_port, bind_host, metrics_port, challenge_upstream: a test on loopback),
-    nothing else. With a public certificate the CA's HTTP-01 challenges go on to the engine pods
+    answering WAKE_STATUS with Retry-After RETRY_AFTER_SECONDS and the time to ready in its message.
+    `listen` overrides where it listens (domain, tls, https_port, http_port, bind_host, metrics_port,
+    challenge_upstream: a test on loopback), nothing else. With a public certificate the CA's HTTP-01 challenges go on to the engine pods
     (acme_service_upstream)."""
     policy = scaling_policy(r, sizing)
     if policy is None or not policy.scales_to_zero:
@@ -189,7 +190,8 @@ def _network_policies(r: Resolved, stack: str) -> list[dict]:
     ns, selector = r.spec.target.kubernetes.namespace, {"matchLabels": pod_labels(stack)}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": m.prometheus_namespace(r)}},
                   "podSelector": {"matchLabels": dict(m.PROMETHEUS_POD_LABELS)}}
-    egress = [{"to": [copy.deepcopy(CLUSTER_DNS_PEER)], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    egress = [{"to": [copy.deepcopy(CLUSTER_DNS_PEER)],
+               "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
     if m.proxy_tls(r) == "acme":
         egress.append({"to": [copy.deepcopy(INTERNET_PEER)],
                        "ports": [{"port": HTTPS_PORT, "protocol": "TCP"}, {"port": HTTP_PORT, "protocol": "TCP"}]})
@@ -274,13 +276,13 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
         f"at 0 replicas the wake front ({WAKE}, one CPU pod: {cpu} CPU, {memory}) answers the endpoint: a request "
         f"with the key gets {WAKE_STATUS} with Retry-After {RETRY_AFTER_SECONDS} s and a JSON error "
         f"saying it scales from zero, and starts one replica, which serves about {ready} min later (its time "
-        "to ready): a client must retry after Retry-After until it serves. A wrong key gets 401 and an unknown route 404: "
-        "neither wakes a GPU; a monitor polling with the key keeps a replica up",
+        "to ready): a client must retry after Retry-After until it serves. A wrong key gets 401 and an unknown "
+        "route 404: neither wakes a GPU; a monitor polling with the key keeps a replica up",
         f"at 0 the stack costs the front's CPU pod only; it returns to 0 {policy.scale_in_cooldown_seconds // 60} "
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",
-        f"a wake that does not end (the woken pod Pending for capacity or quota, failing, KEDA not acting) fires "
+        "a wake that does not end (the woken pod Pending for capacity or quota, failing, KEDA not acting) fires "
         f"{observability.STUCK_AT_ZERO_ALERT} once the front has answered retries for "
-        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, m.WAKE_DEMAND_WINDOW_SECONDS // 60)} min",
+        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, DEMAND_WINDOW_MINUTES)} min",
     ]
 
 

@@ -478,8 +478,8 @@ def stuck_at_zero_rule(stack: str, answered_growth: str, time_to_ready_seconds: 
     ready = -(-time_to_ready_seconds // 60)
     return {"alert": STUCK_AT_ZERO_ALERT, "expr": f"sum({answered_growth}) > 0", "for": f"{minutes}m",
             "labels": {"severity": "critical", STACK_LABEL: stack},
-            "annotations": {"summary": f"the stack is stuck at zero: its wake front kept answering requests with the key "
-                                       f"503 for {minutes} minutes (a wake takes about {ready}): the woken engine pod "
+            "annotations": {"summary": "the stack is stuck at zero: its wake front kept answering requests with "
+                                       f"the key 503 for {minutes} minutes (a wake takes about {ready}): the woken engine pod "
                                        "is not Ready (Pending for GPU or spot capacity or quota, failing) or KEDA did "
                                        "not scale it",
                             "threshold": str(minutes),

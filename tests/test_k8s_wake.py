@@ -537,7 +537,8 @@ def test_the_readiness_script_with_busybox_s_own_nslookup_and_a_real_resolver(tm
 def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(stack):
     kinds = [(o["kind"], o["metadata"]["name"]) for o in stack["wake"]]
     assert kinds == [("ConfigMap", wake.WAKE_CONFIGMAP), ("Service", wake.READY_SERVICE),
-                     ("Service", wake.ACME_SERVICE), ("NetworkPolicy", wake.WAKE_INGRESS_POLICY), ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
+                     ("Service", wake.ACME_SERVICE), ("NetworkPolicy", wake.WAKE_INGRESS_POLICY),
+                     ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
                      ("Deployment", wake.WAKE)]
     for obj in stack["wake"]:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -831,7 +832,9 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     assert f"serves about {round(policy.instance_warmup_seconds / 60)} min later" in out
     assert "a client must retry after Retry-After until it serves" in out
     from kimi_fleet import observability
-    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, manifests.WAKE_DEMAND_WINDOW_SECONDS // 60)
-    assert f"fires KimiStuckAtZero once the front has answered retries for {stuck} min" in out and "costs the front's CPU pod only" in out
+    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds,
+                                                manifests.WAKE_DEMAND_WINDOW_SECONDS // 60)
+    assert f"fires KimiStuckAtZero once the front has answered retries for {stuck} min" in out
+    assert "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
     assert "name: kimi-wake" in written and "kimi-engine-ready" in written
