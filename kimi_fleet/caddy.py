@@ -511,6 +511,8 @@ def _require_loopback(upstream: str) -> None:
         )
 
 
+#: Where an ACME HTTP-01 challenge is asked for (RFC 8555 section 8.3), on port 80 of the name.
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
 #: The wake front's answer to a valid key on a promised route while no replica serves (k8s_wake.py).
 WAKE_STATUS = 503
 WAKE_ERROR_CODE = "scaling_from_zero"
@@ -530,6 +532,7 @@ def render_wake(
     https_port: int | None = None,
     http_port: int | None = None,
     bind_host: str | None = None,
+    challenge_upstream: str | None = None,
 ) -> RenderedProxy:
     """The Caddyfile of a scale-to-zero stack's wake front (kimi_fleet/k8s_wake.py): the same site as
     `render_proxy` (name, TLS, the key and a rotation's previous key, the promised routes, the JSON 401,
@@ -538,8 +541,17 @@ def render_wake(
     `message`. A wrong or missing key is 401 and an unknown route 404 before that, so neither is
     counted as demand. Caddy's HTTP metrics (by code and method) are on for the public site and served
     at METRICS_PATH on a plain-HTTP site of `metrics_port` (all interfaces unless `bind_host`: the pod's
-    NetworkPolicy admits only the cluster's Prometheus to it); nothing else is served there."""
+    NetworkPolicy admits only the cluster's Prometheus to it); nothing else is served there.
+    With `challenge_upstream` (host:port) the site's plain-HTTP side forwards a GET of an ACME HTTP-01
+    challenge path (/.well-known/acme-challenge/<token>), with no key (the CA has none), to that upstream
+    (a waking engine pod's Caddy, which asked for the token) and redirects everything else to HTTPS, as
+    Caddy does by default. The front's own challenges never reach it: Caddy answers a challenge it
+    started before any route (caddyhttp's server: tlsApp.HandleHTTPChallenge; certmagic's
+    solveHTTPChallenge matches the token's path), and another token falls through to the forward."""
     key_envs = _checked_site(domain, health_uri, tls, api_key_env, previous_key_env, acme_email)
+    if challenge_upstream is not None and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,252}[a-z0-9])?\.?:[0-9]{1,5}",
+                                                            challenge_upstream):
+        raise ValueError(f"challenge_upstream {challenge_upstream!r}: a host name or address and a port (host:port)")
     if type(retry_after_seconds) is not int or not 0 < retry_after_seconds <= 86_400:
         raise ValueError(f"Retry-After must be whole seconds within a day, got {retry_after_seconds!r}")
     routes = promised_routes(health_uri)
@@ -575,6 +587,13 @@ def render_wake(
                               bind_host=bind_host, metrics=True)
     lines = ["{"] + [f"\t{option}" for option in options] + ["}"]
     lines += _site(domain, public + site)
+    if challenge_upstream is not None:
+        _port(int(challenge_upstream.rsplit(":", 1)[1]))
+        lines += _site(f"http://{domain}", [
+            *([f"bind {bind_host}"] if bind_host is not None else []),
+            "@challenge {", "\tmethod GET", f"\tpath {ACME_CHALLENGE_PATH}*", "}",
+            "handle @challenge {", f"\treverse_proxy {challenge_upstream}", "}",
+            "handle {", "\tredir https://{host}{uri} 308", "}"])
     metrics_address = f"http://{bind_host or ''}:{_port(metrics_port)}"
     lines += _site(metrics_address, [*([f"bind {bind_host}"] if bind_host else []),
                                      f"@not_metrics not path {METRICS_PATH}", "respond @not_metrics 404",
@@ -583,6 +602,7 @@ def render_wake(
         "address": domain, "bind": bind_host, "keyRequired": True, "keyEnv": api_key_env,
         "previousKeyEnv": previous_key_env, "upstreams": [], "routes": [], "stampsRelease": False,
         "proxiedRoutes": [], "answeredRoutes": [route._asdict() for route in routes],
-        "answers": {"status": WAKE_STATUS, "retryAfterSeconds": retry_after_seconds, "code": WAKE_ERROR_CODE}}],
+        "answers": {"status": WAKE_STATUS, "retryAfterSeconds": retry_after_seconds, "code": WAKE_ERROR_CODE},
+        "challengeUpstream": challenge_upstream}],
         "metricsSite": {"address": metrics_address, "bind": bind_host, "path": METRICS_PATH, "countsSite": domain}}
     return RenderedProxy("\n".join(lines) + "\n", facts)

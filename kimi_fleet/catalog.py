@@ -619,6 +619,25 @@ CADDY_IMAGE_FILE_CAPABILITIES = ("NET_BIND_SERVICE",)
 #: services-networking/dns-pod-service/: <service>.<namespace>.svc.cluster.local). A cluster set up with
 #: another domain is not supported yet (docs/known-limits.md).
 K8S_CLUSTER_DOMAIN = "cluster.local"
+#: Where a pod's DNS goes: the cluster DNS pods, CoreDNS in kube-system, labelled k8s-app: kube-dns (the
+#: kube-dns era's label, kept by CoreDNS for the kube-dns Service's selector): kubeadm
+#: (kubernetes/kubernetes cmd/kubeadm/app/phases/addons/dns/manifests.go), the EKS CoreDNS add-on and
+#: GKE's kube-dns carry it. A NetworkPolicy egress rule to these pods admits the kube-dns Service's
+#: ClusterIP too (policies see the pod after the Service's DNAT). NodeLocal DNSCache (a link-local
+#: listener on the node) is not one of them (docs/known-limits.md).
+K8S_CLUSTER_DNS_NAMESPACE = "kube-system"
+K8S_CLUSTER_DNS_POD_LABELS = {"k8s-app": "kube-dns"}
+K8S_CLUSTER_DNS_SOURCE = Source("kubeadm CoreDNS manifest (cmd/kubeadm/app/phases/addons/dns/manifests.go); "
+                                "EKS CoreDNS add-on Deployment; GKE kube-dns", "2026-12-08")
+#: IPv4 ranges that are not the public Internet: a pod's egress "to the Internet only" excepts them, so it
+#: reaches neither the node's instance metadata (169.254.169.254), the API server, nor any in-cluster
+#: Service or pod. RFC 1918 private (10/8, 172.16/12, 192.168/16), RFC 3927 link-local (169.254/16:
+#: INSTANCE_METADATA_ADDRESSES, NodeLocal DNSCache), RFC 6598 shared address space (100.64/10: CGNAT,
+#: some clusters' pod or Service ranges), RFC 1122 loopback (127/8).
+NON_PUBLIC_IPV4_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10",
+                         "127.0.0.0/8")
+NON_PUBLIC_IPV4_SOURCE = Source("RFC 1918, RFC 3927, RFC 6598, RFC 1122 (IANA IPv4 special-purpose registry)",
+                                "2026-12-08")
 TOOLS_SOURCE = Source("PyPI / Docker Hub release tags pinned here", "2026-11-23")
 
 

@@ -1328,7 +1328,8 @@ WAKE_JOB = "kimi-wake"
 WAKE_METRICS_PORT_NAME = "wake-metrics"
 #: How long one request with a valid key keeps the wake trigger active (a PromQL offset): longer than
 #: Prometheus' scrape interval plus KEDA's polling interval (30 s each by default), so it is read at least once.
-WAKE_DEMAND_WINDOW = "5m"
+WAKE_DEMAND_WINDOW_SECONDS = 300
+WAKE_DEMAND_WINDOW = f"{WAKE_DEMAND_WINDOW_SECONDS // 60}m"
 
 
 def wake_pod_labels(stack: str) -> dict[str, str]:
@@ -1341,15 +1342,31 @@ def wake_demand_query(r: Resolved) -> str:
     WAKE_DEMAND_WINDOW (any promised route: the verification gate's wait is a GET of the model list, and
     a release at zero is verified on a replica it wakes), plus the engines' running requests. Caddy
     creates a code/method series at its first such answer, so rate()/increase() would read the first
-    request as no increase (a series' first sample has nothing before it): each series' growth is taken
-    against its value the window ago, or 0 when it did not exist then (tests/test_k8s_wake.py:
-    increase() misses the first request, this does not)."""
-    duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
-    answered = (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
-                f'{code}="{WAKE_STATUS}"}}')
+    request as no increase (a series' first sample has nothing before it): a series born within the
+    window counts its whole value. An older series counts its increase() over the window, which takes a
+    counter reset (Caddy restarted in the same pod: the readiness script's own restart, the liveness
+    probe, an OOM kill) as growth from 0; a difference with the value the window ago would read the
+    first request after a restart as negative (tests/test_k8s_wake.py: increase() alone misses the
+    first request, a difference misses the first one after a restart, this sees both)."""
+    answered = wake_answered_series(r)
     running = catalog.ENGINE_METRICS[r.spec.engine.name].running
-    grown = f"clamp_min({answered} - ({answered} offset {WAKE_DEMAND_WINDOW} or {answered} * 0), 0)"
-    return f"(sum({grown}) or vector(0)) + (sum({running}{{{_stack_selector(r)}}}) or vector(0))"
+    return (f"(sum({wake_answered_growth(answered)}) or vector(0)) + "
+            f"(sum({running}{{{_stack_selector(r)}}}) or vector(0))")
+
+
+def wake_answered_series(r: Resolved) -> str:
+    """PromQL selector: the wake front's WAKE_STATUS answers (requests with a valid key at zero)."""
+    duration, code = catalog.PROXY_METRICS.request_duration, catalog.PROXY_METRICS.code_label
+    return (f'{duration}_count{{namespace="{r.spec.target.kubernetes.namespace}",job="{WAKE_JOB}",'
+            f'{code}="{WAKE_STATUS}"}}')
+
+
+def wake_answered_growth(answered: str) -> str:
+    """PromQL, per series of `answered`: how many it grew by within WAKE_DEMAND_WINDOW. A series born
+    within the window (nothing the window ago) counts its value; any other its increase(), resets
+    included. `or` keeps the born series' value where both exist (label sets match without the name)."""
+    window = WAKE_DEMAND_WINDOW
+    return f"({answered} unless {answered} offset {window}) or increase({answered}[{window}])"
 
 
 def wake_trigger(r: Resolved) -> dict:
@@ -1359,7 +1376,10 @@ def wake_trigger(r: Resolved) -> dict:
     v2.20.2 (kedacore/keda): active is value > activationThreshold (pkg/scalers/prometheus_scaler.go:319);
     an active trigger at 0 replicas scales to 1 (pkg/scaling/executor/scale_scaledobjects.go:63-73,
     240-254); with none active and minReplicaCount 0 it scales to 0 once the last active time is
-    cooldownPeriod ago (scale_scaledobjects.go:98-101, 211-214)."""
+    cooldownPeriod ago (scale_scaledobjects.go:98-101, 211-214). No `fallback`: at 0 replicas it cannot act
+    (the HPA is off at zero, scale_scaledobjects.go:86-91), and without it a scaler error keeps the current
+    count (93-97; the HPA holds on a metric error) where a static fallback would force one on a running
+    batch. A wake that does not end is observability.STUCK_AT_ZERO_ALERT's."""
     return {"type": "prometheus", "name": "wake", "metricType": "AverageValue",
             "metadata": {"serverAddress": r.spec.target.kubernetes.prometheus_url,
                          "query": f"clamp_max({wake_demand_query(r)}, 1)", "threshold": "1",
@@ -1377,15 +1397,21 @@ def wake_pod_monitor(r: Resolved, stack: str) -> dict:
                      "podMetricsEndpoints": [endpoint]}}
 
 
-def prometheus_rule(r: Resolved, stack: str) -> dict:
+def prometheus_rule(r: Resolved, stack: str, policy: ScalingPolicy | None = None) -> dict:
     """The stack's alerts (observability.render_prometheus_rules: the same rules and thresholds as the
-    node targets' and the CloudWatch alarms), less UNSERVED_ALERTS, for the Operator's ruleSelector."""
+    node targets' and the CloudWatch alarms), less UNSERVED_ALERTS, for the Operator's ruleSelector; with
+    a `policy` that scales to zero, also observability.STUCK_AT_ZERO_ALERT on the wake front's answers
+    (Kubernetes only: no other target scales to zero)."""
     rules = yaml.safe_load(observability.render_prometheus_rules(r.spec))
     unknown = set(UNSERVED_ALERTS) - set(observability.ALERT_NAMES)
     if unknown:
         raise ValueError(f"UNSERVED_ALERTS names alerts observability no longer has: {sorted(unknown)}")
     for group in rules["groups"]:
         group["rules"] = [rule for rule in group["rules"] if rule.get("alert") not in UNSERVED_ALERTS]
+    if policy is not None and policy.scales_to_zero:
+        rules["groups"][0]["rules"].append(observability.stuck_at_zero_rule(
+            stack, wake_answered_growth(wake_answered_series(r)), policy.instance_warmup_seconds,
+            WAKE_DEMAND_WINDOW_SECONDS // 60))
     return {
         "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,
         "kind": "PrometheusRule",
@@ -1417,8 +1443,8 @@ def render_monitoring(r: Resolved, sizing: Sizing, *, stack: str) -> list[dict]:
     """The stack's monitoring objects, applied after render_manifests' (the Prometheus Operator's and
     KEDA's custom resources): the PodMonitor, the PrometheusRule, the Grafana dashboard's ConfigMap,
     and the ScaledObject of a scaling stack."""
-    objects = [pod_monitor(r, stack), prometheus_rule(r, stack), _dashboard_config_map(r, stack)]
     policy = scaling_policy(r, sizing)
+    objects = [pod_monitor(r, stack), prometheus_rule(r, stack, policy), _dashboard_config_map(r, stack)]
     if policy is not None and policy.scales_to_zero:
         objects.append(wake_pod_monitor(r, stack))
     scaled = scaled_object(r, sizing, stack)

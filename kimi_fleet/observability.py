@@ -447,6 +447,45 @@ def render_prometheus_rules(spec) -> str:
     return yaml.safe_dump({"groups": [group]}, sort_keys=False, width=1000)
 
 
+# --- Kubernetes only: a stack that scales to zero -------------------------------------------------
+
+#: A Kubernetes stack that scales to zero (kimi_fleet/k8s_wake.py) has one alert more than ALERT_NAMES (the
+#: rules every target shares, each with its CloudWatch twin): its series are the wake front's, which only such
+#: a stack runs, and AWS refuses scale to zero, so it has no CloudWatch twin to keep equal (the reverse of
+#: k8s_manifests.UNSERVED_ALERTS: the parity tests compare ALERT_NAMES, which this is not in).
+STUCK_AT_ZERO_ALERT = "KimiStuckAtZero"
+#: Past the stack's time to ready (a plan, not a measurement: the weights' load and the image pull vary), the
+#: minutes a wake may still take before the alert fires. Assumed here, like NOT_ADMITTED_MINUTES.
+STUCK_AT_ZERO_MARGIN_MINUTES = 10
+
+
+def stuck_at_zero_minutes(time_to_ready_seconds: int, window_minutes: int) -> int:
+    """How long the front must keep answering valid requests before the alert fires: the time to ready
+    (rounded up to a minute), the demand window (the last 503s are still counted that long after an
+    engine turned Ready), and the margin."""
+    return -(-time_to_ready_seconds // 60) + window_minutes + STUCK_AT_ZERO_MARGIN_MINUTES
+
+
+def stuck_at_zero_rule(stack: str, answered_growth: str, time_to_ready_seconds: int, window_minutes: int) -> dict:
+    """The rule (a rules file's entry): the wake front kept answering requests with a valid key 503 (no
+    engine Ready) for longer than a wake takes. `answered_growth`: PromQL, per series of the front's 503
+    answers, what it grew by within the demand window (k8s_manifests.wake_answered_growth). Fires when the
+    woken pod cannot start (Pending: no GPU or spot capacity, quota; a failing image or load) or KEDA does
+    not act; not while a wake goes as planned (the front leaves when an engine pod is Ready). A client must
+    keep retrying for it to hold (one request and no retry ends it after the window). Prometheus itself
+    down fires nothing (that is the monitoring stack's own watchdog)."""
+    minutes = stuck_at_zero_minutes(time_to_ready_seconds, window_minutes)
+    ready = -(-time_to_ready_seconds // 60)
+    return {"alert": STUCK_AT_ZERO_ALERT, "expr": f"sum({answered_growth}) > 0", "for": f"{minutes}m",
+            "labels": {"severity": "critical", STACK_LABEL: stack},
+            "annotations": {"summary": "the stack is stuck at zero: its wake front kept answering requests with "
+                                       f"the key 503 for {minutes} minutes (a wake takes about {ready}): the woken engine pod "
+                                       "is not Ready (Pending for GPU or spot capacity or quota, failing) or KEDA did "
+                                       "not scale it",
+                            "threshold": str(minutes),
+                            "cloudwatch": "none: Kubernetes only (AWS refuses scale to zero)"}}
+
+
 # --- Grafana --------------------------------------------------------------------------------------
 
 def render_grafana_dashboard(spec) -> dict:

@@ -85,7 +85,7 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
                                    metrics_port=metrics_port)
     # The rendered site is the stack's (its routes and Retry-After), only the listeners differ.
     production = wake.render_wake_proxy(r, stack["sizing"], stack["launch"]).text
-    assert f'Retry-After "{policy.instance_warmup_seconds}"' in production and "bind" not in production
+    assert f'Retry-After "{wake.RETRY_AFTER_SECONDS}"' in production and "bind" not in production
     env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
     checked = validate_caddyfile(front.text, env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -104,7 +104,7 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
             other = httpx.get(f"http://127.0.0.1:{metrics_port}/v1/models", timeout=10)
     for answer in (*waking, listing):
         assert answer.status_code == 503, answer.text
-        assert answer.headers["Retry-After"] == str(policy.instance_warmup_seconds)
+        assert answer.headers["Retry-After"] == str(wake.RETRY_AFTER_SECONDS) == "60"  # not the whole wake
         assert answer.headers["Content-Type"] == "application/json"
         error = answer.json()["error"]
         assert error["code"] == "scaling_from_zero" and "scales to zero" in error["message"]
@@ -119,6 +119,68 @@ def test_a_real_caddy_answers_as_the_front_promises_and_counts_only_valid_keys(s
     duration = f"{catalog.PROXY_METRICS.request_duration}_count"
     assert _metric(metrics.text, duration, code="503") == 3
     assert _metric(metrics.text, duration, code="401", method="POST") == 2  # (the readiness wait GETs too)
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
+def test_a_real_caddy_front_forwards_the_cas_challenges_and_nothing_else_on_port_80(stack):
+    """A waking engine pod is not in the public Service: the CA's HTTP-01 challenge for the certificate it
+    asked for reaches the front. The front (a real Caddy) forwards a GET of a challenge path, with no key,
+    to the engine pods' Service (here a fake upstream on loopback, which records what it gets), keeping the
+    Host; anything else on port 80 is redirected to HTTPS and never forwarded, and neither counts as
+    demand. The production text names the headless Service of every engine pod."""
+    import http.server
+    import threading
+
+    import httpx
+
+    r = stack["r"]
+    production = wake.render_wake_proxy(r, stack["sizing"], stack["launch"]).text
+    assert f"reverse_proxy {wake.acme_service_upstream(r)}" in production
+    env = {"KIMI_API_KEY": KEY, PREVIOUS_API_KEY_ENV: PREVIOUS}
+    checked = validate_caddyfile(production, env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    seen: list[tuple[str, str, str, str | None]] = []
+
+    class Engine(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.command, self.path, self.headers["Host"], self.headers.get("Authorization")))
+            body = f"{self.path.rsplit('/', 1)[-1]}.key-authorization".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    https_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    try:
+        front = wake.render_wake_proxy(r, stack["sizing"], stack["launch"], domain="localhost", tls="internal",
+                                       https_port=https_port, http_port=http_port, bind_host="127.0.0.1",
+                                       metrics_port=metrics_port,
+                                       challenge_upstream=f"127.0.0.1:{upstream.server_address[1]}")
+        base, plain = f"https://localhost:{https_port}", f"http://localhost:{http_port}"
+        with start_caddy(front.text, env, ready_url=f"{base}/v1/models"), \
+                httpx.Client(timeout=10, follow_redirects=False) as client:
+            challenge = client.get(f"{plain}/.well-known/acme-challenge/tok-123_abc")
+            posted = client.post(f"{plain}/.well-known/acme-challenge/tok-123_abc")
+            others = [client.get(f"{plain}{path}", headers={"Authorization": f"Bearer {KEY}"})
+                      for path in ("/v1/models", "/.well-known/other", "/health", "/")]
+            chat = client.post(f"{plain}/v1/chat/completions", json={"model": "kimi"},
+                               headers={"Authorization": f"Bearer {KEY}"})
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert challenge.status_code == 200 and challenge.text == "tok-123_abc.key-authorization"
+    assert seen == [("GET", "/.well-known/acme-challenge/tok-123_abc", f"localhost:{http_port}", None)]
+    for answer in (posted, *others, chat):
+        assert answer.status_code == 308 and answer.headers["Location"].startswith("https://localhost")
+    assert _metric(metrics, f"{catalog.PROXY_METRICS.request_duration}_count", code="503") == 0
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy needed (Debian's package)")
@@ -187,6 +249,10 @@ def test_the_front_refuses_what_would_break_its_caddyfile(stack):
                     metrics_port=9185)
     with pytest.raises(ValueError, match="Retry-After"):
         render_wake("kimi.example.com", "/health", retry_after_seconds=0, message="m", metrics_port=9185)
+    for upstream in ("{env.KIMI_API_KEY}:80", "http://kimi-engine-acme:80", "kimi-engine-acme", "a b:80", "x:99999"):
+        with pytest.raises(ValueError, match="challenge_upstream|port"):
+            render_wake("kimi.example.com", "/health", retry_after_seconds=60, message="m", metrics_port=9185,
+                        challenge_upstream=upstream)
     fixed = resolve(STACK, scaling_values(STACK))
     with pytest.raises(ValueError, match="scales to zero"):
         wake.render_wake_proxy(fixed, size(fixed), render_launch(fixed))
@@ -235,6 +301,100 @@ def test_the_wake_query_sees_the_first_request_where_increase_would_not(stack, t
     path.write_text(yaml.safe_dump(tests))
     done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _promtool_test(tmp_path, tests: dict, name: str = "wake_test.yaml") -> None:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same_pod(stack, tmp_path):
+    """A restart of the front's Caddy in the same pod (the readiness script's own restart, the liveness
+    probe, an OOM kill) resets its counter (or Caddy creates the series again at its next 503): the first
+    valid request after it still wakes a replica, at once, where a difference with the value the window
+    ago read it as negative (0 for the window). Also: nothing, a wrong key's 401s, and the first request
+    ever, each on its own."""
+    (trigger,) = [t for t in the(stack["monitoring"], "ScaledObject")["spec"]["triggers"] if t["name"] == "wake"]
+    query = trigger["metadata"]["query"]
+    ns = stack["r"].spec.target.kubernetes.namespace
+    labels = (f'namespace="{ns}",job="{wake.WAKE_JOB}",method="POST",replica="kimi-wake-1",server="srv0",'
+              'handler="static_response"')
+    count = f"{catalog.PROXY_METRICS.request_duration}_count"
+    series = f'{count}{{{labels},code="503"}}'
+    unauthorized = f'{count}{{{labels},code="401"}}'
+    answered = manifests.wake_answered_series(stack["r"])
+    former = f"sum(clamp_min({answered} - ({answered} offset {wake.DEMAND_WINDOW} or {answered} * 0), 0))"
+
+    def case(values: str, checks: list[tuple[str, float]], *, extra: tuple = (), expr: str = query) -> dict:
+        return {"interval": "30s", "input_series": [{"series": series, "values": values}, *extra],
+                "promql_expr_test": [{"expr": expr, "eval_time": at, "exp_samples": [{"labels": "{}", "value": v}]}
+                                     for at, v in checks]}
+
+    tests = {"rule_files": [], "evaluation_interval": "30s", "tests": [
+        # 4 answered before; Caddy restarts at 10m (the counter reads 0), one valid request at 10.5m
+        case("4x19 0 1x10", [("9m", 0), ("10m", 0), ("10m30s", 1), ("11m", 1), ("15m", 1), ("16m", 0)]),
+        case("4x19 0 1x10", [("11m", 0), ("15m", 1)], expr=former),  # what the difference read: nothing at once
+        # the restarted Caddy has no 503 series until its first 503 (a stale marker in between)
+        case("4x19 stale 1x10", [("10m", 0), ("10m30s", 1), ("11m", 1), ("15m", 1), ("16m", 0)]),
+        # nothing: no 503 series at all, and wrong keys (401s) growing
+        {"interval": "30s", "input_series": [{"series": unauthorized, "values": "1+1x40"}],
+         "promql_expr_test": [{"expr": query, "eval_time": at, "exp_samples": [{"labels": "{}", "value": 0}]}
+                              for at in ("1m", "10m", "20m")]},
+        # the first request ever: the series is born at 5m with its first answer
+        case("_x9 1x30", [("4m", 0), ("5m", 1), ("9m", 1), ("10m", 0), ("15m", 0)],
+             extra=({"series": unauthorized, "values": "1+1x40"},)),
+    ]}
+    _promtool_test(tmp_path, tests)
+
+
+def test_the_stuck_at_zero_alert_fires_when_no_wake_ends_and_not_on_a_wake_that_does(stack, tmp_path):
+    """promtool runs the stack's PrometheusRule (as the Operator ships it) on the front's 503 answers to a
+    client that retries every Retry-After: the woken pod never Ready (Pending for capacity, KEDA down) fires
+    KimiStuckAtZero once the time to ready, the demand window and the margin are past; a wake that ends
+    within the time to ready (the front leaves, its answers stop), or a few minutes late, does not; the
+    first-ever request's series counts from its birth."""
+    from kimi_fleet import observability
+
+    policy, r = stack["policy"], stack["r"]
+    rule = the(stack["monitoring"], "PrometheusRule")["spec"]
+    (stuck,) = [x for g in rule["groups"] for x in g["rules"] if x.get("alert") == observability.STUCK_AT_ZERO_ALERT]
+    ready = -(-policy.instance_warmup_seconds // 60)
+    window = manifests.WAKE_DEMAND_WINDOW_SECONDS // 60
+    minutes = ready + window + observability.STUCK_AT_ZERO_MARGIN_MINUTES
+    assert stuck["for"] == f"{minutes}m" and stuck["labels"] == {"severity": "critical", "stack": STACK}
+    assert wake.RETRY_AFTER_SECONDS == 60  # the input below: one retry a minute
+    ns = r.spec.target.kubernetes.namespace
+    series = (f'{catalog.PROXY_METRICS.request_duration}_count{{namespace="{ns}",job="{wake.WAKE_JOB}",code="503",'
+              'method="POST",replica="kimi-wake-1",server="srv0",handler="static_response"}')
+    firing = [{"exp_labels": stuck["labels"], "exp_annotations": stuck["annotations"]}]
+
+    def case(values: str, checks: list[tuple[int, bool]]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": series, "values": values}],
+                "alert_rule_test": [{"eval_time": f"{at}m", "alertname": observability.STUCK_AT_ZERO_ALERT,
+                                     "exp_alerts": firing if fires else []} for at, fires in checks]}
+
+    late = ready + 7  # an engine Ready 7 minutes after the time to ready: within the margin
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [
+        # stuck: the front answers every retry for 90 minutes
+        case("1+1x90", [(minutes - 2, False), (minutes + 1, True), (90, True)]),
+        # a wake as planned: an engine Ready at the time to ready, the front's answers stop
+        case(f"1+1x{ready - 1} {ready}x80", [(ready, False), (minutes, False), (minutes + 5, False), (80, False)]),
+        case(f"1+1x{late - 1} {late}x80", [(minutes, False), (minutes + 5, False)]),
+        # stuck after an earlier wake that went well (its answers ended): counted from the new wake
+        case(f"1+1x{ready - 1} {ready}x30 {ready + 1}+1x90",
+             [(ready + 31 + minutes - 2, False), (ready + 31 + minutes + 1, True)]),
+    ]}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule))
+    _promtool_test(tmp_path, tests, "stuck_test.yaml")
+    # Only a stack that scales to zero has it; the rules every target shares (ALERT_NAMES, each with its
+    # CloudWatch twin) do not include it.
+    assert observability.STUCK_AT_ZERO_ALERT not in observability.ALERT_NAMES
+    keeps = resolve(STACK, scaling_values(STACK, capacity={**ZERO, "scaling": {**ZERO["scaling"], "minReplicas": 1}}))
+    kept = the(manifests.render_monitoring(keeps, size(keeps), stack=STACK), "PrometheusRule")["spec"]
+    assert observability.STUCK_AT_ZERO_ALERT not in [x.get("alert") for g in kept["groups"] for x in g["rules"]]
 
 
 # --- the readiness: no engine Ready ---------------------------------------------------------------
@@ -377,7 +537,8 @@ def test_the_readiness_script_with_busybox_s_own_nslookup_and_a_real_resolver(tm
 def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(stack):
     kinds = [(o["kind"], o["metadata"]["name"]) for o in stack["wake"]]
     assert kinds == [("ConfigMap", wake.WAKE_CONFIGMAP), ("Service", wake.READY_SERVICE),
-                     ("NetworkPolicy", wake.WAKE_INGRESS_POLICY), ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
+                     ("Service", wake.ACME_SERVICE), ("NetworkPolicy", wake.WAKE_INGRESS_POLICY),
+                     ("NetworkPolicy", wake.WAKE_EGRESS_POLICY),
                      ("Deployment", wake.WAKE)]
     for obj in stack["wake"]:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -388,7 +549,11 @@ def test_the_wake_objects_validate_against_the_kubernetes_schemas_and_the_crds(s
     scaled = the(stack["monitoring"], "ScaledObject")["spec"]
     policy = stack["policy"]
     assert scaled["minReplicaCount"] == 0 and scaled["cooldownPeriod"] == policy.scale_in_cooldown_seconds
-    assert scaled["cooldownPeriod"] >= policy.instance_warmup_seconds  # a retry after Retry-After finds it up
+    # A client retrying after Retry-After keeps the trigger active through the whole wake (each retry within
+    # the demand window of the one before); one that retries only after the time to ready finds it up too.
+    assert wake.RETRY_AFTER_SECONDS < manifests.WAKE_DEMAND_WINDOW_SECONDS
+    assert manifests.WAKE_DEMAND_WINDOW == f"{manifests.WAKE_DEMAND_WINDOW_SECONDS // 60}m"
+    assert scaled["cooldownPeriod"] >= policy.instance_warmup_seconds
     assert [t["name"] for t in scaled["triggers"]] == ["waiting", "wake"]
     (trigger,) = [t for t in scaled["triggers"] if t["name"] == "wake"]
     assert trigger["metricType"] == "AverageValue" and trigger["metadata"]["threshold"] == "1"
@@ -445,6 +610,16 @@ def test_the_public_service_selects_the_front_and_only_the_engines_count_as_read
     assert _selects(public, front_pod) and _selects(public, engine_pod)
     assert ready["clusterIP"] == "None" and ready["publishNotReadyAddresses"] is False
     assert _selects(ready["selector"], engine_pod) and not _selects(ready["selector"], front_pod)
+    # The CA's challenges go on to every engine pod, Ready or not (a waking one), never back to the front.
+    challenges = the(front_objects, "Service", wake.ACME_SERVICE)["spec"]
+    assert challenges["clusterIP"] == "None" and challenges["publishNotReadyAddresses"] is True
+    assert _selects(challenges["selector"], engine_pod) and not _selects(challenges["selector"], front_pod)
+    (port,) = challenges["ports"]
+    assert port["port"] == 80 and port["targetPort"] == "http"
+    engine_ports = {p["name"]: p["containerPort"] for c in engine["template"]["spec"]["containers"]
+                    for p in c.get("ports", [])}
+    assert engine_ports["http"] == 80
+    assert wake.acme_service_upstream(stack["r"]) == "kimi-engine-acme.kimi-gb200.svc.cluster.local.:80"
     # Neither Deployment adopts the other's pods.
     assert not _selects(engine["selector"]["matchLabels"], front_pod)
     assert not _selects(front["selector"]["matchLabels"], engine_pod)
@@ -478,7 +653,7 @@ def test_the_front_runs_with_nothing_it_does_not_need(stack):
     assert keys[PREVIOUS_API_KEY_ENV]["optional"] is True
 
 
-def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_and_the_ca(stack):
+def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods_and_public_addresses(stack):
     r = stack["r"]
     policies = [o for o in stack["objects"] + stack["wake"] if o["kind"] == "NetworkPolicy"]
     template = the(stack["wake"], "Deployment", wake.WAKE)["spec"]["template"]
@@ -492,15 +667,89 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_and_
         assert not admitted(policies, stranger, pod, ports, wake.WAKE_METRICS_PORT)
         assert admitted(policies, stranger, pod, ports, 443) and admitted(policies, stranger, pod, ports, 80)
         assert not admitted(policies, stranger, pod, ports, 2019)  # Caddy's admin port: off, and closed
-    (egress,) = [p["spec"] for p in policies if "Egress" in p["spec"]["policyTypes"]]
-    allowed = sorted((port["port"], port["protocol"]) for rule in egress["egress"] for port in rule["ports"])
-    # The stack's Service is a LoadBalancer: a public certificate (ACME, OCSP) besides DNS.
-    assert manifests.proxy_tls(r) == "acme" and allowed == [(53, "TCP"), (53, "UDP"), (80, "TCP"), (443, "TCP")]
+    # Out: where the front's packets may go, destination AND port. The stack's Service is a LoadBalancer:
+    # a public certificate (ACME, OCSP over 80/443 to the CA, a public address) besides DNS (the cluster's
+    # DNS pods only).
+    assert manifests.proxy_tls(r) == "acme"
+    dns = destination("10.244.0.5", "kube-system", **{"k8s-app": "kube-dns"})
+    ca = destination("172.65.32.248")  # acme-v02.api.letsencrypt.org
+    for port, protocol in ((53, "UDP"), (53, "TCP")):
+        assert reaches(policies, pod, dns, port, protocol)
+    for port in (80, 443):
+        assert reaches(policies, pod, ca, port)
+    others = {
+        "the node's instance metadata": destination("169.254.169.254"),
+        "the API server's Service": destination("10.96.0.1"),
+        "an API server endpoint in 172.16/12": destination("172.20.0.10"),
+        "a node on a 192.168 network": destination("192.168.1.20"),
+        "a CGNAT-range pod": destination("100.64.3.7"),
+        "loopback": destination("127.0.0.1"),
+        "another pod of kube-system": destination("10.244.0.9", "kube-system", **{"k8s-app": "metrics-server"}),
+        "a tenant's pod labelled as DNS": destination("10.244.2.3", "tenant-a", **{"k8s-app": "kube-dns"}),
+    }
+    for what, other in others.items():
+        for port, protocol in ((80, "TCP"), (443, "TCP"), (53, "UDP"), (53, "TCP"), (6443, "TCP")):
+            assert not reaches(policies, pod, other, port, protocol), (what, port, protocol)
+    for port, protocol in ((53, "UDP"), (53, "TCP"), (22, "TCP"), (8000, "TCP")):
+        assert not reaches(policies, pod, ca, port, protocol), port  # DNS to the Internet, other ports: no
+    assert not reaches(policies, pod, dns, 443)
+    # The engine pods: their plain-HTTP port only (the CA's challenges for a waking one), not HTTPS, the
+    # engine's port or the metrics gate.
+    engine = destination("10.244.1.7", r.spec.target.kubernetes.namespace, **manifests.labels(STACK, "engine"))
+    assert reaches(policies, pod, engine, 80)
+    for port, protocol in ((443, "TCP"), (8000, "TCP"), (9180, "TCP"), (80, "UDP"), (53, "UDP")):
+        assert not reaches(policies, pod, engine, port, protocol), port
+    assert not reaches(policies, pod, {**engine, "pod": {**engine["pod"], "namespace": "tenant-a"}}, 80)
     internal = resolve(STACK, {**zero_values(), "target": {**zero_values()["target"], "kubernetes": {
         **zero_values()["target"]["kubernetes"], "proxyServiceType": "ClusterIP"}}})
     objects = wake.render_wake_objects(internal, size(internal), render_launch(internal), stack=STACK)
-    (egress,) = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy" and "Egress" in o["spec"]["policyTypes"]]
-    assert sorted(port["port"] for rule in egress["egress"] for port in rule["ports"]) == [53, 53]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert reaches(policies, pod, dns, 53, "UDP")
+    assert not reaches(policies, pod, ca, 443) and not reaches(policies, pod, ca, 80)  # no CA to ask
+    assert not reaches(policies, pod, engine, 80)  # and no challenge to forward
+    assert wake.ACME_SERVICE not in [o["metadata"]["name"] for o in objects]
+    assert "acme-challenge" not in wake.render_wake_proxy(internal, size(internal), render_launch(internal)).text
+
+
+def destination(ip: str, namespace: str | None = None, **labels) -> dict:
+    """Where a packet goes: an address, and for a pod its namespace and labels."""
+    pod = None if namespace is None else {"namespace": namespace, "labels": labels,
+                                           "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
+    return {"ip": ip, "pod": pod}
+
+
+def reaches(policies: list[dict], pod_labels: dict, to: dict, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy egress semantics (kubernetes.io/docs/concepts/services-networking/network-policies/):
+    a pod selected by any Egress policy sends only what one of their rules allows; a rule allows a peer it
+    lists (no `to`: every destination) on a port it lists (none: every port). A peer is an ipBlock (the
+    address in cidr and in no except) or a namespaceSelector AND podSelector (a pod's)."""
+    import ipaddress
+
+    def peer_allows(peer: dict, policy_ns: str) -> bool:
+        if "ipBlock" in peer:
+            address, block = ipaddress.ip_address(to["ip"]), peer["ipBlock"]
+            return address in ipaddress.ip_network(block["cidr"]) and not any(
+                address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
+        if to["pod"] is None:
+            return False
+        target = to["pod"]
+        in_namespace = (_selects(peer["namespaceSelector"]["matchLabels"], target["namespace_labels"])
+                        if "namespaceSelector" in peer else target["namespace"] == policy_ns)
+        return in_namespace and _selects(peer.get("podSelector", {}).get("matchLabels", {}), target["labels"])
+
+    selecting = [p for p in policies if "Egress" in p["spec"]["policyTypes"]
+                 and _selects(p["spec"]["podSelector"]["matchLabels"], pod_labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("egress", []):
+            peers = rule.get("to")
+            if peers is not None and not any(peer_allows(peer, policy["metadata"]["namespace"]) for peer in peers):
+                continue
+            ports = rule.get("ports")
+            if ports is None or any(p["port"] == port and p["protocol"] == protocol for p in ports):
+                return True
+    return False
 
 
 # --- what stays refused --------------------------------------------------------------------------------
@@ -538,7 +787,8 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     assert manifests.API_KEY_VERSION_ANNOTATION in front["wire"]["spec"]["template"]["metadata"]["annotations"]
     assert any(name.endswith(manifests.API_KEY_SECRET) for name in front["dependencies"])
     # After its own objects (the policies that wall it in), never after the weights' download Job.
-    for other in (wake.WAKE_CONFIGMAP, wake.READY_SERVICE, wake.WAKE_INGRESS_POLICY, wake.WAKE_EGRESS_POLICY):
+    for other in (wake.WAKE_CONFIGMAP, wake.READY_SERVICE, wake.ACME_SERVICE, wake.WAKE_INGRESS_POLICY,
+                  wake.WAKE_EGRESS_POLICY):
         assert any(name.endswith(f"-{other}") and "Deployment" not in name for name in front["dependencies"]), other
     assert not any("kimi-weights-" in name for name in front["dependencies"])
     rendered = the(stack["wake"], "Deployment", wake.WAKE)
@@ -546,7 +796,7 @@ def test_the_component_applies_the_front_without_await_and_the_gate_does_not_wai
     monitors = {m["wire"]["metadata"]["name"] for m in run.of_type("kubernetes:monitoring.coreos.com/v1:PodMonitor")}
     assert monitors == {manifests.POD_MONITOR, wake.WAKE_POD_MONITOR}
     services = {s["wire"]["metadata"]["name"] for s in run.of_type("kubernetes:core/v1:Service")}
-    assert services == {manifests.PROXY_SERVICE, wake.READY_SERVICE}
+    assert services == {manifests.PROXY_SERVICE, wake.READY_SERVICE, wake.ACME_SERVICE}
     # The gate's wait names the engines' Deployment only.
     rollout = manifests.rollout_wait(stack["r"], stack["sizing"])
     assert rollout["deployments"] == [manifests.deployment_name("on-demand")]
@@ -578,7 +828,13 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     r = resolve(STACK, zero_values())
     policy = scaling_policy(r, size(r))
     assert "scaling: 0 to 3 replicas" in out
-    assert f"gets 503 with Retry-After {policy.instance_warmup_seconds} s" in out and "starts one replica" in out
-    assert "a client must retry after Retry-After" in out and "costs the front's CPU pod only" in out
+    assert f"gets 503 with Retry-After {wake.RETRY_AFTER_SECONDS} s" in out and "starts one replica" in out
+    assert f"serves about {round(policy.instance_warmup_seconds / 60)} min later" in out
+    assert "a client must retry after Retry-After until it serves" in out
+    from kimi_fleet import observability
+    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds,
+                                                manifests.WAKE_DEMAND_WINDOW_SECONDS // 60)
+    assert f"fires KimiStuckAtZero once the front has answered retries for {stuck} min" in out
+    assert "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
     assert "name: kimi-wake" in written and "kimi-engine-ready" in written
