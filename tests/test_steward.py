@@ -17,6 +17,7 @@ import pytest
 
 from kimi_fleet import steward
 from tests.fakes.autoscaling_lifecycle import ACCOUNT, autoscaling_api, hold
+from tests.fakes.harness import environment
 
 REGION = "us-east-1"
 GROUP, OTHER_GROUP = "kimi-h200-int4-vllm-fleet-group-1a2b3c", "kimi-other-stack-group-4d5e6f"
@@ -31,33 +32,24 @@ ENVIRONMENT = {"KIMI_STEWARD_GROUP": GROUP, "KIMI_STEWARD_NODE_ROLE_ARN": NODE_R
 def fleet():
     """Two groups on one moto server: the stack's (three instances, both hooks) and another stack's (one)."""
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION}
-    saved = {k: os.environ.get(k) for k in credentials}
-    os.environ.update(credentials)
-    try:
-        with autoscaling_api(REGION) as (url, backend):
-            ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
-            client = boto3.client("autoscaling", endpoint_url=url, region_name=REGION)
-            image = ec2.describe_images()["Images"][0]["ImageId"]
-            template = ec2.create_launch_template(LaunchTemplateName="kimi", LaunchTemplateData={
-                "ImageId": image, "InstanceType": "p5e.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
-            for name, size in ((GROUP, 3), (OTHER_GROUP, 1)):
-                client.create_auto_scaling_group(
-                    AutoScalingGroupName=name, MinSize=size, MaxSize=size, DesiredCapacity=size,
-                    LaunchTemplate={"LaunchTemplateId": template}, AvailabilityZones=[f"{REGION}a"])
-            for hook, transition in ((ADMISSION_HOOK, "autoscaling:EC2_INSTANCE_LAUNCHING"),
-                                     (DRAIN_HOOK, "autoscaling:EC2_INSTANCE_TERMINATING")):
-                client.put_lifecycle_hook(AutoScalingGroupName=GROUP, LifecycleHookName=hook,
-                                          LifecycleTransition=transition)
-            mine, peer, third = [i["InstanceId"] for i in _instances(client, GROUP)]
-            (stranger,) = [i["InstanceId"] for i in _instances(client, OTHER_GROUP)]
-            yield {"client": client, "backend": backend, "mine": mine, "peer": peer, "third": third,
-                   "stranger": stranger}
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environment(credentials), autoscaling_api(REGION) as (url, backend):
+        ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
+        client = boto3.client("autoscaling", endpoint_url=url, region_name=REGION)
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+        template = ec2.create_launch_template(LaunchTemplateName="kimi", LaunchTemplateData={
+            "ImageId": image, "InstanceType": "p5e.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
+        for name, size in ((GROUP, 3), (OTHER_GROUP, 1)):
+            client.create_auto_scaling_group(
+                AutoScalingGroupName=name, MinSize=size, MaxSize=size, DesiredCapacity=size,
+                LaunchTemplate={"LaunchTemplateId": template}, AvailabilityZones=[f"{REGION}a"])
+        for hook, transition in ((ADMISSION_HOOK, "autoscaling:EC2_INSTANCE_LAUNCHING"),
+                                 (DRAIN_HOOK, "autoscaling:EC2_INSTANCE_TERMINATING")):
+            client.put_lifecycle_hook(AutoScalingGroupName=GROUP, LifecycleHookName=hook,
+                                      LifecycleTransition=transition)
+        mine, peer, third = [i["InstanceId"] for i in _instances(client, GROUP)]
+        (stranger,) = [i["InstanceId"] for i in _instances(client, OTHER_GROUP)]
+        yield {"client": client, "backend": backend, "mine": mine, "peer": peer, "third": third,
+               "stranger": stranger}
 
 
 def _instances(client, group: str) -> list[dict]:

@@ -29,6 +29,7 @@ from botocore.exceptions import ClientError
 from kimi_fleet import health, lifecycle_rights
 from kimi_fleet.stackfile import PROJECT_ROOT, stack_file
 from tests.fakes.autoscaling_lifecycle import autoscaling_api, hold
+from tests.fakes.harness import environment
 from tooling.mock_run import run_stack
 
 FLEET = "h200-int4-vllm"
@@ -133,20 +134,6 @@ def test_the_node_role_in_both_phases(fleet):
     assert lifecycle_rights.direct_rights(during_the_up(declared, [fleet["retired"]])) == [fleet["retired"]["name"]]
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _iam_checked(client, found: list[dict], group_arn: str):
     """Every Auto Scaling call of this client is first checked against the role's statements, as IAM
     checks an instance profile's: a call they do not allow is AWS's AccessDenied, and never reaches
@@ -190,7 +177,7 @@ def test_a_rollback_during_the_migration_relaunches_nodes_that_admit_themselves(
               "replaced in place": during_the_up(in_place, [fleet["retired"]])}
     group = "kimi-fleet-group"
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION}
-    with _environment(credentials), autoscaling_api(REGION) as (url, backend):
+    with environment(credentials), autoscaling_api(REGION) as (url, backend):
         ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
         admin = boto3.client("autoscaling", endpoint_url=url, region_name=REGION)
         image = ec2.describe_images()["Images"][0]["ImageId"]

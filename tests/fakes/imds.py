@@ -5,9 +5,10 @@ off on kimi-fleet nodes), and 404 for anything it was not given."""
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from tests.fakes.harness import serve_on_loopback
 
 TOKEN = "imds-session-token"
 
@@ -38,10 +39,5 @@ def start_imds(metadata: dict[str, str]) -> Iterator[str]:
             found = metadata.get(self.path.removeprefix("/latest/meta-data/"))
             self._answer(200, found) if found is not None else self._answer(404)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_on_loopback(Handler) as url:
+        yield url

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,6 +18,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from kimi_fleet import steward
+
+from tests.fakes.harness import serve_on_loopback
 
 ACCOUNT = "123456789012"
 URL_ID = "abcdefghijklmnopqrstuvwxyz012345"
@@ -114,13 +115,8 @@ def start_steward(region: str, role: str, instance: str, autoscaling, environmen
                 return "session token"
             return None
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_on_loopback(Handler) as url:
+        yield url
 
 
 class RecordingAutoScaling:
