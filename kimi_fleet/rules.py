@@ -271,21 +271,6 @@ def engines_sharing_a_node_behind_a_load_balancer_are_judged_by_real_generations
 
 
 @rule
-def an_aws_fleet_keeps_its_gate(r: Resolved) -> Iterator[str]:
-    """The gate is what moves an AWS fleet to a new release: it starts the instance refresh to the new
-    launch template version and rolls a failed one back (the provider's own refresh cannot:
-    components/gpu_node.py). Without it the group launches its first release forever, and the node
-    role's move to the steward would end while its nodes still call Auto Scaling directly
-    (kimi_fleet/lifecycle_rights.py)."""
-    if not r.spec.verification.enabled and r.spec.target.kind == "aws" and r.target.behind_load_balancer(r):
-        yield (f"{_f('verification.enabled', False)}: allowed on an AWS fleet: true only. Its gate starts every "
-               "release's instance refresh and rolls a failed one back; without it the Auto Scaling group keeps "
-               "launching the release it was created with, and a fleet deployed before the steward would lose its "
-               "nodes' direct lifecycle rights while they still need them. Limit the suite with "
-               "verification.checks instead")
-
-
-@rule
 def a_stated_node_price_is_only_for_machines_the_catalog_does_not_price(r: Resolved) -> Iterator[str]:
     price = r.spec.capacity.node_hourly_usd
     if price is not None and r.offer is not None:

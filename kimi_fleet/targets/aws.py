@@ -72,6 +72,17 @@ class AWS(Target):
         if r.weights_volume == "ebs" and spec.capacity.is_fleet:
             yield (f"{FIELD}weights.volume (given 'ebs'): one EBS volume attaches to one node; a fleet of up to "
                    f"{spec.capacity.most_replicas} uses instance-store with an S3 mirror")
+        if not spec.verification.enabled and self.behind_load_balancer(r):
+            # The gate is what moves a fleet to a new release: it starts the instance refresh to the new
+            # launch template version and rolls a failed one back (the provider's own refresh cannot:
+            # components/gpu_node.py). Without it the group launches its first release forever, and the
+            # node role's move to the steward would end while its nodes still call Auto Scaling directly
+            # (kimi_fleet/lifecycle_rights.py).
+            yield (f"{FIELD}verification.enabled (given False): allowed on an AWS fleet: true only. Its gate starts "
+                   "every release's instance refresh and rolls a failed one back; without it the Auto Scaling group "
+                   "keeps launching the release it was created with, and a fleet deployed before the steward would "
+                   "lose its nodes' direct lifecycle rights while they still need them. Limit the suite with "
+                   "verification.checks instead")
         scaling = spec.capacity.scaling
         if scaling is not None and scaling.min_replicas == 0:
             # What zero replicas would answer: the load balancer has no registered target, so a client's
