@@ -1,10 +1,15 @@
 """Shared test setup."""
 
 import asyncio
+import atexit
 import gc
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,31 @@ ROOT = Path(__file__).resolve().parents[1]
 #: pytest still collects at the end of the session for its unraisable-exception check.
 GC_THRESHOLDS = (50_000, 20, 10)
 gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _python3_without_its_launcher() -> None:
+    """`python3` on PATH, as the node scripts, their shebangs and the tests' shell scripts call it, is
+    the interpreter PATH's `python3` runs, started directly. A version manager's shim there (pyenv's,
+    in this workplace's image) started a dozen bash processes before each Python one (0.06 s of CPU
+    a call, hundreds of calls a session) and put its own bin/ first on the script's PATH, so a node
+    script's `aws` was that directory's unpinned CLI rather than the one the test put on PATH. The
+    wrapper execs the same interpreter (sys.executable as PATH's python3 reports it) with the PATH
+    the caller gave it."""
+    found = shutil.which("python3")
+    if not found:
+        return
+    interpreter = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+    if interpreter == found:
+        return
+    wrappers = Path(tempfile.mkdtemp(prefix="kimi-test-python3-"))
+    (wrappers / "python3").write_text(f"#!/bin/sh\nexec {shlex.quote(interpreter)} \"$@\"\n")
+    (wrappers / "python3").chmod(0o755)
+    os.environ["PATH"] = f"{wrappers}{os.pathsep}{os.environ.get('PATH', '')}"
+    atexit.register(shutil.rmtree, wrappers, True)
+
+
+_python3_without_its_launcher()
 
 
 def pytest_collection_finish(session):

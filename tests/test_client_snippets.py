@@ -1,8 +1,8 @@
 """Every snippet of docs/using-the-endpoint.md, run as written against the fake engine behind the
 real Caddy a stack deploys (the stack's own Caddyfile renderer, key check, routes and release stamp).
 
-curl snippets run in bash with the real curl, Python snippets in a fresh interpreter with the
-official openai client, the LiteLLM config through LiteLLM's own Router. They read the endpoint
+curl snippets run in bash with the real curl, Python snippets as `python -c` runs them with the
+official openai client (in forks of a process that imported it: tests/fakes/snippet_forkserver.py), the LiteLLM config through LiteLLM's own Router. They read the endpoint
 from the environment (OPENAI_BASE_URL, OPENAI_API_KEY, KIMI_MODEL), as the page tells a user to set
 it; the only additions are where to trust Caddy's internal CA (SSL_CERT_FILE, CURL_CA_BUNDLE).
 Each snippet is also run with a wrong key and must fail with the 401, so no assertion here holds
@@ -34,6 +34,7 @@ import yaml
 from kimi_fleet.caddy import render_caddyfile
 from kimi_fleet.verification.images import solid_png
 from tests.fakes.fake_engine import ANSWER_TEXT, REASONING_TEXT
+from tests.fakes import snippet_forkserver
 from tests.fakes.harness import free_port, start_caddy, start_fake_engine
 from tooling.mock_run import SECRET_SHOWN, run_stack
 
@@ -162,8 +163,23 @@ def vllm_spelling(tmp_path_factory):
         yield endpoint
 
 
-def run_snippet(name: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def python_server():
+    """Runs the Python snippets as `python -c` would, in forks of one process that imported openai
+    (tests/fakes/snippet_forkserver.py), or None: each in an interpreter of its own."""
+    if not snippet_forkserver.enabled():
+        yield None
+        return
+    server = snippet_forkserver.SnippetServer({k: v for k, v in os.environ.items()
+                                               if not k.startswith(("OPENAI_", "KIMI_"))})
+    yield server
+    server.close()
+
+
+def run_snippet(name: str, env: dict[str, str], cwd: Path, python_server=None) -> subprocess.CompletedProcess:
     language, code = snippets()[name]
+    if language == "python" and python_server is not None:
+        return python_server.run(code, env, cwd, timeout=120)
     command = {"bash": ["bash", "-c", code], "python": [sys.executable, "-c", code]}[language]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -257,18 +273,18 @@ def test_curl_snippet(name, sglang_spelling, tmp_path):
 
 @pytest.mark.parametrize("spelling", ["sglang_spelling", "vllm_spelling"])
 @pytest.mark.parametrize("name", PYTHON)
-def test_openai_snippet(name, spelling, request, tmp_path):
+def test_openai_snippet(name, spelling, request, tmp_path, python_server):
     endpoint = request.getfixturevalue(spelling)
     (tmp_path / "photo.png").write_bytes(solid_png((0, 0, 255)))
-    done = run_snippet(name, endpoint.env(), tmp_path)
+    done = run_snippet(name, endpoint.env(), tmp_path, python_server)
     assert done.returncode == 0, done.stderr
     CHECKS[name](done.stdout, endpoint)
 
 
 @pytest.mark.parametrize("name", [*CURL, *PYTHON])
-def test_every_snippet_fails_with_a_wrong_key(name, sglang_spelling, tmp_path):
+def test_every_snippet_fails_with_a_wrong_key(name, sglang_spelling, tmp_path, python_server):
     (tmp_path / "photo.png").write_bytes(solid_png((0, 0, 255)))
-    done = run_snippet(name, sglang_spelling.env(api_key="wrong-key-0123456789"), tmp_path)
+    done = run_snippet(name, sglang_spelling.env(api_key="wrong-key-0123456789"), tmp_path, python_server)
     assert done.returncode != 0
     assert "401" in done.stdout + done.stderr
 

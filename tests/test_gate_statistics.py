@@ -6,27 +6,64 @@ invalid it must fail. The fake engine draws its errors from a seed per request k
 scenario is deterministic whatever order the concurrent requests arrive in.
 """
 
+from dataclasses import asdict
+from unittest import mock
+
+import httpx
 import pytest
 
 from kimi_fleet import catalog
-from kimi_fleet.verification import run_suite
+from kimi_fleet.verification import run_suite, runner
 from kimi_fleet.verification.sampling import (GATE_BEHAVIOURS, binomial_tail_above, false_fail_budget, judgement_for,
                                               samples_needed)
 from tests.fakes.harness import start_fake_engine
+from tests.fakes.inprocess_engine import InProcessEngine
 
 RUNS = 100
+#: Of them, the first few also over loopback, against the engine's own process started with the same
+#: options: the same judgements, check by check (the seeded draws do not depend on the transport).
+SOCKET_RUNS = 10
 K2VV_INVALID_RATE = 101 / 970
 RUNAWAY_RATE = 0.03  # "a single vision or thinking answer that ran away" in 6 of 100 runs of two answers
 BEHAVIOUR_CHECKS = ["thinking", "tool_call", "vision"]
+MODEL = "kimi-k2.6"
+KEY = "test-key-0123456789"
+
+
+#: A check's examples (an answer; the first few to go wrong, also after "; e.g." in its reason): which
+#: request got which of a run's seeded draws is the order the requests arrived in, which concurrency
+#: decides; how many went wrong is not.
+EXAMPLES = {"example", "first_errors", "first_wrong"}
+
+
+def judged(report) -> list[dict]:
+    """A report's checks without their timings and examples."""
+    checks = [{k: v for k, v in asdict(check).items() if k != "seconds"} for check in report.checks]
+    for check in checks:
+        check["reason"] = check["reason"].split("; e.g. ", 1)[0]
+        check["details"] = {k: v for k, v in check["details"].items() if k not in EXAMPLES}
+    return checks
 
 
 def gate_runs(*options: str) -> list:
-    with start_fake_engine("good", chunk_delay=0.0, options=options) as engine:
-        return [
-            run_suite(engine.base_url, "test-key-0123456789", engine.model, only=BEHAVIOUR_CHECKS, timeout=30,
-                      concurrency=64)
-            for _ in range(RUNS)
-        ]
+    """RUNS runs of the behaviour checks against the fake engine answering in this process
+    (tests/fakes/inprocess_engine.py: the statistics' CPU was the loopback connections'), the first
+    SOCKET_RUNS again against the engine process over loopback; both must judge alike."""
+    transport = InProcessEngine("--model", MODEL, "--mode", "good", "--engine", "vllm", "--chunk-delay", "0.0",
+                                *options)
+
+    def in_process_client(endpoint, on_response=None):
+        assert on_response is None  # no release watch in these runs
+        return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(endpoint.timeout))
+
+    with mock.patch.object(runner, "open_client", in_process_client):
+        reports = [run_suite("http://fake-engine.invalid/v1", KEY, MODEL, only=BEHAVIOUR_CHECKS, timeout=30,
+                             concurrency=64) for _ in range(RUNS)]
+    with start_fake_engine("good", model=MODEL, chunk_delay=0.0, options=options) as engine:
+        over_sockets = [run_suite(engine.base_url, KEY, engine.model, only=BEHAVIOUR_CHECKS, timeout=30,
+                                  concurrency=64) for _ in range(SOCKET_RUNS)]
+    assert [judged(r) for r in over_sockets] == [judged(r) for r in reports[:SOCKET_RUNS]]
+    return reports
 
 
 @pytest.mark.timeout(600)

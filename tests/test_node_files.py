@@ -429,7 +429,12 @@ NODE_SCRIPTS = Path(__file__).resolve().parents[1] / "kimi_fleet" / "node_script
 STUB_AWS = f"""#!/bin/bash
 {FILL}
 case $1 in
-  ssm) name=${{*: -5:1}}; [[ $name == */hf-token ]] && printf '%s\\n' '{FAKE_HF_TOKEN}' || printf '%s\\n' '{FAKE_API_KEY}' ;;
+  ssm) name=${{*: -5:1}}
+    # No compile cache pinned yet: SSM's answer for a parameter that does not exist.
+    if [[ $* == *--name\ */compile-cache/* ]]; then
+      echo "An error occurred (ParameterNotFound) when calling the GetParameter operation: " >&2; exit 254
+    fi
+    [[ $name == */hf-token ]] && printf '%s\\n' '{FAKE_HF_TOKEN}' || printf '%s\\n' '{FAKE_API_KEY}' ;;
   *) exit 2 ;;
 esac
 """

@@ -34,7 +34,7 @@ ENDPOINT_TYPES = {
 def plan(*args, cwd=PROJECT_ROOT, **kwargs) -> subprocess.CompletedProcess:
     """`python scripts/plan.py ARGS`: its main() in this process (the program's imports, about 3.5 s of
     CPU a run, are already here), or a process of its own for another directory or environment (the
-    README's `plan.py --all` runs as a process in the plan_all fixture, the spot and diff tests too)."""
+    README's `plan.py --all` runs as a process in the plan_all fixture, the diff test too)."""
     if cwd != PROJECT_ROOT or kwargs:
         return subprocess.run([*PLAN, *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
     out, err = io.StringIO(), io.StringIO()
@@ -143,10 +143,14 @@ def test_json_has_the_documented_fields_and_artifacts_are_written(tmp_path):
     assert {"user-data.yaml", "Caddyfile", "kimi-engine@.service", "engine-0.env", "launch.json"} <= written
 
 
-def test_spot_stack_says_the_preflight_could_not_check_offline(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
-    result = plan("h200-int4-vllm", "--build-dir", str(tmp_path), env=env)
+def test_spot_stack_says_the_preflight_could_not_check_offline(tmp_path, monkeypatch):
+    # In this process, with no AWS settings: the pre-flight makes its boto3 session at the call, from
+    # this environment (as a process of its own started with it would).
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    result = plan("h200-int4-vllm", "--build-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "spot pre-flight: could not check" in result.stdout
 

@@ -860,7 +860,7 @@ class EngineServer(ThreadingHTTPServer):
         self.state = state
 
 
-def main(argv: list[str] | None = None) -> int:
+def options_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
@@ -888,8 +888,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="empty-stream-tool-calls: share of tool-call streams emptied while >= 6 are in flight")
     parser.add_argument("--pace-content-only", action="store_true",
                         help="pace only content frames (and the stream's end): reasoning and tool calls flow at once")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def state_from_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineState]:
+    """The engine's state from its command line (also for tests/fakes/inprocess_engine.py)."""
+    args = options_parser().parse_args(argv)
     state = EngineState(args.model, args.mode, args.engine, args.chunk_delay, seed=args.seed,
                         tool_invalid_rate=args.tool_invalid_rate, runaway_rate=args.runaway_rate,
                         max_model_len=args.max_model_len, report_max_model_len=not args.hide_max_model_len,
@@ -898,6 +902,11 @@ def main(argv: list[str] | None = None) -> int:
                         hang_file=args.hang_file, empty_call_rate=args.empty_call_rate,
                         max_running=args.max_running, kv_capacity_tokens=args.kv_capacity_tokens,
                         pace_content_only=args.pace_content_only)
+    return args, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, state = state_from_options(argv)
     server = EngineServer((args.host, args.port), state)
     print(f"listening on {args.host}:{server.server_address[1]}", flush=True)
     try:
