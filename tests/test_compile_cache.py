@@ -230,6 +230,7 @@ def test_a_pin_that_is_not_a_digest_is_refused(s3_env, tmp_path):
     aws(s3_env, "ssm", "put-parameter", "--name", PIN, "--type", "String", "--value", "../../etc/passwd")
     result = cache_tool(s3_env, "restore", tmp_path / "cache", tmp_path)
     assert result.returncode == 1 and "not a SHA-256" in result.stdout
+    assert "etc/passwd" not in result.stdout + result.stderr  # the value is never logged (it could be a secret)
 
 
 def test_a_node_that_kept_its_cache_keeps_it(s3_env, tmp_path):

@@ -169,7 +169,9 @@ def read_pin(parameter: str, region: str | None) -> str | None:
         raise RuntimeError(f"aws ssm get-parameter {parameter}: {result.stderr.strip() or f'exit {result.returncode}'}")
     value = result.stdout.strip()
     if not SHA256_HEX.fullmatch(value):
-        raise Refused(f"pin {parameter} holds {value[:80]!r}, not a SHA-256: nothing restored")
+        # Never its text: a parameter under the stack's prefix may be a secret (the API key's is).
+        raise Refused(f"pin {parameter} holds {len(value)} characters that are not a SHA-256 (64 lowercase hex): "
+                      "nothing restored")
     return value
 
 
