@@ -105,10 +105,13 @@ SPREAD_FILES = {"test_watchdog.py", "test_verification.py", "test_apply_release.
 
 
 #: Whole files that take longest (waiting included: a real pip, LiteLLM's import, the mirror's moto
-#: transfers, every stack under the mocks), handed out first so that none is left running alone at the
-#: end while the other workers idle. The rest keep their order.
-LONGEST_FIRST = ("test_plan.py", "test_client_snippets.py", "test_weights_mirror.py", "test_replacement.py",
-                 "test_node_packages.py", "test_node_files.py")
+#: transfers, every stack under the mocks), and the spread files whose single tests take 10-25 s (the
+#: watchdog's, the Prometheus scrapes), handed out first so that none is left running alone at the end
+#: while the other workers idle (CI at c7eac4d: the last 3% of the tests took about 40 s, the watchdog's
+#: long tests collected last). The rest keep their order.
+LONGEST_FIRST = ("test_plan.py", "test_watchdog.py", "test_prometheus_scrape.py", "test_client_snippets.py",
+                 "test_weights_mirror.py", "test_replacement.py", "test_node_packages.py", "test_node_files.py",
+                 "test_engines_share_a_node.py", "test_release_retention.py", "test_apply_release.py")
 
 
 def pytest_collection_modifyitems(config, items):
