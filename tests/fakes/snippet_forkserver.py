@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 #: What the server imports before its forks: the client the Python snippets use.
@@ -79,12 +80,22 @@ class SnippetServer:
         self.process = subprocess.Popen([sys.executable, "-c", SERVER.format(preloaded=PRELOADED)], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.scratch = tempfile.TemporaryDirectory(prefix="snippet-forkserver-")
+        self._pending = b""
 
     def _answer(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            raise TimeoutError if not ready else RuntimeError(f"snippet server ended: {self.process.poll()}")
+        """The server's next line. Read from the pipe's fd into our own buffer, never through the text
+        wrapper's: a line the wrapper had buffered would be invisible to select() (a snippet that ends
+        before its pid line is read would look like a timeout)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([self.process.stdout.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"snippet server ended: {self.process.poll()}")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, code: str, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -96,7 +107,10 @@ class SnippetServer:
         try:
             status = self._answer(timeout)["status"]
         except TimeoutError:
-            os.kill(pid, 9)
+            try:
+                os.kill(pid, 9)  # still the server's unreaped child: its status line is not written yet
+            except ProcessLookupError:
+                pass  # it ended (and was reaped) just now: its status line follows
             self._answer(30)
             raise subprocess.TimeoutExpired(["-c", code], timeout) from None
         return subprocess.CompletedProcess([sys.executable, "-c", code], status, out.read_text(), err.read_text())
