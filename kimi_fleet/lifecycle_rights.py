@@ -25,7 +25,7 @@ gate succeeds only once the refresh made the steward release the group's good ve
   at its end, only if the gate succeeded; a failed gate leaves them (the rollback's nodes admit
   themselves), until a later `pulumi up` succeeds.
 A fleet without the gate never moves its group to a new version at all (the gate starts every
-refresh): rules.py refuses `verification.enabled: false` on an AWS fleet.
+refresh): the AWS target (kimi_fleet/targets/aws.py) refuses `verification.enabled: false` on a fleet.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def migration_lines(before: list[dict], after: list[dict]) -> list[str]:
                          f"{' and '.join(DIRECT_LIFECYCLE_ACTIONS)}) is deleted at the end of `pulumi up`, only "
                          "if the gate's instance refresh made this release the group's good version; until then, "
                          "and after a failed gate, nodes of the older release still admit themselves and end "
-                         f"their drains when idle. Run this `pulumi up` whole: no `--target`, no "
+                         f"their drains when idle. Run this `pulumi up` whole: no `--target`, no `--exclude`, no "
                          f"`--continue-on-error` ({CHANGING_A_RUNNING_STACK})")
     return lines
 
