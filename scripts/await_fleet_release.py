@@ -67,6 +67,13 @@ class FleetState:
     def on_release(self, version: str) -> set[str]:
         return {i for i, v in self.versions.items() if v == version}
 
+    def on_other_versions(self, version: str) -> list[str]:
+        """Members of another version still in the group: an old node draining (Terminating:Wait) after
+        the refresh replaced it. Until it has left, the release is not done: the gate's success ends the
+        `pulumi up` that may retire the old release's node rights (kimi_fleet/lifecycle_rights.py), which
+        such a node still needs to end its drain when idle."""
+        return sorted(i for i, v in self.versions.items() if v != version)
+
     def replicas_needed(self, replicas: int) -> int:
         """How many healthy nodes of the release make it done: the group's own desired count when AWS
         reports one (a scaling policy may have moved it away from --replicas since the stack was
@@ -85,6 +92,9 @@ class FleetState:
             stale = ", ".join(f"{i} (version {self.versions.get(i, 'not in the group')})" for i in others)
             parts.append(f"{arn.rsplit('/', 2)[-2] if '/' in arn else arn}: {len(ids) - len(others)} healthy on "
                          f"version {version}" + (f", still healthy on another: {stale}" if stale else ""))
+        if self.on_other_versions(version):
+            parts.append("still in the group on another version (draining): " + ", ".join(
+                f"{i} (version {self.versions[i]})" for i in self.on_other_versions(version)))
         if self.refresh:
             status, percentage, _ = self.refresh
             parts.append(f"instance refresh {status}" + (f" {percentage}%" if percentage is not None else ""))
@@ -162,7 +172,7 @@ def wait(autoscaling, elbv2, args: argparse.Namespace, *, sleep=time.sleep, cloc
         except (ClientError, BotoCoreError, LookupError) as error:
             print(f"fleet: release {args.release}: cannot read the fleet: {error}", file=sys.stderr)
             return 1
-        if state.done(args.template_version, args.replicas):
+        if state.done(args.template_version, args.replicas) and not state.on_other_versions(args.template_version):
             print(f"fleet: release {args.release} (template version {args.template_version}) on every healthy "
                   f"target: {state.describe(args.template_version)}", flush=True)
             return 0
@@ -224,7 +234,8 @@ def rollout(autoscaling, elbv2, args: argparse.Namespace, *, sleep=time.sleep, c
                      "see each node's /kimi-fleet/status and /var/log/kimi-fleet/watchdog.log)")
         elif status in REFRESH_ENDED_BADLY:
             cause = f"the instance refresh ended {status} ({state.refresh[2] or 'no reason given'})"
-        elif status == "Successful" and state.configured == new and state.done(new, args.replicas):
+        elif (status == "Successful" and state.configured == new and state.done(new, args.replicas)
+              and not state.on_other_versions(new)):
             print(f"fleet: release {release} (template version {new}) on every healthy target and recorded as "
                   f"the group's good version: {state.describe(new)}", flush=True)
             return 0
@@ -232,7 +243,9 @@ def rollout(autoscaling, elbv2, args: argparse.Namespace, *, sleep=time.sleep, c
             waiting = sorted(i for i, v in state.versions.items() if v == new
                              and not all(i in ids for ids in state.healthy.values()))
             cause = (f"not on every replica within {args.timeout:.0f} s (not healthy yet: "
-                     f"{', '.join(waiting) or 'no node of it launched'})")
+                     f"{', '.join(waiting) or 'no node of it launched'}"
+                     + (f"; still in the group on another version: {', '.join(state.on_other_versions(new))}"
+                        if state.on_other_versions(new) else "") + ")")
         if cause:
             return roll_back(autoscaling, elbv2, args, last_good, cause, status, sleep=sleep, clock=clock)
         if last_line is None or clock() - last_line >= 60:

@@ -153,3 +153,19 @@ def test_a_group_already_on_the_release_starts_nothing():
 
     status, _ = _run(script)
     assert status == 0  # no start_instance_refresh: the Stubber would fail on an unexpected call
+
+
+def test_a_passing_release_waits_for_the_old_nodes_still_draining(capsys):
+    """AWS may call the refresh Successful while an old node still drains (Terminating:Wait). The gate ends
+    only once it has left: its success ends the `pulumi up` that may retire the old release's direct
+    lifecycle rights (kimi_fleet/lifecycle_rights.py), which that node needs to end its drain when idle."""
+    def script(a: Stubber, e: Stubber) -> None:
+        _group(a, OLD, OLD_NODES)
+        _start_expected(a, NEW)
+        new_nodes = {"i-new1": NEW, "i-new2": NEW}
+        _poll(a, e, NEW, {**new_nodes, "i-old2": OLD}, ["i-new1", "i-new2"], "Successful")
+        _poll(a, e, NEW, new_nodes, ["i-new1", "i-new2"], "Successful")
+
+    status, clock = _run(script)
+    assert status == 0 and clock.now == fleet_release.POLL_SECONDS
+    assert "still in the group on another version (draining): i-old2 (version 6)" in capsys.readouterr().out

@@ -190,3 +190,16 @@ def test_the_fleet_gate_allows_every_replica_its_whole_admission():
     timeout = float(wait.split("--timeout ")[1].split()[0])
     replicas = int(wait.split("--replicas ")[1].split()[0])
     assert timeout >= replicas * group["inputs"]["healthCheckGracePeriod"], (timeout, replicas)
+
+
+def test_an_old_node_still_draining_keeps_the_release_waiting(capsys):
+    """The refresh says Successful and every healthy target is new, but an old node is still in the group
+    (draining, Terminating:Wait): not done until it has left, so the `pulumi up` that may retire the old
+    release's node rights (kimi_fleet/lifecycle_rights.py) does not end while it still needs them."""
+    new_nodes = both("i-new1", "i-new2")
+    status, clock = _run([
+        dict(members={"i-new1": NEW, "i-new2": NEW, "i-old1": OLD}, healthy=new_nodes, refresh=("Successful", "")),
+        dict(members={"i-new1": NEW, "i-new2": NEW}, healthy=new_nodes, refresh=("Successful", "")),
+    ])
+    assert status == 0 and clock.now == fleet_release.POLL_SECONDS
+    assert "still in the group on another version (draining): i-old1 (version 6)" in capsys.readouterr().out
