@@ -14,10 +14,15 @@ the controller then needs no route out of the namespace but the API server (a Pr
 anywhere, and KEDA already depends on it).
 
 Least privilege: the controller has its own ServiceAccount (no other pod mounts its token: the
-account itself turns automounting off, its pod turns it on) and a namespaced Role with get/list/patch
-on pods, nothing else; engine pods keep automountServiceAccountToken false and gain nothing.
-NetworkPolicies: nothing reaches the controller; it reaches the engine pods' metrics port and the
-API server's ports only; the engine pods admit it on their metrics port only.
+account itself turns automounting off, its pod turns it on) and a namespaced Role with list/patch on
+pods (the script lists and patches; it never gets one pod), nothing else; engine pods keep
+automountServiceAccountToken false and gain nothing. NetworkPolicies: nothing reaches the controller;
+it reaches the engine pods' metrics port and TCP 443/6443 at any address (the API server's address is
+not known when rendering); the engine pods admit it on their metrics port only.
+
+Liveness: the script touches a heartbeat file (an emptyDir: the root stays read-only) after each
+cycle that completed; the liveness probe runs the script's `--alive`, which fails when the file is
+older than LIVENESS_CYCLES intervals, so a controller stuck failing is restarted and counted.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import yaml
 from kimi_fleet import catalog
 from kimi_fleet import k8s_manifests as manifests
 from kimi_fleet.autoscaling import scaling_policy
+from kimi_fleet.pod_scripts import deletion_cost as deletion_cost_script
 from kimi_fleet.pod_scripts import pod_script
 from kimi_fleet.resolve import Resolved
 from kimi_fleet.sizing import Sizing
@@ -49,6 +55,9 @@ MAX_COST = 1_000_000
 #: The API server's secure port as a pod reaches it: 443 (the `kubernetes` Service) and 6443 (the
 #: usual endpoint port behind it; NetworkPolicy engines match egress after the Service's DNAT).
 API_SERVER_PORTS = (443, 6443)
+#: The heartbeat's emptyDir (memory-backed: one empty file) and the file in it.
+HEARTBEAT_DIR = "/run/kimi-deletion-cost"
+HEARTBEAT_FILE = f"{HEARTBEAT_DIR}/heartbeat"
 
 
 def enabled(r: Resolved, sizing: Sizing) -> bool:
@@ -73,6 +82,7 @@ def controller_config(r: Resolved, stack: str) -> dict:
         "waiting": names.waiting,
         "interval_seconds": INTERVAL_SECONDS,
         "max_cost": MAX_COST,
+        "heartbeat_file": HEARTBEAT_FILE,
     }
 
 
@@ -92,8 +102,17 @@ def role(r: Resolved, stack: str) -> dict:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _meta(r, NAME, stack),
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]}],
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}],
     }
+
+
+def liveness_probe() -> dict:
+    """The script's --alive: fails when no cycle completed in LIVENESS_CYCLES intervals. The first
+    check waits as long (a controller that never completes one is restarted then)."""
+    stale = deletion_cost_script.LIVENESS_CYCLES * INTERVAL_SECONDS
+    return {"exec": {"command": ["python3", f"{MOUNT}/{SCRIPT}", f"{MOUNT}/{CONFIG_KEY}", "--alive"]},
+            "initialDelaySeconds": stale, "periodSeconds": INTERVAL_SECONDS, "timeoutSeconds": 5,
+            "failureThreshold": 1}
 
 
 def _pod_spec(r: Resolved) -> dict:
@@ -111,9 +130,12 @@ def _pod_spec(r: Resolved) -> dict:
             "resources": {"requests": {"cpu": "20m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "controller", "mountPath": MOUNT, "readOnly": True}],
+            "livenessProbe": liveness_probe(),
+            "volumeMounts": [{"name": "controller", "mountPath": MOUNT, "readOnly": True},
+                             {"name": "heartbeat", "mountPath": HEARTBEAT_DIR}],
         }],
-        "volumes": [{"name": "controller", "configMap": {"name": NAME}}],
+        "volumes": [{"name": "controller", "configMap": {"name": NAME}},
+                    {"name": "heartbeat", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}],
     }
 
 

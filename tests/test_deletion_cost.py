@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -211,6 +213,29 @@ class Gates:
         return ip
 
 
+    def start_raw(self, ip: str, behaviour) -> str:
+        """A gate that answers every connection with behaviour(socket): raw bytes, for answers
+        http.server would not send."""
+        listener = socket.create_server((ip, self.port))
+        self.stack.callback(listener.close)
+
+        def loop():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    try:
+                        behaviour(conn)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=loop, daemon=True).start()
+        return ip
+
+
 def text(body: str, status: int = 200, trickle=None):
     return lambda: (status, body.encode(), trickle)
 
@@ -387,3 +412,114 @@ def test_a_bad_config_is_refused_naming_what_it_needs(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import sys; from kimi_fleet.pod_scripts import deletion_cost as c; "
                            "sys.exit(c.main(sys.argv[1:]))", str(config_file)], capture_output=True, text=True)
     assert done.returncode == 2 and "label_selector" in done.stderr
+
+
+# --- one gate's broken HTTP cannot stop the cycle (review 2) ------------------------------------------
+
+def _long_header(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+def _many_headers(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(120))
+                 + b"Content-Length: 0\r\n\r\n")
+
+
+def _chunked_cut_short(conn):
+    body = engine_metrics([50], [50]).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("behaviour", [_long_header, _many_headers, _chunked_cut_short],
+                         ids=["header-line-over-64KiB", "over-100-headers", "chunked-body-cut-short"])
+def test_a_gate_breaking_http_keeps_its_own_cost_and_the_others_are_set(api, gates, tls, capsys, behaviour):
+    """http.client raises these (LineTooLong, HTTPException, IncompleteRead), outside OSError/ValueError:
+    they once escaped the pool and failed the cycle before any patch, for every pod, every interval."""
+    api.add("a", gates.start("127.0.0.2", text(engine_metrics([2], [1]))), cost="0")
+    api.add("b", gates.start("127.0.0.3", text(engine_metrics([5], [0]))))
+    api.add("liar", gates.start_raw("127.0.0.4", behaviour), cost="7")
+    cfg = config(api, gates, tls)
+    result = controller.cycle(controller.Api(cfg), cfg)
+    assert result["set"] == {"a": 3, "b": 5} and "liar" in result["kept"]
+    assert (api.cost("a"), api.cost("b"), api.cost("liar")) == ("3", "5", "7")
+    assert [r["path"].rsplit("/", 1)[1] for r in api.patches()] == ["a", "b"]
+    assert "liar: its metrics could not be read:" in capsys.readouterr().out
+
+
+# --- memory: the parse holds a line, not the body ------------------------------------------------------
+
+_MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import deletion_cost as dc
+config = {"metrics_port": int(sys.argv[2]), "metrics_path": sys.argv[3], "running": sys.argv[4],
+          "waiting": sys.argv[5], "max_cost": 1000000}
+url = dc.metrics_url("127.0.0.2", config)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load = dc.read_load(url, config)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(load, (after - before) / 1024)
+"""
+
+
+def test_a_body_near_the_size_limit_is_parsed_in_bounded_memory(gates, tmp_path):
+    """The reviewer's shape: ~1.4 million 3-byte lines just under METRICS_LIMIT_BYTES (read whole and
+    split, it took the script's process to ~133 MiB against the pod's 128 Mi limit), the gauges last:
+    parsed to the end, and the process' peak resident memory grows by a few MiB at most."""
+    gauges = engine_metrics([3], [4]).encode()
+    body = b"ab\n" * ((controller.METRICS_LIMIT_BYTES - len(gauges) - 16) // 3) + gauges
+    gates.start("127.0.0.2", lambda: (200, body, None))
+    (tmp_path / rendering.SCRIPT).write_text(pod_script(rendering.SCRIPT))
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), str(gates.port),
+                           rendering.manifests.ENGINE_METRICS_PATH, VLLM.running, VLLM.waiting],
+                          capture_output=True, text=True, timeout=60, check=True)
+    load, growth_mib = done.stdout.split()
+    assert load == "7"
+    assert float(growth_mib) < 8, done.stdout
+
+
+def test_an_overlong_line_refuses_the_answer_however_it_arrives():
+    reader = controller.LoadReader(VLLM.running, VLLM.waiting, rendering.MAX_COST)
+    for line in engine_metrics([3], [4]).encode().splitlines(keepends=True):
+        reader.feed(line)
+    assert reader.load() == 7
+    long_line = b"# " + b"x" * controller.MAX_LINE_BYTES
+    for pieces in ([long_line + b"\n"], [long_line[:1000], long_line[1000:]]):
+        reader = controller.LoadReader(VLLM.running, VLLM.waiting, rendering.MAX_COST)
+        reader.feed(engine_metrics([3], [4]).encode())
+        for piece in pieces:
+            reader.feed(piece)
+        assert reader.load() is None and reader._partial == b""
+
+
+# --- liveness: the heartbeat and the probe's command ---------------------------------------------------
+
+def test_the_liveness_probe_fails_until_a_cycle_completes_and_when_cycles_stop(api, gates, tls, tmp_path):
+    """The rendered probe's command, run as the kubelet would (its paths under tmp_path): no heartbeat
+    yet fails; a cycle with one unreadable pod still completes and beats; a beat older than
+    LIVENESS_CYCLES intervals fails; a cycle the API server fails does not beat."""
+    heartbeat = tmp_path / "heartbeat"
+    cfg = {**config(api, gates, tls), "heartbeat_file": str(heartbeat)}
+    api.add("a", gates.start("127.0.0.2", text(engine_metrics([1], [0]))))
+    api.add("liar", gates.start_raw("127.0.0.3", _many_headers))
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / rendering.SCRIPT).write_text(pod_script(rendering.SCRIPT))
+    (mount / rendering.CONFIG_KEY).write_text(json.dumps(cfg))
+    command = [sys.executable] + [arg.replace(rendering.MOUNT, str(mount))
+                                  for arg in rendering.liveness_probe()["exec"]["command"][1:]]
+
+    def probe() -> int:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).returncode
+
+    assert probe() == 1
+    done = run_once(cfg, tmp_path)
+    assert done.returncode == 0 and api.cost("a") == "1" and heartbeat.exists()
+    assert probe() == 0
+    stale = time.time() - controller.LIVENESS_CYCLES * rendering.INTERVAL_SECONDS - 1
+    os.utime(heartbeat, (stale, stale))
+    assert probe() == 1
+    api.list_status = 500
+    done = run_once(cfg, tmp_path)
+    assert "cycle failed" in done.stdout and heartbeat.stat().st_mtime == pytest.approx(stale)
+    assert probe() == 1

@@ -1,6 +1,6 @@
 """Issue 24 on Kubernetes, scale-in protection: the deletion-cost controller's objects
 (kimi_fleet/k8s_deletion_cost.py) validated against the Kubernetes schemas the other k8s tests use,
-its grant (exactly get/list/patch on pods, in its namespace, to its own ServiceAccount), its
+its grant (exactly list/patch on pods, in its namespace, to its own ServiceAccount), its
 NetworkPolicies, the engine pods unchanged, the YAML a hand-applier uses, and the component under
 the mocks. The script itself runs in test_deletion_cost."""
 
@@ -54,11 +54,12 @@ def test_the_schemas_refuse_a_malformed_grant(scaling):
         kubernetes_validate.validate(role, K8S_VERSION, strict=True)
 
 
-def test_the_grant_is_exactly_get_list_patch_on_pods_to_its_own_account(scaling):
+def test_the_grant_is_exactly_list_patch_on_pods_to_its_own_account(scaling):
+    """No `get`: the script lists and patches (test_deletion_cost sees its only GET is the list)."""
     r, _, _, cost = scaling
     ns = r.spec.target.kubernetes.namespace
     role = the(cost, "Role")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}]
     assert role["metadata"]["namespace"] == ns and not [o for o in cost if o["kind"].startswith("Cluster")]
     binding = the(cost, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rendering.NAME}
@@ -227,3 +228,22 @@ def test_every_declared_name_is_its_own(scaling_run):
     """No child shares its component's name (walks over the tree by name, as test_plan's, would not end)."""
     names = [res["name"] for res in scaling_run.resources]
     assert len(names) == len(set(names))
+
+
+def test_the_liveness_probe_reads_a_heartbeat_on_an_emptydir_and_the_root_stays_read_only(scaling):
+    """The probe runs the shipped script's --alive on the shipped config, whose heartbeat file is on
+    the pod's one writable volume (the probe's verdicts: test_deletion_cost)."""
+    r, _, _, cost = scaling
+    pod = the(cost, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"] == rendering.liveness_probe()
+    assert container["livenessProbe"]["exec"]["command"][1:] == [
+        f"{rendering.MOUNT}/{rendering.SCRIPT}", f"{rendering.MOUNT}/{rendering.CONFIG_KEY}", "--alive"]
+    config = json.loads(the(cost, "ConfigMap")["data"][rendering.CONFIG_KEY])
+    assert config["heartbeat_file"] == rendering.HEARTBEAT_FILE
+    writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {rendering.HEARTBEAT_DIR: "heartbeat"}
+    assert rendering.HEARTBEAT_FILE.startswith(rendering.HEARTBEAT_DIR + "/")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes["heartbeat"]) == {"name", "emptyDir"}

@@ -22,11 +22,17 @@ a metric at a high rate: each write is a pod update every watcher sees).
 Standard library only (the pinned python image): the in-cluster token (re-read each cycle: bound
 tokens rotate) and CA, https to the API server at KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT.
 
-usage: deletion_cost.py CONFIG_JSON [--once]
+Liveness: after each cycle that completed (some pods unreadable or not), the file config
+["heartbeat_file"] is touched; `--alive` exits 1 when it is missing or older than LIVENESS_CYCLES
+intervals (the pod's liveness probe: a controller stuck failing is restarted, and counted in
+`kubectl get pods`' RESTARTS).
+
+usage: deletion_cost.py CONFIG_JSON [--once | --alive]
   CONFIG_JSON  {"namespace", "label_selector", "metrics_port", "metrics_path", "running", "waiting",
-                "interval_seconds", "max_cost"} (k8s_deletion_cost.controller_config); for tests also
-                "api_url", "token_file", "ca_file"
+                "interval_seconds", "max_cost"} and optionally "heartbeat_file"
+                (k8s_deletion_cost.controller_config); for tests also "api_url", "token_file", "ca_file"
   --once       one cycle, then exit (0 whatever the cycle met)
+  --alive      exit 0 when the heartbeat is fresh, 1 when not (no API call, no metrics read)
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 METRICS_DEADLINE_SECONDS = 5.0
 #: An engine's /metrics is tens to hundreds of KB; more is refused unread.
 METRICS_LIMIT_BYTES = 4 * 1024 * 1024
+#: One read of a body, and the longest line the metrics parse keeps (an exposition line is a few
+#: hundred bytes; one over this refuses the answer).
+READ_BYTES = 65536
+MAX_LINE_BYTES = 65536
 #: The pod list and each patch.
 API_TIMEOUT_SECONDS = 10.0
 API_LIMIT_BYTES = 32 * 1024 * 1024
@@ -58,7 +68,11 @@ READERS = 8
 CONFIG_KEYS = ("namespace", "label_selector", "metrics_port", "metrics_path", "running", "waiting",
                "interval_seconds", "max_cost")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
-USAGE = "usage: deletion_cost.py CONFIG_JSON [--once]"
+USAGE = "usage: deletion_cost.py CONFIG_JSON [--once | --alive]"
+#: A heartbeat older than this many intervals fails --alive: a cycle is the pod list (10 s at most),
+#: the reads (5 s per READERS pods) and the patches (10 s each at most), so a slow cycle over many
+#: pods is not taken for a stuck one.
+LIVENESS_CYCLES = 8
 
 
 def log(message: str) -> None:
@@ -80,44 +94,101 @@ def _read_bounded(response, limit: int, deadline: float) -> bytes | None:
         chunks.append(chunk)
 
 
-def parse_load(text: str, running: str, waiting: str, max_cost: int) -> int | None:
-    """running + waiting (each summed over its label sets: one per model or data-parallel rank) as a
-    cost, or None when the answer cannot be trusted: a gauge missing, a value that is not a finite
-    number >= 0, or a total above max_cost."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
+class LoadReader:
+    """running + waiting as the exposition streams in, one line at a time: only the two gauges' sums
+    are kept, so memory holds one line (at most MAX_LINE_BYTES) and one read, whatever the body's size
+    (a whole 4 MiB body split into lines took ~130 MiB, over the pod's 128 Mi limit)."""
+
+    def __init__(self, running: str, waiting: str, max_cost: int):
+        self.running, self.waiting, self.max_cost = running, waiting, max_cost
+        self.totals: dict[str, float] = {}
+        self.refused = False
+        self._partial = b""
+
+    def line(self, line: str) -> None:
         match = _SAMPLE.match(line)
-        if not match or match.group(1) not in (running, waiting):
-            continue
+        if self.refused or not match or match.group(1) not in (self.running, self.waiting):
+            return
         try:
             value = float(match.group(2))
         except ValueError:
-            return None
+            self.refused = True
+            return
         if not math.isfinite(value) or value < 0:
+            self.refused = True
+            return
+        self.totals[match.group(1)] = self.totals.get(match.group(1), 0.0) + value
+
+    def feed(self, chunk: bytes) -> None:
+        """A piece of the body; a line longer than MAX_LINE_BYTES refuses the answer."""
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            if len(raw) > MAX_LINE_BYTES:
+                self.refused = True
+            else:
+                self.line(raw.decode("utf-8", errors="replace").rstrip("\r"))
+        if len(self._partial) > MAX_LINE_BYTES:
+            self.refused = True
+            self._partial = b""
+
+    def load(self) -> int | None:
+        """The cost, or None when the answer cannot be trusted: a gauge missing, a value that is not a
+        finite number >= 0, a total above max_cost, or a line over MAX_LINE_BYTES."""
+        if self._partial:
+            self.feed(b"\n")
+        if self.refused or self.running not in self.totals or self.waiting not in self.totals:
             return None
-        totals[match.group(1)] = totals.get(match.group(1), 0.0) + value
-    if running not in totals or waiting not in totals:
-        return None
-    total = totals[running] + totals[waiting]
-    if not math.isfinite(total) or total > max_cost:
-        return None
-    return int(round(total))
+        total = self.totals[self.running] + self.totals[self.waiting]
+        if not math.isfinite(total) or total > self.max_cost:
+            return None
+        return int(round(total))
+
+
+def parse_load(text: str, running: str, waiting: str, max_cost: int) -> int | None:
+    """running + waiting (each summed over its label sets: one per model or data-parallel rank) as a
+    cost, or None when the answer cannot be trusted (LoadReader.load)."""
+    reader = LoadReader(running, waiting, max_cost)
+    reader.feed(text.encode("utf-8", errors="replace"))
+    return reader.load()
 
 
 def read_load(url: str, config: dict) -> int | None:
-    """One pod's cost from its metrics gate, or None (unreadable: keep what it has)."""
+    """One pod's cost from its metrics gate, or None (unreadable: keep what it has). Nothing a gate
+    answers raises: http.client's own errors (a header line over 64 KiB, over 100 headers, a chunked
+    body cut short) included; read_pod logs whatever does."""
     deadline = time.monotonic() + METRICS_DEADLINE_SECONDS
-    try:
-        with urllib.request.urlopen(url, timeout=METRICS_DEADLINE_SECONDS) as response:
-            if response.status != 200:
+    reader = LoadReader(config["running"], config["waiting"], config["max_cost"])
+    with urllib.request.urlopen(url, timeout=METRICS_DEADLINE_SECONDS) as response:
+        if response.status != 200:
+            return None
+        size = 0
+        while not reader.refused:
+            if time.monotonic() > deadline:
                 return None
-            body = _read_bounded(response, METRICS_LIMIT_BYTES, deadline)
-    except (OSError, ValueError, urllib.error.HTTPError):
+            chunk = response.read1(READ_BYTES) if hasattr(response, "read1") else response.read(READ_BYTES)
+            if not chunk:
+                return reader.load()
+            size += len(chunk)
+            if size > METRICS_LIMIT_BYTES:
+                return None
+            reader.feed(chunk)
+    return None
+
+
+def read_pod(name: str, url: str | None, config: dict) -> int | None:
+    """read_load for one pod, whatever its gate does: a failure of any kind is logged with the pod and
+    leaves it its cost; it never reaches the cycle (one lying pod would stop every pod's update)."""
+    if url is None:
         return None
-    if body is None:
+    try:
+        return read_load(url, config)
+    except urllib.error.HTTPError as error:  # a status the opener refuses: the pod's answer, not news
+        error.close()
         return None
-    return parse_load(body.decode("utf-8", errors="replace"), config["running"], config["waiting"],
-                      config["max_cost"])
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        log(f"{name}: its metrics could not be read: {type(error).__name__}: {str(error)[:200]}")
+        return None
 
 
 def metrics_url(pod_ip: str, config: dict) -> str | None:
@@ -194,7 +265,7 @@ def cycle(api: Api, config: dict) -> dict:
     pods = [c for c in map(_candidate, api.pods(config["label_selector"])) if c is not None]
     urls = {name: metrics_url(pod_ip, config) for name, pod_ip, _ in pods}
     with ThreadPoolExecutor(max_workers=READERS) as pool:
-        loads = dict(zip(urls, pool.map(lambda url: read_load(url, config) if url else None, urls.values())))
+        loads = dict(zip(urls, pool.map(lambda item: read_pod(*item, config), urls.items())))
     result: dict[str, dict] = {"set": {}, "kept": {}}
     for name, _, current in pods:
         cost = loads[name]
@@ -223,15 +294,42 @@ def load_config(path: str) -> dict | None:
     return config
 
 
+def beat(config: dict) -> None:
+    """Touch the heartbeat file (a cycle completed)."""
+    path = config.get("heartbeat_file")
+    if path:
+        with open(path, "a"):
+            pass
+        os.utime(path)
+
+
+def alive(config: dict, now: float | None = None) -> bool:
+    """The heartbeat is younger than LIVENESS_CYCLES intervals (no heartbeat_file configured: alive)."""
+    path = config.get("heartbeat_file")
+    if not path:
+        return True
+    try:
+        age = (time.time() if now is None else now) - os.stat(path).st_mtime
+    except OSError:
+        return False
+    return age < LIVENESS_CYCLES * float(config["interval_seconds"])
+
+
 def main(argv: list[str]) -> int:
     once = argv[1:] == ["--once"]
-    if len(argv) not in (1, 2) or (len(argv) == 2 and not once):
+    if len(argv) not in (1, 2) or (len(argv) == 2 and argv[1] not in ("--once", "--alive")):
         print(USAGE, file=sys.stderr)
         return 2
     config = load_config(argv[0])
     if config is None:
         print(f"{USAGE}\nconfig {argv[0]!r} is not a JSON object with {', '.join(CONFIG_KEYS)}", file=sys.stderr)
         return 2
+    if argv[1:] == ["--alive"]:
+        if alive(config):
+            return 0
+        print(f"heartbeat {config.get('heartbeat_file')} missing or older than {LIVENESS_CYCLES} intervals",
+              file=sys.stderr)
+        return 1
     api = Api(config)
     while True:
         try:
@@ -239,6 +337,10 @@ def main(argv: list[str]) -> int:
         except Exception as error:  # noqa: BLE001 - a controller that stops protects nothing: log, retry
             log(f"cycle failed: {type(error).__name__}: {error}")
         else:
+            try:
+                beat(config)
+            except OSError as error:  # the probe will say so; the costs still count
+                log(f"heartbeat not written: {error}")
             for name, cost in sorted(result["set"].items()):
                 log(f"{name}: {ANNOTATION}={cost}")
             for name, why in sorted(result["kept"].items()):
