@@ -684,6 +684,10 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods
         "a node on a 192.168 network": destination("192.168.1.20"),
         "a CGNAT-range pod": destination("100.64.3.7"),
         "loopback": destination("127.0.0.1"),
+        "\"this network\" (RFC 1122)": destination("0.1.2.3"),
+        "a pod in the RFC 2544 benchmarking range (EKS custom networking)": destination("198.19.4.5"),
+        "the RFC 1112 reserved range": destination("240.0.0.1"),
+        "an RFC 6890 IETF protocol assignment": destination("192.0.0.8"),
         "another pod of kube-system": destination("10.244.0.9", "kube-system", **{"k8s-app": "metrics-server"}),
         "a tenant's pod labelled as DNS": destination("10.244.2.3", "tenant-a", **{"k8s-app": "kube-dns"}),
     }
