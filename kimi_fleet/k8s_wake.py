@@ -80,7 +80,7 @@ READY_PROBE_TIMEOUT_SECONDS = 15
 #: endpoints' propagation): a client told the whole time to ready would wait that long for nothing. A client
 #: that retries every minute also keeps the wake trigger active all along the wake (shorter than
 #: k8s_manifests.WAKE_DEMAND_WINDOW_SECONDS: tests/test_k8s_wake.py); the time to ready goes in the message.
-RETRY_AFTER_SECONDS = 60
+RETRY_AFTER_SECONDS = m.WAKE_RETRY_AFTER_SECONDS
 #: What the front asks of the cluster: all a scale-to-zero stack costs at zero.
 WAKE_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 #: The pod template's digest of its ConfigMap: a changed Caddyfile or script rolls the front (and only it).
@@ -284,7 +284,7 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",
         "a wake that does not end (the woken pod Pending for capacity or quota, failing, KEDA not acting) fires "
         f"{observability.STUCK_AT_ZERO_ALERT} once the front has answered retries for "
-        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, DEMAND_WINDOW_MINUTES)} min",
+        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds)} min",
     ]
 
 
