@@ -630,14 +630,16 @@ K8S_CLUSTER_DNS_POD_LABELS = {"k8s-app": "kube-dns"}
 K8S_CLUSTER_DNS_SOURCE = Source("kubeadm CoreDNS manifest (cmd/kubeadm/app/phases/addons/dns/manifests.go); "
                                 "EKS CoreDNS add-on Deployment; GKE kube-dns", "2026-12-08")
 #: IPv4 ranges that are not the public Internet: a pod's egress "to the Internet only" excepts them, so it
-#: reaches neither the node's instance metadata (169.254.169.254), the API server, nor any in-cluster
-#: Service or pod. RFC 1918 private (10/8, 172.16/12, 192.168/16), RFC 3927 link-local (169.254/16:
-#: INSTANCE_METADATA_ADDRESSES, NodeLocal DNSCache), RFC 6598 shared address space (100.64/10: CGNAT,
-#: some clusters' pod or Service ranges), RFC 1122 loopback (127/8).
+#: reaches neither the node's instance metadata (169.254.169.254), the API server's in-cluster address, nor
+#: any in-cluster Service or pod. RFC 1918 private (10/8, 172.16/12, 192.168/16), RFC 3927 link-local
+#: (169.254/16: INSTANCE_METADATA_ADDRESSES, NodeLocal DNSCache), RFC 6598 shared address space (100.64/10:
+#: CGNAT, some clusters' pod or Service ranges), RFC 1122 loopback (127/8) and "this network" (0/8), RFC 2544
+#: benchmarking (198.18/15: some EKS custom-networking setups put pods there), RFC 1112 reserved (240/4),
+#: RFC 6890 IETF protocol assignments (192.0.0/24).
 NON_PUBLIC_IPV4_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10",
-                         "127.0.0.0/8")
-NON_PUBLIC_IPV4_SOURCE = Source("RFC 1918, RFC 3927, RFC 6598, RFC 1122 (IANA IPv4 special-purpose registry)",
-                                "2026-12-08")
+                         "127.0.0.0/8", "0.0.0.0/8", "198.18.0.0/15", "240.0.0.0/4", "192.0.0.0/24")
+NON_PUBLIC_IPV4_SOURCE = Source("RFC 1918, RFC 3927, RFC 6598, RFC 1122, RFC 2544, RFC 1112, RFC 6890 "
+                                "(IANA IPv4 special-purpose registry)", "2026-12-08")
 TOOLS_SOURCE = Source("PyPI / Docker Hub release tags pinned here", "2026-11-23")
 
 

@@ -1330,6 +1330,20 @@ WAKE_METRICS_PORT_NAME = "wake-metrics"
 #: Prometheus' scrape interval plus KEDA's polling interval (30 s each by default), so it is read at least once.
 WAKE_DEMAND_WINDOW_SECONDS = 300
 WAKE_DEMAND_WINDOW = f"{WAKE_DEMAND_WINDOW_SECONDS // 60}m"
+#: The front's Retry-After (k8s_wake.RETRY_AFTER_SECONDS, why it is a minute there): here because the
+#: stuck-at-zero alert's window is derived from it.
+WAKE_RETRY_AFTER_SECONDS = 60
+#: The window KimiStuckAtZero reads the front's 503s over: two retries (one may fall between scrapes), so
+#: the alert's expression ends at most this long after the last 503 (the 5-min demand window kept it true 5
+#: minutes after a wake had ended: review 2).
+WAKE_ALERT_WINDOW_SECONDS = 2 * WAKE_RETRY_AFTER_SECONDS
+#: The wake PodMonitor's scrape interval (rendered, not left to the Prometheus' default): the wake query
+#: reads the front's `up` over two of them.
+WAKE_SCRAPE_INTERVAL_SECONDS = 30
+#: How far before a window a 503 series must have no sample at all to count as born within it without a
+#: successful scrape of the front just before the window (wake_answered_growth). A scrape gap longer than
+#: this, or Prometheus' storage lost, still reads once as demand (docs/known-limits.md).
+WAKE_SERIES_LOOKBACK = "1h"
 
 
 def wake_pod_labels(stack: str) -> dict[str, str]:
@@ -1350,7 +1364,7 @@ def wake_demand_query(r: Resolved) -> str:
     first request, a difference misses the first one after a restart, this sees both)."""
     answered = wake_answered_series(r)
     running = catalog.ENGINE_METRICS[r.spec.engine.name].running
-    return (f"(sum({wake_answered_growth(answered)}) or vector(0)) + "
+    return (f"(sum({wake_answered_growth(answered, r.spec.target.kubernetes.namespace)}) or vector(0)) + "
             f"(sum({running}{{{_stack_selector(r)}}}) or vector(0))")
 
 
@@ -1361,12 +1375,26 @@ def wake_answered_series(r: Resolved) -> str:
             f'{code}="{WAKE_STATUS}"}}')
 
 
-def wake_answered_growth(answered: str) -> str:
-    """PromQL, per series of `answered`: how many it grew by within WAKE_DEMAND_WINDOW. A series born
-    within the window (nothing the window ago) counts its value; any other its increase(), resets
-    included. `or` keeps the born series' value where both exist (label sets match without the name)."""
-    window = WAKE_DEMAND_WINDOW
-    return f"({answered} unless {answered} offset {window}) or increase({answered}[{window}])"
+def _promql_duration(seconds: int) -> str:
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def wake_answered_growth(answered: str, namespace: str, window_seconds: int = WAKE_DEMAND_WINDOW_SECONDS) -> str:
+    """PromQL, per series of `answered`: how many it grew by within the window. A series born within the
+    window counts its value; any other its increase(), resets included. Born: absent the window ago while
+    the front's last scrape before the window start succeeded (so it was not in that scrape: Caddy had
+    not answered it yet, or restarted since), or never seen in the WAKE_SERIES_LOOKBACK before the window
+    (a new pod, a new Prometheus). Absent the window ago alone is not enough (review 2): after a scrape gap
+    longer than Prometheus' 5-min lookback (Prometheus restarted, the front's metrics unreachable: a failed
+    scrape also marks its series stale) every old series would read as born and wake a replica with no
+    request. `or` keeps the born series' value where both exist (label sets match without the name)."""
+    window = _promql_duration(window_seconds)
+    up = f'up{{namespace="{namespace}",job="{WAKE_JOB}"}}'
+    scraped = (f"on(namespace, job, {REPLICA_LABEL}) "
+               f"(last_over_time({up}[{_promql_duration(2 * WAKE_SCRAPE_INTERVAL_SECONDS)}] offset {window}) == 1)")
+    never_seen = f"last_over_time({answered}[{WAKE_SERIES_LOOKBACK}] offset {window})"
+    return (f"(({answered} unless {answered} offset {window}) and {scraped}) or ({answered} unless {never_seen}) "
+            f"or increase({answered}[{window}])")
 
 
 def wake_trigger(r: Resolved) -> dict:
@@ -1389,7 +1417,8 @@ def wake_trigger(r: Resolved) -> dict:
 def wake_pod_monitor(r: Resolved, stack: str) -> dict:
     """The wake front's Caddy metrics as job WAKE_JOB (the engines' PodMonitor skips the front: it has no
     port named METRICS_PORT_NAME)."""
-    endpoint = {**_scrape_endpoint(stack, WAKE_JOB, METRICS_PATH), "port": WAKE_METRICS_PORT_NAME}
+    endpoint = {**_scrape_endpoint(stack, WAKE_JOB, METRICS_PATH), "port": WAKE_METRICS_PORT_NAME,
+                "interval": _promql_duration(WAKE_SCRAPE_INTERVAL_SECONDS)}
     return {"apiVersion": PROMETHEUS_OPERATOR_API_VERSION, "kind": "PodMonitor",
             "metadata": _monitoring_meta(r, WAKE_POD_MONITOR, stack),
             "spec": {"selector": {"matchLabels": wake_pod_labels(stack)},
@@ -1410,8 +1439,9 @@ def prometheus_rule(r: Resolved, stack: str, policy: ScalingPolicy | None = None
         group["rules"] = [rule for rule in group["rules"] if rule.get("alert") not in UNSERVED_ALERTS]
     if policy is not None and policy.scales_to_zero:
         rules["groups"][0]["rules"].append(observability.stuck_at_zero_rule(
-            stack, wake_answered_growth(wake_answered_series(r)), policy.instance_warmup_seconds,
-            WAKE_DEMAND_WINDOW_SECONDS // 60))
+            stack, wake_answered_growth(wake_answered_series(r), r.spec.target.kubernetes.namespace,
+                                 WAKE_ALERT_WINDOW_SECONDS),
+            policy.instance_warmup_seconds))
     return {
         "apiVersion": PROMETHEUS_OPERATOR_API_VERSION,
         "kind": "PrometheusRule",

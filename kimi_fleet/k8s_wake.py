@@ -80,7 +80,7 @@ READY_PROBE_TIMEOUT_SECONDS = 15
 #: endpoints' propagation): a client told the whole time to ready would wait that long for nothing. A client
 #: that retries every minute also keeps the wake trigger active all along the wake (shorter than
 #: k8s_manifests.WAKE_DEMAND_WINDOW_SECONDS: tests/test_k8s_wake.py); the time to ready goes in the message.
-RETRY_AFTER_SECONDS = 60
+RETRY_AFTER_SECONDS = m.WAKE_RETRY_AFTER_SECONDS
 #: What the front asks of the cluster: all a scale-to-zero stack costs at zero.
 WAKE_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 #: The pod template's digest of its ConfigMap: a changed Caddyfile or script rolls the front (and only it).
@@ -91,7 +91,8 @@ CONFIG_ANNOTATION = "kimi-fleet/wake-config"
 CLUSTER_DNS_PEER = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": catalog.K8S_CLUSTER_DNS_NAMESPACE}},
     "podSelector": {"matchLabels": dict(catalog.K8S_CLUSTER_DNS_POD_LABELS)}}
-#: Its HTTP(S) (the CA) to public IPv4 addresses only: not the node's metadata, the API server or the cluster.
+#: Its HTTP(S) (the CA) to public IPv4 addresses only: not the node's metadata, the API server's in-cluster
+#: address or the cluster (a public EKS endpoint is a public address: the front has no token for it).
 INTERNET_PEER = {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(catalog.NON_PUBLIC_IPV4_CIDRS)}}
 
 
@@ -185,8 +186,9 @@ def _network_policies(r: Resolved, stack: str) -> list[dict]:
     """In: 80/443 from anywhere (as the engine pods' proxy), the metrics port from the monitoring
     namespace's Prometheus pods only. Out: DNS to the cluster's DNS pods only (the readiness probe, ACME)
     and, with a public certificate, HTTP(S) to public addresses only (the CA: ACME, OCSP) and HTTP to the
-    engine pods (the CA's challenges for a waking one); nothing else: no API server, no instance
-    metadata, no other pod or Service."""
+    engine pods (the CA's challenges for a waking one); nothing else: no in-cluster address and no token
+    for the API server (a public endpoint, as EKS's can be, is a public address), no instance metadata,
+    no other pod or Service."""
     ns, selector = r.spec.target.kubernetes.namespace, {"matchLabels": pod_labels(stack)}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": m.prometheus_namespace(r)}},
                   "podSelector": {"matchLabels": dict(m.PROMETHEUS_POD_LABELS)}}
@@ -282,7 +284,7 @@ def plan_lines(r: Resolved, sizing: Sizing) -> list[str]:
         f"min (KEDA's cooldownPeriod) after the last request queued, running or answered {WAKE_STATUS} by the front",
         "a wake that does not end (the woken pod Pending for capacity or quota, failing, KEDA not acting) fires "
         f"{observability.STUCK_AT_ZERO_ALERT} once the front has answered retries for "
-        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds, DEMAND_WINDOW_MINUTES)} min",
+        f"{observability.stuck_at_zero_minutes(policy.instance_warmup_seconds)} min",
     ]
 
 

@@ -455,26 +455,28 @@ def render_prometheus_rules(spec) -> str:
 #: k8s_manifests.UNSERVED_ALERTS: the parity tests compare ALERT_NAMES, which this is not in).
 STUCK_AT_ZERO_ALERT = "KimiStuckAtZero"
 #: Past the stack's time to ready (a plan, not a measurement: the weights' load and the image pull vary), the
-#: minutes a wake may still take before the alert fires. Assumed here, like NOT_ADMITTED_MINUTES.
-STUCK_AT_ZERO_MARGIN_MINUTES = 10
+#: minutes a wake may still take before the alert fires. Assumed here, like NOT_ADMITTED_MINUTES. The alert's
+#: expression ends within its window (k8s_manifests.WAKE_ALERT_WINDOW_SECONDS, 2 min) of the last 503, so a
+#: wake that ends up to the margin less that window past the time to ready does not page.
+STUCK_AT_ZERO_MARGIN_MINUTES = 15
 
 
-def stuck_at_zero_minutes(time_to_ready_seconds: int, window_minutes: int) -> int:
+def stuck_at_zero_minutes(time_to_ready_seconds: int) -> int:
     """How long the front must keep answering valid requests before the alert fires: the time to ready
-    (rounded up to a minute), the demand window (the last 503s are still counted that long after an
-    engine turned Ready), and the margin."""
-    return -(-time_to_ready_seconds // 60) + window_minutes + STUCK_AT_ZERO_MARGIN_MINUTES
+    (rounded up to a minute) and the margin."""
+    return -(-time_to_ready_seconds // 60) + STUCK_AT_ZERO_MARGIN_MINUTES
 
 
-def stuck_at_zero_rule(stack: str, answered_growth: str, time_to_ready_seconds: int, window_minutes: int) -> dict:
+def stuck_at_zero_rule(stack: str, answered_growth: str, time_to_ready_seconds: int) -> dict:
     """The rule (a rules file's entry): the wake front kept answering requests with a valid key 503 (no
     engine Ready) for longer than a wake takes. `answered_growth`: PromQL, per series of the front's 503
-    answers, what it grew by within the demand window (k8s_manifests.wake_answered_growth). Fires when the
-    woken pod cannot start (Pending: no GPU or spot capacity, quota; a failing image or load) or KEDA does
-    not act; not while a wake goes as planned (the front leaves when an engine pod is Ready). A client must
-    keep retrying for it to hold (one request and no retry ends it after the window). Prometheus itself
-    down fires nothing (that is the monitoring stack's own watchdog)."""
-    minutes = stuck_at_zero_minutes(time_to_ready_seconds, window_minutes)
+    answers, what it grew by within the alert's window (k8s_manifests.wake_answered_growth over
+    WAKE_ALERT_WINDOW_SECONDS: two of the clients' retries). Fires when the woken pod cannot start
+    (Pending: no GPU or spot capacity, quota; a failing image or load) or KEDA does not act; not while a
+    wake goes as planned (the front leaves when an engine pod is Ready, its 503s stop, the expression ends
+    within the window). A client must keep retrying (at most the window apart) for it to hold. Prometheus
+    itself down fires nothing (that is the monitoring stack's own watchdog)."""
+    minutes = stuck_at_zero_minutes(time_to_ready_seconds)
     ready = -(-time_to_ready_seconds // 60)
     return {"alert": STUCK_AT_ZERO_ALERT, "expr": f"sum({answered_growth}) > 0", "for": f"{minutes}m",
             "labels": {"severity": "critical", STACK_LABEL: stack},

@@ -328,8 +328,13 @@ def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same
     answered = manifests.wake_answered_series(stack["r"])
     former = f"sum(clamp_min({answered} - ({answered} offset {wake.DEMAND_WINDOW} or {answered} * 0), 0))"
 
-    def case(values: str, checks: list[tuple[str, float]], *, extra: tuple = (), expr: str = query) -> dict:
-        return {"interval": "30s", "input_series": [{"series": series, "values": values}, *extra],
+    # the front's own scrapes (every one succeeding unless a case says otherwise)
+    up = f'up{{namespace="{ns}",job="{wake.WAKE_JOB}",replica="kimi-wake-1",{manifests.STACK_LABEL}="{STACK}"}}'
+
+    def case(values: str, checks: list[tuple[str, float]], *, extra: tuple = (), expr: str = query,
+             scrapes: str = "1x60") -> dict:
+        return {"interval": "30s", "input_series": [{"series": series, "values": values},
+                                                    {"series": up, "values": scrapes}, *extra],
                 "promql_expr_test": [{"expr": expr, "eval_time": at, "exp_samples": [{"labels": "{}", "value": v}]}
                                      for at, v in checks]}
 
@@ -346,6 +351,21 @@ def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same
         # the first request ever: the series is born at 5m with its first answer
         case("_x9 1x30", [("4m", 0), ("5m", 1), ("9m", 1), ("10m", 0), ("15m", 0)],
              extra=({"series": unauthorized, "values": "1+1x40"},)),
+        # review 2: one old 503 (7, flat), then no scrape for 7 min (Prometheus down: no sample of `up` either;
+        # the front's metrics unreachable: `up` 0 and the series marked stale), longer than Prometheus' 5-min
+        # lookback, then scrapes again; no new request at all. `unless A offset <window>` alone read it as born
+        # from 30m to 32m and woke a replica.
+        *({"interval": "1m", "input_series": [{"series": series, "values": values}, {"series": up, "values": scrapes}],
+           "promql_expr_test": [{"expr": query, "eval_time": f"{at}m", "exp_samples": [{"labels": "{}", "value": 0}]}
+                                for at in (19, 20, 25, 28, 29, 30, 31, 32, 33, 35)]}
+          for values, scrapes in (("7x20 _x7 7x15", "1x20 _x7 1x15"), ("7x20 stale _x6 7x15", "1x20 0x7 1x15"))),
+        # the same gap, then a first valid request of a new series (another method) at 31m: counted at once
+        {"interval": "1m", "input_series": [{"series": series, "values": "7x20 _x7 7x15"},
+                                            {"series": up, "values": "1x20 _x7 1x15"},
+                                            {"series": series.replace('method="POST"', 'method="GET"'),
+                                             "values": "_x31 1x10"}],
+         "promql_expr_test": [{"expr": query, "eval_time": f"{at}m", "exp_samples": [{"labels": "{}", "value": v}]}
+                              for at, v in ((30, 0), (31, 1), (35, 1), (36, 0))]},
     ]}
     _promtool_test(tmp_path, tests)
 
@@ -353,7 +373,7 @@ def test_the_wake_query_sees_the_first_request_after_caddy_restarted_in_the_same
 def test_the_stuck_at_zero_alert_fires_when_no_wake_ends_and_not_on_a_wake_that_does(stack, tmp_path):
     """promtool runs the stack's PrometheusRule (as the Operator ships it) on the front's 503 answers to a
     client that retries every Retry-After: the woken pod never Ready (Pending for capacity, KEDA down) fires
-    KimiStuckAtZero once the time to ready, the demand window and the margin are past; a wake that ends
+    KimiStuckAtZero once the time to ready and the margin are past; a wake that ends
     within the time to ready (the front leaves, its answers stop), or a few minutes late, does not; the
     first-ever request's series counts from its birth."""
     from kimi_fleet import observability
@@ -362,10 +382,10 @@ def test_the_stuck_at_zero_alert_fires_when_no_wake_ends_and_not_on_a_wake_that_
     rule = the(stack["monitoring"], "PrometheusRule")["spec"]
     (stuck,) = [x for g in rule["groups"] for x in g["rules"] if x.get("alert") == observability.STUCK_AT_ZERO_ALERT]
     ready = -(-policy.instance_warmup_seconds // 60)
-    window = manifests.WAKE_DEMAND_WINDOW_SECONDS // 60
-    minutes = ready + window + observability.STUCK_AT_ZERO_MARGIN_MINUTES
+    minutes = ready + observability.STUCK_AT_ZERO_MARGIN_MINUTES
     assert stuck["for"] == f"{minutes}m" and stuck["labels"] == {"severity": "critical", "stack": STACK}
     assert wake.RETRY_AFTER_SECONDS == 60  # the input below: one retry a minute
+    assert manifests.WAKE_ALERT_WINDOW_SECONDS == 2 * wake.RETRY_AFTER_SECONDS
     ns = r.spec.target.kubernetes.namespace
     series = (f'{catalog.PROXY_METRICS.request_duration}_count{{namespace="{ns}",job="{wake.WAKE_JOB}",code="503",'
               'method="POST",replica="kimi-wake-1",server="srv0",handler="static_response"}')
@@ -376,13 +396,17 @@ def test_the_stuck_at_zero_alert_fires_when_no_wake_ends_and_not_on_a_wake_that_
                 "alert_rule_test": [{"eval_time": f"{at}m", "alertname": observability.STUCK_AT_ZERO_ALERT,
                                      "exp_alerts": firing if fires else []} for at, fires in checks]}
 
-    late = ready + 7  # an engine Ready 7 minutes after the time to ready: within the margin
+    def ends(end: int) -> str:
+        """A retry a minute answered 503 up to `end` (an engine Ready then), none after."""
+        return f"1+1x{end} {end + 1}x80"
+
     tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [
         # stuck: the front answers every retry for 90 minutes
         case("1+1x90", [(minutes - 2, False), (minutes + 1, True), (90, True)]),
-        # a wake as planned: an engine Ready at the time to ready, the front's answers stop
-        case(f"1+1x{ready - 1} {ready}x80", [(ready, False), (minutes, False), (minutes + 5, False), (80, False)]),
-        case(f"1+1x{late - 1} {late}x80", [(minutes, False), (minutes + 5, False)]),
+        # a wake as planned (an engine Ready at the time to ready), 7 and 12 minutes late (review 2: with the
+        # 5-min window a wake ending at ttr + 11 paged at ttr + 15 while the engine served): never fires
+        *(case(ends(ready + late), [(at, False) for at in range(ready + late, ready + late + 10)])
+          for late in (0, 7, 12)),
         # stuck after an earlier wake that went well (its answers ended): counted from the new wake
         case(f"1+1x{ready - 1} {ready}x30 {ready + 1}+1x90",
              [(ready + 31 + minutes - 2, False), (ready + 31 + minutes + 1, True)]),
@@ -684,6 +708,10 @@ def test_only_prometheus_reaches_the_fronts_metrics_and_it_reaches_only_dns_pods
         "a node on a 192.168 network": destination("192.168.1.20"),
         "a CGNAT-range pod": destination("100.64.3.7"),
         "loopback": destination("127.0.0.1"),
+        "\"this network\" (RFC 1122)": destination("0.1.2.3"),
+        "a pod in the RFC 2544 benchmarking range (EKS custom networking)": destination("198.19.4.5"),
+        "the RFC 1112 reserved range": destination("240.0.0.1"),
+        "an RFC 6890 IETF protocol assignment": destination("192.0.0.8"),
         "another pod of kube-system": destination("10.244.0.9", "kube-system", **{"k8s-app": "metrics-server"}),
         "a tenant's pod labelled as DNS": destination("10.244.2.3", "tenant-a", **{"k8s-app": "kube-dns"}),
     }
@@ -832,8 +860,7 @@ def test_the_plan_of_a_stack_file_that_scales_to_zero_says_what_zero_means(tmp_p
     assert f"serves about {round(policy.instance_warmup_seconds / 60)} min later" in out
     assert "a client must retry after Retry-After until it serves" in out
     from kimi_fleet import observability
-    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds,
-                                                manifests.WAKE_DEMAND_WINDOW_SECONDS // 60)
+    stuck = observability.stuck_at_zero_minutes(policy.instance_warmup_seconds)
     assert f"fires KimiStuckAtZero once the front has answered retries for {stuck} min" in out
     assert "costs the front's CPU pod only" in out
     written = (tmp_path / "build" / STACK / "kubernetes-wake.yaml").read_text()
