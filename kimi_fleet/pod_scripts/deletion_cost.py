@@ -79,19 +79,31 @@ def log(message: str) -> None:
     print(f"[kimi-deletion-cost] {message}", flush=True)
 
 
-def _read_bounded(response, limit: int, deadline: float) -> bytes | None:
-    """The body, or None when it is over `limit` bytes or still arriving at `deadline`."""
-    chunks, size = [], 0
+class _Unbounded(Exception):
+    """A body over its size limit, or still arriving at its deadline."""
+
+
+def _bounded_chunks(response, limit: int, deadline: float):
+    """The body's chunks as they arrive; _Unbounded past `limit` bytes or `deadline`."""
+    size = 0
     while True:
         if time.monotonic() > deadline:
-            return None
-        chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+            raise _Unbounded
+        chunk = response.read1(READ_BYTES) if hasattr(response, "read1") else response.read(READ_BYTES)
         if not chunk:
-            return b"".join(chunks)
+            return
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
+            raise _Unbounded
+        yield chunk
+
+
+def _read_bounded(response, limit: int, deadline: float) -> bytes | None:
+    """The body, or None when it is over `limit` bytes or still arriving at `deadline`."""
+    try:
+        return b"".join(_bounded_chunks(response, limit, deadline))
+    except _Unbounded:
+        return None
 
 
 class LoadReader:
@@ -162,18 +174,14 @@ def read_load(url: str, config: dict) -> int | None:
     with urllib.request.urlopen(url, timeout=METRICS_DEADLINE_SECONDS) as response:
         if response.status != 200:
             return None
-        size = 0
-        while not reader.refused:
-            if time.monotonic() > deadline:
-                return None
-            chunk = response.read1(READ_BYTES) if hasattr(response, "read1") else response.read(READ_BYTES)
-            if not chunk:
-                return reader.load()
-            size += len(chunk)
-            if size > METRICS_LIMIT_BYTES:
-                return None
-            reader.feed(chunk)
-    return None
+        try:
+            for chunk in _bounded_chunks(response, METRICS_LIMIT_BYTES, deadline):
+                reader.feed(chunk)
+                if reader.refused:
+                    return None
+        except _Unbounded:
+            return None
+    return reader.load()
 
 
 def read_pod(name: str, url: str | None, config: dict) -> int | None:
