@@ -213,6 +213,5 @@ def render_deletion_cost_yaml(r: Resolved, sizing: Sizing) -> dict[str, str]:
         return {}
     header = (f"# kimi-fleet stack {r.spec.stack}: the deletion-cost controller (scale-in takes the least busy "
               f"engine pod first); apply after kubernetes.yaml\n")
-    # Through JSON: a selector reused as pod labels prints in full, not as a YAML anchor.
-    documents = yaml.safe_dump_all(json.loads(json.dumps(objects)), sort_keys=False, width=120)
+    documents = yaml.dump_all(objects, Dumper=manifests._NoAliasDumper, sort_keys=False, width=120)
     return {"kubernetes-deletion-cost.yaml": header + documents}
