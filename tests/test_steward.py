@@ -16,7 +16,7 @@ import boto3
 import pytest
 
 from kimi_fleet import steward
-from tests.fakes.autoscaling_lifecycle import ACCOUNT, autoscaling_api, hold
+from tests.fakes.autoscaling_lifecycle import ACCOUNT, autoscaling_api, create_groups, hold
 from tests.fakes.harness import environment
 
 REGION = "us-east-1"
@@ -33,19 +33,10 @@ def fleet():
     """Two groups on one moto server: the stack's (three instances, both hooks) and another stack's (one)."""
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION}
     with environment(credentials), autoscaling_api(REGION) as (url, backend):
-        ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
+        create_groups(url, REGION, {GROUP: 3, OTHER_GROUP: 1},
+                      {ADMISSION_HOOK: "autoscaling:EC2_INSTANCE_LAUNCHING",
+                       DRAIN_HOOK: "autoscaling:EC2_INSTANCE_TERMINATING"})
         client = boto3.client("autoscaling", endpoint_url=url, region_name=REGION)
-        image = ec2.describe_images()["Images"][0]["ImageId"]
-        template = ec2.create_launch_template(LaunchTemplateName="kimi", LaunchTemplateData={
-            "ImageId": image, "InstanceType": "p5e.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
-        for name, size in ((GROUP, 3), (OTHER_GROUP, 1)):
-            client.create_auto_scaling_group(
-                AutoScalingGroupName=name, MinSize=size, MaxSize=size, DesiredCapacity=size,
-                LaunchTemplate={"LaunchTemplateId": template}, AvailabilityZones=[f"{REGION}a"])
-        for hook, transition in ((ADMISSION_HOOK, "autoscaling:EC2_INSTANCE_LAUNCHING"),
-                                 (DRAIN_HOOK, "autoscaling:EC2_INSTANCE_TERMINATING")):
-            client.put_lifecycle_hook(AutoScalingGroupName=GROUP, LifecycleHookName=hook,
-                                      LifecycleTransition=transition)
         mine, peer, third = [i["InstanceId"] for i in _instances(client, GROUP)]
         (stranger,) = [i["InstanceId"] for i in _instances(client, OTHER_GROUP)]
         yield {"client": client, "backend": backend, "mine": mine, "peer": peer, "third": third,

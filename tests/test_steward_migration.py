@@ -28,7 +28,7 @@ from botocore.exceptions import ClientError
 
 from kimi_fleet import health, lifecycle_rights
 from kimi_fleet.stackfile import PROJECT_ROOT, stack_file
-from tests.fakes.autoscaling_lifecycle import autoscaling_api, hold
+from tests.fakes.autoscaling_lifecycle import autoscaling_api, create_groups, hold
 from tests.fakes.harness import environment
 from tooling.mock_run import run_stack
 
@@ -178,17 +178,9 @@ def test_a_rollback_during_the_migration_relaunches_nodes_that_admit_themselves(
     group = "kimi-fleet-group"
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION}
     with environment(credentials), autoscaling_api(REGION) as (url, backend):
-        ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
+        create_groups(url, REGION, {group: 4},
+                      {hook["name"]: hook["lifecycleTransition"] for hook in (admission_hook, drain_hook)})
         admin = boto3.client("autoscaling", endpoint_url=url, region_name=REGION)
-        image = ec2.describe_images()["Images"][0]["ImageId"]
-        template = ec2.create_launch_template(LaunchTemplateName="kimi", LaunchTemplateData={
-            "ImageId": image, "InstanceType": "p5e.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
-        admin.create_auto_scaling_group(AutoScalingGroupName=group, MinSize=4, MaxSize=4, DesiredCapacity=4,
-                                        LaunchTemplate={"LaunchTemplateId": template},
-                                        AvailabilityZones=[f"{REGION}a"])
-        for hook in (admission_hook, drain_hook):
-            admin.put_lifecycle_hook(AutoScalingGroupName=group, LifecycleHookName=hook["name"],
-                                     LifecycleTransition=hook["lifecycleTransition"])
         (described,) = admin.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
         instances = sorted(i["InstanceId"] for i in described["Instances"])
         ends = {}

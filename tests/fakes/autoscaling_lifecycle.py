@@ -66,3 +66,22 @@ def hold(backend, group: str, instance_id: str, lifecycle_state: str) -> None:
     """Put an instance of `group` in a lifecycle state, as a hook holding it would."""
     (state,) = [s for s in backend.autoscaling_groups[group].instance_states if s.instance.id == instance_id]
     state.lifecycle_state = lifecycle_state
+
+
+def create_groups(url: str, region: str, sizes: dict[str, int], hooks: dict[str, str]) -> None:
+    """Auto Scaling groups (name -> size) on the moto server at `url`, from one launch template; the
+    first group gets the lifecycle hooks (name -> transition)."""
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=url, region_name=region)
+    client = boto3.client("autoscaling", endpoint_url=url, region_name=region)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    template = ec2.create_launch_template(LaunchTemplateName="kimi", LaunchTemplateData={
+        "ImageId": image, "InstanceType": "p5e.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
+    for name, size in sizes.items():
+        client.create_auto_scaling_group(
+            AutoScalingGroupName=name, MinSize=size, MaxSize=size, DesiredCapacity=size,
+            LaunchTemplate={"LaunchTemplateId": template}, AvailabilityZones=[f"{region}a"])
+    for hook, transition in hooks.items():
+        client.put_lifecycle_hook(AutoScalingGroupName=next(iter(sizes)), LifecycleHookName=hook,
+                                  LifecycleTransition=transition)
