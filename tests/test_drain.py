@@ -103,8 +103,9 @@ def drained_node(tmp_path: Path, load: dict, *, timeout_seconds: int | None = No
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds, "KIMI_DRAIN_POLL_SECONDS": "0.2",
                "KIMI_DRAIN_GROUP_POLL_SECONDS": "0.2", "KIMI_DRAIN_RELEASE_BASE_SECONDS": "0.5"}
 
-        def start(*args: str) -> subprocess.Popen:
-            process = subprocess.Popen([sys.executable, str(DRAIN), *args], env=env, stderr=subprocess.PIPE, text=True)
+        def start(*args: str, **overrides: str) -> subprocess.Popen:
+            process = subprocess.Popen([sys.executable, str(DRAIN), *args], env={**env, **overrides},
+                                       stderr=subprocess.PIPE, text=True)
             processes.append(process)
             return process
 
@@ -251,6 +252,26 @@ def test_an_idle_node_completes_at_once(tmp_path):
         # Done is done: a restarted drain does not complete the hook again.
         again = start("--once")
         assert again.wait(timeout=30) == 0 and len(completions(calls)) == 1
+
+
+def test_a_steward_that_does_not_answer_keeps_the_node_draining_until_it_does(tmp_path):
+    """The fleet's steward down (its URL refuses): the idle node has left its load balancer (the drain
+    file: its ready listener answers 503) and keeps asking each poll, logging why, without exiting; AWS's
+    hook ends it at its heartbeat timeout (default result CONTINUE) if the steward never returns. Once
+    the steward answers, one completion, and no second."""
+    load = {"running": 0, "waiting": 0, "tokens": 100}
+    with drained_node(tmp_path, load) as (metadata, root, calls, start):
+        metadata["autoscaling/target-lifecycle-state"] = "Terminated"
+        down = start(KIMI_STEWARD_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+        time.sleep(3)  # several polls (0.2 s each), every one refused
+        assert down.poll() is None, "the drain gave up while its steward was down"
+        assert completions(calls) == [] and (root / node_metrics.DRAIN_FILE.lstrip("/")).exists()
+        down.kill()
+        refused = down.stderr.read()
+        assert refused.count("failed") >= 2 and "retried next poll" in refused
+        back = start("--once")
+        assert back.wait(timeout=30) == 0 and completions(calls) == [_expected_completion()]
+        assert start("--once").wait(timeout=30) == 0 and len(completions(calls)) == 1
 
 
 def test_a_stuck_node_completes_at_the_drain_timeout(tmp_path):
